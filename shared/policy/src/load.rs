@@ -1,0 +1,249 @@
+//! Reading policy files: YAML (or JSON) streams of CiliumNetworkPolicy documents.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use yaml_serde::Value;
+
+use crate::PolicyError;
+use crate::error::{InvalidPolicy, Location};
+use crate::model::{API_VERSION, FieldProblem, Policy, PolicyDocument, PolicyKind};
+
+/// Extensions of the files [`load_path`] reads from a directory.
+const POLICY_EXTENSIONS: [&str; 3] = ["yaml", "yml", "json"];
+
+/// Parses every policy in `text`, a stream of YAML documents separated by `---`. Empty documents
+/// are skipped; anything else must be a CiliumNetworkPolicy or CiliumClusterwideNetworkPolicy.
+/// `origin` names the text in errors and in [`Policy::origin`].
+pub fn parse_str(text: &str, origin: &Path) -> Result<Vec<Policy>, PolicyError> {
+    // Editors on Windows start files with a byte-order mark, which yaml_serde mistakes for a
+    // document of its own.
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+    let mut policies = Vec::new();
+    // Each document is read twice: once into a `Value`, which catches syntax errors and gives the
+    // header and the name for messages, and once into the typed model, straight from the text so
+    // that errors keep their line and column.
+    let typed_documents = yaml_serde::Deserializer::from_str(text);
+    for (index, (untyped, typed)) in yaml_serde::Deserializer::from_str(text)
+        .zip(typed_documents)
+        .enumerate()
+    {
+        let document = index + 1;
+        // A syntax error ends the stream: the parser cannot find the next document after it.
+        let value = Value::deserialize(untyped).map_err(|error| PolicyError::Syntax {
+            file: origin.to_owned(),
+            location: location(&error),
+            message: without_location(&error),
+        })?;
+        if value.is_null() {
+            continue;
+        }
+        let name = check_header(&value, origin, document)?;
+        let invalid = |problem: FieldProblem| {
+            PolicyError::Invalid(Box::new(InvalidPolicy {
+                file: origin.to_owned(),
+                document,
+                policy: name.clone(),
+                field: problem.field,
+                message: problem.message,
+                location: problem.location,
+            }))
+        };
+        let policy = decode(typed, &value)
+            .and_then(|decoded| decoded.into_policy(origin.to_owned()))
+            .map_err(invalid)?;
+        policies.push(policy);
+    }
+    Ok(policies)
+}
+
+/// Loads one policy file, or every `*.yaml`, `*.yml` and `*.json` file directly inside a
+/// directory (in name order, hidden files skipped, subdirectories ignored). Stops at the first
+/// error.
+pub fn load_path(path: &Path) -> Result<Vec<Policy>, PolicyError> {
+    let mut policies = Vec::new();
+    for file in policy_files(path)? {
+        policies.extend(load_file(&file)?);
+    }
+    Ok(policies)
+}
+
+/// Loads every path like [`load_path`], but reports every broken file instead of stopping at the
+/// first, as `warden policy validate` needs.
+pub fn load_paths(paths: &[PathBuf]) -> Result<Vec<Policy>, Vec<PolicyError>> {
+    let mut policies = Vec::new();
+    let mut errors = Vec::new();
+    for path in paths {
+        let files = match policy_files(path) {
+            Ok(files) => files,
+            Err(error) => {
+                errors.push(error);
+                continue;
+            }
+        };
+        for file in files {
+            match load_file(&file) {
+                Ok(loaded) => policies.extend(loaded),
+                Err(error) => errors.push(error),
+            }
+        }
+    }
+    if errors.is_empty() {
+        Ok(policies)
+    } else {
+        Err(errors)
+    }
+}
+
+fn load_file(path: &Path) -> Result<Vec<Policy>, PolicyError> {
+    let text = fs::read_to_string(path).map_err(|source| PolicyError::Io {
+        path: path.to_owned(),
+        source,
+    })?;
+    parse_str(&text, path)
+}
+
+/// `path` itself when it is not a directory, else the policy files in it.
+fn policy_files(path: &Path) -> Result<Vec<PathBuf>, PolicyError> {
+    let io_error = |source| PolicyError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    if !fs::metadata(path).map_err(io_error)?.is_dir() {
+        return Ok(vec![path.to_owned()]);
+    }
+    let mut files = Vec::new();
+    for entry in fs::read_dir(path).map_err(io_error)? {
+        let entry = entry.map_err(io_error)?;
+        let file = entry.path();
+        let hidden = entry.file_name().to_string_lossy().starts_with('.');
+        let wanted = file
+            .extension()
+            .and_then(|ext| ext.to_str())
+            .is_some_and(|ext| POLICY_EXTENSIONS.contains(&ext));
+        // Follows symlinks, so a linked policy file counts (as with ConfigMap mounts).
+        if !hidden && wanted && file.is_file() {
+            files.push(file);
+        }
+    }
+    files.sort();
+    Ok(files)
+}
+
+/// Checks `kind` and `apiVersion` before anything else, so that a stray `ConfigMap` is reported
+/// as such rather than as a pile of unknown fields. Returns `metadata.name` when there is one.
+fn check_header(
+    value: &Value,
+    origin: &Path,
+    document: usize,
+) -> Result<Option<String>, PolicyError> {
+    let name = value
+        .get("metadata")
+        .and_then(|metadata| metadata.get("name"))
+        .and_then(Value::as_str)
+        .map(str::to_owned);
+    let invalid = |field: &str, message: String| {
+        PolicyError::Invalid(Box::new(InvalidPolicy {
+            file: origin.to_owned(),
+            document,
+            policy: name.clone(),
+            field: field.to_owned(),
+            message,
+            location: None,
+        }))
+    };
+    if !value.is_mapping() {
+        return Err(invalid(
+            "",
+            format!("expected a Kubernetes object, found {}", describe(value)),
+        ));
+    }
+    let kind = value
+        .get("kind")
+        .ok_or_else(|| invalid("kind", "missing".into()))?;
+    let kind = kind.as_str().ok_or_else(|| {
+        invalid(
+            "kind",
+            format!("expected a string, found {}", describe(kind)),
+        )
+    })?;
+    if PolicyKind::from_kind(kind).is_none() {
+        return Err(PolicyError::UnsupportedKind {
+            file: origin.to_owned(),
+            document,
+            kind: kind.to_owned(),
+        });
+    }
+    match value.get("apiVersion").map(Value::as_str) {
+        Some(Some(API_VERSION)) => Ok(name),
+        Some(Some(other)) => Err(invalid(
+            "apiVersion",
+            format!("{other:?} is not supported (expected {API_VERSION})"),
+        )),
+        Some(None) => Err(invalid("apiVersion", "expected a string".into())),
+        None => Err(invalid("apiVersion", "missing".into())),
+    }
+}
+
+fn describe(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "nothing",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Sequence(_) => "a list",
+        Value::Mapping(_) => "a mapping",
+        Value::Tagged(_) => "a tagged value",
+    }
+}
+
+fn decode(
+    typed: yaml_serde::Deserializer<'_>,
+    value: &Value,
+) -> Result<PolicyDocument, FieldProblem> {
+    PolicyDocument::deserialize(typed).map_err(|located| {
+        let location = location(&located);
+        // yaml_serde knows the line but folds the field path into its message. Decoding the
+        // already-parsed value again through serde_path_to_error reaches the same failure and
+        // gives the path as data and the message bare.
+        match serde_path_to_error::deserialize::<_, PolicyDocument>(value) {
+            Err(error) => {
+                let path = error.path().to_string();
+                FieldProblem {
+                    field: if path == "." { String::new() } else { path },
+                    message: error.into_inner().to_string(),
+                    location,
+                }
+            }
+            // Both decoders read the same data; should they ever disagree, the located error is
+            // still the truth.
+            Ok(_) => FieldProblem {
+                field: String::new(),
+                message: without_location(&located),
+                location,
+            },
+        }
+    })
+}
+
+fn location(error: &yaml_serde::Error) -> Option<Location> {
+    error.location().map(|at| Location {
+        line: at.line(),
+        column: at.column(),
+    })
+}
+
+/// The error text without yaml_serde's "at line L column C" (at the end of a message, or before
+/// the context of a syntax error), which the error variants carry as fields.
+fn without_location(error: &yaml_serde::Error) -> String {
+    let text = error.to_string();
+    match error.location() {
+        Some(at) => text.replacen(
+            &format!(" at line {} column {}", at.line(), at.column()),
+            "",
+            1,
+        ),
+        None => text,
+    }
+}

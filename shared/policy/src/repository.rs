@@ -1,0 +1,994 @@
+//! Policy compiled against the node's endpoints: the questions the DNS proxy and the datapath
+//! ask, answered without walking the policies.
+//!
+//! [`PolicyRepository::build`] resolves every selector once. For each enforced endpoint it keeps
+//! the egress rules that apply, each compiled to a peer predicate plus one group per `toPorts`
+//! entry (a port set and, for `rules.dns`, a [`NameMatcher`]). Rules are shared between the
+//! endpoints they select, and an endpoint has few of them, so [`PolicyRepository::dns_allowed`]
+//! looks at a handful of groups and one indexed lookup each. All `toFQDNs` selectors of all
+//! policies go into a single [`NameMatcher`] for [`PolicyRepository::fqdn_grants`].
+
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+use crate::labels::Labels;
+use crate::matcher::NameMatcher;
+use crate::model::{CidrRule, EgressRule, Entity, Policy, PortProtocol, Protocol};
+use crate::name::DnsName;
+use crate::selector::ScopedSelector;
+
+/// An endpoint (workload) on this node, as the agent numbers it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct EndpointId(pub u32);
+
+impl fmt::Display for EndpointId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+/// What policy needs to know about an endpoint.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EndpointInfo {
+    pub id: EndpointId,
+    pub name: String,
+    /// Decides which namespaced policies may select the endpoint.
+    pub namespace: String,
+    /// Normally [`Labels::from_k8s`], which also carries the namespace label that selectors
+    /// naming a namespace look for.
+    pub labels: Labels,
+    /// The endpoint's addresses, which `toEndpoints` peers resolve to.
+    pub ips: Vec<IpAddr>,
+}
+
+/// The transport a packet or query uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum L4Proto {
+    Tcp,
+    Udp,
+}
+
+/// A range of destination ports for one transport, or both.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct PortRange {
+    pub first: u16,
+    pub last: u16,
+    /// `None` for both TCP and UDP (Cilium's `ANY`).
+    pub proto: Option<L4Proto>,
+}
+
+impl PortRange {
+    /// Every port over both transports.
+    pub const ALL: PortRange = PortRange {
+        first: 0,
+        last: u16::MAX,
+        proto: None,
+    };
+
+    pub fn contains(&self, port: u16, proto: L4Proto) -> bool {
+        (self.first..=self.last).contains(&port) && self.proto.is_none_or(|own| own == proto)
+    }
+}
+
+impl From<&PortProtocol> for PortRange {
+    fn from(port: &PortProtocol) -> Self {
+        let proto = match port.protocol {
+            Protocol::Tcp => Some(L4Proto::Tcp),
+            Protocol::Udp => Some(L4Proto::Udp),
+            Protocol::Any => None,
+        };
+        // Port 0 is Cilium's "all ports".
+        let (first, last) = match port.port {
+            0 => (0, u16::MAX),
+            first => (first, port.end_port.unwrap_or(first)),
+        };
+        PortRange { first, last, proto }
+    }
+}
+
+/// A `toFQDNs` selector that matched a name: the name's addresses may be reached by `endpoint`
+/// on `ports`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FqdnGrant {
+    pub endpoint: EndpointId,
+    /// Empty means every port.
+    pub ports: Vec<PortRange>,
+    /// The `matchName` or `matchPattern` that matched, for observability.
+    pub selector: String,
+}
+
+/// A peer an egress rule allows without DNS being involved.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Peer {
+    Cidr {
+        cidr: IpNet,
+        except: Vec<IpNet>,
+    },
+    /// Anything that is neither a known endpoint nor the host.
+    World,
+    /// The node, which Warden knows as its loopback addresses.
+    Host,
+    /// Known endpoints and the host.
+    Cluster,
+    /// Any address.
+    All,
+    Endpoint(EndpointId),
+}
+
+/// An L3/L4 allow that does not depend on DNS.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StaticAllow {
+    pub peer: Peer,
+    /// Empty means every port.
+    pub ports: Vec<PortRange>,
+}
+
+/// Compiled policy for a set of endpoints. Cheap to share behind an `Arc`; rebuilt, not
+/// updated, when policies or endpoints change.
+#[derive(Clone, Debug, Default)]
+pub struct PolicyRepository {
+    /// Every endpoint in default-deny for egress, with the rules that allow something for it.
+    enforced: HashMap<EndpointId, Vec<Arc<CompiledRule>>>,
+    fqdn: NameMatcher<FqdnTarget>,
+    /// Addresses of known endpoints, which `world` excludes and `cluster` includes.
+    endpoint_ips: HashSet<IpAddr>,
+    selector_count: usize,
+    policy_count: usize,
+}
+
+/// One egress rule, resolved against the endpoints.
+#[derive(Debug)]
+struct CompiledRule {
+    peer: PeerMatch,
+    /// One group per `toPorts` entry; none means every port with no L7 rule.
+    port_groups: Vec<PortGroup>,
+}
+
+#[derive(Debug)]
+enum PeerMatch {
+    /// The rule has only `toPorts`: any peer.
+    Any,
+    Endpoints {
+        ids: Vec<EndpointId>,
+        ips: HashSet<IpAddr>,
+    },
+    Cidrs(Vec<CidrRule>),
+    Entities(Vec<Entity>),
+    /// `toFQDNs`: the peers are whatever the names resolve to, granted through
+    /// [`PolicyRepository::fqdn_grants`].
+    Fqdns,
+}
+
+#[derive(Debug)]
+struct PortGroup {
+    /// Empty means every port.
+    ports: Vec<PortRange>,
+    /// `rules.dns`; `None` when the entry has no L7 rule, which allows every name.
+    dns: Option<NameMatcher<()>>,
+}
+
+#[derive(Clone, Debug)]
+struct FqdnTarget {
+    scope: Arc<GrantScope>,
+    selector: Box<str>,
+}
+
+/// Who a `toFQDNs` rule grants, and on which ports; shared by the rule's selectors.
+#[derive(Debug)]
+struct GrantScope {
+    endpoints: Vec<EndpointId>,
+    ports: Vec<PortRange>,
+}
+
+impl PolicyRepository {
+    pub fn build(policies: &[Policy], endpoints: &[EndpointInfo]) -> PolicyRepository {
+        let mut repository = PolicyRepository {
+            endpoint_ips: endpoints
+                .iter()
+                .flat_map(|endpoint| endpoint.ips.iter().map(IpAddr::to_canonical))
+                .collect(),
+            policy_count: policies.len(),
+            ..PolicyRepository::default()
+        };
+        for policy in policies {
+            let namespace = policy.namespace.as_deref();
+            for rule in &policy.rules {
+                repository.selector_count += rule.egress.iter().map(count_selectors).sum::<usize>();
+                if rule.egress.is_empty() {
+                    continue;
+                }
+                let subject = ScopedSelector::subject(&rule.endpoint_selector, namespace);
+                let selected: Vec<EndpointId> = endpoints
+                    .iter()
+                    .filter(|endpoint| subject.matches(&endpoint.namespace, &endpoint.labels))
+                    .map(|endpoint| endpoint.id)
+                    .collect();
+                if selected.is_empty() {
+                    continue;
+                }
+                // Enforced even if no egress rule turns out to allow anything.
+                for id in &selected {
+                    repository.enforced.entry(*id).or_default();
+                }
+                for egress in &rule.egress {
+                    repository.add_rule(egress, namespace, endpoints, &selected);
+                }
+            }
+        }
+        repository
+    }
+
+    fn add_rule(
+        &mut self,
+        egress: &EgressRule,
+        namespace: Option<&str>,
+        endpoints: &[EndpointInfo],
+        selected: &[EndpointId],
+    ) {
+        // `egress: [{}]` and the like: the endpoint is enforced and this rule allows nothing.
+        if !egress.has_l3() && egress.to_ports.is_empty() {
+            return;
+        }
+        let rule = Arc::new(CompiledRule::new(egress, namespace, endpoints));
+        if !egress.to_fqdns.is_empty() {
+            let scope = Arc::new(GrantScope {
+                endpoints: selected.to_vec(),
+                ports: rule.ports(),
+            });
+            for selector in &egress.to_fqdns {
+                let target = FqdnTarget {
+                    scope: Arc::clone(&scope),
+                    selector: selector.as_str().into(),
+                };
+                self.fqdn.insert(selector, target);
+            }
+        }
+        for id in selected {
+            self.enforced
+                .entry(*id)
+                .or_default()
+                .push(Arc::clone(&rule));
+        }
+    }
+
+    pub fn empty() -> PolicyRepository {
+        PolicyRepository::default()
+    }
+
+    /// Whether `endpoint` is selected by a rule with egress rules, which puts it in default-deny
+    /// for egress.
+    pub fn is_enforced(&self, endpoint: EndpointId) -> bool {
+        self.enforced.contains_key(&endpoint)
+    }
+
+    /// Whether a DNS query from `endpoint` for `qname`, sent over `proto` to `server`, is allowed.
+    ///
+    /// Unenforced endpoints may ask anything. Otherwise a rule must allow the server (its peer
+    /// part, or any server when it only has `toPorts`) on the server's port and transport, and
+    /// either list a `rules.dns` selector matching `qname` or have no L7 rule on that port: as in
+    /// Cilium, an L4-only allow to the DNS server widens any DNS rule to every name.
+    pub fn dns_allowed(
+        &self,
+        endpoint: EndpointId,
+        server: SocketAddr,
+        proto: L4Proto,
+        qname: &DnsName,
+    ) -> bool {
+        let Some(rules) = self.enforced.get(&endpoint) else {
+            return true;
+        };
+        // A dual-stack socket reports IPv4 servers as ::ffff:a.b.c.d.
+        let ip = server.ip().to_canonical();
+        rules.iter().any(|rule| {
+            rule.peer.matches(ip, &self.endpoint_ips)
+                && (rule.port_groups.is_empty()
+                    || rule
+                        .port_groups
+                        .iter()
+                        .any(|group| group.allows(server.port(), proto, qname)))
+        })
+    }
+
+    /// Appends a grant for every `toFQDNs` selector matching `qname` and every endpoint its rule
+    /// selects, whichever endpoint asked: once a name is resolved, each of those endpoints may
+    /// reach its addresses.
+    pub fn fqdn_grants(&self, qname: &DnsName, out: &mut Vec<FqdnGrant>) {
+        let mut targets = Vec::new();
+        self.fqdn.matches_into(qname, &mut targets);
+        for target in targets {
+            out.extend(target.scope.endpoints.iter().map(|&endpoint| FqdnGrant {
+                endpoint,
+                ports: target.scope.ports.clone(),
+                selector: target.selector.to_string(),
+            }));
+        }
+    }
+
+    /// The allows of `endpoint` that do not depend on DNS: its `toEndpoints`, `toCIDR`,
+    /// `toCIDRSet`, `toEntities` and `toPorts`-only rules, with their ports.
+    pub fn static_allows(&self, endpoint: EndpointId) -> Vec<StaticAllow> {
+        let mut allows = Vec::new();
+        for rule in self.enforced.get(&endpoint).into_iter().flatten() {
+            let ports = rule.ports();
+            for peer in rule.peer.static_peers() {
+                let allow = StaticAllow {
+                    peer,
+                    ports: ports.clone(),
+                };
+                if !allows.contains(&allow) {
+                    allows.push(allow);
+                }
+            }
+        }
+        allows
+    }
+
+    /// Number of `toFQDNs` selectors and `rules.dns` entries in all policies.
+    pub fn selector_count(&self) -> usize {
+        self.selector_count
+    }
+
+    pub fn policy_count(&self) -> usize {
+        self.policy_count
+    }
+}
+
+fn count_selectors(egress: &EgressRule) -> usize {
+    egress.to_fqdns.len()
+        + egress
+            .to_ports
+            .iter()
+            .map(|port_rule| port_rule.dns_rules().len())
+            .sum::<usize>()
+}
+
+impl CompiledRule {
+    fn new(egress: &EgressRule, namespace: Option<&str>, endpoints: &[EndpointInfo]) -> Self {
+        let peer = if !egress.to_fqdns.is_empty() {
+            PeerMatch::Fqdns
+        } else if let Some(selectors) = &egress.to_endpoints {
+            let scoped: Vec<ScopedSelector<'_>> = selectors
+                .iter()
+                .map(|selector| ScopedSelector::peer(selector, namespace))
+                .collect();
+            let peers: Vec<&EndpointInfo> = endpoints
+                .iter()
+                .filter(|endpoint| {
+                    scoped
+                        .iter()
+                        .any(|selector| selector.matches(&endpoint.namespace, &endpoint.labels))
+                })
+                .collect();
+            PeerMatch::Endpoints {
+                ids: peers.iter().map(|endpoint| endpoint.id).collect(),
+                ips: peers
+                    .iter()
+                    .flat_map(|endpoint| endpoint.ips.iter().map(IpAddr::to_canonical))
+                    .collect(),
+            }
+        } else if !egress.to_cidr.is_empty() || !egress.to_cidr_set.is_empty() {
+            let plain = egress.to_cidr.iter().map(|&cidr| CidrRule {
+                cidr,
+                except: Vec::new(),
+            });
+            PeerMatch::Cidrs(plain.chain(egress.to_cidr_set.iter().cloned()).collect())
+        } else if !egress.to_entities.is_empty() {
+            PeerMatch::Entities(egress.to_entities.clone())
+        } else {
+            PeerMatch::Any
+        };
+        let port_groups = egress
+            .to_ports
+            .iter()
+            .map(|port_rule| PortGroup {
+                ports: port_rule.ports.iter().map(PortRange::from).collect(),
+                dns: (!port_rule.dns_rules().is_empty()).then(|| {
+                    let mut matcher = NameMatcher::new();
+                    for selector in port_rule.dns_rules() {
+                        matcher.insert(selector, ());
+                    }
+                    matcher
+                }),
+            })
+            .collect();
+        CompiledRule { peer, port_groups }
+    }
+
+    /// Every port the rule opens; empty means all of them.
+    fn ports(&self) -> Vec<PortRange> {
+        if self.port_groups.iter().any(|group| group.ports.is_empty()) {
+            return Vec::new();
+        }
+        self.port_groups
+            .iter()
+            .flat_map(|group| group.ports.iter().copied())
+            .collect()
+    }
+}
+
+impl PeerMatch {
+    fn matches(&self, ip: IpAddr, endpoint_ips: &HashSet<IpAddr>) -> bool {
+        match self {
+            PeerMatch::Any => true,
+            PeerMatch::Endpoints { ips, .. } => ips.contains(&ip),
+            PeerMatch::Cidrs(rules) => rules.iter().any(|rule| rule.contains(&ip)),
+            PeerMatch::Entities(entities) => entities.iter().any(|entity| match entity {
+                Entity::All => true,
+                Entity::Host => is_host(ip),
+                Entity::World => !is_host(ip) && !endpoint_ips.contains(&ip),
+                Entity::Cluster => is_host(ip) || endpoint_ips.contains(&ip),
+            }),
+            PeerMatch::Fqdns => false,
+        }
+    }
+
+    fn static_peers(&self) -> Vec<Peer> {
+        match self {
+            PeerMatch::Any => vec![Peer::All],
+            PeerMatch::Endpoints { ids, .. } => ids.iter().map(|&id| Peer::Endpoint(id)).collect(),
+            PeerMatch::Cidrs(rules) => rules
+                .iter()
+                .map(|rule| Peer::Cidr {
+                    cidr: rule.cidr,
+                    except: rule.except.clone(),
+                })
+                .collect(),
+            PeerMatch::Entities(entities) => entities
+                .iter()
+                .map(|entity| match entity {
+                    Entity::All => Peer::All,
+                    Entity::World => Peer::World,
+                    Entity::Host => Peer::Host,
+                    Entity::Cluster => Peer::Cluster,
+                })
+                .collect(),
+            PeerMatch::Fqdns => Vec::new(),
+        }
+    }
+}
+
+/// The `host` entity. Warden is not told the node's own addresses; a resolver on the node (such
+/// as systemd-resolved on 127.0.0.53) is reached over loopback, so loopback is what `host` means:
+/// 127.0.0.0/8 and ::1.
+fn is_host(ip: IpAddr) -> bool {
+    ip.is_loopback()
+}
+
+impl PortGroup {
+    fn allows(&self, port: u16, proto: L4Proto, qname: &DnsName) -> bool {
+        (self.ports.is_empty() || self.ports.iter().any(|range| range.contains(port, proto)))
+            && self.dns.as_ref().is_none_or(|names| names.is_match(qname))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::path::Path;
+
+    use super::*;
+    use crate::parse_str;
+
+    const CLIENT: EndpointId = EndpointId(1);
+    const KUBE_DNS: EndpointId = EndpointId(2);
+    const OTHER: EndpointId = EndpointId(3);
+    const KUBE_DNS_IP: &str = "10.96.0.10";
+
+    fn endpoint(
+        id: EndpointId,
+        namespace: &str,
+        labels: &[(&str, &str)],
+        ip: &str,
+    ) -> EndpointInfo {
+        let k8s: BTreeMap<String, String> = labels
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        EndpointInfo {
+            id,
+            name: format!("pod-{id}"),
+            namespace: namespace.to_owned(),
+            labels: Labels::from_k8s(&k8s, namespace),
+            ips: vec![ip.parse().unwrap()],
+        }
+    }
+
+    fn endpoints() -> Vec<EndpointInfo> {
+        vec![
+            endpoint(CLIENT, "default", &[("app", "client")], "10.0.0.1"),
+            endpoint(
+                KUBE_DNS,
+                "kube-system",
+                &[("k8s-app", "kube-dns")],
+                KUBE_DNS_IP,
+            ),
+            endpoint(OTHER, "other", &[("app", "client")], "10.0.0.3"),
+        ]
+    }
+
+    fn build(yaml: &str) -> PolicyRepository {
+        let policies = parse_str(yaml, Path::new("test.yaml")).unwrap();
+        PolicyRepository::build(&policies, &endpoints())
+    }
+
+    fn name(text: &str) -> DnsName {
+        DnsName::new(text).unwrap()
+    }
+
+    fn server(addr: &str) -> SocketAddr {
+        addr.parse().unwrap()
+    }
+
+    /// A CiliumNetworkPolicy in `default` selecting app=client, with `egress` as given.
+    fn policy(egress: &str) -> String {
+        format!(
+            "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {{name: p}}\n\
+             spec:\n  endpointSelector: {{matchLabels: {{app: client}}}}\n  egress: {egress}\n"
+        )
+    }
+
+    /// A CiliumClusterwideNetworkPolicy with the given subject selector and `egress`.
+    fn clusterwide(selector: &str, egress: &str) -> String {
+        format!(
+            "apiVersion: cilium.io/v2\nkind: CiliumClusterwideNetworkPolicy\nmetadata: {{name: p}}\n\
+             spec:\n  endpointSelector: {selector}\n  egress: {egress}\n"
+        )
+    }
+
+    fn dns_ok(
+        repo: &PolicyRepository,
+        id: EndpointId,
+        to: &str,
+        proto: L4Proto,
+        qname: &str,
+    ) -> bool {
+        repo.dns_allowed(id, server(to), proto, &name(qname))
+    }
+
+    const TO_KUBE_DNS: &str =
+        "{matchLabels: {'k8s:io.kubernetes.pod.namespace': kube-system, 'k8s:k8s-app': kube-dns}}";
+
+    #[test]
+    fn unenforced_endpoints_may_ask_anything() {
+        let repo = PolicyRepository::empty();
+        assert!(!repo.is_enforced(CLIENT));
+        assert!(dns_ok(
+            &repo,
+            CLIENT,
+            "192.0.2.1:53",
+            L4Proto::Udp,
+            "anything.example"
+        ));
+        assert_eq!(repo.policy_count(), 0);
+    }
+
+    #[test]
+    fn dns_rules_restrict_names_server_port_and_protocol() {
+        let repo = build(&policy(&format!(
+            "[{{toEndpoints: [{TO_KUBE_DNS}], toPorts: [{{ports: [{{port: '53', protocol: UDP}}], \
+             rules: {{dns: [{{matchName: cilium.io}}, {{matchPattern: '*.cilium.io'}}]}}}}]}}]"
+        )));
+        assert!(repo.is_enforced(CLIENT));
+        let dns = "10.96.0.10:53";
+        assert!(dns_ok(&repo, CLIENT, dns, L4Proto::Udp, "cilium.io"));
+        assert!(dns_ok(&repo, CLIENT, dns, L4Proto::Udp, "WWW.cilium.io."));
+        assert!(!dns_ok(&repo, CLIENT, dns, L4Proto::Udp, "a.b.cilium.io"));
+        assert!(!dns_ok(&repo, CLIENT, dns, L4Proto::Udp, "example.com"));
+        assert!(
+            !dns_ok(&repo, CLIENT, dns, L4Proto::Tcp, "cilium.io"),
+            "UDP only"
+        );
+        assert!(!dns_ok(
+            &repo,
+            CLIENT,
+            "10.96.0.10:5353",
+            L4Proto::Udp,
+            "cilium.io"
+        ));
+        assert!(!dns_ok(
+            &repo,
+            CLIENT,
+            "8.8.8.8:53",
+            L4Proto::Udp,
+            "cilium.io"
+        ));
+        assert!(
+            dns_ok(
+                &repo,
+                CLIENT,
+                "[::ffff:10.96.0.10]:53",
+                L4Proto::Udp,
+                "cilium.io"
+            ),
+            "IPv4-mapped server address"
+        );
+        assert_eq!(repo.selector_count(), 2);
+    }
+
+    #[test]
+    fn l4_only_allow_widens_dns_rules() {
+        let narrow = format!(
+            "{{toEndpoints: [{TO_KUBE_DNS}], toPorts: [{{ports: [{{port: '53'}}], \
+             rules: {{dns: [{{matchName: cilium.io}}]}}}}]}}"
+        );
+        let repo = build(&policy(&format!("[{narrow}]")));
+        assert!(!dns_ok(
+            &repo,
+            CLIENT,
+            "10.96.0.10:53",
+            L4Proto::Udp,
+            "example.com"
+        ));
+
+        // Another rule allowing port 53 to the same server without L7 rules lets every name
+        // through, in the same policy or another.
+        let l4_only =
+            format!("{{toEndpoints: [{TO_KUBE_DNS}], toPorts: [{{ports: [{{port: '53'}}]}}]}}");
+        let repo = build(&policy(&format!("[{narrow}, {l4_only}]")));
+        assert!(dns_ok(
+            &repo,
+            CLIENT,
+            "10.96.0.10:53",
+            L4Proto::Udp,
+            "example.com"
+        ));
+
+        // So does an L3-only allow (every port), and `rules: {dns: []}` is no L7 rule.
+        let repo = build(&policy(&format!(
+            "[{narrow}, {{toEndpoints: [{TO_KUBE_DNS}]}}]"
+        )));
+        assert!(dns_ok(
+            &repo,
+            CLIENT,
+            "10.96.0.10:53",
+            L4Proto::Tcp,
+            "example.com"
+        ));
+        let repo = build(&policy(
+            "[{toPorts: [{ports: [{port: '53'}], rules: {dns: []}}]}]",
+        ));
+        assert!(dns_ok(
+            &repo,
+            CLIENT,
+            "192.0.2.1:53",
+            L4Proto::Tcp,
+            "example.com"
+        ));
+
+        // But an L4-only allow to a different server does not widen kube-dns's rules.
+        let elsewhere = "{toCIDR: [192.0.2.0/24], toPorts: [{ports: [{port: '53'}]}]}";
+        let repo = build(&policy(&format!("[{narrow}, {elsewhere}]")));
+        assert!(!dns_ok(
+            &repo,
+            CLIENT,
+            "10.96.0.10:53",
+            L4Proto::Udp,
+            "example.com"
+        ));
+        assert!(dns_ok(
+            &repo,
+            CLIENT,
+            "192.0.2.53:53",
+            L4Proto::Udp,
+            "example.com"
+        ));
+    }
+
+    #[test]
+    fn to_ports_alone_allows_any_server() {
+        let repo = build(&policy(
+            "[{toPorts: [{ports: [{port: '53', protocol: ANY}], rules: {dns: [{matchPattern: '*'}]}}]}]",
+        ));
+        assert!(dns_ok(
+            &repo,
+            CLIENT,
+            "192.0.2.1:53",
+            L4Proto::Tcp,
+            "x.example"
+        ));
+        assert!(dns_ok(&repo, CLIENT, "[2001:db8::1]:53", L4Proto::Udp, "."));
+        assert!(!dns_ok(
+            &repo,
+            CLIENT,
+            "192.0.2.1:54",
+            L4Proto::Udp,
+            "x.example"
+        ));
+        assert_eq!(
+            repo.static_allows(CLIENT),
+            [StaticAllow {
+                peer: Peer::All,
+                ports: vec![PortRange {
+                    first: 53,
+                    last: 53,
+                    proto: None
+                }],
+            }]
+        );
+    }
+
+    #[test]
+    fn empty_egress_rule_enforces_and_allows_nothing() {
+        let repo = build(&policy("[{}]"));
+        assert!(repo.is_enforced(CLIENT));
+        assert!(!dns_ok(
+            &repo,
+            CLIENT,
+            "10.96.0.10:53",
+            L4Proto::Udp,
+            "cilium.io"
+        ));
+        assert!(repo.static_allows(CLIENT).is_empty());
+        assert!(!repo.is_enforced(KUBE_DNS));
+    }
+
+    #[test]
+    fn no_egress_section_does_not_enforce() {
+        let without = "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: p}\n\
+                       spec: {endpointSelector: {}}\n";
+        assert!(!build(without).is_enforced(CLIENT));
+        assert!(
+            !build(&policy("[]")).is_enforced(CLIENT),
+            "egress: [] is no egress section"
+        );
+    }
+
+    #[test]
+    fn namespaced_policy_selects_its_own_namespace_only() {
+        // `app: client` exists in `default` and in `other`; the policy lives in `default`.
+        let repo = build(&policy("[{}]"));
+        assert!(repo.is_enforced(CLIENT));
+        assert!(!repo.is_enforced(OTHER));
+
+        let repo = build(&clusterwide("{matchLabels: {app: client}}", "[{}]"));
+        assert!(repo.is_enforced(CLIENT));
+        assert!(repo.is_enforced(OTHER));
+    }
+
+    #[test]
+    fn to_endpoints_is_confined_unless_it_names_a_namespace() {
+        let to = |selector: &str| {
+            build(&policy(&format!(
+                "[{{toEndpoints: [{selector}], toPorts: [{{ports: [{{port: '53'}}]}}]}}]"
+            )))
+        };
+        // kube-dns lives in kube-system, outside the policy's namespace.
+        let unnamed = to("{matchLabels: {k8s-app: kube-dns}}");
+        assert!(!dns_ok(
+            &unnamed,
+            CLIENT,
+            "10.96.0.10:53",
+            L4Proto::Udp,
+            "a.io"
+        ));
+        for named in [
+            "{matchLabels: {'k8s:io.kubernetes.pod.namespace': kube-system, k8s-app: kube-dns}}",
+            "{matchLabels: {io.kubernetes.pod.namespace: kube-system, k8s-app: kube-dns}}",
+            "{matchLabels: {k8s-app: kube-dns}, matchExpressions: [{key: io.kubernetes.pod.namespace, operator: Exists}]}",
+        ] {
+            assert!(
+                dns_ok(&to(named), CLIENT, "10.96.0.10:53", L4Proto::Udp, "a.io"),
+                "{named}"
+            );
+        }
+        // `{}` selects every endpoint of the policy's namespace, not kube-dns.
+        let all_local = to("{}");
+        assert!(!dns_ok(
+            &all_local,
+            CLIENT,
+            "10.96.0.10:53",
+            L4Proto::Udp,
+            "a.io"
+        ));
+        assert_eq!(
+            all_local.static_allows(CLIENT)[0].peer,
+            Peer::Endpoint(CLIENT)
+        );
+        // `toEndpoints: []` selects nothing at all.
+        let nothing = to("");
+        assert!(!dns_ok(
+            &nothing,
+            CLIENT,
+            "10.96.0.10:53",
+            L4Proto::Udp,
+            "a.io"
+        ));
+        assert!(nothing.static_allows(CLIENT).is_empty());
+    }
+
+    #[test]
+    fn label_sources_and_expressions_in_subject_selectors() {
+        let enforced = |selector: &str| {
+            let repo = build(&clusterwide(selector, "[{}]"));
+            [CLIENT, KUBE_DNS, OTHER].map(|id| repo.is_enforced(id))
+        };
+        assert_eq!(
+            enforced("{matchLabels: {'k8s:app': client}}"),
+            [true, false, true]
+        );
+        assert_eq!(
+            enforced("{matchLabels: {'any:app': client}}"),
+            [true, false, true]
+        );
+        assert_eq!(
+            enforced("{matchLabels: {'container:app': client}}"),
+            [false, false, false]
+        );
+        assert_eq!(
+            enforced(
+                "{matchExpressions: [{key: 'k8s:io.kubernetes.pod.namespace', operator: NotIn, values: [other]}]}"
+            ),
+            [true, true, false]
+        );
+        assert_eq!(
+            enforced("{matchExpressions: [{key: app, operator: DoesNotExist}]}"),
+            [false, true, false]
+        );
+        assert_eq!(enforced("{}"), [true, true, true]);
+    }
+
+    #[test]
+    fn cidr_rules_and_exceptions() {
+        let repo = build(&policy(
+            "[{toCIDRSet: [{cidr: 10.0.0.0/8, except: [10.96.0.0/12]}], toPorts: [{ports: [{port: '53'}]}]},\
+              {toCIDR: [192.0.2.53], toPorts: [{ports: [{port: '53', protocol: TCP}]}]}]",
+        ));
+        assert!(dns_ok(&repo, CLIENT, "10.1.1.1:53", L4Proto::Udp, "a.io"));
+        assert!(
+            !dns_ok(&repo, CLIENT, "10.96.0.10:53", L4Proto::Udp, "a.io"),
+            "excepted"
+        );
+        assert!(dns_ok(&repo, CLIENT, "192.0.2.53:53", L4Proto::Tcp, "a.io"));
+        assert!(!dns_ok(
+            &repo,
+            CLIENT,
+            "192.0.2.53:53",
+            L4Proto::Udp,
+            "a.io"
+        ));
+        assert!(!dns_ok(
+            &repo,
+            CLIENT,
+            "192.0.2.54:53",
+            L4Proto::Tcp,
+            "a.io"
+        ));
+        let allows = repo.static_allows(CLIENT);
+        assert_eq!(allows.len(), 2);
+        assert_eq!(
+            allows[0].peer,
+            Peer::Cidr {
+                cidr: "10.0.0.0/8".parse().unwrap(),
+                except: vec!["10.96.0.0/12".parse().unwrap()],
+            }
+        );
+    }
+
+    #[test]
+    fn entities() {
+        let with = |entity: &str| {
+            build(&policy(&format!(
+                "[{{toEntities: [{entity}], toPorts: [{{ports: [{{port: '53'}}]}}]}}]"
+            )))
+        };
+        let servers = ["127.0.0.53:53", "[::1]:53", "10.96.0.10:53", "8.8.8.8:53"];
+        let check = |entity: &str, expected: [bool; 4]| {
+            let repo = with(entity);
+            let got = servers.map(|s| dns_ok(&repo, CLIENT, s, L4Proto::Udp, "a.io"));
+            assert_eq!(got, expected, "{entity}");
+        };
+        check("host", [true, true, false, false]);
+        check("cluster", [true, true, true, false]);
+        check("world", [false, false, false, true]);
+        check("all", [true, true, true, true]);
+        assert_eq!(with("world").static_allows(CLIENT)[0].peer, Peer::World);
+    }
+
+    #[test]
+    fn fqdn_rules_never_match_a_dns_server() {
+        let repo = build(&policy(
+            "[{toFQDNs: [{matchPattern: '*'}], toPorts: [{ports: [{port: '53'}]}]}]",
+        ));
+        assert!(!dns_ok(
+            &repo,
+            CLIENT,
+            "10.96.0.10:53",
+            L4Proto::Udp,
+            "a.io"
+        ));
+        assert!(repo.static_allows(CLIENT).is_empty());
+    }
+
+    #[test]
+    fn fqdn_grants_go_to_every_selected_endpoint() {
+        let repo = build(&clusterwide(
+            "{matchLabels: {app: client}}",
+            "[{toFQDNs: [{matchPattern: '*.cilium.io'}, {matchName: cilium.io}], \
+               toPorts: [{ports: [{port: '443', protocol: TCP}, {port: '8000', endPort: 8080}]}]}, \
+              {toFQDNs: [{matchPattern: '**.example.com'}]}]",
+        ));
+        let mut grants = Vec::new();
+        repo.fqdn_grants(&name("www.cilium.io"), &mut grants);
+        let ports = vec![
+            PortRange {
+                first: 443,
+                last: 443,
+                proto: Some(L4Proto::Tcp),
+            },
+            PortRange {
+                first: 8000,
+                last: 8080,
+                proto: None,
+            },
+        ];
+        assert_eq!(
+            grants,
+            [
+                FqdnGrant {
+                    endpoint: CLIENT,
+                    ports: ports.clone(),
+                    selector: "*.cilium.io.".into()
+                },
+                FqdnGrant {
+                    endpoint: OTHER,
+                    ports,
+                    selector: "*.cilium.io.".into()
+                },
+            ]
+        );
+
+        grants.clear();
+        repo.fqdn_grants(&name("a.b.example.com"), &mut grants);
+        assert_eq!(grants.len(), 2);
+        assert!(
+            grants
+                .iter()
+                .all(|grant| grant.ports.is_empty() && grant.selector == "**.example.com.")
+        );
+
+        grants.clear();
+        repo.fqdn_grants(&name("example.com"), &mut grants);
+        assert!(grants.is_empty());
+        assert_eq!(repo.selector_count(), 3);
+    }
+
+    #[test]
+    fn port_ranges() {
+        let all = PortRange::from(&PortProtocol {
+            port: 0,
+            end_port: None,
+            protocol: Protocol::Tcp,
+        });
+        assert_eq!(
+            all,
+            PortRange {
+                first: 0,
+                last: 65535,
+                proto: Some(L4Proto::Tcp)
+            }
+        );
+        assert!(all.contains(53, L4Proto::Tcp));
+        assert!(!all.contains(53, L4Proto::Udp));
+        assert!(PortRange::ALL.contains(0, L4Proto::Udp));
+        let range = PortRange::from(&PortProtocol {
+            port: 10,
+            end_port: Some(20),
+            protocol: Protocol::Any,
+        });
+        assert!(range.contains(10, L4Proto::Udp) && range.contains(20, L4Proto::Tcp));
+        assert!(!range.contains(21, L4Proto::Tcp));
+    }
+
+    #[test]
+    fn repository_is_shareable_across_threads() {
+        fn assert_send_sync<T: Send + Sync + Clone>() {}
+        assert_send_sync::<PolicyRepository>();
+    }
+}
