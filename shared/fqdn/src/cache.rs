@@ -1,0 +1,1714 @@
+mod interner;
+mod record;
+mod reverse;
+mod slab;
+
+use std::fmt;
+use std::hash::{BuildHasher, RandomState};
+use std::net::IpAddr;
+
+use hashbrown::HashTable;
+
+use crate::{
+    CacheEntry, CacheError, CacheLimits, CacheSnapshot, CachedIp, Expired, InsertOutcome,
+    SNAPSHOT_VERSION, Source, UnixTime,
+};
+use interner::Interner;
+use record::{IpList, IpRec};
+use reverse::IpIndex;
+use slab::{NONE, Slab};
+
+/// Structures smaller than this are never compacted: the rebuild would cost more than the
+/// memory it returns.
+const COMPACT_MIN_SLOTS: usize = 1024;
+
+/// Heap bytes a `malloc(bytes)` really takes (glibc-like: 8-byte header, 16-byte granules,
+/// 32-byte minimum), so the estimate does not flatter small allocations such as names.
+pub(crate) fn malloc_size(bytes: usize) -> usize {
+    if bytes == 0 {
+        0
+    } else {
+        (bytes.saturating_add(8 + 15) & !15).max(32)
+    }
+}
+
+fn hash_pair(hasher: &RandomState, endpoint: u32, name: u32) -> u64 {
+    hasher.hash_one((u64::from(endpoint) << 32) | u64::from(name))
+}
+
+/// The IPs one endpoint learned for one name. 48 bytes.
+#[derive(Clone, Debug)]
+struct Pair {
+    endpoint: u32,
+    name: u32,
+    /// Neighbours among the pairs of the same name (any endpoint); see [`interner::Sym::head`].
+    prev: u32,
+    next: u32,
+    ips: IpList,
+}
+
+/// Per-endpoint cache of DNS answers: (endpoint, name) -> IPs, each with its own expiry.
+///
+/// Layout, chosen for memory (the agent may hold millions of entries): endpoints and names are
+/// interned once and referred to by `u32` ids; each (endpoint, name) is a 48-byte `Pair` in a
+/// dense slab holding its first IP inline; every hash table stores only `u32` ids (5 bytes a
+/// bucket). The reverse index maps each distinct IP to the pairs holding it. Vacated slots are
+/// reused, and a structure left mostly empty after expiry is rebuilt compactly, so memory
+/// follows the live set rather than its historical peak.
+#[derive(Clone)]
+pub struct DnsCache {
+    limits: CacheLimits,
+    endpoints: Interner,
+    names: Interner,
+    pairs: Slab<Pair>,
+    pair_table: HashTable<u32>,
+    pair_hasher: RandomState,
+    ips: IpIndex,
+    ip_count: usize,
+    /// No record expires before this (it may be earlier than the true minimum), so `gc` can
+    /// return at once until then instead of scanning.
+    next_expiry: u64,
+    /// Some pair may hold more than `max_ips_per_name` (after a merge, a restore or a lowered
+    /// cap); the next `gc` trims and reports them, as those paths have no way to report.
+    over_limit: bool,
+}
+
+impl Default for DnsCache {
+    fn default() -> Self {
+        DnsCache::new(CacheLimits::UNLIMITED)
+    }
+}
+
+impl fmt::Debug for DnsCache {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DnsCache")
+            .field("limits", &self.limits)
+            .field("names", &self.pairs.len())
+            .field("ips", &self.ip_count)
+            .finish_non_exhaustive()
+    }
+}
+
+impl DnsCache {
+    pub fn new(limits: CacheLimits) -> Self {
+        DnsCache::with_capacity(limits, 0, 0, 0, 0)
+    }
+
+    fn with_capacity(
+        limits: CacheLimits,
+        endpoints: usize,
+        names: usize,
+        pairs: usize,
+        ips: usize,
+    ) -> Self {
+        DnsCache {
+            limits,
+            endpoints: Interner::with_capacity(endpoints),
+            names: Interner::with_capacity(names),
+            pairs: Slab::with_capacity(pairs),
+            pair_table: HashTable::with_capacity(pairs),
+            pair_hasher: RandomState::new(),
+            ips: IpIndex::with_capacity(ips),
+            ip_count: 0,
+            next_expiry: u64::MAX,
+            over_limit: false,
+        }
+    }
+
+    pub fn limits(&self) -> CacheLimits {
+        self.limits
+    }
+
+    /// The new `min_ttl` applies to later answers. A lower `max_ips_per_name` is enforced by
+    /// the next [`gc`](Self::gc), which reports what it drops like any expiry.
+    pub fn set_limits(&mut self, limits: CacheLimits) {
+        let old = self.limits.max_ips_per_name;
+        let new = limits.max_ips_per_name;
+        if new != 0 && (old == 0 || new < old) {
+            self.over_limit = true;
+        }
+        self.limits = limits;
+    }
+
+    /// Records a DNS answer for `name` seen by `endpoint`.
+    ///
+    /// The TTL is raised to `min_ttl`; an IP already present keeps the later of its old and
+    /// new expiry; past `max_ips_per_name` the soonest-expiring IPs go first (on a tie, IPs
+    /// not in this answer before those in it).
+    pub fn insert(
+        &mut self,
+        now: UnixTime,
+        endpoint: &str,
+        name: &str,
+        ips: &[IpAddr],
+        ttl: u32,
+    ) -> InsertOutcome {
+        let expires = now.plus_secs(u64::from(self.limits.effective_ttl(ttl)));
+        let mut out = InsertOutcome {
+            expires_at: expires,
+            ..InsertOutcome::default()
+        };
+        if ips.is_empty() {
+            return out;
+        }
+        let Some(pid) = self.pair_for(endpoint, name) else {
+            return out;
+        };
+        for &ip in ips {
+            if out.added.contains(&ip) || out.refreshed.contains(&ip) {
+                continue;
+            }
+            let Some(pair) = self.pairs.get_mut(pid) else {
+                break;
+            };
+            if let Some(rec) = pair.ips.find_mut(ip) {
+                rec.extend_dns(expires.0, Source::Lookup);
+                out.refreshed.push(ip);
+            } else if self.ips.add(ip, pid) {
+                pair.ips
+                    .push(IpRec::from_dns(ip, expires.0, Source::Lookup));
+                self.ip_count += 1;
+                out.added.push(ip);
+            }
+        }
+        self.next_expiry = self.next_expiry.min(expires.0);
+        let mut fresh = ips.to_vec();
+        fresh.sort_unstable();
+        for rec in self.trim(pid, &fresh) {
+            let ip = rec.ip();
+            if let Some(pos) = out.added.iter().position(|&a| a == ip) {
+                out.added.remove(pos);
+            } else {
+                out.refreshed.retain(|&r| r != ip);
+                out.evicted.push(ip);
+            }
+        }
+        if self.pairs.get(pid).is_some_and(|p| p.ips.is_empty()) {
+            self.remove_pair(pid);
+        }
+        out
+    }
+
+    /// Folds in one IP with an absolute expiry, as found in a peer's cache, a journal or a
+    /// snapshot. Later expiry wins (on a tie Lookup beats Restored), so merging in any order
+    /// converges; `Source::Connection` extends only the connection grace. Returns whether
+    /// anything changed.
+    pub fn insert_entry(
+        &mut self,
+        endpoint: &str,
+        name: &str,
+        ip: IpAddr,
+        expires_at: UnixTime,
+        source: Source,
+    ) -> bool {
+        let Some(pid) = self.pair_for(endpoint, name) else {
+            return false;
+        };
+        let Some(pair) = self.pairs.get_mut(pid) else {
+            return false;
+        };
+        if let Some(rec) = pair.ips.find_mut(ip) {
+            return rec.extend_dns(expires_at.0, source);
+        }
+        let added = self.ips.add(ip, pid);
+        if added {
+            pair.ips.push(IpRec::from_dns(ip, expires_at.0, source));
+            self.ip_count += 1;
+            self.next_expiry = self.next_expiry.min(expires_at.0);
+            self.over_limit |= self.limits.is_over(pair.ips.len());
+        }
+        if pair.ips.is_empty() {
+            self.remove_pair(pid);
+        }
+        added
+    }
+
+    /// Unexpired IPs `endpoint` learned for `name`, sorted by IP, including those only kept
+    /// for connections ([`Source::Connection`]); whether those still admit new connections is
+    /// the caller's policy.
+    pub fn lookup(&self, now: UnixTime, endpoint: &str, name: &str) -> Vec<CachedIp> {
+        self.find_pair(endpoint, name)
+            .and_then(|pid| self.pairs.get(pid))
+            .map(|p| live_ips(&p.ips, now.0))
+            .unwrap_or_default()
+    }
+
+    /// Unexpired IPs of `name` learned by any endpoint, sorted and deduplicated.
+    pub fn lookup_any_endpoint(&self, now: UnixTime, name: &str) -> Vec<IpAddr> {
+        let mut out: Vec<IpAddr> = self
+            .pairs_of_name(name)
+            .flat_map(|p| p.ips.as_slice())
+            .filter(|r| r.is_live(now.0))
+            .map(IpRec::ip)
+            .collect();
+        out.sort_unstable();
+        out.dedup();
+        out
+    }
+
+    /// (endpoint, name) pairs holding `ip` unexpired, sorted.
+    pub fn names_for_ip(&self, now: UnixTime, ip: IpAddr) -> Vec<(String, String)> {
+        let mut out: Vec<(String, String)> = self
+            .ips
+            .pairs_of(ip)
+            .filter_map(|pid| self.pairs.get(pid))
+            .filter(|p| p.ips.find(ip).is_some_and(|r| r.is_live(now.0)))
+            .map(|p| {
+                (
+                    self.endpoints.text(p.endpoint).to_owned(),
+                    self.names.text(p.name).to_owned(),
+                )
+            })
+            .collect();
+        out.sort_unstable();
+        out
+    }
+
+    /// Keeps `ip` alive for `endpoint` (under every name it came from) until at least `until`,
+    /// because connections still use it; once the DNS TTL has run out the IP shows as
+    /// [`Source::Connection`]. This also saves an IP whose TTL ran out but that `gc` has not
+    /// removed yet, as its datapath entry still exists. Returns how many names matched.
+    pub fn keep_alive(&mut self, endpoint: &str, ip: IpAddr, until: UnixTime) -> usize {
+        let Some(ep) = self.endpoints.find(endpoint) else {
+            return 0;
+        };
+        let mut matched = 0;
+        for pid in self.ips.pairs_of(ip) {
+            let Some(pair) = self.pairs.get_mut(pid) else {
+                continue;
+            };
+            if pair.endpoint != ep {
+                continue;
+            }
+            if let Some(rec) = pair.ips.find_mut(ip) {
+                rec.extend_alive(until.0);
+                matched += 1;
+            }
+        }
+        matched
+    }
+
+    /// Removes every IP expired at `now` (and trims names over `max_ips_per_name` after a
+    /// merge, restore or lowered cap); returns what was removed, sorted, so the caller can
+    /// revoke the datapath entries derived from it.
+    pub fn gc(&mut self, now: UnixTime) -> Vec<Expired> {
+        let now = now.0;
+        if now < self.next_expiry && !self.over_limit {
+            return Vec::new();
+        }
+        let enforce = self.over_limit;
+        let mut removed = Vec::new();
+        let mut next = u64::MAX;
+        for pid in 0..self.pairs.id_bound() {
+            let Some(pair) = self.pairs.get_mut(pid) else {
+                continue;
+            };
+            let (ep, nm) = (pair.endpoint, pair.name);
+            let mut gone = pair.ips.extract(|r| !r.is_live(now));
+            for rec in &gone {
+                self.ips.remove(rec.ip(), pid);
+                self.ip_count = self.ip_count.saturating_sub(1);
+            }
+            if enforce {
+                gone.extend(self.trim(pid, &[]));
+            }
+            let Some(pair) = self.pairs.get(pid) else {
+                continue;
+            };
+            for rec in pair.ips.as_slice() {
+                next = next.min(rec.expires());
+            }
+            let emptied = pair.ips.is_empty();
+            if !gone.is_empty() {
+                let (endpoint, name) = (self.endpoints.text(ep), self.names.text(nm));
+                removed.extend(gone.iter().map(|rec| Expired {
+                    endpoint: endpoint.to_owned(),
+                    name: name.to_owned(),
+                    ip: rec.ip(),
+                }));
+            }
+            if emptied {
+                self.remove_pair(pid);
+            }
+        }
+        self.next_expiry = next;
+        self.over_limit = false;
+        self.compact_if_sparse();
+        removed.sort_unstable();
+        removed
+    }
+
+    /// Removes every (endpoint, name) for which `filter` returns true, expired or not (e.g.
+    /// `warden fqdn cache clean`); returns the removed IPs like [`gc`](Self::gc).
+    pub fn remove_matching(&mut self, mut filter: impl FnMut(&str, &str) -> bool) -> Vec<Expired> {
+        let doomed: Vec<u32> = self
+            .pairs
+            .iter()
+            .filter(|(_, p)| filter(self.endpoints.text(p.endpoint), self.names.text(p.name)))
+            .map(|(pid, _)| pid)
+            .collect();
+        let mut removed = Vec::new();
+        for pid in doomed {
+            let Some(pair) = self.pairs.get(pid) else {
+                continue;
+            };
+            let endpoint = self.endpoints.text(pair.endpoint).to_owned();
+            let name = self.names.text(pair.name).to_owned();
+            for rec in self.remove_pair(pid) {
+                removed.push(Expired {
+                    endpoint: endpoint.clone(),
+                    name: name.clone(),
+                    ip: rec.ip(),
+                });
+            }
+        }
+        self.compact_if_sparse();
+        removed.sort_unstable();
+        removed
+    }
+
+    /// Everything unexpired, sorted by endpoint then name, IPs sorted within.
+    pub fn entries(&self, now: UnixTime) -> Vec<CacheEntry> {
+        let mut out: Vec<CacheEntry> = self
+            .pairs
+            .iter()
+            .filter_map(|(_, p)| {
+                let ips = live_ips(&p.ips, now.0);
+                (!ips.is_empty()).then(|| CacheEntry {
+                    endpoint: self.endpoints.text(p.endpoint).to_owned(),
+                    name: self.names.text(p.name).to_owned(),
+                    ips,
+                })
+            })
+            .collect();
+        out.sort_unstable_by(|a, b| (&a.endpoint, &a.name).cmp(&(&b.endpoint, &b.name)));
+        out
+    }
+
+    /// (endpoint, name) pairs held, including any that expired but were not collected yet.
+    pub fn name_count(&self) -> usize {
+        self.pairs.len()
+    }
+
+    /// (endpoint, name, IP) triples held, including any that expired but were not collected.
+    pub fn ip_count(&self) -> usize {
+        self.ip_count
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.pairs.len() == 0
+    }
+
+    /// Distinct endpoints, names and IPs held (what the interners and reverse index store).
+    pub fn distinct_counts(&self) -> (usize, usize, usize) {
+        (self.endpoints.len(), self.names.len(), self.ips.len())
+    }
+
+    /// Everything unexpired at `now`, to be serialized by the caller.
+    pub fn snapshot(&self, now: UnixTime) -> CacheSnapshot {
+        CacheSnapshot {
+            version: SNAPSHOT_VERSION,
+            taken_at: now,
+            entries: self.entries(now),
+        }
+    }
+
+    /// Rebuilds a cache from a snapshot: entries already expired at `now` are dropped, the
+    /// rest keep their absolute expiry and become [`Source::Restored`] (those kept for
+    /// connections stay [`Source::Connection`]).
+    pub fn restore(
+        limits: CacheLimits,
+        snapshot: CacheSnapshot,
+        now: UnixTime,
+    ) -> Result<DnsCache, CacheError> {
+        if snapshot.version != SNAPSHOT_VERSION {
+            return Err(CacheError::UnsupportedVersion {
+                found: u64::from(snapshot.version),
+                supported: SNAPSHOT_VERSION,
+            });
+        }
+        let mut cache = DnsCache::new(limits);
+        for entry in &snapshot.entries {
+            for ip in entry.ips.iter().filter(|ip| ip.expires_at > now) {
+                let source = match ip.source {
+                    Source::Connection => Source::Connection,
+                    Source::Lookup | Source::Restored => Source::Restored,
+                };
+                cache.insert_entry(&entry.endpoint, &entry.name, ip.ip, ip.expires_at, source);
+            }
+        }
+        Ok(cache)
+    }
+
+    /// Union with another cache's entries, later expiry winning (see
+    /// [`insert_entry`](Self::insert_entry)); commutative and idempotent, so both sides of a
+    /// resync converge. Returns how many IPs changed.
+    pub fn merge(&mut self, other: &[CacheEntry]) -> usize {
+        let mut changed = 0;
+        for entry in other {
+            for ip in &entry.ips {
+                if self.insert_entry(
+                    &entry.endpoint,
+                    &entry.name,
+                    ip.ip,
+                    ip.expires_at,
+                    ip.source,
+                ) {
+                    changed += 1;
+                }
+            }
+        }
+        changed
+    }
+
+    /// Estimated heap bytes held, allocator overhead included. Walks every entry (O(n)).
+    pub fn approx_heap_bytes(&self) -> usize {
+        let lists: usize = self.pairs.iter().map(|(_, p)| p.ips.heap_bytes()).sum();
+        self.endpoints.heap_bytes()
+            + self.names.heap_bytes()
+            + self.pairs.heap_bytes()
+            + self.pair_table.allocation_size()
+            + lists
+            + self.ips.heap_bytes()
+    }
+
+    fn find_pair(&self, endpoint: &str, name: &str) -> Option<u32> {
+        let ep = self.endpoints.find(endpoint)?;
+        let nm = self.names.find(name)?;
+        let pairs = &self.pairs;
+        self.pair_table
+            .find(hash_pair(&self.pair_hasher, ep, nm), |&id| {
+                pairs
+                    .get(id)
+                    .is_some_and(|p| p.endpoint == ep && p.name == nm)
+            })
+            .copied()
+    }
+
+    /// The pair for (endpoint, name), created empty if absent; a caller that then adds
+    /// nothing must remove it again. `None` only when ids are exhausted.
+    fn pair_for(&mut self, endpoint: &str, name: &str) -> Option<u32> {
+        if let Some(pid) = self.find_pair(endpoint, name) {
+            return Some(pid);
+        }
+        let ep = self.endpoints.acquire(endpoint)?;
+        let Some(nm) = self.names.acquire(name) else {
+            self.endpoints.release(ep);
+            return None;
+        };
+        let head = self.names.get(nm).map_or(NONE, |s| s.head);
+        let Some(pid) = self.pairs.insert(Pair {
+            endpoint: ep,
+            name: nm,
+            prev: NONE,
+            next: head,
+            ips: IpList::Many(Vec::new()),
+        }) else {
+            self.names.release(nm);
+            self.endpoints.release(ep);
+            return None;
+        };
+        if let Some(old_head) = self.pairs.get_mut(head) {
+            old_head.prev = pid;
+        }
+        if let Some(sym) = self.names.get_mut(nm) {
+            sym.head = pid;
+        }
+        let (pairs, hasher) = (&self.pairs, &self.pair_hasher);
+        self.pair_table
+            .insert_unique(hash_pair(hasher, ep, nm), pid, |&id| {
+                pairs
+                    .get(id)
+                    .map_or(0, |p| hash_pair(hasher, p.endpoint, p.name))
+            });
+        Some(pid)
+    }
+
+    /// Removes a pair with everything it still holds and returns those records.
+    fn remove_pair(&mut self, pid: u32) -> Vec<IpRec> {
+        let Some(pair) = self.pairs.remove(pid) else {
+            return Vec::new();
+        };
+        let hash = hash_pair(&self.pair_hasher, pair.endpoint, pair.name);
+        if let Ok(entry) = self.pair_table.find_entry(hash, |&id| id == pid) {
+            entry.remove();
+        }
+        if let Some(prev) = self.pairs.get_mut(pair.prev) {
+            prev.next = pair.next;
+        } else if let Some(sym) = self.names.get_mut(pair.name) {
+            sym.head = pair.next;
+        }
+        if let Some(next) = self.pairs.get_mut(pair.next) {
+            next.prev = pair.prev;
+        }
+        let recs = pair.ips.as_slice().to_vec();
+        for rec in &recs {
+            self.ips.remove(rec.ip(), pid);
+            self.ip_count = self.ip_count.saturating_sub(1);
+        }
+        self.names.release(pair.name);
+        self.endpoints.release(pair.endpoint);
+        recs
+    }
+
+    /// Drops the pair's soonest-expiring IPs beyond `max_ips_per_name` (ties: IPs not in
+    /// `fresh`, which must be sorted, first; then by IP) and returns them in that order.
+    fn trim(&mut self, pid: u32, fresh: &[IpAddr]) -> Vec<IpRec> {
+        let Some(pair) = self.pairs.get_mut(pid) else {
+            return Vec::new();
+        };
+        if !self.limits.is_over(pair.ips.len()) {
+            return Vec::new();
+        }
+        let excess = pair.ips.len() - self.limits.max_ips_per_name;
+        let mut order: Vec<(u64, bool, IpAddr)> = pair
+            .ips
+            .as_slice()
+            .iter()
+            .map(|r| {
+                let ip = r.ip();
+                (r.expires(), fresh.binary_search(&ip).is_ok(), ip)
+            })
+            .collect();
+        order.sort_unstable();
+        order.truncate(excess);
+        let mut doomed: Vec<IpAddr> = order.iter().map(|&(_, _, ip)| ip).collect();
+        doomed.sort_unstable();
+        let mut gone = pair.ips.extract(|r| doomed.binary_search(&r.ip()).is_ok());
+        for rec in &gone {
+            self.ips.remove(rec.ip(), pid);
+            self.ip_count = self.ip_count.saturating_sub(1);
+        }
+        gone.sort_unstable_by_key(|r| {
+            let ip = r.ip();
+            (r.expires(), fresh.binary_search(&ip).is_ok(), ip)
+        });
+        gone
+    }
+
+    fn pairs_of_name<'a>(&'a self, name: &str) -> impl Iterator<Item = &'a Pair> + use<'a> {
+        let head = self
+            .names
+            .find(name)
+            .and_then(|nm| self.names.get(nm))
+            .map_or(NONE, |s| s.head);
+        let mut cursor = head;
+        // Bounded by the pair count so that even a broken link could not loop forever.
+        std::iter::from_fn(move || {
+            let pair = self.pairs.get(cursor)?;
+            cursor = pair.next;
+            Some(pair)
+        })
+        .take(self.pairs.len())
+    }
+
+    /// Rebuilds everything at its live size once a structure is mostly vacant, so a burst
+    /// (or a long churn) does not pin its peak memory. Amortized O(1): at least three
+    /// quarters of the entries went away since the structure last had this size.
+    fn compact_if_sparse(&mut self) {
+        let sparse = self.pairs.is_sparse(COMPACT_MIN_SLOTS)
+            || self.names.is_sparse(COMPACT_MIN_SLOTS)
+            || self.endpoints.is_sparse(COMPACT_MIN_SLOTS)
+            || self.ips.is_sparse(COMPACT_MIN_SLOTS)
+            || (self.pair_table.capacity() >= COMPACT_MIN_SLOTS
+                && self.pair_table.len() * 4 < self.pair_table.capacity());
+        if sparse {
+            *self = self.compacted();
+        }
+    }
+
+    fn compacted(&self) -> DnsCache {
+        let mut fresh = DnsCache::with_capacity(
+            self.limits,
+            self.endpoints.len(),
+            self.names.len(),
+            self.pairs.len(),
+            self.ips.len(),
+        );
+        for (_, pair) in self.pairs.iter() {
+            let endpoint = self.endpoints.text(pair.endpoint);
+            let name = self.names.text(pair.name);
+            let Some(pid) = fresh.pair_for(endpoint, name) else {
+                continue;
+            };
+            let mut ips = pair.ips.clone();
+            // Only fails if ids ran out, which a smaller rebuild cannot hit; drop rather than
+            // index inconsistently.
+            ips.extract(|r| !fresh.ips.add(r.ip(), pid));
+            fresh.ip_count += ips.len();
+            match fresh.pairs.get_mut(pid) {
+                Some(p) if !ips.is_empty() => p.ips = ips,
+                _ => {
+                    fresh.remove_pair(pid);
+                }
+            }
+        }
+        fresh.next_expiry = self.next_expiry;
+        fresh.over_limit = self.over_limit;
+        fresh
+    }
+}
+
+fn live_ips(list: &IpList, now: u64) -> Vec<CachedIp> {
+    let mut out: Vec<CachedIp> = list
+        .as_slice()
+        .iter()
+        .filter(|r| r.is_live(now))
+        .map(|r| {
+            let (expires, source) = r.view(now);
+            CachedIp {
+                ip: r.ip(),
+                expires_at: UnixTime(expires),
+                source,
+            }
+        })
+        .collect();
+    out.sort_unstable_by_key(|c| c.ip);
+    out
+}
+
+#[cfg(test)]
+impl DnsCache {
+    /// Cross-checks every index against the pairs; panics on the first inconsistency.
+    fn assert_consistent(&self) {
+        let mut expected: Vec<(IpAddr, u32)> = Vec::new();
+        let mut triples = 0;
+        for (pid, pair) in self.pairs.iter() {
+            assert!(!pair.ips.is_empty(), "empty pair {pid} kept");
+            let endpoint = self.endpoints.text(pair.endpoint);
+            let name = self.names.text(pair.name);
+            assert_eq!(self.find_pair(endpoint, name), Some(pid));
+            assert!(
+                self.pairs_of_name(name).any(|p| std::ptr::eq(p, pair)),
+                "pair {pid} missing from its name's list"
+            );
+            let mut seen: Vec<IpAddr> = pair.ips.as_slice().iter().map(IpRec::ip).collect();
+            triples += seen.len();
+            seen.sort_unstable();
+            seen.dedup();
+            assert_eq!(seen.len(), pair.ips.len(), "duplicate IP in pair {pid}");
+            expected.extend(seen.into_iter().map(|ip| (ip, pid)));
+        }
+        let mut actual = self.ips.references();
+        expected.sort_unstable();
+        actual.sort_unstable();
+        assert_eq!(actual, expected, "reverse index disagrees with the pairs");
+        assert_eq!(triples, self.ip_count);
+        assert_eq!(self.pair_table.len(), self.pairs.len());
+        let mut distinct_names: Vec<&str> = self
+            .pairs
+            .iter()
+            .map(|(_, p)| self.names.text(p.name))
+            .collect();
+        distinct_names.sort_unstable();
+        distinct_names.dedup();
+        assert_eq!(
+            self.names.len(),
+            distinct_names.len(),
+            "leaked or lost names"
+        );
+        for name in distinct_names {
+            let listed = self.pairs_of_name(name).count();
+            let actual = self
+                .pairs
+                .iter()
+                .filter(|(_, p)| self.names.text(p.name) == name)
+                .count();
+            assert_eq!(listed, actual, "name list of {name}");
+        }
+        let mut distinct_eps: Vec<u32> = self.pairs.iter().map(|(_, p)| p.endpoint).collect();
+        distinct_eps.sort_unstable();
+        distinct_eps.dedup();
+        assert_eq!(
+            self.endpoints.len(),
+            distinct_eps.len(),
+            "leaked or lost endpoints"
+        );
+        for (_, pair) in self.pairs.iter() {
+            for rec in pair.ips.as_slice() {
+                assert!(rec.expires() >= self.next_expiry, "next_expiry too late");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::net::{Ipv4Addr, Ipv6Addr};
+
+    use super::*;
+
+    const EP: &str = "youssef/test";
+
+    fn ip4(n: u32) -> IpAddr {
+        IpAddr::V4(Ipv4Addr::from(0x0a00_0000 | n))
+    }
+
+    fn ip6(n: u16) -> IpAddr {
+        IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, n))
+    }
+
+    fn t(secs: u64) -> UnixTime {
+        UnixTime(secs)
+    }
+
+    fn limits(min_ttl: u32, max_ips_per_name: usize) -> CacheLimits {
+        CacheLimits {
+            min_ttl,
+            max_ips_per_name,
+        }
+    }
+
+    fn ips_of(found: &[CachedIp]) -> Vec<IpAddr> {
+        found.iter().map(|c| c.ip).collect()
+    }
+
+    fn expired(endpoint: &str, name: &str, ip: IpAddr) -> Expired {
+        Expired {
+            endpoint: endpoint.into(),
+            name: name.into(),
+            ip,
+        }
+    }
+
+    /// splitmix64: deterministic and dependency-free.
+    struct Rng(u64);
+
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            let mut z = self.0;
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            z ^ (z >> 31)
+        }
+
+        fn below(&mut self, n: u64) -> u64 {
+            self.next() % n
+        }
+
+        fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
+            &items[self.below(items.len() as u64) as usize]
+        }
+    }
+
+    #[test]
+    fn can_be_shared_between_threads() {
+        fn assert_send_sync<T: Send + Sync + Clone + fmt::Debug + Default>() {}
+        assert_send_sync::<DnsCache>();
+    }
+
+    #[test]
+    fn layout_stays_compact() {
+        assert_eq!(size_of::<Pair>(), 48);
+        assert_eq!(size_of::<Option<Pair>>(), 48);
+        assert_eq!(size_of::<Option<interner::Sym>>(), 24);
+    }
+
+    #[test]
+    fn min_ttl_raises_short_ttls_only() {
+        let mut c = DnsCache::new(limits(60, 0));
+        let out = c.insert(t(1000), EP, "short.example.", &[ip4(1)], 5);
+        assert_eq!(out.expires_at, t(1060));
+        assert_eq!(out.added, [ip4(1)]);
+        assert_eq!(
+            c.lookup(t(1059), EP, "short.example.")[0].expires_at,
+            t(1060)
+        );
+        let out = c.insert(t(1000), EP, "long.example.", &[ip4(2)], 300);
+        assert_eq!(out.expires_at, t(1300));
+        let out = c.insert(t(1000), EP, "zero.example.", &[ip4(3)], 0);
+        assert_eq!(out.expires_at, t(1060));
+        c.set_limits(limits(0, 0));
+        let out = c.insert(t(1000), EP, "later.example.", &[ip4(4)], 5);
+        assert_eq!(out.expires_at, t(1005));
+        assert_eq!(c.limits(), limits(0, 0));
+    }
+
+    #[test]
+    fn expiry_is_exactly_at_ttl() {
+        let mut c = DnsCache::default();
+        c.insert(t(100), EP, "cilium.io.", &[ip4(1)], 30);
+        let visible = |c: &DnsCache, now| {
+            (
+                c.lookup(t(now), EP, "cilium.io.").len(),
+                c.lookup_any_endpoint(t(now), "cilium.io.").len(),
+                c.names_for_ip(t(now), ip4(1)).len(),
+                c.entries(t(now)).len(),
+            )
+        };
+        assert_eq!(visible(&c, 129), (1, 1, 1, 1));
+        assert_eq!(
+            c.lookup(t(129), EP, "cilium.io.")[0].ttl_remaining(t(129)),
+            1
+        );
+        assert_eq!(visible(&c, 130), (0, 0, 0, 0));
+        assert!(c.gc(t(129)).is_empty());
+        assert_eq!(c.name_count(), 1);
+        assert_eq!(c.gc(t(130)), [expired(EP, "cilium.io.", ip4(1))]);
+        assert_eq!((c.name_count(), c.ip_count()), (0, 0));
+        assert!(c.is_empty());
+        assert_eq!(c.distinct_counts(), (0, 0, 0));
+        c.assert_consistent();
+    }
+
+    #[test]
+    fn refresh_keeps_the_later_expiry() {
+        let mut c = DnsCache::default();
+        c.insert(t(0), EP, "a.example.", &[ip4(1), ip4(2)], 100);
+        let out = c.insert(t(10), EP, "a.example.", &[ip4(2), ip4(3)], 20);
+        assert_eq!(out.added, [ip4(3)]);
+        assert_eq!(out.refreshed, [ip4(2)]);
+        assert!(out.evicted.is_empty());
+        let found = c.lookup(t(10), EP, "a.example.");
+        let expiries: Vec<u64> = found.iter().map(|f| f.expires_at.0).collect();
+        assert_eq!(ips_of(&found), [ip4(1), ip4(2), ip4(3)]);
+        assert_eq!(expiries, [100, 100, 30]);
+        c.insert(t(90), EP, "a.example.", &[ip4(1)], 50);
+        assert_eq!(c.lookup(t(90), EP, "a.example.")[0].expires_at, t(140));
+    }
+
+    #[test]
+    fn duplicate_and_empty_answers() {
+        let mut c = DnsCache::default();
+        let out = c.insert(
+            t(0),
+            EP,
+            "a.example.",
+            &[ip4(1), ip4(1), ip4(2), ip4(1)],
+            10,
+        );
+        assert_eq!(out.added, [ip4(1), ip4(2)]);
+        assert!(out.refreshed.is_empty());
+        assert_eq!(c.ip_count(), 2);
+        let out = c.insert(t(0), EP, "nothing.example.", &[], 10);
+        assert_eq!(out.expires_at, t(10));
+        assert_eq!(c.name_count(), 1);
+        c.assert_consistent();
+    }
+
+    #[test]
+    fn max_ips_evicts_soonest_expiring_first() {
+        let mut c = DnsCache::new(limits(0, 3));
+        c.insert(t(0), EP, "lb.example.", &[ip4(1)], 10);
+        c.insert(t(0), EP, "lb.example.", &[ip4(2)], 30);
+        c.insert(t(0), EP, "lb.example.", &[ip4(3)], 20);
+        let out = c.insert(t(0), EP, "lb.example.", &[ip4(4)], 25);
+        assert_eq!(out.added, [ip4(4)]);
+        assert_eq!(out.evicted, [ip4(1)]);
+        let out = c.insert(t(0), EP, "lb.example.", &[ip4(5), ip4(6)], 40);
+        assert_eq!(out.evicted, [ip4(3), ip4(4)]);
+        assert_eq!(
+            ips_of(&c.lookup(t(0), EP, "lb.example.")),
+            [ip4(2), ip4(5), ip4(6)]
+        );
+        assert!(c.names_for_ip(t(0), ip4(1)).is_empty());
+        assert_eq!(c.ip_count(), 3);
+        c.assert_consistent();
+    }
+
+    #[test]
+    fn an_ip_evicted_by_its_own_answer_is_never_reported() {
+        let mut c = DnsCache::new(limits(0, 2));
+        c.insert(t(0), EP, "lb.example.", &[ip4(1), ip4(2)], 100);
+        let out = c.insert(t(0), EP, "lb.example.", &[ip4(3)], 10);
+        assert!(out.added.is_empty() && out.evicted.is_empty() && out.refreshed.is_empty());
+        assert_eq!(ips_of(&c.lookup(t(0), EP, "lb.example.")), [ip4(1), ip4(2)]);
+        assert!(c.names_for_ip(t(0), ip4(3)).is_empty());
+        // On equal expiry the IPs this answer did not mention go first.
+        let out = c.insert(t(0), EP, "lb.example.", &[ip4(2), ip4(4)], 100);
+        assert_eq!(out.added, [ip4(4)]);
+        assert_eq!(out.refreshed, [ip4(2)]);
+        assert_eq!(out.evicted, [ip4(1)]);
+        c.assert_consistent();
+    }
+
+    #[test]
+    fn lowering_the_cap_is_enforced_and_reported_by_gc() {
+        let mut c = DnsCache::default();
+        c.insert(t(0), EP, "lb.example.", &[ip4(1)], 10);
+        c.insert(t(0), EP, "lb.example.", &[ip4(2), ip4(3)], 20);
+        c.insert(t(0), "other", "lb.example.", &[ip4(1)], 10);
+        c.set_limits(limits(0, 1));
+        let removed = c.gc(t(1));
+        assert_eq!(
+            removed,
+            [
+                expired(EP, "lb.example.", ip4(1)),
+                expired(EP, "lb.example.", ip4(2))
+            ]
+        );
+        assert_eq!(ips_of(&c.lookup(t(1), EP, "lb.example.")), [ip4(3)]);
+        assert_eq!(c.lookup(t(1), "other", "lb.example.").len(), 1);
+        assert!(c.gc(t(1)).is_empty());
+        c.assert_consistent();
+    }
+
+    #[test]
+    fn reverse_and_cross_endpoint_lookups() {
+        let mut c = DnsCache::default();
+        c.insert(t(0), "ns/a", "cdn.example.", &[ip4(1), ip6(1)], 100);
+        c.insert(t(0), "ns/b", "cdn.example.", &[ip4(1), ip4(2)], 50);
+        c.insert(t(0), "ns/b", "alias.example.", &[ip4(1)], 10);
+        assert_eq!(
+            c.lookup_any_endpoint(t(0), "cdn.example."),
+            [ip4(1), ip4(2), ip6(1)]
+        );
+        assert_eq!(
+            c.lookup_any_endpoint(t(60), "cdn.example."),
+            [ip4(1), ip6(1)]
+        );
+        assert!(c.lookup_any_endpoint(t(0), "unknown.example.").is_empty());
+        let owners = |now| c.names_for_ip(t(now), ip4(1));
+        assert_eq!(
+            owners(0),
+            [
+                ("ns/a".to_owned(), "cdn.example.".to_owned()),
+                ("ns/b".to_owned(), "alias.example.".to_owned()),
+                ("ns/b".to_owned(), "cdn.example.".to_owned()),
+            ]
+        );
+        assert_eq!(owners(20).len(), 2);
+        assert!(c.names_for_ip(t(0), ip4(99)).is_empty());
+        assert!(c.lookup(t(0), "ns/a", "alias.example.").is_empty());
+        assert!(c.lookup(t(0), "ns/zzz", "cdn.example.").is_empty());
+        assert_eq!((c.name_count(), c.ip_count()), (3, 5));
+        assert_eq!(c.distinct_counts(), (2, 2, 3));
+        c.assert_consistent();
+    }
+
+    #[test]
+    fn keep_alive_holds_an_ip_past_its_ttl() {
+        let mut c = DnsCache::default();
+        c.insert(t(0), EP, "a.example.", &[ip4(1)], 10);
+        c.insert(t(0), EP, "b.example.", &[ip4(1), ip4(2)], 10);
+        c.insert(t(0), "other", "a.example.", &[ip4(1)], 10);
+        assert_eq!(c.keep_alive(EP, ip4(1), t(50)), 2);
+        assert_eq!(c.keep_alive("nobody", ip4(1), t(50)), 0);
+        assert_eq!(c.keep_alive(EP, ip4(9), t(50)), 0);
+
+        let before = c.lookup(t(5), EP, "a.example.");
+        assert_eq!(
+            (before[0].expires_at, before[0].source),
+            (t(10), Source::Lookup)
+        );
+        let removed = c.gc(t(10));
+        assert_eq!(
+            removed,
+            [
+                expired("other", "a.example.", ip4(1)),
+                expired(EP, "b.example.", ip4(2)),
+            ]
+        );
+        let after = c.lookup(t(10), EP, "a.example.");
+        assert_eq!(
+            (after[0].expires_at, after[0].source),
+            (t(50), Source::Connection)
+        );
+        assert_eq!(c.names_for_ip(t(30), ip4(1)).len(), 2);
+        // A fresh answer vouches for it again.
+        c.insert(t(20), EP, "a.example.", &[ip4(1)], 100);
+        let again = c.lookup(t(20), EP, "a.example.");
+        assert_eq!(
+            (again[0].expires_at, again[0].source),
+            (t(120), Source::Lookup)
+        );
+        assert!(c.gc(t(49)).is_empty());
+        assert_eq!(c.gc(t(50)), [expired(EP, "b.example.", ip4(1))]);
+        // Extending the grace of an IP whose TTL ran out but that gc has not removed yet
+        // saves it, as its datapath entry still exists.
+        assert_eq!(c.keep_alive(EP, ip4(1), t(200)), 1);
+        assert!(c.gc(t(150)).is_empty());
+        assert_eq!(
+            c.lookup(t(150), EP, "a.example.")[0].source,
+            Source::Connection
+        );
+        assert_eq!(c.gc(t(200)).len(), 1);
+        assert_eq!(c.name_count(), 0);
+        c.assert_consistent();
+    }
+
+    #[test]
+    fn remove_matching_reports_everything_it_drops() {
+        let mut c = DnsCache::default();
+        c.insert(t(0), "ns/a", "api.example.com.", &[ip4(1), ip4(2)], 10);
+        c.insert(t(0), "ns/b", "www.example.com.", &[ip4(1)], 1);
+        c.insert(t(0), "ns/b", "cilium.io.", &[ip4(3)], 10);
+        let removed = c.remove_matching(|_, name| name.ends_with(".example.com."));
+        assert_eq!(
+            removed,
+            [
+                expired("ns/a", "api.example.com.", ip4(1)),
+                expired("ns/a", "api.example.com.", ip4(2)),
+                expired("ns/b", "www.example.com.", ip4(1)),
+            ]
+        );
+        assert_eq!(c.entries(t(0)).len(), 1);
+        assert!(c.names_for_ip(t(0), ip4(1)).is_empty());
+        let removed = c.remove_matching(|endpoint, _| endpoint == "ns/b");
+        assert_eq!(removed, [expired("ns/b", "cilium.io.", ip4(3))]);
+        assert_eq!(c.distinct_counts(), (0, 0, 0));
+        c.assert_consistent();
+    }
+
+    #[test]
+    fn insert_entry_later_expiry_wins() {
+        let mut c = DnsCache::default();
+        let ip = ip4(1);
+        assert!(c.insert_entry(EP, "a.", ip, t(100), Source::Restored));
+        assert!(!c.insert_entry(EP, "a.", ip, t(100), Source::Restored));
+        assert!(!c.insert_entry(EP, "a.", ip, t(90), Source::Lookup));
+        assert!(c.insert_entry(EP, "a.", ip, t(100), Source::Lookup));
+        assert!(!c.insert_entry(EP, "a.", ip, t(100), Source::Restored));
+        assert!(c.insert_entry(EP, "a.", ip, t(150), Source::Connection));
+        let found = c.lookup(t(99), EP, "a.");
+        assert_eq!(
+            (found[0].expires_at, found[0].source),
+            (t(100), Source::Lookup)
+        );
+        let found = c.lookup(t(100), EP, "a.");
+        assert_eq!(
+            (found[0].expires_at, found[0].source),
+            (t(150), Source::Connection)
+        );
+        assert!(c.insert_entry(EP, "b.", ip, t(20), Source::Connection));
+        let found = c.lookup(t(0), EP, "b.");
+        assert_eq!(
+            (found[0].expires_at, found[0].source),
+            (t(20), Source::Connection)
+        );
+        c.assert_consistent();
+    }
+
+    #[test]
+    fn entries_are_sorted_and_skip_expired() {
+        let mut c = DnsCache::default();
+        c.insert(t(0), "b", "z.", &[ip4(2), ip4(1)], 10);
+        c.insert(t(0), "a", "y.", &[ip4(3)], 10);
+        c.insert(t(0), "b", "a.", &[ip4(4)], 10);
+        c.insert(t(0), "a", "gone.", &[ip4(5)], 1);
+        let keys: Vec<(String, String)> = c
+            .entries(t(5))
+            .into_iter()
+            .map(|e| (e.endpoint, e.name))
+            .collect();
+        assert_eq!(
+            keys,
+            [
+                ("a".to_owned(), "y.".to_owned()),
+                ("b".to_owned(), "a.".to_owned()),
+                ("b".to_owned(), "z.".to_owned())
+            ]
+        );
+        assert_eq!(ips_of(&c.entries(t(5))[2].ips), [ip4(1), ip4(2)]);
+    }
+
+    #[test]
+    fn snapshot_round_trip_keeps_remaining_ttl() {
+        let now = t(1_700_000_000);
+        let mut c = DnsCache::new(limits(0, 10));
+        c.insert(now, EP, "cilium.io.", &[ip4(1), ip6(1)], 300);
+        c.insert(now, EP, "short.example.", &[ip4(2)], 5);
+        c.insert(now, "ns/other", "held.example.", &[ip4(3)], 1);
+        c.keep_alive("ns/other", ip4(3), now.plus_secs(60));
+        let snap = c.snapshot(now.plus_secs(2));
+        assert_eq!(snap.version, SNAPSHOT_VERSION);
+        assert_eq!(snap.ip_count(), 4);
+
+        let json = serde_json::to_vec(&snap).unwrap();
+        let decoded = CacheSnapshot::from_json(&json).unwrap();
+        assert_eq!(decoded, snap);
+
+        let later = now.plus_secs(10);
+        let r = DnsCache::restore(c.limits(), decoded, later).unwrap();
+        let found = r.lookup(later, EP, "cilium.io.");
+        assert_eq!(ips_of(&found), [ip4(1), ip6(1)]);
+        for ip in &found {
+            assert_eq!(ip.ttl_remaining(later), 290);
+            assert_eq!(ip.source, Source::Restored);
+        }
+        assert!(r.lookup(later, EP, "short.example.").is_empty());
+        let held = r.lookup(later, "ns/other", "held.example.");
+        assert_eq!(
+            (held[0].ttl_remaining(later), held[0].source),
+            (50, Source::Connection)
+        );
+        assert_eq!((r.name_count(), r.ip_count()), (2, 3));
+        assert_eq!(r.limits(), c.limits());
+        r.assert_consistent();
+
+        // A fresh answer turns a restored IP back into a looked-up one.
+        let mut r = r;
+        r.insert(later, EP, "cilium.io.", &[ip4(1)], 30);
+        let found = r.lookup(later, EP, "cilium.io.");
+        assert_eq!(found[0].source, Source::Restored);
+        r.insert(later, EP, "cilium.io.", &[ip4(1)], 600);
+        assert_eq!(r.lookup(later, EP, "cilium.io.")[0].source, Source::Lookup);
+    }
+
+    #[test]
+    fn restore_rejects_unknown_versions() {
+        let snap = CacheSnapshot {
+            version: 7,
+            taken_at: t(0),
+            entries: Vec::new(),
+        };
+        let err = DnsCache::restore(CacheLimits::UNLIMITED, snap, t(0)).unwrap_err();
+        assert!(matches!(
+            err,
+            CacheError::UnsupportedVersion {
+                found: 7,
+                supported: 1
+            }
+        ));
+    }
+
+    #[test]
+    fn restore_trims_over_cap_names_on_first_gc() {
+        let mut c = DnsCache::default();
+        c.insert(t(0), EP, "lb.", &[ip4(1), ip4(2), ip4(3)], 100);
+        c.insert(t(1), EP, "lb.", &[ip4(2)], 100);
+        let mut r = DnsCache::restore(limits(0, 1), c.snapshot(t(1)), t(1)).unwrap();
+        assert_eq!(r.ip_count(), 3);
+        let removed = r.gc(t(1));
+        assert_eq!(removed.len(), 2);
+        assert_eq!(ips_of(&r.lookup(t(1), EP, "lb.")), [ip4(2)]);
+        r.assert_consistent();
+    }
+
+    #[test]
+    fn debug_shows_sizes_not_contents() {
+        let mut c = DnsCache::default();
+        c.insert(t(0), EP, "secret.example.", &[ip4(1)], 10);
+        let dbg = format!("{c:?}");
+        assert!(dbg.contains("names: 1"), "{dbg}");
+        assert!(!dbg.contains("secret"), "{dbg}");
+    }
+
+    // ---- property test against a naive model ----
+
+    #[derive(Clone, Copy, Debug)]
+    struct ModelRec {
+        dns: Option<u64>,
+        expires: u64,
+        origin: Source,
+    }
+
+    fn model_rank(source: Source) -> u8 {
+        match source {
+            Source::Connection => 0,
+            Source::Restored => 1,
+            Source::Lookup => 2,
+        }
+    }
+
+    impl ModelRec {
+        fn new(expires: u64, source: Source) -> Self {
+            match source {
+                Source::Connection => ModelRec {
+                    dns: None,
+                    expires,
+                    origin: Source::Restored,
+                },
+                _ => ModelRec {
+                    dns: Some(expires),
+                    expires,
+                    origin: source,
+                },
+            }
+        }
+
+        fn extend_dns(&mut self, until: u64, origin: Source) -> bool {
+            if origin == Source::Connection {
+                return self.extend_alive(until);
+            }
+            let takes = match self.dns {
+                None => until > 0,
+                Some(d) => {
+                    until > d || (until == d && model_rank(origin) > model_rank(self.origin))
+                }
+            };
+            if takes {
+                self.dns = Some(until);
+                self.expires = self.expires.max(until);
+                self.origin = origin;
+            }
+            takes
+        }
+
+        fn extend_alive(&mut self, until: u64) -> bool {
+            if until <= self.expires {
+                return false;
+            }
+            self.expires = until;
+            if self.dns == Some(0) {
+                self.dns = None;
+            }
+            true
+        }
+
+        fn view(&self, now: u64) -> (u64, Source) {
+            match self.dns {
+                Some(d) if now < d => (d, self.origin),
+                _ => (self.expires, Source::Connection),
+            }
+        }
+    }
+
+    #[derive(Default)]
+    struct Model {
+        limits: CacheLimits,
+        pairs: BTreeMap<(String, String), BTreeMap<IpAddr, ModelRec>>,
+    }
+
+    impl Model {
+        fn insert(
+            &mut self,
+            now: u64,
+            ep: &str,
+            name: &str,
+            ips: &[IpAddr],
+            ttl: u32,
+        ) -> InsertOutcome {
+            let expires = now + u64::from(ttl.max(self.limits.min_ttl));
+            let mut out = InsertOutcome {
+                expires_at: t(expires),
+                ..InsertOutcome::default()
+            };
+            if ips.is_empty() {
+                return out;
+            }
+            let recs = self.pairs.entry((ep.into(), name.into())).or_default();
+            for &ip in ips {
+                if out.added.contains(&ip) || out.refreshed.contains(&ip) {
+                    continue;
+                }
+                if let Some(r) = recs.get_mut(&ip) {
+                    r.extend_dns(expires, Source::Lookup);
+                    out.refreshed.push(ip);
+                } else {
+                    recs.insert(ip, ModelRec::new(expires, Source::Lookup));
+                    out.added.push(ip);
+                }
+            }
+            let max = self.limits.max_ips_per_name;
+            if max != 0 && recs.len() > max {
+                let mut order: Vec<(u64, bool, IpAddr)> = recs
+                    .iter()
+                    .map(|(ip, r)| (r.expires, ips.contains(ip), *ip))
+                    .collect();
+                order.sort();
+                for &(_, _, ip) in &order[..recs.len() - max] {
+                    recs.remove(&ip);
+                    if let Some(pos) = out.added.iter().position(|&a| a == ip) {
+                        out.added.remove(pos);
+                    } else {
+                        out.refreshed.retain(|&r| r != ip);
+                        out.evicted.push(ip);
+                    }
+                }
+            }
+            out
+        }
+
+        fn insert_entry(
+            &mut self,
+            ep: &str,
+            name: &str,
+            ip: IpAddr,
+            expires: u64,
+            source: Source,
+        ) -> bool {
+            let recs = self.pairs.entry((ep.into(), name.into())).or_default();
+            match recs.get_mut(&ip) {
+                Some(r) => r.extend_dns(expires, source),
+                None => {
+                    recs.insert(ip, ModelRec::new(expires, source));
+                    true
+                }
+            }
+        }
+
+        fn keep_alive(&mut self, ep: &str, ip: IpAddr, until: u64) -> usize {
+            let mut n = 0;
+            for ((e, _), recs) in &mut self.pairs {
+                if e == ep
+                    && let Some(r) = recs.get_mut(&ip)
+                {
+                    r.extend_alive(until);
+                    n += 1;
+                }
+            }
+            n
+        }
+
+        fn gc(&mut self, now: u64) -> Vec<Expired> {
+            let max = self.limits.max_ips_per_name;
+            let mut out = Vec::new();
+            for ((ep, name), recs) in &mut self.pairs {
+                let mut doomed: Vec<IpAddr> = recs
+                    .iter()
+                    .filter(|(_, r)| r.expires <= now)
+                    .map(|(ip, _)| *ip)
+                    .collect();
+                let mut live: Vec<(u64, IpAddr)> = recs
+                    .iter()
+                    .filter(|(_, r)| r.expires > now)
+                    .map(|(ip, r)| (r.expires, *ip))
+                    .collect();
+                live.sort();
+                if max != 0 && live.len() > max {
+                    doomed.extend(live[..live.len() - max].iter().map(|&(_, ip)| ip));
+                }
+                for ip in doomed {
+                    recs.remove(&ip);
+                    out.push(expired(ep, name, ip));
+                }
+            }
+            self.pairs.retain(|_, recs| !recs.is_empty());
+            out.sort();
+            out
+        }
+
+        fn remove_name(&mut self, name: &str) -> Vec<Expired> {
+            let mut out = Vec::new();
+            self.pairs.retain(|(ep, n), recs| {
+                if n != name {
+                    return true;
+                }
+                out.extend(recs.keys().map(|&ip| expired(ep, n, ip)));
+                false
+            });
+            out.sort();
+            out
+        }
+
+        fn entries(&self, now: u64) -> Vec<CacheEntry> {
+            self.pairs
+                .iter()
+                .filter_map(|((ep, name), recs)| {
+                    let ips: Vec<CachedIp> = recs
+                        .iter()
+                        .filter(|(_, r)| now < r.expires)
+                        .map(|(&ip, r)| {
+                            let (e, source) = r.view(now);
+                            CachedIp {
+                                ip,
+                                expires_at: t(e),
+                                source,
+                            }
+                        })
+                        .collect();
+                    (!ips.is_empty()).then(|| CacheEntry {
+                        endpoint: ep.clone(),
+                        name: name.clone(),
+                        ips,
+                    })
+                })
+                .collect()
+        }
+    }
+
+    const ENDPOINTS: [&str; 3] = ["ns/a", "ns/b", "ns/c"];
+    const NAMES: [&str; 5] = [
+        "a.example.",
+        "b.example.",
+        "c.example.",
+        "cdn.example.net.",
+        "x.io.",
+    ];
+
+    fn ip_pool() -> Vec<IpAddr> {
+        (1..=6).map(ip4).chain((1..=3).map(ip6)).collect()
+    }
+
+    fn random_source(rng: &mut Rng) -> Source {
+        *rng.pick(&[Source::Lookup, Source::Restored, Source::Connection])
+    }
+
+    fn compare(cache: &DnsCache, model: &Model, now: u64, pool: &[IpAddr]) {
+        cache.assert_consistent();
+        let entries = model.entries(now);
+        assert_eq!(cache.entries(t(now)), entries, "entries at {now}");
+        for ep in ENDPOINTS {
+            for name in NAMES {
+                let want: Vec<CachedIp> = entries
+                    .iter()
+                    .find(|e| e.endpoint == ep && e.name == name)
+                    .map(|e| e.ips.clone())
+                    .unwrap_or_default();
+                assert_eq!(cache.lookup(t(now), ep, name), want);
+            }
+        }
+        for name in NAMES {
+            let mut want: Vec<IpAddr> = entries
+                .iter()
+                .filter(|e| e.name == name)
+                .flat_map(|e| e.ips.iter().map(|c| c.ip))
+                .collect();
+            want.sort();
+            want.dedup();
+            assert_eq!(cache.lookup_any_endpoint(t(now), name), want);
+        }
+        for &ip in pool {
+            let want: Vec<(String, String)> = entries
+                .iter()
+                .filter(|e| e.ips.iter().any(|c| c.ip == ip))
+                .map(|e| (e.endpoint.clone(), e.name.clone()))
+                .collect();
+            assert_eq!(cache.names_for_ip(t(now), ip), want, "owners of {ip}");
+        }
+        assert_eq!(cache.name_count(), model.pairs.len());
+        assert_eq!(
+            cache.ip_count(),
+            model.pairs.values().map(BTreeMap::len).sum::<usize>()
+        );
+    }
+
+    #[test]
+    fn behaves_like_a_naive_model() {
+        let pool = ip_pool();
+        for seed in 0..12 {
+            let mut rng = Rng(seed);
+            let lim = limits(rng.below(4) as u32, rng.below(4) as usize);
+            let mut cache = DnsCache::new(lim);
+            let mut model = Model {
+                limits: lim,
+                ..Model::default()
+            };
+            let mut now = 1_000;
+            for step in 0..1_500 {
+                let ep = *rng.pick(&ENDPOINTS);
+                let name = *rng.pick(&NAMES);
+                let ip = *rng.pick(&pool);
+                match rng.below(100) {
+                    0..40 => {
+                        let count = rng.below(4) as usize;
+                        let ips: Vec<IpAddr> = (0..count).map(|_| *rng.pick(&pool)).collect();
+                        let ttl = rng.below(15) as u32;
+                        let got = cache.insert(t(now), ep, name, &ips, ttl);
+                        let want = model.insert(now, ep, name, &ips, ttl);
+                        assert_eq!(got, want, "seed {seed} step {step}: insert");
+                    }
+                    40..55 => {
+                        let expires = now + rng.below(20);
+                        let source = random_source(&mut rng);
+                        let got = cache.insert_entry(ep, name, ip, t(expires), source);
+                        let want = model.insert_entry(ep, name, ip, expires, source);
+                        assert_eq!(got, want, "seed {seed} step {step}: insert_entry");
+                    }
+                    55..67 => {
+                        let until = now + rng.below(25);
+                        let got = cache.keep_alive(ep, ip, t(until));
+                        assert_eq!(got, model.keep_alive(ep, ip, until));
+                    }
+                    67..90 => {
+                        now += rng.below(4);
+                        assert_eq!(
+                            cache.gc(t(now)),
+                            model.gc(now),
+                            "seed {seed} step {step}: gc"
+                        );
+                    }
+                    90..93 => {
+                        let got = cache.remove_matching(|_, n| n == name);
+                        assert_eq!(got, model.remove_name(name));
+                    }
+                    93..95 => {
+                        let lim = limits(rng.below(4) as u32, rng.below(4) as usize);
+                        cache.set_limits(lim);
+                        model.limits = lim;
+                    }
+                    _ => now += rng.below(6),
+                }
+                compare(&cache, &model, now, &pool);
+            }
+        }
+    }
+
+    fn random_cache(seed: u64, now: u64) -> DnsCache {
+        let pool = ip_pool();
+        let mut rng = Rng(seed);
+        let mut c = DnsCache::default();
+        let mut at = now - 20;
+        while at < now {
+            let ep = *rng.pick(&ENDPOINTS);
+            let name = *rng.pick(&NAMES);
+            let ip = *rng.pick(&pool);
+            match rng.below(10) {
+                0..5 => {
+                    c.insert(t(at), ep, name, &[ip], rng.below(30) as u32);
+                }
+                5..7 => {
+                    let source = random_source(&mut rng);
+                    c.insert_entry(ep, name, ip, t(at + rng.below(30)), source);
+                }
+                7..9 => {
+                    c.keep_alive(ep, ip, t(at + rng.below(40)));
+                }
+                _ => {
+                    c.gc(t(at));
+                    at += 1;
+                }
+            }
+        }
+        c
+    }
+
+    #[test]
+    fn merge_is_commutative_and_idempotent() {
+        let now = t(10_000);
+        for seed in 0..40 {
+            let a = random_cache(seed, now.0);
+            let b = random_cache(seed + 1_000, now.0);
+            let (ea, eb) = (a.entries(now), b.entries(now));
+
+            let mut ab = a.clone();
+            ab.merge(&eb);
+            let mut ba = b.clone();
+            ba.merge(&ea);
+            assert_eq!(ab.entries(now), ba.entries(now), "seed {seed}");
+
+            let before = ab.entries(now);
+            assert_eq!(
+                ab.merge(&eb),
+                0,
+                "seed {seed}: merging twice changes nothing"
+            );
+            assert_eq!(
+                ab.merge(&before),
+                0,
+                "seed {seed}: merging itself changes nothing"
+            );
+            assert_eq!(ab.entries(now), before);
+
+            // A cache rebuilt from nothing but the merged views agrees as well.
+            let mut fresh = DnsCache::default();
+            fresh.merge(&eb);
+            fresh.merge(&ea);
+            assert_eq!(fresh.entries(now), before, "seed {seed}");
+            ab.assert_consistent();
+            ba.assert_consistent();
+        }
+    }
+
+    // ---- memory ----
+
+    fn bench_name(i: usize) -> String {
+        format!("n{i:07}.bench.example.com.")
+    }
+
+    fn filled(names: usize, ips_per_name: u32) -> DnsCache {
+        let mut c = DnsCache::default();
+        for i in 0..names {
+            let base = u32::try_from(i).unwrap() * ips_per_name;
+            let ips: Vec<IpAddr> = (0..ips_per_name).map(|k| ip4(base + k)).collect();
+            c.insert(t(0), "default/client", &bench_name(i), &ips, 3_600);
+        }
+        c
+    }
+
+    #[test]
+    fn heap_estimate_under_250_bytes_per_entry_at_100k() {
+        for (names, per_name) in [(100_000, 1), (10_000, 10)] {
+            let c = filled(names, per_name);
+            assert_eq!(c.ip_count(), 100_000);
+            let per_entry = c.approx_heap_bytes() / c.ip_count();
+            eprintln!("{per_entry} bytes per entry: {names} names x {per_name} IPs");
+            assert!(
+                per_entry < 250,
+                "{per_entry} bytes per entry with {per_name} IPs per name"
+            );
+            assert!(per_entry > 50, "estimate implausibly low: {per_entry}");
+        }
+    }
+
+    #[test]
+    #[ignore = "slow in debug builds; run with --release --ignored to print the 1M figure"]
+    fn heap_estimate_at_one_million() {
+        let c = filled(1_000_000, 1);
+        let per_entry = c.approx_heap_bytes() / c.ip_count();
+        println!("{per_entry} bytes per entry at 1,000,000 entries");
+        assert!(per_entry < 250, "{per_entry}");
+    }
+
+    #[test]
+    fn memory_is_returned_after_mass_expiry() {
+        let mut c = filled(20_000, 2);
+        let full = c.approx_heap_bytes();
+        c.insert(t(0), EP, "survivor.example.", &[ip4(1)], 100_000);
+        let removed = c.gc(t(3_600));
+        assert_eq!(removed.len(), 40_000);
+        assert_eq!((c.name_count(), c.ip_count()), (1, 1));
+        let after = c.approx_heap_bytes();
+        assert!(after * 50 < full, "{after} bytes left of {full}");
+        assert_eq!(c.lookup(t(3_600), EP, "survivor.example.").len(), 1);
+        assert_eq!(c.names_for_ip(t(3_600), ip4(1)).len(), 1);
+        c.assert_consistent();
+        c.remove_matching(|_, _| true);
+        assert!(c.approx_heap_bytes() < 1_024);
+    }
+
+    /// 60 simulated minutes of 10,000 new names a minute with a 5 s TTL and gc every second.
+    /// Memory must plateau: hash tables may double once while their tombstones settle (in
+    /// the first minutes), then nothing may grow.
+    #[test]
+    fn churn_keeps_memory_flat() {
+        const PER_MINUTE: u64 = 10_000;
+        const TTL: u32 = 5;
+        let start = 1_700_000_000;
+        let mut c = DnsCache::default();
+        let mut counter: u64 = 0;
+        let mut first_minute = 0;
+        let mut steady: Option<usize> = None;
+        let mut max_names = 0;
+        for second in 0..3_600u64 {
+            let now = t(start + second);
+            let due = PER_MINUTE * (second + 1) / 60 - PER_MINUTE * second / 60;
+            for _ in 0..due {
+                let name = format!("c{counter:08}.churn.example.");
+                let ip = ip4(u32::try_from(counter % 0x00ff_ffff).unwrap());
+                let endpoint = ENDPOINTS[(counter % 3) as usize];
+                c.insert(now, endpoint, &name, &[ip], TTL);
+                counter += 1;
+            }
+            c.gc(now);
+            max_names = max_names.max(c.name_count());
+            let heap = c.approx_heap_bytes();
+            match second {
+                59 => first_minute = heap,
+                299 => steady = Some(heap),
+                _ => {}
+            }
+            if let Some(steady) = steady {
+                let (lo, hi) = (steady * 9 / 10, steady * 11 / 10);
+                assert!(
+                    (lo..=hi).contains(&heap),
+                    "second {second}: {heap} bytes vs steady {steady}"
+                );
+            }
+        }
+        let steady = steady.unwrap();
+        assert!(
+            steady * 4 <= first_minute * 5,
+            "warm-up grew from {first_minute} to {steady}"
+        );
+        assert_eq!(counter, 600_000);
+        let per_second = PER_MINUTE.div_ceil(60) as usize;
+        assert!(
+            max_names <= per_second * (TTL as usize + 1),
+            "{max_names} names live at once"
+        );
+        assert!(
+            steady / max_names < 250,
+            "{} bytes per name",
+            steady / max_names
+        );
+        let (endpoints, names, ips) = c.distinct_counts();
+        assert_eq!(endpoints, 3);
+        assert_eq!(names, c.name_count());
+        assert_eq!(ips, c.ip_count());
+        c.assert_consistent();
+    }
+}

@@ -1,0 +1,107 @@
+use std::net::IpAddr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::UnixTime;
+
+/// Why an IP is (still) in the cache.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Source {
+    /// Learned from a DNS answer whose TTL has not run out yet.
+    #[default]
+    Lookup,
+    /// The DNS TTL has run out but connections still use the IP, so it is kept for their idle
+    /// grace (Cilium calls these "zombies"). New lookups did not vouch for it.
+    Connection,
+    /// Read from a snapshot or journal and not confirmed by an answer since.
+    Restored,
+}
+
+/// One cached IP of a name, as seen from outside the cache.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct CachedIp {
+    pub ip: IpAddr,
+    /// Absolute, so the remaining TTL survives a restart of the process holding it.
+    pub expires_at: UnixTime,
+    pub source: Source,
+}
+
+impl CachedIp {
+    /// Seconds left at `now` (0 once expired).
+    pub const fn ttl_remaining(&self, now: UnixTime) -> u64 {
+        self.expires_at.saturating_sub(now)
+    }
+}
+
+/// The IPs one endpoint learned for one name; the unit of listing, snapshots and resync.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct CacheEntry {
+    pub endpoint: String,
+    pub name: String,
+    pub ips: Vec<CachedIp>,
+}
+
+/// An (endpoint, name, IP) triple that left the cache; the caller revokes the datapath entries
+/// it derived from it.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Expired {
+    pub endpoint: String,
+    pub name: String,
+    pub ip: IpAddr,
+}
+
+/// What [`DnsCache::insert`](crate::DnsCache::insert) changed.
+///
+/// `added` tells the caller which datapath entries to create, `evicted` which to revoke. An
+/// IP that would be evicted by the very answer that brought it is in neither list: it never
+/// became visible.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub struct InsertOutcome {
+    /// IPs the (endpoint, name) did not hold before.
+    pub added: Vec<IpAddr>,
+    /// IPs it already held (expiry set to the later of old and new).
+    pub refreshed: Vec<IpAddr>,
+    /// IPs it held before and lost to `max_ips_per_name`, soonest-expiring first.
+    pub evicted: Vec<IpAddr>,
+    /// Expiry this answer gave, after raising its TTL to `min_ttl`.
+    pub expires_at: UnixTime,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn source_serializes_lowercase() {
+        assert_eq!(
+            serde_json::to_string(&[Source::Lookup, Source::Connection, Source::Restored]).unwrap(),
+            r#"["lookup","connection","restored"]"#
+        );
+        let s: Source = serde_json::from_str(r#""connection""#).unwrap();
+        assert_eq!(s, Source::Connection);
+    }
+
+    #[test]
+    fn entry_json_shape() {
+        let e = CacheEntry {
+            endpoint: "youssef/test".into(),
+            name: "cilium.io.".into(),
+            ips: vec![CachedIp {
+                ip: "104.198.14.52".parse().unwrap(),
+                expires_at: UnixTime(100),
+                source: Source::Lookup,
+            }],
+        };
+        let json = serde_json::to_string(&e).unwrap();
+        assert_eq!(
+            json,
+            r#"{"endpoint":"youssef/test","name":"cilium.io.","ips":[{"ip":"104.198.14.52","expires_at":100,"source":"lookup"}]}"#
+        );
+        assert_eq!(serde_json::from_str::<CacheEntry>(&json).unwrap(), e);
+        assert_eq!(e.ips[0].ttl_remaining(UnixTime(40)), 60);
+        assert_eq!(e.ips[0].ttl_remaining(UnixTime(400)), 0);
+    }
+}
