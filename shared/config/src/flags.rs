@@ -1,0 +1,118 @@
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use crate::{AgentConfig, DatapathMode, RejectCode};
+
+/// Command-line flags, one per config field; a flag given wins over the file.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct ConfigOverrides {
+    /// DNS listen address (repeat for several); replaces `dns.listen`.
+    #[arg(long = "dns-listen", value_name = "ADDR")]
+    pub dns_listen: Vec<SocketAddr>,
+    #[arg(long = "dns-upstream", value_name = "ADDR")]
+    pub dns_upstream: Option<SocketAddr>,
+    #[arg(long = "dns-reject", value_name = "refused|nxdomain")]
+    pub dns_reject: Option<RejectCode>,
+    #[arg(long = "dns-min-ttl", value_name = "SECONDS")]
+    pub dns_min_ttl: Option<u32>,
+    #[arg(long = "dns-max-ips-per-name", value_name = "N")]
+    pub dns_max_ips_per_name: Option<usize>,
+    #[arg(long = "dns-response-max-delay-ms", value_name = "MS")]
+    pub dns_response_max_delay_ms: Option<u64>,
+    #[arg(long = "dns-upstream-timeout-ms", value_name = "MS")]
+    pub dns_upstream_timeout_ms: Option<u64>,
+    #[arg(long = "dns-concurrency-limit", value_name = "N")]
+    pub dns_concurrency_limit: Option<usize>,
+    #[arg(long = "dns-idle-grace-s", value_name = "SECONDS")]
+    pub dns_idle_grace_s: Option<u64>,
+    #[arg(long = "dns-upstream-sockets", value_name = "N")]
+    pub dns_upstream_sockets: Option<usize>,
+    #[arg(long = "policy-dir", value_name = "DIR")]
+    pub policy_dir: Option<PathBuf>,
+    #[arg(long = "admin-listen", value_name = "ADDR")]
+    pub admin_listen: Option<SocketAddr>,
+    #[arg(long = "state-dir", value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+    #[arg(long = "datapath-mode", value_name = "none|ebpf")]
+    pub datapath_mode: Option<DatapathMode>,
+    #[arg(long = "datapath-cgroup-root", value_name = "DIR")]
+    pub datapath_cgroup_root: Option<PathBuf>,
+    #[arg(long = "datapath-bpffs", value_name = "DIR")]
+    pub datapath_bpffs: Option<PathBuf>,
+}
+
+impl ConfigOverrides {
+    pub fn apply(&self, config: &mut AgentConfig) {
+        fn set<T: Clone>(field: &mut T, value: &Option<T>) {
+            if let Some(value) = value {
+                *field = value.clone();
+            }
+        }
+        if !self.dns_listen.is_empty() {
+            config.dns.listen = self.dns_listen.clone();
+        }
+        set(&mut config.dns.upstream, &self.dns_upstream);
+        set(&mut config.dns.reject, &self.dns_reject);
+        set(&mut config.dns.min_ttl, &self.dns_min_ttl);
+        set(&mut config.dns.max_ips_per_name, &self.dns_max_ips_per_name);
+        set(
+            &mut config.dns.response_max_delay_ms,
+            &self.dns_response_max_delay_ms,
+        );
+        set(
+            &mut config.dns.upstream_timeout_ms,
+            &self.dns_upstream_timeout_ms,
+        );
+        set(
+            &mut config.dns.concurrency_limit,
+            &self.dns_concurrency_limit,
+        );
+        set(&mut config.dns.idle_grace_s, &self.dns_idle_grace_s);
+        set(&mut config.dns.upstream_sockets, &self.dns_upstream_sockets);
+        set(&mut config.policy.dir, &self.policy_dir);
+        set(&mut config.admin.listen, &self.admin_listen);
+        set(&mut config.state_dir, &self.state_dir);
+        set(&mut config.datapath.mode, &self.datapath_mode);
+        if self.datapath_cgroup_root.is_some() {
+            config.datapath.cgroup_root = self.datapath_cgroup_root.clone();
+        }
+        set(&mut config.datapath.bpffs, &self.datapath_bpffs);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        overrides: ConfigOverrides,
+    }
+
+    #[test]
+    fn flags_win_over_the_file() {
+        let cli = Cli::parse_from([
+            "warden-agent",
+            "--dns-listen",
+            "127.0.0.9:5353",
+            "--dns-reject",
+            "nxdomain",
+            "--dns-min-ttl",
+            "30",
+            "--datapath-mode",
+            "ebpf",
+        ]);
+        let mut config = AgentConfig::default();
+        cli.overrides.apply(&mut config);
+        assert_eq!(config.dns.listen, vec!["127.0.0.9:5353".parse().unwrap()]);
+        assert_eq!(config.dns.reject, RejectCode::Nxdomain);
+        assert_eq!(config.dns.min_ttl, 30);
+        assert_eq!(config.datapath.mode, DatapathMode::Ebpf);
+        assert_eq!(
+            config.dns.upstream_timeout_ms, 2000,
+            "untouched fields keep their value"
+        );
+    }
+}

@@ -1,0 +1,41 @@
+//! Warden's configuration: the YAML schema shared by `warden-agent` and `warden-dnsproxy`, its
+//! defaults, validation, and the command-line flags that override single fields.
+//!
+//! [`AgentConfig`] is the whole file. [`load`] reads it (unknown fields are errors, so a typo
+//! never silently falls back to a default), resolves relative paths against the file's folder,
+//! and [`ConfigOverrides`] applies flags on top before [`AgentConfig::validate`] runs.
+
+#![forbid(unsafe_code)]
+
+mod error;
+mod flags;
+mod schema;
+
+pub use error::ConfigError;
+pub use flags::ConfigOverrides;
+pub use schema::{
+    AdminConfig, AgentConfig, DatapathConfig, DatapathMode, DnsConfig, EndpointConfig,
+    PolicyConfig, RejectCode,
+};
+
+use std::path::Path;
+
+/// Reads and validates a config file. Relative paths in it (`policy.dir`, `state_dir`, endpoint
+/// cgroups) are taken relative to the file's own folder, so a lab can be started from anywhere.
+pub fn load(path: &Path) -> Result<AgentConfig, ConfigError> {
+    load_with(path, &ConfigOverrides::default())
+}
+
+/// Like [`load`], with command-line overrides applied before validation.
+pub fn load_with(path: &Path, overrides: &ConfigOverrides) -> Result<AgentConfig, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let mut config = AgentConfig::from_yaml(&text, path)?;
+    let base = path.parent().unwrap_or_else(|| Path::new("."));
+    config.resolve_paths(base);
+    overrides.apply(&mut config);
+    config.validate()?;
+    Ok(config)
+}

@@ -1,0 +1,376 @@
+use std::collections::{BTreeMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::ConfigError;
+
+/// The whole configuration file of `warden-agent`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AgentConfig {
+    pub dns: DnsConfig,
+    pub policy: PolicyConfig,
+    /// Workloads and known servers. A workload is identified by its IPs (and, with the eBPF
+    /// datapath, by its cgroup); servers listed here can be selected by `toEndpoints`.
+    pub endpoints: Vec<EndpointConfig>,
+    pub admin: AdminConfig,
+    /// Where the FQDN cache (and later the policy snapshot) is persisted across restarts.
+    pub state_dir: PathBuf,
+    pub datapath: DatapathConfig,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        AgentConfig {
+            dns: DnsConfig::default(),
+            policy: PolicyConfig::default(),
+            endpoints: Vec::new(),
+            admin: AdminConfig::default(),
+            state_dir: PathBuf::from("/var/lib/warden"),
+            datapath: DatapathConfig::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DnsConfig {
+    /// Addresses the proxy answers on; each socket is opened with SO_REUSEPORT.
+    pub listen: Vec<SocketAddr>,
+    /// Where queries go when the client's original destination is not known.
+    pub upstream: SocketAddr,
+    pub reject: RejectCode,
+    /// Floor for the TTL recorded in the cache, in seconds (the answer itself is not changed).
+    pub min_ttl: u32,
+    /// Cap on IPs kept per name and endpoint; the soonest-expiring go first. 0 = unlimited.
+    pub max_ips_per_name: usize,
+    /// Longest time an answer is held back while its allow entries are being written.
+    pub response_max_delay_ms: u64,
+    pub upstream_timeout_ms: u64,
+    /// Queries in flight at once; past it the proxy answers SERVFAIL. 0 = unlimited.
+    pub concurrency_limit: usize,
+    /// An IP with traffic in the last this-many seconds stays allowed after its TTL.
+    pub idle_grace_s: u64,
+    /// UDP sockets shared by all queries toward upstream servers.
+    pub upstream_sockets: usize,
+}
+
+impl Default for DnsConfig {
+    fn default() -> Self {
+        DnsConfig {
+            listen: vec![
+                SocketAddr::from(([127, 0, 0, 1], 10053)),
+                SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, 10053)),
+            ],
+            upstream: SocketAddr::from(([127, 0, 0, 153], 53)),
+            reject: RejectCode::Refused,
+            min_ttl: 0,
+            max_ips_per_name: 1000,
+            response_max_delay_ms: 100,
+            upstream_timeout_ms: 2000,
+            concurrency_limit: 0,
+            idle_grace_s: 60,
+            upstream_sockets: 8,
+        }
+    }
+}
+
+impl DnsConfig {
+    pub fn response_max_delay(&self) -> Duration {
+        Duration::from_millis(self.response_max_delay_ms)
+    }
+
+    pub fn upstream_timeout(&self) -> Duration {
+        Duration::from_millis(self.upstream_timeout_ms)
+    }
+}
+
+/// The answer a denied query gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RejectCode {
+    #[default]
+    Refused,
+    Nxdomain,
+}
+
+impl std::str::FromStr for RejectCode {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        match text.to_ascii_lowercase().as_str() {
+            "refused" => Ok(RejectCode::Refused),
+            "nxdomain" => Ok(RejectCode::Nxdomain),
+            other => Err(format!(
+                "unknown reject code {other:?} (refused | nxdomain)"
+            )),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PolicyConfig {
+    /// A folder of CiliumNetworkPolicy YAML files, watched for changes.
+    pub dir: PathBuf,
+}
+
+impl Default for PolicyConfig {
+    fn default() -> Self {
+        PolicyConfig {
+            dir: PathBuf::from("/etc/warden/policies"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EndpointConfig {
+    pub name: String,
+    #[serde(default = "default_namespace")]
+    pub namespace: String,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default)]
+    pub ips: Vec<IpAddr>,
+    /// The workload's cgroup (eBPF datapath); relative paths are under `datapath.cgroup_root`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cgroup: Option<PathBuf>,
+}
+
+fn default_namespace() -> String {
+    "default".to_owned()
+}
+
+impl EndpointConfig {
+    /// `namespace/name`, the endpoint's stable key in caches and listings.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// The admin HTTP API: health, status, metrics, FQDN cache.
+    pub listen: SocketAddr,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 9890)),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DatapathConfig {
+    pub mode: DatapathMode,
+    /// cgroup v2 folder the programs attach to; detected when absent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cgroup_root: Option<PathBuf>,
+    /// bpffs folder for pinned maps and links.
+    pub bpffs: PathBuf,
+}
+
+impl Default for DatapathConfig {
+    fn default() -> Self {
+        DatapathConfig {
+            mode: DatapathMode::None,
+            cgroup_root: None,
+            bpffs: PathBuf::from("/sys/fs/bpf/warden"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DatapathMode {
+    /// DNS only: answers are policed, connections are not.
+    #[default]
+    None,
+    /// Transparent DNS redirect and egress enforcement in pinned eBPF programs.
+    Ebpf,
+}
+
+impl std::str::FromStr for DatapathMode {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        match text.to_ascii_lowercase().as_str() {
+            "none" => Ok(DatapathMode::None),
+            "ebpf" => Ok(DatapathMode::Ebpf),
+            other => Err(format!("unknown datapath mode {other:?} (none | ebpf)")),
+        }
+    }
+}
+
+impl AgentConfig {
+    /// Parses YAML text; `origin` only names the file in errors.
+    pub fn from_yaml(text: &str, origin: &Path) -> Result<AgentConfig, ConfigError> {
+        if text.trim().is_empty() {
+            return Ok(AgentConfig::default());
+        }
+        yaml_serde::from_str(text).map_err(|error| ConfigError::Parse {
+            path: origin.to_path_buf(),
+            message: error.to_string(),
+        })
+    }
+
+    pub(crate) fn resolve_paths(&mut self, base: &Path) {
+        let absolute = |path: &mut PathBuf| {
+            if path.is_relative() {
+                *path = base.join(&*path);
+            }
+        };
+        absolute(&mut self.policy.dir);
+        absolute(&mut self.state_dir);
+    }
+
+    /// Checks what serde cannot: ranges, duplicates, and fields that must not be empty.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.dns.listen.is_empty() {
+            return Err(ConfigError::invalid(
+                "dns.listen",
+                "needs at least one address",
+            ));
+        }
+        if self.dns.upstream.port() == 0 {
+            return Err(ConfigError::invalid(
+                "dns.upstream",
+                "port 0 is not a server",
+            ));
+        }
+        if self.dns.upstream_timeout_ms == 0 {
+            return Err(ConfigError::invalid(
+                "dns.upstream_timeout_ms",
+                "must be greater than 0",
+            ));
+        }
+        if self.dns.upstream_sockets == 0 {
+            return Err(ConfigError::invalid(
+                "dns.upstream_sockets",
+                "must be greater than 0",
+            ));
+        }
+        let mut keys = HashSet::new();
+        let mut owners: BTreeMap<IpAddr, String> = BTreeMap::new();
+        for (index, endpoint) in self.endpoints.iter().enumerate() {
+            let field = format!("endpoints[{index}]");
+            if endpoint.name.is_empty() {
+                return Err(ConfigError::invalid(
+                    format!("{field}.name"),
+                    "must not be empty",
+                ));
+            }
+            if !keys.insert(endpoint.key()) {
+                return Err(ConfigError::invalid(
+                    format!("{field}.name"),
+                    format!("endpoint {} is declared twice", endpoint.key()),
+                ));
+            }
+            for ip in &endpoint.ips {
+                if let Some(previous) = owners.insert(*ip, endpoint.key()) {
+                    return Err(ConfigError::invalid(
+                        format!("{field}.ips"),
+                        format!("{ip} already belongs to endpoint {previous}"),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CONTRACT: &str = r#"
+dns:
+  listen: ["127.0.0.1:10053", "[::1]:10053"]
+  upstream: "127.0.0.153:53"
+  reject: refused
+  min_ttl: 0
+  max_ips_per_name: 1000
+  response_max_delay_ms: 100
+  upstream_timeout_ms: 2000
+  concurrency_limit: 0
+policy:
+  dir: ./policies
+endpoints:
+  - name: test
+    namespace: youssef
+    labels: {app: test}
+    ips: ["127.0.0.2"]
+admin:
+  listen: "127.0.0.1:9890"
+state_dir: ./state
+datapath:
+  mode: none
+"#;
+
+    #[test]
+    fn the_documented_contract_parses() {
+        let config = AgentConfig::from_yaml(CONTRACT, Path::new("c.yaml")).unwrap();
+        assert_eq!(config.dns.listen.len(), 2);
+        assert_eq!(config.dns.upstream, "127.0.0.153:53".parse().unwrap());
+        assert_eq!(config.dns.reject, RejectCode::Refused);
+        assert_eq!(config.endpoints[0].key(), "youssef/test");
+        assert_eq!(config.endpoints[0].labels["app"], "test");
+        assert_eq!(config.datapath.mode, DatapathMode::None);
+        config.validate().unwrap();
+    }
+
+    #[test]
+    fn unknown_fields_are_errors_naming_the_field() {
+        let error = AgentConfig::from_yaml("dns:\n  upstrem: 1.2.3.4:53\n", Path::new("c.yaml"))
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("c.yaml"), "{error}");
+        assert!(error.contains("upstrem"), "{error}");
+    }
+
+    #[test]
+    fn bad_values_are_errors() {
+        let error = AgentConfig::from_yaml("dns:\n  reject: maybe\n", Path::new("c.yaml"))
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("maybe"), "{error}");
+        let error = AgentConfig::from_yaml("dns:\n  listen: [nowhere]\n", Path::new("c.yaml"));
+        assert!(error.is_err());
+    }
+
+    #[test]
+    fn an_empty_file_gives_the_defaults() {
+        let config = AgentConfig::from_yaml("", Path::new("c.yaml")).unwrap();
+        assert_eq!(config, AgentConfig::default());
+        assert_eq!(config.dns.idle_grace_s, 60);
+    }
+
+    #[test]
+    fn duplicate_endpoints_and_shared_ips_are_rejected() {
+        let mut config = AgentConfig::from_yaml(CONTRACT, Path::new("c.yaml")).unwrap();
+        let mut twin = config.endpoints[0].clone();
+        config.endpoints.push(twin.clone());
+        assert!(config.validate().unwrap_err().to_string().contains("twice"));
+        config.endpoints.pop();
+        twin.name = "other".into();
+        config.endpoints.push(twin);
+        let error = config.validate().unwrap_err().to_string();
+        assert!(error.contains("127.0.0.2 already belongs"), "{error}");
+    }
+
+    #[test]
+    fn relative_paths_follow_the_config_file() {
+        let mut config = AgentConfig::from_yaml(CONTRACT, Path::new("c.yaml")).unwrap();
+        config.resolve_paths(Path::new("/lab"));
+        assert_eq!(config.policy.dir, PathBuf::from("/lab/./policies"));
+        assert_eq!(config.state_dir, PathBuf::from("/lab/./state"));
+    }
+}

@@ -1,0 +1,18 @@
+//! Warden's observability plumbing, shared by `warden-agent` and `warden-dnsproxy`.
+//!
+//! [`Metrics`] owns one Prometheus registry per process whose every series carries the
+//! `instance` label (`agent` or `dnsproxy`), and defines every `warden_*` metric in one place so
+//! that docs and dashboards have a single list to follow. [`FlowLog`] keeps the recent flow
+//! events (one per DNS query, one per datapath drop) in a bounded ring and fans them out to
+//! followers. [`admin`] holds the HTTP pieces both processes mount on their admin API.
+
+#![forbid(unsafe_code)]
+
+pub mod admin;
+mod error;
+mod flows;
+mod metrics;
+
+pub use error::TelemetryError;
+pub use flows::{DnsFlow, DropFlow, FlowEvent, FlowLog, Verdict};
+pub use metrics::{CacheMetrics, DnsMetrics, Metrics, PolicyMetrics, Scope};

@@ -1,0 +1,276 @@
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
+    Registry, TextEncoder,
+};
+
+use crate::TelemetryError;
+
+/// Buckets for DNS processing time, in seconds: 25 µs to 5 s, dense below a millisecond where
+/// the proxy's own cost lives.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1,
+    0.25, 0.5, 1.0, 2.5, 5.0,
+];
+
+/// Phases of a query's processing time, as Cilium splits its proxy histograms.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    /// From the query's arrival to the answer's release.
+    Total,
+    /// Endpoint lookup and DNS rule check.
+    PolicyCheck,
+    /// Waiting for the upstream server.
+    Upstream,
+    /// Answer held back while its allow entries are recorded and written.
+    DatapathHold,
+}
+
+impl Scope {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scope::Total => "total",
+            Scope::PolicyCheck => "policy_check",
+            Scope::Upstream => "upstream",
+            Scope::DatapathHold => "datapath_hold",
+        }
+    }
+}
+
+/// The process-wide registry. Cheap to clone; every clone shares the same series.
+#[derive(Debug, Clone)]
+pub struct Metrics {
+    registry: Registry,
+    pub dns: DnsMetrics,
+    pub cache: CacheMetrics,
+    pub policy: PolicyMetrics,
+}
+
+/// The DNS proxy engine's series.
+#[derive(Debug, Clone)]
+pub struct DnsMetrics {
+    /// labels: verdict (allowed|denied|error), rcode, protocol (udp|tcp)
+    pub queries: IntCounterVec,
+    /// label: scope (see [`Scope`])
+    pub processing_seconds: HistogramVec,
+    /// label: reason (timeout|io|malformed)
+    pub upstream_errors: IntCounterVec,
+    /// Answers dropped because they did not match a query we sent; label: reason.
+    pub upstream_unexpected: IntCounterVec,
+    /// label: protocol
+    pub malformed: IntCounterVec,
+    pub concurrency_rejections: IntCounter,
+    pub in_flight: IntGauge,
+    /// Whether this process holds sockets in the DNS port's serving group.
+    pub serving: IntGauge,
+}
+
+/// The FQDN cache's series.
+#[derive(Debug, Clone)]
+pub struct CacheMetrics {
+    pub names: IntGauge,
+    pub ips: IntGauge,
+    pub gc_deletions: IntCounter,
+    pub persist_errors: IntCounter,
+}
+
+/// The policy source's series.
+#[derive(Debug, Clone)]
+pub struct PolicyMetrics {
+    pub revision: IntGauge,
+    pub policies: IntGauge,
+    pub selectors: IntGauge,
+    pub reload_errors: IntCounter,
+    /// 1 while the files on disk do not load and an older policy is in force.
+    pub reload_failing: IntGauge,
+}
+
+impl Metrics {
+    /// A registry whose series all carry `instance="<instance>"`.
+    pub fn new(instance: &str) -> Result<Metrics, TelemetryError> {
+        let labels = [("instance".to_owned(), instance.to_owned())].into();
+        let registry = Registry::new_custom(Some("warden".to_owned()), Some(labels))?;
+        let dns = DnsMetrics {
+            queries: counter_vec(
+                &registry,
+                "dns_queries_total",
+                "DNS queries answered, by verdict, response code and protocol.",
+                &["verdict", "rcode", "protocol"],
+            )?,
+            processing_seconds: {
+                let opts = HistogramOpts::new(
+                    "dns_processing_seconds",
+                    "Time spent on a DNS query, split by scope.",
+                )
+                .buckets(LATENCY_BUCKETS.to_vec());
+                let histogram = HistogramVec::new(opts, &["scope"])?;
+                registry.register(Box::new(histogram.clone()))?;
+                histogram
+            },
+            upstream_errors: counter_vec(
+                &registry,
+                "dns_upstream_errors_total",
+                "Queries that got no usable answer from upstream, by reason.",
+                &["reason"],
+            )?,
+            upstream_unexpected: counter_vec(
+                &registry,
+                "dns_upstream_unexpected_total",
+                "Packets on upstream sockets that matched no query sent (wrong source, id or question).",
+                &["reason"],
+            )?,
+            malformed: counter_vec(
+                &registry,
+                "dns_malformed_total",
+                "Packets from clients that are not DNS queries, dropped.",
+                &["protocol"],
+            )?,
+            concurrency_rejections: counter(
+                &registry,
+                "dns_concurrency_rejections_total",
+                "Queries answered SERVFAIL because concurrency_limit was reached.",
+            )?,
+            in_flight: gauge(&registry, "dns_in_flight", "Queries being processed now.")?,
+            serving: gauge(
+                &registry,
+                "dns_serving",
+                "1 while this process has sockets in the DNS port's serving group.",
+            )?,
+        };
+        let cache = CacheMetrics {
+            names: gauge(
+                &registry,
+                "fqdn_cache_names",
+                "(endpoint, name) pairs in the FQDN cache.",
+            )?,
+            ips: gauge(
+                &registry,
+                "fqdn_cache_ips",
+                "(endpoint, name, IP) entries in the FQDN cache.",
+            )?,
+            gc_deletions: counter(
+                &registry,
+                "fqdn_cache_gc_deletions_total",
+                "IPs removed from the FQDN cache because they expired.",
+            )?,
+            persist_errors: counter(
+                &registry,
+                "fqdn_cache_persist_errors_total",
+                "Failed attempts to write the FQDN cache to state_dir.",
+            )?,
+        };
+        let policy = PolicyMetrics {
+            revision: gauge(
+                &registry,
+                "policy_revision",
+                "Revision of the policy in force.",
+            )?,
+            policies: gauge(&registry, "policies", "Policies in force.")?,
+            selectors: gauge(
+                &registry,
+                "policy_selectors",
+                "toFQDNs selectors and DNS rules in force.",
+            )?,
+            reload_errors: counter(
+                &registry,
+                "policy_reload_errors_total",
+                "Policy reloads rejected because a file did not load.",
+            )?,
+            reload_failing: gauge(
+                &registry,
+                "policy_reload_failing",
+                "1 while the policy files on disk do not load and the last good policy stays in force.",
+            )?,
+        };
+        Ok(Metrics {
+            registry,
+            dns,
+            cache,
+            policy,
+        })
+    }
+
+    /// The registry, for processes that add series of their own.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// The Prometheus text exposition of every series.
+    pub fn render(&self) -> String {
+        let mut buffer = Vec::new();
+        // Encoding into a Vec cannot fail for I/O; a failure would be a metric with invalid
+        // content, which the exposition then simply leaves out.
+        if let Err(error) = TextEncoder::new().encode(&self.registry.gather(), &mut buffer) {
+            tracing::warn!(%error, "cannot encode metrics");
+        }
+        String::from_utf8_lossy(&buffer).into_owned()
+    }
+
+    pub fn observe(&self, scope: Scope, seconds: f64) {
+        self.dns
+            .processing_seconds
+            .with_label_values(&[scope.as_str()])
+            .observe(seconds);
+    }
+
+    pub fn histogram(&self, scope: Scope) -> Histogram {
+        self.dns
+            .processing_seconds
+            .with_label_values(&[scope.as_str()])
+    }
+}
+
+fn counter_vec(
+    registry: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+) -> Result<IntCounterVec, TelemetryError> {
+    let metric = IntCounterVec::new(Opts::new(name, help), labels)?;
+    registry.register(Box::new(metric.clone()))?;
+    Ok(metric)
+}
+
+fn counter(registry: &Registry, name: &str, help: &str) -> Result<IntCounter, TelemetryError> {
+    let metric = IntCounter::new(name, help)?;
+    registry.register(Box::new(metric.clone()))?;
+    Ok(metric)
+}
+
+fn gauge(registry: &Registry, name: &str, help: &str) -> Result<IntGauge, TelemetryError> {
+    let metric = IntGauge::new(name, help)?;
+    registry.register(Box::new(metric.clone()))?;
+    Ok(metric)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_series_is_prefixed_and_labelled_with_the_instance() {
+        let metrics = Metrics::new("agent").unwrap();
+        metrics
+            .dns
+            .queries
+            .with_label_values(&["allowed", "NOERROR", "udp"])
+            .inc();
+        metrics.observe(Scope::Upstream, 0.001);
+        metrics.cache.names.set(3);
+        let text = metrics.render();
+        let queries = text
+            .lines()
+            .find(|line| line.starts_with("warden_dns_queries_total{"))
+            .unwrap();
+        for label in [
+            r#"instance="agent""#,
+            r#"protocol="udp""#,
+            r#"rcode="NOERROR""#,
+            r#"verdict="allowed""#,
+        ] {
+            assert!(queries.contains(label), "{queries}");
+        }
+        assert!(queries.ends_with(" 1"), "{queries}");
+        assert!(text.contains(r#"warden_fqdn_cache_names{instance="agent"} 3"#));
+        assert!(text.contains("warden_dns_processing_seconds_bucket"));
+    }
+}
