@@ -1,0 +1,157 @@
+//! The traits through which the engine reaches the process it runs in.
+//!
+//! The agent implements them in-process; `warden-dnsproxy` implements them from the policy
+//! snapshot it receives over the agent's Unix socket. Every method is called on the hot path,
+//! so implementations answer from memory and never block on I/O.
+
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use warden_fqdn::{DnsCache, UnixTime};
+use warden_policy::{DnsName, EndpointId, FqdnGrant, L4Proto, PolicyRepository};
+use warden_telemetry::{FlowLog, Metrics};
+
+/// The cache key of clients that are no known endpoint.
+pub const UNKNOWN_ENDPOINT: &str = "reserved:unknown";
+
+/// The transport a query came in on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    Udp,
+    Tcp,
+}
+
+impl Transport {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Transport::Udp => "udp",
+            Transport::Tcp => "tcp",
+        }
+    }
+
+    pub fn l4(self) -> L4Proto {
+        match self {
+            Transport::Udp => L4Proto::Udp,
+            Transport::Tcp => L4Proto::Tcp,
+        }
+    }
+}
+
+/// What the process knows about a query's sender.
+#[derive(Debug, Clone, Default)]
+pub struct ClientContext {
+    /// The endpoint and its stable key (`namespace/name`), when the sender is one.
+    pub endpoint: Option<(EndpointId, Arc<str>)>,
+    /// Where the client sent the query before the datapath redirected it to us.
+    pub original_server: Option<SocketAddr>,
+}
+
+/// Who sent a query: by source address, or by the datapath's redirect record.
+pub trait EndpointLookup: Send + Sync + 'static {
+    fn lookup(&self, client: SocketAddr, transport: Transport) -> ClientContext;
+}
+
+/// The policy in force. A query uses one revision from start to end.
+pub trait PolicySource: Send + Sync + 'static {
+    fn current(&self) -> Arc<PolicyRepository>;
+}
+
+/// What an allowed answer taught: `ips` of `name`, allowed until `expires_at` for every grant.
+#[derive(Debug)]
+pub struct AllowRequest<'a> {
+    pub name: &'a DnsName,
+    pub ips: &'a [IpAddr],
+    pub expires_at: UnixTime,
+    pub grants: &'a [FqdnGrant],
+}
+
+/// A future the answer waits for, bounded by `response_max_delay`.
+pub type HoldFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// Writes allow entries before an answer is released.
+pub trait DatapathHook: Send + Sync + 'static {
+    /// Called once per allowed answer that carries IPs matched by at least one toFQDNs
+    /// selector. Synchronous writes (map updates) happen inside the call; an implementation
+    /// that must wait for something returns a future, and the answer waits for it.
+    fn allow(&self, request: &AllowRequest<'_>) -> Option<HoldFuture>;
+}
+
+/// `datapath.mode: none`: connections are not policed, so there is nothing to write.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct NoDatapath;
+
+impl DatapathHook for NoDatapath {
+    fn allow(&self, _request: &AllowRequest<'_>) -> Option<HoldFuture> {
+        None
+    }
+}
+
+/// An answered name, as the proxy recorded it; sent to the agent by `warden-dnsproxy`.
+#[derive(Debug, Clone)]
+pub struct Mapping {
+    pub endpoint: Arc<str>,
+    pub name: DnsName,
+    pub ips: Vec<IpAddr>,
+    pub ttl: u32,
+    pub expires_at: UnixTime,
+    pub server: SocketAddr,
+}
+
+/// Told of every mapping after the answer is released; must not block.
+pub trait MappingObserver: Send + Sync + 'static {
+    fn on_mapping(&self, mapping: Mapping);
+}
+
+impl MappingObserver for () {
+    fn on_mapping(&self, _mapping: Mapping) {}
+}
+
+/// The FQDN cache, shared between the engine and its process. Critical sections are a map
+/// operation long and never span an `.await`.
+#[derive(Debug, Clone)]
+pub struct SharedCache(Arc<Mutex<DnsCache>>);
+
+impl SharedCache {
+    pub fn new(cache: DnsCache) -> SharedCache {
+        SharedCache(Arc::new(Mutex::new(cache)))
+    }
+
+    /// The cache, even if a thread panicked while holding it: its maps stay consistent because
+    /// every mutation is a single call that completes or leaves nothing half-done.
+    pub fn lock(&self) -> MutexGuard<'_, DnsCache> {
+        self.0.lock().unwrap_or_else(|poison| poison.into_inner())
+    }
+}
+
+/// Everything the engine needs from its process.
+#[derive(Clone)]
+pub struct ProxyContext {
+    /// `agent` or `dnsproxy`, in flow events.
+    pub instance: Arc<str>,
+    pub endpoints: Arc<dyn EndpointLookup>,
+    pub policy: Arc<dyn PolicySource>,
+    pub cache: SharedCache,
+    pub datapath: Arc<dyn DatapathHook>,
+    pub mappings: Arc<dyn MappingObserver>,
+    pub metrics: Metrics,
+    pub flows: Arc<FlowLog>,
+}
+
+impl std::fmt::Debug for ProxyContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProxyContext")
+            .field("instance", &self.instance)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Seconds since the Unix epoch, from the wall clock: cache expiries survive restarts.
+pub fn unix_now() -> UnixTime {
+    let seconds = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|elapsed| elapsed.as_secs())
+        .unwrap_or(0);
+    UnixTime(seconds)
+}

@@ -1,0 +1,33 @@
+//! Warden's DNS proxy engine, shared by the agent's embedded proxy and `warden-dnsproxy`.
+//!
+//! A query arrives on a [`listener`] socket (UDP or TCP, IPv4 or IPv6, each opened with
+//! SO_REUSEPORT so that two processes can serve one port). The [`DnsProxy`] in [`server`] asks
+//! the [`context`] traits who sent it and where it was going, checks the DNS rules, and either
+//! answers with the reject code or forwards the packet untouched (only its ID is replaced)
+//! through the [`upstream`] socket pool. The answer's IPs are read along the CNAME chain by
+//! [`answer`], recorded in the FQDN cache and handed to the datapath hook; only then is the
+//! answer released to the client, with the client's own ID restored. [`response`] builds the
+//! few messages the proxy writes itself (REFUSED, NXDOMAIN, SERVFAIL, FORMERR).
+//!
+//! The engine knows nothing of the agent: everything process-specific comes in through the
+//! small traits of [`context`].
+
+#![forbid(unsafe_code)]
+
+pub mod answer;
+pub mod context;
+mod error;
+pub mod listener;
+pub mod response;
+pub mod server;
+pub mod upstream;
+
+pub use answer::AnswerSummary;
+pub use context::{
+    AllowRequest, ClientContext, DatapathHook, EndpointLookup, HoldFuture, Mapping,
+    MappingObserver, NoDatapath, PolicySource, ProxyContext, SharedCache, Transport,
+    UNKNOWN_ENDPOINT, unix_now,
+};
+pub use error::ProxyError;
+pub use hickory_proto::op::ResponseCode;
+pub use server::{DnsProxy, ProxySettings};

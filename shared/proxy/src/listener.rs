@@ -1,0 +1,103 @@
+//! DNS listener sockets. Every socket is opened with SO_REUSEPORT so that the agent and
+//! `warden-dnsproxy` can hold the same port at once and the kernel shares queries between them.
+
+use std::net::SocketAddr;
+
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::net::{TcpListener, UdpSocket};
+
+use crate::ProxyError;
+
+/// Attempts at finding one port free for both UDP and TCP when asked for port 0.
+const SHARED_PORT_ATTEMPTS: u32 = 16;
+
+/// The UDP and TCP sockets of one listen address, on the same port.
+#[derive(Debug)]
+pub struct ListenerPair {
+    pub udp: UdpSocket,
+    pub tcp: TcpListener,
+}
+
+impl ListenerPair {
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.udp.local_addr().ok()
+    }
+}
+
+/// Binds UDP and TCP on `address`. Port 0 means "any port", the same for both transports,
+/// which tests use to run many proxies side by side.
+pub fn bind_pair(address: SocketAddr) -> Result<ListenerPair, ProxyError> {
+    if address.port() != 0 {
+        let udp = bind_udp(address)?;
+        let tcp = bind_tcp(address)?;
+        return Ok(ListenerPair { udp, tcp });
+    }
+    for _ in 0..SHARED_PORT_ATTEMPTS {
+        let udp = bind_udp(address)?;
+        let bound = udp.local_addr().map_err(|source| ProxyError::Bind {
+            transport: "udp",
+            address,
+            source,
+        })?;
+        // Another process may hold this port for TCP; try another one.
+        if let Ok(tcp) = bind_tcp(bound) {
+            return Ok(ListenerPair { udp, tcp });
+        }
+    }
+    Err(ProxyError::NoSharedPort {
+        address,
+        attempts: SHARED_PORT_ATTEMPTS,
+    })
+}
+
+fn new_socket(address: SocketAddr, kind: Type, protocol: Protocol) -> std::io::Result<Socket> {
+    let socket = Socket::new(Domain::for_address(address), kind, Some(protocol))?;
+    socket.set_reuse_port(true)?;
+    socket.set_reuse_address(true)?;
+    if address.is_ipv6() {
+        // [::]:53 must not also claim IPv4: the IPv4 listener is configured separately.
+        socket.set_only_v6(true)?;
+    }
+    socket.set_nonblocking(true)?;
+    Ok(socket)
+}
+
+fn bind_udp(address: SocketAddr) -> Result<UdpSocket, ProxyError> {
+    let error = |source| ProxyError::Bind {
+        transport: "udp",
+        address,
+        source,
+    };
+    let socket = new_socket(address, Type::DGRAM, Protocol::UDP).map_err(error)?;
+    // Bursts of queries queue here while workers are busy; the default is small.
+    let _ = socket.set_recv_buffer_size(4 << 20);
+    socket.bind(&address.into()).map_err(error)?;
+    UdpSocket::from_std(socket.into()).map_err(error)
+}
+
+fn bind_tcp(address: SocketAddr) -> Result<TcpListener, ProxyError> {
+    let error = |source| ProxyError::Bind {
+        transport: "tcp",
+        address,
+        source,
+    };
+    let socket = new_socket(address, Type::STREAM, Protocol::TCP).map_err(error)?;
+    socket.set_tcp_nodelay(true).map_err(error)?;
+    socket.bind(&address.into()).map_err(error)?;
+    socket.listen(1024).map_err(error)?;
+    TcpListener::from_std(socket.into()).map_err(error)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn two_pairs_share_one_port() {
+        let first = bind_pair("127.0.0.1:0".parse().unwrap()).unwrap();
+        let port = first.local_addr().unwrap();
+        assert_eq!(first.tcp.local_addr().unwrap(), port);
+        let second = bind_pair(port).unwrap();
+        assert_eq!(second.local_addr(), Some(port));
+    }
+}
