@@ -1,0 +1,252 @@
+//! Wiring: config in, a serving agent out.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use warden_config::{AgentConfig, DatapathMode, RejectCode};
+use warden_fqdn::CacheLimits;
+use warden_proxy::{
+    DnsProxy, Mapping, MappingObserver, NoDatapath, ProxyContext, ProxySettings, ResponseCode,
+    SharedCache, unix_now,
+};
+use warden_telemetry::{FlowLog, Metrics};
+
+use crate::admin::{self, AdminState};
+use crate::endpoints::EndpointTable;
+use crate::policy_store::PolicyStore;
+use crate::state::CacheFile;
+
+/// Flow events kept in memory for `/v1/flows` and `warden observe`.
+const FLOW_LOG_CAPACITY: usize = 10_000;
+/// Expired cache entries are removed this often.
+const GC_INTERVAL: Duration = Duration::from_secs(1);
+/// A changed cache is written to `state_dir` at most this often (and once more at shutdown).
+const PERSIST_INTERVAL: Duration = Duration::from_secs(2);
+
+/// A started agent; dropping it does not stop it, [`RunningAgent::shutdown`] does.
+#[derive(Debug)]
+pub struct RunningAgent {
+    dns_addrs: Vec<SocketAddr>,
+    admin_addr: SocketAddr,
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl RunningAgent {
+    /// The DNS listen addresses as bound (real ports when the config said 0).
+    pub fn dns_addrs(&self) -> &[SocketAddr] {
+        &self.dns_addrs
+    }
+
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin_addr
+    }
+
+    /// Graceful stop: leave the DNS port, finish the queries in flight, persist the cache.
+    pub async fn shutdown(self) -> anyhow::Result<()> {
+        self.shutdown.cancel();
+        self.task.await.context("agent task panicked")?
+    }
+}
+
+/// Starts the agent and serves until `shutdown` resolves.
+pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let agent = start(config).await?;
+    tracing::info!(dns = ?agent.dns_addrs(), admin = %agent.admin_addr(), "warden-agent serving");
+    shutdown.await;
+    tracing::info!("shutting down");
+    agent.shutdown().await
+}
+
+/// Counts cache changes so the persister writes only when there is something new.
+#[derive(Debug, Default)]
+struct CacheChanges(AtomicU64);
+
+impl MappingObserver for CacheChanges {
+    fn on_mapping(&self, _mapping: Mapping) {
+        self.0.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Binds everything and starts serving; returns once DNS and the admin API accept traffic.
+pub async fn start(config: AgentConfig) -> anyhow::Result<RunningAgent> {
+    if config.datapath.mode == DatapathMode::Ebpf {
+        anyhow::bail!("datapath.mode: ebpf is not available in this build yet; use `none`");
+    }
+    std::fs::create_dir_all(&config.state_dir)
+        .with_context(|| format!("cannot create state_dir {}", config.state_dir.display()))?;
+    let metrics = Metrics::new("agent")?;
+    let flows = Arc::new(FlowLog::new(FLOW_LOG_CAPACITY));
+    let endpoints = Arc::new(EndpointTable::from_config(&config.endpoints));
+    let policy = PolicyStore::open(
+        &config.policy.dir,
+        &config.state_dir,
+        endpoints.clone(),
+        metrics.policy.clone(),
+    );
+    let limits = CacheLimits {
+        min_ttl: config.dns.min_ttl,
+        max_ips_per_name: config.dns.max_ips_per_name,
+    };
+    let cache_file = CacheFile::new(&config.state_dir);
+    let cache = SharedCache::new(cache_file.restore(limits, unix_now()));
+    let changes = Arc::new(CacheChanges::default());
+
+    let context = ProxyContext {
+        instance: Arc::from("agent"),
+        endpoints: endpoints.clone(),
+        policy: policy.clone(),
+        cache: cache.clone(),
+        datapath: Arc::new(NoDatapath),
+        mappings: changes.clone(),
+        metrics: metrics.clone(),
+        flows: flows.clone(),
+    };
+    let settings = ProxySettings {
+        listen: config.dns.listen.clone(),
+        upstream: config.dns.upstream,
+        reject: match config.dns.reject {
+            RejectCode::Refused => ResponseCode::Refused,
+            RejectCode::Nxdomain => ResponseCode::NXDomain,
+        },
+        response_max_delay: config.dns.response_max_delay(),
+        upstream_timeout: config.dns.upstream_timeout(),
+        concurrency_limit: config.dns.concurrency_limit,
+        upstream_sockets: config.dns.upstream_sockets,
+        tcp_idle_timeout: Duration::from_secs(10),
+    };
+    let proxy = DnsProxy::bind(settings, context)?;
+    let dns_addrs = proxy.local_addrs();
+    let admin_listener = warden_telemetry::admin::bind(config.admin.listen).await?;
+    let admin_addr = admin_listener.local_addr()?;
+
+    let serving = Arc::new(AtomicBool::new(true));
+    let admin_state = AdminState {
+        policy: policy.clone(),
+        cache: cache.clone(),
+        serving: serving.clone(),
+        dns_listen: dns_addrs.clone(),
+        endpoints: config.endpoints.len(),
+        datapath: "none".to_owned(),
+        started: Instant::now(),
+    };
+    let router = admin::router(admin_state, metrics.clone(), flows);
+
+    let shutdown = CancellationToken::new();
+    let mut tasks = JoinSet::new();
+    {
+        let shutdown = shutdown.clone();
+        let serving = serving.clone();
+        tasks.spawn(async move {
+            proxy.serve(shutdown).await;
+            serving.store(false, Ordering::Relaxed);
+            Ok(())
+        });
+    }
+    {
+        let watch = policy.clone().watch(shutdown.clone());
+        tasks.spawn(async move {
+            watch.await;
+            Ok(())
+        });
+    }
+    tasks.spawn(maintain_cache(
+        cache.clone(),
+        cache_file.clone(),
+        changes,
+        metrics.clone(),
+        shutdown.clone(),
+    ));
+    let admin_shutdown = shutdown.clone();
+    let task = tokio::spawn(async move {
+        let admin = tokio::spawn(warden_telemetry::admin::serve(
+            admin_listener,
+            router,
+            admin_shutdown.cancelled_owned(),
+        ));
+        let mut result = Ok(());
+        while let Some(joined) = tasks.join_next().await {
+            match joined {
+                Ok(Ok(())) => {}
+                Ok(Err(error)) => result = Err(error),
+                Err(error) => result = Err(anyhow::anyhow!("agent task failed: {error}")),
+            }
+        }
+        // Every query has drained by now: this snapshot holds the last answers given.
+        let snapshot = cache.lock().snapshot(unix_now());
+        if let Err(error) = tokio::task::spawn_blocking(move || cache_file.save(&snapshot)).await? {
+            tracing::warn!(%error, "cannot persist the FQDN cache at shutdown");
+        }
+        admin.await.context("admin API task panicked")??;
+        result
+    });
+    Ok(RunningAgent {
+        dns_addrs,
+        admin_addr,
+        shutdown,
+        task,
+    })
+}
+
+/// Expires cache entries every second and persists the cache when it changed. The last save
+/// happens at shutdown, after the proxy has drained (see [`start`]).
+async fn maintain_cache(
+    cache: SharedCache,
+    file: CacheFile,
+    changes: Arc<CacheChanges>,
+    metrics: Metrics,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let mut gc = tokio::time::interval(GC_INTERVAL);
+    gc.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut saved_at_change = 0;
+    let mut last_save = Instant::now();
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            _ = gc.tick() => {}
+        }
+        let now = unix_now();
+        let (expired, names, ips) = {
+            let mut cache = cache.lock();
+            let expired = cache.gc(now).len();
+            (expired, cache.name_count(), cache.ip_count())
+        };
+        if expired > 0 {
+            metrics
+                .cache
+                .gc_deletions
+                .inc_by(u64::try_from(expired).unwrap_or(u64::MAX));
+            changes.0.fetch_add(1, Ordering::Relaxed);
+        }
+        metrics
+            .cache
+            .names
+            .set(i64::try_from(names).unwrap_or(i64::MAX));
+        metrics
+            .cache
+            .ips
+            .set(i64::try_from(ips).unwrap_or(i64::MAX));
+        let change = changes.0.load(Ordering::Relaxed);
+        if change == saved_at_change || last_save.elapsed() < PERSIST_INTERVAL {
+            continue;
+        }
+        let snapshot = cache.lock().snapshot(now);
+        let file = file.clone();
+        match tokio::task::spawn_blocking(move || file.save(&snapshot)).await {
+            Ok(Ok(())) => saved_at_change = change,
+            Ok(Err(error)) => {
+                metrics.cache.persist_errors.inc();
+                tracing::warn!(%error, "cannot persist the FQDN cache");
+            }
+            Err(error) => tracing::warn!(%error, "cache persister panicked"),
+        }
+        last_save = Instant::now();
+    }
+}

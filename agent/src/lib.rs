@@ -1,0 +1,18 @@
+//! `warden-agent`: the node agent. It loads the config and the CiliumNetworkPolicy files, knows
+//! the node's endpoints, runs the embedded DNS proxy, keeps the FQDN cache (persisted across
+//! restarts), and serves the admin API that the `warden` CLI and Prometheus read.
+//!
+//! [`endpoints`] maps senders to endpoints, [`policy_store`] loads, watches and swaps the
+//! policy, [`state`] persists the cache, [`admin`] is the HTTP API, and [`agent`] wires them
+//! together around the proxy engine of `warden-proxy`. [`cli`] is the `warden` command.
+
+#![forbid(unsafe_code)]
+
+pub mod admin;
+mod agent;
+pub mod cli;
+pub mod endpoints;
+pub mod policy_store;
+pub mod state;
+
+pub use agent::{RunningAgent, run, start};

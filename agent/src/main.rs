@@ -1,0 +1,84 @@
+//! `warden-agent --config FILE`: the node agent.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use warden_config::ConfigOverrides;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "warden-agent",
+    version,
+    about = "Warden node agent with embedded DNS proxy"
+)]
+struct Args {
+    /// YAML config file; every field can also be set by the flags below.
+    #[arg(long, short = 'c', value_name = "FILE")]
+    config: Option<PathBuf>,
+    #[command(flatten)]
+    overrides: ConfigOverrides,
+}
+
+fn main() -> ExitCode {
+    init_tracing();
+    let args = Args::parse();
+    let config = match &args.config {
+        Some(path) => warden_config::load_with(path, &args.overrides),
+        None => {
+            let mut config = warden_config::AgentConfig::default();
+            args.overrides.apply(&mut config);
+            config.validate().map(|()| config)
+        }
+    };
+    let config = match config {
+        Ok(config) => config,
+        Err(error) => {
+            eprintln!("warden-agent: {error}");
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("warden-agent: cannot start the runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(warden_agent::run(config, shutdown_signal())) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("warden-agent: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// SIGTERM (what Kubernetes and systemd send) or SIGINT.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut terminate = match signal(SignalKind::terminate()) {
+        Ok(stream) => stream,
+        Err(error) => {
+            tracing::error!(%error, "cannot listen for SIGTERM; stopping on SIGINT only");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = terminate.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}

@@ -1,0 +1,272 @@
+//! The policy in force: loaded from `policy.dir`, watched, and swapped atomically.
+//!
+//! A reload that fails (a broken file) leaves the last good policy in force and reports the
+//! error in logs, `warden_policy_reload_failing`, and `/v1/status`. The files of every good
+//! load are copied to `state_dir`, so an agent restarted while the folder is broken still
+//! starts with the last policy that worked rather than with none (which would allow all).
+
+use std::collections::hash_map::DefaultHasher;
+use std::hash::{Hash, Hasher};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+use warden_policy::{Policy, PolicyRepository};
+use warden_proxy::PolicySource;
+use warden_telemetry::PolicyMetrics;
+
+use crate::endpoints::EndpointTable;
+
+/// Extensions of policy files in `policy.dir`, as `warden_policy::load_path` reads them.
+const POLICY_EXTENSIONS: &[&str] = &["yaml", "yml", "json"];
+
+/// How often the folder is re-read even without a change notification (editors that replace
+/// files, folders mounted from a ConfigMap).
+const POLL_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Notifications come in bursts while an editor writes; wait for the burst to end.
+const SETTLE: Duration = Duration::from_millis(100);
+
+/// What `/v1/status` says about the policy.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct PolicyStatus {
+    /// Bumped by every change that took effect; 0 until a policy loaded.
+    pub revision: u64,
+    pub policies: usize,
+    pub selectors: usize,
+    /// Where the policy in force came from: `dir`, or `last-good` (state_dir) after a start
+    /// with a broken folder.
+    pub source: String,
+    /// Why the files on disk are not in force, while they are not.
+    pub last_error: Option<String>,
+}
+
+#[derive(Debug)]
+pub struct PolicyStore {
+    dir: PathBuf,
+    last_good_dir: PathBuf,
+    endpoints: Arc<EndpointTable>,
+    current: RwLock<Arc<PolicyRepository>>,
+    status: Mutex<StoreState>,
+    metrics: PolicyMetrics,
+}
+
+#[derive(Debug, Default)]
+struct StoreState {
+    status: PolicyStatus,
+    /// Hash of the file contents last looked at, good or bad: unchanged files are not reloaded.
+    seen: Option<u64>,
+}
+
+impl PolicySource for PolicyStore {
+    fn current(&self) -> Arc<PolicyRepository> {
+        self.current
+            .read()
+            .unwrap_or_else(|poison| poison.into_inner())
+            .clone()
+    }
+}
+
+impl PolicyStore {
+    /// Loads the folder; on failure falls back to the last good copy in `state_dir`.
+    pub fn open(
+        dir: &Path,
+        state_dir: &Path,
+        endpoints: Arc<EndpointTable>,
+        metrics: PolicyMetrics,
+    ) -> Arc<PolicyStore> {
+        let store = Arc::new(PolicyStore {
+            dir: dir.to_path_buf(),
+            last_good_dir: state_dir.join("last-good-policies"),
+            endpoints,
+            current: RwLock::new(Arc::new(PolicyRepository::empty())),
+            status: Mutex::new(StoreState::default()),
+            metrics,
+        });
+        store.reload();
+        if store.status().revision == 0 && store.last_good_dir.is_dir() {
+            match warden_policy::load_path(&store.last_good_dir) {
+                Ok(policies) => {
+                    tracing::warn!(
+                        dir = %store.dir.display(),
+                        "policy folder does not load; enforcing the last good policy from state_dir"
+                    );
+                    store.install(&policies, "last-good");
+                }
+                Err(error) => tracing::error!(%error, "last good policy copy does not load"),
+            }
+        }
+        store
+    }
+
+    pub fn status(&self) -> PolicyStatus {
+        self.state().status.clone()
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, StoreState> {
+        self.status
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner())
+    }
+
+    /// Re-reads the folder; returns whether a new policy took effect.
+    pub fn reload(&self) -> bool {
+        let files = match read_policy_files(&self.dir) {
+            Ok(files) => files,
+            Err(error) => {
+                self.fail(
+                    None,
+                    format!("cannot read policy folder {}: {error}", self.dir.display()),
+                );
+                return false;
+            }
+        };
+        let fingerprint = fingerprint(&files);
+        if self.state().seen == Some(fingerprint) {
+            return false;
+        }
+        let mut policies = Vec::new();
+        for (path, text) in &files {
+            match warden_policy::parse_str(text, path) {
+                Ok(mut parsed) => policies.append(&mut parsed),
+                Err(error) => {
+                    self.fail(Some(fingerprint), error.to_string());
+                    return false;
+                }
+            }
+        }
+        self.install(&policies, "dir");
+        self.state().seen = Some(fingerprint);
+        if let Err(error) = self.save_last_good(&files) {
+            tracing::warn!(%error, "cannot keep a copy of the good policy in state_dir");
+        }
+        true
+    }
+
+    fn install(&self, policies: &[Policy], source: &str) {
+        let repository = PolicyRepository::build(policies, self.endpoints.infos());
+        let selectors = repository.selector_count();
+        *self
+            .current
+            .write()
+            .unwrap_or_else(|poison| poison.into_inner()) = Arc::new(repository);
+        let mut state = self.state();
+        state.status.revision += 1;
+        state.status.policies = policies.len();
+        state.status.selectors = selectors;
+        state.status.source = source.to_owned();
+        state.status.last_error = None;
+        self.metrics.revision.set(gauge(state.status.revision));
+        self.metrics.policies.set(gauge(policies.len()));
+        self.metrics.selectors.set(gauge(selectors));
+        self.metrics.reload_failing.set(0);
+        tracing::info!(
+            revision = state.status.revision,
+            policies = policies.len(),
+            selectors,
+            source,
+            "policy in force"
+        );
+    }
+
+    fn fail(&self, fingerprint: Option<u64>, error: String) {
+        let mut state = self.state();
+        if fingerprint.is_some() {
+            state.seen = fingerprint;
+        }
+        if state.status.last_error.as_deref() != Some(error.as_str()) {
+            tracing::error!(%error, revision = state.status.revision, "policy reload failed; the last good policy stays in force");
+            self.metrics.reload_errors.inc();
+        }
+        state.status.last_error = Some(error);
+        self.metrics.reload_failing.set(1);
+    }
+
+    fn save_last_good(&self, files: &[(PathBuf, String)]) -> std::io::Result<()> {
+        let staging = self.last_good_dir.with_extension("new");
+        let _ = std::fs::remove_dir_all(&staging);
+        std::fs::create_dir_all(&staging)?;
+        for (path, text) in files {
+            if let Some(name) = path.file_name() {
+                std::fs::write(staging.join(name), text)?;
+            }
+        }
+        let _ = std::fs::remove_dir_all(&self.last_good_dir);
+        std::fs::rename(&staging, &self.last_good_dir)
+    }
+
+    /// Reloads on change notifications and, as a safety net, every second, until `shutdown`.
+    pub async fn watch(self: Arc<Self>, shutdown: CancellationToken) {
+        let (notify_tx, mut notified) = tokio::sync::mpsc::channel::<()>(1);
+        // The watcher lives as long as this task; without it (inotify limits) polling remains.
+        let _watcher = watch_folder(&self.dir, notify_tx);
+        let mut poll = tokio::time::interval(POLL_INTERVAL);
+        poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = poll.tick() => {}
+                Some(()) = notified.recv() => tokio::time::sleep(SETTLE).await,
+            }
+            let store = self.clone();
+            // File reads are blocking I/O: keep them off the proxy's worker threads.
+            let _ = tokio::task::spawn_blocking(move || store.reload()).await;
+        }
+    }
+}
+
+fn watch_folder(
+    dir: &Path,
+    notify_tx: tokio::sync::mpsc::Sender<()>,
+) -> Option<notify::RecommendedWatcher> {
+    use notify::Watcher;
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        if event.is_ok() {
+            // Full means a reload is already due, which covers this change too.
+            let _ = notify_tx.try_send(());
+        }
+    })
+    .map_err(|error| tracing::warn!(%error, "cannot watch the policy folder; polling only"))
+    .ok()?;
+    watcher
+        .watch(dir, notify::RecursiveMode::NonRecursive)
+        .map_err(|error| tracing::warn!(%error, dir = %dir.display(), "cannot watch the policy folder; polling only"))
+        .ok()?;
+    Some(watcher)
+}
+
+/// The policy files of a folder with their text, sorted by name; hidden files are skipped.
+fn read_policy_files(dir: &Path) -> std::io::Result<Vec<(PathBuf, String)>> {
+    let mut paths = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        let hidden = path
+            .file_name()
+            .and_then(|name| name.to_str())
+            .is_none_or(|name| name.starts_with('.'));
+        let policy_file = path
+            .extension()
+            .and_then(|extension| extension.to_str())
+            .is_some_and(|extension| POLICY_EXTENSIONS.contains(&extension));
+        if !hidden && policy_file && path.is_file() {
+            paths.push(path);
+        }
+    }
+    paths.sort();
+    paths
+        .into_iter()
+        .map(|path| std::fs::read_to_string(&path).map(|text| (path, text)))
+        .collect()
+}
+
+fn fingerprint(files: &[(PathBuf, String)]) -> u64 {
+    let mut hasher = DefaultHasher::new();
+    files.hash(&mut hasher);
+    hasher.finish()
+}
+
+fn gauge(count: impl TryInto<i64>) -> i64 {
+    count.try_into().unwrap_or(i64::MAX)
+}

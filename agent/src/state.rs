@@ -1,0 +1,108 @@
+//! The FQDN cache on disk: `state_dir/fqdn-cache.json`, written atomically, so that a restarted
+//! agent still knows what its workloads resolved (and for how much longer).
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use warden_fqdn::{CacheLimits, CacheSnapshot, DnsCache, UnixTime};
+
+const CACHE_FILE: &str = "fqdn-cache.json";
+
+#[derive(Debug, Clone)]
+pub struct CacheFile {
+    path: PathBuf,
+}
+
+impl CacheFile {
+    pub fn new(state_dir: &Path) -> CacheFile {
+        CacheFile {
+            path: state_dir.join(CACHE_FILE),
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The persisted cache, without what expired meanwhile. A missing file is a first start; an
+    /// unreadable one is set aside (`.corrupt`) for inspection and the agent starts empty
+    /// rather than not at all.
+    pub fn restore(&self, limits: CacheLimits, now: UnixTime) -> DnsCache {
+        let bytes = match std::fs::read(&self.path) {
+            Ok(bytes) => bytes,
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+                return DnsCache::new(limits);
+            }
+            Err(error) => {
+                tracing::error!(path = %self.path.display(), %error, "cannot read the persisted FQDN cache; starting empty");
+                return DnsCache::new(limits);
+            }
+        };
+        let restored = CacheSnapshot::from_json(&bytes)
+            .and_then(|snapshot| DnsCache::restore(limits, snapshot, now));
+        match restored {
+            Ok(cache) => {
+                tracing::info!(
+                    names = cache.name_count(),
+                    ips = cache.ip_count(),
+                    "FQDN cache restored"
+                );
+                cache
+            }
+            Err(error) => {
+                let aside = self.path.with_extension("json.corrupt");
+                let _ = std::fs::rename(&self.path, &aside);
+                tracing::error!(path = %self.path.display(), %error, aside = %aside.display(), "persisted FQDN cache does not load; starting empty");
+                DnsCache::new(limits)
+            }
+        }
+    }
+
+    /// Writes the snapshot to a temporary file, syncs it, and renames it over the old one, so
+    /// that a crash mid-write leaves the previous cache, never half a file.
+    pub fn save(&self, snapshot: &CacheSnapshot) -> std::io::Result<()> {
+        let bytes = serde_json::to_vec(snapshot)?;
+        let staging = self.path.with_extension("json.tmp");
+        let mut file = std::fs::File::create(&staging)?;
+        file.write_all(&bytes)?;
+        file.sync_all()?;
+        std::fs::rename(&staging, &self.path)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_saved_cache_comes_back_with_its_remaining_ttl() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = CacheFile::new(dir.path());
+        let limits = CacheLimits {
+            min_ttl: 0,
+            max_ips_per_name: 10,
+        };
+        let mut cache = DnsCache::new(limits);
+        let ip = "198.18.1.10".parse().unwrap();
+        cache.insert(UnixTime(1_000), "youssef/test", "cilium.io.", &[ip], 300);
+        file.save(&cache.snapshot(UnixTime(1_000))).unwrap();
+        let restored = file.restore(limits, UnixTime(1_100));
+        let entries = restored.lookup(UnixTime(1_100), "youssef/test", "cilium.io.");
+        assert_eq!(entries.len(), 1);
+        assert_eq!(entries[0].expires_at, UnixTime(1_300));
+    }
+
+    #[test]
+    fn a_corrupt_file_is_set_aside() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = CacheFile::new(dir.path());
+        std::fs::write(file.path(), b"{not json").unwrap();
+        let limits = CacheLimits {
+            min_ttl: 0,
+            max_ips_per_name: 10,
+        };
+        let cache = file.restore(limits, UnixTime(1));
+        assert_eq!(cache.name_count(), 0);
+        assert!(dir.path().join("fqdn-cache.json.corrupt").exists());
+    }
+}
