@@ -1,0 +1,314 @@
+//! Starting Warden itself in tests: the agent in-process (port 0, fast, many side by side) or
+//! as the real `warden-agent` binary (for restarts and signals), and the `warden` CLI.
+
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use tempfile::TempDir;
+use warden_agent::RunningAgent;
+use warden_config::AgentConfig;
+
+use crate::{ProcessGuard, free_port, run_blocking};
+
+/// A built binary of the workspace (`make test` builds them before the tests run).
+pub fn binary(name: &str) -> Result<PathBuf> {
+    let exe = std::env::current_exe().context("cannot locate the test executable")?;
+    // Tests run from target/<profile>/deps/, the demo from target/<profile>/.
+    let mut profile_dir = exe.parent().context("unexpected executable location")?;
+    if profile_dir.ends_with("deps") {
+        profile_dir = profile_dir
+            .parent()
+            .context("unexpected test executable location")?;
+    }
+    let path = profile_dir.join(name);
+    if !path.exists() {
+        bail!(
+            "{} is not built; run `cargo build --workspace --bins` (make test does)",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+/// A folder holding one agent's config, policies and state.
+#[derive(Debug)]
+pub struct AgentDir {
+    dir: TempDir,
+}
+
+impl AgentDir {
+    pub fn new() -> Result<AgentDir> {
+        let dir = tempfile::Builder::new().prefix("warden-agent-").tempdir()?;
+        std::fs::create_dir_all(dir.path().join("policies"))?;
+        std::fs::create_dir_all(dir.path().join("state"))?;
+        Ok(AgentDir { dir })
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn policy_dir(&self) -> PathBuf {
+        self.dir.path().join("policies")
+    }
+
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
+    /// Writes (or replaces, atomically) a policy file.
+    pub fn write_policy(&self, file: &str, yaml: &str) -> Result<()> {
+        let staging = self.dir.path().join(format!(".{file}.tmp"));
+        std::fs::write(&staging, yaml)?;
+        std::fs::rename(&staging, self.policy_dir().join(file))?;
+        Ok(())
+    }
+
+    /// A config for this folder: DNS on `dns_ip` (port 0 unless given) and on `[::1]`,
+    /// admin on 127.0.0.1, `upstream` as the default server.
+    pub fn config(&self, dns_ip: IpAddr, upstream: SocketAddr) -> AgentConfig {
+        let mut config = AgentConfig::default();
+        config.dns.listen = vec![
+            SocketAddr::new(dns_ip, 0),
+            SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), 0),
+        ];
+        config.dns.upstream = upstream;
+        config.dns.upstream_timeout_ms = 1000;
+        config.policy.dir = self.policy_dir();
+        config.state_dir = self.state_dir();
+        config.admin.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+        config
+    }
+}
+
+/// An agent running inside the test process.
+#[derive(Debug)]
+pub struct InProcessAgent {
+    pub agent: RunningAgent,
+}
+
+impl InProcessAgent {
+    pub async fn start(config: AgentConfig) -> Result<InProcessAgent> {
+        let agent = warden_agent::start(config).await?;
+        Ok(InProcessAgent { agent })
+    }
+
+    pub fn dns_v4(&self) -> SocketAddr {
+        self.agent.dns_addrs()[0]
+    }
+
+    pub fn dns_v6(&self) -> SocketAddr {
+        self.agent.dns_addrs()[1]
+    }
+
+    pub fn admin(&self) -> SocketAddr {
+        self.agent.admin_addr()
+    }
+
+    pub async fn stop(self) -> Result<()> {
+        self.agent.shutdown().await
+    }
+}
+
+/// The real `warden-agent` binary, with fixed ports so that a restart serves the same ones.
+#[derive(Debug)]
+pub struct AgentProcess {
+    guard: Option<ProcessGuard>,
+    config_path: PathBuf,
+    log_path: PathBuf,
+    pub dns: SocketAddr,
+    pub admin: SocketAddr,
+}
+
+impl AgentProcess {
+    /// Writes `config` (with fixed free ports) into `dir` and starts the binary on it.
+    pub async fn start(dir: &AgentDir, mut config: AgentConfig) -> Result<AgentProcess> {
+        let dns_ip = config.dns.listen[0].ip();
+        let dns = SocketAddr::new(dns_ip, free_port(dns_ip)?);
+        let admin_ip = config.admin.listen.ip();
+        let admin = SocketAddr::new(admin_ip, free_port(admin_ip)?);
+        config.dns.listen = vec![dns];
+        config.admin.listen = admin;
+        let config_path = dir.path().join("config.yaml");
+        std::fs::write(&config_path, yaml_of(&config)?)?;
+        let mut process = AgentProcess {
+            guard: None,
+            config_path,
+            log_path: dir.path().join("agent.log"),
+            dns,
+            admin,
+        };
+        process.spawn().await?;
+        Ok(process)
+    }
+
+    async fn spawn(&mut self) -> Result<()> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log_path)?;
+        let mut command = Command::new(binary("warden-agent")?);
+        command
+            .arg("--config")
+            .arg(&self.config_path)
+            .env("RUST_LOG", "info")
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        self.guard = Some(ProcessGuard::spawn(&mut command, "warden-agent")?);
+        self.wait_ready(Duration::from_secs(10)).await
+    }
+
+    /// Waits until `/readyz` answers 200.
+    pub async fn wait_ready(&self, limit: Duration) -> Result<()> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Ok(body) = http_get(self.admin, "/readyz").await
+                && body.starts_with("ready")
+            {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "warden-agent not ready within {limit:?}; log:\n{}",
+                    self.log()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.guard.as_ref().and_then(ProcessGuard::pid)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// SIGTERM, and wait for a clean exit.
+    pub fn stop(&mut self) -> Result<std::process::ExitStatus> {
+        let guard = self.guard.take().context("agent not running")?;
+        guard.stop()
+    }
+
+    /// SIGKILL: no chance to persist or drain.
+    pub fn kill(&mut self) -> Result<()> {
+        let guard = self.guard.take().context("agent not running")?;
+        guard.signal(nix::sys::signal::Signal::SIGKILL)?;
+        drop(guard);
+        Ok(())
+    }
+
+    pub async fn restart(&mut self) -> Result<()> {
+        if self.guard.is_some() {
+            self.stop()?;
+        }
+        self.spawn().await
+    }
+
+    /// `warden --agent http://ADMIN args...`
+    pub fn cli(&self, args: &[&str]) -> Result<Output> {
+        warden_cli(self.admin, args)
+    }
+}
+
+/// Runs the `warden` CLI against an agent's admin address.
+pub fn warden_cli(admin: SocketAddr, args: &[&str]) -> Result<Output> {
+    let mut command = Command::new(binary("warden")?);
+    command
+        .arg("--agent")
+        .arg(format!("http://{admin}"))
+        .args(args);
+    run_blocking(&mut command, Duration::from_secs(15))
+}
+
+/// GET on an admin API; the body, or an error for a non-2xx status.
+pub async fn http_get(admin: SocketAddr, path: &str) -> Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let request = async {
+        let mut stream = tokio::net::TcpStream::connect(admin).await?;
+        stream
+            .write_all(
+                format!("GET {path} HTTP/1.1\r\nHost: {admin}\r\nConnection: close\r\n\r\n")
+                    .as_bytes(),
+            )
+            .await?;
+        let mut response = Vec::new();
+        stream.read_to_end(&mut response).await?;
+        anyhow::Ok(String::from_utf8_lossy(&response).into_owned())
+    };
+    let response = tokio::time::timeout(Duration::from_secs(5), request)
+        .await
+        .context("admin API timed out")??;
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .context("malformed HTTP response")?;
+    let status_ok = head.lines().next().is_some_and(|line| {
+        line.split_whitespace()
+            .nth(1)
+            .is_some_and(|code| code.starts_with('2'))
+    });
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        dechunk(body)
+    } else {
+        body.to_owned()
+    };
+    if !status_ok {
+        bail!(
+            "GET {path}: {}: {body}",
+            head.lines().next().unwrap_or_default()
+        );
+    }
+    Ok(body)
+}
+
+fn dechunk(mut body: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = body.split_once("\r\n") {
+        let Ok(size) = usize::from_str_radix(size.trim(), 16) else {
+            break;
+        };
+        if size == 0 || rest.len() < size {
+            break;
+        }
+        out.push_str(&rest[..size]);
+        body = rest[size..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+/// GET and parse JSON.
+pub async fn http_json(admin: SocketAddr, path: &str) -> Result<serde_json::Value> {
+    let body = http_get(admin, path).await?;
+    serde_json::from_str(&body).with_context(|| format!("GET {path}: not JSON: {body}"))
+}
+
+/// A metric's value in a Prometheus text scrape (the sum over series matching every label).
+pub fn metric_value(scrape: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    scrape
+        .lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            let (metric, rest) = series.split_once('{').unwrap_or((series, ""));
+            if metric != name {
+                return None;
+            }
+            let all = labels
+                .iter()
+                .all(|(key, wanted)| rest.contains(&format!("{key}=\"{wanted}\"")));
+            all.then(|| value.parse::<f64>().ok()).flatten()
+        })
+        .sum()
+}
+
+fn yaml_of(config: &AgentConfig) -> Result<String> {
+    // JSON is YAML; serde_json keeps this crate free of a YAML writer.
+    Ok(serde_json::to_string_pretty(config)?)
+}

@@ -1,0 +1,704 @@
+//! The agent's embedded DNS proxy end to end: real knotd upstream, real dig/kdig clients,
+//! the agent started in-process on port 0 (or as its binary where restarts matter).
+
+// The lab helpers below are test code too: a failure there should fail the test at once.
+#![allow(clippy::unwrap_used)]
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use warden_config::{AgentConfig, EndpointConfig, RejectCode};
+use warden_tests::warden::{
+    AgentDir, AgentProcess, InProcessAgent, http_get, http_json, metric_value, warden_cli,
+};
+use warden_tests::zones::*;
+use warden_tests::{DigOpts, KnotUpstream, dig, kdig_tcp_multi, require_tools, unique_loopback_v4};
+
+/// Answers from knotd travel over loopback; a generous timeout keeps a loaded CI box green.
+fn opts(source: IpAddr) -> DigOpts {
+    DigOpts {
+        timeout_s: 3,
+        ..DigOpts::default()
+    }
+    .with_source(source)
+}
+
+fn endpoint(name: &str, app: &str, ips: &[IpAddr]) -> EndpointConfig {
+    EndpointConfig {
+        name: name.to_owned(),
+        namespace: "youssef".to_owned(),
+        labels: [("app".to_owned(), app.to_owned())].into(),
+        ips: ips.to_vec(),
+        cgroup: None,
+    }
+}
+
+/// The talk's DNS policy: `app=test` in `youssef` may resolve these names through the
+/// upstream only (its address and port: knotd listens on a random one), and reach google.com
+/// and cilium.io on 80/443.
+fn talk_policy(upstream: SocketAddr) -> String {
+    format!(
+        r#"apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata:
+  name: talk
+  namespace: youssef
+spec:
+  endpointSelector:
+    matchLabels:
+      app: test
+  egress:
+  - toCIDR: ["{ip}/32"]
+    toPorts:
+    - ports:
+      - port: "{port}"
+        protocol: ANY
+      rules:
+        dns:
+        - matchName: cilium.io
+        - matchName: google.com
+        - matchPattern: "*.cilium.io"
+        - matchPattern: "*.example.org"
+  - toFQDNs:
+    - matchName: google.com
+    - matchName: cilium.io
+    toPorts:
+    - ports:
+      - port: "80"
+        protocol: TCP
+      - port: "443"
+        protocol: TCP
+"#,
+        ip = upstream.ip(),
+        port = upstream.port(),
+    )
+}
+
+/// One DNS rule for one `app` label, toward any server on `port`.
+fn pattern_policy(app: &str, selector: &str, port: u16) -> String {
+    format!(
+        r#"apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata:
+  name: dns-{app}
+  namespace: youssef
+spec:
+  endpointSelector:
+    matchLabels:
+      app: {app}
+  egress:
+  - toPorts:
+    - ports:
+      - port: "{port}"
+      rules:
+        dns:
+        - {selector}
+"#
+    )
+}
+
+struct Lab {
+    upstream: KnotUpstream,
+    dir: AgentDir,
+    client: IpAddr,
+    agent: InProcessAgent,
+}
+
+impl Lab {
+    /// knotd, and an agent whose endpoint `youssef/test` is `client` (and `::1`).
+    async fn start(adjust: impl FnOnce(&mut AgentConfig)) -> Lab {
+        let upstream = KnotUpstream::start(unique_loopback_v4()).unwrap();
+        let dir = AgentDir::new().unwrap();
+        dir.write_policy("talk.yaml", &talk_policy(upstream.addr()))
+            .unwrap();
+        let client = unique_loopback_v4();
+        let mut config = dir.config(unique_loopback_v4(), upstream.addr());
+        config.endpoints = vec![endpoint("test", "test", &[client, "::1".parse().unwrap()])];
+        adjust(&mut config);
+        let agent = InProcessAgent::start(config).await.unwrap();
+        Lab {
+            upstream,
+            dir,
+            client,
+            agent,
+        }
+    }
+
+    async fn cache(&self) -> serde_json::Value {
+        http_json(self.agent.admin(), "/v1/fqdn/cache")
+            .await
+            .unwrap()
+    }
+
+    async fn cache_row(&self, name: &str) -> Option<serde_json::Value> {
+        let rows = self.cache().await;
+        rows.as_array()?
+            .iter()
+            .find(|row| row["name"] == name)
+            .cloned()
+    }
+}
+
+fn record_set(reply: &warden_tests::DnsReply) -> Vec<(String, u32, String, String)> {
+    let mut records: Vec<_> = reply
+        .answers
+        .iter()
+        .map(|r| {
+            (
+                r.name.to_ascii_lowercase(),
+                r.ttl,
+                r.rtype.clone(),
+                r.data.clone(),
+            )
+        })
+        .collect();
+    records.sort();
+    records
+}
+
+#[tokio::test]
+async fn allowed_queries_get_upstreams_answer_and_denied_ones_are_refused() {
+    if !require_tools(&["knotd", "dig", "kdig"]) {
+        return;
+    }
+    let lab = Lab::start(|_| {}).await;
+    let source = opts(lab.client);
+
+    for (name, qtype) in [
+        ("cilium.io", "A"),
+        ("cilium.io", "AAAA"),
+        ("www.cilium.io", "A"),
+        ("google.com", "A"),
+    ] {
+        let direct = dig(lab.upstream.addr(), name, qtype, DigOpts::default())
+            .await
+            .unwrap();
+        let proxied = dig(lab.agent.dns_v4(), name, qtype, source).await.unwrap();
+        assert_eq!(proxied.status, "NOERROR", "{}", proxied.raw);
+        assert_eq!(record_set(&proxied), record_set(&direct), "{name} {qtype}");
+        assert!(!record_set(&proxied).is_empty());
+    }
+    let denied = dig(lab.agent.dns_v4(), "bbc.co.uk", "A", source)
+        .await
+        .unwrap();
+    assert_eq!(denied.status, "REFUSED", "{}", denied.raw);
+    assert!(denied.answers.is_empty());
+
+    // TCP, and three queries on one connection.
+    let tcp = dig(
+        lab.agent.dns_v4(),
+        "google.com",
+        "A",
+        DigOpts {
+            tcp: true,
+            ..source
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(tcp.ips(), vec![IpAddr::V4(GOOGLE_COM_V4)]);
+    let denied_tcp = dig(
+        lab.agent.dns_v4(),
+        "bbc.co.uk",
+        "A",
+        DigOpts {
+            tcp: true,
+            ..source
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(denied_tcp.status, "REFUSED");
+
+    // IPv6 listener; the endpoint owns ::1, which is where dig sends from.
+    let v6 = dig(
+        lab.agent.dns_v6(),
+        "cilium.io",
+        "AAAA",
+        DigOpts {
+            source: None,
+            ..source
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(v6.ips(), vec![IpAddr::V6(CILIUM_IO_V6)]);
+    let v6_denied = dig(
+        lab.agent.dns_v6(),
+        "bbc.co.uk",
+        "AAAA",
+        DigOpts {
+            source: None,
+            ..source
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(v6_denied.status, "REFUSED");
+    let v6_tcp = dig(
+        lab.agent.dns_v6(),
+        "google.com",
+        "A",
+        DigOpts {
+            source: None,
+            ..DigOpts::tcp()
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(v6_tcp.ips(), vec![IpAddr::V4(GOOGLE_COM_V4)]);
+
+    // kdig sends from ::1 as well; the replies come back on one connection, in any order.
+    let replies = kdig_tcp_multi(
+        lab.agent.dns_v6(),
+        &["cilium.io", "google.com", "bbc.co.uk"],
+    )
+    .await
+    .unwrap();
+    assert_eq!(replies.len(), 3);
+    let mut statuses: Vec<_> = replies.iter().map(|r| r.status.clone()).collect();
+    statuses.sort();
+    assert_eq!(statuses, ["NOERROR", "NOERROR", "REFUSED"]);
+
+    let scrape = http_get(lab.agent.admin(), "/metrics").await.unwrap();
+    assert!(
+        metric_value(
+            &scrape,
+            "warden_dns_queries_total",
+            &[("verdict", "denied"), ("rcode", "REFUSED")]
+        ) >= 4.0,
+        "{scrape}"
+    );
+    assert!(
+        metric_value(
+            &scrape,
+            "warden_dns_queries_total",
+            &[("verdict", "allowed"), ("protocol", "tcp")]
+        ) >= 3.0
+    );
+    lab.agent.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn reject_nxdomain_answers_nxdomain() {
+    if !require_tools(&["knotd", "dig"]) {
+        return;
+    }
+    let lab = Lab::start(|config| config.dns.reject = RejectCode::Nxdomain).await;
+    let reply = dig(lab.agent.dns_v4(), "bbc.co.uk", "A", opts(lab.client))
+        .await
+        .unwrap();
+    assert_eq!(reply.status, "NXDOMAIN", "{}", reply.raw);
+    let allowed = dig(lab.agent.dns_v4(), "cilium.io", "A", opts(lab.client))
+        .await
+        .unwrap();
+    assert_eq!(allowed.status, "NOERROR");
+    lab.agent.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn name_matching_follows_ciliums_documented_cases() {
+    if !require_tools(&["knotd", "dig"]) {
+        return;
+    }
+    let upstream = KnotUpstream::start(unique_loopback_v4()).unwrap();
+    let dir = AgentDir::new().unwrap();
+    let cases = [
+        ("star", r#"matchPattern: "*.cilium.io""#),
+        ("double", r#"matchPattern: "**.cilium.io""#),
+        ("subs", r#"matchPattern: "sub*.cilium.io""#),
+        ("all", r#"matchPattern: "*""#),
+        ("name", "matchName: cilium.io"),
+    ];
+    let mut config = dir.config(unique_loopback_v4(), upstream.addr());
+    let mut sources = std::collections::HashMap::new();
+    for (app, selector) in cases {
+        dir.write_policy(
+            &format!("{app}.yaml"),
+            &pattern_policy(app, selector, upstream.addr().port()),
+        )
+        .unwrap();
+        let ip = unique_loopback_v4();
+        sources.insert(app, ip);
+        config.endpoints.push(endpoint(app, app, &[ip]));
+    }
+    let agent = InProcessAgent::start(config).await.unwrap();
+    let expectations = [
+        ("star", "anysub.cilium.io", "NOERROR"),
+        ("star", "cilium.io", "REFUSED"),
+        ("star", "a.b.cilium.io", "REFUSED"),
+        ("double", "a.b.cilium.io", "NOERROR"),
+        ("double", "sub.cilium.io", "NOERROR"),
+        ("double", "cilium.io", "REFUSED"),
+        ("subs", "subdomain.cilium.io", "NOERROR"),
+        ("subs", "sub.cilium.io", "NOERROR"),
+        ("subs", "www.cilium.io", "REFUSED"),
+        ("all", "_foobar._tcp.cilium.io", "NOERROR"),
+        ("all", "bbc.co.uk", "NOERROR"),
+        ("name", "CILIUM.IO", "NOERROR"),
+        ("name", "cilium.io.", "NOERROR"),
+        ("name", "www.cilium.io", "REFUSED"),
+    ];
+    for (app, name, status) in expectations {
+        let reply = dig(agent.dns_v4(), name, "A", opts(sources[app]))
+            .await
+            .unwrap();
+        assert_eq!(reply.status, status, "{app} asking {name}:\n{}", reply.raw);
+    }
+    agent.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_cname_chain_is_cached_under_the_queried_name_with_its_smallest_ttl() {
+    if !require_tools(&["knotd", "dig"]) {
+        return;
+    }
+    let lab = Lab::start(|config| config.dns.max_ips_per_name = 5).await;
+    let reply = dig(lab.agent.dns_v4(), "www.cilium.io", "A", opts(lab.client))
+        .await
+        .unwrap();
+    assert_eq!(reply.status, "NOERROR");
+    let row = lab
+        .cache_row("www.cilium.io.")
+        .await
+        .expect("www.cilium.io. cached");
+    assert_eq!(row["endpoint"], "youssef/test");
+    let mut ips: Vec<String> = row["ips"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|ip| ip.as_str().unwrap().to_owned())
+        .collect();
+    ips.sort();
+    let mut expected: Vec<String> = EDGE_CILIUM_IO_V4.iter().map(ToString::to_string).collect();
+    expected.sort();
+    assert_eq!(ips, expected);
+    let ttl = row["ttl"].as_u64().unwrap();
+    assert!(
+        ttl <= u64::from(EDGE_CILIUM_IO_TTL) && ttl >= u64::from(EDGE_CILIUM_IO_TTL) - 5,
+        "ttl {ttl}"
+    );
+    assert!(
+        lab.cache_row("edge.cilium.io.").await.is_none(),
+        "only the queried name is recorded"
+    );
+
+    // max_ips_per_name caps a name with 40 addresses.
+    let big = dig(
+        lab.agent.dns_v4(),
+        "big.cilium.io",
+        "A",
+        DigOpts {
+            tcp: true,
+            ..opts(lab.client)
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(big.ips().len(), usize::from(BIG_CILIUM_IO_COUNT));
+    let row = lab
+        .cache_row("big.cilium.io.")
+        .await
+        .expect("big.cilium.io. cached");
+    assert_eq!(row["ips"].as_array().unwrap().len(), 5);
+
+    // Entries expire after their TTL.
+    let short = dig(
+        lab.agent.dns_v4(),
+        "short.example.org",
+        "A",
+        opts(lab.client),
+    )
+    .await
+    .unwrap();
+    assert_eq!(short.status, "NOERROR", "{}", short.raw);
+    assert!(lab.cache_row("short.example.org.").await.is_some());
+    let deadline = Instant::now() + Duration::from_secs(6);
+    while lab.cache_row("short.example.org.").await.is_some() {
+        assert!(
+            Instant::now() < deadline,
+            "short.example.org. did not expire"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    lab.agent.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn min_ttl_raises_the_cached_ttl() {
+    if !require_tools(&["knotd", "dig"]) {
+        return;
+    }
+    let lab = Lab::start(|config| config.dns.min_ttl = 3600).await;
+    let reply = dig(lab.agent.dns_v4(), "www.cilium.io", "A", opts(lab.client))
+        .await
+        .unwrap();
+    assert_eq!(
+        reply.min_ttl(),
+        Some(EDGE_CILIUM_IO_TTL),
+        "the answer itself is untouched"
+    );
+    let row = lab.cache_row("www.cilium.io.").await.unwrap();
+    let ttl = row["ttl"].as_u64().unwrap();
+    assert!((3590..=3600).contains(&ttl), "ttl {ttl}");
+    lab.agent.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn truncated_answers_reach_the_client_and_tcp_gets_the_whole_answer() {
+    if !require_tools(&["knotd", "dig"]) {
+        return;
+    }
+    let lab = Lab::start(|_| {}).await;
+    let udp = DigOpts {
+        edns: false,
+        ignore_tc: true,
+        ..opts(lab.client)
+    };
+    let truncated = dig(lab.agent.dns_v4(), "big.cilium.io", "A", udp)
+        .await
+        .unwrap();
+    assert!(truncated.truncated(), "{}", truncated.raw);
+    let full = dig(
+        lab.agent.dns_v4(),
+        "big.cilium.io",
+        "A",
+        DigOpts {
+            tcp: true,
+            ..opts(lab.client)
+        },
+    )
+    .await
+    .unwrap();
+    assert!(!full.truncated());
+    assert_eq!(full.ips().len(), usize::from(BIG_CILIUM_IO_COUNT));
+    // dig's own fallback: UDP, TC, then TCP.
+    let retried = dig(
+        lab.agent.dns_v4(),
+        "big.cilium.io",
+        "A",
+        DigOpts {
+            edns: false,
+            ..opts(lab.client)
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        retried.ips().len(),
+        usize::from(BIG_CILIUM_IO_COUNT),
+        "{}",
+        retried.raw
+    );
+    lab.agent.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn upstream_down_gives_servfail_and_garbage_is_counted() {
+    if !require_tools(&["knotd", "dig"]) {
+        return;
+    }
+    let lab = Lab::start(|_| {}).await;
+    // A second agent whose upstream is a loopback address where nothing listens.
+    let dir = AgentDir::new().unwrap();
+    let dead = SocketAddr::new(unique_loopback_v4(), 53);
+    dir.write_policy("talk.yaml", &talk_policy(dead)).unwrap();
+    let mut config = dir.config(unique_loopback_v4(), dead);
+    config.dns.upstream_timeout_ms = 500;
+    config.endpoints = vec![endpoint("test", "test", &[lab.client])];
+    let orphan = InProcessAgent::start(config).await.unwrap();
+    let started = Instant::now();
+    let reply = dig(orphan.dns_v4(), "cilium.io", "A", opts(lab.client))
+        .await
+        .unwrap();
+    assert_eq!(reply.status, "SERVFAIL", "{}", reply.raw);
+    assert!(
+        started.elapsed() < Duration::from_millis(1500),
+        "{:?}",
+        started.elapsed()
+    );
+    orphan.stop().await.unwrap();
+
+    // Garbage to the live agent: counted, dropped, and the next query is answered.
+    let socket = tokio::net::UdpSocket::bind(SocketAddr::new(lab.client, 0))
+        .await
+        .unwrap();
+    for garbage in [&b"\x00"[..], b"hello, this is not DNS", &[0xff; 40]] {
+        socket.send_to(garbage, lab.agent.dns_v4()).await.unwrap();
+    }
+    let mut tcp = tokio::net::TcpStream::connect(lab.agent.dns_v4())
+        .await
+        .unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut tcp, b"\x00\x05junk!")
+        .await
+        .unwrap();
+    let reply = dig(lab.agent.dns_v4(), "cilium.io", "A", opts(lab.client))
+        .await
+        .unwrap();
+    assert_eq!(reply.status, "NOERROR");
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        let scrape = http_get(lab.agent.admin(), "/metrics").await.unwrap();
+        let malformed = metric_value(&scrape, "warden_dns_malformed_total", &[]);
+        if malformed >= 4.0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "malformed packets not counted: {malformed}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    lab.agent.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn policy_edits_apply_within_two_seconds_and_broken_files_keep_the_last_good_policy() {
+    if !require_tools(&["knotd", "dig"]) {
+        return;
+    }
+    let lab = Lab::start(|_| {}).await;
+    let status = |reply: warden_tests::DnsReply| reply.status;
+    let ask = |name: &'static str| dig(lab.agent.dns_v4(), name, "A", opts(lab.client));
+    assert_eq!(status(ask("bbc.co.uk").await.unwrap()), "REFUSED");
+
+    let widened = talk_policy(lab.upstream.addr()).replace(
+        "        - matchName: google.com\n",
+        "        - matchName: google.com\n        - matchName: bbc.co.uk\n",
+    );
+    lab.dir.write_policy("talk.yaml", &widened).unwrap();
+    let edited = Instant::now();
+    while status(ask("bbc.co.uk").await.unwrap()) != "NOERROR" {
+        assert!(
+            edited.elapsed() < Duration::from_secs(2),
+            "edit not applied within 2 s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let revision = http_json(lab.agent.admin(), "/v1/status").await.unwrap()["policy_revision"]
+        .as_u64()
+        .unwrap();
+
+    lab.dir.write_policy("broken.yaml", "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: broken}\nspec:\n  endpointSelector: {}\n  egress:\n  - toPorts: [{ports: [{port: \"53\", protocol: SCTPX}]}]\n").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let status_json = loop {
+        let status_json = http_json(lab.agent.admin(), "/v1/status").await.unwrap();
+        if !status_json["policy"]["last_error"].is_null() {
+            break status_json;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "broken file not reported: {status_json}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let error = status_json["policy"]["last_error"].as_str().unwrap();
+    assert!(error.contains("broken.yaml"), "{error}");
+    assert_eq!(
+        status_json["policy_revision"].as_u64().unwrap(),
+        revision,
+        "the last good policy stays"
+    );
+    assert_eq!(status(ask("bbc.co.uk").await.unwrap()), "NOERROR");
+    assert_eq!(status(ask("example.org").await.unwrap()), "REFUSED");
+    let scrape = http_get(lab.agent.admin(), "/metrics").await.unwrap();
+    assert_eq!(
+        metric_value(&scrape, "warden_policy_reload_failing", &[]),
+        1.0
+    );
+    lab.agent.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_restarted_agent_lists_the_entries_learned_before_with_their_remaining_ttl() {
+    if !require_tools(&["knotd", "dig"]) {
+        return;
+    }
+    let upstream = KnotUpstream::start(unique_loopback_v4()).unwrap();
+    let dir = AgentDir::new().unwrap();
+    dir.write_policy("talk.yaml", &talk_policy(upstream.addr()))
+        .unwrap();
+    let client = unique_loopback_v4();
+    let mut config = dir.config(unique_loopback_v4(), upstream.addr());
+    config.endpoints = vec![endpoint("test", "test", &[client])];
+    let mut agent = AgentProcess::start(&dir, config).await.unwrap();
+    for name in ["cilium.io", "google.com"] {
+        let reply = dig(agent.dns, name, "A", opts(client)).await.unwrap();
+        assert_eq!(reply.status, "NOERROR", "{}", reply.raw);
+    }
+
+    let before = http_json(agent.admin, "/v1/fqdn/cache?name=google.com")
+        .await
+        .unwrap();
+    let expires_at = before[0]["expires_at"].as_u64().unwrap();
+
+    // SIGTERM: the cache is written at shutdown.
+    agent.restart().await.unwrap();
+    let listed = agent.cli(&["fqdn", "cache", "list", "-o", "json"]).unwrap();
+    assert!(listed.status.success(), "{listed:?}");
+    let rows: serde_json::Value = serde_json::from_slice(&listed.stdout).unwrap();
+    let google = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|row| row["name"] == "google.com.")
+        .expect("google.com. survives a restart");
+    assert_eq!(google["ips"][0], GOOGLE_COM_V4.to_string());
+    // The same absolute expiry: the remaining TTL went on counting down across the restart.
+    assert_eq!(google["expires_at"].as_u64().unwrap(), expires_at);
+    let ttl = google["ttl"].as_u64().unwrap();
+    assert!(
+        ttl <= u64::from(GOOGLE_COM_TTL) && ttl > u64::from(GOOGLE_COM_TTL) - 30,
+        "ttl {ttl}"
+    );
+
+    // SIGKILL: what was persisted in the background survives too.
+    let reply = dig(agent.dns, "www.cilium.io", "A", opts(client))
+        .await
+        .unwrap();
+    assert_eq!(reply.status, "NOERROR");
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    agent.kill().unwrap();
+    agent.restart().await.unwrap();
+    let table = agent.cli(&["fqdn", "cache", "list"]).unwrap();
+    let table = String::from_utf8_lossy(&table.stdout);
+    assert!(
+        table.lines().next().unwrap().starts_with("ENDPOINT"),
+        "{table}"
+    );
+    assert!(table.contains("www.cilium.io."), "{table}");
+    assert!(table.contains("youssef/test"), "{table}");
+
+    let status = agent.cli(&["status"]).unwrap();
+    let status = String::from_utf8_lossy(&status.stdout);
+    assert!(status.contains("Serving DNS:     yes"), "{status}");
+    agent.stop().unwrap();
+}
+
+#[tokio::test]
+async fn warden_policy_validate_reports_errors_with_the_file_name() {
+    let dir = AgentDir::new().unwrap();
+    let good = dir.policy_dir().join("good.yaml");
+    std::fs::write(&good, talk_policy("127.0.0.153:53".parse().unwrap())).unwrap();
+    let bad = dir.policy_dir().join("bad.yaml");
+    std::fs::write(&bad, "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: bad}\nspec:\n  endpointSelector: {}\n  ingress: []\n").unwrap();
+    let any_admin: SocketAddr = "127.0.0.1:9".parse().unwrap();
+    let ok = warden_cli(any_admin, &["policy", "validate", good.to_str().unwrap()]).unwrap();
+    assert!(ok.status.success(), "{ok:?}");
+    let failed = warden_cli(
+        any_admin,
+        &[
+            "policy",
+            "validate",
+            good.to_str().unwrap(),
+            bad.to_str().unwrap(),
+        ],
+    )
+    .unwrap();
+    assert!(!failed.status.success());
+    let stderr = String::from_utf8_lossy(&failed.stderr);
+    assert!(
+        stderr.contains("bad.yaml") && stderr.contains("ingress"),
+        "{stderr}"
+    );
+}
