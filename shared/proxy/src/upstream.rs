@@ -346,3 +346,118 @@ fn dual_stack_socket() -> std::io::Result<UdpSocket> {
 fn canonical(address: SocketAddr) -> SocketAddr {
     SocketAddr::new(address.ip().to_canonical(), address.port())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hickory_proto::op::OpCode;
+    use hickory_proto::rr::{Name, RData, Record, RecordType};
+    use std::str::FromStr;
+
+    fn question(name: &str) -> Query {
+        Query::query(Name::from_str(name).unwrap(), RecordType::A)
+    }
+
+    fn query_packet(id: u16, name: &str) -> Vec<u8> {
+        let mut message = Message::query();
+        message.metadata.id = id;
+        message.add_query(question(name));
+        message.to_vec().unwrap()
+    }
+
+    fn answer_to(query: &[u8], name: &str, id: u16) -> Vec<u8> {
+        let mut message = Message::response(id, OpCode::Query);
+        message.add_query(question(name));
+        let parsed = Message::from_vec(query).unwrap();
+        assert_eq!(parsed.queries.len(), 1);
+        message.add_answer(Record::from_rdata(
+            Name::from_str(name).unwrap(),
+            60,
+            RData::A(hickory_proto::rr::rdata::A::new(198, 18, 1, 10)),
+        ));
+        message.to_vec().unwrap()
+    }
+
+    #[tokio::test]
+    async fn only_the_real_answer_is_accepted() {
+        let metrics = Metrics::new("test").unwrap();
+        let shutdown = CancellationToken::new();
+        let pool = UpstreamPool::start(2, metrics.clone(), shutdown.clone()).unwrap();
+        let server = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let spoofer = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let server_addr = server.local_addr().unwrap();
+
+        let answered = tokio::spawn(async move {
+            let mut buffer = vec![0u8; 512];
+            let (length, proxy) = server.recv_from(&mut buffer).await.unwrap();
+            let query = buffer[..length].to_vec();
+            let id = packet_id(&query).unwrap();
+            // A stranger guessing the ID, the server with a wrong ID, the server with another
+            // question: all ignored. Then the real answer.
+            spoofer
+                .send_to(&answer_to(&query, "cilium.io.", id), proxy)
+                .await
+                .unwrap();
+            let wrong_id = id.wrapping_add(1);
+            server
+                .send_to(&answer_to(&query, "cilium.io.", wrong_id), proxy)
+                .await
+                .unwrap();
+            server
+                .send_to(&answer_to(&query, "evil.example.", id), proxy)
+                .await
+                .unwrap();
+            server
+                .send_to(&answer_to(&query, "cilium.io.", id), proxy)
+                .await
+                .unwrap();
+            id
+        });
+        let answer = pool
+            .exchange_udp(
+                server_addr,
+                &question("cilium.io."),
+                &query_packet(4242, "cilium.io."),
+                Duration::from_secs(2),
+            )
+            .await
+            .unwrap();
+        let upstream_id = answered.await.unwrap();
+        assert_ne!(upstream_id, 4242, "upstream sees a random ID");
+        assert_eq!(
+            packet_id(&answer.packet),
+            Some(4242),
+            "the client's ID is restored"
+        );
+        assert_eq!(answer.message.answers.len(), 1);
+        let unexpected = |reason: &str| {
+            metrics
+                .dns
+                .upstream_unexpected
+                .with_label_values(&[reason])
+                .get()
+        };
+        assert_eq!(unexpected("source"), 1);
+        assert_eq!(unexpected("question"), 1);
+        // The wrong ID may land on a pending query of another socket or none: counted as "id".
+        assert_eq!(unexpected("id"), 1);
+        shutdown.cancel();
+    }
+
+    #[tokio::test]
+    async fn silence_is_a_timeout() {
+        let shutdown = CancellationToken::new();
+        let pool = UpstreamPool::start(1, Metrics::new("test").unwrap(), shutdown.clone()).unwrap();
+        let silent = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let result = pool
+            .exchange_udp(
+                silent.local_addr().unwrap(),
+                &question("cilium.io."),
+                &query_packet(1, "cilium.io."),
+                Duration::from_millis(100),
+            )
+            .await;
+        assert_eq!(result.unwrap_err(), UpstreamFailure::Timeout);
+        shutdown.cancel();
+    }
+}
