@@ -367,10 +367,15 @@ pub(crate) struct PolicyDocument {
     metadata: Metadata,
     spec: Option<Rule>,
     specs: Option<Vec<Rule>>,
+    /// Written by the cluster, not by the policy's author; `kubectl get -o yaml` includes it.
+    #[serde(default, rename = "status")]
+    _status: Option<IgnoredAny>,
 }
 
+/// Object metadata. Fields beyond these (uid, resourceVersion, generation, creationTimestamp,
+/// managedFields, ...) are the API server's bookkeeping and carry no policy, so a manifest
+/// exported from a cluster loads as it is.
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
 struct Metadata {
     name: String,
     namespace: Option<String>,

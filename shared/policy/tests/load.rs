@@ -460,3 +460,26 @@ fn policies_round_trip_through_serde() {
     let back: Vec<warden_policy::Policy> = serde_json::from_str(&json).unwrap();
     assert_eq!(back, policies);
 }
+
+#[test]
+fn a_manifest_exported_from_a_cluster_loads() {
+    // `kubectl get cnp -o yaml` adds server-side metadata and a status written by Cilium.
+    let text = "apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata:
+  name: exported
+  namespace: youssef
+  uid: 3f0c2c9e-5a55-4a57-9b51-6a3c6d2e1f00
+  resourceVersion: \"48213\"
+  generation: 2
+  creationTimestamp: \"2026-11-01T10:00:00Z\"
+  managedFields: [{manager: kubectl, operation: Update}]
+spec:
+  endpointSelector: {matchLabels: {app: test}}
+status:
+  conditions: [{type: Valid, status: \"True\"}]
+";
+    let policy = &parse(text).unwrap()[0];
+    assert_eq!(policy.name, "exported");
+    assert_eq!(policy.namespace.as_deref(), Some("youssef"));
+}
