@@ -1,0 +1,771 @@
+// SPDX-License-Identifier: (GPL-2.0-only OR Apache-2.0)
+/*
+ * Warden's eBPF datapath: transparent DNS redirect and egress enforcement for workloads
+ * identified by cgroup.
+ *
+ *   cgroup/connect4|6, cgroup/sendmsg4|6   port-53 destinations of REDIRECT_DNS endpoints go to
+ *                                          the endpoint's DNS target (the proxy); the original
+ *                                          destination is saved by socket cookie. For ENFORCED
+ *                                          endpoints, a destination the policy does not allow is
+ *                                          refused at once (EPERM) with a drop event.
+ *   cgroup/recvmsg4|6, cgroup/getpeername4|6
+ *                                          put the original server back where the application
+ *                                          would otherwise see the proxy.
+ *   cgroup_skb/egress                      enforcement of every packet (the authority: socket
+ *                                          hooks only make failures immediate), and re-keying of
+ *                                          the redirect by client (addr, port, proto) for the proxy.
+ *   sk_reuseport                           picks the preferred live DNS socket of the proxies.
+ *
+ * Endpoints are found by cgroup id: the socket's own cgroup, else its nearest enrolled
+ * ancestor, so processes in sub-cgroups of an enrolled cgroup (containers inside a pod cgroup,
+ * or a workload creating its own child cgroup) cannot step outside their policy.
+ *
+ * Structures shared with Rust live in warden.h; map names are the ABI the Rust crate opens.
+ */
+#include <linux/bpf.h>
+#include <linux/in.h>
+#include <linux/ip.h>
+#include <linux/ipv6.h>
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
+
+#include "warden.h"
+
+char LICENSE[] SEC("license") = "GPL";
+
+#define DNS_PORT 53
+#define MAX_CGROUP_LEVELS 16
+
+#ifndef IPPROTO_ICMPV6
+#define IPPROTO_ICMPV6 58
+#endif
+
+/* ------------------------------------------------------------------------------------------ */
+/* Maps. Every map is pinned by name under <bpffs>/v<WARDEN_LAYOUT_VERSION>/.                  */
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 16384);
+	__type(key, __u64);
+	__type(value, struct warden_endpoint);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} endpoints SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 16384);
+	__type(key, __u32);
+	__type(value, struct warden_dns_target);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} dns_targets SEC(".maps");
+
+/* Internal to the programs (recvmsg/getpeername need the redirect target too, to rewrite only
+ * what came from it); the proxy reads redirect_records instead. LRU: a socket that closes
+ * leaves an entry behind that ages out. */
+struct warden_sock_orig {
+	struct warden_sockaddr orig;
+	struct warden_sockaddr target;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, __u64);
+	__type(value, struct warden_sock_orig);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} sock_orig SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct warden_client_key);
+	__type(value, struct warden_redirect_record);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} redirect_records SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 262144);
+	/* Not preallocated: the map is large and usually sparse. */
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct warden_fqdn_key);
+	__type(value, struct warden_fqdn_value);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} fqdn_allow SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, 65536);
+	__uint(map_flags, BPF_F_NO_PREALLOC); /* required for LPM tries */
+	__type(key, struct warden_cidr_key);
+	__type(value, struct warden_cidr_value);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} cidr_allow SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct warden_last_seen_key);
+	__type(value, __u64);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} last_seen SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 1 << 20);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} events SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_REUSEPORT_SOCKARRAY);
+	__uint(max_entries, WARDEN_REUSEPORT_SLOTS);
+	__type(key, __u32);
+	__type(value, __u32); /* a socket fd on update */
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} reuseport_sockets SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct warden_reuseport_config);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} reuseport_config SEC(".maps");
+
+/* ------------------------------------------------------------------------------------------ */
+/* Addresses                                                                                  */
+
+struct addr16 {
+	__u8 b[16];
+};
+
+static __always_inline void v4_mapped(struct addr16 *out, __u32 ip4_be)
+{
+	__builtin_memset(out->b, 0, 10);
+	out->b[10] = 0xff;
+	out->b[11] = 0xff;
+	__builtin_memcpy(&out->b[12], &ip4_be, 4);
+}
+
+static __always_inline int is_v4_mapped(const struct addr16 *a)
+{
+	__u64 hi;
+	__u32 mid;
+
+	__builtin_memcpy(&hi, &a->b[0], 8);
+	__builtin_memcpy(&mid, &a->b[8], 4);
+	return hi == 0 && mid == bpf_htonl(0x0000ffff);
+}
+
+static __always_inline int addr_eq(const __u8 *x, const __u8 *y)
+{
+	__u64 x0, x1, y0, y1;
+
+	__builtin_memcpy(&x0, x, 8);
+	__builtin_memcpy(&x1, x + 8, 8);
+	__builtin_memcpy(&y0, y, 8);
+	__builtin_memcpy(&y1, y + 8, 8);
+	return x0 == y0 && x1 == y1;
+}
+
+/*
+ * Loopback always passes: it is the loopback of the network namespace the workload itself runs
+ * in (a pod's own lo, or the host's for host-namespace workloads), so it never leaves that
+ * namespace, and local resolvers, sidecars and the host-namespace DNS target live there.
+ */
+static __always_inline int is_loopback(const struct addr16 *a)
+{
+	__u64 hi, lo;
+
+	__builtin_memcpy(&hi, &a->b[0], 8);
+	__builtin_memcpy(&lo, &a->b[8], 8);
+	if (hi == 0 && lo == bpf_cpu_to_be64(1))
+		return 1; /* ::1 */
+	return is_v4_mapped(a) && a->b[12] == 127;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* Endpoints                                                                                  */
+
+/* The socket's own cgroup if enrolled, else its deepest enrolled ancestor. The exact lookup
+ * comes first because enrolled cgroups are the common case. */
+static __always_inline struct warden_endpoint *endpoint_of_current(__u64 *cgroup_id)
+{
+	__u64 id = bpf_get_current_cgroup_id();
+	struct warden_endpoint *ep = bpf_map_lookup_elem(&endpoints, &id);
+	struct warden_endpoint *found = NULL;
+
+	if (ep) {
+		*cgroup_id = id;
+		return ep;
+	}
+	for (int level = 1; level < MAX_CGROUP_LEVELS; level++) {
+		__u64 anc = bpf_get_current_ancestor_cgroup_id(level);
+
+		if (anc == 0 || anc == id)
+			break;
+		ep = bpf_map_lookup_elem(&endpoints, &anc);
+		if (ep) {
+			found = ep;
+			*cgroup_id = anc;
+		}
+	}
+	return found;
+}
+
+static __always_inline struct warden_endpoint *endpoint_of_skb(struct __sk_buff *skb,
+							      __u64 *cgroup_id)
+{
+	__u64 id = bpf_skb_cgroup_id(skb);
+	struct warden_endpoint *ep = bpf_map_lookup_elem(&endpoints, &id);
+	struct warden_endpoint *found = NULL;
+
+	if (ep) {
+		*cgroup_id = id;
+		return ep;
+	}
+	for (int level = 1; level < MAX_CGROUP_LEVELS; level++) {
+		__u64 anc = bpf_skb_ancestor_cgroup_id(skb, level);
+
+		if (anc == 0 || anc == id)
+			break;
+		ep = bpf_map_lookup_elem(&endpoints, &anc);
+		if (ep) {
+			found = ep;
+			*cgroup_id = anc;
+		}
+	}
+	return found;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* Policy                                                                                     */
+
+/* Exact keys only, most specific first: {proto, port}, {proto, any}, {any, port}, {any, any}.
+ * Independent keys let any writer add or extend an entry without touching another's. */
+static __always_inline int fqdn_allowed(__u32 endpoint_id, const struct addr16 *dst, __u8 proto,
+					__u16 port)
+{
+	struct warden_fqdn_key k = {};
+
+	k.endpoint_id = endpoint_id;
+	__builtin_memcpy(k.addr, dst->b, 16);
+
+	k.proto = proto;
+	k.port = port;
+	if (port && bpf_map_lookup_elem(&fqdn_allow, &k))
+		return 1;
+	k.port = 0;
+	if (proto && bpf_map_lookup_elem(&fqdn_allow, &k))
+		return 1;
+	k.proto = 0;
+	k.port = port;
+	if (port && bpf_map_lookup_elem(&fqdn_allow, &k))
+		return 1;
+	k.port = 0;
+	return bpf_map_lookup_elem(&fqdn_allow, &k) != NULL;
+}
+
+/* l4: the packet has ports. A packet without them (ICMP, fragments, unknown protocols) is only
+ * allowed by a rule that allows every port of its protocol (or of any protocol). */
+static __always_inline int rules_match(const struct warden_cidr_value *v, __u8 proto, __u16 port,
+				       int l4)
+{
+	for (int i = 0; i < WARDEN_CIDR_MAX_RULES; i++) {
+		const struct warden_port_rule *r = &v->rules[i];
+
+		if (i >= v->count)
+			break;
+		if (r->proto != 0 && r->proto != proto)
+			continue;
+		if (l4 && port >= r->first && port <= r->last)
+			return 1;
+		if (!l4 && r->first == 0 && r->last == 65535)
+			return 1;
+	}
+	return 0;
+}
+
+/* Longest-prefix match, then the enclosing prefixes in turn (up to WARDEN_CIDR_MAX_NESTING):
+ * a packet is allowed when ANY CIDR rule containing its destination allows its port, so
+ * userspace need not merge the rules of nested prefixes. Deeper nesting is ignored, which can
+ * only deny more. */
+static __always_inline int cidr_allowed(__u32 endpoint_id, const struct addr16 *dst, __u8 proto,
+					__u16 port, int l4)
+{
+	struct warden_cidr_key k = {};
+
+	k.prefixlen = 32 + 128;
+	k.endpoint_id = endpoint_id;
+	__builtin_memcpy(k.addr, dst->b, 16);
+
+	for (int depth = 0; depth < WARDEN_CIDR_MAX_NESTING; depth++) {
+		struct warden_cidr_value *v = bpf_map_lookup_elem(&cidr_allow, &k);
+		__u32 plen;
+
+		if (!v)
+			return 0;
+		if (rules_match(v, proto, port, l4))
+			return 1;
+		plen = v->prefixlen;
+		/* 0: stop (see warden.h); <= 32 would leave the endpoint part; a length above the
+		 * current one cannot progress. */
+		if (plen <= 32 || plen > k.prefixlen)
+			return 0;
+		k.prefixlen = plen - 1;
+	}
+	return 0;
+}
+
+/* The endpoint's DNS target for a family, as written into the socket address. */
+static __always_inline int dns_target_of(__u32 endpoint_id, int v4, struct warden_sockaddr *out)
+{
+	struct warden_dns_target *t = bpf_map_lookup_elem(&dns_targets, &endpoint_id);
+
+	if (!t)
+		return 0;
+	__builtin_memset(out, 0, sizeof(*out));
+	if (v4) {
+		__u32 a;
+
+		if (t->port4 == 0)
+			return 0;
+		__builtin_memcpy(&a, t->addr4, 4);
+		v4_mapped((struct addr16 *)out->addr, a);
+		out->port = t->port4;
+		out->family = WARDEN_AF_INET;
+	} else {
+		if (t->port6 == 0)
+			return 0;
+		__builtin_memcpy(out->addr, t->addr6, 16);
+		out->port = t->port6;
+		out->family = WARDEN_AF_INET6;
+	}
+	return 1;
+}
+
+static __always_inline int is_dns_target(__u32 endpoint_id, const struct addr16 *dst, __u16 port)
+{
+	struct warden_sockaddr t;
+
+	if (dns_target_of(endpoint_id, is_v4_mapped(dst), &t))
+		return t.port == port && addr_eq(t.addr, dst->b);
+	return 0;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* Events                                                                                     */
+
+static __always_inline void emit_drop(__u64 cgroup_id, __u32 endpoint_id, __u8 family, __u8 proto,
+				      __u8 reason, const struct addr16 *src, __u16 src_port,
+				      const struct addr16 *dst, __u16 dst_port)
+{
+	struct warden_drop_event *ev = bpf_ringbuf_reserve(&events, sizeof(*ev), 0);
+
+	/* A full ring buffer loses the event, never the verdict. */
+	if (!ev)
+		return;
+	__builtin_memset(ev, 0, sizeof(*ev));
+	ev->time_ns = bpf_ktime_get_boot_ns();
+	ev->cgroup_id = cgroup_id;
+	ev->endpoint_id = endpoint_id;
+	ev->family = family;
+	ev->proto = proto;
+	ev->reason = reason;
+	if (src)
+		__builtin_memcpy(ev->src, src->b, 16);
+	__builtin_memcpy(ev->dst, dst->b, 16);
+	ev->src_port = src_port;
+	ev->dst_port = dst_port;
+	bpf_ringbuf_submit(ev, 0);
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* Socket hooks                                                                               */
+
+static __always_inline void read_user_ip6(struct bpf_sock_addr *ctx, struct addr16 *a)
+{
+	__u32 w0 = ctx->user_ip6[0], w1 = ctx->user_ip6[1], w2 = ctx->user_ip6[2],
+	      w3 = ctx->user_ip6[3];
+
+	__builtin_memcpy(&a->b[0], &w0, 4);
+	__builtin_memcpy(&a->b[4], &w1, 4);
+	__builtin_memcpy(&a->b[8], &w2, 4);
+	__builtin_memcpy(&a->b[12], &w3, 4);
+}
+
+static __always_inline void write_user_ip6(struct bpf_sock_addr *ctx, const __u8 *a)
+{
+	__u32 w0, w1, w2, w3;
+
+	__builtin_memcpy(&w0, a, 4);
+	__builtin_memcpy(&w1, a + 4, 4);
+	__builtin_memcpy(&w2, a + 8, 4);
+	__builtin_memcpy(&w3, a + 12, 4);
+	ctx->user_ip6[0] = w0;
+	ctx->user_ip6[1] = w1;
+	ctx->user_ip6[2] = w2;
+	ctx->user_ip6[3] = w3;
+}
+
+static __always_inline void write_user_ip4(struct bpf_sock_addr *ctx, const __u8 *mapped)
+{
+	__u32 a;
+
+	__builtin_memcpy(&a, mapped + 12, 4);
+	ctx->user_ip4 = a;
+}
+
+/*
+ * connect and sendmsg, both families. v6 tells which ctx fields hold the address; a v4-mapped
+ * destination of a dual-stack socket is redirected to the IPv4 target in v4-mapped form, which
+ * is what such a socket can reach. Returns the verdict (1 allow, 0 EPERM).
+ */
+static __always_inline int sock_egress(struct bpf_sock_addr *ctx, int v6, __u8 reason)
+{
+	struct warden_endpoint *ep;
+	__u64 cgroup_id = 0;
+	struct addr16 dst;
+	__u16 port;
+	__u8 proto;
+	__u32 flags, endpoint_id;
+
+	ep = endpoint_of_current(&cgroup_id);
+	if (!ep)
+		return 1;
+	flags = ep->flags;
+	endpoint_id = ep->endpoint_id;
+
+	port = bpf_ntohs((__u16)ctx->user_port);
+	proto = (__u8)ctx->protocol;
+	if (v6)
+		read_user_ip6(ctx, &dst);
+	else
+		v4_mapped(&dst, ctx->user_ip4);
+
+	if (port == DNS_PORT && (flags & WARDEN_EP_REDIRECT_DNS) &&
+	    (proto == IPPROTO_UDP || proto == IPPROTO_TCP)) {
+		struct warden_sock_orig so = {};
+		int mapped = is_v4_mapped(&dst);
+
+		if (dns_target_of(endpoint_id, !v6 || mapped, &so.target)) {
+			__u64 cookie = bpf_get_socket_cookie(ctx);
+
+			__builtin_memcpy(so.orig.addr, dst.b, 16);
+			so.orig.port = port;
+			so.orig.family = v6 ? WARDEN_AF_INET6 : WARDEN_AF_INET;
+			so.target.family = so.orig.family;
+			bpf_map_update_elem(&sock_orig, &cookie, &so, BPF_ANY);
+			if (v6)
+				write_user_ip6(ctx, so.target.addr);
+			else
+				write_user_ip4(ctx, so.target.addr);
+			ctx->user_port = bpf_htons(so.target.port);
+			return 1;
+		}
+	}
+
+	if (!(flags & WARDEN_EP_ENFORCED))
+		return 1;
+	if (is_loopback(&dst) || is_dns_target(endpoint_id, &dst, port))
+		return 1;
+	if (proto == IPPROTO_TCP || proto == IPPROTO_UDP) {
+		if (fqdn_allowed(endpoint_id, &dst, proto, port) ||
+		    cidr_allowed(endpoint_id, &dst, proto, port, 1))
+			return 1;
+	} else if (fqdn_allowed(endpoint_id, &dst, proto, 0) ||
+		   cidr_allowed(endpoint_id, &dst, proto, 0, 0)) {
+		return 1;
+	}
+	emit_drop(cgroup_id, endpoint_id, v6 ? WARDEN_AF_INET6 : WARDEN_AF_INET, proto, reason, NULL,
+		  0, &dst, port);
+	return 0;
+}
+
+/* recvmsg and getpeername: where the application would see its DNS target, show it the server
+ * it addressed. Only sockets redirected by us (known cookie) and only the target's address are
+ * touched. These hooks cannot refuse: they always return 1. */
+static __always_inline int sock_restore(struct bpf_sock_addr *ctx, int v6)
+{
+	__u64 cookie = bpf_get_socket_cookie(ctx);
+	struct warden_sock_orig *so = bpf_map_lookup_elem(&sock_orig, &cookie);
+	struct addr16 peer;
+	__u16 port;
+
+	if (!so)
+		return 1;
+	port = bpf_ntohs((__u16)ctx->user_port);
+	if (v6)
+		read_user_ip6(ctx, &peer);
+	else
+		v4_mapped(&peer, ctx->user_ip4);
+	if (port != so->target.port || !addr_eq(peer.b, so->target.addr))
+		return 1;
+	if (v6)
+		write_user_ip6(ctx, so->orig.addr);
+	else
+		write_user_ip4(ctx, so->orig.addr);
+	ctx->user_port = bpf_htons(so->orig.port);
+	return 1;
+}
+
+SEC("cgroup/connect4")
+int warden_conn4(struct bpf_sock_addr *ctx)
+{
+	return sock_egress(ctx, 0, WARDEN_DROP_CONNECT);
+}
+
+SEC("cgroup/connect6")
+int warden_conn6(struct bpf_sock_addr *ctx)
+{
+	return sock_egress(ctx, 1, WARDEN_DROP_CONNECT);
+}
+
+SEC("cgroup/sendmsg4")
+int warden_sendmsg4(struct bpf_sock_addr *ctx)
+{
+	return sock_egress(ctx, 0, WARDEN_DROP_SENDMSG);
+}
+
+SEC("cgroup/sendmsg6")
+int warden_sendmsg6(struct bpf_sock_addr *ctx)
+{
+	return sock_egress(ctx, 1, WARDEN_DROP_SENDMSG);
+}
+
+SEC("cgroup/recvmsg4")
+int warden_recvmsg4(struct bpf_sock_addr *ctx)
+{
+	return sock_restore(ctx, 0);
+}
+
+SEC("cgroup/recvmsg6")
+int warden_recvmsg6(struct bpf_sock_addr *ctx)
+{
+	return sock_restore(ctx, 1);
+}
+
+SEC("cgroup/getpeername4")
+int warden_peer4(struct bpf_sock_addr *ctx)
+{
+	return sock_restore(ctx, 0);
+}
+
+SEC("cgroup/getpeername6")
+int warden_peer6(struct bpf_sock_addr *ctx)
+{
+	return sock_restore(ctx, 1);
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* Packet egress                                                                              */
+
+struct pkt {
+	struct addr16 src;
+	struct addr16 dst;
+	__u16 sport;
+	__u16 dport;
+	__u8 family;
+	__u8 proto;
+	__u8 l4;     /* ports were parsed */
+	__u8 reason; /* drop reason if the policy does not allow the packet */
+};
+
+#define IPV4_MF_OFFSET 0x3fff /* more-fragments flag and fragment offset */
+#define IPV4_OFFSET 0x1fff
+
+static __always_inline int is_ipv6_ext(__u8 nexthdr)
+{
+	switch (nexthdr) {
+	case 0:   /* hop-by-hop */
+	case 43:  /* routing */
+	case 44:  /* fragment */
+	case 50:  /* ESP */
+	case 51:  /* AH */
+	case 60:  /* destination options */
+	case 135: /* mobility */
+	case 139: /* HIP */
+	case 140: /* shim6 */
+		return 1;
+	}
+	return 0;
+}
+
+/* Returns 0 when the headers could not be read. In cgroup_skb the packet starts at the IP
+ * header. */
+static __always_inline int parse(struct __sk_buff *skb, struct pkt *p)
+{
+	__u8 first;
+	__u16 ports[2];
+
+	if (bpf_skb_load_bytes(skb, 0, &first, 1) < 0)
+		return 0;
+	if ((first >> 4) == 4) {
+		struct iphdr ip;
+		__u32 ihl;
+
+		if (bpf_skb_load_bytes(skb, 0, &ip, sizeof(ip)) < 0)
+			return 0;
+		ihl = ip.ihl * 4;
+		if (ihl < sizeof(ip))
+			return 0;
+		p->family = WARDEN_AF_INET;
+		p->proto = ip.protocol;
+		v4_mapped(&p->src, ip.saddr);
+		v4_mapped(&p->dst, ip.daddr);
+		if (ip.frag_off & bpf_htons(IPV4_OFFSET)) {
+			/* Not the first fragment: no L4 header to read. The egress hook runs before
+			 * IP fragmentation (ip_finish_output), so ordinary sockets never show us
+			 * fragments; only raw sockets building their own do. */
+			p->reason = WARDEN_DROP_FRAGMENT;
+			return 1;
+		}
+		if (ip.protocol != IPPROTO_TCP && ip.protocol != IPPROTO_UDP) {
+			p->reason = WARDEN_DROP_NO_PORTS;
+			return 1;
+		}
+		if (bpf_skb_load_bytes(skb, ihl, ports, sizeof(ports)) < 0)
+			return 0;
+	} else if ((first >> 4) == 6) {
+		struct ipv6hdr ip6;
+
+		if (bpf_skb_load_bytes(skb, 0, &ip6, sizeof(ip6)) < 0)
+			return 0;
+		p->family = WARDEN_AF_INET6;
+		p->proto = ip6.nexthdr;
+		__builtin_memcpy(p->src.b, &ip6.saddr, 16);
+		__builtin_memcpy(p->dst.b, &ip6.daddr, 16);
+		if (is_ipv6_ext(ip6.nexthdr)) {
+			/* Extension headers are not walked: the real protocol and ports are unknown,
+			 * so the packet counts as port-less with an unknown protocol (proto 0). Only
+			 * a rule allowing everything to the destination lets it through. TCP and UDP
+			 * sockets add none unless asked to (IPV6_HOPOPTS and the like), and the hook
+			 * runs before fragmentation (ip6_finish_output), so large UDP datagrams are
+			 * seen whole, with their ports. */
+			p->proto = 0;
+			p->reason = WARDEN_DROP_IPV6_EXT;
+			return 1;
+		}
+		if (ip6.nexthdr != IPPROTO_TCP && ip6.nexthdr != IPPROTO_UDP) {
+			p->reason = WARDEN_DROP_NO_PORTS;
+			return 1;
+		}
+		if (bpf_skb_load_bytes(skb, sizeof(ip6), ports, sizeof(ports)) < 0)
+			return 0;
+	} else {
+		return 0;
+	}
+	p->sport = bpf_ntohs(ports[0]);
+	p->dport = bpf_ntohs(ports[1]);
+	p->l4 = 1;
+	p->reason = WARDEN_DROP_EGRESS;
+	return 1;
+}
+
+/* Remember who asked and which server was meant, keyed the way the proxy sees the client. */
+static __always_inline void record_redirect(struct __sk_buff *skb, const struct pkt *p,
+					    __u64 cgroup_id)
+{
+	__u64 cookie = bpf_get_socket_cookie(skb);
+	struct warden_sock_orig *so = bpf_map_lookup_elem(&sock_orig, &cookie);
+	struct warden_client_key key = {};
+	struct warden_redirect_record rec = {};
+
+	if (!so)
+		return;
+	__builtin_memcpy(key.addr, p->src.b, 16);
+	key.port = p->sport;
+	key.proto = p->proto;
+	rec.cgroup_id = cgroup_id;
+	rec.time_ns = bpf_ktime_get_boot_ns();
+	rec.orig = so->orig;
+	bpf_map_update_elem(&redirect_records, &key, &rec, BPF_ANY);
+}
+
+static __always_inline void touch_last_seen(__u32 endpoint_id, const struct addr16 *dst)
+{
+	struct warden_last_seen_key k = {};
+	__u64 now = bpf_ktime_get_boot_ns();
+	__u64 *seen;
+
+	k.endpoint_id = endpoint_id;
+	__builtin_memcpy(k.addr, dst->b, 16);
+	seen = bpf_map_lookup_elem(&last_seen, &k);
+	/* One write a second per destination is enough for an idle timeout counted in seconds. */
+	if (seen && now - *seen < 1000000000ULL)
+		return;
+	bpf_map_update_elem(&last_seen, &k, &now, BPF_ANY);
+}
+
+SEC("cgroup_skb/egress")
+int warden_egress(struct __sk_buff *skb)
+{
+	struct warden_endpoint *ep;
+	__u64 cgroup_id = 0;
+	struct pkt p = {};
+	__u32 flags, endpoint_id;
+	int to_target;
+
+	ep = endpoint_of_skb(skb, &cgroup_id);
+	if (!ep)
+		return 1;
+	flags = ep->flags;
+	endpoint_id = ep->endpoint_id;
+
+	if (!parse(skb, &p)) {
+		if (!(flags & WARDEN_EP_ENFORCED))
+			return 1;
+		emit_drop(cgroup_id, endpoint_id, p.family, p.proto, WARDEN_DROP_MALFORMED, &p.src,
+			  0, &p.dst, 0);
+		return 0;
+	}
+
+	to_target = p.l4 && is_dns_target(endpoint_id, &p.dst, p.dport);
+	if (to_target && (flags & WARDEN_EP_REDIRECT_DNS))
+		record_redirect(skb, &p, cgroup_id);
+
+	if (!(flags & WARDEN_EP_ENFORCED) || to_target || is_loopback(&p.dst))
+		return 1;
+	if (fqdn_allowed(endpoint_id, &p.dst, p.proto, p.l4 ? p.dport : 0)) {
+		touch_last_seen(endpoint_id, &p.dst);
+		return 1;
+	}
+	if (cidr_allowed(endpoint_id, &p.dst, p.proto, p.dport, p.l4))
+		return 1;
+	emit_drop(cgroup_id, endpoint_id, p.family, p.proto, p.reason, &p.src, p.sport, &p.dst,
+		  p.dport);
+	return 0;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* SO_REUSEPORT selection                                                                     */
+
+/* The preferred instance's socket of this protocol, else any other instance's, else the
+ * kernel's hash (SK_PASS without a selection). A closed socket leaves the array by itself, so
+ * a dead instance is skipped without userspace help. Selecting a socket of another group
+ * (other protocol or port) fails cleanly and is skipped. */
+SEC("sk_reuseport")
+int warden_reuse(struct sk_reuseport_md *md)
+{
+	__u32 zero = 0;
+	struct warden_reuseport_config *cfg = bpf_map_lookup_elem(&reuseport_config, &zero);
+	__u32 base = md->ip_protocol == IPPROTO_TCP ? 1 : 0;
+	__u32 preferred, slot;
+
+	if (!cfg || !cfg->enabled)
+		return SK_PASS;
+	preferred = cfg->preferred;
+	if (preferred < WARDEN_REUSEPORT_INSTANCES) {
+		slot = preferred * 2 + base;
+		if (bpf_sk_select_reuseport(md, &reuseport_sockets, &slot, 0) == 0)
+			return SK_PASS;
+	}
+	for (__u32 i = 0; i < WARDEN_REUSEPORT_INSTANCES; i++) {
+		if (i == preferred)
+			continue;
+		slot = i * 2 + base;
+		if (bpf_sk_select_reuseport(md, &reuseport_sockets, &slot, 0) == 0)
+			return SK_PASS;
+	}
+	return SK_PASS;
+}

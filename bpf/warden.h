@@ -1,0 +1,164 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR Apache-2.0) */
+/*
+ * Every structure shared between Warden's eBPF programs (warden.bpf.c) and the Rust datapath
+ * crate (shared/datapath, module `abi`). The Rust side mirrors each struct with #[repr(C)] and
+ * asserts its size, so keep them byte-for-byte identical and change both together.
+ *
+ * Layout rules, so that the kernel and Rust agree without guessing:
+ *  - no implicit padding: every hole is an explicit `pad` field that writers set to zero
+ *    (hash keys are compared bytewise, so a non-zero pad byte would make a different key);
+ *  - addresses are 16 bytes in network order; IPv4 is stored v4-mapped (::ffff:a.b.c.d), so one
+ *    key type and one LPM trie serve both families, and a dual-stack socket connecting to a
+ *    v4-mapped address matches the IPv4 entries;
+ *  - ports are in HOST byte order in every map (the programs convert), 0 meaning "any" where a
+ *    wildcard makes sense;
+ *  - times written by the kernel are CLOCK_BOOTTIME nanoseconds (bpf_ktime_get_boot_ns); times
+ *    written by userspace (fqdn_allow expiry) are unix seconds and never read by the kernel.
+ *
+ * When a layout changes, bump WARDEN_LAYOUT_VERSION (the pin folder is <bpffs>/v<N>/), because
+ * a loader reusing a pinned map does not check that its key and value sizes still match.
+ */
+#ifndef WARDEN_H
+#define WARDEN_H
+
+#include <linux/types.h>
+
+#define WARDEN_LAYOUT_VERSION 1
+
+/* endpoints: HASH cgroup id (u64) -> struct warden_endpoint */
+#define WARDEN_EP_ENFORCED 1
+#define WARDEN_EP_REDIRECT_DNS 2
+
+struct warden_endpoint {
+	__u32 endpoint_id;
+	__u32 flags; /* WARDEN_EP_* */
+};
+
+/* dns_targets: HASH endpoint id (u32) -> struct warden_dns_target. A port of 0 means "no target
+ * for this family": port-53 traffic of that family is then not redirected. */
+struct warden_dns_target {
+	__u8 addr4[4]; /* network order */
+	__u16 port4;
+	__u16 pad0;
+	__u8 addr6[16]; /* network order */
+	__u16 port6;
+	__u16 pad1;
+};
+
+/* A socket address: sock_orig values and the original destination in redirect records. */
+#define WARDEN_AF_INET 2   /* AF_INET */
+#define WARDEN_AF_INET6 10 /* AF_INET6 */
+
+struct warden_sockaddr {
+	__u8 addr[16]; /* v4-mapped for IPv4 */
+	__u16 port;
+	__u8 family; /* WARDEN_AF_*: the family the application used */
+	__u8 pad;
+};
+
+/* redirect_records: LRU_HASH struct warden_client_key -> struct warden_redirect_record */
+struct warden_client_key {
+	__u8 addr[16]; /* the client's source address as the proxy sees it (v4-mapped for IPv4) */
+	__u16 port;
+	__u8 proto; /* IPPROTO_UDP / IPPROTO_TCP */
+	__u8 pad;
+};
+
+struct warden_redirect_record {
+	__u64 cgroup_id; /* the enrolled cgroup (the socket's own or its nearest enrolled ancestor) */
+	__u64 time_ns;   /* boot ns of the last packet that refreshed the record */
+	struct warden_sockaddr orig;
+	__u32 pad;
+};
+
+/* fqdn_allow: HASH struct warden_fqdn_key -> struct warden_fqdn_value. The kernel checks
+ * presence only; the value is for userspace garbage collection. */
+struct warden_fqdn_key {
+	__u32 endpoint_id;
+	__u8 proto; /* IPPROTO_TCP/UDP/..., 0 = any */
+	__u8 pad;
+	__u16 port; /* 0 = any */
+	__u8 addr[16];
+};
+
+struct warden_fqdn_value {
+	__u64 expires_at; /* unix seconds */
+	__u32 flags;      /* reserved, 0 */
+	__u32 pad;
+};
+
+/* cidr_allow: LPM_TRIE struct warden_cidr_key -> struct warden_cidr_value. prefixlen counts the
+ * 32 bits of endpoint_id (always fully matched) plus the address prefix (IPv4 prefixes add 96
+ * for the ::ffff: part). */
+#define WARDEN_CIDR_MAX_RULES 8
+#define WARDEN_CIDR_MAX_NESTING 8
+
+struct warden_cidr_key {
+	__u32 prefixlen;
+	__u32 endpoint_id;
+	__u8 addr[16];
+};
+
+struct warden_port_rule {
+	__u8 proto; /* 0 = any */
+	__u8 pad0;
+	__u16 first; /* inclusive, host order */
+	__u16 last;  /* inclusive; 0..65535 with proto 0 = everything, ICMP included */
+	__u16 pad1;
+};
+
+struct warden_cidr_value {
+	/* The entry's own key prefixlen: the trie lookup does not say which prefix matched, and
+	 * the program needs it to continue with the next shorter (enclosing) prefix. 0 = stop
+	 * here: set on the IPv4 /0 entry (::ffff:0:0/96) and on a rule-less "barrier" entry at the
+	 * same key, so that IPv4 destinations never fall through into IPv6 prefixes such as ::/0
+	 * that happen to contain the v4-mapped range. */
+	__u32 prefixlen;
+	__u32 count; /* rules[0..count) are valid */
+	struct warden_port_rule rules[WARDEN_CIDR_MAX_RULES];
+};
+
+/* last_seen: LRU_HASH struct warden_last_seen_key -> __u64 boot ns of the last packet that
+ * fqdn_allow let through (refreshed at most once a second per key). */
+struct warden_last_seen_key {
+	__u32 endpoint_id;
+	__u32 pad;
+	__u8 addr[16];
+};
+
+/* events: RINGBUF of struct warden_drop_event */
+#define WARDEN_DROP_CONNECT 1  /* connect() denied by policy (EPERM) */
+#define WARDEN_DROP_SENDMSG 2  /* sendmsg() with a destination denied by policy (EPERM) */
+#define WARDEN_DROP_EGRESS 3   /* packet denied by policy in cgroup_skb/egress */
+#define WARDEN_DROP_IPV6_EXT 4 /* IPv6 packet with extension headers to a not wholly allowed dst */
+#define WARDEN_DROP_FRAGMENT 5 /* IPv4 non-first fragment to a not wholly allowed dst */
+#define WARDEN_DROP_NO_PORTS 6 /* ICMP or another port-less protocol to a not wholly allowed dst */
+#define WARDEN_DROP_MALFORMED 7 /* headers that could not be parsed */
+
+struct warden_drop_event {
+	__u64 time_ns; /* boot ns */
+	__u64 cgroup_id;
+	__u32 endpoint_id;
+	__u8 family; /* WARDEN_AF_* */
+	__u8 proto;
+	__u8 reason; /* WARDEN_DROP_* */
+	__u8 pad0;
+	__u8 src[16]; /* zero when the hook does not know it yet (connect, sendmsg) */
+	__u8 dst[16];
+	__u16 src_port;
+	__u16 dst_port;
+	__u32 pad1;
+};
+
+/* reuseport_config: ARRAY[1] of struct warden_reuseport_config.
+ * reuseport_sockets: REUSEPORT_SOCKARRAY of WARDEN_REUSEPORT_SLOTS; slot = 2 * instance + (0 for
+ * the UDP socket, 1 for the TCP listener), so one map serves both groups of the DNS port. */
+#define WARDEN_REUSEPORT_INSTANCES 4
+#define WARDEN_REUSEPORT_SLOTS (2 * WARDEN_REUSEPORT_INSTANCES)
+
+struct warden_reuseport_config {
+	__u32 preferred; /* instance tried first */
+	__u32 enabled;   /* 0: no preference, let the kernel hash */
+};
+
+#endif /* WARDEN_H */

@@ -1,0 +1,695 @@
+//! Typed operations on the pinned maps.
+
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
+use std::os::fd::{AsFd, AsRawFd};
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
+
+use aya::maps::lpm_trie::Key as LpmKey;
+use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, MapError, ReusePortSockArray};
+use aya::programs::{SkReuseport, SkReuseportAttachType};
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+use nix::sys::socket::{SockType, getsockopt, sockopt};
+
+use crate::abi::{
+    self, EP_ENFORCED, EP_REDIRECT_DNS, RawCidrData, RawCidrValue, RawClientKey, RawDnsTarget,
+    RawEndpoint, RawFqdnKey, RawFqdnValue, RawLastSeenKey, RawPortRule, RawRedirectRecord,
+    RawReuseportConfig, RawSockOrig, map,
+};
+use crate::events::DropEvents;
+use crate::{
+    Datapath, DatapathError, DnsTarget, EndpointEntry, FqdnKey, PortRule, RedirectRecord, clock,
+    loader,
+};
+
+/// The open map handles of one process.
+pub(crate) struct Maps {
+    bpffs: PathBuf,
+    dir: PathBuf,
+    endpoints: Mutex<HashMap<MapData, u64, RawEndpoint>>,
+    dns_targets: Mutex<HashMap<MapData, u32, RawDnsTarget>>,
+    redirect_records: Mutex<HashMap<MapData, RawClientKey, RawRedirectRecord>>,
+    fqdn_allow: Mutex<HashMap<MapData, RawFqdnKey, RawFqdnValue>>,
+    cidr_allow: Mutex<LpmTrie<MapData, RawCidrData, RawCidrValue>>,
+    last_seen: Mutex<HashMap<MapData, RawLastSeenKey, u64>>,
+    reuseport_sockets: Mutex<ReusePortSockArray<MapData>>,
+    reuseport_config: Mutex<Array<MapData, RawReuseportConfig>>,
+    /// Opened on first use: only processes serving DNS attach it.
+    reuseport_program: Mutex<Option<SkReuseport>>,
+}
+
+impl fmt::Debug for Maps {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Maps")
+            .field("dir", &self.dir)
+            .finish_non_exhaustive()
+    }
+}
+
+fn open_map(dir: &Path, name: &'static str) -> Result<Map, DatapathError> {
+    let path = dir.join(name);
+    let data = MapData::from_pin(&path).map_err(|source| DatapathError::NotPinned {
+        map: name,
+        path: path.clone(),
+        source,
+    })?;
+    Map::from_map_data(data).map_err(|e| DatapathError::map(name, "open", e))
+}
+
+/// Converts a pinned map into its typed wrapper, which checks key and value sizes against
+/// the kernel's view of the map.
+fn typed<T: TryFrom<Map, Error = MapError>>(
+    dir: &Path,
+    name: &'static str,
+) -> Result<Mutex<T>, DatapathError> {
+    let map = open_map(dir, name)?;
+    T::try_from(map)
+        .map(Mutex::new)
+        .map_err(|e| DatapathError::map(name, "open", e))
+}
+
+fn lock<'a, T>(m: &'a Mutex<T>, name: &'static str) -> Result<MutexGuard<'a, T>, DatapathError> {
+    m.lock().map_err(|_| DatapathError::Poisoned { map: name })
+}
+
+/// ENOENT from a map syscall: the key is absent.
+fn is_not_found(e: &MapError) -> bool {
+    match e {
+        MapError::KeyNotFound | MapError::ElementNotFound => true,
+        MapError::SyscallError(s) => s.io_error.raw_os_error() == Some(libc::ENOENT),
+        _ => false,
+    }
+}
+
+/// A lookup that maps "absent" to `None`.
+fn found<V>(name: &'static str, r: Result<V, MapError>) -> Result<Option<V>, DatapathError> {
+    match r {
+        Ok(v) => Ok(Some(v)),
+        Err(e) if is_not_found(&e) => Ok(None),
+        Err(e) => Err(DatapathError::map(name, "lookup", e)),
+    }
+}
+
+/// A removal that accepts an absent key.
+fn removed(name: &'static str, r: Result<(), MapError>) -> Result<(), DatapathError> {
+    match r {
+        Ok(()) => Ok(()),
+        Err(e) if is_not_found(&e) => Ok(()),
+        Err(e) => Err(DatapathError::map(name, "remove", e)),
+    }
+}
+
+impl Maps {
+    pub(crate) fn open(bpffs: &Path) -> Result<Self, DatapathError> {
+        let dir = loader::maps_dir(bpffs);
+        // sock_orig is the programs' own; opening it typed only checks its layout.
+        typed::<HashMap<MapData, u64, RawSockOrig>>(&dir, map::SOCK_ORIG)?;
+        Ok(Self {
+            endpoints: typed(&dir, map::ENDPOINTS)?,
+            dns_targets: typed(&dir, map::DNS_TARGETS)?,
+            redirect_records: typed(&dir, map::REDIRECT_RECORDS)?,
+            fqdn_allow: typed(&dir, map::FQDN_ALLOW)?,
+            cidr_allow: typed(&dir, map::CIDR_ALLOW)?,
+            last_seen: typed(&dir, map::LAST_SEEN)?,
+            reuseport_sockets: typed(&dir, map::REUSEPORT_SOCKETS)?,
+            reuseport_config: typed(&dir, map::REUSEPORT_CONFIG)?,
+            reuseport_program: Mutex::new(None),
+            bpffs: bpffs.to_path_buf(),
+            dir,
+        })
+    }
+
+    pub(crate) fn bpffs(&self) -> &Path {
+        &self.bpffs
+    }
+}
+
+fn fqdn_raw(key: &FqdnKey) -> RawFqdnKey {
+    RawFqdnKey {
+        endpoint_id: key.endpoint_id,
+        proto: key.proto.unwrap_or(0),
+        pad: 0,
+        port: key.port.unwrap_or(0),
+        addr: abi::addr16(key.ip),
+    }
+}
+
+fn fqdn_typed(raw: &RawFqdnKey) -> FqdnKey {
+    FqdnKey {
+        endpoint_id: raw.endpoint_id,
+        ip: abi::ip_of(raw.addr),
+        proto: (raw.proto != 0).then_some(raw.proto),
+        port: (raw.port != 0).then_some(raw.port),
+    }
+}
+
+/// The trie key of (endpoint, net): the endpoint's 32 bits, then the address bits (IPv4 nets
+/// count the 96 bits of the ::ffff: prefix).
+fn cidr_key(endpoint_id: u32, net: IpNet) -> LpmKey<RawCidrData> {
+    let net = net.trunc();
+    let bits = match net {
+        IpNet::V4(n) => 96 + u32::from(n.prefix_len()),
+        IpNet::V6(n) => u32::from(n.prefix_len()),
+    };
+    LpmKey::new(
+        32 + bits,
+        RawCidrData {
+            endpoint_id,
+            addr: abi::addr16(net.network()),
+        },
+    )
+}
+
+/// The keys matching `keep`, collected before any removal (removing while iterating would
+/// restart or skip the kernel's key walk).
+fn collect_keys<K>(
+    name: &'static str,
+    keys: impl Iterator<Item = Result<K, MapError>>,
+    keep: impl Fn(&K) -> bool,
+) -> Result<Vec<K>, DatapathError> {
+    let mut out = Vec::new();
+    for k in keys {
+        let k = k.map_err(|e| DatapathError::map(name, "iterate", e))?;
+        if keep(&k) {
+            out.push(k);
+        }
+    }
+    Ok(out)
+}
+
+/// `BPF_NOEXIST`
+const BPF_NOEXIST: u64 = 1;
+
+/// The key of the IPv4 /0 of an endpoint: ::ffff:0:0/96.
+fn v4_barrier(endpoint_id: u32) -> LpmKey<RawCidrData> {
+    cidr_key(endpoint_id, IpNet::V4(Ipv4Net::default()))
+}
+
+fn is_v4_root(key: &LpmKey<RawCidrData>) -> bool {
+    key.prefix_len() == 32 + 96 && abi::is_v4(key.data().addr)
+}
+
+/// What the program continues with after the entry at `key`: its own prefix length, or 0
+/// (stop) at the IPv4 root, below which only IPv6 prefixes lie.
+fn walk_on(key: &LpmKey<RawCidrData>) -> u32 {
+    if is_v4_root(key) { 0 } else { key.prefix_len() }
+}
+
+/// Whether an IPv6 net contains the v4-mapped range ::ffff:0:0/96 (e.g. ::/0).
+fn covers_v4_mapped(net: IpNet) -> bool {
+    match net.trunc() {
+        IpNet::V4(_) => false,
+        IpNet::V6(n) => n.prefix_len() <= 96 && n.contains(&Ipv4Addr::UNSPECIFIED.to_ipv6_mapped()),
+    }
+}
+
+fn cidr_net(key: &LpmKey<RawCidrData>) -> Option<(u32, IpNet)> {
+    let data = key.data();
+    let bits = key.prefix_len().checked_sub(32)?;
+    let net = if abi::is_v4(data.addr) && bits >= 96 {
+        let ip = match abi::ip_of(data.addr) {
+            IpAddr::V4(v4) => v4,
+            IpAddr::V6(_) => return None,
+        };
+        IpNet::V4(Ipv4Net::new(ip, u8::try_from(bits - 96).ok()?).ok()?)
+    } else {
+        IpNet::V6(Ipv6Net::new(data.addr.into(), u8::try_from(bits).ok()?).ok()?)
+    };
+    Some((data.endpoint_id, net))
+}
+
+impl Datapath {
+    /// Enrolls (or re-enrolls with new flags) a cgroup as an endpoint. Sub-cgroups of an
+    /// enrolled cgroup belong to it unless enrolled themselves.
+    pub fn enroll(
+        &self,
+        cgroup_id: u64,
+        endpoint_id: u32,
+        enforced: bool,
+        redirect_dns: bool,
+    ) -> Result<(), DatapathError> {
+        let mut flags = 0;
+        if enforced {
+            flags |= EP_ENFORCED;
+        }
+        if redirect_dns {
+            flags |= EP_REDIRECT_DNS;
+        }
+        let value = RawEndpoint { endpoint_id, flags };
+        lock(&self.inner.endpoints, map::ENDPOINTS)?
+            .insert(cgroup_id, value, 0)
+            .map_err(|e| DatapathError::map(map::ENDPOINTS, "insert", e))
+    }
+
+    /// Removes a cgroup from the endpoints (its traffic passes untouched afterwards).
+    pub fn unenroll(&self, cgroup_id: u64) -> Result<(), DatapathError> {
+        removed(
+            map::ENDPOINTS,
+            lock(&self.inner.endpoints, map::ENDPOINTS)?.remove(&cgroup_id),
+        )
+    }
+
+    /// Every enrolled cgroup.
+    pub fn enrolled(&self) -> Result<Vec<(u64, EndpointEntry)>, DatapathError> {
+        let endpoints = lock(&self.inner.endpoints, map::ENDPOINTS)?;
+        endpoints
+            .iter()
+            .map(|r| {
+                r.map(|(cgroup_id, raw)| {
+                    let entry = EndpointEntry {
+                        endpoint_id: raw.endpoint_id,
+                        enforced: raw.flags & EP_ENFORCED != 0,
+                        redirect_dns: raw.flags & EP_REDIRECT_DNS != 0,
+                    };
+                    (cgroup_id, entry)
+                })
+                .map_err(|e| DatapathError::map(map::ENDPOINTS, "iterate", e))
+            })
+            .collect()
+    }
+
+    /// Sets where the endpoint's port-53 traffic goes, per family (`None`: that family is not
+    /// redirected). Both `None` removes the entry.
+    pub fn set_dns_target(
+        &self,
+        endpoint_id: u32,
+        v4: Option<SocketAddrV4>,
+        v6: Option<SocketAddrV6>,
+    ) -> Result<(), DatapathError> {
+        let mut targets = lock(&self.inner.dns_targets, map::DNS_TARGETS)?;
+        if v4.is_none() && v6.is_none() {
+            return removed(map::DNS_TARGETS, targets.remove(&endpoint_id));
+        }
+        for port in [v4.map(|a| a.port()), v6.map(|a| a.port())]
+            .into_iter()
+            .flatten()
+        {
+            if port == 0 {
+                return Err(DatapathError::Invalid {
+                    map: map::DNS_TARGETS,
+                    reason: "a DNS target needs a port (0 means no target)".into(),
+                });
+            }
+        }
+        let value = RawDnsTarget {
+            addr4: v4.map(|a| a.ip().octets()).unwrap_or_default(),
+            port4: v4.map(|a| a.port()).unwrap_or(0),
+            pad0: 0,
+            addr6: v6.map(|a| a.ip().octets()).unwrap_or_default(),
+            port6: v6.map(|a| a.port()).unwrap_or(0),
+            pad1: 0,
+        };
+        targets
+            .insert(endpoint_id, value, 0)
+            .map_err(|e| DatapathError::map(map::DNS_TARGETS, "insert", e))
+    }
+
+    /// The endpoint's DNS targets, if set.
+    pub fn dns_target(&self, endpoint_id: u32) -> Result<Option<DnsTarget>, DatapathError> {
+        let targets = lock(&self.inner.dns_targets, map::DNS_TARGETS)?;
+        let raw = found(map::DNS_TARGETS, targets.get(&endpoint_id, 0))?;
+        Ok(raw.map(|t| {
+            let v4 = (t.port4 != 0).then(|| SocketAddrV4::new(abi::ipv4_of(t.addr4), t.port4));
+            let v6 = (t.port6 != 0).then(|| SocketAddrV6::new(t.addr6.into(), t.port6, 0, 0));
+            DnsTarget { v4, v6 }
+        }))
+    }
+
+    /// Allows (endpoint, IP, proto, port) until `expires_at` (unix seconds; only garbage
+    /// collection reads it, the kernel checks presence). An existing entry keeps the later of
+    /// both expiries. Two writers extending the same key at once may leave the earlier of
+    /// their two expiries (hash maps have no compare-and-swap from userspace); both are fresh,
+    /// and the next lookup of the name extends it again.
+    pub fn allow_fqdn(&self, key: FqdnKey, expires_at: u64) -> Result<(), DatapathError> {
+        let raw = fqdn_raw(&key);
+        let mut allow = lock(&self.inner.fqdn_allow, map::FQDN_ALLOW)?;
+        if let Some(current) = found(map::FQDN_ALLOW, allow.get(&raw, 0))?
+            && current.expires_at >= expires_at
+        {
+            return Ok(());
+        }
+        let value = RawFqdnValue {
+            expires_at,
+            flags: 0,
+            pad: 0,
+        };
+        allow
+            .insert(raw, value, 0)
+            .map_err(|e| DatapathError::map(map::FQDN_ALLOW, "insert", e))
+    }
+
+    /// Removes one allow entry (absent is fine).
+    pub fn revoke_fqdn(&self, key: &FqdnKey) -> Result<(), DatapathError> {
+        let raw = fqdn_raw(key);
+        removed(
+            map::FQDN_ALLOW,
+            lock(&self.inner.fqdn_allow, map::FQDN_ALLOW)?.remove(&raw),
+        )
+    }
+
+    /// Every allow entry with its expiry (unix seconds).
+    pub fn fqdn_entries(&self) -> Result<Vec<(FqdnKey, u64)>, DatapathError> {
+        let allow = lock(&self.inner.fqdn_allow, map::FQDN_ALLOW)?;
+        allow
+            .iter()
+            .map(|r| {
+                r.map(|(k, v)| (fqdn_typed(&k), v.expires_at))
+                    .map_err(|e| DatapathError::map(map::FQDN_ALLOW, "iterate", e))
+            })
+            .collect()
+    }
+
+    /// Sets the L4 rules of an (endpoint, CIDR) entry, replacing earlier ones. An empty slice
+    /// means every protocol and port (a CIDR rule without ports). At most 8 rules. A packet is
+    /// allowed when any CIDR containing its destination allows its protocol and port (nested
+    /// CIDRs are followed up to 8 deep by the program).
+    pub fn set_cidr_rules(
+        &self,
+        endpoint_id: u32,
+        net: IpNet,
+        ports: &[PortRule],
+    ) -> Result<(), DatapathError> {
+        let ports: &[PortRule] = if ports.is_empty() {
+            &[PortRule::ANY]
+        } else {
+            ports
+        };
+        if ports.len() > abi::CIDR_MAX_RULES {
+            return Err(DatapathError::Invalid {
+                map: map::CIDR_ALLOW,
+                reason: format!(
+                    "{} port rules for {net} of endpoint {endpoint_id}; at most {}",
+                    ports.len(),
+                    abi::CIDR_MAX_RULES
+                ),
+            });
+        }
+        let key = cidr_key(endpoint_id, net);
+        let mut value = RawCidrValue {
+            prefixlen: walk_on(&key),
+            count: ports.len() as u32,
+            ..RawCidrValue::default()
+        };
+        for (slot, rule) in value.rules.iter_mut().zip(ports) {
+            if rule.first > rule.last {
+                return Err(DatapathError::Invalid {
+                    map: map::CIDR_ALLOW,
+                    reason: format!("port range {}-{} is empty", rule.first, rule.last),
+                });
+            }
+            *slot = RawPortRule {
+                proto: rule.proto.unwrap_or(0),
+                pad0: 0,
+                first: rule.first,
+                last: rule.last,
+                pad1: 0,
+            };
+        }
+        let mut trie = lock(&self.inner.cidr_allow, map::CIDR_ALLOW)?;
+        if covers_v4_mapped(net) {
+            // Keep IPv4 destinations out of this IPv6 prefix. NOEXIST: an IPv4 /0 entry
+            // already at that key stops the walk by itself.
+            let barrier = v4_barrier(endpoint_id);
+            match trie.insert(&barrier, RawCidrValue::default(), BPF_NOEXIST) {
+                Ok(()) => {}
+                Err(MapError::SyscallError(e))
+                    if e.io_error.raw_os_error() == Some(libc::EEXIST) => {}
+                Err(e) => return Err(DatapathError::map(map::CIDR_ALLOW, "insert barrier", e)),
+            }
+        }
+        trie.insert(&key, value, 0)
+            .map_err(|e| DatapathError::map(map::CIDR_ALLOW, "insert", e))
+    }
+
+    /// Removes an (endpoint, CIDR) entry (absent is fine).
+    pub fn remove_cidr(&self, endpoint_id: u32, net: IpNet) -> Result<(), DatapathError> {
+        let key = cidr_key(endpoint_id, net);
+        let mut trie = lock(&self.inner.cidr_allow, map::CIDR_ALLOW)?;
+        if is_v4_root(&key) {
+            // The IPv4 /0 entry doubles as the barrier; leave a rule-less one in its place
+            // (harmless when no IPv6 prefix needs it).
+            return trie
+                .insert(&key, RawCidrValue::default(), 0)
+                .map_err(|e| DatapathError::map(map::CIDR_ALLOW, "insert barrier", e));
+        }
+        removed(map::CIDR_ALLOW, trie.remove(&key))
+    }
+
+    /// Removes everything keyed by an endpoint: its DNS target and every FQDN, CIDR (with the
+    /// internal barrier entries `cidr_entries` does not show) and last-seen entry. Cgroups
+    /// enrolled with it stay enrolled: `unenroll` them first.
+    pub fn clear_endpoint(&self, endpoint_id: u32) -> Result<(), DatapathError> {
+        {
+            let mut targets = lock(&self.inner.dns_targets, map::DNS_TARGETS)?;
+            removed(map::DNS_TARGETS, targets.remove(&endpoint_id))?;
+        }
+        {
+            let mut allow = lock(&self.inner.fqdn_allow, map::FQDN_ALLOW)?;
+            let keys = collect_keys(map::FQDN_ALLOW, allow.keys(), |k| {
+                k.endpoint_id == endpoint_id
+            })?;
+            for k in keys {
+                removed(map::FQDN_ALLOW, allow.remove(&k))?;
+            }
+        }
+        {
+            let mut trie = lock(&self.inner.cidr_allow, map::CIDR_ALLOW)?;
+            let keys = collect_keys(map::CIDR_ALLOW, trie.keys(), |k| {
+                k.data().endpoint_id == endpoint_id
+            })?;
+            for k in keys {
+                removed(map::CIDR_ALLOW, trie.remove(&k))?;
+            }
+        }
+        let mut seen = lock(&self.inner.last_seen, map::LAST_SEEN)?;
+        let keys = collect_keys(map::LAST_SEEN, seen.keys(), |k| {
+            k.endpoint_id == endpoint_id
+        })?;
+        for k in keys {
+            removed(map::LAST_SEEN, seen.remove(&k))?;
+        }
+        Ok(())
+    }
+
+    /// Every (endpoint, CIDR, rules) entry.
+    pub fn cidr_entries(&self) -> Result<Vec<(u32, IpNet, Vec<PortRule>)>, DatapathError> {
+        let trie = lock(&self.inner.cidr_allow, map::CIDR_ALLOW)?;
+        let mut out = Vec::new();
+        for r in trie.iter() {
+            let (key, value) = r.map_err(|e| DatapathError::map(map::CIDR_ALLOW, "iterate", e))?;
+            // Barriers (no rules) are an implementation detail.
+            if value.count == 0 {
+                continue;
+            }
+            let Some((endpoint_id, net)) = cidr_net(&key) else {
+                continue;
+            };
+            let count = (value.count as usize).min(abi::CIDR_MAX_RULES);
+            let rules = value.rules[..count]
+                .iter()
+                .map(|r| PortRule {
+                    proto: (r.proto != 0).then_some(r.proto),
+                    first: r.first,
+                    last: r.last,
+                })
+                .collect();
+            out.push((endpoint_id, net, rules));
+        }
+        Ok(out)
+    }
+
+    /// When the endpoint last sent a packet to `ip` that an FQDN allow entry let through, in
+    /// unix seconds (the map keeps kernel boot time; converted here). Refreshed at most once a
+    /// second.
+    pub fn last_seen(&self, endpoint_id: u32, ip: IpAddr) -> Result<Option<u64>, DatapathError> {
+        let key = RawLastSeenKey {
+            endpoint_id,
+            pad: 0,
+            addr: abi::addr16(ip),
+        };
+        let seen = lock(&self.inner.last_seen, map::LAST_SEEN)?;
+        Ok(found(map::LAST_SEEN, seen.get(&key, 0))?.map(clock::boot_ns_to_unix_secs))
+    }
+
+    /// Every (endpoint, IP, last seen in unix seconds), for garbage collection in bulk.
+    pub fn last_seen_entries(&self) -> Result<Vec<(u32, IpAddr, u64)>, DatapathError> {
+        let seen = lock(&self.inner.last_seen, map::LAST_SEEN)?;
+        seen.iter()
+            .map(|r| {
+                r.map(|(k, ns)| {
+                    (
+                        k.endpoint_id,
+                        abi::ip_of(k.addr),
+                        clock::boot_ns_to_unix_secs(ns),
+                    )
+                })
+                .map_err(|e| DatapathError::map(map::LAST_SEEN, "iterate", e))
+            })
+            .collect()
+    }
+
+    /// Who sent a redirected query from `client` (its address as the proxy sees it; IPv4 may
+    /// be given v4-mapped) over `proto` (17 UDP, 6 TCP), and which server it addressed.
+    pub fn redirect_record(
+        &self,
+        client: SocketAddr,
+        proto: u8,
+    ) -> Result<Option<RedirectRecord>, DatapathError> {
+        let key = RawClientKey {
+            addr: abi::addr16(client.ip()),
+            port: client.port(),
+            proto,
+            pad: 0,
+        };
+        let records = lock(&self.inner.redirect_records, map::REDIRECT_RECORDS)?;
+        Ok(
+            found(map::REDIRECT_RECORDS, records.get(&key, 0))?.map(|r| RedirectRecord {
+                cgroup_id: r.cgroup_id,
+                original: abi::socket_addr_of(r.orig.addr, r.orig.port),
+                seen_at: clock::boot_ns_to_system(r.time_ns),
+            }),
+        )
+    }
+
+    /// A reader of drop events. Call inside a tokio runtime; one reader per node at a time.
+    pub fn events(&self) -> Result<DropEvents, DatapathError> {
+        let path = self.inner.dir.join(map::EVENTS);
+        let data = MapData::from_pin(&path).map_err(|source| DatapathError::NotPinned {
+            map: map::EVENTS,
+            path,
+            source,
+        })?;
+        DropEvents::new(data)
+    }
+
+    /// Registers `socket` (bound with SO_REUSEPORT to the DNS port) as proxy instance
+    /// `instance`'s socket of its type: a UDP socket and a TCP listener per instance. A socket
+    /// that closes leaves its slot by itself.
+    pub fn reuseport_set(&self, instance: u32, socket: &impl AsFd) -> Result<(), DatapathError> {
+        let slot = reuseport_slot(instance, socket)?;
+        lock(&self.inner.reuseport_sockets, map::REUSEPORT_SOCKETS)?
+            .set(slot, &socket.as_fd().as_raw_fd(), 0)
+            .map_err(|e| DatapathError::map(map::REUSEPORT_SOCKETS, "insert", e))
+    }
+
+    /// Steers new queries and connections to `instance`'s sockets (falling back to any other
+    /// live instance, then to the kernel's hash).
+    pub fn reuseport_prefer(&self, instance: u32) -> Result<(), DatapathError> {
+        if instance >= abi::REUSEPORT_INSTANCES {
+            return Err(DatapathError::Invalid {
+                map: map::REUSEPORT_CONFIG,
+                reason: format!(
+                    "instance {instance}; at most {} instances",
+                    abi::REUSEPORT_INSTANCES
+                ),
+            });
+        }
+        let config = RawReuseportConfig {
+            preferred: instance,
+            enabled: 1,
+        };
+        lock(&self.inner.reuseport_config, map::REUSEPORT_CONFIG)?
+            .set(0, config, 0)
+            .map_err(|e| DatapathError::map(map::REUSEPORT_CONFIG, "update", e))
+    }
+
+    /// Attaches the `sk_reuseport` program to the SO_REUSEPORT group of `socket` (affects the
+    /// whole group; attaching again replaces it).
+    pub fn attach_reuseport(&self, socket: &impl AsFd) -> Result<(), DatapathError> {
+        let mut program =
+            self.inner
+                .reuseport_program
+                .lock()
+                .map_err(|_| DatapathError::Poisoned {
+                    map: map::REUSEPORT_SOCKETS,
+                })?;
+        if program.is_none() {
+            let path = loader::reuseport_prog_path(&self.inner.bpffs);
+            let opened =
+                SkReuseport::from_pin(&path, SkReuseportAttachType::Select).map_err(|e| {
+                    DatapathError::Program {
+                        program: loader::REUSEPORT_PROGRAM,
+                        source: Box::new(e),
+                    }
+                })?;
+            *program = Some(opened);
+        }
+        let Some(prog) = program.as_ref() else {
+            return Err(DatapathError::MissingProgram {
+                program: loader::REUSEPORT_PROGRAM,
+            });
+        };
+        prog.attach(socket.as_fd())
+            .map_err(|e| DatapathError::Socket {
+                op: "SO_ATTACH_REUSEPORT_EBPF",
+                source: std::io::Error::other(e),
+            })
+    }
+}
+
+fn reuseport_slot(instance: u32, socket: &impl AsFd) -> Result<u32, DatapathError> {
+    if instance >= abi::REUSEPORT_INSTANCES {
+        return Err(DatapathError::Invalid {
+            map: map::REUSEPORT_SOCKETS,
+            reason: format!(
+                "instance {instance}; at most {} instances",
+                abi::REUSEPORT_INSTANCES
+            ),
+        });
+    }
+    let ty = getsockopt(socket, sockopt::SockType).map_err(|errno| DatapathError::Socket {
+        op: "getsockopt(SO_TYPE)",
+        source: errno.into(),
+    })?;
+    let offset = match ty {
+        SockType::Datagram => 0,
+        SockType::Stream => 1,
+        other => {
+            return Err(DatapathError::Invalid {
+                map: map::REUSEPORT_SOCKETS,
+                reason: format!("socket type {other:?}; expected UDP or TCP"),
+            });
+        }
+    };
+    Ok(instance * 2 + offset)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cidr_keys_round_trip() {
+        for net in [
+            "10.1.0.0/16",
+            "0.0.0.0/0",
+            "192.0.2.7/32",
+            "fd00::/8",
+            "::/0",
+        ] {
+            let net: IpNet = net.parse().unwrap();
+            let key = cidr_key(9, net);
+            assert_eq!(cidr_net(&key), Some((9, net)));
+        }
+        let key = cidr_key(1, "10.1.2.3/16".parse().unwrap());
+        assert_eq!(key.prefix_len(), 32 + 96 + 16);
+        assert_eq!(
+            cidr_net(&key).unwrap().1,
+            "10.1.0.0/16".parse::<IpNet>().unwrap()
+        );
+    }
+
+    #[test]
+    fn fqdn_keys_round_trip() {
+        let key = FqdnKey {
+            endpoint_id: 3,
+            ip: "192.0.2.1".parse().unwrap(),
+            proto: Some(6),
+            port: None,
+        };
+        assert_eq!(fqdn_typed(&fqdn_raw(&key)), key);
+        let any = FqdnKey::any(3, "2001:db8::1".parse().unwrap());
+        assert_eq!(fqdn_typed(&fqdn_raw(&any)), any);
+    }
+}

@@ -1,0 +1,127 @@
+//! The typed view of the maps that callers use: options, endpoints, allow keys, port rules,
+//! redirect records and the cleanup report.
+
+use std::net::{IpAddr, SocketAddr, SocketAddrV4, SocketAddrV6};
+use std::path::PathBuf;
+use std::time::SystemTime;
+
+/// Where the datapath attaches and pins.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DatapathOptions {
+    /// The cgroup v2 directory whose whole subtree the programs act on. `None`: detected
+    /// (`/sys/fs/cgroup` if it is cgroup2, else `/sys/fs/cgroup/unified`).
+    pub cgroup_root: Option<PathBuf>,
+    /// The bpffs directory that holds Warden's pins (maps under `v<N>/`, links under `links/`).
+    pub bpffs: PathBuf,
+}
+
+impl Default for DatapathOptions {
+    fn default() -> Self {
+        Self {
+            cgroup_root: None,
+            bpffs: PathBuf::from(crate::DEFAULT_BPFFS),
+        }
+    }
+}
+
+/// An enrolled cgroup's entry in the `endpoints` map.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct EndpointEntry {
+    /// The endpoint the cgroup belongs to (keys the allow maps and DNS targets).
+    pub endpoint_id: u32,
+    /// Default-deny egress: only what the allow maps allow passes.
+    pub enforced: bool,
+    /// Port-53 traffic goes to the endpoint's DNS target.
+    pub redirect_dns: bool,
+}
+
+/// Where an endpoint's port-53 traffic is redirected, per family (`None`: not redirected).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct DnsTarget {
+    /// Target of IPv4 (and v4-mapped) destinations.
+    pub v4: Option<SocketAddrV4>,
+    /// Target of IPv6 destinations.
+    pub v6: Option<SocketAddrV6>,
+}
+
+/// One exact entry of `fqdn_allow`: (endpoint, IP, protocol or any, port or any).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FqdnKey {
+    /// The endpoint allowed to reach `ip`.
+    pub endpoint_id: u32,
+    /// The destination address.
+    pub ip: IpAddr,
+    /// IP protocol number (6 TCP, 17 UDP, ...); `None` = any protocol.
+    pub proto: Option<u8>,
+    /// Destination port; `None` = any port.
+    pub port: Option<u16>,
+}
+
+impl FqdnKey {
+    /// A key for `ip` with any protocol and any port.
+    pub fn any(endpoint_id: u32, ip: IpAddr) -> Self {
+        Self {
+            endpoint_id,
+            ip,
+            proto: None,
+            port: None,
+        }
+    }
+}
+
+/// An L4 rule of a CIDR entry: a protocol (or any) and an inclusive port range.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PortRule {
+    /// IP protocol number; `None` = any.
+    pub proto: Option<u8>,
+    /// First port, inclusive.
+    pub first: u16,
+    /// Last port, inclusive.
+    pub last: u16,
+}
+
+impl PortRule {
+    /// Every protocol and port. Packets without ports (ICMP, fragments, IPv6 packets with
+    /// extension headers) are only allowed by a rule covering every port.
+    pub const ANY: PortRule = PortRule {
+        proto: None,
+        first: 0,
+        last: u16::MAX,
+    };
+
+    /// One port of one protocol.
+    pub fn port(proto: u8, port: u16) -> Self {
+        Self {
+            proto: Some(proto),
+            first: port,
+            last: port,
+        }
+    }
+
+    /// A port range (inclusive) of a protocol, or of any protocol.
+    pub fn range(proto: Option<u8>, first: u16, last: u16) -> Self {
+        Self { proto, first, last }
+    }
+}
+
+/// Who asked a redirected DNS query, and which server it was meant for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RedirectRecord {
+    /// The enrolled cgroup the client socket belongs to (its own or nearest enrolled ancestor).
+    pub cgroup_id: u64,
+    /// The destination the client addressed (IPv4 given as V4 even for dual-stack sockets).
+    pub original: SocketAddr,
+    /// When the last packet of the client refreshed the record.
+    pub seen_at: SystemTime,
+}
+
+/// What [`crate::Datapath::cleanup`] removed.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CleanupReport {
+    /// Links detached and unpinned (program name per link pin).
+    pub links_detached: Vec<String>,
+    /// Map and program pins removed.
+    pub pins_removed: Vec<PathBuf>,
+    /// Whether the bpffs directory itself was removed (it is kept if it holds foreign files).
+    pub dir_removed: bool,
+}

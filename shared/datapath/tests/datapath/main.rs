@@ -1,0 +1,614 @@
+//! Privileged tests of the real datapath: programs attached at a cgroup of the test's own,
+//! probes (this binary re-executed) moved into enrolled cgroups and a network namespace of the
+//! test's own, servers in that namespace. They skip with a message when not root.
+
+// Helpers outside #[test] functions unwrap too: a failing step fails the test on the spot.
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use ipnet::IpNet;
+use warden_datapath::{
+    Datapath, DatapathOptions, DropEvent, DropEvents, DropReason, FqdnKey, LinkAction, PortRule,
+};
+
+use support::{Lab, NS_V4, NS_V6};
+
+const TCP: u8 = 6;
+const UDP: u8 = 17;
+const EPERM: &str = "err1";
+
+/// Entry point of the probes (no-op in a normal run).
+#[test]
+fn probe_child() {
+    support::run_probe();
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+fn events(rt: &tokio::runtime::Runtime, dp: &Datapath) -> DropEvents {
+    let _guard = rt.enter();
+    dp.events().unwrap()
+}
+
+fn next_event(rt: &tokio::runtime::Runtime, events: &mut DropEvents) -> Option<DropEvent> {
+    rt.block_on(async {
+        tokio::time::timeout(Duration::from_secs(2), events.next())
+            .await
+            .ok()
+            .map(|r| r.unwrap())
+    })
+}
+
+/// Drops the events already buffered (they are written synchronously with the verdict).
+fn drain(events: &mut DropEvents) {
+    while events.try_next().is_some() {}
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+fn sa(s: &str) -> SocketAddr {
+    s.parse().unwrap()
+}
+
+fn v4_at(port: u16) -> SocketAddr {
+    SocketAddr::new(NS_V4.parse().unwrap(), port)
+}
+
+fn v6_at(port: u16) -> SocketAddr {
+    SocketAddr::new(NS_V6.parse().unwrap(), port)
+}
+
+#[test]
+fn connect_enforcement_with_fqdn_entries_and_drop_events() {
+    skip_unless_privileged!();
+    let lab = Lab::new();
+    let dp = Datapath::open(&lab.options()).unwrap();
+    let rt = runtime();
+    let mut events = events(&rt, &dp);
+    let app = lab.cgroup("app");
+    let app_id = Datapath::cgroup_id(&app).unwrap();
+    dp.enroll(app_id, 7, true, false).unwrap();
+
+    for server in [v4_at(8080), v6_at(8080)] {
+        lab.tcp_server(server);
+        let ip = server.ip();
+        let connect = format!("tcp {server}");
+
+        // Not allowed: refused at once with EPERM, and a drop event says why.
+        let p = lab.probe(&app, &connect);
+        assert_eq!(p.get("result"), EPERM, "{server}: {p:?}");
+        assert!(p.get("ms").parse::<u64>().unwrap() < 1000, "{p:?}");
+        let ev = next_event(&rt, &mut events).expect("a drop event");
+        assert_eq!(ev.reason, DropReason::Connect);
+        assert_eq!((ev.cgroup_id, ev.endpoint_id, ev.proto), (app_id, 7, TCP));
+        assert_eq!(ev.dst, server);
+
+        // Allowed for exactly (TCP, 8080).
+        let exact = FqdnKey {
+            endpoint_id: 7,
+            ip,
+            proto: Some(TCP),
+            port: Some(8080),
+        };
+        dp.allow_fqdn(exact, now() + 60).unwrap();
+        assert_eq!(lab.probe(&app, &connect).get("result"), "ok");
+        // The egress program saw the allowed packets.
+        let seen = dp.last_seen(7, ip).unwrap().expect("last_seen entry");
+        assert!(
+            seen.abs_diff(now()) <= 2,
+            "last_seen {seen} vs now {}",
+            now()
+        );
+
+        // Revoked: refused again.
+        dp.revoke_fqdn(&exact).unwrap();
+        assert_eq!(lab.probe(&app, &connect).get("result"), EPERM);
+
+        // Another port only: still refused. Any protocol, any port: allowed.
+        let other_port = FqdnKey {
+            port: Some(9090),
+            ..exact
+        };
+        dp.allow_fqdn(other_port, now() + 60).unwrap();
+        assert_eq!(lab.probe(&app, &connect).get("result"), EPERM);
+        let any = FqdnKey::any(7, ip);
+        dp.allow_fqdn(any, now() + 60).unwrap();
+        assert_eq!(lab.probe(&app, &connect).get("result"), "ok");
+        let entries = dp.fqdn_entries().unwrap();
+        assert!(entries.iter().any(|(k, _)| *k == any));
+        assert!(entries.iter().any(|(k, _)| *k == other_port));
+        dp.revoke_fqdn(&any).unwrap();
+        dp.revoke_fqdn(&other_port).unwrap();
+        assert_eq!(lab.probe(&app, &connect).get("result"), EPERM);
+        drain(&mut events);
+    }
+
+    // Sub-cgroups of an enrolled cgroup are its endpoint too.
+    let child = lab.cgroup("app/worker");
+    let p = lab.probe(&child, &format!("tcp {}", v4_at(8080)));
+    assert_eq!(p.get("result"), EPERM);
+    let ev = next_event(&rt, &mut events).expect("a drop event");
+    assert_eq!((ev.cgroup_id, ev.endpoint_id), (app_id, 7));
+
+    // Enrolled but not enforced, and not enrolled at all: everything passes.
+    dp.enroll(app_id, 7, false, false).unwrap();
+    assert_eq!(
+        lab.probe(&app, &format!("tcp {}", v4_at(8080)))
+            .get("result"),
+        "ok"
+    );
+    let stranger = lab.cgroup("stranger");
+    assert_eq!(
+        lab.probe(&stranger, &format!("tcp {}", v6_at(8080)))
+            .get("result"),
+        "ok"
+    );
+}
+
+#[test]
+fn cidr_rules_with_ports_and_nested_prefixes() {
+    skip_unless_privileged!();
+    let lab = Lab::new();
+    let dp = Datapath::open(&lab.options()).unwrap();
+    for port in [8080, 9090] {
+        lab.tcp_server(v4_at(port));
+        lab.tcp_server(v6_at(port));
+    }
+    let app = lab.cgroup("app");
+    dp.enroll(Datapath::cgroup_id(&app).unwrap(), 9, true, false)
+        .unwrap();
+    let result =
+        |addr: SocketAddr| lab.probe(&app, &format!("tcp {addr}")).values["result"].clone();
+    let net = |s: &str| s.parse::<IpNet>().unwrap();
+
+    dp.set_cidr_rules(9, net("10.213.0.0/16"), &[PortRule::port(TCP, 8080)])
+        .unwrap();
+    assert_eq!(result(v4_at(8080)), "ok");
+    assert_eq!(result(v4_at(9090)), EPERM);
+
+    // A longer prefix with other ports does not hide the shorter one's rules.
+    dp.set_cidr_rules(9, net("10.213.0.0/24"), &[PortRule::port(TCP, 9090)])
+        .unwrap();
+    assert_eq!(result(v4_at(9090)), "ok");
+    assert_eq!(result(v4_at(8080)), "ok");
+    dp.remove_cidr(9, net("10.213.0.0/16")).unwrap();
+    assert_eq!(result(v4_at(8080)), EPERM);
+    assert_eq!(result(v4_at(9090)), "ok");
+    dp.remove_cidr(9, net("10.213.0.0/24")).unwrap();
+    assert_eq!(result(v4_at(9090)), EPERM);
+
+    // Port ranges, and protocols.
+    dp.set_cidr_rules(
+        9,
+        net("10.213.0.1/32"),
+        &[PortRule::range(Some(TCP), 8000, 8100)],
+    )
+    .unwrap();
+    assert_eq!(result(v4_at(8080)), "ok");
+    assert_eq!(result(v4_at(9090)), EPERM);
+    dp.set_cidr_rules(9, net("10.213.0.1/32"), &[PortRule::port(UDP, 8080)])
+        .unwrap();
+    assert_eq!(result(v4_at(8080)), EPERM);
+
+    // IPv6, every port (no rules = everything), for this endpoint only.
+    dp.set_cidr_rules(9, net("fd00:213::/64"), &[]).unwrap();
+    assert_eq!(result(v6_at(8080)), "ok");
+    assert_eq!(result(v6_at(9090)), "ok");
+    let other = lab.cgroup("other");
+    dp.enroll(Datapath::cgroup_id(&other).unwrap(), 10, true, false)
+        .unwrap();
+    assert_eq!(
+        lab.probe(&other, &format!("tcp {}", v6_at(8080)))
+            .get("result"),
+        EPERM
+    );
+
+    // ::/0 contains the v4-mapped range the maps store IPv4 in, yet allows no IPv4.
+    dp.set_cidr_rules(9, net("::/0"), &[]).unwrap();
+    assert_eq!(result(v4_at(9090)), EPERM);
+    dp.set_cidr_rules(9, net("0.0.0.0/0"), &[PortRule::port(TCP, 9090)])
+        .unwrap();
+    assert_eq!(result(v4_at(9090)), "ok");
+    assert_eq!(result(v4_at(8080)), EPERM);
+    dp.remove_cidr(9, net("0.0.0.0/0")).unwrap();
+    assert_eq!(result(v4_at(9090)), EPERM);
+    dp.remove_cidr(9, net("::/0")).unwrap();
+
+    let entries = dp.cidr_entries().unwrap();
+    assert_eq!(entries.len(), 2, "{entries:?}");
+    assert!(entries.contains(&(9, net("fd00:213::/64"), vec![PortRule::ANY])));
+    assert!(entries.contains(&(9, net("10.213.0.1/32"), vec![PortRule::port(UDP, 8080)])));
+    let too_many = vec![PortRule::ANY; 9];
+    assert!(dp.set_cidr_rules(9, net("10.0.0.0/8"), &too_many).is_err());
+    dp.clear_endpoint(9).unwrap();
+    assert!(dp.cidr_entries().unwrap().is_empty());
+    assert_eq!(result(v6_at(8080)), EPERM);
+}
+
+#[test]
+fn egress_cuts_an_established_flow_when_its_entry_is_revoked() {
+    skip_unless_privileged!();
+    let lab = Lab::new();
+    let dp = Datapath::open(&lab.options()).unwrap();
+    let rt = runtime();
+    let mut events = events(&rt, &dp);
+    let sink = lab.udp_sink(v4_at(7000));
+    let app = lab.cgroup("app");
+    let app_id = Datapath::cgroup_id(&app).unwrap();
+    dp.enroll(app_id, 11, true, false).unwrap();
+    let key = FqdnKey {
+        endpoint_id: 11,
+        ip: NS_V4.parse().unwrap(),
+        proto: Some(UDP),
+        port: Some(7000),
+    };
+    dp.allow_fqdn(key, now() + 60).unwrap();
+    let flag = lab.scratch("flag");
+
+    std::thread::scope(|s| {
+        let probe = s.spawn(|| {
+            lab.probe(
+                &app,
+                &format!("udp-twice {} {}", v4_at(7000), flag.display()),
+            )
+        });
+        assert_eq!(
+            support::recv_within(&sink, Duration::from_secs(5)).as_deref(),
+            Some(&b"first"[..])
+        );
+        dp.revoke_fqdn(&key).unwrap();
+        std::fs::write(&flag, b"go").unwrap();
+        let p = probe.join().unwrap();
+        assert_eq!(p.get("connect"), "ok");
+        assert_eq!(p.get("send1"), "ok");
+        // The packet of the connected socket is dropped by cgroup_skb/egress.
+        assert_eq!(p.get("send2"), EPERM, "{p:?}");
+    });
+    assert!(support::recv_within(&sink, Duration::from_millis(300)).is_none());
+    let ev = next_event(&rt, &mut events).expect("a drop event");
+    assert_eq!(ev.reason, DropReason::Egress);
+    assert_eq!((ev.endpoint_id, ev.proto), (11, UDP));
+    assert_eq!(ev.dst, v4_at(7000));
+    assert_eq!(ev.src.ip(), NS_V4.parse::<IpAddr>().unwrap());
+    assert_ne!(ev.src.port(), 0);
+}
+
+#[test]
+fn portless_packets_need_a_rule_for_every_port() {
+    skip_unless_privileged!();
+    let lab = Lab::new();
+    let dp = Datapath::open(&lab.options()).unwrap();
+    let rt = runtime();
+    let mut events = events(&rt, &dp);
+    let app = lab.cgroup("app");
+    dp.enroll(Datapath::cgroup_id(&app).unwrap(), 15, true, false)
+        .unwrap();
+    for ip in [NS_V4, NS_V6] {
+        let ip: IpAddr = ip.parse().unwrap();
+        let ping = format!("icmp {ip}");
+        assert_eq!(lab.probe(&app, &ping).get("send"), EPERM);
+        let ev = next_event(&rt, &mut events).expect("a drop event");
+        assert_eq!((ev.reason, ev.dst.ip()), (DropReason::NoPorts, ip));
+        // A port-specific entry does not cover ICMP; a CIDR rule for every port does.
+        let tcp = FqdnKey {
+            endpoint_id: 15,
+            ip,
+            proto: Some(TCP),
+            port: Some(80),
+        };
+        dp.allow_fqdn(tcp, now() + 60).unwrap();
+        assert_eq!(lab.probe(&app, &ping).get("send"), EPERM);
+        let host = IpNet::from(ip);
+        dp.set_cidr_rules(15, host, &[PortRule::ANY]).unwrap();
+        assert_eq!(lab.probe(&app, &ping).get("send"), "ok");
+        dp.remove_cidr(15, host).unwrap();
+        // So does an FQDN entry for any protocol and port.
+        dp.allow_fqdn(FqdnKey::any(15, ip), now() + 60).unwrap();
+        assert_eq!(lab.probe(&app, &ping).get("send"), "ok");
+        drain(&mut events);
+    }
+}
+
+#[test]
+fn dns_is_redirected_recorded_and_restored() {
+    skip_unless_privileged!();
+    let lab = Lab::new();
+    let dp = Datapath::open(&lab.options()).unwrap();
+    let rt = runtime();
+    let mut events = events(&rt, &dp);
+    let (target4, target6) = (v4_at(5353), v6_at(5353));
+    let seen4 = lab.dns_responder(target4, dp.clone());
+    let seen6 = lab.dns_responder(target6, dp.clone());
+    let app = lab.cgroup("app");
+    let app_id = Datapath::cgroup_id(&app).unwrap();
+    dp.enroll(app_id, 12, true, true).unwrap();
+    let (SocketAddr::V4(t4), SocketAddr::V6(t6)) = (target4, target6) else {
+        unreachable!()
+    };
+    dp.set_dns_target(12, Some(t4), Some(t6)).unwrap();
+    assert_eq!(dp.dns_target(12).unwrap().unwrap().v4, Some(t4));
+
+    for (orig, seen) in [
+        (sa("10.213.0.99:53"), &seen4),
+        (sa("[fd00:213::99]:53"), &seen6),
+    ] {
+        // Unconnected UDP: the answer seems to come from the server the client addressed.
+        let p = lab.probe(&app, &format!("udp-dns {orig}"));
+        assert_eq!(p.get("from"), orig.to_string(), "{p:?}");
+        assert_eq!(p.get("answer"), "true");
+        let s = support::recv_within(seen, Duration::from_secs(2)).expect("query at target");
+        assert_eq!(s.proto, UDP);
+        let record = s.record.expect("redirect record keyed by the client");
+        assert_eq!((record.cgroup_id, record.original), (app_id, orig));
+
+        // Connected UDP: getpeername and recvfrom show the server too.
+        let p = lab.probe(&app, &format!("udp-dns-connected {orig}"));
+        assert_eq!(p.get("peer"), orig.to_string(), "{p:?}");
+        assert_eq!(p.get("from"), orig.to_string());
+        let s = support::recv_within(seen, Duration::from_secs(2)).expect("query at target");
+        assert_eq!(s.record.map(|r| r.original), Some(orig));
+
+        // TCP.
+        let p = lab.probe(&app, &format!("tcp-dns {orig}"));
+        assert_eq!(p.get("peer"), orig.to_string(), "{p:?}");
+        assert_eq!(p.get("answer"), "true");
+        let s = support::recv_within(seen, Duration::from_secs(2)).expect("query at target");
+        assert_eq!(s.proto, TCP);
+        let record = s.record.expect("redirect record for TCP");
+        assert_eq!((record.cgroup_id, record.original), (app_id, orig));
+        assert_eq!(
+            dp.redirect_record(s.client, TCP)
+                .unwrap()
+                .map(|r| r.original),
+            Some(orig)
+        );
+    }
+
+    // A real client: dig, if installed.
+    let dig = lab.run_in(
+        &app,
+        "dig",
+        &[
+            "@10.213.0.99",
+            "-p",
+            "53",
+            "+time=2",
+            "+tries=1",
+            "example.test",
+            "A",
+        ],
+    );
+    if dig.status.code() == Some(127) || String::from_utf8_lossy(&dig.stderr).contains("not found")
+    {
+        eprintln!("dig or nsenter not installed: skipping the dig check");
+    } else {
+        let out = String::from_utf8_lossy(&dig.stdout);
+        assert!(out.contains("192.0.2.99"), "dig output:\n{out}");
+        assert!(out.contains("SERVER: 10.213.0.99#53"), "dig output:\n{out}");
+        eprintln!("dig was answered through the redirect and shows the original server");
+    }
+
+    // An enforced endpoint without redirect: port 53 elsewhere is refused in sendmsg.
+    let plain = lab.cgroup("plain");
+    dp.enroll(Datapath::cgroup_id(&plain).unwrap(), 13, true, false)
+        .unwrap();
+    drain(&mut events);
+    let p = lab.probe(&plain, "udp-dns 10.213.0.99:53");
+    assert_eq!(p.get("send"), EPERM, "{p:?}");
+    let ev = next_event(&rt, &mut events).expect("a drop event");
+    assert_eq!((ev.reason, ev.endpoint_id), (DropReason::Sendmsg, 13));
+}
+
+#[test]
+fn reopen_replaces_programs_in_place_and_cleanup_removes_everything() {
+    skip_unless_privileged!();
+    let lab = Lab::new();
+    let options = lab.options();
+    let first = Datapath::open(&options).unwrap();
+    assert_eq!(first.link_actions().len(), 9);
+    assert!(
+        first
+            .link_actions()
+            .iter()
+            .all(|(_, a)| *a == LinkAction::Attached)
+    );
+    let bpftool = support::attached_programs(&lab.cgroup_root);
+    if let Some(attached) = &bpftool {
+        assert_eq!(attached.len(), 9, "{attached:?}");
+    } else {
+        eprintln!("bpftool not installed: attachment counts checked through link actions only");
+    }
+
+    lab.tcp_server(v4_at(8080));
+    let app = lab.cgroup("app");
+    let app_id = Datapath::cgroup_id(&app).unwrap();
+    first.enroll(app_id, 14, true, false).unwrap();
+    let any = FqdnKey::any(14, NS_V4.parse().unwrap());
+    first.allow_fqdn(any, now() + 60).unwrap();
+    let connect = format!("tcp {}", v4_at(8080));
+
+    // Second open (an agent restart): same pins, programs replaced through the links.
+    let second = Datapath::open(&options).unwrap();
+    assert!(
+        second
+            .link_actions()
+            .iter()
+            .all(|(_, a)| *a == LinkAction::Updated),
+        "{:?}",
+        second.link_actions()
+    );
+    if bpftool.is_some() {
+        assert_eq!(
+            support::attached_programs(&lab.cgroup_root).unwrap().len(),
+            9
+        );
+    }
+    assert!(
+        second
+            .enrolled()
+            .unwrap()
+            .iter()
+            .any(|(id, e)| *id == app_id && e.endpoint_id == 14 && e.enforced)
+    );
+    assert_eq!(lab.probe(&app, &connect).get("result"), "ok");
+    // The first handle writes into the same maps.
+    first.revoke_fqdn(&any).unwrap();
+    assert_eq!(lab.probe(&app, &connect).get("result"), EPERM);
+    // A second process opening the pins only (the standalone proxy).
+    let proxy = Datapath::open_pinned(&options.bpffs).unwrap();
+    proxy.allow_fqdn(any, now() + 60).unwrap();
+    assert_eq!(lab.probe(&app, &connect).get("result"), "ok");
+
+    // A new cgroup root: links move there (attached first, then the old ones detached).
+    let elsewhere = lab.cgroup("elsewhere");
+    let moved = Datapath::open(&DatapathOptions {
+        cgroup_root: Some(elsewhere.clone()),
+        bpffs: options.bpffs.clone(),
+    })
+    .unwrap();
+    assert!(
+        moved
+            .link_actions()
+            .iter()
+            .all(|(_, a)| *a == LinkAction::Moved)
+    );
+    if bpftool.is_some() {
+        assert_eq!(support::attached_programs(&elsewhere).unwrap().len(), 9);
+        assert_eq!(
+            support::attached_programs(&lab.cgroup_root).unwrap().len(),
+            0
+        );
+    }
+
+    drop((first, second, proxy, moved));
+    let report = Datapath::cleanup(&options).unwrap();
+    assert_eq!(report.links_detached.len(), 9, "{report:?}");
+    assert!(report.pins_removed.len() >= 11, "{report:?}");
+    assert!(report.dir_removed);
+    assert!(!options.bpffs.exists());
+    if bpftool.is_some() {
+        assert_eq!(support::attached_programs(&elsewhere).unwrap().len(), 0);
+        assert_eq!(
+            support::attached_programs(&lab.cgroup_root).unwrap().len(),
+            0
+        );
+    }
+    // Cleaning up twice is harmless.
+    assert_eq!(Datapath::cleanup(&options).unwrap().links_detached.len(), 0);
+}
+
+#[test]
+fn reuseport_prefers_the_chosen_instance_and_falls_back() {
+    skip_unless_privileged!();
+    let lab = Lab::new();
+    let dp = Datapath::open(&lab.options()).unwrap();
+    let bind = |addr: SocketAddr| -> UdpSocket {
+        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None).unwrap();
+        s.set_reuse_port(true).unwrap();
+        s.bind(&addr.into()).unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(20))).unwrap();
+        s.into()
+    };
+    let s0 = bind(sa("127.0.0.1:0"));
+    let port = s0.local_addr().unwrap();
+    let s1 = bind(port);
+    dp.reuseport_set(0, &s0).unwrap();
+    dp.reuseport_set(1, &s1).unwrap();
+    dp.attach_reuseport(&s0).unwrap();
+
+    // Datagrams from many source ports, so that the kernel's hash alone would spread them.
+    let deliveries = |sockets: &[&UdpSocket]| -> Vec<usize> {
+        for _ in 0..16 {
+            let client = UdpSocket::bind("127.0.0.1:0").unwrap();
+            client.send_to(b"q", port).unwrap();
+        }
+        let mut counts = vec![0; sockets.len()];
+        let mut buf = [0u8; 16];
+        let deadline = std::time::Instant::now() + Duration::from_millis(300);
+        while std::time::Instant::now() < deadline && counts.iter().sum::<usize>() < 16 {
+            for (i, s) in sockets.iter().enumerate() {
+                while s.recv_from(&mut buf).is_ok() {
+                    counts[i] += 1;
+                }
+            }
+        }
+        counts
+    };
+
+    dp.reuseport_prefer(1).unwrap();
+    assert_eq!(deliveries(&[&s0, &s1]), vec![0, 16]);
+    dp.reuseport_prefer(0).unwrap();
+    assert_eq!(deliveries(&[&s0, &s1]), vec![16, 0]);
+    // The preferred socket closes: it leaves the array and the other one gets everything.
+    drop(s0);
+    assert_eq!(deliveries(&[&s1]), vec![16]);
+    assert!(dp.reuseport_prefer(4).is_err());
+}
+
+#[test]
+fn map_api_round_trips() {
+    skip_unless_privileged!();
+    let lab = Lab::new();
+    let dp = Datapath::open(&lab.options()).unwrap();
+    dp.enroll(1, 100, true, true).unwrap();
+    dp.enroll(2, 200, false, false).unwrap();
+    let mut enrolled = dp.enrolled().unwrap();
+    enrolled.sort_by_key(|(id, _)| *id);
+    assert_eq!(enrolled.len(), 2);
+    assert!(enrolled[0].1.enforced && enrolled[0].1.redirect_dns);
+    assert!(!enrolled[1].1.enforced);
+    dp.unenroll(2).unwrap();
+    dp.unenroll(2).unwrap(); // absent is fine
+    assert_eq!(dp.enrolled().unwrap().len(), 1);
+
+    dp.set_dns_target(100, None, Some("[fd00::1]:53".parse().unwrap()))
+        .unwrap();
+    let target = dp.dns_target(100).unwrap().unwrap();
+    assert_eq!(
+        (target.v4, target.v6),
+        (None, Some("[fd00::1]:53".parse().unwrap()))
+    );
+    dp.set_dns_target(100, None, None).unwrap();
+    assert_eq!(dp.dns_target(100).unwrap(), None);
+
+    // The later expiry wins, whoever writes.
+    let key = FqdnKey {
+        endpoint_id: 100,
+        ip: "192.0.2.1".parse().unwrap(),
+        proto: Some(TCP),
+        port: Some(443),
+    };
+    dp.allow_fqdn(key, 1_000).unwrap();
+    dp.allow_fqdn(key, 500).unwrap();
+    assert_eq!(dp.fqdn_entries().unwrap(), vec![(key, 1_000)]);
+    let other = Datapath::open_pinned(&lab.bpffs).unwrap();
+    other.allow_fqdn(key, 2_000).unwrap();
+    assert_eq!(dp.fqdn_entries().unwrap(), vec![(key, 2_000)]);
+    dp.revoke_fqdn(&key).unwrap();
+    dp.revoke_fqdn(&key).unwrap();
+    assert!(dp.fqdn_entries().unwrap().is_empty());
+
+    assert_eq!(
+        dp.last_seen(100, "192.0.2.1".parse().unwrap()).unwrap(),
+        None
+    );
+    assert_eq!(dp.redirect_record(sa("192.0.2.1:5000"), UDP).unwrap(), None);
+    assert!(
+        Datapath::open_pinned(&lab.bpffs.join("nowhere")).is_err(),
+        "open_pinned without pins must fail"
+    );
+}
