@@ -1,7 +1,9 @@
 //! Wiring: config in, a serving agent out.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -10,14 +12,18 @@ use anyhow::Context;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use warden_config::{AgentConfig, DatapathMode, RejectCode};
+use warden_datapath::{Datapath, DatapathOptions};
 use warden_fqdn::CacheLimits;
 use warden_proxy::{
-    DnsProxy, Mapping, MappingObserver, NoDatapath, ProxyContext, ProxySettings, ResponseCode,
-    SharedCache, unix_now,
+    DatapathHook, DnsProxy, EndpointLookup, Mapping, MappingObserver, NoDatapath, ProxyContext,
+    ProxySettings, ResponseCode, SharedCache, unix_now,
 };
 use warden_telemetry::{FlowLog, Metrics};
 
 use crate::admin::{self, AdminState};
+use crate::datapath::{
+    CgroupIndex, DatapathEndpoints, FqdnWriter, Reconciler, reconcile_loop, watch_drops,
+};
 use crate::endpoints::EndpointTable;
 use crate::policy_store::PolicyStore;
 use crate::state::CacheFile;
@@ -76,9 +82,6 @@ impl MappingObserver for CacheChanges {
 
 /// Binds everything and starts serving; returns once DNS and the admin API accept traffic.
 pub async fn start(config: AgentConfig) -> anyhow::Result<RunningAgent> {
-    if config.datapath.mode == DatapathMode::Ebpf {
-        anyhow::bail!("datapath.mode: ebpf is not available in this build yet; use `none`");
-    }
     std::fs::create_dir_all(&config.state_dir)
         .with_context(|| format!("cannot create state_dir {}", config.state_dir.display()))?;
     let metrics = Metrics::new("agent")?;
@@ -98,12 +101,32 @@ pub async fn start(config: AgentConfig) -> anyhow::Result<RunningAgent> {
     let cache = SharedCache::new(cache_file.restore(limits, unix_now()));
     let changes = Arc::new(CacheChanges::default());
 
+    let ebpf = match config.datapath.mode {
+        DatapathMode::None => None,
+        DatapathMode::Ebpf => Some(open_datapath(&config)?),
+    };
+    let cgroups = Arc::new(CgroupIndex::default());
+    let (lookup, hook): (Arc<dyn EndpointLookup>, Arc<dyn DatapathHook>) = match &ebpf {
+        None => (endpoints.clone(), Arc::new(NoDatapath)),
+        Some((datapath, _)) => (
+            Arc::new(DatapathEndpoints {
+                datapath: datapath.clone(),
+                cgroups: cgroups.clone(),
+                table: endpoints.clone(),
+            }),
+            Arc::new(FqdnWriter {
+                datapath: datapath.clone(),
+                metrics: metrics.clone(),
+            }),
+        ),
+    };
+
     let context = ProxyContext {
         instance: Arc::from("agent"),
-        endpoints: endpoints.clone(),
+        endpoints: lookup,
         policy: policy.clone(),
         cache: cache.clone(),
-        datapath: Arc::new(NoDatapath),
+        datapath: hook,
         mappings: changes.clone(),
         metrics: metrics.clone(),
         flows: flows.clone(),
@@ -133,9 +156,13 @@ pub async fn start(config: AgentConfig) -> anyhow::Result<RunningAgent> {
         serving: serving.clone(),
         dns_listen: dns_addrs.clone(),
         endpoints: config.endpoints.len(),
-        datapath: "none".to_owned(),
+        datapath: match config.datapath.mode {
+            DatapathMode::None => "none".to_owned(),
+            DatapathMode::Ebpf => "ebpf".to_owned(),
+        },
         started: Instant::now(),
     };
+    let flows_for_drops = flows.clone();
     let router = admin::router(admin_state, metrics.clone(), flows);
 
     let shutdown = CancellationToken::new();
@@ -163,6 +190,33 @@ pub async fn start(config: AgentConfig) -> anyhow::Result<RunningAgent> {
         metrics.clone(),
         shutdown.clone(),
     ));
+    if let Some((datapath, cgroup_root)) = ebpf {
+        let mut reconciled = config.clone();
+        // Redirect targets default to the proxy's addresses as bound (port 0 in tests).
+        reconciled.dns.listen = dns_addrs.clone();
+        let reconciler = Reconciler {
+            datapath: datapath.clone(),
+            cgroup_root,
+            config: reconciled,
+            table: endpoints.clone(),
+            cgroups: cgroups.clone(),
+            policy: policy.clone(),
+            cache: cache.clone(),
+            metrics: metrics.clone(),
+            unwanted_since: HashMap::new(),
+        };
+        let loop_shutdown = shutdown.clone();
+        tasks.spawn(async move {
+            reconcile_loop(reconciler, loop_shutdown).await;
+            Ok(())
+        });
+        let (drop_metrics, drop_flows, drop_shutdown) =
+            (metrics.clone(), flows_for_drops.clone(), shutdown.clone());
+        tasks.spawn(async move {
+            watch_drops(datapath, cgroups, drop_metrics, drop_flows, drop_shutdown).await;
+            Ok(())
+        });
+    }
     let admin_shutdown = shutdown.clone();
     let task = tokio::spawn(async move {
         let admin = tokio::spawn(warden_telemetry::admin::serve(
@@ -192,6 +246,25 @@ pub async fn start(config: AgentConfig) -> anyhow::Result<RunningAgent> {
         shutdown,
         task,
     })
+}
+
+/// Loads and attaches the eBPF datapath (reusing pins left by an earlier run); returns it with
+/// the cgroup root the programs act on.
+fn open_datapath(config: &AgentConfig) -> anyhow::Result<(Datapath, PathBuf)> {
+    let cgroup_root = match &config.datapath.cgroup_root {
+        Some(root) => root.clone(),
+        None => Datapath::detect_cgroup_root()?,
+    };
+    let options = DatapathOptions {
+        cgroup_root: Some(cgroup_root.clone()),
+        bpffs: config.datapath.bpffs.clone(),
+    };
+    let datapath = Datapath::open(&options).context("cannot load the eBPF datapath")?;
+    for (program, action) in datapath.link_actions() {
+        tracing::debug!(program, ?action, "datapath program");
+    }
+    tracing::info!(cgroup_root = %cgroup_root.display(), bpffs = %options.bpffs.display(), "eBPF datapath attached");
+    Ok((datapath, cgroup_root))
 }
 
 /// Expires cache entries every second and persists the cache when it changed. The last save

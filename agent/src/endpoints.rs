@@ -47,6 +47,12 @@ impl EndpointTable {
         self.infos.iter().zip(&self.keys)
     }
 
+    /// The `namespace/name` of an endpoint ID.
+    pub fn key_of(&self, id: EndpointId) -> Option<&Arc<str>> {
+        let index = usize::try_from(id.0).ok()?.checked_sub(1)?;
+        self.keys.get(index)
+    }
+
     pub fn by_ip(&self, ip: IpAddr) -> Option<(EndpointId, Arc<str>)> {
         let index = *self.by_ip.get(&ip.to_canonical())?;
         Some((self.infos[index].id, self.keys[index].clone()))
@@ -76,6 +82,7 @@ mod tests {
             labels: [("app".to_owned(), "test".to_owned())].into(),
             ips: vec!["127.0.0.2".parse().unwrap()],
             cgroup: None,
+            dns_target: Vec::new(),
         }];
         let table = EndpointTable::from_config(&config);
         let found = table.lookup("[::ffff:127.0.0.2]:5353".parse().unwrap(), Transport::Udp);

@@ -3,14 +3,16 @@
 //! restarts), and serves the admin API that the `warden` CLI and Prometheus read.
 //!
 //! [`endpoints`] maps senders to endpoints, [`policy_store`] loads, watches and swaps the
-//! policy, [`state`] persists the cache, [`admin`] is the HTTP API, and [`agent`] wires them
-//! together around the proxy engine of `warden-proxy`. [`cli`] is the `warden` command.
+//! policy, [`state`] persists the cache, [`datapath`] drives the eBPF datapath (`datapath.mode: ebpf`),
+//! [`admin`] is the HTTP API, and [`agent`] wires them together around the proxy engine of
+//! `warden-proxy`. [`cli`] is the `warden` command.
 
 #![forbid(unsafe_code)]
 
 pub mod admin;
 mod agent;
 pub mod cli;
+pub mod datapath;
 pub mod endpoints;
 pub mod policy_store;
 pub mod state;

@@ -18,6 +18,15 @@ struct Args {
     config: Option<PathBuf>,
     #[command(flatten)]
     overrides: ConfigOverrides,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Command {
+    /// Detach every eBPF program and remove every pin under `datapath.bpffs`, then exit.
+    /// Enforcement stops: workloads' egress is no longer policed.
+    Cleanup,
 }
 
 fn main() -> ExitCode {
@@ -38,6 +47,9 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if let Some(Command::Cleanup) = args.command {
+        return cleanup(&config);
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -52,6 +64,33 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("warden-agent: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn cleanup(config: &warden_config::AgentConfig) -> ExitCode {
+    let options = warden_datapath::DatapathOptions {
+        cgroup_root: config.datapath.cgroup_root.clone(),
+        bpffs: config.datapath.bpffs.clone(),
+    };
+    match warden_datapath::Datapath::cleanup(&options) {
+        Ok(report) => {
+            println!(
+                "detached {} programs, removed {} pins from {}{}",
+                report.links_detached.len(),
+                report.pins_removed.len(),
+                options.bpffs.display(),
+                if report.dir_removed {
+                    " (folder removed)"
+                } else {
+                    ""
+                }
+            );
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("warden-agent cleanup: {error}");
             ExitCode::FAILURE
         }
     }

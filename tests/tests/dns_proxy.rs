@@ -30,6 +30,7 @@ fn endpoint(name: &str, app: &str, ips: &[IpAddr]) -> EndpointConfig {
         labels: [("app".to_owned(), app.to_owned())].into(),
         ips: ips.to_vec(),
         cgroup: None,
+        dns_target: Vec::new(),
     }
 }
 

@@ -139,6 +139,11 @@ pub struct EndpointConfig {
     /// The workload's cgroup (eBPF datapath); relative paths are under `datapath.cgroup_root`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cgroup: Option<PathBuf>,
+    /// Where the datapath redirects this endpoint's DNS (one IPv4 and/or one IPv6 address).
+    /// Empty: the first IPv4 and IPv6 addresses of `dns.listen`, which suits workloads in the
+    /// host's network namespace; pods in their own namespace need an address they can reach.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dns_target: Vec<SocketAddr>,
 }
 
 fn default_namespace() -> String {
@@ -272,6 +277,13 @@ impl AgentConfig {
                 return Err(ConfigError::invalid(
                     format!("{field}.name"),
                     format!("endpoint {} is declared twice", endpoint.key()),
+                ));
+            }
+            let v4_targets = endpoint.dns_target.iter().filter(|t| t.is_ipv4()).count();
+            if v4_targets > 1 || endpoint.dns_target.len() - v4_targets > 1 {
+                return Err(ConfigError::invalid(
+                    format!("{field}.dns_target"),
+                    "at most one IPv4 and one IPv6 address",
                 ));
             }
             for ip in &endpoint.ips {

@@ -15,4 +15,4 @@ mod metrics;
 
 pub use error::TelemetryError;
 pub use flows::{DnsFlow, DropFlow, FlowEvent, FlowLog, Verdict};
-pub use metrics::{CacheMetrics, DnsMetrics, Metrics, PolicyMetrics, Scope};
+pub use metrics::{CacheMetrics, DatapathMetrics, DnsMetrics, Metrics, PolicyMetrics, Scope};

@@ -43,6 +43,26 @@ pub struct Metrics {
     pub dns: DnsMetrics,
     pub cache: CacheMetrics,
     pub policy: PolicyMetrics,
+    pub datapath: DatapathMetrics,
+}
+
+/// The eBPF datapath's series (all zero with `datapath.mode: none`).
+#[derive(Debug, Clone)]
+pub struct DatapathMetrics {
+    /// label: reason (connect, sendmsg, egress, ...)
+    pub drops: IntCounterVec,
+    /// FQDN allow entries (endpoint, IP, protocol, port) in the pinned map.
+    pub fqdn_entries: IntGauge,
+    /// CIDR allow entries (endpoint, prefix) in the pinned map.
+    pub cidr_entries: IntGauge,
+    /// Cgroups enrolled as endpoints.
+    pub enrolled: IntGauge,
+    /// Allow entries kept past their TTL because connections still use them.
+    pub idle_grace_entries: IntGauge,
+    /// label: op (allow, revoke, cidr_set, cidr_remove, enroll, unenroll)
+    pub updates: IntCounterVec,
+    /// label: op
+    pub errors: IntCounterVec,
 }
 
 /// The DNS proxy engine's series.
@@ -181,11 +201,52 @@ impl Metrics {
                 "1 while the policy files on disk do not load and the last good policy stays in force.",
             )?,
         };
+        let datapath = DatapathMetrics {
+            drops: counter_vec(
+                &registry,
+                "datapath_drops_total",
+                "Packets and connects the datapath refused, by reason.",
+                &["reason"],
+            )?,
+            fqdn_entries: gauge(
+                &registry,
+                "datapath_fqdn_entries",
+                "FQDN allow entries (endpoint, IP, protocol, port) in the datapath.",
+            )?,
+            cidr_entries: gauge(
+                &registry,
+                "datapath_cidr_entries",
+                "CIDR allow entries (endpoint, prefix) in the datapath.",
+            )?,
+            enrolled: gauge(
+                &registry,
+                "datapath_enrolled_endpoints",
+                "Cgroups enrolled as endpoints in the datapath.",
+            )?,
+            idle_grace_entries: gauge(
+                &registry,
+                "datapath_idle_grace_entries",
+                "Allow entries kept past their TTL because connections still use them.",
+            )?,
+            updates: counter_vec(
+                &registry,
+                "datapath_updates_total",
+                "Datapath map updates, by operation.",
+                &["op"],
+            )?,
+            errors: counter_vec(
+                &registry,
+                "datapath_errors_total",
+                "Failed datapath map updates, by operation.",
+                &["op"],
+            )?,
+        };
         Ok(Metrics {
             registry,
             dns,
             cache,
             policy,
+            datapath,
         })
     }
 

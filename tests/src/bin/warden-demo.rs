@@ -59,6 +59,7 @@ async fn main() -> Result<()> {
         labels: [("app".to_owned(), "test".to_owned())].into(),
         ips: vec![WORKLOAD],
         cgroup: None,
+        dns_target: Vec::new(),
     }];
     let agent = AgentProcess::start(&dir, config).await?;
 

@@ -1,0 +1,720 @@
+//! The agent's side of the eBPF datapath (`datapath.mode: ebpf`).
+//!
+//! [`DatapathEndpoints`] tells the proxy who sent a redirected query and which server it was
+//! meant for (the redirect record, keyed by the client's address); [`FqdnWriter`] writes an
+//! answer's allow entries into the pinned maps before the answer is released; [`Reconciler`]
+//! keeps the maps equal to what config, policy and cache say: enrollment, DNS targets, CIDR
+//! rules, FQDN entries (kept while connections use them, for `idle_grace_s`), once a second
+//! and on every policy change. [`watch_drops`] turns drop events into logs, metrics and flows.
+
+use std::collections::{HashMap, HashSet};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+use tokio_util::sync::CancellationToken;
+use warden_config::AgentConfig;
+use warden_datapath::{Datapath, FqdnKey, PortRule};
+use warden_fqdn::UnixTime;
+use warden_policy::{DnsName, EndpointId, FqdnGrant, L4Proto, Peer, PolicyRepository, PortRange};
+use warden_proxy::{
+    AllowRequest, ClientContext, DatapathHook, EndpointLookup, HoldFuture, PolicySource,
+    SharedCache, Transport, unix_now,
+};
+use warden_telemetry::{DropFlow, FlowEvent, FlowLog, Metrics};
+
+use crate::endpoints::EndpointTable;
+use crate::policy_store::PolicyStore;
+
+const TCP: u8 = 6;
+const UDP: u8 = 17;
+
+/// Widest `endPort` range written as one FQDN entry per port. The FQDN map holds exact ports
+/// (so two processes can write entries without merging values); a wider range is refused
+/// rather than widened to "any port".
+const MAX_EXPANDED_PORTS: usize = 1024;
+
+/// An unexpired entry no policy wants any more goes after this long: long enough for a peer's
+/// fresh entry to reach the agent's cache, short enough that a removed rule stops quickly.
+const UNWANTED_GRACE: Duration = Duration::from_secs(2);
+
+/// Endpoints by enrolled cgroup, shared by the proxy's lookups and the reconciler.
+#[derive(Debug, Default)]
+pub struct CgroupIndex(RwLock<HashMap<u64, (EndpointId, Arc<str>)>>);
+
+impl CgroupIndex {
+    fn get(&self, cgroup_id: u64) -> Option<(EndpointId, Arc<str>)> {
+        self.0
+            .read()
+            .unwrap_or_else(|poison| poison.into_inner())
+            .get(&cgroup_id)
+            .cloned()
+    }
+
+    fn replace(&self, index: HashMap<u64, (EndpointId, Arc<str>)>) {
+        *self.0.write().unwrap_or_else(|poison| poison.into_inner()) = index;
+    }
+}
+
+/// Who sent a query: the redirect record first, the source address otherwise.
+#[derive(Debug)]
+pub struct DatapathEndpoints {
+    pub datapath: Datapath,
+    pub cgroups: Arc<CgroupIndex>,
+    pub table: Arc<EndpointTable>,
+}
+
+impl EndpointLookup for DatapathEndpoints {
+    fn lookup(&self, client: SocketAddr, transport: Transport) -> ClientContext {
+        let proto = match transport {
+            Transport::Udp => UDP,
+            Transport::Tcp => TCP,
+        };
+        match self.datapath.redirect_record(client, proto) {
+            Ok(Some(record)) => ClientContext {
+                endpoint: self
+                    .cgroups
+                    .get(record.cgroup_id)
+                    .or_else(|| self.table.by_ip(client.ip())),
+                original_server: Some(record.original),
+            },
+            Ok(None) => self.table.lookup(client, transport),
+            Err(error) => {
+                tracing::warn!(%client, %error, "cannot read the redirect record");
+                self.table.lookup(client, transport)
+            }
+        }
+    }
+}
+
+/// Writes an answer's allow entries on the proxy's hot path: a few map updates, no waiting.
+#[derive(Debug)]
+pub struct FqdnWriter {
+    pub datapath: Datapath,
+    pub metrics: Metrics,
+}
+
+impl DatapathHook for FqdnWriter {
+    fn allow(&self, request: &AllowRequest<'_>) -> Option<HoldFuture> {
+        for grant in request.grants {
+            for ip in request.ips {
+                for key in fqdn_keys(grant, *ip) {
+                    self.count("allow", self.datapath.allow_fqdn(key, request.expires_at.0));
+                }
+            }
+        }
+        None
+    }
+}
+
+impl FqdnWriter {
+    fn count(&self, op: &str, result: Result<(), warden_datapath::DatapathError>) {
+        match result {
+            Ok(()) => self.metrics.datapath.updates.with_label_values(&[op]).inc(),
+            Err(error) => {
+                self.metrics.datapath.errors.with_label_values(&[op]).inc();
+                tracing::warn!(%error, op, "datapath update failed");
+            }
+        }
+    }
+}
+
+/// The map keys a grant gives one IP: one per protocol and port (or "any").
+fn fqdn_keys(grant: &FqdnGrant, ip: IpAddr) -> Vec<FqdnKey> {
+    let endpoint_id = grant.endpoint.0;
+    if grant.ports.is_empty() {
+        return vec![FqdnKey::any(endpoint_id, ip)];
+    }
+    let mut keys = Vec::new();
+    for range in &grant.ports {
+        let protos: &[Option<u8>] = match range.proto {
+            Some(L4Proto::Tcp) => &[Some(TCP)],
+            Some(L4Proto::Udp) => &[Some(UDP)],
+            None if *range == PortRange::ALL => &[None],
+            None => &[Some(TCP), Some(UDP)],
+        };
+        let ports: Vec<Option<u16>> = if range.first == 0 && range.last == u16::MAX {
+            vec![None]
+        } else if usize::from(range.last - range.first) < MAX_EXPANDED_PORTS {
+            (range.first..=range.last).map(Some).collect()
+        } else {
+            tracing::error!(
+                first = range.first,
+                last = range.last,
+                selector = grant.selector,
+                "toFQDNs port range too wide for the datapath; not allowed"
+            );
+            continue;
+        };
+        for proto in protos {
+            for port in &ports {
+                keys.push(FqdnKey {
+                    endpoint_id,
+                    ip,
+                    proto: *proto,
+                    port: *port,
+                });
+            }
+        }
+    }
+    keys
+}
+
+/// Keeps the pinned maps equal to what config, policy and cache say.
+#[derive(Debug)]
+pub struct Reconciler {
+    pub datapath: Datapath,
+    pub cgroup_root: PathBuf,
+    pub config: AgentConfig,
+    pub table: Arc<EndpointTable>,
+    pub cgroups: Arc<CgroupIndex>,
+    pub policy: Arc<PolicyStore>,
+    pub cache: SharedCache,
+    pub metrics: Metrics,
+    /// When each unexpired entry no policy wants was first seen unwanted.
+    pub unwanted_since: HashMap<FqdnKey, Instant>,
+}
+
+impl Reconciler {
+    /// One pass. Map errors are logged and counted; the next pass tries again.
+    pub fn reconcile(&mut self) {
+        let policy = self.policy.current();
+        self.enroll(&policy);
+        self.reconcile_cidrs(&policy);
+        self.reconcile_fqdn(&policy, unix_now());
+    }
+
+    fn count<T>(&self, op: &str, result: Result<T, warden_datapath::DatapathError>) -> Option<T> {
+        match result {
+            Ok(value) => {
+                self.metrics.datapath.updates.with_label_values(&[op]).inc();
+                Some(value)
+            }
+            Err(error) => {
+                self.metrics.datapath.errors.with_label_values(&[op]).inc();
+                tracing::warn!(%error, op, "datapath update failed");
+                None
+            }
+        }
+    }
+
+    /// Enrolls every endpoint with a cgroup (enforced when a policy with egress rules selects
+    /// it) and points its DNS at the proxy; removes cgroups no longer configured.
+    fn enroll(&mut self, policy: &PolicyRepository) {
+        let (default_v4, default_v6) = targets(&self.config.dns.listen);
+        let mut index = HashMap::new();
+        for ((info, key), endpoint) in self.table.keys().zip(&self.config.endpoints) {
+            let Some(cgroup) = &endpoint.cgroup else {
+                continue;
+            };
+            let path = resolve_cgroup(&self.cgroup_root, cgroup);
+            let cgroup_id = match Datapath::cgroup_id(&path) {
+                Ok(id) => id,
+                Err(error) => {
+                    tracing::warn!(endpoint = %key, cgroup = %path.display(), %error, "endpoint cgroup not found; not enrolled");
+                    continue;
+                }
+            };
+            index.insert(cgroup_id, (info.id, key.clone()));
+            let enforced = policy.is_enforced(info.id);
+            let wanted = warden_datapath::EndpointEntry {
+                endpoint_id: info.id.0,
+                enforced,
+                redirect_dns: true,
+            };
+            let current = self.datapath.enrolled().ok().and_then(|enrolled| {
+                enrolled
+                    .into_iter()
+                    .find(|(id, _)| *id == cgroup_id)
+                    .map(|(_, entry)| entry)
+            });
+            if current != Some(wanted) {
+                self.count(
+                    "enroll",
+                    self.datapath.enroll(cgroup_id, info.id.0, enforced, true),
+                );
+                tracing::info!(endpoint = %key, cgroup_id, enforced, "endpoint enrolled");
+            }
+            let (v4, v6) = if endpoint.dns_target.is_empty() {
+                (default_v4, default_v6)
+            } else {
+                targets(&endpoint.dns_target)
+            };
+            let current = self.datapath.dns_target(info.id.0).ok().flatten();
+            if current.is_none_or(|target| target.v4 != v4 || target.v6 != v6) {
+                self.count(
+                    "dns_target",
+                    self.datapath.set_dns_target(info.id.0, v4, v6),
+                );
+            }
+        }
+        if let Some(enrolled) = self.count("list", self.datapath.enrolled()) {
+            for (cgroup_id, entry) in enrolled {
+                if !index.contains_key(&cgroup_id) {
+                    self.count("unenroll", self.datapath.unenroll(cgroup_id));
+                    let still_used = index.values().any(|(id, _)| id.0 == entry.endpoint_id);
+                    if !still_used {
+                        self.count("clear", self.datapath.clear_endpoint(entry.endpoint_id));
+                    }
+                }
+            }
+        }
+        self.metrics
+            .datapath
+            .enrolled
+            .set(i64::try_from(index.len()).unwrap_or(i64::MAX));
+        self.cgroups.replace(index);
+    }
+
+    /// The L3/L4 rules (toCIDR, toCIDRSet, toEntities, toEndpoints) of enforced endpoints.
+    fn reconcile_cidrs(&mut self, policy: &PolicyRepository) {
+        let mut wanted: HashMap<(u32, IpNet), Vec<PortRule>> = HashMap::new();
+        for (info, _) in self.table.keys() {
+            if !policy.is_enforced(info.id) {
+                continue;
+            }
+            for allow in policy.static_allows(info.id) {
+                let rules = port_rules(&allow.ports);
+                for net in self.prefixes(&allow.peer) {
+                    let entry = wanted.entry((info.id.0, net)).or_default();
+                    merge_rules(entry, &rules);
+                }
+            }
+        }
+        let Some(current) = self.count("list", self.datapath.cidr_entries()) else {
+            return;
+        };
+        let mut current_keys = HashSet::new();
+        for (endpoint_id, net, mut rules) in current {
+            current_keys.insert((endpoint_id, net));
+            match wanted.get_mut(&(endpoint_id, net)) {
+                None => {
+                    self.count("cidr_remove", self.datapath.remove_cidr(endpoint_id, net));
+                }
+                Some(wanted_rules) => {
+                    rules.sort();
+                    wanted_rules.sort();
+                    if rules != *wanted_rules {
+                        self.count(
+                            "cidr_set",
+                            self.datapath.set_cidr_rules(endpoint_id, net, wanted_rules),
+                        );
+                    }
+                }
+            }
+        }
+        for ((endpoint_id, net), rules) in &wanted {
+            if !current_keys.contains(&(*endpoint_id, *net)) {
+                self.count(
+                    "cidr_set",
+                    self.datapath.set_cidr_rules(*endpoint_id, *net, rules),
+                );
+            }
+        }
+        self.metrics
+            .datapath
+            .cidr_entries
+            .set(i64::try_from(wanted.len()).unwrap_or(i64::MAX));
+    }
+
+    /// The prefixes a peer stands for.
+    fn prefixes(&self, peer: &Peer) -> Vec<IpNet> {
+        let everything = || vec![IpNet::V4(Ipv4Net::default()), IpNet::V6(Ipv6Net::default())];
+        let host = || {
+            vec![
+                IpNet::V4(Ipv4Net::new(Ipv4Addr::new(127, 0, 0, 0), 8).unwrap_or_default()),
+                IpNet::from(IpAddr::V6(Ipv6Addr::LOCALHOST)),
+            ]
+        };
+        let endpoint_ips = |filter: Option<EndpointId>| -> Vec<IpNet> {
+            self.table
+                .infos()
+                .iter()
+                .filter(|info| filter.is_none_or(|id| id == info.id))
+                .flat_map(|info| info.ips.iter().map(|ip| IpNet::from(*ip)))
+                .collect()
+        };
+        match peer {
+            Peer::Cidr { cidr, except } => subtract(*cidr, except),
+            // Everything outside the node's endpoints and host; the maps cannot express
+            // "all but" cheaply, so the known endpoints' and host's addresses are carved out.
+            Peer::World => {
+                let mut carved = endpoint_ips(None);
+                carved.extend(host());
+                everything()
+                    .into_iter()
+                    .flat_map(|net| subtract(net, &carved))
+                    .collect()
+            }
+            Peer::All => everything(),
+            Peer::Host => host(),
+            Peer::Cluster => {
+                let mut nets = endpoint_ips(None);
+                nets.extend(host());
+                nets
+            }
+            Peer::Endpoint(id) => endpoint_ips(Some(*id)),
+        }
+    }
+
+    /// FQDN entries: what the cache and the policy's toFQDNs grants want, plus entries kept
+    /// alive by traffic for `idle_grace_s` after their TTL.
+    fn reconcile_fqdn(&mut self, policy: &PolicyRepository, now: UnixTime) {
+        let grace = self.config.dns.idle_grace_s;
+        // Traffic in the grace window keeps an IP in the cache (source `connection`).
+        let recent: Vec<(u32, IpAddr, u64)> = self
+            .count("list", self.datapath.last_seen_entries())
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|(_, _, seen)| now.0.saturating_sub(*seen) < grace)
+            .collect();
+        let entries = {
+            let mut cache = self.cache.lock();
+            for (endpoint_id, ip, seen) in &recent {
+                if let Some(key) = self.table.key_of(EndpointId(*endpoint_id)) {
+                    cache.keep_alive(key, *ip, UnixTime(seen + grace));
+                }
+            }
+            cache.entries(now)
+        };
+        let mut wanted: HashMap<FqdnKey, u64> = HashMap::new();
+        let mut grants_by_name: HashMap<String, Vec<FqdnGrant>> = HashMap::new();
+        for entry in &entries {
+            let grants = grants_by_name.entry(entry.name.clone()).or_insert_with(|| {
+                let mut grants = Vec::new();
+                if let Ok(name) = DnsName::new(&entry.name) {
+                    policy.fqdn_grants(&name, &mut grants);
+                }
+                grants
+            });
+            for grant in grants.iter() {
+                for cached in &entry.ips {
+                    for key in fqdn_keys(grant, cached.ip) {
+                        let expiry = wanted.entry(key).or_insert(0);
+                        *expiry = (*expiry).max(cached.expires_at.0);
+                    }
+                }
+            }
+        }
+        let Some(current) = self.count("list", self.datapath.fqdn_entries()) else {
+            return;
+        };
+        let recent: HashSet<(u32, IpAddr)> =
+            recent.into_iter().map(|(id, ip, _)| (id, ip)).collect();
+        let mut idle_grace = 0;
+        let mut present = HashSet::new();
+        for (key, expires_at) in current {
+            present.insert(key);
+            if let Some(wanted_expiry) = wanted.get(&key) {
+                self.unwanted_since.remove(&key);
+                if *wanted_expiry > expires_at {
+                    self.count("allow", self.datapath.allow_fqdn(key, *wanted_expiry));
+                }
+                continue;
+            }
+            let revoke = if expires_at > now.0 {
+                // Still within its TTL but wanted by no policy: a removed rule, or a peer's
+                // entry whose mapping has not reached this cache yet. Give it a moment.
+                let since = *self.unwanted_since.entry(key).or_insert_with(Instant::now);
+                since.elapsed() >= UNWANTED_GRACE
+            } else if recent.contains(&(key.endpoint_id, key.ip)) {
+                idle_grace += 1;
+                false
+            } else {
+                true
+            };
+            if revoke {
+                self.unwanted_since.remove(&key);
+                self.count("revoke", self.datapath.revoke_fqdn(&key));
+            }
+        }
+        for (key, expires_at) in &wanted {
+            if !present.contains(key) {
+                self.count("allow", self.datapath.allow_fqdn(*key, *expires_at));
+            }
+        }
+        self.unwanted_since.retain(|key, _| present.contains(key));
+        self.metrics
+            .datapath
+            .fqdn_entries
+            .set(i64::try_from(present.len().max(wanted.len())).unwrap_or(i64::MAX));
+        self.metrics.datapath.idle_grace_entries.set(idle_grace);
+    }
+}
+
+/// Reconciles once a second and right after every policy change, until `shutdown`.
+pub async fn reconcile_loop(reconciler: Reconciler, shutdown: CancellationToken) {
+    let reconciler = Arc::new(std::sync::Mutex::new(reconciler));
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut revision = u64::MAX;
+    let mut fast = tokio::time::interval(Duration::from_millis(100));
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+            _ = fast.tick() => {
+                let now = reconciler.lock().unwrap_or_else(|p| p.into_inner()).policy.status().revision;
+                if now == revision {
+                    continue;
+                }
+            }
+        }
+        let reconciler = reconciler.clone();
+        // Map syscalls: quick, but off the proxy's worker threads all the same.
+        let done = tokio::task::spawn_blocking(move || {
+            let mut reconciler = reconciler.lock().unwrap_or_else(|p| p.into_inner());
+            let revision = reconciler.policy.status().revision;
+            reconciler.reconcile();
+            revision
+        })
+        .await;
+        if let Ok(done) = done {
+            revision = done;
+        }
+    }
+}
+
+/// Reads drop events from the ring buffer (including those written while no agent ran) and
+/// turns each into a log line, a metric and a flow event.
+pub async fn watch_drops(
+    datapath: Datapath,
+    cgroups: Arc<CgroupIndex>,
+    metrics: Metrics,
+    flows: Arc<FlowLog>,
+    shutdown: CancellationToken,
+) {
+    let mut events = match datapath.events() {
+        Ok(events) => events,
+        Err(error) => {
+            tracing::error!(%error, "cannot read datapath drop events");
+            return;
+        }
+    };
+    loop {
+        let event = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            event = events.next() => event,
+        };
+        let event = match event {
+            Ok(event) => event,
+            Err(error) => {
+                tracing::warn!(%error, "datapath event read failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let endpoint = cgroups.get(event.cgroup_id).map_or_else(
+            || format!("cgroup:{}", event.cgroup_id),
+            |(_, key)| key.to_string(),
+        );
+        let protocol = match event.proto {
+            TCP => "tcp".to_owned(),
+            UDP => "udp".to_owned(),
+            1 => "icmp".to_owned(),
+            58 => "icmpv6".to_owned(),
+            other => other.to_string(),
+        };
+        metrics
+            .datapath
+            .drops
+            .with_label_values(&[event.reason.as_str()])
+            .inc();
+        tracing::info!(
+            endpoint,
+            destination = %event.dst,
+            protocol,
+            reason = event.reason.as_str(),
+            "datapath drop"
+        );
+        let time_ms = event
+            .time
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|elapsed| u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX))
+            .unwrap_or(0);
+        flows.record(FlowEvent::Drop(DropFlow {
+            time_ms,
+            instance: "agent".to_owned(),
+            endpoint,
+            destination: event.dst.ip(),
+            port: event.dst.port(),
+            protocol,
+        }));
+    }
+}
+
+/// The first IPv4 and IPv6 addresses among `addresses`.
+fn targets(addresses: &[SocketAddr]) -> (Option<SocketAddrV4>, Option<SocketAddrV6>) {
+    let v4 = addresses.iter().find_map(|address| match address {
+        SocketAddr::V4(v4) => Some(*v4),
+        SocketAddr::V6(_) => None,
+    });
+    let v6 = addresses.iter().find_map(|address| match address {
+        SocketAddr::V6(v6) => Some(*v6),
+        SocketAddr::V4(_) => None,
+    });
+    (v4, v6)
+}
+
+/// An endpoint's cgroup: absolute as given, or relative to the datapath's cgroup root.
+pub fn resolve_cgroup(root: &Path, cgroup: &Path) -> PathBuf {
+    if cgroup.is_absolute() {
+        cgroup.to_path_buf()
+    } else {
+        root.join(cgroup)
+    }
+}
+
+fn port_rules(ports: &[PortRange]) -> Vec<PortRule> {
+    if ports.is_empty() {
+        return vec![PortRule::ANY];
+    }
+    ports
+        .iter()
+        .flat_map(|range| {
+            let protos: &[Option<u8>] = match range.proto {
+                Some(L4Proto::Tcp) => &[Some(TCP)],
+                Some(L4Proto::Udp) => &[Some(UDP)],
+                None if *range == PortRange::ALL => &[None],
+                None => &[Some(TCP), Some(UDP)],
+            };
+            protos
+                .iter()
+                .map(|proto| PortRule::range(*proto, range.first, range.last))
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+/// Adds `rules` to `into`; "everything" absorbs the rest. The map holds 8 rules a prefix.
+fn merge_rules(into: &mut Vec<PortRule>, rules: &[PortRule]) {
+    if into.contains(&PortRule::ANY) {
+        return;
+    }
+    if rules.contains(&PortRule::ANY) {
+        *into = vec![PortRule::ANY];
+        return;
+    }
+    for rule in rules {
+        if !into.contains(rule) {
+            into.push(*rule);
+        }
+    }
+    if into.len() > 8 {
+        tracing::error!(
+            rules = into.len(),
+            "more than 8 port rules for one prefix; extra rules dropped"
+        );
+        into.truncate(8);
+    }
+}
+
+/// `net` without the `except` prefixes, as a list of prefixes.
+pub fn subtract(net: IpNet, except: &[IpNet]) -> Vec<IpNet> {
+    let overlapping: Vec<IpNet> = except
+        .iter()
+        .filter(|hole| hole.contains(&net.network()) || net.contains(&hole.network()))
+        .filter(|hole| std::mem::discriminant(*hole) == std::mem::discriminant(&net))
+        .copied()
+        .collect();
+    if overlapping.is_empty() {
+        return vec![net];
+    }
+    if overlapping.iter().any(|hole| hole.contains(&net)) {
+        return Vec::new();
+    }
+    match net.subnets(net.prefix_len() + 1) {
+        Ok(halves) => halves
+            .flat_map(|half| subtract(half, &overlapping))
+            .collect(),
+        Err(_) => Vec::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn net(text: &str) -> IpNet {
+        text.parse().unwrap()
+    }
+
+    #[test]
+    fn except_prefixes_are_carved_out() {
+        let mut parts = subtract(net("10.0.0.0/8"), &[net("10.96.0.0/12")]);
+        parts.sort();
+        assert_eq!(parts.len(), 4);
+        assert!(
+            parts
+                .iter()
+                .all(|part| !part.contains(&net("10.96.0.1/32").network()))
+        );
+        assert!(
+            parts
+                .iter()
+                .any(|part| part.contains(&net("10.95.0.1/32").network()))
+        );
+        assert!(
+            parts
+                .iter()
+                .any(|part| part.contains(&net("10.112.0.1/32").network()))
+        );
+        assert_eq!(subtract(net("10.1.0.0/16"), &[net("10.0.0.0/8")]), vec![]);
+        assert_eq!(
+            subtract(net("10.1.0.0/16"), &[net("::/0")]),
+            vec![net("10.1.0.0/16")]
+        );
+    }
+
+    #[test]
+    fn fqdn_grants_become_exact_keys() {
+        let ip: IpAddr = "198.18.1.10".parse().unwrap();
+        let grant = |ports: Vec<PortRange>| FqdnGrant {
+            endpoint: EndpointId(3),
+            ports,
+            selector: "cilium.io".into(),
+        };
+        assert_eq!(fqdn_keys(&grant(vec![]), ip), vec![FqdnKey::any(3, ip)]);
+        let web = grant(vec![
+            PortRange {
+                first: 80,
+                last: 80,
+                proto: Some(L4Proto::Tcp),
+            },
+            PortRange {
+                first: 443,
+                last: 443,
+                proto: Some(L4Proto::Tcp),
+            },
+        ]);
+        let keys = fqdn_keys(&web, ip);
+        assert_eq!(keys.len(), 2);
+        assert!(keys.iter().all(|key| key.proto == Some(TCP)));
+        let both = grant(vec![PortRange {
+            first: 53,
+            last: 53,
+            proto: None,
+        }]);
+        assert_eq!(fqdn_keys(&both, ip).len(), 2, "ANY is TCP and UDP");
+        let wide = grant(vec![PortRange {
+            first: 1,
+            last: 60_000,
+            proto: Some(L4Proto::Tcp),
+        }]);
+        assert!(
+            fqdn_keys(&wide, ip).is_empty(),
+            "too wide: refused, never widened"
+        );
+    }
+
+    #[test]
+    fn any_port_absorbs_other_rules() {
+        let mut rules = vec![PortRule::port(TCP, 80)];
+        merge_rules(&mut rules, &[PortRule::ANY]);
+        assert_eq!(rules, vec![PortRule::ANY]);
+        merge_rules(&mut rules, &[PortRule::port(UDP, 53)]);
+        assert_eq!(rules, vec![PortRule::ANY]);
+    }
+}
