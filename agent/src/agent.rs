@@ -32,8 +32,12 @@ use crate::state::CacheFile;
 const FLOW_LOG_CAPACITY: usize = 10_000;
 /// Expired cache entries are removed this often.
 const GC_INTERVAL: Duration = Duration::from_secs(1);
-/// A changed cache is written to `state_dir` at most this often (and once more at shutdown).
-const PERSIST_INTERVAL: Duration = Duration::from_secs(2);
+/// A changed cache is written to `state_dir` this soon (and once more at shutdown), or ten
+/// times as long as the last write took if that is longer, so a huge cache does not spend the
+/// agent's time on rewriting itself.
+const PERSIST_INTERVAL: Duration = Duration::from_millis(500);
+/// How often the maintenance loop wakes: a change is noticed within this.
+const MAINTENANCE_TICK: Duration = Duration::from_millis(250);
 
 /// A started agent; dropping it does not stop it, [`RunningAgent::shutdown`] does.
 #[derive(Debug)]
@@ -276,43 +280,51 @@ async fn maintain_cache(
     metrics: Metrics,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let mut gc = tokio::time::interval(GC_INTERVAL);
-    gc.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut tick = tokio::time::interval(MAINTENANCE_TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut saved_at_change = 0;
     let mut last_save = Instant::now();
+    let mut save_pause = PERSIST_INTERVAL;
+    let mut last_gc = Instant::now();
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
-            _ = gc.tick() => {}
+            _ = tick.tick() => {}
         }
         let now = unix_now();
-        let (expired, names, ips) = {
-            let mut cache = cache.lock();
-            let expired = cache.gc(now).len();
-            (expired, cache.name_count(), cache.ip_count())
-        };
-        if expired > 0 {
+        if last_gc.elapsed() >= GC_INTERVAL {
+            last_gc = Instant::now();
+            let (expired, names, ips) = {
+                let mut cache = cache.lock();
+                let expired = cache.gc(now).len();
+                (expired, cache.name_count(), cache.ip_count())
+            };
+            if expired > 0 {
+                metrics
+                    .cache
+                    .gc_deletions
+                    .inc_by(u64::try_from(expired).unwrap_or(u64::MAX));
+                changes.0.fetch_add(1, Ordering::Relaxed);
+            }
             metrics
                 .cache
-                .gc_deletions
-                .inc_by(u64::try_from(expired).unwrap_or(u64::MAX));
-            changes.0.fetch_add(1, Ordering::Relaxed);
+                .names
+                .set(i64::try_from(names).unwrap_or(i64::MAX));
+            metrics
+                .cache
+                .ips
+                .set(i64::try_from(ips).unwrap_or(i64::MAX));
         }
-        metrics
-            .cache
-            .names
-            .set(i64::try_from(names).unwrap_or(i64::MAX));
-        metrics
-            .cache
-            .ips
-            .set(i64::try_from(ips).unwrap_or(i64::MAX));
         let change = changes.0.load(Ordering::Relaxed);
-        if change == saved_at_change || last_save.elapsed() < PERSIST_INTERVAL {
+        if change == saved_at_change || last_save.elapsed() < save_pause {
             continue;
         }
+        let started = Instant::now();
         let snapshot = cache.lock().snapshot(now);
         let file = file.clone();
-        match tokio::task::spawn_blocking(move || file.save(&snapshot)).await {
+        let saved = tokio::task::spawn_blocking(move || file.save(&snapshot)).await;
+        save_pause = PERSIST_INTERVAL.max(started.elapsed() * 10);
+        match saved {
             Ok(Ok(())) => saved_at_change = change,
             Ok(Err(error)) => {
                 metrics.cache.persist_errors.inc();
