@@ -148,6 +148,18 @@ pub struct NoReply {
 
 /// `dig @server name qtype` with `opts`, parsed.
 pub async fn dig(server: SocketAddr, name: &str, qtype: &str, opts: DigOpts) -> Result<DnsReply> {
+    dig_with(server, name, qtype, opts, |_| Ok(())).await
+}
+
+/// [`dig`] with `prepare` applied to the command before it is spawned: the lab uses it to
+/// start the same dig inside a cgroup, so both share one command line and one parser.
+pub(crate) async fn dig_with(
+    server: SocketAddr,
+    name: &str,
+    qtype: &str,
+    opts: DigOpts,
+    prepare: impl FnOnce(&mut Command) -> Result<()>,
+) -> Result<DnsReply> {
     let mut cmd = Command::new(tool_path("dig").context("dig not found (package dnsutils)")?);
     cmd.arg(format!("@{}", server.ip()))
         .args(["-p", &server.port().to_string()])
@@ -168,6 +180,7 @@ pub async fn dig(server: SocketAddr, name: &str, qtype: &str, opts: DigOpts) -> 
     if let Some(src) = opts.source {
         cmd.args(["-b", &src.to_string()]);
     }
+    prepare(&mut cmd)?;
     let out = run(&mut cmd, opts.kill_after()).await?;
     single_reply("dig", server, &format!("{name} {qtype}"), &out)
 }

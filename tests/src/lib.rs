@@ -3,10 +3,12 @@
 //! hard timeouts and parsed, and small guards so every process and file a test creates is
 //! gone when the test ends, pass or fail. Only [`warden`] knows about Warden itself: it starts
 //! the agent in-process or as its binary and runs the `warden` CLI; the rest serves tests of
-//! the in-process proxy, of the binaries, and of the support itself alike. Traffic only ever
-//! goes to loopback.
+//! the in-process proxy, of the binaries, and of the support itself alike. [`lab`] adds the
+//! network: a namespace of "internet" hosts behind a veth, cgroups of our own, commands run
+//! inside them. Traffic only ever goes to loopback and to the lab's own namespace.
 
 mod clients;
+pub mod lab;
 mod net;
 mod probe;
 mod process;

@@ -59,8 +59,18 @@ impl KnotUpstream {
         Self::start_with_zones(ip, lab_zones())
     }
 
+    /// Starts knotd on exactly `addr` (port 53 of a unique loopback address, say: the datapath
+    /// only redirects queries to port 53).
+    pub fn start_on(addr: SocketAddr) -> Result<Self> {
+        Self::launch(addr.ip(), Some(addr.port()), lab_zones())
+    }
+
     /// Like [`Self::start`] with other zone data.
-    pub fn start_with_zones(ip: IpAddr, mut zones: Vec<Zone>) -> Result<Self> {
+    pub fn start_with_zones(ip: IpAddr, zones: Vec<Zone>) -> Result<Self> {
+        Self::launch(ip, None, zones)
+    }
+
+    fn launch(ip: IpAddr, fixed_port: Option<u16>, mut zones: Vec<Zone>) -> Result<Self> {
         let knotd = tool_path("knotd").context("knotd not found (Debian package `knot`)")?;
         let mut dir = tempfile::Builder::new()
             .prefix("warden-knot-")
@@ -78,8 +88,16 @@ impl KnotUpstream {
         }
 
         let mut last_err = None;
-        for attempt in 1..=BIND_ATTEMPTS {
-            let port = free_port(ip).with_context(|| format!("finding a free port on {ip}"))?;
+        let attempts = if fixed_port.is_some() {
+            1
+        } else {
+            BIND_ATTEMPTS
+        };
+        for attempt in 1..=attempts {
+            let port = match fixed_port {
+                Some(port) => port,
+                None => free_port(ip).with_context(|| format!("finding a free port on {ip}"))?,
+            };
             let addr = SocketAddr::new(ip, port);
             let conf = dir.path().join("knot.conf");
             // A stale log would make a later, unrelated failure look like a lost bind race.
@@ -109,7 +127,7 @@ impl KnotUpstream {
                     tracing::info!(%addr, pid = up.knotd.pid(), "knotd ready");
                     return Ok(up);
                 }
-                Err(e) if up.lost_bind_race() && attempt < BIND_ATTEMPTS => {
+                Err(e) if up.lost_bind_race() && attempt < attempts => {
                     tracing::debug!(%addr, "knotd could not bind, retrying: {e:#}");
                     let Self {
                         knotd,
