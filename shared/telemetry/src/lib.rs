@@ -15,4 +15,6 @@ mod metrics;
 
 pub use error::TelemetryError;
 pub use flows::{DnsFlow, DropFlow, FlowEvent, FlowLog, Verdict};
-pub use metrics::{CacheMetrics, DatapathMetrics, DnsMetrics, Metrics, PolicyMetrics, Scope};
+pub use metrics::{
+    CacheMetrics, DatapathMetrics, DnsMetrics, Metrics, PeerMetrics, PolicyMetrics, Scope,
+};

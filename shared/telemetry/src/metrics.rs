@@ -44,6 +44,30 @@ pub struct Metrics {
     pub cache: CacheMetrics,
     pub policy: PolicyMetrics,
     pub datapath: DatapathMetrics,
+    pub peer: PeerMetrics,
+}
+
+/// The agent ⇄ dnsproxy link's series. Each process emits them from its own side.
+#[derive(Debug, Clone)]
+pub struct PeerMetrics {
+    /// 1 while the peer is connected over the agent's Unix socket.
+    pub connected: IntGauge,
+    /// dnsproxy: 1 while it serves without the agent (from its persisted snapshot).
+    pub offline: IntGauge,
+    /// dnsproxy: mappings waiting to be delivered to the agent.
+    pub journal_entries: IntGauge,
+    /// dnsproxy: mappings dropped because the journal was full.
+    pub journal_dropped: IntCounter,
+    /// Completed resyncs (journal replayed and caches exchanged).
+    pub resyncs: IntCounter,
+    pub resync_seconds: Histogram,
+    /// Policy revision the peer acknowledged (agent) or received (dnsproxy).
+    pub acked_revision: IntGauge,
+    /// Mappings received from the peer.
+    pub mappings_received: IntCounter,
+    /// Connections or messages refused on the agent socket; label: reason (credentials,
+    /// oversized, malformed, protocol).
+    pub rejected: IntCounterVec,
 }
 
 /// The eBPF datapath's series (all zero with `datapath.mode: none`).
@@ -241,12 +265,66 @@ impl Metrics {
                 &["op"],
             )?,
         };
+        let peer = PeerMetrics {
+            connected: gauge(
+                &registry,
+                "peer_connected",
+                "1 while the agent and warden-dnsproxy are connected.",
+            )?,
+            offline: gauge(
+                &registry,
+                "offline_mode",
+                "1 while warden-dnsproxy serves without the agent, from its persisted snapshot.",
+            )?,
+            journal_entries: gauge(
+                &registry,
+                "journal_entries",
+                "Mappings warden-dnsproxy holds for the agent until it is back.",
+            )?,
+            journal_dropped: counter(
+                &registry,
+                "journal_dropped_total",
+                "Mappings dropped because the offline journal was full.",
+            )?,
+            resyncs: counter(
+                &registry,
+                "resyncs_total",
+                "Completed resyncs between agent and warden-dnsproxy.",
+            )?,
+            resync_seconds: {
+                let opts = HistogramOpts::new(
+                    "resync_duration_seconds",
+                    "Time from connection to both caches exchanged.",
+                )
+                .buckets(vec![0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0]);
+                let histogram = Histogram::with_opts(opts)?;
+                registry.register(Box::new(histogram.clone()))?;
+                histogram
+            },
+            acked_revision: gauge(
+                &registry,
+                "peer_policy_revision",
+                "Policy revision acknowledged by (agent) or received from (dnsproxy) the peer.",
+            )?,
+            mappings_received: counter(
+                &registry,
+                "peer_mappings_received_total",
+                "Mappings (name, IPs, TTL, endpoint) received from the peer.",
+            )?,
+            rejected: counter_vec(
+                &registry,
+                "api_rejected_total",
+                "Connections or messages refused on the agent socket, by reason.",
+                &["reason"],
+            )?,
+        };
         Ok(Metrics {
             registry,
             dns,
             cache,
             policy,
             datapath,
+            peer,
         })
     }
 
