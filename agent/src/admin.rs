@@ -1,7 +1,7 @@
 //! The agent's admin HTTP API: `/healthz`, `/readyz`, `/v1/status`, `/metrics`,
 //! `/v1/fqdn/cache` and `/v1/flows`.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
@@ -11,10 +11,10 @@ use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Json};
 use axum::routing::get;
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use warden_fqdn::Source;
 use warden_proxy::{SharedCache, unix_now};
-use warden_telemetry::{FlowLog, Metrics};
+use warden_telemetry::{CacheRow, CacheRowIp, FlowLog, InstanceStatus, Metrics, PolicyStatusView};
 
 use crate::policy_store::{PolicyStatus, PolicyStore};
 
@@ -30,38 +30,6 @@ pub struct AdminState {
     pub started: Instant,
 }
 
-/// `GET /v1/status`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct AgentStatus {
-    pub instance: String,
-    pub version: String,
-    pub serving: bool,
-    pub ready: bool,
-    /// Whether `warden-dnsproxy` is connected over the agent socket.
-    pub peer_connected: bool,
-    /// `online` for the agent; the standalone proxy reports `offline` while the agent is away.
-    pub mode: String,
-    pub policy_revision: u64,
-    pub policy: PolicyStatusView,
-    pub cache_names: usize,
-    pub cache_ips: usize,
-    pub endpoints: usize,
-    pub dns_listen: Vec<SocketAddr>,
-    /// Instances holding the DNS port now.
-    pub dns_port_holders: Vec<String>,
-    pub datapath: String,
-    pub uptime_s: u64,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct PolicyStatusView {
-    pub revision: u64,
-    pub policies: usize,
-    pub selectors: usize,
-    pub source: String,
-    pub last_error: Option<String>,
-}
-
 impl From<PolicyStatus> for PolicyStatusView {
     fn from(status: PolicyStatus) -> Self {
         PolicyStatusView {
@@ -72,29 +40,6 @@ impl From<PolicyStatus> for PolicyStatusView {
             last_error: status.last_error,
         }
     }
-}
-
-/// One row of `GET /v1/fqdn/cache`: a name an endpoint resolved, with its IPs.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct CacheRow {
-    pub endpoint: String,
-    pub name: String,
-    pub ips: Vec<IpAddr>,
-    /// Seconds until the last of these IPs expires.
-    pub ttl: u64,
-    /// Unix seconds when the last of these IPs expires.
-    pub expires_at: u64,
-    /// `lookup`, `connection` (kept alive by traffic past its TTL) or `restored`.
-    pub source: String,
-    pub entries: Vec<CacheRowIp>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct CacheRowIp {
-    pub ip: IpAddr,
-    pub ttl: u64,
-    pub expires_at: u64,
-    pub source: String,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -113,14 +58,14 @@ pub fn router(state: AdminState, metrics: Metrics, flows: Arc<FlowLog>) -> Route
 }
 
 impl AdminState {
-    pub fn status(&self) -> AgentStatus {
+    pub fn status(&self) -> InstanceStatus {
         let policy = self.policy.status();
         let serving = self.serving.load(Ordering::Relaxed);
         let (cache_names, cache_ips) = {
             let cache = self.cache.lock();
             (cache.name_count(), cache.ip_count())
         };
-        AgentStatus {
+        InstanceStatus {
             instance: "agent".to_owned(),
             version: env!("CARGO_PKG_VERSION").to_owned(),
             serving,
@@ -161,7 +106,7 @@ async fn readyz(State(state): State<AdminState>) -> impl IntoResponse {
     }
 }
 
-async fn status(State(state): State<AdminState>) -> Json<AgentStatus> {
+async fn status(State(state): State<AdminState>) -> Json<InstanceStatus> {
     Json(state.status())
 }
 

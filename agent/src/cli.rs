@@ -13,7 +13,7 @@ use hyper::body::Bytes;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
-use crate::admin::{AgentStatus, CacheRow};
+use warden_telemetry::{CacheRow, InstanceStatus};
 
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -148,13 +148,13 @@ async fn status(agent: &str, output: Output) -> anyhow::Result<String> {
     if output == Output::Json {
         return Ok(with_newline(body));
     }
-    let status: AgentStatus =
+    let status: InstanceStatus =
         serde_json::from_str(&body).context("the agent's status is not what this CLI expects")?;
     Ok(render_status(&status))
 }
 
 /// The human-readable status, one fact per line.
-pub fn render_status(status: &AgentStatus) -> String {
+pub fn render_status(status: &InstanceStatus) -> String {
     let mut text = String::new();
     let yes_no = |flag: bool| if flag { "yes" } else { "no" };
     let _ = writeln!(

@@ -12,9 +12,11 @@ pub mod admin;
 mod error;
 mod flows;
 mod metrics;
+mod status;
 
 pub use error::TelemetryError;
 pub use flows::{DnsFlow, DropFlow, FlowEvent, FlowLog, Verdict};
 pub use metrics::{
     CacheMetrics, DatapathMetrics, DnsMetrics, Metrics, PeerMetrics, PolicyMetrics, Scope,
 };
+pub use status::{CacheRow, CacheRowIp, InstanceStatus, PolicyStatusView};
