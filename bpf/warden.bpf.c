@@ -749,21 +749,23 @@ int warden_reuse(struct sk_reuseport_md *md)
 {
 	__u32 zero = 0;
 	struct warden_reuseport_config *cfg = bpf_map_lookup_elem(&reuseport_config, &zero);
-	__u32 base = md->ip_protocol == IPPROTO_TCP ? 1 : 0;
+	/* The same program serves the IPv4 and IPv6 groups; each instance has a slot per group. */
+	__u32 base = (md->eth_protocol == bpf_htons(0x86DD) ? 2 : 0) +
+		     (md->ip_protocol == IPPROTO_TCP ? 1 : 0);
 	__u32 preferred, slot;
 
 	if (!cfg || !cfg->enabled)
 		return SK_PASS;
 	preferred = cfg->preferred;
 	if (preferred < WARDEN_REUSEPORT_INSTANCES) {
-		slot = preferred * 2 + base;
+		slot = preferred * 4 + base;
 		if (bpf_sk_select_reuseport(md, &reuseport_sockets, &slot, 0) == 0)
 			return SK_PASS;
 	}
 	for (__u32 i = 0; i < WARDEN_REUSEPORT_INSTANCES; i++) {
 		if (i == preferred)
 			continue;
-		slot = i * 2 + base;
+		slot = i * 4 + base;
 		if (bpf_sk_select_reuseport(md, &reuseport_sockets, &slot, 0) == 0)
 			return SK_PASS;
 	}

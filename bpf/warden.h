@@ -151,10 +151,12 @@ struct warden_drop_event {
 };
 
 /* reuseport_config: ARRAY[1] of struct warden_reuseport_config.
- * reuseport_sockets: REUSEPORT_SOCKARRAY of WARDEN_REUSEPORT_SLOTS; slot = 2 * instance + (0 for
- * the UDP socket, 1 for the TCP listener), so one map serves both groups of the DNS port. */
-#define WARDEN_REUSEPORT_INSTANCES 4
-#define WARDEN_REUSEPORT_SLOTS (2 * WARDEN_REUSEPORT_INSTANCES)
+ * reuseport_sockets: REUSEPORT_SOCKARRAY of WARDEN_REUSEPORT_SLOTS; slot = 4 * instance +
+ * 2 * (IPv6) + (0 for the UDP socket, 1 for the TCP listener), so one map serves the four
+ * reuseport groups of the DNS port (UDP and TCP, IPv4 and IPv6). Instance 0 is the agent,
+ * 1 the standalone proxy. */
+#define WARDEN_REUSEPORT_INSTANCES 2
+#define WARDEN_REUSEPORT_SLOTS (4 * WARDEN_REUSEPORT_INSTANCES)
 
 struct warden_reuseport_config {
 	__u32 preferred; /* instance tried first */

@@ -7,9 +7,11 @@ packages=(
   clang llvm libbpf-dev bpftool      # eBPF programs (bpf/) and inspecting them
   knot                                # knotd: the real upstream DNS server of the lab
   dnsutils knot-dnsutils dnsperf      # dig, kdig, dnsperf: real clients
+  dnsdist                             # the reference forwarder `make bench` compares against
   iproute2 curl procps psmisc         # namespaces, veth, HTTP checks, process tools
   python3                             # lab HTTP servers inside namespaces
   prometheus                          # promtool for metrics and rules checks
+  protobuf-compiler                   # protoc: the agent ⇄ dnsproxy API (shared/api)
 )
 
 missing=()

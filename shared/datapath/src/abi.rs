@@ -15,7 +15,7 @@ pub(crate) const EP_REDIRECT_DNS: u32 = 2;
 pub(crate) const AF_INET: u8 = 2;
 
 pub(crate) const CIDR_MAX_RULES: usize = 8;
-pub(crate) const REUSEPORT_INSTANCES: u32 = 4;
+pub(crate) const REUSEPORT_INSTANCES: u32 = 2;
 
 /// Map names: the ABI between this crate and the programs.
 pub(crate) mod map {

@@ -10,7 +10,9 @@ use aya::maps::lpm_trie::Key as LpmKey;
 use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, MapError, ReusePortSockArray};
 use aya::programs::{SkReuseport, SkReuseportAttachType};
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
-use nix::sys::socket::{SockType, getsockopt, sockopt};
+use nix::sys::socket::{
+    AddressFamily, SockType, SockaddrLike, SockaddrStorage, getsockname, getsockopt, sockopt,
+};
 
 use crate::abi::{
     self, EP_ENFORCED, EP_REDIRECT_DNS, RawCidrData, RawCidrValue, RawClientKey, RawDnsTarget,
@@ -642,17 +644,28 @@ fn reuseport_slot(instance: u32, socket: &impl AsFd) -> Result<u32, DatapathErro
         op: "getsockopt(SO_TYPE)",
         source: errno.into(),
     })?;
-    let offset = match ty {
-        SockType::Datagram => 0,
-        SockType::Stream => 1,
-        other => {
-            return Err(DatapathError::Invalid {
-                map: map::REUSEPORT_SOCKETS,
-                reason: format!("socket type {other:?}; expected UDP or TCP"),
-            });
-        }
+    let family_offset = match getsockname::<SockaddrStorage>(socket.as_fd().as_raw_fd())
+        .map_err(|errno| DatapathError::Socket {
+            op: "getsockname",
+            source: errno.into(),
+        })?
+        .family()
+    {
+        Some(AddressFamily::Inet6) => 2,
+        _ => 0,
     };
-    Ok(instance * 2 + offset)
+    let offset = family_offset
+        + match ty {
+            SockType::Datagram => 0,
+            SockType::Stream => 1,
+            other => {
+                return Err(DatapathError::Invalid {
+                    map: map::REUSEPORT_SOCKETS,
+                    reason: format!("socket type {other:?}; expected UDP or TCP"),
+                });
+            }
+        };
+    Ok(instance * 4 + offset)
 }
 
 #[cfg(test)]
