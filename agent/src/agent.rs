@@ -13,17 +13,16 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use warden_config::{AgentConfig, DatapathMode, RejectCode};
 use warden_datapath::{Datapath, DatapathOptions};
+use warden_enforce::Enforcement;
 use warden_fqdn::CacheLimits;
 use warden_proxy::{
-    DatapathHook, DnsProxy, EndpointLookup, Mapping, MappingObserver, NoDatapath, ProxyContext,
-    ProxySettings, ResponseCode, SharedCache, unix_now,
+    DnsProxy, Mapping, MappingObserver, ProxyContext, ProxySettings, ResponseCode, SharedCache,
+    unix_now,
 };
 use warden_telemetry::{FlowLog, Metrics};
 
 use crate::admin::{self, AdminState};
-use crate::datapath::{
-    CgroupIndex, DatapathEndpoints, FqdnWriter, Reconciler, reconcile_loop, watch_drops,
-};
+use crate::datapath::{Reconciler, reconcile_loop, watch_drops};
 use crate::endpoints::EndpointTable;
 use crate::policy_store::PolicyStore;
 use crate::state::CacheFile;
@@ -109,28 +108,16 @@ pub async fn start(config: AgentConfig) -> anyhow::Result<RunningAgent> {
         DatapathMode::None => None,
         DatapathMode::Ebpf => Some(open_datapath(&config)?),
     };
-    let cgroups = Arc::new(CgroupIndex::default());
-    let (lookup, hook): (Arc<dyn EndpointLookup>, Arc<dyn DatapathHook>) = match &ebpf {
-        None => (endpoints.clone(), Arc::new(NoDatapath)),
-        Some((datapath, _)) => (
-            Arc::new(DatapathEndpoints {
-                datapath: datapath.clone(),
-                cgroups: cgroups.clone(),
-                table: endpoints.clone(),
-            }),
-            Arc::new(FqdnWriter {
-                datapath: datapath.clone(),
-                metrics: metrics.clone(),
-            }),
-        ),
-    };
+    let enforcement = Arc::new(Enforcement::new(metrics.clone()));
+    enforcement.set_directory(endpoints.directory());
+    enforcement.set_datapath(ebpf.as_ref().map(|(datapath, _)| datapath.clone()));
 
     let context = ProxyContext {
         instance: Arc::from("agent"),
-        endpoints: lookup,
+        endpoints: enforcement.clone(),
         policy: policy.clone(),
         cache: cache.clone(),
-        datapath: hook,
+        datapath: enforcement.clone(),
         mappings: changes.clone(),
         metrics: metrics.clone(),
         flows: flows.clone(),
@@ -203,7 +190,7 @@ pub async fn start(config: AgentConfig) -> anyhow::Result<RunningAgent> {
             cgroup_root,
             config: reconciled,
             table: endpoints.clone(),
-            cgroups: cgroups.clone(),
+            enforcement: enforcement.clone(),
             policy: policy.clone(),
             cache: cache.clone(),
             metrics: metrics.clone(),
@@ -217,7 +204,14 @@ pub async fn start(config: AgentConfig) -> anyhow::Result<RunningAgent> {
         let (drop_metrics, drop_flows, drop_shutdown) =
             (metrics.clone(), flows_for_drops.clone(), shutdown.clone());
         tasks.spawn(async move {
-            watch_drops(datapath, cgroups, drop_metrics, drop_flows, drop_shutdown).await;
+            watch_drops(
+                datapath,
+                enforcement,
+                drop_metrics,
+                drop_flows,
+                drop_shutdown,
+            )
+            .await;
             Ok(())
         });
     }

@@ -1,166 +1,33 @@
-//! The agent's side of the eBPF datapath (`datapath.mode: ebpf`).
+//! The agent's own jobs on the eBPF datapath (`datapath.mode: ebpf`); the hot-path pieces it
+//! shares with `warden-dnsproxy` live in `warden-enforce`.
 //!
-//! [`DatapathEndpoints`] tells the proxy who sent a redirected query and which server it was
-//! meant for (the redirect record, keyed by the client's address); [`FqdnWriter`] writes an
-//! answer's allow entries into the pinned maps before the answer is released; [`Reconciler`]
-//! keeps the maps equal to what config, policy and cache say: enrollment, DNS targets, CIDR
-//! rules, FQDN entries (kept while connections use them, for `idle_grace_s`), once a second
-//! and on every policy change. [`watch_drops`] turns drop events into logs, metrics and flows.
+//! [`Reconciler`] keeps the maps equal to what config, policy and cache say: enrollment, DNS
+//! targets, CIDR rules, FQDN entries (kept while connections use them, for `idle_grace_s`),
+//! once a second and on every policy change. [`watch_drops`] turns drop events into logs,
+//! metrics and flows.
 
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use tokio_util::sync::CancellationToken;
 use warden_config::AgentConfig;
 use warden_datapath::{Datapath, FqdnKey, PortRule};
+use warden_enforce::{Enforcement, TCP, UDP, fqdn_keys};
 use warden_fqdn::UnixTime;
 use warden_policy::{DnsName, EndpointId, FqdnGrant, L4Proto, Peer, PolicyRepository, PortRange};
-use warden_proxy::{
-    AllowRequest, ClientContext, DatapathHook, EndpointLookup, HoldFuture, PolicySource,
-    SharedCache, Transport, unix_now,
-};
+use warden_proxy::{PolicySource, SharedCache, unix_now};
 use warden_telemetry::{DropFlow, FlowEvent, FlowLog, Metrics};
 
 use crate::endpoints::EndpointTable;
 use crate::policy_store::PolicyStore;
 
-const TCP: u8 = 6;
-const UDP: u8 = 17;
-
-/// Widest `endPort` range written as one FQDN entry per port. The FQDN map holds exact ports
-/// (so two processes can write entries without merging values); a wider range is refused
-/// rather than widened to "any port".
-const MAX_EXPANDED_PORTS: usize = 1024;
-
 /// An unexpired entry no policy wants any more goes after this long: long enough for a peer's
 /// fresh entry to reach the agent's cache, short enough that a removed rule stops quickly.
 const UNWANTED_GRACE: Duration = Duration::from_secs(2);
-
-/// Endpoints by enrolled cgroup, shared by the proxy's lookups and the reconciler.
-#[derive(Debug, Default)]
-pub struct CgroupIndex(RwLock<HashMap<u64, (EndpointId, Arc<str>)>>);
-
-impl CgroupIndex {
-    fn get(&self, cgroup_id: u64) -> Option<(EndpointId, Arc<str>)> {
-        self.0
-            .read()
-            .unwrap_or_else(|poison| poison.into_inner())
-            .get(&cgroup_id)
-            .cloned()
-    }
-
-    fn replace(&self, index: HashMap<u64, (EndpointId, Arc<str>)>) {
-        *self.0.write().unwrap_or_else(|poison| poison.into_inner()) = index;
-    }
-}
-
-/// Who sent a query: the redirect record first, the source address otherwise.
-#[derive(Debug)]
-pub struct DatapathEndpoints {
-    pub datapath: Datapath,
-    pub cgroups: Arc<CgroupIndex>,
-    pub table: Arc<EndpointTable>,
-}
-
-impl EndpointLookup for DatapathEndpoints {
-    fn lookup(&self, client: SocketAddr, transport: Transport) -> ClientContext {
-        let proto = match transport {
-            Transport::Udp => UDP,
-            Transport::Tcp => TCP,
-        };
-        match self.datapath.redirect_record(client, proto) {
-            Ok(Some(record)) => ClientContext {
-                endpoint: self
-                    .cgroups
-                    .get(record.cgroup_id)
-                    .or_else(|| self.table.by_ip(client.ip())),
-                original_server: Some(record.original),
-            },
-            Ok(None) => self.table.lookup(client, transport),
-            Err(error) => {
-                tracing::warn!(%client, %error, "cannot read the redirect record");
-                self.table.lookup(client, transport)
-            }
-        }
-    }
-}
-
-/// Writes an answer's allow entries on the proxy's hot path: a few map updates, no waiting.
-#[derive(Debug)]
-pub struct FqdnWriter {
-    pub datapath: Datapath,
-    pub metrics: Metrics,
-}
-
-impl DatapathHook for FqdnWriter {
-    fn allow(&self, request: &AllowRequest<'_>) -> Option<HoldFuture> {
-        for grant in request.grants {
-            for ip in request.ips {
-                for key in fqdn_keys(grant, *ip) {
-                    self.count("allow", self.datapath.allow_fqdn(key, request.expires_at.0));
-                }
-            }
-        }
-        None
-    }
-}
-
-impl FqdnWriter {
-    fn count(&self, op: &str, result: Result<(), warden_datapath::DatapathError>) {
-        match result {
-            Ok(()) => self.metrics.datapath.updates.with_label_values(&[op]).inc(),
-            Err(error) => {
-                self.metrics.datapath.errors.with_label_values(&[op]).inc();
-                tracing::warn!(%error, op, "datapath update failed");
-            }
-        }
-    }
-}
-
-/// The map keys a grant gives one IP: one per protocol and port (or "any").
-fn fqdn_keys(grant: &FqdnGrant, ip: IpAddr) -> Vec<FqdnKey> {
-    let endpoint_id = grant.endpoint.0;
-    if grant.ports.is_empty() {
-        return vec![FqdnKey::any(endpoint_id, ip)];
-    }
-    let mut keys = Vec::new();
-    for range in &grant.ports {
-        let protos: &[Option<u8>] = match range.proto {
-            Some(L4Proto::Tcp) => &[Some(TCP)],
-            Some(L4Proto::Udp) => &[Some(UDP)],
-            None if *range == PortRange::ALL => &[None],
-            None => &[Some(TCP), Some(UDP)],
-        };
-        let ports: Vec<Option<u16>> = if range.first == 0 && range.last == u16::MAX {
-            vec![None]
-        } else if usize::from(range.last - range.first) < MAX_EXPANDED_PORTS {
-            (range.first..=range.last).map(Some).collect()
-        } else {
-            tracing::error!(
-                first = range.first,
-                last = range.last,
-                selector = grant.selector,
-                "toFQDNs port range too wide for the datapath; not allowed"
-            );
-            continue;
-        };
-        for proto in protos {
-            for port in &ports {
-                keys.push(FqdnKey {
-                    endpoint_id,
-                    ip,
-                    proto: *proto,
-                    port: *port,
-                });
-            }
-        }
-    }
-    keys
-}
 
 /// Keeps the pinned maps equal to what config, policy and cache say.
 #[derive(Debug)]
@@ -169,7 +36,7 @@ pub struct Reconciler {
     pub cgroup_root: PathBuf,
     pub config: AgentConfig,
     pub table: Arc<EndpointTable>,
-    pub cgroups: Arc<CgroupIndex>,
+    pub enforcement: Arc<Enforcement>,
     pub policy: Arc<PolicyStore>,
     pub cache: SharedCache,
     pub metrics: Metrics,
@@ -265,7 +132,7 @@ impl Reconciler {
             .datapath
             .enrolled
             .set(i64::try_from(index.len()).unwrap_or(i64::MAX));
-        self.cgroups.replace(index);
+        self.enforcement.set_cgroups(index);
     }
 
     /// The L3/L4 rules (toCIDR, toCIDRSet, toEntities, toEndpoints) of enforced endpoints.
@@ -481,7 +348,7 @@ pub async fn reconcile_loop(reconciler: Reconciler, shutdown: CancellationToken)
 /// turns each into a log line, a metric and a flow event.
 pub async fn watch_drops(
     datapath: Datapath,
-    cgroups: Arc<CgroupIndex>,
+    enforcement: Arc<Enforcement>,
     metrics: Metrics,
     flows: Arc<FlowLog>,
     shutdown: CancellationToken,
@@ -506,10 +373,14 @@ pub async fn watch_drops(
                 continue;
             }
         };
-        let endpoint = cgroups.get(event.cgroup_id).map_or_else(
-            || format!("cgroup:{}", event.cgroup_id),
-            |(_, key)| key.to_string(),
-        );
+        let endpoint = enforcement
+            .directory()
+            .by_cgroup
+            .get(&event.cgroup_id)
+            .map_or_else(
+                || format!("cgroup:{}", event.cgroup_id),
+                |(_, key)| key.to_string(),
+            );
         let protocol = match event.proto {
             TCP => "tcp".to_owned(),
             UDP => "udp".to_owned(),
@@ -665,47 +536,6 @@ mod tests {
         assert_eq!(
             subtract(net("10.1.0.0/16"), &[net("::/0")]),
             vec![net("10.1.0.0/16")]
-        );
-    }
-
-    #[test]
-    fn fqdn_grants_become_exact_keys() {
-        let ip: IpAddr = "198.18.1.10".parse().unwrap();
-        let grant = |ports: Vec<PortRange>| FqdnGrant {
-            endpoint: EndpointId(3),
-            ports,
-            selector: "cilium.io".into(),
-        };
-        assert_eq!(fqdn_keys(&grant(vec![]), ip), vec![FqdnKey::any(3, ip)]);
-        let web = grant(vec![
-            PortRange {
-                first: 80,
-                last: 80,
-                proto: Some(L4Proto::Tcp),
-            },
-            PortRange {
-                first: 443,
-                last: 443,
-                proto: Some(L4Proto::Tcp),
-            },
-        ]);
-        let keys = fqdn_keys(&web, ip);
-        assert_eq!(keys.len(), 2);
-        assert!(keys.iter().all(|key| key.proto == Some(TCP)));
-        let both = grant(vec![PortRange {
-            first: 53,
-            last: 53,
-            proto: None,
-        }]);
-        assert_eq!(fqdn_keys(&both, ip).len(), 2, "ANY is TCP and UDP");
-        let wide = grant(vec![PortRange {
-            first: 1,
-            last: 60_000,
-            proto: Some(L4Proto::Tcp),
-        }]);
-        assert!(
-            fqdn_keys(&wide, ip).is_empty(),
-            "too wide: refused, never widened"
         );
     }
 

@@ -5,6 +5,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use warden_config::EndpointConfig;
+use warden_enforce::EndpointDirectory;
 use warden_policy::{EndpointId, EndpointInfo, Labels};
 use warden_proxy::{ClientContext, EndpointLookup, Transport};
 
@@ -51,6 +52,17 @@ impl EndpointTable {
     pub fn key_of(&self, id: EndpointId) -> Option<&Arc<str>> {
         let index = usize::try_from(id.0).ok()?.checked_sub(1)?;
         self.keys.get(index)
+    }
+
+    /// The proxy's lookup view (source addresses only; the reconciler adds cgroups).
+    pub fn directory(&self) -> EndpointDirectory {
+        let mut directory = EndpointDirectory::default();
+        for (ip, index) in &self.by_ip {
+            directory
+                .by_ip
+                .insert(*ip, (self.infos[*index].id, self.keys[*index].clone()));
+        }
+        directory
     }
 
     pub fn by_ip(&self, ip: IpAddr) -> Option<(EndpointId, Arc<str>)> {

@@ -1,0 +1,17 @@
+//! What the agent and `warden-dnsproxy` both need to run the proxy engine on the eBPF datapath.
+//!
+//! [`Enforcement`] implements the engine's `EndpointLookup` (who sent a query: the redirect
+//! record's cgroup, else the source address; and which server it was meant for) and its
+//! `DatapathHook` (write an answer's allow entries, one exact key per protocol and port, before
+//! the answer is released). Its [`EndpointDirectory`] and datapath handle can be replaced at any
+//! time: the agent refreshes the cgroup index as it enrolls endpoints, the standalone proxy
+//! installs both when a policy snapshot arrives. [`fqdn_keys`] is the one place that turns a
+//! toFQDNs grant into map keys, used on the hot path and by the agent's reconciler alike.
+
+#![forbid(unsafe_code)]
+
+mod directory;
+mod keys;
+
+pub use directory::{EndpointDirectory, Enforcement};
+pub use keys::{TCP, UDP, fqdn_keys};
