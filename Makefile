@@ -24,6 +24,7 @@ lint:
 # The end-to-end tests start the real binaries, so they are built first.
 test: setup lint build
 	$(CARGO) test --workspace --no-fail-fast
+	bash scripts/check-observability.sh
 
 demo: build
 	$(CARGO) run --quiet -p warden-tests --bin warden-demo

@@ -9,7 +9,7 @@ packages=(
   dnsutils knot-dnsutils dnsperf      # dig, kdig, dnsperf: real clients
   dnsdist                             # the reference forwarder `make bench` compares against
   iproute2 curl procps psmisc         # namespaces, veth, HTTP checks, process tools
-  python3                             # lab HTTP servers inside namespaces
+  python3 python3-yaml                # lab HTTP servers in namespaces; manifest checks
   prometheus                          # promtool for metrics and rules checks
   protobuf-compiler                   # protoc: the agent ⇄ dnsproxy API (shared/api)
 )

@@ -1,18 +1,26 @@
 //! Pieces of the admin HTTP API common to both processes: serving a router until shutdown,
 //! the `/metrics` and `/healthz` handlers, and the flow-event endpoints.
 
+use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use axum::Router;
-use axum::extract::State;
+use axum::body::{Body, Bytes};
+use axum::extract::{Query, State};
 use axum::http::{StatusCode, header};
-use axum::response::IntoResponse;
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use axum::{Extension, Router};
+use serde::Deserialize;
 use tokio::net::TcpListener;
+use tokio::sync::{broadcast, watch};
 
-use crate::{FlowLog, Metrics, TelemetryError};
+use crate::flows::{FlowFollower, FlowLine, LostEvents};
+use crate::{FlowEvent, FlowLog, Metrics, TelemetryError};
+
+/// Events per chunk when a stream sends the retained events, or live ones that queued up.
+const STREAM_BATCH: usize = 256;
 
 /// Binds the admin listener. Separate from [`serve`] so callers learn the bound address
 /// (port 0 in tests) before they start serving.
@@ -22,19 +30,38 @@ pub async fn bind(address: SocketAddr) -> Result<TcpListener, TelemetryError> {
         .map_err(|source| TelemetryError::Bind { address, source })
 }
 
-/// Serves `router` until `shutdown` resolves, then lets requests in progress finish.
+/// Tells flow streams that the server is shutting down. A graceful shutdown waits for every
+/// response to finish, and a followed stream never finishes by itself.
+#[derive(Debug, Clone)]
+struct StreamsClosing(watch::Receiver<bool>);
+
+/// Serves `router` until `shutdown` resolves, then ends the flow streams being followed and
+/// lets the other requests in progress finish.
 pub async fn serve(
     listener: TcpListener,
     router: Router,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), TelemetryError> {
+    let (closing, closed) = watch::channel(false);
+    let router = router.layer(Extension(StreamsClosing(closed)));
     axum::serve(listener, router)
-        .with_graceful_shutdown(shutdown)
+        .with_graceful_shutdown(async move {
+            shutdown.await;
+            // No receiver left only means no stream is open.
+            let _ = closing.send(true);
+        })
         .await
         .map_err(TelemetryError::Serve)
 }
 
-/// `/healthz` (the process is alive), `/metrics`, and `/v1/flows` (recent flow events as JSON).
+/// `/healthz` (the process is alive), `/metrics`, and `/v1/flows` (flow events).
+///
+/// `GET /v1/flows` answers a JSON array of the retained events, oldest first;
+/// `?since_ms=T` keeps those with `time_ms >= T`. `?follow=true` answers newline-delimited
+/// JSON instead: the retained events (after `since_ms`), then every new event as it is
+/// recorded, until the client goes away or the server shuts down. A follower too slow to keep
+/// up gets a `{"type":"lost","time_ms":..,"count":N}` line in place of the N events it missed;
+/// recording never waits for it.
 pub fn common_routes(metrics: Metrics, flows: Arc<FlowLog>) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
@@ -48,12 +75,253 @@ pub fn common_routes(metrics: Metrics, flows: Arc<FlowLog>) -> Router {
             })
             .with_state(metrics),
         )
-        .route(
-            "/v1/flows",
-            get(|State(flows): State<Arc<FlowLog>>| async move {
-                axum::Json(flows.recent()).into_response()
-            })
-            .with_state(flows),
-        )
+        .route("/v1/flows", get(flows_handler).with_state(flows))
         .fallback(|| async { (StatusCode::NOT_FOUND, "not found\n") })
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct FlowQuery {
+    follow: Option<String>,
+    since_ms: Option<u64>,
+}
+
+async fn flows_handler(
+    State(flows): State<Arc<FlowLog>>,
+    closing: Option<Extension<StreamsClosing>>,
+    Query(query): Query<FlowQuery>,
+) -> Response {
+    let follow = match query
+        .follow
+        .as_deref()
+        .map(str::to_ascii_lowercase)
+        .as_deref()
+    {
+        None | Some("false" | "0" | "no") => false,
+        Some("" | "true" | "1" | "yes") => true,
+        Some(other) => {
+            return (
+                StatusCode::BAD_REQUEST,
+                format!("follow must be true or false, not {other:?}\n"),
+            )
+                .into_response();
+        }
+    };
+    if !follow {
+        return axum::Json(flows.recent_since(query.since_ms)).into_response();
+    }
+    let (retained, follower) = flows.follow_since(query.since_ms);
+    let stream = FlowStream {
+        retained: retained.into_iter(),
+        follower,
+        closing: closing.map(|Extension(StreamsClosing(closing))| closing),
+    };
+    let body = Body::from_stream(futures_util::stream::unfold(stream, FlowStream::next));
+    (
+        [
+            (header::CONTENT_TYPE, "application/x-ndjson"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        body,
+    )
+        .into_response()
+}
+
+/// The state of one `?follow=true` response.
+struct FlowStream {
+    retained: std::vec::IntoIter<FlowEvent>,
+    follower: FlowFollower,
+    /// `None` when the router is served by something other than [`serve`] (tests).
+    closing: Option<watch::Receiver<bool>>,
+}
+
+impl FlowStream {
+    /// The next chunk of lines; `None` ends the response.
+    async fn next(mut self) -> Option<(Result<Bytes, Infallible>, FlowStream)> {
+        let mut chunk = Vec::new();
+        for event in self.retained.by_ref().take(STREAM_BATCH) {
+            push_line(&mut chunk, &FlowLine::from(event));
+        }
+        if !chunk.is_empty() {
+            return Some((Ok(Bytes::from(chunk)), self));
+        }
+        let received = tokio::select! {
+            () = closed(self.closing.as_mut()) => return None,
+            received = self.follower.recv() => received,
+        };
+        let mut pending = Some(received);
+        for _ in 0..STREAM_BATCH {
+            let received = match pending.take() {
+                Some(received) => received,
+                // Whatever else queued up meanwhile goes in the same chunk.
+                None => match self.follower.try_recv() {
+                    Ok(event) => Ok(event),
+                    Err(broadcast::error::TryRecvError::Lagged(count)) => {
+                        Err(broadcast::error::RecvError::Lagged(count))
+                    }
+                    Err(_) => break,
+                },
+            };
+            match received {
+                Ok(event) => push_line(&mut chunk, &FlowLine::from(event)),
+                Err(broadcast::error::RecvError::Lagged(count)) => push_line(
+                    &mut chunk,
+                    &FlowLine::Lost(LostEvents {
+                        time_ms: unix_millis(),
+                        instance: String::new(),
+                        count,
+                    }),
+                ),
+                Err(broadcast::error::RecvError::Closed) if chunk.is_empty() => return None,
+                Err(broadcast::error::RecvError::Closed) => break,
+            }
+        }
+        Some((Ok(Bytes::from(chunk)), self))
+    }
+}
+
+/// Resolves once the server shuts down; never without a shutdown signal to watch.
+async fn closed(closing: Option<&mut watch::Receiver<bool>>) {
+    match closing {
+        // An error means the sender is gone: the server stopped.
+        Some(closing) => {
+            let _ = closing.wait_for(|closing| *closing).await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
+fn push_line(chunk: &mut Vec<u8>, line: &FlowLine) {
+    // Serializing plain data cannot fail; a failure would only lose this line.
+    if let Ok(json) = serde_json::to_vec(line) {
+        chunk.extend_from_slice(&json);
+        chunk.push(b'\n');
+    }
+}
+
+fn unix_millis() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|elapsed| u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    use crate::flows::FOLLOW_BACKLOG;
+    use crate::{DropFlow, FlowEvent};
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+
+    fn drop_event(port: u16) -> FlowEvent {
+        FlowEvent::Drop(DropFlow {
+            time_ms: u64::from(port),
+            instance: "agent".into(),
+            endpoint: "youssef/test".into(),
+            destination: "198.18.1.30".parse().unwrap(),
+            port,
+            protocol: "tcp".into(),
+        })
+    }
+
+    /// Reads one line of the body, skipping the HTTP head and chunk-size lines.
+    async fn next_json_line(
+        reader: &mut BufReader<tokio::net::TcpStream>,
+    ) -> Option<serde_json::Value> {
+        loop {
+            let mut line = String::new();
+            if reader.read_line(&mut line).await.ok()? == 0 {
+                return None;
+            }
+            if line.starts_with('{') {
+                return serde_json::from_str(line.trim()).ok();
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_followed_stream_sends_retained_then_live_events_and_ends_at_shutdown() {
+        let metrics = Metrics::new("agent").unwrap();
+        let flows = Arc::new(FlowLog::new(16));
+        flows.record(drop_event(1));
+        flows.record(drop_event(2));
+        let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(serve(
+            listener,
+            common_routes(metrics, flows.clone()),
+            async move {
+                let _ = stopped.await;
+            },
+        ));
+        let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
+        stream
+            .write_all(b"GET /v1/flows?follow=true&since_ms=2 HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut reader = BufReader::new(stream);
+        let first = next_json_line(&mut reader).await.unwrap();
+        assert_eq!(first["port"], 2, "since_ms drops older events: {first}");
+        flows.record(drop_event(3));
+        let live = next_json_line(&mut reader).await.unwrap();
+        assert_eq!(live["port"], 3);
+        let _ = stop.send(());
+        let ended = tokio::time::timeout(Duration::from_secs(5), async {
+            while next_json_line(&mut reader).await.is_some() {}
+        })
+        .await;
+        assert!(ended.is_ok(), "the stream did not end at shutdown");
+        tokio::time::timeout(Duration::from_secs(5), server)
+            .await
+            .expect("graceful shutdown waited on a followed stream")
+            .unwrap()
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_follower_that_lags_gets_a_lost_marker() {
+        let flows = FlowLog::new(4);
+        let (retained, follower) = flows.follow_since(None);
+        for port in 0..(FOLLOW_BACKLOG + 7) {
+            flows.record(drop_event(u16::try_from(port % 60_000).unwrap()));
+        }
+        let stream = FlowStream {
+            retained: retained.into_iter(),
+            follower,
+            closing: None,
+        };
+        let (chunk, _) = stream.next().await.unwrap();
+        let chunk = chunk.unwrap();
+        let first = std::str::from_utf8(&chunk).unwrap().lines().next().unwrap();
+        let line: FlowLine = serde_json::from_str(first).unwrap();
+        assert!(
+            matches!(line, FlowLine::Lost(LostEvents { count: 7, .. })),
+            "{first}"
+        );
+    }
+
+    #[tokio::test]
+    async fn flows_without_follow_are_a_json_array_filtered_by_time() {
+        let flows = Arc::new(FlowLog::new(4));
+        flows.record(drop_event(1));
+        flows.record(drop_event(5));
+        let response = flows_handler(
+            State(flows),
+            None,
+            Query(FlowQuery {
+                follow: None,
+                since_ms: Some(3),
+            }),
+        )
+        .await;
+        assert_eq!(response.status(), StatusCode::OK);
+        let body = http_body_util::BodyExt::collect(response.into_body())
+            .await
+            .unwrap()
+            .to_bytes();
+        let events: Vec<FlowEvent> = serde_json::from_slice(&body).unwrap();
+        assert_eq!(events, vec![drop_event(5)]);
+    }
 }

@@ -66,6 +66,80 @@ pub enum FlowEvent {
     Drop(DropFlow),
 }
 
+impl FlowEvent {
+    /// Milliseconds since the Unix epoch.
+    pub fn time_ms(&self) -> u64 {
+        match self {
+            FlowEvent::Dns(flow) => flow.time_ms,
+            FlowEvent::Drop(flow) => flow.time_ms,
+        }
+    }
+
+    /// `agent` or `dnsproxy`: the process that saw the event.
+    pub fn instance(&self) -> &str {
+        match self {
+            FlowEvent::Dns(flow) => &flow.instance,
+            FlowEvent::Drop(flow) => &flow.instance,
+        }
+    }
+}
+
+/// A follower fell behind and `count` events were not sent to it (Hubble's "events lost").
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LostEvents {
+    /// When the loss was noticed, in milliseconds since the Unix epoch.
+    pub time_ms: u64,
+    /// The [`FlowLog`] does not know whose it is: empty from the server, filled in by readers
+    /// that know which process they follow.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub instance: String,
+    pub count: u64,
+}
+
+/// One line of the flow stream (`GET /v1/flows?follow=true`): an event, or the marker of events
+/// a slow follower missed. The same `type` tag as [`FlowEvent`], so an event line parses as
+/// either.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum FlowLine {
+    Dns(DnsFlow),
+    Drop(DropFlow),
+    Lost(LostEvents),
+}
+
+impl From<FlowEvent> for FlowLine {
+    fn from(event: FlowEvent) -> FlowLine {
+        match event {
+            FlowEvent::Dns(flow) => FlowLine::Dns(flow),
+            FlowEvent::Drop(flow) => FlowLine::Drop(flow),
+        }
+    }
+}
+
+impl FlowLine {
+    pub fn time_ms(&self) -> u64 {
+        match self {
+            FlowLine::Dns(flow) => flow.time_ms,
+            FlowLine::Drop(flow) => flow.time_ms,
+            FlowLine::Lost(lost) => lost.time_ms,
+        }
+    }
+
+    pub fn instance(&self) -> &str {
+        match self {
+            FlowLine::Dns(flow) => &flow.instance,
+            FlowLine::Drop(flow) => &flow.instance,
+            FlowLine::Lost(lost) => &lost.instance,
+        }
+    }
+}
+
+/// Live events for one follower.
+pub type FlowFollower = broadcast::Receiver<FlowEvent>;
+
+/// How many live events a follower may fall behind before it loses some (and is told so).
+pub(crate) const FOLLOW_BACKLOG: usize = 4096;
+
 /// The last `capacity` flow events, plus a live feed for followers. Recording never blocks and
 /// never waits for a slow follower: a follower that falls behind loses events, not the proxy.
 #[derive(Debug)]
@@ -77,7 +151,7 @@ pub struct FlowLog {
 
 impl FlowLog {
     pub fn new(capacity: usize) -> FlowLog {
-        let (live, _) = broadcast::channel(1024);
+        let (live, _) = broadcast::channel(FOLLOW_BACKLOG);
         FlowLog {
             recent: Mutex::new(VecDeque::with_capacity(capacity.min(4096))),
             capacity: capacity.max(1),
@@ -86,31 +160,56 @@ impl FlowLog {
     }
 
     pub fn record(&self, event: FlowEvent) {
+        let mut recent = self.lock();
+        // Sent under the ring's lock so that `follow_since` splits events exactly into "already
+        // retained" and "live": none twice, none missed. A broadcast send never waits.
         if self.live.receiver_count() > 0 {
             // An error only means no follower is listening any more.
             let _ = self.live.send(event.clone());
         }
-        let mut recent = self
-            .recent
-            .lock()
-            .unwrap_or_else(|poison| poison.into_inner());
         if recent.len() == self.capacity {
             recent.pop_front();
         }
         recent.push_back(event);
     }
 
-    /// The retained events, oldest first.
-    pub fn recent(&self) -> Vec<FlowEvent> {
-        let recent = self
-            .recent
+    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<FlowEvent>> {
+        self.recent
             .lock()
-            .unwrap_or_else(|poison| poison.into_inner());
-        recent.iter().cloned().collect()
+            .unwrap_or_else(|poison| poison.into_inner())
     }
 
-    pub fn follow(&self) -> broadcast::Receiver<FlowEvent> {
+    /// The retained events, oldest first.
+    pub fn recent(&self) -> Vec<FlowEvent> {
+        self.lock().iter().cloned().collect()
+    }
+
+    /// The retained events at or after `since_ms` (all of them for `None`), oldest first.
+    pub fn recent_since(&self, since_ms: Option<u64>) -> Vec<FlowEvent> {
+        let since = since_ms.unwrap_or(0);
+        self.lock()
+            .iter()
+            .filter(|event| event.time_ms() >= since)
+            .cloned()
+            .collect()
+    }
+
+    pub fn follow(&self) -> FlowFollower {
         self.live.subscribe()
+    }
+
+    /// The retained events at or after `since_ms`, and a follower that gets every event
+    /// recorded after them: the two together miss nothing and repeat nothing.
+    pub fn follow_since(&self, since_ms: Option<u64>) -> (Vec<FlowEvent>, FlowFollower) {
+        let since = since_ms.unwrap_or(0);
+        let recent = self.lock();
+        let follower = self.live.subscribe();
+        let retained = recent
+            .iter()
+            .filter(|event| event.time_ms() >= since)
+            .cloned()
+            .collect();
+        (retained, follower)
     }
 }
 
@@ -145,6 +244,72 @@ mod tests {
         let mut follower = log.follow();
         log.record(drop_event(2));
         assert_eq!(follower.recv().await.unwrap(), drop_event(2));
+    }
+
+    #[test]
+    fn retained_events_can_be_filtered_by_time() {
+        let log = FlowLog::new(8);
+        for (time_ms, port) in [(10, 1), (20, 2), (30, 3)] {
+            let mut event = drop_event(port);
+            if let FlowEvent::Drop(flow) = &mut event {
+                flow.time_ms = time_ms;
+            }
+            log.record(event);
+        }
+        let ports = |events: Vec<FlowEvent>| -> Vec<u16> {
+            events
+                .into_iter()
+                .map(|event| match event {
+                    FlowEvent::Drop(flow) => flow.port,
+                    FlowEvent::Dns(_) => 0,
+                })
+                .collect()
+        };
+        assert_eq!(ports(log.recent_since(Some(20))), [2, 3]);
+        assert_eq!(ports(log.recent_since(None)), [1, 2, 3]);
+        assert_eq!(ports(log.follow_since(Some(31)).0), Vec::<u16>::new());
+    }
+
+    #[tokio::test]
+    async fn follow_since_neither_repeats_nor_misses_an_event() {
+        let log = FlowLog::new(4);
+        log.record(drop_event(1));
+        let (retained, mut follower) = log.follow_since(None);
+        log.record(drop_event(2));
+        assert_eq!(retained, vec![drop_event(1)]);
+        assert_eq!(follower.recv().await.unwrap(), drop_event(2));
+        assert!(follower.try_recv().is_err());
+    }
+
+    #[test]
+    fn a_slow_follower_loses_events_and_recording_goes_on() {
+        let log = FlowLog::new(2);
+        let mut follower = log.follow();
+        for port in 0..(FOLLOW_BACKLOG + 10) {
+            log.record(drop_event(u16::try_from(port % 60_000).unwrap()));
+        }
+        assert!(matches!(
+            follower.try_recv(),
+            Err(broadcast::error::TryRecvError::Lagged(10))
+        ));
+        assert_eq!(log.recent().len(), 2);
+    }
+
+    #[test]
+    fn stream_lines_parse_events_and_loss_markers() {
+        let event: FlowLine =
+            serde_json::from_str(&serde_json::to_string(&drop_event(80)).unwrap()).unwrap();
+        assert_eq!(event, FlowLine::from(drop_event(80)));
+        let lost: FlowLine =
+            serde_json::from_str(r#"{"type":"lost","time_ms":5,"count":3}"#).unwrap();
+        assert_eq!(
+            lost,
+            FlowLine::Lost(LostEvents {
+                time_ms: 5,
+                instance: String::new(),
+                count: 3
+            })
+        );
     }
 
     #[test]

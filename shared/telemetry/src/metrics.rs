@@ -1,6 +1,8 @@
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
-    Registry, TextEncoder,
+    Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    Opts, Registry, TextEncoder,
 };
 
 use crate::TelemetryError;
@@ -26,6 +28,13 @@ pub enum Scope {
 }
 
 impl Scope {
+    pub const ALL: [Scope; 4] = [
+        Scope::Total,
+        Scope::PolicyCheck,
+        Scope::Upstream,
+        Scope::DatapathHold,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Scope::Total => "total",
@@ -61,6 +70,9 @@ pub struct PeerMetrics {
     /// Completed resyncs (journal replayed and caches exchanged).
     pub resyncs: IntCounter,
     pub resync_seconds: Histogram,
+    /// Unix time the last resync completed (0 before the first); see
+    /// [`PeerMetrics::resync_completed`].
+    pub last_resync: Gauge,
     /// Policy revision the peer acknowledged (agent) or received (dnsproxy).
     pub acked_revision: IntGauge,
     /// Mappings received from the peer.
@@ -68,6 +80,19 @@ pub struct PeerMetrics {
     /// Connections or messages refused on the agent socket; label: reason (credentials,
     /// oversized, malformed, protocol).
     pub rejected: IntCounterVec,
+}
+
+impl PeerMetrics {
+    /// Records a completed resync: counts it, observes how long it took and when it ended
+    /// (what `warden status` shows as the last resync).
+    pub fn resync_completed(&self, took: Duration) {
+        self.resyncs.inc();
+        self.resync_seconds.observe(took.as_secs_f64());
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0.0, |elapsed| elapsed.as_secs_f64());
+        self.last_resync.set(now);
+    }
 }
 
 /// The eBPF datapath's series (all zero with `datapath.mode: none`).
@@ -301,6 +326,14 @@ impl Metrics {
                 registry.register(Box::new(histogram.clone()))?;
                 histogram
             },
+            last_resync: {
+                let metric = Gauge::new(
+                    "last_resync_timestamp_seconds",
+                    "Unix time the last resync between agent and warden-dnsproxy completed; 0 before the first.",
+                )?;
+                registry.register(Box::new(metric.clone()))?;
+                metric
+            },
             acked_revision: gauge(
                 &registry,
                 "peer_policy_revision",
@@ -318,14 +351,80 @@ impl Metrics {
                 &["reason"],
             )?,
         };
-        Ok(Metrics {
+        let metrics = Metrics {
             registry,
             dns,
             cache,
             policy,
             datapath,
             peer,
-        })
+        };
+        metrics.initialize_known_series();
+        Ok(metrics)
+    }
+
+    /// Creates, at zero, every series whose label values are known in advance. A labelled
+    /// family without series is left out of the exposition entirely (no HELP, no TYPE), so
+    /// dashboards and alerts would find nothing to show until the first event, and `rate()`
+    /// would miss that first increment.
+    fn initialize_known_series(&self) {
+        for scope in Scope::ALL {
+            self.histogram(scope);
+        }
+        let known: [(&IntCounterVec, &[&str]); 7] = [
+            (
+                &self.dns.upstream_errors,
+                &["timeout", "io", "malformed", "exhausted"],
+            ),
+            (
+                &self.dns.upstream_unexpected,
+                &["id", "source", "question", "short", "malformed"],
+            ),
+            (&self.dns.malformed, &["udp", "tcp"]),
+            (
+                &self.datapath.drops,
+                &[
+                    "connect",
+                    "sendmsg",
+                    "egress",
+                    "ipv6_ext_headers",
+                    "fragment",
+                    "no_ports",
+                    "malformed",
+                ],
+            ),
+            (
+                &self.datapath.updates,
+                &[
+                    "allow",
+                    "revoke",
+                    "cidr_set",
+                    "cidr_remove",
+                    "enroll",
+                    "unenroll",
+                ],
+            ),
+            (
+                &self.datapath.errors,
+                &[
+                    "allow",
+                    "revoke",
+                    "cidr_set",
+                    "cidr_remove",
+                    "enroll",
+                    "unenroll",
+                ],
+            ),
+            (
+                &self.peer.rejected,
+                &["credentials", "oversized", "malformed", "protocol"],
+            ),
+        ];
+        for (family, values) in known {
+            for value in values {
+                family.with_label_values(&[value]);
+            }
+        }
     }
 
     /// The registry, for processes that add series of their own.
@@ -400,6 +499,23 @@ mod tests {
             .lines()
             .find(|line| line.starts_with("warden_dns_queries_total{"))
             .unwrap();
+        // Families with known label values are there before the first event.
+        for (name, label) in [
+            ("warden_dns_upstream_errors_total{", r#"reason="timeout""#),
+            ("warden_datapath_drops_total{", r#"reason="egress""#),
+            (
+                "warden_dns_processing_seconds_count{",
+                r#"scope="datapath_hold""#,
+            ),
+        ] {
+            assert!(
+                text.lines().any(|line| line.starts_with(name)
+                    && line.contains(label)
+                    && line.contains(r#"instance="agent""#)
+                    && line.ends_with(" 0")),
+                "{name}{label} missing:\n{text}"
+            );
+        }
         for label in [
             r#"instance="agent""#,
             r#"protocol="udp""#,
@@ -411,5 +527,14 @@ mod tests {
         assert!(queries.ends_with(" 1"), "{queries}");
         assert!(text.contains(r#"warden_fqdn_cache_names{instance="agent"} 3"#));
         assert!(text.contains("warden_dns_processing_seconds_bucket"));
+    }
+
+    #[test]
+    fn a_completed_resync_is_counted_timed_and_dated() {
+        let metrics = Metrics::new("dnsproxy").unwrap();
+        metrics.peer.resync_completed(Duration::from_millis(20));
+        assert_eq!(metrics.peer.resyncs.get(), 1);
+        assert_eq!(metrics.peer.resync_seconds.get_sample_count(), 1);
+        assert!(metrics.peer.last_resync.get() > 1.0e9);
     }
 }
