@@ -1,7 +1,9 @@
 //! The agent's admin HTTP API: `/healthz`, `/readyz`, `/v1/status`, `/metrics`,
-//! `/v1/fqdn/cache` and `/v1/flows`.
+//! `/v1/fqdn/cache`, `POST /v1/fqdn/cache/clean`, `/v1/endpoints` and `/v1/flows`.
 
-use std::net::SocketAddr;
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
@@ -9,13 +11,16 @@ use std::time::Instant;
 use axum::Router;
 use axum::extract::{Query, State};
 use axum::http::StatusCode;
-use axum::response::{IntoResponse, Json};
-use axum::routing::get;
-use serde::Deserialize;
+use axum::response::{IntoResponse, Json, Response};
+use axum::routing::{get, post};
+use serde::{Deserialize, Serialize};
 use warden_fqdn::Source;
-use warden_proxy::{SharedCache, unix_now};
+use warden_policy::{DnsName, NamePattern};
+use warden_proxy::{PolicySource, SharedCache, unix_now};
 use warden_telemetry::{CacheRow, CacheRowIp, FlowLog, InstanceStatus, Metrics, PolicyStatusView};
 
+use crate::api::Sessions;
+use crate::endpoints::EndpointTable;
 use crate::policy_store::{PolicyStatus, PolicyStore};
 
 /// What the admin handlers read.
@@ -28,6 +33,58 @@ pub struct AdminState {
     pub endpoints: usize,
     pub datapath: String,
     pub started: Instant,
+    /// The endpoints, for `/v1/endpoints`.
+    pub endpoint_table: Arc<EndpointTable>,
+    /// Each endpoint's cgroup as configured, in endpoint ID order.
+    pub endpoint_cgroups: Vec<Option<PathBuf>>,
+    /// Tells the cache persister that `/v1/fqdn/cache/clean` changed the cache.
+    pub cache_changed: CacheChanged,
+    /// The connected dnsproxy sessions.
+    pub sessions: Arc<Sessions>,
+    /// The datapath, for who it steers the DNS port's queries to.
+    pub datapath_handle: Option<warden_datapath::Datapath>,
+}
+
+/// A callback run after the admin API changed the FQDN cache.
+#[derive(Clone)]
+pub struct CacheChanged(pub Arc<dyn Fn() + Send + Sync>);
+
+impl fmt::Debug for CacheChanged {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("CacheChanged")
+    }
+}
+
+/// One row of `GET /v1/endpoints`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EndpointRow {
+    pub id: u32,
+    /// `namespace/name`.
+    pub endpoint: String,
+    /// `source:key=value`, as policies select them.
+    pub labels: Vec<String>,
+    pub ips: Vec<IpAddr>,
+    /// As configured (relative paths are under `datapath.cgroup_root`).
+    pub cgroup: Option<PathBuf>,
+    /// Whether a policy with egress rules selects the endpoint (default deny for egress).
+    pub enforced: bool,
+}
+
+/// What `POST /v1/fqdn/cache/clean` removed.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CleanReport {
+    /// (endpoint, name) pairs removed.
+    pub names: usize,
+    /// (endpoint, name, IP) entries removed.
+    pub ips: usize,
+    pub removed: Vec<CleanedEntry>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CleanedEntry {
+    pub endpoint: String,
+    pub name: String,
+    pub ip: IpAddr,
 }
 
 impl From<PolicyStatus> for PolicyStatusView {
@@ -48,11 +105,35 @@ struct CacheFilter {
     name: Option<String>,
 }
 
+/// A cache filter's `name`: a Cilium `matchPattern` (a plain name matches itself). The error
+/// is the 400 answer's text.
+fn name_filter(name: Option<&str>) -> Result<Option<NamePattern>, String> {
+    name.map(|name| {
+        NamePattern::new(name).map_err(|error| format!("invalid name pattern: {error}\n"))
+    })
+    .transpose()
+}
+
+/// Whether a cached (endpoint, name) passes the filter. Cached names are canonical already;
+/// one that does not parse matches only the absence of a name filter.
+fn filter_matches(
+    endpoint: Option<&str>,
+    pattern: Option<&NamePattern>,
+    entry_endpoint: &str,
+    entry_name: &str,
+) -> bool {
+    endpoint.is_none_or(|wanted| wanted == entry_endpoint)
+        && pattern
+            .is_none_or(|pattern| DnsName::new(entry_name).is_ok_and(|name| pattern.matches(&name)))
+}
+
 pub fn router(state: AdminState, metrics: Metrics, flows: Arc<FlowLog>) -> Router {
     let api = Router::new()
         .route("/readyz", get(readyz))
         .route("/v1/status", get(status))
         .route("/v1/fqdn/cache", get(cache))
+        .route("/v1/fqdn/cache/clean", post(clean_cache))
+        .route("/v1/endpoints", get(endpoints))
         .with_state(state);
     warden_telemetry::admin::common_routes(metrics, flows).merge(api)
 }
@@ -61,6 +142,7 @@ impl AdminState {
     pub fn status(&self) -> InstanceStatus {
         let policy = self.policy.status();
         let serving = self.serving.load(Ordering::Relaxed);
+        let sessions = self.sessions.snapshot();
         let (cache_names, cache_ips) = {
             let cache = self.cache.lock();
             (cache.name_count(), cache.ip_count())
@@ -70,7 +152,7 @@ impl AdminState {
             version: env!("CARGO_PKG_VERSION").to_owned(),
             serving,
             ready: serving && policy.revision > 0,
-            peer_connected: false,
+            peer_connected: !sessions.is_empty(),
             mode: "online".to_owned(),
             policy_revision: policy.revision,
             policy: policy.into(),
@@ -78,13 +160,30 @@ impl AdminState {
             cache_ips,
             endpoints: self.endpoints,
             dns_listen: self.dns_listen.clone(),
-            dns_port_holders: if serving {
-                vec!["agent".to_owned()]
-            } else {
-                Vec::new()
-            },
+            dns_port_holders: serving
+                .then(|| "agent".to_owned())
+                .into_iter()
+                .chain(
+                    sessions
+                        .iter()
+                        .filter(|session| session.serving)
+                        .map(|session| session.instance.clone()),
+                )
+                .collect(),
             datapath: self.datapath.clone(),
             uptime_s: self.started.elapsed().as_secs(),
+            preferred: self.datapath_handle.as_ref().and_then(|datapath| {
+                match datapath.reuseport_preferred().ok()? {
+                    Some(crate::agent::AGENT_INSTANCE) => Some("agent".to_owned()),
+                    Some(_) => Some("dnsproxy".to_owned()),
+                    None => Some("share".to_owned()),
+                }
+            }),
+            last_resync_at_ms: sessions.iter().filter_map(|s| s.last_resync_at_ms).max(),
+            last_resync_ms: sessions
+                .iter()
+                .max_by_key(|s| s.last_resync_at_ms)
+                .and_then(|s| s.last_resync_ms),
         }
     }
 }
@@ -110,28 +209,23 @@ async fn status(State(state): State<AdminState>) -> Json<InstanceStatus> {
     Json(state.status())
 }
 
-async fn cache(
-    State(state): State<AdminState>,
-    Query(filter): Query<CacheFilter>,
-) -> Json<Vec<CacheRow>> {
+/// `GET /v1/fqdn/cache[?endpoint=ns/name][&name=PATTERN]`.
+async fn cache(State(state): State<AdminState>, Query(filter): Query<CacheFilter>) -> Response {
+    let pattern = match name_filter(filter.name.as_deref()) {
+        Ok(pattern) => pattern,
+        Err(message) => return (StatusCode::BAD_REQUEST, message).into_response(),
+    };
     let now = unix_now();
     let entries = state.cache.lock().entries(now);
-    let wanted_name = filter
-        .name
-        .as_deref()
-        .map(|name| name.trim_end_matches('.').to_ascii_lowercase());
-    let rows = entries
+    let rows: Vec<CacheRow> = entries
         .into_iter()
         .filter(|entry| {
-            filter
-                .endpoint
-                .as_deref()
-                .is_none_or(|e| e == entry.endpoint)
-        })
-        .filter(|entry| {
-            wanted_name
-                .as_deref()
-                .is_none_or(|name| entry.name.trim_end_matches('.') == name)
+            filter_matches(
+                filter.endpoint.as_deref(),
+                pattern.as_ref(),
+                &entry.endpoint,
+                &entry.name,
+            )
         })
         .map(|entry| {
             let entries: Vec<CacheRowIp> = entry
@@ -159,6 +253,69 @@ async fn cache(
                 source: source_name(source).to_owned(),
                 entries,
             }
+        })
+        .collect();
+    Json(rows).into_response()
+}
+
+/// `POST /v1/fqdn/cache/clean[?endpoint=ns/name][&name=PATTERN]`: removes the matching
+/// (endpoint, name) pairs, expired or not, and says what went. Their datapath entries are
+/// revoked by the reconciler, which no longer finds them wanted.
+async fn clean_cache(
+    State(state): State<AdminState>,
+    Query(filter): Query<CacheFilter>,
+) -> Response {
+    let pattern = match name_filter(filter.name.as_deref()) {
+        Ok(pattern) => pattern,
+        Err(message) => return (StatusCode::BAD_REQUEST, message).into_response(),
+    };
+    let removed = state.cache.lock().remove_matching(|endpoint, name| {
+        filter_matches(filter.endpoint.as_deref(), pattern.as_ref(), endpoint, name)
+    });
+    if !removed.is_empty() {
+        (state.cache_changed.0)();
+    }
+    let mut pairs: Vec<(&str, &str)> = removed
+        .iter()
+        .map(|gone| (gone.endpoint.as_str(), gone.name.as_str()))
+        .collect();
+    pairs.dedup();
+    let report = CleanReport {
+        names: pairs.len(),
+        ips: removed.len(),
+        removed: removed
+            .iter()
+            .map(|gone| CleanedEntry {
+                endpoint: gone.endpoint.clone(),
+                name: gone.name.clone(),
+                ip: gone.ip,
+            })
+            .collect(),
+    };
+    tracing::info!(
+        names = report.names,
+        ips = report.ips,
+        pattern = filter.name.as_deref().unwrap_or("*"),
+        "FQDN cache cleaned"
+    );
+    Json(report).into_response()
+}
+
+/// `GET /v1/endpoints`: every endpoint with its labels, IPs, cgroup and whether the policy in
+/// force enforces its egress.
+async fn endpoints(State(state): State<AdminState>) -> Json<Vec<EndpointRow>> {
+    let policy = state.policy.current();
+    let rows = state
+        .endpoint_table
+        .keys()
+        .enumerate()
+        .map(|(index, (info, key))| EndpointRow {
+            id: info.id.0,
+            endpoint: key.to_string(),
+            labels: info.labels.iter().map(ToString::to_string).collect(),
+            ips: info.ips.clone(),
+            cgroup: state.endpoint_cgroups.get(index).cloned().flatten(),
+            enforced: policy.is_enforced(info.id),
         })
         .collect();
     Json(rows)

@@ -5,23 +5,22 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use warden_config::{AgentConfig, DatapathMode, RejectCode};
+use warden_api::server::PeerPolicy;
+use warden_config::{AgentConfig, DatapathMode, Prefer, RejectCode};
 use warden_datapath::{Datapath, DatapathOptions};
 use warden_enforce::Enforcement;
 use warden_fqdn::CacheLimits;
-use warden_proxy::{
-    DnsProxy, Mapping, MappingObserver, ProxyContext, ProxySettings, ResponseCode, SharedCache,
-    unix_now,
-};
+use warden_proxy::{DnsProxy, ProxyContext, ProxySettings, ResponseCode, SharedCache, unix_now};
 use warden_telemetry::{FlowLog, Metrics};
 
 use crate::admin::{self, AdminState};
+use crate::api::{self, ApiState, CacheChanges, LocalMappings, Sessions};
 use crate::datapath::{Reconciler, reconcile_loop, watch_drops};
 use crate::endpoints::EndpointTable;
 use crate::policy_store::PolicyStore;
@@ -37,6 +36,8 @@ const GC_INTERVAL: Duration = Duration::from_secs(1);
 const PERSIST_INTERVAL: Duration = Duration::from_millis(500);
 /// How often the maintenance loop wakes: a change is noticed within this.
 const MAINTENANCE_TICK: Duration = Duration::from_millis(250);
+/// How long the DNS sockets keep reading after the port's traffic was steered to the peer.
+const LEAVE_LINGER: Duration = Duration::from_millis(300);
 
 /// A started agent; dropping it does not stop it, [`RunningAgent::shutdown`] does.
 #[derive(Debug)]
@@ -73,16 +74,6 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> any
     agent.shutdown().await
 }
 
-/// Counts cache changes so the persister writes only when there is something new.
-#[derive(Debug, Default)]
-struct CacheChanges(AtomicU64);
-
-impl MappingObserver for CacheChanges {
-    fn on_mapping(&self, _mapping: Mapping) {
-        self.0.fetch_add(1, Ordering::Relaxed);
-    }
-}
-
 /// Binds everything and starts serving; returns once DNS and the admin API accept traffic.
 pub async fn start(config: AgentConfig) -> anyhow::Result<RunningAgent> {
     std::fs::create_dir_all(&config.state_dir)
@@ -103,6 +94,8 @@ pub async fn start(config: AgentConfig) -> anyhow::Result<RunningAgent> {
     let cache_file = CacheFile::new(&config.state_dir);
     let cache = SharedCache::new(cache_file.restore(limits, unix_now()));
     let changes = Arc::new(CacheChanges::default());
+    let (local_mappings, _) = tokio::sync::broadcast::channel(4096);
+    let sessions = Arc::new(Sessions::default());
 
     let ebpf = match config.datapath.mode {
         DatapathMode::None => None,
@@ -118,7 +111,10 @@ pub async fn start(config: AgentConfig) -> anyhow::Result<RunningAgent> {
         policy: policy.clone(),
         cache: cache.clone(),
         datapath: enforcement.clone(),
-        mappings: changes.clone(),
+        mappings: Arc::new(LocalMappings {
+            sender: local_mappings.clone(),
+            changes: changes.clone(),
+        }),
         metrics: metrics.clone(),
         flows: flows.clone(),
     };
@@ -134,9 +130,19 @@ pub async fn start(config: AgentConfig) -> anyhow::Result<RunningAgent> {
         concurrency_limit: config.dns.concurrency_limit,
         upstream_sockets: config.dns.upstream_sockets,
         tcp_idle_timeout: Duration::from_secs(10),
+        // Without the datapath nothing steers the port's traffic away; lingering would not help.
+        linger: if ebpf.is_some() {
+            LEAVE_LINGER
+        } else {
+            Duration::ZERO
+        },
     };
     let proxy = DnsProxy::bind(settings, context)?;
     let dns_addrs = proxy.local_addrs();
+    if let Some((datapath, _)) = &ebpf {
+        join_serving_group(datapath, &proxy, config.dns.prefer)?;
+    }
+    let api_listener = warden_api::server::bind(&config.socket, config.socket_group.as_deref())?;
     let admin_listener = warden_telemetry::admin::bind(config.admin.listen).await?;
     let admin_addr = admin_listener.local_addr()?;
 
@@ -152,8 +158,19 @@ pub async fn start(config: AgentConfig) -> anyhow::Result<RunningAgent> {
             DatapathMode::Ebpf => "ebpf".to_owned(),
         },
         started: Instant::now(),
+        endpoint_table: endpoints.clone(),
+        endpoint_cgroups: config.endpoints.iter().map(|e| e.cgroup.clone()).collect(),
+        sessions: sessions.clone(),
+        datapath_handle: ebpf.as_ref().map(|(datapath, _)| datapath.clone()),
+        cache_changed: {
+            let changes = changes.clone();
+            admin::CacheChanged(Arc::new(move || {
+                changes.0.fetch_add(1, Ordering::Relaxed);
+            }))
+        },
     };
     let flows_for_drops = flows.clone();
+    let flows_for_api = flows.clone();
     let router = admin::router(admin_state, metrics.clone(), flows);
 
     let shutdown = CancellationToken::new();
@@ -161,9 +178,47 @@ pub async fn start(config: AgentConfig) -> anyhow::Result<RunningAgent> {
     {
         let shutdown = shutdown.clone();
         let serving = serving.clone();
+        let datapath = ebpf.as_ref().map(|(datapath, _)| datapath.clone());
         tasks.spawn(async move {
-            proxy.serve(shutdown).await;
+            proxy
+                .serve_and_leave(shutdown, || {
+                    if let Some(datapath) = datapath {
+                        leave_serving_group(&datapath);
+                    }
+                })
+                .await;
             serving.store(false, Ordering::Relaxed);
+            Ok(())
+        });
+    }
+    {
+        let state = ApiState {
+            config: config.clone(),
+            policy: policy.clone(),
+            cache: cache.clone(),
+            enforcement: enforcement.clone(),
+            metrics: metrics.clone(),
+            flows: flows_for_api.clone(),
+            sessions: sessions.clone(),
+            local_mappings: local_mappings.clone(),
+            cache_changes: changes.clone(),
+        };
+        let routes = tonic::service::Routes::new(api::service(state));
+        let rejected = metrics.peer.rejected.clone();
+        let on_reject: warden_api::server::RejectHook = Arc::new(move |reason| {
+            rejected.with_label_values(&[reason]).inc();
+        });
+        let (path, shutdown) = (config.socket.clone(), shutdown.clone());
+        tasks.spawn(async move {
+            warden_api::server::serve(
+                api_listener,
+                path,
+                routes,
+                PeerPolicy::new(&[]),
+                on_reject,
+                shutdown,
+            )
+            .await;
             Ok(())
         });
     }
@@ -201,12 +256,14 @@ pub async fn start(config: AgentConfig) -> anyhow::Result<RunningAgent> {
             reconcile_loop(reconciler, loop_shutdown).await;
             Ok(())
         });
+        let drop_table = endpoints.clone();
         let (drop_metrics, drop_flows, drop_shutdown) =
             (metrics.clone(), flows_for_drops.clone(), shutdown.clone());
         tasks.spawn(async move {
             watch_drops(
                 datapath,
                 enforcement,
+                drop_table,
                 drop_metrics,
                 drop_flows,
                 drop_shutdown,
@@ -244,6 +301,41 @@ pub async fn start(config: AgentConfig) -> anyhow::Result<RunningAgent> {
         shutdown,
         task,
     })
+}
+
+/// The agent's instance number in the datapath's reuseport selection (dnsproxy is 1).
+pub(crate) const AGENT_INSTANCE: u32 = 0;
+const DNSPROXY_INSTANCE: u32 = 1;
+
+/// Puts the agent's DNS sockets into the datapath's reuseport selection and applies
+/// `dns.prefer`. The proxy's sockets are registered by the proxy itself.
+fn join_serving_group(datapath: &Datapath, proxy: &DnsProxy, prefer: Prefer) -> anyhow::Result<()> {
+    for socket in proxy.listener_fds() {
+        datapath
+            .attach_reuseport(&socket)
+            .context("cannot attach the reuseport program to a DNS socket")?;
+        datapath
+            .reuseport_set(AGENT_INSTANCE, &socket)
+            .context("cannot register a DNS socket for reuseport selection")?;
+    }
+    match prefer {
+        Prefer::Agent => datapath.reuseport_prefer(AGENT_INSTANCE)?,
+        Prefer::Dnsproxy => datapath.reuseport_prefer(DNSPROXY_INSTANCE)?,
+        Prefer::Share => datapath.reuseport_share()?,
+    }
+    // A TCP connection queued on a listener that closes moves to the peer's listener.
+    if let Err(error) = std::fs::write("/proc/sys/net/ipv4/tcp_migrate_req", "1") {
+        tracing::warn!(%error, "cannot enable net.ipv4.tcp_migrate_req; TCP queries queued at a restart may be lost");
+    }
+    Ok(())
+}
+
+/// At shutdown, before the sockets close: new queries go to the dnsproxy from now on.
+fn leave_serving_group(datapath: &Datapath) {
+    match datapath.reuseport_prefer(DNSPROXY_INSTANCE) {
+        Ok(()) => tracing::info!("DNS traffic steered to warden-dnsproxy"),
+        Err(error) => tracing::warn!(%error, "cannot steer DNS traffic away"),
+    }
 }
 
 /// Loads and attaches the eBPF datapath (reusing pins left by an earlier run); returns it with

@@ -349,6 +349,7 @@ pub async fn reconcile_loop(reconciler: Reconciler, shutdown: CancellationToken)
 pub async fn watch_drops(
     datapath: Datapath,
     enforcement: Arc<Enforcement>,
+    table: Arc<EndpointTable>,
     metrics: Metrics,
     flows: Arc<FlowLog>,
     shutdown: CancellationToken,
@@ -373,14 +374,19 @@ pub async fn watch_drops(
                 continue;
             }
         };
+        // Events written while no agent ran are read before the first reconcile fills the
+        // cgroup index; the endpoint ID the program recorded names them all the same.
         let endpoint = enforcement
             .directory()
             .by_cgroup
             .get(&event.cgroup_id)
-            .map_or_else(
-                || format!("cgroup:{}", event.cgroup_id),
-                |(_, key)| key.to_string(),
-            );
+            .map(|(_, key)| key.to_string())
+            .or_else(|| {
+                table
+                    .key_of(EndpointId(event.endpoint_id))
+                    .map(ToString::to_string)
+            })
+            .unwrap_or_else(|| format!("cgroup:{}", event.cgroup_id));
         let protocol = match event.proto {
             TCP => "tcp".to_owned(),
             UDP => "udp".to_owned(),

@@ -4,13 +4,14 @@
 //!
 //! [`endpoints`] maps senders to endpoints, [`policy_store`] loads, watches and swaps the
 //! policy, [`state`] persists the cache, [`datapath`] drives the eBPF datapath (`datapath.mode: ebpf`),
-//! [`admin`] is the HTTP API, and [`agent`] wires them together around the proxy engine of
-//! `warden-proxy`. [`cli`] is the `warden` command.
+//! [`admin`] is the HTTP API, [`api`] the Unix-socket protocol with `warden-dnsproxy`, and
+//! [`agent`] wires them together around the proxy engine of `warden-proxy`. [`cli`] is the `warden` command.
 
 #![forbid(unsafe_code)]
 
 pub mod admin;
 mod agent;
+pub mod api;
 pub mod cli;
 pub mod datapath;
 pub mod endpoints;

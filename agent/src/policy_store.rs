@@ -51,6 +51,7 @@ pub struct PolicyStore {
     current: RwLock<Arc<PolicyRepository>>,
     status: Mutex<StoreState>,
     metrics: PolicyMetrics,
+    revisions: tokio::sync::watch::Sender<u64>,
 }
 
 #[derive(Debug, Default)]
@@ -58,6 +59,19 @@ struct StoreState {
     status: PolicyStatus,
     /// Hash of the file contents last looked at, good or bad: unchanged files are not reloaded.
     seen: Option<u64>,
+    /// The documents of the policy in force, for the snapshot sent to warden-dnsproxy.
+    files: Arc<PolicyFiles>,
+}
+
+/// Policy files as (path, text), in name order.
+pub type PolicyFiles = Vec<(PathBuf, String)>;
+
+fn parse_all(files: &PolicyFiles) -> Result<Vec<Policy>, warden_policy::PolicyError> {
+    let mut policies = Vec::new();
+    for (path, text) in files {
+        policies.append(&mut warden_policy::parse_str(text, path)?);
+    }
+    Ok(policies)
 }
 
 impl PolicySource for PolicyStore {
@@ -84,21 +98,43 @@ impl PolicyStore {
             current: RwLock::new(Arc::new(PolicyRepository::empty())),
             status: Mutex::new(StoreState::default()),
             metrics,
+            revisions: tokio::sync::watch::Sender::new(0),
         });
         store.reload();
         if store.status().revision == 0 && store.last_good_dir.is_dir() {
-            match warden_policy::load_path(&store.last_good_dir) {
-                Ok(policies) => {
+            let loaded = read_policy_files(&store.last_good_dir)
+                .map_err(|error| error.to_string())
+                .and_then(|files| {
+                    let policies = parse_all(&files).map_err(|error| error.to_string())?;
+                    Ok((files, policies))
+                });
+            match loaded {
+                Ok((files, policies)) => {
                     tracing::warn!(
                         dir = %store.dir.display(),
                         "policy folder does not load; enforcing the last good policy from state_dir"
                     );
-                    store.install(&policies, "last-good");
+                    store.install(&policies, files, "last-good");
                 }
                 Err(error) => tracing::error!(%error, "last good policy copy does not load"),
             }
         }
         store
+    }
+
+    /// The revision in force and its documents, read together.
+    pub fn documents(&self) -> (u64, Arc<PolicyFiles>) {
+        let state = self.state();
+        (state.status.revision, state.files.clone())
+    }
+
+    /// Notified with every new revision.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.revisions.subscribe()
+    }
+
+    pub fn endpoints(&self) -> &Arc<EndpointTable> {
+        &self.endpoints
     }
 
     pub fn status(&self) -> PolicyStatus {
@@ -127,25 +163,22 @@ impl PolicyStore {
         if self.state().seen == Some(fingerprint) {
             return false;
         }
-        let mut policies = Vec::new();
-        for (path, text) in &files {
-            match warden_policy::parse_str(text, path) {
-                Ok(mut parsed) => policies.append(&mut parsed),
-                Err(error) => {
-                    self.fail(Some(fingerprint), error.to_string());
-                    return false;
-                }
+        let policies = match parse_all(&files) {
+            Ok(policies) => policies,
+            Err(error) => {
+                self.fail(Some(fingerprint), error.to_string());
+                return false;
             }
-        }
-        self.install(&policies, "dir");
-        self.state().seen = Some(fingerprint);
+        };
         if let Err(error) = self.save_last_good(&files) {
             tracing::warn!(%error, "cannot keep a copy of the good policy in state_dir");
         }
+        self.install(&policies, files, "dir");
+        self.state().seen = Some(fingerprint);
         true
     }
 
-    fn install(&self, policies: &[Policy], source: &str) {
+    fn install(&self, policies: &[Policy], files: PolicyFiles, source: &str) {
         let repository = PolicyRepository::build(policies, self.endpoints.infos());
         let selectors = repository.selector_count();
         *self
@@ -153,7 +186,9 @@ impl PolicyStore {
             .write()
             .unwrap_or_else(|poison| poison.into_inner()) = Arc::new(repository);
         let mut state = self.state();
+        state.files = Arc::new(files);
         state.status.revision += 1;
+        self.revisions.send_replace(state.status.revision);
         state.status.policies = policies.len();
         state.status.selectors = selectors;
         state.status.source = source.to_owned();
@@ -238,7 +273,7 @@ fn watch_folder(
 }
 
 /// The policy files of a folder with their text, sorted by name; hidden files are skipped.
-fn read_policy_files(dir: &Path) -> std::io::Result<Vec<(PathBuf, String)>> {
+fn read_policy_files(dir: &Path) -> std::io::Result<PolicyFiles> {
     let mut paths = Vec::new();
     for entry in std::fs::read_dir(dir)? {
         let path = entry?.path();

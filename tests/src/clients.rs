@@ -490,7 +490,17 @@ pub async fn dnsperf(
 
 /// Runs dnsperf with full options.
 pub async fn dnsperf_with(server: SocketAddr, opts: &DnsperfOpts) -> Result<DnsperfReport> {
+    dnsperf_prepared(server, opts, |_| Ok(())).await
+}
+
+/// [`dnsperf_with`], with `prepare` run on the command first (to start it in a cgroup, say).
+pub(crate) async fn dnsperf_prepared(
+    server: SocketAddr,
+    opts: &DnsperfOpts,
+    prepare: impl FnOnce(&mut Command) -> Result<()>,
+) -> Result<DnsperfReport> {
     let mut cmd = Command::new(tool_path("dnsperf").context("dnsperf not found")?);
+    prepare(&mut cmd)?;
     cmd.args(["-s", &server.ip().to_string()])
         .args(["-p", &server.port().to_string()])
         .arg("-d")

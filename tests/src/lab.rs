@@ -1015,6 +1015,18 @@ pub async fn dig_in_cgroup(
     .await
 }
 
+/// [`crate::dnsperf_with`] run inside `cgroup`: same command line, same parser.
+pub async fn dnsperf_in_cgroup(
+    cgroup: &Path,
+    server: SocketAddr,
+    opts: &crate::DnsperfOpts,
+) -> Result<crate::DnsperfReport> {
+    crate::clients::dnsperf_prepared(server, opts, |cmd| {
+        join_cgroup_before_exec(cmd.as_std_mut(), cgroup)
+    })
+    .await
+}
+
 /// `getent hosts name` inside `cgroup`, with `resolv_conf` as `/etc/resolv.conf`: bind-mounted
 /// in a private mount namespace (`unshare -m`) that dies with getent, so the host's file and
 /// mount table never change. Returns getent's output (exit 2: name not found).

@@ -8,6 +8,7 @@
 //! inside them. Traffic only ever goes to loopback and to the lab's own namespace.
 
 mod clients;
+pub mod firewall;
 pub mod lab;
 mod net;
 mod probe;

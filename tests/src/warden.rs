@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use tempfile::TempDir;
 use warden_agent::RunningAgent;
-use warden_config::AgentConfig;
+use warden_config::{AgentConfig, ProxyConfig};
 
 use crate::{ProcessGuard, free_port, run_blocking};
 
@@ -80,7 +80,13 @@ impl AgentDir {
         config.policy.dir = self.policy_dir();
         config.state_dir = self.state_dir();
         config.admin.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+        config.socket = self.socket();
         config
+    }
+
+    /// The agent's Unix socket for warden-dnsproxy, private to this folder.
+    pub fn socket(&self) -> PathBuf {
+        self.dir.path().join("agent.sock")
     }
 }
 
@@ -113,9 +119,11 @@ impl InProcessAgent {
     }
 }
 
-/// The real `warden-agent` binary, with fixed ports so that a restart serves the same ones.
+/// The real `warden-agent` or `warden-dnsproxy` binary, with fixed ports so that a restart
+/// serves the same ones.
 #[derive(Debug)]
 pub struct AgentProcess {
+    binary: &'static str,
     guard: Option<ProcessGuard>,
     config_path: PathBuf,
     log_path: PathBuf,
@@ -123,7 +131,42 @@ pub struct AgentProcess {
     pub admin: SocketAddr,
 }
 
+/// `warden-dnsproxy` runs the same way as the agent.
+pub type ProxyProcess = AgentProcess;
+
 impl AgentProcess {
+    /// Starts `warden-dnsproxy` beside `agent`: the same DNS address (SO_REUSEPORT), the
+    /// agent's socket and bpffs, a state folder and admin port of its own under `dir`.
+    pub async fn start_dnsproxy(
+        dir: &AgentDir,
+        agent: &AgentConfig,
+        agent_dns: SocketAddr,
+    ) -> Result<ProxyProcess> {
+        let mut config = ProxyConfig {
+            dns: agent.dns.clone(),
+            socket: agent.socket.clone(),
+            state_dir: dir.path().join("dnsproxy-state"),
+            ..ProxyConfig::default()
+        };
+        config.dns.listen = vec![agent_dns];
+        config.datapath.bpffs = agent.datapath.bpffs.clone();
+        let admin_ip = IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
+        let admin = SocketAddr::new(admin_ip, free_port(admin_ip)?);
+        config.admin.listen = admin;
+        let config_path = dir.path().join("dnsproxy.yaml");
+        std::fs::write(&config_path, serde_json::to_string_pretty(&config)?)?;
+        let mut process = AgentProcess {
+            binary: "warden-dnsproxy",
+            guard: None,
+            config_path,
+            log_path: dir.path().join("dnsproxy.log"),
+            dns: agent_dns,
+            admin,
+        };
+        process.spawn().await?;
+        Ok(process)
+    }
+
     /// Writes `config` (with fixed free ports) into `dir` and starts the binary on it.
     pub async fn start(dir: &AgentDir, mut config: AgentConfig) -> Result<AgentProcess> {
         let dns_ip = config.dns.listen[0].ip();
@@ -135,6 +178,7 @@ impl AgentProcess {
         let config_path = dir.path().join("config.yaml");
         std::fs::write(&config_path, yaml_of(&config)?)?;
         let mut process = AgentProcess {
+            binary: "warden-agent",
             guard: None,
             config_path,
             log_path: dir.path().join("agent.log"),
@@ -150,14 +194,14 @@ impl AgentProcess {
             .create(true)
             .append(true)
             .open(&self.log_path)?;
-        let mut command = Command::new(binary("warden-agent")?);
+        let mut command = Command::new(binary(self.binary)?);
         command
             .arg("--config")
             .arg(&self.config_path)
             .env("RUST_LOG", "info")
             .stdout(log.try_clone()?)
             .stderr(log);
-        self.guard = Some(ProcessGuard::spawn(&mut command, "warden-agent")?);
+        self.guard = Some(ProcessGuard::spawn(&mut command, self.binary)?);
         self.wait_ready(Duration::from_secs(10)).await
     }
 
@@ -172,7 +216,8 @@ impl AgentProcess {
             }
             if Instant::now() > deadline {
                 bail!(
-                    "warden-agent not ready within {limit:?}; log:\n{}",
+                    "{} not ready within {limit:?}; log:\n{}",
+                    self.binary,
                     self.log()
                 );
             }

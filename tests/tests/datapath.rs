@@ -3,184 +3,44 @@
 //! real `warden-agent` binary with `datapath.mode: ebpf` attached at the test's cgroup root.
 //! Needs root; every test holds the lab's lock, so they run one at a time.
 
-// The fixture below is test code too: a failure there should fail the test at once.
 #![allow(clippy::unwrap_used)]
 
 use std::net::{IpAddr, SocketAddr};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use warden_config::{DatapathMode, EndpointConfig};
+use warden_tests::firewall::{CURL_TIMEOUT as SHORT, Firewall, FirewallOptions, quick_refusal};
 use warden_tests::lab::{
-    ConnectLoop, CurlResult, Internet, ResolvConf, TestCgroup, curl_resolving, curl_with,
-    dig_in_cgroup, getent_addrs, getent_hosts, require_lab, spawn_in_cgroup,
+    ConnectLoop, CurlResult, curl_with, getent_addrs, getent_hosts, require_lab, spawn_in_cgroup,
 };
-use warden_tests::warden::{AgentDir, AgentProcess, binary, http_get, http_json, metric_value};
+use warden_tests::warden::{http_get, metric_value};
 use warden_tests::zones::*;
-use warden_tests::{DigOpts, KnotUpstream, run_blocking, unique_loopback_v4};
+use warden_tests::{DigOpts, DnsReply};
 
-const TALK_POLICY: &str = r#"apiVersion: cilium.io/v2
-kind: CiliumNetworkPolicy
-metadata:
-  name: talk
-  namespace: youssef
-spec:
-  endpointSelector:
-    matchLabels:
-      app: test
-  egress:
-  - toPorts:
-    - ports:
-      - port: "53"
-        protocol: ANY
-      rules:
-        dns:
-        - matchPattern: "*"
-  - toFQDNs:
-    - matchName: google.com
-    - matchName: cilium.io
-    toPorts:
-    - ports:
-      - port: "80"
-        protocol: TCP
-      - port: "443"
-        protocol: TCP
-"#;
-
-const SHORT: Duration = Duration::from_secs(3);
-
-/// Everything one test needs, torn down in reverse: agent, pins, cgroups, namespace, knotd.
-struct Firewall {
-    agent: AgentProcess,
-    dir: AgentDir,
-    bpffs: PathBuf,
-    workload: PathBuf,
-    resolv: ResolvConf,
-    upstream: KnotUpstream,
-    internet: Internet,
-    cgroups: TestCgroup,
+/// The fixture's calls, failing the test at once on a lab error.
+trait Lab {
+    fn curl_ok(&self, url: &str, extra: &[&str]) -> CurlResult;
+    async fn dig_ok(&self, name: &str, qtype: &str, opts: DigOpts) -> DnsReply;
 }
 
-impl Firewall {
-    async fn start(idle_grace_s: u64) -> Firewall {
-        let internet = Internet::start().unwrap();
-        let cgroups = TestCgroup::new().unwrap();
-        let workload = cgroups.child("workload").unwrap();
-        let upstream = KnotUpstream::start_on(SocketAddr::new(unique_loopback_v4(), 53)).unwrap();
-        let resolv = ResolvConf::new(&format!(
-            "nameserver {}\noptions timeout:2 attempts:1\n",
-            upstream.addr().ip()
-        ))
-        .unwrap();
-        static RUN: AtomicU32 = AtomicU32::new(0);
-        let bpffs = PathBuf::from(format!(
-            "/sys/fs/bpf/warden-e2e-{}-{}",
-            std::process::id(),
-            RUN.fetch_add(1, Ordering::Relaxed)
-        ));
-        let dir = AgentDir::new().unwrap();
-        dir.write_policy("talk.yaml", TALK_POLICY).unwrap();
-        let mut config = dir.config(unique_loopback_v4(), upstream.addr());
-        config.dns.idle_grace_s = idle_grace_s;
-        config.datapath.mode = DatapathMode::Ebpf;
-        config.datapath.cgroup_root = Some(cgroups.root().to_path_buf());
-        config.datapath.bpffs = bpffs.clone();
-        config.endpoints = vec![EndpointConfig {
-            name: "test".into(),
-            namespace: "youssef".into(),
-            labels: [("app".to_owned(), "test".to_owned())].into(),
-            ips: vec![],
-            cgroup: Some(PathBuf::from("workload")),
-            dns_target: vec![],
-        }];
-        let agent = AgentProcess::start(&dir, config).await.unwrap();
-        let firewall = Firewall {
-            agent,
-            dir,
-            bpffs,
-            workload,
-            resolv,
-            upstream,
-            internet,
-            cgroups,
-        };
-        firewall.wait_enrolled().await;
-        firewall
+impl Lab for Firewall {
+    fn curl_ok(&self, url: &str, extra: &[&str]) -> CurlResult {
+        self.curl(url, extra).unwrap()
     }
 
-    /// The reconciler enrolls within a second of start.
-    async fn wait_enrolled(&self) {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
-            let scrape = http_get(self.agent.admin, "/metrics")
-                .await
-                .unwrap_or_default();
-            if metric_value(&scrape, "warden_datapath_enrolled_endpoints", &[]) >= 1.0 {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "endpoint not enrolled:\n{}",
-                self.agent.log()
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-
-    fn curl(&self, url: &str, extra: &[&str]) -> CurlResult {
-        curl_resolving(&self.workload, &self.resolv, url, extra, SHORT).unwrap()
-    }
-
-    async fn dig(&self, name: &str, qtype: &str, opts: DigOpts) -> warden_tests::DnsReply {
-        dig_in_cgroup(&self.workload, self.upstream.addr(), name, qtype, opts)
-            .await
-            .unwrap()
-    }
-
-    async fn flows(&self) -> Vec<serde_json::Value> {
-        let flows = http_json(self.agent.admin, "/v1/flows").await.unwrap();
-        flows.as_array().cloned().unwrap_or_default()
-    }
-
-    /// Programs attached at the test's cgroup root, as bpftool sees them.
-    fn attached_programs(&self) -> usize {
-        let out = run_blocking(
-            Command::new("bpftool")
-                .args(["cgroup", "show"])
-                .arg(self.cgroups.root()),
-            Duration::from_secs(10),
-        )
-        .unwrap();
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .filter(|line| line.contains("warden_"))
-            .count()
-    }
-
-    fn cleanup(&self) -> std::process::Output {
-        run_blocking(
-            Command::new(binary("warden-agent").unwrap())
-                .arg("--config")
-                .arg(self.dir.path().join("config.yaml"))
-                .arg("cleanup"),
-            Duration::from_secs(20),
-        )
-        .unwrap()
+    async fn dig_ok(&self, name: &str, qtype: &str, opts: DigOpts) -> DnsReply {
+        self.dig(name, qtype, opts).await.unwrap()
     }
 }
 
-impl Drop for Firewall {
-    fn drop(&mut self) {
-        // Stop the agent first so it cannot re-attach, then remove every link and pin.
-        let _ = self.agent.kill();
-        let _ = self.cleanup();
-    }
-}
-
-fn quick_refusal(result: &CurlResult) -> bool {
-    !result.ok() && result.connect_failed() && result.elapsed < Duration::from_secs(1)
+async fn firewall(idle_grace_s: u64) -> Firewall {
+    Firewall::start(FirewallOptions {
+        idle_grace_s,
+        ..FirewallOptions::default()
+    })
+    .await
+    .unwrap()
 }
 
 #[tokio::test]
@@ -188,18 +48,18 @@ async fn the_talks_policy_holds_for_dns_tcp_ipv4_and_ipv6() {
     if !require_lab() || !warden_tests::require_tools(&["knotd", "dig", "bpftool"]) {
         return;
     }
-    let lab = Firewall::start(60).await;
+    let lab = firewall(60).await;
 
     // dig to "any address" is answered by the proxy, and shows the server it asked.
-    let reply = lab.dig("cilium.io", "A", DigOpts::default()).await;
+    let reply = lab.dig_ok("cilium.io", "A", DigOpts::default()).await;
     assert_eq!(reply.status, "NOERROR", "{}", reply.raw);
     assert_eq!(reply.ips(), vec![IpAddr::V4(CILIUM_IO_V4)]);
     let server = format!("SERVER: {}#53", lab.upstream.addr().ip());
     assert!(reply.raw.contains(&server), "{}", reply.raw);
-    let tcp = lab.dig("google.com", "A", DigOpts::tcp()).await;
+    let tcp = lab.dig_ok("google.com", "A", DigOpts::tcp()).await;
     assert_eq!(tcp.ips(), vec![IpAddr::V4(GOOGLE_COM_V4)], "{}", tcp.raw);
     assert!(tcp.raw.contains(&server), "{}", tcp.raw);
-    let flows = lab.flows().await;
+    let flows = lab.flows(lab.agent.admin).await.unwrap();
     assert!(
         flows.iter().any(|flow| flow["type"] == "dns"
             && flow["endpoint"] == "youssef/test"
@@ -228,19 +88,19 @@ async fn the_talks_policy_holds_for_dns_tcp_ipv4_and_ipv6() {
         ("http://cilium.io/", "-6"),
         ("http://google.com:443/", "-6"),
     ] {
-        let result = lab.curl(url, &[family]);
+        let result = lab.curl_ok(url, &[family]);
         assert!(result.ok(), "{url} {family}: {result:?}");
     }
 
     // bbc.co.uk resolves, but the connection is refused at once, and the drop is reported.
-    let bbc = lab.dig("bbc.co.uk", "A", DigOpts::default()).await;
+    let bbc = lab.dig_ok("bbc.co.uk", "A", DigOpts::default()).await;
     assert_eq!(bbc.ips(), vec![IpAddr::V4(BBC_CO_UK_V4)]);
     for family in ["-4", "-6"] {
-        let denied = lab.curl("http://bbc.co.uk/", &[family]);
+        let denied = lab.curl_ok("http://bbc.co.uk/", &[family]);
         assert!(quick_refusal(&denied), "bbc.co.uk {family}: {denied:?}");
     }
     // The allowed name on a port the policy does not list.
-    let other_port = lab.curl("http://cilium.io:8080/", &["-4"]);
+    let other_port = lab.curl_ok("http://cilium.io:8080/", &["-4"]);
     assert!(quick_refusal(&other_port), "{other_port:?}");
     assert_eq!(
         lab.internet
@@ -255,7 +115,7 @@ async fn the_talks_policy_holds_for_dns_tcp_ipv4_and_ipv6() {
 
     let deadline = Instant::now() + Duration::from_secs(3);
     loop {
-        let flows = lab.flows().await;
+        let flows = lab.flows(lab.agent.admin).await.unwrap();
         let dropped = |ip: String, port: u16| {
             flows.iter().any(|flow| {
                 flow["type"] == "drop"
@@ -294,16 +154,16 @@ async fn new_ips_work_at_once_and_old_ones_go_after_ttl_and_idle_grace() {
         return;
     }
     let idle_grace = 3;
-    let mut lab = Firewall::start(idle_grace).await;
+    let mut lab = firewall(idle_grace).await;
     let old = IpAddr::V4(CILIUM_IO_V4);
     let new = IpAddr::V4(EDGE_CILIUM_IO_V4[0]);
     lab.upstream.set_addrs("cilium.io.", 2, &[old]).unwrap();
-    assert!(lab.curl("http://cilium.io/", &["-4"]).ok());
+    assert!(lab.curl_ok("http://cilium.io/", &["-4"]).ok());
 
     // The zone changes: the next lookup's IP works right away.
     lab.upstream.set_addrs("cilium.io.", 2, &[new]).unwrap();
     tokio::time::sleep(Duration::from_millis(2100)).await;
-    let moved = lab.curl("http://cilium.io/", &["-4"]);
+    let moved = lab.curl_ok("http://cilium.io/", &["-4"]);
     assert!(moved.ok(), "{moved:?}");
     assert!(moved.body.contains(&new.to_string()), "{}", moved.body);
 
@@ -326,7 +186,7 @@ for i in range(16):
 "#
     );
     assert!(
-        lab.curl("http://cilium.io/", &["-4"]).ok(),
+        lab.curl_ok("http://cilium.io/", &["-4"]).ok(),
         "the lookup that starts the TTL"
     );
     let mut busy_client = spawn_in_cgroup(
@@ -358,16 +218,20 @@ async fn enforcement_holds_through_kill_9_and_restarts_without_a_gap() {
     if !require_lab() || !warden_tests::require_tools(&["knotd", "dig", "bpftool"]) {
         return;
     }
-    let mut lab = Firewall::start(60).await;
+    let mut lab = firewall(60).await;
     assert_eq!(
-        lab.dig("cilium.io", "A", DigOpts::default()).await.status,
+        lab.dig_ok("cilium.io", "A", DigOpts::default())
+            .await
+            .status,
         "NOERROR"
     );
     assert_eq!(
-        lab.dig("bbc.co.uk", "A", DigOpts::default()).await.status,
+        lab.dig_ok("bbc.co.uk", "A", DigOpts::default())
+            .await
+            .status,
         "NOERROR"
     );
-    assert_eq!(lab.attached_programs(), 9);
+    assert_eq!(lab.attached_programs().unwrap(), 9);
     // The allow entry is written before the answer is released: connect at once.
     let allowed = ConnectLoop::start(
         &lab.workload,
@@ -413,7 +277,11 @@ async fn enforcement_holds_through_kill_9_and_restarts_without_a_gap() {
             .connections_to(SocketAddr::new(IpAddr::V4(BBC_CO_UK_V4), 80)),
         0
     );
-    assert_eq!(lab.attached_programs(), 9, "nothing attached twice");
+    assert_eq!(
+        lab.attached_programs().unwrap(),
+        9,
+        "nothing attached twice"
+    );
 
     // The cache survived the SIGKILL.
     let cache = lab
@@ -429,7 +297,7 @@ async fn enforcement_holds_through_kill_9_and_restarts_without_a_gap() {
         "{rows}"
     );
     // And the restarted agent still answers and enforces.
-    assert!(lab.curl("http://cilium.io/", &["-4"]).ok());
+    assert!(lab.curl_ok("http://cilium.io/", &["-4"]).ok());
 }
 
 #[tokio::test]
@@ -437,18 +305,18 @@ async fn cleanup_leaves_no_programs_and_no_pins() {
     if !require_lab() || !warden_tests::require_tools(&["knotd", "dig", "bpftool"]) {
         return;
     }
-    let mut lab = Firewall::start(60).await;
-    assert_eq!(lab.attached_programs(), 9);
+    let mut lab = firewall(60).await;
+    assert_eq!(lab.attached_programs().unwrap(), 9);
     assert!(Path::new(&lab.bpffs).exists());
     lab.agent.stop().unwrap();
     assert_eq!(
-        lab.attached_programs(),
+        lab.attached_programs().unwrap(),
         9,
         "programs stay after the agent exits"
     );
-    let out = lab.cleanup();
+    let out = lab.cleanup().unwrap();
     assert!(out.status.success(), "{out:?}");
-    assert_eq!(lab.attached_programs(), 0);
+    assert_eq!(lab.attached_programs().unwrap(), 0);
     assert!(!lab.bpffs.exists(), "pins left in {}", lab.bpffs.display());
     // Nothing is enforced any more.
     let direct = curl_with(

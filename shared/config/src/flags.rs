@@ -1,11 +1,11 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use crate::{AgentConfig, DatapathMode, RejectCode};
+use crate::{AgentConfig, DatapathMode, DnsConfig, Prefer, ProxyConfig, RejectCode};
 
-/// Command-line flags, one per config field; a flag given wins over the file.
+/// Flags for the `dns` section, shared by both processes; a flag given wins over the file.
 #[derive(Debug, Clone, Default, clap::Args)]
-pub struct ConfigOverrides {
+pub struct DnsOverrides {
     /// DNS listen address (repeat for several); replaces `dns.listen`.
     #[arg(long = "dns-listen", value_name = "ADDR")]
     pub dns_listen: Vec<SocketAddr>,
@@ -27,12 +27,53 @@ pub struct ConfigOverrides {
     pub dns_idle_grace_s: Option<u64>,
     #[arg(long = "dns-upstream-sockets", value_name = "N")]
     pub dns_upstream_sockets: Option<usize>,
+    #[arg(long = "dns-prefer", value_name = "agent|dnsproxy|share")]
+    pub dns_prefer: Option<Prefer>,
+}
+
+impl DnsOverrides {
+    pub fn apply(&self, dns: &mut DnsConfig) {
+        if !self.dns_listen.is_empty() {
+            dns.listen = self.dns_listen.clone();
+        }
+        set(&mut dns.upstream, &self.dns_upstream);
+        set(&mut dns.reject, &self.dns_reject);
+        set(&mut dns.min_ttl, &self.dns_min_ttl);
+        set(&mut dns.max_ips_per_name, &self.dns_max_ips_per_name);
+        set(
+            &mut dns.response_max_delay_ms,
+            &self.dns_response_max_delay_ms,
+        );
+        set(&mut dns.upstream_timeout_ms, &self.dns_upstream_timeout_ms);
+        set(&mut dns.concurrency_limit, &self.dns_concurrency_limit);
+        set(&mut dns.idle_grace_s, &self.dns_idle_grace_s);
+        set(&mut dns.upstream_sockets, &self.dns_upstream_sockets);
+        set(&mut dns.prefer, &self.dns_prefer);
+    }
+}
+
+fn set<T: Clone>(field: &mut T, value: &Option<T>) {
+    if let Some(value) = value {
+        *field = value.clone();
+    }
+}
+
+/// `warden-agent`'s flags, one per config field; a flag given wins over the file.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct ConfigOverrides {
+    #[command(flatten)]
+    pub dns: DnsOverrides,
     #[arg(long = "policy-dir", value_name = "DIR")]
     pub policy_dir: Option<PathBuf>,
     #[arg(long = "admin-listen", value_name = "ADDR")]
     pub admin_listen: Option<SocketAddr>,
     #[arg(long = "state-dir", value_name = "DIR")]
     pub state_dir: Option<PathBuf>,
+    /// The agent's Unix socket for warden-dnsproxy.
+    #[arg(long = "socket", value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+    #[arg(long = "socket-group", value_name = "GROUP")]
+    pub socket_group: Option<String>,
     #[arg(long = "datapath-mode", value_name = "none|ebpf")]
     pub datapath_mode: Option<DatapathMode>,
     #[arg(long = "datapath-cgroup-root", value_name = "DIR")]
@@ -43,40 +84,48 @@ pub struct ConfigOverrides {
 
 impl ConfigOverrides {
     pub fn apply(&self, config: &mut AgentConfig) {
-        fn set<T: Clone>(field: &mut T, value: &Option<T>) {
-            if let Some(value) = value {
-                *field = value.clone();
-            }
-        }
-        if !self.dns_listen.is_empty() {
-            config.dns.listen = self.dns_listen.clone();
-        }
-        set(&mut config.dns.upstream, &self.dns_upstream);
-        set(&mut config.dns.reject, &self.dns_reject);
-        set(&mut config.dns.min_ttl, &self.dns_min_ttl);
-        set(&mut config.dns.max_ips_per_name, &self.dns_max_ips_per_name);
-        set(
-            &mut config.dns.response_max_delay_ms,
-            &self.dns_response_max_delay_ms,
-        );
-        set(
-            &mut config.dns.upstream_timeout_ms,
-            &self.dns_upstream_timeout_ms,
-        );
-        set(
-            &mut config.dns.concurrency_limit,
-            &self.dns_concurrency_limit,
-        );
-        set(&mut config.dns.idle_grace_s, &self.dns_idle_grace_s);
-        set(&mut config.dns.upstream_sockets, &self.dns_upstream_sockets);
+        self.dns.apply(&mut config.dns);
         set(&mut config.policy.dir, &self.policy_dir);
         set(&mut config.admin.listen, &self.admin_listen);
         set(&mut config.state_dir, &self.state_dir);
+        set(&mut config.socket, &self.socket);
+        if self.socket_group.is_some() {
+            config.socket_group = self.socket_group.clone();
+        }
         set(&mut config.datapath.mode, &self.datapath_mode);
         if self.datapath_cgroup_root.is_some() {
             config.datapath.cgroup_root = self.datapath_cgroup_root.clone();
         }
         set(&mut config.datapath.bpffs, &self.datapath_bpffs);
+    }
+}
+
+/// `warden-dnsproxy`'s flags, one per config field.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct ProxyOverrides {
+    #[command(flatten)]
+    pub dns: DnsOverrides,
+    /// The agent's Unix socket.
+    #[arg(long = "socket", value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+    #[arg(long = "admin-listen", value_name = "ADDR")]
+    pub admin_listen: Option<SocketAddr>,
+    #[arg(long = "state-dir", value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+    #[arg(long = "datapath-bpffs", value_name = "DIR")]
+    pub datapath_bpffs: Option<PathBuf>,
+    #[arg(long = "journal-max", value_name = "N")]
+    pub journal_max: Option<usize>,
+}
+
+impl ProxyOverrides {
+    pub fn apply(&self, config: &mut ProxyConfig) {
+        self.dns.apply(&mut config.dns);
+        set(&mut config.socket, &self.socket);
+        set(&mut config.admin.listen, &self.admin_listen);
+        set(&mut config.state_dir, &self.state_dir);
+        set(&mut config.datapath.bpffs, &self.datapath_bpffs);
+        set(&mut config.journal_max, &self.journal_max);
     }
 }
 

@@ -12,10 +12,10 @@ mod flags;
 mod schema;
 
 pub use error::ConfigError;
-pub use flags::ConfigOverrides;
+pub use flags::{ConfigOverrides, DnsOverrides, ProxyOverrides};
 pub use schema::{
-    AdminConfig, AgentConfig, DatapathConfig, DatapathMode, DnsConfig, EndpointConfig,
-    PolicyConfig, RejectCode,
+    AdminConfig, AgentConfig, DEFAULT_SOCKET, DatapathConfig, DatapathMode, DnsConfig,
+    EndpointConfig, PolicyConfig, Prefer, ProxyConfig, ProxyDatapathConfig, RejectCode,
 };
 
 use std::path::Path;
@@ -24,6 +24,19 @@ use std::path::Path;
 /// cgroups) are taken relative to the file's own folder, so a lab can be started from anywhere.
 pub fn load(path: &Path) -> Result<AgentConfig, ConfigError> {
     load_with(path, &ConfigOverrides::default())
+}
+
+/// Reads and validates a `warden-dnsproxy` config file, with its command-line overrides.
+pub fn load_proxy(path: &Path, overrides: &ProxyOverrides) -> Result<ProxyConfig, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let mut config = ProxyConfig::from_yaml(&text, path)?;
+    config.resolve_paths(path.parent().unwrap_or_else(|| Path::new(".")));
+    overrides.apply(&mut config);
+    config.validate()?;
+    Ok(config)
 }
 
 /// Like [`load`], with command-line overrides applied before validation.

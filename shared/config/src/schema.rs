@@ -20,7 +20,15 @@ pub struct AgentConfig {
     /// Where the FQDN cache (and later the policy snapshot) is persisted across restarts.
     pub state_dir: PathBuf,
     pub datapath: DatapathConfig,
+    /// The Unix socket `warden-dnsproxy` connects to.
+    pub socket: PathBuf,
+    /// Group allowed on the socket (mode 0660); none: root and the agent's user only (0600).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub socket_group: Option<String>,
 }
+
+/// Where `warden-dnsproxy` finds the agent by default.
+pub const DEFAULT_SOCKET: &str = "/run/warden/agent.sock";
 
 impl Default for AgentConfig {
     fn default() -> Self {
@@ -31,7 +39,79 @@ impl Default for AgentConfig {
             admin: AdminConfig::default(),
             state_dir: PathBuf::from("/var/lib/warden"),
             datapath: DatapathConfig::default(),
+            socket: PathBuf::from(DEFAULT_SOCKET),
+            socket_group: None,
         }
+    }
+}
+
+/// The whole configuration file of `warden-dnsproxy`: the `dns` section is the agent's.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProxyConfig {
+    pub dns: DnsConfig,
+    /// The agent's Unix socket.
+    pub socket: PathBuf,
+    /// Where the last policy snapshot is kept, so a start without the agent enforces at once.
+    pub state_dir: PathBuf,
+    pub admin: AdminConfig,
+    pub datapath: ProxyDatapathConfig,
+    /// Mappings kept for the agent while it is away; past this the oldest are dropped (counted).
+    pub journal_max: usize,
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        ProxyConfig {
+            dns: DnsConfig::default(),
+            socket: PathBuf::from(DEFAULT_SOCKET),
+            state_dir: PathBuf::from("/var/lib/warden-dnsproxy"),
+            admin: AdminConfig {
+                listen: SocketAddr::from(([127, 0, 0, 1], 9891)),
+            },
+            datapath: ProxyDatapathConfig::default(),
+            journal_max: 100_000,
+        }
+    }
+}
+
+/// The standalone proxy writes allow entries into the agent's pinned maps; it never loads or
+/// attaches programs. Whether the datapath is on comes from the agent's snapshot.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProxyDatapathConfig {
+    pub bpffs: PathBuf,
+}
+
+impl Default for ProxyDatapathConfig {
+    fn default() -> Self {
+        ProxyDatapathConfig {
+            bpffs: PathBuf::from("/sys/fs/bpf/warden"),
+        }
+    }
+}
+
+impl ProxyConfig {
+    pub fn from_yaml(text: &str, origin: &Path) -> Result<ProxyConfig, ConfigError> {
+        if text.trim().is_empty() {
+            return Ok(ProxyConfig::default());
+        }
+        yaml_serde::from_str(text).map_err(|error| ConfigError::Parse {
+            path: origin.to_path_buf(),
+            message: error.to_string(),
+        })
+    }
+
+    pub(crate) fn resolve_paths(&mut self, base: &Path) {
+        for path in [&mut self.state_dir, &mut self.socket] {
+            if path.is_relative() {
+                *path = base.join(&*path);
+            }
+        }
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.dns.validate()
     }
 }
 
@@ -56,6 +136,35 @@ pub struct DnsConfig {
     pub idle_grace_s: u64,
     /// UDP sockets shared by all queries toward upstream servers.
     pub upstream_sockets: usize,
+    /// Which process gets the DNS port's queries when both hold it (eBPF datapath only).
+    pub prefer: Prefer,
+}
+
+/// Who serves when the agent and `warden-dnsproxy` both hold the DNS port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Prefer {
+    Agent,
+    /// The default: agent upgrades, which are the frequent ones, then never touch DNS.
+    #[default]
+    Dnsproxy,
+    /// The kernel's hash spreads queries over both.
+    Share,
+}
+
+impl std::str::FromStr for Prefer {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        match text.to_ascii_lowercase().as_str() {
+            "agent" => Ok(Prefer::Agent),
+            "dnsproxy" => Ok(Prefer::Dnsproxy),
+            "share" => Ok(Prefer::Share),
+            other => Err(format!(
+                "unknown prefer {other:?} (agent | dnsproxy | share)"
+            )),
+        }
+    }
 }
 
 impl Default for DnsConfig {
@@ -74,6 +183,7 @@ impl Default for DnsConfig {
             concurrency_limit: 0,
             idle_grace_s: 60,
             upstream_sockets: 8,
+            prefer: Prefer::default(),
         }
     }
 }
@@ -85,6 +195,34 @@ impl DnsConfig {
 
     pub fn upstream_timeout(&self) -> Duration {
         Duration::from_millis(self.upstream_timeout_ms)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.listen.is_empty() {
+            return Err(ConfigError::invalid(
+                "dns.listen",
+                "needs at least one address",
+            ));
+        }
+        if self.upstream.port() == 0 {
+            return Err(ConfigError::invalid(
+                "dns.upstream",
+                "port 0 is not a server",
+            ));
+        }
+        if self.upstream_timeout_ms == 0 {
+            return Err(ConfigError::invalid(
+                "dns.upstream_timeout_ms",
+                "must be greater than 0",
+            ));
+        }
+        if self.upstream_sockets == 0 {
+            return Err(ConfigError::invalid(
+                "dns.upstream_sockets",
+                "must be greater than 0",
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -235,6 +373,7 @@ impl AgentConfig {
         };
         absolute(&mut self.policy.dir);
         absolute(&mut self.state_dir);
+        absolute(&mut self.socket);
     }
 
     /// Checks what serde cannot: ranges, duplicates, and fields that must not be empty.

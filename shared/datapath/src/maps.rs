@@ -596,6 +596,25 @@ impl Datapath {
             .map_err(|e| DatapathError::map(map::REUSEPORT_CONFIG, "update", e))
     }
 
+    /// Lets the kernel's hash spread queries over every live instance (`dns.prefer: share`).
+    pub fn reuseport_share(&self) -> Result<(), DatapathError> {
+        let config = RawReuseportConfig {
+            preferred: 0,
+            enabled: 0,
+        };
+        lock(&self.inner.reuseport_config, map::REUSEPORT_CONFIG)?
+            .set(0, config, 0)
+            .map_err(|e| DatapathError::map(map::REUSEPORT_CONFIG, "update", e))
+    }
+
+    /// The instance new queries go to first, or `None` when the kernel's hash decides.
+    pub fn reuseport_preferred(&self) -> Result<Option<u32>, DatapathError> {
+        let config = lock(&self.inner.reuseport_config, map::REUSEPORT_CONFIG)?
+            .get(&0, 0)
+            .map_err(|e| DatapathError::map(map::REUSEPORT_CONFIG, "lookup", e))?;
+        Ok((config.enabled != 0).then_some(config.preferred))
+    }
+
     /// Attaches the `sk_reuseport` program to the SO_REUSEPORT group of `socket` (affects the
     /// whole group; attaching again replaces it).
     pub fn attach_reuseport(&self, socket: &impl AsFd) -> Result<(), DatapathError> {

@@ -1,5 +1,6 @@
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
 use warden_datapath::{Datapath, DatapathError};
@@ -29,6 +30,8 @@ impl EndpointDirectory {
 pub struct Enforcement {
     datapath: RwLock<Option<Datapath>>,
     directory: RwLock<Arc<EndpointDirectory>>,
+    /// Bumped whenever the directory's content changes, so peers can be told.
+    generation: AtomicU64,
     metrics: Metrics,
 }
 
@@ -37,6 +40,7 @@ impl Enforcement {
         Enforcement {
             datapath: RwLock::new(None),
             directory: RwLock::new(Arc::new(EndpointDirectory::default())),
+            generation: AtomicU64::new(0),
             metrics,
         }
     }
@@ -60,6 +64,12 @@ impl Enforcement {
             .directory
             .write()
             .unwrap_or_else(|poison| poison.into_inner()) = Arc::new(directory);
+        self.generation.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Changes whenever the directory does.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Relaxed)
     }
 
     /// Replaces only the cgroup index (the agent's reconciler learns cgroup ids as it enrolls).
@@ -68,9 +78,13 @@ impl Enforcement {
             .directory
             .write()
             .unwrap_or_else(|poison| poison.into_inner());
+        if directory.by_cgroup == by_cgroup {
+            return;
+        }
         let mut updated = EndpointDirectory::clone(&directory);
         updated.by_cgroup = by_cgroup;
         *directory = Arc::new(updated);
+        self.generation.fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn directory(&self) -> Arc<EndpointDirectory> {

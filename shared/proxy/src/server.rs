@@ -1,6 +1,7 @@
 //! The proxy itself: listener loops, the per-query pipeline, and graceful shutdown.
 
 use std::net::SocketAddr;
+use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -35,6 +36,9 @@ pub struct ProxySettings {
     pub upstream_sockets: usize,
     /// A TCP client connection with no query for this long is closed.
     pub tcp_idle_timeout: Duration,
+    /// After steering the port's traffic to the peer at shutdown, how long the listeners keep
+    /// reading what was already queued on them before they close.
+    pub linger: Duration,
 }
 
 impl ProxySettings {
@@ -104,29 +108,49 @@ impl DnsProxy {
             .collect()
     }
 
-    /// Serves until `shutdown` is cancelled; then closes the listeners (leaving the port's
-    /// serving group, so new queries go to the peer process), lets the queries in flight
-    /// finish, and returns.
+    /// The listener sockets, for registering them with the datapath's reuseport selection.
+    pub fn listener_fds(&self) -> Vec<BorrowedFd<'_>> {
+        self.listeners
+            .iter()
+            .flat_map(|pair| [pair.udp.as_fd(), pair.tcp.as_fd()])
+            .collect()
+    }
+
+    /// Serves until `shutdown` is cancelled; then leaves the port's serving group (see
+    /// [`DnsProxy::serve_and_leave`]), lets the queries in flight finish, and returns.
     pub async fn serve(self, shutdown: CancellationToken) {
+        self.serve_and_leave(shutdown, || {}).await;
+    }
+
+    /// Like [`DnsProxy::serve`]; at shutdown `leave` runs first (it steers new queries to the
+    /// peer process), the listeners keep reading for `linger` so nothing already queued on
+    /// them is lost, then they close and the queries in flight finish.
+    pub async fn serve_and_leave(self, shutdown: CancellationToken, leave: impl FnOnce()) {
         let tracker = TaskTracker::new();
         let engine = self.engine;
+        let stop_reading = CancellationToken::new();
         engine.context.metrics.dns.serving.set(1);
         let mut loops = Vec::new();
         for pair in self.listeners {
             loops.push(tokio::spawn(udp_loop(
                 Arc::new(pair.udp),
                 engine.clone(),
-                shutdown.clone(),
+                stop_reading.clone(),
                 tracker.clone(),
             )));
             loops.push(tokio::spawn(tcp_loop(
                 pair.tcp,
                 engine.clone(),
-                shutdown.clone(),
+                stop_reading.clone(),
                 tracker.clone(),
             )));
         }
         shutdown.cancelled().await;
+        leave();
+        if !engine.settings.linger.is_zero() {
+            tokio::time::sleep(engine.settings.linger).await;
+        }
+        stop_reading.cancel();
         for listener_loop in loops {
             // The loops end on the same token; joining them closes their sockets.
             let _ = listener_loop.await;

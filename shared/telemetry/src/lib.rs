@@ -15,7 +15,9 @@ mod metrics;
 mod status;
 
 pub use error::TelemetryError;
-pub use flows::{DnsFlow, DropFlow, FlowEvent, FlowLog, Verdict};
+pub use flows::{
+    DnsFlow, DropFlow, FlowEvent, FlowFollower, FlowLine, FlowLog, LostEvents, Verdict,
+};
 pub use metrics::{
     CacheMetrics, DatapathMetrics, DnsMetrics, Metrics, PeerMetrics, PolicyMetrics, Scope,
 };

@@ -25,6 +25,15 @@ pub struct InstanceStatus {
     pub dns_port_holders: Vec<String>,
     pub datapath: String,
     pub uptime_s: u64,
+    /// The instance the datapath steers new queries to (`agent`, `dnsproxy`), or `share`;
+    /// absent without the eBPF datapath.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preferred: Option<String>,
+    /// When the last resync with the peer completed (Unix ms), and how long it took.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_resync_at_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_resync_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -57,4 +66,42 @@ pub struct CacheRowIp {
     pub ttl: u64,
     pub expires_at: u64,
     pub source: String,
+}
+
+impl CacheRow {
+    /// A cache entry as listed: its IPs with their remaining TTL, the row's TTL being the
+    /// longest, its source `lookup` if any IP still stands on an answer.
+    pub fn from_entry(entry: warden_fqdn::CacheEntry, now: warden_fqdn::UnixTime) -> CacheRow {
+        use warden_fqdn::Source;
+        let source_name = |source: Source| match source {
+            Source::Lookup => "lookup",
+            Source::Connection => "connection",
+            Source::Restored => "restored",
+        };
+        let entries: Vec<CacheRowIp> = entry
+            .ips
+            .iter()
+            .map(|cached| CacheRowIp {
+                ip: cached.ip,
+                ttl: cached.expires_at.0.saturating_sub(now.0),
+                expires_at: cached.expires_at.0,
+                source: source_name(cached.source).to_owned(),
+            })
+            .collect();
+        let expires_at = entries.iter().map(|ip| ip.expires_at).max().unwrap_or(0);
+        let source = if entry.ips.iter().any(|ip| ip.source == Source::Lookup) {
+            Source::Lookup
+        } else {
+            entry.ips.first().map_or(Source::Lookup, |ip| ip.source)
+        };
+        CacheRow {
+            endpoint: entry.endpoint,
+            name: entry.name,
+            ips: entries.iter().map(|ip| ip.ip).collect(),
+            ttl: expires_at.saturating_sub(now.0),
+            expires_at,
+            source: source_name(source).to_owned(),
+            entries,
+        }
+    }
 }

@@ -1,0 +1,493 @@
+//! The agent's side of the agent ⇄ `warden-dnsproxy` protocol (`warden-api`).
+//!
+//! Each proxy holds one session: the agent sends the policy snapshot (again on every change),
+//! takes the proxy's journal and live mappings into its cache (so the reconciler keeps the
+//! proxy's allow entries), records its flow events, and sends back its whole cache once and
+//! every mapping its own proxy learns afterwards, so both caches stay equal.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{broadcast, mpsc};
+use tokio_stream::Stream;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+use warden_api::proto::agent_message::Kind as AgentKind;
+use warden_api::proto::agent_server::{Agent, AgentServer};
+use warden_api::proto::proxy_message::Kind as ProxyKind;
+use warden_api::proto::{
+    AgentMessage, DatapathSettings, DnsSettings, Endpoint, Mapping as WireMapping, Mappings,
+    PolicyFile, PolicySnapshot, ProxyMessage, ResyncDone,
+};
+use warden_api::{MAPPINGS_PER_MESSAGE, MAX_MESSAGE_BYTES};
+use warden_config::{AgentConfig, DatapathMode, RejectCode};
+use warden_enforce::Enforcement;
+use warden_fqdn::{CacheEntry, Source, UnixTime};
+use warden_proxy::{Mapping, MappingObserver, SharedCache, unix_now};
+use warden_telemetry::{FlowEvent, FlowLog, Metrics};
+
+use crate::policy_store::PolicyStore;
+
+/// A proxy must say hello this soon after connecting.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Largest message the agent accepts from a proxy: batches of mappings and flows are small,
+/// so anything near this is a broken or hostile peer.
+pub const MAX_PROXY_MESSAGE_BYTES: usize = 4 << 20;
+
+/// What sessions share with the rest of the agent.
+#[derive(Debug, Clone)]
+pub struct ApiState {
+    pub config: AgentConfig,
+    pub policy: Arc<PolicyStore>,
+    pub cache: SharedCache,
+    pub enforcement: Arc<Enforcement>,
+    pub metrics: Metrics,
+    pub flows: Arc<FlowLog>,
+    pub sessions: Arc<Sessions>,
+    /// Mappings the agent's own proxy learned, forwarded to every session.
+    pub local_mappings: broadcast::Sender<Mapping>,
+    /// Bumped when the cache changes, so it is persisted.
+    pub cache_changes: Arc<CacheChanges>,
+}
+
+/// The connected proxies, for `/v1/status`.
+#[derive(Debug, Default)]
+pub struct Sessions {
+    next: AtomicU64,
+    live: Mutex<HashMap<u64, SessionInfo>>,
+}
+
+#[derive(Debug, Clone)]
+pub struct SessionInfo {
+    pub instance: String,
+    pub pid: u32,
+    pub serving: bool,
+    pub acked_revision: u64,
+    pub last_resync_ms: Option<u64>,
+    pub last_resync_at_ms: Option<u64>,
+}
+
+impl Sessions {
+    fn live(&self) -> std::sync::MutexGuard<'_, HashMap<u64, SessionInfo>> {
+        self.live
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner())
+    }
+
+    pub fn snapshot(&self) -> Vec<SessionInfo> {
+        self.live().values().cloned().collect()
+    }
+
+    fn update(&self, id: u64, change: impl FnOnce(&mut SessionInfo)) {
+        if let Some(info) = self.live().get_mut(&id) {
+            change(info);
+        }
+    }
+}
+
+impl Sessions {
+    pub fn is_empty(&self) -> bool {
+        self.live().is_empty()
+    }
+}
+
+/// Counts cache changes so the persister writes only when there is something new.
+#[derive(Debug, Default)]
+pub struct CacheChanges(pub AtomicU64);
+
+fn unix_millis() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|elapsed| u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+/// Publishes the agent's own mappings to the sessions and marks the cache as changed.
+#[derive(Debug)]
+pub struct LocalMappings {
+    pub sender: broadcast::Sender<Mapping>,
+    pub changes: Arc<CacheChanges>,
+}
+
+impl MappingObserver for LocalMappings {
+    fn on_mapping(&self, mapping: Mapping) {
+        self.changes.0.fetch_add(1, Ordering::Relaxed);
+        // No receiver means no proxy is connected: nothing to forward.
+        let _ = self.sender.send(mapping);
+    }
+}
+
+/// The gRPC service of the agent socket.
+pub fn service(state: ApiState) -> AgentServer<AgentApi> {
+    AgentServer::new(AgentApi { state })
+        .max_decoding_message_size(MAX_PROXY_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES)
+}
+
+#[derive(Debug)]
+pub struct AgentApi {
+    state: ApiState,
+}
+
+type SessionStream = Pin<Box<dyn Stream<Item = Result<AgentMessage, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Agent for AgentApi {
+    type SessionStream = SessionStream;
+
+    async fn session(
+        &self,
+        request: Request<Streaming<ProxyMessage>>,
+    ) -> Result<Response<SessionStream>, Status> {
+        let inbound = request.into_inner();
+        let (outbound, stream) = mpsc::channel(64);
+        tokio::spawn(run_session(self.state.clone(), inbound, outbound));
+        Ok(Response::new(Box::pin(ReceiverStream::new(stream))))
+    }
+}
+
+/// Why a session ended early; each is counted under `warden_api_rejected_total`.
+#[derive(Debug)]
+enum SessionEnd {
+    /// The proxy went away or the agent is stopping.
+    Closed,
+    Rejected(&'static str, String),
+}
+
+async fn run_session(
+    state: ApiState,
+    mut inbound: Streaming<ProxyMessage>,
+    outbound: mpsc::Sender<Result<AgentMessage, Status>>,
+) {
+    let id = state.sessions.next.fetch_add(1, Ordering::Relaxed);
+    let ended = session(&state, id, &mut inbound, &outbound).await;
+    state.sessions.live().remove(&id);
+    state
+        .metrics
+        .peer
+        .connected
+        .set(i64::try_from(state.sessions.live().len()).unwrap_or(i64::MAX));
+    match ended {
+        SessionEnd::Closed => tracing::info!(session = id, "dnsproxy session ended"),
+        SessionEnd::Rejected(reason, detail) => {
+            state
+                .metrics
+                .peer
+                .rejected
+                .with_label_values(&[reason])
+                .inc();
+            tracing::warn!(session = id, reason, detail, "dnsproxy session refused");
+            let _ = outbound
+                .send(Err(Status::invalid_argument(format!("{reason}: {detail}"))))
+                .await;
+        }
+    }
+}
+
+async fn session(
+    state: &ApiState,
+    id: u64,
+    inbound: &mut Streaming<ProxyMessage>,
+    outbound: &mpsc::Sender<Result<AgentMessage, Status>>,
+) -> SessionEnd {
+    let started = Instant::now();
+    let hello = match tokio::time::timeout(HELLO_TIMEOUT, inbound.message()).await {
+        Err(_) => return SessionEnd::Rejected("protocol", "no hello".into()),
+        Ok(Err(status)) => return rejected_status(&status),
+        Ok(Ok(None)) => return SessionEnd::Closed,
+        Ok(Ok(Some(ProxyMessage {
+            kind: Some(ProxyKind::Hello(hello)),
+        }))) => hello,
+        Ok(Ok(Some(_))) => {
+            return SessionEnd::Rejected("protocol", "first message is not hello".into());
+        }
+    };
+    tracing::info!(
+        session = id,
+        pid = hello.pid,
+        revision = hello.revision,
+        journal = hello.journal,
+        "dnsproxy connected"
+    );
+    state.sessions.live().insert(
+        id,
+        SessionInfo {
+            instance: hello.instance.clone(),
+            pid: hello.pid,
+            serving: hello.serving,
+            acked_revision: hello.revision,
+            last_resync_ms: None,
+            last_resync_at_ms: None,
+        },
+    );
+    state
+        .metrics
+        .peer
+        .connected
+        .set(i64::try_from(state.sessions.live().len()).unwrap_or(i64::MAX));
+
+    let mut revisions = state.policy.subscribe();
+    let mut local = state.local_mappings.subscribe();
+    let mut sent_revision = 0;
+    let send = |message: AgentKind| async move {
+        outbound
+            .send(Ok(AgentMessage {
+                kind: Some(message),
+            }))
+            .await
+            .map_err(|_| SessionEnd::Closed)
+    };
+    let snapshot = build_snapshot(state);
+    sent_revision = sent_revision.max(snapshot.revision);
+    let mut sent_generation = state.enforcement.generation();
+    if let Err(end) = send(AgentKind::Snapshot(snapshot)).await {
+        return end;
+    }
+    // Endpoints' cgroups are enrolled after start and may change without a new revision.
+    let mut directory_check = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        tokio::select! {
+            _ = directory_check.tick() => {
+                let generation = state.enforcement.generation();
+                if generation != sent_generation {
+                    sent_generation = generation;
+                    if let Err(end) = send(AgentKind::Snapshot(build_snapshot(state))).await {
+                        return end;
+                    }
+                }
+            }
+            message = inbound.message() => {
+                let message = match message {
+                    Ok(Some(message)) => message,
+                    Ok(None) => return SessionEnd::Closed,
+                    Err(status) => return rejected_status(&status),
+                };
+                match message.kind {
+                    Some(ProxyKind::Mappings(batch)) => {
+                        if let Err(detail) = absorb(state, &batch.mappings) {
+                            return SessionEnd::Rejected("malformed", detail);
+                        }
+                    }
+                    Some(ProxyKind::Flows(flows)) => {
+                        for event in flows.events {
+                            match serde_json::from_str::<FlowEvent>(&event) {
+                                Ok(event) => state.flows.record(event),
+                                Err(error) => {
+                                    return SessionEnd::Rejected("malformed", format!("flow event: {error}"));
+                                }
+                            }
+                        }
+                    }
+                    Some(ProxyKind::Ack(ack)) => {
+                        state.metrics.peer.acked_revision.set(i64::try_from(ack.revision).unwrap_or(i64::MAX));
+                        state.sessions.update(id, |info| info.acked_revision = ack.revision);
+                    }
+                    Some(ProxyKind::Serving(serving)) => {
+                        state.sessions.update(id, |info| info.serving = serving.serving);
+                    }
+                    Some(ProxyKind::ResyncDone(_)) => {
+                        // The proxy's journal is in: send the agent's cache, completing the
+                        // exchange. Both now hold the union.
+                        let entries = state.cache.lock().entries(unix_now());
+                        let mut sent = 0u64;
+                        for chunk in wire_entries(&entries).chunks(MAPPINGS_PER_MESSAGE) {
+                            sent += chunk.len() as u64;
+                            let batch = Mappings { mappings: chunk.to_vec(), resync: true };
+                            if let Err(end) = send(AgentKind::Cache(batch)).await {
+                                return end;
+                            }
+                        }
+                        if let Err(end) = send(AgentKind::ResyncDone(ResyncDone { entries: sent })).await {
+                            return end;
+                        }
+                        let elapsed = started.elapsed();
+                        state.metrics.peer.resync_completed(elapsed);
+                        state.sessions.update(id, |info| {
+                            info.last_resync_ms = Some(u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX));
+                            info.last_resync_at_ms = Some(unix_millis());
+                        });
+                        tracing::info!(session = id, entries = sent, ms = elapsed.as_millis(), "resync with dnsproxy done");
+                    }
+                    Some(ProxyKind::Hello(_)) | None => {
+                        return SessionEnd::Rejected("protocol", "unexpected message".into());
+                    }
+                }
+            }
+            changed = revisions.changed() => {
+                if changed.is_err() {
+                    return SessionEnd::Closed;
+                }
+                let snapshot = build_snapshot(state);
+                if snapshot.revision > sent_revision {
+                    sent_revision = snapshot.revision;
+                    if let Err(end) = send(AgentKind::Snapshot(snapshot)).await {
+                        return end;
+                    }
+                }
+            }
+            mapping = local.recv() => {
+                let mapping = match mapping {
+                    Ok(mapping) => mapping,
+                    // Fell behind: the next resync repairs what was skipped.
+                    Err(broadcast::error::RecvError::Lagged(skipped)) => {
+                        tracing::warn!(session = id, skipped, "dnsproxy session fell behind the agent's mappings");
+                        continue;
+                    }
+                    Err(broadcast::error::RecvError::Closed) => return SessionEnd::Closed,
+                };
+                let batch = Mappings { mappings: vec![wire_mapping(&mapping)], resync: false };
+                if let Err(end) = send(AgentKind::Cache(batch)).await {
+                    return end;
+                }
+            }
+        }
+    }
+}
+
+/// A stream error from tonic: a message over the size limit, or one that does not decode.
+fn rejected_status(status: &Status) -> SessionEnd {
+    let message = status.message().to_owned();
+    if message.contains("message length too large") || message.contains("too large") {
+        SessionEnd::Rejected("oversized", message)
+    } else if status.code() == tonic::Code::Cancelled || status.code() == tonic::Code::Unavailable {
+        SessionEnd::Closed
+    } else {
+        SessionEnd::Rejected("malformed", message)
+    }
+}
+
+/// Takes a proxy's mappings into the agent's cache; the reconciler then keeps their allow
+/// entries (the proxy wrote them already).
+fn absorb(state: &ApiState, mappings: &[WireMapping]) -> Result<(), String> {
+    let mut parsed = Vec::with_capacity(mappings.len());
+    for mapping in mappings {
+        let name = warden_policy::DnsName::new(&mapping.name)
+            .map_err(|error| format!("mapping name: {error}"))?;
+        if mapping.endpoint.is_empty() {
+            return Err("mapping without endpoint".into());
+        }
+        let ips = mapping
+            .ips
+            .iter()
+            .map(|ip| ip.parse::<IpAddr>())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|error| format!("mapping IP: {error}"))?;
+        parsed.push((mapping.endpoint.as_str(), name, ips, mapping.expires_at));
+    }
+    let mut cache = state.cache.lock();
+    for (endpoint, name, ips, expires_at) in &parsed {
+        for ip in ips {
+            cache.insert_entry(
+                endpoint,
+                name.as_str(),
+                *ip,
+                UnixTime(*expires_at),
+                Source::Lookup,
+            );
+        }
+    }
+    drop(cache);
+    state
+        .metrics
+        .peer
+        .mappings_received
+        .inc_by(parsed.len() as u64);
+    state.cache_changes.0.fetch_add(1, Ordering::Relaxed);
+    Ok(())
+}
+
+fn wire_mapping(mapping: &Mapping) -> WireMapping {
+    WireMapping {
+        endpoint: mapping.endpoint.to_string(),
+        name: mapping.name.as_str().to_owned(),
+        ips: mapping.ips.iter().map(ToString::to_string).collect(),
+        ttl: mapping.ttl,
+        expires_at: mapping.expires_at.0,
+        server: mapping.server.to_string(),
+    }
+}
+
+/// Cache entries as wire mappings: one per (endpoint, name, expiry), since IPs of one name may
+/// expire at different times.
+pub fn wire_entries(entries: &[CacheEntry]) -> Vec<WireMapping> {
+    let now = unix_now();
+    let mut wire = Vec::new();
+    for entry in entries {
+        let mut by_expiry: HashMap<u64, Vec<String>> = HashMap::new();
+        for cached in &entry.ips {
+            by_expiry
+                .entry(cached.expires_at.0)
+                .or_default()
+                .push(cached.ip.to_string());
+        }
+        for (expires_at, ips) in by_expiry {
+            wire.push(WireMapping {
+                endpoint: entry.endpoint.clone(),
+                name: entry.name.clone(),
+                ips,
+                ttl: u32::try_from(expires_at.saturating_sub(now.0)).unwrap_or(u32::MAX),
+                expires_at,
+                server: String::new(),
+            });
+        }
+    }
+    wire
+}
+
+/// The snapshot of the policy in force, with everything a proxy needs to act alone.
+fn build_snapshot(state: &ApiState) -> PolicySnapshot {
+    let (revision, files) = state.policy.documents();
+    let directory = state.enforcement.directory();
+    let mut cgroups: HashMap<u32, Vec<u64>> = HashMap::new();
+    for (cgroup_id, (endpoint, _)) in &directory.by_cgroup {
+        cgroups.entry(endpoint.0).or_default().push(*cgroup_id);
+    }
+    let endpoints = state
+        .policy
+        .endpoints()
+        .keys()
+        .zip(&state.config.endpoints)
+        .map(|((info, _), config)| Endpoint {
+            id: info.id.0,
+            name: config.name.clone(),
+            namespace: config.namespace.clone(),
+            labels: config.labels.clone().into_iter().collect(),
+            ips: config.ips.iter().map(ToString::to_string).collect(),
+            cgroup_ids: cgroups.get(&info.id.0).cloned().unwrap_or_default(),
+        })
+        .collect();
+    let dns = &state.config.dns;
+    PolicySnapshot {
+        revision,
+        policies: files
+            .iter()
+            .map(|(path, text)| PolicyFile {
+                path: path.display().to_string(),
+                text: text.clone(),
+            })
+            .collect(),
+        endpoints,
+        dns: Some(DnsSettings {
+            upstream: dns.upstream.to_string(),
+            reject: match dns.reject {
+                RejectCode::Refused => "refused".into(),
+                RejectCode::Nxdomain => "nxdomain".into(),
+            },
+            min_ttl: dns.min_ttl,
+            max_ips_per_name: dns.max_ips_per_name as u64,
+            idle_grace_s: dns.idle_grace_s,
+        }),
+        datapath: Some(DatapathSettings {
+            mode: match state.config.datapath.mode {
+                DatapathMode::None => "none".into(),
+                DatapathMode::Ebpf => "ebpf".into(),
+            },
+            bpffs: state.config.datapath.bpffs.display().to_string(),
+        }),
+    }
+}

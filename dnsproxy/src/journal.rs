@@ -1,0 +1,174 @@
+//! Mappings the agent has not received yet: bounded, oldest dropped first (and counted), and
+//! kept in `state_dir` so that a proxy killed while the agent is away still hands them over.
+
+use std::collections::VecDeque;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use prost::Message;
+use warden_api::proto::{Mapping, Mappings};
+use warden_telemetry::PeerMetrics;
+
+const JOURNAL_FILE: &str = "journal.pb";
+
+#[derive(Debug)]
+pub struct Journal {
+    entries: Mutex<VecDeque<Mapping>>,
+    capacity: usize,
+    metrics: PeerMetrics,
+    /// Bumped on every change; the persister writes when it moved.
+    changes: AtomicU64,
+}
+
+impl Journal {
+    pub fn new(capacity: usize, metrics: PeerMetrics) -> Journal {
+        Journal {
+            entries: Mutex::new(VecDeque::new()),
+            capacity: capacity.max(1),
+            metrics,
+            changes: AtomicU64::new(0),
+        }
+    }
+
+    /// The journal a previous run left in `state_dir`, if any.
+    pub fn open(state_dir: &Path, capacity: usize, metrics: PeerMetrics) -> Journal {
+        let journal = Journal::new(capacity, metrics);
+        match std::fs::read(journal_file(state_dir)) {
+            Ok(bytes) => match Mappings::decode(bytes.as_slice()) {
+                Ok(saved) => journal.restore(saved.mappings),
+                Err(error) => {
+                    tracing::error!(%error, "journal in state_dir does not decode; starting empty")
+                }
+            },
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+            Err(error) => tracing::error!(%error, "cannot read the journal in state_dir"),
+        }
+        journal
+    }
+
+    /// A counter that moves whenever the journal changes.
+    pub fn changes(&self) -> u64 {
+        self.changes.load(Ordering::Relaxed)
+    }
+
+    /// Writes the journal to `state_dir` (temporary file, fsync, rename).
+    pub fn save(&self, state_dir: &Path) -> std::io::Result<()> {
+        let snapshot = Mappings {
+            mappings: self.entries().iter().cloned().collect(),
+            resync: true,
+        };
+        let path = journal_file(state_dir);
+        let staging = path.with_extension("pb.tmp");
+        let mut file = std::fs::File::create(&staging)?;
+        file.write_all(&snapshot.encode_to_vec())?;
+        file.sync_all()?;
+        std::fs::rename(&staging, &path)
+    }
+
+    fn entries(&self) -> std::sync::MutexGuard<'_, VecDeque<Mapping>> {
+        self.entries
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner())
+    }
+
+    pub fn push(&self, mapping: Mapping) {
+        let mut entries = self.entries();
+        if entries.len() == self.capacity {
+            entries.pop_front();
+            self.metrics.journal_dropped.inc();
+        }
+        entries.push_back(mapping);
+        self.changes.fetch_add(1, Ordering::Relaxed);
+        self.metrics
+            .journal_entries
+            .set(i64::try_from(entries.len()).unwrap_or(i64::MAX));
+    }
+
+    /// Everything journaled, oldest first; the journal is empty afterwards.
+    pub fn take(&self) -> Vec<Mapping> {
+        let mut entries = self.entries();
+        let taken: Vec<Mapping> = entries.drain(..).collect();
+        if !taken.is_empty() {
+            self.changes.fetch_add(1, Ordering::Relaxed);
+        }
+        self.metrics.journal_entries.set(0);
+        taken
+    }
+
+    /// Puts back what could not be sent, ahead of anything journaled meanwhile.
+    pub fn restore(&self, mut unsent: Vec<Mapping>) {
+        let mut entries = self.entries();
+        unsent.extend(entries.drain(..));
+        let overflow = unsent.len().saturating_sub(self.capacity);
+        if overflow > 0 {
+            self.metrics.journal_dropped.inc_by(overflow as u64);
+        }
+        entries.extend(unsent.into_iter().skip(overflow));
+        self.changes.fetch_add(1, Ordering::Relaxed);
+        self.metrics
+            .journal_entries
+            .set(i64::try_from(entries.len()).unwrap_or(i64::MAX));
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries().is_empty()
+    }
+}
+
+fn journal_file(state_dir: &Path) -> PathBuf {
+    state_dir.join(JOURNAL_FILE)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mapping(name: &str) -> Mapping {
+        Mapping {
+            endpoint: "youssef/test".into(),
+            name: name.into(),
+            ..Mapping::default()
+        }
+    }
+
+    #[test]
+    fn a_full_journal_drops_the_oldest_and_counts_it() {
+        let metrics = warden_telemetry::Metrics::new("dnsproxy").unwrap();
+        let journal = Journal::new(2, metrics.peer.clone());
+        for name in ["a.", "b.", "c."] {
+            journal.push(mapping(name));
+        }
+        assert_eq!(metrics.peer.journal_dropped.get(), 1);
+        let names: Vec<_> = journal.take().into_iter().map(|m| m.name).collect();
+        assert_eq!(names, ["b.", "c."]);
+        assert!(journal.is_empty());
+    }
+
+    #[test]
+    fn a_saved_journal_survives_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let metrics = warden_telemetry::Metrics::new("dnsproxy").unwrap();
+        let journal = Journal::new(10, metrics.peer.clone());
+        journal.push(mapping("anysub.cilium.io."));
+        journal.save(dir.path()).unwrap();
+        let reopened = Journal::open(dir.path(), 10, metrics.peer.clone());
+        let names: Vec<_> = reopened.take().into_iter().map(|m| m.name).collect();
+        assert_eq!(names, ["anysub.cilium.io."]);
+    }
+
+    #[test]
+    fn unsent_mappings_go_back_in_front() {
+        let metrics = warden_telemetry::Metrics::new("dnsproxy").unwrap();
+        let journal = Journal::new(10, metrics.peer.clone());
+        journal.push(mapping("new."));
+        journal.restore(vec![mapping("old.")]);
+        let names: Vec<_> = journal.take().into_iter().map(|m| m.name).collect();
+        assert_eq!(names, ["old.", "new."]);
+    }
+}

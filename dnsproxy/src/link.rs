@@ -1,0 +1,368 @@
+//! The session with the agent: connect (with backoff), say hello, replay the journal, then
+//! take snapshots and cache updates in and send mappings and flows out. While there is no
+//! session the proxy is offline: it keeps serving from its snapshot and journals mappings.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use warden_api::MAPPINGS_PER_MESSAGE;
+use warden_api::proto::agent_message::Kind as AgentKind;
+use warden_api::proto::proxy_message::Kind as ProxyKind;
+use warden_api::proto::{
+    Ack, Flows, Hello, Mapping as WireMapping, Mappings, PolicySnapshot, ProxyMessage, ResyncDone,
+};
+use warden_fqdn::{Source, UnixTime};
+use warden_proxy::{Mapping, MappingObserver, SharedCache};
+use warden_telemetry::{FlowEvent, FlowLog, Metrics};
+
+use crate::journal::Journal;
+
+/// Reconnection backoff: quick at first (an agent restart takes about a second), capped so a
+/// returning agent is found within this.
+const BACKOFF_FIRST: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+/// Applies a snapshot from the agent; returns an error text when it was rejected.
+pub type SnapshotSink = Arc<dyn Fn(&PolicySnapshot) -> Result<(), String> + Send + Sync>;
+
+/// The outgoing half of the current session, if any: the hot path's mappings go through it.
+#[derive(Debug, Default)]
+pub struct Link {
+    outbound: Mutex<Option<mpsc::Sender<ProxyMessage>>>,
+    connected: AtomicBool,
+    last_resync_at_ms: AtomicU64,
+    last_resync_ms: AtomicU64,
+}
+
+impl Link {
+    pub fn connected(&self) -> bool {
+        self.connected.load(Ordering::Relaxed)
+    }
+
+    /// (when, how long) of the last completed resync.
+    pub fn last_resync(&self) -> Option<(u64, u64)> {
+        let at = self.last_resync_at_ms.load(Ordering::Relaxed);
+        (at > 0).then(|| (at, self.last_resync_ms.load(Ordering::Relaxed)))
+    }
+
+    fn sender(&self) -> Option<mpsc::Sender<ProxyMessage>> {
+        self.outbound
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner())
+            .clone()
+    }
+
+    fn set(&self, sender: Option<mpsc::Sender<ProxyMessage>>) {
+        self.connected.store(sender.is_some(), Ordering::Relaxed);
+        *self
+            .outbound
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner()) = sender;
+    }
+}
+
+/// The engine's mapping observer: straight to the agent when connected, else the journal.
+/// Never waits: a full channel journals too.
+#[derive(Debug)]
+pub struct LinkMappings {
+    pub link: Arc<Link>,
+    pub journal: Arc<Journal>,
+}
+
+impl MappingObserver for LinkMappings {
+    fn on_mapping(&self, mapping: Mapping) {
+        let wire = wire_mapping(&mapping);
+        if let Some(sender) = self.link.sender() {
+            let message = ProxyMessage {
+                kind: Some(ProxyKind::Mappings(Mappings {
+                    mappings: vec![wire],
+                    resync: false,
+                })),
+            };
+            match sender.try_send(message) {
+                Ok(()) => return,
+                Err(
+                    mpsc::error::TrySendError::Full(message)
+                    | mpsc::error::TrySendError::Closed(message),
+                ) => {
+                    if let Some(ProxyKind::Mappings(batch)) = message.kind {
+                        batch
+                            .mappings
+                            .into_iter()
+                            .for_each(|mapping| self.journal.push(mapping));
+                    }
+                    return;
+                }
+            }
+        }
+        self.journal.push(wire);
+    }
+}
+
+fn wire_mapping(mapping: &Mapping) -> WireMapping {
+    WireMapping {
+        endpoint: mapping.endpoint.to_string(),
+        name: mapping.name.as_str().to_owned(),
+        ips: mapping.ips.iter().map(ToString::to_string).collect(),
+        ttl: mapping.ttl,
+        expires_at: mapping.expires_at.0,
+        server: mapping.server.to_string(),
+    }
+}
+
+/// Everything a session needs.
+#[derive(Clone)]
+pub struct LinkContext {
+    pub socket: PathBuf,
+    pub link: Arc<Link>,
+    pub journal: Arc<Journal>,
+    pub cache: SharedCache,
+    pub metrics: Metrics,
+    pub flows: Arc<FlowLog>,
+    pub apply_snapshot: SnapshotSink,
+    /// The revision in force now, for the hello.
+    pub revision: Arc<dyn Fn() -> u64 + Send + Sync>,
+    pub serving: Arc<AtomicBool>,
+}
+
+impl std::fmt::Debug for LinkContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LinkContext")
+            .field("socket", &self.socket)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Keeps a session with the agent until `shutdown`.
+pub async fn run(context: LinkContext, shutdown: CancellationToken) {
+    let mut backoff = BACKOFF_FIRST;
+    context.metrics.peer.offline.set(1);
+    loop {
+        let client = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            client = warden_api::client::connect(&context.socket) => client,
+        };
+        match client {
+            Ok(client) => {
+                backoff = BACKOFF_FIRST;
+                let ended = tokio::select! {
+                    _ = shutdown.cancelled() => "shutting down".to_owned(),
+                    ended = session(&context, client) => ended,
+                };
+                context.link.set(None);
+                context.metrics.peer.connected.set(0);
+                context.metrics.peer.offline.set(1);
+                tracing::warn!(
+                    reason = ended,
+                    "agent session ended; serving offline from the last snapshot"
+                );
+            }
+            Err(error) => tracing::debug!(%error, "agent not reachable"),
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+}
+
+async fn session(
+    context: &LinkContext,
+    mut client: warden_api::proto::agent_client::AgentClient<tonic::transport::Channel>,
+) -> String {
+    let started = Instant::now();
+    let (outbound, stream) = mpsc::channel::<ProxyMessage>(1024);
+    let journaled = context.journal.take();
+    let hello = ProxyMessage {
+        kind: Some(ProxyKind::Hello(Hello {
+            instance: "dnsproxy".into(),
+            pid: std::process::id(),
+            revision: (context.revision)(),
+            serving: context.serving.load(Ordering::Relaxed),
+            journal: journaled.len() as u64,
+        })),
+    };
+    if outbound.send(hello).await.is_err() {
+        context.journal.restore(journaled);
+        return "could not say hello".into();
+    }
+    let response = match client.session(ReceiverStream::new(stream)).await {
+        Ok(response) => response,
+        Err(status) => {
+            context.journal.restore(journaled);
+            return format!("session refused: {status}");
+        }
+    };
+    let mut inbound = response.into_inner();
+    // Replay what the agent missed, then go live; what was journaled in between follows.
+    let replayed = journaled.len();
+    let mut unsent = Vec::new();
+    for chunk in journaled.chunks(MAPPINGS_PER_MESSAGE) {
+        let batch = ProxyMessage {
+            kind: Some(ProxyKind::Mappings(Mappings {
+                mappings: chunk.to_vec(),
+                resync: true,
+            })),
+        };
+        if outbound.send(batch).await.is_err() {
+            unsent.extend_from_slice(chunk);
+        }
+    }
+    if !unsent.is_empty() {
+        context.journal.restore(unsent);
+        return "agent went away during the journal replay".into();
+    }
+    context.link.set(Some(outbound.clone()));
+    let late = context.journal.take();
+    if !late.is_empty() {
+        let batch = ProxyMessage {
+            kind: Some(ProxyKind::Mappings(Mappings {
+                mappings: late,
+                resync: true,
+            })),
+        };
+        if let Err(error) = outbound.send(batch).await {
+            if let Some(ProxyKind::Mappings(batch)) = error.0.kind {
+                context.journal.restore(batch.mappings);
+            }
+            return "agent went away during the journal replay".into();
+        }
+    }
+    let _ = outbound
+        .send(ProxyMessage {
+            kind: Some(ProxyKind::ResyncDone(ResyncDone {
+                entries: replayed as u64,
+            })),
+        })
+        .await;
+    context.metrics.peer.connected.set(1);
+    context.metrics.peer.offline.set(0);
+    tracing::info!(replayed, "connected to the agent");
+
+    let forwarder = tokio::spawn(forward_flows(context.flows.clone(), outbound.clone()));
+    let ended = loop {
+        let message = match inbound.message().await {
+            Ok(Some(message)) => message,
+            Ok(None) => break "agent closed the session".to_owned(),
+            Err(status) => break format!("agent session broke: {status}"),
+        };
+        match message.kind {
+            Some(AgentKind::Snapshot(snapshot)) => {
+                let revision = snapshot.revision;
+                match (context.apply_snapshot)(&snapshot) {
+                    Ok(()) => {
+                        context
+                            .metrics
+                            .peer
+                            .acked_revision
+                            .set(i64::try_from(revision).unwrap_or(i64::MAX));
+                        let ack = ProxyMessage {
+                            kind: Some(ProxyKind::Ack(Ack { revision })),
+                        };
+                        if outbound.send(ack).await.is_err() {
+                            break "agent went away".to_owned();
+                        }
+                    }
+                    Err(error) => {
+                        tracing::error!(revision, %error, "snapshot from the agent rejected")
+                    }
+                }
+            }
+            Some(AgentKind::Cache(batch)) => merge(context, &batch.mappings),
+            Some(AgentKind::ResyncDone(done)) => {
+                let elapsed = started.elapsed();
+                context.metrics.peer.resync_completed(elapsed);
+                context.link.last_resync_ms.store(
+                    u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX),
+                    Ordering::Relaxed,
+                );
+                context
+                    .link
+                    .last_resync_at_ms
+                    .store(unix_millis(), Ordering::Relaxed);
+                tracing::info!(
+                    entries = done.entries,
+                    ms = elapsed.as_millis(),
+                    "resync with the agent done"
+                );
+            }
+            None => {}
+        }
+    };
+    forwarder.abort();
+    ended
+}
+
+/// The agent's cache entries into ours: union, later expiry wins.
+fn merge(context: &LinkContext, mappings: &[WireMapping]) {
+    let mut cache = context.cache.lock();
+    for mapping in mappings {
+        for ip in &mapping.ips {
+            match ip.parse::<IpAddr>() {
+                Ok(ip) => {
+                    cache.insert_entry(
+                        &mapping.endpoint,
+                        &mapping.name,
+                        ip,
+                        UnixTime(mapping.expires_at),
+                        Source::Lookup,
+                    );
+                }
+                Err(error) => tracing::warn!(%error, name = mapping.name, "bad IP from the agent"),
+            }
+        }
+    }
+    context
+        .metrics
+        .peer
+        .mappings_received
+        .inc_by(mappings.len() as u64);
+}
+
+/// The proxy's DNS flow events, batched, to the agent's flow log. Best effort: a flow event
+/// is observability, never worth holding a query for.
+async fn forward_flows(flows: Arc<FlowLog>, outbound: mpsc::Sender<ProxyMessage>) {
+    let mut follower = flows.follow();
+    loop {
+        let first = match follower.recv().await {
+            Ok(event) => event,
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+        };
+        let mut batch = vec![first];
+        while batch.len() < 64 {
+            match follower.try_recv() {
+                Ok(event) => batch.push(event),
+                Err(_) => break,
+            }
+        }
+        let events = batch
+            .iter()
+            .filter(|event| matches!(event, FlowEvent::Dns(_)))
+            .filter_map(|event| serde_json::to_string(event).ok())
+            .collect::<Vec<_>>();
+        if events.is_empty() {
+            continue;
+        }
+        let message = ProxyMessage {
+            kind: Some(ProxyKind::Flows(Flows { events })),
+        };
+        if outbound.try_send(message).is_err() && outbound.is_closed() {
+            return;
+        }
+    }
+}
+
+fn unix_millis() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|elapsed| u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}

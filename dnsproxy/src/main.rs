@@ -1,0 +1,80 @@
+//! `warden-dnsproxy --config FILE`: the standalone DNS proxy.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use warden_config::ProxyOverrides;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "warden-dnsproxy",
+    version,
+    about = "Warden's standalone DNS proxy"
+)]
+struct Args {
+    /// YAML config file; every field can also be set by the flags below.
+    #[arg(long, short = 'c', value_name = "FILE")]
+    config: Option<PathBuf>,
+    #[command(flatten)]
+    overrides: ProxyOverrides,
+}
+
+fn main() -> ExitCode {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    let config = match &args.config {
+        Some(path) => warden_config::load_proxy(path, &args.overrides),
+        None => {
+            let mut config = warden_config::ProxyConfig::default();
+            args.overrides.apply(&mut config);
+            config.validate().map(|()| config)
+        }
+    };
+    let config = match config {
+        Ok(config) => config,
+        Err(error) => {
+            eprintln!("warden-dnsproxy: {error}");
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("warden-dnsproxy: cannot start the runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(warden_dnsproxy::run(config, shutdown_signal())) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("warden-dnsproxy: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// SIGTERM (what Kubernetes and systemd send) or SIGINT.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut terminate) => {
+            tokio::select! {
+                _ = terminate.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(error) => {
+            tracing::error!(%error, "cannot listen for SIGTERM; stopping on SIGINT only");
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

@@ -1,0 +1,250 @@
+//! The policy the proxy enforces: the agent's last snapshot, compiled with the same code the
+//! agent uses, and kept in `state_dir` so a proxy started while the agent is down enforces it.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+
+use prost::Message;
+use warden_api::proto::PolicySnapshot;
+use warden_enforce::EndpointDirectory;
+use warden_policy::{EndpointId, EndpointInfo, Labels, PolicyRepository};
+use warden_proxy::PolicySource;
+
+const SNAPSHOT_FILE: &str = "policy-snapshot.pb";
+
+/// What a snapshot turned into.
+#[derive(Debug)]
+pub struct Compiled {
+    pub repository: PolicyRepository,
+    pub directory: EndpointDirectory,
+    pub policies: usize,
+    /// `ebpf` snapshots carry the bpffs folder of the agent's pins.
+    pub datapath_bpffs: Option<PathBuf>,
+}
+
+/// Compiles a snapshot; any document or address that does not parse rejects the whole of it,
+/// so a bad snapshot never replaces a good one.
+pub fn compile(snapshot: &PolicySnapshot) -> Result<Compiled, String> {
+    let mut policies = Vec::new();
+    for file in &snapshot.policies {
+        let parsed = warden_policy::parse_str(&file.text, Path::new(&file.path))
+            .map_err(|error| error.to_string())?;
+        policies.extend(parsed);
+    }
+    let mut infos = Vec::with_capacity(snapshot.endpoints.len());
+    let mut directory = EndpointDirectory::default();
+    for endpoint in &snapshot.endpoints {
+        let ips = endpoint
+            .ips
+            .iter()
+            .map(|ip| ip.parse::<IpAddr>())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|error| format!("endpoint {}: {error}", endpoint.name))?;
+        let labels: BTreeMap<String, String> = endpoint.labels.clone().into_iter().collect();
+        let id = EndpointId(endpoint.id);
+        let key: Arc<str> = Arc::from(format!("{}/{}", endpoint.namespace, endpoint.name));
+        for ip in &ips {
+            directory.by_ip.insert(ip.to_canonical(), (id, key.clone()));
+        }
+        for cgroup_id in &endpoint.cgroup_ids {
+            directory.by_cgroup.insert(*cgroup_id, (id, key.clone()));
+        }
+        infos.push(EndpointInfo {
+            id,
+            name: endpoint.name.clone(),
+            namespace: endpoint.namespace.clone(),
+            labels: Labels::from_k8s(&labels, &endpoint.namespace),
+            ips,
+        });
+    }
+    let datapath_bpffs = snapshot
+        .datapath
+        .as_ref()
+        .filter(|datapath| datapath.mode == "ebpf")
+        .map(|datapath| PathBuf::from(&datapath.bpffs));
+    Ok(Compiled {
+        repository: PolicyRepository::build(&policies, &infos),
+        directory,
+        policies: policies.len(),
+        datapath_bpffs,
+    })
+}
+
+/// The policy in force in the proxy, and where it came from.
+#[derive(Debug)]
+pub struct ProxyPolicy {
+    current: RwLock<Arc<PolicyRepository>>,
+    state: Mutex<PolicyState>,
+    file: PathBuf,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct PolicyState {
+    pub revision: u64,
+    pub policies: usize,
+    pub selectors: usize,
+    pub endpoints: usize,
+    /// `agent` (received in this run) or `snapshot` (read from state_dir at start).
+    pub source: String,
+    pub last_error: Option<String>,
+}
+
+impl PolicySource for ProxyPolicy {
+    fn current(&self) -> Arc<PolicyRepository> {
+        self.current
+            .read()
+            .unwrap_or_else(|poison| poison.into_inner())
+            .clone()
+    }
+}
+
+impl ProxyPolicy {
+    pub fn new(state_dir: &Path) -> ProxyPolicy {
+        ProxyPolicy {
+            current: RwLock::new(Arc::new(PolicyRepository::empty())),
+            state: Mutex::new(PolicyState::default()),
+            file: state_dir.join(SNAPSHOT_FILE),
+        }
+    }
+
+    pub fn state(&self) -> PolicyState {
+        self.state
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner())
+            .clone()
+    }
+
+    /// The snapshot persisted by an earlier run, if any and if it decodes.
+    pub fn load_persisted(&self) -> Option<PolicySnapshot> {
+        let bytes = std::fs::read(&self.file).ok()?;
+        match PolicySnapshot::decode(bytes.as_slice()) {
+            Ok(snapshot) => Some(snapshot),
+            Err(error) => {
+                tracing::error!(path = %self.file.display(), %error, "persisted policy snapshot does not decode");
+                None
+            }
+        }
+    }
+
+    /// Installs a compiled snapshot; persists it when it came from the agent.
+    pub fn install(&self, snapshot: &PolicySnapshot, compiled: Compiled, source: &str) {
+        let selectors = compiled.repository.selector_count();
+        *self
+            .current
+            .write()
+            .unwrap_or_else(|poison| poison.into_inner()) = Arc::new(compiled.repository);
+        {
+            let mut state = self
+                .state
+                .lock()
+                .unwrap_or_else(|poison| poison.into_inner());
+            *state = PolicyState {
+                revision: snapshot.revision,
+                policies: compiled.policies,
+                selectors,
+                endpoints: snapshot.endpoints.len(),
+                source: source.to_owned(),
+                last_error: None,
+            };
+        }
+        if source == "agent"
+            && let Err(error) = self.persist(snapshot)
+        {
+            tracing::warn!(%error, "cannot persist the policy snapshot");
+        }
+        tracing::info!(
+            revision = snapshot.revision,
+            policies = compiled.policies,
+            selectors,
+            source,
+            "policy in force"
+        );
+    }
+
+    pub fn fail(&self, error: String) {
+        tracing::error!(%error, "policy snapshot rejected; the previous one stays in force");
+        self.state
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner())
+            .last_error = Some(error);
+    }
+
+    fn persist(&self, snapshot: &PolicySnapshot) -> std::io::Result<()> {
+        use std::io::Write;
+        let staging = self.file.with_extension("pb.tmp");
+        let mut file = std::fs::File::create(&staging)?;
+        file.write_all(&snapshot.encode_to_vec())?;
+        file.sync_all()?;
+        std::fs::rename(&staging, &self.file)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use warden_api::proto::{Endpoint, PolicyFile};
+
+    const POLICY: &str = "apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: p, namespace: youssef}
+spec:
+  endpointSelector: {matchLabels: {app: test}}
+  egress:
+  - toPorts:
+    - ports: [{port: \"53\"}]
+      rules: {dns: [{matchName: cilium.io}]}
+";
+
+    fn snapshot(text: &str) -> PolicySnapshot {
+        PolicySnapshot {
+            revision: 7,
+            policies: vec![PolicyFile {
+                path: "p.yaml".into(),
+                text: text.into(),
+            }],
+            endpoints: vec![Endpoint {
+                id: 1,
+                name: "test".into(),
+                namespace: "youssef".into(),
+                labels: [("app".to_owned(), "test".to_owned())].into(),
+                ips: vec!["127.0.0.2".into()],
+                cgroup_ids: vec![42],
+            }],
+            ..PolicySnapshot::default()
+        }
+    }
+
+    #[test]
+    fn a_snapshot_compiles_to_the_same_verdicts_and_survives_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let policy = ProxyPolicy::new(dir.path());
+        let compiled = compile(&snapshot(POLICY)).unwrap();
+        assert_eq!(compiled.directory.by_cgroup[&42].1.as_ref(), "youssef/test");
+        policy.install(&snapshot(POLICY), compiled, "agent");
+        let server = "127.0.0.153:53".parse().unwrap();
+        let allowed = |policy: &ProxyPolicy, name: &str| {
+            policy.current().dns_allowed(
+                EndpointId(1),
+                server,
+                warden_policy::L4Proto::Udp,
+                &warden_policy::DnsName::new(name).unwrap(),
+            )
+        };
+        assert!(allowed(&policy, "cilium.io"));
+        assert!(!allowed(&policy, "bbc.co.uk"));
+
+        let restarted = ProxyPolicy::new(dir.path());
+        let persisted = restarted.load_persisted().unwrap();
+        assert_eq!(persisted.revision, 7);
+        restarted.install(&persisted, compile(&persisted).unwrap(), "snapshot");
+        assert!(!allowed(&restarted, "bbc.co.uk"));
+        assert!(allowed(&restarted, "cilium.io"));
+    }
+
+    #[test]
+    fn a_broken_document_rejects_the_whole_snapshot() {
+        assert!(compile(&snapshot("kind: Nonsense\n")).is_err());
+    }
+}

@@ -1,0 +1,485 @@
+//! Wiring: config in, a serving proxy out.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use axum::Router;
+use axum::extract::{Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Json};
+use axum::routing::get;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use warden_api::proto::PolicySnapshot;
+use warden_config::{Prefer, ProxyConfig, RejectCode};
+use warden_datapath::Datapath;
+use warden_enforce::Enforcement;
+use warden_fqdn::{CacheLimits, DnsCache};
+use warden_proxy::{DnsProxy, ProxyContext, ProxySettings, ResponseCode, SharedCache, unix_now};
+use warden_telemetry::{CacheRow, FlowLog, InstanceStatus, Metrics, PolicyStatusView};
+
+use crate::journal::Journal;
+use crate::link::{self, Link, LinkContext, LinkMappings};
+use crate::policy::{ProxyPolicy, compile};
+
+const FLOW_LOG_CAPACITY: usize = 10_000;
+/// The proxy's number in the datapath's reuseport selection (the agent is 0).
+const DNSPROXY_INSTANCE: u32 = 1;
+const AGENT_INSTANCE: u32 = 0;
+/// How long the DNS sockets keep reading after the port's traffic was steered to the agent.
+const LEAVE_LINGER: Duration = Duration::from_millis(300);
+
+/// A started proxy; [`RunningProxy::shutdown`] stops it gracefully.
+#[derive(Debug)]
+pub struct RunningProxy {
+    dns_addrs: Vec<SocketAddr>,
+    admin_addr: SocketAddr,
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl RunningProxy {
+    pub fn dns_addrs(&self) -> &[SocketAddr] {
+        &self.dns_addrs
+    }
+
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin_addr
+    }
+
+    /// Leave the DNS port (steering its traffic to the agent), finish the queries in flight.
+    pub async fn shutdown(self) -> anyhow::Result<()> {
+        self.shutdown.cancel();
+        self.task.await.context("dnsproxy task panicked")?
+    }
+}
+
+pub async fn run(config: ProxyConfig, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let proxy = start(config).await?;
+    tracing::info!(dns = ?proxy.dns_addrs(), admin = %proxy.admin_addr(), "warden-dnsproxy serving");
+    shutdown.await;
+    tracing::info!("shutting down");
+    proxy.shutdown().await
+}
+
+/// The datapath as the proxy uses it: opened from the agent's pins, never loaded or attached
+/// here. Sockets wait (as duplicates) until the datapath is there to register them.
+struct ProxyDatapath {
+    bpffs: Mutex<Option<PathBuf>>,
+    enforcement: Arc<Enforcement>,
+    unregistered: Mutex<Vec<OwnedFd>>,
+    prefer: Prefer,
+}
+
+impl ProxyDatapath {
+    /// Opens the pins under `bpffs` if not open yet, and registers the DNS sockets.
+    fn ensure(&self, bpffs: &Path) {
+        if self.enforcement.datapath().is_some() {
+            return;
+        }
+        match Datapath::open_pinned(bpffs) {
+            Ok(datapath) => {
+                tracing::info!(bpffs = %bpffs.display(), "writing allow entries into the agent's pinned maps");
+                let sockets = std::mem::take(
+                    &mut *self.unregistered.lock().unwrap_or_else(|p| p.into_inner()),
+                );
+                for socket in &sockets {
+                    if let Err(error) = datapath
+                        .attach_reuseport(socket)
+                        .and_then(|()| datapath.reuseport_set(DNSPROXY_INSTANCE, socket))
+                    {
+                        tracing::warn!(%error, "cannot register a DNS socket for reuseport selection");
+                    }
+                }
+                // The duplicates must go: they would keep the sockets open after they close.
+                drop(sockets);
+                let preferred = match self.prefer {
+                    Prefer::Agent => datapath.reuseport_prefer(AGENT_INSTANCE),
+                    Prefer::Dnsproxy => datapath.reuseport_prefer(DNSPROXY_INSTANCE),
+                    Prefer::Share => datapath.reuseport_share(),
+                };
+                if let Err(error) = preferred {
+                    tracing::warn!(%error, "cannot apply dns.prefer");
+                }
+                *self.bpffs.lock().unwrap_or_else(|p| p.into_inner()) = Some(bpffs.to_path_buf());
+                self.enforcement.set_datapath(Some(datapath));
+            }
+            Err(error) => {
+                tracing::warn!(bpffs = %bpffs.display(), %error, "agent's pinned maps not available; allow entries are not written")
+            }
+        }
+    }
+
+    /// At shutdown, before the sockets close: new queries go to the agent from now on.
+    fn leave(&self) {
+        self.unregistered
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+        if let Some(datapath) = self.enforcement.datapath() {
+            match datapath.reuseport_prefer(AGENT_INSTANCE) {
+                Ok(()) => tracing::info!("DNS traffic steered to the agent"),
+                Err(error) => tracing::warn!(%error, "cannot steer DNS traffic away"),
+            }
+        }
+    }
+}
+
+pub async fn start(config: ProxyConfig) -> anyhow::Result<RunningProxy> {
+    std::fs::create_dir_all(&config.state_dir)
+        .with_context(|| format!("cannot create state_dir {}", config.state_dir.display()))?;
+    let started = Instant::now();
+    let metrics = Metrics::new("dnsproxy")?;
+    let flows = Arc::new(FlowLog::new(FLOW_LOG_CAPACITY));
+    let enforcement = Arc::new(Enforcement::new(metrics.clone()));
+    let policy = Arc::new(ProxyPolicy::new(&config.state_dir));
+    let cache = SharedCache::new(DnsCache::new(CacheLimits {
+        min_ttl: config.dns.min_ttl,
+        max_ips_per_name: config.dns.max_ips_per_name,
+    }));
+    let journal = Arc::new(Journal::open(
+        &config.state_dir,
+        config.journal_max,
+        metrics.peer.clone(),
+    ));
+    let link = Arc::new(Link::default());
+    let datapath = Arc::new(ProxyDatapath {
+        bpffs: Mutex::new(None),
+        enforcement: enforcement.clone(),
+        unregistered: Mutex::new(Vec::new()),
+        prefer: config.dns.prefer,
+    });
+
+    let apply_snapshot = {
+        let (policy, enforcement, datapath, metrics) = (
+            policy.clone(),
+            enforcement.clone(),
+            datapath.clone(),
+            metrics.clone(),
+        );
+        Arc::new(
+            move |snapshot: &PolicySnapshot, source: &str| -> Result<(), String> {
+                let compiled = match compile(snapshot) {
+                    Ok(compiled) => compiled,
+                    Err(error) => {
+                        policy.fail(error.clone());
+                        metrics.policy.reload_errors.inc();
+                        return Err(error);
+                    }
+                };
+                let bpffs = compiled.datapath_bpffs.clone();
+                enforcement.set_directory(compiled.directory.clone());
+                metrics
+                    .policy
+                    .revision
+                    .set(i64::try_from(snapshot.revision).unwrap_or(i64::MAX));
+                metrics
+                    .policy
+                    .policies
+                    .set(i64::try_from(compiled.policies).unwrap_or(i64::MAX));
+                metrics
+                    .policy
+                    .selectors
+                    .set(i64::try_from(compiled.repository.selector_count()).unwrap_or(i64::MAX));
+                policy.install(snapshot, compiled, source);
+                if let Some(bpffs) = bpffs {
+                    datapath.ensure(&bpffs);
+                }
+                Ok(())
+            },
+        )
+    };
+
+    let context = ProxyContext {
+        instance: Arc::from("dnsproxy"),
+        endpoints: enforcement.clone(),
+        policy: policy.clone(),
+        cache: cache.clone(),
+        datapath: enforcement.clone(),
+        mappings: Arc::new(LinkMappings {
+            link: link.clone(),
+            journal: journal.clone(),
+        }),
+        metrics: metrics.clone(),
+        flows: flows.clone(),
+    };
+    let settings = ProxySettings {
+        listen: config.dns.listen.clone(),
+        upstream: config.dns.upstream,
+        reject: match config.dns.reject {
+            RejectCode::Refused => ResponseCode::Refused,
+            RejectCode::Nxdomain => ResponseCode::NXDomain,
+        },
+        response_max_delay: config.dns.response_max_delay(),
+        upstream_timeout: config.dns.upstream_timeout(),
+        concurrency_limit: config.dns.concurrency_limit,
+        upstream_sockets: config.dns.upstream_sockets,
+        tcp_idle_timeout: Duration::from_secs(10),
+        linger: LEAVE_LINGER,
+    };
+    let proxy = DnsProxy::bind(settings, context)?;
+    let dns_addrs = proxy.local_addrs();
+    {
+        let mut unregistered = datapath
+            .unregistered
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        for socket in proxy.listener_fds() {
+            unregistered.push(socket.try_clone_to_owned()?);
+        }
+    }
+    // Cold start: enforce the last snapshot at once, before the agent is even looked for.
+    if let Some(snapshot) = policy.load_persisted() {
+        if let Err(error) = apply_snapshot(&snapshot, "snapshot") {
+            tracing::error!(%error, "persisted snapshot rejected");
+        } else {
+            tracing::info!(
+                revision = snapshot.revision,
+                ms = started.elapsed().as_millis(),
+                "enforcing the persisted snapshot"
+            );
+        }
+    }
+
+    let serving = Arc::new(AtomicBool::new(true));
+    let admin_listener = warden_telemetry::admin::bind(config.admin.listen).await?;
+    let admin_addr = admin_listener.local_addr()?;
+    let admin_state = AdminState {
+        policy: policy.clone(),
+        cache: cache.clone(),
+        link: link.clone(),
+        serving: serving.clone(),
+        dns_listen: dns_addrs.clone(),
+        enforcement: enforcement.clone(),
+        started,
+    };
+    let router = admin_router(admin_state, metrics.clone(), flows.clone());
+
+    let shutdown = CancellationToken::new();
+    let mut tasks = JoinSet::new();
+    {
+        let (shutdown, serving, datapath) = (shutdown.clone(), serving.clone(), datapath.clone());
+        tasks.spawn(async move {
+            proxy.serve_and_leave(shutdown, || datapath.leave()).await;
+            serving.store(false, Ordering::Relaxed);
+        });
+    }
+    {
+        let apply = apply_snapshot.clone();
+        let policy_for_revision = policy.clone();
+        let link_context = LinkContext {
+            socket: config.socket.clone(),
+            link: link.clone(),
+            journal: journal.clone(),
+            cache: cache.clone(),
+            metrics: metrics.clone(),
+            flows: flows.clone(),
+            apply_snapshot: Arc::new(move |snapshot| apply(snapshot, "agent")),
+            revision: Arc::new(move || policy_for_revision.state().revision),
+            serving: serving.clone(),
+        };
+        tasks.spawn(link::run(link_context, shutdown.clone()));
+    }
+    tasks.spawn(expire_cache(
+        cache.clone(),
+        metrics.clone(),
+        shutdown.clone(),
+    ));
+    tasks.spawn(persist_journal(
+        journal.clone(),
+        config.state_dir.clone(),
+        shutdown.clone(),
+    ));
+    let admin_shutdown = shutdown.clone();
+    let task = tokio::spawn(async move {
+        let admin = tokio::spawn(warden_telemetry::admin::serve(
+            admin_listener,
+            router,
+            admin_shutdown.cancelled_owned(),
+        ));
+        while let Some(joined) = tasks.join_next().await {
+            if let Err(error) = joined {
+                tracing::error!(%error, "dnsproxy task failed");
+            }
+        }
+        admin.await.context("admin API task panicked")??;
+        Ok(())
+    });
+    Ok(RunningProxy {
+        dns_addrs,
+        admin_addr,
+        shutdown,
+        task,
+    })
+}
+
+/// Keeps the journal in `state_dir` within a moment of every change, and once more at exit.
+async fn persist_journal(journal: Arc<Journal>, state_dir: PathBuf, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    let mut saved = journal.changes();
+    loop {
+        let stopping = tokio::select! {
+            _ = shutdown.cancelled() => true,
+            _ = tick.tick() => false,
+        };
+        let changes = journal.changes();
+        if changes != saved {
+            let (journal, dir) = (journal.clone(), state_dir.clone());
+            match tokio::task::spawn_blocking(move || journal.save(&dir)).await {
+                Ok(Ok(())) => saved = changes,
+                Ok(Err(error)) => tracing::warn!(%error, "cannot persist the journal"),
+                Err(error) => tracing::warn!(%error, "journal persister panicked"),
+            }
+        }
+        if stopping {
+            return;
+        }
+    }
+}
+
+/// Expired answers leave the proxy's cache every second.
+async fn expire_cache(cache: SharedCache, metrics: Metrics, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let mut cache = cache.lock();
+        let expired = cache.gc(unix_now()).len();
+        metrics.cache.gc_deletions.inc_by(expired as u64);
+        metrics
+            .cache
+            .names
+            .set(i64::try_from(cache.name_count()).unwrap_or(i64::MAX));
+        metrics
+            .cache
+            .ips
+            .set(i64::try_from(cache.ip_count()).unwrap_or(i64::MAX));
+    }
+}
+
+#[derive(Clone)]
+struct AdminState {
+    policy: Arc<ProxyPolicy>,
+    cache: SharedCache,
+    link: Arc<Link>,
+    serving: Arc<AtomicBool>,
+    dns_listen: Vec<SocketAddr>,
+    enforcement: Arc<Enforcement>,
+    started: Instant,
+}
+
+impl AdminState {
+    fn status(&self) -> InstanceStatus {
+        let policy = self.policy.state();
+        let serving = self.serving.load(Ordering::Relaxed);
+        let connected = self.link.connected();
+        let (cache_names, cache_ips) = {
+            let cache = self.cache.lock();
+            (cache.name_count(), cache.ip_count())
+        };
+        let datapath = self.enforcement.datapath();
+        let last_resync = self.link.last_resync();
+        InstanceStatus {
+            instance: "dnsproxy".to_owned(),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            serving,
+            ready: serving && policy.revision > 0,
+            peer_connected: connected,
+            mode: if connected { "online" } else { "offline" }.to_owned(),
+            policy_revision: policy.revision,
+            policy: PolicyStatusView {
+                revision: policy.revision,
+                policies: policy.policies,
+                selectors: policy.selectors,
+                source: policy.source,
+                last_error: policy.last_error,
+            },
+            cache_names,
+            cache_ips,
+            endpoints: policy.endpoints,
+            dns_listen: self.dns_listen.clone(),
+            // The proxy sees the agent's sockets only through the session.
+            dns_port_holders: serving
+                .then(|| "dnsproxy".to_owned())
+                .into_iter()
+                .chain(connected.then(|| "agent".to_owned()))
+                .collect(),
+            datapath: if datapath.is_some() { "ebpf" } else { "none" }.to_owned(),
+            uptime_s: self.started.elapsed().as_secs(),
+            preferred: datapath.and_then(|datapath| match datapath.reuseport_preferred().ok()? {
+                Some(AGENT_INSTANCE) => Some("agent".to_owned()),
+                Some(_) => Some("dnsproxy".to_owned()),
+                None => Some("share".to_owned()),
+            }),
+            last_resync_at_ms: last_resync.map(|(at, _)| at),
+            last_resync_ms: last_resync.map(|(_, took)| took),
+        }
+    }
+}
+
+#[derive(Debug, Default, serde::Deserialize)]
+struct CacheFilter {
+    endpoint: Option<String>,
+    name: Option<String>,
+}
+
+fn admin_router(state: AdminState, metrics: Metrics, flows: Arc<FlowLog>) -> Router {
+    let api = Router::new()
+        .route(
+            "/readyz",
+            get(|State(state): State<AdminState>| async move {
+                let status = state.status();
+                if status.ready {
+                    (StatusCode::OK, "ready\n")
+                } else if !status.serving {
+                    (StatusCode::SERVICE_UNAVAILABLE, "not serving DNS\n")
+                } else {
+                    (StatusCode::SERVICE_UNAVAILABLE, "no policy snapshot yet\n")
+                }
+            }),
+        )
+        .route(
+            "/v1/status",
+            get(|State(state): State<AdminState>| async move { Json(state.status()) }),
+        )
+        .route(
+            "/v1/fqdn/cache",
+            get(
+                |State(state): State<AdminState>, Query(filter): Query<CacheFilter>| async move {
+                    let now = unix_now();
+                    let entries = state.cache.lock().entries(now);
+                    let pattern = filter
+                        .name
+                        .as_deref()
+                        .and_then(|name| warden_policy::NamePattern::new(name).ok());
+                    let rows: Vec<CacheRow> = entries
+                        .into_iter()
+                        .filter(|entry| {
+                            filter
+                                .endpoint
+                                .as_deref()
+                                .is_none_or(|e| e == entry.endpoint)
+                        })
+                        .filter(|entry| {
+                            pattern.as_ref().is_none_or(|pattern| {
+                                warden_policy::DnsName::new(&entry.name)
+                                    .is_ok_and(|name| pattern.matches(&name))
+                            })
+                        })
+                        .map(|entry| CacheRow::from_entry(entry, now))
+                        .collect();
+                    Json(rows).into_response()
+                },
+            ),
+        )
+        .with_state(state);
+    warden_telemetry::admin::common_routes(metrics, flows).merge(api)
+}

@@ -1,0 +1,33 @@
+//! The agent ⇄ `warden-dnsproxy` protocol.
+//!
+//! [`proto`] is the code generated from `proto/warden/v1/agent.proto` (one bidirectional
+//! `Session` stream per proxy; the file explains the conversation). [`server`] serves it on
+//! the agent's Unix socket: mode 0600 (0660 with a group), the peer's credentials checked
+//! before a byte is read, every connection served on its own so a peer sending garbage loses
+//! only its own connection, and each refusal reported. [`client`] connects a proxy, with HTTP/2
+//! keepalives that notice a dead agent within two seconds.
+
+#![forbid(unsafe_code)]
+
+pub mod client;
+mod error;
+pub mod server;
+
+pub use error::ApiError;
+
+/// Generated from `proto/warden/v1/agent.proto`.
+#[allow(missing_debug_implementations, clippy::all, clippy::pedantic)]
+pub mod proto {
+    tonic::include_proto!("warden.v1");
+}
+
+/// Largest message either side accepts. A snapshot carries policy documents and a cache dump
+/// is sent in chunks, so this is far above what a healthy peer sends.
+pub const MAX_MESSAGE_BYTES: usize = 16 << 20;
+
+/// Mappings per message when a cache is dumped or a journal replayed.
+pub const MAPPINGS_PER_MESSAGE: usize = 1024;
+
+/// HTTP/2 pings: a peer that stops answering is noticed within interval + timeout.
+pub const KEEPALIVE_INTERVAL: std::time::Duration = std::time::Duration::from_millis(500);
+pub const KEEPALIVE_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(1000);

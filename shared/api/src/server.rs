@@ -1,0 +1,147 @@
+//! The agent's side: the Unix socket and the connections on it.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
+use tokio::net::UnixListener;
+use tokio_util::sync::CancellationToken;
+use tonic::service::Routes;
+
+use crate::{ApiError, KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT};
+
+/// Called with a short reason (`credentials`, `protocol`) for each refused connection.
+pub type RejectHook = Arc<dyn Fn(&'static str) + Send + Sync>;
+
+/// Binds the socket at `path`: stale socket files from a previous run are replaced, the
+/// folder is created, and the socket gets mode 0600, or 0660 owned by `group` when one is given
+/// (so a non-root dnsproxy in that group may connect).
+pub fn bind(path: &Path, group: Option<&str>) -> Result<UnixListener, ApiError> {
+    if let Some(folder) = path.parent() {
+        std::fs::create_dir_all(folder).map_err(|source| ApiError::Folder {
+            path: folder.to_path_buf(),
+            source,
+        })?;
+    }
+    // Only a socket is removed: a regular file at that path is somebody's data.
+    if let Ok(metadata) = std::fs::symlink_metadata(path) {
+        use std::os::unix::fs::FileTypeExt;
+        if metadata.file_type().is_socket() {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+    let listener = UnixListener::bind(path).map_err(|source| ApiError::Bind {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let permissions = |source| ApiError::Permissions {
+        path: path.to_path_buf(),
+        source,
+    };
+    match group {
+        None => std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+            .map_err(permissions)?,
+        Some(name) => {
+            let group = nix::unistd::Group::from_name(name)
+                .ok()
+                .flatten()
+                .ok_or_else(|| ApiError::UnknownGroup {
+                    group: name.to_owned(),
+                })?;
+            nix::unistd::chown(path, None, Some(group.gid))
+                .map_err(|errno| permissions(errno.into()))?;
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
+                .map_err(permissions)?;
+        }
+    }
+    Ok(listener)
+}
+
+/// Which peers may talk to the agent: root, the agent's own user, and the listed uids.
+#[derive(Debug, Clone)]
+pub struct PeerPolicy {
+    allowed_uids: Vec<u32>,
+}
+
+impl PeerPolicy {
+    pub fn new(extra_uids: &[u32]) -> PeerPolicy {
+        let mut allowed_uids = vec![0, nix::unistd::geteuid().as_raw()];
+        allowed_uids.extend_from_slice(extra_uids);
+        PeerPolicy { allowed_uids }
+    }
+
+    pub fn allows(&self, uid: u32) -> bool {
+        self.allowed_uids.contains(&uid)
+    }
+}
+
+/// Accepts connections until `shutdown`, serving each with `routes` over HTTP/2. A peer whose
+/// credentials are not allowed is closed before anything is read; a connection that breaks
+/// the protocol ends alone. Both are reported through `on_reject`.
+pub async fn serve(
+    listener: UnixListener,
+    path: PathBuf,
+    routes: Routes,
+    peers: PeerPolicy,
+    on_reject: RejectHook,
+    shutdown: CancellationToken,
+) {
+    let routes = routes.prepare();
+    loop {
+        let accepted = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            accepted = listener.accept() => accepted,
+        };
+        let stream = match accepted {
+            Ok((stream, _)) => stream,
+            Err(error) => {
+                tracing::warn!(%error, "agent socket accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        match stream.peer_cred() {
+            Ok(credentials) if peers.allows(credentials.uid()) => {}
+            Ok(credentials) => {
+                tracing::warn!(
+                    uid = credentials.uid(),
+                    pid = credentials.pid(),
+                    "refused a peer on the agent socket: uid not allowed"
+                );
+                on_reject("credentials");
+                continue;
+            }
+            Err(error) => {
+                tracing::warn!(%error, "refused a peer on the agent socket: no credentials");
+                on_reject("credentials");
+                continue;
+            }
+        }
+        let service = TowerToHyperService::new(routes.clone());
+        let on_reject = on_reject.clone();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            builder
+                .http2()
+                // Keepalive pings need a timer; without one hyper panics on the first ping.
+                .timer(TokioTimer::new())
+                .keep_alive_interval(KEEPALIVE_INTERVAL)
+                .keep_alive_timeout(KEEPALIVE_TIMEOUT);
+            let builder = builder.http2_only();
+            let connection = builder.serve_connection(TokioIo::new(stream), service);
+            tokio::select! {
+                served = connection => {
+                    if let Err(error) = served {
+                        tracing::warn!(%error, "agent socket connection ended with an error");
+                        on_reject("protocol");
+                    }
+                }
+                _ = shutdown.cancelled() => {}
+            }
+        });
+    }
+    let _ = std::fs::remove_file(&path);
+}

@@ -1,0 +1,149 @@
+//! The agent's Unix socket under abuse: garbage bytes, an oversized message, a peer that is
+//! not allowed. Each is logged, counted, and costs only that connection: the agent keeps
+//! serving DNS and keeps talking to well-behaved peers.
+
+#![allow(clippy::unwrap_used)]
+
+use std::os::unix::fs::PermissionsExt;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use tokio::io::AsyncWriteExt;
+use tokio_stream::StreamExt;
+use warden_api::proto::proxy_message::Kind;
+use warden_api::proto::{Hello, Mapping, Mappings, ProxyMessage};
+use warden_tests::warden::{AgentDir, InProcessAgent, http_get, metric_value};
+use warden_tests::{DigOpts, KnotUpstream, dig, run_blocking, unique_loopback_v4};
+
+async fn rejected(agent: &InProcessAgent, reason: &str) -> f64 {
+    let scrape = http_get(agent.admin(), "/metrics").await.unwrap();
+    metric_value(&scrape, "warden_api_rejected_total", &[("reason", reason)])
+}
+
+async fn wait_rejected(agent: &InProcessAgent, reason: &str, at_least: f64) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while rejected(agent, reason).await < at_least {
+        assert!(Instant::now() < deadline, "no {reason} refusal counted");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+// Multi-threaded: the non-root peer runs as a blocking child while the agent must accept it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_oversized_and_strangers_cost_only_their_connection() {
+    if !warden_tests::require_tools(&["knotd", "dig"]) {
+        return;
+    }
+    let upstream = KnotUpstream::start(unique_loopback_v4()).unwrap();
+    let dir = AgentDir::new().unwrap();
+    let agent = InProcessAgent::start(dir.config(unique_loopback_v4(), upstream.addr()))
+        .await
+        .unwrap();
+    let socket = dir.socket();
+    let mode = std::fs::metadata(&socket).unwrap().permissions().mode() & 0o777;
+    assert_eq!(
+        mode, 0o600,
+        "the socket is for root and the agent's user only"
+    );
+
+    // Bytes that are not HTTP/2.
+    let mut garbage = tokio::net::UnixStream::connect(&socket).await.unwrap();
+    garbage
+        .write_all(b"GET / HTTP/1.0\r\n\r\nthis is not a gRPC peer\0\xff\xfe")
+        .await
+        .unwrap();
+    drop(garbage);
+    wait_rejected(&agent, "protocol", 1.0).await;
+
+    // A real client whose second message is over the size limit.
+    let mut client = warden_api::client::connect(&socket).await.unwrap();
+    let hello = ProxyMessage {
+        kind: Some(Kind::Hello(Hello {
+            instance: "dnsproxy".into(),
+            ..Hello::default()
+        })),
+    };
+    let oversized = ProxyMessage {
+        kind: Some(Kind::Mappings(Mappings {
+            mappings: vec![Mapping {
+                endpoint: "youssef/test".into(),
+                name: "x".repeat(6 << 20),
+                ..Mapping::default()
+            }],
+            resync: false,
+        })),
+    };
+    let outbound = tokio_stream::iter(vec![hello, oversized]);
+    let mut inbound = client.session(outbound).await.unwrap().into_inner();
+    // The session ends with an error after the snapshot, never with a crash.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match tokio::time::timeout(Duration::from_secs(1), inbound.next()).await {
+            Ok(Some(Ok(_snapshot))) => {}
+            Ok(Some(Err(_))) | Ok(None) => break,
+            Err(_) => assert!(Instant::now() < deadline, "session not closed"),
+        }
+    }
+    wait_rejected(&agent, "oversized", 1.0).await;
+
+    // A peer with a uid the agent does not allow (the socket opened to everyone for the test,
+    // so that the credential check itself is what refuses it).
+    std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let script = format!(
+        "import socket\ns = socket.socket(socket.AF_UNIX)\ns.connect({:?})\ns.settimeout(2)\ntry:\n    s.sendall(b'PRI * HTTP/2.0')\n    print('closed' if not s.recv(100) else 'answered')\nexcept (ConnectionResetError, BrokenPipeError):\n    print('closed')\n",
+        socket.display().to_string()
+    );
+    if nix::unistd::geteuid().is_root() {
+        let out = run_blocking(
+            Command::new("setpriv").args([
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+                "/usr/bin/python3",
+                "-c",
+                &script,
+            ]),
+            Duration::from_secs(10),
+        )
+        .unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            "closed",
+            "closed without an answer: {out:?}"
+        );
+        wait_rejected(&agent, "credentials", 1.0).await;
+    } else {
+        println!("skipping the non-root peer part: needs root to switch users");
+    }
+
+    // Through all of it the agent serves DNS, and a well-behaved peer still gets a session.
+    let reply = dig(agent.dns_v4(), "cilium.io", "A", DigOpts::default())
+        .await
+        .unwrap();
+    assert_eq!(reply.status, "NOERROR");
+    let mut client = warden_api::client::connect(&socket).await.unwrap();
+    let hello = ProxyMessage {
+        kind: Some(Kind::Hello(Hello {
+            instance: "dnsproxy".into(),
+            ..Hello::default()
+        })),
+    };
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(hello).await.unwrap();
+    let mut inbound = client
+        .session(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let first = tokio::time::timeout(Duration::from_secs(2), inbound.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(matches!(
+        first.kind,
+        Some(warden_api::proto::agent_message::Kind::Snapshot(_))
+    ));
+    drop(tx);
+    agent.stop().await.unwrap();
+}

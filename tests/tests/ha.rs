@@ -1,0 +1,343 @@
+//! The standalone proxy and the HA protocol end to end, on the lab of the datapath tests:
+//! `warden-agent` and `warden-dnsproxy` share the DNS port, and each is killed, restarted and
+//! left alone while workloads resolve and connect. Needs root; one test at a time (lab lock).
+
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeSet;
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use warden_tests::firewall::{Firewall, FirewallOptions, TALK_POLICY, quick_refusal};
+use warden_tests::lab::{dnsperf_in_cgroup, require_lab};
+use warden_tests::warden::{http_get, http_json, metric_value};
+use warden_tests::zones::*;
+use warden_tests::{DigOpts, DnsperfOpts, write_queries_file};
+
+/// The talk's policy, plus every subdomain of cilium.io by pattern.
+fn policy_with_pattern() -> String {
+    TALK_POLICY.replace(
+        "    - matchName: cilium.io\n    toPorts:",
+        "    - matchName: cilium.io\n    - matchPattern: \"*.cilium.io\"\n    toPorts:",
+    )
+}
+
+/// A DNS policy that refuses names: only cilium.io, its subdomains and google.com resolve.
+fn refusing_policy() -> String {
+    TALK_POLICY.replace(
+        "        - matchPattern: \"*\"",
+        "        - matchName: cilium.io\n        - matchPattern: \"*.cilium.io\"\n        - matchName: google.com",
+    )
+}
+
+async fn lab(policy: String) -> Firewall {
+    Firewall::start(FirewallOptions {
+        policy,
+        with_dnsproxy: true,
+        ..FirewallOptions::default()
+    })
+    .await
+    .unwrap()
+}
+
+async fn status(admin: SocketAddr) -> serde_json::Value {
+    http_json(admin, "/v1/status").await.unwrap()
+}
+
+/// Waits until `check` holds for the status at `admin`.
+async fn wait_status(
+    admin: SocketAddr,
+    limit: Duration,
+    check: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = Instant::now() + limit;
+    loop {
+        let current = status(admin).await;
+        if check(&current) {
+            return current;
+        }
+        assert!(Instant::now() < deadline, "status never matched: {current}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// (endpoint, name, sorted IPs) of a cache listing.
+fn cache_set(rows: &serde_json::Value) -> BTreeSet<(String, String, Vec<String>)> {
+    rows.as_array()
+        .unwrap()
+        .iter()
+        .map(|row| {
+            let mut ips: Vec<String> = row["ips"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|ip| ip.as_str().unwrap().to_owned())
+                .collect();
+            ips.sort();
+            (
+                row["endpoint"].as_str().unwrap().to_owned(),
+                row["name"].as_str().unwrap().to_owned(),
+                ips,
+            )
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn the_talk_holds_with_every_agent_down_and_the_caches_converge() {
+    if !require_lab() || !warden_tests::require_tools(&["knotd", "dig", "bpftool"]) {
+        return;
+    }
+    let mut lab = lab(policy_with_pattern()).await;
+    let proxy_admin = lab.dnsproxy().admin;
+    let online = wait_status(proxy_admin, Duration::from_secs(5), |s| {
+        s["peer_connected"] == true
+    })
+    .await;
+    assert_eq!(online["mode"], "online");
+    assert_eq!(online["instance"], "dnsproxy");
+    let agent_status = wait_status(lab.agent.admin, Duration::from_secs(5), |s| {
+        s["peer_connected"] == true
+    })
+    .await;
+    let holders: Vec<_> = agent_status["dns_port_holders"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h.as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(holders, ["agent", "dnsproxy"], "{agent_status}");
+    assert_eq!(agent_status["preferred"], "dnsproxy");
+
+    for url in ["http://cilium.io/", "http://google.com/"] {
+        let result = lab.curl(url, &["-4"]).unwrap();
+        assert!(result.ok(), "{url}: {result:?}");
+    }
+    let bbc = lab.curl("http://bbc.co.uk/", &["-4"]).unwrap();
+    assert!(quick_refusal(&bbc), "{bbc:?}");
+
+    // Every agent down.
+    lab.agent.kill().unwrap();
+    let offline = wait_status(proxy_admin, Duration::from_secs(3), |s| {
+        s["mode"] == "offline"
+    })
+    .await;
+    assert_eq!(offline["serving"], true);
+    assert_eq!(offline["peer_connected"], false);
+    for url in ["http://cilium.io/", "http://google.com/"] {
+        let result = lab.curl(url, &["-4"]).unwrap();
+        assert!(result.ok(), "agent down, {url}: {result:?}");
+    }
+    let bbc = lab.curl("http://bbc.co.uk/", &["-4"]).unwrap();
+    assert!(quick_refusal(&bbc), "agent down, bbc.co.uk: {bbc:?}");
+    // A name never resolved before, allowed by a pattern: the proxy writes its entries itself.
+    let fresh = lab.curl("http://anysub.cilium.io/", &["-4"]).unwrap();
+    assert!(fresh.ok(), "agent down, anysub.cilium.io: {fresh:?}");
+    assert!(fresh.body.contains(&ANYSUB_CILIUM_IO_V4.to_string()));
+    let journal = metric_value(
+        &http_get(proxy_admin, "/metrics").await.unwrap(),
+        "warden_journal_entries",
+        &[],
+    );
+    assert!(journal >= 1.0, "mappings journaled while the agent is away");
+
+    // The agent comes back: within 5 s it knows what was learned without it, and both
+    // caches are equal.
+    let restarted = Instant::now();
+    lab.agent.restart().await.unwrap();
+    let converged = loop {
+        let agent_cache = lab
+            .agent
+            .cli(&["fqdn", "cache", "list", "-o", "json"])
+            .unwrap();
+        let agent_rows: serde_json::Value = serde_json::from_slice(&agent_cache.stdout).unwrap();
+        let proxy_rows = http_json(proxy_admin, "/v1/fqdn/cache").await.unwrap();
+        let agent_set = cache_set(&agent_rows);
+        if agent_set
+            .iter()
+            .any(|(_, name, _)| name == "anysub.cilium.io.")
+            && agent_set == cache_set(&proxy_rows)
+        {
+            break restarted.elapsed();
+        }
+        assert!(
+            restarted.elapsed() < Duration::from_secs(5),
+            "caches did not converge:\nagent {agent_rows}\nproxy {proxy_rows}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    println!("agent restart to converged caches: {converged:?}");
+    let back = wait_status(proxy_admin, Duration::from_secs(3), |s| {
+        s["mode"] == "online"
+    })
+    .await;
+    assert!(back["last_resync_ms"].as_u64().is_some(), "{back}");
+    let scrape = http_get(lab.agent.admin, "/metrics").await.unwrap();
+    assert!(metric_value(&scrape, "warden_resyncs_total", &[]) >= 1.0);
+    assert!(metric_value(&scrape, "warden_peer_mappings_received_total", &[]) >= 1.0);
+}
+
+#[tokio::test]
+async fn the_agent_serves_alone_and_a_lone_proxy_enforces_its_persisted_snapshot() {
+    if !require_lab() || !warden_tests::require_tools(&["knotd", "dig", "bpftool"]) {
+        return;
+    }
+    let mut lab = lab(refusing_policy()).await;
+    wait_status(lab.dnsproxy().admin, Duration::from_secs(5), |s| {
+        s["peer_connected"] == true
+    })
+    .await;
+
+    // The proxy killed: the agent answers every query.
+    lab.dnsproxy().kill().unwrap();
+    for _ in 0..20 {
+        let reply = lab.dig("cilium.io", "A", DigOpts::default()).await.unwrap();
+        assert_eq!(reply.status, "NOERROR", "{}", reply.raw);
+    }
+    assert_eq!(
+        lab.dig("bbc.co.uk", "A", DigOpts::default())
+            .await
+            .unwrap()
+            .status,
+        "REFUSED"
+    );
+
+    // Both down, then the proxy alone: it enforces the snapshot it persisted.
+    lab.agent.kill().unwrap();
+    let started = Instant::now();
+    lab.start_dnsproxy().await.unwrap();
+    let ready_after = started.elapsed();
+    println!("lone dnsproxy ready after {ready_after:?}");
+    assert!(
+        ready_after < Duration::from_secs(1),
+        "not enforcing within 1 s: {ready_after:?}"
+    );
+    let lone = status(lab.dnsproxy().admin).await;
+    assert_eq!(lone["mode"], "offline");
+    assert_eq!(lone["policy"]["source"], "snapshot");
+    let reply = lab
+        .dig("google.com", "A", DigOpts::default())
+        .await
+        .unwrap();
+    assert_eq!(reply.ips(), vec![IpAddr::V4(GOOGLE_COM_V4)]);
+    assert_eq!(
+        lab.dig("bbc.co.uk", "A", DigOpts::default())
+            .await
+            .unwrap()
+            .status,
+        "REFUSED"
+    );
+    let google = lab.curl("http://google.com/", &["-4"]).unwrap();
+    assert!(google.ok(), "{google:?}");
+    let bbc = lab.curl(&format!("http://{BBC_CO_UK_V4}/"), &[]).unwrap();
+    assert!(quick_refusal(&bbc), "{bbc:?}");
+}
+
+#[tokio::test]
+async fn graceful_restarts_under_load_lose_no_query_and_change_no_verdict() {
+    if !require_lab() || !warden_tests::require_tools(&["knotd", "dig", "bpftool", "dnsperf"]) {
+        return;
+    }
+    let mut lab = lab(refusing_policy()).await;
+    wait_status(lab.dnsproxy().admin, Duration::from_secs(5), |s| {
+        s["peer_connected"] == true
+    })
+    .await;
+    // Three allowed names, one refused, in this order, over and over.
+    let queries = write_queries_file(&[
+        ("cilium.io", "A"),
+        ("google.com", "A"),
+        ("www.cilium.io", "A"),
+        ("bbc.co.uk", "A"),
+    ])
+    .unwrap();
+    let rate = 400;
+    let duration = 22;
+    let load = {
+        let workload = lab.workload.clone();
+        let server = lab.upstream.addr();
+        let opts = DnsperfOpts {
+            qps: Some(rate),
+            clients: 4,
+            timeout_s: 2,
+            ..DnsperfOpts::new(queries.path(), duration)
+        };
+        tokio::spawn(async move { dnsperf_in_cgroup(&workload, server, &opts).await })
+    };
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for round in 0..5 {
+        lab.agent.restart().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        lab.dnsproxy().restart().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        println!("round {round} done");
+    }
+    let report = load.await.unwrap().unwrap();
+    println!(
+        "SIGTERM restarts: sent {} completed {} lost {} rcodes {:?}",
+        report.sent, report.completed, report.lost, report.rcodes
+    );
+    assert_eq!(
+        report.lost, 0,
+        "queries lost across graceful restarts:\n{}",
+        report.raw
+    );
+    let refused = report.rcodes.get("REFUSED").copied().unwrap_or(0);
+    let noerror = report.rcodes.get("NOERROR").copied().unwrap_or(0);
+    assert_eq!(
+        noerror + refused,
+        report.completed,
+        "only NOERROR and REFUSED: {:?}",
+        report.rcodes
+    );
+    // dnsperf walks the file in order: one query in four is the refused one.
+    let expected_refused = report.sent / 4;
+    assert!(
+        refused.abs_diff(expected_refused) <= 4,
+        "wrong verdicts: {refused} refused of {} sent",
+        report.sent
+    );
+}
+
+#[tokio::test]
+async fn sigkill_under_load_loses_at_most_the_queries_in_flight() {
+    if !require_lab() || !warden_tests::require_tools(&["knotd", "dig", "bpftool", "dnsperf"]) {
+        return;
+    }
+    let mut lab = lab(refusing_policy()).await;
+    wait_status(lab.dnsproxy().admin, Duration::from_secs(5), |s| {
+        s["peer_connected"] == true
+    })
+    .await;
+    let queries =
+        write_queries_file(&[("cilium.io", "A"), ("google.com", "A"), ("bbc.co.uk", "A")]).unwrap();
+    let rate = 400;
+    let load = {
+        let workload = lab.workload.clone();
+        let server = lab.upstream.addr();
+        let opts = DnsperfOpts {
+            qps: Some(rate),
+            clients: 4,
+            timeout_s: 2,
+            ..DnsperfOpts::new(queries.path(), 12)
+        };
+        tokio::spawn(async move { dnsperf_in_cgroup(&workload, server, &opts).await })
+    };
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    // The serving process (dnsproxy, the default preference) dies, then the agent.
+    lab.dnsproxy().kill().unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    lab.start_dnsproxy().await.unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    lab.agent.kill().unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    lab.agent.restart().await.unwrap();
+    let report = load.await.unwrap().unwrap();
+    println!(
+        "SIGKILL x2 at {rate} qps: sent {} completed {} lost {}",
+        report.sent, report.completed, report.lost
+    );
+    // What was queued on a killed process's socket or being answered by it is gone; nothing
+    // else may be (a quarter second of traffic per kill is a generous bound).
+    assert!(report.lost <= u64::from(rate) / 2, "{}", report.raw);
+}
