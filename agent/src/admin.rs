@@ -14,10 +14,8 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Json, Response};
 use axum::routing::{get, post};
 use serde::{Deserialize, Serialize};
-use warden_fqdn::Source;
-use warden_policy::{DnsName, NamePattern};
 use warden_proxy::{PolicySource, SharedCache, unix_now};
-use warden_telemetry::{CacheRow, CacheRowIp, FlowLog, InstanceStatus, Metrics, PolicyStatusView};
+use warden_telemetry::{CacheFilter, FlowLog, InstanceStatus, Metrics, PolicyStatusView};
 
 use crate::api::Sessions;
 use crate::endpoints::EndpointTable;
@@ -99,34 +97,6 @@ impl From<PolicyStatus> for PolicyStatusView {
     }
 }
 
-#[derive(Debug, Default, Deserialize)]
-struct CacheFilter {
-    endpoint: Option<String>,
-    name: Option<String>,
-}
-
-/// A cache filter's `name`: a Cilium `matchPattern` (a plain name matches itself). The error
-/// is the 400 answer's text.
-fn name_filter(name: Option<&str>) -> Result<Option<NamePattern>, String> {
-    name.map(|name| {
-        NamePattern::new(name).map_err(|error| format!("invalid name pattern: {error}\n"))
-    })
-    .transpose()
-}
-
-/// Whether a cached (endpoint, name) passes the filter. Cached names are canonical already;
-/// one that does not parse matches only the absence of a name filter.
-fn filter_matches(
-    endpoint: Option<&str>,
-    pattern: Option<&NamePattern>,
-    entry_endpoint: &str,
-    entry_name: &str,
-) -> bool {
-    endpoint.is_none_or(|wanted| wanted == entry_endpoint)
-        && pattern
-            .is_none_or(|pattern| DnsName::new(entry_name).is_ok_and(|name| pattern.matches(&name)))
-}
-
 pub fn router(state: AdminState, metrics: Metrics, flows: Arc<FlowLog>) -> Router {
     let api = Router::new()
         .route("/readyz", get(readyz))
@@ -172,13 +142,10 @@ impl AdminState {
                 .collect(),
             datapath: self.datapath.clone(),
             uptime_s: self.started.elapsed().as_secs(),
-            preferred: self.datapath_handle.as_ref().and_then(|datapath| {
-                match datapath.reuseport_preferred().ok()? {
-                    Some(crate::agent::AGENT_INSTANCE) => Some("agent".to_owned()),
-                    Some(_) => Some("dnsproxy".to_owned()),
-                    None => Some("share".to_owned()),
-                }
-            }),
+            preferred: self
+                .datapath_handle
+                .as_ref()
+                .and_then(warden_enforce::serving::preferred_name),
             last_resync_at_ms: sessions.iter().filter_map(|s| s.last_resync_at_ms).max(),
             last_resync_ms: sessions
                 .iter()
@@ -211,51 +178,13 @@ async fn status(State(state): State<AdminState>) -> Json<InstanceStatus> {
 
 /// `GET /v1/fqdn/cache[?endpoint=ns/name][&name=PATTERN]`.
 async fn cache(State(state): State<AdminState>, Query(filter): Query<CacheFilter>) -> Response {
-    let pattern = match name_filter(filter.name.as_deref()) {
-        Ok(pattern) => pattern,
+    let filter = match filter.compile() {
+        Ok(filter) => filter,
         Err(message) => return (StatusCode::BAD_REQUEST, message).into_response(),
     };
     let now = unix_now();
     let entries = state.cache.lock().entries(now);
-    let rows: Vec<CacheRow> = entries
-        .into_iter()
-        .filter(|entry| {
-            filter_matches(
-                filter.endpoint.as_deref(),
-                pattern.as_ref(),
-                &entry.endpoint,
-                &entry.name,
-            )
-        })
-        .map(|entry| {
-            let entries: Vec<CacheRowIp> = entry
-                .ips
-                .iter()
-                .map(|cached| CacheRowIp {
-                    ip: cached.ip,
-                    ttl: cached.expires_at.0.saturating_sub(now.0),
-                    expires_at: cached.expires_at.0,
-                    source: source_name(cached.source).to_owned(),
-                })
-                .collect();
-            let expires_at = entries.iter().map(|ip| ip.expires_at).max().unwrap_or(0);
-            let source = if entry.ips.iter().any(|ip| ip.source == Source::Lookup) {
-                Source::Lookup
-            } else {
-                entry.ips.first().map_or(Source::Lookup, |ip| ip.source)
-            };
-            CacheRow {
-                endpoint: entry.endpoint,
-                name: entry.name,
-                ips: entries.iter().map(|ip| ip.ip).collect(),
-                ttl: expires_at.saturating_sub(now.0),
-                expires_at,
-                source: source_name(source).to_owned(),
-                entries,
-            }
-        })
-        .collect();
-    Json(rows).into_response()
+    Json(filter.rows(entries, now)).into_response()
 }
 
 /// `POST /v1/fqdn/cache/clean[?endpoint=ns/name][&name=PATTERN]`: removes the matching
@@ -265,13 +194,15 @@ async fn clean_cache(
     State(state): State<AdminState>,
     Query(filter): Query<CacheFilter>,
 ) -> Response {
-    let pattern = match name_filter(filter.name.as_deref()) {
-        Ok(pattern) => pattern,
+    let pattern = filter.name.clone();
+    let filter = match filter.compile() {
+        Ok(filter) => filter,
         Err(message) => return (StatusCode::BAD_REQUEST, message).into_response(),
     };
-    let removed = state.cache.lock().remove_matching(|endpoint, name| {
-        filter_matches(filter.endpoint.as_deref(), pattern.as_ref(), endpoint, name)
-    });
+    let removed = state
+        .cache
+        .lock()
+        .remove_matching(|endpoint, name| filter.matches(endpoint, name));
     if !removed.is_empty() {
         (state.cache_changed.0)();
     }
@@ -295,7 +226,7 @@ async fn clean_cache(
     tracing::info!(
         names = report.names,
         ips = report.ips,
-        pattern = filter.name.as_deref().unwrap_or("*"),
+        pattern = pattern.as_deref().unwrap_or("*"),
         "FQDN cache cleaned"
     );
     Json(report).into_response()
@@ -319,12 +250,4 @@ async fn endpoints(State(state): State<AdminState>) -> Json<Vec<EndpointRow>> {
         })
         .collect();
     Json(rows)
-}
-
-fn source_name(source: Source) -> &'static str {
-    match source {
-        Source::Lookup => "lookup",
-        Source::Connection => "connection",
-        Source::Restored => "restored",
-    }
 }

@@ -15,6 +15,7 @@ use warden_api::server::PeerPolicy;
 use warden_config::{AgentConfig, DatapathMode, Prefer, RejectCode};
 use warden_datapath::{Datapath, DatapathOptions};
 use warden_enforce::Enforcement;
+use warden_enforce::serving::{self, AGENT_INSTANCE, DNSPROXY_INSTANCE};
 use warden_fqdn::CacheLimits;
 use warden_proxy::{DnsProxy, ProxyContext, ProxySettings, ResponseCode, SharedCache, unix_now};
 use warden_telemetry::{FlowLog, Metrics};
@@ -183,7 +184,7 @@ pub async fn start(config: AgentConfig) -> anyhow::Result<RunningAgent> {
             proxy
                 .serve_and_leave(shutdown, || {
                     if let Some(datapath) = datapath {
-                        leave_serving_group(&datapath);
+                        serving::steer_to(&datapath, DNSPROXY_INSTANCE);
                     }
                 })
                 .await;
@@ -303,39 +304,17 @@ pub async fn start(config: AgentConfig) -> anyhow::Result<RunningAgent> {
     })
 }
 
-/// The agent's instance number in the datapath's reuseport selection (dnsproxy is 1).
-pub(crate) const AGENT_INSTANCE: u32 = 0;
-const DNSPROXY_INSTANCE: u32 = 1;
-
 /// Puts the agent's DNS sockets into the datapath's reuseport selection and applies
 /// `dns.prefer`. The proxy's sockets are registered by the proxy itself.
 fn join_serving_group(datapath: &Datapath, proxy: &DnsProxy, prefer: Prefer) -> anyhow::Result<()> {
-    for socket in proxy.listener_fds() {
-        datapath
-            .attach_reuseport(&socket)
-            .context("cannot attach the reuseport program to a DNS socket")?;
-        datapath
-            .reuseport_set(AGENT_INSTANCE, &socket)
-            .context("cannot register a DNS socket for reuseport selection")?;
-    }
-    match prefer {
-        Prefer::Agent => datapath.reuseport_prefer(AGENT_INSTANCE)?,
-        Prefer::Dnsproxy => datapath.reuseport_prefer(DNSPROXY_INSTANCE)?,
-        Prefer::Share => datapath.reuseport_share()?,
-    }
+    serving::join(datapath, AGENT_INSTANCE, &proxy.listener_fds())
+        .context("cannot register the DNS sockets for reuseport selection")?;
+    serving::prefer(datapath, serving::preferred_instance(prefer))?;
     // A TCP connection queued on a listener that closes moves to the peer's listener.
     if let Err(error) = std::fs::write("/proc/sys/net/ipv4/tcp_migrate_req", "1") {
         tracing::warn!(%error, "cannot enable net.ipv4.tcp_migrate_req; TCP queries queued at a restart may be lost");
     }
     Ok(())
-}
-
-/// At shutdown, before the sockets close: new queries go to the dnsproxy from now on.
-fn leave_serving_group(datapath: &Datapath) {
-    match datapath.reuseport_prefer(DNSPROXY_INSTANCE) {
-        Ok(()) => tracing::info!("DNS traffic steered to warden-dnsproxy"),
-        Err(error) => tracing::warn!(%error, "cannot steer DNS traffic away"),
-    }
 }
 
 /// Loads and attaches the eBPF datapath (reusing pins left by an earlier run); returns it with

@@ -28,7 +28,7 @@ use warden_config::{AgentConfig, DatapathMode, RejectCode};
 use warden_enforce::Enforcement;
 use warden_fqdn::{CacheEntry, Source, UnixTime};
 use warden_proxy::{Mapping, MappingObserver, SharedCache, unix_now};
-use warden_telemetry::{FlowEvent, FlowLog, Metrics};
+use warden_telemetry::{FlowEvent, FlowLog, Metrics, unix_millis};
 
 use crate::policy_store::PolicyStore;
 
@@ -99,13 +99,6 @@ impl Sessions {
 /// Counts cache changes so the persister writes only when there is something new.
 #[derive(Debug, Default)]
 pub struct CacheChanges(pub AtomicU64);
-
-fn unix_millis() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|elapsed| u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
-}
 
 /// Publishes the agent's own mappings to the sessions and marks the cache as changed.
 #[derive(Debug)]
@@ -340,7 +333,7 @@ async fn session(
                     }
                     Err(broadcast::error::RecvError::Closed) => return SessionEnd::Closed,
                 };
-                let batch = Mappings { mappings: vec![wire_mapping(&mapping)], resync: false };
+                let batch = Mappings { mappings: vec![WireMapping::from(&mapping)], resync: false };
                 if let Err(end) = send(AgentKind::Cache(batch)).await {
                     return end;
                 }
@@ -399,17 +392,6 @@ fn absorb(state: &ApiState, mappings: &[WireMapping]) -> Result<(), String> {
         .inc_by(parsed.len() as u64);
     state.cache_changes.0.fetch_add(1, Ordering::Relaxed);
     Ok(())
-}
-
-fn wire_mapping(mapping: &Mapping) -> WireMapping {
-    WireMapping {
-        endpoint: mapping.endpoint.to_string(),
-        name: mapping.name.as_str().to_owned(),
-        ips: mapping.ips.iter().map(ToString::to_string).collect(),
-        ttl: mapping.ttl,
-        expires_at: mapping.expires_at.0,
-        server: mapping.server.to_string(),
-    }
 }
 
 /// Cache entries as wire mappings: one per (endpoint, name, expiry), since IPs of one name may

@@ -30,7 +30,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    init_tracing();
+    warden_telemetry::process::init_tracing();
     let args = Args::parse();
     let config = match &args.config {
         Some(path) => warden_config::load_with(path, &args.overrides),
@@ -60,7 +60,10 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(warden_agent::run(config, shutdown_signal())) {
+    match runtime.block_on(warden_agent::run(
+        config,
+        warden_telemetry::process::shutdown_signal(),
+    )) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("warden-agent: {error:#}");
@@ -94,30 +97,4 @@ fn cleanup(config: &warden_config::AgentConfig) -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-/// SIGTERM (what Kubernetes and systemd send) or SIGINT.
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut terminate = match signal(SignalKind::terminate()) {
-        Ok(stream) => stream,
-        Err(error) => {
-            tracing::error!(%error, "cannot listen for SIGTERM; stopping on SIGINT only");
-            let _ = tokio::signal::ctrl_c().await;
-            return;
-        }
-    };
-    tokio::select! {
-        _ = terminate.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
-    }
-}
-
-fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
 }

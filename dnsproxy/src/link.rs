@@ -19,7 +19,7 @@ use warden_api::proto::{
 };
 use warden_fqdn::{Source, UnixTime};
 use warden_proxy::{Mapping, MappingObserver, SharedCache};
-use warden_telemetry::{FlowEvent, FlowLog, Metrics};
+use warden_telemetry::{FlowEvent, FlowLog, Metrics, unix_millis};
 
 use crate::journal::Journal;
 
@@ -77,7 +77,7 @@ pub struct LinkMappings {
 
 impl MappingObserver for LinkMappings {
     fn on_mapping(&self, mapping: Mapping) {
-        let wire = wire_mapping(&mapping);
+        let wire = WireMapping::from(&mapping);
         if let Some(sender) = self.link.sender() {
             let message = ProxyMessage {
                 kind: Some(ProxyKind::Mappings(Mappings {
@@ -102,17 +102,6 @@ impl MappingObserver for LinkMappings {
             }
         }
         self.journal.push(wire);
-    }
-}
-
-fn wire_mapping(mapping: &Mapping) -> WireMapping {
-    WireMapping {
-        endpoint: mapping.endpoint.to_string(),
-        name: mapping.name.as_str().to_owned(),
-        ips: mapping.ips.iter().map(ToString::to_string).collect(),
-        ttl: mapping.ttl,
-        expires_at: mapping.expires_at.0,
-        server: mapping.server.to_string(),
     }
 }
 
@@ -358,11 +347,4 @@ async fn forward_flows(flows: Arc<FlowLog>, outbound: mpsc::Sender<ProxyMessage>
             return;
         }
     }
-}
-
-fn unix_millis() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|elapsed| u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
 }

@@ -21,12 +21,7 @@ struct Args {
 }
 
 fn main() -> ExitCode {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+    warden_telemetry::process::init_tracing();
     let args = Args::parse();
     let config = match &args.config {
         Some(path) => warden_config::load_proxy(path, &args.overrides),
@@ -53,28 +48,14 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(warden_dnsproxy::run(config, shutdown_signal())) {
+    match runtime.block_on(warden_dnsproxy::run(
+        config,
+        warden_telemetry::process::shutdown_signal(),
+    )) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("warden-dnsproxy: {error:#}");
             ExitCode::FAILURE
-        }
-    }
-}
-
-/// SIGTERM (what Kubernetes and systemd send) or SIGINT.
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    match signal(SignalKind::terminate()) {
-        Ok(mut terminate) => {
-            tokio::select! {
-                _ = terminate.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
-            }
-        }
-        Err(error) => {
-            tracing::error!(%error, "cannot listen for SIGTERM; stopping on SIGINT only");
-            let _ = tokio::signal::ctrl_c().await;
         }
     }
 }

@@ -20,18 +20,16 @@ use warden_api::proto::PolicySnapshot;
 use warden_config::{Prefer, ProxyConfig, RejectCode};
 use warden_datapath::Datapath;
 use warden_enforce::Enforcement;
+use warden_enforce::serving::{self, AGENT_INSTANCE, DNSPROXY_INSTANCE};
 use warden_fqdn::{CacheLimits, DnsCache};
 use warden_proxy::{DnsProxy, ProxyContext, ProxySettings, ResponseCode, SharedCache, unix_now};
-use warden_telemetry::{CacheRow, FlowLog, InstanceStatus, Metrics, PolicyStatusView};
+use warden_telemetry::{CacheFilter, FlowLog, InstanceStatus, Metrics, PolicyStatusView};
 
 use crate::journal::Journal;
 use crate::link::{self, Link, LinkContext, LinkMappings};
 use crate::policy::{ProxyPolicy, compile};
 
 const FLOW_LOG_CAPACITY: usize = 10_000;
-/// The proxy's number in the datapath's reuseport selection (the agent is 0).
-const DNSPROXY_INSTANCE: u32 = 1;
-const AGENT_INSTANCE: u32 = 0;
 /// How long the DNS sockets keep reading after the port's traffic was steered to the agent.
 const LEAVE_LINGER: Duration = Duration::from_millis(300);
 
@@ -89,22 +87,14 @@ impl ProxyDatapath {
                 let sockets = std::mem::take(
                     &mut *self.unregistered.lock().unwrap_or_else(|p| p.into_inner()),
                 );
-                for socket in &sockets {
-                    if let Err(error) = datapath
-                        .attach_reuseport(socket)
-                        .and_then(|()| datapath.reuseport_set(DNSPROXY_INSTANCE, socket))
-                    {
-                        tracing::warn!(%error, "cannot register a DNS socket for reuseport selection");
-                    }
+                if let Err(error) = serving::join(&datapath, DNSPROXY_INSTANCE, &sockets) {
+                    tracing::warn!(%error, "cannot register the DNS sockets for reuseport selection");
                 }
                 // The duplicates must go: they would keep the sockets open after they close.
                 drop(sockets);
-                let preferred = match self.prefer {
-                    Prefer::Agent => datapath.reuseport_prefer(AGENT_INSTANCE),
-                    Prefer::Dnsproxy => datapath.reuseport_prefer(DNSPROXY_INSTANCE),
-                    Prefer::Share => datapath.reuseport_share(),
-                };
-                if let Err(error) = preferred {
+                if let Err(error) =
+                    serving::prefer(&datapath, serving::preferred_instance(self.prefer))
+                {
                     tracing::warn!(%error, "cannot apply dns.prefer");
                 }
                 *self.bpffs.lock().unwrap_or_else(|p| p.into_inner()) = Some(bpffs.to_path_buf());
@@ -123,10 +113,7 @@ impl ProxyDatapath {
             .unwrap_or_else(|p| p.into_inner())
             .clear();
         if let Some(datapath) = self.enforcement.datapath() {
-            match datapath.reuseport_prefer(AGENT_INSTANCE) {
-                Ok(()) => tracing::info!("DNS traffic steered to the agent"),
-                Err(error) => tracing::warn!(%error, "cannot steer DNS traffic away"),
-            }
+            serving::steer_to(&datapath, AGENT_INSTANCE);
         }
     }
 }
@@ -414,21 +401,11 @@ impl AdminState {
                 .collect(),
             datapath: if datapath.is_some() { "ebpf" } else { "none" }.to_owned(),
             uptime_s: self.started.elapsed().as_secs(),
-            preferred: datapath.and_then(|datapath| match datapath.reuseport_preferred().ok()? {
-                Some(AGENT_INSTANCE) => Some("agent".to_owned()),
-                Some(_) => Some("dnsproxy".to_owned()),
-                None => Some("share".to_owned()),
-            }),
+            preferred: datapath.as_ref().and_then(serving::preferred_name),
             last_resync_at_ms: last_resync.map(|(at, _)| at),
             last_resync_ms: last_resync.map(|(_, took)| took),
         }
     }
-}
-
-#[derive(Debug, Default, serde::Deserialize)]
-struct CacheFilter {
-    endpoint: Option<String>,
-    name: Option<String>,
 }
 
 fn admin_router(state: AdminState, metrics: Metrics, flows: Arc<FlowLog>) -> Router {
@@ -454,29 +431,13 @@ fn admin_router(state: AdminState, metrics: Metrics, flows: Arc<FlowLog>) -> Rou
             "/v1/fqdn/cache",
             get(
                 |State(state): State<AdminState>, Query(filter): Query<CacheFilter>| async move {
+                    let filter = match filter.compile() {
+                        Ok(filter) => filter,
+                        Err(message) => return (StatusCode::BAD_REQUEST, message).into_response(),
+                    };
                     let now = unix_now();
                     let entries = state.cache.lock().entries(now);
-                    let pattern = filter
-                        .name
-                        .as_deref()
-                        .and_then(|name| warden_policy::NamePattern::new(name).ok());
-                    let rows: Vec<CacheRow> = entries
-                        .into_iter()
-                        .filter(|entry| {
-                            filter
-                                .endpoint
-                                .as_deref()
-                                .is_none_or(|e| e == entry.endpoint)
-                        })
-                        .filter(|entry| {
-                            pattern.as_ref().is_none_or(|pattern| {
-                                warden_policy::DnsName::new(&entry.name)
-                                    .is_ok_and(|name| pattern.matches(&name))
-                            })
-                        })
-                        .map(|entry| CacheRow::from_entry(entry, now))
-                        .collect();
-                    Json(rows).into_response()
+                    Json(filter.rows(entries, now)).into_response()
                 },
             ),
         )

@@ -21,6 +21,19 @@ pub mod proto {
     tonic::include_proto!("warden.v1");
 }
 
+impl From<&warden_proxy::Mapping> for proto::Mapping {
+    fn from(mapping: &warden_proxy::Mapping) -> Self {
+        proto::Mapping {
+            endpoint: mapping.endpoint.to_string(),
+            name: mapping.name.as_str().to_owned(),
+            ips: mapping.ips.iter().map(ToString::to_string).collect(),
+            ttl: mapping.ttl,
+            expires_at: mapping.expires_at.0,
+            server: mapping.server.to_string(),
+        }
+    }
+}
+
 /// Largest message either side accepts. A snapshot carries policy documents and a cache dump
 /// is sent in chunks, so this is far above what a healthy peer sends.
 pub const MAX_MESSAGE_BYTES: usize = 16 << 20;

@@ -7,11 +7,14 @@
 //! time: the agent refreshes the cgroup index as it enrolls endpoints, the standalone proxy
 //! installs both when a policy snapshot arrives. [`fqdn_keys`] is the one place that turns a
 //! toFQDNs grant into map keys, used on the hot path and by the agent's reconciler alike.
+//! [`serving`] registers each process's DNS sockets with the datapath's reuseport selection
+//! and steers the port's queries between them.
 
 #![forbid(unsafe_code)]
 
 mod directory;
 mod keys;
+pub mod serving;
 
 pub use directory::{EndpointDirectory, Enforcement};
 pub use keys::{TCP, UDP, fqdn_keys};

@@ -12,7 +12,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use warden_policy::{DnsName, PolicyRepository};
-use warden_telemetry::{DnsFlow, FlowEvent, Scope, Verdict};
+use warden_telemetry::{DnsFlow, FlowEvent, Scope, Verdict, unix_millis};
 
 use crate::ProxyError;
 use crate::answer::{AnswerSummary, normalized, summarize};
@@ -565,11 +565,4 @@ impl Engine {
 
 fn gauge(count: usize) -> i64 {
     i64::try_from(count).unwrap_or(i64::MAX)
-}
-
-fn unix_millis() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|elapsed| u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
 }

@@ -17,7 +17,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{broadcast, watch};
 
 use crate::flows::{FlowFollower, FlowLine, LostEvents};
-use crate::{FlowEvent, FlowLog, Metrics, TelemetryError};
+use crate::{FlowEvent, FlowLog, Metrics, TelemetryError, unix_millis};
 
 /// Events per chunk when a stream sends the retained events, or live ones that queued up.
 const STREAM_BATCH: usize = 256;
@@ -196,13 +196,6 @@ fn push_line(chunk: &mut Vec<u8>, line: &FlowLine) {
         chunk.extend_from_slice(&json);
         chunk.push(b'\n');
     }
-}
-
-fn unix_millis() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|elapsed| u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
 }
 
 #[cfg(test)]

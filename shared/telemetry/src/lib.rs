@@ -12,13 +12,16 @@ pub mod admin;
 mod error;
 mod flows;
 mod metrics;
+pub mod process;
 mod status;
 
 pub use error::TelemetryError;
 pub use flows::{
-    DnsFlow, DropFlow, FlowEvent, FlowFollower, FlowLine, FlowLog, LostEvents, Verdict,
+    DnsFlow, DropFlow, FlowEvent, FlowFollower, FlowLine, FlowLog, LostEvents, Verdict, unix_millis,
 };
 pub use metrics::{
     CacheMetrics, DatapathMetrics, DnsMetrics, Metrics, PeerMetrics, PolicyMetrics, Scope,
 };
-pub use status::{CacheRow, CacheRowIp, InstanceStatus, PolicyStatusView};
+pub use status::{
+    CacheFilter, CacheRow, CacheRowIp, CompiledCacheFilter, InstanceStatus, PolicyStatusView,
+};

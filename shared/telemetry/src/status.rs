@@ -105,3 +105,63 @@ impl CacheRow {
         }
     }
 }
+
+/// The filters of `GET /v1/fqdn/cache` and `POST /v1/fqdn/cache/clean`, the same in both
+/// processes: an endpoint key, and a name as a Cilium `matchPattern` (a plain name matches
+/// itself).
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct CacheFilter {
+    pub endpoint: Option<String>,
+    pub name: Option<String>,
+}
+
+/// A [`CacheFilter`] whose pattern was checked.
+#[derive(Debug, Clone)]
+pub struct CompiledCacheFilter {
+    endpoint: Option<String>,
+    pattern: Option<warden_policy::NamePattern>,
+}
+
+impl CacheFilter {
+    /// The error is the text of the 400 answer.
+    pub fn compile(&self) -> Result<CompiledCacheFilter, String> {
+        let pattern = self
+            .name
+            .as_deref()
+            .map(|name| {
+                warden_policy::NamePattern::new(name)
+                    .map_err(|error| format!("invalid name pattern: {error}\n"))
+            })
+            .transpose()?;
+        Ok(CompiledCacheFilter {
+            endpoint: self.endpoint.clone(),
+            pattern,
+        })
+    }
+}
+
+impl CompiledCacheFilter {
+    /// Whether a cached (endpoint, name) passes. Cached names are canonical already; one that
+    /// does not parse matches only the absence of a name filter.
+    pub fn matches(&self, endpoint: &str, name: &str) -> bool {
+        self.endpoint
+            .as_deref()
+            .is_none_or(|wanted| wanted == endpoint)
+            && self.pattern.as_ref().is_none_or(|pattern| {
+                warden_policy::DnsName::new(name).is_ok_and(|name| pattern.matches(&name))
+            })
+    }
+
+    /// The listing of `entries` that pass, as `GET /v1/fqdn/cache` answers it.
+    pub fn rows(
+        &self,
+        entries: Vec<warden_fqdn::CacheEntry>,
+        now: warden_fqdn::UnixTime,
+    ) -> Vec<CacheRow> {
+        entries
+            .into_iter()
+            .filter(|entry| self.matches(&entry.endpoint, &entry.name))
+            .map(|entry| CacheRow::from_entry(entry, now))
+            .collect()
+    }
+}
