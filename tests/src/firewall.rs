@@ -14,39 +14,9 @@ use warden_config::{AgentConfig, DatapathMode, EndpointConfig};
 
 use crate::lab::{CurlResult, Internet, ResolvConf, TestCgroup, curl_resolving, dig_in_cgroup};
 use crate::warden::{
-    AgentDir, AgentProcess, ProxyProcess, binary, http_get, http_json, metric_value,
+    AgentDir, AgentProcess, ProxyProcess, TalkPolicy, binary, http_get, http_json, metric_value,
 };
 use crate::{DigOpts, DnsReply, KnotUpstream, run_blocking, unique_loopback_v4};
-
-/// The talk's policy: `app=test` in `youssef` may resolve any name, and reach google.com and
-/// cilium.io on TCP 80 and 443.
-pub const TALK_POLICY: &str = r#"apiVersion: cilium.io/v2
-kind: CiliumNetworkPolicy
-metadata:
-  name: talk
-  namespace: youssef
-spec:
-  endpointSelector:
-    matchLabels:
-      app: test
-  egress:
-  - toPorts:
-    - ports:
-      - port: "53"
-        protocol: ANY
-      rules:
-        dns:
-        - matchPattern: "*"
-  - toFQDNs:
-    - matchName: google.com
-    - matchName: cilium.io
-    toPorts:
-    - ports:
-      - port: "80"
-        protocol: TCP
-      - port: "443"
-        protocol: TCP
-"#;
 
 /// How long a curl may take in the lab before it counts as hung.
 pub const CURL_TIMEOUT: Duration = Duration::from_secs(3);
@@ -62,7 +32,7 @@ pub struct FirewallOptions {
 impl Default for FirewallOptions {
     fn default() -> Self {
         FirewallOptions {
-            policy: TALK_POLICY.to_owned(),
+            policy: TalkPolicy::default().yaml(),
             idle_grace_s: 60,
             with_dnsproxy: false,
         }

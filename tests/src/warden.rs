@@ -357,3 +357,79 @@ fn yaml_of(config: &AgentConfig) -> Result<String> {
     // JSON is YAML; serde_json keeps this crate free of a YAML writer.
     Ok(serde_json::to_string_pretty(config)?)
 }
+
+/// The talk's policy, for `app=test` in `youssef`, in the variants tests need: DNS to
+/// `dns_server` (a `toCIDR`; any server when `None`) on `dns_port` with the `dns_rules`
+/// selectors, and the `fqdns` selectors on TCP 80 and 443. Selectors are YAML, e.g.
+/// `matchName: cilium.io` or `matchPattern: "*.cilium.io"`.
+#[derive(Debug, Clone)]
+pub struct TalkPolicy<'a> {
+    pub dns_server: Option<IpAddr>,
+    pub dns_port: u16,
+    pub dns_rules: &'a [&'a str],
+    pub fqdns: &'a [&'a str],
+}
+
+impl Default for TalkPolicy<'_> {
+    /// The talk as given: any name may be resolved; google.com and cilium.io reached.
+    fn default() -> Self {
+        TalkPolicy {
+            dns_server: None,
+            dns_port: 53,
+            dns_rules: &[r#"matchPattern: "*""#],
+            fqdns: &["matchName: google.com", "matchName: cilium.io"],
+        }
+    }
+}
+
+impl TalkPolicy<'_> {
+    /// DNS only through `server` (address and port).
+    pub fn through(server: SocketAddr) -> Self {
+        TalkPolicy {
+            dns_server: Some(server.ip()),
+            dns_port: server.port(),
+            ..TalkPolicy::default()
+        }
+    }
+
+    pub fn yaml(&self) -> String {
+        let peer = self
+            .dns_server
+            .map(|ip| {
+                format!(
+                    "  - toCIDR: [\"{ip}/{}\"]\n    toPorts:\n",
+                    if ip.is_ipv4() { 32 } else { 128 }
+                )
+            })
+            .unwrap_or_else(|| "  - toPorts:\n".to_owned());
+        let list = |selectors: &[&str], indent: &str| {
+            selectors
+                .iter()
+                .map(|selector| format!("{indent}- {selector}\n"))
+                .collect::<String>()
+        };
+        format!(
+            "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata:\n  name: talk\n  namespace: youssef\nspec:\n  endpointSelector:\n    matchLabels:\n      app: test\n  egress:\n{peer}    - ports:\n      - port: \"{port}\"\n        protocol: ANY\n      rules:\n        dns:\n{dns}  - toFQDNs:\n{fqdns}    toPorts:\n    - ports:\n      - port: \"80\"\n        protocol: TCP\n      - port: \"443\"\n        protocol: TCP\n",
+            port = self.dns_port,
+            dns = list(self.dns_rules, "        "),
+            fqdns = list(self.fqdns, "    "),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_talk_policy_validates() {
+        for policy in [
+            TalkPolicy::default(),
+            TalkPolicy::through("127.0.0.153:53".parse().unwrap()),
+        ] {
+            let text = policy.yaml();
+            let parsed = warden_policy::parse_str(&text, Path::new("talk.yaml"));
+            assert!(parsed.is_ok(), "{text}\n{parsed:?}");
+        }
+    }
+}

@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 
 use warden_config::{AgentConfig, EndpointConfig, RejectCode};
 use warden_tests::warden::{
-    AgentDir, AgentProcess, InProcessAgent, http_get, http_json, metric_value, warden_cli,
+    AgentDir, AgentProcess, InProcessAgent, TalkPolicy, http_get, http_json, metric_value,
+    warden_cli,
 };
 use warden_tests::zones::*;
 use warden_tests::{DigOpts, KnotUpstream, dig, kdig_tcp_multi, require_tools, unique_loopback_v4};
@@ -34,48 +35,21 @@ fn endpoint(name: &str, app: &str, ips: &[IpAddr]) -> EndpointConfig {
     }
 }
 
-/// The talk's DNS policy: `app=test` in `youssef` may resolve these names through the
-/// upstream only (its address and port: knotd listens on a random one), and reach google.com
-/// and cilium.io on 80/443.
+/// One DNS rule for one `app` label, toward any server on `port`.
+/// The talk's policy, DNS only through the lab's knotd (its address and its random port).
 fn talk_policy(upstream: SocketAddr) -> String {
-    format!(
-        r#"apiVersion: cilium.io/v2
-kind: CiliumNetworkPolicy
-metadata:
-  name: talk
-  namespace: youssef
-spec:
-  endpointSelector:
-    matchLabels:
-      app: test
-  egress:
-  - toCIDR: ["{ip}/32"]
-    toPorts:
-    - ports:
-      - port: "{port}"
-        protocol: ANY
-      rules:
-        dns:
-        - matchName: cilium.io
-        - matchName: google.com
-        - matchPattern: "*.cilium.io"
-        - matchPattern: "*.example.org"
-  - toFQDNs:
-    - matchName: google.com
-    - matchName: cilium.io
-    toPorts:
-    - ports:
-      - port: "80"
-        protocol: TCP
-      - port: "443"
-        protocol: TCP
-"#,
-        ip = upstream.ip(),
-        port = upstream.port(),
-    )
+    TalkPolicy {
+        dns_rules: &[
+            "matchName: cilium.io",
+            "matchName: google.com",
+            r#"matchPattern: "*.cilium.io""#,
+            r#"matchPattern: "*.example.org""#,
+        ],
+        ..TalkPolicy::through(upstream)
+    }
+    .yaml()
 }
 
-/// One DNS rule for one `app` label, toward any server on `port`.
 fn pattern_policy(app: &str, selector: &str, port: u16) -> String {
     format!(
         r#"apiVersion: cilium.io/v2

@@ -8,26 +8,36 @@ use std::collections::BTreeSet;
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
-use warden_tests::firewall::{Firewall, FirewallOptions, TALK_POLICY, quick_refusal};
+use warden_tests::firewall::{Firewall, FirewallOptions, quick_refusal};
 use warden_tests::lab::{dnsperf_in_cgroup, require_lab};
-use warden_tests::warden::{http_get, http_json, metric_value};
+use warden_tests::warden::{TalkPolicy, http_get, http_json, metric_value};
 use warden_tests::zones::*;
 use warden_tests::{DigOpts, DnsperfOpts, write_queries_file};
 
 /// The talk's policy, plus every subdomain of cilium.io by pattern.
 fn policy_with_pattern() -> String {
-    TALK_POLICY.replace(
-        "    - matchName: cilium.io\n    toPorts:",
-        "    - matchName: cilium.io\n    - matchPattern: \"*.cilium.io\"\n    toPorts:",
-    )
+    TalkPolicy {
+        fqdns: &[
+            "matchName: google.com",
+            "matchName: cilium.io",
+            r#"matchPattern: "*.cilium.io""#,
+        ],
+        ..TalkPolicy::default()
+    }
+    .yaml()
 }
 
 /// A DNS policy that refuses names: only cilium.io, its subdomains and google.com resolve.
 fn refusing_policy() -> String {
-    TALK_POLICY.replace(
-        "        - matchPattern: \"*\"",
-        "        - matchName: cilium.io\n        - matchPattern: \"*.cilium.io\"\n        - matchName: google.com",
-    )
+    TalkPolicy {
+        dns_rules: &[
+            "matchName: cilium.io",
+            r#"matchPattern: "*.cilium.io""#,
+            "matchName: google.com",
+        ],
+        ..TalkPolicy::default()
+    }
+    .yaml()
 }
 
 async fn lab(policy: String) -> Firewall {

@@ -16,7 +16,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use serde_json::Value;
 use warden_config::{DatapathMode, EndpointConfig};
 use warden_tests::lab::{Internet, TestCgroup, curl_with, dig_in_cgroup, require_lab};
-use warden_tests::warden::{AgentDir, AgentProcess, binary, http_get, metric_value, warden_cli};
+use warden_tests::warden::{
+    AgentDir, AgentProcess, TalkPolicy, binary, http_get, metric_value, warden_cli,
+};
 use warden_tests::zones::*;
 use warden_tests::{
     DigOpts, KnotUpstream, ProcessGuard, dig, free_port, require_tools, run_blocking,
@@ -26,38 +28,16 @@ use warden_tests::{
 /// `app=test` in `youssef` may resolve cilium.io, its subdomains and google.com through the
 /// lab's upstream, and reach cilium.io and google.com on 80/443.
 fn policy(upstream: SocketAddr) -> String {
-    format!(
-        r#"apiVersion: cilium.io/v2
-kind: CiliumNetworkPolicy
-metadata:
-  name: newcomer
-  namespace: youssef
-spec:
-  endpointSelector:
-    matchLabels:
-      app: test
-  egress:
-  - toPorts:
-    - ports:
-      - port: "{port}"
-        protocol: ANY
-      rules:
-        dns:
-        - matchName: cilium.io
-        - matchPattern: "*.cilium.io"
-        - matchName: google.com
-  - toFQDNs:
-    - matchName: google.com
-    - matchName: cilium.io
-    toPorts:
-    - ports:
-      - port: "80"
-        protocol: TCP
-      - port: "443"
-        protocol: TCP
-"#,
-        port = upstream.port()
-    )
+    TalkPolicy {
+        dns_server: None,
+        dns_rules: &[
+            "matchName: cilium.io",
+            r#"matchPattern: "*.cilium.io""#,
+            "matchName: google.com",
+        ],
+        ..TalkPolicy::through(upstream)
+    }
+    .yaml()
 }
 
 fn now_ms() -> u64 {

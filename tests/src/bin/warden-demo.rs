@@ -14,41 +14,10 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
 use anyhow::{Context, Result};
 use warden_config::EndpointConfig;
-use warden_tests::warden::{AgentDir, AgentProcess};
+use warden_tests::warden::{AgentDir, AgentProcess, TalkPolicy};
 use warden_tests::{DigOpts, KnotUpstream, dig, unique_loopback_v4};
 
 const WORKLOAD: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2));
-
-const POLICY: &str = r#"apiVersion: cilium.io/v2
-kind: CiliumNetworkPolicy
-metadata:
-  name: fqdn
-  namespace: youssef
-spec:
-  endpointSelector:
-    matchLabels:
-      app: test
-  egress:
-  - toCIDR: ["UPSTREAM_IP/32"]
-    toPorts:
-    - ports:
-      - port: "UPSTREAM_PORT"
-        protocol: ANY
-      rules:
-        dns:
-        - matchName: google.com
-        - matchName: cilium.io
-        - matchPattern: "*.cilium.io"
-  - toFQDNs:
-    - matchName: google.com
-    - matchName: cilium.io
-    toPorts:
-    - ports:
-      - port: "80"
-        protocol: TCP
-      - port: "443"
-        protocol: TCP
-"#;
 
 #[tokio::main]
 async fn main() -> Result<()> {
@@ -63,9 +32,15 @@ async fn main() -> Result<()> {
 async fn dns_only() -> Result<()> {
     let upstream = KnotUpstream::start(unique_loopback_v4()).context("starting knotd")?;
     let dir = AgentDir::new()?;
-    let policy = POLICY
-        .replace("UPSTREAM_IP", &upstream.addr().ip().to_string())
-        .replace("UPSTREAM_PORT", &upstream.addr().port().to_string());
+    let policy = TalkPolicy {
+        dns_rules: &[
+            "matchName: google.com",
+            "matchName: cilium.io",
+            r#"matchPattern: "*.cilium.io""#,
+        ],
+        ..TalkPolicy::through(upstream.addr())
+    }
+    .yaml();
     dir.write_policy("fqdn.yaml", &policy)?;
     let mut config = dir.config(IpAddr::V4(Ipv4Addr::LOCALHOST), upstream.addr());
     config.endpoints = vec![EndpointConfig {
@@ -154,16 +129,22 @@ mod talk {
 
     use anyhow::{Context, Result, ensure};
     use warden_tests::DigOpts;
-    use warden_tests::firewall::{Firewall, FirewallOptions, TALK_POLICY, quick_refusal};
+    use warden_tests::firewall::{Firewall, FirewallOptions, quick_refusal};
+    use warden_tests::warden::TalkPolicy;
     use warden_tests::warden::http_json;
 
     use super::indent;
 
     pub async fn play() -> Result<()> {
-        let policy = TALK_POLICY.replace(
-            "    - matchName: cilium.io\n    toPorts:",
-            "    - matchName: cilium.io\n    - matchPattern: \"*.cilium.io\"\n    toPorts:",
-        );
+        let policy = TalkPolicy {
+            fqdns: &[
+                "matchName: google.com",
+                "matchName: cilium.io",
+                r#"matchPattern: "*.cilium.io""#,
+            ],
+            ..TalkPolicy::default()
+        }
+        .yaml();
         let mut lab = Firewall::start(FirewallOptions {
             policy: policy.clone(),
             with_dnsproxy: true,
