@@ -93,6 +93,41 @@ fn cache_set(rows: &serde_json::Value) -> BTreeSet<(String, String, Vec<String>)
         .collect()
 }
 
+/// Answers held while their allow entries were written: how many, and the bucket bounds under
+/// which half and 99% of them fell.
+fn hold_summary(scrape: &str) -> String {
+    let labels = [("scope", "datapath_hold")];
+    let count = metric_value(scrape, "warden_dns_processing_seconds_count", &labels);
+    let sum = metric_value(scrape, "warden_dns_processing_seconds_sum", &labels);
+    let bound = |quantile: f64| {
+        scrape
+            .lines()
+            .filter(|line| {
+                line.starts_with("warden_dns_processing_seconds_bucket")
+                    && line.contains("scope=\"datapath_hold\"")
+            })
+            .filter_map(|line| {
+                let le = line
+                    .split("le=\"")
+                    .nth(1)?
+                    .split('"')
+                    .next()?
+                    .parse::<f64>()
+                    .ok()?;
+                let value = line.rsplit(' ').next()?.parse::<f64>().ok()?;
+                Some((le, value))
+            })
+            .find(|(_, value)| *value >= quantile * count)
+            .map_or(f64::NAN, |(le, _)| le * 1e6)
+    };
+    format!(
+        "{count} answers, mean {:.0} µs, p50 ≤ {:.0} µs, p99 ≤ {:.0} µs",
+        sum / count.max(1.0) * 1e6,
+        bound(0.5),
+        bound(0.99)
+    )
+}
+
 #[tokio::test]
 async fn the_talk_holds_with_every_agent_down_and_the_caches_converge() {
     if !require_lab() || !warden_tests::require_tools(&["knotd", "dig", "bpftool"]) {
@@ -184,6 +219,10 @@ async fn the_talk_holds_with_every_agent_down_and_the_caches_converge() {
     assert!(back["last_resync_ms"].as_u64().is_some(), "{back}");
     let scrape = http_get(lab.agent.admin, "/metrics").await.unwrap();
     assert!(metric_value(&scrape, "warden_resyncs_total", &[]) >= 1.0);
+    for (instance, admin) in [("agent", lab.agent.admin), ("dnsproxy", proxy_admin)] {
+        let scrape = http_get(admin, "/metrics").await.unwrap();
+        println!("{instance} datapath hold: {}", hold_summary(&scrape));
+    }
     assert!(metric_value(&scrape, "warden_peer_mappings_received_total", &[]) >= 1.0);
 }
 
