@@ -12,12 +12,12 @@ use anyhow::Context;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use warden_api::server::PeerPolicy;
-use warden_config::{AgentConfig, DatapathMode, Prefer, RejectCode};
+use warden_config::{AgentConfig, DatapathMode, Prefer};
 use warden_datapath::{Datapath, DatapathOptions};
 use warden_enforce::Enforcement;
 use warden_enforce::serving::{self, AGENT_INSTANCE, DNSPROXY_INSTANCE};
 use warden_fqdn::CacheLimits;
-use warden_proxy::{DnsProxy, ProxyContext, ProxySettings, ResponseCode, SharedCache, unix_now};
+use warden_proxy::{DnsProxy, ProxyContext, SharedCache, unix_now};
 use warden_telemetry::{FlowLog, Metrics};
 
 use crate::admin::{self, AdminState};
@@ -37,8 +37,6 @@ const GC_INTERVAL: Duration = Duration::from_secs(1);
 const PERSIST_INTERVAL: Duration = Duration::from_millis(500);
 /// How often the maintenance loop wakes: a change is noticed within this.
 const MAINTENANCE_TICK: Duration = Duration::from_millis(250);
-/// How long the DNS sockets keep reading after the port's traffic was steered to the peer.
-const LEAVE_LINGER: Duration = Duration::from_millis(300);
 
 /// A started agent; dropping it does not stop it, [`RunningAgent::shutdown`] does.
 #[derive(Debug)]
@@ -119,25 +117,7 @@ pub async fn start(config: AgentConfig) -> anyhow::Result<RunningAgent> {
         metrics: metrics.clone(),
         flows: flows.clone(),
     };
-    let settings = ProxySettings {
-        listen: config.dns.listen.clone(),
-        upstream: config.dns.upstream,
-        reject: match config.dns.reject {
-            RejectCode::Refused => ResponseCode::Refused,
-            RejectCode::Nxdomain => ResponseCode::NXDomain,
-        },
-        response_max_delay: config.dns.response_max_delay(),
-        upstream_timeout: config.dns.upstream_timeout(),
-        concurrency_limit: config.dns.concurrency_limit,
-        upstream_sockets: config.dns.upstream_sockets,
-        tcp_idle_timeout: Duration::from_secs(10),
-        // Without the datapath nothing steers the port's traffic away; lingering would not help.
-        linger: if ebpf.is_some() {
-            LEAVE_LINGER
-        } else {
-            Duration::ZERO
-        },
-    };
+    let settings = warden_enforce::proxy_settings(&config.dns, ebpf.is_some());
     let proxy = DnsProxy::bind(settings, context)?;
     let dns_addrs = proxy.local_addrs();
     if let Some((datapath, _)) = &ebpf {

@@ -17,12 +17,12 @@ use axum::routing::get;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use warden_api::proto::PolicySnapshot;
-use warden_config::{Prefer, ProxyConfig, RejectCode};
+use warden_config::{Prefer, ProxyConfig};
 use warden_datapath::Datapath;
 use warden_enforce::Enforcement;
 use warden_enforce::serving::{self, AGENT_INSTANCE, DNSPROXY_INSTANCE};
 use warden_fqdn::{CacheLimits, DnsCache};
-use warden_proxy::{DnsProxy, ProxyContext, ProxySettings, ResponseCode, SharedCache, unix_now};
+use warden_proxy::{DnsProxy, ProxyContext, SharedCache, unix_now};
 use warden_telemetry::{CacheFilter, FlowLog, InstanceStatus, Metrics, PolicyStatusView};
 
 use crate::journal::Journal;
@@ -30,8 +30,6 @@ use crate::link::{self, Link, LinkContext, LinkMappings};
 use crate::policy::{ProxyPolicy, compile};
 
 const FLOW_LOG_CAPACITY: usize = 10_000;
-/// How long the DNS sockets keep reading after the port's traffic was steered to the agent.
-const LEAVE_LINGER: Duration = Duration::from_millis(300);
 
 /// A started proxy; [`RunningProxy::shutdown`] stops it gracefully.
 #[derive(Debug)]
@@ -196,20 +194,7 @@ pub async fn start(config: ProxyConfig) -> anyhow::Result<RunningProxy> {
         metrics: metrics.clone(),
         flows: flows.clone(),
     };
-    let settings = ProxySettings {
-        listen: config.dns.listen.clone(),
-        upstream: config.dns.upstream,
-        reject: match config.dns.reject {
-            RejectCode::Refused => ResponseCode::Refused,
-            RejectCode::Nxdomain => ResponseCode::NXDomain,
-        },
-        response_max_delay: config.dns.response_max_delay(),
-        upstream_timeout: config.dns.upstream_timeout(),
-        concurrency_limit: config.dns.concurrency_limit,
-        upstream_sockets: config.dns.upstream_sockets,
-        tcp_idle_timeout: Duration::from_secs(10),
-        linger: LEAVE_LINGER,
-    };
+    let settings = warden_enforce::proxy_settings(&config.dns, true);
     let proxy = DnsProxy::bind(settings, context)?;
     let dns_addrs = proxy.local_addrs();
     {

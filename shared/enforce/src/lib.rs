@@ -8,13 +8,16 @@
 //! installs both when a policy snapshot arrives. [`fqdn_keys`] is the one place that turns a
 //! toFQDNs grant into map keys, used on the hot path and by the agent's reconciler alike.
 //! [`serving`] registers each process's DNS sockets with the datapath's reuseport selection
-//! and steers the port's queries between them.
+//! and steers the port's queries between them; [`proxy_settings`] reads the shared `dns`
+//! section into the engine's settings.
 
 #![forbid(unsafe_code)]
 
 mod directory;
 mod keys;
 pub mod serving;
+mod settings;
 
 pub use directory::{EndpointDirectory, Enforcement};
 pub use keys::{TCP, UDP, fqdn_keys};
+pub use settings::{LEAVE_LINGER, proxy_settings};

@@ -1,0 +1,34 @@
+use std::time::Duration;
+
+use warden_config::{DnsConfig, RejectCode};
+use warden_proxy::{ProxySettings, ResponseCode};
+
+/// A client TCP connection with no query for this long is closed.
+const TCP_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long DNS sockets keep reading after the port's traffic was steered to the peer.
+pub const LEAVE_LINGER: Duration = Duration::from_millis(300);
+
+/// The engine's settings from the `dns` section both processes share. `steered` says whether
+/// a datapath steers the port's traffic away at shutdown; without one, lingering would not
+/// help, since the kernel keeps hashing queries to the closing sockets.
+pub fn proxy_settings(dns: &DnsConfig, steered: bool) -> ProxySettings {
+    ProxySettings {
+        listen: dns.listen.clone(),
+        upstream: dns.upstream,
+        reject: match dns.reject {
+            RejectCode::Refused => ResponseCode::Refused,
+            RejectCode::Nxdomain => ResponseCode::NXDomain,
+        },
+        response_max_delay: dns.response_max_delay(),
+        upstream_timeout: dns.upstream_timeout(),
+        concurrency_limit: dns.concurrency_limit,
+        upstream_sockets: dns.upstream_sockets,
+        tcp_idle_timeout: TCP_IDLE_TIMEOUT,
+        linger: if steered {
+            LEAVE_LINGER
+        } else {
+            Duration::ZERO
+        },
+    }
+}
