@@ -24,10 +24,17 @@ lint:
 # The end-to-end tests start the real binaries, so they are built first.
 test: setup lint build
 	$(CARGO) test --workspace --no-fail-fast
+	$(CARGO) run --quiet -p warden-bench -- --smoke
 	bash scripts/check-observability.sh
 
 demo: build
 	$(CARGO) run --quiet -p warden-tests --bin warden-demo
+
+# The benchmark of docs/benchmarks.md (a few minutes): release binaries, then every scenario;
+# results in bench/results/latest.md and latest.json.
+bench: setup
+	$(CARGO) build --release --workspace --bins
+	$(CARGO) run --release --quiet -p warden-bench
 
 clean:
 	$(CARGO) clean

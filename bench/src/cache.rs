@@ -1,0 +1,222 @@
+//! Cache cost, on the real `warden_fqdn::DnsCache`: memory per (name, IP) at 1,000,000
+//! entries as the allocator sees it (and as the cache estimates it), insert and lookup times,
+//! and an hour of name churn simulated in fast-forward (the cache takes time as an argument).
+
+use std::hint::black_box;
+use std::net::{IpAddr, Ipv4Addr};
+use std::time::Instant;
+
+use serde::Serialize;
+use warden_config::DnsConfig;
+use warden_fqdn::{CacheLimits, DnsCache, UnixTime};
+
+use crate::alloc::Usage;
+
+const NOW: UnixTime = UnixTime(1_700_000_000);
+const ENDPOINTS: u32 = 100;
+
+/// Memory and time at `entries` entries.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct CacheCost {
+    pub entries: u64,
+    /// Allocator bytes held per entry (usable size + chunk header, counted by the global
+    /// allocator): the figure the target is about.
+    pub bytes_per_entry: f64,
+    /// Bytes the cache asked for, per entry.
+    pub requested_bytes_per_entry: f64,
+    /// The cache's own estimate (`approx_heap_bytes`), per entry.
+    pub estimated_bytes_per_entry: f64,
+    /// Mean time of one insert of a new (endpoint, name, IP) while growing to `entries`.
+    pub insert_new_ns: f64,
+    /// Mean time of one insert refreshing an existing entry in the full cache.
+    pub insert_refresh_ns: f64,
+    /// Mean time of one `lookup(endpoint, name)` in the full cache, keys scattered.
+    pub lookup_ns: f64,
+    /// Mean time of one `names_for_ip` (reverse lookup) in the full cache.
+    pub reverse_lookup_ns: f64,
+}
+
+/// Churn: new names at a fixed rate, short TTL, `gc` every simulated second.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ChurnCost {
+    pub simulated_minutes: u32,
+    pub names_per_minute: u32,
+    pub ttl_s: u32,
+    pub names_inserted: u64,
+    /// Live (endpoint, name, IP) entries at the end.
+    pub live_entries_end: u64,
+    /// Mean allocator bytes held over simulated minute 2 (the steady live set, warmed up).
+    pub steady_bytes: f64,
+    /// Mean over the last simulated minute.
+    pub end_bytes: f64,
+    /// Highest after minute 1.
+    pub peak_bytes: f64,
+    /// A fresh cache holding exactly the live set at the end, for reference.
+    pub fresh_bytes: f64,
+    /// end / steady: the target is ≤ 1.10.
+    pub end_over_steady: f64,
+    pub end_over_fresh: f64,
+    pub wall_seconds: f64,
+}
+
+fn endpoint(i: u32) -> String {
+    format!("tenant-{}/client", i % ENDPOINTS)
+}
+
+fn name(i: u32) -> String {
+    format!("svc-{i:07}.prod.example.com.")
+}
+
+fn ip(i: u32) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::from(0x0a00_0000 | i))
+}
+
+/// Deterministic spread over the keys so lookups do not walk memory in insertion order.
+fn scatter(i: u32, entries: u32) -> u32 {
+    i.wrapping_mul(2_654_435_761) % entries
+}
+
+fn limits() -> CacheLimits {
+    // The agent's defaults.
+    let dns = DnsConfig::default();
+    CacheLimits {
+        min_ttl: dns.min_ttl,
+        max_ips_per_name: dns.max_ips_per_name,
+    }
+}
+
+fn ns_per(started: Instant, count: u32) -> f64 {
+    started.elapsed().as_secs_f64() * 1e9 / f64::from(count.max(1))
+}
+
+/// Builds a cache of `entries` distinct names (one IP each, 100 endpoints) and measures it.
+/// Single-threaded and with nothing else running: the allocator counts the whole process.
+pub fn measure(entries: u32) -> CacheCost {
+    // Keys are built before the measurement; the cache copies what it keeps.
+    let endpoints: Vec<String> = (0..ENDPOINTS).map(endpoint).collect();
+    let names: Vec<String> = (0..entries).map(name).collect();
+    let before = Usage::now();
+    let mut cache = DnsCache::new(limits());
+    let started = Instant::now();
+    for i in 0..entries {
+        let k = i as usize;
+        cache.insert(
+            NOW,
+            &endpoints[k % endpoints.len()],
+            &names[k],
+            &[ip(i)],
+            3_600,
+        );
+    }
+    let insert_new_ns = ns_per(started, entries);
+    let used = Usage::now().since(before);
+    let estimated = cache.approx_heap_bytes();
+    let count = cache.ip_count() as f64;
+
+    let probes = entries.min(1_000_000);
+    let started = Instant::now();
+    for i in 0..probes {
+        let k = scatter(i, entries) as usize;
+        black_box(cache.lookup(NOW, &endpoints[k % endpoints.len()], &names[k]));
+    }
+    let lookup_ns = ns_per(started, probes);
+    let started = Instant::now();
+    for i in 0..probes {
+        black_box(cache.names_for_ip(NOW, ip(scatter(i, entries))));
+    }
+    let reverse_lookup_ns = ns_per(started, probes);
+    let started = Instant::now();
+    for i in 0..probes {
+        let k = scatter(i, entries);
+        let (e, n) = (&endpoints[k as usize % endpoints.len()], &names[k as usize]);
+        black_box(cache.insert(NOW, e, n, &[ip(k)], 3_600));
+    }
+    let insert_refresh_ns = ns_per(started, probes);
+
+    CacheCost {
+        entries: cache.ip_count() as u64,
+        bytes_per_entry: used.held as f64 / count,
+        requested_bytes_per_entry: used.requested as f64 / count,
+        estimated_bytes_per_entry: estimated as f64 / count,
+        insert_new_ns,
+        insert_refresh_ns,
+        lookup_ns,
+        reverse_lookup_ns,
+    }
+}
+
+/// `minutes` simulated minutes of `per_minute` new names with `ttl`, `gc` each second.
+pub fn churn(minutes: u32, per_minute: u32, ttl: u32) -> ChurnCost {
+    let started = Instant::now();
+    let endpoints: Vec<String> = (0..10).map(|i| format!("tenant-{i}/client")).collect();
+    // One name buffer, grown once, so the loop allocates nothing but what the cache keeps.
+    let mut qname = String::with_capacity(64);
+    let before = Usage::now();
+    let mut cache = DnsCache::new(limits());
+    let mut inserted: u64 = 0;
+    let mut minute_means = Vec::with_capacity(minutes as usize);
+    let mut peak: isize = 0;
+    for minute in 0..minutes {
+        let mut sum: f64 = 0.0;
+        for second in 0..60u64 {
+            let now = NOW.plus_secs(u64::from(minute) * 60 + second);
+            // Spread evenly: the total after each second follows the rate exactly.
+            let elapsed_s = u64::from(minute) * 60 + second + 1;
+            let due = elapsed_s * u64::from(per_minute) / 60;
+            while inserted < due {
+                let n = u32::try_from(inserted).unwrap_or(u32::MAX);
+                qname.clear();
+                use std::fmt::Write as _;
+                let _ = write!(qname, "churn-{n:09}.cdn.example.net.");
+                let ep = &endpoints[(n % 10) as usize];
+                cache.insert(now, ep, &qname, &[ip(n)], ttl);
+                inserted += 1;
+            }
+            drop(cache.gc(now));
+            let held = Usage::now().since(before).held;
+            if minute >= 1 {
+                peak = peak.max(held);
+            }
+            sum += held as f64;
+        }
+        minute_means.push(sum / 60.0);
+    }
+    let end = NOW.plus_secs(u64::from(minutes) * 60);
+    let live = cache.entries(end);
+    let live_entries_end = cache.ip_count() as u64;
+    let steady = minute_means.get(1).copied().unwrap_or_default();
+    let end_bytes = minute_means.last().copied().unwrap_or_default();
+
+    // The same live set, inserted into a cache that never saw churn.
+    let fresh_before = Usage::now();
+    let mut fresh = DnsCache::new(limits());
+    for entry in &live {
+        for cached in &entry.ips {
+            fresh.insert_entry(
+                &entry.endpoint,
+                &entry.name,
+                cached.ip,
+                cached.expires_at,
+                warden_fqdn::Source::Lookup,
+            );
+        }
+    }
+    let fresh_bytes = Usage::now().since(fresh_before).held as f64;
+    drop(fresh);
+    drop(live);
+
+    ChurnCost {
+        simulated_minutes: minutes,
+        names_per_minute: per_minute,
+        ttl_s: ttl,
+        names_inserted: inserted,
+        live_entries_end,
+        steady_bytes: steady,
+        end_bytes,
+        peak_bytes: peak as f64,
+        fresh_bytes,
+        end_over_steady: end_bytes / steady.max(1.0),
+        end_over_fresh: end_bytes / fresh_bytes.max(1.0),
+        wall_seconds: started.elapsed().as_secs_f64(),
+    }
+}

@@ -1,0 +1,434 @@
+//! An open-loop UDP load client: sends queries at a fixed rate whatever the server does, and
+//! records each query's latency. dnsperf reports only the mean and standard deviation of its
+//! latencies and stops sending when too many queries are outstanding (which would hide the
+//! losses of a restart), so percentiles and restart losses come from here.
+//!
+//! Plain threads and blocking sockets, as few as possible because the client shares the
+//! machine with the servers it measures: one sender paced by the clock (waking at most every
+//! [`TICK`] and sending every query due), one receiver per socket. Query `i` goes out on
+//! socket `i % S` with ID `(i / S) mod 65536`; `S` is chosen so an ID comes back round only
+//! after twice the timeout, so an answer in time always maps back to the latest query sent
+//! with its (socket, ID). Everything is bounded: at most [`MAX_QUERIES`] queries, and the run
+//! ends `timeout` after the last send.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use hickory_proto::op::{Message, Query};
+use hickory_proto::rr::{Name, RecordType};
+use serde::Serialize;
+
+use crate::stats::{Percentiles, percentiles};
+
+/// Upper bound on the queries of one run (memory: 17 bytes each).
+pub const MAX_QUERIES: u64 = 4_000_000;
+/// An answer later than this after its query counts as lost (clients retry about then).
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(2);
+/// The sender sleeps at least this long between bursts: waking for every query at tens of
+/// thousands per second would cost the machine more than the sending.
+const TICK: Duration = Duration::from_micros(100);
+const IDS: u64 = 1 << 16;
+const NO_ANSWER: u8 = u8::MAX;
+const RCODE_NOERROR: u8 = 0;
+const RCODE_REFUSED: u8 = 5;
+const RCODE_NAMES: [&str; 11] = [
+    "NOERROR", "FORMERR", "SERVFAIL", "NXDOMAIN", "NOTIMP", "REFUSED", "YXDOMAIN", "YXRRSET",
+    "NXRRSET", "NOTAUTH", "NOTZONE",
+];
+
+/// One query of the mix, encoded once; its ID is patched per send.
+#[derive(Debug, Clone)]
+pub struct QueryTemplate {
+    wire: Vec<u8>,
+    /// Whether the policy allows the name; only meaningful through a policing proxy.
+    pub allowed: bool,
+}
+
+impl QueryTemplate {
+    pub fn new(name: &str, rtype: RecordType, allowed: bool) -> Result<QueryTemplate> {
+        let qname = Name::from_ascii(name).with_context(|| format!("bad name {name:?}"))?;
+        let mut message = Message::query();
+        message.metadata.recursion_desired = true;
+        message.add_query(Query::query(qname, rtype));
+        let wire = message.to_vec().context("encoding a query")?;
+        Ok(QueryTemplate { wire, allowed })
+    }
+
+    /// The encoded query (ID as encoded).
+    pub fn wire(&self) -> &[u8] {
+        &self.wire
+    }
+}
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct LoadSpec {
+    pub target: SocketAddr,
+    /// Every socket binds here: the endpoint's address, for a policing proxy.
+    pub source: IpAddr,
+    pub rate: u32,
+    /// Sent, but left out of the latency figures (caches and sockets warming up).
+    pub warmup: Duration,
+    pub duration: Duration,
+    pub timeout: Duration,
+    pub queries: Arc<Vec<QueryTemplate>>,
+    /// Check answers against each template's `allowed` (REFUSED for denied names).
+    pub check_verdicts: bool,
+}
+
+/// What happened.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct LoadReport {
+    pub rate: u32,
+    /// Queries sent after the warm-up.
+    pub sent: u64,
+    pub answered: u64,
+    /// Sent − answered in time (no answer, a late one, or a failed send).
+    pub lost: u64,
+    pub send_errors: u64,
+    /// The rate actually achieved by the sender over the whole run.
+    pub achieved_rate: f64,
+    pub latency: Percentiles,
+    pub rcodes: BTreeMap<String, u64>,
+    /// Answers contradicting the policy: an allowed name REFUSED, a denied name NOERROR.
+    pub wrong_verdicts: u64,
+    /// Send times (ms from the start) of the first and last lost query, over the whole run.
+    pub first_loss_ms: Option<u64>,
+    pub last_loss_ms: Option<u64>,
+    /// The machine's UDP receive-buffer drops (`RcvbufErrors` in /proc/net/snmp) during the
+    /// run: whose socket overflowed is not known, but a loss with none of these happened
+    /// elsewhere (no listener, a server that dropped it).
+    pub udp_rcvbuf_errors: u64,
+    /// Every latency in µs, sorted (for pooling rounds; not written out).
+    #[serde(skip)]
+    pub samples: Vec<u32>,
+}
+
+/// `Udp: ... RcvbufErrors` from /proc/net/snmp (0 if unreadable).
+fn udp_rcvbuf_errors() -> u64 {
+    let text = std::fs::read_to_string("/proc/net/snmp").unwrap_or_default();
+    let mut rows = text.lines().filter(|l| l.starts_with("Udp:"));
+    let (Some(names), Some(values)) = (rows.next(), rows.next()) else {
+        return 0;
+    };
+    names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .find(|(name, _)| *name == "RcvbufErrors")
+        .and_then(|(_, value)| value.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Runs the load to the end; blocking (call from a plain thread or `spawn_blocking`).
+pub fn run(spec: &LoadSpec) -> Result<LoadReport> {
+    if spec.queries.is_empty() || spec.rate == 0 {
+        bail!("a load needs queries and a rate");
+    }
+    let total = (spec.warmup + spec.duration).as_secs_f64() * f64::from(spec.rate);
+    let total = total.ceil() as u64;
+    if total > MAX_QUERIES {
+        bail!("{total} queries is more than the bound of {MAX_QUERIES}");
+    }
+    // IDs of a socket come round after S * 65536 queries: at least twice the timeout.
+    let in_two_timeouts = (2.0 * spec.timeout.as_secs_f64() * f64::from(spec.rate)).ceil() as u64;
+    let socket_count = in_two_timeouts
+        .div_ceil(IDS)
+        .clamp(1, total.div_ceil(IDS).max(1));
+    let sockets = (0..socket_count)
+        .map(|_| bind(spec.source))
+        .collect::<Result<Vec<_>>>()?;
+    let state = Arc::new(State {
+        sent_ns: (0..total).map(|_| AtomicU64::new(0)).collect(),
+        sent_count: AtomicU64::new(0),
+        answered: AtomicU64::new(0),
+        recv_ns: (0..total).map(|_| AtomicU64::new(0)).collect(),
+        rcode: (0..total).map(|_| AtomicU8::new(NO_ANSWER)).collect(),
+        send_failed: (0..total).map(|_| AtomicBool::new(false)).collect(),
+        stop: AtomicBool::new(false),
+        start: Instant::now(),
+    });
+
+    let mut receivers = Vec::new();
+    for (index, socket) in sockets.iter().enumerate() {
+        let socket = socket.try_clone().context("cloning a socket")?;
+        let state = state.clone();
+        let target = spec.target;
+        receivers.push(thread::spawn(move || {
+            receive(&socket, index as u64, socket_count, target, &state);
+        }));
+    }
+
+    let drops_before = udp_rcvbuf_errors();
+    let sending = send(spec, &sockets, socket_count, total, &state);
+    // Answers may still arrive for the last queries: wait for them, or for the timeout.
+    let waiting = Instant::now();
+    while waiting.elapsed() < spec.timeout && state.answered.load(Ordering::Relaxed) < total {
+        thread::sleep(Duration::from_millis(10));
+    }
+    state.stop.store(true, Ordering::Relaxed);
+    for receiver in receivers {
+        let _ = receiver.join();
+    }
+    let send_elapsed = sending?;
+    let mut out = report(spec, total, send_elapsed, &state);
+    out.udp_rcvbuf_errors = udp_rcvbuf_errors().saturating_sub(drops_before);
+    Ok(out)
+}
+
+struct State {
+    /// Nanoseconds from `start` to the send, +1 so 0 means "not sent".
+    sent_ns: Vec<AtomicU64>,
+    /// Queries sent so far (their `sent_ns` are set).
+    sent_count: AtomicU64,
+    /// Queries with an answer (in time or not), to end the run early.
+    answered: AtomicU64,
+    recv_ns: Vec<AtomicU64>,
+    rcode: Vec<AtomicU8>,
+    send_failed: Vec<AtomicBool>,
+    stop: AtomicBool,
+    start: Instant,
+}
+
+impl State {
+    fn now_ns(&self) -> u64 {
+        u64::try_from(self.start.elapsed().as_nanos()).unwrap_or(u64::MAX) + 1
+    }
+}
+
+fn bind(source: IpAddr) -> Result<UdpSocket> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(SocketAddr::new(source, 0)),
+        socket2::Type::DGRAM,
+        Some(socket2::Protocol::UDP),
+    )?;
+    // Answers must not be dropped here and blamed on the server; the kernel caps this at
+    // net.core.rmem_max.
+    let _ = socket.set_recv_buffer_size(8 << 20);
+    socket
+        .bind(&SocketAddr::new(source, 0).into())
+        .with_context(|| format!("binding a UDP socket on {source}"))?;
+    let socket: UdpSocket = socket.into();
+    socket.set_read_timeout(Some(Duration::from_millis(20)))?;
+    Ok(socket)
+}
+
+/// Paces the queries by the clock; returns how long sending took.
+fn send(
+    spec: &LoadSpec,
+    sockets: &[UdpSocket],
+    socket_count: u64,
+    total: u64,
+    state: &State,
+) -> Result<Duration> {
+    // The default 50 µs timer slack would batch queries at the higher rates.
+    let _ = nix::sys::prctl::set_timerslack(1_000);
+    let rate = u128::from(spec.rate);
+    let mut buffer = Vec::with_capacity(512);
+    let mut next = 0u64;
+    while next < total {
+        let elapsed = state.start.elapsed().as_nanos();
+        // Every query whose slot has come, at once: a late sender catches up.
+        let due = u64::try_from(elapsed * rate / 1_000_000_000 + 1)
+            .unwrap_or(u64::MAX)
+            .min(total);
+        while next < due {
+            let template = &spec.queries[(next as usize) % spec.queries.len()];
+            let socket = &sockets[(next % socket_count) as usize];
+            let id = u16::try_from((next / socket_count) % IDS).context("query ID")?;
+            buffer.clear();
+            buffer.extend_from_slice(&template.wire);
+            buffer[..2].copy_from_slice(&id.to_be_bytes());
+            let index = next as usize;
+            state.sent_ns[index].store(state.now_ns(), Ordering::Relaxed);
+            // Published before the send, so a receiver never sees an answer to an unsent query.
+            state.sent_count.store(next + 1, Ordering::Release);
+            if socket.send_to(&buffer, spec.target).is_err() {
+                state.send_failed[index].store(true, Ordering::Relaxed);
+            }
+            next += 1;
+        }
+        if next < total {
+            let slot = Duration::from_nanos(
+                u64::try_from(u128::from(next) * 1_000_000_000 / rate).unwrap_or(u64::MAX),
+            );
+            if let Some(wait) = slot.checked_sub(state.start.elapsed()) {
+                thread::sleep(wait.max(TICK));
+            }
+        }
+    }
+    Ok(state.start.elapsed())
+}
+
+fn receive(socket: &UdpSocket, index: u64, socket_count: u64, target: SocketAddr, state: &State) {
+    let mut buffer = [0u8; 4096];
+    while !state.stop.load(Ordering::Relaxed) {
+        let Ok((length, from)) = socket.recv_from(&mut buffer) else {
+            // Timeout (so `stop` is seen) or an ICMP error: nothing to record.
+            continue;
+        };
+        let now = state.now_ns();
+        // Only answers (QR set) from the server asked.
+        if from != target || length < 12 || buffer[2] & 0x80 == 0 {
+            continue;
+        }
+        let id = u64::from(u16::from_be_bytes([buffer[0], buffer[1]]));
+        // The latest query sent with this (socket, ID).
+        let first = id * socket_count + index;
+        let period = socket_count * IDS;
+        let sent = state.sent_count.load(Ordering::Acquire);
+        if sent <= first {
+            continue;
+        }
+        let query = first + (sent - 1 - first) / period * period;
+        let Some(slot) = state.recv_ns.get(query as usize) else {
+            continue;
+        };
+        // The first answer counts; a duplicate does not move it.
+        if slot
+            .compare_exchange(0, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+        {
+            state.rcode[query as usize].store(buffer[3] & 0x0f, Ordering::Relaxed);
+            state.answered.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+fn report(spec: &LoadSpec, total: u64, send_elapsed: Duration, state: &State) -> LoadReport {
+    let warmup_ns = u64::try_from(spec.warmup.as_nanos()).unwrap_or(u64::MAX);
+    let timeout_ns = u64::try_from(spec.timeout.as_nanos()).unwrap_or(u64::MAX);
+    let mut out = LoadReport {
+        rate: spec.rate,
+        achieved_rate: total as f64 / send_elapsed.as_secs_f64().max(1e-9),
+        ..LoadReport::default()
+    };
+    let mut latencies: Vec<u32> = Vec::with_capacity(total as usize);
+    for i in 0..total as usize {
+        let sent = state.sent_ns[i].load(Ordering::Relaxed);
+        let received = state.recv_ns[i].load(Ordering::Relaxed);
+        let failed = state.send_failed[i].load(Ordering::Relaxed);
+        let in_time = !failed && received != 0 && received - sent <= timeout_ns;
+        if !in_time {
+            let at = sent / 1_000_000;
+            out.first_loss_ms.get_or_insert(at);
+            out.last_loss_ms = Some(at);
+        }
+        if sent < warmup_ns {
+            continue;
+        }
+        out.sent += 1;
+        if failed {
+            out.send_errors += 1;
+        }
+        if !in_time {
+            out.lost += 1;
+            continue;
+        }
+        out.answered += 1;
+        latencies.push(u32::try_from((received - sent) / 1_000).unwrap_or(u32::MAX));
+        let rcode = state.rcode[i].load(Ordering::Relaxed);
+        let name = RCODE_NAMES
+            .get(usize::from(rcode))
+            .map_or_else(|| format!("RCODE{rcode}"), |n| (*n).to_owned());
+        if spec.check_verdicts {
+            let template = &spec.queries[i % spec.queries.len()];
+            // An allowed name refused, or a denied name answered: SERVFAIL and the like are
+            // failures, not verdicts, and show in `rcodes`.
+            let wrong = if template.allowed {
+                rcode == RCODE_REFUSED
+            } else {
+                rcode == RCODE_NOERROR
+            };
+            if wrong {
+                out.wrong_verdicts += 1;
+            }
+        }
+        *out.rcodes.entry(name).or_default() += 1;
+    }
+    out.latency = percentiles(&mut latencies);
+    out.samples = latencies;
+    out
+}
+
+impl LoadReport {
+    /// Pools another run of the same load into this one (interleaved rounds).
+    pub fn merge(&mut self, other: LoadReport) {
+        self.sent += other.sent;
+        self.answered += other.answered;
+        self.lost += other.lost;
+        self.send_errors += other.send_errors;
+        self.wrong_verdicts += other.wrong_verdicts;
+        self.udp_rcvbuf_errors += other.udp_rcvbuf_errors;
+        self.achieved_rate = self.achieved_rate.min(other.achieved_rate);
+        for (rcode, count) in other.rcodes {
+            *self.rcodes.entry(rcode).or_default() += count;
+        }
+        // Loss times are per run; keep the first run's.
+        self.samples.extend(other.samples);
+        self.latency = percentiles(&mut self.samples);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    /// A tiny echo "server" answering every query with its RCODE set, on loopback.
+    #[test]
+    fn paces_counts_and_maps_answers_back() {
+        let server = UdpSocket::bind("127.0.0.1:0").unwrap();
+        server
+            .set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        let target = server.local_addr().unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let serving = {
+            let stop = stop.clone();
+            thread::spawn(move || {
+                let mut buffer = [0u8; 512];
+                let mut seen = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    if let Ok((n, from)) = server.recv_from(&mut buffer) {
+                        seen += 1;
+                        // Drop every tenth query; answer the rest REFUSED.
+                        if seen.is_multiple_of(10) {
+                            continue;
+                        }
+                        buffer[2] |= 0x80;
+                        buffer[3] = (buffer[3] & 0xf0) | 5;
+                        let _ = server.send_to(&buffer[..n], from);
+                    }
+                }
+            })
+        };
+        let spec = LoadSpec {
+            target,
+            source: "127.0.0.1".parse().unwrap(),
+            rate: 2_000,
+            warmup: Duration::ZERO,
+            duration: Duration::from_millis(500),
+            timeout: Duration::from_millis(200),
+            queries: Arc::new(vec![
+                QueryTemplate::new("a.example.", RecordType::A, false).unwrap(),
+            ]),
+            check_verdicts: true,
+        };
+        let report = run(&spec).unwrap();
+        stop.store(true, Ordering::Relaxed);
+        serving.join().unwrap();
+        assert_eq!(report.sent, 1_000);
+        assert_eq!(report.lost, 100, "{report:?}");
+        assert_eq!(report.answered, 900);
+        assert_eq!(report.rcodes["REFUSED"], 900);
+        assert_eq!(report.wrong_verdicts, 0);
+        assert!(report.latency.p50_us > 0.0);
+        assert!(report.achieved_rate > 1_500.0, "{report:?}");
+    }
+}

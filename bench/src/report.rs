@@ -1,0 +1,553 @@
+//! The results: one serializable document (`latest.json`) and its Markdown rendering
+//! (`latest.md`).
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use serde::Serialize;
+
+use crate::cache::{CacheCost, ChurnCost};
+use crate::load::LoadReport;
+use crate::policy::PolicyCost;
+use crate::stats::HistogramSummary;
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Results {
+    pub mode: String,
+    pub started_unix: u64,
+    pub wall_seconds: f64,
+    pub machine: Machine,
+    pub command: String,
+    pub throughput_seconds: u32,
+    pub throughput: Vec<Throughput>,
+    pub latency_rate: u32,
+    pub latency_rate_basis: String,
+    pub latency: Vec<Latency>,
+    pub light_rate: u32,
+    pub latency_light: Vec<Latency>,
+    pub ratios: Ratios,
+    pub policy: Vec<PolicyCost>,
+    pub cache: Option<CacheCost>,
+    pub churn: Option<ChurnCost>,
+    pub hold: Vec<Hold>,
+    pub restart: Vec<Restart>,
+    pub profiles: Vec<Profile>,
+    pub targets: Vec<Target>,
+    pub notes: Vec<String>,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Machine {
+    pub cores: usize,
+    pub cpu: String,
+    pub kernel: String,
+    pub loadavg_start: String,
+    pub loadavg_end: String,
+    pub tools: BTreeMap<String, String>,
+}
+
+/// One scenario's maximum rate (dnsperf, unlimited, per round).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Throughput {
+    pub key: String,
+    pub label: String,
+    pub available: bool,
+    pub note: Option<String>,
+    pub rounds_qps: Vec<f64>,
+    pub mean_qps: f64,
+    /// dnsperf's timeouts over all rounds.
+    pub lost: u64,
+    /// dnsperf's mean latency at full load (queueing, not the proxy's cost).
+    pub avg_latency_us_at_max: f64,
+    pub rcodes: BTreeMap<String, u64>,
+}
+
+/// One scenario at the fixed rate.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Latency {
+    pub key: String,
+    pub label: String,
+    pub available: bool,
+    pub note: Option<String>,
+    pub load: Option<LoadReport>,
+    /// The proxy's own histograms over the same run (Warden scenarios only).
+    pub server: Option<ServerScopes>,
+}
+
+/// `warden_dns_processing_seconds` by scope, for the run only.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ServerScopes {
+    pub total: HistogramSummary,
+    pub policy_check: HistogramSummary,
+    pub upstream: HistogramSummary,
+    pub datapath_hold: HistogramSummary,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Ratios {
+    /// (b) / (d) max QPS.
+    pub agent_over_dnsdist_qps: Option<f64>,
+    /// (b) / (d) within each round (adjacent runs share the machine's mood).
+    pub agent_over_dnsdist_per_round: Vec<f64>,
+    pub agent_over_direct_per_round: Vec<f64>,
+    /// (b) / (a) max QPS.
+    pub agent_over_direct_qps: Option<f64>,
+    pub pair_over_dnsdist_qps: Option<f64>,
+    /// (d) / (a) max QPS.
+    pub dnsdist_over_direct_qps: Option<f64>,
+    /// p99(b) − p99(a) at the fixed rate, µs.
+    pub agent_added_p99_us: Option<f64>,
+    pub agent_added_p50_us: Option<f64>,
+    pub dnsdist_added_p99_us: Option<f64>,
+    pub dnsdist_added_p50_us: Option<f64>,
+    pub pair_added_p99_us: Option<f64>,
+    /// The same at the light rate.
+    pub agent_added_p50_us_light: Option<f64>,
+    pub agent_added_p99_us_light: Option<f64>,
+    pub dnsdist_added_p50_us_light: Option<f64>,
+    pub dnsdist_added_p99_us_light: Option<f64>,
+    pub pair_added_p99_us_light: Option<f64>,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Hold {
+    /// `none` (cache + grants, no maps) or `ebpf` (allow entries written to pinned maps).
+    pub datapath: String,
+    pub available: bool,
+    pub note: Option<String>,
+    pub rate: u32,
+    pub hold: HistogramSummary,
+    pub client: Option<LoadReport>,
+    /// `warden_datapath_updates_total{op="allow"}` during the run.
+    pub allow_updates: f64,
+    pub datapath_errors: f64,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Restart {
+    pub process: String,
+    pub signal: String,
+    /// Who else holds the DNS port while it restarts.
+    pub peers: String,
+    pub available: bool,
+    pub note: Option<String>,
+    pub rate: u32,
+    pub sent: u64,
+    pub lost: u64,
+    pub wrong_verdicts: u64,
+    /// Signal to the process gone.
+    pub exit_ms: Option<f64>,
+    /// Signal to the new process ready (`/readyz`).
+    pub back_ms: Option<f64>,
+    /// From the first to the last lost query (send times).
+    pub loss_window_ms: Option<u64>,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Profile {
+    pub target: String,
+    pub seconds: u32,
+    pub qps_during: f64,
+    /// CPU time sampled (`cpu-clock` event count), ms.
+    pub cpu_ms: f64,
+    /// Queries dnsperf completed meanwhile.
+    pub queries: u64,
+    /// CPU per query, µs (the process only: the client and knotd are not in it).
+    pub cpu_us_per_query: f64,
+    /// (share %, DSO) sorted.
+    pub by_dso: Vec<(f64, String)>,
+    /// (share %, DSO, symbol) of the hottest symbols.
+    pub top_symbols: Vec<(f64, String, String)>,
+    pub file: String,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Target {
+    pub what: String,
+    pub bar: String,
+    pub measured: String,
+    /// `None` when not measured in this run.
+    pub met: Option<bool>,
+}
+
+fn opt(value: Option<f64>, digits: usize) -> String {
+    value.map_or_else(|| "–".to_owned(), |v| format!("{v:.digits$}"))
+}
+
+fn list(values: &[f64]) -> String {
+    let parts: Vec<String> = values.iter().map(|v| format!("{v:.2}")).collect();
+    if parts.is_empty() {
+        "–".to_owned()
+    } else {
+        parts.join(", ")
+    }
+}
+
+fn kilo(qps: f64) -> String {
+    format!("{:.1}k", qps / 1000.0)
+}
+
+impl Results {
+    pub fn markdown(&self) -> String {
+        let mut md = String::new();
+        let m = &self.machine;
+        let _ = writeln!(md, "# Warden benchmark ({})\n", self.mode);
+        let _ = writeln!(
+            md,
+            "Machine: **{} cores** ({}), kernel {}. Load average at start `{}`, at end `{}`. \
+             Run took {:.0} s. Command: `{}`.\n",
+            m.cores,
+            m.cpu,
+            m.kernel,
+            m.loadavg_start,
+            m.loadavg_end,
+            self.wall_seconds,
+            self.command
+        );
+        let tools: Vec<String> = m.tools.iter().map(|(k, v)| format!("{k} {v}")).collect();
+        let _ = writeln!(md, "Tools: {}.\n", tools.join(", "));
+
+        let _ = writeln!(md, "## Targets\n");
+        let _ = writeln!(md, "| what | bar | measured | met |\n|---|---|---|---|");
+        for t in &self.targets {
+            let met = match t.met {
+                Some(true) => "yes",
+                Some(false) => "**no**",
+                None if self.mode == "smoke" => "not judged (smoke)",
+                None => "not measured",
+            };
+            let _ = writeln!(md, "| {} | {} | {} | {} |", t.what, t.bar, t.measured, met);
+        }
+
+        let _ = writeln!(
+            md,
+            "\n## 1. Throughput and latency\n\nMax QPS: dnsperf, unlimited rate, {} s per round, \
+             rounds interleaved a, b, c, d, a, b, c, d, ... Latency: the bench's open-loop client at \
+             a fixed **{} QPS** ({}), per-query latency, warm-up excluded, rounds interleaved \
+             the same way and pooled.\n",
+            self.throughput_seconds, self.latency_rate, self.latency_rate_basis
+        );
+        let _ = writeln!(
+            md,
+            "| scenario | max QPS per round | mean max QPS | p50 µs | p99 µs | p99.9 µs | lost at fixed rate | wrong verdicts |\n|---|---|---|---|---|---|---|---|"
+        );
+        for t in &self.throughput {
+            let latency = self.latency.iter().find(|l| l.key == t.key);
+            let load = latency.and_then(|l| l.load.as_ref());
+            if !t.available {
+                let _ = writeln!(
+                    md,
+                    "| ({}) {} | {} | | | | | | |",
+                    t.key,
+                    t.label,
+                    t.note.as_deref().unwrap_or("not available")
+                );
+                continue;
+            }
+            let rounds: Vec<String> = t.rounds_qps.iter().map(|q| kilo(*q)).collect();
+            let _ = writeln!(
+                md,
+                "| ({}) {} | {} | **{}** | {} | {} | {} | {} | {} |",
+                t.key,
+                t.label,
+                rounds.join(", "),
+                kilo(t.mean_qps),
+                opt(load.map(|l| l.latency.p50_us), 0),
+                opt(load.map(|l| l.latency.p99_us), 0),
+                opt(load.map(|l| l.latency.p999_us), 0),
+                load.map_or_else(|| "–".to_owned(), |l| format!("{} of {}", l.lost, l.sent)),
+                load.map_or_else(|| "–".to_owned(), |l| l.wrong_verdicts.to_string()),
+            );
+        }
+        let r = &self.ratios;
+        let _ = writeln!(
+            md,
+            "\nRatios of the means: **(b)/(d) = {}** (per round: {}), (b)/(a) = {} (per round: \
+             {}), (d)/(a) = {}, (c)/(d) = {}. Added latency vs direct at the fixed rate: (b) p50 \
+             +{} µs, **p99 +{} µs**; (d) p50 +{} µs, p99 +{} µs; (c) p99 +{} µs.\n",
+            opt(r.agent_over_dnsdist_qps, 2),
+            list(&r.agent_over_dnsdist_per_round),
+            opt(r.agent_over_direct_qps, 2),
+            list(&r.agent_over_direct_per_round),
+            opt(r.dnsdist_over_direct_qps, 2),
+            opt(r.pair_over_dnsdist_qps, 2),
+            opt(r.agent_added_p50_us, 0),
+            opt(r.agent_added_p99_us, 0),
+            opt(r.dnsdist_added_p50_us, 0),
+            opt(r.dnsdist_added_p99_us, 0),
+            opt(r.pair_added_p99_us, 0),
+        );
+        let _ = writeln!(
+            md,
+            "At **{} QPS**, a rate well below every scenario's max here (the proxy's own cost, \
+             without queueing):\n",
+            self.light_rate
+        );
+        let _ = writeln!(
+            md,
+            "| scenario | p50 µs | p99 µs | p99.9 µs | lost | wrong verdicts |\n|---|---|---|---|---|---|"
+        );
+        for l in &self.latency_light {
+            match &l.load {
+                Some(load) => {
+                    let _ = writeln!(
+                        md,
+                        "| ({}) {} | {:.0} | {:.0} | {:.0} | {} of {} | {} |",
+                        l.key,
+                        l.label,
+                        load.latency.p50_us,
+                        load.latency.p99_us,
+                        load.latency.p999_us,
+                        load.lost,
+                        load.sent,
+                        load.wrong_verdicts
+                    );
+                }
+                None => {
+                    let _ = writeln!(
+                        md,
+                        "| ({}) {} | {} | | | | |",
+                        l.key,
+                        l.label,
+                        l.note.as_deref().unwrap_or("not available")
+                    );
+                }
+            }
+        }
+        let _ = writeln!(
+            md,
+            "\nAdded vs direct at {} QPS: (b) p50 +{} µs, **p99 +{} µs**; (d) p50 +{} µs, p99 +{} \
+             µs; (c) p99 +{} µs.\n",
+            self.light_rate,
+            opt(r.agent_added_p50_us_light, 0),
+            opt(r.agent_added_p99_us_light, 0),
+            opt(r.dnsdist_added_p50_us_light, 0),
+            opt(r.dnsdist_added_p99_us_light, 0),
+            opt(r.pair_added_p99_us_light, 0),
+        );
+        let scoped: Vec<&Latency> = self
+            .latency
+            .iter()
+            .chain(&self.latency_light)
+            .filter(|l| l.server.is_some())
+            .collect();
+        if !scoped.is_empty() {
+            let _ = writeln!(
+                md,
+                "Inside the proxy during the fixed-rate runs (`warden_dns_processing_seconds`, \
+                 p50 / p99 interpolated from the histogram buckets, µs; the first bucket is \
+                 25 µs):\n"
+            );
+            let _ = writeln!(
+                md,
+                "| scenario | rate | total | policy_check | upstream | datapath_hold |\n|---|---|---|---|---|---|"
+            );
+            for l in scoped {
+                if let (Some(s), Some(load)) = (&l.server, &l.load) {
+                    let cell =
+                        |h: &HistogramSummary| format!("{} / {}", h.show(false), h.show(true));
+                    let _ = writeln!(
+                        md,
+                        "| ({}) {} | {} | {} | {} | {} | {} |",
+                        l.key,
+                        l.label,
+                        load.rate,
+                        cell(&s.total),
+                        cell(&s.policy_check),
+                        cell(&s.upstream),
+                        cell(&s.datapath_hold)
+                    );
+                }
+            }
+            let _ = writeln!(md);
+        }
+
+        let _ = writeln!(
+            md,
+            "## 2. Policy check\n\nns per call, median of 7 batches; the policy lists N selectors \
+             in both `rules.dns` and `toFQDNs` (five shapes: names, `*.`, `**.`, `a*b`, `*.*.`).\n"
+        );
+        let _ = writeln!(
+            md,
+            "| selectors | matcher hit | matcher miss | dns_allowed hit | dns_allowed miss | fqdn_grants hit |\n|---|---|---|---|---|---|"
+        );
+        for p in &self.policy {
+            let _ = writeln!(
+                md,
+                "| {} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} |",
+                p.selectors,
+                p.matcher_hit_ns,
+                p.matcher_miss_ns,
+                p.dns_allowed_hit_ns,
+                p.dns_allowed_miss_ns,
+                p.fqdn_grants_hit_ns
+            );
+        }
+
+        let _ = writeln!(md, "\n## 3. FQDN cache\n");
+        if let Some(c) = &self.cache {
+            let _ = writeln!(
+                md,
+                "At {} entries (distinct names, one IP each, 100 endpoints): **{:.0} bytes per \
+                 (name, IP)** held from the allocator ({:.0} requested; the cache's own estimate \
+                 {:.0}). Insert of a new entry {:.0} ns, refresh {:.0} ns, lookup {:.0} ns, \
+                 reverse lookup (IP → names) {:.0} ns.\n",
+                c.entries,
+                c.bytes_per_entry,
+                c.requested_bytes_per_entry,
+                c.estimated_bytes_per_entry,
+                c.insert_new_ns,
+                c.insert_refresh_ns,
+                c.lookup_ns,
+                c.reverse_lookup_ns
+            );
+        }
+        if let Some(c) = &self.churn {
+            let _ = writeln!(
+                md,
+                "Churn: {} simulated minutes of {} new names per minute, TTL {} s, `gc` every \
+                 simulated second ({} names, {:.1} s of wall time). Held bytes: minute 2 (steady \
+                 live set) {:.0}, last minute {:.0} (**{:.2}×**), peak after minute 1 {:.0}; a \
+                 fresh cache holding the final live set ({} entries) {:.0} (last minute / fresh \
+                 = {:.2}×).\n",
+                c.simulated_minutes,
+                c.names_per_minute,
+                c.ttl_s,
+                c.names_inserted,
+                c.wall_seconds,
+                c.steady_bytes,
+                c.end_bytes,
+                c.end_over_steady,
+                c.peak_bytes,
+                c.live_entries_end,
+                c.fresh_bytes,
+                c.end_over_fresh
+            );
+        }
+
+        let _ = writeln!(
+            md,
+            "## 4. Datapath hold\n\nTime from the upstream answer to its release \
+             (`warden_dns_processing_seconds{{scope=\"datapath_hold\"}}`: cache insert, grants, \
+             allow entries written), p50 / p99 interpolated from the histogram buckets (25, \
+             50, 100, 250 µs, ...).\n"
+        );
+        let _ = writeln!(
+            md,
+            "| datapath | rate | answers held | p50 µs | p99 µs | mean µs | allow map updates | client p99 µs | note |\n|---|---|---|---|---|---|---|---|---|"
+        );
+        for h in &self.hold {
+            let _ = writeln!(
+                md,
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                h.datapath,
+                h.rate,
+                h.hold.observations,
+                h.hold.show(false),
+                h.hold.show(true),
+                if h.available {
+                    format!("{:.1}", h.hold.mean_us)
+                } else {
+                    "–".to_owned()
+                },
+                h.allow_updates,
+                opt(h.client.as_ref().map(|c| c.latency.p99_us), 0),
+                h.note.as_deref().unwrap_or("")
+            );
+        }
+
+        let _ = writeln!(
+            md,
+            "\n## 5. Restart loss\n\nThe open-loop client at a fixed rate (a query counts as \
+             lost without an answer within 2 s); the process is signalled mid-run and started \
+             again at once.\n"
+        );
+        let _ = writeln!(
+            md,
+            "| process | signal | other server on the port | rate | sent | lost | loss window ms | exit ms | back (ready) ms | wrong verdicts |\n|---|---|---|---|---|---|---|---|---|---|"
+        );
+        for r in &self.restart {
+            if !r.available {
+                let _ = writeln!(
+                    md,
+                    "| {} | {} | {} | {} | | | | | | |",
+                    r.process,
+                    r.signal,
+                    r.peers,
+                    r.note.as_deref().unwrap_or("not available")
+                );
+                continue;
+            }
+            let _ = writeln!(
+                md,
+                "| {} | {} | {} | {} | {} | **{}** | {} | {} | {} | {} |",
+                r.process,
+                r.signal,
+                r.peers,
+                r.rate,
+                r.sent,
+                r.lost,
+                r.loss_window_ms
+                    .map_or_else(|| "–".to_owned(), |w| w.to_string()),
+                opt(r.exit_ms, 0),
+                opt(r.back_ms, 0),
+                r.wrong_verdicts
+            );
+        }
+
+        if !self.profiles.is_empty() {
+            let _ = writeln!(
+                md,
+                "\n## Profiles under dnsperf at full rate\n\n`perf record -g -e cpu-clock` on the \
+                 process only (full reports, with the callers of the hottest symbols, beside this \
+                 file; the samples stay in `target/bench-perf/` for `perf report -i`).\n"
+            );
+            let _ = writeln!(
+                md,
+                "| process | QPS while sampled | CPU µs per query | kernel | own code | libc | report |\n|---|---|---|---|---|---|---|"
+            );
+            for p in &self.profiles {
+                let share = |pred: &dyn Fn(&str) -> bool| -> f64 {
+                    p.by_dso
+                        .iter()
+                        .filter(|(_, dso)| pred(dso))
+                        .map(|(share, _)| share)
+                        .sum()
+                };
+                let kernel = share(&|dso| dso.contains("kernel"));
+                let libc = share(&|dso| dso.starts_with("libc"));
+                let own = share(&|dso| p.target.starts_with(dso) || dso.starts_with("dnsdist"));
+                let _ = writeln!(
+                    md,
+                    "| {} | {} | **{:.1}** | {kernel:.0}% | {own:.0}% | {libc:.0}% | `{}` |",
+                    p.target,
+                    kilo(p.qps_during),
+                    p.cpu_us_per_query,
+                    p.file
+                );
+            }
+            for p in &self.profiles {
+                let _ = writeln!(
+                    md,
+                    "\nHottest symbols of {}:\n\n| % | object | symbol |\n|---|---|---|",
+                    p.target
+                );
+                for (share, dso, symbol) in p.top_symbols.iter().take(15) {
+                    let _ = writeln!(
+                        md,
+                        "| {share:.1} | {dso} | `{}` |",
+                        symbol.replace('|', "\\|")
+                    );
+                }
+            }
+        }
+
+        if !self.notes.is_empty() {
+            let _ = writeln!(md, "\n## Notes\n");
+            for note in &self.notes {
+                let _ = writeln!(md, "- {note}");
+            }
+        }
+        md
+    }
+}
