@@ -67,7 +67,6 @@ pub async fn run(config: ProxyConfig, shutdown: impl Future<Output = ()>) -> any
 /// The datapath as the proxy uses it: opened from the agent's pins, never loaded or attached
 /// here. Sockets wait (as duplicates) until the datapath is there to register them.
 struct ProxyDatapath {
-    bpffs: Mutex<Option<PathBuf>>,
     enforcement: Arc<Enforcement>,
     unregistered: Mutex<Vec<OwnedFd>>,
     prefer: Prefer,
@@ -95,7 +94,6 @@ impl ProxyDatapath {
                 {
                     tracing::warn!(%error, "cannot apply dns.prefer");
                 }
-                *self.bpffs.lock().unwrap_or_else(|p| p.into_inner()) = Some(bpffs.to_path_buf());
                 self.enforcement.set_datapath(Some(datapath));
             }
             Err(error) => {
@@ -135,7 +133,6 @@ pub async fn start(config: ProxyConfig) -> anyhow::Result<RunningProxy> {
     ));
     let link = Arc::new(Link::default());
     let datapath = Arc::new(ProxyDatapath {
-        bpffs: Mutex::new(None),
         enforcement: enforcement.clone(),
         unregistered: Mutex::new(Vec::new()),
         prefer: config.dns.prefer,

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hickory_proto::op::{Message, MessageType, OpCode, ResponseCode};
+use prometheus::Histogram;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
@@ -59,8 +60,17 @@ pub struct DnsProxy {
 struct Engine {
     settings: ProxySettings,
     context: ProxyContext,
+    /// The histograms of each query's phases, looked up once rather than per query.
+    timings: Timings,
     upstream: Arc<UpstreamPool>,
     limiter: Option<Arc<Semaphore>>,
+}
+
+struct Timings {
+    total: Histogram,
+    policy_check: Histogram,
+    upstream: Histogram,
+    datapath_hold: Histogram,
 }
 
 impl std::fmt::Debug for Engine {
@@ -88,11 +98,18 @@ impl DnsProxy {
         )?;
         let limiter = (settings.concurrency_limit > 0)
             .then(|| Arc::new(Semaphore::new(settings.concurrency_limit)));
+        let timings = Timings {
+            total: context.metrics.histogram(Scope::Total),
+            policy_check: context.metrics.histogram(Scope::PolicyCheck),
+            upstream: context.metrics.histogram(Scope::Upstream),
+            datapath_hold: context.metrics.histogram(Scope::DatapathHold),
+        };
         Ok(DnsProxy {
             listeners,
             engine: Arc::new(Engine {
                 settings,
                 context,
+                timings,
                 upstream,
                 limiter,
             }),
@@ -390,9 +407,7 @@ impl Engine {
         };
 
         let elapsed = started.elapsed();
-        self.context
-            .metrics
-            .observe(Scope::Total, elapsed.as_secs_f64());
+        self.timings.total.observe(elapsed.as_secs_f64());
         self.context
             .metrics
             .dns
@@ -447,9 +462,9 @@ impl Engine {
             // A name no rule can express (the root, say) is only for unenforced endpoints.
             (Some((endpoint, _)), None) => !policy.is_enforced(*endpoint),
         };
-        self.context
-            .metrics
-            .observe(Scope::PolicyCheck, checked.elapsed().as_secs_f64());
+        self.timings
+            .policy_check
+            .observe(checked.elapsed().as_secs_f64());
         let mut outcome = Outcome {
             verdict: Verdict::Denied,
             rcode: self.settings.reject,
@@ -471,9 +486,7 @@ impl Engine {
                 exchange_tcp(server, question, packet, self.settings.upstream_timeout).await
             }
         };
-        self.context
-            .metrics
-            .observe(Scope::Upstream, asked.elapsed().as_secs_f64());
+        self.timings.upstream.observe(asked.elapsed().as_secs_f64());
         let answer = match exchanged {
             Ok(answer) => answer,
             Err(failure) => {
@@ -549,9 +562,9 @@ impl Engine {
                 );
             }
         }
-        self.context
-            .metrics
-            .observe(Scope::DatapathHold, held.elapsed().as_secs_f64());
+        self.timings
+            .datapath_hold
+            .observe(held.elapsed().as_secs_f64());
         self.context.mappings.on_mapping(Mapping {
             endpoint: endpoint_key.clone(),
             name,
