@@ -10,19 +10,18 @@
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::Value;
-use warden_config::{DatapathMode, EndpointConfig};
-use warden_tests::lab::{Internet, TestCgroup, curl_with, dig_in_cgroup, require_lab};
+use warden_config::EndpointConfig;
+use warden_tests::firewall::{Firewall, FirewallOptions, quick_refusal};
+use warden_tests::lab::{curl_with, dig_in_cgroup, require_lab};
 use warden_tests::warden::{
     AgentDir, AgentProcess, TalkPolicy, binary, http_get, metric_value, warden_cli,
 };
 use warden_tests::zones::*;
 use warden_tests::{
-    DigOpts, KnotUpstream, ProcessGuard, dig, free_port, require_tools, run_blocking,
-    unique_loopback_v4,
+    DigOpts, KnotUpstream, ProcessGuard, dig, free_port, require_tools, unique_loopback_v4,
 };
 
 /// `app=test` in `youssef` may resolve cilium.io, its subdomains and google.com through the
@@ -493,103 +492,16 @@ async fn a_newcomers_loop_sees_every_query_in_observe_and_in_the_counters() {
 // The eBPF lab
 // ---------------------------------------------------------------------------------------
 
-/// The lab of tests/tests/datapath.rs, smaller: a workload cgroup, the lab's internet, knotd
-/// on port 53 of a loopback address, the agent binary with `datapath.mode: ebpf`.
-struct Firewall {
-    agent: AgentProcess,
-    dir: AgentDir,
-    workload: PathBuf,
-    upstream: KnotUpstream,
-    _internet: Internet,
-    _cgroups: TestCgroup,
-}
-
-impl Firewall {
-    async fn start() -> Firewall {
-        let internet = Internet::start().unwrap();
-        let cgroups = TestCgroup::new().unwrap();
-        let workload = cgroups.child("workload").unwrap();
-        let upstream = KnotUpstream::start_on(SocketAddr::new(unique_loopback_v4(), 53)).unwrap();
-        static RUN: AtomicU32 = AtomicU32::new(0);
-        let bpffs = PathBuf::from(format!(
-            "/sys/fs/bpf/warden-obs-{}-{}",
-            std::process::id(),
-            RUN.fetch_add(1, Ordering::Relaxed)
-        ));
-        let dir = AgentDir::new().unwrap();
-        dir.write_policy("newcomer.yaml", &policy(upstream.addr()))
-            .unwrap();
-        let mut config = dir.config(unique_loopback_v4(), upstream.addr());
-        config.datapath.mode = DatapathMode::Ebpf;
-        config.datapath.cgroup_root = Some(cgroups.root().to_path_buf());
-        config.datapath.bpffs = bpffs;
-        config.endpoints = vec![EndpointConfig {
-            name: "test".into(),
-            namespace: "youssef".into(),
-            labels: [("app".to_owned(), "test".to_owned())].into(),
-            ips: vec![],
-            cgroup: Some(PathBuf::from("workload")),
-            dns_target: vec![],
-        }];
-        let agent = AgentProcess::start(&dir, config).await.unwrap();
-        let firewall = Firewall {
-            agent,
-            dir,
-            workload,
-            upstream,
-            _internet: internet,
-            _cgroups: cgroups,
-        };
-        firewall.wait_enrolled().await;
-        firewall
-    }
-
-    async fn wait_enrolled(&self) {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
-            let scrape = http_get(self.agent.admin, "/metrics")
-                .await
-                .unwrap_or_default();
-            if metric_value(&scrape, "warden_datapath_enrolled_endpoints", &[]) >= 1.0 {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "endpoint not enrolled:\n{}",
-                self.agent.log()
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-
-    /// A connection the policy does not allow, refused at once by the connect hook.
-    fn refused_connect(&self, destination: SocketAddr) {
-        let result = curl_with(
-            &self.workload,
-            &format!("http://{destination}/"),
-            &[],
-            Duration::from_secs(3),
-        )
-        .unwrap();
-        assert!(
-            !result.ok() && result.connect_failed() && result.elapsed < Duration::from_secs(1),
-            "{destination}: {result:?}"
-        );
-    }
-}
-
-impl Drop for Firewall {
-    fn drop(&mut self) {
-        // Stop the agent first so it cannot re-attach, then remove every link and pin.
-        let _ = self.agent.kill();
-        let _ = run_blocking(
-            Command::new(binary("warden-agent").unwrap())
-                .arg("--config")
-                .arg(self.dir.path().join("config.yaml"))
-                .arg("cleanup"),
-            Duration::from_secs(20),
-        );
-    }
+/// A connection the policy does not allow, refused at once by the connect hook.
+fn refused_connect(lab: &Firewall, destination: SocketAddr) {
+    let result = curl_with(
+        &lab.workload,
+        &format!("http://{destination}/"),
+        &[],
+        Duration::from_secs(3),
+    )
+    .unwrap();
+    assert!(quick_refusal(&result), "{destination}: {result:?}");
 }
 
 fn is_drop_to(flow: &Value, destination: SocketAddr) -> bool {
@@ -603,7 +515,20 @@ async fn drops_show_in_observe_also_those_made_while_the_agent_was_dead() {
     if !require_lab() || !require_tools(&["knotd", "dig", "bpftool"]) {
         return;
     }
-    let mut lab = Firewall::start().await;
+    let mut lab = Firewall::start(FirewallOptions {
+        policy: TalkPolicy {
+            dns_rules: &[
+                "matchName: cilium.io",
+                r#"matchPattern: "*.cilium.io""#,
+                "matchName: google.com",
+            ],
+            ..TalkPolicy::default()
+        }
+        .yaml(),
+        ..FirewallOptions::default()
+    })
+    .await
+    .unwrap();
     let dnsproxy = nobody();
 
     // A redirected lookup and a refused connection, as `warden observe` shows them.
@@ -618,7 +543,7 @@ async fn drops_show_in_observe_also_those_made_while_the_agent_was_dead() {
     .unwrap();
     assert_eq!(reply.status, "NOERROR", "{}", reply.raw);
     let before_kill = SocketAddr::new(IpAddr::V4(BBC_CO_UK_V4), 80);
-    lab.refused_connect(before_kill);
+    refused_connect(&lab, before_kill);
     let follower = Follower::start(
         lab.agent.admin,
         &dnsproxy,
@@ -649,7 +574,7 @@ async fn drops_show_in_observe_also_those_made_while_the_agent_was_dead() {
     lab.agent.kill().unwrap();
     let killed_ms = now_ms();
     let while_dead = SocketAddr::new(IpAddr::V4(BBC_CO_UK_V4), 443);
-    lab.refused_connect(while_dead);
+    refused_connect(&lab, while_dead);
     tokio::time::sleep(Duration::from_millis(300)).await;
     lab.agent.restart().await.unwrap();
 
