@@ -128,14 +128,21 @@ pub fn dnsperf_queries() -> Result<tempfile::NamedTempFile> {
 }
 
 /// The policy: `app=bench` may ask the upstream (and only it) for the 100 selectors, and
-/// reach what they resolve to on 443/TCP. Both lists carry the same 100 selectors, as a
-/// Cilium policy pairing `rules.dns` with `toFQDNs` does.
+/// reach what they resolve to on 443/TCP.
 pub fn policy_yaml(upstream: SocketAddr) -> String {
+    let selectors: Vec<String> = selectors().iter().map(Selector::yaml).collect();
+    policy_listing(&selectors, upstream)
+}
+
+/// A policy for `app=bench` whose `rules.dns` (toward `upstream` only) and `toFQDNs` (443/TCP)
+/// both list `selectors` (YAML such as `matchName: "a.io"`), as a Cilium policy pairing the
+/// two does. The policy-cost bench uses it at every size.
+pub fn policy_listing(selectors: &[String], upstream: SocketAddr) -> String {
     let mut dns = String::new();
     let mut fqdns = String::new();
-    for selector in selectors() {
-        let _ = writeln!(dns, "        - {}", selector.yaml());
-        let _ = writeln!(fqdns, "    - {}", selector.yaml());
+    for selector in selectors {
+        let _ = writeln!(dns, "        - {selector}");
+        let _ = writeln!(fqdns, "    - {selector}");
     }
     format!(
         r#"apiVersion: cilium.io/v2

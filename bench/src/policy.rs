@@ -7,7 +7,6 @@
 //! `fqdn_grants` (who may reach the answer's addresses).
 
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
 use std::hint::black_box;
 use std::net::SocketAddr;
 use std::path::Path;
@@ -134,40 +133,14 @@ fn time<T>(iterations: u32, mut call: impl FnMut() -> T) -> f64 {
 
 /// One policy whose `rules.dns` and `toFQDNs` both list the `count` selectors.
 fn policy_yaml(count: usize, server: SocketAddr) -> String {
-    let mut list = String::new();
-    for i in 0..count {
-        let (literal, text) = selector(i);
-        let key = if literal { "matchName" } else { "matchPattern" };
-        let _ = writeln!(list, "    - {key}: \"{text}\"");
-    }
-    let dns = list.replace("    - ", "        - ");
-    format!(
-        r#"apiVersion: cilium.io/v2
-kind: CiliumNetworkPolicy
-metadata:
-  name: bench
-  namespace: bench
-spec:
-  endpointSelector:
-    matchLabels:
-      app: bench
-  egress:
-  - toCIDR: ["{ip}/32"]
-    toPorts:
-    - ports:
-      - port: "{port}"
-        protocol: ANY
-      rules:
-        dns:
-{dns}  - toFQDNs:
-{list}    toPorts:
-    - ports:
-      - port: "443"
-        protocol: TCP
-"#,
-        ip = server.ip(),
-        port = server.port()
-    )
+    let selectors: Vec<String> = (0..count)
+        .map(|i| {
+            let (literal, text) = selector(i);
+            let key = if literal { "matchName" } else { "matchPattern" };
+            format!("{key}: \"{text}\"")
+        })
+        .collect();
+    crate::lab::policy_listing(&selectors, server)
 }
 
 #[cfg(test)]
