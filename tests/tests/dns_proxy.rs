@@ -24,6 +24,11 @@ fn opts(source: IpAddr) -> DigOpts {
     .with_source(source)
 }
 
+/// dig through `server`, failing the test if dig itself fails (no answer is an error there).
+async fn ask(server: SocketAddr, name: &str, qtype: &str, opts: DigOpts) -> warden_tests::DnsReply {
+    dig(server, name, qtype, opts).await.unwrap()
+}
+
 fn endpoint(name: &str, app: &str, ips: &[IpAddr]) -> EndpointConfig {
     EndpointConfig {
         name: name.to_owned(),
@@ -145,22 +150,18 @@ async fn allowed_queries_get_upstreams_answer_and_denied_ones_are_refused() {
         ("www.cilium.io", "A"),
         ("google.com", "A"),
     ] {
-        let direct = dig(lab.upstream.addr(), name, qtype, DigOpts::default())
-            .await
-            .unwrap();
-        let proxied = dig(lab.agent.dns_v4(), name, qtype, source).await.unwrap();
+        let direct = ask(lab.upstream.addr(), name, qtype, DigOpts::default()).await;
+        let proxied = ask(lab.agent.dns_v4(), name, qtype, source).await;
         assert_eq!(proxied.status, "NOERROR", "{}", proxied.raw);
         assert_eq!(record_set(&proxied), record_set(&direct), "{name} {qtype}");
         assert!(!record_set(&proxied).is_empty());
     }
-    let denied = dig(lab.agent.dns_v4(), "bbc.co.uk", "A", source)
-        .await
-        .unwrap();
+    let denied = ask(lab.agent.dns_v4(), "bbc.co.uk", "A", source).await;
     assert_eq!(denied.status, "REFUSED", "{}", denied.raw);
     assert!(denied.answers.is_empty());
 
     // TCP, and three queries on one connection.
-    let tcp = dig(
+    let tcp = ask(
         lab.agent.dns_v4(),
         "google.com",
         "A",
@@ -169,10 +170,9 @@ async fn allowed_queries_get_upstreams_answer_and_denied_ones_are_refused() {
             ..source
         },
     )
-    .await
-    .unwrap();
+    .await;
     assert_eq!(tcp.ips(), vec![IpAddr::V4(GOOGLE_COM_V4)]);
-    let denied_tcp = dig(
+    let denied_tcp = ask(
         lab.agent.dns_v4(),
         "bbc.co.uk",
         "A",
@@ -181,12 +181,11 @@ async fn allowed_queries_get_upstreams_answer_and_denied_ones_are_refused() {
             ..source
         },
     )
-    .await
-    .unwrap();
+    .await;
     assert_eq!(denied_tcp.status, "REFUSED");
 
     // IPv6 listener; the endpoint owns ::1, which is where dig sends from.
-    let v6 = dig(
+    let v6 = ask(
         lab.agent.dns_v6(),
         "cilium.io",
         "AAAA",
@@ -195,10 +194,9 @@ async fn allowed_queries_get_upstreams_answer_and_denied_ones_are_refused() {
             ..source
         },
     )
-    .await
-    .unwrap();
+    .await;
     assert_eq!(v6.ips(), vec![IpAddr::V6(CILIUM_IO_V6)]);
-    let v6_denied = dig(
+    let v6_denied = ask(
         lab.agent.dns_v6(),
         "bbc.co.uk",
         "AAAA",
@@ -207,10 +205,9 @@ async fn allowed_queries_get_upstreams_answer_and_denied_ones_are_refused() {
             ..source
         },
     )
-    .await
-    .unwrap();
+    .await;
     assert_eq!(v6_denied.status, "REFUSED");
-    let v6_tcp = dig(
+    let v6_tcp = ask(
         lab.agent.dns_v6(),
         "google.com",
         "A",
@@ -219,8 +216,7 @@ async fn allowed_queries_get_upstreams_answer_and_denied_ones_are_refused() {
             ..DigOpts::tcp()
         },
     )
-    .await
-    .unwrap();
+    .await;
     assert_eq!(v6_tcp.ips(), vec![IpAddr::V4(GOOGLE_COM_V4)]);
 
     // kdig sends from ::1 as well; the replies come back on one connection, in any order.
@@ -260,13 +256,9 @@ async fn reject_nxdomain_answers_nxdomain() {
         return;
     }
     let lab = Lab::start(|config| config.dns.reject = RejectCode::Nxdomain).await;
-    let reply = dig(lab.agent.dns_v4(), "bbc.co.uk", "A", opts(lab.client))
-        .await
-        .unwrap();
+    let reply = ask(lab.agent.dns_v4(), "bbc.co.uk", "A", opts(lab.client)).await;
     assert_eq!(reply.status, "NXDOMAIN", "{}", reply.raw);
-    let allowed = dig(lab.agent.dns_v4(), "cilium.io", "A", opts(lab.client))
-        .await
-        .unwrap();
+    let allowed = ask(lab.agent.dns_v4(), "cilium.io", "A", opts(lab.client)).await;
     assert_eq!(allowed.status, "NOERROR");
     lab.agent.stop().await.unwrap();
 }
@@ -315,9 +307,7 @@ async fn name_matching_follows_ciliums_documented_cases() {
         ("name", "www.cilium.io", "REFUSED"),
     ];
     for (app, name, status) in expectations {
-        let reply = dig(agent.dns_v4(), name, "A", opts(sources[app]))
-            .await
-            .unwrap();
+        let reply = ask(agent.dns_v4(), name, "A", opts(sources[app])).await;
         assert_eq!(reply.status, status, "{app} asking {name}:\n{}", reply.raw);
     }
     agent.stop().await.unwrap();
@@ -329,9 +319,7 @@ async fn a_cname_chain_is_cached_under_the_queried_name_with_its_smallest_ttl() 
         return;
     }
     let lab = Lab::start(|config| config.dns.max_ips_per_name = 5).await;
-    let reply = dig(lab.agent.dns_v4(), "www.cilium.io", "A", opts(lab.client))
-        .await
-        .unwrap();
+    let reply = ask(lab.agent.dns_v4(), "www.cilium.io", "A", opts(lab.client)).await;
     assert_eq!(reply.status, "NOERROR");
     let row = lab
         .cache_row("www.cilium.io.")
@@ -359,7 +347,7 @@ async fn a_cname_chain_is_cached_under_the_queried_name_with_its_smallest_ttl() 
     );
 
     // max_ips_per_name caps a name with 40 addresses.
-    let big = dig(
+    let big = ask(
         lab.agent.dns_v4(),
         "big.cilium.io",
         "A",
@@ -368,8 +356,7 @@ async fn a_cname_chain_is_cached_under_the_queried_name_with_its_smallest_ttl() 
             ..opts(lab.client)
         },
     )
-    .await
-    .unwrap();
+    .await;
     assert_eq!(big.ips().len(), usize::from(BIG_CILIUM_IO_COUNT));
     let row = lab
         .cache_row("big.cilium.io.")
@@ -378,14 +365,13 @@ async fn a_cname_chain_is_cached_under_the_queried_name_with_its_smallest_ttl() 
     assert_eq!(row["ips"].as_array().unwrap().len(), 5);
 
     // Entries expire after their TTL.
-    let short = dig(
+    let short = ask(
         lab.agent.dns_v4(),
         "short.example.org",
         "A",
         opts(lab.client),
     )
-    .await
-    .unwrap();
+    .await;
     assert_eq!(short.status, "NOERROR", "{}", short.raw);
     assert!(lab.cache_row("short.example.org.").await.is_some());
     let deadline = Instant::now() + Duration::from_secs(6);
@@ -405,9 +391,7 @@ async fn min_ttl_raises_the_cached_ttl() {
         return;
     }
     let lab = Lab::start(|config| config.dns.min_ttl = 3600).await;
-    let reply = dig(lab.agent.dns_v4(), "www.cilium.io", "A", opts(lab.client))
-        .await
-        .unwrap();
+    let reply = ask(lab.agent.dns_v4(), "www.cilium.io", "A", opts(lab.client)).await;
     assert_eq!(
         reply.min_ttl(),
         Some(EDGE_CILIUM_IO_TTL),
@@ -430,11 +414,9 @@ async fn truncated_answers_reach_the_client_and_tcp_gets_the_whole_answer() {
         ignore_tc: true,
         ..opts(lab.client)
     };
-    let truncated = dig(lab.agent.dns_v4(), "big.cilium.io", "A", udp)
-        .await
-        .unwrap();
+    let truncated = ask(lab.agent.dns_v4(), "big.cilium.io", "A", udp).await;
     assert!(truncated.truncated(), "{}", truncated.raw);
-    let full = dig(
+    let full = ask(
         lab.agent.dns_v4(),
         "big.cilium.io",
         "A",
@@ -443,12 +425,11 @@ async fn truncated_answers_reach_the_client_and_tcp_gets_the_whole_answer() {
             ..opts(lab.client)
         },
     )
-    .await
-    .unwrap();
+    .await;
     assert!(!full.truncated());
     assert_eq!(full.ips().len(), usize::from(BIG_CILIUM_IO_COUNT));
     // dig's own fallback: UDP, TC, then TCP.
-    let retried = dig(
+    let retried = ask(
         lab.agent.dns_v4(),
         "big.cilium.io",
         "A",
@@ -457,8 +438,7 @@ async fn truncated_answers_reach_the_client_and_tcp_gets_the_whole_answer() {
             ..opts(lab.client)
         },
     )
-    .await
-    .unwrap();
+    .await;
     assert_eq!(
         retried.ips().len(),
         usize::from(BIG_CILIUM_IO_COUNT),
@@ -483,9 +463,7 @@ async fn upstream_down_gives_servfail_and_garbage_is_counted() {
     config.endpoints = vec![endpoint("test", "test", &[lab.client])];
     let orphan = InProcessAgent::start(config).await.unwrap();
     let started = Instant::now();
-    let reply = dig(orphan.dns_v4(), "cilium.io", "A", opts(lab.client))
-        .await
-        .unwrap();
+    let reply = ask(orphan.dns_v4(), "cilium.io", "A", opts(lab.client)).await;
     assert_eq!(reply.status, "SERVFAIL", "{}", reply.raw);
     assert!(
         started.elapsed() < Duration::from_millis(1500),
@@ -507,9 +485,7 @@ async fn upstream_down_gives_servfail_and_garbage_is_counted() {
     tokio::io::AsyncWriteExt::write_all(&mut tcp, b"\x00\x05junk!")
         .await
         .unwrap();
-    let reply = dig(lab.agent.dns_v4(), "cilium.io", "A", opts(lab.client))
-        .await
-        .unwrap();
+    let reply = ask(lab.agent.dns_v4(), "cilium.io", "A", opts(lab.client)).await;
     assert_eq!(reply.status, "NOERROR");
     let deadline = Instant::now() + Duration::from_secs(3);
     loop {
@@ -534,8 +510,8 @@ async fn policy_edits_apply_within_two_seconds_and_broken_files_keep_the_last_go
     }
     let lab = Lab::start(|_| {}).await;
     let status = |reply: warden_tests::DnsReply| reply.status;
-    let ask = |name: &'static str| dig(lab.agent.dns_v4(), name, "A", opts(lab.client));
-    assert_eq!(status(ask("bbc.co.uk").await.unwrap()), "REFUSED");
+    let query = |name: &'static str| ask(lab.agent.dns_v4(), name, "A", opts(lab.client));
+    assert_eq!(status(query("bbc.co.uk").await), "REFUSED");
 
     let widened = talk_policy(lab.upstream.addr()).replace(
         "        - matchName: google.com\n",
@@ -543,7 +519,7 @@ async fn policy_edits_apply_within_two_seconds_and_broken_files_keep_the_last_go
     );
     lab.dir.write_policy("talk.yaml", &widened).unwrap();
     let edited = Instant::now();
-    while status(ask("bbc.co.uk").await.unwrap()) != "NOERROR" {
+    while status(query("bbc.co.uk").await) != "NOERROR" {
         assert!(
             edited.elapsed() < Duration::from_secs(2),
             "edit not applied within 2 s"
@@ -574,8 +550,8 @@ async fn policy_edits_apply_within_two_seconds_and_broken_files_keep_the_last_go
         revision,
         "the last good policy stays"
     );
-    assert_eq!(status(ask("bbc.co.uk").await.unwrap()), "NOERROR");
-    assert_eq!(status(ask("example.org").await.unwrap()), "REFUSED");
+    assert_eq!(status(query("bbc.co.uk").await), "NOERROR");
+    assert_eq!(status(query("example.org").await), "REFUSED");
     let scrape = http_get(lab.agent.admin(), "/metrics").await.unwrap();
     assert_eq!(
         metric_value(&scrape, "warden_policy_reload_failing", &[]),
@@ -598,7 +574,7 @@ async fn a_restarted_agent_lists_the_entries_learned_before_with_their_remaining
     config.endpoints = vec![endpoint("test", "test", &[client])];
     let mut agent = AgentProcess::start(&dir, config).await.unwrap();
     for name in ["cilium.io", "google.com"] {
-        let reply = dig(agent.dns, name, "A", opts(client)).await.unwrap();
+        let reply = ask(agent.dns, name, "A", opts(client)).await;
         assert_eq!(reply.status, "NOERROR", "{}", reply.raw);
     }
 
@@ -628,9 +604,7 @@ async fn a_restarted_agent_lists_the_entries_learned_before_with_their_remaining
     );
 
     // SIGKILL: what was persisted in the background survives too.
-    let reply = dig(agent.dns, "www.cilium.io", "A", opts(client))
-        .await
-        .unwrap();
+    let reply = ask(agent.dns, "www.cilium.io", "A", opts(client)).await;
     assert_eq!(reply.status, "NOERROR");
     tokio::time::sleep(Duration::from_millis(3500)).await;
     agent.kill().unwrap();
