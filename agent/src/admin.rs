@@ -1,7 +1,6 @@
 //! The agent's admin HTTP API: `/healthz`, `/readyz`, `/v1/status`, `/metrics`,
 //! `/v1/fqdn/cache`, `POST /v1/fqdn/cache/clean`, `/v1/endpoints` and `/v1/flows`.
 
-use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -17,8 +16,7 @@ use serde::{Deserialize, Serialize};
 use warden_proxy::{PolicySource, SharedCache, unix_now};
 use warden_telemetry::{CacheFilter, FlowLog, InstanceStatus, Metrics, PolicyStatusView};
 
-use crate::api::Sessions;
-use crate::endpoints::EndpointTable;
+use crate::api::{CacheChanges, Sessions};
 use crate::policy_store::{PolicyStatus, PolicyStore};
 
 /// What the admin handlers read.
@@ -28,29 +26,15 @@ pub struct AdminState {
     pub cache: SharedCache,
     pub serving: Arc<AtomicBool>,
     pub dns_listen: Vec<SocketAddr>,
-    pub endpoints: usize,
-    pub datapath: String,
     pub started: Instant,
-    /// The endpoints, for `/v1/endpoints`.
-    pub endpoint_table: Arc<EndpointTable>,
     /// Each endpoint's cgroup as configured, in endpoint ID order.
     pub endpoint_cgroups: Vec<Option<PathBuf>>,
     /// Tells the cache persister that `/v1/fqdn/cache/clean` changed the cache.
-    pub cache_changed: CacheChanged,
+    pub cache_changes: Arc<CacheChanges>,
     /// The connected dnsproxy sessions.
     pub sessions: Arc<Sessions>,
-    /// The datapath, for who it steers the DNS port's queries to.
-    pub datapath_handle: Option<warden_datapath::Datapath>,
-}
-
-/// A callback run after the admin API changed the FQDN cache.
-#[derive(Clone)]
-pub struct CacheChanged(pub Arc<dyn Fn() + Send + Sync>);
-
-impl fmt::Debug for CacheChanged {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("CacheChanged")
-    }
+    /// The eBPF datapath, if on: who it steers the DNS port's queries to.
+    pub datapath: Option<warden_datapath::Datapath>,
 }
 
 /// One row of `GET /v1/endpoints`.
@@ -128,7 +112,7 @@ impl AdminState {
             policy: policy.into(),
             cache_names,
             cache_ips,
-            endpoints: self.endpoints,
+            endpoints: self.policy.endpoints().infos().len(),
             dns_listen: self.dns_listen.clone(),
             dns_port_holders: serving
                 .then(|| "agent".to_owned())
@@ -140,10 +124,15 @@ impl AdminState {
                         .map(|session| session.instance.clone()),
                 )
                 .collect(),
-            datapath: self.datapath.clone(),
+            datapath: if self.datapath.is_some() {
+                "ebpf"
+            } else {
+                "none"
+            }
+            .to_owned(),
             uptime_s: self.started.elapsed().as_secs(),
             preferred: self
-                .datapath_handle
+                .datapath
                 .as_ref()
                 .and_then(warden_enforce::serving::preferred_name),
             last_resync_at_ms: sessions.iter().filter_map(|s| s.last_resync_at_ms).max(),
@@ -204,7 +193,7 @@ async fn clean_cache(
         .lock()
         .remove_matching(|endpoint, name| filter.matches(endpoint, name));
     if !removed.is_empty() {
-        (state.cache_changed.0)();
+        state.cache_changes.0.fetch_add(1, Ordering::Relaxed);
     }
     let mut pairs: Vec<(&str, &str)> = removed
         .iter()
@@ -237,7 +226,8 @@ async fn clean_cache(
 async fn endpoints(State(state): State<AdminState>) -> Json<Vec<EndpointRow>> {
     let policy = state.policy.current();
     let rows = state
-        .endpoint_table
+        .policy
+        .endpoints()
         .keys()
         .enumerate()
         .map(|(index, (info, key))| EndpointRow {

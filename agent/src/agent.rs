@@ -133,22 +133,11 @@ pub async fn start(config: AgentConfig) -> anyhow::Result<RunningAgent> {
         cache: cache.clone(),
         serving: serving.clone(),
         dns_listen: dns_addrs.clone(),
-        endpoints: config.endpoints.len(),
-        datapath: match config.datapath.mode {
-            DatapathMode::None => "none".to_owned(),
-            DatapathMode::Ebpf => "ebpf".to_owned(),
-        },
         started: Instant::now(),
-        endpoint_table: endpoints.clone(),
         endpoint_cgroups: config.endpoints.iter().map(|e| e.cgroup.clone()).collect(),
         sessions: sessions.clone(),
-        datapath_handle: ebpf.as_ref().map(|(datapath, _)| datapath.clone()),
-        cache_changed: {
-            let changes = changes.clone();
-            admin::CacheChanged(Arc::new(move || {
-                changes.0.fetch_add(1, Ordering::Relaxed);
-            }))
-        },
+        datapath: ebpf.as_ref().map(|(datapath, _)| datapath.clone()),
+        cache_changes: changes.clone(),
     };
     let flows_for_drops = flows.clone();
     let flows_for_api = flows.clone();
