@@ -40,6 +40,8 @@ static ALLOCATOR: alloc::Counting = alloc::Counting;
 #[derive(Debug, Clone)]
 struct Plan {
     smoke: bool,
+    /// Throughput, latency and profiles only: for iterating on the proxy's speed.
+    quick: bool,
     rounds: u32,
     throughput_s: u32,
     latency_warmup: Duration,
@@ -61,6 +63,7 @@ impl Plan {
     fn full() -> Plan {
         Plan {
             smoke: false,
+            quick: false,
             rounds: 3,
             throughput_s: 10,
             latency_warmup: Duration::from_secs(1),
@@ -77,9 +80,18 @@ impl Plan {
         }
     }
 
+    fn quick() -> Plan {
+        Plan {
+            quick: true,
+            rounds: 2,
+            ..Plan::full()
+        }
+    }
+
     fn smoke() -> Plan {
         Plan {
             smoke: true,
+            quick: false,
             rounds: 1,
             throughput_s: 1,
             latency_warmup: Duration::from_millis(300),
@@ -97,11 +109,13 @@ impl Plan {
     }
 }
 
-const USAGE: &str = "usage: warden-bench [--smoke] [--out DIR] [--no-profile]
+const USAGE: &str = "usage: warden-bench [--smoke | --quick] [--out DIR] [--no-profile]
        warden-bench --load SERVER:PORT RATE SECONDS [SOURCE_IP]
 
 Runs Warden's benchmark (docs/benchmarks.md) and writes DIR/latest.md and DIR/latest.json
 (default: bench/results, or target/bench-smoke with --smoke). Use release binaries: make bench.
+--quick runs only throughput, latency and profiles, 2 rounds, into target/bench-quick: for
+iterating on the proxy's speed.
 --load runs only the open-loop client (the bench's query mix, A queries) and prints its report.";
 
 /// `--load`: the fixed-rate client alone, against any server.
@@ -144,6 +158,7 @@ fn main() -> ExitCode {
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--smoke" => plan = Plan::smoke(),
+            "--quick" => plan = Plan::quick(),
             "--out" => out = args.next().map(PathBuf::from),
             "--no-profile" => profile = false,
             "--load" => {
@@ -169,7 +184,7 @@ fn main() -> ExitCode {
     if !profile {
         plan.profile_s = 0;
     }
-    let out = out.unwrap_or_else(|| default_out(plan.smoke));
+    let out = out.unwrap_or_else(|| default_out(&plan));
     match run(&plan, &out) {
         Ok(problems) if problems.is_empty() => ExitCode::SUCCESS,
         Ok(problems) => {
@@ -185,10 +200,12 @@ fn main() -> ExitCode {
     }
 }
 
-/// `bench/results` for the real run; the smoke run's figures are not worth keeping there.
-fn default_out(smoke: bool) -> PathBuf {
-    if smoke {
+/// `bench/results` for the real run; partial runs' figures are not worth keeping there.
+fn default_out(plan: &Plan) -> PathBuf {
+    if plan.smoke {
         target_dir().join("bench-smoke")
+    } else if plan.quick {
+        target_dir().join("bench-quick")
     } else {
         Path::new(env!("CARGO_MANIFEST_DIR")).join("results")
     }
@@ -229,15 +246,21 @@ fn run(plan: &Plan, out: &Path) -> Result<Vec<String>> {
         );
     }
 
-    eprintln!("warden-bench: cache cost at {} entries", plan.cache_entries);
-    results.cache = Some(cache::measure(plan.cache_entries));
-    eprintln!(
-        "warden-bench: churn, {} simulated minutes",
-        plan.churn_minutes
-    );
-    results.churn = Some(cache::churn(plan.churn_minutes, 10_000, 5));
-    eprintln!("warden-bench: policy check cost");
-    results.policy = policy::measure(&[10, 1_000, 10_000], plan.policy_iterations)?;
+    if plan.quick {
+        results
+            .notes
+            .push("Quick run: throughput, latency and profiles only.".to_owned());
+    } else {
+        eprintln!("warden-bench: cache cost at {} entries", plan.cache_entries);
+        results.cache = Some(cache::measure(plan.cache_entries));
+        eprintln!(
+            "warden-bench: churn, {} simulated minutes",
+            plan.churn_minutes
+        );
+        results.churn = Some(cache::churn(plan.churn_minutes, 10_000, 5));
+        eprintln!("warden-bench: policy check cost");
+        results.policy = policy::measure(&[10, 1_000, 10_000], plan.policy_iterations)?;
+    }
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -500,7 +523,7 @@ async fn network(plan: &Plan, out: &Path, results: &mut Results) -> Result<Vec<S
         }
     }
     let rate = light_spec.rate;
-    match hold::unavailable() {
+    match hold::unavailable().or(plan.quick.then(|| "quick run".to_owned())) {
         Some(why) => results.hold.push(Hold {
             datapath: "ebpf".to_owned(),
             note: Some(format!("skipped: {why}")),
@@ -551,6 +574,9 @@ async fn network(plan: &Plan, out: &Path, results: &mut Results) -> Result<Vec<S
         }
     }
 
+    if plan.quick {
+        return Ok(problems);
+    }
     // Restart loss at 5,000 QPS, or less when the agent cannot sustain that comfortably.
     let agent_max = mean("b").unwrap_or(0.0);
     let restart_rate = if agent_max > 0.0 && f64::from(plan.restart_rate) > agent_max * 0.66 {

@@ -1,12 +1,18 @@
-//! Reading what an answer allows: the IPs at the end of the CNAME chain and how long for.
+//! What an answer allows: the IPs at the end of the CNAME chain and how long for.
+//!
+//! [`crate::wire`] reads it from the packet on the hot path. The hickory-based [`summarize`]
+//! and [`normalized`] here are the reference it is tested against: the same rules, written
+//! over a fully decoded message where they are easy to check by eye.
 
 use std::net::IpAddr;
 
+#[cfg(test)]
 use hickory_proto::op::Message;
+#[cfg(test)]
 use hickory_proto::rr::{Name, RData};
 
 /// Longest CNAME chain followed; longer chains are loops or abuse, and what was found is used.
-const MAX_CHAIN: usize = 16;
+pub(crate) const MAX_CHAIN: usize = 16;
 
 /// The addresses an answer gives for the queried name.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -22,6 +28,7 @@ pub struct AnswerSummary {
 /// Follows `qname` through the answer section's CNAMEs and collects the addresses of the last
 /// name. Records for other names (out-of-chain data a server should not have sent) are ignored,
 /// so an upstream cannot make the proxy allow IPs for a name nobody asked about.
+#[cfg(test)]
 pub fn summarize(message: &Message, qname: &Name) -> AnswerSummary {
     let mut summary = AnswerSummary::default();
     let mut current = qname.clone();
@@ -63,6 +70,7 @@ pub fn summarize(message: &Message, qname: &Name) -> AnswerSummary {
 }
 
 /// A name as policy and cache see it: lowercase, fully qualified.
+#[cfg(test)]
 pub fn normalized(name: &Name) -> String {
     let mut text = name.to_lowercase().to_ascii();
     if !text.ends_with('.') {

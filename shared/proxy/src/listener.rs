@@ -4,9 +4,10 @@
 use std::net::SocketAddr;
 
 use socket2::{Domain, Protocol, Socket, Type};
-use tokio::net::{TcpListener, UdpSocket};
+use tokio::net::TcpListener;
 
 use crate::ProxyError;
+use crate::datagram::Datagram;
 
 /// Attempts at finding one port free for both UDP and TCP when asked for port 0.
 const SHARED_PORT_ATTEMPTS: u32 = 16;
@@ -14,7 +15,7 @@ const SHARED_PORT_ATTEMPTS: u32 = 16;
 /// The UDP and TCP sockets of one listen address, on the same port.
 #[derive(Debug)]
 pub struct ListenerPair {
-    pub udp: UdpSocket,
+    pub udp: Datagram,
     pub tcp: TcpListener,
 }
 
@@ -62,7 +63,7 @@ fn new_socket(address: SocketAddr, kind: Type, protocol: Protocol) -> std::io::R
     Ok(socket)
 }
 
-fn bind_udp(address: SocketAddr) -> Result<UdpSocket, ProxyError> {
+fn bind_udp(address: SocketAddr) -> Result<Datagram, ProxyError> {
     let error = |source| ProxyError::Bind {
         transport: "udp",
         address,
@@ -72,7 +73,7 @@ fn bind_udp(address: SocketAddr) -> Result<UdpSocket, ProxyError> {
     // Bursts of queries queue here while workers are busy; the default is small.
     let _ = socket.set_recv_buffer_size(4 << 20);
     socket.bind(&address.into()).map_err(error)?;
-    UdpSocket::from_std(socket.into()).map_err(error)
+    Datagram::new(socket.into()).map_err(error)
 }
 
 fn bind_tcp(address: SocketAddr) -> Result<TcpListener, ProxyError> {

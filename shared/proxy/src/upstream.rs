@@ -1,28 +1,28 @@
 //! Forwarding to upstream servers.
 //!
 //! UDP queries share a small pool of sockets, each bound once to a kernel-chosen (random)
-//! source port; a query gets a random ID unused on its socket. One receive task per socket
-//! accepts an answer only when it comes from the server asked, with the query's ID and the
-//! same question; anything else is counted and dropped, and the query keeps waiting for the
-//! real answer, so a spoofed packet cannot even cut a query short. TCP queries (a client retrying
-//! after TC) get a connection of their own for the exchange.
+//! source port; a query gets a random ID unused on its socket and waits in that socket's
+//! pending table, not in a task of its own. The socket's receive loop claims an answer only
+//! when it comes from the server asked, with the query's ID and the same question; anything
+//! else is counted and dropped, and the query keeps waiting for the real answer, so a spoofed
+//! packet cannot even cut a query short. Queries whose deadline passes are swept out by
+//! [`UpstreamPool::expired`]. TCP queries (a client retrying after TC) get a connection of
+//! their own for the exchange.
 
 use std::collections::HashMap;
 use std::net::{Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
-use hickory_proto::op::{Message, MessageType, Query};
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpStream, UdpSocket};
-use tokio::sync::oneshot;
-use tokio_util::sync::CancellationToken;
-use warden_telemetry::Metrics;
+use tokio::net::TcpStream;
 
 use crate::ProxyError;
+use crate::datagram::Datagram;
 use crate::response::{packet_id, set_id};
+use crate::wire::{self, Answer};
 
 /// Largest DNS message over UDP (and over TCP, by its 16-bit length prefix).
 pub const MAX_MESSAGE: usize = 65_535;
@@ -30,19 +30,12 @@ pub const MAX_MESSAGE: usize = 65_535;
 /// Tries at drawing an unused random ID on one socket before moving to the next socket.
 const ID_DRAWS: usize = 8;
 
-/// An upstream answer: the packet as the server sent it, and its decoded form.
-#[derive(Debug)]
-pub struct UpstreamAnswer {
-    pub packet: Vec<u8>,
-    pub message: Message,
-}
-
 /// Why no answer came back.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum UpstreamFailure {
     Timeout,
     Io,
-    /// The server's reply could not be decoded or did not match the query.
+    /// The server's reply could not be read or did not match the query.
     Malformed,
     /// Every ID of every pool socket is in use.
     Exhausted,
@@ -59,35 +52,90 @@ impl UpstreamFailure {
     }
 }
 
-struct Pending {
-    server: SocketAddr,
-    question: Query,
-    reply: oneshot::Sender<UpstreamAnswer>,
+/// A query waiting in the pool: whatever its owner needs to finish it once answered (or not).
+pub trait Waiter: Send + 'static {
+    /// The question as sent (name, type, class, in wire form): an answer must repeat it.
+    fn question(&self) -> &[u8];
 }
 
-struct PoolSocket {
-    socket: UdpSocket,
+struct Pending<W> {
+    server: SocketAddr,
+    deadline: Instant,
+    waiter: W,
+}
+
+/// One socket of the pool and the queries waiting on it.
+pub struct PoolSocket<W> {
+    socket: Datagram,
     /// Dual-stack sockets reach IPv4 servers through IPv4-mapped addresses.
     dual_stack: bool,
-    pending: Mutex<HashMap<u16, Pending>>,
+    pending: Mutex<HashMap<u16, Pending<W>>>,
 }
 
-impl PoolSocket {
-    fn pending(&self) -> std::sync::MutexGuard<'_, HashMap<u16, Pending>> {
+impl<W> std::fmt::Debug for PoolSocket<W> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PoolSocket")
+            .field("socket", &self.socket)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<W: Waiter> PoolSocket<W> {
+    fn pending(&self) -> MutexGuard<'_, HashMap<u16, Pending<W>>> {
         self.pending
             .lock()
             .unwrap_or_else(|poison| poison.into_inner())
     }
+
+    /// Sends a query (its ID already replaced by the one registered) to `server`.
+    pub async fn send(&self, packet: &[u8], server: SocketAddr) -> std::io::Result<usize> {
+        let target = match server {
+            SocketAddr::V4(v4) if self.dual_stack => {
+                SocketAddr::from((v4.ip().to_ipv6_mapped(), v4.port()))
+            }
+            other => other,
+        };
+        self.socket.send_to(packet, target).await
+    }
+
+    /// The next datagram, with its source as a plain IPv4 or IPv6 address.
+    pub async fn recv_from(&self, buffer: &mut [u8]) -> std::io::Result<(usize, SocketAddr)> {
+        let (length, from) = self.socket.recv_from(buffer).await?;
+        Ok((length, canonical(from)))
+    }
+
+    /// Takes back a query registered under `id` (its send failed, say).
+    pub fn cancel(&self, id: u16) -> Option<W> {
+        self.pending().remove(&id).map(|pending| pending.waiter)
+    }
+
+    /// The query `packet` (from `from`) answers, with what the answer says; or why the packet
+    /// answers none, as the `upstream_unexpected` reason. Only a packet from the server asked,
+    /// with the query's ID and question, ends the wait.
+    pub fn claim(&self, from: SocketAddr, packet: &[u8]) -> Result<(W, Answer), &'static str> {
+        let id = packet_id(packet).ok_or("short")?;
+        let mut pending = self.pending();
+        let waiting = pending.get(&id).ok_or("id")?;
+        if waiting.server != from {
+            return Err("source");
+        }
+        let answer = match wire::parse_answer(packet, waiting.waiter.question()) {
+            Ok(answer) => answer,
+            Err(wire::WireError::QuestionMismatch) => return Err("question"),
+            Err(_) => return Err("malformed"),
+        };
+        let waiting = pending.remove(&id).ok_or("id")?;
+        Ok((waiting.waiter, answer))
+    }
 }
 
-/// The shared UDP sockets toward upstream servers.
-pub struct UpstreamPool {
-    sockets: Vec<Arc<PoolSocket>>,
+/// The shared UDP sockets toward upstream servers and the queries waiting on them.
+pub struct UpstreamPool<W> {
+    sockets: Vec<Arc<PoolSocket<W>>>,
     next: AtomicUsize,
-    metrics: Metrics,
 }
 
-impl std::fmt::Debug for UpstreamPool {
+impl<W> std::fmt::Debug for UpstreamPool<W> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("UpstreamPool")
             .field("sockets", &self.sockets.len())
@@ -95,79 +143,39 @@ impl std::fmt::Debug for UpstreamPool {
     }
 }
 
-impl UpstreamPool {
-    /// Opens `size` sockets and starts their receive tasks, which end with `shutdown`.
-    pub fn start(
-        size: usize,
-        metrics: Metrics,
-        shutdown: CancellationToken,
-    ) -> Result<Arc<UpstreamPool>, ProxyError> {
-        let mut sockets = Vec::with_capacity(size);
+impl<W: Waiter> UpstreamPool<W> {
+    /// Opens `size` sockets (at least one). Their owner reads each with a loop of
+    /// [`PoolSocket::recv_from`] and [`PoolSocket::claim`].
+    pub fn open(size: usize) -> Result<UpstreamPool<W>, ProxyError> {
+        let mut sockets = Vec::with_capacity(size.max(1));
         for _ in 0..size.max(1) {
             let socket = dual_stack_socket().map_err(ProxyError::UpstreamSocket)?;
             let dual_stack = socket.local_addr().is_ok_and(|local| local.is_ipv6());
-            let socket = Arc::new(PoolSocket {
+            sockets.push(Arc::new(PoolSocket {
                 socket,
                 dual_stack,
                 pending: Mutex::new(HashMap::new()),
-            });
-            tokio::spawn(receive_answers(
-                socket.clone(),
-                metrics.clone(),
-                shutdown.clone(),
-            ));
-            sockets.push(socket);
+            }));
         }
-        Ok(Arc::new(UpstreamPool {
+        Ok(UpstreamPool {
             sockets,
             next: AtomicUsize::new(0),
-            metrics,
-        }))
+        })
     }
 
-    /// Sends `packet` (a query whose ID will be replaced) to `server` and waits for the
-    /// matching answer, which comes back with the query's original ID.
-    pub async fn exchange_udp(
+    pub fn sockets(&self) -> &[Arc<PoolSocket<W>>] {
+        &self.sockets
+    }
+
+    /// Files `waiter` under a random ID unused on one of the sockets until `deadline`; the
+    /// waiter comes back when every socket is out of IDs.
+    pub fn register(
         &self,
         server: SocketAddr,
-        question: &Query,
-        packet: &[u8],
-        timeout: Duration,
-    ) -> Result<UpstreamAnswer, UpstreamFailure> {
-        let client_id = packet_id(packet).ok_or(UpstreamFailure::Malformed)?;
+        deadline: Instant,
+        waiter: W,
+    ) -> Result<(Arc<PoolSocket<W>>, u16), W> {
         let server = canonical(server);
-        let (socket, id, receiver) = self.register(server, question)?;
-        let _cleanup = PendingGuard {
-            socket: &socket,
-            id,
-        };
-        let mut outgoing = packet.to_vec();
-        set_id(&mut outgoing, id);
-        let target = match server {
-            SocketAddr::V4(v4) if socket.dual_stack => {
-                SocketAddr::from((v4.ip().to_ipv6_mapped(), v4.port()))
-            }
-            other => other,
-        };
-        if let Err(error) = socket.socket.send_to(&outgoing, target).await {
-            tracing::debug!(%server, %error, "cannot send to upstream");
-            return Err(UpstreamFailure::Io);
-        }
-        let mut answer = match tokio::time::timeout(timeout, receiver).await {
-            Ok(Ok(answer)) => answer,
-            Ok(Err(_)) => return Err(UpstreamFailure::Io),
-            Err(_) => return Err(UpstreamFailure::Timeout),
-        };
-        set_id(&mut answer.packet, client_id);
-        answer.message.metadata.id = client_id;
-        Ok(answer)
-    }
-
-    fn register(
-        &self,
-        server: SocketAddr,
-        question: &Query,
-    ) -> Result<(Arc<PoolSocket>, u16, oneshot::Receiver<UpstreamAnswer>), UpstreamFailure> {
         let start = self.next.fetch_add(1, Ordering::Relaxed);
         for offset in 0..self.sockets.len() {
             let socket = &self.sockets[(start + offset) % self.sockets.len()];
@@ -175,113 +183,66 @@ impl UpstreamPool {
             for _ in 0..ID_DRAWS {
                 let id: u16 = rand::random();
                 if let std::collections::hash_map::Entry::Vacant(slot) = pending.entry(id) {
-                    let (reply, receiver) = oneshot::channel();
                     slot.insert(Pending {
                         server,
-                        question: question.clone(),
-                        reply,
+                        deadline,
+                        waiter,
                     });
-                    return Ok((socket.clone(), id, receiver));
+                    return Ok((socket.clone(), id));
                 }
             }
         }
-        self.metrics
-            .dns
-            .upstream_errors
-            .with_label_values(&["exhausted"])
-            .inc();
-        Err(UpstreamFailure::Exhausted)
+        Err(waiter)
     }
-}
 
-/// Removes a query's pending entry however its wait ends (answer, timeout, cancellation).
-struct PendingGuard<'a> {
-    socket: &'a PoolSocket,
-    id: u16,
-}
-
-impl Drop for PendingGuard<'_> {
-    fn drop(&mut self) {
-        self.socket.pending().remove(&self.id);
+    /// Takes out every query whose deadline is at or before `now`.
+    pub fn expired(&self, now: Instant) -> Vec<W> {
+        let mut expired = Vec::new();
+        for socket in &self.sockets {
+            let mut pending = socket.pending();
+            if !pending.values().any(|waiting| waiting.deadline <= now) {
+                continue;
+            }
+            let ids: Vec<u16> = pending
+                .iter()
+                .filter(|(_, waiting)| waiting.deadline <= now)
+                .map(|(id, _)| *id)
+                .collect();
+            for id in ids {
+                if let Some(waiting) = pending.remove(&id) {
+                    expired.push(waiting.waiter);
+                }
+            }
+        }
+        expired
     }
-}
 
-async fn receive_answers(socket: Arc<PoolSocket>, metrics: Metrics, shutdown: CancellationToken) {
-    let mut buffer = vec![0u8; MAX_MESSAGE];
-    let unexpected = |reason: &str| {
-        metrics
-            .dns
-            .upstream_unexpected
-            .with_label_values(&[reason])
-            .inc();
-    };
-    loop {
-        let received = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            received = socket.socket.recv_from(&mut buffer) => received,
-        };
-        let (length, from) = match received {
-            Ok(received) => received,
-            Err(error) => {
-                // ICMP errors from earlier sends surface here; they concern no one query.
-                tracing::trace!(%error, "upstream socket receive error");
-                continue;
-            }
-        };
-        let from = canonical(from);
-        let packet = &buffer[..length];
-        let Some(id) = packet_id(packet) else {
-            unexpected("short");
-            continue;
-        };
-        let expected = socket.pending().get(&id).map(|pending| pending.server);
-        match expected {
-            None => {
-                unexpected("id");
-                continue;
-            }
-            Some(server) if server != from => {
-                unexpected("source");
-                continue;
-            }
-            Some(_) => {}
-        }
-        let message = match Message::from_vec(packet) {
-            Ok(message) if message.metadata.message_type == MessageType::Response => message,
-            _ => {
-                unexpected("malformed");
-                continue;
-            }
-        };
-        let mut pending = socket.pending();
-        let matches = pending.get(&id).is_some_and(|waiting| {
-            waiting.server == from && message.queries.first() == Some(&waiting.question)
-        });
-        if !matches {
-            drop(pending);
-            unexpected("question");
-            continue;
-        }
-        if let Some(waiting) = pending.remove(&id) {
-            drop(pending);
-            // The waiter may have timed out in between; then the answer is simply dropped.
-            let _ = waiting.reply.send(UpstreamAnswer {
-                packet: packet.to_vec(),
-                message,
-            });
-        }
+    /// Takes out every waiting query, whatever its deadline (shutdown).
+    pub fn drain(&self) -> Vec<W> {
+        self.sockets
+            .iter()
+            .flat_map(|socket| {
+                socket
+                    .pending()
+                    .drain()
+                    .map(|(_, waiting)| waiting.waiter)
+                    .collect::<Vec<_>>()
+            })
+            .collect()
     }
 }
 
 /// One TCP exchange: connect, send the length-prefixed query with a random ID, read one answer
-/// that must carry that ID and the same question.
+/// that must carry that ID and the question at `question` of `packet`. The answer comes back
+/// with the client's ID.
 pub async fn exchange_tcp(
     server: SocketAddr,
-    question: &Query,
     packet: &[u8],
+    question: std::ops::Range<usize>,
     timeout: Duration,
-) -> Result<UpstreamAnswer, UpstreamFailure> {
+) -> Result<(Vec<u8>, Answer), UpstreamFailure> {
     let client_id = packet_id(packet).ok_or(UpstreamFailure::Malformed)?;
+    let asked = packet.get(question).ok_or(UpstreamFailure::Malformed)?;
     let exchange = async {
         let mut stream = TcpStream::connect(server)
             .await
@@ -298,33 +259,26 @@ pub async fn exchange_tcp(
             .await
             .map_err(|_| UpstreamFailure::Io)?;
         let length = stream.read_u16().await.map_err(|_| UpstreamFailure::Io)?;
-        let mut answer = vec![0u8; usize::from(length)];
+        let mut reply = vec![0u8; usize::from(length)];
         stream
-            .read_exact(&mut answer)
+            .read_exact(&mut reply)
             .await
             .map_err(|_| UpstreamFailure::Io)?;
-        let message = Message::from_vec(&answer).map_err(|_| UpstreamFailure::Malformed)?;
-        if message.metadata.id != id
-            || message.metadata.message_type != MessageType::Response
-            || message.queries.first() != Some(question)
-        {
+        if packet_id(&reply) != Some(id) {
             return Err(UpstreamFailure::Malformed);
         }
-        Ok(UpstreamAnswer {
-            packet: answer,
-            message,
-        })
+        let answer = wire::parse_answer(&reply, asked).map_err(|_| UpstreamFailure::Malformed)?;
+        Ok((reply, answer))
     };
-    let mut answer = tokio::time::timeout(timeout, exchange)
+    let (mut reply, answer) = tokio::time::timeout(timeout, exchange)
         .await
         .map_err(|_| UpstreamFailure::Timeout)??;
-    set_id(&mut answer.packet, client_id);
-    answer.message.metadata.id = client_id;
-    Ok(answer)
+    set_id(&mut reply, client_id);
+    Ok((reply, answer))
 }
 
 /// A socket for IPv4 and IPv6 servers alike, falling back to IPv4 only on hosts without IPv6.
-fn dual_stack_socket() -> std::io::Result<UdpSocket> {
+fn dual_stack_socket() -> std::io::Result<Datagram> {
     let socket = match Socket::new(Domain::IPV6, Type::DGRAM, Some(Protocol::UDP)) {
         Ok(socket) => {
             socket.set_only_v6(false)?;
@@ -338,8 +292,7 @@ fn dual_stack_socket() -> std::io::Result<UdpSocket> {
         }
     };
     let _ = socket.set_recv_buffer_size(4 << 20);
-    socket.set_nonblocking(true)?;
-    UdpSocket::from_std(socket.into())
+    Datagram::new(socket.into())
 }
 
 /// IPv4-mapped IPv6 addresses (what a dual-stack socket reports) back to plain IPv4.
@@ -350,26 +303,33 @@ fn canonical(address: SocketAddr) -> SocketAddr {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use hickory_proto::op::OpCode;
+    use hickory_proto::op::{Message, OpCode, Query};
     use hickory_proto::rr::{Name, RData, Record, RecordType};
     use std::str::FromStr;
 
-    fn question(name: &str) -> Query {
-        Query::query(Name::from_str(name).unwrap(), RecordType::A)
+    struct Asked(Vec<u8>);
+
+    impl Waiter for Asked {
+        fn question(&self) -> &[u8] {
+            &self.0
+        }
     }
 
     fn query_packet(id: u16, name: &str) -> Vec<u8> {
         let mut message = Message::query();
         message.metadata.id = id;
-        message.add_query(question(name));
+        message.add_query(Query::query(Name::from_str(name).unwrap(), RecordType::A));
         message.to_vec().unwrap()
     }
 
-    fn answer_to(query: &[u8], name: &str, id: u16) -> Vec<u8> {
+    fn waiter_for(packet: &[u8]) -> Asked {
+        let query = wire::parse_query(packet).unwrap();
+        Asked(packet[query.question.clone()].to_vec())
+    }
+
+    fn answer_packet(name: &str, id: u16) -> Vec<u8> {
         let mut message = Message::response(id, OpCode::Query);
-        message.add_query(question(name));
-        let parsed = Message::from_vec(query).unwrap();
-        assert_eq!(parsed.queries.len(), 1);
+        message.add_query(Query::query(Name::from_str(name).unwrap(), RecordType::A));
         message.add_answer(Record::from_rdata(
             Name::from_str(name).unwrap(),
             60,
@@ -379,85 +339,92 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn only_the_real_answer_is_accepted() {
-        let metrics = Metrics::new("test").unwrap();
-        let shutdown = CancellationToken::new();
-        let pool = UpstreamPool::start(2, metrics.clone(), shutdown.clone()).unwrap();
-        let server = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-        let spoofer = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    async fn only_the_real_answer_is_claimed() {
+        let pool = UpstreamPool::<Asked>::open(2).unwrap();
+        let server = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let spoofer: SocketAddr = "127.0.0.1:9".parse().unwrap();
         let server_addr = server.local_addr().unwrap();
-
-        let answered = tokio::spawn(async move {
-            let mut buffer = vec![0u8; 512];
-            let (length, proxy) = server.recv_from(&mut buffer).await.unwrap();
-            let query = buffer[..length].to_vec();
-            let id = packet_id(&query).unwrap();
-            // A stranger guessing the ID, the server with a wrong ID, the server with another
-            // question: all ignored. Then the real answer.
-            spoofer
-                .send_to(&answer_to(&query, "cilium.io.", id), proxy)
-                .await
-                .unwrap();
-            let wrong_id = id.wrapping_add(1);
-            server
-                .send_to(&answer_to(&query, "cilium.io.", wrong_id), proxy)
-                .await
-                .unwrap();
-            server
-                .send_to(&answer_to(&query, "evil.example.", id), proxy)
-                .await
-                .unwrap();
-            server
-                .send_to(&answer_to(&query, "cilium.io.", id), proxy)
-                .await
-                .unwrap();
-            id
-        });
-        let answer = pool
-            .exchange_udp(
-                server_addr,
-                &question("cilium.io."),
-                &query_packet(4242, "cilium.io."),
-                Duration::from_secs(2),
-            )
-            .await
-            .unwrap();
-        let upstream_id = answered.await.unwrap();
-        assert_ne!(upstream_id, 4242, "upstream sees a random ID");
-        assert_eq!(
-            packet_id(&answer.packet),
-            Some(4242),
-            "the client's ID is restored"
-        );
-        assert_eq!(answer.message.answers.len(), 1);
-        let unexpected = |reason: &str| {
-            metrics
-                .dns
-                .upstream_unexpected
-                .with_label_values(&[reason])
-                .get()
+        let query = query_packet(4242, "cilium.io.");
+        let deadline = Instant::now() + Duration::from_secs(2);
+        let Ok((socket, id)) = pool.register(server_addr, deadline, waiter_for(&query)) else {
+            panic!("no ID free in an empty pool");
         };
-        assert_eq!(unexpected("source"), 1);
-        assert_eq!(unexpected("question"), 1);
-        // The wrong ID may land on a pending query of another socket or none: counted as "id".
-        assert_eq!(unexpected("id"), 1);
-        shutdown.cancel();
+        let mut outgoing = query.clone();
+        set_id(&mut outgoing, id);
+        socket.send(&outgoing, server_addr).await.unwrap();
+        let mut buffer = vec![0u8; 512];
+        let (length, _) = server.recv_from(&mut buffer).await.unwrap();
+        assert_eq!(packet_id(&buffer[..length]), Some(id));
+
+        // A stranger guessing the ID, the server with a wrong ID, the server with another
+        // question, a server reply too short to be DNS: all refused, the query still waits.
+        let real = answer_packet("cilium.io.", id);
+        assert_eq!(socket.claim(spoofer, &real).err(), Some("source"));
+        assert_eq!(
+            socket
+                .claim(
+                    server_addr,
+                    &answer_packet("cilium.io.", id.wrapping_add(1))
+                )
+                .err(),
+            Some("id")
+        );
+        assert_eq!(
+            socket
+                .claim(server_addr, &answer_packet("evil.example.", id))
+                .err(),
+            Some("question")
+        );
+        assert_eq!(socket.claim(server_addr, &real[..5]).err(), Some("short"));
+        assert_eq!(
+            socket.claim(server_addr, &real[..20]).err(),
+            Some("malformed")
+        );
+        let (_, answer) = socket.claim(server_addr, &real).unwrap();
+        assert_eq!(answer.summary.ips.len(), 1);
+        assert_eq!(
+            socket.claim(server_addr, &real).err(),
+            Some("id"),
+            "an answer is claimed once"
+        );
     }
 
     #[tokio::test]
-    async fn silence_is_a_timeout() {
-        let shutdown = CancellationToken::new();
-        let pool = UpstreamPool::start(1, Metrics::new("test").unwrap(), shutdown.clone()).unwrap();
-        let silent = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-        let result = pool
-            .exchange_udp(
-                silent.local_addr().unwrap(),
-                &question("cilium.io."),
-                &query_packet(1, "cilium.io."),
-                Duration::from_millis(100),
-            )
-            .await;
-        assert_eq!(result.unwrap_err(), UpstreamFailure::Timeout);
-        shutdown.cancel();
+    async fn deadlines_sweep_queries_out() {
+        let pool = UpstreamPool::<Asked>::open(1).unwrap();
+        let server: SocketAddr = "127.0.0.1:53".parse().unwrap();
+        let now = Instant::now();
+        let query = query_packet(1, "cilium.io.");
+        for seconds in [1, 2, 3] {
+            assert!(
+                pool.register(
+                    server,
+                    now + Duration::from_secs(seconds),
+                    waiter_for(&query)
+                )
+                .is_ok()
+            );
+        }
+        assert!(pool.expired(now).is_empty());
+        assert_eq!(pool.expired(now + Duration::from_secs(2)).len(), 2);
+        assert_eq!(pool.drain().len(), 1);
+        assert!(pool.drain().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_full_socket_hands_the_waiter_back() {
+        let pool = UpstreamPool::<Asked>::open(1).unwrap();
+        let server: SocketAddr = "127.0.0.1:53".parse().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let query = query_packet(1, "cilium.io.");
+        let mut registered = 0;
+        for _ in 0..70_000 {
+            match pool.register(server, deadline, waiter_for(&query)) {
+                Ok(_) => registered += 1,
+                Err(_) => break,
+            }
+        }
+        // Random draws stop finding free IDs somewhat before all 65,536 are taken.
+        assert!(registered > 10_000 && registered <= 65_536, "{registered}");
     }
 }

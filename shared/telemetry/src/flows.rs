@@ -1,6 +1,7 @@
+use std::borrow::Cow;
 use std::collections::VecDeque;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
@@ -27,20 +28,22 @@ impl Verdict {
     }
 }
 
-/// One DNS query as the proxy handled it.
+/// One DNS query as the proxy handled it. One is made per query on the hot path, so the
+/// text that repeats (instance, endpoint, protocol, type, rcode) is shared or static rather
+/// than allocated each time.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DnsFlow {
     /// Milliseconds since the Unix epoch.
     pub time_ms: u64,
-    pub instance: String,
+    pub instance: Arc<str>,
     /// `namespace/name`, or `reserved:unknown` for a client that is no known endpoint.
-    pub endpoint: String,
+    pub endpoint: Arc<str>,
     pub client: SocketAddr,
     pub server: SocketAddr,
-    pub protocol: String,
+    pub protocol: Cow<'static, str>,
     pub qname: String,
-    pub qtype: String,
-    pub rcode: String,
+    pub qtype: Cow<'static, str>,
+    pub rcode: Cow<'static, str>,
     pub verdict: Verdict,
     pub ips: Vec<IpAddr>,
     pub ttl: u32,

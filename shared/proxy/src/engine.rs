@@ -1,0 +1,514 @@
+//! The steps every query goes through, whatever its transport: read it, find who sent it and
+//! check the DNS rules, hold its place in the concurrency limit, record what its answer
+//! allows, and account for it (metrics, flow event). [`crate::udp`] and [`crate::tcp`] drive
+//! these steps; nothing here does I/O.
+
+use std::borrow::Cow;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use hickory_proto::op::ResponseCode;
+use hickory_proto::rr::RecordType;
+use prometheus::{Histogram, IntCounter, IntCounterVec, IntGauge};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+use warden_policy::{DnsName, PolicyRepository};
+use warden_telemetry::{DnsFlow, FlowEvent, Metrics, Scope, Verdict, unix_millis};
+
+use crate::answer::AnswerSummary;
+use crate::context::{
+    AllowRequest, ClientContext, HoldFuture, Mapping, ProxyContext, Transport, UNKNOWN_ENDPOINT,
+    unix_now,
+};
+use crate::datagram::Datagram;
+use crate::response::rcode_name;
+use crate::server::ProxySettings;
+use crate::udp::Waiting;
+use crate::upstream::{UpstreamFailure, UpstreamPool};
+use crate::wire::{self, Query};
+
+/// What the processes share: settings, context, the UDP listeners (answers go out through
+/// the socket their query came in on) and the upstream pool with its waiting queries.
+pub(crate) struct Engine {
+    pub settings: ProxySettings,
+    pub context: ProxyContext,
+    pub udp_listeners: Vec<Arc<Datagram>>,
+    pub upstream: UpstreamPool<Waiting>,
+    pub in_flight: Arc<InFlightCount>,
+    timings: Timings,
+    queries: QueryCounters,
+    limiter: Option<Arc<Semaphore>>,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("settings", &self.settings)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The histograms of each query's phases, looked up once rather than per query.
+struct Timings {
+    total: Histogram,
+    policy_check: Histogram,
+    upstream: Histogram,
+    datapath_hold: Histogram,
+}
+
+/// `dns_queries_total` by (verdict, rcode, transport), each series resolved on first use:
+/// looking labels up per query costs a hash and a lock.
+struct QueryCounters {
+    family: IntCounterVec,
+    slots: Vec<OnceLock<IntCounter>>,
+}
+
+const VERDICTS: [Verdict; 3] = [Verdict::Allowed, Verdict::Denied, Verdict::Error];
+/// Every label `rcode_name` gives; the last one stands for the rest.
+const RCODE_LABELS: usize = 11;
+const TRANSPORTS: [Transport; 2] = [Transport::Udp, Transport::Tcp];
+
+impl QueryCounters {
+    fn new(family: IntCounterVec) -> QueryCounters {
+        let slots = (0..VERDICTS.len() * RCODE_LABELS * TRANSPORTS.len())
+            .map(|_| OnceLock::new())
+            .collect();
+        QueryCounters { family, slots }
+    }
+
+    fn inc(&self, verdict: Verdict, rcode: ResponseCode, transport: Transport) {
+        let verdict_index = VERDICTS.iter().position(|v| *v == verdict).unwrap_or(0);
+        let rcode_index = rcode_index(rcode);
+        let transport_index = usize::from(transport == Transport::Tcp);
+        let slot =
+            (verdict_index * RCODE_LABELS + rcode_index) * TRANSPORTS.len() + transport_index;
+        match self.slots.get(slot) {
+            Some(cell) => cell
+                .get_or_init(|| {
+                    self.family.with_label_values(&[
+                        verdict.as_str(),
+                        rcode_name(rcode),
+                        transport.as_str(),
+                    ])
+                })
+                .inc(),
+            None => self
+                .family
+                .with_label_values(&[verdict.as_str(), rcode_name(rcode), transport.as_str()])
+                .inc(),
+        }
+    }
+}
+
+/// The position of `rcode`'s label among the `RCODE_LABELS` `rcode_name` knows.
+fn rcode_index(rcode: ResponseCode) -> usize {
+    match rcode {
+        ResponseCode::NoError => 0,
+        ResponseCode::FormErr => 1,
+        ResponseCode::ServFail => 2,
+        ResponseCode::NXDomain => 3,
+        ResponseCode::NotImp => 4,
+        ResponseCode::Refused => 5,
+        ResponseCode::YXDomain => 6,
+        ResponseCode::NotAuth => 7,
+        ResponseCode::BADVERS => 8,
+        ResponseCode::BADCOOKIE => 9,
+        _ => 10,
+    }
+}
+
+/// How many queries are between admission and answer, for the gauge and for the drain at
+/// shutdown (which waits for zero).
+#[derive(Debug)]
+pub(crate) struct InFlightCount {
+    count: AtomicUsize,
+    gauge: IntGauge,
+    idle: Notify,
+}
+
+impl InFlightCount {
+    /// Returns once no query is in flight.
+    pub async fn idle(&self) {
+        loop {
+            let notified = self.idle.notified();
+            if self.count.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+/// An admitted query's place: releases its concurrency slot and lowers the count however
+/// the query ends.
+#[derive(Debug)]
+pub(crate) struct InFlight {
+    count: Arc<InFlightCount>,
+    _permit: Option<OwnedSemaphorePermit>,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.count.gauge.dec();
+        if self.count.count.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.count.idle.notify_waiters();
+        }
+    }
+}
+
+/// A query read and checked against the policy: what the rest of its life needs.
+#[derive(Debug)]
+pub(crate) struct Checked {
+    pub client: SocketAddr,
+    pub transport: Transport,
+    pub started: Instant,
+    pub endpoint_key: Arc<str>,
+    /// Where the query goes: the client's original server, or the configured upstream.
+    pub server: SocketAddr,
+    pub qname: String,
+    pub qtype: u16,
+    /// `None` for a name no rule can express (the root, say).
+    pub name: Option<DnsName>,
+    pub policy: Arc<PolicyRepository>,
+    pub allowed: bool,
+}
+
+/// The outcome of one query, for metrics and the flow event.
+#[derive(Debug)]
+pub(crate) struct Outcome {
+    pub verdict: Verdict,
+    pub rcode: ResponseCode,
+    pub summary: AnswerSummary,
+}
+
+impl Outcome {
+    pub fn failed() -> Outcome {
+        Outcome {
+            verdict: Verdict::Error,
+            rcode: ResponseCode::ServFail,
+            summary: AnswerSummary::default(),
+        }
+    }
+}
+
+/// Why a packet gets no forwarding: the answer to send instead, if any.
+pub(crate) type Refusal = Option<Vec<u8>>;
+
+impl Engine {
+    pub fn new(
+        settings: ProxySettings,
+        context: ProxyContext,
+        udp_listeners: Vec<Arc<Datagram>>,
+        upstream: UpstreamPool<Waiting>,
+    ) -> Engine {
+        let metrics: &Metrics = &context.metrics;
+        let timings = Timings {
+            total: metrics.histogram(Scope::Total),
+            policy_check: metrics.histogram(Scope::PolicyCheck),
+            upstream: metrics.histogram(Scope::Upstream),
+            datapath_hold: metrics.histogram(Scope::DatapathHold),
+        };
+        let queries = QueryCounters::new(metrics.dns.queries.clone());
+        let in_flight = Arc::new(InFlightCount {
+            count: AtomicUsize::new(0),
+            gauge: metrics.dns.in_flight.clone(),
+            idle: Notify::new(),
+        });
+        let limiter = (settings.concurrency_limit > 0)
+            .then(|| Arc::new(Semaphore::new(settings.concurrency_limit)));
+        Engine {
+            settings,
+            context,
+            udp_listeners,
+            upstream,
+            in_flight,
+            timings,
+            queries,
+            limiter,
+        }
+    }
+
+    /// The longest a query can take once admitted: how long shutdown waits for stragglers.
+    pub fn drain_timeout(&self) -> Duration {
+        self.settings.upstream_timeout + self.settings.response_max_delay + Duration::from_secs(1)
+    }
+
+    pub fn malformed(&self, transport: Transport) {
+        self.context
+            .metrics
+            .dns
+            .malformed
+            .with_label_values(&[transport.as_str()])
+            .inc();
+    }
+
+    /// Reads a client's packet; a packet that is no standard query with one question gets the
+    /// answer the protocol asks for (FORMERR, NOTIMP), or none when it is not even that.
+    pub fn read<'a>(&self, packet: &'a [u8], transport: Transport) -> Result<Query<'a>, Refusal> {
+        let query = match wire::parse_query(packet) {
+            Ok(query) => query,
+            Err(_) => {
+                self.malformed(transport);
+                return Err(None);
+            }
+        };
+        if query.opcode != 0 {
+            return Err(Some(wire::error_response(
+                &query,
+                u16::from(ResponseCode::NotImp),
+            )));
+        }
+        if query.question_count != 1 {
+            self.malformed(transport);
+            return Err(Some(wire::error_response(
+                &query,
+                u16::from(ResponseCode::FormErr),
+            )));
+        }
+        Ok(query)
+    }
+
+    /// Who sent the query, where it was going, and whether the DNS rules let it through.
+    pub fn check(
+        &self,
+        query: &mut Query<'_>,
+        client: SocketAddr,
+        transport: Transport,
+        started: Instant,
+    ) -> Checked {
+        let ClientContext {
+            endpoint,
+            original_server,
+        } = self.context.endpoints.lookup(client, transport);
+        let server = original_server.unwrap_or(self.settings.upstream);
+        let policy = self.context.policy.current();
+        let name = DnsName::new(&query.qname).ok();
+        let allowed = match (&endpoint, &name) {
+            // No policy can select a sender that is no endpoint: it is not enforced.
+            (None, _) => true,
+            (Some((endpoint, _)), Some(name)) => {
+                policy.dns_allowed(*endpoint, server, transport.l4(), name)
+            }
+            // A name no rule can express (the root, say) is only for unenforced endpoints.
+            (Some((endpoint, _)), None) => !policy.is_enforced(*endpoint),
+        };
+        self.timings
+            .policy_check
+            .observe(started.elapsed().as_secs_f64());
+        let endpoint_key = endpoint.map_or_else(|| Arc::from(UNKNOWN_ENDPOINT), |(_, key)| key);
+        Checked {
+            client,
+            transport,
+            started,
+            endpoint_key,
+            server,
+            // Taken, not copied: what follows needs only the packet and its question.
+            qname: std::mem::take(&mut query.qname),
+            qtype: query.qtype,
+            name,
+            policy,
+            allowed,
+        }
+    }
+
+    /// The reject answer for a denied query, accounted for.
+    pub fn deny(&self, query: &Query<'_>, checked: Checked) -> Vec<u8> {
+        let reject = self.settings.reject;
+        self.finish(
+            checked,
+            Outcome {
+                verdict: Verdict::Denied,
+                rcode: reject,
+                summary: AnswerSummary::default(),
+            },
+        );
+        wire::error_response(query, u16::from(reject))
+    }
+
+    /// A place among the queries in flight, or `None` at the concurrency limit (counted; the
+    /// caller answers SERVFAIL).
+    pub fn admit(&self) -> Option<InFlight> {
+        let permit = match &self.limiter {
+            None => None,
+            Some(limiter) => match limiter.clone().try_acquire_owned() {
+                Ok(permit) => Some(permit),
+                Err(_) => {
+                    self.context.metrics.dns.concurrency_rejections.inc();
+                    return None;
+                }
+            },
+        };
+        self.in_flight.count.fetch_add(1, Ordering::AcqRel);
+        self.in_flight.gauge.inc();
+        Some(InFlight {
+            count: self.in_flight.clone(),
+            _permit: permit,
+        })
+    }
+
+    pub fn upstream_failed(&self, failure: UpstreamFailure, checked: &Checked) {
+        tracing::debug!(server = %checked.server, qname = checked.qname, reason = failure.as_str(), "upstream failed");
+        self.context
+            .metrics
+            .dns
+            .upstream_errors
+            .with_label_values(&[failure.as_str()])
+            .inc();
+    }
+
+    pub fn upstream_waited(&self, asked: Instant) {
+        self.timings.upstream.observe(asked.elapsed().as_secs_f64());
+    }
+
+    pub fn upstream_unexpected(&self, reason: &str) {
+        self.context
+            .metrics
+            .dns
+            .upstream_unexpected
+            .with_label_values(&[reason])
+            .inc();
+    }
+
+    /// What an upstream answer means for the query, and what it must wait for before it is
+    /// released: caches the answer and writes its allow entries (synchronously, or through
+    /// the returned future, which the caller awaits for at most `response_max_delay`).
+    pub fn record(&self, checked: &Checked, answer: wire::Answer) -> (Outcome, Option<Hold>) {
+        let outcome = Outcome {
+            verdict: Verdict::Allowed,
+            rcode: ResponseCode::from(
+                u8::try_from(answer.rcode >> 4).unwrap_or(u8::MAX),
+                u8::try_from(answer.rcode & 0x0f).unwrap_or(0),
+            ),
+            summary: answer.summary,
+        };
+        let Some(name) = &checked.name else {
+            return (outcome, None);
+        };
+        if outcome.rcode != ResponseCode::NoError || outcome.summary.ips.is_empty() {
+            return (outcome, None);
+        }
+        let held = Instant::now();
+        let summary = &outcome.summary;
+        let expires_at = {
+            let mut cache = self.context.cache.lock();
+            let inserted = cache.insert(
+                unix_now(),
+                &checked.endpoint_key,
+                name.as_str(),
+                &summary.ips,
+                summary.ttl,
+            );
+            let metrics = &self.context.metrics.cache;
+            metrics.names.set(gauge(cache.name_count()));
+            metrics.ips.set(gauge(cache.ip_count()));
+            inserted.expires_at
+        };
+        let mut grants = Vec::new();
+        checked.policy.fqdn_grants(name, &mut grants);
+        let wait = if grants.is_empty() {
+            None
+        } else {
+            self.context.datapath.allow(&AllowRequest {
+                name,
+                ips: &summary.ips,
+                expires_at,
+                grants: &grants,
+            })
+        };
+        let mapping = Mapping {
+            endpoint: checked.endpoint_key.clone(),
+            name: name.clone(),
+            ips: summary.ips.clone(),
+            ttl: summary.ttl,
+            expires_at,
+            server: checked.server,
+        };
+        let hold = Hold {
+            held,
+            wait,
+            mapping,
+        };
+        match hold.wait {
+            // Nothing to wait for: released now.
+            None => {
+                self.released(hold);
+                (outcome, None)
+            }
+            Some(_) => (outcome, Some(hold)),
+        }
+    }
+
+    /// Waits (at most `response_max_delay`) for what the datapath asked the answer to wait for.
+    pub async fn hold(&self, mut hold: Hold) {
+        if let Some(wait) = hold.wait.take()
+            && tokio::time::timeout(self.settings.response_max_delay, wait)
+                .await
+                .is_err()
+        {
+            tracing::warn!(
+                name = hold.mapping.name.as_str(),
+                "answer released before its allow entries were written"
+            );
+        }
+        self.released(hold);
+    }
+
+    fn released(&self, hold: Hold) {
+        self.timings
+            .datapath_hold
+            .observe(hold.held.elapsed().as_secs_f64());
+        self.context.mappings.on_mapping(hold.mapping);
+    }
+
+    /// Accounts for a query that got its answer (or its refusal): metrics and flow event.
+    pub fn finish(&self, checked: Checked, outcome: Outcome) {
+        let elapsed = checked.started.elapsed();
+        self.timings.total.observe(elapsed.as_secs_f64());
+        self.queries
+            .inc(outcome.verdict, outcome.rcode, checked.transport);
+        self.context.flows.record(FlowEvent::Dns(DnsFlow {
+            time_ms: unix_millis(),
+            instance: self.context.instance.clone(),
+            endpoint: checked.endpoint_key,
+            client: checked.client,
+            server: checked.server,
+            protocol: Cow::Borrowed(checked.transport.as_str()),
+            qname: checked.qname,
+            qtype: type_name(checked.qtype),
+            rcode: Cow::Borrowed(rcode_name(outcome.rcode)),
+            verdict: outcome.verdict,
+            ips: outcome.summary.ips,
+            ttl: outcome.summary.ttl,
+            cnames: outcome.summary.cnames,
+            latency_us: u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX),
+        }));
+    }
+}
+
+/// The mnemonic of a record type (`A`, `AAAA`, ...), or `TYPE<n>` (RFC 3597) for one without.
+fn type_name(qtype: u16) -> Cow<'static, str> {
+    match RecordType::from(qtype) {
+        RecordType::Unknown(_) | RecordType::ZERO => Cow::Owned(format!("TYPE{qtype}")),
+        known => Cow::Borrowed(<&'static str>::from(known)),
+    }
+}
+
+/// An answer held back until the datapath has what it allows.
+pub(crate) struct Hold {
+    held: Instant,
+    wait: Option<HoldFuture>,
+    mapping: Mapping,
+}
+
+impl std::fmt::Debug for Hold {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hold")
+            .field("mapping", &self.mapping)
+            .finish_non_exhaustive()
+    }
+}
+
+fn gauge(count: usize) -> i64 {
+    i64::try_from(count).unwrap_or(i64::MAX)
+}

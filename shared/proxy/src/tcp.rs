@@ -1,0 +1,155 @@
+//! DNS over TCP: one task per client connection, one per query on it (a client may pipeline
+//! several), and a connection of its own to the upstream for each forwarded query. TCP is the
+//! rare path (a retry after a truncated UDP answer), so it favours simplicity over speed.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hickory_proto::op::ResponseCode;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::context::Transport;
+use crate::engine::{Engine, Outcome};
+use crate::upstream::exchange_tcp;
+use crate::wire;
+
+/// Accepts connections until `stop`.
+pub(crate) async fn listener_loop(
+    listener: TcpListener,
+    engine: Arc<Engine>,
+    stop: CancellationToken,
+    tracker: TaskTracker,
+) {
+    loop {
+        let accepted = tokio::select! {
+            biased;
+            _ = stop.cancelled() => return,
+            accepted = listener.accept() => accepted,
+        };
+        match accepted {
+            Ok((stream, client)) => {
+                let _ = stream.set_nodelay(true);
+                tracker.spawn(connection(
+                    stream,
+                    client,
+                    engine.clone(),
+                    stop.clone(),
+                    tracker.clone(),
+                ));
+            }
+            Err(error) => {
+                // Out of file descriptors and the like: back off instead of spinning.
+                tracing::warn!(%error, "DNS TCP accept error");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// One client connection: queries are read in a loop and answered concurrently; answers are
+/// written by one writer in the order they complete.
+async fn connection(
+    stream: TcpStream,
+    client: SocketAddr,
+    engine: Arc<Engine>,
+    stop: CancellationToken,
+    tracker: TaskTracker,
+) {
+    let (mut reader, mut writer) = stream.into_split();
+    let (answers, mut outgoing) = mpsc::channel::<Vec<u8>>(32);
+    let write_loop = tokio::spawn(async move {
+        while let Some(answer) = outgoing.recv().await {
+            let Ok(length) = u16::try_from(answer.len()) else {
+                continue;
+            };
+            let mut framed = Vec::with_capacity(answer.len() + 2);
+            framed.extend_from_slice(&length.to_be_bytes());
+            framed.extend_from_slice(&answer);
+            if writer.write_all(&framed).await.is_err() {
+                return;
+            }
+        }
+        let _ = writer.shutdown().await;
+    });
+    let idle = engine.settings.tcp_idle_timeout;
+    loop {
+        let length = tokio::select! {
+            biased;
+            _ = stop.cancelled() => break,
+            length = tokio::time::timeout(idle, reader.read_u16()) => length,
+        };
+        let length = match length {
+            Ok(Ok(length)) => usize::from(length),
+            // Idle, closed by the client, or reset: nothing more to read.
+            _ => break,
+        };
+        let started = Instant::now();
+        let mut packet = vec![0u8; length];
+        match tokio::time::timeout(idle, reader.read_exact(&mut packet)).await {
+            Ok(Ok(_)) => {}
+            _ => {
+                engine.malformed(Transport::Tcp);
+                break;
+            }
+        }
+        let engine = engine.clone();
+        let answers = answers.clone();
+        tracker.spawn(async move {
+            if let Some(answer) = query(&engine, client, &packet, started).await {
+                let _ = answers.send(answer).await;
+            }
+        });
+    }
+    drop(answers);
+    let _ = write_loop.await;
+}
+
+/// The whole life of one TCP query; `None` when the packet deserves no answer.
+async fn query(
+    engine: &Engine,
+    client: SocketAddr,
+    packet: &[u8],
+    started: Instant,
+) -> Option<Vec<u8>> {
+    let mut query = match engine.read(packet, Transport::Tcp) {
+        Ok(query) => query,
+        Err(refusal) => return refusal,
+    };
+    let checked = engine.check(&mut query, client, Transport::Tcp, started);
+    if !checked.allowed {
+        return Some(engine.deny(&query, checked));
+    }
+    let servfail = || wire::error_response(&query, u16::from(ResponseCode::ServFail));
+    let Some(_in_flight) = engine.admit() else {
+        engine.finish(checked, Outcome::failed());
+        return Some(servfail());
+    };
+    let asked = Instant::now();
+    let exchanged = exchange_tcp(
+        checked.server,
+        packet,
+        query.question.clone(),
+        engine.settings.upstream_timeout,
+    )
+    .await;
+    engine.upstream_waited(asked);
+    let (reply, answer) = match exchanged {
+        Ok(exchanged) => exchanged,
+        Err(failure) => {
+            engine.upstream_failed(failure, &checked);
+            engine.finish(checked, Outcome::failed());
+            return Some(servfail());
+        }
+    };
+    let (outcome, hold) = engine.record(&checked, answer);
+    if let Some(hold) = hold {
+        engine.hold(hold).await;
+    }
+    engine.finish(checked, outcome);
+    Some(reply)
+}

@@ -1,0 +1,254 @@
+//! The UDP hot path, as three kinds of loop and no task per query.
+//!
+//! A listener loop reads a client's query, checks it and either answers at once (denied,
+//! malformed, over the concurrency limit) or files it in the upstream pool and forwards it.
+//! The pool socket's answer loop claims the upstream's answer, records what it allows and
+//! sends it to the client from the listener socket the query came in on. A sweep loop answers
+//! SERVFAIL to queries whose upstream stayed silent. A query thus costs two wake-ups of
+//! long-lived loops and no spawn, channel or task hop; only an answer the datapath asks to
+//! hold for something asynchronous gets a task of its own.
+
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hickory_proto::op::ResponseCode;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::context::Transport;
+use crate::datagram::Datagram;
+use crate::engine::{Checked, Engine, InFlight, Outcome};
+use crate::response::{packet_id, set_id};
+use crate::upstream::{MAX_MESSAGE, PoolSocket, UpstreamFailure, Waiter};
+use crate::wire;
+
+/// How often silent upstreams are looked for: a timed-out query is answered at most this late.
+const SWEEP_EVERY: Duration = Duration::from_millis(20);
+
+/// A forwarded query waiting in the pool for its answer.
+#[derive(Debug)]
+pub(crate) struct Waiting {
+    /// Index of the listener socket the query came in on.
+    listener: usize,
+    /// The client's packet as received: the answer gets its ID back, a SERVFAIL its question.
+    query: Vec<u8>,
+    question: Range<usize>,
+    checked: Checked,
+    asked: Instant,
+    _in_flight: InFlight,
+}
+
+impl Waiter for Waiting {
+    fn question(&self) -> &[u8] {
+        self.query.get(self.question.clone()).unwrap_or_default()
+    }
+}
+
+/// Reads one listener socket until `stop`.
+pub(crate) async fn listener_loop(
+    engine: Arc<Engine>,
+    listener: usize,
+    stop: CancellationToken,
+    tracker: TaskTracker,
+) {
+    let Some(socket) = engine.udp_listeners.get(listener).cloned() else {
+        return;
+    };
+    let mut buffer = vec![0u8; MAX_MESSAGE];
+    // The forwarded copy of a query, its ID replaced: reused, not allocated per query.
+    let mut outgoing = Vec::with_capacity(512);
+    loop {
+        let received = tokio::select! {
+            biased;
+            _ = stop.cancelled() => return,
+            received = socket.recv_from(&mut buffer) => received,
+        };
+        let (length, client) = match received {
+            Ok(received) => received,
+            Err(error) => {
+                tracing::debug!(%error, "DNS UDP receive error");
+                continue;
+            }
+        };
+        let started = Instant::now();
+        let packet = &buffer[..length];
+        if let Some(reply) = query(&engine, listener, client, packet, started, &mut outgoing).await
+        {
+            send_reply(&socket, &reply, client, &tracker);
+        }
+    }
+}
+
+/// One client query: forwarded (`None`), or the answer to send back at once.
+async fn query(
+    engine: &Engine,
+    listener: usize,
+    client: SocketAddr,
+    packet: &[u8],
+    started: Instant,
+    outgoing: &mut Vec<u8>,
+) -> Option<Vec<u8>> {
+    let mut query = match engine.read(packet, Transport::Udp) {
+        Ok(query) => query,
+        Err(refusal) => return refusal,
+    };
+    let checked = engine.check(&mut query, client, Transport::Udp, started);
+    if !checked.allowed {
+        return Some(engine.deny(&query, checked));
+    }
+    let Some(in_flight) = engine.admit() else {
+        engine.finish(checked, Outcome::failed());
+        return Some(wire::error_response(
+            &query,
+            u16::from(ResponseCode::ServFail),
+        ));
+    };
+    let server = checked.server;
+    let asked = Instant::now();
+    let waiting = Waiting {
+        listener,
+        query: packet.to_vec(),
+        question: query.question.clone(),
+        checked,
+        asked,
+        _in_flight: in_flight,
+    };
+    let deadline = asked + engine.settings.upstream_timeout;
+    let (socket, id) = match engine.upstream.register(server, deadline, waiting) {
+        Ok(registered) => registered,
+        Err(waiting) => {
+            return fail(engine, waiting, UpstreamFailure::Exhausted);
+        }
+    };
+    outgoing.clear();
+    outgoing.extend_from_slice(packet);
+    set_id(outgoing, id);
+    if let Err(error) = socket.send(outgoing, server).await {
+        tracing::debug!(%server, %error, "cannot send to upstream");
+        // The answer loop may have claimed it already, in theory; then it is answered there.
+        let waiting = socket.cancel(id)?;
+        return fail(engine, waiting, UpstreamFailure::Io);
+    }
+    None
+}
+
+/// SERVFAIL for a forwarded query that got no usable answer, accounted for.
+fn fail(engine: &Engine, waiting: Waiting, failure: UpstreamFailure) -> Option<Vec<u8>> {
+    engine.upstream_waited(waiting.asked);
+    engine.upstream_failed(failure, &waiting.checked);
+    let reply = wire::parse_query(&waiting.query)
+        .ok()
+        .map(|query| wire::error_response(&query, u16::from(ResponseCode::ServFail)));
+    engine.finish(waiting.checked, Outcome::failed());
+    reply
+}
+
+/// Reads one pool socket's answers until `shutdown`.
+pub(crate) async fn answer_loop(
+    engine: Arc<Engine>,
+    socket: Arc<PoolSocket<Waiting>>,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+) {
+    let mut buffer = vec![0u8; MAX_MESSAGE];
+    loop {
+        let received = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            received = socket.recv_from(&mut buffer) => received,
+        };
+        let (length, from) = match received {
+            Ok(received) => received,
+            Err(error) => {
+                // ICMP errors from earlier sends surface here; they concern no one query.
+                tracing::trace!(%error, "upstream socket receive error");
+                continue;
+            }
+        };
+        let packet = &mut buffer[..length];
+        let (waiting, answer) = match socket.claim(from, packet) {
+            Ok(claimed) => claimed,
+            Err(reason) => {
+                engine.upstream_unexpected(reason);
+                continue;
+            }
+        };
+        engine.upstream_waited(waiting.asked);
+        let client_id = packet_id(&waiting.query).unwrap_or(0);
+        set_id(packet, client_id);
+        let (outcome, hold) = engine.record(&waiting.checked, answer);
+        match hold {
+            None => {
+                answer_client(&engine, &waiting, packet, &tracker);
+                engine.finish(waiting.checked, outcome);
+            }
+            Some(hold) => {
+                // The datapath must finish something first: only this answer waits for it.
+                let engine = engine.clone();
+                let packet = packet.to_vec();
+                let tracker_inner = tracker.clone();
+                tracker.spawn(async move {
+                    engine.hold(hold).await;
+                    answer_client(&engine, &waiting, &packet, &tracker_inner);
+                    engine.finish(waiting.checked, outcome);
+                });
+            }
+        }
+    }
+}
+
+fn answer_client(engine: &Engine, waiting: &Waiting, packet: &[u8], tracker: &TaskTracker) {
+    if let Some(socket) = engine.udp_listeners.get(waiting.listener) {
+        send_reply(socket, packet, waiting.checked.client, tracker);
+    }
+}
+
+/// Answers SERVFAIL to queries whose upstream stayed silent past `upstream_timeout`, until
+/// `shutdown`.
+pub(crate) async fn sweep_loop(
+    engine: Arc<Engine>,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+) {
+    let mut ticks = tokio::time::interval(SWEEP_EVERY.min(engine.settings.upstream_timeout));
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = ticks.tick() => {}
+        }
+        for waiting in engine.upstream.expired(Instant::now()) {
+            time_out(&engine, waiting, &tracker);
+        }
+    }
+}
+
+/// SERVFAIL to the client of a query whose upstream did not answer in time.
+pub(crate) fn time_out(engine: &Engine, waiting: Waiting, tracker: &TaskTracker) {
+    let client = waiting.checked.client;
+    let listener = waiting.listener;
+    if let Some(reply) = fail(engine, waiting, UpstreamFailure::Timeout)
+        && let Some(socket) = engine.udp_listeners.get(listener)
+    {
+        send_reply(socket, &reply, client, tracker);
+    }
+}
+
+/// Sends an answer; a full send buffer hands it to a task of its own rather than holding up
+/// the loop for every query behind it.
+fn send_reply(socket: &Arc<Datagram>, reply: &[u8], client: SocketAddr, tracker: &TaskTracker) {
+    match socket.try_send_to(reply, client) {
+        Ok(_) => {}
+        Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {
+            let socket = socket.clone();
+            let reply = reply.to_vec();
+            tracker.spawn(async move {
+                if let Err(error) = socket.send_to(&reply, client).await {
+                    tracing::debug!(%client, %error, "cannot send DNS answer");
+                }
+            });
+        }
+        Err(error) => tracing::debug!(%client, %error, "cannot send DNS answer"),
+    }
+}
