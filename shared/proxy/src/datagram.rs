@@ -4,17 +4,26 @@
 //! writable again each time one of its sent packets is freed: at tens of thousands of
 //! answers a second that is a wake-up of the runtime per packet, for nothing, since a UDP
 //! send almost never finds the buffer full. Here sends go straight to the socket, and the
-//! rare full buffer is retried briefly from a task of its own.
+//! rare full buffer is retried briefly.
+//!
+//! Under load, datagrams are read and written in batches ([`Inbox`], [`Outbox`]: recvmmsg and
+//! sendmmsg), so that a burst of queries costs one system call and one wake-up of each peer
+//! instead of one per packet.
 //!
 //! The one `unsafe` block of the crate is here: registering a file descriptor with the
 //! runtime's reactor.
 
 #![allow(unsafe_code)]
 
-use std::io;
-use std::net::{SocketAddr, UdpSocket};
-use std::os::fd::{AsFd, BorrowedFd};
+use std::io::{self, IoSlice, IoSliceMut};
+use std::net::{SocketAddr, SocketAddrV4, SocketAddrV6, UdpSocket};
+use std::ops::Range;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 use std::time::Duration;
+
+use nix::sys::socket::{
+    ControlMessage, MsgFlags, MultiHeaders, SockaddrStorage, recvmmsg, sendmmsg,
+};
 
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
@@ -79,6 +88,218 @@ impl Datagram {
     }
 }
 
+impl Datagram {
+    /// Waits for datagrams, then reads as many as are queued (up to the inbox's size) in one
+    /// system call; returns how many.
+    pub async fn recv_batch(&self, inbox: &mut Inbox) -> io::Result<usize> {
+        loop {
+            let mut ready = self.io.readable().await?;
+            match ready.try_io(|socket| inbox.fill(socket.get_ref().as_raw_fd())) {
+                Ok(received) => return received,
+                Err(_would_block) => continue,
+            }
+        }
+    }
+
+    /// Sends everything in `outbox`, in as few system calls as the kernel allows, and empties
+    /// it; returns the indexes (in push order) of the datagrams that could not be sent.
+    pub async fn send_batch(&self, outbox: &mut Outbox) -> Vec<usize> {
+        let mut failed = Vec::new();
+        let mut next = 0;
+        let mut full_buffer_attempts = 0;
+        while next < outbox.len() {
+            match outbox.send_from(self.io.get_ref().as_raw_fd(), next) {
+                Ok(sent) => next += sent.max(1),
+                Err(error)
+                    if error.kind() == io::ErrorKind::WouldBlock
+                        && full_buffer_attempts < FULL_BUFFER_ATTEMPTS =>
+                {
+                    full_buffer_attempts += 1;
+                    tokio::time::sleep(FULL_BUFFER_RETRY).await;
+                }
+                // The kernel reports an error for the first datagram it could not send; the
+                // ones after it get their own attempt.
+                Err(error) => {
+                    tracing::debug!(target = %outbox.target(next), %error, "cannot send datagram");
+                    failed.push(next);
+                    next += 1;
+                }
+            }
+        }
+        outbox.clear();
+        failed
+    }
+}
+
+/// Datagrams read by one [`Datagram::recv_batch`].
+///
+/// The kernel's message headers are built per call rather than kept: they hold raw pointers,
+/// which would make every loop owning an inbox unsendable between threads.
+pub struct Inbox {
+    buffers: Vec<Vec<u8>>,
+    received: Vec<Received>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Received {
+    length: usize,
+    source: Option<SocketAddr>,
+    /// Larger than its buffer: the kernel cut it.
+    truncated: bool,
+}
+
+impl std::fmt::Debug for Inbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Inbox")
+            .field("slots", &self.buffers.len())
+            .field("received", &self.received.len())
+            .finish()
+    }
+}
+
+impl Inbox {
+    /// Room for `slots` datagrams of up to `slot_size` bytes each. The buffers are zeroed
+    /// lazily by the allocator, so slots never written to cost no memory.
+    pub fn new(slots: usize, slot_size: usize) -> Inbox {
+        let slots = slots.max(1);
+        Inbox {
+            buffers: (0..slots).map(|_| vec![0u8; slot_size]).collect(),
+            received: Vec::with_capacity(slots),
+        }
+    }
+
+    /// The `index`th datagram of the last batch and its sender; `Err(())` for one the kernel
+    /// had to cut or that came from no IP address.
+    pub fn get_mut(&mut self, index: usize) -> Option<Result<(&mut [u8], SocketAddr), ()>> {
+        let received = *self.received.get(index)?;
+        let buffer = self.buffers.get_mut(index)?;
+        Some(match received.source {
+            Some(source) if !received.truncated => Ok((&mut buffer[..received.length], source)),
+            _ => Err(()),
+        })
+    }
+
+    fn fill(&mut self, fd: RawFd) -> io::Result<usize> {
+        let mut headers = MultiHeaders::<SockaddrStorage>::preallocate(self.buffers.len(), None);
+        let mut slices: Vec<[IoSliceMut<'_>; 1]> = self
+            .buffers
+            .iter_mut()
+            .map(|buffer| [IoSliceMut::new(buffer)])
+            .collect();
+        let results = recvmmsg(
+            fd,
+            &mut headers,
+            slices.iter_mut(),
+            MsgFlags::MSG_DONTWAIT,
+            None,
+        )
+        .map_err(io::Error::from)?;
+        self.received.clear();
+        for message in results {
+            self.received.push(Received {
+                length: message.bytes,
+                source: message.address.as_ref().and_then(socket_addr),
+                truncated: message.flags.contains(MsgFlags::MSG_TRUNC),
+            });
+        }
+        Ok(self.received.len())
+    }
+}
+
+/// Datagrams queued for one [`Datagram::send_batch`]: their bytes back to back in one buffer.
+pub struct Outbox {
+    bytes: Vec<u8>,
+    datagrams: Vec<(Range<usize>, SocketAddr)>,
+    addresses: Vec<Option<SockaddrStorage>>,
+    batch: usize,
+}
+
+impl std::fmt::Debug for Outbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Outbox")
+            .field("datagrams", &self.datagrams.len())
+            .finish()
+    }
+}
+
+impl Outbox {
+    /// An outbox sending up to `batch` datagrams per system call (it holds any number).
+    pub fn new(batch: usize) -> Outbox {
+        let batch = batch.max(1);
+        Outbox {
+            bytes: Vec::with_capacity(batch * 512),
+            datagrams: Vec::with_capacity(batch),
+            addresses: Vec::with_capacity(batch),
+            batch,
+        }
+    }
+
+    /// Queues a copy of `packet` for `target`; returns the copy, for last touches (its ID).
+    pub fn push(&mut self, packet: &[u8], target: SocketAddr) -> &mut [u8] {
+        let start = self.bytes.len();
+        self.bytes.extend_from_slice(packet);
+        let range = start..self.bytes.len();
+        self.datagrams.push((range.clone(), target));
+        self.addresses.push(Some(SockaddrStorage::from(target)));
+        &mut self.bytes[range]
+    }
+
+    pub fn len(&self) -> usize {
+        self.datagrams.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.datagrams.is_empty()
+    }
+
+    pub fn clear(&mut self) {
+        self.bytes.clear();
+        self.datagrams.clear();
+        self.addresses.clear();
+    }
+
+    fn target(&self, index: usize) -> SocketAddr {
+        self.datagrams
+            .get(index)
+            .map_or(SocketAddr::from(([0, 0, 0, 0], 0)), |(_, target)| *target)
+    }
+
+    /// One sendmmsg of the datagrams from `first` on (at most a batch); returns how many the
+    /// kernel took.
+    fn send_from(&mut self, fd: RawFd, first: usize) -> io::Result<usize> {
+        let last = (first + self.batch).min(self.datagrams.len());
+        let Some(datagrams) = self.datagrams.get(first..last) else {
+            return Ok(0);
+        };
+        let slices: Vec<[IoSlice<'_>; 1]> = datagrams
+            .iter()
+            .map(|(range, _)| [IoSlice::new(&self.bytes[range.clone()])])
+            .collect();
+        let addresses = &self.addresses[first..last];
+        let no_control: [ControlMessage<'_>; 0] = [];
+        let mut headers = MultiHeaders::<SockaddrStorage>::preallocate(slices.len(), None);
+        let sent = sendmmsg(
+            fd,
+            &mut headers,
+            slices.iter(),
+            addresses,
+            no_control,
+            MsgFlags::MSG_DONTWAIT,
+        )
+        .map_err(io::Error::from)?;
+        Ok(sent.count())
+    }
+}
+
+fn socket_addr(storage: &SockaddrStorage) -> Option<SocketAddr> {
+    if let Some(v4) = storage.as_sockaddr_in() {
+        return Some(SocketAddr::V4(SocketAddrV4::from(*v4)));
+    }
+    storage
+        .as_sockaddr_in6()
+        .map(|v6| SocketAddr::V6(SocketAddrV6::from(*v6)))
+}
+
 impl AsFd for Datagram {
     fn as_fd(&self) -> BorrowedFd<'_> {
         self.io.get_ref().as_fd()
@@ -102,5 +323,40 @@ mod tests {
             assert_eq!(&buffer[..length], expected);
             assert_eq!(from, one.local_addr().unwrap());
         }
+    }
+
+    #[tokio::test]
+    async fn batches_go_out_and_come_in_whole() {
+        let sender = Datagram::new(UdpSocket::bind("127.0.0.1:0").unwrap()).unwrap();
+        let receiver = Datagram::new(UdpSocket::bind("127.0.0.1:0").unwrap()).unwrap();
+        let target = receiver.local_addr().unwrap();
+        // More than one system call's worth, and one datagram too big for an inbox slot.
+        let mut outbox = Outbox::new(4);
+        for index in 0..10u8 {
+            outbox.push(&[index; 8], target);
+        }
+        outbox.push(&[0xee; 100], target);
+        outbox.push(b"to nowhere", SocketAddr::from(([127, 0, 0, 1], 0)));
+        let failed = sender.send_batch(&mut outbox).await;
+        assert_eq!(failed, vec![11], "port 0 is refused, the rest went out");
+        assert!(outbox.is_empty());
+
+        let mut inbox = Inbox::new(8, 64);
+        let mut seen = Vec::new();
+        while seen.len() < 11 {
+            let count = receiver.recv_batch(&mut inbox).await.unwrap();
+            assert!((1..=8).contains(&count));
+            for index in 0..count {
+                match inbox.get_mut(index).unwrap() {
+                    Ok((packet, from)) => {
+                        assert_eq!(from, sender.local_addr().unwrap());
+                        seen.push(packet[0]);
+                    }
+                    Err(()) => seen.push(0xee),
+                }
+            }
+            assert!(inbox.get_mut(count).is_none());
+        }
+        assert_eq!(seen, vec![0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0xee]);
     }
 }

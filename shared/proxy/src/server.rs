@@ -117,7 +117,6 @@ impl DnsProxy {
                 engine.clone(),
                 index,
                 stop_reading.clone(),
-                tracker.clone(),
             )));
         }
         for listener in self.tcp_listeners {

@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::context::Transport;
-use crate::datagram::Datagram;
+use crate::datagram::{Datagram, Inbox, Outbox};
 use crate::engine::{Checked, Engine, InFlight, Outcome};
 use crate::response::{packet_id, set_id};
 use crate::upstream::{MAX_MESSAGE, PoolSocket, UpstreamFailure, Waiter};
@@ -26,6 +26,11 @@ use crate::wire;
 
 /// How often silent upstreams are looked for: a timed-out query is answered at most this late.
 const SWEEP_EVERY: Duration = Duration::from_millis(20);
+/// Datagrams read or written per system call at most.
+const BATCH: usize = 32;
+/// Room for one query: far more than any real one needs (a question and an OPT record), and
+/// anything longer is counted malformed.
+const QUERY_SLOT: usize = 4096;
 
 /// A forwarded query waiting in the pool for its answer.
 #[derive(Debug)]
@@ -47,60 +52,119 @@ impl Waiter for Waiting {
 }
 
 /// Reads one listener socket until `stop`.
-pub(crate) async fn listener_loop(
-    engine: Arc<Engine>,
-    listener: usize,
-    stop: CancellationToken,
-    tracker: TaskTracker,
-) {
+pub(crate) async fn listener_loop(engine: Arc<Engine>, listener: usize, stop: CancellationToken) {
     let Some(socket) = engine.udp_listeners.get(listener).cloned() else {
         return;
     };
-    let mut buffer = vec![0u8; MAX_MESSAGE];
-    // The forwarded copy of a query, its ID replaced: reused, not allocated per query.
-    let mut outgoing = Vec::with_capacity(512);
+    let mut inbox = Inbox::new(BATCH, QUERY_SLOT);
+    let mut replies = Outbox::new(BATCH);
+    // One outbox per pool socket, and the IDs its queries were filed under.
+    let mut forwards: Vec<(Outbox, Vec<u16>)> = engine
+        .upstream
+        .sockets()
+        .iter()
+        .map(|_| (Outbox::new(BATCH), Vec::with_capacity(BATCH)))
+        .collect();
     loop {
         let received = tokio::select! {
             biased;
             _ = stop.cancelled() => return,
-            received = socket.recv_from(&mut buffer) => received,
+            received = socket.recv_batch(&mut inbox) => received,
         };
-        let (length, client) = match received {
-            Ok(received) => received,
+        let count = match received {
+            Ok(count) => count,
             Err(error) => {
                 tracing::debug!(%error, "DNS UDP receive error");
                 continue;
             }
         };
         let started = Instant::now();
-        let packet = &buffer[..length];
-        if let Some(reply) = query(&engine, listener, client, packet, started, &mut outgoing).await
-        {
-            send_reply(&socket, &reply, client, &tracker);
+        for index in 0..count {
+            let (packet, client) = match inbox.get_mut(index) {
+                Some(Ok(received)) => received,
+                Some(Err(())) => {
+                    engine.malformed(Transport::Udp);
+                    continue;
+                }
+                None => break,
+            };
+            match query(&engine, listener, client, packet, started) {
+                Step::Reply(reply) => {
+                    replies.push(&reply, client);
+                }
+                Step::Forward {
+                    socket: pool_index,
+                    id,
+                    target,
+                } => {
+                    if let Some((outbox, ids)) = forwards.get_mut(pool_index) {
+                        set_id(outbox.push(packet, target), id);
+                        ids.push(id);
+                    }
+                }
+                Step::Drop => {}
+            }
+        }
+        // Forwards first: their answers take the longest.
+        for (pool_index, (outbox, ids)) in forwards.iter_mut().enumerate() {
+            if outbox.is_empty() {
+                continue;
+            }
+            let Some(pool_socket) = engine.upstream.sockets().get(pool_index) else {
+                continue;
+            };
+            for failed in pool_socket.datagram().send_batch(outbox).await {
+                // Claimed in between, in theory: then it is answered there.
+                let Some(waiting) = ids.get(failed).and_then(|id| pool_socket.cancel(*id)) else {
+                    continue;
+                };
+                let client = waiting.checked.client;
+                if let Some(reply) = fail(&engine, waiting, UpstreamFailure::Io) {
+                    replies.push(&reply, client);
+                }
+            }
+            ids.clear();
+        }
+        if !replies.is_empty() {
+            socket.send_batch(&mut replies).await;
         }
     }
 }
 
-/// One client query: forwarded (`None`), or the answer to send back at once.
-async fn query(
+/// What became of one client query.
+enum Step {
+    /// Answered here and now (denied, refused, failed).
+    Reply(Vec<u8>),
+    /// Filed on pool socket `socket` under `id`: the packet goes to `target` with that ID.
+    Forward {
+        socket: usize,
+        id: u16,
+        target: SocketAddr,
+    },
+    /// Not worth an answer.
+    Drop,
+}
+
+/// One client query: checked, then answered at once or filed in the pool for forwarding.
+fn query(
     engine: &Engine,
     listener: usize,
     client: SocketAddr,
     packet: &[u8],
     started: Instant,
-    outgoing: &mut Vec<u8>,
-) -> Option<Vec<u8>> {
+) -> Step {
+    let reply = |reply: Option<Vec<u8>>| reply.map_or(Step::Drop, Step::Reply);
     let mut query = match engine.read(packet, Transport::Udp) {
         Ok(query) => query,
-        Err(refusal) => return refusal,
+        Err(refusal) => return reply(refusal),
     };
     let checked = engine.check(&mut query, client, Transport::Udp, started);
     if !checked.allowed {
-        return Some(engine.deny(&query, checked));
+        return Step::Reply(engine.deny(&query, checked));
     }
     let Some(in_flight) = engine.admit() else {
         engine.finish(checked, Outcome::failed());
-        return Some(wire::error_response(
+        return Step::Reply(wire::error_response(
             &query,
             u16::from(ResponseCode::ServFail),
         ));
@@ -116,22 +180,10 @@ async fn query(
         _in_flight: in_flight,
     };
     let deadline = asked + engine.settings.upstream_timeout;
-    let (socket, id) = match engine.upstream.register(server, deadline, waiting) {
-        Ok(registered) => registered,
-        Err(waiting) => {
-            return fail(engine, waiting, UpstreamFailure::Exhausted);
-        }
-    };
-    outgoing.clear();
-    outgoing.extend_from_slice(packet);
-    set_id(outgoing, id);
-    if let Err(error) = socket.send(outgoing, server).await {
-        tracing::debug!(%server, %error, "cannot send to upstream");
-        // The answer loop may have claimed it already, in theory; then it is answered there.
-        let waiting = socket.cancel(id)?;
-        return fail(engine, waiting, UpstreamFailure::Io);
+    match engine.upstream.register(server, deadline, waiting) {
+        Ok((socket, id, target)) => Step::Forward { socket, id, target },
+        Err(waiting) => reply(fail(engine, waiting, UpstreamFailure::Exhausted)),
     }
-    None
 }
 
 /// SERVFAIL for a forwarded query that got no usable answer, accounted for.
@@ -152,47 +204,70 @@ pub(crate) async fn answer_loop(
     shutdown: CancellationToken,
     tracker: TaskTracker,
 ) {
-    let mut buffer = vec![0u8; MAX_MESSAGE];
+    let mut inbox = Inbox::new(BATCH, MAX_MESSAGE);
+    // One outbox per listener socket: answers leave from where their query came in.
+    let mut answers: Vec<Outbox> = engine
+        .udp_listeners
+        .iter()
+        .map(|_| Outbox::new(BATCH))
+        .collect();
     loop {
         let received = tokio::select! {
             _ = shutdown.cancelled() => return,
-            received = socket.recv_from(&mut buffer) => received,
+            received = socket.datagram().recv_batch(&mut inbox) => received,
         };
-        let (length, from) = match received {
-            Ok(received) => received,
+        let count = match received {
+            Ok(count) => count,
             Err(error) => {
                 // ICMP errors from earlier sends surface here; they concern no one query.
                 tracing::trace!(%error, "upstream socket receive error");
                 continue;
             }
         };
-        let packet = &mut buffer[..length];
-        let (waiting, answer) = match socket.claim(from, packet) {
-            Ok(claimed) => claimed,
-            Err(reason) => {
-                engine.upstream_unexpected(reason);
-                continue;
-            }
-        };
-        engine.upstream_waited(waiting.asked);
-        let client_id = packet_id(&waiting.query).unwrap_or(0);
-        set_id(packet, client_id);
-        let (outcome, hold) = engine.record(&waiting.checked, answer);
-        match hold {
-            None => {
-                answer_client(&engine, &waiting, packet, &tracker);
-                engine.finish(waiting.checked, outcome);
-            }
-            Some(hold) => {
-                // The datapath must finish something first: only this answer waits for it.
-                let engine = engine.clone();
-                let packet = packet.to_vec();
-                let tracker_inner = tracker.clone();
-                tracker.spawn(async move {
-                    engine.hold(hold).await;
-                    answer_client(&engine, &waiting, &packet, &tracker_inner);
+        for index in 0..count {
+            let (packet, from) = match inbox.get_mut(index) {
+                Some(Ok(received)) => received,
+                Some(Err(())) => {
+                    engine.upstream_unexpected("malformed");
+                    continue;
+                }
+                None => break,
+            };
+            let (waiting, answer) = match socket.claim(from, packet) {
+                Ok(claimed) => claimed,
+                Err(reason) => {
+                    engine.upstream_unexpected(reason);
+                    continue;
+                }
+            };
+            engine.upstream_waited(waiting.asked);
+            set_id(packet, packet_id(&waiting.query).unwrap_or(0));
+            let (outcome, hold) = engine.record(&waiting.checked, answer);
+            match hold {
+                None => {
+                    if let Some(outbox) = answers.get_mut(waiting.listener) {
+                        outbox.push(packet, waiting.checked.client);
+                    }
                     engine.finish(waiting.checked, outcome);
-                });
+                }
+                Some(hold) => {
+                    // The datapath must finish something first: only this answer waits for it.
+                    let engine = engine.clone();
+                    let packet = packet.to_vec();
+                    let tracker_inner = tracker.clone();
+                    tracker.spawn(async move {
+                        engine.hold(hold).await;
+                        answer_client(&engine, &waiting, &packet, &tracker_inner);
+                        engine.finish(waiting.checked, outcome);
+                    });
+                }
+            }
+        }
+        for (listener, outbox) in answers.iter_mut().enumerate() {
+            if let Some(listener_socket) = engine.udp_listeners.get(listener)
+                && !outbox.is_empty()
+            {
+                listener_socket.send_batch(outbox).await;
             }
         }
     }

@@ -87,21 +87,20 @@ impl<W: Waiter> PoolSocket<W> {
             .unwrap_or_else(|poison| poison.into_inner())
     }
 
-    /// Sends a query (its ID already replaced by the one registered) to `server`.
-    pub async fn send(&self, packet: &[u8], server: SocketAddr) -> std::io::Result<usize> {
-        let target = match server {
+    /// The socket, for sending queries and reading answers.
+    pub fn datagram(&self) -> &Datagram {
+        &self.socket
+    }
+
+    /// Where to send a query for `server` from this socket: dual-stack sockets reach IPv4
+    /// servers through IPv4-mapped addresses.
+    fn target(&self, server: SocketAddr) -> SocketAddr {
+        match server {
             SocketAddr::V4(v4) if self.dual_stack => {
                 SocketAddr::from((v4.ip().to_ipv6_mapped(), v4.port()))
             }
             other => other,
-        };
-        self.socket.send_to(packet, target).await
-    }
-
-    /// The next datagram, with its source as a plain IPv4 or IPv6 address.
-    pub async fn recv_from(&self, buffer: &mut [u8]) -> std::io::Result<(usize, SocketAddr)> {
-        let (length, from) = self.socket.recv_from(buffer).await?;
-        Ok((length, canonical(from)))
+        }
     }
 
     /// Takes back a query registered under `id` (its send failed, say).
@@ -113,6 +112,7 @@ impl<W: Waiter> PoolSocket<W> {
     /// answers none, as the `upstream_unexpected` reason. Only a packet from the server asked,
     /// with the query's ID and question, ends the wait.
     pub fn claim(&self, from: SocketAddr, packet: &[u8]) -> Result<(W, Answer), &'static str> {
+        let from = canonical(from);
         let id = packet_id(packet).ok_or("short")?;
         let mut pending = self.pending();
         let waiting = pending.get(&id).ok_or("id")?;
@@ -167,18 +167,20 @@ impl<W: Waiter> UpstreamPool<W> {
         &self.sockets
     }
 
-    /// Files `waiter` under a random ID unused on one of the sockets until `deadline`; the
+    /// Files `waiter` under a random ID unused on one of the sockets until `deadline`: returns
+    /// the socket's index, the ID, and the address to send the query to from that socket. The
     /// waiter comes back when every socket is out of IDs.
     pub fn register(
         &self,
         server: SocketAddr,
         deadline: Instant,
         waiter: W,
-    ) -> Result<(Arc<PoolSocket<W>>, u16), W> {
+    ) -> Result<(usize, u16, SocketAddr), W> {
         let server = canonical(server);
         let start = self.next.fetch_add(1, Ordering::Relaxed);
         for offset in 0..self.sockets.len() {
-            let socket = &self.sockets[(start + offset) % self.sockets.len()];
+            let index = (start + offset) % self.sockets.len();
+            let socket = &self.sockets[index];
             let mut pending = socket.pending();
             for _ in 0..ID_DRAWS {
                 let id: u16 = rand::random();
@@ -188,7 +190,7 @@ impl<W: Waiter> UpstreamPool<W> {
                         deadline,
                         waiter,
                     });
-                    return Ok((socket.clone(), id));
+                    return Ok((index, id, socket.target(server)));
                 }
             }
         }
@@ -346,12 +348,14 @@ mod tests {
         let server_addr = server.local_addr().unwrap();
         let query = query_packet(4242, "cilium.io.");
         let deadline = Instant::now() + Duration::from_secs(2);
-        let Ok((socket, id)) = pool.register(server_addr, deadline, waiter_for(&query)) else {
+        let Ok((index, id, target)) = pool.register(server_addr, deadline, waiter_for(&query))
+        else {
             panic!("no ID free in an empty pool");
         };
+        let socket = &pool.sockets()[index];
         let mut outgoing = query.clone();
         set_id(&mut outgoing, id);
-        socket.send(&outgoing, server_addr).await.unwrap();
+        socket.datagram().send_to(&outgoing, target).await.unwrap();
         let mut buffer = vec![0u8; 512];
         let (length, _) = server.recv_from(&mut buffer).await.unwrap();
         assert_eq!(packet_id(&buffer[..length]), Some(id));
