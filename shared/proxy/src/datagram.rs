@@ -53,18 +53,6 @@ impl Datagram {
         self.io.get_ref().local_addr()
     }
 
-    /// The next datagram and its sender.
-    pub async fn recv_from(&self, buffer: &mut [u8]) -> io::Result<(usize, SocketAddr)> {
-        loop {
-            let mut ready = self.io.readable().await?;
-            match ready.try_io(|socket| socket.get_ref().recv_from(buffer)) {
-                Ok(received) => return received,
-                // Readiness was stale; it is cleared, wait for the next.
-                Err(_would_block) => continue,
-            }
-        }
-    }
-
     /// Sends now, or fails with `WouldBlock` when the socket's buffer is full.
     pub fn try_send_to(&self, packet: &[u8], target: SocketAddr) -> io::Result<usize> {
         self.io.get_ref().send_to(packet, target)
@@ -95,7 +83,16 @@ impl Datagram {
         loop {
             let mut ready = self.io.readable().await?;
             match ready.try_io(|socket| inbox.fill(socket.get_ref().as_raw_fd())) {
-                Ok(received) => return received,
+                Ok(Ok(count)) => {
+                    // Fewer than asked for: the queue is empty now. Saying so spares the next
+                    // call a system call that would only find nothing; a datagram arriving
+                    // meanwhile raises readiness again (epoll is edge-triggered per arrival).
+                    if count < inbox.slots() {
+                        ready.clear_ready();
+                    }
+                    return Ok(count);
+                }
+                Ok(Err(error)) => return Err(error),
                 Err(_would_block) => continue,
             }
         }
@@ -177,6 +174,10 @@ impl Inbox {
             Some(source) if !received.truncated => Ok((&mut buffer[..received.length], source)),
             _ => Err(()),
         })
+    }
+
+    fn slots(&self) -> usize {
+        self.buffers.len()
     }
 
     fn fill(&mut self, fd: RawFd) -> io::Result<usize> {
@@ -317,10 +318,11 @@ mod tests {
         let target = two.local_addr().unwrap();
         one.send_to(b"first", target).await.unwrap();
         one.try_send_to(b"second", target).unwrap();
-        let mut buffer = [0u8; 16];
+        let mut inbox = Inbox::new(1, 16);
         for expected in [&b"first"[..], b"second"] {
-            let (length, from) = two.recv_from(&mut buffer).await.unwrap();
-            assert_eq!(&buffer[..length], expected);
+            assert_eq!(two.recv_batch(&mut inbox).await.unwrap(), 1);
+            let (packet, from) = inbox.get_mut(0).unwrap().unwrap();
+            assert_eq!(packet, expected);
             assert_eq!(from, one.local_addr().unwrap());
         }
     }

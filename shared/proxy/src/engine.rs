@@ -163,6 +163,8 @@ pub(crate) struct Checked {
     pub client: SocketAddr,
     pub transport: Transport,
     pub started: Instant,
+    /// When the policy check ended (and forwarding began).
+    pub checked_at: Instant,
     pub endpoint_key: Arc<str>,
     /// Where the query goes: the client's original server, or the configured upstream.
     pub server: SocketAddr,
@@ -293,14 +295,16 @@ impl Engine {
             // A name no rule can express (the root, say) is only for unenforced endpoints.
             (Some((endpoint, _)), None) => !policy.is_enforced(*endpoint),
         };
+        let checked_at = Instant::now();
         self.timings
             .policy_check
-            .observe(started.elapsed().as_secs_f64());
+            .observe(checked_at.duration_since(started).as_secs_f64());
         let endpoint_key = endpoint.map_or_else(|| Arc::from(UNKNOWN_ENDPOINT), |(_, key)| key);
         Checked {
             client,
             transport,
             started,
+            checked_at,
             endpoint_key,
             server,
             // Taken, not copied: what follows needs only the packet and its question.
@@ -357,8 +361,13 @@ impl Engine {
             .inc();
     }
 
-    pub fn upstream_waited(&self, asked: Instant) {
-        self.timings.upstream.observe(asked.elapsed().as_secs_f64());
+    /// Times the wait for the upstream; returns now.
+    pub fn upstream_waited(&self, asked: Instant) -> Instant {
+        let now = Instant::now();
+        self.timings
+            .upstream
+            .observe(now.duration_since(asked).as_secs_f64());
+        now
     }
 
     pub fn upstream_unexpected(&self, reason: &str) {
@@ -372,8 +381,14 @@ impl Engine {
 
     /// What an upstream answer means for the query, and what it must wait for before it is
     /// released: caches the answer and writes its allow entries (synchronously, or through
-    /// the returned future, which the caller awaits for at most `response_max_delay`).
-    pub fn record(&self, checked: &Checked, answer: wire::Answer) -> (Outcome, Option<Hold>) {
+    /// the returned future, which the caller awaits for at most `response_max_delay`). The
+    /// hold is timed from `held`, when the answer came.
+    pub fn record(
+        &self,
+        checked: &Checked,
+        answer: wire::Answer,
+        held: Instant,
+    ) -> (Outcome, Option<Hold>) {
         let outcome = Outcome {
             verdict: Verdict::Allowed,
             rcode: ResponseCode::from(
@@ -388,7 +403,6 @@ impl Engine {
         if outcome.rcode != ResponseCode::NoError || outcome.summary.ips.is_empty() {
             return (outcome, None);
         }
-        let held = Instant::now();
         let summary = &outcome.summary;
         let expires_at = {
             let mut cache = self.context.cache.lock();

@@ -129,7 +129,7 @@ async fn query(
         engine.finish(checked, Outcome::failed());
         return Some(servfail());
     };
-    let asked = Instant::now();
+    let asked = checked.checked_at;
     let exchanged = exchange_tcp(
         checked.server,
         packet,
@@ -137,7 +137,7 @@ async fn query(
         engine.settings.upstream_timeout,
     )
     .await;
-    engine.upstream_waited(asked);
+    let answered = engine.upstream_waited(asked);
     let (reply, answer) = match exchanged {
         Ok(exchanged) => exchanged,
         Err(failure) => {
@@ -146,7 +146,7 @@ async fn query(
             return Some(servfail());
         }
     };
-    let (outcome, hold) = engine.record(&checked, answer);
+    let (outcome, hold) = engine.record(&checked, answer, answered);
     if let Some(hold) = hold {
         engine.hold(hold).await;
     }

@@ -79,6 +79,7 @@ pub(crate) async fn listener_loop(engine: Arc<Engine>, listener: usize, stop: Ca
             }
         };
         let started = Instant::now();
+        let pool_socket = engine.upstream.next_socket();
         for index in 0..count {
             let (packet, client) = match inbox.get_mut(index) {
                 Some(Ok(received)) => received,
@@ -88,7 +89,7 @@ pub(crate) async fn listener_loop(engine: Arc<Engine>, listener: usize, stop: Ca
                 }
                 None => break,
             };
-            match query(&engine, listener, client, packet, started) {
+            match query(&engine, listener, client, packet, started, pool_socket) {
                 Step::Reply(reply) => {
                     replies.push(&reply, client);
                 }
@@ -145,13 +146,15 @@ enum Step {
     Drop,
 }
 
-/// One client query: checked, then answered at once or filed in the pool for forwarding.
+/// One client query: checked, then answered at once or filed in the pool (on `pool_socket`
+/// if it can) for forwarding.
 fn query(
     engine: &Engine,
     listener: usize,
     client: SocketAddr,
     packet: &[u8],
     started: Instant,
+    pool_socket: usize,
 ) -> Step {
     let reply = |reply: Option<Vec<u8>>| reply.map_or(Step::Drop, Step::Reply);
     let mut query = match engine.read(packet, Transport::Udp) {
@@ -170,7 +173,7 @@ fn query(
         ));
     };
     let server = checked.server;
-    let asked = Instant::now();
+    let asked = checked.checked_at;
     let waiting = Waiting {
         listener,
         query: packet.to_vec(),
@@ -180,7 +183,10 @@ fn query(
         _in_flight: in_flight,
     };
     let deadline = asked + engine.settings.upstream_timeout;
-    match engine.upstream.register(server, deadline, waiting) {
+    match engine
+        .upstream
+        .register(server, deadline, waiting, pool_socket)
+    {
         Ok((socket, id, target)) => Step::Forward { socket, id, target },
         Err(waiting) => reply(fail(engine, waiting, UpstreamFailure::Exhausted)),
     }
@@ -240,9 +246,9 @@ pub(crate) async fn answer_loop(
                     continue;
                 }
             };
-            engine.upstream_waited(waiting.asked);
+            let answered = engine.upstream_waited(waiting.asked);
             set_id(packet, packet_id(&waiting.query).unwrap_or(0));
-            let (outcome, hold) = engine.record(&waiting.checked, answer);
+            let (outcome, hold) = engine.record(&waiting.checked, answer, answered);
             match hold {
                 None => {
                     if let Some(outbox) = answers.get_mut(waiting.listener) {

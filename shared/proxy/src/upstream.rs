@@ -144,8 +144,8 @@ impl<W> std::fmt::Debug for UpstreamPool<W> {
 }
 
 impl<W: Waiter> UpstreamPool<W> {
-    /// Opens `size` sockets (at least one). Their owner reads each with a loop of
-    /// [`PoolSocket::recv_from`] and [`PoolSocket::claim`].
+    /// Opens `size` sockets (at least one). Their owner reads each socket's datagrams and
+    /// hands them to [`PoolSocket::claim`].
     pub fn open(size: usize) -> Result<UpstreamPool<W>, ProxyError> {
         let mut sockets = Vec::with_capacity(size.max(1));
         for _ in 0..size.max(1) {
@@ -167,19 +167,27 @@ impl<W: Waiter> UpstreamPool<W> {
         &self.sockets
     }
 
-    /// Files `waiter` under a random ID unused on one of the sockets until `deadline`: returns
-    /// the socket's index, the ID, and the address to send the query to from that socket. The
+    /// The socket the next batch of queries should use. Queries read together leave together
+    /// on one socket, in one system call, and their answers come back together on it; the
+    /// sockets (and their ports) take turns between batches.
+    pub fn next_socket(&self) -> usize {
+        self.next.fetch_add(1, Ordering::Relaxed) % self.sockets.len()
+    }
+
+    /// Files `waiter` until `deadline` under a random ID unused on socket `preferred` (see
+    /// [`UpstreamPool::next_socket`]), or on the next ones if it has none free: returns the
+    /// socket's index, the ID, and the address to send the query to from that socket. The
     /// waiter comes back when every socket is out of IDs.
     pub fn register(
         &self,
         server: SocketAddr,
         deadline: Instant,
         waiter: W,
+        preferred: usize,
     ) -> Result<(usize, u16, SocketAddr), W> {
         let server = canonical(server);
-        let start = self.next.fetch_add(1, Ordering::Relaxed);
         for offset in 0..self.sockets.len() {
-            let index = (start + offset) % self.sockets.len();
+            let index = (preferred + offset) % self.sockets.len();
             let socket = &self.sockets[index];
             let mut pending = socket.pending();
             for _ in 0..ID_DRAWS {
@@ -348,8 +356,12 @@ mod tests {
         let server_addr = server.local_addr().unwrap();
         let query = query_packet(4242, "cilium.io.");
         let deadline = Instant::now() + Duration::from_secs(2);
-        let Ok((index, id, target)) = pool.register(server_addr, deadline, waiter_for(&query))
-        else {
+        let Ok((index, id, target)) = pool.register(
+            server_addr,
+            deadline,
+            waiter_for(&query),
+            pool.next_socket(),
+        ) else {
             panic!("no ID free in an empty pool");
         };
         let socket = &pool.sockets()[index];
@@ -404,7 +416,8 @@ mod tests {
                 pool.register(
                     server,
                     now + Duration::from_secs(seconds),
-                    waiter_for(&query)
+                    waiter_for(&query),
+                    0,
                 )
                 .is_ok()
             );
@@ -423,7 +436,7 @@ mod tests {
         let query = query_packet(1, "cilium.io.");
         let mut registered = 0;
         for _ in 0..70_000 {
-            match pool.register(server, deadline, waiter_for(&query)) {
+            match pool.register(server, deadline, waiter_for(&query), 0) {
                 Ok(_) => registered += 1,
                 Err(_) => break,
             }
