@@ -36,6 +36,22 @@ impl DnsName {
         Ok(DnsName(canonical))
     }
 
+    /// Like [`DnsName::new`], but reusing `name`'s buffer (the proxy makes one per query);
+    /// `name` comes back unchanged when it is no valid name.
+    pub fn try_from_string(mut name: String) -> Result<DnsName, String> {
+        if name == "." {
+            return Ok(DnsName(name));
+        }
+        let body_len = name.strip_suffix('.').map_or(name.len(), str::len);
+        if check_body(&name[..body_len]).is_err() {
+            return Err(name);
+        }
+        name.truncate(body_len);
+        name.make_ascii_lowercase();
+        name.push('.');
+        Ok(DnsName(name))
+    }
+
     /// The canonical text, with its trailing dot.
     pub fn as_str(&self) -> &str {
         &self.0
@@ -111,6 +127,23 @@ impl From<DnsName> for String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_name_from_a_string_is_the_same_name() {
+        for text in ["CILIUM.io", "cilium.io.", ".", "a.b-c.io"] {
+            assert_eq!(
+                DnsName::try_from_string(text.to_owned()).unwrap(),
+                DnsName::new(text).unwrap()
+            );
+        }
+        for bad in ["", "a..io", "..", &"x".repeat(64)] {
+            assert!(DnsName::new(bad).is_err());
+            assert_eq!(
+                DnsName::try_from_string(bad.to_owned()),
+                Err(bad.to_owned())
+            );
+        }
+    }
 
     #[test]
     fn lowercases_and_qualifies() {

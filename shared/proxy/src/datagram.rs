@@ -129,12 +129,34 @@ impl Datagram {
 }
 
 /// Datagrams read by one [`Datagram::recv_batch`].
-///
-/// The kernel's message headers are built per call rather than kept: they hold raw pointers,
-/// which would make every loop owning an inbox unsendable between threads.
 pub struct Inbox {
     buffers: Vec<Vec<u8>>,
+    headers: Headers,
     received: Vec<Received>,
+}
+
+/// The kernel's message headers for recvmmsg and sendmmsg, kept between calls: built anew
+/// each time they cost two allocations large enough to make the allocator consolidate its
+/// free lists, once per batch.
+struct Headers(MultiHeaders<SockaddrStorage>);
+
+// Reuse is sound for recvmmsg too although nix does not reset the address length the kernel
+// writes back into each header: a socket's sources are all of one family (IPv4 sockets,
+// IPv6-only listeners, dual-stack sockets that report IPv4 peers as mapped IPv6), so the
+// length left by one call is the one the next needs. Were it ever short, the kernel would
+// cut that one address, the datagram would come out as Err(()), and the length be right again.
+//
+// SAFETY: MultiHeaders is not Send only because it holds raw pointers. They point into its
+// own heap buffers (the addresses) and, during one recvmmsg or sendmmsg call, into iovecs
+// that outlive that call; they are never read outside such a call. A `Headers` is owned by
+// one Inbox or Outbox and only used through `&mut`, so moving it to another thread between
+// calls shares nothing.
+unsafe impl Send for Headers {}
+
+impl Headers {
+    fn new(slots: usize) -> Headers {
+        Headers(MultiHeaders::preallocate(slots, None))
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -161,6 +183,7 @@ impl Inbox {
         let slots = slots.max(1);
         Inbox {
             buffers: (0..slots).map(|_| vec![0u8; slot_size]).collect(),
+            headers: Headers::new(slots),
             received: Vec::with_capacity(slots),
         }
     }
@@ -181,7 +204,6 @@ impl Inbox {
     }
 
     fn fill(&mut self, fd: RawFd) -> io::Result<usize> {
-        let mut headers = MultiHeaders::<SockaddrStorage>::preallocate(self.buffers.len(), None);
         let mut slices: Vec<[IoSliceMut<'_>; 1]> = self
             .buffers
             .iter_mut()
@@ -189,7 +211,7 @@ impl Inbox {
             .collect();
         let results = recvmmsg(
             fd,
-            &mut headers,
+            &mut self.headers.0,
             slices.iter_mut(),
             MsgFlags::MSG_DONTWAIT,
             None,
@@ -210,8 +232,9 @@ impl Inbox {
 /// Datagrams queued for one [`Datagram::send_batch`]: their bytes back to back in one buffer.
 pub struct Outbox {
     bytes: Vec<u8>,
-    datagrams: Vec<(Range<usize>, SocketAddr)>,
+    datagrams: Vec<(Range<usize>, Option<SocketAddr>)>,
     addresses: Vec<Option<SockaddrStorage>>,
+    headers: Headers,
     batch: usize,
 }
 
@@ -231,17 +254,20 @@ impl Outbox {
             bytes: Vec::with_capacity(batch * 512),
             datagrams: Vec::with_capacity(batch),
             addresses: Vec::with_capacity(batch),
+            headers: Headers::new(batch),
             batch,
         }
     }
 
-    /// Queues a copy of `packet` for `target`; returns the copy, for last touches (its ID).
-    pub fn push(&mut self, packet: &[u8], target: SocketAddr) -> &mut [u8] {
+    /// Queues a copy of `packet` for `target` (`None`: the connected peer); returns the copy,
+    /// for last touches (its ID).
+    pub fn push(&mut self, packet: &[u8], target: impl Into<Option<SocketAddr>>) -> &mut [u8] {
+        let target = target.into();
         let start = self.bytes.len();
         self.bytes.extend_from_slice(packet);
         let range = start..self.bytes.len();
         self.datagrams.push((range.clone(), target));
-        self.addresses.push(Some(SockaddrStorage::from(target)));
+        self.addresses.push(target.map(SockaddrStorage::from));
         &mut self.bytes[range]
     }
 
@@ -259,10 +285,12 @@ impl Outbox {
         self.addresses.clear();
     }
 
-    fn target(&self, index: usize) -> SocketAddr {
-        self.datagrams
-            .get(index)
-            .map_or(SocketAddr::from(([0, 0, 0, 0], 0)), |(_, target)| *target)
+    /// Where the `index`th datagram goes, for messages.
+    fn target(&self, index: usize) -> String {
+        match self.datagrams.get(index) {
+            Some((_, Some(target))) => target.to_string(),
+            _ => "the connected peer".to_owned(),
+        }
     }
 
     /// One sendmmsg of the datagrams from `first` on (at most a batch); returns how many the
@@ -278,10 +306,9 @@ impl Outbox {
             .collect();
         let addresses = &self.addresses[first..last];
         let no_control: [ControlMessage<'_>; 0] = [];
-        let mut headers = MultiHeaders::<SockaddrStorage>::preallocate(slices.len(), None);
         let sent = sendmmsg(
             fd,
-            &mut headers,
+            &mut self.headers.0,
             slices.iter(),
             addresses,
             no_control,

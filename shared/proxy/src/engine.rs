@@ -168,12 +168,21 @@ pub(crate) struct Checked {
     pub endpoint_key: Arc<str>,
     /// Where the query goes: the client's original server, or the configured upstream.
     pub server: SocketAddr,
-    pub qname: String,
+    /// The queried name as policy sees it, or as the client sent it when no rule can express
+    /// it (an empty label, say).
+    pub name: Result<DnsName, String>,
     pub qtype: u16,
-    /// `None` for a name no rule can express (the root, say).
-    pub name: Option<DnsName>,
     pub policy: Arc<PolicyRepository>,
     pub allowed: bool,
+}
+
+impl Checked {
+    pub fn qname(&self) -> &str {
+        match &self.name {
+            Ok(name) => name.as_str(),
+            Err(text) => text,
+        }
+    }
 }
 
 /// The outcome of one query, for metrics and the flow event.
@@ -285,15 +294,16 @@ impl Engine {
         } = self.context.endpoints.lookup(client, transport);
         let server = original_server.unwrap_or(self.settings.upstream);
         let policy = self.context.policy.current();
-        let name = DnsName::new(&query.qname).ok();
+        // Taken, not copied: what follows needs only the packet and its question.
+        let name = DnsName::try_from_string(std::mem::take(&mut query.qname));
         let allowed = match (&endpoint, &name) {
             // No policy can select a sender that is no endpoint: it is not enforced.
             (None, _) => true,
-            (Some((endpoint, _)), Some(name)) => {
+            (Some((endpoint, _)), Ok(name)) => {
                 policy.dns_allowed(*endpoint, server, transport.l4(), name)
             }
-            // A name no rule can express (the root, say) is only for unenforced endpoints.
-            (Some((endpoint, _)), None) => !policy.is_enforced(*endpoint),
+            // A name no rule can express is only for unenforced endpoints.
+            (Some((endpoint, _)), Err(_)) => !policy.is_enforced(*endpoint),
         };
         let checked_at = Instant::now();
         self.timings
@@ -307,10 +317,8 @@ impl Engine {
             checked_at,
             endpoint_key,
             server,
-            // Taken, not copied: what follows needs only the packet and its question.
-            qname: std::mem::take(&mut query.qname),
-            qtype: query.qtype,
             name,
+            qtype: query.qtype,
             policy,
             allowed,
         }
@@ -352,7 +360,7 @@ impl Engine {
     }
 
     pub fn upstream_failed(&self, failure: UpstreamFailure, checked: &Checked) {
-        tracing::debug!(server = %checked.server, qname = checked.qname, reason = failure.as_str(), "upstream failed");
+        tracing::debug!(server = %checked.server, qname = checked.qname(), reason = failure.as_str(), "upstream failed");
         self.context
             .metrics
             .dns
@@ -397,7 +405,7 @@ impl Engine {
             ),
             summary: answer.summary,
         };
-        let Some(name) = &checked.name else {
+        let Ok(name) = &checked.name else {
             return (outcome, None);
         };
         if outcome.rcode != ResponseCode::NoError || outcome.summary.ips.is_empty() {
@@ -488,7 +496,10 @@ impl Engine {
             client: checked.client,
             server: checked.server,
             protocol: Cow::Borrowed(checked.transport.as_str()),
-            qname: checked.qname,
+            qname: match checked.name {
+                Ok(name) => name.into(),
+                Err(text) => text,
+            },
             qtype: type_name(checked.qtype),
             rcode: Cow::Borrowed(rcode_name(outcome.rcode)),
             verdict: outcome.verdict,

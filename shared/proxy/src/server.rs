@@ -55,7 +55,7 @@ impl DnsProxy {
             udp_listeners.push(Arc::new(pair.udp));
             tcp_listeners.push(pair.tcp);
         }
-        let upstream = UpstreamPool::open(settings.upstream_sockets)?;
+        let upstream = UpstreamPool::open(settings.upstream_sockets, settings.upstream)?;
         Ok(DnsProxy {
             tcp_listeners,
             engine: Arc::new(Engine::new(settings, context, udp_listeners, upstream)),

@@ -136,11 +136,12 @@ pub(crate) async fn listener_loop(engine: Arc<Engine>, listener: usize, stop: Ca
 enum Step {
     /// Answered here and now (denied, refused, failed).
     Reply(Vec<u8>),
-    /// Filed on pool socket `socket` under `id`: the packet goes to `target` with that ID.
+    /// Filed on pool socket `socket` under `id`: the packet goes to `target` (`None`: the
+    /// socket's connected peer) with that ID.
     Forward {
         socket: usize,
         id: u16,
-        target: SocketAddr,
+        target: Option<SocketAddr>,
     },
     /// Not worth an answer.
     Drop,

@@ -2,7 +2,10 @@
 //!
 //! UDP queries share a small pool of sockets, each bound once to a kernel-chosen (random)
 //! source port; a query gets a random ID unused on its socket and waits in that socket's
-//! pending table, not in a task of its own. The socket's receive loop claims an answer only
+//! pending table, not in a task of its own. Half the pool is connected to the configured
+//! upstream, where nearly every query goes: the kernel then routes once, not per packet, and
+//! drops whatever another address sends to those ports. The other half, unconnected and dual
+//! stack, carries queries to other servers (a client's original destination). The socket's receive loop claims an answer only
 //! when it comes from the server asked, with the query's ID and the same question; anything
 //! else is counted and dropped, and the query keeps waiting for the real answer, so a spoofed
 //! packet cannot even cut a query short. Queries whose deadline passes are swept out by
@@ -67,6 +70,8 @@ struct Pending<W> {
 /// One socket of the pool and the queries waiting on it.
 pub struct PoolSocket<W> {
     socket: Datagram,
+    /// The server the socket is connected to, if it is.
+    peer: Option<SocketAddr>,
     /// Dual-stack sockets reach IPv4 servers through IPv4-mapped addresses.
     dual_stack: bool,
     pending: Mutex<HashMap<u16, Pending<W>>>,
@@ -92,15 +97,18 @@ impl<W: Waiter> PoolSocket<W> {
         &self.socket
     }
 
-    /// Where to send a query for `server` from this socket: dual-stack sockets reach IPv4
-    /// servers through IPv4-mapped addresses.
-    fn target(&self, server: SocketAddr) -> SocketAddr {
-        match server {
+    /// Where to send a query for `server` from this socket: nowhere to say for a connected
+    /// socket; dual-stack sockets reach IPv4 servers through IPv4-mapped addresses.
+    fn target(&self, server: SocketAddr) -> Option<SocketAddr> {
+        if self.peer.is_some() {
+            return None;
+        }
+        Some(match server {
             SocketAddr::V4(v4) if self.dual_stack => {
                 SocketAddr::from((v4.ip().to_ipv6_mapped(), v4.port()))
             }
             other => other,
-        }
+        })
     }
 
     /// Takes back a query registered under `id` (its send failed, say).
@@ -131,7 +139,9 @@ impl<W: Waiter> PoolSocket<W> {
 
 /// The shared UDP sockets toward upstream servers and the queries waiting on them.
 pub struct UpstreamPool<W> {
+    /// The connected sockets first, then the unconnected ones.
     sockets: Vec<Arc<PoolSocket<W>>>,
+    connected: usize,
     next: AtomicUsize,
 }
 
@@ -144,21 +154,35 @@ impl<W> std::fmt::Debug for UpstreamPool<W> {
 }
 
 impl<W: Waiter> UpstreamPool<W> {
-    /// Opens `size` sockets (at least one). Their owner reads each socket's datagrams and
-    /// hands them to [`PoolSocket::claim`].
-    pub fn open(size: usize) -> Result<UpstreamPool<W>, ProxyError> {
-        let mut sockets = Vec::with_capacity(size.max(1));
-        for _ in 0..size.max(1) {
+    /// Opens `size` sockets connected to `upstream` and `size` unconnected ones (at least one
+    /// of each). Their owner reads each socket's datagrams and hands them to
+    /// [`PoolSocket::claim`].
+    pub fn open(size: usize, upstream: SocketAddr) -> Result<UpstreamPool<W>, ProxyError> {
+        let size = size.max(1);
+        let upstream = canonical(upstream);
+        let mut sockets = Vec::with_capacity(2 * size);
+        for _ in 0..size {
+            let socket = connected_socket(upstream).map_err(ProxyError::UpstreamSocket)?;
+            sockets.push(Arc::new(PoolSocket {
+                socket,
+                peer: Some(upstream),
+                dual_stack: false,
+                pending: Mutex::new(HashMap::new()),
+            }));
+        }
+        for _ in 0..size {
             let socket = dual_stack_socket().map_err(ProxyError::UpstreamSocket)?;
             let dual_stack = socket.local_addr().is_ok_and(|local| local.is_ipv6());
             sockets.push(Arc::new(PoolSocket {
                 socket,
+                peer: None,
                 dual_stack,
                 pending: Mutex::new(HashMap::new()),
             }));
         }
         Ok(UpstreamPool {
             sockets,
+            connected: size,
             next: AtomicUsize::new(0),
         })
     }
@@ -171,23 +195,29 @@ impl<W: Waiter> UpstreamPool<W> {
     /// on one socket, in one system call, and their answers come back together on it; the
     /// sockets (and their ports) take turns between batches.
     pub fn next_socket(&self) -> usize {
-        self.next.fetch_add(1, Ordering::Relaxed) % self.sockets.len()
+        self.next.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// Files `waiter` until `deadline` under a random ID unused on socket `preferred` (see
-    /// [`UpstreamPool::next_socket`]), or on the next ones if it has none free: returns the
-    /// socket's index, the ID, and the address to send the query to from that socket. The
-    /// waiter comes back when every socket is out of IDs.
+    /// Files `waiter` until `deadline` under a random ID unused on the socket for `server`
+    /// whose turn `turn` is (see [`UpstreamPool::next_socket`]), or on the next ones if it has
+    /// none free: returns the socket's index, the ID, and the address to send the query to
+    /// from that socket (`None`: the socket is connected to it). The waiter comes back when
+    /// every socket for that server is out of IDs.
     pub fn register(
         &self,
         server: SocketAddr,
         deadline: Instant,
         waiter: W,
-        preferred: usize,
-    ) -> Result<(usize, u16, SocketAddr), W> {
+        turn: usize,
+    ) -> Result<(usize, u16, Option<SocketAddr>), W> {
         let server = canonical(server);
-        for offset in 0..self.sockets.len() {
-            let index = (preferred + offset) % self.sockets.len();
+        let group = match self.sockets.first() {
+            Some(first) if first.peer == Some(server) => 0..self.connected,
+            _ => self.connected..self.sockets.len(),
+        };
+        let group_size = group.len().max(1);
+        for offset in 0..group.len() {
+            let index = group.start + (turn + offset) % group_size;
             let socket = &self.sockets[index];
             let mut pending = socket.pending();
             for _ in 0..ID_DRAWS {
@@ -287,6 +317,23 @@ pub async fn exchange_tcp(
     Ok((reply, answer))
 }
 
+/// A socket of the upstream's family, bound to a random port and connected to it.
+fn connected_socket(upstream: SocketAddr) -> std::io::Result<Datagram> {
+    let socket = Socket::new(
+        Domain::for_address(upstream),
+        Type::DGRAM,
+        Some(Protocol::UDP),
+    )?;
+    let any: SocketAddr = match upstream {
+        SocketAddr::V4(_) => SocketAddr::from(([0, 0, 0, 0], 0)),
+        SocketAddr::V6(_) => SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0)),
+    };
+    socket.bind(&any.into())?;
+    socket.connect(&upstream.into())?;
+    let _ = socket.set_recv_buffer_size(4 << 20);
+    Datagram::new(socket.into())
+}
+
 /// A socket for IPv4 and IPv6 servers alike, falling back to IPv4 only on hosts without IPv6.
 fn dual_stack_socket() -> std::io::Result<Datagram> {
     let socket = match Socket::new(Domain::IPV6, Type::DGRAM, Some(Protocol::UDP)) {
@@ -348,26 +395,34 @@ mod tests {
         message.to_vec().unwrap()
     }
 
+    /// Files `query` for `server` and sends it the way the proxy does; returns the socket and ID.
+    async fn forward(
+        pool: &UpstreamPool<Asked>,
+        server: SocketAddr,
+        query: &[u8],
+    ) -> (Arc<PoolSocket<Asked>>, u16, Option<SocketAddr>) {
+        let deadline = Instant::now() + Duration::from_secs(2);
+        let Ok((index, id, target)) =
+            pool.register(server, deadline, waiter_for(query), pool.next_socket())
+        else {
+            panic!("no ID free in an empty pool");
+        };
+        let socket = pool.sockets()[index].clone();
+        let mut outbox = crate::datagram::Outbox::new(4);
+        set_id(outbox.push(query, target), id);
+        assert!(socket.datagram().send_batch(&mut outbox).await.is_empty());
+        (socket, id, target)
+    }
+
     #[tokio::test]
     async fn only_the_real_answer_is_claimed() {
-        let pool = UpstreamPool::<Asked>::open(2).unwrap();
         let server = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
         let spoofer: SocketAddr = "127.0.0.1:9".parse().unwrap();
         let server_addr = server.local_addr().unwrap();
+        let pool = UpstreamPool::<Asked>::open(2, server_addr).unwrap();
         let query = query_packet(4242, "cilium.io.");
-        let deadline = Instant::now() + Duration::from_secs(2);
-        let Ok((index, id, target)) = pool.register(
-            server_addr,
-            deadline,
-            waiter_for(&query),
-            pool.next_socket(),
-        ) else {
-            panic!("no ID free in an empty pool");
-        };
-        let socket = &pool.sockets()[index];
-        let mut outgoing = query.clone();
-        set_id(&mut outgoing, id);
-        socket.datagram().send_to(&outgoing, target).await.unwrap();
+        let (socket, id, target) = forward(&pool, server_addr, &query).await;
+        assert_eq!(target, None, "the configured upstream is reached connected");
         let mut buffer = vec![0u8; 512];
         let (length, _) = server.recv_from(&mut buffer).await.unwrap();
         assert_eq!(packet_id(&buffer[..length]), Some(id));
@@ -406,9 +461,32 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn other_servers_are_reached_unconnected_and_answer_there() {
+        let configured: SocketAddr = "127.0.0.1:9".parse().unwrap();
+        let pool = UpstreamPool::<Asked>::open(2, configured).unwrap();
+        let server = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let server_addr = server.local_addr().unwrap();
+        let query = query_packet(7, "cilium.io.");
+        let (socket, id, target) = forward(&pool, server_addr, &query).await;
+        assert!(target.is_some());
+        let mut buffer = vec![0u8; 512];
+        let (length, proxy) = server.recv_from(&mut buffer).await.unwrap();
+        assert_eq!(packet_id(&buffer[..length]), Some(id));
+        server
+            .send_to(&answer_packet("cilium.io.", id), proxy)
+            .await
+            .unwrap();
+        let mut inbox = crate::datagram::Inbox::new(4, 512);
+        assert_eq!(socket.datagram().recv_batch(&mut inbox).await.unwrap(), 1);
+        let (packet, from) = inbox.get_mut(0).unwrap().unwrap();
+        let (_, answer) = socket.claim(from, packet).unwrap();
+        assert_eq!(answer.summary.ips.len(), 1);
+    }
+
+    #[tokio::test]
     async fn deadlines_sweep_queries_out() {
-        let pool = UpstreamPool::<Asked>::open(1).unwrap();
         let server: SocketAddr = "127.0.0.1:53".parse().unwrap();
+        let pool = UpstreamPool::<Asked>::open(1, server).unwrap();
         let now = Instant::now();
         let query = query_packet(1, "cilium.io.");
         for seconds in [1, 2, 3] {
@@ -430,8 +508,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_full_socket_hands_the_waiter_back() {
-        let pool = UpstreamPool::<Asked>::open(1).unwrap();
         let server: SocketAddr = "127.0.0.1:53".parse().unwrap();
+        let pool = UpstreamPool::<Asked>::open(1, server).unwrap();
         let deadline = Instant::now() + Duration::from_secs(5);
         let query = query_packet(1, "cilium.io.");
         let mut registered = 0;
