@@ -98,6 +98,12 @@ impl Datagram {
         }
     }
 
+    /// Reads what is queued now, without waiting: `WouldBlock` when nothing is. Asks the
+    /// socket itself, not the runtime's record of its readiness.
+    pub fn recv_batch_now(&self, inbox: &mut Inbox) -> io::Result<usize> {
+        inbox.fill(self.io.get_ref().as_raw_fd())
+    }
+
     /// Sends everything in `outbox`, in as few system calls as the kernel allows, and empties
     /// it; returns the indexes (in push order) of the datagrams that could not be sent.
     pub async fn send_batch(&self, outbox: &mut Outbox) -> Vec<usize> {

@@ -6,7 +6,7 @@
 use std::borrow::Cow;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
 use hickory_proto::op::ResponseCode;
@@ -33,7 +33,7 @@ use crate::wire::{self, Query};
 pub(crate) struct Engine {
     pub settings: ProxySettings,
     pub context: ProxyContext,
-    pub udp_listeners: Vec<Arc<Datagram>>,
+    pub udp_listeners: Vec<ListenerSlot>,
     pub upstream: UpstreamPool<Waiting>,
     pub in_flight: Arc<InFlightCount>,
     timings: Timings,
@@ -46,6 +46,34 @@ impl std::fmt::Debug for Engine {
         f.debug_struct("Engine")
             .field("settings", &self.settings)
             .finish_non_exhaustive()
+    }
+}
+
+/// A UDP listener socket that can be closed while loops still share the engine. Closing takes
+/// the socket out of the port's SO_REUSEPORT group at once, so that the kernel stops handing
+/// it queries nobody will read; the loops borrow the socket only for a batch at a time.
+#[derive(Debug)]
+pub(crate) struct ListenerSlot(RwLock<Option<Arc<Datagram>>>);
+
+impl ListenerSlot {
+    fn new(socket: Arc<Datagram>) -> ListenerSlot {
+        ListenerSlot(RwLock::new(Some(socket)))
+    }
+
+    /// The socket, unless it is closed.
+    pub fn get(&self) -> Option<Arc<Datagram>> {
+        self.0
+            .read()
+            .unwrap_or_else(|poison| poison.into_inner())
+            .clone()
+    }
+
+    /// Drops the engine's handle; the socket closes when the last batch using it is sent.
+    pub fn close(&self) {
+        self.0
+            .write()
+            .unwrap_or_else(|poison| poison.into_inner())
+            .take();
     }
 }
 
@@ -128,6 +156,10 @@ pub(crate) struct InFlightCount {
 }
 
 impl InFlightCount {
+    pub fn count(&self) -> usize {
+        self.count.load(Ordering::Acquire)
+    }
+
     /// Returns once no query is in flight.
     pub async fn idle(&self) {
         loop {
@@ -231,7 +263,7 @@ impl Engine {
         Engine {
             settings,
             context,
-            udp_listeners,
+            udp_listeners: udp_listeners.into_iter().map(ListenerSlot::new).collect(),
             upstream,
             in_flight,
             timings,

@@ -12,6 +12,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::ProxyError;
 use crate::context::ProxyContext;
+use crate::datagram::Datagram;
 use crate::engine::Engine;
 use crate::listener::bind_pair;
 use crate::upstream::UpstreamPool;
@@ -40,6 +41,9 @@ pub struct ProxySettings {
 /// A bound, not yet serving, DNS proxy.
 #[derive(Debug)]
 pub struct DnsProxy {
+    /// Also in the engine, which may close them; kept here for their addresses and
+    /// descriptors until serving starts.
+    udp_listeners: Vec<Arc<Datagram>>,
     tcp_listeners: Vec<TcpListener>,
     engine: Arc<Engine>,
 }
@@ -56,16 +60,17 @@ impl DnsProxy {
             tcp_listeners.push(pair.tcp);
         }
         let upstream = UpstreamPool::open(settings.upstream_sockets, settings.upstream)?;
+        let engine = Engine::new(settings, context, udp_listeners.clone(), upstream);
         Ok(DnsProxy {
+            udp_listeners,
             tcp_listeners,
-            engine: Arc::new(Engine::new(settings, context, udp_listeners, upstream)),
+            engine: Arc::new(engine),
         })
     }
 
     /// The bound addresses, in the order of `listen` (the real port when 0 was asked for).
     pub fn local_addrs(&self) -> Vec<SocketAddr> {
-        self.engine
-            .udp_listeners
+        self.udp_listeners
             .iter()
             .filter_map(|socket| socket.local_addr().ok())
             .collect()
@@ -74,8 +79,7 @@ impl DnsProxy {
     /// The listener sockets, for registering them with the datapath's reuseport selection:
     /// UDP then TCP of each listen address.
     pub fn listener_fds(&self) -> Vec<BorrowedFd<'_>> {
-        self.engine
-            .udp_listeners
+        self.udp_listeners
             .iter()
             .zip(&self.tcp_listeners)
             .flat_map(|(udp, tcp)| [udp.as_fd(), tcp.as_fd()])
@@ -89,11 +93,19 @@ impl DnsProxy {
     }
 
     /// Like [`DnsProxy::serve`]; at shutdown `leave` runs first (it steers new queries to the
-    /// peer process), the listeners keep reading for `linger` so nothing already queued on
-    /// them is lost, then they stop and the queries in flight finish.
+    /// peer process), the listeners keep serving for `linger`, then each UDP listener closes
+    /// at the first moment nothing is queued on it and nothing is in flight (so that the
+    /// kernel, which keeps handing an open socket its share of the port's queries, has no
+    /// time to queue one it would lose), and the TCP listeners stop accepting.
     pub async fn serve_and_leave(self, shutdown: CancellationToken, leave: impl FnOnce()) {
         let tracker = TaskTracker::new();
-        let engine = self.engine;
+        let DnsProxy {
+            udp_listeners,
+            tcp_listeners,
+            engine,
+        } = self;
+        // From here the engine's handles are the only ones: closing them closes the sockets.
+        drop(udp_listeners);
         let stop_reading = CancellationToken::new();
         let upstream_shutdown = CancellationToken::new();
         engine.context.metrics.dns.serving.set(1);
@@ -119,7 +131,7 @@ impl DnsProxy {
                 stop_reading.clone(),
             )));
         }
-        for listener in self.tcp_listeners {
+        for listener in tcp_listeners {
             listener_loops.push(tokio::spawn(tcp::listener_loop(
                 listener,
                 engine.clone(),
@@ -149,6 +161,10 @@ impl DnsProxy {
         {
             tracing::warn!("queries still in flight after the drain timeout");
         }
+        // A listener too busy to find a quiet moment closes now that its queries are answered.
+        for slot in &engine.udp_listeners {
+            slot.close();
+        }
         upstream_shutdown.cancel();
         for upstream_loop in upstream_loops {
             let _ = upstream_loop.await;
@@ -157,5 +173,308 @@ impl DnsProxy {
         for waiting in engine.upstream.drain() {
             udp::time_out(&engine, waiting, &tracker);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The engine end to end in one process: a fake upstream, one endpoint, one policy, and a
+    //! datapath hook whose writes take a while.
+
+    use std::collections::BTreeMap;
+    use std::net::IpAddr;
+    use std::path::Path;
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Instant;
+
+    use hickory_proto::op::{Message, MessageType, OpCode, Query};
+    use hickory_proto::rr::rdata::A;
+    use hickory_proto::rr::{Name, RData, Record, RecordType};
+    use tokio::net::UdpSocket;
+    use warden_fqdn::{CacheLimits, DnsCache};
+    use warden_policy::{EndpointId, EndpointInfo, Labels, PolicyRepository, parse_str};
+    use warden_telemetry::{FlowLog, Metrics};
+
+    use super::*;
+    use crate::context::{
+        AllowRequest, ClientContext, DatapathHook, EndpointLookup, HoldFuture, Mapping,
+        MappingObserver, PolicySource, SharedCache, Transport,
+    };
+
+    /// Every sender is endpoint 1, `default/test`.
+    struct OneEndpoint;
+
+    impl EndpointLookup for OneEndpoint {
+        fn lookup(&self, _client: SocketAddr, _transport: Transport) -> ClientContext {
+            ClientContext {
+                endpoint: Some((EndpointId(1), Arc::from("default/test"))),
+                original_server: None,
+            }
+        }
+    }
+
+    struct Fixed(Arc<PolicyRepository>);
+
+    impl PolicySource for Fixed {
+        fn current(&self) -> Arc<PolicyRepository> {
+            self.0.clone()
+        }
+    }
+
+    /// Allow entries that take `delay` to be written.
+    struct SlowDatapath {
+        delay: Duration,
+        calls: AtomicUsize,
+    }
+
+    impl DatapathHook for SlowDatapath {
+        fn allow(&self, _request: &AllowRequest<'_>) -> Option<HoldFuture> {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            Some(Box::pin(tokio::time::sleep(self.delay)))
+        }
+    }
+
+    #[derive(Default)]
+    struct Recorded(Mutex<Vec<Mapping>>);
+
+    impl MappingObserver for Recorded {
+        fn on_mapping(&self, mapping: Mapping) {
+            self.0.lock().unwrap().push(mapping);
+        }
+    }
+
+    /// `app=test` may ask `upstream` for anything and reach cilium.io on 443.
+    fn policy(upstream: SocketAddr) -> Arc<PolicyRepository> {
+        let yaml = format!(
+            r#"
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {{name: test, namespace: default}}
+spec:
+  endpointSelector: {{matchLabels: {{app: test}}}}
+  egress:
+  - toCIDR: ["{ip}/32"]
+    toPorts:
+    - ports: [{{port: "{port}", protocol: ANY}}]
+      rules:
+        dns: [{{matchPattern: "*"}}]
+  - toFQDNs: [{{matchName: cilium.io}}]
+    toPorts: [{{ports: [{{port: "443", protocol: TCP}}]}}]
+"#,
+            ip = upstream.ip(),
+            port = upstream.port()
+        );
+        let policies = parse_str(&yaml, Path::new("test.yaml")).unwrap();
+        let labels = BTreeMap::from([("app".to_owned(), "test".to_owned())]);
+        let endpoint = EndpointInfo {
+            id: EndpointId(1),
+            name: "test".to_owned(),
+            namespace: "default".to_owned(),
+            labels: Labels::from_k8s(&labels, "default"),
+            ips: vec![IpAddr::from([127, 0, 0, 1])],
+        };
+        Arc::new(PolicyRepository::build(&policies, &[endpoint]))
+    }
+
+    /// A server answering every question with one A record, or never when `silent`.
+    async fn fake_upstream(silent: bool) -> SocketAddr {
+        let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let address = socket.local_addr().unwrap();
+        tokio::spawn(async move {
+            let mut buffer = vec![0u8; 1500];
+            while let Ok((length, from)) = socket.recv_from(&mut buffer).await {
+                if silent {
+                    continue;
+                }
+                let query = Message::from_vec(&buffer[..length]).unwrap();
+                let mut answer = Message::response(query.metadata.id, OpCode::Query);
+                answer.add_queries(query.queries.clone());
+                answer.add_answer(Record::from_rdata(
+                    query.queries[0].name().clone(),
+                    60,
+                    RData::A(A::new(198, 18, 0, 1)),
+                ));
+                let _ = socket.send_to(&answer.to_vec().unwrap(), from).await;
+            }
+        });
+        address
+    }
+
+    struct Running {
+        dns: SocketAddr,
+        datapath: Arc<SlowDatapath>,
+        mappings: Arc<Recorded>,
+        shutdown: CancellationToken,
+    }
+
+    async fn start(upstream: SocketAddr, hold: Duration, upstream_timeout: Duration) -> Running {
+        start_on(
+            "127.0.0.1:0".parse().unwrap(),
+            upstream,
+            hold,
+            upstream_timeout,
+        )
+        .await
+    }
+
+    async fn start_on(
+        listen: SocketAddr,
+        upstream: SocketAddr,
+        hold: Duration,
+        upstream_timeout: Duration,
+    ) -> Running {
+        let datapath = Arc::new(SlowDatapath {
+            delay: hold,
+            calls: AtomicUsize::new(0),
+        });
+        let mappings = Arc::new(Recorded::default());
+        let context = ProxyContext {
+            instance: Arc::from("test"),
+            endpoints: Arc::new(OneEndpoint),
+            policy: Arc::new(Fixed(policy(upstream))),
+            cache: SharedCache::new(DnsCache::new(CacheLimits::default())),
+            datapath: datapath.clone(),
+            mappings: mappings.clone(),
+            metrics: Metrics::new("test").unwrap(),
+            flows: Arc::new(FlowLog::new(100)),
+        };
+        let settings = ProxySettings {
+            listen: vec![listen],
+            upstream,
+            reject: ResponseCode::Refused,
+            response_max_delay: Duration::from_millis(300),
+            upstream_timeout,
+            concurrency_limit: 0,
+            upstream_sockets: 2,
+            tcp_idle_timeout: Duration::from_secs(5),
+            linger: Duration::ZERO,
+        };
+        let proxy = DnsProxy::bind(settings, context).unwrap();
+        let dns = proxy.local_addrs()[0];
+        let shutdown = CancellationToken::new();
+        tokio::spawn(proxy.serve(shutdown.clone()));
+        Running {
+            dns,
+            datapath,
+            mappings,
+            shutdown,
+        }
+    }
+
+    /// Asks `dns` over UDP; returns the answer and how long it took.
+    async fn ask(dns: SocketAddr, name: &str) -> (Message, Duration) {
+        let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let mut query = Message::query();
+        query.metadata.id = 4242;
+        query.add_query(Query::query(Name::from_ascii(name).unwrap(), RecordType::A));
+        let started = Instant::now();
+        client.send_to(&query.to_vec().unwrap(), dns).await.unwrap();
+        let mut buffer = vec![0u8; 1500];
+        let (length, _) =
+            tokio::time::timeout(Duration::from_secs(5), client.recv_from(&mut buffer))
+                .await
+                .expect("an answer")
+                .unwrap();
+        let answer = Message::from_vec(&buffer[..length]).unwrap();
+        assert_eq!(answer.metadata.id, 4242);
+        assert_eq!(answer.metadata.message_type, MessageType::Response);
+        (answer, started.elapsed())
+    }
+
+    #[tokio::test]
+    async fn an_answer_waits_for_its_allow_entries_but_no_longer_than_the_max_delay() {
+        let upstream = fake_upstream(false).await;
+        let quick = start(upstream, Duration::from_millis(100), Duration::from_secs(2)).await;
+        let (answer, took) = ask(quick.dns, "cilium.io.").await;
+        assert_eq!(answer.metadata.response_code, ResponseCode::NoError);
+        assert_eq!(answer.answers.len(), 1);
+        assert!(took >= Duration::from_millis(100), "released at {took:?}");
+        assert!(took < Duration::from_millis(300), "released at {took:?}");
+        assert_eq!(quick.datapath.calls.load(Ordering::SeqCst), 1);
+        assert_eq!(quick.mappings.0.lock().unwrap().len(), 1);
+
+        // A name no toFQDNs selector matches has nothing to write and does not wait.
+        let (answer, took) = ask(quick.dns, "example.org.").await;
+        assert_eq!(answer.metadata.response_code, ResponseCode::NoError);
+        assert!(took < Duration::from_millis(100), "released at {took:?}");
+        assert_eq!(quick.datapath.calls.load(Ordering::SeqCst), 1);
+        quick.shutdown.cancel();
+
+        let stuck = start(upstream, Duration::from_secs(30), Duration::from_secs(2)).await;
+        let (answer, took) = ask(stuck.dns, "cilium.io.").await;
+        assert_eq!(answer.answers.len(), 1, "released anyway");
+        assert!(took >= Duration::from_millis(300), "released at {took:?}");
+        assert!(took < Duration::from_secs(2), "released at {took:?}");
+        stuck.shutdown.cancel();
+    }
+
+    #[tokio::test]
+    async fn a_silent_upstream_gets_servfail_after_the_timeout() {
+        let upstream = fake_upstream(true).await;
+        let running = start(upstream, Duration::ZERO, Duration::from_millis(300)).await;
+        let (answer, took) = ask(running.dns, "cilium.io.").await;
+        assert_eq!(answer.metadata.response_code, ResponseCode::ServFail);
+        assert_eq!(answer.queries.len(), 1, "the question is echoed");
+        assert!(took >= Duration::from_millis(300), "answered at {took:?}");
+        assert!(took < Duration::from_secs(1), "answered at {took:?}");
+        running.shutdown.cancel();
+    }
+
+    #[tokio::test]
+    async fn a_proxy_leaving_a_shared_port_loses_no_query() {
+        let upstream = fake_upstream(false).await;
+        let leaving = start(upstream, Duration::ZERO, Duration::from_secs(2)).await;
+        let staying = start_on(
+            leaving.dns,
+            upstream,
+            Duration::ZERO,
+            Duration::from_secs(2),
+        )
+        .await;
+        assert_eq!(staying.dns, leaving.dns);
+
+        // Many source ports, so that the kernel spreads the queries over both sockets.
+        let mut clients = Vec::new();
+        for _ in 0..16 {
+            clients.push(Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap()));
+        }
+        let answered = Arc::new(AtomicUsize::new(0));
+        let mut readers = Vec::new();
+        for client in &clients {
+            let (client, answered) = (client.clone(), answered.clone());
+            readers.push(tokio::spawn(async move {
+                let mut buffer = vec![0u8; 1500];
+                while let Ok(Ok(_)) =
+                    tokio::time::timeout(Duration::from_secs(1), client.recv_from(&mut buffer))
+                        .await
+                {
+                    answered.fetch_add(1, Ordering::SeqCst);
+                }
+            }));
+        }
+        let mut query = Message::query();
+        query.add_query(Query::query(
+            Name::from_ascii("cilium.io.").unwrap(),
+            RecordType::A,
+        ));
+        let packet = query.to_vec().unwrap();
+        let mut ticks = tokio::time::interval(Duration::from_micros(500));
+        let sent = 3_000;
+        for index in 0..sent {
+            ticks.tick().await;
+            if index == sent / 3 {
+                leaving.shutdown.cancel();
+            }
+            clients[index % clients.len()]
+                .send_to(&packet, leaving.dns)
+                .await
+                .unwrap();
+        }
+        for reader in readers {
+            reader.await.unwrap();
+        }
+        assert_eq!(answered.load(Ordering::SeqCst), sent);
+        staying.shutdown.cancel();
     }
 }

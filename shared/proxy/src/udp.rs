@@ -1,10 +1,12 @@
 //! The UDP hot path, as three kinds of loop and no task per query.
 //!
-//! A listener loop reads a client's query, checks it and either answers at once (denied,
-//! malformed, over the concurrency limit) or files it in the upstream pool and forwards it.
-//! The pool socket's answer loop claims the upstream's answer, records what it allows and
-//! sends it to the client from the listener socket the query came in on. A sweep loop answers
-//! SERVFAIL to queries whose upstream stayed silent. A query thus costs two wake-ups of
+//! A listener loop reads every query queued on its socket in one call, checks each and either
+//! answers it at once (denied, malformed, over the concurrency limit) or files it in the
+//! upstream pool; then the batch's forwards leave in one call per pool socket and its
+//! immediate answers in one more. The pool socket's answer loop reads a batch of answers,
+//! claims each for its query, records what it allows and sends the batch back to the clients
+//! from the listener sockets their queries came in on. A sweep loop answers SERVFAIL to
+//! queries whose upstream stayed silent. A query thus costs a share of two wake-ups of
 //! long-lived loops and no spawn, channel or task hop; only an answer the datapath asks to
 //! hold for something asynchronous gets a task of its own.
 
@@ -19,13 +21,17 @@ use tokio_util::task::TaskTracker;
 
 use crate::context::Transport;
 use crate::datagram::{Datagram, Inbox, Outbox};
-use crate::engine::{Checked, Engine, InFlight, Outcome};
+use crate::engine::{Checked, Engine, InFlight, ListenerSlot, Outcome};
 use crate::response::{packet_id, set_id};
 use crate::upstream::{MAX_MESSAGE, PoolSocket, UpstreamFailure, Waiter};
 use crate::wire;
 
 /// How often silent upstreams are looked for: a timed-out query is answered at most this late.
 const SWEEP_EVERY: Duration = Duration::from_millis(20);
+/// How long a stopped listener keeps serving while waiting for a quiet moment to close in.
+const CLOSE_WITHIN: Duration = Duration::from_millis(500);
+/// How often a closing listener looks at its socket again while queries are in flight.
+const CLOSE_POLL: Duration = Duration::from_millis(1);
 /// Datagrams read or written per system call at most.
 const BATCH: usize = 32;
 /// Room for one query: far more than any real one needs (a question and an OPT record), and
@@ -51,37 +57,86 @@ impl Waiter for Waiting {
     }
 }
 
-/// Reads one listener socket until `stop`.
+/// Serves one listener socket until `stop`, then until the first moment nothing is queued on
+/// it and nothing is in flight (at most `CLOSE_WITHIN`), and closes it there: the kernel keeps
+/// handing an open socket its share of the port's queries, so the socket must not sit open
+/// and unread. With a peer on the port, a graceful restart then loses nothing even without
+/// the datapath to steer queries away.
 pub(crate) async fn listener_loop(engine: Arc<Engine>, listener: usize, stop: CancellationToken) {
-    let Some(socket) = engine.udp_listeners.get(listener).cloned() else {
+    let Some(slot) = engine.udp_listeners.get(listener) else {
         return;
     };
-    let mut inbox = Inbox::new(BATCH, QUERY_SLOT);
-    let mut replies = Outbox::new(BATCH);
-    // One outbox per pool socket, and the IDs its queries were filed under.
-    let mut forwards: Vec<(Outbox, Vec<u16>)> = engine
-        .upstream
-        .sockets()
-        .iter()
-        .map(|_| (Outbox::new(BATCH), Vec::with_capacity(BATCH)))
-        .collect();
+    let Some(socket) = slot.get() else {
+        return;
+    };
+    let mut batch = Batch::new(&engine);
     loop {
         let received = tokio::select! {
             biased;
-            _ = stop.cancelled() => return,
-            received = socket.recv_batch(&mut inbox) => received,
+            _ = stop.cancelled() => break,
+            received = socket.recv_batch(&mut batch.inbox) => received,
         };
-        let count = match received {
-            Ok(count) => count,
+        match received {
+            Ok(count) => batch.serve(&engine, listener, &socket, count).await,
+            Err(error) => tracing::debug!(%error, "DNS UDP receive error"),
+        }
+    }
+    let deadline = Instant::now() + CLOSE_WITHIN;
+    loop {
+        // A real read, not tokio's idea of readiness, which may lag behind the socket.
+        match socket.recv_batch_now(&mut batch.inbox) {
+            Ok(count) => batch.serve(&engine, listener, &socket, count).await,
+            Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {
+                if engine.in_flight.count() == 0 {
+                    slot.close();
+                    return;
+                }
+                if Instant::now() >= deadline {
+                    // Busy to the end: the socket closes once the queries in flight are done.
+                    return;
+                }
+                tokio::select! {
+                    _ = engine.in_flight.idle() => {}
+                    _ = tokio::time::sleep(CLOSE_POLL) => {}
+                }
+            }
             Err(error) => {
                 tracing::debug!(%error, "DNS UDP receive error");
-                continue;
+                tokio::time::sleep(CLOSE_POLL).await;
             }
-        };
+        }
+    }
+}
+
+/// A listener loop's buffers, reused batch after batch.
+struct Batch {
+    inbox: Inbox,
+    replies: Outbox,
+    /// One outbox per pool socket, and the IDs its queries were filed under.
+    forwards: Vec<(Outbox, Vec<u16>)>,
+}
+
+impl Batch {
+    fn new(engine: &Engine) -> Batch {
+        Batch {
+            inbox: Inbox::new(BATCH, QUERY_SLOT),
+            replies: Outbox::new(BATCH),
+            forwards: engine
+                .upstream
+                .sockets()
+                .iter()
+                .map(|_| (Outbox::new(BATCH), Vec::with_capacity(BATCH)))
+                .collect(),
+        }
+    }
+
+    /// Handles the `count` queries just read: each is answered or filed, then the forwards
+    /// leave, then the answers.
+    async fn serve(&mut self, engine: &Engine, listener: usize, socket: &Datagram, count: usize) {
         let started = Instant::now();
         let pool_socket = engine.upstream.next_socket();
         for index in 0..count {
-            let (packet, client) = match inbox.get_mut(index) {
+            let (packet, client) = match self.inbox.get_mut(index) {
                 Some(Ok(received)) => received,
                 Some(Err(())) => {
                     engine.malformed(Transport::Udp);
@@ -89,16 +144,16 @@ pub(crate) async fn listener_loop(engine: Arc<Engine>, listener: usize, stop: Ca
                 }
                 None => break,
             };
-            match query(&engine, listener, client, packet, started, pool_socket) {
+            match query(engine, listener, client, packet, started, pool_socket) {
                 Step::Reply(reply) => {
-                    replies.push(&reply, client);
+                    self.replies.push(&reply, client);
                 }
                 Step::Forward {
                     socket: pool_index,
                     id,
                     target,
                 } => {
-                    if let Some((outbox, ids)) = forwards.get_mut(pool_index) {
+                    if let Some((outbox, ids)) = self.forwards.get_mut(pool_index) {
                         set_id(outbox.push(packet, target), id);
                         ids.push(id);
                     }
@@ -107,7 +162,7 @@ pub(crate) async fn listener_loop(engine: Arc<Engine>, listener: usize, stop: Ca
             }
         }
         // Forwards first: their answers take the longest.
-        for (pool_index, (outbox, ids)) in forwards.iter_mut().enumerate() {
+        for (pool_index, (outbox, ids)) in self.forwards.iter_mut().enumerate() {
             if outbox.is_empty() {
                 continue;
             }
@@ -120,14 +175,14 @@ pub(crate) async fn listener_loop(engine: Arc<Engine>, listener: usize, stop: Ca
                     continue;
                 };
                 let client = waiting.checked.client;
-                if let Some(reply) = fail(&engine, waiting, UpstreamFailure::Io) {
-                    replies.push(&reply, client);
+                if let Some(reply) = fail(engine, waiting, UpstreamFailure::Io) {
+                    self.replies.push(&reply, client);
                 }
             }
             ids.clear();
         }
-        if !replies.is_empty() {
-            socket.send_batch(&mut replies).await;
+        if !self.replies.is_empty() {
+            socket.send_batch(&mut self.replies).await;
         }
     }
 }
@@ -271,18 +326,32 @@ pub(crate) async fn answer_loop(
             }
         }
         for (listener, outbox) in answers.iter_mut().enumerate() {
-            if let Some(listener_socket) = engine.udp_listeners.get(listener)
-                && !outbox.is_empty()
+            if outbox.is_empty() {
+                continue;
+            }
+            match engine
+                .udp_listeners
+                .get(listener)
+                .and_then(ListenerSlot::get)
             {
-                listener_socket.send_batch(outbox).await;
+                Some(listener_socket) => {
+                    listener_socket.send_batch(outbox).await;
+                }
+                // Closed: no query of its can be in flight, so this cannot happen; if it did,
+                // there is no way left to answer from the port.
+                None => outbox.clear(),
             }
         }
     }
 }
 
 fn answer_client(engine: &Engine, waiting: &Waiting, packet: &[u8], tracker: &TaskTracker) {
-    if let Some(socket) = engine.udp_listeners.get(waiting.listener) {
-        send_reply(socket, packet, waiting.checked.client, tracker);
+    if let Some(socket) = engine
+        .udp_listeners
+        .get(waiting.listener)
+        .and_then(ListenerSlot::get)
+    {
+        send_reply(&socket, packet, waiting.checked.client, tracker);
     }
 }
 
@@ -293,7 +362,10 @@ pub(crate) async fn sweep_loop(
     shutdown: CancellationToken,
     tracker: TaskTracker,
 ) {
-    let mut ticks = tokio::time::interval(SWEEP_EVERY.min(engine.settings.upstream_timeout));
+    let period = SWEEP_EVERY
+        .min(engine.settings.upstream_timeout)
+        .max(Duration::from_millis(1));
+    let mut ticks = tokio::time::interval(period);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
@@ -311,9 +383,12 @@ pub(crate) fn time_out(engine: &Engine, waiting: Waiting, tracker: &TaskTracker)
     let client = waiting.checked.client;
     let listener = waiting.listener;
     if let Some(reply) = fail(engine, waiting, UpstreamFailure::Timeout)
-        && let Some(socket) = engine.udp_listeners.get(listener)
+        && let Some(socket) = engine
+            .udp_listeners
+            .get(listener)
+            .and_then(ListenerSlot::get)
     {
-        send_reply(socket, &reply, client, tracker);
+        send_reply(&socket, &reply, client, tracker);
     }
 }
 
