@@ -306,6 +306,7 @@ spec:
         datapath: Arc<SlowDatapath>,
         mappings: Arc<Recorded>,
         shutdown: CancellationToken,
+        served: tokio::task::JoinHandle<()>,
     }
 
     async fn start(upstream: SocketAddr, hold: Duration, upstream_timeout: Duration) -> Running {
@@ -353,12 +354,13 @@ spec:
         let proxy = DnsProxy::bind(settings, context).unwrap();
         let dns = proxy.local_addrs()[0];
         let shutdown = CancellationToken::new();
-        tokio::spawn(proxy.serve(shutdown.clone()));
+        let served = tokio::spawn(proxy.serve(shutdown.clone()));
         Running {
             dns,
             datapath,
             mappings,
             shutdown,
+            served,
         }
     }
 
@@ -461,10 +463,18 @@ spec:
         let packet = query.to_vec().unwrap();
         let mut ticks = tokio::time::interval(Duration::from_micros(500));
         let sent = 3_000;
+        let mut left = None;
+        let mut leaving_served = Some(leaving.served);
         for index in 0..sent {
             ticks.tick().await;
             if index == sent / 3 {
                 leaving.shutdown.cancel();
+                let served = leaving_served.take().unwrap();
+                left = Some(tokio::spawn(async move {
+                    let stopped = Instant::now();
+                    served.await.unwrap();
+                    stopped.elapsed()
+                }));
             }
             clients[index % clients.len()]
                 .send_to(&packet, leaving.dns)
@@ -475,6 +485,9 @@ spec:
             reader.await.unwrap();
         }
         assert_eq!(answered.load(Ordering::SeqCst), sent);
+        // It found a quiet moment at once rather than waiting out CLOSE_WITHIN.
+        let took = left.unwrap().await.unwrap();
+        assert!(took < Duration::from_millis(250), "left after {took:?}");
         staying.shutdown.cancel();
     }
 }

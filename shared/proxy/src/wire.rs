@@ -116,8 +116,8 @@ pub struct Query<'a> {
     /// The first question's name as policy matching sees it: lowercase, fully qualified with a
     /// trailing dot, the root as "."; bytes other than letters, digits, '-', '_' and '*' escaped
     /// exactly as hickory's `Name::to_ascii` escapes them (`\c` for other printable ASCII,
-    /// `\ooo` in octal for the rest), so that policy sees the same text as before. Empty when
-    /// there is no question.
+    /// `\ooo` in octal for the rest), the presentation form the rest of Warden (policy, cache,
+    /// CLI) uses. Empty when there is no question.
     pub qname: String,
     pub qtype: u16,
     pub qclass: u16,
