@@ -22,14 +22,14 @@ use crate::context::{
     unix_now,
 };
 use crate::datagram::Datagram;
-use crate::response::rcode_name;
+use crate::response::{RCODE_NAMES, rcode_index, rcode_name};
 use crate::server::ProxySettings;
 use crate::udp::Waiting;
 use crate::upstream::{UpstreamFailure, UpstreamPool};
 use crate::wire::{self, Query};
 
-/// What the processes share: settings, context, the UDP listeners (answers go out through
-/// the socket their query came in on) and the upstream pool with its waiting queries.
+/// What every loop of the proxy shares: settings, context, the UDP listeners (answers go out
+/// through the socket their query came in on) and the upstream pool with its waiting queries.
 pub(crate) struct Engine {
     pub settings: ProxySettings,
     pub context: ProxyContext,
@@ -93,8 +93,7 @@ struct QueryCounters {
 }
 
 const VERDICTS: [Verdict; 3] = [Verdict::Allowed, Verdict::Denied, Verdict::Error];
-/// Every label `rcode_name` gives; the last one stands for the rest.
-const RCODE_LABELS: usize = 11;
+const RCODE_LABELS: usize = RCODE_NAMES.len();
 const TRANSPORTS: [Transport; 2] = [Transport::Udp, Transport::Tcp];
 
 impl QueryCounters {
@@ -126,23 +125,6 @@ impl QueryCounters {
                 .with_label_values(&[verdict.as_str(), rcode_name(rcode), transport.as_str()])
                 .inc(),
         }
-    }
-}
-
-/// The position of `rcode`'s label among the `RCODE_LABELS` `rcode_name` knows.
-fn rcode_index(rcode: ResponseCode) -> usize {
-    match rcode {
-        ResponseCode::NoError => 0,
-        ResponseCode::FormErr => 1,
-        ResponseCode::ServFail => 2,
-        ResponseCode::NXDomain => 3,
-        ResponseCode::NotImp => 4,
-        ResponseCode::Refused => 5,
-        ResponseCode::YXDomain => 6,
-        ResponseCode::NotAuth => 7,
-        ResponseCode::BADVERS => 8,
-        ResponseCode::BADCOOKIE => 9,
-        _ => 10,
     }
 }
 
