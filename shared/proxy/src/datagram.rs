@@ -10,8 +10,8 @@
 //! sendmmsg), so that a burst of queries costs one system call and one wake-up of each peer
 //! instead of one per packet.
 //!
-//! The one `unsafe` block of the crate is here: registering a file descriptor with the
-//! runtime's reactor.
+//! The crate's only `unsafe` code is here, each with its safety argument: registering a file
+//! descriptor with the runtime's reactor, and declaring nix's message headers `Send`.
 
 #![allow(unsafe_code)]
 
@@ -74,9 +74,7 @@ impl Datagram {
             }
         }
     }
-}
 
-impl Datagram {
     /// Waits for datagrams, then reads as many as are queued (up to the inbox's size) in one
     /// system call; returns how many.
     pub async fn recv_batch(&self, inbox: &mut Inbox) -> io::Result<usize> {
