@@ -156,20 +156,28 @@ impl<W> std::fmt::Debug for UpstreamPool<W> {
 impl<W: Waiter> UpstreamPool<W> {
     /// Opens `size` sockets connected to `upstream` and `size` unconnected ones (at least one
     /// of each). Their owner reads each socket's datagrams and hands them to
-    /// [`PoolSocket::claim`].
+    /// [`PoolSocket::claim`]. An upstream that cannot be connected to now (no route yet, say)
+    /// is reached through the unconnected sockets instead, as any other server is.
     pub fn open(size: usize, upstream: SocketAddr) -> Result<UpstreamPool<W>, ProxyError> {
         let size = size.max(1);
         let upstream = canonical(upstream);
         let mut sockets = Vec::with_capacity(2 * size);
         for _ in 0..size {
-            let socket = connected_socket(upstream).map_err(ProxyError::UpstreamSocket)?;
-            sockets.push(Arc::new(PoolSocket {
-                socket,
-                peer: Some(upstream),
-                dual_stack: false,
-                pending: Mutex::new(HashMap::new()),
-            }));
+            match connected_socket(upstream) {
+                Ok(socket) => sockets.push(Arc::new(PoolSocket {
+                    socket,
+                    peer: Some(upstream),
+                    dual_stack: false,
+                    pending: Mutex::new(HashMap::new()),
+                })),
+                Err(error) => {
+                    tracing::warn!(%upstream, %error, "cannot connect to the upstream; using unconnected sockets for it");
+                    sockets.clear();
+                    break;
+                }
+            }
         }
+        let connected = sockets.len();
         for _ in 0..size {
             let socket = dual_stack_socket().map_err(ProxyError::UpstreamSocket)?;
             let dual_stack = socket.local_addr().is_ok_and(|local| local.is_ipv6());
@@ -182,7 +190,7 @@ impl<W: Waiter> UpstreamPool<W> {
         }
         Ok(UpstreamPool {
             sockets,
-            connected: size,
+            connected,
             next: AtomicUsize::new(0),
         })
     }
@@ -191,9 +199,9 @@ impl<W: Waiter> UpstreamPool<W> {
         &self.sockets
     }
 
-    /// The socket the next batch of queries should use. Queries read together leave together
-    /// on one socket, in one system call, and their answers come back together on it; the
-    /// sockets (and their ports) take turns between batches.
+    /// The turn of the next batch of queries, for [`UpstreamPool::register`]: queries read
+    /// together leave together on one socket, in one system call, and their answers come back
+    /// together on it; the sockets (and their ports) take turns between batches.
     pub fn next_socket(&self) -> usize {
         self.next.fetch_add(1, Ordering::Relaxed)
     }
@@ -212,7 +220,7 @@ impl<W: Waiter> UpstreamPool<W> {
     ) -> Result<(usize, u16, Option<SocketAddr>), W> {
         let server = canonical(server);
         let group = match self.sockets.first() {
-            Some(first) if first.peer == Some(server) => 0..self.connected,
+            Some(first) if self.connected > 0 && first.peer == Some(server) => 0..self.connected,
             _ => self.connected..self.sockets.len(),
         };
         let group_size = group.len().max(1);
@@ -481,6 +489,25 @@ mod tests {
         let (packet, from) = inbox.get_mut(0).unwrap().unwrap();
         let (_, answer) = socket.claim(from, packet).unwrap();
         assert_eq!(answer.summary.ips.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn an_upstream_that_refuses_a_connect_is_asked_unconnected() {
+        // A UDP socket without SO_BROADCAST may not connect to the broadcast address (EACCES):
+        // the pool still opens, and queries for that server use the unconnected sockets.
+        let refused: SocketAddr = "255.255.255.255:53".parse().unwrap();
+        let pool = UpstreamPool::<Asked>::open(2, refused).unwrap();
+        assert_eq!(pool.connected, 0);
+        assert_eq!(pool.sockets().len(), 2);
+        let query = query_packet(1, "cilium.io.");
+        let deadline = Instant::now() + Duration::from_secs(1);
+        let Ok((_, _, target)) = pool.register(refused, deadline, waiter_for(&query), 0) else {
+            panic!("no socket for the upstream");
+        };
+        assert!(
+            target.is_some(),
+            "sent with an address, not on a connected socket"
+        );
     }
 
     #[tokio::test]
