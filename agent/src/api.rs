@@ -333,7 +333,19 @@ async fn session(
                     }
                     Err(broadcast::error::RecvError::Closed) => return SessionEnd::Closed,
                 };
-                let batch = Mappings { mappings: vec![WireMapping::from(&mapping)], resync: false };
+                // Those already waiting go along: one message per burst, not per answer.
+                let mut mappings = vec![WireMapping::from(&mapping)];
+                while mappings.len() < MAPPINGS_PER_MESSAGE {
+                    match local.try_recv() {
+                        Ok(more) => mappings.push(WireMapping::from(&more)),
+                        Err(broadcast::error::TryRecvError::Lagged(skipped)) => {
+                            tracing::warn!(session = id, skipped, "dnsproxy session fell behind the agent's mappings");
+                        }
+                        // Empty, or closed (the next recv says so).
+                        Err(_) => break,
+                    }
+                }
+                let batch = Mappings { mappings, resync: false };
                 if let Err(end) = send(AgentKind::Cache(batch)).await {
                     return end;
                 }

@@ -4,12 +4,13 @@
 
 use std::net::IpAddr;
 use std::path::PathBuf;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use warden_api::MAPPINGS_PER_MESSAGE;
 use warden_api::proto::agent_message::Kind as AgentKind;
@@ -162,6 +163,62 @@ pub async fn run(context: LinkContext, shutdown: CancellationToken) {
     }
 }
 
+/// The session's outbound stream. The engine hands over one live mapping per answer; those
+/// waiting together in the channel leave as one message (up to `MAPPINGS_PER_MESSAGE`), so
+/// that under load the agent gets a message per burst rather than per answer.
+struct Coalescing {
+    receiver: mpsc::Receiver<ProxyMessage>,
+    /// A message read while gathering mappings that is not one: it goes next.
+    held: Option<ProxyMessage>,
+}
+
+impl Coalescing {
+    fn new(receiver: mpsc::Receiver<ProxyMessage>) -> Coalescing {
+        Coalescing {
+            receiver,
+            held: None,
+        }
+    }
+}
+
+/// The mappings of a live (not resync) mappings message.
+fn live_mappings(message: &mut ProxyMessage) -> Option<&mut Mappings> {
+    match &mut message.kind {
+        Some(ProxyKind::Mappings(batch)) if !batch.resync => Some(batch),
+        _ => None,
+    }
+}
+
+impl tokio_stream::Stream for Coalescing {
+    type Item = ProxyMessage;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<ProxyMessage>> {
+        let this = &mut *self;
+        let mut first = match this.held.take() {
+            Some(message) => message,
+            None => match this.receiver.poll_recv(cx) {
+                Poll::Ready(Some(message)) => message,
+                other => return other,
+            },
+        };
+        if let Some(batch) = live_mappings(&mut first) {
+            while batch.mappings.len() < MAPPINGS_PER_MESSAGE {
+                let Ok(mut next) = this.receiver.try_recv() else {
+                    break;
+                };
+                match live_mappings(&mut next) {
+                    Some(more) => batch.mappings.append(&mut more.mappings),
+                    None => {
+                        this.held = Some(next);
+                        break;
+                    }
+                }
+            }
+        }
+        Poll::Ready(Some(first))
+    }
+}
+
 async fn session(
     context: &LinkContext,
     mut client: warden_api::proto::agent_client::AgentClient<tonic::transport::Channel>,
@@ -182,7 +239,7 @@ async fn session(
         context.journal.restore(journaled);
         return "could not say hello".into();
     }
-    let response = match client.session(ReceiverStream::new(stream)).await {
+    let response = match client.session(Coalescing::new(stream)).await {
         Ok(response) => response,
         Err(status) => {
             context.journal.restore(journaled);
@@ -346,5 +403,59 @@ async fn forward_flows(flows: Arc<FlowLog>, outbound: mpsc::Sender<ProxyMessage>
         if outbound.try_send(message).is_err() && outbound.is_closed() {
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio_stream::StreamExt;
+
+    fn live(name: &str) -> ProxyMessage {
+        ProxyMessage {
+            kind: Some(ProxyKind::Mappings(Mappings {
+                mappings: vec![WireMapping {
+                    name: name.to_owned(),
+                    ..WireMapping::default()
+                }],
+                resync: false,
+            })),
+        }
+    }
+
+    fn names(message: &ProxyMessage) -> Vec<String> {
+        match &message.kind {
+            Some(ProxyKind::Mappings(batch)) => {
+                batch.mappings.iter().map(|m| m.name.clone()).collect()
+            }
+            _ => vec!["(other)".to_owned()],
+        }
+    }
+
+    #[tokio::test]
+    async fn live_mappings_waiting_together_leave_as_one_message() {
+        let (sender, receiver) = mpsc::channel(16);
+        for name in ["a.io.", "b.io."] {
+            sender.send(live(name)).await.unwrap();
+        }
+        sender
+            .send(ProxyMessage {
+                kind: Some(ProxyKind::ResyncDone(ResyncDone::default())),
+            })
+            .await
+            .unwrap();
+        sender.send(live("c.io.")).await.unwrap();
+        drop(sender);
+        let messages: Vec<ProxyMessage> = Coalescing::new(receiver).collect().await;
+        let seen: Vec<Vec<String>> = messages.iter().map(names).collect();
+        assert_eq!(
+            seen,
+            vec![
+                vec!["a.io.".to_owned(), "b.io.".to_owned()],
+                vec!["(other)".to_owned()],
+                vec!["c.io.".to_owned()],
+            ],
+            "order kept; only adjacent live mappings merged"
+        );
     }
 }
