@@ -33,8 +33,8 @@ pub struct ProxySettings {
     pub upstream_sockets: usize,
     /// A TCP client connection with no query for this long is closed.
     pub tcp_idle_timeout: Duration,
-    /// After steering the port's traffic to the peer at shutdown, how long the listeners keep
-    /// reading what was already queued on them before they close.
+    /// After steering the port's traffic to the peer at shutdown, how long the listeners go on
+    /// serving what the kernel already queued on them before they look for a moment to close.
     pub linger: Duration,
 }
 
