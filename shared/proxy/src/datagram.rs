@@ -205,7 +205,10 @@ impl Inbox {
         let received = *self.received.get(index)?;
         let buffer = self.buffer.chunks_exact_mut(self.slot_size).nth(index)?;
         Some(match received.source {
-            Some(source) if !received.truncated => Ok((&mut buffer[..received.length], source)),
+            Some(source) if !received.truncated => buffer
+                .get_mut(..received.length)
+                .map(|packet| (packet, source))
+                .ok_or(()),
             _ => Err(()),
         })
     }
