@@ -248,6 +248,9 @@ async fn enforcement_holds_through_kill_9_and_restarts_without_a_gap() {
     allowed
         .wait_for_attempts(5, Duration::from_secs(5))
         .unwrap();
+    // The cache is written within 750 ms of a change (a 500 ms pause between writes, noticed
+    // on a 250 ms tick): the SIGKILL must come after that for the cache to survive it.
+    tokio::time::sleep(Duration::from_secs(1)).await;
 
     lab.agent.kill().unwrap();
     tokio::time::sleep(Duration::from_millis(1500)).await;

@@ -16,7 +16,7 @@
 #![allow(unsafe_code)]
 
 use std::io::{self, IoSlice, IoSliceMut};
-use std::net::{SocketAddr, SocketAddrV4, SocketAddrV6, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6, UdpSocket};
 use std::ops::Range;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 use std::time::Duration;
@@ -94,6 +94,22 @@ impl Datagram {
                 Err(_would_block) => continue,
             }
         }
+    }
+
+    /// Stops taking datagrams from clients while keeping what is queued: connected to its own
+    /// address (loopback when bound to the wildcard), the socket no longer matches their
+    /// datagrams, so the kernel gives them to another socket of the port's SO_REUSEPORT group.
+    /// Sending to explicit addresses still works.
+    pub fn stop_receiving(&self) -> io::Result<()> {
+        let local = self.local_addr()?;
+        let own = match local.ip() {
+            IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+            IpAddr::V6(ip) if ip.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
+            ip => ip,
+        };
+        self.io
+            .get_ref()
+            .connect(SocketAddr::new(own, local.port()))
     }
 
     /// Reads what is queued now, without waiting: `WouldBlock` when nothing is. Asks the

@@ -138,10 +138,6 @@ pub(crate) struct InFlightCount {
 }
 
 impl InFlightCount {
-    pub fn count(&self) -> usize {
-        self.count.load(Ordering::Acquire)
-    }
-
     /// Returns once no query is in flight.
     pub async fn idle(&self) {
         loop {

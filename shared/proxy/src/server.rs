@@ -34,7 +34,7 @@ pub struct ProxySettings {
     /// A TCP client connection with no query for this long is closed.
     pub tcp_idle_timeout: Duration,
     /// After steering the port's traffic to the peer at shutdown, how long the listeners go on
-    /// serving what the kernel already queued on them before they look for a moment to close.
+    /// serving as before (what the kernel already queued on them) before they leave the port.
     pub linger: Duration,
 }
 
@@ -93,10 +93,10 @@ impl DnsProxy {
     }
 
     /// Like [`DnsProxy::serve`]; at shutdown `leave` runs first (it steers new queries to the
-    /// peer process), the listeners keep serving for `linger`, then each UDP listener closes
-    /// at the first moment nothing is queued on it and nothing is in flight (so that the
-    /// kernel, which keeps handing an open socket its share of the port's queries, has no
-    /// time to queue one it would lose), and the TCP listeners stop accepting.
+    /// peer process), the listeners keep serving for `linger`, then each UDP listener leaves
+    /// the port's SO_REUSEPORT group and serves what it already holds (see
+    /// `udp::listener_loop`), the TCP listeners stop accepting, the queries in flight finish,
+    /// and the sockets close.
     pub async fn serve_and_leave(self, shutdown: CancellationToken, leave: impl FnOnce()) {
         let tracker = TaskTracker::new();
         let DnsProxy {
@@ -161,7 +161,8 @@ impl DnsProxy {
         {
             tracing::warn!("queries still in flight after the drain timeout");
         }
-        // A listener too busy to find a quiet moment closes now that its queries are answered.
+        // Out of the port's group and drained, the listeners close now that their queries are
+        // answered.
         for slot in &engine.udp_listeners {
             slot.close();
         }
@@ -485,7 +486,7 @@ spec:
             reader.await.unwrap();
         }
         assert_eq!(answered.load(Ordering::SeqCst), sent);
-        // It found a quiet moment at once rather than waiting out CLOSE_WITHIN.
+        // It drained at once: leaving does not wait on the traffic.
         let took = left.unwrap().await.unwrap();
         assert!(took < Duration::from_millis(250), "left after {took:?}");
         staying.shutdown.cancel();

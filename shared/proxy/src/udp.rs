@@ -28,10 +28,8 @@ use crate::wire;
 
 /// How often silent upstreams are looked for: a timed-out query is answered at most this late.
 const SWEEP_EVERY: Duration = Duration::from_millis(20);
-/// How long a stopped listener keeps serving while waiting for a quiet moment to close in.
-const CLOSE_WITHIN: Duration = Duration::from_millis(500);
-/// How often a closing listener looks at its socket again while queries are in flight.
-const CLOSE_POLL: Duration = Duration::from_millis(1);
+/// How long a stopped listener waits before its last look at the queue.
+const DRAIN_GRACE: Duration = Duration::from_millis(1);
 /// Datagrams read or written per system call at most.
 const BATCH: usize = 32;
 /// Room for one query: far more than any real one needs (a question and an OPT record), and
@@ -57,11 +55,11 @@ impl Waiter for Waiting {
     }
 }
 
-/// Serves one listener socket until `stop`, then until the first moment nothing is queued on
-/// it and nothing is in flight (at most `CLOSE_WITHIN`), and closes it there: the kernel keeps
-/// handing an open socket its share of the port's queries, so the socket must not sit open
-/// and unread. With a peer on the port, a graceful restart then loses nothing even without
-/// the datapath to steer queries away.
+/// Serves one listener socket until `stop`; then takes it out of the port's SO_REUSEPORT group
+/// and serves what it already holds. The kernel keeps handing an open socket its share of the
+/// port's queries, so a socket must neither sit open unread nor close with a queue: with a
+/// peer on the port, a graceful restart then loses nothing even without the datapath to steer
+/// queries away.
 pub(crate) async fn listener_loop(engine: Arc<Engine>, listener: usize, stop: CancellationToken) {
     let Some(slot) = engine.udp_listeners.get(listener) else {
         return;
@@ -81,31 +79,33 @@ pub(crate) async fn listener_loop(engine: Arc<Engine>, listener: usize, stop: Ca
             Err(error) => tracing::debug!(%error, "DNS UDP receive error"),
         }
     }
-    let deadline = Instant::now() + CLOSE_WITHIN;
-    loop {
-        // A real read, not tokio's idea of readiness, which may lag behind the socket.
+    // Leave the port's group without losing what the socket already holds: connected to its
+    // own address it matches no client's datagram any more, so the kernel hands each new one
+    // to another socket of the port (or, with none left, refuses it), while the queue stays
+    // readable. Closing would drop the queue; reading it empty and then closing would race the
+    // next arrival.
+    if let Err(error) = socket.stop_receiving() {
+        tracing::warn!(%error, "cannot take the DNS socket out of the port's group");
+    }
+    // Drained when a read finds nothing twice, a moment apart: a datagram already past the
+    // kernel's socket lookup when the socket connected may still land.
+    let mut quiet_reads = 0;
+    while quiet_reads < 2 {
         match socket.recv_batch_now(&mut batch.inbox) {
-            Ok(count) => batch.serve(&engine, listener, &socket, count).await,
-            Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {
-                if engine.in_flight.count() == 0 {
-                    slot.close();
-                    return;
-                }
-                if Instant::now() >= deadline {
-                    // Busy to the end: the socket closes once the queries in flight are done.
-                    return;
-                }
-                tokio::select! {
-                    _ = engine.in_flight.idle() => {}
-                    _ = tokio::time::sleep(CLOSE_POLL) => {}
-                }
+            Ok(count) => {
+                quiet_reads = 0;
+                batch.serve(&engine, listener, &socket, count).await;
             }
             Err(error) => {
-                tracing::debug!(%error, "DNS UDP receive error");
-                tokio::time::sleep(CLOSE_POLL).await;
+                if error.kind() != std::io::ErrorKind::WouldBlock {
+                    tracing::debug!(%error, "DNS UDP receive error");
+                }
+                quiet_reads += 1;
+                tokio::time::sleep(DRAIN_GRACE).await;
             }
         }
     }
+    // The socket closes when the queries in flight are answered (`serve_and_leave`).
 }
 
 /// A listener loop's buffers, reused batch after batch.
