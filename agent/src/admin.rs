@@ -167,13 +167,7 @@ async fn status(State(state): State<AdminState>) -> Json<InstanceStatus> {
 
 /// `GET /v1/fqdn/cache[?endpoint=ns/name][&name=PATTERN]`.
 async fn cache(State(state): State<AdminState>, Query(filter): Query<CacheFilter>) -> Response {
-    let filter = match filter.compile() {
-        Ok(filter) => filter,
-        Err(message) => return (StatusCode::BAD_REQUEST, message).into_response(),
-    };
-    let now = unix_now();
-    let entries = state.cache.lock().entries(now);
-    Json(filter.rows(entries, now)).into_response()
+    filter.listing(unix_now(), |now| state.cache.lock().entries(now))
 }
 
 /// `POST /v1/fqdn/cache/clean[?endpoint=ns/name][&name=PATTERN]`: removes the matching

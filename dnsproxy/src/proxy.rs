@@ -12,7 +12,7 @@ use anyhow::Context;
 use axum::Router;
 use axum::extract::{Query, State};
 use axum::http::StatusCode;
-use axum::response::{IntoResponse, Json};
+use axum::response::Json;
 use axum::routing::get;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -413,13 +413,7 @@ fn admin_router(state: AdminState, metrics: Metrics, flows: Arc<FlowLog>) -> Rou
             "/v1/fqdn/cache",
             get(
                 |State(state): State<AdminState>, Query(filter): Query<CacheFilter>| async move {
-                    let filter = match filter.compile() {
-                        Ok(filter) => filter,
-                        Err(message) => return (StatusCode::BAD_REQUEST, message).into_response(),
-                    };
-                    let now = unix_now();
-                    let entries = state.cache.lock().entries(now);
-                    Json(filter.rows(entries, now)).into_response()
+                    filter.listing(unix_now(), |now| state.cache.lock().entries(now))
                 },
             ),
         )

@@ -368,6 +368,15 @@ impl Metrics {
     /// dashboards and alerts would find nothing to show until the first event, and `rate()`
     /// would miss that first increment.
     fn initialize_known_series(&self) {
+        // The `op` label of the datapath's map updates, counted and failed alike.
+        const DATAPATH_OPS: [&str; 6] = [
+            "allow",
+            "revoke",
+            "cidr_set",
+            "cidr_remove",
+            "enroll",
+            "unenroll",
+        ];
         for scope in Scope::ALL {
             self.histogram(scope);
         }
@@ -393,28 +402,8 @@ impl Metrics {
                     "malformed",
                 ],
             ),
-            (
-                &self.datapath.updates,
-                &[
-                    "allow",
-                    "revoke",
-                    "cidr_set",
-                    "cidr_remove",
-                    "enroll",
-                    "unenroll",
-                ],
-            ),
-            (
-                &self.datapath.errors,
-                &[
-                    "allow",
-                    "revoke",
-                    "cidr_set",
-                    "cidr_remove",
-                    "enroll",
-                    "unenroll",
-                ],
-            ),
+            (&self.datapath.updates, &DATAPATH_OPS),
+            (&self.datapath.errors, &DATAPATH_OPS),
             (
                 &self.peer.rejected,
                 &["credentials", "oversized", "malformed", "protocol"],

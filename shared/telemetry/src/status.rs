@@ -140,6 +140,22 @@ impl CacheFilter {
     }
 }
 
+impl CacheFilter {
+    /// The answer to `GET /v1/fqdn/cache`, the same in both processes: the rows of the cache's
+    /// `entries` at `now` that pass, or 400 for a name pattern that does not parse.
+    pub fn listing(
+        &self,
+        now: warden_fqdn::UnixTime,
+        entries: impl FnOnce(warden_fqdn::UnixTime) -> Vec<warden_fqdn::CacheEntry>,
+    ) -> axum::response::Response {
+        use axum::response::IntoResponse;
+        match self.compile() {
+            Ok(filter) => axum::Json(filter.rows(entries(now), now)).into_response(),
+            Err(message) => (axum::http::StatusCode::BAD_REQUEST, message).into_response(),
+        }
+    }
+}
+
 impl CompiledCacheFilter {
     /// Whether a cached (endpoint, name) passes. Cached names are canonical already; one that
     /// does not parse matches only the absence of a name filter.
@@ -163,5 +179,51 @@ impl CompiledCacheFilter {
             .filter(|entry| self.matches(&entry.endpoint, &entry.name))
             .map(|entry| CacheRow::from_entry(entry, now))
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::StatusCode;
+    use warden_fqdn::{CacheEntry, UnixTime};
+
+    fn entry(endpoint: &str, name: &str) -> CacheEntry {
+        CacheEntry {
+            endpoint: endpoint.into(),
+            name: name.into(),
+            ips: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_listing_filters_rows_and_refuses_a_bad_pattern() {
+        let now = UnixTime(1_000);
+        let filter = CacheFilter {
+            endpoint: None,
+            name: Some("*.cilium.io".into()),
+        };
+        let listed = filter.listing(now, |_| {
+            vec![
+                entry("default/a", "www.cilium.io."),
+                entry("default/a", "bbc.co.uk."),
+            ]
+        });
+        assert_eq!(listed.status(), StatusCode::OK);
+        let compiled = filter.compile().unwrap();
+        let rows = compiled.rows(vec![entry("default/a", "www.cilium.io.")], now);
+        assert_eq!(rows.len(), 1);
+
+        let bad = CacheFilter {
+            endpoint: None,
+            name: Some("a..b".into()),
+        };
+        let mut asked = false;
+        let refused = bad.listing(now, |_| {
+            asked = true;
+            Vec::new()
+        });
+        assert_eq!(refused.status(), StatusCode::BAD_REQUEST);
+        assert!(!asked, "a refused filter does not read the cache");
     }
 }
