@@ -335,6 +335,18 @@ pub async fn http_json(admin: SocketAddr, path: &str) -> Result<serde_json::Valu
 }
 
 /// A metric's value in a Prometheus text scrape (the sum over series matching every label).
+/// The `ips` of a `GET /v1/fqdn/cache` row, sorted: answers may list them in any order.
+pub fn sorted_ips(row: &serde_json::Value) -> Vec<String> {
+    let mut ips: Vec<String> = row["ips"]
+        .as_array()
+        .expect("a cache row has ips")
+        .iter()
+        .map(|ip| ip.as_str().expect("an IP is text").to_owned())
+        .collect();
+    ips.sort();
+    ips
+}
+
 pub fn metric_value(scrape: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
     scrape
         .lines()

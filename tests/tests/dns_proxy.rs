@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use warden_config::{AgentConfig, EndpointConfig, RejectCode};
 use warden_tests::warden::{
     AgentDir, AgentProcess, InProcessAgent, TalkPolicy, http_get, http_json, metric_value,
-    warden_cli,
+    sorted_ips, warden_cli,
 };
 use warden_tests::zones::*;
 use warden_tests::{DigOpts, KnotUpstream, dig, kdig_tcp_multi, require_tools, unique_loopback_v4};
@@ -326,13 +326,7 @@ async fn a_cname_chain_is_cached_under_the_queried_name_with_its_smallest_ttl() 
         .await
         .expect("www.cilium.io. cached");
     assert_eq!(row["endpoint"], "youssef/test");
-    let mut ips: Vec<String> = row["ips"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|ip| ip.as_str().unwrap().to_owned())
-        .collect();
-    ips.sort();
+    let ips = sorted_ips(&row);
     let mut expected: Vec<String> = EDGE_CILIUM_IO_V4.iter().map(ToString::to_string).collect();
     expected.sort();
     assert_eq!(ips, expected);

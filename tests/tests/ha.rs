@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use warden_tests::firewall::{Firewall, FirewallOptions, quick_refusal};
 use warden_tests::lab::{dnsperf_in_cgroup, require_lab};
-use warden_tests::warden::{TalkPolicy, http_get, http_json, metric_value};
+use warden_tests::warden::{TalkPolicy, http_get, http_json, metric_value, sorted_ips};
 use warden_tests::zones::*;
 use warden_tests::{DigOpts, DnsperfOpts, write_queries_file};
 
@@ -77,17 +77,10 @@ fn cache_set(rows: &serde_json::Value) -> BTreeSet<(String, String, Vec<String>)
         .unwrap()
         .iter()
         .map(|row| {
-            let mut ips: Vec<String> = row["ips"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|ip| ip.as_str().unwrap().to_owned())
-                .collect();
-            ips.sort();
             (
                 row["endpoint"].as_str().unwrap().to_owned(),
                 row["name"].as_str().unwrap().to_owned(),
-                ips,
+                sorted_ips(row),
             )
         })
         .collect()
