@@ -8,6 +8,7 @@
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -52,6 +53,7 @@ pub struct PolicyStore {
     status: Mutex<StoreState>,
     metrics: PolicyMetrics,
     revisions: tokio::sync::watch::Sender<u64>,
+    folder_reads: AtomicU64,
 }
 
 #[derive(Debug, Default)]
@@ -99,6 +101,7 @@ impl PolicyStore {
             status: Mutex::new(StoreState::default()),
             metrics,
             revisions: tokio::sync::watch::Sender::new(0),
+            folder_reads: AtomicU64::new(0),
         });
         store.reload();
         if store.status().revision == 0 && store.last_good_dir.is_dir() {
@@ -149,6 +152,7 @@ impl PolicyStore {
 
     /// Re-reads the folder; returns whether a new policy took effect.
     pub fn reload(&self) -> bool {
+        self.folder_reads.fetch_add(1, Ordering::Relaxed);
         let files = match read_policy_files(&self.dir) {
             Ok(files) => files,
             Err(error) => {
@@ -243,12 +247,39 @@ impl PolicyStore {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = poll.tick() => {}
-                Some(()) = notified.recv() => tokio::time::sleep(SETTLE).await,
+                Some(()) = notified.recv() => {
+                    // Settling must not hold up a shutdown: the agent exits, and its DNS port
+                    // is unserved, only once this task has ended.
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(SETTLE) => {}
+                    }
+                }
             }
             let store = self.clone();
             // File reads are blocking I/O: keep them off the proxy's worker threads.
             let _ = tokio::task::spawn_blocking(move || store.reload()).await;
         }
+    }
+
+    /// How many times the folder has been read (at start, on notifications and by polling).
+    pub fn folder_reads(&self) -> u64 {
+        self.folder_reads.load(Ordering::Relaxed)
+    }
+}
+
+/// Whether a notification may mean new policy: files created, written, removed or renamed.
+/// Reading the folder raises open, read and close events of its own, which must not trigger
+/// the next read: that would re-read it every `SETTLE` for as long as the agent runs.
+fn is_change(kind: &notify::EventKind) -> bool {
+    use notify::EventKind;
+    use notify::event::{AccessKind, AccessMode};
+    match kind {
+        EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
+        EventKind::Access(_) => false,
+        EventKind::Any | EventKind::Create(_) | EventKind::Modify(_) | EventKind::Remove(_) => true,
+        // Overflow and rescan requests: something may have been missed.
+        EventKind::Other => true,
     }
 }
 
@@ -258,7 +289,12 @@ fn watch_folder(
 ) -> Option<notify::RecommendedWatcher> {
     use notify::Watcher;
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        if event.is_ok() {
+        // An error may hide a change: reload to be sure.
+        let may_have_changed = match &event {
+            Ok(event) => is_change(&event.kind),
+            Err(_) => true,
+        };
+        if may_have_changed {
             // Full means a reload is already due, which covers this change too.
             let _ = notify_tx.try_send(());
         }
@@ -304,4 +340,101 @@ fn fingerprint(files: &[(PathBuf, String)]) -> u64 {
 
 fn gauge(count: impl TryInto<i64>) -> i64 {
     count.try_into().unwrap_or(i64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const POLICY: &str = "apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata:
+  name: test
+spec:
+  endpointSelector:
+    matchLabels:
+      app: test
+  egress:
+    - toFQDNs:
+        - matchName: example.com
+";
+
+    fn store(dir: &Path, state: &Path) -> Arc<PolicyStore> {
+        let metrics = warden_telemetry::Metrics::new("agent").expect("metrics");
+        PolicyStore::open(
+            dir,
+            state,
+            Arc::new(EndpointTable::from_config(&[])),
+            metrics.policy.clone(),
+        )
+    }
+
+    #[test]
+    fn only_writes_and_renames_are_changes() {
+        use notify::EventKind;
+        use notify::event::{
+            AccessKind, AccessMode, CreateKind, DataChange, ModifyKind, RemoveKind, RenameMode,
+        };
+        for kind in [
+            EventKind::Access(AccessKind::Open(AccessMode::Read)),
+            EventKind::Access(AccessKind::Read),
+            EventKind::Access(AccessKind::Close(AccessMode::Read)),
+        ] {
+            assert!(!is_change(&kind), "{kind:?}");
+        }
+        for kind in [
+            EventKind::Access(AccessKind::Close(AccessMode::Write)),
+            EventKind::Create(CreateKind::File),
+            EventKind::Modify(ModifyKind::Data(DataChange::Any)),
+            EventKind::Modify(ModifyKind::Name(RenameMode::Both)),
+            EventKind::Remove(RemoveKind::File),
+            EventKind::Other,
+        ] {
+            assert!(is_change(&kind), "{kind:?}");
+        }
+    }
+
+    /// The watch once re-read the folder every 100 ms for ever: its own reads raised the
+    /// notifications that triggered the next read.
+    #[tokio::test]
+    async fn reading_the_folder_does_not_trigger_another_read() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let state = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("test.yaml"), POLICY).expect("write policy");
+        let store = store(dir.path(), state.path());
+        assert_eq!(store.status().revision, 1);
+        let shutdown = CancellationToken::new();
+        let watch = tokio::spawn(store.clone().watch(shutdown.clone()));
+        // The watch's first poll reads at once, the next one a second later.
+        tokio::time::sleep(Duration::from_millis(900)).await;
+        let reads = store.folder_reads();
+        assert!(
+            reads <= 3,
+            "{reads} reads of an unchanged folder in 0.9 s (the start, the first poll, and at most one notification)"
+        );
+
+        // A real change still gets in, well before the next poll would find it.
+        let before = store.folder_reads();
+        std::fs::write(
+            dir.path().join("test.yaml"),
+            POLICY.replace("example.com", "example.org"),
+        )
+        .expect("rewrite policy");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+        while store.status().revision < 2 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(
+            store.status().revision,
+            2,
+            "the rewritten policy took effect"
+        );
+        assert!(store.folder_reads() > before);
+
+        shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(1), watch)
+            .await
+            .expect("the watch ends on shutdown")
+            .expect("the watch did not panic");
+    }
 }
