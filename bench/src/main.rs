@@ -111,12 +111,16 @@ impl Plan {
 
 const USAGE: &str = "usage: warden-bench [--smoke | --quick] [--out DIR] [--no-profile]
        warden-bench --load SERVER:PORT RATE SECONDS [SOURCE_IP]
+       warden-bench --lab SECONDS
 
 Runs Warden's benchmark (docs/benchmarks.md) and writes DIR/latest.md and DIR/latest.json
 (default: bench/results, or target/bench-smoke with --smoke). Use release binaries: make bench.
 --quick runs only throughput, latency and profiles, 2 rounds, into target/bench-quick: for
 iterating on the proxy's speed.
---load runs only the open-loop client (the bench's query mix, A queries) and prints its report.";
+--load runs only the open-loop client (the bench's query mix, A queries) and prints its report.
+--lab starts knotd, the agent and dnsdist as the bench does, prints their addresses, PIDs and
+a dnsperf query file, and keeps them up for SECONDS (or until SIGTERM or SIGINT): for
+profiling by hand.";
 
 /// `--load`: the fixed-rate client alone, against any server.
 fn load_only(args: &[String]) -> Result<()> {
@@ -144,6 +148,46 @@ fn load_only(args: &[String]) -> Result<()> {
     Ok(())
 }
 
+/// `--lab`: the bench's servers, up for a while, for `perf` and `dnsperf` by hand.
+fn lab_only(seconds: &str) -> Result<()> {
+    let seconds: u64 = seconds.parse().context("--lab needs SECONDS")?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    runtime.block_on(async {
+        let client = unique_loopback_v4();
+        let knot = lab::start_knot(unique_loopback_v4())?;
+        let upstream = knot.addr();
+        let queries = lab::dnsperf_queries()?;
+        let (dir, config) =
+            lab::agent_setup(lab::addr_on(unique_loopback_v4())?, upstream, client)?;
+        let agent = Daemon::agent(&dir, &config).await?;
+        let dnsdist = Dnsdist::start(unique_loopback_v4(), upstream, client).await?;
+        println!("client address  {client}");
+        println!("queries         {}", queries.path().display());
+        println!("knotd           {upstream}");
+        let agent_pid = agent.pid().unwrap_or_default();
+        println!(
+            "warden-agent    {} pid {agent_pid} admin {}",
+            config.dns.listen[0], agent.admin
+        );
+        let dnsdist_pid = dnsdist.pid().unwrap_or_default();
+        println!("dnsdist         {} pid {dnsdist_pid}", dnsdist.addr);
+        println!("up for {seconds} s (or until SIGTERM or SIGINT)");
+        let mut terminate =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(seconds)) => {}
+            _ = terminate.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        drop((agent, dnsdist, dir, knot, queries));
+        Ok(())
+    })
+}
+
 fn main() -> ExitCode {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
@@ -164,6 +208,16 @@ fn main() -> ExitCode {
             "--load" => {
                 let rest: Vec<String> = args.by_ref().collect();
                 return match load_only(&rest) {
+                    Ok(()) => ExitCode::SUCCESS,
+                    Err(error) => {
+                        eprintln!("warden-bench: {error:#}");
+                        ExitCode::FAILURE
+                    }
+                };
+            }
+            "--lab" => {
+                let seconds = args.next().unwrap_or_default();
+                return match lab_only(&seconds) {
                     Ok(()) => ExitCode::SUCCESS,
                     Err(error) => {
                         eprintln!("warden-bench: {error:#}");
