@@ -117,7 +117,7 @@ pub async fn start(config: AgentConfig) -> anyhow::Result<RunningAgent> {
         metrics: metrics.clone(),
         flows: flows.clone(),
     };
-    let settings = warden_enforce::proxy_settings(&config.dns, ebpf.is_some());
+    let settings = warden_enforce::proxy_settings(&config.dns);
     let proxy = DnsProxy::bind(settings, context)?;
     let dns_addrs = proxy.local_addrs();
     if let Some((datapath, _)) = &ebpf {
@@ -152,9 +152,7 @@ pub async fn start(config: AgentConfig) -> anyhow::Result<RunningAgent> {
         tasks.spawn(async move {
             proxy
                 .serve_and_leave(shutdown, || {
-                    if let Some(datapath) = datapath {
-                        serving::steer_to(&datapath, DNSPROXY_INSTANCE);
-                    }
+                    datapath.is_some_and(|datapath| serving::steer_to(&datapath, DNSPROXY_INSTANCE))
                 })
                 .await;
             serving.store(false, Ordering::Relaxed);

@@ -103,14 +103,15 @@ impl ProxyDatapath {
     }
 
     /// At shutdown, before the sockets close: new queries go to the agent from now on.
-    fn leave(&self) {
+    /// Returns whether the datapath steered them (without it there is nothing to wait for).
+    fn leave(&self) -> bool {
         self.unregistered
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clear();
-        if let Some(datapath) = self.enforcement.datapath() {
-            serving::steer_to(&datapath, AGENT_INSTANCE);
-        }
+        self.enforcement
+            .datapath()
+            .is_some_and(|datapath| serving::steer_to(&datapath, AGENT_INSTANCE))
     }
 }
 
@@ -191,7 +192,7 @@ pub async fn start(config: ProxyConfig) -> anyhow::Result<RunningProxy> {
         metrics: metrics.clone(),
         flows: flows.clone(),
     };
-    let settings = warden_enforce::proxy_settings(&config.dns, true);
+    let settings = warden_enforce::proxy_settings(&config.dns);
     let proxy = DnsProxy::bind(settings, context)?;
     let dns_addrs = proxy.local_addrs();
     {

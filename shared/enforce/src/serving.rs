@@ -51,10 +51,16 @@ pub fn prefer(datapath: &Datapath, preferred: Option<u32>) -> Result<(), Datapat
 }
 
 /// At a graceful stop, before the sockets close: new queries go to `peer` from now on.
-pub fn steer_to(datapath: &Datapath, peer: u32) {
+pub fn steer_to(datapath: &Datapath, peer: u32) -> bool {
     match datapath.reuseport_prefer(peer) {
-        Ok(()) => tracing::info!(to = instance_name(peer), "DNS traffic steered to the peer"),
-        Err(error) => tracing::warn!(%error, "cannot steer DNS traffic away"),
+        Ok(()) => {
+            tracing::info!(to = instance_name(peer), "DNS traffic steered to the peer");
+            true
+        }
+        Err(error) => {
+            tracing::warn!(%error, "cannot steer DNS traffic away");
+            false
+        }
     }
 }
 

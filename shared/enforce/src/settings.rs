@@ -9,10 +9,8 @@ const TCP_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long DNS sockets keep reading after the port's traffic was steered to the peer.
 pub const LEAVE_LINGER: Duration = Duration::from_millis(300);
 
-/// The engine's settings from the `dns` section both processes share. `steered` says whether
-/// a datapath steers the port's traffic away at shutdown; without one, lingering would not
-/// help, since the kernel keeps hashing queries to the closing sockets.
-pub fn proxy_settings(dns: &DnsConfig, steered: bool) -> ProxySettings {
+/// The engine's settings from the `dns` section both processes share.
+pub fn proxy_settings(dns: &DnsConfig) -> ProxySettings {
     ProxySettings {
         listen: dns.listen.clone(),
         upstream: dns.upstream,
@@ -25,10 +23,6 @@ pub fn proxy_settings(dns: &DnsConfig, steered: bool) -> ProxySettings {
         concurrency_limit: dns.concurrency_limit,
         upstream_sockets: dns.upstream_sockets,
         tcp_idle_timeout: TCP_IDLE_TIMEOUT,
-        linger: if steered {
-            LEAVE_LINGER
-        } else {
-            Duration::ZERO
-        },
+        linger: LEAVE_LINGER,
     }
 }

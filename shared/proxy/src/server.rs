@@ -35,6 +35,7 @@ pub struct ProxySettings {
     pub tcp_idle_timeout: Duration,
     /// After steering the port's traffic to the peer at shutdown, how long the listeners go on
     /// serving as before (what the kernel already queued on them) before they leave the port.
+    /// Only when something was steered: see [`DnsProxy::serve_and_leave`].
     pub linger: Duration,
 }
 
@@ -89,15 +90,17 @@ impl DnsProxy {
     /// Serves until `shutdown` is cancelled; then leaves the port's serving group (see
     /// [`DnsProxy::serve_and_leave`]), lets the queries in flight finish, and returns.
     pub async fn serve(self, shutdown: CancellationToken) {
-        self.serve_and_leave(shutdown, || {}).await;
+        self.serve_and_leave(shutdown, || false).await;
     }
 
-    /// Like [`DnsProxy::serve`]; at shutdown `leave` runs first (it steers new queries to the
-    /// peer process), the listeners keep serving for `linger`, then each UDP listener leaves
-    /// the port's SO_REUSEPORT group and serves what it already holds (see
+    /// Like [`DnsProxy::serve`]; at shutdown `leave` runs first: it steers new queries to the
+    /// peer process and says whether it did. If it did, the listeners keep serving for
+    /// `linger`, what the kernel queued on them before the switch. Then each UDP listener
+    /// leaves the port's SO_REUSEPORT group and serves what it already holds (see
     /// `udp::listener_loop`), the TCP listeners stop accepting, the queries in flight finish,
-    /// and the sockets close.
-    pub async fn serve_and_leave(self, shutdown: CancellationToken, leave: impl FnOnce()) {
+    /// and the sockets close. Without steering, lingering would only delay the exit: the kernel
+    /// keeps choosing these sockets until they leave the group.
+    pub async fn serve_and_leave(self, shutdown: CancellationToken, leave: impl FnOnce() -> bool) {
         let tracker = TaskTracker::new();
         let DnsProxy {
             udp_listeners,
@@ -140,8 +143,7 @@ impl DnsProxy {
             )));
         }
         shutdown.cancelled().await;
-        leave();
-        if !engine.settings.linger.is_zero() {
+        if leave() && !engine.settings.linger.is_zero() {
             tokio::time::sleep(engine.settings.linger).await;
         }
         stop_reading.cancel();
@@ -326,6 +328,26 @@ spec:
         hold: Duration,
         upstream_timeout: Duration,
     ) -> Running {
+        start_with(
+            listen,
+            upstream,
+            hold,
+            upstream_timeout,
+            Duration::ZERO,
+            false,
+        )
+        .await
+    }
+
+    /// A proxy whose `leave` at shutdown says it steered traffic away (`steers`) or not.
+    async fn start_with(
+        listen: SocketAddr,
+        upstream: SocketAddr,
+        hold: Duration,
+        upstream_timeout: Duration,
+        linger: Duration,
+        steers: bool,
+    ) -> Running {
         let datapath = Arc::new(SlowDatapath {
             delay: hold,
             calls: AtomicUsize::new(0),
@@ -350,12 +372,12 @@ spec:
             concurrency_limit: 0,
             upstream_sockets: 2,
             tcp_idle_timeout: Duration::from_secs(5),
-            linger: Duration::ZERO,
+            linger,
         };
         let proxy = DnsProxy::bind(settings, context).unwrap();
         let dns = proxy.local_addrs()[0];
         let shutdown = CancellationToken::new();
-        let served = tokio::spawn(proxy.serve(shutdown.clone()));
+        let served = tokio::spawn(proxy.serve_and_leave(shutdown.clone(), move || steers));
         Running {
             dns,
             datapath,
@@ -410,6 +432,39 @@ spec:
         assert!(took >= Duration::from_millis(300), "released at {took:?}");
         assert!(took < Duration::from_secs(2), "released at {took:?}");
         stuck.shutdown.cancel();
+    }
+
+    /// The standalone proxy lingered 300 ms at every exit, though without a datapath to steer
+    /// the port's traffic there was nothing to wait for.
+    #[tokio::test]
+    async fn a_proxy_lingers_at_shutdown_only_after_steering_traffic_away() {
+        let upstream = fake_upstream(false).await;
+        let linger = Duration::from_secs(1);
+        for steers in [false, true] {
+            let running = start_with(
+                "127.0.0.1:0".parse().unwrap(),
+                upstream,
+                Duration::ZERO,
+                Duration::from_secs(2),
+                linger,
+                steers,
+            )
+            .await;
+            let (answer, _) = ask(running.dns, "cilium.io.").await;
+            assert_eq!(answer.metadata.response_code, ResponseCode::NoError);
+            let stopping = Instant::now();
+            running.shutdown.cancel();
+            running.served.await.unwrap();
+            let took = stopping.elapsed();
+            if steers {
+                assert!(took >= linger, "steered, yet left after {took:?}");
+            } else {
+                assert!(
+                    took < linger / 2,
+                    "nothing steered, yet left after {took:?}"
+                );
+            }
+        }
     }
 
     #[tokio::test]
