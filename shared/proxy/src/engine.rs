@@ -135,9 +135,27 @@ pub(crate) struct InFlightCount {
     count: AtomicUsize,
     gauge: IntGauge,
     idle: Notify,
+    /// Raised when the first query comes in after none was in flight.
+    busy: Notify,
 }
 
 impl InFlightCount {
+    pub fn is_idle(&self) -> bool {
+        self.count.load(Ordering::Acquire) == 0
+    }
+
+    /// Returns once a query is in flight.
+    pub async fn busy(&self) {
+        loop {
+            // A notification sent before this waits is kept for it (`notify_one`).
+            let notified = self.busy.notified();
+            if !self.is_idle() {
+                return;
+            }
+            notified.await;
+        }
+    }
+
     /// Returns once no query is in flight.
     pub async fn idle(&self) {
         loop {
@@ -235,6 +253,7 @@ impl Engine {
             count: AtomicUsize::new(0),
             gauge: metrics.dns.in_flight.clone(),
             idle: Notify::new(),
+            busy: Notify::new(),
         });
         let limiter = (settings.concurrency_limit > 0)
             .then(|| Arc::new(Semaphore::new(settings.concurrency_limit)));
@@ -361,7 +380,9 @@ impl Engine {
                 }
             },
         };
-        self.in_flight.count.fetch_add(1, Ordering::AcqRel);
+        if self.in_flight.count.fetch_add(1, Ordering::AcqRel) == 0 {
+            self.in_flight.busy.notify_one();
+        }
         self.in_flight.gauge.inc();
         Some(InFlight {
             count: self.in_flight.clone(),

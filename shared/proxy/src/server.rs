@@ -191,6 +191,7 @@ mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::time::Instant;
 
+    use crate::udp::{SWEEP_EVERY, SWEEPS_BEFORE_SLEEP};
     use hickory_proto::op::{Message, MessageType, OpCode, Query};
     use hickory_proto::rr::rdata::A;
     use hickory_proto::rr::{Name, RData, Record, RecordType};
@@ -474,6 +475,13 @@ spec:
         let (answer, took) = ask(running.dns, "cilium.io.").await;
         assert_eq!(answer.metadata.response_code, ResponseCode::ServFail);
         assert_eq!(answer.queries.len(), 1, "the question is echoed");
+        assert!(took >= Duration::from_millis(300), "answered at {took:?}");
+        assert!(took < Duration::from_secs(1), "answered at {took:?}");
+
+        // Idle for over a second, the sweep loop sleeps; the next query wakes it.
+        tokio::time::sleep(SWEEP_EVERY * (SWEEPS_BEFORE_SLEEP + 20)).await;
+        let (answer, took) = ask(running.dns, "cilium.io.").await;
+        assert_eq!(answer.metadata.response_code, ResponseCode::ServFail);
         assert!(took >= Duration::from_millis(300), "answered at {took:?}");
         assert!(took < Duration::from_secs(1), "answered at {took:?}");
         running.shutdown.cancel();

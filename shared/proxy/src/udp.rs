@@ -27,7 +27,11 @@ use crate::upstream::{MAX_MESSAGE, PoolSocket, UpstreamFailure, Waiter};
 use crate::wire;
 
 /// How often silent upstreams are looked for: a timed-out query is answered at most this late.
-const SWEEP_EVERY: Duration = Duration::from_millis(20);
+pub(crate) const SWEEP_EVERY: Duration = Duration::from_millis(20);
+/// Sweeps that found no query in flight before the sweep loop sleeps until one comes in: an
+/// idle proxy should not wake 50 times a second, and a busy one should not pay a wake-up of
+/// the sweep loop each time its queries in flight drop to none and pick up again.
+pub(crate) const SWEEPS_BEFORE_SLEEP: u32 = 50;
 /// How long a stopped listener waits before its last look at the queue.
 const DRAIN_GRACE: Duration = Duration::from_millis(1);
 /// Datagrams read or written per system call at most.
@@ -367,13 +371,28 @@ pub(crate) async fn sweep_loop(
         .max(Duration::from_millis(1));
     let mut ticks = tokio::time::interval(period);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut idle_sweeps = 0;
     loop {
+        if idle_sweeps >= SWEEPS_BEFORE_SLEEP {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = engine.in_flight.busy() => {}
+            }
+            idle_sweeps = 0;
+            // The first look one period after the query came, not at once.
+            ticks.reset();
+        }
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = ticks.tick() => {}
         }
         for waiting in engine.upstream.expired(Instant::now()) {
             time_out(&engine, waiting, &tracker);
+        }
+        if engine.in_flight.is_idle() {
+            idle_sweeps += 1;
+        } else {
+            idle_sweeps = 0;
         }
     }
 }
