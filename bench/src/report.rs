@@ -70,6 +70,8 @@ pub struct Latency {
     pub available: bool,
     pub note: Option<String>,
     pub load: Option<LoadReport>,
+    /// Each round's own p99 (the pooled one in `load` is dominated by the worse round).
+    pub rounds_p99_us: Vec<f64>,
     /// The proxy's own histograms over the same run (Warden scenarios only).
     pub server: Option<ServerScopes>,
 }
@@ -101,6 +103,9 @@ pub struct Ratios {
     pub dnsdist_added_p99_us: Option<f64>,
     pub dnsdist_added_p50_us: Option<f64>,
     pub pair_added_p99_us: Option<f64>,
+    /// p99(b) − p99(a) and p99(d) − p99(a) within each round of the fixed rate.
+    pub agent_added_p99_us_per_round: Vec<f64>,
+    pub dnsdist_added_p99_us_per_round: Vec<f64>,
     /// The same at the light rate.
     pub agent_added_p50_us_light: Option<f64>,
     pub agent_added_p99_us_light: Option<f64>,
@@ -172,6 +177,16 @@ pub struct Target {
 
 fn opt(value: Option<f64>, digits: usize) -> String {
     value.map_or_else(|| "–".to_owned(), |v| format!("{v:.digits$}"))
+}
+
+/// Signed whole numbers: `+63, +916`.
+pub fn signed_list(values: &[f64]) -> String {
+    let parts: Vec<String> = values.iter().map(|v| format!("{v:+.0}")).collect();
+    if parts.is_empty() {
+        "–".to_owned()
+    } else {
+        parts.join(", ")
+    }
 }
 
 fn list(values: &[f64]) -> String {
@@ -264,7 +279,8 @@ impl Results {
             md,
             "\nRatios of the means: **(b)/(d) = {}** (per round: {}), (b)/(a) = {} (per round: \
              {}), (d)/(a) = {}, (c)/(d) = {}. Added latency vs direct at the fixed rate: (b) p50 \
-             +{} µs, **p99 +{} µs**; (d) p50 +{} µs, p99 +{} µs; (c) p99 +{} µs.\n",
+             +{} µs, **p99 +{} µs** (per round: {}); (d) p50 +{} µs, p99 +{} µs (per round: \
+             {}); (c) p99 +{} µs.\n",
             opt(r.agent_over_dnsdist_qps, 2),
             list(&r.agent_over_dnsdist_per_round),
             opt(r.agent_over_direct_qps, 2),
@@ -273,8 +289,10 @@ impl Results {
             opt(r.pair_over_dnsdist_qps, 2),
             opt(r.agent_added_p50_us, 0),
             opt(r.agent_added_p99_us, 0),
+            signed_list(&r.agent_added_p99_us_per_round),
             opt(r.dnsdist_added_p50_us, 0),
             opt(r.dnsdist_added_p99_us, 0),
+            signed_list(&r.dnsdist_added_p99_us_per_round),
             opt(r.pair_added_p99_us, 0),
         );
         let _ = writeln!(
