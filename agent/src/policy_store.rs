@@ -370,7 +370,7 @@ spec:
     }
 
     #[test]
-    fn only_writes_and_renames_are_changes() {
+    fn reads_are_not_changes_but_writes_renames_and_removals_are() {
         use notify::EventKind;
         use notify::event::{
             AccessKind, AccessMode, CreateKind, DataChange, ModifyKind, RemoveKind, RenameMode,
@@ -413,7 +413,7 @@ spec:
             "{reads} reads of an unchanged folder in 0.9 s (the start, the first poll, and at most one notification)"
         );
 
-        // A real change still gets in, well before the next poll would find it.
+        // A real change still gets in.
         let before = store.folder_reads();
         std::fs::write(
             dir.path().join("test.yaml"),

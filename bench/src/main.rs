@@ -118,9 +118,9 @@ Runs Warden's benchmark (docs/benchmarks.md) and writes DIR/latest.md and DIR/la
 --quick runs only throughput, latency and profiles, 2 rounds, into target/bench-quick: for
 iterating on the proxy's speed.
 --load runs only the open-loop client (the bench's query mix, A queries) and prints its report.
---lab starts knotd, the agent and dnsdist as the bench does, prints their addresses, PIDs and
-a dnsperf query file, and keeps them up for SECONDS (or until SIGTERM or SIGINT): for
-profiling by hand.";
+--lab starts knotd, the agent, dnsdist and the agent + warden-dnsproxy pair as the bench does,
+prints their addresses, PIDs and a dnsperf query file, and keeps them up for SECONDS (or until
+SIGTERM or SIGINT): for profiling by hand.";
 
 /// `--load`: the fixed-rate client alone, against any server.
 fn load_only(args: &[String]) -> Result<()> {
@@ -165,6 +165,7 @@ fn lab_only(seconds: &str) -> Result<()> {
             lab::agent_setup(lab::addr_on(unique_loopback_v4())?, upstream, client)?;
         let agent = Daemon::agent(&dir, &config).await?;
         let dnsdist = Dnsdist::start(unique_loopback_v4(), upstream, client).await?;
+        let pair = start_pair(upstream, client).await?;
         println!("client address  {client}");
         println!("queries         {}", queries.path().display());
         println!("knotd           {upstream}");
@@ -175,6 +176,16 @@ fn lab_only(seconds: &str) -> Result<()> {
         );
         let dnsdist_pid = dnsdist.pid().unwrap_or_default();
         println!("dnsdist         {} pid {dnsdist_pid}", dnsdist.addr);
+        if let Some(pair) = &pair {
+            let (agent_pid, proxy_pid) = (
+                pair.agent.pid().unwrap_or_default(),
+                pair.dnsproxy.pid().unwrap_or_default(),
+            );
+            println!(
+                "pair            {} agent pid {agent_pid} admin {}, warden-dnsproxy pid {proxy_pid} admin {}",
+                pair.dns, pair.agent.admin, pair.dnsproxy.admin
+            );
+        }
         println!("up for {seconds} s (or until SIGTERM or SIGINT)");
         let mut terminate =
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -183,7 +194,7 @@ fn lab_only(seconds: &str) -> Result<()> {
             _ = terminate.recv() => {}
             _ = tokio::signal::ctrl_c() => {}
         }
-        drop((agent, dnsdist, dir, knot, queries));
+        drop((pair, agent, dnsdist, dir, knot, queries));
         Ok(())
     })
 }
