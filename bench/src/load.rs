@@ -13,10 +13,11 @@
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail};
 use hickory_proto::op::{Message, Query};
@@ -94,6 +95,9 @@ pub struct LoadReport {
     /// The rate actually achieved by the sender over the whole run.
     pub achieved_rate: f64,
     pub latency: Percentiles,
+    /// The same latencies up to the kernel's arrival timestamp of each answer (SO_TIMESTAMPNS)
+    /// instead of the moment the client's thread read it: without the client's own wake-up.
+    pub latency_at_arrival: Percentiles,
     pub rcodes: BTreeMap<String, u64>,
     /// Answers contradicting the policy: an allowed name REFUSED, a denied name NOERROR.
     pub wrong_verdicts: u64,
@@ -107,6 +111,8 @@ pub struct LoadReport {
     /// Every latency in µs, sorted (for pooling rounds; not written out).
     #[serde(skip)]
     pub samples: Vec<u32>,
+    #[serde(skip)]
+    pub arrival_samples: Vec<u32>,
 }
 
 /// `Udp: ... RcvbufErrors` from /proc/net/snmp (0 if unreadable).
@@ -147,10 +153,12 @@ pub fn run(spec: &LoadSpec) -> Result<LoadReport> {
         sent_count: AtomicU64::new(0),
         answered: AtomicU64::new(0),
         recv_ns: (0..total).map(|_| AtomicU64::new(0)).collect(),
+        arrival_ns: (0..total).map(|_| AtomicU64::new(0)).collect(),
         rcode: (0..total).map(|_| AtomicU8::new(NO_ANSWER)).collect(),
         send_failed: (0..total).map(|_| AtomicBool::new(false)).collect(),
         stop: AtomicBool::new(false),
         start: Instant::now(),
+        start_unix_ns: unix_ns(SystemTime::now()),
     });
 
     let mut receivers = Vec::new();
@@ -188,16 +196,33 @@ struct State {
     /// Queries with an answer (in time or not), to end the run early.
     answered: AtomicU64,
     recv_ns: Vec<AtomicU64>,
+    /// The kernel's receive timestamp of the answer, on the same scale as `sent_ns` (0: none).
+    arrival_ns: Vec<AtomicU64>,
     rcode: Vec<AtomicU8>,
     send_failed: Vec<AtomicBool>,
     stop: AtomicBool,
     start: Instant,
+    /// The wall clock at `start`: kernel timestamps are wall-clock times.
+    start_unix_ns: u64,
 }
 
 impl State {
     fn now_ns(&self) -> u64 {
         u64::try_from(self.start.elapsed().as_nanos()).unwrap_or(u64::MAX) + 1
     }
+
+    /// A kernel timestamp on the scale of `now_ns` (0 when it predates the start).
+    fn since_start_ns(&self, unix_ns: u64) -> u64 {
+        unix_ns
+            .checked_sub(self.start_unix_ns)
+            .map_or(0, |since| since.saturating_add(1))
+    }
+}
+
+fn unix_ns(time: SystemTime) -> u64 {
+    time.duration_since(UNIX_EPOCH).map_or(0, |since| {
+        u64::try_from(since.as_nanos()).unwrap_or(u64::MAX)
+    })
 }
 
 fn bind(source: IpAddr) -> Result<UdpSocket> {
@@ -214,6 +239,13 @@ fn bind(source: IpAddr) -> Result<UdpSocket> {
         .with_context(|| format!("binding a UDP socket on {source}"))?;
     let socket: UdpSocket = socket.into();
     socket.set_read_timeout(Some(Duration::from_millis(20)))?;
+    // Each answer's arrival time, stamped by the kernel before any thread of ours runs.
+    nix::sys::socket::setsockopt(
+        &socket,
+        nix::sys::socket::sockopt::ReceiveTimestampns,
+        &true,
+    )
+    .context("enabling SO_TIMESTAMPNS")?;
     Ok(socket)
 }
 
@@ -265,15 +297,53 @@ fn send(
 }
 
 fn receive(socket: &UdpSocket, index: u64, socket_count: u64, target: SocketAddr, state: &State) {
+    use nix::sys::socket::{ControlMessageOwned, MsgFlags, SockaddrStorage, recvmsg};
     let mut buffer = [0u8; 4096];
+    let mut control = nix::cmsg_space!(nix::sys::time::TimeSpec);
     while !state.stop.load(Ordering::Relaxed) {
-        let Ok((length, from)) = socket.recv_from(&mut buffer) else {
-            // Timeout (so `stop` is seen) or an ICMP error: nothing to record.
+        let mut iov = [std::io::IoSliceMut::new(&mut buffer)];
+        let received = recvmsg::<SockaddrStorage>(
+            socket.as_raw_fd(),
+            &mut iov,
+            Some(&mut control),
+            MsgFlags::empty(),
+        );
+        // Timeout (so `stop` is seen) or an ICMP error: nothing to record.
+        let Ok(message) = received else {
             continue;
         };
         let now = state.now_ns();
+        let length = message.bytes;
+        let from = message.address.and_then(|address| {
+            address
+                .as_sockaddr_in()
+                .map(|v4| SocketAddr::from(std::net::SocketAddrV4::from(*v4)))
+                .or_else(|| {
+                    address
+                        .as_sockaddr_in6()
+                        .map(|v6| SocketAddr::from(std::net::SocketAddrV6::from(*v6)))
+                })
+        });
+        let arrival = message
+            .cmsgs()
+            .ok()
+            .into_iter()
+            .flatten()
+            .find_map(|cmsg| match cmsg {
+                ControlMessageOwned::ScmTimestampns(stamp) => {
+                    let ns =
+                        i128::from(stamp.tv_sec()) * 1_000_000_000 + i128::from(stamp.tv_nsec());
+                    u64::try_from(ns).ok()
+                }
+                _ => None,
+            })
+            .map_or(0, |unix| state.since_start_ns(unix));
+        let Some(from) = from else {
+            continue;
+        };
+        let buffer = &buffer[..length.min(buffer.len())];
         // Only answers (QR set) from the server asked.
-        if from != target || length < 12 || buffer[2] & 0x80 == 0 {
+        if from != target || buffer.len() < 12 || buffer[2] & 0x80 == 0 {
             continue;
         }
         let id = u64::from(u16::from_be_bytes([buffer[0], buffer[1]]));
@@ -294,6 +364,10 @@ fn receive(socket: &UdpSocket, index: u64, socket_count: u64, target: SocketAddr
             .is_ok()
         {
             state.rcode[query as usize].store(buffer[3] & 0x0f, Ordering::Relaxed);
+            // Never before the send (clocks read apart); none when the kernel gave none.
+            if let Some(arrival_slot) = state.arrival_ns.get(query as usize) {
+                arrival_slot.store(arrival.min(now), Ordering::Relaxed);
+            }
             state.answered.fetch_add(1, Ordering::Relaxed);
         }
     }
@@ -308,6 +382,7 @@ fn report(spec: &LoadSpec, total: u64, send_elapsed: Duration, state: &State) ->
         ..LoadReport::default()
     };
     let mut latencies: Vec<u32> = Vec::with_capacity(total as usize);
+    let mut at_arrival: Vec<u32> = Vec::with_capacity(total as usize);
     for i in 0..total as usize {
         let sent = state.sent_ns[i].load(Ordering::Relaxed);
         let received = state.recv_ns[i].load(Ordering::Relaxed);
@@ -331,6 +406,11 @@ fn report(spec: &LoadSpec, total: u64, send_elapsed: Duration, state: &State) ->
         }
         out.answered += 1;
         latencies.push(u32::try_from((received - sent) / 1_000).unwrap_or(u32::MAX));
+        let arrival = state.arrival_ns[i].load(Ordering::Relaxed);
+        if arrival != 0 {
+            at_arrival
+                .push(u32::try_from(arrival.saturating_sub(sent) / 1_000).unwrap_or(u32::MAX));
+        }
         let rcode = state.rcode[i].load(Ordering::Relaxed);
         let name = RCODE_NAMES
             .get(usize::from(rcode))
@@ -352,6 +432,8 @@ fn report(spec: &LoadSpec, total: u64, send_elapsed: Duration, state: &State) ->
     }
     out.latency = percentiles(&mut latencies);
     out.samples = latencies;
+    out.latency_at_arrival = percentiles(&mut at_arrival);
+    out.arrival_samples = at_arrival;
     out
 }
 
@@ -371,6 +453,8 @@ impl LoadReport {
         // Loss times are per run; keep the first run's.
         self.samples.extend(other.samples);
         self.latency = percentiles(&mut self.samples);
+        self.arrival_samples.extend(other.arrival_samples);
+        self.latency_at_arrival = percentiles(&mut self.arrival_samples);
     }
 }
 
@@ -429,6 +513,10 @@ mod tests {
         assert_eq!(report.rcodes["REFUSED"], 900);
         assert_eq!(report.wrong_verdicts, 0);
         assert!(report.latency.p50_us > 0.0);
+        // Every answer has its kernel arrival time, and it is never after the thread read it.
+        assert_eq!(report.latency_at_arrival.samples, 900);
+        assert!(report.latency_at_arrival.p50_us <= report.latency.p50_us);
+        assert!(report.latency_at_arrival.max_us <= report.latency.max_us);
         assert!(report.achieved_rate > 1_500.0, "{report:?}");
     }
 }

@@ -958,6 +958,8 @@ fn ratios(results: &Results) -> Ratios {
         dnsdist_added_p99_us: added("d", |l| l.latency.p99_us),
         dnsdist_added_p50_us: added("d", |l| l.latency.p50_us),
         pair_added_p99_us: added("c", |l| l.latency.p99_us),
+        agent_added_p99_at_arrival_us: added("b", |l| l.latency_at_arrival.p99_us),
+        dnsdist_added_p99_at_arrival_us: added("d", |l| l.latency_at_arrival.p99_us),
         agent_added_p99_us_per_round: added_per_round("b"),
         dnsdist_added_p99_us_per_round: added_per_round("d"),
         agent_added_p50_us_light: light("b", |l| l.latency.p50_us),

@@ -103,6 +103,9 @@ pub struct Ratios {
     pub dnsdist_added_p99_us: Option<f64>,
     pub dnsdist_added_p50_us: Option<f64>,
     pub pair_added_p99_us: Option<f64>,
+    /// The added p99 at the fixed rate with each answer timed at its kernel arrival.
+    pub agent_added_p99_at_arrival_us: Option<f64>,
+    pub dnsdist_added_p99_at_arrival_us: Option<f64>,
     /// p99(b) − p99(a) and p99(d) − p99(a) within each round of the fixed rate.
     pub agent_added_p99_us_per_round: Vec<f64>,
     pub dnsdist_added_p99_us_per_round: Vec<f64>,
@@ -280,7 +283,8 @@ impl Results {
             "\nRatios of the means: **(b)/(d) = {}** (per round: {}), (b)/(a) = {} (per round: \
              {}), (d)/(a) = {}, (c)/(d) = {}. Added latency vs direct at the fixed rate: (b) p50 \
              +{} µs, **p99 +{} µs** (per round: {}); (d) p50 +{} µs, p99 +{} µs (per round: \
-             {}); (c) p99 +{} µs.\n",
+             {}); (c) p99 +{} µs. Timed at each answer's kernel arrival (SO_TIMESTAMPNS) instead, \
+             which leaves out the client's own wake-up: added p99 (b) +{} µs, (d) +{} µs.\n",
             opt(r.agent_over_dnsdist_qps, 2),
             list(&r.agent_over_dnsdist_per_round),
             opt(r.agent_over_direct_qps, 2),
@@ -294,6 +298,8 @@ impl Results {
             opt(r.dnsdist_added_p99_us, 0),
             signed_list(&r.dnsdist_added_p99_us_per_round),
             opt(r.pair_added_p99_us, 0),
+            opt(r.agent_added_p99_at_arrival_us, 0),
+            opt(r.dnsdist_added_p99_at_arrival_us, 0),
         );
         let _ = writeln!(
             md,
