@@ -364,7 +364,8 @@ fn receive(socket: &UdpSocket, index: u64, socket_count: u64, target: SocketAddr
             .is_ok()
         {
             state.rcode[query as usize].store(buffer[3] & 0x0f, Ordering::Relaxed);
-            // Never before the send (clocks read apart); none when the kernel gave none.
+            // Not after the read (the wall clock and the monotonic one are read apart); 0 when
+            // the kernel gave no stamp.
             if let Some(arrival_slot) = state.arrival_ns.get(query as usize) {
                 arrival_slot.store(arrival.min(now), Ordering::Relaxed);
             }
