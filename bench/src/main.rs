@@ -148,15 +148,19 @@ fn load_only(args: &[String]) -> Result<()> {
     Ok(())
 }
 
-/// `--lab`: the bench's servers, up for a while, for `perf` and `dnsperf` by hand.
-fn lab_only(seconds: &str) -> Result<()> {
-    let seconds: u64 = seconds.parse().context("--lab needs SECONDS")?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+/// The runtime the network parts and `--lab` start their processes from.
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
-        .context("starting the runtime")?;
-    runtime.block_on(async {
+        .context("starting the runtime")
+}
+
+/// `--lab`: the bench's servers, up for a while, for `perf` and `dnsperf` by hand.
+fn lab_only(seconds: &str) -> Result<()> {
+    let seconds: u64 = seconds.parse().context("--lab needs SECONDS")?;
+    runtime()?.block_on(async {
         let client = unique_loopback_v4();
         let knot = lab::start_knot(unique_loopback_v4())?;
         let upstream = knot.addr();
@@ -327,11 +331,7 @@ fn run(plan: &Plan, out: &Path) -> Result<Vec<String>> {
         results.policy = policy::measure(&[10, 1_000, 10_000], plan.policy_iterations)?;
     }
 
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .context("starting the runtime")?;
+    let runtime = runtime()?;
     let mut problems = runtime.block_on(network(plan, out, &mut results))?;
     drop(runtime);
 
@@ -919,13 +919,7 @@ fn ratios(results: &Results) -> Ratios {
             .map(|t| t.rounds_qps.clone())
             .unwrap_or_default()
     };
-    let per_round = |a: &str, b: &str| -> Vec<f64> {
-        rounds(a)
-            .iter()
-            .zip(rounds(b))
-            .map(|(x, y)| x / y)
-            .collect()
-    };
+    let per_round = |a: &str, b: &str| each_round(&rounds(a), &rounds(b), |x, y| x / y);
     let at = |rows: &[Latency], key: &str, pick: fn(&LoadReport) -> f64| {
         Some(pick(&load(rows, key)?) - pick(&load(rows, "a")?))
     };
@@ -938,13 +932,8 @@ fn ratios(results: &Results) -> Ratios {
             .map(|l| l.rounds_p99_us.clone())
             .unwrap_or_default()
     };
-    let added_per_round = |key: &str| -> Vec<f64> {
-        rounds_p99(key)
-            .iter()
-            .zip(rounds_p99("a"))
-            .map(|(x, direct)| x - direct)
-            .collect()
-    };
+    let added_per_round =
+        |key: &str| each_round(&rounds_p99(key), &rounds_p99("a"), |x, direct| x - direct);
     let light = |key: &str, pick: fn(&LoadReport) -> f64| at(&results.latency_light, key, pick);
     Ratios {
         agent_over_dnsdist_qps: ratio(qps("b"), qps("d")),
@@ -968,6 +957,12 @@ fn ratios(results: &Results) -> Ratios {
         dnsdist_added_p99_us_light: light("d", |l| l.latency.p99_us),
         pair_added_p99_us_light: light("c", |l| l.latency.p99_us),
     }
+}
+
+/// `op` of two scenarios' figures round by round (rounds are interleaved, so round `i` of one
+/// ran next to round `i` of the other).
+fn each_round(a: &[f64], b: &[f64], op: fn(f64, f64) -> f64) -> Vec<f64> {
+    a.iter().zip(b).map(|(x, y)| op(*x, *y)).collect()
 }
 
 /// A server sampled by perf while dnsperf drives it at full rate.
