@@ -1,9 +1,9 @@
 //! The agent's side of the agent ⇄ `warden-dnsproxy` protocol (`warden-api`).
 //!
 //! Each proxy holds one session: the agent sends the policy snapshot (again on every change),
-//! takes the proxy's journal and live mappings into its cache (so the reconciler keeps the
-//! proxy's allow entries), records its flow events, and sends back its whole cache once and
-//! every mapping its own proxy learns afterwards, so both caches stay equal.
+//! takes the proxy's journal, cache and live mappings into its cache (so the reconciler keeps
+//! the proxy's allow entries), records its flow events, and sends back its whole cache once
+//! and every mapping that changes its own proxy's cache afterwards, so both caches stay equal.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -26,7 +26,7 @@ use warden_api::proto::{
 use warden_api::{MAPPINGS_PER_MESSAGE, MAX_MESSAGE_BYTES};
 use warden_config::{AgentConfig, DatapathMode, RejectCode};
 use warden_enforce::Enforcement;
-use warden_fqdn::{CacheEntry, Source, UnixTime};
+use warden_fqdn::{Source, UnixTime};
 use warden_proxy::{Mapping, MappingObserver, SharedCache, unix_now};
 use warden_telemetry::{FlowEvent, FlowLog, Metrics, unix_millis};
 
@@ -288,7 +288,7 @@ async fn session(
                         // exchange. Both now hold the union.
                         let entries = state.cache.lock().entries(unix_now());
                         let mut sent = 0u64;
-                        for chunk in wire_entries(&entries).chunks(MAPPINGS_PER_MESSAGE) {
+                        for chunk in warden_api::wire_entries(&entries, unix_now()).chunks(MAPPINGS_PER_MESSAGE) {
                             sent += chunk.len() as u64;
                             let batch = Mappings { mappings: chunk.to_vec(), resync: true };
                             if let Err(end) = send(AgentKind::Cache(batch)).await {
@@ -404,33 +404,6 @@ fn absorb(state: &ApiState, mappings: &[WireMapping]) -> Result<(), String> {
         .inc_by(parsed.len() as u64);
     state.cache_changes.0.fetch_add(1, Ordering::Relaxed);
     Ok(())
-}
-
-/// Cache entries as wire mappings: one per (endpoint, name, expiry), since IPs of one name may
-/// expire at different times.
-pub fn wire_entries(entries: &[CacheEntry]) -> Vec<WireMapping> {
-    let now = unix_now();
-    let mut wire = Vec::new();
-    for entry in entries {
-        let mut by_expiry: HashMap<u64, Vec<String>> = HashMap::new();
-        for cached in &entry.ips {
-            by_expiry
-                .entry(cached.expires_at.0)
-                .or_default()
-                .push(cached.ip.to_string());
-        }
-        for (expires_at, ips) in by_expiry {
-            wire.push(WireMapping {
-                endpoint: entry.endpoint.clone(),
-                name: entry.name.clone(),
-                ips,
-                ttl: u32::try_from(expires_at.saturating_sub(now.0)).unwrap_or(u32::MAX),
-                expires_at,
-                server: String::new(),
-            });
-        }
-    }
-    wire
 }
 
 /// The snapshot of the policy in force, with everything a proxy needs to act alone.

@@ -19,7 +19,7 @@ use warden_api::proto::{
     Ack, Flows, Hello, Mapping as WireMapping, Mappings, PolicySnapshot, ProxyMessage, ResyncDone,
 };
 use warden_fqdn::{Source, UnixTime};
-use warden_proxy::{Mapping, MappingObserver, SharedCache};
+use warden_proxy::{Mapping, MappingObserver, SharedCache, unix_now};
 use warden_telemetry::{FlowEvent, FlowLog, Metrics, unix_millis};
 
 use crate::journal::Journal;
@@ -163,9 +163,10 @@ pub async fn run(context: LinkContext, shutdown: CancellationToken) {
     }
 }
 
-/// The session's outbound stream. The engine hands over one live mapping per answer; those
-/// waiting together in the channel leave as one message (up to `MAPPINGS_PER_MESSAGE`), so
-/// that under load the agent gets a message per burst rather than per answer.
+/// The session's outbound stream. The engine hands over one live mapping per answer that
+/// changed the cache; those waiting together in the channel leave as one message (up to
+/// `MAPPINGS_PER_MESSAGE`), so that under load the agent gets a message per burst rather than
+/// per answer.
 struct Coalescing {
     receiver: mpsc::Receiver<ProxyMessage>,
     /// A message read while gathering mappings that is not one: it goes next.
@@ -264,6 +265,25 @@ async fn session(
     if !unsent.is_empty() {
         context.journal.restore(unsent);
         return "agent went away during the journal replay".into();
+    }
+    // Then the whole cache: the agent may have lost what it was told live before it stopped
+    // (it persists once a second, and a state directory can be lost), and mappings cross only
+    // when they change a cache, so a repeat answer would never tell it again.
+    let cached = {
+        let entries = context.cache.lock().entries(unix_now());
+        warden_api::wire_entries(&entries, unix_now())
+    };
+    let replayed = replayed + cached.len();
+    for chunk in cached.chunks(MAPPINGS_PER_MESSAGE) {
+        let batch = ProxyMessage {
+            kind: Some(ProxyKind::Mappings(Mappings {
+                mappings: chunk.to_vec(),
+                resync: true,
+            })),
+        };
+        if outbound.send(batch).await.is_err() {
+            return "agent went away during the cache resync".into();
+        }
     }
     context.link.set(Some(outbound.clone()));
     let late = context.journal.take();

@@ -219,6 +219,75 @@ async fn the_talk_holds_with_every_agent_down_and_the_caches_converge() {
     assert!(metric_value(&scrape, "warden_peer_mappings_received_total", &[]) >= 1.0);
 }
 
+/// The names in the agent's FQDN cache.
+fn agent_cache_names(lab: &Firewall) -> BTreeSet<String> {
+    let listed = lab
+        .agent
+        .cli(&["fqdn", "cache", "list", "-o", "json"])
+        .unwrap();
+    let rows: serde_json::Value = serde_json::from_slice(&listed.stdout).unwrap_or_default();
+    cache_set(&rows)
+        .into_iter()
+        .map(|(_, name, _)| name)
+        .collect()
+}
+
+/// Waits until the agent's cache lists `name`.
+async fn wait_agent_cache(lab: &Firewall, name: &str, limit: Duration) -> Duration {
+    let started = Instant::now();
+    loop {
+        if agent_cache_names(lab).contains(name) {
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() < limit,
+            "{name} not in the agent's cache after {limit:?}: {:?}",
+            agent_cache_names(lab)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn an_agent_that_lost_its_state_gets_the_proxys_cache_back_and_keeps_its_entries() {
+    if !require_lab() || !warden_tests::require_tools(&["knotd", "dig", "bpftool"]) {
+        return;
+    }
+    let mut lab = lab(policy_with_pattern()).await;
+    let proxy_admin = lab.dnsproxy().admin;
+    wait_status(proxy_admin, Duration::from_secs(5), |s| {
+        s["peer_connected"] == true
+    })
+    .await;
+    wait_status(lab.agent.admin, Duration::from_secs(5), |s| {
+        s["preferred"] == "dnsproxy"
+    })
+    .await;
+
+    // The proxy answers; the agent is told live, so nothing is journaled.
+    let cilium = lab.curl("http://cilium.io/", &["-4"]).unwrap();
+    assert!(cilium.ok(), "{cilium:?}");
+    wait_agent_cache(&lab, "cilium.io.", Duration::from_secs(3)).await;
+
+    // The agent dies and its state with it (a crash before its next save, a lost volume).
+    lab.agent.kill().unwrap();
+    match std::fs::remove_file(lab.dir.state_dir().join("fqdn-cache.json")) {
+        Err(error) if error.kind() != std::io::ErrorKind::NotFound => panic!("{error}"),
+        _ => {}
+    }
+    lab.agent.restart().await.unwrap();
+    // The proxy's resync carries its whole cache, not only its (empty) journal, and a repeat
+    // answer would not tell the agent again: mappings cross only when they change a cache.
+    let back = wait_agent_cache(&lab, "cilium.io.", Duration::from_secs(5)).await;
+    println!("agent restart to cilium.io back in its cache: {back:?}");
+
+    // Past the reconciler's grace for entries no cache wants, the proxy's allow entries stand:
+    // a connection by address, without a new DNS query, still goes through.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let by_address = lab.curl(&format!("http://{CILIUM_IO_V4}/"), &[]).unwrap();
+    assert!(by_address.ok(), "{by_address:?}");
+}
+
 #[tokio::test]
 async fn the_agent_serves_alone_and_a_lone_proxy_enforces_its_persisted_snapshot() {
     if !require_lab() || !warden_tests::require_tools(&["knotd", "dig", "bpftool"]) {

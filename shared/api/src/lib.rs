@@ -34,6 +34,35 @@ impl From<&warden_proxy::Mapping> for proto::Mapping {
     }
 }
 
+/// Cache entries as wire mappings, for a resync: one per (endpoint, name, expiry), since IPs
+/// of one name may expire at different times.
+pub fn wire_entries(
+    entries: &[warden_fqdn::CacheEntry],
+    now: warden_fqdn::UnixTime,
+) -> Vec<proto::Mapping> {
+    let mut wire = Vec::new();
+    for entry in entries {
+        let mut by_expiry: std::collections::BTreeMap<u64, Vec<String>> = Default::default();
+        for cached in &entry.ips {
+            by_expiry
+                .entry(cached.expires_at.0)
+                .or_default()
+                .push(cached.ip.to_string());
+        }
+        for (expires_at, ips) in by_expiry {
+            wire.push(proto::Mapping {
+                endpoint: entry.endpoint.clone(),
+                name: entry.name.clone(),
+                ips,
+                ttl: u32::try_from(expires_at.saturating_sub(now.0)).unwrap_or(u32::MAX),
+                expires_at,
+                server: String::new(),
+            });
+        }
+    }
+    wire
+}
+
 /// Largest message either side accepts. A snapshot carries policy documents and a cache dump
 /// is sent in chunks, so this is far above what a healthy peer sends.
 pub const MAX_MESSAGE_BYTES: usize = 16 << 20;

@@ -162,7 +162,7 @@ impl DnsCache {
                 break;
             };
             if let Some(rec) = pair.ips.find_mut(ip) {
-                rec.extend_dns(expires.0, Source::Lookup);
+                out.extended |= rec.extend_dns(expires.0, Source::Lookup);
                 out.refreshed.push(ip);
             } else if self.ips.add(ip, pid) {
                 pair.ips
@@ -870,6 +870,43 @@ mod tests {
     }
 
     #[test]
+    fn an_answer_repeating_the_cache_changes_nothing() {
+        let mut c = DnsCache::default();
+        assert!(c.insert(t(0), EP, "a.example.", &[ip4(1)], 100).changed());
+        // The same answer in the same second, and a caching resolver's counted-down TTL.
+        let same = c.insert(t(0), EP, "a.example.", &[ip4(1)], 100);
+        assert!(!same.changed() && !same.extended);
+        assert_eq!(same.refreshed, [ip4(1)]);
+        assert!(!c.insert(t(40), EP, "a.example.", &[ip4(1)], 60).changed());
+        // A later expiry, a new IP, another endpoint: each is news.
+        assert!(c.insert(t(1), EP, "a.example.", &[ip4(1)], 100).extended);
+        assert!(
+            c.insert(t(1), EP, "a.example.", &[ip4(1), ip4(2)], 100)
+                .changed()
+        );
+        assert!(
+            c.insert(t(1), "ns/other", "a.example.", &[ip4(1)], 100)
+                .changed()
+        );
+        // An answer whose only IP is evicted at once leaves the cache as it was.
+        let mut capped = DnsCache::new(limits(0, 1));
+        capped.insert(t(0), EP, "lb.example.", &[ip4(1)], 100);
+        assert!(
+            !capped
+                .insert(t(0), EP, "lb.example.", &[ip4(2)], 10)
+                .changed()
+        );
+        // A restored record gets an answer's backing on an equal expiry: that is a change.
+        let mut restored = DnsCache::default();
+        restored.insert_entry(EP, "a.example.", ip4(1), t(100), Source::Restored);
+        assert!(
+            restored
+                .insert(t(0), EP, "a.example.", &[ip4(1)], 100)
+                .extended
+        );
+    }
+
+    #[test]
     fn duplicate_and_empty_answers() {
         let mut c = DnsCache::default();
         let out = c.insert(
@@ -1285,7 +1322,7 @@ mod tests {
                     continue;
                 }
                 if let Some(r) = recs.get_mut(&ip) {
-                    r.extend_dns(expires, Source::Lookup);
+                    out.extended |= r.extend_dns(expires, Source::Lookup);
                     out.refreshed.push(ip);
                 } else {
                     recs.insert(ip, ModelRec::new(expires, Source::Lookup));

@@ -66,8 +66,20 @@ pub struct InsertOutcome {
     pub refreshed: Vec<IpAddr>,
     /// IPs it held before and lost to `max_ips_per_name`, soonest-expiring first.
     pub evicted: Vec<IpAddr>,
+    /// Whether some IP it already held got a later expiry (or, on an equal one, an answer's
+    /// backing where it had only a restored one).
+    pub extended: bool,
     /// Expiry this answer gave, after raising its TTL to `min_ttl`.
     pub expires_at: UnixTime,
+}
+
+impl InsertOutcome {
+    /// Whether the answer changed the cache. An answer repeating what the cache holds (the
+    /// same IPs, expiring no later, as every answer from a caching resolver does until the
+    /// record expires there) does not, so it need not be told to anyone who has the cache.
+    pub fn changed(&self) -> bool {
+        self.extended || !self.added.is_empty() || !self.evicted.is_empty()
+    }
 }
 
 #[cfg(test)]

@@ -99,7 +99,8 @@ pub struct Mapping {
     pub server: SocketAddr,
 }
 
-/// Told of every mapping after the answer is released; must not block.
+/// Told, after the answer is released, of every mapping that changed the cache (a new IP, a
+/// later expiry); an answer repeating what the cache holds is not told again. Must not block.
 pub trait MappingObserver: Send + Sync + 'static {
     fn on_mapping(&self, mapping: Mapping);
 }

@@ -443,7 +443,7 @@ impl Engine {
             return (outcome, None);
         }
         let summary = &outcome.summary;
-        let expires_at = {
+        let (expires_at, changed) = {
             let mut cache = self.context.cache.lock();
             let inserted = cache.insert(
                 unix_now(),
@@ -455,7 +455,7 @@ impl Engine {
             let metrics = &self.context.metrics.cache;
             metrics.names.set(gauge(cache.name_count()));
             metrics.ips.set(gauge(cache.ip_count()));
-            inserted.expires_at
+            (inserted.expires_at, inserted.changed())
         };
         let mut grants = Vec::new();
         checked.policy.fqdn_grants(name, &mut grants);
@@ -469,49 +469,56 @@ impl Engine {
                 grants: &grants,
             })
         };
-        let mapping = Mapping {
+        // Only news crosses to the peer: an answer repeating the cache (the same second's
+        // answers, a caching resolver's counted-down TTLs) would tell it nothing, and one
+        // message per answer cost the agent + dnsproxy pair a tenth of its throughput.
+        let mapping = changed.then(|| Mapping {
             endpoint: checked.endpoint_key.clone(),
             name: name.clone(),
             ips: summary.ips.clone(),
             ttl: summary.ttl,
             expires_at,
             server: checked.server,
-        };
-        let hold = Hold {
-            held,
-            wait,
-            mapping,
-        };
-        match hold.wait {
+        });
+        match wait {
             // Nothing to wait for: released now.
             None => {
-                self.released(hold);
+                self.released(held, mapping);
                 (outcome, None)
             }
-            Some(_) => (outcome, Some(hold)),
+            Some(wait) => {
+                let hold = Hold {
+                    held,
+                    wait,
+                    name: name.clone(),
+                    mapping,
+                };
+                (outcome, Some(hold))
+            }
         }
     }
 
     /// Waits (at most `response_max_delay`) for what the datapath asked the answer to wait for.
-    pub async fn hold(&self, mut hold: Hold) {
-        if let Some(wait) = hold.wait.take()
-            && tokio::time::timeout(self.settings.response_max_delay, wait)
-                .await
-                .is_err()
+    pub async fn hold(&self, hold: Hold) {
+        if tokio::time::timeout(self.settings.response_max_delay, hold.wait)
+            .await
+            .is_err()
         {
             tracing::warn!(
-                name = hold.mapping.name.as_str(),
+                name = hold.name.as_str(),
                 "answer released before its allow entries were written"
             );
         }
-        self.released(hold);
+        self.released(hold.held, hold.mapping);
     }
 
-    fn released(&self, hold: Hold) {
+    fn released(&self, held: Instant, mapping: Option<Mapping>) {
         self.timings
             .datapath_hold
-            .observe(hold.held.elapsed().as_secs_f64());
-        self.context.mappings.on_mapping(hold.mapping);
+            .observe(held.elapsed().as_secs_f64());
+        if let Some(mapping) = mapping {
+            self.context.mappings.on_mapping(mapping);
+        }
     }
 
     /// Accounts for a query that got its answer (or its refusal): metrics and flow event.
@@ -553,13 +560,16 @@ fn type_name(qtype: u16) -> Cow<'static, str> {
 /// An answer held back until the datapath has what it allows.
 pub(crate) struct Hold {
     held: Instant,
-    wait: Option<HoldFuture>,
-    mapping: Mapping,
+    wait: HoldFuture,
+    name: DnsName,
+    /// What the answer changed in the cache, for the mapping observer; `None` if nothing.
+    mapping: Option<Mapping>,
 }
 
 impl std::fmt::Debug for Hold {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Hold")
+            .field("name", &self.name)
             .field("mapping", &self.mapping)
             .finish_non_exhaustive()
     }

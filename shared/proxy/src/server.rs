@@ -409,6 +409,25 @@ spec:
     }
 
     #[tokio::test]
+    async fn only_answers_that_change_the_cache_reach_the_mapping_observer() {
+        let upstream = fake_upstream(false).await;
+        let proxy = start(upstream, Duration::ZERO, Duration::from_secs(2)).await;
+        for _ in 0..6 {
+            let (answer, _) = ask(proxy.dns, "cilium.io.").await;
+            assert_eq!(answer.answers.len(), 1);
+        }
+        // Every answer writes its allow entries; only the first (and the first of a new
+        // second, the expiry having moved) is news for the peer.
+        assert_eq!(proxy.datapath.calls.load(Ordering::SeqCst), 6);
+        let told = proxy.mappings.0.lock().unwrap().len();
+        assert!(
+            (1..=2).contains(&told),
+            "{told} mappings for 6 equal answers"
+        );
+        proxy.shutdown.cancel();
+    }
+
+    #[tokio::test]
     async fn an_answer_waits_for_its_allow_entries_but_no_longer_than_the_max_delay() {
         let upstream = fake_upstream(false).await;
         let quick = start(upstream, Duration::from_millis(100), Duration::from_secs(2)).await;
