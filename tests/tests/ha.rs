@@ -268,6 +268,19 @@ async fn an_agent_that_lost_its_state_gets_the_proxys_cache_back_and_keeps_its_e
     let cilium = lab.curl("http://cilium.io/", &["-4"]).unwrap();
     assert!(cilium.ok(), "{cilium:?}");
     wait_agent_cache(&lab, "cilium.io.", Duration::from_secs(3)).await;
+    // Its flow event reaches the agent's log too, field for field as the proxy recorded it.
+    let proxy_flows = lab.flows(proxy_admin).await.unwrap();
+    let answered = proxy_flows
+        .iter()
+        .find(|flow| flow["qname"] == "cilium.io." && flow["qtype"] == "A")
+        .unwrap_or_else(|| panic!("no cilium.io. A event in {proxy_flows:?}"))
+        .clone();
+    assert_eq!(answered["instance"], "dnsproxy");
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while !lab.flows(lab.agent.admin).await.unwrap().contains(&answered) {
+        assert!(Instant::now() < deadline, "{answered} never reached the agent");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 
     // The agent dies and its state with it (a crash before its next save, a lost volume).
     lab.agent.kill().unwrap();
