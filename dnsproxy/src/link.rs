@@ -392,10 +392,9 @@ fn merge(context: &LinkContext, mappings: &[WireMapping]) {
         .inc_by(mappings.len() as u64);
 }
 
-/// How long the flow forwarder gathers events before sending them. A message per burst of
-/// answers cost the pair about a fifth of its CPU at full rate (a write and a wake-up of the
-/// agent every few events); a message per window costs nothing measurable, and flow events
-/// are observability, which can wait this long.
+/// How long the flow forwarder gathers events before sending them. Sending what was waiting
+/// as soon as anything was took a few events per message at full rate, each message a write
+/// and a wake-up of the agent; flow events are observability, which can wait this long.
 const FLOW_WINDOW: Duration = Duration::from_millis(20);
 
 /// At most this many events per message, so that a message stays well inside the agent's

@@ -277,8 +277,16 @@ async fn an_agent_that_lost_its_state_gets_the_proxys_cache_back_and_keeps_its_e
         .clone();
     assert_eq!(answered["instance"], "dnsproxy");
     let deadline = Instant::now() + Duration::from_secs(3);
-    while !lab.flows(lab.agent.admin).await.unwrap().contains(&answered) {
-        assert!(Instant::now() < deadline, "{answered} never reached the agent");
+    while !lab
+        .flows(lab.agent.admin)
+        .await
+        .unwrap()
+        .contains(&answered)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "{answered} never reached the agent"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
