@@ -252,13 +252,7 @@ async fn session(
     let replayed = journaled.len();
     let mut unsent = Vec::new();
     for chunk in journaled.chunks(MAPPINGS_PER_MESSAGE) {
-        let batch = ProxyMessage {
-            kind: Some(ProxyKind::Mappings(Mappings {
-                mappings: chunk.to_vec(),
-                resync: true,
-            })),
-        };
-        if outbound.send(batch).await.is_err() {
+        if outbound.send(resync_message(chunk.to_vec())).await.is_err() {
             unsent.extend_from_slice(chunk);
         }
     }
@@ -275,31 +269,19 @@ async fn session(
     };
     let replayed = replayed + cached.len();
     for chunk in cached.chunks(MAPPINGS_PER_MESSAGE) {
-        let batch = ProxyMessage {
-            kind: Some(ProxyKind::Mappings(Mappings {
-                mappings: chunk.to_vec(),
-                resync: true,
-            })),
-        };
-        if outbound.send(batch).await.is_err() {
+        if outbound.send(resync_message(chunk.to_vec())).await.is_err() {
             return "agent went away during the cache resync".into();
         }
     }
     context.link.set(Some(outbound.clone()));
     let late = context.journal.take();
-    if !late.is_empty() {
-        let batch = ProxyMessage {
-            kind: Some(ProxyKind::Mappings(Mappings {
-                mappings: late,
-                resync: true,
-            })),
-        };
-        if let Err(error) = outbound.send(batch).await {
-            if let Some(ProxyKind::Mappings(batch)) = error.0.kind {
-                context.journal.restore(batch.mappings);
-            }
-            return "agent went away during the journal replay".into();
+    if !late.is_empty()
+        && let Err(error) = outbound.send(resync_message(late)).await
+    {
+        if let Some(ProxyKind::Mappings(batch)) = error.0.kind {
+            context.journal.restore(batch.mappings);
         }
+        return "agent went away during the journal replay".into();
     }
     let _ = outbound
         .send(ProxyMessage {
@@ -364,6 +346,16 @@ async fn session(
     };
     forwarder.abort();
     ended
+}
+
+/// Mappings of the resync (journal or cache), as opposed to live ones.
+fn resync_message(mappings: Vec<WireMapping>) -> ProxyMessage {
+    ProxyMessage {
+        kind: Some(ProxyKind::Mappings(Mappings {
+            mappings,
+            resync: true,
+        })),
+    }
 }
 
 /// The agent's cache entries into ours: union, later expiry wins.
