@@ -31,6 +31,8 @@ pub struct AdminState {
     pub endpoint_cgroups: Vec<Option<PathBuf>>,
     /// Tells the cache persister that `/v1/fqdn/cache/clean` changed the cache.
     pub cache_changes: Arc<CacheChanges>,
+    /// Passes each clean on to the dnsproxy sessions, whose caches hold the same entries.
+    pub cleans: tokio::sync::broadcast::Sender<CacheFilter>,
     /// The connected dnsproxy sessions.
     pub sessions: Arc<Sessions>,
     /// The eBPF datapath, if on: who it steers the DNS port's queries to.
@@ -178,17 +180,20 @@ async fn clean_cache(
     Query(filter): Query<CacheFilter>,
 ) -> Response {
     let pattern = filter.name.clone();
-    let filter = match filter.compile() {
-        Ok(filter) => filter,
+    let compiled = match filter.compile() {
+        Ok(compiled) => compiled,
         Err(message) => return (StatusCode::BAD_REQUEST, message).into_response(),
     };
     let removed = state
         .cache
         .lock()
-        .remove_matching(|endpoint, name| filter.matches(endpoint, name));
+        .remove_matching(|endpoint, name| compiled.matches(endpoint, name));
     if !removed.is_empty() {
         state.cache_changes.0.fetch_add(1, Ordering::Relaxed);
     }
+    // Also when nothing went here: the proxy's cache may hold what this one never saw. No
+    // session listening is no error.
+    let _ = state.cleans.send(filter);
     let mut pairs: Vec<(&str, &str)> = removed
         .iter()
         .map(|gone| (gone.endpoint.as_str(), gone.name.as_str()))

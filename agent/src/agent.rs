@@ -94,6 +94,7 @@ pub async fn start(config: AgentConfig) -> anyhow::Result<RunningAgent> {
     let cache = SharedCache::new(cache_file.restore(limits, unix_now()));
     let changes = Arc::new(CacheChanges::default());
     let (local_mappings, _) = tokio::sync::broadcast::channel(4096);
+    let (cleans, _) = tokio::sync::broadcast::channel(64);
     let sessions = Arc::new(Sessions::default());
 
     let ebpf = match config.datapath.mode {
@@ -138,6 +139,7 @@ pub async fn start(config: AgentConfig) -> anyhow::Result<RunningAgent> {
         sessions: sessions.clone(),
         datapath: ebpf.as_ref().map(|(datapath, _)| datapath.clone()),
         cache_changes: changes.clone(),
+        cleans: cleans.clone(),
     };
     let flows_for_drops = flows.clone();
     let flows_for_api = flows.clone();
@@ -170,6 +172,7 @@ pub async fn start(config: AgentConfig) -> anyhow::Result<RunningAgent> {
             sessions: sessions.clone(),
             local_mappings: local_mappings.clone(),
             cache_changes: changes.clone(),
+            cleans: cleans.clone(),
         };
         let routes = tonic::service::Routes::new(api::service(state));
         let rejected = metrics.peer.rejected.clone();

@@ -20,15 +20,15 @@ use warden_api::proto::agent_message::Kind as AgentKind;
 use warden_api::proto::agent_server::{Agent, AgentServer};
 use warden_api::proto::proxy_message::Kind as ProxyKind;
 use warden_api::proto::{
-    AgentMessage, DatapathSettings, DnsSettings, Endpoint, Mapping as WireMapping, Mappings,
-    PolicyFile, PolicySnapshot, ProxyMessage, ResyncDone,
+    AgentMessage, CacheClean, DatapathSettings, DnsSettings, Endpoint, Mapping as WireMapping,
+    Mappings, PolicyFile, PolicySnapshot, ProxyMessage, ResyncDone,
 };
 use warden_api::{MAPPINGS_PER_MESSAGE, MAX_MESSAGE_BYTES};
 use warden_config::{AgentConfig, DatapathMode, RejectCode};
 use warden_enforce::Enforcement;
 use warden_fqdn::{Source, UnixTime};
 use warden_proxy::{Mapping, MappingObserver, SharedCache, unix_now};
-use warden_telemetry::{FlowEvent, FlowLog, Metrics, unix_millis};
+use warden_telemetry::{CacheFilter, FlowEvent, FlowLog, Metrics, unix_millis};
 
 use crate::policy_store::PolicyStore;
 
@@ -53,6 +53,8 @@ pub struct ApiState {
     pub local_mappings: broadcast::Sender<Mapping>,
     /// Bumped when the cache changes, so it is persisted.
     pub cache_changes: Arc<CacheChanges>,
+    /// Cache cleans made on the agent, passed on to every session.
+    pub cleans: broadcast::Sender<CacheFilter>,
 }
 
 /// The connected proxies, for `/v1/status`.
@@ -226,6 +228,7 @@ async fn session(
 
     let mut revisions = state.policy.subscribe();
     let mut local = state.local_mappings.subscribe();
+    let mut cleans = state.cleans.subscribe();
     let mut sent_revision = 0;
     let send = |message: AgentKind| async move {
         outbound
@@ -347,6 +350,20 @@ async fn session(
                 }
                 let batch = Mappings { mappings, resync: false };
                 if let Err(end) = send(AgentKind::Cache(batch)).await {
+                    return end;
+                }
+            }
+            clean = cleans.recv() => {
+                let filter = match clean {
+                    Ok(filter) => filter,
+                    Err(broadcast::error::RecvError::Lagged(skipped)) => {
+                        tracing::warn!(session = id, skipped, "dnsproxy session missed cache cleans");
+                        continue;
+                    }
+                    Err(broadcast::error::RecvError::Closed) => return SessionEnd::Closed,
+                };
+                let clean = CacheClean { endpoint: filter.endpoint, name: filter.name };
+                if let Err(end) = send(AgentKind::Clean(clean)).await {
                     return end;
                 }
             }

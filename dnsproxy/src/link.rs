@@ -16,11 +16,12 @@ use warden_api::MAPPINGS_PER_MESSAGE;
 use warden_api::proto::agent_message::Kind as AgentKind;
 use warden_api::proto::proxy_message::Kind as ProxyKind;
 use warden_api::proto::{
-    Ack, Flows, Hello, Mapping as WireMapping, Mappings, PolicySnapshot, ProxyMessage, ResyncDone,
+    Ack, CacheClean, Flows, Hello, Mapping as WireMapping, Mappings, PolicySnapshot, ProxyMessage,
+    ResyncDone,
 };
 use warden_fqdn::{Source, UnixTime};
 use warden_proxy::{Mapping, MappingObserver, SharedCache, unix_now};
-use warden_telemetry::{FlowEvent, FlowLog, Metrics, unix_millis};
+use warden_telemetry::{CacheFilter, FlowEvent, FlowLog, Metrics, unix_millis};
 
 use crate::journal::Journal;
 
@@ -324,6 +325,7 @@ async fn session(
                 }
             }
             Some(AgentKind::Cache(batch)) => merge(context, &batch.mappings),
+            Some(AgentKind::Clean(clean)) => apply_clean(context, clean),
             Some(AgentKind::ResyncDone(done)) => {
                 let elapsed = started.elapsed();
                 context.metrics.peer.resync_completed(elapsed);
@@ -346,6 +348,34 @@ async fn session(
     };
     forwarder.abort();
     ended
+}
+
+/// An operator's cache clean on the agent, done here too: otherwise this cache would hand the
+/// entries back at the next resync. A filter that does not compile is the agent's bug, logged.
+fn apply_clean(context: &LinkContext, clean: CacheClean) {
+    let filter = CacheFilter {
+        endpoint: clean.endpoint,
+        name: clean.name,
+    };
+    match filter.compile() {
+        Ok(compiled) => {
+            let removed = context
+                .cache
+                .lock()
+                .remove_matching(|endpoint, name| compiled.matches(endpoint, name))
+                .len();
+            tracing::info!(
+                removed,
+                endpoint = filter.endpoint.as_deref().unwrap_or("*"),
+                name = filter.name.as_deref().unwrap_or("*"),
+                "FQDN cache cleaned as the agent's was"
+            );
+        }
+        Err(error) => tracing::warn!(
+            error = error.trim_end(),
+            "cache clean from the agent rejected"
+        ),
+    }
 }
 
 /// Mappings of the resync (journal or cache), as opposed to live ones.

@@ -310,6 +310,65 @@ async fn an_agent_that_lost_its_state_gets_the_proxys_cache_back_and_keeps_its_e
 }
 
 #[tokio::test]
+async fn a_cache_clean_on_the_agent_cleans_the_proxys_copy_and_no_resync_undoes_it() {
+    if !require_lab() || !warden_tests::require_tools(&["knotd", "dig", "bpftool"]) {
+        return;
+    }
+    let mut lab = lab(policy_with_pattern()).await;
+    let proxy_admin = lab.dnsproxy().admin;
+    wait_status(proxy_admin, Duration::from_secs(5), |s| {
+        s["peer_connected"] == true
+    })
+    .await;
+    for url in ["http://cilium.io/", "http://google.com/"] {
+        let result = lab.curl(url, &["-4"]).unwrap();
+        assert!(result.ok(), "{url}: {result:?}");
+    }
+    wait_agent_cache(&lab, "cilium.io.", Duration::from_secs(3)).await;
+    wait_agent_cache(&lab, "google.com.", Duration::from_secs(3)).await;
+
+    let cleaned = lab
+        .agent
+        .cli(&["fqdn", "cache", "clean", "-n", "cilium.io", "-f"])
+        .unwrap();
+    assert!(cleaned.status.success(), "{cleaned:?}");
+    let proxy_names = || async {
+        let rows = http_json(proxy_admin, "/v1/fqdn/cache").await.unwrap();
+        cache_set(&rows)
+            .into_iter()
+            .map(|(_, name, _)| name)
+            .collect::<BTreeSet<_>>()
+    };
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        let names = proxy_names().await;
+        if !names.contains("cilium.io.") {
+            assert!(
+                names.contains("google.com."),
+                "only the pattern goes: {names:?}"
+            );
+            break;
+        }
+        assert!(Instant::now() < deadline, "the proxy kept {names:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // The agent restarts; the proxy's resync sends its whole cache, which no longer holds it.
+    let resynced_before = status(proxy_admin).await["last_resync_at_ms"].clone();
+    lab.agent.restart().await.unwrap();
+    wait_status(proxy_admin, Duration::from_secs(5), |s| {
+        s["peer_connected"] == true && s["last_resync_at_ms"] != resynced_before
+    })
+    .await;
+    let names = agent_cache_names(&lab);
+    assert!(names.contains("google.com."), "{names:?}");
+    assert!(
+        !names.contains("cilium.io."),
+        "the clean was undone: {names:?}"
+    );
+}
+
+#[tokio::test]
 async fn the_agent_serves_alone_and_a_lone_proxy_enforces_its_persisted_snapshot() {
     if !require_lab() || !warden_tests::require_tools(&["knotd", "dig", "bpftool"]) {
         return;
