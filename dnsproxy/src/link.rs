@@ -295,7 +295,11 @@ async fn session(
     context.metrics.peer.offline.set(0);
     tracing::info!(replayed, "connected to the agent");
 
-    let forwarder = tokio::spawn(forward_flows(context.flows.clone(), outbound.clone()));
+    let forwarder = tokio::spawn(forward_flows(
+        context.flows.clone(),
+        outbound.clone(),
+        context.metrics.peer.flows_dropped.clone(),
+    ));
     let ended = loop {
         let message = match inbound.message().await {
             Ok(Some(message)) => message,
@@ -424,15 +428,24 @@ const FLOW_WINDOW: Duration = Duration::from_millis(20);
 const FLOWS_PER_MESSAGE: usize = 1024;
 
 /// The proxy's DNS flow events, batched per [`FLOW_WINDOW`], to the agent's flow log. Best
-/// effort: a flow event is observability, never worth holding a query for. The follower's
-/// backlog (4,096 events) covers a window at any rate the proxy reaches.
-async fn forward_flows(flows: Arc<FlowLog>, outbound: mpsc::Sender<ProxyMessage>) {
+/// effort: a flow event is observability, never worth holding a query for; what cannot be
+/// forwarded is counted in `dropped`. The follower's backlog (4,096 events) covers a window at
+/// any rate the proxy reaches.
+async fn forward_flows(
+    flows: Arc<FlowLog>,
+    outbound: mpsc::Sender<ProxyMessage>,
+    dropped: prometheus::IntCounter,
+) {
+    use tokio::sync::broadcast::error::{RecvError, TryRecvError};
     let mut follower = flows.follow();
     loop {
         let first = match follower.recv().await {
             Ok(event) => event,
-            Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
-            Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+            Err(RecvError::Lagged(missed)) => {
+                dropped.inc_by(missed);
+                continue;
+            }
+            Err(RecvError::Closed) => return,
         };
         tokio::time::sleep(FLOW_WINDOW).await;
         let mut gathered = vec![first];
@@ -441,7 +454,7 @@ async fn forward_flows(flows: Arc<FlowLog>, outbound: mpsc::Sender<ProxyMessage>
             while gathered.len() < FLOWS_PER_MESSAGE {
                 match follower.try_recv() {
                     Ok(event) => gathered.push(event),
-                    Err(tokio::sync::broadcast::error::TryRecvError::Lagged(_)) => continue,
+                    Err(TryRecvError::Lagged(missed)) => dropped.inc_by(missed),
                     Err(_) => {
                         drained = true;
                         break;
@@ -456,11 +469,14 @@ async fn forward_flows(flows: Arc<FlowLog>, outbound: mpsc::Sender<ProxyMessage>
             if events.is_empty() {
                 continue;
             }
+            let count = events.len() as u64;
             let message = ProxyMessage {
                 kind: Some(ProxyKind::Flows(Flows { events })),
             };
-            if outbound.try_send(message).is_err() && outbound.is_closed() {
-                return;
+            match outbound.try_send(message) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(_)) => dropped.inc_by(count),
+                Err(mpsc::error::TrySendError::Closed(_)) => return,
             }
         }
     }
@@ -552,7 +568,8 @@ mod tests {
     async fn flow_events_leave_once_per_window_in_bounded_messages() {
         let flows = Arc::new(FlowLog::new(16));
         let (outbound, mut sent) = mpsc::channel(16);
-        let forwarder = tokio::spawn(forward_flows(flows.clone(), outbound));
+        let dropped = prometheus::IntCounter::new("dropped", "test").unwrap();
+        let forwarder = tokio::spawn(forward_flows(flows.clone(), outbound, dropped.clone()));
         tokio::time::sleep(Duration::from_millis(1)).await;
 
         for n in 0..300 {
@@ -583,6 +600,17 @@ mod tests {
                 2500 - 2 * FLOWS_PER_MESSAGE
             ]
         );
+        assert_eq!(dropped.get(), 0);
+
+        // More than the follower's backlog before the forwarder runs: the oldest are lost,
+        // and counted; the rest still go.
+        for n in 0..5000 {
+            flows.record(dns_event(&format!("o{n}.example.")));
+        }
+        tokio::time::sleep(FLOW_WINDOW * 2).await;
+        let forwarded: usize = sent_flows(&mut sent).iter().sum();
+        assert!(dropped.get() > 0, "nothing counted");
+        assert_eq!(forwarded as u64 + dropped.get(), 5000);
         forwarder.abort();
     }
 }

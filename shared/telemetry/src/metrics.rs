@@ -67,6 +67,9 @@ pub struct PeerMetrics {
     pub journal_entries: IntGauge,
     /// dnsproxy: mappings dropped because the journal was full.
     pub journal_dropped: IntCounter,
+    /// dnsproxy: flow events not forwarded to the agent (the forwarder fell behind, or the
+    /// session's queue was full).
+    pub flows_dropped: IntCounter,
     /// Completed resyncs (journal replayed and caches exchanged).
     pub resyncs: IntCounter,
     pub resync_seconds: Histogram,
@@ -310,6 +313,11 @@ impl Metrics {
                 &registry,
                 "journal_dropped_total",
                 "Mappings dropped because the offline journal was full.",
+            )?,
+            flows_dropped: counter(
+                &registry,
+                "peer_flows_dropped_total",
+                "Flow events warden-dnsproxy could not forward to the agent's flow log.",
             )?,
             resyncs: counter(
                 &registry,
