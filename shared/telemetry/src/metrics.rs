@@ -67,9 +67,9 @@ pub struct PeerMetrics {
     pub journal_entries: IntGauge,
     /// dnsproxy: mappings dropped because the journal was full.
     pub journal_dropped: IntCounter,
-    /// dnsproxy: flow events not forwarded to the agent (the forwarder fell behind, or the
-    /// session's queue was full).
-    pub flows_dropped: IntCounter,
+    /// dnsproxy: flow events not forwarded to the agent; label: reason (budget: over the
+    /// forwarding rate; lagged: the forwarder fell behind; queue_full: the session's queue).
+    pub flows_dropped: IntCounterVec,
     /// Completed resyncs (journal replayed and caches exchanged).
     pub resyncs: IntCounter,
     pub resync_seconds: Histogram,
@@ -314,10 +314,11 @@ impl Metrics {
                 "journal_dropped_total",
                 "Mappings dropped because the offline journal was full.",
             )?,
-            flows_dropped: counter(
+            flows_dropped: counter_vec(
                 &registry,
                 "peer_flows_dropped_total",
-                "Flow events warden-dnsproxy could not forward to the agent's flow log.",
+                "Flow events warden-dnsproxy did not forward to the agent's flow log, by reason.",
+                &["reason"],
             )?,
             resyncs: counter(
                 &registry,
