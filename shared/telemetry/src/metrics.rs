@@ -389,7 +389,7 @@ impl Metrics {
         for scope in Scope::ALL {
             self.histogram(scope);
         }
-        let known: [(&IntCounterVec, &[&str]); 7] = [
+        let known: [(&IntCounterVec, &[&str]); 8] = [
             (
                 &self.dns.upstream_errors,
                 &["timeout", "io", "malformed", "exhausted"],
@@ -416,6 +416,10 @@ impl Metrics {
             (
                 &self.peer.rejected,
                 &["credentials", "oversized", "malformed", "protocol"],
+            ),
+            (
+                &self.peer.flows_dropped,
+                &["budget", "lagged", "queue_full"],
             ),
         ];
         for (family, values) in known {
