@@ -40,14 +40,20 @@ fn refusing_policy() -> String {
     .yaml()
 }
 
+/// The lab with warden-dnsproxy beside the agent, once the proxy's session with it is up.
 async fn lab(policy: String) -> Firewall {
-    Firewall::start(FirewallOptions {
+    let mut lab = Firewall::start(FirewallOptions {
         policy,
         with_dnsproxy: true,
         ..FirewallOptions::default()
     })
     .await
-    .unwrap()
+    .unwrap();
+    wait_status(lab.dnsproxy().admin, Duration::from_secs(5), |s| {
+        s["peer_connected"] == true
+    })
+    .await;
+    lab
 }
 
 async fn status(admin: SocketAddr) -> serde_json::Value {
@@ -69,6 +75,14 @@ async fn wait_status(
         assert!(Instant::now() < deadline, "status never matched: {current}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// The names of a cache listing.
+fn cache_names(rows: &serde_json::Value) -> BTreeSet<String> {
+    cache_set(rows)
+        .into_iter()
+        .map(|(_, name, _)| name)
+        .collect()
 }
 
 /// (endpoint, name, sorted IPs) of a cache listing.
@@ -128,10 +142,8 @@ async fn the_talk_holds_with_every_agent_down_and_the_caches_converge() {
     }
     let mut lab = lab(policy_with_pattern()).await;
     let proxy_admin = lab.dnsproxy().admin;
-    let online = wait_status(proxy_admin, Duration::from_secs(5), |s| {
-        s["peer_connected"] == true
-    })
-    .await;
+    let online = status(proxy_admin).await;
+    assert_eq!(online["peer_connected"], true);
     assert_eq!(online["mode"], "online");
     assert_eq!(online["instance"], "dnsproxy");
     let agent_status = wait_status(lab.agent.admin, Duration::from_secs(5), |s| {
@@ -226,10 +238,7 @@ fn agent_cache_names(lab: &Firewall) -> BTreeSet<String> {
         .cli(&["fqdn", "cache", "list", "-o", "json"])
         .unwrap();
     let rows: serde_json::Value = serde_json::from_slice(&listed.stdout).unwrap_or_default();
-    cache_set(&rows)
-        .into_iter()
-        .map(|(_, name, _)| name)
-        .collect()
+    cache_names(&rows)
 }
 
 /// Waits until the agent's cache lists `name`.
@@ -255,10 +264,6 @@ async fn an_agent_that_lost_its_state_gets_the_proxys_cache_back_and_keeps_its_e
     }
     let mut lab = lab(policy_with_pattern()).await;
     let proxy_admin = lab.dnsproxy().admin;
-    wait_status(proxy_admin, Duration::from_secs(5), |s| {
-        s["peer_connected"] == true
-    })
-    .await;
     wait_status(lab.agent.admin, Duration::from_secs(5), |s| {
         s["preferred"] == "dnsproxy"
     })
@@ -316,10 +321,6 @@ async fn a_cache_clean_on_the_agent_cleans_the_proxys_copy_and_no_resync_undoes_
     }
     let mut lab = lab(policy_with_pattern()).await;
     let proxy_admin = lab.dnsproxy().admin;
-    wait_status(proxy_admin, Duration::from_secs(5), |s| {
-        s["peer_connected"] == true
-    })
-    .await;
     for url in ["http://cilium.io/", "http://google.com/"] {
         let result = lab.curl(url, &["-4"]).unwrap();
         assert!(result.ok(), "{url}: {result:?}");
@@ -332,16 +333,9 @@ async fn a_cache_clean_on_the_agent_cleans_the_proxys_copy_and_no_resync_undoes_
         .cli(&["fqdn", "cache", "clean", "-n", "cilium.io", "-f"])
         .unwrap();
     assert!(cleaned.status.success(), "{cleaned:?}");
-    let proxy_names = || async {
-        let rows = http_json(proxy_admin, "/v1/fqdn/cache").await.unwrap();
-        cache_set(&rows)
-            .into_iter()
-            .map(|(_, name, _)| name)
-            .collect::<BTreeSet<_>>()
-    };
     let deadline = Instant::now() + Duration::from_secs(2);
     loop {
-        let names = proxy_names().await;
+        let names = cache_names(&http_json(proxy_admin, "/v1/fqdn/cache").await.unwrap());
         if !names.contains("cilium.io.") {
             assert!(
                 names.contains("google.com."),
@@ -374,10 +368,6 @@ async fn the_agent_serves_alone_and_a_lone_proxy_enforces_its_persisted_snapshot
         return;
     }
     let mut lab = lab(refusing_policy()).await;
-    wait_status(lab.dnsproxy().admin, Duration::from_secs(5), |s| {
-        s["peer_connected"] == true
-    })
-    .await;
 
     // The proxy killed: the agent answers every query.
     lab.dnsproxy().kill().unwrap();
@@ -430,10 +420,6 @@ async fn graceful_restarts_under_load_lose_no_query_and_change_no_verdict() {
         return;
     }
     let mut lab = lab(refusing_policy()).await;
-    wait_status(lab.dnsproxy().admin, Duration::from_secs(5), |s| {
-        s["peer_connected"] == true
-    })
-    .await;
     // Three allowed names, one refused, in this order, over and over.
     let queries = write_queries_file(&[
         ("cilium.io", "A"),
@@ -496,10 +482,6 @@ async fn sigkill_under_load_loses_at_most_the_queries_in_flight() {
         return;
     }
     let mut lab = lab(refusing_policy()).await;
-    wait_status(lab.dnsproxy().admin, Duration::from_secs(5), |s| {
-        s["peer_connected"] == true
-    })
-    .await;
     let queries =
         write_queries_file(&[("cilium.io", "A"), ("google.com", "A"), ("bbc.co.uk", "A")]).unwrap();
     let rate = 400;

@@ -160,7 +160,7 @@ impl InFlightCount {
     pub async fn idle(&self) {
         loop {
             let notified = self.idle.notified();
-            if self.count.load(Ordering::Acquire) == 0 {
+            if self.is_idle() {
                 return;
             }
             notified.await;
