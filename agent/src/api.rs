@@ -27,7 +27,7 @@ use warden_api::{MAPPINGS_PER_MESSAGE, MAX_MESSAGE_BYTES};
 use warden_config::{AgentConfig, DatapathMode, RejectCode};
 use warden_enforce::Enforcement;
 use warden_fqdn::{Source, UnixTime};
-use warden_proxy::{Mapping, MappingObserver, SharedCache, unix_now};
+use warden_proxy::{Mapping, MappingObserver, SharedCache};
 use warden_telemetry::{CacheFilter, FlowEvent, FlowLog, Metrics, unix_millis};
 
 use crate::policy_store::PolicyStore;
@@ -287,11 +287,10 @@ async fn session(
                         state.sessions.update(id, |info| info.serving = serving.serving);
                     }
                     Some(ProxyKind::ResyncDone(_)) => {
-                        // The proxy's journal is in: send the agent's cache, completing the
+                        // The proxy's journal and cache are in: send the agent's cache, completing the
                         // exchange. Both now hold the union.
-                        let entries = state.cache.lock().entries(unix_now());
                         let mut sent = 0u64;
-                        for chunk in warden_api::wire_entries(&entries, unix_now()).chunks(MAPPINGS_PER_MESSAGE) {
+                        for chunk in warden_api::cache_dump(&state.cache).chunks(MAPPINGS_PER_MESSAGE) {
                             sent += chunk.len() as u64;
                             let batch = Mappings { mappings: chunk.to_vec(), resync: true };
                             if let Err(end) = send(AgentKind::Cache(batch)).await {

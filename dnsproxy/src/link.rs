@@ -20,7 +20,7 @@ use warden_api::proto::{
     ResyncDone,
 };
 use warden_fqdn::{Source, UnixTime};
-use warden_proxy::{Mapping, MappingObserver, SharedCache, unix_now};
+use warden_proxy::{Mapping, MappingObserver, SharedCache};
 use warden_telemetry::{CacheFilter, FlowEvent, FlowLog, Metrics, unix_millis};
 
 use crate::journal::Journal;
@@ -264,10 +264,7 @@ async fn session(
     // Then the whole cache: the agent may have lost what it was told live before it stopped
     // (it persists once a second, and a state directory can be lost), and mappings cross only
     // when they change a cache, so a repeat answer would never tell it again.
-    let cached = {
-        let entries = context.cache.lock().entries(unix_now());
-        warden_api::wire_entries(&entries, unix_now())
-    };
+    let cached = warden_api::cache_dump(&context.cache);
     let replayed = replayed + cached.len();
     for chunk in cached.chunks(MAPPINGS_PER_MESSAGE) {
         if outbound.send(resync_message(chunk.to_vec())).await.is_err() {

@@ -34,9 +34,16 @@ impl From<&warden_proxy::Mapping> for proto::Mapping {
     }
 }
 
-/// Cache entries as wire mappings, for a resync: one per (endpoint, name, expiry), since IPs
-/// of one name may expire at different times.
-pub fn wire_entries(
+/// The live entries of `cache` as wire mappings, for a resync (either side's cache dump).
+pub fn cache_dump(cache: &warden_proxy::SharedCache) -> Vec<proto::Mapping> {
+    let now = warden_proxy::unix_now();
+    let entries = cache.lock().entries(now);
+    wire_entries(&entries, now)
+}
+
+/// Cache entries as wire mappings: one per (endpoint, name, expiry), since IPs of one name may
+/// expire at different times.
+fn wire_entries(
     entries: &[warden_fqdn::CacheEntry],
     now: warden_fqdn::UnixTime,
 ) -> Vec<proto::Mapping> {
