@@ -130,7 +130,9 @@ impl std::fmt::Debug for LinkContext {
     }
 }
 
-/// Keeps a session with the agent until `shutdown`.
+/// Keeps a session with the agent until `shutdown`, which the proxy signals once it has left
+/// the DNS port and answered what it held: the session then closes gracefully (see
+/// [`close`]), within [`CLOSE_LIMIT`].
 pub async fn run(context: LinkContext, shutdown: CancellationToken) {
     let mut backoff = BACKOFF_FIRST;
     context.metrics.peer.offline.set(1);
@@ -143,12 +145,16 @@ pub async fn run(context: LinkContext, shutdown: CancellationToken) {
             Ok(client) => {
                 backoff = BACKOFF_FIRST;
                 let ended = tokio::select! {
-                    _ = shutdown.cancelled() => "shutting down".to_owned(),
-                    ended = session(&context, client) => ended,
+                    ended = session(&context, client, &shutdown) => ended,
+                    () = over_time(&shutdown) => "shutting down: the agent did not take the last messages in time".to_owned(),
                 };
                 context.link.set(None);
                 context.metrics.peer.connected.set(0);
                 context.metrics.peer.offline.set(1);
+                if shutdown.is_cancelled() {
+                    tracing::info!(reason = ended, "agent session closed");
+                    return;
+                }
                 tracing::warn!(
                     reason = ended,
                     "agent session ended; serving offline from the last snapshot"
@@ -221,9 +227,19 @@ impl tokio_stream::Stream for Coalescing {
     }
 }
 
+/// How long a closing session may take to hand its last messages over to the agent.
+const CLOSE_LIMIT: Duration = Duration::from_secs(1);
+
+/// Ready [`CLOSE_LIMIT`] after `shutdown`.
+async fn over_time(shutdown: &CancellationToken) {
+    shutdown.cancelled().await;
+    tokio::time::sleep(CLOSE_LIMIT).await;
+}
+
 async fn session(
     context: &LinkContext,
     mut client: warden_api::proto::agent_client::AgentClient<tonic::transport::Channel>,
+    shutdown: &CancellationToken,
 ) -> String {
     let started = Instant::now();
     let (outbound, stream) = mpsc::channel::<ProxyMessage>(1024);
@@ -292,13 +308,23 @@ async fn session(
     context.metrics.peer.offline.set(0);
     tracing::info!(replayed, "connected to the agent");
 
+    let last_flows = CancellationToken::new();
     let forwarder = tokio::spawn(forward_flows(
         context.flows.clone(),
         outbound.clone(),
         context.metrics.peer.flows_dropped.clone(),
+        last_flows.clone(),
     ));
     let ended = loop {
-        let message = match inbound.message().await {
+        let message = tokio::select! {
+            biased;
+            () = shutdown.cancelled() => {
+                drop(outbound);
+                return close(context, forwarder, last_flows, inbound).await;
+            }
+            message = inbound.message() => message,
+        };
+        let message = match message {
             Ok(Some(message)) => message,
             Ok(None) => break "agent closed the session".to_owned(),
             Err(status) => break format!("agent session broke: {status}"),
@@ -349,6 +375,30 @@ async fn session(
     };
     forwarder.abort();
     ended
+}
+
+/// Ends a session at shutdown without losing what is still on its way: the proxy has answered
+/// its last query, so new mappings (none are expected) go to the journal; the flow forwarder
+/// sends the events of its unfinished window; then the outbound stream ends once the agent has
+/// taken everything queued on it, which the agent acknowledges by ending its side.
+async fn close(
+    context: &LinkContext,
+    forwarder: tokio::task::JoinHandle<()>,
+    last_flows: CancellationToken,
+    mut inbound: tonic::Streaming<warden_api::proto::AgentMessage>,
+) -> String {
+    context.link.set(None);
+    last_flows.cancel();
+    if let Err(error) = forwarder.await {
+        tracing::warn!(%error, "flow forwarder failed");
+    }
+    loop {
+        match inbound.message().await {
+            Ok(Some(_)) => continue,
+            Ok(None) => return "shutting down: the agent has every message".to_owned(),
+            Err(status) => return format!("shutting down: the session broke: {status}"),
+        }
+    }
 }
 
 /// An operator's cache clean on the agent, done here too: otherwise this cache would hand the
@@ -459,14 +509,15 @@ impl FlowBudget {
 }
 
 /// The proxy's DNS flow events, batched per [`FLOW_WINDOW`] and within
-/// [`FLOWS_FORWARDED_PER_SECOND`], to the agent's flow log. Best effort: a flow event is
-/// observability, never worth holding a query for; what is not forwarded is counted in
-/// `dropped` by reason. The follower's backlog (4,096 events) covers a window at any rate the
-/// proxy reaches.
+/// [`FLOWS_FORWARDED_PER_SECOND`], to the agent's flow log, until `last`: then the unfinished
+/// window goes at once and the forwarder ends. Best effort: a flow event is observability,
+/// never worth holding a query for; what is not forwarded is counted in `dropped` by reason.
+/// The follower's backlog (4,096 events) covers a window at any rate the proxy reaches.
 async fn forward_flows(
     flows: Arc<FlowLog>,
     outbound: mpsc::Sender<ProxyMessage>,
     dropped: prometheus::IntCounterVec,
+    last: CancellationToken,
 ) {
     use tokio::sync::broadcast::error::{RecvError, TryRecvError};
     let lagged = dropped.with_label_values(&["lagged"]);
@@ -474,17 +525,26 @@ async fn forward_flows(
     let queue_full = dropped.with_label_values(&["queue_full"]);
     let mut budget = FlowBudget::new();
     let mut follower = flows.follow();
-    loop {
-        let first = match follower.recv().await {
-            Ok(event) => event,
-            Err(RecvError::Lagged(missed)) => {
-                lagged.inc_by(missed);
-                continue;
-            }
-            Err(RecvError::Closed) => return,
-        };
-        tokio::time::sleep(FLOW_WINDOW).await;
-        let mut gathered = vec![first];
+    while !last.is_cancelled() {
+        let mut gathered = Vec::new();
+        tokio::select! {
+            biased;
+            () = last.cancelled() => {}
+            received = follower.recv() => match received {
+                Ok(event) => {
+                    gathered.push(event);
+                    tokio::select! {
+                        () = last.cancelled() => {}
+                        () = tokio::time::sleep(FLOW_WINDOW) => {}
+                    }
+                }
+                Err(RecvError::Lagged(missed)) => {
+                    lagged.inc_by(missed);
+                    continue;
+                }
+                Err(RecvError::Closed) => return,
+            },
+        }
         loop {
             match follower.try_recv() {
                 Ok(event) => gathered.push(event),
@@ -603,7 +663,12 @@ mod tests {
         let dropped =
             prometheus::IntCounterVec::new(prometheus::Opts::new("dropped", "test"), &["reason"])
                 .unwrap();
-        let forwarder = tokio::spawn(forward_flows(flows.clone(), outbound, dropped.clone()));
+        let forwarder = tokio::spawn(forward_flows(
+            flows.clone(),
+            outbound,
+            dropped.clone(),
+            CancellationToken::new(),
+        ));
         let count = |reason: &str| dropped.with_label_values(&[reason]).get();
         tokio::time::sleep(Duration::from_millis(1)).await;
 
@@ -670,5 +735,42 @@ mod tests {
             5000
         );
         forwarder.abort();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_last_window_leaves_at_once_when_the_session_closes() {
+        let flows = Arc::new(FlowLog::new(16));
+        let (outbound, mut sent) = mpsc::channel(64);
+        let dropped =
+            prometheus::IntCounterVec::new(prometheus::Opts::new("dropped", "test"), &["reason"])
+                .unwrap();
+        let last = CancellationToken::new();
+        let forwarder = tokio::spawn(forward_flows(
+            flows.clone(),
+            outbound,
+            dropped,
+            last.clone(),
+        ));
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        for n in 0..3 {
+            flows.record(dns_event(&format!("n{n}.example.")));
+        }
+        tokio::time::sleep(FLOW_WINDOW / 4).await;
+        assert!(sent_flows(&mut sent).is_empty(), "the window is not over");
+        // An event recorded after the window began but before the close goes along too.
+        flows.record(dns_event("late.example."));
+        let closed_at = tokio::time::Instant::now();
+        last.cancel();
+        forwarder.await.unwrap();
+        assert_eq!(
+            closed_at.elapsed(),
+            Duration::ZERO,
+            "no wait for the window"
+        );
+        assert_eq!(sent_flows(&mut sent), [4]);
+        assert!(
+            sent.recv().await.is_none(),
+            "the forwarder let go of the stream"
+        );
     }
 }

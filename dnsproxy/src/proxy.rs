@@ -231,13 +231,20 @@ pub async fn start(config: ProxyConfig) -> anyhow::Result<RunningProxy> {
     };
     let router = admin_router(admin_state, metrics.clone(), flows.clone());
 
+    // Shutdown runs in order: the proxy leaves the port and answers what it holds (`drained`),
+    // then the agent session hands over its last mappings and flow events (`unlinked`), then
+    // the journal is saved with whatever could not be handed over.
     let shutdown = CancellationToken::new();
+    let drained = CancellationToken::new();
+    let unlinked = CancellationToken::new();
     let mut tasks = JoinSet::new();
     {
         let (shutdown, serving, datapath) = (shutdown.clone(), serving.clone(), datapath.clone());
+        let drained = drained.clone();
         tasks.spawn(async move {
             proxy.serve_and_leave(shutdown, || datapath.leave()).await;
             serving.store(false, Ordering::Relaxed);
+            drained.cancel();
         });
     }
     {
@@ -254,7 +261,11 @@ pub async fn start(config: ProxyConfig) -> anyhow::Result<RunningProxy> {
             revision: Arc::new(move || policy_for_revision.state().revision),
             serving: serving.clone(),
         };
-        tasks.spawn(link::run(link_context, shutdown.clone()));
+        let unlinked = unlinked.clone();
+        tasks.spawn(async move {
+            link::run(link_context, drained).await;
+            unlinked.cancel();
+        });
     }
     tasks.spawn(expire_cache(
         cache.clone(),
@@ -264,7 +275,7 @@ pub async fn start(config: ProxyConfig) -> anyhow::Result<RunningProxy> {
     tasks.spawn(persist_journal(
         journal.clone(),
         config.state_dir.clone(),
-        shutdown.clone(),
+        unlinked,
     ));
     let admin_shutdown = shutdown.clone();
     let task = tokio::spawn(async move {

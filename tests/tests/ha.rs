@@ -315,6 +315,64 @@ async fn an_agent_that_lost_its_state_gets_the_proxys_cache_back_and_keeps_its_e
 }
 
 #[tokio::test]
+async fn a_stopping_proxy_hands_every_flow_event_to_the_agent() {
+    if !require_lab() || !warden_tests::require_tools(&["knotd", "dig", "bpftool", "dnsperf"]) {
+        return;
+    }
+    let mut lab = lab(policy_with_pattern()).await;
+    wait_status(lab.agent.admin, Duration::from_secs(5), |s| {
+        s["preferred"] == "dnsproxy"
+    })
+    .await;
+
+    // The proxy answers a steady load until it is stopped mid-run; the agent answers the rest.
+    // Far below the proxy's forwarding budget (5,000 events a second) and within the agent's
+    // flow log (10,000), every query is one event in the agent's log, whoever answered it,
+    // including those of the proxy's last flow window and of its drain.
+    let queries = write_queries_file(&[("www.cilium.io", "A")]).unwrap();
+    let load = {
+        let workload = lab.workload.clone();
+        let server = lab.upstream.addr();
+        let opts = DnsperfOpts {
+            qps: Some(1000),
+            clients: 4,
+            timeout_s: 2,
+            ..DnsperfOpts::new(queries.path(), 2)
+        };
+        tokio::spawn(async move { dnsperf_in_cgroup(&workload, server, &opts).await })
+    };
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let exit = lab.dnsproxy().stop().unwrap();
+    assert!(exit.success(), "{exit:?}");
+    let report = load.await.unwrap().unwrap();
+    assert_eq!(report.lost, 0, "{}", report.raw);
+
+    let flows = lab.flows(lab.agent.admin).await.unwrap();
+    let answered_by = |instance: &str| {
+        flows
+            .iter()
+            .filter(|flow| flow["qname"] == "www.cilium.io." && flow["instance"] == instance)
+            .count() as u64
+    };
+    let (by_proxy, by_agent) = (answered_by("dnsproxy"), answered_by("agent"));
+    println!(
+        "{} queries: {by_proxy} events from the dnsproxy, {by_agent} from the agent",
+        report.completed
+    );
+    assert!(by_proxy > 0 && by_agent > 0, "both served");
+    let log = lab.dnsproxy().log();
+    assert_eq!(
+        by_proxy + by_agent,
+        report.completed,
+        "flow events lost at the proxy's stop; its log:\n{log}"
+    );
+    assert!(
+        log.contains("the agent has every message"),
+        "the session did not close gracefully:\n{log}"
+    );
+}
+
+#[tokio::test]
 async fn a_cache_clean_on_the_agent_cleans_the_proxys_copy_and_no_resync_undoes_it() {
     if !require_lab() || !warden_tests::require_tools(&["knotd", "dig", "bpftool"]) {
         return;
