@@ -9,6 +9,7 @@
 
 mod alloc;
 mod cache;
+mod ebpf;
 mod hold;
 mod lab;
 mod load;
@@ -26,6 +27,7 @@ use anyhow::{Context, Result, bail};
 use nix::sys::signal::Signal;
 use warden_tests::{DnsperfOpts, dnsperf_with, run_blocking, tool_path, unique_loopback_v4};
 
+use crate::ebpf::EbpfLab;
 use crate::lab::{Daemon, Dnsdist};
 use crate::load::{LoadReport, LoadSpec};
 use crate::report::{
@@ -118,9 +120,9 @@ Runs Warden's benchmark (docs/benchmarks.md) and writes DIR/latest.md and DIR/la
 --quick runs only throughput, latency and profiles, 2 rounds, into target/bench-quick: for
 iterating on the proxy's speed.
 --load runs only the open-loop client (the bench's query mix, A queries) and prints its report.
---lab starts knotd, the agent, dnsdist and the agent + warden-dnsproxy pair as the bench does,
-prints their addresses, PIDs and a dnsperf query file, and keeps them up for SECONDS (or until
-SIGTERM or SIGINT): for profiling by hand.";
+--lab starts knotd, the agent, dnsdist, the agent + warden-dnsproxy pair and (as root) both again
+with the eBPF datapath, as the bench does, prints their addresses, PIDs and a dnsperf query file,
+and keeps them up for SECONDS (or until SIGTERM or SIGINT): for profiling by hand.";
 
 /// `--load`: the fixed-rate client alone, against any server.
 fn load_only(args: &[String]) -> Result<()> {
@@ -170,6 +172,12 @@ fn lab_only(seconds: &str) -> Result<()> {
         let agent = Daemon::agent(&dir, &config).await?;
         let dnsdist = Dnsdist::start(unique_loopback_v4(), upstream, client).await?;
         let pair = start_pair(upstream, client).await?;
+        let mut problems = Vec::new();
+        let (agent_ebpf, agent_ebpf_note) = start_ebpf(upstream, client, false, &mut problems).await;
+        let (pair_ebpf, pair_ebpf_note) = start_ebpf(upstream, client, true, &mut problems).await;
+        for problem in problems {
+            eprintln!("warden-bench: {problem}");
+        }
         println!("client address  {client}");
         println!("queries         {}", queries.path().display());
         println!("knotd           {upstream}");
@@ -190,6 +198,26 @@ fn lab_only(seconds: &str) -> Result<()> {
                 pair.dns, pair.agent.admin, pair.dnsproxy.admin
             );
         }
+        for (name, lab, note) in [
+            ("agent ebpf", &agent_ebpf, agent_ebpf_note),
+            ("pair ebpf", &pair_ebpf, pair_ebpf_note),
+        ] {
+            match lab {
+                Some(lab) => {
+                    let pid = |daemon: Option<&Daemon>| {
+                        daemon.and_then(Daemon::pid).unwrap_or_default()
+                    };
+                    println!(
+                        "{name:<16}{} agent pid {} admin {}, warden-dnsproxy pid {}",
+                        lab.dns,
+                        pid(Some(&lab.agent)),
+                        lab.agent.admin,
+                        pid(lab.dnsproxy.as_ref())
+                    );
+                }
+                None => println!("{name:<16}{}", note.unwrap_or_default()),
+            }
+        }
         println!("up for {seconds} s (or until SIGTERM or SIGINT)");
         let mut terminate =
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -198,7 +226,7 @@ fn lab_only(seconds: &str) -> Result<()> {
             _ = terminate.recv() => {}
             _ = tokio::signal::ctrl_c() => {}
         }
-        drop((pair, agent, dnsdist, dir, knot, queries));
+        drop((pair_ebpf, agent_ebpf, pair, agent, dnsdist, dir, knot, queries));
         Ok(())
     })
 }
@@ -487,6 +515,12 @@ async fn network(plan: &Plan, out: &Path, results: &mut Results) -> Result<Vec<S
         bail!("dnsdist is not installed: run scripts/setup.sh (make bench does)");
     };
 
+    // Warden as deployed, with the eBPF datapath: allow entries written per answer, and with
+    // the dnsproxy beside the agent, every query steered to the dnsproxy.
+    let (agent_ebpf, agent_ebpf_note) = start_ebpf(upstream, client, false, &mut problems).await;
+    let (pair_ebpf, pair_ebpf_note) = start_ebpf(upstream, client, true, &mut problems).await;
+    let ebpf_admins = |lab: &Option<EbpfLab>| lab.as_ref().map(EbpfLab::admins).unwrap_or_default();
+
     let scenarios = vec![
         Scenario {
             key: "a",
@@ -520,6 +554,20 @@ async fn network(plan: &Plan, out: &Path, results: &mut Results) -> Result<Vec<S
                 .is_none()
                 .then(|| "dnsdist not installed (smoke run)".to_owned()),
             admins: vec![],
+        },
+        Scenario {
+            key: "e",
+            label: "warden-agent, eBPF datapath",
+            addr: agent_ebpf.as_ref().map(|lab| lab.dns),
+            note: agent_ebpf_note.clone(),
+            admins: ebpf_admins(&agent_ebpf),
+        },
+        Scenario {
+            key: "f",
+            label: "agent + warden-dnsproxy, eBPF datapath",
+            addr: pair_ebpf.as_ref().map(|lab| lab.dns),
+            note: pair_ebpf_note,
+            admins: ebpf_admins(&pair_ebpf),
         },
     ];
 
@@ -588,20 +636,25 @@ async fn network(plan: &Plan, out: &Path, results: &mut Results) -> Result<Vec<S
         }
     }
     let rate = light_spec.rate;
-    match hold::unavailable().or(plan.quick.then(|| "quick run".to_owned())) {
-        Some(why) => results.hold.push(Hold {
+    let ebpf_lab = match (&agent_ebpf, plan.quick) {
+        (_, true) => Err("skipped: quick run".to_owned()),
+        (None, false) => Err(agent_ebpf_note.unwrap_or_else(|| "not available".to_owned())),
+        (Some(lab), false) => Ok(lab),
+    };
+    match ebpf_lab {
+        Err(why) => results.hold.push(Hold {
             datapath: "ebpf".to_owned(),
-            note: Some(format!("skipped: {why}")),
+            note: Some(why),
             rate,
             ..Hold::default()
         }),
-        None => {
+        Ok(lab) => {
             eprintln!("warden-bench: datapath hold with the eBPF datapath");
             let spec = LoadSpec {
                 check_verdicts: true,
                 ..light_spec.clone()
             };
-            match hold::ebpf(upstream, client, &spec).await {
+            match hold::ebpf(lab, &spec).await {
                 Ok(hold) => results.hold.push(hold),
                 Err(error) => {
                     problems.push(format!("eBPF hold: {error:#}"));
@@ -714,10 +767,48 @@ async fn network(plan: &Plan, out: &Path, results: &mut Results) -> Result<Vec<S
         }
     }
     drop(pair);
+    drop(pair_ebpf);
+    drop(agent_ebpf);
     drop(dnsdist);
     drop(agent);
     drop(knot);
     Ok(problems)
+}
+
+/// An eBPF lab (with `dnsproxy`, the pair), or why there is none; a lab that failed to start
+/// is one of the run's problems.
+async fn start_ebpf(
+    upstream: SocketAddr,
+    client: IpAddr,
+    dnsproxy: bool,
+    problems: &mut Vec<String>,
+) -> (Option<EbpfLab>, Option<String>) {
+    if let Some(why) = ebpf::unavailable() {
+        return (None, Some(format!("skipped: {why}")));
+    }
+    if dnsproxy && warden_tests::warden::binary("warden-dnsproxy").is_err() {
+        return (
+            None,
+            Some("not available: no warden-dnsproxy binary in the target dir".to_owned()),
+        );
+    }
+    match EbpfLab::start(upstream, client, dnsproxy).await {
+        Ok(lab) => (Some(lab), None),
+        Err(error) => {
+            let what = if dnsproxy {
+                "agent + warden-dnsproxy"
+            } else {
+                "warden-agent"
+            };
+            problems.push(format!(
+                "{what} with the eBPF datapath did not start: {error:#}"
+            ));
+            (
+                None,
+                Some(format!("failed to start: {}", first_line(&error))),
+            )
+        }
+    }
 }
 
 fn first_line(error: &anyhow::Error) -> String {
@@ -956,6 +1047,12 @@ fn ratios(results: &Results) -> Ratios {
         dnsdist_added_p50_us_light: light("d", |l| l.latency.p50_us),
         dnsdist_added_p99_us_light: light("d", |l| l.latency.p99_us),
         pair_added_p99_us_light: light("c", |l| l.latency.p99_us),
+        agent_ebpf_over_dnsdist_qps: ratio(qps("e"), qps("d")),
+        pair_ebpf_over_dnsdist_qps: ratio(qps("f"), qps("d")),
+        agent_ebpf_added_p99_us: added("e", |l| l.latency.p99_us),
+        pair_ebpf_added_p99_us: added("f", |l| l.latency.p99_us),
+        agent_ebpf_added_p99_us_light: light("e", |l| l.latency.p99_us),
+        pair_ebpf_added_p99_us_light: light("f", |l| l.latency.p99_us),
     }
 }
 

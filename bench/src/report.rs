@@ -115,6 +115,14 @@ pub struct Ratios {
     pub dnsdist_added_p50_us_light: Option<f64>,
     pub dnsdist_added_p99_us_light: Option<f64>,
     pub pair_added_p99_us_light: Option<f64>,
+    /// (e) / (d) and (f) / (d) max QPS: Warden with the eBPF datapath.
+    pub agent_ebpf_over_dnsdist_qps: Option<f64>,
+    pub pair_ebpf_over_dnsdist_qps: Option<f64>,
+    /// p99(e) − p99(a) and p99(f) − p99(a), at the fixed and at the light rate.
+    pub agent_ebpf_added_p99_us: Option<f64>,
+    pub pair_ebpf_added_p99_us: Option<f64>,
+    pub agent_ebpf_added_p99_us_light: Option<f64>,
+    pub pair_ebpf_added_p99_us_light: Option<f64>,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -182,6 +190,11 @@ fn opt(value: Option<f64>, digits: usize) -> String {
     value.map_or_else(|| "–".to_owned(), |v| format!("{v:.digits$}"))
 }
 
+/// A signed whole number (`+63`, `-12`), or a dash.
+pub fn signed(value: Option<f64>) -> String {
+    value.map_or_else(|| "–".to_owned(), |v| format!("{v:+.0}"))
+}
+
 /// Signed whole numbers: `+63, +916`.
 pub fn signed_list(values: &[f64]) -> String {
     let parts: Vec<String> = values.iter().map(|v| format!("{v:+.0}")).collect();
@@ -240,7 +253,8 @@ impl Results {
         let _ = writeln!(
             md,
             "\n## 1. Throughput and latency\n\nMax QPS: dnsperf, unlimited rate, {} s per round, \
-             rounds interleaved a, b, c, d, a, b, c, d, ... Latency: the bench's open-loop client at \
+             rounds interleaved a, b, ..., f, a, b, ... ((b) and (c) run without the datapath, \
+             `datapath.mode: none`; (e) and (f) with the eBPF datapath, as deployed). Latency: the bench's open-loop client at \
              a fixed **{} QPS** ({}), per-query latency, warm-up excluded, rounds interleaved \
              the same way and pooled.\n",
             self.throughput_seconds, self.latency_rate, self.latency_rate_basis
@@ -282,24 +296,30 @@ impl Results {
             md,
             "\nRatios of the means: **(b)/(d) = {}** (per round: {}), (b)/(a) = {} (per round: \
              {}), (d)/(a) = {}, (c)/(d) = {}. Added latency vs direct at the fixed rate: (b) p50 \
-             +{} µs, **p99 +{} µs** (per round: {}); (d) p50 +{} µs, p99 +{} µs (per round: \
-             {}); (c) p99 +{} µs. Timed at each answer's kernel arrival (SO_TIMESTAMPNS) instead, \
-             which leaves out the client's own wake-up: added p99 (b) +{} µs, (d) +{} µs.\n",
+             {} µs, **p99 {} µs** (per round: {}); (d) p50 {} µs, p99 {} µs (per round: \
+             {}); (c) p99 {} µs. Timed at each answer's kernel arrival (SO_TIMESTAMPNS) instead, \
+             which leaves out the client's own wake-up: added p99 (b) {} µs, (d) {} µs.\n\n\
+             With the eBPF datapath: (e)/(d) = {}, (f)/(d) = {}; added p99 at the fixed rate (e) \
+             {} µs, (f) {} µs.\n",
             opt(r.agent_over_dnsdist_qps, 2),
             list(&r.agent_over_dnsdist_per_round),
             opt(r.agent_over_direct_qps, 2),
             list(&r.agent_over_direct_per_round),
             opt(r.dnsdist_over_direct_qps, 2),
             opt(r.pair_over_dnsdist_qps, 2),
-            opt(r.agent_added_p50_us, 0),
-            opt(r.agent_added_p99_us, 0),
+            signed(r.agent_added_p50_us),
+            signed(r.agent_added_p99_us),
             signed_list(&r.agent_added_p99_us_per_round),
-            opt(r.dnsdist_added_p50_us, 0),
-            opt(r.dnsdist_added_p99_us, 0),
+            signed(r.dnsdist_added_p50_us),
+            signed(r.dnsdist_added_p99_us),
             signed_list(&r.dnsdist_added_p99_us_per_round),
-            opt(r.pair_added_p99_us, 0),
-            opt(r.agent_added_p99_at_arrival_us, 0),
-            opt(r.dnsdist_added_p99_at_arrival_us, 0),
+            signed(r.pair_added_p99_us),
+            signed(r.agent_added_p99_at_arrival_us),
+            signed(r.dnsdist_added_p99_at_arrival_us),
+            opt(r.agent_ebpf_over_dnsdist_qps, 2),
+            opt(r.pair_ebpf_over_dnsdist_qps, 2),
+            signed(r.agent_ebpf_added_p99_us),
+            signed(r.pair_ebpf_added_p99_us),
         );
         let _ = writeln!(
             md,
@@ -340,14 +360,16 @@ impl Results {
         }
         let _ = writeln!(
             md,
-            "\nAdded vs direct at {} QPS: (b) p50 +{} µs, **p99 +{} µs**; (d) p50 +{} µs, p99 +{} \
-             µs; (c) p99 +{} µs.\n",
+            "\nAdded vs direct at {} QPS: (b) p50 {} µs, **p99 {} µs**; (d) p50 {} µs, p99 {} \
+             µs; (c) p99 {} µs; (e) p99 {} µs; (f) p99 {} µs.\n",
             self.light_rate,
-            opt(r.agent_added_p50_us_light, 0),
-            opt(r.agent_added_p99_us_light, 0),
-            opt(r.dnsdist_added_p50_us_light, 0),
-            opt(r.dnsdist_added_p99_us_light, 0),
-            opt(r.pair_added_p99_us_light, 0),
+            signed(r.agent_added_p50_us_light),
+            signed(r.agent_added_p99_us_light),
+            signed(r.dnsdist_added_p50_us_light),
+            signed(r.dnsdist_added_p99_us_light),
+            signed(r.pair_added_p99_us_light),
+            signed(r.agent_ebpf_added_p99_us_light),
+            signed(r.pair_ebpf_added_p99_us_light),
         );
         let scoped: Vec<&Latency> = self
             .latency

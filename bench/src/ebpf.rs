@@ -1,0 +1,164 @@
+//! Warden as deployed: an agent with `datapath.mode: ebpf` attached to a cgroup subtree of our
+//! own (as the datapath tests do), optionally with `warden-dnsproxy` beside it on the same
+//! port. The bench endpoint is enrolled through an empty workload cgroup and still identified by
+//! its source address, so every allowed answer writes its allow entries into the pinned maps
+//! before release, and with a dnsproxy the `sk_reuseport` program steers every query to it.
+//! The load client stays outside the subtree, so the cgroup programs cost it nothing. Root
+//! only; everything created (links, pins, the bpffs folder, the cgroups) is removed when the
+//! lab is dropped, also on failure.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use warden_config::DatapathMode;
+use warden_tests::lab::{TestCgroup, cgroup2_mount};
+use warden_tests::warden::{AgentDir, http_json, metric_value};
+use warden_tests::{run_blocking, unique_loopback_v4};
+
+use crate::lab::{self, Daemon};
+
+/// Labs started by this process so far: each pins under a folder of its own.
+static LABS: AtomicU32 = AtomicU32::new(0);
+
+/// Why the eBPF lab cannot run here, if it cannot.
+pub fn unavailable() -> Option<String> {
+    if !nix::unistd::geteuid().is_root() {
+        return Some("needs root (cgroups and bpffs); run make bench as root".to_owned());
+    }
+    if let Err(error) = cgroup2_mount() {
+        return Some(format!("no cgroup v2: {error:#}"));
+    }
+    None
+}
+
+/// The lab; dropping it stops the processes, detaches and unpins everything, removes the
+/// cgroups.
+pub struct EbpfLab {
+    pub dns: SocketAddr,
+    pub agent: Daemon,
+    pub dnsproxy: Option<Daemon>,
+    // Last: the folder (with the agent's config, which cleanup reads), the pins, then the
+    // cgroups go after the processes and their links.
+    dir: AgentDir,
+    bpffs: PathBuf,
+    _cgroups: TestCgroup,
+}
+
+impl EbpfLab {
+    /// The agent serving DNS on a fresh loopback address in front of `upstream`, `client` its
+    /// enrolled endpoint; with `dnsproxy`, the standalone proxy beside it, preferred by the
+    /// agent's steering before this returns.
+    pub async fn start(upstream: SocketAddr, client: IpAddr, dnsproxy: bool) -> Result<EbpfLab> {
+        let cgroups = TestCgroup::new()?;
+        cgroups.child("workload")?;
+        let bpffs = PathBuf::from(format!(
+            "/sys/fs/bpf/warden-bench-{}-{}",
+            std::process::id(),
+            LABS.fetch_add(1, Ordering::Relaxed)
+        ));
+        let dns = lab::addr_on(unique_loopback_v4())?;
+        let (dir, mut config) = lab::agent_setup(dns, upstream, client)?;
+        config.datapath.mode = DatapathMode::Ebpf;
+        config.datapath.cgroup_root = Some(cgroups.root().to_path_buf());
+        config.datapath.bpffs = bpffs.clone();
+        config.endpoints[0].cgroup = Some(PathBuf::from("workload"));
+        // Started before anything that can fail, so that Drop cleans up after it.
+        let agent = Daemon::agent(&dir, &config).await?;
+        let mut lab = EbpfLab {
+            dns,
+            agent,
+            dnsproxy: None,
+            dir,
+            bpffs,
+            _cgroups: cgroups,
+        };
+        lab.wait_enrolled().await?;
+        if dnsproxy {
+            lab.dnsproxy = Some(
+                Daemon::dnsproxy(lab.dir.path(), &config)
+                    .await?
+                    .context("no warden-dnsproxy binary")?,
+            );
+            lab.wait_preferred("dnsproxy").await?;
+        }
+        Ok(lab)
+    }
+
+    /// Every process's admin address, for their histograms.
+    pub fn admins(&self) -> Vec<SocketAddr> {
+        std::iter::once(&self.agent)
+            .chain(&self.dnsproxy)
+            .map(|daemon| daemon.admin)
+            .collect()
+    }
+
+    /// The reconciler enrolls the endpoint within a second or so of start.
+    async fn wait_enrolled(&self) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let scrape = self.agent.metrics().await.unwrap_or_default();
+            if metric_value(&scrape, "warden_datapath_enrolled_endpoints", &[]) >= 1.0 {
+                return Ok(());
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "endpoint not enrolled; log:\n{}",
+                self.agent.log_tail()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Until the agent's status names `instance` as the one its steering prefers.
+    async fn wait_preferred(&self, instance: &str) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let status = http_json(self.agent.admin, "/v1/status").await?;
+            if status["preferred"] == instance {
+                return Ok(());
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "the agent never preferred the {instance}: {status}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+impl Drop for EbpfLab {
+    fn drop(&mut self) {
+        for daemon in self
+            .dnsproxy
+            .iter_mut()
+            .chain(std::iter::once(&mut self.agent))
+        {
+            let _ = daemon.terminate();
+        }
+        if let Ok(binary) = warden_tests::warden::binary("warden-agent") {
+            let cleanup = run_blocking(
+                Command::new(binary)
+                    .arg("--config")
+                    .arg(self.dir.path().join("agent.yaml"))
+                    .arg("cleanup"),
+                Duration::from_secs(20),
+            );
+            if let Err(error) = cleanup {
+                eprintln!(
+                    "warden-bench: cleanup of {}: {error:#}",
+                    self.bpffs.display()
+                );
+            }
+        }
+        if self.bpffs.exists() {
+            eprintln!(
+                "warden-bench: {} still exists after cleanup",
+                self.bpffs.display()
+            );
+        }
+    }
+}
