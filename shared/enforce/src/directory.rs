@@ -1,9 +1,9 @@
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
-use warden_datapath::{Datapath, DatapathError};
+use warden_datapath::{Datapath, DatapathError, FqdnKey};
 use warden_policy::EndpointId;
 use warden_proxy::{
     AllowRequest, ClientContext, DatapathHook, EndpointLookup, HoldFuture, Transport,
@@ -25,6 +25,39 @@ impl EndpointDirectory {
     }
 }
 
+/// The allow entries this process asserted in the current second, each with the latest expiry
+/// it asserted. Most answers repeat one the cache already had (the same second's, a caching
+/// resolver's counted-down TTL); their entries are found here instead of by a `bpf()` lookup
+/// each, a system call that cost more than the rest of the answer's handling. The memo forgets
+/// at every second, so an entry someone else removed meanwhile (the agent's reconciler, which
+/// also re-adds every entry a cache wants once a second) is asserted again within a second.
+#[derive(Debug, Default)]
+struct AllowMemo {
+    second: u64,
+    asserted: HashMap<FqdnKey, u64>,
+}
+
+impl AllowMemo {
+    /// Whether `key` was asserted until `expires_at` or later during the second `now`. An
+    /// entry expiring now is never covered: the reconciler may remove it any moment.
+    fn covers(&mut self, now: u64, key: &FqdnKey, expires_at: u64) -> bool {
+        if self.second != now {
+            self.second = now;
+            self.asserted.clear();
+        }
+        expires_at > now
+            && self
+                .asserted
+                .get(key)
+                .is_some_and(|asserted| *asserted >= expires_at)
+    }
+
+    fn assert(&mut self, key: FqdnKey, expires_at: u64) {
+        let asserted = self.asserted.entry(key).or_insert(expires_at);
+        *asserted = (*asserted).max(expires_at);
+    }
+}
+
 /// The proxy engine's view of endpoints and datapath; both replaceable while serving.
 #[derive(Debug)]
 pub struct Enforcement {
@@ -32,6 +65,7 @@ pub struct Enforcement {
     directory: RwLock<Arc<EndpointDirectory>>,
     /// Bumped whenever the directory's content changes, so peers can be told.
     generation: AtomicU64,
+    allow_memo: Mutex<AllowMemo>,
     metrics: Metrics,
 }
 
@@ -41,6 +75,7 @@ impl Enforcement {
             datapath: RwLock::new(None),
             directory: RwLock::new(Arc::new(EndpointDirectory::default())),
             generation: AtomicU64::new(0),
+            allow_memo: Mutex::new(AllowMemo::default()),
             metrics,
         }
     }
@@ -50,6 +85,14 @@ impl Enforcement {
             .datapath
             .write()
             .unwrap_or_else(|poison| poison.into_inner()) = datapath;
+        // Other maps may hold none of what was asserted.
+        self.allow_memo().asserted.clear();
+    }
+
+    fn allow_memo(&self) -> std::sync::MutexGuard<'_, AllowMemo> {
+        self.allow_memo
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner())
     }
 
     pub fn datapath(&self) -> Option<Datapath> {
@@ -143,13 +186,70 @@ impl DatapathHook for Enforcement {
     /// A few map updates, no waiting: the answer is released right after.
     fn allow(&self, request: &AllowRequest<'_>) -> Option<HoldFuture> {
         let datapath = self.datapath()?;
+        let now = warden_proxy::unix_now().0;
+        let expires_at = request.expires_at.0;
         for grant in request.grants {
             for ip in request.ips {
                 for key in fqdn_keys(grant, *ip) {
-                    self.count("allow", datapath.allow_fqdn(key, request.expires_at.0));
+                    // Not held across the map update: other answers check meanwhile.
+                    if self.allow_memo().covers(now, &key, expires_at) {
+                        continue;
+                    }
+                    let written = datapath.allow_fqdn(key, expires_at);
+                    if written.is_ok() {
+                        self.allow_memo().assert(key, expires_at);
+                    }
+                    self.count("allow", written);
                 }
             }
         }
         None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(port: u16) -> FqdnKey {
+        FqdnKey {
+            endpoint_id: 7,
+            ip: IpAddr::from([198, 18, 0, 1]),
+            proto: Some(6),
+            port: Some(port),
+        }
+    }
+
+    #[test]
+    fn the_allow_memo_covers_repeats_within_its_second_only() {
+        let mut memo = AllowMemo::default();
+        assert!(
+            !memo.covers(1_000, &key(443), 1_300),
+            "nothing asserted yet"
+        );
+        memo.assert(key(443), 1_300);
+        assert!(
+            memo.covers(1_000, &key(443), 1_300),
+            "the same answer again"
+        );
+        assert!(memo.covers(1_000, &key(443), 1_299), "a counted-down TTL");
+        assert!(
+            !memo.covers(1_000, &key(443), 1_301),
+            "a later expiry is written"
+        );
+        assert!(!memo.covers(1_000, &key(80), 1_300), "another key");
+
+        // An earlier expiry asserted later never lowers what the memo knows.
+        memo.assert(key(443), 1_200);
+        assert!(memo.covers(1_000, &key(443), 1_300));
+
+        // The next second starts from nothing: whatever was removed meanwhile is written again.
+        assert!(!memo.covers(1_001, &key(443), 1_300));
+        memo.assert(key(443), 1_300);
+        assert!(memo.covers(1_001, &key(443), 1_300));
+
+        // An entry expiring now is left to the map, which the reconciler may be emptying.
+        memo.assert(key(80), 1_001);
+        assert!(!memo.covers(1_001, &key(80), 1_001));
     }
 }
