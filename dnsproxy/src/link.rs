@@ -646,6 +646,12 @@ mod tests {
         })
     }
 
+    /// A `warden_peer_flows_dropped_total` of the test's own.
+    fn dropped_counter() -> prometheus::IntCounterVec {
+        prometheus::IntCounterVec::new(prometheus::Opts::new("dropped", "test"), &["reason"])
+            .unwrap()
+    }
+
     /// The events of each message the forwarder sent so far.
     fn sent_flows(sent: &mut mpsc::Receiver<ProxyMessage>) -> Vec<usize> {
         std::iter::from_fn(|| sent.try_recv().ok())
@@ -660,9 +666,7 @@ mod tests {
     async fn flow_events_leave_once_per_window_within_the_budget_and_the_rest_is_counted() {
         let flows = Arc::new(FlowLog::new(16));
         let (outbound, mut sent) = mpsc::channel(64);
-        let dropped =
-            prometheus::IntCounterVec::new(prometheus::Opts::new("dropped", "test"), &["reason"])
-                .unwrap();
+        let dropped = dropped_counter();
         let forwarder = tokio::spawn(forward_flows(
             flows.clone(),
             outbound,
@@ -741,9 +745,7 @@ mod tests {
     async fn the_last_window_leaves_at_once_when_the_session_closes() {
         let flows = Arc::new(FlowLog::new(16));
         let (outbound, mut sent) = mpsc::channel(64);
-        let dropped =
-            prometheus::IntCounterVec::new(prometheus::Opts::new("dropped", "test"), &["reason"])
-                .unwrap();
+        let dropped = dropped_counter();
         let last = CancellationToken::new();
         let forwarder = tokio::spawn(forward_flows(
             flows.clone(),

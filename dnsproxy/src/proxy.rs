@@ -240,11 +240,12 @@ pub async fn start(config: ProxyConfig) -> anyhow::Result<RunningProxy> {
     let mut tasks = JoinSet::new();
     {
         let (shutdown, serving, datapath) = (shutdown.clone(), serving.clone(), datapath.clone());
-        let drained = drained.clone();
+        // A guard, so that a panic in serving cannot leave the rest waiting forever.
+        let drained = drained.clone().drop_guard();
         tasks.spawn(async move {
             proxy.serve_and_leave(shutdown, || datapath.leave()).await;
             serving.store(false, Ordering::Relaxed);
-            drained.cancel();
+            drop(drained);
         });
     }
     {
@@ -261,10 +262,10 @@ pub async fn start(config: ProxyConfig) -> anyhow::Result<RunningProxy> {
             revision: Arc::new(move || policy_for_revision.state().revision),
             serving: serving.clone(),
         };
-        let unlinked = unlinked.clone();
+        let unlinked = unlinked.clone().drop_guard();
         tasks.spawn(async move {
             link::run(link_context, drained).await;
-            unlinked.cancel();
+            drop(unlinked);
         });
     }
     tasks.spawn(expire_cache(
