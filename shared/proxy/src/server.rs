@@ -408,6 +408,54 @@ spec:
         (answer, started.elapsed())
     }
 
+    /// A TCP server on `upstream`'s port that takes connections and never answers; how many
+    /// it took so far.
+    async fn silent_tcp_upstream(upstream: SocketAddr) -> Arc<AtomicUsize> {
+        let listener = tokio::net::TcpListener::bind(upstream).await.unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((stream, _)) = listener.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                held.push(stream);
+            }
+        });
+        accepted
+    }
+
+    #[tokio::test]
+    async fn a_client_pipelining_over_tcp_gets_only_its_share_of_the_proxy() {
+        use tokio::io::AsyncWriteExt;
+        let upstream = fake_upstream(true).await;
+        let accepted = silent_tcp_upstream(upstream).await;
+        let proxy = start(upstream, Duration::ZERO, Duration::from_secs(1)).await;
+
+        // A hundred queries at once, and never an answer read.
+        let mut framed = Vec::new();
+        for id in 0..100u16 {
+            let mut query = Message::query();
+            query.metadata.id = id;
+            query.add_query(Query::query(
+                Name::from_ascii("cilium.io.").unwrap(),
+                RecordType::A,
+            ));
+            let wire = query.to_vec().unwrap();
+            framed.extend_from_slice(&u16::try_from(wire.len()).unwrap().to_be_bytes());
+            framed.extend_from_slice(&wire);
+        }
+        let mut client = tokio::net::TcpStream::connect(proxy.dns).await.unwrap();
+        client.write_all(&framed).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(
+            accepted.load(Ordering::SeqCst),
+            crate::tcp::QUERIES_PER_CONNECTION,
+            "the proxy took more of the client's queries than one connection may have in flight"
+        );
+        proxy.shutdown.cancel();
+        proxy.served.await.unwrap();
+    }
+
     #[tokio::test]
     async fn only_answers_that_change_the_cache_reach_the_mapping_observer() {
         let upstream = fake_upstream(false).await;

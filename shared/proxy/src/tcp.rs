@@ -1,6 +1,8 @@
 //! DNS over TCP: one task per client connection, one per query on it (a client may pipeline
 //! several), and a connection of its own to the upstream for each forwarded query. TCP is the
-//! rare path (a retry after a truncated UDP answer), so it favours simplicity over speed.
+//! rare path (a retry after a truncated UDP answer), so it favours simplicity over speed, within
+//! bounds a client cannot push: [`MAX_CONNECTIONS`] at once, [`QUERIES_PER_CONNECTION`] in
+//! flight on each, and a connection whose client stops reading its answers is closed.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -9,7 +11,7 @@ use std::time::{Duration, Instant};
 use hickory_proto::op::ResponseCode;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
+use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -18,6 +20,14 @@ use crate::engine::{Engine, Outcome};
 use crate::upstream::exchange_tcp;
 use crate::wire;
 
+/// Client connections served at once; more wait in the kernel's accept queue.
+pub(crate) const MAX_CONNECTIONS: usize = 1024;
+/// Queries of one connection in the proxy at once: a client pipelining more is held back by
+/// TCP's own flow control instead of having the proxy hold (and forward) all it sends.
+pub(crate) const QUERIES_PER_CONNECTION: usize = 16;
+/// Answers waiting for the connection's writer.
+const ANSWERS_QUEUED: usize = 32;
+
 /// Accepts connections until `stop`.
 pub(crate) async fn listener_loop(
     listener: TcpListener,
@@ -25,7 +35,16 @@ pub(crate) async fn listener_loop(
     stop: CancellationToken,
     tracker: TaskTracker,
 ) {
+    let connections = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
+        let admitted = tokio::select! {
+            biased;
+            _ = stop.cancelled() => return,
+            permit = connections.clone().acquire_owned() => permit,
+        };
+        let Ok(admitted) = admitted else {
+            return;
+        };
         let accepted = tokio::select! {
             biased;
             _ = stop.cancelled() => return,
@@ -34,13 +53,11 @@ pub(crate) async fn listener_loop(
         match accepted {
             Ok((stream, client)) => {
                 let _ = stream.set_nodelay(true);
-                tracker.spawn(connection(
-                    stream,
-                    client,
-                    engine.clone(),
-                    stop.clone(),
-                    tracker.clone(),
-                ));
+                let (engine, stop, queries) = (engine.clone(), stop.clone(), tracker.clone());
+                tracker.spawn(async move {
+                    connection(stream, client, engine, stop, queries).await;
+                    drop(admitted);
+                });
             }
             Err(error) => {
                 // Out of file descriptors and the like: back off instead of spinning.
@@ -51,8 +68,9 @@ pub(crate) async fn listener_loop(
     }
 }
 
-/// One client connection: queries are read in a loop and answered concurrently; answers are
-/// written by one writer in the order they complete.
+/// One client connection: queries are read in a loop and answered concurrently, at most
+/// [`QUERIES_PER_CONNECTION`] at a time; answers are written by one writer in the order they
+/// complete. A client that takes no answer for the idle timeout loses the connection.
 async fn connection(
     stream: TcpStream,
     client: SocketAddr,
@@ -60,8 +78,9 @@ async fn connection(
     stop: CancellationToken,
     tracker: TaskTracker,
 ) {
+    let idle = engine.settings.tcp_idle_timeout;
     let (mut reader, mut writer) = stream.into_split();
-    let (answers, mut outgoing) = mpsc::channel::<Vec<u8>>(32);
+    let (answers, mut outgoing) = mpsc::channel::<Vec<u8>>(ANSWERS_QUEUED);
     let write_loop = tokio::spawn(async move {
         while let Some(answer) = outgoing.recv().await {
             let Ok(length) = u16::try_from(answer.len()) else {
@@ -70,17 +89,29 @@ async fn connection(
             let mut framed = Vec::with_capacity(answer.len() + 2);
             framed.extend_from_slice(&length.to_be_bytes());
             framed.extend_from_slice(&answer);
-            if writer.write_all(&framed).await.is_err() {
-                return;
+            match tokio::time::timeout(idle, writer.write_all(&framed)).await {
+                Ok(Ok(())) => {}
+                // Gone, or not reading: the reader sees the channel close and stops too.
+                _ => return,
             }
         }
         let _ = writer.shutdown().await;
     });
-    let idle = engine.settings.tcp_idle_timeout;
+    let in_flight = Arc::new(Semaphore::new(QUERIES_PER_CONNECTION));
     loop {
+        let permit = tokio::select! {
+            biased;
+            _ = stop.cancelled() => break,
+            () = answers.closed() => break,
+            permit = in_flight.clone().acquire_owned() => permit,
+        };
+        let Ok(permit) = permit else {
+            break;
+        };
         let length = tokio::select! {
             biased;
             _ = stop.cancelled() => break,
+            () = answers.closed() => break,
             length = tokio::time::timeout(idle, reader.read_u16()) => length,
         };
         let length = match length {
@@ -103,6 +134,7 @@ async fn connection(
             if let Some(answer) = query(&engine, client, &packet, started).await {
                 let _ = answers.send(answer).await;
             }
+            drop(permit);
         });
     }
     drop(answers);
