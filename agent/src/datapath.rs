@@ -241,7 +241,7 @@ impl Reconciler {
             let mut cache = self.cache.lock();
             for (endpoint_id, ip, seen) in &recent {
                 if let Some(key) = self.table.key_of(EndpointId(*endpoint_id)) {
-                    cache.keep_alive(key, *ip, UnixTime(seen + grace));
+                    cache.keep_alive(key, *ip, UnixTime(seen.saturating_add(grace)));
                 }
             }
             cache.entries(now)

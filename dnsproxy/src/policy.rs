@@ -25,8 +25,13 @@ pub struct Compiled {
 }
 
 /// Compiles a snapshot; any document or address that does not parse rejects the whole of it,
-/// so a bad snapshot never replaces a good one.
+/// so a bad snapshot never replaces a good one. So does revision 0: the agent has loaded no
+/// policy at all (a broken folder and no last good copy), and installing its empty snapshot
+/// would replace, on disk too, the policy this proxy keeps for exactly that case.
 pub fn compile(snapshot: &PolicySnapshot) -> Result<Compiled, String> {
+    if snapshot.revision == 0 {
+        return Err("the agent has no policy loaded yet (revision 0)".to_owned());
+    }
     let mut policies = Vec::new();
     for file in &snapshot.policies {
         let parsed = warden_policy::parse_str(&file.text, Path::new(&file.path))
@@ -246,5 +251,15 @@ spec:
     #[test]
     fn a_broken_document_rejects_the_whole_snapshot() {
         assert!(compile(&snapshot("kind: Nonsense\n")).is_err());
+    }
+
+    #[test]
+    fn an_agent_without_a_policy_replaces_nothing() {
+        let empty = PolicySnapshot {
+            revision: 0,
+            ..PolicySnapshot::default()
+        };
+        let error = compile(&empty).err().unwrap_or_default();
+        assert!(error.contains("revision 0"), "{error:?}");
     }
 }

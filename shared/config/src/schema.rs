@@ -216,15 +216,26 @@ impl DnsConfig {
                 "must be greater than 0",
             ));
         }
-        if self.upstream_sockets == 0 {
+        if !(1..=MAX_UPSTREAM_SOCKETS).contains(&self.upstream_sockets) {
             return Err(ConfigError::invalid(
                 "dns.upstream_sockets",
-                "must be greater than 0",
+                format!("must be 1 to {MAX_UPSTREAM_SOCKETS}"),
+            ));
+        }
+        if self.concurrency_limit > MAX_CONCURRENCY_LIMIT {
+            return Err(ConfigError::invalid(
+                "dns.concurrency_limit",
+                format!("at most {MAX_CONCURRENCY_LIMIT} (0 is unlimited)"),
             ));
         }
         Ok(())
     }
 }
+
+/// More upstream sockets than this buys nothing but file descriptors.
+const MAX_UPSTREAM_SOCKETS: usize = 1024;
+/// Far above any real need, and within what the proxy's semaphore can count.
+const MAX_CONCURRENCY_LIMIT: usize = 1_000_000;
 
 /// The answer a denied query gets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -378,30 +389,7 @@ impl AgentConfig {
 
     /// Checks what serde cannot: ranges, duplicates, and fields that must not be empty.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if self.dns.listen.is_empty() {
-            return Err(ConfigError::invalid(
-                "dns.listen",
-                "needs at least one address",
-            ));
-        }
-        if self.dns.upstream.port() == 0 {
-            return Err(ConfigError::invalid(
-                "dns.upstream",
-                "port 0 is not a server",
-            ));
-        }
-        if self.dns.upstream_timeout_ms == 0 {
-            return Err(ConfigError::invalid(
-                "dns.upstream_timeout_ms",
-                "must be greater than 0",
-            ));
-        }
-        if self.dns.upstream_sockets == 0 {
-            return Err(ConfigError::invalid(
-                "dns.upstream_sockets",
-                "must be greater than 0",
-            ));
-        }
+        self.dns.validate()?;
         let mut keys = HashSet::new();
         let mut owners: BTreeMap<IpAddr, String> = BTreeMap::new();
         for (index, endpoint) in self.endpoints.iter().enumerate() {
@@ -515,6 +503,24 @@ datapath:
         config.endpoints.push(twin);
         let error = config.validate().unwrap_err().to_string();
         assert!(error.contains("127.0.0.2 already belongs"), "{error}");
+    }
+
+    #[test]
+    fn limits_past_what_the_proxy_can_use_are_rejected() {
+        let mut config = AgentConfig::from_yaml(CONTRACT, Path::new("c.yaml")).unwrap();
+        config.dns.concurrency_limit = usize::MAX;
+        let error = config.validate().unwrap_err().to_string();
+        assert!(error.contains("dns.concurrency_limit"), "{error}");
+        config.dns.concurrency_limit = 0;
+        config.dns.upstream_sockets = 1 << 40;
+        let error = config.validate().unwrap_err().to_string();
+        assert!(error.contains("dns.upstream_sockets"), "{error}");
+        // The standalone proxy's config shares the section and its checks.
+        let proxy = ProxyConfig {
+            dns: config.dns.clone(),
+            ..ProxyConfig::default()
+        };
+        assert!(proxy.validate().is_err());
     }
 
     #[test]
