@@ -34,6 +34,11 @@ pub struct CacheCost {
     pub lookup_ns: f64,
     /// Mean time of one `names_for_ip` (reverse lookup) in the full cache.
     pub reverse_lookup_ns: f64,
+    /// Names in the shared-IP sweep below.
+    pub shared_ip_names: u32,
+    /// One `gc` removing that many names at once, all resolving to the same IP (random names
+    /// under a wildcard answered by one address: the reverse index's worst case), in ms.
+    pub shared_ip_sweep_ms: f64,
 }
 
 /// Churn: new names at a fixed rate, short TTL, `gc` every simulated second.
@@ -142,7 +147,25 @@ pub fn measure(entries: u32) -> CacheCost {
         insert_refresh_ns,
         lookup_ns,
         reverse_lookup_ns,
+        ..CacheCost::default()
     }
+}
+
+/// Times the expiry sweep of `names` names that all resolve to one IP, expiring together.
+pub fn shared_ip_sweep(cost: &mut CacheCost, names: u32) {
+    use std::fmt::Write as _;
+    let mut cache = DnsCache::new(limits());
+    let shared = [ip(0)];
+    let mut qname = String::with_capacity(64);
+    for n in 0..names {
+        qname.clear();
+        let _ = write!(qname, "r{n:09}.wild.example.net.");
+        cache.insert(NOW, "tenant-0/client", &qname, &shared, 5);
+    }
+    let started = Instant::now();
+    let removed = black_box(cache.gc(NOW.plus_secs(3600))).len();
+    cost.shared_ip_sweep_ms = started.elapsed().as_secs_f64() * 1e3;
+    cost.shared_ip_names = u32::try_from(removed).unwrap_or(u32::MAX);
 }
 
 /// `minutes` simulated minutes of `per_minute` new names with `ttl`, `gc` each second.

@@ -349,7 +349,9 @@ fn run(plan: &Plan, out: &Path) -> Result<Vec<String>> {
             .push("Quick run: throughput, latency and profiles only.".to_owned());
     } else {
         eprintln!("warden-bench: cache cost at {} entries", plan.cache_entries);
-        results.cache = Some(cache::measure(plan.cache_entries));
+        let mut cost = cache::measure(plan.cache_entries);
+        cache::shared_ip_sweep(&mut cost, plan.cache_entries / 10);
+        results.cache = Some(cost);
         eprintln!(
             "warden-bench: churn, {} simulated minutes",
             plan.churn_minutes

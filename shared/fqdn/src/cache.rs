@@ -298,6 +298,7 @@ impl DnsCache {
         }
         let enforce = self.over_limit;
         let mut removed = Vec::new();
+        let mut unindexed = Vec::new();
         let mut next = u64::MAX;
         for pid in 0..self.pairs.id_bound() {
             let Some(pair) = self.pairs.get_mut(pid) else {
@@ -306,7 +307,7 @@ impl DnsCache {
             let (ep, nm) = (pair.endpoint, pair.name);
             let mut gone = pair.ips.extract(|r| !r.is_live(now));
             for rec in &gone {
-                self.ips.remove(rec.ip(), pid);
+                unindexed.push((rec.ip(), pid));
                 self.ip_count = self.ip_count.saturating_sub(1);
             }
             if enforce {
@@ -331,6 +332,8 @@ impl DnsCache {
                 self.remove_pair(pid);
             }
         }
+        // Together: an IP shared by many expiring names is then walked once, not once each.
+        self.ips.remove_many(unindexed);
         self.next_expiry = next;
         self.over_limit = false;
         self.compact_if_sparse();

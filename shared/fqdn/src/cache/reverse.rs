@@ -114,6 +114,45 @@ impl IpIndex {
         if node.first != pair {
             return;
         }
+        self.drop_node(ip, id);
+    }
+
+    /// Removes many (IP, pair) references at once, walking each IP's list once however many
+    /// of its pairs go. One by one, each removal scans the list: quadratic for an IP that many
+    /// names share (random names under a wildcard that all resolve to one address), and the
+    /// expiry sweep, which removes them all together, runs under the cache's lock.
+    pub(crate) fn remove_many(&mut self, mut refs: Vec<(IpAddr, u32)>) {
+        refs.sort_unstable();
+        for group in refs.chunk_by(|a, b| a.0 == b.0) {
+            let [(ip, first), ..] = group else {
+                continue;
+            };
+            if group.len() == 1 {
+                self.remove(*ip, *first);
+                continue;
+            }
+            let Some(id) = self.find(*ip) else {
+                continue;
+            };
+            let Some(node) = self.nodes.get_mut(id) else {
+                continue;
+            };
+            // `group` is sorted by pair id, so membership is a binary search.
+            let gone = |pair: &u32| group.binary_search(&(*ip, *pair)).is_ok();
+            let mut left: Vec<u32> = node.refs().filter(|pair| !gone(pair)).collect();
+            let Some(kept) = left.pop() else {
+                self.drop_node(*ip, id);
+                continue;
+            };
+            node.first = kept;
+            node.more = (!left.is_empty()).then(|| {
+                left.shrink_to_fit();
+                Box::new(left)
+            });
+        }
+    }
+
+    fn drop_node(&mut self, ip: IpAddr, id: u32) {
         let hash = self.hasher.hash_one(ip);
         if let Ok(entry) = self.table.find_entry(hash, |&other| other == id) {
             entry.remove();
@@ -186,5 +225,33 @@ mod tests {
         idx.remove(other, 1);
         assert_eq!(idx.len(), 0);
         idx.remove(other, 1);
+    }
+
+    #[test]
+    fn many_references_go_at_once() {
+        let mut idx = IpIndex::with_capacity(0);
+        let shared: IpAddr = "10.0.0.1".parse().unwrap();
+        let alone: IpAddr = "10.0.0.2".parse().unwrap();
+        let emptied: IpAddr = "10.0.0.3".parse().unwrap();
+        for pair in 0..1000 {
+            assert!(idx.add(shared, pair));
+        }
+        assert!(idx.add(alone, 5));
+        assert!(idx.add(emptied, 7));
+        assert!(idx.add(emptied, 8));
+        let mut refs: Vec<(IpAddr, u32)> = (0..1000)
+            .filter(|pair| pair % 10 != 0)
+            .map(|pair| (shared, pair))
+            .collect();
+        refs.extend([(emptied, 8), (alone, 5), (emptied, 7), (shared, 5000)]);
+        idx.remove_many(refs);
+        let mut left: Vec<u32> = idx.pairs_of(shared).collect();
+        left.sort_unstable();
+        assert_eq!(left, (0..1000).step_by(10).collect::<Vec<u32>>());
+        assert_eq!(idx.pairs_of(alone).count(), 0);
+        assert_eq!(idx.pairs_of(emptied).count(), 0);
+        assert_eq!(idx.len(), 1, "only the shared IP is left");
+        idx.remove_many((0..1000).step_by(10).map(|pair| (shared, pair)).collect());
+        assert_eq!(idx.len(), 0);
     }
 }
