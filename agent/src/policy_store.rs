@@ -103,6 +103,10 @@ impl PolicyStore {
             revisions: tokio::sync::watch::Sender::new(0),
             folder_reads: AtomicU64::new(0),
         });
+        // A file written just before the start is read once it has settled, not half-written.
+        if let Some(wait) = unsettled(&store.dir) {
+            std::thread::sleep(wait);
+        }
         store.reload();
         if store.status().revision == 0 && store.last_good_dir.is_dir() {
             let loaded = read_policy_files(&store.last_good_dir)
@@ -150,8 +154,14 @@ impl PolicyStore {
             .unwrap_or_else(|poison| poison.into_inner())
     }
 
-    /// Re-reads the folder; returns whether a new policy took effect.
+    /// Re-reads the folder; returns whether a new policy took effect. A folder with a file
+    /// modified less than [`SETTLE`] ago is left for the next read: a file still being written
+    /// may parse as a shorter policy (cut after its selector, a rule with no egress at all),
+    /// which would be enforced, and kept as the last good one, until the writer is done.
     pub fn reload(&self) -> bool {
+        if unsettled(&self.dir).is_some() {
+            return false;
+        }
         self.folder_reads.fetch_add(1, Ordering::Relaxed);
         let files = match read_policy_files(&self.dir) {
             Ok(files) => files,
@@ -332,6 +342,20 @@ fn read_policy_files(dir: &Path) -> std::io::Result<PolicyFiles> {
         .collect()
 }
 
+/// How long until every policy file of `dir` was last modified [`SETTLE`] ago, if one was
+/// modified more recently. A time in the future (a clock step, copied timestamps) counts as
+/// settled: waiting for it could take for ever.
+fn unsettled(dir: &Path) -> Option<Duration> {
+    let now = std::time::SystemTime::now();
+    std::fs::read_dir(dir)
+        .ok()?
+        .filter_map(|entry| entry.ok()?.metadata().ok()?.modified().ok())
+        .filter_map(|modified| now.duration_since(modified).ok())
+        .filter(|age| *age < SETTLE)
+        .map(|age| SETTLE - age)
+        .max()
+}
+
 fn fingerprint(files: &[(PathBuf, String)]) -> u64 {
     let mut hasher = DefaultHasher::new();
     files.hash(&mut hasher);
@@ -392,6 +416,36 @@ spec:
         ] {
             assert!(is_change(&kind), "{kind:?}");
         }
+    }
+
+    #[test]
+    fn a_file_is_read_only_once_it_has_settled() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let state = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("test.yaml"), POLICY).expect("write policy");
+        let store = store(dir.path(), state.path());
+        assert_eq!(
+            store.status().revision,
+            1,
+            "the start waits for the file to settle"
+        );
+
+        // Half a file, as a reader could catch it mid-write: valid YAML, a rule without egress.
+        let half = POLICY.split("  egress:").next().unwrap_or_default();
+        std::fs::write(dir.path().join("test.yaml"), half).expect("write half");
+        assert!(unsettled(dir.path()).is_some());
+        assert!(!store.reload(), "read while still being written");
+        assert_eq!(store.status().revision, 1);
+
+        std::fs::write(
+            dir.path().join("test.yaml"),
+            POLICY.replace("example.com", "example.org"),
+        )
+        .expect("finish the write");
+        std::thread::sleep(SETTLE);
+        assert!(store.reload(), "the finished file, once settled");
+        assert_eq!(store.status().revision, 2);
+        assert_eq!(store.status().policies, 1);
     }
 
     /// The watch once re-read the folder every 100 ms for ever: its own reads raised the
