@@ -323,12 +323,34 @@ fn summarize(answers: Records<'_>) -> Result<AnswerSummary, WireError> {
             _ => continue,
         };
         ttl = ttl.min(record.ttl);
-        if !summary.ips.contains(&ip) {
-            summary.ips.push(ip);
-        }
+        summary.ips.push(ip);
     }
+    dedup_keeping_order(&mut summary.ips);
     summary.ttl = if ttl == u32::MAX { 0 } else { ttl };
     Ok(summary)
+}
+
+/// Addresses up to which repeats are found by scanning what was kept.
+const DEDUP_SCAN_MAX: usize = 16;
+
+/// Drops repeated addresses, keeping the first of each in answer order: in place by scanning
+/// for the handful a real answer has, with a set for the thousands a crafted 64 KiB answer can
+/// carry (a scan for each would be quadratic).
+fn dedup_keeping_order(ips: &mut Vec<IpAddr>) {
+    if ips.len() > DEDUP_SCAN_MAX {
+        let mut seen = std::collections::HashSet::with_capacity(ips.len());
+        ips.retain(|ip| seen.insert(*ip));
+        return;
+    }
+    let mut kept = 0;
+    for index in 0..ips.len() {
+        let ip = ips[index];
+        if !ips[..kept].contains(&ip) {
+            ips.swap(kept, index);
+            kept += 1;
+        }
+    }
+    ips.truncate(kept);
 }
 
 /// The first CNAME record owned by the name at `owner`.
@@ -1256,5 +1278,16 @@ mod tests {
             }
         }
         assert!(compared > 1_000, "only {compared} mutants compared");
+    }
+
+    #[test]
+    fn repeated_addresses_go_and_the_order_stays() {
+        let ip = |last: u8| IpAddr::from([198, 18, 0, last]);
+        let mut few = vec![ip(3), ip(1), ip(3), ip(2), ip(1)];
+        dedup_keeping_order(&mut few);
+        assert_eq!(few, [ip(3), ip(1), ip(2)]);
+        let mut many: Vec<IpAddr> = (0..200u8).map(|n| ip(n % 50)).collect();
+        dedup_keeping_order(&mut many);
+        assert_eq!(many, (0..50).map(ip).collect::<Vec<_>>());
     }
 }
