@@ -38,8 +38,19 @@ impl CacheFile {
                 return DnsCache::new(limits);
             }
         };
-        let restored = CacheSnapshot::from_json(&bytes)
-            .and_then(|snapshot| DnsCache::restore(limits, snapshot, now));
+        let restored = CacheSnapshot::from_json(&bytes).and_then(|mut snapshot| {
+            // Only a hand-edited or damaged file holds such entries; kept, they would travel to
+            // the dnsproxy and back, and the agent refuses a session carrying a bad name.
+            let before = snapshot.entries.len();
+            snapshot.entries.retain(|entry| {
+                !entry.endpoint.is_empty() && warden_policy::DnsName::new(&entry.name).is_ok()
+            });
+            let dropped = before - snapshot.entries.len();
+            if dropped > 0 {
+                tracing::warn!(path = %self.path.display(), dropped, "persisted FQDN cache entries without a valid name or endpoint left out");
+            }
+            DnsCache::restore(limits, snapshot, now)
+        });
         match restored {
             Ok(cache) => {
                 tracing::info!(
@@ -90,6 +101,30 @@ mod tests {
         let entries = restored.lookup(UnixTime(1_100), "youssef/test", "cilium.io.");
         assert_eq!(entries.len(), 1);
         assert_eq!(entries[0].expires_at, UnixTime(1_300));
+    }
+
+    #[test]
+    fn entries_without_a_valid_name_are_left_out_and_the_rest_restored() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = CacheFile::new(dir.path());
+        let limits = CacheLimits {
+            min_ttl: 0,
+            max_ips_per_name: 10,
+        };
+        let mut cache = DnsCache::new(limits);
+        let ip = "198.18.1.10".parse().unwrap();
+        cache.insert(UnixTime(1_000), "youssef/test", "cilium.io.", &[ip], 300);
+        cache.insert(UnixTime(1_000), "youssef/test", "bad..name.", &[ip], 300);
+        cache.insert(UnixTime(1_000), "", "google.com.", &[ip], 300);
+        file.save(&cache.snapshot(UnixTime(1_000))).unwrap();
+        let restored = file.restore(limits, UnixTime(1_100));
+        assert_eq!(restored.name_count(), 1);
+        assert_eq!(
+            restored
+                .lookup(UnixTime(1_100), "youssef/test", "cilium.io.")
+                .len(),
+            1
+        );
     }
 
     #[test]
