@@ -355,9 +355,14 @@ async fn maintain_cache(
             continue;
         }
         let started = Instant::now();
-        let snapshot = cache.lock().snapshot(now);
+        // Only the copy holds the lock the DNS path waits for; sorting and writing come after.
+        let mut snapshot = cache.lock().snapshot_unordered(now);
         let file = file.clone();
-        let saved = tokio::task::spawn_blocking(move || file.save(&snapshot)).await;
+        let saved = tokio::task::spawn_blocking(move || {
+            snapshot.sort();
+            file.save(&snapshot)
+        })
+        .await;
         save_pause = PERSIST_INTERVAL.max(started.elapsed() * 10);
         match saved {
             Ok(Ok(())) => saved_at_change = change,

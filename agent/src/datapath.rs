@@ -244,7 +244,8 @@ impl Reconciler {
                     cache.keep_alive(key, *ip, UnixTime(seen.saturating_add(grace)));
                 }
             }
-            cache.entries(now)
+            // The order does not matter here, and sorting under the lock would stall DNS.
+            cache.entries_unordered(now)
         };
         let mut wanted: HashMap<FqdnKey, u64> = HashMap::new();
         let mut grants_by_name: HashMap<String, Vec<FqdnGrant>> = HashMap::new();

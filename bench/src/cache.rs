@@ -34,6 +34,12 @@ pub struct CacheCost {
     pub lookup_ns: f64,
     /// Mean time of one `names_for_ip` (reverse lookup) in the full cache.
     pub reverse_lookup_ns: f64,
+    /// One `snapshot_unordered` of the full cache (what the agent copies under the cache's
+    /// lock to persist it, once a second when it changed), in ms.
+    pub snapshot_ms: f64,
+    /// One `entries_unordered` of the full cache (what the agent's reconciler copies once a
+    /// second, under the same lock), in ms.
+    pub entries_ms: f64,
     /// Names in the shared-IP sweep below.
     pub shared_ip_names: u32,
     /// One `gc` removing that many names at once, all resolving to the same IP (random names
@@ -137,6 +143,12 @@ pub fn measure(entries: u32) -> CacheCost {
         black_box(cache.insert(NOW, e, n, &[ip(k)], 3_600));
     }
     let insert_refresh_ns = ns_per(started, probes);
+    let started = Instant::now();
+    black_box(cache.snapshot_unordered(NOW));
+    let snapshot_ms = started.elapsed().as_secs_f64() * 1e3;
+    let started = Instant::now();
+    black_box(cache.entries_unordered(NOW));
+    let entries_ms = started.elapsed().as_secs_f64() * 1e3;
 
     CacheCost {
         entries: cache.ip_count() as u64,
@@ -147,6 +159,8 @@ pub fn measure(entries: u32) -> CacheCost {
         insert_refresh_ns,
         lookup_ns,
         reverse_lookup_ns,
+        snapshot_ms,
+        entries_ms,
         ..CacheCost::default()
     }
 }

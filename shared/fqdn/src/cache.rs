@@ -372,8 +372,15 @@ impl DnsCache {
 
     /// Everything unexpired, sorted by endpoint then name, IPs sorted within.
     pub fn entries(&self, now: UnixTime) -> Vec<CacheEntry> {
-        let mut out: Vec<CacheEntry> = self
-            .pairs
+        let mut out = self.entries_unordered(now);
+        sort_entries(&mut out);
+        out
+    }
+
+    /// Everything unexpired, in no particular order (IPs sorted within): the copy to take
+    /// under a lock the DNS path waits for, leaving the sorting, most of the cost, to after.
+    pub fn entries_unordered(&self, now: UnixTime) -> Vec<CacheEntry> {
+        self.pairs
             .iter()
             .filter_map(|(_, p)| {
                 let ips = live_ips(&p.ips, now.0);
@@ -383,9 +390,7 @@ impl DnsCache {
                     ips,
                 })
             })
-            .collect();
-        out.sort_unstable_by(|a, b| (&a.endpoint, &a.name).cmp(&(&b.endpoint, &b.name)));
-        out
+            .collect()
     }
 
     /// (endpoint, name) pairs held, including any that expired but were not collected yet.
@@ -409,10 +414,19 @@ impl DnsCache {
 
     /// Everything unexpired at `now`, to be serialized by the caller.
     pub fn snapshot(&self, now: UnixTime) -> CacheSnapshot {
+        let mut snapshot = self.snapshot_unordered(now);
+        sort_entries(&mut snapshot.entries);
+        snapshot
+    }
+
+    /// [`snapshot`](Self::snapshot) without sorting its entries: see
+    /// [`entries_unordered`](Self::entries_unordered); [`CacheSnapshot::sort`] puts them in
+    /// order afterwards.
+    pub fn snapshot_unordered(&self, now: UnixTime) -> CacheSnapshot {
         CacheSnapshot {
             version: SNAPSHOT_VERSION,
             taken_at: now,
-            entries: self.entries(now),
+            entries: self.entries_unordered(now),
         }
     }
 
@@ -652,6 +666,11 @@ impl DnsCache {
     }
 }
 
+/// By endpoint, then name: the order of [`DnsCache::entries`] and of a snapshot.
+pub(crate) fn sort_entries(entries: &mut [CacheEntry]) {
+    entries.sort_unstable_by(|a, b| (&a.endpoint, &a.name).cmp(&(&b.endpoint, &b.name)));
+}
+
 fn live_ips(list: &IpList, now: u64) -> Vec<CachedIp> {
     let mut out: Vec<CachedIp> = list
         .as_slice()
@@ -754,6 +773,25 @@ mod tests {
 
     fn t(secs: u64) -> UnixTime {
         UnixTime(secs)
+    }
+
+    #[test]
+    fn the_unordered_copy_holds_the_same_entries_and_sorts_into_the_snapshot() {
+        let mut cache = DnsCache::new(CacheLimits::UNLIMITED);
+        for (n, name) in ["z.io.", "a.io.", "m.io."].into_iter().enumerate() {
+            let n = u32::try_from(n).unwrap();
+            cache.insert(t(100), "b/ep", name, &[ip4(n)], 60);
+            cache.insert(t(100), "a/ep", name, &[ip4(n + 10)], 60);
+        }
+        let sorted = cache.snapshot(t(120));
+        let mut unordered = cache.snapshot_unordered(t(120));
+        let mut names: Vec<&str> = unordered.entries.iter().map(|e| e.name.as_str()).collect();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names, ["a.io.", "m.io.", "z.io."]);
+        unordered.sort();
+        assert_eq!(unordered, sorted);
+        assert_eq!(sorted.entries, cache.entries(t(120)));
     }
 
     fn limits(min_ttl: u32, max_ips_per_name: usize) -> CacheLimits {

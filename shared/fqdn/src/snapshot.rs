@@ -39,6 +39,12 @@ impl CacheSnapshot {
         serde_json::from_slice(bytes).map_err(CacheError::Decode)
     }
 
+    /// Puts the entries in their documented order (after
+    /// [`DnsCache::snapshot_unordered`](crate::DnsCache::snapshot_unordered)).
+    pub fn sort(&mut self) {
+        crate::cache::sort_entries(&mut self.entries);
+    }
+
     /// Number of (endpoint, name, IP) triples in the snapshot.
     pub fn ip_count(&self) -> usize {
         self.entries.iter().map(|e| e.ips.len()).sum()
