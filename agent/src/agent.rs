@@ -16,7 +16,7 @@ use warden_config::{AgentConfig, DatapathMode, Prefer};
 use warden_datapath::{Datapath, DatapathOptions};
 use warden_enforce::Enforcement;
 use warden_enforce::serving::{self, AGENT_INSTANCE, DNSPROXY_INSTANCE};
-use warden_fqdn::CacheLimits;
+use warden_fqdn::{CacheLimits, CacheSnapshot};
 use warden_proxy::{DnsProxy, ProxyContext, SharedCache, unix_now};
 use warden_telemetry::{FlowLog, Metrics};
 
@@ -355,11 +355,11 @@ async fn maintain_cache(
             continue;
         }
         let started = Instant::now();
-        // Only the copy holds the lock the DNS path waits for; sorting and writing come after.
-        let mut snapshot = cache.lock().snapshot_unordered(now);
-        let file = file.clone();
+        // The copy is taken a chunk per hold of the lock the DNS path waits for; sorting and
+        // writing come after, off the runtime's workers.
+        let (cache, file) = (cache.clone(), file.clone());
         let saved = tokio::task::spawn_blocking(move || {
-            snapshot.sort();
+            let snapshot = CacheSnapshot::new(now, cache.entries_unordered(now));
             file.save(&snapshot)
         })
         .await;

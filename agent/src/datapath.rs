@@ -237,16 +237,16 @@ impl Reconciler {
             .into_iter()
             .filter(|(_, _, seen)| now.0.saturating_sub(*seen) < grace)
             .collect();
-        let entries = {
+        {
             let mut cache = self.cache.lock();
             for (endpoint_id, ip, seen) in &recent {
                 if let Some(key) = self.table.key_of(EndpointId(*endpoint_id)) {
                     cache.keep_alive(key, *ip, UnixTime(seen.saturating_add(grace)));
                 }
             }
-            // The order does not matter here, and sorting under the lock would stall DNS.
-            cache.entries_unordered(now)
-        };
+        }
+        // A chunk per hold of the lock the DNS path needs; the order does not matter here.
+        let entries = self.cache.entries_unordered(now);
         let mut wanted: HashMap<FqdnKey, u64> = HashMap::new();
         let mut grants_by_name: HashMap<String, Vec<FqdnGrant>> = HashMap::new();
         for entry in &entries {

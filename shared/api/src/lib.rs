@@ -37,7 +37,7 @@ impl From<&warden_proxy::Mapping> for proto::Mapping {
 /// The live entries of `cache` as wire mappings, for a resync (either side's cache dump).
 pub fn cache_dump(cache: &warden_proxy::SharedCache) -> Vec<proto::Mapping> {
     let now = warden_proxy::unix_now();
-    let entries = cache.lock().entries(now);
+    let entries = cache.entries_unordered(now);
     wire_entries(&entries, now)
 }
 

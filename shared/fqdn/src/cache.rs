@@ -71,6 +71,9 @@ pub struct DnsCache {
     /// Some pair may hold more than `max_ips_per_name` (after a merge, a restore or a lowered
     /// cap); the next `gc` trims and reports them, as those paths have no way to report.
     over_limit: bool,
+    /// Times the cache was compacted, which renumbers its pairs: a copy taken in chunks
+    /// ([`entries_chunk`](Self::entries_chunk)) starts over when this changes under it.
+    compactions: u64,
 }
 
 impl Default for DnsCache {
@@ -112,6 +115,7 @@ impl DnsCache {
             ip_count: 0,
             next_expiry: u64::MAX,
             over_limit: false,
+            compactions: 0,
         }
     }
 
@@ -382,15 +386,39 @@ impl DnsCache {
     pub fn entries_unordered(&self, now: UnixTime) -> Vec<CacheEntry> {
         self.pairs
             .iter()
-            .filter_map(|(_, p)| {
-                let ips = live_ips(&p.ips, now.0);
-                (!ips.is_empty()).then(|| CacheEntry {
-                    endpoint: self.endpoints.text(p.endpoint).to_owned(),
-                    name: self.names.text(p.name).to_owned(),
-                    ips,
-                })
-            })
+            .filter_map(|(_, pair)| self.live_entry(pair, now))
             .collect()
+    }
+
+    /// Unexpired entries of the pairs numbered `from` up to `from + pairs`, and the number to
+    /// go on from (at or past [`pair_id_bound`](Self::pair_id_bound) when done): a copy of a
+    /// large cache taken a piece per hold of its lock. Valid while
+    /// [`compactions`](Self::compactions) stays the same.
+    pub fn entries_chunk(&self, now: UnixTime, from: u32, pairs: u32) -> (Vec<CacheEntry>, u32) {
+        let to = from.saturating_add(pairs).min(self.pairs.id_bound());
+        let entries = (from..to)
+            .filter_map(|pid| self.live_entry(self.pairs.get(pid)?, now))
+            .collect();
+        (entries, to)
+    }
+
+    /// One past the highest pair number in use.
+    pub fn pair_id_bound(&self) -> u32 {
+        self.pairs.id_bound()
+    }
+
+    /// Changes whenever pairs are renumbered.
+    pub fn compactions(&self) -> u64 {
+        self.compactions
+    }
+
+    fn live_entry(&self, pair: &Pair, now: UnixTime) -> Option<CacheEntry> {
+        let ips = live_ips(&pair.ips, now.0);
+        (!ips.is_empty()).then(|| CacheEntry {
+            endpoint: self.endpoints.text(pair.endpoint).to_owned(),
+            name: self.names.text(pair.name).to_owned(),
+            ips,
+        })
     }
 
     /// (endpoint, name) pairs held, including any that expired but were not collected yet.
@@ -414,20 +442,7 @@ impl DnsCache {
 
     /// Everything unexpired at `now`, to be serialized by the caller.
     pub fn snapshot(&self, now: UnixTime) -> CacheSnapshot {
-        let mut snapshot = self.snapshot_unordered(now);
-        sort_entries(&mut snapshot.entries);
-        snapshot
-    }
-
-    /// [`snapshot`](Self::snapshot) without sorting its entries: see
-    /// [`entries_unordered`](Self::entries_unordered); [`CacheSnapshot::sort`] puts them in
-    /// order afterwards.
-    pub fn snapshot_unordered(&self, now: UnixTime) -> CacheSnapshot {
-        CacheSnapshot {
-            version: SNAPSHOT_VERSION,
-            taken_at: now,
-            entries: self.entries_unordered(now),
-        }
+        CacheSnapshot::new(now, self.entries_unordered(now))
     }
 
     /// Rebuilds a cache from a snapshot: entries already expired at `now` are dropped, the
@@ -630,7 +645,9 @@ impl DnsCache {
             || (self.pair_table.capacity() >= COMPACT_MIN_SLOTS
                 && self.pair_table.len() * 4 < self.pair_table.capacity());
         if sparse {
+            let compactions = self.compactions + 1;
             *self = self.compacted();
+            self.compactions = compactions;
         }
     }
 
@@ -667,7 +684,7 @@ impl DnsCache {
 }
 
 /// By endpoint, then name: the order of [`DnsCache::entries`] and of a snapshot.
-pub(crate) fn sort_entries(entries: &mut [CacheEntry]) {
+pub fn sort_entries(entries: &mut [CacheEntry]) {
     entries.sort_unstable_by(|a, b| (&a.endpoint, &a.name).cmp(&(&b.endpoint, &b.name)));
 }
 
@@ -784,14 +801,25 @@ mod tests {
             cache.insert(t(100), "a/ep", name, &[ip4(n + 10)], 60);
         }
         let sorted = cache.snapshot(t(120));
-        let mut unordered = cache.snapshot_unordered(t(120));
-        let mut names: Vec<&str> = unordered.entries.iter().map(|e| e.name.as_str()).collect();
+        let unordered = cache.entries_unordered(t(120));
+        let mut names: Vec<&str> = unordered.iter().map(|e| e.name.as_str()).collect();
         names.sort_unstable();
         names.dedup();
         assert_eq!(names, ["a.io.", "m.io.", "z.io."]);
-        unordered.sort();
-        assert_eq!(unordered, sorted);
+        assert_eq!(CacheSnapshot::new(t(120), unordered), sorted);
         assert_eq!(sorted.entries, cache.entries(t(120)));
+
+        // The same, a chunk at a time.
+        let mut chunked = Vec::new();
+        let mut from = 0;
+        while from < cache.pair_id_bound() {
+            let (chunk, next) = cache.entries_chunk(t(120), from, 2);
+            assert!(chunk.len() <= 2);
+            chunked.extend(chunk);
+            from = next;
+        }
+        sort_entries(&mut chunked);
+        assert_eq!(chunked, sorted.entries);
     }
 
     fn limits(min_ttl: u32, max_ips_per_name: usize) -> CacheLimits {

@@ -27,6 +27,17 @@ struct VersionProbe {
 }
 
 impl CacheSnapshot {
+    /// A snapshot of `entries` taken at `taken_at`, put in order.
+    pub fn new(taken_at: UnixTime, entries: Vec<CacheEntry>) -> CacheSnapshot {
+        let mut snapshot = CacheSnapshot {
+            version: SNAPSHOT_VERSION,
+            taken_at,
+            entries,
+        };
+        snapshot.sort();
+        snapshot
+    }
+
     /// Decodes a JSON snapshot, checking its version before anything else.
     pub fn from_json(bytes: &[u8]) -> Result<CacheSnapshot, CacheError> {
         let probe: VersionProbe = serde_json::from_slice(bytes).map_err(CacheError::Decode)?;
@@ -39,8 +50,7 @@ impl CacheSnapshot {
         serde_json::from_slice(bytes).map_err(CacheError::Decode)
     }
 
-    /// Puts the entries in their documented order (after
-    /// [`DnsCache::snapshot_unordered`](crate::DnsCache::snapshot_unordered)).
+    /// Puts the entries in their documented order.
     pub fn sort(&mut self) {
         crate::cache::sort_entries(&mut self.entries);
     }

@@ -9,7 +9,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use warden_fqdn::{DnsCache, UnixTime};
+use warden_fqdn::{CacheEntry, DnsCache, UnixTime};
 use warden_policy::{DnsName, EndpointId, FqdnGrant, L4Proto, PolicyRepository};
 use warden_telemetry::{FlowLog, Metrics};
 
@@ -124,7 +124,42 @@ impl SharedCache {
     pub fn lock(&self) -> MutexGuard<'_, DnsCache> {
         self.0.lock().unwrap_or_else(|poison| poison.into_inner())
     }
+
+    /// Every unexpired entry, in no particular order, copied [`COPY_CHUNK`] pairs per hold
+    /// of the lock, so that a copy of a large cache (the agent takes two a second) never holds
+    /// up the DNS answers, which need the lock too, for longer than a chunk. Not one instant's
+    /// view: a pair added meanwhile below the chunk being copied is left for the next copy. A
+    /// compaction under way renumbers the pairs and starts the copy over; should compactions
+    /// keep coming, the last try copies in one hold.
+    pub fn entries_unordered(&self, now: UnixTime) -> Vec<CacheEntry> {
+        'attempts: for _ in 0..COPY_ATTEMPTS {
+            let started = self.lock().compactions();
+            let mut entries = Vec::new();
+            let mut from = 0;
+            loop {
+                let (chunk, next, bound) = {
+                    let cache = self.lock();
+                    if cache.compactions() != started {
+                        continue 'attempts;
+                    }
+                    let (chunk, next) = cache.entries_chunk(now, from, COPY_CHUNK);
+                    (chunk, next, cache.pair_id_bound())
+                };
+                entries.extend(chunk);
+                if next >= bound {
+                    return entries;
+                }
+                from = next;
+            }
+        }
+        self.lock().entries_unordered(now)
+    }
 }
+
+/// Pairs copied per hold of the cache's lock: well under a millisecond of work.
+pub const COPY_CHUNK: u32 = 1024;
+/// Chunked copies a compaction may restart before one is taken in a single hold.
+const COPY_ATTEMPTS: usize = 3;
 
 /// Everything the engine needs from its process.
 #[derive(Clone)]
@@ -155,4 +190,27 @@ pub fn unix_now() -> UnixTime {
         .map(|elapsed| elapsed.as_secs())
         .unwrap_or(0);
     UnixTime(seconds)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use warden_fqdn::CacheLimits;
+
+    #[test]
+    fn a_chunked_copy_holds_every_entry_of_a_cache_larger_than_a_chunk() {
+        let mut cache = DnsCache::new(CacheLimits::UNLIMITED);
+        let now = UnixTime(1_000);
+        let pairs = COPY_CHUNK * 2 + 7;
+        for n in 0..pairs {
+            let ip = IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 | n));
+            cache.insert(now, "default/test", &format!("n{n}.example."), &[ip], 60);
+        }
+        let whole = cache.entries(now);
+        let shared = SharedCache::new(cache);
+        let mut chunked = shared.entries_unordered(now);
+        warden_fqdn::sort_entries(&mut chunked);
+        assert_eq!(chunked.len(), usize::try_from(pairs).unwrap());
+        assert_eq!(chunked, whole);
+    }
 }

@@ -32,7 +32,7 @@ pub mod wire;
 
 pub use answer::AnswerSummary;
 pub use context::{
-    AllowRequest, ClientContext, DatapathHook, EndpointLookup, HoldFuture, Mapping,
+    AllowRequest, COPY_CHUNK, ClientContext, DatapathHook, EndpointLookup, HoldFuture, Mapping,
     MappingObserver, NoDatapath, PolicySource, ProxyContext, SharedCache, Transport,
     UNKNOWN_ENDPOINT, unix_now,
 };
