@@ -104,7 +104,10 @@ impl PolicyStore {
             folder_reads: AtomicU64::new(0),
         });
         // A file written just before the start is read once it has settled, not half-written.
-        if let Some(wait) = unsettled(&store.dir) {
+        if let Some(wait) = policy_paths(&store.dir)
+            .ok()
+            .and_then(|paths| unsettled(&paths))
+        {
             std::thread::sleep(wait);
         }
         store.reload();
@@ -159,11 +162,15 @@ impl PolicyStore {
     /// may parse as a shorter policy (cut after its selector, a rule with no egress at all),
     /// which would be enforced, and kept as the last good one, until the writer is done.
     pub fn reload(&self) -> bool {
-        if unsettled(&self.dir).is_some() {
+        let paths = policy_paths(&self.dir);
+        if paths
+            .as_deref()
+            .is_ok_and(|paths| unsettled(paths).is_some())
+        {
             return false;
         }
         self.folder_reads.fetch_add(1, Ordering::Relaxed);
-        let files = match read_policy_files(&self.dir) {
+        let files = match paths.and_then(read_files) {
             Ok(files) => files,
             Err(error) => {
                 self.fail(
@@ -320,6 +327,18 @@ fn watch_folder(
 
 /// The policy files of a folder with their text, sorted by name; hidden files are skipped.
 fn read_policy_files(dir: &Path) -> std::io::Result<PolicyFiles> {
+    read_files(policy_paths(dir)?)
+}
+
+fn read_files(paths: Vec<PathBuf>) -> std::io::Result<PolicyFiles> {
+    paths
+        .into_iter()
+        .map(|path| std::fs::read_to_string(&path).map(|text| (path, text)))
+        .collect()
+}
+
+/// The policy files of a folder, sorted by name; hidden files are skipped.
+fn policy_paths(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     let mut paths = Vec::new();
     for entry in std::fs::read_dir(dir)? {
         let path = entry?.path();
@@ -336,20 +355,17 @@ fn read_policy_files(dir: &Path) -> std::io::Result<PolicyFiles> {
         }
     }
     paths.sort();
-    paths
-        .into_iter()
-        .map(|path| std::fs::read_to_string(&path).map(|text| (path, text)))
-        .collect()
+    Ok(paths)
 }
 
-/// How long until every policy file of `dir` was last modified [`SETTLE`] ago, if one was
-/// modified more recently. A time in the future (a clock step, copied timestamps) counts as
-/// settled: waiting for it could take for ever.
-fn unsettled(dir: &Path) -> Option<Duration> {
+/// How long until every one of the policy files `paths` was last modified [`SETTLE`] ago, if
+/// one was modified more recently. A time in the future (a clock step, copied timestamps)
+/// counts as settled: waiting for it could take for ever.
+fn unsettled(paths: &[PathBuf]) -> Option<Duration> {
     let now = std::time::SystemTime::now();
-    std::fs::read_dir(dir)
-        .ok()?
-        .filter_map(|entry| entry.ok()?.metadata().ok()?.modified().ok())
+    paths
+        .iter()
+        .filter_map(|path| std::fs::metadata(path).ok()?.modified().ok())
         .filter_map(|modified| now.duration_since(modified).ok())
         .filter(|age| *age < SETTLE)
         .map(|age| SETTLE - age)
@@ -433,7 +449,7 @@ spec:
         // Half a file, as a reader could catch it mid-write: valid YAML, a rule without egress.
         let half = POLICY.split("  egress:").next().unwrap_or_default();
         std::fs::write(dir.path().join("test.yaml"), half).expect("write half");
-        assert!(unsettled(dir.path()).is_some());
+        assert!(unsettled(&policy_paths(dir.path()).expect("list")).is_some());
         assert!(!store.reload(), "read while still being written");
         assert_eq!(store.status().revision, 1);
 
