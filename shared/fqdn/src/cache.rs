@@ -384,10 +384,7 @@ impl DnsCache {
     /// Everything unexpired, in no particular order (IPs sorted within): the copy to take
     /// under a lock the DNS path waits for, leaving the sorting, most of the cost, to after.
     pub fn entries_unordered(&self, now: UnixTime) -> Vec<CacheEntry> {
-        self.pairs
-            .iter()
-            .filter_map(|(_, pair)| self.live_entry(pair, now))
-            .collect()
+        self.entries_chunk(now, 0, u32::MAX).0
     }
 
     /// Unexpired entries of the pairs numbered `from` up to `from + pairs`, and the number to
@@ -397,7 +394,15 @@ impl DnsCache {
     pub fn entries_chunk(&self, now: UnixTime, from: u32, pairs: u32) -> (Vec<CacheEntry>, u32) {
         let to = from.saturating_add(pairs).min(self.pairs.id_bound());
         let entries = (from..to)
-            .filter_map(|pid| self.live_entry(self.pairs.get(pid)?, now))
+            .filter_map(|pid| {
+                let pair = self.pairs.get(pid)?;
+                let ips = live_ips(&pair.ips, now.0);
+                (!ips.is_empty()).then(|| CacheEntry {
+                    endpoint: self.endpoints.text(pair.endpoint).to_owned(),
+                    name: self.names.text(pair.name).to_owned(),
+                    ips,
+                })
+            })
             .collect();
         (entries, to)
     }
@@ -410,15 +415,6 @@ impl DnsCache {
     /// Changes whenever pairs are renumbered.
     pub fn compactions(&self) -> u64 {
         self.compactions
-    }
-
-    fn live_entry(&self, pair: &Pair, now: UnixTime) -> Option<CacheEntry> {
-        let ips = live_ips(&pair.ips, now.0);
-        (!ips.is_empty()).then(|| CacheEntry {
-            endpoint: self.endpoints.text(pair.endpoint).to_owned(),
-            name: self.names.text(pair.name).to_owned(),
-            ips,
-        })
     }
 
     /// (endpoint, name) pairs held, including any that expired but were not collected yet.

@@ -28,14 +28,13 @@ struct VersionProbe {
 
 impl CacheSnapshot {
     /// A snapshot of `entries` taken at `taken_at`, put in order.
-    pub fn new(taken_at: UnixTime, entries: Vec<CacheEntry>) -> CacheSnapshot {
-        let mut snapshot = CacheSnapshot {
+    pub fn new(taken_at: UnixTime, mut entries: Vec<CacheEntry>) -> CacheSnapshot {
+        crate::cache::sort_entries(&mut entries);
+        CacheSnapshot {
             version: SNAPSHOT_VERSION,
             taken_at,
             entries,
-        };
-        snapshot.sort();
-        snapshot
+        }
     }
 
     /// Decodes a JSON snapshot, checking its version before anything else.
@@ -48,11 +47,6 @@ impl CacheSnapshot {
             });
         }
         serde_json::from_slice(bytes).map_err(CacheError::Decode)
-    }
-
-    /// Puts the entries in their documented order.
-    pub fn sort(&mut self) {
-        crate::cache::sort_entries(&mut self.entries);
     }
 
     /// Number of (endpoint, name, IP) triples in the snapshot.
