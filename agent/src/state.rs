@@ -85,19 +85,20 @@ impl CacheFile {
 mod tests {
     use super::*;
 
+    const LIMITS: CacheLimits = CacheLimits {
+        min_ttl: 0,
+        max_ips_per_name: 10,
+    };
+
     #[test]
     fn a_saved_cache_comes_back_with_its_remaining_ttl() {
         let dir = tempfile::tempdir().unwrap();
         let file = CacheFile::new(dir.path());
-        let limits = CacheLimits {
-            min_ttl: 0,
-            max_ips_per_name: 10,
-        };
-        let mut cache = DnsCache::new(limits);
+        let mut cache = DnsCache::new(LIMITS);
         let ip = "198.18.1.10".parse().unwrap();
         cache.insert(UnixTime(1_000), "youssef/test", "cilium.io.", &[ip], 300);
         file.save(&cache.snapshot(UnixTime(1_000))).unwrap();
-        let restored = file.restore(limits, UnixTime(1_100));
+        let restored = file.restore(LIMITS, UnixTime(1_100));
         let entries = restored.lookup(UnixTime(1_100), "youssef/test", "cilium.io.");
         assert_eq!(entries.len(), 1);
         assert_eq!(entries[0].expires_at, UnixTime(1_300));
@@ -107,17 +108,13 @@ mod tests {
     fn entries_without_a_valid_name_are_left_out_and_the_rest_restored() {
         let dir = tempfile::tempdir().unwrap();
         let file = CacheFile::new(dir.path());
-        let limits = CacheLimits {
-            min_ttl: 0,
-            max_ips_per_name: 10,
-        };
-        let mut cache = DnsCache::new(limits);
+        let mut cache = DnsCache::new(LIMITS);
         let ip = "198.18.1.10".parse().unwrap();
         cache.insert(UnixTime(1_000), "youssef/test", "cilium.io.", &[ip], 300);
         cache.insert(UnixTime(1_000), "youssef/test", "bad..name.", &[ip], 300);
         cache.insert(UnixTime(1_000), "", "google.com.", &[ip], 300);
         file.save(&cache.snapshot(UnixTime(1_000))).unwrap();
-        let restored = file.restore(limits, UnixTime(1_100));
+        let restored = file.restore(LIMITS, UnixTime(1_100));
         assert_eq!(restored.name_count(), 1);
         assert_eq!(
             restored
@@ -132,11 +129,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let file = CacheFile::new(dir.path());
         std::fs::write(file.path(), b"{not json").unwrap();
-        let limits = CacheLimits {
-            min_ttl: 0,
-            max_ips_per_name: 10,
-        };
-        let cache = file.restore(limits, UnixTime(1));
+        let cache = file.restore(LIMITS, UnixTime(1));
         assert_eq!(cache.name_count(), 0);
         assert!(dir.path().join("fqdn-cache.json.corrupt").exists());
     }

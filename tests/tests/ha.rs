@@ -60,6 +60,25 @@ async fn status(admin: SocketAddr) -> serde_json::Value {
     http_json(admin, "/v1/status").await.unwrap()
 }
 
+/// dnsperf from the workload at `qps` for `seconds`, in the background: 4 clients, a query
+/// unanswered for 2 s counts as lost.
+fn steady_load(
+    lab: &Firewall,
+    queries: &std::path::Path,
+    qps: u32,
+    seconds: u32,
+) -> tokio::task::JoinHandle<anyhow::Result<warden_tests::DnsperfReport>> {
+    let workload = lab.workload.clone();
+    let server = lab.upstream.addr();
+    let opts = DnsperfOpts {
+        qps: Some(qps),
+        clients: 4,
+        timeout_s: 2,
+        ..DnsperfOpts::new(queries, seconds)
+    };
+    tokio::spawn(async move { dnsperf_in_cgroup(&workload, server, &opts).await })
+}
+
 /// Waits until `check` holds for the status at `admin`.
 async fn wait_status(
     admin: SocketAddr,
@@ -330,17 +349,7 @@ async fn a_stopping_proxy_hands_every_flow_event_to_the_agent() {
     // flow log (10,000), every query is one event in the agent's log, whoever answered it,
     // including those of the proxy's last flow window and of its drain.
     let queries = write_queries_file(&[("www.cilium.io", "A")]).unwrap();
-    let load = {
-        let workload = lab.workload.clone();
-        let server = lab.upstream.addr();
-        let opts = DnsperfOpts {
-            qps: Some(1000),
-            clients: 4,
-            timeout_s: 2,
-            ..DnsperfOpts::new(queries.path(), 2)
-        };
-        tokio::spawn(async move { dnsperf_in_cgroup(&workload, server, &opts).await })
-    };
+    let load = steady_load(&lab, queries.path(), 1000, 2);
     tokio::time::sleep(Duration::from_millis(800)).await;
     let exit = lab.dnsproxy().stop().unwrap();
     assert!(exit.success(), "{exit:?}");
@@ -488,17 +497,7 @@ async fn graceful_restarts_under_load_lose_no_query_and_change_no_verdict() {
     .unwrap();
     let rate = 400;
     let duration = 22;
-    let load = {
-        let workload = lab.workload.clone();
-        let server = lab.upstream.addr();
-        let opts = DnsperfOpts {
-            qps: Some(rate),
-            clients: 4,
-            timeout_s: 2,
-            ..DnsperfOpts::new(queries.path(), duration)
-        };
-        tokio::spawn(async move { dnsperf_in_cgroup(&workload, server, &opts).await })
-    };
+    let load = steady_load(&lab, queries.path(), rate, duration);
     tokio::time::sleep(Duration::from_secs(1)).await;
     for round in 0..5 {
         lab.agent.restart().await.unwrap();
@@ -543,17 +542,7 @@ async fn sigkill_under_load_loses_at_most_the_queries_in_flight() {
     let queries =
         write_queries_file(&[("cilium.io", "A"), ("google.com", "A"), ("bbc.co.uk", "A")]).unwrap();
     let rate = 400;
-    let load = {
-        let workload = lab.workload.clone();
-        let server = lab.upstream.addr();
-        let opts = DnsperfOpts {
-            qps: Some(rate),
-            clients: 4,
-            timeout_s: 2,
-            ..DnsperfOpts::new(queries.path(), 12)
-        };
-        tokio::spawn(async move { dnsperf_in_cgroup(&workload, server, &opts).await })
-    };
+    let load = steady_load(&lab, queries.path(), rate, 12);
     tokio::time::sleep(Duration::from_secs(1)).await;
     // The serving process (dnsproxy, the default preference) dies, then the agent.
     lab.dnsproxy().kill().unwrap();
