@@ -329,10 +329,19 @@ async fn maintain_cache(
         let now = unix_now();
         if last_gc.elapsed() >= GC_INTERVAL {
             last_gc = Instant::now();
-            let (expired, names, ips) = {
-                let mut cache = cache.lock();
-                let expired = cache.gc(now).len();
-                (expired, cache.name_count(), cache.ip_count())
+            // A sweep in chunks, off the runtime's workers: at a million entries it is
+            // milliseconds of CPU, which the DNS answers on this worker would wait out.
+            let sweeper = cache.clone();
+            let expired = match tokio::task::spawn_blocking(move || sweeper.gc(now)).await {
+                Ok(expired) => expired,
+                Err(error) => {
+                    tracing::warn!(%error, "cache sweep panicked");
+                    0
+                }
+            };
+            let (names, ips) = {
+                let cache = cache.lock();
+                (cache.name_count(), cache.ip_count())
             };
             if expired > 0 {
                 metrics

@@ -42,11 +42,21 @@ pub struct CacheCost {
     /// moment: a wall-clock hold includes any time the bench itself was descheduled).
     pub copy_chunk_p50_ms: f64,
     pub copy_chunk_p99_ms: f64,
+    /// IPs due in the expiry sweep below: every hundredth entry has a short TTL.
+    pub gc_expired: u64,
+    /// That sweep in one hold (`DnsCache::gc`, as the agent took it before), in ms.
+    pub gc_whole_ms: f64,
+    /// The same sweep `warden_proxy::GC_CHUNK` pairs per hold, as the agent takes it now:
+    /// median and 99th percentile of the holds, in ms.
+    pub gc_step_p50_ms: f64,
+    pub gc_step_p99_ms: f64,
     /// Names in the shared-IP sweep below.
     pub shared_ip_names: u32,
     /// One `gc` removing that many names at once, all resolving to the same IP (random names
     /// under a wildcard answered by one address: the reverse index's worst case), in ms.
     pub shared_ip_sweep_ms: f64,
+    /// The same sweep in chunks: the 99th percentile of its holds, in ms.
+    pub shared_ip_step_p99_ms: f64,
 }
 
 /// Churn: new names at a fixed rate, short TTL, `gc` every simulated second.
@@ -98,8 +108,36 @@ fn limits() -> CacheLimits {
     }
 }
 
+/// Every hundredth entry expires within the minute, the rest within the hour.
+fn ttl(i: u32) -> u32 {
+    if i.is_multiple_of(100) { 60 } else { 3_600 }
+}
+
 fn ns_per(started: Instant, count: u32) -> f64 {
     started.elapsed().as_secs_f64() * 1e9 / f64::from(count.max(1))
+}
+
+/// Times each call of `step` until it says it is done: the holds of a lock, in ms, sorted.
+fn holds_ms(mut step: impl FnMut() -> bool) -> Vec<f64> {
+    let mut holds = Vec::new();
+    loop {
+        let started = Instant::now();
+        let done = step();
+        holds.push(started.elapsed().as_secs_f64() * 1e3);
+        if done {
+            holds.sort_unstable_by(f64::total_cmp);
+            return holds;
+        }
+    }
+}
+
+/// The `quantile` of sorted `values` (nearest rank).
+fn rank(values: &[f64], quantile: f64) -> f64 {
+    let index = (quantile * values.len() as f64).ceil() as usize;
+    values
+        .get(index.saturating_sub(1))
+        .copied()
+        .unwrap_or_default()
 }
 
 /// Builds a cache of `entries` distinct names (one IP each, 100 endpoints) and measures it.
@@ -118,7 +156,7 @@ pub fn measure(entries: u32) -> CacheCost {
             &endpoints[k % endpoints.len()],
             &names[k],
             &[ip(i)],
-            3_600,
+            ttl(i),
         );
     }
     let insert_new_ns = ns_per(started, entries);
@@ -142,33 +180,34 @@ pub fn measure(entries: u32) -> CacheCost {
     for i in 0..probes {
         let k = scatter(i, entries);
         let (e, n) = (&endpoints[k as usize % endpoints.len()], &names[k as usize]);
-        black_box(cache.insert(NOW, e, n, &[ip(k)], 3_600));
+        black_box(cache.insert(NOW, e, n, &[ip(k)], ttl(k)));
     }
     let insert_refresh_ns = ns_per(started, probes);
     let started = Instant::now();
     black_box(cache.entries_unordered(NOW));
     let copy_ms = started.elapsed().as_secs_f64() * 1e3;
-    let mut holds_ms = Vec::new();
     let mut from = 0;
-    while from < cache.pair_id_bound() {
-        let started = Instant::now();
+    let copy_holds = holds_ms(|| {
         let (chunk, next) = cache.entries_chunk(NOW, from, warden_proxy::COPY_CHUNK);
-        holds_ms.push(started.elapsed().as_secs_f64() * 1e3);
         black_box(chunk);
         from = next;
-    }
-    holds_ms.sort_unstable_by(f64::total_cmp);
-    let rank = |quantile: f64| {
-        let index = (quantile * holds_ms.len() as f64).ceil() as usize;
-        holds_ms
-            .get(index.saturating_sub(1))
-            .copied()
-            .unwrap_or_default()
-    };
-    let (copy_chunk_p50_ms, copy_chunk_p99_ms) = (rank(0.5), rank(0.99));
+        from >= cache.pair_id_bound()
+    });
+    let entries_held = cache.ip_count();
+
+    // The sweep once the short TTLs ran out, on copies of the full cache.
+    let due = NOW.plus_secs(60);
+    let mut whole = cache.clone();
+    let started = Instant::now();
+    let gc_expired = black_box(whole.gc(due)).len() as u64;
+    let gc_whole_ms = started.elapsed().as_secs_f64() * 1e3;
+    drop(whole);
+    let mut stepped = cache.clone();
+    drop(cache);
+    let gc_holds = holds_ms(|| stepped.gc_step(due, warden_proxy::GC_CHUNK).done);
 
     CacheCost {
-        entries: cache.ip_count() as u64,
+        entries: entries_held as u64,
         bytes_per_entry: used.held as f64 / count,
         requested_bytes_per_entry: used.requested as f64 / count,
         estimated_bytes_per_entry: estimated as f64 / count,
@@ -177,8 +216,12 @@ pub fn measure(entries: u32) -> CacheCost {
         lookup_ns,
         reverse_lookup_ns,
         copy_ms,
-        copy_chunk_p50_ms,
-        copy_chunk_p99_ms,
+        copy_chunk_p50_ms: rank(&copy_holds, 0.5),
+        copy_chunk_p99_ms: rank(&copy_holds, 0.99),
+        gc_expired,
+        gc_whole_ms,
+        gc_step_p50_ms: rank(&gc_holds, 0.5),
+        gc_step_p99_ms: rank(&gc_holds, 0.99),
         ..CacheCost::default()
     }
 }
@@ -194,10 +237,17 @@ pub fn shared_ip_sweep(cost: &mut CacheCost, names: u32) {
         let _ = write!(qname, "r{n:09}.wild.example.net.");
         cache.insert(NOW, "tenant-0/client", &qname, &shared, 5);
     }
+    let mut stepped = cache.clone();
     let started = Instant::now();
     let removed = black_box(cache.gc(NOW.plus_secs(3600))).len();
     cost.shared_ip_sweep_ms = started.elapsed().as_secs_f64() * 1e3;
     cost.shared_ip_names = u32::try_from(removed).unwrap_or(u32::MAX);
+    let holds = holds_ms(|| {
+        stepped
+            .gc_step(NOW.plus_secs(3600), warden_proxy::GC_CHUNK)
+            .done
+    });
+    cost.shared_ip_step_p99_ms = rank(&holds, 0.99);
 }
 
 /// `minutes` simulated minutes of `per_minute` new names with `ttl`, `gc` each second.

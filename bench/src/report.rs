@@ -440,8 +440,11 @@ impl Results {
                  reverse lookup (IP → names) {:.0} ns. A copy of the whole cache (the agent takes \
                  two a second, to persist it and for its reconciler): {:.0} ms in one hold of the \
                  lock every answer needs; taken {} pairs per hold, as the agent does, {:.2} ms per \
-                 hold (p99 of the holds {:.2} ms). One `gc` removing {} names that all \
-                 resolve to the same IP (random names under a wildcard): {:.1} ms.\n",
+                 hold (p99 of the holds {:.2} ms). The expiry sweep once {} of them are due: \
+                 {:.1} ms in one hold; taken {} pairs per hold, as the agent does, {:.2} ms per \
+                 hold (p99 {:.2} ms). One `gc` removing {} names that all resolve to the same IP \
+                 (random names under a wildcard): {:.1} ms in one hold, p99 {:.2} ms per hold \
+                 in chunks.\n",
                 c.entries,
                 c.bytes_per_entry,
                 c.requested_bytes_per_entry,
@@ -454,8 +457,14 @@ impl Results {
                 warden_proxy::COPY_CHUNK,
                 c.copy_chunk_p50_ms,
                 c.copy_chunk_p99_ms,
+                c.gc_expired,
+                c.gc_whole_ms,
+                warden_proxy::GC_CHUNK,
+                c.gc_step_p50_ms,
+                c.gc_step_p99_ms,
                 c.shared_ip_names,
-                c.shared_ip_sweep_ms
+                c.shared_ip_sweep_ms,
+                c.shared_ip_step_p99_ms
             );
         }
         if let Some(c) = &self.churn {

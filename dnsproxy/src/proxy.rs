@@ -333,17 +333,28 @@ async fn expire_cache(cache: SharedCache, metrics: Metrics, shutdown: Cancellati
             _ = shutdown.cancelled() => return,
             _ = tick.tick() => {}
         }
-        let mut cache = cache.lock();
-        let expired = cache.gc(unix_now()).len();
+        // In chunks of the lock and off the runtime's workers, as the agent's.
+        let sweeper = cache.clone();
+        let expired = match tokio::task::spawn_blocking(move || sweeper.gc(unix_now())).await {
+            Ok(expired) => expired,
+            Err(error) => {
+                tracing::warn!(%error, "cache sweep panicked");
+                0
+            }
+        };
         metrics.cache.gc_deletions.inc_by(expired as u64);
+        let (names, ips) = {
+            let cache = cache.lock();
+            (cache.name_count(), cache.ip_count())
+        };
         metrics
             .cache
             .names
-            .set(i64::try_from(cache.name_count()).unwrap_or(i64::MAX));
+            .set(i64::try_from(names).unwrap_or(i64::MAX));
         metrics
             .cache
             .ips
-            .set(i64::try_from(cache.ip_count()).unwrap_or(i64::MAX));
+            .set(i64::try_from(ips).unwrap_or(i64::MAX));
     }
 }
 

@@ -74,6 +74,29 @@ pub struct DnsCache {
     /// Times the cache was compacted, which renumbers its pairs: a copy taken in chunks
     /// ([`entries_chunk`](Self::entries_chunk)) starts over when this changes under it.
     compactions: u64,
+    /// The expiry sweep under way in steps ([`gc_step`](Self::gc_step)), if any.
+    sweep: Option<Sweep>,
+}
+
+/// How far an expiry sweep taken in steps has got.
+#[derive(Clone, Copy, Debug)]
+struct Sweep {
+    /// The first pair not swept yet.
+    cursor: u32,
+    /// The soonest expiry among what the sweep kept and what was added since it began: the
+    /// cache's `next_expiry` once it ends.
+    soonest: u64,
+    /// Whether it trims names over `max_ips_per_name` (the cache was over the cap when it began).
+    enforce: bool,
+}
+
+/// What one step of an expiry sweep did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GcStep {
+    /// IPs removed (expired, or over `max_ips_per_name`).
+    pub removed: usize,
+    /// The sweep went past the last pair (or nothing was due): no step is pending.
+    pub done: bool,
 }
 
 impl Default for DnsCache {
@@ -116,6 +139,7 @@ impl DnsCache {
             next_expiry: u64::MAX,
             over_limit: false,
             compactions: 0,
+            sweep: None,
         }
     }
 
@@ -175,7 +199,7 @@ impl DnsCache {
                 out.added.push(ip);
             }
         }
-        self.next_expiry = self.next_expiry.min(expires.0);
+        self.note_expiry(expires.0);
         let mut fresh = ips.to_vec();
         fresh.sort_unstable();
         for rec in self.trim(pid, &fresh) {
@@ -217,11 +241,14 @@ impl DnsCache {
         let added = self.ips.add(ip, pid);
         if added {
             pair.ips.push(IpRec::from_dns(ip, expires_at.0, source));
-            self.ip_count += 1;
-            self.next_expiry = self.next_expiry.min(expires_at.0);
-            self.over_limit |= self.limits.is_over(pair.ips.len());
         }
-        if pair.ips.is_empty() {
+        let (held, emptied) = (pair.ips.len(), pair.ips.is_empty());
+        if added {
+            self.ip_count += 1;
+            self.over_limit |= self.limits.is_over(held);
+            self.note_expiry(expires_at.0);
+        }
+        if emptied {
             self.remove_pair(pid);
         }
         added
@@ -294,17 +321,55 @@ impl DnsCache {
 
     /// Removes every IP expired at `now` (and trims names over `max_ips_per_name` after a
     /// merge, restore or lowered cap); returns what was removed, sorted, so the caller can
-    /// revoke the datapath entries derived from it.
+    /// revoke the datapath entries derived from it. One pass over every pair: under a lock the
+    /// DNS path waits for, prefer [`gc_step`](Self::gc_step).
     pub fn gc(&mut self, now: UnixTime) -> Vec<Expired> {
-        let now = now.0;
-        if now < self.next_expiry && !self.over_limit {
-            return Vec::new();
+        // A whole sweep covers every pair at this `now`, so one under way starts over.
+        if let Some(sweep) = self.sweep.take() {
+            self.over_limit |= sweep.enforce;
         }
-        let enforce = self.over_limit;
         let mut removed = Vec::new();
+        self.sweep_step(now, u32::MAX, Some(&mut removed));
+        removed.sort_unstable();
+        removed
+    }
+
+    /// The same sweep as [`gc`](Self::gc), `pairs` pairs at a time: call again (with the lock
+    /// released in between) until [`GcStep::done`]. A pair added or refreshed between steps is
+    /// accounted for, whichever side of the sweep it lands on: what it holds expires no
+    /// later than the next sweep after its TTL. Returns at once when nothing is due.
+    pub fn gc_step(&mut self, now: UnixTime, pairs: u32) -> GcStep {
+        self.sweep_step(now, pairs, None)
+    }
+
+    fn sweep_step(
+        &mut self,
+        now: UnixTime,
+        pairs: u32,
+        mut report: Option<&mut Vec<Expired>>,
+    ) -> GcStep {
+        let now = now.0;
+        let mut sweep = match self.sweep.take() {
+            Some(sweep) => sweep,
+            None if now < self.next_expiry && !self.over_limit => {
+                return GcStep {
+                    removed: 0,
+                    done: true,
+                };
+            }
+            None => Sweep {
+                cursor: 0,
+                soonest: u64::MAX,
+                enforce: std::mem::take(&mut self.over_limit),
+            },
+        };
+        let to = sweep
+            .cursor
+            .saturating_add(pairs)
+            .min(self.pairs.id_bound());
+        let mut removed = 0;
         let mut unindexed = Vec::new();
-        let mut next = u64::MAX;
-        for pid in 0..self.pairs.id_bound() {
+        for pid in sweep.cursor..to {
             let Some(pair) = self.pairs.get_mut(pid) else {
                 continue;
             };
@@ -314,19 +379,22 @@ impl DnsCache {
                 unindexed.push((rec.ip(), pid));
                 self.ip_count = self.ip_count.saturating_sub(1);
             }
-            if enforce {
+            if sweep.enforce {
                 gone.extend(self.trim(pid, &[]));
             }
             let Some(pair) = self.pairs.get(pid) else {
                 continue;
             };
             for rec in pair.ips.as_slice() {
-                next = next.min(rec.expires());
+                sweep.soonest = sweep.soonest.min(rec.expires());
             }
             let emptied = pair.ips.is_empty();
-            if !gone.is_empty() {
+            removed += gone.len();
+            if let Some(report) = report.as_deref_mut()
+                && !gone.is_empty()
+            {
                 let (endpoint, name) = (self.endpoints.text(ep), self.names.text(nm));
-                removed.extend(gone.iter().map(|rec| Expired {
+                report.extend(gone.iter().map(|rec| Expired {
                     endpoint: endpoint.to_owned(),
                     name: name.to_owned(),
                     ip: rec.ip(),
@@ -338,11 +406,28 @@ impl DnsCache {
         }
         // Together: an IP shared by many expiring names is then walked once, not once each.
         self.ips.remove_many(unindexed);
-        self.next_expiry = next;
-        self.over_limit = false;
+        if to < self.pairs.id_bound() {
+            sweep.cursor = to;
+            self.sweep = Some(sweep);
+            return GcStep {
+                removed,
+                done: false,
+            };
+        }
+        self.next_expiry = sweep.soonest;
         self.compact_if_sparse();
-        removed.sort_unstable();
-        removed
+        GcStep {
+            removed,
+            done: true,
+        }
+    }
+
+    /// Something added now expires at `at`: the next sweep must not start later.
+    fn note_expiry(&mut self, at: u64) {
+        self.next_expiry = self.next_expiry.min(at);
+        if let Some(sweep) = &mut self.sweep {
+            sweep.soonest = sweep.soonest.min(at);
+        }
     }
 
     /// Removes every (endpoint, name) for which `filter` returns true, expired or not (e.g.
@@ -673,8 +758,10 @@ impl DnsCache {
                 }
             }
         }
+        // A sweep under way is dropped (the pairs are renumbered); the next starts over, and
+        // `next_expiry` is still no later than anything held, as a sweep only raises it at its end.
         fresh.next_expiry = self.next_expiry;
-        fresh.over_limit = self.over_limit;
+        fresh.over_limit = self.over_limit || self.sweep.is_some_and(|sweep| sweep.enforce);
         fresh
     }
 }
@@ -1605,13 +1692,30 @@ mod tests {
                         let got = cache.keep_alive(ep, ip, t(until));
                         assert_eq!(got, model.keep_alive(ep, ip, until));
                     }
-                    67..90 => {
+                    67..80 => {
                         now += rng.below(4);
                         assert_eq!(
                             cache.gc(t(now)),
                             model.gc(now),
                             "seed {seed} step {step}: gc"
                         );
+                    }
+                    80..90 => {
+                        now += rng.below(4);
+                        let mut removed = Vec::new();
+                        let mut steps = 0;
+                        loop {
+                            let pairs = 1 + rng.below(5) as u32;
+                            let step = cache.sweep_step(t(now), pairs, Some(&mut removed));
+                            assert_eq!(step.removed, removed.len() - steps);
+                            steps = removed.len();
+                            if step.done {
+                                break;
+                            }
+                            cache.assert_consistent();
+                        }
+                        removed.sort_unstable();
+                        assert_eq!(removed, model.gc(now), "seed {seed} step {step}: gc_step");
                     }
                     90..93 => {
                         let got = cache.remove_matching(|_, n| n == name);
@@ -1656,6 +1760,138 @@ mod tests {
             }
         }
         c
+    }
+
+    /// A sweep in steps, with answers recorded between the steps (some into slots below the
+    /// cursor, some expiring soon), ends where a whole sweep ends, and its bookkeeping of the
+    /// next expiry still lets the following sweep find what they added.
+    #[test]
+    fn a_sweep_in_steps_matches_a_whole_sweep_with_answers_between_steps() {
+        let pool = ip_pool();
+        for seed in 0..40 {
+            let now = 10_000;
+            let mut whole = random_cache(seed, now);
+            if seed % 4 == 0 {
+                // Over the cap, so the sweep trims as well.
+                whole.set_limits(limits(0, 1));
+            }
+            let mut stepped = whole.clone();
+            let mut rng = Rng(seed + 7_000);
+            let mut removed_whole = whole.gc(t(now)).len();
+            let mut removed_stepped = 0;
+            let mut added = 0;
+            loop {
+                let step = stepped.gc_step(t(now), 1 + rng.below(4) as u32);
+                removed_stepped += step.removed;
+                if step.done {
+                    break;
+                }
+                // A fresh name, so the two caches see the same insert whatever the sweep
+                // has reached; short TTLs, to be found by the next sweep.
+                let name = format!("new-{added}.example.");
+                let ip = *rng.pick(&pool);
+                let ttl = 1 + rng.below(3) as u32;
+                let ep = *rng.pick(&ENDPOINTS);
+                whole.insert(t(now), ep, &name, &[ip], ttl);
+                stepped.insert(t(now), ep, &name, &[ip], ttl);
+                added += 1;
+                if rng.below(8) == 0 {
+                    // A compaction or a plain removal between steps.
+                    let victim = *rng.pick(&NAMES);
+                    let a = whole.remove_matching(|_, n| n == victim).len();
+                    let b = stepped.remove_matching(|_, n| n == victim).len();
+                    removed_whole += a;
+                    removed_stepped += b;
+                }
+                stepped.assert_consistent();
+            }
+            assert_eq!(removed_stepped, removed_whole, "seed {seed}: removed");
+            assert_eq!(
+                stepped.entries(t(now)),
+                whole.entries(t(now)),
+                "seed {seed}"
+            );
+            assert_eq!(stepped.ip_count(), whole.ip_count(), "seed {seed}: held");
+            whole.assert_consistent();
+            stepped.assert_consistent();
+            // Past every short TTL: both sweeps find the same again.
+            let later = now + 60;
+            let whole_later = whole.gc(t(later)).len();
+            let mut stepped_later = 0;
+            while !{
+                let step = stepped.gc_step(t(later), 3);
+                stepped_later += step.removed;
+                step.done
+            } {}
+            assert_eq!(stepped_later, whole_later, "seed {seed}: later sweep");
+            assert_eq!(stepped.entries(t(later)), whole.entries(t(later)));
+            assert_eq!(
+                stepped.ip_count(),
+                whole.ip_count(),
+                "seed {seed}: held later"
+            );
+        }
+    }
+
+    /// A compaction renumbers the pairs under a sweep in steps: the sweep starts over, still
+    /// trimming names over a lowered cap.
+    #[test]
+    fn a_compaction_between_steps_keeps_the_trim_to_do() {
+        let mut c = DnsCache::default();
+        for i in 0..4_000 {
+            c.insert(
+                t(100),
+                EP,
+                &format!("n{i}.example."),
+                &[ip4(2 * i), ip4(2 * i + 1)],
+                300,
+            );
+        }
+        c.set_limits(limits(0, 1));
+        let step = c.gc_step(t(101), 10);
+        assert_eq!(step.removed, 10, "one IP of each of ten names trimmed");
+        let compactions = c.compactions();
+        c.remove_matching(|_, name| !name.starts_with("n1"));
+        assert!(
+            c.compactions() > compactions,
+            "the removal compacted the cache"
+        );
+        let mut removed = 0;
+        while !{
+            let step = c.gc_step(t(101), 100);
+            removed += step.removed;
+            step.done
+        } {}
+        assert!(removed > 0);
+        assert_eq!(c.ip_count(), c.name_count(), "one IP per name left");
+        c.assert_consistent();
+    }
+
+    #[test]
+    fn a_step_returns_at_once_when_nothing_is_due() {
+        let mut c = DnsCache::default();
+        for i in 0..100 {
+            c.insert(t(100), EP, &format!("n{i}.example."), &[ip4(i)], 30);
+        }
+        assert_eq!(
+            c.gc_step(t(129), 1),
+            GcStep {
+                removed: 0,
+                done: true
+            }
+        );
+        let mut steps = 0;
+        let mut removed = 0;
+        loop {
+            steps += 1;
+            let step = c.gc_step(t(130), 10);
+            removed += step.removed;
+            if step.done {
+                break;
+            }
+        }
+        assert_eq!((steps, removed), (10, 100));
+        assert!(c.is_empty());
     }
 
     #[test]

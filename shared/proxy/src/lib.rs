@@ -32,8 +32,8 @@ pub mod wire;
 
 pub use answer::AnswerSummary;
 pub use context::{
-    AllowRequest, COPY_CHUNK, ClientContext, DatapathHook, EndpointLookup, HoldFuture, Mapping,
-    MappingObserver, NoDatapath, PolicySource, ProxyContext, SharedCache, Transport,
+    AllowRequest, COPY_CHUNK, ClientContext, DatapathHook, EndpointLookup, GC_CHUNK, HoldFuture,
+    Mapping, MappingObserver, NoDatapath, PolicySource, ProxyContext, SharedCache, Transport,
     UNKNOWN_ENDPOINT, unix_now,
 };
 pub use error::ProxyError;
