@@ -25,6 +25,73 @@ impl IpNode {
     fn refs(&self) -> impl Iterator<Item = u32> + '_ {
         std::iter::once(self.first).chain(self.more.iter().flat_map(|m| m.iter().copied()))
     }
+
+    /// Keeps the references `keep` accepts, in place; returns whether none is left.
+    fn retain(&mut self, keep: impl Fn(u32) -> bool) -> bool {
+        if let Some(more) = self.more.as_deref_mut() {
+            more.retain(|&pair| keep(pair));
+        }
+        if !keep(self.first) {
+            match self.more.as_deref_mut().and_then(Vec::pop) {
+                Some(last) => self.first = last,
+                None => return true,
+            }
+        }
+        if let Some(more) = self.more.as_deref_mut() {
+            if more.is_empty() {
+                self.more = None;
+            } else if more.capacity() > 8 && more.len() * 4 < more.capacity() {
+                more.shrink_to_fit();
+            }
+        }
+        false
+    }
+}
+
+/// A set of pair ids within one range, as a bitmap: membership is a shift and a mask.
+struct PairSet {
+    low: u32,
+    words: Vec<u64>,
+}
+
+impl PairSet {
+    /// Room for every id from the lowest to the highest of `pairs` (none set).
+    fn spanning(pairs: impl Iterator<Item = u32> + Clone) -> PairSet {
+        let low = pairs.clone().min().unwrap_or(0);
+        let high = pairs.max().unwrap_or(0);
+        let bits = usize::try_from(high - low)
+            .unwrap_or(usize::MAX)
+            .saturating_add(1);
+        PairSet {
+            low,
+            words: vec![0; bits.div_ceil(64)],
+        }
+    }
+
+    fn slot(&self, pair: u32) -> Option<(usize, u64)> {
+        let offset = usize::try_from(pair.checked_sub(self.low)?).ok()?;
+        (offset / 64 < self.words.len()).then(|| (offset / 64, 1 << (offset % 64)))
+    }
+
+    fn set(&mut self, refs: &[(IpAddr, u32)], on: bool) {
+        for &(_, pair) in refs {
+            if let Some((word, bit)) = self.slot(pair)
+                && let Some(slot) = self.words.get_mut(word)
+            {
+                if on {
+                    *slot |= bit;
+                } else {
+                    *slot &= !bit;
+                }
+            }
+        }
+    }
+
+    fn contains(&self, pair: u32) -> bool {
+        self.slot(pair)
+            .and_then(|(word, bit)| self.words.get(word).map(|w| w & bit != 0))
+            .unwrap_or(false)
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -120,9 +187,12 @@ impl IpIndex {
     /// Removes many (IP, pair) references at once, walking each IP's list once however many
     /// of its pairs go. One by one, each removal scans the list: quadratic for an IP that many
     /// names share (random names under a wildcard that all resolve to one address), and the
-    /// expiry sweep, which removes them all together, runs under the cache's lock.
+    /// expiry sweep, which removes them all together, runs under the cache's lock. The walk
+    /// tests each pair against a bitmap of the removed ones (the sweep removes pairs of one
+    /// range of ids, a chunk of it at a time) and keeps the rest in place.
     pub(crate) fn remove_many(&mut self, mut refs: Vec<(IpAddr, u32)>) {
         refs.sort_unstable();
+        let mut doomed = PairSet::spanning(refs.iter().map(|&(_, pair)| pair));
         for group in refs.chunk_by(|a, b| a.0 == b.0) {
             let [(ip, first), ..] = group else {
                 continue;
@@ -137,18 +207,12 @@ impl IpIndex {
             let Some(node) = self.nodes.get_mut(id) else {
                 continue;
             };
-            // `group` is sorted by pair id, so membership is a binary search.
-            let gone = |pair: &u32| group.binary_search(&(*ip, *pair)).is_ok();
-            let mut left: Vec<u32> = node.refs().filter(|pair| !gone(pair)).collect();
-            let Some(kept) = left.pop() else {
+            doomed.set(group, true);
+            let emptied = node.retain(|pair| !doomed.contains(pair));
+            doomed.set(group, false);
+            if emptied {
                 self.drop_node(*ip, id);
-                continue;
-            };
-            node.first = kept;
-            node.more = (!left.is_empty()).then(|| {
-                left.shrink_to_fit();
-                Box::new(left)
-            });
+            }
         }
     }
 
