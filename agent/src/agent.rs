@@ -89,6 +89,7 @@ pub async fn start(config: AgentConfig) -> anyhow::Result<RunningAgent> {
     let limits = CacheLimits {
         min_ttl: config.dns.min_ttl,
         max_ips_per_name: config.dns.max_ips_per_name,
+        max_names_per_endpoint: config.dns.max_names_per_endpoint,
     };
     let cache_file = CacheFile::new(&config.state_dir);
     let cache = SharedCache::new(cache_file.restore(limits, unix_now()));

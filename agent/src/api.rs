@@ -463,6 +463,7 @@ fn build_snapshot(state: &ApiState) -> PolicySnapshot {
             },
             min_ttl: dns.min_ttl,
             max_ips_per_name: dns.max_ips_per_name as u64,
+            max_names_per_endpoint: dns.max_names_per_endpoint as u64,
             idle_grace_s: dns.idle_grace_s,
         }),
         datapath: Some(DatapathSettings {

@@ -126,6 +126,7 @@ pub async fn start(config: ProxyConfig) -> anyhow::Result<RunningProxy> {
     let cache = SharedCache::new(DnsCache::new(CacheLimits {
         min_ttl: config.dns.min_ttl,
         max_ips_per_name: config.dns.max_ips_per_name,
+        max_names_per_endpoint: config.dns.max_names_per_endpoint,
     }));
     let journal = Arc::new(Journal::open(
         &config.state_dir,

@@ -17,6 +17,8 @@ pub struct DnsOverrides {
     pub dns_min_ttl: Option<u32>,
     #[arg(long = "dns-max-ips-per-name", value_name = "N")]
     pub dns_max_ips_per_name: Option<usize>,
+    #[arg(long = "dns-max-names-per-endpoint", value_name = "N")]
+    pub dns_max_names_per_endpoint: Option<usize>,
     #[arg(long = "dns-response-max-delay-ms", value_name = "MS")]
     pub dns_response_max_delay_ms: Option<u64>,
     #[arg(long = "dns-upstream-timeout-ms", value_name = "MS")]
@@ -40,6 +42,10 @@ impl DnsOverrides {
         set(&mut dns.reject, &self.dns_reject);
         set(&mut dns.min_ttl, &self.dns_min_ttl);
         set(&mut dns.max_ips_per_name, &self.dns_max_ips_per_name);
+        set(
+            &mut dns.max_names_per_endpoint,
+            &self.dns_max_names_per_endpoint,
+        );
         set(
             &mut dns.response_max_delay_ms,
             &self.dns_response_max_delay_ms,

@@ -127,6 +127,9 @@ pub struct DnsConfig {
     pub min_ttl: u32,
     /// Cap on IPs kept per name and endpoint; the soonest-expiring go first. 0 = unlimited.
     pub max_ips_per_name: usize,
+    /// Cap on names cached per endpoint; an answer for a further name gets SERVFAIL until
+    /// some expire, so one client cannot grow the node's memory without bound. 0 = unlimited.
+    pub max_names_per_endpoint: usize,
     /// Longest time an answer is held back while its allow entries are being written.
     pub response_max_delay_ms: u64,
     pub upstream_timeout_ms: u64,
@@ -178,6 +181,7 @@ impl Default for DnsConfig {
             reject: RejectCode::Refused,
             min_ttl: 0,
             max_ips_per_name: 1000,
+            max_names_per_endpoint: 50_000,
             response_max_delay_ms: 100,
             upstream_timeout_ms: 2000,
             concurrency_limit: 0,

@@ -41,6 +41,7 @@ fn fixture() -> Fixture {
     let limits = CacheLimits {
         min_ttl: 0,
         max_ips_per_name: 1_000,
+        max_names_per_endpoint: 0,
     };
     let mut cache = DnsCache::new(limits);
     let endpoints: Vec<String> = (0..ENTRIES).map(endpoint).collect();

@@ -179,6 +179,10 @@ impl DnsCache {
         if ips.is_empty() {
             return out;
         }
+        if self.endpoint_is_full(endpoint) && self.find_pair(endpoint, name).is_none() {
+            out.refused = true;
+            return out;
+        }
         let Some(pid) = self.pair_for(endpoint, name) else {
             return out;
         };
@@ -637,6 +641,16 @@ impl DnsCache {
         Some(pid)
     }
 
+    /// Whether `endpoint` holds `max_names_per_endpoint` names (each of its pairs holds one
+    /// reference on it).
+    fn endpoint_is_full(&self, endpoint: &str) -> bool {
+        self.limits.max_names_per_endpoint != 0
+            && self.endpoints.find(endpoint).is_some_and(|ep| {
+                self.limits
+                    .is_full(usize::try_from(self.endpoints.refs(ep)).unwrap_or(usize::MAX))
+            })
+    }
+
     /// Removes a pair with everything it still holds and returns those records.
     fn remove_pair(&mut self, pid: u32) -> Vec<IpRec> {
         let Some(pair) = self.pairs.remove(pid) else {
@@ -909,6 +923,7 @@ mod tests {
         CacheLimits {
             min_ttl,
             max_ips_per_name,
+            max_names_per_endpoint: 0,
         }
     }
 
@@ -1094,6 +1109,31 @@ mod tests {
         );
         assert!(c.names_for_ip(t(0), ip4(1)).is_empty());
         assert_eq!(c.ip_count(), 3);
+        c.assert_consistent();
+    }
+
+    #[test]
+    fn an_endpoint_at_its_name_cap_takes_no_new_name_but_keeps_refreshing() {
+        let mut c = DnsCache::new(CacheLimits {
+            max_names_per_endpoint: 2,
+            ..CacheLimits::UNLIMITED
+        });
+        assert!(!c.insert(t(100), EP, "a.io.", &[ip4(1)], 10).refused);
+        assert!(!c.insert(t(100), EP, "b.io.", &[ip4(2)], 60).refused);
+        let third = c.insert(t(100), EP, "c.io.", &[ip4(3)], 60);
+        assert!(third.refused);
+        assert!(!third.changed());
+        assert!(c.lookup(t(100), EP, "c.io.").is_empty(), "nothing cached");
+        // A name it holds still takes new IPs and later expiries.
+        let again = c.insert(t(100), EP, "b.io.", &[ip4(2), ip4(4)], 90);
+        assert!(!again.refused);
+        assert_eq!(again.added, [ip4(4)]);
+        // Other endpoints have caps of their own.
+        assert!(!c.insert(t(100), "other/ep", "c.io.", &[ip4(3)], 60).refused);
+        // Once a name expires and is swept, there is room again.
+        c.gc(t(110));
+        assert!(!c.insert(t(110), EP, "c.io.", &[ip4(3)], 60).refused);
+        assert_eq!(c.name_count(), 3);
         c.assert_consistent();
     }
 

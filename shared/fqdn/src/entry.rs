@@ -71,6 +71,9 @@ pub struct InsertOutcome {
     pub extended: bool,
     /// Expiry this answer gave, after raising its TTL to `min_ttl`.
     pub expires_at: UnixTime,
+    /// The answer was for a name the endpoint did not hold, and it already held
+    /// `max_names_per_endpoint`: nothing was cached.
+    pub refused: bool,
 }
 
 impl InsertOutcome {

@@ -421,7 +421,9 @@ impl Engine {
     /// What an upstream answer means for the query, and what it must wait for before it is
     /// released: caches the answer and writes its allow entries (synchronously, or through
     /// the returned future, which the caller awaits for at most `response_max_delay`). The
-    /// hold is timed from `held`, when the answer came.
+    /// hold is timed from `held`, when the answer came. An outcome of [`Verdict::Error`] means
+    /// the answer must not be released: the cache refused a new name of an endpoint at
+    /// `max_names_per_endpoint`, so nothing would allow its IPs; the client gets SERVFAIL.
     pub fn record(
         &self,
         checked: &Checked,
@@ -453,6 +455,10 @@ impl Engine {
                 summary.ttl,
             );
             let metrics = &self.context.metrics.cache;
+            if inserted.refused {
+                metrics.names_refused.inc();
+                return (Outcome::failed(), None);
+            }
             metrics.names.set(gauge(cache.name_count()));
             metrics.ips.set(gauge(cache.ip_count()));
             (inserted.expires_at, inserted.changed())

@@ -14,6 +14,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use warden_telemetry::Verdict;
 
 use crate::context::Transport;
 use crate::engine::{Engine, Outcome};
@@ -182,6 +183,7 @@ async fn query(
     if let Some(hold) = hold {
         engine.hold(hold).await;
     }
+    let released = outcome.verdict != Verdict::Error;
     engine.finish(checked, outcome);
-    Some(reply)
+    Some(if released { reply } else { servfail() })
 }

@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use hickory_proto::op::ResponseCode;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use warden_telemetry::Verdict;
 
 use crate::context::Transport;
 use crate::datagram::{Datagram, Inbox, Outbox};
@@ -256,11 +257,16 @@ fn query(
 fn fail(engine: &Engine, waiting: Waiting, failure: UpstreamFailure) -> Option<Vec<u8>> {
     engine.upstream_waited(waiting.asked);
     engine.upstream_failed(failure, &waiting.checked);
-    let reply = wire::parse_query(&waiting.query)
-        .ok()
-        .map(|query| wire::error_response(&query, u16::from(ResponseCode::ServFail)));
+    let reply = servfail(&waiting);
     engine.finish(waiting.checked, Outcome::failed());
     reply
+}
+
+/// SERVFAIL to the query `waiting` forwarded.
+fn servfail(waiting: &Waiting) -> Option<Vec<u8>> {
+    wire::parse_query(&waiting.query)
+        .ok()
+        .map(|query| wire::error_response(&query, u16::from(ResponseCode::ServFail)))
 }
 
 /// Reads one pool socket's answers until `shutdown`.
@@ -310,6 +316,14 @@ pub(crate) async fn answer_loop(
             set_id(packet, packet_id(&waiting.query).unwrap_or(0));
             let (outcome, hold) = engine.record(&waiting.checked, answer, answered);
             match hold {
+                None if outcome.verdict == Verdict::Error => {
+                    if let (Some(outbox), Some(refusal)) =
+                        (answers.get_mut(waiting.listener), servfail(&waiting))
+                    {
+                        outbox.push(&refusal, waiting.checked.client);
+                    }
+                    engine.finish(waiting.checked, outcome);
+                }
                 None => {
                     if let Some(outbox) = answers.get_mut(waiting.listener) {
                         outbox.push(packet, waiting.checked.client);

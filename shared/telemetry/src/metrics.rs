@@ -143,6 +143,7 @@ pub struct CacheMetrics {
     pub ips: IntGauge,
     pub gc_deletions: IntCounter,
     pub persist_errors: IntCounter,
+    pub names_refused: IntCounter,
 }
 
 /// The policy source's series.
@@ -228,6 +229,12 @@ impl Metrics {
                 &registry,
                 "fqdn_cache_persist_errors_total",
                 "Failed attempts to write the FQDN cache to state_dir.",
+            )?,
+            names_refused: counter(
+                &registry,
+                "fqdn_cache_names_refused_total",
+                "Answers for a new name not cached, and answered SERVFAIL, because their \
+                 endpoint held dns.max_names_per_endpoint names.",
             )?,
         };
         let policy = PolicyMetrics {

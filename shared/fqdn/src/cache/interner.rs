@@ -69,6 +69,11 @@ impl Interner {
         Some(id)
     }
 
+    /// References held on `id` (0 for an id not in use).
+    pub(crate) fn refs(&self, id: u32) -> u32 {
+        self.syms.get(id).map_or(0, |sym| sym.refs)
+    }
+
     /// Drops one reference; the string is freed with the last one.
     pub(crate) fn release(&mut self, id: u32) {
         let Some(sym) = self.syms.get_mut(id) else {
