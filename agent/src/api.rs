@@ -6,7 +6,6 @@
 //! and every mapping that changes its own proxy's cache afterwards, so both caches stay equal.
 
 use std::collections::HashMap;
-use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -23,10 +22,10 @@ use warden_api::proto::{
     AgentMessage, CacheClean, DatapathSettings, DnsSettings, Endpoint, Mapping as WireMapping,
     Mappings, PolicyFile, PolicySnapshot, ProxyMessage, ResyncDone,
 };
-use warden_api::{MAPPINGS_PER_MESSAGE, MAX_MESSAGE_BYTES};
+use warden_api::{MAPPINGS_PER_MESSAGE, MAX_MESSAGE_BYTES, PeerMapping};
 use warden_config::{AgentConfig, DatapathMode, RejectCode};
 use warden_enforce::Enforcement;
-use warden_fqdn::{Source, UnixTime};
+use warden_fqdn::Source;
 use warden_proxy::{Mapping, MappingObserver, SharedCache};
 use warden_telemetry::{CacheFilter, FlowEvent, FlowLog, Metrics, unix_millis};
 
@@ -264,19 +263,22 @@ async fn session(
                     Err(status) => return rejected_status(&status),
                 };
                 match message.kind {
-                    Some(ProxyKind::Mappings(batch)) => {
-                        if let Err(detail) = absorb(state, &batch.mappings) {
-                            return SessionEnd::Rejected("malformed", detail);
-                        }
-                    }
+                    Some(ProxyKind::Mappings(batch)) => absorb(state, &batch.mappings),
                     Some(ProxyKind::Flows(flows)) => {
+                        // A bad event is skipped and counted, like a bad mapping: the session
+                        // and the events beside it carry on.
+                        let mut first_error = None;
                         for event in flows.events {
                             match serde_json::from_str::<FlowEvent>(&event) {
                                 Ok(event) => state.flows.record(event),
                                 Err(error) => {
-                                    return SessionEnd::Rejected("malformed", format!("flow event: {error}"));
+                                    state.metrics.peer.rejected.with_label_values(&["malformed"]).inc();
+                                    first_error.get_or_insert(error);
                                 }
                             }
+                        }
+                        if let Some(error) = first_error {
+                            tracing::warn!(%error, "flow events from the peer skipped");
                         }
                     }
                     Some(ProxyKind::Ack(ack)) => {
@@ -383,31 +385,36 @@ fn rejected_status(status: &Status) -> SessionEnd {
 }
 
 /// Takes a proxy's mappings into the agent's cache; the reconciler then keeps their allow
-/// entries (the proxy wrote them already).
-fn absorb(state: &ApiState, mappings: &[WireMapping]) -> Result<(), String> {
+/// entries (the proxy wrote them already). A mapping that fails its check is skipped and
+/// counted (`warden_api_rejected_total{reason="malformed"}`); the rest of the batch goes in.
+fn absorb(state: &ApiState, mappings: &[WireMapping]) {
     let mut parsed = Vec::with_capacity(mappings.len());
+    let mut first_error = None;
     for mapping in mappings {
-        let name = warden_policy::DnsName::new(&mapping.name)
-            .map_err(|error| format!("mapping name: {error}"))?;
-        if mapping.endpoint.is_empty() {
-            return Err("mapping without endpoint".into());
+        match PeerMapping::try_from(mapping) {
+            Ok(mapping) => parsed.push(mapping),
+            Err(error) => {
+                state
+                    .metrics
+                    .peer
+                    .rejected
+                    .with_label_values(&["malformed"])
+                    .inc();
+                first_error.get_or_insert(error);
+            }
         }
-        let ips = mapping
-            .ips
-            .iter()
-            .map(|ip| ip.parse::<IpAddr>())
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|error| format!("mapping IP: {error}"))?;
-        parsed.push((mapping.endpoint.as_str(), name, ips, mapping.expires_at));
+    }
+    if let Some(error) = first_error {
+        tracing::warn!(%error, "mappings from the peer skipped");
     }
     let mut cache = state.cache.lock();
-    for (endpoint, name, ips, expires_at) in &parsed {
-        for ip in ips {
+    for mapping in &parsed {
+        for ip in &mapping.ips {
             cache.insert_entry(
-                endpoint,
-                name.as_str(),
+                &mapping.endpoint,
+                mapping.name.as_str(),
                 *ip,
-                UnixTime(*expires_at),
+                mapping.expires_at,
                 Source::Lookup,
             );
         }
@@ -419,7 +426,6 @@ fn absorb(state: &ApiState, mappings: &[WireMapping]) -> Result<(), String> {
         .mappings_received
         .inc_by(parsed.len() as u64);
     state.cache_changes.0.fetch_add(1, Ordering::Relaxed);
-    Ok(())
 }
 
 /// The snapshot of the policy in force, with everything a proxy needs to act alone.

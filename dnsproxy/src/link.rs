@@ -2,7 +2,6 @@
 //! take snapshots and cache updates in and send mappings and flows out. While there is no
 //! session the proxy is offline: it keeps serving from its snapshot and journals mappings.
 
-use std::net::IpAddr;
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -12,14 +11,14 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use warden_api::MAPPINGS_PER_MESSAGE;
 use warden_api::proto::agent_message::Kind as AgentKind;
 use warden_api::proto::proxy_message::Kind as ProxyKind;
 use warden_api::proto::{
     Ack, CacheClean, Flows, Hello, Mapping as WireMapping, Mappings, PolicySnapshot, ProxyMessage,
     ResyncDone,
 };
-use warden_fqdn::{Source, UnixTime};
+use warden_api::{MAPPINGS_PER_MESSAGE, PeerMapping};
+use warden_fqdn::Source;
 use warden_proxy::{Mapping, MappingObserver, SharedCache};
 use warden_telemetry::{CacheFilter, FlowEvent, FlowLog, Metrics, unix_millis};
 
@@ -439,30 +438,47 @@ fn resync_message(mappings: Vec<WireMapping>) -> ProxyMessage {
     }
 }
 
-/// The agent's cache entries into ours: union, later expiry wins.
+/// The agent's cache entries into ours: union, later expiry wins. A mapping that fails its
+/// check is skipped and counted (`warden_api_rejected_total{reason="malformed"}`), as the
+/// agent does with ours.
 fn merge(context: &LinkContext, mappings: &[WireMapping]) {
-    let mut cache = context.cache.lock();
+    let mut parsed = Vec::with_capacity(mappings.len());
+    let mut first_error = None;
     for mapping in mappings {
-        for ip in &mapping.ips {
-            match ip.parse::<IpAddr>() {
-                Ok(ip) => {
-                    cache.insert_entry(
-                        &mapping.endpoint,
-                        &mapping.name,
-                        ip,
-                        UnixTime(mapping.expires_at),
-                        Source::Lookup,
-                    );
-                }
-                Err(error) => tracing::warn!(%error, name = mapping.name, "bad IP from the agent"),
+        match PeerMapping::try_from(mapping) {
+            Ok(mapping) => parsed.push(mapping),
+            Err(error) => {
+                context
+                    .metrics
+                    .peer
+                    .rejected
+                    .with_label_values(&["malformed"])
+                    .inc();
+                first_error.get_or_insert(error);
             }
         }
     }
+    if let Some(error) = first_error {
+        tracing::warn!(%error, "mappings from the agent skipped");
+    }
+    let mut cache = context.cache.lock();
+    for mapping in &parsed {
+        for ip in &mapping.ips {
+            cache.insert_entry(
+                &mapping.endpoint,
+                mapping.name.as_str(),
+                *ip,
+                mapping.expires_at,
+                Source::Lookup,
+            );
+        }
+    }
+    drop(cache);
     context
         .metrics
         .peer
         .mappings_received
-        .inc_by(mappings.len() as u64);
+        .inc_by(parsed.len() as u64);
 }
 
 /// How long the flow forwarder gathers events before sending them. Sending what was waiting

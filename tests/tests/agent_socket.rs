@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use tokio::io::AsyncWriteExt;
 use tokio_stream::StreamExt;
 use warden_api::proto::proxy_message::Kind;
-use warden_api::proto::{Hello, Mapping, Mappings, ProxyMessage};
+use warden_api::proto::{Flows, Hello, Mapping, Mappings, ProxyMessage};
 use warden_tests::warden::{AgentDir, InProcessAgent, http_get, metric_value};
 use warden_tests::{DigOpts, KnotUpstream, dig, run_blocking, unique_loopback_v4};
 
@@ -144,6 +144,50 @@ async fn garbage_oversized_and_strangers_cost_only_their_connection() {
         first.kind,
         Some(warden_api::proto::agent_message::Kind::Snapshot(_))
     ));
+
+    // A bad mapping and a bad flow event beside good ones: skipped and counted, while the
+    // good mapping goes in and the session stays up.
+    let expires_at = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 300;
+    let mapping = |name: &str, ip: &str| Mapping {
+        endpoint: "youssef/test".into(),
+        name: name.into(),
+        ips: vec![ip.into()],
+        ttl: 300,
+        expires_at,
+        server: String::new(),
+    };
+    let before = rejected(&agent, "malformed").await;
+    tx.send(ProxyMessage {
+        kind: Some(Kind::Mappings(Mappings {
+            mappings: vec![
+                mapping("empty..label.example", "198.18.9.1"),
+                mapping("good.example", "198.18.9.2"),
+            ],
+            resync: false,
+        })),
+    })
+    .await
+    .unwrap();
+    tx.send(ProxyMessage {
+        kind: Some(Kind::Flows(Flows {
+            events: vec!["{not a flow event".into()],
+        })),
+    })
+    .await
+    .unwrap();
+    wait_rejected(&agent, "malformed", before + 2.0).await;
+    let cache = http_get(agent.admin(), "/v1/fqdn/cache").await.unwrap();
+    assert!(cache.contains("good.example."), "{cache}");
+    assert!(cache.contains("198.18.9.2"), "{cache}");
+    assert!(!cache.contains("198.18.9.1"), "{cache}");
+    match tokio::time::timeout(Duration::from_millis(700), inbound.next()).await {
+        Err(_) | Ok(Some(Ok(_))) => {}
+        Ok(other) => panic!("the session ended: {other:?}"),
+    }
     drop(tx);
     agent.stop().await.unwrap();
 }

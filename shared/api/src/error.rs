@@ -25,4 +25,10 @@ pub enum ApiError {
         path: PathBuf,
         source: tonic::transport::Error,
     },
+    #[error("mapping from the peer with a bad {field} {value:?}: {reason}")]
+    BadMapping {
+        field: &'static str,
+        value: String,
+        reason: String,
+    },
 }

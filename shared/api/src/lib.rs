@@ -15,6 +15,11 @@ pub mod server;
 
 pub use error::ApiError;
 
+use std::net::IpAddr;
+
+use warden_fqdn::UnixTime;
+use warden_policy::DnsName;
+
 /// Generated from `proto/warden/v1/agent.proto`.
 #[allow(missing_debug_implementations, clippy::all, clippy::pedantic)]
 pub mod proto {
@@ -31,6 +36,49 @@ impl From<&warden_proxy::Mapping> for proto::Mapping {
             expires_at: mapping.expires_at.0,
             server: mapping.server.to_string(),
         }
+    }
+}
+
+/// A mapping from the peer, checked field by field: what either side may take into its cache.
+/// Both sides skip (and count) a mapping that fails the check and keep the session: ending it
+/// would only bring the same mapping back with the resync, and take the good ones with it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerMapping {
+    pub endpoint: String,
+    pub name: DnsName,
+    pub ips: Vec<IpAddr>,
+    pub expires_at: UnixTime,
+}
+
+impl TryFrom<&proto::Mapping> for PeerMapping {
+    type Error = ApiError;
+
+    fn try_from(mapping: &proto::Mapping) -> Result<PeerMapping, ApiError> {
+        let bad = |field: &'static str, value: &str, reason: String| ApiError::BadMapping {
+            field,
+            // Bounded: the value is the peer's, and goes into a log line.
+            value: value.chars().take(80).collect(),
+            reason,
+        };
+        if mapping.endpoint.is_empty() {
+            return Err(bad("endpoint", "", "empty".into()));
+        }
+        let name = DnsName::new(&mapping.name)
+            .map_err(|error| bad("name", &mapping.name, error.to_string()))?;
+        let ips = mapping
+            .ips
+            .iter()
+            .map(|ip| {
+                ip.parse::<IpAddr>()
+                    .map_err(|error| bad("ip", ip, error.to_string()))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(PeerMapping {
+            endpoint: mapping.endpoint.clone(),
+            name,
+            ips,
+            expires_at: UnixTime(mapping.expires_at),
+        })
     }
 }
 
@@ -80,3 +128,56 @@ pub const MAPPINGS_PER_MESSAGE: usize = 1024;
 /// HTTP/2 pings: a peer that stops answering is noticed within interval + timeout.
 pub const KEEPALIVE_INTERVAL: std::time::Duration = std::time::Duration::from_millis(500);
 pub const KEEPALIVE_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(1000);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn wire(endpoint: &str, name: &str, ips: &[&str]) -> proto::Mapping {
+        proto::Mapping {
+            endpoint: endpoint.into(),
+            name: name.into(),
+            ips: ips.iter().map(|ip| (*ip).to_owned()).collect(),
+            ttl: 30,
+            expires_at: 1_000,
+            server: String::new(),
+        }
+    }
+
+    #[test]
+    fn a_peer_mapping_is_checked_field_by_field() {
+        let good = PeerMapping::try_from(&wire(
+            "youssef/test",
+            "Cilium.IO",
+            &["198.18.1.10", "fd00::1"],
+        ))
+        .unwrap();
+        assert_eq!(good.name.as_str(), "cilium.io.");
+        assert_eq!(good.ips.len(), 2);
+        assert_eq!(good.expires_at, UnixTime(1_000));
+
+        let cases = [
+            (wire("", "cilium.io", &["198.18.1.10"]), "endpoint"),
+            (
+                wire("youssef/test", "empty..label.io", &["198.18.1.10"]),
+                "name",
+            ),
+            (wire("youssef/test", &"x".repeat(300), &[]), "name"),
+            (
+                wire("youssef/test", "cilium.io", &["198.18.1.10", "not an ip"]),
+                "ip",
+            ),
+        ];
+        for (mapping, field) in cases {
+            match PeerMapping::try_from(&mapping) {
+                Err(ApiError::BadMapping {
+                    field: got, value, ..
+                }) => {
+                    assert_eq!(got, field);
+                    assert!(value.chars().count() <= 80, "bounded for the log");
+                }
+                other => panic!("{mapping:?}: {other:?}"),
+            }
+        }
+    }
+}

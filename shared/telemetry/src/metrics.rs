@@ -363,7 +363,7 @@ impl Metrics {
             rejected: counter_vec(
                 &registry,
                 "api_rejected_total",
-                "Connections or messages refused on the agent socket, by reason.",
+                "Connections, messages or mappings and flow events refused on the agent socket, by reason.",
                 &["reason"],
             )?,
         };
