@@ -22,10 +22,9 @@ use warden_api::proto::{
     AgentMessage, CacheClean, DatapathSettings, DnsSettings, Endpoint, Mapping as WireMapping,
     Mappings, PolicyFile, PolicySnapshot, ProxyMessage, ResyncDone,
 };
-use warden_api::{MAPPINGS_PER_MESSAGE, MAX_MESSAGE_BYTES, PeerMapping};
+use warden_api::{MAPPINGS_PER_MESSAGE, MAX_MESSAGE_BYTES};
 use warden_config::{AgentConfig, DatapathMode, RejectCode};
 use warden_enforce::Enforcement;
-use warden_fqdn::Source;
 use warden_proxy::{Mapping, MappingObserver, SharedCache};
 use warden_telemetry::{CacheFilter, FlowEvent, FlowLog, Metrics, unix_millis};
 
@@ -384,47 +383,11 @@ fn rejected_status(status: &Status) -> SessionEnd {
     }
 }
 
-/// Takes a proxy's mappings into the agent's cache; the reconciler then keeps their allow
-/// entries (the proxy wrote them already). A mapping that fails its check is skipped and
-/// counted (`warden_api_rejected_total{reason="malformed"}`); the rest of the batch goes in.
+/// Takes a proxy's mappings into the agent's cache (checked, see
+/// [`warden_api::merge_mappings`]); the reconciler then keeps their allow entries (the proxy
+/// wrote them already).
 fn absorb(state: &ApiState, mappings: &[WireMapping]) {
-    let mut parsed = Vec::with_capacity(mappings.len());
-    let mut first_error = None;
-    for mapping in mappings {
-        match PeerMapping::try_from(mapping) {
-            Ok(mapping) => parsed.push(mapping),
-            Err(error) => {
-                state
-                    .metrics
-                    .peer
-                    .rejected
-                    .with_label_values(&["malformed"])
-                    .inc();
-                first_error.get_or_insert(error);
-            }
-        }
-    }
-    if let Some(error) = first_error {
-        tracing::warn!(%error, "mappings from the peer skipped");
-    }
-    let mut cache = state.cache.lock();
-    for mapping in &parsed {
-        for ip in &mapping.ips {
-            cache.insert_entry(
-                &mapping.endpoint,
-                mapping.name.as_str(),
-                *ip,
-                mapping.expires_at,
-                Source::Lookup,
-            );
-        }
-    }
-    drop(cache);
-    state
-        .metrics
-        .peer
-        .mappings_received
-        .inc_by(parsed.len() as u64);
+    warden_api::merge_mappings(&state.cache, mappings, &state.metrics.peer);
     state.cache_changes.0.fetch_add(1, Ordering::Relaxed);
 }
 

@@ -11,14 +11,13 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+use warden_api::MAPPINGS_PER_MESSAGE;
 use warden_api::proto::agent_message::Kind as AgentKind;
 use warden_api::proto::proxy_message::Kind as ProxyKind;
 use warden_api::proto::{
     Ack, CacheClean, Flows, Hello, Mapping as WireMapping, Mappings, PolicySnapshot, ProxyMessage,
     ResyncDone,
 };
-use warden_api::{MAPPINGS_PER_MESSAGE, PeerMapping};
-use warden_fqdn::Source;
 use warden_proxy::{Mapping, MappingObserver, SharedCache};
 use warden_telemetry::{CacheFilter, FlowEvent, FlowLog, Metrics, unix_millis};
 
@@ -438,47 +437,10 @@ fn resync_message(mappings: Vec<WireMapping>) -> ProxyMessage {
     }
 }
 
-/// The agent's cache entries into ours: union, later expiry wins. A mapping that fails its
-/// check is skipped and counted (`warden_api_rejected_total{reason="malformed"}`), as the
-/// agent does with ours.
+/// The agent's cache entries into ours: union, later expiry wins (each mapping checked, as
+/// the agent checks ours: see [`warden_api::merge_mappings`]).
 fn merge(context: &LinkContext, mappings: &[WireMapping]) {
-    let mut parsed = Vec::with_capacity(mappings.len());
-    let mut first_error = None;
-    for mapping in mappings {
-        match PeerMapping::try_from(mapping) {
-            Ok(mapping) => parsed.push(mapping),
-            Err(error) => {
-                context
-                    .metrics
-                    .peer
-                    .rejected
-                    .with_label_values(&["malformed"])
-                    .inc();
-                first_error.get_or_insert(error);
-            }
-        }
-    }
-    if let Some(error) = first_error {
-        tracing::warn!(%error, "mappings from the agent skipped");
-    }
-    let mut cache = context.cache.lock();
-    for mapping in &parsed {
-        for ip in &mapping.ips {
-            cache.insert_entry(
-                &mapping.endpoint,
-                mapping.name.as_str(),
-                *ip,
-                mapping.expires_at,
-                Source::Lookup,
-            );
-        }
-    }
-    drop(cache);
-    context
-        .metrics
-        .peer
-        .mappings_received
-        .inc_by(parsed.len() as u64);
+    warden_api::merge_mappings(&context.cache, mappings, &context.metrics.peer);
 }
 
 /// How long the flow forwarder gathers events before sending them. Sending what was waiting

@@ -17,8 +17,9 @@ pub use error::ApiError;
 
 use std::net::IpAddr;
 
-use warden_fqdn::UnixTime;
+use warden_fqdn::{Source, UnixTime};
 use warden_policy::DnsName;
+use warden_telemetry::PeerMetrics;
 
 /// Generated from `proto/warden/v1/agent.proto`.
 #[allow(missing_debug_implementations, clippy::all, clippy::pedantic)]
@@ -80,6 +81,46 @@ impl TryFrom<&proto::Mapping> for PeerMapping {
             expires_at: UnixTime(mapping.expires_at),
         })
     }
+}
+
+/// Folds the peer's mappings into `cache` (later expiry wins), checking each first: one that
+/// fails is skipped and counted (`warden_api_rejected_total{reason="malformed"}`), the batch's
+/// first error logged, and the rest taken. Returns how many were taken. The agent takes the
+/// proxy's this way, and the proxy the agent's.
+pub fn merge_mappings(
+    cache: &warden_proxy::SharedCache,
+    mappings: &[proto::Mapping],
+    metrics: &PeerMetrics,
+) -> usize {
+    let mut checked = Vec::with_capacity(mappings.len());
+    let mut first_error = None;
+    for mapping in mappings {
+        match PeerMapping::try_from(mapping) {
+            Ok(mapping) => checked.push(mapping),
+            Err(error) => {
+                metrics.rejected.with_label_values(&["malformed"]).inc();
+                first_error.get_or_insert(error);
+            }
+        }
+    }
+    if let Some(error) = first_error {
+        tracing::warn!(%error, "mappings from the peer skipped");
+    }
+    let mut cache = cache.lock();
+    for mapping in &checked {
+        for ip in &mapping.ips {
+            cache.insert_entry(
+                &mapping.endpoint,
+                mapping.name.as_str(),
+                *ip,
+                mapping.expires_at,
+                Source::Lookup,
+            );
+        }
+    }
+    drop(cache);
+    metrics.mappings_received.inc_by(checked.len() as u64);
+    checked.len()
 }
 
 /// The live entries of `cache` as wire mappings, for a resync (either side's cache dump).
