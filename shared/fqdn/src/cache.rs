@@ -367,9 +367,10 @@ impl DnsCache {
                 enforce: std::mem::take(&mut self.over_limit),
             },
         };
+        // At least one pair a step, so that a caller looping until done always gets there.
         let to = sweep
             .cursor
-            .saturating_add(pairs)
+            .saturating_add(pairs.max(1))
             .min(self.pairs.id_bound());
         let mut removed = 0;
         let mut unindexed = Vec::new();
@@ -1931,6 +1932,15 @@ mod tests {
             }
         }
         assert_eq!((steps, removed), (10, 100));
+        assert!(c.is_empty());
+
+        // A step of zero pairs still moves on.
+        c.insert(t(200), EP, "z.example.", &[ip4(1)], 30);
+        let mut steps = 0;
+        while !c.gc_step(t(300), 0).done {
+            steps += 1;
+            assert!(steps < 10, "a zero-pair step never ends the sweep");
+        }
         assert!(c.is_empty());
     }
 
