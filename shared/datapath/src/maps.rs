@@ -31,7 +31,9 @@ pub(crate) struct Maps {
     dir: PathBuf,
     endpoints: Mutex<HashMap<MapData, u64, RawEndpoint>>,
     dns_targets: Mutex<HashMap<MapData, u32, RawDnsTarget>>,
-    redirect_records: Mutex<HashMap<MapData, RawClientKey, RawRedirectRecord>>,
+    /// Read only here, once per query by every worker, so not behind a lock: lookups take
+    /// `&self`, and the kernel serializes what needs it.
+    redirect_records: HashMap<MapData, RawClientKey, RawRedirectRecord>,
     fqdn_allow: Mutex<HashMap<MapData, RawFqdnKey, RawFqdnValue>>,
     cidr_allow: Mutex<LpmTrie<MapData, RawCidrData, RawCidrValue>>,
     last_seen: Mutex<HashMap<MapData, RawLastSeenKey, u64>>,
@@ -65,10 +67,15 @@ fn typed<T: TryFrom<Map, Error = MapError>>(
     dir: &Path,
     name: &'static str,
 ) -> Result<Mutex<T>, DatapathError> {
+    typed_unlocked(dir, name).map(Mutex::new)
+}
+
+fn typed_unlocked<T: TryFrom<Map, Error = MapError>>(
+    dir: &Path,
+    name: &'static str,
+) -> Result<T, DatapathError> {
     let map = open_map(dir, name)?;
-    T::try_from(map)
-        .map(Mutex::new)
-        .map_err(|e| DatapathError::map(name, "open", e))
+    T::try_from(map).map_err(|e| DatapathError::map(name, "open", e))
 }
 
 fn lock<'a, T>(m: &'a Mutex<T>, name: &'static str) -> Result<MutexGuard<'a, T>, DatapathError> {
@@ -110,7 +117,7 @@ impl Maps {
         Ok(Self {
             endpoints: typed(&dir, map::ENDPOINTS)?,
             dns_targets: typed(&dir, map::DNS_TARGETS)?,
-            redirect_records: typed(&dir, map::REDIRECT_RECORDS)?,
+            redirect_records: typed_unlocked(&dir, map::REDIRECT_RECORDS)?,
             fqdn_allow: typed(&dir, map::FQDN_ALLOW)?,
             cidr_allow: typed(&dir, map::CIDR_ALLOW)?,
             last_seen: typed(&dir, map::LAST_SEEN)?,
@@ -544,9 +551,8 @@ impl Datapath {
             proto,
             pad: 0,
         };
-        let records = lock(&self.inner.redirect_records, map::REDIRECT_RECORDS)?;
         Ok(
-            found(map::REDIRECT_RECORDS, records.get(&key, 0))?.map(|r| RedirectRecord {
+            found(map::REDIRECT_RECORDS, self.inner.redirect_records.get(&key, 0))?.map(|r| RedirectRecord {
                 cgroup_id: r.cgroup_id,
                 original: abi::socket_addr_of(r.orig.addr, r.orig.port),
                 seen_at: clock::boot_ns_to_system(r.time_ns),
