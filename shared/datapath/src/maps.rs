@@ -551,13 +551,15 @@ impl Datapath {
             proto,
             pad: 0,
         };
-        Ok(
-            found(map::REDIRECT_RECORDS, self.inner.redirect_records.get(&key, 0))?.map(|r| RedirectRecord {
-                cgroup_id: r.cgroup_id,
-                original: abi::socket_addr_of(r.orig.addr, r.orig.port),
-                seen_at: clock::boot_ns_to_system(r.time_ns),
-            }),
-        )
+        Ok(found(
+            map::REDIRECT_RECORDS,
+            self.inner.redirect_records.get(&key, 0),
+        )?
+        .map(|r| RedirectRecord {
+            cgroup_id: r.cgroup_id,
+            original: abi::socket_addr_of(r.orig.addr, r.orig.port),
+            seen_at: clock::boot_ns_to_system(r.time_ns),
+        }))
     }
 
     /// A reader of drop events. Call inside a tokio runtime; one reader per node at a time.
