@@ -179,12 +179,18 @@ impl DnsCache {
         if ips.is_empty() {
             return out;
         }
-        if self.endpoint_is_full(endpoint) && self.find_pair(endpoint, name).is_none() {
-            out.refused = true;
-            return out;
-        }
-        let Some(pid) = self.pair_for(endpoint, name) else {
-            return out;
+        // The cap is looked at only for a name new to the endpoint: a repeat answer, the
+        // common case, costs the one lookup it did before there was a cap.
+        let pid = match self.find_pair(endpoint, name) {
+            Some(pid) => pid,
+            None if self.endpoint_is_full(endpoint) => {
+                out.refused = true;
+                return out;
+            }
+            None => match self.pair_for(endpoint, name) {
+                Some(pid) => pid,
+                None => return out,
+            },
         };
         for &ip in ips {
             if out.added.contains(&ip) || out.refreshed.contains(&ip) {
