@@ -20,7 +20,7 @@ use warden_enforce::{Enforcement, TCP, UDP, fqdn_keys};
 use warden_fqdn::UnixTime;
 use warden_policy::{DnsName, EndpointId, FqdnGrant, L4Proto, Peer, PolicyRepository, PortRange};
 use warden_proxy::{PolicySource, SharedCache, unix_now};
-use warden_telemetry::{DropFlow, FlowEvent, FlowLog, Metrics};
+use warden_telemetry::{DropFlow, FlowEvent, FlowLog, LogBudget, Metrics};
 
 use crate::endpoints::EndpointTable;
 use crate::policy_store::PolicyStore;
@@ -61,7 +61,12 @@ impl Reconciler {
             }
             Err(error) => {
                 self.metrics.datapath.errors.with_label_values(&[op]).inc();
-                tracing::warn!(%error, op, "datapath update failed");
+                // The reconciler retries every wanted entry each second: a full map would
+                // otherwise log a line per entry per second.
+                static BUDGET: LogBudget = LogBudget::new(Duration::from_secs(10));
+                if let Some(held_back) = BUDGET.allow() {
+                    tracing::warn!(%error, op, held_back, "datapath update failed");
+                }
                 None
             }
         }

@@ -8,9 +8,13 @@ use warden_policy::EndpointId;
 use warden_proxy::{
     AllowRequest, ClientContext, DatapathHook, EndpointLookup, HoldFuture, Transport,
 };
-use warden_telemetry::Metrics;
+use warden_telemetry::{LogBudget, Metrics};
 
 use crate::keys::{TCP, UDP, fqdn_keys};
+
+/// Warnings that can repeat per query (a failing map) are logged at most this often; the
+/// metrics count every occurrence.
+const LOG_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// The node's endpoints as the proxy looks them up: by source address and by enrolled cgroup.
 #[derive(Debug, Clone, Default)]
@@ -142,7 +146,11 @@ impl Enforcement {
             Ok(()) => self.metrics.datapath.updates.with_label_values(&[op]).inc(),
             Err(error) => {
                 self.metrics.datapath.errors.with_label_values(&[op]).inc();
-                tracing::warn!(%error, op, "datapath update failed");
+                // Every answer's writes fail alike once a map is full: one line per interval.
+                static BUDGET: LogBudget = LogBudget::new(LOG_INTERVAL);
+                if let Some(held_back) = BUDGET.allow() {
+                    tracing::warn!(%error, op, held_back, "datapath update failed");
+                }
             }
         }
     }
@@ -175,7 +183,10 @@ impl EndpointLookup for Enforcement {
             },
             Ok(None) => by_ip(),
             Err(error) => {
-                tracing::warn!(%client, %error, "cannot read the redirect record");
+                static BUDGET: LogBudget = LogBudget::new(LOG_INTERVAL);
+                if let Some(held_back) = BUDGET.allow() {
+                    tracing::warn!(%client, %error, held_back, "cannot read the redirect record");
+                }
                 by_ip()
             }
         }

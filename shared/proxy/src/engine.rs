@@ -14,7 +14,7 @@ use hickory_proto::rr::RecordType;
 use prometheus::{Histogram, IntCounter, IntCounterVec, IntGauge};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use warden_policy::{DnsName, PolicyRepository};
-use warden_telemetry::{DnsFlow, FlowEvent, Metrics, Scope, Verdict, unix_millis};
+use warden_telemetry::{DnsFlow, FlowEvent, LogBudget, Metrics, Scope, Verdict, unix_millis};
 
 use crate::answer::AnswerSummary;
 use crate::context::{
@@ -510,10 +510,15 @@ impl Engine {
             .await
             .is_err()
         {
-            tracing::warn!(
-                name = hold.name.as_str(),
-                "answer released before its allow entries were written"
-            );
+            // A stalled datapath delays every answer alike: one line per interval.
+            static BUDGET: LogBudget = LogBudget::new(Duration::from_secs(10));
+            if let Some(held_back) = BUDGET.allow() {
+                tracing::warn!(
+                    name = hold.name.as_str(),
+                    held_back,
+                    "answer released before its allow entries were written"
+                );
+            }
         }
         self.released(hold.held, hold.mapping);
     }

@@ -4,13 +4,15 @@
 //! `instance` label (`agent` or `dnsproxy`), and defines every `warden_*` metric in one place so
 //! that docs and dashboards have a single list to follow. [`FlowLog`] keeps the recent flow
 //! events (one per DNS query, one per datapath drop) in a bounded ring and fans them out to
-//! followers. [`admin`] holds the HTTP pieces both processes mount on their admin API.
+//! followers. [`LogBudget`] keeps a warning that repeats on a hot path to one line per
+//! interval. [`admin`] holds the HTTP pieces both processes mount on their admin API.
 
 #![forbid(unsafe_code)]
 
 pub mod admin;
 mod error;
 mod flows;
+mod log_budget;
 mod metrics;
 pub mod process;
 mod status;
@@ -19,6 +21,7 @@ pub use error::TelemetryError;
 pub use flows::{
     DnsFlow, DropFlow, FlowEvent, FlowFollower, FlowLine, FlowLog, LostEvents, Verdict, unix_millis,
 };
+pub use log_budget::LogBudget;
 pub use metrics::{
     CacheMetrics, DatapathMetrics, DnsMetrics, Metrics, PeerMetrics, PolicyMetrics, Scope,
 };
