@@ -1,7 +1,9 @@
 use std::net::IpAddr;
+use std::time::Duration;
 
 use warden_datapath::FqdnKey;
 use warden_policy::{FqdnGrant, L4Proto, PortRange};
+use warden_telemetry::LogBudget;
 
 pub const TCP: u8 = 6;
 pub const UDP: u8 = 17;
@@ -30,12 +32,17 @@ pub fn fqdn_keys(grant: &FqdnGrant, ip: IpAddr) -> Vec<FqdnKey> {
         } else if usize::from(range.last - range.first) < MAX_EXPANDED_PORTS {
             (range.first..=range.last).map(Some).collect()
         } else {
-            tracing::error!(
-                first = range.first,
-                last = range.last,
-                selector = grant.selector,
-                "toFQDNs port range too wide for the datapath; not allowed"
-            );
+            // A policy's property, met again by every answer it grants: one line per interval.
+            static BUDGET: LogBudget = LogBudget::new(Duration::from_secs(10));
+            if let Some(held_back) = BUDGET.allow() {
+                tracing::error!(
+                    first = range.first,
+                    last = range.last,
+                    selector = grant.selector,
+                    held_back,
+                    "toFQDNs port range too wide for the datapath; not allowed"
+                );
+            }
             continue;
         };
         for proto in protos {
