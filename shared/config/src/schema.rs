@@ -181,7 +181,7 @@ impl Default for DnsConfig {
             reject: RejectCode::Refused,
             min_ttl: 0,
             max_ips_per_name: 1000,
-            max_names_per_endpoint: 50_000,
+            max_names_per_endpoint: 10_000,
             response_max_delay_ms: 100,
             upstream_timeout_ms: 2000,
             concurrency_limit: 0,
