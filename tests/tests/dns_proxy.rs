@@ -443,28 +443,33 @@ async fn truncated_answers_reach_the_client_and_tcp_gets_the_whole_answer() {
 }
 
 #[tokio::test]
-async fn an_endpoint_at_its_name_cap_gets_servfail_for_new_names_only() {
+async fn an_endpoint_at_its_name_cap_gets_servfail_for_new_names_its_rules_need() {
     if !require_tools(&["knotd", "dig"]) {
         return;
     }
     let lab = Lab::start(|config| config.dns.max_names_per_endpoint = 2).await;
     let dns = lab.agent.dns_v4();
-    for name in ["cilium.io", "anysub.cilium.io"] {
+    // Two names the DNS rules allow (`*`) but no toFQDNs rule of the endpoint's matches.
+    for name in ["anysub.cilium.io", "sub.cilium.io"] {
         let reply = ask(dns, name, "A", opts(lab.client)).await;
         assert_eq!(reply.status, "NOERROR", "{name}: {}", reply.raw);
     }
-    // A third name, allowed by policy and answered upstream, is not cached: no IP of it
-    // would be allowed, so the client is told to try again later rather than given it.
-    let udp = ask(dns, "sub.cilium.io", "A", opts(lab.client)).await;
+    // Full. A new name its toFQDNs rules match is not cached, so nothing would allow the IPs
+    // it is about to use: the client is told to try again later rather than given them.
+    let udp = ask(dns, "google.com", "A", opts(lab.client)).await;
     assert_eq!(udp.status, "SERVFAIL", "{}", udp.raw);
     let tcp = DigOpts {
         tcp: true,
         ..opts(lab.client)
     };
-    let reply = ask(dns, "sub.cilium.io", "A", tcp).await;
+    let reply = ask(dns, "google.com", "A", tcp).await;
     assert_eq!(reply.status, "SERVFAIL", "over TCP: {}", reply.raw);
+    // A new name none of its rules needs is answered, uncached.
+    let reply = ask(dns, "subdomain.cilium.io", "A", opts(lab.client)).await;
+    assert_eq!(reply.status, "NOERROR", "{}", reply.raw);
+    assert_eq!(reply.ips(), vec![IpAddr::V4(SUBDOMAIN_CILIUM_IO_V4)]);
     // The names it holds are still answered and refreshed.
-    let reply = ask(dns, "cilium.io", "A", opts(lab.client)).await;
+    let reply = ask(dns, "anysub.cilium.io", "A", opts(lab.client)).await;
     assert_eq!(reply.status, "NOERROR", "{}", reply.raw);
     let mut names: Vec<String> = lab
         .cache()
@@ -475,11 +480,11 @@ async fn an_endpoint_at_its_name_cap_gets_servfail_for_new_names_only() {
         .map(|row| row["name"].as_str().unwrap().to_owned())
         .collect();
     names.sort();
-    assert_eq!(names, ["anysub.cilium.io.", "cilium.io."]);
+    assert_eq!(names, ["anysub.cilium.io.", "sub.cilium.io."]);
     let scrape = http_get(lab.agent.admin(), "/metrics").await.unwrap();
     assert_eq!(
         metric_value(&scrape, "warden_fqdn_cache_names_refused_total", &[]),
-        2.0
+        3.0
     );
     lab.agent.stop().await.unwrap();
 }

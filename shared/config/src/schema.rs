@@ -127,8 +127,9 @@ pub struct DnsConfig {
     pub min_ttl: u32,
     /// Cap on IPs kept per name and endpoint; the soonest-expiring go first. 0 = unlimited.
     pub max_ips_per_name: usize,
-    /// Cap on names cached per endpoint; an answer for a further name gets SERVFAIL until
-    /// some expire, so one client cannot grow the node's memory without bound. 0 = unlimited.
+    /// Cap on names cached per endpoint, so one client cannot grow the node's memory without
+    /// bound: an answer for a further name is not cached (SERVFAIL if the endpoint's own
+    /// toFQDNs rules match it, else released as it is) until some are swept. 0 = unlimited.
     pub max_names_per_endpoint: usize,
     /// Longest time an answer is held back while its allow entries are being written.
     pub response_max_delay_ms: u64,

@@ -7,7 +7,8 @@ use serde::{Deserialize, Serialize};
 /// under live traffic. `max_ips_per_name` stops one name (e.g. a DNS-based load balancer
 /// rotating through a large pool) from growing the cache and the datapath without bound, and
 /// `max_names_per_endpoint` one client (asking random names under an allowed wildcard, each
-/// answered) from growing the node's memory without bound: it can then only fill its own share.
+/// answered) from growing the node's memory without bound: it can then only fill its own share
+/// (every sender the proxy knows no endpoint for shares one, `reserved:unknown`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct CacheLimits {
@@ -15,8 +16,9 @@ pub struct CacheLimits {
     pub min_ttl: u32,
     /// Most IPs kept per (endpoint, name); 0 means unlimited.
     pub max_ips_per_name: usize,
-    /// Most names kept per endpoint; an answer for a further name is not cached (the proxy
-    /// answers SERVFAIL) until some expire. 0 means unlimited.
+    /// Most names kept per endpoint; an answer for a further name is not cached until some
+    /// are swept (the proxy answers SERVFAIL where the endpoint's rules need the entry).
+    /// 0 means unlimited.
     pub max_names_per_endpoint: usize,
 }
 

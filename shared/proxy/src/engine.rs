@@ -13,7 +13,7 @@ use hickory_proto::op::ResponseCode;
 use hickory_proto::rr::RecordType;
 use prometheus::{Histogram, IntCounter, IntCounterVec, IntGauge};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
-use warden_policy::{DnsName, PolicyRepository};
+use warden_policy::{DnsName, EndpointId, PolicyRepository};
 use warden_telemetry::{DnsFlow, FlowEvent, LogBudget, Metrics, Scope, Verdict, unix_millis};
 
 use crate::answer::AnswerSummary;
@@ -194,6 +194,8 @@ pub(crate) struct Checked {
     /// When the policy check ended (and forwarding began).
     pub checked_at: Instant,
     pub endpoint_key: Arc<str>,
+    /// The sender's endpoint, if it is one.
+    pub endpoint_id: Option<EndpointId>,
     /// Where the query goes: the client's original server, or the configured upstream.
     pub server: SocketAddr,
     /// The queried name as policy sees it, or as the client sent it when no rule can express
@@ -338,6 +340,7 @@ impl Engine {
         self.timings
             .policy_check
             .observe(checked_at.duration_since(started).as_secs_f64());
+        let endpoint_id = endpoint.as_ref().map(|(id, _)| *id);
         let endpoint_key = endpoint.map_or_else(|| Arc::from(UNKNOWN_ENDPOINT), |(_, key)| key);
         Checked {
             client,
@@ -345,6 +348,7 @@ impl Engine {
             started,
             checked_at,
             endpoint_key,
+            endpoint_id,
             server,
             name,
             qtype: query.qtype,
@@ -423,7 +427,9 @@ impl Engine {
     /// the returned future, which the caller awaits for at most `response_max_delay`). The
     /// hold is timed from `held`, when the answer came. An outcome of [`Verdict::Error`] means
     /// the answer must not be released: the cache refused a new name of an endpoint at
-    /// `max_names_per_endpoint`, so nothing would allow its IPs; the client gets SERVFAIL.
+    /// `max_names_per_endpoint` whose own toFQDNs rules match it, so nothing would allow the
+    /// IPs the client is about to use; it gets SERVFAIL. (An answer no rule of the sender's
+    /// needs is released uncached.)
     pub fn record(
         &self,
         checked: &Checked,
@@ -445,7 +451,9 @@ impl Engine {
             return (outcome, None);
         }
         let summary = &outcome.summary;
-        let (expires_at, changed) = {
+        let mut grants = Vec::new();
+        checked.policy.fqdn_grants(name, &mut grants);
+        let inserted = {
             let mut cache = self.context.cache.lock();
             let inserted = cache.insert(
                 unix_now(),
@@ -455,16 +463,24 @@ impl Engine {
                 summary.ttl,
             );
             let metrics = &self.context.metrics.cache;
-            if inserted.refused {
-                metrics.names_refused.inc();
-                return (Outcome::failed(), None);
-            }
             metrics.names.set(gauge(cache.name_count()));
             metrics.ips.set(gauge(cache.ip_count()));
-            (inserted.expires_at, inserted.changed())
+            inserted
         };
-        let mut grants = Vec::new();
-        checked.policy.fqdn_grants(name, &mut grants);
+        if inserted.refused {
+            self.context.metrics.cache.names_refused.inc();
+            let needed = checked
+                .endpoint_id
+                .is_some_and(|id| grants.iter().any(|grant| grant.endpoint == id));
+            if needed {
+                return (Outcome::failed(), None);
+            }
+            // Nothing of the sender's depends on the entry (an unenforced or unknown sender,
+            // or a name none of its rules match): the answer goes out as it is.
+            self.released(held, None);
+            return (outcome, None);
+        }
+        let (expires_at, changed) = (inserted.expires_at, inserted.changed());
         let wait = if grants.is_empty() {
             None
         } else {

@@ -233,8 +233,8 @@ impl Metrics {
             names_refused: counter(
                 &registry,
                 "fqdn_cache_names_refused_total",
-                "Answers for a new name not cached, and answered SERVFAIL, because their \
-                 endpoint held dns.max_names_per_endpoint names.",
+                "Answers for a new name not cached because their endpoint held \
+                 dns.max_names_per_endpoint names (SERVFAIL where its toFQDNs rules match).",
             )?,
         };
         let policy = PolicyMetrics {
