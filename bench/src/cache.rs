@@ -4,11 +4,12 @@
 
 use std::hint::black_box;
 use std::net::{IpAddr, Ipv4Addr};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use warden_config::DnsConfig;
 use warden_fqdn::{CacheLimits, DnsCache, UnixTime};
+use warden_proxy::SharedCache;
 
 use crate::alloc::Usage;
 
@@ -50,6 +51,11 @@ pub struct CacheCost {
     /// median and 99th percentile of the holds, in ms.
     pub gc_step_p50_ms: f64,
     pub gc_step_p99_ms: f64,
+    /// What a DNS answer waits for: another thread takes the cache's lock every 20 µs while
+    /// `SharedCache::gc` sweeps, and while `SharedCache::entries_unordered` copies; the
+    /// longest of its waits for the lock, in ms.
+    pub gc_wait_max_ms: f64,
+    pub copy_wait_max_ms: f64,
     /// Names in the shared-IP sweep below.
     pub shared_ip_names: u32,
     /// One `gc` removing that many names at once, all resolving to the same IP (random names
@@ -100,12 +106,13 @@ fn scatter(i: u32, entries: u32) -> u32 {
 }
 
 fn limits() -> CacheLimits {
-    // The agent's defaults.
+    // The agent's defaults, but for the name cap: the bench sizes the cache itself (a million
+    // names on 100 endpoints would sit at the default cap exactly, and refuse past it).
     let dns = DnsConfig::default();
     CacheLimits {
         min_ttl: dns.min_ttl,
         max_ips_per_name: dns.max_ips_per_name,
-        max_names_per_endpoint: dns.max_names_per_endpoint,
+        max_names_per_endpoint: 0,
     }
 }
 
@@ -130,6 +137,31 @@ fn holds_ms(mut step: impl FnMut() -> bool) -> Vec<f64> {
             return holds;
         }
     }
+}
+
+/// Runs `walk` while another thread takes `shared`'s lock every 20 µs, as DNS answers do;
+/// returns the longest time that thread waited for the lock, in ms.
+fn longest_wait_ms(shared: &SharedCache, walk: impl FnOnce()) -> f64 {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let stop = AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        let answers = scope.spawn(|| {
+            let mut longest = Duration::ZERO;
+            while !stop.load(Ordering::Relaxed) {
+                let asked = Instant::now();
+                let cache = shared.lock();
+                longest = longest.max(asked.elapsed());
+                drop(cache);
+                std::thread::sleep(Duration::from_micros(20));
+            }
+            longest
+        });
+        // Let the answering thread get going first.
+        std::thread::sleep(Duration::from_millis(20));
+        walk();
+        stop.store(true, Ordering::Relaxed);
+        answers.join().unwrap_or_default().as_secs_f64() * 1e3
+    })
 }
 
 /// The `quantile` of sorted `values` (nearest rank).
@@ -204,8 +236,16 @@ pub fn measure(entries: u32) -> CacheCost {
     let gc_whole_ms = started.elapsed().as_secs_f64() * 1e3;
     drop(whole);
     let mut stepped = cache.clone();
-    drop(cache);
     let gc_holds = holds_ms(|| stepped.gc_step(due, warden_proxy::GC_CHUNK).done);
+    drop(stepped);
+    // The same sweep, and a copy, as the agent takes them, beside a thread that needs the lock.
+    let shared = SharedCache::new(cache);
+    let copy_wait_max_ms = longest_wait_ms(&shared, || {
+        black_box(shared.entries_unordered(NOW));
+    });
+    let gc_wait_max_ms = longest_wait_ms(&shared, || {
+        black_box(shared.gc(due));
+    });
 
     CacheCost {
         entries: entries_held as u64,
@@ -223,6 +263,8 @@ pub fn measure(entries: u32) -> CacheCost {
         gc_whole_ms,
         gc_step_p50_ms: rank(&gc_holds, 0.5),
         gc_step_p99_ms: rank(&gc_holds, 0.99),
+        gc_wait_max_ms,
+        copy_wait_max_ms,
         ..CacheCost::default()
     }
 }
@@ -232,10 +274,7 @@ pub fn shared_ip_sweep(cost: &mut CacheCost, names: u32) {
     use std::fmt::Write as _;
     // The reverse index's worst case, whoever asked: one client alone now stops at
     // `max_names_per_endpoint`, but many clients can still share one IP.
-    let mut cache = DnsCache::new(CacheLimits {
-        max_names_per_endpoint: 0,
-        ..limits()
-    });
+    let mut cache = DnsCache::new(limits());
     let shared = [ip(0)];
     let mut qname = String::with_capacity(64);
     for n in 0..names {
