@@ -1814,7 +1814,6 @@ mod tests {
     /// next expiry still lets the following sweep find what they added.
     #[test]
     fn a_sweep_in_steps_matches_a_whole_sweep_with_answers_between_steps() {
-        let pool = ip_pool();
         for seed in 0..40 {
             let now = 10_000;
             let mut whole = random_cache(seed, now);
