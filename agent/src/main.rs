@@ -30,7 +30,10 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // Before any thread exists; see the module's doc for why.
+    let allocator_tuned = warden_proxy::allocator::merge_freed_blocks_at_once();
     warden_telemetry::process::init_tracing();
+    tracing::debug!(allocator_tuned, "glibc fastbins off");
     let args = Args::parse();
     let config = match &args.config {
         Some(path) => warden_config::load_with(path, &args.overrides),

@@ -14,9 +14,11 @@
 //! The engine knows nothing of the agent: everything process-specific comes in through the
 //! small traits of [`context`].
 
-// Denied, not forbidden: `datagram` registers sockets with the reactor, which is unsafe.
+// Denied, not forbidden: `datagram` registers sockets with the reactor, and `allocator` makes
+// one FFI call, which are unsafe.
 #![deny(unsafe_code)]
 
+pub mod allocator;
 pub mod answer;
 pub mod context;
 mod datagram;
