@@ -261,6 +261,10 @@ pub async fn run(cli: Cli) -> ExitCode {
 fn validate(files: &[PathBuf]) -> ExitCode {
     match warden_policy::load_paths(files) {
         Ok(policies) => {
+            // Valid policy the datapath cannot enforce as written: said, not an error.
+            for warning in policies.iter().flat_map(warden_enforce::datapath_warnings) {
+                eprintln!("warning: {warning}");
+            }
             println!(
                 "{} policies in {} files: valid",
                 policies.len(),

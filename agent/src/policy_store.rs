@@ -200,6 +200,10 @@ impl PolicyStore {
     }
 
     fn install(&self, policies: &[Policy], files: PolicyFiles, source: &str) {
+        // Once per policy installed (not per answer, where the datapath meets it again).
+        for warning in policies.iter().flat_map(warden_enforce::datapath_warnings) {
+            tracing::warn!(%warning, "policy not enforceable as written");
+        }
         let repository = PolicyRepository::build(policies, self.endpoints.infos());
         let selectors = repository.selector_count();
         *self

@@ -675,6 +675,23 @@ async fn warden_policy_validate_reports_errors_with_the_file_name() {
     let any_admin: SocketAddr = "127.0.0.1:9".parse().unwrap();
     let ok = warden_cli(any_admin, &["policy", "validate", good.to_str().unwrap()]).unwrap();
     assert!(ok.status.success(), "{ok:?}");
+    assert!(ok.stderr.is_empty(), "{ok:?}");
+    // Valid, but a toFQDNs port range the datapath cannot expand: a warning, still valid.
+    let wide = dir.policy_dir().join("wide.yaml");
+    std::fs::write(
+        &wide,
+        "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: wide, namespace: youssef}\nspec:\n  endpointSelector: {matchLabels: {app: test}}\n  egress:\n  - toFQDNs: [{matchName: cilium.io}]\n    toPorts: [{ports: [{port: \"1024\", endPort: 65535}]}]\n",
+    )
+    .unwrap();
+    let warned = warden_cli(any_admin, &["policy", "validate", wide.to_str().unwrap()]).unwrap();
+    assert!(warned.status.success(), "{warned:?}");
+    let stderr = String::from_utf8_lossy(&warned.stderr);
+    assert!(
+        stderr.contains("warning: ")
+            && stderr.contains("wide.yaml")
+            && stderr.contains("1024-65535"),
+        "{stderr}"
+    );
     let failed = warden_cli(
         any_admin,
         &[

@@ -2,7 +2,7 @@ use std::net::IpAddr;
 use std::time::Duration;
 
 use warden_datapath::FqdnKey;
-use warden_policy::{FqdnGrant, L4Proto, PortRange};
+use warden_policy::{FqdnGrant, L4Proto, Policy, PortRange};
 use warden_telemetry::LogBudget;
 
 pub const TCP: u8 = 6;
@@ -27,9 +27,9 @@ pub fn fqdn_keys(grant: &FqdnGrant, ip: IpAddr) -> Vec<FqdnKey> {
             None if *range == PortRange::ALL => &[None],
             None => &[Some(TCP), Some(UDP)],
         };
-        let ports: Vec<Option<u16>> = if range.first == 0 && range.last == u16::MAX {
+        let ports: Vec<Option<u16>> = if is_every_port(range) {
             vec![None]
-        } else if usize::from(range.last - range.first) < MAX_EXPANDED_PORTS {
+        } else if fits_the_datapath(range) {
             (range.first..=range.last).map(Some).collect()
         } else {
             // A policy's property, met again by every answer it grants: one line per interval.
@@ -57,6 +57,49 @@ pub fn fqdn_keys(grant: &FqdnGrant, ip: IpAddr) -> Vec<FqdnKey> {
         }
     }
     keys
+}
+
+fn is_every_port(range: &PortRange) -> bool {
+    range.first == 0 && range.last == u16::MAX
+}
+
+fn fits_the_datapath(range: &PortRange) -> bool {
+    is_every_port(range) || usize::from(range.last - range.first) < MAX_EXPANDED_PORTS
+}
+
+/// What in `policy` the datapath cannot enforce as written, for `warden policy validate` and
+/// the agent's log: a toFQDNs rule whose `toPorts` range spans more than the datapath expands
+/// per name (1,024 ports; every port, `port: 0`, is fine). Such a range allows nothing, as
+/// widening it to "any port" would allow more than the policy says.
+pub fn datapath_warnings(policy: &Policy) -> Vec<String> {
+    let mut warnings = Vec::new();
+    let name = match &policy.namespace {
+        Some(namespace) => format!("{namespace}/{}", policy.name),
+        None => policy.name.clone(),
+    };
+    for rule in &policy.rules {
+        for egress in rule
+            .egress
+            .iter()
+            .filter(|egress| !egress.to_fqdns.is_empty())
+        {
+            for port in egress.to_ports.iter().flat_map(|to_ports| &to_ports.ports) {
+                let range = PortRange::from(port);
+                if !fits_the_datapath(&range) {
+                    warnings.push(format!(
+                        "{}: policy {name}: toFQDNs port range {}-{} ({} ports) is wider than the \
+                         {MAX_EXPANDED_PORTS} ports the datapath allows per name; connections \
+                         on it will be refused",
+                        policy.origin.display(),
+                        range.first,
+                        range.last,
+                        u32::from(range.last - range.first) + 1,
+                    ));
+                }
+            }
+        }
+    }
+    warnings
 }
 
 #[cfg(test)]
@@ -102,6 +145,31 @@ mod tests {
         assert!(
             fqdn_keys(&wide, ip).is_empty(),
             "too wide: refused, never widened"
+        );
+    }
+
+    #[test]
+    fn tofqdns_ranges_wider_than_the_datapath_are_reported() {
+        let yaml = r#"apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: wide, namespace: youssef}
+spec:
+  endpointSelector: {matchLabels: {app: test}}
+  egress:
+  - toFQDNs: [{matchName: cilium.io}]
+    toPorts: [{ports: [{port: "1024", endPort: 65535}, {port: "8000", endPort: 9023}, {port: "0"}]}]
+  - toCIDR: [10.0.0.0/8]
+    toPorts: [{ports: [{port: "1024", endPort: 65535}]}]
+"#;
+        let policies = warden_policy::parse_str(yaml, std::path::Path::new("wide.yaml")).unwrap();
+        let warnings: Vec<String> = policies.iter().flat_map(datapath_warnings).collect();
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(
+            warnings[0].contains("wide.yaml")
+                && warnings[0].contains("youssef/wide")
+                && warnings[0].contains("1024-65535")
+                && warnings[0].contains("64512 ports"),
+            "{warnings:?}"
         );
     }
 }

@@ -6,7 +6,8 @@
 //! the answer is released). Its [`EndpointDirectory`] and datapath handle can be replaced at any
 //! time: the agent refreshes the cgroup index as it enrolls endpoints, the standalone proxy
 //! installs both when a policy snapshot arrives. [`fqdn_keys`] is the one place that turns a
-//! toFQDNs grant into map keys, used on the hot path and by the agent's reconciler alike.
+//! toFQDNs grant into map keys, used on the hot path and by the agent's reconciler alike, and
+//! [`datapath_warnings`] says which rules it cannot turn into keys.
 //! [`serving`] registers each process's DNS sockets with the datapath's reuseport selection
 //! and steers the port's queries between them; [`proxy_settings`] reads the shared `dns`
 //! section into the engine's settings.
@@ -19,5 +20,5 @@ pub mod serving;
 mod settings;
 
 pub use directory::{EndpointDirectory, Enforcement};
-pub use keys::{TCP, UDP, fqdn_keys};
+pub use keys::{TCP, UDP, datapath_warnings, fqdn_keys};
 pub use settings::{LEAVE_LINGER, proxy_settings};
