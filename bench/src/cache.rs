@@ -63,6 +63,11 @@ pub struct CacheCost {
     pub shared_ip_sweep_ms: f64,
     /// The same sweep in chunks: the 99th percentile of its holds, in ms.
     pub shared_ip_step_p99_ms: f64,
+    /// Percent of the entries expiring together in the mass-expiry sweep below.
+    pub mass_expiry_percent: u32,
+    /// That sweep, chunked as the agent takes it, beside a thread taking the lock every 20 µs:
+    /// its longest wait, in ms. The sweep's last hold rebuilds what is left (a compaction).
+    pub mass_expiry_wait_max_ms: f64,
 }
 
 /// Churn: new names at a fixed rate, short TTL, `gc` every simulated second.
@@ -293,6 +298,21 @@ pub fn shared_ip_sweep(cost: &mut CacheCost, names: u32) {
             .done
     });
     cost.shared_ip_step_p99_ms = rank(&holds, 0.99);
+}
+
+/// Times what an answer waits while `entries` entries, `percent` of them expiring together,
+/// are swept as the agent sweeps them: the last hold compacts what is left in one go.
+pub fn mass_expiry(cost: &mut CacheCost, entries: u32, percent: u32) {
+    let mut cache = DnsCache::new(limits());
+    for i in 0..entries {
+        let ttl = if i % 100 < percent { 60 } else { 3_600 };
+        cache.insert(NOW, &endpoint(i), &name(i), &[ip(i)], ttl);
+    }
+    let shared = SharedCache::new(cache);
+    cost.mass_expiry_percent = percent;
+    cost.mass_expiry_wait_max_ms = longest_wait_ms(&shared, || {
+        black_box(shared.gc(NOW.plus_secs(60)));
+    });
 }
 
 /// `minutes` simulated minutes of `per_minute` new names with `ttl`, `gc` each second.

@@ -353,6 +353,7 @@ fn run(plan: &Plan, out: &Path) -> Result<Vec<String>> {
         eprintln!("warden-bench: cache cost at {} entries", plan.cache_entries);
         let mut cost = cache::measure(plan.cache_entries);
         cache::shared_ip_sweep(&mut cost, plan.cache_entries / 10);
+        cache::mass_expiry(&mut cost, plan.cache_entries, 80);
         results.cache = Some(cost);
         eprintln!(
             "warden-bench: churn, {} simulated minutes",

@@ -446,7 +446,9 @@ impl Results {
                  do, waited at most {:.2} ms during the chunked sweep and {:.2} ms during the \
                  chunked copy. One `gc` removing {} names that all resolve to the same IP \
                  (random names under a wildcard): {:.1} ms in one hold, p99 {:.2} ms per hold \
-                 in chunks.\n",
+                 in chunks. When {}% of the entries expire together, the chunked sweep's last \
+                 hold rebuilds what is left (a compaction): the thread taking the lock every \
+                 20 µs waited at most {:.1} ms.\n",
                 c.entries,
                 c.bytes_per_entry,
                 c.requested_bytes_per_entry,
@@ -468,7 +470,9 @@ impl Results {
                 c.copy_wait_max_ms,
                 c.shared_ip_names,
                 c.shared_ip_sweep_ms,
-                c.shared_ip_step_p99_ms
+                c.shared_ip_step_p99_ms,
+                c.mass_expiry_percent,
+                c.mass_expiry_wait_max_ms
             );
         }
         if let Some(c) = &self.churn {
