@@ -16,7 +16,7 @@ use warden_config::{AgentConfig, DatapathMode, Prefer};
 use warden_datapath::{Datapath, DatapathOptions};
 use warden_enforce::Enforcement;
 use warden_enforce::serving::{self, AGENT_INSTANCE, DNSPROXY_INSTANCE};
-use warden_fqdn::{CacheLimits, CacheSnapshot};
+use warden_fqdn::CacheSnapshot;
 use warden_proxy::{DnsProxy, ProxyContext, SharedCache, unix_now};
 use warden_telemetry::{FlowLog, Metrics};
 
@@ -86,11 +86,7 @@ pub async fn start(config: AgentConfig) -> anyhow::Result<RunningAgent> {
         endpoints.clone(),
         metrics.policy.clone(),
     );
-    let limits = CacheLimits {
-        min_ttl: config.dns.min_ttl,
-        max_ips_per_name: config.dns.max_ips_per_name,
-        max_names_per_endpoint: config.dns.max_names_per_endpoint,
-    };
+    let limits = warden_enforce::cache_limits(&config.dns);
     let cache_file = CacheFile::new(&config.state_dir);
     let cache = SharedCache::new(cache_file.restore(limits, unix_now()));
     let changes = Arc::new(CacheChanges::default());
@@ -330,35 +326,9 @@ async fn maintain_cache(
         let now = unix_now();
         if last_gc.elapsed() >= GC_INTERVAL {
             last_gc = Instant::now();
-            // A sweep in chunks, off the runtime's workers: at a million entries it is
-            // milliseconds of CPU, which the DNS answers on this worker would wait out.
-            let sweeper = cache.clone();
-            let expired = match tokio::task::spawn_blocking(move || sweeper.gc(now)).await {
-                Ok(expired) => expired,
-                Err(error) => {
-                    tracing::warn!(%error, "cache sweep panicked");
-                    0
-                }
-            };
-            let (names, ips) = {
-                let cache = cache.lock();
-                (cache.name_count(), cache.ip_count())
-            };
-            if expired > 0 {
-                metrics
-                    .cache
-                    .gc_deletions
-                    .inc_by(u64::try_from(expired).unwrap_or(u64::MAX));
+            if cache.expire(now, &metrics.cache).await > 0 {
                 changes.0.fetch_add(1, Ordering::Relaxed);
             }
-            metrics
-                .cache
-                .names
-                .set(i64::try_from(names).unwrap_or(i64::MAX));
-            metrics
-                .cache
-                .ips
-                .set(i64::try_from(ips).unwrap_or(i64::MAX));
         }
         let change = changes.0.load(Ordering::Relaxed);
         if change == saved_at_change || last_save.elapsed() < save_pause {

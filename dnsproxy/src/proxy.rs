@@ -21,7 +21,7 @@ use warden_config::{Prefer, ProxyConfig};
 use warden_datapath::Datapath;
 use warden_enforce::Enforcement;
 use warden_enforce::serving::{self, AGENT_INSTANCE, DNSPROXY_INSTANCE};
-use warden_fqdn::{CacheLimits, DnsCache};
+use warden_fqdn::DnsCache;
 use warden_proxy::{DnsProxy, ProxyContext, SharedCache, unix_now};
 use warden_telemetry::{CacheFilter, FlowLog, InstanceStatus, Metrics, PolicyStatusView};
 
@@ -123,11 +123,7 @@ pub async fn start(config: ProxyConfig) -> anyhow::Result<RunningProxy> {
     let flows = Arc::new(FlowLog::new(FLOW_LOG_CAPACITY));
     let enforcement = Arc::new(Enforcement::new(metrics.clone()));
     let policy = Arc::new(ProxyPolicy::new(&config.state_dir));
-    let cache = SharedCache::new(DnsCache::new(CacheLimits {
-        min_ttl: config.dns.min_ttl,
-        max_ips_per_name: config.dns.max_ips_per_name,
-        max_names_per_endpoint: config.dns.max_names_per_endpoint,
-    }));
+    let cache = SharedCache::new(DnsCache::new(warden_enforce::cache_limits(&config.dns)));
     let journal = Arc::new(Journal::open(
         &config.state_dir,
         config.journal_max,
@@ -334,28 +330,7 @@ async fn expire_cache(cache: SharedCache, metrics: Metrics, shutdown: Cancellati
             _ = shutdown.cancelled() => return,
             _ = tick.tick() => {}
         }
-        // In chunks of the lock and off the runtime's workers, as the agent's.
-        let sweeper = cache.clone();
-        let expired = match tokio::task::spawn_blocking(move || sweeper.gc(unix_now())).await {
-            Ok(expired) => expired,
-            Err(error) => {
-                tracing::warn!(%error, "cache sweep panicked");
-                0
-            }
-        };
-        metrics.cache.gc_deletions.inc_by(expired as u64);
-        let (names, ips) = {
-            let cache = cache.lock();
-            (cache.name_count(), cache.ip_count())
-        };
-        metrics
-            .cache
-            .names
-            .set(i64::try_from(names).unwrap_or(i64::MAX));
-        metrics
-            .cache
-            .ips
-            .set(i64::try_from(ips).unwrap_or(i64::MAX));
+        cache.expire(unix_now(), &metrics.cache).await;
     }
 }
 

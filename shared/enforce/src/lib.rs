@@ -9,8 +9,8 @@
 //! toFQDNs grant into map keys, used on the hot path and by the agent's reconciler alike, and
 //! [`datapath_warnings`] says which rules it cannot turn into keys.
 //! [`serving`] registers each process's DNS sockets with the datapath's reuseport selection
-//! and steers the port's queries between them; [`proxy_settings`] reads the shared `dns`
-//! section into the engine's settings.
+//! and steers the port's queries between them; [`proxy_settings`] and [`cache_limits`] read
+//! the shared `dns` section into the engine's settings and the cache's bounds.
 
 #![forbid(unsafe_code)]
 
@@ -21,4 +21,4 @@ mod settings;
 
 pub use directory::{EndpointDirectory, Enforcement};
 pub use keys::{TCP, UDP, datapath_warnings, fqdn_keys};
-pub use settings::{LEAVE_LINGER, proxy_settings};
+pub use settings::{LEAVE_LINGER, cache_limits, proxy_settings};

@@ -13,7 +13,7 @@ use parking_lot::{Mutex, MutexGuard};
 
 use warden_fqdn::{CacheEntry, DnsCache, UnixTime};
 use warden_policy::{DnsName, EndpointId, FqdnGrant, L4Proto, PolicyRepository};
-use warden_telemetry::{FlowLog, Metrics};
+use warden_telemetry::{CacheMetrics, FlowLog, Metrics};
 
 /// The cache key of clients that are no known endpoint.
 pub const UNKNOWN_ENDPOINT: &str = "reserved:unknown";
@@ -146,6 +146,31 @@ impl SharedCache {
                 return removed;
             }
         }
+    }
+
+    /// The once-a-second expiry of both processes: [`gc`](Self::gc) on a blocking thread
+    /// (milliseconds of CPU at a million entries, which the DNS answers on a runtime worker
+    /// would wait out), counted in `metrics`, whose size gauges it brings up to date; returns
+    /// how many IPs went.
+    pub async fn expire(&self, now: UnixTime, metrics: &CacheMetrics) -> usize {
+        let sweeper = self.clone();
+        let expired = match tokio::task::spawn_blocking(move || sweeper.gc(now)).await {
+            Ok(expired) => expired,
+            Err(error) => {
+                tracing::warn!(%error, "cache sweep panicked");
+                0
+            }
+        };
+        metrics
+            .gc_deletions
+            .inc_by(u64::try_from(expired).unwrap_or(u64::MAX));
+        let (names, ips) = {
+            let cache = self.lock();
+            (cache.name_count(), cache.ip_count())
+        };
+        metrics.names.set(crate::engine::gauge(names));
+        metrics.ips.set(crate::engine::gauge(ips));
+        expired
     }
 
     /// Every unexpired entry, in no particular order, copied [`COPY_CHUNK`] pairs per hold

@@ -602,6 +602,7 @@ impl std::fmt::Debug for Hold {
     }
 }
 
-fn gauge(count: usize) -> i64 {
+/// A count as a Prometheus gauge's value.
+pub(crate) fn gauge(count: usize) -> i64 {
     i64::try_from(count).unwrap_or(i64::MAX)
 }
