@@ -63,7 +63,7 @@ impl Reconciler {
                 self.metrics.datapath.errors.with_label_values(&[op]).inc();
                 // The reconciler retries every wanted entry each second: a full map would
                 // otherwise log a line per entry per second.
-                static BUDGET: LogBudget = LogBudget::new(Duration::from_secs(10));
+                static BUDGET: LogBudget = LogBudget::new(LogBudget::INTERVAL);
                 if let Some(held_back) = BUDGET.allow() {
                     tracing::warn!(%error, op, held_back, "datapath update failed");
                 }

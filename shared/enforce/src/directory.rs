@@ -12,10 +12,6 @@ use warden_telemetry::{LogBudget, Metrics};
 
 use crate::keys::{TCP, UDP, fqdn_keys};
 
-/// Warnings that can repeat per query (a failing map) are logged at most this often; the
-/// metrics count every occurrence.
-const LOG_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
-
 /// The node's endpoints as the proxy looks them up: by source address and by enrolled cgroup.
 #[derive(Debug, Clone, Default)]
 pub struct EndpointDirectory {
@@ -147,7 +143,7 @@ impl Enforcement {
             Err(error) => {
                 self.metrics.datapath.errors.with_label_values(&[op]).inc();
                 // Every answer's writes fail alike once a map is full: one line per interval.
-                static BUDGET: LogBudget = LogBudget::new(LOG_INTERVAL);
+                static BUDGET: LogBudget = LogBudget::new(LogBudget::INTERVAL);
                 if let Some(held_back) = BUDGET.allow() {
                     tracing::warn!(%error, op, held_back, "datapath update failed");
                 }
@@ -183,7 +179,7 @@ impl EndpointLookup for Enforcement {
             },
             Ok(None) => by_ip(),
             Err(error) => {
-                static BUDGET: LogBudget = LogBudget::new(LOG_INTERVAL);
+                static BUDGET: LogBudget = LogBudget::new(LogBudget::INTERVAL);
                 if let Some(held_back) = BUDGET.allow() {
                     tracing::warn!(%client, %error, held_back, "cannot read the redirect record");
                 }

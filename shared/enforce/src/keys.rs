@@ -1,5 +1,4 @@
 use std::net::IpAddr;
-use std::time::Duration;
 
 use warden_datapath::FqdnKey;
 use warden_policy::{FqdnGrant, L4Proto, Policy, PortRange};
@@ -33,7 +32,7 @@ pub fn fqdn_keys(grant: &FqdnGrant, ip: IpAddr) -> Vec<FqdnKey> {
             (range.first..=range.last).map(Some).collect()
         } else {
             // A policy's property, met again by every answer it grants: one line per interval.
-            static BUDGET: LogBudget = LogBudget::new(Duration::from_secs(10));
+            static BUDGET: LogBudget = LogBudget::new(LogBudget::INTERVAL);
             if let Some(held_back) = BUDGET.allow() {
                 tracing::error!(
                     first = range.first,

@@ -527,7 +527,7 @@ impl Engine {
             .is_err()
         {
             // A stalled datapath delays every answer alike: one line per interval.
-            static BUDGET: LogBudget = LogBudget::new(Duration::from_secs(10));
+            static BUDGET: LogBudget = LogBudget::new(LogBudget::INTERVAL);
             if let Some(held_back) = BUDGET.allow() {
                 tracing::warn!(
                     name = hold.name.as_str(),

@@ -17,6 +17,10 @@ pub struct LogBudget {
 }
 
 impl LogBudget {
+    /// The interval of Warden's hot-path warnings: often enough to see a problem go on, rare
+    /// enough to cost nothing.
+    pub const INTERVAL: Duration = Duration::from_secs(10);
+
     pub const fn new(interval: Duration) -> LogBudget {
         LogBudget {
             interval_ms: interval.as_millis() as u64,
