@@ -251,14 +251,12 @@ impl DnsCache {
         let added = self.ips.add(ip, pid);
         if added {
             pair.ips.push(IpRec::from_dns(ip, expires_at.0, source));
-        }
-        let (held, emptied) = (pair.ips.len(), pair.ips.is_empty());
-        if added {
+            let held = pair.ips.len();
             self.ip_count += 1;
             self.over_limit |= self.limits.is_over(held);
             self.note_expiry(expires_at.0);
-        }
-        if emptied {
+        } else if pair.ips.is_empty() {
+            // Created for this IP, which the index could not take (ids exhausted).
             self.remove_pair(pid);
         }
         added
