@@ -121,9 +121,10 @@ fn limits() -> CacheLimits {
     }
 }
 
-/// Every hundredth entry expires within the minute, the rest within the hour.
-fn ttl(i: u32) -> u32 {
-    if i.is_multiple_of(100) { 60 } else { 3_600 }
+/// Entry `i`'s TTL when `due_percent` of the entries expire within the minute (spread evenly),
+/// the rest within the hour.
+fn ttl(i: u32, due_percent: u32) -> u32 {
+    if i % 100 < due_percent { 60 } else { 3_600 }
 }
 
 fn ns_per(started: Instant, count: u32) -> f64 {
@@ -194,7 +195,7 @@ pub fn measure(entries: u32) -> CacheCost {
             &endpoints[k % endpoints.len()],
             &names[k],
             &[ip(i)],
-            ttl(i),
+            ttl(i, 1),
         );
     }
     let insert_new_ns = ns_per(started, entries);
@@ -218,7 +219,7 @@ pub fn measure(entries: u32) -> CacheCost {
     for i in 0..probes {
         let k = scatter(i, entries);
         let (e, n) = (&endpoints[k as usize % endpoints.len()], &names[k as usize]);
-        black_box(cache.insert(NOW, e, n, &[ip(k)], ttl(k)));
+        black_box(cache.insert(NOW, e, n, &[ip(k)], ttl(k, 1)));
     }
     let insert_refresh_ns = ns_per(started, probes);
     let started = Instant::now();
@@ -305,8 +306,7 @@ pub fn shared_ip_sweep(cost: &mut CacheCost, names: u32) {
 pub fn mass_expiry(cost: &mut CacheCost, entries: u32, percent: u32) {
     let mut cache = DnsCache::new(limits());
     for i in 0..entries {
-        let ttl = if i % 100 < percent { 60 } else { 3_600 };
-        cache.insert(NOW, &endpoint(i), &name(i), &[ip(i)], ttl);
+        cache.insert(NOW, &endpoint(i), &name(i), &[ip(i)], ttl(i, percent));
     }
     let shared = SharedCache::new(cache);
     cost.mass_expiry_percent = percent;

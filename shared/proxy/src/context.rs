@@ -252,18 +252,31 @@ mod tests {
     use super::*;
     use warden_fqdn::CacheLimits;
 
-    #[test]
-    fn a_chunked_copy_holds_every_entry_of_a_cache_larger_than_a_chunk() {
+    const NOW: UnixTime = UnixTime(1_000);
+
+    /// A cache of `pairs` names of one endpoint, one IP each, name `n` with TTL `ttl(n)`.
+    fn filled(pairs: u32, ttl: impl Fn(u32) -> u32) -> DnsCache {
         let mut cache = DnsCache::new(CacheLimits::UNLIMITED);
-        let now = UnixTime(1_000);
-        let pairs = COPY_CHUNK * 2 + 7;
         for n in 0..pairs {
             let ip = IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 | n));
-            cache.insert(now, "default/test", &format!("n{n}.example."), &[ip], 60);
+            cache.insert(
+                NOW,
+                "default/test",
+                &format!("n{n}.example."),
+                &[ip],
+                ttl(n),
+            );
         }
-        let whole = cache.entries(now);
+        cache
+    }
+
+    #[test]
+    fn a_chunked_copy_holds_every_entry_of_a_cache_larger_than_a_chunk() {
+        let pairs = COPY_CHUNK * 2 + 7;
+        let cache = filled(pairs, |_| 60);
+        let whole = cache.entries(NOW);
         let shared = SharedCache::new(cache);
-        let mut chunked = shared.entries_unordered(now);
+        let mut chunked = shared.entries_unordered(NOW);
         warden_fqdn::sort_entries(&mut chunked);
         assert_eq!(chunked.len(), usize::try_from(pairs).unwrap());
         assert_eq!(chunked, whole);
@@ -271,17 +284,10 @@ mod tests {
 
     #[test]
     fn a_chunked_sweep_removes_every_expired_entry_of_a_cache_larger_than_a_chunk() {
-        let mut cache = DnsCache::new(CacheLimits::UNLIMITED);
-        let now = UnixTime(1_000);
         let pairs = GC_CHUNK * 2 + 7;
-        for n in 0..pairs {
-            let ip = IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 | n));
-            // Every third name outlives the sweep.
-            let ttl = if n % 3 == 0 { 600 } else { 60 };
-            cache.insert(now, "default/test", &format!("n{n}.example."), &[ip], ttl);
-        }
-        let shared = SharedCache::new(cache);
-        let later = UnixTime(now.0 + 60);
+        // Every third name outlives the sweep.
+        let shared = SharedCache::new(filled(pairs, |n| if n % 3 == 0 { 600 } else { 60 }));
+        let later = UnixTime(NOW.0 + 60);
         let expired = pairs - pairs.div_ceil(3);
         assert_eq!(shared.gc(later), usize::try_from(expired).unwrap());
         assert_eq!(
