@@ -649,6 +649,7 @@ impl DnsCache {
     /// Whether `endpoint` holds `max_names_per_endpoint` names (each of its pairs holds one
     /// reference on it).
     fn endpoint_is_full(&self, endpoint: &str) -> bool {
+        // Without a cap, not even the endpoint's lookup.
         self.limits.max_names_per_endpoint != 0
             && self.endpoints.find(endpoint).is_some_and(|ep| {
                 self.limits
