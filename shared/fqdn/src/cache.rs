@@ -1,4 +1,5 @@
 mod interner;
+mod rebuild;
 mod record;
 mod reverse;
 mod slab;
@@ -14,6 +15,8 @@ use crate::{
     SNAPSHOT_VERSION, Source, UnixTime,
 };
 use interner::Interner;
+use rebuild::Rebuild;
+pub use rebuild::Retired;
 use record::{IpList, IpRec};
 use reverse::IpIndex;
 use slab::{NONE, Slab};
@@ -76,6 +79,9 @@ pub struct DnsCache {
     compactions: u64,
     /// The expiry sweep under way in steps ([`gc_step`](Self::gc_step)), if any.
     sweep: Option<Sweep>,
+    /// The compaction under way in steps (the steps of [`gc_step`](Self::gc_step) that follow
+    /// a sweep), if any.
+    rebuild: Option<Box<Rebuild>>,
 }
 
 /// How far an expiry sweep taken in steps has got.
@@ -91,12 +97,16 @@ struct Sweep {
 }
 
 /// What one step of an expiry sweep did.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Debug, Default)]
 pub struct GcStep {
     /// IPs removed (expired, or over `max_ips_per_name`).
     pub removed: usize,
-    /// The sweep went past the last pair (or nothing was due): no step is pending.
+    /// The sweep, and the compaction that may follow it, went past the last pair (or nothing
+    /// was due): no step is pending.
     pub done: bool,
+    /// What a compaction finished by this step replaced: drop it after releasing the lock the
+    /// cache is under.
+    pub retired: Option<Retired>,
 }
 
 impl Default for DnsCache {
@@ -140,6 +150,7 @@ impl DnsCache {
             over_limit: false,
             compactions: 0,
             sweep: None,
+            rebuild: None,
         }
     }
 
@@ -224,6 +235,7 @@ impl DnsCache {
         if self.pairs.get(pid).is_some_and(|p| p.ips.is_empty()) {
             self.remove_pair(pid);
         }
+        self.mirror(pid);
         out
     }
 
@@ -242,6 +254,12 @@ impl DnsCache {
         let Some(pid) = self.pair_for(endpoint, name) else {
             return false;
         };
+        let changed = self.fold_in(pid, ip, expires_at, source);
+        self.mirror(pid);
+        changed
+    }
+
+    fn fold_in(&mut self, pid: u32, ip: IpAddr, expires_at: UnixTime, source: Source) -> bool {
         let Some(pair) = self.pairs.get_mut(pid) else {
             return false;
         };
@@ -324,6 +342,12 @@ impl DnsCache {
                 matched += 1;
             }
         }
+        if self.rebuild.is_some() && matched > 0 {
+            let pairs: Vec<u32> = self.ips.pairs_of(ip).collect();
+            for pid in pairs {
+                self.mirror(pid);
+            }
+        }
         matched
     }
 
@@ -332,12 +356,15 @@ impl DnsCache {
     /// revoke the datapath entries derived from it. One pass over every pair: under a lock the
     /// DNS path waits for, prefer [`gc_step`](Self::gc_step).
     pub fn gc(&mut self, now: UnixTime) -> Vec<Expired> {
+        // A compaction in steps under way is finished first: it renumbers the pairs.
+        drop(self.rebuild_step(u32::MAX));
         // A whole sweep covers every pair at this `now`, so one under way starts over.
         if let Some(sweep) = self.sweep.take() {
             self.over_limit |= sweep.enforce;
         }
         let mut removed = Vec::new();
         self.sweep_step(now, u32::MAX, Some(&mut removed));
+        self.compact_if_sparse();
         removed.sort_unstable();
         removed
     }
@@ -346,8 +373,26 @@ impl DnsCache {
     /// released in between) until [`GcStep::done`]. A pair added or refreshed between steps is
     /// accounted for, whichever side of the sweep it lands on: what it holds expires no
     /// later than the next sweep after its TTL. Returns at once when nothing is due.
+    ///
+    /// A sweep that leaves the cache mostly vacant goes on into a compaction, also in steps
+    /// of `pairs` pairs (each copied pair costing about what an expiring one does), during
+    /// which the cache answers and changes as usual; the step that finishes it hands back
+    /// the replaced structures ([`GcStep::retired`]), to be dropped after the lock.
     pub fn gc_step(&mut self, now: UnixTime, pairs: u32) -> GcStep {
-        self.sweep_step(now, pairs, None)
+        if self.rebuild.is_some() {
+            let (done, retired) = self.rebuild_step(pairs);
+            return GcStep {
+                removed: 0,
+                done,
+                retired,
+            };
+        }
+        let mut step = self.sweep_step(now, pairs, None);
+        if step.done && self.is_sparse() {
+            self.start_rebuild();
+            step.done = false;
+        }
+        step
     }
 
     fn sweep_step(
@@ -363,6 +408,7 @@ impl DnsCache {
                 return GcStep {
                     removed: 0,
                     done: true,
+                    retired: None,
                 };
             }
             None => Sweep {
@@ -411,6 +457,8 @@ impl DnsCache {
             }
             if emptied {
                 self.remove_pair(pid);
+            } else {
+                self.mirror(pid);
             }
         }
         // Together: an IP shared by many expiring names is then walked once, not once each.
@@ -421,13 +469,14 @@ impl DnsCache {
             return GcStep {
                 removed,
                 done: false,
+                retired: None,
             };
         }
         self.next_expiry = sweep.soonest;
-        self.compact_if_sparse();
         GcStep {
             removed,
             done: true,
+            retired: None,
         }
     }
 
@@ -586,7 +635,8 @@ impl DnsCache {
     /// Estimated heap bytes held, allocator overhead included. Walks every entry (O(n)).
     pub fn approx_heap_bytes(&self) -> usize {
         let lists: usize = self.pairs.iter().map(|(_, p)| p.ips.heap_bytes()).sum();
-        self.endpoints.heap_bytes()
+        self.rebuild.as_deref().map_or(0, Rebuild::heap_bytes)
+            + self.endpoints.heap_bytes()
             + self.names.heap_bytes()
             + self.pairs.heap_bytes()
             + self.pair_table.allocation_size()
@@ -681,6 +731,7 @@ impl DnsCache {
         }
         self.names.release(pair.name);
         self.endpoints.release(pair.endpoint);
+        self.mirror(pid);
         recs
     }
 
@@ -737,46 +788,45 @@ impl DnsCache {
 
     /// Rebuilds everything at its live size once a structure is mostly vacant, so a burst
     /// (or a long churn) does not pin its peak memory. Amortized O(1): at least three
-    /// quarters of the entries went away since the structure last had this size.
+    /// quarters of the entries went away since the structure last had this size. This one
+    /// rebuilds in one go, for callers that hold no lock the DNS answers wait for (it replaces
+    /// a compaction in steps under way, see [`gc_step`](Self::gc_step)).
     fn compact_if_sparse(&mut self) {
-        let sparse = self.pairs.is_sparse(COMPACT_MIN_SLOTS)
-            || self.names.is_sparse(COMPACT_MIN_SLOTS)
-            || self.endpoints.is_sparse(COMPACT_MIN_SLOTS)
-            || self.ips.is_sparse(COMPACT_MIN_SLOTS)
-            || (self.pair_table.capacity() >= COMPACT_MIN_SLOTS
-                && self.pair_table.len() * 4 < self.pair_table.capacity());
-        if sparse {
+        if self.is_sparse() {
             let compactions = self.compactions + 1;
             *self = self.compacted();
             self.compactions = compactions;
         }
     }
 
-    fn compacted(&self) -> DnsCache {
-        let mut fresh = DnsCache::with_capacity(
+    fn is_sparse(&self) -> bool {
+        self.pairs.is_sparse(COMPACT_MIN_SLOTS)
+            || self.names.is_sparse(COMPACT_MIN_SLOTS)
+            || self.endpoints.is_sparse(COMPACT_MIN_SLOTS)
+            || self.ips.is_sparse(COMPACT_MIN_SLOTS)
+            || (self.pair_table.capacity() >= COMPACT_MIN_SLOTS
+                && self.pair_table.len() * 4 < self.pair_table.capacity())
+    }
+
+    /// An empty cache with the same limits, sized for what this one holds.
+    fn empty_sized_alike(&self) -> DnsCache {
+        DnsCache::with_capacity(
             self.limits,
             self.endpoints.len(),
             self.names.len(),
             self.pairs.len(),
             self.ips.len(),
-        );
+        )
+    }
+
+    fn compacted(&self) -> DnsCache {
+        let mut fresh = self.empty_sized_alike();
         for (_, pair) in self.pairs.iter() {
-            let endpoint = self.endpoints.text(pair.endpoint);
-            let name = self.names.text(pair.name);
-            let Some(pid) = fresh.pair_for(endpoint, name) else {
-                continue;
-            };
-            let mut ips = pair.ips.clone();
-            // Only fails if ids ran out, which a smaller rebuild cannot hit; drop rather than
-            // index inconsistently.
-            ips.extract(|r| !fresh.ips.add(r.ip(), pid));
-            fresh.ip_count += ips.len();
-            match fresh.pairs.get_mut(pid) {
-                Some(p) if !ips.is_empty() => p.ips = ips,
-                _ => {
-                    fresh.remove_pair(pid);
-                }
-            }
+            fresh.put_pair(
+                self.endpoints.text(pair.endpoint),
+                self.names.text(pair.name),
+                &pair.ips,
+            );
         }
         // A sweep under way is dropped (the pairs are renumbered); the next starts over, and
         // `next_expiry` is still no later than anything held, as a sweep only raises it at its end.
@@ -1952,19 +2002,179 @@ mod tests {
         c.assert_consistent();
     }
 
+    /// Every record of every pair, raw (keep-alive and source included), by (endpoint, name).
+    fn records(c: &DnsCache) -> BTreeMap<(String, String), Vec<IpRec>> {
+        c.pairs
+            .iter()
+            .map(|(_, pair)| {
+                let mut recs = pair.ips.as_slice().to_vec();
+                recs.sort_unstable_by_key(IpRec::ip);
+                let key = (
+                    c.endpoints.text(pair.endpoint).to_owned(),
+                    c.names.text(pair.name).to_owned(),
+                );
+                (key, recs)
+            })
+            .collect()
+    }
+
+    /// Panics naming the first (endpoint, name) whose records differ, if any.
+    fn assert_same_records(a: &DnsCache, b: &DnsCache, context: &str) {
+        let (a, b) = (records(a), records(b));
+        for key in a.keys().chain(b.keys()) {
+            assert_eq!(a.get(key), b.get(key), "{context}: {key:?}");
+        }
+    }
+
+    /// 3,000 names over three endpoints, 80% of them expiring at 105, IPs shared in threes.
+    fn mostly_expiring() -> DnsCache {
+        let mut c = DnsCache::default();
+        for i in 0..3_000u32 {
+            let ttl = if i % 5 == 0 { 3_600 } else { 5 };
+            let ep = ENDPOINTS[(i % 3) as usize];
+            c.insert(t(100), ep, &format!("m{i}.example."), &[ip4(i / 3)], ttl);
+        }
+        c
+    }
+
+    /// One change between two steps, the same to both caches: answers for names held (below
+    /// and past the compaction's cursor) and new ones, peer records, keep-alives, cap changes
+    /// and now and then a removal.
+    fn change_both(rng: &mut Rng, round: u64, caches: [&mut DnsCache; 2]) {
+        let i = rng.below(3_200) as u32;
+        let ep = ENDPOINTS[(i % 3) as usize];
+        let name = format!("m{i}.example.");
+        let ip = ip4(rng.below(1_500) as u32);
+        let kind = rng.below(20);
+        let ttl = 1 + rng.below(20) as u32;
+        let cap = rng.below(4) as usize;
+        for c in caches {
+            match kind {
+                0..8 => {
+                    c.insert(t(110), ep, &name, &[ip], ttl);
+                }
+                8..12 => {
+                    c.insert_entry(ep, &name, ip, t(110 + u64::from(ttl)), Source::Restored);
+                }
+                12..16 => {
+                    c.keep_alive(ep, ip, t(115 + round % 7));
+                }
+                16..18 => c.set_limits(limits(0, cap)),
+                18 => {
+                    c.remove_matching(|_, n| n == name);
+                }
+                _ => {
+                    c.insert(t(110), ep, &name, &[ip, ip4(2_000 + i)], ttl);
+                }
+            }
+        }
+    }
+
+    /// A sweep that leaves the cache mostly vacant goes on into a compaction in steps; the
+    /// cache answers and changes as usual meanwhile, and the compacted cache that takes its
+    /// place holds exactly what a cache compacted in one go holds after the same changes.
+    #[test]
+    fn a_compaction_in_steps_keeps_every_change_made_meanwhile() {
+        for seed in 0..12 {
+            let mut whole = mostly_expiring();
+            let mut stepped = whole.clone();
+            let mut rng = Rng(seed + 9_000);
+            let compactions = stepped.compactions();
+            let removed_whole = whole.gc(t(110)).len();
+            let mut removed_stepped = 0;
+            let mut rebuilding_steps = 0;
+            let mut retired = 0;
+            for round in 0.. {
+                let step = stepped.gc_step(t(110), 1 + rng.below(200) as u32);
+                removed_stepped += step.removed;
+                retired += usize::from(step.retired.is_some());
+                if step.done {
+                    break;
+                }
+                // Changes during the sweep itself are another test's: a keep-alive, say,
+                // saves an expired IP the sweep has yet to reach.
+                if stepped.rebuild.is_some() {
+                    rebuilding_steps += 1;
+                    // While compacting, the cache is the one answering: check it as it stands.
+                    assert_same_records(&stepped, &whole, &format!("seed {seed}"));
+                    change_both(&mut rng, round, [&mut whole, &mut stepped]);
+                    if stepped.rebuild.is_none() {
+                        // A removal compacted the (vacant) cache in one go instead.
+                        break;
+                    }
+                }
+            }
+            assert_eq!(removed_stepped, removed_whole, "seed {seed}: removed");
+            assert!(rebuilding_steps > 0, "seed {seed}: compacted in steps");
+            assert!(stepped.compactions() > compactions, "seed {seed}");
+            assert!(stepped.rebuild.is_none());
+            assert!(retired <= 1, "seed {seed}: retired {retired} times");
+            assert_same_records(&stepped, &whole, &format!("seed {seed}"));
+            assert_eq!(stepped.ip_count(), whole.ip_count(), "seed {seed}");
+            assert!(!stepped.is_sparse(), "seed {seed}: still sparse");
+            stepped.assert_consistent();
+            whole.assert_consistent();
+            // The bookkeeping of the next expiry came through: later sweeps agree.
+            for later in 111..=140 {
+                let whole_later = whole.gc(t(later)).len();
+                let mut stepped_later = 0;
+                while !{
+                    let step = stepped.gc_step(t(later), 64);
+                    stepped_later += step.removed;
+                    step.done
+                } {}
+                assert_eq!(stepped_later, whole_later, "seed {seed}: sweep at {later}");
+                assert_same_records(&stepped, &whole, &format!("seed {seed} at {later}"));
+                stepped.assert_consistent();
+            }
+        }
+    }
+
+    /// Pairs removed behind the compaction's cursor leave the copy, and new pairs in their
+    /// reused slots enter it.
+    #[test]
+    fn a_compaction_in_steps_follows_removals_and_reused_slots() {
+        let mut reference = mostly_expiring();
+        let mut c = reference.clone();
+        c.start_rebuild();
+        for _ in 0..10 {
+            assert!(!c.gc_step(t(100), 100).done);
+        }
+        for cache in [&mut reference, &mut c] {
+            let gone = cache.remove_matching(|_, name| name.starts_with("m1"));
+            assert!(!gone.is_empty());
+            for i in 0..300 {
+                cache.insert(t(100), "ns/d", &format!("late{i}."), &[ip4(i)], 60);
+            }
+            cache.keep_alive("ns/d", ip4(7), t(1_000));
+        }
+        assert!(c.rebuild.is_some(), "no compaction in one go: not sparse");
+        assert_same_records(&c, &reference, "reference");
+        let mut retired = None;
+        while retired.is_none() {
+            let step = c.gc_step(t(100), 100);
+            retired = step.retired;
+            assert_eq!(step.done, retired.is_some());
+        }
+        assert!(c.rebuild.is_none());
+        assert_same_records(&c, &reference, "reference");
+        assert_eq!(c.ip_count(), reference.ip_count());
+        assert_eq!(
+            c.pair_id_bound() as usize,
+            c.name_count(),
+            "densely numbered"
+        );
+        c.assert_consistent();
+    }
+
     #[test]
     fn a_step_returns_at_once_when_nothing_is_due() {
         let mut c = DnsCache::default();
         for i in 0..100 {
             c.insert(t(100), EP, &format!("n{i}.example."), &[ip4(i)], 30);
         }
-        assert_eq!(
-            c.gc_step(t(129), 1),
-            GcStep {
-                removed: 0,
-                done: true
-            }
-        );
+        let step = c.gc_step(t(129), 1);
+        assert_eq!((step.removed, step.done), (0, true));
         let mut steps = 0;
         let mut removed = 0;
         loop {

@@ -14,7 +14,7 @@
 #![forbid(unsafe_code)]
 
 mod cache;
-pub use cache::{DnsCache, GcStep, sort_entries};
+pub use cache::{DnsCache, GcStep, Retired, sort_entries};
 
 mod entry;
 pub use entry::{CacheEntry, CachedIp, Expired, InsertOutcome, Source};
