@@ -213,8 +213,9 @@ impl SharedCache {
 /// Pairs copied per hold of the cache's lock: well under a millisecond of work.
 pub const COPY_CHUNK: u32 = 1024;
 /// Pairs swept for expiry per hold of the cache's lock: about 20 µs when few of them are
-/// due; when all are (a mass expiry, each removal freeing strings and table slots) still
-/// under a millisecond (`make bench`: 0.65 ms at p99 for 100,000 names on one IP).
+/// due. A hold stops after a quarter as many removals (each frees strings and table slots),
+/// about 0.2 ms when most of a million entries expire at once; the compaction that may follow
+/// copies this many pairs per hold (`make bench`, part 3).
 pub const GC_CHUNK: u32 = 1024;
 /// Chunked copies a compaction may restart before one is taken in a single hold.
 const COPY_ATTEMPTS: usize = 3;
