@@ -1034,8 +1034,8 @@ mod tests {
     #[test]
     fn layout_stays_compact() {
         assert_eq!(size_of::<Pair>(), 48);
-        assert_eq!(size_of::<Option<Pair>>(), 48);
-        assert_eq!(size_of::<Option<interner::Sym>>(), 24);
+        assert_eq!(slab::slot_bytes::<Pair>(), 48);
+        assert_eq!(slab::slot_bytes::<interner::Sym>(), 24);
     }
 
     #[test]

@@ -260,7 +260,7 @@ mod tests {
     #[test]
     fn node_is_compact() {
         assert_eq!(size_of::<IpNode>(), 32);
-        assert_eq!(size_of::<Option<IpNode>>(), 32);
+        assert_eq!(super::super::slab::slot_bytes::<IpNode>(), 32);
     }
 
     #[test]
