@@ -330,6 +330,8 @@ impl DnsCache {
             return 0;
         };
         let mut matched = 0;
+        // Only while compacting: the pairs whose record changed, to copy again.
+        let mut changed = Vec::new();
         for pid in self.ips.pairs_of(ip) {
             let Some(pair) = self.pairs.get_mut(pid) else {
                 continue;
@@ -338,15 +340,14 @@ impl DnsCache {
                 continue;
             }
             if let Some(rec) = pair.ips.find_mut(ip) {
-                rec.extend_alive(until.0);
+                if rec.extend_alive(until.0) && self.rebuild.is_some() {
+                    changed.push(pid);
+                }
                 matched += 1;
             }
         }
-        if self.rebuild.is_some() && matched > 0 {
-            let pairs: Vec<u32> = self.ips.pairs_of(ip).collect();
-            for pid in pairs {
-                self.mirror(pid);
-            }
+        for pid in changed {
+            self.mirror(pid);
         }
         matched
     }
@@ -356,8 +357,9 @@ impl DnsCache {
     /// revoke the datapath entries derived from it. One pass over every pair: under a lock the
     /// DNS path waits for, prefer [`gc_step`](Self::gc_step).
     pub fn gc(&mut self, now: UnixTime) -> Vec<Expired> {
-        // A compaction in steps under way is finished first: it renumbers the pairs.
-        drop(self.rebuild_step(u32::MAX));
+        // A compaction in steps under way is dropped: the cache it copies is still whole, and
+        // this sweep compacts in one go if it leaves the cache sparse.
+        self.rebuild = None;
         // A whole sweep covers every pair at this `now`, so one under way starts over.
         if let Some(sweep) = self.sweep.take() {
             self.over_limit |= sweep.enforce;
@@ -374,10 +376,13 @@ impl DnsCache {
     /// accounted for, whichever side of the sweep it lands on: what it holds expires no
     /// later than the next sweep after its TTL. Returns at once when nothing is due.
     ///
-    /// A sweep that leaves the cache mostly vacant goes on into a compaction, also in steps
-    /// of `pairs` pairs (each copied pair costing about what an expiring one does), during
-    /// which the cache answers and changes as usual; the step that finishes it hands back
-    /// the replaced structures ([`GcStep::retired`]), to be dropped after the lock.
+    /// A step ends early once `pairs / 4` IPs were removed. A sweep that leaves the cache
+    /// mostly vacant (or a call that finds it so, after [`remove_matching`]) goes on into a
+    /// compaction, also in steps of `pairs` pairs (a copied pair costs less than an expiring
+    /// one), during which the cache answers and changes as usual; the step that finishes it
+    /// hands back the replaced structures ([`GcStep::retired`]), to be dropped after the lock.
+    ///
+    /// [`remove_matching`]: Self::remove_matching
     pub fn gc_step(&mut self, now: UnixTime, pairs: u32) -> GcStep {
         if self.rebuild.is_some() {
             let (done, retired) = self.rebuild_step(pairs);
@@ -407,6 +412,9 @@ impl DnsCache {
         removals: usize,
         mut report: Option<&mut Vec<Expired>>,
     ) -> GcStep {
+        // Never with a compaction under way (`gc_step` goes on with it, `gc` drops it), so the
+        // changes below need no mirroring into its copy.
+        debug_assert!(self.rebuild.is_none(), "sweep during a compaction");
         let now = now.0;
         let mut sweep = match self.sweep.take() {
             Some(sweep) => sweep,
@@ -466,8 +474,6 @@ impl DnsCache {
             }
             if emptied {
                 self.remove_pair(pid);
-            } else {
-                self.mirror(pid);
             }
         }
         // Together: an IP shared by many expiring names is then walked once, not once each.
@@ -498,7 +504,9 @@ impl DnsCache {
     }
 
     /// Removes every (endpoint, name) for which `filter` returns true, expired or not (e.g.
-    /// `warden fqdn cache clean`); returns the removed IPs like [`gc`](Self::gc).
+    /// `warden fqdn cache clean`); returns the removed IPs like [`gc`](Self::gc). A cache left
+    /// mostly vacant is compacted by the next [`gc_step`](Self::gc_step) or [`gc`](Self::gc):
+    /// callers hold the lock the DNS answers wait for.
     pub fn remove_matching(&mut self, mut filter: impl FnMut(&str, &str) -> bool) -> Vec<Expired> {
         let doomed: Vec<u32> = self
             .pairs
@@ -521,7 +529,6 @@ impl DnsCache {
                 });
             }
         }
-        self.compact_if_sparse();
         removed.sort_unstable();
         removed
     }
@@ -798,8 +805,7 @@ impl DnsCache {
     /// Rebuilds everything at its live size once a structure is mostly vacant, so a burst
     /// (or a long churn) does not pin its peak memory. Amortized O(1): at least three
     /// quarters of the entries went away since the structure last had this size. This one
-    /// rebuilds in one go, for callers that hold no lock the DNS answers wait for (it replaces
-    /// a compaction in steps under way, see [`gc_step`](Self::gc_step)).
+    /// rebuilds in one go, for [`gc`](Self::gc); [`gc_step`](Self::gc_step) takes it in steps.
     fn compact_if_sparse(&mut self) {
         if self.is_sparse() {
             let compactions = self.compactions + 1;
@@ -817,19 +823,20 @@ impl DnsCache {
                 && self.pair_table.len() * 4 < self.pair_table.capacity())
     }
 
-    /// An empty cache with the same limits, sized for what this one holds.
-    fn empty_sized_alike(&self) -> DnsCache {
+    /// An empty cache with the same limits, sized for `room(n)` of each of the `n` things this
+    /// one holds.
+    fn empty_sized_for(&self, room: impl Fn(usize) -> usize) -> DnsCache {
         DnsCache::with_capacity(
             self.limits,
-            self.endpoints.len(),
-            self.names.len(),
-            self.pairs.len(),
-            self.ips.len(),
+            room(self.endpoints.len()),
+            room(self.names.len()),
+            room(self.pairs.len()),
+            room(self.ips.len()),
         )
     }
 
     fn compacted(&self) -> DnsCache {
-        let mut fresh = self.empty_sized_alike();
+        let mut fresh = self.empty_sized_for(|held| held);
         for (_, pair) in self.pairs.iter() {
             fresh.put_pair(
                 self.endpoints.text(pair.endpoint),
@@ -896,25 +903,17 @@ impl DnsCache {
         assert_eq!(actual, expected, "reverse index disagrees with the pairs");
         assert_eq!(triples, self.ip_count);
         assert_eq!(self.pair_table.len(), self.pairs.len());
-        let mut distinct_names: Vec<&str> = self
-            .pairs
-            .iter()
-            .map(|(_, p)| self.names.text(p.name))
-            .collect();
-        distinct_names.sort_unstable();
-        distinct_names.dedup();
+        let mut pairs_by_name: std::collections::HashMap<&str, usize> = Default::default();
+        for (_, pair) in self.pairs.iter() {
+            *pairs_by_name.entry(self.names.text(pair.name)).or_default() += 1;
+        }
         assert_eq!(
             self.names.len(),
-            distinct_names.len(),
+            pairs_by_name.len(),
             "leaked or lost names"
         );
-        for name in distinct_names {
+        for (name, actual) in pairs_by_name {
             let listed = self.pairs_of_name(name).count();
-            let actual = self
-                .pairs
-                .iter()
-                .filter(|(_, p)| self.names.text(p.name) == name)
-                .count();
             assert_eq!(listed, actual, "name list of {name}");
         }
         let mut distinct_eps: Vec<u32> = self.pairs.iter().map(|(_, p)| p.endpoint).collect();
@@ -1979,10 +1978,11 @@ mod tests {
         }
     }
 
-    /// A compaction renumbers the pairs under a sweep in steps: the sweep starts over, still
-    /// trimming names over a lowered cap.
+    /// A removal between two steps of a sweep leaves the cache mostly vacant: the sweep goes
+    /// on, still trimming names over a lowered cap, and the compaction follows it in steps
+    /// rather than in the removal's hold.
     #[test]
-    fn a_compaction_between_steps_keeps_the_trim_to_do() {
+    fn a_removal_between_steps_leaves_the_trim_and_the_compaction_to_the_sweep() {
         let mut c = DnsCache::default();
         for i in 0..4_000 {
             c.insert(
@@ -2001,18 +2001,21 @@ mod tests {
         );
         let compactions = c.compactions();
         c.remove_matching(|_, name| !name.starts_with("n1"));
-        assert!(
-            c.compactions() > compactions,
-            "the removal compacted the cache"
-        );
-        let mut removed = 0;
+        assert_eq!(c.compactions(), compactions, "not in the removal's hold");
+        assert!(c.is_sparse());
+        let (mut removed, mut compacting_steps) = (0, 0);
         while !{
             let step = c.gc_step(t(101), 100);
             removed += step.removed;
+            compacting_steps += usize::from(c.rebuild.is_some());
+            c.assert_copy_matches();
             step.done
         } {}
         assert!(removed > 0);
+        assert!(compacting_steps > 1, "compacted in steps");
+        assert_eq!(c.compactions(), compactions + 1);
         assert_eq!(c.ip_count(), c.name_count(), "one IP per name left");
+        assert!(!c.is_sparse());
         c.assert_consistent();
     }
 
@@ -2030,6 +2033,52 @@ mod tests {
                 (key, recs)
             })
             .collect()
+    }
+
+    /// Pairs added faster than a step copies still let the compaction finish: a step copies
+    /// what was added since the last one on top of its own pairs.
+    #[test]
+    fn a_compaction_finishes_while_pairs_are_added_faster_than_steps_copy() {
+        let mut c = mostly_expiring();
+        let mut reference = c.clone();
+        c.start_rebuild();
+        let mut added = 0;
+        for steps in 1.. {
+            for cache in [&mut c, &mut reference] {
+                for i in added..added + 40 {
+                    let name = format!("flood{i}.example.");
+                    cache.insert(t(100), "ns/d", &name, &[ip4(10_000 + i)], 60);
+                }
+            }
+            added += 40;
+            if c.gc_step(t(100), 16).done {
+                break;
+            }
+            if steps % 16 == 0 {
+                c.assert_copy_matches();
+            }
+            assert!(steps < 1_000, "the compaction does not finish");
+        }
+        assert_same_records(&c, &reference, "flood");
+        c.assert_consistent();
+    }
+
+    /// A whole sweep drops a compaction in steps under way (the cache it copies is whole) and
+    /// compacts in one go.
+    #[test]
+    fn a_whole_gc_drops_a_compaction_under_way() {
+        let mut reference = mostly_expiring();
+        let mut c = reference.clone();
+        c.start_rebuild();
+        for _ in 0..5 {
+            c.gc_step(t(100), 100);
+        }
+        assert!(c.rebuild.is_some());
+        assert_eq!(c.gc(t(110)), reference.gc(t(110)));
+        assert!(c.rebuild.is_none());
+        assert_eq!(c.compactions(), reference.compactions());
+        assert_same_records(&c, &reference, "after gc");
+        c.assert_consistent();
     }
 
     /// Panics naming the first (endpoint, name) whose records differ, if any.
@@ -2112,14 +2161,11 @@ mod tests {
                     // While compacting, the cache is the one answering: check it as it stands.
                     assert_same_records(&stepped, &whole, &format!("seed {seed}"));
                     change_both(&mut rng, round, [&mut whole, &mut stepped]);
-                    if stepped.rebuild.is_none() {
-                        // A removal compacted the (vacant) cache in one go instead.
-                        break;
-                    }
+                    stepped.assert_copy_matches();
                 }
             }
             assert_eq!(removed_stepped, removed_whole, "seed {seed}: removed");
-            assert!(rebuilding_steps > 0, "seed {seed}: compacted in steps");
+            assert!(rebuilding_steps > 1, "seed {seed}: compacted in steps");
             assert!(stepped.compactions() > compactions, "seed {seed}");
             assert!(stepped.rebuild.is_none());
             assert!(retired <= 1, "seed {seed}: retired {retired} times");
@@ -2144,8 +2190,8 @@ mod tests {
         }
     }
 
-    /// Pairs removed behind the compaction's cursor leave the copy, and new pairs in their
-    /// reused slots enter it.
+    /// Pairs removed behind the compaction's cursor leave the copy, new pairs in their reused
+    /// slots enter it, and keep-alives reach it.
     #[test]
     fn a_compaction_in_steps_follows_removals_and_reused_slots() {
         let mut reference = mostly_expiring();
@@ -2154,15 +2200,26 @@ mod tests {
         for _ in 0..10 {
             assert!(!c.gc_step(t(100), 100).done);
         }
+        let behind_the_cursor = |name: &str| {
+            name.strip_prefix('m')
+                .and_then(|n| n.strip_suffix(".example."))
+                .and_then(|n| n.parse::<u32>().ok())
+                .is_some_and(|n| n < 500)
+        };
         for cache in [&mut reference, &mut c] {
-            let gone = cache.remove_matching(|_, name| name.starts_with("m1"));
-            assert!(!gone.is_empty());
+            // m0 to m499 are pairs 0 to 499; the cursor is at 1,000.
+            let gone = cache.remove_matching(|_, name| behind_the_cursor(name));
+            assert_eq!(gone.len(), 500);
+            // Into the vacated slots.
             for i in 0..300 {
                 cache.insert(t(100), "ns/d", &format!("late{i}."), &[ip4(i)], 60);
             }
-            cache.keep_alive("ns/d", ip4(7), t(1_000));
+            assert_eq!(cache.keep_alive("ns/d", ip4(7), t(1_000)), 1);
+            // m601's IP, which m600 and m602 share under other endpoints.
+            assert_eq!(cache.keep_alive("ns/b", ip4(200), t(1_000)), 1);
         }
-        assert!(c.rebuild.is_some(), "no compaction in one go: not sparse");
+        c.assert_copy_matches();
+        assert!(c.rebuild.is_some(), "the removal compacted nothing itself");
         assert_same_records(&c, &reference, "reference");
         let mut retired = None;
         while retired.is_none() {

@@ -3,8 +3,10 @@
 //! lock the DNS answers wait for; so the compacted copy is built a chunk of pairs per step
 //! while the cache stays in use, and takes its place once complete.
 
+use std::net::IpAddr;
+
 use super::slab::NONE;
-use super::{DnsCache, IpList};
+use super::{DnsCache, IpList, IpRec};
 
 /// A compacted copy of the cache under construction. The cache stays authoritative
 /// throughout: pairs are copied in id order, a chunk per step, and a change to a pair already
@@ -19,6 +21,9 @@ pub(super) struct Rebuild {
     /// By pair id in the cache, below the cursor: the pair's id in the copy, or `NONE` (a
     /// vacant slot, or a pair removed since).
     copied: Vec<u32>,
+    /// The cache's pair id bound at the last step: what it grew by since is copied on top of
+    /// a step's pairs, so that the cursor gains on the bound however fast pairs are added.
+    bound_seen: u32,
 }
 
 /// The structures a finished compaction replaced, handed back so that they are freed after
@@ -30,16 +35,20 @@ pub struct Retired {
 
 impl DnsCache {
     /// Starts a compaction in steps (see [`rebuild_step`](Self::rebuild_step)), sized for what
-    /// the cache holds now.
+    /// the cache holds now and a quarter more: growing the copy's tables while it is built
+    /// would rehash them inside one step.
     pub(super) fn start_rebuild(&mut self) {
+        let bound = self.pairs.id_bound();
         self.rebuild = Some(Box::new(Rebuild {
-            fresh: self.empty_sized_alike(),
+            fresh: self.empty_sized_for(|held| held + held / 4),
             cursor: 0,
-            copied: Vec::new(),
+            copied: Vec::with_capacity(bound as usize),
+            bound_seen: bound,
         }));
     }
 
-    /// Copies up to `pairs` more pairs (at least one) of a compaction under way. Once all are
+    /// Copies up to `pairs` more pairs (at least one), and as many again as were added since the
+    /// last step, of a compaction under way. Once all are
     /// copied the copy becomes the cache: returns `true` then (or when no compaction is under
     /// way) with the replaced structures.
     pub(super) fn rebuild_step(&mut self, pairs: u32) -> (bool, Option<Retired>) {
@@ -47,8 +56,13 @@ impl DnsCache {
         let Some(rebuild) = self.rebuild.as_deref_mut() else {
             return (true, None);
         };
+        let grown = bound.saturating_sub(rebuild.bound_seen);
+        rebuild.bound_seen = bound;
         let from = rebuild.cursor;
-        let to = from.saturating_add(pairs.max(1)).min(bound);
+        let to = from
+            .saturating_add(pairs.max(1))
+            .saturating_add(grown)
+            .min(bound);
         if rebuild.copied.len() < to as usize {
             rebuild.copied.resize(to as usize, NONE);
         }
@@ -136,16 +150,37 @@ impl DnsCache {
         let Some(pair) = self.pairs.get_mut(pid) else {
             return false;
         };
+        // The common case, a refresh: the same IPs in the same order, new expiries.
+        let same_ips = pair.ips.len() == ips.len()
+            && pair
+                .ips
+                .as_slice()
+                .iter()
+                .zip(ips.as_slice())
+                .all(|(held, new)| held.ip() == new.ip());
+        if same_ips {
+            pair.ips = ips.clone();
+            return true;
+        }
         let old = std::mem::replace(&mut pair.ips, IpList::Many(Vec::new()));
-        for rec in old.as_slice() {
-            if ips.find(rec.ip()).is_none() {
-                self.ips.remove(rec.ip(), pid);
+        // Sorted, so that a name with a thousand IPs costs n log n here, not n².
+        let sorted = |list: &IpList| {
+            let mut ips: Vec<IpAddr> = list.as_slice().iter().map(IpRec::ip).collect();
+            ips.sort_unstable();
+            ips
+        };
+        let (before, after) = (sorted(&old), sorted(ips));
+        for ip in &before {
+            if after.binary_search(ip).is_err() {
+                self.ips.remove(*ip, pid);
             }
         }
         self.ip_count = self.ip_count.saturating_sub(old.len());
         let mut list = ips.clone();
         // Only fails if ids ran out; drop rather than index inconsistently.
-        list.extract(|rec| old.find(rec.ip()).is_none() && !self.ips.add(rec.ip(), pid));
+        list.extract(|rec| {
+            before.binary_search(&rec.ip()).is_err() && !self.ips.add(rec.ip(), pid)
+        });
         self.ip_count += list.len();
         match self.pairs.get_mut(pid) {
             Some(pair) if !list.is_empty() => {
@@ -163,5 +198,48 @@ impl DnsCache {
 impl Rebuild {
     pub(super) fn heap_bytes(&self) -> usize {
         self.fresh.approx_heap_bytes() + self.copied.capacity() * size_of::<u32>()
+    }
+}
+
+#[cfg(test)]
+impl DnsCache {
+    /// Panics unless the copy of a compaction under way holds exactly the cache's pairs below
+    /// the cursor, record for record, and is consistent in itself.
+    pub(super) fn assert_copy_matches(&self) {
+        let Some(rebuild) = self.rebuild.as_deref() else {
+            return;
+        };
+        let mut fresh = rebuild.fresh.clone();
+        // Set when the copy takes over, not while it is built.
+        fresh.next_expiry = 0;
+        fresh.assert_consistent();
+        let records = |list: &IpList| {
+            let mut recs = list.as_slice().to_vec();
+            recs.sort_unstable_by_key(IpRec::ip);
+            recs
+        };
+        let mut below = 0;
+        for (pid, pair) in self.pairs.iter().filter(|&(pid, _)| pid < rebuild.cursor) {
+            below += 1;
+            let endpoint = self.endpoints.text(pair.endpoint);
+            let name = self.names.text(pair.name);
+            let copy = fresh.find_pair(endpoint, name);
+            assert_eq!(
+                rebuild.copied.get(pid as usize).copied(),
+                copy,
+                "copy of pair {pid} ({endpoint}, {name})"
+            );
+            let copied = copy.and_then(|id| fresh.pairs.get(id)).map(|p| &p.ips);
+            assert_eq!(
+                copied.map(records),
+                Some(records(&pair.ips)),
+                "records of ({endpoint}, {name})"
+            );
+        }
+        assert_eq!(
+            fresh.name_count(),
+            below,
+            "the copy holds pairs the cache does not"
+        );
     }
 }
