@@ -2063,6 +2063,25 @@ mod tests {
         c.assert_consistent();
     }
 
+    /// Copying nothing leaves nothing: no empty pair is kept, whether new or held.
+    #[test]
+    fn putting_no_records_keeps_no_pair() {
+        let mut c = DnsCache::default();
+        assert_eq!(
+            c.put_pair(EP, "a.example.", &IpList::Many(Vec::new())),
+            NONE
+        );
+        assert!(c.is_empty());
+        c.insert(t(100), EP, "a.example.", &[ip4(1)], 60);
+        assert_eq!(
+            c.put_pair(EP, "a.example.", &IpList::Many(Vec::new())),
+            NONE
+        );
+        assert!(c.is_empty());
+        assert_eq!(c.ip_count(), 0);
+        c.assert_consistent();
+    }
+
     /// A whole sweep drops a compaction in steps under way (the cache it copies is whole) and
     /// compacts in one go.
     #[test]

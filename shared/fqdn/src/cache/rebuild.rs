@@ -47,10 +47,9 @@ impl DnsCache {
         }));
     }
 
-    /// Copies up to `pairs` more pairs (at least one), and as many again as were added since the
-    /// last step, of a compaction under way. Once all are
-    /// copied the copy becomes the cache: returns `true` then (or when no compaction is under
-    /// way) with the replaced structures.
+    /// Copies the next `pairs` pairs (at least one) of a compaction under way, plus as many as
+    /// were added since the last step. Once all are copied the copy becomes the cache: returns
+    /// `true` then (or when no compaction is under way) with the replaced structures.
     pub(super) fn rebuild_step(&mut self, pairs: u32) -> (bool, Option<Retired>) {
         let bound = self.pairs.id_bound();
         let Some(rebuild) = self.rebuild.as_deref_mut() else {
@@ -151,7 +150,8 @@ impl DnsCache {
             return false;
         };
         // The common case, a refresh: the same IPs in the same order, new expiries.
-        let same_ips = pair.ips.len() == ips.len()
+        let same_ips = !ips.is_empty()
+            && pair.ips.len() == ips.len()
             && pair
                 .ips
                 .as_slice()
