@@ -188,10 +188,20 @@ async fn clean_cache(
         Ok(compiled) => compiled,
         Err(message) => return (StatusCode::BAD_REQUEST, message).into_response(),
     };
-    let removed = state
-        .cache
-        .lock()
-        .remove_matching(|endpoint, name| compiled.matches(endpoint, name));
+    // Every pair of the cache is looked at, a chunk per hold of the lock: on a blocking
+    // thread, not a runtime worker.
+    let cache = state.cache.clone();
+    let removed = match tokio::task::spawn_blocking(move || {
+        cache.remove_matching(|endpoint, name| compiled.matches(endpoint, name))
+    })
+    .await
+    {
+        Ok(removed) => removed,
+        Err(error) => {
+            tracing::error!(%error, "cache clean panicked");
+            return (StatusCode::INTERNAL_SERVER_ERROR, "cache clean failed\n").into_response();
+        }
+    };
     if !removed.is_empty() {
         state.cache_changes.0.fetch_add(1, Ordering::Relaxed);
     }

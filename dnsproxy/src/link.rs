@@ -350,7 +350,7 @@ async fn session(
                 }
             }
             Some(AgentKind::Cache(batch)) => merge(context, &batch.mappings),
-            Some(AgentKind::Clean(clean)) => apply_clean(context, clean),
+            Some(AgentKind::Clean(clean)) => apply_clean(context, clean).await,
             Some(AgentKind::ResyncDone(done)) => {
                 let elapsed = started.elapsed();
                 context.metrics.peer.resync_completed(elapsed);
@@ -401,18 +401,27 @@ async fn close(
 
 /// An operator's cache clean on the agent, done here too: otherwise this cache would hand the
 /// entries back at the next resync. A filter that does not compile is the agent's bug, logged.
-fn apply_clean(context: &LinkContext, clean: CacheClean) {
+/// Awaited before the session's next message, which may refill what it removes.
+async fn apply_clean(context: &LinkContext, clean: CacheClean) {
     let filter = CacheFilter {
         endpoint: clean.endpoint,
         name: clean.name,
     };
     match filter.compile() {
         Ok(compiled) => {
-            let removed = context
-                .cache
-                .lock()
-                .remove_matching(|endpoint, name| compiled.matches(endpoint, name))
-                .len();
+            // Every pair is looked at, a chunk per hold of the lock: on a blocking thread.
+            let cache = context.cache.clone();
+            let removed = match tokio::task::spawn_blocking(move || {
+                cache.remove_matching(|endpoint, name| compiled.matches(endpoint, name))
+            })
+            .await
+            {
+                Ok(removed) => removed.len(),
+                Err(error) => {
+                    tracing::error!(%error, "cache clean from the agent panicked");
+                    return;
+                }
+            };
             tracing::info!(
                 removed,
                 endpoint = filter.endpoint.as_deref().unwrap_or("*"),

@@ -505,14 +505,32 @@ impl DnsCache {
 
     /// Removes every (endpoint, name) for which `filter` returns true, expired or not (e.g.
     /// `warden fqdn cache clean`); returns the removed IPs like [`gc`](Self::gc). A cache left
-    /// mostly vacant is compacted by the next [`gc_step`](Self::gc_step) or [`gc`](Self::gc):
-    /// callers hold the lock the DNS answers wait for.
+    /// mostly vacant is compacted by the next [`gc_step`](Self::gc_step) or [`gc`](Self::gc).
+    /// One pass over every pair: under a lock the DNS path waits for, prefer
+    /// [`remove_matching_chunk`](Self::remove_matching_chunk).
     pub fn remove_matching(&mut self, mut filter: impl FnMut(&str, &str) -> bool) -> Vec<Expired> {
-        let doomed: Vec<u32> = self
-            .pairs
-            .iter()
-            .filter(|(_, p)| filter(self.endpoints.text(p.endpoint), self.names.text(p.name)))
-            .map(|(pid, _)| pid)
+        let (mut removed, _) = self.remove_matching_chunk(&mut filter, 0, u32::MAX);
+        removed.sort_unstable();
+        removed
+    }
+
+    /// The same removal for the pairs numbered `from` up to `from + pairs`, and the number to
+    /// go on from (at or past [`pair_id_bound`](Self::pair_id_bound) when done), unsorted: a
+    /// clean of a large cache taken a piece per hold of its lock. Valid while
+    /// [`compactions`](Self::compactions) stays the same.
+    pub fn remove_matching_chunk(
+        &mut self,
+        filter: &mut impl FnMut(&str, &str) -> bool,
+        from: u32,
+        pairs: u32,
+    ) -> (Vec<Expired>, u32) {
+        let to = from.saturating_add(pairs).min(self.pairs.id_bound());
+        let doomed: Vec<u32> = (from..to)
+            .filter(|&pid| {
+                self.pairs.get(pid).is_some_and(|p| {
+                    filter(self.endpoints.text(p.endpoint), self.names.text(p.name))
+                })
+            })
             .collect();
         let mut removed = Vec::new();
         for pid in doomed {
@@ -529,8 +547,7 @@ impl DnsCache {
                 });
             }
         }
-        removed.sort_unstable();
-        removed
+        (removed, to)
     }
 
     /// Everything unexpired, sorted by endpoint then name, IPs sorted within.

@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use parking_lot::{Mutex, MutexGuard};
 
-use warden_fqdn::{CacheEntry, DnsCache, UnixTime};
+use warden_fqdn::{CacheEntry, DnsCache, Expired, UnixTime};
 use warden_policy::{DnsName, EndpointId, FqdnGrant, L4Proto, PolicyRepository};
 use warden_telemetry::{CacheMetrics, FlowLog, Metrics};
 
@@ -183,30 +183,76 @@ impl SharedCache {
     /// compaction under way renumbers the pairs and starts the copy over; should compactions
     /// keep coming, the last try copies in one hold.
     pub fn entries_unordered(&self, now: UnixTime) -> Vec<CacheEntry> {
+        let mut entries = Vec::new();
+        self.walk_in_chunks(
+            |cache, from| cache.entries_chunk(now, from, COPY_CHUNK),
+            |chunk, first| {
+                if first {
+                    entries.clear();
+                }
+                entries.extend(chunk);
+            },
+        );
+        entries
+    }
+
+    /// [`DnsCache::remove_matching`], [`COPY_CHUNK`] pairs per hold of the lock, as the copy
+    /// is taken: a clean of a large cache walks every pair to find what matches. Pairs added
+    /// meanwhile below the chunk being cleaned stay. Returns the removed IPs, sorted.
+    pub fn remove_matching(&self, mut filter: impl FnMut(&str, &str) -> bool) -> Vec<Expired> {
+        let mut removed = Vec::new();
+        self.walk_in_chunks(
+            |cache, from| cache.remove_matching_chunk(&mut filter, from, COPY_CHUNK),
+            // What went, went: a walk started over after a compaction finds only the rest.
+            |chunk, _first| removed.extend(chunk),
+        );
+        removed.sort_unstable();
+        removed
+    }
+
+    /// Walks every pair a chunk per hold of the lock: `take` does a chunk's work under the lock
+    /// from a pair number and says where to go on; `sink` gets its result after the lock,
+    /// told whether it is the first of a walk (one started over when a compaction renumbered
+    /// the pairs). Should compactions keep coming, the last walk is taken in one hold.
+    fn walk_in_chunks<T>(
+        &self,
+        mut take: impl FnMut(&mut DnsCache, u32) -> (T, u32),
+        mut sink: impl FnMut(T, bool),
+    ) {
         'attempts: for _ in 0..COPY_ATTEMPTS {
             let started = self.lock().compactions();
-            let mut entries = Vec::new();
             let mut from = 0;
             loop {
                 let (chunk, next, bound) = {
-                    let cache = self.lock();
+                    let mut cache = self.lock();
                     if cache.compactions() != started {
                         continue 'attempts;
                     }
-                    let (chunk, next) = cache.entries_chunk(now, from, COPY_CHUNK);
+                    let (chunk, next) = take(&mut cache, from);
                     let bound = cache.pair_id_bound();
                     // Waiting answers go before the next chunk.
                     MutexGuard::unlock_fair(cache);
                     (chunk, next, bound)
                 };
-                entries.extend(chunk);
+                sink(chunk, from == 0);
                 if next >= bound {
-                    return entries;
+                    return;
                 }
                 from = next;
             }
         }
-        self.lock().entries_unordered(now)
+        let mut cache = self.lock();
+        let mut from = 0;
+        let mut first = true;
+        loop {
+            let (chunk, next) = take(&mut cache, from);
+            sink(chunk, first);
+            first = false;
+            if next >= cache.pair_id_bound() {
+                return;
+            }
+            from = next;
+        }
     }
 }
 
@@ -299,5 +345,47 @@ mod tests {
             usize::try_from(pairs - expired).unwrap()
         );
         assert_eq!(shared.gc(later), 0, "nothing left due");
+    }
+
+    #[test]
+    fn a_chunked_clean_removes_what_a_whole_one_does() {
+        let pairs = COPY_CHUNK * 2 + 7;
+        let mut whole = filled(pairs, |_| 60);
+        let shared = SharedCache::new(whole.clone());
+        let doomed = |_: &str, name: &str| name.ends_with("3.example.");
+        let expected = whole.remove_matching(doomed);
+        assert_eq!(expected.len(), usize::try_from(pairs.div_ceil(10)).unwrap());
+        assert_eq!(shared.remove_matching(doomed), expected);
+        assert_eq!(shared.lock().entries(NOW), whole.entries(NOW));
+    }
+
+    /// A compaction between two chunks renumbers the pairs: the walk starts over, and its
+    /// first chunk says so.
+    #[test]
+    fn a_chunked_walk_starts_over_when_a_compaction_renumbers_the_pairs() {
+        let pairs = COPY_CHUNK * 3;
+        // Seven in eight expire at `later`: a sweep then compacts what is left.
+        let shared = SharedCache::new(filled(pairs, |n| if n % 8 == 0 { 600 } else { 60 }));
+        let later = UnixTime(NOW.0 + 60);
+        let (mut walks, mut seen) = (0, 0);
+        shared.walk_in_chunks(
+            |cache, from| cache.entries_chunk(later, from, COPY_CHUNK),
+            |chunk, first| {
+                if first {
+                    walks += 1;
+                    seen = 0;
+                }
+                seen += chunk.len();
+                if walks == 1 {
+                    // Between two holds, as the once-a-second sweep would.
+                    let mut cache = shared.lock();
+                    let compactions = cache.compactions();
+                    cache.gc(later);
+                    assert!(cache.compactions() > compactions);
+                }
+            },
+        );
+        assert_eq!(walks, 2);
+        assert_eq!(seen, usize::try_from(pairs / 8).unwrap());
     }
 }
