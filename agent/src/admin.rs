@@ -169,11 +169,9 @@ async fn status(State(state): State<AdminState>) -> Json<InstanceStatus> {
 
 /// `GET /v1/fqdn/cache[?endpoint=ns/name][&name=PATTERN]`.
 async fn cache(State(state): State<AdminState>, Query(filter): Query<CacheFilter>) -> Response {
-    filter.listing(unix_now(), |now| {
-        let mut entries = state.cache.entries_unordered(now);
-        warden_fqdn::sort_entries(&mut entries);
-        entries
-    })
+    filter
+        .listing(unix_now(), |now| state.cache.entries_sorted(now))
+        .await
 }
 
 /// `POST /v1/fqdn/cache/clean[?endpoint=ns/name][&name=PATTERN]`: removes the matching

@@ -291,7 +291,8 @@ async fn session(
                         // The proxy's journal and cache are in: send the agent's cache, completing the
                         // exchange. Both now hold the union.
                         let mut sent = 0u64;
-                        for chunk in warden_api::cache_dump(&state.cache).chunks(MAPPINGS_PER_MESSAGE) {
+                        let dump = warden_api::cache_dump(&state.cache).await;
+                        for chunk in dump.chunks(MAPPINGS_PER_MESSAGE) {
                             sent += chunk.len() as u64;
                             let batch = Mappings { mappings: chunk.to_vec(), resync: true };
                             if let Err(end) = send(AgentKind::Cache(batch)).await {

@@ -278,7 +278,7 @@ async fn session(
     // Then the whole cache: the agent may have lost what it was told live before it stopped
     // (it persists once a second, and a state directory can be lost), and mappings cross only
     // when they change a cache, so a repeat answer would never tell it again.
-    let cached = warden_api::cache_dump(&context.cache);
+    let cached = warden_api::cache_dump(&context.cache).await;
     let replayed = replayed + cached.len();
     for chunk in cached.chunks(MAPPINGS_PER_MESSAGE) {
         if outbound.send(resync_message(chunk.to_vec())).await.is_err() {

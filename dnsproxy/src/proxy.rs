@@ -413,7 +413,9 @@ fn admin_router(state: AdminState, metrics: Metrics, flows: Arc<FlowLog>) -> Rou
             "/v1/fqdn/cache",
             get(
                 |State(state): State<AdminState>, Query(filter): Query<CacheFilter>| async move {
-                    filter.listing(unix_now(), |now| state.cache.lock().entries(now))
+                    filter
+                        .listing(unix_now(), |now| state.cache.entries_sorted(now))
+                        .await
                 },
             ),
         )

@@ -123,11 +123,21 @@ pub fn merge_mappings(
     checked.len()
 }
 
-/// The live entries of `cache` as wire mappings, for a resync (either side's cache dump).
-pub fn cache_dump(cache: &warden_proxy::SharedCache) -> Vec<proto::Mapping> {
-    let now = warden_proxy::unix_now();
-    let entries = cache.entries_unordered(now);
-    wire_entries(&entries, now)
+/// The live entries of `cache` as wire mappings, for a resync (either side's cache dump):
+/// copied a chunk per hold of its lock and converted on a blocking thread, not a runtime
+/// worker (hundreds of ms of CPU at a million entries). Empty, with an error logged, should
+/// that thread panic: the resync then sends nothing and the peers keep what they hold.
+pub async fn cache_dump(cache: &warden_proxy::SharedCache) -> Vec<proto::Mapping> {
+    let cache = cache.clone();
+    let copied = tokio::task::spawn_blocking(move || {
+        let now = warden_proxy::unix_now();
+        wire_entries(&cache.entries_unordered(now), now)
+    })
+    .await;
+    copied.unwrap_or_else(|error| {
+        tracing::error!(%error, "the cache copy for the resync failed");
+        Vec::new()
+    })
 }
 
 /// Cache entries as wire mappings: one per (endpoint, name, expiry), since IPs of one name may

@@ -142,16 +142,24 @@ impl CacheFilter {
 
 impl CacheFilter {
     /// The answer to `GET /v1/fqdn/cache`, the same in both processes: the rows of the cache's
-    /// `entries` at `now` that pass, or 400 for a name pattern that does not parse.
-    pub fn listing(
+    /// `entries` at `now` that pass, 400 for a name pattern that does not parse (the cache is
+    /// not read then), or 500 with the text `entries` failed with.
+    pub async fn listing<Copy>(
         &self,
         now: warden_fqdn::UnixTime,
-        entries: impl FnOnce(warden_fqdn::UnixTime) -> Vec<warden_fqdn::CacheEntry>,
-    ) -> axum::response::Response {
+        entries: impl FnOnce(warden_fqdn::UnixTime) -> Copy,
+    ) -> axum::response::Response
+    where
+        Copy: Future<Output = Result<Vec<warden_fqdn::CacheEntry>, String>>,
+    {
+        use axum::http::StatusCode;
         use axum::response::IntoResponse;
         match self.compile() {
-            Ok(filter) => axum::Json(filter.rows(entries(now), now)).into_response(),
-            Err(message) => (axum::http::StatusCode::BAD_REQUEST, message).into_response(),
+            Ok(filter) => match entries(now).await {
+                Ok(entries) => axum::Json(filter.rows(entries, now)).into_response(),
+                Err(message) => (StatusCode::INTERNAL_SERVER_ERROR, message).into_response(),
+            },
+            Err(message) => (StatusCode::BAD_REQUEST, message).into_response(),
         }
     }
 }
@@ -196,20 +204,26 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_listing_filters_rows_and_refuses_a_bad_pattern() {
+    #[tokio::test]
+    async fn a_listing_filters_rows_and_refuses_a_bad_pattern() {
         let now = UnixTime(1_000);
         let filter = CacheFilter {
             endpoint: None,
             name: Some("*.cilium.io".into()),
         };
-        let listed = filter.listing(now, |_| {
-            vec![
-                entry("default/a", "www.cilium.io."),
-                entry("default/a", "bbc.co.uk."),
-            ]
-        });
+        let listed = filter
+            .listing(now, |_| async {
+                Ok(vec![
+                    entry("default/a", "www.cilium.io."),
+                    entry("default/a", "bbc.co.uk."),
+                ])
+            })
+            .await;
         assert_eq!(listed.status(), StatusCode::OK);
+        let failed = filter
+            .listing(now, |_| async { Err("the copy failed\n".to_owned()) })
+            .await;
+        assert_eq!(failed.status(), StatusCode::INTERNAL_SERVER_ERROR);
         let compiled = filter.compile().unwrap();
         let rows = compiled.rows(vec![entry("default/a", "www.cilium.io.")], now);
         assert_eq!(rows.len(), 1);
@@ -219,10 +233,12 @@ mod tests {
             name: Some("a..b".into()),
         };
         let mut asked = false;
-        let refused = bad.listing(now, |_| {
-            asked = true;
-            Vec::new()
-        });
+        let refused = bad
+            .listing(now, |_| {
+                asked = true;
+                async { Ok(Vec::new()) }
+            })
+            .await;
         assert_eq!(refused.status(), StatusCode::BAD_REQUEST);
         assert!(!asked, "a refused filter does not read the cache");
     }
