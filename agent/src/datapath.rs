@@ -242,14 +242,14 @@ impl Reconciler {
             .into_iter()
             .filter(|(_, _, seen)| now.0.saturating_sub(*seen) < grace)
             .collect();
-        {
-            let mut cache = self.cache.lock();
-            for (endpoint_id, ip, seen) in &recent {
-                if let Some(key) = self.table.key_of(EndpointId(*endpoint_id)) {
-                    cache.keep_alive(key, *ip, UnixTime(seen.saturating_add(grace)));
-                }
-            }
-        }
+        let alive: Vec<(&str, IpAddr, UnixTime)> = recent
+            .iter()
+            .filter_map(|(endpoint_id, ip, seen)| {
+                let key = self.table.key_of(EndpointId(*endpoint_id))?;
+                Some((&**key, *ip, UnixTime(seen.saturating_add(grace))))
+            })
+            .collect();
+        self.cache.keep_alive_all(&alive);
         // A chunk per hold of the lock the DNS path needs; the order does not matter here.
         let entries = self.cache.entries_unordered(now);
         let mut wanted: HashMap<FqdnKey, u64> = HashMap::new();

@@ -196,6 +196,22 @@ impl SharedCache {
         entries
     }
 
+    /// [`DnsCache::keep_alive`] for each (endpoint, IP, until), [`COPY_CHUNK`] of them per hold
+    /// of the lock: the agent's reconciler asserts every destination its datapath saw in use
+    /// (up to 65,536) once a second. Returns how many (endpoint, name) records matched.
+    pub fn keep_alive_all(&self, alive: &[(&str, IpAddr, UnixTime)]) -> usize {
+        let mut matched = 0;
+        for chunk in alive.chunks(COPY_CHUNK as usize) {
+            let mut cache = self.lock();
+            for &(endpoint, ip, until) in chunk {
+                matched += cache.keep_alive(endpoint, ip, until);
+            }
+            // Waiting answers go before the next chunk.
+            MutexGuard::unlock_fair(cache);
+        }
+        matched
+    }
+
     /// Every unexpired entry, sorted (an admin listing): [`entries_unordered`], then sorted, on
     /// a blocking thread rather than a runtime worker (hundreds of ms of CPU at a million
     /// entries). Fails only if that thread panicked.
@@ -361,6 +377,23 @@ mod tests {
             usize::try_from(pairs - expired).unwrap()
         );
         assert_eq!(shared.gc(later), 0, "nothing left due");
+    }
+
+    #[test]
+    fn keep_alives_in_chunks_reach_every_entry() {
+        let pairs = COPY_CHUNK * 2 + 3;
+        let shared = SharedCache::new(filled(pairs, |_| 60));
+        let ips: Vec<IpAddr> = (0..pairs)
+            .map(|n| IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 | n)))
+            .collect();
+        let until = UnixTime(NOW.0 + 600);
+        let alive: Vec<(&str, IpAddr, UnixTime)> =
+            ips.iter().map(|&ip| ("default/test", ip, until)).collect();
+        assert_eq!(shared.keep_alive_all(&alive), ips.len());
+        // Past the TTL every entry is still there, kept for connections.
+        let later = UnixTime(NOW.0 + 300);
+        assert_eq!(shared.gc(later), 0);
+        assert_eq!(shared.lock().entries(later).len(), ips.len());
     }
 
     #[tokio::test]
