@@ -255,9 +255,13 @@ pub async fn start(config: AgentConfig) -> anyhow::Result<RunningAgent> {
                 Err(error) => result = Err(anyhow::anyhow!("agent task failed: {error}")),
             }
         }
-        // Every query has drained by now: this snapshot holds the last answers given.
-        let snapshot = cache.lock().snapshot(unix_now());
-        if let Err(error) = tokio::task::spawn_blocking(move || cache_file.save(&snapshot)).await? {
+        // Every query has drained by now: this snapshot holds the last answers given. Taken
+        // off the runtime, whose admin API still answers.
+        let saved = tokio::task::spawn_blocking(move || {
+            let snapshot = cache.lock().snapshot(unix_now());
+            cache_file.save(&snapshot)
+        });
+        if let Err(error) = saved.await? {
             tracing::warn!(%error, "cannot persist the FQDN cache at shutdown");
         }
         admin.await.context("admin API task panicked")??;

@@ -401,7 +401,8 @@ async fn close(
 
 /// An operator's cache clean on the agent, done here too: otherwise this cache would hand the
 /// entries back at the next resync. A filter that does not compile is the agent's bug, logged.
-/// Awaited before the session's next message, which may refill what it removes.
+/// Awaited before the session's next message, which may refill what it removes (the session
+/// reads nothing meanwhile: a clean of a million entries takes a fraction of a second).
 async fn apply_clean(context: &LinkContext, clean: CacheClean) {
     let filter = CacheFilter {
         endpoint: clean.endpoint,
@@ -409,7 +410,8 @@ async fn apply_clean(context: &LinkContext, clean: CacheClean) {
     };
     match filter.compile() {
         Ok(compiled) => {
-            // Every pair is looked at, a chunk per hold of the lock: on a blocking thread.
+            // Every pair is looked at (a chunk per hold of the lock): on a blocking thread, as
+            // the runtime's workers answer DNS.
             let cache = context.cache.clone();
             let removed = match tokio::task::spawn_blocking(move || {
                 cache.remove_matching(|endpoint, name| compiled.matches(endpoint, name))

@@ -74,8 +74,10 @@ pub struct DnsCache {
     /// Some pair may hold more than `max_ips_per_name` (after a merge, a restore or a lowered
     /// cap); the next `gc` trims and reports them, as those paths have no way to report.
     over_limit: bool,
-    /// Times the cache was compacted, which renumbers its pairs: a copy taken in chunks
-    /// ([`entries_chunk`](Self::entries_chunk)) starts over when this changes under it.
+    /// Times the cache was compacted, which renumbers its pairs: a copy or a clean taken in
+    /// chunks ([`entries_chunk`](Self::entries_chunk),
+    /// [`remove_matching_chunk`](Self::remove_matching_chunk)) starts over when this changes
+    /// under it.
     compactions: u64,
     /// The expiry sweep under way in steps ([`gc_step`](Self::gc_step)), if any.
     sweep: Option<Sweep>,
@@ -509,12 +511,13 @@ impl DnsCache {
     /// One pass over every pair: under a lock the DNS path waits for, prefer
     /// [`remove_matching_chunk`](Self::remove_matching_chunk).
     pub fn remove_matching(&mut self, mut filter: impl FnMut(&str, &str) -> bool) -> Vec<Expired> {
-        let (mut removed, _) = self.remove_matching_chunk(&mut filter, 0, u32::MAX);
+        let (mut removed, _) = self.remove_matching_chunk(&mut filter, 0, u32::MAX, usize::MAX);
         removed.sort_unstable();
         removed
     }
 
-    /// The same removal for the pairs numbered `from` up to `from + pairs`, and the number to
+    /// The same removal for the pairs numbered `from` up to `from + pairs`, stopping early
+    /// once `removals` pairs matched (a removal costs tens of times a look), and the number to
     /// go on from (at or past [`pair_id_bound`](Self::pair_id_bound) when done), unsorted: a
     /// clean of a large cache taken a piece per hold of its lock. Valid while
     /// [`compactions`](Self::compactions) stays the same.
@@ -523,15 +526,22 @@ impl DnsCache {
         filter: &mut impl FnMut(&str, &str) -> bool,
         from: u32,
         pairs: u32,
+        removals: usize,
     ) -> (Vec<Expired>, u32) {
-        let to = from.saturating_add(pairs).min(self.pairs.id_bound());
-        let doomed: Vec<u32> = (from..to)
-            .filter(|&pid| {
-                self.pairs.get(pid).is_some_and(|p| {
-                    filter(self.endpoints.text(p.endpoint), self.names.text(p.name))
-                })
-            })
-            .collect();
+        let end = from.saturating_add(pairs).min(self.pairs.id_bound());
+        let mut doomed = Vec::new();
+        let mut to = from;
+        while to < end && doomed.len() < removals {
+            let pid = to;
+            to += 1;
+            if self
+                .pairs
+                .get(pid)
+                .is_some_and(|p| filter(self.endpoints.text(p.endpoint), self.names.text(p.name)))
+            {
+                doomed.push(pid);
+            }
+        }
         let mut removed = Vec::new();
         for pid in doomed {
             let Some(pair) = self.pairs.get(pid) else {
@@ -2077,6 +2087,31 @@ mod tests {
             assert!(steps < 1_000, "the compaction does not finish");
         }
         assert_same_records(&c, &reference, "flood");
+        c.assert_consistent();
+    }
+
+    /// A chunk of a clean stops at its removals and says where to go on.
+    #[test]
+    fn a_clean_chunk_stops_after_its_removals() {
+        let mut c = DnsCache::default();
+        for i in 0..20 {
+            c.insert(t(100), EP, &format!("n{i}.example."), &[ip4(i)], 60);
+        }
+        // Every other name, at most three of them, from pair 4 on.
+        let mut even = |_: &str, name: &str| {
+            name.trim_start_matches('n')
+                .trim_end_matches(".example.")
+                .parse::<u32>()
+                .is_ok_and(|n| n % 2 == 0)
+        };
+        let (gone, next) = c.remove_matching_chunk(&mut even, 4, 100, 3);
+        let names: Vec<&str> = gone.iter().map(|g| g.name.as_str()).collect();
+        assert_eq!(names, ["n4.example.", "n6.example.", "n8.example."]);
+        assert_eq!(next, 9);
+        let (gone, next) = c.remove_matching_chunk(&mut even, next, 100, usize::MAX);
+        assert_eq!(gone.len(), 5);
+        assert_eq!(next, 20);
+        assert_eq!(c.name_count(), 20 - 8);
         c.assert_consistent();
     }
 

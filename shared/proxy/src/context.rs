@@ -214,7 +214,7 @@ impl SharedCache {
 
     /// Every unexpired entry, sorted (an admin listing): [`entries_unordered`], then sorted, on
     /// a blocking thread rather than a runtime worker (hundreds of ms of CPU at a million
-    /// entries). Fails only if that thread panicked.
+    /// entries). Fails if that thread panicked or the runtime is shutting down.
     ///
     /// [`entries_unordered`]: Self::entries_unordered
     pub async fn entries_sorted(&self, now: UnixTime) -> Result<Vec<CacheEntry>, String> {
@@ -228,17 +228,21 @@ impl SharedCache {
         .map_err(|error| format!("the cache copy failed: {error}\n"))
     }
 
-    /// [`DnsCache::remove_matching`], [`COPY_CHUNK`] pairs per hold of the lock, as the copy
-    /// is taken: a clean of a large cache walks every pair to find what matches. Pairs added
-    /// meanwhile below the chunk being cleaned stay. Returns the removed IPs, sorted.
+    /// [`DnsCache::remove_matching`], [`COPY_CHUNK`] pairs per hold of the lock (a quarter as
+    /// many removals), as the copy is taken: a clean of a large cache walks every pair to find
+    /// what matches. Pairs added meanwhile below the chunk being cleaned stay. Returns the
+    /// removed IPs, sorted, each once (one removed, answered again and moved into a slot ahead
+    /// of the walk goes twice).
     pub fn remove_matching(&self, mut filter: impl FnMut(&str, &str) -> bool) -> Vec<Expired> {
+        let removals = usize::try_from(COPY_CHUNK / 4).unwrap_or(usize::MAX);
         let mut removed = Vec::new();
         self.walk_in_chunks(
-            |cache, from| cache.remove_matching_chunk(&mut filter, from, COPY_CHUNK),
+            |cache, from| cache.remove_matching_chunk(&mut filter, from, COPY_CHUNK, removals),
             // What went, went: a walk started over after a compaction finds only the rest.
             |chunk, _first| removed.extend(chunk),
         );
         removed.sort_unstable();
+        removed.dedup();
         removed
     }
 
@@ -288,7 +292,8 @@ impl SharedCache {
     }
 }
 
-/// Pairs copied per hold of the cache's lock: well under a millisecond of work.
+/// Pairs copied (or cleaned, or keep-alives asserted) per hold of the cache's lock: well under
+/// a millisecond of work.
 pub const COPY_CHUNK: u32 = 1024;
 /// Pairs swept for expiry per hold of the cache's lock: about 20 µs when few of them are
 /// due. A hold stops after a quarter as many removals (each frees strings and table slots),
@@ -413,6 +418,10 @@ mod tests {
         assert_eq!(expected.len(), usize::try_from(pairs.div_ceil(10)).unwrap());
         assert_eq!(shared.remove_matching(doomed), expected);
         assert_eq!(shared.lock().entries(NOW), whole.entries(NOW));
+        // Everything: past the removals a hold takes, chunk after chunk.
+        let rest = whole.remove_matching(|_, _| true);
+        assert_eq!(shared.remove_matching(|_, _| true), rest);
+        assert!(shared.lock().is_empty());
     }
 
     /// A compaction between two chunks renumbers the pairs: the walk starts over, and its

@@ -144,13 +144,13 @@ impl CacheFilter {
     /// The answer to `GET /v1/fqdn/cache`, the same in both processes: the rows of the cache's
     /// `entries` at `now` that pass, 400 for a name pattern that does not parse (the cache is
     /// not read then), or 500 with the text `entries` failed with.
-    pub async fn listing<Copy>(
+    pub async fn listing<Fut>(
         &self,
         now: warden_fqdn::UnixTime,
-        entries: impl FnOnce(warden_fqdn::UnixTime) -> Copy,
+        entries: impl FnOnce(warden_fqdn::UnixTime) -> Fut,
     ) -> axum::response::Response
     where
-        Copy: Future<Output = Result<Vec<warden_fqdn::CacheEntry>, String>>,
+        Fut: Future<Output = Result<Vec<warden_fqdn::CacheEntry>, String>>,
     {
         use axum::http::StatusCode;
         use axum::response::IntoResponse;
