@@ -231,8 +231,8 @@ impl SharedCache {
     /// [`DnsCache::remove_matching`], [`COPY_CHUNK`] pairs per hold of the lock (a quarter as
     /// many removals), as the copy is taken: a clean of a large cache walks every pair to find
     /// what matches. Pairs added meanwhile below the chunk being cleaned stay. Returns the
-    /// removed IPs, sorted, each once (one removed, answered again and moved into a slot ahead
-    /// of the walk goes twice).
+    /// removed IPs, sorted, each once: a pair removed, answered again and placed in a slot
+    /// ahead of the walk is removed twice.
     pub fn remove_matching(&self, mut filter: impl FnMut(&str, &str) -> bool) -> Vec<Expired> {
         let removals = usize::try_from(COPY_CHUNK / 4).unwrap_or(usize::MAX);
         let mut removed = Vec::new();
@@ -300,7 +300,7 @@ pub const COPY_CHUNK: u32 = 1024;
 /// about 0.2 ms when most of a million entries expire at once; the compaction that may follow
 /// copies this many pairs per hold (`make bench`, part 3).
 pub const GC_CHUNK: u32 = 1024;
-/// Chunked copies a compaction may restart before one is taken in a single hold.
+/// Chunked walks (copies, cleans) a compaction may restart before one is taken in a single hold.
 const COPY_ATTEMPTS: usize = 3;
 
 /// Everything the engine needs from its process.
