@@ -261,6 +261,8 @@ impl DnsCache {
         changed
     }
 
+    /// `insert_entry`'s work on its pair, found or just made; returns whether anything
+    /// changed. Apart, so that every way out of it ends with one `mirror`.
     fn fold_in(&mut self, pid: u32, ip: IpAddr, expires_at: UnixTime, source: Source) -> bool {
         let Some(pair) = self.pairs.get_mut(pid) else {
             return false;
