@@ -151,6 +151,26 @@ fn holds_ms(mut step: impl FnMut() -> bool) -> Vec<f64> {
     }
 }
 
+/// One `gc` of `cache` at `due`, as the agent took it before it swept in chunks: how many IPs
+/// went, and how long it took in ms.
+fn whole_sweep(mut cache: DnsCache, due: UnixTime) -> (usize, f64) {
+    let started = Instant::now();
+    let removed = black_box(cache.gc(due)).len();
+    (removed, started.elapsed().as_secs_f64() * 1e3)
+}
+
+/// The holds, in ms and sorted, of the same sweep taken [`warden_proxy::GC_CHUNK`] pairs per
+/// step, as `SharedCache::gc` takes it; what a finished compaction replaced is freed after
+/// the timing, as `SharedCache` frees it after the lock.
+fn sweep_holds_ms(mut cache: DnsCache, due: UnixTime) -> Vec<f64> {
+    let mut retired = Vec::new();
+    holds_ms(|| {
+        let step = cache.gc_step(due, warden_proxy::GC_CHUNK);
+        retired.extend(step.retired);
+        step.done
+    })
+}
+
 /// Runs `walk` while another thread takes `shared`'s lock every 20 µs, as DNS answers do;
 /// returns the longest time that thread waited for the lock, in ms.
 fn longest_wait_ms(shared: &SharedCache, walk: impl FnOnce()) -> f64 {
@@ -242,20 +262,8 @@ pub fn measure(entries: u32) -> CacheCost {
 
     // The sweep once the short TTLs ran out, on copies of the full cache.
     let due = NOW.plus_secs(60);
-    let mut whole = cache.clone();
-    let started = Instant::now();
-    let gc_expired = black_box(whole.gc(due)).len() as u64;
-    let gc_whole_ms = started.elapsed().as_secs_f64() * 1e3;
-    drop(whole);
-    let mut stepped = cache.clone();
-    // What a finished compaction replaced is freed after the lock, as `SharedCache` does.
-    let mut retired = Vec::new();
-    let gc_holds = holds_ms(|| {
-        let step = stepped.gc_step(due, warden_proxy::GC_CHUNK);
-        retired.extend(step.retired);
-        step.done
-    });
-    drop((stepped, retired));
+    let (gc_expired, gc_whole_ms) = whole_sweep(cache.clone(), due);
+    let gc_holds = sweep_holds_ms(cache.clone(), due);
     // The same sweep, and a copy, as the agent takes them, beside a thread that needs the lock.
     let shared = SharedCache::new(cache);
     let copy_wait_max_ms = longest_wait_ms(&shared, || {
@@ -277,7 +285,7 @@ pub fn measure(entries: u32) -> CacheCost {
         copy_ms,
         copy_chunk_p50_ms: rank(&copy_holds, 0.5),
         copy_chunk_p99_ms: rank(&copy_holds, 0.99),
-        gc_expired,
+        gc_expired: gc_expired as u64,
         gc_whole_ms,
         gc_step_p50_ms: rank(&gc_holds, 0.5),
         gc_step_p99_ms: rank(&gc_holds, 0.99),
@@ -300,18 +308,11 @@ pub fn shared_ip_sweep(cost: &mut CacheCost, names: u32) {
         let _ = write!(qname, "r{n:09}.wild.example.net.");
         cache.insert(NOW, "tenant-0/client", &qname, &shared, 5);
     }
-    let mut stepped = cache.clone();
-    let started = Instant::now();
-    let removed = black_box(cache.gc(NOW.plus_secs(3600))).len();
-    cost.shared_ip_sweep_ms = started.elapsed().as_secs_f64() * 1e3;
+    let due = NOW.plus_secs(3600);
+    let holds = sweep_holds_ms(cache.clone(), due);
+    let (removed, whole_ms) = whole_sweep(cache, due);
+    cost.shared_ip_sweep_ms = whole_ms;
     cost.shared_ip_names = u32::try_from(removed).unwrap_or(u32::MAX);
-    let mut retired = Vec::new();
-    let holds = holds_ms(|| {
-        let step = stepped.gc_step(NOW.plus_secs(3600), warden_proxy::GC_CHUNK);
-        retired.extend(step.retired);
-        step.done
-    });
-    drop(retired);
     cost.shared_ip_step_p99_ms = rank(&holds, 0.99);
 }
 
@@ -324,19 +325,8 @@ pub fn mass_expiry(cost: &mut CacheCost, entries: u32, percent: u32) {
     }
     let due = NOW.plus_secs(60);
     cost.mass_expiry_percent = percent;
-    let mut whole = cache.clone();
-    let started = Instant::now();
-    black_box(whole.gc(due));
-    cost.mass_expiry_whole_ms = started.elapsed().as_secs_f64() * 1e3;
-    drop(whole);
-    let mut stepped = cache.clone();
-    let mut retired = Vec::new();
-    let holds = holds_ms(|| {
-        let step = stepped.gc_step(due, warden_proxy::GC_CHUNK);
-        retired.extend(step.retired);
-        step.done
-    });
-    drop((stepped, retired));
+    cost.mass_expiry_whole_ms = whole_sweep(cache.clone(), due).1;
+    let holds = sweep_holds_ms(cache.clone(), due);
     cost.mass_expiry_step_p99_ms = rank(&holds, 0.99);
     cost.mass_expiry_step_max_ms = holds.last().copied().unwrap_or_default();
     let shared = SharedCache::new(cache);
