@@ -186,22 +186,19 @@ async fn clean_cache(
         Ok(compiled) => compiled,
         Err(message) => return (StatusCode::BAD_REQUEST, message).into_response(),
     };
-    // Every pair of the cache is looked at (a chunk per hold of its lock): on a blocking
-    // thread, as the runtime's workers answer DNS.
-    let cache = state.cache.clone();
-    let cleaned = tokio::task::spawn_blocking(move || {
-        cache.remove_matching(|endpoint, name| compiled.matches(endpoint, name))
-    })
-    .await;
+    let cleaned = state
+        .cache
+        .clean(move |endpoint, name| compiled.matches(endpoint, name))
+        .await;
     // Also when nothing went here, or the clean failed part way: the proxy's cache may hold
     // what this one never saw (and would hand it back at the next resync), and whatever went
     // here must be saved. No session listening is no error.
     let _ = state.cleans.send(filter);
     let removed = match cleaned {
         Ok(removed) => removed,
-        Err(error) => {
+        Err(message) => {
             state.cache_changes.0.fetch_add(1, Ordering::Relaxed);
-            tracing::error!(%error, "cache clean failed");
+            tracing::error!(error = message.trim_end(), "cache clean failed");
             return (StatusCode::INTERNAL_SERVER_ERROR, "cache clean failed\n").into_response();
         }
     };

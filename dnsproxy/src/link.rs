@@ -410,17 +410,17 @@ async fn apply_clean(context: &LinkContext, clean: CacheClean) {
     };
     match filter.compile() {
         Ok(compiled) => {
-            // Every pair is looked at (a chunk per hold of the lock): on a blocking thread, as
-            // the runtime's workers answer DNS.
-            let cache = context.cache.clone();
-            let removed = match tokio::task::spawn_blocking(move || {
-                cache.remove_matching(|endpoint, name| compiled.matches(endpoint, name))
-            })
-            .await
-            {
+            let cleaned = context
+                .cache
+                .clean(move |endpoint, name| compiled.matches(endpoint, name))
+                .await;
+            let removed = match cleaned {
                 Ok(removed) => removed.len(),
-                Err(error) => {
-                    tracing::error!(%error, "cache clean from the agent panicked");
+                Err(message) => {
+                    tracing::error!(
+                        error = message.trim_end(),
+                        "cache clean from the agent failed"
+                    );
                     return;
                 }
             };

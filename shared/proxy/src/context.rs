@@ -246,6 +246,20 @@ impl SharedCache {
         removed
     }
 
+    /// [`remove_matching`](Self::remove_matching) on a blocking thread rather than a runtime
+    /// worker (a clean walks every pair: 160 to 180 ms of CPU for 100,000 of a million), for the
+    /// agent's `warden fqdn cache clean` and the dnsproxy's copy of it. Fails if that thread
+    /// panicked or the runtime is shutting down; what was removed until then stays removed.
+    pub async fn clean(
+        &self,
+        filter: impl FnMut(&str, &str) -> bool + Send + 'static,
+    ) -> Result<Vec<Expired>, String> {
+        let cache = self.clone();
+        tokio::task::spawn_blocking(move || cache.remove_matching(filter))
+            .await
+            .map_err(|error| format!("the cache clean failed: {error}\n"))
+    }
+
     /// Walks every pair a chunk per hold of the lock: `take` does a chunk's work under the lock
     /// from a pair number and says where to go on; `sink` gets its result after the lock,
     /// told whether it is the first of a walk (one started over when a compaction renumbered
