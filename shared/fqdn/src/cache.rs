@@ -2053,13 +2053,11 @@ mod tests {
         c.pairs
             .iter()
             .map(|(_, pair)| {
-                let mut recs = pair.ips.as_slice().to_vec();
-                recs.sort_unstable_by_key(IpRec::ip);
                 let key = (
                     c.endpoints.text(pair.endpoint).to_owned(),
                     c.names.text(pair.name).to_owned(),
                 );
-                (key, recs)
+                (key, pair.ips.sorted())
             })
             .collect()
     }
@@ -2068,9 +2066,7 @@ mod tests {
     /// what was added since the last one on top of its own pairs.
     #[test]
     fn a_compaction_finishes_while_pairs_are_added_faster_than_steps_copy() {
-        let mut c = mostly_expiring();
-        let mut reference = c.clone();
-        c.start_rebuild();
+        let (mut reference, mut c) = compacting(0);
         let mut added = 0;
         for steps in 1.. {
             for cache in [&mut c, &mut reference] {
@@ -2140,12 +2136,7 @@ mod tests {
     /// compacts in one go.
     #[test]
     fn a_whole_gc_drops_a_compaction_under_way() {
-        let mut reference = mostly_expiring();
-        let mut c = reference.clone();
-        c.start_rebuild();
-        for _ in 0..5 {
-            c.gc_step(t(100), 100);
-        }
+        let (mut reference, mut c) = compacting(5);
         assert!(c.rebuild.is_some());
         assert_eq!(c.gc(t(110)), reference.gc(t(110)));
         assert!(c.rebuild.is_none());
@@ -2171,6 +2162,18 @@ mod tests {
             c.insert(t(100), ep, &format!("m{i}.example."), &[ip4(i / 3)], ttl);
         }
         c
+    }
+
+    /// [`mostly_expiring`] twice: as it is, and with a compaction in steps started on it and
+    /// `steps` steps of 100 pairs taken (none finishing it).
+    fn compacting(steps: usize) -> (DnsCache, DnsCache) {
+        let reference = mostly_expiring();
+        let mut c = reference.clone();
+        c.start_rebuild();
+        for _ in 0..steps {
+            assert!(!c.gc_step(t(100), 100).done);
+        }
+        (reference, c)
     }
 
     /// One change between two steps, the same to both caches: answers for names held (below
@@ -2267,12 +2270,7 @@ mod tests {
     /// slots enter it, and keep-alives reach it.
     #[test]
     fn a_compaction_in_steps_follows_removals_and_reused_slots() {
-        let mut reference = mostly_expiring();
-        let mut c = reference.clone();
-        c.start_rebuild();
-        for _ in 0..10 {
-            assert!(!c.gc_step(t(100), 100).done);
-        }
+        let (mut reference, mut c) = compacting(10);
         let behind_the_cursor = |name: &str| {
             name.strip_prefix('m')
                 .and_then(|n| n.strip_suffix(".example."))

@@ -213,11 +213,6 @@ impl DnsCache {
         // Set when the copy takes over, not while it is built.
         fresh.next_expiry = 0;
         fresh.assert_consistent();
-        let records = |list: &IpList| {
-            let mut recs = list.as_slice().to_vec();
-            recs.sort_unstable_by_key(IpRec::ip);
-            recs
-        };
         let mut below = 0;
         for (pid, pair) in self.pairs.iter().filter(|&(pid, _)| pid < rebuild.cursor) {
             below += 1;
@@ -231,8 +226,8 @@ impl DnsCache {
             );
             let copied = copy.and_then(|id| fresh.pairs.get(id)).map(|p| &p.ips);
             assert_eq!(
-                copied.map(records),
-                Some(records(&pair.ips)),
+                copied.map(IpList::sorted),
+                Some(pair.ips.sorted()),
                 "records of ({endpoint}, {name})"
             );
         }

@@ -239,6 +239,14 @@ impl IpList {
         }
     }
 
+    /// The records in IP order, to compare lists whose order differs.
+    #[cfg(test)]
+    pub(crate) fn sorted(&self) -> Vec<IpRec> {
+        let mut recs = self.as_slice().to_vec();
+        recs.sort_unstable_by_key(IpRec::ip);
+        recs
+    }
+
     pub(crate) fn heap_bytes(&self) -> usize {
         match self {
             IpList::One(_) => 0,
