@@ -257,7 +257,7 @@ pub async fn start(config: AgentConfig) -> anyhow::Result<RunningAgent> {
         }
         // Every query has drained by now: this snapshot holds the last answers given. Taken
         // off the runtime, whose admin API still answers.
-        let saved = tokio::task::spawn_blocking(move || {
+        let saved = cache.off_runtime(move |cache| {
             let snapshot = cache.lock().snapshot(unix_now());
             cache_file.save(&snapshot)
         });
@@ -341,12 +341,13 @@ async fn maintain_cache(
         let started = Instant::now();
         // The copy is taken a chunk per hold of the lock the DNS path waits for; sorting and
         // writing come after, off the runtime's workers.
-        let (cache, file) = (cache.clone(), file.clone());
-        let saved = tokio::task::spawn_blocking(move || {
-            let snapshot = CacheSnapshot::new(now, cache.entries_unordered(now));
-            file.save(&snapshot)
-        })
-        .await;
+        let file = file.clone();
+        let saved = cache
+            .off_runtime(move |cache| {
+                let snapshot = CacheSnapshot::new(now, cache.entries_unordered(now));
+                file.save(&snapshot)
+            })
+            .await;
         save_pause = PERSIST_INTERVAL.max(started.elapsed() * 10);
         match saved {
             Ok(Ok(())) => saved_at_change = change,

@@ -128,12 +128,12 @@ pub fn merge_mappings(
 /// worker (hundreds of ms of CPU at a million entries). Empty, with an error logged, should
 /// that thread panic: the resync then sends nothing and the peers keep what they hold.
 pub async fn cache_dump(cache: &warden_proxy::SharedCache) -> Vec<proto::Mapping> {
-    let cache = cache.clone();
-    let copied = tokio::task::spawn_blocking(move || {
-        let now = warden_proxy::unix_now();
-        wire_entries(&cache.entries_unordered(now), now)
-    })
-    .await;
+    let copied = cache
+        .off_runtime(|cache| {
+            let now = warden_proxy::unix_now();
+            wire_entries(&cache.entries_unordered(now), now)
+        })
+        .await;
     copied.unwrap_or_else(|error| {
         tracing::error!(%error, "the cache copy for the resync failed");
         Vec::new()

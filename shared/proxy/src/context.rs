@@ -156,8 +156,7 @@ impl SharedCache {
     /// would wait out), counted in `metrics`, whose size gauges it brings up to date; returns
     /// how many IPs went.
     pub async fn expire(&self, now: UnixTime, metrics: &CacheMetrics) -> usize {
-        let sweeper = self.clone();
-        let expired = match tokio::task::spawn_blocking(move || sweeper.gc(now)).await {
+        let expired = match self.off_runtime(move |cache| cache.gc(now)).await {
             Ok(expired) => expired,
             Err(error) => {
                 tracing::warn!(%error, "cache sweep panicked");
@@ -218,8 +217,7 @@ impl SharedCache {
     ///
     /// [`entries_unordered`]: Self::entries_unordered
     pub async fn entries_sorted(&self, now: UnixTime) -> Result<Vec<CacheEntry>, String> {
-        let cache = self.clone();
-        tokio::task::spawn_blocking(move || {
+        self.off_runtime(move |cache| {
             let mut entries = cache.entries_unordered(now);
             warden_fqdn::sort_entries(&mut entries);
             entries
@@ -254,10 +252,20 @@ impl SharedCache {
         &self,
         filter: impl FnMut(&str, &str) -> bool + Send + 'static,
     ) -> Result<Vec<Expired>, String> {
-        let cache = self.clone();
-        tokio::task::spawn_blocking(move || cache.remove_matching(filter))
+        self.off_runtime(move |cache| cache.remove_matching(filter))
             .await
             .map_err(|error| format!("the cache clean failed: {error}\n"))
+    }
+
+    /// Runs `work` on the cache on a blocking thread rather than a runtime worker, which
+    /// answers DNS: for whatever walks the whole cache (milliseconds to hundreds of ms of CPU
+    /// at a million entries). Fails if that thread panicked or the runtime is shutting down.
+    pub async fn off_runtime<T: Send + 'static>(
+        &self,
+        work: impl FnOnce(&SharedCache) -> T + Send + 'static,
+    ) -> Result<T, tokio::task::JoinError> {
+        let cache = self.clone();
+        tokio::task::spawn_blocking(move || work(&cache)).await
     }
 
     /// Walks every pair a chunk per hold of the lock: `take` does a chunk's work under the lock
@@ -293,11 +301,9 @@ impl SharedCache {
         }
         let mut cache = self.lock();
         let mut from = 0;
-        let mut first = true;
         loop {
             let (chunk, next) = take(&mut cache, from);
-            sink(chunk, first);
-            first = false;
+            sink(chunk, from == 0);
             if next >= cache.pair_id_bound() {
                 return;
             }
