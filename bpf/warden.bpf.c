@@ -84,6 +84,15 @@ struct {
 } redirect_records SEC(".maps");
 
 struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, WARDEN_REDIRECT_SLOTS);
+	__uint(map_flags, BPF_F_MMAPABLE);
+	__type(key, __u32);
+	__type(value, struct warden_redirect_slot);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} redirect_slots SEC(".maps");
+
+struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 262144);
 	/* Not preallocated: the map is large and usually sparse. */
@@ -662,6 +671,55 @@ static __always_inline int parse(struct __sk_buff *skb, struct pkt *p)
 	return 1;
 }
 
+static __always_inline __u32 redirect_slot_of(const struct warden_client_key *key)
+{
+	__u32 words[4];
+	__u32 h = 0;
+
+	__builtin_memcpy(words, key->addr, 16);
+	h = (h ^ words[0]) * WARDEN_REDIRECT_GOLDEN;
+	h = (h ^ words[1]) * WARDEN_REDIRECT_GOLDEN;
+	h = (h ^ words[2]) * WARDEN_REDIRECT_GOLDEN;
+	h = (h ^ words[3]) * WARDEN_REDIRECT_GOLDEN;
+	h = (h ^ ((__u32)key->port | ((__u32)key->proto << 16))) * WARDEN_REDIRECT_GOLDEN;
+	return h >> (32 - WARDEN_REDIRECT_SLOT_BITS);
+}
+
+/* The record again in its slot of redirect_slots, where the proxy reads it without a system
+ * call (warden.h has the protocol). Written after the LRU entry and before the packet leaves,
+ * so a proxy that has received the packet finds the slot written. */
+static __always_inline void publish_redirect(const struct warden_client_key *key,
+					     const struct warden_redirect_record *rec)
+{
+	__u32 index = redirect_slot_of(key);
+	struct warden_redirect_slot *slot = bpf_map_lookup_elem(&redirect_slots, &index);
+	__u64 seq;
+
+	if (!slot)
+		return;
+	seq = *(volatile __u64 *)&slot->seq;
+	/* Another writer is inside: leave the slot to it. Its record is as current as ours, and a
+	 * reader that finds the slot holding another key asks the LRU map. */
+	if (seq & 1)
+		return;
+	if (__sync_val_compare_and_swap(&slot->seq, seq, seq + 1) != seq)
+		return;
+	__builtin_memcpy(slot->addr, key->addr, 16);
+	slot->port = key->port;
+	slot->proto = key->proto;
+	slot->pad0 = 0;
+	slot->orig_port = rec->orig.port;
+	slot->orig_family = rec->orig.family;
+	slot->pad1 = 0;
+	slot->cgroup_id = rec->cgroup_id;
+	slot->time_ns = rec->time_ns;
+	__builtin_memcpy(slot->orig_addr, rec->orig.addr, 16);
+	/* A compare-and-swap, not an add: it is a full barrier on every architecture (an add whose
+	 * result is unused compiles to a relaxed one), so the fields are visible before the even
+	 * sequence number that vouches for them. Ours while odd, so it cannot fail. */
+	__sync_val_compare_and_swap(&slot->seq, seq + 1, seq + 2);
+}
+
 /* Remember who asked and which server was meant, keyed the way the proxy sees the client. */
 static __always_inline void record_redirect(struct __sk_buff *skb, const struct pkt *p,
 					    __u64 cgroup_id)
@@ -680,6 +738,7 @@ static __always_inline void record_redirect(struct __sk_buff *skb, const struct 
 	rec.time_ns = bpf_ktime_get_boot_ns();
 	rec.orig = so->orig;
 	bpf_map_update_elem(&redirect_records, &key, &rec, BPF_ANY);
+	publish_redirect(&key, &rec);
 }
 
 static __always_inline void touch_last_seen(__u32 endpoint_id, const struct addr16 *dst)

@@ -71,6 +71,35 @@ struct warden_redirect_record {
 	__u32 pad;
 };
 
+/* redirect_slots: ARRAY (BPF_F_MMAPABLE) of WARDEN_REDIRECT_SLOTS struct warden_redirect_slot,
+ * the latest redirect record of each client key that hashes there, which the proxy reads from
+ * its own memory instead of one bpf() lookup of redirect_records per query. The slot of a key:
+ *   h = 0; for each of the address's four 32-bit words w (native order): h = (h ^ w) * GOLDEN;
+ *   h = (h ^ (port | proto << 16)) * GOLDEN; slot = h >> (32 - WARDEN_REDIRECT_SLOT_BITS)
+ * (32-bit wrapping arithmetic). A sequence lock guards each slot: a writer takes it from even to
+ * odd with a compare-and-swap (or leaves the slot alone when another writer is inside: the LRU
+ * map still has the record), writes, and makes it even again; a reader copies the slot between
+ * two equal even sequence numbers. Sequence 0 means the slot was never written. */
+#define WARDEN_REDIRECT_SLOT_BITS 14
+#define WARDEN_REDIRECT_SLOTS (1 << WARDEN_REDIRECT_SLOT_BITS)
+#define WARDEN_REDIRECT_GOLDEN 0x9E3779B1u
+
+struct warden_redirect_slot {
+	__u64 seq;
+	/* struct warden_client_key, then the record's orig port and family */
+	__u8 addr[16];
+	__u16 port;
+	__u8 proto;
+	__u8 pad0;
+	__u16 orig_port;
+	__u8 orig_family;
+	__u8 pad1;
+	/* struct warden_redirect_record's other fields */
+	__u64 cgroup_id;
+	__u64 time_ns;
+	__u8 orig_addr[16];
+};
+
 /* fqdn_allow: HASH struct warden_fqdn_key -> struct warden_fqdn_value. The kernel checks
  * presence only; the value is for userspace garbage collection. */
 struct warden_fqdn_key {

@@ -31,7 +31,8 @@ use crate::ebpf::EbpfLab;
 use crate::lab::{Daemon, Dnsdist};
 use crate::load::{LoadReport, LoadSpec};
 use crate::report::{
-    Hold, Latency, Machine, Ratios, Restart, Results, ServerScopes, Target, Throughput,
+    Hold, Latency, Machine, Ratios, RedirectLookups, Restart, Results, ServerScopes, Target,
+    Throughput,
 };
 use crate::stats::Histogram;
 
@@ -924,6 +925,7 @@ fn scopes(histograms: &[Histogram]) -> ServerScopes {
         policy_check: summary(1),
         upstream: summary(2),
         datapath_hold: summary(3),
+        redirect_lookups: RedirectLookups::default(),
     }
 }
 
@@ -943,6 +945,7 @@ async fn latency(scenarios: &[Scenario], base: &LoadSpec, rounds: u32) -> Result
         })
         .collect();
     let mut histograms: Vec<Vec<Histogram>> = vec![Vec::new(); scenarios.len()];
+    let mut redirects = vec![RedirectLookups::default(); scenarios.len()];
     for round in 0..rounds {
         for (index, scenario) in scenarios.iter().enumerate() {
             let Some(addr) = scenario.addr else {
@@ -966,6 +969,7 @@ async fn latency(scenarios: &[Scenario], base: &LoadSpec, rounds: u32) -> Result
             let report = tokio::task::spawn_blocking(move || load::run(&spec)).await??;
             if policing {
                 let after = scrape_all(&scenario.admins).await?;
+                redirects[index].add_run(&before, &after);
                 let run = scope_histograms(&before, &after);
                 let pooled = &mut histograms[index];
                 if pooled.is_empty() {
@@ -985,9 +989,12 @@ async fn latency(scenarios: &[Scenario], base: &LoadSpec, rounds: u32) -> Result
             tokio::time::sleep(Duration::from_millis(300)).await;
         }
     }
-    for (row, pooled) in rows.iter_mut().zip(&histograms) {
+    for ((row, pooled), redirects) in rows.iter_mut().zip(&histograms).zip(redirects) {
         if !pooled.is_empty() {
-            row.server = Some(scopes(pooled));
+            row.server = Some(ServerScopes {
+                redirect_lookups: redirects,
+                ..scopes(pooled)
+            });
         }
     }
     Ok(rows)

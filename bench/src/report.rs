@@ -83,6 +83,44 @@ pub struct ServerScopes {
     pub policy_check: HistogramSummary,
     pub upstream: HistogramSummary,
     pub datapath_hold: HistogramSummary,
+    /// `warden_datapath_redirect_lookups_total` over the same run (eBPF scenarios only).
+    pub redirect_lookups: RedirectLookups,
+}
+
+/// Redirect-record lookups of the proxy's queries, by where they were answered.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct RedirectLookups {
+    /// In the memory-mapped slots (found or known absent): no system call.
+    pub slot: f64,
+    /// With a `bpf()` lookup of the LRU map.
+    pub map: f64,
+}
+
+impl RedirectLookups {
+    /// Adds what the counters rose by between two scrapes.
+    pub fn add_run(&mut self, before: &str, after: &str) {
+        let rise = |source| {
+            let count = |scrape| {
+                warden_tests::warden::metric_value(
+                    scrape,
+                    "warden_datapath_redirect_lookups_total",
+                    &[("source", source)],
+                )
+            };
+            count(after) - count(before)
+        };
+        self.slot += rise("slot");
+        self.map += rise("map");
+    }
+
+    /// The slots' share of the lookups, as a cell; "–" without any (no datapath).
+    pub fn show(&self) -> String {
+        let total = self.slot + self.map;
+        if total <= 0.0 {
+            return "–".to_owned();
+        }
+        format!("{:.1}%", 100.0 * self.slot / total)
+    }
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -386,7 +424,7 @@ impl Results {
             );
             let _ = writeln!(
                 md,
-                "| scenario | rate | total | policy_check | upstream | datapath_hold |\n|---|---|---|---|---|---|"
+                "| scenario | rate | total | policy_check | upstream | datapath_hold | redirect records from the slots |\n|---|---|---|---|---|---|---|"
             );
             for l in scoped {
                 if let (Some(s), Some(load)) = (&l.server, &l.load) {
@@ -394,14 +432,15 @@ impl Results {
                         |h: &HistogramSummary| format!("{} / {}", h.show(false), h.show(true));
                     let _ = writeln!(
                         md,
-                        "| ({}) {} | {} | {} | {} | {} | {} |",
+                        "| ({}) {} | {} | {} | {} | {} | {} | {} |",
                         l.key,
                         l.label,
                         load.rate,
                         cell(&s.total),
                         cell(&s.policy_check),
                         cell(&s.upstream),
-                        cell(&s.datapath_hold)
+                        cell(&s.datapath_hold),
+                        s.redirect_lookups.show()
                     );
                 }
             }

@@ -55,7 +55,8 @@ fn main() {
     };
     let object = out_dir.join("warden.bpf.o");
     let output = Command::new(&clang)
-        .args(["-target", "bpf", "-O2", "-g", "-Wall"])
+        // v3: the compare-and-swap of the redirect slots (kernel 5.12 and later).
+        .args(["-target", "bpf", "-mcpu=v3", "-O2", "-g", "-Wall"])
         .arg(format!("-I{multiarch}"))
         .arg(format!("-I{}", bpf_dir.display()))
         .arg("-c")

@@ -17,12 +17,20 @@ pub(crate) const AF_INET: u8 = 2;
 pub(crate) const CIDR_MAX_RULES: usize = 8;
 pub(crate) const REUSEPORT_INSTANCES: u32 = 2;
 
+/// `WARDEN_REDIRECT_SLOT_BITS`, `WARDEN_REDIRECT_GOLDEN`: the redirect slots' size and hash.
+pub(crate) const REDIRECT_SLOT_BITS: u32 = 14;
+pub(crate) const REDIRECT_SLOTS: usize = 1 << REDIRECT_SLOT_BITS;
+pub(crate) const REDIRECT_GOLDEN: u32 = 0x9E37_79B1;
+/// `sizeof(struct warden_redirect_slot)`, read word by word in [`crate::slots`].
+pub(crate) const REDIRECT_SLOT_WORDS: usize = 8;
+
 /// Map names: the ABI between this crate and the programs.
 pub(crate) mod map {
     pub(crate) const ENDPOINTS: &str = "endpoints";
     pub(crate) const DNS_TARGETS: &str = "dns_targets";
     pub(crate) const SOCK_ORIG: &str = "sock_orig";
     pub(crate) const REDIRECT_RECORDS: &str = "redirect_records";
+    pub(crate) const REDIRECT_SLOTS: &str = "redirect_slots";
     pub(crate) const FQDN_ALLOW: &str = "fqdn_allow";
     pub(crate) const CIDR_ALLOW: &str = "cidr_allow";
     pub(crate) const LAST_SEEN: &str = "last_seen";
@@ -203,7 +211,7 @@ pub(crate) fn ipv4_of(addr: [u8; 4]) -> Ipv4Addr {
 
 /// (map, key size, value size) as the kernel reports them for each pinned map; checked before
 /// reusing pins, since the loader would otherwise reuse a map of another layout silently.
-pub(crate) const MAP_SIZES: [(&str, u32, u32); 10] = [
+pub(crate) const MAP_SIZES: [(&str, u32, u32); 11] = [
     (map::ENDPOINTS, 8, size_of::<RawEndpoint>() as u32),
     (map::DNS_TARGETS, 4, size_of::<RawDnsTarget>() as u32),
     (map::SOCK_ORIG, 8, size_of::<RawSockOrig>() as u32),
@@ -212,6 +220,7 @@ pub(crate) const MAP_SIZES: [(&str, u32, u32); 10] = [
         size_of::<RawClientKey>() as u32,
         size_of::<RawRedirectRecord>() as u32,
     ),
+    (map::REDIRECT_SLOTS, 4, (REDIRECT_SLOT_WORDS * 8) as u32),
     (
         map::FQDN_ALLOW,
         size_of::<RawFqdnKey>() as u32,

@@ -70,6 +70,16 @@ pub enum DatapathError {
         source: aya::maps::MapError,
     },
 
+    /// The pinned redirect slots could not be mapped into memory.
+    #[error("mapping the redirect slots pinned at {path} into memory: {source}")]
+    MapMemory {
+        /// The map's pin path.
+        path: PathBuf,
+        /// The underlying error (errno).
+        #[source]
+        source: io::Error,
+    },
+
     /// Parsing the embedded object or creating/reusing its maps failed.
     #[error("loading the eBPF object (maps pinned under {pin_dir}): {source}")]
     Load {

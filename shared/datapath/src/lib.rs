@@ -12,7 +12,8 @@
 //!
 //! Modules: `abi` mirrors `bpf/warden.h`; `sys` is the one unsafe module (`Pod` impls and the
 //! bpf(2) commands aya does not expose); `loader` loads, attaches, replaces and cleans up;
-//! `maps` holds the typed map operations; `events` reads the ring buffer; `types` holds the
+//! `maps` holds the typed map operations; `slots` reads the redirect records the egress program
+//! publishes in memory-mapped slots; `events` reads the ring buffer; `types` holds the
 //! public value types; `clock` converts kernel boot-time stamps to wall-clock time.
 
 #![deny(unsafe_code)]
@@ -23,6 +24,7 @@ mod error;
 mod events;
 mod loader;
 mod maps;
+mod slots;
 mod sys;
 mod types;
 
@@ -33,7 +35,8 @@ pub use error::DatapathError;
 pub use events::{DropEvent, DropEvents, DropReason};
 pub use loader::LinkAction;
 pub use types::{
-    CleanupReport, DatapathOptions, DnsTarget, EndpointEntry, FqdnKey, PortRule, RedirectRecord,
+    CleanupReport, DatapathOptions, DnsTarget, EndpointEntry, FqdnKey, PortRule, RedirectLookup,
+    RedirectRecord, RedirectSource,
 };
 
 /// The default bpffs directory for Warden's pins.

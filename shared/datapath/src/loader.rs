@@ -48,8 +48,10 @@ const CGROUP_PROGRAMS: [(&str, Hook); 9] = [
     ("warden_recvmsg6", Hook::SockAddr),
     ("warden_peer4", Hook::SockAddr),
     ("warden_peer6", Hook::SockAddr),
-    ("warden_egress", Hook::SkbEgress),
+    (EGRESS_PROGRAM, Hook::SkbEgress),
 ];
+
+const EGRESS_PROGRAM: &str = "warden_egress";
 
 pub(crate) const REUSEPORT_PROGRAM: &str = "warden_reuse";
 
@@ -61,6 +63,11 @@ pub(crate) fn maps_dir(bpffs: &Path) -> PathBuf {
 
 fn links_dir(bpffs: &Path) -> PathBuf {
     bpffs.join("links")
+}
+
+/// Where the egress program's link is pinned (it alone writes the redirect records).
+pub(crate) fn egress_link_path(bpffs: &Path) -> PathBuf {
+    links_dir(bpffs).join(EGRESS_PROGRAM)
 }
 
 pub(crate) fn reuseport_prog_path(bpffs: &Path) -> PathBuf {

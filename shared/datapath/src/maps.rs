@@ -1,6 +1,7 @@
 //! Typed operations on the pinned maps.
 
 use std::fmt;
+use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::os::fd::{AsFd, AsRawFd};
 use std::path::{Path, PathBuf};
@@ -20,9 +21,10 @@ use crate::abi::{
     RawReuseportConfig, RawSockOrig, map,
 };
 use crate::events::DropEvents;
+use crate::slots::{RedirectSlots, SlotRead};
 use crate::{
-    Datapath, DatapathError, DnsTarget, EndpointEntry, FqdnKey, PortRule, RedirectRecord, clock,
-    loader,
+    Datapath, DatapathError, DnsTarget, EndpointEntry, FqdnKey, PortRule, RedirectLookup,
+    RedirectRecord, RedirectSource, clock, loader, sys,
 };
 
 /// The open map handles of one process.
@@ -34,6 +36,9 @@ pub(crate) struct Maps {
     /// Read only here, once per query by every worker, so not behind a lock: lookups take
     /// `&self`, and the kernel serializes what needs it.
     redirect_records: HashMap<MapData, RawClientKey, RawRedirectRecord>,
+    /// The same records where the egress program also publishes them, mapped into our memory;
+    /// `None` when the pins predate them (the LRU map answers then).
+    redirect_slots: Option<RedirectSlots>,
     fqdn_allow: Mutex<HashMap<MapData, RawFqdnKey, RawFqdnValue>>,
     cidr_allow: Mutex<LpmTrie<MapData, RawCidrData, RawCidrValue>>,
     last_seen: Mutex<HashMap<MapData, RawLastSeenKey, u64>>,
@@ -78,6 +83,50 @@ fn typed_unlocked<T: TryFrom<Map, Error = MapError>>(
     T::try_from(map).map_err(|e| DatapathError::map(name, "open", e))
 }
 
+/// Maps the pinned redirect slots, if the programs that created the pins had them.
+fn open_slots(bpffs: &Path, dir: &Path) -> Result<Option<RedirectSlots>, DatapathError> {
+    let path = dir.join(map::REDIRECT_SLOTS);
+    let data = match MapData::from_pin(&path) {
+        Ok(data) => data,
+        Err(MapError::SyscallError(error)) if error.io_error.kind() == io::ErrorKind::NotFound => {
+            tracing::debug!(path = %path.display(), "no redirect slots pinned: every redirect record is looked up");
+            return Ok(None);
+        }
+        Err(source) => {
+            return Err(DatapathError::NotPinned {
+                map: map::REDIRECT_SLOTS,
+                path,
+                source,
+            });
+        }
+    };
+    let map_id = data
+        .info()
+        .map_err(|e| DatapathError::map(map::REDIRECT_SLOTS, "open", e))?
+        .id();
+    let memory = sys::MappedWords::map(
+        data.fd(),
+        abi::REDIRECT_SLOTS * abi::REDIRECT_SLOT_WORDS * 8,
+    )
+    .map_err(|source| DatapathError::MapMemory {
+        path: path.clone(),
+        source,
+    })?;
+    Ok(Some(RedirectSlots::new(
+        memory,
+        map_id,
+        loader::egress_link_path(bpffs),
+    )))
+}
+
+fn redirect_record_of(r: RawRedirectRecord) -> RedirectRecord {
+    RedirectRecord {
+        cgroup_id: r.cgroup_id,
+        original: abi::socket_addr_of(r.orig.addr, r.orig.port),
+        seen_at: clock::boot_ns_to_system(r.time_ns),
+    }
+}
+
 fn lock<'a, T>(m: &'a Mutex<T>, name: &'static str) -> Result<MutexGuard<'a, T>, DatapathError> {
     m.lock().map_err(|_| DatapathError::Poisoned { map: name })
 }
@@ -118,6 +167,7 @@ impl Maps {
             endpoints: typed(&dir, map::ENDPOINTS)?,
             dns_targets: typed(&dir, map::DNS_TARGETS)?,
             redirect_records: typed_unlocked(&dir, map::REDIRECT_RECORDS)?,
+            redirect_slots: open_slots(bpffs, &dir)?,
             fqdn_allow: typed(&dir, map::FQDN_ALLOW)?,
             cidr_allow: typed(&dir, map::CIDR_ALLOW)?,
             last_seen: typed(&dir, map::LAST_SEEN)?,
@@ -539,27 +589,44 @@ impl Datapath {
     }
 
     /// Who sent a redirected query from `client` (its address as the proxy sees it; IPv4 may
-    /// be given v4-mapped) over `proto` (17 UDP, 6 TCP), and which server it addressed.
+    /// be given v4-mapped) over `proto` (17 UDP, 6 TCP), and which server it addressed; and
+    /// whether the memory-mapped slots answered or the LRU map had to be asked.
     pub fn redirect_record(
         &self,
         client: SocketAddr,
         proto: u8,
-    ) -> Result<Option<RedirectRecord>, DatapathError> {
+    ) -> Result<RedirectLookup, DatapathError> {
         let key = RawClientKey {
             addr: abi::addr16(client.ip()),
             port: client.port(),
             proto,
             pad: 0,
         };
-        Ok(found(
+        if let Some(slots) = &self.inner.redirect_slots {
+            match slots.read(&key, clock::boot_now_ns()) {
+                SlotRead::Found(record) => {
+                    return Ok(RedirectLookup {
+                        record: Some(redirect_record_of(record)),
+                        source: RedirectSource::Slot,
+                    });
+                }
+                SlotRead::Absent => {
+                    return Ok(RedirectLookup {
+                        record: None,
+                        source: RedirectSource::Slot,
+                    });
+                }
+                SlotRead::Ask => {}
+            }
+        }
+        let record = found(
             map::REDIRECT_RECORDS,
             self.inner.redirect_records.get(&key, 0),
-        )?
-        .map(|r| RedirectRecord {
-            cgroup_id: r.cgroup_id,
-            original: abi::socket_addr_of(r.orig.addr, r.orig.port),
-            seen_at: clock::boot_ns_to_system(r.time_ns),
-        }))
+        )?;
+        Ok(RedirectLookup {
+            record: record.map(redirect_record_of),
+            source: RedirectSource::Map,
+        })
     }
 
     /// A reader of drop events. Call inside a tokio runtime; one reader per node at a time.

@@ -1,6 +1,7 @@
-//! The crate's only unsafe code: `Pod` for the map layouts, and the few bpf(2) commands aya
-//! 0.14 does not expose (opening a pinned link's fd, `BPF_LINK_UPDATE`, reading a cgroup
-//! link's target, `BPF_LINK_DETACH`).
+//! The crate's only unsafe code: `Pod` for the map layouts, the few bpf(2) commands aya 0.14
+//! does not expose (opening a pinned link's fd, `BPF_LINK_UPDATE`, reading a cgroup link's
+//! target, `BPF_LINK_DETACH`, the maps a loaded program uses), and the read-only mapping of the
+//! redirect slots into this process.
 #![allow(unsafe_code)]
 
 use std::ffi::CString;
@@ -190,4 +191,127 @@ pub(crate) fn link_detach(link: impl AsFd) -> io::Result<()> {
 
 fn fd_u32(fd: i32) -> io::Result<u32> {
     u32::try_from(fd).map_err(|_| io::Error::from_raw_os_error(libc::EBADF))
+}
+
+const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
+
+#[repr(C)]
+#[derive(Default)]
+struct GetFdByIdAttr {
+    id: u32,
+    next_id: u32,
+    open_flags: u32,
+}
+
+/// The kernel's `struct bpf_prog_info` up to `map_ids`; the kernel fills what it has of the rest
+/// only when asked (pointers and lengths left zero).
+#[repr(C)]
+#[derive(Default)]
+struct ProgInfo {
+    prog_type: u32,
+    id: u32,
+    tag: [u8; 8],
+    jited_prog_len: u32,
+    xlated_prog_len: u32,
+    jited_prog_insns: u64,
+    xlated_prog_insns: u64,
+    load_time: u64,
+    created_by_uid: u32,
+    nr_map_ids: u32,
+    map_ids: u64,
+}
+
+/// The ids of the maps the loaded program `prog_id` uses (`BPF_PROG_GET_FD_BY_ID`, then
+/// `BPF_OBJ_GET_INFO_BY_FD` asking for its map ids).
+pub(crate) fn program_map_ids(prog_id: u32) -> io::Result<Vec<u32>> {
+    let mut by_id = GetFdByIdAttr {
+        id: prog_id,
+        ..GetFdByIdAttr::default()
+    };
+    let fd = bpf(BPF_PROG_GET_FD_BY_ID, &mut by_id)?;
+    let fd = i32::try_from(fd).map_err(|_| io::Error::from_raw_os_error(libc::EBADF))?;
+    // SAFETY: BPF_PROG_GET_FD_BY_ID returned a new file descriptor that nothing else owns.
+    let program = unsafe { OwnedFd::from_raw_fd(fd) };
+    // A program uses a handful of maps (warden_egress: under twenty); the kernel says how many
+    // it has, so a second call would only be needed past this.
+    let mut ids = vec![0_u32; 64];
+    let mut info = ProgInfo {
+        nr_map_ids: ids.len() as u32,
+        map_ids: ids.as_mut_ptr() as u64,
+        ..ProgInfo::default()
+    };
+    let mut attr = InfoAttr {
+        bpf_fd: fd_u32(program.as_raw_fd())?,
+        info_len: size_of::<ProgInfo>() as u32,
+        info: std::ptr::from_mut(&mut info) as u64,
+    };
+    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
+    ids.truncate(info.nr_map_ids as usize);
+    Ok(ids)
+}
+
+/// A pinned map's values mapped read-only into this process (an array created with
+/// `BPF_F_MMAPABLE`), seen as 64-bit words that the programs write concurrently.
+pub(crate) struct MappedWords {
+    base: std::ptr::NonNull<libc::c_void>,
+    bytes: usize,
+}
+
+// SAFETY: the mapping is shared memory read only through atomics (`words`), valid until Drop
+// unmaps it; no thread-local state is attached to it.
+unsafe impl Send for MappedWords {}
+// SAFETY: as above: `&MappedWords` only hands out `&[AtomicU64]`, which is Sync.
+unsafe impl Sync for MappedWords {}
+
+impl MappedWords {
+    /// Maps the first `bytes` (a multiple of 8) of the map behind `map`.
+    pub(crate) fn map(map: impl AsFd, bytes: usize) -> io::Result<MappedWords> {
+        if bytes == 0 || !bytes.is_multiple_of(8) {
+            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+        }
+        // SAFETY: a fresh read-only shared mapping chosen by the kernel (no address hint, so it
+        // aliases nothing of ours) of a map fd that is valid for this call; the kernel keeps the
+        // map alive as long as the mapping exists, even after the fd closes.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                bytes,
+                libc::PROT_READ,
+                libc::MAP_SHARED,
+                map.as_fd().as_raw_fd(),
+                0,
+            )
+        };
+        if base == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let base = std::ptr::NonNull::new(base).ok_or_else(|| io::Error::other("mmap gave 0"))?;
+        Ok(MappedWords { base, bytes })
+    }
+
+    pub(crate) fn words(&self) -> &[std::sync::atomic::AtomicU64] {
+        // SAFETY: the mapping is `bytes` long, page-aligned (so 8-aligned), readable, and
+        // stays mapped while `self` lives; AtomicU64 has u64's size and alignment, and atomic
+        // loads are the right way to read memory another agent (the programs) writes at the
+        // same time. Nothing in this process writes through the mapping (it is read-only).
+        unsafe { std::slice::from_raw_parts(self.base.as_ptr().cast(), self.bytes / 8) }
+    }
+}
+
+impl Drop for MappedWords {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly the mapping made in `map`; no reference from `words` outlives
+        // `self`.
+        unsafe {
+            libc::munmap(self.base.as_ptr(), self.bytes);
+        }
+    }
+}
+
+impl std::fmt::Debug for MappedWords {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MappedWords")
+            .field("bytes", &self.bytes)
+            .finish()
+    }
 }

@@ -115,6 +115,32 @@ pub struct RedirectRecord {
     pub seen_at: SystemTime,
 }
 
+/// A redirect record looked up, and where it was looked up.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RedirectLookup {
+    pub record: Option<RedirectRecord>,
+    pub source: RedirectSource,
+}
+
+/// Where a redirect record was looked up.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RedirectSource {
+    /// The memory-mapped slots answered (found, or never written): no system call.
+    Slot,
+    /// The slots could not tell (another key there, a writer inside, not trusted yet, none
+    /// pinned): one `bpf()` lookup of the LRU map.
+    Map,
+}
+
+impl RedirectSource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RedirectSource::Slot => "slot",
+            RedirectSource::Map => "map",
+        }
+    }
+}
+
 /// What [`crate::Datapath::cleanup`] removed.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct CleanupReport {

@@ -3,7 +3,8 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
-use warden_datapath::{Datapath, DatapathError, FqdnKey};
+use prometheus::IntCounter;
+use warden_datapath::{Datapath, DatapathError, FqdnKey, RedirectLookup, RedirectSource};
 use warden_policy::EndpointId;
 use warden_proxy::{
     AllowRequest, ClientContext, DatapathHook, EndpointLookup, HoldFuture, Transport,
@@ -67,6 +68,40 @@ pub struct Enforcement {
     generation: AtomicU64,
     allow_memo: Mutex<AllowMemo>,
     metrics: Metrics,
+    /// `warden_datapath_redirect_lookups_total`, resolved once: one of them counts each query.
+    redirect_lookups: RedirectLookupCounters,
+}
+
+#[derive(Debug)]
+struct RedirectLookupCounters {
+    /// By [source (slot, map)][result (found, absent)].
+    counters: [[IntCounter; 2]; 2],
+}
+
+impl RedirectLookupCounters {
+    fn new(metrics: &Metrics) -> RedirectLookupCounters {
+        let counter = |source: RedirectSource, result| {
+            metrics
+                .datapath
+                .redirect_lookups
+                .with_label_values(&[source.as_str(), result])
+        };
+        let by_result = |source| [counter(source, "found"), counter(source, "absent")];
+        RedirectLookupCounters {
+            counters: [
+                by_result(RedirectSource::Slot),
+                by_result(RedirectSource::Map),
+            ],
+        }
+    }
+
+    fn count(&self, lookup: &RedirectLookup) {
+        let source = match lookup.source {
+            RedirectSource::Slot => 0,
+            RedirectSource::Map => 1,
+        };
+        self.counters[source][usize::from(lookup.record.is_none())].inc();
+    }
 }
 
 impl Enforcement {
@@ -76,6 +111,7 @@ impl Enforcement {
             directory: RwLock::new(Arc::new(EndpointDirectory::default())),
             generation: AtomicU64::new(0),
             allow_memo: Mutex::new(AllowMemo::default()),
+            redirect_lookups: RedirectLookupCounters::new(&metrics),
             metrics,
         }
     }
@@ -168,7 +204,11 @@ impl EndpointLookup for Enforcement {
             Transport::Udp => UDP,
             Transport::Tcp => TCP,
         };
-        match datapath.redirect_record(client, proto) {
+        let lookup = datapath.redirect_record(client, proto);
+        if let Ok(lookup) = &lookup {
+            self.redirect_lookups.count(lookup);
+        }
+        match lookup.map(|lookup| lookup.record) {
             Ok(Some(record)) => ClientContext {
                 endpoint: directory
                     .by_cgroup

@@ -115,6 +115,8 @@ pub struct DatapathMetrics {
     pub updates: IntCounterVec,
     /// label: op
     pub errors: IntCounterVec,
+    /// Redirect-record lookups of queries; labels: source (slot|map), result (found|absent).
+    pub redirect_lookups: IntCounterVec,
 }
 
 /// The DNS proxy engine's series.
@@ -298,6 +300,12 @@ impl Metrics {
                 "datapath_errors_total",
                 "Failed datapath map updates, by operation.",
                 &["op"],
+            )?,
+            redirect_lookups: counter_vec(
+                &registry,
+                "datapath_redirect_lookups_total",
+                "Redirect records looked up for queries (who asked, which server it meant): in the memory-mapped slots or, when they cannot tell, with a bpf() lookup of the map; found or absent.",
+                &["source", "result"],
             )?,
         };
         let peer = PeerMetrics {

@@ -7,12 +7,14 @@
 
 mod support;
 
+use std::fs;
 use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use ipnet::IpNet;
 use warden_datapath::{
     Datapath, DatapathOptions, DropEvent, DropEvents, DropReason, FqdnKey, LinkAction, PortRule,
+    RedirectSource,
 };
 
 use support::{Lab, NS_V4, NS_V6};
@@ -339,6 +341,79 @@ fn portless_packets_need_a_rule_for_every_port() {
     }
 }
 
+/// The proxy reads redirect records from the memory-mapped slots once it has seen the egress
+/// program writing them twice in a row, gets the same records the LRU map has, and trusts an
+/// empty slot as "no record"; once the attached egress program stops writing the slots (here:
+/// detached; in life: a rollback to a build without them), it asks the LRU map again.
+#[test]
+fn redirect_records_come_from_the_slots_while_the_program_writes_them() {
+    skip_unless_privileged!();
+    let lab = Lab::new();
+    let dp = Datapath::open(&lab.options()).unwrap();
+    let target = v4_at(5354);
+    let seen = lab.dns_responder(target, dp.clone());
+    let app = lab.cgroup("app");
+    let app_id = Datapath::cgroup_id(&app).unwrap();
+    dp.enroll(app_id, 12, true, true).unwrap();
+    let SocketAddr::V4(t4) = target else {
+        unreachable!()
+    };
+    dp.set_dns_target(12, Some(t4), None).unwrap();
+    let orig = sa("10.213.0.98:53");
+
+    // The first lookups ask the map (one check of the program is not enough); every record,
+    // from either source, is the same.
+    let mut sources = Vec::new();
+    for _ in 0..40 {
+        let p = lab.probe(&app, &format!("udp-dns {orig}"));
+        assert_eq!(p.get("answer"), "true", "{p:?}");
+        let s = support::recv_within(&seen, Duration::from_secs(2)).expect("query at target");
+        let record = s.record.expect("redirect record keyed by the client");
+        assert_eq!((record.cgroup_id, record.original), (app_id, orig));
+        sources.push(s.source.expect("lookup failed"));
+        if sources.last() == Some(&RedirectSource::Slot) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(30));
+    }
+    assert_eq!(sources.first(), Some(&RedirectSource::Map), "{sources:?}");
+    assert_eq!(sources.last(), Some(&RedirectSource::Slot), "{sources:?}");
+
+    // Clients that never sent through the redirect: no record, and (but for a key whose slot
+    // another client wrote) known without asking the map.
+    let never: Vec<_> = (0..16)
+        .map(|port| {
+            dp.redirect_record(sa(&format!("192.0.2.1:{}", 6000 + port)), UDP)
+                .unwrap()
+        })
+        .collect();
+    assert!(never.iter().all(|l| l.record.is_none()), "{never:?}");
+    assert!(
+        never
+            .iter()
+            .filter(|l| l.source == RedirectSource::Slot)
+            .count()
+            >= 14,
+        "{never:?}"
+    );
+
+    // The egress program leaves (its link's pin removed, which detaches it): within a check
+    // period or two, absent records are asked of the map again.
+    fs::remove_file(lab.bpffs.join("links").join("warden_egress")).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    loop {
+        let lookup = dp.redirect_record(sa("192.0.2.1:6000"), UDP).unwrap();
+        if lookup.source == RedirectSource::Map {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the slots stayed trusted"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 #[test]
 fn dns_is_redirected_recorded_and_restored() {
     skip_unless_privileged!();
@@ -389,6 +464,7 @@ fn dns_is_redirected_recorded_and_restored() {
         assert_eq!(
             dp.redirect_record(s.client, TCP)
                 .unwrap()
+                .record
                 .map(|r| r.original),
             Some(orig)
         );
@@ -622,7 +698,12 @@ fn map_api_round_trips() {
         dp.last_seen(100, "192.0.2.1".parse().unwrap()).unwrap(),
         None
     );
-    assert_eq!(dp.redirect_record(sa("192.0.2.1:5000"), UDP).unwrap(), None);
+    assert_eq!(
+        dp.redirect_record(sa("192.0.2.1:5000"), UDP)
+            .unwrap()
+            .record,
+        None
+    );
     assert!(
         Datapath::open_pinned(&lab.bpffs.join("nowhere")).is_err(),
         "open_pinned without pins must fail"

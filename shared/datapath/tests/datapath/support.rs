@@ -23,7 +23,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use nix::sched::{CloneFlags, setns};
-use warden_datapath::{Datapath, DatapathOptions, RedirectRecord};
+use warden_datapath::{Datapath, DatapathOptions, RedirectRecord, RedirectSource};
 
 /// Addresses inside every lab namespace (on its `lo`; not 127/8, so policy applies).
 pub const NS_V4: &str = "10.213.0.1";
@@ -244,12 +244,13 @@ impl Lab {
                 let mut buf = [0u8; 1500];
                 while !stop.load(Ordering::Relaxed) {
                     if let Ok((n, client)) = socket.recv_from(&mut buf) {
-                        let record = dp_udp.redirect_record(client, 17).ok().flatten();
+                        let lookup = dp_udp.redirect_record(client, 17).ok();
                         tx_udp
                             .send(DnsSeen {
                                 proto: 17,
                                 client,
-                                record,
+                                record: lookup.and_then(|l| l.record),
+                                source: lookup.map(|l| l.source),
                             })
                             .ok();
                         if let Some(reply) = dns_reply(&buf[..n]) {
@@ -270,11 +271,12 @@ impl Lab {
                     };
                     stream.set_nonblocking(false).ok();
                     stream.set_read_timeout(Some(Duration::from_secs(3))).ok();
-                    let record = dp.redirect_record(client, 6).ok().flatten();
+                    let lookup = dp.redirect_record(client, 6).ok();
                     tx.send(DnsSeen {
                         proto: 6,
                         client,
-                        record,
+                        record: lookup.and_then(|l| l.record),
+                        source: lookup.map(|l| l.source),
                     })
                     .ok();
                     let mut len = [0u8; 2];
@@ -380,6 +382,8 @@ pub struct DnsSeen {
     pub proto: u8,
     pub client: SocketAddr,
     pub record: Option<RedirectRecord>,
+    /// Where the record was looked up (`None` if the lookup failed).
+    pub source: Option<RedirectSource>,
 }
 
 /// A probe's output: `PROBE key=value` lines.
