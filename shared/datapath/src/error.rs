@@ -70,9 +70,10 @@ pub enum DatapathError {
         source: aya::maps::MapError,
     },
 
-    /// The pinned redirect slots could not be mapped into memory.
-    #[error("mapping the redirect slots pinned at {path} into memory: {source}")]
-    MapMemory {
+    /// The pinned redirect slots could not be mapped into memory, or their watcher thread
+    /// could not start.
+    #[error("setting up the redirect slots pinned at {path}: {source}")]
+    RedirectSlots {
         /// The map's pin path.
         path: PathBuf,
         /// The underlying error (errno).

@@ -108,15 +108,13 @@ fn open_slots(bpffs: &Path, dir: &Path) -> Result<Option<RedirectSlots>, Datapat
         data.fd(),
         abi::REDIRECT_SLOTS * abi::REDIRECT_SLOT_WORDS * 8,
     )
-    .map_err(|source| DatapathError::MapMemory {
+    .map_err(|source| DatapathError::RedirectSlots {
         path: path.clone(),
         source,
     })?;
-    Ok(Some(RedirectSlots::new(
-        memory,
-        map_id,
-        loader::egress_link_path(bpffs),
-    )))
+    RedirectSlots::new(memory, map_id, loader::egress_link_path(bpffs))
+        .map(Some)
+        .map_err(|source| DatapathError::RedirectSlots { path, source })
 }
 
 fn redirect_record_of(r: RawRedirectRecord) -> RedirectRecord {

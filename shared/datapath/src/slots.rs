@@ -13,13 +13,15 @@
 //!
 //! "Never written" proves an absence only while the program attached at the pinned egress link
 //! is one that writes the slots: after a rollback to a build that does not, the slots go quiet
-//! while the LRU map keeps filling. So that link's program is checked every
-//! [`TRUST_CHECK_EVERY_NS`] (a handful of system calls, by whichever caller finds the check due),
+//! while the LRU map keeps filling. So a thread of its own checks that link's program every
+//! [`TRUST_CHECK_EVERY`] (a handful of system calls, 35 to 80 µs, kept off the queries' path),
 //! and the slots are used only after two checks in a row found it writing them; a record written
 //! by the old program and still in flight when the new one was attached is then long answered.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering, fence};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
 
 use crate::abi::{
     REDIRECT_GOLDEN, REDIRECT_SLOT_BITS, REDIRECT_SLOT_WORDS, RawClientKey, RawRedirectRecord,
@@ -28,7 +30,7 @@ use crate::abi::{
 use crate::sys::{self, MappedWords};
 
 /// How often the attached egress program is checked for writing the slots.
-pub(crate) const TRUST_CHECK_EVERY_NS: u64 = 100_000_000;
+pub(crate) const TRUST_CHECK_EVERY: Duration = Duration::from_millis(100);
 /// A slot's record older than this is not taken: every redirected packet refreshes its slot on
 /// its way out, so an older one is for a packet the proxy should have read long ago, or was
 /// left by a program that no longer writes the slots.
@@ -49,30 +51,28 @@ pub(crate) enum SlotRead {
 #[derive(Debug)]
 pub(crate) struct RedirectSlots {
     memory: MappedWords,
-    /// The kernel's id of the slots map, which the egress program lists among its maps when
-    /// it writes them.
-    map_id: u32,
-    egress_link: PathBuf,
-    /// Boot ns at which the next check of the egress program is due.
-    next_check: AtomicU64,
-    /// Checks in a row that found the egress program writing the slots.
-    confirmations: AtomicU32,
+    trust: Arc<Trust>,
 }
 
 impl RedirectSlots {
-    pub(crate) fn new(memory: MappedWords, map_id: u32, egress_link: PathBuf) -> RedirectSlots {
-        RedirectSlots {
-            memory,
-            map_id,
-            egress_link,
-            next_check: AtomicU64::new(0),
-            confirmations: AtomicU32::new(0),
-        }
+    /// The slots in `memory`, trusted once the program at `egress_link` is seen using the map
+    /// `map_id` (checked by a thread that ends with the returned value).
+    pub(crate) fn new(
+        memory: MappedWords,
+        map_id: u32,
+        egress_link: PathBuf,
+    ) -> std::io::Result<RedirectSlots> {
+        let trust = Arc::new(Trust::default());
+        let watched = Arc::downgrade(&trust);
+        std::thread::Builder::new()
+            .name("warden-slots".to_owned())
+            .spawn(move || watch_egress(&watched, map_id, &egress_link))?;
+        Ok(RedirectSlots { memory, trust })
     }
 
     /// The record of `key` as its slot has it, if the slots can be trusted now.
     pub(crate) fn read(&self, key: &RawClientKey, now_ns: u64) -> SlotRead {
-        if !self.trusted(now_ns) {
+        if !self.trust.trusted() {
             return SlotRead::Ask;
         }
         match read_slot(self.memory.words(), key) {
@@ -83,45 +83,55 @@ impl RedirectSlots {
             Slot::Found(_) | Slot::Other => SlotRead::Ask,
         }
     }
+}
 
-    fn trusted(&self, now_ns: u64) -> bool {
-        let due = self.next_check.load(Ordering::Relaxed);
-        if now_ns >= due
-            && self
-                .next_check
-                .compare_exchange(
-                    due,
-                    now_ns.saturating_add(TRUST_CHECK_EVERY_NS),
-                    Ordering::Relaxed,
-                    Ordering::Relaxed,
-                )
-                .is_ok()
-        {
-            if self.egress_writes_slots() {
-                let _ =
-                    self.confirmations
-                        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
-                            Some(n.saturating_add(1))
-                        });
-            } else {
-                self.confirmations.store(0, Ordering::Relaxed);
-            }
+/// Checks in a row that found the egress program writing the slots.
+#[derive(Debug, Default)]
+struct Trust {
+    confirmations: AtomicU32,
+}
+
+impl Trust {
+    fn record(&self, writes_slots: bool) {
+        if writes_slots {
+            let _ = self
+                .confirmations
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                    Some(n.saturating_add(1))
+                });
+        } else {
+            self.confirmations.store(0, Ordering::Relaxed);
         }
-        self.confirmations.load(Ordering::Relaxed) >= 2
     }
 
-    /// Whether the program attached at the pinned egress link uses the slots map. Any failure
-    /// (no link, a defunct one, an unreadable program) says no: the LRU map answers then.
-    fn egress_writes_slots(&self) -> bool {
-        let Ok(link) = sys::obj_get(&self.egress_link) else {
-            return false;
-        };
-        match sys::cgroup_link_info(&link) {
-            Ok(Some(info)) if info.cgroup_id != 0 => {
-                sys::program_map_ids(info.prog_id).is_ok_and(|ids| ids.contains(&self.map_id))
-            }
-            _ => false,
+    fn trusted(&self) -> bool {
+        self.confirmations.load(Ordering::Relaxed) >= 2
+    }
+}
+
+/// Checks the egress program every [`TRUST_CHECK_EVERY`] until the slots are dropped.
+fn watch_egress(trust: &Weak<Trust>, map_id: u32, egress_link: &std::path::Path) {
+    loop {
+        let writes = egress_writes_slots(map_id, egress_link);
+        match trust.upgrade() {
+            Some(trust) => trust.record(writes),
+            None => return,
         }
+        std::thread::sleep(TRUST_CHECK_EVERY);
+    }
+}
+
+/// Whether the program attached at the pinned egress link uses the slots map. Any failure (no
+/// link, a defunct one, an unreadable program) says no: the LRU map answers then.
+fn egress_writes_slots(map_id: u32, egress_link: &std::path::Path) -> bool {
+    let Ok(link) = sys::obj_get(egress_link) else {
+        return false;
+    };
+    match sys::cgroup_link_info(&link) {
+        Ok(Some(info)) if info.cgroup_id != 0 => {
+            sys::program_map_ids(info.prog_id).is_ok_and(|ids| ids.contains(&map_id))
+        }
+        _ => false,
     }
 }
 
@@ -303,6 +313,24 @@ mod tests {
         let seq = &words[slot_of(&client) * REDIRECT_SLOT_WORDS];
         seq.fetch_add(1, Ordering::SeqCst);
         assert_eq!(read_slot(&words, &client), Slot::Other);
+    }
+
+    #[test]
+    fn trusted_after_two_checks_in_a_row_until_one_fails() {
+        let trust = Trust::default();
+        assert!(!trust.trusted());
+        trust.record(true);
+        assert!(!trust.trusted(), "one check is not enough");
+        trust.record(true);
+        assert!(trust.trusted());
+        trust.record(true);
+        assert!(trust.trusted());
+        trust.record(false);
+        assert!(!trust.trusted(), "a failed check ends the trust at once");
+        trust.record(true);
+        assert!(!trust.trusted());
+        trust.record(true);
+        assert!(trust.trusted());
     }
 
     #[test]
