@@ -698,8 +698,11 @@ static __always_inline void publish_redirect(const struct warden_client_key *key
 	if (!slot)
 		return;
 	seq = *(volatile __u64 *)&slot->seq;
-	/* Another writer is inside: leave the slot to it. Its record is as current as ours, and a
-	 * reader that finds the slot holding another key asks the LRU map. */
+	/* Another writer is inside: leave the slot to it. A reader then finds its key there and
+	 * asks the LRU map for ours. Were its key ours (one socket sending from two CPUs at once,
+	 * to two servers, or two sockets sharing the port), the slot keeps one of the two records
+	 * and the LRU map possibly the other: the same ambiguity the LRU map alone has, one record
+	 * per client key, with the two packets in flight together. */
 	if (seq & 1)
 		return;
 	if (__sync_val_compare_and_swap(&slot->seq, seq, seq + 1) != seq)

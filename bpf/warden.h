@@ -79,7 +79,10 @@ struct warden_redirect_record {
  * (32-bit wrapping arithmetic). A sequence lock guards each slot: a writer takes it from even to
  * odd with a compare-and-swap (or leaves the slot alone when another writer is inside: the LRU
  * map still has the record), writes, and makes it even again; a reader copies the slot between
- * two equal even sequence numbers. Sequence 0 means the slot was never written. */
+ * two equal even sequence numbers. Sequence 0 means the slot was never written.
+ * The map's name is the protocol's version: a change to the hash, the lock or the layout, even
+ * one that keeps the sizes, takes a new name (redirect_slots2), so that a reader of another
+ * build never reads slots it does not understand. */
 #define WARDEN_REDIRECT_SLOT_BITS 14
 #define WARDEN_REDIRECT_SLOTS (1 << WARDEN_REDIRECT_SLOT_BITS)
 #define WARDEN_REDIRECT_GOLDEN 0x9E3779B1u
@@ -99,6 +102,15 @@ struct warden_redirect_slot {
 	__u64 time_ns;
 	__u8 orig_addr[16];
 };
+
+/* The reader (shared/datapath/src/slots.rs) reads the slot as eight 64-bit words. */
+_Static_assert(sizeof(struct warden_redirect_slot) == 64, "redirect slot size");
+_Static_assert(__builtin_offsetof(struct warden_redirect_slot, addr) == 8, "slot key");
+_Static_assert(__builtin_offsetof(struct warden_redirect_slot, port) == 24, "slot ports word");
+_Static_assert(__builtin_offsetof(struct warden_redirect_slot, orig_port) == 28, "slot orig port");
+_Static_assert(__builtin_offsetof(struct warden_redirect_slot, cgroup_id) == 32, "slot cgroup");
+_Static_assert(__builtin_offsetof(struct warden_redirect_slot, time_ns) == 40, "slot time");
+_Static_assert(__builtin_offsetof(struct warden_redirect_slot, orig_addr) == 48, "slot orig addr");
 
 /* fqdn_allow: HASH struct warden_fqdn_key -> struct warden_fqdn_value. The kernel checks
  * presence only; the value is for userspace garbage collection. */

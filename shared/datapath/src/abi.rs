@@ -23,6 +23,8 @@ pub(crate) const REDIRECT_SLOTS: usize = 1 << REDIRECT_SLOT_BITS;
 pub(crate) const REDIRECT_GOLDEN: u32 = 0x9E37_79B1;
 /// `sizeof(struct warden_redirect_slot)`, read word by word in [`crate::slots`].
 pub(crate) const REDIRECT_SLOT_WORDS: usize = 8;
+/// `BPF_F_MMAPABLE`, which the slots map must have been created with.
+pub(crate) const BPF_F_MMAPABLE: u32 = 1 << 10;
 
 /// Map names: the ABI between this crate and the programs.
 pub(crate) mod map {

@@ -70,17 +70,6 @@ pub enum DatapathError {
         source: aya::maps::MapError,
     },
 
-    /// The pinned redirect slots could not be mapped into memory, or their watcher thread
-    /// could not start.
-    #[error("setting up the redirect slots pinned at {path}: {source}")]
-    RedirectSlots {
-        /// The map's pin path.
-        path: PathBuf,
-        /// The underlying error (errno).
-        #[source]
-        source: io::Error,
-    },
-
     /// Parsing the embedded object or creating/reusing its maps failed.
     #[error("loading the eBPF object (maps pinned under {pin_dir}): {source}")]
     Load {

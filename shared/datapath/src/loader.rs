@@ -5,6 +5,8 @@
 //! ```text
 //! <bpffs>/v1/<map name>          every map, pinned by name (layout-versioned folder)
 //! <bpffs>/v1/progs/warden_reuse  the sk_reuseport program, for processes that attach it later
+//! <bpffs>/v1/progs/warden_egress the egress program last attached, so that a process without
+//!                                CAP_SYS_ADMIN can tell it writes the redirect slots
 //! <bpffs>/links/<program name>   one cgroup link per hook (not versioned: a new layout's
 //!                                programs replace the old ones in the same links)
 //! ```
@@ -68,6 +70,12 @@ fn links_dir(bpffs: &Path) -> PathBuf {
 /// Where the egress program's link is pinned (it alone writes the redirect records).
 pub(crate) fn egress_link_path(bpffs: &Path) -> PathBuf {
     links_dir(bpffs).join(EGRESS_PROGRAM)
+}
+
+/// Where the egress program itself is pinned: opening a program by id takes CAP_SYS_ADMIN,
+/// opening its pin only access to the file.
+pub(crate) fn egress_prog_path(bpffs: &Path) -> PathBuf {
+    maps_dir(bpffs).join("progs").join(EGRESS_PROGRAM)
 }
 
 pub(crate) fn reuseport_prog_path(bpffs: &Path) -> PathBuf {
@@ -257,13 +265,24 @@ pub(crate) fn load_and_attach(
                     program.try_into().map_err(|e| program_error(name, e))?;
                 prog.load().map_err(|e| program_error(name, e))?;
                 let prog_fd = prog.fd().map_err(|e| program_error(name, e))?;
-                match reuse_link(&link_path, prog_fd, cgroup_id)? {
+                let action = match reuse_link(&link_path, prog_fd, cgroup_id)? {
                     Reuse::Updated => LinkAction::Updated,
                     Reuse::Replace(old) => {
                         let link = attach_skb(prog, &cgroup, name, &cgroup_root)?;
                         replace_pin(name, &link_path, link, old)?
                     }
-                }
+                };
+                // After the link runs it: a reader that finds the pinned program and the link's
+                // differ trusts neither.
+                let prog_path = egress_prog_path(&options.bpffs);
+                remove_if_exists(&prog_path)?;
+                prog.pin(&prog_path)
+                    .map_err(|source| DatapathError::PinObject {
+                        program: name,
+                        path: prog_path.clone(),
+                        source: Box::new(source),
+                    })?;
+                action
             }
         };
         tracing::debug!(program = name, ?action, cgroup = %cgroup_root.display(), "datapath link");

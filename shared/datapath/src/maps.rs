@@ -21,7 +21,7 @@ use crate::abi::{
     RawReuseportConfig, RawSockOrig, map,
 };
 use crate::events::DropEvents;
-use crate::slots::{RedirectSlots, SlotRead};
+use crate::slots::{EgressPins, RedirectSlots, SlotRead};
 use crate::{
     Datapath, DatapathError, DnsTarget, EndpointEntry, FqdnKey, PortRule, RedirectLookup,
     RedirectRecord, RedirectSource, clock, loader, sys,
@@ -83,8 +83,13 @@ fn typed_unlocked<T: TryFrom<Map, Error = MapError>>(
     T::try_from(map).map_err(|e| DatapathError::map(name, "open", e))
 }
 
-/// Maps the pinned redirect slots, if the programs that created the pins had them.
+/// Maps the pinned redirect slots, if the programs that created the pins had them and they are
+/// the slots this build reads. Anything else is no reason to go without the datapath: the LRU
+/// map answers every lookup then, and the log says why.
 fn open_slots(bpffs: &Path, dir: &Path) -> Result<Option<RedirectSlots>, DatapathError> {
+    if !cfg!(target_pointer_width = "64") {
+        return Ok(None);
+    }
     let path = dir.join(map::REDIRECT_SLOTS);
     let data = match MapData::from_pin(&path) {
         Ok(data) => data,
@@ -100,21 +105,52 @@ fn open_slots(bpffs: &Path, dir: &Path) -> Result<Option<RedirectSlots>, Datapat
             });
         }
     };
-    let map_id = data
-        .info()
-        .map_err(|e| DatapathError::map(map::REDIRECT_SLOTS, "open", e))?
-        .id();
+    match map_slots(&data, bpffs) {
+        Ok(slots) => Ok(Some(slots)),
+        Err(reason) => {
+            tracing::warn!(path = %path.display(), %reason, "not reading the redirect slots: every redirect record is looked up");
+            Ok(None)
+        }
+    }
+}
+
+/// Checks that the pinned map is the slots this build reads (an mmapable array of as many
+/// slots of the same size) and maps it.
+fn map_slots(data: &MapData, bpffs: &Path) -> Result<RedirectSlots, String> {
+    let info = data.info().map_err(|error| error.to_string())?;
+    let value_size = (abi::REDIRECT_SLOT_WORDS * 8) as u32;
+    let is_array = matches!(info.map_type(), Ok(aya::maps::MapType::Array));
+    if !is_array
+        || info.key_size() != 4
+        || info.value_size() != value_size
+        || info.max_entries() as usize != abi::REDIRECT_SLOTS
+        || info.map_flags() & abi::BPF_F_MMAPABLE == 0
+    {
+        return Err(format!(
+            "another layout: {:?}, key {} B, value {} B, {} entries, flags {:#x} (expected an \
+             mmapable array of {} entries of {value_size} B)",
+            info.map_type(),
+            info.key_size(),
+            info.value_size(),
+            info.max_entries(),
+            info.map_flags(),
+            abi::REDIRECT_SLOTS,
+        ));
+    }
     let memory = sys::MappedWords::map(
         data.fd(),
         abi::REDIRECT_SLOTS * abi::REDIRECT_SLOT_WORDS * 8,
     )
-    .map_err(|source| DatapathError::RedirectSlots {
-        path: path.clone(),
-        source,
-    })?;
-    RedirectSlots::new(memory, map_id, loader::egress_link_path(bpffs))
-        .map(Some)
-        .map_err(|source| DatapathError::RedirectSlots { path, source })
+    .map_err(|error| format!("mmap: {error}"))?;
+    RedirectSlots::new(
+        memory,
+        info.id(),
+        EgressPins {
+            link: loader::egress_link_path(bpffs),
+            program: loader::egress_prog_path(bpffs),
+        },
+    )
+    .map_err(|error| format!("starting its watcher thread: {error}"))
 }
 
 fn redirect_record_of(r: RawRedirectRecord) -> RedirectRecord {

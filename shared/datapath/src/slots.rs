@@ -13,10 +13,16 @@
 //!
 //! "Never written" proves an absence only while the program attached at the pinned egress link
 //! is one that writes the slots: after a rollback to a build that does not, the slots go quiet
-//! while the LRU map keeps filling. So a thread of its own checks that link's program every
-//! [`TRUST_CHECK_EVERY`] (a handful of system calls, 35 to 80 µs, kept off the queries' path),
-//! and the slots are used only after two checks in a row found it writing them; a record written
-//! by the old program and still in flight when the new one was attached is then long answered.
+//! while the LRU map keeps filling. So a thread of its own checks every [`TRUST_CHECK_EVERY`]
+//! (a handful of system calls, 35 to 80 µs, kept off the queries' path) that the program the
+//! link runs is the one pinned beside the maps and that it uses this slots map; the slots are
+//! used after two checks in a row found so, and only while the last such check is younger than
+//! [`TRUST_LEASE_NS`], so that a watcher the machine does not run cannot stretch the trust. A
+//! record written by an older program and still in flight when the new one was attached is
+//! answered long before that.
+//!
+//! Only on 64-bit targets, where a relaxed 64-bit atomic load is a plain load (the mapping is
+//! read-only); elsewhere the LRU map answers every lookup.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering, fence};
@@ -27,10 +33,15 @@ use crate::abi::{
     REDIRECT_GOLDEN, REDIRECT_SLOT_BITS, REDIRECT_SLOT_WORDS, RawClientKey, RawRedirectRecord,
     RawSockaddr,
 };
+use crate::clock;
 use crate::sys::{self, MappedWords};
 
 /// How often the attached egress program is checked for writing the slots.
 pub(crate) const TRUST_CHECK_EVERY: Duration = Duration::from_millis(100);
+/// How long one check that found it vouches for the slots: two and a half check periods.
+const TRUST_LEASE_NS: u64 = 250_000_000;
+/// How far a record may seem to come from the future (clock reads on two CPUs).
+const FUTURE_SLACK_NS: u64 = 10_000_000;
 /// A slot's record older than this is not taken: every redirected packet refreshes its slot on
 /// its way out, so an older one is for a packet the proxy should have read long ago, or was
 /// left by a program that no longer writes the slots.
@@ -47,6 +58,15 @@ pub(crate) enum SlotRead {
     Ask,
 }
 
+/// Where the checks look for the egress program.
+#[derive(Debug)]
+pub(crate) struct EgressPins {
+    /// The pinned link of the egress hook.
+    pub link: PathBuf,
+    /// The program the loader last attached there, pinned.
+    pub program: PathBuf,
+}
+
 /// The mapped slots of one pinned datapath.
 #[derive(Debug)]
 pub(crate) struct RedirectSlots {
@@ -55,45 +75,59 @@ pub(crate) struct RedirectSlots {
 }
 
 impl RedirectSlots {
-    /// The slots in `memory`, trusted once the program at `egress_link` is seen using the map
-    /// `map_id` (checked by a thread that ends with the returned value).
+    /// The slots in `memory`, trusted once the egress program is seen using the map `map_id`
+    /// (checked by a thread that ends with the returned value).
     pub(crate) fn new(
         memory: MappedWords,
         map_id: u32,
-        egress_link: PathBuf,
+        egress: EgressPins,
     ) -> std::io::Result<RedirectSlots> {
         let trust = Arc::new(Trust::default());
         let watched = Arc::downgrade(&trust);
         std::thread::Builder::new()
             .name("warden-slots".to_owned())
-            .spawn(move || watch_egress(&watched, map_id, &egress_link))?;
+            .spawn(move || watch_egress(&watched, map_id, &egress))?;
         Ok(RedirectSlots { memory, trust })
     }
 
-    /// The record of `key` as its slot has it, if the slots can be trusted now.
+    /// The record of `key` as its slot has it, if the slots can be trusted at `now_ns` (boot
+    /// ns).
     pub(crate) fn read(&self, key: &RawClientKey, now_ns: u64) -> SlotRead {
-        if !self.trust.trusted() {
-            return SlotRead::Ask;
-        }
-        match read_slot(self.memory.words(), key) {
-            Slot::Found(record) if now_ns.saturating_sub(record.time_ns) < FRESH_FOR_NS => {
-                SlotRead::Found(record)
-            }
-            Slot::Empty => SlotRead::Absent,
-            Slot::Found(_) | Slot::Other => SlotRead::Ask,
-        }
+        decide(self.memory.words(), &self.trust, key, now_ns)
     }
 }
 
-/// Checks in a row that found the egress program writing the slots.
+/// What `key`'s slot in `words` says at `now_ns`, given the trust in the slots.
+fn decide(words: &[AtomicU64], trust: &Trust, key: &RawClientKey, now_ns: u64) -> SlotRead {
+    if !trust.trusted(now_ns) {
+        return SlotRead::Ask;
+    }
+    match read_slot(words, key) {
+        // Younger than a second, and not from the future beyond a clock's step: the same
+        // clock (CLOCK_BOOTTIME) on both sides, unless a time namespace offsets ours.
+        Slot::Found(record)
+            if record.time_ns <= now_ns.saturating_add(FUTURE_SLACK_NS)
+                && now_ns.saturating_sub(record.time_ns) < FRESH_FOR_NS =>
+        {
+            SlotRead::Found(record)
+        }
+        Slot::Empty => SlotRead::Absent,
+        Slot::Found(_) | Slot::Other => SlotRead::Ask,
+    }
+}
+
+/// Checks in a row that found the egress program writing the slots, and when the last did.
 #[derive(Debug, Default)]
 struct Trust {
     confirmations: AtomicU32,
+    /// Boot ns of the last check that found it.
+    confirmed_at: AtomicU64,
 }
 
 impl Trust {
-    fn record(&self, writes_slots: bool) {
+    fn record(&self, writes_slots: bool, now_ns: u64) {
         if writes_slots {
+            self.confirmed_at.store(now_ns, Ordering::Relaxed);
             let _ = self
                 .confirmations
                 .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
@@ -104,35 +138,66 @@ impl Trust {
         }
     }
 
-    fn trusted(&self) -> bool {
+    fn trusted(&self, now_ns: u64) -> bool {
         self.confirmations.load(Ordering::Relaxed) >= 2
+            && now_ns.saturating_sub(self.confirmed_at.load(Ordering::Relaxed)) < TRUST_LEASE_NS
     }
 }
 
-/// Checks the egress program every [`TRUST_CHECK_EVERY`] until the slots are dropped.
-fn watch_egress(trust: &Weak<Trust>, map_id: u32, egress_link: &std::path::Path) {
+/// Checks the egress program every [`TRUST_CHECK_EVERY`] until the slots are dropped; says so
+/// in the log when the answer changes.
+fn watch_egress(trust: &Weak<Trust>, map_id: u32, egress: &EgressPins) {
+    let mut last: Option<Result<(), String>> = None;
     loop {
-        let writes = egress_writes_slots(map_id, egress_link);
-        match trust.upgrade() {
-            Some(trust) => trust.record(writes),
-            None => return,
+        let check = egress_writes_slots(map_id, egress);
+        let Some(trust) = trust.upgrade() else {
+            return;
+        };
+        trust.record(check.is_ok(), clock::boot_now_ns());
+        drop(trust);
+        if last.as_ref() != Some(&check) {
+            match &check {
+                Ok(()) => tracing::debug!(
+                    "the egress program writes the redirect slots: read from memory"
+                ),
+                Err(reason) => tracing::info!(
+                    %reason,
+                    "redirect records are looked up in the map, not read from the memory-mapped slots"
+                ),
+            }
+            last = Some(check);
         }
         std::thread::sleep(TRUST_CHECK_EVERY);
     }
 }
 
-/// Whether the program attached at the pinned egress link uses the slots map. Any failure (no
-/// link, a defunct one, an unreadable program) says no: the LRU map answers then.
-fn egress_writes_slots(map_id: u32, egress_link: &std::path::Path) -> bool {
-    let Ok(link) = sys::obj_get(egress_link) else {
-        return false;
+/// Whether the program attached at the pinned egress link is the pinned egress program and
+/// uses the slots map; if not, why (the LRU map answers then).
+fn egress_writes_slots(map_id: u32, egress: &EgressPins) -> Result<(), String> {
+    let link = sys::obj_get(&egress.link)
+        .map_err(|error| format!("egress link {}: {error}", egress.link.display()))?;
+    let attached = match sys::cgroup_link_info(&link) {
+        Ok(Some(info)) if info.cgroup_id != 0 => info.prog_id,
+        Ok(_) => return Err(format!("egress link {} is defunct", egress.link.display())),
+        Err(error) => return Err(format!("egress link {}: {error}", egress.link.display())),
     };
-    match sys::cgroup_link_info(&link) {
-        Ok(Some(info)) if info.cgroup_id != 0 => {
-            sys::program_map_ids(info.prog_id).is_ok_and(|ids| ids.contains(&map_id))
-        }
-        _ => false,
+    let program = sys::obj_get(&egress.program)
+        .map_err(|error| format!("egress program {}: {error}", egress.program.display()))?;
+    let (pinned, maps) = sys::program_maps(&program)
+        .map_err(|error| format!("egress program {}: {error}", egress.program.display()))?;
+    if pinned != attached {
+        return Err(format!(
+            "the egress link runs program {attached}, not the one pinned at {} ({pinned}): \
+             an older build's",
+            egress.program.display()
+        ));
     }
+    if !maps.contains(&map_id) {
+        return Err(format!(
+            "the egress program {attached} does not write the redirect slots"
+        ));
+    }
+    Ok(())
 }
 
 /// One slot as read.
@@ -164,7 +229,10 @@ fn read_slot(words: &[AtomicU64], key: &RawClientKey) -> Slot {
     let Some(slot) = words.get(first..first + REDIRECT_SLOT_WORDS) else {
         return Slot::Other;
     };
-    let seq = slot[0].load(Ordering::Acquire);
+    // Relaxed, then a fence: the same as an acquiring load, and a plain load of read-only
+    // memory, which is what Rust promises for atomics there.
+    let seq = slot[0].load(Ordering::Relaxed);
+    fence(Ordering::Acquire);
     if seq == 0 {
         return Slot::Empty;
     }
@@ -214,7 +282,16 @@ mod tests {
 
     /// The egress program's writer, word for word.
     fn publish(words: &[AtomicU64], key: &RawClientKey, record: &RawRedirectRecord) {
-        let slot = &words[slot_of(key) * REDIRECT_SLOT_WORDS..][..REDIRECT_SLOT_WORDS];
+        publish_at(words, slot_of(key), key, record);
+    }
+
+    fn publish_at(
+        words: &[AtomicU64],
+        index: usize,
+        key: &RawClientKey,
+        record: &RawRedirectRecord,
+    ) {
+        let slot = &words[index * REDIRECT_SLOT_WORDS..][..REDIRECT_SLOT_WORDS];
         let seq = slot[0].load(Ordering::Relaxed);
         slot[0].store(seq + 1, Ordering::SeqCst);
         let split = |b: [u8; 16]| {
@@ -300,9 +377,11 @@ mod tests {
             .expect("some port collides among 65,535");
         publish(&words, &other, &record(1));
         assert_eq!(read_slot(&words, &client), Slot::Other);
-        // Same address and port over TCP is another key too.
-        let tcp = RawClientKey { proto: 6, ..other };
-        assert_ne!(read_slot(&words, &tcp), Slot::Found(record(1)));
+        // The same address and port over TCP is another key. (The hash never puts the two in
+        // one slot, so the TCP record is written where the UDP key looks.)
+        let tcp = RawClientKey { proto: 6, ..client };
+        publish_at(&words, slot_of(&client), &tcp, &record(2));
+        assert_eq!(read_slot(&words, &client), Slot::Other);
     }
 
     #[test]
@@ -316,21 +395,64 @@ mod tests {
     }
 
     #[test]
-    fn trusted_after_two_checks_in_a_row_until_one_fails() {
+    fn trusted_after_two_checks_in_a_row_until_one_fails_or_the_lease_ends() {
         let trust = Trust::default();
-        assert!(!trust.trusted());
-        trust.record(true);
-        assert!(!trust.trusted(), "one check is not enough");
-        trust.record(true);
-        assert!(trust.trusted());
-        trust.record(true);
-        assert!(trust.trusted());
-        trust.record(false);
-        assert!(!trust.trusted(), "a failed check ends the trust at once");
-        trust.record(true);
-        assert!(!trust.trusted());
-        trust.record(true);
-        assert!(trust.trusted());
+        let ms = |n: u64| n * 1_000_000;
+        assert!(!trust.trusted(0));
+        trust.record(true, ms(1_000));
+        assert!(!trust.trusted(ms(1_000)), "one check is not enough");
+        trust.record(true, ms(1_100));
+        assert!(trust.trusted(ms(1_100)));
+        trust.record(true, ms(1_200));
+        assert!(trust.trusted(ms(1_449)));
+        assert!(
+            !trust.trusted(ms(1_450)),
+            "a watcher not run for 250 ms ends the trust"
+        );
+        trust.record(false, ms(1_300));
+        assert!(
+            !trust.trusted(ms(1_300)),
+            "a failed check ends the trust at once"
+        );
+        trust.record(true, ms(1_400));
+        assert!(!trust.trusted(ms(1_400)));
+        trust.record(true, ms(1_500));
+        assert!(trust.trusted(ms(1_500)));
+    }
+
+    /// Trust as two checks at `now_ns` left it.
+    fn trusted_at(now_ns: u64) -> Trust {
+        let trust = Trust::default();
+        trust.record(true, now_ns);
+        trust.record(true, now_ns);
+        trust
+    }
+
+    #[test]
+    fn only_a_fresh_record_is_taken_and_nothing_without_trust() {
+        let words = slots();
+        let client = key(7, 40_000);
+        let ns = |ms: u64| ms * 1_000_000;
+        let mut young = record(42);
+        young.time_ns = ns(100);
+        publish(&words, &client, &young);
+        let at = |now: u64| decide(&words, &trusted_at(now), &client, now);
+        assert_eq!(at(ns(150)), SlotRead::Found(young));
+        assert_eq!(at(ns(1_099)), SlotRead::Found(young));
+        assert_eq!(at(ns(1_100)), SlotRead::Ask, "a second old");
+        assert_eq!(at(ns(95)), SlotRead::Found(young), "within a clock step");
+        assert_eq!(at(ns(50)), SlotRead::Ask, "from the future");
+        let absent = key(7, 40_001);
+        assert_eq!(
+            decide(&words, &trusted_at(ns(150)), &absent, ns(150)),
+            SlotRead::Absent
+        );
+        let untrusted = Trust::default();
+        assert_eq!(decide(&words, &untrusted, &client, ns(150)), SlotRead::Ask);
+        assert_eq!(
+            decide(&words, &untrusted, &key(7, 40_001), ns(150)),
+            SlotRead::Ask
+        );
     }
 
     #[test]

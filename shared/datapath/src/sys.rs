@@ -193,16 +193,6 @@ fn fd_u32(fd: i32) -> io::Result<u32> {
     u32::try_from(fd).map_err(|_| io::Error::from_raw_os_error(libc::EBADF))
 }
 
-const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
-
-#[repr(C)]
-#[derive(Default)]
-struct GetFdByIdAttr {
-    id: u32,
-    next_id: u32,
-    open_flags: u32,
-}
-
 /// The kernel's `struct bpf_prog_info` up to `map_ids`; the kernel fills what it has of the rest
 /// only when asked (pointers and lengths left zero).
 #[repr(C)]
@@ -221,19 +211,11 @@ struct ProgInfo {
     map_ids: u64,
 }
 
-/// The ids of the maps the loaded program `prog_id` uses (`BPF_PROG_GET_FD_BY_ID`, then
-/// `BPF_OBJ_GET_INFO_BY_FD` asking for its map ids).
-pub(crate) fn program_map_ids(prog_id: u32) -> io::Result<Vec<u32>> {
-    let mut by_id = GetFdByIdAttr {
-        id: prog_id,
-        ..GetFdByIdAttr::default()
-    };
-    let fd = bpf(BPF_PROG_GET_FD_BY_ID, &mut by_id)?;
-    let fd = i32::try_from(fd).map_err(|_| io::Error::from_raw_os_error(libc::EBADF))?;
-    // SAFETY: BPF_PROG_GET_FD_BY_ID returned a new file descriptor that nothing else owns.
-    let program = unsafe { OwnedFd::from_raw_fd(fd) };
-    // A program uses a handful of maps (warden_egress: under twenty); the kernel says how many
-    // it has, so a second call would only be needed past this.
+/// A loaded program's id and the ids of the maps it uses (`BPF_OBJ_GET_INFO_BY_FD`; on a
+/// program opened from its pin, which needs no capability beyond access to the file).
+pub(crate) fn program_maps(program: impl AsFd) -> io::Result<(u32, Vec<u32>)> {
+    // A program uses a handful of maps (warden_egress: under twenty); past 64 the list is cut,
+    // which can only make a caller looking for a map not find it.
     let mut ids = vec![0_u32; 64];
     let mut info = ProgInfo {
         nr_map_ids: ids.len() as u32,
@@ -241,13 +223,13 @@ pub(crate) fn program_map_ids(prog_id: u32) -> io::Result<Vec<u32>> {
         ..ProgInfo::default()
     };
     let mut attr = InfoAttr {
-        bpf_fd: fd_u32(program.as_raw_fd())?,
+        bpf_fd: fd_u32(program.as_fd().as_raw_fd())?,
         info_len: size_of::<ProgInfo>() as u32,
         info: std::ptr::from_mut(&mut info) as u64,
     };
     bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
     ids.truncate(info.nr_map_ids as usize);
-    Ok(ids)
+    Ok((info.id, ids))
 }
 
 /// A pinned map's values mapped read-only into this process (an array created with
@@ -289,11 +271,15 @@ impl MappedWords {
         Ok(MappedWords { base, bytes })
     }
 
+    /// Only ever read with `load(Ordering::Relaxed)`: on read-only memory that is what Rust
+    /// promises to be sound for atomics of a pointer's width or less, and the crate reads these
+    /// only on 64-bit targets (`slots`).
     pub(crate) fn words(&self) -> &[std::sync::atomic::AtomicU64] {
         // SAFETY: the mapping is `bytes` long, page-aligned (so 8-aligned), readable, and
         // stays mapped while `self` lives; AtomicU64 has u64's size and alignment, and atomic
         // loads are the right way to read memory another agent (the programs) writes at the
-        // same time. Nothing in this process writes through the mapping (it is read-only).
+        // same time. Nothing in this process writes through the mapping (it is read-only, and
+        // the only reader, `slots`, does relaxed loads, plain loads on 64-bit targets).
         unsafe { std::slice::from_raw_parts(self.base.as_ptr().cast(), self.bytes / 8) }
     }
 }

@@ -11,6 +11,7 @@ use std::fs;
 use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use aya::programs::{CgroupSkb, CgroupSkbAttachType, SkReuseport, SkReuseportAttachType};
 use ipnet::IpNet;
 use warden_datapath::{
     Datapath, DatapathOptions, DropEvent, DropEvents, DropReason, FqdnKey, LinkAction, PortRule,
@@ -343,8 +344,8 @@ fn portless_packets_need_a_rule_for_every_port() {
 
 /// The proxy reads redirect records from the memory-mapped slots once it has seen the egress
 /// program writing them twice in a row, gets the same records the LRU map has, and trusts an
-/// empty slot as "no record"; once the attached egress program stops writing the slots (here:
-/// detached; in life: a rollback to a build without them), it asks the LRU map again.
+/// empty slot as "no record"; once the link runs another program than the one pinned beside the
+/// maps (in life: a rollback to a build without the slots), or none, it asks the LRU map again.
 #[test]
 fn redirect_records_come_from_the_slots_while_the_program_writes_them() {
     skip_unless_privileged!();
@@ -396,21 +397,55 @@ fn redirect_records_come_from_the_slots_while_the_program_writes_them() {
         "{never:?}"
     );
 
-    // The egress program leaves (its link's pin removed, which detaches it): within a check
-    // period or two, absent records are asked of the map again.
-    fs::remove_file(lab.bpffs.join("links").join("warden_egress")).unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(2);
-    loop {
-        let lookup = dp.redirect_record(sa("192.0.2.1:6000"), UDP).unwrap();
-        if lookup.source == RedirectSource::Map {
-            break;
+    let asks_the_map_again = |why: &str| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(2);
+        while dp
+            .redirect_record(sa("192.0.2.1:6000"), UDP)
+            .unwrap()
+            .source
+            != RedirectSource::Map
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "slots still trusted: {why}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
         }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the slots stayed trusted"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    };
+    let trusted_again = || {
+        let deadline = std::time::Instant::now() + Duration::from_secs(2);
+        while dp
+            .redirect_record(sa("192.0.2.1:6000"), UDP)
+            .unwrap()
+            .source
+            != RedirectSource::Slot
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "slots not trusted again"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+
+    // Another program pinned where the egress program was (as after a rollback to a loader
+    // that does not pin it, or attaches another): the link's program is not the pinned one.
+    let progs = lab.bpffs.join("v1").join("progs");
+    let egress_pin = progs.join("warden_egress");
+    let mut egress = CgroupSkb::from_pin(&egress_pin, CgroupSkbAttachType::Egress).unwrap();
+    fs::remove_file(&egress_pin).unwrap();
+    SkReuseport::from_pin(progs.join("warden_reuse"), SkReuseportAttachType::Select)
+        .unwrap()
+        .pin(&egress_pin)
+        .unwrap();
+    asks_the_map_again("another program pinned");
+    fs::remove_file(&egress_pin).unwrap();
+    egress.pin(&egress_pin).unwrap();
+    trusted_again();
+
+    // The egress program leaves (its link's pin removed, which detaches it).
+    fs::remove_file(lab.bpffs.join("links").join("warden_egress")).unwrap();
+    asks_the_map_again("no egress link");
 }
 
 #[test]
