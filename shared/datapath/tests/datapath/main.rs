@@ -30,6 +30,35 @@ fn probe_child() {
     support::run_probe();
 }
 
+/// Entry point of a process that opens the pinned datapath as the dnsproxy does, without
+/// CAP_SYS_ADMIN (no-op in a normal run): whether it has the capability, and where an absent
+/// redirect record was looked up once the slots had time to be trusted.
+#[test]
+fn slots_child() {
+    let Ok(bpffs) = std::env::var("WARDEN_SLOTS_BPFFS") else {
+        return;
+    };
+    let status = fs::read_to_string("/proc/self/status").unwrap();
+    let effective = status
+        .lines()
+        .find_map(|line| line.strip_prefix("CapEff:"))
+        .map(|hex| u64::from_str_radix(hex.trim(), 16).unwrap())
+        .unwrap();
+    const CAP_SYS_ADMIN: u32 = 21;
+    println!("PROBE sys_admin={}", effective & (1 << CAP_SYS_ADMIN) != 0);
+    let dp = Datapath::open_pinned(std::path::Path::new(&bpffs)).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    let mut source = RedirectSource::Map;
+    while source != RedirectSource::Slot && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+        source = dp
+            .redirect_record(sa("192.0.2.1:6000"), UDP)
+            .unwrap()
+            .source;
+    }
+    println!("PROBE source={}", source.as_str());
+}
+
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -395,6 +424,23 @@ fn redirect_records_come_from_the_slots_while_the_program_writes_them() {
             .count()
             >= 14,
         "{never:?}"
+    );
+
+    // A process without CAP_SYS_ADMIN (the dnsproxy's deployment gives it CAP_BPF and
+    // CAP_NET_ADMIN) trusts the slots too.
+    let child = std::process::Command::new("setpriv")
+        .args(["--bounding-set", "-sys_admin", "--inh-caps", "-sys_admin"])
+        .arg(std::env::current_exe().unwrap())
+        .args(["--exact", "slots_child", "--nocapture", "--test-threads=1"])
+        .env("WARDEN_SLOTS_BPFFS", &lab.bpffs)
+        .output()
+        .expect("setpriv (util-linux)");
+    let stdout = String::from_utf8_lossy(&child.stdout);
+    assert!(stdout.contains("PROBE sys_admin=false"), "{stdout}");
+    assert!(
+        stdout.contains("PROBE source=slot"),
+        "{stdout}{}",
+        String::from_utf8_lossy(&child.stderr)
     );
 
     let asks_the_map_again = |why: &str| {
