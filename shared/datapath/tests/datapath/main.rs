@@ -443,32 +443,18 @@ fn redirect_records_come_from_the_slots_while_the_program_writes_them() {
         String::from_utf8_lossy(&child.stderr)
     );
 
-    let asks_the_map_again = |why: &str| {
+    // Within a few check periods, an absent record is answered by `source`.
+    let answered_by = |source: RedirectSource, why: &str| {
         let deadline = std::time::Instant::now() + Duration::from_secs(2);
         while dp
             .redirect_record(sa("192.0.2.1:6000"), UDP)
             .unwrap()
             .source
-            != RedirectSource::Map
+            != source
         {
             assert!(
                 std::time::Instant::now() < deadline,
-                "slots still trusted: {why}"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    };
-    let trusted_again = || {
-        let deadline = std::time::Instant::now() + Duration::from_secs(2);
-        while dp
-            .redirect_record(sa("192.0.2.1:6000"), UDP)
-            .unwrap()
-            .source
-            != RedirectSource::Slot
-        {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "slots not trusted again"
+                "not {source:?}: {why}"
             );
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -484,14 +470,14 @@ fn redirect_records_come_from_the_slots_while_the_program_writes_them() {
         .unwrap()
         .pin(&egress_pin)
         .unwrap();
-    asks_the_map_again("another program pinned");
+    answered_by(RedirectSource::Map, "another program pinned");
     fs::remove_file(&egress_pin).unwrap();
     egress.pin(&egress_pin).unwrap();
-    trusted_again();
+    answered_by(RedirectSource::Slot, "the egress program pinned again");
 
     // The egress program leaves (its link's pin removed, which detaches it).
     fs::remove_file(lab.bpffs.join("links").join("warden_egress")).unwrap();
-    asks_the_map_again("no egress link");
+    answered_by(RedirectSource::Map, "no egress link");
 }
 
 #[test]
