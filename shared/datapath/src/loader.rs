@@ -274,14 +274,9 @@ pub(crate) fn load_and_attach(
                 };
                 // After the link runs it: a reader that finds the pinned program and the link's
                 // differ trusts neither.
-                let prog_path = egress_prog_path(&options.bpffs);
-                remove_if_exists(&prog_path)?;
-                prog.pin(&prog_path)
-                    .map_err(|source| DatapathError::PinObject {
-                        program: name,
-                        path: prog_path.clone(),
-                        source: Box::new(source),
-                    })?;
+                repin(name, &egress_prog_path(&options.bpffs), |path| {
+                    prog.pin(path)
+                })?;
                 action
             }
         };
@@ -300,15 +295,26 @@ pub(crate) fn load_and_attach(
         .map_err(|e| program_error(REUSEPORT_PROGRAM, e))?;
     prog.load()
         .map_err(|e| program_error(REUSEPORT_PROGRAM, e))?;
-    let prog_path = reuseport_prog_path(&options.bpffs);
-    remove_if_exists(&prog_path)?;
-    prog.pin(&prog_path)
-        .map_err(|source| DatapathError::PinObject {
-            program: REUSEPORT_PROGRAM,
-            path: prog_path.clone(),
-            source: Box::new(source),
-        })?;
+    repin(
+        REUSEPORT_PROGRAM,
+        &reuseport_prog_path(&options.bpffs),
+        |path| prog.pin(path),
+    )?;
     Ok(actions)
+}
+
+/// Pins the freshly loaded program `name` at `path` in place of whatever was pinned there.
+fn repin(
+    name: &'static str,
+    path: &Path,
+    pin: impl FnOnce(&Path) -> Result<(), aya::pin::PinError>,
+) -> Result<(), DatapathError> {
+    remove_if_exists(path)?;
+    pin(path).map_err(|source| DatapathError::PinObject {
+        program: name,
+        path: path.to_path_buf(),
+        source: Box::new(source),
+    })
 }
 
 enum Reuse {

@@ -361,11 +361,16 @@ mod tests {
 
     const NOW: UnixTime = UnixTime(1_000);
 
+    /// The IP of name `n` in [`filled`].
+    fn nth_ip(n: u32) -> IpAddr {
+        IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 | n))
+    }
+
     /// A cache of `pairs` names of one endpoint, one IP each, name `n` with TTL `ttl(n)`.
     fn filled(pairs: u32, ttl: impl Fn(u32) -> u32) -> DnsCache {
         let mut cache = DnsCache::new(CacheLimits::UNLIMITED);
         for n in 0..pairs {
-            let ip = IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 | n));
+            let ip = nth_ip(n);
             cache.insert(
                 NOW,
                 "default/test",
@@ -408,9 +413,7 @@ mod tests {
     fn keep_alives_in_chunks_reach_every_entry() {
         let pairs = COPY_CHUNK * 2 + 3;
         let shared = SharedCache::new(filled(pairs, |_| 60));
-        let ips: Vec<IpAddr> = (0..pairs)
-            .map(|n| IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 | n)))
-            .collect();
+        let ips: Vec<IpAddr> = (0..pairs).map(nth_ip).collect();
         let until = UnixTime(NOW.0 + 600);
         let alive: Vec<(&str, IpAddr, UnixTime)> =
             ips.iter().map(|&ip| ("default/test", ip, until)).collect();
