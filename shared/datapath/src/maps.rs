@@ -157,7 +157,6 @@ fn redirect_record_of(r: RawRedirectRecord) -> RedirectRecord {
     RedirectRecord {
         cgroup_id: r.cgroup_id,
         original: abi::socket_addr_of(r.orig.addr, r.orig.port),
-        seen_at: clock::boot_ns_to_system(r.time_ns),
     }
 }
 
@@ -636,30 +635,24 @@ impl Datapath {
             proto,
             pad: 0,
         };
-        if let Some(slots) = &self.inner.redirect_slots {
-            match slots.read(&key, clock::boot_now_ns()) {
-                SlotRead::Found(record) => {
-                    return Ok(RedirectLookup {
-                        record: Some(redirect_record_of(record)),
-                        source: RedirectSource::Slot,
-                    });
-                }
-                SlotRead::Absent => {
-                    return Ok(RedirectLookup {
-                        record: None,
-                        source: RedirectSource::Slot,
-                    });
-                }
-                SlotRead::Ask => {}
-            }
-        }
-        let record = found(
-            map::REDIRECT_RECORDS,
-            self.inner.redirect_records.get(&key, 0),
-        )?;
+        let in_slot = match self.inner.redirect_slots.as_ref() {
+            Some(slots) => slots.read(&key, clock::boot_now_ns()),
+            None => SlotRead::Ask,
+        };
+        let (record, source) = match in_slot {
+            SlotRead::Found(record) => (Some(record), RedirectSource::Slot),
+            SlotRead::Absent => (None, RedirectSource::Slot),
+            SlotRead::Ask => (
+                found(
+                    map::REDIRECT_RECORDS,
+                    self.inner.redirect_records.get(&key, 0),
+                )?,
+                RedirectSource::Map,
+            ),
+        };
         Ok(RedirectLookup {
             record: record.map(redirect_record_of),
-            source: RedirectSource::Map,
+            source,
         })
     }
 

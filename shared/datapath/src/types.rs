@@ -3,7 +3,6 @@
 
 use std::net::{IpAddr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::path::PathBuf;
-use std::time::SystemTime;
 
 /// Where the datapath attaches and pins.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -111,8 +110,6 @@ pub struct RedirectRecord {
     pub cgroup_id: u64,
     /// The destination the client addressed (IPv4 given as V4 even for dual-stack sockets).
     pub original: SocketAddr,
-    /// When the last packet of the client refreshed the record.
-    pub seen_at: SystemTime,
 }
 
 /// A redirect record looked up, and where it was looked up.
