@@ -177,6 +177,12 @@ static __always_inline int addr_eq(const __u8 *x, const __u8 *y)
 	return x0 == y0 && x1 == y1;
 }
 
+static __always_inline int sockaddr_eq(const struct warden_sockaddr *x,
+				       const struct warden_sockaddr *y)
+{
+	return addr_eq(x->addr, y->addr) && x->port == y->port && x->family == y->family;
+}
+
 /*
  * Loopback always passes: it is the loopback of the network namespace the workload itself runs
  * in (a pod's own lo, or the host's for host-namespace workloads), so it never leaves that
@@ -459,12 +465,18 @@ static __always_inline int sock_egress(struct bpf_sock_addr *ctx, int v6, __u8 r
 
 		if (dns_target_of(endpoint_id, !v6 || mapped, &so.target)) {
 			__u64 cookie = bpf_get_socket_cookie(ctx);
+			struct warden_sock_orig *known = bpf_map_lookup_elem(&sock_orig, &cookie);
 
 			__builtin_memcpy(so.orig.addr, dst.b, 16);
 			so.orig.port = port;
 			so.orig.family = v6 ? WARDEN_AF_INET6 : WARDEN_AF_INET;
 			so.target.family = so.orig.family;
-			bpf_map_update_elem(&sock_orig, &cookie, &so, BPF_ANY);
+			/* A resolver's socket asks the same server query after query: an LRU update
+			 * allocates and takes locks, a lookup (which also keeps the entry young)
+			 * does not. */
+			if (!known || !sockaddr_eq(&known->orig, &so.orig) ||
+			    !sockaddr_eq(&known->target, &so.target))
+				bpf_map_update_elem(&sock_orig, &cookie, &so, BPF_ANY);
 			if (v6)
 				write_user_ip6(ctx, so.target.addr);
 			else
@@ -698,6 +710,16 @@ static __always_inline void publish_redirect(const struct warden_client_key *key
 	if (!slot)
 		return;
 	seq = *(volatile __u64 *)&slot->seq;
+	/* The slot already vouches for this very record, stamped a moment ago: leave it, so that
+	 * its cache line stays shared with the proxy reading it instead of moving to this CPU
+	 * for a write per packet. The fields are read outside the lock, so the sequence number
+	 * must not have moved meanwhile. */
+	if (seq != 0 && !(seq & 1) && rec->time_ns - slot->time_ns < WARDEN_REDIRECT_REFRESH_NS &&
+	    slot->cgroup_id == rec->cgroup_id && addr_eq(slot->addr, key->addr) &&
+	    slot->port == key->port && slot->proto == key->proto &&
+	    slot->orig_port == rec->orig.port && slot->orig_family == rec->orig.family &&
+	    addr_eq(slot->orig_addr, rec->orig.addr) && *(volatile __u64 *)&slot->seq == seq)
+		return;
 	/* Another writer is inside: leave the slot to it. A reader then finds its key there and
 	 * asks the LRU map for ours. Were its key ours (one socket sending from two CPUs at once,
 	 * to two servers, or two sockets sharing the port), the slot keeps one of the two records
@@ -731,6 +753,7 @@ static __always_inline void record_redirect(struct __sk_buff *skb, const struct 
 	struct warden_sock_orig *so = bpf_map_lookup_elem(&sock_orig, &cookie);
 	struct warden_client_key key = {};
 	struct warden_redirect_record rec = {};
+	struct warden_redirect_record *known;
 
 	if (!so)
 		return;
@@ -740,7 +763,13 @@ static __always_inline void record_redirect(struct __sk_buff *skb, const struct 
 	rec.cgroup_id = cgroup_id;
 	rec.time_ns = bpf_ktime_get_boot_ns();
 	rec.orig = so->orig;
-	bpf_map_update_elem(&redirect_records, &key, &rec, BPF_ANY);
+	known = bpf_map_lookup_elem(&redirect_records, &key);
+	/* The same client asking the same server again (the common case): refresh the stamp in
+	 * place rather than pay an LRU update, which allocates and takes locks, per packet. */
+	if (known && known->cgroup_id == rec.cgroup_id && sockaddr_eq(&known->orig, &rec.orig))
+		known->time_ns = rec.time_ns;
+	else
+		bpf_map_update_elem(&redirect_records, &key, &rec, BPF_ANY);
 	publish_redirect(&key, &rec);
 }
 

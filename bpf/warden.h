@@ -79,13 +79,17 @@ struct warden_redirect_record {
  * (32-bit wrapping arithmetic). A sequence lock guards each slot: a writer takes it from even to
  * odd with a compare-and-swap (or leaves the slot alone when another writer is inside: the LRU
  * map still has the record), writes, and makes it even again; a reader copies the slot between
- * two equal even sequence numbers. Sequence 0 means the slot was never written.
+ * two equal even sequence numbers. Sequence 0 means the slot was never written. A writer may
+ * leave a slot alone that already holds the same key and record stamped less than
+ * WARDEN_REDIRECT_REFRESH_NS ago, so a record's stamp in its slot can be that much older than
+ * the client's latest packet.
  * The map's name is the protocol's version: a change to the hash, the lock or the layout, even
  * one that keeps the sizes, takes a new name (redirect_slots2), so that a reader of another
  * build never reads slots it does not understand. */
 #define WARDEN_REDIRECT_SLOT_BITS 14
 #define WARDEN_REDIRECT_SLOTS (1 << WARDEN_REDIRECT_SLOT_BITS)
 #define WARDEN_REDIRECT_GOLDEN 0x9E3779B1u
+#define WARDEN_REDIRECT_REFRESH_NS 100000000ULL /* 100 ms; readers allow 1 s */
 
 struct warden_redirect_slot {
 	__u64 seq;

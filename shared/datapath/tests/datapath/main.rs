@@ -408,6 +408,31 @@ fn redirect_records_come_from_the_slots_while_the_program_writes_them() {
     }
     assert_eq!(sources.last(), Some(&RedirectSource::Slot), "{sources:?}");
 
+    // One socket asking one server, another, then the first again: the programs skip the
+    // writes of a record that has not changed, never those of one that has, so each query's
+    // record (from the slot) and each answer's apparent source follow the socket.
+    let other = sa("10.213.0.97:53");
+    let servers = [orig, other, orig, orig, other];
+    let words: Vec<String> = servers.iter().map(ToString::to_string).collect();
+    let p = lab.probe(&app, &format!("udp-dns-each {}", words.join(" ")));
+    let mut each_client = None;
+    for (i, server) in servers.iter().enumerate() {
+        assert_eq!(
+            p.get(&format!("from{}", i + 1)),
+            server.to_string(),
+            "{p:?}"
+        );
+        let s = support::recv_within(&seen, Duration::from_secs(2)).expect("query at target");
+        let record = s.record.expect("redirect record keyed by the client");
+        assert_eq!(
+            (record.cgroup_id, record.original, s.source),
+            (app_id, *server, Some(RedirectSource::Slot)),
+            "query {}",
+            i + 1
+        );
+        each_client = Some(s.client);
+    }
+
     // Clients that never sent through the redirect: no record, and (but for a key whose slot
     // another client wrote) known without asking the map.
     let never: Vec<_> = (0..16)
@@ -478,6 +503,14 @@ fn redirect_records_come_from_the_slots_while_the_program_writes_them() {
     // The egress program leaves (its link's pin removed, which detaches it).
     fs::remove_file(lab.bpffs.join("links").join("warden_egress")).unwrap();
     answered_by(RedirectSource::Map, "no egress link");
+
+    // The LRU map, asked now, holds the last of the socket's records too.
+    let from_map = dp.redirect_record(each_client.unwrap(), UDP).unwrap();
+    assert_eq!(from_map.source, RedirectSource::Map);
+    assert_eq!(
+        from_map.record.map(|r| (r.cgroup_id, r.original)),
+        Some((app_id, servers[servers.len() - 1]))
+    );
 }
 
 #[test]

@@ -481,6 +481,30 @@ pub fn run_probe() {
                 Err(e) => println!("PROBE from=err{}", e.raw_os_error().unwrap_or(-1)),
             }
         }
+        // DNS over one unconnected UDP socket to each server in turn (all of one family):
+        // who answer i seems to come from, as from<i>.
+        "udp-dns-each" => {
+            let bind: SocketAddr = if addr(1).is_ipv4() {
+                "0.0.0.0:0".parse().unwrap()
+            } else {
+                "[::]:0".parse().unwrap()
+            };
+            let socket = UdpSocket::bind(bind).unwrap();
+            socket
+                .set_read_timeout(Some(Duration::from_secs(3)))
+                .unwrap();
+            for i in 1..words.len() {
+                report(
+                    &format!("send{i}"),
+                    socket.send_to(&dns_query(), addr(i)).map(drop),
+                );
+                let mut buf = [0u8; 512];
+                match socket.recv_from(&mut buf) {
+                    Ok((_, from)) => println!("PROBE from{i}={from}"),
+                    Err(e) => println!("PROBE from{i}=err{}", e.raw_os_error().unwrap_or(-1)),
+                }
+            }
+        }
         // DNS over a connected UDP socket: getpeername and recvfrom both show the server.
         "udp-dns-connected" => {
             let server = addr(1);
