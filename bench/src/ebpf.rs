@@ -1,9 +1,10 @@
 //! Warden as deployed: an agent with `datapath.mode: ebpf` attached to a cgroup subtree of our
 //! own (as the datapath tests do), optionally with `warden-dnsproxy` beside it on the same
-//! port. The bench endpoint is enrolled through an empty workload cgroup and still identified by
-//! its source address, so every allowed answer writes its allow entries into the pinned maps
+//! port. The bench endpoint is enrolled through a workload cgroup and also identified by its
+//! source address, so every allowed answer writes its allow entries into the pinned maps
 //! before release, and with a dnsproxy the `sk_reuseport` program steers every query to it.
-//! The load client stays outside the subtree, so the cgroup programs cost it nothing. Root
+//! The bench's clients stay outside the subtree for (e) and (f), where the cgroup programs cost
+//! them nothing, and run inside the workload cgroup for (g), redirected as a pod's are. Root
 //! only; everything created (links, pins, the bpffs folder, the cgroups) is removed when the
 //! lab is dropped, also on failure.
 
@@ -39,6 +40,9 @@ pub fn unavailable() -> Option<String> {
 /// cgroups.
 pub struct EbpfLab {
     pub dns: SocketAddr,
+    /// The endpoint's cgroup: a client started inside it and asking port 53 anywhere is
+    /// redirected to the agent (or the preferred dnsproxy).
+    pub workload: PathBuf,
     pub agent: Daemon,
     pub dnsproxy: Option<Daemon>,
     // Last: the folder (with the agent's config, which cleanup reads), the pins, then the
@@ -54,7 +58,7 @@ impl EbpfLab {
     /// agent's steering before this returns.
     pub async fn start(upstream: SocketAddr, client: IpAddr, dnsproxy: bool) -> Result<EbpfLab> {
         let cgroups = TestCgroup::new()?;
-        cgroups.child("workload")?;
+        let workload = cgroups.child("workload")?;
         let bpffs = PathBuf::from(format!(
             "/sys/fs/bpf/warden-bench-{}-{}",
             std::process::id(),
@@ -70,6 +74,7 @@ impl EbpfLab {
         let agent = Daemon::agent(&dir, &config).await?;
         let mut lab = EbpfLab {
             dns,
+            workload,
             agent,
             dnsproxy: None,
             dir,

@@ -23,6 +23,8 @@ use crate::load::QueryTemplate;
 pub const ZONE: &str = "bench.example.";
 pub const NAMESPACE: &str = "bench";
 pub const ENDPOINT: &str = "client";
+/// The only destination port the datapath redirects to the proxy.
+pub const DNS_PORT: u16 = 53;
 /// The `toFQDNs` grant's port: any port will do, the datapath only keys allow entries by it.
 const GRANT_PORT: u16 = 443;
 
@@ -113,11 +115,17 @@ pub fn bench_zone() -> Zone {
     zone
 }
 
-/// knotd serving the lab zones and the bench zone on `ip`.
+/// knotd serving the lab zones and the bench zone on `ip`: as root on port 53, so that a client
+/// in an enrolled cgroup asking it is redirected to the proxy (the datapath redirects port 53
+/// only), else on a free port.
 pub fn start_knot(ip: IpAddr) -> Result<KnotUpstream> {
     let mut zones = lab_zones();
     zones.push(bench_zone());
-    KnotUpstream::start_with_zones(ip, zones)
+    if nix::unistd::geteuid().is_root() {
+        KnotUpstream::start_on_with_zones(SocketAddr::new(ip, DNS_PORT), zones)
+    } else {
+        KnotUpstream::start_with_zones(ip, zones)
+    }
 }
 
 /// The dnsperf query file of the mix.

@@ -14,16 +14,19 @@
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::os::fd::AsRawFd;
+use std::path::Path;
+use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, bail, ensure};
 use hickory_proto::op::{Message, Query};
 use hickory_proto::rr::{Name, RecordType};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
+use crate::lab;
 use crate::stats::{Percentiles, percentiles};
 
 /// Upper bound on the queries of one run (memory: 17 bytes each).
@@ -83,7 +86,7 @@ pub struct LoadSpec {
 }
 
 /// What happened.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct LoadReport {
     pub rate: u32,
     /// Queries sent after the warm-up.
@@ -186,6 +189,100 @@ pub fn run(spec: &LoadSpec) -> Result<LoadReport> {
     let mut out = report(spec, total, send_elapsed, &state);
     out.udp_rcvbuf_errors = udp_rcvbuf_errors().saturating_sub(drops_before);
     Ok(out)
+}
+
+/// The flag that makes the bench's binary a load child (see [`run_in_cgroup`]).
+pub const CHILD_FLAG: &str = "--load-child";
+
+/// [`run`] in a child process of the bench's own binary started inside `cgroup`: for a client
+/// that must live where the bench does not, in a workload's cgroup whose programs redirect its
+/// queries (a socket belongs to the cgroup of the process that opened it, and a process of
+/// cgroup v2 moves with all its threads). The child sends the bench's mix
+/// ([`lab::templates`]), whatever `spec.queries` holds.
+pub fn run_in_cgroup(spec: &LoadSpec, cgroup: &Path) -> Result<LoadReport> {
+    let binary = std::env::current_exe().context("finding the bench's own binary")?;
+    let mut command = Command::new(binary);
+    command.arg(CHILD_FLAG).args([
+        spec.target.to_string(),
+        spec.source.to_string(),
+        spec.rate.to_string(),
+        spec.warmup.as_micros().to_string(),
+        spec.duration.as_micros().to_string(),
+        spec.timeout.as_micros().to_string(),
+        spec.check_verdicts.to_string(),
+    ]);
+    let limit = spec.warmup + spec.duration + spec.timeout + Duration::from_secs(30);
+    let output = warden_tests::lab::run_in_cgroup(cgroup, &mut command, limit)
+        .with_context(|| format!("the load client in {}", cgroup.display()))?;
+    ensure!(
+        output.status.success(),
+        "the load client in {} failed ({}): {}",
+        cgroup.display(),
+        output.status,
+        String::from_utf8_lossy(&output.stderr).trim()
+    );
+    let child: ChildReport =
+        serde_json::from_slice(&output.stdout).context("reading the load client's report")?;
+    Ok(child.into_report())
+}
+
+/// The child's side of [`run_in_cgroup`]: runs the load its arguments describe and prints the
+/// report, samples included, as JSON.
+pub fn child_main(args: &[String]) -> Result<()> {
+    let [
+        target,
+        source,
+        rate,
+        warmup,
+        duration,
+        timeout,
+        check_verdicts,
+    ] = args
+    else {
+        bail!("{CHILD_FLAG} needs 7 arguments, got {}", args.len());
+    };
+    let micros = |field: &str, value: &str| -> Result<Duration> {
+        let value: u64 = value
+            .parse()
+            .with_context(|| format!("{CHILD_FLAG}: {field} {value:?}"))?;
+        Ok(Duration::from_micros(value))
+    };
+    let spec = LoadSpec {
+        target: target.parse().context("target")?,
+        source: source.parse().context("source")?,
+        rate: rate.parse().context("rate")?,
+        warmup: micros("warmup", warmup)?,
+        duration: micros("duration", duration)?,
+        timeout: micros("timeout", timeout)?,
+        queries: lab::templates()?,
+        check_verdicts: check_verdicts.parse().context("check_verdicts")?,
+    };
+    let mut report = run(&spec)?;
+    let child = ChildReport {
+        samples: std::mem::take(&mut report.samples),
+        arrival_samples: std::mem::take(&mut report.arrival_samples),
+        report,
+    };
+    println!("{}", serde_json::to_string(&child)?);
+    Ok(())
+}
+
+/// A report with the samples it leaves out of the results' JSON, which pooling needs.
+#[derive(Serialize, Deserialize)]
+struct ChildReport {
+    report: LoadReport,
+    samples: Vec<u32>,
+    arrival_samples: Vec<u32>,
+}
+
+impl ChildReport {
+    fn into_report(self) -> LoadReport {
+        LoadReport {
+            samples: self.samples,
+            arrival_samples: self.arrival_samples,
+            ..self.report
+        }
+    }
 }
 
 struct State {
@@ -519,5 +616,45 @@ mod tests {
         assert!(report.latency_at_arrival.p50_us <= report.latency.p50_us);
         assert!(report.latency_at_arrival.max_us <= report.latency.max_us);
         assert!(report.achieved_rate > 1_500.0, "{report:?}");
+    }
+
+    /// The results' JSON leaves the samples out; the child's report must carry them, or
+    /// pooling the rounds of a redirected client would pool nothing.
+    #[test]
+    fn a_child_report_keeps_its_samples() {
+        let mut samples = vec![30, 10, 20];
+        let report = LoadReport {
+            rate: 1_000,
+            sent: 3,
+            answered: 3,
+            latency: percentiles(&mut samples),
+            rcodes: [("NOERROR".to_owned(), 3)].into(),
+            ..LoadReport::default()
+        };
+        let child = ChildReport {
+            report: report.clone(),
+            samples: samples.clone(),
+            arrival_samples: vec![5, 6, 7],
+        };
+        let back: ChildReport =
+            serde_json::from_str(&serde_json::to_string(&child).unwrap()).unwrap();
+        let mut pooled = report.clone();
+        pooled.samples = samples;
+        pooled.merge(back.into_report());
+        assert_eq!(pooled.sent, 6);
+        assert_eq!(pooled.samples.len(), 6);
+        assert_eq!(pooled.arrival_samples, [5, 6, 7]);
+        assert_eq!(pooled.latency.samples, 6);
+        assert_eq!(pooled.rcodes["NOERROR"], 6);
+    }
+
+    #[test]
+    fn a_child_refuses_a_malformed_spec() {
+        let args: Vec<String> = ["127.0.0.1:53", "127.0.0.1", "100", "0", "x", "0", "true"]
+            .map(str::to_owned)
+            .to_vec();
+        let error = child_main(&args).unwrap_err();
+        assert!(format!("{error:#}").contains("duration"), "{error:#}");
+        assert!(child_main(&args[..3]).is_err());
     }
 }

@@ -25,6 +25,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail};
 use nix::sys::signal::Signal;
+use warden_tests::lab::dnsperf_in_cgroup;
 use warden_tests::{DnsperfOpts, dnsperf_with, run_blocking, tool_path, unique_loopback_v4};
 
 use crate::ebpf::EbpfLab;
@@ -122,8 +123,9 @@ Runs Warden's benchmark (docs/benchmarks.md) and writes DIR/latest.md and DIR/la
 iterating on the proxy's speed.
 --load runs only the open-loop client (the bench's query mix, A queries) and prints its report.
 --lab starts knotd, the agent, dnsdist, the agent + warden-dnsproxy pair and (as root) both again
-with the eBPF datapath, as the bench does, prints their addresses, PIDs and a dnsperf query file,
-and keeps them up for SECONDS (or until SIGTERM or SIGINT): for profiling by hand.";
+with the eBPF datapath, as the bench does, prints their addresses, PIDs, the eBPF labs' workload
+cgroups (a client started inside one and asking knotd is redirected, as in (g)) and a dnsperf
+query file, and keeps them up for SECONDS (or until SIGTERM or SIGINT): for profiling by hand.";
 
 /// `--load`: the fixed-rate client alone, against any server.
 fn load_only(args: &[String]) -> Result<()> {
@@ -209,11 +211,12 @@ fn lab_only(seconds: &str) -> Result<()> {
                         daemon.and_then(Daemon::pid).unwrap_or_default()
                     };
                     println!(
-                        "{name:<16}{} agent pid {} admin {}, warden-dnsproxy pid {}",
+                        "{name:<16}{} agent pid {} admin {}, warden-dnsproxy pid {}, workload cgroup {}",
                         lab.dns,
                         pid(Some(&lab.agent)),
                         lab.agent.admin,
-                        pid(lab.dnsproxy.as_ref())
+                        pid(lab.dnsproxy.as_ref()),
+                        lab.workload.display()
                     );
                 }
                 None => println!("{name:<16}{}", note.unwrap_or_default()),
@@ -254,6 +257,16 @@ fn main() -> ExitCode {
             "--load" => {
                 let rest: Vec<String> = args.by_ref().collect();
                 return match load_only(&rest) {
+                    Ok(()) => ExitCode::SUCCESS,
+                    Err(error) => {
+                        eprintln!("warden-bench: {error:#}");
+                        ExitCode::FAILURE
+                    }
+                };
+            }
+            load::CHILD_FLAG => {
+                let rest: Vec<String> = args.by_ref().collect();
+                return match load::child_main(&rest) {
                     Ok(()) => ExitCode::SUCCESS,
                     Err(error) => {
                         eprintln!("warden-bench: {error:#}");
@@ -454,6 +467,9 @@ struct Scenario {
     note: Option<String>,
     /// Through a policing proxy: verdicts are checked, histograms read.
     admins: Vec<SocketAddr>,
+    /// The cgroup the clients run in (a workload's, whose programs redirect them); `None`: the
+    /// bench's own.
+    cgroup: Option<PathBuf>,
 }
 
 /// The agent and `warden-dnsproxy` on one DNS address, when the proxy is built.
@@ -534,6 +550,7 @@ async fn network(plan: &Plan, out: &Path, results: &mut Results) -> Result<Vec<S
             addr: Some(upstream),
             note: None,
             admins: vec![],
+            cgroup: None,
         },
         Scenario {
             key: "b",
@@ -541,6 +558,7 @@ async fn network(plan: &Plan, out: &Path, results: &mut Results) -> Result<Vec<S
             addr: Some(agent_dns),
             note: None,
             admins: vec![agent.admin],
+            cgroup: None,
         },
         Scenario {
             key: "c",
@@ -551,6 +569,7 @@ async fn network(plan: &Plan, out: &Path, results: &mut Results) -> Result<Vec<S
                 .as_ref()
                 .map(|p| vec![p.agent.admin, p.dnsproxy.admin])
                 .unwrap_or_default(),
+            cgroup: None,
         },
         Scenario {
             key: "d",
@@ -560,6 +579,7 @@ async fn network(plan: &Plan, out: &Path, results: &mut Results) -> Result<Vec<S
                 .is_none()
                 .then(|| "dnsdist not installed (smoke run)".to_owned()),
             admins: vec![],
+            cgroup: None,
         },
         Scenario {
             key: "e",
@@ -567,6 +587,7 @@ async fn network(plan: &Plan, out: &Path, results: &mut Results) -> Result<Vec<S
             addr: agent_ebpf.as_ref().map(|lab| lab.dns),
             note: agent_ebpf_note.clone(),
             admins: ebpf_admins(&agent_ebpf),
+            cgroup: None,
         },
         Scenario {
             key: "f",
@@ -574,6 +595,22 @@ async fn network(plan: &Plan, out: &Path, results: &mut Results) -> Result<Vec<S
             addr: pair_ebpf.as_ref().map(|lab| lab.dns),
             note: pair_ebpf_note,
             admins: ebpf_admins(&pair_ebpf),
+            cgroup: None,
+        },
+        // (e)'s agent again, the clients in its workload cgroup asking knotd itself: every
+        // query redirected by the cgroup programs, its redirect record found by the agent.
+        Scenario {
+            key: "g",
+            label: "warden-agent, eBPF datapath, client redirected",
+            addr: agent_ebpf
+                .as_ref()
+                .and((upstream.port() == lab::DNS_PORT).then_some(upstream)),
+            note: agent_ebpf_note.clone().or_else(|| {
+                (upstream.port() != lab::DNS_PORT)
+                    .then(|| "knotd is not on port 53, the only one redirected".to_owned())
+            }),
+            admins: ebpf_admins(&agent_ebpf),
+            cgroup: agent_ebpf.as_ref().map(|lab| lab.workload.clone()),
         },
     ];
 
@@ -865,9 +902,11 @@ async fn throughput(
                 source: Some(client),
                 ..DnsperfOpts::new(queries, plan.throughput_s)
             };
-            let report = dnsperf_with(addr, &opts).await.with_context(|| {
-                format!("dnsperf against ({}) {}", scenario.key, scenario.label)
-            })?;
+            let report = match &scenario.cgroup {
+                Some(cgroup) => dnsperf_in_cgroup(cgroup, addr, &opts).await,
+                None => dnsperf_with(addr, &opts).await,
+            }
+            .with_context(|| format!("dnsperf against ({}) {}", scenario.key, scenario.label))?;
             let row = &mut rows[index];
             row.rounds_qps.push(report.qps);
             row.lost += report.lost;
@@ -966,7 +1005,12 @@ async fn latency(scenarios: &[Scenario], base: &LoadSpec, rounds: u32) -> Result
                 ..base.clone()
             };
             let before = scrape_all(&scenario.admins).await?;
-            let report = tokio::task::spawn_blocking(move || load::run(&spec)).await??;
+            let cgroup = scenario.cgroup.clone();
+            let report = tokio::task::spawn_blocking(move || match cgroup {
+                Some(cgroup) => load::run_in_cgroup(&spec, &cgroup),
+                None => load::run(&spec),
+            })
+            .await??;
             if policing {
                 let after = scrape_all(&scenario.admins).await?;
                 redirects[index].add_run(&before, &after);
@@ -1065,6 +1109,10 @@ fn ratios(results: &Results) -> Ratios {
         pair_ebpf_added_p99_us: added("f", |l| l.latency.p99_us),
         agent_ebpf_added_p99_us_light: light("e", |l| l.latency.p99_us),
         pair_ebpf_added_p99_us_light: light("f", |l| l.latency.p99_us),
+        redirected_over_dnsdist_qps: ratio(qps("g"), qps("d")),
+        redirected_over_agent_ebpf_qps: ratio(qps("g"), qps("e")),
+        redirected_added_p99_us: added("g", |l| l.latency.p99_us),
+        redirected_added_p99_us_light: light("g", |l| l.latency.p99_us),
     }
 }
 
@@ -1309,6 +1357,22 @@ fn sanity(r: &Results) -> Vec<String> {
                     l.key, l.label, load.wrong_verdicts
                 ));
             }
+        }
+    }
+    // A redirected client whose records the proxy never found was not redirected, or was
+    // served without its redirect record: either way (g) measured something else.
+    for l in r.latency.iter().chain(&r.latency_light) {
+        if l.key == "g"
+            && let Some(server) = &l.server
+            && server.redirect_lookups.found < server.redirect_lookups.total() * 0.99
+        {
+            problems.push(format!(
+                "({}) {}: {:.0} of {:.0} redirect records found",
+                l.key,
+                l.label,
+                server.redirect_lookups.found,
+                server.redirect_lookups.total()
+            ));
         }
     }
     for x in r

@@ -94,32 +94,44 @@ pub struct RedirectLookups {
     pub slot: f64,
     /// With a `bpf()` lookup of the LRU map.
     pub map: f64,
+    /// Either way, a record found: the client was redirected.
+    pub found: f64,
 }
 
 impl RedirectLookups {
     /// Adds what the counters rose by between two scrapes.
     pub fn add_run(&mut self, before: &str, after: &str) {
-        let rise = |source| {
+        let rise = |label: (&str, &str)| {
             let count = |scrape| {
                 warden_tests::warden::metric_value(
                     scrape,
                     "warden_datapath_redirect_lookups_total",
-                    &[("source", source)],
+                    &[label],
                 )
             };
             count(after) - count(before)
         };
-        self.slot += rise("slot");
-        self.map += rise("map");
+        self.slot += rise(("source", "slot"));
+        self.map += rise(("source", "map"));
+        self.found += rise(("result", "found"));
     }
 
-    /// The slots' share of the lookups, as a cell; "–" without any (no datapath).
+    pub fn total(&self) -> f64 {
+        self.slot + self.map
+    }
+
+    /// The slots' share of the lookups and the found share, as a cell; "–" without any (no
+    /// datapath).
     pub fn show(&self) -> String {
-        let total = self.slot + self.map;
+        let total = self.total();
         if total <= 0.0 {
             return "–".to_owned();
         }
-        format!("{:.1}%", 100.0 * self.slot / total)
+        format!(
+            "{:.1}% / {:.1}%",
+            100.0 * self.slot / total,
+            100.0 * self.found / total
+        )
     }
 }
 
@@ -161,6 +173,12 @@ pub struct Ratios {
     pub pair_ebpf_added_p99_us: Option<f64>,
     pub agent_ebpf_added_p99_us_light: Option<f64>,
     pub pair_ebpf_added_p99_us_light: Option<f64>,
+    /// (g) / (d) and (g) / (e) max QPS: the redirected client, against dnsdist and against
+    /// the same agent asked directly.
+    pub redirected_over_dnsdist_qps: Option<f64>,
+    pub redirected_over_agent_ebpf_qps: Option<f64>,
+    pub redirected_added_p99_us: Option<f64>,
+    pub redirected_added_p99_us_light: Option<f64>,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -291,8 +309,11 @@ impl Results {
         let _ = writeln!(
             md,
             "\n## 1. Throughput and latency\n\nMax QPS: dnsperf, unlimited rate, {} s per round, \
-             rounds interleaved a, b, ..., f, a, b, ... ((b) and (c) run without the datapath, \
-             `datapath.mode: none`; (e) and (f) with the eBPF datapath, as deployed). Latency: the bench's open-loop client at \
+             rounds interleaved a, b, ..., g, a, b, ... ((b) and (c) run without the datapath, \
+             `datapath.mode: none`; (e) and (f) with the eBPF datapath, as deployed, the clients \
+             outside the enrolled cgroup and asking the proxy; (g) is (e)'s agent with the \
+             clients inside the enrolled cgroup asking knotd, each query redirected by the cgroup \
+             programs). Latency: the bench's open-loop client at \
              a fixed **{} QPS** ({}), per-query latency, warm-up excluded, rounds interleaved \
              the same way and pooled.\n",
             self.throughput_seconds, self.latency_rate, self.latency_rate_basis
@@ -337,8 +358,8 @@ impl Results {
              {} µs, **p99 {} µs** (per round: {}); (d) p50 {} µs, p99 {} µs (per round: \
              {}); (c) p99 {} µs. Timed at each answer's kernel arrival (SO_TIMESTAMPNS) instead, \
              which leaves out the client's own wake-up: added p99 (b) {} µs, (d) {} µs.\n\n\
-             With the eBPF datapath: (e)/(d) = {}, (f)/(d) = {}; added p99 at the fixed rate (e) \
-             {} µs, (f) {} µs.\n",
+             With the eBPF datapath: (e)/(d) = {}, (f)/(d) = {}, (g)/(d) = {} ((g)/(e) = {}); \
+             added p99 at the fixed rate (e) {} µs, (f) {} µs, (g) {} µs.\n",
             opt(r.agent_over_dnsdist_qps, 2),
             list(&r.agent_over_dnsdist_per_round),
             opt(r.agent_over_direct_qps, 2),
@@ -356,8 +377,11 @@ impl Results {
             signed(r.dnsdist_added_p99_at_arrival_us),
             opt(r.agent_ebpf_over_dnsdist_qps, 2),
             opt(r.pair_ebpf_over_dnsdist_qps, 2),
+            opt(r.redirected_over_dnsdist_qps, 2),
+            opt(r.redirected_over_agent_ebpf_qps, 2),
             signed(r.agent_ebpf_added_p99_us),
             signed(r.pair_ebpf_added_p99_us),
+            signed(r.redirected_added_p99_us),
         );
         let _ = writeln!(
             md,
@@ -399,7 +423,7 @@ impl Results {
         let _ = writeln!(
             md,
             "\nAdded vs direct at {} QPS: (b) p50 {} µs, **p99 {} µs**; (d) p50 {} µs, p99 {} \
-             µs; (c) p99 {} µs; (e) p99 {} µs; (f) p99 {} µs.\n",
+             µs; (c) p99 {} µs; (e) p99 {} µs; (f) p99 {} µs; (g) p99 {} µs.\n",
             self.light_rate,
             signed(r.agent_added_p50_us_light),
             signed(r.agent_added_p99_us_light),
@@ -408,6 +432,7 @@ impl Results {
             signed(r.pair_added_p99_us_light),
             signed(r.agent_ebpf_added_p99_us_light),
             signed(r.pair_ebpf_added_p99_us_light),
+            signed(r.redirected_added_p99_us_light),
         );
         let scoped: Vec<&Latency> = self
             .latency
@@ -420,11 +445,13 @@ impl Results {
                 md,
                 "Inside the proxy during the fixed-rate runs (`warden_dns_processing_seconds`, \
                  p50 / p99 interpolated from the histogram buckets, µs; the first bucket is \
-                 25 µs):\n"
+                 25 µs; redirect records: the share of the lookups answered by the \
+                 memory-mapped slots without a system call, and the share that found a record, \
+                 that is, of queries redirected by the cgroup programs):\n"
             );
             let _ = writeln!(
                 md,
-                "| scenario | rate | total | policy_check | upstream | datapath_hold | redirect records from the slots |\n|---|---|---|---|---|---|---|"
+                "| scenario | rate | total | policy_check | upstream | datapath_hold | redirect records: from the slots / found |\n|---|---|---|---|---|---|---|"
             );
             for l in scoped {
                 if let (Some(s), Some(load)) = (&l.server, &l.load) {

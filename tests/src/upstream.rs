@@ -70,6 +70,11 @@ impl KnotUpstream {
         Self::launch(ip, None, zones)
     }
 
+    /// Like [`Self::start_on`] with other zone data.
+    pub fn start_on_with_zones(addr: SocketAddr, zones: Vec<Zone>) -> Result<Self> {
+        Self::launch(addr.ip(), Some(addr.port()), zones)
+    }
+
     fn launch(ip: IpAddr, fixed_port: Option<u16>, mut zones: Vec<Zone>) -> Result<Self> {
         let knotd = tool_path("knotd").context("knotd not found (Debian package `knot`)")?;
         let mut dir = tempfile::Builder::new()
