@@ -473,7 +473,9 @@ static __always_inline int sock_egress(struct bpf_sock_addr *ctx, int v6, __u8 r
 			so.target.family = so.orig.family;
 			/* A resolver's socket asks the same server query after query: an LRU update
 			 * allocates and takes locks, a lookup (which also keeps the entry young)
-			 * does not. */
+			 * does not. (An LRU entry can be evicted and reused for another socket while
+			 * we hold it; skipping on equal contents then leaves this socket without its
+			 * entry until its next send, as an eviction would. It takes a full map.) */
 			if (!known || !sockaddr_eq(&known->orig, &so.orig) ||
 			    !sockaddr_eq(&known->target, &so.target))
 				bpf_map_update_elem(&sock_orig, &cookie, &so, BPF_ANY);
@@ -710,11 +712,15 @@ static __always_inline void publish_redirect(const struct warden_client_key *key
 	if (!slot)
 		return;
 	seq = *(volatile __u64 *)&slot->seq;
-	/* The slot already vouches for this very record, stamped a moment ago: leave it, so that
-	 * its cache line stays shared with the proxy reading it instead of moving to this CPU
-	 * for a write per packet. The fields are read outside the lock, so the sequence number
-	 * must not have moved meanwhile. */
-	if (seq != 0 && !(seq & 1) && rec->time_ns - slot->time_ns < WARDEN_REDIRECT_REFRESH_NS &&
+	/* The slot already vouches for this very record, stamped a moment ago (or later, by
+	 * another CPU): leave it, so that its cache line stays shared with the proxy reading it
+	 * instead of moving to this CPU for a write per packet. The fields are read outside the
+	 * lock and BPF has no read barrier, so the second read of the sequence number only
+	 * narrows the window: a writer of another key racing in can still be missed, which
+	 * leaves that writer's record in the slot and ours in the LRU map, where a reader
+	 * finding another key looks. */
+	if (seq != 0 && !(seq & 1) &&
+	    (__s64)(rec->time_ns - slot->time_ns) < (__s64)WARDEN_REDIRECT_REFRESH_NS &&
 	    slot->cgroup_id == rec->cgroup_id && addr_eq(slot->addr, key->addr) &&
 	    slot->port == key->port && slot->proto == key->proto &&
 	    slot->orig_port == rec->orig.port && slot->orig_family == rec->orig.family &&
@@ -764,11 +770,10 @@ static __always_inline void record_redirect(struct __sk_buff *skb, const struct 
 	rec.time_ns = bpf_ktime_get_boot_ns();
 	rec.orig = so->orig;
 	known = bpf_map_lookup_elem(&redirect_records, &key);
-	/* The same client asking the same server again (the common case): refresh the stamp in
-	 * place rather than pay an LRU update, which allocates and takes locks, per packet. */
-	if (known && known->cgroup_id == rec.cgroup_id && sockaddr_eq(&known->orig, &rec.orig))
-		known->time_ns = rec.time_ns;
-	else
+	/* The same client asking the same server again (the common case): the lookup keeps the
+	 * entry young, and an LRU update, which allocates and takes locks, is paid only when the
+	 * record changes. */
+	if (!known || known->cgroup_id != rec.cgroup_id || !sockaddr_eq(&known->orig, &rec.orig))
 		bpf_map_update_elem(&redirect_records, &key, &rec, BPF_ANY);
 	publish_redirect(&key, &rec);
 }

@@ -42,10 +42,10 @@ pub(crate) const TRUST_CHECK_EVERY: Duration = Duration::from_millis(100);
 const TRUST_LEASE_NS: u64 = 250_000_000;
 /// How far a record may seem to come from the future (clock reads on two CPUs).
 const FUTURE_SLACK_NS: u64 = 10_000_000;
-/// A slot's record older than this is not taken: redirected packets refresh their slot on
-/// their way out (at most `WARDEN_REDIRECT_REFRESH_NS`, 100 ms, apart: warden.h), so an older
-/// one is for a packet the proxy should have read long ago, or was left by a program that no
-/// longer writes the slots.
+/// A slot's record older than this is not taken: while a client's packets flow, its slot's
+/// stamp trails the latest of them by less than `WARDEN_REDIRECT_REFRESH_NS` (100 ms:
+/// warden.h), so an older one is for a packet the proxy should have read long ago, or was left
+/// by a program that no longer writes the slots.
 const FRESH_FOR_NS: u64 = 1_000_000_000;
 
 /// What a slot says about one client.

@@ -505,6 +505,33 @@ pub fn run_probe() {
                 }
             }
         }
+        // DNS over one unconnected UDP socket, COUNT queries to SERVER, MS milliseconds apart
+        // (`udp-dns-every MS COUNT SERVER`): how many were answered.
+        "udp-dns-every" => {
+            let pause = Duration::from_millis(words[1].parse().expect("MS"));
+            let count: u32 = words[2].parse().expect("COUNT");
+            let server = addr(3);
+            let bind: SocketAddr = if server.is_ipv4() {
+                "0.0.0.0:0".parse().unwrap()
+            } else {
+                "[::]:0".parse().unwrap()
+            };
+            let socket = UdpSocket::bind(bind).unwrap();
+            socket
+                .set_read_timeout(Some(Duration::from_secs(3)))
+                .unwrap();
+            let mut answered = 0;
+            for _ in 0..count {
+                let mut buf = [0u8; 512];
+                if socket.send_to(&dns_query(), server).is_ok()
+                    && socket.recv_from(&mut buf).is_ok()
+                {
+                    answered += 1;
+                }
+                std::thread::sleep(pause);
+            }
+            println!("PROBE answered={answered}");
+        }
         // DNS over a connected UDP socket: getpeername and recvfrom both show the server.
         "udp-dns-connected" => {
             let server = addr(1);
