@@ -117,15 +117,20 @@ pub fn bench_zone() -> Zone {
 
 /// knotd serving the lab zones and the bench zone on `ip`: as root on port 53, so that a client
 /// in an enrolled cgroup asking it is redirected to the proxy (the datapath redirects port 53
-/// only), else on a free port.
+/// only), else, or when something holds port 53 on every address, on a free port (and (g)
+/// says it cannot run).
 pub fn start_knot(ip: IpAddr) -> Result<KnotUpstream> {
     let mut zones = lab_zones();
     zones.push(bench_zone());
     if nix::unistd::geteuid().is_root() {
-        KnotUpstream::start_on_with_zones(SocketAddr::new(ip, DNS_PORT), zones)
-    } else {
-        KnotUpstream::start_with_zones(ip, zones)
+        match KnotUpstream::start_on_with_zones(SocketAddr::new(ip, DNS_PORT), zones.clone()) {
+            Ok(knot) => return Ok(knot),
+            Err(error) => {
+                eprintln!("warden-bench: knotd on {ip}:{DNS_PORT}: {error:#}; on a free port");
+            }
+        }
     }
+    KnotUpstream::start_with_zones(ip, zones)
 }
 
 /// The dnsperf query file of the mix.

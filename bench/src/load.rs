@@ -198,8 +198,22 @@ pub const CHILD_FLAG: &str = "--load-child";
 /// that must live where the bench does not, in a workload's cgroup whose programs redirect its
 /// queries (a socket belongs to the cgroup of the process that opened it, and a process of
 /// cgroup v2 moves with all its threads). The child sends the bench's mix
-/// ([`lab::templates`]), whatever `spec.queries` holds.
+/// ([`lab::templates`]), and nothing else: a spec with other queries is refused.
 pub fn run_in_cgroup(spec: &LoadSpec, cgroup: &Path) -> Result<LoadReport> {
+    let mix = lab::templates()?;
+    let same_mix = spec.queries.len() == mix.len()
+        && spec
+            .queries
+            .iter()
+            .zip(mix.iter())
+            // The ID (the first two bytes) is patched per send.
+            .all(|(ours, child)| {
+                ours.wire.get(2..) == child.wire.get(2..) && ours.allowed == child.allowed
+            });
+    ensure!(
+        same_mix,
+        "a load client in a cgroup sends the bench's mix only"
+    );
     let binary = std::env::current_exe().context("finding the bench's own binary")?;
     let mut command = Command::new(binary);
     command.arg(CHILD_FLAG).args([

@@ -122,6 +122,7 @@ Runs Warden's benchmark (docs/benchmarks.md) and writes DIR/latest.md and DIR/la
 --quick runs only throughput, latency and profiles, 2 rounds, into target/bench-quick: for
 iterating on the proxy's speed.
 --load runs only the open-loop client (the bench's query mix, A queries) and prints its report.
+--load-child is the bench's own: that client as a child process, which (g) starts in a cgroup.
 --lab starts knotd, the agent, dnsdist, the agent + warden-dnsproxy pair and (as root) both again
 with the eBPF datapath, as the bench does, prints their addresses, PIDs, the eBPF labs' workload
 cgroups (a client started inside one and asking knotd is redirected, as in (g)) and a dnsperf
@@ -470,6 +471,8 @@ struct Scenario {
     /// The cgroup the clients run in (a workload's, whose programs redirect them); `None`: the
     /// bench's own.
     cgroup: Option<PathBuf>,
+    /// The clients' address, when not the endpoint's (`client`).
+    source: Option<IpAddr>,
 }
 
 /// The agent and `warden-dnsproxy` on one DNS address, when the proxy is built.
@@ -541,6 +544,7 @@ async fn network(plan: &Plan, out: &Path, results: &mut Results) -> Result<Vec<S
     // the dnsproxy beside the agent, every query steered to the dnsproxy.
     let (agent_ebpf, agent_ebpf_note) = start_ebpf(upstream, client, false, &mut problems).await;
     let (pair_ebpf, pair_ebpf_note) = start_ebpf(upstream, client, true, &mut problems).await;
+    let redirected_client = unique_loopback_v4();
     let ebpf_admins = |lab: &Option<EbpfLab>| lab.as_ref().map(EbpfLab::admins).unwrap_or_default();
 
     let scenarios = vec![
@@ -551,6 +555,7 @@ async fn network(plan: &Plan, out: &Path, results: &mut Results) -> Result<Vec<S
             note: None,
             admins: vec![],
             cgroup: None,
+            source: None,
         },
         Scenario {
             key: "b",
@@ -559,6 +564,7 @@ async fn network(plan: &Plan, out: &Path, results: &mut Results) -> Result<Vec<S
             note: None,
             admins: vec![agent.admin],
             cgroup: None,
+            source: None,
         },
         Scenario {
             key: "c",
@@ -570,6 +576,7 @@ async fn network(plan: &Plan, out: &Path, results: &mut Results) -> Result<Vec<S
                 .map(|p| vec![p.agent.admin, p.dnsproxy.admin])
                 .unwrap_or_default(),
             cgroup: None,
+            source: None,
         },
         Scenario {
             key: "d",
@@ -580,6 +587,7 @@ async fn network(plan: &Plan, out: &Path, results: &mut Results) -> Result<Vec<S
                 .then(|| "dnsdist not installed (smoke run)".to_owned()),
             admins: vec![],
             cgroup: None,
+            source: None,
         },
         Scenario {
             key: "e",
@@ -588,6 +596,7 @@ async fn network(plan: &Plan, out: &Path, results: &mut Results) -> Result<Vec<S
             note: agent_ebpf_note.clone(),
             admins: ebpf_admins(&agent_ebpf),
             cgroup: None,
+            source: None,
         },
         Scenario {
             key: "f",
@@ -596,6 +605,7 @@ async fn network(plan: &Plan, out: &Path, results: &mut Results) -> Result<Vec<S
             note: pair_ebpf_note,
             admins: ebpf_admins(&pair_ebpf),
             cgroup: None,
+            source: None,
         },
         // (e)'s agent again, the clients in its workload cgroup asking knotd itself: every
         // query redirected by the cgroup programs, its redirect record found by the agent.
@@ -611,6 +621,10 @@ async fn network(plan: &Plan, out: &Path, results: &mut Results) -> Result<Vec<S
             }),
             admins: ebpf_admins(&agent_ebpf),
             cgroup: agent_ebpf.as_ref().map(|lab| lab.workload.clone()),
+            // Known by its cgroup; an address of its own keeps its client keys (and redirect
+            // slots) apart from (e)'s, whose lookups must stay those of a client never
+            // redirected.
+            source: Some(redirected_client),
         },
     ];
 
@@ -899,7 +913,7 @@ async fn throughput(
             );
             let opts = DnsperfOpts {
                 clients: 8,
-                source: Some(client),
+                source: Some(scenario.source.unwrap_or(client)),
                 ..DnsperfOpts::new(queries, plan.throughput_s)
             };
             let report = match &scenario.cgroup {
@@ -1000,6 +1014,7 @@ async fn latency(scenarios: &[Scenario], base: &LoadSpec, rounds: u32) -> Result
             let policing = !scenario.admins.is_empty();
             let spec = LoadSpec {
                 target: addr,
+                source: scenario.source.unwrap_or(base.source),
                 check_verdicts: policing,
                 duration: base.duration / rounds,
                 ..base.clone()
@@ -1360,19 +1375,28 @@ fn sanity(r: &Results) -> Vec<String> {
         }
     }
     // A redirected client whose records the proxy never found was not redirected, or was
-    // served without its redirect record: either way (g) measured something else.
+    // served without its redirect record: either way (g) measured something else. (The
+    // fixed-rate rounds are checked, where the agent's counters are scraped around each.)
     for l in r.latency.iter().chain(&r.latency_light) {
         if l.key == "g"
-            && let Some(server) = &l.server
-            && server.redirect_lookups.found < server.redirect_lookups.total() * 0.99
+            && let Some(load) = &l.load
         {
-            problems.push(format!(
-                "({}) {}: {:.0} of {:.0} redirect records found",
-                l.key,
-                l.label,
-                server.redirect_lookups.found,
-                server.redirect_lookups.total()
-            ));
+            let lookups = l
+                .server
+                .as_ref()
+                .map(|s| s.redirect_lookups)
+                .unwrap_or_default();
+            let expected = lookups.total().max(load.answered as f64);
+            if expected == 0.0 || lookups.found < expected * 0.99 {
+                problems.push(format!(
+                    "({}) {}: {:.0} redirect records found for {:.0} lookups and {} answers",
+                    l.key,
+                    l.label,
+                    lookups.found,
+                    lookups.total(),
+                    load.answered
+                ));
+            }
         }
     }
     for x in r
