@@ -430,6 +430,21 @@ pub fn dns_reply(query: &[u8]) -> Option<Vec<u8>> {
     Some(reply)
 }
 
+/// An unconnected UDP socket of `server`'s family on an ephemeral port, reads timing out
+/// after 3 s.
+fn udp_socket_for(server: SocketAddr) -> UdpSocket {
+    let bind: SocketAddr = if server.is_ipv4() {
+        "0.0.0.0:0".parse().unwrap()
+    } else {
+        "[::]:0".parse().unwrap()
+    };
+    let socket = UdpSocket::bind(bind).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(3)))
+        .unwrap();
+    socket
+}
+
 /// The probe side: runs when this binary is started by [`Lab::probe`].
 pub fn run_probe() {
     let Ok(command) = std::env::var("WARDEN_PROBE") else {
@@ -462,15 +477,7 @@ pub fn run_probe() {
         // DNS over an unconnected UDP socket: who the answer seems to come from.
         "udp-dns" => {
             let server = addr(1);
-            let bind: SocketAddr = if server.is_ipv4() {
-                "0.0.0.0:0".parse().unwrap()
-            } else {
-                "[::]:0".parse().unwrap()
-            };
-            let socket = UdpSocket::bind(bind).unwrap();
-            socket
-                .set_read_timeout(Some(Duration::from_secs(3)))
-                .unwrap();
+            let socket = udp_socket_for(server);
             report("send", socket.send_to(&dns_query(), server).map(drop));
             let mut buf = [0u8; 512];
             match socket.recv_from(&mut buf) {
@@ -484,15 +491,7 @@ pub fn run_probe() {
         // DNS over one unconnected UDP socket to each server in turn (all of one family):
         // who answer i seems to come from, as from<i>.
         "udp-dns-each" => {
-            let bind: SocketAddr = if addr(1).is_ipv4() {
-                "0.0.0.0:0".parse().unwrap()
-            } else {
-                "[::]:0".parse().unwrap()
-            };
-            let socket = UdpSocket::bind(bind).unwrap();
-            socket
-                .set_read_timeout(Some(Duration::from_secs(3)))
-                .unwrap();
+            let socket = udp_socket_for(addr(1));
             for i in 1..words.len() {
                 report(
                     &format!("send{i}"),
@@ -511,15 +510,7 @@ pub fn run_probe() {
             let pause = Duration::from_millis(words[1].parse().expect("MS"));
             let count: u32 = words[2].parse().expect("COUNT");
             let server = addr(3);
-            let bind: SocketAddr = if server.is_ipv4() {
-                "0.0.0.0:0".parse().unwrap()
-            } else {
-                "[::]:0".parse().unwrap()
-            };
-            let socket = UdpSocket::bind(bind).unwrap();
-            socket
-                .set_read_timeout(Some(Duration::from_secs(3)))
-                .unwrap();
+            let socket = udp_socket_for(server);
             let mut answered = 0;
             for _ in 0..count {
                 let mut buf = [0u8; 512];
@@ -535,15 +526,7 @@ pub fn run_probe() {
         // DNS over a connected UDP socket: getpeername and recvfrom both show the server.
         "udp-dns-connected" => {
             let server = addr(1);
-            let bind: SocketAddr = if server.is_ipv4() {
-                "0.0.0.0:0".parse().unwrap()
-            } else {
-                "[::]:0".parse().unwrap()
-            };
-            let socket = UdpSocket::bind(bind).unwrap();
-            socket
-                .set_read_timeout(Some(Duration::from_secs(3)))
-                .unwrap();
+            let socket = udp_socket_for(server);
             report("connect", socket.connect(server));
             println!("PROBE peer={}", socket.peer_addr().unwrap());
             report("send", socket.send(&dns_query()).map(drop));
