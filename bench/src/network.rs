@@ -702,12 +702,7 @@ async fn restart(
     })
 }
 
-fn failed_restart(
-    process: &str,
-    signal: Signal,
-    peers: &str,
-    error: &anyhow::Error,
-) -> Restart {
+fn failed_restart(process: &str, signal: Signal, peers: &str, error: &anyhow::Error) -> Restart {
     Restart {
         process: process.to_owned(),
         signal: signal.as_str().to_owned(),
