@@ -354,9 +354,19 @@ fn policy_paths(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
             .extension()
             .and_then(|extension| extension.to_str())
             .is_some_and(|extension| POLICY_EXTENSIONS.contains(&extension));
-        if !hidden && policy_file && path.is_file() {
-            paths.push(path);
+        if hidden || !policy_file {
+            continue;
         }
+        // A policy's name that is not a file (a folder put in its place, a dangling link) is
+        // an error, not an absent policy: the others enforced without it would also become the
+        // last good copy.
+        if !path.is_file() {
+            return Err(std::io::Error::other(format!(
+                "{} is not a regular file",
+                path.display()
+            )));
+        }
+        paths.push(path);
     }
     paths.sort();
     Ok(paths)
@@ -466,6 +476,34 @@ spec:
         assert!(store.reload(), "the finished file, once settled");
         assert_eq!(store.status().revision, 2);
         assert_eq!(store.status().policies, 1);
+    }
+
+    /// A policy file replaced by a folder once counted as removed: the policy went, and the
+    /// rest became the last good copy.
+    #[test]
+    fn a_policy_name_that_is_not_a_file_keeps_the_policy_in_force() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let state = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("test.yaml");
+        std::fs::write(&file, POLICY).expect("write policy");
+        let store = store(dir.path(), state.path());
+        assert_eq!((store.status().revision, store.status().policies), (1, 1));
+
+        std::fs::remove_file(&file).expect("remove");
+        std::fs::create_dir(&file).expect("a folder in its place");
+        assert!(!store.reload());
+        let status = store.status();
+        assert_eq!((status.revision, status.policies), (1, 1));
+        let error = status.last_error.unwrap_or_default();
+        assert!(error.contains("test.yaml is not a regular file"), "{error}");
+        // The last good copy is untouched.
+        let kept = std::fs::read_to_string(state.path().join("last-good-policies/test.yaml"))
+            .expect("last good copy");
+        assert_eq!(kept, POLICY);
+
+        std::fs::remove_dir(&file).expect("remove the folder");
+        assert!(store.reload(), "the policy's removal is a change");
+        assert_eq!(store.status().policies, 0);
     }
 
     /// The watch once re-read the folder every 100 ms for ever: its own reads raised the
