@@ -4,7 +4,7 @@
 //! these steps; nothing here does I/O.
 
 use std::borrow::Cow;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock, RwLock};
 use std::time::{Duration, Instant};
@@ -436,7 +436,7 @@ impl Engine {
         answer: wire::Answer,
         held: Instant,
     ) -> (Outcome, Option<Hold>) {
-        let outcome = Outcome {
+        let mut outcome = Outcome {
             verdict: Verdict::Allowed,
             rcode: ResponseCode::from(
                 u8::try_from(answer.rcode >> 4).unwrap_or(u8::MAX),
@@ -450,24 +450,26 @@ impl Engine {
         if outcome.rcode != ResponseCode::NoError || outcome.summary.ips.is_empty() {
             return (outcome, None);
         }
-        let summary = &outcome.summary;
         let mut grants = Vec::new();
         checked.policy.fqdn_grants(name, &mut grants);
-        let inserted = {
+        let (inserted, max_ips) = {
             let mut cache = self.context.cache.lock();
             let inserted = cache.insert(
                 unix_now(),
                 &checked.endpoint_key,
                 name.as_str(),
-                &summary.ips,
-                summary.ttl,
+                &outcome.summary.ips,
+                outcome.summary.ttl,
             );
             let metrics = &self.context.metrics.cache;
             metrics.names.set(gauge(cache.name_count()));
             metrics.ips.set(gauge(cache.ip_count()));
-            inserted
+            (inserted, cache.limits().max_ips_per_name)
         };
         if inserted.refused {
+            if max_ips != 0 {
+                outcome.summary.ips.truncate(max_ips);
+            }
             self.context.metrics.cache.names_refused.inc();
             let needed = checked
                 .endpoint_id
@@ -480,7 +482,22 @@ impl Engine {
             self.released(held, None);
             return (outcome, None);
         }
+        // Past `max_ips_per_name` only what the cache kept of the answer gets allow entries,
+        // crosses to the peer and shows in the flow event: an answer of thousands of
+        // addresses costs no more than the cap (it once cost a map update per address, grant
+        // and port, and a mapping the agent refused to decode).
+        let kept = inserted.added.len() + inserted.refreshed.len();
+        if kept != outcome.summary.ips.len() {
+            let in_cache: std::collections::HashSet<IpAddr> = inserted
+                .added
+                .iter()
+                .chain(&inserted.refreshed)
+                .copied()
+                .collect();
+            outcome.summary.ips.retain(|ip| in_cache.contains(ip));
+        }
         let (expires_at, changed) = (inserted.expires_at, inserted.changed());
+        let summary = &outcome.summary;
         let wait = if grants.is_empty() {
             None
         } else {

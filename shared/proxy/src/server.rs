@@ -226,15 +226,17 @@ mod tests {
         }
     }
 
-    /// Allow entries that take `delay` to be written.
+    /// Allow entries that take `delay` to be written; the addresses of each request.
     struct SlowDatapath {
         delay: Duration,
         calls: AtomicUsize,
+        allowed: Mutex<Vec<Vec<IpAddr>>>,
     }
 
     impl DatapathHook for SlowDatapath {
-        fn allow(&self, _request: &AllowRequest<'_>) -> Option<HoldFuture> {
+        fn allow(&self, request: &AllowRequest<'_>) -> Option<HoldFuture> {
             self.calls.fetch_add(1, Ordering::SeqCst);
+            self.allowed.lock().unwrap().push(request.ips.to_vec());
             Some(Box::pin(tokio::time::sleep(self.delay)))
         }
     }
@@ -283,6 +285,11 @@ spec:
 
     /// A server answering every question with one A record, or never when `silent`.
     async fn fake_upstream(silent: bool) -> SocketAddr {
+        fake_upstream_answering(silent, 1).await
+    }
+
+    /// A server answering every question with `addresses` A records (198.18.x.y).
+    async fn fake_upstream_answering(silent: bool, addresses: u16) -> SocketAddr {
         let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
         let address = socket.local_addr().unwrap();
         tokio::spawn(async move {
@@ -294,11 +301,14 @@ spec:
                 let query = Message::from_vec(&buffer[..length]).unwrap();
                 let mut answer = Message::response(query.metadata.id, OpCode::Query);
                 answer.add_queries(query.queries.clone());
-                answer.add_answer(Record::from_rdata(
-                    query.queries[0].name().clone(),
-                    60,
-                    RData::A(A::new(198, 18, 0, 1)),
-                ));
+                for n in 1..=addresses {
+                    let [high, low] = n.to_be_bytes();
+                    answer.add_answer(Record::from_rdata(
+                        query.queries[0].name().clone(),
+                        60,
+                        RData::A(A::new(198, 18, high, low)),
+                    ));
+                }
                 let _ = socket.send_to(&answer.to_vec().unwrap(), from).await;
             }
         });
@@ -309,6 +319,8 @@ spec:
         dns: SocketAddr,
         datapath: Arc<SlowDatapath>,
         mappings: Arc<Recorded>,
+        cache: SharedCache,
+        flows: Arc<FlowLog>,
         shutdown: CancellationToken,
         served: tokio::task::JoinHandle<()>,
     }
@@ -352,17 +364,20 @@ spec:
         let datapath = Arc::new(SlowDatapath {
             delay: hold,
             calls: AtomicUsize::new(0),
+            allowed: Mutex::default(),
         });
         let mappings = Arc::new(Recorded::default());
+        let cache = SharedCache::new(DnsCache::new(CacheLimits::default()));
+        let flows = Arc::new(FlowLog::new(100));
         let context = ProxyContext {
             instance: Arc::from("test"),
             endpoints: Arc::new(OneEndpoint),
             policy: Arc::new(Fixed(policy(upstream))),
-            cache: SharedCache::new(DnsCache::new(CacheLimits::default())),
+            cache: cache.clone(),
             datapath: datapath.clone(),
             mappings: mappings.clone(),
             metrics: Metrics::new("test").unwrap(),
-            flows: Arc::new(FlowLog::new(100)),
+            flows: flows.clone(),
         };
         let settings = ProxySettings {
             listen: vec![listen],
@@ -383,6 +398,8 @@ spec:
             dns,
             datapath,
             mappings,
+            cache,
+            flows,
             shutdown,
             served,
         }
@@ -472,6 +489,46 @@ spec:
             (1..=2).contains(&told),
             "{told} mappings for 6 equal answers"
         );
+        proxy.shutdown.cancel();
+    }
+
+    /// An answer of more addresses than `max_ips_per_name` once had all of them allowed, sent
+    /// to the peer and logged, though the cache kept only the cap: a crafted 64 KiB answer cost
+    /// a map update per address, grant and port, and a mapping the agent refused to decode.
+    #[tokio::test]
+    async fn only_the_addresses_the_cache_keeps_are_allowed_told_and_logged() {
+        let upstream = fake_upstream_answering(false, 60).await;
+        let proxy = start(upstream, Duration::ZERO, Duration::from_secs(2)).await;
+        proxy.cache.lock().set_limits(CacheLimits {
+            max_ips_per_name: 10,
+            ..CacheLimits::UNLIMITED
+        });
+        let (answer, _) = ask(proxy.dns, "cilium.io.").await;
+        assert_eq!(answer.answers.len(), 60, "the client gets the whole answer");
+        assert_eq!(proxy.cache.lock().ip_count(), 10);
+
+        let sorted = |mut ips: Vec<IpAddr>| {
+            ips.sort();
+            ips
+        };
+        let allowed = proxy.datapath.allowed.lock().unwrap().clone();
+        assert_eq!(allowed.len(), 1);
+        let kept = sorted(allowed[0].clone());
+        assert_eq!(kept.len(), 10);
+        let told = proxy.mappings.0.lock().unwrap().clone();
+        assert_eq!(sorted(told[0].ips.clone()), kept);
+        let logged = proxy
+            .flows
+            .recent()
+            .into_iter()
+            .find_map(|event| match event {
+                warden_telemetry::FlowEvent::Dns(flow) if flow.qname == "cilium.io." => {
+                    Some(flow.ips)
+                }
+                _ => None,
+            })
+            .expect("a flow event");
+        assert_eq!(sorted(logged), kept);
         proxy.shutdown.cancel();
     }
 
