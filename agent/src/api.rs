@@ -292,7 +292,7 @@ async fn session(
                         // exchange. Both now hold the union.
                         let mut sent = 0u64;
                         let dump = warden_api::cache_dump(&state.cache).await;
-                        for chunk in dump.chunks(MAPPINGS_PER_MESSAGE) {
+                        for chunk in warden_api::mapping_batches(&dump) {
                             sent += chunk.len() as u64;
                             let batch = Mappings { mappings: chunk.to_vec(), resync: true };
                             if let Err(end) = send(AgentKind::Cache(batch)).await {
@@ -339,9 +339,14 @@ async fn session(
                 };
                 // Those already waiting go along: one message per burst, not per answer.
                 let mut mappings = vec![WireMapping::from(&mapping)];
-                while mappings.len() < MAPPINGS_PER_MESSAGE {
+                let mut bytes = warden_api::mapping_bytes(&mappings[0]);
+                while mappings.len() < MAPPINGS_PER_MESSAGE && bytes < warden_api::BATCH_BYTES {
                     match local.try_recv() {
-                        Ok(more) => mappings.push(WireMapping::from(&more)),
+                        Ok(more) => {
+                            let more = WireMapping::from(&more);
+                            bytes += warden_api::mapping_bytes(&more);
+                            mappings.push(more);
+                        }
                         Err(broadcast::error::TryRecvError::Lagged(skipped)) => {
                             tracing::warn!(session = id, skipped, "dnsproxy session fell behind the agent's mappings");
                         }

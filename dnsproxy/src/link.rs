@@ -170,8 +170,8 @@ pub async fn run(context: LinkContext, shutdown: CancellationToken) {
 
 /// The session's outbound stream. The engine hands over one live mapping per answer that
 /// changed the cache; those waiting together in the channel leave as one message (up to
-/// `MAPPINGS_PER_MESSAGE`), so that under load the agent gets a message per burst rather than
-/// per answer.
+/// `MAPPINGS_PER_MESSAGE` and `BATCH_BYTES`), so that under load the agent gets a message per
+/// burst rather than per answer.
 struct Coalescing {
     receiver: mpsc::Receiver<ProxyMessage>,
     /// A message read while gathering mappings that is not one: it goes next.
@@ -208,16 +208,27 @@ impl tokio_stream::Stream for Coalescing {
             },
         };
         if let Some(batch) = live_mappings(&mut first) {
+            let mut bytes: usize = batch.mappings.iter().map(warden_api::mapping_bytes).sum();
             while batch.mappings.len() < MAPPINGS_PER_MESSAGE {
                 let Ok(mut next) = this.receiver.try_recv() else {
                     break;
                 };
-                match live_mappings(&mut next) {
-                    Some(more) => batch.mappings.append(&mut more.mappings),
-                    None => {
-                        this.held = Some(next);
-                        break;
+                let joined = match live_mappings(&mut next) {
+                    Some(more) => {
+                        let more_bytes: usize =
+                            more.mappings.iter().map(warden_api::mapping_bytes).sum();
+                        let fits = bytes + more_bytes <= warden_api::BATCH_BYTES;
+                        if fits {
+                            bytes += more_bytes;
+                            batch.mappings.append(&mut more.mappings);
+                        }
+                        fits
                     }
+                    None => false,
+                };
+                if !joined {
+                    this.held = Some(next);
+                    break;
                 }
             }
         }
@@ -266,7 +277,7 @@ async fn session(
     // Replay what the agent missed, then go live; what was journaled in between follows.
     let replayed = journaled.len();
     let mut unsent = Vec::new();
-    for chunk in journaled.chunks(MAPPINGS_PER_MESSAGE) {
+    for chunk in warden_api::mapping_batches(&journaled) {
         if outbound.send(resync_message(chunk.to_vec())).await.is_err() {
             unsent.extend_from_slice(chunk);
         }
@@ -280,20 +291,20 @@ async fn session(
     // when they change a cache, so a repeat answer would never tell it again.
     let cached = warden_api::cache_dump(&context.cache).await;
     let replayed = replayed + cached.len();
-    for chunk in cached.chunks(MAPPINGS_PER_MESSAGE) {
+    for chunk in warden_api::mapping_batches(&cached) {
         if outbound.send(resync_message(chunk.to_vec())).await.is_err() {
             return "agent went away during the cache resync".into();
         }
     }
     context.link.set(Some(outbound.clone()));
     let late = context.journal.take();
-    if !late.is_empty()
-        && let Err(error) = outbound.send(resync_message(late)).await
-    {
-        if let Some(ProxyKind::Mappings(batch)) = error.0.kind {
-            context.journal.restore(batch.mappings);
+    let mut sent = 0;
+    for chunk in warden_api::mapping_batches(&late) {
+        if outbound.send(resync_message(chunk.to_vec())).await.is_err() {
+            context.journal.restore(late[sent..].to_vec());
+            return "agent went away during the journal replay".into();
         }
-        return "agent went away during the journal replay".into();
+        sent += chunk.len();
     }
     let _ = outbound
         .send(ProxyMessage {
@@ -545,11 +556,14 @@ async fn forward_flows(
         let granted = budget.take(gathered.len());
         over_budget.inc_by((gathered.len() - granted) as u64);
         gathered.truncate(granted);
-        for chunk in gathered.chunks(FLOWS_PER_MESSAGE) {
-            let events = chunk
-                .iter()
-                .filter_map(|event| serde_json::to_string(event).ok())
-                .collect::<Vec<_>>();
+        let encoded: Vec<String> = gathered
+            .iter()
+            .filter_map(|event| serde_json::to_string(event).ok())
+            .collect();
+        // An event of an answer with thousands of addresses is tens of kB: bytes bound a
+        // message as much as the count does.
+        for chunk in warden_api::batches(&encoded, FLOWS_PER_MESSAGE, |event| event.len() + 4) {
+            let events = chunk.to_vec();
             let count = events.len() as u64;
             let message = ProxyMessage {
                 kind: Some(ProxyKind::Flows(Flows { events })),

@@ -176,6 +176,50 @@ pub const MAX_MESSAGE_BYTES: usize = 16 << 20;
 /// Mappings per message when a cache is dumped or a journal replayed.
 pub const MAPPINGS_PER_MESSAGE: usize = 1024;
 
+/// Most bytes of items (mappings, flow events) one message carries: a quarter of what the
+/// agent accepts from a proxy. A count alone did not bound a message: 1,024 names answered
+/// with a thousand addresses each encode to some 15 MB, which the agent refused, ending the
+/// session, again at every reconnect.
+pub const BATCH_BYTES: usize = 1 << 20;
+
+/// `items` in consecutive runs of at most `max_items` whose sizes (`size` of each) add up to at
+/// most [`BATCH_BYTES`]; an item larger than that makes a run of its own.
+pub fn batches<T>(
+    items: &[T],
+    max_items: usize,
+    size: impl Fn(&T) -> usize,
+) -> impl Iterator<Item = &[T]> {
+    let mut rest = items;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let mut bytes = 0;
+        let mut end = 0;
+        while end < rest.len().min(max_items.max(1)) {
+            bytes += size(&rest[end]);
+            if end > 0 && bytes > BATCH_BYTES {
+                break;
+            }
+            end += 1;
+        }
+        let (batch, more) = rest.split_at(end);
+        rest = more;
+        Some(batch)
+    })
+}
+
+/// A mapping's share of a message: its encoding, its field tag and its length prefix.
+pub fn mapping_bytes(mapping: &proto::Mapping) -> usize {
+    use prost::Message as _;
+    mapping.encoded_len() + 6
+}
+
+/// Mappings in runs fit for one message each (see [`batches`]).
+pub fn mapping_batches(mappings: &[proto::Mapping]) -> impl Iterator<Item = &[proto::Mapping]> {
+    batches(mappings, MAPPINGS_PER_MESSAGE, mapping_bytes)
+}
+
 /// HTTP/2 pings: a peer that stops answering is noticed within interval + timeout.
 pub const KEEPALIVE_INTERVAL: std::time::Duration = std::time::Duration::from_millis(500);
 pub const KEEPALIVE_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(1000);
@@ -183,6 +227,63 @@ pub const KEEPALIVE_TIMEOUT: std::time::Duration = std::time::Duration::from_mil
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn batches_are_bounded_by_count_and_by_bytes() {
+        let sizes = |items: &[usize], max| -> Vec<Vec<usize>> {
+            batches(items, max, |n| *n).map(<[usize]>::to_vec).collect()
+        };
+        assert!(sizes(&[], 4).is_empty());
+        assert_eq!(
+            sizes(&[1, 2, 3, 4, 5], 2),
+            [vec![1, 2], vec![3, 4], vec![5]]
+        );
+        let half = BATCH_BYTES / 2;
+        assert_eq!(
+            sizes(&[half, half, 1, half], 100),
+            [vec![half, half], vec![1, half]]
+        );
+        // An item over the budget travels alone; nothing is dropped, nothing loops.
+        assert_eq!(
+            sizes(&[1, BATCH_BYTES * 3, 1], 100),
+            [vec![1], vec![BATCH_BYTES * 3], vec![1]]
+        );
+        assert_eq!(sizes(&[1, 1], 0), [vec![1], vec![1]]);
+    }
+
+    /// The failure that made the budget: a cache of names with a thousand addresses each,
+    /// dumped in runs of 1,024 mappings, made messages the agent refused.
+    #[test]
+    fn a_dump_of_wide_names_fits_the_agents_limit() {
+        let ips: Vec<String> = (0..1000)
+            .map(|i| format!("10.{}.{}.{}", i / 65536, (i / 256) % 256, i % 256))
+            .collect();
+        let wide: Vec<proto::Mapping> = (0..1500)
+            .map(|i| proto::Mapping {
+                endpoint: "default/app".into(),
+                name: format!("n{i}.example.com."),
+                ips: ips.clone(),
+                ttl: 30,
+                expires_at: 1_000,
+                server: String::new(),
+            })
+            .collect();
+        let runs: Vec<&[proto::Mapping]> = mapping_batches(&wide).collect();
+        assert_eq!(runs.iter().map(|r| r.len()).sum::<usize>(), wide.len());
+        let message = |run: &[proto::Mapping]| {
+            use prost::Message as _;
+            proto::Mappings {
+                mappings: run.to_vec(),
+                resync: true,
+            }
+            .encoded_len()
+        };
+        assert!(
+            runs.iter().all(|run| message(run) <= BATCH_BYTES),
+            "a run over budget"
+        );
+        assert!(runs.len() > 2, "the budget, not the count, cut them");
+    }
 
     fn wire(endpoint: &str, name: &str, ips: &[&str]) -> proto::Mapping {
         proto::Mapping {
