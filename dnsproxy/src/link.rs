@@ -604,6 +604,33 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn live_mappings_of_wide_names_leave_in_messages_the_agent_accepts() {
+        use prost::Message as _;
+        let ips: Vec<String> = (0..1000)
+            .map(|i| format!("10.0.{}.{}", i / 256, i % 256))
+            .collect();
+        let (sender, receiver) = mpsc::channel(512);
+        for n in 0..300 {
+            let mut message = live(&format!("n{n}.io."));
+            if let Some(ProxyKind::Mappings(batch)) = &mut message.kind {
+                batch.mappings[0].ips = ips.clone();
+            }
+            sender.send(message).await.unwrap();
+        }
+        drop(sender);
+        let messages: Vec<ProxyMessage> = Coalescing::new(receiver).collect().await;
+        let names: usize = messages.iter().map(|m| names(m).len()).sum();
+        assert_eq!(names, 300, "every mapping, once");
+        assert!(
+            messages.len() > 1,
+            "300 mappings of 1,000 addresses in one message"
+        );
+        for message in &messages {
+            assert!(message.encoded_len() <= warden_api::BATCH_BYTES + 64);
+        }
+    }
+
+    #[tokio::test]
     async fn live_mappings_waiting_together_leave_as_one_message() {
         let (sender, receiver) = mpsc::channel(16);
         for name in ["a.io.", "b.io."] {
