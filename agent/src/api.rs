@@ -33,6 +33,12 @@ use crate::policy_store::PolicyStore;
 /// A proxy must say hello this soon after connecting.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// A proxy that takes none of the agent's messages for this long is stuck, or stalls on
+/// purpose (answering HTTP/2 pings, reading nothing): the session ends rather than pin its task
+/// and report a peer that is not there. A healthy proxy takes a chunk of a cache dump in
+/// milliseconds.
+const SEND_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Largest message the agent accepts from a proxy: batches of mappings and flows are small,
 /// so anything near this is a broken or hostile peer.
 pub const MAX_PROXY_MESSAGE_BYTES: usize = 4 << 20;
@@ -175,10 +181,28 @@ async fn run_session(
                 .with_label_values(&[reason])
                 .inc();
             tracing::warn!(session = id, reason, detail, "dnsproxy session refused");
-            let _ = outbound
-                .send(Err(Status::invalid_argument(format!("{reason}: {detail}"))))
-                .await;
+            // Not awaited: a stalled proxy would hold this send as it held the others.
+            let _ = outbound.try_send(Err(Status::invalid_argument(format!("{reason}: {detail}"))));
         }
+    }
+}
+
+/// Queues `message` for the proxy, or ends the session if the proxy takes nothing for `limit`.
+async fn send_within(
+    outbound: &mpsc::Sender<Result<AgentMessage, Status>>,
+    message: AgentKind,
+    limit: Duration,
+) -> Result<(), SessionEnd> {
+    let message = Ok(AgentMessage {
+        kind: Some(message),
+    });
+    match tokio::time::timeout(limit, outbound.send(message)).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(_)) => Err(SessionEnd::Closed),
+        Err(_) => Err(SessionEnd::Rejected(
+            "stalled",
+            format!("the proxy took no message for {} s", limit.as_secs()),
+        )),
     }
 }
 
@@ -228,14 +252,7 @@ async fn session(
     let mut local = state.local_mappings.subscribe();
     let mut cleans = state.cleans.subscribe();
     let mut sent_revision = 0;
-    let send = |message: AgentKind| async move {
-        outbound
-            .send(Ok(AgentMessage {
-                kind: Some(message),
-            }))
-            .await
-            .map_err(|_| SessionEnd::Closed)
-    };
+    let send = |message: AgentKind| send_within(outbound, message, SEND_TIMEOUT);
     let snapshot = build_snapshot(state);
     sent_revision = sent_revision.max(snapshot.revision);
     let mut sent_generation = state.enforcement.generation();
@@ -448,5 +465,26 @@ fn build_snapshot(state: &ApiState) -> PolicySnapshot {
             },
             bpffs: state.config.datapath.bpffs.display().to_string(),
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A proxy that said hello and then read nothing (while answering HTTP/2 pings) once held
+    /// its session task for ever, reported as connected.
+    #[tokio::test(start_paused = true)]
+    async fn a_proxy_that_takes_nothing_ends_its_session() {
+        let (outbound, _unread) = mpsc::channel(1);
+        let done = || AgentKind::ResyncDone(ResyncDone { entries: 0 });
+        assert!(
+            send_within(&outbound, done(), SEND_TIMEOUT).await.is_ok(),
+            "room for one"
+        );
+        let started = tokio::time::Instant::now();
+        let end = send_within(&outbound, done(), SEND_TIMEOUT).await;
+        assert!(matches!(end, Err(SessionEnd::Rejected("stalled", _))));
+        assert_eq!(started.elapsed(), SEND_TIMEOUT);
     }
 }

@@ -324,14 +324,29 @@ async fn session(
         context.metrics.peer.flows_dropped.clone(),
         last_flows.clone(),
     ));
+    // The revision applied and not yet acknowledged. Acks wait for room on the outbound
+    // channel beside the reading, not in its way: awaited inline, a full channel (the agent
+    // busy sending) stopped this loop from reading, which could stop the agent's sends too.
+    let mut unacked: Option<u64> = None;
     let ended = loop {
         let message = tokio::select! {
             biased;
-            () = shutdown.cancelled() => {
-                drop(outbound);
-                return close(context, forwarder, last_flows, inbound).await;
+            () = shutdown.cancelled() => None,
+            permit = outbound.reserve(), if unacked.is_some() => {
+                let Ok(permit) = permit else {
+                    break "agent went away".to_owned();
+                };
+                let revision = unacked.take().unwrap_or_default();
+                permit.send(ProxyMessage {
+                    kind: Some(ProxyKind::Ack(Ack { revision })),
+                });
+                continue;
             }
-            message = inbound.message() => message,
+            message = inbound.message() => Some(message),
+        };
+        let Some(message) = message else {
+            drop(outbound);
+            return close(context, forwarder, last_flows, inbound).await;
         };
         let message = match message {
             Ok(Some(message)) => message,
@@ -348,12 +363,8 @@ async fn session(
                             .peer
                             .acked_revision
                             .set(i64::try_from(revision).unwrap_or(i64::MAX));
-                        let ack = ProxyMessage {
-                            kind: Some(ProxyKind::Ack(Ack { revision })),
-                        };
-                        if outbound.send(ack).await.is_err() {
-                            break "agent went away".to_owned();
-                        }
+                        // A newer revision's ack replaces one still waiting.
+                        unacked = Some(revision);
                     }
                     Err(error) => {
                         tracing::error!(revision, %error, "snapshot from the agent rejected")

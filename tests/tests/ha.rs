@@ -53,6 +53,22 @@ async fn lab(policy: String) -> Firewall {
         s["peer_connected"] == true
     })
     .await;
+    // The proxy acknowledges the policy the agent sent it.
+    let revision = status(lab.agent.admin).await["policy_revision"]
+        .as_f64()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let scrape = http_get(lab.agent.admin, "/metrics").await.unwrap();
+        if metric_value(&scrape, "warden_peer_policy_revision", &[]) == revision {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "revision {revision} never acknowledged"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     lab
 }
 

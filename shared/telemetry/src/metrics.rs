@@ -81,7 +81,7 @@ pub struct PeerMetrics {
     /// Mappings received from the peer.
     pub mappings_received: IntCounter,
     /// Connections or messages refused on the agent socket; label: reason (credentials,
-    /// oversized, malformed, protocol).
+    /// oversized, malformed, protocol, stalled).
     pub rejected: IntCounterVec,
 }
 
@@ -430,7 +430,13 @@ impl Metrics {
             (&self.datapath.errors, &DATAPATH_OPS),
             (
                 &self.peer.rejected,
-                &["credentials", "oversized", "malformed", "protocol"],
+                &[
+                    "credentials",
+                    "oversized",
+                    "malformed",
+                    "protocol",
+                    "stalled",
+                ],
             ),
             (
                 &self.peer.flows_dropped,
