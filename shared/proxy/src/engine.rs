@@ -276,6 +276,11 @@ impl Engine {
         self.settings.upstream_timeout + self.settings.response_max_delay + Duration::from_secs(1)
     }
 
+    /// A TCP connection closed at once: its client already holds its share.
+    pub fn tcp_refused(&self) {
+        self.context.metrics.dns.tcp_refused.inc();
+    }
+
     pub fn malformed(&self, transport: Transport) {
         self.context
             .metrics

@@ -473,6 +473,53 @@ spec:
         proxy.served.await.unwrap();
     }
 
+    /// One client address could hold all of the proxy's TCP connections, keeping every
+    /// other client's TCP retries waiting in the accept queue.
+    #[tokio::test]
+    async fn one_client_holds_at_most_its_share_of_the_tcp_connections() {
+        use tokio::io::AsyncReadExt;
+        let upstream = fake_upstream(true).await;
+        let proxy = start(upstream, Duration::ZERO, Duration::from_secs(1)).await;
+        // Whether the proxy closed the connection at once (EOF), rather than kept it open.
+        async fn closed_at_once(stream: &mut tokio::net::TcpStream) -> bool {
+            let mut byte = [0u8; 1];
+            matches!(
+                tokio::time::timeout(Duration::from_millis(300), stream.read(&mut byte)).await,
+                Ok(Ok(0) | Err(_))
+            )
+        }
+        let connect_from = |ip: [u8; 4]| async move {
+            let socket = tokio::net::TcpSocket::new_v4().unwrap();
+            socket.bind(SocketAddr::from((ip, 0))).unwrap();
+            socket.connect(proxy.dns).await.unwrap()
+        };
+        let share = crate::tcp::CONNECTIONS_PER_CLIENT;
+        let mut held = Vec::new();
+        for _ in 0..share {
+            held.push(connect_from([127, 0, 0, 1]).await);
+        }
+        let mut over = connect_from([127, 0, 0, 1]).await;
+        assert!(
+            closed_at_once(&mut over).await,
+            "one over the share is closed"
+        );
+        assert!(!closed_at_once(&mut held[0]).await, "the share stays open");
+        let mut other = connect_from([127, 0, 0, 2]).await;
+        assert!(
+            !closed_at_once(&mut other).await,
+            "another client is served"
+        );
+        // Closing one gives its place back.
+        drop(held.pop());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let mut again = connect_from([127, 0, 0, 1]).await;
+        assert!(
+            !closed_at_once(&mut again).await,
+            "a freed place is taken again"
+        );
+        proxy.shutdown.cancel();
+    }
+
     #[tokio::test]
     async fn only_answers_that_change_the_cache_reach_the_mapping_observer() {
         let upstream = fake_upstream(false).await;

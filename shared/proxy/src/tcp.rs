@@ -1,11 +1,13 @@
 //! DNS over TCP: one task per client connection, one per query on it (a client may pipeline
 //! several), and a connection of its own to the upstream for each forwarded query. TCP is the
 //! rare path (a retry after a truncated UDP answer), so it favours simplicity over speed, within
-//! bounds a client cannot push: [`MAX_CONNECTIONS`] at once, [`QUERIES_PER_CONNECTION`] in
-//! flight on each, and a connection whose client stops reading its answers is closed.
+//! bounds a client cannot push: [`MAX_CONNECTIONS`] at once, of which one client address holds
+//! at most [`CONNECTIONS_PER_CLIENT`], [`QUERIES_PER_CONNECTION`] in flight on each, and a
+//! connection whose client stops reading its answers is closed.
 
-use std::net::SocketAddr;
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use hickory_proto::op::ResponseCode;
@@ -23,6 +25,52 @@ use crate::wire;
 
 /// Client connections served at once; more wait in the kernel's accept queue.
 pub(crate) const MAX_CONNECTIONS: usize = 1024;
+/// Connections one client address may hold at once: a client keeping hundreds open (a query
+/// every few seconds keeps each) would otherwise leave every other client's TCP retries
+/// waiting in the accept queue. Further ones are closed at once and counted.
+pub(crate) const CONNECTIONS_PER_CLIENT: usize = MAX_CONNECTIONS / 8;
+
+/// Connections held per client address.
+#[derive(Default)]
+struct PerClient(Mutex<HashMap<IpAddr, usize>>);
+
+impl PerClient {
+    /// One more connection for `client`, unless it holds its share already.
+    fn admit(self: &Arc<Self>, client: IpAddr) -> Option<ClientSlot> {
+        let mut held = self.0.lock().unwrap_or_else(|poison| poison.into_inner());
+        let count = held.entry(client).or_default();
+        if *count >= CONNECTIONS_PER_CLIENT {
+            return None;
+        }
+        *count += 1;
+        Some(ClientSlot {
+            table: self.clone(),
+            client,
+        })
+    }
+}
+
+/// A client's connection, counted until dropped.
+struct ClientSlot {
+    table: Arc<PerClient>,
+    client: IpAddr,
+}
+
+impl Drop for ClientSlot {
+    fn drop(&mut self) {
+        let mut held = self
+            .table
+            .0
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner());
+        if let Some(count) = held.get_mut(&self.client) {
+            *count -= 1;
+            if *count == 0 {
+                held.remove(&self.client);
+            }
+        }
+    }
+}
 /// Queries of one connection in the proxy at once: a client pipelining more is held back by
 /// TCP's own flow control instead of having the proxy hold (and forward) all it sends.
 pub(crate) const QUERIES_PER_CONNECTION: usize = 16;
@@ -37,6 +85,7 @@ pub(crate) async fn listener_loop(
     tracker: TaskTracker,
 ) {
     let connections = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let per_client = Arc::new(PerClient::default());
     loop {
         let admitted = tokio::select! {
             biased;
@@ -53,11 +102,16 @@ pub(crate) async fn listener_loop(
         };
         match accepted {
             Ok((stream, client)) => {
+                let Some(slot) = per_client.admit(client.ip()) else {
+                    engine.tcp_refused();
+                    drop(stream);
+                    continue;
+                };
                 let _ = stream.set_nodelay(true);
                 let (engine, stop, queries) = (engine.clone(), stop.clone(), tracker.clone());
                 tracker.spawn(async move {
                     connection(stream, client, engine, stop, queries).await;
-                    drop(admitted);
+                    drop((slot, admitted));
                 });
             }
             Err(error) => {

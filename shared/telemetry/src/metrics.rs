@@ -133,6 +133,8 @@ pub struct DnsMetrics {
     /// label: protocol
     pub malformed: IntCounterVec,
     pub concurrency_rejections: IntCounter,
+    /// TCP connections closed at once: their client already held its share.
+    pub tcp_refused: IntCounter,
     pub in_flight: IntGauge,
     /// Whether this process holds sockets in the DNS port's serving group.
     pub serving: IntGauge,
@@ -203,6 +205,12 @@ impl Metrics {
                 &registry,
                 "dns_concurrency_rejections_total",
                 "Queries answered SERVFAIL because concurrency_limit was reached.",
+            )?,
+            tcp_refused: counter(
+                &registry,
+                "dns_tcp_refused_total",
+                "DNS TCP connections closed at once because their client already held its \
+                 share of the proxy's connections.",
             )?,
             in_flight: gauge(&registry, "dns_in_flight", "Queries being processed now.")?,
             serving: gauge(
