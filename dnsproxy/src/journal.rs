@@ -39,7 +39,11 @@ impl Journal {
             Ok(bytes) => match Mappings::decode(bytes.as_slice()) {
                 Ok(saved) => journal.restore(saved.mappings),
                 Err(error) => {
-                    tracing::error!(%error, "journal in state_dir does not decode; starting empty")
+                    // Set aside for a look: the next save would overwrite it.
+                    let path = journal_file(state_dir);
+                    let aside = path.with_extension("pb.corrupt");
+                    let _ = std::fs::rename(&path, &aside);
+                    tracing::error!(%error, aside = %aside.display(), "journal in state_dir does not decode; starting empty");
                 }
             },
             Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
@@ -148,6 +152,17 @@ mod tests {
         let names: Vec<_> = journal.take().into_iter().map(|m| m.name).collect();
         assert_eq!(names, ["b.", "c."]);
         assert!(journal.is_empty());
+    }
+
+    #[test]
+    fn a_journal_that_does_not_decode_is_set_aside() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(JOURNAL_FILE), b"\xff\xff\xff not protobuf").unwrap();
+        let metrics = warden_telemetry::Metrics::new("dnsproxy").unwrap();
+        let journal = Journal::open(dir.path(), 16, metrics.peer.clone());
+        assert!(journal.is_empty());
+        assert!(dir.path().join("journal.pb.corrupt").exists());
+        assert!(!dir.path().join(JOURNAL_FILE).exists());
     }
 
     #[test]

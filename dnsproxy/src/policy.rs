@@ -127,7 +127,10 @@ impl ProxyPolicy {
         match PolicySnapshot::decode(bytes.as_slice()) {
             Ok(snapshot) => Some(snapshot),
             Err(error) => {
-                tracing::error!(path = %self.file.display(), %error, "persisted policy snapshot does not decode");
+                // Set aside for a look: the agent's next snapshot would overwrite it.
+                let aside = self.file.with_extension("pb.corrupt");
+                let _ = std::fs::rename(&self.file, &aside);
+                tracing::error!(path = %self.file.display(), %error, aside = %aside.display(), "persisted policy snapshot does not decode");
                 None
             }
         }
@@ -246,6 +249,15 @@ spec:
         restarted.install(&persisted, compile(&persisted).unwrap(), "snapshot");
         assert!(!allowed(&restarted, "bbc.co.uk"));
         assert!(allowed(&restarted, "cilium.io"));
+    }
+
+    #[test]
+    fn a_persisted_snapshot_that_does_not_decode_is_set_aside() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(SNAPSHOT_FILE), b"\xff\xff\xff not protobuf").unwrap();
+        assert!(ProxyPolicy::new(dir.path()).load_persisted().is_none());
+        assert!(dir.path().join("policy-snapshot.pb.corrupt").exists());
+        assert!(!dir.path().join(SNAPSHOT_FILE).exists());
     }
 
     #[test]
