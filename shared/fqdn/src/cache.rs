@@ -175,7 +175,8 @@ impl DnsCache {
     ///
     /// The TTL is raised to `min_ttl`; an IP already present keeps the later of its old and
     /// new expiry; past `max_ips_per_name` the soonest-expiring IPs go first (on a tie, IPs
-    /// not in this answer before those in it).
+    /// not in this answer before those in it, and the answer's last records before its
+    /// first).
     pub fn insert(
         &mut self,
         now: UnixTime,
@@ -223,9 +224,7 @@ impl DnsCache {
             }
         }
         self.note_expiry(expires.0);
-        let mut fresh = ips.to_vec();
-        fresh.sort_unstable();
-        for rec in self.trim(pid, &fresh) {
+        for rec in self.trim(pid, ips) {
             let ip = rec.ip();
             if let Some(pos) = out.added.iter().position(|&a| a == ip) {
                 out.added.remove(pos);
@@ -780,38 +779,46 @@ impl DnsCache {
         recs
     }
 
-    /// Drops the pair's soonest-expiring IPs beyond `max_ips_per_name` (ties: IPs not in
-    /// `fresh`, which must be sorted, first; then by IP) and returns them in that order.
-    fn trim(&mut self, pid: u32, fresh: &[IpAddr]) -> Vec<IpRec> {
+    /// Drops the pair's soonest-expiring IPs beyond `max_ips_per_name` and returns them in that
+    /// order. Ties: IPs not in `answer` go first, then the answer's from its last record back,
+    /// so that the records a client tries first stay allowed; then by IP.
+    fn trim(&mut self, pid: u32, answer: &[IpAddr]) -> Vec<IpRec> {
         let Some(pair) = self.pairs.get_mut(pid) else {
             return Vec::new();
         };
         if !self.limits.is_over(pair.ips.len()) {
             return Vec::new();
         }
+        // The answer's addresses with their place in it, sorted for lookup; a repeated address
+        // keeps its first place.
+        let mut fresh: Vec<(IpAddr, usize)> = answer.iter().copied().zip(0..).collect();
+        fresh.sort_unstable();
+        fresh.dedup_by_key(|&mut (ip, _)| ip);
         let excess = pair.ips.len() - self.limits.max_ips_per_name;
-        let mut order: Vec<(u64, bool, IpAddr)> = pair
-            .ips
-            .as_slice()
-            .iter()
-            .map(|r| {
-                let ip = r.ip();
-                (r.expires(), fresh.binary_search(&ip).is_ok(), ip)
-            })
-            .collect();
+        let doom_order = |rec: &IpRec| {
+            let ip = rec.ip();
+            let place = fresh
+                .binary_search_by_key(&ip, |&(ip, _)| ip)
+                .ok()
+                .map(|at| fresh[at].1);
+            (
+                rec.expires(),
+                place.is_some(),
+                std::cmp::Reverse(place.unwrap_or(0)),
+                ip,
+            )
+        };
+        let mut order: Vec<_> = pair.ips.as_slice().iter().map(doom_order).collect();
         order.sort_unstable();
         order.truncate(excess);
-        let mut doomed: Vec<IpAddr> = order.iter().map(|&(_, _, ip)| ip).collect();
+        let mut doomed: Vec<IpAddr> = order.iter().map(|&(_, _, _, ip)| ip).collect();
         doomed.sort_unstable();
         let mut gone = pair.ips.extract(|r| doomed.binary_search(&r.ip()).is_ok());
         for rec in &gone {
             self.ips.remove(rec.ip(), pid);
             self.ip_count = self.ip_count.saturating_sub(1);
         }
-        gone.sort_unstable_by_key(|r| {
-            let ip = r.ip();
-            (r.expires(), fresh.binary_search(&ip).is_ok(), ip)
-        });
+        gone.sort_unstable_by_key(doom_order);
         gone
     }
 
@@ -1182,6 +1189,23 @@ mod tests {
         let out = c.insert(t(0), EP, "nothing.example.", &[], 10);
         assert_eq!(out.expires_at, t(10));
         assert_eq!(c.name_count(), 1);
+        c.assert_consistent();
+    }
+
+    /// Of an answer longer than the cap, the addresses kept were the lowest-numbered ones, not
+    /// the first records, which clients try first.
+    #[test]
+    fn of_a_long_answer_the_first_records_are_kept() {
+        let mut c = DnsCache::new(limits(0, 3));
+        let answer = [ip4(5), ip4(1), ip4(4), ip4(2), ip4(3)];
+        let out = c.insert(t(0), EP, "lb.example.", &answer, 10);
+        assert_eq!(out.added, [ip4(5), ip4(1), ip4(4)]);
+        let kept: Vec<IpAddr> = c
+            .lookup(t(0), EP, "lb.example.")
+            .iter()
+            .map(|cached| cached.ip)
+            .collect();
+        assert_eq!(kept, [ip4(1), ip4(4), ip4(5)]);
         c.assert_consistent();
     }
 
@@ -1616,12 +1640,20 @@ mod tests {
             }
             let max = self.limits.max_ips_per_name;
             if max != 0 && recs.len() > max {
-                let mut order: Vec<(u64, bool, IpAddr)> = recs
+                let mut order: Vec<(u64, bool, std::cmp::Reverse<usize>, IpAddr)> = recs
                     .iter()
-                    .map(|(ip, r)| (r.expires, ips.contains(ip), *ip))
+                    .map(|(ip, r)| {
+                        let place = ips.iter().position(|x| x == ip);
+                        (
+                            r.expires,
+                            place.is_some(),
+                            std::cmp::Reverse(place.unwrap_or(0)),
+                            *ip,
+                        )
+                    })
                     .collect();
                 order.sort();
-                for &(_, _, ip) in &order[..recs.len() - max] {
+                for &(_, _, _, ip) in &order[..recs.len() - max] {
                     recs.remove(&ip);
                     if let Some(pos) = out.added.iter().position(|&a| a == ip) {
                         out.added.remove(pos);
