@@ -357,14 +357,18 @@ fn policy_paths(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
         if hidden || !policy_file {
             continue;
         }
-        // A policy's name that is not a file (a folder put in its place, a dangling link) is
+        // A policy's name that is something else than a file (a folder put in its place) is
         // an error, not an absent policy: the others enforced without it would also become the
-        // last good copy.
+        // last good copy. A dangling link is a removal under way (a ConfigMap key deleted: the
+        // kubelet swaps the data, then removes the link), as before.
         if !path.is_file() {
-            return Err(std::io::Error::other(format!(
-                "{} is not a regular file",
-                path.display()
-            )));
+            if path.exists() {
+                return Err(std::io::Error::other(format!(
+                    "{} is not a regular file",
+                    path.display()
+                )));
+            }
+            continue;
         }
         paths.push(path);
     }
@@ -501,9 +505,12 @@ spec:
             .expect("last good copy");
         assert_eq!(kept, POLICY);
 
+        // A link left dangling is a removal, as a ConfigMap's deleted key leaves one.
         std::fs::remove_dir(&file).expect("remove the folder");
+        std::os::unix::fs::symlink(dir.path().join("..data/test.yaml"), &file).expect("link");
         assert!(store.reload(), "the policy's removal is a change");
         assert_eq!(store.status().policies, 0);
+        assert_eq!(store.status().last_error, None);
     }
 
     /// The watch once re-read the folder every 100 ms for ever: its own reads raised the

@@ -42,8 +42,11 @@ impl Journal {
                     // Set aside for a look: the next save would overwrite it.
                     let path = journal_file(state_dir);
                     let aside = path.with_extension("pb.corrupt");
-                    let _ = std::fs::rename(&path, &aside);
-                    tracing::error!(%error, aside = %aside.display(), "journal in state_dir does not decode; starting empty");
+                    let set_aside = std::fs::rename(&path, &aside).map_or_else(
+                        |error| format!("could not be set aside: {error}"),
+                        |()| format!("set aside as {}", aside.display()),
+                    );
+                    tracing::error!(%error, set_aside, "journal in state_dir does not decode; starting empty");
                 }
             },
             Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}

@@ -129,8 +129,11 @@ impl ProxyPolicy {
             Err(error) => {
                 // Set aside for a look: the agent's next snapshot would overwrite it.
                 let aside = self.file.with_extension("pb.corrupt");
-                let _ = std::fs::rename(&self.file, &aside);
-                tracing::error!(path = %self.file.display(), %error, aside = %aside.display(), "persisted policy snapshot does not decode");
+                let set_aside = std::fs::rename(&self.file, &aside).map_or_else(
+                    |error| format!("could not be set aside: {error}"),
+                    |()| format!("set aside as {}", aside.display()),
+                );
+                tracing::error!(path = %self.file.display(), %error, set_aside, "persisted policy snapshot does not decode");
                 None
             }
         }
