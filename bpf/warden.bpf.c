@@ -712,6 +712,13 @@ static __always_inline void publish_redirect(const struct warden_client_key *key
 	if (!slot)
 		return;
 	seq = *(volatile __u64 *)&slot->seq;
+	/* Another writer is inside: leave the slot to it. A reader then finds its key there and
+	 * asks the LRU map for ours. Were its key ours (one socket sending from two CPUs at once,
+	 * to two servers, or two sockets sharing the port), the slot keeps one of the two records
+	 * and the LRU map possibly the other: the same ambiguity the LRU map alone has, one record
+	 * per client key, with the two packets in flight together. */
+	if (seq & 1)
+		return;
 	/* The slot already vouches for this very record, stamped a moment ago (or later, by
 	 * another CPU): leave it, so that its cache line stays shared with the proxy reading it
 	 * instead of moving to this CPU for a write per packet. The fields are read outside the
@@ -719,19 +726,12 @@ static __always_inline void publish_redirect(const struct warden_client_key *key
 	 * narrows the window: a writer of another key racing in can still be missed, which
 	 * leaves that writer's record in the slot and ours in the LRU map, where a reader
 	 * finding another key looks. */
-	if (seq != 0 && !(seq & 1) &&
+	if (seq != 0 &&
 	    (__s64)(rec->time_ns - slot->time_ns) < (__s64)WARDEN_REDIRECT_REFRESH_NS &&
 	    slot->cgroup_id == rec->cgroup_id && addr_eq(slot->addr, key->addr) &&
 	    slot->port == key->port && slot->proto == key->proto &&
 	    slot->orig_port == rec->orig.port && slot->orig_family == rec->orig.family &&
 	    addr_eq(slot->orig_addr, rec->orig.addr) && *(volatile __u64 *)&slot->seq == seq)
-		return;
-	/* Another writer is inside: leave the slot to it. A reader then finds its key there and
-	 * asks the LRU map for ours. Were its key ours (one socket sending from two CPUs at once,
-	 * to two servers, or two sockets sharing the port), the slot keeps one of the two records
-	 * and the LRU map possibly the other: the same ambiguity the LRU map alone has, one record
-	 * per client key, with the two packets in flight together. */
-	if (seq & 1)
 		return;
 	if (__sync_val_compare_and_swap(&slot->seq, seq, seq + 1) != seq)
 		return;
