@@ -83,6 +83,18 @@ impl InsertOutcome {
     pub fn changed(&self) -> bool {
         self.extended || !self.added.is_empty() || !self.evicted.is_empty()
     }
+
+    /// Keeps of `answer` (the addresses given to the insert) only those the cache holds for
+    /// the name now, in their order: all of them unless `max_ips_per_name` trimmed the answer
+    /// (or the cache could not index one).
+    pub fn retain_kept(&self, answer: &mut Vec<IpAddr>) {
+        if self.added.len() + self.refreshed.len() == answer.len() {
+            return;
+        }
+        let kept: std::collections::HashSet<IpAddr> =
+            self.added.iter().chain(&self.refreshed).copied().collect();
+        answer.retain(|ip| kept.contains(ip));
+    }
 }
 
 #[cfg(test)]

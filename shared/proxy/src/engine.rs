@@ -4,7 +4,7 @@
 //! these steps; nothing here does I/O.
 
 use std::borrow::Cow;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock, RwLock};
 use std::time::{Duration, Instant};
@@ -491,16 +491,7 @@ impl Engine {
         // crosses to the peer and shows in the flow event: an answer of thousands of
         // addresses costs no more than the cap (it once cost a map update per address, grant
         // and port, and a mapping the agent refused to decode).
-        let kept = inserted.added.len() + inserted.refreshed.len();
-        if kept != outcome.summary.ips.len() {
-            let in_cache: std::collections::HashSet<IpAddr> = inserted
-                .added
-                .iter()
-                .chain(&inserted.refreshed)
-                .copied()
-                .collect();
-            outcome.summary.ips.retain(|ip| in_cache.contains(ip));
-        }
+        inserted.retain_kept(&mut outcome.summary.ips);
         let (expires_at, changed) = (inserted.expires_at, inserted.changed());
         let summary = &outcome.summary;
         let wait = if grants.is_empty() {
