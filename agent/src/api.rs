@@ -309,9 +309,9 @@ async fn session(
                         // exchange. Both now hold the union.
                         let mut sent = 0u64;
                         let dump = warden_api::cache_dump(&state.cache).await;
-                        for chunk in warden_api::mapping_batches(&dump) {
+                        for chunk in warden_api::into_mapping_batches(dump) {
                             sent += chunk.len() as u64;
-                            let batch = Mappings { mappings: chunk.to_vec(), resync: true };
+                            let batch = Mappings { mappings: chunk, resync: true };
                             if let Err(end) = send(AgentKind::Cache(batch)).await {
                                 return end;
                             }

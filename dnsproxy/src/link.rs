@@ -291,8 +291,8 @@ async fn session(
     // when they change a cache, so a repeat answer would never tell it again.
     let cached = warden_api::cache_dump(&context.cache).await;
     let replayed = replayed + cached.len();
-    for chunk in warden_api::mapping_batches(&cached) {
-        if outbound.send(resync_message(chunk.to_vec())).await.is_err() {
+    for chunk in warden_api::into_mapping_batches(cached) {
+        if outbound.send(resync_message(chunk)).await.is_err() {
             return "agent went away during the cache resync".into();
         }
     }
@@ -573,8 +573,8 @@ async fn forward_flows(
             .collect();
         // An event of an answer with thousands of addresses is tens of kB: bytes bound a
         // message as much as the count does.
-        for chunk in warden_api::batches(&encoded, FLOWS_PER_MESSAGE, |event| event.len() + 4) {
-            let events = chunk.to_vec();
+        for events in warden_api::into_batches(encoded, FLOWS_PER_MESSAGE, |event| event.len() + 4)
+        {
             let count = events.len() as u64;
             let message = ProxyMessage {
                 kind: Some(ProxyKind::Flows(Flows { events })),

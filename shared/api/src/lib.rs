@@ -209,6 +209,18 @@ pub fn batches<T>(
     })
 }
 
+/// [`batches`] of an owned list, each run moved out of it rather than copied.
+pub fn into_batches<T>(
+    mut items: Vec<T>,
+    max_items: usize,
+    size: impl Fn(&T) -> usize,
+) -> impl Iterator<Item = Vec<T>> {
+    let lengths: Vec<usize> = batches(&items, max_items, size).map(<[T]>::len).collect();
+    lengths
+        .into_iter()
+        .map(move |length| items.drain(..length).collect())
+}
+
 /// A mapping's share of a message: its encoding, its field tag and its length prefix.
 pub fn mapping_bytes(mapping: &proto::Mapping) -> usize {
     use prost::Message as _;
@@ -218,6 +230,13 @@ pub fn mapping_bytes(mapping: &proto::Mapping) -> usize {
 /// Mappings in runs fit for one message each (see [`batches`]).
 pub fn mapping_batches(mappings: &[proto::Mapping]) -> impl Iterator<Item = &[proto::Mapping]> {
     batches(mappings, MAPPINGS_PER_MESSAGE, mapping_bytes)
+}
+
+/// [`mapping_batches`] of an owned list (a cache dump), each run moved out of it.
+pub fn into_mapping_batches(
+    mappings: Vec<proto::Mapping>,
+) -> impl Iterator<Item = Vec<proto::Mapping>> {
+    into_batches(mappings, MAPPINGS_PER_MESSAGE, mapping_bytes)
 }
 
 /// HTTP/2 pings: a peer that stops answering is noticed within interval + timeout.
@@ -249,6 +268,8 @@ mod tests {
             [vec![1], vec![BATCH_BYTES * 3], vec![1]]
         );
         assert_eq!(sizes(&[1, 1], 0), [vec![1], vec![1]]);
+        let owned: Vec<Vec<usize>> = into_batches(vec![half, half, 1, half], 100, |n| *n).collect();
+        assert_eq!(owned, sizes(&[half, half, 1, half], 100));
     }
 
     /// The failure that made the budget: a cache of names with a thousand addresses each,
