@@ -2,7 +2,6 @@
 //! kept in `state_dir` so that a proxy killed while the agent is away still hands them over.
 
 use std::collections::VecDeque;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -39,13 +38,7 @@ impl Journal {
             Ok(bytes) => match Mappings::decode(bytes.as_slice()) {
                 Ok(saved) => journal.restore(saved.mappings),
                 Err(error) => {
-                    // Set aside for a look: the next save would overwrite it.
-                    let path = journal_file(state_dir);
-                    let aside = path.with_extension("pb.corrupt");
-                    let set_aside = std::fs::rename(&path, &aside).map_or_else(
-                        |error| format!("could not be set aside: {error}"),
-                        |()| format!("set aside as {}", aside.display()),
-                    );
+                    let set_aside = crate::state_file::set_aside(&journal_file(state_dir));
                     tracing::error!(%error, set_aside, "journal in state_dir does not decode; starting empty");
                 }
             },
@@ -66,12 +59,7 @@ impl Journal {
             mappings: self.entries().iter().cloned().collect(),
             resync: true,
         };
-        let path = journal_file(state_dir);
-        let staging = path.with_extension("pb.tmp");
-        let mut file = std::fs::File::create(&staging)?;
-        file.write_all(&snapshot.encode_to_vec())?;
-        file.sync_all()?;
-        std::fs::rename(&staging, &path)
+        crate::state_file::write_atomically(&journal_file(state_dir), &snapshot.encode_to_vec())
     }
 
     fn entries(&self) -> std::sync::MutexGuard<'_, VecDeque<Mapping>> {

@@ -127,12 +127,7 @@ impl ProxyPolicy {
         match PolicySnapshot::decode(bytes.as_slice()) {
             Ok(snapshot) => Some(snapshot),
             Err(error) => {
-                // Set aside for a look: the agent's next snapshot would overwrite it.
-                let aside = self.file.with_extension("pb.corrupt");
-                let set_aside = std::fs::rename(&self.file, &aside).map_or_else(
-                    |error| format!("could not be set aside: {error}"),
-                    |()| format!("set aside as {}", aside.display()),
-                );
+                let set_aside = crate::state_file::set_aside(&self.file);
                 tracing::error!(path = %self.file.display(), %error, set_aside, "persisted policy snapshot does not decode");
                 None
             }
@@ -183,12 +178,7 @@ impl ProxyPolicy {
     }
 
     fn persist(&self, snapshot: &PolicySnapshot) -> std::io::Result<()> {
-        use std::io::Write;
-        let staging = self.file.with_extension("pb.tmp");
-        let mut file = std::fs::File::create(&staging)?;
-        file.write_all(&snapshot.encode_to_vec())?;
-        file.sync_all()?;
-        std::fs::rename(&staging, &self.file)
+        crate::state_file::write_atomically(&self.file, &snapshot.encode_to_vec())
     }
 }
 
