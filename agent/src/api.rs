@@ -354,7 +354,9 @@ async fn session(
                     }
                     Err(broadcast::error::RecvError::Closed) => return SessionEnd::Closed,
                 };
-                // Those already waiting go along: one message per burst, not per answer.
+                // Those already waiting go along: one message per burst, not per answer, up to
+                // the batch bounds (a broadcast receiver cannot put one back, so the last
+                // mapping may take a batch past BATCH_BYTES; the proxy accepts 16 MiB).
                 let mut mappings = vec![WireMapping::from(&mapping)];
                 let mut bytes = warden_api::mapping_bytes(&mappings[0]);
                 while mappings.len() < MAPPINGS_PER_MESSAGE && bytes < warden_api::BATCH_BYTES {
