@@ -28,8 +28,9 @@ use crate::journal::Journal;
 const BACKOFF_FIRST: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(1);
 
-/// Applies a snapshot from the agent; returns an error text when it was rejected.
-pub type SnapshotSink = Arc<dyn Fn(&PolicySnapshot) -> Result<(), String> + Send + Sync>;
+/// Applies a snapshot from the agent; returns the number of its installs so far (see
+/// [`LinkContext::snapshot_settled`]) or an error text when it was rejected.
+pub type SnapshotSink = Arc<dyn Fn(&PolicySnapshot) -> Result<u64, String> + Send + Sync>;
 
 /// The outgoing half of the current session, if any: the hot path's mappings go through it.
 #[derive(Debug, Default)]
@@ -117,6 +118,9 @@ pub struct LinkContext {
     pub apply_snapshot: SnapshotSink,
     /// The revision in force now, for the hello.
     pub revision: Arc<dyn Fn() -> u64 + Send + Sync>,
+    /// The number of the last install whose save to `state_dir` was tried: a revision is
+    /// acknowledged once in force and on disk, so the agent's view of it survives a restart.
+    pub snapshot_settled: tokio::sync::watch::Receiver<u64>,
     pub serving: Arc<AtomicBool>,
 }
 
@@ -324,24 +328,29 @@ async fn session(
         context.metrics.peer.flows_dropped.clone(),
         last_flows.clone(),
     ));
-    // The revision applied and not yet acknowledged. Acks wait for room on the outbound
-    // channel beside the reading, not in its way: awaited inline, a full channel (the agent
-    // busy sending) stopped this loop from reading, which could stop the agent's sends too.
-    let mut unacked: Option<u64> = None;
+    // The revision applied and not yet acknowledged, with its install number. Acks wait for
+    // its save and for room on the outbound channel beside the reading, not in its way:
+    // awaited inline, a full channel (the agent busy sending) stopped this loop from reading,
+    // which could stop the agent's sends too.
+    let mut unacked: Option<(u64, u64)> = None;
+    let mut settled = context.snapshot_settled.clone();
     let ended = loop {
         let message = tokio::select! {
             biased;
             () = shutdown.cancelled() => None,
-            permit = outbound.reserve(), if unacked.is_some() => {
+            permit = outbound.reserve(),
+                if unacked.is_some_and(|(_, install)| *settled.borrow() >= install) => {
                 let Ok(permit) = permit else {
                     break "agent went away".to_owned();
                 };
-                let revision = unacked.take().unwrap_or_default();
+                let (revision, _) = unacked.take().unwrap_or_default();
                 permit.send(ProxyMessage {
                     kind: Some(ProxyKind::Ack(Ack { revision })),
                 });
                 continue;
             }
+            Ok(()) = settled.changed(),
+                if unacked.is_some_and(|(_, install)| *settled.borrow() < install) => continue,
             message = inbound.message() => Some(message),
         };
         let Some(message) = message else {
@@ -357,14 +366,14 @@ async fn session(
             Some(AgentKind::Snapshot(snapshot)) => {
                 let revision = snapshot.revision;
                 match (context.apply_snapshot)(&snapshot) {
-                    Ok(()) => {
+                    Ok(install) => {
                         context
                             .metrics
                             .peer
                             .acked_revision
                             .set(i64::try_from(revision).unwrap_or(i64::MAX));
                         // A newer revision's ack replaces one still waiting.
-                        unacked = Some(revision);
+                        unacked = Some((revision, install));
                     }
                     Err(error) => {
                         tracing::error!(revision, %error, "snapshot from the agent rejected")

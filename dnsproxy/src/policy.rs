@@ -1,5 +1,8 @@
 //! The policy the proxy enforces: the agent's last snapshot, compiled with the same code the
 //! agent uses, and kept in `state_dir` so a proxy started while the agent is down enforces it.
+//! Installing never touches the disk: the receive loop that installs shares the runtime with
+//! the DNS listeners, and an fsync there would stall them; the persister saves the latest
+//! snapshot beside the journal.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -83,6 +86,20 @@ pub struct ProxyPolicy {
     current: RwLock<Arc<PolicyRepository>>,
     state: Mutex<PolicyState>,
     file: PathBuf,
+    unsaved: Mutex<Unsaved>,
+    /// Wakes the persister when `unsaved` is filled.
+    saved_wanted: tokio::sync::Notify,
+    /// The number of the last install from the agent whose save was tried: the session
+    /// acknowledges a revision only then, so an acknowledged policy survives a restart.
+    settled: tokio::sync::watch::Sender<u64>,
+}
+
+/// The latest snapshot from the agent not yet on disk; a newer one replaces it.
+#[derive(Debug, Default)]
+struct Unsaved {
+    encoded: Option<Vec<u8>>,
+    /// Installs from the agent so far; `encoded` is the last of them.
+    installs: u64,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -111,6 +128,9 @@ impl ProxyPolicy {
             current: RwLock::new(Arc::new(PolicyRepository::empty())),
             state: Mutex::new(PolicyState::default()),
             file: state_dir.join(SNAPSHOT_FILE),
+            unsaved: Mutex::new(Unsaved::default()),
+            saved_wanted: tokio::sync::Notify::new(),
+            settled: tokio::sync::watch::Sender::new(0),
         }
     }
 
@@ -134,8 +154,10 @@ impl ProxyPolicy {
         }
     }
 
-    /// Installs a compiled snapshot; persists it when it came from the agent.
-    pub fn install(&self, snapshot: &PolicySnapshot, compiled: Compiled, source: &str) {
+    /// Installs a compiled snapshot; one from the agent is handed to the persister. Returns the
+    /// number of the agent's installs so far, which [`ProxyPolicy::settled`] reaches once the
+    /// persister tried to save this one.
+    pub fn install(&self, snapshot: &PolicySnapshot, compiled: Compiled, source: &str) -> u64 {
         let selectors = compiled.repository.selector_count();
         *self
             .current
@@ -155,11 +177,15 @@ impl ProxyPolicy {
                 last_error: None,
             };
         }
-        if source == "agent"
-            && let Err(error) = self.persist(snapshot)
-        {
-            tracing::warn!(%error, "cannot persist the policy snapshot");
-        }
+        let installs = {
+            let mut unsaved = self.unsaved();
+            if source == "agent" {
+                unsaved.encoded = Some(snapshot.encode_to_vec());
+                unsaved.installs += 1;
+                self.saved_wanted.notify_one();
+            }
+            unsaved.installs
+        };
         tracing::info!(
             revision = snapshot.revision,
             policies = compiled.policies,
@@ -167,6 +193,7 @@ impl ProxyPolicy {
             source,
             "policy in force"
         );
+        installs
     }
 
     pub fn fail(&self, error: String) {
@@ -177,8 +204,48 @@ impl ProxyPolicy {
             .last_error = Some(error);
     }
 
-    fn persist(&self, snapshot: &PolicySnapshot) -> std::io::Result<()> {
-        crate::state_file::write_atomically(&self.file, &snapshot.encode_to_vec())
+    fn unsaved(&self) -> std::sync::MutexGuard<'_, Unsaved> {
+        self.unsaved
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner())
+    }
+
+    /// Resolves when a snapshot from the agent waits to be saved (at once if one already does).
+    pub async fn unsaved_snapshot(&self) {
+        self.saved_wanted.notified().await;
+    }
+
+    pub fn has_unsaved(&self) -> bool {
+        self.unsaved().encoded.is_some()
+    }
+
+    /// Follows the number of the last install from the agent whose save was tried.
+    pub fn settled(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.settled.subscribe()
+    }
+
+    /// Writes the latest unsaved snapshot to `state_dir` (temporary file, fsync, rename); blocks.
+    /// A failed write keeps it for the next call unless a newer one arrived meanwhile; it
+    /// settles its install all the same: the policy is in force, and a disk that refuses it
+    /// should not keep the agent from hearing so.
+    pub fn save(&self) -> std::io::Result<()> {
+        let (encoded, install) = {
+            let mut unsaved = self.unsaved();
+            (unsaved.encoded.take(), unsaved.installs)
+        };
+        let Some(encoded) = encoded else {
+            return Ok(());
+        };
+        let written = crate::state_file::write_atomically(&self.file, &encoded);
+        if written.is_err() {
+            self.unsaved().encoded.get_or_insert(encoded);
+        }
+        self.settled.send_if_modified(|settled| {
+            let moved = install > *settled;
+            *settled = (*settled).max(install);
+            moved
+        });
+        written
     }
 }
 
@@ -224,6 +291,11 @@ spec:
         let compiled = compile(&snapshot(POLICY)).unwrap();
         assert_eq!(compiled.directory.by_cgroup[&42].1.as_ref(), "youssef/test");
         policy.install(&snapshot(POLICY), compiled, "agent");
+        assert!(
+            !dir.path().join(SNAPSHOT_FILE).exists(),
+            "installing wrote to disk"
+        );
+        policy.save().unwrap();
         let server = "127.0.0.153:53".parse().unwrap();
         let allowed = |policy: &ProxyPolicy, name: &str| {
             policy.current().dns_allowed(
@@ -242,6 +314,37 @@ spec:
         restarted.install(&persisted, compile(&persisted).unwrap(), "snapshot");
         assert!(!allowed(&restarted, "bbc.co.uk"));
         assert!(allowed(&restarted, "cilium.io"));
+    }
+
+    #[test]
+    fn the_latest_snapshot_is_saved_and_a_failed_save_is_tried_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let state_dir = dir.path().join("state");
+        let policy = ProxyPolicy::new(&state_dir);
+        for revision in [7, 8] {
+            let newer = PolicySnapshot {
+                revision,
+                ..snapshot(POLICY)
+            };
+            policy.install(&newer, compile(&newer).unwrap(), "agent");
+        }
+        let settled = policy.settled();
+        assert_eq!(*settled.borrow(), 0, "settled before any save");
+        // No state_dir yet: the write fails and the snapshot waits, but the install settles
+        // (the session would otherwise never acknowledge it).
+        assert!(policy.save().is_err());
+        assert_eq!(*settled.borrow(), 2);
+        assert!(policy.has_unsaved());
+        std::fs::create_dir(&state_dir).unwrap();
+        policy.save().unwrap();
+        assert!(!policy.has_unsaved());
+        assert_eq!(policy.load_persisted().unwrap().revision, 8);
+        // One read from a persisted snapshot is not written back.
+        let persisted = policy.load_persisted().unwrap();
+        std::fs::remove_file(state_dir.join(SNAPSHOT_FILE)).unwrap();
+        policy.install(&persisted, compile(&persisted).unwrap(), "snapshot");
+        policy.save().unwrap();
+        assert!(!state_dir.join(SNAPSHOT_FILE).exists());
     }
 
     #[test]

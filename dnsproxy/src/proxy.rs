@@ -144,7 +144,7 @@ pub async fn start(config: ProxyConfig) -> anyhow::Result<RunningProxy> {
             metrics.clone(),
         );
         Arc::new(
-            move |snapshot: &PolicySnapshot, source: &str| -> Result<(), String> {
+            move |snapshot: &PolicySnapshot, source: &str| -> Result<u64, String> {
                 let compiled = match compile(snapshot) {
                     Ok(compiled) => compiled,
                     Err(error) => {
@@ -167,11 +167,11 @@ pub async fn start(config: ProxyConfig) -> anyhow::Result<RunningProxy> {
                     .policy
                     .selectors
                     .set(i64::try_from(compiled.repository.selector_count()).unwrap_or(i64::MAX));
-                policy.install(snapshot, compiled, source);
+                let installs = policy.install(snapshot, compiled, source);
                 if let Some(bpffs) = bpffs {
                     datapath.ensure(&bpffs);
                 }
-                Ok(())
+                Ok(installs)
             },
         )
     };
@@ -257,6 +257,7 @@ pub async fn start(config: ProxyConfig) -> anyhow::Result<RunningProxy> {
             flows: flows.clone(),
             apply_snapshot: Arc::new(move |snapshot| apply(snapshot, "agent")),
             revision: Arc::new(move || policy_for_revision.state().revision),
+            snapshot_settled: policy.settled(),
             serving: serving.clone(),
         };
         let unlinked = unlinked.clone().drop_guard();
@@ -270,8 +271,9 @@ pub async fn start(config: ProxyConfig) -> anyhow::Result<RunningProxy> {
         metrics.clone(),
         shutdown.clone(),
     ));
-    tasks.spawn(persist_journal(
+    tasks.spawn(persist_state(
         journal.clone(),
+        policy.clone(),
         config.state_dir.clone(),
         unlinked,
     ));
@@ -298,27 +300,64 @@ pub async fn start(config: ProxyConfig) -> anyhow::Result<RunningProxy> {
     })
 }
 
-/// Keeps the journal in `state_dir` within a moment of every change, and once more at exit.
-async fn persist_journal(journal: Arc<Journal>, state_dir: PathBuf, shutdown: CancellationToken) {
+/// Keeps the journal in `state_dir` within a moment of every change and the agent's policy
+/// snapshot as soon as it arrives, both once more at exit. The writes (fsync) run on the
+/// blocking pool, never on a worker the DNS listeners need.
+async fn persist_state(
+    journal: Arc<Journal>,
+    policy: Arc<ProxyPolicy>,
+    state_dir: PathBuf,
+    shutdown: CancellationToken,
+) {
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     let mut saved = journal.changes();
     loop {
         let stopping = tokio::select! {
             _ = shutdown.cancelled() => true,
             _ = tick.tick() => false,
+            _ = policy.unsaved_snapshot() => false,
         };
         let changes = journal.changes();
-        if changes != saved {
-            let (journal, dir) = (journal.clone(), state_dir.clone());
-            match tokio::task::spawn_blocking(move || journal.save(&dir)).await {
-                Ok(Ok(())) => saved = changes,
-                Ok(Err(error)) => tracing::warn!(%error, "cannot persist the journal"),
-                Err(error) => tracing::warn!(%error, "journal persister panicked"),
-            }
+        let journal_changed = changes != saved;
+        if (journal_changed || policy.has_unsaved())
+            && save_state(&journal, &policy, &state_dir, journal_changed).await
+        {
+            saved = changes;
         }
         if stopping {
             return;
         }
+    }
+}
+
+/// One round of [`persist_state`] on the blocking pool; says whether the journal is on disk.
+async fn save_state(
+    journal: &Arc<Journal>,
+    policy: &Arc<ProxyPolicy>,
+    state_dir: &Path,
+    journal_changed: bool,
+) -> bool {
+    let (journal, policy, dir) = (journal.clone(), policy.clone(), state_dir.to_owned());
+    let saving = tokio::task::spawn_blocking(move || {
+        let journal = journal_changed.then(|| journal.save(&dir));
+        (journal, policy.save())
+    });
+    let (journal, policy) = match saving.await {
+        Ok(results) => results,
+        Err(error) => {
+            tracing::warn!(%error, "state persister panicked");
+            return false;
+        }
+    };
+    if let Err(error) = policy {
+        tracing::warn!(%error, "cannot persist the policy snapshot");
+    }
+    match journal {
+        Some(Err(error)) => {
+            tracing::warn!(%error, "cannot persist the journal");
+            false
+        }
+        Some(Ok(())) | None => true,
     }
 }
 
