@@ -111,11 +111,70 @@ pub struct LoadReport {
     /// run: whose socket overflowed is not known, but a loss with none of these happened
     /// elsewhere (no listener, a server that dropped it).
     pub udp_rcvbuf_errors: u64,
+    /// The machine's CPU time while the queries went out (/proc/stat, every process's, the
+    /// client's too): what the scenario asks of the shared cores at this rate.
+    pub machine_cpu: MachineCpu,
     /// Every latency in µs, sorted (for pooling rounds; not written out).
     #[serde(skip)]
     pub samples: Vec<u32>,
     #[serde(skip)]
     pub arrival_samples: Vec<u32>,
+}
+
+/// Ticks of the machine's CPU time over a run (`cpu` line of /proc/stat).
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
+pub struct MachineCpu {
+    /// Ticks spent busy (user, nice, system, irq, softirq, steal), over all cores.
+    pub busy_ticks: u64,
+    /// Ticks of every kind, over all cores.
+    pub all_ticks: u64,
+    pub cores: u32,
+}
+
+impl MachineCpu {
+    /// Busy and total ticks so far (zeros if /proc/stat cannot be read).
+    fn now() -> MachineCpu {
+        MachineCpu::parse(&std::fs::read_to_string("/proc/stat").unwrap_or_default())
+    }
+
+    /// The `cpu` line of /proc/stat's `text`, and the number of `cpuN` lines.
+    fn parse(text: &str) -> MachineCpu {
+        let ticks: Vec<u64> = text
+            .lines()
+            .find_map(|line| line.strip_prefix("cpu "))
+            .map(|rest| {
+                rest.split_whitespace()
+                    .filter_map(|t| t.parse().ok())
+                    .collect()
+            })
+            .unwrap_or_default();
+        // user nice system idle iowait irq softirq steal; guest time is inside user already.
+        let tick = |index: usize| ticks.get(index).copied().unwrap_or(0);
+        let all: u64 = ticks.iter().take(8).sum();
+        let cores = text
+            .lines()
+            .filter(|line| line.starts_with("cpu") && !line.starts_with("cpu "))
+            .count();
+        MachineCpu {
+            busy_ticks: all.saturating_sub(tick(3) + tick(4)),
+            all_ticks: all,
+            cores: u32::try_from(cores).unwrap_or(0),
+        }
+    }
+
+    fn since(self, start: MachineCpu) -> MachineCpu {
+        MachineCpu {
+            busy_ticks: self.busy_ticks.saturating_sub(start.busy_ticks),
+            all_ticks: self.all_ticks.saturating_sub(start.all_ticks),
+            cores: self.cores,
+        }
+    }
+
+    /// Cores kept busy on average (`None` before any tick).
+    pub fn busy_cores(&self) -> Option<f64> {
+        (self.all_ticks > 0)
+            .then(|| self.busy_ticks as f64 / self.all_ticks as f64 * f64::from(self.cores))
+    }
 }
 
 /// `Udp: ... RcvbufErrors` from /proc/net/snmp (0 if unreadable).
@@ -175,7 +234,9 @@ pub fn run(spec: &LoadSpec) -> Result<LoadReport> {
     }
 
     let drops_before = udp_rcvbuf_errors();
+    let cpu_before = MachineCpu::now();
     let sending = send(spec, &sockets, socket_count, total, &state);
+    let machine_cpu = MachineCpu::now().since(cpu_before);
     // Answers may still arrive for the last queries: wait for them, or for the timeout.
     let waiting = Instant::now();
     while waiting.elapsed() < spec.timeout && state.answered.load(Ordering::Relaxed) < total {
@@ -188,6 +249,7 @@ pub fn run(spec: &LoadSpec) -> Result<LoadReport> {
     let send_elapsed = sending?;
     let mut out = report(spec, total, send_elapsed, &state);
     out.udp_rcvbuf_errors = udp_rcvbuf_errors().saturating_sub(drops_before);
+    out.machine_cpu = machine_cpu;
     Ok(out)
 }
 
@@ -558,6 +620,9 @@ impl LoadReport {
         self.send_errors += other.send_errors;
         self.wrong_verdicts += other.wrong_verdicts;
         self.udp_rcvbuf_errors += other.udp_rcvbuf_errors;
+        self.machine_cpu.busy_ticks += other.machine_cpu.busy_ticks;
+        self.machine_cpu.all_ticks += other.machine_cpu.all_ticks;
+        self.machine_cpu.cores = self.machine_cpu.cores.max(other.machine_cpu.cores);
         self.achieved_rate = self.achieved_rate.min(other.achieved_rate);
         for (rcode, count) in other.rcodes {
             *self.rcodes.entry(rcode).or_default() += count;
@@ -660,6 +725,24 @@ mod tests {
         assert_eq!(pooled.arrival_samples, [5, 6, 7]);
         assert_eq!(pooled.latency.samples, 6);
         assert_eq!(pooled.rcodes["NOERROR"], 6);
+    }
+
+    #[test]
+    fn machine_cpu_counts_busy_ticks_of_every_core() {
+        let before = MachineCpu::parse(
+            "cpu  100 0 50 800 50 0 0 0 0 0\ncpu0 50 0 25 400 25 0 0 0 0 0\n\
+             cpu1 50 0 25 400 25 0 0 0 0 0\nintr 1 2 3\n",
+        );
+        assert_eq!(
+            (before.busy_ticks, before.all_ticks, before.cores),
+            (150, 1000, 2)
+        );
+        // 300 ticks later: 150 busy (120 user, 20 system, 10 softirq), 150 idle.
+        let after = MachineCpu::parse("cpu  220 0 70 940 60 0 10 0 0 0\ncpu0 1\ncpu1 1\n");
+        let run = after.since(before);
+        assert_eq!((run.busy_ticks, run.all_ticks), (150, 300));
+        assert_eq!(run.busy_cores(), Some(1.0));
+        assert_eq!(MachineCpu::parse("").busy_cores(), None);
     }
 
     #[test]

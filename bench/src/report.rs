@@ -7,7 +7,7 @@ use std::fmt::Write as _;
 use serde::Serialize;
 
 use crate::cache::{CacheCost, ChurnCost};
-use crate::load::LoadReport;
+use crate::load::{LoadReport, MachineCpu};
 use crate::policy::PolicyCost;
 use crate::stats::HistogramSummary;
 
@@ -315,12 +315,14 @@ impl Results {
              clients inside the enrolled cgroup asking knotd, each query redirected by the cgroup \
              programs). Latency: the bench's open-loop client at \
              a fixed **{} QPS** ({}), per-query latency, warm-up excluded, rounds interleaved \
-             the same way and pooled.\n",
+             the same way and pooled. Cores busy: the whole machine's CPU time (/proc/stat, the \
+             client's and knotd's too) while the fixed-rate queries went out, in cores: the \
+             queueing the tail of the latency measures grows with it.\n",
             self.throughput_seconds, self.latency_rate, self.latency_rate_basis
         );
         let _ = writeln!(
             md,
-            "| scenario | max QPS per round | mean max QPS | p50 µs | p99 µs | p99.9 µs | lost at fixed rate | wrong verdicts |\n|---|---|---|---|---|---|---|---|"
+            "| scenario | max QPS per round | mean max QPS | p50 µs | p99 µs | p99.9 µs | lost at fixed rate | wrong verdicts | cores busy at fixed rate |\n|---|---|---|---|---|---|---|---|---|"
         );
         for t in &self.throughput {
             let latency = self.latency.iter().find(|l| l.key == t.key);
@@ -328,7 +330,7 @@ impl Results {
             if !t.available {
                 let _ = writeln!(
                     md,
-                    "| ({}) {} | {} | | | | | | |",
+                    "| ({}) {} | {} | | | | | | | |",
                     t.key,
                     t.label,
                     t.note.as_deref().unwrap_or("not available")
@@ -338,7 +340,7 @@ impl Results {
             let rounds: Vec<String> = t.rounds_qps.iter().map(|q| kilo(*q)).collect();
             let _ = writeln!(
                 md,
-                "| ({}) {} | {} | **{}** | {} | {} | {} | {} | {} |",
+                "| ({}) {} | {} | **{}** | {} | {} | {} | {} | {} | {} |",
                 t.key,
                 t.label,
                 rounds.join(", "),
@@ -348,6 +350,7 @@ impl Results {
                 opt(load.map(|l| l.latency.p999_us), 0),
                 load.map_or_else(|| "–".to_owned(), |l| format!("{} of {}", l.lost, l.sent)),
                 load.map_or_else(|| "–".to_owned(), |l| l.wrong_verdicts.to_string()),
+                load.map_or_else(|| "–".to_owned(), |l| busy_cores(&l.machine_cpu)),
             );
         }
         let r = &self.ratios;
@@ -383,6 +386,25 @@ impl Results {
             signed(r.pair_ebpf_added_p99_us),
             signed(r.redirected_added_p99_us),
         );
+        let busy = |key: &str| {
+            self.latency
+                .iter()
+                .find(|l| l.key == key)
+                .and_then(|l| l.load.as_ref())
+                .and_then(|l| l.machine_cpu.busy_cores())
+        };
+        if let (Some(direct), Some(agent), Some(dnsdist)) = (busy("a"), busy("b"), busy("d")) {
+            let per_query =
+                |cores: f64| (cores - direct) / f64::from(self.latency_rate.max(1)) * 1e6;
+            let _ = writeln!(
+                md,
+                "Cores busy at the fixed rate: (a) {direct:.2}, (b) {agent:.2}, (d) {dnsdist:.2}: \
+                 each query through (b) costs the machine {} µs of CPU more than direct, through \
+                 (d) {} µs (client and knotd included: their wake-ups and packets too).\n",
+                signed(Some(per_query(agent))),
+                signed(Some(per_query(dnsdist))),
+            );
+        }
         let _ = writeln!(
             md,
             "At **{} QPS**, a rate well below every scenario's max here (the proxy's own cost, \
@@ -391,14 +413,14 @@ impl Results {
         );
         let _ = writeln!(
             md,
-            "| scenario | p50 µs | p99 µs | p99.9 µs | lost | wrong verdicts |\n|---|---|---|---|---|---|"
+            "| scenario | p50 µs | p99 µs | p99.9 µs | lost | wrong verdicts | cores busy |\n|---|---|---|---|---|---|---|"
         );
         for l in &self.latency_light {
             match &l.load {
                 Some(load) => {
                     let _ = writeln!(
                         md,
-                        "| ({}) {} | {:.0} | {:.0} | {:.0} | {} of {} | {} |",
+                        "| ({}) {} | {:.0} | {:.0} | {:.0} | {} of {} | {} | {} |",
                         l.key,
                         l.label,
                         load.latency.p50_us,
@@ -406,13 +428,14 @@ impl Results {
                         load.latency.p999_us,
                         load.lost,
                         load.sent,
-                        load.wrong_verdicts
+                        load.wrong_verdicts,
+                        busy_cores(&load.machine_cpu),
                     );
                 }
                 None => {
                     let _ = writeln!(
                         md,
-                        "| ({}) {} | {} | | | | |",
+                        "| ({}) {} | {} | | | | | |",
                         l.key,
                         l.label,
                         l.note.as_deref().unwrap_or("not available")
@@ -694,4 +717,12 @@ impl Results {
         }
         md
     }
+}
+
+/// "1.42 of 2": the cores a run kept busy, of the machine's.
+fn busy_cores(cpu: &MachineCpu) -> String {
+    cpu.busy_cores().map_or_else(
+        || "–".to_owned(),
+        |busy| format!("{busy:.2} of {}", cpu.cores),
+    )
 }
