@@ -23,7 +23,9 @@ use warden_enforce::Enforcement;
 use warden_enforce::serving::{self, AGENT_INSTANCE, DNSPROXY_INSTANCE};
 use warden_fqdn::DnsCache;
 use warden_proxy::{DnsProxy, ProxyContext, SharedCache, unix_now};
-use warden_telemetry::{CacheFilter, FlowLog, InstanceStatus, Metrics, PolicyStatusView};
+use warden_telemetry::{
+    CacheFilter, FlowLog, InstanceStatus, LogBudget, Metrics, PolicyStatusView,
+};
 
 use crate::journal::Journal;
 use crate::link::{self, Link, LinkContext, LinkMappings};
@@ -272,9 +274,12 @@ pub async fn start(config: ProxyConfig) -> anyhow::Result<RunningProxy> {
         shutdown.clone(),
     ));
     tasks.spawn(persist_state(
-        journal.clone(),
-        policy.clone(),
-        config.state_dir.clone(),
+        StateFiles {
+            journal: journal.clone(),
+            policy: policy.clone(),
+            state_dir: config.state_dir.clone(),
+            errors: metrics.peer.state_persist_errors.clone(),
+        },
         unlinked,
     ));
     let admin_shutdown = shutdown.clone();
@@ -300,64 +305,75 @@ pub async fn start(config: ProxyConfig) -> anyhow::Result<RunningProxy> {
     })
 }
 
-/// Keeps the journal in `state_dir` within a moment of every change and the agent's policy
-/// snapshot as soon as it arrives, both once more at exit. The writes (fsync) run on the
-/// blocking pool, never on a worker the DNS listeners need.
-async fn persist_state(
+/// What the dnsproxy keeps in `state_dir`, and the count of the writes that failed.
+struct StateFiles {
     journal: Arc<Journal>,
     policy: Arc<ProxyPolicy>,
     state_dir: PathBuf,
-    shutdown: CancellationToken,
-) {
+    errors: prometheus::IntCounterVec,
+}
+
+impl StateFiles {
+    /// Writes what changed on the blocking pool; says whether the journal is on disk.
+    async fn save(&self, journal_changed: bool) -> bool {
+        let (journal, policy, dir) = (
+            self.journal.clone(),
+            self.policy.clone(),
+            self.state_dir.clone(),
+        );
+        let saving = tokio::task::spawn_blocking(move || {
+            let journal = journal_changed.then(|| journal.save(&dir));
+            (journal, policy.save())
+        });
+        let (journal, policy) = match saving.await {
+            Ok(results) => results,
+            Err(error) => {
+                tracing::warn!(%error, "state persister panicked");
+                return false;
+            }
+        };
+        // A full or read-only disk fails every round: one line per interval, every failure
+        // counted.
+        static BUDGET: LogBudget = LogBudget::new(LogBudget::INTERVAL);
+        if let Err(error) = policy {
+            self.errors.with_label_values(&["policy_snapshot"]).inc();
+            if let Some(held_back) = BUDGET.allow() {
+                tracing::warn!(%error, held_back, "cannot persist the policy snapshot");
+            }
+        }
+        match journal {
+            Some(Err(error)) => {
+                self.errors.with_label_values(&["journal"]).inc();
+                if let Some(held_back) = BUDGET.allow() {
+                    tracing::warn!(%error, held_back, "cannot persist the journal");
+                }
+                false
+            }
+            Some(Ok(())) | None => true,
+        }
+    }
+}
+
+/// Keeps the journal in `state_dir` within a moment of every change and the agent's policy
+/// snapshot as soon as it arrives, both once more at exit. The writes (fsync) run on the
+/// blocking pool, never on a worker the DNS listeners need.
+async fn persist_state(files: StateFiles, shutdown: CancellationToken) {
     let mut tick = tokio::time::interval(Duration::from_millis(250));
-    let mut saved = journal.changes();
+    let mut saved = files.journal.changes();
     loop {
         let stopping = tokio::select! {
             _ = shutdown.cancelled() => true,
             _ = tick.tick() => false,
-            _ = policy.unsaved_snapshot() => false,
+            _ = files.policy.unsaved_snapshot() => false,
         };
-        let changes = journal.changes();
+        let changes = files.journal.changes();
         let journal_changed = changes != saved;
-        if (journal_changed || policy.has_unsaved())
-            && save_state(&journal, &policy, &state_dir, journal_changed).await
-        {
+        if (journal_changed || files.policy.has_unsaved()) && files.save(journal_changed).await {
             saved = changes;
         }
         if stopping {
             return;
         }
-    }
-}
-
-/// One round of [`persist_state`] on the blocking pool; says whether the journal is on disk.
-async fn save_state(
-    journal: &Arc<Journal>,
-    policy: &Arc<ProxyPolicy>,
-    state_dir: &Path,
-    journal_changed: bool,
-) -> bool {
-    let (journal, policy, dir) = (journal.clone(), policy.clone(), state_dir.to_owned());
-    let saving = tokio::task::spawn_blocking(move || {
-        let journal = journal_changed.then(|| journal.save(&dir));
-        (journal, policy.save())
-    });
-    let (journal, policy) = match saving.await {
-        Ok(results) => results,
-        Err(error) => {
-            tracing::warn!(%error, "state persister panicked");
-            return false;
-        }
-    };
-    if let Err(error) = policy {
-        tracing::warn!(%error, "cannot persist the policy snapshot");
-    }
-    match journal {
-        Some(Err(error)) => {
-            tracing::warn!(%error, "cannot persist the journal");
-            false
-        }
-        Some(Ok(())) | None => true,
     }
 }
 
@@ -460,4 +476,51 @@ fn admin_router(state: AdminState, metrics: Metrics, flows: Arc<FlowLog>) -> Rou
         )
         .with_state(state);
     warden_telemetry::admin::common_routes(metrics, flows).merge(api)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use warden_api::proto::Mapping;
+
+    /// A state_dir that refuses writes: each file's failures are counted, the journal is not
+    /// taken for saved, and both are written once the directory is back.
+    #[tokio::test]
+    async fn failed_writes_are_counted_by_file_and_tried_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let state_dir = dir.path().join("state");
+        let metrics = Metrics::new("dnsproxy").unwrap();
+        let journal = Arc::new(Journal::new(16, metrics.peer.clone()));
+        journal.push(Mapping {
+            endpoint: "youssef/test".into(),
+            name: "cilium.io.".into(),
+            ..Mapping::default()
+        });
+        let policy = Arc::new(ProxyPolicy::new(&state_dir));
+        let snapshot = PolicySnapshot {
+            revision: 3,
+            ..PolicySnapshot::default()
+        };
+        policy.install(&snapshot, compile(&snapshot).unwrap(), "agent");
+        let files = StateFiles {
+            journal,
+            policy: policy.clone(),
+            state_dir: state_dir.clone(),
+            errors: metrics.peer.state_persist_errors.clone(),
+        };
+        let failures = |file: &str| files.errors.with_label_values(&[file]).get();
+
+        assert!(
+            !files.save(true).await,
+            "no state_dir, yet the journal saved"
+        );
+        assert_eq!((failures("journal"), failures("policy_snapshot")), (1, 1));
+        assert!(policy.has_unsaved());
+
+        std::fs::create_dir(&state_dir).unwrap();
+        assert!(files.save(true).await);
+        assert_eq!((failures("journal"), failures("policy_snapshot")), (1, 1));
+        assert_eq!(policy.load_persisted().map(|s| s.revision), Some(3));
+        assert!(state_dir.join("journal.pb").exists());
+    }
 }

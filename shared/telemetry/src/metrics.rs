@@ -83,6 +83,9 @@ pub struct PeerMetrics {
     /// Connections or messages refused on the agent socket; label: reason (credentials,
     /// oversized, malformed, protocol, stalled).
     pub rejected: IntCounterVec,
+    /// dnsproxy: failed writes of its state to `state_dir`; label: file (journal,
+    /// policy_snapshot).
+    pub state_persist_errors: IntCounterVec,
 }
 
 impl PeerMetrics {
@@ -376,6 +379,12 @@ impl Metrics {
                 "peer_mappings_received_total",
                 "Mappings (name, IPs, TTL, endpoint) received from the peer.",
             )?,
+            state_persist_errors: counter_vec(
+                &registry,
+                "state_persist_errors_total",
+                "Failed writes of warden-dnsproxy's journal or policy snapshot to state_dir, by file.",
+                &["file"],
+            )?,
             rejected: counter_vec(
                 &registry,
                 "api_rejected_total",
@@ -412,7 +421,7 @@ impl Metrics {
         for scope in Scope::ALL {
             self.histogram(scope);
         }
-        let known: [(&IntCounterVec, &[&str]); 8] = [
+        let known: [(&IntCounterVec, &[&str]); 9] = [
             (
                 &self.dns.upstream_errors,
                 &["timeout", "io", "malformed", "exhausted"],
@@ -449,6 +458,10 @@ impl Metrics {
             (
                 &self.peer.flows_dropped,
                 &["budget", "lagged", "queue_full"],
+            ),
+            (
+                &self.peer.state_persist_errors,
+                &["journal", "policy_snapshot"],
             ),
         ];
         for (family, values) in known {
