@@ -121,10 +121,12 @@ pub struct LoadReport {
     pub arrival_samples: Vec<u32>,
 }
 
-/// The machine's CPU time over a run, from /proc/stat. Busy time is wall time less idle
-/// time: this kernel (NO_HZ, tick-based accounting) measures idle time exactly but samples
-/// user and system time at its ticks, which work paced by a timer can dodge (summed from the
-/// sampled fields, a run at 5,000 QPS read 0.04 cores busy).
+/// The machine's CPU time over the sends of a run (warm-up included), from /proc/stat. Busy
+/// time is wall time less idle, iowait and steal time: a kernel with NO_HZ and tick-based
+/// accounting, as the bench's machine runs, measures idle time exactly but samples user and
+/// system time at its ticks, which work paced by a timer can dodge (summed from the sampled
+/// fields, a run at 5,000 QPS read 0.04 cores busy); steal is time a virtual machine's core
+/// did not run at all.
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
 pub struct MachineCpu {
     /// Seconds of all cores busy, added up.
@@ -134,28 +136,27 @@ pub struct MachineCpu {
     pub cores: u32,
 }
 
-/// /proc/stat's clock ticks per second (USER_HZ), 100 on every Linux architecture.
+/// /proc/stat's clock ticks per second (USER_HZ): 100 on x86 and arm64 Linux, where the bench
+/// runs.
 const USER_HZ: f64 = 100.0;
 
 /// One reading of the machine's idle time.
 #[derive(Debug, Clone, Copy)]
 struct CpuSample {
-    /// Idle and iowait ticks so far, over all cores.
+    /// Idle, iowait and steal ticks so far, over all cores.
     idle_ticks: u64,
     cores: u32,
     at: Instant,
 }
 
 impl CpuSample {
-    fn now() -> CpuSample {
-        CpuSample::parse(
-            &std::fs::read_to_string("/proc/stat").unwrap_or_default(),
-            Instant::now(),
-        )
+    /// `None` when /proc/stat cannot be read.
+    fn now() -> Option<CpuSample> {
+        CpuSample::parse(&std::fs::read_to_string("/proc/stat").ok()?, Instant::now())
     }
 
     /// The `cpu` line of /proc/stat's `text`, and the number of `cpuN` lines.
-    fn parse(text: &str, at: Instant) -> CpuSample {
+    fn parse(text: &str, at: Instant) -> Option<CpuSample> {
         let ticks: Vec<u64> = text
             .lines()
             .find_map(|line| line.strip_prefix("cpu "))
@@ -165,22 +166,29 @@ impl CpuSample {
                     .collect()
             })
             .unwrap_or_default();
-        // user nice system idle iowait ...
+        // user nice system idle iowait irq softirq steal ...
+        if ticks.len() < 8 {
+            return None;
+        }
         let tick = |index: usize| ticks.get(index).copied().unwrap_or(0);
         let cores = text
             .lines()
             .filter(|line| line.starts_with("cpu") && !line.starts_with("cpu "))
             .count();
-        CpuSample {
-            idle_ticks: tick(3) + tick(4),
+        Some(CpuSample {
+            idle_ticks: tick(3) + tick(4) + tick(7),
             cores: u32::try_from(cores).unwrap_or(0),
             at,
-        }
+        })
     }
 }
 
 impl MachineCpu {
-    fn between(start: CpuSample, end: CpuSample) -> MachineCpu {
+    /// Zero (no reading) unless both samples were taken.
+    fn between(start: Option<CpuSample>, end: Option<CpuSample>) -> MachineCpu {
+        let (Some(start), Some(end)) = (start, end) else {
+            return MachineCpu::default();
+        };
         let core_seconds =
             end.at.saturating_duration_since(start.at).as_secs_f64() * f64::from(end.cores);
         let idle_seconds = end.idle_ticks.saturating_sub(start.idle_ticks) as f64 / USER_HZ;
@@ -761,10 +769,11 @@ mod tests {
              cpu1 50 0 25 400 25 0 0 0 0 0\nintr 1 2 3\n",
             start,
         );
-        assert_eq!((before.idle_ticks, before.cores), (850, 2));
-        // 2 s later (4 core-seconds): 1.5 s idle and iowait, whatever the sampled fields say.
+        assert_eq!(before.map(|b| (b.idle_ticks, b.cores)), Some((850, 2)));
+        // 2 s later (4 core-seconds): 1.5 s idle, iowait and steal, whatever the sampled
+        // fields say.
         let after = CpuSample::parse(
-            "cpu  100 0 50 980 20 0 0 0 0 0\ncpu0 1\ncpu1 1\n",
+            "cpu  100 0 50 960 20 0 0 20 0 0\ncpu0 1\ncpu1 1\n",
             start + Duration::from_secs(2),
         );
         let mut run = MachineCpu::between(before, after);
@@ -784,6 +793,9 @@ mod tests {
                 .is_some_and(|busy| (busy - 6.5 / 12.0 * 2.0).abs() < 1e-9)
         );
         assert_eq!(MachineCpu::default().busy_cores(), None);
+        // An unreadable start leaves no reading rather than one counted from boot.
+        assert_eq!(MachineCpu::between(None, after).busy_cores(), None);
+        assert!(CpuSample::parse("intr 1 2 3\n", start).is_none());
     }
 
     #[test]

@@ -315,9 +315,10 @@ impl Results {
              clients inside the enrolled cgroup asking knotd, each query redirected by the cgroup \
              programs). Latency: the bench's open-loop client at \
              a fixed **{} QPS** ({}), per-query latency, warm-up excluded, rounds interleaved \
-             the same way and pooled. Cores busy: the whole machine's CPU time (/proc/stat, the \
-             client's and knotd's too) while the fixed-rate queries went out, in cores: the \
-             queueing the tail of the latency measures grows with it.\n",
+             the same way and pooled. Cores busy: the whole machine's CPU time while the \
+             fixed-rate queries went out (warm-up included; /proc/stat, wall time less idle, so \
+             the client's and knotd's too), in cores: the tail of the latency is queueing for \
+             them, and grows with it.\n",
             self.throughput_seconds, self.latency_rate, self.latency_rate_basis
         );
         let _ = writeln!(

@@ -119,7 +119,8 @@ pub struct LinkContext {
     /// The revision in force now, for the hello.
     pub revision: Arc<dyn Fn() -> u64 + Send + Sync>,
     /// The number of the last install whose save to `state_dir` was tried: a revision is
-    /// acknowledged once in force and on disk, so the agent's view of it survives a restart.
+    /// acknowledged once in force and its save tried, so what the agent sees acknowledged is
+    /// what a restarted proxy enforces, unless the write failed (counted and logged).
     pub snapshot_settled: tokio::sync::watch::Receiver<u64>,
     pub serving: Arc<AtomicBool>,
 }

@@ -88,17 +88,20 @@ pub struct ProxyPolicy {
     file: PathBuf,
     unsaved: Mutex<Unsaved>,
     /// Wakes the persister when `unsaved` is filled.
-    saved_wanted: tokio::sync::Notify,
+    save_wanted: tokio::sync::Notify,
     /// The number of the last install from the agent whose save was tried: the session
-    /// acknowledges a revision only then, so an acknowledged policy survives a restart.
+    /// acknowledges a revision only then, so an acknowledged policy is on disk unless the
+    /// write failed (counted and logged).
     settled: tokio::sync::watch::Sender<u64>,
 }
 
 /// The latest snapshot from the agent not yet on disk; a newer one replaces it.
 #[derive(Debug, Default)]
 struct Unsaved {
-    encoded: Option<Vec<u8>>,
-    /// Installs from the agent so far; `encoded` is the last of them.
+    /// Shared with a save in progress, so that a write that fails (or panics) leaves it here
+    /// for the next one.
+    encoded: Option<Arc<[u8]>>,
+    /// Installs from the agent so far (saved or not); `encoded` is the last of them.
     installs: u64,
 }
 
@@ -129,7 +132,7 @@ impl ProxyPolicy {
             state: Mutex::new(PolicyState::default()),
             file: state_dir.join(SNAPSHOT_FILE),
             unsaved: Mutex::new(Unsaved::default()),
-            saved_wanted: tokio::sync::Notify::new(),
+            save_wanted: tokio::sync::Notify::new(),
             settled: tokio::sync::watch::Sender::new(0),
         }
     }
@@ -156,7 +159,8 @@ impl ProxyPolicy {
 
     /// Installs a compiled snapshot; one from the agent is handed to the persister. Returns the
     /// number of the agent's installs so far, which [`ProxyPolicy::settled`] reaches once the
-    /// persister tried to save this one.
+    /// persister tried to save this one (for a snapshot read from disk it is 0 or the last
+    /// agent install's, already saved).
     pub fn install(&self, snapshot: &PolicySnapshot, compiled: Compiled, source: &str) -> u64 {
         let selectors = compiled.repository.selector_count();
         *self
@@ -180,9 +184,9 @@ impl ProxyPolicy {
         let installs = {
             let mut unsaved = self.unsaved();
             if source == "agent" {
-                unsaved.encoded = Some(snapshot.encode_to_vec());
+                unsaved.encoded = Some(Arc::from(snapshot.encode_to_vec()));
                 unsaved.installs += 1;
-                self.saved_wanted.notify_one();
+                self.save_wanted.notify_one();
             }
             unsaved.installs
         };
@@ -210,11 +214,13 @@ impl ProxyPolicy {
             .unwrap_or_else(|poison| poison.into_inner())
     }
 
-    /// Resolves when a snapshot from the agent waits to be saved (at once if one already does).
-    pub async fn unsaved_snapshot(&self) {
-        self.saved_wanted.notified().await;
+    /// Resolves when a snapshot from the agent was installed since the last wake-up: a hint to
+    /// save soon; [`ProxyPolicy::has_unsaved`] says whether there is anything to save.
+    pub async fn wait_for_unsaved(&self) {
+        self.save_wanted.notified().await;
     }
 
+    /// Whether a snapshot from the agent waits to be written.
     pub fn has_unsaved(&self) -> bool {
         self.unsaved().encoded.is_some()
     }
@@ -225,20 +231,23 @@ impl ProxyPolicy {
     }
 
     /// Writes the latest unsaved snapshot to `state_dir` (temporary file, fsync, rename); blocks.
-    /// A failed write keeps it for the next call unless a newer one arrived meanwhile; it
-    /// settles its install all the same: the policy is in force, and a disk that refuses it
-    /// should not keep the agent from hearing so.
+    /// A failed write keeps it for the next call, and settles its install all the same: the
+    /// policy is in force, and a disk that refuses it should not keep the agent from hearing so.
     pub fn save(&self) -> std::io::Result<()> {
         let (encoded, install) = {
-            let mut unsaved = self.unsaved();
-            (unsaved.encoded.take(), unsaved.installs)
+            let unsaved = self.unsaved();
+            (unsaved.encoded.clone(), unsaved.installs)
         };
         let Some(encoded) = encoded else {
             return Ok(());
         };
         let written = crate::state_file::write_atomically(&self.file, &encoded);
-        if written.is_err() {
-            self.unsaved().encoded.get_or_insert(encoded);
+        if written.is_ok() {
+            let mut unsaved = self.unsaved();
+            // A newer install meanwhile still waits for its own write.
+            if unsaved.installs == install {
+                unsaved.encoded = None;
+            }
         }
         self.settled.send_if_modified(|settled| {
             let moved = install > *settled;

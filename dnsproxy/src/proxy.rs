@@ -232,7 +232,8 @@ pub async fn start(config: ProxyConfig) -> anyhow::Result<RunningProxy> {
 
     // Shutdown runs in order: the proxy leaves the port and answers what it holds (`drained`),
     // then the agent session hands over its last mappings and flow events (`unlinked`), then
-    // the journal is saved with whatever could not be handed over.
+    // the journal is saved with whatever could not be handed over, and the last snapshot
+    // from the agent if it is not on disk yet.
     let shutdown = CancellationToken::new();
     let drained = CancellationToken::new();
     let unlinked = CancellationToken::new();
@@ -332,19 +333,20 @@ impl StateFiles {
                 return false;
             }
         };
-        // A full or read-only disk fails every round: one line per interval, every failure
-        // counted.
-        static BUDGET: LogBudget = LogBudget::new(LogBudget::INTERVAL);
+        // A full or read-only disk fails every round: one line per interval and file, every
+        // failure counted.
+        static POLICY_BUDGET: LogBudget = LogBudget::new(LogBudget::INTERVAL);
+        static JOURNAL_BUDGET: LogBudget = LogBudget::new(LogBudget::INTERVAL);
         if let Err(error) = policy {
             self.errors.with_label_values(&["policy_snapshot"]).inc();
-            if let Some(held_back) = BUDGET.allow() {
+            if let Some(held_back) = POLICY_BUDGET.allow() {
                 tracing::warn!(%error, held_back, "cannot persist the policy snapshot");
             }
         }
         match journal {
             Some(Err(error)) => {
                 self.errors.with_label_values(&["journal"]).inc();
-                if let Some(held_back) = BUDGET.allow() {
+                if let Some(held_back) = JOURNAL_BUDGET.allow() {
                     tracing::warn!(%error, held_back, "cannot persist the journal");
                 }
                 false
@@ -359,12 +361,14 @@ impl StateFiles {
 /// blocking pool, never on a worker the DNS listeners need.
 async fn persist_state(files: StateFiles, shutdown: CancellationToken) {
     let mut tick = tokio::time::interval(Duration::from_millis(250));
+    // After a slow fsync, one round rather than a burst of the ticks it missed.
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut saved = files.journal.changes();
     loop {
         let stopping = tokio::select! {
             _ = shutdown.cancelled() => true,
             _ = tick.tick() => false,
-            _ = files.policy.unsaved_snapshot() => false,
+            _ = files.policy.wait_for_unsaved() => false,
         };
         let changes = files.journal.changes();
         let journal_changed = changes != saved;

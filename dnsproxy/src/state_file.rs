@@ -14,13 +14,18 @@ fn beside(path: &Path, suffix: &str) -> PathBuf {
 }
 
 /// Writes `bytes` to a temporary file beside `path`, syncs it and renames it over `path`: a
-/// crash mid-write leaves the previous file, never half of one.
+/// crash mid-write leaves the previous file, never half of one. The folder is synced too, so
+/// that the rename itself survives a power loss (the agent takes a save as done).
 pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let staging = beside(path, ".tmp");
     let mut file = std::fs::File::create(&staging)?;
     file.write_all(bytes)?;
     file.sync_all()?;
-    std::fs::rename(&staging, path)
+    std::fs::rename(&staging, path)?;
+    match path.parent() {
+        Some(folder) if !folder.as_os_str().is_empty() => std::fs::File::open(folder)?.sync_all(),
+        _ => Ok(()),
+    }
 }
 
 /// Moves an unreadable `path` to `<path>.corrupt`; says how that went, for the log.
