@@ -170,10 +170,14 @@ impl FlowLog {
             // An error only means no follower is listening any more.
             let _ = self.live.send(event.clone());
         }
-        if recent.len() == self.capacity {
-            recent.pop_front();
-        }
+        let evicted = (recent.len() == self.capacity)
+            .then(|| recent.pop_front())
+            .flatten();
         recent.push_back(event);
+        drop(recent);
+        // Freed after the lock: every answer records an event, and the evicted one's name and
+        // addresses sit in memory long out of cache.
+        drop(evicted);
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<FlowEvent>> {
