@@ -1,10 +1,15 @@
 //! Reading policy files: YAML (or JSON) streams of CiliumNetworkPolicy documents.
 
+mod node_budget;
+
 use std::fs;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
+use serde::de::DeserializeSeed;
 use yaml_serde::Value;
+
+use node_budget::{MAX_NODES, NodeBudget};
 
 use crate::PolicyError;
 use crate::error::{InvalidPolicy, Location};
@@ -21,21 +26,31 @@ pub fn parse_str(text: &str, origin: &Path) -> Result<Vec<Policy>, PolicyError> 
     // document of its own.
     let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     let mut policies = Vec::new();
-    // Each document is read twice: once into a `Value`, which catches syntax errors and gives the
-    // header and the name for messages, and once into the typed model, straight from the text so
-    // that errors keep their line and column.
+    // Each document is read three times: counted (see `node_budget`), then into a `Value`, which
+    // catches syntax errors and gives the header and the name for messages, and once into the
+    // typed model, straight from the text so that errors keep their line and column.
+    let counted_documents = yaml_serde::Deserializer::from_str(text);
     let typed_documents = yaml_serde::Deserializer::from_str(text);
-    for (index, (untyped, typed)) in yaml_serde::Deserializer::from_str(text)
+    for (index, ((counted, untyped), typed)) in counted_documents
+        .zip(yaml_serde::Deserializer::from_str(text))
         .zip(typed_documents)
         .enumerate()
     {
         let document = index + 1;
-        // A syntax error ends the stream: the parser cannot find the next document after it.
-        let value = Value::deserialize(untyped).map_err(|error| PolicyError::Syntax {
+        let syntax = |error: yaml_serde::Error| PolicyError::Syntax {
             file: origin.to_owned(),
             location: location(&error),
             message: without_location(&error),
-        })?;
+        };
+        let mut nodes = 0;
+        NodeBudget {
+            seen: &mut nodes,
+            limit: MAX_NODES,
+        }
+        .deserialize(counted)
+        .map_err(syntax)?;
+        // A syntax error ends the stream: the parser cannot find the next document after it.
+        let value = Value::deserialize(untyped).map_err(syntax)?;
         if value.is_null() {
             continue;
         }

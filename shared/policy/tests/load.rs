@@ -299,6 +299,31 @@ fn validation_errors_point_at_the_field() {
     );
 }
 
+/// 2,000 aliases of a 2,000-element sequence: 4 million nodes from 16 kB, which were built as
+/// a `Value` before any check (quadratic in the file's size: a 250 kB file took the agent's
+/// memory on every start).
+#[test]
+fn a_document_whose_aliases_expand_past_the_budget_is_refused() {
+    let anchored = vec!["0"; 2_000].join(",");
+    let aliases = vec!["*a"; 2_000].join(",");
+    let text = format!(
+        "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\n\
+         metadata: {{name: x, labels: {{a: &a [{anchored}], b: [{aliases}]}}}}\n"
+    );
+    let error = parse(&text).unwrap_err();
+    assert!(matches!(error, PolicyError::Syntax { .. }), "{error:?}");
+    assert!(
+        error.to_string().contains("more than 1000000 nodes"),
+        "{error}"
+    );
+    // A policy using an anchor within reason still loads.
+    let text = "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: anchored}\n\
+                spec:\n  endpointSelector: {}\n  egress:\n  - toPorts: &dns\n    - ports:\n      \
+                - port: '53'\n  - toPorts: *dns\n";
+    let policies = parse(text).unwrap();
+    assert_eq!(policies.len(), 1);
+}
+
 #[test]
 fn broken_yaml_reports_the_line() {
     let text =
