@@ -111,8 +111,11 @@ impl PolicyStore {
             std::thread::sleep(wait);
         }
         store.reload();
-        if store.status().revision == 0 && store.last_good_dir.is_dir() {
-            let loaded = read_policy_files(&store.last_good_dir)
+        let last_good = store.last_good_copy();
+        if store.status().revision == 0
+            && let Some(last_good) = last_good
+        {
+            let loaded = read_policy_files(&last_good)
                 .map_err(|error| error.to_string())
                 .and_then(|files| {
                     let policies = parse_all(&files).map_err(|error| error.to_string())?;
@@ -124,7 +127,13 @@ impl PolicyStore {
                         dir = %store.dir.display(),
                         "policy folder does not load; enforcing the last good policy from state_dir"
                     );
+                    // The folder still fails, and is not read again until it changes: its error
+                    // stays on show (status, `warden_policy_reload_failing`) under the copy.
+                    let failing = store.status().last_error;
                     store.install(&policies, files, "last-good");
+                    if let Some(error) = failing {
+                        store.still_failing(error);
+                    }
                 }
                 Err(error) => tracing::error!(%error, "last good policy copy does not load"),
             }
@@ -231,6 +240,23 @@ impl PolicyStore {
         );
     }
 
+    /// Shows `error` again, already logged and counted, after installing the last good copy.
+    fn still_failing(&self, error: String) {
+        self.state().status.last_error = Some(error);
+        self.metrics.reload_failing.set(1);
+    }
+
+    /// The last good copy in state_dir: its folder, or the previous one that a save moved aside
+    /// and did not get to remove (a crash between its two renames).
+    fn last_good_copy(&self) -> Option<PathBuf> {
+        [
+            self.last_good_dir.clone(),
+            self.last_good_dir.with_extension("old"),
+        ]
+        .into_iter()
+        .find(|dir| dir.is_dir())
+    }
+
     fn fail(&self, fingerprint: Option<u64>, error: String) {
         let mut state = self.state();
         if fingerprint.is_some() {
@@ -253,8 +279,16 @@ impl PolicyStore {
                 std::fs::write(staging.join(name), text)?;
             }
         }
-        let _ = std::fs::remove_dir_all(&self.last_good_dir);
-        std::fs::rename(&staging, &self.last_good_dir)
+        // Moved aside, not removed, until the new copy is in place: a crash in between leaves
+        // the old copy for the next start (see `last_good_copy`).
+        let aside = self.last_good_dir.with_extension("old");
+        let _ = std::fs::remove_dir_all(&aside);
+        if self.last_good_dir.is_dir() {
+            std::fs::rename(&self.last_good_dir, &aside)?;
+        }
+        std::fs::rename(&staging, &self.last_good_dir)?;
+        let _ = std::fs::remove_dir_all(&aside);
+        Ok(())
     }
 
     /// Reloads on change notifications and, as a safety net, every second, until `shutdown`.
@@ -511,6 +545,53 @@ spec:
         assert!(store.reload(), "the policy's removal is a change");
         assert_eq!(store.status().policies, 0);
         assert_eq!(store.status().last_error, None);
+    }
+
+    /// A start on a broken folder enforced the last good copy and cleared the folder's error,
+    /// which stayed cleared (the folder is read again only when it changes): status and alert
+    /// said all was well.
+    #[test]
+    fn a_start_on_a_broken_folder_enforces_the_last_good_copy_and_keeps_failing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let state = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("test.yaml"), POLICY).expect("write policy");
+        drop(store(dir.path(), state.path()));
+        std::fs::write(dir.path().join("test.yaml"), "kind: [unclosed\n").expect("break it");
+
+        let metrics = warden_telemetry::Metrics::new("agent").expect("metrics");
+        let restarted = PolicyStore::open(
+            dir.path(),
+            state.path(),
+            Arc::new(EndpointTable::from_config(&[])),
+            metrics.policy.clone(),
+        );
+        let status = restarted.status();
+        assert_eq!((status.source.as_str(), status.policies), ("last-good", 1));
+        let error = status.last_error.unwrap_or_default();
+        assert!(error.contains("test.yaml"), "{error:?}");
+        assert_eq!(metrics.policy.reload_failing.get(), 1);
+        assert!(
+            !restarted.reload(),
+            "the unchanged folder is not read again"
+        );
+        assert!(restarted.status().last_error.is_some());
+    }
+
+    /// Saving a new copy once removed the old one before renaming the new one in: a crash
+    /// between the two left no copy at all.
+    #[test]
+    fn a_copy_moved_aside_by_an_interrupted_save_is_still_found() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let state = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("test.yaml"), POLICY).expect("write policy");
+        drop(store(dir.path(), state.path()));
+        let copy = state.path().join("last-good-policies");
+        std::fs::rename(&copy, copy.with_extension("old")).expect("as a crash leaves it");
+        std::fs::write(dir.path().join("test.yaml"), "kind: [unclosed\n").expect("break it");
+
+        let restarted = store(dir.path(), state.path());
+        let status = restarted.status();
+        assert_eq!((status.source.as_str(), status.policies), ("last-good", 1));
     }
 
     /// The watch once re-read the folder every 100 ms for ever: its own reads raised the
