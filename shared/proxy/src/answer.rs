@@ -14,12 +14,29 @@ use hickory_proto::rr::{Name, RData};
 /// Longest CNAME chain followed; longer chains are loops or abuse, and what was found is used.
 pub(crate) const MAX_CHAIN: usize = 16;
 
+/// A record's TTL as a cache must take it: RFC 2181 §8 has values with the top bit set read as
+/// 0, so an upstream cannot make an entry (and its allow entries) live for 68 years.
+pub(crate) fn usable_ttl(wire: u32) -> u32 {
+    if wire > i32::MAX.unsigned_abs() {
+        0
+    } else {
+        wire
+    }
+}
+
+/// The smallest of `ttl` so far (`None` before the first record) and `record`'s.
+pub(crate) fn lowest_ttl(ttl: Option<u32>, record: u32) -> Option<u32> {
+    let record = usable_ttl(record);
+    Some(ttl.map_or(record, |ttl| ttl.min(record)))
+}
+
 /// The addresses an answer gives for the queried name.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct AnswerSummary {
     /// A and AAAA records of the last name in the CNAME chain, in answer order, deduplicated.
     pub ips: Vec<IpAddr>,
-    /// The smallest TTL along the chain, CNAMEs and addresses alike; 0 when nothing was found.
+    /// The smallest TTL along the chain, CNAMEs and addresses alike (one of 2^31 or more counts
+    /// as 0); 0 when nothing was found.
     pub ttl: u32,
     /// The chain's targets, in order, lowercased with a trailing dot.
     pub cnames: Vec<String>,
@@ -32,7 +49,7 @@ pub struct AnswerSummary {
 pub fn summarize(message: &Message, qname: &Name) -> AnswerSummary {
     let mut summary = AnswerSummary::default();
     let mut current = qname.clone();
-    let mut ttl = u32::MAX;
+    let mut ttl = None;
     for _ in 0..MAX_CHAIN {
         let next = message
             .answers
@@ -46,7 +63,7 @@ pub fn summarize(message: &Message, qname: &Name) -> AnswerSummary {
         let Some((target, record_ttl)) = next else {
             break;
         };
-        ttl = ttl.min(record_ttl);
+        ttl = lowest_ttl(ttl, record_ttl);
         summary.cnames.push(normalized(&target));
         current = target;
     }
@@ -60,12 +77,12 @@ pub fn summarize(message: &Message, qname: &Name) -> AnswerSummary {
             RData::AAAA(address) => IpAddr::V6(address.0),
             _ => continue,
         };
-        ttl = ttl.min(record.ttl);
+        ttl = lowest_ttl(ttl, record.ttl);
         if !summary.ips.contains(&ip) {
             summary.ips.push(ip);
         }
     }
-    summary.ttl = if ttl == u32::MAX { 0 } else { ttl };
+    summary.ttl = ttl.unwrap_or(0);
     summary
 }
 

@@ -13,7 +13,7 @@ use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::ops::Range;
 
-use crate::answer::{AnswerSummary, MAX_CHAIN};
+use crate::answer::{AnswerSummary, MAX_CHAIN, lowest_ttl};
 
 const HEADER_LEN: usize = 12;
 /// QTYPE and QCLASS, after a question's name.
@@ -304,12 +304,12 @@ fn summarize(answers: Records<'_>) -> Result<AnswerSummary, WireError> {
     let packet = answers.packet;
     let mut summary = AnswerSummary::default();
     let mut current = HEADER_LEN;
-    let mut ttl = u32::MAX;
+    let mut ttl = None;
     for _ in 0..MAX_CHAIN {
         let Some(cname) = first_cname_of(answers.clone(), current)? else {
             break;
         };
-        ttl = ttl.min(cname.ttl);
+        ttl = lowest_ttl(ttl, cname.ttl);
         let (target, _) = read_name_text(packet, cname.data.start)?;
         summary.cnames.push(target);
         current = cname.data.start;
@@ -322,11 +322,11 @@ fn summarize(answers: Records<'_>) -> Result<AnswerSummary, WireError> {
             }
             _ => continue,
         };
-        ttl = ttl.min(record.ttl);
+        ttl = lowest_ttl(ttl, record.ttl);
         summary.ips.push(ip);
     }
     dedup_keeping_order(&mut summary.ips);
-    summary.ttl = if ttl == u32::MAX { 0 } else { ttl };
+    summary.ttl = ttl.unwrap_or(0);
     Ok(summary)
 }
 
@@ -1171,6 +1171,30 @@ mod tests {
                 Err(WireError::Short),
                 "prefix of {length}"
             );
+        }
+    }
+
+    /// A TTL of 2^31 or more was cached, allowed and persisted for up to 136 years, and
+    /// 0xFFFFFFFF alone became 0; RFC 2181 §8 has every such value read as 0.
+    #[test]
+    fn ttls_with_the_top_bit_set_count_as_zero() {
+        for (wire_ttl, usable) in [
+            (0x7FFF_FFFF, 0x7FFF_FFFF),
+            (0x8000_0000, 0),
+            (0xFFFF_FFFE, 0),
+            (0xFFFF_FFFF, 0),
+        ] {
+            let mut packet = header(RESPONSE, [1, 2, 0, 0]);
+            push_name(&mut packet, "cilium.io.");
+            packet.extend_from_slice(&[0, 1, 0, 1]);
+            packet.extend_from_slice(&[0xC0, 12]);
+            push_record(&mut packet, TYPE_A, wire_ttl, &[10, 0, 0, 1]);
+            packet.extend_from_slice(&[0xC0, 12]);
+            push_record(&mut packet, TYPE_A, 0x7FFF_FFFF, &[10, 0, 0, 2]);
+            let asked = &packet[12..27].to_vec();
+            let answer = parse_answer(&packet, asked).unwrap();
+            assert_eq!(answer.summary.ips.len(), 2);
+            assert_eq!(answer.summary.ttl, usable, "wire TTL {wire_ttl:#x}");
         }
     }
 
