@@ -213,7 +213,7 @@ pub async fn run(cli: Cli) -> ExitCode {
             let options = ObserveOptions {
                 only: instance,
                 last,
-                since_ms: since.map(|seconds| now_ms().saturating_sub(seconds * 1000)),
+                since_ms: since.map(|seconds| since_ms(now_ms(), seconds)),
                 output,
             };
             if follow {
@@ -923,6 +923,11 @@ fn civil_from_days(days: u64) -> (u64, u64, u64) {
     (year, month, day)
 }
 
+/// The Unix time in ms `seconds` before `now_ms`; the epoch for any longer span.
+fn since_ms(now_ms: u64, seconds: u64) -> u64 {
+    now_ms.saturating_sub(seconds.saturating_mul(1000))
+}
+
 fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -1212,6 +1217,15 @@ fn encode(value: &str) -> String {
 mod tests {
     use super::*;
     use warden_telemetry::Verdict;
+
+    /// `--since 18446744073709552` wrapped in release builds (no overflow checks) to a moment
+    /// 384 ms ago, and filtered out nearly everything.
+    #[test]
+    fn a_since_longer_than_time_itself_means_everything() {
+        assert_eq!(since_ms(10_000, 3), 7_000);
+        assert_eq!(since_ms(10_000, 18_446_744_073_709_552), 0);
+        assert_eq!(since_ms(10_000, u64::MAX), 0);
+    }
 
     #[test]
     fn the_cache_table_has_the_documented_columns() {

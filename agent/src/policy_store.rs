@@ -371,7 +371,14 @@ fn read_policy_files(dir: &Path) -> std::io::Result<PolicyFiles> {
 fn read_files(paths: Vec<PathBuf>) -> std::io::Result<PolicyFiles> {
     paths
         .into_iter()
-        .map(|path| std::fs::read_to_string(&path).map(|text| (path, text)))
+        .map(|path| match std::fs::read_to_string(&path) {
+            Ok(text) => Ok((path, text)),
+            // Named, or "stream did not contain valid UTF-8" leaves the reader to guess which.
+            Err(error) => Err(std::io::Error::new(
+                error.kind(),
+                format!("{}: {error}", path.display()),
+            )),
+        })
         .collect()
 }
 
@@ -575,6 +582,25 @@ spec:
             "the unchanged folder is not read again"
         );
         assert!(restarted.status().last_error.is_some());
+    }
+
+    /// A file that is not UTF-8 failed the reload with "stream did not contain valid UTF-8"
+    /// and the folder's name, not the file's.
+    #[test]
+    fn a_file_that_cannot_be_read_is_named() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let state = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("test.yaml"), POLICY).expect("write policy");
+        let store = store(dir.path(), state.path());
+        std::fs::write(dir.path().join("latin1.yaml"), b"name: caf\xe9\n").expect("write");
+        std::thread::sleep(SETTLE);
+        assert!(!store.reload());
+        let error = store.status().last_error.unwrap_or_default();
+        assert!(
+            error.contains("latin1.yaml: stream did not contain valid UTF-8"),
+            "{error}"
+        );
+        assert_eq!(store.status().policies, 1, "the policy in force stays");
     }
 
     /// Saving a new copy once removed the old one before renaming the new one in: a crash

@@ -72,12 +72,25 @@ impl CacheFile {
     /// Writes the snapshot to a temporary file, syncs it, and renames it over the old one, so
     /// that a crash mid-write leaves the previous cache, never half a file.
     pub fn save(&self, snapshot: &CacheSnapshot) -> std::io::Result<()> {
+        self.write(snapshot).map_err(|error| {
+            std::io::Error::new(error.kind(), format!("{}: {error}", self.path.display()))
+        })
+    }
+
+    fn write(&self, snapshot: &CacheSnapshot) -> std::io::Result<()> {
         let bytes = serde_json::to_vec(snapshot)?;
         let staging = self.path.with_extension("json.tmp");
         let mut file = std::fs::File::create(&staging)?;
         file.write_all(&bytes)?;
         file.sync_all()?;
-        std::fs::rename(&staging, &self.path)
+        std::fs::rename(&staging, &self.path)?;
+        // The rename itself survives a power loss only once the folder is synced.
+        match self.path.parent() {
+            Some(folder) if !folder.as_os_str().is_empty() => {
+                std::fs::File::open(folder)?.sync_all()
+            }
+            _ => Ok(()),
+        }
     }
 }
 

@@ -418,11 +418,19 @@ impl AgentConfig {
                     "at most one IPv4 and one IPv6 address",
                 ));
             }
+            // Compared as the endpoint tables key them: `::ffff:10.0.0.5` is 10.0.0.5 there,
+            // and a second owner would silently take the address over.
             for ip in &endpoint.ips {
-                if let Some(previous) = owners.insert(*ip, endpoint.key()) {
+                let canonical = ip.to_canonical();
+                if let Some(previous) = owners.insert(canonical, endpoint.key()) {
+                    let same = if canonical == *ip {
+                        String::new()
+                    } else {
+                        format!(" (as {canonical})")
+                    };
                     return Err(ConfigError::invalid(
                         format!("{field}.ips"),
-                        format!("{ip} already belongs to endpoint {previous}"),
+                        format!("{ip}{same} already belongs to endpoint {previous}"),
                     ));
                 }
             }
@@ -508,6 +516,19 @@ datapath:
         config.endpoints.push(twin);
         let error = config.validate().unwrap_err().to_string();
         assert!(error.contains("127.0.0.2 already belongs"), "{error}");
+
+        // The same address as an IPv4-mapped IPv6 one once passed, and the second endpoint
+        // silently took it over in the endpoint tables.
+        config.endpoints.pop();
+        let mut mapped = config.endpoints[0].clone();
+        mapped.name = "mapped".into();
+        mapped.ips = vec!["::ffff:127.0.0.2".parse().unwrap()];
+        config.endpoints.push(mapped);
+        let error = config.validate().unwrap_err().to_string();
+        assert!(
+            error.contains("::ffff:127.0.0.2 (as 127.0.0.2) already belongs"),
+            "{error}"
+        );
     }
 
     #[test]
