@@ -7,6 +7,7 @@
 
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -276,17 +277,27 @@ impl PolicyStore {
         std::fs::create_dir_all(&staging)?;
         for (path, text) in files {
             if let Some(name) = path.file_name() {
-                std::fs::write(staging.join(name), text)?;
+                let mut file = std::fs::File::create(staging.join(name))?;
+                file.write_all(text.as_bytes())?;
+                // Synced before the renames: after a power loss they could otherwise be on
+                // disk before the data, leaving a copy of empty files (no policy at all).
+                file.sync_all()?;
             }
         }
+        sync_folder(&staging)?;
         // Moved aside, not removed, until the new copy is in place: a crash in between leaves
-        // the old copy for the next start (see `last_good_copy`).
+        // the old copy for the next start (see `last_good_copy`). When the copy is missing, an
+        // earlier save was cut there and the one aside is the only copy: it stays until the new
+        // one is in.
         let aside = self.last_good_dir.with_extension("old");
-        let _ = std::fs::remove_dir_all(&aside);
         if self.last_good_dir.is_dir() {
+            let _ = std::fs::remove_dir_all(&aside);
             std::fs::rename(&self.last_good_dir, &aside)?;
         }
         std::fs::rename(&staging, &self.last_good_dir)?;
+        if let Some(state_dir) = self.last_good_dir.parent() {
+            sync_folder(state_dir)?;
+        }
         let _ = std::fs::remove_dir_all(&aside);
         Ok(())
     }
@@ -364,6 +375,11 @@ fn watch_folder(
 }
 
 /// The policy files of a folder with their text, sorted by name; hidden files are skipped.
+/// Makes the entries of `folder` (creations, renames) durable.
+fn sync_folder(folder: &Path) -> std::io::Result<()> {
+    std::fs::File::open(folder)?.sync_all()
+}
+
 fn read_policy_files(dir: &Path) -> std::io::Result<PolicyFiles> {
     read_files(policy_paths(dir)?)
 }
@@ -618,6 +634,15 @@ spec:
         let restarted = store(dir.path(), state.path());
         let status = restarted.status();
         assert_eq!((status.source.as_str(), status.policies), ("last-good", 1));
+
+        // The folder mended: the new copy goes in, and only then the one aside goes.
+        let mended = POLICY.replace("example.com", "example.org");
+        std::fs::write(dir.path().join("test.yaml"), &mended).expect("mend it");
+        std::thread::sleep(SETTLE);
+        assert!(restarted.reload());
+        let kept = std::fs::read_to_string(copy.join("test.yaml")).expect("the new copy");
+        assert_eq!(kept, mended);
+        assert!(!copy.with_extension("old").exists());
     }
 
     /// The watch once re-read the folder every 100 ms for ever: its own reads raised the

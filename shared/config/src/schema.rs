@@ -428,10 +428,12 @@ impl AgentConfig {
                     } else {
                         format!(" (as {canonical})")
                     };
-                    return Err(ConfigError::invalid(
-                        format!("{field}.ips"),
-                        format!("{ip}{same} already belongs to endpoint {previous}"),
-                    ));
+                    let message = if previous == endpoint.key() {
+                        format!("{ip}{same} is listed twice")
+                    } else {
+                        format!("{ip}{same} already belongs to endpoint {previous}")
+                    };
+                    return Err(ConfigError::invalid(format!("{field}.ips"), message));
                 }
             }
         }
@@ -529,6 +531,13 @@ datapath:
             error.contains("::ffff:127.0.0.2 (as 127.0.0.2) already belongs"),
             "{error}"
         );
+        // Both forms in one endpoint say so, not that it owns the address already.
+        config.endpoints.pop();
+        config.endpoints[0]
+            .ips
+            .push("::ffff:127.0.0.2".parse().unwrap());
+        let error = config.validate().unwrap_err().to_string();
+        assert!(error.contains("(as 127.0.0.2) is listed twice"), "{error}");
     }
 
     #[test]

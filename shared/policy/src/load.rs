@@ -9,7 +9,7 @@ use serde::Deserialize;
 use serde::de::DeserializeSeed;
 use yaml_serde::Value;
 
-use node_budget::{MAX_NODES, NodeBudget};
+use node_budget::{Expanded, MAX_NODES, MAX_SCALAR_BYTES, NodeBudget};
 
 use crate::PolicyError;
 use crate::error::{InvalidPolicy, Location};
@@ -30,6 +30,7 @@ pub fn parse_str(text: &str, origin: &Path) -> Result<Vec<Policy>, PolicyError> 
     // catches syntax errors and gives the header and the name for messages, and once into the
     // typed model, straight from the text so that errors keep their line and column.
     let counted_documents = yaml_serde::Deserializer::from_str(text);
+    let mut expanded = Expanded::default();
     let typed_documents = yaml_serde::Deserializer::from_str(text);
     for (index, ((counted, untyped), typed)) in counted_documents
         .zip(yaml_serde::Deserializer::from_str(text))
@@ -42,10 +43,10 @@ pub fn parse_str(text: &str, origin: &Path) -> Result<Vec<Policy>, PolicyError> 
             location: location(&error),
             message: without_location(&error),
         };
-        let mut nodes = 0;
         NodeBudget {
-            seen: &mut nodes,
-            limit: MAX_NODES,
+            spent: &mut expanded,
+            max_nodes: MAX_NODES,
+            max_scalar_bytes: MAX_SCALAR_BYTES,
         }
         .deserialize(counted)
         .map_err(syntax)?;

@@ -15,7 +15,9 @@ use hickory_proto::rr::{Name, RData};
 pub(crate) const MAX_CHAIN: usize = 16;
 
 /// A record's TTL as a cache must take it: RFC 2181 §8 has values with the top bit set read as
-/// 0, so an upstream cannot make an entry (and its allow entries) live for 68 years.
+/// 0 (a crafted 0xFFFFFFFE once kept an entry and its allow entries for 136 years). Values up
+/// to 2^31 − 1 s are taken as given: a lower cap would also need the answer's TTLs rewritten,
+/// or clients would use addresses past their allow entries.
 pub(crate) fn usable_ttl(wire: u32) -> u32 {
     if wire > i32::MAX.unsigned_abs() {
         0
