@@ -106,31 +106,19 @@ pub fn merge_mappings(
     if let Some(error) = first_error {
         tracing::warn!(%error, "mappings from the peer skipped");
     }
-    let mut refused = 0u64;
     let mut cache = cache.lock();
     for mapping in &checked {
         for ip in &mapping.ips {
-            let merged = cache.merge_entry(
+            cache.insert_entry(
                 &mapping.endpoint,
                 mapping.name.as_str(),
                 *ip,
                 mapping.expires_at,
                 Source::Lookup,
             );
-            refused += u64::from(merged.is_none());
         }
     }
     drop(cache);
-    if refused > 0 {
-        metrics
-            .rejected
-            .with_label_values(&["over_limit"])
-            .inc_by(refused);
-        tracing::warn!(
-            refused,
-            "mappings from the peer past twice max_names_per_endpoint skipped"
-        );
-    }
     metrics.mappings_received.inc_by(checked.len() as u64);
     checked.len()
 }
@@ -316,42 +304,6 @@ mod tests {
             "a run over budget"
         );
         assert!(runs.len() > 2, "the budget, not the count, cut them");
-    }
-
-    /// A peer's made-up names went into the cache without end; past twice the cap they are
-    /// skipped and counted, while its names the cache holds still merge.
-    #[test]
-    fn mappings_past_twice_the_name_cap_are_skipped_and_counted() {
-        let cache =
-            warden_proxy::SharedCache::new(warden_fqdn::DnsCache::new(warden_fqdn::CacheLimits {
-                max_names_per_endpoint: 2,
-                ..warden_fqdn::CacheLimits::UNLIMITED
-            }));
-        let metrics = warden_telemetry::Metrics::new("agent").unwrap();
-        let far = warden_proxy::unix_now().0 + 300;
-        let mapping = |name: &str, ip: &str| proto::Mapping {
-            endpoint: "default/app".into(),
-            name: name.into(),
-            ips: vec![ip.into()],
-            ttl: 300,
-            expires_at: far,
-            server: String::new(),
-        };
-        let sent: Vec<proto::Mapping> = (0..6)
-            .map(|i| mapping(&format!("n{i}.example.com."), &format!("10.0.0.{i}")))
-            .chain([mapping("n0.example.com.", "10.0.1.1")])
-            .collect();
-        assert_eq!(merge_mappings(&cache, &sent, &metrics.peer), sent.len());
-        let over = || {
-            metrics
-                .peer
-                .rejected
-                .with_label_values(&["over_limit"])
-                .get()
-        };
-        assert_eq!(over(), 2, "n4 and n5");
-        assert_eq!(cache.lock().name_count(), 4);
-        assert_eq!(cache.lock().ip_count(), 5, "n0's second address merged");
     }
 
     fn wire(endpoint: &str, name: &str, ips: &[&str]) -> proto::Mapping {

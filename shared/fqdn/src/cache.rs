@@ -260,31 +260,6 @@ impl DnsCache {
         changed
     }
 
-    /// [`insert_entry`](Self::insert_entry) for what comes from outside this process (a peer's
-    /// cache, a snapshot): a name new to the endpoint is refused (`None`) once the endpoint
-    /// holds [`CacheLimits::is_full_for_merge`] names, so that no peer grows the cache without
-    /// bound; otherwise whether anything changed.
-    pub fn merge_entry(
-        &mut self,
-        endpoint: &str,
-        name: &str,
-        ip: IpAddr,
-        expires_at: UnixTime,
-        source: Source,
-    ) -> Option<bool> {
-        if self.limits.max_names_per_endpoint != 0
-            && self.find_pair(endpoint, name).is_none()
-            && self.endpoints.find(endpoint).is_some_and(|ep| {
-                self.limits.is_full_for_merge(
-                    usize::try_from(self.endpoints.refs(ep)).unwrap_or(usize::MAX),
-                )
-            })
-        {
-            return None;
-        }
-        Some(self.insert_entry(endpoint, name, ip, expires_at, source))
-    }
-
     /// `insert_entry`'s work on its pair, found or just made; returns whether anything
     /// changed. Apart, so that every way out of it ends with one `mirror`.
     fn fold_in(&mut self, pid: u32, ip: IpAddr, expires_at: UnixTime, source: Source) -> bool {
@@ -674,7 +649,7 @@ impl DnsCache {
                     Source::Connection => Source::Connection,
                     Source::Lookup | Source::Restored => Source::Restored,
                 };
-                cache.merge_entry(&entry.endpoint, &entry.name, ip.ip, ip.expires_at, source);
+                cache.insert_entry(&entry.endpoint, &entry.name, ip.ip, ip.expires_at, source);
             }
         }
         Ok(cache)
@@ -687,14 +662,13 @@ impl DnsCache {
         let mut changed = 0;
         for entry in other {
             for ip in &entry.ips {
-                if self.merge_entry(
+                if self.insert_entry(
                     &entry.endpoint,
                     &entry.name,
                     ip.ip,
                     ip.expires_at,
                     ip.source,
-                ) == Some(true)
-                {
+                ) {
                     changed += 1;
                 }
             }
@@ -1277,57 +1251,6 @@ mod tests {
         c.gc(t(110));
         assert!(!c.insert(t(110), EP, "c.io.", &[ip4(3)], 60).refused);
         assert_eq!(c.name_count(), 3);
-        c.assert_consistent();
-    }
-
-    /// A peer's mappings (and snapshots) went in past every cap: made-up names without end
-    /// grew the agent's cache and its file. They may reach twice the cap (the union of two
-    /// caches within it), not more.
-    #[test]
-    fn merged_names_stop_at_twice_the_cap_and_known_names_still_merge() {
-        let mut c = DnsCache::new(CacheLimits {
-            max_names_per_endpoint: 2,
-            ..CacheLimits::UNLIMITED
-        });
-        for (index, name) in ["a.io.", "b.io.", "c.io.", "d.io."].into_iter().enumerate() {
-            let merged = c.merge_entry(
-                EP,
-                name,
-                ip4(u32::try_from(index).unwrap()),
-                t(100),
-                Source::Lookup,
-            );
-            assert_eq!(merged, Some(true), "{name}");
-        }
-        assert_eq!(
-            c.merge_entry(EP, "e.io.", ip4(9), t(100), Source::Lookup),
-            None
-        );
-        // A name the endpoint holds takes more addresses and later expiries.
-        assert_eq!(
-            c.merge_entry(EP, "a.io.", ip4(8), t(200), Source::Lookup),
-            Some(true)
-        );
-        assert_eq!(
-            c.merge_entry("other/ep", "e.io.", ip4(9), t(100), Source::Lookup),
-            Some(true)
-        );
-        // A snapshot is held to the same bound.
-        let restored = DnsCache::restore(
-            CacheLimits {
-                max_names_per_endpoint: 1,
-                ..CacheLimits::UNLIMITED
-            },
-            c.snapshot(t(0)),
-            t(0),
-        )
-        .unwrap();
-        let names = restored
-            .entries(t(0))
-            .iter()
-            .filter(|e| e.endpoint == EP)
-            .count();
-        assert_eq!(names, 2);
         c.assert_consistent();
     }
 

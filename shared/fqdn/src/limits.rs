@@ -48,22 +48,7 @@ impl CacheLimits {
     pub const fn is_full(&self, names: usize) -> bool {
         self.max_names_per_endpoint != 0 && names >= self.max_names_per_endpoint
     }
-
-    /// Whether an endpoint holding `names` names may not take another from a peer's cache or a
-    /// snapshot: twice the cap, since the union of two caches each within it can pass it (both
-    /// processes answer with `prefer: share`) and refusing those would revoke entries the other
-    /// process allowed, yet what a peer sends stays bounded.
-    pub const fn is_full_for_merge(&self, names: usize) -> bool {
-        let cap = self
-            .max_names_per_endpoint
-            .saturating_mul(MERGED_NAMES_FACTOR);
-        cap != 0 && names >= cap
-    }
 }
-
-/// How many times `max_names_per_endpoint` merged names may reach; see
-/// [`CacheLimits::is_full_for_merge`].
-const MERGED_NAMES_FACTOR: usize = 2;
 
 #[cfg(test)]
 mod tests {

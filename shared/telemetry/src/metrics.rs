@@ -81,7 +81,7 @@ pub struct PeerMetrics {
     /// Mappings received from the peer.
     pub mappings_received: IntCounter,
     /// Connections or messages refused on the agent socket; label: reason (credentials,
-    /// oversized, malformed, protocol, stalled, over_limit).
+    /// oversized, malformed, protocol, stalled).
     pub rejected: IntCounterVec,
     /// dnsproxy: failed writes of its state to `state_dir`; label: file (journal,
     /// policy_snapshot).
@@ -453,7 +453,6 @@ impl Metrics {
                     "malformed",
                     "protocol",
                     "stalled",
-                    "over_limit",
                 ],
             ),
             (
