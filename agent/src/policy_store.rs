@@ -201,11 +201,14 @@ impl PolicyStore {
                 return false;
             }
         };
-        if let Err(error) = self.save_last_good(&files) {
-            tracing::warn!(%error, "cannot keep a copy of the good policy in state_dir");
-        }
         self.install(&policies, files, "dir");
         self.state().seen = Some(fingerprint);
+        // After the install: the copy only matters at the next start, and its syncs should
+        // not hold a new policy back.
+        let installed = self.state().files.clone();
+        if let Err(error) = self.save_last_good(&installed) {
+            tracing::warn!(%error, "cannot keep a copy of the good policy in state_dir");
+        }
         true
     }
 
@@ -374,12 +377,25 @@ fn watch_folder(
     Some(watcher)
 }
 
-/// The policy files of a folder with their text, sorted by name; hidden files are skipped.
-/// Makes the entries of `folder` (creations, renames) durable.
+/// Makes the entries of `folder` (creations, renames) durable, where the filesystem can: some
+/// (network, FUSE and shared-folder mounts) refuse to sync a folder, and a copy they cannot
+/// make durable is still better than none.
 fn sync_folder(folder: &Path) -> std::io::Result<()> {
-    std::fs::File::open(folder)?.sync_all()
+    match std::fs::File::open(folder)?.sync_all() {
+        // EINVAL, ENOTSUP and ENOSYS.
+        Err(error)
+            if matches!(
+                error.kind(),
+                std::io::ErrorKind::InvalidInput | std::io::ErrorKind::Unsupported
+            ) =>
+        {
+            Ok(())
+        }
+        synced => synced,
+    }
 }
 
+/// The policy files of a folder with their text, sorted by name; hidden files are skipped.
 fn read_policy_files(dir: &Path) -> std::io::Result<PolicyFiles> {
     read_files(policy_paths(dir)?)
 }
