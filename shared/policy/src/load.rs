@@ -29,6 +29,11 @@ pub fn parse_str(text: &str, origin: &Path) -> Result<Vec<Policy>, PolicyError> 
     // Each document is read three times: counted (see `node_budget`), then into a `Value`, which
     // catches syntax errors and gives the header and the name for messages, and once into the
     // typed model, straight from the text so that errors keep their line and column.
+    node_budget::measure_text(text).map_err(|(location, message)| PolicyError::Syntax {
+        file: origin.to_owned(),
+        location,
+        message,
+    })?;
     let counted_documents = yaml_serde::Deserializer::from_str(text);
     let mut expanded = Expanded::default();
     let typed_documents = yaml_serde::Deserializer::from_str(text);

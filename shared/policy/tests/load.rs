@@ -324,6 +324,22 @@ fn a_document_whose_aliases_expand_past_the_budget_is_refused() {
     assert_eq!(policies.len(), 1);
 }
 
+/// A long number repeated by aliases: yaml_serde reads it as a small float for any counting
+/// visitor, but the typed model asks for strings and got all of its text per alias.
+#[test]
+fn a_long_number_repeated_by_aliases_is_refused() {
+    let number = format!("0.{}1", "0".repeat(10_000));
+    let aliases = vec!["*n"; 2_000].join(", ");
+    let text = format!(
+        "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {{name: x}}\n\
+         spec:\n  endpointSelector:\n    matchExpressions:\n    - key: a\n      \
+         operator: In\n      values: [&n {number}, {aliases}]\n"
+    );
+    let error = parse(&text).unwrap_err();
+    assert!(matches!(error, PolicyError::Syntax { .. }), "{error:?}");
+    assert!(error.to_string().contains("bytes of text"), "{error}");
+}
+
 #[test]
 fn broken_yaml_reports_the_line() {
     let text =

@@ -1,15 +1,22 @@
 //! A bound on what a YAML text expands to. Aliases repeat the node they name, so a file of a
 //! few hundred kilobytes can stand for billions of nodes or gigabytes of repeated strings
-//! (yaml_serde bounds the jumps, not what each one copies), and building that `Value` would
-//! take the agent's memory before any check ran. Counting each document first, without keeping
-//! anything, against one budget for the whole text stops it: a real policy file is a few
-//! hundred nodes and kilobytes, the bench's 10,000 selectors some 60,000 nodes and 600 kB.
+//! (yaml_serde bounds the jumps, not what each one copies), and decoding it would take the
+//! agent's memory before any check ran. Two measures run first, keeping nothing:
+//! [`measure_text`] adds up the file's events, each alias costing what its anchor holds, with
+//! every scalar's length as written (yaml_serde reads `0.000…1` as a small float when asked for
+//! anything, but the typed model asks for a string, and gets all of it); [`NodeBudget`] then
+//! walks what yaml_serde itself produces, for text the event parser does not take. A real
+//! policy file is a few hundred nodes and kilobytes, the bench's 10,000 selectors some 60,000
+//! nodes and 600 kB.
 
 use std::fmt;
 
+use saphyr_parser::{Event, Parser};
 use serde::de::{
     self, DeserializeSeed, Deserializer, EnumAccess, MapAccess, SeqAccess, VariantAccess, Visitor,
 };
+
+use crate::error::Location;
 
 /// Nodes (scalars, sequences, mappings, their keys and tags) a text may expand to.
 pub(crate) const MAX_NODES: usize = 1_000_000;
@@ -21,6 +28,101 @@ pub(crate) const MAX_SCALAR_BYTES: usize = 16 << 20;
 pub(crate) struct Expanded {
     nodes: usize,
     scalar_bytes: usize,
+}
+
+/// What a node expands to, aliases included.
+#[derive(Debug, Clone, Copy, Default)]
+struct Cost {
+    nodes: u64,
+    bytes: u64,
+}
+
+impl Cost {
+    fn add(&mut self, other: Cost) {
+        self.nodes = self.nodes.saturating_add(other.nodes);
+        self.bytes = self.bytes.saturating_add(other.bytes);
+    }
+}
+
+/// Adds up what every document of `text` expands to, and fails at the first event that takes
+/// the whole past [`MAX_NODES`] or [`MAX_SCALAR_BYTES`]. Text the event parser cannot read is
+/// left to yaml_serde (`Ok`): its own error, or [`NodeBudget`], decides.
+pub(crate) fn measure_text(text: &str) -> Result<(), (Option<Location>, String)> {
+    let limit = Cost {
+        nodes: MAX_NODES as u64,
+        bytes: MAX_SCALAR_BYTES as u64,
+    };
+    measure(text, limit)
+}
+
+fn measure(text: &str, limit: Cost) -> Result<(), (Option<Location>, String)> {
+    // What each anchor holds, by the parser's anchor id; and the collections open around the
+    // current event, each with what it holds so far and its anchor (0: none).
+    let mut anchors: Vec<Cost> = Vec::new();
+    let mut open: Vec<(usize, Cost)> = Vec::new();
+    let mut total = Cost::default();
+    for event in Parser::new_from_str(text) {
+        let Ok((event, span)) = event else {
+            return Ok(());
+        };
+        let (cost, anchor) = match event {
+            Event::Scalar(value, _, anchor, _) => (
+                Cost {
+                    nodes: 1,
+                    bytes: value.len() as u64,
+                },
+                anchor,
+            ),
+            Event::Alias(anchor) => (anchors.get(anchor).copied().unwrap_or_default(), 0),
+            Event::SequenceStart(anchor, _) | Event::MappingStart(anchor, _) => {
+                open.push((anchor, Cost { nodes: 1, bytes: 0 }));
+                total.add(Cost { nodes: 1, bytes: 0 });
+                continue;
+            }
+            Event::SequenceEnd | Event::MappingEnd => {
+                let Some((anchor, held)) = open.pop() else {
+                    continue;
+                };
+                remember(&mut anchors, anchor, held);
+                if let Some((_, parent)) = open.last_mut() {
+                    parent.add(held);
+                }
+                continue;
+            }
+            _ => continue,
+        };
+        remember(&mut anchors, anchor, cost);
+        if let Some((_, parent)) = open.last_mut() {
+            parent.add(cost);
+        }
+        total.add(cost);
+        if total.nodes > limit.nodes || total.bytes > limit.bytes {
+            let at = Location {
+                line: span.start.line(),
+                column: span.start.col() + 1,
+            };
+            let what = if total.nodes > limit.nodes {
+                format!("{} nodes", limit.nodes)
+            } else {
+                format!("{} bytes of text", limit.bytes)
+            };
+            return Err((
+                Some(at),
+                format!("the file expands to more than {what} (aliases repeat what they name)"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn remember(anchors: &mut Vec<Cost>, anchor: usize, cost: Cost) {
+    if anchor == 0 {
+        return;
+    }
+    if anchors.len() <= anchor {
+        anchors.resize(anchor + 1, Cost::default());
+    }
+    anchors[anchor] = cost;
 }
 
 /// Walks a document and fails once the text's documents together pass a limit.
@@ -197,6 +299,43 @@ mod tests {
         let text = format!("s: &s {long}\nl: [{aliases}]\n");
         let error = expand(&text, 1_000, 1_000_000).unwrap_err();
         assert!(error.contains("more than 1000000 bytes"), "{error}");
+    }
+
+    fn measured(text: &str, nodes: u64, bytes: u64) -> Result<(), String> {
+        measure(text, Cost { nodes, bytes }).map_err(|(_, message)| message)
+    }
+
+    /// yaml_serde hands `0.000…1` to a counting visitor as a float (no length), but to the
+    /// typed model, which asks for a string, as all of its text: the events count its length.
+    #[test]
+    fn a_repeated_long_number_counts_its_text() {
+        let number = format!("0.{}1", "0".repeat(10_000));
+        let aliases = vec!["*n"; 200].join(",");
+        let text = format!("n: &n {number}\nl: [{aliases}]\n");
+        let error = measured(&text, 1_000_000, 1_000_000).unwrap_err();
+        assert!(error.contains("more than 1000000 bytes"), "{error}");
+        // The serde walk alone let it through.
+        assert!(expand(&text, 1_000_000, 1_000_000).is_ok());
+    }
+
+    #[test]
+    fn nested_aliases_multiply_and_documents_add_up() {
+        // b holds 1 + 10 × 4 nodes (a: the sequence and its 3 scalars); c 1 + 10 × 41.
+        let a = "a: &a [1, 2, 3]\n";
+        let b = format!("b: &b [{}]\n", ["*a"; 10].join(","));
+        let c = format!("c: [{}]\n", ["*b"; 10].join(","));
+        let text = format!("{a}{b}{c}");
+        // 1 mapping + 3 keys + 4 + 41 + 411 nodes.
+        assert!(measured(&text, 460, u64::MAX).is_ok());
+        assert!(measured(&text, 459, u64::MAX).is_err());
+        let twice = format!("{text}---\n{text}");
+        assert!(measured(&twice, 919, u64::MAX).is_err());
+        assert!(measured(&twice, 920, u64::MAX).is_ok());
+    }
+
+    #[test]
+    fn text_the_event_parser_cannot_read_is_left_to_yaml_serde() {
+        assert!(measured("key: [unclosed\n", 100, 100).is_ok());
     }
 
     /// Documents share the budget: a fresh one each would multiply it by their number.
