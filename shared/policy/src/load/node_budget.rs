@@ -66,17 +66,22 @@ fn measure(text: &str, limit: Cost) -> Result<(), (Option<Location>, String)> {
             return Ok(());
         };
         let (cost, anchor) = match event {
-            Event::Scalar(value, _, anchor, _) => (
+            Event::Scalar(value, _, anchor, tag) => (
                 Cost {
                     nodes: 1,
-                    bytes: value.len() as u64,
+                    bytes: (value.len() + tag_len(tag.as_deref())) as u64,
                 },
                 anchor,
             ),
             Event::Alias(anchor) => (anchors.get(anchor).copied().unwrap_or_default(), 0),
-            Event::SequenceStart(anchor, _) | Event::MappingStart(anchor, _) => {
-                open.push((anchor, Cost { nodes: 1, bytes: 0 }));
-                total.add(Cost { nodes: 1, bytes: 0 });
+            Event::SequenceStart(anchor, tag) | Event::MappingStart(anchor, tag) => {
+                // A tag is copied with its node, alias or not.
+                let cost = Cost {
+                    nodes: 1,
+                    bytes: tag_len(tag.as_deref()) as u64,
+                };
+                open.push((anchor, cost));
+                total.add(cost);
                 continue;
             }
             Event::SequenceEnd | Event::MappingEnd => {
@@ -113,6 +118,10 @@ fn measure(text: &str, limit: Cost) -> Result<(), (Option<Location>, String)> {
         }
     }
     Ok(())
+}
+
+fn tag_len(tag: Option<&saphyr_parser::Tag>) -> usize {
+    tag.map_or(0, |tag| tag.handle.len() + tag.suffix.len())
 }
 
 fn remember(anchors: &mut Vec<Cost>, anchor: usize, cost: Cost) {
@@ -331,6 +340,16 @@ mod tests {
         let twice = format!("{text}---\n{text}");
         assert!(measured(&twice, 919, u64::MAX).is_err());
         assert!(measured(&twice, 920, u64::MAX).is_ok());
+    }
+
+    /// yaml_serde keeps a tagged node's tag with every copy of it.
+    #[test]
+    fn a_repeated_long_tag_counts() {
+        let tag = format!("!{}", "t".repeat(10_000));
+        let aliases = vec!["*t"; 200].join(",");
+        let text = format!("t: &t {tag} [1]\nl: [{aliases}]\n");
+        let error = measured(&text, 1_000_000, 1_000_000).unwrap_err();
+        assert!(error.contains("more than 1000000 bytes"), "{error}");
     }
 
     #[test]
