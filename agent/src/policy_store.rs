@@ -382,11 +382,10 @@ fn watch_folder(
 /// make durable is still better than none.
 fn sync_folder(folder: &Path) -> std::io::Result<()> {
     match std::fs::File::open(folder)?.sync_all() {
-        // EINVAL, ENOTSUP and ENOSYS.
         Err(error)
             if matches!(
-                error.kind(),
-                std::io::ErrorKind::InvalidInput | std::io::ErrorKind::Unsupported
+                error.raw_os_error(),
+                Some(libc::EINVAL | libc::EOPNOTSUPP | libc::ENOSYS)
             ) =>
         {
             Ok(())

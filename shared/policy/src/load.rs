@@ -26,13 +26,16 @@ pub fn parse_str(text: &str, origin: &Path) -> Result<Vec<Policy>, PolicyError> 
     // document of its own.
     let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     let mut policies = Vec::new();
-    // Each document is read three times: counted (see `node_budget`), then into a `Value`, which
+    // The file is checked first (see `node_budget`); then each document is read three times:
+    // counted, then into a `Value`, which
     // catches syntax errors and gives the header and the name for messages, and once into the
     // typed model, straight from the text so that errors keep their line and column.
-    node_budget::measure_text(text).map_err(|(location, message)| PolicyError::Syntax {
-        file: origin.to_owned(),
-        location,
-        message,
+    node_budget::check_text(text, MAX_NODES, MAX_SCALAR_BYTES).map_err(|(location, message)| {
+        PolicyError::Syntax {
+            file: origin.to_owned(),
+            location,
+            message,
+        }
     })?;
     let counted_documents = yaml_serde::Deserializer::from_str(text);
     let mut expanded = Expanded::default();
