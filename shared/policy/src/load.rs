@@ -27,9 +27,9 @@ pub fn parse_str(text: &str, origin: &Path) -> Result<Vec<Policy>, PolicyError> 
     let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     let mut policies = Vec::new();
     // The file is checked first (see `node_budget`); then each document is read three times:
-    // counted, then into a `Value`, which
-    // catches syntax errors and gives the header and the name for messages, and once into the
-    // typed model, straight from the text so that errors keep their line and column.
+    // counted, into a `Value`, which catches syntax errors and gives the header and the name for
+    // messages, and into the typed model, straight from the text so that errors keep their line
+    // and column.
     node_budget::check_text(text, MAX_NODES, MAX_SCALAR_BYTES).map_err(|(location, message)| {
         PolicyError::Syntax {
             file: origin.to_owned(),
