@@ -490,13 +490,21 @@ spec:
 ";
 
     fn store(dir: &Path, state: &Path) -> Arc<PolicyStore> {
+        store_and_metrics(dir, state).0
+    }
+
+    fn store_and_metrics(
+        dir: &Path,
+        state: &Path,
+    ) -> (Arc<PolicyStore>, warden_telemetry::Metrics) {
         let metrics = warden_telemetry::Metrics::new("agent").expect("metrics");
-        PolicyStore::open(
+        let store = PolicyStore::open(
             dir,
             state,
             Arc::new(EndpointTable::from_config(&[])),
             metrics.policy.clone(),
-        )
+        );
+        (store, metrics)
     }
 
     #[test]
@@ -596,13 +604,7 @@ spec:
         drop(store(dir.path(), state.path()));
         std::fs::write(dir.path().join("test.yaml"), "kind: [unclosed\n").expect("break it");
 
-        let metrics = warden_telemetry::Metrics::new("agent").expect("metrics");
-        let restarted = PolicyStore::open(
-            dir.path(),
-            state.path(),
-            Arc::new(EndpointTable::from_config(&[])),
-            metrics.policy.clone(),
-        );
+        let (restarted, metrics) = store_and_metrics(dir.path(), state.path());
         let status = restarted.status();
         assert_eq!((status.source.as_str(), status.policies), ("last-good", 1));
         let error = status.last_error.unwrap_or_default();

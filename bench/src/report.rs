@@ -326,8 +326,7 @@ impl Results {
             "| scenario | max QPS per round | mean max QPS | p50 µs | p99 µs | p99.9 µs | lost at fixed rate | wrong verdicts | cores busy at fixed rate |\n|---|---|---|---|---|---|---|---|---|"
         );
         for t in &self.throughput {
-            let latency = self.latency.iter().find(|l| l.key == t.key);
-            let load = latency.and_then(|l| l.load.as_ref());
+            let load = crate::verdict::load(&self.latency, &t.key);
             if !t.available {
                 let _ = writeln!(
                     md,
@@ -388,11 +387,7 @@ impl Results {
             signed(r.redirected_added_p99_us),
         );
         let busy = |key: &str| {
-            self.latency
-                .iter()
-                .find(|l| l.key == key)
-                .and_then(|l| l.load.as_ref())
-                .and_then(|l| l.machine_cpu.busy_cores())
+            crate::verdict::load(&self.latency, key).and_then(|l| l.machine_cpu.busy_cores())
         };
         if let (Some(direct), Some(agent), Some(dnsdist)) = (busy("a"), busy("b"), busy("d")) {
             let per_query =

@@ -12,11 +12,6 @@ pub fn ratios(results: &Results) -> Ratios {
             .find(|t| t.key == key && t.available && t.mean_qps > 0.0)
             .map(|t| t.mean_qps)
     };
-    let load = |rows: &'_ [Latency], key: &str| -> Option<LoadReport> {
-        rows.iter()
-            .find(|l| l.key == key)
-            .and_then(|l| l.load.clone())
-    };
     let ratio = |a: Option<f64>, b: Option<f64>| Some(a? / b?);
     let rounds = |key: &str| {
         results
@@ -28,7 +23,7 @@ pub fn ratios(results: &Results) -> Ratios {
     };
     let per_round = |a: &str, b: &str| each_round(&rounds(a), &rounds(b), |x, y| x / y);
     let at = |rows: &[Latency], key: &str, pick: fn(&LoadReport) -> f64| {
-        Some(pick(&load(rows, key)?) - pick(&load(rows, "a")?))
+        Some(pick(load(rows, key)?) - pick(load(rows, "a")?))
     };
     let added = |key: &str, pick: fn(&LoadReport) -> f64| at(&results.latency, key, pick);
     let rounds_p99 = |key: &str| {
@@ -74,6 +69,13 @@ pub fn ratios(results: &Results) -> Ratios {
         redirected_added_p99_us: added("g", |l| l.latency.p99_us),
         redirected_added_p99_us_light: light("g", |l| l.latency.p99_us),
     }
+}
+
+/// The pooled fixed-rate report of scenario `key` (borrowed: it holds every latency sample).
+pub fn load<'a>(rows: &'a [Latency], key: &str) -> Option<&'a LoadReport> {
+    rows.iter()
+        .find(|l| l.key == key)
+        .and_then(|l| l.load.as_ref())
 }
 
 /// `op` of two scenarios' figures round by round (rounds are interleaved, so round `i` of one

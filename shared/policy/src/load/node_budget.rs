@@ -14,7 +14,7 @@
 
 use std::fmt;
 
-use saphyr_parser::{Event, Parser, Span};
+use saphyr_parser::{Event, Marker, Parser};
 use serde::de::{
     self, DeserializeSeed, Deserializer, EnumAccess, MapAccess, SeqAccess, VariantAccess, Visitor,
 };
@@ -41,33 +41,24 @@ pub(crate) fn check_text(
     max_nodes: usize,
     max_scalar_bytes: usize,
 ) -> Result<(), (Option<Location>, String)> {
-    let at = |span: Span| {
+    let at = |marker: &Marker| {
         Some(Location {
-            line: span.start.line(),
-            column: span.start.col() + 1,
+            line: marker.line(),
+            column: marker.col() + 1,
         })
     };
+    // A tag is kept with every node it marks.
+    let tag_len =
+        |tag: Option<&saphyr_parser::Tag>| tag.map_or(0, |tag| tag.handle.len() + tag.suffix.len());
     let (mut nodes, mut bytes) = (0usize, 0usize);
     for event in Parser::new_from_str(text) {
-        let (event, span) = event.map_err(|error| {
-            let marker = error.marker();
-            (
-                Some(Location {
-                    line: marker.line(),
-                    column: marker.col() + 1,
-                }),
-                error.info().to_owned(),
-            )
-        })?;
-        let tag_len = |tag: Option<&saphyr_parser::Tag>| {
-            tag.map_or(0, |tag| tag.handle.len() + tag.suffix.len())
-        };
+        let (event, span) = event.map_err(|error| (at(error.marker()), error.info().to_owned()))?;
         let written = match &event {
             Event::Scalar(value, _, _, tag) => value.len() + tag_len(tag.as_deref()),
             Event::SequenceStart(_, tag) | Event::MappingStart(_, tag) => tag_len(tag.as_deref()),
             Event::Alias(_) => {
                 return Err((
-                    at(span),
+                    at(&span.start),
                     "YAML aliases (*name) are not supported in policy files: write the node out"
                         .to_owned(),
                 ));
@@ -78,13 +69,13 @@ pub(crate) fn check_text(
         bytes = bytes.saturating_add(written);
         if nodes > max_nodes {
             return Err((
-                at(span),
+                at(&span.start),
                 format!("the file holds more than {max_nodes} nodes"),
             ));
         }
         if bytes > max_scalar_bytes {
             return Err((
-                at(span),
+                at(&span.start),
                 format!("the file holds more than {max_scalar_bytes} bytes of text"),
             ));
         }
