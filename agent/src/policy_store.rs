@@ -17,6 +17,7 @@ use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 use warden_policy::{Policy, PolicyRepository};
 use warden_proxy::PolicySource;
+use warden_state::StateError;
 use warden_telemetry::PolicyMetrics;
 
 use crate::endpoints::EndpointTable;
@@ -274,32 +275,45 @@ impl PolicyStore {
         self.metrics.reload_failing.set(1);
     }
 
-    fn save_last_good(&self, files: &[(PathBuf, String)]) -> std::io::Result<()> {
+    fn save_last_good(&self, files: &[(PathBuf, String)]) -> Result<(), StateError> {
         let staging = self.last_good_dir.with_extension("new");
         let _ = std::fs::remove_dir_all(&staging);
-        std::fs::create_dir_all(&staging)?;
+        std::fs::create_dir_all(&staging).map_err(|source| StateError::Write {
+            path: staging.clone(),
+            source,
+        })?;
         for (path, text) in files {
             if let Some(name) = path.file_name() {
-                let mut file = std::fs::File::create(staging.join(name))?;
-                file.write_all(text.as_bytes())?;
+                let copy = staging.join(name);
                 // Synced before the renames: after a power loss they could otherwise be on
                 // disk before the data, leaving a copy of empty files (no policy at all).
-                file.sync_all()?;
+                let written = std::fs::File::create(&copy).and_then(|mut file| {
+                    file.write_all(text.as_bytes())?;
+                    file.sync_all()
+                });
+                written.map_err(|source| StateError::Write { path: copy, source })?;
             }
         }
-        sync_folder(&staging)?;
+        warden_state::sync_folder(&staging)?;
         // Moved aside, not removed, until the new copy is in place: a crash in between leaves
         // the old copy for the next start (see `last_good_copy`). When the copy is missing, an
         // earlier save was cut there and the one aside is the only copy: it stays until the new
         // one is in.
         let aside = self.last_good_dir.with_extension("old");
+        let rename = |from: &Path, to: &Path| {
+            std::fs::rename(from, to).map_err(|source| StateError::Rename {
+                from: from.to_path_buf(),
+                to: to.to_path_buf(),
+                source,
+            })
+        };
         if self.last_good_dir.is_dir() {
             let _ = std::fs::remove_dir_all(&aside);
-            std::fs::rename(&self.last_good_dir, &aside)?;
+            rename(&self.last_good_dir, &aside)?;
         }
-        std::fs::rename(&staging, &self.last_good_dir)?;
+        rename(&staging, &self.last_good_dir)?;
         if let Some(state_dir) = self.last_good_dir.parent() {
-            sync_folder(state_dir)?;
+            warden_state::sync_folder(state_dir)?;
         }
         let _ = std::fs::remove_dir_all(&aside);
         Ok(())
@@ -375,23 +389,6 @@ fn watch_folder(
         .map_err(|error| tracing::warn!(%error, dir = %dir.display(), "cannot watch the policy folder; polling only"))
         .ok()?;
     Some(watcher)
-}
-
-/// Makes the entries of `folder` (creations, renames) durable, where the filesystem can: some
-/// (network, FUSE and shared-folder mounts) refuse to sync a folder, and a copy they cannot
-/// make durable is still better than none.
-fn sync_folder(folder: &Path) -> std::io::Result<()> {
-    match std::fs::File::open(folder)?.sync_all() {
-        Err(error)
-            if matches!(
-                error.raw_os_error(),
-                Some(libc::EINVAL | libc::EOPNOTSUPP | libc::ENOSYS)
-            ) =>
-        {
-            Ok(())
-        }
-        synced => synced,
-    }
 }
 
 /// The policy files of a folder with their text, sorted by name; hidden files are skipped.

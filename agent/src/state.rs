@@ -1,10 +1,10 @@
 //! The FQDN cache on disk: `state_dir/fqdn-cache.json`, written atomically, so that a restarted
 //! agent still knows what its workloads resolved (and for how much longer).
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use warden_fqdn::{CacheLimits, CacheSnapshot, DnsCache, UnixTime};
+use warden_state::StateError;
 
 const CACHE_FILE: &str = "fqdn-cache.json";
 
@@ -61,36 +61,21 @@ impl CacheFile {
                 cache
             }
             Err(error) => {
-                let aside = self.path.with_extension("json.corrupt");
-                let _ = std::fs::rename(&self.path, &aside);
-                tracing::error!(path = %self.path.display(), %error, aside = %aside.display(), "persisted FQDN cache does not load; starting empty");
+                let set_aside = warden_state::set_aside(&self.path);
+                tracing::error!(path = %self.path.display(), %error, set_aside, "persisted FQDN cache does not load; starting empty");
                 DnsCache::new(limits)
             }
         }
     }
 
-    /// Writes the snapshot to a temporary file, syncs it, and renames it over the old one, so
-    /// that a crash mid-write leaves the previous cache, never half a file.
-    pub fn save(&self, snapshot: &CacheSnapshot) -> std::io::Result<()> {
-        self.write(snapshot).map_err(|error| {
-            std::io::Error::new(error.kind(), format!("{}: {error}", self.path.display()))
-        })
-    }
-
-    fn write(&self, snapshot: &CacheSnapshot) -> std::io::Result<()> {
-        let bytes = serde_json::to_vec(snapshot)?;
-        let staging = self.path.with_extension("json.tmp");
-        let mut file = std::fs::File::create(&staging)?;
-        file.write_all(&bytes)?;
-        file.sync_all()?;
-        std::fs::rename(&staging, &self.path)?;
-        // The rename itself survives a power loss only once the folder is synced.
-        match self.path.parent() {
-            Some(folder) if !folder.as_os_str().is_empty() => {
-                std::fs::File::open(folder)?.sync_all()
-            }
-            _ => Ok(()),
-        }
+    /// Replaces the file whole (a crash mid-write leaves the previous cache, never half a
+    /// file), synced with its folder.
+    pub fn save(&self, snapshot: &CacheSnapshot) -> Result<(), StateError> {
+        let bytes = serde_json::to_vec(snapshot).map_err(|error| StateError::Write {
+            path: self.path.clone(),
+            source: error.into(),
+        })?;
+        warden_state::write_atomically(&self.path, &bytes)
     }
 }
 

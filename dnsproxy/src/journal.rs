@@ -38,7 +38,7 @@ impl Journal {
             Ok(bytes) => match Mappings::decode(bytes.as_slice()) {
                 Ok(saved) => journal.restore(saved.mappings),
                 Err(error) => {
-                    let set_aside = crate::state_file::set_aside(&journal_file(state_dir));
+                    let set_aside = warden_state::set_aside(&journal_file(state_dir));
                     tracing::error!(%error, set_aside, "journal in state_dir does not decode; starting empty");
                 }
             },
@@ -54,12 +54,12 @@ impl Journal {
     }
 
     /// Writes the journal to `state_dir` (temporary file, fsync, rename).
-    pub fn save(&self, state_dir: &Path) -> std::io::Result<()> {
+    pub fn save(&self, state_dir: &Path) -> Result<(), warden_state::StateError> {
         let snapshot = Mappings {
             mappings: self.entries().iter().cloned().collect(),
             resync: true,
         };
-        crate::state_file::write_atomically(&journal_file(state_dir), &snapshot.encode_to_vec())
+        warden_state::write_atomically(&journal_file(state_dir), &snapshot.encode_to_vec())
     }
 
     fn entries(&self) -> std::sync::MutexGuard<'_, VecDeque<Mapping>> {

@@ -6,7 +6,7 @@
 //! datapath settings; it is persisted in `state_dir` so a proxy started without the agent
 //! enforces at once. [`link`] keeps the session with the agent: hello, journal replay, the
 //! snapshots and cache it receives, the mappings and flows it sends. [`journal`] holds the
-//! mappings the agent could not receive; `state_file` writes it and the policy to `state_dir`.
+//! mappings the agent could not receive; both are written to `state_dir` by `warden-state`.
 //! [`proxy`] wires them around the engine, the datapath (written directly on the hot path) and
 //! the admin API.
 
@@ -16,6 +16,5 @@ pub mod journal;
 pub mod link;
 pub mod policy;
 mod proxy;
-mod state_file;
 
 pub use proxy::{RunningProxy, run, start};

@@ -150,7 +150,7 @@ impl ProxyPolicy {
         match PolicySnapshot::decode(bytes.as_slice()) {
             Ok(snapshot) => Some(snapshot),
             Err(error) => {
-                let set_aside = crate::state_file::set_aside(&self.file);
+                let set_aside = warden_state::set_aside(&self.file);
                 tracing::error!(path = %self.file.display(), %error, set_aside, "persisted policy snapshot does not decode");
                 None
             }
@@ -233,7 +233,7 @@ impl ProxyPolicy {
     /// Writes the latest unsaved snapshot to `state_dir` (temporary file, fsync, rename); blocks.
     /// A failed write keeps it for the next call, and settles its install all the same: the
     /// policy is in force, and a disk that refuses it should not keep the agent from hearing so.
-    pub fn save(&self) -> std::io::Result<()> {
+    pub fn save(&self) -> Result<(), warden_state::StateError> {
         let (encoded, install) = {
             let unsaved = self.unsaved();
             (unsaved.encoded.clone(), unsaved.installs)
@@ -241,7 +241,7 @@ impl ProxyPolicy {
         let Some(encoded) = encoded else {
             return Ok(());
         };
-        let written = crate::state_file::write_atomically(&self.file, &encoded);
+        let written = warden_state::write_atomically(&self.file, &encoded);
         if written.is_ok() {
             let mut unsaved = self.unsaved();
             // A newer install meanwhile still waits for its own write.

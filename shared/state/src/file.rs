@@ -1,0 +1,122 @@
+use std::ffi::OsString;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use crate::StateError;
+
+/// `path` with `suffix` appended to its file name (`journal.pb` → `journal.pb.tmp`).
+pub fn beside(path: &Path, suffix: &str) -> PathBuf {
+    let mut name = OsString::from(path.as_os_str());
+    name.push(suffix);
+    PathBuf::from(name)
+}
+
+/// Writes `bytes` to a temporary file beside `path`, syncs it and renames it over `path`: a
+/// crash mid-write leaves the previous file, never half of one. The folder is synced too, so
+/// that the rename itself survives a power loss (a peer may take a save as done).
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), StateError> {
+    let staging = beside(path, ".tmp");
+    let written = std::fs::File::create(&staging).and_then(|mut file| {
+        file.write_all(bytes)?;
+        file.sync_all()
+    });
+    written.map_err(|source| StateError::Write {
+        path: staging.clone(),
+        source,
+    })?;
+    std::fs::rename(&staging, path).map_err(|source| StateError::Rename {
+        from: staging,
+        to: path.to_path_buf(),
+        source,
+    })?;
+    match path.parent() {
+        Some(folder) if !folder.as_os_str().is_empty() => sync_folder(folder),
+        _ => Ok(()),
+    }
+}
+
+/// Makes the entries of `folder` (creations, renames) durable, where the filesystem can: some
+/// (network, FUSE and shared-folder mounts) refuse to sync a folder, and a file they cannot
+/// make durable is still better than none, or than a save that fails every time.
+pub fn sync_folder(folder: &Path) -> Result<(), StateError> {
+    let synced = std::fs::File::open(folder).and_then(|handle| handle.sync_all());
+    match synced {
+        Err(error) if refuses_folder_sync(&error) => Ok(()),
+        synced => synced.map_err(|source| StateError::SyncFolder {
+            folder: folder.to_path_buf(),
+            source,
+        }),
+    }
+}
+
+fn refuses_folder_sync(error: &std::io::Error) -> bool {
+    matches!(
+        error.raw_os_error(),
+        Some(libc::EINVAL | libc::EOPNOTSUPP | libc::ENOSYS)
+    )
+}
+
+/// Moves an unreadable `path` to `<path>.corrupt`, for a look: the next save would overwrite
+/// it. Says how that went, for the log.
+pub fn set_aside(path: &Path) -> String {
+    let aside = beside(path, ".corrupt");
+    match std::fs::rename(path, &aside) {
+        Ok(()) => format!("set aside as {}", aside.display()),
+        Err(error) => format!("could not be set aside: {error}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_save_replaces_the_file_whole_and_leaves_no_temporary_copy() {
+        let dir = tempfile::tempdir().expect("temporary folder");
+        let path = dir.path().join("journal.pb");
+        write_atomically(&path, b"first").expect("first save");
+        write_atomically(&path, b"second").expect("second save");
+        assert_eq!(std::fs::read(&path).expect("saved file"), b"second");
+        assert!(!beside(&path, ".tmp").exists());
+    }
+
+    #[test]
+    fn a_save_into_a_missing_folder_names_the_file() {
+        let dir = tempfile::tempdir().expect("temporary folder");
+        let path = dir.path().join("gone").join("journal.pb");
+        let error = write_atomically(&path, b"x").expect_err("no folder to write in");
+        assert!(matches!(error, StateError::Write { .. }), "{error:?}");
+        assert!(error.to_string().contains("gone/journal.pb.tmp"), "{error}");
+    }
+
+    #[test]
+    fn only_a_refusal_to_sync_a_folder_is_forgiven() {
+        let refused = |code| std::io::Error::from_raw_os_error(code);
+        assert!(refuses_folder_sync(&refused(libc::EINVAL)));
+        assert!(refuses_folder_sync(&refused(libc::EOPNOTSUPP)));
+        assert!(refuses_folder_sync(&refused(libc::ENOSYS)));
+        assert!(!refuses_folder_sync(&refused(libc::EIO)));
+        assert!(!refuses_folder_sync(&refused(libc::ENOSPC)));
+    }
+
+    #[test]
+    fn a_missing_folder_does_not_sync() {
+        let dir = tempfile::tempdir().expect("temporary folder");
+        let error = sync_folder(&dir.path().join("gone")).expect_err("nothing to sync");
+        assert!(error.to_string().contains("cannot sync folder"), "{error}");
+    }
+
+    #[test]
+    fn an_unreadable_file_is_moved_aside() {
+        let dir = tempfile::tempdir().expect("temporary folder");
+        let path = dir.path().join("policy.pb");
+        std::fs::write(&path, b"garbage").expect("write");
+        let said = set_aside(&path);
+        assert!(said.starts_with("set aside as"), "{said}");
+        assert!(!path.exists());
+        assert_eq!(
+            std::fs::read(beside(&path, ".corrupt")).expect("aside"),
+            b"garbage"
+        );
+    }
+}
