@@ -398,6 +398,49 @@ async fn min_ttl_raises_the_cached_ttl() {
 }
 
 #[tokio::test]
+async fn max_ttl_lowers_long_ttls_in_the_answer_and_the_cache() {
+    if !require_tools(&["knotd", "dig"]) {
+        return;
+    }
+    const MAX_TTL: u32 = 100;
+    let lab = Lab::start(|config| config.dns.max_ttl = MAX_TTL).await;
+    for transport in [
+        opts(lab.client),
+        DigOpts {
+            tcp: true,
+            ..opts(lab.client)
+        },
+    ] {
+        // CNAMEs of 300 and 120 s lowered to the cap; the A records' 60 s kept.
+        let reply = ask(lab.agent.dns_v4(), "www.cilium.io", "A", transport).await;
+        let ttls: Vec<(&str, u32)> = reply
+            .answers
+            .iter()
+            .map(|record| (record.rtype.as_str(), record.ttl))
+            .collect();
+        assert_eq!(
+            ttls,
+            [
+                ("CNAME", MAX_TTL),
+                ("CNAME", MAX_TTL),
+                ("A", EDGE_CILIUM_IO_TTL),
+                ("A", EDGE_CILIUM_IO_TTL)
+            ],
+            "{}",
+            reply.raw
+        );
+        assert!(reply.ips().len() == 2, "{}", reply.raw);
+        let reply = ask(lab.agent.dns_v4(), "google.com", "A", transport).await;
+        assert_eq!(reply.min_ttl(), Some(MAX_TTL), "{}", reply.raw);
+    }
+    // What the cache keeps (and so the allow entries) agrees with what the client was told.
+    let row = lab.cache_row("google.com.").await.unwrap();
+    let ttl = row["ttl"].as_u64().unwrap();
+    assert!((90..=u64::from(MAX_TTL)).contains(&ttl), "ttl {ttl}");
+    lab.agent.stop().await.unwrap();
+}
+
+#[tokio::test]
 async fn truncated_answers_reach_the_client_and_tcp_gets_the_whole_answer() {
     if !require_tools(&["knotd", "dig"]) {
         return;

@@ -15,6 +15,8 @@ pub struct DnsOverrides {
     pub dns_reject: Option<RejectCode>,
     #[arg(long = "dns-min-ttl", value_name = "SECONDS")]
     pub dns_min_ttl: Option<u32>,
+    #[arg(long = "dns-max-ttl", value_name = "SECONDS")]
+    pub dns_max_ttl: Option<u32>,
     #[arg(long = "dns-max-ips-per-name", value_name = "N")]
     pub dns_max_ips_per_name: Option<usize>,
     #[arg(long = "dns-max-names-per-endpoint", value_name = "N")]
@@ -41,6 +43,7 @@ impl DnsOverrides {
         set(&mut dns.upstream, &self.dns_upstream);
         set(&mut dns.reject, &self.dns_reject);
         set(&mut dns.min_ttl, &self.dns_min_ttl);
+        set(&mut dns.max_ttl, &self.dns_max_ttl);
         set(&mut dns.max_ips_per_name, &self.dns_max_ips_per_name);
         set(
             &mut dns.max_names_per_endpoint,
@@ -156,6 +159,8 @@ mod tests {
             "nxdomain",
             "--dns-min-ttl",
             "30",
+            "--dns-max-ttl",
+            "3600",
             "--datapath-mode",
             "ebpf",
         ]);
@@ -164,6 +169,7 @@ mod tests {
         assert_eq!(config.dns.listen, vec!["127.0.0.9:5353".parse().unwrap()]);
         assert_eq!(config.dns.reject, RejectCode::Nxdomain);
         assert_eq!(config.dns.min_ttl, 30);
+        assert_eq!(config.dns.max_ttl, 3600);
         assert_eq!(config.datapath.mode, DatapathMode::Ebpf);
         assert_eq!(
             config.dns.upstream_timeout_ms, 2000,

@@ -125,6 +125,10 @@ pub struct DnsConfig {
     pub reject: RejectCode,
     /// Floor for the TTL recorded in the cache, in seconds (the answer itself is not changed).
     pub min_ttl: u32,
+    /// Ceiling on the TTLs of answers, in seconds: longer ones are lowered in the answer the
+    /// client gets and in the cache alike, so that no answer keeps its allow entries for longer
+    /// than this (before `min_ttl` raises the cache's copy). 0 = as the upstream gave them.
+    pub max_ttl: u32,
     /// Cap on IPs kept per name and endpoint; the soonest-expiring go first. 0 = unlimited.
     pub max_ips_per_name: usize,
     /// Cap on names cached per endpoint, so one client cannot grow the node's memory without
@@ -181,6 +185,7 @@ impl Default for DnsConfig {
             upstream: SocketAddr::from(([127, 0, 0, 153], 53)),
             reject: RejectCode::Refused,
             min_ttl: 0,
+            max_ttl: 0,
             max_ips_per_name: 1000,
             max_names_per_endpoint: 10_000,
             response_max_delay_ms: 100,
@@ -444,6 +449,42 @@ impl AgentConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The `config.yaml` of the ConfigMap `name` in one of the repository's Kubernetes manifests.
+    fn deployed_config(manifest: &str, name: &str) -> String {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../deploy/kubernetes")
+            .join(manifest);
+        let text = std::fs::read_to_string(&path).expect("the manifest");
+        for document in yaml_serde::Deserializer::from_str(&text) {
+            let value = yaml_serde::Value::deserialize(document).expect("manifest YAML");
+            if value["kind"] == "ConfigMap" && value["metadata"]["name"] == name {
+                return value["data"]["config.yaml"]
+                    .as_str()
+                    .expect("a config.yaml")
+                    .to_owned();
+            }
+        }
+        panic!("no ConfigMap {name} in {manifest}");
+    }
+
+    /// A field renamed or mistyped in the shipped manifests would stop the DaemonSet's pods
+    /// at start (unknown fields are errors).
+    #[test]
+    fn the_shipped_configs_load_and_validate() {
+        let origin = Path::new("config.yaml");
+        let agent = deployed_config("warden-agent.yaml", "warden-agent-config");
+        let agent = AgentConfig::from_yaml(&agent, origin).expect("the agent's config");
+        agent.validate().expect("the agent's config validates");
+        let proxy = deployed_config("warden-dnsproxy.yaml", "warden-dnsproxy-config");
+        let proxy = ProxyConfig::from_yaml(&proxy, origin).expect("the dnsproxy's config");
+        proxy.validate().expect("the dnsproxy's config validates");
+        assert_eq!(agent.dns.listen, proxy.dns.listen, "both hold one port");
+        assert_eq!(
+            agent.dns.max_ttl, proxy.dns.max_ttl,
+            "answers alike from both"
+        );
+    }
 
     const CONTRACT: &str = r#"
 dns:

@@ -30,6 +30,7 @@ pub fn proxy_settings(dns: &DnsConfig) -> ProxySettings {
         },
         response_max_delay: dns.response_max_delay(),
         upstream_timeout: dns.upstream_timeout(),
+        max_ttl: dns.max_ttl,
         concurrency_limit: dns.concurrency_limit,
         upstream_sockets: dns.upstream_sockets,
         tcp_idle_timeout: TCP_IDLE_TIMEOUT,

@@ -434,13 +434,24 @@ impl Engine {
     /// the answer must not be released: the cache refused a new name of an endpoint at
     /// `max_names_per_endpoint` whose own toFQDNs rules match it, so nothing would allow the
     /// IPs the client is about to use; it gets SERVFAIL. (An answer no rule of the sender's
-    /// needs is released uncached.)
+    /// needs is released uncached.) TTLs past `max_ttl` are lowered first, in `packet` (the
+    /// answer as it will go to the client) and in what the cache records.
     pub fn record(
         &self,
         checked: &Checked,
-        answer: wire::Answer,
+        mut answer: wire::Answer,
+        packet: &mut [u8],
         held: Instant,
     ) -> (Outcome, Option<Hold>) {
+        let max_ttl = self.settings.max_ttl;
+        if max_ttl != 0 && answer.longest_ttl > max_ttl {
+            // `parse_answer` accepted the packet, so this cannot fail; were it to, the answer
+            // could be half rewritten, and it is not released.
+            if wire::cap_ttls(packet, max_ttl).is_err() {
+                return (Outcome::failed(), None);
+            }
+            answer.summary.ttl = answer.summary.ttl.min(max_ttl);
+        }
         let mut outcome = Outcome {
             verdict: Verdict::Allowed,
             rcode: ResponseCode::from(

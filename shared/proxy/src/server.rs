@@ -28,6 +28,9 @@ pub struct ProxySettings {
     pub reject: ResponseCode,
     pub response_max_delay: Duration,
     pub upstream_timeout: Duration,
+    /// Longest TTL an answer may carry, in seconds: longer ones are lowered in the answer and
+    /// in the cache alike. 0 = as the upstream gave them.
+    pub max_ttl: u32,
     /// 0 = unlimited.
     pub concurrency_limit: usize,
     pub upstream_sockets: usize,
@@ -385,6 +388,7 @@ spec:
             reject: ResponseCode::Refused,
             response_max_delay: Duration::from_millis(300),
             upstream_timeout,
+            max_ttl: 0,
             concurrency_limit: 0,
             upstream_sockets: 2,
             tcp_idle_timeout: Duration::from_secs(5),

@@ -225,7 +225,7 @@ async fn query(
     )
     .await;
     let answered = engine.upstream_waited(asked);
-    let (reply, answer) = match exchanged {
+    let (mut reply, answer) = match exchanged {
         Ok(exchanged) => exchanged,
         Err(failure) => {
             engine.upstream_failed(failure, &checked);
@@ -233,7 +233,7 @@ async fn query(
             return Some(servfail());
         }
     };
-    let (outcome, hold) = engine.record(&checked, answer, answered);
+    let (outcome, hold) = engine.record(&checked, answer, &mut reply, answered);
     if let Some(hold) = hold {
         engine.hold(hold).await;
     }

@@ -314,7 +314,7 @@ pub(crate) async fn answer_loop(
             };
             let answered = engine.upstream_waited(waiting.asked);
             set_id(packet, packet_id(&waiting.query).unwrap_or(0));
-            let (outcome, hold) = engine.record(&waiting.checked, answer, answered);
+            let (outcome, hold) = engine.record(&waiting.checked, answer, packet, answered);
             match hold {
                 None if outcome.verdict == Verdict::Error => {
                     if let (Some(outbox), Some(refusal)) =

@@ -13,13 +13,15 @@ use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::ops::Range;
 
-use crate::answer::{AnswerSummary, MAX_CHAIN, lowest_ttl};
+use crate::answer::{AnswerSummary, MAX_CHAIN, lowest_ttl, usable_ttl};
 
 const HEADER_LEN: usize = 12;
 /// QTYPE and QCLASS, after a question's name.
 const QUESTION_FIXED_LEN: usize = 4;
 /// TYPE, CLASS, TTL and RDLENGTH, after a record's owner name.
 const RECORD_FIXED_LEN: usize = 10;
+/// Where a record's TTL starts, counted from the end of its owner name (after TYPE and CLASS).
+const RECORD_TTL_AT: usize = 4;
 
 /// More questions than this is no query a resolver sends; refusing it early bounds the work a
 /// crafted packet can cause before it is answered FORMERR.
@@ -146,6 +148,9 @@ pub struct Answer {
     /// The TC bit: the answer did not fit and the client should retry over TCP.
     pub truncated: bool,
     pub summary: AnswerSummary,
+    /// The longest TTL of any record but OPT (whose TTL field holds flags), as sent: a TTL cap
+    /// shorter than it has the answer rewritten by [`cap_ttls`].
+    pub longest_ttl: u32,
 }
 
 /// Reads a query. A query with no question is returned with an empty `qname` and an empty
@@ -270,9 +275,12 @@ pub fn parse_answer(packet: &[u8], asked: &[u8]) -> Result<Answer, WireError> {
 
     let mut rcode = u16::from(header.flags[1] & RCODE_MASK);
     let mut seen_opt = false;
+    let mut longest_ttl = 0;
     for (index, record) in Records::new(packet, answers_start, header.record_count()).enumerate() {
         let record = record?;
-        if index >= header.additional_start() && record.kind == TYPE_OPT && !seen_opt {
+        if record.kind != TYPE_OPT {
+            longest_ttl = longest_ttl.max(record.ttl);
+        } else if index >= header.additional_start() && !seen_opt {
             seen_opt = true;
             let [extended, ..] = record.ttl.to_be_bytes();
             rcode |= u16::from(extended) << 4;
@@ -284,7 +292,34 @@ pub fn parse_answer(packet: &[u8], asked: &[u8]) -> Result<Answer, WireError> {
         rcode,
         truncated: header.flags[0] & FLAG_TC != 0,
         summary: summarize(answers)?,
+        longest_ttl,
     })
+}
+
+/// Lowers every record's TTL to at most `max_ttl`, in place, in all three sections (OPT's
+/// TTL field holds flags and is left alone); a TTL of 2^31 or more becomes 0, as the cache
+/// reads it. For an answer [`parse_answer`] accepted: what the cache records and what the
+/// client is told then agree, so no client uses an address past its allow entries.
+pub fn cap_ttls(packet: &mut [u8], max_ttl: u32) -> Result<(), WireError> {
+    let header = Header::read(packet)?;
+    let mut position = HEADER_LEN;
+    for _ in 0..header.question_count {
+        position = skip_question(packet, position)?;
+    }
+    for _ in 0..header.record_count() {
+        let record = read_record(packet, position)?;
+        position = record.data.end;
+        let capped = usable_ttl(record.ttl).min(max_ttl);
+        if record.kind == TYPE_OPT || capped == record.ttl {
+            continue;
+        }
+        let ttl_at = record.data.start - RECORD_FIXED_LEN + RECORD_TTL_AT;
+        packet
+            .get_mut(ttl_at..ttl_at + 4)
+            .ok_or(WireError::Short)?
+            .copy_from_slice(&capped.to_be_bytes());
+    }
+    Ok(())
 }
 
 /// Whether the answer's first question (its name at offset 12, then `type_and_class`) is the
@@ -488,7 +523,7 @@ fn read_record(packet: &[u8], owner: usize) -> Result<Record, WireError> {
         owner,
         kind: read_u16(packet, name_end)?,
         class: read_u16(packet, name_end + 2)?,
-        ttl: read_u32(packet, name_end + 4)?,
+        ttl: read_u32(packet, name_end + RECORD_TTL_AT)?,
         data: data_start..data_end,
     };
     check_data(packet, &record)?;
@@ -1174,6 +1209,92 @@ mod tests {
         }
     }
 
+    /// An answer with a long-lived chain, authority and additional records and an OPT whose
+    /// TTL field holds the DO bit and an extended RCODE.
+    fn long_lived_answer() -> (Message, Vec<u8>) {
+        let query = query_for(&name("www.cilium.io."), RecordType::A);
+        let mut response = response_to(
+            &query,
+            vec![
+                cname("www.cilium.io.", 604_800, "edge.cilium.io."),
+                a("edge.cilium.io.", 30, 1),
+                a("edge.cilium.io.", 0xFFFF_FFF0, 2),
+            ],
+        );
+        response.add_authority(HickoryRecord::from_rdata(
+            name("cilium.io."),
+            172_800,
+            RData::NS(NS(name("ns.cilium.io."))),
+        ));
+        response.add_additional(a("ns.cilium.io.", 86_400, 9));
+        let mut edns = HickoryEdns::new();
+        edns.set_dnssec_ok(true);
+        response.set_edns(edns);
+        // Carried in the OPT record's TTL field (its high bits), which no cap may touch.
+        response.metadata.response_code = ResponseCode::BADVERS;
+        (query, response.to_vec().unwrap())
+    }
+
+    #[test]
+    fn the_longest_ttl_is_the_records_not_the_opt_flags() {
+        let (query, bytes) = long_lived_answer();
+        let answer = parse_answer(&bytes, &asked_bytes(&query)).unwrap();
+        assert_eq!(answer.longest_ttl, 0xFFFF_FFF0);
+
+        let query = query_for(&name("cilium.io."), RecordType::A);
+        let mut response = response_to(&query, vec![a("cilium.io.", 60, 1)]);
+        let mut edns = HickoryEdns::new();
+        edns.set_dnssec_ok(true);
+        response.set_edns(edns);
+        let bytes = response.to_vec().unwrap();
+        let answer = parse_answer(&bytes, &asked_bytes(&query)).unwrap();
+        assert_eq!(answer.longest_ttl, 60, "the DO bit is not a TTL");
+    }
+
+    #[test]
+    fn capped_ttls_are_rewritten_in_every_section_and_opt_is_left_alone() {
+        let (query, mut bytes) = long_lived_answer();
+        let before = Message::from_vec(&bytes).unwrap();
+        cap_ttls(&mut bytes, 3_600).unwrap();
+        let after = Message::from_vec(&bytes).unwrap();
+        let ttls = |records: &[HickoryRecord]| records.iter().map(|r| r.ttl).collect::<Vec<_>>();
+        // The 2^31-or-more TTL reads as 0, as the cache takes it; 30 stays.
+        assert_eq!(ttls(&after.answers), vec![3_600, 30, 0]);
+        assert_eq!(ttls(&after.authorities), vec![3_600]);
+        assert_eq!(ttls(&after.additionals), vec![3_600]);
+        assert_eq!(after.edns, before.edns, "the OPT flags and extended RCODE");
+        assert_eq!(after.answers.len(), before.answers.len());
+        for (capped, original) in after.answers.iter().zip(&before.answers) {
+            assert_eq!(
+                (&capped.name, &capped.data),
+                (&original.name, &original.data)
+            );
+        }
+        // What the client is told and what the cache records now agree.
+        let answer = parse_answer(&bytes, &asked_bytes(&query)).unwrap();
+        assert_eq!((answer.summary.ttl, answer.longest_ttl), (0, 3_600));
+        assert_eq!(answer.rcode, 16, "extended RCODE still read");
+    }
+
+    #[test]
+    fn a_cap_above_every_ttl_changes_nothing() {
+        let (_, bytes) = long_lived_answer();
+        let mut capped = bytes.clone();
+        cap_ttls(&mut capped, u32::MAX).unwrap();
+        // Only the top-bit TTL, which any cap reads as 0.
+        let changed: Vec<usize> = (0..bytes.len())
+            .filter(|&i| bytes[i] != capped[i])
+            .collect();
+        assert!(changed.len() <= 4, "{changed:?}");
+        let query = query_for(&name("cilium.io."), RecordType::A);
+        let plain = response_to(&query, vec![a("cilium.io.", 60, 1)])
+            .to_vec()
+            .unwrap();
+        let mut capped = plain.clone();
+        cap_ttls(&mut capped, 60).unwrap();
+        assert_eq!(capped, plain);
+    }
+
     /// A TTL of 2^31 or more was cached, allowed and persisted for up to 136 years, and
     /// 0xFFFFFFFF alone became 0; RFC 2181 §8 has every such value read as 0.
     #[test]
@@ -1299,6 +1420,15 @@ mod tests {
                 assert_eq!(answer.summary, expected, "{packet:?}");
                 assert_eq!(answer.rcode, u16::from(decoded.metadata.response_code));
                 compared += 1;
+            }
+            // Whatever the reader accepts, the cap rewrites; and only the TTLs.
+            if let Ok(answer) = parse_answer(&packet, &asked) {
+                let mut capped = packet.clone();
+                cap_ttls(&mut capped, 7).expect("an accepted answer can be capped");
+                let recapped = parse_answer(&capped, &asked).expect("still an answer");
+                assert_eq!(recapped.summary.ips, answer.summary.ips);
+                assert_eq!(recapped.rcode, answer.rcode);
+                assert!(recapped.longest_ttl <= 7, "{packet:?}");
             }
         }
         assert!(compared > 1_000, "only {compared} mutants compared");
