@@ -14,6 +14,9 @@
  *   cgroup_skb/egress                      enforcement of every packet (the authority: socket
  *                                          hooks only make failures immediate), and re-keying of
  *                                          the redirect by client (addr, port, proto) for the proxy.
+ *   sockops                                marks TCP connections a peer opened to the workload
+ *                                          (accepted sockets): egress lets their packets, replies,
+ *                                          through, as a stateful firewall would.
  *   sk_reuseport                           picks the preferred live DNS socket of the proxies.
  *
  * Endpoints are found by cgroup id: the socket's own cgroup, else its nearest enrolled
@@ -140,6 +143,18 @@ struct {
 	__type(value, struct warden_reuseport_config);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } reuseport_config SEC(".maps");
+
+/* TCP connections a peer opened to the workload, marked when the kernel completes the passive
+ * open: their packets are replies, which egress policy does not restrict (Cilium's egress
+ * policy is stateful too). The mark is the socket's own storage, freed with it, and pinned so
+ * that a reloaded program still finds the marks of connections accepted before. */
+struct {
+	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC); /* required for socket storage */
+	__type(key, int);
+	__type(value, __u32);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} inbound_conns SEC(".maps");
 
 /* ------------------------------------------------------------------------------------------ */
 /* Addresses                                                                                  */
@@ -581,6 +596,45 @@ int warden_peer6(struct bpf_sock_addr *ctx)
 }
 
 /* ------------------------------------------------------------------------------------------ */
+/* Inbound connections                                                                        */
+
+SEC("sockops")
+int warden_sockops(struct bpf_sock_ops *ops)
+{
+	struct bpf_sock *sk;
+	__u32 *mark;
+
+	if (ops->op != BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB)
+		return 1;
+	sk = ops->sk;
+	if (!sk)
+		return 1;
+	mark = bpf_sk_storage_get(&inbound_conns, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+	if (mark)
+		*mark = 1;
+	return 1;
+}
+
+/* A packet of a TCP connection a peer opened: the SYN-ACK, which the hook sees as the
+ * listener's (the kernel runs it with the full socket, and a listener sends nothing else;
+ * under SYN cookies the SYN-ACK has no socket and the hook does not run), or any later packet
+ * of the accepted socket. Only the kernel's TCP stack sends from either, to the peer that
+ * connected; a raw socket crafting TCP is neither. */
+static __always_inline int is_inbound_reply(struct __sk_buff *skb, __u8 proto)
+{
+	struct bpf_sock *sk = skb->sk;
+
+	if (!sk || proto != IPPROTO_TCP)
+		return 0;
+	if (sk->state == BPF_TCP_LISTEN)
+		return 1;
+	sk = bpf_sk_fullsock(sk);
+	if (!sk)
+		return 0;
+	return bpf_sk_storage_get(&inbound_conns, sk, 0, 0) != 0;
+}
+
+/* ------------------------------------------------------------------------------------------ */
 /* Packet egress                                                                              */
 
 struct pkt {
@@ -821,6 +875,8 @@ int warden_egress(struct __sk_buff *skb)
 		record_redirect(skb, &p, cgroup_id);
 
 	if (!(flags & WARDEN_EP_ENFORCED) || to_target || is_loopback(&p.dst))
+		return 1;
+	if (p.l4 && is_inbound_reply(skb, p.proto))
 		return 1;
 	if (fqdn_allowed(endpoint_id, &p.dst, p.proto, p.l4 ? p.dport : 0)) {
 		touch_last_seen(endpoint_id, &p.dst);

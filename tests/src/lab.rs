@@ -341,6 +341,12 @@ impl Internet {
         fs::read_to_string(self.log_path()).unwrap_or_default()
     }
 
+    /// curl from inside the namespace: a client of the internet's, reaching the host's side of
+    /// the link ([`HOST_V4`], [`HOST_V6`]) from [`INTERNET_V4`], [`INTERNET_V6`].
+    pub fn curl(&self, url: &str, timeout: Duration) -> Result<CurlResult> {
+        run_curl_with(None, None, Some(&self.netns), url, &[], timeout)
+    }
+
     /// How many connections reached `addr` so far: proof that a denied connection never
     /// arrived, or that an allowed one did.
     pub fn connections_to(&self, addr: SocketAddr) -> usize {
@@ -929,7 +935,7 @@ pub fn curl_resolving(
     extra: &[&str],
     timeout: Duration,
 ) -> Result<CurlResult> {
-    run_curl_with(Some(cgroup), Some(resolv), url, extra, timeout)
+    run_curl_with(Some(cgroup), Some(resolv), None, url, extra, timeout)
 }
 
 /// [`curl`] from the test process's own cgroup, outside any test subtree.
@@ -943,12 +949,14 @@ fn run_curl(
     extra: &[&str],
     timeout: Duration,
 ) -> Result<CurlResult> {
-    run_curl_with(cgroup, None, url, extra, timeout)
+    run_curl_with(cgroup, None, None, url, extra, timeout)
 }
 
+/// With `netns`, curl runs inside that namespace (and without `resolv`).
 fn run_curl_with(
     cgroup: Option<&Path>,
     resolv: Option<&ResolvConf>,
+    netns: Option<&str>,
     url: &str,
     extra: &[&str],
     timeout: Duration,
@@ -963,6 +971,11 @@ fn run_curl_with(
         Some(resolv) => resolv.command(&curl)?,
         None => Command::new(&curl),
     };
+    if let Some(netns) = netns {
+        let mut inside = Command::new(ip_path()?);
+        inside.args(["netns", "exec", netns]).arg(&curl);
+        cmd = inside;
+    }
     // -q first: no ~/.curlrc. --noproxy: a proxy from the environment must not carry lab
     // traffic. -g: no globbing, so IPv6 literals in brackets work.
     cmd.args(["-q", "-v", "-sS", "-g", "--noproxy", "*"])
@@ -1306,7 +1319,7 @@ fn ip_path() -> Result<PathBuf> {
 
 /// The system's python3 when there is one: a version manager's shim on `PATH` (pyenv here)
 /// adds a wrapper and start-up time, and may pick another interpreter per directory.
-fn python3() -> Result<PathBuf> {
+pub fn python3() -> Result<PathBuf> {
     let system = Path::new("/usr/bin/python3");
     if system.exists() {
         return Ok(system.to_owned());

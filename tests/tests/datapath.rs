@@ -12,7 +12,8 @@ use std::time::{Duration, Instant};
 
 use warden_tests::firewall::{CURL_TIMEOUT as SHORT, Firewall, FirewallOptions, quick_refusal};
 use warden_tests::lab::{
-    ConnectLoop, CurlResult, curl_with, getent_addrs, getent_hosts, require_lab, spawn_in_cgroup,
+    ConnectLoop, CurlResult, HOST_V4, HOST_V6, INTERNET_V4, INTERNET_V6, curl_with, getent_addrs,
+    getent_hosts, python3, require_lab, spawn_in_cgroup,
 };
 use warden_tests::warden::{http_get, metric_value};
 use warden_tests::zones::*;
@@ -33,6 +34,9 @@ impl Lab for Firewall {
         self.dig(name, qtype, opts).await.unwrap()
     }
 }
+
+/// Programs the datapath attaches at its cgroup root.
+const PROGRAMS: usize = 10;
 
 async fn firewall(idle_grace_s: u64) -> Firewall {
     Firewall::start(FirewallOptions {
@@ -231,7 +235,7 @@ async fn enforcement_holds_through_kill_9_and_restarts_without_a_gap() {
             .status,
         "NOERROR"
     );
-    assert_eq!(lab.attached_programs().unwrap(), 9);
+    assert_eq!(lab.attached_programs().unwrap(), PROGRAMS);
     // The allow entry is written before the answer is released: connect at once.
     let allowed = ConnectLoop::start(
         &lab.workload,
@@ -282,7 +286,7 @@ async fn enforcement_holds_through_kill_9_and_restarts_without_a_gap() {
     );
     assert_eq!(
         lab.attached_programs().unwrap(),
-        9,
+        PROGRAMS,
         "nothing attached twice"
     );
 
@@ -303,18 +307,85 @@ async fn enforcement_holds_through_kill_9_and_restarts_without_a_gap() {
     assert!(lab.curl_ok("http://cilium.io/", &["-4"]).ok());
 }
 
+/// Egress policy restricts what a workload opens, not whom it answers: a server in the enforced
+/// workload serves a client of the lab's internet (whose address no rule allows) over IPv4
+/// and IPv6, before and after the agent is killed and restarted, while the workload's own
+/// connection to that client is refused. Its answers used to be dropped, SYN-ACK first.
+#[tokio::test]
+async fn an_enforced_workload_serves_clients_it_may_not_call() {
+    if !require_lab() || !warden_tests::require_tools(&["knotd", "dig"]) {
+        return;
+    }
+    let mut lab = firewall(60).await;
+    let port = warden_tests::free_port(IpAddr::V4(HOST_V4)).unwrap();
+    let site = tempfile::tempdir().unwrap();
+    std::fs::write(site.path().join("index.html"), "served from the workload\n").unwrap();
+    // `::` is dual-stack for http.server: one process serves both families.
+    let _server = spawn_in_cgroup(
+        &lab.workload,
+        Command::new(python3().unwrap())
+            .args(["-m", "http.server", "--bind", "::", "--directory"])
+            .arg(site.path())
+            .arg(port.to_string())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null()),
+    )
+    .unwrap();
+    let urls = [
+        format!("http://{HOST_V4}:{port}/"),
+        format!("http://[{HOST_V6}]:{port}/"),
+    ];
+    let served = |lab: &Firewall, url: &str| {
+        let result = lab.internet.curl(url, SHORT).unwrap();
+        result.ok() && result.body.contains("served from the workload")
+    };
+    // The server needs a moment to listen.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !served(&lab, &urls[0]) {
+        assert!(
+            Instant::now() < deadline,
+            "{:?}",
+            lab.internet.curl(&urls[0], SHORT)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for url in &urls {
+        assert!(
+            served(&lab, url),
+            "{url}: {:?}",
+            lab.internet.curl(url, SHORT)
+        );
+    }
+    for client in [
+        format!("http://{INTERNET_V4}/"),
+        format!("http://[{INTERNET_V6}]/"),
+    ] {
+        let call = lab.curl_ok(&client, &[]);
+        assert!(quick_refusal(&call), "{client}: {call:?}");
+    }
+
+    lab.agent.kill().unwrap();
+    lab.agent.restart().await.unwrap();
+    lab.wait_enrolled().await.unwrap();
+    for url in &urls {
+        assert!(served(&lab, url), "after a restart, {url}");
+    }
+    let call = lab.curl_ok(&format!("http://{INTERNET_V4}/"), &[]);
+    assert!(quick_refusal(&call), "after a restart: {call:?}");
+}
+
 #[tokio::test]
 async fn cleanup_leaves_no_programs_and_no_pins() {
     if !require_lab() || !warden_tests::require_tools(&["knotd", "dig", "bpftool"]) {
         return;
     }
     let mut lab = firewall(60).await;
-    assert_eq!(lab.attached_programs().unwrap(), 9);
+    assert_eq!(lab.attached_programs().unwrap(), PROGRAMS);
     assert!(Path::new(&lab.bpffs).exists());
     lab.agent.stop().unwrap();
     assert_eq!(
         lab.attached_programs().unwrap(),
-        9,
+        PROGRAMS,
         "programs stay after the agent exits"
     );
     let out = lab.cleanup().unwrap();

@@ -39,6 +39,7 @@ pub(crate) mod map {
     pub(crate) const EVENTS: &str = "events";
     pub(crate) const REUSEPORT_SOCKETS: &str = "reuseport_sockets";
     pub(crate) const REUSEPORT_CONFIG: &str = "reuseport_config";
+    pub(crate) const INBOUND_CONNS: &str = "inbound_conns";
 }
 
 /// `struct warden_endpoint`
@@ -213,7 +214,7 @@ pub(crate) fn ipv4_of(addr: [u8; 4]) -> Ipv4Addr {
 
 /// (map, key size, value size) as the kernel reports them for each pinned map; checked before
 /// reusing pins, since the loader would otherwise reuse a map of another layout silently.
-pub(crate) const MAP_SIZES: [(&str, u32, u32); 11] = [
+pub(crate) const MAP_SIZES: [(&str, u32, u32); 12] = [
     (map::ENDPOINTS, 8, size_of::<RawEndpoint>() as u32),
     (map::DNS_TARGETS, 4, size_of::<RawDnsTarget>() as u32),
     (map::SOCK_ORIG, 8, size_of::<RawSockOrig>() as u32),
@@ -232,6 +233,8 @@ pub(crate) const MAP_SIZES: [(&str, u32, u32); 11] = [
     (map::LAST_SEEN, size_of::<RawLastSeenKey>() as u32, 8),
     (map::EVENTS, 0, 0),
     (map::REUSEPORT_SOCKETS, 4, 4),
+    // Socket storage: an int key (the socket), a u32 mark.
+    (map::INBOUND_CONNS, 4, 4),
     (
         map::REUSEPORT_CONFIG,
         4,

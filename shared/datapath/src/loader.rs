@@ -25,7 +25,7 @@ use aya::EbpfLoader;
 use aya::maps::MapData;
 use aya::programs::links::FdLink;
 use aya::programs::{
-    CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, SkReuseport,
+    CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, SkReuseport, SockOps,
 };
 use nix::fcntl::{Flock, FlockArg};
 use nix::mount::MsFlags;
@@ -39,9 +39,10 @@ use crate::{CleanupReport, DatapathError, DatapathOptions, OBJECT, sys};
 enum Hook {
     SockAddr,
     SkbEgress,
+    SockOps,
 }
 
-const CGROUP_PROGRAMS: [(&str, Hook); 9] = [
+const CGROUP_PROGRAMS: [(&str, Hook); 10] = [
     ("warden_conn4", Hook::SockAddr),
     ("warden_conn6", Hook::SockAddr),
     ("warden_sendmsg4", Hook::SockAddr),
@@ -50,6 +51,8 @@ const CGROUP_PROGRAMS: [(&str, Hook); 9] = [
     ("warden_recvmsg6", Hook::SockAddr),
     ("warden_peer4", Hook::SockAddr),
     ("warden_peer6", Hook::SockAddr),
+    // Before egress: a connection accepted once egress enforces is marked already.
+    ("warden_sockops", Hook::SockOps),
     (EGRESS_PROGRAM, Hook::SkbEgress),
 ];
 
@@ -260,6 +263,18 @@ pub(crate) fn load_and_attach(
                     }
                 }
             }
+            Hook::SockOps => {
+                let prog: &mut SockOps = program.try_into().map_err(|e| program_error(name, e))?;
+                prog.load().map_err(|e| program_error(name, e))?;
+                let prog_fd = prog.fd().map_err(|e| program_error(name, e))?;
+                match reuse_link(&link_path, prog_fd, cgroup_id)? {
+                    Reuse::Updated => LinkAction::Updated,
+                    Reuse::Replace(old) => {
+                        let link = attach_sock_ops(prog, &cgroup, name, &cgroup_root)?;
+                        replace_pin(name, &link_path, link, old)?
+                    }
+                }
+            }
             Hook::SkbEgress => {
                 let prog: &mut CgroupSkb =
                     program.try_into().map_err(|e| program_error(name, e))?;
@@ -371,6 +386,24 @@ fn attach_sock_addr(
         source,
     };
     // Single: cgroup links are always multi-attach in the kernel; the flag must be 0.
+    let id = prog
+        .attach(cgroup, CgroupAttachMode::Single)
+        .map_err(|e| attach_err(Box::new(e)))?;
+    let link = prog.take_link(id).map_err(|e| attach_err(Box::new(e)))?;
+    FdLink::try_from(link).map_err(|e| attach_err(Box::new(e)))
+}
+
+fn attach_sock_ops(
+    prog: &mut SockOps,
+    cgroup: &File,
+    name: &'static str,
+    cgroup_path: &Path,
+) -> Result<FdLink, DatapathError> {
+    let attach_err = |source: Box<dyn std::error::Error + Send + Sync>| DatapathError::Attach {
+        program: name,
+        cgroup: cgroup_path.to_path_buf(),
+        source,
+    };
     let id = prog
         .attach(cgroup, CgroupAttachMode::Single)
         .map_err(|e| attach_err(Box::new(e)))?;

@@ -23,6 +23,8 @@ use support::{Lab, NS_V4, NS_V6};
 const TCP: u8 = 6;
 const UDP: u8 = 17;
 const EPERM: &str = "err1";
+/// Programs the datapath attaches at its cgroup root.
+const PROGRAMS: usize = 10;
 
 /// Entry point of the probes (no-op in a normal run).
 #[test]
@@ -335,6 +337,43 @@ fn egress_cuts_an_established_flow_when_its_entry_is_revoked() {
     assert_ne!(ev.src.port(), 0);
 }
 
+/// Replies on connections a peer opened to an enforced workload (a server, a health probe's
+/// target) were dropped: no allow entry names the peer. Egress policy limits what the workload
+/// opens, as Cilium's stateful one does, not whom it answers; and the peer stays out of reach
+/// of the workload's own connections.
+#[test]
+fn an_enforced_workload_answers_connections_it_accepted_and_only_those() {
+    skip_unless_privileged!();
+    let lab = Lab::new();
+    let dp = Datapath::open(&lab.options()).unwrap();
+    let rt = runtime();
+    let mut events = events(&rt, &dp);
+    let app = lab.cgroup("app");
+    dp.enroll(Datapath::cgroup_id(&app).unwrap(), 15, true, false)
+        .unwrap();
+    // The client's own listener, which the workload may not reach.
+    lab.tcp_server(v4_at(7100));
+    lab.tcp_server(v6_at(7100));
+    for (server, peer_listener) in [(v4_at(7200), v4_at(7100)), (v6_at(7200), v6_at(7100))] {
+        drain(&mut events);
+        std::thread::scope(|s| {
+            let probe = s.spawn(|| lab.probe(&app, &format!("tcp-serve {server} {peer_listener}")));
+            let read = support::tcp_exchange(&lab.netns_path(), server, Duration::from_secs(4));
+            let p = probe.join().unwrap();
+            assert_eq!(read.ok(), Some(64 << 10), "{server}: {p:?}");
+            assert_eq!(p.get("served"), "ok", "{p:?}");
+            assert_eq!(p.get("outbound"), EPERM, "{p:?}");
+        });
+        // The only drop: the workload's own connect; no reply was dropped.
+        let ev = next_event(&rt, &mut events).expect("the outbound connect's drop event");
+        assert_eq!(
+            (ev.reason, ev.endpoint_id, ev.dst),
+            (DropReason::Connect, 15, peer_listener)
+        );
+        assert!(next_event(&rt, &mut events).is_none());
+    }
+}
+
 #[test]
 fn portless_packets_need_a_rule_for_every_port() {
     skip_unless_privileged!();
@@ -633,7 +672,7 @@ fn reopen_replaces_programs_in_place_and_cleanup_removes_everything() {
     let lab = Lab::new();
     let options = lab.options();
     let first = Datapath::open(&options).unwrap();
-    assert_eq!(first.link_actions().len(), 9);
+    assert_eq!(first.link_actions().len(), PROGRAMS);
     assert!(
         first
             .link_actions()
@@ -642,7 +681,7 @@ fn reopen_replaces_programs_in_place_and_cleanup_removes_everything() {
     );
     let bpftool = support::attached_programs(&lab.cgroup_root);
     if let Some(attached) = &bpftool {
-        assert_eq!(attached.len(), 9, "{attached:?}");
+        assert_eq!(attached.len(), PROGRAMS, "{attached:?}");
     } else {
         eprintln!("bpftool not installed: attachment counts checked through link actions only");
     }
@@ -668,7 +707,7 @@ fn reopen_replaces_programs_in_place_and_cleanup_removes_everything() {
     if bpftool.is_some() {
         assert_eq!(
             support::attached_programs(&lab.cgroup_root).unwrap().len(),
-            9
+            PROGRAMS
         );
     }
     assert!(
@@ -701,7 +740,10 @@ fn reopen_replaces_programs_in_place_and_cleanup_removes_everything() {
             .all(|(_, a)| *a == LinkAction::Moved)
     );
     if bpftool.is_some() {
-        assert_eq!(support::attached_programs(&elsewhere).unwrap().len(), 9);
+        assert_eq!(
+            support::attached_programs(&elsewhere).unwrap().len(),
+            PROGRAMS
+        );
         assert_eq!(
             support::attached_programs(&lab.cgroup_root).unwrap().len(),
             0
@@ -710,7 +752,7 @@ fn reopen_replaces_programs_in_place_and_cleanup_removes_everything() {
 
     drop((first, second, proxy, moved));
     let report = Datapath::cleanup(&options).unwrap();
-    assert_eq!(report.links_detached.len(), 9, "{report:?}");
+    assert_eq!(report.links_detached.len(), PROGRAMS, "{report:?}");
     assert!(report.pins_removed.len() >= 11, "{report:?}");
     assert!(report.dir_removed);
     assert!(!options.bpffs.exists());

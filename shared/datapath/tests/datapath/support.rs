@@ -591,8 +591,69 @@ pub fn run_probe() {
             let dst = SocketAddr::new(target, 0);
             report("send", socket.send_to(&echo, &dst.into()).map(drop));
         }
+        // Serves one TCP connection a peer opens at the first address (served=ok once a ping
+        // came in and 64 KiB went back), then connects out to the second (outbound=...).
+        "tcp-serve" => {
+            let listener = TcpListener::bind(addr(1)).expect("listen");
+            println!("PROBE listening=ok");
+            listener.set_nonblocking(true).unwrap();
+            let deadline = Instant::now() + Duration::from_secs(5);
+            let served = (|| {
+                let mut stream = loop {
+                    match listener.accept() {
+                        Ok((stream, _)) => break stream,
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                            if Instant::now() > deadline {
+                                return Err(e);
+                            }
+                            std::thread::sleep(Duration::from_millis(5));
+                        }
+                        Err(e) => return Err(e),
+                    }
+                };
+                stream.set_nonblocking(false)?;
+                stream.set_read_timeout(Some(Duration::from_secs(3)))?;
+                stream.set_write_timeout(Some(Duration::from_secs(3)))?;
+                let mut ping = [0u8; 5];
+                stream.read_exact(&mut ping)?;
+                stream.write_all(&[b'w'; 64 << 10])?;
+                stream.shutdown(std::net::Shutdown::Write)?;
+                // Until the peer has it all and closes: the last ACKs are replies too.
+                let mut rest = Vec::new();
+                stream.read_to_end(&mut rest).map(drop)
+            })();
+            report("served", served);
+            let outbound = TcpStream::connect_timeout(&addr(2), Duration::from_secs(3)).map(drop);
+            report("outbound", outbound);
+        }
         other => panic!("unknown probe {other}"),
     }
+}
+
+/// From a thread in `netns` (this process, so outside every lab cgroup): connects to
+/// `server`, retrying until `within` passes, sends a ping and reads until the server closes;
+/// returns the bytes read.
+pub fn tcp_exchange(netns: &Path, server: SocketAddr, within: Duration) -> std::io::Result<usize> {
+    let netns = netns.to_path_buf();
+    std::thread::spawn(move || {
+        let ns = File::open(&netns)?;
+        setns(ns, CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from)?;
+        let deadline = Instant::now() + within;
+        let mut stream = loop {
+            match TcpStream::connect_timeout(&server, Duration::from_millis(500)) {
+                Ok(stream) => break stream,
+                Err(e) if Instant::now() > deadline => return Err(e),
+                Err(_) => std::thread::sleep(Duration::from_millis(20)),
+            }
+        };
+        stream.set_read_timeout(Some(Duration::from_secs(3)))?;
+        stream.write_all(b"ping\n")?;
+        let mut answer = Vec::new();
+        stream.read_to_end(&mut answer)?;
+        Ok(answer.len())
+    })
+    .join()
+    .map_err(|_| std::io::Error::other("the client thread panicked"))?
 }
 
 /// Waits up to `timeout` for a message.
