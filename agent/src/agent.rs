@@ -142,6 +142,38 @@ pub async fn start(config: AgentConfig) -> anyhow::Result<RunningAgent> {
     let flows_for_api = flows.clone();
     let router = admin::router(admin_state, metrics.clone(), flows);
 
+    // One pass before the first query is read (the kernel queues them meanwhile): the proxy
+    // then knows every enrolled cgroup's endpoint, and a redirected query from a cgroup it
+    // does not know is refused rather than taken for an unenforced sender's.
+    let reconciler = match &ebpf {
+        None => None,
+        Some((datapath, cgroup_root)) => {
+            let mut reconciled = config.clone();
+            // Redirect targets default to the proxy's addresses as bound (port 0 in tests).
+            reconciled.dns.listen = dns_addrs.clone();
+            let mut reconciler = Reconciler {
+                datapath: datapath.clone(),
+                cgroup_root: cgroup_root.clone(),
+                config: reconciled,
+                table: endpoints.clone(),
+                enforcement: enforcement.clone(),
+                policy: policy.clone(),
+                cache: cache.clone(),
+                metrics: metrics.clone(),
+                unwanted_since: HashMap::new(),
+            };
+            let first_pass = tokio::task::spawn_blocking(move || {
+                reconciler.reconcile();
+                reconciler
+            });
+            Some(
+                first_pass
+                    .await
+                    .context("the first datapath pass panicked")?,
+            )
+        }
+    };
+
     let shutdown = CancellationToken::new();
     let mut tasks = JoinSet::new();
     {
@@ -204,21 +236,7 @@ pub async fn start(config: AgentConfig) -> anyhow::Result<RunningAgent> {
         metrics.clone(),
         shutdown.clone(),
     ));
-    if let Some((datapath, cgroup_root)) = ebpf {
-        let mut reconciled = config.clone();
-        // Redirect targets default to the proxy's addresses as bound (port 0 in tests).
-        reconciled.dns.listen = dns_addrs.clone();
-        let reconciler = Reconciler {
-            datapath: datapath.clone(),
-            cgroup_root,
-            config: reconciled,
-            table: endpoints.clone(),
-            enforcement: enforcement.clone(),
-            policy: policy.clone(),
-            cache: cache.clone(),
-            metrics: metrics.clone(),
-            unwanted_since: HashMap::new(),
-        };
+    if let (Some((datapath, _)), Some(reconciler)) = (ebpf, reconciler) {
         let loop_shutdown = shutdown.clone();
         tasks.spawn(async move {
             reconcile_loop(reconciler, loop_shutdown).await;

@@ -78,6 +78,7 @@ impl EndpointLookup for EndpointTable {
         ClientContext {
             endpoint: self.by_ip(client.ip()),
             original_server: None,
+            unresolved: false,
         }
     }
 }

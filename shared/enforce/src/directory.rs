@@ -196,6 +196,7 @@ impl EndpointLookup for Enforcement {
         let by_ip = || ClientContext {
             endpoint: directory.by_ip(client.ip()),
             original_server: None,
+            unresolved: false,
         };
         let Some(datapath) = self.datapath() else {
             return by_ip();
@@ -209,14 +210,21 @@ impl EndpointLookup for Enforcement {
             self.redirect_lookups.count(lookup);
         }
         match lookup.map(|lookup| lookup.record) {
-            Ok(Some(record)) => ClientContext {
-                endpoint: directory
+            Ok(Some(record)) => {
+                // Only an enrolled cgroup's queries get a record, so one missing from the
+                // index (an enrollment newer than this process's view of it) is an endpoint
+                // all the same: failing open would let it skip its DNS rules.
+                let endpoint = directory
                     .by_cgroup
                     .get(&record.cgroup_id)
                     .cloned()
-                    .or_else(|| directory.by_ip(client.ip())),
-                original_server: Some(record.original),
-            },
+                    .or_else(|| directory.by_ip(client.ip()));
+                ClientContext {
+                    unresolved: endpoint.is_none(),
+                    endpoint,
+                    original_server: Some(record.original),
+                }
+            }
             Ok(None) => by_ip(),
             Err(error) => {
                 static BUDGET: LogBudget = LogBudget::new(LogBudget::INTERVAL);

@@ -48,6 +48,11 @@ pub struct ClientContext {
     pub endpoint: Option<(EndpointId, Arc<str>)>,
     /// Where the client sent the query before the datapath redirected it to us.
     pub original_server: Option<SocketAddr>,
+    /// The datapath vouches that an enrolled workload sent the query, yet this process does
+    /// not know (or no longer knows) the endpoint its cgroup belongs to: its policy cannot be
+    /// checked, and the query must not pass for an unenforced sender's. It gets SERVFAIL,
+    /// which clients retry.
+    pub unresolved: bool,
 }
 
 /// Who sent a query: by source address, or by the datapath's redirect record.

@@ -204,6 +204,8 @@ pub(crate) struct Checked {
     pub qtype: u16,
     pub policy: Arc<PolicyRepository>,
     pub allowed: bool,
+    /// Refused because the sender's endpoint is unknown (see [`ClientContext::unresolved`]).
+    pub unresolved: bool,
 }
 
 impl Checked {
@@ -327,14 +329,16 @@ impl Engine {
         let ClientContext {
             endpoint,
             original_server,
+            unresolved,
         } = self.context.endpoints.lookup(client, transport);
         let server = original_server.unwrap_or(self.settings.upstream);
         let policy = self.context.policy.current();
         // Taken, not copied: what follows needs only the packet and its question.
         let name = DnsName::try_from_string(std::mem::take(&mut query.qname));
         let allowed = match (&endpoint, &name) {
-            // No policy can select a sender that is no endpoint: it is not enforced.
-            (None, _) => true,
+            // No policy can select a sender that is no endpoint: it is not enforced. One the
+            // datapath enrolled is an endpoint all the same, only not known here yet.
+            (None, _) => !unresolved,
             (Some((endpoint, _)), Ok(name)) => {
                 policy.dns_allowed(*endpoint, server, transport.l4(), name)
             }
@@ -359,11 +363,21 @@ impl Engine {
             qtype: query.qtype,
             policy,
             allowed,
+            unresolved: unresolved && endpoint_id.is_none(),
         }
     }
 
-    /// The reject answer for a denied query, accounted for.
+    /// The reject answer for a denied query, accounted for; SERVFAIL for a sender whose
+    /// endpoint is not known yet, whose policy was not checked.
     pub fn deny(&self, query: &Query<'_>, checked: Checked) -> Vec<u8> {
+        if checked.unresolved {
+            static BUDGET: LogBudget = LogBudget::new(LogBudget::INTERVAL);
+            if let Some(held_back) = BUDGET.allow() {
+                tracing::warn!(client = %checked.client, held_back, "query from an enrolled cgroup of no known endpoint: SERVFAIL");
+            }
+            self.finish(checked, Outcome::failed());
+            return wire::error_response(query, u16::from(ResponseCode::ServFail));
+        }
         let reject = self.settings.reject;
         self.finish(
             checked,

@@ -217,6 +217,20 @@ mod tests {
             ClientContext {
                 endpoint: Some((EndpointId(1), Arc::from("default/test"))),
                 original_server: None,
+                unresolved: false,
+            }
+        }
+    }
+
+    /// Every sender is an enrolled workload whose endpoint this process does not know.
+    struct UnknownEnrolled;
+
+    impl EndpointLookup for UnknownEnrolled {
+        fn lookup(&self, _client: SocketAddr, _transport: Transport) -> ClientContext {
+            ClientContext {
+                endpoint: None,
+                original_server: None,
+                unresolved: true,
             }
         }
     }
@@ -351,6 +365,7 @@ spec:
             upstream_timeout,
             Duration::ZERO,
             false,
+            Arc::new(OneEndpoint),
         )
         .await
     }
@@ -363,6 +378,7 @@ spec:
         upstream_timeout: Duration,
         linger: Duration,
         steers: bool,
+        endpoints: Arc<dyn EndpointLookup>,
     ) -> Running {
         let datapath = Arc::new(SlowDatapath {
             delay: hold,
@@ -374,7 +390,7 @@ spec:
         let flows = Arc::new(FlowLog::new(100));
         let context = ProxyContext {
             instance: Arc::from("test"),
-            endpoints: Arc::new(OneEndpoint),
+            endpoints,
             policy: Arc::new(Fixed(policy(upstream))),
             cache: cache.clone(),
             datapath: datapath.clone(),
@@ -631,6 +647,7 @@ spec:
                 Duration::from_secs(2),
                 linger,
                 steers,
+                Arc::new(OneEndpoint),
             )
             .await;
             let (answer, _) = ask(running.dns, "cilium.io.").await;
@@ -648,6 +665,37 @@ spec:
                 );
             }
         }
+    }
+
+    /// A query the datapath redirected from an enrolled cgroup this process cannot place (its
+    /// enrollment newer than its view) passed as an unenforced sender's, skipping the DNS rules.
+    #[tokio::test]
+    async fn a_sender_of_no_known_endpoint_gets_servfail_and_nothing_is_forwarded() {
+        let upstream = fake_upstream(false).await;
+        let running = start_with(
+            "127.0.0.1:0".parse().unwrap(),
+            upstream,
+            Duration::ZERO,
+            Duration::from_secs(2),
+            Duration::ZERO,
+            false,
+            Arc::new(UnknownEnrolled),
+        )
+        .await;
+        let (answer, took) = ask(running.dns, "cilium.io.").await;
+        assert_eq!(answer.metadata.response_code, ResponseCode::ServFail);
+        assert!(answer.answers.is_empty());
+        assert!(
+            took < Duration::from_secs(1),
+            "at once, not at the timeout: {took:?}"
+        );
+        assert_eq!(
+            running.cache.lock().name_count(),
+            0,
+            "nothing was forwarded"
+        );
+        assert_eq!(running.datapath.calls.load(Ordering::SeqCst), 0);
+        running.shutdown.cancel();
     }
 
     #[tokio::test]
