@@ -85,6 +85,7 @@ mod tests {
 
     const LIMITS: CacheLimits = CacheLimits {
         min_ttl: 0,
+        max_ttl: 0,
         max_ips_per_name: 10,
         max_names_per_endpoint: 0,
     };

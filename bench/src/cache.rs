@@ -122,6 +122,7 @@ fn limits() -> CacheLimits {
     let dns = DnsConfig::default();
     CacheLimits {
         min_ttl: dns.min_ttl,
+        max_ttl: dns.max_ttl,
         max_ips_per_name: dns.max_ips_per_name,
         max_names_per_endpoint: 0,
     }

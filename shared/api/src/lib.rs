@@ -106,14 +106,18 @@ pub fn merge_mappings(
     if let Some(error) = first_error {
         tracing::warn!(%error, "mappings from the peer skipped");
     }
+    let now = warden_proxy::unix_now();
     let mut cache = cache.lock();
+    let limits = cache.limits();
     for mapping in &checked {
+        // A peer configured with a longer (or no) `max_ttl` does not lengthen ours.
+        let expires_at = limits.bounded_expiry(now, mapping.expires_at);
         for ip in &mapping.ips {
             cache.insert_entry(
                 &mapping.endpoint,
                 mapping.name.as_str(),
                 *ip,
-                mapping.expires_at,
+                expires_at,
                 Source::Lookup,
             );
         }
@@ -315,6 +319,28 @@ mod tests {
             expires_at: 1_000,
             server: String::new(),
         }
+    }
+
+    /// A peer with a longer (or no) `max_ttl` would lengthen ours through its mappings.
+    #[test]
+    fn merged_mappings_are_bounded_by_our_max_ttl() {
+        use warden_fqdn::{CacheLimits, DnsCache};
+        let cache = warden_proxy::SharedCache::new(DnsCache::new(CacheLimits {
+            max_ttl: 600,
+            ..CacheLimits::UNLIMITED
+        }));
+        let metrics = warden_telemetry::Metrics::new("test").unwrap();
+        let now = warden_proxy::unix_now();
+        let mut far = wire("youssef/test", "cilium.io", &["198.18.1.10"]);
+        far.expires_at = now.0 + 30 * 86_400;
+        let mut near = wire("youssef/test", "google.com", &["198.18.1.20"]);
+        near.expires_at = now.0 + 60;
+        assert_eq!(merge_mappings(&cache, &[far, near], &metrics.peer), 2);
+        let cache = cache.lock();
+        let expiry = |name| cache.lookup(now, "youssef/test", name)[0].expires_at.0;
+        let bounded = expiry("cilium.io.");
+        assert!((now.0 + 600..=now.0 + 601).contains(&bounded), "{bounded}");
+        assert_eq!(expiry("google.com."), now.0 + 60);
     }
 
     #[test]

@@ -232,6 +232,14 @@ impl DnsConfig {
                 format!("must be 1 to {MAX_UPSTREAM_SOCKETS}"),
             ));
         }
+        // A TTL of 2^31 s or more reads as 0 (RFC 2181 §8): a ceiling up there would leave such
+        // TTLs in answers while the cache takes them for 0.
+        if self.max_ttl > i32::MAX.unsigned_abs() {
+            return Err(ConfigError::invalid(
+                "dns.max_ttl",
+                format!("at most {} s (0 is no ceiling)", i32::MAX),
+            ));
+        }
         if self.concurrency_limit > MAX_CONCURRENCY_LIMIT {
             return Err(ConfigError::invalid(
                 "dns.concurrency_limit",
@@ -591,6 +599,13 @@ datapath:
         config.dns.upstream_sockets = 1 << 40;
         let error = config.validate().unwrap_err().to_string();
         assert!(error.contains("dns.upstream_sockets"), "{error}");
+        config.dns.upstream_sockets = 8;
+        config.dns.max_ttl = 1 << 31;
+        let error = config.validate().unwrap_err().to_string();
+        assert!(error.contains("dns.max_ttl"), "{error}");
+        config.dns.max_ttl = (1 << 31) - 1;
+        config.validate().expect("the longest TTL there is");
+        config.dns.max_ttl = 1 << 31;
         // The standalone proxy's config shares the section and its checks.
         let proxy = ProxyConfig {
             dns: config.dns.clone(),

@@ -14,6 +14,7 @@ pub const LEAVE_LINGER: Duration = Duration::from_millis(300);
 pub fn cache_limits(dns: &DnsConfig) -> CacheLimits {
     CacheLimits {
         min_ttl: dns.min_ttl,
+        max_ttl: dns.max_ttl,
         max_ips_per_name: dns.max_ips_per_name,
         max_names_per_endpoint: dns.max_names_per_endpoint,
     }

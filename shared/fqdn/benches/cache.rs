@@ -40,6 +40,7 @@ struct Fixture {
 fn fixture() -> Fixture {
     let limits = CacheLimits {
         min_ttl: 0,
+        max_ttl: 0,
         max_ips_per_name: 1_000,
         max_names_per_endpoint: 0,
     };

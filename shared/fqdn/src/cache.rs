@@ -629,7 +629,8 @@ impl DnsCache {
     }
 
     /// Rebuilds a cache from a snapshot: entries already expired at `now` are dropped, the
-    /// rest keep their absolute expiry and become [`Source::Restored`] (those kept for
+    /// rest keep their absolute expiry, within `max_ttl` of `now` (one set since the snapshot
+    /// was written bounds it too), and become [`Source::Restored`] (those kept for
     /// connections stay [`Source::Connection`]).
     pub fn restore(
         limits: CacheLimits,
@@ -649,7 +650,8 @@ impl DnsCache {
                     Source::Connection => Source::Connection,
                     Source::Lookup | Source::Restored => Source::Restored,
                 };
-                cache.insert_entry(&entry.endpoint, &entry.name, ip.ip, ip.expires_at, source);
+                let expires_at = limits.bounded_expiry(now, ip.expires_at);
+                cache.insert_entry(&entry.endpoint, &entry.name, ip.ip, expires_at, source);
             }
         }
         Ok(cache)
@@ -1022,6 +1024,7 @@ mod tests {
     fn limits(min_ttl: u32, max_ips_per_name: usize) -> CacheLimits {
         CacheLimits {
             min_ttl,
+            max_ttl: 0,
             max_ips_per_name,
             max_names_per_endpoint: 0,
         }
@@ -1491,6 +1494,27 @@ mod tests {
         assert_eq!(found[0].source, Source::Restored);
         r.insert(later, EP, "cilium.io.", &[ip4(1)], 600);
         assert_eq!(r.lookup(later, EP, "cilium.io.")[0].source, Source::Lookup);
+    }
+
+    /// An entry saved with a TTL of a month, restored after `max_ttl` was set, kept its allow
+    /// entries for the month: a ceiling set later bounds what was saved before.
+    #[test]
+    fn restore_bounds_saved_expiries_by_max_ttl() {
+        let mut c = DnsCache::new(CacheLimits::UNLIMITED);
+        c.insert(t(1_000), EP, "long.example.", &[ip4(1)], 30 * 86_400);
+        c.insert(t(1_000), EP, "short.example.", &[ip4(2)], 60);
+        let limits = CacheLimits {
+            max_ttl: 3_600,
+            ..CacheLimits::UNLIMITED
+        };
+        let restored = DnsCache::restore(limits, c.snapshot(t(1_000)), t(1_010)).unwrap();
+        let expiry = |name| restored.lookup(t(1_010), EP, name)[0].expires_at;
+        assert_eq!(expiry("long.example."), t(1_010 + 3_600));
+        assert_eq!(
+            expiry("short.example."),
+            t(1_060),
+            "shorter ones keep their own"
+        );
     }
 
     #[test]

@@ -7,7 +7,7 @@
 //! untouched (only its ID is replaced) through the [`upstream`] socket pool. The answer's IPs
 //! are read along the CNAME chain (rules in [`answer`]), recorded in the FQDN cache and handed
 //! to the datapath hook; only then is the answer released to the client, with the client's own
-//! ID restored. The `udp` module drives UDP queries with a few long-lived loops and no task per
+//! ID restored (and TTLs past `max_ttl` lowered). The `udp` module drives UDP queries with a few long-lived loops and no task per
 //! query (the hot path); `tcp` gives each connection and query a task; [`server`] binds,
 //! serves and drains.
 //!

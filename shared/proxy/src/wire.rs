@@ -1276,16 +1276,36 @@ mod tests {
         assert_eq!(answer.rcode, 16, "extended RCODE still read");
     }
 
+    /// Where each record's TTL field lies in `packet` (every section, OPT included).
+    fn ttl_fields(packet: &[u8]) -> Vec<Range<usize>> {
+        let header = Header::read(packet).unwrap();
+        let mut position = HEADER_LEN;
+        for _ in 0..header.question_count {
+            position = skip_question(packet, position).unwrap();
+        }
+        let mut fields = Vec::new();
+        for _ in 0..header.record_count() {
+            let record = read_record(packet, position).unwrap();
+            let at = record.data.start - RECORD_FIXED_LEN + RECORD_TTL_AT;
+            fields.push(at..at + 4);
+            position = record.data.end;
+        }
+        fields
+    }
+
     #[test]
     fn a_cap_above_every_ttl_changes_nothing() {
         let (_, bytes) = long_lived_answer();
         let mut capped = bytes.clone();
         cap_ttls(&mut capped, u32::MAX).unwrap();
-        // Only the top-bit TTL, which any cap reads as 0.
-        let changed: Vec<usize> = (0..bytes.len())
-            .filter(|&i| bytes[i] != capped[i])
-            .collect();
-        assert!(changed.len() <= 4, "{changed:?}");
+        // Only the top-bit TTL (the third answer record's), which any cap reads as 0.
+        let before = Message::from_vec(&bytes).unwrap();
+        let after = Message::from_vec(&capped).unwrap();
+        let mut expected = before.clone();
+        expected.answers[2].ttl = 0;
+        assert_eq!(after, expected);
+        let top_bit_field = ttl_fields(&bytes)[2].clone();
+        assert!((0..bytes.len()).all(|i| bytes[i] == capped[i] || top_bit_field.contains(&i)));
         let query = query_for(&name("cilium.io."), RecordType::A);
         let plain = response_to(&query, vec![a("cilium.io.", 60, 1)])
             .to_vec()
@@ -1425,6 +1445,13 @@ mod tests {
             if let Ok(answer) = parse_answer(&packet, &asked) {
                 let mut capped = packet.clone();
                 cap_ttls(&mut capped, 7).expect("an accepted answer can be capped");
+                let fields = ttl_fields(&packet);
+                assert!(
+                    (0..packet.len())
+                        .all(|i| packet[i] == capped[i]
+                            || fields.iter().any(|field| field.contains(&i))),
+                    "{packet:?}"
+                );
                 let recapped = parse_answer(&capped, &asked).expect("still an answer");
                 assert_eq!(recapped.summary.ips, answer.summary.ips);
                 assert_eq!(recapped.rcode, answer.rcode);

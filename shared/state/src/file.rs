@@ -1,6 +1,7 @@
 use std::ffi::OsString;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::StateError;
 
@@ -41,7 +42,14 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), StateError> {
 pub fn sync_folder(folder: &Path) -> Result<(), StateError> {
     let synced = std::fs::File::open(folder).and_then(|handle| handle.sync_all());
     match synced {
-        Err(error) if refuses_folder_sync(&error) => Ok(()),
+        Err(error) if refuses_folder_sync(&error) => {
+            // Said once: every save meets it, and the operator can only move state_dir.
+            static WARNED: AtomicBool = AtomicBool::new(false);
+            if !WARNED.swap(true, Ordering::Relaxed) {
+                tracing::warn!(folder = %folder.display(), %error, "the filesystem refuses to sync folders: a save may not survive a power loss");
+            }
+            Ok(())
+        }
         synced => synced.map_err(|source| StateError::SyncFolder {
             folder: folder.to_path_buf(),
             source,
