@@ -482,6 +482,15 @@ static __always_inline int sock_egress(struct bpf_sock_addr *ctx, int v6, __u8 r
 			__u64 cookie = bpf_get_socket_cookie(ctx);
 			struct warden_sock_orig *known = bpf_map_lookup_elem(&sock_orig, &cookie);
 
+			/* The workload addressed its DNS target itself (a target on port 53): no
+			 * redirect, and no original to remember, or the proxy would forward the
+			 * query to itself. What an earlier send of this socket saved goes. */
+			if (addr_eq(so.target.addr, dst.b) && so.target.port == port) {
+				if (known)
+					bpf_map_delete_elem(&sock_orig, &cookie);
+				return 1;
+			}
+
 			__builtin_memcpy(so.orig.addr, dst.b, 16);
 			so.orig.port = port;
 			so.orig.family = v6 ? WARDEN_AF_INET6 : WARDEN_AF_INET;
@@ -805,7 +814,12 @@ static __always_inline void publish_redirect(const struct warden_client_key *key
 	__sync_val_compare_and_swap(&slot->seq, seq + 1, seq + 2);
 }
 
-/* Remember who asked and which server was meant, keyed the way the proxy sees the client. */
+/* Remember who asked and which server was meant, keyed the way the proxy sees the client. A
+ * socket that addressed the target itself (the proxy's address, or a port-53 target) meant no
+ * other server: its record has no original (family 0), and the proxy asks its upstream. It
+ * still names the cgroup: without a record the proxy would know the sender by address only,
+ * which a host-network workload does not have, and take it for an unenforced one; and it
+ * replaces what an earlier, redirected socket on the same port left. */
 static __always_inline void record_redirect(struct __sk_buff *skb, const struct pkt *p,
 					    __u64 cgroup_id)
 {
@@ -815,14 +829,13 @@ static __always_inline void record_redirect(struct __sk_buff *skb, const struct 
 	struct warden_redirect_record rec = {};
 	struct warden_redirect_record *known;
 
-	if (!so)
-		return;
 	__builtin_memcpy(key.addr, p->src.b, 16);
 	key.port = p->sport;
 	key.proto = p->proto;
 	rec.cgroup_id = cgroup_id;
 	rec.time_ns = bpf_ktime_get_boot_ns();
-	rec.orig = so->orig;
+	if (so)
+		rec.orig = so->orig;
 	known = bpf_map_lookup_elem(&redirect_records, &key);
 	/* The same client asking the same server again (the common case): the lookup keeps the
 	 * entry young, and an LRU update, which allocates and takes locks, is paid only when the

@@ -156,7 +156,8 @@ fn map_slots(data: &MapData, bpffs: &Path) -> Result<RedirectSlots, String> {
 fn redirect_record_of(r: RawRedirectRecord) -> RedirectRecord {
     RedirectRecord {
         cgroup_id: r.cgroup_id,
-        original: abi::socket_addr_of(r.orig.addr, r.orig.port),
+        // Family 0: the client sent to the target itself (see `record_redirect`).
+        original: (r.orig.family != 0).then(|| abi::socket_addr_of(r.orig.addr, r.orig.port)),
     }
 }
 

@@ -108,8 +108,9 @@ impl PortRule {
 pub struct RedirectRecord {
     /// The enrolled cgroup the client socket belongs to (its own or nearest enrolled ancestor).
     pub cgroup_id: u64,
-    /// The destination the client addressed (IPv4 given as V4 even for dual-stack sockets).
-    pub original: SocketAddr,
+    /// The destination the client addressed (IPv4 given as V4 even for dual-stack sockets);
+    /// `None` when it addressed its DNS target (the proxy) itself.
+    pub original: Option<SocketAddr>,
 }
 
 /// A redirect record looked up, and where it was looked up.

@@ -222,7 +222,7 @@ impl EndpointLookup for Enforcement {
                 ClientContext {
                     unresolved: endpoint.is_none(),
                     endpoint,
-                    original_server: Some(record.original),
+                    original_server: record.original,
                 }
             }
             Ok(None) => by_ip(),

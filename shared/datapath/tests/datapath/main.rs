@@ -438,7 +438,7 @@ fn redirect_records_come_from_the_slots_while_the_program_writes_them() {
         assert_eq!(p.get("answer"), "true", "{p:?}");
         let s = support::recv_within(&seen, Duration::from_secs(2)).expect("query at target");
         let record = s.record.expect("redirect record keyed by the client");
-        assert_eq!((record.cgroup_id, record.original), (app_id, orig));
+        assert_eq!((record.cgroup_id, record.original), (app_id, Some(orig)));
         sources.push(s.source.expect("lookup failed"));
         if sources.last() == Some(&RedirectSource::Slot) {
             break;
@@ -466,7 +466,7 @@ fn redirect_records_come_from_the_slots_while_the_program_writes_them() {
         let record = s.record.expect("redirect record keyed by the client");
         assert_eq!(
             (record.cgroup_id, record.original),
-            (app_id, *server),
+            (app_id, Some(*server)),
             "query {} ({:?})",
             i + 1,
             s.source
@@ -489,7 +489,7 @@ fn redirect_records_come_from_the_slots_while_the_program_writes_them() {
         let s = support::recv_within(&seen, Duration::from_secs(2)).expect("query at target");
         assert_eq!(
             s.record.map(|r| (r.cgroup_id, r.original)),
-            Some((app_id, orig))
+            Some((app_id, Some(orig)))
         );
         from_slot += usize::from(s.source == Some(RedirectSource::Slot));
     }
@@ -571,8 +571,55 @@ fn redirect_records_come_from_the_slots_while_the_program_writes_them() {
     assert_eq!(from_map.source, RedirectSource::Map);
     assert_eq!(
         from_map.record.map(|r| (r.cgroup_id, r.original)),
-        Some((app_id, servers[servers.len() - 1]))
+        Some((app_id, Some(servers[servers.len() - 1])))
     );
+}
+
+/// A workload asking its DNS target itself (here a target on port 53, as a node-local
+/// resolver address would be) was taken for a redirect to the target: the record named the
+/// proxy as the original server, and the proxy forwarded the query to itself. And a query sent
+/// to the target directly left no record at all, so the proxy knew a host-network sender by
+/// address only, which it has none of. Now the record names the cgroup and no original server.
+#[test]
+fn a_query_to_the_target_itself_names_its_cgroup_and_no_original_server() {
+    skip_unless_privileged!();
+    let lab = Lab::new();
+    let dp = Datapath::open(&lab.options()).unwrap();
+    let target = v4_at(53);
+    let seen = lab.dns_responder(target, dp.clone());
+    let app = lab.cgroup("app");
+    let app_id = Datapath::cgroup_id(&app).unwrap();
+    dp.enroll(app_id, 16, true, true).unwrap();
+    let SocketAddr::V4(t4) = target else {
+        unreachable!()
+    };
+    dp.set_dns_target(16, Some(t4), None).unwrap();
+
+    let elsewhere = sa("10.213.0.99:53");
+    let p = lab.probe(&app, &format!("udp-dns {elsewhere}"));
+    assert_eq!(p.get("from"), elsewhere.to_string(), "{p:?}");
+    let s = support::recv_within(&seen, Duration::from_secs(2)).expect("query at target");
+    let record = s.record.expect("a redirect record");
+    assert_eq!(
+        (record.cgroup_id, record.original),
+        (app_id, Some(elsewhere))
+    );
+
+    for probe in ["udp-dns", "udp-dns-connected", "tcp-dns"] {
+        let p = lab.probe(&app, &format!("{probe} {target}"));
+        if probe == "tcp-dns" {
+            assert_eq!(p.get("answer"), "true", "{probe}: {p:?}");
+        } else {
+            assert_eq!(p.get("from"), target.to_string(), "{probe}: {p:?}");
+        }
+        let s = support::recv_within(&seen, Duration::from_secs(2)).expect("query at target");
+        let record = s.record.expect("a record naming the cgroup");
+        assert_eq!(
+            (record.cgroup_id, record.original),
+            (app_id, None),
+            "{probe}"
+        );
+    }
 }
 
 #[test]
@@ -605,14 +652,14 @@ fn dns_is_redirected_recorded_and_restored() {
         let s = support::recv_within(seen, Duration::from_secs(2)).expect("query at target");
         assert_eq!(s.proto, UDP);
         let record = s.record.expect("redirect record keyed by the client");
-        assert_eq!((record.cgroup_id, record.original), (app_id, orig));
+        assert_eq!((record.cgroup_id, record.original), (app_id, Some(orig)));
 
         // Connected UDP: getpeername and recvfrom show the server too.
         let p = lab.probe(&app, &format!("udp-dns-connected {orig}"));
         assert_eq!(p.get("peer"), orig.to_string(), "{p:?}");
         assert_eq!(p.get("from"), orig.to_string());
         let s = support::recv_within(seen, Duration::from_secs(2)).expect("query at target");
-        assert_eq!(s.record.map(|r| r.original), Some(orig));
+        assert_eq!(s.record.and_then(|r| r.original), Some(orig));
 
         // TCP.
         let p = lab.probe(&app, &format!("tcp-dns {orig}"));
@@ -621,12 +668,12 @@ fn dns_is_redirected_recorded_and_restored() {
         let s = support::recv_within(seen, Duration::from_secs(2)).expect("query at target");
         assert_eq!(s.proto, TCP);
         let record = s.record.expect("redirect record for TCP");
-        assert_eq!((record.cgroup_id, record.original), (app_id, orig));
+        assert_eq!((record.cgroup_id, record.original), (app_id, Some(orig)));
         assert_eq!(
             dp.redirect_record(s.client, TCP)
                 .unwrap()
                 .record
-                .map(|r| r.original),
+                .and_then(|r| r.original),
             Some(orig)
         );
     }
