@@ -20,6 +20,12 @@ const HEADER_LEN: usize = 12;
 const QUESTION_FIXED_LEN: usize = 4;
 /// TYPE, CLASS, TTL and RDLENGTH, after a record's owner name.
 const RECORD_FIXED_LEN: usize = 10;
+/// CNAME records an answer section may hold. Following the chain scans them once per step
+/// (up to 16), and each comparison can walk a name of 127 labels: thousands of CNAMEs whose
+/// owners all point at one name that differs from the chain's only in its last label once cost
+/// some ten million label comparisons per answer. A real chain is a handful; DNAME-synthesized
+/// ones and repeated owners stay far below this.
+pub const MAX_CNAME_RECORDS: usize = 64;
 /// Where a record's TTL starts, counted from the end of its owner name (after TYPE and CLASS).
 const RECORD_TTL_AT: usize = 4;
 
@@ -77,7 +83,8 @@ pub enum WireError {
     QuestionMismatch,
     /// The answer has no question to match against the query's.
     NoQuestion,
-    /// More questions than any real query carries.
+    /// More questions than any real query carries, or more CNAME records than any real
+    /// answer (see [`MAX_CNAME_RECORDS`]).
     TooMany,
 }
 
@@ -276,8 +283,15 @@ pub fn parse_answer(packet: &[u8], asked: &[u8]) -> Result<Answer, WireError> {
     let mut rcode = u16::from(header.flags[1] & RCODE_MASK);
     let mut seen_opt = false;
     let mut longest_ttl = 0;
+    let mut cnames = 0;
     for (index, record) in Records::new(packet, answers_start, header.record_count()).enumerate() {
         let record = record?;
+        if record.kind == TYPE_CNAME && index < usize::from(header.answer_count) {
+            cnames += 1;
+            if cnames > MAX_CNAME_RECORDS {
+                return Err(WireError::TooMany);
+            }
+        }
         if record.kind != TYPE_OPT {
             longest_ttl = longest_ttl.max(record.ttl);
         } else if index >= header.additional_start() && !seen_opt {
@@ -1459,6 +1473,28 @@ mod tests {
             }
         }
         assert!(compared > 1_000, "only {compared} mutants compared");
+    }
+
+    /// The chain is scanned once per step: thousands of CNAMEs made an answer cost tens of
+    /// milliseconds of a worker.
+    #[test]
+    fn an_answer_with_more_cnames_than_any_chain_is_refused() {
+        let query = query_for(&name("www.cilium.io."), RecordType::A);
+        let chain = |count: usize| {
+            let mut records: Vec<HickoryRecord> = (0..count)
+                .map(|n| cname(&format!("x{n}.www.cilium.io."), 60, "edge.cilium.io."))
+                .collect();
+            records.push(cname("www.cilium.io.", 60, "edge.cilium.io."));
+            records.push(a("edge.cilium.io.", 60, 1));
+            response_to(&query, records).to_vec().unwrap()
+        };
+        let asked = asked_bytes(&query);
+        let fits = parse_answer(&chain(MAX_CNAME_RECORDS - 1), &asked).unwrap();
+        assert_eq!(fits.summary.ips, vec![ip("198.18.1.1")]);
+        assert_eq!(
+            parse_answer(&chain(MAX_CNAME_RECORDS), &asked),
+            Err(WireError::TooMany)
+        );
     }
 
     #[test]
