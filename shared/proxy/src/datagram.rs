@@ -16,7 +16,7 @@
 #![allow(unsafe_code)]
 
 use std::io::{self, IoSlice, IoSliceMut};
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6, UdpSocket};
+use std::net::{SocketAddr, SocketAddrV4, SocketAddrV6, UdpSocket};
 use std::ops::Range;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 use std::time::Duration;
@@ -97,19 +97,18 @@ impl Datagram {
     }
 
     /// Stops taking datagrams from clients while keeping what is queued: connected to its own
-    /// address (loopback when bound to the wildcard), the socket no longer matches their
-    /// datagrams, so the kernel gives them to another socket of the port's SO_REUSEPORT group.
-    /// Sending to explicit addresses still works.
-    pub fn stop_receiving(&self) -> io::Result<()> {
+    /// address, the socket no longer matches their datagrams, so the kernel gives them to
+    /// another socket of the port's SO_REUSEPORT group. Sending to explicit addresses still
+    /// works. A socket bound to the wildcard stays: a connect would also fix its source
+    /// address (to loopback, the route to itself), and its answers to every client not on
+    /// loopback would then fail (EINVAL). Returns whether the socket left the group.
+    pub fn stop_receiving(&self) -> io::Result<bool> {
         let local = self.local_addr()?;
-        let own = match local.ip() {
-            IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
-            IpAddr::V6(ip) if ip.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
-            ip => ip,
-        };
-        self.io
-            .get_ref()
-            .connect(SocketAddr::new(own, local.port()))
+        if local.ip().is_unspecified() {
+            return Ok(false);
+        }
+        self.io.get_ref().connect(local)?;
+        Ok(true)
     }
 
     /// Reads what is queued now, without waiting: `WouldBlock` when nothing is. Asks the
@@ -367,6 +366,21 @@ impl AsFd for Datagram {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Connected to leave the port's group, a wildcard socket took loopback as its source, and
+    /// its answers to clients elsewhere (pods, hosts) failed while it drained.
+    #[tokio::test]
+    async fn a_wildcard_socket_keeps_its_wildcard_source() {
+        let wildcard = Datagram::new(UdpSocket::bind("0.0.0.0:0").unwrap()).unwrap();
+        assert!(!wildcard.stop_receiving().unwrap());
+        assert!(wildcard.local_addr().unwrap().ip().is_unspecified());
+        let specific = Datagram::new(UdpSocket::bind("127.0.0.1:0").unwrap()).unwrap();
+        assert!(specific.stop_receiving().unwrap());
+        assert_eq!(
+            specific.io.get_ref().peer_addr().unwrap(),
+            specific.local_addr().unwrap()
+        );
+    }
 
     #[tokio::test]
     async fn sends_and_receives() {

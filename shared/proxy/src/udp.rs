@@ -89,8 +89,13 @@ pub(crate) async fn listener_loop(engine: Arc<Engine>, listener: usize, stop: Ca
     // to another socket of the port (or, with none left, refuses it), while the queue stays
     // readable. Closing would drop the queue; reading it empty and then closing would race the
     // next arrival.
-    if let Err(error) = socket.stop_receiving() {
-        tracing::warn!(%error, "cannot take the DNS socket out of the port's group");
+    match socket.stop_receiving() {
+        Ok(true) => {}
+        // Drained in the group: a datagram arriving after the last read is lost at close.
+        Ok(false) => {
+            tracing::debug!("a wildcard DNS socket is drained without leaving the port's group")
+        }
+        Err(error) => tracing::warn!(%error, "cannot take the DNS socket out of the port's group"),
     }
     // Drained when a read finds nothing twice, a moment apart: a datagram already past the
     // kernel's socket lookup when the socket connected may still land.
