@@ -166,18 +166,19 @@ impl DnsProxy {
         {
             tracing::warn!("queries still in flight after the drain timeout");
         }
-        // Out of the port's group and drained, the listeners close now that their queries are
-        // answered.
-        for slot in &engine.udp_listeners {
-            slot.close();
-        }
         upstream_shutdown.cancel();
         for upstream_loop in upstream_loops {
             let _ = upstream_loop.await;
         }
-        // Whatever still waits gets its SERVFAIL rather than silence.
+        // Whatever still waits gets its SERVFAIL rather than silence, from the socket its query
+        // came in on: before the listeners close.
         for waiting in engine.upstream.drain() {
             udp::time_out(&engine, waiting, &tracker);
+        }
+        // Out of the port's group and drained, the listeners close now that their queries are
+        // answered.
+        for slot in &engine.udp_listeners {
+            slot.close();
         }
     }
 }
@@ -490,6 +491,88 @@ spec:
             "the proxy took more of the client's queries than one connection may have in flight"
         );
         proxy.shutdown.cancel();
+        proxy.served.await.unwrap();
+    }
+
+    /// At shutdown a TCP connection closed over a query its client sent after the reader had
+    /// stopped: the close reset the connection and threw away the answers still in its send
+    /// queue (a client reading slowly had not taken them yet). The client must get every
+    /// answer and then an orderly close.
+    #[tokio::test]
+    async fn a_tcp_connection_closing_at_shutdown_delivers_every_answer() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        const QUERIES: u16 = 8;
+        // A TCP upstream that answers each query after 300 ms, with 60 addresses (~1 KiB).
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let upstream = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let length = stream.read_u16().await.unwrap();
+                    let mut query = vec![0u8; usize::from(length)];
+                    stream.read_exact(&mut query).await.unwrap();
+                    let query = Message::from_vec(&query).unwrap();
+                    let mut answer = Message::response(query.metadata.id, OpCode::Query);
+                    answer.add_queries(query.queries.clone());
+                    for n in 1..=60 {
+                        answer.add_answer(Record::from_rdata(
+                            query.queries[0].name().clone(),
+                            60,
+                            RData::A(A::new(198, 18, 0, n)),
+                        ));
+                    }
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    let wire = answer.to_vec().unwrap();
+                    let mut framed = u16::try_from(wire.len()).unwrap().to_be_bytes().to_vec();
+                    framed.extend_from_slice(&wire);
+                    let _ = stream.write_all(&framed).await;
+                });
+            }
+        });
+        let proxy = start(upstream, Duration::ZERO, Duration::from_secs(2)).await;
+        let framed = |id: u16| {
+            let mut query = Message::query();
+            query.metadata.id = id;
+            query.add_query(Query::query(
+                Name::from_ascii("cilium.io.").unwrap(),
+                RecordType::A,
+            ));
+            let wire = query.to_vec().unwrap();
+            let mut framed = u16::try_from(wire.len()).unwrap().to_be_bytes().to_vec();
+            framed.extend_from_slice(&wire);
+            framed
+        };
+        // A small receive window: most answers wait in the proxy's send queue.
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(1024).unwrap();
+        let mut client = socket.connect(proxy.dns).await.unwrap();
+        for id in 1..=QUERIES {
+            client.write_all(&framed(id)).await.unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        proxy.shutdown.cancel();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        // Sent after the reader stopped: never read.
+        client.write_all(&framed(QUERIES + 1)).await.unwrap();
+        // Read once the answers are written and the proxy is closing.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let mut ids = Vec::new();
+        loop {
+            let read = tokio::time::timeout(Duration::from_secs(3), client.read_u16())
+                .await
+                .expect("an answer or the end in time");
+            let length = match read {
+                Ok(length) => length,
+                Err(error) if error.kind() == std::io::ErrorKind::UnexpectedEof => break,
+                Err(error) => panic!("after {} answers: {error}", ids.len()),
+            };
+            let mut answer = vec![0u8; usize::from(length)];
+            client.read_exact(&mut answer).await.unwrap();
+            ids.push(Message::from_vec(&answer).unwrap().metadata.id);
+        }
+        ids.sort_unstable();
+        assert_eq!(ids, (1..=QUERIES).collect::<Vec<_>>());
+        drop(client);
         proxy.served.await.unwrap();
     }
 

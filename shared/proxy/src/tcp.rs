@@ -76,6 +76,8 @@ impl Drop for ClientSlot {
 pub(crate) const QUERIES_PER_CONNECTION: usize = 16;
 /// Answers waiting for the connection's writer.
 const ANSWERS_QUEUED: usize = 32;
+/// How long a connection closing at shutdown waits for its client to close too.
+const CLOSE_GRACE: Duration = Duration::from_secs(1);
 
 /// Accepts connections until `stop`.
 pub(crate) async fn listener_loop(
@@ -194,6 +196,17 @@ async fn connection(
     }
     drop(answers);
     let _ = write_loop.await;
+    if stop.is_cancelled() {
+        // The answers are written and the FIN queued; what the client sent meanwhile sits
+        // unread, and closing over unread data resets the connection, which can discard
+        // answers the client has not read yet. Read it away until the client closes too (a
+        // resolver retries what went unanswered on a new connection, to the peer).
+        let discard = async {
+            let mut scratch = [0u8; 4096];
+            while matches!(reader.read(&mut scratch).await, Ok(read) if read > 0) {}
+        };
+        let _ = tokio::time::timeout(CLOSE_GRACE, discard).await;
+    }
 }
 
 /// The whole life of one TCP query; `None` when the packet deserves no answer.
