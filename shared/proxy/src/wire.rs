@@ -58,6 +58,8 @@ const FLAG_CD: u8 = 0x10;
 const OPCODE_SHIFT: u8 = 3;
 const OPCODE_MASK: u8 = 0x0F;
 const RCODE_MASK: u8 = 0x0F;
+const RCODE_FORMERR: u8 = 1;
+const RCODE_NOTIMP: u8 = 4;
 
 /// The DO bit among the OPT record's flags, the low half of its TTL.
 const EDNS_DNSSEC_OK: u32 = 0x8000;
@@ -263,22 +265,34 @@ pub fn parse_answer(packet: &[u8], asked: &[u8]) -> Result<Answer, WireError> {
     if !header.is_response() {
         return Err(WireError::NotAResponse);
     }
-    if header.question_count == 0 {
-        return Err(WireError::NoQuestion);
-    }
     if header.question_count > MAX_QUESTIONS {
         return Err(WireError::TooMany);
     }
-    let name_end = skip_name(packet, HEADER_LEN)?;
-    let mut position = name_end + QUESTION_FIXED_LEN;
-    let type_and_class = packet.get(name_end..position).ok_or(WireError::Short)?;
-    if !is_asked(packet, type_and_class, asked) {
-        return Err(WireError::QuestionMismatch);
-    }
-    for _ in 1..header.question_count {
-        position = skip_question(packet, position)?;
-    }
-    let answers_start = position;
+    let answers_start = if header.question_count == 0 {
+        // A server that does not understand a query (EDNS, say) may answer FORMERR or NOTIMP
+        // without echoing it (RFC 6891 §7): the client needs that error to fall back, not a
+        // SERVFAIL at the timeout. It carries no records to believe, so the ID and the server
+        // are match enough.
+        let rcode = header.flags[1] & RCODE_MASK;
+        let bare_error = matches!(rcode, RCODE_FORMERR | RCODE_NOTIMP)
+            && header.answer_count == 0
+            && header.authority_count == 0;
+        if !bare_error {
+            return Err(WireError::NoQuestion);
+        }
+        HEADER_LEN
+    } else {
+        let name_end = skip_name(packet, HEADER_LEN)?;
+        let mut position = name_end + QUESTION_FIXED_LEN;
+        let type_and_class = packet.get(name_end..position).ok_or(WireError::Short)?;
+        if !is_asked(packet, type_and_class, asked) {
+            return Err(WireError::QuestionMismatch);
+        }
+        for _ in 1..header.question_count {
+            position = skip_question(packet, position)?;
+        }
+        position
+    };
 
     let mut rcode = u16::from(header.flags[1] & RCODE_MASK);
     let mut seen_opt = false;
@@ -1198,6 +1212,41 @@ mod tests {
             parse_answer(&header(RESPONSE, [0, 0, 0, 0]), &asked).unwrap_err(),
             WireError::NoQuestion
         );
+    }
+
+    /// An old server's FORMERR to an EDNS query, without the question, was dropped as
+    /// malformed: the client got SERVFAIL at the timeout instead of the error it falls back on.
+    #[test]
+    fn an_error_without_the_question_is_taken_and_nothing_else_is() {
+        let query = query_for(&name("cilium.io."), RecordType::A);
+        let asked = asked_bytes(&query);
+        for (rcode, taken) in [
+            (ResponseCode::FormErr, true),
+            (ResponseCode::NotImp, true),
+            (ResponseCode::NoError, false),
+            (ResponseCode::ServFail, false),
+        ] {
+            let mut bare = Message::response(query.metadata.id, OpCode::Query);
+            bare.metadata.response_code = rcode;
+            let bytes = bare.to_vec().unwrap();
+            match parse_answer(&bytes, &asked) {
+                Ok(answer) => {
+                    assert!(taken, "{rcode:?}");
+                    assert_eq!(answer.rcode, u16::from(rcode));
+                    assert_eq!(answer.summary, AnswerSummary::default());
+                }
+                Err(error) => {
+                    assert!(!taken, "{rcode:?}: {error:?}");
+                    assert_eq!(error, WireError::NoQuestion);
+                }
+            }
+        }
+        // With a record in it, it is no bare error.
+        let mut with_record = Message::response(query.metadata.id, OpCode::Query);
+        with_record.metadata.response_code = ResponseCode::FormErr;
+        with_record.add_answer(a("cilium.io.", 60, 1));
+        let bytes = with_record.to_vec().unwrap();
+        assert_eq!(parse_answer(&bytes, &asked), Err(WireError::NoQuestion));
     }
 
     #[test]
