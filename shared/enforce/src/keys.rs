@@ -15,6 +15,10 @@ const MAX_EXPANDED_PORTS: usize = 1024;
 /// The map keys a grant gives one IP: one per protocol and port (or "any").
 pub fn fqdn_keys(grant: &FqdnGrant, ip: IpAddr) -> Vec<FqdnKey> {
     let endpoint_id = grant.endpoint.0;
+    // As the datapath stores it and reads it back: an AAAA of `::ffff:a.b.c.d` is the IPv4
+    // address's key (the kernel sends IPv4 packets to it), and a key the reconciler wants in
+    // another form than it finds would be revoked and written again, pass after pass.
+    let ip = ip.to_canonical();
     if grant.ports.is_empty() {
         return vec![FqdnKey::any(endpoint_id, ip)];
     }
@@ -105,6 +109,18 @@ pub fn datapath_warnings(policy: &Policy) -> Vec<String> {
 mod tests {
     use super::*;
     use warden_policy::EndpointId;
+
+    #[test]
+    fn an_ipv4_mapped_address_gets_the_ipv4_key() {
+        let grant = FqdnGrant {
+            endpoint: EndpointId(3),
+            ports: vec![],
+            selector: "cilium.io".into(),
+        };
+        let mapped: IpAddr = "::ffff:198.18.1.10".parse().unwrap();
+        let v4: IpAddr = "198.18.1.10".parse().unwrap();
+        assert_eq!(fqdn_keys(&grant, mapped), vec![FqdnKey::any(3, v4)]);
+    }
 
     #[test]
     fn grants_become_exact_keys() {
