@@ -201,7 +201,8 @@ static __always_inline int sockaddr_eq(const struct warden_sockaddr *x,
 /*
  * Loopback always passes: it is the loopback of the network namespace the workload itself runs
  * in (a pod's own lo, or the host's for host-namespace workloads), so it never leaves that
- * namespace, and local resolvers, sidecars and the host-namespace DNS target live there.
+ * namespace, and local resolvers, sidecars and the host-namespace DNS target live there. The
+ * unspecified address (0.0.0.0, ::) counts too: the kernel connects it to the local host.
  */
 static __always_inline int is_loopback(const struct addr16 *a)
 {
@@ -209,9 +210,12 @@ static __always_inline int is_loopback(const struct addr16 *a)
 
 	__builtin_memcpy(&hi, &a->b[0], 8);
 	__builtin_memcpy(&lo, &a->b[8], 8);
-	if (hi == 0 && lo == bpf_cpu_to_be64(1))
-		return 1; /* ::1 */
-	return is_v4_mapped(a) && a->b[12] == 127;
+	if (hi == 0 && (lo == bpf_cpu_to_be64(1) || lo == 0))
+		return 1; /* ::1, :: */
+	if (!is_v4_mapped(a))
+		return 0;
+	return a->b[12] == 127 ||
+	       (a->b[12] == 0 && a->b[13] == 0 && a->b[14] == 0 && a->b[15] == 0);
 }
 
 /* ------------------------------------------------------------------------------------------ */

@@ -374,6 +374,25 @@ fn an_enforced_workload_answers_connections_it_accepted_and_only_those() {
     }
 }
 
+/// The kernel connects the unspecified address to the local host, as it does loopback; the
+/// connect hook refused it to enforced workloads all the same.
+#[test]
+fn an_enforced_workload_may_connect_to_the_unspecified_address() {
+    skip_unless_privileged!();
+    let lab = Lab::new();
+    let dp = Datapath::open(&lab.options()).unwrap();
+    let app = lab.cgroup("app");
+    dp.enroll(Datapath::cgroup_id(&app).unwrap(), 17, true, false)
+        .unwrap();
+    lab.tcp_server(sa("[::]:7300"));
+    for target in ["0.0.0.0:7300", "[::]:7300", "127.0.0.1:7300"] {
+        let p = lab.probe(&app, &format!("tcp {target}"));
+        assert_eq!(p.get("result"), "ok", "{target}: {p:?}");
+    }
+    let p = lab.probe(&app, &format!("tcp {}", v4_at(7300)));
+    assert_eq!(p.get("result"), EPERM, "elsewhere stays refused: {p:?}");
+}
+
 #[test]
 fn portless_packets_need_a_rule_for_every_port() {
     skip_unless_privileged!();
