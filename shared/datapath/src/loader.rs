@@ -433,8 +433,9 @@ fn attach_skb(
     FdLink::try_from(link).map_err(|e| attach_err(Box::new(e)))
 }
 
-/// Pins the freshly attached `link` at `path`, detaching the stale link pinned there before (if
-/// any) only after the new one is attached.
+/// Pins the freshly attached `link` at `path` in place of the stale link pinned there (if any),
+/// and only then detaches the stale one: pinned beside it first and renamed over it, so that a
+/// failure or a crash at any step leaves a program on the hook (for a moment, both).
 fn replace_pin(
     name: &'static str,
     path: &Path,
@@ -446,18 +447,27 @@ fn replace_pin(
     } else {
         LinkAction::Attached
     };
-    remove_if_exists(path)?;
+    // A leftover of a crash between the pin and the rename: unpinned, and held by no one,
+    // its link detaches. (bpffs refuses names with a dot.)
+    let mut staging_name = path.file_name().unwrap_or_default().to_os_string();
+    staging_name.push("_new");
+    let staging = path.with_file_name(staging_name);
+    remove_if_exists(&staging)?;
+    link.pin(&staging).map_err(|source| DatapathError::PinObject {
+        program: name,
+        path: staging.clone(),
+        source: Box::new(source),
+    })?;
+    fs::rename(&staging, path).map_err(|source| DatapathError::Pin {
+        path: path.to_path_buf(),
+        source,
+    })?;
     if let Some(old) = old {
-        // The old pin is gone; detach explicitly in case another process still holds an fd.
+        // Unpinned by the rename; detached explicitly in case another process holds an fd.
         if let Err(e) = sys::link_detach(&old) {
             tracing::warn!(program = name, error = %e, "detaching the stale link failed");
         }
     }
-    link.pin(path).map_err(|source| DatapathError::PinObject {
-        program: name,
-        path: path.to_path_buf(),
-        source: Box::new(source),
-    })?;
     Ok(action)
 }
 
