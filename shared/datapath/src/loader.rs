@@ -453,11 +453,12 @@ fn replace_pin(
     staging_name.push("_new");
     let staging = path.with_file_name(staging_name);
     remove_if_exists(&staging)?;
-    link.pin(&staging).map_err(|source| DatapathError::PinObject {
-        program: name,
-        path: staging.clone(),
-        source: Box::new(source),
-    })?;
+    link.pin(&staging)
+        .map_err(|source| DatapathError::PinObject {
+            program: name,
+            path: staging.clone(),
+            source: Box::new(source),
+        })?;
     fs::rename(&staging, path).map_err(|source| DatapathError::Pin {
         path: path.to_path_buf(),
         source,
