@@ -144,15 +144,24 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } reuseport_config SEC(".maps");
 
-/* TCP connections a peer opened to the workload, marked when the kernel completes the passive
- * open: their packets are replies, which egress policy does not restrict (Cilium's egress
- * policy is stateful too). The mark is the socket's own storage, freed with it, and pinned so
- * that a reloaded program still finds the marks of connections accepted before. */
+/* TCP connections a peer opened to the workload, marked with that peer when the kernel
+ * completes the passive open: packets to it are replies, which egress policy does not
+ * restrict (Cilium's egress policy is stateful too). The mark is the socket's own storage,
+ * freed with it, and pinned so that a reloaded program still finds the marks of connections
+ * accepted before. It names the peer, and an active connect removes it, so a socket taken over
+ * for a connection of the workload's own (TCP can disconnect and connect again) is checked
+ * like any other. */
+struct warden_inbound {
+	__u8 peer[16];
+	__u16 port; /* host order */
+	__u16 pad;
+};
+
 struct {
 	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
 	__uint(map_flags, BPF_F_NO_PREALLOC); /* required for socket storage */
 	__type(key, int);
-	__type(value, __u32);
+	__type(value, struct warden_inbound);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } inbound_conns SEC(".maps");
 
@@ -201,8 +210,7 @@ static __always_inline int sockaddr_eq(const struct warden_sockaddr *x,
 /*
  * Loopback always passes: it is the loopback of the network namespace the workload itself runs
  * in (a pod's own lo, or the host's for host-namespace workloads), so it never leaves that
- * namespace, and local resolvers, sidecars and the host-namespace DNS target live there. The
- * unspecified address (0.0.0.0, ::) counts too: the kernel connects it to the local host.
+ * namespace, and local resolvers, sidecars and the host-namespace DNS target live there.
  */
 static __always_inline int is_loopback(const struct addr16 *a)
 {
@@ -210,12 +218,23 @@ static __always_inline int is_loopback(const struct addr16 *a)
 
 	__builtin_memcpy(&hi, &a->b[0], 8);
 	__builtin_memcpy(&lo, &a->b[8], 8);
-	if (hi == 0 && (lo == bpf_cpu_to_be64(1) || lo == 0))
-		return 1; /* ::1, :: */
-	if (!is_v4_mapped(a))
-		return 0;
-	return a->b[12] == 127 ||
-	       (a->b[12] == 0 && a->b[13] == 0 && a->b[14] == 0 && a->b[15] == 0);
+	if (hi == 0 && lo == bpf_cpu_to_be64(1))
+		return 1; /* ::1 */
+	return is_v4_mapped(a) && a->b[12] == 127;
+}
+
+/* 0.0.0.0 or ::, which connect and sendmsg take for the local host: local for the socket
+ * hooks only (a packet with such a destination, which only a raw socket writes, is not). */
+static __always_inline int is_unspecified(const struct addr16 *a)
+{
+	__u64 hi, lo;
+
+	__builtin_memcpy(&hi, &a->b[0], 8);
+	__builtin_memcpy(&lo, &a->b[8], 8);
+	if (hi == 0 && lo == 0)
+		return 1;
+	return is_v4_mapped(a) && a->b[12] == 0 && a->b[13] == 0 && a->b[14] == 0 &&
+	       a->b[15] == 0;
 }
 
 /* ------------------------------------------------------------------------------------------ */
@@ -518,7 +537,7 @@ static __always_inline int sock_egress(struct bpf_sock_addr *ctx, int v6, __u8 r
 
 	if (!(flags & WARDEN_EP_ENFORCED))
 		return 1;
-	if (is_loopback(&dst) || is_dns_target(endpoint_id, &dst, port))
+	if (is_loopback(&dst) || is_unspecified(&dst) || is_dns_target(endpoint_id, &dst, port))
 		return 1;
 	if (proto == IPPROTO_TCP || proto == IPPROTO_UDP) {
 		if (fqdn_allowed(endpoint_id, &dst, proto, port) ||
@@ -614,28 +633,51 @@ int warden_peer6(struct bpf_sock_addr *ctx)
 SEC("sockops")
 int warden_sockops(struct bpf_sock_ops *ops)
 {
-	struct bpf_sock *sk;
-	__u32 *mark;
+	struct bpf_sock *sk = ops->sk;
+	struct warden_inbound *mark;
 
-	if (ops->op != BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB)
-		return 1;
-	sk = ops->sk;
 	if (!sk)
 		return 1;
+	switch (ops->op) {
+	case BPF_SOCK_OPS_TCP_CONNECT_CB:
+		/* An active open (a socket reconnecting after a disconnect, say): no longer a reply
+		 * channel. Nothing to free for a socket never marked. */
+		bpf_sk_storage_delete(&inbound_conns, sk);
+		return 1;
+	case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB:
+		break;
+	default:
+		return 1;
+	}
 	mark = bpf_sk_storage_get(&inbound_conns, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
-	if (mark)
-		*mark = 1;
+	if (!mark)
+		return 1;
+	if (ops->family == 2 /* AF_INET */) {
+		struct addr16 peer;
+
+		v4_mapped(&peer, ops->remote_ip4);
+		__builtin_memcpy(mark->peer, peer.b, 16);
+	} else {
+		__u32 words[4] = { ops->remote_ip6[0], ops->remote_ip6[1], ops->remote_ip6[2],
+				   ops->remote_ip6[3] };
+
+		__builtin_memcpy(mark->peer, words, 16);
+	}
+	/* Network order in the upper half of the field. */
+	mark->port = (__u16)bpf_ntohl(ops->remote_port);
 	return 1;
 }
 
 /* A packet of a TCP connection a peer opened: the SYN-ACK, which the hook sees as the
  * listener's (the kernel runs it with the full socket, and a listener sends nothing else;
- * under SYN cookies the SYN-ACK has no socket and the hook does not run), or any later packet
- * of the accepted socket. Only the kernel's TCP stack sends from either, to the peer that
- * connected; a raw socket crafting TCP is neither. */
-static __always_inline int is_inbound_reply(struct __sk_buff *skb, __u8 proto)
+ * under SYN cookies the SYN-ACK has no socket and the hook does not run), or a later packet of
+ * the accepted socket, to the peer it was accepted from. Only the kernel's TCP stack sends
+ * from either; a raw socket crafting TCP is neither. */
+static __always_inline int is_inbound_reply(struct __sk_buff *skb, const struct addr16 *dst,
+					    __u16 dport, __u8 proto)
 {
 	struct bpf_sock *sk = skb->sk;
+	struct warden_inbound *mark;
 
 	if (!sk || proto != IPPROTO_TCP)
 		return 0;
@@ -644,7 +686,8 @@ static __always_inline int is_inbound_reply(struct __sk_buff *skb, __u8 proto)
 	sk = bpf_sk_fullsock(sk);
 	if (!sk)
 		return 0;
-	return bpf_sk_storage_get(&inbound_conns, sk, 0, 0) != 0;
+	mark = bpf_sk_storage_get(&inbound_conns, sk, 0, 0);
+	return mark && mark->port == dport && addr_eq(mark->peer, dst->b);
 }
 
 /* ------------------------------------------------------------------------------------------ */
@@ -893,7 +936,7 @@ int warden_egress(struct __sk_buff *skb)
 
 	if (!(flags & WARDEN_EP_ENFORCED) || to_target || is_loopback(&p.dst))
 		return 1;
-	if (p.l4 && is_inbound_reply(skb, p.proto))
+	if (p.l4 && is_inbound_reply(skb, &p.dst, p.dport, p.proto))
 		return 1;
 	if (fqdn_allowed(endpoint_id, &p.dst, p.proto, p.l4 ? p.dport : 0)) {
 		touch_last_seen(endpoint_id, &p.dst);

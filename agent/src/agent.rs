@@ -118,9 +118,6 @@ pub async fn start(config: AgentConfig) -> anyhow::Result<RunningAgent> {
     let settings = warden_enforce::proxy_settings(&config.dns);
     let proxy = DnsProxy::bind(settings, context)?;
     let dns_addrs = proxy.local_addrs();
-    if let Some((datapath, _)) = &ebpf {
-        join_serving_group(datapath, &proxy, config.dns.prefer)?;
-    }
     let api_listener = warden_api::server::bind(&config.socket, config.socket_group.as_deref())?;
     let admin_listener = warden_telemetry::admin::bind(config.admin.listen).await?;
     let admin_addr = admin_listener.local_addr()?;
@@ -173,6 +170,10 @@ pub async fn start(config: AgentConfig) -> anyhow::Result<RunningAgent> {
             )
         }
     };
+    // Only now may the kernel prefer these sockets for the port's queries.
+    if let Some((datapath, _)) = &ebpf {
+        join_serving_group(datapath, &proxy, config.dns.prefer)?;
+    }
 
     let shutdown = CancellationToken::new();
     let mut tasks = JoinSet::new();

@@ -77,6 +77,11 @@ impl Reconciler {
     fn enroll(&mut self, policy: &PolicyRepository) {
         let (default_v4, default_v6) = targets(&self.config.dns.listen);
         let mut index = HashMap::new();
+        // One walk of the map, not one per endpoint.
+        let enrolled: HashMap<u64, warden_datapath::EndpointEntry> = self
+            .count("list", self.datapath.enrolled())
+            .map(|entries| entries.into_iter().collect())
+            .unwrap_or_default();
         for ((info, key), endpoint) in self.table.keys().zip(&self.config.endpoints) {
             let Some(cgroup) = &endpoint.cgroup else {
                 continue;
@@ -96,13 +101,7 @@ impl Reconciler {
                 enforced,
                 redirect_dns: true,
             };
-            let current = self.datapath.enrolled().ok().and_then(|enrolled| {
-                enrolled
-                    .into_iter()
-                    .find(|(id, _)| *id == cgroup_id)
-                    .map(|(_, entry)| entry)
-            });
-            if current != Some(wanted) {
+            if enrolled.get(&cgroup_id) != Some(&wanted) {
                 self.count(
                     "enroll",
                     self.datapath.enroll(cgroup_id, info.id.0, enforced, true),

@@ -62,6 +62,9 @@ impl EndpointTable {
                 .by_ip
                 .insert(*ip, (self.infos[*index].id, self.keys[*index].clone()));
         }
+        for (info, key) in self.keys() {
+            directory.by_id.insert(info.id, key.clone());
+        }
         directory
     }
 

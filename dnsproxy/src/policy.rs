@@ -59,6 +59,7 @@ pub fn compile(snapshot: &PolicySnapshot) -> Result<Compiled, String> {
         for cgroup_id in &endpoint.cgroup_ids {
             directory.by_cgroup.insert(*cgroup_id, (id, key.clone()));
         }
+        directory.by_id.insert(id, key.clone());
         infos.push(EndpointInfo {
             id,
             name: endpoint.name.clone(),

@@ -27,6 +27,9 @@ pub struct FirewallOptions {
     pub policy: String,
     pub idle_grace_s: u64,
     pub with_dnsproxy: bool,
+    /// A second endpoint, `youssef/late` (labels `app=test`), whose cgroup `late` does not
+    /// exist yet: a test creates it ([`TestCgroup::child`]) as a pod would start.
+    pub late_workload: bool,
 }
 
 impl Default for FirewallOptions {
@@ -35,6 +38,7 @@ impl Default for FirewallOptions {
             policy: TalkPolicy::default().yaml(),
             idle_grace_s: 60,
             with_dnsproxy: false,
+            late_workload: false,
         }
     }
 }
@@ -77,14 +81,18 @@ impl Firewall {
         config.datapath.mode = DatapathMode::Ebpf;
         config.datapath.cgroup_root = Some(cgroups.root().to_path_buf());
         config.datapath.bpffs = bpffs.clone();
-        config.endpoints = vec![EndpointConfig {
-            name: "test".into(),
+        let workload_endpoint = |name: &str, cgroup: &str| EndpointConfig {
+            name: name.into(),
             namespace: "youssef".into(),
             labels: [("app".to_owned(), "test".to_owned())].into(),
             ips: vec![],
-            cgroup: Some(PathBuf::from("workload")),
+            cgroup: Some(PathBuf::from(cgroup)),
             dns_target: vec![],
-        }];
+        };
+        config.endpoints = vec![workload_endpoint("test", "workload")];
+        if options.late_workload {
+            config.endpoints.push(workload_endpoint("late", "late"));
+        }
         let agent = AgentProcess::start(&dir, config.clone()).await?;
         let mut firewall = Firewall {
             agent,

@@ -9,7 +9,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use warden_tests::firewall::{Firewall, FirewallOptions, quick_refusal};
-use warden_tests::lab::{dnsperf_in_cgroup, require_lab};
+use warden_tests::lab::{dig_in_cgroup, dnsperf_in_cgroup, require_lab};
 use warden_tests::warden::{TalkPolicy, http_get, http_json, metric_value, sorted_ips};
 use warden_tests::zones::*;
 use warden_tests::{DigOpts, DnsperfOpts, write_queries_file};
@@ -168,6 +168,67 @@ fn hold_summary(scrape: &str) -> String {
         bound(0.5),
         bound(0.99)
     )
+}
+
+/// A pod's cgroup appears while both processes run: the agent enrolls it (its DNS now goes to
+/// the dnsproxy) up to a second before the dnsproxy's snapshot names it. Queries in that gap
+/// got SERVFAIL from the dnsproxy (an enrolled cgroup it could not place), the very first
+/// lookups of a starting application. It places the cgroup by the endpoint ID of its
+/// enrollment instead, and the pod's DNS rules apply from the first redirected query.
+#[tokio::test]
+async fn a_pod_starting_under_the_dnsproxy_is_answered_from_its_first_query() {
+    if !require_lab() || !warden_tests::require_tools(&["knotd", "dig"]) {
+        return;
+    }
+    let mut lab = Firewall::start(FirewallOptions {
+        policy: refusing_policy(),
+        with_dnsproxy: true,
+        late_workload: true,
+        ..FirewallOptions::default()
+    })
+    .await
+    .unwrap();
+    wait_status(lab.dnsproxy().admin, Duration::from_secs(5), |s| {
+        s["peer_connected"] == true
+    })
+    .await;
+    let late = lab.cgroups.child("late").unwrap();
+    let opts = DigOpts {
+        timeout_s: 2,
+        ..DigOpts::default()
+    };
+    // Until it is enrolled knotd answers it directly; from then on the dnsproxy does, with
+    // its verdict. Neither may ever be SERVFAIL.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut refused = 0;
+    while refused < 40 {
+        assert!(Instant::now() < deadline, "only {refused} refusals");
+        let allowed = dig_in_cgroup(&late, lab.upstream.addr(), "cilium.io", "A", opts)
+            .await
+            .unwrap();
+        assert_eq!(allowed.status, "NOERROR", "{}", allowed.raw);
+        let denied = dig_in_cgroup(&late, lab.upstream.addr(), "bbc.co.uk", "A", opts)
+            .await
+            .unwrap();
+        match denied.status.as_str() {
+            "REFUSED" => refused += 1,
+            "NOERROR" => assert_eq!(refused, 0, "answered after a refusal: {}", denied.raw),
+            _ => panic!("{}", denied.raw),
+        }
+    }
+    // And what the dnsproxy answered, it answered as the pod's: no query of the late cgroup
+    // passed for an unknown sender's or failed.
+    let proxy_admin = lab.dnsproxy().admin;
+    let flows = lab.flows(proxy_admin).await.unwrap();
+    let late_flows: Vec<_> = flows
+        .iter()
+        .filter(|flow| flow["type"] == "dns" && flow["qname"] == "bbc.co.uk.")
+        .collect();
+    assert!(!late_flows.is_empty(), "{flows:?}");
+    for flow in late_flows {
+        assert_eq!(flow["endpoint"], "youssef/late", "{flow}");
+        assert_eq!(flow["verdict"], "denied", "{flow}");
+    }
 }
 
 #[tokio::test]

@@ -233,8 +233,8 @@ pub(crate) const MAP_SIZES: [(&str, u32, u32); 12] = [
     (map::LAST_SEEN, size_of::<RawLastSeenKey>() as u32, 8),
     (map::EVENTS, 0, 0),
     (map::REUSEPORT_SOCKETS, 4, 4),
-    // Socket storage: an int key (the socket), a u32 mark.
-    (map::INBOUND_CONNS, 4, 4),
+    // Socket storage: an int key (the socket), `struct warden_inbound` (peer, port).
+    (map::INBOUND_CONNS, 4, 20),
     (
         map::REUSEPORT_CONFIG,
         4,

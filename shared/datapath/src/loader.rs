@@ -249,6 +249,9 @@ pub(crate) fn load_and_attach(
             .program_mut(name)
             .ok_or_else(|| missing_program(name))?;
         let link_path = links.join(name);
+        // A staging pin left by a crash mid-move (see `replace_pin`): unpinned and held by no
+        // one, its link detaches, whichever way this start goes.
+        remove_if_exists(&staging_path(&link_path))?;
         let action = match hook {
             Hook::SockAddr => {
                 let prog: &mut CgroupSockAddr =
@@ -447,11 +450,7 @@ fn replace_pin(
     } else {
         LinkAction::Attached
     };
-    // A leftover of a crash between the pin and the rename: unpinned, and held by no one,
-    // its link detaches. (bpffs refuses names with a dot.)
-    let mut staging_name = path.file_name().unwrap_or_default().to_os_string();
-    staging_name.push("_new");
-    let staging = path.with_file_name(staging_name);
+    let staging = staging_path(path);
     remove_if_exists(&staging)?;
     link.pin(&staging)
         .map_err(|source| DatapathError::PinObject {
@@ -470,6 +469,13 @@ fn replace_pin(
         }
     }
     Ok(action)
+}
+
+/// Where a link is pinned before it is renamed over `path` (bpffs refuses names with a dot).
+fn staging_path(path: &Path) -> PathBuf {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push("_new");
+    path.with_file_name(name)
 }
 
 fn remove_if_exists(path: &Path) -> Result<(), DatapathError> {

@@ -153,6 +153,14 @@ fn map_slots(data: &MapData, bpffs: &Path) -> Result<RedirectSlots, String> {
     .map_err(|error| format!("starting its watcher thread: {error}"))
 }
 
+fn endpoint_entry_of(raw: RawEndpoint) -> EndpointEntry {
+    EndpointEntry {
+        endpoint_id: raw.endpoint_id,
+        enforced: raw.flags & EP_ENFORCED != 0,
+        redirect_dns: raw.flags & EP_REDIRECT_DNS != 0,
+    }
+}
+
 fn redirect_record_of(r: RawRedirectRecord) -> RedirectRecord {
     RedirectRecord {
         cgroup_id: r.cgroup_id,
@@ -349,17 +357,16 @@ impl Datapath {
         endpoints
             .iter()
             .map(|r| {
-                r.map(|(cgroup_id, raw)| {
-                    let entry = EndpointEntry {
-                        endpoint_id: raw.endpoint_id,
-                        enforced: raw.flags & EP_ENFORCED != 0,
-                        redirect_dns: raw.flags & EP_REDIRECT_DNS != 0,
-                    };
-                    (cgroup_id, entry)
-                })
-                .map_err(|e| DatapathError::map(map::ENDPOINTS, "iterate", e))
+                r.map(|(cgroup_id, raw)| (cgroup_id, endpoint_entry_of(raw)))
+                    .map_err(|e| DatapathError::map(map::ENDPOINTS, "iterate", e))
             })
             .collect()
+    }
+
+    /// The enrollment of one cgroup, if it is enrolled.
+    pub fn enrollment(&self, cgroup_id: u64) -> Result<Option<EndpointEntry>, DatapathError> {
+        let endpoints = lock(&self.inner.endpoints, map::ENDPOINTS)?;
+        found(map::ENDPOINTS, endpoints.get(&cgroup_id, 0)).map(|raw| raw.map(endpoint_entry_of))
     }
 
     /// Sets where the endpoint's port-53 traffic goes, per family (`None`: that family is not

@@ -18,6 +18,9 @@ use crate::keys::{TCP, UDP, fqdn_keys};
 pub struct EndpointDirectory {
     pub by_ip: HashMap<IpAddr, (EndpointId, Arc<str>)>,
     pub by_cgroup: HashMap<u64, (EndpointId, Arc<str>)>,
+    /// Every endpoint's key: a cgroup enrolled since `by_cgroup` was built is placed by the
+    /// endpoint ID its enrollment in the datapath carries.
+    pub by_id: HashMap<EndpointId, Arc<str>>,
 }
 
 impl EndpointDirectory {
@@ -210,21 +213,27 @@ impl EndpointLookup for Enforcement {
             self.redirect_lookups.count(lookup);
         }
         match lookup.map(|lookup| lookup.record) {
-            Ok(Some(record)) => {
-                // Only an enrolled cgroup's queries get a record, so one missing from the
-                // index (an enrollment newer than this process's view of it) is an endpoint
-                // all the same: failing open would let it skip its DNS rules.
-                let endpoint = directory
-                    .by_cgroup
-                    .get(&record.cgroup_id)
-                    .cloned()
-                    .or_else(|| directory.by_ip(client.ip()));
-                ClientContext {
-                    unresolved: endpoint.is_none(),
-                    endpoint,
+            Ok(Some(record)) => match place(&datapath, &directory, record.cgroup_id) {
+                Placed::Endpoint(endpoint) => ClientContext {
+                    endpoint: Some(endpoint),
                     original_server: record.original,
+                    unresolved: false,
+                },
+                // A record left by a socket long gone, of a cgroup no longer enrolled: it says
+                // nothing about this sender.
+                Placed::NotEnrolled => by_ip(),
+                // Enrolled, as an endpoint this process does not know (a configuration newer
+                // than its view of it), or the datapath cannot say: failing open would let it
+                // skip its DNS rules.
+                Placed::Unknown => {
+                    let endpoint = directory.by_ip(client.ip());
+                    ClientContext {
+                        unresolved: endpoint.is_none(),
+                        endpoint,
+                        original_server: record.original,
+                    }
                 }
-            }
+            },
             Ok(None) => by_ip(),
             Err(error) => {
                 static BUDGET: LogBudget = LogBudget::new(LogBudget::INTERVAL);
@@ -234,6 +243,33 @@ impl EndpointLookup for Enforcement {
                 by_ip()
             }
         }
+    }
+}
+
+/// Where a redirect record's cgroup belongs.
+enum Placed {
+    Endpoint((EndpointId, Arc<str>)),
+    NotEnrolled,
+    Unknown,
+}
+
+/// The index first; a cgroup enrolled since it was built (the dnsproxy's snapshot lags the
+/// agent's enrollments by up to a second, and a pod's first queries fall in that gap) by the
+/// endpoint ID the datapath enrolled it under, one map lookup.
+fn place(datapath: &Datapath, directory: &EndpointDirectory, cgroup_id: u64) -> Placed {
+    if let Some(endpoint) = directory.by_cgroup.get(&cgroup_id) {
+        return Placed::Endpoint(endpoint.clone());
+    }
+    match datapath.enrollment(cgroup_id) {
+        Ok(Some(entry)) => {
+            let id = EndpointId(entry.endpoint_id);
+            match directory.by_id.get(&id) {
+                Some(key) => Placed::Endpoint((id, key.clone())),
+                None => Placed::Unknown,
+            }
+        }
+        Ok(None) => Placed::NotEnrolled,
+        Err(_) => Placed::Unknown,
     }
 }
 

@@ -374,6 +374,55 @@ fn an_enforced_workload_answers_connections_it_accepted_and_only_those() {
     }
 }
 
+/// The mark of an accepted connection stayed with its socket whatever it did next: a workload
+/// could disconnect it (TCP allows connecting again) and connect it to a destination allowed
+/// for the moment, and egress never checked that connection again, revocation or not. The mark
+/// names the peer and an active connect removes it.
+#[test]
+fn an_accepted_socket_reconnected_elsewhere_is_checked_like_any_other() {
+    skip_unless_privileged!();
+    let lab = Lab::new();
+    let dp = Datapath::open(&lab.options()).unwrap();
+    let app = lab.cgroup("app");
+    dp.enroll(Datapath::cgroup_id(&app).unwrap(), 18, true, false)
+        .unwrap();
+    let allowed = v4_at(7400);
+    let sink = lab.tcp_sink(allowed);
+    let key = FqdnKey {
+        endpoint_id: 18,
+        ip: NS_V4.parse().unwrap(),
+        proto: Some(TCP),
+        port: Some(7400),
+    };
+    dp.allow_fqdn(key, now() + 60).unwrap();
+    let flag = lab.scratch("flag");
+    let served = v4_at(7500);
+    std::thread::scope(|s| {
+        let probe = s.spawn(|| {
+            lab.probe(
+                &app,
+                &format!("tcp-reuse {served} {allowed} {}", flag.display()),
+            )
+        });
+        // A client that connects and leaves the connection to the workload.
+        support::tcp_connect_and_hold(&lab.netns_path(), served, Duration::from_secs(4));
+        let first = support::recv_within(&sink, Duration::from_secs(5));
+        assert_eq!(first.as_deref(), Some(&b"first"[..]));
+        dp.revoke_fqdn(&key).unwrap();
+        std::fs::write(&flag, b"go").unwrap();
+        let p = probe.join().unwrap();
+        assert_eq!(
+            (p.get("disconnect"), p.get("connect")),
+            ("ok", "ok"),
+            "{p:?}"
+        );
+    });
+    assert!(
+        support::recv_within(&sink, Duration::from_millis(500)).is_none(),
+        "the revoked destination got data"
+    );
+}
+
 /// The kernel connects the unspecified address to the local host, as it does loopback; the
 /// connect hook refused it to enforced workloads all the same.
 #[test]

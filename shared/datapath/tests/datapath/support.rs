@@ -231,6 +231,35 @@ impl Lab {
         rx
     }
 
+    /// A TCP server in the namespace that reads every connection to its end: each read's bytes
+    /// go to the returned channel.
+    pub fn tcp_sink(&self, addr: SocketAddr) -> Receiver<Vec<u8>> {
+        let (tx, rx) = channel();
+        self.spawn_in_netns(move |stop| {
+            let listener = TcpListener::bind(addr)?;
+            listener.set_nonblocking(true)?;
+            Ok(move || {
+                let mut streams: Vec<TcpStream> = Vec::new();
+                let mut buf = [0u8; 1500];
+                while !stop.load(Ordering::Relaxed) {
+                    if let Ok((stream, _)) = listener.accept() {
+                        stream.set_nonblocking(true).ok();
+                        streams.push(stream);
+                    }
+                    for stream in &mut streams {
+                        if let Ok(n) = stream.read(&mut buf)
+                            && n > 0
+                        {
+                            tx.send(buf[..n].to_vec()).ok();
+                        }
+                    }
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            })
+        });
+        rx
+    }
+
     /// A tiny DNS responder in the namespace on UDP and TCP `addr`: answers every query with
     /// A 192.0.2.99 and reports (proto, client address, redirect record found on arrival).
     pub fn dns_responder(&self, addr: SocketAddr, dp: Datapath) -> Receiver<DnsSeen> {
@@ -626,8 +655,59 @@ pub fn run_probe() {
             let outbound = TcpStream::connect_timeout(&addr(2), Duration::from_secs(3)).map(drop);
             report("outbound", outbound);
         }
+        // Accepts one connection at the first address, disconnects it (connect AF_UNSPEC) and
+        // connects the same socket to the second, sends "first", waits for the flag file,
+        // sends "second".
+        "tcp-reuse" => {
+            let listener = TcpListener::bind(addr(1)).expect("listen");
+            let flag = PathBuf::from(words[3]);
+            let (stream, _) = listener.accept().expect("accept");
+            let socket = socket2::Socket::from(stream);
+            // SAFETY: an all-zero sockaddr_storage is a valid AF_UNSPEC address, and its size
+            // is what the kernel reads for one.
+            #[allow(unsafe_code)]
+            let unspec = unsafe {
+                socket2::SockAddr::new(
+                    socket2::SockAddrStorage::zeroed(),
+                    std::mem::size_of::<libc::sockaddr>() as libc::socklen_t,
+                )
+            };
+            report("disconnect", socket.connect(&unspec));
+            report("connect", socket.connect(&addr(2).into()));
+            report("send1", socket.send(b"first").map(drop));
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while !flag.exists() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            report("send2", socket.send(b"second").map(drop));
+            std::thread::sleep(Duration::from_millis(500));
+        }
         other => panic!("unknown probe {other}"),
     }
+}
+
+/// From a thread in `netns`: connects to `server` (retrying until `within` passes) and keeps
+/// the connection for a moment, for a workload to do what it will with it.
+pub fn tcp_connect_and_hold(netns: &Path, server: SocketAddr, within: Duration) {
+    let netns = netns.to_path_buf();
+    std::thread::spawn(move || {
+        let ns = File::open(&netns).unwrap();
+        setns(ns, CloneFlags::CLONE_NEWNET).unwrap();
+        let deadline = Instant::now() + within;
+        loop {
+            match TcpStream::connect_timeout(&server, Duration::from_millis(500)) {
+                Ok(stream) => {
+                    std::thread::sleep(Duration::from_millis(300));
+                    drop(stream);
+                    return;
+                }
+                Err(e) if Instant::now() > deadline => panic!("connecting to {server}: {e}"),
+                Err(_) => std::thread::sleep(Duration::from_millis(20)),
+            }
+        }
+    })
+    .join()
+    .unwrap();
 }
 
 /// From a thread in `netns` (this process, so outside every lab cgroup): connects to
