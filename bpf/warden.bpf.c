@@ -14,6 +14,9 @@
  *   cgroup_skb/egress                      enforcement of every packet (the authority: socket
  *                                          hooks only make failures immediate), and re-keying of
  *                                          the redirect by client (addr, port, proto) for the proxy.
+ *   cgroup/bind4|6, cgroup_skb/ingress     UDP sockets bound to a port of the workload's own are
+ *                                          services: a peer's datagram lets the socket answer it
+ *                                          for a minute.
  *   sockops                                marks TCP connections a peer opened to the workload
  *                                          (accepted sockets): egress lets their packets, replies,
  *                                          through, as a stateful firewall would.
@@ -165,6 +168,35 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } inbound_conns SEC(".maps");
 
+/* UDP sockets a workload bound to a port of its choosing: its services (a DNS or QUIC server,
+ * a syslog receiver), which answer whoever writes to them. Marked by the bind hooks. */
+struct {
+	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC); /* required for socket storage */
+	__type(key, int);
+	__type(value, __u32);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} udp_services SEC(".maps");
+
+/* Who wrote to a UDP service socket, and when last: the socket may answer that peer for
+ * WARDEN_UDP_REPLY_NS after, as a connection tracker's UDP entry would let it. */
+struct warden_udp_peer {
+	__u64 cookie; /* the service socket */
+	__u8 addr[16];
+	__u16 port; /* host order */
+	__u16 pad[3];
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct warden_udp_peer);
+	__type(value, __u64); /* boot-time ns of the peer's last datagram */
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} udp_peers SEC(".maps");
+
+#define WARDEN_UDP_REPLY_NS (60ULL * 1000000000ULL)
+
 /* ------------------------------------------------------------------------------------------ */
 /* Addresses                                                                                  */
 
@@ -235,6 +267,19 @@ static __always_inline int is_unspecified(const struct addr16 *a)
 		return 1;
 	return is_v4_mapped(a) && a->b[12] == 0 && a->b[13] == 0 && a->b[14] == 0 &&
 	       a->b[15] == 0;
+}
+
+/* Whether the service socket `cookie` heard from (addr, port) within the reply window. */
+static __always_inline int is_udp_reply(__u64 cookie, const struct addr16 *addr, __u16 port)
+{
+	struct warden_udp_peer key = {};
+	__u64 *seen;
+
+	key.cookie = cookie;
+	__builtin_memcpy(key.addr, addr->b, 16);
+	key.port = port;
+	seen = bpf_map_lookup_elem(&udp_peers, &key);
+	return seen && bpf_ktime_get_boot_ns() - *seen < WARDEN_UDP_REPLY_NS;
 }
 
 /* ------------------------------------------------------------------------------------------ */
@@ -543,6 +588,8 @@ static __always_inline int sock_egress(struct bpf_sock_addr *ctx, int v6, __u8 r
 		if (fqdn_allowed(endpoint_id, &dst, proto, port) ||
 		    cidr_allowed(endpoint_id, &dst, proto, port, 1))
 			return 1;
+		if (proto == IPPROTO_UDP && is_udp_reply(bpf_get_socket_cookie(ctx), &dst, port))
+			return 1;
 	} else if (fqdn_allowed(endpoint_id, &dst, proto, 0) ||
 		   cidr_allowed(endpoint_id, &dst, proto, 0, 0)) {
 		return 1;
@@ -625,6 +672,33 @@ SEC("cgroup/getpeername6")
 int warden_peer6(struct bpf_sock_addr *ctx)
 {
 	return sock_restore(ctx, 1);
+}
+
+/* A UDP socket bound to a port of the workload's choosing is a service (see udp_services).
+ * Never refuses. */
+static __always_inline int sock_bind(struct bpf_sock_addr *ctx)
+{
+	struct bpf_sock *sk = ctx->sk;
+	__u32 *mark;
+
+	if (ctx->protocol != IPPROTO_UDP || ctx->user_port == 0 || !sk)
+		return 1;
+	mark = bpf_sk_storage_get(&udp_services, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+	if (mark)
+		*mark = 1;
+	return 1;
+}
+
+SEC("cgroup/bind4")
+int warden_bind4(struct bpf_sock_addr *ctx)
+{
+	return sock_bind(ctx);
+}
+
+SEC("cgroup/bind6")
+int warden_bind6(struct bpf_sock_addr *ctx)
+{
+	return sock_bind(ctx);
 }
 
 /* ------------------------------------------------------------------------------------------ */
@@ -944,9 +1018,43 @@ int warden_egress(struct __sk_buff *skb)
 	}
 	if (cidr_allowed(endpoint_id, &p.dst, p.proto, p.dport, p.l4))
 		return 1;
+	if (p.l4 && p.proto == IPPROTO_UDP &&
+	    is_udp_reply(bpf_get_socket_cookie(skb), &p.dst, p.dport))
+		return 1;
 	emit_drop(cgroup_id, endpoint_id, p.family, p.proto, p.reason, &p.src, p.sport, &p.dst,
 		  p.dport);
 	return 0;
+}
+
+/* What a UDP service socket hears opens its reply window to the sender (only those sockets:
+ * one a workload did not bind to a port of its own sends what it sends by policy alone). At
+ * most one map write a second per peer. Never drops. */
+SEC("cgroup_skb/ingress")
+int warden_ingress(struct __sk_buff *skb)
+{
+	struct bpf_sock *sk = skb->sk;
+	struct warden_udp_peer key = {};
+	struct pkt p = {};
+	__u64 now, *seen;
+
+	if (!sk)
+		return 1;
+	sk = bpf_sk_fullsock(sk);
+	if (!sk || sk->protocol != IPPROTO_UDP)
+		return 1;
+	if (!bpf_sk_storage_get(&udp_services, sk, 0, 0))
+		return 1;
+	if (!parse(skb, &p) || !p.l4 || p.proto != IPPROTO_UDP)
+		return 1;
+	key.cookie = bpf_get_socket_cookie(skb);
+	__builtin_memcpy(key.addr, p.src.b, 16);
+	key.port = p.sport;
+	now = bpf_ktime_get_boot_ns();
+	seen = bpf_map_lookup_elem(&udp_peers, &key);
+	if (seen && now - *seen < 1000000000ULL)
+		return 1;
+	bpf_map_update_elem(&udp_peers, &key, &now, BPF_ANY);
+	return 1;
 }
 
 /* ------------------------------------------------------------------------------------------ */

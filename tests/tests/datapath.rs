@@ -36,7 +36,7 @@ impl Lab for Firewall {
 }
 
 /// Programs the datapath attaches at its cgroup root.
-const PROGRAMS: usize = 10;
+const PROGRAMS: usize = 13;
 
 async fn firewall(idle_grace_s: u64) -> Firewall {
     Firewall::start(FirewallOptions {

@@ -40,6 +40,8 @@ pub(crate) mod map {
     pub(crate) const REUSEPORT_SOCKETS: &str = "reuseport_sockets";
     pub(crate) const REUSEPORT_CONFIG: &str = "reuseport_config";
     pub(crate) const INBOUND_CONNS: &str = "inbound_conns";
+    pub(crate) const UDP_SERVICES: &str = "udp_services";
+    pub(crate) const UDP_PEERS: &str = "udp_peers";
 }
 
 /// `struct warden_endpoint`
@@ -214,7 +216,7 @@ pub(crate) fn ipv4_of(addr: [u8; 4]) -> Ipv4Addr {
 
 /// (map, key size, value size) as the kernel reports them for each pinned map; checked before
 /// reusing pins, since the loader would otherwise reuse a map of another layout silently.
-pub(crate) const MAP_SIZES: [(&str, u32, u32); 12] = [
+pub(crate) const MAP_SIZES: [(&str, u32, u32); 14] = [
     (map::ENDPOINTS, 8, size_of::<RawEndpoint>() as u32),
     (map::DNS_TARGETS, 4, size_of::<RawDnsTarget>() as u32),
     (map::SOCK_ORIG, 8, size_of::<RawSockOrig>() as u32),
@@ -235,6 +237,9 @@ pub(crate) const MAP_SIZES: [(&str, u32, u32); 12] = [
     (map::REUSEPORT_SOCKETS, 4, 4),
     // Socket storage: an int key (the socket), `struct warden_inbound` (peer, port).
     (map::INBOUND_CONNS, 4, 20),
+    (map::UDP_SERVICES, 4, 4),
+    // `struct warden_udp_peer` (socket cookie, peer, port) → boot-time ns.
+    (map::UDP_PEERS, 32, 8),
     (
         map::REUSEPORT_CONFIG,
         4,

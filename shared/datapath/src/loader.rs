@@ -39,10 +39,11 @@ use crate::{CleanupReport, DatapathError, DatapathOptions, OBJECT, sys};
 enum Hook {
     SockAddr,
     SkbEgress,
+    SkbIngress,
     SockOps,
 }
 
-const CGROUP_PROGRAMS: [(&str, Hook); 10] = [
+const CGROUP_PROGRAMS: [(&str, Hook); 13] = [
     ("warden_conn4", Hook::SockAddr),
     ("warden_conn6", Hook::SockAddr),
     ("warden_sendmsg4", Hook::SockAddr),
@@ -51,6 +52,11 @@ const CGROUP_PROGRAMS: [(&str, Hook); 10] = [
     ("warden_recvmsg6", Hook::SockAddr),
     ("warden_peer4", Hook::SockAddr),
     ("warden_peer6", Hook::SockAddr),
+    // Before ingress and egress: a service socket is marked when it binds.
+    ("warden_bind4", Hook::SockAddr),
+    ("warden_bind6", Hook::SockAddr),
+    // Before egress: a peer's datagram opens the reply window before the reply is checked.
+    ("warden_ingress", Hook::SkbIngress),
     // Before egress: a connection accepted once egress enforces is marked already.
     ("warden_sockops", Hook::SockOps),
     (EGRESS_PROGRAM, Hook::SkbEgress),
@@ -278,23 +284,29 @@ pub(crate) fn load_and_attach(
                     }
                 }
             }
-            Hook::SkbEgress => {
+            Hook::SkbEgress | Hook::SkbIngress => {
                 let prog: &mut CgroupSkb =
                     program.try_into().map_err(|e| program_error(name, e))?;
                 prog.load().map_err(|e| program_error(name, e))?;
                 let prog_fd = prog.fd().map_err(|e| program_error(name, e))?;
+                let direction = match hook {
+                    Hook::SkbIngress => CgroupSkbAttachType::Ingress,
+                    _ => CgroupSkbAttachType::Egress,
+                };
                 let action = match reuse_link(&link_path, prog_fd, cgroup_id)? {
                     Reuse::Updated => LinkAction::Updated,
                     Reuse::Replace(old) => {
-                        let link = attach_skb(prog, &cgroup, name, &cgroup_root)?;
+                        let link = attach_skb(prog, direction, &cgroup, name, &cgroup_root)?;
                         replace_pin(name, &link_path, link, old)?
                     }
                 };
-                // After the link runs it: a reader that finds the pinned program and the link's
-                // differ trusts neither.
-                repin(name, &egress_prog_path(&options.bpffs), |path| {
-                    prog.pin(path)
-                })?;
+                if matches!(hook, Hook::SkbEgress) {
+                    // After the link runs it: a reader that finds the pinned program and the
+                    // link's differ trusts neither.
+                    repin(name, &egress_prog_path(&options.bpffs), |path| {
+                        prog.pin(path)
+                    })?;
+                }
                 action
             }
         };
@@ -416,6 +428,7 @@ fn attach_sock_ops(
 
 fn attach_skb(
     prog: &mut CgroupSkb,
+    direction: CgroupSkbAttachType,
     cgroup: &File,
     name: &'static str,
     cgroup_path: &Path,
@@ -426,11 +439,7 @@ fn attach_skb(
         source,
     };
     let id = prog
-        .attach(
-            cgroup,
-            CgroupSkbAttachType::Egress,
-            CgroupAttachMode::Single,
-        )
+        .attach(cgroup, direction, CgroupAttachMode::Single)
         .map_err(|e| attach_err(Box::new(e)))?;
     let link = prog.take_link(id).map_err(|e| attach_err(Box::new(e)))?;
     FdLink::try_from(link).map_err(|e| attach_err(Box::new(e)))

@@ -24,7 +24,7 @@ const TCP: u8 = 6;
 const UDP: u8 = 17;
 const EPERM: &str = "err1";
 /// Programs the datapath attaches at its cgroup root.
-const PROGRAMS: usize = 10;
+const PROGRAMS: usize = 13;
 
 /// Entry point of the probes (no-op in a normal run).
 #[test]
@@ -421,6 +421,36 @@ fn an_accepted_socket_reconnected_elsewhere_is_checked_like_any_other() {
         support::recv_within(&sink, Duration::from_millis(500)).is_none(),
         "the revoked destination got data"
     );
+}
+
+/// A UDP service in an enforced workload (a DNS or QUIC server) could not answer anyone no
+/// rule allowed: its replies were refused (EPERM) or dropped. A peer's datagram now lets the
+/// socket that bound the port answer that peer, and only that socket and that peer.
+#[test]
+fn an_enforced_udp_service_answers_its_clients_and_only_them() {
+    skip_unless_privileged!();
+    let lab = Lab::new();
+    let dp = Datapath::open(&lab.options()).unwrap();
+    let rt = runtime();
+    let mut events = events(&rt, &dp);
+    let app = lab.cgroup("app");
+    dp.enroll(Datapath::cgroup_id(&app).unwrap(), 19, true, false)
+        .unwrap();
+    let elsewhere = lab.udp_sink(v4_at(7700));
+    for (service, other) in [(v4_at(7600), v4_at(7700)), (v6_at(7600), v6_at(7700))] {
+        drain(&mut events);
+        std::thread::scope(|s| {
+            let probe = s.spawn(|| lab.probe(&app, &format!("udp-serve {service} {other}")));
+            let answer = support::udp_ask(&lab.netns_path(), service, Duration::from_secs(4));
+            let p = probe.join().unwrap();
+            assert_eq!(answer.as_deref(), Some(&b"pong"[..]), "{service}: {p:?}");
+            assert_eq!(p.get("served"), "ok", "{p:?}");
+            // Nobody wrote to it from there; and a socket it did not bind is no service.
+            assert_eq!(p.get("unasked"), EPERM, "{p:?}");
+            assert_eq!(p.get("client"), EPERM, "{p:?}");
+        });
+    }
+    assert!(support::recv_within(&elsewhere, Duration::from_millis(200)).is_none());
 }
 
 /// The kernel connects the unspecified address to the local host, as it does loopback; the

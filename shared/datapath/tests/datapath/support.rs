@@ -655,6 +655,32 @@ pub fn run_probe() {
             let outbound = TcpStream::connect_timeout(&addr(2), Duration::from_secs(3)).map(drop);
             report("outbound", outbound);
         }
+        // A UDP service bound at the first address: answers the first datagram it gets
+        // (served=ok), then writes to the second address itself (unasked=...), then from a
+        // socket it did not bind to the peer it answered (client=...).
+        "udp-serve" => {
+            let socket = UdpSocket::bind(addr(1)).expect("bind");
+            println!("PROBE listening=ok");
+            socket
+                .set_read_timeout(Some(Duration::from_secs(5)))
+                .unwrap();
+            let mut buf = [0u8; 64];
+            let served = socket
+                .recv_from(&mut buf)
+                .and_then(|(_, peer)| socket.send_to(b"pong", peer).map(|_| peer));
+            report(
+                "served",
+                served
+                    .as_ref()
+                    .map(drop)
+                    .map_err(|e| std::io::Error::from(e.kind())),
+            );
+            report("unasked", socket.send_to(b"leak", addr(2)).map(drop));
+            if let Ok(peer) = served {
+                let other = udp_socket_for(peer);
+                report("client", other.send_to(b"leak", peer).map(drop));
+            }
+        }
         // Accepts one connection at the first address, disconnects it (connect AF_UNSPEC) and
         // connects the same socket to the second, sends "first", waits for the flag file,
         // sends "second".
@@ -684,6 +710,31 @@ pub fn run_probe() {
         }
         other => panic!("unknown probe {other}"),
     }
+}
+
+/// From a thread in `netns`: sends "ping" to `server` from an unbound socket until an answer
+/// comes (or `within` passes); returns it.
+pub fn udp_ask(netns: &Path, server: SocketAddr, within: Duration) -> Option<Vec<u8>> {
+    let netns = netns.to_path_buf();
+    std::thread::spawn(move || {
+        let ns = File::open(&netns).unwrap();
+        setns(ns, CloneFlags::CLONE_NEWNET).unwrap();
+        let socket = udp_socket_for(server);
+        socket
+            .set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        let deadline = Instant::now() + within;
+        let mut buf = [0u8; 64];
+        while Instant::now() < deadline {
+            let _ = socket.send_to(b"ping", server);
+            if let Ok((n, _)) = socket.recv_from(&mut buf) {
+                return Some(buf[..n].to_vec());
+            }
+        }
+        None
+    })
+    .join()
+    .unwrap()
 }
 
 /// From a thread in `netns`: connects to `server` (retrying until `within` passes) and keeps
