@@ -168,8 +168,10 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } inbound_conns SEC(".maps");
 
-/* UDP sockets a workload bound to a port of its choosing: its services (a DNS or QUIC server,
- * a syslog receiver), which answer whoever writes to them. Marked by the bind hooks. */
+/* UDP sockets bound to a port of their owner's choosing: services (a DNS or QUIC server, a
+ * syslog receiver), which answer whoever writes to them. Marked by the bind hooks whoever
+ * binds (a workload often binds before its cgroup is enrolled); only an enforced endpoint's
+ * open reply windows. */
 struct {
 	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
 	__uint(map_flags, BPF_F_NO_PREALLOC); /* required for socket storage */
@@ -178,13 +180,15 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } udp_services SEC(".maps");
 
-/* Who wrote to a UDP service socket, and when last: the socket may answer that peer for
- * WARDEN_UDP_REPLY_NS after, as a connection tracker's UDP entry would let it. */
+/* Who wrote to an enforced endpoint's UDP service, on which port, and when last: the
+ * endpoint's sockets on that port may answer that peer for WARDEN_UDP_REPLY_NS after, as a
+ * connection tracker's UDP entry would let them (a QUIC server's per-client sockets share the
+ * port it listens on). */
 struct warden_udp_peer {
-	__u64 cookie; /* the service socket */
-	__u8 addr[16];
-	__u16 port; /* host order */
-	__u16 pad[3];
+	__u32 endpoint_id;
+	__u16 local_port; /* host order */
+	__u16 peer_port;  /* host order */
+	__u8 peer[16];
 };
 
 struct {
@@ -196,6 +200,8 @@ struct {
 } udp_peers SEC(".maps");
 
 #define WARDEN_UDP_REPLY_NS (60ULL * 1000000000ULL)
+/* lo, in every network namespace. */
+#define WARDEN_LOOPBACK_IFINDEX 1
 
 /* ------------------------------------------------------------------------------------------ */
 /* Addresses                                                                                  */
@@ -269,15 +275,20 @@ static __always_inline int is_unspecified(const struct addr16 *a)
 	       a->b[15] == 0;
 }
 
-/* Whether the service socket `cookie` heard from (addr, port) within the reply window. */
-static __always_inline int is_udp_reply(__u64 cookie, const struct addr16 *addr, __u16 port)
+/* Whether the endpoint's service on `local_port` heard from (peer, peer_port) within the
+ * reply window. */
+static __always_inline int is_udp_reply(__u32 endpoint_id, __u16 local_port,
+					const struct addr16 *peer, __u16 peer_port)
 {
 	struct warden_udp_peer key = {};
 	__u64 *seen;
 
-	key.cookie = cookie;
-	__builtin_memcpy(key.addr, addr->b, 16);
-	key.port = port;
+	if (local_port == 0)
+		return 0;
+	key.endpoint_id = endpoint_id;
+	key.local_port = local_port;
+	key.peer_port = peer_port;
+	__builtin_memcpy(key.peer, peer->b, 16);
 	seen = bpf_map_lookup_elem(&udp_peers, &key);
 	return seen && bpf_ktime_get_boot_ns() - *seen < WARDEN_UDP_REPLY_NS;
 }
@@ -588,7 +599,9 @@ static __always_inline int sock_egress(struct bpf_sock_addr *ctx, int v6, __u8 r
 		if (fqdn_allowed(endpoint_id, &dst, proto, port) ||
 		    cidr_allowed(endpoint_id, &dst, proto, port, 1))
 			return 1;
-		if (proto == IPPROTO_UDP && is_udp_reply(bpf_get_socket_cookie(ctx), &dst, port))
+		/* The socket's own port: 0 until it is bound (an unbound one is no service). */
+		if (proto == IPPROTO_UDP && ctx->sk &&
+		    is_udp_reply(endpoint_id, (__u16)ctx->sk->src_port, &dst, port))
 			return 1;
 	} else if (fqdn_allowed(endpoint_id, &dst, proto, 0) ||
 		   cidr_allowed(endpoint_id, &dst, proto, 0, 0)) {
@@ -1018,22 +1031,25 @@ int warden_egress(struct __sk_buff *skb)
 	}
 	if (cidr_allowed(endpoint_id, &p.dst, p.proto, p.dport, p.l4))
 		return 1;
-	if (p.l4 && p.proto == IPPROTO_UDP &&
-	    is_udp_reply(bpf_get_socket_cookie(skb), &p.dst, p.dport))
+	if (p.l4 && p.proto == IPPROTO_UDP && is_udp_reply(endpoint_id, p.sport, &p.dst, p.dport))
 		return 1;
 	emit_drop(cgroup_id, endpoint_id, p.family, p.proto, p.reason, &p.src, p.sport, &p.dst,
 		  p.dport);
 	return 0;
 }
 
-/* What a UDP service socket hears opens its reply window to the sender (only those sockets:
- * one a workload did not bind to a port of its own sends what it sends by policy alone). At
- * most one map write a second per peer. Never drops. */
+/* What an enforced endpoint's UDP service hears opens its reply window to the sender (only
+ * services: a socket with a port the kernel chose sends what it sends by policy alone). A
+ * datagram that came over loopback from another address opens none: the workload itself can
+ * write one with any source (a raw socket to its own service), and would open a window to
+ * wherever it likes. At most one map write a second per peer. Never drops. */
 SEC("cgroup_skb/ingress")
 int warden_ingress(struct __sk_buff *skb)
 {
 	struct bpf_sock *sk = skb->sk;
 	struct warden_udp_peer key = {};
+	struct warden_endpoint *ep;
+	__u64 cgroup_id = 0;
 	struct pkt p = {};
 	__u64 now, *seen;
 
@@ -1046,9 +1062,15 @@ int warden_ingress(struct __sk_buff *skb)
 		return 1;
 	if (!parse(skb, &p) || !p.l4 || p.proto != IPPROTO_UDP)
 		return 1;
-	key.cookie = bpf_get_socket_cookie(skb);
-	__builtin_memcpy(key.addr, p.src.b, 16);
-	key.port = p.sport;
+	if (skb->ingress_ifindex == WARDEN_LOOPBACK_IFINDEX && !addr_eq(p.src.b, p.dst.b))
+		return 1;
+	ep = endpoint_of_skb(skb, &cgroup_id);
+	if (!ep || !(ep->flags & WARDEN_EP_ENFORCED))
+		return 1;
+	key.endpoint_id = ep->endpoint_id;
+	key.local_port = p.dport;
+	key.peer_port = p.sport;
+	__builtin_memcpy(key.peer, p.src.b, 16);
 	now = bpf_ktime_get_boot_ns();
 	seen = bpf_map_lookup_elem(&udp_peers, &key);
 	if (seen && now - *seen < 1000000000ULL)

@@ -9,12 +9,32 @@ use warden_enforce::EndpointDirectory;
 use warden_policy::{EndpointId, EndpointInfo, Labels};
 use warden_proxy::{ClientContext, EndpointLookup, Transport};
 
-/// Endpoints by ID and by IP. IDs follow the config's order, starting at 1.
+/// Endpoints by ID and by IP. An endpoint's ID comes from its key (`namespace/name`), not its
+/// place in the file: the pinned datapath keys allow entries and enrollments by ID, and the
+/// dnsproxy places a newly enrolled cgroup by it, so an ID must name the same endpoint across
+/// configuration edits and restarts (were IDs positions, removing one endpoint would hand its
+/// successors' IDs, and for a moment their allow entries, to their neighbours).
 #[derive(Debug, Clone)]
 pub struct EndpointTable {
     infos: Vec<EndpointInfo>,
     keys: Vec<Arc<str>>,
     by_ip: HashMap<IpAddr, usize>,
+    by_id: HashMap<EndpointId, usize>,
+}
+
+/// The ID of the endpoint `key`: FNV-1a of the key, never 0. `taken` resolves the rare
+/// collision by probing upwards, so only a colliding pair's later one depends on order.
+fn stable_id(key: &str, taken: &HashMap<EndpointId, usize>) -> EndpointId {
+    let mut hash: u32 = 0x811c_9dc5;
+    for byte in key.bytes() {
+        hash ^= u32::from(byte);
+        hash = hash.wrapping_mul(0x0100_0193);
+    }
+    let mut id = hash.max(1);
+    while taken.contains_key(&EndpointId(id)) {
+        id = id.wrapping_add(1).max(1);
+    }
+    EndpointId(id)
 }
 
 impl EndpointTable {
@@ -22,8 +42,10 @@ impl EndpointTable {
         let mut infos = Vec::with_capacity(endpoints.len());
         let mut keys = Vec::with_capacity(endpoints.len());
         let mut by_ip = HashMap::new();
+        let mut by_id = HashMap::new();
         for (index, endpoint) in endpoints.iter().enumerate() {
-            let id = EndpointId(u32::try_from(index + 1).unwrap_or(u32::MAX));
+            let id = stable_id(&endpoint.key(), &by_id);
+            by_id.insert(id, index);
             infos.push(EndpointInfo {
                 id,
                 name: endpoint.name.clone(),
@@ -36,22 +58,26 @@ impl EndpointTable {
                 by_ip.insert(ip.to_canonical(), index);
             }
         }
-        EndpointTable { infos, keys, by_ip }
+        EndpointTable {
+            infos,
+            keys,
+            by_ip,
+            by_id,
+        }
     }
 
     pub fn infos(&self) -> &[EndpointInfo] {
         &self.infos
     }
 
-    /// `namespace/name` of every endpoint, in ID order.
+    /// `namespace/name` of every endpoint, in the config's order.
     pub fn keys(&self) -> impl Iterator<Item = (&EndpointInfo, &Arc<str>)> {
         self.infos.iter().zip(&self.keys)
     }
 
     /// The `namespace/name` of an endpoint ID.
     pub fn key_of(&self, id: EndpointId) -> Option<&Arc<str>> {
-        let index = usize::try_from(id.0).ok()?.checked_sub(1)?;
-        self.keys.get(index)
+        self.keys.get(*self.by_id.get(&id)?)
     }
 
     /// The proxy's lookup view (source addresses only; the reconciler adds cgroups).
@@ -90,6 +116,46 @@ impl EndpointLookup for EndpointTable {
 mod tests {
     use super::*;
 
+    fn endpoint(name: &str) -> EndpointConfig {
+        EndpointConfig {
+            name: name.into(),
+            namespace: "youssef".into(),
+            labels: [("app".to_owned(), name.to_owned())].into(),
+            ips: Vec::new(),
+            cgroup: None,
+            dns_target: Vec::new(),
+        }
+    }
+
+    /// IDs were positions: removing the first endpoint gave the second its ID, under which the
+    /// pinned datapath still held the first's enrollment and allow entries.
+    #[test]
+    fn an_endpoint_keeps_its_id_when_others_come_and_go() {
+        let before = EndpointTable::from_config(&[endpoint("a"), endpoint("b"), endpoint("c")]);
+        let after = EndpointTable::from_config(&[endpoint("c"), endpoint("b")]);
+        let id_of = |table: &EndpointTable, key: &str| {
+            table
+                .keys()
+                .find(|(_, k)| k.as_ref() == key)
+                .map(|(info, _)| info.id)
+        };
+        for key in ["youssef/b", "youssef/c"] {
+            assert_eq!(id_of(&before, key), id_of(&after, key), "{key}");
+        }
+        let a = id_of(&before, "youssef/a").unwrap();
+        assert_eq!(after.key_of(a), None, "a's ID names no one now");
+        assert!(before.keys().all(|(info, _)| info.id.0 != 0));
+    }
+
+    #[test]
+    fn colliding_ids_are_told_apart() {
+        let mut taken = HashMap::new();
+        let first = stable_id("youssef/a", &taken);
+        taken.insert(first, 0);
+        let second = stable_id("youssef/a", &taken);
+        assert_ne!(first, second);
+    }
+
     #[test]
     fn senders_are_found_by_ip_including_ipv4_mapped() {
         let config = vec![EndpointConfig {
@@ -103,7 +169,7 @@ mod tests {
         let table = EndpointTable::from_config(&config);
         let found = table.lookup("[::ffff:127.0.0.2]:5353".parse().unwrap(), Transport::Udp);
         let (id, key) = found.endpoint.unwrap();
-        assert_eq!(id, EndpointId(1));
+        assert_eq!(table.key_of(id), Some(&key));
         assert_eq!(&*key, "youssef/test");
         assert!(table.by_ip("127.0.0.3".parse().unwrap()).is_none());
     }

@@ -451,6 +451,20 @@ fn an_enforced_udp_service_answers_its_clients_and_only_them() {
         });
     }
     assert!(support::recv_within(&elsewhere, Duration::from_millis(200)).is_none());
+
+    // A datagram the workload forged to its own service over loopback opens nothing: else a
+    // raw socket would open a window to any address it names.
+    let forged = sa("10.213.0.77:443");
+    let p = lab.probe(
+        &app,
+        &format!("udp-spoofed-service {} {forged}", v4_at(7800)),
+    );
+    assert_eq!(
+        p.get("heard"),
+        forged.to_string(),
+        "the forgery arrived: {p:?}"
+    );
+    assert_eq!(p.get("answered"), EPERM, "{p:?}");
 }
 
 /// The kernel connects the unspecified address to the local host, as it does loopback; the

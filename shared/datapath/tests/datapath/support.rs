@@ -681,6 +681,54 @@ pub fn run_probe() {
                 report("client", other.send_to(b"leak", peer).map(drop));
             }
         }
+        // A UDP service on 0.0.0.0 at the port of the first address, written to over loopback
+        // by this very process with a forged source (the second address) from a raw socket;
+        // then answers that source (answered=...).
+        "udp-spoofed-service" => {
+            let port = addr(1).port();
+            let forged = match addr(2) {
+                SocketAddr::V4(v4) => v4,
+                SocketAddr::V6(_) => panic!("an IPv4 source"),
+            };
+            let service = UdpSocket::bind(("0.0.0.0", port)).expect("bind");
+            service
+                .set_read_timeout(Some(Duration::from_secs(3)))
+                .unwrap();
+            let raw = socket2::Socket::new(
+                socket2::Domain::IPV4,
+                socket2::Type::RAW,
+                Some(socket2::Protocol::UDP),
+            )
+            .unwrap();
+            raw.set_header_included_v4(true).unwrap();
+            let payload = b"spoof";
+            let udp_len = 8 + payload.len();
+            let total = 20 + udp_len;
+            let mut packet = vec![0x45, 0];
+            packet.extend_from_slice(&(total as u16).to_be_bytes());
+            packet.extend_from_slice(&[0, 0, 0, 0, 64, 17, 0, 0]);
+            packet.extend_from_slice(&forged.ip().octets());
+            packet.extend_from_slice(&[127, 0, 0, 1]);
+            packet.extend_from_slice(&forged.port().to_be_bytes());
+            packet.extend_from_slice(&port.to_be_bytes());
+            packet.extend_from_slice(&(udp_len as u16).to_be_bytes());
+            packet.extend_from_slice(&[0, 0]);
+            packet.extend_from_slice(payload);
+            let to: SocketAddr = ([127, 0, 0, 1], port).into();
+            report("forged", raw.send_to(&packet, &to.into()).map(drop));
+            let mut buf = [0u8; 64];
+            let heard = service.recv_from(&mut buf);
+            println!(
+                "PROBE heard={}",
+                heard
+                    .as_ref()
+                    .map_or_else(|e| e.to_string(), |(_, from)| from.to_string())
+            );
+            report(
+                "answered",
+                service.send_to(b"pong", SocketAddr::V4(forged)).map(drop),
+            );
+        }
         // Accepts one connection at the first address, disconnects it (connect AF_UNSPEC) and
         // connects the same socket to the second, sends "first", waits for the flag file,
         // sends "second".
