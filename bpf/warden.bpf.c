@@ -180,15 +180,16 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } udp_services SEC(".maps");
 
-/* Who wrote to an enforced endpoint's UDP service, on which port, and when last: the
- * endpoint's sockets on that port may answer that peer for WARDEN_UDP_REPLY_NS after, as a
- * connection tracker's UDP entry would let them (a QUIC server's per-client sockets share the
- * port it listens on). */
+/* Who wrote to an enforced endpoint's UDP service socket, and when last: that socket may
+ * answer that peer for WARDEN_UDP_REPLY_NS after, as a connection tracker's UDP entry would
+ * let it. Keyed by the socket, not its port: a port names different sockets in different
+ * network namespaces (a workload can make one of its own), and NAT in front of a service
+ * changes the port between what arrives and what leaves. */
 struct warden_udp_peer {
-	__u32 endpoint_id;
-	__u16 local_port; /* host order */
-	__u16 peer_port;  /* host order */
+	__u64 cookie; /* the service socket */
 	__u8 peer[16];
+	__u16 peer_port; /* host order */
+	__u16 pad[3];
 };
 
 struct {
@@ -275,18 +276,13 @@ static __always_inline int is_unspecified(const struct addr16 *a)
 	       a->b[15] == 0;
 }
 
-/* Whether the endpoint's service on `local_port` heard from (peer, peer_port) within the
- * reply window. */
-static __always_inline int is_udp_reply(__u32 endpoint_id, __u16 local_port,
-					const struct addr16 *peer, __u16 peer_port)
+/* Whether the service socket `cookie` heard from (peer, peer_port) within the reply window. */
+static __always_inline int is_udp_reply(__u64 cookie, const struct addr16 *peer, __u16 peer_port)
 {
 	struct warden_udp_peer key = {};
 	__u64 *seen;
 
-	if (local_port == 0)
-		return 0;
-	key.endpoint_id = endpoint_id;
-	key.local_port = local_port;
+	key.cookie = cookie;
 	key.peer_port = peer_port;
 	__builtin_memcpy(key.peer, peer->b, 16);
 	seen = bpf_map_lookup_elem(&udp_peers, &key);
@@ -599,9 +595,7 @@ static __always_inline int sock_egress(struct bpf_sock_addr *ctx, int v6, __u8 r
 		if (fqdn_allowed(endpoint_id, &dst, proto, port) ||
 		    cidr_allowed(endpoint_id, &dst, proto, port, 1))
 			return 1;
-		/* The socket's own port: 0 until it is bound (an unbound one is no service). */
-		if (proto == IPPROTO_UDP && ctx->sk &&
-		    is_udp_reply(endpoint_id, (__u16)ctx->sk->src_port, &dst, port))
+		if (proto == IPPROTO_UDP && is_udp_reply(bpf_get_socket_cookie(ctx), &dst, port))
 			return 1;
 	} else if (fqdn_allowed(endpoint_id, &dst, proto, 0) ||
 		   cidr_allowed(endpoint_id, &dst, proto, 0, 0)) {
@@ -753,6 +747,16 @@ int warden_sockops(struct bpf_sock_ops *ops)
 	/* Network order in the upper half of the field. */
 	mark->port = (__u16)bpf_ntohl(ops->remote_port);
 	return 1;
+}
+
+static __always_inline int is_raw_socket(struct __sk_buff *skb)
+{
+	struct bpf_sock *sk = skb->sk;
+
+	if (!sk)
+		return 0;
+	sk = bpf_sk_fullsock(sk);
+	return sk && sk->type == 3 /* SOCK_RAW */;
 }
 
 /* A packet of a TCP connection a peer opened: the SYN-ACK, which the hook sees as the
@@ -1001,7 +1005,7 @@ int warden_egress(struct __sk_buff *skb)
 	__u64 cgroup_id = 0;
 	struct pkt p = {};
 	__u32 flags, endpoint_id;
-	int to_target;
+	int to_target, raw;
 
 	ep = endpoint_of_skb(skb, &cgroup_id);
 	if (!ep)
@@ -1017,11 +1021,23 @@ int warden_egress(struct __sk_buff *skb)
 		return 0;
 	}
 
+	/* A raw socket writes its own headers, sources included: what it sends writes no redirect
+	 * record, and from an enforced workload it may send no TCP or UDP, not even to loopback, or
+	 * it could forge what the datapath takes on trust (a datagram opening a UDP service's reply
+	 * window, a redirect record's client). */
+	raw = p.l4 && is_raw_socket(skb);
 	to_target = p.l4 && is_dns_target(endpoint_id, &p.dst, p.dport);
-	if (to_target && (flags & WARDEN_EP_REDIRECT_DNS))
+	if (to_target && !raw && (flags & WARDEN_EP_REDIRECT_DNS))
 		record_redirect(skb, &p, cgroup_id);
 
-	if (!(flags & WARDEN_EP_ENFORCED) || to_target || is_loopback(&p.dst))
+	if (!(flags & WARDEN_EP_ENFORCED))
+		return 1;
+	if (raw) {
+		emit_drop(cgroup_id, endpoint_id, p.family, p.proto, WARDEN_DROP_RAW, &p.src, p.sport,
+			  &p.dst, p.dport);
+		return 0;
+	}
+	if (to_target || is_loopback(&p.dst))
 		return 1;
 	if (p.l4 && is_inbound_reply(skb, &p.dst, p.dport, p.proto))
 		return 1;
@@ -1031,7 +1047,8 @@ int warden_egress(struct __sk_buff *skb)
 	}
 	if (cidr_allowed(endpoint_id, &p.dst, p.proto, p.dport, p.l4))
 		return 1;
-	if (p.l4 && p.proto == IPPROTO_UDP && is_udp_reply(endpoint_id, p.sport, &p.dst, p.dport))
+	if (p.l4 && p.proto == IPPROTO_UDP &&
+	    is_udp_reply(bpf_get_socket_cookie(skb), &p.dst, p.dport))
 		return 1;
 	emit_drop(cgroup_id, endpoint_id, p.family, p.proto, p.reason, &p.src, p.sport, &p.dst,
 		  p.dport);
@@ -1067,8 +1084,7 @@ int warden_ingress(struct __sk_buff *skb)
 	ep = endpoint_of_skb(skb, &cgroup_id);
 	if (!ep || !(ep->flags & WARDEN_EP_ENFORCED))
 		return 1;
-	key.endpoint_id = ep->endpoint_id;
-	key.local_port = p.dport;
+	key.cookie = bpf_get_socket_cookie(skb);
 	key.peer_port = p.sport;
 	__builtin_memcpy(key.peer, p.src.b, 16);
 	now = bpf_ktime_get_boot_ns();

@@ -238,8 +238,8 @@ pub(crate) const MAP_SIZES: [(&str, u32, u32); 14] = [
     // Socket storage: an int key (the socket), `struct warden_inbound` (peer, port).
     (map::INBOUND_CONNS, 4, 20),
     (map::UDP_SERVICES, 4, 4),
-    // `struct warden_udp_peer` (endpoint, local port, peer port, peer) → boot-time ns.
-    (map::UDP_PEERS, 24, 8),
+    // `struct warden_udp_peer` (socket cookie, peer, peer port) → boot-time ns.
+    (map::UDP_PEERS, 32, 8),
     (
         map::REUSEPORT_CONFIG,
         4,

@@ -441,6 +441,7 @@ impl Metrics {
                     "fragment",
                     "no_ports",
                     "malformed",
+                    "raw_socket",
                 ],
             ),
             (&self.datapath.updates, &DATAPATH_OPS),
