@@ -170,8 +170,8 @@ struct {
 
 /* UDP sockets bound to a port of their owner's choosing: services (a DNS or QUIC server, a
  * syslog receiver), which answer whoever writes to them. Marked by the bind hooks whoever
- * binds (a workload often binds before its cgroup is enrolled); only an enforced endpoint's
- * open reply windows. */
+ * binds (a workload often binds before its cgroup is enrolled); only those of enforced
+ * endpoints open reply windows. */
 struct {
 	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
 	__uint(map_flags, BPF_F_NO_PREALLOC); /* required for socket storage */

@@ -42,10 +42,18 @@ fn refusing_policy() -> String {
 
 /// The lab with warden-dnsproxy beside the agent, once the proxy's session with it is up.
 async fn lab(policy: String) -> Firewall {
-    let mut lab = Firewall::start(FirewallOptions {
+    lab_with(FirewallOptions {
         policy,
-        with_dnsproxy: true,
         ..FirewallOptions::default()
+    })
+    .await
+}
+
+/// [`lab`] with more of the options (the dnsproxy is always on).
+async fn lab_with(options: FirewallOptions) -> Firewall {
+    let mut lab = Firewall::start(FirewallOptions {
+        with_dnsproxy: true,
+        ..options
     })
     .await
     .unwrap();
@@ -180,16 +188,10 @@ async fn a_pod_starting_under_the_dnsproxy_is_answered_from_its_first_query() {
     if !require_lab() || !warden_tests::require_tools(&["knotd", "dig"]) {
         return;
     }
-    let mut lab = Firewall::start(FirewallOptions {
+    let mut lab = lab_with(FirewallOptions {
         policy: refusing_policy(),
-        with_dnsproxy: true,
         late_workload: true,
         ..FirewallOptions::default()
-    })
-    .await
-    .unwrap();
-    wait_status(lab.dnsproxy().admin, Duration::from_secs(5), |s| {
-        s["peer_connected"] == true
     })
     .await;
     let late = lab.cgroups.child("late").unwrap();

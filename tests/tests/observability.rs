@@ -467,7 +467,8 @@ async fn a_newcomers_loop_sees_every_query_in_observe_and_in_the_counters() {
     assert!(labels.contains(&Value::from("k8s:app=test")), "{labels:?}");
     let table = cli_ok(agent.admin, &dnsproxy, &["endpoint", "list"]);
     let row: Vec<&str> = table.lines().nth(1).unwrap().split_whitespace().collect();
-    assert_eq!(&row[..4], ["1", "youssef/test", "yes", &client.to_string()]);
+    let id = endpoints[0]["id"].to_string();
+    assert_eq!(&row[..4], [&id, "youssef/test", "yes", &client.to_string()]);
 
     // Status: the agent serves, the dnsproxy (nothing there) is down, not an error.
     let status = cli_ok(agent.admin, &dnsproxy, &["status"]);

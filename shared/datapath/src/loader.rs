@@ -389,17 +389,25 @@ fn reuse_link(
     }
 }
 
+/// What went wrong attaching program `name` at `cgroup_path`.
+fn attach_error<'a>(
+    name: &'static str,
+    cgroup_path: &'a Path,
+) -> impl Fn(Box<dyn std::error::Error + Send + Sync>) -> DatapathError + 'a {
+    move |source| DatapathError::Attach {
+        program: name,
+        cgroup: cgroup_path.to_path_buf(),
+        source,
+    }
+}
+
 fn attach_sock_addr(
     prog: &mut CgroupSockAddr,
     cgroup: &File,
     name: &'static str,
     cgroup_path: &Path,
 ) -> Result<FdLink, DatapathError> {
-    let attach_err = |source: Box<dyn std::error::Error + Send + Sync>| DatapathError::Attach {
-        program: name,
-        cgroup: cgroup_path.to_path_buf(),
-        source,
-    };
+    let attach_err = attach_error(name, cgroup_path);
     // Single: cgroup links are always multi-attach in the kernel; the flag must be 0.
     let id = prog
         .attach(cgroup, CgroupAttachMode::Single)
@@ -414,11 +422,7 @@ fn attach_sock_ops(
     name: &'static str,
     cgroup_path: &Path,
 ) -> Result<FdLink, DatapathError> {
-    let attach_err = |source: Box<dyn std::error::Error + Send + Sync>| DatapathError::Attach {
-        program: name,
-        cgroup: cgroup_path.to_path_buf(),
-        source,
-    };
+    let attach_err = attach_error(name, cgroup_path);
     let id = prog
         .attach(cgroup, CgroupAttachMode::Single)
         .map_err(|e| attach_err(Box::new(e)))?;
@@ -433,11 +437,7 @@ fn attach_skb(
     name: &'static str,
     cgroup_path: &Path,
 ) -> Result<FdLink, DatapathError> {
-    let attach_err = |source: Box<dyn std::error::Error + Send + Sync>| DatapathError::Attach {
-        program: name,
-        cgroup: cgroup_path.to_path_buf(),
-        source,
-    };
+    let attach_err = attach_error(name, cgroup_path);
     let id = prog
         .attach(cgroup, direction, CgroupAttachMode::Single)
         .map_err(|e| attach_err(Box::new(e)))?;

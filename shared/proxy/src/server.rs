@@ -446,6 +446,20 @@ spec:
         (answer, started.elapsed())
     }
 
+    /// A query for cilium.io. A with `id`, framed for TCP (length first).
+    fn tcp_query(id: u16) -> Vec<u8> {
+        let mut query = Message::query();
+        query.metadata.id = id;
+        query.add_query(Query::query(
+            Name::from_ascii("cilium.io.").unwrap(),
+            RecordType::A,
+        ));
+        let wire = query.to_vec().unwrap();
+        let mut framed = u16::try_from(wire.len()).unwrap().to_be_bytes().to_vec();
+        framed.extend_from_slice(&wire);
+        framed
+    }
+
     /// A TCP server on `upstream`'s port that takes connections and never answers; how many
     /// it took so far.
     async fn silent_tcp_upstream(upstream: SocketAddr) -> Arc<AtomicUsize> {
@@ -470,18 +484,7 @@ spec:
         let proxy = start(upstream, Duration::ZERO, Duration::from_secs(1)).await;
 
         // A hundred queries at once, and never an answer read.
-        let mut framed = Vec::new();
-        for id in 0..100u16 {
-            let mut query = Message::query();
-            query.metadata.id = id;
-            query.add_query(Query::query(
-                Name::from_ascii("cilium.io.").unwrap(),
-                RecordType::A,
-            ));
-            let wire = query.to_vec().unwrap();
-            framed.extend_from_slice(&u16::try_from(wire.len()).unwrap().to_be_bytes());
-            framed.extend_from_slice(&wire);
-        }
+        let framed: Vec<u8> = (0..100u16).flat_map(tcp_query).collect();
         let mut client = tokio::net::TcpStream::connect(proxy.dns).await.unwrap();
         client.write_all(&framed).await.unwrap();
         tokio::time::sleep(Duration::from_millis(300)).await;
@@ -530,30 +533,18 @@ spec:
             }
         });
         let proxy = start(upstream, Duration::ZERO, Duration::from_secs(2)).await;
-        let framed = |id: u16| {
-            let mut query = Message::query();
-            query.metadata.id = id;
-            query.add_query(Query::query(
-                Name::from_ascii("cilium.io.").unwrap(),
-                RecordType::A,
-            ));
-            let wire = query.to_vec().unwrap();
-            let mut framed = u16::try_from(wire.len()).unwrap().to_be_bytes().to_vec();
-            framed.extend_from_slice(&wire);
-            framed
-        };
         // A small receive window: most answers wait in the proxy's send queue.
         let socket = tokio::net::TcpSocket::new_v4().unwrap();
         socket.set_recv_buffer_size(1024).unwrap();
         let mut client = socket.connect(proxy.dns).await.unwrap();
         for id in 1..=QUERIES {
-            client.write_all(&framed(id)).await.unwrap();
+            client.write_all(&tcp_query(id)).await.unwrap();
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
         proxy.shutdown.cancel();
         tokio::time::sleep(Duration::from_millis(50)).await;
         // Sent after the reader stopped: never read.
-        client.write_all(&framed(QUERIES + 1)).await.unwrap();
+        client.write_all(&tcp_query(QUERIES + 1)).await.unwrap();
         // Read once the answers are written and the proxy is closing.
         tokio::time::sleep(Duration::from_millis(500)).await;
         let mut ids = Vec::new();
