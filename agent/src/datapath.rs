@@ -121,16 +121,24 @@ impl Reconciler {
                 );
             }
         }
-        if let Some(enrolled) = self.count("list", self.datapath.enrolled()) {
-            for (cgroup_id, entry) in enrolled {
+        if let Some(now_enrolled) = self.count("list", self.datapath.enrolled()) {
+            for (cgroup_id, _) in now_enrolled {
                 if !index.contains_key(&cgroup_id) {
                     self.count("unenroll", self.datapath.unenroll(cgroup_id));
-                    let still_used = index.values().any(|(id, _)| id.0 == entry.endpoint_id);
-                    if !still_used {
-                        self.count("clear", self.datapath.clear_endpoint(entry.endpoint_id));
-                    }
                 }
             }
+        }
+        // An endpoint ID nothing is enrolled under any more (its endpoint removed, or its cgroup
+        // re-enrolled under another ID, as after the upgrade to IDs from keys) loses its DNS
+        // target and entries.
+        let in_use: HashSet<u32> = index.values().map(|(id, _)| id.0).collect();
+        let stale: HashSet<u32> = enrolled
+            .values()
+            .map(|entry| entry.endpoint_id)
+            .filter(|id| !in_use.contains(id))
+            .collect();
+        for endpoint_id in stale {
+            self.count("clear", self.datapath.clear_endpoint(endpoint_id));
         }
         self.metrics
             .datapath
