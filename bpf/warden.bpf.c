@@ -1022,22 +1022,15 @@ int warden_egress(struct __sk_buff *skb)
 	}
 
 	/* A raw socket writes its own headers, sources included: what it sends writes no redirect
-	 * record, and from an enforced workload it may send no TCP or UDP, not even to loopback, or
-	 * it could forge what the datapath takes on trust (a datagram opening a UDP service's reply
-	 * window, a redirect record's client). */
+	 * record, whose client key the proxy takes on trust. (Its packets are judged by policy like
+	 * any other; a workload with CAP_NET_RAW can also use packet sockets, which no cgroup hook
+	 * sees: see docs/operations.md.) */
 	raw = p.l4 && is_raw_socket(skb);
 	to_target = p.l4 && is_dns_target(endpoint_id, &p.dst, p.dport);
 	if (to_target && !raw && (flags & WARDEN_EP_REDIRECT_DNS))
 		record_redirect(skb, &p, cgroup_id);
 
-	if (!(flags & WARDEN_EP_ENFORCED))
-		return 1;
-	if (raw) {
-		emit_drop(cgroup_id, endpoint_id, p.family, p.proto, WARDEN_DROP_RAW, &p.src, p.sport,
-			  &p.dst, p.dport);
-		return 0;
-	}
-	if (to_target || is_loopback(&p.dst))
+	if (!(flags & WARDEN_EP_ENFORCED) || to_target || is_loopback(&p.dst))
 		return 1;
 	if (p.l4 && is_inbound_reply(skb, &p.dst, p.dport, p.proto))
 		return 1;

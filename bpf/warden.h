@@ -180,7 +180,6 @@ struct warden_last_seen_key {
 #define WARDEN_DROP_FRAGMENT 5 /* IPv4 non-first fragment to a not wholly allowed dst */
 #define WARDEN_DROP_NO_PORTS 6 /* ICMP or another port-less protocol to a not wholly allowed dst */
 #define WARDEN_DROP_MALFORMED 7 /* headers that could not be parsed */
-#define WARDEN_DROP_RAW 8       /* TCP or UDP written by a raw socket (forged headers) */
 
 struct warden_drop_event {
 	__u64 time_ns; /* boot ns */

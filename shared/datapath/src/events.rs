@@ -27,8 +27,6 @@ pub enum DropReason {
     NoPorts,
     /// Headers that could not be parsed.
     Malformed,
-    /// TCP or UDP written by a raw socket, whose headers (sources included) the workload forged.
-    RawSocket,
     /// A reason this crate does not know (newer programs).
     Other(u8),
 }
@@ -43,7 +41,6 @@ impl DropReason {
             5 => Self::Fragment,
             6 => Self::NoPorts,
             7 => Self::Malformed,
-            8 => Self::RawSocket,
             other => Self::Other(other),
         }
     }
@@ -58,7 +55,6 @@ impl DropReason {
             Self::Fragment => "fragment",
             Self::NoPorts => "no_ports",
             Self::Malformed => "malformed",
-            Self::RawSocket => "raw_socket",
             Self::Other(_) => "other",
         }
     }

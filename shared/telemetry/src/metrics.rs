@@ -441,7 +441,6 @@ impl Metrics {
                     "fragment",
                     "no_ports",
                     "malformed",
-                    "raw_socket",
                 ],
             ),
             (&self.datapath.updates, &DATAPATH_OPS),
