@@ -123,6 +123,24 @@ fn v6_at(port: u16) -> SocketAddr {
     SocketAddr::new(NS_V6.parse().unwrap(), port)
 }
 
+/// The lab's cgroup `app`, enrolled (enforced, DNS redirected) as `endpoint_id` with its IPv4
+/// DNS target at `target`; its path and cgroup id.
+fn redirected_app(
+    lab: &Lab,
+    dp: &Datapath,
+    endpoint_id: u32,
+    target: SocketAddr,
+) -> (std::path::PathBuf, u64) {
+    let app = lab.cgroup("app");
+    let app_id = Datapath::cgroup_id(&app).unwrap();
+    dp.enroll(app_id, endpoint_id, true, true).unwrap();
+    let SocketAddr::V4(t4) = target else {
+        unreachable!("an IPv4 target")
+    };
+    dp.set_dns_target(endpoint_id, Some(t4), None).unwrap();
+    (app, app_id)
+}
+
 #[test]
 fn connect_enforcement_with_fqdn_entries_and_drop_events() {
     skip_unless_privileged!();
@@ -533,13 +551,7 @@ fn redirect_records_come_from_the_slots_while_the_program_writes_them() {
     let dp = Datapath::open(&lab.options()).unwrap();
     let target = v4_at(5354);
     let seen = lab.dns_responder(target, dp.clone());
-    let app = lab.cgroup("app");
-    let app_id = Datapath::cgroup_id(&app).unwrap();
-    dp.enroll(app_id, 12, true, true).unwrap();
-    let SocketAddr::V4(t4) = target else {
-        unreachable!()
-    };
-    dp.set_dns_target(12, Some(t4), None).unwrap();
+    let (app, app_id) = redirected_app(&lab, &dp, 12, target);
     let orig = sa("10.213.0.98:53");
 
     // The first lookups ask the map (until two checks of the program, 100 ms apart, found it
@@ -699,13 +711,7 @@ fn a_query_to_the_target_itself_names_its_cgroup_and_no_original_server() {
     let dp = Datapath::open(&lab.options()).unwrap();
     let target = v4_at(53);
     let seen = lab.dns_responder(target, dp.clone());
-    let app = lab.cgroup("app");
-    let app_id = Datapath::cgroup_id(&app).unwrap();
-    dp.enroll(app_id, 16, true, true).unwrap();
-    let SocketAddr::V4(t4) = target else {
-        unreachable!()
-    };
-    dp.set_dns_target(16, Some(t4), None).unwrap();
+    let (app, app_id) = redirected_app(&lab, &dp, 16, target);
 
     let elsewhere = sa("10.213.0.99:53");
     let p = lab.probe(&app, &format!("udp-dns {elsewhere}"));
