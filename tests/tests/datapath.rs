@@ -307,6 +307,45 @@ async fn enforcement_holds_through_kill_9_and_restarts_without_a_gap() {
     assert!(lab.curl_ok("http://cilium.io/", &["-4"]).ok());
 }
 
+/// A UDP echo service on every address (dual-stack) at the port given.
+const UDP_ECHO_PY: &str = r#"
+import socket, sys
+s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+s.bind(("::", int(sys.argv[1])))
+while True:
+    data, peer = s.recvfrom(512)
+    s.sendto(b"echo " + data, peer)
+"#;
+
+/// A client in the lab's internet: "ping" to `host:port` until an answer (or 5 s); the answer.
+const UDP_ASK_PY: &str = r#"
+import socket, sys
+host, port = sys.argv[1], int(sys.argv[2])
+s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(0.5)
+for _ in range(10):
+    s.sendto(b"ping", (host, port))
+    try:
+        print(s.recvfrom(512)[0].decode(), end="")
+        sys.exit(0)
+    except socket.timeout:
+        pass
+sys.exit(1)
+"#;
+
+fn udp_ask(lab: &Firewall, host: IpAddr, port: u16) -> String {
+    let out = warden_tests::run_blocking(
+        Command::new("ip")
+            .args(["netns", "exec", lab.internet.netns()])
+            .arg(python3().unwrap())
+            .args(["-c", UDP_ASK_PY, &host.to_string(), &port.to_string()]),
+        Duration::from_secs(10),
+    )
+    .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// Egress policy restricts what a workload opens, not whom it answers: a server in the enforced
 /// workload serves a client of the lab's internet (whose address no rule allows) over IPv4
 /// and IPv6, before and after the agent is killed and restarted, while the workload's own
@@ -363,12 +402,33 @@ async fn an_enforced_workload_serves_clients_it_may_not_call() {
         let call = lab.curl_ok(&client, &[]);
         assert!(quick_refusal(&call), "{client}: {call:?}");
     }
+    // And a UDP service answers its clients too.
+    let udp_port = warden_tests::free_port(IpAddr::V4(HOST_V4)).unwrap();
+    let _echo = spawn_in_cgroup(
+        &lab.workload,
+        Command::new(python3().unwrap())
+            .args(["-c", UDP_ECHO_PY, &udp_port.to_string()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null()),
+    )
+    .unwrap();
+    let hosts = [IpAddr::V4(HOST_V4), IpAddr::V6(HOST_V6)];
+    for host in hosts {
+        assert_eq!(udp_ask(&lab, host, udp_port), "echo ping", "{host}");
+    }
 
     lab.agent.kill().unwrap();
     lab.agent.restart().await.unwrap();
     lab.wait_enrolled().await.unwrap();
     for url in &urls {
         assert!(served(&lab, url), "after a restart, {url}");
+    }
+    for host in hosts {
+        assert_eq!(
+            udp_ask(&lab, host, udp_port),
+            "echo ping",
+            "after a restart, {host}"
+        );
     }
     let call = lab.curl_ok(&format!("http://{INTERNET_V4}/"), &[]);
     assert!(quick_refusal(&call), "after a restart: {call:?}");
