@@ -534,6 +534,7 @@ static __always_inline int sock_egress(struct bpf_sock_addr *ctx, int v6, __u8 r
 	__u16 port;
 	__u8 proto;
 	__u32 flags, endpoint_id;
+	int to_target;
 
 	ep = endpoint_of_current(&cgroup_id);
 	if (!ep)
@@ -587,9 +588,20 @@ static __always_inline int sock_egress(struct bpf_sock_addr *ctx, int v6, __u8 r
 		}
 	}
 
+	to_target = (flags & WARDEN_EP_REDIRECT_DNS) && is_dns_target(endpoint_id, &dst, port);
+	if (to_target) {
+		/* Sent to the DNS target itself (on a port other than 53): an original saved by an
+		 * earlier, redirected send of this socket is not this query's (see
+		 * record_redirect). */
+		__u64 cookie = bpf_get_socket_cookie(ctx);
+
+		if (bpf_map_lookup_elem(&sock_orig, &cookie))
+			bpf_map_delete_elem(&sock_orig, &cookie);
+	}
 	if (!(flags & WARDEN_EP_ENFORCED))
 		return 1;
-	if (is_loopback(&dst) || is_unspecified(&dst) || is_dns_target(endpoint_id, &dst, port))
+	if (to_target || is_loopback(&dst) || is_unspecified(&dst) ||
+	    (!(flags & WARDEN_EP_REDIRECT_DNS) && is_dns_target(endpoint_id, &dst, port)))
 		return 1;
 	if (proto == IPPROTO_TCP || proto == IPPROTO_UDP) {
 		if (fqdn_allowed(endpoint_id, &dst, proto, port) ||

@@ -723,6 +723,37 @@ fn a_query_to_the_target_itself_names_its_cgroup_and_no_original_server() {
         (app_id, Some(elsewhere))
     );
 
+    // A socket redirected once and then asking its target itself: the second query has no
+    // original server (it kept the first's, and was forwarded there).
+    let elsewhere_target = v4_at(5355);
+    let seen_elsewhere = lab.dns_responder(elsewhere_target, dp.clone());
+    let SocketAddr::V4(t4) = elsewhere_target else {
+        unreachable!()
+    };
+    dp.set_dns_target(16, Some(t4), None).unwrap();
+    let p = lab.probe(
+        &app,
+        &format!("udp-dns-then-target {elsewhere} {elsewhere_target}"),
+    );
+    assert_eq!(p.get("answered"), "true", "{p:?}");
+    let records: Vec<_> = (0..2)
+        .map(|_| {
+            support::recv_within(&seen_elsewhere, Duration::from_secs(2))
+                .and_then(|s| s.record)
+                .map(|r| r.original)
+        })
+        .collect();
+    assert_eq!(records, [Some(Some(elsewhere)), Some(None)]);
+    dp.set_dns_target(
+        16,
+        Some(match target {
+            SocketAddr::V4(t) => t,
+            SocketAddr::V6(_) => unreachable!(),
+        }),
+        None,
+    )
+    .unwrap();
+
     for probe in ["udp-dns", "udp-dns-connected", "tcp-dns"] {
         let p = lab.probe(&app, &format!("{probe} {target}"));
         if probe == "tcp-dns" {

@@ -503,6 +503,18 @@ pub fn run_probe() {
             report("result", r);
             println!("PROBE ms={}", start.elapsed().as_millis());
         }
+        // One unconnected UDP socket asks the first address (redirected), then the second (its
+        // DNS target itself): answered=<both answered>.
+        "udp-dns-then-target" => {
+            let socket = udp_socket_for(addr(1));
+            let mut buf = [0u8; 512];
+            let mut answered = true;
+            for server in [addr(1), addr(2)] {
+                answered &= socket.send_to(&dns_query(), server).is_ok()
+                    && socket.recv_from(&mut buf).is_ok();
+            }
+            println!("PROBE answered={answered}");
+        }
         // DNS over an unconnected UDP socket: who the answer seems to come from.
         "udp-dns" => {
             let server = addr(1);
