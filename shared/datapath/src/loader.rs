@@ -258,48 +258,52 @@ pub(crate) fn load_and_attach(
         // A staging pin left by a crash mid-move (see `replace_pin`): unpinned and held by no
         // one, its link detaches, whichever way this start goes.
         remove_if_exists(&staging_path(&link_path))?;
+        // Cgroup links are always multi-attach in the kernel: the flag must be 0 (`Single`).
         let action = match hook {
             Hook::SockAddr => {
                 let prog: &mut CgroupSockAddr =
                     program.try_into().map_err(|e| program_error(name, e))?;
                 prog.load().map_err(|e| program_error(name, e))?;
-                let prog_fd = prog.fd().map_err(|e| program_error(name, e))?;
-                match reuse_link(&link_path, prog_fd, cgroup_id)? {
-                    Reuse::Updated => LinkAction::Updated,
-                    Reuse::Replace(old) => {
-                        let link = attach_sock_addr(prog, &cgroup, name, &cgroup_root)?;
-                        replace_pin(name, &link_path, link, old)?
-                    }
-                }
+                let reuse = reuse_link(
+                    &link_path,
+                    prog.fd().map_err(|e| program_error(name, e))?,
+                    cgroup_id,
+                )?;
+                relink(name, &link_path, reuse, || {
+                    let id = prog.attach(&cgroup, CgroupAttachMode::Single);
+                    pinnable(name, &cgroup_root, id.and_then(|id| prog.take_link(id)))
+                })?
             }
             Hook::SockOps => {
                 let prog: &mut SockOps = program.try_into().map_err(|e| program_error(name, e))?;
                 prog.load().map_err(|e| program_error(name, e))?;
-                let prog_fd = prog.fd().map_err(|e| program_error(name, e))?;
-                match reuse_link(&link_path, prog_fd, cgroup_id)? {
-                    Reuse::Updated => LinkAction::Updated,
-                    Reuse::Replace(old) => {
-                        let link = attach_sock_ops(prog, &cgroup, name, &cgroup_root)?;
-                        replace_pin(name, &link_path, link, old)?
-                    }
-                }
+                let reuse = reuse_link(
+                    &link_path,
+                    prog.fd().map_err(|e| program_error(name, e))?,
+                    cgroup_id,
+                )?;
+                relink(name, &link_path, reuse, || {
+                    let id = prog.attach(&cgroup, CgroupAttachMode::Single);
+                    pinnable(name, &cgroup_root, id.and_then(|id| prog.take_link(id)))
+                })?
             }
             Hook::SkbEgress | Hook::SkbIngress => {
                 let prog: &mut CgroupSkb =
                     program.try_into().map_err(|e| program_error(name, e))?;
                 prog.load().map_err(|e| program_error(name, e))?;
-                let prog_fd = prog.fd().map_err(|e| program_error(name, e))?;
                 let direction = match hook {
                     Hook::SkbIngress => CgroupSkbAttachType::Ingress,
                     _ => CgroupSkbAttachType::Egress,
                 };
-                let action = match reuse_link(&link_path, prog_fd, cgroup_id)? {
-                    Reuse::Updated => LinkAction::Updated,
-                    Reuse::Replace(old) => {
-                        let link = attach_skb(prog, direction, &cgroup, name, &cgroup_root)?;
-                        replace_pin(name, &link_path, link, old)?
-                    }
-                };
+                let reuse = reuse_link(
+                    &link_path,
+                    prog.fd().map_err(|e| program_error(name, e))?,
+                    cgroup_id,
+                )?;
+                let action = relink(name, &link_path, reuse, || {
+                    let id = prog.attach(&cgroup, direction, CgroupAttachMode::Single);
+                    pinnable(name, &cgroup_root, id.and_then(|id| prog.take_link(id)))
+                })?;
                 if matches!(hook, Hook::SkbEgress) {
                     // After the link runs it: a reader that finds the pinned program and the
                     // link's differ trusts neither.
@@ -389,60 +393,37 @@ fn reuse_link(
     }
 }
 
-/// What went wrong attaching program `name` at `cgroup_path`.
-fn attach_error<'a>(
+/// The link of `name` after `reuse_link` said what to do: updated in place, or a fresh one from
+/// `attach` pinned over the stale one.
+fn relink(
     name: &'static str,
-    cgroup_path: &'a Path,
-) -> impl Fn(Box<dyn std::error::Error + Send + Sync>) -> DatapathError + 'a {
-    move |source| DatapathError::Attach {
-        program: name,
-        cgroup: cgroup_path.to_path_buf(),
-        source,
+    link_path: &Path,
+    reuse: Reuse,
+    attach: impl FnOnce() -> Result<FdLink, DatapathError>,
+) -> Result<LinkAction, DatapathError> {
+    match reuse {
+        Reuse::Updated => Ok(LinkAction::Updated),
+        Reuse::Replace(old) => replace_pin(name, link_path, attach()?, old),
     }
 }
 
-fn attach_sock_addr(
-    prog: &mut CgroupSockAddr,
-    cgroup: &File,
+/// A link program `name` just took at `cgroup_path`, as an fd link that can be pinned.
+fn pinnable<L>(
     name: &'static str,
     cgroup_path: &Path,
-) -> Result<FdLink, DatapathError> {
-    let attach_err = attach_error(name, cgroup_path);
-    // Single: cgroup links are always multi-attach in the kernel; the flag must be 0.
-    let id = prog
-        .attach(cgroup, CgroupAttachMode::Single)
-        .map_err(|e| attach_err(Box::new(e)))?;
-    let link = prog.take_link(id).map_err(|e| attach_err(Box::new(e)))?;
-    FdLink::try_from(link).map_err(|e| attach_err(Box::new(e)))
-}
-
-fn attach_sock_ops(
-    prog: &mut SockOps,
-    cgroup: &File,
-    name: &'static str,
-    cgroup_path: &Path,
-) -> Result<FdLink, DatapathError> {
-    let attach_err = attach_error(name, cgroup_path);
-    let id = prog
-        .attach(cgroup, CgroupAttachMode::Single)
-        .map_err(|e| attach_err(Box::new(e)))?;
-    let link = prog.take_link(id).map_err(|e| attach_err(Box::new(e)))?;
-    FdLink::try_from(link).map_err(|e| attach_err(Box::new(e)))
-}
-
-fn attach_skb(
-    prog: &mut CgroupSkb,
-    direction: CgroupSkbAttachType,
-    cgroup: &File,
-    name: &'static str,
-    cgroup_path: &Path,
-) -> Result<FdLink, DatapathError> {
-    let attach_err = attach_error(name, cgroup_path);
-    let id = prog
-        .attach(cgroup, direction, CgroupAttachMode::Single)
-        .map_err(|e| attach_err(Box::new(e)))?;
-    let link = prog.take_link(id).map_err(|e| attach_err(Box::new(e)))?;
-    FdLink::try_from(link).map_err(|e| attach_err(Box::new(e)))
+    taken: Result<L, aya::programs::ProgramError>,
+) -> Result<FdLink, DatapathError>
+where
+    FdLink: TryFrom<L>,
+    <FdLink as TryFrom<L>>::Error: std::error::Error + Send + Sync + 'static,
+{
+    let attach_error = |source: Box<dyn std::error::Error + Send + Sync>| DatapathError::Attach {
+        program: name,
+        cgroup: cgroup_path.to_path_buf(),
+        source,
+    };
+    let link = taken.map_err(|e| attach_error(Box::new(e)))?;
+    FdLink::try_from(link).map_err(|e| attach_error(Box::new(e)))
 }
 
 /// Pins the freshly attached `link` at `path` in place of the stale link pinned there (if any),
