@@ -121,11 +121,11 @@ impl Reconciler {
                 );
             }
         }
-        if let Some(now_enrolled) = self.count("list", self.datapath.enrolled()) {
-            for (cgroup_id, _) in now_enrolled {
-                if !index.contains_key(&cgroup_id) {
-                    self.count("unenroll", self.datapath.unenroll(cgroup_id));
-                }
+        // This pass enrolls only cgroups of the index: what was enrolled outside it at the start
+        // still is.
+        for cgroup_id in enrolled.keys() {
+            if !index.contains_key(cgroup_id) {
+                self.count("unenroll", self.datapath.unenroll(*cgroup_id));
             }
         }
         // An endpoint ID nothing is enrolled under any more (its endpoint removed, or its cgroup
