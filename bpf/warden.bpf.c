@@ -1017,7 +1017,7 @@ int warden_egress(struct __sk_buff *skb)
 	__u64 cgroup_id = 0;
 	struct pkt p = {};
 	__u32 flags, endpoint_id;
-	int to_target, raw;
+	int to_target;
 
 	ep = endpoint_of_skb(skb, &cgroup_id);
 	if (!ep)
@@ -1037,9 +1037,8 @@ int warden_egress(struct __sk_buff *skb)
 	 * record, whose client key the proxy takes on trust. (Its packets are judged by policy like
 	 * any other; a workload with CAP_NET_RAW can also use packet sockets, which no cgroup hook
 	 * sees: see docs/operations.md.) */
-	raw = p.l4 && is_raw_socket(skb);
 	to_target = p.l4 && is_dns_target(endpoint_id, &p.dst, p.dport);
-	if (to_target && !raw && (flags & WARDEN_EP_REDIRECT_DNS))
+	if (to_target && (flags & WARDEN_EP_REDIRECT_DNS) && !is_raw_socket(skb))
 		record_redirect(skb, &p, cgroup_id);
 
 	if (!(flags & WARDEN_EP_ENFORCED) || to_target || is_loopback(&p.dst))
