@@ -204,8 +204,6 @@ pub(crate) struct Checked {
     pub qtype: u16,
     pub policy: Arc<PolicyRepository>,
     pub allowed: bool,
-    /// Refused because the sender's endpoint is unknown (see [`ClientContext::unresolved`]).
-    pub unresolved: bool,
 }
 
 impl Checked {
@@ -363,14 +361,15 @@ impl Engine {
             qtype: query.qtype,
             policy,
             allowed,
-            unresolved: unresolved && endpoint_id.is_none(),
         }
     }
 
     /// The reject answer for a denied query, accounted for; SERVFAIL for a sender whose
     /// endpoint is not known yet, whose policy was not checked.
     pub fn deny(&self, query: &Query<'_>, checked: Checked) -> Vec<u8> {
-        if checked.unresolved {
+        // Only a sender of no known endpoint that the datapath vouches for is refused without
+        // an endpoint (see `ClientContext::unresolved`): its policy was never checked.
+        if checked.endpoint_id.is_none() {
             static BUDGET: LogBudget = LogBudget::new(LogBudget::INTERVAL);
             if let Some(held_back) = BUDGET.allow() {
                 tracing::warn!(client = %checked.client, held_back, "query from an enrolled cgroup of no known endpoint: SERVFAIL");
