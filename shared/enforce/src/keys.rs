@@ -101,6 +101,24 @@ pub fn datapath_warnings(policy: &Policy) -> Vec<String> {
                 }
             }
         }
+        // The datapath redirects port 53 only: DNS rules on another port police what the
+        // proxy forwards to an upstream on that port, but no workload's traffic reaches
+        // them, and that port stays closed (the rule allows it for DNS through the proxy).
+        for egress in &rule.egress {
+            for to_ports in egress
+                .to_ports
+                .iter()
+                .filter(|to| !to.dns_rules().is_empty())
+            {
+                for port in to_ports.ports.iter().filter(|port| port.port != 53) {
+                    warnings.push(format!(
+                        "{}: policy {name}: rules.dns on port {}: the eBPF datapath redirects                          port 53 only, so workloads' DNS to that port is not proxied and stays                          blocked",
+                        policy.origin.display(),
+                        port.port,
+                    ));
+                }
+            }
+        }
     }
     warnings
 }
@@ -164,6 +182,29 @@ mod tests {
     }
 
     #[test]
+    fn dns_rules_off_port_53_are_reported() {
+        let yaml = r#"apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: consul, namespace: youssef}
+spec:
+  endpointSelector: {matchLabels: {app: test}}
+  egress:
+  - toCIDR: [10.0.0.10/32]
+    toPorts:
+    - ports: [{port: "53", protocol: UDP}, {port: "8600", protocol: UDP}]
+      rules: {dns: [{matchPattern: "*.service.consul"}]}
+    - ports: [{port: "8500", protocol: TCP}]
+"#;
+        let policies = warden_policy::parse_str(yaml, std::path::Path::new("consul.yaml")).unwrap();
+        let warnings: Vec<String> = policies.iter().flat_map(datapath_warnings).collect();
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(
+            warnings[0].contains("youssef/consul") && warnings[0].contains("port 8600"),
+            "{warnings:?}"
+        );
+    }
+
+    #[test]
     fn tofqdns_ranges_wider_than_the_datapath_are_reported() {
         let yaml = r#"apiVersion: cilium.io/v2
 kind: CiliumNetworkPolicy
@@ -179,6 +220,7 @@ spec:
         let policies = warden_policy::parse_str(yaml, std::path::Path::new("wide.yaml")).unwrap();
         let warnings: Vec<String> = policies.iter().flat_map(datapath_warnings).collect();
         assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(!warnings[0].contains("rules.dns"), "{warnings:?}");
         assert!(
             warnings[0].contains("wide.yaml")
                 && warnings[0].contains("youssef/wide")

@@ -86,15 +86,16 @@ pub struct Rule {
 pub struct EgressRule {
     #[serde(rename = "toFQDNs", skip_serializing_if = "Vec::is_empty")]
     pub to_fqdns: Vec<FqdnSelector>,
-    /// Cilium tells `toEndpoints: []` (selects no peer) from no `toEndpoints` (no L3 part).
+    /// Cilium tells `toEndpoints: []` (selects no peer) from no `toEndpoints` (no L3 part), and
+    /// so for `toCIDR`, `toCIDRSet` and `toEntities`: an empty list allows nothing.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub to_endpoints: Option<Vec<EndpointSelector>>,
-    #[serde(rename = "toCIDR", skip_serializing_if = "Vec::is_empty")]
-    pub to_cidr: Vec<IpNet>,
-    #[serde(rename = "toCIDRSet", skip_serializing_if = "Vec::is_empty")]
-    pub to_cidr_set: Vec<CidrRule>,
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub to_entities: Vec<Entity>,
+    #[serde(rename = "toCIDR", skip_serializing_if = "Option::is_none")]
+    pub to_cidr: Option<Vec<IpNet>>,
+    #[serde(rename = "toCIDRSet", skip_serializing_if = "Option::is_none")]
+    pub to_cidr_set: Option<Vec<CidrRule>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub to_entities: Option<Vec<Entity>>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub to_ports: Vec<PortRule>,
 }
@@ -104,9 +105,19 @@ impl EgressRule {
     pub fn has_l3(&self) -> bool {
         !self.to_fqdns.is_empty()
             || self.to_endpoints.is_some()
-            || !self.to_cidr.is_empty()
-            || !self.to_cidr_set.is_empty()
-            || !self.to_entities.is_empty()
+            || self.to_cidr.is_some()
+            || self.to_cidr_set.is_some()
+            || self.to_entities.is_some()
+    }
+
+    /// Whether a peer list is present but empty (`toEndpoints: []`, `toCIDR: []`, ...). As in
+    /// Cilium, such a list selects no peer, whatever other peer list the rule has (a rule with
+    /// `toFQDNs` still grants its names).
+    pub fn selects_no_peer(&self) -> bool {
+        self.to_endpoints.as_ref().is_some_and(Vec::is_empty)
+            || self.to_cidr.as_ref().is_some_and(Vec::is_empty)
+            || self.to_cidr_set.as_ref().is_some_and(Vec::is_empty)
+            || self.to_entities.as_ref().is_some_and(Vec::is_empty)
     }
 }
 
@@ -418,15 +429,34 @@ impl PolicyDocument {
                 location: None,
             });
         }
+        // Each rule with the field it came from, for messages.
+        let fields: Vec<String> = self
+            .spec
+            .iter()
+            .map(|_| "spec".to_owned())
+            .chain((0..self.specs.as_ref().map_or(0, Vec::len)).map(|i| format!("specs[{i}]")))
+            .collect();
+        let mut rules: Vec<Rule> = self
+            .spec
+            .into_iter()
+            .chain(self.specs.into_iter().flatten())
+            .collect();
+        if let Some(namespace) = &namespace {
+            for (rule, field) in rules.iter_mut().zip(fields) {
+                rule.endpoint_selector
+                    .confine_to_namespace(namespace)
+                    .map_err(|(inner, message)| FieldProblem {
+                        field: format!("{field}.endpointSelector.{inner}"),
+                        message,
+                        location: None,
+                    })?;
+            }
+        }
         Ok(Policy {
             kind: self.kind,
             name: self.metadata.name,
             namespace,
-            rules: self
-                .spec
-                .into_iter()
-                .chain(self.specs.into_iter().flatten())
-                .collect(),
+            rules,
             origin,
         })
     }
@@ -474,12 +504,12 @@ struct RawEgressRule {
     #[serde(default, rename = "toFQDNs")]
     to_fqdns: Vec<FqdnSelector>,
     to_endpoints: Option<Vec<EndpointSelector>>,
-    #[serde(default, rename = "toCIDR")]
-    to_cidr: Vec<CidrOrIp>,
-    #[serde(default, rename = "toCIDRSet")]
-    to_cidr_set: Vec<CidrRule>,
-    #[serde(default)]
-    to_entities: Vec<Entity>,
+    // Options, like `toEndpoints`: an empty list is not the same as none (see `EgressRule`).
+    #[serde(rename = "toCIDR")]
+    to_cidr: Option<Vec<CidrOrIp>>,
+    #[serde(rename = "toCIDRSet")]
+    to_cidr_set: Option<Vec<CidrRule>>,
+    to_entities: Option<Vec<Entity>>,
     #[serde(default)]
     to_ports: Vec<PortRule>,
     #[serde(default, rename = "toRequires")]
@@ -500,15 +530,16 @@ impl TryFrom<RawEgressRule> for EgressRule {
     type Error = String;
 
     fn try_from(raw: RawEgressRule) -> Result<Self, Self::Error> {
+        fn listed<T>(list: &Option<Vec<T>>) -> bool {
+            list.as_ref().is_some_and(|list| !list.is_empty())
+        }
+        // An empty list is no peer of that kind here, as in Cilium's check.
         let peers = [
             ("toFQDNs", !raw.to_fqdns.is_empty()),
-            (
-                "toEndpoints",
-                raw.to_endpoints.as_ref().is_some_and(|e| !e.is_empty()),
-            ),
-            ("toCIDR", !raw.to_cidr.is_empty()),
-            ("toCIDRSet", !raw.to_cidr_set.is_empty()),
-            ("toEntities", !raw.to_entities.is_empty()),
+            ("toEndpoints", listed(&raw.to_endpoints)),
+            ("toCIDR", listed(&raw.to_cidr)),
+            ("toCIDRSet", listed(&raw.to_cidr_set)),
+            ("toEntities", listed(&raw.to_entities)),
         ];
         let mut present = peers
             .iter()
@@ -520,10 +551,36 @@ impl TryFrom<RawEgressRule> for EgressRule {
                  write them as separate rules"
             ));
         }
+        if !raw.to_fqdns.is_empty()
+            && let Some(i) = raw
+                .to_ports
+                .iter()
+                .position(|port_rule| !port_rule.dns_rules().is_empty())
+        {
+            // The peers of a toFQDNs rule are the addresses its names resolve to, never a DNS
+            // server, so its DNS rules could never apply.
+            return Err(format!(
+                "toPorts[{i}].rules.dns: DNS rules cannot be part of a toFQDNs rule, which \
+                 allows connections to the names' addresses and never a DNS server; allow the \
+                 DNS server in a separate rule (toEndpoints, toCIDR, toCIDRSet or toEntities) \
+                 with its own rules.dns"
+            ));
+        }
+        for (i, selector) in raw.to_endpoints.iter().flatten().enumerate() {
+            if let Some(key) = selector.reserved_key() {
+                return Err(format!(
+                    "toEndpoints[{i}]: {key:?}: reserved labels (Cilium's special identities) \
+                     are not supported in toEndpoints, where they would select nothing; use \
+                     toEntities (host, world, all or cluster) instead"
+                ));
+            }
+        }
         Ok(EgressRule {
             to_fqdns: raw.to_fqdns,
             to_endpoints: raw.to_endpoints,
-            to_cidr: raw.to_cidr.into_iter().map(|CidrOrIp(net)| net).collect(),
+            to_cidr: raw
+                .to_cidr
+                .map(|list| list.into_iter().map(|CidrOrIp(net)| net).collect()),
             to_cidr_set: raw.to_cidr_set,
             to_entities: raw.to_entities,
             to_ports: raw.to_ports,
@@ -690,6 +747,7 @@ impl TryFrom<RawPortProtocol> for PortProtocol {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::PolicyError;
 
     fn egress(yaml: &str) -> Result<EgressRule, String> {
         yaml_serde::from_str(yaml).map_err(|e| e.to_string())
@@ -750,10 +808,123 @@ mod tests {
     }
 
     #[test]
+    fn dns_rules_in_a_fqdn_rule_are_refused() {
+        let error = egress(
+            "{toFQDNs: [{matchName: a.io}], toPorts: [{ports: [{port: '443', protocol: TCP}]}, \
+              {ports: [{port: '53'}], rules: {dns: [{matchPattern: '*'}]}}]}",
+        )
+        .unwrap_err();
+        assert!(error.contains("toPorts[1].rules.dns"), "{error}");
+        assert!(
+            error.contains("cannot be part of a toFQDNs rule"),
+            "{error}"
+        );
+        assert!(error.contains("toEndpoints, toCIDR"), "{error}");
+        // `dns: []` is no DNS rule, and a toFQDNs rule may allow port 53 (to the names' IPs).
+        assert!(
+            egress("{toFQDNs: [{matchName: a.io}], toPorts: [{ports: [{port: '53'}], rules: {dns: []}}]}")
+                .is_ok()
+        );
+    }
+
+    #[test]
+    fn reserved_labels_in_to_endpoints_are_refused() {
+        for (selectors, expected) in [
+            (
+                "[{matchLabels: {'reserved:host': ''}}]",
+                "toEndpoints[0]: \"reserved:host\"",
+            ),
+            ("[{matchLabels: {'$world': ''}}]", "\"$world\""),
+            ("[{matchLabels: {reserved.host: ''}}]", "\"reserved.host\""),
+            (
+                "[{matchLabels: {app: x}}, {matchExpressions: [{key: 'reserved:world', operator: Exists}]}]",
+                "toEndpoints[1]: \"reserved:world\"",
+            ),
+        ] {
+            let error = egress(&format!("toEndpoints: {selectors}")).unwrap_err();
+            assert!(error.contains(expected), "{selectors}: {error}");
+            assert!(
+                error.contains("use toEntities (host, world, all or cluster)"),
+                "{error}"
+            );
+        }
+        // Another source, or `reserved` as a plain key, is just a label.
+        assert!(egress("toEndpoints: [{matchLabels: {'k8s:reserved': x, 'k8s:app': y}}]").is_ok());
+    }
+
+    #[test]
+    fn empty_peer_lists_are_peers_that_select_nothing() {
+        for field in ["toEndpoints", "toCIDR", "toCIDRSet", "toEntities"] {
+            let rule = egress(&format!("{field}: []")).unwrap();
+            assert!(rule.has_l3(), "{field}");
+            assert!(rule.selects_no_peer(), "{field}");
+            // Kept as written, so that it serializes back the same.
+            let json = serde_json::to_value(&rule).unwrap();
+            assert_eq!(json, serde_json::json!({ field: [] }), "{field}");
+            assert_eq!(serde_json::from_value::<EgressRule>(json).unwrap(), rule);
+            // Like `toEndpoints: []`, no peer of that kind for the one-kind-per-rule check.
+            assert!(
+                egress(&format!("{{toFQDNs: [{{matchName: a.io}}], {field}: []}}")).is_ok(),
+                "{field}"
+            );
+        }
+        let absent = egress("toPorts: [{ports: [{port: '53'}]}]").unwrap();
+        assert!(!absent.has_l3() && !absent.selects_no_peer());
+        // As in Cilium, `toFQDNs: []` is no L3 part at all.
+        assert!(!egress("toFQDNs: []").unwrap().has_l3());
+        assert!(
+            egress("{toCIDR: [10.0.0.0/8], toEntities: []}")
+                .unwrap()
+                .selects_no_peer()
+        );
+    }
+
+    #[test]
+    fn namespaced_subjects_are_confined_to_the_policy_namespace() {
+        let parse = |selector: &str| {
+            let yaml = format!(
+                "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\n\
+                 metadata: {{name: p, namespace: youssef}}\n\
+                 specs:\n- endpointSelector: {{}}\n- endpointSelector: {selector}\n"
+            );
+            crate::parse_str(&yaml, std::path::Path::new("p.yaml"))
+        };
+        // Cilium overwrites a namespace in matchLabels with the policy's.
+        let policies =
+            parse("{matchLabels: {'k8s:io.kubernetes.pod.namespace': other, app: client}}")
+                .unwrap();
+        let labels = &policies[0].rules[1].endpoint_selector.match_labels;
+        assert_eq!(labels["k8s:io.kubernetes.pod.namespace"], "youssef");
+        assert_eq!(labels["app"], "client");
+
+        // A matchExpression that rules the policy's namespace out would select nothing.
+        let error = parse(
+            "{matchExpressions: [{key: 'k8s:io.kubernetes.pod.namespace', operator: In, values: [other]}]}",
+        )
+        .unwrap_err();
+        let PolicyError::Invalid(invalid) = &error else {
+            panic!("{error:?}")
+        };
+        assert_eq!(
+            invalid.field,
+            "specs[1].endpointSelector.matchExpressions[0]"
+        );
+        assert!(invalid.message.contains("(\"youssef\") only"), "{error}");
+        assert!(
+            invalid.message.contains("CiliumClusterwideNetworkPolicy"),
+            "{error}"
+        );
+        assert!(
+            parse("{matchExpressions: [{key: io.kubernetes.pod.namespace, operator: NotIn, values: [other]}]}")
+                .is_ok()
+        );
+    }
+
+    #[test]
     fn cidrs() {
         let rule = egress("toCIDR: ['10.1.2.3/8', '192.0.2.1', '2001:db8::/32']").unwrap();
         assert_eq!(
-            rule.to_cidr,
+            rule.to_cidr.unwrap(),
             [
                 "10.0.0.0/8".parse::<IpNet>().unwrap(),
                 "192.0.2.1/32".parse().unwrap(),
@@ -761,7 +932,7 @@ mod tests {
             ]
         );
         let set = egress("toCIDRSet: [{cidr: 10.0.0.0/8, except: [10.96.0.0/12]}]").unwrap();
-        let rule = &set.to_cidr_set[0];
+        let rule = &set.to_cidr_set.unwrap()[0];
         assert!(rule.contains(&"10.1.0.1".parse().unwrap()));
         assert!(!rule.contains(&"10.96.0.10".parse().unwrap()));
         assert!(!rule.contains(&"192.0.2.1".parse().unwrap()));
@@ -784,7 +955,7 @@ mod tests {
     fn entities() {
         let rule = egress("toEntities: [all, world, host, cluster]").unwrap();
         assert_eq!(
-            rule.to_entities,
+            rule.to_entities.unwrap(),
             [Entity::All, Entity::World, Entity::Host, Entity::Cluster]
         );
         let error = egress("toEntities: [remote-node]").unwrap_err();

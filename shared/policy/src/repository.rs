@@ -22,6 +22,10 @@ use crate::model::{CidrRule, EgressRule, Entity, Policy, PortProtocol, Protocol}
 use crate::name::DnsName;
 use crate::selector::ScopedSelector;
 
+/// The port the datapath redirects to the DNS proxy: the only one where `rules.dns` can apply
+/// under it.
+const DNS_PORT: u16 = 53;
+
 /// An endpoint (workload) on this node, as the agent numbers it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(transparent)]
@@ -164,6 +168,10 @@ enum PeerMatch {
     /// `toFQDNs`: the peers are whatever the names resolve to, granted through
     /// [`PolicyRepository::fqdn_grants`].
     Fqdns,
+    /// An empty peer list (`toEndpoints: []`, `toCIDR: []`, `toCIDRSet: []` or
+    /// `toEntities: []`) in a rule without `toFQDNs`: as in Cilium, no peer at all, whatever
+    /// other peer list the rule has.
+    Nothing,
 }
 
 #[derive(Debug)]
@@ -316,7 +324,9 @@ impl PolicyRepository {
     pub fn static_allows(&self, endpoint: EndpointId) -> Vec<StaticAllow> {
         let mut allows = Vec::new();
         for rule in self.enforced.get(&endpoint).into_iter().flatten() {
-            let ports = rule.ports();
+            let Some(ports) = rule.static_ports() else {
+                continue;
+            };
             for peer in rule.peer.static_peers() {
                 let allow = StaticAllow {
                     peer,
@@ -353,6 +363,8 @@ impl CompiledRule {
     fn new(egress: &EgressRule, namespace: Option<&str>, endpoints: &[EndpointInfo]) -> Self {
         let peer = if !egress.to_fqdns.is_empty() {
             PeerMatch::Fqdns
+        } else if egress.selects_no_peer() {
+            PeerMatch::Nothing
         } else if let Some(selectors) = &egress.to_endpoints {
             let scoped: Vec<ScopedSelector<'_>> = selectors
                 .iter()
@@ -373,14 +385,15 @@ impl CompiledRule {
                     .flat_map(|endpoint| endpoint.ips.iter().map(IpAddr::to_canonical))
                     .collect(),
             }
-        } else if !egress.to_cidr.is_empty() || !egress.to_cidr_set.is_empty() {
-            let plain = egress.to_cidr.iter().map(|&cidr| CidrRule {
+        } else if egress.to_cidr.is_some() || egress.to_cidr_set.is_some() {
+            let plain = egress.to_cidr.iter().flatten().map(|&cidr| CidrRule {
                 cidr,
                 except: Vec::new(),
             });
-            PeerMatch::Cidrs(plain.chain(egress.to_cidr_set.iter().cloned()).collect())
-        } else if !egress.to_entities.is_empty() {
-            PeerMatch::Entities(egress.to_entities.clone())
+            let sets = egress.to_cidr_set.iter().flatten().cloned();
+            PeerMatch::Cidrs(plain.chain(sets).collect())
+        } else if let Some(entities) = &egress.to_entities {
+            PeerMatch::Entities(entities.clone())
         } else {
             PeerMatch::Any
         };
@@ -399,6 +412,33 @@ impl CompiledRule {
             })
             .collect();
         CompiledRule { peer, port_groups }
+    }
+
+    /// The ports the rule opens as an L3/L4 allow, `None` for none; empty means all of them.
+    ///
+    /// An entry with `rules.dns` adds only port 53: the datapath sends port 53 (and nothing
+    /// else) to the DNS proxy, which applies the DNS rules. Opened as a plain allow, another
+    /// port would let any name be resolved there (and, without a peer, reach every address).
+    /// Without a datapath the proxy still applies such an entry on `dns.upstream`'s port.
+    fn static_ports(&self) -> Option<Vec<PortRange>> {
+        if self.port_groups.is_empty() {
+            return Some(Vec::new());
+        }
+        let mut ports = Vec::new();
+        for group in &self.port_groups {
+            match &group.dns {
+                None if group.ports.is_empty() => return Some(Vec::new()),
+                None => ports.extend(group.ports.iter().copied()),
+                Some(_) => ports.extend(
+                    group
+                        .ports
+                        .iter()
+                        .copied()
+                        .filter(|range| (range.first, range.last) == (DNS_PORT, DNS_PORT)),
+                ),
+            }
+        }
+        (!ports.is_empty()).then_some(ports)
     }
 
     /// Every port the rule opens; empty means all of them.
@@ -425,7 +465,7 @@ impl PeerMatch {
                 Entity::World => !is_host(ip) && !endpoint_ips.contains(&ip),
                 Entity::Cluster => is_host(ip) || endpoint_ips.contains(&ip),
             }),
-            PeerMatch::Fqdns => false,
+            PeerMatch::Fqdns | PeerMatch::Nothing => false,
         }
     }
 
@@ -449,7 +489,7 @@ impl PeerMatch {
                     Entity::Cluster => Peer::Cluster,
                 })
                 .collect(),
-            PeerMatch::Fqdns => Vec::new(),
+            PeerMatch::Fqdns | PeerMatch::Nothing => Vec::new(),
         }
     }
 }
@@ -904,6 +944,119 @@ mod tests {
             "a.io"
         ));
         assert!(repo.static_allows(CLIENT).is_empty());
+    }
+
+    #[test]
+    fn empty_peer_lists_allow_nothing() {
+        for peer in [
+            "toEndpoints: []",
+            "toCIDR: []",
+            "toCIDRSet: []",
+            "toEntities: []",
+            "toCIDR: [10.96.0.0/16], toEntities: []",
+            "toEntities: [all], toCIDRSet: []",
+        ] {
+            let repo = build(&policy(&format!(
+                "[{{{peer}, toPorts: [{{ports: [{{port: '53'}}]}}]}}, {{{peer}}}]"
+            )));
+            assert!(repo.is_enforced(CLIENT), "{peer}");
+            for server in ["10.96.0.10:53", "8.8.8.8:53", "127.0.0.1:53"] {
+                assert!(
+                    !dns_ok(&repo, CLIENT, server, L4Proto::Udp, "a.io"),
+                    "{peer} to {server}"
+                );
+            }
+            assert!(repo.static_allows(CLIENT).is_empty(), "{peer}");
+        }
+        // `toFQDNs: []` is no L3 part, as in Cilium: the rule's ports are open to any peer.
+        let repo = build(&policy(
+            "[{toFQDNs: [], toPorts: [{ports: [{port: '53'}]}]}]",
+        ));
+        assert!(dns_ok(&repo, CLIENT, "8.8.8.8:53", L4Proto::Udp, "a.io"));
+    }
+
+    #[test]
+    fn dns_rules_off_port_53_never_become_static_allows() {
+        // The datapath proxies port 53 only, so DNS rules on 5353 must not open 5353 to every
+        // name, nor (with no peer) to every address.
+        let repo = build(&policy(
+            "[{toPorts: [{ports: [{port: '53', protocol: UDP}, {port: '5353'}], \
+               rules: {dns: [{matchName: a.io}]}}]}, \
+              {toCIDR: [192.0.2.0/24], toPorts: [{ports: [{port: '8053'}], \
+               rules: {dns: [{matchName: a.io}]}}]}]",
+        ));
+        assert_eq!(
+            repo.static_allows(CLIENT),
+            [StaticAllow {
+                peer: Peer::All,
+                ports: vec![PortRange {
+                    first: 53,
+                    last: 53,
+                    proto: Some(L4Proto::Udp)
+                }],
+            }]
+        );
+        // The proxy still applies them where it sees the query (without a datapath, on
+        // `dns.upstream`'s port).
+        assert!(dns_ok(
+            &repo,
+            CLIENT,
+            "192.0.2.1:5353",
+            L4Proto::Udp,
+            "a.io"
+        ));
+        assert!(!dns_ok(
+            &repo,
+            CLIENT,
+            "192.0.2.1:5353",
+            L4Proto::Udp,
+            "b.io"
+        ));
+        assert!(dns_ok(
+            &repo,
+            CLIENT,
+            "192.0.2.1:8053",
+            L4Proto::Tcp,
+            "a.io"
+        ));
+        // Beside an L4-only entry, that entry's ports are opened as written.
+        let repo = build(&policy(
+            "[{toPorts: [{ports: [{port: '5353'}], rules: {dns: [{matchName: a.io}]}}, \
+                         {ports: [{port: '443', protocol: TCP}]}]}]",
+        ));
+        assert_eq!(
+            repo.static_allows(CLIENT)[0].ports,
+            [PortRange {
+                first: 443,
+                last: 443,
+                proto: Some(L4Proto::Tcp)
+            }]
+        );
+    }
+
+    #[test]
+    fn subject_naming_another_namespace_gets_the_policy_namespace() {
+        // As in Cilium, a CiliumNetworkPolicy in `default` applies to app=client in `default`,
+        // whatever namespace its endpointSelector names.
+        for key in [
+            "'k8s:io.kubernetes.pod.namespace'",
+            "io.kubernetes.pod.namespace",
+        ] {
+            let text = policy("[{}]").replace(
+                "{matchLabels: {app: client}}",
+                &format!("{{matchLabels: {{{key}: other, app: client}}}}"),
+            );
+            let repo = build(&text);
+            assert!(repo.is_enforced(CLIENT), "{key}");
+            assert!(!repo.is_enforced(OTHER), "{key}");
+        }
+        // A clusterwide policy may select any namespace.
+        let repo = build(&clusterwide(
+            "{matchLabels: {'k8s:io.kubernetes.pod.namespace': other, app: client}}",
+            "[{}]",
+        ));
+        assert!(!repo.is_enforced(CLIENT));
+        assert!(repo.is_enforced(OTHER));
     }
 
     #[test]

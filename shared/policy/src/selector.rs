@@ -50,29 +50,87 @@ impl EndpointSelector {
     /// Whether the selector names a namespace itself (with the `k8s:` or `any:` prefix or
     /// none), which lifts the namespace restriction of a `toEndpoints` entry.
     pub fn names_namespace(&self) -> bool {
-        let is_namespace = |key: &String| {
-            let (source, key) = split_key(key);
-            key == NAMESPACE_LABEL && source.is_none_or(|source| source == K8S_SOURCE)
-        };
-        self.match_labels.keys().any(is_namespace)
+        self.match_labels.keys().any(|key| is_namespace_key(key))
             || self
                 .match_expressions
                 .iter()
-                .any(|requirement| is_namespace(&requirement.key))
+                .any(|requirement| is_namespace_key(&requirement.key))
+    }
+
+    /// The first key that names one of Cilium's reserved labels (`reserved:host`, or its
+    /// spellings `reserved.host` and `$host`), which no Warden endpoint carries.
+    pub(crate) fn reserved_key(&self) -> Option<&str> {
+        self.match_labels
+            .keys()
+            .chain(
+                self.match_expressions
+                    .iter()
+                    .map(|requirement| &requirement.key),
+            )
+            .map(String::as_str)
+            .find(|key| {
+                key.starts_with('$')
+                    || key.starts_with(RESERVED_PREFIX_DOT)
+                    || split_key(key).0 == Some(RESERVED_SOURCE)
+            })
+    }
+
+    /// Confines the `endpointSelector` of a policy living in `namespace` to it, as Cilium's
+    /// `ParseToCiliumRule` does: a `matchLabels` entry naming another namespace is overwritten
+    /// with the policy's (Cilium logs "illegal namespace match" and does the same). Cilium leaves
+    /// `matchExpressions` alone, so one that rules out the policy's namespace would select
+    /// nothing; that is an error, as `(field, message)`.
+    pub(crate) fn confine_to_namespace(&mut self, namespace: &str) -> Result<(), (String, String)> {
+        for (key, value) in &mut self.match_labels {
+            if is_namespace_key(key) {
+                namespace.clone_into(value);
+            }
+        }
+        for (i, requirement) in self.match_expressions.iter().enumerate() {
+            if is_namespace_key(&requirement.key) && !requirement.matches_value(Some(namespace)) {
+                return Err((
+                    format!("matchExpressions[{i}]"),
+                    format!(
+                        "a CiliumNetworkPolicy selects endpoints of its own namespace \
+                         ({namespace:?}) only, and this requirement on {:?} rules that namespace \
+                         out, so the rule would select nothing; remove it, or write a \
+                         CiliumClusterwideNetworkPolicy to select endpoints of other namespaces",
+                        requirement.key
+                    ),
+                ));
+            }
+        }
+        Ok(())
     }
 }
 
 impl LabelRequirement {
     pub fn matches(&self, labels: &Labels) -> bool {
-        let label = lookup(labels, &self.key);
-        let listed = |label: &Label| self.values.contains(&label.value);
+        self.matches_value(lookup(labels, &self.key).map(|label: &Label| label.value.as_str()))
+    }
+
+    /// Whether the requirement holds for an endpoint whose label has `value` (`None`: no
+    /// such label).
+    fn matches_value(&self, value: Option<&str>) -> bool {
+        let listed = |value: &str| self.values.iter().any(|listed| listed == value);
         match self.operator {
-            SelectorOperator::In => label.is_some_and(listed),
-            SelectorOperator::NotIn => !label.is_some_and(listed),
-            SelectorOperator::Exists => label.is_some(),
-            SelectorOperator::DoesNotExist => label.is_none(),
+            SelectorOperator::In => value.is_some_and(listed),
+            SelectorOperator::NotIn => !value.is_some_and(listed),
+            SelectorOperator::Exists => value.is_some(),
+            SelectorOperator::DoesNotExist => value.is_none(),
         }
     }
+}
+
+/// Cilium's source of its special identities' labels (`reserved:host`, `reserved:world`, ...).
+const RESERVED_SOURCE: &str = "reserved";
+/// Cilium also reads `reserved.host` as `reserved:host`.
+const RESERVED_PREFIX_DOT: &str = "reserved.";
+
+/// Whether a selector key names the namespace label (with the `k8s:` or `any:` prefix or none).
+fn is_namespace_key(key: &str) -> bool {
+    let (source, key) = split_key(key);
+    key == NAMESPACE_LABEL && source.is_none_or(|source| source == K8S_SOURCE)
 }
 
 /// Splits a selector key into its source (`None` for any source) and the label key.
@@ -271,5 +329,65 @@ mod tests {
         }
         // A typo in the prefix (Cilium's own dns-visibility example has one) is just another key.
         assert!(!selector("matchLabels: {'k8s.io.kubernetes.pod.namespace': x}").names_namespace());
+    }
+
+    #[test]
+    fn confine_to_namespace_overwrites_labels_and_refuses_excluding_expressions() {
+        let in_youssef = pod(&[("app", "test")], "youssef");
+        for labels in [
+            "{'k8s:io.kubernetes.pod.namespace': other, app: test}",
+            "{'any:io.kubernetes.pod.namespace': other, app: test}",
+            "{io.kubernetes.pod.namespace: other, app: test}",
+        ] {
+            let mut confined = selector(&format!("matchLabels: {labels}"));
+            assert!(!confined.matches(&in_youssef), "{labels}");
+            confined.confine_to_namespace("youssef").unwrap();
+            assert!(confined.matches(&in_youssef), "{labels}");
+            assert_eq!(confined.match_labels["app"], "test", "{labels}");
+        }
+        // Another source, or a typo, is not the namespace label and stays as written.
+        let mut other_source =
+            selector("matchLabels: {'container:io.kubernetes.pod.namespace': x}");
+        other_source.confine_to_namespace("youssef").unwrap();
+        assert_eq!(
+            other_source.match_labels["container:io.kubernetes.pod.namespace"],
+            "x"
+        );
+
+        let key = "key: 'k8s:io.kubernetes.pod.namespace'";
+        for (expression, allowed) in [
+            ("operator: In, values: [other]", false),
+            ("operator: In, values: [other, youssef]", true),
+            ("operator: NotIn, values: [youssef]", false),
+            ("operator: NotIn, values: [other]", true),
+            ("operator: Exists", true),
+            ("operator: DoesNotExist", false),
+        ] {
+            let mut s = selector(&format!(
+                "matchExpressions: [{{key: app, operator: Exists}}, {{{key}, {expression}}}]"
+            ));
+            let result = s.confine_to_namespace("youssef");
+            assert_eq!(result.is_ok(), allowed, "{expression}: {result:?}");
+            if let Err((field, message)) = result {
+                assert_eq!(field, "matchExpressions[1]");
+                assert!(message.contains("select nothing"), "{message}");
+            }
+        }
+    }
+
+    #[test]
+    fn reserved_keys() {
+        for reserved in ["'reserved:host'", "'$host'", "reserved.world"] {
+            let s = selector(&format!("matchLabels: {{{reserved}: ''}}"));
+            assert!(s.reserved_key().is_some(), "{reserved}");
+            let s = selector(&format!(
+                "matchExpressions: [{{key: {reserved}, operator: Exists}}]"
+            ));
+            assert!(s.reserved_key().is_some(), "{reserved}");
+        }
+        for plain in ["reserved", "'k8s:reserved'", "'k8s:reserved.host'", "app"] {
+            let s = selector(&format!("matchLabels: {{{plain}: x}}"));
+            assert_eq!(s.reserved_key(), None, "{plain}");
+        }
     }
 }

@@ -273,6 +273,18 @@ fn validation_errors_point_at_the_field() {
             None,
         ),
         (
+            "  - toFQDNs: [{matchName: a.io}]\n    toPorts:\n    - ports: [{port: '53'}]\n      rules: {dns: [{matchName: a.io}]}\n",
+            "spec.egress[0]",
+            "toPorts[0].rules.dns: DNS rules cannot be part of a toFQDNs rule",
+            None,
+        ),
+        (
+            "  - toEndpoints: [{matchLabels: {'reserved:host': ''}}]\n",
+            "spec.egress[0]",
+            "toEndpoints[0]: \"reserved:host\": reserved labels",
+            None,
+        ),
+        (
             "  - toPortz: []\n",
             "spec.egress[0].toPortz",
             "unknown field `toPortz`",
