@@ -209,17 +209,13 @@ pub async fn start(config: AgentConfig) -> anyhow::Result<RunningAgent> {
         let on_reject: warden_api::server::RejectHook = Arc::new(move |reason| {
             rejected.with_label_values(&[reason]).inc();
         });
+        let peers = match config.socket_group {
+            Some(_) => PeerPolicy::by_file_access(),
+            None => PeerPolicy::new(&[]),
+        };
         let (path, shutdown) = (config.socket.clone(), shutdown.clone());
         tasks.spawn(async move {
-            warden_api::server::serve(
-                api_listener,
-                path,
-                routes,
-                PeerPolicy::new(&[]),
-                on_reject,
-                shutdown,
-            )
-            .await;
+            warden_api::server::serve(api_listener, path, routes, peers, on_reject, shutdown).await;
             Ok(())
         });
     }

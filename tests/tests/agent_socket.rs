@@ -191,3 +191,50 @@ async fn garbage_oversized_and_strangers_cost_only_their_connection() {
     drop(tx);
     agent.stop().await.unwrap();
 }
+
+// Multi-threaded: the peer in the group runs as a blocking child while the agent serves it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_of_the_socket_group_gets_a_session() {
+    if !warden_tests::require_tools(&["knotd"]) {
+        return;
+    }
+    if !nix::unistd::geteuid().is_root() {
+        println!("skipping: needs root to switch users");
+        return;
+    }
+    let upstream = KnotUpstream::start(unique_loopback_v4()).unwrap();
+    let dir = AgentDir::new().unwrap();
+    // The peer must be able to reach the socket through its folder.
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let mut config = dir.config(unique_loopback_v4(), upstream.addr());
+    config.socket_group = Some("nogroup".into());
+    let agent = InProcessAgent::start(config).await.unwrap();
+    let socket = dir.socket();
+    let mode = std::fs::metadata(&socket).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o660);
+
+    // A non-root peer in the group: the HTTP/2 preface gets the agent's settings back.
+    let script = format!(
+        "import socket\ns = socket.socket(socket.AF_UNIX)\ns.connect({:?})\ns.settimeout(2)\ntry:\n    s.sendall(b'PRI * HTTP/2.0\\r\\n\\r\\nSM\\r\\n\\r\\n\\x00\\x00\\x00\\x04\\x00\\x00\\x00\\x00\\x00')\n    print('answered' if s.recv(100) else 'closed')\nexcept (ConnectionResetError, BrokenPipeError, TimeoutError):\n    print('closed')\n",
+        socket.display().to_string()
+    );
+    let out = run_blocking(
+        Command::new("setpriv").args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "/usr/bin/python3",
+            "-c",
+            &script,
+        ]),
+        Duration::from_secs(10),
+    )
+    .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "answered",
+        "the group's peer was refused: {out:?}"
+    );
+    assert_eq!(rejected(&agent, "credentials").await, 0.0);
+    agent.stop().await.unwrap();
+}

@@ -59,21 +59,35 @@ pub fn bind(path: &Path, group: Option<&str>) -> Result<UnixListener, ApiError> 
     Ok(listener)
 }
 
-/// Which peers may talk to the agent: root, the agent's own user, and the listed uids.
+/// Which peers may talk to the agent: root, the agent's own user, and the listed uids; or,
+/// for a socket opened to a group ([`bind`] with a group), whoever the socket file's mode
+/// lets connect.
 #[derive(Debug, Clone)]
 pub struct PeerPolicy {
-    allowed_uids: Vec<u32>,
+    /// `None`: the file's permissions decide.
+    allowed_uids: Option<Vec<u32>>,
 }
 
 impl PeerPolicy {
     pub fn new(extra_uids: &[u32]) -> PeerPolicy {
         let mut allowed_uids = vec![0, nix::unistd::geteuid().as_raw()];
         allowed_uids.extend_from_slice(extra_uids);
-        PeerPolicy { allowed_uids }
+        PeerPolicy {
+            allowed_uids: Some(allowed_uids),
+        }
+    }
+
+    /// Every peer that could open the socket: connecting needs write access to the file, so
+    /// its mode (0660) and group say who may. A uid check as well would refuse the non-root
+    /// dnsproxy the group is there for.
+    pub fn by_file_access() -> PeerPolicy {
+        PeerPolicy { allowed_uids: None }
     }
 
     pub fn allows(&self, uid: u32) -> bool {
-        self.allowed_uids.contains(&uid)
+        self.allowed_uids
+            .as_ref()
+            .is_none_or(|allowed| allowed.contains(&uid))
     }
 }
 
