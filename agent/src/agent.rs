@@ -184,10 +184,12 @@ pub async fn start(config: AgentConfig) -> anyhow::Result<RunningAgent> {
         tasks.spawn(async move {
             proxy
                 .serve_and_leave(shutdown, || {
+                    // Not ready from the moment the port's queries are steered away: the
+                    // admin API says so through the drain.
+                    serving.store(false, Ordering::Relaxed);
                     datapath.is_some_and(|datapath| serving::steer_to(&datapath, DNSPROXY_INSTANCE))
                 })
                 .await;
-            serving.store(false, Ordering::Relaxed);
             Ok(())
         });
     }
@@ -255,12 +257,13 @@ pub async fn start(config: AgentConfig) -> anyhow::Result<RunningAgent> {
             Ok(())
         });
     }
-    let admin_shutdown = shutdown.clone();
+    // The admin API outlives the rest: `/readyz` and `/v1/status` answer through the drain.
+    let admin_stop = CancellationToken::new();
     let task = tokio::spawn(async move {
         let admin = tokio::spawn(warden_telemetry::admin::serve(
             admin_listener,
             router,
-            admin_shutdown.cancelled_owned(),
+            admin_stop.clone().cancelled_owned(),
         ));
         let mut result = Ok(());
         while let Some(joined) = tasks.join_next().await {
@@ -279,6 +282,7 @@ pub async fn start(config: AgentConfig) -> anyhow::Result<RunningAgent> {
         if let Err(error) = saved.await? {
             tracing::warn!(%error, "cannot persist the FQDN cache at shutdown");
         }
+        admin_stop.cancel();
         admin.await.context("admin API task panicked")??;
         result
     });

@@ -7,7 +7,9 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use prost::Message;
+use tokio::sync::Notify;
 use warden_api::proto::{Mapping, Mappings};
+use warden_proxy::SharedCache;
 use warden_telemetry::PeerMetrics;
 
 const JOURNAL_FILE: &str = "journal.pb";
@@ -19,6 +21,8 @@ pub struct Journal {
     metrics: PeerMetrics,
     /// Bumped on every change; the persister writes when it moved.
     changes: AtomicU64,
+    /// Woken by every push: a live session hands what it journaled to the agent.
+    pushed: Notify,
 }
 
 impl Journal {
@@ -28,6 +32,7 @@ impl Journal {
             capacity: capacity.max(1),
             metrics,
             changes: AtomicU64::new(0),
+            pushed: Notify::new(),
         }
     }
 
@@ -79,6 +84,37 @@ impl Journal {
         self.metrics
             .journal_entries
             .set(i64::try_from(entries.len()).unwrap_or(i64::MAX));
+        drop(entries);
+        self.pushed.notify_one();
+    }
+
+    /// Ready once something was pushed since the last wait (at once if it was meanwhile).
+    pub async fn pushed(&self) {
+        self.pushed.notified().await;
+    }
+
+    /// Puts what an earlier run journaled into `cache`: it is this run's knowledge too, and
+    /// the cache dump of every session carries it, so a session that breaks during the
+    /// journal's replay (taken, queued, never read) loses nothing.
+    pub fn fill(&self, cache: &SharedCache) {
+        let journaled: Vec<Mapping> = self.entries().iter().cloned().collect();
+        if !journaled.is_empty() {
+            warden_api::merge_mappings(cache, &journaled, &self.metrics);
+        }
+    }
+
+    /// At most `limit` of the oldest entries, taken out of the journal.
+    pub fn take_oldest(&self, limit: usize) -> Vec<Mapping> {
+        let mut entries = self.entries();
+        let count = limit.min(entries.len());
+        let taken: Vec<Mapping> = entries.drain(..count).collect();
+        if !taken.is_empty() {
+            self.changes.fetch_add(1, Ordering::Relaxed);
+        }
+        self.metrics
+            .journal_entries
+            .set(i64::try_from(entries.len()).unwrap_or(i64::MAX));
+        taken
     }
 
     /// Everything journaled, oldest first; the journal is empty afterwards.
@@ -166,6 +202,44 @@ mod tests {
         let reopened = Journal::open(dir.path(), 10, metrics.peer.clone());
         let names: Vec<_> = reopened.take().into_iter().map(|m| m.name).collect();
         assert_eq!(names, ["anysub.cilium.io."]);
+    }
+
+    #[test]
+    fn the_oldest_entries_leave_first() {
+        let metrics = warden_telemetry::Metrics::new("dnsproxy").unwrap();
+        let journal = Journal::new(10, metrics.peer.clone());
+        for name in ["a.", "b.", "c."] {
+            journal.push(mapping(name));
+        }
+        let names: Vec<_> = journal.take_oldest(2).into_iter().map(|m| m.name).collect();
+        assert_eq!(names, ["a.", "b."]);
+        assert_eq!(metrics.peer.journal_entries.get(), 1);
+        let rest: Vec<_> = journal.take_oldest(5).into_iter().map(|m| m.name).collect();
+        assert_eq!(rest, ["c."]);
+        assert!(journal.take_oldest(5).is_empty());
+    }
+
+    #[test]
+    fn a_restarted_proxy_knows_what_it_journaled() {
+        let dir = tempfile::tempdir().unwrap();
+        let metrics = warden_telemetry::Metrics::new("dnsproxy").unwrap();
+        let journal = Journal::new(10, metrics.peer.clone());
+        let now = warden_proxy::unix_now();
+        journal.push(Mapping {
+            ips: vec!["198.18.0.7".into()],
+            ttl: 300,
+            expires_at: now.0 + 300,
+            ..mapping("anysub.cilium.io.")
+        });
+        journal.save(dir.path()).unwrap();
+        let reopened = Journal::open(dir.path(), 10, metrics.peer.clone());
+        let cache = SharedCache::new(warden_fqdn::DnsCache::default());
+        reopened.fill(&cache);
+        let found = cache
+            .lock()
+            .lookup(now, "youssef/test", "anysub.cilium.io.");
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert_eq!(reopened.len(), 1, "the journal keeps its entries");
     }
 
     #[test]

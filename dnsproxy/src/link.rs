@@ -16,7 +16,7 @@ use warden_api::proto::agent_message::Kind as AgentKind;
 use warden_api::proto::proxy_message::Kind as ProxyKind;
 use warden_api::proto::{
     Ack, CacheClean, Flows, Hello, Mapping as WireMapping, Mappings, PolicySnapshot, ProxyMessage,
-    ResyncDone,
+    ResyncDone, Serving,
 };
 use warden_proxy::{Mapping, MappingObserver, SharedCache};
 use warden_telemetry::{CacheFilter, FlowEvent, FlowLog, Metrics, unix_millis};
@@ -24,7 +24,9 @@ use warden_telemetry::{CacheFilter, FlowEvent, FlowLog, Metrics, unix_millis};
 use crate::journal::Journal;
 
 /// Reconnection backoff: quick at first (an agent restart takes about a second), capped so a
-/// returning agent is found within this.
+/// returning agent is found within this. Only a session that got as far as the agent's
+/// resync resets it: one that fails every time (a snapshot the proxy cannot take, an agent
+/// that refuses it) would otherwise resend the journal and the whole cache ten times a second.
 const BACKOFF_FIRST: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(1);
 
@@ -50,6 +52,17 @@ impl Link {
     pub fn last_resync(&self) -> Option<(u64, u64)> {
         let at = self.last_resync_at_ms.load(Ordering::Relaxed);
         (at > 0).then(|| (at, self.last_resync_ms.load(Ordering::Relaxed)))
+    }
+
+    /// Tells the agent whether this proxy serves the DNS port (its `/v1/status` lists the
+    /// port's holders). Best effort: a full channel or no session drops it, and the next
+    /// session's hello says it again.
+    pub fn tell_serving(&self, serving: bool) {
+        if let Some(sender) = self.sender() {
+            let _ = sender.try_send(ProxyMessage {
+                kind: Some(ProxyKind::Serving(Serving { serving })),
+            });
+        }
     }
 
     fn sender(&self) -> Option<mpsc::Sender<ProxyMessage>> {
@@ -146,11 +159,14 @@ pub async fn run(context: LinkContext, shutdown: CancellationToken) {
         };
         match client {
             Ok(client) => {
-                backoff = BACKOFF_FIRST;
+                let mut resynced = false;
                 let ended = tokio::select! {
-                    ended = session(&context, client, &shutdown) => ended,
+                    ended = session(&context, client, &shutdown, &mut resynced) => ended,
                     () = over_time(&shutdown) => "shutting down: the agent did not take the last messages in time".to_owned(),
                 };
+                if resynced {
+                    backoff = BACKOFF_FIRST;
+                }
                 context.link.set(None);
                 context.metrics.peer.connected.set(0);
                 context.metrics.peer.offline.set(1);
@@ -250,10 +266,13 @@ async fn over_time(shutdown: &CancellationToken) {
     tokio::time::sleep(CLOSE_LIMIT).await;
 }
 
+/// One session, until it ends (the reason is returned); `resynced` is set once the agent
+/// has sent its side of the resync.
 async fn session(
     context: &LinkContext,
     mut client: warden_api::proto::agent_client::AgentClient<tonic::transport::Channel>,
     shutdown: &CancellationToken,
+    resynced: &mut bool,
 ) -> String {
     let started = Instant::now();
     let (outbound, stream) = mpsc::channel::<ProxyMessage>(1024);
@@ -336,6 +355,10 @@ async fn session(
     let mut unacked: Option<(u64, u64)> = None;
     let mut settled = context.snapshot_settled.clone();
     let ended = loop {
+        // Mappings journaled while the session is up (the channel was full: the agent is
+        // slow to read) follow as soon as there is room, not at the next session: until the
+        // agent has them its reconciler takes their allow entries for unwanted.
+        let journaled = !context.journal.is_empty();
         let message = tokio::select! {
             biased;
             () = shutdown.cancelled() => None,
@@ -352,6 +375,27 @@ async fn session(
             }
             Ok(()) = settled.changed(),
                 if unacked.is_some_and(|(_, install)| *settled.borrow() < install) => continue,
+            permit = outbound.reserve(), if journaled => {
+                let Ok(permit) = permit else {
+                    break "agent went away".to_owned();
+                };
+                let mut batches =
+                    warden_api::into_mapping_batches(context.journal.take_oldest(MAPPINGS_PER_MESSAGE));
+                if let Some(first) = batches.next() {
+                    permit.send(ProxyMessage {
+                        kind: Some(ProxyKind::Mappings(Mappings {
+                            mappings: first,
+                            resync: false,
+                        })),
+                    });
+                }
+                let rest: Vec<WireMapping> = batches.flatten().collect();
+                if !rest.is_empty() {
+                    context.journal.restore(rest);
+                }
+                continue;
+            }
+            () = context.journal.pushed(), if !journaled => continue,
             message = inbound.message() => Some(message),
         };
         let Some(message) = message else {
@@ -384,6 +428,7 @@ async fn session(
             Some(AgentKind::Cache(batch)) => merge(context, &batch.mappings),
             Some(AgentKind::Clean(clean)) => apply_clean(context, clean).await,
             Some(AgentKind::ResyncDone(done)) => {
+                *resynced = true;
                 let elapsed = started.elapsed();
                 context.metrics.peer.resync_completed(elapsed);
                 context.link.last_resync_ms.store(
@@ -602,6 +647,161 @@ async fn forward_flows(
 mod tests {
     use super::*;
     use tokio_stream::StreamExt;
+
+    /// An agent on a real socket that answers a hello with its `ResyncDone` (when `resync`),
+    /// or ends the session at once, and records the names of the mappings it gets.
+    mod fake_agent {
+        use std::sync::atomic::AtomicUsize;
+
+        use tokio_stream::wrappers::ReceiverStream;
+        use tonic::{Request, Response, Status, Streaming};
+        use warden_api::proto::agent_server::{Agent, AgentServer};
+        use warden_api::proto::{AgentMessage, agent_message};
+
+        use super::*;
+
+        #[derive(Debug, Default)]
+        pub struct Seen {
+            pub sessions: AtomicUsize,
+            pub names: Mutex<Vec<String>>,
+        }
+
+        struct FakeAgent {
+            resync: bool,
+            seen: Arc<Seen>,
+        }
+
+        #[tonic::async_trait]
+        impl Agent for FakeAgent {
+            type SessionStream = ReceiverStream<Result<AgentMessage, Status>>;
+
+            async fn session(
+                &self,
+                request: Request<Streaming<ProxyMessage>>,
+            ) -> Result<Response<Self::SessionStream>, Status> {
+                self.seen.sessions.fetch_add(1, Ordering::Relaxed);
+                let mut inbound = request.into_inner();
+                let (outbound, stream) = mpsc::channel(4);
+                let (resync, seen) = (self.resync, self.seen.clone());
+                tokio::spawn(async move {
+                    if !resync {
+                        return;
+                    }
+                    let done = AgentMessage {
+                        kind: Some(agent_message::Kind::ResyncDone(ResyncDone { entries: 0 })),
+                    };
+                    if outbound.send(Ok(done)).await.is_err() {
+                        return;
+                    }
+                    while let Ok(Some(message)) = inbound.message().await {
+                        if let Some(ProxyKind::Mappings(batch)) = message.kind {
+                            let mut names = seen.names.lock().unwrap();
+                            names.extend(batch.mappings.into_iter().map(|m| m.name));
+                        }
+                    }
+                });
+                Ok(Response::new(ReceiverStream::new(stream)))
+            }
+        }
+
+        /// Serves at `socket` until `shutdown`.
+        pub fn start(
+            socket: &std::path::Path,
+            resync: bool,
+            shutdown: CancellationToken,
+        ) -> Arc<Seen> {
+            let seen = Arc::new(Seen::default());
+            let listener = warden_api::server::bind(socket, None).unwrap();
+            let routes = tonic::service::Routes::new(AgentServer::new(FakeAgent {
+                resync,
+                seen: seen.clone(),
+            }));
+            tokio::spawn(warden_api::server::serve(
+                listener,
+                socket.to_path_buf(),
+                routes,
+                warden_api::server::PeerPolicy::new(&[]),
+                Arc::new(|_| {}),
+                shutdown,
+            ));
+            seen
+        }
+    }
+
+    fn link_context(socket: &std::path::Path) -> LinkContext {
+        let metrics = Metrics::new("dnsproxy").unwrap();
+        let (_, settled) = tokio::sync::watch::channel(0);
+        LinkContext {
+            socket: socket.to_path_buf(),
+            link: Arc::new(Link::default()),
+            journal: Arc::new(Journal::new(1000, metrics.peer.clone())),
+            cache: SharedCache::new(warden_fqdn::DnsCache::default()),
+            metrics,
+            flows: Arc::new(FlowLog::new(16)),
+            apply_snapshot: Arc::new(|_| Ok(1)),
+            revision: Arc::new(|| 1),
+            snapshot_settled: settled,
+            serving: Arc::new(AtomicBool::new(true)),
+        }
+    }
+
+    fn wire(name: &str) -> WireMapping {
+        WireMapping {
+            endpoint: "youssef/test".into(),
+            name: name.into(),
+            ..WireMapping::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn mappings_journaled_during_a_live_session_reach_the_agent_in_that_session() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("agent.sock");
+        let stop = CancellationToken::new();
+        let seen = fake_agent::start(&socket, true, stop.clone());
+        let context = link_context(&socket);
+        let session = tokio::spawn(run(context.clone(), stop.clone()));
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !context.link.connected() {
+            assert!(Instant::now() < deadline, "never connected");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // What the hot path journals when the session's channel is full.
+        context.journal.push(wire("late.example."));
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while !seen
+            .names
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|n| n == "late.example.")
+        {
+            assert!(
+                Instant::now() < deadline,
+                "the journaled mapping never left"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(context.journal.is_empty());
+        assert_eq!(seen.sessions.load(Ordering::Relaxed), 1);
+        stop.cancel();
+        let _ = session.await;
+    }
+
+    #[tokio::test]
+    async fn a_session_that_never_resyncs_backs_off() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("agent.sock");
+        let stop = CancellationToken::new();
+        let seen = fake_agent::start(&socket, false, stop.clone());
+        let session = tokio::spawn(run(link_context(&socket), stop.clone()));
+        tokio::time::sleep(Duration::from_millis(1600)).await;
+        // 100, 200, 400, 800 ms between attempts: five at most in 1.6 s, not sixteen.
+        let sessions = seen.sessions.load(Ordering::Relaxed);
+        assert!((2..=5).contains(&sessions), "{sessions} sessions");
+        stop.cancel();
+        let _ = session.await;
+    }
 
     fn live(name: &str) -> ProxyMessage {
         ProxyMessage {

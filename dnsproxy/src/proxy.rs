@@ -131,6 +131,7 @@ pub async fn start(config: ProxyConfig) -> anyhow::Result<RunningProxy> {
         config.journal_max,
         metrics.peer.clone(),
     ));
+    journal.fill(&cache);
     let link = Arc::new(Link::default());
     let datapath = Arc::new(ProxyDatapath {
         enforcement: enforcement.clone(),
@@ -204,16 +205,28 @@ pub async fn start(config: ProxyConfig) -> anyhow::Result<RunningProxy> {
         }
     }
     // Cold start: enforce the last snapshot at once, before the agent is even looked for.
+    let mut enforcing = false;
     if let Some(snapshot) = policy.load_persisted() {
         if let Err(error) = apply_snapshot(&snapshot, "snapshot") {
             tracing::error!(%error, "persisted snapshot rejected");
         } else {
+            enforcing = true;
             tracing::info!(
                 revision = snapshot.revision,
                 ms = started.elapsed().as_millis(),
                 "enforcing the persisted snapshot"
             );
         }
+    }
+    // Without a policy the proxy knows no endpoint, and a query would pass as an unenforced
+    // sender's. With the agent's pins open, a query its datapath redirected from an enrolled
+    // cgroup is known to come from a workload the proxy cannot place, and gets SERVFAIL
+    // until the agent's snapshot arrives.
+    if !enforcing && config.datapath.bpffs.exists() {
+        tracing::warn!(
+            "no usable policy snapshot: enrolled workloads get SERVFAIL until the agent sends one"
+        );
+        datapath.ensure(&config.datapath.bpffs);
     }
 
     let serving = Arc::new(AtomicBool::new(true));
@@ -239,12 +252,24 @@ pub async fn start(config: ProxyConfig) -> anyhow::Result<RunningProxy> {
     let unlinked = CancellationToken::new();
     let mut tasks = JoinSet::new();
     {
-        let (shutdown, serving, datapath) = (shutdown.clone(), serving.clone(), datapath.clone());
+        let (shutdown, serving, datapath, link) = (
+            shutdown.clone(),
+            serving.clone(),
+            datapath.clone(),
+            link.clone(),
+        );
         // A guard, so that a panic in serving cannot leave the rest waiting forever.
         let drained = drained.clone().drop_guard();
         tasks.spawn(async move {
-            proxy.serve_and_leave(shutdown, || datapath.leave()).await;
-            serving.store(false, Ordering::Relaxed);
+            proxy
+                .serve_and_leave(shutdown, || {
+                    // Not ready, and no holder of the port in the agent's status, from the
+                    // moment the port's queries are steered away.
+                    serving.store(false, Ordering::Relaxed);
+                    link.tell_serving(false);
+                    datapath.leave()
+                })
+                .await;
             drop(drained);
         });
     }
@@ -283,18 +308,20 @@ pub async fn start(config: ProxyConfig) -> anyhow::Result<RunningProxy> {
         },
         unlinked,
     ));
-    let admin_shutdown = shutdown.clone();
+    // The admin API outlives the rest: `/readyz` and `/v1/status` answer through the drain.
+    let admin_stop = CancellationToken::new();
     let task = tokio::spawn(async move {
         let admin = tokio::spawn(warden_telemetry::admin::serve(
             admin_listener,
             router,
-            admin_shutdown.cancelled_owned(),
+            admin_stop.clone().cancelled_owned(),
         ));
         while let Some(joined) = tasks.join_next().await {
             if let Err(error) = joined {
                 tracing::error!(%error, "dnsproxy task failed");
             }
         }
+        admin_stop.cancel();
         admin.await.context("admin API task panicked")??;
         Ok(())
     });

@@ -113,9 +113,20 @@ impl Firewall {
         Ok(firewall)
     }
 
-    /// Starts (or restarts) `warden-dnsproxy` on the agent's DNS address.
+    /// Starts (or restarts) `warden-dnsproxy` on the agent's DNS address; returns once it is
+    /// ready.
     pub async fn start_dnsproxy(&mut self) -> Result<()> {
-        let proxy = ProxyProcess::start_dnsproxy(&self.dir, &self.config, self.agent.dns).await?;
+        let proxy =
+            ProxyProcess::start_dnsproxy(&self.dir, &self.config, self.agent.dns, true).await?;
+        self.dnsproxy = Some(proxy);
+        Ok(())
+    }
+
+    /// [`Self::start_dnsproxy`] for a proxy that will not be ready (no policy): returns once it
+    /// is alive.
+    pub async fn start_unready_dnsproxy(&mut self) -> Result<()> {
+        let proxy =
+            ProxyProcess::start_dnsproxy(&self.dir, &self.config, self.agent.dns, false).await?;
         self.dnsproxy = Some(proxy);
         Ok(())
     }

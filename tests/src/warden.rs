@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use tempfile::TempDir;
 use warden_agent::RunningAgent;
-use warden_config::{AgentConfig, ProxyConfig};
+use warden_config::{AgentConfig, DatapathMode, ProxyConfig};
 
 use crate::{ProcessGuard, free_port, run_blocking};
 
@@ -136,11 +136,14 @@ pub type ProxyProcess = AgentProcess;
 
 impl AgentProcess {
     /// Starts `warden-dnsproxy` beside `agent`: the same DNS address (SO_REUSEPORT), the
-    /// agent's socket and bpffs, a state folder and admin port of its own under `dir`.
+    /// agent's socket and bpffs, a state folder and admin port of its own under `dir`; returns
+    /// once it is ready, or only alive (`/healthz`) when `until_ready` is false (a proxy with
+    /// no policy is never ready).
     pub async fn start_dnsproxy(
         dir: &AgentDir,
         agent: &AgentConfig,
         agent_dns: SocketAddr,
+        until_ready: bool,
     ) -> Result<ProxyProcess> {
         let mut config = ProxyConfig {
             dns: agent.dns.clone(),
@@ -149,7 +152,12 @@ impl AgentProcess {
             ..ProxyConfig::default()
         };
         config.dns.listen = vec![agent_dns];
-        config.datapath.bpffs = agent.datapath.bpffs.clone();
+        // A proxy without a snapshot opens the pins of its config: never the machine's own
+        // (`/sys/fs/bpf/warden` by default) beside an agent that has none.
+        config.datapath.bpffs = match agent.datapath.mode {
+            DatapathMode::Ebpf => agent.datapath.bpffs.clone(),
+            DatapathMode::None => dir.path().join("no-datapath"),
+        };
         let admin_ip = IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
         let admin = SocketAddr::new(admin_ip, free_port(admin_ip)?);
         config.admin.listen = admin;
@@ -163,7 +171,12 @@ impl AgentProcess {
             dns: agent_dns,
             admin,
         };
-        process.spawn().await?;
+        if until_ready {
+            process.spawn().await?;
+        } else {
+            process.launch()?;
+            process.wait_alive(Duration::from_secs(10)).await?;
+        }
         Ok(process)
     }
 
@@ -190,6 +203,11 @@ impl AgentProcess {
     }
 
     async fn spawn(&mut self) -> Result<()> {
+        self.launch()?;
+        self.wait_ready(Duration::from_secs(10)).await
+    }
+
+    fn launch(&mut self) -> Result<()> {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -202,7 +220,23 @@ impl AgentProcess {
             .stdout(log.try_clone()?)
             .stderr(log);
         self.guard = Some(ProcessGuard::spawn(&mut command, self.binary)?);
-        self.wait_ready(Duration::from_secs(10)).await
+        Ok(())
+    }
+
+    /// Waits until `/healthz` answers.
+    async fn wait_alive(&self, limit: Duration) -> Result<()> {
+        let deadline = Instant::now() + limit;
+        while http_get(self.admin, "/healthz").await.is_err() {
+            if Instant::now() > deadline {
+                bail!(
+                    "{} not alive within {limit:?}; log:\n{}",
+                    self.binary,
+                    self.log()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(())
     }
 
     /// Waits until `/readyz` answers 200.
@@ -237,6 +271,12 @@ impl AgentProcess {
     pub fn stop(&mut self) -> Result<std::process::ExitStatus> {
         let guard = self.guard.take().context("agent not running")?;
         guard.stop()
+    }
+
+    /// SIGTERM without waiting: the process drains and exits by itself; `stop` reaps it.
+    pub fn terminate(&self) -> Result<()> {
+        let guard = self.guard.as_ref().context("agent not running")?;
+        guard.signal(nix::sys::signal::Signal::SIGTERM)
     }
 
     /// SIGKILL: no chance to persist or drain.

@@ -558,6 +558,76 @@ async fn the_agent_serves_alone_and_a_lone_proxy_enforces_its_persisted_snapshot
     assert!(google.ok(), "{google:?}");
     let bbc = lab.curl(&format!("http://{BBC_CO_UK_V4}/"), &[]).unwrap();
     assert!(quick_refusal(&bbc), "{bbc:?}");
+
+    // A lone proxy without any snapshot (its state lost) knows no policy: the enrolled
+    // workload's queries get SERVFAIL, neither an answer nor a verdict.
+    lab.dnsproxy().kill().unwrap();
+    std::fs::remove_dir_all(lab.dir.path().join("dnsproxy-state")).unwrap();
+    lab.start_unready_dnsproxy().await.unwrap();
+    let blank = status(lab.dnsproxy().admin).await;
+    assert_eq!(blank["policy_revision"], 0, "{blank}");
+    for name in ["bbc.co.uk", "google.com"] {
+        let reply = lab.dig(name, "A", DigOpts::default()).await.unwrap();
+        assert_eq!(reply.status, "SERVFAIL", "{}", reply.raw);
+    }
+}
+
+/// The status code of `/readyz` at `admin`, or `None` once its connection is refused.
+async fn readyz_code(admin: SocketAddr) -> Option<u16> {
+    match warden_tests::warden::http_get(admin, "/readyz").await {
+        Ok(_) => Some(200),
+        Err(error) if error.to_string().contains("503") => Some(503),
+        Err(_) => None,
+    }
+}
+
+#[tokio::test]
+async fn a_draining_process_says_so_until_it_exits() {
+    if !require_lab() || !warden_tests::require_tools(&["knotd", "dig", "bpftool"]) {
+        return;
+    }
+    let mut lab = lab(refusing_policy()).await;
+    let (agent_admin, proxy_admin) = (lab.agent.admin, lab.dnsproxy().admin);
+
+    // The dnsproxy drains: its /readyz says 503 and, while it does, the agent no longer lists
+    // it among the port's holders.
+    lab.dnsproxy().terminate().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let (mut unready, mut delisted) = (false, false);
+    while let Some(code) = readyz_code(proxy_admin).await {
+        assert!(Instant::now() < deadline, "the dnsproxy never exited");
+        if code == 503 {
+            unready = true;
+            let holders = status(agent_admin).await["dns_port_holders"].clone();
+            delisted |= holders == serde_json::json!(["agent"])
+                && readyz_code(proxy_admin).await == Some(503);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        unready,
+        "the dnsproxy's admin API went away without saying it drained"
+    );
+    assert!(
+        delisted,
+        "the agent listed a draining dnsproxy as holding the port"
+    );
+    lab.dnsproxy().stop().unwrap();
+
+    // The agent alike.
+    lab.agent.terminate().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut unready = false;
+    while let Some(code) = readyz_code(agent_admin).await {
+        assert!(Instant::now() < deadline, "the agent never exited");
+        unready |= code == 503;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        unready,
+        "the agent's admin API went away without saying it drained"
+    );
+    lab.agent.stop().unwrap();
 }
 
 #[tokio::test]
