@@ -246,11 +246,16 @@ pub async fn run(cli: Cli) -> ExitCode {
         } => return validate(&files),
     };
     match result {
-        Ok(text) => {
+        Ok(text) => match emit(&text) {
+            Ok(()) => ExitCode::SUCCESS,
             // A reader that went away (`| head`) is no error worth reporting.
-            let _ = emit(&text);
-            ExitCode::SUCCESS
-        }
+            Err(error) if error.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+            // A full disk behind `> file` is: the file is short.
+            Err(error) => {
+                eprintln!("warden: cannot write the output: {error}");
+                ExitCode::FAILURE
+            }
+        },
         Err(error) => {
             eprintln!("warden: {error:#}");
             ExitCode::FAILURE

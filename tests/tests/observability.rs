@@ -407,10 +407,28 @@ async fn a_newcomers_loop_sees_every_query_in_observe_and_in_the_counters() {
             "www.cilium.io."
         ]
     );
+    // Output that cannot be written (a full disk behind `>`) is a failure, not a short success.
+    let full = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/full")
+        .unwrap();
+    let written = Command::new(binary("warden").unwrap())
+        .arg("--agent")
+        .arg(format!("http://{}", agent.admin))
+        .args(["fqdn", "cache", "list"])
+        .stdout(full)
+        .stderr(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(!written.success(), "a failed write exited {written}");
     let typo = warden_cli(agent.admin, &["fqdn", "cache", "list", "-n", "cilium.io/"]).unwrap();
     assert!(!typo.status.success());
     let flush = warden_cli(agent.admin, &["fqdn", "cache", "clean"]).unwrap();
     assert!(!flush.status.success(), "a flush of everything needs -f");
+    // A misspelled filter is refused, not taken for none (a clean would empty the cache).
+    let misspelled = http_get(agent.admin, "/v1/fqdn/cache?nmae=cilium.io").await;
+    let error = misspelled.expect_err("an unknown parameter was ignored");
+    assert!(error.to_string().contains("400"), "{error}");
     let cleaned: Value = serde_json::from_str(&cli_ok(
         agent.admin,
         &dnsproxy,

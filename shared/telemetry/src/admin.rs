@@ -80,6 +80,7 @@ pub fn common_routes(metrics: Metrics, flows: Arc<FlowLog>) -> Router {
 }
 
 #[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct FlowQuery {
     follow: Option<String>,
     since_ms: Option<u64>,

@@ -108,8 +108,10 @@ impl CacheRow {
 
 /// The filters of `GET /v1/fqdn/cache` and `POST /v1/fqdn/cache/clean`, the same in both
 /// processes: an endpoint key, and a name as a Cilium `matchPattern` (a plain name matches
-/// itself).
+/// itself). An unknown parameter is refused (400), not ignored: a misspelled filter would
+/// otherwise widen a clean to the whole cache.
 #[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct CacheFilter {
     pub endpoint: Option<String>,
     pub name: Option<String>,
