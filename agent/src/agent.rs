@@ -158,6 +158,8 @@ pub async fn start(config: AgentConfig) -> anyhow::Result<RunningAgent> {
                 cache: cache.clone(),
                 metrics: metrics.clone(),
                 unwanted_since: HashMap::new(),
+                sessions: sessions.clone(),
+                started: Instant::now(),
             };
             let first_pass = tokio::task::spawn_blocking(move || {
                 reconciler.reconcile();

@@ -100,6 +100,14 @@ impl Sessions {
     pub fn is_empty(&self) -> bool {
         self.live().is_empty()
     }
+
+    /// Whether a connected proxy has not finished its resync: the mappings behind the allow
+    /// entries it wrote meanwhile are still on their way to this cache.
+    pub fn any_resyncing(&self) -> bool {
+        self.live()
+            .values()
+            .any(|info| info.last_resync_at_ms.is_none())
+    }
 }
 
 /// Counts cache changes so the persister writes only when there is something new.

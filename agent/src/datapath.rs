@@ -22,12 +22,19 @@ use warden_policy::{DnsName, EndpointId, FqdnGrant, L4Proto, Peer, PolicyReposit
 use warden_proxy::{PolicySource, SharedCache, unix_now};
 use warden_telemetry::{DropFlow, FlowEvent, FlowLog, LogBudget, Metrics};
 
+use crate::api::Sessions;
 use crate::endpoints::EndpointTable;
 use crate::policy_store::PolicyStore;
 
 /// An unexpired entry no policy wants any more goes after this long: long enough for a peer's
 /// fresh entry to reach the agent's cache, short enough that a removed rule stops quickly.
 const UNWANTED_GRACE: Duration = Duration::from_secs(2);
+
+/// After the agent's start no unexpired entry is revoked for being unwanted: a dnsproxy that
+/// served while the agent was away wrote entries whose mappings reach this cache only with
+/// its resync, after its reconnect (backoff up to 1 s) and its replay (more than the grace
+/// above for a large cache). The same holds while any proxy's resync is under way.
+const STARTUP_GRACE: Duration = Duration::from_secs(10);
 
 /// Keeps the pinned maps equal to what config, policy and cache say.
 #[derive(Debug)]
@@ -42,6 +49,9 @@ pub struct Reconciler {
     pub metrics: Metrics,
     /// When each unexpired entry no policy wants was first seen unwanted.
     pub unwanted_since: HashMap<FqdnKey, Instant>,
+    /// The proxies' sessions: entries stay while one resyncs (see [`STARTUP_GRACE`]).
+    pub sessions: Arc<Sessions>,
+    pub started: Instant,
 }
 
 impl Reconciler {
@@ -283,6 +293,8 @@ impl Reconciler {
         };
         let recent: HashSet<(u32, IpAddr)> =
             recent.into_iter().map(|(id, ip, _)| (id, ip)).collect();
+        let peers_catching_up =
+            self.started.elapsed() < STARTUP_GRACE || self.sessions.any_resyncing();
         let mut idle_grace = 0;
         let mut present = HashSet::new();
         for (key, expires_at) in current {
@@ -298,7 +310,7 @@ impl Reconciler {
                 // Still within its TTL but wanted by no policy: a removed rule, or a peer's
                 // entry whose mapping has not reached this cache yet. Give it a moment.
                 let since = *self.unwanted_since.entry(key).or_insert_with(Instant::now);
-                since.elapsed() >= UNWANTED_GRACE
+                since.elapsed() >= UNWANTED_GRACE && !peers_catching_up
             } else if recent.contains(&(key.endpoint_id, key.ip)) {
                 idle_grace += 1;
                 false

@@ -399,7 +399,24 @@ async fn an_agent_that_lost_its_state_gets_the_proxys_cache_back_and_keeps_its_e
         Err(error) if error.kind() != std::io::ErrorKind::NotFound => panic!("{error}"),
         _ => {}
     }
-    lab.agent.restart().await.unwrap();
+    // And the proxy is slow to come back (stopped here): until it has resynced, the new
+    // agent's reconciler must not take the entries it wrote for unwanted (the agent's cache
+    // lacks their mappings) and cut the workload's connections.
+    let proxy_pid =
+        nix::unistd::Pid::from_raw(i32::try_from(lab.dnsproxy().pid().unwrap()).unwrap());
+    nix::sys::signal::kill(proxy_pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    let restarted = lab.agent.restart().await;
+    if restarted.is_ok() {
+        tokio::time::sleep(Duration::from_secs(4)).await;
+    }
+    let while_away = lab.curl(&format!("http://{CILIUM_IO_V4}/"), &[]);
+    nix::sys::signal::kill(proxy_pid, nix::sys::signal::Signal::SIGCONT).unwrap();
+    restarted.unwrap();
+    let while_away = while_away.unwrap();
+    assert!(
+        while_away.ok(),
+        "revoked before the proxy's resync: {while_away:?}"
+    );
     // The proxy's resync carries its whole cache, not only its (empty) journal, and a repeat
     // answer would not tell the agent again: mappings cross only when they change a cache.
     let back = wait_agent_cache(&lab, "cilium.io.", Duration::from_secs(5)).await;
