@@ -298,48 +298,17 @@ async fn session(
         }
     };
     let mut inbound = response.into_inner();
-    // Replay what the agent missed, then go live; what was journaled in between follows.
-    let replayed = journaled.len();
-    let mut unsent = Vec::new();
-    for chunk in warden_api::mapping_batches(&journaled) {
-        if outbound.send(resync_message(chunk.to_vec())).await.is_err() {
-            unsent.extend_from_slice(chunk);
-        }
-    }
-    if !unsent.is_empty() {
-        context.journal.restore(unsent);
-        return "agent went away during the journal replay".into();
-    }
-    // Then the whole cache: the agent may have lost what it was told live before it stopped
-    // (it persists once a second, and a state directory can be lost), and mappings cross only
-    // when they change a cache, so a repeat answer would never tell it again.
-    let cached = warden_api::cache_dump(&context.cache).await;
-    let replayed = replayed + cached.len();
-    for chunk in warden_api::into_mapping_batches(cached) {
-        if outbound.send(resync_message(chunk)).await.is_err() {
-            return "agent went away during the cache resync".into();
-        }
-    }
-    context.link.set(Some(outbound.clone()));
-    let late = context.journal.take();
-    let mut sent = 0;
-    for chunk in warden_api::mapping_batches(&late) {
-        if outbound.send(resync_message(chunk.to_vec())).await.is_err() {
-            context.journal.restore(late[sent..].to_vec());
-            return "agent went away during the journal replay".into();
-        }
-        sent += chunk.len();
-    }
-    let _ = outbound
-        .send(ProxyMessage {
-            kind: Some(ProxyKind::ResyncDone(ResyncDone {
-                entries: replayed as u64,
-            })),
-        })
-        .await;
-    context.metrics.peer.connected.set(1);
-    context.metrics.peer.offline.set(0);
-    tracing::info!(replayed, "connected to the agent");
+    // The replay runs beside the reading, not before it: the agent sends too (its snapshot,
+    // its own live mappings) and waits for room to do so inside the loop that reads this side,
+    // so a proxy reading nothing until a long replay was queued could stall them both.
+    let replay_stop = CancellationToken::new();
+    let mut replay = tokio::spawn(replay(
+        context.clone(),
+        outbound.clone(),
+        journaled,
+        replay_stop.clone(),
+    ));
+    let mut replay_done = false;
 
     let last_flows = CancellationToken::new();
     let forwarder = tokio::spawn(forward_flows(
@@ -358,10 +327,23 @@ async fn session(
         // Mappings journaled while the session is up (the channel was full: the agent is
         // slow to read) follow as soon as there is room, not at the next session: until the
         // agent has them its reconciler takes their allow entries for unwanted.
-        let journaled = !context.journal.is_empty();
+        let journaled = replay_done && !context.journal.is_empty();
         let message = tokio::select! {
             biased;
             () = shutdown.cancelled() => None,
+            replayed = &mut replay, if !replay_done => {
+                replay_done = true;
+                match replayed {
+                    Ok(Ok(replayed)) => {
+                        context.metrics.peer.connected.set(1);
+                        context.metrics.peer.offline.set(0);
+                        tracing::info!(replayed, "connected to the agent");
+                        continue;
+                    }
+                    Ok(Err(reason)) => break reason,
+                    Err(error) => break format!("the replay failed: {error}"),
+                }
+            }
             permit = outbound.reserve(),
                 if unacked.is_some_and(|(_, install)| *settled.borrow() >= install) => {
                 let Ok(permit) = permit else {
@@ -395,10 +377,12 @@ async fn session(
                 }
                 continue;
             }
-            () = context.journal.pushed(), if !journaled => continue,
+            () = context.journal.pushed(), if replay_done && !journaled => continue,
             message = inbound.message() => Some(message),
         };
         let Some(message) = message else {
+            // What the replay has not queued goes back to the journal, which is saved.
+            stop_replay(&replay_stop, replay, replay_done).await;
             drop(outbound);
             return close(context, forwarder, last_flows, inbound).await;
         };
@@ -448,8 +432,80 @@ async fn session(
             None => {}
         }
     };
+    stop_replay(&replay_stop, replay, replay_done).await;
     forwarder.abort();
     ended
+}
+
+/// Stops a replay still running and waits for it to put back what it had not queued.
+async fn stop_replay(
+    stop: &CancellationToken,
+    replay: tokio::task::JoinHandle<Result<usize, String>>,
+    done: bool,
+) {
+    stop.cancel();
+    if !done {
+        let _ = replay.await;
+    }
+}
+
+/// The proxy's side of the resync: its journal (what the agent missed), then its whole cache
+/// (the agent may have lost what it was told live before it stopped: it persists once a
+/// second, and a state directory can be lost; and mappings cross only when they change a
+/// cache, so a repeat answer would never tell it again), then live mappings flow and what was
+/// journaled meanwhile follows, then `ResyncDone`. Returns how many mappings it replayed.
+/// Journal entries it could not queue go back to the journal.
+async fn replay(
+    context: LinkContext,
+    outbound: mpsc::Sender<ProxyMessage>,
+    journaled: Vec<WireMapping>,
+    stop: CancellationToken,
+) -> Result<usize, String> {
+    let send = |message: ProxyMessage| {
+        let (outbound, stop) = (&outbound, &stop);
+        async move {
+            tokio::select! {
+                () = stop.cancelled() => false,
+                sent = outbound.send(message) => sent.is_ok(),
+            }
+        }
+    };
+    let journal = &context.journal;
+    let send_journal = |entries: Vec<WireMapping>| async move {
+        let mut sent = 0;
+        for chunk in warden_api::mapping_batches(&entries) {
+            if !send(resync_message(chunk.to_vec())).await {
+                journal.restore(entries[sent..].to_vec());
+                return false;
+            }
+            sent += chunk.len();
+        }
+        true
+    };
+    let mut replayed = journaled.len();
+    if !send_journal(journaled).await {
+        return Err("agent went away during the journal replay".into());
+    }
+    let cached = warden_api::cache_dump(&context.cache).await;
+    replayed += cached.len();
+    for chunk in warden_api::into_mapping_batches(cached) {
+        if !send(resync_message(chunk)).await {
+            return Err("agent went away during the cache resync".into());
+        }
+    }
+    context.link.set(Some(outbound.clone()));
+    if !send_journal(journal.take()).await {
+        return Err("agent went away during the journal replay".into());
+    }
+    let done = ProxyMessage {
+        kind: Some(ProxyKind::ResyncDone(ResyncDone {
+            entries: replayed as u64,
+        })),
+    };
+    if !send(done).await {
+        return Err("agent went away before the end of the resync".into());
+    }
+    Ok(replayed)
 }
 
 /// Ends a session at shutdown without losing what is still on its way: the proxy has answered
