@@ -467,6 +467,7 @@ fn build_snapshot(state: &ApiState) -> PolicySnapshot {
             max_ips_per_name: dns.max_ips_per_name as u64,
             max_names_per_endpoint: dns.max_names_per_endpoint as u64,
             idle_grace_s: dns.idle_grace_s,
+            max_ttl: dns.max_ttl,
         }),
         datapath: Some(DatapathSettings {
             mode: match state.config.datapath.mode {

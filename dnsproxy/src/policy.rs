@@ -10,7 +10,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 
 use prost::Message;
-use warden_api::proto::PolicySnapshot;
+use warden_api::proto::{DnsSettings, PolicySnapshot};
+use warden_config::{DnsConfig, RejectCode};
 use warden_enforce::EndpointDirectory;
 use warden_policy::{EndpointId, EndpointInfo, Labels, PolicyRepository};
 use warden_proxy::PolicySource;
@@ -79,6 +80,54 @@ pub fn compile(snapshot: &PolicySnapshot) -> Result<Compiled, String> {
         policies: policies.len(),
         datapath_bpffs,
     })
+}
+
+/// The settings of the agent's `dns` section that shape answers and the cache, where this
+/// proxy's own config differs: the same query should not get REFUSED from one process and
+/// NXDOMAIN from the other, nor its IPs a different lifetime. Each as `field: ours vs agent's`.
+pub fn settings_differences(ours: &DnsConfig, agent: &DnsSettings) -> Vec<String> {
+    let reject = match ours.reject {
+        RejectCode::Refused => "refused",
+        RejectCode::Nxdomain => "nxdomain",
+    };
+    let mut differences = Vec::new();
+    let mut compare = |field: &str, ours: String, theirs: String| {
+        if ours != theirs {
+            differences.push(format!("dns.{field}: {ours} here, {theirs} in the agent"));
+        }
+    };
+    compare("reject", reject.to_owned(), agent.reject.clone());
+    compare(
+        "upstream",
+        ours.upstream.to_string(),
+        agent.upstream.clone(),
+    );
+    compare(
+        "min_ttl",
+        ours.min_ttl.to_string(),
+        agent.min_ttl.to_string(),
+    );
+    compare(
+        "max_ttl",
+        ours.max_ttl.to_string(),
+        agent.max_ttl.to_string(),
+    );
+    compare(
+        "max_ips_per_name",
+        ours.max_ips_per_name.to_string(),
+        agent.max_ips_per_name.to_string(),
+    );
+    compare(
+        "max_names_per_endpoint",
+        ours.max_names_per_endpoint.to_string(),
+        agent.max_names_per_endpoint.to_string(),
+    );
+    compare(
+        "idle_grace_s",
+        ours.idle_grace_s.to_string(),
+        agent.idle_grace_s.to_string(),
+    );
+    differences
 }
 
 /// The policy in force in the proxy, and where it came from.
@@ -263,6 +312,33 @@ impl ProxyPolicy {
 mod tests {
     use super::*;
     use warden_api::proto::{Endpoint, PolicyFile};
+
+    #[test]
+    fn settings_that_differ_from_the_agents_are_named() {
+        let ours = DnsConfig::default();
+        let same = DnsSettings {
+            upstream: ours.upstream.to_string(),
+            reject: "refused".into(),
+            min_ttl: ours.min_ttl,
+            max_ips_per_name: ours.max_ips_per_name as u64,
+            idle_grace_s: ours.idle_grace_s,
+            max_names_per_endpoint: ours.max_names_per_endpoint as u64,
+            max_ttl: ours.max_ttl,
+        };
+        assert_eq!(settings_differences(&ours, &same), Vec::<String>::new());
+        let other = DnsSettings {
+            reject: "nxdomain".into(),
+            max_ttl: 300,
+            ..same
+        };
+        assert_eq!(
+            settings_differences(&ours, &other),
+            [
+                "dns.reject: refused here, nxdomain in the agent",
+                "dns.max_ttl: 0 here, 300 in the agent"
+            ]
+        );
+    }
 
     const POLICY: &str = "apiVersion: cilium.io/v2
 kind: CiliumNetworkPolicy

@@ -146,8 +146,28 @@ pub async fn start(config: ProxyConfig) -> anyhow::Result<RunningProxy> {
             datapath.clone(),
             metrics.clone(),
         );
+        let own_dns = config.dns.clone();
+        let warned_differences = Mutex::new(Vec::new());
         Arc::new(
             move |snapshot: &PolicySnapshot, source: &str| -> Result<u64, String> {
+                // Said once per change, not at every snapshot (one comes with every new
+                // cgroup enrollment).
+                let differences = snapshot.dns.as_ref().map_or_else(Vec::new, |agent| {
+                    crate::policy::settings_differences(&own_dns, agent)
+                });
+                let mut warned = warned_differences
+                    .lock()
+                    .unwrap_or_else(|poison| poison.into_inner());
+                if *warned != differences {
+                    if !differences.is_empty() {
+                        tracing::warn!(
+                            differences = differences.join("; "),
+                            "this dnsproxy's dns settings differ from the agent's: the two answer alike only with the same settings"
+                        );
+                    }
+                    *warned = differences;
+                }
+                drop(warned);
                 let compiled = match compile(snapshot) {
                     Ok(compiled) => compiled,
                     Err(error) => {
