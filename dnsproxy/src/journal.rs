@@ -103,6 +103,21 @@ impl Journal {
         }
     }
 
+    /// Drops the entries `matches` (endpoint, name) holds for; returns how many.
+    pub fn remove_matching(&self, mut matches: impl FnMut(&str, &str) -> bool) -> usize {
+        let mut entries = self.entries();
+        let before = entries.len();
+        entries.retain(|mapping| !matches(&mapping.endpoint, &mapping.name));
+        let removed = before - entries.len();
+        if removed > 0 {
+            self.changes.fetch_add(1, Ordering::Relaxed);
+            self.metrics
+                .journal_entries
+                .set(i64::try_from(entries.len()).unwrap_or(i64::MAX));
+        }
+        removed
+    }
+
     /// At most `limit` of the oldest entries, taken out of the journal.
     pub fn take_oldest(&self, limit: usize) -> Vec<Mapping> {
         let mut entries = self.entries();
@@ -240,6 +255,21 @@ mod tests {
             .lookup(now, "youssef/test", "anysub.cilium.io.");
         assert_eq!(found.len(), 1, "{found:?}");
         assert_eq!(reopened.len(), 1, "the journal keeps its entries");
+    }
+
+    #[test]
+    fn a_clean_removes_the_matching_entries() {
+        let metrics = warden_telemetry::Metrics::new("dnsproxy").unwrap();
+        let journal = Journal::new(10, metrics.peer.clone());
+        for name in ["www.cilium.io.", "cilium.io.", "www.cilium.io."] {
+            journal.push(mapping(name));
+        }
+        assert_eq!(
+            journal.remove_matching(|_, name| name == "www.cilium.io."),
+            2
+        );
+        let names: Vec<_> = journal.take().into_iter().map(|m| m.name).collect();
+        assert_eq!(names, ["cilium.io."]);
     }
 
     #[test]

@@ -543,6 +543,10 @@ async fn apply_clean(context: &LinkContext, clean: CacheClean) {
     };
     match filter.compile() {
         Ok(compiled) => {
+            // The journal too: its entries would go back to the agent's cache at once.
+            let journaled = context
+                .journal
+                .remove_matching(|endpoint, name| compiled.matches(endpoint, name));
             let cleaned = context
                 .cache
                 .clean(move |endpoint, name| compiled.matches(endpoint, name))
@@ -559,6 +563,7 @@ async fn apply_clean(context: &LinkContext, clean: CacheClean) {
             };
             tracing::info!(
                 removed,
+                journaled,
                 endpoint = filter.endpoint.as_deref().unwrap_or("*"),
                 name = filter.name.as_deref().unwrap_or("*"),
                 "FQDN cache cleaned as the agent's was"

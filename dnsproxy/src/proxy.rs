@@ -67,29 +67,33 @@ pub async fn run(config: ProxyConfig, shutdown: impl Future<Output = ()>) -> any
 }
 
 /// The datapath as the proxy uses it: opened from the agent's pins, never loaded or attached
-/// here. Sockets wait (as duplicates) until the datapath is there to register them.
+/// here. The DNS sockets are kept (as duplicates, until the proxy leaves the port) to register
+/// them with whichever pins the agent names.
 struct ProxyDatapath {
     enforcement: Arc<Enforcement>,
-    unregistered: Mutex<Vec<OwnedFd>>,
+    sockets: Mutex<Vec<OwnedFd>>,
     prefer: Prefer,
 }
 
 impl ProxyDatapath {
-    /// Opens the pins under `bpffs` if not open yet, and registers the DNS sockets.
+    /// Opens the pins under `bpffs`, unless those are open already, and registers the DNS
+    /// sockets there. Pins opened from the proxy's own config before any snapshot give way to
+    /// those the agent's snapshot names.
     fn ensure(&self, bpffs: &Path) {
-        if self.enforcement.datapath().is_some() {
+        if self
+            .enforcement
+            .datapath()
+            .is_some_and(|open| open.bpffs() == bpffs)
+        {
             return;
         }
         match Datapath::open_pinned(bpffs) {
             Ok(datapath) => {
                 tracing::info!(bpffs = %bpffs.display(), "writing allow entries into the agent's pinned maps");
-                let sockets = std::mem::take(
-                    &mut *self.unregistered.lock().unwrap_or_else(|p| p.into_inner()),
-                );
+                let sockets = self.sockets.lock().unwrap_or_else(|p| p.into_inner());
                 if let Err(error) = serving::join(&datapath, DNSPROXY_INSTANCE, &sockets) {
                     tracing::warn!(%error, "cannot register the DNS sockets for reuseport selection");
                 }
-                // The duplicates must go: they would keep the sockets open after they close.
                 drop(sockets);
                 if let Err(error) =
                     serving::prefer(&datapath, serving::preferred_instance(self.prefer))
@@ -104,10 +108,20 @@ impl ProxyDatapath {
         }
     }
 
+    /// The agent runs without the eBPF datapath: pins opened before its snapshot said so are
+    /// not its, and nothing is written into them.
+    fn forget(&self) {
+        if let Some(open) = self.enforcement.datapath() {
+            tracing::info!(bpffs = %open.bpffs().display(), "the agent runs without the eBPF datapath; not writing into these pins");
+            self.enforcement.set_datapath(None);
+        }
+    }
+
     /// At shutdown, before the sockets close: new queries go to the agent from now on.
     /// Returns whether the datapath steered them (without it there is nothing to wait for).
     fn leave(&self) -> bool {
-        self.unregistered
+        // The duplicates must go: they would keep the sockets open after they close.
+        self.sockets
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clear();
@@ -135,7 +149,7 @@ pub async fn start(config: ProxyConfig) -> anyhow::Result<RunningProxy> {
     let link = Arc::new(Link::default());
     let datapath = Arc::new(ProxyDatapath {
         enforcement: enforcement.clone(),
-        unregistered: Mutex::new(Vec::new()),
+        sockets: Mutex::new(Vec::new()),
         prefer: config.dns.prefer,
     });
 
@@ -191,8 +205,9 @@ pub async fn start(config: ProxyConfig) -> anyhow::Result<RunningProxy> {
                     .selectors
                     .set(i64::try_from(compiled.repository.selector_count()).unwrap_or(i64::MAX));
                 let installs = policy.install(snapshot, compiled, source);
-                if let Some(bpffs) = bpffs {
-                    datapath.ensure(&bpffs);
+                match bpffs {
+                    Some(bpffs) => datapath.ensure(&bpffs),
+                    None => datapath.forget(),
                 }
                 Ok(installs)
             },
@@ -216,12 +231,9 @@ pub async fn start(config: ProxyConfig) -> anyhow::Result<RunningProxy> {
     let proxy = DnsProxy::bind(settings, context)?;
     let dns_addrs = proxy.local_addrs();
     {
-        let mut unregistered = datapath
-            .unregistered
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let mut sockets = datapath.sockets.lock().unwrap_or_else(|p| p.into_inner());
         for socket in proxy.listener_fds() {
-            unregistered.push(socket.try_clone_to_owned()?);
+            sockets.push(socket.try_clone_to_owned()?);
         }
     }
     // Cold start: enforce the last snapshot at once, before the agent is even looked for.
