@@ -1,6 +1,6 @@
 //! The agent's side: the Unix socket and the connections on it.
 
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -17,21 +17,60 @@ pub type RejectHook = Arc<dyn Fn(&'static str) + Send + Sync>;
 
 /// Binds the socket at `path`: stale socket files from a previous run are replaced, the
 /// folder is created, and the socket gets mode 0600, or 0660 owned by `group` when one is given
-/// (so a non-root dnsproxy in that group may connect).
+/// (so a non-root dnsproxy in that group may connect). The socket is bound in a private folder
+/// and moved into place once its mode and group are set: between the bind and the chmod it
+/// would take connections from whoever the umask lets in, and with a group the file's
+/// permissions are the only check.
 pub fn bind(path: &Path, group: Option<&str>) -> Result<UnixListener, ApiError> {
-    if let Some(folder) = path.parent() {
-        std::fs::create_dir_all(folder).map_err(|source| ApiError::Folder {
-            path: folder.to_path_buf(),
-            source,
-        })?;
-    }
-    // Only a socket is removed: a regular file at that path is somebody's data.
+    let folder = path.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(folder).map_err(|source| ApiError::Folder {
+        path: folder.to_path_buf(),
+        source,
+    })?;
+    // Only a socket is replaced: a regular file at that path is somebody's data.
     if let Ok(metadata) = std::fs::symlink_metadata(path) {
         use std::os::unix::fs::FileTypeExt;
-        if metadata.file_type().is_socket() {
-            let _ = std::fs::remove_file(path);
+        if !metadata.file_type().is_socket() {
+            return Err(ApiError::Bind {
+                path: path.to_path_buf(),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::AlreadyExists,
+                    "something other than a socket is there",
+                ),
+            });
         }
     }
+    let name = path
+        .file_name()
+        .unwrap_or(std::ffi::OsStr::new("agent.sock"));
+    // Short (a socket's path is limited to 107 bytes), and one per bind: in-process tests
+    // bind several agents in one process.
+    static BINDS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let bind_number = BINDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let staging = folder.join(format!(".staging-{}-{bind_number}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&staging);
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&staging)
+        .map_err(|source| ApiError::Folder {
+            path: staging.clone(),
+            source,
+        })?;
+    let staged = staging.join(name);
+    let bound = bind_private(&staged, group).and_then(|listener| {
+        std::fs::rename(&staged, path).map_err(|source| ApiError::Bind {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Ok(listener)
+    });
+    let _ = std::fs::remove_dir_all(&staging);
+    bound
+}
+
+/// Binds at `path`, in a folder only this process can enter, and sets the socket's mode and
+/// group.
+fn bind_private(path: &Path, group: Option<&str>) -> Result<UnixListener, ApiError> {
     let listener = UnixListener::bind(path).map_err(|source| ApiError::Bind {
         path: path.to_path_buf(),
         source,
@@ -158,4 +197,34 @@ pub async fn serve(
         });
     }
     let _ = std::fs::remove_file(&path);
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::FileTypeExt;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn the_socket_appears_with_its_mode_and_replaces_only_a_stale_socket() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("run").join("agent.sock");
+        let first = bind(&path, None).unwrap();
+        let metadata = std::fs::symlink_metadata(&path).unwrap();
+        assert!(metadata.file_type().is_socket());
+        assert_eq!(metadata.permissions().mode() & 0o777, 0o600);
+        drop(first);
+        // A stale socket is replaced, and no staging folder is left behind.
+        let _second = bind(&path, None).unwrap();
+        let entries: Vec<_> = std::fs::read_dir(path.parent().unwrap())
+            .unwrap()
+            .map(|entry| entry.unwrap().file_name())
+            .collect();
+        assert_eq!(entries, ["agent.sock"]);
+        // Somebody's file is not.
+        let file = dir.path().join("data");
+        std::fs::write(&file, "keep me").unwrap();
+        assert!(matches!(bind(&file, None), Err(ApiError::Bind { .. })));
+        assert_eq!(std::fs::read_to_string(&file).unwrap(), "keep me");
+    }
 }
