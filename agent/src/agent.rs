@@ -281,8 +281,10 @@ pub async fn start(config: AgentConfig) -> anyhow::Result<RunningAgent> {
             let snapshot = cache.lock().snapshot(unix_now());
             cache_file.save(&snapshot)
         });
-        if let Err(error) = saved.await? {
-            tracing::warn!(%error, "cannot persist the FQDN cache at shutdown");
+        match saved.await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => tracing::warn!(%error, "cannot persist the FQDN cache at shutdown"),
+            Err(error) => tracing::warn!(%error, "the FQDN cache's last save panicked"),
         }
         admin_stop.cancel();
         admin.await.context("admin API task panicked")??;

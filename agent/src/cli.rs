@@ -246,13 +246,10 @@ pub async fn run(cli: Cli) -> ExitCode {
         } => return validate(&files),
     };
     match result {
-        Ok(text) => match emit(&text) {
-            Ok(()) => ExitCode::SUCCESS,
-            // A reader that went away (`| head`) is no error worth reporting.
-            Err(error) if error.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
-            // A full disk behind `> file` is: the file is short.
+        Ok(text) => match reader_gone(emit(&text)) {
+            Ok(_) => ExitCode::SUCCESS,
             Err(error) => {
-                eprintln!("warden: cannot write the output: {error}");
+                eprintln!("warden: {error}");
                 ExitCode::FAILURE
             }
         },
@@ -270,12 +267,18 @@ fn validate(files: &[PathBuf]) -> ExitCode {
             for warning in policies.iter().flat_map(warden_enforce::datapath_warnings) {
                 eprintln!("warning: {warning}");
             }
-            println!(
-                "{} policies in {} files: valid",
+            let summary = format!(
+                "{} policies in {} files: valid\n",
                 policies.len(),
                 files.len()
             );
-            ExitCode::SUCCESS
+            match reader_gone(emit(&summary)) {
+                Ok(_) => ExitCode::SUCCESS,
+                Err(error) => {
+                    eprintln!("warden: {error}");
+                    ExitCode::FAILURE
+                }
+            }
         }
         Err(errors) => {
             for error in &errors {
@@ -679,7 +682,7 @@ async fn observe_follow(targets: &Targets, options: &ObserveOptions) -> anyhow::
     for (source, line) in retained.lines.into_iter().skip(retained.first) {
         out.push_str(&render_line(source, line, options.output));
     }
-    if emit(&out).is_err() {
+    if reader_gone(emit(&out))? {
         return Ok(String::new());
     }
     let mut seen = retained.seen;
@@ -707,7 +710,7 @@ async fn observe_follow(targets: &Targets, options: &ObserveOptions) -> anyhow::
                 let line = *line;
                 if seen.admit(&line)
                     && options.wanted(&line)
-                    && emit(&render_line(source, line, options.output)).is_err()
+                    && reader_gone(emit(&render_line(source, line, options.output)))?
                 {
                     // Nobody reads any more (`| head`, a closed pipe): stop following.
                     return Ok(String::new());
@@ -1183,6 +1186,16 @@ async fn request(method: hyper::Method, base: &str, path: &str) -> anyhow::Resul
 }
 
 /// Writes to stdout and flushes, so that each followed event is seen as it happens.
+/// Whether a write found its reader gone (a broken pipe: `| head`), which ends a command
+/// quietly; any other failure (a full disk behind `>`) is an error.
+fn reader_gone(written: std::io::Result<()>) -> anyhow::Result<bool> {
+    match written {
+        Ok(()) => Ok(false),
+        Err(error) if error.kind() == std::io::ErrorKind::BrokenPipe => Ok(true),
+        Err(error) => Err(anyhow::anyhow!("cannot write the output: {error}")),
+    }
+}
+
 fn emit(text: &str) -> std::io::Result<()> {
     use std::io::Write as _;
     let mut stdout = std::io::stdout().lock();

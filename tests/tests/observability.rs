@@ -412,15 +412,23 @@ async fn a_newcomers_loop_sees_every_query_in_observe_and_in_the_counters() {
         .write(true)
         .open("/dev/full")
         .unwrap();
-    let written = Command::new(binary("warden").unwrap())
-        .arg("--agent")
-        .arg(format!("http://{}", agent.admin))
-        .args(["fqdn", "cache", "list"])
-        .stdout(full)
-        .stderr(Stdio::null())
-        .status()
-        .unwrap();
-    assert!(!written.success(), "a failed write exited {written}");
+    for args in [
+        &["fqdn", "cache", "list"][..],
+        &["--dnsproxy", &dnsproxy, "observe", "--follow"],
+    ] {
+        let written = Command::new(binary("warden").unwrap())
+            .arg("--agent")
+            .arg(format!("http://{}", agent.admin))
+            .args(args)
+            .stdout(full.try_clone().unwrap())
+            .stderr(Stdio::null())
+            .status()
+            .unwrap();
+        assert!(
+            !written.success(),
+            "{args:?}: a failed write exited {written}"
+        );
+    }
     let typo = warden_cli(agent.admin, &["fqdn", "cache", "list", "-n", "cilium.io/"]).unwrap();
     assert!(!typo.status.success());
     let flush = warden_cli(agent.admin, &["fqdn", "cache", "clean"]).unwrap();
