@@ -70,12 +70,14 @@ fn fits_the_datapath(range: &PortRange) -> bool {
     is_every_port(range) || usize::from(range.last - range.first) < MAX_EXPANDED_PORTS
 }
 
-/// What in `policy` the datapath cannot enforce as written, for `warden policy validate` and
-/// the agent's log: a toFQDNs rule whose `toPorts` range spans more than the datapath expands
-/// per name (1,024 ports; every port, `port: 0`, is fine). Such a range allows nothing, as
-/// widening it to "any port" would allow more than the policy says.
+/// What in `policy` is not enforced as written, for `warden policy validate` and the agent's
+/// log: what loading changed (a namespaced policy's subject confined to its namespace); a
+/// toFQDNs rule whose `toPorts` range spans more than the datapath expands per name (1,024
+/// ports; every port, `port: 0`, is fine), which allows nothing, as widening it to "any port"
+/// would allow more than the policy says; DNS rules on a port the datapath does not redirect.
 pub fn datapath_warnings(policy: &Policy) -> Vec<String> {
-    let mut warnings = Vec::new();
+    // What loading said first (a namespace overwritten), then what the datapath cannot do.
+    let mut warnings = policy.warnings.clone();
     let name = match &policy.namespace {
         Some(namespace) => format!("{namespace}/{}", policy.name),
         None => policy.name.clone(),
@@ -112,7 +114,9 @@ pub fn datapath_warnings(policy: &Policy) -> Vec<String> {
             {
                 for port in to_ports.ports.iter().filter(|port| port.port != 53) {
                     warnings.push(format!(
-                        "{}: policy {name}: rules.dns on port {}: the eBPF datapath redirects                          port 53 only, so workloads' DNS to that port is not proxied and stays                          blocked",
+                        "{}: policy {name}: rules.dns on port {}: with the eBPF datapath, which \
+                         redirects port 53 only, workloads' DNS to that port is not proxied and \
+                         stays blocked",
                         policy.origin.display(),
                         port.port,
                     ));
@@ -178,6 +182,26 @@ mod tests {
         assert!(
             fqdn_keys(&wide, ip).is_empty(),
             "too wide: refused, never widened"
+        );
+    }
+
+    #[test]
+    fn a_subject_moved_into_the_policys_namespace_is_reported() {
+        let yaml = r#"apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: moved, namespace: youssef}
+spec:
+  endpointSelector: {matchLabels: {"k8s:io.kubernetes.pod.namespace": kube-system, app: test}}
+  egress: [{toEntities: [world]}]
+"#;
+        let policies = warden_policy::parse_str(yaml, std::path::Path::new("moved.yaml")).unwrap();
+        let warnings: Vec<String> = policies.iter().flat_map(datapath_warnings).collect();
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(
+            warnings[0].contains("moved.yaml")
+                && warnings[0].contains("youssef/moved")
+                && warnings[0].contains("\"kube-system\""),
+            "{warnings:?}"
         );
     }
 

@@ -66,6 +66,9 @@ pub struct Policy {
     pub rules: Vec<Rule>,
     /// The file the policy came from, for messages.
     pub origin: PathBuf,
+    /// What loading changed or could not take as written, said but not an error.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
 }
 
 /// One entry of `spec`/`specs`.
@@ -441,15 +444,26 @@ impl PolicyDocument {
             .into_iter()
             .chain(self.specs.into_iter().flatten())
             .collect();
+        let mut warnings = Vec::new();
         if let Some(namespace) = &namespace {
             for (rule, field) in rules.iter_mut().zip(fields) {
-                rule.endpoint_selector
+                let overwritten = rule
+                    .endpoint_selector
                     .confine_to_namespace(namespace)
                     .map_err(|(inner, message)| FieldProblem {
                         field: format!("{field}.endpointSelector.{inner}"),
                         message,
                         location: None,
                     })?;
+                for other in overwritten {
+                    warnings.push(format!(
+                        "{}: policy {namespace}/{}: {field}.endpointSelector names namespace \
+                         {other:?}, but a CiliumNetworkPolicy selects endpoints of its own \
+                         namespace only: it selects them in {namespace:?}, as Cilium does",
+                        origin.display(),
+                        self.metadata.name,
+                    ));
+                }
             }
         }
         Ok(Policy {
@@ -458,6 +472,7 @@ impl PolicyDocument {
             namespace,
             rules,
             origin,
+            warnings,
         })
     }
 }

@@ -80,10 +80,15 @@ impl EndpointSelector {
     /// with the policy's (Cilium logs "illegal namespace match" and does the same). Cilium leaves
     /// `matchExpressions` alone, so one that rules out the policy's namespace would select
     /// nothing; that is an error, as `(field, message)`.
-    pub(crate) fn confine_to_namespace(&mut self, namespace: &str) -> Result<(), (String, String)> {
+    /// Returns the namespaces overwritten.
+    pub(crate) fn confine_to_namespace(
+        &mut self,
+        namespace: &str,
+    ) -> Result<Vec<String>, (String, String)> {
+        let mut overwritten = Vec::new();
         for (key, value) in &mut self.match_labels {
-            if is_namespace_key(key) {
-                namespace.clone_into(value);
+            if is_namespace_key(key) && value != namespace {
+                overwritten.push(std::mem::replace(value, namespace.to_owned()));
             }
         }
         for (i, requirement) in self.match_expressions.iter().enumerate() {
@@ -100,7 +105,7 @@ impl EndpointSelector {
                 ));
             }
         }
-        Ok(())
+        Ok(overwritten)
     }
 }
 
