@@ -146,7 +146,10 @@ impl DnsProxy {
             )));
         }
         shutdown.cancelled().await;
-        if leave() && !engine.settings.linger.is_zero() {
+        let steered = leave();
+        // Serving no more from here: the port's new queries go to the peer.
+        engine.context.metrics.dns.serving.set(0);
+        if steered && !engine.settings.linger.is_zero() {
             tokio::time::sleep(engine.settings.linger).await;
         }
         stop_reading.cancel();
@@ -154,7 +157,6 @@ impl DnsProxy {
             // The loops end on the same token; joining them closes the TCP listeners.
             let _ = listener_loop.await;
         }
-        engine.context.metrics.dns.serving.set(0);
         let drained = async {
             engine.in_flight.idle().await;
             tracker.close();
