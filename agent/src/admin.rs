@@ -27,8 +27,6 @@ pub struct AdminState {
     pub serving: Arc<AtomicBool>,
     pub dns_listen: Vec<SocketAddr>,
     pub started: Instant,
-    /// Each endpoint's cgroup as configured, in endpoint ID order.
-    pub endpoint_cgroups: Vec<Option<PathBuf>>,
     /// Tells the cache persister that `/v1/fqdn/cache/clean` changed the cache.
     pub cache_changes: Arc<CacheChanges>,
     /// Passes each clean on to the dnsproxy sessions, whose caches hold the same entries.
@@ -238,14 +236,13 @@ async fn endpoints(State(state): State<AdminState>) -> Json<Vec<EndpointRow>> {
     let rows = state
         .policy
         .endpoints()
-        .keys()
-        .enumerate()
-        .map(|(index, (info, key))| EndpointRow {
+        .entries()
+        .map(|(info, key, config)| EndpointRow {
             id: info.id.0,
             endpoint: key.to_string(),
             labels: info.labels.iter().map(ToString::to_string).collect(),
             ips: info.ips.clone(),
-            cgroup: state.endpoint_cgroups.get(index).cloned().flatten(),
+            cgroup: config.cgroup.clone(),
             enforced: policy.is_enforced(info.id),
         })
         .collect();

@@ -23,7 +23,6 @@ use warden_telemetry::{FlowLog, Metrics};
 use crate::admin::{self, AdminState};
 use crate::api::{self, ApiState, CacheChanges, LocalMappings, Sessions};
 use crate::datapath::{Reconciler, reconcile_loop, watch_drops};
-use crate::endpoints::EndpointTable;
 use crate::policy_store::PolicyStore;
 use crate::state::CacheFile;
 
@@ -79,11 +78,11 @@ pub async fn start(config: AgentConfig) -> anyhow::Result<RunningAgent> {
         .with_context(|| format!("cannot create state_dir {}", config.state_dir.display()))?;
     let metrics = Metrics::new("agent")?;
     let flows = Arc::new(FlowLog::new(FLOW_LOG_CAPACITY));
-    let endpoints = Arc::new(EndpointTable::from_config(&config.endpoints));
     let policy = PolicyStore::open(
         &config.policy.dir,
         &config.state_dir,
-        endpoints.clone(),
+        &config.endpoints,
+        config.endpoints_dir.as_deref(),
         metrics.policy.clone(),
     );
     let limits = warden_enforce::cache_limits(&config.dns);
@@ -99,7 +98,7 @@ pub async fn start(config: AgentConfig) -> anyhow::Result<RunningAgent> {
         DatapathMode::Ebpf => Some(open_datapath(&config)?),
     };
     let enforcement = Arc::new(Enforcement::new(metrics.clone()));
-    enforcement.set_directory(endpoints.directory());
+    enforcement.set_directory(policy.endpoints().directory());
     enforcement.set_datapath(ebpf.as_ref().map(|(datapath, _)| datapath.clone()));
 
     let context = ProxyContext {
@@ -129,7 +128,6 @@ pub async fn start(config: AgentConfig) -> anyhow::Result<RunningAgent> {
         serving: serving.clone(),
         dns_listen: dns_addrs.clone(),
         started: Instant::now(),
-        endpoint_cgroups: config.endpoints.iter().map(|e| e.cgroup.clone()).collect(),
         sessions: sessions.clone(),
         datapath: ebpf.as_ref().map(|(datapath, _)| datapath.clone()),
         cache_changes: changes.clone(),
@@ -152,7 +150,6 @@ pub async fn start(config: AgentConfig) -> anyhow::Result<RunningAgent> {
                 datapath: datapath.clone(),
                 cgroup_root: cgroup_root.clone(),
                 config: reconciled,
-                table: endpoints.clone(),
                 enforcement: enforcement.clone(),
                 policy: policy.clone(),
                 cache: cache.clone(),
@@ -237,20 +234,44 @@ pub async fn start(config: AgentConfig) -> anyhow::Result<RunningAgent> {
         metrics.clone(),
         shutdown.clone(),
     ));
+    {
+        // The proxy finds senders by address in the directory: new endpoints there at once,
+        // not at the reconciler's next pass (which adds their cgroups; there is none without
+        // the datapath).
+        let (mut changes, enforcement, shutdown) = (
+            policy.subscribe_endpoints(),
+            enforcement.clone(),
+            shutdown.clone(),
+        );
+        tasks.spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Ok(()),
+                    changed = changes.changed() => {
+                        if changed.is_err() {
+                            return Ok(());
+                        }
+                    }
+                }
+                let table = changes.borrow_and_update().clone();
+                enforcement.set_addresses(table.directory());
+            }
+        });
+    }
     if let (Some((datapath, _)), Some(reconciler)) = (ebpf, reconciler) {
         let loop_shutdown = shutdown.clone();
         tasks.spawn(async move {
             reconcile_loop(reconciler, loop_shutdown).await;
             Ok(())
         });
-        let drop_table = endpoints.clone();
+        let drop_policy = policy.clone();
         let (drop_metrics, drop_flows, drop_shutdown) =
             (metrics.clone(), flows_for_drops.clone(), shutdown.clone());
         tasks.spawn(async move {
             watch_drops(
                 datapath,
                 enforcement,
-                drop_table,
+                drop_policy,
                 drop_metrics,
                 drop_flows,
                 drop_shutdown,

@@ -435,9 +435,8 @@ fn build_snapshot(state: &ApiState) -> PolicySnapshot {
     let endpoints = state
         .policy
         .endpoints()
-        .keys()
-        .zip(&state.config.endpoints)
-        .map(|((info, _), config)| Endpoint {
+        .entries()
+        .map(|(info, _, config)| Endpoint {
             id: info.id.0,
             name: config.name.clone(),
             namespace: config.namespace.clone(),

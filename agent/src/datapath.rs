@@ -42,7 +42,6 @@ pub struct Reconciler {
     pub datapath: Datapath,
     pub cgroup_root: PathBuf,
     pub config: AgentConfig,
-    pub table: Arc<EndpointTable>,
     pub enforcement: Arc<Enforcement>,
     pub policy: Arc<PolicyStore>,
     pub cache: SharedCache,
@@ -57,10 +56,13 @@ pub struct Reconciler {
 impl Reconciler {
     /// One pass. Map errors are logged and counted; the next pass tries again.
     pub fn reconcile(&mut self) {
+        // The endpoints before the policy: a change of endpoints installs a policy compiled
+        // for them, so this policy knows at least every endpoint of this table.
+        let table = self.policy.endpoints();
         let policy = self.policy.current();
-        self.enroll(&policy);
-        self.reconcile_cidrs(&policy);
-        self.reconcile_fqdn(&policy, unix_now());
+        self.enroll(&table, &policy);
+        self.reconcile_cidrs(&table, &policy);
+        self.reconcile_fqdn(&table, &policy, unix_now());
     }
 
     fn count<T>(&self, op: &str, result: Result<T, warden_datapath::DatapathError>) -> Option<T> {
@@ -84,7 +86,7 @@ impl Reconciler {
 
     /// Enrolls every endpoint with a cgroup (enforced when a policy with egress rules selects
     /// it) and points its DNS at the proxy; removes cgroups no longer configured.
-    fn enroll(&mut self, policy: &PolicyRepository) {
+    fn enroll(&mut self, table: &EndpointTable, policy: &PolicyRepository) {
         let (default_v4, default_v6) = targets(&self.config.dns.listen);
         let mut index = HashMap::new();
         // One walk of the map, not one per endpoint.
@@ -92,7 +94,7 @@ impl Reconciler {
             .count("list", self.datapath.enrolled())
             .map(|entries| entries.into_iter().collect())
             .unwrap_or_default();
-        for ((info, key), endpoint) in self.table.keys().zip(&self.config.endpoints) {
+        for (info, key, endpoint) in table.entries() {
             let Some(cgroup) = &endpoint.cgroup else {
                 continue;
             };
@@ -158,15 +160,15 @@ impl Reconciler {
     }
 
     /// The L3/L4 rules (toCIDR, toCIDRSet, toEntities, toEndpoints) of enforced endpoints.
-    fn reconcile_cidrs(&mut self, policy: &PolicyRepository) {
+    fn reconcile_cidrs(&mut self, table: &EndpointTable, policy: &PolicyRepository) {
         let mut wanted: HashMap<(u32, IpNet), Vec<PortRule>> = HashMap::new();
-        for (info, _) in self.table.keys() {
+        for (info, _) in table.keys() {
             if !policy.is_enforced(info.id) {
                 continue;
             }
             for allow in policy.static_allows(info.id) {
                 let rules = port_rules(&allow.ports);
-                for net in self.prefixes(&allow.peer) {
+                for net in Self::prefixes(table, &allow.peer) {
                     let entry = wanted.entry((info.id.0, net)).or_default();
                     merge_rules(entry, &rules);
                 }
@@ -209,7 +211,7 @@ impl Reconciler {
     }
 
     /// The prefixes a peer stands for.
-    fn prefixes(&self, peer: &Peer) -> Vec<IpNet> {
+    fn prefixes(table: &EndpointTable, peer: &Peer) -> Vec<IpNet> {
         let everything = || vec![IpNet::V4(Ipv4Net::default()), IpNet::V6(Ipv6Net::default())];
         let host = || {
             vec![
@@ -218,7 +220,7 @@ impl Reconciler {
             ]
         };
         let endpoint_ips = |filter: Option<EndpointId>| -> Vec<IpNet> {
-            self.table
+            table
                 .infos()
                 .iter()
                 .filter(|info| filter.is_none_or(|id| id == info.id))
@@ -250,7 +252,7 @@ impl Reconciler {
 
     /// FQDN entries: what the cache and the policy's toFQDNs grants want, plus entries kept
     /// alive by traffic for `idle_grace_s` after their TTL.
-    fn reconcile_fqdn(&mut self, policy: &PolicyRepository, now: UnixTime) {
+    fn reconcile_fqdn(&mut self, table: &EndpointTable, policy: &PolicyRepository, now: UnixTime) {
         let grace = self.config.dns.idle_grace_s;
         // Traffic in the grace window keeps an IP in the cache (source `connection`).
         let recent: Vec<(u32, IpAddr, u64)> = self
@@ -262,7 +264,7 @@ impl Reconciler {
         let alive: Vec<(&str, IpAddr, UnixTime)> = recent
             .iter()
             .filter_map(|(endpoint_id, ip, seen)| {
-                let key = self.table.key_of(EndpointId(*endpoint_id))?;
+                let key = table.key_of(EndpointId(*endpoint_id))?;
                 Some((&**key, *ip, UnixTime(seen.saturating_add(grace))))
             })
             .collect();
@@ -374,7 +376,7 @@ pub async fn reconcile_loop(reconciler: Reconciler, shutdown: CancellationToken)
 pub async fn watch_drops(
     datapath: Datapath,
     enforcement: Arc<Enforcement>,
-    table: Arc<EndpointTable>,
+    policy: Arc<PolicyStore>,
     metrics: Metrics,
     flows: Arc<FlowLog>,
     shutdown: CancellationToken,
@@ -407,7 +409,8 @@ pub async fn watch_drops(
             .get(&event.cgroup_id)
             .map(|(_, key)| key.to_string())
             .or_else(|| {
-                table
+                policy
+                    .endpoints()
                     .key_of(EndpointId(event.endpoint_id))
                     .map(ToString::to_string)
             })

@@ -1,4 +1,5 @@
-//! The node's endpoints, from the config file, and the proxy's view of who sent a query.
+//! The node's endpoints, from the config file and `endpoints_dir`, and the proxy's view of
+//! who sent a query.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -18,6 +19,7 @@ use warden_proxy::{ClientContext, EndpointLookup, Transport};
 pub struct EndpointTable {
     infos: Vec<EndpointInfo>,
     keys: Vec<Arc<str>>,
+    configs: Vec<EndpointConfig>,
     by_ip: HashMap<IpAddr, usize>,
     by_id: HashMap<EndpointId, usize>,
 }
@@ -61,9 +63,24 @@ impl EndpointTable {
         EndpointTable {
             infos,
             keys,
+            configs: endpoints.to_vec(),
             by_ip,
             by_id,
         }
+    }
+
+    /// Every endpoint as declared, in order.
+    pub fn configs(&self) -> &[EndpointConfig] {
+        &self.configs
+    }
+
+    /// Every endpoint with its key and declaration, in order.
+    pub fn entries(&self) -> impl Iterator<Item = (&EndpointInfo, &Arc<str>, &EndpointConfig)> {
+        self.infos
+            .iter()
+            .zip(&self.keys)
+            .zip(&self.configs)
+            .map(|((info, key), config)| (info, key, config))
     }
 
     pub fn infos(&self) -> &[EndpointInfo] {

@@ -14,6 +14,7 @@ mod agent;
 pub mod api;
 pub mod cli;
 pub mod datapath;
+pub mod endpoint_files;
 pub mod endpoints;
 pub mod policy_store;
 pub mod state;

@@ -15,11 +15,13 @@ use std::time::Duration;
 
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
+use warden_config::EndpointConfig;
 use warden_policy::{Policy, PolicyRepository};
 use warden_proxy::PolicySource;
 use warden_state::StateError;
 use warden_telemetry::PolicyMetrics;
 
+use crate::endpoint_files::EndpointFiles;
 use crate::endpoints::EndpointTable;
 
 /// Extensions of policy files in `policy.dir`, as `warden_policy::load_path` reads them.
@@ -50,7 +52,10 @@ pub struct PolicyStatus {
 pub struct PolicyStore {
     dir: PathBuf,
     last_good_dir: PathBuf,
-    endpoints: Arc<EndpointTable>,
+    /// The endpoints the policy is compiled for; a change recompiles it (a new revision).
+    endpoints: tokio::sync::watch::Sender<Arc<EndpointTable>>,
+    /// `endpoints_dir`, when configured.
+    endpoint_files: Option<Mutex<EndpointFiles>>,
     current: RwLock<Arc<PolicyRepository>>,
     status: Mutex<StoreState>,
     metrics: PolicyMetrics,
@@ -88,23 +93,33 @@ impl PolicySource for PolicyStore {
 }
 
 impl PolicyStore {
-    /// Loads the folder; on failure falls back to the last good copy in `state_dir`.
+    /// Loads the folder; on failure falls back to the last good copy in `state_dir`. The
+    /// endpoints are `declared` and, with `endpoints_dir`, those of its files.
     pub fn open(
         dir: &Path,
         state_dir: &Path,
-        endpoints: Arc<EndpointTable>,
+        declared: &[EndpointConfig],
+        endpoints_dir: Option<&Path>,
         metrics: PolicyMetrics,
     ) -> Arc<PolicyStore> {
+        metrics
+            .endpoints
+            .set(i64::try_from(declared.len()).unwrap_or(i64::MAX));
         let store = Arc::new(PolicyStore {
             dir: dir.to_path_buf(),
             last_good_dir: state_dir.join("last-good-policies"),
-            endpoints,
+            endpoints: tokio::sync::watch::Sender::new(Arc::new(EndpointTable::from_config(
+                declared,
+            ))),
+            endpoint_files: endpoints_dir
+                .map(|endpoints_dir| Mutex::new(EndpointFiles::new(endpoints_dir, declared))),
             current: RwLock::new(Arc::new(PolicyRepository::empty())),
             status: Mutex::new(StoreState::default()),
             metrics,
             revisions: tokio::sync::watch::Sender::new(0),
             folder_reads: AtomicU64::new(0),
         });
+        store.reload_endpoints();
         // A file written just before the start is read once it has settled, not half-written.
         if let Some(wait) = policy_paths(&store.dir)
             .ok()
@@ -154,8 +169,69 @@ impl PolicyStore {
         self.revisions.subscribe()
     }
 
-    pub fn endpoints(&self) -> &Arc<EndpointTable> {
-        &self.endpoints
+    /// The endpoints in force.
+    pub fn endpoints(&self) -> Arc<EndpointTable> {
+        self.endpoints.borrow().clone()
+    }
+
+    /// Notified with every change of the endpoints.
+    pub fn subscribe_endpoints(&self) -> tokio::sync::watch::Receiver<Arc<EndpointTable>> {
+        self.endpoints.subscribe()
+    }
+
+    /// Re-reads `endpoints_dir`; returns whether the endpoints changed. A change recompiles the
+    /// policy in force for them (a new revision: the dnsproxy gets them with it).
+    pub fn reload_endpoints(&self) -> bool {
+        let Some(files) = &self.endpoint_files else {
+            return false;
+        };
+        let read = files
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner())
+            .read();
+        for error in &read.new_errors {
+            tracing::error!(%error, "endpoint file refused; what it last held stays");
+            self.metrics.endpoint_file_errors.inc();
+        }
+        let Some(endpoints) = read.changed else {
+            return false;
+        };
+        let table = Arc::new(EndpointTable::from_config(&endpoints));
+        self.metrics
+            .endpoints
+            .set(i64::try_from(endpoints.len()).unwrap_or(i64::MAX));
+        // Under the state's lock: a policy install in between would compile for the old
+        // endpoints.
+        let mut state = self.state();
+        self.endpoints.send_replace(table.clone());
+        if state.status.revision == 0 {
+            tracing::info!(endpoints = endpoints.len(), "endpoints changed");
+            return true;
+        }
+        let policies = match parse_all(&state.files) {
+            Ok(policies) => policies,
+            Err(error) => {
+                // The files in force loaded before; this cannot happen short of a bug.
+                tracing::error!(%error, "the policy in force does not load again");
+                return true;
+            }
+        };
+        let repository = PolicyRepository::build(&policies, table.infos());
+        state.status.selectors = repository.selector_count();
+        *self
+            .current
+            .write()
+            .unwrap_or_else(|poison| poison.into_inner()) = Arc::new(repository);
+        state.status.revision += 1;
+        self.revisions.send_replace(state.status.revision);
+        self.metrics.revision.set(gauge(state.status.revision));
+        self.metrics.selectors.set(gauge(state.status.selectors));
+        tracing::info!(
+            endpoints = endpoints.len(),
+            revision = state.status.revision,
+            "endpoints changed; policy compiled for them"
+        );
+        true
     }
 
     pub fn status(&self) -> PolicyStatus {
@@ -218,7 +294,7 @@ impl PolicyStore {
         for warning in policies.iter().flat_map(warden_enforce::datapath_warnings) {
             tracing::warn!(%warning, "policy not enforceable as written");
         }
-        let repository = PolicyRepository::build(policies, self.endpoints.infos());
+        let repository = PolicyRepository::build(policies, self.endpoints().infos());
         let selectors = repository.selector_count();
         *self
             .current
@@ -322,7 +398,15 @@ impl PolicyStore {
     /// Reloads on change notifications and, as a safety net, every second, until `shutdown`.
     pub async fn watch(self: Arc<Self>, shutdown: CancellationToken) {
         let (notify_tx, mut notified) = tokio::sync::mpsc::channel::<()>(1);
-        // The watcher lives as long as this task; without it (inotify limits) polling remains.
+        // The watchers live as long as this task; without them (inotify limits) polling remains.
+        let _endpoint_watcher = self.endpoint_files.as_ref().and_then(|files| {
+            let dir = files
+                .lock()
+                .unwrap_or_else(|poison| poison.into_inner())
+                .dir()
+                .to_path_buf();
+            watch_folder(&dir, notify_tx.clone())
+        });
         let _watcher = watch_folder(&self.dir, notify_tx);
         let mut poll = tokio::time::interval(POLL_INTERVAL);
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -341,7 +425,11 @@ impl PolicyStore {
             }
             let store = self.clone();
             // File reads are blocking I/O: keep them off the proxy's worker threads.
-            let _ = tokio::task::spawn_blocking(move || store.reload()).await;
+            let _ = tokio::task::spawn_blocking(move || {
+                store.reload_endpoints();
+                store.reload();
+            })
+            .await;
         }
     }
 
@@ -382,11 +470,11 @@ fn watch_folder(
             let _ = notify_tx.try_send(());
         }
     })
-    .map_err(|error| tracing::warn!(%error, "cannot watch the policy folder; polling only"))
+    .map_err(|error| tracing::warn!(%error, "cannot watch the folder; polling only"))
     .ok()?;
     watcher
         .watch(dir, notify::RecursiveMode::NonRecursive)
-        .map_err(|error| tracing::warn!(%error, dir = %dir.display(), "cannot watch the policy folder; polling only"))
+        .map_err(|error| tracing::warn!(%error, dir = %dir.display(), "cannot watch the folder; polling only"))
         .ok()?;
     Some(watcher)
 }
@@ -495,12 +583,7 @@ spec:
         state: &Path,
     ) -> (Arc<PolicyStore>, warden_telemetry::Metrics) {
         let metrics = warden_telemetry::Metrics::new("agent").expect("metrics");
-        let store = PolicyStore::open(
-            dir,
-            state,
-            Arc::new(EndpointTable::from_config(&[])),
-            metrics.policy.clone(),
-        );
+        let store = PolicyStore::open(dir, state, &[], None, metrics.policy.clone());
         (store, metrics)
     }
 

@@ -202,6 +202,10 @@ pub async fn start(config: ProxyConfig) -> anyhow::Result<RunningProxy> {
                     .set(i64::try_from(compiled.policies).unwrap_or(i64::MAX));
                 metrics
                     .policy
+                    .endpoints
+                    .set(i64::try_from(snapshot.endpoints.len()).unwrap_or(i64::MAX));
+                metrics
+                    .policy
                     .selectors
                     .set(i64::try_from(compiled.repository.selector_count()).unwrap_or(i64::MAX));
                 let installs = policy.install(snapshot, compiled, source);

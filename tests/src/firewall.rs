@@ -30,6 +30,8 @@ pub struct FirewallOptions {
     /// A second endpoint, `youssef/late` (labels `app=test`), whose cgroup `late` does not
     /// exist yet: a test creates it ([`TestCgroup::child`]) as a pod would start.
     pub late_workload: bool,
+    /// An `endpoints_dir` (`dir/endpoints`, empty at start) for endpoints a test adds live.
+    pub endpoints_dir: bool,
 }
 
 impl Default for FirewallOptions {
@@ -39,6 +41,7 @@ impl Default for FirewallOptions {
             idle_grace_s: 60,
             with_dnsproxy: false,
             late_workload: false,
+            endpoints_dir: false,
         }
     }
 }
@@ -92,6 +95,11 @@ impl Firewall {
         config.endpoints = vec![workload_endpoint("test", "workload")];
         if options.late_workload {
             config.endpoints.push(workload_endpoint("late", "late"));
+        }
+        if options.endpoints_dir {
+            let endpoints_dir = dir.path().join("endpoints");
+            std::fs::create_dir_all(&endpoints_dir)?;
+            config.endpoints_dir = Some(endpoints_dir);
         }
         let agent = AgentProcess::start(&dir, config.clone()).await?;
         let mut firewall = Firewall {

@@ -645,6 +645,77 @@ async fn policy_edits_apply_within_two_seconds_and_broken_files_keep_the_last_go
 }
 
 #[tokio::test]
+async fn endpoints_written_into_endpoints_dir_come_and_go_without_a_restart() {
+    if !require_tools(&["knotd", "dig"]) {
+        return;
+    }
+    let endpoints_dir = tempfile::tempdir().unwrap();
+    let lab =
+        Lab::start(|config| config.endpoints_dir = Some(endpoints_dir.path().to_owned())).await;
+    let newcomer = unique_loopback_v4();
+    let query = || ask(lab.agent.dns_v4(), "bbc.co.uk", "A", opts(newcomer));
+    let wait_for = |wanted: &'static str| async move {
+        let deadline = Instant::now() + Duration::from_secs(3);
+        loop {
+            let status = query().await.status;
+            if status == wanted {
+                return;
+            }
+            assert!(Instant::now() < deadline, "still {status}, not {wanted}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    // Not an endpoint yet: its queries pass unpoliced.
+    assert_eq!(query().await.status, "NOERROR");
+
+    // A pod appears: the policy selecting app=test now applies to its address.
+    let pod = endpoints_dir.path().join("pod-b.yaml");
+    std::fs::write(
+        &pod,
+        format!("- {{name: b, namespace: youssef, labels: {{app: test}}, ips: [{newcomer}]}}\n"),
+    )
+    .unwrap();
+    wait_for("REFUSED").await;
+    let listed = http_json(lab.agent.admin(), "/v1/endpoints").await.unwrap();
+    assert!(
+        listed
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|row| row["endpoint"] == "youssef/b" && row["enforced"] == true),
+        "{listed}"
+    );
+
+    // A broken edit keeps what the file held; a file stealing an address is refused whole.
+    std::fs::write(&pod, "- {name: b, ips: [not-an-address]}\n").unwrap();
+    std::fs::write(
+        endpoints_dir.path().join("thief.yaml"),
+        format!("- {{name: thief, ips: [{}]}}\n", lab.client),
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        let scrape = http_get(lab.agent.admin(), "/metrics").await.unwrap();
+        if metric_value(&scrape, "warden_endpoint_file_errors_total", &[]) >= 2.0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the bad files were not reported");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(query().await.status, "REFUSED");
+    let own = ask(lab.agent.dns_v4(), "bbc.co.uk", "A", opts(lab.client)).await;
+    assert_eq!(
+        own.status, "REFUSED",
+        "the declared endpoint keeps its address"
+    );
+
+    // The pod goes: its address is nobody's again.
+    std::fs::remove_file(&pod).unwrap();
+    wait_for("NOERROR").await;
+    lab.agent.stop().await.unwrap();
+}
+
+#[tokio::test]
 async fn a_restarted_agent_lists_the_entries_learned_before_with_their_remaining_ttl() {
     if !require_tools(&["knotd", "dig"]) {
         return;

@@ -234,6 +234,73 @@ async fn a_pod_starting_under_the_dnsproxy_is_answered_from_its_first_query() {
 }
 
 #[tokio::test]
+async fn a_pod_written_into_endpoints_dir_is_policed_by_both_processes_until_removed() {
+    if !require_lab() || !warden_tests::require_tools(&["knotd", "dig"]) {
+        return;
+    }
+    let lab = lab_with(FirewallOptions {
+        policy: refusing_policy(),
+        endpoints_dir: true,
+        ..FirewallOptions::default()
+    })
+    .await;
+    let pod = lab.cgroups.child("dyn").unwrap();
+    let opts = DigOpts {
+        timeout_s: 2,
+        ..DigOpts::default()
+    };
+    let ask = |name: &'static str| {
+        let pod = pod.clone();
+        let server = lab.upstream.addr();
+        async move { dig_in_cgroup(&pod, server, name, "A", opts).await.unwrap() }
+    };
+    // Not an endpoint: knotd answers it directly.
+    assert_eq!(ask("bbc.co.uk").await.status, "NOERROR");
+
+    let file = lab.config.endpoints_dir.clone().unwrap().join("dyn.yaml");
+    std::fs::write(
+        &file,
+        "- {name: dyn, namespace: youssef, labels: {app: test}, cgroup: dyn}\n",
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while ask("bbc.co.uk").await.status != "REFUSED" {
+        assert!(Instant::now() < deadline, "the new pod is not policed");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(ask("cilium.io").await.status, "NOERROR");
+    // The dnsproxy (preferred) knows the pod by name too: the agent's snapshot carried it.
+    let proxy_admin = lab.dnsproxy.as_ref().unwrap().admin;
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        let flows = lab.flows(proxy_admin).await.unwrap();
+        if flows
+            .iter()
+            .any(|flow| flow["endpoint"] == "youssef/dyn" && flow["verdict"] == "denied")
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the dnsproxy never placed the pod: {flows:?}"
+        );
+        ask("bbc.co.uk").await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // The pod's file goes: it is nobody's again, its queries go to knotd.
+    std::fs::remove_file(&file).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while ask("bbc.co.uk").await.status != "NOERROR" {
+        assert!(
+            Instant::now() < deadline,
+            "the removed pod is still policed"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
 async fn the_talk_holds_with_every_agent_down_and_the_caches_converge() {
     if !require_lab() || !warden_tests::require_tools(&["knotd", "dig", "bpftool"]) {
         return;

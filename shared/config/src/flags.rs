@@ -74,6 +74,9 @@ pub struct ConfigOverrides {
     pub dns: DnsOverrides,
     #[arg(long = "policy-dir", value_name = "DIR")]
     pub policy_dir: Option<PathBuf>,
+    /// A folder of endpoint files, watched (added to the config's endpoints).
+    #[arg(long = "endpoints-dir", value_name = "DIR")]
+    pub endpoints_dir: Option<PathBuf>,
     #[arg(long = "admin-listen", value_name = "ADDR")]
     pub admin_listen: Option<SocketAddr>,
     #[arg(long = "state-dir", value_name = "DIR")]
@@ -95,6 +98,9 @@ impl ConfigOverrides {
     pub fn apply(&self, config: &mut AgentConfig) {
         self.dns.apply(&mut config.dns);
         set(&mut config.policy.dir, &self.policy_dir);
+        if self.endpoints_dir.is_some() {
+            config.endpoints_dir = self.endpoints_dir.clone();
+        }
         set(&mut config.admin.listen, &self.admin_listen);
         set(&mut config.state_dir, &self.state_dir);
         set(&mut config.socket, &self.socket);

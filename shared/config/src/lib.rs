@@ -16,6 +16,7 @@ pub use flags::{ConfigOverrides, DnsOverrides, ProxyOverrides};
 pub use schema::{
     AdminConfig, AgentConfig, DEFAULT_SOCKET, DatapathConfig, DatapathMode, DnsConfig,
     EndpointConfig, PolicyConfig, Prefer, ProxyConfig, ProxyDatapathConfig, RejectCode,
+    endpoints_from_yaml, validate_endpoints,
 };
 
 use std::path::Path;

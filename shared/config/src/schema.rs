@@ -16,6 +16,11 @@ pub struct AgentConfig {
     /// Workloads and known servers. A workload is identified by its IPs (and, with the eBPF
     /// datapath, by its cgroup); servers listed here can be selected by `toEndpoints`.
     pub endpoints: Vec<EndpointConfig>,
+    /// A folder of endpoint files (`*.yaml`, `*.yml`, `*.json`, each a list like `endpoints`),
+    /// watched: workloads come and go without a restart (a CNI plugin or a pod watcher writes
+    /// one file per pod). Added to `endpoints`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub endpoints_dir: Option<PathBuf>,
     pub admin: AdminConfig,
     /// Where the FQDN cache (and later the policy snapshot) is persisted across restarts.
     pub state_dir: PathBuf,
@@ -36,6 +41,7 @@ impl Default for AgentConfig {
             dns: DnsConfig::default(),
             policy: PolicyConfig::default(),
             endpoints: Vec::new(),
+            endpoints_dir: None,
             admin: AdminConfig::default(),
             state_dir: PathBuf::from("/var/lib/warden"),
             datapath: DatapathConfig::default(),
@@ -401,6 +407,9 @@ impl AgentConfig {
             }
         };
         absolute(&mut self.policy.dir);
+        if let Some(dir) = &mut self.endpoints_dir {
+            absolute(dir);
+        }
         absolute(&mut self.state_dir);
         absolute(&mut self.socket);
     }
@@ -408,50 +417,68 @@ impl AgentConfig {
     /// Checks what serde cannot: ranges, duplicates, and fields that must not be empty.
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.dns.validate()?;
-        let mut keys = HashSet::new();
-        let mut owners: BTreeMap<IpAddr, String> = BTreeMap::new();
-        for (index, endpoint) in self.endpoints.iter().enumerate() {
-            let field = format!("endpoints[{index}]");
-            if endpoint.name.is_empty() {
-                return Err(ConfigError::invalid(
-                    format!("{field}.name"),
-                    "must not be empty",
-                ));
-            }
-            if !keys.insert(endpoint.key()) {
-                return Err(ConfigError::invalid(
-                    format!("{field}.name"),
-                    format!("endpoint {} is declared twice", endpoint.key()),
-                ));
-            }
-            let v4_targets = endpoint.dns_target.iter().filter(|t| t.is_ipv4()).count();
-            if v4_targets > 1 || endpoint.dns_target.len() - v4_targets > 1 {
-                return Err(ConfigError::invalid(
-                    format!("{field}.dns_target"),
-                    "at most one IPv4 and one IPv6 address",
-                ));
-            }
-            // Compared as the endpoint tables key them: `::ffff:10.0.0.5` is 10.0.0.5 there,
-            // and a second owner would silently take the address over.
-            for ip in &endpoint.ips {
-                let canonical = ip.to_canonical();
-                if let Some(previous) = owners.insert(canonical, endpoint.key()) {
-                    let same = if canonical == *ip {
-                        String::new()
-                    } else {
-                        format!(" (as {canonical})")
-                    };
-                    let message = if previous == endpoint.key() {
-                        format!("{ip}{same} is listed twice")
-                    } else {
-                        format!("{ip}{same} already belongs to endpoint {previous}")
-                    };
-                    return Err(ConfigError::invalid(format!("{field}.ips"), message));
-                }
+        validate_endpoints(&self.endpoints)
+    }
+}
+
+/// Reads an endpoint file of `endpoints_dir`: a list of entries like the config's `endpoints`
+/// (empty text: none).
+pub fn endpoints_from_yaml(text: &str, origin: &Path) -> Result<Vec<EndpointConfig>, ConfigError> {
+    if text.trim().is_empty() {
+        return Ok(Vec::new());
+    }
+    yaml_serde::from_str(text).map_err(|error| ConfigError::Parse {
+        path: origin.to_path_buf(),
+        message: error.to_string(),
+    })
+}
+
+/// What serde cannot check in a list of endpoints: names, duplicate keys, addresses with two
+/// owners, DNS targets.
+pub fn validate_endpoints(endpoints: &[EndpointConfig]) -> Result<(), ConfigError> {
+    let mut keys = HashSet::new();
+    let mut owners: BTreeMap<IpAddr, String> = BTreeMap::new();
+    for (index, endpoint) in endpoints.iter().enumerate() {
+        let field = format!("endpoints[{index}]");
+        if endpoint.name.is_empty() {
+            return Err(ConfigError::invalid(
+                format!("{field}.name"),
+                "must not be empty",
+            ));
+        }
+        if !keys.insert(endpoint.key()) {
+            return Err(ConfigError::invalid(
+                format!("{field}.name"),
+                format!("endpoint {} is declared twice", endpoint.key()),
+            ));
+        }
+        let v4_targets = endpoint.dns_target.iter().filter(|t| t.is_ipv4()).count();
+        if v4_targets > 1 || endpoint.dns_target.len() - v4_targets > 1 {
+            return Err(ConfigError::invalid(
+                format!("{field}.dns_target"),
+                "at most one IPv4 and one IPv6 address",
+            ));
+        }
+        // Compared as the endpoint tables key them: `::ffff:10.0.0.5` is 10.0.0.5 there,
+        // and a second owner would silently take the address over.
+        for ip in &endpoint.ips {
+            let canonical = ip.to_canonical();
+            if let Some(previous) = owners.insert(canonical, endpoint.key()) {
+                let same = if canonical == *ip {
+                    String::new()
+                } else {
+                    format!(" (as {canonical})")
+                };
+                let message = if previous == endpoint.key() {
+                    format!("{ip}{same} is listed twice")
+                } else {
+                    format!("{ip}{same} already belongs to endpoint {previous}")
+                };
+                return Err(ConfigError::invalid(format!("{field}.ips"), message));
             }
         }
-        Ok(())
     }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -154,6 +154,21 @@ impl Enforcement {
         self.generation.load(Ordering::Relaxed)
     }
 
+    /// Replaces the address and ID indexes, keeping the cgroup index (the agent's endpoints
+    /// changed; its reconciler updates the cgroups at its next pass).
+    pub fn set_addresses(&self, addresses: EndpointDirectory) {
+        let mut directory = self
+            .directory
+            .write()
+            .unwrap_or_else(|poison| poison.into_inner());
+        let updated = EndpointDirectory {
+            by_cgroup: directory.by_cgroup.clone(),
+            ..addresses
+        };
+        *directory = Arc::new(updated);
+        self.generation.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// Replaces only the cgroup index (the agent's reconciler learns cgroup ids as it enrolls).
     pub fn set_cgroups(&self, by_cgroup: HashMap<u64, (EndpointId, Arc<str>)>) {
         let mut directory = self

@@ -162,6 +162,10 @@ pub struct PolicyMetrics {
     pub reload_errors: IntCounter,
     /// 1 while the files on disk do not load and an older policy is in force.
     pub reload_failing: IntGauge,
+    /// Endpoints known (the config's and `endpoints_dir`'s).
+    pub endpoints: IntGauge,
+    /// Endpoint files of `endpoints_dir` refused (each new error once).
+    pub endpoint_file_errors: IntCounter,
 }
 
 impl Metrics {
@@ -271,6 +275,16 @@ impl Metrics {
                 &registry,
                 "policy_reload_failing",
                 "1 while the policy files on disk do not load and the last good policy stays in force.",
+            )?,
+            endpoints: gauge(
+                &registry,
+                "endpoints",
+                "Endpoints known: the config's and those of endpoints_dir.",
+            )?,
+            endpoint_file_errors: counter(
+                &registry,
+                "endpoint_file_errors_total",
+                "Endpoint files refused (unreadable, invalid, or clashing with others); what they last held stays.",
             )?,
         };
         let datapath = DatapathMetrics {
