@@ -146,9 +146,20 @@ fn policy_files(path: &Path) -> Result<Vec<PathBuf>, PolicyError> {
             .extension()
             .and_then(|ext| ext.to_str())
             .is_some_and(|ext| POLICY_EXTENSIONS.contains(&ext));
-        // Follows symlinks, so a linked policy file counts (as with ConfigMap mounts).
-        if !hidden && wanted && file.is_file() {
+        if hidden || !wanted {
+            continue;
+        }
+        // Follows symlinks, so a linked policy file counts (as with ConfigMap mounts). A policy
+        // file's name on something else (a folder) is an error, as the agent takes it: the
+        // other files would otherwise validate as a whole they are not. A dangling link is a
+        // removal under way.
+        if file.is_file() {
             files.push(file);
+        } else if file.exists() {
+            return Err(PolicyError::Io {
+                path: file,
+                source: std::io::Error::other("not a regular file"),
+            });
         }
     }
     files.sort();

@@ -396,8 +396,8 @@ fn directories_load_sorted_policy_files_only() {
     write("c.json", &MINIMAL.replace("minimal", "c"));
     write("notes.txt", "not a policy");
     write(".hidden.yaml", "garbage: [");
-    fs::create_dir(dir.path().join("nested.yaml")).unwrap();
-    fs::write(dir.path().join("nested.yaml/d.yaml"), "garbage: [").unwrap();
+    fs::create_dir(dir.path().join("nested")).unwrap();
+    fs::write(dir.path().join("nested/d.yaml"), "garbage: [").unwrap();
 
     let names: Vec<String> = load_path(dir.path())
         .unwrap()
@@ -405,6 +405,11 @@ fn directories_load_sorted_policy_files_only() {
         .map(|p| p.name)
         .collect();
     assert_eq!(names, ["a", "b", "c"]);
+
+    // A policy file's name on a folder is an error, as the agent takes it, not a file less.
+    fs::create_dir(dir.path().join("e.yaml")).unwrap();
+    let error = load_path(dir.path()).unwrap_err();
+    assert!(error.to_string().contains("e.yaml"), "{error}");
 
     let single = load_path(&dir.path().join("b.yaml")).unwrap();
     assert_eq!(single[0].origin, dir.path().join("b.yaml"));
