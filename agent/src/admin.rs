@@ -168,7 +168,11 @@ async fn status(State(state): State<AdminState>) -> Json<InstanceStatus> {
 /// `GET /v1/fqdn/cache[?endpoint=ns/name][&name=PATTERN]`.
 async fn cache(State(state): State<AdminState>, Query(filter): Query<CacheFilter>) -> Response {
     filter
-        .listing(unix_now(), |now| state.cache.entries_sorted(now))
+        .listing(unix_now(), |now, filter| {
+            state
+                .cache
+                .entries_sorted(now, move |endpoint, name| filter.matches(endpoint, name))
+        })
         .await
 }
 

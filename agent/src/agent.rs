@@ -245,6 +245,10 @@ pub async fn start(config: AgentConfig) -> anyhow::Result<RunningAgent> {
         );
         tasks.spawn(async move {
             loop {
+                // The table in force first: a change made before this task subscribed counts
+                // as seen.
+                let table = changes.borrow_and_update().clone();
+                enforcement.set_addresses(table.directory());
                 tokio::select! {
                     _ = shutdown.cancelled() => return Ok(()),
                     changed = changes.changed() => {
@@ -253,8 +257,6 @@ pub async fn start(config: AgentConfig) -> anyhow::Result<RunningAgent> {
                         }
                     }
                 }
-                let table = changes.borrow_and_update().clone();
-                enforcement.set_addresses(table.directory());
             }
         });
     }

@@ -1,27 +1,42 @@
 //! `endpoints_dir`: the node's workloads as files, one or more per file, so that they come and
 //! go without a restart (a CNI plugin or a pod watcher writes a file per pod and removes it).
 //!
-//! Each file is read on its own: one that does not parse or validate, or that declares an
-//! endpoint or an address another file (or the config) already has, is refused with an error
-//! naming it, and what it last held that was good stays in force, so one broken file never
-//! takes the other workloads down with it.
+//! Each file is read on its own, once it has settled (not modified for [`SETTLE`]): one that
+//! does not parse or validate is refused with an error naming it, and what it last held that
+//! was in force stays. Files in force keep what they declare: a changed file whose new
+//! endpoints would take a key or an address declared elsewhere (the config, or a file in force)
+//! keeps its old ones, and a new file that would is left out. What each file holds in force is
+//! saved in `state_dir`, so that an agent restarted while the folder cannot be read, or while
+//! a file is broken, starts with those endpoints rather than without them: a workload missing
+//! from the table is unenrolled, and its traffic passes unpoliced.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::hash::{DefaultHasher, Hash, Hasher};
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
-use warden_config::{EndpointConfig, endpoints_from_yaml, validate_endpoints};
+use warden_config::{ConfigError, EndpointConfig, endpoints_from_yaml, validate_endpoints};
 
 /// File names read: as for policies.
 const EXTENSIONS: &[&str] = &["yaml", "yml", "json"];
 
-/// The folder and what each of its files last held.
+/// A file modified more recently than this may be half-written: it is read at a later pass.
+pub const SETTLE: Duration = Duration::from_millis(100);
+
+/// The file in `state_dir` that keeps what each endpoint file holds in force.
+const SAVED_FILE: &str = "endpoint-files.json";
+
+/// The folder and what each of its files holds.
 #[derive(Debug)]
 pub struct EndpointFiles {
     dir: PathBuf,
-    /// The config's own endpoints, which come first and win every conflict.
+    saved: PathBuf,
+    /// The config's own endpoints, which come first.
     declared: Vec<EndpointConfig>,
     files: BTreeMap<PathBuf, FileState>,
+    /// Why the folder itself could not be read, while it cannot.
+    folder_error: Option<String>,
     /// What the last read put together.
     merged: Vec<EndpointConfig>,
 }
@@ -30,11 +45,13 @@ pub struct EndpointFiles {
 struct FileState {
     /// Of the text last read, good or bad: an unchanged file is not parsed again.
     fingerprint: Option<u64>,
-    /// The endpoints of its last good text, if any.
+    /// The endpoints of its last good text.
     good: Vec<EndpointConfig>,
+    /// What it holds in force (its `good` of an earlier read when the newer clashes).
+    in_force: Vec<EndpointConfig>,
     /// Why its current text is not in force: it does not read, parse or validate.
     invalid: Option<String>,
-    /// Why its good endpoints are left out: they clash with those declared before them.
+    /// Why its good endpoints are not in force: they clash with others.
     conflict: Option<String>,
 }
 
@@ -43,47 +60,97 @@ struct FileState {
 pub struct EndpointRead {
     /// The endpoints now, when they changed.
     pub changed: Option<Vec<EndpointConfig>>,
-    /// Errors first seen in this read, one per file.
+    /// Errors first seen in this read.
     pub new_errors: Vec<String>,
 }
 
 impl EndpointFiles {
-    pub fn new(dir: &Path, declared: &[EndpointConfig]) -> EndpointFiles {
-        EndpointFiles {
+    /// The folder `dir`, starting from what `state_dir` says its files held in force.
+    pub fn new(dir: &Path, state_dir: &Path, declared: &[EndpointConfig]) -> EndpointFiles {
+        let saved = state_dir.join(SAVED_FILE);
+        let mut files = EndpointFiles {
             dir: dir.to_path_buf(),
+            saved,
             declared: declared.to_vec(),
             files: BTreeMap::new(),
-            merged: declared.to_vec(),
+            folder_error: None,
+            merged: Vec::new(),
+        };
+        for (path, endpoints) in files.load_saved() {
+            files.files.insert(
+                path,
+                FileState {
+                    good: endpoints.clone(),
+                    in_force: endpoints,
+                    ..FileState::default()
+                },
+            );
         }
+        let mut ignored = Vec::new();
+        files.merged = files.merge(&mut ignored);
+        files
     }
 
     pub fn dir(&self) -> &Path {
         &self.dir
     }
 
-    /// Files whose text is not in force, with why.
+    /// The endpoints in force: the config's, then the files'.
+    pub fn merged(&self) -> &[EndpointConfig] {
+        &self.merged
+    }
+
+    /// The folder's and the files' errors while they last.
     pub fn errors(&self) -> Vec<String> {
-        self.files
-            .values()
-            .flat_map(|state| state.invalid.iter().chain(&state.conflict).cloned())
+        self.folder_error
+            .iter()
+            .cloned()
+            .chain(
+                self.files
+                    .values()
+                    .flat_map(|state| state.invalid.iter().chain(&state.conflict).cloned()),
+            )
             .collect()
     }
 
-    /// Reads the folder. A folder that cannot be read changes nothing (its files keep what
-    /// they held); a file gone takes its endpoints with it.
+    /// How long until every file was last modified [`SETTLE`] ago, if one was more recently.
+    pub fn unsettled(&self) -> Option<Duration> {
+        let (paths, _) = endpoint_paths(&self.dir).ok()?;
+        unsettled(&paths)
+    }
+
+    /// Reads the folder. A folder that cannot be read, or a file still being written, changes
+    /// nothing; a file gone takes its endpoints with it.
     pub fn read(&mut self) -> EndpointRead {
         let mut read = EndpointRead::default();
-        let paths = match endpoint_paths(&self.dir) {
-            Ok(paths) => paths,
+        let (paths, not_files) = match endpoint_paths(&self.dir) {
+            Ok(listed) => listed,
             Err(error) => {
                 let error = format!("cannot read endpoints_dir {}: {error}", self.dir.display());
-                if !self.errors().contains(&error) {
-                    read.new_errors.push(error);
+                if self.folder_error.as_ref() != Some(&error) {
+                    read.new_errors.push(error.clone());
                 }
+                self.folder_error = Some(error);
                 return read;
             }
         };
-        self.files.retain(|path, _| paths.contains(path));
+        self.folder_error = None;
+        if unsettled(&paths).is_some() {
+            return read;
+        }
+        // A name on something else than a file (a folder) is an error, not a removal: its
+        // endpoints stay.
+        self.files
+            .retain(|path, _| paths.contains(path) || not_files.contains(path));
+        for path in &not_files {
+            let state = self.files.entry(path.clone()).or_default();
+            let error = format!("{}: not a regular file", path.display());
+            if state.invalid.as_ref() != Some(&error) {
+                read.new_errors.push(error.clone());
+            }
+            state.invalid = Some(error);
+            state.fingerprint = None;
+        }
         for path in &paths {
             let text = match std::fs::read_to_string(path) {
                 // Removed between the listing and the read: the next read settles it.
@@ -100,15 +167,7 @@ impl EndpointFiles {
                 continue;
             }
             state.fingerprint = Some(fingerprint);
-            let parsed = text.and_then(|text| {
-                endpoints_from_yaml(&text, path)
-                    .and_then(|endpoints| {
-                        validate_endpoints(&endpoints)?;
-                        Ok(endpoints)
-                    })
-                    .map_err(|error| format!("{}: {error}", path.display()))
-            });
-            match parsed {
+            match text.and_then(|text| parse_file(&text, path)) {
                 Ok(endpoints) => {
                     state.good = endpoints;
                     state.invalid = None;
@@ -123,41 +182,180 @@ impl EndpointFiles {
         if merged != self.merged {
             self.merged = merged.clone();
             read.changed = Some(merged);
+            if let Err(error) = self.save() {
+                tracing::warn!(%error, "cannot save the endpoint files' state in state_dir");
+            }
         }
         read
     }
 
-    /// The config's endpoints, then each file's good ones in name order; a file that would
-    /// declare a key or an address twice is left out whole (with an error).
+    /// The config's endpoints, then each file's in force, in name order. What the files hold
+    /// in force was merged together before, so it stands first; then each changed or new
+    /// file's endpoints take the place of what it held if they clash with nothing else, else
+    /// it keeps what it held.
     fn merge(&mut self, new_errors: &mut Vec<String>) -> Vec<EndpointConfig> {
-        let mut merged = self.declared.clone();
+        let mut conflict = |state: &mut FileState, error: Option<String>| {
+            if let Some(error) = &error
+                && state.conflict.as_ref() != Some(error)
+            {
+                new_errors.push(error.clone());
+            }
+            state.conflict = error;
+        };
+        // Held in force: a clash is possible only with the config's own, after a restart on a
+        // changed config, and the config wins.
+        let mut incumbents = Merged::new(&self.declared);
         for (path, state) in &mut self.files {
-            let mut candidate = merged.clone();
-            candidate.extend(state.good.iter().cloned());
-            match validate_endpoints(&candidate) {
-                Ok(()) => {
-                    merged = candidate;
-                    state.conflict = None;
-                }
-                Err(error) => {
-                    let error = format!(
-                        "{}: conflicts with the endpoints declared before it: {error}",
-                        path.display()
-                    );
-                    if state.conflict.as_ref() != Some(&error) {
-                        new_errors.push(error.clone());
-                    }
-                    state.conflict = Some(error);
+            match incumbents.clash(&state.in_force) {
+                None => incumbents.add_unchecked(&state.in_force),
+                Some(clash) => {
+                    state.in_force.clear();
+                    conflict(state, Some(format!("{}: {clash}", path.display())));
                 }
             }
         }
-        merged
+        let moving: Vec<PathBuf> = self
+            .files
+            .iter()
+            .filter(|(_, state)| state.good != state.in_force)
+            .map(|(path, _)| path.clone())
+            .collect();
+        for path in moving {
+            let mut others = Merged::new(&self.declared);
+            for (other, state) in &self.files {
+                if *other != path {
+                    others.add_unchecked(&state.in_force);
+                }
+            }
+            let Some(state) = self.files.get_mut(&path) else {
+                continue;
+            };
+            match others.clash(&state.good) {
+                None => {
+                    state.in_force.clone_from(&state.good);
+                    conflict(state, None);
+                }
+                Some(clash) => conflict(state, Some(format!("{}: {clash}", path.display()))),
+            }
+        }
+        for state in self.files.values_mut() {
+            if state.good == state.in_force {
+                state.conflict = None;
+            }
+        }
+        self.declared
+            .iter()
+            .chain(self.files.values().flat_map(|state| &state.in_force))
+            .cloned()
+            .collect()
+    }
+
+    fn load_saved(&self) -> Vec<(PathBuf, Vec<EndpointConfig>)> {
+        let text = match std::fs::read_to_string(&self.saved) {
+            Ok(text) => text,
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Vec::new(),
+            Err(error) => {
+                tracing::warn!(%error, file = %self.saved.display(), "cannot read the endpoint files' saved state");
+                return Vec::new();
+            }
+        };
+        match serde_json::from_str::<Vec<(PathBuf, Vec<EndpointConfig>)>>(&text) {
+            // Only this folder's files: the folder may have moved since.
+            Ok(saved) => saved
+                .into_iter()
+                .filter(|(path, endpoints)| {
+                    path.parent() == Some(&self.dir) && !endpoints.is_empty()
+                })
+                .collect(),
+            Err(error) => {
+                let set_aside = warden_state::set_aside(&self.saved);
+                tracing::warn!(%error, set_aside, "the endpoint files' saved state does not decode");
+                Vec::new()
+            }
+        }
+    }
+
+    fn save(&self) -> Result<(), warden_state::StateError> {
+        let saved: Vec<(&PathBuf, &Vec<EndpointConfig>)> = self
+            .files
+            .iter()
+            .filter(|(_, state)| !state.in_force.is_empty())
+            .map(|(path, state)| (path, &state.in_force))
+            .collect();
+        let text = serde_json::to_vec(&saved).unwrap_or_default();
+        warden_state::write_atomically(&self.saved, &text)
     }
 }
 
-/// The endpoint files of a folder, sorted by name; hidden files and others are skipped.
-fn endpoint_paths(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
-    let mut paths = Vec::new();
+/// A file's endpoints, or why not, naming the file once.
+fn parse_file(text: &str, path: &Path) -> Result<Vec<EndpointConfig>, String> {
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+    let named = |error: String| format!("{}: {error}", path.display());
+    warden_policy::check_yaml_text(text).map_err(named)?;
+    let endpoints = endpoints_from_yaml(text, path).map_err(|error| match error {
+        ConfigError::Parse { message, .. } => named(message),
+        other => named(other.to_string()),
+    })?;
+    validate_endpoints(&endpoints).map_err(|error| match error {
+        ConfigError::Invalid { field, message } => named(format!("{field}: {message}")),
+        other => named(other.to_string()),
+    })?;
+    Ok(endpoints)
+}
+
+/// Endpoints put together, with their keys and addresses for the clash checks.
+struct Merged {
+    endpoints: Vec<EndpointConfig>,
+    keys: HashSet<String>,
+    owners: HashMap<IpAddr, String>,
+}
+
+impl Merged {
+    fn new(declared: &[EndpointConfig]) -> Merged {
+        let mut merged = Merged {
+            endpoints: Vec::new(),
+            keys: HashSet::new(),
+            owners: HashMap::new(),
+        };
+        merged.add_unchecked(declared);
+        merged
+    }
+
+    fn add_unchecked(&mut self, endpoints: &[EndpointConfig]) {
+        for endpoint in endpoints {
+            self.keys.insert(endpoint.key());
+            for ip in &endpoint.ips {
+                self.owners.insert(ip.to_canonical(), endpoint.key());
+            }
+            self.endpoints.push(endpoint.clone());
+        }
+    }
+
+    /// Why `endpoints` (valid among themselves) cannot join, if they cannot.
+    fn clash(&self, endpoints: &[EndpointConfig]) -> Option<String> {
+        for (index, endpoint) in endpoints.iter().enumerate() {
+            let key = endpoint.key();
+            if self.keys.contains(&key) {
+                return Some(format!(
+                    "endpoints[{index}]: endpoint {key} is already declared elsewhere"
+                ));
+            }
+            for ip in &endpoint.ips {
+                if let Some(owner) = self.owners.get(&ip.to_canonical()) {
+                    return Some(format!(
+                        "endpoints[{index}].ips: {ip} already belongs to endpoint {owner}"
+                    ));
+                }
+            }
+        }
+        None
+    }
+}
+
+/// The endpoint files of a folder, sorted by name, and the names of such files that are
+/// something else (a folder); hidden files and others are skipped, links followed.
+fn endpoint_paths(dir: &Path) -> std::io::Result<(Vec<PathBuf>, Vec<PathBuf>)> {
+    let (mut paths, mut not_files) = (Vec::new(), Vec::new());
     for entry in std::fs::read_dir(dir)? {
         let path = entry?.path();
         let hidden = path
@@ -168,12 +366,30 @@ fn endpoint_paths(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
             .extension()
             .and_then(|extension| extension.to_str())
             .is_some_and(|extension| EXTENSIONS.contains(&extension));
-        if !hidden && wanted && path.is_file() {
+        if hidden || !wanted {
+            continue;
+        }
+        if path.is_file() {
             paths.push(path);
+        } else if path.exists() {
+            not_files.push(path);
         }
     }
     paths.sort();
-    Ok(paths)
+    Ok((paths, not_files))
+}
+
+/// How long until every one of `paths` was last modified [`SETTLE`] ago, if one was modified
+/// more recently. A time in the future counts as settled: waiting for it could take for ever.
+fn unsettled(paths: &[PathBuf]) -> Option<Duration> {
+    let now = std::time::SystemTime::now();
+    paths
+        .iter()
+        .filter_map(|path| std::fs::metadata(path).ok()?.modified().ok())
+        .filter_map(|modified| now.duration_since(modified).ok())
+        .filter(|age| *age < SETTLE)
+        .map(|age| SETTLE - age)
+        .max()
 }
 
 #[cfg(test)]
@@ -192,72 +408,174 @@ mod tests {
         .unwrap()
     }
 
+    /// Writes a file as settled (modified a second ago).
+    fn write(dir: &Path, name: &str, text: &str) {
+        let path = dir.join(name);
+        std::fs::write(&path, text).unwrap();
+        let file = std::fs::File::options().write(true).open(&path).unwrap();
+        file.set_modified(std::time::SystemTime::now() - Duration::from_secs(1))
+            .unwrap();
+    }
+
+    struct Folder {
+        endpoints: tempfile::TempDir,
+        state: tempfile::TempDir,
+    }
+
+    impl Folder {
+        fn new() -> Folder {
+            Folder {
+                endpoints: tempfile::tempdir().unwrap(),
+                state: tempfile::tempdir().unwrap(),
+            }
+        }
+
+        fn path(&self) -> &Path {
+            self.endpoints.path()
+        }
+
+        fn files(&self, declared: &[EndpointConfig]) -> EndpointFiles {
+            EndpointFiles::new(self.path(), self.state.path(), declared)
+        }
+    }
+
     #[test]
     fn files_add_endpoints_and_take_them_away_when_removed() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut files = EndpointFiles::new(dir.path(), &declared());
+        let folder = Folder::new();
+        let mut files = folder.files(&declared());
         assert!(files.read().changed.is_none());
-        std::fs::write(
-            dir.path().join("pod-a.yaml"),
+        write(
+            folder.path(),
+            "pod-a.yaml",
             "- {name: a, namespace: youssef, labels: {app: test}, ips: [10.0.1.1]}",
-        )
-        .unwrap();
-        std::fs::write(dir.path().join("notes.txt"), "not endpoints").unwrap();
+        );
+        write(folder.path(), "notes.txt", "not endpoints");
         let read = files.read();
         assert_eq!(keys(&read.changed.unwrap()), ["infra/server", "youssef/a"]);
         assert!(read.new_errors.is_empty());
         // Nothing changed, nothing to do.
         assert!(files.read().changed.is_none());
-        std::fs::remove_file(dir.path().join("pod-a.yaml")).unwrap();
+        std::fs::remove_file(folder.path().join("pod-a.yaml")).unwrap();
         assert_eq!(keys(&files.read().changed.unwrap()), ["infra/server"]);
     }
 
     #[test]
+    fn a_file_still_being_written_is_read_later() {
+        let folder = Folder::new();
+        let mut files = folder.files(&[]);
+        std::fs::write(folder.path().join("a.yaml"), "- {name: a}").unwrap();
+        assert!(files.read().changed.is_none(), "read while fresh");
+        std::thread::sleep(SETTLE);
+        assert_eq!(keys(&files.read().changed.unwrap()), ["default/a"]);
+    }
+
+    #[test]
     fn a_broken_file_keeps_what_it_held_and_others_still_change() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut files = EndpointFiles::new(dir.path(), &[]);
-        let a = dir.path().join("a.yaml");
-        std::fs::write(&a, "- {name: a, ips: [10.0.1.1]}").unwrap();
+        let folder = Folder::new();
+        let mut files = folder.files(&[]);
+        write(folder.path(), "a.yaml", "- {name: a, ips: [10.0.1.1]}");
         files.read();
-        std::fs::write(&a, "- {name: a, ips: [not-an-address]}").unwrap();
-        std::fs::write(dir.path().join("b.yaml"), "- {name: b}").unwrap();
+        write(
+            folder.path(),
+            "a.yaml",
+            "- {name: a, ips: [not-an-address]}",
+        );
+        write(folder.path(), "b.yaml", "- {name: b}");
         let read = files.read();
         assert_eq!(keys(&read.changed.unwrap()), ["default/a", "default/b"]);
         assert_eq!(read.new_errors.len(), 1, "{:?}", read.new_errors);
+        let error = &read.new_errors[0];
         assert!(
-            read.new_errors[0].contains("a.yaml"),
-            "{:?}",
-            read.new_errors
+            error.contains("a.yaml") && !error.contains("config file"),
+            "{error}"
         );
         // Said once, not at every read.
         assert!(files.read().new_errors.is_empty());
         assert_eq!(files.errors().len(), 1);
         // Mended: the error goes.
-        std::fs::write(&a, "- {name: a, ips: [10.0.1.2]}").unwrap();
+        write(folder.path(), "a.yaml", "- {name: a, ips: [10.0.1.2]}");
         let read = files.read();
         assert_eq!(read.changed.unwrap()[0].ips[0].to_string(), "10.0.1.2");
         assert!(files.errors().is_empty());
     }
 
     #[test]
-    fn a_file_that_takes_a_declared_key_or_address_is_left_out() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut files = EndpointFiles::new(dir.path(), &declared());
-        std::fs::write(
-            dir.path().join("a.yaml"),
-            "- {name: thief, ips: [10.0.0.1]}\n- {name: fine, ips: [10.0.2.2]}",
-        )
-        .unwrap();
-        std::fs::write(
-            dir.path().join("b.yaml"),
+    fn files_in_force_keep_their_endpoints_against_clashing_newcomers_and_edits() {
+        let folder = Folder::new();
+        let mut files = folder.files(&declared());
+        write(folder.path(), "b.yaml", "- {name: b, ips: [10.0.2.2]}");
+        files.read();
+        // A newcomer sorted before b that takes b's address is left out, not b.
+        write(folder.path(), "a.yaml", "- {name: thief, ips: [10.0.2.2]}");
+        // A newcomer taking the config's key is left out too.
+        write(
+            folder.path(),
+            "c.yaml",
             "- {name: server, namespace: infra}",
-        )
-        .unwrap();
-        std::fs::write(dir.path().join("c.yaml"), "- {name: c}").unwrap();
+        );
         let read = files.read();
-        assert_eq!(keys(&read.changed.unwrap()), ["infra/server", "default/c"]);
+        assert!(read.changed.is_none(), "{:?}", read.changed);
         assert_eq!(read.new_errors.len(), 2, "{:?}", read.new_errors);
-        assert!(read.new_errors[0].contains("10.0.0.1 already belongs to endpoint infra/server"));
-        assert!(read.new_errors[1].contains("declared twice"));
+        assert!(read.new_errors[0].contains("10.0.2.2 already belongs to endpoint default/b"));
+        assert!(read.new_errors[1].contains("already declared"));
+        // b edited to take the config's address keeps its old endpoints.
+        write(folder.path(), "b.yaml", "- {name: b, ips: [10.0.0.1]}");
+        files.read();
+        assert_eq!(keys(files.merged()), ["infra/server", "default/b"]);
+        assert_eq!(files.merged()[1].ips[0].to_string(), "10.0.2.2");
+    }
+
+    #[test]
+    fn a_restart_starts_from_what_the_files_held_in_force() {
+        let folder = Folder::new();
+        let mut files = folder.files(&[]);
+        write(folder.path(), "a.yaml", "- {name: a, ips: [10.0.1.1]}");
+        files.read();
+        // Broken, then the agent restarts: a still holds its endpoint.
+        write(folder.path(), "a.yaml", "- {name: a, ips: [broken]}");
+        let mut restarted = folder.files(&[]);
+        assert_eq!(keys(restarted.merged()), ["default/a"]);
+        assert!(restarted.read().changed.is_none());
+        // And while the folder cannot be read at all.
+        let moved = folder.path().with_extension("away");
+        std::fs::rename(folder.path(), &moved).unwrap();
+        let mut unreadable = folder.files(&[]);
+        assert_eq!(keys(unreadable.merged()), ["default/a"]);
+        let read = unreadable.read();
+        assert!(read.changed.is_none());
+        assert_eq!(read.new_errors.len(), 1);
+        assert!(unreadable.read().new_errors.is_empty(), "said once");
+        std::fs::rename(&moved, folder.path()).unwrap();
+    }
+
+    #[test]
+    fn a_folder_in_place_of_a_file_keeps_its_endpoints() {
+        let folder = Folder::new();
+        let mut files = folder.files(&[]);
+        write(folder.path(), "a.yaml", "- {name: a}");
+        files.read();
+        std::fs::remove_file(folder.path().join("a.yaml")).unwrap();
+        std::fs::create_dir(folder.path().join("a.yaml")).unwrap();
+        let read = files.read();
+        assert!(read.changed.is_none());
+        assert!(
+            read.new_errors[0].contains("not a regular file"),
+            "{:?}",
+            read.new_errors
+        );
+    }
+
+    #[test]
+    fn aliases_are_refused() {
+        let folder = Folder::new();
+        let mut files = folder.files(&[]);
+        write(folder.path(), "a.yaml", "- &a {name: a}\n- *a\n");
+        let read = files.read();
+        assert!(read.changed.is_none());
+        assert!(
+            read.new_errors[0].contains("a.yaml"),
+            "{:?}",
+            read.new_errors
+        );
     }
 }

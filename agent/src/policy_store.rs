@@ -102,25 +102,38 @@ impl PolicyStore {
         endpoints_dir: Option<&Path>,
         metrics: PolicyMetrics,
     ) -> Arc<PolicyStore> {
+        // What the files held in force when the agent stopped, until they are read.
+        let endpoint_files = endpoints_dir
+            .map(|endpoints_dir| EndpointFiles::new(endpoints_dir, state_dir, declared));
+        let initial = endpoint_files
+            .as_ref()
+            .map_or(declared, |files| files.merged());
         metrics
             .endpoints
-            .set(i64::try_from(declared.len()).unwrap_or(i64::MAX));
+            .set(i64::try_from(initial.len()).unwrap_or(i64::MAX));
         let store = Arc::new(PolicyStore {
             dir: dir.to_path_buf(),
             last_good_dir: state_dir.join("last-good-policies"),
             endpoints: tokio::sync::watch::Sender::new(Arc::new(EndpointTable::from_config(
-                declared,
+                initial,
             ))),
-            endpoint_files: endpoints_dir
-                .map(|endpoints_dir| Mutex::new(EndpointFiles::new(endpoints_dir, declared))),
+            endpoint_files: endpoint_files.map(Mutex::new),
             current: RwLock::new(Arc::new(PolicyRepository::empty())),
             status: Mutex::new(StoreState::default()),
             metrics,
             revisions: tokio::sync::watch::Sender::new(0),
             folder_reads: AtomicU64::new(0),
         });
-        store.reload_endpoints();
         // A file written just before the start is read once it has settled, not half-written.
+        if let Some(wait) = store.endpoint_files.as_ref().and_then(|files| {
+            files
+                .lock()
+                .unwrap_or_else(|poison| poison.into_inner())
+                .unsettled()
+        }) {
+            std::thread::sleep(wait);
+        }
+        store.reload_endpoints();
         if let Some(wait) = policy_paths(&store.dir)
             .ok()
             .and_then(|paths| unsettled(&paths))
@@ -200,11 +213,12 @@ impl PolicyStore {
         self.metrics
             .endpoints
             .set(i64::try_from(endpoints.len()).unwrap_or(i64::MAX));
-        // Under the state's lock: a policy install in between would compile for the old
-        // endpoints.
+        // Under the state's lock, as an install: one in between would compile for the other
+        // table. The table is published after the policy compiled for it: whoever reads the
+        // table first (the reconciler) then finds a policy that knows its endpoints.
         let mut state = self.state();
-        self.endpoints.send_replace(table.clone());
         if state.status.revision == 0 {
+            self.endpoints.send_replace(table);
             tracing::info!(endpoints = endpoints.len(), "endpoints changed");
             return true;
         }
@@ -213,6 +227,7 @@ impl PolicyStore {
             Err(error) => {
                 // The files in force loaded before; this cannot happen short of a bug.
                 tracing::error!(%error, "the policy in force does not load again");
+                self.endpoints.send_replace(table);
                 return true;
             }
         };
@@ -222,6 +237,7 @@ impl PolicyStore {
             .current
             .write()
             .unwrap_or_else(|poison| poison.into_inner()) = Arc::new(repository);
+        self.endpoints.send_replace(table);
         state.status.revision += 1;
         self.revisions.send_replace(state.status.revision);
         self.metrics.revision.set(gauge(state.status.revision));
@@ -294,13 +310,14 @@ impl PolicyStore {
         for warning in policies.iter().flat_map(warden_enforce::datapath_warnings) {
             tracing::warn!(%warning, "policy not enforceable as written");
         }
+        // Under the state's lock, as an endpoints change: the table cannot change meanwhile.
+        let mut state = self.state();
         let repository = PolicyRepository::build(policies, self.endpoints().infos());
         let selectors = repository.selector_count();
         *self
             .current
             .write()
             .unwrap_or_else(|poison| poison.into_inner()) = Arc::new(repository);
-        let mut state = self.state();
         state.files = Arc::new(files);
         state.status.revision += 1;
         self.revisions.send_replace(state.status.revision);

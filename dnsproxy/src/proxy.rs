@@ -536,7 +536,11 @@ fn admin_router(state: AdminState, metrics: Metrics, flows: Arc<FlowLog>) -> Rou
             get(
                 |State(state): State<AdminState>, Query(filter): Query<CacheFilter>| async move {
                     filter
-                        .listing(unix_now(), |now| state.cache.entries_sorted(now))
+                        .listing(unix_now(), |now, filter| {
+                            state.cache.entries_sorted(now, move |endpoint, name| {
+                                filter.matches(endpoint, name)
+                            })
+                        })
                         .await
                 },
             ),

@@ -18,6 +18,18 @@ use crate::model::{API_VERSION, FieldProblem, Policy, PolicyDocument, PolicyKind
 /// Extensions of the files [`load_path`] reads from a directory.
 const POLICY_EXTENSIONS: [&str; 3] = ["yaml", "yml", "json"];
 
+/// The bound policy files are held to before anything decodes them (no aliases, at most a
+/// million nodes and 16 MiB of scalars; see `node_budget`), for other YAML the agent reads
+/// from outside: endpoint files. The error says where and what.
+pub fn check_yaml_text(text: &str) -> Result<(), String> {
+    node_budget::check_text(text, MAX_NODES, MAX_SCALAR_BYTES).map_err(|(location, message)| {
+        match location {
+            Some(location) => format!("{}:{}: {message}", location.line, location.column),
+            None => message,
+        }
+    })
+}
+
 /// Parses every policy in `text`, a stream of YAML documents separated by `---`. Empty documents
 /// are skipped; anything else must be a CiliumNetworkPolicy or CiliumClusterwideNetworkPolicy.
 /// `origin` names the text in errors and in [`Policy::origin`].

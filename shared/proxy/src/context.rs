@@ -187,6 +187,16 @@ impl SharedCache {
     /// compaction under way renumbers the pairs and starts the copy over; should compactions
     /// keep coming, the last try copies in one hold.
     pub fn entries_unordered(&self, now: UnixTime) -> Vec<CacheEntry> {
+        self.entries_matching(now, |_, _| true)
+    }
+
+    /// [`Self::entries_unordered`] of the (endpoint, name) pairs `wanted` holds for, filtered
+    /// chunk by chunk: a listing of a few names of a large cache never copies it whole.
+    pub fn entries_matching(
+        &self,
+        now: UnixTime,
+        mut wanted: impl FnMut(&str, &str) -> bool,
+    ) -> Vec<CacheEntry> {
         let mut entries = Vec::new();
         self.walk_in_chunks(
             |cache, from| cache.entries_chunk(now, from, COPY_CHUNK),
@@ -194,7 +204,11 @@ impl SharedCache {
                 if first {
                     entries.clear();
                 }
-                entries.extend(chunk);
+                entries.extend(
+                    chunk
+                        .into_iter()
+                        .filter(|entry| wanted(&entry.endpoint, &entry.name)),
+                );
             },
         );
         entries
@@ -221,9 +235,13 @@ impl SharedCache {
     /// entries). Fails if that thread panicked or the runtime is shutting down.
     ///
     /// [`entries_unordered`]: Self::entries_unordered
-    pub async fn entries_sorted(&self, now: UnixTime) -> Result<Vec<CacheEntry>, String> {
+    pub async fn entries_sorted(
+        &self,
+        now: UnixTime,
+        wanted: impl FnMut(&str, &str) -> bool + Send + 'static,
+    ) -> Result<Vec<CacheEntry>, String> {
         self.off_runtime(move |cache| {
-            let mut entries = cache.entries_unordered(now);
+            let mut entries = cache.entries_matching(now, wanted);
             warden_fqdn::sort_entries(&mut entries);
             entries
         })
@@ -433,7 +451,21 @@ mod tests {
     async fn a_sorted_copy_off_the_runtime_is_the_whole_cache_in_order() {
         let cache = filled(COPY_CHUNK + 5, |_| 60);
         let whole = cache.entries(NOW);
-        assert_eq!(SharedCache::new(cache).entries_sorted(NOW).await, Ok(whole));
+        let shared = SharedCache::new(cache);
+        assert_eq!(
+            shared.entries_sorted(NOW, |_, _| true).await,
+            Ok(whole.clone())
+        );
+        // A filtered copy holds what passes, from every chunk.
+        let wanted = |name: &str| name.ends_with("3.example.");
+        let some: Vec<_> = whole.into_iter().filter(|e| wanted(&e.name)).collect();
+        assert!(some.len() > 1);
+        assert_eq!(
+            shared
+                .entries_sorted(NOW, move |_, name| wanted(name))
+                .await,
+            Ok(some)
+        );
     }
 
     #[test]

@@ -142,27 +142,66 @@ impl CacheFilter {
     }
 }
 
+/// Rows per piece of a streamed `GET /v1/fqdn/cache` body.
+const ROWS_PER_PIECE: usize = 1024;
+
 impl CacheFilter {
-    /// The answer to `GET /v1/fqdn/cache`, the same in both processes: the rows of the cache's
-    /// `entries` at `now` that pass, 400 for a name pattern that does not parse (the cache is
-    /// not read then), or 500 with the text `entries` failed with.
+    /// The answer to `GET /v1/fqdn/cache`, the same in both processes: the rows of the cache
+    /// entries at `now` that pass, 400 for a name pattern that does not parse (the cache is
+    /// not read then), or 500 with the text `entries` failed with. `entries` is given the
+    /// filter, to copy only what passes; the JSON array is written out a thousand rows at a
+    /// time as the client reads it, not built whole (a million entries are some 200 MB).
     pub async fn listing<Fut>(
         &self,
         now: warden_fqdn::UnixTime,
-        entries: impl FnOnce(warden_fqdn::UnixTime) -> Fut,
+        entries: impl FnOnce(warden_fqdn::UnixTime, CompiledCacheFilter) -> Fut,
     ) -> axum::response::Response
     where
         Fut: Future<Output = Result<Vec<warden_fqdn::CacheEntry>, String>>,
     {
-        use axum::http::StatusCode;
+        use axum::http::{StatusCode, header};
         use axum::response::IntoResponse;
-        match self.compile() {
-            Ok(filter) => match entries(now).await {
-                Ok(entries) => axum::Json(filter.rows(entries, now)).into_response(),
-                Err(message) => (StatusCode::INTERNAL_SERVER_ERROR, message).into_response(),
-            },
-            Err(message) => (StatusCode::BAD_REQUEST, message).into_response(),
-        }
+        let filter = match self.compile() {
+            Ok(filter) => filter,
+            Err(message) => return (StatusCode::BAD_REQUEST, message).into_response(),
+        };
+        let entries = match entries(now, filter.clone()).await {
+            Ok(entries) => entries,
+            Err(message) => return (StatusCode::INTERNAL_SERVER_ERROR, message).into_response(),
+        };
+        let mut rows = entries
+            .into_iter()
+            .filter(move |entry| filter.matches(&entry.endpoint, &entry.name))
+            .map(move |entry| CacheRow::from_entry(entry, now));
+        let mut opened = false;
+        let mut closed = false;
+        let pieces = std::iter::from_fn(move || {
+            if closed {
+                return None;
+            }
+            let mut piece = Vec::with_capacity(ROWS_PER_PIECE * 256);
+            for _ in 0..ROWS_PER_PIECE {
+                let Some(row) = rows.next() else {
+                    closed = true;
+                    break;
+                };
+                piece.push(if opened { b',' } else { b'[' });
+                opened = true;
+                // Writing a row into memory cannot fail: its fields are plain data.
+                let _ = serde_json::to_writer(&mut piece, &row);
+            }
+            if closed {
+                piece.extend_from_slice(if opened { b"]" } else { b"[]" });
+            }
+            Some(Ok::<_, std::convert::Infallible>(axum::body::Bytes::from(
+                piece,
+            )))
+        });
+        (
+            [(header::CONTENT_TYPE, "application/json")],
+            axum::body::Body::from_stream(futures_util::stream::iter(pieces)),
+        )
+            .into_response()
     }
 }
 
@@ -206,6 +245,13 @@ mod tests {
         }
     }
 
+    async fn body_rows(response: axum::response::Response) -> Vec<CacheRow> {
+        let bytes = axum::body::to_bytes(response.into_body(), usize::MAX)
+            .await
+            .unwrap();
+        serde_json::from_slice(&bytes).unwrap()
+    }
+
     #[tokio::test]
     async fn a_listing_filters_rows_and_refuses_a_bad_pattern() {
         let now = UnixTime(1_000);
@@ -214,7 +260,7 @@ mod tests {
             name: Some("*.cilium.io".into()),
         };
         let listed = filter
-            .listing(now, |_| async {
+            .listing(now, |_, _| async {
                 Ok(vec![
                     entry("default/a", "www.cilium.io."),
                     entry("default/a", "bbc.co.uk."),
@@ -222,8 +268,11 @@ mod tests {
             })
             .await;
         assert_eq!(listed.status(), StatusCode::OK);
+        let rows = body_rows(listed).await;
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0].name, "www.cilium.io.");
         let failed = filter
-            .listing(now, |_| async { Err("the copy failed\n".to_owned()) })
+            .listing(now, |_, _| async { Err("the copy failed\n".to_owned()) })
             .await;
         assert_eq!(failed.status(), StatusCode::INTERNAL_SERVER_ERROR);
         let compiled = filter.compile().unwrap();
@@ -236,12 +285,38 @@ mod tests {
         };
         let mut asked = false;
         let refused = bad
-            .listing(now, |_| {
+            .listing(now, |_, _| {
                 asked = true;
                 async { Ok(Vec::new()) }
             })
             .await;
         assert_eq!(refused.status(), StatusCode::BAD_REQUEST);
         assert!(!asked, "a refused filter does not read the cache");
+    }
+
+    #[tokio::test]
+    async fn a_streamed_listing_is_one_json_array_whatever_its_length() {
+        let now = UnixTime(1_000);
+        let everything = CacheFilter::default();
+        for count in [
+            0,
+            1,
+            ROWS_PER_PIECE,
+            ROWS_PER_PIECE + 1,
+            3 * ROWS_PER_PIECE + 7,
+        ] {
+            let listed = everything
+                .listing(now, |_, _| async move {
+                    Ok((0..count)
+                        .map(|i| entry("default/a", &format!("n{i}.example.")))
+                        .collect())
+                })
+                .await;
+            let rows = body_rows(listed).await;
+            assert_eq!(rows.len(), count);
+            if count > 0 {
+                assert_eq!(rows[count - 1].name, format!("n{}.example.", count - 1));
+            }
+        }
     }
 }
