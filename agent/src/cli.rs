@@ -1146,7 +1146,7 @@ fn client() -> Client<HttpConnector, Empty<Bytes>> {
 }
 
 fn admin_uri(base: &str, path: &str) -> anyhow::Result<hyper::Uri> {
-    let trimmed = base.trim_end_matches('/');
+    let trimmed = bracket_ipv6(base.trim_end_matches('/'));
     let uri: hyper::Uri = format!("{trimmed}{path}")
         .parse()
         .with_context(|| format!("bad admin URL {base:?}"))?;
@@ -1154,6 +1154,19 @@ fn admin_uri(base: &str, path: &str) -> anyhow::Result<hyper::Uri> {
         bail!("an admin URL must be http://HOST:PORT, got {base:?}");
     }
     Ok(uri)
+}
+
+/// `http://IPV6:PORT` as Kubernetes writes `http://$(HOST_IP):9890` for an IPv6 node, with the
+/// brackets a URL needs; anything else as given.
+fn bracket_ipv6(base: &str) -> String {
+    if let Some(authority) = base.strip_prefix("http://")
+        && let Some((host, port)) = authority.rsplit_once(':')
+        && host.parse::<std::net::Ipv6Addr>().is_ok()
+        && port.parse::<u16>().is_ok()
+    {
+        return format!("http://[{host}]:{port}");
+    }
+    base.to_owned()
 }
 
 async fn get(base: &str, path: &str) -> anyhow::Result<String> {
@@ -1234,6 +1247,22 @@ fn encode(value: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_unbracketed_ipv6_admin_url_is_bracketed() {
+        assert_eq!(
+            admin_uri("http://fd00::1:9890", "/v1/status").unwrap(),
+            "http://[fd00::1]:9890/v1/status"
+        );
+        assert_eq!(
+            admin_uri("http://[fd00::1]:9890/", "/metrics").unwrap(),
+            "http://[fd00::1]:9890/metrics"
+        );
+        assert_eq!(
+            admin_uri("http://10.0.0.1:9890", "/readyz").unwrap(),
+            "http://10.0.0.1:9890/readyz"
+        );
+    }
     use warden_telemetry::Verdict;
 
     /// `--since 18446744073709552` wrapped in release builds (no overflow checks) to a moment

@@ -77,7 +77,7 @@ pub struct ConfigOverrides {
     /// A folder of endpoint files, watched (added to the config's endpoints).
     #[arg(long = "endpoints-dir", value_name = "DIR")]
     pub endpoints_dir: Option<PathBuf>,
-    #[arg(long = "admin-listen", value_name = "ADDR")]
+    #[arg(long = "admin-listen", value_name = "ADDR", value_parser = listen_address)]
     pub admin_listen: Option<SocketAddr>,
     #[arg(long = "state-dir", value_name = "DIR")]
     pub state_dir: Option<PathBuf>,
@@ -123,7 +123,7 @@ pub struct ProxyOverrides {
     /// The agent's Unix socket.
     #[arg(long = "socket", value_name = "PATH")]
     pub socket: Option<PathBuf>,
-    #[arg(long = "admin-listen", value_name = "ADDR")]
+    #[arg(long = "admin-listen", value_name = "ADDR", value_parser = listen_address)]
     pub admin_listen: Option<SocketAddr>,
     #[arg(long = "state-dir", value_name = "DIR")]
     pub state_dir: Option<PathBuf>,
@@ -142,6 +142,19 @@ impl ProxyOverrides {
         set(&mut config.datapath.bpffs, &self.datapath_bpffs);
         set(&mut config.journal_max, &self.journal_max);
     }
+}
+
+/// `IP:PORT`, IPv6 in brackets or, as Kubernetes substitutes a node's address into
+/// `--admin-listen=$(HOST_IP):9890`, without them: the port is what follows the last colon.
+fn listen_address(text: &str) -> Result<SocketAddr, String> {
+    if let Ok(address) = text.parse() {
+        return Ok(address);
+    }
+    let bad = || format!("{text:?} is not IP:PORT (e.g. 10.0.0.1:9890, [fd00::1]:9890)");
+    let (ip, port) = text.rsplit_once(':').ok_or_else(bad)?;
+    let ip: std::net::Ipv6Addr = ip.parse().map_err(|_| bad())?;
+    let port: u16 = port.parse().map_err(|_| bad())?;
+    Ok(SocketAddr::from((ip, port)))
 }
 
 #[cfg(test)]
@@ -181,5 +194,19 @@ mod tests {
             config.dns.upstream_timeout_ms, 2000,
             "untouched fields keep their value"
         );
+    }
+
+    #[test]
+    fn a_listen_address_takes_ipv6_with_or_without_brackets() {
+        assert_eq!(
+            listen_address("10.0.0.1:9890"),
+            Ok("10.0.0.1:9890".parse().unwrap())
+        );
+        let v6: SocketAddr = "[fd00::1]:9890".parse().unwrap();
+        assert_eq!(listen_address("[fd00::1]:9890"), Ok(v6));
+        assert_eq!(listen_address("fd00::1:9890"), Ok(v6));
+        assert!(listen_address("fd00::1").is_err());
+        assert!(listen_address("10.0.0.1").is_err());
+        assert!(listen_address("host:9890").is_err());
     }
 }
