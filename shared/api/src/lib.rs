@@ -107,22 +107,21 @@ pub fn merge_mappings(
         tracing::warn!(%error, "mappings from the peer skipped");
     }
     let now = warden_proxy::unix_now();
-    let mut cache = cache.lock();
-    let limits = cache.limits();
-    for mapping in &checked {
+    let limits = cache.lock().limits();
+    let addresses = checked
+        .iter()
+        .flat_map(|mapping| mapping.ips.iter().map(move |ip| (mapping, *ip)));
+    cache.for_each_in_chunks(addresses, |cache, (mapping, ip)| {
         // A peer configured with a longer (or no) `max_ttl` does not lengthen ours.
         let expires_at = limits.bounded_expiry(now, mapping.expires_at);
-        for ip in &mapping.ips {
-            cache.insert_entry(
-                &mapping.endpoint,
-                mapping.name.as_str(),
-                *ip,
-                expires_at,
-                Source::Lookup,
-            );
-        }
-    }
-    drop(cache);
+        cache.insert_entry(
+            &mapping.endpoint,
+            mapping.name.as_str(),
+            ip,
+            expires_at,
+            Source::Lookup,
+        );
+    });
     metrics.mappings_received.inc_by(checked.len() as u64);
     checked.len()
 }

@@ -230,6 +230,24 @@ impl SharedCache {
         matched
     }
 
+    /// `work` on each of `items` under the lock, handing the lock to a waiting answer (a fair
+    /// unlock) after every [`COPY_CHUNK`] of them: a peer's batch of mappings can hold tens of
+    /// thousands of addresses, and the DNS path waits for this lock.
+    pub fn for_each_in_chunks<T>(
+        &self,
+        items: impl IntoIterator<Item = T>,
+        mut work: impl FnMut(&mut DnsCache, T),
+    ) {
+        let chunk = usize::try_from(COPY_CHUNK).unwrap_or(usize::MAX);
+        let mut cache = self.lock();
+        for (done, item) in items.into_iter().enumerate() {
+            if done > 0 && done % chunk == 0 {
+                MutexGuard::bump(&mut cache);
+            }
+            work(&mut cache, item);
+        }
+    }
+
     /// Every unexpired entry, sorted (an admin listing): [`entries_unordered`], then sorted, on
     /// a blocking thread rather than a runtime worker (hundreds of ms of CPU at a million
     /// entries). Fails if that thread panicked or the runtime is shutting down.
@@ -445,6 +463,34 @@ mod tests {
         let later = UnixTime(NOW.0 + 300);
         assert_eq!(shared.gc(later), 0);
         assert_eq!(shared.lock().entries(later).len(), ips.len());
+    }
+
+    #[test]
+    fn a_long_run_of_work_hands_the_lock_to_a_waiting_answer_between_chunks() {
+        let shared = SharedCache::new(DnsCache::default());
+        let chunk = COPY_CHUNK as usize;
+        let answered = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let mut waiter = None;
+        let mut seen = 0;
+        shared.for_each_in_chunks(0..2 * chunk, |_, item| {
+            seen += 1;
+            if item == 0 {
+                let (shared, answered) = (shared.clone(), answered.clone());
+                waiter = Some(std::thread::spawn(move || {
+                    let _cache = shared.lock();
+                    answered.store(true, std::sync::atomic::Ordering::SeqCst);
+                }));
+            }
+            if item == chunk - 1 {
+                // Time for the waiter to queue on the lock.
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            if item == chunk {
+                assert!(answered.load(std::sync::atomic::Ordering::SeqCst));
+            }
+        });
+        assert_eq!(seen, 2 * chunk);
+        waiter.unwrap().join().unwrap();
     }
 
     #[tokio::test]
