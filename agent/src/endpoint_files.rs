@@ -39,6 +39,8 @@ pub struct EndpointFiles {
     folder_error: Option<String>,
     /// What the last read put together.
     merged: Vec<EndpointConfig>,
+    /// What was last written to `saved` (`None`: nothing yet in this run).
+    last_saved: Option<Vec<u8>>,
 }
 
 #[derive(Debug, Default)]
@@ -75,6 +77,7 @@ impl EndpointFiles {
             files: BTreeMap::new(),
             folder_error: None,
             merged: Vec::new(),
+            last_saved: None,
         };
         for (path, endpoints) in files.load_saved() {
             files.files.insert(
@@ -88,6 +91,10 @@ impl EndpointFiles {
         }
         let mut ignored = Vec::new();
         files.merged = files.merge(&mut ignored);
+        // Said at the first read, which meets them again.
+        for state in files.files.values_mut() {
+            state.conflict = None;
+        }
         files
     }
 
@@ -135,9 +142,6 @@ impl EndpointFiles {
             }
         };
         self.folder_error = None;
-        if unsettled(&paths).is_some() {
-            return read;
-        }
         // A name on something else than a file (a folder) is an error, not a removal: its
         // endpoints stay.
         self.files
@@ -152,6 +156,11 @@ impl EndpointFiles {
             state.fingerprint = None;
         }
         for path in &paths {
+            // Still being written (it could read as fewer endpoints): it keeps what it holds
+            // until a later read.
+            if unsettled(std::slice::from_ref(path)).is_some() {
+                continue;
+            }
             let text = match std::fs::read_to_string(path) {
                 // Removed between the listing and the read: the next read settles it.
                 Err(error) if error.kind() == std::io::ErrorKind::NotFound => continue,
@@ -175,16 +184,19 @@ impl EndpointFiles {
                 Err(error) => {
                     read.new_errors.push(error.clone());
                     state.invalid = Some(error);
+                    // What it holds in force stays, not a later text that clashed: the file
+                    // holds neither now.
+                    state.good.clone_from(&state.in_force);
                 }
             }
         }
         let merged = self.merge(&mut read.new_errors);
+        if let Err(error) = self.save() {
+            tracing::warn!(%error, "cannot save the endpoint files' state in state_dir");
+        }
         if merged != self.merged {
             self.merged = merged.clone();
             read.changed = Some(merged);
-            if let Err(error) = self.save() {
-                tracing::warn!(%error, "cannot save the endpoint files' state in state_dir");
-            }
         }
         read
     }
@@ -214,6 +226,36 @@ impl EndpointFiles {
                 }
             }
         }
+        // Until nothing more can be granted: a file that gives up an endpoint or an address
+        // may be checked after one that takes it over, in the same read.
+        loop {
+            let mut granted = false;
+            let moving: Vec<PathBuf> = self
+                .files
+                .iter()
+                .filter(|(_, state)| state.good != state.in_force)
+                .map(|(path, _)| path.clone())
+                .collect();
+            for path in moving {
+                let mut others = Merged::new(&self.declared);
+                for (other, state) in &self.files {
+                    if *other != path {
+                        others.add_unchecked(&state.in_force);
+                    }
+                }
+                if let Some(state) = self.files.get_mut(&path)
+                    && others.clash(&state.good).is_none()
+                {
+                    state.in_force.clone_from(&state.good);
+                    conflict(state, None);
+                    granted = true;
+                }
+            }
+            if !granted {
+                break;
+            }
+        }
+        // What still clashes keeps what it holds, and says why.
         let moving: Vec<PathBuf> = self
             .files
             .iter()
@@ -227,15 +269,10 @@ impl EndpointFiles {
                     others.add_unchecked(&state.in_force);
                 }
             }
-            let Some(state) = self.files.get_mut(&path) else {
-                continue;
-            };
-            match others.clash(&state.good) {
-                None => {
-                    state.in_force.clone_from(&state.good);
-                    conflict(state, None);
-                }
-                Some(clash) => conflict(state, Some(format!("{}: {clash}", path.display()))),
+            if let Some(state) = self.files.get_mut(&path)
+                && let Some(clash) = others.clash(&state.good)
+            {
+                conflict(state, Some(format!("{}: {clash}", path.display())));
             }
         }
         for state in self.files.values_mut() {
@@ -275,7 +312,8 @@ impl EndpointFiles {
         }
     }
 
-    fn save(&self) -> Result<(), warden_state::StateError> {
+    /// Writes what each file holds in force, when that changed since the last write.
+    fn save(&mut self) -> Result<(), warden_state::StateError> {
         let saved: Vec<(&PathBuf, &Vec<EndpointConfig>)> = self
             .files
             .iter()
@@ -283,7 +321,12 @@ impl EndpointFiles {
             .map(|(path, state)| (path, &state.in_force))
             .collect();
         let text = serde_json::to_vec(&saved).unwrap_or_default();
-        warden_state::write_atomically(&self.saved, &text)
+        if self.last_saved.as_ref() == Some(&text) {
+            return Ok(());
+        }
+        warden_state::write_atomically(&self.saved, &text)?;
+        self.last_saved = Some(text);
+        Ok(())
     }
 }
 
@@ -523,6 +566,52 @@ mod tests {
         files.read();
         assert_eq!(keys(files.merged()), ["infra/server", "default/b"]);
         assert_eq!(files.merged()[1].ips[0].to_string(), "10.0.2.2");
+    }
+
+    #[test]
+    fn an_endpoint_moving_to_an_earlier_file_in_one_read_stays_in_force() {
+        let folder = Folder::new();
+        let mut files = folder.files(&[]);
+        write(
+            folder.path(),
+            "1.yaml",
+            "- {name: x, ips: [10.0.3.3]}\n- {name: y}",
+        );
+        files.read();
+        write(folder.path(), "1.yaml", "- {name: y}");
+        write(folder.path(), "0.yaml", "- {name: x, ips: [10.0.3.3]}");
+        let read = files.read();
+        assert!(read.new_errors.is_empty(), "{:?}", read.new_errors);
+        // The same endpoints, now from two files: no change to publish.
+        assert!(read.changed.is_none(), "{:?}", read.changed);
+        assert_eq!(keys(files.merged()), ["default/x", "default/y"]);
+    }
+
+    #[test]
+    fn a_file_being_written_holds_back_no_other() {
+        let folder = Folder::new();
+        let mut files = folder.files(&[]);
+        write(folder.path(), "a.yaml", "- {name: a}");
+        std::fs::write(folder.path().join("busy.yaml"), "- {name: busy}").unwrap();
+        assert_eq!(keys(&files.read().changed.unwrap()), ["default/a"]);
+    }
+
+    #[test]
+    fn a_restart_on_a_config_that_took_a_files_address_says_so() {
+        let folder = Folder::new();
+        let mut files = folder.files(&[]);
+        write(folder.path(), "a.yaml", "- {name: a, ips: [10.0.0.1]}");
+        files.read();
+        // The config now declares that address: the config wins, and the first read says so.
+        let mut restarted = folder.files(&declared());
+        assert_eq!(keys(restarted.merged()), ["infra/server"]);
+        let read = restarted.read();
+        assert_eq!(read.new_errors.len(), 1, "{:?}", read.new_errors);
+        assert!(
+            read.new_errors[0].contains("a.yaml"),
+            "{:?}",
+            read.new_errors
+        );
     }
 
     #[test]

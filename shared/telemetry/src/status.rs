@@ -142,8 +142,10 @@ impl CacheFilter {
     }
 }
 
-/// Rows per piece of a streamed `GET /v1/fqdn/cache` body.
+/// Rows per piece of a streamed `GET /v1/fqdn/cache` body, and the bytes past which a piece
+/// ends sooner (rows of a thousand addresses each are some 100 kB).
 const ROWS_PER_PIECE: usize = 1024;
+const PIECE_BYTES: usize = 1 << 20;
 
 impl CacheFilter {
     /// The answer to `GET /v1/fqdn/cache`, the same in both processes: the rows of the cache
@@ -181,6 +183,9 @@ impl CacheFilter {
             }
             let mut piece = Vec::with_capacity(ROWS_PER_PIECE * 256);
             for _ in 0..ROWS_PER_PIECE {
+                if piece.len() >= PIECE_BYTES {
+                    break;
+                }
                 let Some(row) = rows.next() else {
                     closed = true;
                     break;
