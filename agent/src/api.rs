@@ -76,7 +76,14 @@ pub struct SessionInfo {
     pub acked_revision: u64,
     pub last_resync_ms: Option<u64>,
     pub last_resync_at_ms: Option<u64>,
+    /// When the session said hello.
+    pub started: Instant,
 }
+
+/// How long a session's resync may hold back the revocation of unwanted allow entries (see
+/// [`Sessions::any_resyncing`]): a peer that never finishes it must not keep entries of a
+/// removed rule alive for good.
+const RESYNC_GRACE: Duration = Duration::from_secs(60);
 
 impl Sessions {
     fn live(&self) -> std::sync::MutexGuard<'_, HashMap<u64, SessionInfo>> {
@@ -101,12 +108,13 @@ impl Sessions {
         self.live().is_empty()
     }
 
-    /// Whether a connected proxy has not finished its resync: the mappings behind the allow
-    /// entries it wrote meanwhile are still on their way to this cache.
+    /// Whether a proxy connected within [`RESYNC_GRACE`] has not finished its resync: the
+    /// mappings behind the allow entries it wrote meanwhile are still on their way to this
+    /// cache.
     pub fn any_resyncing(&self) -> bool {
         self.live()
             .values()
-            .any(|info| info.last_resync_at_ms.is_none())
+            .any(|info| info.last_resync_at_ms.is_none() && info.started.elapsed() < RESYNC_GRACE)
     }
 }
 
@@ -248,6 +256,7 @@ async fn session(
             acked_revision: hello.revision,
             last_resync_ms: None,
             last_resync_at_ms: None,
+            started: Instant::now(),
         },
     );
     state
@@ -496,5 +505,32 @@ mod tests {
         let end = send_within(&outbound, done(), SEND_TIMEOUT).await;
         assert!(matches!(end, Err(SessionEnd::Rejected("stalled", _))));
         assert_eq!(started.elapsed(), SEND_TIMEOUT);
+    }
+
+    #[test]
+    fn only_a_recent_unfinished_resync_holds_revocations_back() {
+        let sessions = Sessions::default();
+        let info = |started: Instant, resynced: bool| SessionInfo {
+            instance: "dnsproxy".into(),
+            pid: 1,
+            serving: true,
+            acked_revision: 1,
+            last_resync_ms: resynced.then_some(5),
+            last_resync_at_ms: resynced.then_some(1),
+            started,
+        };
+        assert!(!sessions.any_resyncing());
+        sessions.live().insert(1, info(Instant::now(), true));
+        assert!(!sessions.any_resyncing(), "resynced");
+        let long_ago = Instant::now()
+            .checked_sub(RESYNC_GRACE + Duration::from_secs(1))
+            .unwrap();
+        sessions.live().insert(2, info(long_ago, false));
+        assert!(
+            !sessions.any_resyncing(),
+            "a resync that never ends stops counting"
+        );
+        sessions.live().insert(3, info(Instant::now(), false));
+        assert!(sessions.any_resyncing());
     }
 }
