@@ -34,6 +34,19 @@ pub fn check_yaml_text(text: &str) -> Result<(), String> {
 /// are skipped; anything else must be a CiliumNetworkPolicy or CiliumClusterwideNetworkPolicy.
 /// `origin` names the text in errors and in [`Policy::origin`].
 pub fn parse_str(text: &str, origin: &Path) -> Result<Vec<Policy>, PolicyError> {
+    let mut errors = Vec::new();
+    let policies = parse_documents(text, origin, &mut errors);
+    match errors.into_iter().next() {
+        Some(first) => Err(first),
+        None => Ok(policies),
+    }
+}
+
+/// [`parse_str`]'s work: every good policy of `text`, and in `errors` every document that is
+/// not one. A document that does not decode as a policy leaves the others to be read; a
+/// syntax error or a text past the bounds ends the reading (the parser cannot find the next
+/// document after it).
+fn parse_documents(text: &str, origin: &Path, errors: &mut Vec<PolicyError>) -> Vec<Policy> {
     // Editors on Windows start files with a byte-order mark, which yaml_serde mistakes for a
     // document of its own.
     let text = text.strip_prefix('\u{feff}').unwrap_or(text);
@@ -42,13 +55,14 @@ pub fn parse_str(text: &str, origin: &Path) -> Result<Vec<Policy>, PolicyError> 
     // counted, into a `Value`, which catches syntax errors and gives the header and the name for
     // messages, and into the typed model, straight from the text so that errors keep their line
     // and column.
-    node_budget::check_text(text, MAX_NODES, MAX_SCALAR_BYTES).map_err(|(location, message)| {
-        PolicyError::Syntax {
+    if let Err((location, message)) = node_budget::check_text(text, MAX_NODES, MAX_SCALAR_BYTES) {
+        errors.push(PolicyError::Syntax {
             file: origin.to_owned(),
             location,
             message,
-        }
-    })?;
+        });
+        return policies;
+    }
     let counted_documents = yaml_serde::Deserializer::from_str(text);
     let mut expanded = Expanded::default();
     let typed_documents = yaml_serde::Deserializer::from_str(text);
@@ -63,19 +77,30 @@ pub fn parse_str(text: &str, origin: &Path) -> Result<Vec<Policy>, PolicyError> 
             location: location(&error),
             message: without_location(&error),
         };
-        NodeBudget {
+        let counted = NodeBudget {
             spent: &mut expanded,
             max_nodes: MAX_NODES,
             max_scalar_bytes: MAX_SCALAR_BYTES,
         }
-        .deserialize(counted)
-        .map_err(syntax)?;
+        .deserialize(counted);
         // A syntax error ends the stream: the parser cannot find the next document after it.
-        let value = Value::deserialize(untyped).map_err(syntax)?;
+        let value = match counted.and_then(|()| Value::deserialize(untyped)) {
+            Ok(value) => value,
+            Err(error) => {
+                errors.push(syntax(error));
+                return policies;
+            }
+        };
         if value.is_null() {
             continue;
         }
-        let name = check_header(&value, origin, document)?;
+        let name = match check_header(&value, origin, document) {
+            Ok(name) => name,
+            Err(error) => {
+                errors.push(error);
+                continue;
+            }
+        };
         let invalid = |problem: FieldProblem| {
             PolicyError::Invalid(Box::new(InvalidPolicy {
                 file: origin.to_owned(),
@@ -86,12 +111,12 @@ pub fn parse_str(text: &str, origin: &Path) -> Result<Vec<Policy>, PolicyError> 
                 location: problem.location,
             }))
         };
-        let policy = decode(typed, &value)
-            .and_then(|decoded| decoded.into_policy(origin.to_owned()))
-            .map_err(invalid)?;
-        policies.push(policy);
+        match decode(typed, &value).and_then(|decoded| decoded.into_policy(origin.to_owned())) {
+            Ok(policy) => policies.push(policy),
+            Err(problem) => errors.push(invalid(problem)),
+        }
     }
-    Ok(policies)
+    policies
 }
 
 /// Loads one policy file, or every `*.yaml`, `*.yml` and `*.json` file directly inside a
@@ -119,9 +144,9 @@ pub fn load_paths(paths: &[PathBuf]) -> Result<Vec<Policy>, Vec<PolicyError>> {
             }
         };
         for file in files {
-            match load_file(&file) {
-                Ok(loaded) => policies.extend(loaded),
-                Err(error) => errors.push(error),
+            match fs::read_to_string(&file) {
+                Ok(text) => policies.extend(parse_documents(&text, &file, &mut errors)),
+                Err(source) => errors.push(PolicyError::Io { path: file, source }),
             }
         }
     }

@@ -459,6 +459,24 @@ fn load_paths_reports_every_broken_file() {
     assert_eq!(load_paths(&[good]).unwrap().len(), 1);
 }
 
+#[test]
+fn load_paths_reports_every_broken_document_of_a_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("three.yaml");
+    let broken = MINIMAL.replace("egress:", "ingress:");
+    fs::write(&file, format!("{broken}\n---\n{MINIMAL}\n---\n{broken}")).unwrap();
+    let errors = load_paths(std::slice::from_ref(&file)).unwrap_err();
+    assert_eq!(errors.len(), 2, "{errors:?}");
+    assert!(
+        errors
+            .iter()
+            .all(|error| matches!(error, PolicyError::Invalid(e) if e.file == file)),
+        "{errors:?}"
+    );
+    // The agent's path still stops at the first.
+    assert!(parse_str(&fs::read_to_string(&file).unwrap(), &file).is_err());
+}
+
 /// A small deterministic generator, so the garbage below is the same on every run.
 struct XorShift(u64);
 
