@@ -41,6 +41,8 @@ pub struct EndpointFiles {
     merged: Vec<EndpointConfig>,
     /// What was last written to `saved` (`None`: nothing yet in this run).
     last_saved: Option<Vec<u8>>,
+    /// [`SETTLE`], longer in tests that must not race it.
+    settle: Duration,
 }
 
 #[derive(Debug, Default)]
@@ -78,6 +80,7 @@ impl EndpointFiles {
             folder_error: None,
             merged: Vec::new(),
             last_saved: None,
+            settle: SETTLE,
         };
         for (path, endpoints) in files.load_saved() {
             files.files.insert(
@@ -123,7 +126,7 @@ impl EndpointFiles {
     /// How long until every file was last modified [`SETTLE`] ago, if one was more recently.
     pub fn unsettled(&self) -> Option<Duration> {
         let (paths, _) = endpoint_paths(&self.dir).ok()?;
-        unsettled(&paths)
+        unsettled(&paths, self.settle)
     }
 
     /// Reads the folder. A folder that cannot be read, or a file still being written, changes
@@ -158,7 +161,7 @@ impl EndpointFiles {
         for path in &paths {
             // Still being written (it could read as fewer endpoints): it keeps what it holds
             // until a later read.
-            if unsettled(std::slice::from_ref(path)).is_some() {
+            if unsettled(std::slice::from_ref(path), self.settle).is_some() {
                 continue;
             }
             let text = match std::fs::read_to_string(path) {
@@ -422,16 +425,16 @@ fn endpoint_paths(dir: &Path) -> std::io::Result<(Vec<PathBuf>, Vec<PathBuf>)> {
     Ok((paths, not_files))
 }
 
-/// How long until every one of `paths` was last modified [`SETTLE`] ago, if one was modified
+/// How long until every one of `paths` was last modified `settle` ago, if one was modified
 /// more recently. A time in the future counts as settled: waiting for it could take for ever.
-fn unsettled(paths: &[PathBuf]) -> Option<Duration> {
+fn unsettled(paths: &[PathBuf], settle: Duration) -> Option<Duration> {
     let now = std::time::SystemTime::now();
     paths
         .iter()
         .filter_map(|path| std::fs::metadata(path).ok()?.modified().ok())
         .filter_map(|modified| now.duration_since(modified).ok())
-        .filter(|age| *age < SETTLE)
-        .map(|age| SETTLE - age)
+        .filter(|age| *age < settle)
+        .map(|age| settle - age)
         .max()
 }
 
@@ -451,14 +454,21 @@ mod tests {
         .unwrap()
     }
 
-    /// Writes a file as settled (modified a second ago).
+    /// Writes a file as settled (modified a minute ago).
     fn write(dir: &Path, name: &str, text: &str) {
         let path = dir.join(name);
         std::fs::write(&path, text).unwrap();
-        let file = std::fs::File::options().write(true).open(&path).unwrap();
-        file.set_modified(std::time::SystemTime::now() - Duration::from_secs(1))
+        backdate(&path);
+    }
+
+    fn backdate(path: &Path) {
+        let file = std::fs::File::options().write(true).open(path).unwrap();
+        file.set_modified(std::time::SystemTime::now() - Duration::from_secs(60))
             .unwrap();
     }
+
+    /// A settle window no scheduling delay of a busy machine can outlast.
+    const LONG_SETTLE: Duration = Duration::from_secs(30);
 
     struct Folder {
         endpoints: tempfile::TempDir,
@@ -506,9 +516,11 @@ mod tests {
     fn a_file_still_being_written_is_read_later() {
         let folder = Folder::new();
         let mut files = folder.files(&[]);
-        std::fs::write(folder.path().join("a.yaml"), "- {name: a}").unwrap();
+        files.settle = LONG_SETTLE;
+        let a = folder.path().join("a.yaml");
+        std::fs::write(&a, "- {name: a}").unwrap();
         assert!(files.read().changed.is_none(), "read while fresh");
-        std::thread::sleep(SETTLE);
+        backdate(&a);
         assert_eq!(keys(&files.read().changed.unwrap()), ["default/a"]);
     }
 
@@ -591,6 +603,7 @@ mod tests {
     fn a_file_being_written_holds_back_no_other() {
         let folder = Folder::new();
         let mut files = folder.files(&[]);
+        files.settle = LONG_SETTLE;
         write(folder.path(), "a.yaml", "- {name: a}");
         std::fs::write(folder.path().join("busy.yaml"), "- {name: busy}").unwrap();
         assert_eq!(keys(&files.read().changed.unwrap()), ["default/a"]);
@@ -625,16 +638,22 @@ mod tests {
         let mut restarted = folder.files(&[]);
         assert_eq!(keys(restarted.merged()), ["default/a"]);
         assert!(restarted.read().changed.is_none());
-        // And while the folder cannot be read at all.
+        // And while the folder cannot be read at all (moved away, and back even on failure).
+        struct MovedBack(PathBuf, PathBuf);
+        impl Drop for MovedBack {
+            fn drop(&mut self) {
+                let _ = std::fs::rename(&self.1, &self.0);
+            }
+        }
         let moved = folder.path().with_extension("away");
         std::fs::rename(folder.path(), &moved).unwrap();
+        let _back = MovedBack(folder.path().to_owned(), moved.clone());
         let mut unreadable = folder.files(&[]);
         assert_eq!(keys(unreadable.merged()), ["default/a"]);
         let read = unreadable.read();
         assert!(read.changed.is_none());
         assert_eq!(read.new_errors.len(), 1);
         assert!(unreadable.read().new_errors.is_empty(), "said once");
-        std::fs::rename(&moved, folder.path()).unwrap();
     }
 
     #[test]

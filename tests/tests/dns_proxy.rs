@@ -702,6 +702,16 @@ async fn endpoints_written_into_endpoints_dir_come_and_go_without_a_restart() {
         assert!(Instant::now() < deadline, "the bad files were not reported");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    let listed = http_json(lab.agent.admin(), "/v1/endpoints").await.unwrap();
+    let rows = listed.as_array().unwrap();
+    assert!(
+        rows.iter()
+            .any(|row| row["endpoint"] == "youssef/b" && row["enforced"] == true)
+            && !rows.iter().any(|row| row["endpoint"] == "default/thief"),
+        "{listed}"
+    );
+    // Past a poll of the folder (1 s), still policed.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(query().await.status, "REFUSED");
     let own = ask(lab.agent.dns_v4(), "bbc.co.uk", "A", opts(lab.client)).await;
     assert_eq!(

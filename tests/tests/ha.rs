@@ -466,9 +466,11 @@ async fn an_agent_that_lost_its_state_gets_the_proxys_cache_back_and_keeps_its_e
         Err(error) if error.kind() != std::io::ErrorKind::NotFound => panic!("{error}"),
         _ => {}
     }
-    // And the proxy is slow to come back (stopped here): until it has resynced, the new
-    // agent's reconciler must not take the entries it wrote for unwanted (the agent's cache
-    // lacks their mappings) and cut the workload's connections.
+    // And the proxy is slow to come back (stopped here, so it has no session yet): in its first
+    // seconds the new agent's reconciler must not take the entries the proxy wrote for
+    // unwanted (the agent's cache lacks their mappings) and cut the workload's connections.
+    // This is the agent's startup grace (10 s; the 4 s here leave room for a slow start); a
+    // resync under way holding revocations back is unit-tested in agent/src/api.rs.
     let proxy_pid =
         nix::unistd::Pid::from_raw(i32::try_from(lab.dnsproxy().pid().unwrap()).unwrap());
     nix::sys::signal::kill(proxy_pid, nix::sys::signal::Signal::SIGSTOP).unwrap();

@@ -416,14 +416,27 @@ async fn a_newcomers_loop_sees_every_query_in_observe_and_in_the_counters() {
         &["fqdn", "cache", "list"][..],
         &["--dnsproxy", &dnsproxy, "observe", "--follow"],
     ] {
-        let written = Command::new(binary("warden").unwrap())
+        let mut child = Command::new(binary("warden").unwrap())
             .arg("--agent")
             .arg(format!("http://{}", agent.admin))
             .args(args)
             .stdout(full.try_clone().unwrap())
             .stderr(Stdio::null())
-            .status()
+            .spawn()
             .unwrap();
+        // A follower that ignored the failed write would follow for ever: bounded here.
+        let deadline = Instant::now() + Duration::from_secs(15);
+        let written = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("{args:?}: still running after a failed write");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
         assert!(
             !written.success(),
             "{args:?}: a failed write exited {written}"

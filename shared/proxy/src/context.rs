@@ -470,19 +470,25 @@ mod tests {
         let shared = SharedCache::new(DnsCache::default());
         let chunk = COPY_CHUNK as usize;
         let answered = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let waiting = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let mut waiter = None;
         let mut seen = 0;
         shared.for_each_in_chunks(0..2 * chunk, |_, item| {
             seen += 1;
             if item == 0 {
-                let (shared, answered) = (shared.clone(), answered.clone());
+                let (shared, answered, waiting) =
+                    (shared.clone(), answered.clone(), waiting.clone());
                 waiter = Some(std::thread::spawn(move || {
+                    waiting.store(true, std::sync::atomic::Ordering::SeqCst);
                     let _cache = shared.lock();
                     answered.store(true, std::sync::atomic::Ordering::SeqCst);
                 }));
             }
             if item == chunk - 1 {
-                // Time for the waiter to queue on the lock.
+                // The waiter runs, then has time to queue on the lock.
+                while !waiting.load(std::sync::atomic::Ordering::SeqCst) {
+                    std::thread::yield_now();
+                }
                 std::thread::sleep(std::time::Duration::from_millis(100));
             }
             if item == chunk {
