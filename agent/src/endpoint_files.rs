@@ -18,11 +18,7 @@ use std::time::Duration;
 
 use warden_config::{ConfigError, EndpointConfig, endpoints_from_yaml, validate_endpoints};
 
-/// File names read: as for policies.
-const EXTENSIONS: &[&str] = &["yaml", "yml", "json"];
-
-/// A file modified more recently than this may be half-written: it is read at a later pass.
-pub const SETTLE: Duration = Duration::from_millis(100);
+use crate::folder::{SETTLE, listing, unsettled};
 
 /// The file in `state_dir` that keeps what each endpoint file holds in force.
 const SAVED_FILE: &str = "endpoint-files.json";
@@ -125,7 +121,7 @@ impl EndpointFiles {
 
     /// How long until every file was last modified [`SETTLE`] ago, if one was more recently.
     pub fn unsettled(&self) -> Option<Duration> {
-        let (paths, _) = endpoint_paths(&self.dir).ok()?;
+        let (paths, _) = listing(&self.dir).ok()?;
         unsettled(&paths, self.settle)
     }
 
@@ -133,7 +129,7 @@ impl EndpointFiles {
     /// nothing; a file gone takes its endpoints with it.
     pub fn read(&mut self) -> EndpointRead {
         let mut read = EndpointRead::default();
-        let (paths, not_files) = match endpoint_paths(&self.dir) {
+        let (paths, not_files) = match listing(&self.dir) {
             Ok(listed) => listed,
             Err(error) => {
                 let error = format!("cannot read endpoints_dir {}: {error}", self.dir.display());
@@ -233,19 +229,9 @@ impl EndpointFiles {
         // may be checked after one that takes it over, in the same read.
         loop {
             let mut granted = false;
-            let moving: Vec<PathBuf> = self
-                .files
-                .iter()
-                .filter(|(_, state)| state.good != state.in_force)
-                .map(|(path, _)| path.clone())
-                .collect();
+            let moving = self.moving();
             for path in moving {
-                let mut others = Merged::new(&self.declared);
-                for (other, state) in &self.files {
-                    if *other != path {
-                        others.add_unchecked(&state.in_force);
-                    }
-                }
+                let others = self.in_force_but(&path);
                 if let Some(state) = self.files.get_mut(&path)
                     && others.clash(&state.good).is_none()
                 {
@@ -259,19 +245,9 @@ impl EndpointFiles {
             }
         }
         // What still clashes keeps what it holds, and says why.
-        let moving: Vec<PathBuf> = self
-            .files
-            .iter()
-            .filter(|(_, state)| state.good != state.in_force)
-            .map(|(path, _)| path.clone())
-            .collect();
+        let moving = self.moving();
         for path in moving {
-            let mut others = Merged::new(&self.declared);
-            for (other, state) in &self.files {
-                if *other != path {
-                    others.add_unchecked(&state.in_force);
-                }
-            }
+            let others = self.in_force_but(&path);
             if let Some(state) = self.files.get_mut(&path)
                 && let Some(clash) = others.clash(&state.good)
             {
@@ -288,6 +264,26 @@ impl EndpointFiles {
             .chain(self.files.values().flat_map(|state| &state.in_force))
             .cloned()
             .collect()
+    }
+
+    /// The files whose good endpoints are not (all) in force.
+    fn moving(&self) -> Vec<PathBuf> {
+        self.files
+            .iter()
+            .filter(|(_, state)| state.good != state.in_force)
+            .map(|(path, _)| path.clone())
+            .collect()
+    }
+
+    /// The config's endpoints and every file's in force but `path`'s.
+    fn in_force_but(&self, path: &Path) -> Merged {
+        let mut others = Merged::new(&self.declared);
+        for (other, state) in &self.files {
+            if other != path {
+                others.add_unchecked(&state.in_force);
+            }
+        }
+        others
     }
 
     fn load_saved(&self) -> Vec<(PathBuf, Vec<EndpointConfig>)> {
@@ -396,46 +392,6 @@ impl Merged {
         }
         None
     }
-}
-
-/// The endpoint files of a folder, sorted by name, and the names of such files that are
-/// something else (a folder); hidden files and others are skipped, links followed.
-fn endpoint_paths(dir: &Path) -> std::io::Result<(Vec<PathBuf>, Vec<PathBuf>)> {
-    let (mut paths, mut not_files) = (Vec::new(), Vec::new());
-    for entry in std::fs::read_dir(dir)? {
-        let path = entry?.path();
-        let hidden = path
-            .file_name()
-            .and_then(|name| name.to_str())
-            .is_none_or(|name| name.starts_with('.'));
-        let wanted = path
-            .extension()
-            .and_then(|extension| extension.to_str())
-            .is_some_and(|extension| EXTENSIONS.contains(&extension));
-        if hidden || !wanted {
-            continue;
-        }
-        if path.is_file() {
-            paths.push(path);
-        } else if path.exists() {
-            not_files.push(path);
-        }
-    }
-    paths.sort();
-    Ok((paths, not_files))
-}
-
-/// How long until every one of `paths` was last modified `settle` ago, if one was modified
-/// more recently. A time in the future counts as settled: waiting for it could take for ever.
-fn unsettled(paths: &[PathBuf], settle: Duration) -> Option<Duration> {
-    let now = std::time::SystemTime::now();
-    paths
-        .iter()
-        .filter_map(|path| std::fs::metadata(path).ok()?.modified().ok())
-        .filter_map(|modified| now.duration_since(modified).ok())
-        .filter(|age| *age < settle)
-        .map(|age| settle - age)
-        .max()
 }
 
 #[cfg(test)]

@@ -2,10 +2,12 @@
 //! the node's endpoints, runs the embedded DNS proxy, keeps the FQDN cache (persisted across
 //! restarts), and serves the admin API that the `warden` CLI and Prometheus read.
 //!
-//! [`endpoints`] maps senders to endpoints, [`policy_store`] loads, watches and swaps the
-//! policy, [`state`] persists the cache, [`datapath`] drives the eBPF datapath (`datapath.mode: ebpf`),
-//! [`admin`] is the HTTP API, [`api`] the Unix-socket protocol with `warden-dnsproxy`, and
-//! [`agent`] wires them together around the proxy engine of `warden-proxy`. [`cli`] is the `warden` command.
+//! [`endpoints`] maps senders to endpoints, [`endpoint_files`] reads `endpoints_dir` (it and
+//! the policy folder are listed and settled alike by `folder`), [`policy_store`] loads,
+//! watches and swaps the policy for the endpoints in force, [`state`] persists the cache,
+//! [`datapath`] drives the eBPF datapath (`datapath.mode: ebpf`), [`admin`] is the HTTP API,
+//! [`api`] the Unix-socket protocol with `warden-dnsproxy`, and [`agent`] wires them together
+//! around the proxy engine of `warden-proxy`. [`cli`] is the `warden` command.
 
 #![forbid(unsafe_code)]
 
@@ -16,6 +18,7 @@ pub mod cli;
 pub mod datapath;
 pub mod endpoint_files;
 pub mod endpoints;
+mod folder;
 pub mod policy_store;
 pub mod state;
 

@@ -23,16 +23,11 @@ use warden_telemetry::PolicyMetrics;
 
 use crate::endpoint_files::EndpointFiles;
 use crate::endpoints::EndpointTable;
-
-/// Extensions of policy files in `policy.dir`, as `warden_policy::load_path` reads them.
-const POLICY_EXTENSIONS: &[&str] = &["yaml", "yml", "json"];
+use crate::folder::SETTLE;
 
 /// How often the folder is re-read even without a change notification (editors that replace
 /// files, folders mounted from a ConfigMap).
 const POLL_INTERVAL: Duration = Duration::from_secs(1);
-
-/// Notifications come in bursts while an editor writes; wait for the burst to end.
-const SETTLE: Duration = Duration::from_millis(100);
 
 /// What `/v1/status` says about the policy.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -515,53 +510,24 @@ fn read_files(paths: Vec<PathBuf>) -> std::io::Result<PolicyFiles> {
         .collect()
 }
 
-/// The policy files of a folder, sorted by name; hidden files are skipped.
+/// The policy files of a folder, sorted by name; hidden files are skipped. A policy's name
+/// that is something else than a file (a folder put in its place) is an error, not an absent
+/// policy: the others enforced without it would also become the last good copy.
 fn policy_paths(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
-    let mut paths = Vec::new();
-    for entry in std::fs::read_dir(dir)? {
-        let path = entry?.path();
-        let hidden = path
-            .file_name()
-            .and_then(|name| name.to_str())
-            .is_none_or(|name| name.starts_with('.'));
-        let policy_file = path
-            .extension()
-            .and_then(|extension| extension.to_str())
-            .is_some_and(|extension| POLICY_EXTENSIONS.contains(&extension));
-        if hidden || !policy_file {
-            continue;
-        }
-        // A policy's name that is something else than a file (a folder put in its place) is
-        // an error, not an absent policy: the others enforced without it would also become the
-        // last good copy. A dangling link is a removal under way (a ConfigMap key deleted: the
-        // kubelet swaps the data, then removes the link), as before.
-        if !path.is_file() {
-            if path.exists() {
-                return Err(std::io::Error::other(format!(
-                    "{} is not a regular file",
-                    path.display()
-                )));
-            }
-            continue;
-        }
-        paths.push(path);
+    let (paths, not_files) = crate::folder::listing(dir)?;
+    if let Some(path) = not_files.first() {
+        return Err(std::io::Error::other(format!(
+            "{} is not a regular file",
+            path.display()
+        )));
     }
-    paths.sort();
     Ok(paths)
 }
 
 /// How long until every one of the policy files `paths` was last modified [`SETTLE`] ago, if
-/// one was modified more recently. A time in the future (a clock step, copied timestamps)
-/// counts as settled: waiting for it could take for ever.
+/// one was modified more recently.
 fn unsettled(paths: &[PathBuf]) -> Option<Duration> {
-    let now = std::time::SystemTime::now();
-    paths
-        .iter()
-        .filter_map(|path| std::fs::metadata(path).ok()?.modified().ok())
-        .filter_map(|modified| now.duration_since(modified).ok())
-        .filter(|age| *age < SETTLE)
-        .map(|age| SETTLE - age)
-        .max()
+    crate::folder::unsettled(paths, SETTLE)
 }
 
 fn fingerprint(files: &[(PathBuf, String)]) -> u64 {
