@@ -76,6 +76,13 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> any
 pub async fn start(config: AgentConfig) -> anyhow::Result<RunningAgent> {
     std::fs::create_dir_all(&config.state_dir)
         .with_context(|| format!("cannot create state_dir {}", config.state_dir.display()))?;
+    // Made for whoever writes the endpoint files; one the agent cannot make is reported by
+    // the reader and polled until it can be read.
+    if let Some(dir) = &config.endpoints_dir
+        && let Err(error) = std::fs::create_dir_all(dir)
+    {
+        tracing::warn!(%error, dir = %dir.display(), "cannot create endpoints_dir");
+    }
     let metrics = Metrics::new("agent")?;
     let flows = Arc::new(FlowLog::new(FLOW_LOG_CAPACITY));
     let policy = PolicyStore::open(
