@@ -22,6 +22,7 @@ use warden_policy::{DnsName, NamePattern};
 use warden_telemetry::{CacheRow, DnsFlow, DropFlow, FlowLine, InstanceStatus, LostEvents};
 
 use crate::admin::{CleanReport, EndpointRow};
+use crate::pod_endpoints::CgroupDriver;
 
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// A flow event is a few hundred bytes; a "line" longer than this is not one.
@@ -147,6 +148,25 @@ pub enum EndpointCommand {
         #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
         output: Output,
     },
+    /// Write the pods of a Kubernetes node into an endpoints_dir, from a PodList
+    /// (`kubectl get pods -A -o json`), one `pod-<uid>.yaml` each; removes those of pods gone.
+    Sync {
+        /// The node whose pods are the agent's.
+        #[arg(long)]
+        node: String,
+        /// The agent's endpoints_dir.
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
+        /// The PodList, `-` for standard input.
+        #[arg(long, value_name = "FILE", default_value = "-")]
+        pods: PathBuf,
+        /// How the kubelet names pod cgroups.
+        #[arg(long, value_enum, default_value_t = CgroupDriver::Systemd)]
+        cgroup_driver: CgroupDriver,
+        /// Where pods (in their own network namespace) reach the DNS proxy; repeat for IPv6.
+        #[arg(long, value_name = "ADDR")]
+        dns_target: Vec<std::net::SocketAddr>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -241,6 +261,16 @@ pub async fn run(cli: Cli) -> ExitCode {
         Command::Endpoint {
             command: EndpointCommand::List { output },
         } => endpoint_list(&targets.agent, output).await,
+        Command::Endpoint {
+            command:
+                EndpointCommand::Sync {
+                    node,
+                    dir,
+                    pods,
+                    cgroup_driver,
+                    dns_target,
+                },
+        } => endpoint_sync(&node, &dir, &pods, cgroup_driver, &dns_target),
         Command::Policy {
             command: PolicyCommand::Validate { files },
         } => return validate(&files),
@@ -258,6 +288,35 @@ pub async fn run(cli: Cli) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `warden endpoint sync`: see [`crate::pod_endpoints`].
+fn endpoint_sync(
+    node: &str,
+    dir: &std::path::Path,
+    pods: &std::path::Path,
+    driver: CgroupDriver,
+    dns_target: &[std::net::SocketAddr],
+) -> anyhow::Result<String> {
+    let text = if pods == std::path::Path::new("-") {
+        std::io::read_to_string(std::io::stdin()).context("cannot read the PodList")?
+    } else {
+        std::fs::read_to_string(pods).with_context(|| format!("cannot read {}", pods.display()))?
+    };
+    let list: serde_json::Value = serde_json::from_str(&text).context("the PodList is not JSON")?;
+    let mut skipped = Vec::new();
+    let endpoints = crate::pod_endpoints::endpoints(&list, node, driver, dns_target, &mut skipped);
+    for reason in &skipped {
+        eprintln!("warden: skipped {reason}");
+    }
+    let report = crate::pod_endpoints::sync(dir, &endpoints)?;
+    Ok(format!(
+        "{} pods of {node}: {} written, {} unchanged, {} removed\n",
+        endpoints.len(),
+        report.written,
+        report.unchanged,
+        report.removed
+    ))
 }
 
 fn validate(files: &[PathBuf]) -> ExitCode {

@@ -19,6 +19,7 @@ pub mod datapath;
 pub mod endpoint_files;
 pub mod endpoints;
 mod folder;
+pub mod pod_endpoints;
 pub mod policy_store;
 pub mod state;
 

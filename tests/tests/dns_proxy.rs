@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use warden_config::{AgentConfig, EndpointConfig, RejectCode};
 use warden_tests::warden::{
-    AgentDir, AgentProcess, InProcessAgent, TalkPolicy, http_get, http_json, metric_value,
+    AgentDir, AgentProcess, InProcessAgent, TalkPolicy, binary, http_get, http_json, metric_value,
     sorted_ips, warden_cli,
 };
 use warden_tests::zones::*;
@@ -722,6 +722,61 @@ async fn endpoints_written_into_endpoints_dir_come_and_go_without_a_restart() {
     // The pod goes: its address is nobody's again.
     std::fs::remove_file(&pod).unwrap();
     wait_for("NOERROR").await;
+    lab.agent.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn pods_written_by_warden_endpoint_sync_are_policed() {
+    if !require_tools(&["knotd", "dig"]) {
+        return;
+    }
+    let endpoints_dir = tempfile::tempdir().unwrap();
+    let lab =
+        Lab::start(|config| config.endpoints_dir = Some(endpoints_dir.path().to_owned())).await;
+    let pod_ip = unique_loopback_v4();
+    let pods = format!(
+        r#"{{"kind": "PodList", "items": [
+          {{"metadata": {{"name": "web", "namespace": "youssef", "uid": "0a1b-2c3d",
+                         "labels": {{"app": "test"}}}},
+            "spec": {{"nodeName": "n1"}},
+            "status": {{"phase": "Running", "qosClass": "BestEffort", "podIP": "{pod_ip}"}}}}]}}"#
+    );
+    let sync = |pods: String| {
+        let dir = endpoints_dir.path().to_owned();
+        let mut command = std::process::Command::new(binary("warden").unwrap());
+        command
+            .args(["endpoint", "sync", "--node", "n1", "--dir"])
+            .arg(&dir)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped());
+        let mut child = command.spawn().unwrap();
+        use std::io::Write as _;
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(pods.as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let said = sync(pods);
+    assert!(said.contains("1 written"), "{said}");
+    let query = || ask(lab.agent.dns_v4(), "bbc.co.uk", "A", opts(pod_ip));
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while query().await.status != "REFUSED" {
+        assert!(Instant::now() < deadline, "the synced pod is not policed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The pod gone from the list: its file goes, and so does its policing.
+    let said = sync(r#"{"kind": "PodList", "items": []}"#.to_owned());
+    assert!(said.contains("1 removed"), "{said}");
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while query().await.status != "NOERROR" {
+        assert!(Instant::now() < deadline, "the gone pod is still policed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     lab.agent.stop().await.unwrap();
 }
 
