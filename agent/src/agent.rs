@@ -1,6 +1,6 @@
 //! Wiring: config in, a serving agent out.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -164,6 +164,7 @@ pub async fn start(config: AgentConfig) -> anyhow::Result<RunningAgent> {
                 unwanted_since: HashMap::new(),
                 sessions: sessions.clone(),
                 started: Instant::now(),
+                missing_cgroups: HashSet::new(),
             };
             let first_pass = tokio::task::spawn_blocking(move || {
                 reconciler.reconcile();

@@ -163,6 +163,9 @@ pub enum EndpointCommand {
         /// How the kubelet names pod cgroups.
         #[arg(long, value_enum, default_value_t = CgroupDriver::Systemd)]
         cgroup_driver: CgroupDriver,
+        /// The kubelet's --cgroup-root below the cgroup mount, if it is not the mount itself.
+        #[arg(long, value_name = "PATH")]
+        cgroup_root: Option<PathBuf>,
         /// Where pods (in their own network namespace) reach the DNS proxy; repeat for IPv6.
         #[arg(long, value_name = "ADDR")]
         dns_target: Vec<std::net::SocketAddr>,
@@ -268,9 +271,21 @@ pub async fn run(cli: Cli) -> ExitCode {
                     dir,
                     pods,
                     cgroup_driver,
+                    cgroup_root,
                     dns_target,
                 },
-        } => endpoint_sync(&node, &dir, &pods, cgroup_driver, &dns_target),
+        } => endpoint_sync(
+            &node,
+            &dir,
+            &pods,
+            &crate::pod_endpoints::Kubelet {
+                driver: cgroup_driver,
+                cgroup_root: cgroup_root
+                    .map(|root| root.strip_prefix("/").unwrap_or(&root).to_owned())
+                    .unwrap_or_default(),
+            },
+            &dns_target,
+        ),
         Command::Policy {
             command: PolicyCommand::Validate { files },
         } => return validate(&files),
@@ -295,7 +310,7 @@ fn endpoint_sync(
     node: &str,
     dir: &std::path::Path,
     pods: &std::path::Path,
-    driver: CgroupDriver,
+    kubelet: &crate::pod_endpoints::Kubelet,
     dns_target: &[std::net::SocketAddr],
 ) -> anyhow::Result<String> {
     let text = if pods == std::path::Path::new("-") {
@@ -305,7 +320,8 @@ fn endpoint_sync(
     };
     let list: serde_json::Value = serde_json::from_str(&text).context("the PodList is not JSON")?;
     let mut skipped = Vec::new();
-    let endpoints = crate::pod_endpoints::endpoints(&list, node, driver, dns_target, &mut skipped);
+    let endpoints =
+        crate::pod_endpoints::endpoints(&list, node, kubelet, dns_target, &mut skipped)?;
     for reason in &skipped {
         eprintln!("warden: skipped {reason}");
     }

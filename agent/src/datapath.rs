@@ -51,6 +51,9 @@ pub struct Reconciler {
     /// The proxies' sessions: entries stay while one resyncs (see [`STARTUP_GRACE`]).
     pub sessions: Arc<Sessions>,
     pub started: Instant,
+    /// Endpoints whose cgroup was missing at the last pass, said once until it appears (a pod
+    /// written into endpoints_dir while still pending has none yet).
+    pub missing_cgroups: HashSet<Arc<str>>,
 }
 
 impl Reconciler {
@@ -100,9 +103,14 @@ impl Reconciler {
             };
             let path = resolve_cgroup(&self.cgroup_root, cgroup);
             let cgroup_id = match Datapath::cgroup_id(&path) {
-                Ok(id) => id,
+                Ok(id) => {
+                    self.missing_cgroups.remove(key);
+                    id
+                }
                 Err(error) => {
-                    tracing::warn!(endpoint = %key, cgroup = %path.display(), %error, "endpoint cgroup not found; not enrolled");
+                    if self.missing_cgroups.insert(key.clone()) {
+                        tracing::warn!(endpoint = %key, cgroup = %path.display(), %error, "endpoint cgroup not found; not enrolled");
+                    }
                     continue;
                 }
             };

@@ -10,10 +10,13 @@
 //! done
 //! ```
 //!
-//! Each pod scheduled to the node and not finished becomes `pod-<uid>.yaml`: its name,
-//! namespace and labels, its addresses (none for a host-network pod, whose addresses are the
-//! node's), and its cgroup as the kubelet names it (systemd or cgroupfs driver, by QoS class).
-//! Files of this form whose pod is gone are removed; other files in the folder are left alone.
+//! Each pod scheduled to the node, not finished and not on the host's network becomes
+//! `pod-<uid>.yaml`: its name, namespace and labels, its addresses, and its cgroup as the
+//! kubelet names it (systemd or cgroupfs driver, by QoS class; a static pod's by its kubelet
+//! UID). Host-network pods are left out, as Cilium makes no endpoint of them: they share the
+//! node's addresses, and the DNS proxy's own pods are among them. Files of this form whose pod
+//! is gone are removed; other files in the folder are left alone. Input that is not a PodList
+//! (an API error, an empty output) changes nothing.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
@@ -30,56 +33,73 @@ pub enum CgroupDriver {
     Cgroupfs,
 }
 
+/// Where the kubelet puts pod cgroups.
+#[derive(Debug, Clone)]
+pub struct Kubelet {
+    pub driver: CgroupDriver,
+    /// The kubelet's `--cgroup-root` below the cgroup mount (empty: the mount itself).
+    pub cgroup_root: PathBuf,
+}
+
 /// What `sync` did.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct SyncReport {
     pub written: usize,
     pub unchanged: usize,
     pub removed: usize,
-    /// Pods of the node left out, with why.
-    pub skipped: Vec<String>,
 }
 
 /// Prefix of the files `sync` owns.
 const PREFIX: &str = "pod-";
 
-/// The endpoints of the pods of `pods` (a `PodList` or a single `Pod`) on `node`, by pod UID.
+/// One pod on its way to an endpoint.
+struct Candidate {
+    uid: String,
+    endpoint: EndpointConfig,
+    deleting: bool,
+    created: String,
+}
+
+/// The endpoints of the pods of `pods` (a `PodList`, or one `Pod`) on `node`, by pod UID;
+/// `skipped` gets the pods left out and why. Pods that have finished are left out, and so are
+/// host-network pods: they share the node's network namespace and addresses, the DNS proxy's
+/// own pods among them, whose upstream queries must never be redirected to themselves.
 pub fn endpoints(
     pods: &Value,
     node: &str,
-    driver: CgroupDriver,
+    kubelet: &Kubelet,
     dns_target: &[SocketAddr],
     skipped: &mut Vec<String>,
-) -> BTreeMap<String, EndpointConfig> {
+) -> anyhow::Result<BTreeMap<String, EndpointConfig>> {
     let items: Vec<&Value> = match pods.get("items").and_then(Value::as_array) {
         Some(items) => items.iter().collect(),
         None if pods.get("kind").and_then(Value::as_str) == Some("Pod") => vec![pods],
-        None => Vec::new(),
+        // A Status (an error from the API server), or anything else: not an empty node.
+        None => anyhow::bail!("not a PodList: no `items`"),
     };
-    let mut endpoints = BTreeMap::new();
+    let mut candidates = Vec::new();
     for pod in items {
-        let text = |path: &[&str]| {
-            path.iter()
-                .try_fold(pod, |value, key| value.get(key))
+        let text = |pointer: &str| {
+            pod.pointer(pointer)
                 .and_then(Value::as_str)
                 .unwrap_or_default()
                 .to_owned()
         };
         let (name, namespace, uid) = (
-            text(&["metadata", "name"]),
-            text(&["metadata", "namespace"]),
-            text(&["metadata", "uid"]),
+            text("/metadata/name"),
+            text("/metadata/namespace"),
+            text("/metadata/uid"),
         );
-        if text(&["spec", "nodeName"]) != node {
+        if text("/spec/nodeName") != node
+            || matches!(text("/status/phase").as_str(), "Succeeded" | "Failed")
+            || pod
+                .pointer("/spec/hostNetwork")
+                .and_then(Value::as_bool)
+                .unwrap_or(false)
+        {
             continue;
         }
-        let phase = text(&["status", "phase"]);
-        if matches!(phase.as_str(), "Succeeded" | "Failed") {
-            continue;
-        }
-        let uid_is_plain =
-            !uid.is_empty() && uid.chars().all(|c| c.is_ascii_alphanumeric() || c == '-');
-        if name.is_empty() || namespace.is_empty() || !uid_is_plain {
+        if name.is_empty() || namespace.is_empty() || !is_plain(&uid) {
             skipped.push(format!(
                 "{namespace}/{name}: no name, namespace or plain uid"
             ));
@@ -95,52 +115,75 @@ pub fn endpoints(
                     .collect()
             })
             .unwrap_or_default();
-        let host_network = pod
-            .pointer("/spec/hostNetwork")
-            .and_then(Value::as_bool)
-            .unwrap_or(false);
-        // A host-network pod's addresses are the node's: another endpoint's to claim.
-        let ips: Vec<IpAddr> = if host_network {
-            Vec::new()
-        } else {
-            let listed = pod
-                .pointer("/status/podIPs")
-                .and_then(Value::as_array)
-                .into_iter()
-                .flatten()
-                .filter_map(|entry| entry.get("ip")?.as_str()?.parse().ok());
-            let single = pod
-                .pointer("/status/podIP")
-                .and_then(Value::as_str)
-                .and_then(|ip| ip.parse().ok());
-            let mut ips: Vec<IpAddr> = listed.chain(single).collect();
-            ips.sort();
-            ips.dedup();
-            ips
-        };
-        let qos = text(&["status", "qosClass"]);
-        endpoints.insert(
-            uid.clone(),
-            EndpointConfig {
+        let listed = pod
+            .pointer("/status/podIPs")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter_map(|entry| entry.get("ip")?.as_str()?.parse().ok());
+        let single = pod
+            .pointer("/status/podIP")
+            .and_then(Value::as_str)
+            .and_then(|ip| ip.parse().ok());
+        let mut ips: Vec<IpAddr> = listed.chain(single).collect();
+        ips.sort();
+        ips.dedup();
+        // A static pod's cgroup is named by the kubelet's own UID for it, which its mirror in
+        // the API (the object listed here, with a UID of its own) carries as an annotation.
+        let mirror = text("/metadata/annotations/kubernetes.io~1config.mirror");
+        let cgroup_uid = if is_plain(&mirror) { &mirror } else { &uid };
+        let qos = text("/status/qosClass");
+        candidates.push(Candidate {
+            endpoint: EndpointConfig {
                 name,
                 namespace,
                 labels,
                 ips,
-                cgroup: Some(pod_cgroup(driver, &qos, &uid)),
-                // Pods in their own network namespace reach the proxy at the target; host-
-                // network ones at dns.listen, as the host does.
-                dns_target: if host_network {
-                    Vec::new()
-                } else {
-                    dns_target.to_vec()
-                },
+                cgroup: Some(kubelet.cgroup_root.join(pod_cgroup(
+                    kubelet.driver,
+                    &qos,
+                    cgroup_uid,
+                ))),
+                dns_target: dns_target.to_vec(),
             },
-        );
+            uid,
+            deleting: pod.pointer("/metadata/deletionTimestamp").is_some(),
+            created: text("/metadata/creationTimestamp"),
+        });
     }
-    endpoints
+    // An address listed for two pods (a terminating pod's, already given to a new one) goes
+    // to the pod not being deleted, else the newest; the other keeps its cgroup.
+    candidates.sort_by(|a, b| (a.deleting, &b.created).cmp(&(b.deleting, &a.created)));
+    let mut owners: BTreeMap<IpAddr, String> = BTreeMap::new();
+    let mut endpoints = BTreeMap::new();
+    for mut candidate in candidates {
+        let key = candidate.endpoint.key();
+        candidate
+            .endpoint
+            .ips
+            .retain(|ip| match owners.get(&ip.to_canonical()) {
+                Some(owner) => {
+                    skipped.push(format!("{key}: {ip} is {owner}'s"));
+                    false
+                }
+                None => {
+                    owners.insert(ip.to_canonical(), key.clone());
+                    true
+                }
+            });
+        endpoints.insert(candidate.uid, candidate.endpoint);
+    }
+    let all: Vec<EndpointConfig> = endpoints.values().cloned().collect();
+    warden_config::validate_endpoints(&all).context("the endpoints would not load")?;
+    Ok(endpoints)
 }
 
-/// The pod's cgroup relative to the cgroup root, as the kubelet makes it.
+/// A UID fit for a file and a cgroup name: letters, digits and dashes.
+fn is_plain(uid: &str) -> bool {
+    !uid.is_empty() && uid.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+}
+
+/// The pod's cgroup relative to the kubelet's cgroup root, as the kubelet makes it.
 fn pod_cgroup(driver: CgroupDriver, qos: &str, uid: &str) -> PathBuf {
     let class = match qos {
         "Guaranteed" => None,
@@ -164,33 +207,19 @@ fn pod_cgroup(driver: CgroupDriver, qos: &str, uid: &str) -> PathBuf {
     }
 }
 
-/// Makes `dir`'s `pod-*.yaml` files those of `endpoints`: each written (atomically, through a
-/// hidden file the agent does not read) only when its text changes, the others removed.
+/// Makes `dir`'s `pod-*.yaml` files those of `endpoints`: the files of pods gone removed first
+/// (their addresses may be a new pod's now), then each written (atomically, through a hidden
+/// file the agent does not read) only when its text changes.
 pub fn sync(
     dir: &Path,
     endpoints: &BTreeMap<String, EndpointConfig>,
 ) -> anyhow::Result<SyncReport> {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let mut report = SyncReport::default();
-    let mut wanted = BTreeSet::new();
-    for (uid, endpoint) in endpoints {
-        let file = format!("{PREFIX}{uid}.yaml");
-        let path = dir.join(&file);
-        // JSON is YAML: one entry, as the agent reads a list.
-        let text = serde_json::to_string_pretty(&[endpoint])? + "\n";
-        wanted.insert(file.clone());
-        if std::fs::read_to_string(&path).is_ok_and(|current| current == text) {
-            report.unchanged += 1;
-            continue;
-        }
-        let staging = dir.join(format!(".{file}.tmp"));
-        std::fs::write(&staging, &text)
-            .with_context(|| format!("cannot write {}", staging.display()))?;
-        std::fs::rename(&staging, &path).with_context(|| {
-            format!("cannot rename {} to {}", staging.display(), path.display())
-        })?;
-        report.written += 1;
-    }
+    let wanted: BTreeSet<String> = endpoints
+        .keys()
+        .map(|uid| format!("{PREFIX}{uid}.yaml"))
+        .collect();
     for entry in std::fs::read_dir(dir).with_context(|| format!("cannot read {}", dir.display()))? {
         let entry = entry?;
         let name = entry.file_name().to_string_lossy().into_owned();
@@ -199,6 +228,29 @@ pub fn sync(
                 .with_context(|| format!("cannot remove {}", entry.path().display()))?;
             report.removed += 1;
         }
+    }
+    for (uid, endpoint) in endpoints {
+        let file = format!("{PREFIX}{uid}.yaml");
+        let path = dir.join(&file);
+        // JSON is YAML: one entry, as the agent reads a list.
+        let text = serde_json::to_string_pretty(&[endpoint])? + "\n";
+        if std::fs::read_to_string(&path).is_ok_and(|current| current == text) {
+            report.unchanged += 1;
+            continue;
+        }
+        let staging = dir.join(format!(".{file}.tmp"));
+        let written = std::fs::write(&staging, &text)
+            .with_context(|| format!("cannot write {}", staging.display()))
+            .and_then(|()| {
+                std::fs::rename(&staging, &path).with_context(|| {
+                    format!("cannot rename {} to {}", staging.display(), path.display())
+                })
+            });
+        if let Err(error) = written {
+            let _ = std::fs::remove_file(&staging);
+            return Err(error);
+        }
+        report.written += 1;
     }
     Ok(report)
 }
@@ -226,7 +278,20 @@ mod tests {
         {"metadata": {"name": "elsewhere", "namespace": "shop", "uid": "5555-eeee"},
          "spec": {"nodeName": "n2"}, "status": {"phase": "Running", "podIP": "10.244.2.9"}},
         {"metadata": {"name": "odd", "namespace": "shop", "uid": "../../etc"},
-         "spec": {"nodeName": "n1"}, "status": {"phase": "Running"}}
+         "spec": {"nodeName": "n1"}, "status": {"phase": "Running"}},
+        {"metadata": {"name": "kube-apiserver-n1", "namespace": "kube-system", "uid": "6666-ffff",
+                      "annotations": {"kubernetes.io/config.mirror": "0c0ffee"}},
+         "spec": {"nodeName": "n1"},
+         "status": {"phase": "Running", "qosClass": "Burstable", "podIP": "10.244.1.8"}},
+        {"metadata": {"name": "old", "namespace": "shop", "uid": "7777-0000",
+                      "deletionTimestamp": "2026-11-27T10:00:00Z",
+                      "creationTimestamp": "2026-11-27T09:00:00Z"},
+         "spec": {"nodeName": "n1"},
+         "status": {"phase": "Running", "qosClass": "BestEffort", "podIP": "10.244.1.9"}},
+        {"metadata": {"name": "new", "namespace": "shop", "uid": "8888-1111",
+                      "creationTimestamp": "2026-11-27T10:00:01Z"},
+         "spec": {"nodeName": "n1"},
+         "status": {"phase": "Running", "qosClass": "BestEffort", "podIP": "10.244.1.9"}}
       ]
     }"#;
 
@@ -234,14 +299,39 @@ mod tests {
         vec!["169.254.20.10:53".parse().unwrap()]
     }
 
+    fn kubelet(driver: CgroupDriver) -> Kubelet {
+        Kubelet {
+            driver,
+            cgroup_root: PathBuf::new(),
+        }
+    }
+
+    fn node_n1(
+        driver: CgroupDriver,
+        skipped: &mut Vec<String>,
+    ) -> BTreeMap<String, EndpointConfig> {
+        let pods: Value = serde_json::from_str(PODS).unwrap();
+        endpoints(&pods, "n1", &kubelet(driver), &target(), skipped).unwrap()
+    }
+
     #[test]
     fn the_nodes_running_pods_become_endpoints_with_their_cgroups() {
-        let pods: Value = serde_json::from_str(PODS).unwrap();
         let mut skipped = Vec::new();
-        let found = endpoints(&pods, "n1", CgroupDriver::Systemd, &target(), &mut skipped);
-        let keys: Vec<String> = found.values().map(EndpointConfig::key).collect();
-        assert_eq!(keys, ["shop/web", "shop/db", "kube-system/agent"]);
-        assert_eq!(skipped.len(), 1, "{skipped:?}");
+        let found = node_n1(CgroupDriver::Systemd, &mut skipped);
+        let mut keys: Vec<String> = found.values().map(EndpointConfig::key).collect();
+        keys.sort();
+        // Not: another node's pod, a finished one, a host-network one (the DNS proxy's own
+        // pods are), one whose uid is not plain.
+        assert_eq!(
+            keys,
+            [
+                "kube-system/kube-apiserver-n1",
+                "shop/db",
+                "shop/new",
+                "shop/old",
+                "shop/web"
+            ]
+        );
 
         let web = &found["1111-aaaa"];
         assert_eq!(web.labels["tier"], "front");
@@ -257,32 +347,67 @@ mod tests {
             found["2222-bbbb"].cgroup.as_deref(),
             Some(Path::new("kubepods.slice/kubepods-pod2222_bbbb.slice"))
         );
-        // The node's addresses are not the host-network pod's to claim; its DNS goes where
-        // the host's does.
-        let agent = &found["3333-cccc"];
-        assert!(agent.ips.is_empty() && agent.dns_target.is_empty());
-
-        let cgroupfs = endpoints(&pods, "n1", CgroupDriver::Cgroupfs, &[], &mut Vec::new());
+        // A static pod's cgroup is its kubelet UID's, not its mirror's.
         assert_eq!(
-            cgroupfs["3333-cccc"].cgroup.as_deref(),
-            Some(Path::new("kubepods/besteffort/pod3333-cccc"))
+            found["6666-ffff"].cgroup.as_deref(),
+            Some(Path::new(
+                "kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod0c0ffee.slice"
+            ))
         );
+        // An address listed twice goes to the pod not being deleted; the other keeps its
+        // cgroup.
+        assert_eq!(found["8888-1111"].ips.len(), 1);
+        assert!(found["7777-0000"].ips.is_empty());
+        assert!(found["7777-0000"].cgroup.is_some());
+        assert_eq!(skipped.len(), 2, "{skipped:?}");
+
+        let cgroupfs = node_n1(CgroupDriver::Cgroupfs, &mut Vec::new());
+        assert_eq!(
+            cgroupfs["8888-1111"].cgroup.as_deref(),
+            Some(Path::new("kubepods/besteffort/pod8888-1111"))
+        );
+        let rooted = endpoints(
+            &serde_json::from_str(PODS).unwrap(),
+            "n1",
+            &Kubelet {
+                driver: CgroupDriver::Cgroupfs,
+                cgroup_root: PathBuf::from("kubelet"),
+            },
+            &[],
+            &mut Vec::new(),
+        )
+        .unwrap();
+        assert_eq!(
+            rooted["2222-bbbb"].cgroup.as_deref(),
+            Some(Path::new("kubelet/kubepods/pod2222-bbbb"))
+        );
+    }
+
+    #[test]
+    fn what_is_not_a_pod_list_is_an_error_not_an_empty_node() {
+        let kubelet = kubelet(CgroupDriver::Systemd);
+        for text in ["{}", "null", r#"{"kind": "Status", "status": "Failure"}"#] {
+            let value: Value = serde_json::from_str(text).unwrap();
+            assert!(
+                endpoints(&value, "n1", &kubelet, &[], &mut Vec::new()).is_err(),
+                "{text}"
+            );
+        }
+        let two_v4 = [
+            "10.0.0.1:53".parse().unwrap(),
+            "10.0.0.2:53".parse().unwrap(),
+        ];
+        let pods: Value = serde_json::from_str(PODS).unwrap();
+        assert!(endpoints(&pods, "n1", &kubelet, &two_v4, &mut Vec::new()).is_err());
     }
 
     #[test]
     fn sync_writes_what_changed_and_removes_only_its_own_files_of_gone_pods() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("static.yaml"), "- {name: keep}").unwrap();
-        let pods: Value = serde_json::from_str(PODS).unwrap();
-        let found = endpoints(
-            &pods,
-            "n1",
-            CgroupDriver::Systemd,
-            &target(),
-            &mut Vec::new(),
-        );
+        let found = node_n1(CgroupDriver::Systemd, &mut Vec::new());
         let first = sync(dir.path(), &found).unwrap();
-        assert_eq!((first.written, first.unchanged, first.removed), (3, 0, 0));
+        assert_eq!((first.written, first.unchanged, first.removed), (5, 0, 0));
         // What the agent reads back is what was meant.
         let text = std::fs::read_to_string(dir.path().join("pod-1111-aaaa.yaml")).unwrap();
         let read = warden_config::endpoints_from_yaml(&text, Path::new("pod")).unwrap();
@@ -290,12 +415,12 @@ mod tests {
         assert_eq!(read, [found["1111-aaaa"].clone()]);
 
         let again = sync(dir.path(), &found).unwrap();
-        assert_eq!((again.written, again.unchanged, again.removed), (0, 3, 0));
+        assert_eq!((again.written, again.unchanged, again.removed), (0, 5, 0));
 
         let mut fewer = found.clone();
         fewer.remove("2222-bbbb");
         let after = sync(dir.path(), &fewer).unwrap();
-        assert_eq!((after.written, after.unchanged, after.removed), (0, 2, 1));
+        assert_eq!((after.written, after.unchanged, after.removed), (0, 4, 1));
         assert!(!dir.path().join("pod-2222-bbbb.yaml").exists());
         assert!(dir.path().join("static.yaml").exists());
     }
