@@ -160,6 +160,10 @@ impl Reconciler {
         for endpoint_id in stale {
             self.count("clear", self.datapath.clear_endpoint(endpoint_id));
         }
+        // An endpoint gone before its cgroup appeared is forgotten (and said again if it
+        // comes back).
+        self.missing_cgroups
+            .retain(|key| table.entries().any(|(_, known, _)| known == key));
         self.metrics
             .datapath
             .enrolled

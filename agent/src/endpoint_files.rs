@@ -37,6 +37,8 @@ pub struct EndpointFiles {
     merged: Vec<EndpointConfig>,
     /// What was last written to `saved` (`None`: nothing yet in this run).
     last_saved: Option<Vec<u8>>,
+    /// What last failed to be written: retried at every read, said once.
+    last_failed: Option<Vec<u8>>,
     /// [`SETTLE`], longer in tests that must not race it.
     settle: Duration,
 }
@@ -76,6 +78,7 @@ impl EndpointFiles {
             folder_error: None,
             merged: Vec::new(),
             last_saved: None,
+            last_failed: None,
             settle: SETTLE,
         };
         for (path, endpoints) in files.load_saved() {
@@ -190,9 +193,7 @@ impl EndpointFiles {
             }
         }
         let merged = self.merge(&mut read.new_errors);
-        if let Err(error) = self.save() {
-            tracing::warn!(%error, "cannot save the endpoint files' state in state_dir");
-        }
+        self.save();
         if merged != self.merged {
             self.merged = merged.clone();
             read.changed = Some(merged);
@@ -311,8 +312,9 @@ impl EndpointFiles {
         }
     }
 
-    /// Writes what each file holds in force, when that changed since the last write.
-    fn save(&mut self) -> Result<(), warden_state::StateError> {
+    /// Writes what each file holds in force, when that changed since the last write; a failure
+    /// is said once per text, and the write tried again at the next read.
+    fn save(&mut self) {
         let saved: Vec<(&PathBuf, &Vec<EndpointConfig>)> = self
             .files
             .iter()
@@ -321,11 +323,20 @@ impl EndpointFiles {
             .collect();
         let text = serde_json::to_vec(&saved).unwrap_or_default();
         if self.last_saved.as_ref() == Some(&text) {
-            return Ok(());
+            return;
         }
-        warden_state::write_atomically(&self.saved, &text)?;
-        self.last_saved = Some(text);
-        Ok(())
+        match warden_state::write_atomically(&self.saved, &text) {
+            Ok(()) => {
+                self.last_saved = Some(text);
+                self.last_failed = None;
+            }
+            Err(error) => {
+                if self.last_failed.as_ref() != Some(&text) {
+                    tracing::warn!(%error, "cannot save the endpoint files' state in state_dir");
+                }
+                self.last_failed = Some(text);
+            }
+        }
     }
 }
 

@@ -76,8 +76,12 @@ fn fits_the_datapath(range: &PortRange) -> bool {
 /// ports; every port, `port: 0`, is fine), which allows nothing, as widening it to "any port"
 /// would allow more than the policy says; DNS rules on a port the datapath does not redirect.
 pub fn datapath_warnings(policy: &Policy) -> Vec<String> {
-    // What loading said first (a namespace overwritten), then what the datapath cannot do.
+    // What loading said first (a namespace overwritten; what validate refuses but is loaded
+    // as earlier releases did), then what the datapath cannot do.
     let mut warnings = policy.warnings.clone();
+    warnings.extend(policy.refused_by_validate.iter().map(|problem| {
+        format!("{problem} (not enforced as written; warden policy validate refuses it)")
+    }));
     let name = match &policy.namespace {
         Some(namespace) => format!("{namespace}/{}", policy.name),
         None => policy.name.clone(),
@@ -201,6 +205,24 @@ spec:
             warnings[0].contains("moved.yaml")
                 && warnings[0].contains("youssef/moved")
                 && warnings[0].contains("\"kube-system\""),
+            "{warnings:?}"
+        );
+    }
+
+    #[test]
+    fn what_validate_refuses_is_said_when_loaded() {
+        let yaml = r#"apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: host, namespace: youssef}
+spec:
+  endpointSelector: {matchLabels: {app: test}}
+  egress: [{toEndpoints: [{matchLabels: {"reserved:host": ""}}]}]
+"#;
+        let policies = warden_policy::parse_str(yaml, std::path::Path::new("host.yaml")).unwrap();
+        let warnings: Vec<String> = policies.iter().flat_map(datapath_warnings).collect();
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(
+            warnings[0].contains("youssef/host") && warnings[0].contains("not enforced as written"),
             "{warnings:?}"
         );
     }

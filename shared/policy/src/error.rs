@@ -45,6 +45,11 @@ pub enum PolicyError {
         kind: String,
     },
 
+    /// What `warden policy validate` refuses and the agent loads as earlier releases did (see
+    /// `Policy::refused_by_validate`); `problem` names the file, the policy and the field.
+    #[error("{problem}")]
+    NotEnforcedAsWritten { file: PathBuf, problem: String },
+
     /// A policy that is malformed, invalid, or uses a Cilium feature Warden does not implement.
     /// Boxed because it is by far the largest variant and errors travel in every `Result`.
     #[error("{0}")]

@@ -131,7 +131,7 @@ pub fn load_path(path: &Path) -> Result<Vec<Policy>, PolicyError> {
 }
 
 /// Loads every path like [`load_path`], but reports every broken file instead of stopping at the
-/// first, as `warden policy validate` needs.
+/// first, and what is not enforced as written as errors too, as `warden policy validate` needs.
 pub fn load_paths(paths: &[PathBuf]) -> Result<Vec<Policy>, Vec<PolicyError>> {
     let mut policies = Vec::new();
     let mut errors = Vec::new();
@@ -145,7 +145,17 @@ pub fn load_paths(paths: &[PathBuf]) -> Result<Vec<Policy>, Vec<PolicyError>> {
         };
         for file in files {
             match fs::read_to_string(&file) {
-                Ok(text) => policies.extend(parse_documents(&text, &file, &mut errors)),
+                Ok(text) => {
+                    for policy in parse_documents(&text, &file, &mut errors) {
+                        errors.extend(policy.refused_by_validate.iter().map(|problem| {
+                            PolicyError::NotEnforcedAsWritten {
+                                file: file.clone(),
+                                problem: problem.clone(),
+                            }
+                        }));
+                        policies.push(policy);
+                    }
+                }
                 Err(source) => errors.push(PolicyError::Io { path: file, source }),
             }
         }

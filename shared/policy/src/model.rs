@@ -69,6 +69,14 @@ pub struct Policy {
     /// What loading changed or could not take as written, said but not an error.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub warnings: Vec<String>,
+    /// What is not enforced as written and that earlier releases loaded without a word (DNS
+    /// rules inside a toFQDNs rule, `reserved:` labels in toEndpoints, a namespace expression
+    /// that rules out the policy's own namespace): `warden policy validate` refuses it, the
+    /// agent and warden-dnsproxy load it as those releases did and say so. Refusing it there
+    /// would refuse, after an upgrade, both the folder and its last good copy, leaving no
+    /// policy at all in force.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub refused_by_validate: Vec<String>,
 }
 
 /// One entry of `spec`/`specs`.
@@ -101,6 +109,10 @@ pub struct EgressRule {
     pub to_entities: Option<Vec<Entity>>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub to_ports: Vec<PortRule>,
+    /// What in this rule was not enforced as written by earlier releases either, which
+    /// loaded it without a word (see [`Policy::refused_by_validate`]).
+    #[serde(skip)]
+    pub refused_by_validate: Vec<String>,
 }
 
 impl EgressRule {
@@ -445,16 +457,35 @@ impl PolicyDocument {
             .chain(self.specs.into_iter().flatten())
             .collect();
         let mut warnings = Vec::new();
+        let mut refused_by_validate = Vec::new();
+        let name = &self.metadata.name;
+        let policy_name = match &namespace {
+            Some(namespace) => format!("{namespace}/{name}"),
+            None => name.clone(),
+        };
+        for (rule, field) in rules.iter().zip(&fields) {
+            for (index, egress) in rule.egress.iter().enumerate() {
+                for problem in &egress.refused_by_validate {
+                    refused_by_validate.push(format!(
+                        "{}: policy {policy_name}: {field}.egress[{index}].{problem}",
+                        origin.display()
+                    ));
+                }
+            }
+        }
         if let Some(namespace) = &namespace {
             for (rule, field) in rules.iter_mut().zip(fields) {
-                let overwritten = rule
-                    .endpoint_selector
-                    .confine_to_namespace(namespace)
-                    .map_err(|(inner, message)| FieldProblem {
-                        field: format!("{field}.endpointSelector.{inner}"),
-                        message,
-                        location: None,
-                    })?;
+                let overwritten = match rule.endpoint_selector.confine_to_namespace(namespace) {
+                    Ok(overwritten) => overwritten,
+                    // It selects nothing, as it always did.
+                    Err((inner, message)) => {
+                        refused_by_validate.push(format!(
+                            "{}: policy {policy_name}: {field}.endpointSelector.{inner}: {message}",
+                            origin.display()
+                        ));
+                        Vec::new()
+                    }
+                };
                 for other in overwritten {
                     warnings.push(format!(
                         "{}: policy {namespace}/{}: {field}.endpointSelector names namespace \
@@ -473,6 +504,7 @@ impl PolicyDocument {
             rules,
             origin,
             warnings,
+            refused_by_validate,
         })
     }
 }
@@ -566,6 +598,9 @@ impl TryFrom<RawEgressRule> for EgressRule {
                  write them as separate rules"
             ));
         }
+        // Not enforced as written, and never were: loaded as before (the DNS rules apply to no
+        // server, the selector selects nothing), said by the agent, refused by validate.
+        let mut refused_by_validate = Vec::new();
         if !raw.to_fqdns.is_empty()
             && let Some(i) = raw
                 .to_ports
@@ -574,18 +609,18 @@ impl TryFrom<RawEgressRule> for EgressRule {
         {
             // The peers of a toFQDNs rule are the addresses its names resolve to, never a DNS
             // server, so its DNS rules could never apply.
-            return Err(format!(
+            refused_by_validate.push(format!(
                 "toPorts[{i}].rules.dns: DNS rules cannot be part of a toFQDNs rule, which \
-                 allows connections to the names' addresses and never a DNS server; allow the \
-                 DNS server in a separate rule (toEndpoints, toCIDR, toCIDRSet or toEntities) \
-                 with its own rules.dns"
+                 allows connections to the names' addresses and never a DNS server, so they \
+                 apply to nothing; allow the DNS server in a separate rule (toEndpoints, toCIDR, \
+                 toCIDRSet or toEntities) with its own rules.dns"
             ));
         }
         for (i, selector) in raw.to_endpoints.iter().flatten().enumerate() {
             if let Some(key) = selector.reserved_key() {
-                return Err(format!(
+                refused_by_validate.push(format!(
                     "toEndpoints[{i}]: {key:?}: reserved labels (Cilium's special identities) \
-                     are not supported in toEndpoints, where they would select nothing; use \
+                     are not supported in toEndpoints, where they select nothing; use \
                      toEntities (host, world, all or cluster) instead"
                 ));
             }
@@ -598,6 +633,7 @@ impl TryFrom<RawEgressRule> for EgressRule {
                 .map(|list| list.into_iter().map(|CidrOrIp(net)| net).collect()),
             to_cidr_set: raw.to_cidr_set,
             to_entities: raw.to_entities,
+            refused_by_validate,
             to_ports: raw.to_ports,
         })
     }
@@ -762,7 +798,6 @@ impl TryFrom<RawPortProtocol> for PortProtocol {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::PolicyError;
 
     fn egress(yaml: &str) -> Result<EgressRule, String> {
         yaml_serde::from_str(yaml).map_err(|e| e.to_string())
@@ -822,13 +857,21 @@ mod tests {
         );
     }
 
+    /// The one problem `refused_by_validate` holds for `rule`.
+    fn refused(rule: &EgressRule) -> String {
+        assert_eq!(rule.refused_by_validate.len(), 1, "{rule:?}");
+        rule.refused_by_validate[0].clone()
+    }
+
     #[test]
-    fn dns_rules_in_a_fqdn_rule_are_refused() {
-        let error = egress(
-            "{toFQDNs: [{matchName: a.io}], toPorts: [{ports: [{port: '443', protocol: TCP}]}, \
-              {ports: [{port: '53'}], rules: {dns: [{matchPattern: '*'}]}}]}",
-        )
-        .unwrap_err();
+    fn dns_rules_in_a_fqdn_rule_are_refused_by_validate() {
+        let error = refused(
+            &egress(
+                "{toFQDNs: [{matchName: a.io}], toPorts: [{ports: [{port: '443', protocol: TCP}]}, \
+                  {ports: [{port: '53'}], rules: {dns: [{matchPattern: '*'}]}}]}",
+            )
+            .unwrap(),
+        );
         assert!(error.contains("toPorts[1].rules.dns"), "{error}");
         assert!(
             error.contains("cannot be part of a toFQDNs rule"),
@@ -838,12 +881,14 @@ mod tests {
         // `dns: []` is no DNS rule, and a toFQDNs rule may allow port 53 (to the names' IPs).
         assert!(
             egress("{toFQDNs: [{matchName: a.io}], toPorts: [{ports: [{port: '53'}], rules: {dns: []}}]}")
-                .is_ok()
+                .unwrap()
+                .refused_by_validate
+                .is_empty()
         );
     }
 
     #[test]
-    fn reserved_labels_in_to_endpoints_are_refused() {
+    fn reserved_labels_in_to_endpoints_are_refused_by_validate() {
         for (selectors, expected) in [
             (
                 "[{matchLabels: {'reserved:host': ''}}]",
@@ -856,7 +901,7 @@ mod tests {
                 "toEndpoints[1]: \"reserved:world\"",
             ),
         ] {
-            let error = egress(&format!("toEndpoints: {selectors}")).unwrap_err();
+            let error = refused(&egress(&format!("toEndpoints: {selectors}")).unwrap());
             assert!(error.contains(expected), "{selectors}: {error}");
             assert!(
                 error.contains("use toEntities (host, world, all or cluster)"),
@@ -864,7 +909,12 @@ mod tests {
             );
         }
         // Another source, or `reserved` as a plain key, is just a label.
-        assert!(egress("toEndpoints: [{matchLabels: {'k8s:reserved': x, 'k8s:app': y}}]").is_ok());
+        assert!(
+            egress("toEndpoints: [{matchLabels: {'k8s:reserved': x, 'k8s:app': y}}]")
+                .unwrap()
+                .refused_by_validate
+                .is_empty()
+        );
     }
 
     #[test]
@@ -912,26 +962,30 @@ mod tests {
         assert_eq!(labels["k8s:io.kubernetes.pod.namespace"], "youssef");
         assert_eq!(labels["app"], "client");
 
-        // A matchExpression that rules the policy's namespace out would select nothing.
-        let error = parse(
+        // A matchExpression that rules the policy's namespace out selects nothing, as it
+        // always did: loaded, and refused by validate.
+        let policies = parse(
             "{matchExpressions: [{key: 'k8s:io.kubernetes.pod.namespace', operator: In, values: [other]}]}",
         )
-        .unwrap_err();
-        let PolicyError::Invalid(invalid) = &error else {
-            panic!("{error:?}")
-        };
-        assert_eq!(
-            invalid.field,
-            "specs[1].endpointSelector.matchExpressions[0]"
-        );
-        assert!(invalid.message.contains("(\"youssef\") only"), "{error}");
+        .unwrap();
+        let refused = &policies[0].refused_by_validate;
+        assert_eq!(refused.len(), 1, "{refused:?}");
         assert!(
-            invalid.message.contains("CiliumClusterwideNetworkPolicy"),
-            "{error}"
+            refused[0].contains(
+                "p.yaml: policy youssef/p: specs[1].endpointSelector.matchExpressions[0]"
+            ),
+            "{refused:?}"
+        );
+        assert!(refused[0].contains("(\"youssef\") only"), "{refused:?}");
+        assert!(
+            refused[0].contains("CiliumClusterwideNetworkPolicy"),
+            "{refused:?}"
         );
         assert!(
             parse("{matchExpressions: [{key: io.kubernetes.pod.namespace, operator: NotIn, values: [other]}]}")
-                .is_ok()
+                .unwrap()[0]
+                .refused_by_validate
+                .is_empty()
         );
     }
 

@@ -221,14 +221,16 @@ fn every_unsupported_feature_is_refused_at_its_path() {
     }
 }
 
+/// A policy `p` whose egress section is `egress` (lines indented by two).
+fn with_egress(egress: &str) -> String {
+    format!(
+        "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {{name: p}}\n\
+         spec:\n  endpointSelector: {{}}\n  egress:\n{egress}"
+    )
+}
+
 #[test]
 fn validation_errors_point_at_the_field() {
-    let with_egress = |egress: &str| {
-        format!(
-            "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {{name: p}}\n\
-             spec:\n  endpointSelector: {{}}\n  egress:\n{egress}"
-        )
-    };
     let cases = [
         (
             "  - toPorts:\n    - ports:\n      - port: '53'\n        protocol: SCTP\n",
@@ -270,18 +272,6 @@ fn validation_errors_point_at_the_field() {
             "  - toEndpoints:\n    - matchExpressions: [{key: app, operator: Gt, values: ['1']}]\n",
             "spec.egress[0].toEndpoints[0].matchExpressions[0].operator",
             "unknown variant `Gt`",
-            None,
-        ),
-        (
-            "  - toFQDNs: [{matchName: a.io}]\n    toPorts:\n    - ports: [{port: '53'}]\n      rules: {dns: [{matchName: a.io}]}\n",
-            "spec.egress[0]",
-            "toPorts[0].rules.dns: DNS rules cannot be part of a toFQDNs rule",
-            None,
-        ),
-        (
-            "  - toEndpoints: [{matchLabels: {'reserved:host': ''}}]\n",
-            "spec.egress[0]",
-            "toEndpoints[0]: \"reserved:host\": reserved labels",
             None,
         ),
         (
@@ -457,6 +447,42 @@ fn load_paths_reports_every_broken_file() {
     assert_eq!(errors.len(), 2);
 
     assert_eq!(load_paths(&[good]).unwrap().len(), 1);
+}
+
+/// Loaded as earlier releases did (the agent must not lose its policy at an upgrade), and
+/// refused by `warden policy validate`.
+#[test]
+fn what_is_not_enforced_as_written_loads_and_fails_validation() {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, egress, expected) in [
+        (
+            "dns.yaml",
+            "  - toFQDNs: [{matchName: a.io}]\n    toPorts:\n    - ports: [{port: '53'}]\n      rules: {dns: [{matchName: a.io}]}\n",
+            "spec.egress[0].toPorts[0].rules.dns: DNS rules cannot be part of a toFQDNs rule",
+        ),
+        (
+            "reserved.yaml",
+            "  - toEndpoints: [{matchLabels: {'reserved:host': ''}}]\n",
+            "spec.egress[0].toEndpoints[0]: \"reserved:host\": reserved labels",
+        ),
+    ] {
+        let file = dir.path().join(name);
+        fs::write(&file, with_egress(egress)).unwrap();
+        let loaded = parse(&with_egress(egress)).unwrap();
+        assert!(
+            loaded[0].refused_by_validate[0].contains(expected),
+            "{loaded:?}"
+        );
+        let errors = load_paths(std::slice::from_ref(&file)).unwrap_err();
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        let message = errors[0].to_string();
+        assert!(
+            matches!(&errors[0], PolicyError::NotEnforcedAsWritten { file: f, .. } if *f == file)
+                && message.contains("policy default/p")
+                && message.contains(expected),
+            "{message}"
+        );
+    }
 }
 
 #[test]
