@@ -17,8 +17,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use warden_config::{ConfigError, EndpointConfig, endpoints_from_yaml, validate_endpoints};
+use warden_policy::folder_files;
 
-use crate::folder::{SETTLE, listing, unsettled};
+use crate::folder::{SETTLE, unsettled};
 
 /// The file in `state_dir` that keeps what each endpoint file holds in force.
 const SAVED_FILE: &str = "endpoint-files.json";
@@ -124,7 +125,7 @@ impl EndpointFiles {
 
     /// How long until every file was last modified [`SETTLE`] ago, if one was more recently.
     pub fn unsettled(&self) -> Option<Duration> {
-        let (paths, _) = listing(&self.dir).ok()?;
+        let (paths, _) = folder_files(&self.dir).ok()?;
         unsettled(&paths, self.settle)
     }
 
@@ -132,7 +133,7 @@ impl EndpointFiles {
     /// nothing; a file gone takes its endpoints with it.
     pub fn read(&mut self) -> EndpointRead {
         let mut read = EndpointRead::default();
-        let (paths, not_files) = match listing(&self.dir) {
+        let (paths, not_files) = match folder_files(&self.dir) {
             Ok(listed) => listed,
             Err(error) => {
                 let error = format!("cannot read endpoints_dir {}: {error}", self.dir.display());

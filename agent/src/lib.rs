@@ -3,7 +3,7 @@
 //! restarts), and serves the admin API that the `warden` CLI and Prometheus read.
 //!
 //! [`endpoints`] maps senders to endpoints, [`endpoint_files`] reads `endpoints_dir` (it and
-//! the policy folder are listed and settled alike by `folder`; [`pod_endpoints`] writes a
+//! the policy folder are settled alike by `folder`; [`pod_endpoints`] writes a
 //! Kubernetes node's pods into it for `warden endpoint sync`), [`policy_store`] loads,
 //! watches and swaps the policy for the endpoints in force, [`state`] persists the cache,
 //! [`datapath`] drives the eBPF datapath (`datapath.mode: ebpf`), [`admin`] is the HTTP API,

@@ -514,7 +514,7 @@ fn read_files(paths: Vec<PathBuf>) -> std::io::Result<PolicyFiles> {
 /// that is something else than a file (a folder put in its place) is an error, not an absent
 /// policy: the others enforced without it would also become the last good copy.
 fn policy_paths(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
-    let (paths, not_files) = crate::folder::listing(dir)?;
+    let (paths, not_files) = warden_policy::folder_files(dir)?;
     if let Some(path) = not_files.first() {
         return Err(std::io::Error::other(format!(
             "{} is not a regular file",

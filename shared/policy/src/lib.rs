@@ -42,7 +42,7 @@ pub use model::{
 };
 
 mod load;
-pub use load::{check_yaml_text, load_path, load_paths, parse_str};
+pub use load::{check_yaml_text, folder_files, load_path, load_paths, parse_str};
 
 mod repository;
 pub use repository::{

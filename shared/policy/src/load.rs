@@ -184,9 +184,27 @@ fn policy_files(path: &Path) -> Result<Vec<PathBuf>, PolicyError> {
     if !fs::metadata(path).map_err(io_error)?.is_dir() {
         return Ok(vec![path.to_owned()]);
     }
-    let mut files = Vec::new();
-    for entry in fs::read_dir(path).map_err(io_error)? {
-        let entry = entry.map_err(io_error)?;
+    let (files, not_files) = folder_files(path).map_err(io_error)?;
+    // A policy file's name on something else (a folder) is an error, as the agent takes it:
+    // the other files would otherwise validate as a whole they are not.
+    if let Some(file) = not_files.into_iter().next() {
+        return Err(PolicyError::Io {
+            path: file,
+            source: std::io::Error::other("not a regular file"),
+        });
+    }
+    Ok(files)
+}
+
+/// The `*.yaml`, `*.yml` and `*.json` files directly inside `dir`, sorted by name, and apart
+/// such names that are something else (a folder put in a file's place); hidden names are
+/// skipped, links followed (a linked file counts, as with ConfigMap mounts), and a dangling
+/// link is left out (a removal under way: a ConfigMap key deleted, the kubelet swaps the data,
+/// then removes the link). The agent's watched folders are listed the same way.
+pub fn folder_files(dir: &Path) -> std::io::Result<(Vec<PathBuf>, Vec<PathBuf>)> {
+    let (mut files, mut not_files) = (Vec::new(), Vec::new());
+    for entry in fs::read_dir(dir)? {
+        let entry = entry?;
         let file = entry.path();
         let hidden = entry.file_name().to_string_lossy().starts_with('.');
         let wanted = file
@@ -196,21 +214,15 @@ fn policy_files(path: &Path) -> Result<Vec<PathBuf>, PolicyError> {
         if hidden || !wanted {
             continue;
         }
-        // Follows symlinks, so a linked policy file counts (as with ConfigMap mounts). A policy
-        // file's name on something else (a folder) is an error, as the agent takes it: the
-        // other files would otherwise validate as a whole they are not. A dangling link is a
-        // removal under way.
         if file.is_file() {
             files.push(file);
         } else if file.exists() {
-            return Err(PolicyError::Io {
-                path: file,
-                source: std::io::Error::other("not a regular file"),
-            });
+            not_files.push(file);
         }
     }
     files.sort();
-    Ok(files)
+    not_files.sort();
+    Ok((files, not_files))
 }
 
 /// Checks `kind` and `apiVersion` before anything else, so that a stray `ConfigMap` is reported
