@@ -111,7 +111,8 @@ impl EndpointFiles {
     }
 
     /// The folder's and the files' errors while they last.
-    pub fn errors(&self) -> Vec<String> {
+    #[cfg(test)]
+    fn errors(&self) -> Vec<String> {
         self.folder_error
             .iter()
             .cloned()

@@ -134,13 +134,7 @@ impl Journal {
 
     /// Everything journaled, oldest first; the journal is empty afterwards.
     pub fn take(&self) -> Vec<Mapping> {
-        let mut entries = self.entries();
-        let taken: Vec<Mapping> = entries.drain(..).collect();
-        if !taken.is_empty() {
-            self.changes.fetch_add(1, Ordering::Relaxed);
-        }
-        self.metrics.journal_entries.set(0);
-        taken
+        self.take_oldest(usize::MAX)
     }
 
     /// Puts back what could not be sent, ahead of anything journaled meanwhile.

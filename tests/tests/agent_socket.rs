@@ -28,6 +28,30 @@ async fn wait_rejected(agent: &InProcessAgent, reason: &str, at_least: f64) {
     }
 }
 
+/// As uid and gid 65534, no other groups: connects to `socket`, sends the HTTP/2 client
+/// preface and an empty SETTINGS frame, and says whether the agent `answered` or `closed`.
+fn nobody_connects(socket: &std::path::Path) -> String {
+    let script = format!(
+        "import socket\ns = socket.socket(socket.AF_UNIX)\ns.connect({:?})\ns.settimeout(2)\ntry:\n    s.sendall(b'PRI * HTTP/2.0\\r\\n\\r\\nSM\\r\\n\\r\\n\\x00\\x00\\x00\\x04\\x00\\x00\\x00\\x00\\x00')\n    print('answered' if s.recv(100) else 'closed')\nexcept (ConnectionResetError, BrokenPipeError, TimeoutError):\n    print('closed')\n",
+        socket.display().to_string()
+    );
+    let out = run_blocking(
+        Command::new("setpriv").args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "/usr/bin/python3",
+            "-c",
+            &script,
+        ]),
+        Duration::from_secs(10),
+    )
+    .unwrap();
+    let said = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    assert!(!said.is_empty(), "the peer said nothing: {out:?}");
+    said
+}
+
 // Multi-threaded: the non-root peer runs as a blocking child while the agent must accept it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn garbage_oversized_and_strangers_cost_only_their_connection() {
@@ -89,27 +113,11 @@ async fn garbage_oversized_and_strangers_cost_only_their_connection() {
     // A peer with a uid the agent does not allow (the socket opened to everyone for the test,
     // so that the credential check itself is what refuses it).
     std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o666)).unwrap();
-    let script = format!(
-        "import socket\ns = socket.socket(socket.AF_UNIX)\ns.connect({:?})\ns.settimeout(2)\ntry:\n    s.sendall(b'PRI * HTTP/2.0')\n    print('closed' if not s.recv(100) else 'answered')\nexcept (ConnectionResetError, BrokenPipeError):\n    print('closed')\n",
-        socket.display().to_string()
-    );
     if nix::unistd::geteuid().is_root() {
-        let out = run_blocking(
-            Command::new("setpriv").args([
-                "--reuid=65534",
-                "--regid=65534",
-                "--clear-groups",
-                "/usr/bin/python3",
-                "-c",
-                &script,
-            ]),
-            Duration::from_secs(10),
-        )
-        .unwrap();
         assert_eq!(
-            String::from_utf8_lossy(&out.stdout).trim(),
+            nobody_connects(&socket),
             "closed",
-            "closed without an answer: {out:?}"
+            "closed without an answer"
         );
         wait_rejected(&agent, "credentials", 1.0).await;
     } else {
@@ -214,26 +222,10 @@ async fn a_peer_of_the_socket_group_gets_a_session() {
     assert_eq!(mode, 0o660);
 
     // A non-root peer in the group: the HTTP/2 preface gets the agent's settings back.
-    let script = format!(
-        "import socket\ns = socket.socket(socket.AF_UNIX)\ns.connect({:?})\ns.settimeout(2)\ntry:\n    s.sendall(b'PRI * HTTP/2.0\\r\\n\\r\\nSM\\r\\n\\r\\n\\x00\\x00\\x00\\x04\\x00\\x00\\x00\\x00\\x00')\n    print('answered' if s.recv(100) else 'closed')\nexcept (ConnectionResetError, BrokenPipeError, TimeoutError):\n    print('closed')\n",
-        socket.display().to_string()
-    );
-    let out = run_blocking(
-        Command::new("setpriv").args([
-            "--reuid=65534",
-            "--regid=65534",
-            "--clear-groups",
-            "/usr/bin/python3",
-            "-c",
-            &script,
-        ]),
-        Duration::from_secs(10),
-    )
-    .unwrap();
     assert_eq!(
-        String::from_utf8_lossy(&out.stdout).trim(),
+        nobody_connects(&socket),
         "answered",
-        "the group's peer was refused: {out:?}"
+        "the group's peer was refused"
     );
     assert_eq!(rejected(&agent, "credentials").await, 0.0);
     agent.stop().await.unwrap();
