@@ -39,6 +39,11 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(2);
 /// milliseconds.
 const SEND_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// A session that fell behind the agent's own mappings sends the whole cache again, at most
+/// this often: the skipped ones are in it, and a peer slow enough to fall behind should not be
+/// buried in dumps.
+const CATCH_UP_INTERVAL: Duration = Duration::from_secs(10);
+
 /// Largest message the agent accepts from a proxy: batches of mappings and flows are small,
 /// so anything near this is a broken or hostile peer.
 pub const MAX_PROXY_MESSAGE_BYTES: usize = 4 << 20;
@@ -278,8 +283,23 @@ async fn session(
     }
     // Endpoints' cgroups are enrolled after start and may change without a new revision.
     let mut directory_check = tokio::time::interval(Duration::from_millis(500));
+    let mut catch_up = CatchUp::default();
     loop {
         tokio::select! {
+            () = catch_up.wait() => {
+                // The broadcast dropped mappings this session had not forwarded: they are in the
+                // cache, so the cache goes again, merged on the other side like live mappings.
+                let dump = warden_api::cache_dump(&state.cache).await;
+                let entries = dump.len();
+                for chunk in warden_api::into_mapping_batches(dump) {
+                    let batch = Mappings { mappings: chunk, resync: false };
+                    if let Err(end) = send(AgentKind::Cache(batch)).await {
+                        return end;
+                    }
+                }
+                catch_up.done(tokio::time::Instant::now());
+                tracing::info!(session = id, entries, "dnsproxy session caught up with the agent's cache");
+            }
             _ = directory_check.tick() => {
                 let generation = state.enforcement.generation();
                 if generation != sent_generation {
@@ -364,9 +384,8 @@ async fn session(
             mapping = local.recv() => {
                 let mapping = match mapping {
                     Ok(mapping) => mapping,
-                    // Fell behind: the next resync repairs what was skipped.
                     Err(broadcast::error::RecvError::Lagged(skipped)) => {
-                        tracing::warn!(session = id, skipped, "dnsproxy session fell behind the agent's mappings");
+                        fell_behind(state, id, skipped, &mut catch_up);
                         continue;
                     }
                     Err(broadcast::error::RecvError::Closed) => return SessionEnd::Closed,
@@ -384,7 +403,7 @@ async fn session(
                             mappings.push(more);
                         }
                         Err(broadcast::error::TryRecvError::Lagged(skipped)) => {
-                            tracing::warn!(session = id, skipped, "dnsproxy session fell behind the agent's mappings");
+                            fell_behind(state, id, skipped, &mut catch_up);
                         }
                         // Empty, or closed (the next recv says so).
                         Err(_) => break,
@@ -409,6 +428,50 @@ async fn session(
                     return end;
                 }
             }
+        }
+    }
+}
+
+/// Counts what a session skipped and schedules its catch-up.
+fn fell_behind(state: &ApiState, id: u64, skipped: u64, catch_up: &mut CatchUp) {
+    state.metrics.peer.mappings_skipped.inc_by(skipped);
+    let due = catch_up.fell_behind(tokio::time::Instant::now());
+    tracing::warn!(
+        session = id,
+        skipped,
+        catch_up_in_ms = due.as_millis(),
+        "dnsproxy session fell behind the agent's mappings; the whole cache follows"
+    );
+}
+
+/// When a session that fell behind its broadcast of the agent's mappings next sends the whole
+/// cache: at once the first time, then at most every [`CATCH_UP_INTERVAL`].
+#[derive(Debug, Default)]
+struct CatchUp {
+    due: Option<tokio::time::Instant>,
+    last: Option<tokio::time::Instant>,
+}
+
+impl CatchUp {
+    /// Schedules a catch-up (one already scheduled covers this fall too); how long until it.
+    fn fell_behind(&mut self, now: tokio::time::Instant) -> Duration {
+        let due = *self.due.get_or_insert_with(|| {
+            self.last
+                .map_or(now, |last| (last + CATCH_UP_INTERVAL).max(now))
+        });
+        due.saturating_duration_since(now)
+    }
+
+    fn done(&mut self, now: tokio::time::Instant) {
+        self.due = None;
+        self.last = Some(now);
+    }
+
+    /// Ready when a catch-up is due; never when none is scheduled.
+    async fn wait(&self) {
+        match self.due {
+            Some(due) => tokio::time::sleep_until(due).await,
+            None => std::future::pending().await,
         }
     }
 }
@@ -505,6 +568,149 @@ mod tests {
         let end = send_within(&outbound, done(), SEND_TIMEOUT).await;
         assert!(matches!(end, Err(SessionEnd::Rejected("stalled", _))));
         assert_eq!(started.elapsed(), SEND_TIMEOUT);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_session_that_falls_behind_catches_up_at_once_then_at_most_every_interval() {
+        let mut catch_up = CatchUp::default();
+        let idle = tokio::time::timeout(Duration::from_secs(3600), catch_up.wait()).await;
+        assert!(idle.is_err(), "nothing scheduled, nothing due");
+
+        let start = tokio::time::Instant::now();
+        assert_eq!(
+            catch_up.fell_behind(start),
+            Duration::ZERO,
+            "the first at once"
+        );
+        catch_up.wait().await;
+        assert_eq!(start.elapsed(), Duration::ZERO);
+        catch_up.done(tokio::time::Instant::now());
+
+        tokio::time::advance(Duration::from_secs(3)).await;
+        let due = catch_up.fell_behind(tokio::time::Instant::now());
+        assert_eq!(due, CATCH_UP_INTERVAL - Duration::from_secs(3));
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert_eq!(
+            catch_up.fell_behind(tokio::time::Instant::now()),
+            CATCH_UP_INTERVAL - Duration::from_secs(4),
+            "a second fall joins the catch-up already scheduled"
+        );
+        catch_up.wait().await;
+        assert_eq!(start.elapsed(), CATCH_UP_INTERVAL);
+        catch_up.done(tokio::time::Instant::now());
+
+        tokio::time::advance(CATCH_UP_INTERVAL * 2).await;
+        assert_eq!(
+            catch_up.fell_behind(tokio::time::Instant::now()),
+            Duration::ZERO,
+            "long after the last, at once again"
+        );
+    }
+
+    /// A session that fell more than its broadcast's capacity behind the agent's own mappings
+    /// once dropped the skipped ones until the peer reconnected, leaving the two caches
+    /// different: it now sends the whole cache again, so the peer gets every name.
+    #[tokio::test]
+    async fn a_session_that_falls_behind_still_delivers_every_mapping() {
+        const NAMES: usize = 3_000;
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = AgentConfig::default();
+        config.policy.dir = dir.path().join("policies");
+        config.state_dir = dir.path().join("state");
+        config.socket = dir.path().join("agent.sock");
+        std::fs::create_dir_all(&config.policy.dir).unwrap();
+        let metrics = Metrics::new("agent").unwrap();
+        let policy = PolicyStore::open(
+            &config.policy.dir,
+            &config.state_dir,
+            &[],
+            None,
+            metrics.policy.clone(),
+        );
+        let cache = SharedCache::new(warden_fqdn::DnsCache::new(warden_enforce::cache_limits(
+            &config.dns,
+        )));
+        // Far smaller than the agent's 4,096, so that a few thousand names overflow it.
+        let (local_mappings, _) = broadcast::channel(16);
+        let state = ApiState {
+            config: config.clone(),
+            policy,
+            cache: cache.clone(),
+            enforcement: Arc::new(Enforcement::new(metrics.clone())),
+            metrics: metrics.clone(),
+            flows: Arc::new(FlowLog::new(16)),
+            sessions: Arc::new(Sessions::default()),
+            local_mappings: local_mappings.clone(),
+            cache_changes: Arc::new(CacheChanges::default()),
+            cleans: broadcast::channel(4).0,
+        };
+        let listener = warden_api::server::bind(&config.socket, None).unwrap();
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let server = tokio::spawn(warden_api::server::serve(
+            listener,
+            config.socket.clone(),
+            tonic::service::Routes::new(service(state)),
+            warden_api::server::PeerPolicy::new(&[]),
+            Arc::new(|_| {}),
+            shutdown.clone(),
+        ));
+
+        let mut client = warden_api::client::connect(&config.socket).await.unwrap();
+        let (say, said) = mpsc::channel(1);
+        let hello = warden_api::proto::Hello {
+            instance: "dnsproxy".into(),
+            ..Default::default()
+        };
+        say.send(ProxyMessage {
+            kind: Some(ProxyKind::Hello(hello)),
+        })
+        .await
+        .unwrap();
+        let mut inbound = client
+            .session(ReceiverStream::new(said))
+            .await
+            .unwrap()
+            .into_inner();
+        let first = inbound.message().await.unwrap().unwrap();
+        assert!(matches!(first.kind, Some(AgentKind::Snapshot(_))));
+
+        // The agent's proxy answers names faster than the session forwards them: on this
+        // single-threaded runtime the session runs only once they are all out.
+        let now = warden_proxy::unix_now();
+        let ip: std::net::IpAddr = "198.18.7.7".parse().unwrap();
+        let names: std::collections::BTreeSet<String> =
+            (0..NAMES).map(|i| format!("n{i}.churn.test.")).collect();
+        for name in &names {
+            let inserted = cache.lock().insert(now, "youssef/test", name, &[ip], 300);
+            local_mappings
+                .send(Mapping {
+                    endpoint: Arc::from("youssef/test"),
+                    name: warden_policy::DnsName::new(name).unwrap(),
+                    ips: vec![ip],
+                    ttl: 300,
+                    expires_at: inserted.expires_at,
+                    server: "127.0.0.1:53".parse().unwrap(),
+                })
+                .unwrap();
+        }
+
+        let mut seen = std::collections::BTreeSet::new();
+        while !names.is_subset(&seen) {
+            let message = tokio::time::timeout(Duration::from_secs(5), inbound.message()).await;
+            let Ok(Ok(Some(message))) = message else {
+                panic!(
+                    "{} of {NAMES} names reached the peer, then {message:?}",
+                    names.intersection(&seen).count()
+                );
+            };
+            if let Some(AgentKind::Cache(batch)) = message.kind {
+                seen.extend(batch.mappings.into_iter().map(|mapping| mapping.name));
+            }
+        }
+        assert!(metrics.peer.mappings_skipped.get() > 0, "never fell behind");
+        drop(say);
+        shutdown.cancel();
+        server.await.unwrap();
     }
 
     #[test]

@@ -80,6 +80,9 @@ pub struct PeerMetrics {
     pub acked_revision: IntGauge,
     /// Mappings received from the peer.
     pub mappings_received: IntCounter,
+    /// agent: its own mappings a session skipped after falling behind them; the session then
+    /// sends the whole cache again.
+    pub mappings_skipped: IntCounter,
     /// Connections or messages refused on the agent socket; label: reason (credentials,
     /// oversized, malformed, protocol, stalled).
     pub rejected: IntCounterVec,
@@ -392,6 +395,11 @@ impl Metrics {
                 &registry,
                 "peer_mappings_received_total",
                 "Mappings (name, IPs, TTL, endpoint) received from the peer.",
+            )?,
+            mappings_skipped: counter(
+                &registry,
+                "peer_mappings_skipped_total",
+                "Agent: its own mappings a warden-dnsproxy session fell too far behind to forward; the session then sends the whole cache again.",
             )?,
             state_persist_errors: counter_vec(
                 &registry,
