@@ -11,7 +11,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
@@ -52,6 +52,12 @@ pub struct PolicyStore {
     /// `endpoints_dir`, when configured.
     endpoint_files: Option<Mutex<EndpointFiles>>,
     current: RwLock<Arc<PolicyRepository>>,
+    /// The parsed policy in force, held through a compile: the policy and the endpoint table
+    /// it is compiled for change together, one compile at a time, and an endpoints change
+    /// compiles without parsing the files again. Apart from `status`, so that the readers of
+    /// the status (`/readyz`, `/v1/status`, the dnsproxy sessions' snapshots, on the runtime's
+    /// workers) wait for the swap that follows a compile, not for the compile.
+    in_force: Mutex<Vec<Policy>>,
     status: Mutex<StoreState>,
     metrics: PolicyMetrics,
     revisions: tokio::sync::watch::Sender<u64>,
@@ -114,6 +120,7 @@ impl PolicyStore {
             ))),
             endpoint_files: endpoint_files.map(Mutex::new),
             current: RwLock::new(Arc::new(PolicyRepository::empty())),
+            in_force: Mutex::new(Vec::new()),
             status: Mutex::new(StoreState::default()),
             metrics,
             revisions: tokio::sync::watch::Sender::new(0),
@@ -155,7 +162,7 @@ impl PolicyStore {
                     // The folder still fails, and is not read again until it changes: its error
                     // stays on show (status, `warden_policy_reload_failing`) under the copy.
                     let failing = store.status().last_error;
-                    store.install(&policies, files, "last-good");
+                    store.install(policies, files, "last-good");
                     if let Some(error) = failing {
                         store.still_failing(error);
                     }
@@ -208,25 +215,19 @@ impl PolicyStore {
         self.metrics
             .endpoints
             .set(i64::try_from(endpoints.len()).unwrap_or(i64::MAX));
-        // Under the state's lock, as an install: one in between would compile for the other
+        // Compiled as an install is, one at a time: one in between would compile for the other
         // table. The table is published after the policy compiled for it: whoever reads the
         // table first (the reconciler) then finds a policy that knows its endpoints.
-        let mut state = self.state();
-        if state.status.revision == 0 {
+        let policies = self.compile_lock();
+        if self.documents().0 == 0 {
             self.endpoints.send_replace(table);
             tracing::info!(endpoints = endpoints.len(), "endpoints changed");
             return true;
         }
-        let policies = match parse_all(&state.files) {
-            Ok(policies) => policies,
-            Err(error) => {
-                // The files in force loaded before; this cannot happen short of a bug.
-                tracing::error!(%error, "the policy in force does not load again");
-                self.endpoints.send_replace(table);
-                return true;
-            }
-        };
+        let started = Instant::now();
         let repository = PolicyRepository::build(&policies, table.infos());
+        let compile_ms = started.elapsed().as_millis();
+        let mut state = self.state();
         state.status.selectors = repository.selector_count();
         *self
             .current
@@ -240,6 +241,7 @@ impl PolicyStore {
         tracing::info!(
             endpoints = endpoints.len(),
             revision = state.status.revision,
+            compile_ms,
             "endpoints changed; policy compiled for them"
         );
         true
@@ -251,6 +253,12 @@ impl PolicyStore {
 
     fn state(&self) -> std::sync::MutexGuard<'_, StoreState> {
         self.status
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner())
+    }
+
+    fn compile_lock(&self) -> std::sync::MutexGuard<'_, Vec<Policy>> {
+        self.in_force
             .lock()
             .unwrap_or_else(|poison| poison.into_inner())
     }
@@ -289,7 +297,7 @@ impl PolicyStore {
                 return false;
             }
         };
-        self.install(&policies, files, "dir");
+        self.install(policies, files, "dir");
         self.state().seen = Some(fingerprint);
         // After the install: the copy only matters at the next start, and its syncs should
         // not hold a new policy back.
@@ -300,15 +308,18 @@ impl PolicyStore {
         true
     }
 
-    fn install(&self, policies: &[Policy], files: PolicyFiles, source: &str) {
+    fn install(&self, policies: Vec<Policy>, files: PolicyFiles, source: &str) {
         // Once per policy installed (not per answer, where the datapath meets it again).
         for warning in policies.iter().flat_map(warden_enforce::datapath_warnings) {
             tracing::warn!(%warning, "policy not enforceable as written");
         }
-        // Under the state's lock, as an endpoints change: the table cannot change meanwhile.
-        let mut state = self.state();
-        let repository = PolicyRepository::build(policies, self.endpoints().infos());
+        // One compile at a time, as an endpoints change is: the table cannot change meanwhile.
+        let mut in_force = self.compile_lock();
+        let started = Instant::now();
+        let repository = PolicyRepository::build(&policies, self.endpoints().infos());
+        let compile_ms = started.elapsed().as_millis();
         let selectors = repository.selector_count();
+        let mut state = self.state();
         *self
             .current
             .write()
@@ -329,8 +340,11 @@ impl PolicyStore {
             policies = policies.len(),
             selectors,
             source,
+            compile_ms,
             "policy in force"
         );
+        drop(state);
+        *in_force = policies;
     }
 
     /// Shows `error` again, already logged and counted, after installing the last good copy.
@@ -568,6 +582,28 @@ spec:
         let metrics = warden_telemetry::Metrics::new("agent").expect("metrics");
         let store = PolicyStore::open(dir, state, &[], None, metrics.policy.clone());
         (store, metrics)
+    }
+
+    /// The status and the documents in force sat behind the lock a compile held (a compile at
+    /// 10,000 selectors takes 70 ms in a debug build, and an endpoints change parsed the files
+    /// again, a second more), so `/readyz`, `/v1/status` and the dnsproxy sessions waited for
+    /// it on the runtime's workers: they now wait only for the swap that follows a compile.
+    #[test]
+    fn the_status_does_not_wait_for_a_compile() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("test.yaml"), POLICY).unwrap();
+        let store = store(dir.path(), state.path());
+        let compiling = store.compile_lock();
+        assert_eq!(compiling.len(), 1, "the parsed policy in force is kept");
+        let (told, answered) = std::sync::mpsc::channel();
+        let reader = store.clone();
+        std::thread::spawn(move || {
+            let _ = told.send((reader.status().revision, reader.documents().0));
+        });
+        let read = answered.recv_timeout(Duration::from_secs(5));
+        drop(compiling);
+        assert_eq!(read, Ok((1, 1)), "the status waited for the compile");
     }
 
     #[test]
