@@ -394,7 +394,14 @@ async fn session(
         match message.kind {
             Some(AgentKind::Snapshot(snapshot)) => {
                 let revision = snapshot.revision;
-                match (context.apply_snapshot)(&snapshot) {
+                // A compile takes milliseconds to a second (documents that changed are parsed,
+                // the repository built for every endpoint): on the blocking pool, not on a
+                // worker the DNS listeners share. Snapshots still apply one at a time, in order.
+                let apply = context.apply_snapshot.clone();
+                let applied = tokio::task::spawn_blocking(move || apply(&snapshot))
+                    .await
+                    .unwrap_or_else(|error| Err(format!("the compile did not finish: {error}")));
+                match applied {
                     Ok(install) => {
                         context
                             .metrics
@@ -709,8 +716,9 @@ mod tests {
     use super::*;
     use tokio_stream::StreamExt;
 
-    /// An agent on a real socket that answers a hello with its `ResyncDone` (when `resync`),
-    /// or ends the session at once, and records the names of the mappings it gets.
+    /// An agent on a real socket that answers a hello with a policy snapshot (when `snapshot`)
+    /// and its `ResyncDone` (when `resync`), or ends the session at once, and records the
+    /// names of the mappings it gets.
     mod fake_agent {
         use std::sync::atomic::AtomicUsize;
 
@@ -728,6 +736,7 @@ mod tests {
         }
 
         struct FakeAgent {
+            snapshot: bool,
             resync: bool,
             seen: Arc<Seen>,
         }
@@ -743,8 +752,21 @@ mod tests {
                 self.seen.sessions.fetch_add(1, Ordering::Relaxed);
                 let mut inbound = request.into_inner();
                 let (outbound, stream) = mpsc::channel(4);
-                let (resync, seen) = (self.resync, self.seen.clone());
+                let (snapshot, resync, seen) = (self.snapshot, self.resync, self.seen.clone());
                 tokio::spawn(async move {
+                    if snapshot {
+                        let snapshot = AgentMessage {
+                            kind: Some(agent_message::Kind::Snapshot(
+                                warden_api::proto::PolicySnapshot {
+                                    revision: 1,
+                                    ..Default::default()
+                                },
+                            )),
+                        };
+                        if outbound.send(Ok(snapshot)).await.is_err() {
+                            return;
+                        }
+                    }
                     if !resync {
                         return;
                     }
@@ -768,12 +790,14 @@ mod tests {
         /// Serves at `socket` until `shutdown`.
         pub fn start(
             socket: &std::path::Path,
+            snapshot: bool,
             resync: bool,
             shutdown: CancellationToken,
         ) -> Arc<Seen> {
             let seen = Arc::new(Seen::default());
             let listener = warden_api::server::bind(socket, None).unwrap();
             let routes = tonic::service::Routes::new(AgentServer::new(FakeAgent {
+                snapshot,
                 resync,
                 seen: seen.clone(),
             }));
@@ -819,7 +843,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("agent.sock");
         let stop = CancellationToken::new();
-        let seen = fake_agent::start(&socket, true, stop.clone());
+        let seen = fake_agent::start(&socket, false, true, stop.clone());
         let context = link_context(&socket);
         let session = tokio::spawn(run(context.clone(), stop.clone()));
         let deadline = Instant::now() + Duration::from_secs(5);
@@ -849,12 +873,58 @@ mod tests {
         let _ = session.await;
     }
 
+    /// A snapshot's compile ran on the worker that read the session, one the DNS listeners
+    /// share: a second of parsing (10,000 selectors, debug build) stalled the queries queued
+    /// behind it. On this single-threaded runtime the compile below finishes only if a task
+    /// of the runtime, as a listener is, runs meanwhile.
+    #[tokio::test]
+    async fn a_snapshot_compiles_off_the_runtime_the_listeners_share() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("agent.sock");
+        let stop = CancellationToken::new();
+        let _seen = fake_agent::start(&socket, true, true, stop.clone());
+        let (release, released) = std::sync::mpsc::channel::<()>();
+        let released = Mutex::new(released);
+        let (applied, mut outcome) = tokio::sync::watch::channel(None);
+        let mut context = link_context(&socket);
+        context.apply_snapshot = Arc::new(move |_| {
+            let released = released.lock().unwrap();
+            // Only a release sent while the compile runs counts.
+            while released.try_recv().is_ok() {}
+            let waited = released.recv_timeout(Duration::from_secs(3));
+            applied.send_replace(Some(waited.is_ok()));
+            Ok(1)
+        });
+        let listener = tokio::spawn(async move {
+            loop {
+                if release.send(()).is_err() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        });
+        let session = tokio::spawn(run(context, stop.clone()));
+        let ran_beside =
+            tokio::time::timeout(Duration::from_secs(10), outcome.wait_for(Option::is_some))
+                .await
+                .expect("no snapshot applied")
+                .unwrap()
+                .unwrap_or(false);
+        assert!(
+            ran_beside,
+            "the runtime's other tasks stood still during the compile"
+        );
+        stop.cancel();
+        let _ = session.await;
+        listener.abort();
+    }
+
     #[tokio::test]
     async fn a_session_that_never_resyncs_backs_off() {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("agent.sock");
         let stop = CancellationToken::new();
-        let seen = fake_agent::start(&socket, false, stop.clone());
+        let seen = fake_agent::start(&socket, false, false, stop.clone());
         let session = tokio::spawn(run(link_context(&socket), stop.clone()));
         tokio::time::sleep(Duration::from_millis(1600)).await;
         // 100, 200, 400, 800 ms between attempts: five at most in 1.6 s, not sixteen.

@@ -162,6 +162,7 @@ pub async fn start(config: ProxyConfig) -> anyhow::Result<RunningProxy> {
         );
         let own_dns = config.dns.clone();
         let warned_differences = Mutex::new(Vec::new());
+        let parsed = crate::policy::ParsedDocuments::default();
         Arc::new(
             move |snapshot: &PolicySnapshot, source: &str| -> Result<u64, String> {
                 // Said once per change, not at every snapshot (one comes with every new
@@ -182,7 +183,7 @@ pub async fn start(config: ProxyConfig) -> anyhow::Result<RunningProxy> {
                     *warned = differences;
                 }
                 drop(warned);
-                let compiled = match compile(snapshot) {
+                let compiled = match compile(snapshot, &parsed) {
                     Ok(compiled) => compiled,
                     Err(error) => {
                         policy.fail(error.clone());
@@ -572,7 +573,11 @@ mod tests {
             revision: 3,
             ..PolicySnapshot::default()
         };
-        policy.install(&snapshot, compile(&snapshot).unwrap(), "agent");
+        policy.install(
+            &snapshot,
+            compile(&snapshot, &Default::default()).unwrap(),
+            "agent",
+        );
         let files = StateFiles {
             journal,
             policy: policy.clone(),
