@@ -606,6 +606,71 @@ spec:
         assert_eq!(read, Ok((1, 1)), "the status waited for the compile");
     }
 
+    /// An endpoints change recompiles the policy in force from its kept parse: a policy file
+    /// edited since, and not yet read, does not slip in with the new endpoint.
+    #[test]
+    fn an_endpoints_change_recompiles_the_policy_in_force_not_the_folder() {
+        let settled = |path: &Path, text: &str| {
+            std::fs::write(path, text).unwrap();
+            let file = std::fs::File::options().write(true).open(path).unwrap();
+            file.set_modified(std::time::SystemTime::now() - Duration::from_secs(60))
+                .unwrap();
+        };
+        let (dir, state, endpoints) = (
+            tempfile::tempdir().unwrap(),
+            tempfile::tempdir().unwrap(),
+            tempfile::tempdir().unwrap(),
+        );
+        settled(&dir.path().join("test.yaml"), POLICY);
+        let metrics = warden_telemetry::Metrics::new("agent").unwrap();
+        let store = PolicyStore::open(
+            dir.path(),
+            state.path(),
+            &[],
+            Some(endpoints.path()),
+            metrics.policy.clone(),
+        );
+        assert_eq!(store.documents().0, 1);
+
+        settled(
+            &dir.path().join("test.yaml"),
+            &POLICY.replace("example.com", "example.org"),
+        );
+        settled(
+            &endpoints.path().join("pod.yaml"),
+            "- {name: pod, namespace: default, labels: {app: test}, ips: [10.0.0.7]}",
+        );
+        assert!(store.reload_endpoints());
+        let (revision, files) = store.documents();
+        assert_eq!(revision, 2);
+        assert!(files[0].1.contains("example.com"), "{files:?}");
+        let pod = store
+            .endpoints()
+            .entries()
+            .map(|(info, _, _)| info.id)
+            .next()
+            .expect("the pod is an endpoint");
+        let grants = |name: &str| {
+            let mut grants = Vec::new();
+            store
+                .current()
+                .fqdn_grants(&warden_policy::DnsName::new(name).unwrap(), &mut grants);
+            grants
+                .into_iter()
+                .map(|grant| grant.endpoint)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            grants("example.com"),
+            vec![pod],
+            "compiled for the new endpoint"
+        );
+        assert!(
+            grants("example.org").is_empty(),
+            "the unread edit slipped in"
+        );
+    }
+
     #[test]
     fn reads_are_not_changes_but_writes_renames_and_removals_are() {
         use notify::EventKind;
