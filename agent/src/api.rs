@@ -880,6 +880,7 @@ mod tests {
             ttl: 300,
             expires_at,
             server: String::new(),
+            kept_by_connections: false,
         };
         lab.say
             .send(ProxyMessage {

@@ -166,7 +166,7 @@ async fn garbage_oversized_and_strangers_cost_only_their_connection() {
         ips: vec![ip.into()],
         ttl: 300,
         expires_at,
-        server: String::new(),
+        ..Mapping::default()
     };
     let before = rejected(&agent, "malformed").await;
     tx.send(ProxyMessage {

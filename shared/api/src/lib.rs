@@ -36,6 +36,8 @@ impl From<&warden_proxy::Mapping> for proto::Mapping {
             ttl: mapping.ttl,
             expires_at: mapping.expires_at.0,
             server: mapping.server.to_string(),
+            // An answer's, just given.
+            kept_by_connections: false,
         }
     }
 }
@@ -49,6 +51,8 @@ pub struct PeerMapping {
     pub name: DnsName,
     pub ips: Vec<IpAddr>,
     pub expires_at: UnixTime,
+    /// [`Source::Connection`] for IPs only connections keep, else [`Source::Lookup`].
+    pub source: Source,
 }
 
 impl TryFrom<&proto::Mapping> for PeerMapping {
@@ -79,6 +83,11 @@ impl TryFrom<&proto::Mapping> for PeerMapping {
             name,
             ips,
             expires_at: UnixTime(mapping.expires_at),
+            source: if mapping.kept_by_connections {
+                Source::Connection
+            } else {
+                Source::Lookup
+            },
         })
     }
 }
@@ -119,7 +128,7 @@ pub fn merge_mappings(
             mapping.name.as_str(),
             ip,
             expires_at,
-            Source::Lookup,
+            mapping.source,
         );
     });
     metrics.mappings_received.inc_by(checked.len() as u64);
@@ -143,22 +152,25 @@ pub async fn cache_dump(cache: &warden_proxy::SharedCache) -> Vec<proto::Mapping
     })
 }
 
-/// Cache entries as wire mappings: one per (endpoint, name, expiry), since IPs of one name may
-/// expire at different times.
+/// Cache entries as wire mappings: one per (endpoint, name, expiry, kept by connections or not),
+/// since IPs of one name may expire at different times, some kept past their answer only by
+/// connections. Those go as such: taken for an answer's, the peer would keep them for their
+/// whole grace even once the connections are gone.
 fn wire_entries(
     entries: &[warden_fqdn::CacheEntry],
     now: warden_fqdn::UnixTime,
 ) -> Vec<proto::Mapping> {
     let mut wire = Vec::new();
     for entry in entries {
-        let mut by_expiry: std::collections::BTreeMap<u64, Vec<String>> = Default::default();
+        let mut by_expiry: std::collections::BTreeMap<(u64, bool), Vec<String>> =
+            Default::default();
         for cached in &entry.ips {
             by_expiry
-                .entry(cached.expires_at.0)
+                .entry((cached.expires_at.0, cached.source == Source::Connection))
                 .or_default()
                 .push(cached.ip.to_string());
         }
-        for (expires_at, ips) in by_expiry {
+        for ((expires_at, kept_by_connections), ips) in by_expiry {
             wire.push(proto::Mapping {
                 endpoint: entry.endpoint.clone(),
                 name: entry.name.clone(),
@@ -166,6 +178,7 @@ fn wire_entries(
                 ttl: u32::try_from(expires_at.saturating_sub(now.0)).unwrap_or(u32::MAX),
                 expires_at,
                 server: String::new(),
+                kept_by_connections,
             });
         }
     }
@@ -290,6 +303,7 @@ mod tests {
                 ttl: 30,
                 expires_at: 1_000,
                 server: String::new(),
+                kept_by_connections: false,
             })
             .collect();
         let runs: Vec<&[proto::Mapping]> = mapping_batches(&wide).collect();
@@ -317,6 +331,7 @@ mod tests {
             ttl: 30,
             expires_at: 1_000,
             server: String::new(),
+            kept_by_connections: false,
         }
     }
 
@@ -340,6 +355,53 @@ mod tests {
         let bounded = expiry("cilium.io.");
         assert!((now.0 + 600..=now.0 + 601).contains(&bounded), "{bounded}");
         assert_eq!(expiry("google.com."), now.0 + 60);
+    }
+
+    /// IPs only connections kept past their answer went to the peer as an answer's, which then
+    /// kept them for the whole grace even once the connections were gone.
+    #[test]
+    fn ips_kept_only_by_connections_cross_as_such() {
+        use warden_fqdn::DnsCache;
+        let now = warden_proxy::unix_now();
+        let ours = warden_proxy::SharedCache::new(DnsCache::default());
+        let answered: IpAddr = "198.18.1.10".parse().unwrap();
+        let kept: IpAddr = "198.18.1.11".parse().unwrap();
+        {
+            let mut cache = ours.lock();
+            let until = UnixTime(now.0 + 60);
+            cache.insert_entry(
+                "youssef/test",
+                "cilium.io.",
+                answered,
+                until,
+                Source::Lookup,
+            );
+            cache.insert_entry(
+                "youssef/test",
+                "cilium.io.",
+                kept,
+                until,
+                Source::Connection,
+            );
+        }
+        let dump = wire_entries(&ours.lock().entries(now), now);
+        assert_eq!(dump.len(), 2, "one mapping per kind: {dump:?}");
+        assert!(
+            dump.iter()
+                .any(|m| m.kept_by_connections && m.ips == ["198.18.1.11"])
+        );
+
+        let theirs = warden_proxy::SharedCache::new(DnsCache::default());
+        let metrics = warden_telemetry::Metrics::new("test").unwrap();
+        merge_mappings(&theirs, &dump, &metrics.peer);
+        let sources: Vec<(IpAddr, Source)> = theirs
+            .lock()
+            .lookup(now, "youssef/test", "cilium.io.")
+            .iter()
+            .map(|cached| (cached.ip, cached.source))
+            .collect();
+        assert!(sources.contains(&(answered, Source::Lookup)), "{sources:?}");
+        assert!(sources.contains(&(kept, Source::Connection)), "{sources:?}");
     }
 
     #[test]
