@@ -4,7 +4,9 @@
 //!
 //! Three calls are timed: `NameMatcher::is_match` (the index alone), and the two calls the
 //! proxy makes per query on a compiled `PolicyRepository`: `dns_allowed` (the verdict) and
-//! `fqdn_grants` (who may reach the answer's addresses).
+//! `fqdn_grants` (who may reach the answer's addresses). And what a policy change costs before
+//! any of that: parsing the document, and compiling it for 1 and for 1,000 endpoints (the
+//! agent at every change of policy or of endpoints, the dnsproxy at every snapshot).
 
 use std::collections::BTreeMap;
 use std::hint::black_box;
@@ -42,6 +44,11 @@ pub struct PolicyCost {
     pub dns_allowed_hit_ns: f64,
     pub dns_allowed_miss_ns: f64,
     pub fqdn_grants_hit_ns: f64,
+    /// The YAML document to policies.
+    pub parse_ms: f64,
+    /// `PolicyRepository::build` for one endpoint, and for 1,000 the policy selects.
+    pub compile_one_endpoint_ms: f64,
+    pub compile_thousand_endpoints_ms: f64,
 }
 
 impl PolicyCost {
@@ -80,17 +87,32 @@ fn measure_one(count: usize, iterations: u32) -> Result<PolicyCost> {
     }
 
     let server: SocketAddr = "127.0.0.153:53".parse().context("server")?;
-    let policies = warden_policy::parse_str(&policy_yaml(count, server), Path::new("bench.yaml"))
+    let yaml = policy_yaml(count, server);
+    let policies = warden_policy::parse_str(&yaml, Path::new("bench.yaml"))
         .context("parsing the generated policy")?;
     let labels: BTreeMap<String, String> = [("app".to_owned(), "bench".to_owned())].into();
-    let endpoint = EndpointInfo {
-        id: EndpointId(1),
-        name: "client".into(),
+    let endpoint = |n: u32| EndpointInfo {
+        id: EndpointId(n),
+        name: format!("client{n}"),
         namespace: "bench".into(),
         labels: Labels::from_k8s(&labels, "bench"),
-        ips: vec!["127.9.0.1".parse().context("ip")?],
+        ips: vec![std::net::IpAddr::V4(std::net::Ipv4Addr::from(
+            0x7f09_0000 + n,
+        ))],
     };
-    let repository = PolicyRepository::build(&policies, &[endpoint]);
+    let thousand: Vec<EndpointInfo> = (1..=1_000).map(endpoint).collect();
+    let repository = PolicyRepository::build(&policies, &[endpoint(1)]);
+    // A policy change is rare next to queries: a few runs, not batches of thousands.
+    let runs = if iterations >= 100_000 { 5 } else { 1 };
+    let parse_ms = median_ms(runs, || {
+        warden_policy::parse_str(&yaml, Path::new("bench.yaml")).map(|policies| policies.len())
+    });
+    let compile_one_endpoint_ms = median_ms(runs, || {
+        PolicyRepository::build(&policies, &[endpoint(1)]).selector_count()
+    });
+    let compile_thousand_endpoints_ms = median_ms(runs, || {
+        PolicyRepository::build(&policies, &thousand).selector_count()
+    });
     let id = EndpointId(1);
     // The generated policy must behave, or the timings mean nothing.
     anyhow::ensure!(repository.dns_allowed(id, server, L4Proto::Udp, &hit));
@@ -113,7 +135,23 @@ fn measure_one(count: usize, iterations: u32) -> Result<PolicyCost> {
             repository.fqdn_grants(black_box(&hit), &mut grants);
             grants.len()
         }),
+        parse_ms,
+        compile_one_endpoint_ms,
+        compile_thousand_endpoints_ms,
     })
+}
+
+/// Median of `runs` calls, in ms.
+fn median_ms<T>(runs: usize, mut call: impl FnMut() -> T) -> f64 {
+    let mut times: Vec<Duration> = (0..runs.max(1))
+        .map(|_| {
+            let started = Instant::now();
+            black_box(call());
+            started.elapsed()
+        })
+        .collect();
+    times.sort_unstable();
+    times[times.len() / 2].as_secs_f64() * 1e3
 }
 
 /// Median over 7 batches of `iterations` calls, in ns per call (one warm-up batch first).
@@ -154,5 +192,10 @@ mod tests {
         let costs = measure(&[10, 100], 50).unwrap();
         assert_eq!(costs.len(), 2);
         assert!(costs.iter().all(|c| c.worst_check_ns() > 0.0));
+        assert!(
+            costs
+                .iter()
+                .all(|c| c.parse_ms > 0.0 && c.compile_thousand_endpoints_ms > 0.0)
+        );
     }
 }
