@@ -5,7 +5,7 @@
 //! the proxy's allow entries), records its flow events, and sends back its whole cache once
 //! and every mapping that changes its own proxy's cache afterwards, so both caches stay equal.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -208,25 +208,6 @@ async fn run_session(
     }
 }
 
-/// Queues `message` for the proxy, or ends the session if the proxy takes nothing for `limit`.
-async fn send_within(
-    outbound: &mpsc::Sender<Result<AgentMessage, Status>>,
-    message: AgentKind,
-    limit: Duration,
-) -> Result<(), SessionEnd> {
-    let message = Ok(AgentMessage {
-        kind: Some(message),
-    });
-    match tokio::time::timeout(limit, outbound.send(message)).await {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(_)) => Err(SessionEnd::Closed),
-        Err(_) => Err(SessionEnd::Rejected(
-            "stalled",
-            format!("the proxy took no message for {} s", limit.as_secs()),
-        )),
-    }
-}
-
 async fn session(
     state: &ApiState,
     id: u64,
@@ -273,67 +254,61 @@ async fn session(
     let mut revisions = state.policy.subscribe();
     let mut local = state.local_mappings.subscribe();
     let mut cleans = state.cleans.subscribe();
-    let mut sent_revision = 0;
-    let send = |message: AgentKind| send_within(outbound, message, SEND_TIMEOUT);
+    let mut outgoing = Outgoing::default();
     let snapshot = build_snapshot(state);
-    sent_revision = sent_revision.max(snapshot.revision);
+    let mut sent_revision = snapshot.revision;
     let mut sent_generation = state.enforcement.generation();
-    if let Err(end) = send(AgentKind::Snapshot(snapshot)).await {
-        return end;
-    }
+    outgoing.snapshot = Some(snapshot);
     // Endpoints' cgroups are enrolled after start and may change without a new revision.
     let mut directory_check = tokio::time::interval(Duration::from_millis(500));
     let mut catch_up = CatchUp::default();
-    let mut dump: Option<Dump> = None;
+    let mut resync_asked = false;
     loop {
+        outgoing
+            .stall
+            .track(outgoing.is_pending(), tokio::time::Instant::now());
         tokio::select! {
-            () = catch_up.wait(), if dump.is_none() => {
-                // The broadcast dropped mappings this session had not forwarded: they are in the
-                // cache, so the cache goes again, merged on the other side like live mappings.
-                dump = Some(Dump::start(state, &mut local, &mut catch_up, false).await);
-            }
-            permit = outbound.reserve(), if dump.is_some() => {
+            permit = outbound.reserve(), if outgoing.is_pending() => {
                 let Ok(permit) = permit else {
                     return SessionEnd::Closed;
                 };
-                let Some(current) = dump.as_mut() else { continue };
-                current.progress = tokio::time::Instant::now();
-                if let Some(chunk) = current.chunks.next() {
-                    current.sent += chunk.len() as u64;
-                    let batch = Mappings { mappings: chunk, resync: current.resync };
-                    permit.send(Ok(AgentMessage { kind: Some(AgentKind::Cache(batch)) }));
-                    continue;
+                outgoing.stall.taken(tokio::time::Instant::now());
+                match outgoing.next() {
+                    Some(Next::Message(kind)) => permit.send(Ok(AgentMessage { kind: Some(kind) })),
+                    Some(Next::CaughtUp { sent }) => {
+                        tracing::info!(session = id, entries = sent, "dnsproxy session caught up with the agent's cache");
+                    }
+                    Some(Next::ResyncDone { sent }) => {
+                        permit.send(Ok(AgentMessage {
+                            kind: Some(AgentKind::ResyncDone(ResyncDone { entries: sent })),
+                        }));
+                        let elapsed = started.elapsed();
+                        state.metrics.peer.resync_completed(elapsed);
+                        state.sessions.update(id, |info| {
+                            info.last_resync_ms = Some(u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX));
+                            info.last_resync_at_ms = Some(unix_millis());
+                        });
+                        tracing::info!(session = id, entries = sent, ms = elapsed.as_millis(), "resync with dnsproxy done");
+                    }
+                    None => {}
                 }
-                let Some(Dump { sent, resync, .. }) = dump.take() else { continue };
-                if !resync {
-                    drop(permit);
-                    tracing::info!(session = id, entries = sent, "dnsproxy session caught up with the agent's cache");
-                    continue;
-                }
-                permit.send(Ok(AgentMessage {
-                    kind: Some(AgentKind::ResyncDone(ResyncDone { entries: sent })),
-                }));
-                let elapsed = started.elapsed();
-                state.metrics.peer.resync_completed(elapsed);
-                state.sessions.update(id, |info| {
-                    info.last_resync_ms = Some(u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX));
-                    info.last_resync_at_ms = Some(unix_millis());
-                });
-                tracing::info!(session = id, entries = sent, ms = elapsed.as_millis(), "resync with dnsproxy done");
             }
-            () = Dump::stalled(dump.as_ref()) => {
+            () = outgoing.stall.expired() => {
                 return SessionEnd::Rejected(
                     "stalled",
                     format!("the proxy took no message for {} s", SEND_TIMEOUT.as_secs()),
                 );
             }
+            () = catch_up.wait(), if outgoing.dump.is_none() => {
+                // The broadcast dropped mappings this session had not forwarded: they are in the
+                // cache, so the cache goes again, merged on the other side like live mappings.
+                outgoing.dump = Some(Dump::start(state, &mut local, &mut catch_up, false).await);
+            }
             _ = directory_check.tick() => {
                 let generation = state.enforcement.generation();
                 if generation != sent_generation {
                     sent_generation = generation;
-                    if let Err(end) = send(AgentKind::Snapshot(build_snapshot(state))).await {
-                        return end;
-                    }
+                    outgoing.snapshot = Some(build_snapshot(state));
                 }
             }
             message = inbound.message() => {
@@ -371,8 +346,13 @@ async fn session(
                     Some(ProxyKind::ResyncDone(_)) => {
                         // The proxy's journal and cache are in: the agent's cache follows, then
                         // `ResyncDone`, completing the exchange. Both then hold the union. (A
-                        // catch-up still on its way is replaced: this copy is newer.)
-                        dump = Some(Dump::start(state, &mut local, &mut catch_up, true).await);
+                        // catch-up still on its way is replaced: this copy is newer.) Once per
+                        // session: each costs a copy of the whole cache.
+                        if resync_asked {
+                            return SessionEnd::Rejected("protocol", "a second ResyncDone".into());
+                        }
+                        resync_asked = true;
+                        outgoing.dump = Some(Dump::start(state, &mut local, &mut catch_up, true).await);
                     }
                     Some(ProxyKind::Hello(_)) | None => {
                         return SessionEnd::Rejected("protocol", "unexpected message".into());
@@ -386,12 +366,12 @@ async fn session(
                 let snapshot = build_snapshot(state);
                 if snapshot.revision > sent_revision {
                     sent_revision = snapshot.revision;
-                    if let Err(end) = send(AgentKind::Snapshot(snapshot)).await {
-                        return end;
-                    }
+                    outgoing.snapshot = Some(snapshot);
                 }
             }
-            mapping = local.recv() => {
+            // One live batch waits at a time: past it the broadcast holds them, and a session
+            // that falls too far behind catches up with a copy of the cache.
+            mapping = local.recv(), if !outgoing.has_live() => {
                 let mapping = match mapping {
                     Ok(mapping) => mapping,
                     Err(broadcast::error::RecvError::Lagged(skipped)) => {
@@ -419,15 +399,9 @@ async fn session(
                         Err(_) => break,
                     }
                 }
-                let batch = Mappings { mappings, resync: false };
-                if let Err(end) = send(AgentKind::Cache(batch)).await {
-                    return end;
-                }
+                outgoing.queue.push_back(AgentKind::Cache(Mappings { mappings, resync: false }));
             }
-            // After a dump on its way: its later chunks would bring back what a clean removed
-            // (the clean was made on the agent's cache before it was broadcast, so a copy taken
-            // after it lacks the entries anyway).
-            clean = cleans.recv(), if dump.is_none() => {
+            clean = cleans.recv() => {
                 let filter = match clean {
                     Ok(filter) => filter,
                     Err(broadcast::error::RecvError::Lagged(skipped)) => {
@@ -436,25 +410,137 @@ async fn session(
                     }
                     Err(broadcast::error::RecvError::Closed) => return SessionEnd::Closed,
                 };
-                let clean = CacheClean { endpoint: filter.endpoint, name: filter.name };
-                if let Err(end) = send(AgentKind::Clean(clean)).await {
-                    return end;
-                }
+                outgoing.clean(filter);
             }
         }
     }
 }
 
-/// A copy of the agent's cache on its way to the proxy, a message per turn of the session loop,
-/// so that the loop goes on forwarding live mappings and reading the proxy meanwhile: sent in
-/// one go it stopped both for as long as it took, which could itself put the session behind.
+/// What a session has for the proxy, handed over as the proxy takes it, through the one
+/// `reserve()` branch of the session loop: the loop never waits to send, so it goes on reading
+/// the proxy however slowly the proxy reads. (It once awaited each send in place, and a copy
+/// of the cache, or any live mapping behind one, stopped it reading for as long as that took.)
+/// The latest snapshot goes first; then, in turn, the queue and the chunks of a copy of the
+/// cache, so that neither starves the other.
+#[derive(Default)]
+struct Outgoing {
+    /// The latest only: a newer one replaces one not yet sent.
+    snapshot: Option<PolicySnapshot>,
+    /// Live mappings and cleans, in the order they happened: a clean must not overtake the
+    /// mappings it removes, nor a later answer's mapping overtake the clean.
+    queue: VecDeque<AgentKind>,
+    dump: Option<Dump>,
+    /// Whether the copy or the queue goes at the next turn.
+    dump_turn: bool,
+    stall: StallClock,
+}
+
+/// What the session hands over next.
+enum Next {
+    Message(AgentKind),
+    /// A catch-up's last chunk has gone.
+    CaughtUp {
+        sent: u64,
+    },
+    /// A resync's last chunk has gone: `ResyncDone` follows.
+    ResyncDone {
+        sent: u64,
+    },
+}
+
+impl Outgoing {
+    fn is_pending(&self) -> bool {
+        self.snapshot.is_some() || !self.queue.is_empty() || self.dump.is_some()
+    }
+
+    fn has_live(&self) -> bool {
+        self.queue
+            .iter()
+            .any(|message| matches!(message, AgentKind::Cache(_)))
+    }
+
+    fn next(&mut self) -> Option<Next> {
+        if let Some(snapshot) = self.snapshot.take() {
+            return Some(Next::Message(AgentKind::Snapshot(snapshot)));
+        }
+        self.dump_turn = !self.dump_turn;
+        if (self.dump_turn || self.queue.is_empty())
+            && let Some(dump) = self.dump.as_mut()
+        {
+            if let Some(chunk) = dump.chunks.next() {
+                dump.sent += chunk.len() as u64;
+                let batch = Mappings {
+                    mappings: chunk,
+                    resync: dump.resync,
+                };
+                return Some(Next::Message(AgentKind::Cache(batch)));
+            }
+            let Dump { sent, resync, .. } = self.dump.take()?;
+            return Some(if resync {
+                Next::ResyncDone { sent }
+            } else {
+                Next::CaughtUp { sent }
+            });
+        }
+        self.queue.pop_front().map(Next::Message)
+    }
+
+    /// Queues a clean after what it follows. What a copy on its way still holds of what the
+    /// clean removes is dropped from it: sent after the clean, it would bring that back.
+    fn clean(&mut self, filter: CacheFilter) {
+        if let Some(dump) = &mut self.dump {
+            match filter.compile() {
+                Ok(compiled) => {
+                    dump.drop_matching(|mapping| compiled.matches(&mapping.endpoint, &mapping.name))
+                }
+                // The admin API compiled it before cleaning: only a bug gets here.
+                Err(error) => tracing::error!(%error, "a cache clean's filter does not compile"),
+            }
+        }
+        self.queue.push_back(AgentKind::Clean(CacheClean {
+            endpoint: filter.endpoint,
+            name: filter.name,
+        }));
+    }
+}
+
+/// Since when the session has had something for a proxy that took none of it: a proxy that
+/// takes nothing for [`SEND_TIMEOUT`] is stuck, or stalls on purpose.
+#[derive(Debug, Default)]
+struct StallClock {
+    waiting_since: Option<tokio::time::Instant>,
+}
+
+impl StallClock {
+    /// Called every turn of the loop: the clock runs only while something waits.
+    fn track(&mut self, pending: bool, now: tokio::time::Instant) {
+        if !pending {
+            self.waiting_since = None;
+        } else if self.waiting_since.is_none() {
+            self.waiting_since = Some(now);
+        }
+    }
+
+    /// The proxy took a message: the wait starts again.
+    fn taken(&mut self, now: tokio::time::Instant) {
+        self.waiting_since = Some(now);
+    }
+
+    /// Ready once the proxy has taken nothing for [`SEND_TIMEOUT`] while something waited.
+    async fn expired(&self) {
+        match self.waiting_since {
+            Some(since) => tokio::time::sleep_until(since + SEND_TIMEOUT).await,
+            None => std::future::pending().await,
+        }
+    }
+}
+
+/// A copy of the agent's cache on its way to the proxy, a chunk per turn (see [`Outgoing`]).
 struct Dump {
     chunks: std::vec::IntoIter<Vec<WireMapping>>,
     sent: u64,
     /// A resync's: `ResyncDone` follows the last chunk.
     resync: bool,
-    /// When the proxy last took a chunk: one that takes none for [`SEND_TIMEOUT`] is stalled.
-    progress: tokio::time::Instant,
 }
 
 impl Dump {
@@ -469,8 +555,7 @@ impl Dump {
         resync: bool,
     ) -> Dump {
         *local = state.local_mappings.subscribe();
-        let now = tokio::time::Instant::now();
-        catch_up.started(now);
+        catch_up.started(tokio::time::Instant::now());
         let copy = warden_api::cache_dump(&state.cache).await;
         Dump {
             chunks: warden_api::into_mapping_batches(copy)
@@ -478,16 +563,21 @@ impl Dump {
                 .into_iter(),
             sent: 0,
             resync,
-            progress: now,
         }
     }
 
-    /// Ready once a dump on its way has had no chunk taken for [`SEND_TIMEOUT`].
-    async fn stalled(dump: Option<&Dump>) {
-        match dump {
-            Some(dump) => tokio::time::sleep_until(dump.progress + SEND_TIMEOUT).await,
-            None => std::future::pending().await,
-        }
+    /// Drops the mappings of the chunks not sent yet that `removed` says a clean took away.
+    fn drop_matching(&mut self, removed: impl Fn(&WireMapping) -> bool) {
+        let rest: Vec<Vec<WireMapping>> = self
+            .chunks
+            .by_ref()
+            .map(|mut chunk| {
+                chunk.retain(|mapping| !removed(mapping));
+                chunk
+            })
+            .filter(|chunk| !chunk.is_empty())
+            .collect();
+        self.chunks = rest.into_iter();
     }
 }
 
@@ -616,19 +706,117 @@ mod tests {
     use super::*;
 
     /// A proxy that said hello and then read nothing (while answering HTTP/2 pings) once held
-    /// its session task for ever, reported as connected.
+    /// its session task for ever, reported as connected: the clock runs while something waits
+    /// for the proxy, from the last message it took.
     #[tokio::test(start_paused = true)]
-    async fn a_proxy_that_takes_nothing_ends_its_session() {
-        let (outbound, _unread) = mpsc::channel(1);
-        let done = || AgentKind::ResyncDone(ResyncDone { entries: 0 });
-        assert!(
-            send_within(&outbound, done(), SEND_TIMEOUT).await.is_ok(),
-            "room for one"
+    async fn a_proxy_that_takes_nothing_for_the_limit_is_stalled() {
+        let mut clock = StallClock::default();
+        let start = tokio::time::Instant::now();
+        clock.track(false, start);
+        let idle = tokio::time::timeout(SEND_TIMEOUT * 3, clock.expired()).await;
+        assert!(idle.is_err(), "nothing waiting, never stalled");
+
+        let now = tokio::time::Instant::now();
+        clock.track(true, now);
+        tokio::time::advance(SEND_TIMEOUT / 2).await;
+        clock.taken(tokio::time::Instant::now());
+        clock.track(true, tokio::time::Instant::now());
+        let taken_at = tokio::time::Instant::now();
+        clock.expired().await;
+        assert_eq!(
+            taken_at.elapsed(),
+            SEND_TIMEOUT,
+            "from the last message taken"
         );
-        let started = tokio::time::Instant::now();
-        let end = send_within(&outbound, done(), SEND_TIMEOUT).await;
-        assert!(matches!(end, Err(SessionEnd::Rejected("stalled", _))));
-        assert_eq!(started.elapsed(), SEND_TIMEOUT);
+
+        clock.track(false, tokio::time::Instant::now());
+        let idle = tokio::time::timeout(SEND_TIMEOUT * 3, clock.expired()).await;
+        assert!(idle.is_err(), "all taken, the clock stops");
+    }
+
+    fn live(name: &str) -> AgentKind {
+        AgentKind::Cache(Mappings {
+            mappings: vec![WireMapping {
+                endpoint: "youssef/test".into(),
+                name: name.into(),
+                ..WireMapping::default()
+            }],
+            resync: false,
+        })
+    }
+
+    fn names(next: Option<Next>) -> Vec<String> {
+        match next {
+            Some(Next::Message(AgentKind::Cache(batch))) => batch
+                .mappings
+                .into_iter()
+                .map(|mapping| mapping.name)
+                .collect(),
+            Some(Next::Message(AgentKind::Clean(clean))) => {
+                vec![format!("clean {}", clean.name.unwrap_or_default())]
+            }
+            Some(Next::Message(AgentKind::Snapshot(_))) => vec!["snapshot".into()],
+            Some(Next::ResyncDone { sent }) => vec![format!("resync done {sent}")],
+            Some(Next::CaughtUp { sent }) => vec![format!("caught up {sent}")],
+            Some(Next::Message(_)) => vec!["other".into()],
+            None => vec![],
+        }
+    }
+
+    /// The snapshot first; then the queue and a copy of the cache in turn, neither starving the
+    /// other; a clean in order with the live mappings, and taken out of the copy still to go.
+    #[test]
+    fn outgoing_messages_take_turns_and_a_clean_reaches_the_copy_on_its_way() {
+        let chunk = |names: &[&str]| {
+            names
+                .iter()
+                .map(|name| WireMapping {
+                    endpoint: "youssef/test".into(),
+                    name: (*name).into(),
+                    ..WireMapping::default()
+                })
+                .collect::<Vec<_>>()
+        };
+        let mut outgoing = Outgoing {
+            dump: Some(Dump {
+                chunks: vec![
+                    chunk(&["a.copy."]),
+                    chunk(&["gone.copy."]),
+                    chunk(&["b.copy.", "gone.copy."]),
+                ]
+                .into_iter(),
+                sent: 0,
+                resync: true,
+            }),
+            ..Outgoing::default()
+        };
+        outgoing.snapshot = Some(PolicySnapshot::default());
+        outgoing.queue.push_back(live("one.live."));
+        outgoing.queue.push_back(live("gone.live."));
+        outgoing.clean(CacheFilter {
+            endpoint: None,
+            name: Some("gone.*".into()),
+        });
+        outgoing.queue.push_back(live("two.live."));
+        assert!(outgoing.has_live());
+
+        let mut order = Vec::new();
+        while outgoing.is_pending() {
+            order.extend(names(outgoing.next()));
+        }
+        assert_eq!(
+            order,
+            [
+                "snapshot",
+                "a.copy.",
+                "one.live.",
+                "b.copy.",
+                "gone.live.",
+                "resync done 2",
+                "clean gone.*",
+                "two.live.",
+            ]
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -781,6 +969,42 @@ mod tests {
             }
         }
 
+        /// The proxy sends a mapping of its own answers; returns once the agent's cache has
+        /// it (the session read it), failing after 3 s.
+        async fn proxy_answers(&self, name: &str) {
+            let answer = WireMapping {
+                endpoint: "youssef/test".into(),
+                name: name.into(),
+                ips: vec!["198.18.9.9".into()],
+                ttl: 300,
+                expires_at: warden_proxy::unix_now().0 + 300,
+                server: String::new(),
+                kept_by_connections: false,
+            };
+            let message = ProxyMessage {
+                kind: Some(ProxyKind::Mappings(Mappings {
+                    mappings: vec![answer],
+                    resync: false,
+                })),
+            };
+            self.say.send(message).await.unwrap();
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+            let now = warden_proxy::unix_now();
+            while self
+                .state
+                .cache
+                .lock()
+                .lookup(now, "youssef/test", name)
+                .is_empty()
+            {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "the session did not read the proxy's {name}"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+
         async fn stop(self) {
             drop(self.say);
             self.shutdown.cancel();
@@ -870,52 +1094,85 @@ mod tests {
             })),
         };
         lab.say.send(done).await.unwrap();
-        // The proxy reads nothing more for now, and sends one of its own answers.
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        let expires_at = warden_proxy::unix_now().0 + 300;
-        let answer = WireMapping {
-            endpoint: "youssef/test".into(),
-            name: "proxy.example.".into(),
-            ips: vec!["198.18.9.9".into()],
-            ttl: 300,
-            expires_at,
-            server: String::new(),
-            kept_by_connections: false,
-        };
-        lab.say
-            .send(ProxyMessage {
-                kind: Some(ProxyKind::Mappings(Mappings {
-                    mappings: vec![answer],
-                    resync: false,
-                })),
-            })
-            .await
-            .unwrap();
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+        // The proxy reads nothing more for now, and sends answers of its own: the first, once
+        // absorbed, shows that the copy is made and on its way.
+        lab.proxy_answers("probe.example.").await;
+        // The copy fills what the session's queue and HTTP/2 hold, while the agent's own proxy
+        // goes on answering: a live mapping once waited in place for room, and the session
+        // then read nothing from the proxy either.
+        tokio::time::sleep(Duration::from_millis(200)).await;
         let now = warden_proxy::unix_now();
-        while lab
-            .state
-            .cache
-            .lock()
-            .lookup(now, "youssef/test", "proxy.example.")
-            .is_empty()
-        {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "the proxy's mapping waited for the copy of the cache"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
+        for i in 0..100 {
+            let name = format!("l{i}.live.test.");
+            let inserted = lab
+                .state
+                .cache
+                .lock()
+                .insert(now, "youssef/test", &name, &[IP], 300);
+            let _ = lab.state.local_mappings.send(Mapping {
+                endpoint: Arc::from("youssef/test"),
+                name: warden_policy::DnsName::new(&name).unwrap(),
+                ips: vec![IP],
+                ttl: 300,
+                expires_at: inserted.expires_at,
+                server: "127.0.0.1:53".parse().unwrap(),
+            });
+            tokio::task::yield_now().await;
         }
-        // And the copy arrives whole, then the end of the resync.
-        let names = (0..CACHED).map(|i| format!("c{i}.cached.test.")).collect();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        lab.proxy_answers("proxy.example.").await;
+        // And the copy arrives whole, with the live mappings, then the end of the resync.
+        let names = (0..CACHED)
+            .map(|i| format!("c{i}.cached.test."))
+            .chain((0..100).map(|i| format!("l{i}.live.test.")))
+            .collect();
         lab.read_until_seen(&names).await;
-        loop {
-            let message = lab.inbound.message().await.unwrap().unwrap();
-            if let Some(AgentKind::ResyncDone(done)) = message.kind {
-                assert_eq!(done.entries, CACHED as u64);
-                break;
+        let resync_done = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                let message = lab.inbound.message().await.unwrap().unwrap();
+                if let Some(AgentKind::ResyncDone(done)) = message.kind {
+                    return done.entries;
+                }
             }
+        });
+        assert!(resync_done.await.expect("no ResyncDone") >= CACHED as u64);
+        lab.stop().await;
+    }
+
+    /// Each `ResyncDone` costs a copy of the whole cache, and the proxy sends one per
+    /// session: a second is refused, not copied again.
+    #[tokio::test]
+    async fn a_second_resync_done_ends_the_session() {
+        let mut lab = Harness::start(16, 10).await;
+        for _ in 0..2 {
+            let done = ProxyMessage {
+                kind: Some(ProxyKind::ResyncDone(warden_api::proto::ResyncDone {
+                    entries: 0,
+                })),
+            };
+            lab.say.send(done).await.unwrap();
         }
+        let ended = tokio::time::timeout(Duration::from_secs(5), async {
+            loop {
+                match lab.inbound.message().await {
+                    Ok(Some(_)) => {}
+                    Ok(None) => return "closed".to_owned(),
+                    Err(status) => return status.message().to_owned(),
+                }
+            }
+        })
+        .await
+        .expect("the session went on");
+        assert!(ended.contains("a second ResyncDone"), "{ended}");
+        assert_eq!(
+            lab.state
+                .metrics
+                .peer
+                .rejected
+                .with_label_values(&["protocol"])
+                .get(),
+            1
+        );
         lab.stop().await;
     }
 
