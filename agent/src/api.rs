@@ -294,6 +294,11 @@ async fn session(
                 }
             }
             () = outgoing.stall.expired() => {
+                // Room in the queue: the proxy took something while this loop was busy.
+                if outbound.capacity() > 0 {
+                    outgoing.stall.taken(tokio::time::Instant::now());
+                    continue;
+                }
                 return SessionEnd::Rejected(
                     "stalled",
                     format!("the proxy took no message for {} s", SEND_TIMEOUT.as_secs()),
@@ -302,7 +307,7 @@ async fn session(
             () = catch_up.wait(), if outgoing.dump.is_none() => {
                 // The broadcast dropped mappings this session had not forwarded: they are in the
                 // cache, so the cache goes again, merged on the other side like live mappings.
-                outgoing.dump = Some(Dump::start(state, &mut local, &mut catch_up, false).await);
+                outgoing.start_copy(state, &mut local, &mut cleans, &mut catch_up, false).await;
             }
             _ = directory_check.tick() => {
                 let generation = state.enforcement.generation();
@@ -352,7 +357,7 @@ async fn session(
                             return SessionEnd::Rejected("protocol", "a second ResyncDone".into());
                         }
                         resync_asked = true;
-                        outgoing.dump = Some(Dump::start(state, &mut local, &mut catch_up, true).await);
+                        outgoing.start_copy(state, &mut local, &mut cleans, &mut catch_up, true).await;
                     }
                     Some(ProxyKind::Hello(_)) | None => {
                         return SessionEnd::Rejected("protocol", "unexpected message".into());
@@ -380,26 +385,10 @@ async fn session(
                     }
                     Err(broadcast::error::RecvError::Closed) => return SessionEnd::Closed,
                 };
-                // Those already waiting go along: one message per burst, not per answer, up to
-                // the batch bounds (a broadcast receiver cannot put one back, so the last
-                // mapping may take a batch past BATCH_BYTES; the proxy accepts 16 MiB).
-                let mut mappings = vec![WireMapping::from(&mapping)];
-                let mut bytes = warden_api::mapping_bytes(&mappings[0]);
-                while mappings.len() < MAPPINGS_PER_MESSAGE && bytes < warden_api::BATCH_BYTES {
-                    match local.try_recv() {
-                        Ok(more) => {
-                            let more = WireMapping::from(&more);
-                            bytes += warden_api::mapping_bytes(&more);
-                            mappings.push(more);
-                        }
-                        Err(broadcast::error::TryRecvError::Lagged(skipped)) => {
-                            fell_behind(state, id, skipped, &mut catch_up);
-                        }
-                        // Empty, or closed (the next recv says so).
-                        Err(_) => break,
-                    }
-                }
-                outgoing.queue.push_back(AgentKind::Cache(Mappings { mappings, resync: false }));
+                let batch = live_batch(Some(&mapping), &mut local, |skipped| {
+                    fell_behind(state, id, skipped, &mut catch_up);
+                });
+                outgoing.queue.extend(batch);
             }
             clean = cleans.recv() => {
                 let filter = match clean {
@@ -410,6 +399,14 @@ async fn session(
                     }
                     Err(broadcast::error::RecvError::Closed) => return SessionEnd::Closed,
                 };
+                // The agent's answers broadcast before the clean go before it, however many wait
+                // (at most the broadcast's 4,096): behind it they would bring back what it
+                // removed. A live batch still queued does not hold them back here.
+                while let Some(batch) = live_batch(None, &mut local, |skipped| {
+                    fell_behind(state, id, skipped, &mut catch_up);
+                }) {
+                    outgoing.queue.push_back(batch);
+                }
                 outgoing.clean(filter);
             }
         }
@@ -466,8 +463,9 @@ impl Outgoing {
         self.dump_turn = !self.dump_turn;
         if (self.dump_turn || self.queue.is_empty())
             && let Some(dump) = self.dump.as_mut()
+            && dump.after == 0
         {
-            if let Some(chunk) = dump.chunks.next() {
+            if let Some(chunk) = dump.next_chunk() {
                 dump.sent += chunk.len() as u64;
                 let batch = Mappings {
                     mappings: chunk,
@@ -482,7 +480,34 @@ impl Outgoing {
                 Next::CaughtUp { sent }
             });
         }
-        self.queue.pop_front().map(Next::Message)
+        let message = self.queue.pop_front()?;
+        if let Some(dump) = self.dump.as_mut() {
+            dump.after = dump.after.saturating_sub(1);
+        }
+        Some(Next::Message(message))
+    }
+
+    /// Copies the cache for the proxy (see [`Dump::start`]). What the queue holds goes first,
+    /// and with it the cleans not yet received: they are older than the copy, which lacks what
+    /// they removed, so they must reach the proxy before it and not take anything out of it
+    /// (an entry answered again since would go).
+    async fn start_copy(
+        &mut self,
+        state: &ApiState,
+        local: &mut broadcast::Receiver<Mapping>,
+        cleans: &mut broadcast::Receiver<CacheFilter>,
+        catch_up: &mut CatchUp,
+        resync: bool,
+    ) {
+        while let Ok(filter) = cleans.try_recv() {
+            self.queue.push_back(AgentKind::Clean(CacheClean {
+                endpoint: filter.endpoint,
+                name: filter.name,
+            }));
+        }
+        let mut dump = Dump::start(state, local, catch_up, resync).await;
+        dump.after = self.queue.len();
+        self.dump = Some(dump);
     }
 
     /// Queues a clean after what it follows. What a copy on its way still holds of what the
@@ -490,9 +515,7 @@ impl Outgoing {
     fn clean(&mut self, filter: CacheFilter) {
         if let Some(dump) = &mut self.dump {
             match filter.compile() {
-                Ok(compiled) => {
-                    dump.drop_matching(|mapping| compiled.matches(&mapping.endpoint, &mapping.name))
-                }
+                Ok(compiled) => dump.removed.push(compiled),
                 // The admin API compiled it before cleaning: only a bug gets here.
                 Err(error) => tracing::error!(%error, "a cache clean's filter does not compile"),
             }
@@ -541,6 +564,11 @@ struct Dump {
     sent: u64,
     /// A resync's: `ResyncDone` follows the last chunk.
     resync: bool,
+    /// Messages of the queue that go before the first chunk: those queued before the copy.
+    after: usize,
+    /// Cleans made since the copy: what they match leaves the chunks as they go (a chunk at a
+    /// time, not the whole copy on the clean's turn of the loop).
+    removed: Vec<warden_telemetry::CompiledCacheFilter>,
 }
 
 impl Dump {
@@ -563,22 +591,58 @@ impl Dump {
                 .into_iter(),
             sent: 0,
             resync,
+            after: 0,
+            removed: Vec::new(),
         }
     }
 
-    /// Drops the mappings of the chunks not sent yet that `removed` says a clean took away.
-    fn drop_matching(&mut self, removed: impl Fn(&WireMapping) -> bool) {
-        let rest: Vec<Vec<WireMapping>> = self
-            .chunks
-            .by_ref()
-            .map(|mut chunk| {
-                chunk.retain(|mapping| !removed(mapping));
-                chunk
-            })
-            .filter(|chunk| !chunk.is_empty())
-            .collect();
-        self.chunks = rest.into_iter();
+    /// The next chunk with what the cleans since the copy removed taken out; none once all
+    /// are out.
+    fn next_chunk(&mut self) -> Option<Vec<WireMapping>> {
+        for mut chunk in self.chunks.by_ref() {
+            if !self.removed.is_empty() {
+                chunk.retain(|mapping| {
+                    !self
+                        .removed
+                        .iter()
+                        .any(|filter| filter.matches(&mapping.endpoint, &mapping.name))
+                });
+            }
+            if !chunk.is_empty() {
+                return Some(chunk);
+            }
+        }
+        None
     }
+}
+
+/// A live batch from what `local` holds: `first` (just received) and those already waiting,
+/// one message per burst, not per answer, up to the batch bounds (a broadcast receiver cannot
+/// put one back, so the last mapping may take a batch past BATCH_BYTES; the proxy accepts
+/// 16 MiB). None when nothing waits. `fell_behind` is told of mappings the receiver skipped.
+fn live_batch(
+    first: Option<&Mapping>,
+    local: &mut broadcast::Receiver<Mapping>,
+    mut fell_behind: impl FnMut(u64),
+) -> Option<AgentKind> {
+    let mut mappings: Vec<WireMapping> = first.map(WireMapping::from).into_iter().collect();
+    let mut bytes: usize = mappings.iter().map(warden_api::mapping_bytes).sum();
+    while mappings.len() < MAPPINGS_PER_MESSAGE && bytes < warden_api::BATCH_BYTES {
+        match local.try_recv() {
+            Ok(more) => {
+                let more = WireMapping::from(&more);
+                bytes += warden_api::mapping_bytes(&more);
+                mappings.push(more);
+            }
+            Err(broadcast::error::TryRecvError::Lagged(skipped)) => fell_behind(skipped),
+            // Empty, or closed (the next recv says so).
+            Err(_) => break,
+        }
+    }
+    (!mappings.is_empty()).then_some(AgentKind::Cache(Mappings {
+        mappings,
+        resync: false,
+    }))
 }
 
 /// Counts what a session skipped and schedules its catch-up.
@@ -705,6 +769,38 @@ fn build_snapshot(state: &ApiState) -> PolicySnapshot {
 mod tests {
     use super::*;
 
+    /// A clean older than a copy (the copy lacks what it removed) goes before the copy and
+    /// takes nothing out of it: an entry answered again since is in the copy, and must stay.
+    #[test]
+    fn a_copy_goes_after_what_was_queued_before_it() {
+        let mut outgoing = Outgoing::default();
+        outgoing.queue.push_back(live("one.live."));
+        outgoing.queue.push_back(AgentKind::Clean(CacheClean {
+            endpoint: None,
+            name: Some("again.*".into()),
+        }));
+        outgoing.dump = Some(Dump {
+            chunks: vec![vec![WireMapping {
+                endpoint: "youssef/test".into(),
+                name: "again.copy.".into(),
+                ..WireMapping::default()
+            }]]
+            .into_iter(),
+            sent: 0,
+            resync: false,
+            after: outgoing.queue.len(),
+            removed: Vec::new(),
+        });
+        let mut order = Vec::new();
+        while outgoing.is_pending() {
+            order.extend(names(outgoing.next()));
+        }
+        assert_eq!(
+            order,
+            ["one.live.", "clean again.*", "again.copy.", "caught up 1"]
+        );
+    }
+
     /// A proxy that said hello and then read nothing (while answering HTTP/2 pings) once held
     /// its session task for ever, reported as connected: the clock runs while something waits
     /// for the proxy, from the last message it took.
@@ -787,6 +883,8 @@ mod tests {
                 .into_iter(),
                 sent: 0,
                 resync: true,
+                after: 0,
+                removed: Vec::new(),
             }),
             ..Outgoing::default()
         };
@@ -1136,6 +1234,83 @@ mod tests {
             }
         });
         assert!(resync_done.await.expect("no ResyncDone") >= CACHED as u64);
+        lab.stop().await;
+    }
+
+    /// A clean broadcast while a live batch waited for room went into the queue ahead of the
+    /// agent's answers still in the broadcast, though they came before it: sent after the
+    /// clean, they brought back on the proxy what the agent had removed.
+    #[tokio::test]
+    async fn a_clean_goes_after_the_answers_that_came_before_it() {
+        const CACHED: usize = 150_000;
+        let mut lab = Harness::start(4096, CACHED).await;
+        let done = ProxyMessage {
+            kind: Some(ProxyKind::ResyncDone(warden_api::proto::ResyncDone {
+                entries: 0,
+            })),
+        };
+        lab.say.send(done).await.unwrap();
+        lab.proxy_answers("probe.example.").await;
+        // The copy fills the session's queue; one answer then waits in it as a live batch.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let answer = |name: &str| {
+            let now = warden_proxy::unix_now();
+            let inserted = lab
+                .state
+                .cache
+                .lock()
+                .insert(now, "youssef/test", name, &[IP], 300);
+            let _ = lab.state.local_mappings.send(Mapping {
+                endpoint: Arc::from("youssef/test"),
+                name: warden_policy::DnsName::new(name).unwrap(),
+                ips: vec![IP],
+                ttl: 300,
+                expires_at: inserted.expires_at,
+                server: "127.0.0.1:53".parse().unwrap(),
+            });
+        };
+        answer("x.kept.test.");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        // More answers, which wait in the broadcast behind it, then a clean of them.
+        for i in 0..10 {
+            answer(&format!("y{i}.gone.test."));
+        }
+        let _ = lab.state.cleans.send(CacheFilter {
+            endpoint: None,
+            name: Some("*.gone.test".into()),
+        });
+
+        // What the proxy ends with, applying the messages in order as it does.
+        let mut held = std::collections::BTreeSet::new();
+        let (mut cleaned, mut resynced) = (false, false);
+        while !(cleaned && resynced && held.contains("x.kept.test.")) {
+            let message = tokio::time::timeout(Duration::from_secs(10), lab.inbound.message())
+                .await
+                .expect("the session went quiet")
+                .unwrap()
+                .unwrap();
+            match message.kind {
+                Some(AgentKind::Cache(batch)) => {
+                    held.extend(batch.mappings.into_iter().map(|mapping| mapping.name));
+                }
+                Some(AgentKind::Clean(_)) => {
+                    held.retain(|name| !name.ends_with(".gone.test."));
+                    cleaned = true;
+                }
+                Some(AgentKind::ResyncDone(_)) => resynced = true,
+                _ => {}
+            }
+        }
+        // Anything still on its way comes within a moment.
+        while let Ok(Ok(Some(message))) =
+            tokio::time::timeout(Duration::from_millis(300), lab.inbound.message()).await
+        {
+            if let Some(AgentKind::Cache(batch)) = message.kind {
+                held.extend(batch.mappings.into_iter().map(|mapping| mapping.name));
+            }
+        }
+        let back: Vec<_> = held.iter().filter(|name| name.contains(".gone.")).collect();
+        assert!(back.is_empty(), "cleaned, then brought back: {back:?}");
         lab.stop().await;
     }
 
