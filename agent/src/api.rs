@@ -1067,6 +1067,38 @@ mod tests {
             }
         }
 
+        /// The agent's own proxy answers `name`: into the cache, then to the sessions.
+        fn agent_answers(&self, name: &str) {
+            let now = warden_proxy::unix_now();
+            let inserted = self
+                .state
+                .cache
+                .lock()
+                .insert(now, "youssef/test", name, &[IP], 300);
+            let _ = self.state.local_mappings.send(Mapping {
+                endpoint: Arc::from("youssef/test"),
+                name: warden_policy::DnsName::new(name).unwrap(),
+                ips: vec![IP],
+                ttl: 300,
+                expires_at: inserted.expires_at,
+                server: "127.0.0.1:53".parse().unwrap(),
+            });
+        }
+
+        /// The proxy ends its side of the resync and then reads nothing: the agent's copy of
+        /// its cache fills what the session's queue and HTTP/2 hold. Returns once the session
+        /// has read a first answer of the proxy's, so the copy is made and on its way.
+        async fn resync_with_a_reader_that_pauses(&self) {
+            let done = ProxyMessage {
+                kind: Some(ProxyKind::ResyncDone(warden_api::proto::ResyncDone {
+                    entries: 0,
+                })),
+            };
+            self.say.send(done).await.unwrap();
+            self.proxy_answers("probe.example.").await;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+
         /// The proxy sends a mapping of its own answers; returns once the agent's cache has
         /// it (the session read it), failing after 3 s.
         async fn proxy_answers(&self, name: &str) {
@@ -1146,26 +1178,10 @@ mod tests {
 
         // The agent's proxy answers names faster than the session forwards them: on this
         // single-threaded runtime the session runs only once they are all out.
-        let now = warden_proxy::unix_now();
         let names: std::collections::BTreeSet<String> =
             (0..NAMES).map(|i| format!("n{i}.churn.test.")).collect();
         for name in &names {
-            let inserted = lab
-                .state
-                .cache
-                .lock()
-                .insert(now, "youssef/test", name, &[IP], 300);
-            lab.state
-                .local_mappings
-                .send(Mapping {
-                    endpoint: Arc::from("youssef/test"),
-                    name: warden_policy::DnsName::new(name).unwrap(),
-                    ips: vec![IP],
-                    ttl: 300,
-                    expires_at: inserted.expires_at,
-                    server: "127.0.0.1:53".parse().unwrap(),
-                })
-                .unwrap();
+            lab.agent_answers(name);
         }
         lab.read_until_seen(&names).await;
         assert_eq!(
@@ -1186,35 +1202,11 @@ mod tests {
         // Over twice what the session's queue (64 messages of 1,024) and HTTP/2 hold.
         const CACHED: usize = 150_000;
         let mut lab = Harness::start(4096, CACHED).await;
-        let done = ProxyMessage {
-            kind: Some(ProxyKind::ResyncDone(warden_api::proto::ResyncDone {
-                entries: 0,
-            })),
-        };
-        lab.say.send(done).await.unwrap();
-        // The proxy reads nothing more for now, and sends answers of its own: the first, once
-        // absorbed, shows that the copy is made and on its way.
-        lab.proxy_answers("probe.example.").await;
-        // The copy fills what the session's queue and HTTP/2 hold, while the agent's own proxy
-        // goes on answering: a live mapping once waited in place for room, and the session
-        // then read nothing from the proxy either.
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        let now = warden_proxy::unix_now();
+        lab.resync_with_a_reader_that_pauses().await;
+        // The agent's own proxy goes on answering: a live mapping once waited in place for
+        // room, and the session then read nothing from the proxy either.
         for i in 0..100 {
-            let name = format!("l{i}.live.test.");
-            let inserted = lab
-                .state
-                .cache
-                .lock()
-                .insert(now, "youssef/test", &name, &[IP], 300);
-            let _ = lab.state.local_mappings.send(Mapping {
-                endpoint: Arc::from("youssef/test"),
-                name: warden_policy::DnsName::new(&name).unwrap(),
-                ips: vec![IP],
-                ttl: 300,
-                expires_at: inserted.expires_at,
-                server: "127.0.0.1:53".parse().unwrap(),
-            });
+            lab.agent_answers(&format!("l{i}.live.test."));
             tokio::task::yield_now().await;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -1244,36 +1236,13 @@ mod tests {
     async fn a_clean_goes_after_the_answers_that_came_before_it() {
         const CACHED: usize = 150_000;
         let mut lab = Harness::start(4096, CACHED).await;
-        let done = ProxyMessage {
-            kind: Some(ProxyKind::ResyncDone(warden_api::proto::ResyncDone {
-                entries: 0,
-            })),
-        };
-        lab.say.send(done).await.unwrap();
-        lab.proxy_answers("probe.example.").await;
-        // The copy fills the session's queue; one answer then waits in it as a live batch.
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        let answer = |name: &str| {
-            let now = warden_proxy::unix_now();
-            let inserted = lab
-                .state
-                .cache
-                .lock()
-                .insert(now, "youssef/test", name, &[IP], 300);
-            let _ = lab.state.local_mappings.send(Mapping {
-                endpoint: Arc::from("youssef/test"),
-                name: warden_policy::DnsName::new(name).unwrap(),
-                ips: vec![IP],
-                ttl: 300,
-                expires_at: inserted.expires_at,
-                server: "127.0.0.1:53".parse().unwrap(),
-            });
-        };
-        answer("x.kept.test.");
+        lab.resync_with_a_reader_that_pauses().await;
+        // One answer waits in the session's queue as a live batch.
+        lab.agent_answers("x.kept.test.");
         tokio::time::sleep(Duration::from_millis(100)).await;
         // More answers, which wait in the broadcast behind it, then a clean of them.
         for i in 0..10 {
-            answer(&format!("y{i}.gone.test."));
+            lab.agent_answers(&format!("y{i}.gone.test."));
         }
         let _ = lab.state.cleans.send(CacheFilter {
             endpoint: None,
