@@ -407,7 +407,23 @@ async fn session(
                 }) {
                     outgoing.queue.push_back(batch);
                 }
-                outgoing.clean(filter);
+                let Ok(compiled) = filter.compile() else {
+                    // The admin API compiled it before cleaning: only a bug gets here.
+                    tracing::error!(session = id, "a cache clean's filter does not compile");
+                    continue;
+                };
+                outgoing.clean(filter, compiled.clone());
+                // The drain may have taken answers given after the clean too (the two
+                // broadcasts keep no order between them), which the clean then removes on the
+                // proxy: what the agent's cache holds of the clean's names now was answered
+                // after it, and goes again, behind it.
+                let since = warden_api::cache_dump_matching(&state.cache, move |endpoint, name| {
+                    compiled.matches(endpoint, name)
+                })
+                .await;
+                outgoing.queue.extend(warden_api::into_mapping_batches(since).map(|mappings| {
+                    AgentKind::Cache(Mappings { mappings, resync: false })
+                }));
             }
         }
     }
@@ -499,11 +515,17 @@ impl Outgoing {
         catch_up: &mut CatchUp,
         resync: bool,
     ) {
-        while let Ok(filter) = cleans.try_recv() {
-            self.queue.push_back(AgentKind::Clean(CacheClean {
-                endpoint: filter.endpoint,
-                name: filter.name,
-            }));
+        loop {
+            match cleans.try_recv() {
+                Ok(filter) => self.queue.push_back(AgentKind::Clean(CacheClean {
+                    endpoint: filter.endpoint,
+                    name: filter.name,
+                })),
+                Err(broadcast::error::TryRecvError::Lagged(skipped)) => {
+                    tracing::warn!(skipped, "dnsproxy session missed cache cleans");
+                }
+                Err(_) => break,
+            }
         }
         let mut dump = Dump::start(state, local, catch_up, resync).await;
         dump.after = self.queue.len();
@@ -512,13 +534,9 @@ impl Outgoing {
 
     /// Queues a clean after what it follows. What a copy on its way still holds of what the
     /// clean removes is dropped from it: sent after the clean, it would bring that back.
-    fn clean(&mut self, filter: CacheFilter) {
+    fn clean(&mut self, filter: CacheFilter, compiled: warden_telemetry::CompiledCacheFilter) {
         if let Some(dump) = &mut self.dump {
-            match filter.compile() {
-                Ok(compiled) => dump.removed.push(compiled),
-                // The admin API compiled it before cleaning: only a bug gets here.
-                Err(error) => tracing::error!(%error, "a cache clean's filter does not compile"),
-            }
+            dump.removed.push(compiled);
         }
         self.queue.push_back(AgentKind::Clean(CacheClean {
             endpoint: filter.endpoint,
@@ -891,10 +909,12 @@ mod tests {
         outgoing.snapshot = Some(PolicySnapshot::default());
         outgoing.queue.push_back(live("one.live."));
         outgoing.queue.push_back(live("gone.live."));
-        outgoing.clean(CacheFilter {
+        let gone = CacheFilter {
             endpoint: None,
             name: Some("gone.*".into()),
-        });
+        };
+        let compiled = gone.compile().unwrap();
+        outgoing.clean(gone, compiled);
         outgoing.queue.push_back(live("two.live."));
         assert!(outgoing.has_live());
 
@@ -1095,13 +1115,15 @@ mod tests {
                 })),
             };
             self.say.send(done).await.unwrap();
-            self.proxy_answers("probe.example.").await;
+            // Long: the copy is made first, 150,000 names in a debug build on a busy machine.
+            self.proxy_answers("probe.example.", Duration::from_secs(30))
+                .await;
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
 
         /// The proxy sends a mapping of its own answers; returns once the agent's cache has
-        /// it (the session read it), failing after 3 s.
-        async fn proxy_answers(&self, name: &str) {
+        /// it (the session read it), failing after `limit`.
+        async fn proxy_answers(&self, name: &str, limit: Duration) {
             let answer = WireMapping {
                 endpoint: "youssef/test".into(),
                 name: name.into(),
@@ -1118,7 +1140,7 @@ mod tests {
                 })),
             };
             self.say.send(message).await.unwrap();
-            let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+            let deadline = tokio::time::Instant::now() + limit;
             let now = warden_proxy::unix_now();
             while self
                 .state
@@ -1210,7 +1232,8 @@ mod tests {
             tokio::task::yield_now().await;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
-        lab.proxy_answers("proxy.example.").await;
+        lab.proxy_answers("proxy.example.", Duration::from_secs(3))
+            .await;
         // And the copy arrives whole, with the live mappings, then the end of the resync.
         let names = (0..CACHED)
             .map(|i| format!("c{i}.cached.test."))
@@ -1244,10 +1267,20 @@ mod tests {
         for i in 0..10 {
             lab.agent_answers(&format!("y{i}.gone.test."));
         }
-        let _ = lab.state.cleans.send(CacheFilter {
+        // As the admin API cleans: the agent's cache, then the sessions.
+        let filter = CacheFilter {
             endpoint: None,
             name: Some("*.gone.test".into()),
-        });
+        };
+        let compiled = filter.compile().unwrap();
+        lab.state
+            .cache
+            .clean(move |endpoint, name| compiled.matches(endpoint, name))
+            .await
+            .unwrap();
+        let _ = lab.state.cleans.send(filter);
+        // An answer after the clean: the proxy must end with it.
+        lab.agent_answers("y0.gone.test.");
 
         // What the proxy ends with, applying the messages in order as it does.
         let mut held = std::collections::BTreeSet::new();
@@ -1279,7 +1312,11 @@ mod tests {
             }
         }
         let back: Vec<_> = held.iter().filter(|name| name.contains(".gone.")).collect();
-        assert!(back.is_empty(), "cleaned, then brought back: {back:?}");
+        assert_eq!(
+            back,
+            ["y0.gone.test."],
+            "cleaned names brought back, or a later answer lost"
+        );
         lab.stop().await;
     }
 

@@ -140,14 +140,22 @@ pub fn merge_mappings(
 /// worker (hundreds of ms of CPU at a million entries). Empty, with an error logged, should
 /// that thread panic: the resync then sends nothing and the peers keep what they hold.
 pub async fn cache_dump(cache: &warden_proxy::SharedCache) -> Vec<proto::Mapping> {
+    cache_dump_matching(cache, |_, _| true).await
+}
+
+/// [`cache_dump`] of the (endpoint, name) pairs `wanted` holds for.
+pub async fn cache_dump_matching(
+    cache: &warden_proxy::SharedCache,
+    wanted: impl FnMut(&str, &str) -> bool + Send + 'static,
+) -> Vec<proto::Mapping> {
     let copied = cache
         .off_runtime(|cache| {
             let now = warden_proxy::unix_now();
-            wire_entries(&cache.entries_unordered(now), now)
+            wire_entries(&cache.entries_matching(now, wanted), now)
         })
         .await;
     copied.unwrap_or_else(|error| {
-        tracing::error!(%error, "the cache copy for the resync failed");
+        tracing::error!(%error, "the cache copy for the peer failed");
         Vec::new()
     })
 }
@@ -225,16 +233,19 @@ pub fn batches<T>(
     })
 }
 
-/// [`batches`] of an owned list, each run moved out of it rather than copied.
+/// [`batches`] of an owned list, each run moved out of it rather than copied, in one pass:
+/// draining each run from the front of the list shifted the rest every time, quadratic in a
+/// cache copy's million mappings.
 pub fn into_batches<T>(
-    mut items: Vec<T>,
+    items: Vec<T>,
     max_items: usize,
     size: impl Fn(&T) -> usize,
 ) -> impl Iterator<Item = Vec<T>> {
     let lengths: Vec<usize> = batches(&items, max_items, size).map(<[T]>::len).collect();
+    let mut items = items.into_iter();
     lengths
         .into_iter()
-        .map(move |length| items.drain(..length).collect())
+        .map(move |length| items.by_ref().take(length).collect())
 }
 
 /// A mapping's share of a message: its encoding, its field tag and its length prefix.
@@ -286,6 +297,19 @@ mod tests {
         assert_eq!(sizes(&[1, 1], 0), [vec![1], vec![1]]);
         let owned: Vec<Vec<usize>> = into_batches(vec![half, half, 1, half], 100, |n| *n).collect();
         assert_eq!(owned, sizes(&[half, half, 1, half], 100));
+    }
+
+    /// The owned runs, now taken in one pass, are the borrowed runs, in order.
+    #[test]
+    fn owned_batches_are_the_borrowed_runs_in_order() {
+        let items: Vec<usize> = (0..10_000).map(|i| i % 700 + 1).collect();
+        let borrowed: Vec<Vec<usize>> = batches(&items, 100, |n| *n * 300)
+            .map(<[usize]>::to_vec)
+            .collect();
+        let owned: Vec<Vec<usize>> = into_batches(items.clone(), 100, |n| *n * 300).collect();
+        assert_eq!(owned, borrowed);
+        assert_eq!(owned.concat(), items);
+        assert!(owned.len() > 100, "the byte budget cut runs too");
     }
 
     /// The failure that made the budget: a cache of names with a thousand addresses each,
