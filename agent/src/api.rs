@@ -1115,7 +1115,7 @@ mod tests {
                 })),
             };
             self.say.send(done).await.unwrap();
-            // Long: the copy is made first, 150,000 names in a debug build on a busy machine.
+            // Long: the copy is made first, 100,000 names in a debug build on a busy machine.
             self.proxy_answers("probe.example.", Duration::from_secs(30))
                 .await;
             tokio::time::sleep(Duration::from_millis(200)).await;
@@ -1221,8 +1221,8 @@ mod tests {
     /// of the session loop.
     #[tokio::test]
     async fn a_copy_of_the_cache_on_its_way_does_not_stop_the_session_reading_the_proxy() {
-        // Over twice what the session's queue (64 messages of 1,024) and HTTP/2 hold.
-        const CACHED: usize = 150_000;
+        // Well over what the session's queue (64 messages of 1,024) and HTTP/2 hold.
+        const CACHED: usize = 100_000;
         let mut lab = Harness::start(4096, CACHED).await;
         lab.resync_with_a_reader_that_pauses().await;
         // The agent's own proxy goes on answering: a live mapping once waited in place for
@@ -1257,7 +1257,7 @@ mod tests {
     /// clean, they brought back on the proxy what the agent had removed.
     #[tokio::test]
     async fn a_clean_goes_after_the_answers_that_came_before_it() {
-        const CACHED: usize = 150_000;
+        const CACHED: usize = 100_000;
         let mut lab = Harness::start(4096, CACHED).await;
         lab.resync_with_a_reader_that_pauses().await;
         // One answer waits in the session's queue as a live batch.

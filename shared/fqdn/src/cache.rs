@@ -579,14 +579,33 @@ impl DnsCache {
     /// large cache taken a piece per hold of its lock. Valid while
     /// [`compactions`](Self::compactions) stays the same.
     pub fn entries_chunk(&self, now: UnixTime, from: u32, pairs: u32) -> (Vec<CacheEntry>, u32) {
+        self.entries_chunk_matching(now, from, pairs, |_, _| true)
+    }
+
+    /// [`Self::entries_chunk`] of the (endpoint, name) pairs `wanted` holds for, asked before
+    /// anything of a pair is copied: a few names of a large cache cost a walk, not a copy.
+    pub fn entries_chunk_matching(
+        &self,
+        now: UnixTime,
+        from: u32,
+        pairs: u32,
+        mut wanted: impl FnMut(&str, &str) -> bool,
+    ) -> (Vec<CacheEntry>, u32) {
         let to = from.saturating_add(pairs).min(self.pairs.id_bound());
         let entries = (from..to)
             .filter_map(|pid| {
                 let pair = self.pairs.get(pid)?;
+                let (endpoint, name) = (
+                    self.endpoints.text(pair.endpoint),
+                    self.names.text(pair.name),
+                );
+                if !wanted(endpoint, name) {
+                    return None;
+                }
                 let ips = live_ips(&pair.ips, now.0);
                 (!ips.is_empty()).then(|| CacheEntry {
-                    endpoint: self.endpoints.text(pair.endpoint).to_owned(),
-                    name: self.names.text(pair.name).to_owned(),
+                    endpoint: endpoint.to_owned(),
+                    name: name.to_owned(),
                     ips,
                 })
             })
@@ -1019,6 +1038,23 @@ mod tests {
         }
         sort_entries(&mut chunked);
         assert_eq!(chunked, sorted.entries);
+
+        // Only the wanted pairs, each asked once, the others never copied.
+        let mut asked = Vec::new();
+        let (mut wanted, _) =
+            cache.entries_chunk_matching(t(120), 0, u32::MAX, |endpoint, name| {
+                asked.push(format!("{endpoint} {name}"));
+                endpoint == "a/ep" && name != "m.io."
+            });
+        sort_entries(&mut wanted);
+        let expected: Vec<CacheEntry> = sorted
+            .entries
+            .iter()
+            .filter(|entry| entry.endpoint == "a/ep" && entry.name != "m.io.")
+            .cloned()
+            .collect();
+        assert_eq!(wanted, expected);
+        assert_eq!(asked.len(), 6);
     }
 
     fn limits(min_ttl: u32, max_ips_per_name: usize) -> CacheLimits {

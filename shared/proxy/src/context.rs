@@ -190,8 +190,9 @@ impl SharedCache {
         self.entries_matching(now, |_, _| true)
     }
 
-    /// [`Self::entries_unordered`] of the (endpoint, name) pairs `wanted` holds for, filtered
-    /// chunk by chunk: a listing of a few names of a large cache never copies it whole.
+    /// [`Self::entries_unordered`] of the (endpoint, name) pairs `wanted` holds for, asked
+    /// pair by pair before anything is copied: a listing of a few names of a large cache never
+    /// copies it whole.
     pub fn entries_matching(
         &self,
         now: UnixTime,
@@ -199,16 +200,12 @@ impl SharedCache {
     ) -> Vec<CacheEntry> {
         let mut entries = Vec::new();
         self.walk_in_chunks(
-            |cache, from| cache.entries_chunk(now, from, COPY_CHUNK),
+            |cache, from| cache.entries_chunk_matching(now, from, COPY_CHUNK, &mut wanted),
             |chunk, first| {
                 if first {
                     entries.clear();
                 }
-                entries.extend(
-                    chunk
-                        .into_iter()
-                        .filter(|entry| wanted(&entry.endpoint, &entry.name)),
-                );
+                entries.extend(chunk);
             },
         );
         entries
