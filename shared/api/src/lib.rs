@@ -162,8 +162,9 @@ pub async fn cache_dump_matching(
 
 /// Cache entries as wire mappings: one per (endpoint, name, expiry, kept by connections or not),
 /// since IPs of one name may expire at different times, some kept past their answer only by
-/// connections. Those go as such: taken for an answer's, the peer would keep them for their
-/// whole grace even once the connections are gone.
+/// connections. Those go as such, to be held as such: taken for an answer's, they showed as
+/// answered in the peer's listing, and a fresh answer shorter than their grace was no news
+/// there and did not cross back.
 fn wire_entries(
     entries: &[warden_fqdn::CacheEntry],
     now: warden_fqdn::UnixTime,
@@ -381,8 +382,8 @@ mod tests {
         assert_eq!(expiry("google.com."), now.0 + 60);
     }
 
-    /// IPs only connections kept past their answer went to the peer as an answer's, which then
-    /// kept them for the whole grace even once the connections were gone.
+    /// IPs only connections kept past their answer went to the peer as an answer's: listed as
+    /// answered there, and a fresh answer shorter than their grace was no news.
     #[test]
     fn ips_kept_only_by_connections_cross_as_such() {
         use warden_fqdn::DnsCache;
