@@ -5,7 +5,7 @@
 //! the proxy's allow entries), records its flow events, and sends back its whole cache once
 //! and every mapping that changes its own proxy's cache afterwards, so both caches stay equal
 //! (the whole cache again should the session fall behind those). What goes to the proxy waits
-//! in [`Outgoing`] until the proxy takes it: the loop never waits to send, so it never stops
+//! in `Outgoing` until the proxy takes it: the loop never waits to send, so it never stops
 //! reading the proxy.
 
 use std::collections::{HashMap, VecDeque};
