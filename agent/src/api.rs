@@ -520,10 +520,7 @@ impl Outgoing {
     ) {
         loop {
             match cleans.try_recv() {
-                Ok(filter) => self.queue.push_back(AgentKind::Clean(CacheClean {
-                    endpoint: filter.endpoint,
-                    name: filter.name,
-                })),
+                Ok(filter) => self.queue.push_back(clean_message(filter)),
                 Err(broadcast::error::TryRecvError::Lagged(skipped)) => {
                     tracing::warn!(skipped, "dnsproxy session missed cache cleans");
                 }
@@ -541,11 +538,16 @@ impl Outgoing {
         if let Some(dump) = &mut self.dump {
             dump.removed.push(compiled);
         }
-        self.queue.push_back(AgentKind::Clean(CacheClean {
-            endpoint: filter.endpoint,
-            name: filter.name,
-        }));
+        self.queue.push_back(clean_message(filter));
     }
+}
+
+/// A clean made on the agent, as the proxy gets it.
+fn clean_message(filter: CacheFilter) -> AgentKind {
+    AgentKind::Clean(CacheClean {
+        endpoint: filter.endpoint,
+        name: filter.name,
+    })
 }
 
 /// Since when the session has had something for a proxy that took none of it: a proxy that

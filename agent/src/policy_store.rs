@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 use warden_config::EndpointConfig;
-use warden_policy::{Policy, PolicyRepository};
+use warden_policy::{EndpointInfo, Policy, PolicyRepository};
 use warden_proxy::PolicySource;
 use warden_state::StateError;
 use warden_telemetry::PolicyMetrics;
@@ -224,20 +224,9 @@ impl PolicyStore {
             tracing::info!(endpoints = endpoints.len(), "endpoints changed");
             return true;
         }
-        let started = Instant::now();
-        let repository = PolicyRepository::build(&policies, table.infos());
-        let compile_ms = started.elapsed().as_millis();
-        let mut state = self.state();
-        state.status.selectors = repository.selector_count();
-        *self
-            .current
-            .write()
-            .unwrap_or_else(|poison| poison.into_inner()) = Arc::new(repository);
+        let (mut state, compile_ms) = self.swap_in_compiled(&policies, table.infos());
         self.endpoints.send_replace(table);
-        state.status.revision += 1;
-        self.revisions.send_replace(state.status.revision);
-        self.metrics.revision.set(gauge(state.status.revision));
-        self.metrics.selectors.set(gauge(state.status.selectors));
+        self.publish_revision(&mut state);
         tracing::info!(
             endpoints = endpoints.len(),
             revision = state.status.revision,
@@ -255,6 +244,34 @@ impl PolicyStore {
         self.status
             .lock()
             .unwrap_or_else(|poison| poison.into_inner())
+    }
+
+    /// Compiles `policies` for `endpoints` and puts the result in force, under the state's
+    /// lock, which it returns held with the compile's time in ms: the caller records what else
+    /// changed with it, then [`Self::publish_revision`]. Called with the compile lock held.
+    fn swap_in_compiled(
+        &self,
+        policies: &[Policy],
+        endpoints: &[EndpointInfo],
+    ) -> (std::sync::MutexGuard<'_, StoreState>, u128) {
+        let started = Instant::now();
+        let repository = PolicyRepository::build(policies, endpoints);
+        let compile_ms = started.elapsed().as_millis();
+        let mut state = self.state();
+        state.status.selectors = repository.selector_count();
+        self.metrics.selectors.set(gauge(state.status.selectors));
+        *self
+            .current
+            .write()
+            .unwrap_or_else(|poison| poison.into_inner()) = Arc::new(repository);
+        (state, compile_ms)
+    }
+
+    /// The next revision, counted and announced (the dnsproxy sessions send it on).
+    fn publish_revision(&self, state: &mut StoreState) {
+        state.status.revision += 1;
+        self.revisions.send_replace(state.status.revision);
+        self.metrics.revision.set(gauge(state.status.revision));
     }
 
     fn compile_lock(&self) -> std::sync::MutexGuard<'_, Vec<Policy>> {
@@ -315,30 +332,18 @@ impl PolicyStore {
         }
         // One compile at a time, as an endpoints change is: the table cannot change meanwhile.
         let mut in_force = self.compile_lock();
-        let started = Instant::now();
-        let repository = PolicyRepository::build(&policies, self.endpoints().infos());
-        let compile_ms = started.elapsed().as_millis();
-        let selectors = repository.selector_count();
-        let mut state = self.state();
-        *self
-            .current
-            .write()
-            .unwrap_or_else(|poison| poison.into_inner()) = Arc::new(repository);
+        let (mut state, compile_ms) = self.swap_in_compiled(&policies, self.endpoints().infos());
         state.files = Arc::new(files);
-        state.status.revision += 1;
-        self.revisions.send_replace(state.status.revision);
         state.status.policies = policies.len();
-        state.status.selectors = selectors;
         state.status.source = source.to_owned();
         state.status.last_error = None;
-        self.metrics.revision.set(gauge(state.status.revision));
         self.metrics.policies.set(gauge(policies.len()));
-        self.metrics.selectors.set(gauge(selectors));
         self.metrics.reload_failing.set(0);
+        self.publish_revision(&mut state);
         tracing::info!(
             revision = state.status.revision,
             policies = policies.len(),
-            selectors,
+            selectors = state.status.selectors,
             source,
             compile_ms,
             "policy in force"

@@ -136,6 +136,12 @@ mod tests {
     use super::*;
     use warden_policy::EndpointId;
 
+    /// The datapath warnings of the policies of `yaml`, read as the file `file`.
+    fn warnings_of(yaml: &str, file: &str) -> Vec<String> {
+        let policies = warden_policy::parse_str(yaml, std::path::Path::new(file)).unwrap();
+        policies.iter().flat_map(datapath_warnings).collect()
+    }
+
     #[test]
     fn an_ipv4_mapped_address_gets_the_ipv4_key() {
         let grant = FqdnGrant {
@@ -198,8 +204,7 @@ spec:
   endpointSelector: {matchLabels: {"k8s:io.kubernetes.pod.namespace": kube-system, app: test}}
   egress: [{toEntities: [world]}]
 "#;
-        let policies = warden_policy::parse_str(yaml, std::path::Path::new("moved.yaml")).unwrap();
-        let warnings: Vec<String> = policies.iter().flat_map(datapath_warnings).collect();
+        let warnings = warnings_of(yaml, "moved.yaml");
         assert_eq!(warnings.len(), 1, "{warnings:?}");
         assert!(
             warnings[0].contains("moved.yaml")
@@ -218,8 +223,7 @@ spec:
   endpointSelector: {matchLabels: {app: test}}
   egress: [{toEndpoints: [{matchLabels: {"reserved:host": ""}}]}]
 "#;
-        let policies = warden_policy::parse_str(yaml, std::path::Path::new("host.yaml")).unwrap();
-        let warnings: Vec<String> = policies.iter().flat_map(datapath_warnings).collect();
+        let warnings = warnings_of(yaml, "host.yaml");
         assert_eq!(warnings.len(), 1, "{warnings:?}");
         assert!(
             warnings[0].contains("youssef/host") && warnings[0].contains("not enforced as written"),
@@ -241,8 +245,7 @@ spec:
       rules: {dns: [{matchPattern: "*.service.consul"}]}
     - ports: [{port: "8500", protocol: TCP}]
 "#;
-        let policies = warden_policy::parse_str(yaml, std::path::Path::new("consul.yaml")).unwrap();
-        let warnings: Vec<String> = policies.iter().flat_map(datapath_warnings).collect();
+        let warnings = warnings_of(yaml, "consul.yaml");
         assert_eq!(warnings.len(), 1, "{warnings:?}");
         assert!(
             warnings[0].contains("youssef/consul") && warnings[0].contains("port 8600"),
@@ -263,8 +266,7 @@ spec:
   - toCIDR: [10.0.0.0/8]
     toPorts: [{ports: [{port: "1024", endPort: 65535}]}]
 "#;
-        let policies = warden_policy::parse_str(yaml, std::path::Path::new("wide.yaml")).unwrap();
-        let warnings: Vec<String> = policies.iter().flat_map(datapath_warnings).collect();
+        let warnings = warnings_of(yaml, "wide.yaml");
         assert_eq!(warnings.len(), 1, "{warnings:?}");
         assert!(!warnings[0].contains("rules.dns"), "{warnings:?}");
         assert!(
