@@ -310,7 +310,7 @@ async fn session(
             () = catch_up.wait(), if outgoing.dump.is_none() => {
                 // The broadcast dropped mappings this session had not forwarded: they are in the
                 // cache, so the cache goes again, merged on the other side like live mappings.
-                outgoing.start_copy(state, &mut local, &mut cleans, &mut catch_up, false).await;
+                outgoing.start_copy(state, id, &mut local, &mut cleans, &mut catch_up, false).await;
             }
             _ = directory_check.tick() => {
                 let generation = state.enforcement.generation();
@@ -360,7 +360,7 @@ async fn session(
                             return SessionEnd::Rejected("protocol", "a second ResyncDone".into());
                         }
                         resync_asked = true;
-                        outgoing.start_copy(state, &mut local, &mut cleans, &mut catch_up, true).await;
+                        outgoing.start_copy(state, id, &mut local, &mut cleans, &mut catch_up, true).await;
                     }
                     Some(ProxyKind::Hello(_)) | None => {
                         return SessionEnd::Rejected("protocol", "unexpected message".into());
@@ -397,7 +397,13 @@ async fn session(
                 let filter = match clean {
                     Ok(filter) => filter,
                     Err(broadcast::error::RecvError::Lagged(skipped)) => {
-                        tracing::warn!(session = id, skipped, "dnsproxy session missed cache cleans");
+                        // Which names they removed is lost with them: the proxy cleans its
+                        // whole cache and gets the agent's again, which they left out. A
+                        // resync's copy on its way is replaced, and still ends the resync.
+                        missed_cleans(state, id, skipped);
+                        outgoing.queue.push_back(clean_message(CacheFilter::default()));
+                        let resync = outgoing.dump.as_ref().is_some_and(|dump| dump.resync);
+                        outgoing.start_copy(state, id, &mut local, &mut cleans, &mut catch_up, resync).await;
                         continue;
                     }
                     Err(broadcast::error::RecvError::Closed) => return SessionEnd::Closed,
@@ -513,6 +519,7 @@ impl Outgoing {
     async fn start_copy(
         &mut self,
         state: &ApiState,
+        id: u64,
         local: &mut broadcast::Receiver<Mapping>,
         cleans: &mut broadcast::Receiver<CacheFilter>,
         catch_up: &mut CatchUp,
@@ -521,8 +528,10 @@ impl Outgoing {
         loop {
             match cleans.try_recv() {
                 Ok(filter) => self.queue.push_back(clean_message(filter)),
+                // As in the session loop, but the copy is about to be made anyway.
                 Err(broadcast::error::TryRecvError::Lagged(skipped)) => {
-                    tracing::warn!(skipped, "dnsproxy session missed cache cleans");
+                    missed_cleans(state, id, skipped);
+                    self.queue.push_back(clean_message(CacheFilter::default()));
                 }
                 Err(_) => break,
             }
@@ -548,6 +557,16 @@ fn clean_message(filter: CacheFilter) -> AgentKind {
         endpoint: filter.endpoint,
         name: filter.name,
     })
+}
+
+/// Counts cleans a session missed (more than the broadcast keeps came while it was busy).
+fn missed_cleans(state: &ApiState, id: u64, skipped: u64) {
+    state.metrics.peer.cleans_missed.inc_by(skipped);
+    tracing::warn!(
+        session = id,
+        skipped,
+        "dnsproxy session missed cache cleans; the proxy's whole cache is cleaned and the agent's follows"
+    );
 }
 
 /// Since when the session has had something for a proxy that took none of it: a proxy that
@@ -1322,6 +1341,99 @@ mod tests {
             ["y0.gone.test."],
             "cleaned names brought back, or a later answer lost"
         );
+        lab.stop().await;
+    }
+
+    /// More cleans than the broadcast keeps came while the session was busy: the ones it
+    /// missed were dropped with a warning, and the proxy kept the names they removed.
+    #[tokio::test]
+    async fn cleans_a_session_missed_still_leave_the_proxy() {
+        cleans_missed(false).await;
+    }
+
+    /// The same during a resync: the copy on its way is replaced, and `ResyncDone` still
+    /// follows the new one.
+    #[tokio::test]
+    async fn cleans_missed_during_a_resync_still_leave_the_proxy_and_end_the_resync() {
+        cleans_missed(true).await;
+    }
+
+    async fn cleans_missed(during_resync: bool) {
+        let mut lab = Harness::start(4096, if during_resync { 100_000 } else { 10 }).await;
+        let gone: Vec<String> = (0..6).map(|i| format!("n{i}.gone.test.")).collect();
+        for name in gone.iter().chain(["x.kept.test.".to_owned()].iter()) {
+            lab.agent_answers(name);
+        }
+        let mut held = std::collections::BTreeSet::new();
+        let mut resynced = false;
+        let mut read =
+            |message: AgentMessage, held: &mut std::collections::BTreeSet<String>| match message
+                .kind
+            {
+                Some(AgentKind::ResyncDone(_)) => resynced = true,
+                Some(AgentKind::Cache(batch)) => {
+                    held.extend(batch.mappings.into_iter().map(|mapping| mapping.name));
+                }
+                Some(AgentKind::Clean(clean)) => {
+                    let filter = CacheFilter {
+                        endpoint: clean.endpoint,
+                        name: clean.name,
+                    }
+                    .compile()
+                    .unwrap();
+                    held.retain(|name| !filter.matches("youssef/test", name));
+                }
+                _ => {}
+            };
+        while !gone.iter().all(|name| held.contains(name)) {
+            let message = tokio::time::timeout(Duration::from_secs(5), lab.inbound.message())
+                .await
+                .expect("the session went quiet")
+                .unwrap()
+                .unwrap();
+            read(message, &mut held);
+        }
+        if during_resync {
+            lab.resync_with_a_reader_that_pauses().await;
+        }
+        // Six cleans, one name each, as the admin API makes them, sent with no await between
+        // them: the session, on this thread, gets to them only after the broadcast (4 here)
+        // dropped the first two.
+        let filters: Vec<CacheFilter> = gone
+            .iter()
+            .map(|name| CacheFilter {
+                endpoint: None,
+                name: Some(name.trim_end_matches('.').to_owned()),
+            })
+            .collect();
+        for filter in &filters {
+            let compiled = filter.compile().unwrap();
+            lab.state
+                .cache
+                .clean(move |endpoint, name| compiled.matches(endpoint, name))
+                .await
+                .unwrap();
+        }
+        for filter in filters {
+            let _ = lab.state.cleans.send(filter);
+        }
+        while let Ok(Ok(Some(message))) =
+            tokio::time::timeout(Duration::from_millis(500), lab.inbound.message()).await
+        {
+            read(message, &mut held);
+        }
+        assert_eq!(resynced, during_resync, "ResyncDone lost, or sent unasked");
+        let left: Vec<_> = held.iter().filter(|name| name.contains(".gone.")).collect();
+        assert!(left.is_empty(), "the proxy kept cleaned names: {left:?}");
+        assert!(
+            held.contains("x.kept.test."),
+            "the proxy lost a name not cleaned"
+        );
+        assert!(
+            held.contains("c0.cached.test."),
+            "the proxy lost a name not cleaned"
+        );
+        assert_eq!(lab.state.metrics.peer.cleans_missed.get(), 2);
         lab.stop().await;
     }
 
