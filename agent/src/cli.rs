@@ -150,6 +150,8 @@ pub enum EndpointCommand {
     },
     /// Write the pods of a Kubernetes node into an endpoints_dir, from a PodList
     /// (`kubectl get pods -A -o json`), one `pod-<uid>.yaml` each; removes those of pods gone.
+    /// With --watch, from a stream: a PodList, then a watch's events
+    /// (`kubectl get pods -A -o json --watch --output-watch-events`), each change as it comes.
     Sync {
         /// The node whose pods are the agent's.
         #[arg(long)]
@@ -169,6 +171,11 @@ pub enum EndpointCommand {
         /// Where pods (in their own network namespace) reach the DNS proxy; repeat for IPv6.
         #[arg(long, value_name = "ADDR")]
         dns_target: Vec<std::net::SocketAddr>,
+        /// Read a stream of JSON values (PodList, Pod, watch event) until its end or a watch
+        /// ERROR event, writing after each; exits non-zero on an error, so that a loop lists
+        /// again.
+        #[arg(long)]
+        watch: bool,
     },
 }
 
@@ -273,19 +280,21 @@ pub async fn run(cli: Cli) -> ExitCode {
                     cgroup_driver,
                     cgroup_root,
                     dns_target,
+                    watch,
                 },
-        } => endpoint_sync(
-            &node,
-            &dir,
-            &pods,
-            &crate::pod_endpoints::Kubelet {
+        } => {
+            let kubelet = crate::pod_endpoints::Kubelet {
                 driver: cgroup_driver,
                 cgroup_root: cgroup_root
                     .map(|root| root.strip_prefix("/").unwrap_or(&root).to_owned())
                     .unwrap_or_default(),
-            },
-            &dns_target,
-        ),
+            };
+            if watch {
+                endpoint_watch(&node, &dir, &pods, &kubelet, &dns_target)
+            } else {
+                endpoint_sync(&node, &dir, &pods, &kubelet, &dns_target)
+            }
+        }
         Command::Policy {
             command: PolicyCommand::Validate { files },
         } => return validate(&files),
@@ -325,7 +334,7 @@ fn endpoint_sync(
     for reason in &skipped {
         eprintln!("warden: skipped {reason}");
     }
-    let report = crate::pod_endpoints::sync(dir, &endpoints)?;
+    let report = crate::pod_endpoints::sync(dir, &endpoints, true)?;
     Ok(format!(
         "{} pods of {node}: {} written, {} unchanged, {} removed\n",
         endpoints.len(),
@@ -333,6 +342,65 @@ fn endpoint_sync(
         report.unchanged,
         report.removed
     ))
+}
+
+/// `warden endpoint sync --watch`: see [`crate::pod_endpoints::PodWatch`]. A line for each value
+/// that changed a file; the pods left out are said again only when they change. Pods that
+/// would not load (an address twice, say) are an error said on the spot, and the files stay as
+/// they were until a later value mends it.
+fn endpoint_watch(
+    node: &str,
+    dir: &std::path::Path,
+    pods: &std::path::Path,
+    kubelet: &crate::pod_endpoints::Kubelet,
+    dns_target: &[std::net::SocketAddr],
+) -> anyhow::Result<String> {
+    let input: Box<dyn std::io::Read> = if pods == std::path::Path::new("-") {
+        Box::new(std::io::stdin().lock())
+    } else {
+        Box::new(
+            std::fs::File::open(pods).with_context(|| format!("cannot read {}", pods.display()))?,
+        )
+    };
+    let stream = serde_json::Deserializer::from_reader(std::io::BufReader::new(input))
+        .into_iter::<serde_json::Value>();
+    let mut watch = crate::pod_endpoints::PodWatch::default();
+    let mut said_skipped = Vec::new();
+    for value in stream {
+        let value = value.context("the pod stream is not JSON")?;
+        watch.apply(value)?;
+        let mut skipped = Vec::new();
+        let endpoints = match crate::pod_endpoints::endpoints(
+            &watch.list(),
+            node,
+            kubelet,
+            dns_target,
+            &mut skipped,
+        ) {
+            Ok(endpoints) => endpoints,
+            Err(error) => {
+                eprintln!("warden: {error:#}; the endpoint files stay as they were");
+                continue;
+            }
+        };
+        if skipped != said_skipped {
+            for reason in &skipped {
+                eprintln!("warden: skipped {reason}");
+            }
+            said_skipped = skipped;
+        }
+        let report = crate::pod_endpoints::sync(dir, &endpoints, watch.complete())?;
+        if report.written + report.removed > 0 {
+            reader_gone(emit(&format!(
+                "{} pods of {node}: {} written, {} unchanged, {} removed\n",
+                endpoints.len(),
+                report.written,
+                report.unchanged,
+                report.removed
+            )))?;
+        }
+    }
+    Ok(String::new())
 }
 
 fn validate(files: &[PathBuf]) -> ExitCode {

@@ -17,6 +17,19 @@
 //! node's addresses, and the DNS proxy's own pods are among them. Files of this form whose pod
 //! is gone are removed; other files in the folder are left alone. Input that is not a PodList
 //! (an API error, an empty output) changes nothing.
+//!
+//! With `--watch` it reads a stream instead, a list and then a watch's events, and writes each
+//! change as it comes rather than every 2 s (a new pod's resolver would otherwise get SERVFAIL
+//! for up to that long, and every node would list its pods every 2 s). See [`PodWatch`]:
+//!
+//! ```sh
+//! while true; do
+//!   { kubectl get pods -A --field-selector spec.nodeName="$NODE" -o json &&
+//!     kubectl get pods -A --field-selector spec.nodeName="$NODE" -o json --watch --output-watch-events; } \
+//!     | warden endpoint sync --watch --node "$NODE" --dir /run/warden/endpoints --dns-target 169.254.20.10:53
+//!   sleep 1
+//! done
+//! ```
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
@@ -47,6 +60,89 @@ pub struct SyncReport {
     pub written: usize,
     pub unchanged: usize,
     pub removed: usize,
+}
+
+/// The pods of a node as a stream tells them: a `PodList` (the whole node), a `Pod` (added or
+/// changed), or a watch event as `kubectl get --watch --output-watch-events -o json` prints
+/// them (`ADDED`, `MODIFIED`, `DELETED`, `BOOKMARK`, `ERROR`). Pods are known by UID.
+#[derive(Debug, Default)]
+pub struct PodWatch {
+    pods: BTreeMap<String, Value>,
+    /// A whole list came: only then do the files of pods not known go. (A watch starts with an
+    /// `ADDED` event per pod, and the node's other pods are not gone before theirs comes.)
+    listed: bool,
+}
+
+/// What one value of the stream did to a [`PodWatch`].
+#[derive(Debug, PartialEq, Eq)]
+pub enum PodChange {
+    Listed,
+    Upserted,
+    Deleted,
+    /// A bookmark, or the deletion of a pod not known.
+    Nothing,
+}
+
+impl PodWatch {
+    /// Takes one value of the stream. An `ERROR` event (the watch ended: a resource version
+    /// gone, the API server's error) or a value of no known shape is an error, after which the
+    /// caller lists again; what was known stays as it was.
+    pub fn apply(&mut self, value: Value) -> anyhow::Result<PodChange> {
+        if let Some(items) = value.get("items").and_then(Value::as_array) {
+            self.pods = items
+                .iter()
+                .map(|pod| (Self::uid(pod), pod.clone()))
+                .collect();
+            self.listed = true;
+            return Ok(PodChange::Listed);
+        }
+        if value.get("kind").and_then(Value::as_str) == Some("Pod") {
+            self.pods.insert(Self::uid(&value), value);
+            return Ok(PodChange::Upserted);
+        }
+        let (Some(kind), Some(object)) = (
+            value.get("type").and_then(Value::as_str),
+            value.get("object"),
+        ) else {
+            anyhow::bail!("neither a PodList, a Pod nor a watch event");
+        };
+        match kind {
+            "ADDED" | "MODIFIED" => {
+                self.pods.insert(Self::uid(object), object.clone());
+                Ok(PodChange::Upserted)
+            }
+            "DELETED" => Ok(match self.pods.remove(&Self::uid(object)) {
+                Some(_) => PodChange::Deleted,
+                None => PodChange::Nothing,
+            }),
+            "BOOKMARK" => Ok(PodChange::Nothing),
+            "ERROR" => anyhow::bail!(
+                "the watch ended: {}",
+                object
+                    .get("message")
+                    .and_then(Value::as_str)
+                    .unwrap_or("no message")
+            ),
+            other => anyhow::bail!("a watch event of unknown type {other:?}"),
+        }
+    }
+
+    /// The pods known, as the `PodList` [`endpoints`] reads.
+    pub fn list(&self) -> Value {
+        serde_json::json!({ "kind": "PodList", "items": self.pods.values().collect::<Vec<_>>() })
+    }
+
+    /// Whether a whole list came, so that the files of pods not known may go.
+    pub fn complete(&self) -> bool {
+        self.listed
+    }
+
+    fn uid(pod: &Value) -> String {
+        pod.pointer("/metadata/uid")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_owned()
+    }
 }
 
 /// Prefix of the files `sync` owns.
@@ -209,10 +305,12 @@ fn pod_cgroup(driver: CgroupDriver, qos: &str, uid: &str) -> PathBuf {
 
 /// Makes `dir`'s `pod-*.yaml` files those of `endpoints`: the files of pods gone removed first
 /// (their addresses may be a new pod's now), then each written (atomically, through a hidden
-/// file the agent does not read) only when its text changes.
+/// file the agent does not read) only when its text changes. With `prune` false the files of
+/// pods not in `endpoints` stay (a watch that has not seen a whole list yet).
 pub fn sync(
     dir: &Path,
     endpoints: &BTreeMap<String, EndpointConfig>,
+    prune: bool,
 ) -> anyhow::Result<SyncReport> {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let mut report = SyncReport::default();
@@ -223,7 +321,7 @@ pub fn sync(
     for entry in std::fs::read_dir(dir).with_context(|| format!("cannot read {}", dir.display()))? {
         let entry = entry?;
         let name = entry.file_name().to_string_lossy().into_owned();
-        if name.starts_with(PREFIX) && name.ends_with(".yaml") && !wanted.contains(&name) {
+        if prune && name.starts_with(PREFIX) && name.ends_with(".yaml") && !wanted.contains(&name) {
             std::fs::remove_file(entry.path())
                 .with_context(|| format!("cannot remove {}", entry.path().display()))?;
             report.removed += 1;
@@ -406,7 +504,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("static.yaml"), "- {name: keep}").unwrap();
         let found = node_n1(CgroupDriver::Systemd, &mut Vec::new());
-        let first = sync(dir.path(), &found).unwrap();
+        let first = sync(dir.path(), &found, true).unwrap();
         assert_eq!((first.written, first.unchanged, first.removed), (5, 0, 0));
         // What the agent reads back is what was meant.
         let text = std::fs::read_to_string(dir.path().join("pod-1111-aaaa.yaml")).unwrap();
@@ -414,14 +512,116 @@ mod tests {
         warden_config::validate_endpoints(&read).unwrap();
         assert_eq!(read, [found["1111-aaaa"].clone()]);
 
-        let again = sync(dir.path(), &found).unwrap();
+        let again = sync(dir.path(), &found, true).unwrap();
         assert_eq!((again.written, again.unchanged, again.removed), (0, 5, 0));
 
         let mut fewer = found.clone();
         fewer.remove("2222-bbbb");
-        let after = sync(dir.path(), &fewer).unwrap();
+        let after = sync(dir.path(), &fewer, true).unwrap();
         assert_eq!((after.written, after.unchanged, after.removed), (0, 4, 1));
         assert!(!dir.path().join("pod-2222-bbbb.yaml").exists());
         assert!(dir.path().join("static.yaml").exists());
+    }
+
+    fn pod(uid: &str, ip: &str) -> Value {
+        serde_json::json!({
+            "kind": "Pod",
+            "metadata": {"name": format!("p{uid}"), "namespace": "shop", "uid": uid},
+            "spec": {"nodeName": "n1"},
+            "status": {"phase": "Running", "qosClass": "BestEffort", "podIP": ip}
+        })
+    }
+
+    fn event(kind: &str, object: Value) -> Value {
+        serde_json::json!({"type": kind, "object": object})
+    }
+
+    fn uids(watch: &PodWatch) -> Vec<String> {
+        let found = endpoints(
+            &watch.list(),
+            "n1",
+            &kubelet(CgroupDriver::Systemd),
+            &target(),
+            &mut Vec::new(),
+        )
+        .unwrap();
+        found.into_keys().collect()
+    }
+
+    #[test]
+    fn a_watch_keeps_the_pods_a_list_and_its_events_tell() {
+        let mut watch = PodWatch::default();
+        // Events before a list: known, but the node's other pods are not gone.
+        assert_eq!(
+            watch.apply(event("ADDED", pod("a", "10.0.0.1"))).unwrap(),
+            PodChange::Upserted
+        );
+        assert!(!watch.complete());
+        let list = serde_json::json!({"kind": "PodList", "items": [pod("b", "10.0.0.2")]});
+        assert_eq!(watch.apply(list).unwrap(), PodChange::Listed);
+        assert!(watch.complete());
+        assert_eq!(uids(&watch), ["b"], "a list is the whole node");
+        watch.apply(event("ADDED", pod("c", "10.0.0.3"))).unwrap();
+        watch.apply(pod("d", "10.0.0.4")).unwrap();
+        // A new address for b: one pod, changed.
+        watch
+            .apply(event("MODIFIED", pod("b", "10.0.0.9")))
+            .unwrap();
+        assert_eq!(uids(&watch), ["b", "c", "d"]);
+        let b = &endpoints(
+            &watch.list(),
+            "n1",
+            &kubelet(CgroupDriver::Systemd),
+            &target(),
+            &mut Vec::new(),
+        )
+        .unwrap()["b"];
+        assert_eq!(b.ips, ["10.0.0.9".parse::<IpAddr>().unwrap()]);
+        assert_eq!(
+            watch.apply(event("DELETED", pod("c", "10.0.0.3"))).unwrap(),
+            PodChange::Deleted
+        );
+        assert_eq!(
+            watch
+                .apply(event("DELETED", pod("zz", "10.0.0.7")))
+                .unwrap(),
+            PodChange::Nothing
+        );
+        assert_eq!(
+            watch
+                .apply(event("BOOKMARK", serde_json::json!({"kind": "Pod"})))
+                .unwrap(),
+            PodChange::Nothing
+        );
+        assert_eq!(uids(&watch), ["b", "d"]);
+        // The watch's end, and what is no event: errors, and nothing known is lost.
+        let gone = event(
+            "ERROR",
+            serde_json::json!({"kind": "Status", "message": "too old resource version"}),
+        );
+        let error = watch.apply(gone).unwrap_err().to_string();
+        assert!(error.contains("too old resource version"), "{error}");
+        for odd in [
+            serde_json::json!({"type": "SHRUGGED", "object": {}}),
+            serde_json::json!({"kind": "Status", "status": "Failure"}),
+            serde_json::json!(null),
+        ] {
+            assert!(watch.apply(odd.clone()).is_err(), "{odd}");
+        }
+        assert_eq!(uids(&watch), ["b", "d"]);
+    }
+
+    #[test]
+    fn a_sync_without_prune_keeps_the_files_of_pods_not_known() {
+        let dir = tempfile::tempdir().unwrap();
+        let found = node_n1(CgroupDriver::Systemd, &mut Vec::new());
+        sync(dir.path(), &found, true).unwrap();
+        let mut one = found.clone();
+        one.retain(|uid, _| uid == "1111-aaaa");
+        let kept = sync(dir.path(), &one, false).unwrap();
+        assert_eq!((kept.written, kept.unchanged, kept.removed), (0, 1, 0));
+        assert!(dir.path().join("pod-2222-bbbb.yaml").exists());
+        let pruned = sync(dir.path(), &one, true).unwrap();
+        assert_eq!(pruned.removed, 4);
     }
 }

@@ -780,6 +780,81 @@ async fn pods_written_by_warden_endpoint_sync_are_policed() {
     lab.agent.stop().await.unwrap();
 }
 
+/// `--watch`: each value of the stream takes effect as it comes, not at its end; the watch's
+/// ERROR event ends it with a failure and leaves the files as they were.
+#[tokio::test]
+async fn pods_streamed_to_warden_endpoint_sync_watch_are_policed_as_they_change() {
+    if !require_tools(&["knotd", "dig"]) {
+        return;
+    }
+    let endpoints_dir = tempfile::tempdir().unwrap();
+    let lab =
+        Lab::start(|config| config.endpoints_dir = Some(endpoints_dir.path().to_owned())).await;
+    let pod = |uid: &str, ip: std::net::IpAddr| {
+        format!(
+            r#"{{"kind": "Pod", "metadata": {{"name": "p{uid}", "namespace": "youssef", "uid": "{uid}",
+                 "labels": {{"app": "test"}}}},
+                "spec": {{"nodeName": "n1"}},
+                "status": {{"phase": "Running", "qosClass": "BestEffort", "podIP": "{ip}"}}}}"#
+        )
+    };
+    let mut child = std::process::Command::new(binary("warden").unwrap())
+        .args(["endpoint", "sync", "--watch", "--node", "n1", "--dir"])
+        .arg(endpoints_dir.path())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stream = child.stdin.take().unwrap();
+    let mut say = |text: String| {
+        use std::io::Write as _;
+        stream.write_all(text.as_bytes()).unwrap();
+        stream.flush().unwrap();
+    };
+    let dns = lab.agent.dns_v4();
+    let policed = |ip: std::net::IpAddr, expected: &'static str, what: &'static str| async move {
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while ask(dns, "bbc.co.uk", "A", opts(ip)).await.status != expected {
+            assert!(Instant::now() < deadline, "{what}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    let (first, second) = (unique_loopback_v4(), unique_loopback_v4());
+    say(format!(
+        r#"{{"kind": "PodList", "items": [{}]}}"#,
+        pod("0a1b", first)
+    ));
+    policed(first, "REFUSED", "the listed pod is not policed").await;
+    say(format!(
+        r#"{{"type": "ADDED", "object": {}}}"#,
+        pod("2c3d", second)
+    ));
+    policed(second, "REFUSED", "the added pod is not policed").await;
+    say(format!(
+        r#"{{"type": "DELETED", "object": {}}}"#,
+        pod("0a1b", first)
+    ));
+    policed(first, "NOERROR", "the deleted pod is still policed").await;
+    say(
+        r#"{"type": "ERROR", "object": {"kind": "Status", "message": "too old resource version"}}"#
+            .into(),
+    );
+    drop(stream);
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("too old resource version"),
+        "{out:?}"
+    );
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(said.lines().count(), 3, "a line per change: {said}");
+    // Past a poll of the folder (1 s), the pod still there is still policed.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    policed(second, "REFUSED", "the files changed at the watch's end").await;
+    lab.agent.stop().await.unwrap();
+}
+
 #[tokio::test]
 async fn a_restarted_agent_lists_the_entries_learned_before_with_their_remaining_ttl() {
     if !require_tools(&["knotd", "dig"]) {
