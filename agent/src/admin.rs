@@ -30,7 +30,7 @@ pub struct AdminState {
     /// Tells the cache persister that `/v1/fqdn/cache/clean` changed the cache.
     pub cache_changes: Arc<CacheChanges>,
     /// Passes each clean on to the dnsproxy sessions, whose caches hold the same entries.
-    pub cleans: tokio::sync::broadcast::Sender<CacheFilter>,
+    pub cleans: crate::api::CleanFanout,
     /// The connected dnsproxy sessions.
     pub sessions: Arc<Sessions>,
     /// The eBPF datapath, if on: who it steers the DNS port's queries to.
@@ -194,8 +194,8 @@ async fn clean_cache(
         .await;
     // Also when nothing went here, or the clean failed part way: the proxy's cache may hold
     // what this one never saw (and would hand it back at the next resync), and whatever went
-    // here must be saved. No session listening is no error.
-    let _ = state.cleans.send(filter);
+    // here must be saved.
+    state.cleans.send(&filter);
     let removed = match cleaned {
         Ok(removed) => removed,
         Err(message) => {

@@ -66,7 +66,38 @@ pub struct ApiState {
     /// Bumped when the cache changes, so it is persisted.
     pub cache_changes: Arc<CacheChanges>,
     /// Cache cleans made on the agent, passed on to every session.
-    pub cleans: broadcast::Sender<CacheFilter>,
+    pub cleans: CleanFanout,
+}
+
+/// Hands each cache clean made on the agent to every session, a queue each. Not a broadcast,
+/// which drops what a busy session has not read: a clean missed leaves its names on the proxy,
+/// and which names it removed cannot be told afterwards. Nothing piles up: cleans come one
+/// admin request at a time, each after a scan of the agent's cache, and a session moves each
+/// into its queue toward the proxy as it comes (a proxy that takes nothing for
+/// [`SEND_TIMEOUT`] loses the session, and its queue with it).
+#[derive(Debug, Clone, Default)]
+pub struct CleanFanout {
+    sessions: Arc<Mutex<Vec<mpsc::UnboundedSender<CacheFilter>>>>,
+}
+
+impl CleanFanout {
+    /// A session's queue of the cleans made from now on.
+    pub fn subscribe(&self) -> mpsc::UnboundedReceiver<CacheFilter> {
+        let (sender, receiver) = mpsc::unbounded_channel();
+        self.sessions
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .push(sender);
+        receiver
+    }
+
+    /// Queues `filter` for every session; those ended leave the list.
+    pub fn send(&self, filter: &CacheFilter) {
+        self.sessions
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .retain(|session| session.send(filter.clone()).is_ok());
+    }
 }
 
 /// The connected proxies, for `/v1/status`.
@@ -310,7 +341,7 @@ async fn session(
             () = catch_up.wait(), if outgoing.dump.is_none() => {
                 // The broadcast dropped mappings this session had not forwarded: they are in the
                 // cache, so the cache goes again, merged on the other side like live mappings.
-                outgoing.start_copy(state, id, &mut local, &mut cleans, &mut catch_up, false).await;
+                outgoing.start_copy(state, &mut local, &mut cleans, &mut catch_up, false).await;
             }
             _ = directory_check.tick() => {
                 let generation = state.enforcement.generation();
@@ -360,7 +391,7 @@ async fn session(
                             return SessionEnd::Rejected("protocol", "a second ResyncDone".into());
                         }
                         resync_asked = true;
-                        outgoing.start_copy(state, id, &mut local, &mut cleans, &mut catch_up, true).await;
+                        outgoing.start_copy(state, &mut local, &mut cleans, &mut catch_up, true).await;
                     }
                     Some(ProxyKind::Hello(_)) | None => {
                         return SessionEnd::Rejected("protocol", "unexpected message".into());
@@ -394,19 +425,8 @@ async fn session(
                 outgoing.queue.extend(batch);
             }
             clean = cleans.recv() => {
-                let filter = match clean {
-                    Ok(filter) => filter,
-                    Err(broadcast::error::RecvError::Lagged(skipped)) => {
-                        // Which names they removed is lost with them: the proxy cleans its
-                        // whole cache and gets the agent's again, which they left out. A
-                        // resync's copy on its way is replaced, and still ends the resync.
-                        missed_cleans(state, id, skipped);
-                        outgoing.queue.push_back(clean_message(CacheFilter::default()));
-                        let resync = outgoing.dump.as_ref().is_some_and(|dump| dump.resync);
-                        outgoing.start_copy(state, id, &mut local, &mut cleans, &mut catch_up, resync).await;
-                        continue;
-                    }
-                    Err(broadcast::error::RecvError::Closed) => return SessionEnd::Closed,
+                let Some(filter) = clean else {
+                    return SessionEnd::Closed;
                 };
                 // The agent's answers broadcast before the clean go before it, however many wait
                 // (at most the broadcast's 4,096): behind it they would bring back what it
@@ -519,22 +539,13 @@ impl Outgoing {
     async fn start_copy(
         &mut self,
         state: &ApiState,
-        id: u64,
         local: &mut broadcast::Receiver<Mapping>,
-        cleans: &mut broadcast::Receiver<CacheFilter>,
+        cleans: &mut mpsc::UnboundedReceiver<CacheFilter>,
         catch_up: &mut CatchUp,
         resync: bool,
     ) {
-        loop {
-            match cleans.try_recv() {
-                Ok(filter) => self.queue.push_back(clean_message(filter)),
-                // As in the session loop, but the copy is about to be made anyway.
-                Err(broadcast::error::TryRecvError::Lagged(skipped)) => {
-                    missed_cleans(state, id, skipped);
-                    self.queue.push_back(clean_message(CacheFilter::default()));
-                }
-                Err(_) => break,
-            }
+        while let Ok(filter) = cleans.try_recv() {
+            self.queue.push_back(clean_message(filter));
         }
         let mut dump = Dump::start(state, local, catch_up, resync).await;
         dump.after = self.queue.len();
@@ -557,16 +568,6 @@ fn clean_message(filter: CacheFilter) -> AgentKind {
         endpoint: filter.endpoint,
         name: filter.name,
     })
-}
-
-/// Counts cleans a session missed (more than the broadcast keeps came while it was busy).
-fn missed_cleans(state: &ApiState, id: u64, skipped: u64) {
-    state.metrics.peer.cleans_missed.inc_by(skipped);
-    tracing::warn!(
-        session = id,
-        skipped,
-        "dnsproxy session missed cache cleans; the proxy's whole cache is cleaned and the agent's follows"
-    );
 }
 
 /// Since when the session has had something for a proxy that took none of it: a proxy that
@@ -1051,7 +1052,7 @@ mod tests {
                 sessions: Arc::new(Sessions::default()),
                 local_mappings: broadcast::channel(local_capacity).0,
                 cache_changes: Arc::new(CacheChanges::default()),
-                cleans: broadcast::channel(4).0,
+                cleans: CleanFanout::default(),
             };
             let listener = warden_api::server::bind(&config.socket, None).unwrap();
             let shutdown = tokio_util::sync::CancellationToken::new();
@@ -1302,7 +1303,7 @@ mod tests {
             .clean(move |endpoint, name| compiled.matches(endpoint, name))
             .await
             .unwrap();
-        let _ = lab.state.cleans.send(filter);
+        lab.state.cleans.send(&filter);
         // An answer after the clean: the proxy must end with it.
         lab.agent_answers("y0.gone.test.");
 
@@ -1344,66 +1345,65 @@ mod tests {
         lab.stop().await;
     }
 
-    /// More cleans than the broadcast keeps came while the session was busy: the ones it
-    /// missed were dropped with a warning, and the proxy kept the names they removed.
+    /// Cleans reached the sessions through a broadcast of 64: more made while a session was
+    /// busy were dropped with a warning, and the proxy kept the names they removed.
     #[tokio::test]
-    async fn cleans_a_session_missed_still_leave_the_proxy() {
-        cleans_missed(false).await;
-    }
+    async fn cleans_made_while_a_session_is_busy_all_reach_the_proxy() {
+        /// What the proxy holds, applying the session's messages in order as it does.
+        #[derive(Default)]
+        struct Proxy {
+            held: std::collections::BTreeSet<String>,
+            cleans: usize,
+        }
+        impl Proxy {
+            fn take(&mut self, message: AgentMessage) {
+                match message.kind {
+                    Some(AgentKind::Cache(batch)) => {
+                        self.held
+                            .extend(batch.mappings.into_iter().map(|mapping| mapping.name));
+                    }
+                    Some(AgentKind::Clean(clean)) => {
+                        let filter = CacheFilter {
+                            endpoint: clean.endpoint,
+                            name: clean.name,
+                        }
+                        .compile()
+                        .unwrap();
+                        self.held
+                            .retain(|name| !filter.matches("youssef/test", name));
+                        self.cleans += 1;
+                    }
+                    _ => {}
+                }
+            }
+        }
+        async fn next(lab: &mut Harness, limit: Duration) -> Option<AgentMessage> {
+            match tokio::time::timeout(limit, lab.inbound.message()).await {
+                Ok(message) => Some(message.unwrap().expect("the session ended")),
+                Err(_) => None,
+            }
+        }
 
-    /// The same during a resync: the copy on its way is replaced, and `ResyncDone` still
-    /// follows the new one.
-    #[tokio::test]
-    async fn cleans_missed_during_a_resync_still_leave_the_proxy_and_end_the_resync() {
-        cleans_missed(true).await;
-    }
-
-    async fn cleans_missed(during_resync: bool) {
-        let mut lab = Harness::start(4096, if during_resync { 100_000 } else { 10 }).await;
+        let mut lab = Harness::start(4096, 10).await;
         let gone: Vec<String> = (0..6).map(|i| format!("n{i}.gone.test.")).collect();
         for name in gone.iter().chain(["x.kept.test.".to_owned()].iter()) {
             lab.agent_answers(name);
         }
-        let mut held = std::collections::BTreeSet::new();
-        let mut resynced = false;
-        let mut read =
-            |message: AgentMessage, held: &mut std::collections::BTreeSet<String>| match message
-                .kind
-            {
-                Some(AgentKind::ResyncDone(_)) => resynced = true,
-                Some(AgentKind::Cache(batch)) => {
-                    held.extend(batch.mappings.into_iter().map(|mapping| mapping.name));
-                }
-                Some(AgentKind::Clean(clean)) => {
-                    let filter = CacheFilter {
-                        endpoint: clean.endpoint,
-                        name: clean.name,
-                    }
-                    .compile()
-                    .unwrap();
-                    held.retain(|name| !filter.matches("youssef/test", name));
-                }
-                _ => {}
-            };
-        while !gone.iter().all(|name| held.contains(name)) {
-            let message = tokio::time::timeout(Duration::from_secs(5), lab.inbound.message())
-                .await
-                .expect("the session went quiet")
-                .unwrap()
-                .unwrap();
-            read(message, &mut held);
+        let mut proxy = Proxy::default();
+        while !gone.iter().all(|name| proxy.held.contains(name)) {
+            let message = next(&mut lab, Duration::from_secs(5));
+            proxy.take(message.await.expect("the session went quiet"));
         }
-        if during_resync {
-            lab.resync_with_a_reader_that_pauses().await;
-        }
-        // Six cleans, one name each, as the admin API makes them, sent with no await between
-        // them: the session, on this thread, gets to them only after the broadcast (4 here)
-        // dropped the first two.
+        // A hundred cleans as the admin API makes them, six of names held and then others,
+        // sent with no await between them: the session, on this thread, gets to them only
+        // once all are made (a broadcast of 64 dropped the first 36).
         let filters: Vec<CacheFilter> = gone
             .iter()
+            .map(|name| name.trim_end_matches('.').to_owned())
+            .chain((0..94).map(|i| format!("other{i}.test")))
             .map(|name| CacheFilter {
                 endpoint: None,
-                name: Some(name.trim_end_matches('.').to_owned()),
+                name: Some(name),
             })
             .collect();
         for filter in &filters {
@@ -1414,26 +1414,26 @@ mod tests {
                 .await
                 .unwrap();
         }
-        for filter in filters {
-            let _ = lab.state.cleans.send(filter);
+        for filter in &filters {
+            lab.state.cleans.send(filter);
         }
-        while let Ok(Ok(Some(message))) =
-            tokio::time::timeout(Duration::from_millis(500), lab.inbound.message()).await
-        {
-            read(message, &mut held);
+        while proxy.cleans < filters.len() {
+            let message = next(&mut lab, Duration::from_secs(30));
+            proxy.take(message.await.expect("the session went quiet"));
         }
-        assert_eq!(resynced, during_resync, "ResyncDone lost, or sent unasked");
-        let left: Vec<_> = held.iter().filter(|name| name.contains(".gone.")).collect();
+        while let Some(message) = next(&mut lab, Duration::from_millis(300)).await {
+            proxy.take(message);
+        }
+        let left: Vec<_> = proxy
+            .held
+            .iter()
+            .filter(|name| name.contains(".gone."))
+            .collect();
         assert!(left.is_empty(), "the proxy kept cleaned names: {left:?}");
         assert!(
-            held.contains("x.kept.test."),
+            proxy.held.contains("x.kept.test."),
             "the proxy lost a name not cleaned"
         );
-        assert!(
-            held.contains("c0.cached.test."),
-            "the proxy lost a name not cleaned"
-        );
-        assert_eq!(lab.state.metrics.peer.cleans_missed.get(), 2);
         lab.stop().await;
     }
 

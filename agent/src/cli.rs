@@ -346,8 +346,8 @@ fn endpoint_sync(
 
 /// `warden endpoint sync --watch`: see [`crate::pod_endpoints::PodWatch`]. A line for each value
 /// that changed a file; the pods left out are said again only when they change. Pods that
-/// would not load (an address twice, say) are an error said on the spot, and the files stay as
-/// they were until a later value mends it.
+/// would not load end it with a failure, the files as they were, as an ERROR event does: the
+/// loop around it lists again, rather than the files staying as they were until its next list.
 fn endpoint_watch(
     node: &str,
     dir: &std::path::Path,
@@ -370,19 +370,13 @@ fn endpoint_watch(
         let value = value.context("the pod stream is not JSON")?;
         watch.apply(value)?;
         let mut skipped = Vec::new();
-        let endpoints = match crate::pod_endpoints::endpoints(
+        let endpoints = crate::pod_endpoints::endpoints(
             &watch.list(),
             node,
             kubelet,
             dns_target,
             &mut skipped,
-        ) {
-            Ok(endpoints) => endpoints,
-            Err(error) => {
-                eprintln!("warden: {error:#}; the endpoint files stay as they were");
-                continue;
-            }
-        };
+        )?;
         if skipped != said_skipped {
             for reason in &skipped {
                 eprintln!("warden: skipped {reason}");

@@ -97,7 +97,7 @@ impl PodWatch {
             return Ok(PodChange::Listed);
         }
         if value.get("kind").and_then(Value::as_str) == Some("Pod") {
-            self.pods.insert(Self::uid(&value), value);
+            self.upsert(value);
             return Ok(PodChange::Upserted);
         }
         let (Some(kind), Some(object)) = (
@@ -108,7 +108,7 @@ impl PodWatch {
         };
         match kind {
             "ADDED" | "MODIFIED" => {
-                self.pods.insert(Self::uid(object), object.clone());
+                self.upsert(object.clone());
                 Ok(PodChange::Upserted)
             }
             "DELETED" => Ok(match self.pods.remove(&Self::uid(object)) {
@@ -135,6 +135,25 @@ impl PodWatch {
     /// Whether a whole list came, so that the files of pods not known may go.
     pub fn complete(&self) -> bool {
         self.listed
+    }
+
+    /// A pod of the same namespace and name under another UID goes: names are unique at any
+    /// one time, so that one was deleted unseen (between the list and the watch's start; a
+    /// StatefulSet's pod, replaced), and two endpoints of one name would not load, leaving
+    /// every file as it was until the next list.
+    fn upsert(&mut self, pod: Value) {
+        let uid = Self::uid(&pod);
+        let name = |pod: &Value| {
+            Some((
+                pod.pointer("/metadata/namespace")?.as_str()?.to_owned(),
+                pod.pointer("/metadata/name")?.as_str()?.to_owned(),
+            ))
+        };
+        if let Some(name_of_new) = name(&pod) {
+            self.pods
+                .retain(|known, old| *known == uid || name(old).as_ref() != Some(&name_of_new));
+        }
+        self.pods.insert(uid, pod);
     }
 
     fn uid(pod: &Value) -> String {
@@ -609,6 +628,19 @@ mod tests {
             assert!(watch.apply(odd.clone()).is_err(), "{odd}");
         }
         assert_eq!(uids(&watch), ["b", "d"]);
+    }
+
+    /// A StatefulSet's pod deleted between the list and the watch's start, then made again:
+    /// two endpoints of one name failed to load, and nothing was written until the next list.
+    #[test]
+    fn a_pod_of_a_known_name_under_another_uid_replaces_it() {
+        let mut watch = PodWatch::default();
+        let list = serde_json::json!({"kind": "PodList", "items": [pod("a", "10.0.0.1")]});
+        watch.apply(list).unwrap();
+        let mut again = pod("b", "10.0.0.2");
+        again["metadata"]["name"] = "pa".into();
+        watch.apply(event("ADDED", again)).unwrap();
+        assert_eq!(uids(&watch), ["b"]);
     }
 
     #[test]

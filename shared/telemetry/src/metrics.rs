@@ -83,9 +83,6 @@ pub struct PeerMetrics {
     /// agent: its own mappings a session skipped after falling behind them; the session then
     /// sends the whole cache again.
     pub mappings_skipped: IntCounter,
-    /// agent: cache cleans a session fell too far behind to pass on; the session then has the
-    /// proxy clean its whole cache and sends its own again.
-    pub cleans_missed: IntCounter,
     /// Connections or messages refused on the agent socket; label: reason (credentials,
     /// oversized, malformed, protocol, stalled).
     pub rejected: IntCounterVec,
@@ -403,11 +400,6 @@ impl Metrics {
                 &registry,
                 "peer_mappings_skipped_total",
                 "Agent: its own mappings a warden-dnsproxy session fell too far behind to forward; the session then sends the whole cache again.",
-            )?,
-            cleans_missed: counter(
-                &registry,
-                "peer_cleans_missed_total",
-                "Agent: cache cleans a warden-dnsproxy session fell too far behind to pass on; the session then has the proxy clean its whole cache and sends the agent's again.",
             )?,
             state_persist_errors: counter_vec(
                 &registry,
