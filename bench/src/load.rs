@@ -108,9 +108,13 @@ pub struct LoadReport {
     pub first_loss_ms: Option<u64>,
     pub last_loss_ms: Option<u64>,
     /// The machine's UDP receive-buffer drops (`RcvbufErrors` in /proc/net/snmp) during the
-    /// run: whose socket overflowed is not known, but a loss with none of these happened
-    /// elsewhere (no listener, a server that dropped it).
+    /// run: a loss with none of these happened elsewhere (no listener, a server that dropped
+    /// it).
     pub udp_rcvbuf_errors: u64,
+    /// Whose: the drops of each UDP socket of this network namespace during the run, by local
+    /// address (the last column of /proc/net/udp and udp6), those with any.
+    #[serde(default)]
+    pub socket_drops: BTreeMap<String, u64>,
     /// The machine's CPU time while the queries went out (/proc/stat, every process's, the
     /// client's too): what the scenario asks of the shared cores at this rate.
     pub machine_cpu: MachineCpu,
@@ -228,6 +232,62 @@ fn udp_rcvbuf_errors() -> u64 {
         .unwrap_or(0)
 }
 
+/// The receive drops of every UDP socket, summed by local address: the last column of
+/// /proc/net/udp and /proc/net/udp6, whose addresses are the kernel's words in host order.
+fn socket_drops() -> BTreeMap<String, u64> {
+    let mut drops = BTreeMap::new();
+    for table in ["/proc/net/udp", "/proc/net/udp6"] {
+        let text = std::fs::read_to_string(table).unwrap_or_default();
+        for row in text.lines().skip(1) {
+            let fields: Vec<&str> = row.split_whitespace().collect();
+            let (Some(local), Some(count)) = (fields.get(1), fields.last()) else {
+                continue;
+            };
+            let (Some(address), Ok(count)) = (proc_net_address(local), count.parse::<u64>()) else {
+                continue;
+            };
+            *drops.entry(address.to_string()).or_default() += count;
+        }
+    }
+    drops
+}
+
+/// `0100007F:0035` or a 32-digit IPv6 form: each 8 hex digits are a 32-bit word of the
+/// address as the kernel stores it, printed in host byte order.
+fn proc_net_address(text: &str) -> Option<SocketAddr> {
+    let (address, port) = text.split_once(':')?;
+    let port = u16::from_str_radix(port, 16).ok()?;
+    if address.len() != 8 && address.len() != 32 {
+        return None;
+    }
+    let mut bytes = Vec::with_capacity(16);
+    for word in address.as_bytes().chunks(8) {
+        let word = u32::from_str_radix(std::str::from_utf8(word).ok()?, 16).ok()?;
+        bytes.extend_from_slice(&word.to_ne_bytes());
+    }
+    let ip = match bytes.len() {
+        4 => IpAddr::from(<[u8; 4]>::try_from(bytes).ok()?),
+        16 => IpAddr::from(<[u8; 16]>::try_from(bytes).ok()?),
+        _ => return None,
+    };
+    Some(SocketAddr::new(ip, port))
+}
+
+/// What rose from `before` to `after`, those that did (a socket opened during the run counts
+/// from zero; one closed takes its drops with it).
+fn drops_between(
+    before: &BTreeMap<String, u64>,
+    after: BTreeMap<String, u64>,
+) -> BTreeMap<String, u64> {
+    after
+        .into_iter()
+        .filter_map(|(address, count)| {
+            let rose = count.saturating_sub(before.get(&address).copied().unwrap_or(0));
+            (rose > 0).then_some((address, rose))
+        })
+        .collect()
+}
+
 /// Runs the load to the end; blocking (call from a plain thread or `spawn_blocking`).
 pub fn run(spec: &LoadSpec) -> Result<LoadReport> {
     if spec.queries.is_empty() || spec.rate == 0 {
@@ -270,6 +330,7 @@ pub fn run(spec: &LoadSpec) -> Result<LoadReport> {
     }
 
     let drops_before = udp_rcvbuf_errors();
+    let socket_drops_before = socket_drops();
     let cpu_before = CpuSample::now();
     let sending = send(spec, &sockets, socket_count, total, &state);
     let machine_cpu = MachineCpu::between(cpu_before, CpuSample::now());
@@ -285,6 +346,7 @@ pub fn run(spec: &LoadSpec) -> Result<LoadReport> {
     let send_elapsed = sending?;
     let mut out = report(spec, total, send_elapsed, &state);
     out.udp_rcvbuf_errors = udp_rcvbuf_errors().saturating_sub(drops_before);
+    out.socket_drops = drops_between(&socket_drops_before, socket_drops());
     out.machine_cpu = machine_cpu;
     Ok(out)
 }
@@ -656,6 +718,9 @@ impl LoadReport {
         self.send_errors += other.send_errors;
         self.wrong_verdicts += other.wrong_verdicts;
         self.udp_rcvbuf_errors += other.udp_rcvbuf_errors;
+        for (address, count) in other.socket_drops {
+            *self.socket_drops.entry(address).or_default() += count;
+        }
         self.machine_cpu.add(other.machine_cpu);
         self.achieved_rate = self.achieved_rate.min(other.achieved_rate);
         for (rcode, count) in other.rcodes {
@@ -674,6 +739,58 @@ mod tests {
     #![allow(clippy::unwrap_used)]
 
     use super::*;
+
+    #[test]
+    #[cfg(target_endian = "little")]
+    fn proc_net_addresses_read_as_the_kernel_prints_them() {
+        let v4 = proc_net_address("0200197F:0035").unwrap();
+        assert_eq!(v4, "127.25.0.2:53".parse().unwrap());
+        let v6 = proc_net_address("00000000000000000000000001000000:1F90").unwrap();
+        assert_eq!(v6, "[::1]:8080".parse().unwrap());
+        for odd in [
+            "",
+            "0100007F",
+            "0100007F:zz",
+            "01007F:0035",
+            "XX00007F:0035",
+        ] {
+            assert_eq!(proc_net_address(odd), None, "{odd}");
+        }
+    }
+
+    /// A socket that overflows while the load runs is found by the drops column.
+    #[test]
+    fn a_socket_that_overflows_is_named_by_its_drops() {
+        let before = socket_drops();
+        let full = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None).unwrap();
+        // The kernel's least, a few packets.
+        full.set_recv_buffer_size(1).unwrap();
+        full.bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into())
+            .unwrap();
+        let full = UdpSocket::from(full);
+        let sender = UdpSocket::bind("127.0.0.1:0").unwrap();
+        for _ in 0..200 {
+            let _ = sender.send_to(&[0; 512], full.local_addr().unwrap());
+        }
+        let dropped = drops_between(&before, socket_drops());
+        let count = dropped.get(&full.local_addr().unwrap().to_string());
+        assert!(count.is_some_and(|count| *count > 0), "{dropped:?}");
+    }
+
+    #[test]
+    fn drops_between_keeps_what_rose() {
+        let before = BTreeMap::from([("a".to_owned(), 5), ("b".to_owned(), 7)]);
+        let after = BTreeMap::from([
+            ("a".to_owned(), 5),
+            ("b".to_owned(), 9),
+            ("c".to_owned(), 1),
+        ]);
+        let rose = drops_between(&before, after);
+        assert_eq!(
+            rose,
+            BTreeMap::from([("b".to_owned(), 2), ("c".to_owned(), 1)])
+        );
+    }
 
     /// A tiny echo "server" answering every query with its RCODE set, on loopback.
     #[test]

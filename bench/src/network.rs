@@ -72,6 +72,7 @@ pub async fn network(plan: &Plan, out: &Path, results: &mut Results) -> Result<V
     let queries = lab::dnsperf_queries()?;
     let templates = lab::templates()?;
     eprintln!("warden-bench: knotd on {upstream}, client address {client}");
+    results.upstream = upstream.to_string();
 
     let (agent_dir, agent_config) =
         lab::agent_setup(lab::addr_on(unique_loopback_v4())?, upstream, client)?;

@@ -22,6 +22,8 @@ pub struct Results {
     pub throughput: Vec<Throughput>,
     pub latency_rate: u32,
     pub latency_rate_basis: String,
+    /// knotd's address, to name its socket among those that dropped queries.
+    pub upstream: String,
     pub latency: Vec<Latency>,
     pub light_rate: u32,
     pub latency_light: Vec<Latency>,
@@ -348,7 +350,7 @@ impl Results {
                 opt(load.map(|l| l.latency.p50_us), 0),
                 opt(load.map(|l| l.latency.p99_us), 0),
                 opt(load.map(|l| l.latency.p999_us), 0),
-                load.map_or_else(|| "–".to_owned(), |l| format!("{} of {}", l.lost, l.sent)),
+                load.map_or_else(|| "–".to_owned(), |l| lost(l, &self.upstream)),
                 load.map_or_else(|| "–".to_owned(), |l| l.wrong_verdicts.to_string()),
                 load.map_or_else(|| "–".to_owned(), |l| busy_cores(&l.machine_cpu)),
             );
@@ -416,14 +418,13 @@ impl Results {
                 Some(load) => {
                     let _ = writeln!(
                         md,
-                        "| ({}) {} | {:.0} | {:.0} | {:.0} | {} of {} | {} | {} |",
+                        "| ({}) {} | {:.0} | {:.0} | {:.0} | {} | {} | {} |",
                         l.key,
                         l.label,
                         load.latency.p50_us,
                         load.latency.p99_us,
                         load.latency.p999_us,
-                        load.lost,
-                        load.sent,
+                        lost(load, &self.upstream),
                         load.wrong_verdicts,
                         busy_cores(&load.machine_cpu),
                     );
@@ -730,9 +731,55 @@ impl Results {
 }
 
 /// "1.42 of 2": the cores a run kept busy, of the machine's.
+/// "243 of 548404 (dropped: 243 at knotd's socket)": a loss, and the sockets whose receive
+/// queue overflowed meanwhile, if any did.
+fn lost(load: &LoadReport, upstream: &str) -> String {
+    let mut cell = format!("{} of {}", load.lost, load.sent);
+    if load.lost > 0 && !load.socket_drops.is_empty() {
+        let whose: Vec<String> = load
+            .socket_drops
+            .iter()
+            .map(|(address, count)| {
+                if address == upstream {
+                    format!("{count} at knotd's socket")
+                } else {
+                    format!("{count} at {address}")
+                }
+            })
+            .collect();
+        let _ = write!(cell, " (dropped: {})", whose.join(", "));
+    }
+    cell
+}
+
 fn busy_cores(cpu: &MachineCpu) -> String {
     cpu.busy_cores().map_or_else(
         || "–".to_owned(),
         |busy| format!("{busy:.2} of {}", cpu.cores),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_loss_names_the_sockets_that_dropped_queries_meanwhile() {
+        let mut load = LoadReport {
+            sent: 1000,
+            lost: 12,
+            ..LoadReport::default()
+        };
+        assert_eq!(lost(&load, "127.0.0.2:53"), "12 of 1000");
+        load.socket_drops = BTreeMap::from([
+            ("127.0.0.2:53".to_owned(), 10),
+            ("127.0.0.3:5300".to_owned(), 2),
+        ]);
+        assert_eq!(
+            lost(&load, "127.0.0.2:53"),
+            "12 of 1000 (dropped: 10 at knotd's socket, 2 at 127.0.0.3:5300)"
+        );
+        load.lost = 0;
+        assert_eq!(lost(&load, "127.0.0.2:53"), "0 of 1000");
+    }
 }
