@@ -1130,6 +1130,16 @@ mod tests {
             });
         }
 
+        /// The agent's half of a clean, as the admin API makes it before passing it on.
+        async fn clean_agent_cache(&self, filter: &CacheFilter) {
+            let compiled = filter.compile().unwrap();
+            self.state
+                .cache
+                .clean(move |endpoint, name| compiled.matches(endpoint, name))
+                .await
+                .unwrap();
+        }
+
         /// The proxy ends its side of the resync and then reads nothing: the agent's copy of
         /// its cache fills what the session's queue and HTTP/2 hold. Returns once the session
         /// has read a first answer of the proxy's, so the copy is made and on its way.
@@ -1297,12 +1307,7 @@ mod tests {
             endpoint: None,
             name: Some("*.gone.test".into()),
         };
-        let compiled = filter.compile().unwrap();
-        lab.state
-            .cache
-            .clean(move |endpoint, name| compiled.matches(endpoint, name))
-            .await
-            .unwrap();
+        lab.clean_agent_cache(&filter).await;
         lab.state.cleans.send(&filter);
         // An answer after the clean: the proxy must end with it.
         lab.agent_answers("y0.gone.test.");
@@ -1407,12 +1412,7 @@ mod tests {
             })
             .collect();
         for filter in &filters {
-            let compiled = filter.compile().unwrap();
-            lab.state
-                .cache
-                .clean(move |endpoint, name| compiled.matches(endpoint, name))
-                .await
-                .unwrap();
+            lab.clean_agent_cache(filter).await;
         }
         for filter in &filters {
             lab.state.cleans.send(filter);

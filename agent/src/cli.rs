@@ -289,11 +289,7 @@ pub async fn run(cli: Cli) -> ExitCode {
                     .map(|root| root.strip_prefix("/").unwrap_or(&root).to_owned())
                     .unwrap_or_default(),
             };
-            if watch {
-                endpoint_watch(&node, &dir, &pods, &kubelet, &dns_target)
-            } else {
-                endpoint_sync(&node, &dir, &pods, &kubelet, &dns_target)
-            }
+            endpoint_sync(&node, &dir, &pods, &kubelet, &dns_target, watch)
         }
         Command::Policy {
             command: PolicyCommand::Validate { files },
@@ -314,19 +310,26 @@ pub async fn run(cli: Cli) -> ExitCode {
     }
 }
 
-/// `warden endpoint sync`: see [`crate::pod_endpoints`].
+/// `warden endpoint sync`: see [`crate::pod_endpoints`]; with `watch`, [`endpoint_watch`].
 fn endpoint_sync(
     node: &str,
     dir: &std::path::Path,
     pods: &std::path::Path,
     kubelet: &crate::pod_endpoints::Kubelet,
     dns_target: &[std::net::SocketAddr],
+    watch: bool,
 ) -> anyhow::Result<String> {
-    let text = if pods == std::path::Path::new("-") {
-        std::io::read_to_string(std::io::stdin()).context("cannot read the PodList")?
+    let input: Box<dyn std::io::Read> = if pods == std::path::Path::new("-") {
+        Box::new(std::io::stdin().lock())
     } else {
-        std::fs::read_to_string(pods).with_context(|| format!("cannot read {}", pods.display()))?
+        Box::new(
+            std::fs::File::open(pods).with_context(|| format!("cannot read {}", pods.display()))?,
+        )
     };
+    if watch {
+        return endpoint_watch(node, dir, input, kubelet, dns_target);
+    }
+    let text = std::io::read_to_string(input).context("cannot read the PodList")?;
     let list: serde_json::Value = serde_json::from_str(&text).context("the PodList is not JSON")?;
     let mut skipped = Vec::new();
     let endpoints =
@@ -335,13 +338,14 @@ fn endpoint_sync(
         eprintln!("warden: skipped {reason}");
     }
     let report = crate::pod_endpoints::sync(dir, &endpoints, true)?;
-    Ok(format!(
-        "{} pods of {node}: {} written, {} unchanged, {} removed\n",
-        endpoints.len(),
-        report.written,
-        report.unchanged,
-        report.removed
-    ))
+    Ok(sync_line(node, endpoints.len(), &report))
+}
+
+fn sync_line(node: &str, pods: usize, report: &crate::pod_endpoints::SyncReport) -> String {
+    format!(
+        "{pods} pods of {node}: {} written, {} unchanged, {} removed\n",
+        report.written, report.unchanged, report.removed
+    )
 }
 
 /// `warden endpoint sync --watch`: see [`crate::pod_endpoints::PodWatch`]. A line for each value
@@ -351,17 +355,10 @@ fn endpoint_sync(
 fn endpoint_watch(
     node: &str,
     dir: &std::path::Path,
-    pods: &std::path::Path,
+    input: Box<dyn std::io::Read>,
     kubelet: &crate::pod_endpoints::Kubelet,
     dns_target: &[std::net::SocketAddr],
 ) -> anyhow::Result<String> {
-    let input: Box<dyn std::io::Read> = if pods == std::path::Path::new("-") {
-        Box::new(std::io::stdin().lock())
-    } else {
-        Box::new(
-            std::fs::File::open(pods).with_context(|| format!("cannot read {}", pods.display()))?,
-        )
-    };
     let stream = serde_json::Deserializer::from_reader(std::io::BufReader::new(input))
         .into_iter::<serde_json::Value>();
     let mut watch = crate::pod_endpoints::PodWatch::default();
@@ -385,13 +382,7 @@ fn endpoint_watch(
         }
         let report = crate::pod_endpoints::sync(dir, &endpoints, watch.complete())?;
         if report.written + report.removed > 0 {
-            reader_gone(emit(&format!(
-                "{} pods of {node}: {} written, {} unchanged, {} removed\n",
-                endpoints.len(),
-                report.written,
-                report.unchanged,
-                report.removed
-            )))?;
+            reader_gone(emit(&sync_line(node, endpoints.len(), &report)))?;
         }
     }
     Ok(String::new())
