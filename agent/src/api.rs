@@ -71,23 +71,26 @@ pub struct ApiState {
 
 /// Hands each cache clean made on the agent to every session, a queue each. Not a broadcast,
 /// which drops what a busy session has not read: a clean missed leaves its names on the proxy,
-/// and which names it removed cannot be told afterwards. Nothing piles up: cleans come one
-/// admin request at a time, each after a scan of the agent's cache, and a session moves each
-/// into its queue toward the proxy as it comes (a proxy that takes nothing for
-/// [`SEND_TIMEOUT`] loses the session, and its queue with it).
+/// and which names it removed cannot be told afterwards. Nothing piles up in practice: each
+/// clean comes after the admin API's own scan of the agent's cache, and a session moves each
+/// into its queue toward the proxy as it comes, after a scan of its own (a proxy that takes
+/// nothing for [`SEND_TIMEOUT`] loses the session, and its queue with it).
 #[derive(Debug, Clone, Default)]
 pub struct CleanFanout {
     sessions: Arc<Mutex<Vec<mpsc::UnboundedSender<CacheFilter>>>>,
 }
 
 impl CleanFanout {
-    /// A session's queue of the cleans made from now on.
+    /// A session's queue of the cleans made from now on. The queues of sessions ended go
+    /// here too, not only at the next clean: sessions come and go while cleans are rare.
     pub fn subscribe(&self) -> mpsc::UnboundedReceiver<CacheFilter> {
         let (sender, receiver) = mpsc::unbounded_channel();
-        self.sessions
+        let mut sessions = self
+            .sessions
             .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .push(sender);
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        sessions.retain(|session| !session.is_closed());
+        sessions.push(sender);
         receiver
     }
 
@@ -1350,8 +1353,8 @@ mod tests {
         lab.stop().await;
     }
 
-    /// Cleans reached the sessions through a broadcast of 64: more made while a session was
-    /// busy were dropped with a warning, and the proxy kept the names they removed.
+    /// Cleans reached the sessions through a broadcast of 64: those a busy session missed were
+    /// lost, and the proxy kept the names they removed.
     #[tokio::test]
     async fn cleans_made_while_a_session_is_busy_all_reach_the_proxy() {
         /// What the proxy holds, applying the session's messages in order as it does.

@@ -232,21 +232,28 @@ fn udp_rcvbuf_errors() -> u64 {
         .unwrap_or(0)
 }
 
-/// The receive drops of every UDP socket, summed by local address: the last column of
-/// /proc/net/udp and /proc/net/udp6, whose addresses are the kernel's words in host order.
-fn socket_drops() -> BTreeMap<String, u64> {
+/// The receive drops of every UDP socket by inode, with its local address: the last column of
+/// /proc/net/udp and /proc/net/udp6 (the inode is the tenth), whose addresses are the kernel's
+/// words in host order.
+fn socket_drops() -> BTreeMap<u64, (String, u64)> {
     let mut drops = BTreeMap::new();
     for table in ["/proc/net/udp", "/proc/net/udp6"] {
         let text = std::fs::read_to_string(table).unwrap_or_default();
         for row in text.lines().skip(1) {
             let fields: Vec<&str> = row.split_whitespace().collect();
-            let (Some(local), Some(count)) = (fields.get(1), fields.last()) else {
+            let (Some(local), Some(inode), Some(count)) =
+                (fields.get(1), fields.get(9), fields.last())
+            else {
                 continue;
             };
-            let (Some(address), Ok(count)) = (proc_net_address(local), count.parse::<u64>()) else {
+            let (Some(address), Ok(inode), Ok(count)) = (
+                proc_net_address(local),
+                inode.parse::<u64>(),
+                count.parse::<u64>(),
+            ) else {
                 continue;
             };
-            *drops.entry(address.to_string()).or_default() += count;
+            drops.insert(inode, (address.to_string(), count));
         }
     }
     drops
@@ -270,22 +277,25 @@ fn proc_net_address(text: &str) -> Option<SocketAddr> {
         16 => IpAddr::from(<[u8; 16]>::try_from(bytes).ok()?),
         _ => return None,
     };
-    Some(SocketAddr::new(ip, port))
+    // A dual-stack socket bound to an IPv4 address is listed in udp6 as ::ffff:a.b.c.d.
+    Some(SocketAddr::new(ip.to_canonical(), port))
 }
 
-/// What rose from `before` to `after`, those that did (a socket opened during the run counts
-/// from zero; one closed takes its drops with it).
+/// What rose from `before` to `after`, socket by socket, summed by address, those that did (a
+/// socket opened during the run counts from zero, one closed takes its drops with it).
 fn drops_between(
-    before: &BTreeMap<String, u64>,
-    after: BTreeMap<String, u64>,
+    before: &BTreeMap<u64, (String, u64)>,
+    after: BTreeMap<u64, (String, u64)>,
 ) -> BTreeMap<String, u64> {
-    after
-        .into_iter()
-        .filter_map(|(address, count)| {
-            let rose = count.saturating_sub(before.get(&address).copied().unwrap_or(0));
-            (rose > 0).then_some((address, rose))
-        })
-        .collect()
+    let mut rose: BTreeMap<String, u64> = BTreeMap::new();
+    for (inode, (address, count)) in after {
+        let was = before.get(&inode).map_or(0, |(_, count)| *count);
+        let by = count.saturating_sub(was);
+        if by > 0 {
+            *rose.entry(address).or_default() += by;
+        }
+    }
+    rose
 }
 
 /// Runs the load to the end; blocking (call from a plain thread or `spawn_blocking`).
@@ -747,6 +757,8 @@ mod tests {
         assert_eq!(v4, "127.25.0.2:53".parse().unwrap());
         let v6 = proc_net_address("00000000000000000000000001000000:1F90").unwrap();
         assert_eq!(v6, "[::1]:8080".parse().unwrap());
+        let mapped = proc_net_address("0000000000000000FFFF00000200197F:0035").unwrap();
+        assert_eq!(mapped, "127.25.0.2:53".parse().unwrap());
         for odd in [
             "",
             "0100007F",
@@ -777,18 +789,23 @@ mod tests {
         assert!(count.is_some_and(|count| *count > 0), "{dropped:?}");
     }
 
+    /// By socket, not address: a socket reopened on its address (a restarted server) counts
+    /// from zero, and two on one address (SO_REUSEPORT) add up.
     #[test]
-    fn drops_between_keeps_what_rose() {
-        let before = BTreeMap::from([("a".to_owned(), 5), ("b".to_owned(), 7)]);
+    fn drops_between_keeps_what_rose_socket_by_socket() {
+        let on = |address: &str, count: u64| (address.to_owned(), count);
+        let before = BTreeMap::from([(1, on("a", 5)), (2, on("b", 7)), (3, on("c", 40))]);
         let after = BTreeMap::from([
-            ("a".to_owned(), 5),
-            ("b".to_owned(), 9),
-            ("c".to_owned(), 1),
+            (1, on("a", 5)),
+            (2, on("b", 9)),
+            // c's socket closed, another opened on its address.
+            (4, on("c", 3)),
+            (5, on("b", 1)),
         ]);
         let rose = drops_between(&before, after);
         assert_eq!(
             rose,
-            BTreeMap::from([("b".to_owned(), 2), ("c".to_owned(), 1)])
+            BTreeMap::from([("b".to_owned(), 3), ("c".to_owned(), 3)])
         );
     }
 

@@ -730,7 +730,6 @@ impl Results {
     }
 }
 
-/// "1.42 of 2": the cores a run kept busy, of the machine's.
 /// "243 of 548404 (dropped: 243 at knotd's socket)": a loss, and the sockets whose receive
 /// queue overflowed meanwhile, if any did.
 fn lost(load: &LoadReport, upstream: &str) -> String {
@@ -752,6 +751,7 @@ fn lost(load: &LoadReport, upstream: &str) -> String {
     cell
 }
 
+/// "1.42 of 2": the cores a run kept busy, of the machine's.
 fn busy_cores(cpu: &MachineCpu) -> String {
     cpu.busy_cores().map_or_else(
         || "–".to_owned(),
