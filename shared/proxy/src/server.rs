@@ -341,6 +341,7 @@ spec:
         mappings: Arc<Recorded>,
         cache: SharedCache,
         flows: Arc<FlowLog>,
+        metrics: Metrics,
         shutdown: CancellationToken,
         served: tokio::task::JoinHandle<()>,
     }
@@ -391,6 +392,7 @@ spec:
         let mappings = Arc::new(Recorded::default());
         let cache = SharedCache::new(DnsCache::new(CacheLimits::default()));
         let flows = Arc::new(FlowLog::new(100));
+        let metrics = Metrics::new("test").unwrap();
         let context = ProxyContext {
             instance: Arc::from("test"),
             endpoints,
@@ -398,7 +400,7 @@ spec:
             cache: cache.clone(),
             datapath: datapath.clone(),
             mappings: mappings.clone(),
-            metrics: Metrics::new("test").unwrap(),
+            metrics: metrics.clone(),
             flows: flows.clone(),
         };
         let settings = ProxySettings {
@@ -423,6 +425,7 @@ spec:
             mappings,
             cache,
             flows,
+            metrics,
             shutdown,
             served,
         }
@@ -430,13 +433,23 @@ spec:
 
     /// Asks `dns` over UDP; returns the answer and how long it took.
     async fn ask(dns: SocketAddr, name: &str) -> (Message, Duration) {
+        ask_taking(dns, name, None).await
+    }
+
+    /// [`ask`] with an OPT record saying the client takes `payload` bytes over UDP.
+    async fn ask_taking(dns: SocketAddr, name: &str, payload: Option<u16>) -> (Message, Duration) {
         let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
         let mut query = Message::query();
         query.metadata.id = 4242;
         query.add_query(Query::query(Name::from_ascii(name).unwrap(), RecordType::A));
+        if let Some(payload) = payload {
+            let mut edns = hickory_proto::op::Edns::new();
+            edns.set_max_payload(payload);
+            query.set_edns(edns);
+        }
         let started = Instant::now();
         client.send_to(&query.to_vec().unwrap(), dns).await.unwrap();
-        let mut buffer = vec![0u8; 1500];
+        let mut buffer = vec![0u8; 65_535];
         let (length, _) =
             tokio::time::timeout(Duration::from_secs(5), client.recv_from(&mut buffer))
                 .await
@@ -653,7 +666,7 @@ spec:
             max_ips_per_name: 10,
             ..CacheLimits::UNLIMITED
         });
-        let (answer, _) = ask(proxy.dns, "cilium.io.").await;
+        let (answer, _) = ask_taking(proxy.dns, "cilium.io.", Some(4096)).await;
         assert_eq!(answer.answers.len(), 60, "the client gets the whole answer");
         assert_eq!(proxy.cache.lock().ip_count(), 10);
 
@@ -679,6 +692,35 @@ spec:
             })
             .expect("a flow event");
         assert_eq!(sorted(logged), kept);
+        proxy.shutdown.cancel();
+    }
+
+    /// An upstream that ignored the client's limit: the whole answer went on, and a client
+    /// that takes 512 bytes got a datagram it could not read whole, not a TC to retry over TCP.
+    #[tokio::test]
+    async fn an_answer_too_big_for_the_client_goes_as_a_tc_answer() {
+        // Some 1,600 bytes.
+        let upstream = fake_upstream_answering(false, 100).await;
+        let proxy = start(upstream, Duration::ZERO, Duration::from_secs(2)).await;
+        for payload in [None, Some(1232)] {
+            let (answer, _) = ask_taking(proxy.dns, "cilium.io.", payload).await;
+            assert!(answer.metadata.truncation, "{payload:?}: {answer:?}");
+            assert!(answer.answers.is_empty(), "{payload:?}");
+            assert_eq!(answer.metadata.response_code, ResponseCode::NoError);
+            assert_eq!(answer.queries.len(), 1);
+            assert_eq!(answer.edns.is_some(), payload.is_some());
+        }
+        // What fits goes whole.
+        let (answer, _) = ask_taking(proxy.dns, "cilium.io.", Some(4096)).await;
+        assert!(!answer.metadata.truncation);
+        assert_eq!(answer.answers.len(), 100);
+        let oversized = proxy
+            .metrics
+            .dns
+            .upstream_unexpected
+            .with_label_values(&["oversized"])
+            .get();
+        assert_eq!(oversized, 2);
         proxy.shutdown.cancel();
     }
 

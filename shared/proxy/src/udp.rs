@@ -331,7 +331,11 @@ pub(crate) async fn answer_loop(
                 }
                 None => {
                     if let Some(outbox) = answers.get_mut(waiting.listener) {
-                        outbox.push(packet, waiting.checked.client);
+                        let truncated = too_big(&engine, &waiting, packet);
+                        outbox.push(
+                            truncated.as_deref().unwrap_or(packet),
+                            waiting.checked.client,
+                        );
                     }
                     engine.finish(waiting.checked, outcome);
                 }
@@ -374,8 +378,26 @@ fn answer_client(engine: &Engine, waiting: &Waiting, packet: &[u8], tracker: &Ta
         .get(waiting.listener)
         .and_then(ListenerSlot::get)
     {
-        send_reply(&socket, packet, waiting.checked.client, tracker);
+        let truncated = too_big(engine, waiting, packet);
+        let reply = truncated.as_deref().unwrap_or(packet);
+        send_reply(&socket, reply, waiting.checked.client, tracker);
     }
+}
+
+/// The TC answer that goes instead of `packet` when it is larger than the client said it can
+/// take (an upstream that ignored the client's OPT record, which went to it untouched): the
+/// client asks again over TCP rather than getting a datagram cut short or dropped. Counted as
+/// `oversized`. The client's query is read again only for answers past 512 bytes.
+fn too_big(engine: &Engine, waiting: &Waiting, packet: &[u8]) -> Option<Vec<u8>> {
+    if packet.len() <= 512 {
+        return None;
+    }
+    let query = wire::parse_query(&waiting.query).ok()?;
+    if packet.len() <= wire::udp_limit(&query) {
+        return None;
+    }
+    engine.upstream_unexpected("oversized");
+    Some(wire::truncated_response(&query))
 }
 
 /// Answers SERVFAIL to queries whose upstream stayed silent past `upstream_timeout`, until

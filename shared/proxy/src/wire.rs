@@ -255,6 +255,24 @@ pub fn error_response(query: &Query<'_>, rcode: u16) -> Vec<u8> {
     response
 }
 
+/// The most a UDP answer to `query` may carry: 512 bytes, or the payload size of the client's
+/// OPT record (RFC 6891 treats less than 512 as 512).
+pub fn udp_limit(query: &Query<'_>) -> usize {
+    usize::from(query.edns.map_or(MIN_UDP_PAYLOAD, |edns| {
+        edns.max_payload.max(MIN_UDP_PAYLOAD)
+    }))
+}
+
+/// An empty answer to `query` with the TC bit set, built as [`error_response`] builds its own:
+/// the client asks again over TCP (RFC 1035 §4.2.1), as it would had the server truncated.
+pub fn truncated_response(query: &Query<'_>) -> Vec<u8> {
+    let mut response = error_response(query, u16::from(hickory_proto::op::ResponseCode::NoError));
+    if let Some(flags) = response.get_mut(2) {
+        *flags |= FLAG_TC;
+    }
+    response
+}
+
 /// Reads an upstream answer to the question at `asked` (the bytes of a query's question, i.e.
 /// `&query.packet[query.question.clone()]`). The answer must be a response whose first question
 /// is the asked one (names compared case-insensitively), and every record of every section must

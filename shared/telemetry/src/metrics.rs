@@ -450,7 +450,14 @@ impl Metrics {
             ),
             (
                 &self.dns.upstream_unexpected,
-                &["id", "source", "question", "short", "malformed"],
+                &[
+                    "id",
+                    "source",
+                    "question",
+                    "short",
+                    "malformed",
+                    "oversized",
+                ],
             ),
             (&self.dns.malformed, &["udp", "tcp"]),
             (
