@@ -48,7 +48,11 @@ impl Journal {
                 }
             },
             Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
-            Err(error) => tracing::error!(%error, "cannot read the journal in state_dir"),
+            // Set aside, not overwritten by the next save: what it holds may still be read.
+            Err(error) => {
+                let set_aside = warden_state::set_aside(&journal_file(state_dir));
+                tracing::error!(%error, set_aside, "cannot read the journal in state_dir; starting empty");
+            }
         }
         journal
     }

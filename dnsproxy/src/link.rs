@@ -29,6 +29,21 @@ use crate::journal::Journal;
 /// that refuses it) would otherwise resend the journal and the whole cache ten times a second.
 const BACKOFF_FIRST: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(1);
+/// The cap after a session that connected and ended before the agent's resync: each costs a
+/// copy of the journal and the whole cache, and one that fails every time (an agent of another
+/// version refusing it, say) would otherwise cost that every second. An agent not reachable
+/// at all is still looked for every second.
+const FAILED_SESSION_BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+/// The wait before the next attempt, after waiting `current`.
+fn next_backoff(current: Duration, session_failed: bool) -> Duration {
+    let cap = if session_failed {
+        FAILED_SESSION_BACKOFF_MAX
+    } else {
+        BACKOFF_MAX
+    };
+    (current * 2).min(cap)
+}
 
 /// Applies a snapshot from the agent; returns the number of its installs so far (see
 /// [`LinkContext::snapshot_settled`]) or an error text when it was rejected.
@@ -157,6 +172,7 @@ pub async fn run(context: LinkContext, shutdown: CancellationToken) {
             _ = shutdown.cancelled() => return,
             client = warden_api::client::connect(&context.socket) => client,
         };
+        let mut session_failed = false;
         match client {
             Ok(client) => {
                 let mut resynced = false;
@@ -166,6 +182,8 @@ pub async fn run(context: LinkContext, shutdown: CancellationToken) {
                 };
                 if resynced {
                     backoff = BACKOFF_FIRST;
+                } else {
+                    session_failed = true;
                 }
                 context.link.set(None);
                 context.metrics.peer.connected.set(0);
@@ -176,6 +194,7 @@ pub async fn run(context: LinkContext, shutdown: CancellationToken) {
                 }
                 tracing::warn!(
                     reason = ended,
+                    retry_in_ms = backoff.as_millis(),
                     "agent session ended; serving offline from the last snapshot"
                 );
             }
@@ -185,7 +204,7 @@ pub async fn run(context: LinkContext, shutdown: CancellationToken) {
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(backoff) => {}
         }
-        backoff = (backoff * 2).min(BACKOFF_MAX);
+        backoff = next_backoff(backoff, session_failed);
     }
 }
 
@@ -715,6 +734,25 @@ async fn forward_flows(
 mod tests {
     use super::*;
     use tokio_stream::StreamExt;
+
+    /// A session refused every time (before the agent's resync) cost a copy of the journal
+    /// and the whole cache every second; an agent not reachable is still looked for every
+    /// second, and a session that resynced starts the backoff afresh (in `run`).
+    #[test]
+    fn sessions_that_keep_failing_back_off_further_than_an_agent_not_reachable() {
+        let mut refused = BACKOFF_FIRST;
+        for _ in 0..20 {
+            refused = next_backoff(refused, true);
+        }
+        assert_eq!(refused, FAILED_SESSION_BACKOFF_MAX);
+        let mut unreachable = BACKOFF_FIRST;
+        for _ in 0..20 {
+            unreachable = next_backoff(unreachable, false);
+        }
+        assert_eq!(unreachable, BACKOFF_MAX);
+        // After refusals, an agent gone away is looked for within a second again.
+        assert_eq!(next_backoff(refused, false), BACKOFF_MAX);
+    }
 
     /// An agent on a real socket that answers a hello with a policy snapshot (when `snapshot`)
     /// and its `ResyncDone` (when `resync`), or ends the session at once, and records the

@@ -234,9 +234,18 @@ impl ProxyPolicy {
             .clone()
     }
 
-    /// The snapshot persisted by an earlier run, if any and if it decodes.
+    /// The snapshot persisted by an earlier run, if any and if it decodes. One that cannot be
+    /// read (not one that is missing) is said, not taken for none: without it the proxy starts
+    /// with no policy.
     pub fn load_persisted(&self) -> Option<PolicySnapshot> {
-        let bytes = std::fs::read(&self.file).ok()?;
+        let bytes = match std::fs::read(&self.file) {
+            Ok(bytes) => bytes,
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => return None,
+            Err(error) => {
+                tracing::error!(path = %self.file.display(), %error, "cannot read the persisted policy snapshot");
+                return None;
+            }
+        };
         match PolicySnapshot::decode(bytes.as_slice()) {
             Ok(snapshot) => Some(snapshot),
             Err(error) => {

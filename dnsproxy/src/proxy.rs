@@ -264,6 +264,10 @@ pub async fn start(config: ProxyConfig) -> anyhow::Result<RunningProxy> {
             "no usable policy snapshot: enrolled workloads get SERVFAIL until the agent sends one"
         );
         datapath.ensure(&config.datapath.bpffs);
+    } else if !enforcing {
+        tracing::warn!(
+            "no usable policy snapshot and no datapath pins: every sender is unknown, so queries pass unpoliced until the agent sends a snapshot"
+        );
     }
 
     let serving = Arc::new(AtomicBool::new(true));
