@@ -315,14 +315,18 @@ pub fn parse_answer(packet: &[u8], asked: &[u8]) -> Result<Answer, WireError> {
     let mut rcode = u16::from(header.flags[1] & RCODE_MASK);
     let mut seen_opt = false;
     let mut longest_ttl = 0;
-    let mut cnames = 0;
+    // Gathered in this pass, so that following the chain reads no record again: each step
+    // used to walk the whole answer section, names and all (a crafted answer of thousands of
+    // records with long compression chains cost that up to MAX_CHAIN + 1 times). Most answers
+    // have none, and allocate nothing here.
+    let mut cnames: Vec<Record> = Vec::new();
     for (index, record) in Records::new(packet, answers_start, header.record_count()).enumerate() {
         let record = record?;
         if record.kind == TYPE_CNAME && index < usize::from(header.answer_count) {
-            cnames += 1;
-            if cnames > MAX_CNAME_RECORDS {
+            if cnames.len() == MAX_CNAME_RECORDS {
                 return Err(WireError::TooMany);
             }
+            cnames.push(record.clone());
         }
         if record.kind != TYPE_OPT {
             longest_ttl = longest_ttl.max(record.ttl);
@@ -337,7 +341,7 @@ pub fn parse_answer(packet: &[u8], asked: &[u8]) -> Result<Answer, WireError> {
     Ok(Answer {
         rcode,
         truncated: header.flags[0] & FLAG_TC != 0,
-        summary: summarize(answers)?,
+        summary: summarize(answers, &cnames)?,
         longest_ttl,
     })
 }
@@ -378,16 +382,16 @@ fn is_asked(packet: &[u8], type_and_class: &[u8], asked: &[u8]) -> bool {
         && names_equal(packet, HEADER_LEN, asked, 0).unwrap_or(false)
 }
 
-/// Follows the question's name through the answer section's CNAMEs, by the rules of
-/// `crate::answer`. The chain's current name is kept as an offset into the
-/// packet and compared in place, so only the results are allocated.
-fn summarize(answers: Records<'_>) -> Result<AnswerSummary, WireError> {
+/// Follows the question's name through the answer section's CNAMEs (`cnames`, in answer
+/// order), by the rules of `crate::answer`. The chain's current name is kept as an offset into
+/// the packet and compared in place, so only the results are allocated.
+fn summarize(answers: Records<'_>, cnames: &[Record]) -> Result<AnswerSummary, WireError> {
     let packet = answers.packet;
     let mut summary = AnswerSummary::default();
     let mut current = HEADER_LEN;
     let mut ttl = None;
     for _ in 0..MAX_CHAIN {
-        let Some(cname) = first_cname_of(answers.clone(), current)? else {
+        let Some(cname) = first_cname_of(packet, cnames, current)? else {
             break;
         };
         ttl = lowest_ttl(ttl, cname.ttl);
@@ -434,12 +438,14 @@ fn dedup_keeping_order(ips: &mut Vec<IpAddr>) {
     ips.truncate(kept);
 }
 
-/// The first CNAME record owned by the name at `owner`.
-fn first_cname_of(answers: Records<'_>, owner: usize) -> Result<Option<Record>, WireError> {
-    let packet = answers.packet;
-    for record in answers {
-        let record = record?;
-        if record.kind == TYPE_CNAME && names_equal(packet, record.owner, packet, owner)? {
+/// The first of `cnames` owned by the name at `owner`.
+fn first_cname_of<'r>(
+    packet: &[u8],
+    cnames: &'r [Record],
+    owner: usize,
+) -> Result<Option<&'r Record>, WireError> {
+    for record in cnames {
+        if names_equal(packet, record.owner, packet, owner)? {
             return Ok(Some(record));
         }
     }
