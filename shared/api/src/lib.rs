@@ -42,6 +42,9 @@ impl From<&warden_proxy::Mapping> for proto::Mapping {
     }
 }
 
+/// The longest TTL a DNS record can carry, s (2^31 - 1, RFC 2181 §8).
+const MAX_DNS_TTL: u64 = (1 << 31) - 1;
+
 /// A mapping from the peer, checked field by field: what either side may take into its cache.
 /// Both sides skip (and count) a mapping that fails the check and keep the session: ending it
 /// would only bring the same mapping back with the resync, and take the good ones with it.
@@ -78,6 +81,17 @@ impl TryFrom<&proto::Mapping> for PeerMapping {
                     .map_err(|error| bad("ip", ip, error.to_string()))
             })
             .collect::<Result<Vec<_>, _>>()?;
+        // No DNS answer lasts longer (RFC 2181 §8), and connections keep an address for their
+        // idle grace only: later is garbage, which with no `max_ttl` would never expire, and
+        // would come back with every resync.
+        let latest = warden_proxy::unix_now().0.saturating_add(MAX_DNS_TTL);
+        if mapping.expires_at > latest {
+            return Err(bad(
+                "expires_at",
+                &mapping.expires_at.to_string(),
+                format!("more than {MAX_DNS_TTL} s from now"),
+            ));
+        }
         Ok(PeerMapping {
             endpoint: mapping.endpoint.clone(),
             name,
@@ -451,6 +465,13 @@ mod tests {
             (
                 wire("youssef/test", "cilium.io", &["198.18.1.10", "not an ip"]),
                 "ip",
+            ),
+            (
+                proto::Mapping {
+                    expires_at: u64::MAX,
+                    ..wire("youssef/test", "cilium.io", &["198.18.1.10"])
+                },
+                "expires_at",
             ),
         ];
         for (mapping, field) in cases {
