@@ -92,6 +92,8 @@ struct QueryCounters {
     slots: Vec<OnceLock<IntCounter>>,
 }
 
+/// The longest TTL taken as given (see `crate::answer::usable_ttl`).
+const LONGEST_USABLE_TTL: u32 = i32::MAX.unsigned_abs();
 const VERDICTS: [Verdict; 3] = [Verdict::Allowed, Verdict::Denied, Verdict::Error];
 const RCODE_LABELS: usize = RCODE_NAMES.len();
 const TRANSPORTS: [Transport; 2] = [Transport::Udp, Transport::Tcp];
@@ -456,8 +458,14 @@ impl Engine {
         packet: &mut [u8],
         held: Instant,
     ) -> (Outcome, Option<Hold>) {
-        let max_ttl = self.settings.max_ttl;
-        if max_ttl != 0 && answer.longest_ttl > max_ttl {
+        // Without a cap, TTLs of 2^31 or more are still rewritten: the cache reads them as 0
+        // (RFC 2181 §8), and a client told otherwise would use the address past its allow
+        // entries.
+        let max_ttl = match self.settings.max_ttl {
+            0 => u32::MAX,
+            cap => cap,
+        };
+        if answer.longest_ttl > max_ttl.min(LONGEST_USABLE_TTL) {
             // `parse_answer` accepted the packet, so this cannot fail; were it to, the answer
             // could be half rewritten, and it is not released.
             if wire::cap_ttls(packet, max_ttl).is_err() {

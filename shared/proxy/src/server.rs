@@ -310,6 +310,11 @@ spec:
 
     /// A server answering every question with `addresses` A records (198.18.x.y).
     async fn fake_upstream_answering(silent: bool, addresses: u16) -> SocketAddr {
+        fake_upstream_answering_ttl(silent, addresses, 60).await
+    }
+
+    /// [`fake_upstream_answering`] with records of `ttl` seconds.
+    async fn fake_upstream_answering_ttl(silent: bool, addresses: u16, ttl: u32) -> SocketAddr {
         let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
         let address = socket.local_addr().unwrap();
         tokio::spawn(async move {
@@ -325,7 +330,7 @@ spec:
                     let [high, low] = n.to_be_bytes();
                     answer.add_answer(Record::from_rdata(
                         query.queries[0].name().clone(),
-                        60,
+                        ttl,
                         RData::A(A::new(198, 18, high, low)),
                     ));
                 }
@@ -721,6 +726,18 @@ spec:
             .with_label_values(&["oversized"])
             .get();
         assert_eq!(oversized, 2);
+        proxy.shutdown.cancel();
+    }
+
+    /// With no `max_ttl`, a TTL of 2^31 or more went to the client as sent, while the cache
+    /// read it as 0: the client kept using an address whose allow entries were gone.
+    #[tokio::test]
+    async fn a_ttl_the_cache_reads_as_zero_reaches_the_client_as_zero() {
+        let upstream = fake_upstream_answering_ttl(false, 1, 0x8000_0005).await;
+        let proxy = start(upstream, Duration::ZERO, Duration::from_secs(2)).await;
+        let (answer, _) = ask(proxy.dns, "cilium.io.").await;
+        assert_eq!(answer.answers.len(), 1);
+        assert_eq!(answer.answers[0].ttl, 0);
         proxy.shutdown.cancel();
     }
 
