@@ -31,9 +31,11 @@ const BACKOFF_FIRST: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(1);
 /// The cap after a session that connected and ended before the agent's resync: each costs a
 /// copy of the journal and the whole cache, and one that fails every time (an agent of another
-/// version refusing it, say) would otherwise cost that every second. An agent not reachable
-/// at all is still looked for every second.
-const FAILED_SESSION_BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// version refusing it, say) would otherwise cost that every second. Well under the agent's
+/// 10 s startup grace: an agent that restarted during resyncs, healthy again, must have the
+/// proxy's mappings before its reconciler takes the proxy's allow entries for unwanted. An
+/// agent not reachable at all is still looked for every second.
+const FAILED_SESSION_BACKOFF_MAX: Duration = Duration::from_secs(5);
 
 /// The wait before the next attempt, after waiting `current`.
 fn next_backoff(current: Duration, session_failed: bool) -> Duration {
@@ -198,7 +200,11 @@ pub async fn run(context: LinkContext, shutdown: CancellationToken) {
                     "agent session ended; serving offline from the last snapshot"
                 );
             }
-            Err(error) => tracing::debug!(%error, "agent not reachable"),
+            Err(error) => {
+                tracing::debug!(%error, "agent not reachable");
+                // Looked for every second, however long the failed sessions before made it.
+                backoff = backoff.min(BACKOFF_MAX);
+            }
         }
         tokio::select! {
             _ = shutdown.cancelled() => return,

@@ -246,6 +246,20 @@ impl DnsConfig {
                 format!("at most {} s (0 is no ceiling)", i32::MAX),
             ));
         }
+        // The peer refuses a mapping expiring further out than any DNS TTL can (RFC 2181), so
+        // neither floor may take an entry there.
+        if self.min_ttl > i32::MAX.unsigned_abs() {
+            return Err(ConfigError::invalid(
+                "dns.min_ttl",
+                format!("at most {} s", i32::MAX),
+            ));
+        }
+        if self.idle_grace_s > u64::from(i32::MAX.unsigned_abs()) {
+            return Err(ConfigError::invalid(
+                "dns.idle_grace_s",
+                format!("at most {} s", i32::MAX),
+            ));
+        }
         if self.concurrency_limit > MAX_CONCURRENCY_LIMIT {
             return Err(ConfigError::invalid(
                 "dns.concurrency_limit",
@@ -632,6 +646,16 @@ datapath:
         assert!(error.contains("dns.max_ttl"), "{error}");
         config.dns.max_ttl = (1 << 31) - 1;
         config.validate().expect("the longest TTL there is");
+        // The floors too: the peer would refuse every mapping kept past any TTL.
+        config.dns.min_ttl = 1 << 31;
+        let error = config.validate().unwrap_err().to_string();
+        assert!(error.contains("dns.min_ttl"), "{error}");
+        config.dns.min_ttl = (1 << 31) - 1;
+        config.dns.idle_grace_s = 1 << 31;
+        let error = config.validate().unwrap_err().to_string();
+        assert!(error.contains("dns.idle_grace_s"), "{error}");
+        config.dns.idle_grace_s = (1 << 31) - 1;
+        config.validate().expect("the longest floors there are");
         config.dns.max_ttl = 1 << 31;
         // The standalone proxy's config shares the section and its checks.
         let proxy = ProxyConfig {
