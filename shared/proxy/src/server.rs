@@ -315,26 +315,40 @@ spec:
 
     /// [`fake_upstream_answering`] with records of `ttl` seconds.
     async fn fake_upstream_answering_ttl(silent: bool, addresses: u16, ttl: u32) -> SocketAddr {
+        fake_upstream_sending(move |answer| {
+            if silent {
+                return None;
+            }
+            for n in 1..=addresses {
+                let [high, low] = n.to_be_bytes();
+                let name = answer.queries[0].name().clone();
+                answer.add_answer(Record::from_rdata(
+                    name,
+                    ttl,
+                    RData::A(A::new(198, 18, high, low)),
+                ));
+            }
+            Some(answer.to_vec().unwrap())
+        })
+        .await
+    }
+
+    /// A server answering every question with what `build` makes of the answer to it (the
+    /// question echoed, nothing else yet), or not at all when it makes nothing.
+    async fn fake_upstream_sending(
+        build: impl Fn(&mut Message) -> Option<Vec<u8>> + Send + 'static,
+    ) -> SocketAddr {
         let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
         let address = socket.local_addr().unwrap();
         tokio::spawn(async move {
             let mut buffer = vec![0u8; 1500];
             while let Ok((length, from)) = socket.recv_from(&mut buffer).await {
-                if silent {
-                    continue;
-                }
                 let query = Message::from_vec(&buffer[..length]).unwrap();
                 let mut answer = Message::response(query.metadata.id, OpCode::Query);
                 answer.add_queries(query.queries.clone());
-                for n in 1..=addresses {
-                    let [high, low] = n.to_be_bytes();
-                    answer.add_answer(Record::from_rdata(
-                        query.queries[0].name().clone(),
-                        ttl,
-                        RData::A(A::new(198, 18, high, low)),
-                    ));
+                if let Some(bytes) = build(&mut answer) {
+                    let _ = socket.send_to(&bytes, from).await;
                 }
-                let _ = socket.send_to(&answer.to_vec().unwrap(), from).await;
             }
         });
         address
@@ -732,6 +746,49 @@ spec:
             .with_label_values(&["oversized"])
             .get();
         assert_eq!(oversized, 3);
+        proxy.shutdown.cancel();
+    }
+
+    /// A TC answer cut inside a record (as some servers truncate) was refused as malformed:
+    /// the client waited for a SERVFAIL at the timeout instead of asking again over TCP.
+    #[tokio::test]
+    async fn a_tc_answer_cut_inside_a_record_reaches_the_client_as_tc_at_once() {
+        let upstream = fake_upstream_sending(|answer| {
+            for n in 1..=100u8 {
+                let name = answer.queries[0].name().clone();
+                answer.add_answer(Record::from_rdata(
+                    name,
+                    60,
+                    RData::A(A::new(198, 18, 0, n)),
+                ));
+            }
+            let mut bytes = answer.to_vec().unwrap();
+            // TC, and the header and question (27 bytes) then 29 records and a half.
+            bytes[2] |= 0x02;
+            bytes.truncate(500);
+            Some(bytes)
+        })
+        .await;
+        let proxy = start(upstream, Duration::ZERO, Duration::from_secs(2)).await;
+        for name in ["cilium.io.", "example.org."] {
+            let (answer, took) = ask(proxy.dns, name).await;
+            assert!(answer.metadata.truncation, "{name}: {answer:?}");
+            assert!(answer.answers.is_empty(), "{name}");
+            assert_eq!(answer.metadata.response_code, ResponseCode::NoError);
+            assert!(took < Duration::from_secs(1), "{name}: {took:?}");
+        }
+        assert_eq!(
+            proxy.cache.lock().ip_count(),
+            0,
+            "nothing in it is believed"
+        );
+        let cut_short = proxy
+            .metrics
+            .dns
+            .upstream_unexpected
+            .with_label_values(&["cut_short"])
+            .get();
+        assert_eq!(cut_short, 2);
         proxy.shutdown.cancel();
     }
 

@@ -319,6 +319,7 @@ pub(crate) async fn answer_loop(
             };
             let answered = engine.upstream_waited(waiting.asked);
             set_id(packet, packet_id(&waiting.query).unwrap_or(0));
+            let cut_short = answer.cut_short;
             let (outcome, hold) = engine.record(&waiting.checked, answer, packet, answered);
             match hold {
                 None if outcome.verdict == Verdict::Error => {
@@ -331,7 +332,7 @@ pub(crate) async fn answer_loop(
                 }
                 None => {
                     if let Some(outbox) = answers.get_mut(waiting.listener) {
-                        let truncated = too_big(&engine, &waiting, packet);
+                        let truncated = instead(&engine, &waiting, packet, cut_short);
                         outbox.push(
                             truncated.as_deref().unwrap_or(packet),
                             waiting.checked.client,
@@ -346,7 +347,7 @@ pub(crate) async fn answer_loop(
                     let tracker_inner = tracker.clone();
                     tracker.spawn(async move {
                         engine.hold(hold).await;
-                        answer_client(&engine, &waiting, &packet, &tracker_inner);
+                        answer_client(&engine, &waiting, &packet, cut_short, &tracker_inner);
                         engine.finish(waiting.checked, outcome);
                     });
                 }
@@ -372,31 +373,42 @@ pub(crate) async fn answer_loop(
     }
 }
 
-fn answer_client(engine: &Engine, waiting: &Waiting, packet: &[u8], tracker: &TaskTracker) {
+fn answer_client(
+    engine: &Engine,
+    waiting: &Waiting,
+    packet: &[u8],
+    cut_short: bool,
+    tracker: &TaskTracker,
+) {
     if let Some(socket) = engine
         .udp_listeners
         .get(waiting.listener)
         .and_then(ListenerSlot::get)
     {
-        let truncated = too_big(engine, waiting, packet);
+        let truncated = instead(engine, waiting, packet, cut_short);
         let reply = truncated.as_deref().unwrap_or(packet);
         send_reply(&socket, reply, waiting.checked.client, tracker);
     }
 }
 
-/// The TC answer that goes instead of `packet` when it is larger than the client said it can
-/// take (an upstream that ignored the client's OPT record, which went to it untouched): the
-/// client asks again over TCP rather than getting a datagram cut short or dropped. Counted as
-/// `oversized`. The client's query is read again only for answers past 512 bytes.
-fn too_big(engine: &Engine, waiting: &Waiting, packet: &[u8]) -> Option<Vec<u8>> {
-    if packet.len() <= 512 {
+/// The TC answer that goes instead of `packet`, if one must: when the answer is larger than
+/// the client said it can take (an upstream that ignored the client's OPT record, which went
+/// to it untouched; counted as `oversized`), or is a TC answer cut short inside a record
+/// (`cut_short`, counted so). Either way the client asks again over TCP rather than getting a
+/// datagram it cannot read whole. The client's query is read again only for those, and for
+/// answers past 512 bytes.
+fn instead(engine: &Engine, waiting: &Waiting, packet: &[u8], cut_short: bool) -> Option<Vec<u8>> {
+    if packet.len() <= 512 && !cut_short {
         return None;
     }
     let query = wire::parse_query(&waiting.query).ok()?;
-    if packet.len() <= wire::udp_limit(&query) {
+    if cut_short {
+        engine.upstream_unexpected("cut_short");
+    } else if packet.len() > wire::udp_limit(&query) {
+        engine.upstream_unexpected("oversized");
+    } else {
         return None;
     }
-    engine.upstream_unexpected("oversized");
     Some(wire::truncated_response(&query))
 }
 

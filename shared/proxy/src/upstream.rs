@@ -127,10 +127,11 @@ impl<W: Waiter> PoolSocket<W> {
         if waiting.server != from {
             return Err("source");
         }
-        let answer = match wire::parse_answer(packet, waiting.waiter.question()) {
+        let asked = waiting.waiter.question();
+        let answer = match wire::parse_answer(packet, asked) {
             Ok(answer) => answer,
             Err(wire::WireError::QuestionMismatch) => return Err("question"),
-            Err(_) => return Err("malformed"),
+            Err(_) => wire::cut_short_answer(packet, asked).ok_or("malformed")?,
         };
         let waiting = pending.remove(&id).ok_or("id")?;
         Ok((waiting.waiter, answer))

@@ -156,6 +156,10 @@ pub struct Answer {
     pub rcode: u16,
     /// The TC bit: the answer did not fit and the client should retry over TCP.
     pub truncated: bool,
+    /// A TC answer cut short inside a record (as some servers truncate): only its header and
+    /// question were read, nothing in it is believed, and the client gets a clean TC answer of
+    /// its own query instead (see [`truncated_response`]).
+    pub cut_short: bool,
     pub summary: AnswerSummary,
     /// The longest TTL of any record but OPT (whose TTL field holds flags), as sent: a TTL cap
     /// shorter than it has the answer rewritten by [`cap_ttls`].
@@ -273,6 +277,28 @@ pub fn truncated_response(query: &Query<'_>) -> Vec<u8> {
     response
 }
 
+/// What [`parse_answer`] refused, read again as a TC answer cut short inside a record: a
+/// response with the TC bit whose first question is the asked one. None for anything else,
+/// which stays refused. Its records are not read, so none is believed: the client asks again
+/// over TCP, rather than waiting for a SERVFAIL at the timeout.
+pub fn cut_short_answer(packet: &[u8], asked: &[u8]) -> Option<Answer> {
+    let header = Header::read(packet).ok()?;
+    if !header.is_response() || header.flags[0] & FLAG_TC == 0 || header.question_count == 0 {
+        return None;
+    }
+    let name_end = skip_name(packet, HEADER_LEN).ok()?;
+    let type_and_class = packet.get(name_end..name_end + QUESTION_FIXED_LEN)?;
+    if !is_asked(packet, type_and_class, asked) {
+        return None;
+    }
+    Some(Answer {
+        rcode: u16::from(header.flags[1] & RCODE_MASK),
+        truncated: true,
+        cut_short: true,
+        ..Answer::default()
+    })
+}
+
 /// Reads an upstream answer to the question at `asked` (the bytes of a query's question, i.e.
 /// `&query.packet[query.question.clone()]`). The answer must be a response whose first question
 /// is the asked one (names compared case-insensitively), and every record of every section must
@@ -341,6 +367,7 @@ pub fn parse_answer(packet: &[u8], asked: &[u8]) -> Result<Answer, WireError> {
     Ok(Answer {
         rcode,
         truncated: header.flags[0] & FLAG_TC != 0,
+        cut_short: false,
         summary: summarize(answers, &cnames)?,
         longest_ttl,
     })
@@ -832,6 +859,31 @@ mod tests {
 
     fn ip(text: &str) -> IpAddr {
         text.parse().unwrap()
+    }
+
+    /// Only a TC answer to the asked question, cut inside a record, is read as cut short; a cut
+    /// answer without TC, or one to another question, stays refused.
+    #[test]
+    fn a_tc_answer_cut_inside_a_record_is_read_as_cut_short_and_nothing_else_is() {
+        let query = query_for(&name("cilium.io."), RecordType::A);
+        let asked = asked_bytes(&query);
+        let records: Vec<HickoryRecord> = (1..=10).map(|n| a("cilium.io.", 60, n)).collect();
+        let cut = |question: &str, tc: bool| {
+            let mut response =
+                response_to(&query_for(&name(question), RecordType::A), records.clone());
+            response.metadata.truncation = tc;
+            let mut bytes = response.to_vec().unwrap();
+            bytes.truncate(bytes.len() - 5);
+            bytes
+        };
+        let tc = cut("cilium.io.", true);
+        assert!(parse_answer(&tc, &asked).is_err());
+        let answer = cut_short_answer(&tc, &asked).expect("cut short");
+        assert!(answer.truncated && answer.cut_short);
+        assert!(answer.summary.ips.is_empty());
+        assert_eq!(cut_short_answer(&cut("cilium.io.", false), &asked), None);
+        assert_eq!(cut_short_answer(&cut("ebpf.io.", true), &asked), None);
+        assert_eq!(cut_short_answer(&tc[..20], &asked), None);
     }
 
     #[test]

@@ -457,6 +457,7 @@ impl Metrics {
                     "short",
                     "malformed",
                     "oversized",
+                    "cut_short",
                 ],
             ),
             (&self.dns.malformed, &["udp", "tcp"]),
