@@ -303,6 +303,9 @@ impl Engine {
             }
         };
         if query.opcode != 0 {
+            // Counted with the malformed: not a standard query (NOTIFY, UPDATE, ...), which a
+            // forwarding proxy does not serve.
+            self.malformed(transport);
             return Err(Some(wire::error_response(
                 &query,
                 u16::from(ResponseCode::NotImp),

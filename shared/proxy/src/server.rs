@@ -749,6 +749,42 @@ spec:
         proxy.shutdown.cancel();
     }
 
+    /// A NOTIFY (another opcode than QUERY) gets NOTIMP, and is counted: it went uncounted.
+    #[tokio::test]
+    async fn a_message_of_another_opcode_gets_notimp_and_is_counted() {
+        let upstream = fake_upstream(false).await;
+        let proxy = start(upstream, Duration::ZERO, Duration::from_secs(2)).await;
+        let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let mut notify = Message::query();
+        notify.metadata.id = 77;
+        notify.metadata.op_code = OpCode::Notify;
+        notify.add_query(Query::query(
+            Name::from_ascii("cilium.io.").unwrap(),
+            RecordType::SOA,
+        ));
+        client
+            .send_to(&notify.to_vec().unwrap(), proxy.dns)
+            .await
+            .unwrap();
+        let mut buffer = vec![0u8; 1500];
+        let (length, _) =
+            tokio::time::timeout(Duration::from_secs(5), client.recv_from(&mut buffer))
+                .await
+                .expect("an answer")
+                .unwrap();
+        let answer = Message::from_vec(&buffer[..length]).unwrap();
+        assert_eq!(answer.metadata.id, 77);
+        assert_eq!(answer.metadata.response_code, ResponseCode::NotImp);
+        let malformed = proxy
+            .metrics
+            .dns
+            .malformed
+            .with_label_values(&["udp"])
+            .get();
+        assert_eq!(malformed, 1);
+        proxy.shutdown.cancel();
+    }
+
     /// A TC answer cut inside a record (as some servers truncate) was refused as malformed:
     /// the client waited for a SERVFAIL at the timeout instead of asking again over TCP.
     #[tokio::test]
