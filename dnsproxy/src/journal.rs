@@ -1,5 +1,8 @@
 //! Mappings the agent has not received yet: bounded, oldest dropped first (and counted), and
 //! kept in `state_dir` so that a proxy killed while the agent is away still hands them over.
+//! Those a session's resync replays stay in the file until the agent's `ResyncDone` says it
+//! has them (it sends it after reading everything the proxy sent before its own): a proxy
+//! killed during the resync hands them over again next time, rather than losing them.
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
@@ -17,6 +20,8 @@ const JOURNAL_FILE: &str = "journal.pb";
 #[derive(Debug)]
 pub struct Journal {
     entries: Mutex<VecDeque<Mapping>>,
+    /// Taken for a resync's replay and not yet confirmed by the agent: saved with the entries.
+    in_flight: Mutex<Vec<Mapping>>,
     capacity: usize,
     metrics: PeerMetrics,
     /// Bumped on every change; the persister writes when it moved.
@@ -29,6 +34,7 @@ impl Journal {
     pub fn new(capacity: usize, metrics: PeerMetrics) -> Journal {
         Journal {
             entries: Mutex::new(VecDeque::new()),
+            in_flight: Mutex::new(Vec::new()),
             capacity: capacity.max(1),
             metrics,
             changes: AtomicU64::new(0),
@@ -64,8 +70,10 @@ impl Journal {
 
     /// Writes the journal to `state_dir` (temporary file, fsync, rename).
     pub fn save(&self, state_dir: &Path) -> Result<(), warden_state::StateError> {
+        let mut mappings = self.in_flight().clone();
+        mappings.extend(self.entries().iter().cloned());
         let snapshot = Mappings {
-            mappings: self.entries().iter().cloned().collect(),
+            mappings,
             resync: true,
         };
         warden_state::write_atomically(&journal_file(state_dir), &snapshot.encode_to_vec())
@@ -75,6 +83,39 @@ impl Journal {
         self.entries
             .lock()
             .unwrap_or_else(|poison| poison.into_inner())
+    }
+
+    fn in_flight(&self) -> std::sync::MutexGuard<'_, Vec<Mapping>> {
+        self.in_flight
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner())
+    }
+
+    /// Everything journaled, oldest first, for a resync's replay: out of the journal, but kept
+    /// in its file until [`Self::replay_confirmed`] (or back in it at [`Self::replay_failed`]).
+    pub fn take_for_replay(&self) -> Vec<Mapping> {
+        let taken = self.take();
+        self.in_flight().extend(taken.iter().cloned());
+        taken
+    }
+
+    /// The agent has what the replay sent (its `ResyncDone`): the file may forget it.
+    pub fn replay_confirmed(&self) {
+        let mut in_flight = self.in_flight();
+        if !in_flight.is_empty() {
+            in_flight.clear();
+            self.changes.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// The session ended before the agent's `ResyncDone`: what the replay took goes back,
+    /// ahead of anything journaled meanwhile (the agent may have some of it; taken twice, a
+    /// mapping changes nothing).
+    pub fn replay_failed(&self) {
+        let unconfirmed = std::mem::take(&mut *self.in_flight());
+        if !unconfirmed.is_empty() {
+            self.restore(unconfirmed);
+        }
     }
 
     pub fn push(&self, mapping: Mapping) {
@@ -192,6 +233,47 @@ mod tests {
         let names: Vec<_> = journal.take().into_iter().map(|m| m.name).collect();
         assert_eq!(names, ["b.", "c."]);
         assert!(journal.is_empty());
+    }
+
+    /// A resync's replay took the journal and the next save wrote it empty: a proxy killed
+    /// before the agent had it all lost it for good.
+    #[test]
+    fn what_a_replay_takes_stays_in_the_file_until_the_agent_confirms_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let metrics = warden_telemetry::Metrics::new("dnsproxy").unwrap();
+        let saved_names = || {
+            let reopened = Journal::open(dir.path(), 10, metrics.peer.clone());
+            let mut names: Vec<_> = reopened.take().into_iter().map(|m| m.name).collect();
+            names.sort();
+            names
+        };
+        let journal = Journal::new(10, metrics.peer.clone());
+        journal.push(mapping("a."));
+        journal.push(mapping("b."));
+        let taken = journal.take_for_replay();
+        assert_eq!(taken.len(), 2);
+        assert!(journal.is_empty(), "not sent again in this session");
+        journal.push(mapping("c."));
+        journal.save(dir.path()).unwrap();
+        assert_eq!(
+            saved_names(),
+            ["a.", "b.", "c."],
+            "killed now, nothing is lost"
+        );
+
+        // The session ends before the agent's ResyncDone: back in the journal, oldest first.
+        journal.replay_failed();
+        let names: Vec<_> = journal
+            .take_for_replay()
+            .into_iter()
+            .map(|m| m.name)
+            .collect();
+        assert_eq!(names, ["a.", "b.", "c."]);
+
+        // The agent's ResyncDone: the file may forget them.
+        journal.replay_confirmed();
+        journal.save(dir.path()).unwrap();
+        assert!(saved_names().is_empty());
     }
 
     #[test]

@@ -186,6 +186,9 @@ pub async fn run(context: LinkContext, shutdown: CancellationToken) {
                     backoff = BACKOFF_FIRST;
                 } else {
                     session_failed = true;
+                    // What the replay took waits for the next session, sent or not: only the
+                    // agent's ResyncDone says it has it.
+                    context.journal.replay_failed();
                 }
                 context.link.set(None);
                 context.metrics.peer.connected.set(0);
@@ -301,7 +304,7 @@ async fn session(
 ) -> String {
     let started = Instant::now();
     let (outbound, stream) = mpsc::channel::<ProxyMessage>(1024);
-    let journaled = context.journal.take();
+    let journaled = context.journal.take_for_replay();
     let hello = ProxyMessage {
         kind: Some(ProxyKind::Hello(Hello {
             instance: "dnsproxy".into(),
@@ -312,15 +315,11 @@ async fn session(
         })),
     };
     if outbound.send(hello).await.is_err() {
-        context.journal.restore(journaled);
         return "could not say hello".into();
     }
     let response = match client.session(Coalescing::new(stream)).await {
         Ok(response) => response,
-        Err(status) => {
-            context.journal.restore(journaled);
-            return format!("session refused: {status}");
-        }
+        Err(status) => return format!("session refused: {status}"),
     };
     let mut inbound = response.into_inner();
     // The replay runs beside the reading, not before it: the agent sends too (its snapshot,
@@ -445,6 +444,7 @@ async fn session(
             Some(AgentKind::Clean(clean)) => apply_clean(context, clean).await,
             Some(AgentKind::ResyncDone(done)) => {
                 *resynced = true;
+                context.journal.replay_confirmed();
                 let elapsed = started.elapsed();
                 context.metrics.peer.resync_completed(elapsed);
                 context.link.last_resync_ms.store(
@@ -486,7 +486,7 @@ async fn stop_replay(
 /// second, and a state directory can be lost; and mappings cross only when they change a
 /// cache, so a repeat answer would never tell it again), then live mappings flow and what was
 /// journaled meanwhile follows, then `ResyncDone`. Returns how many mappings it replayed.
-/// Journal entries it could not queue go back to the journal.
+/// The journal entries it takes stay in the journal's file until the agent's `ResyncDone`.
 async fn replay(
     context: LinkContext,
     outbound: mpsc::Sender<ProxyMessage>,
@@ -502,15 +502,14 @@ async fn replay(
             }
         }
     };
+    // What is taken stays in the journal's file until the agent's ResyncDone, and goes back
+    // into the journal if the session ends first (`run`).
     let journal = &context.journal;
     let send_journal = |entries: Vec<WireMapping>| async move {
-        let mut sent = 0;
         for chunk in warden_api::mapping_batches(&entries) {
             if !send(resync_message(chunk.to_vec())).await {
-                journal.restore(entries[sent..].to_vec());
                 return false;
             }
-            sent += chunk.len();
         }
         true
     };
@@ -526,7 +525,7 @@ async fn replay(
         }
     }
     context.link.set(Some(outbound.clone()));
-    if !send_journal(journal.take()).await {
+    if !send_journal(journal.take_for_replay()).await {
         return Err("agent went away during the journal replay".into());
     }
     let done = ProxyMessage {
