@@ -21,6 +21,8 @@ const JOURNAL_FILE: &str = "journal.pb";
 pub struct Journal {
     entries: Mutex<VecDeque<Mapping>>,
     /// Taken for a resync's replay and not yet confirmed by the agent: saved with the entries.
+    /// Locked before `entries` wherever both are: a save between taking entries and marking
+    /// them in flight would write a file without them.
     in_flight: Mutex<Vec<Mapping>>,
     capacity: usize,
     metrics: PeerMetrics,
@@ -70,8 +72,10 @@ impl Journal {
 
     /// Writes the journal to `state_dir` (temporary file, fsync, rename).
     pub fn save(&self, state_dir: &Path) -> Result<(), warden_state::StateError> {
-        let mut mappings = self.in_flight().clone();
+        let in_flight = self.in_flight();
+        let mut mappings = in_flight.clone();
         mappings.extend(self.entries().iter().cloned());
+        drop(in_flight);
         let snapshot = Mappings {
             mappings,
             resync: true,
@@ -94,8 +98,9 @@ impl Journal {
     /// Everything journaled, oldest first, for a resync's replay: out of the journal, but kept
     /// in its file until [`Self::replay_confirmed`] (or back in it at [`Self::replay_failed`]).
     pub fn take_for_replay(&self) -> Vec<Mapping> {
+        let mut in_flight = self.in_flight();
         let taken = self.take();
-        self.in_flight().extend(taken.iter().cloned());
+        in_flight.extend(taken.iter().cloned());
         taken
     }
 
@@ -112,7 +117,8 @@ impl Journal {
     /// ahead of anything journaled meanwhile (the agent may have some of it; taken twice, a
     /// mapping changes nothing).
     pub fn replay_failed(&self) {
-        let unconfirmed = std::mem::take(&mut *self.in_flight());
+        let mut in_flight = self.in_flight();
+        let unconfirmed = std::mem::take(&mut *in_flight);
         if !unconfirmed.is_empty() {
             self.restore(unconfirmed);
         }
@@ -148,12 +154,15 @@ impl Journal {
         }
     }
 
-    /// Drops the entries `matches` (endpoint, name) holds for; returns how many.
+    /// Drops the entries `matches` (endpoint, name) holds for, those in flight too (a clean
+    /// during a resync must not come back with a failed replay); returns how many.
     pub fn remove_matching(&self, mut matches: impl FnMut(&str, &str) -> bool) -> usize {
+        let mut in_flight = self.in_flight();
         let mut entries = self.entries();
-        let before = entries.len();
+        let before = entries.len() + in_flight.len();
         entries.retain(|mapping| !matches(&mapping.endpoint, &mapping.name));
-        let removed = before - entries.len();
+        in_flight.retain(|mapping| !matches(&mapping.endpoint, &mapping.name));
+        let removed = before - entries.len() - in_flight.len();
         if removed > 0 {
             self.changes.fetch_add(1, Ordering::Relaxed);
             self.metrics
@@ -269,6 +278,17 @@ mod tests {
             .map(|m| m.name)
             .collect();
         assert_eq!(names, ["a.", "b.", "c."]);
+
+        // A clean during the resync reaches what is in flight too: a failed replay would
+        // bring it back.
+        assert_eq!(journal.remove_matching(|_, name| name == "b."), 1);
+        journal.replay_failed();
+        let names: Vec<_> = journal
+            .take_for_replay()
+            .into_iter()
+            .map(|m| m.name)
+            .collect();
+        assert_eq!(names, ["a.", "c."]);
 
         // The agent's ResyncDone: the file may forget them.
         journal.replay_confirmed();

@@ -285,6 +285,16 @@ impl tokio_stream::Stream for Coalescing {
     }
 }
 
+/// Aborts a task when dropped. A session is dropped unfinished when shutdown runs over time,
+/// and its replay must not go on taking from the journal once `run` has put back what it took.
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// How long a closing session may take to hand its last messages over to the agent.
 const CLOSE_LIMIT: Duration = Duration::from_secs(1);
 
@@ -332,6 +342,7 @@ async fn session(
         journaled,
         replay_stop.clone(),
     ));
+    let _replay_ends_with_the_session = AbortOnDrop(replay.abort_handle());
     let mut replay_done = false;
 
     let last_flows = CancellationToken::new();

@@ -131,7 +131,11 @@ impl<W: Waiter> PoolSocket<W> {
         let answer = match wire::parse_answer(packet, asked) {
             Ok(answer) => answer,
             Err(wire::WireError::QuestionMismatch) => return Err("question"),
-            Err(_) => wire::cut_short_answer(packet, asked).ok_or("malformed")?,
+            // A cut inside a record reads as short; anything else stays malformed.
+            Err(wire::WireError::Short) => {
+                wire::cut_short_answer(packet, asked).ok_or("malformed")?
+            }
+            Err(_) => return Err("malformed"),
         };
         let waiting = pending.remove(&id).ok_or("id")?;
         Ok((waiting.waiter, answer))
