@@ -78,14 +78,7 @@ pub struct ApiState {
 #[derive(Debug, Clone, Default)]
 pub struct CleanFanout {
     sessions: Arc<Mutex<Vec<mpsc::UnboundedSender<CacheFilter>>>>,
-    /// The latest cleans and when they were made, for a session's resync: what the proxy
-    /// replays of its journal and cache was learned before the session started, so a clean
-    /// made since then removed it for good (see [`CleanFanout::made_since`]).
-    recent: Arc<Mutex<VecDeque<(Instant, warden_telemetry::CompiledCacheFilter)>>>,
 }
-
-/// Cleans kept for [`CleanFanout::made_since`]: far more than a resync's length sees.
-const RECENT_CLEANS: usize = 1024;
 
 impl CleanFanout {
     /// A session's queue of the cleans made from now on. The queues of sessions ended go
@@ -103,31 +96,10 @@ impl CleanFanout {
 
     /// Queues `filter` for every session; those ended leave the list.
     pub fn send(&self, filter: &CacheFilter) {
-        if let Ok(compiled) = filter.compile() {
-            let mut recent = self
-                .recent
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner());
-            if recent.len() == RECENT_CLEANS {
-                recent.pop_front();
-            }
-            recent.push_back((Instant::now(), compiled));
-        }
         self.sessions
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
             .retain(|session| session.send(filter.clone()).is_ok());
-    }
-
-    /// The cleans made since `when`, oldest first.
-    pub fn made_since(&self, when: Instant) -> Vec<warden_telemetry::CompiledCacheFilter> {
-        self.recent
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .iter()
-            .filter(|(made, _)| *made >= when)
-            .map(|(_, filter)| filter.clone())
-            .collect()
     }
 }
 
@@ -388,20 +360,6 @@ async fn session(
                     Err(status) => return rejected_status(&status),
                 };
                 match message.kind {
-                    Some(ProxyKind::Mappings(batch)) if batch.resync && !resync_asked => {
-                        // The proxy's journal and cache, learned before this session: a clean
-                        // made since (whichever of the two the session read first) removed
-                        // what it matches for good. An answer the proxy gets after a clean
-                        // comes live, not here.
-                        let cleans = state.cleans.made_since(started);
-                        let mut mappings = batch.mappings;
-                        mappings.retain(|mapping| {
-                            !cleans
-                                .iter()
-                                .any(|clean| clean.matches(&mapping.endpoint, &mapping.name))
-                        });
-                        absorb(state, &mappings);
-                    }
                     Some(ProxyKind::Mappings(batch)) => absorb(state, &batch.mappings),
                     Some(ProxyKind::Flows(flows)) => {
                         // A bad event is skipped and counted, like a bad mapping: the session
@@ -1479,70 +1437,6 @@ mod tests {
             proxy.held.contains("x.kept.test."),
             "the proxy lost a name not cleaned"
         );
-        lab.stop().await;
-    }
-
-    /// A clean made while the proxy replayed its journal and cache: the replay, learned before
-    /// the session, brought the cleaned name back into the agent's cache (and from there to
-    /// its reconciler and the proxy again). What the proxy answers live stays.
-    #[tokio::test]
-    async fn a_clean_during_the_proxys_resync_is_not_undone_by_its_replay() {
-        let mut lab = Harness::start(4096, 10).await;
-        lab.agent_answers("stale.test.");
-        let filter = CacheFilter {
-            endpoint: None,
-            name: Some("stale.test".into()),
-        };
-        lab.clean_agent_cache(&filter).await;
-        lab.state.cleans.send(&filter);
-        let mapping = |name: &str| WireMapping {
-            endpoint: "youssef/test".into(),
-            name: name.into(),
-            ips: vec!["198.18.9.9".into()],
-            ttl: 300,
-            expires_at: warden_proxy::unix_now().0 + 300,
-            server: String::new(),
-            kept_by_connections: false,
-        };
-        let replay = ProxyMessage {
-            kind: Some(ProxyKind::Mappings(Mappings {
-                mappings: vec![mapping("stale.test."), mapping("replayed.test.")],
-                resync: true,
-            })),
-        };
-        lab.say.send(replay).await.unwrap();
-        let done = ProxyMessage {
-            kind: Some(ProxyKind::ResyncDone(warden_api::proto::ResyncDone {
-                entries: 2,
-            })),
-        };
-        lab.say.send(done).await.unwrap();
-        loop {
-            let message = tokio::time::timeout(Duration::from_secs(10), lab.inbound.message())
-                .await
-                .expect("no ResyncDone")
-                .unwrap()
-                .unwrap();
-            if let Some(AgentKind::ResyncDone(_)) = message.kind {
-                break;
-            }
-        }
-        let held = |name: &str| {
-            let now = warden_proxy::unix_now();
-            !lab.state
-                .cache
-                .lock()
-                .lookup(now, "youssef/test", name)
-                .is_empty()
-        };
-        assert!(held("replayed.test."));
-        assert!(
-            !held("stale.test."),
-            "the replay brought the cleaned name back"
-        );
-        // After the clean, the proxy's live answer of the name is news, and taken.
-        lab.proxy_answers("stale.test.", Duration::from_secs(5))
-            .await;
         lab.stop().await;
     }
 
