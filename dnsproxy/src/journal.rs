@@ -244,6 +244,14 @@ mod tests {
         assert!(journal.is_empty());
     }
 
+    fn replayed_names(journal: &Journal) -> Vec<String> {
+        journal
+            .take_for_replay()
+            .into_iter()
+            .map(|m| m.name)
+            .collect()
+    }
+
     /// A resync's replay took the journal and the next save wrote it empty: a proxy killed
     /// before the agent had it all lost it for good.
     #[test]
@@ -272,23 +280,13 @@ mod tests {
 
         // The session ends before the agent's ResyncDone: back in the journal, oldest first.
         journal.replay_failed();
-        let names: Vec<_> = journal
-            .take_for_replay()
-            .into_iter()
-            .map(|m| m.name)
-            .collect();
-        assert_eq!(names, ["a.", "b.", "c."]);
+        assert_eq!(replayed_names(&journal), ["a.", "b.", "c."]);
 
         // A clean during the resync reaches what is in flight too: a failed replay would
         // bring it back.
         assert_eq!(journal.remove_matching(|_, name| name == "b."), 1);
         journal.replay_failed();
-        let names: Vec<_> = journal
-            .take_for_replay()
-            .into_iter()
-            .map(|m| m.name)
-            .collect();
-        assert_eq!(names, ["a.", "c."]);
+        assert_eq!(replayed_names(&journal), ["a.", "c."]);
 
         // The agent's ResyncDone: the file may forget them.
         journal.replay_confirmed();

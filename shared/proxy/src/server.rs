@@ -365,6 +365,17 @@ spec:
         served: tokio::task::JoinHandle<()>,
     }
 
+    impl Running {
+        /// `warden_dns_upstream_unexpected_total{reason}` so far.
+        fn unexpected(&self, reason: &str) -> u64 {
+            self.metrics
+                .dns
+                .upstream_unexpected
+                .with_label_values(&[reason])
+                .get()
+        }
+    }
+
     async fn start(upstream: SocketAddr, hold: Duration, upstream_timeout: Duration) -> Running {
         start_on(
             "127.0.0.1:0".parse().unwrap(),
@@ -457,7 +468,6 @@ spec:
 
     /// [`ask`] with an OPT record saying the client takes `payload` bytes over UDP.
     async fn ask_taking(dns: SocketAddr, name: &str, payload: Option<u16>) -> (Message, Duration) {
-        let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
         let mut query = Message::query();
         query.metadata.id = 4242;
         query.add_query(Query::query(Name::from_ascii(name).unwrap(), RecordType::A));
@@ -467,6 +477,14 @@ spec:
             query.set_edns(edns);
         }
         let started = Instant::now();
+        let answer = exchange(dns, &query).await;
+        assert_eq!(answer.metadata.message_type, MessageType::Response);
+        (answer, started.elapsed())
+    }
+
+    /// Sends `query` to `dns` over UDP and reads its answer, which must carry the query's ID.
+    async fn exchange(dns: SocketAddr, query: &Message) -> Message {
+        let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
         client.send_to(&query.to_vec().unwrap(), dns).await.unwrap();
         let mut buffer = vec![0u8; 65_535];
         let (length, _) =
@@ -475,9 +493,8 @@ spec:
                 .expect("an answer")
                 .unwrap();
         let answer = Message::from_vec(&buffer[..length]).unwrap();
-        assert_eq!(answer.metadata.id, 4242);
-        assert_eq!(answer.metadata.message_type, MessageType::Response);
-        (answer, started.elapsed())
+        assert_eq!(answer.metadata.id, query.metadata.id);
+        answer
     }
 
     /// A query for cilium.io. A with `id`, framed for TCP (length first).
@@ -739,13 +756,7 @@ spec:
         let (answer, _) = ask_taking(proxy.dns, "cilium.io.", Some(4096)).await;
         assert!(!answer.metadata.truncation);
         assert_eq!(answer.answers.len(), 100);
-        let oversized = proxy
-            .metrics
-            .dns
-            .upstream_unexpected
-            .with_label_values(&["oversized"])
-            .get();
-        assert_eq!(oversized, 3);
+        assert_eq!(proxy.unexpected("oversized"), 3);
         proxy.shutdown.cancel();
     }
 
@@ -754,7 +765,6 @@ spec:
     async fn a_message_of_another_opcode_gets_notimp_and_is_counted() {
         let upstream = fake_upstream(false).await;
         let proxy = start(upstream, Duration::ZERO, Duration::from_secs(2)).await;
-        let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
         let mut notify = Message::query();
         notify.metadata.id = 77;
         notify.metadata.op_code = OpCode::Notify;
@@ -762,26 +772,10 @@ spec:
             Name::from_ascii("cilium.io.").unwrap(),
             RecordType::SOA,
         ));
-        client
-            .send_to(&notify.to_vec().unwrap(), proxy.dns)
-            .await
-            .unwrap();
-        let mut buffer = vec![0u8; 1500];
-        let (length, _) =
-            tokio::time::timeout(Duration::from_secs(5), client.recv_from(&mut buffer))
-                .await
-                .expect("an answer")
-                .unwrap();
-        let answer = Message::from_vec(&buffer[..length]).unwrap();
-        assert_eq!(answer.metadata.id, 77);
+        let answer = exchange(proxy.dns, &notify).await;
         assert_eq!(answer.metadata.response_code, ResponseCode::NotImp);
-        let malformed = proxy
-            .metrics
-            .dns
-            .malformed
-            .with_label_values(&["udp"])
-            .get();
-        assert_eq!(malformed, 1);
+        let malformed = proxy.metrics.dns.malformed.with_label_values(&["udp"]);
+        assert_eq!(malformed.get(), 1);
         proxy.shutdown.cancel();
     }
 
@@ -818,13 +812,7 @@ spec:
             0,
             "nothing in it is believed"
         );
-        let cut_short = proxy
-            .metrics
-            .dns
-            .upstream_unexpected
-            .with_label_values(&["cut_short"])
-            .get();
-        assert_eq!(cut_short, 2);
+        assert_eq!(proxy.unexpected("cut_short"), 2);
         proxy.shutdown.cancel();
     }
 
