@@ -58,10 +58,9 @@ pub struct PeerMapping {
     pub source: Source,
 }
 
-impl TryFrom<&proto::Mapping> for PeerMapping {
-    type Error = ApiError;
-
-    fn try_from(mapping: &proto::Mapping) -> Result<PeerMapping, ApiError> {
+impl PeerMapping {
+    /// Checks `mapping` field by field, its expiry against `now` (one reading for a batch).
+    pub fn check(mapping: &proto::Mapping, now: UnixTime) -> Result<PeerMapping, ApiError> {
         let bad = |field: &'static str, value: &str, reason: String| ApiError::BadMapping {
             field,
             // Bounded: the value is the peer's, and goes into a log line.
@@ -84,7 +83,7 @@ impl TryFrom<&proto::Mapping> for PeerMapping {
         // No DNS answer lasts longer (RFC 2181 §8), and connections keep an address for their
         // idle grace only: later is garbage, which with no `max_ttl` would never expire, and
         // would come back with every resync.
-        let latest = warden_proxy::unix_now().0.saturating_add(MAX_DNS_TTL);
+        let latest = now.0.saturating_add(MAX_DNS_TTL);
         if mapping.expires_at > latest {
             return Err(bad(
                 "expires_at",
@@ -115,10 +114,11 @@ pub fn merge_mappings(
     mappings: &[proto::Mapping],
     metrics: &PeerMetrics,
 ) -> usize {
+    let now = warden_proxy::unix_now();
     let mut checked = Vec::with_capacity(mappings.len());
     let mut first_error = None;
     for mapping in mappings {
-        match PeerMapping::try_from(mapping) {
+        match PeerMapping::check(mapping, now) {
             Ok(mapping) => checked.push(mapping),
             Err(error) => {
                 metrics.rejected.with_label_values(&["malformed"]).inc();
@@ -129,7 +129,6 @@ pub fn merge_mappings(
     if let Some(error) = first_error {
         tracing::warn!(%error, "mappings from the peer skipped");
     }
-    let now = warden_proxy::unix_now();
     let limits = cache.lock().limits();
     let addresses = checked
         .iter()
@@ -445,11 +444,11 @@ mod tests {
 
     #[test]
     fn a_peer_mapping_is_checked_field_by_field() {
-        let good = PeerMapping::try_from(&wire(
-            "youssef/test",
-            "Cilium.IO",
-            &["198.18.1.10", "fd00::1"],
-        ))
+        let now = warden_proxy::unix_now();
+        let good = PeerMapping::check(
+            &wire("youssef/test", "Cilium.IO", &["198.18.1.10", "fd00::1"]),
+            now,
+        )
         .unwrap();
         assert_eq!(good.name.as_str(), "cilium.io.");
         assert_eq!(good.ips.len(), 2);
@@ -475,7 +474,7 @@ mod tests {
             ),
         ];
         for (mapping, field) in cases {
-            match PeerMapping::try_from(&mapping) {
+            match PeerMapping::check(&mapping, now) {
                 Err(ApiError::BadMapping {
                     field: got, value, ..
                 }) => {
