@@ -398,7 +398,7 @@ fn answer_client(
 /// datagram it cannot read whole. The client's query is read again only for those, and for
 /// answers past 512 bytes.
 fn instead(engine: &Engine, waiting: &Waiting, packet: &[u8], cut_short: bool) -> Option<Vec<u8>> {
-    if packet.len() <= 512 && !cut_short {
+    if packet.len() <= usize::from(wire::MIN_UDP_PAYLOAD) && !cut_short {
         return None;
     }
     let query = wire::parse_query(&waiting.query).ok()?;

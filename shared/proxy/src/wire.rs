@@ -38,7 +38,7 @@ const MAX_NAME_LEN: usize = 255;
 /// pointer-to-pointer chains from costing thousands of jumps per name.
 const MAX_POINTER_JUMPS: usize = 128;
 /// RFC 6891 §6.2.5: smaller advertised payloads are treated as 512.
-const MIN_UDP_PAYLOAD: u16 = 512;
+pub(crate) const MIN_UDP_PAYLOAD: u16 = 512;
 
 const TYPE_A: u16 = 1;
 const TYPE_CNAME: u16 = 5;
@@ -286,11 +286,7 @@ pub fn cut_short_answer(packet: &[u8], asked: &[u8]) -> Option<Answer> {
     if !header.is_response() || header.flags[0] & FLAG_TC == 0 || header.question_count == 0 {
         return None;
     }
-    let name_end = skip_name(packet, HEADER_LEN).ok()?;
-    let type_and_class = packet.get(name_end..name_end + QUESTION_FIXED_LEN)?;
-    if !is_asked(packet, type_and_class, asked) {
-        return None;
-    }
+    asked_question_end(packet, asked).ok()?;
     Some(Answer {
         rcode: u16::from(header.flags[1] & RCODE_MASK),
         truncated: true,
@@ -326,12 +322,7 @@ pub fn parse_answer(packet: &[u8], asked: &[u8]) -> Result<Answer, WireError> {
         }
         HEADER_LEN
     } else {
-        let name_end = skip_name(packet, HEADER_LEN)?;
-        let mut position = name_end + QUESTION_FIXED_LEN;
-        let type_and_class = packet.get(name_end..position).ok_or(WireError::Short)?;
-        if !is_asked(packet, type_and_class, asked) {
-            return Err(WireError::QuestionMismatch);
-        }
+        let mut position = asked_question_end(packet, asked)?;
         for _ in 1..header.question_count {
             position = skip_question(packet, position)?;
         }
@@ -399,14 +390,23 @@ pub fn cap_ttls(packet: &mut [u8], max_ttl: u32) -> Result<(), WireError> {
     Ok(())
 }
 
-/// Whether the answer's first question (its name at offset 12, then `type_and_class`) is the
-/// asked one. An `asked` that cannot be read matches nothing.
-fn is_asked(packet: &[u8], type_and_class: &[u8], asked: &[u8]) -> bool {
+/// Where the answer's first question (its name at offset 12) ends, if it is the asked one;
+/// `QuestionMismatch` if not. An `asked` that cannot be read matches nothing.
+fn asked_question_end(packet: &[u8], asked: &[u8]) -> Result<usize, WireError> {
+    let name_end = skip_name(packet, HEADER_LEN)?;
+    let end = name_end + QUESTION_FIXED_LEN;
+    let type_and_class = packet.get(name_end..end).ok_or(WireError::Short)?;
     let Ok(asked_name_end) = skip_name(asked, 0) else {
-        return false;
+        return Err(WireError::QuestionMismatch);
     };
-    asked.get(asked_name_end..asked_name_end + QUESTION_FIXED_LEN) == Some(type_and_class)
-        && names_equal(packet, HEADER_LEN, asked, 0).unwrap_or(false)
+    let same = asked.get(asked_name_end..asked_name_end + QUESTION_FIXED_LEN)
+        == Some(type_and_class)
+        && names_equal(packet, HEADER_LEN, asked, 0).unwrap_or(false);
+    if same {
+        Ok(end)
+    } else {
+        Err(WireError::QuestionMismatch)
+    }
 }
 
 /// Follows the question's name through the answer section's CNAMEs (`cnames`, in answer
