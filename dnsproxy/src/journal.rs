@@ -239,17 +239,13 @@ mod tests {
             journal.push(mapping(name));
         }
         assert_eq!(metrics.peer.journal_dropped.get(), 1);
-        let names: Vec<_> = journal.take().into_iter().map(|m| m.name).collect();
+        let names = names_of(journal.take());
         assert_eq!(names, ["b.", "c."]);
         assert!(journal.is_empty());
     }
 
-    fn replayed_names(journal: &Journal) -> Vec<String> {
-        journal
-            .take_for_replay()
-            .into_iter()
-            .map(|m| m.name)
-            .collect()
+    fn names_of(mappings: Vec<Mapping>) -> Vec<String> {
+        mappings.into_iter().map(|m| m.name).collect()
     }
 
     /// A resync's replay took the journal and the next save wrote it empty: a proxy killed
@@ -260,7 +256,7 @@ mod tests {
         let metrics = warden_telemetry::Metrics::new("dnsproxy").unwrap();
         let saved_names = || {
             let reopened = Journal::open(dir.path(), 10, metrics.peer.clone());
-            let mut names: Vec<_> = reopened.take().into_iter().map(|m| m.name).collect();
+            let mut names = names_of(reopened.take());
             names.sort();
             names
         };
@@ -280,13 +276,13 @@ mod tests {
 
         // The session ends before the agent's ResyncDone: back in the journal, oldest first.
         journal.replay_failed();
-        assert_eq!(replayed_names(&journal), ["a.", "b.", "c."]);
+        assert_eq!(names_of(journal.take_for_replay()), ["a.", "b.", "c."]);
 
         // A clean during the resync reaches what is in flight too: a failed replay would
         // bring it back.
         assert_eq!(journal.remove_matching(|_, name| name == "b."), 1);
         journal.replay_failed();
-        assert_eq!(replayed_names(&journal), ["a.", "c."]);
+        assert_eq!(names_of(journal.take_for_replay()), ["a.", "c."]);
 
         // The agent's ResyncDone: the file may forget them.
         journal.replay_confirmed();
@@ -313,7 +309,7 @@ mod tests {
         journal.push(mapping("anysub.cilium.io."));
         journal.save(dir.path()).unwrap();
         let reopened = Journal::open(dir.path(), 10, metrics.peer.clone());
-        let names: Vec<_> = reopened.take().into_iter().map(|m| m.name).collect();
+        let names = names_of(reopened.take());
         assert_eq!(names, ["anysub.cilium.io."]);
     }
 
@@ -324,10 +320,10 @@ mod tests {
         for name in ["a.", "b.", "c."] {
             journal.push(mapping(name));
         }
-        let names: Vec<_> = journal.take_oldest(2).into_iter().map(|m| m.name).collect();
+        let names = names_of(journal.take_oldest(2));
         assert_eq!(names, ["a.", "b."]);
         assert_eq!(metrics.peer.journal_entries.get(), 1);
-        let rest: Vec<_> = journal.take_oldest(5).into_iter().map(|m| m.name).collect();
+        let rest = names_of(journal.take_oldest(5));
         assert_eq!(rest, ["c."]);
         assert!(journal.take_oldest(5).is_empty());
     }
@@ -366,7 +362,7 @@ mod tests {
             journal.remove_matching(|_, name| name == "www.cilium.io."),
             2
         );
-        let names: Vec<_> = journal.take().into_iter().map(|m| m.name).collect();
+        let names = names_of(journal.take());
         assert_eq!(names, ["cilium.io."]);
     }
 
@@ -376,7 +372,7 @@ mod tests {
         let journal = Journal::new(10, metrics.peer.clone());
         journal.push(mapping("new."));
         journal.restore(vec![mapping("old.")]);
-        let names: Vec<_> = journal.take().into_iter().map(|m| m.name).collect();
+        let names = names_of(journal.take());
         assert_eq!(names, ["old.", "new."]);
     }
 }
