@@ -188,6 +188,9 @@ async fn clean_cache(
         Ok(compiled) => compiled,
         Err(message) => return (StatusCode::BAD_REQUEST, message).into_response(),
     };
+    // Remembered first: what a proxy sends from now on of what was answered before is
+    // dropped, so nothing comes back between the clean here and the proxy's.
+    let clean = state.cleans.record(filter, compiled.clone());
     let cleaned = state
         .cache
         .clean(move |endpoint, name| compiled.matches(endpoint, name))
@@ -195,7 +198,7 @@ async fn clean_cache(
     // Also when nothing went here, or the clean failed part way: the proxy's cache may hold
     // what this one never saw (and would hand it back at the next resync), and whatever went
     // here must be saved.
-    state.cleans.send(&filter);
+    state.cleans.send(&clean);
     let removed = match cleaned {
         Ok(removed) => removed,
         Err(message) => {

@@ -29,7 +29,9 @@ use warden_api::{MAPPINGS_PER_MESSAGE, MAX_MESSAGE_BYTES};
 use warden_config::{AgentConfig, DatapathMode, RejectCode};
 use warden_enforce::Enforcement;
 use warden_proxy::{Mapping, MappingObserver, SharedCache};
-use warden_telemetry::{CacheFilter, FlowEvent, FlowLog, Metrics, unix_millis};
+use warden_telemetry::{
+    CacheFilter, CompiledCacheFilter, FlowEvent, FlowLog, Metrics, unix_millis,
+};
 
 use crate::policy_store::PolicyStore;
 
@@ -69,37 +71,132 @@ pub struct ApiState {
     pub cleans: CleanFanout,
 }
 
-/// Hands each cache clean made on the agent to every session, a queue each. Not a broadcast,
-/// which drops what a busy session has not read: a clean missed leaves its names on the proxy,
-/// and which names it removed cannot be told afterwards. Nothing piles up in practice: each
-/// clean comes after the admin API's own scan of the agent's cache, and a session moves each
-/// into its queue toward the proxy as it comes, after a scan of its own (a proxy that takes
-/// nothing for [`SEND_TIMEOUT`] loses the session, and its queue with it).
+/// Cleans the agent remembers, the latest of each filter: enough for any operator's use, and
+/// a bound on what each mapping from a proxy is checked against.
+const CLEANS_REMEMBERED: usize = 256;
+
+/// A cache clean made on the agent: what it removes, and when. It removes what
+/// was answered before then, wherever that is, and nothing answered since.
+#[derive(Debug, Clone)]
+pub struct Clean {
+    pub filter: CacheFilter,
+    pub compiled: CompiledCacheFilter,
+    /// Unix milliseconds.
+    pub made_at_ms: u64,
+}
+
+impl Clean {
+    /// Whether this clean removes `mapping`: one of its names, answered before the clean (or
+    /// at a time not known).
+    fn removes(&self, mapping: &WireMapping) -> bool {
+        mapping.learned_at_ms < self.made_at_ms
+            && self.compiled.matches(&mapping.endpoint, &mapping.name)
+    }
+
+    /// [`Self::removes`] for a mapping from a proxy, which is kept if the time it was answered
+    /// is not known (a proxy of an older build), as it was before times were known: dropped,
+    /// an answer given after the clean would lose its allow entries.
+    fn removes_from_proxy(&self, mapping: &WireMapping) -> bool {
+        mapping.learned_at_ms != 0 && self.removes(mapping)
+    }
+}
+
+/// Hands each cache clean made on the agent to every session, a queue each, and remembers the
+/// latest [`CLEANS_REMEMBERED`]. Not a broadcast, which drops what a busy session has not
+/// read: a clean missed leaves its names on the proxy, and which names it removed cannot be
+/// told afterwards. Nothing piles up in practice: each clean comes after the admin API's own
+/// scan of the agent's cache, and a session moves each into its queue toward the proxy as it
+/// comes, after a scan of its own (a proxy that takes nothing for [`SEND_TIMEOUT`] loses the
+/// session, and its queue with it).
+///
+/// Remembered, because a proxy away when a clean was made (or whose mappings crossed it on
+/// the socket) still holds what it removed and hands it back: each new session gets the
+/// cleans remembered, and what a proxy sends of what they removed is dropped on arrival. The
+/// memory is the process's: an agent restarted forgets them.
 #[derive(Debug, Clone, Default)]
 pub struct CleanFanout {
-    sessions: Arc<Mutex<Vec<mpsc::UnboundedSender<CacheFilter>>>>,
+    shared: Arc<Mutex<CleansShared>>,
+}
+
+#[derive(Debug, Default)]
+struct CleansShared {
+    sessions: Vec<mpsc::UnboundedSender<Clean>>,
+    /// Replaced whole on a change, so that the check of a batch of mappings holds no lock.
+    remembered: Arc<Vec<Clean>>,
 }
 
 impl CleanFanout {
-    /// A session's queue of the cleans made from now on. The queues of sessions ended go
-    /// here too, not only at the next clean: sessions come and go while cleans are rare.
-    pub fn subscribe(&self) -> mpsc::UnboundedReceiver<CacheFilter> {
-        let (sender, receiver) = mpsc::unbounded_channel();
-        let mut sessions = self
-            .sessions
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        sessions.retain(|session| !session.is_closed());
-        sessions.push(sender);
-        receiver
-    }
-
-    /// Queues `filter` for every session; those ended leave the list.
-    pub fn send(&self, filter: &CacheFilter) {
-        self.sessions
+    fn shared(&self) -> std::sync::MutexGuard<'_, CleansShared> {
+        self.shared
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .retain(|session| session.send(filter.clone()).is_ok());
+    }
+
+    /// A session's queue of the cleans made from now on, and those remembered. The queues of
+    /// sessions ended go here too, not only at the next clean: sessions come and go while
+    /// cleans are rare.
+    pub fn subscribe(&self) -> (mpsc::UnboundedReceiver<Clean>, Arc<Vec<Clean>>) {
+        let (sender, receiver) = mpsc::unbounded_channel();
+        let mut shared = self.shared();
+        shared.sessions.retain(|session| !session.is_closed());
+        shared.sessions.push(sender);
+        (receiver, Arc::clone(&shared.remembered))
+    }
+
+    /// Remembers a clean made now, before the agent's cache is cleaned: from here on no
+    /// mapping from a proxy brings back what it removes. (A clean of the same filter made
+    /// before is forgotten: this one removes all it did.)
+    pub fn record(&self, filter: CacheFilter, compiled: CompiledCacheFilter) -> Clean {
+        let clean = Clean {
+            filter,
+            compiled,
+            made_at_ms: unix_millis(),
+        };
+        let mut shared = self.shared();
+        let mut remembered: Vec<Clean> = shared
+            .remembered
+            .iter()
+            .filter(|old| {
+                (&old.filter.endpoint, &old.filter.name)
+                    != (&clean.filter.endpoint, &clean.filter.name)
+            })
+            .cloned()
+            .collect();
+        if remembered.len() >= CLEANS_REMEMBERED {
+            remembered.remove(0);
+        }
+        remembered.push(clean.clone());
+        shared.remembered = Arc::new(remembered);
+        clean
+    }
+
+    /// Queues `clean` for every session; those ended leave the list.
+    pub fn send(&self, clean: &Clean) {
+        self.shared()
+            .sessions
+            .retain(|session| session.send(clean.clone()).is_ok());
+    }
+
+    /// Takes out of `mappings` what a clean remembered removes; returns how many.
+    pub fn drop_cleaned(&self, mappings: &mut Vec<WireMapping>) -> usize {
+        let remembered = Arc::clone(&self.shared().remembered);
+        if remembered.is_empty() {
+            return 0;
+        }
+        // Answers given since the latest clean, nearly all of them, cost one comparison.
+        let latest_ms = remembered
+            .iter()
+            .map(|clean| clean.made_at_ms)
+            .max()
+            .unwrap_or(0);
+        let before = mappings.len();
+        mappings.retain(|mapping| {
+            mapping.learned_at_ms >= latest_ms
+                || !remembered
+                    .iter()
+                    .any(|clean| clean.removes_from_proxy(mapping))
+        });
+        before - mappings.len()
     }
 }
 
@@ -290,8 +387,12 @@ async fn session(
 
     let mut revisions = state.policy.subscribe();
     let mut local = state.local_mappings.subscribe();
-    let mut cleans = state.cleans.subscribe();
+    let (mut cleans, remembered) = state.cleans.subscribe();
     let mut outgoing = Outgoing::default();
+    // Before anything else of the agent's: the proxy may hold what they removed (it was away,
+    // or took them before this agent's cache was restored), and removes it. Those made after
+    // the proxy's last session remove something; the others, nothing answered since.
+    outgoing.queue.extend(remembered.iter().map(clean_message));
     let snapshot = build_snapshot(state);
     let mut sent_revision = snapshot.revision;
     let mut sent_generation = state.enforcement.generation();
@@ -360,7 +461,7 @@ async fn session(
                     Err(status) => return rejected_status(&status),
                 };
                 match message.kind {
-                    Some(ProxyKind::Mappings(batch)) => absorb(state, &batch.mappings),
+                    Some(ProxyKind::Mappings(batch)) => absorb(state, batch.mappings),
                     Some(ProxyKind::Flows(flows)) => {
                         // A bad event is skipped and counted, like a bad mapping: the session
                         // and the events beside it carry on.
@@ -428,7 +529,7 @@ async fn session(
                 outgoing.queue.extend(batch);
             }
             clean = cleans.recv() => {
-                let Some(filter) = clean else {
+                let Some(clean) = clean else {
                     return SessionEnd::Closed;
                 };
                 // The agent's answers broadcast before the clean go before it, however many wait
@@ -439,12 +540,8 @@ async fn session(
                 }) {
                     outgoing.queue.push_back(batch);
                 }
-                let Ok(compiled) = filter.compile() else {
-                    // The admin API compiled it before cleaning: only a bug gets here.
-                    tracing::error!(session = id, "a cache clean's filter does not compile");
-                    continue;
-                };
-                outgoing.clean(filter, compiled.clone());
+                let compiled = clean.compiled.clone();
+                outgoing.clean(&clean);
                 // The drain may have taken answers given after the clean too (the two
                 // broadcasts keep no order between them), which the clean then removes on the
                 // proxy: what the agent's cache holds of the clean's names now was answered
@@ -543,12 +640,12 @@ impl Outgoing {
         &mut self,
         state: &ApiState,
         local: &mut broadcast::Receiver<Mapping>,
-        cleans: &mut mpsc::UnboundedReceiver<CacheFilter>,
+        cleans: &mut mpsc::UnboundedReceiver<Clean>,
         catch_up: &mut CatchUp,
         resync: bool,
     ) {
-        while let Ok(filter) = cleans.try_recv() {
-            self.queue.push_back(clean_message(filter));
+        while let Ok(clean) = cleans.try_recv() {
+            self.queue.push_back(clean_message(&clean));
         }
         let mut dump = Dump::start(state, local, catch_up, resync).await;
         dump.after = self.queue.len();
@@ -557,19 +654,20 @@ impl Outgoing {
 
     /// Queues a clean after what it follows. What a copy on its way still holds of what the
     /// clean removes is dropped from it: sent after the clean, it would bring that back.
-    fn clean(&mut self, filter: CacheFilter, compiled: warden_telemetry::CompiledCacheFilter) {
+    fn clean(&mut self, clean: &Clean) {
         if let Some(dump) = &mut self.dump {
-            dump.removed.push(compiled);
+            dump.removed.push(clean.clone());
         }
-        self.queue.push_back(clean_message(filter));
+        self.queue.push_back(clean_message(clean));
     }
 }
 
 /// A clean made on the agent, as the proxy gets it.
-fn clean_message(filter: CacheFilter) -> AgentKind {
+fn clean_message(clean: &Clean) -> AgentKind {
     AgentKind::Clean(CacheClean {
-        endpoint: filter.endpoint,
-        name: filter.name,
+        endpoint: clean.filter.endpoint.clone(),
+        name: clean.filter.name.clone(),
+        made_at_ms: clean.made_at_ms,
     })
 }
 
@@ -612,9 +710,9 @@ struct Dump {
     resync: bool,
     /// Messages of the queue that go before the first chunk: those queued before the copy.
     after: usize,
-    /// Cleans made since the copy: what they match leaves the chunks as they go (a chunk at a
+    /// Cleans made since the copy: what they remove leaves the chunks as they go (a chunk at a
     /// time, not the whole copy on the clean's turn of the loop).
-    removed: Vec<warden_telemetry::CompiledCacheFilter>,
+    removed: Vec<Clean>,
 }
 
 impl Dump {
@@ -647,12 +745,7 @@ impl Dump {
     fn next_chunk(&mut self) -> Option<Vec<WireMapping>> {
         for mut chunk in self.chunks.by_ref() {
             if !self.removed.is_empty() {
-                chunk.retain(|mapping| {
-                    !self
-                        .removed
-                        .iter()
-                        .any(|filter| filter.matches(&mapping.endpoint, &mapping.name))
-                });
+                chunk.retain(|mapping| !self.removed.iter().any(|clean| clean.removes(mapping)));
             }
             if !chunk.is_empty() {
                 return Some(chunk);
@@ -752,8 +845,18 @@ fn rejected_status(status: &Status) -> SessionEnd {
 /// Takes a proxy's mappings into the agent's cache (checked, see
 /// [`warden_api::merge_mappings`]); the reconciler then keeps their allow entries (the proxy
 /// wrote them already).
-fn absorb(state: &ApiState, mappings: &[WireMapping]) {
-    warden_api::merge_mappings(&state.cache, mappings, &state.metrics.peer);
+/// Takes the proxy's mappings into the cache, but for what a clean made since they were
+/// answered removed.
+fn absorb(state: &ApiState, mut mappings: Vec<WireMapping>) {
+    let cleaned = state.cleans.drop_cleaned(&mut mappings);
+    if cleaned > 0 {
+        state.metrics.peer.mappings_cleaned.inc_by(cleaned as u64);
+        tracing::debug!(
+            cleaned,
+            "mappings from the proxy a clean since removed, dropped"
+        );
+    }
+    warden_api::merge_mappings(&state.cache, &mappings, &state.metrics.peer);
     state.cache_changes.0.fetch_add(1, Ordering::Relaxed);
 }
 
@@ -824,6 +927,7 @@ mod tests {
         outgoing.queue.push_back(AgentKind::Clean(CacheClean {
             endpoint: None,
             name: Some("again.*".into()),
+            made_at_ms: unix_millis(),
         }));
         outgoing.dump = Some(Dump {
             chunks: vec![vec![WireMapping {
@@ -942,7 +1046,7 @@ mod tests {
             name: Some("gone.*".into()),
         };
         let compiled = gone.compile().unwrap();
-        outgoing.clean(gone, compiled);
+        outgoing.clean(&CleanFanout::default().record(gone, compiled));
         outgoing.queue.push_back(live("two.live."));
         assert!(outgoing.has_live());
 
@@ -1000,6 +1104,31 @@ mod tests {
             Duration::ZERO,
             "long after the last, at once again"
         );
+    }
+
+    /// A proxy's session on the agent at `socket` that has said hello and got its snapshot.
+    async fn open_session(
+        socket: &std::path::Path,
+    ) -> (mpsc::Sender<ProxyMessage>, Streaming<AgentMessage>) {
+        let mut client = slow_reader(socket).await;
+        let (say, said) = mpsc::channel(4);
+        let hello = warden_api::proto::Hello {
+            instance: "dnsproxy".into(),
+            ..Default::default()
+        };
+        say.send(ProxyMessage {
+            kind: Some(ProxyKind::Hello(hello)),
+        })
+        .await
+        .unwrap();
+        let mut inbound = client
+            .session(ReceiverStream::new(said))
+            .await
+            .unwrap()
+            .into_inner();
+        let first = inbound.message().await.unwrap().unwrap();
+        assert!(matches!(first.kind, Some(AgentKind::Snapshot(_))));
+        (say, inbound)
     }
 
     /// An agent's socket served from a state of its own, and one proxy session on it that has
@@ -1068,24 +1197,7 @@ mod tests {
                 shutdown.clone(),
             ));
 
-            let mut client = slow_reader(&config.socket).await;
-            let (say, said) = mpsc::channel(4);
-            let hello = warden_api::proto::Hello {
-                instance: "dnsproxy".into(),
-                ..Default::default()
-            };
-            say.send(ProxyMessage {
-                kind: Some(ProxyKind::Hello(hello)),
-            })
-            .await
-            .unwrap();
-            let mut inbound = client
-                .session(ReceiverStream::new(said))
-                .await
-                .unwrap()
-                .into_inner();
-            let first = inbound.message().await.unwrap().unwrap();
-            assert!(matches!(first.kind, Some(AgentKind::Snapshot(_))));
+            let (say, inbound) = open_session(&config.socket).await;
             Harness {
                 _dir: dir,
                 state,
@@ -1094,6 +1206,11 @@ mod tests {
                 shutdown,
                 server,
             }
+        }
+
+        /// Another proxy's session on the same agent, past its snapshot.
+        async fn another_session(&self) -> (mpsc::Sender<ProxyMessage>, Streaming<AgentMessage>) {
+            open_session(&self.state.config.socket).await
         }
 
         /// Reads the session until the names of its cache messages include all of `names`.
@@ -1117,30 +1234,34 @@ mod tests {
 
         /// The agent's own proxy answers `name`: into the cache, then to the sessions.
         fn agent_answers(&self, name: &str) {
-            let now = warden_proxy::unix_now();
-            let inserted = self
-                .state
-                .cache
-                .lock()
-                .insert(now, "youssef/test", name, &[IP], 300);
+            let now = unix_millis();
+            let inserted =
+                self.state
+                    .cache
+                    .lock()
+                    .insert_answered(now, "youssef/test", name, &[IP], 300);
             let _ = self.state.local_mappings.send(Mapping {
                 endpoint: Arc::from("youssef/test"),
                 name: warden_policy::DnsName::new(name).unwrap(),
                 ips: vec![IP],
                 ttl: 300,
                 expires_at: inserted.expires_at,
+                learned_at_ms: now,
                 server: "127.0.0.1:53".parse().unwrap(),
             });
         }
 
-        /// The agent's half of a clean, as the admin API makes it before passing it on.
-        async fn clean_agent_cache(&self, filter: &CacheFilter) {
+        /// The agent's half of a clean, as the admin API makes it before passing it on:
+        /// remembered, then the agent's cache cleaned.
+        async fn clean_agent_cache(&self, filter: &CacheFilter) -> Clean {
             let compiled = filter.compile().unwrap();
+            let clean = self.state.cleans.record(filter.clone(), compiled.clone());
             self.state
                 .cache
                 .clean(move |endpoint, name| compiled.matches(endpoint, name))
                 .await
                 .unwrap();
+            clean
         }
 
         /// The proxy ends its side of the resync and then reads nothing: the agent's copy of
@@ -1170,6 +1291,7 @@ mod tests {
                 expires_at: warden_proxy::unix_now().0 + 300,
                 server: String::new(),
                 kept_by_connections: false,
+                learned_at_ms: unix_millis(),
             };
             let message = ProxyMessage {
                 kind: Some(ProxyKind::Mappings(Mappings {
@@ -1310,8 +1432,8 @@ mod tests {
             endpoint: None,
             name: Some("*.gone.test".into()),
         };
-        lab.clean_agent_cache(&filter).await;
-        lab.state.cleans.send(&filter);
+        let clean = lab.clean_agent_cache(&filter).await;
+        lab.state.cleans.send(&clean);
         // An answer after the clean: the proxy must end with it.
         lab.agent_answers("y0.gone.test.");
 
@@ -1351,6 +1473,126 @@ mod tests {
             "cleaned names brought back, or a later answer lost"
         );
         lab.stop().await;
+    }
+
+    /// A proxy away when a clean was made held what it removed and handed it back at its next
+    /// resync, which brought it back into the agent's cache. The clean now reaches the next
+    /// session before anything else of the agent's, and what the proxy sends of what it removed
+    /// (answered before it) is dropped; what was answered since, or at a time not known, stays.
+    #[tokio::test]
+    async fn a_clean_made_while_the_proxy_was_away_reaches_its_next_session() {
+        let lab = Harness::start(4096, 0).await;
+        let filter = CacheFilter {
+            endpoint: None,
+            name: Some("*.gone.test".into()),
+        };
+        let clean = lab.clean_agent_cache(&filter).await;
+        lab.state.cleans.send(&clean);
+
+        let (say, mut inbound) = lab.another_session().await;
+        let first = tokio::time::timeout(Duration::from_secs(5), inbound.message())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        let Some(AgentKind::Clean(sent)) = first.kind else {
+            panic!("the session began with {first:?}, not the clean");
+        };
+        assert_eq!(
+            (sent.name.as_deref(), sent.made_at_ms),
+            (Some("*.gone.test"), clean.made_at_ms)
+        );
+
+        let answered = |name: &str, learned_at_ms: u64| WireMapping {
+            endpoint: "youssef/test".into(),
+            name: name.into(),
+            ips: vec!["198.18.9.9".into()],
+            ttl: 300,
+            expires_at: warden_proxy::unix_now().0 + 300,
+            learned_at_ms,
+            ..WireMapping::default()
+        };
+        let replay = vec![
+            answered("before.gone.test.", clean.made_at_ms - 1),
+            answered("since.gone.test.", clean.made_at_ms),
+            answered("unknown.gone.test.", 0),
+            answered("before.kept.test.", clean.made_at_ms - 1),
+        ];
+        for kind in [
+            ProxyKind::Mappings(Mappings {
+                mappings: replay,
+                resync: true,
+            }),
+            ProxyKind::ResyncDone(ResyncDone { entries: 4 }),
+        ] {
+            say.send(ProxyMessage { kind: Some(kind) }).await.unwrap();
+        }
+        // The agent's ResyncDone comes after it read everything sent before the proxy's.
+        loop {
+            let message = tokio::time::timeout(Duration::from_secs(5), inbound.message())
+                .await
+                .unwrap()
+                .unwrap()
+                .expect("the session ended");
+            if matches!(message.kind, Some(AgentKind::ResyncDone(_))) {
+                break;
+            }
+        }
+        let now = warden_proxy::unix_now();
+        let held: Vec<String> = lab
+            .state
+            .cache
+            .lock()
+            .entries(now)
+            .into_iter()
+            .map(|entry| entry.name)
+            .collect();
+        assert_eq!(
+            held,
+            [
+                "before.kept.test.",
+                "since.gone.test.",
+                "unknown.gone.test."
+            ]
+        );
+        assert_eq!(lab.state.metrics.peer.mappings_cleaned.get(), 1);
+        drop(say);
+        lab.stop().await;
+    }
+
+    /// The cleans remembered: the latest of each filter, at most [`CLEANS_REMEMBERED`].
+    #[test]
+    fn cleans_are_remembered_once_per_filter_and_boundedly() {
+        let fanout = CleanFanout::default();
+        let record = |name: &str| {
+            let filter = CacheFilter {
+                endpoint: None,
+                name: Some(name.into()),
+            };
+            let compiled = filter.compile().unwrap();
+            fanout.record(filter, compiled)
+        };
+        record("a.test");
+        record("b.test");
+        let again = record("a.test");
+        let (_, remembered) = fanout.subscribe();
+        let names: Vec<_> = remembered
+            .iter()
+            .map(|clean| (clean.filter.name.clone().unwrap(), clean.made_at_ms))
+            .collect();
+        assert_eq!(
+            names,
+            [
+                ("b.test".to_owned(), names[0].1),
+                ("a.test".to_owned(), again.made_at_ms)
+            ]
+        );
+        for i in 0..CLEANS_REMEMBERED {
+            record(&format!("n{i}.test"));
+        }
+        let (_, remembered) = fanout.subscribe();
+        assert_eq!(remembered.len(), CLEANS_REMEMBERED);
+        assert_eq!(remembered[0].filter.name.as_deref(), Some("n0.test"));
     }
 
     /// Cleans reached the sessions through a broadcast of 64: those a busy session missed were
@@ -1414,11 +1656,12 @@ mod tests {
                 name: Some(name),
             })
             .collect();
+        let mut cleans = Vec::new();
         for filter in &filters {
-            lab.clean_agent_cache(filter).await;
+            cleans.push(lab.clean_agent_cache(filter).await);
         }
-        for filter in &filters {
-            lab.state.cleans.send(filter);
+        for clean in &cleans {
+            lab.state.cleans.send(clean);
         }
         while proxy.cleans < filters.len() {
             let message = next(&mut lab, Duration::from_secs(30));

@@ -389,6 +389,7 @@ pub fn churn(minutes: u32, per_minute: u32, ttl: u32) -> ChurnCost {
                 cached.ip,
                 cached.expires_at,
                 warden_fqdn::Source::Lookup,
+                entry.learned_at_ms,
             );
         }
     }

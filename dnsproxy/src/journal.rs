@@ -154,14 +154,14 @@ impl Journal {
         }
     }
 
-    /// Drops the entries `matches` (endpoint, name) holds for, those in flight too (a clean
-    /// during a resync must not come back with a failed replay); returns how many.
-    pub fn remove_matching(&self, mut matches: impl FnMut(&str, &str) -> bool) -> usize {
+    /// Drops the entries `matches` holds for, those in flight too (a clean during a resync
+    /// must not come back with a failed replay); returns how many.
+    pub fn remove_matching(&self, mut matches: impl FnMut(&Mapping) -> bool) -> usize {
         let mut in_flight = self.in_flight();
         let mut entries = self.entries();
         let before = entries.len() + in_flight.len();
-        entries.retain(|mapping| !matches(&mapping.endpoint, &mapping.name));
-        in_flight.retain(|mapping| !matches(&mapping.endpoint, &mapping.name));
+        entries.retain(|mapping| !matches(mapping));
+        in_flight.retain(|mapping| !matches(mapping));
         let removed = before - entries.len() - in_flight.len();
         if removed > 0 {
             self.changes.fetch_add(1, Ordering::Relaxed);
@@ -280,7 +280,7 @@ mod tests {
 
         // A clean during the resync reaches what is in flight too: a failed replay would
         // bring it back.
-        assert_eq!(journal.remove_matching(|_, name| name == "b."), 1);
+        assert_eq!(journal.remove_matching(|mapping| mapping.name == "b."), 1);
         journal.replay_failed();
         assert_eq!(names_of(journal.take_for_replay()), ["a.", "c."]);
 
@@ -359,7 +359,7 @@ mod tests {
             journal.push(mapping(name));
         }
         assert_eq!(
-            journal.remove_matching(|_, name| name == "www.cilium.io."),
+            journal.remove_matching(|mapping| mapping.name == "www.cilium.io."),
             2
         );
         let names = names_of(journal.take());

@@ -575,23 +575,34 @@ async fn close(
 }
 
 /// An operator's cache clean on the agent, done here too: otherwise this cache would hand the
-/// entries back at the next resync. A filter that does not compile is the agent's bug, logged.
-/// Awaited before the session's next message, which may refill what it removes (the session
-/// reads nothing meanwhile: a clean of a million entries takes a fraction of a second).
+/// entries back at the next resync. It takes what was answered before the clean was made, not
+/// since: the agent sends the cleans it remembers to every new session, also those this proxy
+/// had, or made while it was away, when it may have answered the names again. A filter that
+/// does not compile is the agent's bug, logged. Awaited before the session's next message,
+/// which may refill what it removes (the session reads nothing meanwhile: a clean of a million
+/// entries takes a fraction of a second).
 async fn apply_clean(context: &LinkContext, clean: CacheClean) {
     let filter = CacheFilter {
         endpoint: clean.endpoint,
         name: clean.name,
     };
+    // An agent of an older build says not when: everything matching.
+    let before_ms = match clean.made_at_ms {
+        0 => u64::MAX,
+        made_at_ms => made_at_ms,
+    };
     match filter.compile() {
         Ok(compiled) => {
             // The journal too: its entries would go back to the agent's cache at once.
-            let journaled = context
-                .journal
-                .remove_matching(|endpoint, name| compiled.matches(endpoint, name));
+            let journaled = context.journal.remove_matching(|mapping| {
+                mapping.learned_at_ms < before_ms
+                    && compiled.matches(&mapping.endpoint, &mapping.name)
+            });
             let cleaned = context
                 .cache
-                .clean(move |endpoint, name| compiled.matches(endpoint, name))
+                .clean_learned_before(before_ms, move |endpoint, name| {
+                    compiled.matches(endpoint, name)
+                })
                 .await;
             let removed = match cleaned {
                 Ok(removed) => removed.len(),
@@ -890,6 +901,63 @@ mod tests {
             name: name.into(),
             ..WireMapping::default()
         }
+    }
+
+    /// A clean from the agent takes what was answered before it was made, in the cache and in
+    /// the journal, and spares what was answered since: the agent sends the cleans it
+    /// remembers to every new session, also ones made long before.
+    #[tokio::test]
+    async fn a_clean_spares_what_was_answered_after_it() {
+        let context = link_context(std::path::Path::new("/nonexistent"));
+        let made_at_ms = 1_700_000_000_000;
+        let answer = |name: &str, learned_at_ms: u64| WireMapping {
+            ips: vec!["198.18.9.9".into()],
+            expires_at: warden_proxy::unix_now().0 + 300,
+            learned_at_ms,
+            ..wire(name)
+        };
+        let answers = [
+            answer("before.gone.test.", made_at_ms - 1),
+            answer("since.gone.test.", made_at_ms),
+            answer("before.kept.test.", made_at_ms - 1),
+        ];
+        warden_api::merge_mappings(&context.cache, &answers, &context.metrics.peer);
+        for mapping in answers {
+            context.journal.push(mapping);
+        }
+        let clean = |made_at_ms| CacheClean {
+            endpoint: None,
+            name: Some("*.gone.test".into()),
+            made_at_ms,
+        };
+        let held = |context: &LinkContext| {
+            let cached: Vec<String> = context
+                .cache
+                .lock()
+                .entries(warden_proxy::unix_now())
+                .into_iter()
+                .map(|entry| entry.name)
+                .collect();
+            let journaled: Vec<String> = context
+                .journal
+                .take_for_replay()
+                .into_iter()
+                .map(|mapping| mapping.name)
+                .collect();
+            context.journal.replay_failed();
+            (cached, journaled)
+        };
+
+        apply_clean(&context, clean(made_at_ms)).await;
+        let (cached, journaled) = held(&context);
+        assert_eq!(cached, ["before.kept.test.", "since.gone.test."]);
+        assert_eq!(journaled, ["since.gone.test.", "before.kept.test."]);
+
+        // An agent of an older build says not when: everything matching goes.
+        apply_clean(&context, clean(0)).await;
+        let (cached, journaled) = held(&context);
+        assert_eq!(cached, ["before.kept.test."]);
+        assert_eq!(journaled, ["before.kept.test."]);
     }
 
     #[tokio::test]

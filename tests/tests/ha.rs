@@ -546,25 +546,24 @@ async fn a_stopping_proxy_hands_every_flow_event_to_the_agent() {
     );
 }
 
-#[tokio::test]
-async fn a_cache_clean_on_the_agent_cleans_the_proxys_copy_and_no_resync_undoes_it() {
+/// The lab, its workload having reached cilium.io and google.com, both names in the agent's
+/// cache; None where the lab cannot run.
+async fn lab_that_reached_both() -> Option<Firewall> {
     if !require_lab() || !warden_tests::require_tools(&["knotd", "dig", "bpftool"]) {
-        return;
+        return None;
     }
-    let mut lab = lab(policy_with_pattern()).await;
-    let proxy_admin = lab.dnsproxy().admin;
+    let lab = lab(policy_with_pattern()).await;
     for url in ["http://cilium.io/", "http://google.com/"] {
         let result = lab.curl(url, &["-4"]).unwrap();
         assert!(result.ok(), "{url}: {result:?}");
     }
     wait_agent_cache(&lab, "cilium.io.", Duration::from_secs(3)).await;
     wait_agent_cache(&lab, "google.com.", Duration::from_secs(3)).await;
+    Some(lab)
+}
 
-    let cleaned = lab
-        .agent
-        .cli(&["fqdn", "cache", "clean", "-n", "cilium.io", "-f"])
-        .unwrap();
-    assert!(cleaned.status.success(), "{cleaned:?}");
+/// Waits until the proxy's cache has lost cilium.io, and checks it kept google.com.
+async fn wait_proxy_cleaned_of_cilium(proxy_admin: SocketAddr) {
     let deadline = Instant::now() + Duration::from_secs(2);
     loop {
         let names = cache_names(&http_json(proxy_admin, "/v1/fqdn/cache").await.unwrap());
@@ -573,24 +572,82 @@ async fn a_cache_clean_on_the_agent_cleans_the_proxys_copy_and_no_resync_undoes_
                 names.contains("google.com."),
                 "only the pattern goes: {names:?}"
             );
-            break;
+            return;
         }
         assert!(Instant::now() < deadline, "the proxy kept {names:?}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+#[tokio::test]
+async fn a_cache_clean_on_the_agent_cleans_the_proxys_copy_and_no_resync_undoes_it() {
+    let Some(mut lab) = lab_that_reached_both().await else {
+        return;
+    };
+    let proxy_admin = lab.dnsproxy().admin;
+    let cleaned = lab
+        .agent
+        .cli(&["fqdn", "cache", "clean", "-n", "cilium.io", "-f"])
+        .unwrap();
+    assert!(cleaned.status.success(), "{cleaned:?}");
+    wait_proxy_cleaned_of_cilium(proxy_admin).await;
 
     // The agent restarts; the proxy's resync sends its whole cache, which no longer holds it.
     let resynced_before = status(proxy_admin).await["last_resync_at_ms"].clone();
     lab.agent.restart().await.unwrap();
-    wait_status(proxy_admin, Duration::from_secs(5), |s| {
-        s["peer_connected"] == true && s["last_resync_at_ms"] != resynced_before
+    after_the_next_resync_the_agent_lacks_cilium(&lab, proxy_admin, &resynced_before).await;
+}
+
+/// Waits for a resync of the proxy's other than the one that ended at `resynced_before`, and
+/// checks that the agent's cache holds google.com and not cilium.io.
+async fn after_the_next_resync_the_agent_lacks_cilium(
+    lab: &Firewall,
+    proxy_admin: SocketAddr,
+    resynced_before: &serde_json::Value,
+) {
+    wait_status(proxy_admin, Duration::from_secs(10), |s| {
+        s["peer_connected"] == true && s["last_resync_at_ms"] != *resynced_before
     })
     .await;
-    let names = agent_cache_names(&lab);
+    let names = agent_cache_names(lab);
     assert!(names.contains("google.com."), "{names:?}");
     assert!(
         !names.contains("cilium.io."),
-        "the clean was undone: {names:?}"
+        "the proxy's resync undid the clean: {names:?}"
+    );
+}
+
+/// A clean made on the agent while the proxy was away (stopped here across an agent restart,
+/// so that no session of it carries the clean) came undone at the proxy's next resync, which
+/// handed its copy of the names back. The agent now remembers the clean: the new session
+/// starts with it, and what the proxy sends of what it removed (answered before it) is dropped.
+#[tokio::test]
+async fn a_clean_made_while_the_proxy_was_away_is_not_undone_by_its_resync() {
+    let Some(mut lab) = lab_that_reached_both().await else {
+        return;
+    };
+    let proxy_admin = lab.dnsproxy().admin;
+    let resynced_before = status(proxy_admin).await["last_resync_at_ms"].clone();
+
+    let proxy_pid =
+        nix::unistd::Pid::from_raw(i32::try_from(lab.dnsproxy().pid().unwrap()).unwrap());
+    nix::sys::signal::kill(proxy_pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    let restarted = lab.agent.restart().await;
+    let cleaned = restarted.as_ref().ok().map(|()| {
+        lab.agent
+            .cli(&["fqdn", "cache", "clean", "-n", "cilium.io", "-f"])
+    });
+    nix::sys::signal::kill(proxy_pid, nix::sys::signal::Signal::SIGCONT).unwrap();
+    restarted.unwrap();
+    let cleaned = cleaned.unwrap().unwrap();
+    assert!(cleaned.status.success(), "{cleaned:?}");
+
+    after_the_next_resync_the_agent_lacks_cilium(&lab, proxy_admin, &resynced_before).await;
+    wait_proxy_cleaned_of_cilium(proxy_admin).await;
+    let scrape = http_get(lab.agent.admin, "/metrics").await.unwrap();
+    assert!(
+        metric_value(&scrape, "warden_peer_mappings_cleaned_total", &[]) >= 1.0,
+        "the proxy's copy of cilium.io never came to be dropped"
     );
 }
 

@@ -38,6 +38,7 @@ impl From<&warden_proxy::Mapping> for proto::Mapping {
             server: mapping.server.to_string(),
             // An answer's, just given.
             kept_by_connections: false,
+            learned_at_ms: mapping.learned_at_ms,
         }
     }
 }
@@ -56,6 +57,9 @@ pub struct PeerMapping {
     pub expires_at: UnixTime,
     /// [`Source::Connection`] for IPs only connections keep, else [`Source::Lookup`].
     pub source: Source,
+    /// When it was answered, Unix milliseconds; never later than the check's second (0: not
+    /// known).
+    pub learned_at_ms: u64,
 }
 
 impl PeerMapping {
@@ -101,6 +105,10 @@ impl PeerMapping {
             } else {
                 Source::Lookup
             },
+            // A time to come would shield the mapping from every clean made until then.
+            learned_at_ms: mapping
+                .learned_at_ms
+                .min(now.0.saturating_add(1).saturating_mul(1000)),
         })
     }
 }
@@ -142,6 +150,7 @@ pub fn merge_mappings(
             ip,
             expires_at,
             mapping.source,
+            mapping.learned_at_ms,
         );
     });
     metrics.mappings_received.inc_by(checked.len() as u64);
@@ -201,6 +210,7 @@ fn wire_entries(
                 expires_at,
                 server: String::new(),
                 kept_by_connections,
+                learned_at_ms: entry.learned_at_ms,
             });
         }
     }
@@ -342,6 +352,7 @@ mod tests {
                 expires_at: 1_000,
                 server: String::new(),
                 kept_by_connections: false,
+                learned_at_ms: 0,
             })
             .collect();
         let runs: Vec<&[proto::Mapping]> = mapping_batches(&wide).collect();
@@ -370,7 +381,39 @@ mod tests {
             expires_at: 1_000,
             server: String::new(),
             kept_by_connections: false,
+            learned_at_ms: 0,
         }
+    }
+
+    /// When a name was answered crosses with it, both ways, so that a clean made on the agent
+    /// tells what it removes; a time to come (which would shield a mapping from every clean
+    /// until then) is read as now.
+    #[test]
+    fn the_time_answered_crosses_and_is_never_later_than_now() {
+        use warden_fqdn::DnsCache;
+        let now = warden_proxy::unix_now();
+        let ours = warden_proxy::SharedCache::new(DnsCache::default());
+        let answered_ms = now.0 * 1000 - 1_500;
+        ours.lock().insert_answered(
+            answered_ms,
+            "youssef/test",
+            "cilium.io.",
+            &["198.18.1.10".parse().unwrap()],
+            60,
+        );
+        let dump = wire_entries(&ours.lock().entries(now), now);
+        assert_eq!(dump[0].learned_at_ms, answered_ms);
+        let theirs = warden_proxy::SharedCache::new(DnsCache::default());
+        let metrics = warden_telemetry::Metrics::new("test").unwrap();
+        merge_mappings(&theirs, &dump, &metrics.peer);
+        assert_eq!(theirs.lock().entries(now)[0].learned_at_ms, answered_ms);
+
+        let future = proto::Mapping {
+            learned_at_ms: u64::MAX,
+            ..wire("youssef/test", "cilium.io", &["198.18.1.10"])
+        };
+        let checked = PeerMapping::check(&future, now).unwrap();
+        assert!(checked.learned_at_ms <= (now.0 + 1) * 1000, "{checked:?}");
     }
 
     /// A peer with a longer (or no) `max_ttl` would lengthen ours through its mappings.
@@ -413,6 +456,7 @@ mod tests {
                 answered,
                 until,
                 Source::Lookup,
+                0,
             );
             cache.insert_entry(
                 "youssef/test",
@@ -420,6 +464,7 @@ mod tests {
                 kept,
                 until,
                 Source::Connection,
+                0,
             );
         }
         let dump = wire_entries(&ours.lock().entries(now), now);

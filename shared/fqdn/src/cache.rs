@@ -39,7 +39,7 @@ fn hash_pair(hasher: &RandomState, endpoint: u32, name: u32) -> u64 {
     hasher.hash_one((u64::from(endpoint) << 32) | u64::from(name))
 }
 
-/// The IPs one endpoint learned for one name. 48 bytes.
+/// The IPs one endpoint learned for one name. 56 bytes.
 #[derive(Clone, Debug)]
 struct Pair {
     endpoint: u32,
@@ -47,13 +47,17 @@ struct Pair {
     /// Neighbours among the pairs of the same name (any endpoint); see [`interner::Sym::head`].
     prev: u32,
     next: u32,
+    /// When the latest answer behind these IPs came, here or at a peer (Unix milliseconds; 0:
+    /// not known, as in a snapshot of an older build). A cache clean made while a peer was away
+    /// reaches what the peer learned before it and spares what it learned since.
+    learned: u64,
     ips: IpList,
 }
 
 /// Per-endpoint cache of DNS answers: (endpoint, name) -> IPs, each with its own expiry.
 ///
 /// Layout, chosen for memory (the agent may hold millions of entries): endpoints and names are
-/// interned once and referred to by `u32` ids; each (endpoint, name) is a 48-byte `Pair` in a
+/// interned once and referred to by `u32` ids; each (endpoint, name) is a 56-byte `Pair` in a
 /// dense slab holding its first IP inline; every hash table stores only `u32` ids (5 bytes a
 /// bucket). The reverse index maps each distinct IP to the pairs holding it. Vacated slots are
 /// reused, and a structure left mostly empty after expiry is rebuilt compactly, so memory
@@ -185,6 +189,21 @@ impl DnsCache {
         ips: &[IpAddr],
         ttl: u32,
     ) -> InsertOutcome {
+        self.insert_answered(now.0.saturating_mul(1000), endpoint, name, ips, ttl)
+    }
+
+    /// [`insert`](Self::insert) of an answer that came at `answered_ms` (Unix milliseconds),
+    /// which the pair remembers to the millisecond (see
+    /// [`remove_learned_before`](Self::remove_learned_before)).
+    pub fn insert_answered(
+        &mut self,
+        answered_ms: u64,
+        endpoint: &str,
+        name: &str,
+        ips: &[IpAddr],
+        ttl: u32,
+    ) -> InsertOutcome {
+        let now = UnixTime(answered_ms / 1000);
         let expires = now.plus_secs(u64::from(self.limits.effective_ttl(ttl)));
         let mut out = InsertOutcome {
             expires_at: expires,
@@ -206,6 +225,9 @@ impl DnsCache {
                 None => return out,
             },
         };
+        if let Some(pair) = self.pairs.get_mut(pid) {
+            pair.learned = pair.learned.max(answered_ms);
+        }
         for &ip in ips {
             if out.added.contains(&ip) || out.refreshed.contains(&ip) {
                 continue;
@@ -241,9 +263,9 @@ impl DnsCache {
     }
 
     /// Folds in one IP with an absolute expiry, as found in a peer's cache, a journal or a
-    /// snapshot. Later expiry wins (on a tie Lookup beats Restored), so merging in any order
-    /// converges; `Source::Connection` extends only the connection grace. Returns whether
-    /// anything changed.
+    /// snapshot, answered at `learned_ms` (Unix milliseconds). Later expiry wins (on a tie Lookup beats
+    /// Restored), and the later time learned, so merging in any order converges;
+    /// `Source::Connection` extends only the connection grace. Returns whether an IP changed.
     pub fn insert_entry(
         &mut self,
         endpoint: &str,
@@ -251,10 +273,14 @@ impl DnsCache {
         ip: IpAddr,
         expires_at: UnixTime,
         source: Source,
+        learned_ms: u64,
     ) -> bool {
         let Some(pid) = self.pair_for(endpoint, name) else {
             return false;
         };
+        if let Some(pair) = self.pairs.get_mut(pid) {
+            pair.learned = pair.learned.max(learned_ms);
+        }
         let changed = self.fold_in(pid, ip, expires_at, source);
         self.mirror(pid);
         changed
@@ -512,12 +538,25 @@ impl DnsCache {
     /// One pass over every pair: under a lock the DNS path waits for, prefer
     /// [`remove_matching_chunk`](Self::remove_matching_chunk).
     pub fn remove_matching(&mut self, mut filter: impl FnMut(&str, &str) -> bool) -> Vec<Expired> {
-        let (mut removed, _) = self.remove_matching_chunk(&mut filter, 0, u32::MAX, usize::MAX);
+        self.remove_learned_before(u64::MAX, &mut filter)
+    }
+
+    /// [`remove_matching`](Self::remove_matching) of the pairs last answered before
+    /// `before_ms` (Unix milliseconds; or at a time not known): a clean made then elsewhere,
+    /// which must not take what was answered since.
+    pub fn remove_learned_before(
+        &mut self,
+        before_ms: u64,
+        mut filter: impl FnMut(&str, &str) -> bool,
+    ) -> Vec<Expired> {
+        let (mut removed, _) =
+            self.remove_matching_chunk(&mut filter, before_ms, 0, u32::MAX, usize::MAX);
         removed.sort_unstable();
         removed
     }
 
-    /// The same removal for the pairs numbered `from` up to `from + pairs`, stopping early
+    /// The removal of [`remove_learned_before`](Self::remove_learned_before) (`u64::MAX`: of
+    /// everything matching) for the pairs numbered `from` up to `from + pairs`, stopping early
     /// once `removals` pairs matched (a removal costs tens of times a look), and the number to
     /// go on from (at or past [`pair_id_bound`](Self::pair_id_bound) when done), unsorted: a
     /// clean of a large cache taken a piece per hold of its lock. Valid while
@@ -525,6 +564,7 @@ impl DnsCache {
     pub fn remove_matching_chunk(
         &mut self,
         filter: &mut impl FnMut(&str, &str) -> bool,
+        learned_before_ms: u64,
         from: u32,
         pairs: u32,
         removals: usize,
@@ -535,11 +575,10 @@ impl DnsCache {
         while to < end && doomed.len() < removals {
             let pid = to;
             to += 1;
-            if self
-                .pairs
-                .get(pid)
-                .is_some_and(|p| filter(self.endpoints.text(p.endpoint), self.names.text(p.name)))
-            {
+            if self.pairs.get(pid).is_some_and(|p| {
+                p.learned < learned_before_ms
+                    && filter(self.endpoints.text(p.endpoint), self.names.text(p.name))
+            }) {
                 doomed.push(pid);
             }
         }
@@ -607,6 +646,7 @@ impl DnsCache {
                     endpoint: endpoint.to_owned(),
                     name: name.to_owned(),
                     ips,
+                    learned_at_ms: pair.learned,
                 })
             })
             .collect();
@@ -670,7 +710,14 @@ impl DnsCache {
                     Source::Lookup | Source::Restored => Source::Restored,
                 };
                 let expires_at = limits.bounded_expiry(now, ip.expires_at);
-                cache.insert_entry(&entry.endpoint, &entry.name, ip.ip, expires_at, source);
+                cache.insert_entry(
+                    &entry.endpoint,
+                    &entry.name,
+                    ip.ip,
+                    expires_at,
+                    source,
+                    entry.learned_at_ms,
+                );
             }
         }
         Ok(cache)
@@ -689,6 +736,7 @@ impl DnsCache {
                     ip.ip,
                     ip.expires_at,
                     ip.source,
+                    entry.learned_at_ms,
                 ) {
                     changed += 1;
                 }
@@ -739,6 +787,7 @@ impl DnsCache {
             name: nm,
             prev: NONE,
             next: head,
+            learned: 0,
             ips: IpList::Many(Vec::new()),
         }) else {
             self.names.release(nm);
@@ -898,6 +947,7 @@ impl DnsCache {
             fresh.put_pair(
                 self.endpoints.text(pair.endpoint),
                 self.names.text(pair.name),
+                pair.learned,
                 &pair.ips,
             );
         }
@@ -1107,8 +1157,8 @@ mod tests {
 
     #[test]
     fn layout_stays_compact() {
-        assert_eq!(size_of::<Pair>(), 48);
-        assert_eq!(slab::slot_bytes::<Pair>(), 48);
+        assert_eq!(size_of::<Pair>(), 56);
+        assert_eq!(slab::slot_bytes::<Pair>(), 56);
         assert_eq!(slab::slot_bytes::<interner::Sym>(), 24);
     }
 
@@ -1204,7 +1254,7 @@ mod tests {
         );
         // A restored record gets an answer's backing on an equal expiry: that is a change.
         let mut restored = DnsCache::default();
-        restored.insert_entry(EP, "a.example.", ip4(1), t(100), Source::Restored);
+        restored.insert_entry(EP, "a.example.", ip4(1), t(100), Source::Restored, 0);
         assert!(
             restored
                 .insert(t(0), EP, "a.example.", &[ip4(1)], 100)
@@ -1437,16 +1487,61 @@ mod tests {
         c.assert_consistent();
     }
 
+    /// A pair is as recent as its latest answer, here or at a peer; an older peer's copy
+    /// does not make it older.
+    #[test]
+    fn a_pair_remembers_when_it_was_last_answered() {
+        let mut c = DnsCache::default();
+        let learned = |c: &DnsCache| c.entries(t(30))[0].learned_at_ms;
+        c.insert(t(10), EP, "a.example.", &[ip4(1)], 100);
+        assert_eq!(learned(&c), 10_000);
+        c.insert_answered(20_250, EP, "a.example.", &[ip4(1)], 100);
+        assert_eq!(learned(&c), 20_250);
+        assert_eq!(c.lookup(t(30), EP, "a.example.")[0].expires_at, t(120));
+        c.insert_entry(EP, "a.example.", ip4(2), t(200), Source::Lookup, 15_000);
+        assert_eq!(learned(&c), 20_250);
+        c.insert_entry(EP, "a.example.", ip4(2), t(200), Source::Lookup, 25_500);
+        assert_eq!(learned(&c), 25_500);
+        // Kept by a restart, and by a peer's merge.
+        let restored = DnsCache::restore(CacheLimits::UNLIMITED, c.snapshot(t(30)), t(30)).unwrap();
+        assert_eq!(learned(&restored), 25_500);
+        let mut peer = DnsCache::default();
+        peer.merge(&c.entries(t(30)));
+        assert_eq!(learned(&peer), 25_500);
+    }
+
+    /// A clean made elsewhere at a given time takes what was answered before it (or at a time
+    /// not known) and spares what was answered since.
+    #[test]
+    fn remove_learned_before_spares_later_answers() {
+        let mut c = DnsCache::default();
+        c.insert_answered(19_999, EP, "old.example.", &[ip4(1)], 100);
+        c.insert_answered(20_000, EP, "new.example.", &[ip4(2)], 100);
+        c.insert(t(10), EP, "other.io.", &[ip4(3)], 100);
+        c.insert_entry(EP, "unknown.example.", ip4(4), t(100), Source::Lookup, 0);
+        let removed = c.remove_learned_before(20_000, |_, name| name.ends_with(".example."));
+        assert_eq!(
+            removed,
+            [
+                expired(EP, "old.example.", ip4(1)),
+                expired(EP, "unknown.example.", ip4(4)),
+            ]
+        );
+        let left: Vec<String> = c.entries(t(30)).into_iter().map(|e| e.name).collect();
+        assert_eq!(left, ["new.example.", "other.io."]);
+        c.assert_consistent();
+    }
+
     #[test]
     fn insert_entry_later_expiry_wins() {
         let mut c = DnsCache::default();
         let ip = ip4(1);
-        assert!(c.insert_entry(EP, "a.", ip, t(100), Source::Restored));
-        assert!(!c.insert_entry(EP, "a.", ip, t(100), Source::Restored));
-        assert!(!c.insert_entry(EP, "a.", ip, t(90), Source::Lookup));
-        assert!(c.insert_entry(EP, "a.", ip, t(100), Source::Lookup));
-        assert!(!c.insert_entry(EP, "a.", ip, t(100), Source::Restored));
-        assert!(c.insert_entry(EP, "a.", ip, t(150), Source::Connection));
+        assert!(c.insert_entry(EP, "a.", ip, t(100), Source::Restored, 0));
+        assert!(!c.insert_entry(EP, "a.", ip, t(100), Source::Restored, 0));
+        assert!(!c.insert_entry(EP, "a.", ip, t(90), Source::Lookup, 0));
+        assert!(c.insert_entry(EP, "a.", ip, t(100), Source::Lookup, 0));
+        assert!(!c.insert_entry(EP, "a.", ip, t(100), Source::Restored, 0));
+        assert!(c.insert_entry(EP, "a.", ip, t(150), Source::Connection, 0));
         let found = c.lookup(t(99), EP, "a.");
         assert_eq!(
             (found[0].expires_at, found[0].source),
@@ -1457,7 +1552,7 @@ mod tests {
             (found[0].expires_at, found[0].source),
             (t(150), Source::Connection)
         );
-        assert!(c.insert_entry(EP, "b.", ip, t(20), Source::Connection));
+        assert!(c.insert_entry(EP, "b.", ip, t(20), Source::Connection, 0));
         let found = c.lookup(t(0), EP, "b.");
         assert_eq!(
             (found[0].expires_at, found[0].source),
@@ -1666,6 +1761,8 @@ mod tests {
     struct Model {
         limits: CacheLimits,
         pairs: BTreeMap<(String, String), BTreeMap<IpAddr, ModelRec>>,
+        /// The latest time each pair held was learned.
+        learned: BTreeMap<(String, String), u64>,
     }
 
     impl Model {
@@ -1685,6 +1782,7 @@ mod tests {
             if ips.is_empty() {
                 return out;
             }
+            self.learn(ep, name, now * 1000);
             let recs = self.pairs.entry((ep.into(), name.into())).or_default();
             for &ip in ips {
                 if out.added.contains(&ip) || out.refreshed.contains(&ip) {
@@ -1733,7 +1831,9 @@ mod tests {
             ip: IpAddr,
             expires: u64,
             source: Source,
+            learned: u64,
         ) -> bool {
+            self.learn(ep, name, learned);
             let recs = self.pairs.entry((ep.into(), name.into())).or_default();
             match recs.get_mut(&ip) {
                 Some(r) => r.extend_dns(expires, source),
@@ -1742,6 +1842,17 @@ mod tests {
                     true
                 }
             }
+        }
+
+        fn learn(&mut self, ep: &str, name: &str, at: u64) {
+            let learned = self.learned.entry((ep.into(), name.into())).or_default();
+            *learned = (*learned).max(at);
+        }
+
+        /// A pair removed forgets when it was learned: made again, it starts over.
+        fn forget_removed(&mut self) {
+            let pairs = &self.pairs;
+            self.learned.retain(|key, _| pairs.contains_key(key));
         }
 
         fn keep_alive(&mut self, ep: &str, ip: IpAddr, until: u64) -> usize {
@@ -1781,6 +1892,7 @@ mod tests {
                 }
             }
             self.pairs.retain(|_, recs| !recs.is_empty());
+            self.forget_removed();
             out.sort();
             out
         }
@@ -1794,6 +1906,7 @@ mod tests {
                 out.extend(recs.keys().map(|&ip| expired(ep, n, ip)));
                 false
             });
+            self.forget_removed();
             out.sort();
             out
         }
@@ -1818,6 +1931,11 @@ mod tests {
                         endpoint: ep.clone(),
                         name: name.clone(),
                         ips,
+                        learned_at_ms: self
+                            .learned
+                            .get(&(ep.clone(), name.clone()))
+                            .copied()
+                            .unwrap_or(0),
                     })
                 })
                 .collect()
@@ -1908,8 +2026,10 @@ mod tests {
                     40..55 => {
                         let expires = now + rng.below(20);
                         let source = random_source(&mut rng);
-                        let got = cache.insert_entry(ep, name, ip, t(expires), source);
-                        let want = model.insert_entry(ep, name, ip, expires, source);
+                        // A peer's answers may be older than this cache's.
+                        let learned = now.saturating_sub(rng.below(3)) * 1000 + rng.below(1000);
+                        let got = cache.insert_entry(ep, name, ip, t(expires), source, learned);
+                        let want = model.insert_entry(ep, name, ip, expires, source, learned);
                         assert_eq!(got, want, "seed {seed} step {step}: insert_entry");
                     }
                     55..67 => {
@@ -1975,7 +2095,7 @@ mod tests {
                 }
                 5..7 => {
                     let source = random_source(&mut rng);
-                    c.insert_entry(ep, name, ip, t(at + rng.below(30)), source);
+                    c.insert_entry(ep, name, ip, t(at + rng.below(30)), source, 0);
                 }
                 7..9 => {
                     c.keep_alive(ep, ip, t(at + rng.below(40)));
@@ -2032,8 +2152,8 @@ mod tests {
                     }
                     1 => {
                         let expires = t(now + u64::from(ttl));
-                        whole.insert_entry(ep, &name, ip, expires, Source::Restored);
-                        stepped.insert_entry(ep, &name, ip, expires, Source::Restored);
+                        whole.insert_entry(ep, &name, ip, expires, Source::Restored, 0);
+                        stepped.insert_entry(ep, &name, ip, expires, Source::Restored, 0);
                     }
                     2 => {
                         whole.insert(t(now), ep, &name, &[ip], ttl);
@@ -2194,11 +2314,11 @@ mod tests {
                 .parse::<u32>()
                 .is_ok_and(|n| n % 2 == 0)
         };
-        let (gone, next) = c.remove_matching_chunk(&mut even, 4, 100, 3);
+        let (gone, next) = c.remove_matching_chunk(&mut even, u64::MAX, 4, 100, 3);
         let names: Vec<&str> = gone.iter().map(|g| g.name.as_str()).collect();
         assert_eq!(names, ["n4.example.", "n6.example.", "n8.example."]);
         assert_eq!(next, 9);
-        let (gone, next) = c.remove_matching_chunk(&mut even, next, 100, usize::MAX);
+        let (gone, next) = c.remove_matching_chunk(&mut even, u64::MAX, next, 100, usize::MAX);
         assert_eq!(gone.len(), 5);
         assert_eq!(next, 20);
         assert_eq!(c.name_count(), 20 - 8);
@@ -2210,13 +2330,13 @@ mod tests {
     fn putting_no_records_keeps_no_pair() {
         let mut c = DnsCache::default();
         assert_eq!(
-            c.put_pair(EP, "a.example.", &IpList::Many(Vec::new())),
+            c.put_pair(EP, "a.example.", 0, &IpList::Many(Vec::new())),
             NONE
         );
         assert!(c.is_empty());
         c.insert(t(100), EP, "a.example.", &[ip4(1)], 60);
         assert_eq!(
-            c.put_pair(EP, "a.example.", &IpList::Many(Vec::new())),
+            c.put_pair(EP, "a.example.", 0, &IpList::Many(Vec::new())),
             NONE
         );
         assert!(c.is_empty());
@@ -2285,7 +2405,7 @@ mod tests {
                     c.insert(t(110), ep, &name, &[ip], ttl);
                 }
                 8..12 => {
-                    c.insert_entry(ep, &name, ip, t(110 + u64::from(ttl)), Source::Restored);
+                    c.insert_entry(ep, &name, ip, t(110 + u64::from(ttl)), Source::Restored, 0);
                 }
                 12..16 => {
                     c.keep_alive(ep, ip, t(115 + round % 7));

@@ -42,6 +42,11 @@ pub struct CacheEntry {
     pub endpoint: String,
     pub name: String,
     pub ips: Vec<CachedIp>,
+    /// When the latest answer behind these IPs came, Unix milliseconds (0: not known, as in
+    /// snapshots of builds before it was kept): a clean made since removes them, one made
+    /// after does not.
+    #[serde(default)]
+    pub learned_at_ms: u64,
 }
 
 /// An (endpoint, name, IP) triple that left the cache; the caller revokes the datapath entries
@@ -121,13 +126,22 @@ mod tests {
                 expires_at: UnixTime(100),
                 source: Source::Lookup,
             }],
+            learned_at_ms: 40_123,
         };
         let json = serde_json::to_string(&e).unwrap();
         assert_eq!(
             json,
-            r#"{"endpoint":"youssef/test","name":"cilium.io.","ips":[{"ip":"104.198.14.52","expires_at":100,"source":"lookup"}]}"#
+            r#"{"endpoint":"youssef/test","name":"cilium.io.","ips":[{"ip":"104.198.14.52","expires_at":100,"source":"lookup"}],"learned_at_ms":40123}"#
         );
         assert_eq!(serde_json::from_str::<CacheEntry>(&json).unwrap(), e);
+        // As written before the time learned was kept: not known.
+        let older = r#"{"endpoint":"youssef/test","name":"cilium.io.","ips":[]}"#;
+        assert_eq!(
+            serde_json::from_str::<CacheEntry>(older)
+                .unwrap()
+                .learned_at_ms,
+            0
+        );
         assert_eq!(e.ips[0].ttl_remaining(UnixTime(40)), 60);
         assert_eq!(e.ips[0].ttl_remaining(UnixTime(400)), 0);
     }

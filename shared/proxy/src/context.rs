@@ -103,6 +103,9 @@ pub struct Mapping {
     pub ips: Vec<IpAddr>,
     pub ttl: u32,
     pub expires_at: UnixTime,
+    /// When the answer came, Unix milliseconds: a cache clean made after it removes the
+    /// mapping.
+    pub learned_at_ms: u64,
     pub server: SocketAddr,
 }
 
@@ -269,11 +272,23 @@ impl SharedCache {
     /// what matches. Pairs added meanwhile below the chunk being cleaned stay. Returns the
     /// removed IPs, sorted, each once: a pair removed, answered again and placed in a slot
     /// ahead of the walk is removed twice.
-    pub fn remove_matching(&self, mut filter: impl FnMut(&str, &str) -> bool) -> Vec<Expired> {
+    pub fn remove_matching(&self, filter: impl FnMut(&str, &str) -> bool) -> Vec<Expired> {
+        self.remove_learned_before(u64::MAX, filter)
+    }
+
+    /// [`remove_matching`](Self::remove_matching) of the pairs answered before `before_ms`
+    /// (see [`DnsCache::remove_learned_before`]).
+    pub fn remove_learned_before(
+        &self,
+        before_ms: u64,
+        mut filter: impl FnMut(&str, &str) -> bool,
+    ) -> Vec<Expired> {
         let removals = usize::try_from(COPY_CHUNK / 4).unwrap_or(usize::MAX);
         let mut removed = Vec::new();
         self.walk_in_chunks(
-            |cache, from| cache.remove_matching_chunk(&mut filter, from, COPY_CHUNK, removals),
+            |cache, from| {
+                cache.remove_matching_chunk(&mut filter, before_ms, from, COPY_CHUNK, removals)
+            },
             // What went, went: a walk started over after a compaction finds only the rest.
             |chunk, _first| removed.extend(chunk),
         );
@@ -291,6 +306,18 @@ impl SharedCache {
         filter: impl FnMut(&str, &str) -> bool + Send + 'static,
     ) -> Result<Vec<Expired>, String> {
         self.off_runtime(move |cache| cache.remove_matching(filter))
+            .await
+            .map_err(|error| format!("the cache clean failed: {error}\n"))
+    }
+
+    /// [`clean`](Self::clean) of what was answered before `before_ms` (Unix milliseconds):
+    /// the dnsproxy's copy of a clean made then on the agent.
+    pub async fn clean_learned_before(
+        &self,
+        before_ms: u64,
+        filter: impl FnMut(&str, &str) -> bool + Send + 'static,
+    ) -> Result<Vec<Expired>, String> {
+        self.off_runtime(move |cache| cache.remove_learned_before(before_ms, filter))
             .await
             .map_err(|error| format!("the cache clean failed: {error}\n"))
     }

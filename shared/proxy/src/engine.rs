@@ -19,7 +19,6 @@ use warden_telemetry::{DnsFlow, FlowEvent, LogBudget, Metrics, Scope, Verdict, u
 use crate::answer::AnswerSummary;
 use crate::context::{
     AllowRequest, ClientContext, HoldFuture, Mapping, ProxyContext, Transport, UNKNOWN_ENDPOINT,
-    unix_now,
 };
 use crate::datagram::Datagram;
 use crate::response::{RCODE_NAMES, rcode_index, rcode_name};
@@ -492,10 +491,11 @@ impl Engine {
         }
         let mut grants = Vec::new();
         checked.policy.fqdn_grants(name, &mut grants);
+        let answered_ms = unix_millis();
         let (inserted, max_ips) = {
             let mut cache = self.context.cache.lock();
-            let inserted = cache.insert(
-                unix_now(),
+            let inserted = cache.insert_answered(
+                answered_ms,
                 &checked.endpoint_key,
                 name.as_str(),
                 &outcome.summary.ips,
@@ -548,6 +548,7 @@ impl Engine {
             ips: summary.ips.clone(),
             ttl: summary.ttl,
             expires_at,
+            learned_at_ms: answered_ms,
             server: checked.server,
         });
         match wait {

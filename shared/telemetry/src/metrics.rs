@@ -83,6 +83,9 @@ pub struct PeerMetrics {
     /// agent: its own mappings a session skipped after falling behind them; the session then
     /// sends the whole cache again.
     pub mappings_skipped: IntCounter,
+    /// agent: mappings from the peer answered before a cache clean made on the agent that
+    /// removes them (the peer was away when it was made, or they crossed it), dropped.
+    pub mappings_cleaned: IntCounter,
     /// Connections or messages refused on the agent socket; label: reason (credentials,
     /// oversized, malformed, protocol, stalled).
     pub rejected: IntCounterVec,
@@ -400,6 +403,11 @@ impl Metrics {
                 &registry,
                 "peer_mappings_skipped_total",
                 "Agent: its own mappings a warden-dnsproxy session fell too far behind to forward; the session then sends the whole cache again.",
+            )?,
+            mappings_cleaned: counter(
+                &registry,
+                "peer_mappings_cleaned_total",
+                "Agent: mappings from warden-dnsproxy dropped because a cache clean made on the agent after they were answered removes them.",
             )?,
             state_persist_errors: counter_vec(
                 &registry,

@@ -247,6 +247,7 @@ mod tests {
             endpoint: endpoint.into(),
             name: name.into(),
             ips: Vec::new(),
+            learned_at_ms: 0,
         }
     }
 

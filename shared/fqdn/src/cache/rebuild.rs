@@ -72,6 +72,7 @@ impl DnsCache {
             let copy = rebuild.fresh.put_pair(
                 self.endpoints.text(pair.endpoint),
                 self.names.text(pair.name),
+                pair.learned,
                 &pair.ips,
             );
             if let Some(slot) = rebuild.copied.get_mut(pid as usize) {
@@ -116,10 +117,11 @@ impl DnsCache {
             (Some(pair), NONE) => rebuild.fresh.put_pair(
                 self.endpoints.text(pair.endpoint),
                 self.names.text(pair.name),
+                pair.learned,
                 &pair.ips,
             ),
             (Some(pair), copy) => {
-                if rebuild.fresh.set_ips(copy, &pair.ips) {
+                if rebuild.fresh.set_ips(copy, pair.learned, &pair.ips) {
                     copy
                 } else {
                     NONE
@@ -135,20 +137,31 @@ impl DnsCache {
 
     /// Gives (endpoint, name) exactly the records `ips` holds; returns its pair id, or `NONE`
     /// if it holds nothing (ids exhausted, or `ips` empty).
-    pub(super) fn put_pair(&mut self, endpoint: &str, name: &str, ips: &IpList) -> u32 {
+    pub(super) fn put_pair(
+        &mut self,
+        endpoint: &str,
+        name: &str,
+        learned: u64,
+        ips: &IpList,
+    ) -> u32 {
         let Some(pid) = self.pair_for(endpoint, name) else {
             return NONE;
         };
-        if self.set_ips(pid, ips) { pid } else { NONE }
+        if self.set_ips(pid, learned, ips) {
+            pid
+        } else {
+            NONE
+        }
     }
 
     /// Replaces pair `pid`'s records with `ips`, indexing only the IPs that changed (an IP
     /// shared by many pairs has a long list to edit); a pair left with none is removed.
     /// Returns whether the pair is still held.
-    fn set_ips(&mut self, pid: u32, ips: &IpList) -> bool {
+    fn set_ips(&mut self, pid: u32, learned: u64, ips: &IpList) -> bool {
         let Some(pair) = self.pairs.get_mut(pid) else {
             return false;
         };
+        pair.learned = learned;
         // The common case, a refresh: the same IPs in the same order, new expiries.
         let same_ips = !ips.is_empty()
             && pair.ips.len() == ips.len()
