@@ -189,11 +189,15 @@ async fn clean_cache(
         Err(message) => return (StatusCode::BAD_REQUEST, message).into_response(),
     };
     // Remembered first: what a proxy sends from now on of what was answered before is
-    // dropped, so nothing comes back between the clean here and the proxy's.
-    let clean = state.cleans.record(filter, compiled.clone());
+    // dropped, so nothing comes back between the clean here and the proxy's. Cleaned by the
+    // proxy's rule, what was answered before: an answer of this agent's since stays, as it
+    // does on the proxy, and goes to it after the clean.
+    let clean = state.cleans.record(filter, compiled.clone(), &state.cache);
     let cleaned = state
         .cache
-        .clean(move |endpoint, name| compiled.matches(endpoint, name))
+        .clean_learned_before(clean.made_at_ms(), move |endpoint, name| {
+            compiled.matches(endpoint, name)
+        })
         .await;
     // Also when nothing went here, or the clean failed part way: the proxy's cache may hold
     // what this one never saw (and would hand it back at the next resync), and whatever went

@@ -25,7 +25,7 @@ use warden_api::proto::{
     AgentMessage, CacheClean, DatapathSettings, DnsSettings, Endpoint, Mapping as WireMapping,
     Mappings, PolicyFile, PolicySnapshot, ProxyMessage, ResyncDone,
 };
-use warden_api::{MAPPINGS_PER_MESSAGE, MAX_MESSAGE_BYTES};
+use warden_api::{MAPPINGS_PER_MESSAGE, MAX_MESSAGE_BYTES, PeerMapping};
 use warden_config::{AgentConfig, DatapathMode, RejectCode};
 use warden_enforce::Enforcement;
 use warden_proxy::{Mapping, MappingObserver, SharedCache};
@@ -75,29 +75,49 @@ pub struct ApiState {
 /// a bound on what each mapping from a proxy is checked against.
 const CLEANS_REMEMBERED: usize = 256;
 
-/// A cache clean made on the agent: what it removes, and when. It removes what
-/// was answered before then, wherever that is, and nothing answered since.
+/// A cache clean made on the agent: what it removes, and when. It removes what was answered
+/// before then, wherever that is, and nothing answered since.
 #[derive(Debug, Clone)]
 pub struct Clean {
     pub filter: CacheFilter,
     pub compiled: CompiledCacheFilter,
-    /// Unix milliseconds.
-    pub made_at_ms: u64,
+    /// The wall clock at the clean, Unix milliseconds: what the times answered are read by.
+    made_at_ms: u64,
+    /// The same moment on the monotonic clock (see [`Clean::made_at_ms`]).
+    made: Instant,
 }
 
 impl Clean {
-    /// Whether this clean removes `mapping`: one of its names, answered before the clean (or
-    /// at a time not known).
-    fn removes(&self, mapping: &WireMapping) -> bool {
-        mapping.learned_at_ms < self.made_at_ms
-            && self.compiled.matches(&mapping.endpoint, &mapping.name)
+    /// When the clean was made, on the wall clock as it reads now: never later than
+    /// `made_at_ms`, earlier should the wall clock have stepped back since (answers given after
+    /// the step would otherwise read as older than the clean, and be dropped).
+    pub fn made_at_ms(&self) -> u64 {
+        let elapsed = u64::try_from(self.made.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.made_at_ms.min(unix_millis().saturating_sub(elapsed))
     }
+}
 
-    /// [`Self::removes`] for a mapping from a proxy, which is kept if the time it was answered
-    /// is not known (a proxy of an older build), as it was before times were known: dropped,
-    /// an answer given after the clean would lose its allow entries.
-    fn removes_from_proxy(&self, mapping: &WireMapping) -> bool {
-        mapping.learned_at_ms != 0 && self.removes(mapping)
+/// The cleans remembered, with their times read once, to check a batch of mappings against.
+#[derive(Debug, Default)]
+struct CleanCheck {
+    cleans: Vec<(u64, CompiledCacheFilter)>,
+    /// The latest of the times: answers given since, nearly all of them, cost one comparison.
+    latest_ms: u64,
+    /// [`CleanFanout::generation`] when read.
+    generation: u64,
+}
+
+impl CleanCheck {
+    /// Whether a clean removes `mapping` from a proxy: one of its names, answered before it.
+    /// A mapping of a time not known (a proxy of an older build) is kept, as it was before
+    /// times were known: dropped, an answer given after the clean would lose its allow entries.
+    fn removes_from_proxy(&self, mapping: &PeerMapping) -> bool {
+        mapping.learned_at_ms != 0
+            && mapping.learned_at_ms < self.latest_ms
+            && self.cleans.iter().any(|(made_ms, compiled)| {
+                mapping.learned_at_ms < *made_ms
+                    && compiled.matches_name(&mapping.endpoint, &mapping.name)
+            })
     }
 }
 
@@ -116,13 +136,26 @@ impl Clean {
 #[derive(Debug, Clone, Default)]
 pub struct CleanFanout {
     shared: Arc<Mutex<CleansShared>>,
+    /// Moves with every clean remembered, under the cache's lock (see [`Self::record`]).
+    generation: Arc<AtomicU64>,
 }
 
 #[derive(Debug, Default)]
 struct CleansShared {
     sessions: Vec<mpsc::UnboundedSender<Clean>>,
-    /// Replaced whole on a change, so that the check of a batch of mappings holds no lock.
     remembered: Arc<Vec<Clean>>,
+}
+
+/// What makes two filters the same clean: a name pattern is matched without case or the
+/// final dot.
+fn clean_key(filter: &CacheFilter) -> (Option<&str>, Option<String>) {
+    (
+        filter.endpoint.as_deref(),
+        filter
+            .name
+            .as_deref()
+            .map(|name| name.trim_end_matches('.').to_ascii_lowercase()),
+    )
 }
 
 impl CleanFanout {
@@ -143,23 +176,30 @@ impl CleanFanout {
         (receiver, Arc::clone(&shared.remembered))
     }
 
-    /// Remembers a clean made now, before the agent's cache is cleaned: from here on no
-    /// mapping from a proxy brings back what it removes. (A clean of the same filter made
-    /// before is forgotten: this one removes all it did.)
-    pub fn record(&self, filter: CacheFilter, compiled: CompiledCacheFilter) -> Clean {
+    /// Remembers a clean made now, before `cache` is cleaned: from here on no mapping from a
+    /// proxy brings back what it removes. Under `cache`'s lock, as [`absorb`] checks each
+    /// mapping: a batch checked before the clean was remembered is in the cache before the
+    /// clean walks it. A clean of the same filter made before is forgotten (this one removes
+    /// all it did), and all others with a clean of everything.
+    pub fn record(
+        &self,
+        filter: CacheFilter,
+        compiled: CompiledCacheFilter,
+        cache: &SharedCache,
+    ) -> Clean {
         let clean = Clean {
             filter,
             compiled,
             made_at_ms: unix_millis(),
+            made: Instant::now(),
         };
+        let everything = clean.filter.endpoint.is_none() && clean.filter.name.is_none();
+        let _held = cache.lock();
         let mut shared = self.shared();
         let mut remembered: Vec<Clean> = shared
             .remembered
             .iter()
-            .filter(|old| {
-                (&old.filter.endpoint, &old.filter.name)
-                    != (&clean.filter.endpoint, &clean.filter.name)
-            })
+            .filter(|old| !everything && clean_key(&old.filter) != clean_key(&clean.filter))
             .cloned()
             .collect();
         if remembered.len() >= CLEANS_REMEMBERED {
@@ -167,6 +207,7 @@ impl CleanFanout {
         }
         remembered.push(clean.clone());
         shared.remembered = Arc::new(remembered);
+        self.generation.fetch_add(1, Ordering::Release);
         clean
     }
 
@@ -177,26 +218,31 @@ impl CleanFanout {
             .retain(|session| session.send(clean.clone()).is_ok());
     }
 
-    /// Takes out of `mappings` what a clean remembered removes; returns how many.
-    pub fn drop_cleaned(&self, mappings: &mut Vec<WireMapping>) -> usize {
-        let remembered = Arc::clone(&self.shared().remembered);
-        if remembered.is_empty() {
-            return 0;
-        }
-        // Answers given since the latest clean, nearly all of them, cost one comparison.
-        let latest_ms = remembered
+    /// The cleans remembered, their times read now.
+    fn check(&self) -> CleanCheck {
+        let shared = self.shared();
+        let generation = self.generation.load(Ordering::Acquire);
+        let cleans: Vec<(u64, CompiledCacheFilter)> = shared
+            .remembered
             .iter()
-            .map(|clean| clean.made_at_ms)
-            .max()
-            .unwrap_or(0);
-        let before = mappings.len();
-        mappings.retain(|mapping| {
-            mapping.learned_at_ms >= latest_ms
-                || !remembered
-                    .iter()
-                    .any(|clean| clean.removes_from_proxy(mapping))
-        });
-        before - mappings.len()
+            .map(|clean| (clean.made_at_ms(), clean.compiled.clone()))
+            .collect();
+        CleanCheck {
+            latest_ms: cleans
+                .iter()
+                .map(|(made_ms, _)| *made_ms)
+                .max()
+                .unwrap_or(0),
+            cleans,
+            generation,
+        }
+    }
+
+    /// [`Self::check`] again if a clean was remembered since `check` was read.
+    fn refresh(&self, check: &mut CleanCheck) {
+        if self.generation.load(Ordering::Acquire) != check.generation {
+            *check = self.check();
+        }
     }
 }
 
@@ -461,7 +507,7 @@ async fn session(
                     Err(status) => return rejected_status(&status),
                 };
                 match message.kind {
-                    Some(ProxyKind::Mappings(batch)) => absorb(state, batch.mappings),
+                    Some(ProxyKind::Mappings(batch)) => absorb(state, &batch.mappings),
                     Some(ProxyKind::Flows(flows)) => {
                         // A bad event is skipped and counted, like a bad mapping: the session
                         // and the events beside it carry on.
@@ -656,7 +702,8 @@ impl Outgoing {
     /// clean removes is dropped from it: sent after the clean, it would bring that back.
     fn clean(&mut self, clean: &Clean) {
         if let Some(dump) = &mut self.dump {
-            dump.removed.push(clean.clone());
+            dump.removed
+                .push((clean.made_at_ms(), clean.compiled.clone()));
         }
         self.queue.push_back(clean_message(clean));
     }
@@ -667,7 +714,7 @@ fn clean_message(clean: &Clean) -> AgentKind {
     AgentKind::Clean(CacheClean {
         endpoint: clean.filter.endpoint.clone(),
         name: clean.filter.name.clone(),
-        made_at_ms: clean.made_at_ms,
+        made_at_ms: clean.made_at_ms(),
     })
 }
 
@@ -710,9 +757,9 @@ struct Dump {
     resync: bool,
     /// Messages of the queue that go before the first chunk: those queued before the copy.
     after: usize,
-    /// Cleans made since the copy: what they remove leaves the chunks as they go (a chunk at a
-    /// time, not the whole copy on the clean's turn of the loop).
-    removed: Vec<Clean>,
+    /// Cleans made since the copy, with their times: what they remove leaves the chunks as
+    /// they go (a chunk at a time, not the whole copy on the clean's turn of the loop).
+    removed: Vec<(u64, CompiledCacheFilter)>,
 }
 
 impl Dump {
@@ -745,7 +792,12 @@ impl Dump {
     fn next_chunk(&mut self) -> Option<Vec<WireMapping>> {
         for mut chunk in self.chunks.by_ref() {
             if !self.removed.is_empty() {
-                chunk.retain(|mapping| !self.removed.iter().any(|clean| clean.removes(mapping)));
+                chunk.retain(|mapping| {
+                    !self.removed.iter().any(|(made_ms, compiled)| {
+                        mapping.learned_at_ms < *made_ms
+                            && compiled.matches(&mapping.endpoint, &mapping.name)
+                    })
+                });
             }
             if !chunk.is_empty() {
                 return Some(chunk);
@@ -844,19 +896,26 @@ fn rejected_status(status: &Status) -> SessionEnd {
 
 /// Takes a proxy's mappings into the agent's cache (checked, see
 /// [`warden_api::merge_mappings`]); the reconciler then keeps their allow entries (the proxy
-/// wrote them already).
-/// Takes the proxy's mappings into the cache, but for what a clean made since they were
-/// answered removed.
-fn absorb(state: &ApiState, mut mappings: Vec<WireMapping>) {
-    let cleaned = state.cleans.drop_cleaned(&mut mappings);
+/// wrote them already). But for what a clean made since they were answered removes: each is
+/// checked under the cache's lock, where cleans are remembered ([`CleanFanout::record`]), so
+/// one checked before a clean was remembered is in the cache before the clean's walk begins
+/// (and the walk takes it), and one checked after is dropped.
+fn absorb(state: &ApiState, mappings: &[WireMapping]) {
+    let mut check = state.cleans.check();
+    let mut cleaned = 0_u64;
+    warden_api::merge_mappings_unless(&state.cache, mappings, &state.metrics.peer, |mapping| {
+        state.cleans.refresh(&mut check);
+        let removed = check.removes_from_proxy(mapping);
+        cleaned += u64::from(removed);
+        removed
+    });
     if cleaned > 0 {
-        state.metrics.peer.mappings_cleaned.inc_by(cleaned as u64);
+        state.metrics.peer.mappings_cleaned.inc_by(cleaned);
         tracing::debug!(
             cleaned,
             "mappings from the proxy a clean since removed, dropped"
         );
     }
-    warden_api::merge_mappings(&state.cache, &mappings, &state.metrics.peer);
     state.cache_changes.0.fetch_add(1, Ordering::Relaxed);
 }
 
@@ -1046,7 +1105,8 @@ mod tests {
             name: Some("gone.*".into()),
         };
         let compiled = gone.compile().unwrap();
-        outgoing.clean(&CleanFanout::default().record(gone, compiled));
+        let cache = SharedCache::new(warden_fqdn::DnsCache::default());
+        outgoing.clean(&CleanFanout::default().record(gone, compiled, &cache));
         outgoing.queue.push_back(live("two.live."));
         assert!(outgoing.has_live());
 
@@ -1255,7 +1315,10 @@ mod tests {
         /// remembered, then the agent's cache cleaned.
         async fn clean_agent_cache(&self, filter: &CacheFilter) -> Clean {
             let compiled = filter.compile().unwrap();
-            let clean = self.state.cleans.record(filter.clone(), compiled.clone());
+            let clean =
+                self.state
+                    .cleans
+                    .record(filter.clone(), compiled.clone(), &self.state.cache);
             self.state
                 .cache
                 .clean(move |endpoint, name| compiled.matches(endpoint, name))
@@ -1498,9 +1561,13 @@ mod tests {
         let Some(AgentKind::Clean(sent)) = first.kind else {
             panic!("the session began with {first:?}, not the clean");
         };
-        assert_eq!(
-            (sent.name.as_deref(), sent.made_at_ms),
-            (Some("*.gone.test"), clean.made_at_ms)
+        assert_eq!(sent.name.as_deref(), Some("*.gone.test"));
+        // Read off the monotonic clock too: within a millisecond.
+        assert!(
+            (clean.made_at_ms - 2..=clean.made_at_ms).contains(&sent.made_at_ms),
+            "{} for {}",
+            sent.made_at_ms,
+            clean.made_at_ms
         );
 
         let answered = |name: &str, learned_at_ms: u64| WireMapping {
@@ -1513,10 +1580,10 @@ mod tests {
             ..WireMapping::default()
         };
         let replay = vec![
-            answered("before.gone.test.", clean.made_at_ms - 1),
+            answered("before.gone.test.", clean.made_at_ms - 10),
             answered("since.gone.test.", clean.made_at_ms),
             answered("unknown.gone.test.", 0),
-            answered("before.kept.test.", clean.made_at_ms - 1),
+            answered("before.kept.test.", clean.made_at_ms - 10),
         ];
         for kind in [
             ProxyKind::Mappings(Mappings {
@@ -1560,21 +1627,23 @@ mod tests {
         lab.stop().await;
     }
 
-    /// The cleans remembered: the latest of each filter, at most [`CLEANS_REMEMBERED`].
+    /// The cleans remembered: the latest of each filter (a name without case or final dot),
+    /// at most [`CLEANS_REMEMBERED`], and none before a clean of everything.
     #[test]
     fn cleans_are_remembered_once_per_filter_and_boundedly() {
         let fanout = CleanFanout::default();
-        let record = |name: &str| {
+        let cache = SharedCache::new(warden_fqdn::DnsCache::default());
+        let record = |name: Option<&str>| {
             let filter = CacheFilter {
                 endpoint: None,
-                name: Some(name.into()),
+                name: name.map(str::to_owned),
             };
             let compiled = filter.compile().unwrap();
-            fanout.record(filter, compiled)
+            fanout.record(filter, compiled, &cache)
         };
-        record("a.test");
-        record("b.test");
-        let again = record("a.test");
+        record(Some("a.test"));
+        record(Some("b.test"));
+        let again = record(Some("A.test."));
         let (_, remembered) = fanout.subscribe();
         let names: Vec<_> = remembered
             .iter()
@@ -1584,15 +1653,74 @@ mod tests {
             names,
             [
                 ("b.test".to_owned(), names[0].1),
-                ("a.test".to_owned(), again.made_at_ms)
+                ("A.test.".to_owned(), again.made_at_ms)
             ]
         );
         for i in 0..CLEANS_REMEMBERED {
-            record(&format!("n{i}.test"));
+            record(Some(&format!("n{i}.test")));
         }
         let (_, remembered) = fanout.subscribe();
         assert_eq!(remembered.len(), CLEANS_REMEMBERED);
         assert_eq!(remembered[0].filter.name.as_deref(), Some("n0.test"));
+        record(None);
+        let (_, remembered) = fanout.subscribe();
+        assert_eq!(
+            remembered.len(),
+            1,
+            "a clean of everything covers the others"
+        );
+    }
+
+    /// A batch of mappings is checked against the cleans as read when it began, and again
+    /// under the cache's lock as each goes in: a clean remembered in between (its walk of the
+    /// cache may already have passed where the mapping lands) still drops what it removes.
+    #[test]
+    fn a_clean_remembered_during_a_merge_still_drops_what_it_removes() {
+        let fanout = CleanFanout::default();
+        let cache = SharedCache::new(warden_fqdn::DnsCache::default());
+        let mut check = fanout.check();
+        let filter = CacheFilter {
+            endpoint: None,
+            name: Some("gone.test".into()),
+        };
+        let compiled = filter.compile().unwrap();
+        let clean = fanout.record(filter, compiled, &cache);
+        let answered = PeerMapping {
+            endpoint: "youssef/test".into(),
+            name: warden_policy::DnsName::new("gone.test").unwrap(),
+            ips: Vec::new(),
+            expires_at: warden_fqdn::UnixTime(0),
+            source: warden_fqdn::Source::Lookup,
+            learned_at_ms: clean.made_at_ms - 10,
+        };
+        assert!(
+            !check.removes_from_proxy(&answered),
+            "read before the clean"
+        );
+        fanout.refresh(&mut check);
+        assert!(check.removes_from_proxy(&answered));
+    }
+
+    /// A clean is placed on the wall clock as it reads now: should it have stepped back since
+    /// the clean (by more than the time since), answers given after the step would read as
+    /// older than the clean, and a proxy's be dropped and their allow entries revoked.
+    #[test]
+    fn a_clean_is_never_later_than_the_wall_clock_reads_now() {
+        let filter = CacheFilter::default();
+        let now_ms = unix_millis();
+        let clean = Clean {
+            compiled: filter.compile().unwrap(),
+            filter,
+            // Made before the wall clock stepped back a minute.
+            made_at_ms: now_ms + 60_000,
+            made: Instant::now(),
+        };
+        assert!(
+            clean.made_at_ms() <= unix_millis(),
+            "{}",
+            clean.made_at_ms()
+        );
+        assert!(clean.made_at_ms() >= now_ms);
     }
 
     /// Cleans reached the sessions through a broadcast of 64: those a busy session missed were

@@ -313,6 +313,7 @@ async fn session(
     resynced: &mut bool,
 ) -> String {
     let started = Instant::now();
+    let started_ms = unix_millis();
     let (outbound, stream) = mpsc::channel::<ProxyMessage>(1024);
     let journaled = context.journal.take_for_replay();
     let hello = ProxyMessage {
@@ -452,7 +453,7 @@ async fn session(
                 }
             }
             Some(AgentKind::Cache(batch)) => merge(context, &batch.mappings),
-            Some(AgentKind::Clean(clean)) => apply_clean(context, clean).await,
+            Some(AgentKind::Clean(clean)) => apply_clean(context, clean, started_ms).await,
             Some(AgentKind::ResyncDone(done)) => {
                 *resynced = true;
                 context.journal.replay_confirmed();
@@ -581,7 +582,7 @@ async fn close(
 /// does not compile is the agent's bug, logged. Awaited before the session's next message,
 /// which may refill what it removes (the session reads nothing meanwhile: a clean of a million
 /// entries takes a fraction of a second).
-async fn apply_clean(context: &LinkContext, clean: CacheClean) {
+async fn apply_clean(context: &LinkContext, clean: CacheClean, session_started_ms: u64) {
     let filter = CacheFilter {
         endpoint: clean.endpoint,
         name: clean.name,
@@ -598,12 +599,29 @@ async fn apply_clean(context: &LinkContext, clean: CacheClean) {
                 mapping.learned_at_ms < before_ms
                     && compiled.matches(&mapping.endpoint, &mapping.name)
             });
+            let walked = compiled.clone();
             let cleaned = context
                 .cache
                 .clean_learned_before(before_ms, move |endpoint, name| {
-                    compiled.matches(endpoint, name)
+                    walked.matches(endpoint, name)
                 })
                 .await;
+            // What stays of the clean's names was answered since it was made, and the agent,
+            // which cleaned everything answered before, may not have it: an answer repeating
+            // what this cache held (a caching resolver's) crossed to it as no news. Without it
+            // the agent's reconciler would take this proxy's allow entries for unwanted. (Not
+            // for a clean made before this session, which the agent remembered: this session's
+            // copy of the cache, taken since, carries it.)
+            if before_ms >= session_started_ms && before_ms != u64::MAX {
+                let kept =
+                    warden_api::cache_dump_matching(&context.cache, move |endpoint, name| {
+                        compiled.matches(endpoint, name)
+                    })
+                    .await;
+                for mapping in kept {
+                    context.journal.push(mapping);
+                }
+            }
             let removed = match cleaned {
                 Ok(removed) => removed.len(),
                 Err(message) => {
@@ -614,13 +632,25 @@ async fn apply_clean(context: &LinkContext, clean: CacheClean) {
                     return;
                 }
             };
-            tracing::info!(
-                removed,
-                journaled,
-                endpoint = filter.endpoint.as_deref().unwrap_or("*"),
-                name = filter.name.as_deref().unwrap_or("*"),
-                "FQDN cache cleaned as the agent's was"
-            );
+            let endpoint = filter.endpoint.as_deref().unwrap_or("*");
+            let name = filter.name.as_deref().unwrap_or("*");
+            // Every session starts with the cleans the agent remembers, most of which find
+            // nothing left to remove.
+            if removed + journaled > 0 {
+                tracing::info!(
+                    removed,
+                    journaled,
+                    endpoint,
+                    name,
+                    "FQDN cache cleaned as the agent's was"
+                );
+            } else {
+                tracing::debug!(
+                    endpoint,
+                    name,
+                    "cache clean from the agent: nothing to remove"
+                );
+            }
         }
         Err(error) => tracing::warn!(
             error = error.trim_end(),
@@ -905,7 +935,8 @@ mod tests {
 
     /// A clean from the agent takes what was answered before it was made, in the cache and in
     /// the journal, and spares what was answered since: the agent sends the cleans it
-    /// remembers to every new session, also ones made long before.
+    /// remembers to every new session, also ones made long before. What a clean made during
+    /// the session spares goes to the agent.
     #[tokio::test]
     async fn a_clean_spares_what_was_answered_after_it() {
         let context = link_context(std::path::Path::new("/nonexistent"));
@@ -948,13 +979,25 @@ mod tests {
             (cached, journaled)
         };
 
-        apply_clean(&context, clean(made_at_ms)).await;
+        // Made before this session (remembered by the agent): the session's copy of the cache
+        // carries what stays.
+        apply_clean(&context, clean(made_at_ms), made_at_ms + 1).await;
         let (cached, journaled) = held(&context);
         assert_eq!(cached, ["before.kept.test.", "since.gone.test."]);
         assert_eq!(journaled, ["since.gone.test.", "before.kept.test."]);
 
+        // Made during the session: what stays of its names goes to the agent, which cleaned
+        // them all and may lack an answer given since that repeated this cache (sent as no
+        // news), whose allow entries its reconciler would then revoke.
+        apply_clean(&context, clean(made_at_ms), made_at_ms - 10).await;
+        let (_, journaled) = held(&context);
+        assert_eq!(
+            journaled,
+            ["since.gone.test.", "before.kept.test.", "since.gone.test."]
+        );
+
         // An agent of an older build says not when: everything matching goes.
-        apply_clean(&context, clean(0)).await;
+        apply_clean(&context, clean(0), 0).await;
         let (cached, journaled) = held(&context);
         assert_eq!(cached, ["before.kept.test."]);
         assert_eq!(journaled, ["before.kept.test."]);

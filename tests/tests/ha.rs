@@ -643,12 +643,9 @@ async fn a_clean_made_while_the_proxy_was_away_is_not_undone_by_its_resync() {
     assert!(cleaned.status.success(), "{cleaned:?}");
 
     after_the_next_resync_the_agent_lacks_cilium(&lab, proxy_admin, &resynced_before).await;
+    // (Whether the agent dropped the proxy's copy of cilium.io, or the proxy cleaned it before
+    // copying its cache, depends on which side's messages went first: both end without it.)
     wait_proxy_cleaned_of_cilium(proxy_admin).await;
-    let scrape = http_get(lab.agent.admin, "/metrics").await.unwrap();
-    assert!(
-        metric_value(&scrape, "warden_peer_mappings_cleaned_total", &[]) >= 1.0,
-        "the proxy's copy of cilium.io never came to be dropped"
-    );
 }
 
 #[tokio::test]

@@ -122,6 +122,17 @@ pub fn merge_mappings(
     mappings: &[proto::Mapping],
     metrics: &PeerMetrics,
 ) -> usize {
+    merge_mappings_unless(cache, mappings, metrics, |_| false)
+}
+
+/// [`merge_mappings`] but for those `removed` holds for, asked once per mapping under the
+/// cache's lock, just before the mapping goes in. Returns how many went in.
+pub fn merge_mappings_unless(
+    cache: &warden_proxy::SharedCache,
+    mappings: &[proto::Mapping],
+    metrics: &PeerMetrics,
+    mut removed: impl FnMut(&PeerMapping) -> bool,
+) -> usize {
     let now = warden_proxy::unix_now();
     let mut checked = Vec::with_capacity(mappings.len());
     let mut first_error = None;
@@ -138,10 +149,24 @@ pub fn merge_mappings(
         tracing::warn!(%error, "mappings from the peer skipped");
     }
     let limits = cache.lock().limits();
-    let addresses = checked
-        .iter()
-        .flat_map(|mapping| mapping.ips.iter().map(move |ip| (mapping, *ip)));
-    cache.for_each_in_chunks(addresses, |cache, (mapping, ip)| {
+    let addresses = checked.iter().enumerate().flat_map(|(index, mapping)| {
+        mapping
+            .ips
+            .iter()
+            .enumerate()
+            .map(move |(nth, ip)| (index, nth == 0, mapping, *ip))
+    });
+    let mut skipped = 0;
+    let mut skipping = None;
+    cache.for_each_in_chunks(addresses, |cache, (index, first, mapping, ip)| {
+        if first {
+            let skip = removed(mapping);
+            skipped += usize::from(skip);
+            skipping = skip.then_some(index);
+        }
+        if skipping == Some(index) {
+            return;
+        }
         // A peer configured with a longer (or no) `max_ttl` does not lengthen ours.
         let expires_at = limits.bounded_expiry(now, mapping.expires_at);
         cache.insert_entry(
@@ -154,7 +179,7 @@ pub fn merge_mappings(
         );
     });
     metrics.mappings_received.inc_by(checked.len() as u64);
-    checked.len()
+    checked.len() - skipped
 }
 
 /// The live entries of `cache` as wire mappings, for a resync (either side's cache dump):

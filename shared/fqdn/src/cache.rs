@@ -1897,10 +1897,13 @@ mod tests {
             out
         }
 
-        fn remove_name(&mut self, name: &str) -> Vec<Expired> {
+        /// The pairs of `name` last answered before `before_ms`.
+        fn remove_name(&mut self, name: &str, before_ms: u64) -> Vec<Expired> {
             let mut out = Vec::new();
+            let learned = &self.learned;
             self.pairs.retain(|(ep, n), recs| {
-                if n != name {
+                let key = (ep.clone(), n.clone());
+                if n != name || learned.get(&key).copied().unwrap_or(0) >= before_ms {
                     return true;
                 }
                 out.extend(recs.keys().map(|&ip| expired(ep, n, ip)));
@@ -2026,8 +2029,9 @@ mod tests {
                     40..55 => {
                         let expires = now + rng.below(20);
                         let source = random_source(&mut rng);
-                        // A peer's answers may be older than this cache's.
-                        let learned = now.saturating_sub(rng.below(3)) * 1000 + rng.below(1000);
+                        // A peer's answers may be older than this cache's; on a coarse grid,
+                        // so that times often tie with a clean's.
+                        let learned = now.saturating_sub(rng.below(3)) * 1000 + rng.below(2) * 500;
                         let got = cache.insert_entry(ep, name, ip, t(expires), source, learned);
                         let want = model.insert_entry(ep, name, ip, expires, source, learned);
                         assert_eq!(got, want, "seed {seed} step {step}: insert_entry");
@@ -2065,8 +2069,17 @@ mod tests {
                         assert_eq!(removed, model.gc(now), "seed {seed} step {step}: gc_step");
                     }
                     90..93 => {
-                        let got = cache.remove_matching(|_, n| n == name);
-                        assert_eq!(got, model.remove_name(name));
+                        // Everything of the name, or what was answered before a time.
+                        let (got, want) = if rng.below(2) == 0 {
+                            let got = cache.remove_matching(|_, n| n == name);
+                            (got, model.remove_name(name, u64::MAX))
+                        } else {
+                            let before_ms =
+                                now.saturating_sub(rng.below(4)) * 1000 + rng.below(2) * 500;
+                            let got = cache.remove_learned_before(before_ms, |_, n| n == name);
+                            (got, model.remove_name(name, before_ms))
+                        };
+                        assert_eq!(got, want, "seed {seed} step {step}: remove");
                     }
                     93..95 => {
                         let lim = limits(rng.below(4) as u32, rng.below(4) as usize);

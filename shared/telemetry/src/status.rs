@@ -222,6 +222,17 @@ impl CompiledCacheFilter {
             })
     }
 
+    /// [`Self::matches`] of a name already parsed.
+    pub fn matches_name(&self, endpoint: &str, name: &warden_policy::DnsName) -> bool {
+        self.endpoint
+            .as_deref()
+            .is_none_or(|wanted| wanted == endpoint)
+            && self
+                .pattern
+                .as_ref()
+                .is_none_or(|pattern| pattern.matches(name))
+    }
+
     /// The listing of `entries` that pass, as `GET /v1/fqdn/cache` answers it.
     pub fn rows(
         &self,
