@@ -108,6 +108,25 @@ struct CleanCheck {
 }
 
 impl CleanCheck {
+    /// `batch` of the agent's own answers, without what a clean removes: an answer given
+    /// before a clean may be broadcast after it (its datapath hold comes between), and the
+    /// proxy would keep what the clean removed here. None if nothing is left.
+    fn keep_live(&self, batch: AgentKind) -> Option<AgentKind> {
+        let AgentKind::Cache(mut mappings) = batch else {
+            return Some(batch);
+        };
+        if self.latest_ms > 0 {
+            mappings.mappings.retain(|mapping| {
+                mapping.learned_at_ms >= self.latest_ms
+                    || !self.cleans.iter().any(|(made_ms, compiled)| {
+                        mapping.learned_at_ms < *made_ms
+                            && compiled.matches(&mapping.endpoint, &mapping.name)
+                    })
+            });
+        }
+        (!mappings.mappings.is_empty()).then_some(AgentKind::Cache(mappings))
+    }
+
     /// Whether a clean removes `mapping` from a proxy: one of its names, answered before it.
     /// A mapping of a time not known (a proxy of an older build) is kept, as it was before
     /// times were known: dropped, an answer given after the clean would lose its allow entries.
@@ -447,6 +466,7 @@ async fn session(
     let mut directory_check = tokio::time::interval(Duration::from_millis(500));
     let mut catch_up = CatchUp::default();
     let mut resync_asked = false;
+    let mut live_check = state.cleans.check();
     loop {
         outgoing
             .stall
@@ -572,7 +592,8 @@ async fn session(
                 let batch = live_batch(Some(&mapping), &mut local, |skipped| {
                     fell_behind(state, id, skipped, &mut catch_up);
                 });
-                outgoing.queue.extend(batch);
+                state.cleans.refresh(&mut live_check);
+                outgoing.queue.extend(batch.and_then(|batch| live_check.keep_live(batch)));
             }
             clean = cleans.recv() => {
                 let Some(clean) = clean else {
@@ -581,17 +602,18 @@ async fn session(
                 // The agent's answers broadcast before the clean go before it, however many wait
                 // (at most the broadcast's 4,096): behind it they would bring back what it
                 // removed. A live batch still queued does not hold them back here.
+                state.cleans.refresh(&mut live_check);
                 while let Some(batch) = live_batch(None, &mut local, |skipped| {
                     fell_behind(state, id, skipped, &mut catch_up);
                 }) {
-                    outgoing.queue.push_back(batch);
+                    outgoing.queue.extend(live_check.keep_live(batch));
                 }
                 let compiled = clean.compiled.clone();
                 outgoing.clean(&clean);
-                // The drain may have taken answers given after the clean too (the two
-                // broadcasts keep no order between them), which the clean then removes on the
-                // proxy: what the agent's cache holds of the clean's names now was answered
-                // after it, and goes again, behind it.
+                // What the agent's cache holds of the clean's names now goes again, behind it:
+                // an answer of the agent's that repeated its cache since the clean kept the name
+                // here (the time answered moved) but was not broadcast, and the proxy, which
+                // removes what it holds of the name from before the clean, would lack it.
                 let since = warden_api::cache_dump_matching(&state.cache, move |endpoint, name| {
                     compiled.matches(endpoint, name)
                 })
@@ -902,15 +924,13 @@ fn rejected_status(status: &Status) -> SessionEnd {
 /// (and the walk takes it), and one checked after is dropped.
 fn absorb(state: &ApiState, mappings: &[WireMapping]) {
     let mut check = state.cleans.check();
-    let mut cleaned = 0_u64;
-    warden_api::merge_mappings_unless(&state.cache, mappings, &state.metrics.peer, |mapping| {
-        state.cleans.refresh(&mut check);
-        let removed = check.removes_from_proxy(mapping);
-        cleaned += u64::from(removed);
-        removed
-    });
+    let (_, cleaned) =
+        warden_api::merge_mappings_unless(&state.cache, mappings, &state.metrics.peer, |mapping| {
+            state.cleans.refresh(&mut check);
+            check.removes_from_proxy(mapping)
+        });
     if cleaned > 0 {
-        state.metrics.peer.mappings_cleaned.inc_by(cleaned);
+        state.metrics.peer.mappings_cleaned.inc_by(cleaned as u64);
         tracing::debug!(
             cleaned,
             "mappings from the proxy a clean since removed, dropped"
@@ -1321,7 +1341,9 @@ mod tests {
                     .record(filter.clone(), compiled.clone(), &self.state.cache);
             self.state
                 .cache
-                .clean(move |endpoint, name| compiled.matches(endpoint, name))
+                .clean_learned_before(clean.made_at_ms(), move |endpoint, name| {
+                    compiled.matches(endpoint, name)
+                })
                 .await
                 .unwrap();
             clean
@@ -1490,6 +1512,8 @@ mod tests {
         for i in 0..10 {
             lab.agent_answers(&format!("y{i}.gone.test."));
         }
+        // A clean takes what was answered before it, to the millisecond.
+        tokio::time::sleep(Duration::from_millis(5)).await;
         // As the admin API cleans: the agent's cache, then the sessions.
         let filter = CacheFilter {
             endpoint: None,
@@ -1562,7 +1586,8 @@ mod tests {
             panic!("the session began with {first:?}, not the clean");
         };
         assert_eq!(sent.name.as_deref(), Some("*.gone.test"));
-        // Read off the monotonic clock too: within a millisecond.
+        // Read off the monotonic clock too: within two milliseconds (each clock's reading is
+        // cut to the millisecond).
         assert!(
             (clean.made_at_ms - 2..=clean.made_at_ms).contains(&sent.made_at_ms),
             "{} for {}",
@@ -1671,9 +1696,10 @@ mod tests {
         );
     }
 
-    /// A batch of mappings is checked against the cleans as read when it began, and again
-    /// under the cache's lock as each goes in: a clean remembered in between (its walk of the
-    /// cache may already have passed where the mapping lands) still drops what it removes.
+    /// The cleans a batch of mappings is checked against are read again once a clean was
+    /// remembered since (what `absorb` does for each address, under the cache's lock where
+    /// cleans are remembered): a clean remembered during a merge, whose walk of the cache may
+    /// already have passed where a mapping lands, still drops what it removes.
     #[test]
     fn a_clean_remembered_during_a_merge_still_drops_what_it_removes() {
         let fanout = CleanFanout::default();
@@ -1699,6 +1725,48 @@ mod tests {
         );
         fanout.refresh(&mut check);
         assert!(check.removes_from_proxy(&answered));
+    }
+
+    /// An answer of the agent's given before a clean can be broadcast after it (the datapath
+    /// hold comes between): sent on, it gave the proxy back what the clean removed.
+    #[test]
+    fn the_agents_answers_from_before_a_clean_do_not_cross_after_it() {
+        let fanout = CleanFanout::default();
+        let cache = SharedCache::new(warden_fqdn::DnsCache::default());
+        let filter = CacheFilter {
+            endpoint: None,
+            name: Some("*.gone.test".into()),
+        };
+        let compiled = filter.compile().unwrap();
+        let clean = fanout.record(filter, compiled, &cache);
+        let answer = |name: &str, learned_at_ms: u64| WireMapping {
+            endpoint: "youssef/test".into(),
+            name: name.into(),
+            learned_at_ms,
+            ..WireMapping::default()
+        };
+        let batch = |mappings| {
+            AgentKind::Cache(Mappings {
+                mappings,
+                resync: false,
+            })
+        };
+        let check = fanout.check();
+        let kept = check.keep_live(batch(vec![
+            answer("before.gone.test.", clean.made_at_ms - 10),
+            answer("since.gone.test.", clean.made_at_ms + 10),
+            answer("before.kept.test.", clean.made_at_ms - 10),
+        ]));
+        let Some(AgentKind::Cache(kept)) = kept else {
+            panic!("{kept:?}");
+        };
+        let names: Vec<&str> = kept.mappings.iter().map(|m| m.name.as_str()).collect();
+        assert_eq!(names, ["since.gone.test.", "before.kept.test."]);
+        let none = check.keep_live(batch(vec![answer(
+            "before.gone.test.",
+            clean.made_at_ms - 10,
+        )]));
+        assert!(none.is_none(), "{none:?}");
     }
 
     /// A clean is placed on the wall clock as it reads now: should it have stepped back since
@@ -1784,6 +1852,8 @@ mod tests {
                 name: Some(name),
             })
             .collect();
+        // A clean takes what was answered before it, to the millisecond.
+        tokio::time::sleep(Duration::from_millis(5)).await;
         let mut cleans = Vec::new();
         for filter in &filters {
             cleans.push(lab.clean_agent_cache(filter).await);

@@ -313,7 +313,8 @@ async fn session(
     resynced: &mut bool,
 ) -> String {
     let started = Instant::now();
-    let started_ms = unix_millis();
+    // When the replay copied the cache for the agent (`u64::MAX` until then): see apply_clean.
+    let copied_at_ms = Arc::new(AtomicU64::new(u64::MAX));
     let (outbound, stream) = mpsc::channel::<ProxyMessage>(1024);
     let journaled = context.journal.take_for_replay();
     let hello = ProxyMessage {
@@ -341,6 +342,7 @@ async fn session(
         context.clone(),
         outbound.clone(),
         journaled,
+        Arc::clone(&copied_at_ms),
         replay_stop.clone(),
     ));
     let _replay_ends_with_the_session = AbortOnDrop(replay.abort_handle());
@@ -453,7 +455,10 @@ async fn session(
                 }
             }
             Some(AgentKind::Cache(batch)) => merge(context, &batch.mappings),
-            Some(AgentKind::Clean(clean)) => apply_clean(context, clean, started_ms).await,
+            Some(AgentKind::Clean(clean)) => {
+                let copied_at_ms = copied_at_ms.load(Ordering::Acquire);
+                apply_clean(context, clean, copied_at_ms).await;
+            }
             Some(AgentKind::ResyncDone(done)) => {
                 *resynced = true;
                 context.journal.replay_confirmed();
@@ -503,6 +508,7 @@ async fn replay(
     context: LinkContext,
     outbound: mpsc::Sender<ProxyMessage>,
     journaled: Vec<WireMapping>,
+    copied_at_ms: Arc<AtomicU64>,
     stop: CancellationToken,
 ) -> Result<usize, String> {
     let send = |message: ProxyMessage| {
@@ -529,6 +535,8 @@ async fn replay(
     if !send_journal(journaled).await {
         return Err("agent went away during the journal replay".into());
     }
+    // Before the copy: a time answered moved after this may be missing from it.
+    copied_at_ms.store(unix_millis(), Ordering::Release);
     let cached = warden_api::cache_dump(&context.cache).await;
     replayed += cached.len();
     for chunk in warden_api::into_mapping_batches(cached) {
@@ -582,7 +590,7 @@ async fn close(
 /// does not compile is the agent's bug, logged. Awaited before the session's next message,
 /// which may refill what it removes (the session reads nothing meanwhile: a clean of a million
 /// entries takes a fraction of a second).
-async fn apply_clean(context: &LinkContext, clean: CacheClean, session_started_ms: u64) {
+async fn apply_clean(context: &LinkContext, clean: CacheClean, copied_at_ms: u64) {
     let filter = CacheFilter {
         endpoint: clean.endpoint,
         name: clean.name,
@@ -607,18 +615,23 @@ async fn apply_clean(context: &LinkContext, clean: CacheClean, session_started_m
                 })
                 .await;
             // What stays of the clean's names was answered since it was made, and the agent,
-            // which cleaned everything answered before, may not have it: an answer repeating
-            // what this cache held (a caching resolver's) crossed to it as no news. Without it
-            // the agent's reconciler would take this proxy's allow entries for unwanted. (Not
-            // for a clean made before this session, which the agent remembered: this session's
-            // copy of the cache, taken since, carries it.)
-            if before_ms >= session_started_ms && before_ms != u64::MAX {
+            // which removed what was answered before, may lack it: an answer repeating what
+            // this cache held (a caching resolver's) moves the time answered but crosses to the
+            // agent as no news. Without it the agent's reconciler would take this proxy's allow
+            // entries for unwanted. What the session's copy of the cache (read by the agent
+            // against its cleans) carried with its time is not sent again: only what was
+            // answered since both the clean and the copy, none before the copy.
+            let since_ms = before_ms.max(copied_at_ms);
+            if since_ms != u64::MAX {
                 let kept =
                     warden_api::cache_dump_matching(&context.cache, move |endpoint, name| {
                         compiled.matches(endpoint, name)
                     })
                     .await;
-                for mapping in kept {
+                for mapping in kept
+                    .into_iter()
+                    .filter(|mapping| mapping.learned_at_ms >= since_ms)
+                {
                     context.journal.push(mapping);
                 }
             }
@@ -979,16 +992,18 @@ mod tests {
             (cached, journaled)
         };
 
-        // Made before this session (remembered by the agent): the session's copy of the cache
-        // carries what stays.
-        apply_clean(&context, clean(made_at_ms), made_at_ms + 1).await;
+        // Before the session's copy of the cache: the copy carries what stays.
+        apply_clean(&context, clean(made_at_ms), u64::MAX).await;
         let (cached, journaled) = held(&context);
         assert_eq!(cached, ["before.kept.test.", "since.gone.test."]);
         assert_eq!(journaled, ["since.gone.test.", "before.kept.test."]);
 
-        // Made during the session: what stays of its names goes to the agent, which cleaned
-        // them all and may lack an answer given since that repeated this cache (sent as no
-        // news), whose allow entries its reconciler would then revoke.
+        // After the copy: what stays of its names goes to the agent, which may lack an answer
+        // given since that repeated this cache (sent as no news), and would revoke its allow
+        // entries. What was answered before the copy, the copy carried.
+        apply_clean(&context, clean(made_at_ms - 5), made_at_ms + 1).await;
+        let (_, journaled) = held(&context);
+        assert_eq!(journaled, ["since.gone.test.", "before.kept.test."]);
         apply_clean(&context, clean(made_at_ms), made_at_ms - 10).await;
         let (_, journaled) = held(&context);
         assert_eq!(

@@ -122,17 +122,19 @@ pub fn merge_mappings(
     mappings: &[proto::Mapping],
     metrics: &PeerMetrics,
 ) -> usize {
-    merge_mappings_unless(cache, mappings, metrics, |_| false)
+    merge_mappings_unless(cache, mappings, metrics, |_| false).0
 }
 
-/// [`merge_mappings`] but for those `removed` holds for, asked once per mapping under the
-/// cache's lock, just before the mapping goes in. Returns how many went in.
+/// [`merge_mappings`] but for those `removed` holds for, asked under the cache's lock for each
+/// address just before it goes in (the lock is let go between chunks, and what `removed`
+/// depends on may change there). Returns how many mappings went in, and how many were held
+/// back (in whole or from some address on).
 pub fn merge_mappings_unless(
     cache: &warden_proxy::SharedCache,
     mappings: &[proto::Mapping],
     metrics: &PeerMetrics,
     mut removed: impl FnMut(&PeerMapping) -> bool,
-) -> usize {
+) -> (usize, usize) {
     let now = warden_proxy::unix_now();
     let mut checked = Vec::with_capacity(mappings.len());
     let mut first_error = None;
@@ -149,22 +151,18 @@ pub fn merge_mappings_unless(
         tracing::warn!(%error, "mappings from the peer skipped");
     }
     let limits = cache.lock().limits();
-    let addresses = checked.iter().enumerate().flat_map(|(index, mapping)| {
-        mapping
-            .ips
-            .iter()
-            .enumerate()
-            .map(move |(nth, ip)| (index, nth == 0, mapping, *ip))
-    });
+    let addresses = checked
+        .iter()
+        .enumerate()
+        .flat_map(|(index, mapping)| mapping.ips.iter().map(move |ip| (index, mapping, *ip)));
     let mut skipped = 0;
-    let mut skipping = None;
-    cache.for_each_in_chunks(addresses, |cache, (index, first, mapping, ip)| {
-        if first {
-            let skip = removed(mapping);
-            skipped += usize::from(skip);
-            skipping = skip.then_some(index);
-        }
-        if skipping == Some(index) {
+    let mut last_skipped = None;
+    cache.for_each_in_chunks(addresses, |cache, (index, mapping, ip)| {
+        if removed(mapping) {
+            if last_skipped != Some(index) {
+                skipped += 1;
+                last_skipped = Some(index);
+            }
             return;
         }
         // A peer configured with a longer (or no) `max_ttl` does not lengthen ours.
@@ -179,7 +177,7 @@ pub fn merge_mappings_unless(
         );
     });
     metrics.mappings_received.inc_by(checked.len() as u64);
-    checked.len() - skipped
+    (checked.len() - skipped, skipped)
 }
 
 /// The live entries of `cache` as wire mappings, for a resync (either side's cache dump):
@@ -408,6 +406,48 @@ mod tests {
             kept_by_connections: false,
             learned_at_ms: 0,
         }
+    }
+
+    /// What `removed` holds for stays out, asked for each address: one that turns true part
+    /// way through a mapping (a clean remembered while the lock was let go between chunks)
+    /// stops the rest of it. Counted once per mapping.
+    #[test]
+    fn a_merge_holds_back_what_it_is_told_to_address_by_address() {
+        use warden_fqdn::DnsCache;
+        let cache = warden_proxy::SharedCache::new(DnsCache::default());
+        let metrics = warden_telemetry::Metrics::new("test").unwrap();
+        let now = warden_proxy::unix_now();
+        let mapping = |name: &str, ips: &[&str]| proto::Mapping {
+            expires_at: now.0 + 60,
+            ..wire("youssef/test", name, ips)
+        };
+        let batch = [
+            mapping("kept.test", &["198.18.1.1"]),
+            mapping("gone.test", &["198.18.1.2", "198.18.1.3"]),
+            mapping("cut.test", &["198.18.1.4", "198.18.1.5", "198.18.1.6"]),
+        ];
+        let mut asked = 0;
+        let (taken, held_back) = merge_mappings_unless(&cache, &batch, &metrics.peer, |m| {
+            asked += 1;
+            match m.name.as_str() {
+                "gone.test." => true,
+                // Its first address goes in, then it is held back.
+                "cut.test." => asked > 4,
+                _ => false,
+            }
+        });
+        assert_eq!((taken, held_back), (1, 2));
+        assert_eq!(asked, 6, "asked for every address");
+        let held: Vec<(String, usize)> = cache
+            .lock()
+            .entries(now)
+            .into_iter()
+            .map(|entry| (entry.name, entry.ips.len()))
+            .collect();
+        assert_eq!(
+            held,
+            [("cut.test.".to_owned(), 1), ("kept.test.".to_owned(), 1)]
+        );
     }
 
     /// When a name was answered crosses with it, both ways, so that a clean made on the agent
