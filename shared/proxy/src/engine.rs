@@ -282,6 +282,11 @@ impl Engine {
         self.context.metrics.dns.tcp_refused.inc();
     }
 
+    /// A TCP connection closed because its client took no answer for the idle timeout.
+    pub fn tcp_unread(&self) {
+        self.context.metrics.dns.tcp_unread.inc();
+    }
+
     pub fn malformed(&self, transport: Transport) {
         self.context
             .metrics

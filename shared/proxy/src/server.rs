@@ -548,6 +548,74 @@ spec:
         proxy.served.await.unwrap();
     }
 
+    /// Waits up to `limit` for `counter` to read `want`.
+    async fn wait_count(counter: impl Fn() -> u64, want: u64, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        while counter() != want {
+            assert!(Instant::now() < deadline, "{} after {limit:?}", counter());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// A client that stopped inside a length prefix lost its connection at the idle timeout
+    /// uncounted (one stopping inside the message was counted as malformed).
+    #[tokio::test]
+    async fn a_tcp_client_stopping_inside_a_length_prefix_is_counted() {
+        use tokio::io::AsyncWriteExt;
+        let upstream = fake_upstream(true).await;
+        let proxy = start(upstream, Duration::ZERO, Duration::from_secs(1)).await;
+        let mut halfway = tokio::net::TcpStream::connect(proxy.dns).await.unwrap();
+        halfway.write_all(&[0]).await.unwrap();
+        // The test proxy's idle timeout is 5 s.
+        let malformed = || {
+            proxy
+                .metrics
+                .dns
+                .malformed
+                .with_label_values(&["tcp"])
+                .get()
+        };
+        wait_count(malformed, 1, Duration::from_secs(15)).await;
+        drop(halfway);
+        proxy.shutdown.cancel();
+        proxy.served.await.unwrap();
+    }
+
+    /// A client that took none of its answers lost its connection at the idle timeout, and the
+    /// answers waiting for it, uncounted.
+    #[tokio::test]
+    async fn a_tcp_client_not_reading_its_answers_is_counted() {
+        use tokio::io::AsyncWriteExt;
+        let upstream = fake_upstream(true).await;
+        let proxy = start(upstream, Duration::ZERO, Duration::from_secs(1)).await;
+        // Queries the proxy answers itself (FORMERR: no question), none of the answers read,
+        // through a small receive buffer: more answers than the proxy's socket may buffer
+        // (the kernel grows a send buffer up to 4 MiB).
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(4096).unwrap();
+        let deaf = socket.connect(proxy.dns).await.unwrap();
+        let (_unread, mut writer) = deaf.into_split();
+        let no_question: Vec<u8> = (0..400_000u32)
+            .flat_map(|id| {
+                let mut framed = vec![0, 12];
+                framed.extend_from_slice(&id.to_be_bytes()[2..]);
+                framed.extend_from_slice(&[0; 10]);
+                framed
+            })
+            .collect();
+        let sending = tokio::spawn(async move {
+            let _ = writer.write_all(&no_question).await;
+            writer
+        });
+
+        // The test proxy's idle timeout is 5 s.
+        let unread = || proxy.metrics.dns.tcp_unread.get();
+        wait_count(unread, 1, Duration::from_secs(15)).await;
+        sending.abort();
+        proxy.shutdown.cancel();
+        proxy.served.await.unwrap();
+    }
+
     /// At shutdown a TCP connection closed over a query its client sent after the reader had
     /// stopped: the close reset the connection and threw away the answers still in its send
     /// queue (a client reading slowly had not taken them yet). The client must get every

@@ -138,6 +138,7 @@ async fn connection(
     let idle = engine.settings.tcp_idle_timeout;
     let (mut reader, mut writer) = stream.into_split();
     let (answers, mut outgoing) = mpsc::channel::<Vec<u8>>(ANSWERS_QUEUED);
+    let writer_engine = engine.clone();
     let write_loop = tokio::spawn(async move {
         while let Some(answer) = outgoing.recv().await {
             let Ok(length) = u16::try_from(answer.len()) else {
@@ -148,8 +149,13 @@ async fn connection(
             framed.extend_from_slice(&answer);
             match tokio::time::timeout(idle, writer.write_all(&framed)).await {
                 Ok(Ok(())) => {}
-                // Gone, or not reading: the reader sees the channel close and stops too.
-                _ => return,
+                // Gone: the reader sees the channel close and stops too.
+                Ok(Err(_)) => return,
+                // Not reading: its socket's buffers full for the idle timeout.
+                Err(_) => {
+                    writer_engine.tcp_unread();
+                    return;
+                }
             }
         }
         let _ = writer.shutdown().await;
@@ -165,17 +171,30 @@ async fn connection(
         let Ok(permit) = permit else {
             break;
         };
-        let length = tokio::select! {
+        let mut prefix = [0u8; 2];
+        let first = tokio::select! {
             biased;
             _ = stop.cancelled() => break,
             () = answers.closed() => break,
-            length = tokio::time::timeout(idle, reader.read_u16()) => length,
+            first = tokio::time::timeout(idle, reader.read(&mut prefix)) => first,
         };
-        let length = match length {
-            Ok(Ok(length)) => usize::from(length),
+        match first {
+            Ok(Ok(read)) if read > 0 => {}
             // Idle, closed by the client, or reset: nothing more to read.
             _ => break,
-        };
+        }
+        // Half a length prefix, then silence or the end: a broken client, counted as one
+        // that stops inside a message.
+        if matches!(first, Ok(Ok(1)))
+            && !matches!(
+                tokio::time::timeout(idle, reader.read_exact(&mut prefix[1..])).await,
+                Ok(Ok(_))
+            )
+        {
+            engine.malformed(Transport::Tcp);
+            break;
+        }
+        let length = usize::from(u16::from_be_bytes(prefix));
         let started = Instant::now();
         let mut packet = vec![0u8; length];
         match tokio::time::timeout(idle, reader.read_exact(&mut packet)).await {

@@ -144,6 +144,8 @@ pub struct DnsMetrics {
     pub concurrency_rejections: IntCounter,
     /// TCP connections closed at once: their client already held its share.
     pub tcp_refused: IntCounter,
+    /// TCP connections closed because their client took no answer for the idle timeout.
+    pub tcp_unread: IntCounter,
     pub in_flight: IntGauge,
     /// Whether this process holds sockets in the DNS port's serving group.
     pub serving: IntGauge,
@@ -224,6 +226,12 @@ impl Metrics {
                 "dns_tcp_refused_total",
                 "DNS TCP connections closed at once because their client already held its \
                  share of the proxy's connections.",
+            )?,
+            tcp_unread: counter(
+                &registry,
+                "dns_tcp_unread_total",
+                "DNS TCP connections closed because their client took none of its answers for \
+                 the idle timeout; the answers still waiting for it are lost.",
             )?,
             in_flight: gauge(&registry, "dns_in_flight", "Queries being processed now.")?,
             serving: gauge(
