@@ -9,6 +9,7 @@
 //! reading the proxy.
 
 use std::collections::{HashMap, VecDeque};
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -150,8 +151,8 @@ impl CleanCheck {
 ///
 /// Remembered, because a proxy away when a clean was made (or whose mappings crossed it on
 /// the socket) still holds what it removed and hands it back: each new session gets the
-/// cleans remembered, and what a proxy sends of what they removed is dropped on arrival. The
-/// memory is the process's: an agent restarted forgets them.
+/// cleans remembered, and what a proxy sends of what they removed is dropped on arrival. Kept
+/// in `state_dir` ([`CleanFanout::open`]), for a proxy away across an agent's restart.
 #[derive(Debug, Clone, Default)]
 pub struct CleanFanout {
     shared: Arc<Mutex<CleansShared>>,
@@ -163,6 +164,110 @@ pub struct CleanFanout {
 struct CleansShared {
     sessions: Vec<mpsc::UnboundedSender<Clean>>,
     remembered: Arc<Vec<Clean>>,
+    /// Where they are kept across restarts, if anywhere.
+    file: Option<PathBuf>,
+}
+
+/// The cleans remembered, in `state_dir`.
+const CLEANS_FILE: &str = "cache-cleans.json";
+
+/// [`CLEANS_FILE`]'s format.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct SavedCleans {
+    version: u32,
+    cleans: Vec<SavedClean>,
+}
+
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct SavedClean {
+    endpoint: Option<String>,
+    name: Option<String>,
+    made_at_ms: u64,
+}
+
+impl SavedCleans {
+    const VERSION: u32 = 1;
+
+    fn of(cleans: &[Clean]) -> SavedCleans {
+        SavedCleans {
+            version: Self::VERSION,
+            cleans: cleans
+                .iter()
+                .map(|clean| SavedClean {
+                    endpoint: clean.filter.endpoint.clone(),
+                    name: clean.filter.name.clone(),
+                    made_at_ms: clean.made_at_ms,
+                })
+                .collect(),
+        }
+    }
+
+    /// Failures are logged: the cleans still hold until the agent restarts.
+    fn write(&self, file: &Path) {
+        let written = serde_json::to_vec(self)
+            .map_err(|error| error.to_string())
+            .and_then(|bytes| {
+                if let Some(dir) = file.parent() {
+                    std::fs::create_dir_all(dir).map_err(|error| error.to_string())?;
+                }
+                warden_state::write_atomically(file, &bytes).map_err(|error| error.to_string())
+            });
+        if let Err(error) = written {
+            tracing::error!(path = %file.display(), %error, "cannot keep the cache cleans in state_dir");
+        }
+    }
+
+    /// What `file` holds: none if it is missing, and none, the file set aside, if it cannot be
+    /// read; a clean whose filter does not compile is left out.
+    fn read(file: &Path) -> Vec<Clean> {
+        let bytes = match std::fs::read(file) {
+            Ok(bytes) => bytes,
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Vec::new(),
+            Err(error) => {
+                let set_aside = warden_state::set_aside(file);
+                tracing::error!(path = %file.display(), %error, set_aside, "cannot read the cache cleans kept in state_dir");
+                return Vec::new();
+            }
+        };
+        let saved = match serde_json::from_slice::<SavedCleans>(&bytes) {
+            Ok(saved) if saved.version == Self::VERSION => saved,
+            Ok(saved) => {
+                let set_aside = warden_state::set_aside(file);
+                tracing::error!(path = %file.display(), version = saved.version, set_aside, "cache cleans kept in state_dir of another format");
+                return Vec::new();
+            }
+            Err(error) => {
+                let set_aside = warden_state::set_aside(file);
+                tracing::error!(path = %file.display(), %error, set_aside, "cache cleans kept in state_dir do not parse");
+                return Vec::new();
+            }
+        };
+        let skip = saved.cleans.len().saturating_sub(CLEANS_REMEMBERED);
+        saved
+            .cleans
+            .into_iter()
+            .skip(skip)
+            .filter_map(|saved| {
+                let filter = CacheFilter {
+                    endpoint: saved.endpoint,
+                    name: saved.name,
+                };
+                match filter.compile() {
+                    Ok(compiled) => Some(Clean {
+                        filter,
+                        compiled,
+                        made_at_ms: saved.made_at_ms,
+                        // Its age is not known: placed by its wall time, never later than now.
+                        made: Instant::now(),
+                    }),
+                    Err(error) => {
+                        tracing::warn!(path = %file.display(), error = error.trim_end(), "a kept cache clean left out");
+                        None
+                    }
+                }
+            })
+            .collect()
+    }
 }
 
 /// What makes two filters the same clean: a name pattern is matched without case or the
@@ -213,21 +318,55 @@ impl CleanFanout {
             made: Instant::now(),
         };
         let everything = clean.filter.endpoint.is_none() && clean.filter.name.is_none();
-        let _held = cache.lock();
-        let mut shared = self.shared();
-        let mut remembered: Vec<Clean> = shared
-            .remembered
-            .iter()
-            .filter(|old| !everything && clean_key(&old.filter) != clean_key(&clean.filter))
-            .cloned()
-            .collect();
-        if remembered.len() >= CLEANS_REMEMBERED {
-            remembered.remove(0);
+        let saved = {
+            let _held = cache.lock();
+            let mut shared = self.shared();
+            let mut remembered: Vec<Clean> = shared
+                .remembered
+                .iter()
+                .filter(|old| !everything && clean_key(&old.filter) != clean_key(&clean.filter))
+                .cloned()
+                .collect();
+            if remembered.len() >= CLEANS_REMEMBERED {
+                remembered.remove(0);
+            }
+            remembered.push(clean.clone());
+            let saved = shared
+                .file
+                .clone()
+                .map(|file| (file, SavedCleans::of(&remembered)));
+            shared.remembered = Arc::new(remembered);
+            self.generation.fetch_add(1, Ordering::Release);
+            saved
+        };
+        // Written after the locks are let go (DNS answers wait for the cache's). Cleans are
+        // an operator's, and rare.
+        if let Some((file, saved)) = saved {
+            saved.write(&file);
         }
-        remembered.push(clean.clone());
-        shared.remembered = Arc::new(remembered);
-        self.generation.fetch_add(1, Ordering::Release);
         clean
+    }
+
+    /// The cleans an earlier run remembered in `state_dir`, where this one keeps them too: a
+    /// proxy away across an agent's restart still has what they removed. A file that cannot
+    /// be read is set aside (`.corrupt`), and the agent starts without.
+    pub fn open(state_dir: &Path) -> CleanFanout {
+        let file = state_dir.join(CLEANS_FILE);
+        let remembered = SavedCleans::read(&file);
+        if !remembered.is_empty() {
+            tracing::info!(
+                cleans = remembered.len(),
+                "cache cleans remembered from an earlier run"
+            );
+        }
+        CleanFanout {
+            shared: Arc::new(Mutex::new(CleansShared {
+                sessions: Vec::new(),
+                remembered: Arc::new(remembered),
+                file: Some(file),
+            })),
+            generation: Arc::default(),
+        }
     }
 
     /// Queues `clean` for every session; those ended leave the list.
@@ -1725,6 +1864,39 @@ mod tests {
         );
         fanout.refresh(&mut check);
         assert!(check.removes_from_proxy(&answered));
+    }
+
+    /// The cleans remembered are kept in `state_dir` and come back with a restarted agent: a
+    /// proxy away across the restart still holds what they removed. A file that does not
+    /// parse is set aside, and the agent starts without.
+    #[test]
+    fn cleans_are_kept_across_restarts() {
+        let dir = tempfile::tempdir().unwrap();
+        let state_dir = dir.path().join("state");
+        let cache = SharedCache::new(warden_fqdn::DnsCache::default());
+        let filter = CacheFilter {
+            endpoint: Some("youssef/test".into()),
+            name: Some("*.gone.test".into()),
+        };
+        let clean =
+            CleanFanout::open(&state_dir).record(filter.clone(), filter.compile().unwrap(), &cache);
+        let (_, remembered) = CleanFanout::open(&state_dir).subscribe();
+        let kept: Vec<_> = remembered
+            .iter()
+            .map(|clean| {
+                (
+                    clean.filter.endpoint.clone(),
+                    clean.filter.name.clone(),
+                    clean.made_at_ms,
+                )
+            })
+            .collect();
+        assert_eq!(kept, [(filter.endpoint, filter.name, clean.made_at_ms)]);
+
+        std::fs::write(state_dir.join(CLEANS_FILE), b"not json").unwrap();
+        let (_, remembered) = CleanFanout::open(&state_dir).subscribe();
+        assert!(remembered.is_empty());
+        assert!(state_dir.join("cache-cleans.json.corrupt").exists());
     }
 
     /// An answer of the agent's given before a clean can be broadcast after it (the datapath

@@ -313,8 +313,8 @@ async fn session(
     resynced: &mut bool,
 ) -> String {
     let started = Instant::now();
-    // When the replay copied the cache for the agent (`u64::MAX` until then): see apply_clean.
-    let copied_at_ms = Arc::new(AtomicU64::new(u64::MAX));
+    // When the replay copied the cache for the agent: see apply_clean.
+    let copied = Arc::new(CopiedAt::default());
     let (outbound, stream) = mpsc::channel::<ProxyMessage>(1024);
     let journaled = context.journal.take_for_replay();
     let hello = ProxyMessage {
@@ -342,7 +342,7 @@ async fn session(
         context.clone(),
         outbound.clone(),
         journaled,
-        Arc::clone(&copied_at_ms),
+        Arc::clone(&copied),
         replay_stop.clone(),
     ));
     let _replay_ends_with_the_session = AbortOnDrop(replay.abort_handle());
@@ -455,10 +455,7 @@ async fn session(
                 }
             }
             Some(AgentKind::Cache(batch)) => merge(context, &batch.mappings),
-            Some(AgentKind::Clean(clean)) => {
-                let copied_at_ms = copied_at_ms.load(Ordering::Acquire);
-                apply_clean(context, clean, copied_at_ms).await;
-            }
+            Some(AgentKind::Clean(clean)) => apply_clean(context, clean, &copied).await,
             Some(AgentKind::ResyncDone(done)) => {
                 *resynced = true;
                 context.journal.replay_confirmed();
@@ -508,7 +505,7 @@ async fn replay(
     context: LinkContext,
     outbound: mpsc::Sender<ProxyMessage>,
     journaled: Vec<WireMapping>,
-    copied_at_ms: Arc<AtomicU64>,
+    copied: Arc<CopiedAt>,
     stop: CancellationToken,
 ) -> Result<usize, String> {
     let send = |message: ProxyMessage| {
@@ -536,7 +533,7 @@ async fn replay(
         return Err("agent went away during the journal replay".into());
     }
     // Before the copy: a time answered moved after this may be missing from it.
-    copied_at_ms.store(unix_millis(), Ordering::Release);
+    copied.mark();
     let cached = warden_api::cache_dump(&context.cache).await;
     replayed += cached.len();
     for chunk in warden_api::into_mapping_batches(cached) {
@@ -583,6 +580,25 @@ async fn close(
     }
 }
 
+/// When a session's replay began to copy the cache for the agent.
+#[derive(Debug, Default)]
+struct CopiedAt(std::sync::OnceLock<(u64, Instant)>);
+
+impl CopiedAt {
+    fn mark(&self) {
+        let _ = self.0.set((unix_millis(), Instant::now()));
+    }
+
+    /// On the wall clock as it reads now (earlier should it have stepped back since, as a
+    /// clean's time is read: see the agent's `Clean::made_at_ms`); `u64::MAX` before the copy.
+    fn millis(&self) -> u64 {
+        self.0.get().map_or(u64::MAX, |(at_ms, at)| {
+            let elapsed = u64::try_from(at.elapsed().as_millis()).unwrap_or(u64::MAX);
+            (*at_ms).min(unix_millis().saturating_sub(elapsed))
+        })
+    }
+}
+
 /// An operator's cache clean on the agent, done here too: otherwise this cache would hand the
 /// entries back at the next resync. It takes what was answered before the clean was made, not
 /// since: the agent sends the cleans it remembers to every new session, also those this proxy
@@ -590,7 +606,7 @@ async fn close(
 /// does not compile is the agent's bug, logged. Awaited before the session's next message,
 /// which may refill what it removes (the session reads nothing meanwhile: a clean of a million
 /// entries takes a fraction of a second).
-async fn apply_clean(context: &LinkContext, clean: CacheClean, copied_at_ms: u64) {
+async fn apply_clean(context: &LinkContext, clean: CacheClean, copied: &CopiedAt) {
     let filter = CacheFilter {
         endpoint: clean.endpoint,
         name: clean.name,
@@ -621,7 +637,9 @@ async fn apply_clean(context: &LinkContext, clean: CacheClean, copied_at_ms: u64
             // entries for unwanted. What the session's copy of the cache (read by the agent
             // against its cleans) carried with its time is not sent again: only what was
             // answered since both the clean and the copy, none before the copy.
-            let since_ms = before_ms.max(copied_at_ms);
+            // Read after the walk, which lets the cache's lock go between chunks: a copy begun
+            // meanwhile may have read an entry before a repeat answer moved its time.
+            let since_ms = before_ms.max(copied.millis());
             if since_ms != u64::MAX {
                 let kept =
                     warden_api::cache_dump_matching(&context.cache, move |endpoint, name| {
@@ -974,6 +992,11 @@ mod tests {
             name: Some("*.gone.test".into()),
             made_at_ms,
         };
+        let copied_at = |at_ms| {
+            let copied = CopiedAt::default();
+            let _ = copied.0.set((at_ms, Instant::now()));
+            copied
+        };
         let held = |context: &LinkContext| {
             let cached: Vec<String> = context
                 .cache
@@ -993,7 +1016,7 @@ mod tests {
         };
 
         // Before the session's copy of the cache: the copy carries what stays.
-        apply_clean(&context, clean(made_at_ms), u64::MAX).await;
+        apply_clean(&context, clean(made_at_ms), &CopiedAt::default()).await;
         let (cached, journaled) = held(&context);
         assert_eq!(cached, ["before.kept.test.", "since.gone.test."]);
         assert_eq!(journaled, ["since.gone.test.", "before.kept.test."]);
@@ -1001,10 +1024,10 @@ mod tests {
         // After the copy: what stays of its names goes to the agent, which may lack an answer
         // given since that repeated this cache (sent as no news), and would revoke its allow
         // entries. What was answered before the copy, the copy carried.
-        apply_clean(&context, clean(made_at_ms - 5), made_at_ms + 1).await;
+        apply_clean(&context, clean(made_at_ms - 5), &copied_at(made_at_ms + 1)).await;
         let (_, journaled) = held(&context);
         assert_eq!(journaled, ["since.gone.test.", "before.kept.test."]);
-        apply_clean(&context, clean(made_at_ms), made_at_ms - 10).await;
+        apply_clean(&context, clean(made_at_ms), &copied_at(made_at_ms - 10)).await;
         let (_, journaled) = held(&context);
         assert_eq!(
             journaled,
@@ -1012,7 +1035,7 @@ mod tests {
         );
 
         // An agent of an older build says not when: everything matching goes.
-        apply_clean(&context, clean(0), 0).await;
+        apply_clean(&context, clean(0), &copied_at(0)).await;
         let (cached, journaled) = held(&context);
         assert_eq!(cached, ["before.kept.test."]);
         assert_eq!(journaled, ["before.kept.test."]);

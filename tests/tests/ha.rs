@@ -619,8 +619,9 @@ async fn after_the_next_resync_the_agent_lacks_cilium(
 
 /// A clean made on the agent while the proxy was away (stopped here across an agent restart,
 /// so that no session of it carries the clean) came undone at the proxy's next resync, which
-/// handed its copy of the names back. The agent now remembers the clean: the new session
-/// starts with it, and what the proxy sends of what it removed (answered before it) is dropped.
+/// handed its copy of the names back. The agent now remembers the clean, in its state_dir too
+/// (it restarts once more before the proxy is back): the new session starts with it, and what
+/// the proxy sends of what it removed (answered before it) is dropped.
 #[tokio::test]
 async fn a_clean_made_while_the_proxy_was_away_is_not_undone_by_its_resync() {
     let Some(mut lab) = lab_that_reached_both().await else {
@@ -637,10 +638,15 @@ async fn a_clean_made_while_the_proxy_was_away_is_not_undone_by_its_resync() {
         lab.agent
             .cli(&["fqdn", "cache", "clean", "-n", "cilium.io", "-f"])
     });
+    let again = match &cleaned {
+        Some(Ok(_)) => Some(lab.agent.restart().await),
+        _ => None,
+    };
     nix::sys::signal::kill(proxy_pid, nix::sys::signal::Signal::SIGCONT).unwrap();
     restarted.unwrap();
     let cleaned = cleaned.unwrap().unwrap();
     assert!(cleaned.status.success(), "{cleaned:?}");
+    again.unwrap().unwrap();
 
     after_the_next_resync_the_agent_lacks_cilium(&lab, proxy_admin, &resynced_before).await;
     // (Whether the agent dropped the proxy's copy of cilium.io, or the proxy cleaned it before

@@ -496,9 +496,11 @@ impl Engine {
         }
         let mut grants = Vec::new();
         checked.policy.fqdn_grants(name, &mut grants);
-        let answered_ms = unix_millis();
-        let (inserted, max_ips) = {
+        let (inserted, max_ips, answered_ms) = {
             let mut cache = self.context.cache.lock();
+            // Read under the lock, where the agent remembers a cache clean before walking the
+            // cache: an answer timed before a clean is in the cache before the walk.
+            let answered_ms = unix_millis();
             let inserted = cache.insert_answered(
                 answered_ms,
                 &checked.endpoint_key,
@@ -509,7 +511,7 @@ impl Engine {
             let metrics = &self.context.metrics.cache;
             metrics.names.set(gauge(cache.name_count()));
             metrics.ips.set(gauge(cache.ip_count()));
-            (inserted, cache.limits().max_ips_per_name)
+            (inserted, cache.limits().max_ips_per_name, answered_ms)
         };
         if inserted.refused {
             if max_ips != 0 {

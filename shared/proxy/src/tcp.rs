@@ -185,24 +185,29 @@ async fn connection(
         }
         // Half a length prefix, then silence or the end: a broken client, counted as one
         // that stops inside a message.
-        if matches!(first, Ok(Ok(1)))
-            && !matches!(
-                tokio::time::timeout(idle, reader.read_exact(&mut prefix[1..])).await,
-                Ok(Ok(_))
-            )
-        {
-            engine.malformed(Transport::Tcp);
-            break;
+        if matches!(first, Ok(Ok(1))) {
+            let second = tokio::select! {
+                biased;
+                _ = stop.cancelled() => break,
+                second = tokio::time::timeout(idle, reader.read_exact(&mut prefix[1..])) => second,
+            };
+            if !matches!(second, Ok(Ok(_))) {
+                engine.malformed(Transport::Tcp);
+                break;
+            }
         }
         let length = usize::from(u16::from_be_bytes(prefix));
         let started = Instant::now();
         let mut packet = vec![0u8; length];
-        match tokio::time::timeout(idle, reader.read_exact(&mut packet)).await {
-            Ok(Ok(_)) => {}
-            _ => {
-                engine.malformed(Transport::Tcp);
-                break;
-            }
+        let read = tokio::select! {
+            biased;
+            // Stopping: a client slow to send its query asks the peer again.
+            _ = stop.cancelled() => break,
+            read = tokio::time::timeout(idle, reader.read_exact(&mut packet)) => read,
+        };
+        if !matches!(read, Ok(Ok(_))) {
+            engine.malformed(Transport::Tcp);
+            break;
         }
         let engine = engine.clone();
         let answers = answers.clone();

@@ -230,7 +230,7 @@ impl Metrics {
             tcp_unread: counter(
                 &registry,
                 "dns_tcp_unread_total",
-                "DNS TCP connections closed because their client took none of its answers for \
+                "DNS TCP connections closed because their client took no whole answer within \
                  the idle timeout; the answers still waiting for it are lost.",
             )?,
             in_flight: gauge(&registry, "dns_in_flight", "Queries being processed now.")?,
