@@ -17,9 +17,69 @@ use warden_telemetry::PeerMetrics;
 
 const JOURNAL_FILE: &str = "journal.pb";
 
+/// The most the journal holds, in the bytes its mappings take on the wire (about what they take
+/// in memory and in its file), whatever `journal_max` allows: a mapping may carry a thousand
+/// addresses, and 100,000 such would be gigabytes. The oldest go first, counted as dropped.
+pub const JOURNAL_MAX_BYTES: usize = 64 << 20;
+
+/// The journal's mappings and the bytes they take, kept together.
+#[derive(Debug, Default)]
+struct Queue {
+    mappings: VecDeque<Mapping>,
+    bytes: usize,
+}
+
+impl Queue {
+    fn push_back(&mut self, mapping: Mapping) {
+        self.bytes += warden_api::mapping_bytes(&mapping);
+        self.mappings.push_back(mapping);
+    }
+
+    fn pop_front(&mut self) -> Option<Mapping> {
+        let mapping = self.mappings.pop_front()?;
+        self.bytes = self
+            .bytes
+            .saturating_sub(warden_api::mapping_bytes(&mapping));
+        Some(mapping)
+    }
+
+    /// The oldest `count`, taken out.
+    fn take_front(&mut self, count: usize) -> Vec<Mapping> {
+        let taken: Vec<Mapping> = self
+            .mappings
+            .drain(..count.min(self.mappings.len()))
+            .collect();
+        let bytes: usize = taken.iter().map(warden_api::mapping_bytes).sum();
+        self.bytes = self.bytes.saturating_sub(bytes);
+        taken
+    }
+
+    fn retain(&mut self, keep: impl FnMut(&Mapping) -> bool) {
+        self.mappings.retain(keep);
+        self.bytes = self.mappings.iter().map(warden_api::mapping_bytes).sum();
+    }
+
+    /// Drops the oldest until at most `capacity` mappings and [`JOURNAL_MAX_BYTES`] are held;
+    /// returns how many went.
+    fn bound(&mut self, capacity: usize) -> usize {
+        let mut dropped = 0;
+        while self.mappings.len() > capacity || self.bytes > JOURNAL_MAX_BYTES {
+            if self.pop_front().is_none() {
+                break;
+            }
+            dropped += 1;
+        }
+        dropped
+    }
+
+    fn len(&self) -> usize {
+        self.mappings.len()
+    }
+}
+
 #[derive(Debug)]
 pub struct Journal {
-    entries: Mutex<VecDeque<Mapping>>,
+    entries: Mutex<Queue>,
     /// Taken for a resync's replay and not yet confirmed by the agent: saved with the entries.
     /// Locked before `entries` wherever both are: a save between taking entries and marking
     /// them in flight would write a file without them.
@@ -35,7 +95,7 @@ pub struct Journal {
 impl Journal {
     pub fn new(capacity: usize, metrics: PeerMetrics) -> Journal {
         Journal {
-            entries: Mutex::new(VecDeque::new()),
+            entries: Mutex::new(Queue::default()),
             in_flight: Mutex::new(Vec::new()),
             capacity: capacity.max(1),
             metrics,
@@ -74,7 +134,7 @@ impl Journal {
     pub fn save(&self, state_dir: &Path) -> Result<(), warden_state::StateError> {
         let in_flight = self.in_flight();
         let mut mappings = in_flight.clone();
-        mappings.extend(self.entries().iter().cloned());
+        mappings.extend(self.entries().mappings.iter().cloned());
         drop(in_flight);
         let snapshot = Mappings {
             mappings,
@@ -83,7 +143,7 @@ impl Journal {
         warden_state::write_atomically(&journal_file(state_dir), &snapshot.encode_to_vec())
     }
 
-    fn entries(&self) -> std::sync::MutexGuard<'_, VecDeque<Mapping>> {
+    fn entries(&self) -> std::sync::MutexGuard<'_, Queue> {
         self.entries
             .lock()
             .unwrap_or_else(|poison| poison.into_inner())
@@ -126,11 +186,11 @@ impl Journal {
 
     pub fn push(&self, mapping: Mapping) {
         let mut entries = self.entries();
-        if entries.len() == self.capacity {
-            entries.pop_front();
-            self.metrics.journal_dropped.inc();
-        }
         entries.push_back(mapping);
+        let dropped = entries.bound(self.capacity);
+        if dropped > 0 {
+            self.metrics.journal_dropped.inc_by(dropped as u64);
+        }
         self.changes.fetch_add(1, Ordering::Relaxed);
         self.metrics
             .journal_entries
@@ -148,7 +208,7 @@ impl Journal {
     /// the cache dump of every session carries it, so a session that breaks during the
     /// journal's replay (taken, queued, never read) loses nothing.
     pub fn fill(&self, cache: &SharedCache) {
-        let journaled: Vec<Mapping> = self.entries().iter().cloned().collect();
+        let journaled: Vec<Mapping> = self.entries().mappings.iter().cloned().collect();
         if !journaled.is_empty() {
             warden_api::merge_mappings(cache, &journaled, &self.metrics);
         }
@@ -175,8 +235,7 @@ impl Journal {
     /// At most `limit` of the oldest entries, taken out of the journal.
     pub fn take_oldest(&self, limit: usize) -> Vec<Mapping> {
         let mut entries = self.entries();
-        let count = limit.min(entries.len());
-        let taken: Vec<Mapping> = entries.drain(..count).collect();
+        let taken = entries.take_front(limit);
         if !taken.is_empty() {
             self.changes.fetch_add(1, Ordering::Relaxed);
         }
@@ -192,14 +251,16 @@ impl Journal {
     }
 
     /// Puts back what could not be sent, ahead of anything journaled meanwhile.
-    pub fn restore(&self, mut unsent: Vec<Mapping>) {
+    pub fn restore(&self, unsent: Vec<Mapping>) {
         let mut entries = self.entries();
-        unsent.extend(entries.drain(..));
-        let overflow = unsent.len().saturating_sub(self.capacity);
-        if overflow > 0 {
-            self.metrics.journal_dropped.inc_by(overflow as u64);
+        let newer = std::mem::take(&mut *entries);
+        for mapping in unsent.into_iter().chain(newer.mappings) {
+            entries.push_back(mapping);
         }
-        entries.extend(unsent.into_iter().skip(overflow));
+        let dropped = entries.bound(self.capacity);
+        if dropped > 0 {
+            self.metrics.journal_dropped.inc_by(dropped as u64);
+        }
         self.changes.fetch_add(1, Ordering::Relaxed);
         self.metrics
             .journal_entries
@@ -211,7 +272,7 @@ impl Journal {
     }
 
     pub fn is_empty(&self) -> bool {
-        self.entries().is_empty()
+        self.entries().mappings.is_empty()
     }
 }
 
@@ -242,6 +303,35 @@ mod tests {
         let names = names_of(journal.take());
         assert_eq!(names, ["b.", "c."]);
         assert!(journal.is_empty());
+    }
+
+    /// The journal was bounded by count only: 100,000 mappings of a thousand addresses each,
+    /// which an answer may carry, held gigabytes while the agent was away.
+    #[test]
+    fn a_journal_of_wide_mappings_is_bounded_in_bytes_too() {
+        let metrics = warden_telemetry::Metrics::new("dnsproxy").unwrap();
+        let journal = Journal::new(100_000, metrics.peer.clone());
+        let wide = |name: &str| Mapping {
+            ips: (0..1000)
+                .map(|i| format!("2001:db8::{:x}:{:x}", i / 256, i % 256))
+                .collect(),
+            ..mapping(name)
+        };
+        // Names of one length, so that every mapping takes the same bytes.
+        let each = warden_api::mapping_bytes(&wide("n00000."));
+        let fits = JOURNAL_MAX_BYTES / each;
+        for n in 0..fits + 10 {
+            journal.push(wide(&format!("n{n:05}.")));
+        }
+        assert_eq!(journal.len(), fits);
+        assert_eq!(metrics.peer.journal_dropped.get(), 10);
+        let kept = journal.take();
+        assert_eq!(kept[0].name, "n00010.", "the oldest went first");
+        // Put back (a session that broke), the bound holds too, dropping the oldest.
+        journal.push(wide("n99999."));
+        journal.restore(kept);
+        assert_eq!(journal.len(), fits);
+        assert_eq!(journal.take().last().unwrap().name, "n99999.");
     }
 
     fn names_of(mappings: Vec<Mapping>) -> Vec<String> {
