@@ -203,6 +203,7 @@ async fn clean_cache(
     // what this one never saw (and would hand it back at the next resync), and whatever went
     // here must be saved.
     state.cleans.send(&clean);
+    state.cleans.save().await;
     let removed = match cleaned {
         Ok(removed) => removed,
         Err(message) => {

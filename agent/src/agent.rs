@@ -97,7 +97,8 @@ pub async fn start(config: AgentConfig) -> anyhow::Result<RunningAgent> {
     let cache = SharedCache::new(cache_file.restore(limits, unix_now()));
     let changes = Arc::new(CacheChanges::default());
     let (local_mappings, _) = tokio::sync::broadcast::channel(4096);
-    let cleans = crate::api::CleanFanout::open(&config.state_dir);
+    let cleans =
+        crate::api::CleanFanout::open(&config.state_dir, metrics.peer.state_persist_errors.clone());
     let sessions = Arc::new(Sessions::default());
 
     let ebpf = match config.datapath.mode {

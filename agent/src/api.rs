@@ -158,14 +158,22 @@ pub struct CleanFanout {
     shared: Arc<Mutex<CleansShared>>,
     /// Moves with every clean remembered, under the cache's lock (see [`Self::record`]).
     generation: Arc<AtomicU64>,
+    /// Where the cleans are kept across restarts, if anywhere.
+    saving: Option<Arc<CleansFile>>,
+}
+
+#[derive(Debug)]
+struct CleansFile {
+    file: PathBuf,
+    /// Held across a write, so that writes do not interleave in the staging file.
+    writer: Mutex<()>,
+    errors: prometheus::IntCounterVec,
 }
 
 #[derive(Debug, Default)]
 struct CleansShared {
     sessions: Vec<mpsc::UnboundedSender<Clean>>,
     remembered: Arc<Vec<Clean>>,
-    /// Where they are kept across restarts, if anywhere.
-    file: Option<PathBuf>,
 }
 
 /// The cleans remembered, in `state_dir`.
@@ -202,19 +210,12 @@ impl SavedCleans {
         }
     }
 
-    /// Failures are logged: the cleans still hold until the agent restarts.
-    fn write(&self, file: &Path) {
-        let written = serde_json::to_vec(self)
-            .map_err(|error| error.to_string())
-            .and_then(|bytes| {
-                if let Some(dir) = file.parent() {
-                    std::fs::create_dir_all(dir).map_err(|error| error.to_string())?;
-                }
-                warden_state::write_atomically(file, &bytes).map_err(|error| error.to_string())
-            });
-        if let Err(error) = written {
-            tracing::error!(path = %file.display(), %error, "cannot keep the cache cleans in state_dir");
+    fn write(&self, file: &Path) -> Result<(), String> {
+        let bytes = serde_json::to_vec(self).map_err(|error| error.to_string())?;
+        if let Some(dir) = file.parent() {
+            std::fs::create_dir_all(dir).map_err(|error| error.to_string())?;
         }
+        warden_state::write_atomically(file, &bytes).map_err(|error| error.to_string())
     }
 
     /// What `file` holds: none if it is missing, and none, the file set aside, if it cannot be
@@ -318,39 +319,56 @@ impl CleanFanout {
             made: Instant::now(),
         };
         let everything = clean.filter.endpoint.is_none() && clean.filter.name.is_none();
-        let saved = {
-            let _held = cache.lock();
-            let mut shared = self.shared();
-            let mut remembered: Vec<Clean> = shared
-                .remembered
-                .iter()
-                .filter(|old| !everything && clean_key(&old.filter) != clean_key(&clean.filter))
-                .cloned()
-                .collect();
-            if remembered.len() >= CLEANS_REMEMBERED {
-                remembered.remove(0);
-            }
-            remembered.push(clean.clone());
-            let saved = shared
-                .file
-                .clone()
-                .map(|file| (file, SavedCleans::of(&remembered)));
-            shared.remembered = Arc::new(remembered);
-            self.generation.fetch_add(1, Ordering::Release);
-            saved
-        };
-        // Written after the locks are let go (DNS answers wait for the cache's). Cleans are
-        // an operator's, and rare.
-        if let Some((file, saved)) = saved {
-            saved.write(&file);
+        let _held = cache.lock();
+        let mut shared = self.shared();
+        let mut remembered: Vec<Clean> = shared
+            .remembered
+            .iter()
+            .filter(|old| !everything && clean_key(&old.filter) != clean_key(&clean.filter))
+            .cloned()
+            .collect();
+        if remembered.len() >= CLEANS_REMEMBERED {
+            remembered.remove(0);
         }
+        remembered.push(clean.clone());
+        shared.remembered = Arc::new(remembered);
+        self.generation.fetch_add(1, Ordering::Release);
         clean
     }
 
-    /// The cleans an earlier run remembered in `state_dir`, where this one keeps them too: a
-    /// proxy away across an agent's restart still has what they removed. A file that cannot
-    /// be read is set aside (`.corrupt`), and the agent starts without.
-    pub fn open(state_dir: &Path) -> CleanFanout {
+    /// Writes the cleans remembered now to `state_dir` (after [`Self::record`]), on the
+    /// blocking pool: the runtime's workers answer DNS. One write at a time, each of the list
+    /// as it stands when it begins, so the last write holds the latest clean. A failure is
+    /// logged and counted (`warden_state_persist_errors_total{file="cache_cleans"}`); the next
+    /// clean writes the whole list again.
+    pub async fn save(&self) {
+        let Some(saving) = self.saving.clone() else {
+            return;
+        };
+        let fanout = self.clone();
+        let written = tokio::task::spawn_blocking(move || {
+            let _one_at_a_time = saving
+                .writer
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            let remembered = Arc::clone(&fanout.shared().remembered);
+            SavedCleans::of(&remembered).write(&saving.file)
+        })
+        .await
+        .unwrap_or_else(|error| Err(error.to_string()));
+        if let Err(error) = written
+            && let Some(saving) = &self.saving
+        {
+            saving.errors.with_label_values(&["cache_cleans"]).inc();
+            tracing::error!(path = %saving.file.display(), %error, "cannot keep the cache cleans in state_dir");
+        }
+    }
+
+    /// The cleans an earlier run remembered in `state_dir`, where this one keeps them too
+    /// ([`Self::save`], its failures counted in `errors`): a proxy away across an agent's
+    /// restart still has what they removed. A file that cannot be read is set aside
+    /// (`.corrupt`), and the agent starts without.
+    pub fn open(state_dir: &Path, errors: prometheus::IntCounterVec) -> CleanFanout {
         let file = state_dir.join(CLEANS_FILE);
         let remembered = SavedCleans::read(&file);
         if !remembered.is_empty() {
@@ -363,9 +381,13 @@ impl CleanFanout {
             shared: Arc::new(Mutex::new(CleansShared {
                 sessions: Vec::new(),
                 remembered: Arc::new(remembered),
-                file: Some(file),
             })),
             generation: Arc::default(),
+            saving: Some(Arc::new(CleansFile {
+                file,
+                writer: Mutex::new(()),
+                errors,
+            })),
         }
     }
 
@@ -1868,19 +1890,24 @@ mod tests {
 
     /// The cleans remembered are kept in `state_dir` and come back with a restarted agent: a
     /// proxy away across the restart still holds what they removed. A file that does not
-    /// parse is set aside, and the agent starts without.
-    #[test]
-    fn cleans_are_kept_across_restarts() {
+    /// parse is set aside, and the agent starts without; a write that fails is counted.
+    #[tokio::test]
+    async fn cleans_are_kept_across_restarts() {
         let dir = tempfile::tempdir().unwrap();
         let state_dir = dir.path().join("state");
+        let metrics = Metrics::new("agent").unwrap();
+        let open = |state_dir: &std::path::Path| {
+            CleanFanout::open(state_dir, metrics.peer.state_persist_errors.clone())
+        };
         let cache = SharedCache::new(warden_fqdn::DnsCache::default());
         let filter = CacheFilter {
             endpoint: Some("youssef/test".into()),
             name: Some("*.gone.test".into()),
         };
-        let clean =
-            CleanFanout::open(&state_dir).record(filter.clone(), filter.compile().unwrap(), &cache);
-        let (_, remembered) = CleanFanout::open(&state_dir).subscribe();
+        let fanout = open(&state_dir);
+        let clean = fanout.record(filter.clone(), filter.compile().unwrap(), &cache);
+        fanout.save().await;
+        let (_, remembered) = open(&state_dir).subscribe();
         let kept: Vec<_> = remembered
             .iter()
             .map(|clean| {
@@ -1891,12 +1918,32 @@ mod tests {
                 )
             })
             .collect();
-        assert_eq!(kept, [(filter.endpoint, filter.name, clean.made_at_ms)]);
+        assert_eq!(
+            kept,
+            [(
+                filter.endpoint.clone(),
+                filter.name.clone(),
+                clean.made_at_ms
+            )]
+        );
 
         std::fs::write(state_dir.join(CLEANS_FILE), b"not json").unwrap();
-        let (_, remembered) = CleanFanout::open(&state_dir).subscribe();
+        let (_, remembered) = open(&state_dir).subscribe();
         assert!(remembered.is_empty());
         assert!(state_dir.join("cache-cleans.json.corrupt").exists());
+
+        // A state_dir that cannot be made: a file stands in its way.
+        let blocked = dir.path().join("blocked");
+        std::fs::write(&blocked, b"").unwrap();
+        let fanout = open(&blocked.join("state"));
+        fanout.record(filter.clone(), filter.compile().unwrap(), &cache);
+        fanout.save().await;
+        let failures = metrics
+            .peer
+            .state_persist_errors
+            .with_label_values(&["cache_cleans"])
+            .get();
+        assert_eq!(failures, 1);
     }
 
     /// An answer of the agent's given before a clean can be broadcast after it (the datapath

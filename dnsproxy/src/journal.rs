@@ -35,6 +35,11 @@ impl Queue {
         self.mappings.push_back(mapping);
     }
 
+    fn push_front(&mut self, mapping: Mapping) {
+        self.bytes += warden_api::mapping_bytes(&mapping);
+        self.mappings.push_front(mapping);
+    }
+
     fn pop_front(&mut self) -> Option<Mapping> {
         let mapping = self.mappings.pop_front()?;
         self.bytes = self
@@ -253,9 +258,10 @@ impl Journal {
     /// Puts back what could not be sent, ahead of anything journaled meanwhile.
     pub fn restore(&self, unsent: Vec<Mapping>) {
         let mut entries = self.entries();
-        let newer = std::mem::take(&mut *entries);
-        for mapping in unsent.into_iter().chain(newer.mappings) {
-            entries.push_back(mapping);
+        // Only what goes back is measured: a live session puts back most of each batch it
+        // takes (past its 1 MiB), and the journal may hold 64 MiB.
+        for mapping in unsent.into_iter().rev() {
+            entries.push_front(mapping);
         }
         let dropped = entries.bound(self.capacity);
         if dropped > 0 {
@@ -331,7 +337,10 @@ mod tests {
         journal.push(wide("n99999."));
         journal.restore(kept);
         assert_eq!(journal.len(), fits);
-        assert_eq!(journal.take().last().unwrap().name, "n99999.");
+        assert_eq!(metrics.peer.journal_dropped.get(), 11);
+        let names = names_of(journal.take());
+        assert_eq!(names[0], "n00011.");
+        assert_eq!(names.last().map(String::as_str), Some("n99999."));
     }
 
     fn names_of(mappings: Vec<Mapping>) -> Vec<String> {

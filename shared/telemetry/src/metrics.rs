@@ -89,8 +89,8 @@ pub struct PeerMetrics {
     /// Connections or messages refused on the agent socket; label: reason (credentials,
     /// oversized, malformed, protocol, stalled).
     pub rejected: IntCounterVec,
-    /// dnsproxy: failed writes of its state to `state_dir`; label: file (journal,
-    /// policy_snapshot).
+    /// Failed writes of state to `state_dir`; label: file (the dnsproxy's journal and
+    /// policy_snapshot, the agent's cache_cleans).
     pub state_persist_errors: IntCounterVec,
 }
 
@@ -507,7 +507,7 @@ impl Metrics {
             ),
             (
                 &self.peer.state_persist_errors,
-                &["journal", "policy_snapshot"],
+                &["journal", "policy_snapshot", "cache_cleans"],
             ),
         ];
         for (family, values) in known {
