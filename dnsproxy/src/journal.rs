@@ -6,8 +6,8 @@
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use prost::Message;
 use tokio::sync::Notify;
@@ -22,25 +22,26 @@ const JOURNAL_FILE: &str = "journal.pb";
 /// addresses, and 100,000 such would be gigabytes. The oldest go first, counted as dropped.
 pub const JOURNAL_MAX_BYTES: usize = 64 << 20;
 
-/// The journal's mappings and the bytes they take, kept together.
+/// The journal's mappings and the bytes they take, kept together. Shared (`Arc`), so that a
+/// save copies pointers under the lock the answer path pushes through, and the mappings after.
 #[derive(Debug, Default)]
 struct Queue {
-    mappings: VecDeque<Mapping>,
+    mappings: VecDeque<Arc<Mapping>>,
     bytes: usize,
 }
 
 impl Queue {
-    fn push_back(&mut self, mapping: Mapping) {
+    fn push_back(&mut self, mapping: Arc<Mapping>) {
         self.bytes += warden_api::mapping_bytes(&mapping);
         self.mappings.push_back(mapping);
     }
 
-    fn push_front(&mut self, mapping: Mapping) {
+    fn push_front(&mut self, mapping: Arc<Mapping>) {
         self.bytes += warden_api::mapping_bytes(&mapping);
         self.mappings.push_front(mapping);
     }
 
-    fn pop_front(&mut self) -> Option<Mapping> {
+    fn pop_front(&mut self) -> Option<Arc<Mapping>> {
         let mapping = self.mappings.pop_front()?;
         self.bytes = self
             .bytes
@@ -49,19 +50,26 @@ impl Queue {
     }
 
     /// The oldest `count`, taken out.
-    fn take_front(&mut self, count: usize) -> Vec<Mapping> {
-        let taken: Vec<Mapping> = self
+    fn take_front(&mut self, count: usize) -> Vec<Arc<Mapping>> {
+        let taken: Vec<Arc<Mapping>> = self
             .mappings
             .drain(..count.min(self.mappings.len()))
             .collect();
-        let bytes: usize = taken.iter().map(warden_api::mapping_bytes).sum();
+        let bytes: usize = taken
+            .iter()
+            .map(|mapping| warden_api::mapping_bytes(mapping))
+            .sum();
         self.bytes = self.bytes.saturating_sub(bytes);
         taken
     }
 
-    fn retain(&mut self, keep: impl FnMut(&Mapping) -> bool) {
-        self.mappings.retain(keep);
-        self.bytes = self.mappings.iter().map(warden_api::mapping_bytes).sum();
+    fn retain(&mut self, mut keep: impl FnMut(&Mapping) -> bool) {
+        self.mappings.retain(|mapping| keep(mapping));
+        self.bytes = self
+            .mappings
+            .iter()
+            .map(|mapping| warden_api::mapping_bytes(mapping))
+            .sum();
     }
 
     /// Drops the oldest until at most `capacity` mappings and [`JOURNAL_MAX_BYTES`] are held;
@@ -88,7 +96,7 @@ pub struct Journal {
     /// Taken for a resync's replay and not yet confirmed by the agent: saved with the entries.
     /// Locked before `entries` wherever both are: a save between taking entries and marking
     /// them in flight would write a file without them.
-    in_flight: Mutex<Vec<Mapping>>,
+    in_flight: Mutex<Vec<Arc<Mapping>>>,
     capacity: usize,
     metrics: PeerMetrics,
     /// Bumped on every change; the persister writes when it moved.
@@ -135,14 +143,19 @@ impl Journal {
         self.changes.load(Ordering::Relaxed)
     }
 
-    /// Writes the journal to `state_dir` (temporary file, fsync, rename).
+    /// Writes the journal to `state_dir` (temporary file, fsync, rename). Only pointers are
+    /// copied under the locks (the answer path pushes through them; a copy of 64 MiB of
+    /// mappings held them for tens of ms, four times a second while the agent was away).
     pub fn save(&self, state_dir: &Path) -> Result<(), warden_state::StateError> {
         let in_flight = self.in_flight();
-        let mut mappings = in_flight.clone();
-        mappings.extend(self.entries().mappings.iter().cloned());
+        let mut shared = in_flight.clone();
+        shared.extend(self.entries().mappings.iter().cloned());
         drop(in_flight);
         let snapshot = Mappings {
-            mappings,
+            mappings: shared
+                .iter()
+                .map(|mapping| Mapping::clone(mapping))
+                .collect(),
             resync: true,
         };
         warden_state::write_atomically(&journal_file(state_dir), &snapshot.encode_to_vec())
@@ -154,7 +167,7 @@ impl Journal {
             .unwrap_or_else(|poison| poison.into_inner())
     }
 
-    fn in_flight(&self) -> std::sync::MutexGuard<'_, Vec<Mapping>> {
+    fn in_flight(&self) -> std::sync::MutexGuard<'_, Vec<Arc<Mapping>>> {
         self.in_flight
             .lock()
             .unwrap_or_else(|poison| poison.into_inner())
@@ -164,9 +177,13 @@ impl Journal {
     /// in its file until [`Self::replay_confirmed`] (or back in it at [`Self::replay_failed`]).
     pub fn take_for_replay(&self) -> Vec<Mapping> {
         let mut in_flight = self.in_flight();
-        let taken = self.take();
-        in_flight.extend(taken.iter().cloned());
-        taken
+        let taken = self.take_shared(usize::MAX);
+        let copies = taken
+            .iter()
+            .map(|mapping| Mapping::clone(mapping))
+            .collect();
+        in_flight.extend(taken);
+        copies
     }
 
     /// The agent has what the replay sent (its `ResyncDone`): the file may forget it.
@@ -185,13 +202,13 @@ impl Journal {
         let mut in_flight = self.in_flight();
         let unconfirmed = std::mem::take(&mut *in_flight);
         if !unconfirmed.is_empty() {
-            self.restore(unconfirmed);
+            self.put_back(unconfirmed);
         }
     }
 
     pub fn push(&self, mapping: Mapping) {
         let mut entries = self.entries();
-        entries.push_back(mapping);
+        entries.push_back(Arc::new(mapping));
         let dropped = entries.bound(self.capacity);
         if dropped > 0 {
             self.metrics.journal_dropped.inc_by(dropped as u64);
@@ -213,7 +230,12 @@ impl Journal {
     /// the cache dump of every session carries it, so a session that breaks during the
     /// journal's replay (taken, queued, never read) loses nothing.
     pub fn fill(&self, cache: &SharedCache) {
-        let journaled: Vec<Mapping> = self.entries().mappings.iter().cloned().collect();
+        let journaled: Vec<Mapping> = self
+            .entries()
+            .mappings
+            .iter()
+            .map(|mapping| Mapping::clone(mapping))
+            .collect();
         if !journaled.is_empty() {
             warden_api::merge_mappings(cache, &journaled, &self.metrics);
         }
@@ -239,6 +261,14 @@ impl Journal {
 
     /// At most `limit` of the oldest entries, taken out of the journal.
     pub fn take_oldest(&self, limit: usize) -> Vec<Mapping> {
+        self.take_shared(limit)
+            .into_iter()
+            .map(Arc::unwrap_or_clone)
+            .collect()
+    }
+
+    /// [`Self::take_oldest`], as held.
+    fn take_shared(&self, limit: usize) -> Vec<Arc<Mapping>> {
         let mut entries = self.entries();
         let taken = entries.take_front(limit);
         if !taken.is_empty() {
@@ -257,6 +287,11 @@ impl Journal {
 
     /// Puts back what could not be sent, ahead of anything journaled meanwhile.
     pub fn restore(&self, unsent: Vec<Mapping>) {
+        self.put_back(unsent.into_iter().map(Arc::new).collect());
+    }
+
+    /// [`Self::restore`], as held.
+    fn put_back(&self, unsent: Vec<Arc<Mapping>>) {
         let mut entries = self.entries();
         // Only what goes back is measured: a live session puts back most of each batch it
         // takes (past its 1 MiB), and the journal may hold 64 MiB.
