@@ -24,7 +24,7 @@ use warden_api::proto::agent_server::{Agent, AgentServer};
 use warden_api::proto::proxy_message::Kind as ProxyKind;
 use warden_api::proto::{
     AgentMessage, CacheClean, DatapathSettings, DnsSettings, Endpoint, Mapping as WireMapping,
-    Mappings, PolicyFile, PolicySnapshot, ProxyMessage, ResyncDone,
+    Mappings, PolicyFile, PolicySnapshot, ProxyMessage, Received, ResyncDone,
 };
 use warden_api::{MAPPINGS_PER_MESSAGE, MAX_MESSAGE_BYTES, PeerMapping};
 use warden_config::{AgentConfig, DatapathMode, RejectCode};
@@ -688,7 +688,16 @@ async fn session(
                     Err(status) => return rejected_status(&status),
                 };
                 match message.kind {
-                    Some(ProxyKind::Mappings(batch)) => absorb(state, &batch.mappings),
+                    Some(ProxyKind::Mappings(batch)) => {
+                        absorb(state, &batch.mappings);
+                        // In order with what the agent sends: the proxy's journal may forget
+                        // these now.
+                        if batch.confirm != 0 {
+                            outgoing.queue.push_back(AgentKind::Received(Received {
+                                confirm: batch.confirm,
+                            }));
+                        }
+                    }
                     Some(ProxyKind::Flows(flows)) => {
                         // A bad event is skipped and counted, like a bad mapping: the session
                         // and the events beside it carry on.
@@ -780,7 +789,7 @@ async fn session(
                 })
                 .await;
                 outgoing.queue.extend(warden_api::into_mapping_batches(since).map(|mappings| {
-                    AgentKind::Cache(Mappings { mappings, resync: false })
+                    AgentKind::Cache(Mappings { mappings, resync: false, confirm: 0, })
                 }));
             }
         }
@@ -844,6 +853,7 @@ impl Outgoing {
                 let batch = Mappings {
                     mappings: chunk,
                     resync: dump.resync,
+                    confirm: 0,
                 };
                 return Some(Next::Message(AgentKind::Cache(batch)));
             }
@@ -1016,6 +1026,7 @@ fn live_batch(
     (!mappings.is_empty()).then_some(AgentKind::Cache(Mappings {
         mappings,
         resync: false,
+        confirm: 0,
     }))
 }
 
@@ -1228,6 +1239,7 @@ mod tests {
                 ..WireMapping::default()
             }],
             resync: false,
+            confirm: 0,
         })
     }
 
@@ -1543,6 +1555,7 @@ mod tests {
                 kind: Some(ProxyKind::Mappings(Mappings {
                     mappings: vec![answer],
                     resync: false,
+                    confirm: 0,
                 })),
             };
             self.say.send(message).await.unwrap();
@@ -1775,6 +1788,7 @@ mod tests {
             ProxyKind::Mappings(Mappings {
                 mappings: replay,
                 resync: true,
+                confirm: 0,
             }),
             ProxyKind::ResyncDone(ResyncDone { entries: 4 }),
         ] {
@@ -1810,6 +1824,50 @@ mod tests {
         );
         assert_eq!(lab.state.metrics.peer.mappings_cleaned.get(), 1);
         drop(say);
+        lab.stop().await;
+    }
+
+    /// Mappings a proxy sent from its journal during a live session left the journal's file at
+    /// once: the agent now says when it took them, in order with what it sends.
+    #[tokio::test]
+    async fn the_agent_confirms_what_a_proxy_sent_from_its_journal() {
+        let mut lab = Harness::start(4096, 0).await;
+        let sent = WireMapping {
+            endpoint: "youssef/test".into(),
+            name: "journaled.test.".into(),
+            ips: vec!["198.18.9.9".into()],
+            expires_at: warden_proxy::unix_now().0 + 300,
+            learned_at_ms: unix_millis(),
+            ..WireMapping::default()
+        };
+        lab.say
+            .send(ProxyMessage {
+                kind: Some(ProxyKind::Mappings(Mappings {
+                    mappings: vec![sent],
+                    resync: false,
+                    confirm: 7,
+                })),
+            })
+            .await
+            .unwrap();
+        loop {
+            let message = tokio::time::timeout(Duration::from_secs(5), lab.inbound.message())
+                .await
+                .expect("no confirmation")
+                .unwrap()
+                .expect("the session ended");
+            if let Some(AgentKind::Received(received)) = message.kind {
+                assert_eq!(received.confirm, 7);
+                break;
+            }
+        }
+        let now = warden_proxy::unix_now();
+        let held = lab
+            .state
+            .cache
+            .lock()
+            .lookup(now, "youssef/test", "journaled.test.");
+        assert_eq!(held.len(), 1, "confirmed before it was in the cache");
         lab.stop().await;
     }
 
@@ -1968,6 +2026,7 @@ mod tests {
             AgentKind::Cache(Mappings {
                 mappings,
                 resync: false,
+                confirm: 0,
             })
         };
         let check = fanout.check();

@@ -17,6 +17,10 @@ use warden_telemetry::PeerMetrics;
 
 const JOURNAL_FILE: &str = "journal.pb";
 
+/// The number in flight of what a resync's replay took (confirmed by the agent's `ResyncDone`);
+/// what a live session sends is numbered from 1.
+const REPLAYED: u64 = 0;
+
 /// The most the journal holds, in the bytes its mappings take on the wire (about what they take
 /// in memory and in its file), whatever `journal_max` allows: a mapping may carry a thousand
 /// addresses, and 100,000 such would be gigabytes. The oldest go first, counted as dropped.
@@ -96,7 +100,7 @@ pub struct Journal {
     /// Taken for a resync's replay and not yet confirmed by the agent: saved with the entries.
     /// Locked before `entries` wherever both are: a save between taking entries and marking
     /// them in flight would write a file without them.
-    in_flight: Mutex<Vec<Arc<Mapping>>>,
+    in_flight: Mutex<Vec<(u64, Arc<Mapping>)>>,
     capacity: usize,
     metrics: PeerMetrics,
     /// Bumped on every change; the persister writes when it moved.
@@ -148,7 +152,10 @@ impl Journal {
     /// mappings held them for tens of ms, four times a second while the agent was away).
     pub fn save(&self, state_dir: &Path) -> Result<(), warden_state::StateError> {
         let in_flight = self.in_flight();
-        let mut shared = in_flight.clone();
+        let mut shared: Vec<Arc<Mapping>> = in_flight
+            .iter()
+            .map(|(_, mapping)| Arc::clone(mapping))
+            .collect();
         shared.extend(self.entries().mappings.iter().cloned());
         drop(in_flight);
         let snapshot = Mappings {
@@ -157,6 +164,7 @@ impl Journal {
                 .map(|mapping| Mapping::clone(mapping))
                 .collect(),
             resync: true,
+            confirm: 0,
         };
         warden_state::write_atomically(&journal_file(state_dir), &snapshot.encode_to_vec())
     }
@@ -167,7 +175,8 @@ impl Journal {
             .unwrap_or_else(|poison| poison.into_inner())
     }
 
-    fn in_flight(&self) -> std::sync::MutexGuard<'_, Vec<Arc<Mapping>>> {
+    /// Each with the number the agent confirms it by: [`REPLAYED`] for a resync's replay.
+    fn in_flight(&self) -> std::sync::MutexGuard<'_, Vec<(u64, Arc<Mapping>)>> {
         self.in_flight
             .lock()
             .unwrap_or_else(|poison| poison.into_inner())
@@ -182,27 +191,84 @@ impl Journal {
             .iter()
             .map(|mapping| Mapping::clone(mapping))
             .collect();
-        in_flight.extend(taken);
+        in_flight.extend(taken.into_iter().map(|mapping| (REPLAYED, mapping)));
         copies
     }
 
     /// The agent has what the replay sent (its `ResyncDone`): the file may forget it.
     pub fn replay_confirmed(&self) {
+        self.confirmed(|number| number == REPLAYED);
+    }
+
+    /// The oldest entries for a live session to send, out of the journal but kept in its file
+    /// until the agent confirms `number` ([`Self::sent_confirmed`]): at most `limit` of them and
+    /// about `bytes` (at least one). A proxy killed before the agent took them hands them over
+    /// at the next session rather than losing them.
+    pub fn take_to_send(&self, limit: usize, bytes: usize, number: u64) -> Vec<Mapping> {
         let mut in_flight = self.in_flight();
-        if !in_flight.is_empty() {
-            in_flight.clear();
+        let mut entries = self.entries();
+        let mut count = 0;
+        let mut taken_bytes = 0;
+        for mapping in entries.mappings.iter().take(limit) {
+            let size = warden_api::mapping_bytes(mapping);
+            if count > 0 && taken_bytes + size > bytes {
+                break;
+            }
+            count += 1;
+            taken_bytes += size;
+        }
+        let taken = entries.take_front(count);
+        self.metrics
+            .journal_entries
+            .set(i64::try_from(entries.len()).unwrap_or(i64::MAX));
+        drop(entries);
+        let copies = taken
+            .iter()
+            .map(|mapping| Mapping::clone(mapping))
+            .collect();
+        in_flight.extend(taken.into_iter().map(|mapping| (number, mapping)));
+        // An agent of an older build confirms nothing: what waits stays bounded, the oldest
+        // forgotten (sent, as before confirmations).
+        let unconfirmed = in_flight.iter().filter(|(n, _)| *n != REPLAYED).count();
+        let excess = unconfirmed.saturating_sub(self.capacity);
+        if excess > 0 {
+            let mut dropping = excess;
+            in_flight.retain(|(n, _)| {
+                let drop = *n != REPLAYED && dropping > 0;
+                dropping -= usize::from(drop);
+                !drop
+            });
+        }
+        copies
+    }
+
+    /// The agent has taken what a live session sent numbered up to `number`.
+    pub fn sent_confirmed(&self, number: u64) {
+        self.confirmed(|sent| sent != REPLAYED && sent <= number);
+    }
+
+    fn confirmed(&self, done: impl Fn(u64) -> bool) {
+        let mut in_flight = self.in_flight();
+        let before = in_flight.len();
+        in_flight.retain(|(number, _)| !done(*number));
+        if in_flight.len() != before {
             self.changes.fetch_add(1, Ordering::Relaxed);
         }
     }
 
-    /// The session ended before the agent's `ResyncDone`: what the replay took goes back,
-    /// ahead of anything journaled meanwhile (the agent may have some of it; taken twice, a
-    /// mapping changes nothing).
+    /// The session ended: what its replay took and what it sent unconfirmed goes back, ahead
+    /// of anything journaled meanwhile (the agent may have some of it; taken twice, a mapping
+    /// changes nothing).
     pub fn replay_failed(&self) {
         let mut in_flight = self.in_flight();
         let unconfirmed = std::mem::take(&mut *in_flight);
         if !unconfirmed.is_empty() {
-            self.put_back(unconfirmed);
+            self.put_back(
+                unconfirmed
+                    .into_iter()
+                    .map(|(_, mapping)| mapping)
+                    .collect(),
+            );
         }
     }
 
@@ -248,7 +314,7 @@ impl Journal {
         let mut entries = self.entries();
         let before = entries.len() + in_flight.len();
         entries.retain(|mapping| !matches(mapping));
-        in_flight.retain(|mapping| !matches(mapping));
+        in_flight.retain(|(_, mapping)| !matches(mapping));
         let removed = before - entries.len() - in_flight.len();
         if removed > 0 {
             self.changes.fetch_add(1, Ordering::Relaxed);
@@ -422,6 +488,48 @@ mod tests {
         journal.replay_confirmed();
         journal.save(dir.path()).unwrap();
         assert!(saved_names().is_empty());
+    }
+
+    /// What a live session sent from the journal left its file at once: a proxy killed
+    /// before the agent took it lost it for good. It now stays until the agent confirms it.
+    #[test]
+    fn what_a_live_session_sends_stays_in_the_file_until_the_agent_confirms_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let metrics = warden_telemetry::Metrics::new("dnsproxy").unwrap();
+        let saved_names = || {
+            let reopened = Journal::open(dir.path(), 10, metrics.peer.clone());
+            let mut names = names_of(reopened.take());
+            names.sort();
+            names
+        };
+        let journal = Journal::new(10, metrics.peer.clone());
+        for name in ["a.", "b.", "c."] {
+            journal.push(mapping(name));
+        }
+        // A batch of at most two, then one of what is left; then the first is confirmed.
+        assert_eq!(
+            names_of(journal.take_to_send(2, usize::MAX, 1)),
+            ["a.", "b."]
+        );
+        assert_eq!(names_of(journal.take_to_send(2, usize::MAX, 2)), ["c."]);
+        assert!(journal.is_empty());
+        journal.save(dir.path()).unwrap();
+        assert_eq!(
+            saved_names(),
+            ["a.", "b.", "c."],
+            "killed now, nothing is lost"
+        );
+        journal.sent_confirmed(1);
+        journal.save(dir.path()).unwrap();
+        assert_eq!(saved_names(), ["c."]);
+        // The session ends: what was not confirmed goes back.
+        journal.replay_failed();
+        assert_eq!(names_of(journal.take()), ["c."]);
+
+        // A batch stops at its bytes, though it takes one however large.
+        journal.push(mapping("d."));
+        journal.push(mapping("e."));
+        assert_eq!(names_of(journal.take_to_send(10, 1, 3)), ["d."]);
     }
 
     #[test]

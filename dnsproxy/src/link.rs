@@ -114,6 +114,7 @@ impl MappingObserver for LinkMappings {
                 kind: Some(ProxyKind::Mappings(Mappings {
                     mappings: vec![wire],
                     resync: false,
+                    confirm: 0,
                 })),
             };
             match sender.try_send(message) {
@@ -360,6 +361,8 @@ async fn session(
     // awaited inline, a full channel (the agent busy sending) stopped this loop from reading,
     // which could stop the agent's sends too.
     let mut unacked: Option<(u64, u64)> = None;
+    // The number of the last journal batch sent live (see `Journal::take_to_send`).
+    let mut sent_number = 0;
     let mut settled = context.snapshot_settled.clone();
     let ended = loop {
         // Mappings journaled while the session is up (the channel was full: the agent is
@@ -399,19 +402,21 @@ async fn session(
                 let Ok(permit) = permit else {
                     break "agent went away".to_owned();
                 };
-                let mut batches =
-                    warden_api::into_mapping_batches(context.journal.take_oldest(MAPPINGS_PER_MESSAGE));
-                if let Some(first) = batches.next() {
+                // Kept in the journal's file until the agent says it took them.
+                sent_number += 1;
+                let mappings = context.journal.take_to_send(
+                    MAPPINGS_PER_MESSAGE,
+                    warden_api::BATCH_BYTES,
+                    sent_number,
+                );
+                if !mappings.is_empty() {
                     permit.send(ProxyMessage {
                         kind: Some(ProxyKind::Mappings(Mappings {
-                            mappings: first,
+                            mappings,
                             resync: false,
+                            confirm: sent_number,
                         })),
                     });
-                }
-                let rest: Vec<WireMapping> = batches.flatten().collect();
-                if !rest.is_empty() {
-                    context.journal.restore(rest);
                 }
                 continue;
             }
@@ -456,6 +461,9 @@ async fn session(
             }
             Some(AgentKind::Cache(batch)) => merge(context, &batch.mappings),
             Some(AgentKind::Clean(clean)) => apply_clean(context, clean, &copied).await,
+            Some(AgentKind::Received(received)) => {
+                context.journal.sent_confirmed(received.confirm);
+            }
             Some(AgentKind::ResyncDone(done)) => {
                 *resynced = true;
                 context.journal.replay_confirmed();
@@ -696,6 +704,7 @@ fn resync_message(mappings: Vec<WireMapping>) -> ProxyMessage {
         kind: Some(ProxyKind::Mappings(Mappings {
             mappings,
             resync: true,
+            confirm: 0,
         })),
     }
 }
@@ -1145,6 +1154,7 @@ mod tests {
                     ..WireMapping::default()
                 }],
                 resync: false,
+                confirm: 0,
             })),
         }
     }

@@ -95,6 +95,7 @@ async fn garbage_oversized_and_strangers_cost_only_their_connection() {
                 ..Mapping::default()
             }],
             resync: false,
+            confirm: 0,
         })),
     };
     let outbound = tokio_stream::iter(vec![hello, oversized]);
@@ -176,6 +177,7 @@ async fn garbage_oversized_and_strangers_cost_only_their_connection() {
                 mapping("good.example", "198.18.9.2"),
             ],
             resync: false,
+            confirm: 0,
         })),
     })
     .await

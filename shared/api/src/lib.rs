@@ -385,6 +385,7 @@ mod tests {
             proto::Mappings {
                 mappings: run.to_vec(),
                 resync: true,
+                confirm: 0,
             }
             .encoded_len()
         };
