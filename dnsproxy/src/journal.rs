@@ -1,8 +1,9 @@
 //! Mappings the agent has not received yet: bounded, oldest dropped first (and counted), and
 //! kept in `state_dir` so that a proxy killed while the agent is away still hands them over.
 //! Those a session's resync replays stay in the file until the agent's `ResyncDone` says it
-//! has them (it sends it after reading everything the proxy sent before its own): a proxy
-//! killed during the resync hands them over again next time, rather than losing them.
+//! has them (it sends it after reading everything the proxy sent before its own), and those a
+//! live session sends until the agent's `Received`: a proxy killed meanwhile hands them over
+//! again next time, rather than losing them.
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
@@ -97,7 +98,8 @@ impl Queue {
 #[derive(Debug)]
 pub struct Journal {
     entries: Mutex<Queue>,
-    /// Taken for a resync's replay and not yet confirmed by the agent: saved with the entries.
+    /// Taken for a resync's replay, or sent by a live session, and not yet confirmed by the
+    /// agent: saved with the entries, and put back when the session ends.
     /// Locked before `entries` wherever both are: a save between taking entries and marking
     /// them in flight would write a file without them.
     in_flight: Mutex<Vec<(u64, Arc<Mapping>)>>,
@@ -183,7 +185,7 @@ impl Journal {
     }
 
     /// Everything journaled, oldest first, for a resync's replay: out of the journal, but kept
-    /// in its file until [`Self::replay_confirmed`] (or back in it at [`Self::replay_failed`]).
+    /// in its file until [`Self::replay_confirmed`] (or back in it at [`Self::session_ended`]).
     pub fn take_for_replay(&self) -> Vec<Mapping> {
         let mut in_flight = self.in_flight();
         let taken = self.take_shared(usize::MAX);
@@ -227,17 +229,32 @@ impl Journal {
             .map(|mapping| Mapping::clone(mapping))
             .collect();
         in_flight.extend(taken.into_iter().map(|mapping| (number, mapping)));
-        // An agent of an older build confirms nothing: what waits stays bounded, the oldest
-        // forgotten (sent, as before confirmations).
-        let unconfirmed = in_flight.iter().filter(|(n, _)| *n != REPLAYED).count();
-        let excess = unconfirmed.saturating_sub(self.capacity);
-        if excess > 0 {
-            let mut dropping = excess;
-            in_flight.retain(|(n, _)| {
-                let drop = *n != REPLAYED && dropping > 0;
-                dropping -= usize::from(drop);
-                !drop
-            });
+        // An agent of an older build confirms nothing: what waits stays within the journal's
+        // bounds, the oldest forgotten (sent, as before confirmations).
+        let (mut count, mut bytes) = (0, 0);
+        for (sent, mapping) in in_flight.iter() {
+            if *sent != REPLAYED {
+                count += 1;
+                bytes += warden_api::mapping_bytes(mapping);
+            }
+        }
+        let mut forgotten = 0;
+        in_flight.retain(|(sent, mapping)| {
+            let over = count > self.capacity || bytes > JOURNAL_MAX_BYTES;
+            let forget = *sent != REPLAYED && over;
+            if forget {
+                count -= 1;
+                bytes = bytes.saturating_sub(warden_api::mapping_bytes(mapping));
+                forgotten += 1;
+            }
+            !forget
+        });
+        if forgotten > 0 {
+            self.changes.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(
+                forgotten,
+                "sent journal mappings the agent never confirmed forgotten"
+            );
         }
         copies
     }
@@ -259,7 +276,7 @@ impl Journal {
     /// The session ended: what its replay took and what it sent unconfirmed goes back, ahead
     /// of anything journaled meanwhile (the agent may have some of it; taken twice, a mapping
     /// changes nothing).
-    pub fn replay_failed(&self) {
+    pub fn session_ended(&self) {
         let mut in_flight = self.in_flight();
         let unconfirmed = std::mem::take(&mut *in_flight);
         if !unconfirmed.is_empty() {
@@ -475,13 +492,13 @@ mod tests {
         );
 
         // The session ends before the agent's ResyncDone: back in the journal, oldest first.
-        journal.replay_failed();
+        journal.session_ended();
         assert_eq!(names_of(journal.take_for_replay()), ["a.", "b.", "c."]);
 
         // A clean during the resync reaches what is in flight too: a failed replay would
         // bring it back.
         assert_eq!(journal.remove_matching(|mapping| mapping.name == "b."), 1);
-        journal.replay_failed();
+        journal.session_ended();
         assert_eq!(names_of(journal.take_for_replay()), ["a.", "c."]);
 
         // The agent's ResyncDone: the file may forget them.
@@ -523,7 +540,7 @@ mod tests {
         journal.save(dir.path()).unwrap();
         assert_eq!(saved_names(), ["c."]);
         // The session ends: what was not confirmed goes back.
-        journal.replay_failed();
+        journal.session_ended();
         assert_eq!(names_of(journal.take()), ["c."]);
 
         // A batch stops at its bytes, though it takes one however large.

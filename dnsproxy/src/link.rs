@@ -187,10 +187,11 @@ pub async fn run(context: LinkContext, shutdown: CancellationToken) {
                     backoff = BACKOFF_FIRST;
                 } else {
                     session_failed = true;
-                    // What the replay took waits for the next session, sent or not: only the
-                    // agent's ResyncDone says it has it.
-                    context.journal.replay_failed();
                 }
+                // What the replay took, and what the session sent from the journal, wait for
+                // the next session if the agent did not say it has them (its ResyncDone, its
+                // Received): the next numbers its batches from 1 again.
+                context.journal.session_ended();
                 context.link.set(None);
                 context.metrics.peer.connected.set(0);
                 context.metrics.peer.offline.set(1);
@@ -271,6 +272,8 @@ impl tokio_stream::Stream for Coalescing {
                         if fits {
                             bytes += more_bytes;
                             batch.mappings.append(&mut more.mappings);
+                            // Confirmations are cumulative: the later number covers both.
+                            batch.confirm = batch.confirm.max(more.confirm);
                         }
                         fits
                     }
@@ -581,8 +584,15 @@ async fn close(
     }
     loop {
         match inbound.message().await {
+            Ok(Some(warden_api::proto::AgentMessage {
+                kind: Some(AgentKind::Received(received)),
+            })) => context.journal.sent_confirmed(received.confirm),
             Ok(Some(_)) => continue,
-            Ok(None) => return "shutting down: the agent has every message".to_owned(),
+            Ok(None) => {
+                // The agent ends its side once it has read (and taken) everything sent.
+                context.journal.sent_confirmed(u64::MAX);
+                return "shutting down: the agent has every message".to_owned();
+            }
             Err(status) => return format!("shutting down: the session broke: {status}"),
         }
     }
@@ -1020,7 +1030,7 @@ mod tests {
                 .into_iter()
                 .map(|mapping| mapping.name)
                 .collect();
-            context.journal.replay_failed();
+            context.journal.session_ended();
             (cached, journaled)
         };
 
@@ -1166,6 +1176,80 @@ mod tests {
             }
             _ => vec!["(other)".to_owned()],
         }
+    }
+
+    /// A numbered journal batch joined behind a live mapping lost its number, and the agent
+    /// never confirmed it.
+    #[tokio::test]
+    async fn a_joined_batch_carries_the_highest_number_to_confirm() {
+        let (sender, receiver) = mpsc::channel(8);
+        let numbered = |name: &str, confirm: u64| {
+            let mut message = live(name);
+            if let Some(ProxyKind::Mappings(batch)) = &mut message.kind {
+                batch.confirm = confirm;
+            }
+            message
+        };
+        for message in [numbered("a.", 0), numbered("b.", 4), numbered("c.", 0)] {
+            sender.send(message).await.unwrap();
+        }
+        drop(sender);
+        let messages: Vec<ProxyMessage> = Coalescing::new(receiver).collect().await;
+        assert_eq!(messages.len(), 1, "joined");
+        let Some(ProxyKind::Mappings(batch)) = &messages[0].kind else {
+            panic!("{messages:?}");
+        };
+        assert_eq!(batch.confirm, 4);
+    }
+
+    /// A session that got as far as the agent's ResyncDone left what it had sent from the
+    /// journal, unconfirmed, in flight for good: only a failed resync put it back.
+    #[tokio::test]
+    async fn what_a_session_sent_unconfirmed_goes_back_when_it_ends() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("agent.sock");
+        let (stop, agent_stop) = (CancellationToken::new(), CancellationToken::new());
+        // An agent that resyncs but never confirms (an older build's), then goes away.
+        let seen = fake_agent::start(&socket, false, true, agent_stop.clone());
+        let context = link_context(&socket);
+        let session = tokio::spawn(run(context.clone(), stop.clone()));
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !context.link.connected() {
+            assert!(Instant::now() < deadline, "never connected");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        context.journal.push(wire("sent.example."));
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while !seen
+            .names
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|n| n == "sent.example.")
+        {
+            assert!(Instant::now() < deadline, "never sent");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(context.journal.is_empty(), "in flight, not in the journal");
+        agent_stop.cancel();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while context.link.connected() {
+            assert!(Instant::now() < deadline, "the session never ended");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let back: Vec<String> = context
+            .journal
+            .take()
+            .into_iter()
+            .map(|mapping| mapping.name)
+            .collect();
+        assert_eq!(
+            back,
+            ["sent.example."],
+            "back in the journal, for the next session"
+        );
+        stop.cancel();
+        let _ = session.await;
     }
 
     #[tokio::test]
