@@ -1060,35 +1060,50 @@ mod tests {
         assert_eq!(journaled, ["before.kept.test."]);
     }
 
-    #[tokio::test]
-    async fn mappings_journaled_during_a_live_session_reach_the_agent_in_that_session() {
-        let dir = tempfile::tempdir().unwrap();
-        let socket = dir.path().join("agent.sock");
-        let stop = CancellationToken::new();
-        let seen = fake_agent::start(&socket, false, true, stop.clone());
-        let context = link_context(&socket);
+    /// A link to a fake agent that resyncs and confirms nothing (stopped by `agent_stop`),
+    /// connected, and `name` journaled as the hot path does when the session's channel is
+    /// full; returns once the agent has it.
+    async fn journaled_and_sent(
+        socket: &std::path::Path,
+        stop: &CancellationToken,
+        agent_stop: &CancellationToken,
+        name: &str,
+    ) -> (
+        LinkContext,
+        Arc<fake_agent::Seen>,
+        tokio::task::JoinHandle<()>,
+    ) {
+        let seen = fake_agent::start(socket, false, true, agent_stop.clone());
+        let context = link_context(socket);
         let session = tokio::spawn(run(context.clone(), stop.clone()));
         let deadline = Instant::now() + Duration::from_secs(5);
         while !context.link.connected() {
             assert!(Instant::now() < deadline, "never connected");
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        // What the hot path journals when the session's channel is full.
-        context.journal.push(wire("late.example."));
+        context.journal.push(wire(name));
         let deadline = Instant::now() + Duration::from_secs(2);
-        while !seen
-            .names
-            .lock()
-            .unwrap()
-            .iter()
-            .any(|n| n == "late.example.")
-        {
+        while !seen.names.lock().unwrap().iter().any(|n| n == name) {
             assert!(
                 Instant::now() < deadline,
                 "the journaled mapping never left"
             );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+        (context, seen, session)
+    }
+
+    #[tokio::test]
+    async fn mappings_journaled_during_a_live_session_reach_the_agent_in_that_session() {
+        let dir = tempfile::tempdir().unwrap();
+        let stop = CancellationToken::new();
+        let (context, seen, session) = journaled_and_sent(
+            &dir.path().join("agent.sock"),
+            &stop,
+            &stop,
+            "late.example.",
+        )
+        .await;
         assert!(context.journal.is_empty());
         assert_eq!(seen.sessions.load(Ordering::Relaxed), 1);
         stop.cancel();
@@ -1207,29 +1222,15 @@ mod tests {
     #[tokio::test]
     async fn what_a_session_sent_unconfirmed_goes_back_when_it_ends() {
         let dir = tempfile::tempdir().unwrap();
-        let socket = dir.path().join("agent.sock");
         let (stop, agent_stop) = (CancellationToken::new(), CancellationToken::new());
-        // An agent that resyncs but never confirms (an older build's), then goes away.
-        let seen = fake_agent::start(&socket, false, true, agent_stop.clone());
-        let context = link_context(&socket);
-        let session = tokio::spawn(run(context.clone(), stop.clone()));
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while !context.link.connected() {
-            assert!(Instant::now() < deadline, "never connected");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        context.journal.push(wire("sent.example."));
-        let deadline = Instant::now() + Duration::from_secs(2);
-        while !seen
-            .names
-            .lock()
-            .unwrap()
-            .iter()
-            .any(|n| n == "sent.example.")
-        {
-            assert!(Instant::now() < deadline, "never sent");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        // An agent that never confirms (an older build's), then goes away.
+        let (context, _seen, session) = journaled_and_sent(
+            &dir.path().join("agent.sock"),
+            &stop,
+            &agent_stop,
+            "sent.example.",
+        )
+        .await;
         assert!(context.journal.is_empty(), "in flight, not in the journal");
         agent_stop.cancel();
         let deadline = Instant::now() + Duration::from_secs(5);
