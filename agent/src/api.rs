@@ -31,7 +31,7 @@ use warden_config::{AgentConfig, DatapathMode, RejectCode};
 use warden_enforce::Enforcement;
 use warden_proxy::{Mapping, MappingObserver, SharedCache};
 use warden_telemetry::{
-    CacheFilter, CompiledCacheFilter, FlowEvent, FlowLog, Metrics, unix_millis,
+    CacheFilter, CompiledCacheFilter, FlowEvent, FlowLog, Metrics, WallMoment, unix_millis,
 };
 
 use crate::policy_store::PolicyStore;
@@ -82,28 +82,55 @@ const CLEANS_REMEMBERED: usize = 256;
 pub struct Clean {
     pub filter: CacheFilter,
     pub compiled: CompiledCacheFilter,
-    /// The wall clock at the clean, Unix milliseconds: what the times answered are read by.
-    made_at_ms: u64,
-    /// The same moment on the monotonic clock (see [`Clean::made_at_ms`]).
-    made: Instant,
+    /// When: what the times answered are read against.
+    made: WallMoment,
 }
 
 impl Clean {
-    /// When the clean was made, on the wall clock as it reads now: never later than
-    /// `made_at_ms`, earlier should the wall clock have stepped back since (answers given after
-    /// the step would otherwise read as older than the clean, and be dropped).
+    /// When the clean was made, on the wall clock as it reads now (see [`WallMoment`]: answers
+    /// given after a step back would otherwise read as older than the clean, and be dropped).
     pub fn made_at_ms(&self) -> u64 {
-        let elapsed = u64::try_from(self.made.elapsed().as_millis()).unwrap_or(u64::MAX);
-        self.made_at_ms.min(unix_millis().saturating_sub(elapsed))
+        self.made.unix_millis()
+    }
+}
+
+/// Cleans with their times read once: the one rule of what a clean removes, a name it matches
+/// answered before it.
+#[derive(Debug, Default)]
+struct CleanTimes {
+    cleans: Vec<(u64, CompiledCacheFilter)>,
+    /// The latest of the times: answers given since, nearly all of them, cost one comparison.
+    latest_ms: u64,
+}
+
+impl CleanTimes {
+    fn push(&mut self, made_ms: u64, compiled: CompiledCacheFilter) {
+        self.latest_ms = self.latest_ms.max(made_ms);
+        self.cleans.push((made_ms, compiled));
+    }
+
+    /// Whether a clean removes a name answered at `learned_ms` (0: not known, before all),
+    /// `matches` telling whether a clean's filter takes it.
+    fn removes(&self, learned_ms: u64, matches: impl Fn(&CompiledCacheFilter) -> bool) -> bool {
+        learned_ms < self.latest_ms
+            && self
+                .cleans
+                .iter()
+                .any(|(made_ms, compiled)| learned_ms < *made_ms && matches(compiled))
+    }
+
+    /// [`Self::removes`] of a mapping as it goes to a proxy.
+    fn removes_wire(&self, mapping: &WireMapping) -> bool {
+        self.removes(mapping.learned_at_ms, |compiled| {
+            compiled.matches(&mapping.endpoint, &mapping.name)
+        })
     }
 }
 
 /// The cleans remembered, with their times read once, to check a batch of mappings against.
 #[derive(Debug, Default)]
 struct CleanCheck {
-    cleans: Vec<(u64, CompiledCacheFilter)>,
-    /// The latest of the times: answers given since, nearly all of them, cost one comparison.
-    latest_ms: u64,
+    times: CleanTimes,
     /// [`CleanFanout::generation`] when read.
     generation: u64,
 }
@@ -116,27 +143,19 @@ impl CleanCheck {
         let AgentKind::Cache(mut mappings) = batch else {
             return Some(batch);
         };
-        if self.latest_ms > 0 {
-            mappings.mappings.retain(|mapping| {
-                mapping.learned_at_ms >= self.latest_ms
-                    || !self.cleans.iter().any(|(made_ms, compiled)| {
-                        mapping.learned_at_ms < *made_ms
-                            && compiled.matches(&mapping.endpoint, &mapping.name)
-                    })
-            });
-        }
+        mappings
+            .mappings
+            .retain(|mapping| !self.times.removes_wire(mapping));
         (!mappings.mappings.is_empty()).then_some(AgentKind::Cache(mappings))
     }
 
-    /// Whether a clean removes `mapping` from a proxy: one of its names, answered before it.
-    /// A mapping of a time not known (a proxy of an older build) is kept, as it was before
-    /// times were known: dropped, an answer given after the clean would lose its allow entries.
+    /// Whether a clean removes `mapping` from a proxy. A mapping of a time not known (a proxy
+    /// of an older build) is kept, as it was before times were known: dropped, an answer
+    /// given after the clean would lose its allow entries.
     fn removes_from_proxy(&self, mapping: &PeerMapping) -> bool {
         mapping.learned_at_ms != 0
-            && mapping.learned_at_ms < self.latest_ms
-            && self.cleans.iter().any(|(made_ms, compiled)| {
-                mapping.learned_at_ms < *made_ms
-                    && compiled.matches_name(&mapping.endpoint, &mapping.name)
+            && self.times.removes(mapping.learned_at_ms, |compiled| {
+                compiled.matches_name(&mapping.endpoint, &mapping.name)
             })
     }
 }
@@ -204,7 +223,7 @@ impl SavedCleans {
                 .map(|clean| SavedClean {
                     endpoint: clean.filter.endpoint.clone(),
                     name: clean.filter.name.clone(),
-                    made_at_ms: clean.made_at_ms,
+                    made_at_ms: clean.made.recorded_ms(),
                 })
                 .collect(),
         }
@@ -257,9 +276,8 @@ impl SavedCleans {
                     Ok(compiled) => Some(Clean {
                         filter,
                         compiled,
-                        made_at_ms: saved.made_at_ms,
                         // Its age is not known: placed by its wall time, never later than now.
-                        made: Instant::now(),
+                        made: WallMoment::at(saved.made_at_ms),
                     }),
                     Err(error) => {
                         tracing::warn!(path = %file.display(), error = error.trim_end(), "a kept cache clean left out");
@@ -315,8 +333,7 @@ impl CleanFanout {
         let clean = Clean {
             filter,
             compiled,
-            made_at_ms: unix_millis(),
-            made: Instant::now(),
+            made: WallMoment::now(),
         };
         let everything = clean.filter.endpoint.is_none() && clean.filter.name.is_none();
         let _held = cache.lock();
@@ -401,21 +418,14 @@ impl CleanFanout {
     /// The cleans remembered, their times read now.
     fn check(&self) -> CleanCheck {
         let shared = self.shared();
-        let generation = self.generation.load(Ordering::Acquire);
-        let cleans: Vec<(u64, CompiledCacheFilter)> = shared
-            .remembered
-            .iter()
-            .map(|clean| (clean.made_at_ms(), clean.compiled.clone()))
-            .collect();
-        CleanCheck {
-            latest_ms: cleans
-                .iter()
-                .map(|(made_ms, _)| *made_ms)
-                .max()
-                .unwrap_or(0),
-            cleans,
-            generation,
+        let mut check = CleanCheck {
+            generation: self.generation.load(Ordering::Acquire),
+            ..CleanCheck::default()
+        };
+        for clean in shared.remembered.iter() {
+            check.times.push(clean.made_at_ms(), clean.compiled.clone());
         }
+        check
     }
 
     /// [`Self::check`] again if a clean was remembered since `check` was read.
@@ -896,7 +906,7 @@ impl Outgoing {
     fn clean(&mut self, clean: &Clean) {
         if let Some(dump) = &mut self.dump {
             dump.removed
-                .push((clean.made_at_ms(), clean.compiled.clone()));
+                .push(clean.made_at_ms(), clean.compiled.clone());
         }
         self.queue.push_back(clean_message(clean));
     }
@@ -952,7 +962,7 @@ struct Dump {
     after: usize,
     /// Cleans made since the copy, with their times: what they remove leaves the chunks as
     /// they go (a chunk at a time, not the whole copy on the clean's turn of the loop).
-    removed: Vec<(u64, CompiledCacheFilter)>,
+    removed: CleanTimes,
 }
 
 impl Dump {
@@ -976,7 +986,7 @@ impl Dump {
             sent: 0,
             resync,
             after: 0,
-            removed: Vec::new(),
+            removed: CleanTimes::default(),
         }
     }
 
@@ -984,14 +994,7 @@ impl Dump {
     /// are out.
     fn next_chunk(&mut self) -> Option<Vec<WireMapping>> {
         for mut chunk in self.chunks.by_ref() {
-            if !self.removed.is_empty() {
-                chunk.retain(|mapping| {
-                    !self.removed.iter().any(|(made_ms, compiled)| {
-                        mapping.learned_at_ms < *made_ms
-                            && compiled.matches(&mapping.endpoint, &mapping.name)
-                    })
-                });
-            }
+            chunk.retain(|mapping| !self.removed.removes_wire(mapping));
             if !chunk.is_empty() {
                 return Some(chunk);
             }
@@ -1190,7 +1193,7 @@ mod tests {
             sent: 0,
             resync: false,
             after: outgoing.queue.len(),
-            removed: Vec::new(),
+            removed: CleanTimes::default(),
         });
         let mut order = Vec::new();
         while outgoing.is_pending() {
@@ -1286,7 +1289,7 @@ mod tests {
                 sent: 0,
                 resync: true,
                 after: 0,
-                removed: Vec::new(),
+                removed: CleanTimes::default(),
             }),
             ..Outgoing::default()
         };
@@ -1763,10 +1766,10 @@ mod tests {
         // Read off the monotonic clock too: within two milliseconds (each clock's reading is
         // cut to the millisecond).
         assert!(
-            (clean.made_at_ms - 2..=clean.made_at_ms).contains(&sent.made_at_ms),
+            (clean.made.recorded_ms() - 2..=clean.made.recorded_ms()).contains(&sent.made_at_ms),
             "{} for {}",
             sent.made_at_ms,
-            clean.made_at_ms
+            clean.made.recorded_ms()
         );
 
         let answered = |name: &str, learned_at_ms: u64| WireMapping {
@@ -1779,10 +1782,10 @@ mod tests {
             ..WireMapping::default()
         };
         let replay = vec![
-            answered("before.gone.test.", clean.made_at_ms - 10),
-            answered("since.gone.test.", clean.made_at_ms),
+            answered("before.gone.test.", clean.made.recorded_ms() - 10),
+            answered("since.gone.test.", clean.made.recorded_ms()),
             answered("unknown.gone.test.", 0),
-            answered("before.kept.test.", clean.made_at_ms - 10),
+            answered("before.kept.test.", clean.made.recorded_ms() - 10),
         ];
         for kind in [
             ProxyKind::Mappings(Mappings {
@@ -1891,13 +1894,13 @@ mod tests {
         let (_, remembered) = fanout.subscribe();
         let names: Vec<_> = remembered
             .iter()
-            .map(|clean| (clean.filter.name.clone().unwrap(), clean.made_at_ms))
+            .map(|clean| (clean.filter.name.clone().unwrap(), clean.made.recorded_ms()))
             .collect();
         assert_eq!(
             names,
             [
                 ("b.test".to_owned(), names[0].1),
-                ("A.test.".to_owned(), again.made_at_ms)
+                ("A.test.".to_owned(), again.made.recorded_ms())
             ]
         );
         for i in 0..CLEANS_REMEMBERED {
@@ -1936,7 +1939,7 @@ mod tests {
             ips: Vec::new(),
             expires_at: warden_fqdn::UnixTime(0),
             source: warden_fqdn::Source::Lookup,
-            learned_at_ms: clean.made_at_ms - 10,
+            learned_at_ms: clean.made.recorded_ms() - 10,
         };
         assert!(
             !check.removes_from_proxy(&answered),
@@ -1972,7 +1975,7 @@ mod tests {
                 (
                     clean.filter.endpoint.clone(),
                     clean.filter.name.clone(),
-                    clean.made_at_ms,
+                    clean.made.recorded_ms(),
                 )
             })
             .collect();
@@ -1981,7 +1984,7 @@ mod tests {
             [(
                 filter.endpoint.clone(),
                 filter.name.clone(),
-                clean.made_at_ms
+                clean.made.recorded_ms()
             )]
         );
 
@@ -2031,9 +2034,9 @@ mod tests {
         };
         let check = fanout.check();
         let kept = check.keep_live(batch(vec![
-            answer("before.gone.test.", clean.made_at_ms - 10),
-            answer("since.gone.test.", clean.made_at_ms + 10),
-            answer("before.kept.test.", clean.made_at_ms - 10),
+            answer("before.gone.test.", clean.made.recorded_ms() - 10),
+            answer("since.gone.test.", clean.made.recorded_ms() + 10),
+            answer("before.kept.test.", clean.made.recorded_ms() - 10),
         ]));
         let Some(AgentKind::Cache(kept)) = kept else {
             panic!("{kept:?}");
@@ -2042,7 +2045,7 @@ mod tests {
         assert_eq!(names, ["since.gone.test.", "before.kept.test."]);
         let none = check.keep_live(batch(vec![answer(
             "before.gone.test.",
-            clean.made_at_ms - 10,
+            clean.made.recorded_ms() - 10,
         )]));
         assert!(none.is_none(), "{none:?}");
     }
@@ -2058,8 +2061,7 @@ mod tests {
             compiled: filter.compile().unwrap(),
             filter,
             // Made before the wall clock stepped back a minute.
-            made_at_ms: now_ms + 60_000,
-            made: Instant::now(),
+            made: WallMoment::at(now_ms + 60_000),
         };
         assert!(
             clean.made_at_ms() <= unix_millis(),

@@ -465,18 +465,21 @@ mod tests {
         mappings.into_iter().map(|m| m.name).collect()
     }
 
+    /// The names a journal opened from `dir` holds, sorted: what a proxy killed now hands over.
+    fn saved_names(dir: &Path, metrics: &warden_telemetry::Metrics) -> Vec<String> {
+        let reopened = Journal::open(dir, 10, metrics.peer.clone());
+        let mut names = names_of(reopened.take());
+        names.sort();
+        names
+    }
+
     /// A resync's replay took the journal and the next save wrote it empty: a proxy killed
     /// before the agent had it all lost it for good.
     #[test]
     fn what_a_replay_takes_stays_in_the_file_until_the_agent_confirms_it() {
         let dir = tempfile::tempdir().unwrap();
         let metrics = warden_telemetry::Metrics::new("dnsproxy").unwrap();
-        let saved_names = || {
-            let reopened = Journal::open(dir.path(), 10, metrics.peer.clone());
-            let mut names = names_of(reopened.take());
-            names.sort();
-            names
-        };
+        let saved_names = || saved_names(dir.path(), &metrics);
         let journal = Journal::new(10, metrics.peer.clone());
         journal.push(mapping("a."));
         journal.push(mapping("b."));
@@ -513,12 +516,7 @@ mod tests {
     fn what_a_live_session_sends_stays_in_the_file_until_the_agent_confirms_it() {
         let dir = tempfile::tempdir().unwrap();
         let metrics = warden_telemetry::Metrics::new("dnsproxy").unwrap();
-        let saved_names = || {
-            let reopened = Journal::open(dir.path(), 10, metrics.peer.clone());
-            let mut names = names_of(reopened.take());
-            names.sort();
-            names
-        };
+        let saved_names = || saved_names(dir.path(), &metrics);
         let journal = Journal::new(10, metrics.peer.clone());
         for name in ["a.", "b.", "c."] {
             journal.push(mapping(name));

@@ -19,7 +19,7 @@ use warden_api::proto::{
     ResyncDone, Serving,
 };
 use warden_proxy::{Mapping, MappingObserver, SharedCache};
-use warden_telemetry::{CacheFilter, FlowEvent, FlowLog, Metrics, unix_millis};
+use warden_telemetry::{CacheFilter, FlowEvent, FlowLog, Metrics, WallMoment, unix_millis};
 
 use crate::journal::Journal;
 
@@ -600,20 +600,17 @@ async fn close(
 
 /// When a session's replay began to copy the cache for the agent.
 #[derive(Debug, Default)]
-struct CopiedAt(std::sync::OnceLock<(u64, Instant)>);
+struct CopiedAt(std::sync::OnceLock<WallMoment>);
 
 impl CopiedAt {
     fn mark(&self) {
-        let _ = self.0.set((unix_millis(), Instant::now()));
+        let _ = self.0.set(WallMoment::now());
     }
 
-    /// On the wall clock as it reads now (earlier should it have stepped back since, as a
-    /// clean's time is read: see the agent's `Clean::made_at_ms`); `u64::MAX` before the copy.
+    /// On the wall clock as it reads now, as a clean's time is read; `u64::MAX` before the
+    /// copy.
     fn millis(&self) -> u64 {
-        self.0.get().map_or(u64::MAX, |(at_ms, at)| {
-            let elapsed = u64::try_from(at.elapsed().as_millis()).unwrap_or(u64::MAX);
-            (*at_ms).min(unix_millis().saturating_sub(elapsed))
-        })
+        self.0.get().map_or(u64::MAX, WallMoment::unix_millis)
     }
 }
 
@@ -1013,7 +1010,7 @@ mod tests {
         };
         let copied_at = |at_ms| {
             let copied = CopiedAt::default();
-            let _ = copied.0.set((at_ms, Instant::now()));
+            let _ = copied.0.set(WallMoment::at(at_ms));
             copied
         };
         let held = |context: &LinkContext| {

@@ -220,6 +220,42 @@ impl FlowLog {
     }
 }
 
+/// A moment read on the wall clock and on the monotonic one together, to be compared with wall
+/// times read later (in another process, too): it reads as its wall time, or earlier should the
+/// wall clock have stepped back since, never later than the wall clock reads now. Without that,
+/// what happens after a step back would read as older than the moment.
+#[derive(Debug, Clone, Copy)]
+pub struct WallMoment {
+    at_ms: u64,
+    at: std::time::Instant,
+}
+
+impl WallMoment {
+    pub fn now() -> WallMoment {
+        WallMoment::at(unix_millis())
+    }
+
+    /// A moment read earlier, at `at_ms` (a saved one, whose age is not known): placed by its
+    /// wall time, never later than now.
+    pub fn at(at_ms: u64) -> WallMoment {
+        WallMoment {
+            at_ms,
+            at: std::time::Instant::now(),
+        }
+    }
+
+    /// Its wall time as first read, Unix milliseconds (what is saved).
+    pub fn recorded_ms(&self) -> u64 {
+        self.at_ms
+    }
+
+    /// Its wall time as the wall clock reads now, Unix milliseconds.
+    pub fn unix_millis(&self) -> u64 {
+        let elapsed = u64::try_from(self.at.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.at_ms.min(unix_millis().saturating_sub(elapsed))
+    }
+}
+
 /// Milliseconds since the Unix epoch, the clock of every flow event.
 pub fn unix_millis() -> u64 {
     std::time::SystemTime::now()

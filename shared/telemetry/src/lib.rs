@@ -19,7 +19,8 @@ mod status;
 
 pub use error::TelemetryError;
 pub use flows::{
-    DnsFlow, DropFlow, FlowEvent, FlowFollower, FlowLine, FlowLog, LostEvents, Verdict, unix_millis,
+    DnsFlow, DropFlow, FlowEvent, FlowFollower, FlowLine, FlowLog, LostEvents, Verdict, WallMoment,
+    unix_millis,
 };
 pub use log_budget::LogBudget;
 pub use metrics::{
