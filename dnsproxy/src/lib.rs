@@ -6,7 +6,8 @@
 //! datapath settings; it is persisted in `state_dir` so a proxy started without the agent
 //! enforces at once. [`link`] keeps the session with the agent: hello, journal replay, the
 //! snapshots and cache it receives, the mappings and flows it sends. [`journal`] holds the
-//! mappings the agent could not receive; both are written to `state_dir` by `warden-state`.
+//! mappings the agent could not receive, kept in `state_dir` as a log each save appends to;
+//! the snapshot is written whole, by `warden-state`, as is the log now and then.
 //! [`proxy`] wires them around the engine, the datapath (written directly on the hot path) and
 //! the admin API.
 

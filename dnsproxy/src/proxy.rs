@@ -601,6 +601,6 @@ mod tests {
         assert!(files.save(true).await);
         assert_eq!((failures("journal"), failures("policy_snapshot")), (1, 1));
         assert_eq!(policy.load_persisted().map(|s| s.revision), Some(3));
-        assert!(state_dir.join("journal.pb").exists());
+        assert!(state_dir.join("journal.log").exists());
     }
 }

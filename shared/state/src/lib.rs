@@ -1,5 +1,6 @@
 //! The files a Warden process keeps in its `state_dir` (the agent's FQDN cache and last good
-//! policy, the dnsproxy's journal and policy snapshot), so that a restart or a crash finds
+//! policy, the dnsproxy's policy snapshot, and its journal when written whole rather than
+//! appended to), so that a restart or a crash finds
 //! what the process knew. `file` writes them the one way both processes need: whole or not at
 //! all, synced with their folder where the filesystem can, and set aside rather than
 //! overwritten when they no longer decode; `error` names the file and the step that failed.
