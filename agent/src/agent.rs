@@ -93,12 +93,12 @@ pub async fn start(config: AgentConfig) -> anyhow::Result<RunningAgent> {
         metrics.policy.clone(),
     );
     let limits = warden_enforce::cache_limits(&config.dns);
-    let cache_file = CacheFile::new(&config.state_dir);
-    let cache = SharedCache::new(cache_file.restore(limits, unix_now()));
-    let changes = Arc::new(CacheChanges::default());
-    let (local_mappings, _) = tokio::sync::broadcast::channel(4096);
     let cleans =
         crate::api::CleanFanout::open(&config.state_dir, metrics.peer.state_persist_errors.clone());
+    let cache_file = CacheFile::new(&config.state_dir);
+    let cache = SharedCache::new(cache_file.restore(limits, unix_now(), cleans.removes_restored()));
+    let changes = Arc::new(CacheChanges::default());
+    let (local_mappings, _) = tokio::sync::broadcast::channel(4096);
     let sessions = Arc::new(Sessions::default());
 
     let ebpf = match config.datapath.mode {

@@ -408,6 +408,17 @@ impl CleanFanout {
         }
     }
 
+    /// Whether a clean remembered removes an entry of the agent's persisted cache: one made
+    /// before the crash that kept the cache's file from its next write still holds the names.
+    pub fn removes_restored(&self) -> impl Fn(&warden_fqdn::CacheEntry) -> bool + use<> {
+        let times = self.check().times;
+        move |entry| {
+            times.removes(entry.learned_at_ms, |compiled| {
+                compiled.matches(&entry.endpoint, &entry.name)
+            })
+        }
+    }
+
     /// Queues `clean` for every session; those ended leave the list.
     pub fn send(&self, clean: &Clean) {
         self.shared()
@@ -1987,6 +1998,23 @@ mod tests {
                 clean.made.recorded_ms()
             )]
         );
+        // The restarted agent leaves out of its restored cache what the clean removed (the
+        // cache's file may not have been written since).
+        let removes = open(&state_dir).removes_restored();
+        let entry = |name: &str, learned_at_ms: u64| warden_fqdn::CacheEntry {
+            endpoint: "youssef/test".into(),
+            name: name.into(),
+            ips: Vec::new(),
+            learned_at_ms,
+        };
+        let made_ms = clean.made_at_ms();
+        assert!(removes(&entry("www.gone.test.", made_ms - 1)));
+        assert!(removes(&entry("www.gone.test.", 0)), "a time not known");
+        assert!(
+            !removes(&entry("www.gone.test.", made_ms)),
+            "answered since"
+        );
+        assert!(!removes(&entry("www.kept.test.", made_ms - 1)));
 
         std::fs::write(state_dir.join(CLEANS_FILE), b"not json").unwrap();
         let (_, remembered) = open(&state_dir).subscribe();

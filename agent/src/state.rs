@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use warden_fqdn::{CacheLimits, CacheSnapshot, DnsCache, UnixTime};
+use warden_fqdn::{CacheEntry, CacheLimits, CacheSnapshot, DnsCache, UnixTime};
 use warden_state::StateError;
 
 const CACHE_FILE: &str = "fqdn-cache.json";
@@ -24,10 +24,15 @@ impl CacheFile {
         &self.path
     }
 
-    /// The persisted cache, without what expired meanwhile. A missing file is a first start; an
-    /// unreadable one is set aside (`.corrupt`) for inspection and the agent starts empty
-    /// rather than not at all.
-    pub fn restore(&self, limits: CacheLimits, now: UnixTime) -> DnsCache {
+    /// The persisted cache, without what expired meanwhile nor what `cleaned` says a clean
+    /// removed. A missing file is a first start; an unreadable one is set aside (`.corrupt`)
+    /// for inspection and the agent starts empty rather than not at all.
+    pub fn restore(
+        &self,
+        limits: CacheLimits,
+        now: UnixTime,
+        cleaned: impl Fn(&CacheEntry) -> bool,
+    ) -> DnsCache {
         let bytes = match std::fs::read(&self.path) {
             Ok(bytes) => bytes,
             Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
@@ -48,6 +53,14 @@ impl CacheFile {
             let dropped = before - snapshot.entries.len();
             if dropped > 0 {
                 tracing::warn!(path = %self.path.display(), dropped, "persisted FQDN cache entries without a valid name or endpoint left out");
+            }
+            // The file is written up to half a second after a change: a crash between a clean
+            // and that write restored what the clean removed, and every proxy's session got it.
+            let before = snapshot.entries.len();
+            snapshot.entries.retain(|entry| !cleaned(entry));
+            let cleaned = before - snapshot.entries.len();
+            if cleaned > 0 {
+                tracing::info!(path = %self.path.display(), cleaned, "persisted FQDN cache entries a cache clean removed left out");
             }
             DnsCache::restore(limits, snapshot, now)
         });
@@ -98,7 +111,7 @@ mod tests {
         let ip = "198.18.1.10".parse().unwrap();
         cache.insert(UnixTime(1_000), "youssef/test", "cilium.io.", &[ip], 300);
         file.save(&cache.snapshot(UnixTime(1_000))).unwrap();
-        let restored = file.restore(LIMITS, UnixTime(1_100));
+        let restored = file.restore(LIMITS, UnixTime(1_100), |_| false);
         let entries = restored.lookup(UnixTime(1_100), "youssef/test", "cilium.io.");
         assert_eq!(entries.len(), 1);
         assert_eq!(entries[0].expires_at, UnixTime(1_300));
@@ -114,7 +127,7 @@ mod tests {
         cache.insert(UnixTime(1_000), "youssef/test", "bad..name.", &[ip], 300);
         cache.insert(UnixTime(1_000), "", "google.com.", &[ip], 300);
         file.save(&cache.snapshot(UnixTime(1_000))).unwrap();
-        let restored = file.restore(LIMITS, UnixTime(1_100));
+        let restored = file.restore(LIMITS, UnixTime(1_100), |_| false);
         assert_eq!(restored.name_count(), 1);
         assert_eq!(
             restored
@@ -124,12 +137,36 @@ mod tests {
         );
     }
 
+    /// Cleaned a moment before a crash, the file still held the names, and the agent brought
+    /// them back (and handed them to every proxy).
+    #[test]
+    fn what_a_clean_removed_is_left_out_of_the_restored_cache() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = CacheFile::new(dir.path());
+        let mut cache = DnsCache::new(LIMITS);
+        let ip = "198.18.1.10".parse().unwrap();
+        cache.insert_answered(1_000_000, "youssef/test", "gone.test.", &[ip], 300);
+        cache.insert_answered(1_000_000, "youssef/test", "kept.test.", &[ip], 300);
+        cache.insert_answered(1_002_000, "youssef/test", "again.gone.test.", &[ip], 300);
+        file.save(&cache.snapshot(UnixTime(1_002))).unwrap();
+        // A clean of *gone.test. made at 1,001 s: what was answered since stays.
+        let restored = file.restore(LIMITS, UnixTime(1_003), |entry| {
+            entry.name.ends_with("gone.test.") && entry.learned_at_ms < 1_001_000
+        });
+        let names: Vec<String> = restored
+            .entries(UnixTime(1_003))
+            .into_iter()
+            .map(|entry| entry.name)
+            .collect();
+        assert_eq!(names, ["again.gone.test.", "kept.test."]);
+    }
+
     #[test]
     fn a_corrupt_file_is_set_aside() {
         let dir = tempfile::tempdir().unwrap();
         let file = CacheFile::new(dir.path());
         std::fs::write(file.path(), b"{not json").unwrap();
-        let cache = file.restore(LIMITS, UnixTime(1));
+        let cache = file.restore(LIMITS, UnixTime(1), |_| false);
         assert_eq!(cache.name_count(), 0);
         assert!(dir.path().join("fqdn-cache.json.corrupt").exists());
     }

@@ -655,6 +655,48 @@ async fn a_clean_made_while_the_proxy_was_away_is_not_undone_by_its_resync() {
     wait_proxy_cleaned_of_cilium(proxy_admin).await;
 }
 
+/// The agent writes its cache's file up to half a second after a change: killed between a
+/// clean and that write, it restarted on a file still holding the cleaned names, and brought
+/// them back (to every proxy's cache too). It now leaves out of the restored cache what the
+/// cleans it remembers removed.
+#[tokio::test]
+async fn a_clean_survives_a_crash_before_the_agents_cache_file_is_written() {
+    let Some(mut lab) = lab_that_reached_both().await else {
+        return;
+    };
+    let proxy_admin = lab.dnsproxy().admin;
+    let cache_file = lab.dir.state_dir().join("fqdn-cache.json");
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let before_clean = loop {
+        let saved = std::fs::read_to_string(&cache_file).unwrap_or_default();
+        if saved.contains("cilium.io.") {
+            break saved;
+        }
+        assert!(Instant::now() < deadline, "cache never saved: {saved}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let cleaned = lab
+        .agent
+        .cli(&["fqdn", "cache", "clean", "-n", "cilium.io", "-f"])
+        .unwrap();
+    assert!(cleaned.status.success(), "{cleaned:?}");
+    wait_proxy_cleaned_of_cilium(proxy_admin).await;
+
+    // Killed, its cache's file as it was before the clean: the write that never came.
+    let resynced_before = status(proxy_admin).await["last_resync_at_ms"].clone();
+    lab.agent.kill().unwrap();
+    std::fs::write(&cache_file, before_clean).unwrap();
+    lab.agent.restart().await.unwrap();
+    let names = agent_cache_names(&lab);
+    assert!(names.contains("google.com."), "{names:?}");
+    assert!(
+        !names.contains("cilium.io."),
+        "the clean came undone: {names:?}"
+    );
+    after_the_next_resync_the_agent_lacks_cilium(&lab, proxy_admin, &resynced_before).await;
+    wait_proxy_cleaned_of_cilium(proxy_admin).await;
+}
+
 #[tokio::test]
 async fn the_agent_serves_alone_and_a_lone_proxy_enforces_its_persisted_snapshot() {
     if !require_lab() || !warden_tests::require_tools(&["knotd", "dig", "bpftool"]) {
