@@ -36,6 +36,13 @@ struct Entry {
     mapping: Arc<Mapping>,
 }
 
+impl Entry {
+    /// Its number and weight, for the file to forget it by.
+    fn gone(&self) -> (u64, usize) {
+        (self.seq, warden_api::mapping_bytes(&self.mapping))
+    }
+}
+
 /// The journal's mappings and the bytes they take, kept together. Shared (`Arc`), so that a
 /// save copies pointers under the lock the answer path pushes through.
 #[derive(Debug)]
@@ -56,17 +63,19 @@ impl Queue {
         }
     }
 
-    fn push_back(&mut self, mapping: Arc<Mapping>) -> u64 {
+    /// Returns the number given and what the mapping weighs.
+    fn push_back(&mut self, mapping: Arc<Mapping>) -> (u64, usize) {
         let seq = self.next_seq;
-        self.next_seq += 1;
-        self.bytes += warden_api::mapping_bytes(&mapping);
+        self.next_seq = self.next_seq.saturating_add(1);
+        let bytes = warden_api::mapping_bytes(&mapping);
+        self.bytes += bytes;
         self.entries.push_back(Entry { seq, mapping });
-        seq
+        (seq, bytes)
     }
 
     /// A mapping read from the file, under the number it had there (given in order).
     fn push_held(&mut self, seq: u64, mapping: Arc<Mapping>) {
-        self.next_seq = self.next_seq.max(seq + 1);
+        self.next_seq = self.next_seq.max(seq.saturating_add(1));
         self.bytes += warden_api::mapping_bytes(&mapping);
         self.entries.push_back(Entry { seq, mapping });
     }
@@ -90,13 +99,13 @@ impl Queue {
         taken
     }
 
-    /// Drops what `matches` holds for; returns the numbers of what went.
-    fn remove_matching(&mut self, mut matches: impl FnMut(&Mapping) -> bool) -> Vec<u64> {
+    /// Drops what `matches` holds for; returns what went ([`Entry::gone`]).
+    fn remove_matching(&mut self, mut matches: impl FnMut(&Mapping) -> bool) -> Vec<(u64, usize)> {
         let mut removed = Vec::new();
         self.entries.retain(|entry| {
             let remove = matches(&entry.mapping);
             if remove {
-                removed.push(entry.seq);
+                removed.push(entry.gone());
             }
             !remove
         });
@@ -111,17 +120,16 @@ impl Queue {
     }
 
     /// Drops the oldest until at most `capacity` mappings and [`JOURNAL_MAX_BYTES`] are held;
-    /// returns the numbers of what went.
-    fn bound(&mut self, capacity: usize) -> Vec<u64> {
+    /// returns what went ([`Entry::gone`]).
+    fn bound(&mut self, capacity: usize) -> Vec<(u64, usize)> {
         let mut dropped = Vec::new();
         while self.entries.len() > capacity || self.bytes > JOURNAL_MAX_BYTES {
             let Some(entry) = self.entries.pop_front() else {
                 break;
             };
-            self.bytes = self
-                .bytes
-                .saturating_sub(warden_api::mapping_bytes(&entry.mapping));
-            dropped.push(entry.seq);
+            let gone = entry.gone();
+            self.bytes = self.bytes.saturating_sub(gone.1);
+            dropped.push(gone);
         }
         dropped
     }
@@ -160,13 +168,15 @@ pub struct Journal {
 
 impl Journal {
     pub fn new(capacity: usize, metrics: PeerMetrics) -> Journal {
-        Journal::holding(Vec::new(), false, capacity, metrics)
+        Journal::holding(Vec::new(), false, false, capacity, metrics)
     }
 
-    /// `held` (by number, oldest first), its file to be written whole at the first save.
+    /// `held` (by number, oldest first), its file to be written whole at the first save; at
+    /// the persister's first round if `rewrite` (it moves [`Self::changes`]).
     fn holding(
         held: Vec<(u64, Mapping)>,
-        legacy_read: bool,
+        legacy_present: bool,
+        rewrite: bool,
         capacity: usize,
         metrics: PeerMetrics,
     ) -> Journal {
@@ -184,25 +194,44 @@ impl Journal {
         Journal {
             queue: Mutex::new(queue),
             in_flight: Mutex::new(Vec::new()),
-            file: Mutex::new(FileLog::new(legacy_read)),
+            file: Mutex::new(FileLog::new(legacy_present)),
             saving: Mutex::new(()),
             capacity,
             metrics,
-            changes: AtomicU64::new(0),
+            changes: AtomicU64::new(u64::from(rewrite)),
             pushed: Notify::new(),
         }
     }
 
-    /// The journal a previous run left in `state_dir`, if any: its log, and the file of a
-    /// build before the log, both read (taken twice, a mapping changes nothing).
+    /// The journal a previous run left in `state_dir`, if any: its log, or the file of a build
+    /// before the log if that is the newer of the two (a downgrade since left the log stale;
+    /// the other way round, the older file is one that could not be removed). A journal that
+    /// was damaged (set aside) or in the older format is written whole at the persister's
+    /// first round, whether or not anything changes.
     pub fn open(state_dir: &Path, capacity: usize, metrics: PeerMetrics) -> Journal {
-        let mut held: Vec<(u64, Mapping)> = read_log(state_dir).into_iter().collect();
-        let legacy = read_legacy(state_dir);
-        let legacy_read = legacy.is_some();
-        // After what the log holds: the older file was left before the log was first written.
-        let next_seq = held.last().map_or(1, |(seq, _)| seq + 1);
-        held.extend((next_seq..).zip(legacy.unwrap_or_default()));
-        Journal::holding(held, legacy_read, capacity, metrics)
+        let modified = |path: &Path| std::fs::metadata(path).and_then(|m| m.modified()).ok();
+        let legacy_time = modified(&state_dir.join(disk::LEGACY_FILE));
+        let log_time = modified(&disk::log_file(state_dir));
+        let legacy_newer = match (legacy_time, log_time) {
+            (Some(legacy), Some(log)) => legacy > log,
+            (legacy, _) => legacy.is_some(),
+        };
+        let (held, damaged) = if legacy_newer {
+            let held = (1..)
+                .zip(read_legacy(state_dir).unwrap_or_default())
+                .collect();
+            (held, false)
+        } else {
+            read_log(state_dir)
+        };
+        let legacy_present = legacy_time.is_some();
+        Journal::holding(
+            held,
+            legacy_present,
+            damaged || legacy_present,
+            capacity,
+            metrics,
+        )
     }
 
     /// A counter that moves whenever the journal changes.
@@ -259,15 +288,15 @@ impl Journal {
             .unwrap_or_else(|poison| poison.into_inner())
     }
 
-    /// `seqs` left the journal (dropped, confirmed, cleaned): the file forgets them at the next
-    /// save. Called with the lock of what they left held.
-    fn forget_in_file(&self, seqs: &[u64]) {
-        if seqs.is_empty() {
+    /// `gone` (numbers and weights) left the journal (dropped, confirmed, cleaned): the file
+    /// forgets them at the next save. Called with the lock of what they left held.
+    fn forget_in_file(&self, gone: &[(u64, usize)]) {
+        if gone.is_empty() {
             return;
         }
         let mut file = self.file();
-        for seq in seqs {
-            file.removed(*seq);
+        for (seq, bytes) in gone {
+            file.removed(*seq, *bytes);
         }
         drop(file);
         self.changes.fetch_add(1, Ordering::Relaxed);
@@ -334,9 +363,10 @@ impl Journal {
             let over = count > self.capacity || bytes > JOURNAL_MAX_BYTES;
             let forget = sent.number != REPLAYED && over;
             if forget {
+                let gone = sent.entry.gone();
                 count -= 1;
-                bytes = bytes.saturating_sub(warden_api::mapping_bytes(&sent.entry.mapping));
-                forgotten.push(sent.entry.seq);
+                bytes = bytes.saturating_sub(gone.1);
+                forgotten.push(gone);
             }
             !forget
         });
@@ -361,7 +391,7 @@ impl Journal {
         in_flight.retain(|sent| {
             let done = done(sent.number);
             if done {
-                confirmed.push(sent.entry.seq);
+                confirmed.push(sent.entry.gone());
             }
             !done
         });
@@ -400,8 +430,8 @@ impl Journal {
     pub fn push(&self, mapping: Mapping) {
         let mut queue = self.queue();
         let mapping = Arc::new(mapping);
-        let seq = queue.push_back(Arc::clone(&mapping));
-        self.file().added(seq, &mapping);
+        let (seq, bytes) = queue.push_back(Arc::clone(&mapping));
+        self.file().added(seq, &mapping, bytes);
         self.changes.fetch_add(1, Ordering::Relaxed);
         self.bounded(&mut queue);
         drop(queue);
@@ -437,7 +467,7 @@ impl Journal {
         in_flight.retain(|sent| {
             let remove = matches(&sent.entry.mapping);
             if remove {
-                removed.push(sent.entry.seq);
+                removed.push(sent.entry.gone());
             }
             !remove
         });
@@ -455,8 +485,8 @@ impl Journal {
     pub(crate) fn take(&self) -> Vec<Mapping> {
         let mut queue = self.queue();
         let taken = queue.take_front(usize::MAX);
-        let seqs: Vec<u64> = taken.iter().map(|entry| entry.seq).collect();
-        self.forget_in_file(&seqs);
+        let gone: Vec<(u64, usize)> = taken.iter().map(Entry::gone).collect();
+        self.forget_in_file(&gone);
         self.metrics.journal_entries.set(0);
         taken
             .into_iter()
@@ -473,18 +503,19 @@ fn gauge(count: usize) -> i64 {
     i64::try_from(count).unwrap_or(i64::MAX)
 }
 
-/// What the log in `state_dir` holds, by number; a log that is not one, or has a bad record,
-/// is set aside (what came before a bad record is kept).
-fn read_log(state_dir: &Path) -> std::collections::BTreeMap<u64, Mapping> {
+/// What the log in `state_dir` holds, by number (oldest first), and whether it was set aside:
+/// a log that cannot be read or is not one, or is damaged (what came before the damage is
+/// kept, to be written whole again).
+fn read_log(state_dir: &Path) -> (Vec<(u64, Mapping)>, bool) {
     let path = disk::log_file(state_dir);
     let bytes = match std::fs::read(&path) {
         Ok(bytes) => bytes,
-        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Default::default(),
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return (Vec::new(), false),
         // Set aside, not overwritten by the next save: what it holds may still be read.
         Err(error) => {
             let set_aside = warden_state::set_aside(&path);
             tracing::error!(%error, set_aside, "cannot read the journal in state_dir; starting without it");
-            return Default::default();
+            return (Vec::new(), true);
         }
     };
     let Some(read) = disk::read(&bytes) else {
@@ -493,20 +524,22 @@ fn read_log(state_dir: &Path) -> std::collections::BTreeMap<u64, Mapping> {
             set_aside,
             "the journal in state_dir is not a journal; starting without it"
         );
-        return Default::default();
+        return (Vec::new(), true);
     };
+    let kept = read.held.len();
     match &read.damage {
         None => {}
-        // A crash during an append: the next save writes the file whole.
+        // Likely a crash or power loss during an append.
         Some(damage @ disk::Damage::TornTail { .. }) => {
-            tracing::warn!(%damage, kept = read.held.len(), "the journal in state_dir was cut short; what came before is kept");
+            let set_aside = warden_state::set_aside(&path);
+            tracing::warn!(%damage, kept, set_aside, "the journal in state_dir was cut short; what came before is kept");
         }
         Some(damage @ disk::Damage::BadRecord { .. }) => {
             let set_aside = warden_state::set_aside(&path);
-            tracing::error!(%damage, kept = read.held.len(), set_aside, "the journal in state_dir is damaged; what came before is kept");
+            tracing::error!(%damage, kept, set_aside, "the journal in state_dir is damaged; what came before is kept");
         }
     }
-    read.held
+    (read.held.into_iter().collect(), read.damage.is_some())
 }
 
 /// The journal a build before the log left in `state_dir`, if any.
@@ -675,17 +708,12 @@ mod tests {
 
     #[test]
     fn a_journal_that_does_not_decode_is_set_aside() {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::write(disk::log_file(dir.path()), b"\xff\xff\xff not a journal").unwrap();
-        std::fs::write(
-            dir.path().join(disk::LEGACY_FILE),
-            b"\xff\xff\xff not protobuf",
-        )
-        .unwrap();
         let metrics = warden_telemetry::Metrics::new("dnsproxy").unwrap();
-        let journal = Journal::open(dir.path(), 16, metrics.peer.clone());
-        assert!(journal.is_empty());
         for file in ["journal.log", "journal.pb"] {
+            let dir = tempfile::tempdir().unwrap();
+            std::fs::write(dir.path().join(file), b"\xff\xff\xff not a journal").unwrap();
+            let journal = Journal::open(dir.path(), 16, metrics.peer.clone());
+            assert!(journal.is_empty());
             assert!(dir.path().join(format!("{file}.corrupt")).exists());
             assert!(!dir.path().join(file).exists());
         }
@@ -782,13 +810,26 @@ mod tests {
         assert_eq!(reopened.len(), 91);
         assert_eq!(names_of(reopened.take())[0], "n010.");
 
-        // Nothing left: written whole again, as just its header.
+        // Past 1 MiB, once as much is removed as is left, the file is written whole again.
+        let wide = |n: usize| Mapping {
+            ips: (0..200).map(|i| format!("2001:db8::{n:x}:{i:x}")).collect(),
+            ..mapping(&format!("w{n:03}."))
+        };
+        for n in 0..400 {
+            journal.push(wide(n));
+        }
+        journal.save(dir.path()).unwrap();
+        let (same_inode, grown) = inode_and_len(&path);
+        assert_eq!(same_inode, inode);
+        assert!(grown > 1 << 20, "{grown}");
         journal.take_to_send(usize::MAX, usize::MAX, 2);
         journal.sent_confirmed(2);
+        journal.push(mapping("last."));
         journal.save(dir.path()).unwrap();
-        let (new_inode, emptied) = inode_and_len(&path);
+        let (new_inode, compacted) = inode_and_len(&path);
         assert_ne!(new_inode, inode, "written whole");
-        assert_eq!(emptied, 8);
+        assert!(compacted < record * 2, "{compacted}");
+        assert_eq!(saved_names(dir.path(), &metrics), ["last."]);
     }
 
     /// A crash during an append leaves half a record at the end: what came before is kept,
@@ -811,15 +852,20 @@ mod tests {
             .unwrap()
             .set_len(len - 3)
             .unwrap();
-        assert_eq!(saved_names(), ["a."]);
 
+        // Set aside, what came before kept and written whole at the persister's first round,
+        // whether or not anything changes (killed again before that, it would be lost).
         let restarted = Journal::open(dir.path(), 10, metrics.peer.clone());
+        assert!(beside_corrupt(&path).exists());
+        assert_ne!(restarted.changes(), 0, "to be saved at once");
+        restarted.save(dir.path()).unwrap();
+        assert_eq!(saved_names(), ["a."]);
         restarted.push(mapping("c."));
         restarted.save(dir.path()).unwrap();
         restarted.push(mapping("d."));
         restarted.save(dir.path()).unwrap();
         assert_eq!(saved_names(), ["a.", "c.", "d."]);
-        assert!(!beside_corrupt(&path).exists(), "a torn tail is not damage");
+        std::fs::remove_file(beside_corrupt(&path)).unwrap();
 
         // A record damaged in the middle: the file is set aside, what came before is kept.
         let mut bytes = std::fs::read(&path).unwrap();
@@ -835,20 +881,31 @@ mod tests {
     }
 
     /// An upgrade from a build that wrote the journal whole (`journal.pb`) keeps what it
-    /// held; the older file goes once the log is written whole.
+    /// held; the older file goes once the log is written, at the persister's first round.
+    /// Of the two, only the newer is read: a downgrade leaves a stale log, and an older file
+    /// that could not be removed would bring back, at every start, what was since delivered.
     #[test]
-    fn the_journal_of_an_older_build_is_read_and_then_removed() {
+    fn of_an_older_builds_journal_and_the_log_the_newer_is_read() {
         let dir = tempfile::tempdir().unwrap();
         let legacy = dir.path().join(disk::LEGACY_FILE);
-        let older = Mappings {
-            mappings: vec![mapping("old1."), mapping("old2.")],
-            resync: true,
-            confirm: 0,
+        let write_legacy = |names: &[&str]| {
+            let older = Mappings {
+                mappings: names.iter().map(|name| mapping(name)).collect(),
+                resync: true,
+                confirm: 0,
+            };
+            std::fs::write(&legacy, older.encode_to_vec()).unwrap();
         };
-        std::fs::write(&legacy, older.encode_to_vec()).unwrap();
+        let age = |path: &Path, seconds: u64| {
+            let file = std::fs::File::options().write(true).open(path).unwrap();
+            let then = std::time::SystemTime::now() - std::time::Duration::from_secs(seconds);
+            file.set_modified(then).unwrap();
+        };
+        write_legacy(&["old1.", "old2."]);
         let metrics = warden_telemetry::Metrics::new("dnsproxy").unwrap();
         let journal = Journal::open(dir.path(), 10, metrics.peer.clone());
         assert_eq!(journal.len(), 2);
+        assert_ne!(journal.changes(), 0, "to be saved at once");
         journal.push(mapping("new."));
         journal.save(dir.path()).unwrap();
         assert!(!legacy.exists());
@@ -856,6 +913,21 @@ mod tests {
             saved_names(dir.path(), &metrics),
             ["new.", "old1.", "old2."]
         );
+
+        // An older file left beside a newer log (it could not be removed) is not read.
+        write_legacy(&["stale."]);
+        age(&legacy, 60);
+        assert_eq!(
+            saved_names(dir.path(), &metrics),
+            ["new.", "old1.", "old2."]
+        );
+        // A newer one (a downgrade wrote it) is, and the stale log is not.
+        write_legacy(&["downgraded."]);
+        age(&disk::log_file(dir.path()), 60);
+        let reopened = Journal::open(dir.path(), 10, metrics.peer.clone());
+        reopened.save(dir.path()).unwrap();
+        assert!(!legacy.exists());
+        assert_eq!(saved_names(dir.path(), &metrics), ["downgraded."]);
     }
 
     /// What the journal holds (in flight too), oldest first.

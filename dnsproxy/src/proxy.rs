@@ -431,7 +431,9 @@ async fn persist_state(files: StateFiles, shutdown: CancellationToken) {
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     // After a slow fsync, one round rather than a burst of the ticks it missed.
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut saved = files.journal.changes();
+    // From 0: what changed since the journal was opened (a push before this task ran, a
+    // damaged or older-format file to write again) is saved at the first round.
+    let mut saved = 0;
     loop {
         let stopping = tokio::select! {
             _ = shutdown.cancelled() => true,
@@ -558,6 +560,33 @@ fn admin_router(state: AdminState, metrics: Metrics, flows: Arc<FlowLog>) -> Rou
 mod tests {
     use super::*;
     use warden_api::proto::Mapping;
+
+    /// The persister took the journal's count of changes at its start for saved: a push made
+    /// before it ran, or a damaged journal to write again, waited for another change, and a
+    /// proxy killed meanwhile lost them.
+    #[tokio::test]
+    async fn what_changed_before_the_persister_started_is_saved_at_its_first_round() {
+        let dir = tempfile::tempdir().unwrap();
+        let metrics = Metrics::new("dnsproxy").unwrap();
+        let journal = Arc::new(Journal::new(16, metrics.peer.clone()));
+        journal.push(Mapping {
+            endpoint: "youssef/test".into(),
+            name: "cilium.io.".into(),
+            ..Mapping::default()
+        });
+        let files = StateFiles {
+            journal,
+            policy: Arc::new(ProxyPolicy::new(dir.path())),
+            state_dir: dir.path().to_path_buf(),
+            errors: metrics.peer.state_persist_errors.clone(),
+        };
+        // Stopped at once: one round, the last.
+        let shutdown = CancellationToken::new();
+        shutdown.cancel();
+        persist_state(files, shutdown).await;
+        let reopened = Journal::open(dir.path(), 16, metrics.peer.clone());
+        assert_eq!(reopened.len(), 1);
+    }
 
     /// A state_dir that refuses writes: each file's failures are counted, the journal is not
     /// taken for saved, and both are written once the directory is back.

@@ -55,8 +55,9 @@ pub(super) enum Change {
 }
 
 /// What the file holds against what the journal holds: the changes since the last save, and
-/// the counts that say when to write it whole again. Locked after the journal's own locks,
-/// so that each change is recorded in the order it was made.
+/// the sizes that say when to write it whole again (each mapping weighed as
+/// [`warden_api::mapping_bytes`]). Locked after the journal's own locks, so that each change
+/// is recorded in the order it was made.
 #[derive(Debug)]
 pub(super) struct FileLog {
     /// Oldest first. Not kept while a whole write is due: it writes everything.
@@ -65,17 +66,18 @@ pub(super) struct FileLog {
     /// add still in `pending` (both are left out of the file).
     fresh_from: u64,
     /// What `pending` adds to the file and removes from it, those that undo each other left out.
-    pending_added: u64,
-    pending_removed: u64,
+    pending_added_bytes: u64,
+    pending_removed_bytes: u64,
     /// Set at start (the file may be torn, or in the older format) and after a failed write
     /// (the file may now end in half a record).
     whole_due: bool,
-    /// Mappings the file holds records of, those of them removed, and its length.
-    file_added: u64,
-    file_removed: u64,
+    /// The file as written: the mappings it holds that the journal holds too, those it holds
+    /// records of that were removed since, and its length.
+    file_live_bytes: u64,
+    file_dead_bytes: u64,
     file_bytes: u64,
-    /// A file in the older format was read at start: removed after the first whole write.
-    legacy_read: bool,
+    /// A file in the older format is in `state_dir`: removed at the next whole write.
+    legacy_present: bool,
 }
 
 /// What a save writes, decided under the journal's locks and written outside them.
@@ -90,8 +92,8 @@ pub(super) enum Plan {
     Append {
         changes: Vec<Change>,
         fresh_from: u64,
-        added: u64,
-        removed: u64,
+        added_bytes: u64,
+        removed_bytes: u64,
     },
 }
 
@@ -100,49 +102,53 @@ pub(super) enum Plan {
 pub(super) enum Written {
     Nothing,
     Whole {
-        held: u64,
+        live_bytes: u64,
         bytes: u64,
+        /// The older format's file is still there (it could not be removed).
+        legacy_present: bool,
     },
     Appended {
-        added: u64,
-        removed: u64,
+        added_bytes: u64,
+        removed_bytes: u64,
         bytes: u64,
     },
 }
 
 impl FileLog {
-    /// The log of a journal whose next save writes the file whole; `legacy_read` says whether
-    /// a file in the older format is to be removed then.
-    pub(super) fn new(legacy_read: bool) -> FileLog {
+    /// The log of a journal whose next save writes the file whole; `legacy_present` says
+    /// whether a file in the older format is to be removed then.
+    pub(super) fn new(legacy_present: bool) -> FileLog {
         FileLog {
             pending: Vec::new(),
             fresh_from: 0,
-            pending_added: 0,
-            pending_removed: 0,
+            pending_added_bytes: 0,
+            pending_removed_bytes: 0,
             whole_due: true,
-            file_added: 0,
-            file_removed: 0,
+            file_live_bytes: 0,
+            file_dead_bytes: 0,
             file_bytes: 0,
-            legacy_read,
+            legacy_present,
         }
     }
 
-    pub(super) fn added(&mut self, seq: u64, mapping: &Arc<Mapping>) {
+    /// `mapping`, weighing `bytes`, joined the journal under `seq`.
+    pub(super) fn added(&mut self, seq: u64, mapping: &Arc<Mapping>, bytes: usize) {
         if !self.whole_due {
             self.pending.push(Change::Added(seq, Arc::clone(mapping)));
-            self.pending_added += 1;
+            self.pending_added_bytes += bytes as u64;
         }
     }
 
-    pub(super) fn removed(&mut self, seq: u64) {
+    /// The mapping under `seq`, weighing `bytes`, left the journal.
+    pub(super) fn removed(&mut self, seq: u64, bytes: usize) {
         if self.whole_due {
             return;
         }
         self.pending.push(Change::Removed(seq));
         if seq >= self.fresh_from {
-            self.pending_added = self.pending_added.saturating_sub(1);
+            self.pending_added_bytes = self.pending_added_bytes.saturating_sub(bytes as u64);
         } else {
-            self.pending_removed += 1;
+            self.pending_removed_bytes += bytes as u64;
         }
     }
 
@@ -154,16 +160,16 @@ impl FileLog {
         held: impl FnOnce() -> Vec<(u64, Arc<Mapping>)>,
     ) -> Plan {
         let fresh_from = std::mem::replace(&mut self.fresh_from, next_seq);
-        let (added, removed) = (
-            std::mem::take(&mut self.pending_added),
-            std::mem::take(&mut self.pending_removed),
+        let (added_bytes, removed_bytes) = (
+            std::mem::take(&mut self.pending_added_bytes),
+            std::mem::take(&mut self.pending_removed_bytes),
         );
         let changes = std::mem::take(&mut self.pending);
-        if self.whole_due || self.compaction_due(added, removed) {
+        if self.whole_due || self.compaction_due(added_bytes, removed_bytes) {
             self.whole_due = false;
             return Plan::Whole {
                 held: held(),
-                remove_legacy: self.legacy_read,
+                remove_legacy: self.legacy_present,
             };
         }
         if changes.is_empty() {
@@ -172,20 +178,18 @@ impl FileLog {
         Plan::Append {
             changes,
             fresh_from,
-            added,
-            removed,
+            added_bytes,
+            removed_bytes,
         }
     }
 
-    /// Whether, with `added` and `removed` appended, the file would hold as many removed
-    /// mappings as live ones (and is large enough for that to matter, or holds nothing live).
-    fn compaction_due(&self, added: u64, removed: u64) -> bool {
-        let file_added = self.file_added + added;
-        let file_removed = self.file_removed + removed;
-        let live = file_added.saturating_sub(file_removed);
-        file_removed > 0
-            && file_removed >= live
-            && (live == 0 || self.file_bytes >= COMPACT_FROM_BYTES)
+    /// Whether, with what is pending appended, the file would hold records of removed
+    /// mappings weighing as much as the live ones, and be large enough for that to matter (a
+    /// small file costs less appended to than renamed over).
+    fn compaction_due(&self, added_bytes: u64, removed_bytes: u64) -> bool {
+        let dead = self.file_dead_bytes + removed_bytes;
+        let live = (self.file_live_bytes + added_bytes).saturating_sub(removed_bytes);
+        dead > 0 && dead >= live && self.file_bytes >= COMPACT_FROM_BYTES
     }
 
     /// Takes in what a save wrote; after a failure the next save writes the file whole (it may
@@ -193,26 +197,31 @@ impl FileLog {
     pub(super) fn settle(&mut self, written: &Result<Written, StateError>) {
         match written {
             Ok(Written::Nothing) => {}
-            Ok(Written::Whole { held, bytes }) => {
-                self.file_added = *held;
-                self.file_removed = 0;
+            Ok(Written::Whole {
+                live_bytes,
+                bytes,
+                legacy_present,
+            }) => {
+                self.file_live_bytes = *live_bytes;
+                self.file_dead_bytes = 0;
                 self.file_bytes = *bytes;
-                self.legacy_read = false;
+                self.legacy_present = *legacy_present;
             }
             Ok(Written::Appended {
-                added,
-                removed,
+                added_bytes,
+                removed_bytes,
                 bytes,
             }) => {
-                self.file_added += added;
-                self.file_removed += removed;
+                self.file_live_bytes =
+                    (self.file_live_bytes + added_bytes).saturating_sub(*removed_bytes);
+                self.file_dead_bytes += removed_bytes;
                 self.file_bytes += bytes;
             }
             Err(_) => {
                 self.whole_due = true;
                 self.pending.clear();
-                self.pending_added = 0;
-                self.pending_removed = 0;
+                self.pending_added_bytes = 0;
+                self.pending_removed_bytes = 0;
             }
         }
     }
@@ -240,19 +249,21 @@ impl Plan {
                     put_added(&mut bytes, *seq, mapping);
                 }
                 warden_state::write_atomically(&path, &bytes)?;
-                if remove_legacy {
-                    remove_legacy_file(state_dir);
-                }
+                let live_bytes = held
+                    .iter()
+                    .map(|(_, mapping)| warden_api::mapping_bytes(mapping) as u64)
+                    .sum();
                 Ok(Written::Whole {
-                    held: held.len() as u64,
+                    live_bytes,
                     bytes: bytes.len() as u64,
+                    legacy_present: remove_legacy && !remove_legacy_file(state_dir),
                 })
             }
             Plan::Append {
                 changes,
                 fresh_from,
-                added,
-                removed,
+                added_bytes,
+                removed_bytes,
             } => {
                 let undone: HashSet<u64> = changes
                     .iter()
@@ -279,8 +290,8 @@ impl Plan {
                     append(&path, &bytes)?;
                 }
                 Ok(Written::Appended {
-                    added,
-                    removed,
+                    added_bytes,
+                    removed_bytes,
                     bytes: bytes.len() as u64,
                 })
             }
@@ -302,16 +313,20 @@ fn append(path: &Path, bytes: &[u8]) -> Result<(), StateError> {
         })
 }
 
-fn remove_legacy_file(state_dir: &Path) {
+/// Removes the older format's file, now that the log holds what it held; says whether it is
+/// gone (if not, the next whole write tries again, and a start reads only the newer of the
+/// two).
+fn remove_legacy_file(state_dir: &Path) -> bool {
     let legacy = state_dir.join(LEGACY_FILE);
     match std::fs::remove_file(&legacy) {
         Ok(()) => {
-            tracing::info!(file = %legacy.display(), "journal now kept as a log; the older file is removed")
+            tracing::info!(file = %legacy.display(), "journal now kept as a log; the older file is removed");
+            true
         }
-        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
-        // Read again at the next start, with the log: a mapping taken twice changes nothing.
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => true,
         Err(error) => {
-            tracing::warn!(file = %legacy.display(), %error, "cannot remove the older journal file")
+            tracing::warn!(file = %legacy.display(), %error, "cannot remove the older journal file");
+            false
         }
     }
 }
@@ -355,10 +370,12 @@ pub(super) struct Read {
     pub damage: Option<Damage>,
 }
 
-/// Where a file stopped making sense; what came before is kept.
+/// Where a file stopped making sense; what came before is kept. Which of the two it is, is a
+/// guess (a length damaged in the middle of the file also runs past its end): either way the
+/// file is set aside, and what came before written whole.
 #[derive(Debug, PartialEq, Eq)]
 pub(super) enum Damage {
-    /// It ends inside a record: a crash during an append.
+    /// It ends inside a record, or in zeros: likely a crash or power loss during an append.
     TornTail { at: usize },
     /// A record whose checksum or content is wrong: the disk, or someone else's writes.
     BadRecord { at: usize },
@@ -386,6 +403,16 @@ pub(super) fn read(bytes: &[u8]) -> Option<Read> {
         let [l0, l1, l2, l3, c0, c1, c2, c3] = *header;
         let length = u32::from_le_bytes([l0, l1, l2, l3]) as usize;
         let crc = u32::from_le_bytes([c0, c1, c2, c3]);
+        // No record is empty; zeros (whose CRC-32 is zero) are what a power loss can leave
+        // where an append had room made for it.
+        if length == 0 {
+            read.damage = Some(if rest.iter().all(|byte| *byte == 0) {
+                Damage::TornTail { at }
+            } else {
+                Damage::BadRecord { at }
+            });
+            break;
+        }
         let Some((body, after)) = after.split_at_checked(length) else {
             read.damage = Some(Damage::TornTail { at });
             break;
@@ -474,44 +501,57 @@ mod tests {
         assert_eq!(names(&read), ["a."]);
         assert_eq!(read.damage, Some(Damage::BadRecord { at: whole }));
         assert!(super::read(b"not a journal").is_none());
+
+        // Zeros where a record should be: a tail a power loss left, or damage before more.
+        let mut zeros = bytes[..whole].to_vec();
+        zeros.extend_from_slice(&[0; 40]);
+        let read = super::read(&zeros).unwrap();
+        assert_eq!(names(&read), ["a."]);
+        assert_eq!(read.damage, Some(Damage::TornTail { at: whole }));
+        zeros.push(1);
+        assert_eq!(
+            super::read(&zeros).unwrap().damage,
+            Some(Damage::BadRecord { at: whole })
+        );
     }
 
-    fn log_after_whole_write(held: u64, bytes: u64) -> FileLog {
+    /// A log whose file was just written whole: `live_bytes` of mappings numbered up to
+    /// `held`, in a file of `bytes`.
+    fn log_after_whole_write(held: u64, live_bytes: u64, bytes: u64) -> FileLog {
         let mut log = FileLog::new(false);
         assert!(matches!(log.plan(held + 1, Vec::new), Plan::Whole { .. }));
-        log.settle(&Ok(Written::Whole { held, bytes }));
+        log.settle(&Ok(Written::Whole {
+            live_bytes,
+            bytes,
+            legacy_present: false,
+        }));
         log
     }
 
     #[test]
     fn an_add_undone_before_the_save_is_not_written() {
-        let mut log = log_after_whole_write(1, 100);
-        log.added(2, &mapping("b."));
-        log.added(3, &mapping("c."));
-        log.removed(2);
-        log.removed(1);
+        let mut log = log_after_whole_write(1, 10, 100);
+        log.added(2, &mapping("b."), 10);
+        log.added(3, &mapping("c."), 10);
+        log.removed(2, 10);
+        log.removed(1, 10);
+        let plan = log.plan(4, Vec::new);
         let Plan::Append {
-            changes,
             fresh_from,
-            added,
-            removed,
-        } = log.plan(4, Vec::new)
+            added_bytes,
+            removed_bytes,
+            ..
+        } = &plan
         else {
             panic!("an append was due");
         };
-        assert_eq!((fresh_from, added, removed), (2, 1, 1));
+        assert_eq!((*fresh_from, *added_bytes, *removed_bytes), (2, 10, 10));
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(
             log_file(dir.path()),
             [MAGIC.as_slice(), &record_of(1, "a.")].concat(),
         )
         .unwrap();
-        let plan = Plan::Append {
-            changes,
-            fresh_from,
-            added,
-            removed,
-        };
         let Ok(Written::Appended { bytes, .. }) = plan.write(dir.path()) else {
             panic!("the append failed");
         };
@@ -528,46 +568,61 @@ mod tests {
         bytes
     }
 
+    /// Weighed in bytes, not counted: a few wide mappings removed outweigh many narrow ones
+    /// left, and a file of them is mostly dead.
     #[test]
-    fn the_file_is_written_whole_once_as_much_is_removed_as_is_left() {
-        let mut log = log_after_whole_write(10, 2 * COMPACT_FROM_BYTES);
+    fn the_file_is_written_whole_once_it_holds_as_much_removed_as_live() {
+        let mut log = log_after_whole_write(10, 1000, 2 * COMPACT_FROM_BYTES);
         for seq in 1..=4 {
-            log.removed(seq);
+            log.removed(seq, 100);
         }
         assert!(matches!(log.plan(11, Vec::new), Plan::Append { .. }));
         log.settle(&Ok(Written::Appended {
-            added: 0,
-            removed: 4,
+            added_bytes: 0,
+            removed_bytes: 400,
             bytes: 20,
         }));
-        log.removed(5);
+        log.removed(5, 100);
         assert!(
             matches!(log.plan(11, Vec::new), Plan::Whole { .. }),
-            "five of ten removed"
+            "500 of 1000 bytes removed"
         );
-
-        // A small file is appended to, unless nothing live is left in it.
-        let mut small = log_after_whole_write(2, 200);
-        small.removed(1);
-        assert!(matches!(small.plan(3, Vec::new), Plan::Append { .. }));
-        small.settle(&Ok(Written::Appended {
-            added: 0,
-            removed: 1,
+        // One wide mapping of 5,000 bytes among 500 narrow ones of 10: removed, it is half
+        // the file, though one mapping in 501.
+        log.settle(&Ok(Written::Whole {
+            live_bytes: 10_000,
+            bytes: 2 * COMPACT_FROM_BYTES,
+            legacy_present: false,
+        }));
+        log.removed(6, 10);
+        assert!(matches!(log.plan(11, Vec::new), Plan::Append { .. }));
+        log.settle(&Ok(Written::Appended {
+            added_bytes: 0,
+            removed_bytes: 10,
             bytes: 10,
         }));
-        small.removed(2);
-        assert!(matches!(small.plan(3, Vec::new), Plan::Whole { .. }));
+        log.removed(7, 5_000);
+        assert!(
+            matches!(log.plan(11, Vec::new), Plan::Whole { .. }),
+            "one wide mapping outweighs the rest"
+        );
+
+        // A small file is appended to, even with nothing live left in it.
+        let mut small = log_after_whole_write(2, 20, 200);
+        small.removed(1, 10);
+        small.removed(2, 10);
+        assert!(matches!(small.plan(3, Vec::new), Plan::Append { .. }));
     }
 
     #[test]
     fn a_failed_write_makes_the_next_save_whole() {
-        let mut log = log_after_whole_write(1, 100);
-        log.added(2, &mapping("b."));
+        let mut log = log_after_whole_write(1, 10, 100);
+        log.added(2, &mapping("b."), 10);
         let plan = log.plan(3, Vec::new);
         let written = plan.write(Path::new("/nonexistent/warden-journal-test"));
         assert!(written.is_err());
         log.settle(&written);
-        log.added(3, &mapping("c."));
+        log.added(3, &mapping("c."), 10);
         assert!(
             log.pending.is_empty(),
             "not kept: everything is written next"
