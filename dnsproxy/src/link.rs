@@ -58,9 +58,51 @@ pub struct Link {
     connected: AtomicBool,
     last_resync_at_ms: AtomicU64,
     last_resync_ms: AtomicU64,
+    applied_cleans: Mutex<AppliedCleans>,
+}
+
+/// How many of the cleans it applied a proxy remembers: four times what the agent hands a
+/// session.
+const APPLIED_CLEANS_REMEMBERED: usize = 1024;
+
+/// A clean by its filter and time.
+type CleanKey = (Option<String>, Option<String>, u64);
+
+/// The cleans this process applied. The agent hands every new session those it remembers (up
+/// to 256), and one applied before has nothing left to remove: what the cache and journal
+/// took in since was answered after it, or came from the agent, which holds to it. Applied
+/// again it would cost walks of both, for each of them, at every session's start.
+#[derive(Debug, Default)]
+struct AppliedCleans {
+    order: std::collections::VecDeque<CleanKey>,
+    known: std::collections::HashSet<CleanKey>,
 }
 
 impl Link {
+    fn applied_cleans(&self) -> std::sync::MutexGuard<'_, AppliedCleans> {
+        self.applied_cleans
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner())
+    }
+
+    /// Whether this process applied `clean` already.
+    fn applied_before(&self, clean: &CleanKey) -> bool {
+        self.applied_cleans().known.contains(clean)
+    }
+
+    /// `clean` is applied: the oldest remembered goes past [`APPLIED_CLEANS_REMEMBERED`].
+    fn remember_applied(&self, clean: CleanKey) {
+        let mut applied = self.applied_cleans();
+        if applied.known.insert(clean.clone()) {
+            applied.order.push_back(clean);
+        }
+        while applied.order.len() > APPLIED_CLEANS_REMEMBERED {
+            if let Some(oldest) = applied.order.pop_front() {
+                applied.known.remove(&oldest);
+            }
+        }
+    }
+
     pub fn connected(&self) -> bool {
         self.connected.load(Ordering::Relaxed)
     }
@@ -622,6 +664,20 @@ impl CopiedAt {
 /// which may refill what it removes (the session reads nothing meanwhile: a clean of a million
 /// entries takes a fraction of a second).
 async fn apply_clean(context: &LinkContext, clean: CacheClean, copied: &CopiedAt) {
+    // An agent of an older build says not when (0): nothing tells one of its cleans from
+    // the next, and it hands none to a new session.
+    let key = (clean.made_at_ms != 0)
+        .then(|| (clean.endpoint.clone(), clean.name.clone(), clean.made_at_ms));
+    if let Some(key) = &key
+        && context.link.applied_before(key)
+    {
+        tracing::debug!(
+            endpoint = clean.endpoint.as_deref().unwrap_or("*"),
+            name = clean.name.as_deref().unwrap_or("*"),
+            "cache clean from the agent applied before"
+        );
+        return;
+    }
     let filter = CacheFilter {
         endpoint: clean.endpoint,
         name: clean.name,
@@ -678,6 +734,9 @@ async fn apply_clean(context: &LinkContext, clean: CacheClean, copied: &CopiedAt
                     return;
                 }
             };
+            if let Some(key) = key {
+                context.link.remember_applied(key);
+            }
             let endpoint = filter.endpoint.as_deref().unwrap_or("*");
             let name = filter.name.as_deref().unwrap_or("*");
             // Every session starts with the cleans the agent remembers, most of which find
@@ -1043,7 +1102,7 @@ mod tests {
         apply_clean(&context, clean(made_at_ms - 5), &copied_at(made_at_ms + 1)).await;
         let (_, journaled) = held(&context);
         assert_eq!(journaled, ["since.gone.test.", "before.kept.test."]);
-        apply_clean(&context, clean(made_at_ms), &copied_at(made_at_ms - 10)).await;
+        apply_clean(&context, clean(made_at_ms - 1), &copied_at(made_at_ms - 10)).await;
         let (_, journaled) = held(&context);
         assert_eq!(
             journaled,
@@ -1055,6 +1114,57 @@ mod tests {
         let (cached, journaled) = held(&context);
         assert_eq!(cached, ["before.kept.test."]);
         assert_eq!(journaled, ["before.kept.test."]);
+    }
+
+    #[test]
+    fn the_cleans_applied_are_remembered_within_a_bound() {
+        let link = Link::default();
+        let key = |n: u64| (None, Some("*.gone.test".to_owned()), n);
+        for n in 1..=APPLIED_CLEANS_REMEMBERED as u64 + 1 {
+            link.remember_applied(key(n));
+        }
+        link.remember_applied(key(2));
+        assert!(!link.applied_before(&key(1)), "the oldest forgotten");
+        assert!(link.applied_before(&key(2)));
+        assert_eq!(link.applied_cleans().order.len(), APPLIED_CLEANS_REMEMBERED);
+    }
+
+    /// Every new session starts with the cleans the agent remembers (up to 256), each a walk of
+    /// the cache and the journal; one this process applied has nothing left to remove, and is
+    /// not applied again. What the walk would find is planted here to tell.
+    #[tokio::test]
+    async fn a_clean_applied_before_is_not_applied_again() {
+        let context = link_context(std::path::Path::new("/nonexistent"));
+        let made_at_ms = 1_700_000_000_000;
+        let plant = |context: &LinkContext| {
+            let answer = WireMapping {
+                ips: vec!["198.18.9.9".into()],
+                expires_at: warden_proxy::unix_now().0 + 300,
+                learned_at_ms: made_at_ms - 1,
+                ..wire("www.gone.test.")
+            };
+            warden_api::merge_mappings(&context.cache, &[answer], &context.metrics.peer);
+        };
+        let cached = |context: &LinkContext| context.cache.lock().name_count();
+        let clean = |made_at_ms| CacheClean {
+            endpoint: None,
+            name: Some("*.gone.test".into()),
+            made_at_ms,
+        };
+        plant(&context);
+        apply_clean(&context, clean(made_at_ms), &CopiedAt::default()).await;
+        assert_eq!(cached(&context), 0);
+        plant(&context);
+        apply_clean(&context, clean(made_at_ms), &CopiedAt::default()).await;
+        assert_eq!(cached(&context), 1, "applied again");
+        apply_clean(&context, clean(made_at_ms + 1), &CopiedAt::default()).await;
+        assert_eq!(cached(&context), 0, "another clean of the same names");
+        // An agent of an older build's cleans carry no time to tell them apart.
+        for _ in 0..2 {
+            plant(&context);
+            apply_clean(&context, clean(0), &CopiedAt::default()).await;
+            assert_eq!(cached(&context), 0);
+        }
     }
 
     /// A link to a fake agent that resyncs and confirms nothing (stopped by `agent_stop`),
