@@ -205,9 +205,11 @@ impl Journal {
 
     /// The journal a previous run left in `state_dir`, if any: its log, or the file of a build
     /// before the log if that is the newer of the two (a downgrade since left the log stale;
-    /// the other way round, the older file is one that could not be removed). A journal that
-    /// was damaged (set aside) or in the older format is written whole at the persister's
-    /// first round, whether or not anything changes.
+    /// the other way round, the older file is one that could not be removed; equal times read
+    /// the log). A damaged log is copied aside and left in place; what it held before the
+    /// damage is written whole over it at the persister's first round, as is a journal in the
+    /// older format, whether or not anything changes (a proxy killed before then reads the
+    /// same again).
     pub fn open(state_dir: &Path, capacity: usize, metrics: PeerMetrics) -> Journal {
         let modified = |path: &Path| std::fs::metadata(path).and_then(|m| m.modified()).ok();
         let legacy_time = modified(&state_dir.join(disk::LEGACY_FILE));
@@ -241,7 +243,8 @@ impl Journal {
 
     /// Brings the journal's file in `state_dir` up to date: appends what changed since the last
     /// save (one write and one fsync), or writes it whole (temporary file, fsync, rename) at the
-    /// first save, after a failed one, and once as much of it is removed as is left. Only
+    /// first save, after a failed one, and once the file is past 1 MiB and what was removed
+    /// weighs as much as what is left. Only
     /// pointers are copied under the locks the answer path pushes through; blocks.
     pub fn save(&self, state_dir: &Path) -> Result<(), warden_state::StateError> {
         let _one_at_a_time = self
@@ -531,15 +534,25 @@ fn read_log(state_dir: &Path) -> (Vec<(u64, Mapping)>, bool) {
         None => {}
         // Likely a crash or power loss during an append.
         Some(damage @ disk::Damage::TornTail { .. }) => {
-            let set_aside = warden_state::set_aside(&path);
+            let set_aside = copy_aside(&path);
             tracing::warn!(%damage, kept, set_aside, "the journal in state_dir was cut short; what came before is kept");
         }
         Some(damage @ disk::Damage::BadRecord { .. }) => {
-            let set_aside = warden_state::set_aside(&path);
+            let set_aside = copy_aside(&path);
             tracing::error!(%damage, kept, set_aside, "the journal in state_dir is damaged; what came before is kept");
         }
     }
     (read.held.into_iter().collect(), read.damage.is_some())
+}
+
+/// Copies a damaged `path` to `<path>.corrupt`, for a look, leaving it in place until what it
+/// held before the damage is written whole over it. Says how that went, for the log.
+fn copy_aside(path: &Path) -> String {
+    let aside = warden_state::beside(path, ".corrupt");
+    match std::fs::copy(path, &aside) {
+        Ok(_) => format!("copied aside as {}", aside.display()),
+        Err(error) => format!("could not be copied aside: {error}"),
+    }
 }
 
 /// The journal a build before the log left in `state_dir`, if any.
@@ -715,7 +728,8 @@ mod tests {
             let journal = Journal::open(dir.path(), 16, metrics.peer.clone());
             assert!(journal.is_empty());
             assert!(dir.path().join(format!("{file}.corrupt")).exists());
-            assert!(!dir.path().join(file).exists());
+            assert!(saved_names(dir.path(), &metrics).is_empty());
+            assert!(!dir.path().join(format!("{file}.corrupt.corrupt")).exists());
         }
     }
 
@@ -853,11 +867,13 @@ mod tests {
             .set_len(len - 3)
             .unwrap();
 
-        // Set aside, what came before kept and written whole at the persister's first round,
-        // whether or not anything changes (killed again before that, it would be lost).
+        // Copied aside and left in place until what came before is written whole over it, at
+        // the persister's first round: a proxy killed before then reads the same again (moved
+        // aside at once, it was lost).
         let restarted = Journal::open(dir.path(), 10, metrics.peer.clone());
         assert!(beside_corrupt(&path).exists());
-        assert_ne!(restarted.changes(), 0, "to be saved at once");
+        assert_eq!(saved_names(), ["a."]);
+        assert_ne!(restarted.changes(), 0, "to be saved at the first round");
         restarted.save(dir.path()).unwrap();
         assert_eq!(saved_names(), ["a."]);
         restarted.push(mapping("c."));
