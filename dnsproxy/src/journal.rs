@@ -269,7 +269,12 @@ impl Journal {
             })
         };
         let written = plan.write(state_dir);
-        self.file().settle(&written);
+        let mut file = self.file();
+        file.settle(&written);
+        self.metrics
+            .journal_file_bytes
+            .set(i64::try_from(file.file_bytes()).unwrap_or(i64::MAX));
+        drop(file);
         written.map(|_| ())
     }
 
@@ -808,6 +813,7 @@ mod tests {
         journal.save(dir.path()).unwrap();
         let (same_inode, appended) = inode_and_len(&path);
         assert_eq!(same_inode, inode, "appended to, not replaced");
+        assert_eq!(metrics.peer.journal_file_bytes.get() as u64, appended);
         assert!(
             appended - whole <= record + 1,
             "one record: {whole} -> {appended}"

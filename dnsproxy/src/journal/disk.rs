@@ -192,6 +192,11 @@ impl FileLog {
         dead > 0 && dead >= live && self.file_bytes >= COMPACT_FROM_BYTES
     }
 
+    /// The length of the file as last written.
+    pub(super) fn file_bytes(&self) -> u64 {
+        self.file_bytes
+    }
+
     /// Takes in what a save wrote; after a failure the next save writes the file whole (it may
     /// end in half a record, and what this one was to write is not in it).
     pub(super) fn settle(&mut self, written: &Result<Written, StateError>) {

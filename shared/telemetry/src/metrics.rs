@@ -67,6 +67,8 @@ pub struct PeerMetrics {
     pub journal_entries: IntGauge,
     /// dnsproxy: mappings dropped because the journal was full.
     pub journal_dropped: IntCounter,
+    /// dnsproxy: the length of the journal's file in `state_dir`, as last written.
+    pub journal_file_bytes: IntGauge,
     /// dnsproxy: flow events not forwarded to the agent; label: reason (budget: over the
     /// forwarding rate; lagged: the forwarder fell behind; queue_full: the session's queue).
     pub flows_dropped: IntCounterVec,
@@ -367,6 +369,11 @@ impl Metrics {
                 &registry,
                 "journal_dropped_total",
                 "Mappings dropped because the offline journal was full.",
+            )?,
+            journal_file_bytes: gauge(
+                &registry,
+                "journal_file_bytes",
+                "Length of warden-dnsproxy's journal file in state_dir, as last written.",
             )?,
             flows_dropped: counter_vec(
                 &registry,
