@@ -222,8 +222,20 @@ impl Reconciler {
             .set(i64::try_from(wanted.len()).unwrap_or(i64::MAX));
     }
 
-    /// The prefixes a peer stands for.
+    /// The prefixes a peer stands for, as the datapath lists them ([`canonical`]): written
+    /// otherwise, an entry never compares equal with what is wanted, and each pass removes
+    /// and adds it again.
     fn prefixes(table: &EndpointTable, peer: &Peer) -> Vec<IpNet> {
+        let mut nets: Vec<IpNet> = Self::prefixes_as_written(table, peer)
+            .into_iter()
+            .map(canonical)
+            .collect();
+        nets.sort_unstable();
+        nets.dedup();
+        nets
+    }
+
+    fn prefixes_as_written(table: &EndpointTable, peer: &Peer) -> Vec<IpNet> {
         let everything = || vec![IpNet::V4(Ipv4Net::default()), IpNet::V6(Ipv6Net::default())];
         let host = || {
             vec![
@@ -236,11 +248,15 @@ impl Reconciler {
                 .infos()
                 .iter()
                 .filter(|info| filter.is_none_or(|id| id == info.id))
-                .flat_map(|info| info.ips.iter().map(|ip| IpNet::from(*ip)))
+                .flat_map(|info| info.ips.iter().map(|ip| IpNet::from(ip.to_canonical())))
                 .collect()
         };
         match peer {
-            Peer::Cidr { cidr, except } => subtract(*cidr, except),
+            // Holes written in the other form of the same family still apply.
+            Peer::Cidr { cidr, except } => {
+                let except: Vec<IpNet> = except.iter().copied().map(canonical).collect();
+                subtract(canonical(*cidr), &except)
+            }
             // Everything outside the node's endpoints and host; the maps cannot express
             // "all but" cheaply, so the known endpoints' and host's addresses are carved out.
             Peer::World => {
@@ -333,7 +349,11 @@ impl Reconciler {
             };
             if revoke {
                 self.unwanted_since.remove(&key);
-                self.count("revoke", self.datapath.revoke_fqdn(&key));
+                // An answer since the listing extended it: fresh, and wanted by its proxy.
+                self.count(
+                    "revoke",
+                    self.datapath.revoke_fqdn_unless_extended(&key, expires_at),
+                );
             }
         }
         for (key, expires_at) in &wanted {
@@ -529,6 +549,18 @@ fn merge_rules(into: &mut Vec<PortRule>, rules: &[PortRule]) {
 }
 
 /// `net` without the `except` prefixes, as a list of prefixes.
+/// `net` as the datapath lists it: without host bits, and a prefix of the v4-mapped range
+/// (`::ffff:10.0.0.0/104`) as the IPv4 prefix it is (`10.0.0.0/8`), which the maps store it as.
+pub fn canonical(net: IpNet) -> IpNet {
+    match net.trunc() {
+        IpNet::V6(v6) if v6.prefix_len() >= 96 => match v6.network().to_ipv4_mapped() {
+            Some(v4) => Ipv4Net::new(v4, v6.prefix_len() - 96).map_or(IpNet::V6(v6), IpNet::V4),
+            None => IpNet::V6(v6),
+        },
+        other => other,
+    }
+}
+
 pub fn subtract(net: IpNet, except: &[IpNet]) -> Vec<IpNet> {
     let overlapping: Vec<IpNet> = except
         .iter()
@@ -556,6 +588,23 @@ mod tests {
 
     fn net(text: &str) -> IpNet {
         text.parse().unwrap()
+    }
+
+    /// Written v4-mapped, a prefix was removed and added again at every pass (the maps list it
+    /// as IPv4), and an IPv4 hole left it whole.
+    #[test]
+    fn v4_mapped_prefixes_are_taken_as_ipv4() {
+        assert_eq!(canonical(net("::ffff:10.0.0.0/104")), net("10.0.0.0/8"));
+        assert_eq!(canonical(net("::ffff:10.1.2.3/128")), net("10.1.2.3/32"));
+        assert_eq!(canonical(net("10.1.2.3/8")), net("10.0.0.0/8"));
+        assert_eq!(canonical(net("::ffff:0:0/95")), net("::fffe:0:0/95"));
+        assert_eq!(canonical(net("2001:db8::/32")), net("2001:db8::/32"));
+        let peer = Peer::Cidr {
+            cidr: net("::ffff:10.0.0.0/104"),
+            except: vec![net("10.128.0.0/9")],
+        };
+        let table = EndpointTable::from_config(&[]);
+        assert_eq!(Reconciler::prefixes(&table, &peer), [net("10.0.0.0/9")]);
     }
 
     #[test]

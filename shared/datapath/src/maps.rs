@@ -40,6 +40,9 @@ pub(crate) struct Maps {
     /// `None` when the pins predate them (the LRU map answers then).
     redirect_slots: Option<RedirectSlots>,
     fqdn_allow: Mutex<HashMap<MapData, RawFqdnKey, RawFqdnValue>>,
+    /// The same map, for walks: a walk of a large map takes two system calls an entry, and the
+    /// DNS path, which writes allow entries through the lock, must not wait for one.
+    fqdn_allow_walker: HashMap<MapData, RawFqdnKey, RawFqdnValue>,
     cidr_allow: Mutex<LpmTrie<MapData, RawCidrData, RawCidrValue>>,
     last_seen: Mutex<HashMap<MapData, RawLastSeenKey, u64>>,
     reuseport_sockets: Mutex<ReusePortSockArray<MapData>>,
@@ -211,6 +214,7 @@ impl Maps {
             redirect_records: typed_unlocked(&dir, map::REDIRECT_RECORDS)?,
             redirect_slots: open_slots(bpffs, &dir)?,
             fqdn_allow: typed(&dir, map::FQDN_ALLOW)?,
+            fqdn_allow_walker: typed_unlocked(&dir, map::FQDN_ALLOW)?,
             cidr_allow: typed(&dir, map::CIDR_ALLOW)?,
             last_seen: typed(&dir, map::LAST_SEEN)?,
             reuseport_sockets: typed(&dir, map::REUSEPORT_SOCKETS)?,
@@ -448,10 +452,32 @@ impl Datapath {
         )
     }
 
-    /// Every allow entry with its expiry (unix seconds).
+    /// Removes an allow entry unless it was extended past `listed_expiry`, the expiry it had
+    /// when listed: the reconciler decides on a walk of the map, and an answer for the name
+    /// meanwhile (this process's or a peer's) extends it, fresh. Only the moment between
+    /// this look and the removal is left to that race (hash maps have no compare-and-delete
+    /// from userspace). Says whether it went.
+    pub fn revoke_fqdn_unless_extended(
+        &self,
+        key: &FqdnKey,
+        listed_expiry: u64,
+    ) -> Result<bool, DatapathError> {
+        let raw = fqdn_raw(key);
+        let mut allow = lock(&self.inner.fqdn_allow, map::FQDN_ALLOW)?;
+        match found(map::FQDN_ALLOW, allow.get(&raw, 0))? {
+            Some(current) if current.expires_at <= listed_expiry => {
+                removed(map::FQDN_ALLOW, allow.remove(&raw))?;
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+
+    /// Every allow entry with its expiry (unix seconds). Walked without the lock the DNS path
+    /// writes through: entries written meanwhile may or may not be listed.
     pub fn fqdn_entries(&self) -> Result<Vec<(FqdnKey, u64)>, DatapathError> {
-        let allow = lock(&self.inner.fqdn_allow, map::FQDN_ALLOW)?;
-        allow
+        self.inner
+            .fqdn_allow_walker
             .iter()
             .map(|r| {
                 r.map(|(k, v)| (fqdn_typed(&k), v.expires_at))
@@ -545,11 +571,12 @@ impl Datapath {
             removed(map::DNS_TARGETS, targets.remove(&endpoint_id))?;
         }
         {
-            let mut allow = lock(&self.inner.fqdn_allow, map::FQDN_ALLOW)?;
-            let keys = collect_keys(map::FQDN_ALLOW, allow.keys(), |k| {
+            // Walked without the DNS path's lock, each removal under it.
+            let keys = collect_keys(map::FQDN_ALLOW, self.inner.fqdn_allow_walker.keys(), |k| {
                 k.endpoint_id == endpoint_id
             })?;
             for k in keys {
+                let mut allow = lock(&self.inner.fqdn_allow, map::FQDN_ALLOW)?;
                 removed(map::FQDN_ALLOW, allow.remove(&k))?;
             }
         }

@@ -1050,6 +1050,18 @@ fn map_api_round_trips() {
     let other = Datapath::open_pinned(&lab.bpffs).unwrap();
     other.allow_fqdn(key, 2_000).unwrap();
     assert_eq!(dp.fqdn_entries().unwrap(), vec![(key, 2_000)]);
+    // The reconciler revokes by what it listed: an entry extended since (an answer for the
+    // name meanwhile, here another process's) stays.
+    let (_, listed) = dp.fqdn_entries().unwrap()[0];
+    other.allow_fqdn(key, 3_000).unwrap();
+    assert!(!dp.revoke_fqdn_unless_extended(&key, listed).unwrap());
+    assert_eq!(dp.fqdn_entries().unwrap(), vec![(key, 3_000)]);
+    assert!(dp.revoke_fqdn_unless_extended(&key, 3_000).unwrap());
+    assert!(
+        !dp.revoke_fqdn_unless_extended(&key, 3_000).unwrap(),
+        "gone"
+    );
+    dp.allow_fqdn(key, 1_000).unwrap();
     dp.revoke_fqdn(&key).unwrap();
     dp.revoke_fqdn(&key).unwrap();
     assert!(dp.fqdn_entries().unwrap().is_empty());
