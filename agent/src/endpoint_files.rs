@@ -165,7 +165,7 @@ impl EndpointFiles {
             if unsettled(std::slice::from_ref(path), self.settle).is_some() {
                 continue;
             }
-            let text = match std::fs::read_to_string(path) {
+            let text = match crate::folder::read_text(path) {
                 // Removed between the listing and the read: the next read settles it.
                 Err(error) if error.kind() == std::io::ErrorKind::NotFound => continue,
                 text => text.map_err(|error| format!("{}: {error}", path.display())),

@@ -2,8 +2,39 @@
 //! still be being written. Which files count is `warden_policy::folder_files`, as for
 //! `warden policy validate`.
 
-use std::path::PathBuf;
+use std::io::Read as _;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
+
+/// The most a file of a watched folder may hold: files are read whole at every change, and
+/// the YAML reader refuses far less (a million nodes, 16 MiB of scalars) anyway; a file of
+/// gigabytes dropped in the folder would otherwise be read into memory at every pass.
+pub const MAX_FILE_BYTES: u64 = 64 << 20;
+
+/// The text of `path`, refused unread past [`MAX_FILE_BYTES`] (also one that grows past it
+/// while being read).
+pub fn read_text(path: &Path) -> std::io::Result<String> {
+    let file = std::fs::File::open(path)?;
+    let too_long = |bytes: u64| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!(
+                "{bytes} bytes, more than the {} MiB a file here may hold",
+                MAX_FILE_BYTES >> 20
+            ),
+        )
+    };
+    let length = file.metadata()?.len();
+    if length > MAX_FILE_BYTES {
+        return Err(too_long(length));
+    }
+    let mut text = String::with_capacity(usize::try_from(length).unwrap_or(0));
+    file.take(MAX_FILE_BYTES + 1).read_to_string(&mut text)?;
+    if text.len() as u64 > MAX_FILE_BYTES {
+        return Err(too_long(text.len() as u64));
+    }
+    Ok(text)
+}
 
 /// A file modified more recently than this may be half-written: it is read at a later pass.
 pub const SETTLE: Duration = Duration::from_millis(100);
@@ -20,4 +51,23 @@ pub fn unsettled(paths: &[PathBuf], settle: Duration) -> Option<Duration> {
         .filter(|age| *age < settle)
         .map(|age| settle - age)
         .max()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A file of gigabytes in the policy folder was read whole at every pass.
+    #[test]
+    fn a_file_past_the_limit_is_refused_unread() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("huge.yaml");
+        let file = std::fs::File::create(&path).unwrap();
+        // Sparse: no disk, and nothing to read if the size were not checked first.
+        file.set_len(3 << 30).unwrap();
+        let error = read_text(&path).unwrap_err();
+        assert!(error.to_string().contains("3221225472 bytes"), "{error}");
+        std::fs::write(&path, "kind: CiliumNetworkPolicy\n").unwrap();
+        assert_eq!(read_text(&path).unwrap(), "kind: CiliumNetworkPolicy\n");
+    }
 }

@@ -518,7 +518,7 @@ fn read_policy_files(dir: &Path) -> std::io::Result<PolicyFiles> {
 fn read_files(paths: Vec<PathBuf>) -> std::io::Result<PolicyFiles> {
     paths
         .into_iter()
-        .map(|path| match std::fs::read_to_string(&path) {
+        .map(|path| match crate::folder::read_text(&path) {
             Ok(text) => Ok((path, text)),
             // Named, or "stream did not contain valid UTF-8" leaves the reader to guess which.
             Err(error) => Err(std::io::Error::new(
