@@ -220,7 +220,7 @@ pub fn endpoints(
             ));
             continue;
         }
-        let labels: BTreeMap<String, String> = pod
+        let mut labels: BTreeMap<String, String> = pod
             .pointer("/metadata/labels")
             .and_then(Value::as_object)
             .map(|labels| {
@@ -230,6 +230,15 @@ pub fn endpoints(
                     .collect()
             })
             .unwrap_or_default();
+        // Labels Cilium gives every pod, which policies select on (its service-account
+        // example among them): without them such a rule selected nothing, and the pod went
+        // unenforced.
+        let service_account = match text("/spec/serviceAccountName") {
+            account if account.is_empty() => "default".to_owned(),
+            account => account,
+        };
+        labels.insert(SERVICE_ACCOUNT_LABEL.to_owned(), service_account);
+        labels.insert(CLUSTER_LABEL.to_owned(), CLUSTER_NAME.to_owned());
         let listed = pod
             .pointer("/status/podIPs")
             .and_then(Value::as_array)
@@ -292,6 +301,12 @@ pub fn endpoints(
     warden_config::validate_endpoints(&all).context("the endpoints would not load")?;
     Ok(endpoints)
 }
+
+/// The label Cilium gives a pod for its service account.
+const SERVICE_ACCOUNT_LABEL: &str = "io.cilium.k8s.policy.serviceaccount";
+/// The label Cilium gives a pod for its cluster, and the name of Cilium's single cluster.
+const CLUSTER_LABEL: &str = "io.cilium.k8s.policy.cluster";
+const CLUSTER_NAME: &str = "default";
 
 /// A UID fit for a file and a cgroup name: letters, digits and dashes.
 fn is_plain(uid: &str) -> bool {
@@ -381,7 +396,7 @@ mod tests {
       "items": [
         {"metadata": {"name": "web", "namespace": "shop", "uid": "1111-aaaa",
                       "labels": {"app": "web", "tier": "front"}},
-         "spec": {"nodeName": "n1"},
+         "spec": {"nodeName": "n1", "serviceAccountName": "shop-web"},
          "status": {"phase": "Running", "qosClass": "Burstable", "podIP": "10.244.1.7",
                     "podIPs": [{"ip": "10.244.1.7"}, {"ip": "fd00:244::7"}]}},
         {"metadata": {"name": "db", "namespace": "shop", "uid": "2222-bbbb"},
@@ -452,6 +467,9 @@ mod tests {
 
         let web = &found["1111-aaaa"];
         assert_eq!(web.labels["tier"], "front");
+        assert_eq!(web.labels[SERVICE_ACCOUNT_LABEL], "shop-web");
+        assert_eq!(web.labels[CLUSTER_LABEL], "default");
+        assert_eq!(found["2222-bbbb"].labels[SERVICE_ACCOUNT_LABEL], "default");
         assert_eq!(web.ips.len(), 2);
         assert_eq!(
             web.cgroup.as_deref(),
