@@ -1144,6 +1144,7 @@ fn build_snapshot(state: &ApiState) -> PolicySnapshot {
             labels: config.labels.clone().into_iter().collect(),
             ips: config.ips.iter().map(ToString::to_string).collect(),
             cgroup_ids: cgroups.get(&info.id.0).cloned().unwrap_or_default(),
+            peer_only: config.peer_only,
         })
         .collect();
     let dns = &state.config.dns;

@@ -152,10 +152,17 @@ pub enum EndpointCommand {
     /// (`kubectl get pods -A -o json`), one `pod-<uid>.yaml` each; removes those of pods gone.
     /// With --watch, from a stream: a PodList, then a watch's events
     /// (`kubectl get pods -A -o json --watch --output-watch-events`), each change as it comes.
+    /// With --services, the Services of a ServiceList instead, one `service-<uid>.yaml` each.
     Sync {
         /// The node whose pods are the agent's.
-        #[arg(long)]
-        node: String,
+        #[arg(long, required_unless_present = "services")]
+        node: Option<String>,
+        /// Write the Services of this ServiceList (`kubectl get services -A -o json`, `-` for
+        /// standard input) instead of pods: each with a selector and a cluster address, as an
+        /// endpoint only others' rules name, labelled as the pods it picks (pods query the
+        /// kube-dns Service, which `toEndpoints` naming kube-dns must reach).
+        #[arg(long, value_name = "FILE", conflicts_with = "watch")]
+        services: Option<PathBuf>,
         /// The agent's endpoints_dir.
         #[arg(long, value_name = "DIR")]
         dir: PathBuf,
@@ -275,6 +282,7 @@ pub async fn run(cli: Cli) -> ExitCode {
             command:
                 EndpointCommand::Sync {
                     node,
+                    services,
                     dir,
                     pods,
                     cgroup_driver,
@@ -289,7 +297,13 @@ pub async fn run(cli: Cli) -> ExitCode {
                     .map(|root| root.strip_prefix("/").unwrap_or(&root).to_owned())
                     .unwrap_or_default(),
             };
-            endpoint_sync(&node, &dir, &pods, &kubelet, &dns_target, watch)
+            match (services, node) {
+                (Some(services), _) => service_sync(&dir, &services),
+                (None, Some(node)) => {
+                    endpoint_sync(&node, &dir, &pods, &kubelet, &dns_target, watch)
+                }
+                (None, None) => Err(anyhow::anyhow!("--node is needed to sync pods")),
+            }
         }
         Command::Policy {
             command: PolicyCommand::Validate { files },
@@ -310,6 +324,39 @@ pub async fn run(cli: Cli) -> ExitCode {
     }
 }
 
+/// Standard input for `-`, else the file.
+fn input_of(path: &std::path::Path) -> anyhow::Result<Box<dyn std::io::Read>> {
+    Ok(if path == std::path::Path::new("-") {
+        Box::new(std::io::stdin().lock())
+    } else {
+        Box::new(
+            std::fs::File::open(path).with_context(|| format!("cannot read {}", path.display()))?,
+        )
+    })
+}
+
+/// `warden endpoint sync --services`: see [`crate::pod_endpoints::services`].
+fn service_sync(dir: &std::path::Path, services: &std::path::Path) -> anyhow::Result<String> {
+    let text =
+        std::io::read_to_string(input_of(services)?).context("cannot read the ServiceList")?;
+    let list: serde_json::Value =
+        serde_json::from_str(&text).context("the ServiceList is not JSON")?;
+    let mut skipped = Vec::new();
+    let endpoints = crate::pod_endpoints::services(&list, &mut skipped)?;
+    for reason in &skipped {
+        eprintln!("warden: skipped {reason}");
+    }
+    let report =
+        crate::pod_endpoints::sync(dir, crate::pod_endpoints::SERVICE_FILES, &endpoints, true)?;
+    Ok(format!(
+        "{} services: {} written, {} unchanged, {} removed\n",
+        endpoints.len(),
+        report.written,
+        report.unchanged,
+        report.removed
+    ))
+}
+
 /// `warden endpoint sync`: see [`crate::pod_endpoints`]; with `watch`, [`endpoint_watch`].
 fn endpoint_sync(
     node: &str,
@@ -319,13 +366,7 @@ fn endpoint_sync(
     dns_target: &[std::net::SocketAddr],
     watch: bool,
 ) -> anyhow::Result<String> {
-    let input: Box<dyn std::io::Read> = if pods == std::path::Path::new("-") {
-        Box::new(std::io::stdin().lock())
-    } else {
-        Box::new(
-            std::fs::File::open(pods).with_context(|| format!("cannot read {}", pods.display()))?,
-        )
-    };
+    let input = input_of(pods)?;
     if watch {
         return endpoint_watch(node, dir, input, kubelet, dns_target);
     }
@@ -337,7 +378,8 @@ fn endpoint_sync(
     for reason in &skipped {
         eprintln!("warden: skipped {reason}");
     }
-    let report = crate::pod_endpoints::sync(dir, &endpoints, true)?;
+    let report =
+        crate::pod_endpoints::sync(dir, crate::pod_endpoints::POD_FILES, &endpoints, true)?;
     Ok(sync_line(node, endpoints.len(), &report))
 }
 
@@ -380,7 +422,12 @@ fn endpoint_watch(
             }
             said_skipped = skipped;
         }
-        let report = crate::pod_endpoints::sync(dir, &endpoints, watch.complete())?;
+        let report = crate::pod_endpoints::sync(
+            dir,
+            crate::pod_endpoints::POD_FILES,
+            &endpoints,
+            watch.complete(),
+        )?;
         if report.written + report.removed > 0 {
             reader_gone(emit(&sync_line(node, endpoints.len(), &report)))?;
         }

@@ -54,6 +54,7 @@ impl EndpointTable {
                 namespace: endpoint.namespace.clone(),
                 labels: Labels::from_k8s(&endpoint.labels, &endpoint.namespace),
                 ips: endpoint.ips.clone(),
+                peer_only: endpoint.peer_only,
             });
             keys.push(Arc::from(endpoint.key()));
             for ip in &endpoint.ips {
@@ -141,6 +142,7 @@ mod tests {
             ips: Vec::new(),
             cgroup: None,
             dns_target: Vec::new(),
+            peer_only: false,
         }
     }
 
@@ -182,6 +184,7 @@ mod tests {
             ips: vec!["127.0.0.2".parse().unwrap()],
             cgroup: None,
             dns_target: Vec::new(),
+            peer_only: false,
         }];
         let table = EndpointTable::from_config(&config);
         let found = table.lookup("[::ffff:127.0.0.2]:5353".parse().unwrap(), Transport::Udp);

@@ -18,6 +18,13 @@
 //! is gone are removed; other files in the folder are left alone. Input that is not a PodList
 //! (an API error, an empty output) changes nothing.
 //!
+//! With `--services` it reads a `ServiceList` instead (`kubectl get services -A -o json`), and
+//! makes each Service with a selector and a cluster address `service-<uid>.yaml`: an endpoint
+//! only others' rules name (`peer_only`), at its cluster addresses, labelled as the pods it
+//! picks. Pods send their DNS to the kube-dns Service, not to a kube-dns pod, and Cilium's
+//! `toEndpoints: [{matchLabels: {k8s-app: kube-dns}}]` must reach it (Cilium translates the
+//! Service to its pods first; Warden, which does not, takes the Service for them).
+//!
 //! With `--watch` it reads a stream instead, a list and then a watch's events, and writes each
 //! change as it comes rather than every 2 s (a new pod's resolver would otherwise get SERVFAIL
 //! for up to that long, and every node would list its pods every 2 s). See [`PodWatch`]:
@@ -164,8 +171,10 @@ impl PodWatch {
     }
 }
 
-/// Prefix of the files `sync` owns.
-const PREFIX: &str = "pod-";
+/// Prefix of the files `sync` owns for pods.
+pub const POD_FILES: &str = "pod-";
+/// Prefix of the files `sync` owns for Services.
+pub const SERVICE_FILES: &str = "service-";
 
 /// One pod on its way to an endpoint.
 struct Candidate {
@@ -220,16 +229,7 @@ pub fn endpoints(
             ));
             continue;
         }
-        let mut labels: BTreeMap<String, String> = pod
-            .pointer("/metadata/labels")
-            .and_then(Value::as_object)
-            .map(|labels| {
-                labels
-                    .iter()
-                    .filter_map(|(key, value)| Some((key.clone(), value.as_str()?.to_owned())))
-                    .collect()
-            })
-            .unwrap_or_default();
+        let mut labels = string_map(pod.pointer("/metadata/labels"));
         // Labels Cilium gives every pod, which policies select on (its service-account
         // example among them): without them such a rule selected nothing, and the pod went
         // unenforced.
@@ -239,19 +239,7 @@ pub fn endpoints(
         };
         labels.insert(SERVICE_ACCOUNT_LABEL.to_owned(), service_account);
         labels.insert(CLUSTER_LABEL.to_owned(), CLUSTER_NAME.to_owned());
-        let listed = pod
-            .pointer("/status/podIPs")
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
-            .filter_map(|entry| entry.get("ip")?.as_str()?.parse().ok());
-        let single = pod
-            .pointer("/status/podIP")
-            .and_then(Value::as_str)
-            .and_then(|ip| ip.parse().ok());
-        let mut ips: Vec<IpAddr> = listed.chain(single).collect();
-        ips.sort();
-        ips.dedup();
+        let ips = addresses(pod, "/status/podIPs", "ip", "/status/podIP");
         // A static pod's cgroup is named by the kubelet's own UID for it, which its mirror in
         // the API (the object listed here, with a UID of its own) carries as an annotation.
         let mirror = text("/metadata/annotations/kubernetes.io~1config.mirror");
@@ -269,6 +257,7 @@ pub fn endpoints(
                     cgroup_uid,
                 ))),
                 dns_target: dns_target.to_vec(),
+                peer_only: false,
             },
             uid,
             deleting: pod.pointer("/metadata/deletionTimestamp").is_some(),
@@ -300,6 +289,108 @@ pub fn endpoints(
     let all: Vec<EndpointConfig> = endpoints.values().cloned().collect();
     warden_config::validate_endpoints(&all).context("the endpoints would not load")?;
     Ok(endpoints)
+}
+
+/// The Services of `services` (a `ServiceList`) that stand for pods, by UID, as endpoints only
+/// others' rules name: each with a selector and a cluster address (not headless: a headless
+/// Service's name resolves to its pods' own addresses), at its cluster addresses, labelled
+/// as its selector (and with the cluster label its pods have). `skipped` gets the rest
+/// worth a word.
+pub fn services(
+    services: &Value,
+    skipped: &mut Vec<String>,
+) -> anyhow::Result<BTreeMap<String, EndpointConfig>> {
+    let Some(items) = services.get("items").and_then(Value::as_array) else {
+        // A Status (an error from the API server), or anything else: not an empty cluster.
+        anyhow::bail!("not a ServiceList: no `items`");
+    };
+    let mut endpoints = BTreeMap::new();
+    for service in items {
+        let text = |pointer: &str| {
+            service
+                .pointer(pointer)
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_owned()
+        };
+        let (name, namespace, uid) = (
+            text("/metadata/name"),
+            text("/metadata/namespace"),
+            text("/metadata/uid"),
+        );
+        if name.is_empty() || namespace.is_empty() || !is_plain(&uid) {
+            skipped.push(format!(
+                "service {namespace}/{name}: no name, namespace or plain uid"
+            ));
+            continue;
+        }
+        let mut labels = string_map(service.pointer("/spec/selector"));
+        // Without a selector its endpoints are whatever someone wrote: nothing to stand for.
+        if labels.is_empty() {
+            continue;
+        }
+        labels.insert(CLUSTER_LABEL.to_owned(), CLUSTER_NAME.to_owned());
+        // "None" (headless) does not parse: left out.
+        let ips = addresses(service, "/spec/clusterIPs", "", "/spec/clusterIP");
+        if ips.is_empty() {
+            continue;
+        }
+        endpoints.insert(
+            uid,
+            EndpointConfig {
+                // Not a pod's name (no pod's has a colon): the two never clash.
+                name: format!("service:{name}"),
+                namespace,
+                labels,
+                ips,
+                cgroup: None,
+                dns_target: Vec::new(),
+                peer_only: true,
+            },
+        );
+    }
+    let all: Vec<EndpointConfig> = endpoints.values().cloned().collect();
+    warden_config::validate_endpoints(&all).context("the Services would not load")?;
+    Ok(endpoints)
+}
+
+/// A JSON object of strings (labels, a selector) as a map; what is not a string is left out.
+fn string_map(object: Option<&Value>) -> BTreeMap<String, String> {
+    object
+        .and_then(Value::as_object)
+        .map(|object| {
+            object
+                .iter()
+                .filter_map(|(key, value)| Some((key.clone(), value.as_str()?.to_owned())))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The addresses at `list` (each the string itself, or the string at `field` of each entry)
+/// and at `single`, sorted and each once; what does not parse is left out.
+fn addresses(object: &Value, list: &str, field: &str, single: &str) -> Vec<IpAddr> {
+    let listed = object
+        .pointer(list)
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(|entry| {
+            let text = if field.is_empty() {
+                entry
+            } else {
+                entry.get(field)?
+            };
+            text.as_str()?.parse().ok()
+        });
+    let single = object
+        .pointer(single)
+        .and_then(Value::as_str)
+        .and_then(|ip| ip.parse().ok());
+    let mut ips: Vec<IpAddr> = listed.chain(single).collect();
+    ips.sort();
+    ips.dedup();
+    ips
 }
 
 /// The label Cilium gives a pod for its service account.
@@ -337,12 +428,14 @@ fn pod_cgroup(driver: CgroupDriver, qos: &str, uid: &str) -> PathBuf {
     }
 }
 
-/// Makes `dir`'s `pod-*.yaml` files those of `endpoints`: the files of pods gone removed first
-/// (their addresses may be a new pod's now), then each written (atomically, through a hidden
-/// file the agent does not read) only when its text changes. With `prune` false the files of
-/// pods not in `endpoints` stay (a watch that has not seen a whole list yet).
+/// Makes `dir`'s `<prefix>*.yaml` files ([`POD_FILES`], [`SERVICE_FILES`]) those of
+/// `endpoints`: the files of those gone removed first (their addresses may be a new pod's
+/// now), then each written (atomically, through a hidden file the agent does not read) only
+/// when its text changes. With `prune` false the files of those not in `endpoints` stay (a
+/// watch that has not seen a whole list yet).
 pub fn sync(
     dir: &Path,
+    prefix: &str,
     endpoints: &BTreeMap<String, EndpointConfig>,
     prune: bool,
 ) -> anyhow::Result<SyncReport> {
@@ -350,19 +443,19 @@ pub fn sync(
     let mut report = SyncReport::default();
     let wanted: BTreeSet<String> = endpoints
         .keys()
-        .map(|uid| format!("{PREFIX}{uid}.yaml"))
+        .map(|uid| format!("{prefix}{uid}.yaml"))
         .collect();
     for entry in std::fs::read_dir(dir).with_context(|| format!("cannot read {}", dir.display()))? {
         let entry = entry?;
         let name = entry.file_name().to_string_lossy().into_owned();
-        if prune && name.starts_with(PREFIX) && name.ends_with(".yaml") && !wanted.contains(&name) {
+        if prune && name.starts_with(prefix) && name.ends_with(".yaml") && !wanted.contains(&name) {
             std::fs::remove_file(entry.path())
                 .with_context(|| format!("cannot remove {}", entry.path().display()))?;
             report.removed += 1;
         }
     }
     for (uid, endpoint) in endpoints {
-        let file = format!("{PREFIX}{uid}.yaml");
+        let file = format!("{prefix}{uid}.yaml");
         let path = dir.join(&file);
         // JSON is YAML: one entry, as the agent reads a list.
         let text = serde_json::to_string_pretty(&[endpoint])? + "\n";
@@ -541,7 +634,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("static.yaml"), "- {name: keep}").unwrap();
         let found = node_n1(CgroupDriver::Systemd, &mut Vec::new());
-        let first = sync(dir.path(), &found, true).unwrap();
+        let first = sync(dir.path(), POD_FILES, &found, true).unwrap();
         assert_eq!((first.written, first.unchanged, first.removed), (5, 0, 0));
         // What the agent reads back is what was meant.
         let text = std::fs::read_to_string(dir.path().join("pod-1111-aaaa.yaml")).unwrap();
@@ -549,15 +642,64 @@ mod tests {
         warden_config::validate_endpoints(&read).unwrap();
         assert_eq!(read, [found["1111-aaaa"].clone()]);
 
-        let again = sync(dir.path(), &found, true).unwrap();
+        let again = sync(dir.path(), POD_FILES, &found, true).unwrap();
         assert_eq!((again.written, again.unchanged, again.removed), (0, 5, 0));
 
         let mut fewer = found.clone();
         fewer.remove("2222-bbbb");
-        let after = sync(dir.path(), &fewer, true).unwrap();
+        let after = sync(dir.path(), POD_FILES, &fewer, true).unwrap();
         assert_eq!((after.written, after.unchanged, after.removed), (0, 4, 1));
         assert!(!dir.path().join("pod-2222-bbbb.yaml").exists());
         assert!(dir.path().join("static.yaml").exists());
+    }
+
+    /// The Services that stand for pods become endpoints only others' rules name, labelled as
+    /// the pods they pick, in files of their own beside the pods' that neither sync removes.
+    #[test]
+    fn services_with_a_selector_and_a_cluster_address_stand_for_their_pods() {
+        let list = serde_json::json!({
+            "kind": "ServiceList",
+            "items": [
+                {"metadata": {"name": "kube-dns", "namespace": "kube-system", "uid": "aaaa-1111"},
+                 "spec": {"selector": {"k8s-app": "kube-dns"}, "clusterIP": "10.96.0.10",
+                          "clusterIPs": ["10.96.0.10", "fd00:96::a"]}},
+                {"metadata": {"name": "db", "namespace": "shop", "uid": "bbbb-2222"},
+                 "spec": {"selector": {"app": "db"}, "clusterIP": "None"}},
+                {"metadata": {"name": "external", "namespace": "shop", "uid": "cccc-3333"},
+                 "spec": {"clusterIP": "10.96.0.20"}},
+                {"metadata": {"name": "odd", "namespace": "shop", "uid": "../x"},
+                 "spec": {"selector": {"app": "x"}, "clusterIP": "10.96.0.30"}}
+            ]
+        });
+        let mut skipped = Vec::new();
+        let found = services(&list, &mut skipped).unwrap();
+        assert_eq!(
+            found.keys().collect::<Vec<_>>(),
+            ["aaaa-1111"],
+            "{skipped:?}"
+        );
+        assert_eq!(skipped.len(), 1, "the odd uid is said: {skipped:?}");
+        let dns = &found["aaaa-1111"];
+        assert_eq!(dns.key(), "kube-system/service:kube-dns");
+        assert!(dns.peer_only);
+        assert_eq!(dns.labels["k8s-app"], "kube-dns");
+        assert_eq!(dns.ips.len(), 2);
+        assert!(services(&serde_json::json!({"kind": "Status"}), &mut skipped).is_err());
+
+        // Files of their own: the pods' sync leaves them, and theirs leaves the pods'.
+        let dir = tempfile::tempdir().unwrap();
+        let pods = node_n1(CgroupDriver::Systemd, &mut Vec::new());
+        sync(dir.path(), POD_FILES, &pods, true).unwrap();
+        let written = sync(dir.path(), SERVICE_FILES, &found, true).unwrap();
+        assert_eq!((written.written, written.removed), (1, 0));
+        let again = sync(dir.path(), POD_FILES, &pods, true).unwrap();
+        assert_eq!(again.removed, 0);
+        let text = std::fs::read_to_string(dir.path().join("service-aaaa-1111.yaml")).unwrap();
+        let read = warden_config::endpoints_from_yaml(&text, Path::new("service")).unwrap();
+        assert_eq!(read, std::slice::from_ref(dns));
+        let gone = sync(dir.path(), SERVICE_FILES, &BTreeMap::new(), true).unwrap();
+        assert_eq!(gone.removed, 1);
+        assert!(dir.path().join("pod-1111-aaaa.yaml").exists());
     }
 
     fn pod(uid: &str, ip: &str) -> Value {
@@ -665,13 +807,13 @@ mod tests {
     fn a_sync_without_prune_keeps_the_files_of_pods_not_known() {
         let dir = tempfile::tempdir().unwrap();
         let found = node_n1(CgroupDriver::Systemd, &mut Vec::new());
-        sync(dir.path(), &found, true).unwrap();
+        sync(dir.path(), POD_FILES, &found, true).unwrap();
         let mut one = found.clone();
         one.retain(|uid, _| uid == "1111-aaaa");
-        let kept = sync(dir.path(), &one, false).unwrap();
+        let kept = sync(dir.path(), POD_FILES, &one, false).unwrap();
         assert_eq!((kept.written, kept.unchanged, kept.removed), (0, 1, 0));
         assert!(dir.path().join("pod-2222-bbbb.yaml").exists());
-        let pruned = sync(dir.path(), &one, true).unwrap();
+        let pruned = sync(dir.path(), POD_FILES, &one, true).unwrap();
         assert_eq!(pruned.removed, 4);
     }
 }

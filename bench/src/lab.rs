@@ -195,6 +195,7 @@ pub fn endpoint(client: IpAddr) -> EndpointConfig {
         ips: vec![client],
         cgroup: None,
         dns_target: Vec::new(),
+        peer_only: false,
     }
 }
 
@@ -488,6 +489,7 @@ mod tests {
             namespace: NAMESPACE.into(),
             labels: Labels::from_k8s(&labels, NAMESPACE),
             ips: vec!["127.9.0.1".parse().unwrap()],
+            peer_only: false,
         };
         let repository = PolicyRepository::build(&policies, &[endpoint]);
         assert_eq!(repository.selector_count(), 200);

@@ -99,6 +99,7 @@ fn measure_one(count: usize, iterations: u32) -> Result<PolicyCost> {
         ips: vec![std::net::IpAddr::V4(std::net::Ipv4Addr::from(
             0x7f09_0000 + n,
         ))],
+        peer_only: false,
     };
     let thousand: Vec<EndpointInfo> = (1..=1_000).map(endpoint).collect();
     let repository = PolicyRepository::build(&policies, &[endpoint(1)]);

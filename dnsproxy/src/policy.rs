@@ -107,6 +107,7 @@ pub fn compile(snapshot: &PolicySnapshot, parsed: &ParsedDocuments) -> Result<Co
             namespace: endpoint.namespace.clone(),
             labels: Labels::from_k8s(&labels, &endpoint.namespace),
             ips,
+            peer_only: endpoint.peer_only,
         });
     }
     let datapath_bpffs = snapshot
@@ -414,6 +415,7 @@ spec:
                 labels: [("app".to_owned(), "test".to_owned())].into(),
                 ips: vec!["127.0.0.2".into()],
                 cgroup_ids: vec![42],
+                peer_only: false,
             }],
             ..PolicySnapshot::default()
         }

@@ -91,6 +91,7 @@ impl Firewall {
             ips: vec![],
             cgroup: Some(PathBuf::from(cgroup)),
             dns_target: vec![],
+            peer_only: false,
         };
         config.endpoints = vec![workload_endpoint("test", "workload")];
         if options.late_workload {

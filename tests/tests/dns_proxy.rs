@@ -37,6 +37,7 @@ fn endpoint(name: &str, app: &str, ips: &[IpAddr]) -> EndpointConfig {
         ips: ips.to_vec(),
         cgroup: None,
         dns_target: Vec::new(),
+        peer_only: false,
     }
 }
 
@@ -852,6 +853,100 @@ async fn pods_streamed_to_warden_endpoint_sync_watch_are_policed_as_they_change(
     // Past a poll of the folder (1 s), the pod still there is still policed.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     policed(second, "REFUSED", "the files changed at the watch's end").await;
+    lab.agent.stop().await.unwrap();
+}
+
+/// Cilium's own DNS rule, `toEndpoints` naming kube-dns: pods send their queries to the
+/// kube-dns Service, whose address is no pod's, and every query was refused. The Services
+/// written by `warden endpoint sync --services` stand for the pods they pick (here the
+/// Service's address is the lab's knotd, where the agent sends what it forwards).
+#[tokio::test]
+async fn to_endpoints_naming_kube_dns_reaches_it_through_its_service() {
+    if !require_tools(&["knotd", "dig"]) {
+        return;
+    }
+    let endpoints_dir = tempfile::tempdir().unwrap();
+    let lab =
+        Lab::start(|config| config.endpoints_dir = Some(endpoints_dir.path().to_owned())).await;
+    let upstream = lab.upstream.addr();
+    let kube_dns_policy = format!(
+        r#"apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata:
+  name: dns
+  namespace: youssef
+spec:
+  endpointSelector:
+    matchLabels:
+      app: test
+  egress:
+  - toEndpoints:
+    - matchLabels:
+        k8s:io.kubernetes.pod.namespace: kube-system
+        k8s:k8s-app: kube-dns
+    toPorts:
+    - ports:
+      - port: "{}"
+        protocol: ANY
+      rules:
+        dns:
+        - matchPattern: "*.cilium.io"
+"#,
+        upstream.port()
+    );
+    lab.dir.write_policy("talk.yaml", &kube_dns_policy).unwrap();
+    let dns = lab.agent.dns_v4();
+    let client = lab.client;
+    let answered = |name: &'static str, expected: &'static str, what: &'static str| async move {
+        let deadline = Instant::now() + Duration::from_secs(4);
+        loop {
+            let status = ask(dns, name, "A", opts(client)).await.status;
+            if status == expected {
+                return;
+            }
+            assert!(Instant::now() < deadline, "{what}: {name} {status}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    answered("www.cilium.io", "REFUSED", "no kube-dns known: refused").await;
+
+    let services = format!(
+        r#"{{"kind": "ServiceList", "items": [
+            {{"metadata": {{"name": "kube-dns", "namespace": "kube-system", "uid": "5e41-ce"}},
+              "spec": {{"selector": {{"k8s-app": "kube-dns"}}, "clusterIP": "{}"}}}}]}}"#,
+        upstream.ip()
+    );
+    let list = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(list.path(), services).unwrap();
+    let synced = std::process::Command::new(binary("warden").unwrap())
+        .args(["endpoint", "sync", "--services"])
+        .arg(list.path())
+        .arg("--dir")
+        .arg(endpoints_dir.path())
+        .output()
+        .unwrap();
+    assert!(synced.status.success(), "{synced:?}");
+    assert!(
+        String::from_utf8_lossy(&synced.stdout).starts_with("1 services: 1 written"),
+        "{synced:?}"
+    );
+    answered(
+        "www.cilium.io",
+        "NOERROR",
+        "the Service stands for kube-dns",
+    )
+    .await;
+    answered("bbc.co.uk", "REFUSED", "its DNS rule still holds").await;
+    // Only a peer: listed, and enforced for nobody.
+    let listed = http_json(lab.agent.admin(), "/v1/endpoints").await.unwrap();
+    let service = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|row| row["endpoint"] == "kube-system/service:kube-dns")
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(service["enforced"], false, "{listed}");
     lab.agent.stop().await.unwrap();
 }
 

@@ -184,6 +184,7 @@ async fn a_newcomers_loop_sees_every_query_in_observe_and_in_the_counters() {
         ips: vec![client],
         cgroup: None,
         dns_target: Vec::new(),
+        peer_only: false,
     }];
     let agent = AgentProcess::start(&dir, config).await.unwrap();
     let dnsproxy = nobody();

@@ -331,6 +331,12 @@ pub struct EndpointConfig {
     /// host's network namespace; pods in their own namespace need an address they can reach.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub dns_target: Vec<SocketAddr>,
+    /// Only a peer of other endpoints' rules, never their subject: an address standing for
+    /// what is behind it, as a Kubernetes Service's ClusterIP, labelled as the pods its
+    /// selector picks, stands for them to `toEndpoints` (a pod's queries go to the kube-dns
+    /// Service, not to a kube-dns pod). No `endpointSelector` selects it; it has no cgroup.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub peer_only: bool,
 }
 
 fn default_namespace() -> String {
@@ -464,6 +470,12 @@ pub fn validate_endpoints(endpoints: &[EndpointConfig]) -> Result<(), ConfigErro
             return Err(ConfigError::invalid(
                 format!("{field}.name"),
                 format!("endpoint {} is declared twice", endpoint.key()),
+            ));
+        }
+        if endpoint.peer_only && endpoint.cgroup.is_some() {
+            return Err(ConfigError::invalid(
+                format!("{field}.cgroup"),
+                "a peer_only endpoint sends nothing of its own: it has no cgroup",
             ));
         }
         let v4_targets = endpoint.dns_target.iter().filter(|t| t.is_ipv4()).count();
@@ -628,6 +640,19 @@ datapath:
             .push("::ffff:127.0.0.2".parse().unwrap());
         let error = config.validate().unwrap_err().to_string();
         assert!(error.contains("(as 127.0.0.2) is listed twice"), "{error}");
+    }
+
+    #[test]
+    fn a_peer_only_endpoint_has_no_cgroup() {
+        let yaml = "- {name: 'service:kube-dns', namespace: kube-system, ips: [10.96.0.10], \
+                    labels: {k8s-app: kube-dns}, peer_only: true}";
+        let endpoints = endpoints_from_yaml(yaml, Path::new("s.yaml")).unwrap();
+        validate_endpoints(&endpoints).unwrap();
+        assert!(endpoints[0].peer_only);
+        let mut with_cgroup = endpoints.clone();
+        with_cgroup[0].cgroup = Some(PathBuf::from("kubepods.slice"));
+        let error = validate_endpoints(&with_cgroup).unwrap_err().to_string();
+        assert!(error.contains("endpoints[0].cgroup"), "{error}");
     }
 
     #[test]

@@ -49,6 +49,8 @@ pub struct EndpointInfo {
     pub labels: Labels,
     /// The endpoint's addresses, which `toEndpoints` peers resolve to.
     pub ips: Vec<IpAddr>,
+    /// Only a peer of others' rules (a Service's ClusterIP): no `endpointSelector` selects it.
+    pub peer_only: bool,
 }
 
 /// The transport a packet or query uses.
@@ -215,7 +217,10 @@ impl PolicyRepository {
                 let subject = ScopedSelector::subject(&rule.endpoint_selector, namespace);
                 let selected: Vec<EndpointId> = endpoints
                     .iter()
-                    .filter(|endpoint| subject.matches(&endpoint.namespace, &endpoint.labels))
+                    .filter(|endpoint| {
+                        !endpoint.peer_only
+                            && subject.matches(&endpoint.namespace, &endpoint.labels)
+                    })
                     .map(|endpoint| endpoint.id)
                     .collect();
                 if selected.is_empty() {
@@ -537,6 +542,7 @@ mod tests {
             namespace: namespace.to_owned(),
             labels: Labels::from_k8s(&k8s, namespace),
             ips: vec![ip.parse().unwrap()],
+            peer_only: false,
         }
     }
 
@@ -594,6 +600,49 @@ mod tests {
 
     const TO_KUBE_DNS: &str =
         "{matchLabels: {'k8s:io.kubernetes.pod.namespace': kube-system, 'k8s:k8s-app': kube-dns}}";
+
+    /// A pod's queries go to the kube-dns Service, not to a kube-dns pod: the Service's
+    /// address, labelled as the pods it picks, stands for them to `toEndpoints`, and no
+    /// `endpointSelector` makes it a subject (a namespace-wide policy would otherwise give it
+    /// allow entries of its own for every name its rules grant).
+    #[test]
+    fn a_peer_only_address_is_a_peer_and_never_a_subject() {
+        let mut endpoints = endpoints();
+        endpoints[1].peer_only = true;
+        let yaml = clusterwide(
+            "{}",
+            &format!(
+                "[{{toEndpoints: [{TO_KUBE_DNS}], toPorts: [{{ports: [{{port: '53', protocol: \
+                 UDP}}], rules: {{dns: [{{matchPattern: '*'}}]}}}}]}}, {{toFQDNs: [{{matchName: \
+                 cilium.io}}]}}]"
+            ),
+        );
+        let policies = parse_str(&yaml, Path::new("test.yaml")).unwrap();
+        let repo = PolicyRepository::build(&policies, &endpoints);
+        assert!(repo.is_enforced(CLIENT));
+        assert!(dns_ok(
+            &repo,
+            CLIENT,
+            "10.96.0.10:53",
+            L4Proto::Udp,
+            "cilium.io"
+        ));
+        assert!(!dns_ok(
+            &repo,
+            CLIENT,
+            "10.0.0.3:53",
+            L4Proto::Udp,
+            "cilium.io"
+        ));
+        assert!(!repo.is_enforced(KUBE_DNS));
+        let mut grants = Vec::new();
+        repo.fqdn_grants(&name("cilium.io"), &mut grants);
+        assert!(
+            grants.iter().all(|grant| grant.endpoint != KUBE_DNS),
+            "{grants:?}"
+        );
+        assert!(!grants.is_empty());
+    }
 
     #[test]
     fn unenforced_endpoints_may_ask_anything() {

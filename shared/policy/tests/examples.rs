@@ -33,6 +33,7 @@ fn endpoint(id: EndpointId, namespace: &str, labels: &[(&str, &str)], ip: &str) 
         namespace: namespace.to_owned(),
         labels: Labels::from_k8s(&k8s, namespace),
         ips: vec![ip.parse().expect("test addresses are valid")],
+        peer_only: false,
     }
 }
 

@@ -299,6 +299,7 @@ spec:
             namespace: "default".to_owned(),
             labels: Labels::from_k8s(&labels, "default"),
             ips: vec![IpAddr::from([127, 0, 0, 1])],
+            peer_only: false,
         };
         Arc::new(PolicyRepository::build(&policies, &[endpoint]))
     }

@@ -50,6 +50,7 @@ async fn dns_only() -> Result<()> {
         ips: vec![WORKLOAD],
         cgroup: None,
         dns_target: Vec::new(),
+        peer_only: false,
     }];
     let agent = AgentProcess::start(&dir, config).await?;
 
