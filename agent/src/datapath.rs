@@ -539,16 +539,22 @@ fn merge_rules(into: &mut Vec<PortRule>, rules: &[PortRule]) {
             into.push(*rule);
         }
     }
-    if into.len() > 8 {
-        tracing::error!(
-            rules = into.len(),
-            "more than 8 port rules for one prefix; extra rules dropped"
-        );
-        into.truncate(8);
+    if into.len() > warden_datapath::PORT_RULES_PER_PREFIX {
+        // Met again at every pass: one line per interval (`warden policy validate` warns of
+        // a rule that makes too many by itself).
+        static BUDGET: LogBudget = LogBudget::new(LogBudget::INTERVAL);
+        if let Some(held_back) = BUDGET.allow() {
+            tracing::error!(
+                rules = into.len(),
+                held_back,
+                "more than {} port rules for one prefix; the rest are refused",
+                warden_datapath::PORT_RULES_PER_PREFIX
+            );
+        }
+        into.truncate(warden_datapath::PORT_RULES_PER_PREFIX);
     }
 }
 
-/// `net` without the `except` prefixes, as a list of prefixes.
 /// `net` as the datapath lists it: without host bits, and a prefix of the v4-mapped range
 /// (`::ffff:10.0.0.0/104`) as the IPv4 prefix it is (`10.0.0.0/8`), which the maps store it as.
 pub fn canonical(net: IpNet) -> IpNet {
@@ -561,6 +567,7 @@ pub fn canonical(net: IpNet) -> IpNet {
     }
 }
 
+/// `net` without the `except` prefixes, as a list of prefixes.
 pub fn subtract(net: IpNet, except: &[IpNet]) -> Vec<IpNet> {
     let overlapping: Vec<IpNet> = except
         .iter()

@@ -32,6 +32,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 pub use error::DatapathError;
+
+/// The port rules one (endpoint, prefix) entry of the CIDR map holds.
+pub const PORT_RULES_PER_PREFIX: usize = abi::CIDR_MAX_RULES;
 pub use events::{DropEvent, DropEvents, DropReason};
 pub use loader::LinkAction;
 pub use types::{

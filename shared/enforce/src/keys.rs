@@ -1,6 +1,6 @@
 use std::net::IpAddr;
 
-use warden_datapath::FqdnKey;
+use warden_datapath::{FqdnKey, PORT_RULES_PER_PREFIX};
 use warden_policy::{FqdnGrant, L4Proto, Policy, PortRange};
 use warden_telemetry::LogBudget;
 
@@ -105,6 +105,37 @@ pub fn datapath_warnings(policy: &Policy) -> Vec<String> {
                         u32::from(range.last - range.first) + 1,
                     ));
                 }
+            }
+        }
+        // An L3/L4 rule's ports and protocols become port rules of each of its prefixes,
+        // which the datapath holds 8 of (merged with other rules' for the same prefix).
+        for egress in rule
+            .egress
+            .iter()
+            .filter(|egress| egress.to_fqdns.is_empty())
+        {
+            let port_rules: usize = egress
+                .to_ports
+                .iter()
+                .flat_map(|to_ports| &to_ports.ports)
+                .map(|port| {
+                    let range = PortRange::from(port);
+                    match range.proto {
+                        Some(_) => 1,
+                        None if range == PortRange::ALL => 1,
+                        // ANY: a rule for TCP and one for UDP.
+                        None => 2,
+                    }
+                })
+                .sum();
+            if port_rules > PORT_RULES_PER_PREFIX {
+                warnings.push(format!(
+                    "{}: policy {name}: an egress rule's toPorts make {port_rules} port rules \
+                     (a protocol ANY counts twice) for each address it allows; the datapath \
+                     holds {PORT_RULES_PER_PREFIX} per address: connections to the others will \
+                     be refused (split the addresses, or use port ranges)",
+                    policy.origin.display(),
+                ));
             }
         }
         // The datapath redirects port 53 only: DNS rules on another port police what the
@@ -276,5 +307,36 @@ spec:
                 && warnings[0].contains("64512 ports"),
             "{warnings:?}"
         );
+    }
+
+    /// Past 8 port rules for one address the datapath refused the rest, said only in the
+    /// agent's log, every second.
+    #[test]
+    fn l3_rules_of_more_port_rules_than_the_datapath_holds_are_reported() {
+        let rule = |ports: &str| {
+            format!(
+                "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {{name: many, \
+                 namespace: youssef}}\nspec:\n  endpointSelector: {{matchLabels: {{app: \
+                 test}}}}\n  egress:\n  - toCIDR: [10.0.0.0/8]\n    toPorts: [{{ports: \
+                 [{ports}]}}]\n"
+            )
+        };
+        let any = |count: u16| {
+            (0..count)
+                .map(|n| format!("{{port: \"{}\"}}", 8000 + n))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        assert!(warnings_of(&rule(&any(4)), "many.yaml").is_empty());
+        let warnings = warnings_of(&rule(&any(5)), "many.yaml");
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(
+            warnings[0].contains("youssef/many") && warnings[0].contains("make 10 port rules"),
+            "{warnings:?}"
+        );
+        let tcp: Vec<String> = (0..8)
+            .map(|n| format!("{{port: \"{}\", protocol: TCP}}", 8000 + n))
+            .collect();
+        assert!(warnings_of(&rule(&tcp.join(", ")), "many.yaml").is_empty());
     }
 }
