@@ -18,7 +18,9 @@ use warden_config::AgentConfig;
 use warden_datapath::{Datapath, FqdnKey, PortRule};
 use warden_enforce::{Enforcement, TCP, UDP, fqdn_keys};
 use warden_fqdn::UnixTime;
-use warden_policy::{DnsName, EndpointId, FqdnGrant, L4Proto, Peer, PolicyRepository, PortRange};
+use warden_policy::{
+    DnsName, EndpointId, FqdnGrant, L4Proto, Peer, PolicyRepository, PortRange, canonical_net,
+};
 use warden_proxy::{PolicySource, SharedCache, unix_now};
 use warden_telemetry::{DropFlow, FlowEvent, FlowLog, LogBudget, Metrics};
 
@@ -222,13 +224,13 @@ impl Reconciler {
             .set(i64::try_from(wanted.len()).unwrap_or(i64::MAX));
     }
 
-    /// The prefixes a peer stands for, as the datapath lists them ([`canonical`]): written
+    /// The prefixes a peer stands for, as the datapath lists them ([`canonical_net`]): written
     /// otherwise, an entry never compares equal with what is wanted, and each pass removes
     /// and adds it again.
     fn prefixes(table: &EndpointTable, peer: &Peer) -> Vec<IpNet> {
         let mut nets: Vec<IpNet> = Self::prefixes_as_written(table, peer)
             .into_iter()
-            .map(canonical)
+            .map(canonical_net)
             .collect();
         nets.sort_unstable();
         nets.dedup();
@@ -243,19 +245,25 @@ impl Reconciler {
                 IpNet::from(IpAddr::V6(Ipv6Addr::LOCALHOST)),
             ]
         };
+        // `world` and `cluster` are the node's endpoints' matter: a Service synced as a peer
+        // is reached through `toEndpoints` only (carved out of `world` one by one, the
+        // cluster's scattered ClusterIPs made thousands of prefixes per endpoint).
         let endpoint_ips = |filter: Option<EndpointId>| -> Vec<IpNet> {
             table
                 .infos()
                 .iter()
-                .filter(|info| filter.is_none_or(|id| id == info.id))
+                .filter(|info| match filter {
+                    Some(id) => id == info.id,
+                    None => !info.peer_only,
+                })
                 .flat_map(|info| info.ips.iter().map(|ip| IpNet::from(ip.to_canonical())))
                 .collect()
         };
         match peer {
             // Holes written in the other form of the same family still apply.
             Peer::Cidr { cidr, except } => {
-                let except: Vec<IpNet> = except.iter().copied().map(canonical).collect();
-                subtract(canonical(*cidr), &except)
+                let except: Vec<IpNet> = except.iter().copied().map(canonical_net).collect();
+                subtract(canonical_net(*cidr), &except)
             }
             // Everything outside the node's endpoints and host; the maps cannot express
             // "all but" cheaply, so the known endpoints' and host's addresses are carved out.
@@ -555,18 +563,6 @@ fn merge_rules(into: &mut Vec<PortRule>, rules: &[PortRule]) {
     }
 }
 
-/// `net` as the datapath lists it: without host bits, and a prefix of the v4-mapped range
-/// (`::ffff:10.0.0.0/104`) as the IPv4 prefix it is (`10.0.0.0/8`), which the maps store it as.
-pub fn canonical(net: IpNet) -> IpNet {
-    match net.trunc() {
-        IpNet::V6(v6) if v6.prefix_len() >= 96 => match v6.network().to_ipv4_mapped() {
-            Some(v4) => Ipv4Net::new(v4, v6.prefix_len() - 96).map_or(IpNet::V6(v6), IpNet::V4),
-            None => IpNet::V6(v6),
-        },
-        other => other,
-    }
-}
-
 /// `net` without the `except` prefixes, as a list of prefixes.
 pub fn subtract(net: IpNet, except: &[IpNet]) -> Vec<IpNet> {
     let overlapping: Vec<IpNet> = except
@@ -601,17 +597,48 @@ mod tests {
     /// as IPv4), and an IPv4 hole left it whole.
     #[test]
     fn v4_mapped_prefixes_are_taken_as_ipv4() {
-        assert_eq!(canonical(net("::ffff:10.0.0.0/104")), net("10.0.0.0/8"));
-        assert_eq!(canonical(net("::ffff:10.1.2.3/128")), net("10.1.2.3/32"));
-        assert_eq!(canonical(net("10.1.2.3/8")), net("10.0.0.0/8"));
-        assert_eq!(canonical(net("::ffff:0:0/95")), net("::fffe:0:0/95"));
-        assert_eq!(canonical(net("2001:db8::/32")), net("2001:db8::/32"));
+        assert_eq!(canonical_net(net("::ffff:10.0.0.0/104")), net("10.0.0.0/8"));
+        assert_eq!(
+            canonical_net(net("::ffff:10.1.2.3/128")),
+            net("10.1.2.3/32")
+        );
+        assert_eq!(canonical_net(net("10.1.2.3/8")), net("10.0.0.0/8"));
+        assert_eq!(canonical_net(net("::ffff:0:0/95")), net("::fffe:0:0/95"));
+        assert_eq!(canonical_net(net("2001:db8::/32")), net("2001:db8::/32"));
         let peer = Peer::Cidr {
             cidr: net("::ffff:10.0.0.0/104"),
             except: vec![net("10.128.0.0/9")],
         };
         let table = EndpointTable::from_config(&[]);
         assert_eq!(Reconciler::prefixes(&table, &peer), [net("10.0.0.0/9")]);
+    }
+
+    /// Every ClusterIP synced as a peer was carved out of `world`: with a cluster's Services
+    /// scattered over 10.96.0.0/12, thousands of prefixes per enforced endpoint.
+    #[test]
+    fn peers_are_not_carved_out_of_world() {
+        let endpoint = |name: &str, ip: &str, peer_only: bool| warden_config::EndpointConfig {
+            name: name.into(),
+            namespace: "youssef".into(),
+            labels: Default::default(),
+            ips: vec![ip.parse().unwrap()],
+            cgroup: None,
+            dns_target: Vec::new(),
+            peer_only,
+        };
+        let pods = [endpoint("a", "10.244.0.5", false)];
+        let mut with_services = pods.to_vec();
+        for n in 0..50u8 {
+            let ip = format!("10.{}.{n}.{}", 96 + n % 16, n.wrapping_mul(37));
+            with_services.push(endpoint(&format!("service:s{n}"), &ip, true));
+        }
+        let world = |endpoints: &[warden_config::EndpointConfig]| {
+            Reconciler::prefixes(&EndpointTable::from_config(endpoints), &Peer::World)
+        };
+        assert_eq!(world(&with_services), world(&pods));
+        let cluster =
+            Reconciler::prefixes(&EndpointTable::from_config(&with_services), &Peer::Cluster);
+        assert!(!cluster.contains(&net("10.96.0.0/32")), "{cluster:?}");
     }
 
     #[test]

@@ -57,8 +57,11 @@ impl EndpointTable {
                 peer_only: endpoint.peer_only,
             });
             keys.push(Arc::from(endpoint.key()));
-            for ip in &endpoint.ips {
-                by_ip.insert(ip.to_canonical(), index);
+            // A peer sends nothing of its own: no query is taken for one of its.
+            if !endpoint.peer_only {
+                for ip in &endpoint.ips {
+                    by_ip.insert(ip.to_canonical(), index);
+                }
             }
         }
         EndpointTable {
@@ -192,5 +195,18 @@ mod tests {
         assert_eq!(table.key_of(id), Some(&key));
         assert_eq!(&*key, "youssef/test");
         assert!(table.by_ip("127.0.0.3".parse().unwrap()).is_none());
+
+        // A peer sends nothing of its own: a query from its address is no endpoint's.
+        let mut with_peer = config.clone();
+        with_peer.push(EndpointConfig {
+            name: "service:dns".into(),
+            ips: vec!["127.0.0.3".parse().unwrap()],
+            peer_only: true,
+            ..config[0].clone()
+        });
+        let table = EndpointTable::from_config(&with_peer);
+        assert!(table.by_ip("127.0.0.3".parse().unwrap()).is_none());
+        let found = table.lookup("127.0.0.3:5353".parse().unwrap(), Transport::Udp);
+        assert!(found.endpoint.is_none());
     }
 }

@@ -94,8 +94,11 @@ pub fn compile(snapshot: &PolicySnapshot, parsed: &ParsedDocuments) -> Result<Co
         let labels: BTreeMap<String, String> = endpoint.labels.clone().into_iter().collect();
         let id = EndpointId(endpoint.id);
         let key: Arc<str> = Arc::from(format!("{}/{}", endpoint.namespace, endpoint.name));
-        for ip in &ips {
-            directory.by_ip.insert(ip.to_canonical(), (id, key.clone()));
+        // A peer sends nothing of its own: no query is taken for one of its.
+        if !endpoint.peer_only {
+            for ip in &ips {
+                directory.by_ip.insert(ip.to_canonical(), (id, key.clone()));
+            }
         }
         for cgroup_id in &endpoint.cgroup_ids {
             directory.by_cgroup.insert(*cgroup_id, (id, key.clone()));

@@ -38,7 +38,7 @@ pub use selector::{EndpointSelector, LabelRequirement, ScopedSelector, SelectorO
 mod model;
 pub use model::{
     API_VERSION, CidrRule, DEFAULT_NAMESPACE, EgressRule, Entity, L7Rules, Policy, PolicyKind,
-    PortProtocol, PortRule, Protocol, Rule,
+    PortProtocol, PortRule, Protocol, Rule, canonical_net,
 };
 
 mod load;

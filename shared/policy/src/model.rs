@@ -146,8 +146,27 @@ pub struct CidrRule {
 }
 
 impl CidrRule {
+    /// Whether the rule allows `ip`, both taken as the datapath takes them ([`canonical_net`]):
+    /// written v4-mapped, a prefix or an address is the IPv4 one it stands for.
     pub fn contains(&self, ip: &std::net::IpAddr) -> bool {
-        self.cidr.contains(ip) && !self.except.iter().any(|except| except.contains(ip))
+        let ip = ip.to_canonical();
+        let within = |net: &IpNet| canonical_net(*net).contains(&ip);
+        within(&self.cidr) && !self.except.iter().any(within)
+    }
+}
+
+/// `net` as the datapath keys it: without host bits, and a prefix of the v4-mapped range
+/// (`::ffff:10.0.0.0/104`) as the IPv4 prefix it is (`10.0.0.0/8`). A wider IPv6 prefix
+/// (`::/0`) stays IPv6, and holds no IPv4 address.
+pub fn canonical_net(net: IpNet) -> IpNet {
+    match net.trunc() {
+        IpNet::V6(v6) if v6.prefix_len() >= 96 => match v6.network().to_ipv4_mapped() {
+            Some(v4) => {
+                ipnet::Ipv4Net::new(v4, v6.prefix_len() - 96).map_or(IpNet::V6(v6), IpNet::V4)
+            }
+            None => IpNet::V6(v6),
+        },
+        other => other,
     }
 }
 

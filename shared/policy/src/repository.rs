@@ -200,8 +200,11 @@ struct GrantScope {
 impl PolicyRepository {
     pub fn build(policies: &[Policy], endpoints: &[EndpointInfo]) -> PolicyRepository {
         let mut repository = PolicyRepository {
+            // For `world` and `cluster`, as the datapath has them: a Service synced as a peer
+            // is reached through `toEndpoints` only.
             endpoint_ips: endpoints
                 .iter()
+                .filter(|endpoint| !endpoint.peer_only)
                 .flat_map(|endpoint| endpoint.ips.iter().map(IpAddr::to_canonical))
                 .collect(),
             policy_count: policies.len(),
@@ -642,6 +645,65 @@ mod tests {
             "{grants:?}"
         );
         assert!(!grants.is_empty());
+
+        // For `world` and `cluster` it is any address, as the datapath has it.
+        let entities = |entity: &str| {
+            let yaml = policy(&format!(
+                "[{{toEntities: [{entity}], toPorts: [{{ports: [{{port: '53', protocol: UDP}}]}}]}}]"
+            ));
+            let policies = parse_str(&yaml, Path::new("test.yaml")).unwrap();
+            PolicyRepository::build(&policies, &endpoints)
+        };
+        assert!(dns_ok(
+            &entities("world"),
+            CLIENT,
+            "10.96.0.10:53",
+            L4Proto::Udp,
+            "a.io"
+        ));
+        assert!(!dns_ok(
+            &entities("cluster"),
+            CLIENT,
+            "10.96.0.10:53",
+            L4Proto::Udp,
+            "a.io"
+        ));
+        assert!(dns_ok(
+            &entities("cluster"),
+            CLIENT,
+            "10.0.0.3:53",
+            L4Proto::Udp,
+            "a.io"
+        ));
+    }
+
+    /// Written v4-mapped, a CIDR rule (or its hole) is the IPv4 one it stands for, as in the
+    /// datapath; the proxy compared it as written, and refused what the datapath allowed.
+    #[test]
+    fn cidr_rules_written_v4_mapped_are_their_ipv4_prefixes() {
+        let repo = build(&policy(
+            "[{toCIDRSet: [{cidr: '::ffff:10.96.0.0/108', except: ['::ffff:10.96.0.128/121']}], \
+             toPorts: [{ports: [{port: '53', protocol: UDP}], rules: {dns: [{matchPattern: '*'}]}}]}]",
+        ));
+        assert!(dns_ok(&repo, CLIENT, "10.96.0.10:53", L4Proto::Udp, "a.io"));
+        assert!(dns_ok(
+            &repo,
+            CLIENT,
+            "[::ffff:10.96.0.10]:53",
+            L4Proto::Udp,
+            "a.io"
+        ));
+        assert!(
+            !dns_ok(&repo, CLIENT, "10.96.0.130:53", L4Proto::Udp, "a.io"),
+            "the hole"
+        );
+        let all_v6 = build(&policy(
+            "[{toCIDR: ['::/0'], toPorts: [{ports: [{port: '53', protocol: UDP}]}]}]",
+        ));
+        assert!(
+            !dns_ok(&all_v6, CLIENT, "10.96.0.10:53", L4Proto::Udp, "a.io"),
+            "IPv6 only"
+        );
     }
 
     #[test]
