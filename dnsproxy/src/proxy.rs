@@ -78,14 +78,17 @@ struct ProxyDatapath {
 impl ProxyDatapath {
     /// Opens the pins under `bpffs`, unless those are open already, and registers the DNS
     /// sockets there. Pins opened from the proxy's own config before any snapshot give way to
-    /// those the agent's snapshot names.
+    /// those the agent's snapshot names, and maps the agent pinned anew (its `cleanup` and a
+    /// new start) to the new ones: kept, the proxy's allow entries went into maps no program
+    /// reads.
     fn ensure(&self, bpffs: &Path) {
-        if self
-            .enforcement
-            .datapath()
-            .is_some_and(|open| open.bpffs() == bpffs)
+        if let Some(open) = self.enforcement.datapath()
+            && open.bpffs() == bpffs
         {
-            return;
+            if !open.pins_replaced() {
+                return;
+            }
+            tracing::warn!(bpffs = %bpffs.display(), "the agent's pinned maps were replaced; opening the new ones");
         }
         match Datapath::open_pinned(bpffs) {
             Ok(datapath) => {

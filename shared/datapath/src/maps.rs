@@ -8,7 +8,9 @@ use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 
 use aya::maps::lpm_trie::Key as LpmKey;
-use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, MapError, ReusePortSockArray};
+use aya::maps::{
+    Array, HashMap, IterableMap as _, LpmTrie, Map, MapData, MapError, ReusePortSockArray,
+};
 use aya::programs::{SkReuseport, SkReuseportAttachType};
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use nix::sys::socket::{
@@ -325,6 +327,29 @@ fn cidr_net(key: &LpmKey<RawCidrData>) -> Option<(u32, IpNet)> {
 }
 
 impl Datapath {
+    /// Whether the maps pinned at this datapath's folder are no longer the ones it has open:
+    /// the agent's `cleanup` and a new start (or anyone) pinned new ones in their place, and
+    /// what this process writes would go into maps no program reads. A folder with nothing
+    /// pinned counts as replaced too; one that cannot be read, as not (said by the next
+    /// write's error instead).
+    pub fn pins_replaced(&self) -> bool {
+        let pinned = self.inner.dir.join(map::FQDN_ALLOW);
+        let pinned_id = match MapData::from_pin(&pinned) {
+            Ok(data) => data.info().map(|info| info.id()),
+            Err(MapError::SyscallError(error))
+                if error.io_error.kind() == io::ErrorKind::NotFound =>
+            {
+                return true;
+            }
+            Err(error) => Err(error),
+        };
+        let open_id = self.inner.fqdn_allow_walker.map().info().map(|info| info.id());
+        match (pinned_id, open_id) {
+            (Ok(pinned), Ok(open)) => pinned != open,
+            _ => false,
+        }
+    }
+
     /// Enrolls (or re-enrolls with new flags) a cgroup as an endpoint. Sub-cgroups of an
     /// enrolled cgroup belong to it unless enrolled themselves.
     pub fn enroll(

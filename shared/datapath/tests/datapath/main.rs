@@ -946,7 +946,8 @@ fn reopen_replaces_programs_in_place_and_cleanup_removes_everything() {
         );
     }
 
-    drop((first, second, proxy, moved));
+    assert!(!proxy.pins_replaced());
+    drop((first, second, moved));
     let report = Datapath::cleanup(&options).unwrap();
     assert_eq!(report.links_detached.len(), PROGRAMS, "{report:?}");
     assert!(report.pins_removed.len() >= 11, "{report:?}");
@@ -959,6 +960,14 @@ fn reopen_replaces_programs_in_place_and_cleanup_removes_everything() {
             0
         );
     }
+    // A process that kept the maps open (the standalone proxy) sees them replaced: unpinned,
+    // then pinned anew by an agent's next start; what it wrote there no program would read.
+    assert!(proxy.pins_replaced());
+    let again = Datapath::open(&options).unwrap();
+    assert!(proxy.pins_replaced());
+    assert!(!Datapath::open_pinned(&options.bpffs).unwrap().pins_replaced());
+    drop((again, proxy));
+    Datapath::cleanup(&options).unwrap();
     // Cleaning up twice is harmless.
     assert_eq!(Datapath::cleanup(&options).unwrap().links_detached.len(), 0);
 }
