@@ -166,6 +166,7 @@ pub async fn start(config: AgentConfig) -> anyhow::Result<RunningAgent> {
                 sessions: sessions.clone(),
                 started: Instant::now(),
                 missing_cgroups: HashSet::new(),
+                uncleared: HashSet::new(),
             };
             let first_pass = tokio::task::spawn_blocking(move || {
                 reconciler.reconcile();

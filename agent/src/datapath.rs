@@ -56,6 +56,9 @@ pub struct Reconciler {
     /// Endpoints whose cgroup was missing at the last pass, said once until it appears (a pod
     /// written into endpoints_dir while still pending has none yet).
     pub missing_cgroups: HashSet<Arc<str>>,
+    /// Endpoint IDs whose clearing failed part way: tried again at the next pass (their
+    /// enrollments, which named them stale, are gone by then).
+    pub uncleared: HashSet<u32>,
 }
 
 impl Reconciler {
@@ -157,10 +160,16 @@ impl Reconciler {
         let stale: HashSet<u32> = enrolled
             .values()
             .map(|entry| entry.endpoint_id)
+            .chain(self.uncleared.drain())
             .filter(|id| !in_use.contains(id))
             .collect();
         for endpoint_id in stale {
-            self.count("clear", self.datapath.clear_endpoint(endpoint_id));
+            if self
+                .count("clear", self.datapath.clear_endpoint(endpoint_id))
+                .is_none()
+            {
+                self.uncleared.insert(endpoint_id);
+            }
         }
         // An endpoint gone before its cgroup appeared is forgotten (and said again if it
         // comes back).

@@ -343,7 +343,12 @@ impl Datapath {
             }
             Err(error) => Err(error),
         };
-        let open_id = self.inner.fqdn_allow_walker.map().info().map(|info| info.id());
+        let open_id = self
+            .inner
+            .fqdn_allow_walker
+            .map()
+            .info()
+            .map(|info| info.id());
         match (pinned_id, open_id) {
             (Ok(pinned), Ok(open)) => pinned != open,
             _ => false,

@@ -965,7 +965,11 @@ fn reopen_replaces_programs_in_place_and_cleanup_removes_everything() {
     assert!(proxy.pins_replaced());
     let again = Datapath::open(&options).unwrap();
     assert!(proxy.pins_replaced());
-    assert!(!Datapath::open_pinned(&options.bpffs).unwrap().pins_replaced());
+    assert!(
+        !Datapath::open_pinned(&options.bpffs)
+            .unwrap()
+            .pins_replaced()
+    );
     drop((again, proxy));
     Datapath::cleanup(&options).unwrap();
     // Cleaning up twice is harmless.
