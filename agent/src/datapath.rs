@@ -38,6 +38,9 @@ const UNWANTED_GRACE: Duration = Duration::from_secs(2);
 /// above for a large cache). The same holds while any proxy's resync is under way.
 const STARTUP_GRACE: Duration = Duration::from_secs(10);
 
+/// The most endpoint IDs whose clearing failed that are tried again.
+const UNCLEARED_KEPT: usize = 256;
+
 /// Keeps the pinned maps equal to what config, policy and cache say.
 #[derive(Debug)]
 pub struct Reconciler {
@@ -164,9 +167,11 @@ impl Reconciler {
             .filter(|id| !in_use.contains(id))
             .collect();
         for endpoint_id in stale {
+            // Bounded: were clearing to fail for good, each try walks the maps.
             if self
                 .count("clear", self.datapath.clear_endpoint(endpoint_id))
                 .is_none()
+                && self.uncleared.len() < UNCLEARED_KEPT
             {
                 self.uncleared.insert(endpoint_id);
             }
@@ -254,16 +259,16 @@ impl Reconciler {
                 IpNet::from(IpAddr::V6(Ipv6Addr::LOCALHOST)),
             ]
         };
-        // `world` and `cluster` are the node's endpoints' matter: a Service synced as a peer
-        // is reached through `toEndpoints` only (carved out of `world` one by one, the
-        // cluster's scattered ClusterIPs made thousands of prefixes per endpoint).
-        let endpoint_ips = |filter: Option<EndpointId>| -> Vec<IpNet> {
+        // A Service synced as a peer is in `cluster` (as the pods it stands for are), and not
+        // carved out of `world`: one by one, a cluster's scattered ClusterIPs made thousands
+        // of prefixes per endpoint.
+        let endpoint_ips = |filter: Option<EndpointId>, with_peers: bool| -> Vec<IpNet> {
             table
                 .infos()
                 .iter()
                 .filter(|info| match filter {
                     Some(id) => id == info.id,
-                    None => !info.peer_only,
+                    None => with_peers || !info.peer_only,
                 })
                 .flat_map(|info| info.ips.iter().map(|ip| IpNet::from(ip.to_canonical())))
                 .collect()
@@ -277,7 +282,7 @@ impl Reconciler {
             // Everything outside the node's endpoints and host; the maps cannot express
             // "all but" cheaply, so the known endpoints' and host's addresses are carved out.
             Peer::World => {
-                let mut carved = endpoint_ips(None);
+                let mut carved = endpoint_ips(None, false);
                 carved.extend(host());
                 everything()
                     .into_iter()
@@ -287,11 +292,11 @@ impl Reconciler {
             Peer::All => everything(),
             Peer::Host => host(),
             Peer::Cluster => {
-                let mut nets = endpoint_ips(None);
+                let mut nets = endpoint_ips(None, true);
                 nets.extend(host());
                 nets
             }
-            Peer::Endpoint(id) => endpoint_ips(Some(*id)),
+            Peer::Endpoint(id) => endpoint_ips(Some(*id), true),
         }
     }
 
@@ -623,7 +628,8 @@ mod tests {
     }
 
     /// Every ClusterIP synced as a peer was carved out of `world`: with a cluster's Services
-    /// scattered over 10.96.0.0/12, thousands of prefixes per enforced endpoint.
+    /// scattered over 10.96.0.0/12, thousands of prefixes per enforced endpoint. In `cluster`
+    /// a peer is, as the pods it stands for are.
     #[test]
     fn peers_are_not_carved_out_of_world() {
         let endpoint = |name: &str, ip: &str, peer_only: bool| warden_config::EndpointConfig {
@@ -647,7 +653,8 @@ mod tests {
         assert_eq!(world(&with_services), world(&pods));
         let cluster =
             Reconciler::prefixes(&EndpointTable::from_config(&with_services), &Peer::Cluster);
-        assert!(!cluster.contains(&net("10.96.0.0/32")), "{cluster:?}");
+        // In `cluster`, as the pods it stands for are.
+        assert!(cluster.contains(&net("10.96.0.0/32")), "{cluster:?}");
     }
 
     #[test]

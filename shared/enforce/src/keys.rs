@@ -114,26 +114,13 @@ pub fn datapath_warnings(policy: &Policy) -> Vec<String> {
             .iter()
             .filter(|egress| egress.to_fqdns.is_empty())
         {
-            let port_rules: usize = egress
-                .to_ports
-                .iter()
-                .flat_map(|to_ports| &to_ports.ports)
-                .map(|port| {
-                    let range = PortRange::from(port);
-                    match range.proto {
-                        Some(_) => 1,
-                        None if range == PortRange::ALL => 1,
-                        // ANY: a rule for TCP and one for UDP.
-                        None => 2,
-                    }
-                })
-                .sum();
+            let port_rules = datapath_port_rules(&egress.to_ports);
             if port_rules > PORT_RULES_PER_PREFIX {
                 warnings.push(format!(
                     "{}: policy {name}: an egress rule's toPorts make {port_rules} port rules \
-                     (a protocol ANY counts twice) for each address it allows; the datapath \
-                     holds {PORT_RULES_PER_PREFIX} per address: connections to the others will \
-                     be refused (split the addresses, or use port ranges)",
+                     (a port of protocol ANY is two, TCP and UDP) for each address it allows; \
+                     the datapath holds {PORT_RULES_PER_PREFIX} per address: connections on the \
+                     others will be refused (name the protocol, or use port ranges)",
                     policy.origin.display(),
                 ));
             }
@@ -160,6 +147,36 @@ pub fn datapath_warnings(policy: &Policy) -> Vec<String> {
         }
     }
     warnings
+}
+
+/// The port rules of the datapath an L3/L4 rule's `toPorts` make for each address, as the
+/// agent makes them: a group with DNS rules opens its port 53 only; a group without ports, or
+/// a port of all ports and protocols, makes the rule one of all ports; a port of protocol ANY
+/// is a rule for TCP and one for UDP; the same rule twice is one.
+fn datapath_port_rules(to_ports: &[warden_policy::PortRule]) -> usize {
+    let mut rules = std::collections::HashSet::new();
+    for group in to_ports {
+        let dns = !group.dns_rules().is_empty();
+        if group.ports.is_empty() && !dns {
+            return 1;
+        }
+        for range in group.ports.iter().map(PortRange::from) {
+            if dns && (range.first, range.last) != (53, 53) {
+                continue;
+            }
+            match range.proto {
+                None if range == PortRange::ALL => return 1,
+                None => {
+                    rules.insert((Some(L4Proto::Tcp), range.first, range.last));
+                    rules.insert((Some(L4Proto::Udp), range.first, range.last));
+                }
+                proto => {
+                    rules.insert((proto, range.first, range.last));
+                }
+            }
+        }
+    }
+    rules.len()
 }
 
 #[cfg(test)]
@@ -338,5 +355,23 @@ spec:
             .map(|n| format!("{{port: \"{}\", protocol: TCP}}", 8000 + n))
             .collect();
         assert!(warnings_of(&rule(&tcp.join(", ")), "many.yaml").is_empty());
+        // Counted as the datapath makes them: the same rule twice is one, a port of all ports
+        // makes the rule one, and a group with DNS rules opens port 53 only.
+        let repeated = format!("{}, {}", any(4), any(4));
+        assert!(warnings_of(&rule(&repeated), "many.yaml").is_empty());
+        let all = format!("{}, {{port: \"0\"}}", any(5));
+        assert!(warnings_of(&rule(&all), "many.yaml").is_empty());
+        let dns = "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: dns, \
+                   namespace: youssef}\nspec:\n  endpointSelector: {}\n  egress:\n  - \
+                   toCIDR: [10.96.0.10/32]\n    toPorts: [{ports: [{port: '53'}, {port: \
+                   '5353'}, {port: '8053'}, {port: '9053'}, {port: '10053'}], rules: {dns: \
+                   [{matchPattern: '*'}]}}]\n";
+        let warnings = warnings_of(dns, "dns.yaml");
+        assert!(
+            warnings
+                .iter()
+                .all(|warning| !warning.contains("port rules")),
+            "{warnings:?}"
+        );
     }
 }

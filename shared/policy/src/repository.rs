@@ -144,7 +144,7 @@ pub struct PolicyRepository {
     enforced: HashMap<EndpointId, Vec<Arc<CompiledRule>>>,
     fqdn: NameMatcher<FqdnTarget>,
     /// Addresses of known endpoints, which `world` excludes and `cluster` includes.
-    endpoint_ips: HashSet<IpAddr>,
+    known: KnownAddresses,
     selector_count: usize,
     policy_count: usize,
 }
@@ -199,14 +199,18 @@ struct GrantScope {
 
 impl PolicyRepository {
     pub fn build(policies: &[Policy], endpoints: &[EndpointInfo]) -> PolicyRepository {
-        let mut repository = PolicyRepository {
-            // For `world` and `cluster`, as the datapath has them: a Service synced as a peer
-            // is reached through `toEndpoints` only.
-            endpoint_ips: endpoints
+        let addresses = |peer_only: bool| {
+            endpoints
                 .iter()
-                .filter(|endpoint| !endpoint.peer_only)
+                .filter(|endpoint| endpoint.peer_only == peer_only)
                 .flat_map(|endpoint| endpoint.ips.iter().map(IpAddr::to_canonical))
-                .collect(),
+                .collect()
+        };
+        let mut repository = PolicyRepository {
+            known: KnownAddresses {
+                endpoints: addresses(false),
+                peers: addresses(true),
+            },
             policy_count: policies.len(),
             ..PolicyRepository::default()
         };
@@ -303,7 +307,7 @@ impl PolicyRepository {
         // A dual-stack socket reports IPv4 servers as ::ffff:a.b.c.d.
         let ip = server.ip().to_canonical();
         rules.iter().any(|rule| {
-            rule.peer.matches(ip, &self.endpoint_ips)
+            rule.peer.matches(ip, &self.known)
                 && (rule.port_groups.is_empty()
                     || rule
                         .port_groups
@@ -461,8 +465,27 @@ impl CompiledRule {
     }
 }
 
+/// The addresses the entities are told by, as the datapath has them: a Service synced as a
+/// peer is in `cluster` (as the pods it stands for are) and not carved out of `world` (a
+/// cluster's scattered ClusterIPs carved out one by one made thousands of prefixes).
+#[derive(Clone, Debug, Default)]
+struct KnownAddresses {
+    endpoints: HashSet<IpAddr>,
+    peers: HashSet<IpAddr>,
+}
+
+impl KnownAddresses {
+    fn world(&self, ip: IpAddr) -> bool {
+        !is_host(ip) && !self.endpoints.contains(&ip)
+    }
+
+    fn cluster(&self, ip: IpAddr) -> bool {
+        is_host(ip) || self.endpoints.contains(&ip) || self.peers.contains(&ip)
+    }
+}
+
 impl PeerMatch {
-    fn matches(&self, ip: IpAddr, endpoint_ips: &HashSet<IpAddr>) -> bool {
+    fn matches(&self, ip: IpAddr, known: &KnownAddresses) -> bool {
         match self {
             PeerMatch::Any => true,
             PeerMatch::Endpoints { ips, .. } => ips.contains(&ip),
@@ -470,8 +493,8 @@ impl PeerMatch {
             PeerMatch::Entities(entities) => entities.iter().any(|entity| match entity {
                 Entity::All => true,
                 Entity::Host => is_host(ip),
-                Entity::World => !is_host(ip) && !endpoint_ips.contains(&ip),
-                Entity::Cluster => is_host(ip) || endpoint_ips.contains(&ip),
+                Entity::World => known.world(ip),
+                Entity::Cluster => known.cluster(ip),
             }),
             PeerMatch::Fqdns | PeerMatch::Nothing => false,
         }
@@ -646,7 +669,7 @@ mod tests {
         );
         assert!(!grants.is_empty());
 
-        // For `world` and `cluster` it is any address, as the datapath has it.
+        // In `cluster`, as the pods it stands for are, and not carved out of `world`.
         let entities = |entity: &str| {
             let yaml = policy(&format!(
                 "[{{toEntities: [{entity}], toPorts: [{{ports: [{{port: '53', protocol: UDP}}]}}]}}]"
@@ -661,7 +684,7 @@ mod tests {
             L4Proto::Udp,
             "a.io"
         ));
-        assert!(!dns_ok(
+        assert!(dns_ok(
             &entities("cluster"),
             CLIENT,
             "10.96.0.10:53",
