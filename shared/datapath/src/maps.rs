@@ -8,9 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 
 use aya::maps::lpm_trie::Key as LpmKey;
-use aya::maps::{
-    Array, HashMap, IterableMap as _, LpmTrie, Map, MapData, MapError, ReusePortSockArray,
-};
+use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, MapError, ReusePortSockArray};
 use aya::programs::{SkReuseport, SkReuseportAttachType};
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use nix::sys::socket::{
@@ -51,6 +49,33 @@ pub(crate) struct Maps {
     reuseport_config: Mutex<Array<MapData, RawReuseportConfig>>,
     /// Opened on first use: only processes serving DNS attach it.
     reuseport_program: Mutex<Option<SkReuseport>>,
+    /// The kernel's ids of the maps this process uses, as pinned when it opened them: see
+    /// [`Datapath::pins_replaced`].
+    opened_ids: Vec<(&'static str, u32)>,
+}
+
+/// The maps whose replacement [`Datapath::pins_replaced`] looks for: those this process reads
+/// or writes.
+const USED_MAPS: [&str; 8] = [
+    map::ENDPOINTS,
+    map::DNS_TARGETS,
+    map::REDIRECT_RECORDS,
+    map::FQDN_ALLOW,
+    map::CIDR_ALLOW,
+    map::LAST_SEEN,
+    map::REUSEPORT_SOCKETS,
+    map::REUSEPORT_CONFIG,
+];
+
+/// The kernel's id of the map pinned as `name` in `dir`: `Ok(None)` when nothing is pinned there.
+fn pinned_id(dir: &Path, name: &'static str) -> Result<Option<u32>, MapError> {
+    match MapData::from_pin(dir.join(name)) {
+        Ok(data) => data.info().map(|info| Some(info.id())),
+        Err(MapError::SyscallError(error)) if error.io_error.kind() == io::ErrorKind::NotFound => {
+            Ok(None)
+        }
+        Err(error) => Err(error),
+    }
 }
 
 impl fmt::Debug for Maps {
@@ -222,6 +247,12 @@ impl Maps {
             reuseport_sockets: typed(&dir, map::REUSEPORT_SOCKETS)?,
             reuseport_config: typed(&dir, map::REUSEPORT_CONFIG)?,
             reuseport_program: Mutex::new(None),
+            // Read after the maps were opened from the same pins: a replacement in between
+            // would show as one at the first check, a reopen too many.
+            opened_ids: USED_MAPS
+                .iter()
+                .filter_map(|name| Some((*name, pinned_id(&dir, name).ok()??)))
+                .collect(),
             bpffs: bpffs.to_path_buf(),
             dir,
         })
@@ -327,32 +358,18 @@ fn cidr_net(key: &LpmKey<RawCidrData>) -> Option<(u32, IpNet)> {
 }
 
 impl Datapath {
-    /// Whether the maps pinned at this datapath's folder are no longer the ones it has open:
-    /// the agent's `cleanup` and a new start (or anyone) pinned new ones in their place, and
-    /// what this process writes would go into maps no program reads. A folder with nothing
-    /// pinned counts as replaced too; one that cannot be read, as not (said by the next
-    /// write's error instead).
+    /// Whether any map pinned at this datapath's folder is no longer the one it has open: the
+    /// agent's `cleanup` and a new start (or anyone) pinned new ones in their place, and what
+    /// this process writes would go into maps no program reads. A map no longer pinned counts
+    /// as replaced too; one whose pin cannot be read, as not (the next write's error says it).
     pub fn pins_replaced(&self) -> bool {
-        let pinned = self.inner.dir.join(map::FQDN_ALLOW);
-        let pinned_id = match MapData::from_pin(&pinned) {
-            Ok(data) => data.info().map(|info| info.id()),
-            Err(MapError::SyscallError(error))
-                if error.io_error.kind() == io::ErrorKind::NotFound =>
-            {
-                return true;
-            }
-            Err(error) => Err(error),
-        };
-        let open_id = self
-            .inner
-            .fqdn_allow_walker
-            .map()
-            .info()
-            .map(|info| info.id());
-        match (pinned_id, open_id) {
-            (Ok(pinned), Ok(open)) => pinned != open,
-            _ => false,
-        }
+        self.inner
+            .opened_ids
+            .iter()
+            .any(|(name, opened)| match pinned_id(&self.inner.dir, name) {
+                Ok(pinned) => pinned != Some(*opened),
+                Err(_) => false,
+            })
     }
 
     /// Enrolls (or re-enrolls with new flags) a cgroup as an endpoint. Sub-cgroups of an

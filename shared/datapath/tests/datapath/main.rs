@@ -965,12 +965,19 @@ fn reopen_replaces_programs_in_place_and_cleanup_removes_everything() {
     assert!(proxy.pins_replaced());
     let again = Datapath::open(&options).unwrap();
     assert!(proxy.pins_replaced());
-    assert!(
-        !Datapath::open_pinned(&options.bpffs)
-            .unwrap()
-            .pins_replaced()
-    );
-    drop((again, proxy));
+    let fresh = Datapath::open_pinned(&options.bpffs).unwrap();
+    assert!(!fresh.pins_replaced());
+    // Any map it uses, not only the allow map: one unpinned (by a cleanup that stopped part
+    // way, say) is one replaced.
+    let last_seen = fs::read_dir(&options.bpffs)
+        .unwrap()
+        .filter_map(Result::ok)
+        .map(|entry| entry.path().join("last_seen"))
+        .find(|path| path.exists())
+        .unwrap();
+    fs::remove_file(&last_seen).unwrap();
+    assert!(fresh.pins_replaced());
+    drop((again, proxy, fresh));
     Datapath::cleanup(&options).unwrap();
     // Cleaning up twice is harmless.
     assert_eq!(Datapath::cleanup(&options).unwrap().links_detached.len(), 0);
