@@ -161,7 +161,7 @@ pub enum EndpointCommand {
         /// standard input) instead of pods: each with a selector and a cluster address, as an
         /// endpoint only others' rules name, labelled as the pods it picks (pods query the
         /// kube-dns Service, which `toEndpoints` naming kube-dns must reach).
-        #[arg(long, value_name = "FILE", conflicts_with = "watch")]
+        #[arg(long, value_name = "FILE")]
         services: Option<PathBuf>,
         /// The agent's endpoints_dir.
         #[arg(long, value_name = "DIR")]
@@ -178,9 +178,9 @@ pub enum EndpointCommand {
         /// Where pods (in their own network namespace) reach the DNS proxy; repeat for IPv6.
         #[arg(long, value_name = "ADDR")]
         dns_target: Vec<std::net::SocketAddr>,
-        /// Read a stream of JSON values (PodList, Pod, watch event) until its end or a watch
-        /// ERROR event, writing after each; exits non-zero on an error, so that a loop lists
-        /// again.
+        /// Read a stream of JSON values (PodList, Pod, watch event; or ServiceList, Service,
+        /// watch event with --services) until its end or a watch ERROR event, writing after
+        /// each; exits non-zero on an error, so that a loop lists again.
         #[arg(long)]
         watch: bool,
     },
@@ -298,7 +298,7 @@ pub async fn run(cli: Cli) -> ExitCode {
                     .unwrap_or_default(),
             };
             match (services, node) {
-                (Some(services), _) => service_sync(&dir, &services),
+                (Some(services), _) => service_sync(&dir, &services, watch),
                 (None, Some(node)) => {
                     endpoint_sync(&node, &dir, &pods, &kubelet, &dns_target, watch)
                 }
@@ -335,8 +335,23 @@ fn input_of(path: &std::path::Path) -> anyhow::Result<Box<dyn std::io::Read>> {
     })
 }
 
-/// `warden endpoint sync --services`: see [`crate::pod_endpoints::services`].
-fn service_sync(dir: &std::path::Path, services: &std::path::Path) -> anyhow::Result<String> {
+/// `warden endpoint sync --services`: see [`crate::pod_endpoints::services`]; with `watch`, a
+/// stream as for pods ([`watch_stream`]).
+fn service_sync(
+    dir: &std::path::Path,
+    services: &std::path::Path,
+    watch: bool,
+) -> anyhow::Result<String> {
+    if watch {
+        return watch_stream(
+            dir,
+            input_of(services)?,
+            "Service",
+            crate::pod_endpoints::SERVICE_FILES,
+            crate::pod_endpoints::services,
+            service_line,
+        );
+    }
     let text =
         std::io::read_to_string(input_of(services)?).context("cannot read the ServiceList")?;
     let list: serde_json::Value =
@@ -348,13 +363,14 @@ fn service_sync(dir: &std::path::Path, services: &std::path::Path) -> anyhow::Re
     }
     let report =
         crate::pod_endpoints::sync(dir, crate::pod_endpoints::SERVICE_FILES, &endpoints, true)?;
-    Ok(format!(
-        "{} services: {} written, {} unchanged, {} removed\n",
-        endpoints.len(),
-        report.written,
-        report.unchanged,
-        report.removed
-    ))
+    Ok(service_line(endpoints.len(), &report))
+}
+
+fn service_line(services: usize, report: &crate::pod_endpoints::SyncReport) -> String {
+    format!(
+        "{services} services: {} written, {} unchanged, {} removed\n",
+        report.written, report.unchanged, report.removed
+    )
 }
 
 /// `warden endpoint sync`: see [`crate::pod_endpoints`]; with `watch`, [`endpoint_watch`].
@@ -390,10 +406,7 @@ fn sync_line(node: &str, pods: usize, report: &crate::pod_endpoints::SyncReport)
     )
 }
 
-/// `warden endpoint sync --watch`: see [`crate::pod_endpoints::PodWatch`]. A line for each value
-/// that changed a file; the pods left out are said again only when they change. Pods that
-/// would not load end it with a failure, the files as they were, as an ERROR event does: the
-/// loop around it lists again, rather than the files staying as they were until its next list.
+/// `warden endpoint sync --watch`: see [`crate::pod_endpoints::Watch`], with [`watch_stream`].
 fn endpoint_watch(
     node: &str,
     dir: &std::path::Path,
@@ -401,35 +414,52 @@ fn endpoint_watch(
     kubelet: &crate::pod_endpoints::Kubelet,
     dns_target: &[std::net::SocketAddr],
 ) -> anyhow::Result<String> {
+    watch_stream(
+        dir,
+        input,
+        "Pod",
+        crate::pod_endpoints::POD_FILES,
+        |list, skipped| crate::pod_endpoints::endpoints(list, node, kubelet, dns_target, skipped),
+        |count, report| sync_line(node, count, report),
+    )
+}
+
+/// A stream of `kind` objects (a list, then a watch's events) into the `prefix` files of `dir`,
+/// each value as it comes: a line for each that changed a file; what is left out is said again
+/// only when it changes. Objects that would not load end it with a failure, the files as they
+/// were, as an ERROR event does: the loop around it lists again, rather than the files staying
+/// as they were until its next list.
+fn watch_stream(
+    dir: &std::path::Path,
+    input: Box<dyn std::io::Read>,
+    kind: &'static str,
+    prefix: &str,
+    endpoints_of: impl Fn(
+        &serde_json::Value,
+        &mut Vec<String>,
+    ) -> anyhow::Result<
+        std::collections::BTreeMap<String, warden_config::EndpointConfig>,
+    >,
+    line: impl Fn(usize, &crate::pod_endpoints::SyncReport) -> String,
+) -> anyhow::Result<String> {
     let stream = serde_json::Deserializer::from_reader(std::io::BufReader::new(input))
         .into_iter::<serde_json::Value>();
-    let mut watch = crate::pod_endpoints::PodWatch::default();
+    let mut watch = crate::pod_endpoints::Watch::of(kind);
     let mut said_skipped = Vec::new();
     for value in stream {
-        let value = value.context("the pod stream is not JSON")?;
+        let value = value.with_context(|| format!("the {kind} stream is not JSON"))?;
         watch.apply(value)?;
         let mut skipped = Vec::new();
-        let endpoints = crate::pod_endpoints::endpoints(
-            &watch.list(),
-            node,
-            kubelet,
-            dns_target,
-            &mut skipped,
-        )?;
+        let endpoints = endpoints_of(&watch.list(), &mut skipped)?;
         if skipped != said_skipped {
             for reason in &skipped {
                 eprintln!("warden: skipped {reason}");
             }
             said_skipped = skipped;
         }
-        let report = crate::pod_endpoints::sync(
-            dir,
-            crate::pod_endpoints::POD_FILES,
-            &endpoints,
-            watch.complete(),
-        )?;
+        let report = crate::pod_endpoints::sync(dir, prefix, &endpoints, watch.complete())?;
         if report.written + report.removed > 0 {
-            reader_gone(emit(&sync_line(node, endpoints.len(), &report)))?;
+            reader_gone(emit(&line(endpoints.len(), &report)))?;
         }
     }
     Ok(String::new())

@@ -27,7 +27,7 @@
 //!
 //! With `--watch` it reads a stream instead, a list and then a watch's events, and writes each
 //! change as it comes rather than every 2 s (a new pod's resolver would otherwise get SERVFAIL
-//! for up to that long, and every node would list its pods every 2 s). See [`PodWatch`]:
+//! for up to that long, and every node would list its pods every 2 s). See [`Watch`]:
 //!
 //! ```sh
 //! while true; do
@@ -69,20 +69,23 @@ pub struct SyncReport {
     pub removed: usize,
 }
 
-/// The pods of a node as a stream tells them: a `PodList` (the whole node), a `Pod` (added or
-/// changed), or a watch event as `kubectl get --watch --output-watch-events -o json` prints
-/// them (`ADDED`, `MODIFIED`, `DELETED`, `BOOKMARK`, `ERROR`). Pods are known by UID.
-#[derive(Debug, Default)]
-pub struct PodWatch {
-    pods: BTreeMap<String, Value>,
-    /// A whole list came: only then do the files of pods not known go. (A watch starts with an
-    /// `ADDED` event per pod, and the node's other pods are not gone before theirs comes.)
+/// The objects of one kind (pods of a node, Services) as a stream tells them: a list (`PodList`:
+/// the whole node), an object (a `Pod`, added or changed), or a watch event as
+/// `kubectl get --watch --output-watch-events -o json` prints them (`ADDED`, `MODIFIED`,
+/// `DELETED`, `BOOKMARK`, `ERROR`). Objects are known by UID.
+#[derive(Debug)]
+pub struct Watch {
+    /// `Pod`, `Service`: the kind of the objects, and of their list (`PodList`).
+    kind: &'static str,
+    objects: BTreeMap<String, Value>,
+    /// A whole list came: only then do the files of objects not known go. (A watch starts
+    /// with an `ADDED` event per object, and the others are not gone before theirs comes.)
     listed: bool,
 }
 
-/// What one value of the stream did to a [`PodWatch`].
+/// What one value of the stream did to a [`Watch`].
 #[derive(Debug, PartialEq, Eq)]
-pub enum PodChange {
+pub enum Change {
     Listed,
     Upserted,
     Deleted,
@@ -90,39 +93,51 @@ pub enum PodChange {
     Nothing,
 }
 
-impl PodWatch {
+impl Watch {
+    /// A watch of the objects of `kind` (`Pod`, `Service`).
+    pub fn of(kind: &'static str) -> Watch {
+        Watch {
+            kind,
+            objects: BTreeMap::new(),
+            listed: false,
+        }
+    }
+
     /// Takes one value of the stream. An `ERROR` event (the watch ended: a resource version
     /// gone, the API server's error) or a value of no known shape is an error, after which the
     /// caller lists again; what was known stays as it was.
-    pub fn apply(&mut self, value: Value) -> anyhow::Result<PodChange> {
+    pub fn apply(&mut self, value: Value) -> anyhow::Result<Change> {
         if let Some(items) = value.get("items").and_then(Value::as_array) {
-            self.pods = items
+            self.objects = items
                 .iter()
-                .map(|pod| (Self::uid(pod), pod.clone()))
+                .map(|object| (Self::uid(object), object.clone()))
                 .collect();
             self.listed = true;
-            return Ok(PodChange::Listed);
+            return Ok(Change::Listed);
         }
-        if value.get("kind").and_then(Value::as_str) == Some("Pod") {
+        if value.get("kind").and_then(Value::as_str) == Some(self.kind) {
             self.upsert(value);
-            return Ok(PodChange::Upserted);
+            return Ok(Change::Upserted);
         }
         let (Some(kind), Some(object)) = (
             value.get("type").and_then(Value::as_str),
             value.get("object"),
         ) else {
-            anyhow::bail!("neither a PodList, a Pod nor a watch event");
+            anyhow::bail!(
+                "neither a {kind}List, a {kind} nor a watch event",
+                kind = self.kind
+            );
         };
         match kind {
             "ADDED" | "MODIFIED" => {
                 self.upsert(object.clone());
-                Ok(PodChange::Upserted)
+                Ok(Change::Upserted)
             }
-            "DELETED" => Ok(match self.pods.remove(&Self::uid(object)) {
-                Some(_) => PodChange::Deleted,
-                None => PodChange::Nothing,
+            "DELETED" => Ok(match self.objects.remove(&Self::uid(object)) {
+                Some(_) => Change::Deleted,
+                None => Change::Nothing,
             }),
-            "BOOKMARK" => Ok(PodChange::Nothing),
+            "BOOKMARK" => Ok(Change::Nothing),
             "ERROR" => anyhow::bail!(
                 "the watch ended: {}",
                 object
@@ -134,37 +149,41 @@ impl PodWatch {
         }
     }
 
-    /// The pods known, as the `PodList` [`endpoints`] reads.
+    /// The objects known, as the list [`endpoints`] and [`services`] read.
     pub fn list(&self) -> Value {
-        serde_json::json!({ "kind": "PodList", "items": self.pods.values().collect::<Vec<_>>() })
+        serde_json::json!({
+            "kind": format!("{}List", self.kind),
+            "items": self.objects.values().collect::<Vec<_>>(),
+        })
     }
 
-    /// Whether a whole list came, so that the files of pods not known may go.
+    /// Whether a whole list came, so that the files of objects not known may go.
     pub fn complete(&self) -> bool {
         self.listed
     }
 
-    /// A pod of the same namespace and name under another UID goes: names are unique at any
-    /// one time, so that one was deleted unseen (between the list and the watch's start; a
+    /// An object of the same namespace and name under another UID goes: names are unique at
+    /// any one time, so that one was deleted unseen (between the list and the watch's start; a
     /// StatefulSet's pod, replaced), and two endpoints of one name would not load, leaving
     /// every file as it was until the next list.
-    fn upsert(&mut self, pod: Value) {
-        let uid = Self::uid(&pod);
-        let name = |pod: &Value| {
+    fn upsert(&mut self, object: Value) {
+        let uid = Self::uid(&object);
+        let name = |object: &Value| {
             Some((
-                pod.pointer("/metadata/namespace")?.as_str()?.to_owned(),
-                pod.pointer("/metadata/name")?.as_str()?.to_owned(),
+                object.pointer("/metadata/namespace")?.as_str()?.to_owned(),
+                object.pointer("/metadata/name")?.as_str()?.to_owned(),
             ))
         };
-        if let Some(name_of_new) = name(&pod) {
-            self.pods
+        if let Some(name_of_new) = name(&object) {
+            self.objects
                 .retain(|known, old| *known == uid || name(old).as_ref() != Some(&name_of_new));
         }
-        self.pods.insert(uid, pod);
+        self.objects.insert(uid, object);
     }
 
-    fn uid(pod: &Value) -> String {
-        pod.pointer("/metadata/uid")
+    fn uid(object: &Value) -> String {
+        object
+            .pointer("/metadata/uid")
             .and_then(Value::as_str)
             .unwrap_or_default()
             .to_owned()
@@ -700,6 +719,30 @@ mod tests {
         let gone = sync(dir.path(), SERVICE_FILES, &BTreeMap::new(), true).unwrap();
         assert_eq!(gone.removed, 1);
         assert!(dir.path().join("pod-1111-aaaa.yaml").exists());
+
+        // Watched as pods are: a list, then events.
+        let mut watch = Watch::of("Service");
+        let kube_dns = list["items"][0].clone();
+        assert_eq!(
+            watch
+                .apply(serde_json::json!({"kind": "ServiceList", "items": []}))
+                .unwrap(),
+            Change::Listed
+        );
+        assert_eq!(
+            watch
+                .apply(serde_json::json!({"type": "ADDED", "object": kube_dns}))
+                .unwrap(),
+            Change::Upserted
+        );
+        let found = services(&watch.list(), &mut Vec::new()).unwrap();
+        assert_eq!(found.keys().collect::<Vec<_>>(), ["aaaa-1111"]);
+        assert!(
+            watch
+                .apply(serde_json::json!({"kind": "Pod", "metadata": {"uid": "x"}}))
+                .is_err(),
+            "a Pod in a Service stream"
+        );
     }
 
     fn pod(uid: &str, ip: &str) -> Value {
@@ -715,7 +758,7 @@ mod tests {
         serde_json::json!({"type": kind, "object": object})
     }
 
-    fn uids(watch: &PodWatch) -> Vec<String> {
+    fn uids(watch: &Watch) -> Vec<String> {
         let found = endpoints(
             &watch.list(),
             "n1",
@@ -729,15 +772,15 @@ mod tests {
 
     #[test]
     fn a_watch_keeps_the_pods_a_list_and_its_events_tell() {
-        let mut watch = PodWatch::default();
+        let mut watch = Watch::of("Pod");
         // Events before a list: known, but the node's other pods are not gone.
         assert_eq!(
             watch.apply(event("ADDED", pod("a", "10.0.0.1"))).unwrap(),
-            PodChange::Upserted
+            Change::Upserted
         );
         assert!(!watch.complete());
         let list = serde_json::json!({"kind": "PodList", "items": [pod("b", "10.0.0.2")]});
-        assert_eq!(watch.apply(list).unwrap(), PodChange::Listed);
+        assert_eq!(watch.apply(list).unwrap(), Change::Listed);
         assert!(watch.complete());
         assert_eq!(uids(&watch), ["b"], "a list is the whole node");
         watch.apply(event("ADDED", pod("c", "10.0.0.3"))).unwrap();
@@ -758,19 +801,19 @@ mod tests {
         assert_eq!(b.ips, ["10.0.0.9".parse::<IpAddr>().unwrap()]);
         assert_eq!(
             watch.apply(event("DELETED", pod("c", "10.0.0.3"))).unwrap(),
-            PodChange::Deleted
+            Change::Deleted
         );
         assert_eq!(
             watch
                 .apply(event("DELETED", pod("zz", "10.0.0.7")))
                 .unwrap(),
-            PodChange::Nothing
+            Change::Nothing
         );
         assert_eq!(
             watch
                 .apply(event("BOOKMARK", serde_json::json!({"kind": "Pod"})))
                 .unwrap(),
-            PodChange::Nothing
+            Change::Nothing
         );
         assert_eq!(uids(&watch), ["b", "d"]);
         // The watch's end, and what is no event: errors, and nothing known is lost.
@@ -794,7 +837,7 @@ mod tests {
     /// two endpoints of one name failed to load, and nothing was written until the next list.
     #[test]
     fn a_pod_of_a_known_name_under_another_uid_replaces_it() {
-        let mut watch = PodWatch::default();
+        let mut watch = Watch::of("Pod");
         let list = serde_json::json!({"kind": "PodList", "items": [pod("a", "10.0.0.1")]});
         watch.apply(list).unwrap();
         let mut again = pod("b", "10.0.0.2");
