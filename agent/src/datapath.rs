@@ -38,8 +38,8 @@ const UNWANTED_GRACE: Duration = Duration::from_secs(2);
 /// above for a large cache). The same holds while any proxy's resync is under way.
 const STARTUP_GRACE: Duration = Duration::from_secs(10);
 
-/// The most endpoint IDs whose clearing failed that are tried again.
-const UNCLEARED_KEPT: usize = 256;
+/// The most endpoint IDs whose clearing failed that are tried again: each try walks three maps.
+const UNCLEARED_KEPT: usize = 32;
 
 /// Keeps the pinned maps equal to what config, policy and cache say.
 #[derive(Debug)]
@@ -171,9 +171,19 @@ impl Reconciler {
             if self
                 .count("clear", self.datapath.clear_endpoint(endpoint_id))
                 .is_none()
-                && self.uncleared.len() < UNCLEARED_KEPT
             {
-                self.uncleared.insert(endpoint_id);
+                if self.uncleared.len() < UNCLEARED_KEPT {
+                    self.uncleared.insert(endpoint_id);
+                } else {
+                    static BUDGET: LogBudget = LogBudget::new(LogBudget::INTERVAL);
+                    if let Some(held_back) = BUDGET.allow() {
+                        tracing::warn!(
+                            endpoint_id,
+                            held_back,
+                            "an endpoint's datapath entries could not be cleared and are left"
+                        );
+                    }
+                }
             }
         }
         // An endpoint gone before its cgroup appeared is forgotten (and said again if it
@@ -279,7 +289,7 @@ impl Reconciler {
                 let except: Vec<IpNet> = except.iter().copied().map(canonical_net).collect();
                 subtract(canonical_net(*cidr), &except)
             }
-            // Everything outside the node's endpoints and host; the maps cannot express
+            // Everything outside the node's endpoints (not its peers) and host; the maps cannot express
             // "all but" cheaply, so the known endpoints' and host's addresses are carved out.
             Peer::World => {
                 let mut carved = endpoint_ips(None, false);

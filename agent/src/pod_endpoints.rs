@@ -108,6 +108,12 @@ impl Watch {
     /// caller lists again; what was known stays as it was.
     pub fn apply(&mut self, value: Value) -> anyhow::Result<Change> {
         if let Some(items) = value.get("items").and_then(Value::as_array) {
+            // A list of the other kind (Services fed where pods are watched) would remove the
+            // files of every object of this one. kubectl names each item's kind (its list is a
+            // `List`); the API server's own lists do not.
+            for item in items {
+                self.of_this_kind(item)?;
+            }
             self.objects = items
                 .iter()
                 .map(|object| (Self::uid(object), object.clone()))
@@ -130,6 +136,7 @@ impl Watch {
         };
         match kind {
             "ADDED" | "MODIFIED" => {
+                self.of_this_kind(object)?;
                 self.upsert(object.clone());
                 Ok(Change::Upserted)
             }
@@ -146,6 +153,16 @@ impl Watch {
                     .unwrap_or("no message")
             ),
             other => anyhow::bail!("a watch event of unknown type {other:?}"),
+        }
+    }
+
+    /// An error for an object whose `kind` says it is of another kind than the watch's.
+    fn of_this_kind(&self, object: &Value) -> anyhow::Result<()> {
+        match object.get("kind").and_then(Value::as_str) {
+            Some(kind) if kind != self.kind => {
+                anyhow::bail!("a {kind} where {}s are watched", self.kind)
+            }
+            _ => Ok(()),
         }
     }
 
@@ -743,6 +760,22 @@ mod tests {
                 .is_err(),
             "a Pod in a Service stream"
         );
+        // Nor in a list or an event: a PodList fed to the Service sync removed every
+        // Service's file, and the other way round every pod's.
+        let pods = serde_json::json!({"kind": "List", "items": [
+            {"kind": "Pod", "metadata": {"uid": "p"}}]});
+        let error = watch.apply(pods).unwrap_err();
+        assert!(
+            error.to_string().contains("a Pod where Services"),
+            "{error}"
+        );
+        assert!(
+            watch
+                .apply(serde_json::json!({"type": "ADDED", "object": {"kind": "Pod"}}))
+                .is_err()
+        );
+        let known = services(&watch.list(), &mut Vec::new()).unwrap();
+        assert_eq!(known.len(), 1, "what was known stays");
     }
 
     fn pod(uid: &str, ip: &str) -> Value {

@@ -49,23 +49,9 @@ pub(crate) struct Maps {
     reuseport_config: Mutex<Array<MapData, RawReuseportConfig>>,
     /// Opened on first use: only processes serving DNS attach it.
     reuseport_program: Mutex<Option<SkReuseport>>,
-    /// The kernel's ids of the maps this process uses, as pinned when it opened them: see
-    /// [`Datapath::pins_replaced`].
-    opened_ids: Vec<(&'static str, u32)>,
+    /// The kernel's ids of the maps this process opened: see [`Datapath::pins_replaced`].
+    opened_ids: OpenedIds,
 }
-
-/// The maps whose replacement [`Datapath::pins_replaced`] looks for: those this process reads
-/// or writes.
-const USED_MAPS: [&str; 8] = [
-    map::ENDPOINTS,
-    map::DNS_TARGETS,
-    map::REDIRECT_RECORDS,
-    map::FQDN_ALLOW,
-    map::CIDR_ALLOW,
-    map::LAST_SEEN,
-    map::REUSEPORT_SOCKETS,
-    map::REUSEPORT_CONFIG,
-];
 
 /// The kernel's id of the map pinned as `name` in `dir`: `Ok(None)` when nothing is pinned there.
 fn pinned_id(dir: &Path, name: &'static str) -> Result<Option<u32>, MapError> {
@@ -86,13 +72,24 @@ impl fmt::Debug for Maps {
     }
 }
 
-fn open_map(dir: &Path, name: &'static str) -> Result<Map, DatapathError> {
+/// The maps a process opened, by name, with the kernel's id of each (see
+/// [`Datapath::pins_replaced`]).
+type OpenedIds = Vec<(&'static str, u32)>;
+
+/// Opens the map pinned as `name`, noting its id in `opened`: read from the map opened, so
+/// that a replacement of the pin meanwhile shows at the first check.
+fn open_map(dir: &Path, name: &'static str, opened: &mut OpenedIds) -> Result<Map, DatapathError> {
     let path = dir.join(name);
     let data = MapData::from_pin(&path).map_err(|source| DatapathError::NotPinned {
         map: name,
         path: path.clone(),
         source,
     })?;
+    let id = data
+        .info()
+        .map_err(|e| DatapathError::map(name, "open", e))?
+        .id();
+    opened.push((name, id));
     Map::from_map_data(data).map_err(|e| DatapathError::map(name, "open", e))
 }
 
@@ -101,15 +98,17 @@ fn open_map(dir: &Path, name: &'static str) -> Result<Map, DatapathError> {
 fn typed<T: TryFrom<Map, Error = MapError>>(
     dir: &Path,
     name: &'static str,
+    opened: &mut OpenedIds,
 ) -> Result<Mutex<T>, DatapathError> {
-    typed_unlocked(dir, name).map(Mutex::new)
+    typed_unlocked(dir, name, opened).map(Mutex::new)
 }
 
 fn typed_unlocked<T: TryFrom<Map, Error = MapError>>(
     dir: &Path,
     name: &'static str,
+    opened: &mut OpenedIds,
 ) -> Result<T, DatapathError> {
-    let map = open_map(dir, name)?;
+    let map = open_map(dir, name, opened)?;
     T::try_from(map).map_err(|e| DatapathError::map(name, "open", e))
 }
 
@@ -234,25 +233,21 @@ impl Maps {
     pub(crate) fn open(bpffs: &Path) -> Result<Self, DatapathError> {
         let dir = loader::maps_dir(bpffs);
         // sock_orig is the programs' own; opening it typed only checks its layout.
-        typed::<HashMap<MapData, u64, RawSockOrig>>(&dir, map::SOCK_ORIG)?;
+        let mut opened = OpenedIds::new();
+        typed::<HashMap<MapData, u64, RawSockOrig>>(&dir, map::SOCK_ORIG, &mut opened)?;
         Ok(Self {
-            endpoints: typed(&dir, map::ENDPOINTS)?,
-            dns_targets: typed(&dir, map::DNS_TARGETS)?,
-            redirect_records: typed_unlocked(&dir, map::REDIRECT_RECORDS)?,
+            endpoints: typed(&dir, map::ENDPOINTS, &mut opened)?,
+            dns_targets: typed(&dir, map::DNS_TARGETS, &mut opened)?,
+            redirect_records: typed_unlocked(&dir, map::REDIRECT_RECORDS, &mut opened)?,
             redirect_slots: open_slots(bpffs, &dir)?,
-            fqdn_allow: typed(&dir, map::FQDN_ALLOW)?,
-            fqdn_allow_walker: typed_unlocked(&dir, map::FQDN_ALLOW)?,
-            cidr_allow: typed(&dir, map::CIDR_ALLOW)?,
-            last_seen: typed(&dir, map::LAST_SEEN)?,
-            reuseport_sockets: typed(&dir, map::REUSEPORT_SOCKETS)?,
-            reuseport_config: typed(&dir, map::REUSEPORT_CONFIG)?,
+            fqdn_allow: typed(&dir, map::FQDN_ALLOW, &mut opened)?,
+            fqdn_allow_walker: typed_unlocked(&dir, map::FQDN_ALLOW, &mut opened)?,
+            cidr_allow: typed(&dir, map::CIDR_ALLOW, &mut opened)?,
+            last_seen: typed(&dir, map::LAST_SEEN, &mut opened)?,
+            reuseport_sockets: typed(&dir, map::REUSEPORT_SOCKETS, &mut opened)?,
+            reuseport_config: typed(&dir, map::REUSEPORT_CONFIG, &mut opened)?,
             reuseport_program: Mutex::new(None),
-            // Read after the maps were opened from the same pins: a replacement in between
-            // would show as one at the first check, a reopen too many.
-            opened_ids: USED_MAPS
-                .iter()
-                .filter_map(|name| Some((*name, pinned_id(&dir, name).ok()??)))
-                .collect(),
+            opened_ids: opened,
             bpffs: bpffs.to_path_buf(),
             dir,
         })

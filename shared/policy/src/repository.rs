@@ -143,7 +143,8 @@ pub struct PolicyRepository {
     /// Every endpoint in default-deny for egress, with the rules that allow something for it.
     enforced: HashMap<EndpointId, Vec<Arc<CompiledRule>>>,
     fqdn: NameMatcher<FqdnTarget>,
-    /// Addresses of known endpoints, which `world` excludes and `cluster` includes.
+    /// Addresses of known endpoints, which `world` excludes and `cluster` includes (a peer's:
+    /// `cluster` only).
     known: KnownAddresses,
     selector_count: usize,
     policy_count: usize,
