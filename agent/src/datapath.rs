@@ -289,8 +289,8 @@ impl Reconciler {
                 let except: Vec<IpNet> = except.iter().copied().map(canonical_net).collect();
                 subtract(canonical_net(*cidr), &except)
             }
-            // Everything outside the node's endpoints (not its peers) and host; the maps cannot express
-            // "all but" cheaply, so the known endpoints' and host's addresses are carved out.
+            // Everything outside the node's endpoints (not its peers) and host; the maps cannot
+            // express "all but" cheaply, so the endpoints' and host's addresses are carved out.
             Peer::World => {
                 let mut carved = endpoint_ips(None, false);
                 carved.extend(host());
