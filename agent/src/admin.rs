@@ -50,6 +50,9 @@ pub struct EndpointRow {
     pub cgroup: Option<PathBuf>,
     /// Whether a policy with egress rules selects the endpoint (default deny for egress).
     pub enforced: bool,
+    /// Only a peer of others' rules (a Service synced as one): never enforced, never a sender.
+    #[serde(default)]
+    pub peer_only: bool,
 }
 
 /// What `POST /v1/fqdn/cache/clean` removed.
@@ -256,6 +259,7 @@ async fn endpoints(State(state): State<AdminState>) -> Json<Vec<EndpointRow>> {
             ips: info.ips.clone(),
             cgroup: config.cgroup.clone(),
             enforced: policy.is_enforced(info.id),
+            peer_only: config.peer_only,
         })
         .collect();
     Json(rows)

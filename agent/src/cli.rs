@@ -1287,7 +1287,7 @@ async fn endpoint_list(agent: &str, output: Output) -> anyhow::Result<String> {
     Ok(render_endpoints(&rows))
 }
 
-/// Columns: ID, endpoint, enforced, IPs, cgroup, labels.
+/// Columns: ID, endpoint, enforced (`peer` for a peer only), IPs, cgroup, labels.
 pub fn render_endpoints(rows: &[EndpointRow]) -> String {
     let cells: Vec<Vec<String>> = rows
         .iter()
@@ -1295,7 +1295,12 @@ pub fn render_endpoints(rows: &[EndpointRow]) -> String {
             vec![
                 row.id.to_string(),
                 row.endpoint.clone(),
-                if row.enforced { "yes" } else { "no" }.to_owned(),
+                match (row.peer_only, row.enforced) {
+                    (true, _) => "peer",
+                    (false, true) => "yes",
+                    (false, false) => "no",
+                }
+                .to_owned(),
                 if row.ips.is_empty() {
                     "-".to_owned()
                 } else {
@@ -1744,14 +1749,25 @@ mod tests {
 
     #[test]
     fn the_endpoint_table_says_what_is_enforced() {
-        let text = render_endpoints(&[EndpointRow {
+        let test = EndpointRow {
             id: 1,
             endpoint: "youssef/test".into(),
             labels: vec!["k8s:app=test".into()],
             ips: vec![],
             cgroup: Some("workload".into()),
             enforced: true,
-        }]);
+            peer_only: false,
+        };
+        let dns = EndpointRow {
+            id: 2,
+            endpoint: "kube-system/service:kube-dns".into(),
+            labels: vec!["k8s:k8s-app=kube-dns".into()],
+            ips: vec!["10.96.0.10".parse().unwrap()],
+            cgroup: None,
+            enforced: false,
+            peer_only: true,
+        };
+        let text = render_endpoints(&[test, dns]);
         let lines: Vec<Vec<&str>> = text
             .lines()
             .map(|line| line.split_whitespace().collect())
@@ -1761,6 +1777,14 @@ mod tests {
             [
                 vec!["ID", "ENDPOINT", "ENFORCED", "IPS", "CGROUP", "LABELS"],
                 vec!["1", "youssef/test", "yes", "-", "workload", "k8s:app=test"],
+                vec![
+                    "2",
+                    "kube-system/service:kube-dns",
+                    "peer",
+                    "10.96.0.10",
+                    "-",
+                    "k8s:k8s-app=kube-dns"
+                ],
             ]
         );
     }

@@ -947,6 +947,7 @@ spec:
         .cloned()
         .unwrap_or_default();
     assert_eq!(service["enforced"], false, "{listed}");
+    assert_eq!(service["peer_only"], true, "{listed}");
     lab.agent.stop().await.unwrap();
 }
 
