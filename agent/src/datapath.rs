@@ -16,11 +16,9 @@ use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use tokio_util::sync::CancellationToken;
 use warden_config::AgentConfig;
 use warden_datapath::{Datapath, FqdnKey, PortRule};
-use warden_enforce::{Enforcement, TCP, UDP, fqdn_keys};
+use warden_enforce::{Enforcement, TCP, UDP, fqdn_keys, port_rules};
 use warden_fqdn::UnixTime;
-use warden_policy::{
-    DnsName, EndpointId, FqdnGrant, L4Proto, Peer, PolicyRepository, PortRange, canonical_net,
-};
+use warden_policy::{DnsName, EndpointId, FqdnGrant, Peer, PolicyRepository, canonical_net};
 use warden_proxy::{PolicySource, SharedCache, unix_now};
 use warden_telemetry::{DropFlow, FlowEvent, FlowLog, LogBudget, Metrics};
 
@@ -534,27 +532,6 @@ pub fn resolve_cgroup(root: &Path, cgroup: &Path) -> PathBuf {
     } else {
         root.join(cgroup)
     }
-}
-
-fn port_rules(ports: &[PortRange]) -> Vec<PortRule> {
-    if ports.is_empty() {
-        return vec![PortRule::ANY];
-    }
-    ports
-        .iter()
-        .flat_map(|range| {
-            let protos: &[Option<u8>] = match range.proto {
-                Some(L4Proto::Tcp) => &[Some(TCP)],
-                Some(L4Proto::Udp) => &[Some(UDP)],
-                None if *range == PortRange::ALL => &[None],
-                None => &[Some(TCP), Some(UDP)],
-            };
-            protos
-                .iter()
-                .map(|proto| PortRule::range(*proto, range.first, range.last))
-                .collect::<Vec<_>>()
-        })
-        .collect()
 }
 
 /// Adds `rules` to `into`; "everything" absorbs the rest. The map holds 8 rules a prefix.

@@ -1,6 +1,6 @@
 use std::net::IpAddr;
 
-use warden_datapath::{FqdnKey, PORT_RULES_PER_PREFIX};
+use warden_datapath::{FqdnKey, PORT_RULES_PER_PREFIX, PortRule};
 use warden_policy::{FqdnGrant, L4Proto, Policy, PortRange};
 use warden_telemetry::LogBudget;
 
@@ -149,33 +149,57 @@ pub fn datapath_warnings(policy: &Policy) -> Vec<String> {
     warnings
 }
 
+/// The datapath's port rules for an allow's ports (empty: every port and protocol): a port
+/// of protocol ANY is a rule for TCP and one for UDP.
+pub fn port_rules(ports: &[PortRange]) -> Vec<PortRule> {
+    if ports.is_empty() {
+        return vec![PortRule::ANY];
+    }
+    ports
+        .iter()
+        .flat_map(|range| {
+            let protos: &[Option<u8>] = match range.proto {
+                Some(L4Proto::Tcp) => &[Some(TCP)],
+                Some(L4Proto::Udp) => &[Some(UDP)],
+                None if *range == PortRange::ALL => &[None],
+                None => &[Some(TCP), Some(UDP)],
+            };
+            protos
+                .iter()
+                .map(|proto| PortRule::range(*proto, range.first, range.last))
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
 /// The port rules of the datapath an L3/L4 rule's `toPorts` make for each address, as the
-/// agent makes them: a group with DNS rules opens its port 53 only; a group without ports, or
-/// a port of all ports and protocols, makes the rule one of all ports; a port of protocol ANY
-/// is a rule for TCP and one for UDP; the same rule twice is one.
+/// agent makes them ([`port_rules`], merged): a group with DNS rules opens its port 53 only; a
+/// group without ports, or a port of all ports and protocols, makes the rule one of all
+/// ports; the same rule twice is one.
 fn datapath_port_rules(to_ports: &[warden_policy::PortRule]) -> usize {
-    let mut rules = std::collections::HashSet::new();
+    let mut ranges = Vec::new();
     for group in to_ports {
         let dns = !group.dns_rules().is_empty();
         if group.ports.is_empty() && !dns {
             return 1;
         }
-        for range in group.ports.iter().map(PortRange::from) {
-            if dns && (range.first, range.last) != (53, 53) {
-                continue;
-            }
-            match range.proto {
-                None if range == PortRange::ALL => return 1,
-                None => {
-                    rules.insert((Some(L4Proto::Tcp), range.first, range.last));
-                    rules.insert((Some(L4Proto::Udp), range.first, range.last));
-                }
-                proto => {
-                    rules.insert((proto, range.first, range.last));
-                }
-            }
-        }
+        ranges.extend(
+            group
+                .ports
+                .iter()
+                .map(PortRange::from)
+                .filter(|range| !dns || (range.first, range.last) == (53, 53)),
+        );
     }
+    if ranges.is_empty() {
+        return 0;
+    }
+    let mut rules = port_rules(&ranges);
+    if rules.contains(&PortRule::ANY) {
+        return 1;
+    }
+    rules.sort();
+    rules.dedup();
     rules.len()
 }
 
