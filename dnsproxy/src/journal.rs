@@ -314,18 +314,27 @@ impl Journal {
     /// in its file until [`Self::replay_confirmed`] (or back in it at [`Self::session_ended`]).
     pub fn take_for_replay(&self) -> Vec<Mapping> {
         let mut in_flight = self.in_flight();
-        let mut queue = self.queue();
-        let taken = queue.take_front(usize::MAX);
+        self.move_in_flight(&mut in_flight, self.queue(), usize::MAX, REPLAYED)
+    }
+
+    /// The oldest `count` of `queue`, out of it and into `in_flight` under `number`: their
+    /// copies, to send. With both locks held (`in_flight`'s first), so that no save sees them
+    /// in neither.
+    fn move_in_flight(
+        &self,
+        in_flight: &mut Vec<InFlight>,
+        mut queue: MutexGuard<'_, Queue>,
+        count: usize,
+        number: u64,
+    ) -> Vec<Mapping> {
+        let taken = queue.take_front(count);
         self.metrics.journal_entries.set(gauge(queue.len()));
         drop(queue);
         let copies = taken
             .iter()
             .map(|entry| Mapping::clone(&entry.mapping))
             .collect();
-        in_flight.extend(taken.into_iter().map(|entry| InFlight {
-            number: REPLAYED,
-            entry,
-        }));
+        in_flight.extend(taken.into_iter().map(|entry| InFlight { number, entry }));
         copies
     }
 
@@ -340,7 +349,7 @@ impl Journal {
     /// at the next session rather than losing them.
     pub fn take_to_send(&self, limit: usize, bytes: usize, number: u64) -> Vec<Mapping> {
         let mut in_flight = self.in_flight();
-        let mut queue = self.queue();
+        let queue = self.queue();
         let mut count = 0;
         let mut taken_bytes = 0;
         for entry in queue.entries.iter().take(limit) {
@@ -351,14 +360,7 @@ impl Journal {
             count += 1;
             taken_bytes += size;
         }
-        let taken = queue.take_front(count);
-        self.metrics.journal_entries.set(gauge(queue.len()));
-        drop(queue);
-        let copies = taken
-            .iter()
-            .map(|entry| Mapping::clone(&entry.mapping))
-            .collect();
-        in_flight.extend(taken.into_iter().map(|entry| InFlight { number, entry }));
+        let copies = self.move_in_flight(&mut in_flight, queue, count, number);
         // An agent of an older build confirms nothing: what waits stays within the journal's
         // bounds, the oldest forgotten (sent, as before confirmations).
         let (mut count, mut bytes) = (0, 0);

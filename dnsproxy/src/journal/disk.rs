@@ -235,7 +235,7 @@ impl FileLog {
 impl Plan {
     /// Writes what was planned into `state_dir`: blocks (fsync).
     pub(super) fn write(self, state_dir: &Path) -> Result<Written, StateError> {
-        let path = state_dir.join(LOG_FILE);
+        let path = log_file(state_dir);
         match self {
             Plan::Nothing => Ok(Written::Nothing),
             Plan::Whole {
