@@ -199,12 +199,26 @@ impl Watch {
     }
 
     fn uid(object: &Value) -> String {
-        object
-            .pointer("/metadata/uid")
-            .and_then(Value::as_str)
-            .unwrap_or_default()
-            .to_owned()
+        text_at(object, "/metadata/uid")
     }
+}
+
+/// The string at `pointer` in `object`, empty when there is none.
+fn text_at(object: &Value, pointer: &str) -> String {
+    object
+        .pointer(pointer)
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_owned()
+}
+
+/// An object's name, namespace and UID (each empty when missing).
+fn identity(object: &Value) -> (String, String, String) {
+    (
+        text_at(object, "/metadata/name"),
+        text_at(object, "/metadata/namespace"),
+        text_at(object, "/metadata/uid"),
+    )
 }
 
 /// Prefix of the files `sync` owns for pods.
@@ -239,17 +253,8 @@ pub fn endpoints(
     };
     let mut candidates = Vec::new();
     for pod in items {
-        let text = |pointer: &str| {
-            pod.pointer(pointer)
-                .and_then(Value::as_str)
-                .unwrap_or_default()
-                .to_owned()
-        };
-        let (name, namespace, uid) = (
-            text("/metadata/name"),
-            text("/metadata/namespace"),
-            text("/metadata/uid"),
-        );
+        let text = |pointer: &str| text_at(pod, pointer);
+        let (name, namespace, uid) = identity(pod);
         if text("/spec/nodeName") != node
             || matches!(text("/status/phase").as_str(), "Succeeded" | "Failed")
             || pod
@@ -342,18 +347,7 @@ pub fn services(
     };
     let mut endpoints = BTreeMap::new();
     for service in items {
-        let text = |pointer: &str| {
-            service
-                .pointer(pointer)
-                .and_then(Value::as_str)
-                .unwrap_or_default()
-                .to_owned()
-        };
-        let (name, namespace, uid) = (
-            text("/metadata/name"),
-            text("/metadata/namespace"),
-            text("/metadata/uid"),
-        );
+        let (name, namespace, uid) = identity(service);
         if name.is_empty() || namespace.is_empty() || !is_plain(&uid) {
             skipped.push(format!(
                 "service {namespace}/{name}: no name, namespace or plain uid"

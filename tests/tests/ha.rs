@@ -580,18 +580,24 @@ async fn wait_proxy_cleaned_of_cilium(proxy_admin: SocketAddr) {
     }
 }
 
-#[tokio::test]
-async fn a_cache_clean_on_the_agent_cleans_the_proxys_copy_and_no_resync_undoes_it() {
-    let Some(mut lab) = lab_that_reached_both().await else {
-        return;
-    };
-    let proxy_admin = lab.dnsproxy().admin;
+/// `warden fqdn cache clean -n cilium.io` on the agent, then waits until the proxy's copy
+/// has lost it too.
+async fn clean_cilium_and_wait_for_the_proxy(lab: &Firewall, proxy_admin: SocketAddr) {
     let cleaned = lab
         .agent
         .cli(&["fqdn", "cache", "clean", "-n", "cilium.io", "-f"])
         .unwrap();
     assert!(cleaned.status.success(), "{cleaned:?}");
     wait_proxy_cleaned_of_cilium(proxy_admin).await;
+}
+
+#[tokio::test]
+async fn a_cache_clean_on_the_agent_cleans_the_proxys_copy_and_no_resync_undoes_it() {
+    let Some(mut lab) = lab_that_reached_both().await else {
+        return;
+    };
+    let proxy_admin = lab.dnsproxy().admin;
+    clean_cilium_and_wait_for_the_proxy(&lab, proxy_admin).await;
 
     // The agent restarts; the proxy's resync sends its whole cache, which no longer holds it.
     let resynced_before = status(proxy_admin).await["last_resync_at_ms"].clone();
@@ -675,12 +681,7 @@ async fn a_clean_survives_a_crash_before_the_agents_cache_file_is_written() {
         assert!(Instant::now() < deadline, "cache never saved: {saved}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
-    let cleaned = lab
-        .agent
-        .cli(&["fqdn", "cache", "clean", "-n", "cilium.io", "-f"])
-        .unwrap();
-    assert!(cleaned.status.success(), "{cleaned:?}");
-    wait_proxy_cleaned_of_cilium(proxy_admin).await;
+    clean_cilium_and_wait_for_the_proxy(&lab, proxy_admin).await;
 
     // Killed, its cache's file as it was before the clean: the write that never came.
     let resynced_before = status(proxy_admin).await["last_resync_at_ms"].clone();
