@@ -146,12 +146,20 @@ pub struct CidrRule {
 }
 
 impl CidrRule {
-    /// Whether the rule allows `ip`, both taken as the datapath takes them ([`canonical_net`]):
-    /// written v4-mapped, a prefix or an address is the IPv4 one it stands for.
+    /// The rule as the datapath keys it ([`canonical_net`]): written v4-mapped, a prefix or a
+    /// hole is the IPv4 one it stands for. Made once, when a policy is compiled.
+    pub fn canonical(&self) -> CidrRule {
+        CidrRule {
+            cidr: canonical_net(self.cidr),
+            except: self.except.iter().copied().map(canonical_net).collect(),
+        }
+    }
+
+    /// Whether the rule, in [`Self::canonical`] form, allows `ip` (taken as the datapath
+    /// takes it, an IPv4-mapped address as IPv4).
     pub fn contains(&self, ip: &std::net::IpAddr) -> bool {
         let ip = ip.to_canonical();
-        let within = |net: &IpNet| canonical_net(*net).contains(&ip);
-        within(&self.cidr) && !self.except.iter().any(within)
+        self.cidr.contains(&ip) && !self.except.iter().any(|except| except.contains(&ip))
     }
 }
 

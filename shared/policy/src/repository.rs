@@ -404,7 +404,8 @@ impl CompiledRule {
                 except: Vec::new(),
             });
             let sets = egress.to_cidr_set.iter().flatten().cloned();
-            PeerMatch::Cidrs(plain.chain(sets).collect())
+            // Compared per query as the datapath keys them.
+            PeerMatch::Cidrs(plain.chain(sets).map(|rule| rule.canonical()).collect())
         } else if let Some(entities) = &egress.to_entities {
             PeerMatch::Entities(entities.clone())
         } else {
