@@ -7,18 +7,18 @@
 //! metrics and flows.
 
 use std::collections::{HashMap, HashSet};
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
+use std::net::{IpAddr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+use ipnet::IpNet;
 use tokio_util::sync::CancellationToken;
 use warden_config::AgentConfig;
 use warden_datapath::{Datapath, FqdnKey, PortRule};
 use warden_enforce::{Enforcement, TCP, UDP, fqdn_keys, port_rules};
 use warden_fqdn::UnixTime;
-use warden_policy::{DnsName, EndpointId, FqdnGrant, Peer, PolicyRepository, canonical_net};
+use warden_policy::{DnsName, EndpointId, FqdnGrant, PolicyRepository};
 use warden_proxy::{PolicySource, SharedCache, unix_now};
 use warden_telemetry::{DropFlow, FlowEvent, FlowLog, LogBudget, Metrics};
 
@@ -204,7 +204,7 @@ impl Reconciler {
             }
             for allow in policy.static_allows(info.id) {
                 let rules = port_rules(&allow.ports);
-                for net in Self::prefixes(table, &allow.peer) {
+                for net in policy.addresses().prefixes(&allow.peer) {
                     let entry = wanted.entry((info.id.0, net)).or_default();
                     merge_rules(entry, &rules);
                 }
@@ -244,68 +244,6 @@ impl Reconciler {
             .datapath
             .cidr_entries
             .set(i64::try_from(wanted.len()).unwrap_or(i64::MAX));
-    }
-
-    /// The prefixes a peer stands for, as the datapath lists them ([`canonical_net`]): written
-    /// otherwise, an entry never compares equal with what is wanted, and each pass removes
-    /// and adds it again.
-    fn prefixes(table: &EndpointTable, peer: &Peer) -> Vec<IpNet> {
-        let mut nets: Vec<IpNet> = Self::prefixes_as_written(table, peer)
-            .into_iter()
-            .map(canonical_net)
-            .collect();
-        nets.sort_unstable();
-        nets.dedup();
-        nets
-    }
-
-    fn prefixes_as_written(table: &EndpointTable, peer: &Peer) -> Vec<IpNet> {
-        let everything = || vec![IpNet::V4(Ipv4Net::default()), IpNet::V6(Ipv6Net::default())];
-        let host = || {
-            vec![
-                IpNet::V4(Ipv4Net::new(Ipv4Addr::new(127, 0, 0, 0), 8).unwrap_or_default()),
-                IpNet::from(IpAddr::V6(Ipv6Addr::LOCALHOST)),
-            ]
-        };
-        // A Service synced as a peer is in `cluster` (as the pods it stands for are), and not
-        // carved out of `world`: one by one, a cluster's scattered ClusterIPs made thousands
-        // of prefixes per endpoint.
-        let endpoint_ips = |filter: Option<EndpointId>, with_peers: bool| -> Vec<IpNet> {
-            table
-                .infos()
-                .iter()
-                .filter(|info| match filter {
-                    Some(id) => id == info.id,
-                    None => with_peers || !info.peer_only,
-                })
-                .flat_map(|info| info.ips.iter().map(|ip| IpNet::from(ip.to_canonical())))
-                .collect()
-        };
-        match peer {
-            // Holes written in the other form of the same family still apply.
-            Peer::Cidr { cidr, except } => {
-                let except: Vec<IpNet> = except.iter().copied().map(canonical_net).collect();
-                subtract(canonical_net(*cidr), &except)
-            }
-            // Everything outside the node's endpoints (not its peers) and host; the maps cannot
-            // express "all but" cheaply, so the endpoints' and host's addresses are carved out.
-            Peer::World => {
-                let mut carved = endpoint_ips(None, false);
-                carved.extend(host());
-                everything()
-                    .into_iter()
-                    .flat_map(|net| subtract(net, &carved))
-                    .collect()
-            }
-            Peer::All => everything(),
-            Peer::Host => host(),
-            Peer::Cluster => {
-                let mut nets = endpoint_ips(None, true);
-                nets.extend(host());
-                nets
-            }
-            Peer::Endpoint(id) => endpoint_ips(Some(*id), true),
-        }
     }
 
     /// FQDN entries: what the cache and the policy's toFQDNs grants want, plus entries kept
@@ -564,112 +502,9 @@ fn merge_rules(into: &mut Vec<PortRule>, rules: &[PortRule]) {
     }
 }
 
-/// `net` without the `except` prefixes, as a list of prefixes.
-pub fn subtract(net: IpNet, except: &[IpNet]) -> Vec<IpNet> {
-    let overlapping: Vec<IpNet> = except
-        .iter()
-        .filter(|hole| hole.contains(&net.network()) || net.contains(&hole.network()))
-        .filter(|hole| std::mem::discriminant(*hole) == std::mem::discriminant(&net))
-        .copied()
-        .collect();
-    if overlapping.is_empty() {
-        return vec![net];
-    }
-    if overlapping.iter().any(|hole| hole.contains(&net)) {
-        return Vec::new();
-    }
-    match net.subnets(net.prefix_len() + 1) {
-        Ok(halves) => halves
-            .flat_map(|half| subtract(half, &overlapping))
-            .collect(),
-        Err(_) => Vec::new(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn net(text: &str) -> IpNet {
-        text.parse().unwrap()
-    }
-
-    /// Written v4-mapped, a prefix was removed and added again at every pass (the maps list it
-    /// as IPv4), and an IPv4 hole left it whole.
-    #[test]
-    fn v4_mapped_prefixes_are_taken_as_ipv4() {
-        assert_eq!(canonical_net(net("::ffff:10.0.0.0/104")), net("10.0.0.0/8"));
-        assert_eq!(
-            canonical_net(net("::ffff:10.1.2.3/128")),
-            net("10.1.2.3/32")
-        );
-        assert_eq!(canonical_net(net("10.1.2.3/8")), net("10.0.0.0/8"));
-        assert_eq!(canonical_net(net("::ffff:0:0/95")), net("::fffe:0:0/95"));
-        assert_eq!(canonical_net(net("2001:db8::/32")), net("2001:db8::/32"));
-        let peer = Peer::Cidr {
-            cidr: net("::ffff:10.0.0.0/104"),
-            except: vec![net("10.128.0.0/9")],
-        };
-        let table = EndpointTable::from_config(&[]);
-        assert_eq!(Reconciler::prefixes(&table, &peer), [net("10.0.0.0/9")]);
-    }
-
-    /// Every ClusterIP synced as a peer was carved out of `world`: with a cluster's Services
-    /// scattered over 10.96.0.0/12, thousands of prefixes per enforced endpoint. In `cluster`
-    /// a peer is, as the pods it stands for are.
-    #[test]
-    fn peers_are_not_carved_out_of_world() {
-        let endpoint = |name: &str, ip: &str, peer_only: bool| warden_config::EndpointConfig {
-            name: name.into(),
-            namespace: "youssef".into(),
-            labels: Default::default(),
-            ips: vec![ip.parse().unwrap()],
-            cgroup: None,
-            dns_target: Vec::new(),
-            peer_only,
-        };
-        let pods = [endpoint("a", "10.244.0.5", false)];
-        let mut with_services = pods.to_vec();
-        for n in 0..50u8 {
-            let ip = format!("10.{}.{n}.{}", 96 + n % 16, n.wrapping_mul(37));
-            with_services.push(endpoint(&format!("service:s{n}"), &ip, true));
-        }
-        let world = |endpoints: &[warden_config::EndpointConfig]| {
-            Reconciler::prefixes(&EndpointTable::from_config(endpoints), &Peer::World)
-        };
-        assert_eq!(world(&with_services), world(&pods));
-        let cluster =
-            Reconciler::prefixes(&EndpointTable::from_config(&with_services), &Peer::Cluster);
-        // In `cluster`, as the pods it stands for are.
-        assert!(cluster.contains(&net("10.96.0.0/32")), "{cluster:?}");
-    }
-
-    #[test]
-    fn except_prefixes_are_carved_out() {
-        let mut parts = subtract(net("10.0.0.0/8"), &[net("10.96.0.0/12")]);
-        parts.sort();
-        assert_eq!(parts.len(), 4);
-        assert!(
-            parts
-                .iter()
-                .all(|part| !part.contains(&net("10.96.0.1/32").network()))
-        );
-        assert!(
-            parts
-                .iter()
-                .any(|part| part.contains(&net("10.95.0.1/32").network()))
-        );
-        assert!(
-            parts
-                .iter()
-                .any(|part| part.contains(&net("10.112.0.1/32").network()))
-        );
-        assert_eq!(subtract(net("10.1.0.0/16"), &[net("10.0.0.0/8")]), vec![]);
-        assert_eq!(
-            subtract(net("10.1.0.0/16"), &[net("::/0")]),
-            vec![net("10.1.0.0/16")]
-        );
-    }
 
     #[test]
     fn any_port_absorbs_other_rules() {

@@ -15,7 +15,7 @@ use warden_tests::lab::{
     ConnectLoop, CurlResult, HOST_V4, HOST_V6, INTERNET_V4, INTERNET_V6, curl_with, getent_addrs,
     getent_hosts, python3, require_lab, spawn_in_cgroup,
 };
-use warden_tests::warden::{http_get, metric_value};
+use warden_tests::warden::{TalkPolicy, http_get, metric_value};
 use warden_tests::zones::*;
 use warden_tests::{DigOpts, DnsReply};
 
@@ -461,4 +461,51 @@ async fn cleanup_leaves_no_programs_and_no_pins() {
     )
     .unwrap();
     assert!(direct.ok(), "{direct:?}");
+}
+
+/// As in Cilium, a CIDR rule does not reach an endpoint of the node: once a host's address is
+/// an endpoint's (a pod written into `endpoints_dir`), the `toCIDR` rule covering it no longer
+/// lets the workload connect, and does again once the pod is gone. The DNS check reads the
+/// same description of the peers (unit tests hold the two equal); this is the kernel's side.
+#[tokio::test]
+async fn cidr_rules_do_not_reach_the_nodes_endpoints() {
+    if !require_lab() || !warden_tests::require_tools(&["knotd", "curl"]) {
+        return;
+    }
+    let policy = format!(
+        "{}  - toCIDR: [\"{WWW2_CILIUM_IO_V4}/32\"]\n    toPorts:\n    - ports:\n      - port: \"80\"\n        protocol: TCP\n",
+        TalkPolicy::default().yaml()
+    );
+    let lab = Firewall::start(FirewallOptions {
+        policy,
+        endpoints_dir: true,
+        ..FirewallOptions::default()
+    })
+    .await
+    .unwrap();
+    let url = format!("http://{WWW2_CILIUM_IO_V4}/");
+    let reached = |lab: &Firewall| lab.curl_ok(&url, &[]).ok();
+    assert!(reached(&lab), "{:?}", lab.curl_ok(&url, &[]));
+    let pod = lab.config.endpoints_dir.as_ref().unwrap().join("site.yaml");
+    std::fs::write(
+        &pod,
+        format!("- {{name: site, namespace: youssef, labels: {{app: site}}, ips: [{WWW2_CILIUM_IO_V4}]}}\n"),
+    )
+    .unwrap();
+    reached_until(&lab, &url, false).await;
+    std::fs::remove_file(&pod).unwrap();
+    reached_until(&lab, &url, true).await;
+}
+
+/// Waits up to 10 s for `url` to be reached, or refused at once, from the workload.
+async fn reached_until(lab: &Firewall, url: &str, want: bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let call = lab.curl_ok(url, &[]);
+        if call.ok() == want && (want || quick_refusal(&call)) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "want reached={want}: {call:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }

@@ -11,6 +11,8 @@
 //!   label sources and namespace scoping;
 //! - `model` is the validated policy ([`Policy`], [`Rule`], [`EgressRule`], ...) and `load`
 //!   parses it from YAML or JSON with errors that name the file, the policy and the field;
+//! - `addresses` says what a rule's peers (entities, CIDRs, endpoints) stand for in addresses,
+//!   as [`PeerAddresses`], which the DNS check and the datapath's prefixes both read;
 //! - `repository` compiles policies against the node's endpoints into a [`PolicyRepository`],
 //!   which answers whether a DNS query is allowed, which endpoints an answer's addresses are
 //!   granted to, and which allows do not depend on DNS.
@@ -43,6 +45,9 @@ pub use model::{
 
 mod load;
 pub use load::{check_yaml_text, folder_files, load_path, load_paths, parse_str};
+
+mod addresses;
+pub use addresses::{PeerAddresses, subtract};
 
 mod repository;
 pub use repository::{

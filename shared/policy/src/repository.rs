@@ -16,6 +16,7 @@ use std::sync::Arc;
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
+use crate::addresses::{PeerAddresses, is_host};
 use crate::labels::Labels;
 use crate::matcher::NameMatcher;
 use crate::model::{CidrRule, EgressRule, Entity, Policy, PortProtocol, Protocol};
@@ -143,9 +144,8 @@ pub struct PolicyRepository {
     /// Every endpoint in default-deny for egress, with the rules that allow something for it.
     enforced: HashMap<EndpointId, Vec<Arc<CompiledRule>>>,
     fqdn: NameMatcher<FqdnTarget>,
-    /// Addresses of known endpoints, which `world` excludes and `cluster` includes (a peer's:
-    /// `cluster` only).
-    known: KnownAddresses,
+    /// What the entities and CIDR rules stand for on this node, shared with the datapath.
+    addresses: PeerAddresses,
     selector_count: usize,
     policy_count: usize,
 }
@@ -200,18 +200,8 @@ struct GrantScope {
 
 impl PolicyRepository {
     pub fn build(policies: &[Policy], endpoints: &[EndpointInfo]) -> PolicyRepository {
-        let addresses = |peer_only: bool| {
-            endpoints
-                .iter()
-                .filter(|endpoint| endpoint.peer_only == peer_only)
-                .flat_map(|endpoint| endpoint.ips.iter().map(IpAddr::to_canonical))
-                .collect()
-        };
         let mut repository = PolicyRepository {
-            known: KnownAddresses {
-                endpoints: addresses(false),
-                peers: addresses(true),
-            },
+            addresses: PeerAddresses::new(endpoints),
             policy_count: policies.len(),
             ..PolicyRepository::default()
         };
@@ -308,7 +298,7 @@ impl PolicyRepository {
         // A dual-stack socket reports IPv4 servers as ::ffff:a.b.c.d.
         let ip = server.ip().to_canonical();
         rules.iter().any(|rule| {
-            rule.peer.matches(ip, &self.known)
+            rule.peer.matches(ip, &self.addresses)
                 && (rule.port_groups.is_empty()
                     || rule
                         .port_groups
@@ -330,6 +320,12 @@ impl PolicyRepository {
                 selector: target.selector.to_string(),
             }));
         }
+    }
+
+    /// What the peers of [`Self::static_allows`] stand for in addresses: the same description
+    /// the DNS check reads.
+    pub fn addresses(&self) -> &PeerAddresses {
+        &self.addresses
     }
 
     /// The allows of `endpoint` that do not depend on DNS: its `toEndpoints`, `toCIDR`,
@@ -467,36 +463,18 @@ impl CompiledRule {
     }
 }
 
-/// The addresses the entities are told by, as the datapath has them: a Service synced as a
-/// peer is in `cluster` (as the pods it stands for are) and not carved out of `world` (a
-/// cluster's scattered ClusterIPs carved out one by one made thousands of prefixes).
-#[derive(Clone, Debug, Default)]
-struct KnownAddresses {
-    endpoints: HashSet<IpAddr>,
-    peers: HashSet<IpAddr>,
-}
-
-impl KnownAddresses {
-    fn world(&self, ip: IpAddr) -> bool {
-        !is_host(ip) && !self.endpoints.contains(&ip)
-    }
-
-    fn cluster(&self, ip: IpAddr) -> bool {
-        is_host(ip) || self.endpoints.contains(&ip) || self.peers.contains(&ip)
-    }
-}
-
 impl PeerMatch {
-    fn matches(&self, ip: IpAddr, known: &KnownAddresses) -> bool {
+    /// `ip` canonical.
+    fn matches(&self, ip: IpAddr, addresses: &PeerAddresses) -> bool {
         match self {
             PeerMatch::Any => true,
             PeerMatch::Endpoints { ips, .. } => ips.contains(&ip),
-            PeerMatch::Cidrs(rules) => rules.iter().any(|rule| rule.contains(&ip)),
+            PeerMatch::Cidrs(rules) => rules.iter().any(|rule| addresses.in_cidr(rule, ip)),
             PeerMatch::Entities(entities) => entities.iter().any(|entity| match entity {
                 Entity::All => true,
                 Entity::Host => is_host(ip),
-                Entity::World => known.world(ip),
-                Entity::Cluster => known.cluster(ip),
+                Entity::World => addresses.in_world(ip),
+                Entity::Cluster => addresses.in_cluster(ip),
             }),
             PeerMatch::Fqdns | PeerMatch::Nothing => false,
         }
@@ -525,13 +503,6 @@ impl PeerMatch {
             PeerMatch::Fqdns | PeerMatch::Nothing => Vec::new(),
         }
     }
-}
-
-/// The `host` entity. Warden is not told the node's own addresses; a resolver on the node (such
-/// as systemd-resolved on 127.0.0.53) is reached over loopback, so loopback is what `host` means:
-/// 127.0.0.0/8 and ::1.
-fn is_host(ip: IpAddr) -> bool {
-    ip.is_loopback()
 }
 
 impl PortGroup {
@@ -710,11 +681,11 @@ mod tests {
             "[{toCIDRSet: [{cidr: '::ffff:10.96.0.0/108', except: ['::ffff:10.96.0.128/121']}], \
              toPorts: [{ports: [{port: '53', protocol: UDP}], rules: {dns: [{matchPattern: '*'}]}}]}]",
         ));
-        assert!(dns_ok(&repo, CLIENT, "10.96.0.10:53", L4Proto::Udp, "a.io"));
+        assert!(dns_ok(&repo, CLIENT, "10.96.0.20:53", L4Proto::Udp, "a.io"));
         assert!(dns_ok(
             &repo,
             CLIENT,
-            "[::ffff:10.96.0.10]:53",
+            "[::ffff:10.96.0.20]:53",
             L4Proto::Udp,
             "a.io"
         ));
@@ -726,8 +697,31 @@ mod tests {
             "[{toCIDR: ['::/0'], toPorts: [{ports: [{port: '53', protocol: UDP}]}]}]",
         ));
         assert!(
-            !dns_ok(&all_v6, CLIENT, "10.96.0.10:53", L4Proto::Udp, "a.io"),
+            !dns_ok(&all_v6, CLIENT, "10.96.0.20:53", L4Proto::Udp, "a.io"),
             "IPv6 only"
+        );
+    }
+
+    /// As in Cilium, a CIDR rule does not reach an endpoint of the node, kube-dns here: only a
+    /// label-based rule does. The datapath's prefixes leave it out too (`PeerAddresses`).
+    #[test]
+    fn cidr_rules_do_not_reach_the_nodes_endpoints() {
+        let repo = build(&policy(
+            "[{toCIDR: ['10.96.0.0/12'], toPorts: [{ports: [{port: '53', protocol: UDP}]}]}]",
+        ));
+        for kube_dns in ["10.96.0.10:53", "[::ffff:10.96.0.10]:53"] {
+            assert!(
+                !dns_ok(&repo, CLIENT, kube_dns, L4Proto::Udp, "a.io"),
+                "{kube_dns}"
+            );
+        }
+        assert!(dns_ok(&repo, CLIENT, "10.96.0.11:53", L4Proto::Udp, "a.io"));
+        assert_eq!(
+            repo.addresses()
+                .prefixes(&repo.static_allows(CLIENT)[0].peer)
+                .len(),
+            20,
+            "10.96.0.0/12 around one /32"
         );
     }
 
