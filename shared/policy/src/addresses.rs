@@ -18,7 +18,9 @@ use crate::repository::{EndpointId, EndpointInfo, Peer};
 ///   and a resolver on the node (systemd-resolved on 127.0.0.53) is reached over loopback.
 /// - An endpoint's addresses are in `cluster` and out of `world`, and, as Cilium leaves the
 ///   endpoints it manages out of CIDR rules, out of every `toCIDR`/`toCIDRSet` too: only a
-///   label-based rule (`toEndpoints`, `cluster`, `all`) reaches a pod.
+///   label-based rule (`toEndpoints`, `cluster`, `all`) reaches a pod. Loopback stays in CIDR
+///   rules even where it is an endpoint's (one on the host's network, told by its loopback
+///   address): it is the host's before it is any endpoint's.
 /// - A Service synced as a peer (`peer_only`) is in `cluster`, as the pods it stands for are,
 ///   and is carved out of neither `world` nor CIDR rules: one by one, a cluster's scattered
 ///   ClusterIPs made thousands of prefixes per enforced endpoint.
@@ -79,7 +81,7 @@ impl PeerAddresses {
 
     /// Whether a compiled ([`CidrRule::canonical`]) rule allows `ip`, canonical.
     pub(crate) fn in_cidr(&self, rule: &CidrRule, ip: IpAddr) -> bool {
-        rule.contains(&ip) && !self.endpoint_set.contains(&ip)
+        rule.contains(&ip) && (is_host(ip) || !self.endpoint_set.contains(&ip))
     }
 
     /// Whether `ip`, canonical, is in `world`.
@@ -105,7 +107,7 @@ impl PeerAddresses {
                     .iter()
                     .copied()
                     .map(canonical_net)
-                    .chain(endpoint_holes())
+                    .chain(endpoint_holes().filter(|hole| !is_host(hole.addr())))
                     .collect();
                 subtract(canonical_net(*cidr), &holes)
             }
@@ -206,6 +208,7 @@ mod tests {
             endpoint(1, &["10.244.0.5", "fd00::5"], false),
             endpoint(2, &["::ffff:10.244.0.6"], false),
             endpoint(3, &["10.96.0.10"], true),
+            endpoint(4, &["127.0.0.1"], false),
         ])
     }
 
@@ -234,6 +237,7 @@ mod tests {
             Peer::Endpoint(EndpointId(1)),
             Peer::Endpoint(EndpointId(2)),
             Peer::Endpoint(EndpointId(3)),
+            Peer::Endpoint(EndpointId(4)),
             Peer::Endpoint(EndpointId(9)),
         ]
     }
@@ -258,7 +262,9 @@ mod tests {
             "10.255.255.255",
             "9.255.255.255",
             "11.0.0.0",
+            "127.0.0.0",
             "127.0.0.1",
+            "127.0.0.2",
             "127.0.0.53",
             "127.255.255.255",
             "128.0.0.0",
@@ -323,6 +329,11 @@ mod tests {
         assert!(addresses.contains(&cidr("10.0.0.0/8"), ip("10.244.0.7")));
         assert!(addresses.contains(&cidr("10.0.0.0/8"), ip("10.96.0.10")));
         assert!(addresses.contains(&cidr("127.0.0.53/32"), ip("127.0.0.53")));
+        assert!(addresses.contains(&cidr("127.0.0.1/32"), ip("127.0.0.1")));
+        assert_eq!(
+            addresses.prefixes(&cidr("127.0.0.1/32")),
+            [net("127.0.0.1/32")]
+        );
         assert!(addresses.contains(&Peer::Endpoint(EndpointId(2)), ip("10.244.0.6")));
         assert_eq!(
             addresses.prefixes(&cidr("10.244.0.6/32")),
