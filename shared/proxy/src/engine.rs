@@ -494,6 +494,17 @@ impl Engine {
         if outcome.rcode != ResponseCode::NoError || outcome.summary.ips.is_empty() {
             return (outcome, None);
         }
+        // Only an enforced sender's answers teach the cache, whose names open every endpoint's
+        // toFQDNs rules: its query passed its DNS rules. An unenforced or unknown sender may
+        // ask any server anything (one it runs itself), and what it is told must not open the
+        // names for others; it needs no allow entry of its own. (As in Cilium, whose proxy
+        // sees only endpoints with DNS rules.)
+        if !checked
+            .endpoint_id
+            .is_some_and(|id| checked.policy.is_enforced(id))
+        {
+            return (outcome, None);
+        }
         let mut grants = Vec::new();
         checked.policy.fqdn_grants(name, &mut grants);
         let (inserted, max_ips, answered_ms) = {

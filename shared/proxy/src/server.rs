@@ -238,6 +238,19 @@ mod tests {
         }
     }
 
+    /// Every sender is endpoint 2, which no policy selects, or no endpoint at all (`None`).
+    struct Unenforced(Option<EndpointId>);
+
+    impl EndpointLookup for Unenforced {
+        fn lookup(&self, _client: SocketAddr, _transport: Transport) -> ClientContext {
+            ClientContext {
+                endpoint: self.0.map(|id| (id, Arc::from("default/other"))),
+                original_server: None,
+                unresolved: false,
+            }
+        }
+    }
+
     struct Fixed(Arc<PolicyRepository>);
 
     impl PolicySource for Fixed {
@@ -990,6 +1003,36 @@ spec:
         );
         assert_eq!(running.datapath.calls.load(Ordering::SeqCst), 0);
         running.shutdown.cancel();
+    }
+
+    /// An unenforced sender may ask any server (one it runs) anything: what it is told must not
+    /// open `app=test`'s toFQDNs rule for cilium.io. It was cached and granted to every
+    /// endpoint whose rules matched the name.
+    #[tokio::test]
+    async fn an_unenforced_senders_answers_open_nothing() {
+        let upstream = fake_upstream(false).await;
+        for sender in [Some(EndpointId(2)), None] {
+            let running = start_with(
+                "127.0.0.1:0".parse().unwrap(),
+                upstream,
+                Duration::ZERO,
+                Duration::from_secs(2),
+                Duration::ZERO,
+                false,
+                Arc::new(Unenforced(sender)),
+            )
+            .await;
+            let (answer, _) = ask(running.dns, "cilium.io.").await;
+            assert_eq!(answer.answers.len(), 1, "{sender:?}: answered all the same");
+            assert_eq!(running.cache.lock().name_count(), 0, "{sender:?}");
+            assert_eq!(
+                running.datapath.calls.load(Ordering::SeqCst),
+                0,
+                "{sender:?}"
+            );
+            assert!(running.mappings.0.lock().unwrap().is_empty(), "{sender:?}");
+            running.shutdown.cancel();
+        }
     }
 
     #[tokio::test]
