@@ -1090,16 +1090,37 @@ impl CatchUp {
     }
 }
 
-/// A stream error from tonic: a message over the size limit, or one that does not decode.
+/// A stream error from tonic: a message over the size limit, or one that does not decode; or
+/// the proxy gone, which is no refusal.
 fn rejected_status(status: &Status) -> SessionEnd {
     let message = status.message().to_owned();
     if message.contains("message length too large") || message.contains("too large") {
         SessionEnd::Rejected("oversized", message)
-    } else if status.code() == tonic::Code::Cancelled || status.code() == tonic::Code::Unavailable {
+    } else if status.code() == tonic::Code::Cancelled
+        || status.code() == tonic::Code::Unavailable
+        || connection_lost(status)
+    {
         SessionEnd::Closed
     } else {
         SessionEnd::Rejected("malformed", message)
     }
+}
+
+/// Whether the stream broke because its connection did (the proxy killed: a broken pipe or a
+/// reset under HTTP/2), which tonic reports as `Unknown`, like a message that does not decode.
+fn connection_lost(status: &Status) -> bool {
+    let mut cause = std::error::Error::source(status);
+    while let Some(error) = cause {
+        if error.is::<std::io::Error>()
+            || error
+                .downcast_ref::<h2::Error>()
+                .is_some_and(h2::Error::is_io)
+        {
+            return true;
+        }
+        cause = error.source();
+    }
+    false
 }
 
 /// Takes a proxy's mappings into the agent's cache (checked, see

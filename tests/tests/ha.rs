@@ -718,6 +718,14 @@ async fn the_agent_serves_alone_and_a_lone_proxy_enforces_its_persisted_snapshot
             .status,
         "REFUSED"
     );
+    // A killed proxy's session ended as a closed one: it counted as a malformed peer, which
+    // alerts on hostile or broken peers would have fired at every crash.
+    let scrape = http_get(lab.agent.admin, "/metrics").await.unwrap();
+    assert_eq!(
+        metric_value(&scrape, "warden_api_rejected_total", &[]),
+        0.0,
+        "{scrape}"
+    );
 
     // Both down, then the proxy alone: it enforces the snapshot it persisted.
     lab.agent.kill().unwrap();
