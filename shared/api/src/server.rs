@@ -142,6 +142,7 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) {
     let routes = routes.prepare();
+    let ours = file_identity(&path);
     loop {
         let accepted = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -196,7 +197,20 @@ pub async fn serve(
             }
         });
     }
-    let _ = std::fs::remove_file(&path);
+    // Only our own socket file: an agent started meanwhile (a supervisor that starts the new
+    // process before the old one exits) bound its socket over ours, and removing it would
+    // leave every dnsproxy unable to reach the agent until that one restarts.
+    if ours.is_some() && file_identity(&path) == ours {
+        let _ = std::fs::remove_file(&path);
+    }
+}
+
+/// The device and inode of the file at `path`, if there is one.
+fn file_identity(path: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(path)
+        .ok()
+        .map(|metadata| (metadata.dev(), metadata.ino()))
 }
 
 #[cfg(test)]
@@ -226,5 +240,38 @@ mod tests {
         std::fs::write(&file, "keep me").unwrap();
         assert!(matches!(bind(&file, None), Err(ApiError::Bind { .. })));
         assert_eq!(std::fs::read_to_string(&file).unwrap(), "keep me");
+    }
+
+    /// An agent that exits removes its socket file only if it is still its own: one started
+    /// before it exited bound over it, and lost its socket to the old one's exit.
+    #[tokio::test]
+    async fn an_exiting_agent_leaves_a_newer_agents_socket() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.sock");
+        let serve_until = |listener: UnixListener| {
+            let shutdown = CancellationToken::new();
+            let served = tokio::spawn(serve(
+                listener,
+                path.clone(),
+                Routes::default(),
+                PeerPolicy::new(&[]),
+                Arc::new(|_| {}),
+                shutdown.clone(),
+            ));
+            (shutdown, served)
+        };
+        let (old_shutdown, old_served) = serve_until(bind(&path, None).unwrap());
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        let (new_shutdown, new_served) = serve_until(bind(&path, None).unwrap());
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        old_shutdown.cancel();
+        old_served.await.unwrap();
+        assert!(
+            tokio::net::UnixStream::connect(&path).await.is_ok(),
+            "the newer agent's socket is gone"
+        );
+        new_shutdown.cancel();
+        new_served.await.unwrap();
+        assert!(!path.exists(), "an agent leaves its own socket behind");
     }
 }
