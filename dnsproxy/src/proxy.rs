@@ -137,6 +137,7 @@ impl ProxyDatapath {
 pub async fn start(config: ProxyConfig) -> anyhow::Result<RunningProxy> {
     std::fs::create_dir_all(&config.state_dir)
         .with_context(|| format!("cannot create state_dir {}", config.state_dir.display()))?;
+    let state_lock = lock_state_dir(&config.state_dir).await?;
     let started = Instant::now();
     let metrics = Metrics::new("dnsproxy")?;
     let flows = Arc::new(FlowLog::new(FLOW_LOG_CAPACITY));
@@ -349,6 +350,7 @@ pub async fn start(config: ProxyConfig) -> anyhow::Result<RunningProxy> {
             policy: policy.clone(),
             state_dir: config.state_dir.clone(),
             errors: metrics.peer.state_persist_errors.clone(),
+            _lock: state_lock,
         },
         unlinked,
     ));
@@ -383,6 +385,48 @@ struct StateFiles {
     policy: Arc<ProxyPolicy>,
     state_dir: PathBuf,
     errors: prometheus::IntCounterVec,
+    /// Held until the last save ([`lock_state_dir`]).
+    _lock: Option<std::fs::File>,
+}
+
+/// How long a proxy waits for one on the same `state_dir` to exit (a restart whose old
+/// process is still draining) before it gives up.
+const STATE_LOCK_WAIT: Duration = Duration::from_secs(10);
+
+/// Takes `state_dir` for this process: two proxies on one would append to one journal under
+/// overlapping numbers (each one's removals deleting the other's mappings) and write over each
+/// other's snapshot. The lock goes with the process, however it ends. `None` where the file
+/// system cannot lock, which is said once rather than refused.
+async fn lock_state_dir(state_dir: &Path) -> anyhow::Result<Option<std::fs::File>> {
+    let path = state_dir.join("lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    let deadline = tokio::time::Instant::now() + STATE_LOCK_WAIT;
+    let mut said = false;
+    loop {
+        match file.try_lock() {
+            Ok(()) => return Ok(Some(file)),
+            Err(std::fs::TryLockError::WouldBlock) if tokio::time::Instant::now() < deadline => {
+                if !std::mem::replace(&mut said, true) {
+                    tracing::warn!(path = %path.display(), "another warden-dnsproxy holds state_dir; waiting for it to exit");
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(std::fs::TryLockError::WouldBlock) => anyhow::bail!(
+                "another warden-dnsproxy holds state_dir {} (its lock file {}); one proxy per state_dir",
+                state_dir.display(),
+                path.display()
+            ),
+            Err(std::fs::TryLockError::Error(error)) => {
+                tracing::warn!(%error, path = %path.display(), "cannot lock state_dir; going on without the lock");
+                return Ok(None);
+            }
+        }
+    }
 }
 
 impl StateFiles {
@@ -564,6 +608,30 @@ mod tests {
     use super::*;
     use warden_api::proto::Mapping;
 
+    /// Two proxies on one state_dir wrote one journal under overlapping numbers: the second
+    /// waits for the first to exit, and gives up with an error naming the folder.
+    #[tokio::test(start_paused = true)]
+    async fn one_proxy_per_state_dir() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = lock_state_dir(dir.path()).await.unwrap();
+        assert!(first.is_some());
+        let error = lock_state_dir(dir.path()).await.unwrap_err();
+        assert!(
+            error
+                .to_string()
+                .contains(&dir.path().display().to_string()),
+            "{error}"
+        );
+        // The first exits while the next waits: the next goes on.
+        let waiting = tokio::spawn({
+            let dir = dir.path().to_path_buf();
+            async move { lock_state_dir(&dir).await }
+        });
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        drop(first);
+        assert!(waiting.await.unwrap().unwrap().is_some());
+    }
+
     /// The persister took the journal's count of changes at its start for saved: a push made
     /// before it ran, or a damaged journal to write again, waited for another change, and a
     /// proxy killed meanwhile lost them.
@@ -582,6 +650,7 @@ mod tests {
             policy: Arc::new(ProxyPolicy::new(dir.path())),
             state_dir: dir.path().to_path_buf(),
             errors: metrics.peer.state_persist_errors.clone(),
+            _lock: None,
         };
         // Stopped at once: one round, the last.
         let shutdown = CancellationToken::new();
@@ -619,6 +688,7 @@ mod tests {
             policy: policy.clone(),
             state_dir: state_dir.clone(),
             errors: metrics.peer.state_persist_errors.clone(),
+            _lock: None,
         };
         let failures = |file: &str| files.errors.with_label_values(&[file]).get();
 
