@@ -452,6 +452,17 @@ impl CleanFanout {
 pub struct Sessions {
     next: AtomicU64,
     live: Mutex<HashMap<u64, SessionInfo>>,
+    unfinished: Mutex<Unfinished>,
+}
+
+/// Since when resyncs have not finished: the start of the first unfinished session seen since
+/// the last resync that finished, or since a quiet stretch without any. Sessions that come
+/// and go without finishing theirs (a proxy failing at each try) do not move it, so they
+/// hold revocations back for [`RESYNC_GRACE_TOTAL`] at most.
+#[derive(Debug, Default)]
+struct Unfinished {
+    since: Option<Instant>,
+    last_seen: Option<Instant>,
 }
 
 #[derive(Debug, Clone)]
@@ -470,6 +481,14 @@ pub struct SessionInfo {
 /// [`Sessions::any_resyncing`]): a peer that never finishes it must not keep entries of a
 /// removed rule alive for good.
 const RESYNC_GRACE: Duration = Duration::from_secs(60);
+
+/// How long resyncs that keep failing, one session after another, may hold revocations back:
+/// room for a second try.
+const RESYNC_GRACE_TOTAL: Duration = Duration::from_secs(120);
+
+/// How long without an unfinished session before the next one gets a grace of its own: a
+/// failing proxy reconnects within a few seconds.
+const RESYNC_QUIET: Duration = Duration::from_secs(30);
 
 impl Sessions {
     fn live(&self) -> std::sync::MutexGuard<'_, HashMap<u64, SessionInfo>> {
@@ -498,9 +517,36 @@ impl Sessions {
     /// mappings behind the allow entries it wrote meanwhile are still on their way to this
     /// cache.
     pub fn any_resyncing(&self) -> bool {
-        self.live()
-            .values()
-            .any(|info| info.last_resync_at_ms.is_none() && info.started.elapsed() < RESYNC_GRACE)
+        let live = self.live();
+        let unfinished = || {
+            live.values()
+                .filter(|info| info.last_resync_at_ms.is_none())
+        };
+        let mut watch = self
+            .unfinished
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner());
+        let Some(oldest) = unfinished().map(|info| info.started).min() else {
+            if watch
+                .last_seen
+                .is_none_or(|seen| seen.elapsed() > RESYNC_QUIET)
+            {
+                watch.since = None;
+            }
+            return false;
+        };
+        watch.last_seen = Some(Instant::now());
+        let since = *watch.since.get_or_insert(oldest);
+        since.elapsed() < RESYNC_GRACE_TOTAL
+            && unfinished().any(|info| info.started.elapsed() < RESYNC_GRACE)
+    }
+
+    /// A session finished its resync: the next unfinished one starts a new grace.
+    fn resync_finished(&self) {
+        self.unfinished
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner())
+            .since = None;
     }
 }
 
@@ -674,6 +720,7 @@ async fn session(
                             info.last_resync_ms = Some(u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX));
                             info.last_resync_at_ms = Some(unix_millis());
                         });
+                        state.sessions.resync_finished();
                         tracing::info!(session = id, entries = sent, ms = elapsed.as_millis(), "resync with dnsproxy done");
                     }
                     None => {}
@@ -2273,5 +2320,47 @@ mod tests {
         );
         sessions.live().insert(3, info(Instant::now(), false));
         assert!(sessions.any_resyncing());
+    }
+
+    /// A proxy whose sessions each failed before their resync finished, reconnecting within
+    /// the grace, held the revocation of a removed rule's entries back for good: each new
+    /// session started the grace again.
+    #[test]
+    fn sessions_failing_again_and_again_hold_revocations_back_for_a_while_only() {
+        let sessions = Sessions::default();
+        let unfinished = |started: Instant| SessionInfo {
+            instance: "dnsproxy".into(),
+            pid: 1,
+            serving: true,
+            acked_revision: 1,
+            last_resync_ms: None,
+            last_resync_at_ms: None,
+            started,
+        };
+        let first = Instant::now()
+            .checked_sub(RESYNC_GRACE_TOTAL + Duration::from_secs(1))
+            .unwrap();
+        sessions.live().insert(1, unfinished(first));
+        assert!(!sessions.any_resyncing(), "its grace is long over");
+        // It fails, and the next session of the same proxy starts.
+        sessions.live().remove(&1);
+        sessions.live().insert(2, unfinished(Instant::now()));
+        assert!(
+            !sessions.any_resyncing(),
+            "a new session of a proxy that never finishes restarted the grace"
+        );
+        // A resync that finishes gives the next one a grace of its own.
+        sessions.resync_finished();
+        assert!(sessions.any_resyncing());
+        // And so does a quiet stretch without any unfinished session (the proxy gone for a
+        // while, a new one connecting).
+        sessions.live().clear();
+        sessions.unfinished.lock().unwrap().since.replace(first);
+        assert!(!sessions.any_resyncing());
+        sessions.unfinished.lock().unwrap().last_seen =
+            Instant::now().checked_sub(RESYNC_QUIET + Duration::from_secs(1));
+        assert!(!sessions.any_resyncing());
+        sessions.live().insert(3, unfinished(Instant::now()));
+        assert!(sessions.any_resyncing(), "after a quiet stretch");
     }
 }
