@@ -761,9 +761,7 @@ async fn session(
                         // In order with what the agent sends: the proxy's journal may forget
                         // these now.
                         if batch.confirm != 0 {
-                            outgoing.queue.push_back(AgentKind::Received(Received {
-                                confirm: batch.confirm,
-                            }));
+                            outgoing.confirm(batch.confirm);
                         }
                     }
                     Some(ProxyKind::Flows(flows)) => {
@@ -897,6 +895,18 @@ enum Next {
 }
 
 impl Outgoing {
+    /// Confirmations are cumulative: one waiting at the tail of the queue takes the newer
+    /// number rather than another queued behind it (a proxy that read one message in a while
+    /// and kept sending grew the queue by one per batch it sent).
+    fn confirm(&mut self, number: u64) {
+        if let Some(AgentKind::Received(waiting)) = self.queue.back_mut() {
+            waiting.confirm = waiting.confirm.max(number);
+            return;
+        }
+        self.queue
+            .push_back(AgentKind::Received(Received { confirm: number }));
+    }
+
     fn is_pending(&self) -> bool {
         self.snapshot.is_some() || !self.queue.is_empty() || self.dump.is_some()
     }
@@ -1251,6 +1261,27 @@ fn build_snapshot(state: &ApiState) -> PolicySnapshot {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A proxy reading one message in a while and sending batch after batch grew the queue by
+    /// a confirmation per batch: confirmations side by side are one, the newest number.
+    #[test]
+    fn confirmations_side_by_side_are_one() {
+        let mut outgoing = Outgoing::default();
+        for number in [3, 5, 4] {
+            outgoing.confirm(number);
+        }
+        outgoing.queue.push_back(live("one.live."));
+        outgoing.confirm(7);
+        let confirms: Vec<Option<u64>> = outgoing
+            .queue
+            .iter()
+            .map(|kind| match kind {
+                AgentKind::Received(received) => Some(received.confirm),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(confirms, [Some(5), None, Some(7)]);
+    }
 
     /// A clean older than a copy (the copy lacks what it removed) goes before the copy and
     /// takes nothing out of it: an entry answered again since is in the copy, and must stay.
