@@ -140,42 +140,19 @@ impl Link {
     }
 }
 
-/// The engine's mapping observer: straight to the agent when connected, else the journal.
-/// Never waits: a full channel journals too.
+/// The engine's mapping observer. Every mapping goes through the journal, connected or not:
+/// a live session sends it from there at once, numbered, and the journal's file keeps it
+/// until the agent confirms it. Sent straight on the session's channel, a mapping the agent
+/// had not taken yet (slow to read) was lost with a proxy killed meanwhile, and the agent
+/// then revoked its allow entries, still in use, as unwanted. Never waits.
 #[derive(Debug)]
 pub struct LinkMappings {
-    pub link: Arc<Link>,
     pub journal: Arc<Journal>,
 }
 
 impl MappingObserver for LinkMappings {
     fn on_mapping(&self, mapping: Mapping) {
-        let wire = WireMapping::from(&mapping);
-        if let Some(sender) = self.link.sender() {
-            let message = ProxyMessage {
-                kind: Some(ProxyKind::Mappings(Mappings {
-                    mappings: vec![wire],
-                    resync: false,
-                    confirm: 0,
-                })),
-            };
-            match sender.try_send(message) {
-                Ok(()) => return,
-                Err(
-                    mpsc::error::TrySendError::Full(message)
-                    | mpsc::error::TrySendError::Closed(message),
-                ) => {
-                    if let Some(ProxyKind::Mappings(batch)) = message.kind {
-                        batch
-                            .mappings
-                            .into_iter()
-                            .for_each(|mapping| self.journal.push(mapping));
-                    }
-                    return;
-                }
-            }
-        }
-        self.journal.push(wire);
+        self.journal.push(WireMapping::from(&mapping));
     }
 }
 
@@ -1168,8 +1145,8 @@ mod tests {
     }
 
     /// A link to a fake agent that resyncs and confirms nothing (stopped by `agent_stop`),
-    /// connected, and `name` journaled as the hot path does when the session's channel is
-    /// full; returns once the agent has it.
+    /// connected, and `name` answered (handed to the hot path's mapping observer); returns
+    /// once the agent has it.
     async fn journaled_and_sent(
         socket: &std::path::Path,
         stop: &CancellationToken,
@@ -1188,7 +1165,18 @@ mod tests {
             assert!(Instant::now() < deadline, "never connected");
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        context.journal.push(wire(name));
+        LinkMappings {
+            journal: context.journal.clone(),
+        }
+        .on_mapping(Mapping {
+            endpoint: Arc::from("youssef/test"),
+            name: warden_policy::DnsName::new(name).unwrap(),
+            ips: vec!["198.18.1.10".parse().unwrap()],
+            ttl: 60,
+            expires_at: warden_fqdn::UnixTime(unix_millis() / 1000 + 60),
+            learned_at_ms: unix_millis(),
+            server: "127.0.0.1:53".parse().unwrap(),
+        });
         let deadline = Instant::now() + Duration::from_secs(2);
         while !seen.names.lock().unwrap().iter().any(|n| n == name) {
             assert!(
@@ -1325,7 +1313,9 @@ mod tests {
     }
 
     /// A session that got as far as the agent's ResyncDone left what it had sent from the
-    /// journal, unconfirmed, in flight for good: only a failed resync put it back.
+    /// journal, unconfirmed, in flight for good: only a failed resync put it back. And an
+    /// answer's mapping sent straight on the session's channel was never in the journal at
+    /// all: lost with the session if the agent had not taken it.
     #[tokio::test]
     async fn what_a_session_sent_unconfirmed_goes_back_when_it_ends() {
         let dir = tempfile::tempdir().unwrap();

@@ -230,7 +230,6 @@ pub async fn start(config: ProxyConfig) -> anyhow::Result<RunningProxy> {
         cache: cache.clone(),
         datapath: enforcement.clone(),
         mappings: Arc::new(LinkMappings {
-            link: link.clone(),
             journal: journal.clone(),
         }),
         metrics: metrics.clone(),
