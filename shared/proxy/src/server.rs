@@ -1035,6 +1035,30 @@ spec:
         }
     }
 
+    /// A slow upstream's answer, after its query timed out, was counted with the forgeries
+    /// (`id`), which dashboards read as possible spoofing.
+    #[tokio::test]
+    async fn an_answer_after_the_timeout_counts_as_late_not_as_a_forgery() {
+        let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let upstream = socket.local_addr().unwrap();
+        tokio::spawn(async move {
+            let mut buffer = vec![0u8; 1500];
+            while let Ok((length, from)) = socket.recv_from(&mut buffer).await {
+                let query = Message::from_vec(&buffer[..length]).unwrap();
+                let mut answer = Message::response(query.metadata.id, OpCode::Query);
+                answer.add_queries(query.queries.clone());
+                tokio::time::sleep(Duration::from_millis(400)).await;
+                let _ = socket.send_to(&answer.to_vec().unwrap(), from).await;
+            }
+        });
+        let proxy = start(upstream, Duration::ZERO, Duration::from_millis(150)).await;
+        let (answer, _) = ask(proxy.dns, "cilium.io.").await;
+        assert_eq!(answer.metadata.response_code, ResponseCode::ServFail);
+        wait_count(|| proxy.unexpected("late"), 1, Duration::from_secs(2)).await;
+        assert_eq!(proxy.unexpected("id"), 0);
+        proxy.shutdown.cancel();
+    }
+
     #[tokio::test]
     async fn a_silent_upstream_gets_servfail_after_the_timeout() {
         let upstream = fake_upstream(true).await;

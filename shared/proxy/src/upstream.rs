@@ -75,7 +75,14 @@ pub struct PoolSocket<W> {
     /// Dual-stack sockets reach IPv4 servers through IPv4-mapped addresses.
     dual_stack: bool,
     pending: Mutex<HashMap<u16, Pending<W>>>,
+    /// The last queries that left the table (answered, timed out, cancelled), by ID and
+    /// server: an answer to one of them is late, not a forgery.
+    retired: Mutex<std::collections::VecDeque<(u16, SocketAddr)>>,
 }
+
+/// Queries remembered per socket after they leave the table: a slow upstream's answers come
+/// within moments of the timeout.
+const RETIRED_KEPT: usize = 512;
 
 impl<W> std::fmt::Debug for PoolSocket<W> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -113,17 +120,42 @@ impl<W: Waiter> PoolSocket<W> {
 
     /// Takes back a query registered under `id` (its send failed, say).
     pub fn cancel(&self, id: u16) -> Option<W> {
-        self.pending().remove(&id).map(|pending| pending.waiter)
+        let pending = self.pending().remove(&id)?;
+        self.retire(id, pending.server);
+        Some(pending.waiter)
+    }
+
+    fn retire(&self, id: u16, server: SocketAddr) {
+        let mut retired = self
+            .retired
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner());
+        if retired.len() >= RETIRED_KEPT {
+            retired.pop_front();
+        }
+        retired.push_back((id, server));
+    }
+
+    /// Whether `id` from `server` was a query of this socket that left the table lately.
+    fn retired(&self, id: u16, server: SocketAddr) -> bool {
+        self.retired
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner())
+            .contains(&(id, server))
     }
 
     /// The query `packet` (from `from`) answers, with what the answer says; or why the packet
-    /// answers none, as the `upstream_unexpected` reason. Only a packet from the server asked,
-    /// with the query's ID and question, ends the wait.
+    /// answers none, as the `upstream_unexpected` reason (`late` for an answer to a query that
+    /// timed out or was answered already, which a slow upstream sends, not a forger). Only a
+    /// packet from the server asked, with the query's ID and question, ends the wait.
     pub fn claim(&self, from: SocketAddr, packet: &[u8]) -> Result<(W, Answer), &'static str> {
         let from = canonical(from);
         let id = packet_id(packet).ok_or("short")?;
         let mut pending = self.pending();
-        let waiting = pending.get(&id).ok_or("id")?;
+        let Some(waiting) = pending.get(&id) else {
+            drop(pending);
+            return Err(if self.retired(id, from) { "late" } else { "id" });
+        };
         if waiting.server != from {
             return Err("source");
         }
@@ -138,6 +170,8 @@ impl<W: Waiter> PoolSocket<W> {
             Err(_) => return Err("malformed"),
         };
         let waiting = pending.remove(&id).ok_or("id")?;
+        drop(pending);
+        self.retire(id, waiting.server);
         Ok((waiting.waiter, answer))
     }
 }
@@ -174,6 +208,7 @@ impl<W: Waiter> UpstreamPool<W> {
                     peer: Some(upstream),
                     dual_stack: false,
                     pending: Mutex::new(HashMap::new()),
+                    retired: Mutex::default(),
                 })),
                 Err(error) => {
                     tracing::warn!(%upstream, %error, "cannot connect to the upstream; using unconnected sockets for it");
@@ -191,6 +226,7 @@ impl<W: Waiter> UpstreamPool<W> {
                 peer: None,
                 dual_stack,
                 pending: Mutex::new(HashMap::new()),
+                retired: Mutex::default(),
             }));
         }
         Ok(UpstreamPool {
@@ -263,6 +299,7 @@ impl<W: Waiter> UpstreamPool<W> {
                 .collect();
             for id in ids {
                 if let Some(waiting) = pending.remove(&id) {
+                    socket.retire(id, waiting.server);
                     expired.push(waiting.waiter);
                 }
             }
@@ -468,8 +505,8 @@ mod tests {
         assert_eq!(answer.summary.ips.len(), 1);
         assert_eq!(
             socket.claim(server_addr, &real).err(),
-            Some("id"),
-            "an answer is claimed once"
+            Some("late"),
+            "an answer is claimed once; a repeat is late, not a forgery"
         );
     }
 

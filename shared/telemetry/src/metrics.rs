@@ -481,6 +481,7 @@ impl Metrics {
                     "malformed",
                     "oversized",
                     "cut_short",
+                    "late",
                 ],
             ),
             (&self.dns.malformed, &["udp", "tcp"]),
