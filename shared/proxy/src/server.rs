@@ -352,6 +352,14 @@ spec:
     async fn fake_upstream_sending(
         build: impl Fn(&mut Message) -> Option<Vec<u8>> + Send + 'static,
     ) -> SocketAddr {
+        fake_upstream_sending_after(Duration::ZERO, build).await
+    }
+
+    /// [`fake_upstream_sending`], each answer sent `delay` after its question came.
+    async fn fake_upstream_sending_after(
+        delay: Duration,
+        build: impl Fn(&mut Message) -> Option<Vec<u8>> + Send + 'static,
+    ) -> SocketAddr {
         let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
         let address = socket.local_addr().unwrap();
         tokio::spawn(async move {
@@ -361,6 +369,9 @@ spec:
                 let mut answer = Message::response(query.metadata.id, OpCode::Query);
                 answer.add_queries(query.queries.clone());
                 if let Some(bytes) = build(&mut answer) {
+                    if !delay.is_zero() {
+                        tokio::time::sleep(delay).await;
+                    }
                     let _ = socket.send_to(&bytes, from).await;
                 }
             }
@@ -1039,18 +1050,9 @@ spec:
     /// (`id`), which dashboards read as possible spoofing.
     #[tokio::test]
     async fn an_answer_after_the_timeout_counts_as_late_not_as_a_forgery() {
-        let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-        let upstream = socket.local_addr().unwrap();
-        tokio::spawn(async move {
-            let mut buffer = vec![0u8; 1500];
-            while let Ok((length, from)) = socket.recv_from(&mut buffer).await {
-                let query = Message::from_vec(&buffer[..length]).unwrap();
-                let mut answer = Message::response(query.metadata.id, OpCode::Query);
-                answer.add_queries(query.queries.clone());
-                tokio::time::sleep(Duration::from_millis(400)).await;
-                let _ = socket.send_to(&answer.to_vec().unwrap(), from).await;
-            }
-        });
+        let upstream =
+            fake_upstream_sending_after(Duration::from_millis(400), |answer| answer.to_vec().ok())
+                .await;
         let proxy = start(upstream, Duration::ZERO, Duration::from_millis(150)).await;
         let (answer, _) = ask(proxy.dns, "cilium.io.").await;
         assert_eq!(answer.metadata.response_code, ResponseCode::ServFail);
