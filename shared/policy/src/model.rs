@@ -88,6 +88,12 @@ pub struct Rule {
     /// `egress: []` or no `egress` leaves them alone.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub egress: Vec<EgressRule>,
+    /// What of the rule is not enforced (see [`Policy::refused_by_validate`]): its `ingress`
+    /// and `ingressDeny`. Warden polices egress only, and in Cilium they never change what
+    /// egress allows, so the egress part holds as written; refusing the policy refused the
+    /// whole folder, and left a fresh node with nothing enforced at all.
+    #[serde(skip)]
+    pub refused_by_validate: Vec<String>,
 }
 
 /// One egress rule: an optional L3 part (at most one of the `to*` peer fields, as Cilium
@@ -491,6 +497,12 @@ impl PolicyDocument {
             None => name.clone(),
         };
         for (rule, field) in rules.iter().zip(&fields) {
+            for problem in &rule.refused_by_validate {
+                refused_by_validate.push(format!(
+                    "{}: policy {policy_name}: {field}.{problem}",
+                    origin.display()
+                ));
+            }
             for (index, egress) in rule.egress.iter().enumerate() {
                 for problem in &egress.refused_by_validate {
                     refused_by_validate.push(format!(
@@ -549,10 +561,10 @@ struct RawRule {
     _labels: Option<IgnoredAny>,
     #[serde(default, rename = "nodeSelector")]
     _node_selector: Unsupported,
-    #[serde(default, rename = "ingress")]
-    _ingress: Unsupported,
-    #[serde(default, rename = "ingressDeny")]
-    _ingress_deny: Unsupported,
+    #[serde(default)]
+    ingress: Option<IgnoredAny>,
+    #[serde(default)]
+    ingress_deny: Option<IgnoredAny>,
     #[serde(default, rename = "egressDeny")]
     _egress_deny: Unsupported,
     #[serde(default, rename = "enableDefaultDeny")]
@@ -565,9 +577,24 @@ impl TryFrom<RawRule> for Rule {
     type Error = String;
 
     fn try_from(raw: RawRule) -> Result<Self, Self::Error> {
+        let ignored = [
+            ("ingress", raw.ingress.is_some()),
+            ("ingressDeny", raw.ingress_deny.is_some()),
+        ];
+        let refused_by_validate = ignored
+            .into_iter()
+            .filter(|(_, present)| *present)
+            .map(|(field, _)| {
+                format!(
+                    "{field}: Warden enforces egress only; this section is not enforced (the \
+                     egress rules beside it are)"
+                )
+            })
+            .collect();
         Ok(Rule {
             endpoint_selector: raw.endpoint_selector,
             egress: raw.egress,
+            refused_by_validate,
         })
     }
 }

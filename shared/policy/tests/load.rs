@@ -141,23 +141,23 @@ fn unsupported_fields_name_file_policy_field_and_line() {
     let text = "apiVersion: cilium.io/v2
 kind: CiliumNetworkPolicy
 metadata:
-  name: with-ingress
+  name: with-deny
   namespace: team
 spec:
   endpointSelector: {}
-  ingress:
-  - fromEntities: [world]
+  egressDeny:
+  - toEntities: [world]
 ";
     let (policy, field, message, line) = invalid(text);
-    assert_eq!(policy.as_deref(), Some("with-ingress"));
-    assert_eq!(field, "spec.ingress");
+    assert_eq!(policy.as_deref(), Some("with-deny"));
+    assert_eq!(field, "spec.egressDeny");
     assert!(message.contains("not supported by Warden"), "{message}");
     assert_eq!(line, Some(9), "the line of the value");
 
     let error = parse(text).unwrap_err().to_string();
     assert_eq!(
         error,
-        "policies/test.yaml:9:3: policy \"with-ingress\": spec.ingress: \
+        "policies/test.yaml:9:3: policy \"with-deny\": spec.egressDeny: \
          this Cilium field is not supported by Warden"
     );
 }
@@ -426,7 +426,7 @@ fn load_paths_reports_every_broken_file() {
     let bad_field = dir.path().join("field.yaml");
     fs::write(&good, MINIMAL).unwrap();
     fs::write(&bad_kind, "apiVersion: v1\nkind: Secret\n").unwrap();
-    fs::write(&bad_field, MINIMAL.replace("egress:", "ingress:")).unwrap();
+    fs::write(&bad_field, MINIMAL.replace("egress:", "egressDeny:")).unwrap();
 
     let paths: Vec<PathBuf> = vec![
         good.clone(),
@@ -439,7 +439,7 @@ fn load_paths_reports_every_broken_file() {
     assert!(matches!(&errors[0], PolicyError::UnsupportedKind { file, .. } if *file == bad_kind));
     assert!(matches!(&errors[1], PolicyError::Io { .. }));
     assert!(
-        matches!(&errors[2], PolicyError::Invalid(error) if error.file == bad_field && error.field == "spec.ingress")
+        matches!(&errors[2], PolicyError::Invalid(error) if error.file == bad_field && error.field == "spec.egressDeny")
     );
 
     // The directory form finds the same two broken files.
@@ -465,6 +465,13 @@ fn what_is_not_enforced_as_written_loads_and_fails_validation() {
             "  - toEndpoints: [{matchLabels: {'reserved:host': ''}}]\n",
             "spec.egress[0].toEndpoints[0]: \"reserved:host\": reserved labels",
         ),
+        // Warden polices egress only: a policy with an ingress section (many of Cilium's
+        // examples have one) refused the whole folder, leaving a fresh node unenforced.
+        (
+            "ingress.yaml",
+            "  - toPorts: [{ports: [{port: '53'}]}]\n  ingress:\n  - fromEntities: [world]\n",
+            "spec.ingress: Warden enforces egress only",
+        ),
     ] {
         let file = dir.path().join(name);
         fs::write(&file, with_egress(egress)).unwrap();
@@ -473,6 +480,7 @@ fn what_is_not_enforced_as_written_loads_and_fails_validation() {
             loaded[0].refused_by_validate[0].contains(expected),
             "{loaded:?}"
         );
+        assert_eq!(loaded[0].rules[0].egress.len(), 1, "the egress part holds");
         let errors = load_paths(std::slice::from_ref(&file)).unwrap_err();
         assert_eq!(errors.len(), 1, "{errors:?}");
         let message = errors[0].to_string();
@@ -489,7 +497,7 @@ fn what_is_not_enforced_as_written_loads_and_fails_validation() {
 fn load_paths_reports_every_broken_document_of_a_file() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("three.yaml");
-    let broken = MINIMAL.replace("egress:", "ingress:");
+    let broken = MINIMAL.replace("egress:", "egressDeny:");
     fs::write(&file, format!("{broken}\n---\n{MINIMAL}\n---\n{broken}")).unwrap();
     let errors = load_paths(std::slice::from_ref(&file)).unwrap_err();
     assert_eq!(errors.len(), 2, "{errors:?}");
