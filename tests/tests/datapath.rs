@@ -47,6 +47,17 @@ async fn firewall(idle_grace_s: u64) -> Firewall {
     .unwrap()
 }
 
+/// The lab with `policy` and an `endpoints_dir` for endpoints a test adds live.
+async fn firewall_with_endpoints_dir(policy: String) -> Firewall {
+    Firewall::start(FirewallOptions {
+        policy,
+        endpoints_dir: true,
+        ..FirewallOptions::default()
+    })
+    .await
+    .unwrap()
+}
+
 #[tokio::test]
 async fn the_talks_policy_holds_for_dns_tcp_ipv4_and_ipv6() {
     if !require_lab() || !warden_tests::require_tools(&["knotd", "dig", "bpftool"]) {
@@ -476,13 +487,7 @@ async fn cidr_rules_do_not_reach_the_nodes_endpoints() {
         "{}  - toCIDR: [\"{WWW2_CILIUM_IO_V4}/32\"]\n    toPorts:\n    - ports:\n      - port: \"80\"\n        protocol: TCP\n",
         TalkPolicy::default().yaml()
     );
-    let lab = Firewall::start(FirewallOptions {
-        policy,
-        endpoints_dir: true,
-        ..FirewallOptions::default()
-    })
-    .await
-    .unwrap();
+    let lab = firewall_with_endpoints_dir(policy).await;
     let url = format!("http://{WWW2_CILIUM_IO_V4}/");
     let reached = |lab: &Firewall| lab.curl_ok(&url, &[]).ok();
     assert!(reached(&lab), "{:?}", lab.curl_ok(&url, &[]));
@@ -508,4 +513,113 @@ async fn reached_until(lab: &Firewall, url: &str, want: bool) {
         assert!(Instant::now() < deadline, "want reached={want}: {call:?}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// A client whose UDP socket connects to `host:port` at once, pings through it, writes
+/// `before=<answer or timeout>` to `flag.connected`, waits for `flag.go`, pings again and writes
+/// `after=<answer, timeout or refused>` to `flag.done`.
+const EARLY_SOCKET_PY: &str = r#"
+import os, socket, sys, time
+host, port, flag = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.connect((host, port))
+s.settimeout(0.5)
+def ping():
+    for _ in range(4):
+        try:
+            s.send(b"ping")
+            return s.recv(512).decode()
+        except socket.timeout:
+            pass
+        except OSError as error:
+            return "refused " + str(error)
+    return "timeout"
+open(flag + ".connected", "w").write("before=" + ping())
+while not os.path.exists(flag + ".go"):
+    time.sleep(0.05)
+open(flag + ".done", "w").write("after=" + ping())
+"#;
+
+/// A socket connected to a DNS server before its cgroup was enrolled is never redirected (a
+/// connected socket's sends run no hook), and a rule's `rules.dns` opened its port 53 as a
+/// plain allow: the socket's queries reached the server past the proxy, and any name
+/// resolved. Port 53 goes to the proxy only now; such a socket's packets are dropped (a
+/// resolver asks again, on a socket the redirect sees).
+#[tokio::test]
+async fn a_socket_connected_before_enrollment_does_not_reach_dns_past_the_proxy() {
+    if !require_lab() || !warden_tests::require_tools(&["knotd"]) {
+        return;
+    }
+    let policy = TalkPolicy {
+        dns_server: Some(IpAddr::V4(INTERNET_V4)),
+        ..TalkPolicy::default()
+    }
+    .yaml();
+    let lab = firewall_with_endpoints_dir(policy).await;
+    // A "DNS server" of the lab's internet, on port 53: it echoes what it gets.
+    let _server = warden_tests::ProcessGuard::spawn(
+        Command::new("ip")
+            .args(["netns", "exec", lab.internet.netns()])
+            .arg(python3().unwrap())
+            .args(["-c", UDP_ECHO_PY, "53"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null()),
+        "echo on 53",
+    )
+    .unwrap();
+    let cgroup = lab.cgroups.child("early").unwrap();
+    let flags = tempfile::tempdir().unwrap();
+    let flag = flags.path().join("early");
+    let with = |suffix: &str| flag.with_extension(suffix);
+    let _client = spawn_in_cgroup(
+        &cgroup,
+        Command::new(python3().unwrap())
+            .args(["-c", EARLY_SOCKET_PY, &INTERNET_V4.to_string(), "53"])
+            .arg(&flag)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null()),
+    )
+    .unwrap();
+    let read_when_there = |path: std::path::PathBuf| async move {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Ok(text) = std::fs::read_to_string(&path)
+                && !text.is_empty()
+            {
+                return text;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} never written",
+                path.display()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    // The server answers the socket while its cgroup is no endpoint's.
+    assert_eq!(read_when_there(with("connected")).await, "before=echo ping");
+    let endpoints = lab.config.endpoints_dir.as_ref().unwrap();
+    std::fs::write(
+        endpoints.join("early.yaml"),
+        "- {name: early, namespace: youssef, labels: {app: test}, cgroup: early}\n",
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let scrape = http_get(lab.agent.admin, "/metrics").await.unwrap();
+        if metric_value(&scrape, "warden_datapath_enrolled_endpoints", &[]) >= 2.0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the early endpoint never enrolled"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    std::fs::write(with("go"), "").unwrap();
+    let after = read_when_there(with("done")).await;
+    assert!(
+        after == "after=timeout" || after.starts_with("after=refused"),
+        "the enforced socket reached port 53 past the proxy: {after}"
+    );
 }

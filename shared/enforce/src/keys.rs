@@ -173,23 +173,19 @@ pub fn port_rules(ports: &[PortRange]) -> Vec<PortRule> {
 }
 
 /// The port rules of the datapath an L3/L4 rule's `toPorts` make for each address, as the
-/// agent makes them ([`port_rules`], merged): a group with DNS rules opens its port 53 only; a
-/// group without ports, or a port of all ports and protocols, makes the rule one of all
-/// ports; the same rule twice is one.
+/// agent makes them ([`port_rules`], merged): a group with DNS rules opens none (its port 53
+/// goes to the proxy); a group without ports, or a port of all ports and protocols, makes the
+/// rule one of all ports; the same rule twice is one.
 fn datapath_port_rules(to_ports: &[warden_policy::PortRule]) -> usize {
     let mut ranges = Vec::new();
     for group in to_ports {
-        let dns = !group.dns_rules().is_empty();
-        if group.ports.is_empty() && !dns {
+        if !group.dns_rules().is_empty() {
+            continue;
+        }
+        if group.ports.is_empty() {
             return 1;
         }
-        ranges.extend(
-            group
-                .ports
-                .iter()
-                .map(PortRange::from)
-                .filter(|range| !dns || (range.first, range.last) == (53, 53)),
-        );
+        ranges.extend(group.ports.iter().map(PortRange::from));
     }
     if ranges.is_empty() {
         return 0;
@@ -380,7 +376,7 @@ spec:
             .collect();
         assert!(warnings_of(&rule(&tcp.join(", ")), "many.yaml").is_empty());
         // Counted as the datapath makes them: the same rule twice is one, a port of all ports
-        // makes the rule one, and a group with DNS rules opens port 53 only.
+        // makes the rule one, and a group with DNS rules opens none.
         let repeated = format!("{}, {}", any(4), any(4));
         assert!(warnings_of(&rule(&repeated), "many.yaml").is_empty());
         let all = format!("{}, {{port: \"0\"}}", any(5));

@@ -23,10 +23,6 @@ use crate::model::{CidrRule, EgressRule, Entity, Policy, PortProtocol, Protocol}
 use crate::name::DnsName;
 use crate::selector::ScopedSelector;
 
-/// The port the datapath redirects to the DNS proxy: the only one where `rules.dns` can apply
-/// under it.
-const DNS_PORT: u16 = 53;
-
 /// An endpoint (workload) on this node, as the agent numbers it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(transparent)]
@@ -426,10 +422,13 @@ impl CompiledRule {
 
     /// The ports the rule opens as an L3/L4 allow, `None` for none; empty means all of them.
     ///
-    /// An entry with `rules.dns` adds only port 53: the datapath sends port 53 (and nothing
-    /// else) to the DNS proxy, which applies the DNS rules. Opened as a plain allow, another
-    /// port would let any name be resolved there (and, without a peer, reach every address).
-    /// Without a datapath the proxy still applies such an entry on `dns.upstream`'s port.
+    /// An entry with `rules.dns` adds none: the datapath sends port 53 (and nothing else) to
+    /// the DNS proxy, which applies the DNS rules, and what goes there passes as sent to the
+    /// endpoint's DNS target. Opened as a plain allow, a port would let any name be resolved
+    /// there by what the redirect does not see: port 53 by a socket connected before its
+    /// cgroup was enrolled (a connected socket's sends run no hook), or over a family the
+    /// endpoint has no DNS target in. Without a datapath the proxy still applies such an entry
+    /// on `dns.upstream`'s port.
     fn static_ports(&self) -> Option<Vec<PortRange>> {
         if self.port_groups.is_empty() {
             return Some(Vec::new());
@@ -439,13 +438,7 @@ impl CompiledRule {
             match &group.dns {
                 None if group.ports.is_empty() => return Some(Vec::new()),
                 None => ports.extend(group.ports.iter().copied()),
-                Some(_) => ports.extend(
-                    group
-                        .ports
-                        .iter()
-                        .copied()
-                        .filter(|range| (range.first, range.last) == (DNS_PORT, DNS_PORT)),
-                ),
+                Some(_) => {}
             }
         }
         (!ports.is_empty()).then_some(ports)
@@ -871,17 +864,8 @@ mod tests {
             L4Proto::Udp,
             "x.example"
         ));
-        assert_eq!(
-            repo.static_allows(CLIENT),
-            [StaticAllow {
-                peer: Peer::All,
-                ports: vec![PortRange {
-                    first: 53,
-                    last: 53,
-                    proto: None
-                }],
-            }]
-        );
+        // Through the proxy only: the datapath sends port 53 there.
+        assert!(repo.static_allows(CLIENT).is_empty());
     }
 
     #[test]
@@ -1105,27 +1089,20 @@ mod tests {
         assert!(dns_ok(&repo, CLIENT, "8.8.8.8:53", L4Proto::Udp, "a.io"));
     }
 
+    /// The datapath proxies port 53 only, so DNS rules on 5353 must not open 5353 to every
+    /// name, nor (with no peer) to every address. Nor port 53 itself: opened as a plain allow,
+    /// it let a socket connected before its cgroup was enrolled (a connected socket's sends run
+    /// no hook), or a query over a family the endpoint has no DNS target in, resolve any name
+    /// at the server, past the proxy.
     #[test]
-    fn dns_rules_off_port_53_never_become_static_allows() {
-        // The datapath proxies port 53 only, so DNS rules on 5353 must not open 5353 to every
-        // name, nor (with no peer) to every address.
+    fn dns_rules_never_become_static_allows() {
         let repo = build(&policy(
             "[{toPorts: [{ports: [{port: '53', protocol: UDP}, {port: '5353'}], \
                rules: {dns: [{matchName: a.io}]}}]}, \
               {toCIDR: [192.0.2.0/24], toPorts: [{ports: [{port: '8053'}], \
                rules: {dns: [{matchName: a.io}]}}]}]",
         ));
-        assert_eq!(
-            repo.static_allows(CLIENT),
-            [StaticAllow {
-                peer: Peer::All,
-                ports: vec![PortRange {
-                    first: 53,
-                    last: 53,
-                    proto: Some(L4Proto::Udp)
-                }],
-            }]
-        );
+        assert!(repo.static_allows(CLIENT).is_empty());
         // The proxy still applies them where it sees the query (without a datapath, on
         // `dns.upstream`'s port).
         assert!(dns_ok(
