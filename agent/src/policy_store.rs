@@ -69,6 +69,8 @@ struct StoreState {
     status: PolicyStatus,
     /// Hash of the file contents last looked at, good or bad: unchanged files are not reloaded.
     seen: Option<u64>,
+    /// Hash of the folder's files in force (none after a start on the last good copy).
+    installed: Option<u64>,
     /// The documents of the policy in force, for the snapshot sent to warden-dnsproxy.
     files: Arc<PolicyFiles>,
 }
@@ -304,8 +306,19 @@ impl PolicyStore {
             }
         };
         let fingerprint = fingerprint(&files);
-        if self.state().seen == Some(fingerprint) {
-            return false;
+        {
+            let mut state = self.state();
+            if state.seen == Some(fingerprint) {
+                // Back to the files in force after a failure to read the folder (an unreadable
+                // file since removed, one gone between the listing and the read): that error
+                // is over, though nothing changed since the install.
+                if state.installed == Some(fingerprint) && state.status.last_error.is_some() {
+                    state.status.last_error = None;
+                    self.metrics.reload_failing.set(0);
+                    tracing::info!("policy folder readable again; the policy in force is its own");
+                }
+                return false;
+            }
         }
         let policies = match parse_all(&files) {
             Ok(policies) => policies,
@@ -315,7 +328,11 @@ impl PolicyStore {
             }
         };
         self.install(policies, files, "dir");
-        self.state().seen = Some(fingerprint);
+        {
+            let mut state = self.state();
+            state.seen = Some(fingerprint);
+            state.installed = Some(fingerprint);
+        }
         // After the install: the copy only matters at the next start, and its syncs should
         // not hold a new policy back.
         let installed = self.state().files.clone();
@@ -803,6 +820,11 @@ spec:
             "{error}"
         );
         assert_eq!(store.status().policies, 1, "the policy in force stays");
+        // The file removed, the folder holds what is in force again: the error is over (it
+        // stayed, the folder being unchanged since the install).
+        std::fs::remove_file(dir.path().join("latin1.yaml")).expect("remove");
+        assert!(!store.reload(), "nothing new to install");
+        assert_eq!(store.status().last_error, None);
     }
 
     /// Saving a new copy once removed the old one before renaming the new one in: a crash
