@@ -200,7 +200,8 @@ fn policy_files(path: &Path) -> Result<Vec<PathBuf>, PolicyError> {
 /// such names that are something else (a folder put in a file's place); hidden names are
 /// skipped, links followed (a linked file counts, as with ConfigMap mounts), and a dangling
 /// link is left out (a removal under way: a ConfigMap key deleted, the kubelet swaps the data,
-/// then removes the link). The agent's watched folders are listed the same way.
+/// then removes the link; any other failure to look at a name lists it, for its read to
+/// fail). The agent's watched folders are listed the same way.
 pub fn folder_files(dir: &Path) -> std::io::Result<(Vec<PathBuf>, Vec<PathBuf>)> {
     let (mut files, mut not_files) = (Vec::new(), Vec::new());
     for entry in fs::read_dir(dir)? {
@@ -214,10 +215,13 @@ pub fn folder_files(dir: &Path) -> std::io::Result<(Vec<PathBuf>, Vec<PathBuf>)>
         if hidden || !wanted {
             continue;
         }
-        if file.is_file() {
-            files.push(file);
-        } else if file.exists() {
-            not_files.push(file);
+        match fs::metadata(&file) {
+            Ok(metadata) if metadata.is_file() => files.push(file),
+            Ok(_) => not_files.push(file),
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+            // A loop of links, a target it may not look at, an I/O error: listed as a file,
+            // whose read then says what is wrong. Left out, its policy was silently gone.
+            Err(_) => files.push(file),
         }
     }
     files.sort();

@@ -449,6 +449,25 @@ fn load_paths_reports_every_broken_file() {
     assert_eq!(load_paths(&[good]).unwrap().len(), 1);
 }
 
+/// A link that loops was left out like a dangling one, its policy silently gone: it is read,
+/// and the read names it.
+#[test]
+fn a_policy_name_that_cannot_be_looked_at_is_an_error_not_an_absence() {
+    let dir = tempfile::tempdir().unwrap();
+    fs::write(dir.path().join("good.yaml"), MINIMAL).unwrap();
+    let looping = dir.path().join("loop.yaml");
+    std::os::unix::fs::symlink(&looping, &looping).unwrap();
+    let errors = load_paths(&[dir.path().to_owned()]).unwrap_err();
+    assert!(
+        matches!(&errors[..], [PolicyError::Io { path, .. }] if *path == looping),
+        "{errors:?}"
+    );
+    // A dangling link is a removal under way: left out.
+    fs::remove_file(&looping).unwrap();
+    std::os::unix::fs::symlink(dir.path().join("gone.yaml"), &looping).unwrap();
+    assert_eq!(load_paths(&[dir.path().to_owned()]).unwrap().len(), 1);
+}
+
 /// Loaded as earlier releases did (the agent must not lose its policy at an upgrade), and
 /// refused by `warden policy validate`.
 #[test]
