@@ -39,23 +39,61 @@ pub fn read_text(path: &Path) -> std::io::Result<String> {
 /// A file modified more recently than this may be half-written: it is read at a later pass.
 pub const SETTLE: Duration = Duration::from_millis(100);
 
-/// How long until every one of `paths` was last modified `settle` ago, if one was modified
-/// more recently. A time in the future (a clock step, copied timestamps) counts as settled:
-/// waiting for it could take for ever.
+/// How long an empty file must stay unchanged before it is read: a shell's `>` empties the
+/// file before its writer has written anything (`kubectl get cnp -o yaml > policies/web.yaml`
+/// takes a second), and read then, it stood for no policy at all, enforced and kept as the
+/// last good one until the writer was done.
+pub const EMPTY_SETTLE: Duration = Duration::from_secs(1);
+
+/// How long until every one of `paths` was last modified `settle` ago ([`EMPTY_SETTLE`] for
+/// an empty file, if longer), if one was modified more recently. A time in the future (a clock
+/// step, copied timestamps) counts as settled: waiting for it could take for ever.
 pub fn unsettled(paths: &[PathBuf], settle: Duration) -> Option<Duration> {
     let now = std::time::SystemTime::now();
     paths
         .iter()
-        .filter_map(|path| std::fs::metadata(path).ok()?.modified().ok())
-        .filter_map(|modified| now.duration_since(modified).ok())
-        .filter(|age| *age < settle)
-        .map(|age| settle - age)
+        .filter_map(|path| {
+            let metadata = std::fs::metadata(path).ok()?;
+            let settle = if metadata.len() == 0 {
+                settle.max(EMPTY_SETTLE)
+            } else {
+                settle
+            };
+            Some((now.duration_since(metadata.modified().ok()?).ok()?, settle))
+        })
+        .filter(|(age, settle)| age < settle)
+        .map(|(age, settle)| settle - age)
         .max()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A file a shell's `>` had just emptied was read as no policy at all, enforced and kept as
+    /// the last good one, while its writer was still at work.
+    #[test]
+    fn an_empty_file_settles_longer() {
+        let dir = tempfile::tempdir().unwrap();
+        let (empty, written) = (dir.path().join("empty.yaml"), dir.path().join("full.yaml"));
+        std::fs::write(&empty, "").unwrap();
+        std::fs::write(&written, "kind: CiliumNetworkPolicy\n").unwrap();
+        let half_a_second_ago = std::time::SystemTime::now() - Duration::from_millis(500);
+        for path in [&empty, &written] {
+            std::fs::File::options()
+                .write(true)
+                .open(path)
+                .unwrap()
+                .set_modified(half_a_second_ago)
+                .unwrap();
+        }
+        assert_eq!(unsettled(std::slice::from_ref(&written), SETTLE), None);
+        let left = unsettled(std::slice::from_ref(&empty), SETTLE).expect("an empty file waits");
+        assert!(
+            left > Duration::from_millis(400) && left <= Duration::from_millis(500),
+            "{left:?}"
+        );
+    }
 
     /// A file of gigabytes in the policy folder was read whole at every pass.
     #[test]
