@@ -9,8 +9,8 @@ use crate::UnixTime;
 /// under live traffic. `max_ips_per_name` stops one name (e.g. a DNS-based load balancer
 /// rotating through a large pool) from growing the cache and the datapath without bound, and
 /// `max_names_per_endpoint` one client (asking random names under an allowed wildcard, each
-/// answered) from growing the node's memory without bound: it can then only fill its own share
-/// (every sender the proxy knows no endpoint for shares one, `reserved:unknown`). `max_ttl`
+/// answered) from growing the node's memory without bound: it can then only fill its own share.
+/// `max_ttl`
 /// bounds how long any answer keeps its entries, wherever they came from: answers, a restored
 /// snapshot, the peer.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]

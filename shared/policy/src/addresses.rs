@@ -16,11 +16,11 @@ use crate::repository::{EndpointId, EndpointInfo, Peer};
 ///
 /// - `host` is loopback (127.0.0.0/8 and `::1`): Warden is not told the node's other addresses,
 ///   and a resolver on the node (systemd-resolved on 127.0.0.53) is reached over loopback.
-/// - An endpoint's addresses are in `cluster` and out of `world`, and, as Cilium leaves the
-///   endpoints it manages out of CIDR rules, out of every `toCIDR`/`toCIDRSet` too: only a
-///   label-based rule (`toEndpoints`, `cluster`, `all`) reaches a pod. Loopback stays in CIDR
-///   rules even where it is an endpoint's (one on the host's network, told by its loopback
-///   address): it is the host's before it is any endpoint's.
+/// - An endpoint's addresses are in `cluster` and out of `world`. CIDR rules reach them: Cilium
+///   leaves the endpoints it manages out of CIDR rules, but Warden knows only this node's, so
+///   carving them out would make a verdict depend on the node a pod runs on (pods elsewhere
+///   are `world`), and every CIDR rule over the pod range would cost the LPM map an entry per
+///   piece around every endpoint, for every enforced endpoint.
 /// - A Service synced as a peer (`peer_only`) is in `cluster`, as the pods it stands for are,
 ///   and is carved out of neither `world` nor CIDR rules: one by one, a cluster's scattered
 ///   ClusterIPs made thousands of prefixes per enforced endpoint.
@@ -81,7 +81,7 @@ impl PeerAddresses {
 
     /// Whether a compiled ([`CidrRule::canonical`]) rule allows `ip`, canonical.
     pub(crate) fn in_cidr(&self, rule: &CidrRule, ip: IpAddr) -> bool {
-        rule.contains(&ip) && (is_host(ip) || !self.endpoint_set.contains(&ip))
+        rule.contains(&ip)
     }
 
     /// Whether `ip`, canonical, is in `world`.
@@ -103,12 +103,7 @@ impl PeerAddresses {
         let mut nets = match peer {
             // Holes written in the other form of the same family still apply.
             Peer::Cidr { cidr, except } => {
-                let holes: Vec<IpNet> = except
-                    .iter()
-                    .copied()
-                    .map(canonical_net)
-                    .chain(endpoint_holes().filter(|hole| !is_host(hole.addr())))
-                    .collect();
+                let holes: Vec<IpNet> = except.iter().copied().map(canonical_net).collect();
                 subtract(canonical_net(*cidr), &holes)
             }
             Peer::World => {
@@ -313,34 +308,29 @@ mod tests {
         }
     }
 
-    /// As in Cilium, a CIDR rule does not reach an endpoint of the node (only label-based rules
-    /// do); loopback, Warden's `host`, it still reaches (a node-local resolver named by its
-    /// address), and a Service synced as a peer too.
+    /// CIDR rules reach the node's endpoints (Warden cannot leave out those of other nodes, as
+    /// Cilium does), loopback and the Services synced as peers, and cost the map one entry
+    /// each, however many endpoints fall inside.
     #[test]
-    fn cidr_rules_leave_out_the_nodes_endpoints() {
+    fn cidr_rules_reach_every_address_they_cover() {
         let addresses = lab();
         let cidr = |text: &str| Peer::Cidr {
             cidr: net(text),
             except: Vec::new(),
         };
-        assert!(!addresses.contains(&cidr("10.0.0.0/8"), ip("10.244.0.5")));
-        assert!(!addresses.contains(&cidr("10.244.0.6/32"), ip("10.244.0.6")));
-        assert!(!addresses.contains(&cidr("fd00::/64"), ip("fd00::5")));
-        assert!(addresses.contains(&cidr("10.0.0.0/8"), ip("10.244.0.7")));
-        assert!(addresses.contains(&cidr("10.0.0.0/8"), ip("10.96.0.10")));
-        assert!(addresses.contains(&cidr("127.0.0.53/32"), ip("127.0.0.53")));
-        assert!(addresses.contains(&cidr("127.0.0.1/32"), ip("127.0.0.1")));
-        assert_eq!(
-            addresses.prefixes(&cidr("127.0.0.1/32")),
-            [net("127.0.0.1/32")]
-        );
-        assert!(addresses.contains(&Peer::Endpoint(EndpointId(2)), ip("10.244.0.6")));
-        assert_eq!(
-            addresses.prefixes(&cidr("10.244.0.6/32")),
-            Vec::<IpNet>::new()
-        );
-        let around = addresses.prefixes(&cidr("10.244.0.4/30"));
-        assert_eq!(around, [net("10.244.0.4/32"), net("10.244.0.7/32")]);
+        for (rule, address) in [
+            ("10.0.0.0/8", "10.244.0.5"),
+            ("10.244.0.6/32", "::ffff:10.244.0.6"),
+            ("fd00::/64", "fd00::5"),
+            ("10.0.0.0/8", "10.96.0.10"),
+            ("127.0.0.1/32", "127.0.0.1"),
+        ] {
+            assert!(
+                addresses.contains(&cidr(rule), ip(address)),
+                "{rule} {address}"
+            );
+        }
+        assert_eq!(addresses.prefixes(&cidr("10.0.0.0/8")), [net("10.0.0.0/8")]);
     }
 
     /// Every ClusterIP synced as a peer was carved out of `world`: with a cluster's Services

@@ -275,6 +275,31 @@ impl PolicyRepository {
         self.enforced.contains_key(&endpoint)
     }
 
+    /// Whether `endpoint`'s queries to `server` over `proto` are under DNS rules: an enforced
+    /// endpoint with a rule whose peer is the server and whose `toPorts` entry for the port has
+    /// `rules.dns` (whatever the names, and even where another rule widens them). Only such
+    /// queries' answers may teach the cache, whose names open every endpoint's toFQDNs rules:
+    /// as in Cilium, whose proxy sees only the queries of a DNS rule, an endpoint allowed the
+    /// server without one (an L4 allow, `toEntities: world`) may ask a server it runs itself,
+    /// and what it is told must not open the names for others.
+    pub fn dns_visible(&self, endpoint: EndpointId, server: SocketAddr, proto: L4Proto) -> bool {
+        let Some(rules) = self.enforced.get(&endpoint) else {
+            return false;
+        };
+        let ip = server.ip().to_canonical();
+        rules.iter().any(|rule| {
+            rule.peer.matches(ip, &self.addresses)
+                && rule.port_groups.iter().any(|group| {
+                    group.dns.is_some()
+                        && (group.ports.is_empty()
+                            || group
+                                .ports
+                                .iter()
+                                .any(|range| range.contains(server.port(), proto)))
+                })
+        })
+    }
+
     /// Whether a DNS query from `endpoint` for `qname`, sent over `proto` to `server`, is allowed.
     ///
     /// Unenforced endpoints may ask anything. Otherwise a rule must allow the server (its peer
@@ -695,29 +720,6 @@ mod tests {
         );
     }
 
-    /// As in Cilium, a CIDR rule does not reach an endpoint of the node, kube-dns here: only a
-    /// label-based rule does. The datapath's prefixes leave it out too (`PeerAddresses`).
-    #[test]
-    fn cidr_rules_do_not_reach_the_nodes_endpoints() {
-        let repo = build(&policy(
-            "[{toCIDR: ['10.96.0.0/12'], toPorts: [{ports: [{port: '53', protocol: UDP}]}]}]",
-        ));
-        for kube_dns in ["10.96.0.10:53", "[::ffff:10.96.0.10]:53"] {
-            assert!(
-                !dns_ok(&repo, CLIENT, kube_dns, L4Proto::Udp, "a.io"),
-                "{kube_dns}"
-            );
-        }
-        assert!(dns_ok(&repo, CLIENT, "10.96.0.11:53", L4Proto::Udp, "a.io"));
-        assert_eq!(
-            repo.addresses()
-                .prefixes(&repo.static_allows(CLIENT)[0].peer)
-                .len(),
-            20,
-            "10.96.0.0/12 around one /32"
-        );
-    }
-
     #[test]
     fn unenforced_endpoints_may_ask_anything() {
         let repo = PolicyRepository::empty();
@@ -842,6 +844,50 @@ mod tests {
             L4Proto::Udp,
             "example.com"
         ));
+    }
+
+    /// Only queries under DNS rules may teach the cache: an enforced endpoint allowed the
+    /// server without them (an L4 allow, an entity) could ask a server of its own and open
+    /// every endpoint's toFQDNs rules for the names it is told.
+    #[test]
+    fn only_queries_under_dns_rules_are_visible() {
+        let visible = |egress: &str, to: &str| {
+            build(&policy(egress)).dns_visible(CLIENT, server(to), L4Proto::Udp)
+        };
+        let dns = format!(
+            "[{{toEndpoints: [{TO_KUBE_DNS}], toPorts: [{{ports: [{{port: '53', protocol: ANY}}], \
+             rules: {{dns: [{{matchName: a.io}}]}}}}]}}]"
+        );
+        assert!(visible(&dns, "10.96.0.10:53"), "whatever the name");
+        assert!(!visible(&dns, "10.96.0.10:5353"), "another port");
+        assert!(!visible(&dns, "192.0.2.1:53"), "another server");
+        let widened = format!(
+            "[{{toEndpoints: [{TO_KUBE_DNS}], toPorts: [{{ports: [{{port: '53'}}], rules: {{dns: \
+             [{{matchName: a.io}}]}}}}]}}, {{toEndpoints: [{TO_KUBE_DNS}], toPorts: [{{ports: \
+             [{{port: '53'}}]}}]}}]"
+        );
+        assert!(
+            visible(&widened, "10.96.0.10:53"),
+            "widened, still under DNS rules"
+        );
+        let l4 = "[{toPorts: [{ports: [{port: '53'}]}]}]";
+        assert!(dns_ok(
+            &build(&policy(l4)),
+            CLIENT,
+            "192.0.2.1:53",
+            L4Proto::Udp,
+            "a.io"
+        ));
+        assert!(
+            !visible(l4, "192.0.2.1:53"),
+            "allowed, but under no DNS rule"
+        );
+        assert!(!visible("[{toEntities: [world]}]", "192.0.2.1:53"));
+        let repo = build(&policy(&dns));
+        assert!(
+            !repo.dns_visible(OTHER, server("10.96.0.10:53"), L4Proto::Udp),
+            "unenforced"
+        );
     }
 
     #[test]

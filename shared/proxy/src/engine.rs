@@ -494,15 +494,16 @@ impl Engine {
         if outcome.rcode != ResponseCode::NoError || outcome.summary.ips.is_empty() {
             return (outcome, None);
         }
-        // Only an enforced sender's answers teach the cache, whose names open every endpoint's
-        // toFQDNs rules: its query passed its DNS rules. An unenforced or unknown sender may
-        // ask any server anything (one it runs itself), and what it is told must not open the
-        // names for others; it needs no allow entry of its own. (As in Cilium, whose proxy
-        // sees only endpoints with DNS rules.)
-        if !checked
-            .endpoint_id
-            .is_some_and(|id| checked.policy.is_enforced(id))
-        {
+        // Only answers to queries under DNS rules teach the cache, whose names open every
+        // endpoint's toFQDNs rules (`PolicyRepository::dns_visible`). An unenforced or unknown
+        // sender, or one allowed the server without DNS rules, may ask any server anything
+        // (one it runs itself), and what it is told must not open the names for others. (As
+        // in Cilium, whose proxy sees only the queries of DNS rules.)
+        if !checked.endpoint_id.is_some_and(|id| {
+            checked
+                .policy
+                .dns_visible(id, checked.server, checked.transport.l4())
+        }) {
             return (outcome, None);
         }
         let mut grants = Vec::new();
@@ -535,8 +536,8 @@ impl Engine {
             if needed {
                 return (Outcome::failed(), None);
             }
-            // Nothing of the sender's depends on the entry (an unenforced or unknown sender,
-            // or a name none of its rules match): the answer goes out as it is.
+            // Nothing of the sender's depends on the entry (a name none of its toFQDNs rules
+            // match): the answer goes out as it is.
             self.released(held, None);
             return (outcome, None);
         }
