@@ -147,13 +147,78 @@ struct InFlight {
     entry: Entry,
 }
 
+/// What is in flight, with the count and weight of what live sessions sent (numbered) kept as
+/// it changes: a session checks them at every batch, and with an agent of an older build, which
+/// confirms nothing, they reach the journal's bounds (a walk of 100,000 entries per batch).
+#[derive(Debug, Default)]
+struct InFlightTable {
+    entries: Vec<InFlight>,
+    numbered: usize,
+    numbered_bytes: usize,
+}
+
+impl InFlightTable {
+    fn iter(&self) -> std::slice::Iter<'_, InFlight> {
+        self.entries.iter()
+    }
+
+    fn push(&mut self, sent: InFlight) {
+        if sent.number != REPLAYED {
+            self.numbered += 1;
+            self.numbered_bytes += warden_api::mapping_bytes(&sent.entry.mapping);
+        }
+        self.entries.push(sent);
+    }
+
+    /// Takes out what `remove` holds for; their numbers and weights, for the file.
+    fn remove_where(&mut self, mut remove: impl FnMut(&InFlight) -> bool) -> Vec<(u64, usize)> {
+        let mut gone = Vec::new();
+        let (numbered, numbered_bytes) = (&mut self.numbered, &mut self.numbered_bytes);
+        self.entries.retain(|sent| {
+            if !remove(sent) {
+                return true;
+            }
+            let (seq, bytes) = sent.entry.gone();
+            if sent.number != REPLAYED {
+                *numbered -= 1;
+                *numbered_bytes = numbered_bytes.saturating_sub(bytes);
+            }
+            gone.push((seq, bytes));
+            false
+        });
+        gone
+    }
+
+    /// The oldest sent entries past `capacity` entries or `max_bytes`, out.
+    fn forget_oldest_sent(&mut self, capacity: usize, max_bytes: usize) -> Vec<(u64, usize)> {
+        let (mut count, mut bytes) = (self.numbered, self.numbered_bytes);
+        if count <= capacity && bytes <= max_bytes {
+            return Vec::new();
+        }
+        self.remove_where(|sent| {
+            let forget = sent.number != REPLAYED && (count > capacity || bytes > max_bytes);
+            if forget {
+                count -= 1;
+                bytes = bytes.saturating_sub(warden_api::mapping_bytes(&sent.entry.mapping));
+            }
+            forget
+        })
+    }
+
+    fn take_all(&mut self) -> Vec<InFlight> {
+        self.numbered = 0;
+        self.numbered_bytes = 0;
+        std::mem::take(&mut self.entries)
+    }
+}
+
 #[derive(Debug)]
 pub struct Journal {
     queue: Mutex<Queue>,
     /// Kept in the file with the queue, and put back when the session ends.
     /// Locked before `queue` wherever both are, and `file` after both: a save between taking
     /// entries and marking them in flight would write a file without them.
-    in_flight: Mutex<Vec<InFlight>>,
+    in_flight: Mutex<InFlightTable>,
     /// The changes the file has not had yet.
     file: Mutex<FileLog>,
     /// One save at a time: each appends to what the one before wrote.
@@ -193,7 +258,7 @@ impl Journal {
         metrics.journal_entries.set(gauge(queue.len()));
         Journal {
             queue: Mutex::new(queue),
-            in_flight: Mutex::new(Vec::new()),
+            in_flight: Mutex::new(InFlightTable::default()),
             file: Mutex::new(FileLog::new(legacy_present)),
             saving: Mutex::new(()),
             capacity,
@@ -284,7 +349,7 @@ impl Journal {
             .unwrap_or_else(|poison| poison.into_inner())
     }
 
-    fn in_flight(&self) -> MutexGuard<'_, Vec<InFlight>> {
+    fn in_flight(&self) -> MutexGuard<'_, InFlightTable> {
         self.in_flight
             .lock()
             .unwrap_or_else(|poison| poison.into_inner())
@@ -322,7 +387,7 @@ impl Journal {
     /// in neither.
     fn move_in_flight(
         &self,
-        in_flight: &mut Vec<InFlight>,
+        in_flight: &mut InFlightTable,
         mut queue: MutexGuard<'_, Queue>,
         count: usize,
         number: u64,
@@ -334,7 +399,9 @@ impl Journal {
             .iter()
             .map(|entry| Mapping::clone(&entry.mapping))
             .collect();
-        in_flight.extend(taken.into_iter().map(|entry| InFlight { number, entry }));
+        for entry in taken {
+            in_flight.push(InFlight { number, entry });
+        }
         copies
     }
 
@@ -363,23 +430,7 @@ impl Journal {
         let copies = self.move_in_flight(&mut in_flight, queue, count, number);
         // An agent of an older build confirms nothing: what waits stays within the journal's
         // bounds, the oldest forgotten (sent, as before confirmations).
-        let (mut count, mut bytes) = (0, 0);
-        for sent in in_flight.iter().filter(|sent| sent.number != REPLAYED) {
-            count += 1;
-            bytes += warden_api::mapping_bytes(&sent.entry.mapping);
-        }
-        let mut forgotten = Vec::new();
-        in_flight.retain(|sent| {
-            let over = count > self.capacity || bytes > JOURNAL_MAX_BYTES;
-            let forget = sent.number != REPLAYED && over;
-            if forget {
-                let gone = sent.entry.gone();
-                count -= 1;
-                bytes = bytes.saturating_sub(gone.1);
-                forgotten.push(gone);
-            }
-            !forget
-        });
+        let forgotten = in_flight.forget_oldest_sent(self.capacity, JOURNAL_MAX_BYTES);
         if !forgotten.is_empty() {
             self.forget_in_file(&forgotten);
             tracing::debug!(
@@ -396,16 +447,11 @@ impl Journal {
     }
 
     fn confirmed(&self, done: impl Fn(u64) -> bool) {
+        // Held until the file has forgotten them too (see `forget_in_file`).
         let mut in_flight = self.in_flight();
-        let mut confirmed = Vec::new();
-        in_flight.retain(|sent| {
-            let done = done(sent.number);
-            if done {
-                confirmed.push(sent.entry.gone());
-            }
-            !done
-        });
+        let confirmed = in_flight.remove_where(|sent| done(sent.number));
         self.forget_in_file(&confirmed);
+        drop(in_flight);
     }
 
     /// The session ended: what its replay took and what it sent unconfirmed goes back, ahead
@@ -413,7 +459,7 @@ impl Journal {
     /// changes nothing).
     pub fn session_ended(&self) {
         let mut in_flight = self.in_flight();
-        let unconfirmed = std::mem::take(&mut *in_flight);
+        let unconfirmed = in_flight.take_all();
         if unconfirmed.is_empty() {
             return;
         }
@@ -474,13 +520,7 @@ impl Journal {
         let mut in_flight = self.in_flight();
         let mut queue = self.queue();
         let mut removed = queue.remove_matching(&mut matches);
-        in_flight.retain(|sent| {
-            let remove = matches(&sent.entry.mapping);
-            if remove {
-                removed.push(sent.entry.gone());
-            }
-            !remove
-        });
+        removed.extend(in_flight.remove_where(|sent| matches(&sent.entry.mapping)));
         self.forget_in_file(&removed);
         self.metrics.journal_entries.set(gauge(queue.len()));
         removed.len()
@@ -593,6 +633,51 @@ mod tests {
             name: name.into(),
             ..Mapping::default()
         }
+    }
+
+    /// The sent part's count and weight are kept as it changes rather than walked at every
+    /// batch (100,000 entries, with an agent that confirms nothing): after any change they
+    /// equal a walk, and what goes past the bounds is the oldest sent, never the replay's.
+    #[test]
+    fn the_in_flight_totals_are_those_of_a_walk() {
+        let walk = |table: &InFlightTable| {
+            let sent = table.iter().filter(|sent| sent.number != REPLAYED);
+            sent.fold((0, 0), |(count, bytes), sent| {
+                (
+                    count + 1,
+                    bytes + warden_api::mapping_bytes(&sent.entry.mapping),
+                )
+            })
+        };
+        let mut table = InFlightTable::default();
+        for (seq, number) in [(1, REPLAYED), (2, 1), (3, 1), (4, 2), (5, REPLAYED), (6, 3)] {
+            table.push(InFlight {
+                number,
+                entry: Entry {
+                    seq,
+                    mapping: Arc::new(mapping(&format!("n{seq}.io."))),
+                },
+            });
+            assert_eq!((table.numbered, table.numbered_bytes), walk(&table));
+        }
+        let confirmed = table.remove_where(|sent| sent.number != REPLAYED && sent.number <= 1);
+        assert_eq!(
+            confirmed.iter().map(|(seq, _)| *seq).collect::<Vec<_>>(),
+            [2, 3]
+        );
+        assert_eq!((table.numbered, table.numbered_bytes), walk(&table));
+        let forgotten = table.forget_oldest_sent(1, usize::MAX);
+        assert_eq!(
+            forgotten.iter().map(|(seq, _)| *seq).collect::<Vec<_>>(),
+            [4]
+        );
+        assert_eq!((table.numbered, table.numbered_bytes), walk(&table));
+        assert!(
+            table.forget_oldest_sent(1, usize::MAX).is_empty(),
+            "within bounds"
+        );
+        assert_eq!(table.take_all().len(), 3);
+        assert_eq!((table.numbered, table.numbered_bytes), (0, 0));
     }
 
     #[test]

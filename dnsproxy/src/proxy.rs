@@ -394,16 +394,25 @@ const STATE_LOCK_WAIT: Duration = Duration::from_secs(10);
 
 /// Takes `state_dir` for this process: two proxies on one would append to one journal under
 /// overlapping numbers (each one's removals deleting the other's mappings) and write over each
-/// other's snapshot. The lock goes with the process, however it ends. `None` where the file
-/// system cannot lock, which is said once rather than refused.
+/// other's snapshot. The lock goes with the process, however it ends. `None` where it cannot
+/// be taken (a read-only or foreign `state_dir`, a file system that cannot lock), which is
+/// said rather than refused: such a proxy still enforces its persisted snapshot.
 async fn lock_state_dir(state_dir: &Path) -> anyhow::Result<Option<std::fs::File>> {
     let path = state_dir.join("lock");
-    let file = std::fs::OpenOptions::new()
+    // flock needs no write access: a lock file made earlier is taken read-only too.
+    let opened = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
         .write(true)
         .open(&path)
-        .with_context(|| format!("cannot open {}", path.display()))?;
+        .or_else(|_| std::fs::File::open(&path));
+    let file = match opened {
+        Ok(file) => file,
+        Err(error) => {
+            tracing::warn!(%error, path = %path.display(), "cannot open the state_dir lock; going on without it");
+            return Ok(None);
+        }
+    };
     let deadline = tokio::time::Instant::now() + STATE_LOCK_WAIT;
     let mut said = false;
     loop {
@@ -606,6 +615,17 @@ fn admin_router(state: AdminState, metrics: Metrics, flows: Arc<FlowLog>) -> Rou
 mod tests {
     use super::*;
     use warden_api::proto::Mapping;
+
+    /// A state_dir the proxy cannot write (remounted read-only after errors) still lets it
+    /// start, on its persisted snapshot, without the lock: the lock once made that fatal.
+    #[tokio::test]
+    async fn a_state_dir_without_a_lock_file_to_open_goes_on_without_the_lock() {
+        let dir = tempfile::tempdir().unwrap();
+        // A lock file that can be neither made nor opened: a link into a folder that is not.
+        std::os::unix::fs::symlink(dir.path().join("missing/lock"), dir.path().join("lock"))
+            .unwrap();
+        assert!(lock_state_dir(dir.path()).await.unwrap().is_none());
+    }
 
     /// Two proxies on one state_dir wrote one journal under overlapping numbers: the second
     /// waits for the first to exit, and gives up with an error naming the folder.
