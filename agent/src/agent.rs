@@ -224,9 +224,9 @@ pub async fn start(config: AgentConfig) -> anyhow::Result<RunningAgent> {
             Some(_) => PeerPolicy::by_file_access(),
             None => PeerPolicy::new(&[]),
         };
-        let (path, shutdown) = (config.socket.clone(), shutdown.clone());
+        let shutdown = shutdown.clone();
         tasks.spawn(async move {
-            warden_api::server::serve(api_listener, path, routes, peers, on_reject, shutdown).await;
+            warden_api::server::serve(api_listener, routes, peers, on_reject, shutdown).await;
             Ok(())
         });
     }

@@ -1557,7 +1557,6 @@ mod tests {
             let shutdown = tokio_util::sync::CancellationToken::new();
             let server = tokio::spawn(warden_api::server::serve(
                 listener,
-                config.socket.clone(),
                 tonic::service::Routes::new(service(state.clone())),
                 warden_api::server::PeerPolicy::new(&[]),
                 Arc::new(|_| {}),

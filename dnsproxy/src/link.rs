@@ -981,7 +981,6 @@ mod tests {
             }));
             tokio::spawn(warden_api::server::serve(
                 listener,
-                socket.to_path_buf(),
                 routes,
                 warden_api::server::PeerPolicy::new(&[]),
                 Arc::new(|_| {}),

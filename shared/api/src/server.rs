@@ -15,13 +15,22 @@ use crate::{ApiError, KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT};
 /// Called with a short reason (`credentials`, `protocol`) for each refused connection.
 pub type RejectHook = Arc<dyn Fn(&'static str) + Send + Sync>;
 
+/// The agent's socket, bound: the listener, and the file it was bound at as it was right
+/// after the bind, so that an agent exiting removes only its own socket file.
+#[derive(Debug)]
+pub struct BoundSocket {
+    listener: UnixListener,
+    path: PathBuf,
+    identity: Option<(u64, u64)>,
+}
+
 /// Binds the socket at `path`: stale socket files from a previous run are replaced, the
 /// folder is created, and the socket gets mode 0600, or 0660 owned by `group` when one is given
 /// (so a non-root dnsproxy in that group may connect). The socket is bound in a private folder
 /// and moved into place once its mode and group are set: between the bind and the chmod it
 /// would take connections from whoever the umask lets in, and with a group the file's
 /// permissions are the only check.
-pub fn bind(path: &Path, group: Option<&str>) -> Result<UnixListener, ApiError> {
+pub fn bind(path: &Path, group: Option<&str>) -> Result<BoundSocket, ApiError> {
     let folder = path.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(folder).map_err(|source| ApiError::Folder {
         path: folder.to_path_buf(),
@@ -65,7 +74,13 @@ pub fn bind(path: &Path, group: Option<&str>) -> Result<UnixListener, ApiError> 
         Ok(listener)
     });
     let _ = std::fs::remove_dir_all(&staging);
-    bound
+    // Taken at once: an agent started later binds over the file, and one taken at `serve`
+    // (after the agent's first datapath pass) could be that agent's.
+    bound.map(|listener| BoundSocket {
+        listener,
+        path: path.to_path_buf(),
+        identity: file_identity(path),
+    })
 }
 
 /// Binds at `path`, in a folder only this process can enter, and sets the socket's mode and
@@ -134,15 +149,18 @@ impl PeerPolicy {
 /// credentials are not allowed is closed before anything is read; a connection that breaks
 /// the protocol ends alone. Both are reported through `on_reject`.
 pub async fn serve(
-    listener: UnixListener,
-    path: PathBuf,
+    bound: BoundSocket,
     routes: Routes,
     peers: PeerPolicy,
     on_reject: RejectHook,
     shutdown: CancellationToken,
 ) {
     let routes = routes.prepare();
-    let ours = file_identity(&path);
+    let BoundSocket {
+        listener,
+        path,
+        identity: ours,
+    } = bound;
     loop {
         let accepted = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -243,16 +261,17 @@ mod tests {
     }
 
     /// An agent that exits removes its socket file only if it is still its own: one started
-    /// before it exited bound over it, and lost its socket to the old one's exit.
+    /// before it exited bound over it, and lost its socket to the old one's exit. Also when
+    /// the newer one bound between the older one's bind and its serving (the agent's first
+    /// datapath pass comes between them).
     #[tokio::test]
     async fn an_exiting_agent_leaves_a_newer_agents_socket() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("agent.sock");
-        let serve_until = |listener: UnixListener| {
+        let serve_until = |listener: BoundSocket| {
             let shutdown = CancellationToken::new();
             let served = tokio::spawn(serve(
                 listener,
-                path.clone(),
                 Routes::default(),
                 PeerPolicy::new(&[]),
                 Arc::new(|_| {}),
@@ -260,9 +279,11 @@ mod tests {
             ));
             (shutdown, served)
         };
-        let (old_shutdown, old_served) = serve_until(bind(&path, None).unwrap());
+        let old = bind(&path, None).unwrap();
+        let new = bind(&path, None).unwrap();
+        let (old_shutdown, old_served) = serve_until(old);
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        let (new_shutdown, new_served) = serve_until(bind(&path, None).unwrap());
+        let (new_shutdown, new_served) = serve_until(new);
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         old_shutdown.cancel();
         old_served.await.unwrap();
