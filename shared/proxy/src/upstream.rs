@@ -74,15 +74,44 @@ pub struct PoolSocket<W> {
     peer: Option<SocketAddr>,
     /// Dual-stack sockets reach IPv4 servers through IPv4-mapped addresses.
     dual_stack: bool,
-    pending: Mutex<HashMap<u16, Pending<W>>>,
-    /// The last queries that left the table (answered, timed out, cancelled), by ID and
-    /// server: an answer to one of them is late, not a forgery.
-    retired: Mutex<std::collections::VecDeque<(u16, SocketAddr)>>,
+    pending: Mutex<Table<W>>,
 }
 
 /// Queries remembered per socket after they leave the table: a slow upstream's answers come
 /// within moments of the timeout.
 const RETIRED_KEPT: usize = 512;
+
+/// The queries waiting on a socket, and the last ones that left (answered, timed out,
+/// cancelled) by ID and server: an answer to one of those is late, not a forgery. One lock for
+/// both, which an answer takes once.
+struct Table<W> {
+    waiting: HashMap<u16, Pending<W>>,
+    retired: std::collections::VecDeque<(u16, SocketAddr)>,
+}
+
+impl<W> Table<W> {
+    fn new() -> Table<W> {
+        Table {
+            waiting: HashMap::new(),
+            retired: std::collections::VecDeque::with_capacity(RETIRED_KEPT),
+        }
+    }
+
+    /// The query under `id`, out of the table and remembered as retired.
+    fn take(&mut self, id: u16) -> Option<Pending<W>> {
+        let pending = self.waiting.remove(&id)?;
+        if self.retired.len() >= RETIRED_KEPT {
+            self.retired.pop_front();
+        }
+        self.retired.push_back((id, pending.server));
+        Some(pending)
+    }
+
+    /// Whether `id` from `server` was a query of this socket that left the table lately.
+    fn retired(&self, id: u16, server: SocketAddr) -> bool {
+        self.retired.contains(&(id, server))
+    }
+}
 
 impl<W> std::fmt::Debug for PoolSocket<W> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -93,7 +122,7 @@ impl<W> std::fmt::Debug for PoolSocket<W> {
 }
 
 impl<W: Waiter> PoolSocket<W> {
-    fn pending(&self) -> MutexGuard<'_, HashMap<u16, Pending<W>>> {
+    fn pending(&self) -> MutexGuard<'_, Table<W>> {
         self.pending
             .lock()
             .unwrap_or_else(|poison| poison.into_inner())
@@ -120,28 +149,7 @@ impl<W: Waiter> PoolSocket<W> {
 
     /// Takes back a query registered under `id` (its send failed, say).
     pub fn cancel(&self, id: u16) -> Option<W> {
-        let pending = self.pending().remove(&id)?;
-        self.retire(id, pending.server);
-        Some(pending.waiter)
-    }
-
-    fn retire(&self, id: u16, server: SocketAddr) {
-        let mut retired = self
-            .retired
-            .lock()
-            .unwrap_or_else(|poison| poison.into_inner());
-        if retired.len() >= RETIRED_KEPT {
-            retired.pop_front();
-        }
-        retired.push_back((id, server));
-    }
-
-    /// Whether `id` from `server` was a query of this socket that left the table lately.
-    fn retired(&self, id: u16, server: SocketAddr) -> bool {
-        self.retired
-            .lock()
-            .unwrap_or_else(|poison| poison.into_inner())
-            .contains(&(id, server))
+        self.pending().take(id).map(|pending| pending.waiter)
     }
 
     /// The query `packet` (from `from`) answers, with what the answer says; or why the packet
@@ -152,9 +160,12 @@ impl<W: Waiter> PoolSocket<W> {
         let from = canonical(from);
         let id = packet_id(packet).ok_or("short")?;
         let mut pending = self.pending();
-        let Some(waiting) = pending.get(&id) else {
-            drop(pending);
-            return Err(if self.retired(id, from) { "late" } else { "id" });
+        let Some(waiting) = pending.waiting.get(&id) else {
+            return Err(if pending.retired(id, from) {
+                "late"
+            } else {
+                "id"
+            });
         };
         if waiting.server != from {
             return Err("source");
@@ -169,9 +180,7 @@ impl<W: Waiter> PoolSocket<W> {
             }
             Err(_) => return Err("malformed"),
         };
-        let waiting = pending.remove(&id).ok_or("id")?;
-        drop(pending);
-        self.retire(id, waiting.server);
+        let waiting = pending.take(id).ok_or("id")?;
         Ok((waiting.waiter, answer))
     }
 }
@@ -207,8 +216,7 @@ impl<W: Waiter> UpstreamPool<W> {
                     socket,
                     peer: Some(upstream),
                     dual_stack: false,
-                    pending: Mutex::new(HashMap::new()),
-                    retired: Mutex::default(),
+                    pending: Mutex::new(Table::new()),
                 })),
                 Err(error) => {
                     tracing::warn!(%upstream, %error, "cannot connect to the upstream; using unconnected sockets for it");
@@ -225,8 +233,7 @@ impl<W: Waiter> UpstreamPool<W> {
                 socket,
                 peer: None,
                 dual_stack,
-                pending: Mutex::new(HashMap::new()),
-                retired: Mutex::default(),
+                pending: Mutex::new(Table::new()),
             }));
         }
         Ok(UpstreamPool {
@@ -271,7 +278,7 @@ impl<W: Waiter> UpstreamPool<W> {
             let mut pending = socket.pending();
             for _ in 0..ID_DRAWS {
                 let id: u16 = rand::random();
-                if let std::collections::hash_map::Entry::Vacant(slot) = pending.entry(id) {
+                if let std::collections::hash_map::Entry::Vacant(slot) = pending.waiting.entry(id) {
                     slot.insert(Pending {
                         server,
                         deadline,
@@ -289,17 +296,21 @@ impl<W: Waiter> UpstreamPool<W> {
         let mut expired = Vec::new();
         for socket in &self.sockets {
             let mut pending = socket.pending();
-            if !pending.values().any(|waiting| waiting.deadline <= now) {
+            if !pending
+                .waiting
+                .values()
+                .any(|waiting| waiting.deadline <= now)
+            {
                 continue;
             }
             let ids: Vec<u16> = pending
+                .waiting
                 .iter()
                 .filter(|(_, waiting)| waiting.deadline <= now)
                 .map(|(id, _)| *id)
                 .collect();
             for id in ids {
-                if let Some(waiting) = pending.remove(&id) {
-                    socket.retire(id, waiting.server);
+                if let Some(waiting) = pending.take(id) {
                     expired.push(waiting.waiter);
                 }
             }
@@ -314,6 +325,7 @@ impl<W: Waiter> UpstreamPool<W> {
             .flat_map(|socket| {
                 socket
                     .pending()
+                    .waiting
                     .drain()
                     .map(|(_, waiting)| waiting.waiter)
                     .collect::<Vec<_>>()
