@@ -125,8 +125,11 @@ pub async fn start(config: AgentConfig) -> anyhow::Result<RunningAgent> {
     let settings = warden_enforce::proxy_settings(&config.dns);
     let proxy = DnsProxy::bind(settings, context)?;
     let dns_addrs = proxy.local_addrs();
-    let api_listener = warden_api::server::bind(&config.socket, config.socket_group.as_deref())?;
+    // The admin port before the socket, which is bound over the one in place: an agent that
+    // cannot start (the port held by a running agent) must not leave the path on a socket
+    // nobody serves, cutting the running agent's dnsproxies off.
     let admin_listener = warden_telemetry::admin::bind(config.admin.listen).await?;
+    let api_listener = warden_api::server::bind(&config.socket, config.socket_group.as_deref())?;
     let admin_addr = admin_listener.local_addr()?;
 
     let serving = Arc::new(AtomicBool::new(true));

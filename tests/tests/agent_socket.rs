@@ -232,3 +232,26 @@ async fn a_peer_of_the_socket_group_gets_a_session() {
     assert_eq!(rejected(&agent, "credentials").await, 0.0);
     agent.stop().await.unwrap();
 }
+
+/// A second agent on the same config cannot start (its admin port is the first one's), and
+/// must leave the running agent's socket in place: it bound its socket over the first one's
+/// before it found the port taken, and the path then led to a socket nobody served, every
+/// dnsproxy cut off from the running agent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_that_cannot_start_leaves_the_running_agents_socket() {
+    if !warden_tests::require_tools(&["knotd"]) {
+        return;
+    }
+    let upstream = KnotUpstream::start(unique_loopback_v4()).unwrap();
+    let dir = AgentDir::new().unwrap();
+    let config = dir.config(unique_loopback_v4(), upstream.addr());
+    let running = InProcessAgent::start(config.clone()).await.unwrap();
+    let mut second = config;
+    second.admin.listen = running.admin();
+    assert!(InProcessAgent::start(second).await.is_err());
+    assert!(
+        tokio::net::UnixStream::connect(dir.socket()).await.is_ok(),
+        "the running agent's socket was replaced by a dead one"
+    );
+    running.stop().await.unwrap();
+}

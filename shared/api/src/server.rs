@@ -66,7 +66,11 @@ pub fn bind(path: &Path, group: Option<&str>) -> Result<BoundSocket, ApiError> {
             source,
         })?;
     let staged = staging.join(name);
+    // Read before the rename, which keeps it: read after, it could be the file of an agent
+    // that bound over this one meanwhile.
+    let mut identity = None;
     let bound = bind_private(&staged, group).and_then(|listener| {
+        identity = file_identity(&staged);
         std::fs::rename(&staged, path).map_err(|source| ApiError::Bind {
             path: path.to_path_buf(),
             source,
@@ -74,12 +78,12 @@ pub fn bind(path: &Path, group: Option<&str>) -> Result<BoundSocket, ApiError> {
         Ok(listener)
     });
     let _ = std::fs::remove_dir_all(&staging);
-    // Taken at once: an agent started later binds over the file, and one taken at `serve`
-    // (after the agent's first datapath pass) could be that agent's.
+    // Taken at the bind: an agent started later binds over the file, and one taken at
+    // `serve` (after the agent's first datapath pass) could be that agent's.
     bound.map(|listener| BoundSocket {
         listener,
         path: path.to_path_buf(),
-        identity: file_identity(path),
+        identity,
     })
 }
 
