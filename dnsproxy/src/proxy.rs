@@ -388,6 +388,17 @@ struct StateFiles {
     _lock: Option<std::fs::File>,
 }
 
+/// Whether a proxy that cannot make its lock file goes on without it: where `state_dir` is
+/// read-only or not its to write (it cannot write its journal either, and another proxy could
+/// not lock it), not where the disk is full or it is out of file descriptors (a proxy started
+/// next could take the lock and write the journal beside it).
+fn lockless(error: &std::io::Error) -> bool {
+    matches!(
+        error.kind(),
+        std::io::ErrorKind::ReadOnlyFilesystem | std::io::ErrorKind::PermissionDenied
+    )
+}
+
 /// How long a proxy waits for one on the same `state_dir` to exit (a restart whose old
 /// process is still draining) before it gives up.
 const STATE_LOCK_WAIT: Duration = Duration::from_secs(10);
@@ -400,18 +411,23 @@ const STATE_LOCK_WAIT: Duration = Duration::from_secs(10);
 async fn lock_state_dir(state_dir: &Path) -> anyhow::Result<Option<std::fs::File>> {
     let path = state_dir.join("lock");
     // flock needs no write access: a lock file made earlier is taken read-only too.
-    let opened = std::fs::OpenOptions::new()
+    let file = match std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
         .write(true)
         .open(&path)
-        .or_else(|_| std::fs::File::open(&path));
-    let file = match opened {
+    {
         Ok(file) => file,
-        Err(error) => {
-            tracing::warn!(%error, path = %path.display(), "cannot open the state_dir lock; going on without it");
-            return Ok(None);
-        }
+        Err(error) => match std::fs::File::open(&path) {
+            Ok(file) => file,
+            Err(_) if lockless(&error) => {
+                tracing::warn!(%error, path = %path.display(), "cannot make the state_dir lock; going on without it");
+                return Ok(None);
+            }
+            Err(_) => {
+                return Err(error).with_context(|| format!("cannot open {}", path.display()));
+            }
+        },
     };
     let deadline = tokio::time::Instant::now() + STATE_LOCK_WAIT;
     let mut said = false;
@@ -617,14 +633,21 @@ mod tests {
     use warden_api::proto::Mapping;
 
     /// A state_dir the proxy cannot write (remounted read-only after errors) still lets it
-    /// start, on its persisted snapshot, without the lock: the lock once made that fatal.
+    /// start, on its persisted snapshot, without the lock: the lock once made that fatal. Any
+    /// other failure to make the lock file stays one: a proxy going on without it could share
+    /// the journal with the next one.
     #[tokio::test]
-    async fn a_state_dir_without_a_lock_file_to_open_goes_on_without_the_lock() {
+    async fn only_a_state_dir_it_may_not_write_goes_without_the_lock() {
+        use std::io::{Error, ErrorKind};
+        assert!(lockless(&Error::from(ErrorKind::ReadOnlyFilesystem)));
+        assert!(lockless(&Error::from(ErrorKind::PermissionDenied)));
+        assert!(!lockless(&Error::from(ErrorKind::StorageFull)));
         let dir = tempfile::tempdir().unwrap();
         // A lock file that can be neither made nor opened: a link into a folder that is not.
         std::os::unix::fs::symlink(dir.path().join("missing/lock"), dir.path().join("lock"))
             .unwrap();
-        assert!(lock_state_dir(dir.path()).await.unwrap().is_none());
+        let error = lock_state_dir(dir.path()).await.unwrap_err();
+        assert!(error.to_string().contains("lock"), "{error:#}");
     }
 
     /// Two proxies on one state_dir wrote one journal under overlapping numbers: the second
