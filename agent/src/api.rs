@@ -613,6 +613,15 @@ async fn run_session(
 ) {
     let id = state.sessions.next.fetch_add(1, Ordering::Relaxed);
     let ended = session(&state, id, &mut inbound, &outbound).await;
+    // Counted before the session is seen to end: whoever waits for the gauge finds it counted.
+    if let SessionEnd::Rejected(reason, _) = &ended {
+        state
+            .metrics
+            .peer
+            .rejected
+            .with_label_values(&[reason])
+            .inc();
+    }
     state.sessions.live().remove(&id);
     state
         .metrics
@@ -622,12 +631,6 @@ async fn run_session(
     match ended {
         SessionEnd::Closed => tracing::info!(session = id, "dnsproxy session ended"),
         SessionEnd::Rejected(reason, detail) => {
-            state
-                .metrics
-                .peer
-                .rejected
-                .with_label_values(&[reason])
-                .inc();
             tracing::warn!(session = id, reason, detail, "dnsproxy session refused");
             // Not awaited: a stalled proxy would hold this send as it held the others.
             let _ = outbound.try_send(Err(Status::invalid_argument(format!("{reason}: {detail}"))));

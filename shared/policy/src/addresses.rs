@@ -27,8 +27,7 @@ use crate::repository::{EndpointId, EndpointInfo, Peer};
 #[derive(Clone, Debug, Default)]
 pub struct PeerAddresses {
     by_endpoint: HashMap<EndpointId, Vec<IpAddr>>,
-    /// Addresses of endpoints that are not peers only, sorted: the holes in `world` and in CIDR
-    /// rules.
+    /// Addresses of endpoints that are not peers only, sorted: the holes in `world`.
     endpoints: Vec<IpAddr>,
     endpoint_set: HashSet<IpAddr>,
     peers: HashSet<IpAddr>,
