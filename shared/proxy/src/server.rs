@@ -536,10 +536,19 @@ spec:
         framed
     }
 
-    /// A TCP server on `upstream`'s port that takes connections and never answers; how many
-    /// it took so far.
-    async fn silent_tcp_upstream(upstream: SocketAddr) -> Arc<AtomicUsize> {
-        let listener = tokio::net::TcpListener::bind(upstream).await.unwrap();
+    /// A silent upstream on UDP and TCP at one address: the TCP server takes connections and
+    /// never answers; how many it took so far. A port free for UDP may be another test's TCP
+    /// port meanwhile (these tests open hundreds of connections): another is tried then.
+    async fn silent_upstreams() -> (SocketAddr, Arc<AtomicUsize>) {
+        loop {
+            let upstream = fake_upstream(true).await;
+            if let Ok(listener) = tokio::net::TcpListener::bind(upstream).await {
+                return (upstream, silent_tcp_upstream(listener));
+            }
+        }
+    }
+
+    fn silent_tcp_upstream(listener: tokio::net::TcpListener) -> Arc<AtomicUsize> {
         let accepted = Arc::new(AtomicUsize::new(0));
         let count = accepted.clone();
         tokio::spawn(async move {
@@ -552,11 +561,34 @@ spec:
         accepted
     }
 
+    /// Each TCP query is a connection of its own to the upstream: clients pipelining on many
+    /// connections had the proxy open sixteen per connection, up to sixteen thousand.
+    #[tokio::test]
+    async fn tcp_exchanges_with_the_upstream_are_bounded() {
+        use tokio::io::AsyncWriteExt;
+        let (upstream, accepted) = silent_upstreams().await;
+        let proxy = start(upstream, Duration::ZERO, Duration::from_secs(2)).await;
+        let framed: Vec<u8> = (0..16u16).flat_map(tcp_query).collect();
+        let mut clients = Vec::new();
+        for _ in 0..20 {
+            let mut client = tokio::net::TcpStream::connect(proxy.dns).await.unwrap();
+            client.write_all(&framed).await.unwrap();
+            clients.push(client);
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(
+            accepted.load(Ordering::SeqCst),
+            crate::tcp::UPSTREAM_EXCHANGES,
+            "320 queries in flight"
+        );
+        proxy.shutdown.cancel();
+        proxy.served.await.unwrap();
+    }
+
     #[tokio::test]
     async fn a_client_pipelining_over_tcp_gets_only_its_share_of_the_proxy() {
         use tokio::io::AsyncWriteExt;
-        let upstream = fake_upstream(true).await;
-        let accepted = silent_tcp_upstream(upstream).await;
+        let (upstream, accepted) = silent_upstreams().await;
         let proxy = start(upstream, Duration::ZERO, Duration::from_secs(1)).await;
 
         // A hundred queries at once, and never an answer read.

@@ -20,7 +20,7 @@ use warden_telemetry::Verdict;
 
 use crate::context::Transport;
 use crate::engine::{Engine, Outcome};
-use crate::upstream::exchange_tcp;
+use crate::upstream::{UpstreamFailure, exchange_tcp};
 use crate::wire;
 
 /// Client connections served at once; more wait in the kernel's accept queue.
@@ -76,6 +76,10 @@ impl Drop for ClientSlot {
 pub(crate) const QUERIES_PER_CONNECTION: usize = 16;
 /// Answers waiting for the connection's writer.
 const ANSWERS_QUEUED: usize = 32;
+/// Exchanges with the upstream at once, per listener. Each is a connection of its own: clients
+/// pipelining on every connection a listener takes would otherwise have it open sixteen
+/// thousand (and run out of file descriptors); the rest wait, within the upstream timeout.
+pub(crate) const UPSTREAM_EXCHANGES: usize = 256;
 /// How long a connection closing at shutdown waits for its client to close too.
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
 
@@ -87,6 +91,7 @@ pub(crate) async fn listener_loop(
     tracker: TaskTracker,
 ) {
     let connections = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let exchanges = Arc::new(Semaphore::new(UPSTREAM_EXCHANGES));
     let per_client = Arc::new(PerClient::default());
     loop {
         let admitted = tokio::select! {
@@ -111,8 +116,9 @@ pub(crate) async fn listener_loop(
                 };
                 let _ = stream.set_nodelay(true);
                 let (engine, stop, queries) = (engine.clone(), stop.clone(), tracker.clone());
+                let exchanges = exchanges.clone();
                 tracker.spawn(async move {
-                    connection(stream, client, engine, stop, queries).await;
+                    connection(stream, client, engine, exchanges, stop, queries).await;
                     drop((slot, admitted));
                 });
             }
@@ -132,6 +138,7 @@ async fn connection(
     stream: TcpStream,
     client: SocketAddr,
     engine: Arc<Engine>,
+    exchanges: Arc<Semaphore>,
     stop: CancellationToken,
     tracker: TaskTracker,
 ) {
@@ -209,10 +216,10 @@ async fn connection(
             engine.malformed(Transport::Tcp);
             break;
         }
-        let engine = engine.clone();
+        let (engine, exchanges) = (engine.clone(), exchanges.clone());
         let answers = answers.clone();
         tracker.spawn(async move {
-            if let Some(answer) = query(&engine, client, &packet, started).await {
+            if let Some(answer) = query(&engine, &exchanges, client, &packet, started).await {
                 let _ = answers.send(answer).await;
             }
             drop(permit);
@@ -236,6 +243,7 @@ async fn connection(
 /// The whole life of one TCP query; `None` when the packet deserves no answer.
 async fn query(
     engine: &Engine,
+    exchanges: &Semaphore,
     client: SocketAddr,
     packet: &[u8],
     started: Instant,
@@ -250,6 +258,12 @@ async fn query(
     }
     let servfail = || wire::error_response(&query, u16::from(ResponseCode::ServFail));
     let Some(_in_flight) = engine.admit() else {
+        engine.finish(checked, Outcome::failed());
+        return Some(servfail());
+    };
+    let exchange = tokio::time::timeout(engine.settings.upstream_timeout, exchanges.acquire());
+    let Ok(Ok(_exchange)) = exchange.await else {
+        engine.upstream_failed(UpstreamFailure::Exhausted, &checked);
         engine.finish(checked, Outcome::failed());
         return Some(servfail());
     };
