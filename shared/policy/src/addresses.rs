@@ -27,8 +27,7 @@ use crate::repository::{EndpointId, EndpointInfo, Peer};
 #[derive(Clone, Debug, Default)]
 pub struct PeerAddresses {
     by_endpoint: HashMap<EndpointId, Vec<IpAddr>>,
-    /// Addresses of endpoints that are not peers only, sorted: the holes in `world`.
-    endpoints: Vec<IpAddr>,
+    /// Addresses of endpoints that are not peers only: the holes in `world`.
     endpoint_set: HashSet<IpAddr>,
     peers: HashSet<IpAddr>,
 }
@@ -50,8 +49,6 @@ impl PeerAddresses {
                 .or_default()
                 .extend(ips);
         }
-        addresses.endpoints = addresses.endpoint_set.iter().copied().collect();
-        addresses.endpoints.sort_unstable();
         addresses
     }
 
@@ -59,14 +56,12 @@ impl PeerAddresses {
     pub fn contains(&self, peer: &Peer, ip: IpAddr) -> bool {
         let ip = ip.to_canonical();
         match peer {
-            Peer::Cidr { cidr, except } => self.in_cidr(
-                &CidrRule {
-                    cidr: *cidr,
-                    except: except.clone(),
-                }
-                .canonical(),
-                ip,
-            ),
+            Peer::Cidr { cidr, except } => CidrRule {
+                cidr: *cidr,
+                except: except.clone(),
+            }
+            .canonical()
+            .contains(&ip),
             Peer::World => self.in_world(ip),
             Peer::Host => is_host(ip),
             Peer::Cluster => self.in_cluster(ip),
@@ -76,11 +71,6 @@ impl PeerAddresses {
                 .get(id)
                 .is_some_and(|ips| ips.contains(&ip)),
         }
-    }
-
-    /// Whether a compiled ([`CidrRule::canonical`]) rule allows `ip`, canonical.
-    pub(crate) fn in_cidr(&self, rule: &CidrRule, ip: IpAddr) -> bool {
-        rule.contains(&ip)
     }
 
     /// Whether `ip`, canonical, is in `world`.
@@ -98,7 +88,7 @@ impl PeerAddresses {
     /// with what is wanted, and each pass removes and adds it again. The maps cannot say "all
     /// but", so holes are carved out as the prefixes around them.
     pub fn prefixes(&self, peer: &Peer) -> Vec<IpNet> {
-        let endpoint_holes = || self.endpoints.iter().map(|&ip| IpNet::from(ip));
+        let endpoint_holes = || self.endpoint_set.iter().map(|&ip| IpNet::from(ip));
         let mut nets = match peer {
             // Holes written in the other form of the same family still apply.
             Peer::Cidr { cidr, except } => {

@@ -289,14 +289,10 @@ impl PolicyRepository {
         let ip = server.ip().to_canonical();
         rules.iter().any(|rule| {
             rule.peer.matches(ip, &self.addresses)
-                && rule.port_groups.iter().any(|group| {
-                    group.dns.is_some()
-                        && (group.ports.is_empty()
-                            || group
-                                .ports
-                                .iter()
-                                .any(|range| range.contains(server.port(), proto)))
-                })
+                && rule
+                    .port_groups
+                    .iter()
+                    .any(|group| group.dns.is_some() && group.covers(server.port(), proto))
         })
     }
 
@@ -487,7 +483,7 @@ impl PeerMatch {
         match self {
             PeerMatch::Any => true,
             PeerMatch::Endpoints { ips, .. } => ips.contains(&ip),
-            PeerMatch::Cidrs(rules) => rules.iter().any(|rule| addresses.in_cidr(rule, ip)),
+            PeerMatch::Cidrs(rules) => rules.iter().any(|rule| rule.contains(&ip)),
             PeerMatch::Entities(entities) => entities.iter().any(|entity| match entity {
                 Entity::All => true,
                 Entity::Host => is_host(ip),
@@ -525,8 +521,12 @@ impl PeerMatch {
 
 impl PortGroup {
     fn allows(&self, port: u16, proto: L4Proto, qname: &DnsName) -> bool {
-        (self.ports.is_empty() || self.ports.iter().any(|range| range.contains(port, proto)))
-            && self.dns.as_ref().is_none_or(|names| names.is_match(qname))
+        self.covers(port, proto) && self.dns.as_ref().is_none_or(|names| names.is_match(qname))
+    }
+
+    /// Whether the entry's ports include `port` over `proto` (none listed: every port).
+    fn covers(&self, port: u16, proto: L4Proto) -> bool {
+        self.ports.is_empty() || self.ports.iter().any(|range| range.contains(port, proto))
     }
 }
 
@@ -668,27 +668,16 @@ mod tests {
             let policies = parse_str(&yaml, Path::new("test.yaml")).unwrap();
             PolicyRepository::build(&policies, &endpoints)
         };
-        assert!(dns_ok(
-            &entities("world"),
-            CLIENT,
-            "10.96.0.10:53",
-            L4Proto::Udp,
-            "a.io"
-        ));
-        assert!(dns_ok(
-            &entities("cluster"),
-            CLIENT,
-            "10.96.0.10:53",
-            L4Proto::Udp,
-            "a.io"
-        ));
-        assert!(dns_ok(
-            &entities("cluster"),
-            CLIENT,
-            "10.0.0.3:53",
-            L4Proto::Udp,
-            "a.io"
-        ));
+        for (entity, server) in [
+            ("world", "10.96.0.10:53"),
+            ("cluster", "10.96.0.10:53"),
+            ("cluster", "10.0.0.3:53"),
+        ] {
+            assert!(
+                dns_ok(&entities(entity), CLIENT, server, L4Proto::Udp, "a.io"),
+                "{entity} {server}"
+            );
+        }
     }
 
     /// Written v4-mapped, a CIDR rule (or its hole) is the IPv4 one it stands for, as in the
