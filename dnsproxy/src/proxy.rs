@@ -674,6 +674,27 @@ mod tests {
         assert!(waiting.await.unwrap().unwrap().is_some());
     }
 
+    /// The files of `state_dir` with `policy` and a journal holding one mapping, unsaved.
+    fn journaled_state(
+        state_dir: &Path,
+        policy: Arc<ProxyPolicy>,
+        metrics: &Metrics,
+    ) -> StateFiles {
+        let journal = Arc::new(Journal::new(16, metrics.peer.clone()));
+        journal.push(Mapping {
+            endpoint: "youssef/test".into(),
+            name: "cilium.io.".into(),
+            ..Mapping::default()
+        });
+        StateFiles {
+            journal,
+            policy,
+            state_dir: state_dir.to_path_buf(),
+            errors: metrics.peer.state_persist_errors.clone(),
+            _lock: None,
+        }
+    }
+
     /// The persister took the journal's count of changes at its start for saved: a push made
     /// before it ran, or a damaged journal to write again, waited for another change, and a
     /// proxy killed meanwhile lost them.
@@ -681,19 +702,7 @@ mod tests {
     async fn what_changed_before_the_persister_started_is_saved_at_its_first_round() {
         let dir = tempfile::tempdir().unwrap();
         let metrics = Metrics::new("dnsproxy").unwrap();
-        let journal = Arc::new(Journal::new(16, metrics.peer.clone()));
-        journal.push(Mapping {
-            endpoint: "youssef/test".into(),
-            name: "cilium.io.".into(),
-            ..Mapping::default()
-        });
-        let files = StateFiles {
-            journal,
-            policy: Arc::new(ProxyPolicy::new(dir.path())),
-            state_dir: dir.path().to_path_buf(),
-            errors: metrics.peer.state_persist_errors.clone(),
-            _lock: None,
-        };
+        let files = journaled_state(dir.path(), Arc::new(ProxyPolicy::new(dir.path())), &metrics);
         // Stopped at once: one round, the last.
         let shutdown = CancellationToken::new();
         shutdown.cancel();
@@ -709,12 +718,6 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let state_dir = dir.path().join("state");
         let metrics = Metrics::new("dnsproxy").unwrap();
-        let journal = Arc::new(Journal::new(16, metrics.peer.clone()));
-        journal.push(Mapping {
-            endpoint: "youssef/test".into(),
-            name: "cilium.io.".into(),
-            ..Mapping::default()
-        });
         let policy = Arc::new(ProxyPolicy::new(&state_dir));
         let snapshot = PolicySnapshot {
             revision: 3,
@@ -725,13 +728,7 @@ mod tests {
             compile(&snapshot, &Default::default()).unwrap(),
             "agent",
         );
-        let files = StateFiles {
-            journal,
-            policy: policy.clone(),
-            state_dir: state_dir.clone(),
-            errors: metrics.peer.state_persist_errors.clone(),
-            _lock: None,
-        };
+        let files = journaled_state(&state_dir, policy.clone(), &metrics);
         let failures = |file: &str| files.errors.with_label_values(&[file]).get();
 
         assert!(

@@ -561,48 +561,46 @@ spec:
         accepted
     }
 
+    /// How many upstream connections a proxy in front of a silent upstream (both UDP and TCP)
+    /// opened `settle` after `clients` TCP clients each sent `queries` queries at once and read
+    /// no answer.
+    async fn upstream_connections_for(clients: usize, queries: u16, settle: Duration) -> usize {
+        use tokio::io::AsyncWriteExt;
+        let (upstream, accepted) = silent_upstreams().await;
+        let proxy = start(upstream, Duration::ZERO, Duration::from_secs(2)).await;
+        let framed: Vec<u8> = (0..queries).flat_map(tcp_query).collect();
+        let mut connected = Vec::new();
+        for _ in 0..clients {
+            let mut client = tokio::net::TcpStream::connect(proxy.dns).await.unwrap();
+            client.write_all(&framed).await.unwrap();
+            connected.push(client);
+        }
+        tokio::time::sleep(settle).await;
+        let opened = accepted.load(Ordering::SeqCst);
+        proxy.shutdown.cancel();
+        proxy.served.await.unwrap();
+        opened
+    }
+
     /// Each TCP query is a connection of its own to the upstream: clients pipelining on many
     /// connections had the proxy open sixteen per connection, up to sixteen thousand.
     #[tokio::test]
     async fn tcp_exchanges_with_the_upstream_are_bounded() {
-        use tokio::io::AsyncWriteExt;
-        let (upstream, accepted) = silent_upstreams().await;
-        let proxy = start(upstream, Duration::ZERO, Duration::from_secs(2)).await;
-        let framed: Vec<u8> = (0..16u16).flat_map(tcp_query).collect();
-        let mut clients = Vec::new();
-        for _ in 0..20 {
-            let mut client = tokio::net::TcpStream::connect(proxy.dns).await.unwrap();
-            client.write_all(&framed).await.unwrap();
-            clients.push(client);
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
         assert_eq!(
-            accepted.load(Ordering::SeqCst),
+            upstream_connections_for(20, 16, Duration::from_millis(500)).await,
             crate::tcp::UPSTREAM_EXCHANGES,
             "320 queries in flight"
         );
-        proxy.shutdown.cancel();
-        proxy.served.await.unwrap();
     }
 
     #[tokio::test]
     async fn a_client_pipelining_over_tcp_gets_only_its_share_of_the_proxy() {
-        use tokio::io::AsyncWriteExt;
-        let (upstream, accepted) = silent_upstreams().await;
-        let proxy = start(upstream, Duration::ZERO, Duration::from_secs(1)).await;
-
         // A hundred queries at once, and never an answer read.
-        let framed: Vec<u8> = (0..100u16).flat_map(tcp_query).collect();
-        let mut client = tokio::net::TcpStream::connect(proxy.dns).await.unwrap();
-        client.write_all(&framed).await.unwrap();
-        tokio::time::sleep(Duration::from_millis(300)).await;
         assert_eq!(
-            accepted.load(Ordering::SeqCst),
+            upstream_connections_for(1, 100, Duration::from_millis(300)).await,
             crate::tcp::QUERIES_PER_CONNECTION,
             "the proxy took more of the client's queries than one connection may have in flight"
         );
-        proxy.shutdown.cancel();
-        proxy.served.await.unwrap();
     }
 
     /// Waits up to `limit` for `counter` to read `want`.
