@@ -147,6 +147,14 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } reuseport_config SEC(".maps");
 
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct warden_node_config);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} node_config SEC(".maps");
+
 /* TCP connections a peer opened to the workload, marked with that peer when the kernel
  * completes the passive open: packets to it are replies, which egress policy does not
  * restrict (Cilium's egress policy is stateful too). The mark is the socket's own storage,
@@ -522,6 +530,25 @@ static __always_inline void write_user_ip4(struct bpf_sock_addr *ctx, const __u8
 }
 
 /*
+ * A loopback or unspecified destination of a socket in another network namespace than the
+ * proxies' (a pod's own): a resolver there (a sidecar, a local cache) is the workload's own and
+ * answers it directly; redirected, the query would reach the proxy, which would ask its own
+ * namespace's loopback instead. A resolver the sidecar asks in turn is redirected as usual.
+ */
+static __always_inline int local_elsewhere(struct bpf_sock_addr *ctx, const struct addr16 *dst)
+{
+	__u32 zero = 0;
+	struct warden_node_config *node;
+
+	if (!is_loopback(dst) && !is_unspecified(dst))
+		return 0;
+	node = bpf_map_lookup_elem(&node_config, &zero);
+	if (!node || node->proxy_netns_cookie == 0)
+		return 0;
+	return bpf_get_netns_cookie(ctx) != node->proxy_netns_cookie;
+}
+
+/*
  * connect and sendmsg, both families. v6 tells which ctx fields hold the address; a v4-mapped
  * destination of a dual-stack socket is redirected to the IPv4 target in v4-mapped form, which
  * is what such a socket can reach. Returns the verdict (1 allow, 0 EPERM).
@@ -550,7 +577,7 @@ static __always_inline int sock_egress(struct bpf_sock_addr *ctx, int v6, __u8 r
 		v4_mapped(&dst, ctx->user_ip4);
 
 	if (port == DNS_PORT && (flags & WARDEN_EP_REDIRECT_DNS) &&
-	    (proto == IPPROTO_UDP || proto == IPPROTO_TCP)) {
+	    (proto == IPPROTO_UDP || proto == IPPROTO_TCP) && !local_elsewhere(ctx, &dst)) {
 		struct warden_sock_orig so = {};
 		int mapped = is_v4_mapped(&dst);
 

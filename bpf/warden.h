@@ -209,4 +209,14 @@ struct warden_reuseport_config {
 	__u32 enabled;   /* 0: no preference, let the kernel hash */
 };
 
+/* node_config: ARRAY[1] of struct warden_node_config, written by the loader before it
+ * attaches the programs. */
+struct warden_node_config {
+	/* The network namespace the proxies run in (SO_NETNS_COOKIE of the loader's socket): a
+	 * loopback or unspecified destination is that namespace's own only for sockets in it,
+	 * so port 53 there is redirected only for them. 0: not known (a kernel without
+	 * SO_NETNS_COOKIE), and every such destination is redirected. */
+	__u64 proxy_netns_cookie;
+};
+
 #endif /* WARDEN_H */

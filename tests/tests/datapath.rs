@@ -588,3 +588,82 @@ async fn a_socket_connected_before_enrollment_does_not_reach_dns_past_the_proxy(
         "the enforced socket reached port 53 past the proxy: {after}"
     );
 }
+
+/// Asks a resolver on port 53 of each loopback address, over UDP and TCP, from inside the
+/// process's own network namespace, answering itself as that resolver would.
+const LOOPBACK_RESOLVER_PY: &str = r#"
+import socket
+
+def udp(family, host):
+    server = socket.socket(family, socket.SOCK_DGRAM)
+    server.bind((host, 53))
+    server.settimeout(3)
+    client = socket.socket(family, socket.SOCK_DGRAM)
+    client.settimeout(3)
+    try:
+        client.sendto(b"ping", (host, 53))
+        data, peer = server.recvfrom(512)
+        server.sendto(b"echo " + data, peer)
+        answer, source = client.recvfrom(512)
+        return f"{answer.decode()} from {source[0]}"
+    except OSError as e:
+        return f"error {e}"
+
+def tcp(family, host):
+    server = socket.socket(family, socket.SOCK_STREAM)
+    server.bind((host, 53))
+    server.listen()
+    server.settimeout(3)
+    client = socket.socket(family, socket.SOCK_STREAM)
+    client.settimeout(3)
+    try:
+        client.connect((host, 53))
+        client.sendall(b"ping")
+        conn, _ = server.accept()
+        conn.settimeout(3)
+        conn.sendall(b"echo " + conn.recv(512))
+        return f"{client.recv(512).decode()} from {client.getpeername()[0]}"
+    except OSError as e:
+        return f"error {e}"
+
+for family, host in [(socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")]:
+    print(f"udp {host}: {udp(family, host)}")
+print(f"tcp 127.0.0.1: {tcp(socket.AF_INET, '127.0.0.1')}")
+"#;
+
+/// A pod's loopback is its own: a resolver it runs on port 53 of 127.0.0.1 or ::1 (a sidecar,
+/// a local cache) answers it directly. Such queries were redirected to the proxy, which asked
+/// the loopback of its own namespace (the host's) instead, or could not reach the proxy at all.
+/// The lab's other tests ask knotd on the host's loopback from the host's namespace, which is
+/// the proxy's and stays redirected.
+#[tokio::test]
+async fn a_workload_in_its_own_network_namespace_reaches_its_loopback_resolver() {
+    if !require_lab() || !warden_tests::require_tools(&["knotd", "unshare"]) {
+        return;
+    }
+    let lab = firewall(60).await;
+    let ip = warden_tests::tool_path("ip").unwrap();
+    let out = warden_tests::lab::run_in_cgroup(
+        &lab.workload,
+        Command::new(warden_tests::tool_path("unshare").unwrap())
+            .args([
+                "--net",
+                "sh",
+                "-c",
+                "\"$0\" link set lo up && exec \"$1\" -c \"$2\"",
+            ])
+            .arg(ip)
+            .arg(python3().unwrap())
+            .arg(LOOPBACK_RESOLVER_PY),
+        Duration::from_secs(30),
+    )
+    .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "udp 127.0.0.1: echo ping from 127.0.0.1\n\
+         udp ::1: echo ping from ::1\n\
+         tcp 127.0.0.1: echo ping from 127.0.0.1\n",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -42,6 +42,7 @@ pub(crate) mod map {
     pub(crate) const INBOUND_CONNS: &str = "inbound_conns";
     pub(crate) const UDP_SERVICES: &str = "udp_services";
     pub(crate) const UDP_PEERS: &str = "udp_peers";
+    pub(crate) const NODE_CONFIG: &str = "node_config";
 }
 
 /// `struct warden_endpoint`
@@ -167,6 +168,13 @@ pub(crate) struct RawReuseportConfig {
     pub enabled: u32,
 }
 
+/// `struct warden_node_config`
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct RawNodeConfig {
+    pub proxy_netns_cookie: u64,
+}
+
 /// `sizeof(struct warden_drop_event)`; parsed field by field in [`crate::events`].
 pub(crate) const DROP_EVENT_SIZE: usize = 64;
 
@@ -183,6 +191,7 @@ const _: () = assert!(size_of::<RawPortRule>() == 8);
 const _: () = assert!(size_of::<RawCidrValue>() == 72);
 const _: () = assert!(size_of::<RawLastSeenKey>() == 24);
 const _: () = assert!(size_of::<RawReuseportConfig>() == 8);
+const _: () = assert!(size_of::<RawNodeConfig>() == 8);
 
 /// An address as the maps store it: 16 bytes, IPv4 v4-mapped.
 pub(crate) fn addr16(ip: IpAddr) -> [u8; 16] {
@@ -216,7 +225,7 @@ pub(crate) fn ipv4_of(addr: [u8; 4]) -> Ipv4Addr {
 
 /// (map, key size, value size) as the kernel reports them for each pinned map; checked before
 /// reusing pins, since the loader would otherwise reuse a map of another layout silently.
-pub(crate) const MAP_SIZES: [(&str, u32, u32); 14] = [
+pub(crate) const MAP_SIZES: [(&str, u32, u32); 15] = [
     (map::ENDPOINTS, 8, size_of::<RawEndpoint>() as u32),
     (map::DNS_TARGETS, 4, size_of::<RawDnsTarget>() as u32),
     (map::SOCK_ORIG, 8, size_of::<RawSockOrig>() as u32),
@@ -245,4 +254,5 @@ pub(crate) const MAP_SIZES: [(&str, u32, u32); 14] = [
         4,
         size_of::<RawReuseportConfig>() as u32,
     ),
+    (map::NODE_CONFIG, 4, size_of::<RawNodeConfig>() as u32),
 ];

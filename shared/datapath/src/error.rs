@@ -87,6 +87,13 @@ pub enum DatapathError {
         program: &'static str,
     },
 
+    /// The embedded object lacks a map this crate writes (build mismatch).
+    #[error("map {map} is missing from the embedded eBPF object")]
+    MissingMap {
+        /// The map name.
+        map: &'static str,
+    },
+
     /// The kernel refused a program (verifier) or it could not be prepared.
     #[error("program {program}: {source}")]
     Program {

@@ -22,7 +22,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Mutex, PoisonError};
 
 use aya::EbpfLoader;
-use aya::maps::MapData;
+use aya::maps::{Array, MapData};
 use aya::programs::links::FdLink;
 use aya::programs::{
     CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, SkReuseport, SockOps,
@@ -31,7 +31,7 @@ use nix::fcntl::{Flock, FlockArg};
 use nix::mount::MsFlags;
 use nix::sys::statfs::{BPF_FS_MAGIC, CGROUP2_SUPER_MAGIC, statfs};
 
-use crate::abi::{self, LAYOUT_VERSION};
+use crate::abi::{self, LAYOUT_VERSION, RawNodeConfig, map};
 use crate::{CleanupReport, DatapathError, DatapathOptions, OBJECT, sys};
 
 /// The cgroup programs and how they attach.
@@ -249,6 +249,9 @@ pub(crate) fn load_and_attach(
             source: Box::new(source),
         })?;
 
+    // Before any program runs with this build: they read it on every loopback query.
+    write_node_config(&mut ebpf)?;
+
     let mut actions = Vec::with_capacity(CGROUP_PROGRAMS.len());
     for (name, hook) in CGROUP_PROGRAMS {
         let program = ebpf
@@ -335,6 +338,33 @@ pub(crate) fn load_and_attach(
         |path| prog.pin(path),
     )?;
     Ok(actions)
+}
+
+/// Tells the programs which network namespace the proxies serve in (`struct
+/// warden_node_config`). Without `SO_NETNS_COOKIE` the cookie stays 0 and port 53 of every
+/// loopback destination is redirected, as before the programs knew the difference.
+fn write_node_config(ebpf: &mut aya::Ebpf) -> Result<(), DatapathError> {
+    let proxy_netns_cookie = match sys::netns_cookie() {
+        Ok(cookie) => cookie,
+        Err(e) => {
+            tracing::warn!(
+                error = %e,
+                "this kernel does not tell a socket's network namespace (SO_NETNS_COOKIE): \
+                 port 53 on a pod's own loopback is redirected to the proxy too"
+            );
+            0
+        }
+    };
+    let map = ebpf
+        .map_mut(map::NODE_CONFIG)
+        .ok_or(DatapathError::MissingMap {
+            map: map::NODE_CONFIG,
+        })?;
+    let mut config: Array<&mut MapData, RawNodeConfig> =
+        Array::try_from(map).map_err(|e| DatapathError::map(map::NODE_CONFIG, "open", e))?;
+    config
+        .set(0, RawNodeConfig { proxy_netns_cookie }, 0)
+        .map_err(|e| DatapathError::map(map::NODE_CONFIG, "update", e))
 }
 
 /// Pins the freshly loaded program `name` at `path` in place of whatever was pinned there.

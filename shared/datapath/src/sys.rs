@@ -17,7 +17,7 @@ use tokio::io::unix::AsyncFd;
 
 use crate::abi::{
     RawCidrData, RawCidrValue, RawClientKey, RawDnsTarget, RawEndpoint, RawFqdnKey, RawFqdnValue,
-    RawLastSeenKey, RawRedirectRecord, RawReuseportConfig, RawSockOrig,
+    RawLastSeenKey, RawNodeConfig, RawRedirectRecord, RawReuseportConfig, RawSockOrig,
 };
 
 // SAFETY: each of these is #[repr(C)], Copy, made only of integers and integer arrays, with
@@ -44,6 +44,8 @@ unsafe impl Pod for RawCidrValue {}
 unsafe impl Pod for RawLastSeenKey {}
 // SAFETY: as above.
 unsafe impl Pod for RawReuseportConfig {}
+// SAFETY: as above.
+unsafe impl Pod for RawNodeConfig {}
 
 /// Registers the ring buffer with tokio's reactor (must run inside a runtime).
 pub(crate) fn async_ring(ring: RingBuf<MapData>) -> io::Result<AsyncFd<RingBuf<MapData>>> {
@@ -187,6 +189,42 @@ pub(crate) fn link_detach(link: impl AsFd) -> io::Result<()> {
         pad: 0,
     };
     bpf(BPF_LINK_DETACH, &mut attr).map(drop)
+}
+
+/// The cookie of the network namespace this process's sockets live in (`SO_NETNS_COOKIE`, Linux
+/// 5.14), the value `bpf_get_netns_cookie` gives the programs for a socket there.
+pub(crate) fn netns_cookie() -> io::Result<u64> {
+    use nix::sys::socket::{AddressFamily, SockFlag, SockType, socket};
+
+    let probe = socket(
+        AddressFamily::Inet,
+        SockType::Datagram,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    let mut cookie: u64 = 0;
+    let mut len = size_of::<u64>() as libc::socklen_t;
+    // SAFETY: `probe` is an open socket for the whole call; the kernel writes at most `len`
+    // bytes into `cookie`, a live, exclusively borrowed u64, and the length it wrote into `len`.
+    let rc = unsafe {
+        libc::getsockopt(
+            probe.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_NETNS_COOKIE,
+            std::ptr::from_mut(&mut cookie).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if len as usize != size_of::<u64>() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("SO_NETNS_COOKIE gave {len} bytes, not 8"),
+        ));
+    }
+    Ok(cookie)
 }
 
 fn fd_u32(fd: i32) -> io::Result<u32> {
