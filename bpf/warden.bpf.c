@@ -549,6 +549,24 @@ static __always_inline int local_elsewhere(struct bpf_sock_addr *ctx, const stru
 }
 
 /*
+ * Whether the socket sends to the IPv4 address and port it is connected to. A dual-stack socket
+ * connected to a v4-mapped address sends through the kernel's IPv4 path, which runs sendmsg4
+ * with that address on every send: for a socket redirected at its connect, the DNS target, and
+ * the original saved then is still the one this query was for.
+ */
+static __always_inline int sends_to_own_peer(struct bpf_sock_addr *ctx, const struct addr16 *dst,
+					     __u16 port)
+{
+	struct bpf_sock *sk = ctx->sk;
+	__u32 a;
+
+	if (!sk || !is_v4_mapped(dst) || sk->state != BPF_TCP_ESTABLISHED)
+		return 0;
+	__builtin_memcpy(&a, &dst->b[12], 4);
+	return sk->dst_ip4 == a && bpf_ntohs(sk->dst_port) == port;
+}
+
+/*
  * connect and sendmsg, both families. v6 tells which ctx fields hold the address; a v4-mapped
  * destination of a dual-stack socket is redirected to the IPv4 target in v4-mapped form, which
  * is what such a socket can reach. Returns the verdict (1 allow, 0 EPERM).
@@ -619,10 +637,10 @@ static __always_inline int sock_egress(struct bpf_sock_addr *ctx, int v6, __u8 r
 	if (to_target) {
 		/* Sent to the DNS target itself (on a port other than 53): an original saved by an
 		 * earlier, redirected send of this socket is not this query's (see
-		 * record_redirect). */
+		 * record_redirect), unless the socket is sending to the peer it was connected to. */
 		__u64 cookie = bpf_get_socket_cookie(ctx);
 
-		if (bpf_map_lookup_elem(&sock_orig, &cookie))
+		if (!sends_to_own_peer(ctx, &dst, port) && bpf_map_lookup_elem(&sock_orig, &cookie))
 			bpf_map_delete_elem(&sock_orig, &cookie);
 	}
 	if (!(flags & WARDEN_EP_ENFORCED))

@@ -667,3 +667,68 @@ async fn a_workload_in_its_own_network_namespace_reaches_its_loopback_resolver()
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// A dual-stack socket (as Java's and many runtimes' are) connected to a v4-mapped server on
+/// port 53, asking twice: prints the peer the application sees before and after, where each
+/// answer came from, and the first address answered; then an unconnected one asking once.
+const DUAL_STACK_ASK_PY: &str = r#"
+import socket, struct, sys
+
+server = "::ffff:" + sys.argv[1]
+query = struct.pack(">HHHHHH", 0x5757, 0x0100, 1, 0, 0, 0) + b"\x06cilium\x02io\x00\x00\x01\x00\x01"
+s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+s.settimeout(3)
+s.connect((server, 53))
+print("peer", s.getpeername()[:2])
+for _ in range(2):
+    s.send(query)
+    answer, source = s.recvfrom(512)
+    count = struct.unpack(">H", answer[6:8])[0]
+    print("answer", answer[:2] == query[:2], count, socket.inet_ntop(socket.AF_INET, answer[-4:]), "from", source[:2])
+print("peer", s.getpeername()[:2])
+u = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+u.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+u.settimeout(3)
+u.sendto(query, (server, 53))
+answer, source = u.recvfrom(512)
+print("unconnected", struct.unpack(">H", answer[6:8])[0], socket.inet_ntop(socket.AF_INET, answer[-4:]), "from", source[:2])
+"#;
+
+/// A dual-stack UDP socket connected to a v4-mapped server on port 53 is redirected at its
+/// connect, and its answers keep showing the server it asked, query after query, while the
+/// proxy learns what they grant. The kernel sends such a socket's datagrams through its IPv4
+/// path, which runs sendmsg4 with the connected address (the DNS target) every time: the
+/// program took that for a query addressed to the target itself and forgot the original at the
+/// first send. Unconnected, each send is redirected on its own.
+#[tokio::test]
+async fn a_dual_stack_socket_connected_to_a_v4_mapped_server_is_redirected_for_good() {
+    if !require_lab() || !warden_tests::require_tools(&["knotd"]) {
+        return;
+    }
+    let lab = firewall(60).await;
+    let server = lab.upstream.addr().ip().to_string();
+    let out = warden_tests::lab::run_in_cgroup(
+        &lab.workload,
+        Command::new(python3().unwrap()).args(["-c", DUAL_STACK_ASK_PY, &server]),
+        Duration::from_secs(20),
+    )
+    .unwrap();
+    let seen = format!("('::ffff:{server}', 53)");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        format!(
+            "peer {seen}\n\
+             answer True 1 {CILIUM_IO_V4} from {seen}\n\
+             answer True 1 {CILIUM_IO_V4} from {seen}\n\
+             peer {seen}\n\
+             unconnected 1 {CILIUM_IO_V4} from {seen}\n"
+        ),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Through the proxy, not past it: the answer opened the name's address.
+    let url = format!("http://{CILIUM_IO_V4}/");
+    let call = lab.curl_ok(&url, &["-H", "Host: cilium.io"]);
+    assert!(call.ok(), "{call:?}");
+}
