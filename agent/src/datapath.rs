@@ -16,7 +16,7 @@ use ipnet::IpNet;
 use tokio_util::sync::CancellationToken;
 use warden_config::AgentConfig;
 use warden_datapath::{Datapath, FqdnKey, PortRule};
-use warden_enforce::{Enforcement, TCP, UDP, fqdn_keys, port_rules};
+use warden_enforce::{Enforcement, TCP, UDP, fqdn_keys, merge_port_rules, port_rules};
 use warden_fqdn::UnixTime;
 use warden_policy::{DnsName, EndpointId, FqdnGrant, PolicyRepository};
 use warden_proxy::{PolicySource, SharedCache, unix_now};
@@ -472,20 +472,10 @@ pub fn resolve_cgroup(root: &Path, cgroup: &Path) -> PathBuf {
     }
 }
 
-/// Adds `rules` to `into`; "everything" absorbs the rest. The map holds 8 rules a prefix.
+/// Adds `rules` to `into` ([`merge_port_rules`]: a rule another covers goes). The map holds 8
+/// rules a prefix.
 fn merge_rules(into: &mut Vec<PortRule>, rules: &[PortRule]) {
-    if into.contains(&PortRule::ANY) {
-        return;
-    }
-    if rules.contains(&PortRule::ANY) {
-        *into = vec![PortRule::ANY];
-        return;
-    }
-    for rule in rules {
-        if !into.contains(rule) {
-            into.push(*rule);
-        }
-    }
+    merge_port_rules(into, rules);
     if into.len() > warden_datapath::PORT_RULES_PER_PREFIX {
         // Met again at every pass: one line per interval (`warden policy validate` warns of
         // a rule that makes too many by itself).
@@ -513,5 +503,25 @@ mod tests {
         assert_eq!(rules, vec![PortRule::ANY]);
         merge_rules(&mut rules, &[PortRule::port(UDP, 53)]);
         assert_eq!(rules, vec![PortRule::ANY]);
+    }
+
+    /// `port: 0` is every port of TCP and of UDP: it absorbs their single ports, whichever
+    /// comes first, but not another protocol's.
+    #[test]
+    fn every_port_of_a_protocol_absorbs_its_ports() {
+        let all_tcp = PortRule::range(Some(TCP), 0, u16::MAX);
+        let mut rules = vec![PortRule::port(TCP, 80), PortRule::port(UDP, 53)];
+        merge_rules(&mut rules, &[all_tcp]);
+        assert_eq!(rules, vec![PortRule::port(UDP, 53), all_tcp]);
+        merge_rules(
+            &mut rules,
+            &[
+                PortRule::port(TCP, 443),
+                PortRule::range(Some(TCP), 8000, 8080),
+            ],
+        );
+        assert_eq!(rules, vec![PortRule::port(UDP, 53), all_tcp]);
+        merge_rules(&mut rules, &[PortRule::port(132, 9)]);
+        assert_eq!(rules.len(), 3, "SCTP is not TCP: {rules:?}");
     }
 }

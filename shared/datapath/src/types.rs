@@ -101,6 +101,13 @@ impl PortRule {
     pub fn range(proto: Option<u8>, first: u16, last: u16) -> Self {
         Self { proto, first, last }
     }
+
+    /// Whether every packet `other` allows, this rule allows too.
+    pub fn covers(&self, other: &PortRule) -> bool {
+        self.proto.is_none_or(|own| other.proto == Some(own))
+            && self.first <= other.first
+            && other.last <= self.last
+    }
 }
 
 /// Who asked a redirected DNS query, and which server it was meant for.

@@ -24,12 +24,7 @@ pub fn fqdn_keys(grant: &FqdnGrant, ip: IpAddr) -> Vec<FqdnKey> {
     }
     let mut keys = Vec::new();
     for range in &grant.ports {
-        let protos: &[Option<u8>] = match range.proto {
-            Some(L4Proto::Tcp) => &[Some(TCP)],
-            Some(L4Proto::Udp) => &[Some(UDP)],
-            None if *range == PortRange::ALL => &[None],
-            None => &[Some(TCP), Some(UDP)],
-        };
+        let protos = protocols(range);
         let ports: Vec<Option<u16>> = if is_every_port(range) {
             vec![None]
         } else if fits_the_datapath(range) {
@@ -149,6 +144,17 @@ pub fn datapath_warnings(policy: &Policy) -> Vec<String> {
     warnings
 }
 
+/// The datapath's protocols of a port range: ANY is TCP and UDP, also on every port (`port: 0`).
+/// Only a rule without `toPorts` allows every protocol: as in Cilium, any layer-4 rule leaves
+/// ICMP and the other port-less protocols out.
+fn protocols(range: &PortRange) -> &'static [Option<u8>] {
+    match range.proto {
+        Some(L4Proto::Tcp) => &[Some(TCP)],
+        Some(L4Proto::Udp) => &[Some(UDP)],
+        None => &[Some(TCP), Some(UDP)],
+    }
+}
+
 /// The datapath's port rules for an allow's ports (empty: every port and protocol): a port
 /// of protocol ANY is a rule for TCP and one for UDP.
 pub fn port_rules(ports: &[PortRange]) -> Vec<PortRule> {
@@ -158,13 +164,7 @@ pub fn port_rules(ports: &[PortRange]) -> Vec<PortRule> {
     ports
         .iter()
         .flat_map(|range| {
-            let protos: &[Option<u8>] = match range.proto {
-                Some(L4Proto::Tcp) => &[Some(TCP)],
-                Some(L4Proto::Udp) => &[Some(UDP)],
-                None if *range == PortRange::ALL => &[None],
-                None => &[Some(TCP), Some(UDP)],
-            };
-            protos
+            protocols(range)
                 .iter()
                 .map(|proto| PortRule::range(*proto, range.first, range.last))
                 .collect::<Vec<_>>()
@@ -172,10 +172,22 @@ pub fn port_rules(ports: &[PortRange]) -> Vec<PortRule> {
         .collect()
 }
 
+/// Adds `rules` to `into` as one prefix's rules: a rule another covers is left out (and those
+/// it covers go), so that "every port" absorbs the rest.
+pub fn merge_port_rules(into: &mut Vec<PortRule>, rules: &[PortRule]) {
+    for rule in rules {
+        if into.iter().any(|held| held.covers(rule)) {
+            continue;
+        }
+        into.retain(|held| !rule.covers(held));
+        into.push(*rule);
+    }
+}
+
 /// The port rules of the datapath an L3/L4 rule's `toPorts` make for each address, as the
 /// agent makes them ([`port_rules`], merged): a group with DNS rules opens none (its port 53
-/// goes to the proxy); a group without ports, or a port of all ports and protocols, makes the
-/// rule one of all ports; the same rule twice is one.
+/// goes to the proxy); a group without ports makes the rule one of all ports and protocols;
+/// merged as [`merge_port_rules`] merges them.
 fn datapath_port_rules(to_ports: &[warden_policy::PortRule]) -> usize {
     let mut ranges = Vec::new();
     for group in to_ports {
@@ -190,12 +202,8 @@ fn datapath_port_rules(to_ports: &[warden_policy::PortRule]) -> usize {
     if ranges.is_empty() {
         return 0;
     }
-    let mut rules = port_rules(&ranges);
-    if rules.contains(&PortRule::ANY) {
-        return 1;
-    }
-    rules.sort();
-    rules.dedup();
+    let mut rules = Vec::new();
+    merge_port_rules(&mut rules, &port_rules(&ranges));
     rules.len()
 }
 
@@ -252,6 +260,32 @@ mod tests {
             proto: None,
         }]);
         assert_eq!(fqdn_keys(&both, ip).len(), 2, "ANY is TCP and UDP");
+        // `port: 0`, every port, is still a layer-4 rule: TCP and UDP, never ICMP.
+        assert_eq!(
+            fqdn_keys(&grant(vec![PortRange::ALL]), ip),
+            vec![
+                FqdnKey {
+                    endpoint_id: 3,
+                    ip,
+                    proto: Some(TCP),
+                    port: None,
+                },
+                FqdnKey {
+                    endpoint_id: 3,
+                    ip,
+                    proto: Some(UDP),
+                    port: None,
+                },
+            ]
+        );
+        assert_eq!(
+            port_rules(&[PortRange::ALL]),
+            vec![
+                PortRule::range(Some(TCP), 0, u16::MAX),
+                PortRule::range(Some(UDP), 0, u16::MAX),
+            ]
+        );
+        assert_eq!(port_rules(&[]), vec![PortRule::ANY]);
         let wide = grant(vec![PortRange {
             first: 1,
             last: 60_000,
@@ -376,7 +410,7 @@ spec:
             .collect();
         assert!(warnings_of(&rule(&tcp.join(", ")), "many.yaml").is_empty());
         // Counted as the datapath makes them: the same rule twice is one, a port of all ports
-        // makes the rule one, and a group with DNS rules opens none.
+        // makes the rule two (TCP and UDP), and a group with DNS rules opens none.
         let repeated = format!("{}, {}", any(4), any(4));
         assert!(warnings_of(&rule(&repeated), "many.yaml").is_empty());
         let all = format!("{}, {{port: \"0\"}}", any(5));
