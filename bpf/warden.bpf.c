@@ -549,18 +549,22 @@ static __always_inline int local_elsewhere(struct bpf_sock_addr *ctx, const stru
 }
 
 /*
- * Whether the socket sends to the IPv4 address and port it is connected to. A dual-stack socket
- * connected to a v4-mapped address sends through the kernel's IPv4 path, which runs sendmsg4
- * with that address on every send: for a socket redirected at its connect, the DNS target, and
- * the original saved then is still the one this query was for.
+ * Whether this is a dual-stack socket's send to the v4-mapped peer it is connected to. The
+ * kernel sends such a socket's datagrams through its IPv4 path, which runs sendmsg4 with the
+ * connected address on every send, no address given: for a socket redirected at its connect,
+ * the DNS target, and the original saved then is still the one this query is for. (An IPv4
+ * socket's sends to its peer run no hook; one naming the target itself is a query to it.)
  */
-static __always_inline int sends_to_own_peer(struct bpf_sock_addr *ctx, const struct addr16 *dst,
-					     __u16 port)
+static __always_inline int sends_to_own_peer(struct bpf_sock_addr *ctx, int v6, __u8 reason,
+					     const struct addr16 *dst, __u16 port)
 {
-	struct bpf_sock *sk = ctx->sk;
+	struct bpf_sock *sk;
 	__u32 a;
 
-	if (!sk || !is_v4_mapped(dst) || sk->state != BPF_TCP_ESTABLISHED)
+	if (v6 || reason != WARDEN_DROP_SENDMSG || ctx->family != WARDEN_AF_INET6)
+		return 0;
+	sk = ctx->sk;
+	if (!sk || sk->state != BPF_TCP_ESTABLISHED)
 		return 0;
 	__builtin_memcpy(&a, &dst->b[12], 4);
 	return sk->dst_ip4 == a && bpf_ntohs(sk->dst_port) == port;
@@ -607,7 +611,7 @@ static __always_inline int sock_egress(struct bpf_sock_addr *ctx, int v6, __u8 r
 			 * redirect, and no original to remember, or the proxy would forward the
 			 * query to itself. What an earlier send of this socket saved goes. */
 			if (addr_eq(so.target.addr, dst.b) && so.target.port == port) {
-				if (known)
+				if (known && !sends_to_own_peer(ctx, v6, reason, &dst, port))
 					bpf_map_delete_elem(&sock_orig, &cookie);
 				return 1;
 			}
@@ -640,7 +644,8 @@ static __always_inline int sock_egress(struct bpf_sock_addr *ctx, int v6, __u8 r
 		 * record_redirect), unless the socket is sending to the peer it was connected to. */
 		__u64 cookie = bpf_get_socket_cookie(ctx);
 
-		if (!sends_to_own_peer(ctx, &dst, port) && bpf_map_lookup_elem(&sock_orig, &cookie))
+		if (!sends_to_own_peer(ctx, v6, reason, &dst, port) &&
+		    bpf_map_lookup_elem(&sock_orig, &cookie))
 			bpf_map_delete_elem(&sock_orig, &cookie);
 	}
 	if (!(flags & WARDEN_EP_ENFORCED))

@@ -32,6 +32,9 @@ pub struct FirewallOptions {
     pub late_workload: bool,
     /// An `endpoints_dir` (`dir/endpoints`, empty at start) for endpoints a test adds live.
     pub endpoints_dir: bool,
+    /// The agent's DNS (the workload's DNS target) on port 53 of its address, as a node-local
+    /// resolver address is, instead of a free port.
+    pub dns_on_port_53: bool,
 }
 
 impl Default for FirewallOptions {
@@ -42,6 +45,7 @@ impl Default for FirewallOptions {
             with_dnsproxy: false,
             late_workload: false,
             endpoints_dir: false,
+            dns_on_port_53: false,
         }
     }
 }
@@ -81,6 +85,9 @@ impl Firewall {
         dir.write_policy("talk.yaml", &options.policy)?;
         let mut config = dir.config(unique_loopback_v4(), upstream.addr());
         config.dns.idle_grace_s = options.idle_grace_s;
+        if options.dns_on_port_53 {
+            config.dns.listen[0].set_port(53);
+        }
         config.datapath.mode = DatapathMode::Ebpf;
         config.datapath.cgroup_root = Some(cgroups.root().to_path_buf());
         config.datapath.bpffs = bpffs.clone();

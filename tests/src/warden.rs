@@ -180,10 +180,13 @@ impl AgentProcess {
         Ok(process)
     }
 
-    /// Writes `config` (with fixed free ports) into `dir` and starts the binary on it.
+    /// Writes `config` (with fixed free ports where it has port 0) into `dir` and starts the
+    /// binary on it.
     pub async fn start(dir: &AgentDir, mut config: AgentConfig) -> Result<AgentProcess> {
-        let dns_ip = config.dns.listen[0].ip();
-        let dns = SocketAddr::new(dns_ip, free_port(dns_ip)?);
+        let dns = match config.dns.listen[0] {
+            listen if listen.port() == 0 => SocketAddr::new(listen.ip(), free_port(listen.ip())?),
+            listen => listen,
+        };
         let admin_ip = config.admin.listen.ip();
         let admin = SocketAddr::new(admin_ip, free_port(admin_ip)?);
         config.dns.listen = vec![dns];

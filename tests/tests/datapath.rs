@@ -638,7 +638,7 @@ print(f"tcp 127.0.0.1: {tcp(socket.AF_INET, '127.0.0.1')}")
 /// the proxy's and stays redirected.
 #[tokio::test]
 async fn a_workload_in_its_own_network_namespace_reaches_its_loopback_resolver() {
-    if !require_lab() || !warden_tests::require_tools(&["knotd", "unshare"]) {
+    if !require_lab() || !warden_tests::require_tools(&["knotd", "unshare", "ip"]) {
         return;
     }
     let lab = firewall(60).await;
@@ -697,38 +697,66 @@ print("unconnected", struct.unpack(">H", answer[6:8])[0], socket.inet_ntop(socke
 
 /// A dual-stack UDP socket connected to a v4-mapped server on port 53 is redirected at its
 /// connect, and its answers keep showing the server it asked, query after query, while the
-/// proxy learns what they grant. The kernel sends such a socket's datagrams through its IPv4
-/// path, which runs sendmsg4 with the connected address (the DNS target) every time: the
-/// program took that for a query addressed to the target itself and forgot the original at the
-/// first send. Unconnected, each send is redirected on its own.
+/// proxy asks that server (not `dns.upstream`) and learns what the answers grant. The kernel
+/// sends such a socket's datagrams through its IPv4 path, which runs sendmsg4 with the
+/// connected address (the DNS target) every time: the program took that for a query addressed
+/// to the target itself and forgot the original at the first send, with the DNS target on a
+/// port of its own and, in a second way, on port 53 (a node-local resolver address). Unconnected,
+/// each send is redirected on its own.
 #[tokio::test]
 async fn a_dual_stack_socket_connected_to_a_v4_mapped_server_is_redirected_for_good() {
     if !require_lab() || !warden_tests::require_tools(&["knotd"]) {
         return;
     }
-    let lab = firewall(60).await;
-    let server = lab.upstream.addr().ip().to_string();
-    let out = warden_tests::lab::run_in_cgroup(
-        &lab.workload,
-        Command::new(python3().unwrap()).args(["-c", DUAL_STACK_ASK_PY, &server]),
-        Duration::from_secs(20),
-    )
-    .unwrap();
-    let seen = format!("('::ffff:{server}', 53)");
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout),
-        format!(
-            "peer {seen}\n\
-             answer True 1 {CILIUM_IO_V4} from {seen}\n\
-             answer True 1 {CILIUM_IO_V4} from {seen}\n\
-             peer {seen}\n\
-             unconnected 1 {CILIUM_IO_V4} from {seen}\n"
-        ),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    // Through the proxy, not past it: the answer opened the name's address.
-    let url = format!("http://{CILIUM_IO_V4}/");
-    let call = lab.curl_ok(&url, &["-H", "Host: cilium.io"]);
-    assert!(call.ok(), "{call:?}");
+    for dns_on_port_53 in [false, true] {
+        let lab = Firewall::start(FirewallOptions {
+            dns_on_port_53,
+            ..FirewallOptions::default()
+        })
+        .await
+        .unwrap();
+        // Another server than `dns.upstream`, with the same zones.
+        let asked = warden_tests::KnotUpstream::start_on(SocketAddr::new(
+            warden_tests::unique_loopback_v4(),
+            53,
+        ))
+        .unwrap();
+        let server = asked.addr().ip().to_string();
+        let out = warden_tests::lab::run_in_cgroup(
+            &lab.workload,
+            Command::new(python3().unwrap()).args(["-c", DUAL_STACK_ASK_PY, &server]),
+            Duration::from_secs(20),
+        )
+        .unwrap();
+        let seen = format!("('::ffff:{server}', 53)");
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            format!(
+                "peer {seen}\n\
+                 answer True 1 {CILIUM_IO_V4} from {seen}\n\
+                 answer True 1 {CILIUM_IO_V4} from {seen}\n\
+                 peer {seen}\n\
+                 unconnected 1 {CILIUM_IO_V4} from {seen}\n"
+            ),
+            "DNS target {}: {}",
+            lab.agent.dns,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let flows = lab.flows(lab.agent.admin).await.unwrap();
+        let asked_there = flows
+            .iter()
+            .filter(|flow| flow["type"] == "dns" && flow["qname"] == "cilium.io.")
+            .map(|flow| flow["server"].clone())
+            .collect::<Vec<_>>();
+        assert_eq!(
+            asked_there,
+            vec![serde_json::json!(asked.addr().to_string()); 3],
+            "DNS target {}",
+            lab.agent.dns
+        );
+        // Through the proxy, not past it: the answer opened the name's address.
+        let url = format!("http://{CILIUM_IO_V4}/");
+        let call = lab.curl_ok(&url, &["-H", "Host: cilium.io"]);
+        assert!(call.ok(), "{call:?}");
+    }
 }

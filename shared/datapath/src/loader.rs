@@ -341,16 +341,24 @@ pub(crate) fn load_and_attach(
 }
 
 /// Tells the programs which network namespace the proxies serve in (`struct
-/// warden_node_config`). Without `SO_NETNS_COOKIE` the cookie stays 0 and port 53 of every
-/// loopback destination is redirected, as before the programs knew the difference.
+/// warden_node_config`): the loader's, as the agent and warden-dnsproxy share the node's
+/// (`hostNetwork`). Without `SO_NETNS_COOKIE` (Linux 5.14) the cookie stays 0 and port 53 of
+/// every loopback destination is redirected, as before the programs knew the difference.
 fn write_node_config(ebpf: &mut aya::Ebpf) -> Result<(), DatapathError> {
     let proxy_netns_cookie = match sys::netns_cookie() {
         Ok(cookie) => cookie,
+        Err(e) if e.raw_os_error() == Some(libc::ENOPROTOOPT) => {
+            tracing::warn!(
+                "this kernel does not tell a socket's network namespace (SO_NETNS_COOKIE, \
+                 Linux 5.14): port 53 on a pod's own loopback is redirected to the proxy too"
+            );
+            0
+        }
         Err(e) => {
             tracing::warn!(
                 error = %e,
-                "this kernel does not tell a socket's network namespace (SO_NETNS_COOKIE): \
-                 port 53 on a pod's own loopback is redirected to the proxy too"
+                "cannot read this process's network namespace cookie: port 53 on a pod's own \
+                 loopback is redirected to the proxy too"
             );
             0
         }

@@ -156,3 +156,23 @@ pub struct CleanupReport {
     /// Whether the bpffs directory itself was removed (it is kept if it holds foreign files).
     pub dir_removed: bool,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_port_rule_covers_what_its_protocol_and_range_take_in() {
+        let tcp_all = PortRule::range(Some(6), 0, u16::MAX);
+        let web = PortRule::range(Some(6), 80, 443);
+        assert!(PortRule::ANY.covers(&tcp_all) && PortRule::ANY.covers(&PortRule::port(1, 0)));
+        assert!(tcp_all.covers(&web) && web.covers(&PortRule::port(6, 443)));
+        assert!(web.covers(&web), "a rule covers itself");
+        assert!(!web.covers(&tcp_all) && !web.covers(&PortRule::port(6, 444)));
+        assert!(!tcp_all.covers(&PortRule::port(17, 53)), "another protocol");
+        assert!(
+            !tcp_all.covers(&PortRule::ANY),
+            "any protocol is more than TCP's"
+        );
+    }
+}

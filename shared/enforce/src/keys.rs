@@ -298,6 +298,25 @@ mod tests {
     }
 
     #[test]
+    fn merged_port_rules_leave_out_what_another_covers() {
+        let (dns, web) = (PortRule::port(UDP, 53), PortRule::port(TCP, 443));
+        let tcp_all = PortRule::range(Some(TCP), 0, u16::MAX);
+        let mut rules = Vec::new();
+        merge_port_rules(&mut rules, &[dns, web, web]);
+        assert_eq!(rules, vec![dns, web], "the same rule twice is one");
+        merge_port_rules(&mut rules, &[tcp_all]);
+        assert_eq!(
+            rules,
+            vec![dns, tcp_all],
+            "a wider rule takes the narrower's place"
+        );
+        merge_port_rules(&mut rules, &[PortRule::port(TCP, 80)]);
+        assert_eq!(rules, vec![dns, tcp_all], "a covered rule adds nothing");
+        merge_port_rules(&mut rules, &[PortRule::ANY]);
+        assert_eq!(rules, vec![PortRule::ANY]);
+    }
+
+    #[test]
     fn a_subject_moved_into_the_policys_namespace_is_reported() {
         let yaml = r#"apiVersion: cilium.io/v2
 kind: CiliumNetworkPolicy

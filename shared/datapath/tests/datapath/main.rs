@@ -520,7 +520,9 @@ fn portless_packets_need_a_rule_for_every_port() {
         assert_eq!(lab.probe(&app, &ping).get("send"), EPERM);
         let ev = next_event(&rt, &mut events).expect("a drop event");
         assert_eq!((ev.reason, ev.dst.ip()), (DropReason::NoPorts, ip));
-        // A port-specific entry does not cover ICMP; a CIDR rule for every port does.
+        // A port-specific entry does not cover ICMP, nor do every port of TCP and of UDP
+        // (what `port: "0"` of protocol ANY makes); a CIDR rule for every port and protocol
+        // does.
         let tcp = FqdnKey {
             endpoint_id: 15,
             ip,
@@ -529,7 +531,23 @@ fn portless_packets_need_a_rule_for_every_port() {
         };
         dp.allow_fqdn(tcp, now() + 60).unwrap();
         assert_eq!(lab.probe(&app, &ping).get("send"), EPERM);
+        for proto in [TCP, UDP] {
+            let every_port = FqdnKey {
+                endpoint_id: 15,
+                ip,
+                proto: Some(proto),
+                port: None,
+            };
+            dp.allow_fqdn(every_port, now() + 60).unwrap();
+        }
+        assert_eq!(lab.probe(&app, &ping).get("send"), EPERM);
         let host = IpNet::from(ip);
+        let every_port = [
+            PortRule::range(Some(TCP), 0, u16::MAX),
+            PortRule::range(Some(UDP), 0, u16::MAX),
+        ];
+        dp.set_cidr_rules(15, host, &every_port).unwrap();
+        assert_eq!(lab.probe(&app, &ping).get("send"), EPERM);
         dp.set_cidr_rules(15, host, &[PortRule::ANY]).unwrap();
         assert_eq!(lab.probe(&app, &ping).get("send"), "ok");
         dp.remove_cidr(15, host).unwrap();
