@@ -760,3 +760,85 @@ async fn a_dual_stack_socket_connected_to_a_v4_mapped_server_is_redirected_for_g
         assert!(call.ok(), "{call:?}");
     }
 }
+
+/// Asks `big.cilium.io` (EDNS, so the whole answer comes over UDP) and, the moment the answer is
+/// read, tries port 80 of every address it carries, the last first (the last written):
+/// prints how many it carried and which ones a connect found refused by policy.
+const BIG_ANSWER_PY: &str = r#"
+import errno, socket, struct, sys
+
+query = struct.pack(">HHHHHH", 0x6b6b, 0x0100, 1, 0, 0, 1) + b"\x03big\x06cilium\x02io\x00\x00\x01\x00\x01"
+query += b"\x00\x00\x29\x10\x00\x00\x00\x00\x00\x00\x00"
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(5)
+s.sendto(query, (sys.argv[1], 53))
+answer = s.recv(4096)
+addrs, at = [], 12
+at = answer.index(b"\x00\x01\x00\x01", at) + 4
+for _ in range(struct.unpack(">H", answer[6:8])[0]):
+    if answer[at] & 0xc0 == 0xc0:
+        at += 2
+    else:
+        while answer[at]:
+            at += answer[at] + 1
+        at += 1
+    rtype, _, _, length = struct.unpack(">HHIH", answer[at:at + 10])
+    at += 10
+    if rtype == 1:
+        addrs.append(socket.inet_ntoa(answer[at:at + 4]))
+    at += length
+refused = []
+for addr in reversed(addrs):
+    c = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    c.setblocking(False)
+    if c.connect_ex((addr, 80)) == errno.EPERM:
+        refused.append(addr)
+    c.close()
+print(len(addrs), "refused:", refused)
+"#;
+
+/// An answer whose allow entries are too many to write on the answer loop (40 addresses on two
+/// ports) has them written on a thread of its own, and is released only once they all are: a
+/// client connecting to every address the moment it reads the answer is refused none.
+#[tokio::test]
+async fn a_large_answer_is_released_once_all_its_allow_entries_are_written() {
+    if !require_lab() || !warden_tests::require_tools(&["knotd"]) {
+        return;
+    }
+    let policy = TalkPolicy {
+        fqdns: &[r#"matchPattern: "*.cilium.io""#],
+        ..TalkPolicy::default()
+    }
+    .yaml();
+    let lab = Firewall::start(FirewallOptions {
+        policy,
+        ..FirewallOptions::default()
+    })
+    .await
+    .unwrap();
+    let before = http_get(lab.agent.admin, "/metrics").await.unwrap();
+    let out = warden_tests::lab::run_in_cgroup(
+        &lab.workload,
+        Command::new(python3().unwrap()).args([
+            "-c",
+            BIG_ANSWER_PY,
+            &lab.upstream.addr().ip().to_string(),
+        ]),
+        Duration::from_secs(20),
+    )
+    .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        format!("{BIG_CILIUM_IO_COUNT} refused: []\n"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let after = http_get(lab.agent.admin, "/metrics").await.unwrap();
+    let written =
+        |scrape: &str| metric_value(scrape, "warden_datapath_updates_total", &[("op", "allow")]);
+    assert!(
+        written(&after) - written(&before) >= f64::from(BIG_CILIUM_IO_COUNT) * 2.0,
+        "{} allow entries written",
+        written(&after) - written(&before)
+    );
+}

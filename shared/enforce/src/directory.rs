@@ -62,6 +62,12 @@ impl AllowMemo {
     }
 }
 
+/// Allow entries an answer writes on the answer loop itself; more (a wildcard granted to many
+/// endpoints, answered with many addresses, on many ports) are written on a blocking thread
+/// while the answer waits for them, so that the loop goes on answering other queries instead
+/// of spending a `bpf()` call per entry first.
+const INLINE_ALLOW_WRITES: usize = 32;
+
 /// The proxy engine's view of endpoints and datapath; both replaceable while serving.
 #[derive(Debug)]
 pub struct Enforcement {
@@ -69,7 +75,8 @@ pub struct Enforcement {
     directory: RwLock<Arc<EndpointDirectory>>,
     /// Bumped whenever the directory's content changes, so peers can be told.
     generation: AtomicU64,
-    allow_memo: Mutex<AllowMemo>,
+    /// Shared with the threads writing large batches.
+    allow_memo: Arc<Mutex<AllowMemo>>,
     metrics: Metrics,
     /// `warden_datapath_redirect_lookups_total`, resolved once: one of them counts each query.
     redirect_lookups: RedirectLookupCounters,
@@ -113,7 +120,7 @@ impl Enforcement {
             datapath: RwLock::new(None),
             directory: RwLock::new(Arc::new(EndpointDirectory::default())),
             generation: AtomicU64::new(0),
-            allow_memo: Mutex::new(AllowMemo::default()),
+            allow_memo: Arc::default(),
             redirect_lookups: RedirectLookupCounters::new(&metrics),
             metrics,
         }
@@ -129,9 +136,7 @@ impl Enforcement {
     }
 
     fn allow_memo(&self) -> std::sync::MutexGuard<'_, AllowMemo> {
-        self.allow_memo
-            .lock()
-            .unwrap_or_else(|poison| poison.into_inner())
+        lock_memo(&self.allow_memo)
     }
 
     pub fn datapath(&self) -> Option<Datapath> {
@@ -190,19 +195,41 @@ impl Enforcement {
             .unwrap_or_else(|poison| poison.into_inner())
             .clone()
     }
+}
 
-    fn count(&self, op: &str, result: Result<(), DatapathError>) {
-        match result {
-            Ok(()) => self.metrics.datapath.updates.with_label_values(&[op]).inc(),
-            Err(error) => {
-                self.metrics.datapath.errors.with_label_values(&[op]).inc();
-                // Every answer's writes fail alike once a map is full: one line per interval.
-                static BUDGET: LogBudget = LogBudget::new(LogBudget::INTERVAL);
-                if let Some(held_back) = BUDGET.allow() {
-                    tracing::warn!(%error, op, held_back, "datapath update failed");
-                }
+fn lock_memo(memo: &Mutex<AllowMemo>) -> std::sync::MutexGuard<'_, AllowMemo> {
+    memo.lock().unwrap_or_else(|poison| poison.into_inner())
+}
+
+fn count(metrics: &Metrics, op: &str, result: Result<(), DatapathError>) {
+    match result {
+        Ok(()) => metrics.datapath.updates.with_label_values(&[op]).inc(),
+        Err(error) => {
+            metrics.datapath.errors.with_label_values(&[op]).inc();
+            // Every answer's writes fail alike once a map is full: one line per interval.
+            static BUDGET: LogBudget = LogBudget::new(LogBudget::INTERVAL);
+            if let Some(held_back) = BUDGET.allow() {
+                tracing::warn!(%error, op, held_back, "datapath update failed");
             }
         }
+    }
+}
+
+/// Writes allow entries, remembering each one written in `memo`. (The memo is not held across
+/// a map update: other answers check it meanwhile.)
+fn write_allows(
+    datapath: &Datapath,
+    memo: &Mutex<AllowMemo>,
+    metrics: &Metrics,
+    keys: &[FqdnKey],
+    expires_at: u64,
+) {
+    for key in keys {
+        let written = datapath.allow_fqdn(*key, expires_at);
+        if written.is_ok() {
+            lock_memo(memo).assert(*key, expires_at);
+        }
+        count(metrics, "allow", written);
     }
 }
 
@@ -289,27 +316,46 @@ fn place(datapath: &Datapath, directory: &EndpointDirectory, cgroup_id: u64) -> 
 }
 
 impl DatapathHook for Enforcement {
-    /// A few map updates, no waiting: the answer is released right after.
+    /// A few map updates, no waiting: the answer is released right after; a large batch is
+    /// written on a blocking thread, and the answer waits for it.
     fn allow(&self, request: &AllowRequest<'_>) -> Option<HoldFuture> {
         let datapath = self.datapath()?;
         let now = warden_proxy::unix_now().0;
         let expires_at = request.expires_at.0;
-        for grant in request.grants {
-            for ip in request.ips {
-                for key in fqdn_keys(grant, *ip) {
-                    // Not held across the map update: other answers check meanwhile.
-                    if self.allow_memo().covers(now, &key, expires_at) {
-                        continue;
-                    }
-                    let written = datapath.allow_fqdn(key, expires_at);
-                    if written.is_ok() {
-                        self.allow_memo().assert(key, expires_at);
-                    }
-                    self.count("allow", written);
+        let mut keys = Vec::new();
+        {
+            let mut memo = self.allow_memo();
+            for grant in request.grants {
+                for ip in request.ips {
+                    keys.extend(
+                        fqdn_keys(grant, *ip)
+                            .into_iter()
+                            .filter(|key| !memo.covers(now, key, expires_at)),
+                    );
                 }
             }
         }
-        None
+        let runtime = tokio::runtime::Handle::try_current()
+            .ok()
+            .filter(|_| keys.len() > INLINE_ALLOW_WRITES);
+        let Some(runtime) = runtime else {
+            write_allows(
+                &datapath,
+                &self.allow_memo,
+                &self.metrics,
+                &keys,
+                expires_at,
+            );
+            return None;
+        };
+        let (memo, metrics) = (self.allow_memo.clone(), self.metrics.clone());
+        let written = runtime.spawn_blocking(move || {
+            write_allows(&datapath, &memo, &metrics, &keys, expires_at);
+        });
+        Some(Box::pin(async move {
+            // A panic there is the thread's; the answer is released either way.
+            let _ = written.await;
+        }))
     }
 }
 
