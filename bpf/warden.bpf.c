@@ -552,8 +552,10 @@ static __always_inline int local_elsewhere(struct bpf_sock_addr *ctx, const stru
  * Whether this is a dual-stack socket's send to the v4-mapped peer it is connected to. The
  * kernel sends such a socket's datagrams through its IPv4 path, which runs sendmsg4 with the
  * connected address on every send, no address given: for a socket redirected at its connect,
- * the DNS target, and the original saved then is still the one this query is for. (An IPv4
- * socket's sends to its peer run no hook; one naming the target itself is a query to it.)
+ * the DNS target, and the original saved then is still the one this query is for. (A send
+ * naming the connected peer explicitly looks the same to the hook, and is taken the same way.
+ * An IPv4 socket's sends to its peer run no hook; one naming the target itself is a query to
+ * it.)
  */
 static __always_inline int sends_to_own_peer(struct bpf_sock_addr *ctx, int v6, __u8 reason,
 					     const struct addr16 *dst, __u16 port)

@@ -749,19 +749,21 @@ fn a_query_to_the_target_itself_names_its_cgroup_and_no_original_server() {
         unreachable!()
     };
     dp.set_dns_target(16, Some(t4), None).unwrap();
-    let p = lab.probe(
-        &app,
-        &format!("udp-dns-then-target {elsewhere} {elsewhere_target}"),
-    );
-    assert_eq!(p.get("answered"), "true", "{p:?}");
-    let records: Vec<_> = (0..2)
-        .map(|_| {
-            support::recv_within(&seen_elsewhere, Duration::from_secs(2))
-                .and_then(|s| s.record)
-                .map(|r| r.original)
-        })
-        .collect();
-    assert_eq!(records, [Some(Some(elsewhere)), Some(None)]);
+    // The same with the socket connected first (redirected at its connect, so connected to
+    // the target): an IPv4 socket's send naming the target is a query to it, whatever the
+    // socket is connected to (only a dual-stack socket's sends to its peer keep the original).
+    for probe in ["udp-dns-then-target", "udp-dns-connected-then-target"] {
+        let p = lab.probe(&app, &format!("{probe} {elsewhere} {elsewhere_target}"));
+        assert_eq!(p.get("answered"), "true", "{probe}: {p:?}");
+        let records: Vec<_> = (0..2)
+            .map(|_| {
+                support::recv_within(&seen_elsewhere, Duration::from_secs(2))
+                    .and_then(|s| s.record)
+                    .map(|r| r.original)
+            })
+            .collect();
+        assert_eq!(records, [Some(Some(elsewhere)), Some(None)], "{probe}");
+    }
     dp.set_dns_target(
         16,
         Some(match target {

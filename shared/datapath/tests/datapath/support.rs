@@ -515,6 +515,18 @@ pub fn run_probe() {
             }
             println!("PROBE answered={answered}");
         }
+        // One IPv4 UDP socket connected to the first address (redirected) asks it, then sends
+        // to the second (its DNS target itself), naming it: answered=<both answered>.
+        "udp-dns-connected-then-target" => {
+            let socket = udp_socket_for(addr(1));
+            let mut buf = [0u8; 512];
+            let answered = socket.connect(addr(1)).is_ok()
+                && socket.send(&dns_query()).is_ok()
+                && socket.recv(&mut buf).is_ok()
+                && socket.send_to(&dns_query(), addr(2)).is_ok()
+                && socket.recv(&mut buf).is_ok();
+            println!("PROBE answered={answered}");
+        }
         // DNS over an unconnected UDP socket: who the answer seems to come from.
         "udp-dns" => {
             let server = addr(1);
