@@ -50,6 +50,15 @@ pub struct EndpointInfo {
     pub peer_only: bool,
 }
 
+/// Whether a `toEndpoints` selector takes in `endpoint`. A peer-only endpoint (a Service's
+/// cluster address) carries only the labels every pod it stands for shares, its selector's: a
+/// requirement on another key (`tier DoesNotExist`, `tier NotIn [db]`) says nothing about those
+/// pods, which may all carry it, and selects none of them rather than all.
+fn selects_peer(selector: &ScopedSelector<'_>, endpoint: &EndpointInfo) -> bool {
+    selector.matches(&endpoint.namespace, &endpoint.labels)
+        && (!endpoint.peer_only || selector.decided_by(&endpoint.labels))
+}
+
 /// The transport a packet or query uses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -401,7 +410,7 @@ impl CompiledRule {
                 .filter(|endpoint| {
                     scoped
                         .iter()
-                        .any(|selector| selector.matches(&endpoint.namespace, &endpoint.labels))
+                        .any(|selector| selects_peer(selector, endpoint))
                 })
                 .collect();
             PeerMatch::Endpoints {
@@ -990,6 +999,41 @@ mod tests {
             "a.io"
         ));
         assert!(nothing.static_allows(CLIENT).is_empty());
+    }
+
+    /// A Service is labelled as its selector only: an expression on a label its pods may carry
+    /// beyond it matched the Service as if none of them did.
+    #[test]
+    fn a_service_is_taken_in_only_by_what_its_selector_decides() {
+        let mut endpoints = endpoints();
+        endpoints[1].peer_only = true;
+        let reaches = |endpoints: &[EndpointInfo], selector: &str| {
+            let yaml = clusterwide(
+                "{matchLabels: {app: client}}",
+                &format!("[{{toEndpoints: [{selector}], toPorts: [{{ports: [{{port: '53'}}]}}]}}]"),
+            );
+            let policies = parse_str(&yaml, Path::new("test.yaml")).unwrap();
+            let repo = PolicyRepository::build(&policies, endpoints);
+            dns_ok(&repo, CLIENT, "10.96.0.10:53", L4Proto::Udp, "a.io")
+        };
+        let decided = [
+            "{matchLabels: {k8s-app: kube-dns}}",
+            "{matchExpressions: [{key: k8s-app, operator: NotIn, values: [web]}]}",
+            "{matchExpressions: [{key: k8s-app, operator: Exists}]}",
+        ];
+        for selector in decided {
+            assert!(reaches(&endpoints, selector), "{selector}");
+        }
+        let undecided = [
+            "{matchExpressions: [{key: tier, operator: DoesNotExist}]}",
+            "{matchExpressions: [{key: tier, operator: NotIn, values: [db]}]}",
+            "{matchLabels: {k8s-app: kube-dns}, matchExpressions: [{key: tier, operator: DoesNotExist}]}",
+        ];
+        for selector in undecided {
+            assert!(!reaches(&endpoints, selector), "a Service: {selector}");
+            // A pod's labels are all there is: the same selectors take it in.
+            assert!(reaches(&self::endpoints(), selector), "a pod: {selector}");
+        }
     }
 
     #[test]

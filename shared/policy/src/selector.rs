@@ -47,6 +47,15 @@ impl EndpointSelector {
                 .all(|requirement| requirement.matches(labels))
     }
 
+    /// Whether every requirement's key is among `labels`: for labels that are only part of an
+    /// endpoint's (a Service's, its selector's), a requirement on another key, `NotIn` or
+    /// `DoesNotExist` there, cannot be decided. (`matchLabels` require their key anyway.)
+    pub fn decided_by(&self, labels: &Labels) -> bool {
+        self.match_expressions
+            .iter()
+            .all(|requirement| lookup(labels, &requirement.key).is_some())
+    }
+
     /// Whether the selector names a namespace itself (with the `k8s:` or `any:` prefix or
     /// none), which lifts the namespace restriction of a `toEndpoints` entry.
     pub fn names_namespace(&self) -> bool {
@@ -184,6 +193,11 @@ impl<'a> ScopedSelector<'a> {
     /// Whether an endpoint of `namespace` with `labels` is selected.
     pub fn matches(&self, namespace: &str, labels: &Labels) -> bool {
         self.namespace.is_none_or(|scope| scope == namespace) && self.selector.matches(labels)
+    }
+
+    /// [`EndpointSelector::decided_by`].
+    pub fn decided_by(&self, labels: &Labels) -> bool {
+        self.selector.decided_by(labels)
     }
 }
 
