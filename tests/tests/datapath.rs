@@ -841,4 +841,11 @@ async fn a_large_answer_is_released_once_all_its_allow_entries_are_written() {
         "{} allow entries written",
         written(&after) - written(&before)
     );
+    let deferred =
+        |scrape: &str| metric_value(scrape, "warden_datapath_allow_batches_deferred_total", &[]);
+    assert_eq!(
+        deferred(&after) - deferred(&before),
+        1.0,
+        "written by the allow writer"
+    );
 }

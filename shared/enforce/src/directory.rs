@@ -1,7 +1,8 @@
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
 use prometheus::IntCounter;
 use warden_datapath::{Datapath, DatapathError, FqdnKey, RedirectLookup, RedirectSource};
@@ -63,20 +64,88 @@ impl AllowMemo {
 }
 
 /// Allow entries an answer writes on the answer loop itself; more (a wildcard granted to many
-/// endpoints, answered with many addresses, on many ports) are written on a blocking thread
+/// endpoints, answered with many addresses, on several ports) go to the allow writer's thread
 /// while the answer waits for them, so that the loop goes on answering other queries instead
 /// of spending a `bpf()` call per entry first.
 const INLINE_ALLOW_WRITES: usize = 32;
 
+/// The datapath answers write into, with the memo of what they asserted there: a datapath
+/// replaced (the agent's maps pinned anew) comes with an empty memo, and a batch still being
+/// written into the old one asserts nothing about the new.
+#[derive(Debug)]
+struct AllowTarget {
+    datapath: Datapath,
+    memo: Mutex<AllowMemo>,
+}
+
+impl AllowTarget {
+    fn memo(&self) -> std::sync::MutexGuard<'_, AllowMemo> {
+        self.memo
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner())
+    }
+
+    /// Writes the entries of `keys` this second's memo does not cover (asked again per key: a
+    /// batch queued behind another of the same name finds its entries written), remembering
+    /// each one written. The memo is not held across a map update: other answers check it
+    /// meanwhile.
+    fn write(&self, metrics: &Metrics, keys: &[FqdnKey], expires_at: u64) {
+        let now = warden_proxy::unix_now().0;
+        for key in keys {
+            if self.memo().covers(now, key, expires_at) {
+                continue;
+            }
+            let written = self.datapath.allow_fqdn(*key, expires_at);
+            if written.is_ok() {
+                self.memo().assert(*key, expires_at);
+            }
+            count(metrics, "allow", written);
+        }
+    }
+}
+
+/// A large answer's allow entries, for the writer's thread.
+struct AllowBatch {
+    target: Arc<AllowTarget>,
+    keys: Vec<FqdnKey>,
+    expires_at: u64,
+    /// Dropped (or sent) once they are written: the answer waits for it.
+    done: tokio::sync::oneshot::Sender<()>,
+}
+
+/// Starts the thread that writes large answers' allow entries, one batch after the other (the
+/// map's writes go through one lock anyway, so more threads would only queue there). It ends
+/// when its sender, held by the [`Enforcement`], is dropped. A batch the answer stopped waiting
+/// for (`response_max_delay`) is still written.
+fn spawn_allow_writer(metrics: Metrics) -> Option<mpsc::Sender<AllowBatch>> {
+    let (sender, batches) = mpsc::channel::<AllowBatch>();
+    let spawned = std::thread::Builder::new()
+        .name("allow-writer".into())
+        .spawn(move || {
+            while let Ok(batch) = batches.recv() {
+                batch.target.write(&metrics, &batch.keys, batch.expires_at);
+                metrics.datapath.allow_batches_deferred.inc();
+                let _ = batch.done.send(());
+            }
+        });
+    match spawned {
+        Ok(_) => Some(sender),
+        Err(error) => {
+            tracing::warn!(%error, "cannot start the allow writer's thread; large answers' allow entries are written on the answer loops");
+            None
+        }
+    }
+}
+
 /// The proxy engine's view of endpoints and datapath; both replaceable while serving.
 #[derive(Debug)]
 pub struct Enforcement {
-    datapath: RwLock<Option<Datapath>>,
+    datapath: RwLock<Option<Arc<AllowTarget>>>,
     directory: RwLock<Arc<EndpointDirectory>>,
     /// Bumped whenever the directory's content changes, so peers can be told.
     generation: AtomicU64,
-    /// Shared with the threads writing large batches.
-    allow_memo: Arc<Mutex<AllowMemo>>,
+    /// Started with the first large answer; `None` if its thread could not be.
+    allow_writer: OnceLock<Option<mpsc::Sender<AllowBatch>>>,
     metrics: Metrics,
     /// `warden_datapath_redirect_lookups_total`, resolved once: one of them counts each query.
     redirect_lookups: RedirectLookupCounters,
@@ -120,30 +189,34 @@ impl Enforcement {
             datapath: RwLock::new(None),
             directory: RwLock::new(Arc::new(EndpointDirectory::default())),
             generation: AtomicU64::new(0),
-            allow_memo: Arc::default(),
+            allow_writer: OnceLock::new(),
             redirect_lookups: RedirectLookupCounters::new(&metrics),
             metrics,
         }
     }
 
     pub fn set_datapath(&self, datapath: Option<Datapath>) {
+        // With a memo of its own: other maps may hold none of what was asserted.
         *self
             .datapath
             .write()
-            .unwrap_or_else(|poison| poison.into_inner()) = datapath;
-        // Other maps may hold none of what was asserted.
-        self.allow_memo().asserted.clear();
+            .unwrap_or_else(|poison| poison.into_inner()) = datapath.map(|datapath| {
+            Arc::new(AllowTarget {
+                datapath,
+                memo: Mutex::default(),
+            })
+        });
     }
 
-    fn allow_memo(&self) -> std::sync::MutexGuard<'_, AllowMemo> {
-        lock_memo(&self.allow_memo)
-    }
-
-    pub fn datapath(&self) -> Option<Datapath> {
+    fn allow_target(&self) -> Option<Arc<AllowTarget>> {
         self.datapath
             .read()
             .unwrap_or_else(|poison| poison.into_inner())
             .clone()
+    }
+
+    pub fn datapath(&self) -> Option<Datapath> {
+        self.allow_target().map(|target| target.datapath.clone())
     }
 
     pub fn set_directory(&self, directory: EndpointDirectory) {
@@ -197,10 +270,6 @@ impl Enforcement {
     }
 }
 
-fn lock_memo(memo: &Mutex<AllowMemo>) -> std::sync::MutexGuard<'_, AllowMemo> {
-    memo.lock().unwrap_or_else(|poison| poison.into_inner())
-}
-
 fn count(metrics: &Metrics, op: &str, result: Result<(), DatapathError>) {
     match result {
         Ok(()) => metrics.datapath.updates.with_label_values(&[op]).inc(),
@@ -212,24 +281,6 @@ fn count(metrics: &Metrics, op: &str, result: Result<(), DatapathError>) {
                 tracing::warn!(%error, op, held_back, "datapath update failed");
             }
         }
-    }
-}
-
-/// Writes allow entries, remembering each one written in `memo`. (The memo is not held across
-/// a map update: other answers check it meanwhile.)
-fn write_allows(
-    datapath: &Datapath,
-    memo: &Mutex<AllowMemo>,
-    metrics: &Metrics,
-    keys: &[FqdnKey],
-    expires_at: u64,
-) {
-    for key in keys {
-        let written = datapath.allow_fqdn(*key, expires_at);
-        if written.is_ok() {
-            lock_memo(memo).assert(*key, expires_at);
-        }
-        count(metrics, "allow", written);
     }
 }
 
@@ -319,43 +370,55 @@ impl DatapathHook for Enforcement {
     /// A few map updates, no waiting: the answer is released right after; a large batch is
     /// written on a blocking thread, and the answer waits for it.
     fn allow(&self, request: &AllowRequest<'_>) -> Option<HoldFuture> {
-        let datapath = self.datapath()?;
-        let now = warden_proxy::unix_now().0;
+        let target = self.allow_target()?;
         let expires_at = request.expires_at.0;
-        let mut keys = Vec::new();
-        {
-            let mut memo = self.allow_memo();
-            for grant in request.grants {
-                for ip in request.ips {
-                    keys.extend(
-                        fqdn_keys(grant, *ip)
-                            .into_iter()
-                            .filter(|key| !memo.covers(now, key, expires_at)),
-                    );
-                }
-            }
-        }
-        let runtime = tokio::runtime::Handle::try_current()
-            .ok()
-            .filter(|_| keys.len() > INLINE_ALLOW_WRITES);
-        let Some(runtime) = runtime else {
-            write_allows(
-                &datapath,
-                &self.allow_memo,
-                &self.metrics,
-                &keys,
-                expires_at,
-            );
+        let keys: Vec<FqdnKey> = request
+            .grants
+            .iter()
+            .flat_map(|grant| request.ips.iter().flat_map(|ip| fqdn_keys(grant, *ip)))
+            .collect();
+        if keys.len() <= INLINE_ALLOW_WRITES {
+            target.write(&self.metrics, &keys, expires_at);
             return None;
+        }
+        let mut keys = {
+            let now = warden_proxy::unix_now().0;
+            let mut memo = target.memo();
+            keys.into_iter()
+                .filter(|key| !memo.covers(now, key, expires_at))
+                .collect::<Vec<_>>()
         };
-        let (memo, metrics) = (self.allow_memo.clone(), self.metrics.clone());
-        let written = runtime.spawn_blocking(move || {
-            write_allows(&datapath, &memo, &metrics, &keys, expires_at);
-        });
-        Some(Box::pin(async move {
-            // A panic there is the thread's; the answer is released either way.
-            let _ = written.await;
-        }))
+        // Overlapping grants of one endpoint give the same key twice.
+        keys.sort_unstable();
+        keys.dedup();
+        if keys.len() <= INLINE_ALLOW_WRITES {
+            target.write(&self.metrics, &keys, expires_at);
+            return None;
+        }
+        let writer = self
+            .allow_writer
+            .get_or_init(|| spawn_allow_writer(self.metrics.clone()));
+        let (done, written) = tokio::sync::oneshot::channel();
+        let batch = AllowBatch {
+            target,
+            keys,
+            expires_at,
+            done,
+        };
+        match writer.as_ref().map(|writer| writer.send(batch)) {
+            Some(Ok(())) => Some(Box::pin(async move {
+                // Sent or dropped, the batch is over: the answer goes either way.
+                let _ = written.await;
+            })),
+            // No thread, or it ended (a panic): written here after all.
+            Some(Err(mpsc::SendError(batch))) => {
+                batch
+                    .target
+                    .write(&self.metrics, &batch.keys, batch.expires_at);
+                None
+            }
+            None => None,
+        }
     }
 }
 

@@ -128,6 +128,8 @@ pub struct DatapathMetrics {
     pub errors: IntCounterVec,
     /// Redirect-record lookups of queries; labels: source (slot|map), result (found|absent).
     pub redirect_lookups: IntCounterVec,
+    /// Answers whose allow entries, too many for the answer loop, the writer thread wrote.
+    pub allow_batches_deferred: IntCounter,
 }
 
 /// The DNS proxy engine's series.
@@ -347,6 +349,11 @@ impl Metrics {
                 "datapath_redirect_lookups_total",
                 "Redirect records looked up for queries (who asked, which server it meant): in the memory-mapped slots or, when they cannot tell, with a bpf() lookup of the map; found or absent.",
                 &["source", "result"],
+            )?,
+            allow_batches_deferred: counter(
+                &registry,
+                "datapath_allow_batches_deferred_total",
+                "Answers whose allow entries (more than 32 to write) were written on the allow writer's thread instead of the answer loop.",
             )?,
         };
         let peer = PeerMetrics {
