@@ -1020,6 +1020,8 @@ mod tests {
             "{matchLabels: {k8s-app: kube-dns}}",
             "{matchExpressions: [{key: k8s-app, operator: NotIn, values: [web]}]}",
             "{matchExpressions: [{key: k8s-app, operator: Exists}]}",
+            // No pod carries a label of another source than `k8s`.
+            "{matchExpressions: [{key: 'container:tier', operator: DoesNotExist}]}",
         ];
         for selector in decided {
             assert!(reaches(&endpoints, selector), "{selector}");

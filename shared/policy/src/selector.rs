@@ -51,9 +51,13 @@ impl EndpointSelector {
     /// endpoint's (a Service's, its selector's), a requirement on another key, `NotIn` or
     /// `DoesNotExist` there, cannot be decided. (`matchLabels` require their key anyway.)
     pub fn decided_by(&self, labels: &Labels) -> bool {
-        self.match_expressions
-            .iter()
-            .all(|requirement| lookup(labels, &requirement.key).is_some())
+        self.match_expressions.iter().all(|requirement| {
+            lookup(labels, &requirement.key).is_some()
+                // A source no Warden label has (`container:tier`): absent from every pod alike.
+                || split_key(&requirement.key)
+                    .0
+                    .is_some_and(|source| source != K8S_SOURCE)
+        })
     }
 
     /// Whether the selector names a namespace itself (with the `k8s:` or `any:` prefix or
