@@ -44,8 +44,13 @@ struct AllowMemo {
 
 impl AllowMemo {
     /// Whether `key` was asserted until `expires_at` or later during the second `now`. An
-    /// entry expiring now is never covered: the reconciler may remove it any moment.
+    /// entry expiring now is never covered: the reconciler may remove it any moment. A caller
+    /// still in an earlier second (a batch begun before the memo moved on) is told nothing is
+    /// covered, and leaves the memo as it is.
     fn covers(&mut self, now: u64, key: &FqdnKey, expires_at: u64) -> bool {
+        if now < self.second {
+            return false;
+        }
         if self.second != now {
             self.second = now;
             self.asserted.clear();
@@ -85,21 +90,31 @@ impl AllowTarget {
             .unwrap_or_else(|poison| poison.into_inner())
     }
 
-    /// Writes the entries of `keys` this second's memo does not cover (asked again per key: a
-    /// batch queued behind another of the same name finds its entries written), remembering
-    /// each one written. The memo is not held across a map update: other answers check it
-    /// meanwhile.
+    /// Writes the entries of `keys` the memo does not cover (asked again here: a batch queued
+    /// behind another of the same name finds its entries written), remembering each one
+    /// written. The memo is looked at once per 64 keys, and not held across a map update:
+    /// other answers check it meanwhile.
     fn write(&self, metrics: &Metrics, keys: &[FqdnKey], expires_at: u64) {
-        let now = warden_proxy::unix_now().0;
-        for key in keys {
-            if self.memo().covers(now, key, expires_at) {
-                continue;
+        for chunk in keys.chunks(64) {
+            let missing = {
+                let now = warden_proxy::unix_now().0;
+                let mut memo = self.memo();
+                chunk
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, key)| !memo.covers(now, key, expires_at))
+                    .fold(0_u64, |missing, (at, _)| missing | 1 << at)
+            };
+            for (at, key) in chunk.iter().enumerate() {
+                if missing & 1 << at == 0 {
+                    continue;
+                }
+                let written = self.datapath.allow_fqdn(*key, expires_at);
+                if written.is_ok() {
+                    self.memo().assert(*key, expires_at);
+                }
+                count(metrics, "allow", written);
             }
-            let written = self.datapath.allow_fqdn(*key, expires_at);
-            if written.is_ok() {
-                self.memo().assert(*key, expires_at);
-            }
-            count(metrics, "allow", written);
         }
     }
 }
@@ -113,18 +128,22 @@ struct AllowBatch {
     done: tokio::sync::oneshot::Sender<()>,
 }
 
+/// Batches waiting for the allow writer; past them an answer writes its own entries, on its
+/// answer loop, as if there were no writer (the queue is first in, first out: an answer
+/// behind a long one would outwait its hold anyway).
+const ALLOW_BATCHES_QUEUED: usize = 64;
+
 /// Starts the thread that writes large answers' allow entries, one batch after the other (the
 /// map's writes go through one lock anyway, so more threads would only queue there). It ends
 /// when its sender, held by the [`Enforcement`], is dropped. A batch the answer stopped waiting
 /// for (`response_max_delay`) is still written.
-fn spawn_allow_writer(metrics: Metrics) -> Option<mpsc::Sender<AllowBatch>> {
-    let (sender, batches) = mpsc::channel::<AllowBatch>();
+fn spawn_allow_writer(metrics: Metrics) -> Option<mpsc::SyncSender<AllowBatch>> {
+    let (sender, batches) = mpsc::sync_channel::<AllowBatch>(ALLOW_BATCHES_QUEUED);
     let spawned = std::thread::Builder::new()
         .name("allow-writer".into())
         .spawn(move || {
             while let Ok(batch) = batches.recv() {
                 batch.target.write(&metrics, &batch.keys, batch.expires_at);
-                metrics.datapath.allow_batches_deferred.inc();
                 let _ = batch.done.send(());
             }
         });
@@ -145,7 +164,7 @@ pub struct Enforcement {
     /// Bumped whenever the directory's content changes, so peers can be told.
     generation: AtomicU64,
     /// Started with the first large answer; `None` if its thread could not be.
-    allow_writer: OnceLock<Option<mpsc::Sender<AllowBatch>>>,
+    allow_writer: OnceLock<Option<mpsc::SyncSender<AllowBatch>>>,
     metrics: Metrics,
     /// `warden_datapath_redirect_lookups_total`, resolved once: one of them counts each query.
     redirect_lookups: RedirectLookupCounters,
@@ -367,8 +386,8 @@ fn place(datapath: &Datapath, directory: &EndpointDirectory, cgroup_id: u64) -> 
 }
 
 impl DatapathHook for Enforcement {
-    /// A few map updates, no waiting: the answer is released right after; a large batch is
-    /// written on a blocking thread, and the answer waits for it.
+    /// A few map updates, no waiting: the answer is released right after; a large batch goes to
+    /// the allow writer's thread, and the answer waits for it.
     fn allow(&self, request: &AllowRequest<'_>) -> Option<HoldFuture> {
         let target = self.allow_target()?;
         let expires_at = request.expires_at.0;
@@ -405,19 +424,28 @@ impl DatapathHook for Enforcement {
             expires_at,
             done,
         };
-        match writer.as_ref().map(|writer| writer.send(batch)) {
-            Some(Ok(())) => Some(Box::pin(async move {
-                // Sent or dropped, the batch is over: the answer goes either way.
-                let _ = written.await;
-            })),
-            // No thread, or it ended (a panic): written here after all.
-            Some(Err(mpsc::SendError(batch))) => {
+        let Some(writer) = writer else {
+            // No thread: written here, as if there were none.
+            batch
+                .target
+                .write(&self.metrics, &batch.keys, batch.expires_at);
+            return None;
+        };
+        match writer.try_send(batch) {
+            Ok(()) => {
+                self.metrics.datapath.allow_batches_deferred.inc();
+                Some(Box::pin(async move {
+                    // Sent or dropped, the batch is over: the answer goes either way.
+                    let _ = written.await;
+                }))
+            }
+            // A backlog, or a writer that ended (a panic): written here after all.
+            Err(mpsc::TrySendError::Full(batch) | mpsc::TrySendError::Disconnected(batch)) => {
                 batch
                     .target
                     .write(&self.metrics, &batch.keys, batch.expires_at);
                 None
             }
-            None => None,
         }
     }
 }
@@ -466,5 +494,10 @@ mod tests {
         // An entry expiring now is left to the map, which the reconciler may be emptying.
         memo.assert(key(80), 1_001);
         assert!(!memo.covers(1_001, &key(80), 1_001));
+
+        // A batch begun in the second before is told nothing, and leaves the memo alone (it
+        // cleared it, and the next answer cleared it again, back and forth).
+        assert!(!memo.covers(1_000, &key(443), 1_300));
+        assert!(memo.covers(1_001, &key(443), 1_300));
     }
 }

@@ -128,7 +128,7 @@ pub struct DatapathMetrics {
     pub errors: IntCounterVec,
     /// Redirect-record lookups of queries; labels: source (slot|map), result (found|absent).
     pub redirect_lookups: IntCounterVec,
-    /// Answers whose allow entries, too many for the answer loop, the writer thread wrote.
+    /// Answers whose allow entries, too many for the answer loop, went to the writer thread.
     pub allow_batches_deferred: IntCounter,
 }
 
@@ -353,7 +353,7 @@ impl Metrics {
             allow_batches_deferred: counter(
                 &registry,
                 "datapath_allow_batches_deferred_total",
-                "Answers whose allow entries (more than 32 to write) were written on the allow writer's thread instead of the answer loop.",
+                "Answers whose allow entries (more than 32 to write) were handed to the allow writer's thread instead of written on the answer loop.",
             )?,
         };
         let peer = PeerMetrics {
