@@ -555,7 +555,8 @@ static __always_inline int local_elsewhere(struct bpf_sock_addr *ctx, const stru
  * the DNS target, and the original saved then is still the one this query is for. (A send
  * naming the connected peer explicitly looks the same to the hook, and is taken the same way.
  * An IPv4 socket's sends to its peer run no hook; one naming the target itself is a query to
- * it.)
+ * it. A dual-stack socket that once sends to another server by name, between sends to its
+ * peer, has that server's original kept for the sends after: rare, and not told apart.)
  */
 static __always_inline int sends_to_own_peer(struct bpf_sock_addr *ctx, int v6, __u8 reason,
 					     const struct addr16 *dst, __u16 port)

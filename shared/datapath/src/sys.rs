@@ -1,7 +1,7 @@
 //! The crate's only unsafe code: `Pod` for the map layouts, the few bpf(2) commands aya 0.14
 //! does not expose (opening a pinned link's fd, `BPF_LINK_UPDATE`, reading a cgroup link's
-//! target, `BPF_LINK_DETACH`, the maps a loaded program uses), and the read-only mapping of the
-//! redirect slots into this process.
+//! target, `BPF_LINK_DETACH`, the maps a loaded program uses), the read-only mapping of the
+//! redirect slots into this process, and reading a socket's network-namespace cookie.
 #![allow(unsafe_code)]
 
 use std::ffi::CString;

@@ -386,8 +386,8 @@ fn place(datapath: &Datapath, directory: &EndpointDirectory, cgroup_id: u64) -> 
 }
 
 impl DatapathHook for Enforcement {
-    /// A few map updates, no waiting: the answer is released right after; a large batch goes to
-    /// the allow writer's thread, and the answer waits for it.
+    /// Up to 32 entries are written here, and the answer is released right after; a larger
+    /// batch goes to the allow writer's thread, and the answer waits for it.
     fn allow(&self, request: &AllowRequest<'_>) -> Option<HoldFuture> {
         let target = self.allow_target()?;
         let expires_at = request.expires_at.0;
@@ -441,6 +441,15 @@ impl DatapathHook for Enforcement {
             }
             // A backlog, or a writer that ended (a panic): written here after all.
             Err(mpsc::TrySendError::Full(batch) | mpsc::TrySendError::Disconnected(batch)) => {
+                static BUDGET: LogBudget = LogBudget::new(LogBudget::INTERVAL);
+                if let Some(held_back) = BUDGET.allow() {
+                    tracing::warn!(
+                        held_back,
+                        "the allow writer is {} batches behind, or gone: writing a large \
+                         answer's allow entries on the answer loop",
+                        ALLOW_BATCHES_QUEUED
+                    );
+                }
                 batch
                     .target
                     .write(&self.metrics, &batch.keys, batch.expires_at);
