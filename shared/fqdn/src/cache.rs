@@ -251,7 +251,7 @@ impl DnsCache {
             if let Some(pos) = out.added.iter().position(|&a| a == ip) {
                 out.added.remove(pos);
             } else {
-                out.refreshed.retain(|&r| r != ip);
+                out.refreshed.retain(|r| *r != ip);
                 out.evicted.push(ip);
             }
         }
@@ -1167,7 +1167,7 @@ mod tests {
         let mut c = DnsCache::new(limits(60, 0));
         let out = c.insert(t(1000), EP, "short.example.", &[ip4(1)], 5);
         assert_eq!(out.expires_at, t(1060));
-        assert_eq!(out.added, [ip4(1)]);
+        assert_eq!(out.added.as_slice(), [ip4(1)]);
         assert_eq!(
             c.lookup(t(1059), EP, "short.example.")[0].expires_at,
             t(1060)
@@ -1214,8 +1214,8 @@ mod tests {
         let mut c = DnsCache::default();
         c.insert(t(0), EP, "a.example.", &[ip4(1), ip4(2)], 100);
         let out = c.insert(t(10), EP, "a.example.", &[ip4(2), ip4(3)], 20);
-        assert_eq!(out.added, [ip4(3)]);
-        assert_eq!(out.refreshed, [ip4(2)]);
+        assert_eq!(out.added.as_slice(), [ip4(3)]);
+        assert_eq!(out.refreshed.as_slice(), [ip4(2)]);
         assert!(out.evicted.is_empty());
         let found = c.lookup(t(10), EP, "a.example.");
         let expiries: Vec<u64> = found.iter().map(|f| f.expires_at.0).collect();
@@ -1232,7 +1232,7 @@ mod tests {
         // The same answer in the same second, and a caching resolver's counted-down TTL.
         let same = c.insert(t(0), EP, "a.example.", &[ip4(1)], 100);
         assert!(!same.changed() && !same.extended);
-        assert_eq!(same.refreshed, [ip4(1)]);
+        assert_eq!(same.refreshed.as_slice(), [ip4(1)]);
         assert!(!c.insert(t(40), EP, "a.example.", &[ip4(1)], 60).changed());
         // A later expiry, a new IP, another endpoint: each is news.
         assert!(c.insert(t(1), EP, "a.example.", &[ip4(1)], 100).extended);
@@ -1272,7 +1272,7 @@ mod tests {
             &[ip4(1), ip4(1), ip4(2), ip4(1)],
             10,
         );
-        assert_eq!(out.added, [ip4(1), ip4(2)]);
+        assert_eq!(out.added.as_slice(), [ip4(1), ip4(2)]);
         assert!(out.refreshed.is_empty());
         assert_eq!(c.ip_count(), 2);
         let out = c.insert(t(0), EP, "nothing.example.", &[], 10);
@@ -1288,7 +1288,7 @@ mod tests {
         let mut c = DnsCache::new(limits(0, 3));
         let answer = [ip4(5), ip4(1), ip4(4), ip4(2), ip4(3)];
         let out = c.insert(t(0), EP, "lb.example.", &answer, 10);
-        assert_eq!(out.added, [ip4(5), ip4(1), ip4(4)]);
+        assert_eq!(out.added.as_slice(), [ip4(5), ip4(1), ip4(4)]);
         let kept: Vec<IpAddr> = c
             .lookup(t(0), EP, "lb.example.")
             .iter()
@@ -1305,10 +1305,10 @@ mod tests {
         c.insert(t(0), EP, "lb.example.", &[ip4(2)], 30);
         c.insert(t(0), EP, "lb.example.", &[ip4(3)], 20);
         let out = c.insert(t(0), EP, "lb.example.", &[ip4(4)], 25);
-        assert_eq!(out.added, [ip4(4)]);
-        assert_eq!(out.evicted, [ip4(1)]);
+        assert_eq!(out.added.as_slice(), [ip4(4)]);
+        assert_eq!(out.evicted.as_slice(), [ip4(1)]);
         let out = c.insert(t(0), EP, "lb.example.", &[ip4(5), ip4(6)], 40);
-        assert_eq!(out.evicted, [ip4(3), ip4(4)]);
+        assert_eq!(out.evicted.as_slice(), [ip4(3), ip4(4)]);
         assert_eq!(
             ips_of(&c.lookup(t(0), EP, "lb.example.")),
             [ip4(2), ip4(5), ip4(6)]
@@ -1333,7 +1333,7 @@ mod tests {
         // A name it holds still takes new IPs and later expiries.
         let again = c.insert(t(100), EP, "b.io.", &[ip4(2), ip4(4)], 90);
         assert!(!again.refused);
-        assert_eq!(again.added, [ip4(4)]);
+        assert_eq!(again.added.as_slice(), [ip4(4)]);
         // Other endpoints have caps of their own.
         assert!(!c.insert(t(100), "other/ep", "c.io.", &[ip4(3)], 60).refused);
         // Once a name expires and is swept, there is room again.
@@ -1353,9 +1353,9 @@ mod tests {
         assert!(c.names_for_ip(t(0), ip4(3)).is_empty());
         // On equal expiry the IPs this answer did not mention go first.
         let out = c.insert(t(0), EP, "lb.example.", &[ip4(2), ip4(4)], 100);
-        assert_eq!(out.added, [ip4(4)]);
-        assert_eq!(out.refreshed, [ip4(2)]);
-        assert_eq!(out.evicted, [ip4(1)]);
+        assert_eq!(out.added.as_slice(), [ip4(4)]);
+        assert_eq!(out.refreshed.as_slice(), [ip4(2)]);
+        assert_eq!(out.evicted.as_slice(), [ip4(1)]);
         c.assert_consistent();
     }
 
@@ -1816,7 +1816,7 @@ mod tests {
                     if let Some(pos) = out.added.iter().position(|&a| a == ip) {
                         out.added.remove(pos);
                     } else {
-                        out.refreshed.retain(|&r| r != ip);
+                        out.refreshed.retain(|r| *r != ip);
                         out.evicted.push(ip);
                     }
                 }

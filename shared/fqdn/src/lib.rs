@@ -17,7 +17,7 @@ mod cache;
 pub use cache::{DnsCache, GcStep, Retired, sort_entries};
 
 mod entry;
-pub use entry::{CacheEntry, CachedIp, Expired, InsertOutcome, Source};
+pub use entry::{AnswerIps, CacheEntry, CachedIp, Expired, InsertOutcome, Source};
 
 mod error;
 pub use error::CacheError;

@@ -757,8 +757,15 @@ fn names_equal(
 
 /// The name at `at` as text (see [`Query::qname`]) and where it ends in place.
 fn read_name_text(packet: &[u8], at: usize) -> Result<(String, usize), WireError> {
+    // Sized by a first walk over the name (a few dozen bytes) so that the text is written once:
+    // grown as it was written, it cost about 1.5% of the proxy's samples under load.
+    let mut sizing = Labels::new(packet, at);
+    let mut length = 0;
+    while let Some(label) = sizing.next_label()? {
+        length += escaped_length(label) + 1;
+    }
     let mut labels = Labels::new(packet, at);
-    let mut text = String::new();
+    let mut text = String::with_capacity(length.max(1));
     while let Some(label) = labels.next_label()? {
         push_escaped(&mut text, label);
         text.push('.');
@@ -769,25 +776,64 @@ fn read_name_text(packet: &[u8], at: usize) -> Result<(String, usize), WireError
     Ok((text, labels.finish()?))
 }
 
-/// Appends a label lowercased and escaped as hickory's `Label::write_ascii` does, which is what
-/// policy names were matched against before this module existed.
-fn push_escaped(text: &mut String, label: &[u8]) {
-    for (index, &byte) in label.iter().enumerate() {
+/// How a label's byte is written in text: as itself, after a backslash, or as `\ooo`.
+enum Escaped {
+    Plain(u8),
+    Backslash(u8),
+    Octal(u8),
+}
+
+impl Escaped {
+    /// The byte at `index` of a label, lowercased and escaped as hickory's `Label::write_ascii`
+    /// does, which is what policy names were matched against before this module existed.
+    fn of(index: usize, byte: u8) -> Escaped {
         let byte = byte.to_ascii_lowercase();
         let first = index == 0;
-        let plain = byte.is_ascii_alphanumeric()
+        if byte.is_ascii_alphanumeric()
             || byte == b'_'
             || (byte == b'-' && !first)
-            || (byte == b'*' && first);
-        if plain {
-            text.push(char::from(byte));
+            || (byte == b'*' && first)
+        {
+            Escaped::Plain(byte)
         } else if byte.is_ascii_graphic() {
-            text.push('\\');
-            text.push(char::from(byte));
+            Escaped::Backslash(byte)
         } else {
-            text.push('\\');
-            for shift in [6, 3, 0] {
-                text.push(char::from(b'0' + ((byte >> shift) & 0o7)));
+            Escaped::Octal(byte)
+        }
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            Escaped::Plain(_) => 1,
+            Escaped::Backslash(_) => 2,
+            Escaped::Octal(_) => 4,
+        }
+    }
+}
+
+/// The length of a label as [`push_escaped`] writes it.
+fn escaped_length(label: &[u8]) -> usize {
+    label
+        .iter()
+        .enumerate()
+        .map(|(index, &byte)| Escaped::of(index, byte).len())
+        .sum()
+}
+
+/// Appends a label lowercased and escaped ([`Escaped`]).
+fn push_escaped(text: &mut String, label: &[u8]) {
+    for (index, &byte) in label.iter().enumerate() {
+        match Escaped::of(index, byte) {
+            Escaped::Plain(byte) => text.push(char::from(byte)),
+            Escaped::Backslash(byte) => {
+                text.push('\\');
+                text.push(char::from(byte));
+            }
+            Escaped::Octal(byte) => {
+                text.push('\\');
+                for shift in [6, 3, 0] {
+                    text.push(char::from(b'0' + ((byte >> shift) & 0o7)));
+                }
             }
         }
     }
@@ -797,6 +843,23 @@ fn push_escaped(text: &mut String, label: &[u8]) {
 mod tests {
     use super::*;
     use crate::answer::normalized;
+
+    /// The text is sized before it is written: growing it cost a reallocation or two per query.
+    #[test]
+    fn a_name_is_written_into_a_string_of_its_own_length() {
+        let mut packet = Vec::new();
+        for label in [&b"WWW"[..], b"a.b", b"x\x00", b"-y"] {
+            packet.push(u8::try_from(label.len()).unwrap());
+            packet.extend_from_slice(label);
+        }
+        packet.push(0);
+        let (text, end) = read_name_text(&packet, 0).unwrap();
+        assert_eq!(text, "www.a\\.b.x\\000.\\-y.");
+        assert_eq!(end, packet.len());
+        assert_eq!(text.capacity(), text.len());
+        let (root, _) = read_name_text(&[0], 0).unwrap();
+        assert_eq!((root.as_str(), root.capacity()), (".", 1));
+    }
     use hickory_proto::op::{
         Edns as HickoryEdns, Message, MessageType, OpCode, Query as HickoryQuery, ResponseCode,
     };
