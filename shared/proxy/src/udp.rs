@@ -124,6 +124,9 @@ struct Batch {
     replies: Outbox,
     /// One outbox per pool socket, and the IDs its queries were filed under.
     forwards: Vec<(Outbox, Vec<u16>)>,
+    /// The batch's queries to forward, by their index in the inbox, until they are filed
+    /// together.
+    filing: Vec<(usize, SocketAddr, Instant, Waiting)>,
 }
 
 impl Batch {
@@ -137,6 +140,7 @@ impl Batch {
                 .iter()
                 .map(|_| (Outbox::new(BATCH), Vec::with_capacity(BATCH)))
                 .collect(),
+            filing: Vec::with_capacity(BATCH),
         }
     }
 
@@ -154,23 +158,41 @@ impl Batch {
                 }
                 None => break,
             };
-            match query(engine, listener, client, packet, started, pool_socket) {
+            let to_file = Filing {
+                queue: &mut self.filing,
+                index,
+            };
+            match query(engine, listener, client, packet, started, to_file) {
                 Step::Reply(reply) => {
                     self.replies.push(&reply, client);
                 }
-                Step::Forward {
-                    socket: pool_index,
-                    id,
-                    target,
-                } => {
-                    if let Some((outbox, ids)) = self.forwards.get_mut(pool_index) {
+                Step::Forward | Step::Drop => {}
+            }
+        }
+        let Batch {
+            inbox,
+            replies,
+            forwards,
+            filing,
+        } = self;
+        engine
+            .upstream
+            .register_batch(pool_socket, filing.drain(..), |index, filed| match filed {
+                Ok((pool_index, id, target)) => {
+                    if let (Some((outbox, ids)), Some(Ok((packet, _)))) =
+                        (forwards.get_mut(pool_index), inbox.get_mut(index))
+                    {
                         set_id(outbox.push(packet, target), id);
                         ids.push(id);
                     }
                 }
-                Step::Drop => {}
-            }
-        }
+                Err(waiting) => {
+                    let client = waiting.checked.client;
+                    if let Some(reply) = fail(engine, waiting, UpstreamFailure::Exhausted) {
+                        replies.push(&reply, client);
+                    }
+                }
+            });
         // Forwards first: their answers take the longest.
         for (pool_index, (outbox, ids)) in self.forwards.iter_mut().enumerate() {
             if outbox.is_empty() {
@@ -201,26 +223,26 @@ impl Batch {
 enum Step {
     /// Answered here and now (denied, refused, failed).
     Reply(Vec<u8>),
-    /// Filed on pool socket `socket` under `id`: the packet goes to `target` (`None`: the
-    /// socket's connected peer) with that ID.
-    Forward {
-        socket: usize,
-        id: u16,
-        target: Option<SocketAddr>,
-    },
+    /// Queued for filing in the pool with the batch's others, and forwarding.
+    Forward,
     /// Not worth an answer.
     Drop,
 }
 
-/// One client query: checked, then answered at once or filed in the pool (on `pool_socket`
-/// if it can) for forwarding.
+/// Where a query to forward waits for the batch's filing: its inbox index goes with it.
+struct Filing<'a> {
+    queue: &'a mut Vec<(usize, SocketAddr, Instant, Waiting)>,
+    index: usize,
+}
+
+/// One client query: checked, then answered at once or queued in `to_file` for forwarding.
 fn query(
     engine: &Engine,
     listener: usize,
     client: SocketAddr,
     packet: &[u8],
     started: Instant,
-    pool_socket: usize,
+    to_file: Filing<'_>,
 ) -> Step {
     let reply = |reply: Option<Vec<u8>>| reply.map_or(Step::Drop, Step::Reply);
     let mut query = match engine.read(packet, Transport::Udp) {
@@ -249,13 +271,10 @@ fn query(
         _in_flight: in_flight,
     };
     let deadline = asked + engine.settings.upstream_timeout;
-    match engine
-        .upstream
-        .register(server, deadline, waiting, pool_socket)
-    {
-        Ok((socket, id, target)) => Step::Forward { socket, id, target },
-        Err(waiting) => reply(fail(engine, waiting, UpstreamFailure::Exhausted)),
-    }
+    to_file
+        .queue
+        .push((to_file.index, server, deadline, waiting));
+    Step::Forward
 }
 
 /// SERVFAIL for a forwarded query that got no usable answer, accounted for.

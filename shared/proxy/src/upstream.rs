@@ -185,6 +185,32 @@ impl<W: Waiter> PoolSocket<W> {
     }
 }
 
+/// Where a query was filed: the pool socket's index, the ID, and the address to send it to from
+/// that socket (`None`: the socket is connected to it).
+pub type Filed = (usize, u16, Option<SocketAddr>);
+
+/// Files `waiter` in `pending` under a random unused ID, or gives it back after [`ID_DRAWS`]
+/// draws found none.
+fn file<W>(
+    pending: &mut Table<W>,
+    server: SocketAddr,
+    deadline: Instant,
+    waiter: W,
+) -> Result<u16, W> {
+    for _ in 0..ID_DRAWS {
+        let id: u16 = rand::random();
+        if let std::collections::hash_map::Entry::Vacant(slot) = pending.waiting.entry(id) {
+            slot.insert(Pending {
+                server,
+                deadline,
+                waiter,
+            });
+            return Ok(id);
+        }
+    }
+    Err(waiter)
+}
+
 /// The shared UDP sockets toward upstream servers and the queries waiting on them.
 pub struct UpstreamPool<W> {
     /// The connected sockets first, then the unconnected ones.
@@ -263,32 +289,67 @@ impl<W: Waiter> UpstreamPool<W> {
         &self,
         server: SocketAddr,
         deadline: Instant,
-        waiter: W,
+        mut waiter: W,
         turn: usize,
-    ) -> Result<(usize, u16, Option<SocketAddr>), W> {
+    ) -> Result<Filed, W> {
         let server = canonical(server);
-        let group = match self.sockets.first() {
-            Some(first) if self.connected > 0 && first.peer == Some(server) => 0..self.connected,
-            _ => self.connected..self.sockets.len(),
-        };
+        let group = self.group(server);
         let group_size = group.len().max(1);
         for offset in 0..group.len() {
             let index = group.start + (turn + offset) % group_size;
-            let socket = &self.sockets[index];
-            let mut pending = socket.pending();
-            for _ in 0..ID_DRAWS {
-                let id: u16 = rand::random();
-                if let std::collections::hash_map::Entry::Vacant(slot) = pending.waiting.entry(id) {
-                    slot.insert(Pending {
-                        server,
-                        deadline,
-                        waiter,
-                    });
-                    return Ok((index, id, socket.target(server)));
-                }
+            let Some(socket) = self.sockets.get(index) else {
+                break;
+            };
+            match file(&mut socket.pending(), server, deadline, waiter) {
+                Ok(id) => return Ok((index, id, socket.target(server))),
+                Err(back) => waiter = back,
             }
         }
         Err(waiter)
+    }
+
+    /// [`UpstreamPool::register`] for a batch read together, each of `filings` a (tag,
+    /// server, deadline, waiter), `filed` told of each by its tag. Consecutive queries for one
+    /// socket, the usual batch, are filed under one hold of its table's lock instead of one
+    /// each: the answer loop takes that lock too, from another thread, and its hand-over was
+    /// about 1.5% of the proxy's samples under load. The lock is released before `filed` is
+    /// told of a waiter that found no free ID.
+    pub fn register_batch<T>(
+        &self,
+        turn: usize,
+        filings: impl IntoIterator<Item = (T, SocketAddr, Instant, W)>,
+        mut filed: impl FnMut(T, Result<Filed, W>),
+    ) {
+        let mut held: Option<(usize, MutexGuard<'_, Table<W>>)> = None;
+        for (tag, server, deadline, waiter) in filings {
+            let server = canonical(server);
+            let group = self.group(server);
+            let index = group.start + turn % group.len().max(1);
+            let Some(socket) = self.sockets.get(index) else {
+                filed(tag, Err(waiter));
+                continue;
+            };
+            let pending = match &mut held {
+                Some((at, pending)) if *at == index => pending,
+                _ => &mut held.insert((index, socket.pending())).1,
+            };
+            match file(pending, server, deadline, waiter) {
+                Ok(id) => filed(tag, Ok((index, id, socket.target(server)))),
+                Err(waiter) => {
+                    held = None;
+                    filed(tag, self.register(server, deadline, waiter, turn + 1));
+                }
+            }
+        }
+    }
+
+    /// The sockets for `server`: the connected ones for the upstream they are connected to,
+    /// the unconnected ones for any other.
+    fn group(&self, server: SocketAddr) -> std::ops::Range<usize> {
+        match self.sockets.first() {
+            Some(first) if self.connected > 0 && first.peer == Some(server) => 0..self.connected,
+            _ => self.connected..self.sockets.len(),
+        }
     }
 
     /// Takes out every query whose deadline is at or before `now`.
@@ -474,6 +535,66 @@ mod tests {
         set_id(outbox.push(query, target), id);
         assert!(socket.datagram().send_batch(&mut outbox).await.is_empty());
         (socket, id, target)
+    }
+
+    /// A batch is filed as single queries are: the upstream's queries on the turn's connected
+    /// socket, another server's on an unconnected one, each under its own ID, every filing
+    /// reported under its tag; a socket out of IDs hands its queries to the next one.
+    #[tokio::test]
+    async fn a_batch_is_filed_as_its_queries_one_by_one_would_be() {
+        let upstream: SocketAddr = "127.0.0.1:53".parse().unwrap();
+        let other: SocketAddr = "127.0.0.2:53".parse().unwrap();
+        let pool = UpstreamPool::<Asked>::open(2, upstream).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(2);
+        let question = waiter_for(&query_packet(1, "cilium.io.")).0;
+        let filings = [(0, upstream), (1, upstream), (2, other), (3, upstream)]
+            .map(|(tag, server)| (tag, server, deadline, Asked(question.clone())));
+        let mut filed = Vec::new();
+        pool.register_batch(1, filings, |tag, result| {
+            let Ok((index, id, target)) = result else {
+                panic!("no ID free in an empty pool");
+            };
+            filed.push((tag, index, id, target));
+        });
+        let tags: Vec<_> = filed.iter().map(|(tag, ..)| *tag).collect();
+        assert_eq!(tags, [0, 1, 2, 3]);
+        for (tag, index, _, target) in &filed {
+            if *tag == 2 {
+                // A dual-stack socket's target is the v4-mapped address.
+                let target = target.map(|t| SocketAddr::new(t.ip().to_canonical(), t.port()));
+                assert_eq!((*index, target), (3, Some(other)), "unconnected, turn 1");
+            } else {
+                assert_eq!((*index, *target), (1, None), "connected, turn 1");
+            }
+        }
+        let mut ids: Vec<_> = filed
+            .iter()
+            .map(|(_, index, id, _)| (*index, *id))
+            .collect();
+        ids.sort_unstable();
+        ids.dedup();
+        assert_eq!(ids.len(), 4, "an ID is never given twice on a socket");
+
+        // Socket 1 out of IDs: the batch goes to socket 0, the next of its group.
+        {
+            let mut pending = pool.sockets()[1].pending();
+            for id in 0..=u16::MAX {
+                pending.waiting.entry(id).or_insert(Pending {
+                    server: upstream,
+                    deadline,
+                    waiter: Asked(question.clone()),
+                });
+            }
+        }
+        let mut moved = Vec::new();
+        pool.register_batch(
+            1,
+            [((), upstream, deadline, Asked(question.clone()))],
+            |_, result| {
+                moved.push(result.map(|(index, _, _)| index).ok());
+            },
+        );
+        assert_eq!(moved, [Some(0)]);
     }
 
     #[tokio::test]
