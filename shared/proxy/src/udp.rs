@@ -175,6 +175,9 @@ impl Batch {
             forwards,
             filing,
         } = self;
+        // Filed but with nowhere to go (never, as the inbox and outboxes are built): taken
+        // back once the pool's lock is released, not left to time out.
+        let mut unsent = Vec::new();
         engine
             .upstream
             .register_batch(pool_socket, filing.drain(..), |index, filed| match filed {
@@ -184,6 +187,8 @@ impl Batch {
                     {
                         set_id(outbox.push(packet, target), id);
                         ids.push(id);
+                    } else {
+                        unsent.push((pool_index, id));
                     }
                 }
                 Err(waiting) => {
@@ -193,6 +198,20 @@ impl Batch {
                     }
                 }
             });
+        for (pool_index, id) in unsent {
+            let Some(waiting) = engine
+                .upstream
+                .sockets()
+                .get(pool_index)
+                .and_then(|socket| socket.cancel(id))
+            else {
+                continue;
+            };
+            let client = waiting.checked.client;
+            if let Some(reply) = fail(engine, waiting, UpstreamFailure::Io) {
+                self.replies.push(&reply, client);
+            }
+        }
         // Forwards first: their answers take the longest.
         for (pool_index, (outbox, ids)) in self.forwards.iter_mut().enumerate() {
             if outbox.is_empty() {

@@ -844,6 +844,15 @@ mod tests {
     use super::*;
     use crate::answer::normalized;
 
+    use hickory_proto::op::{
+        Edns as HickoryEdns, Message, MessageType, OpCode, Query as HickoryQuery, ResponseCode,
+    };
+    use hickory_proto::rr::rdata::{A, AAAA, CNAME, MX, NS, TXT};
+    use hickory_proto::rr::{DNSClass, Name, RData, Record as HickoryRecord, RecordType};
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
+    use std::str::FromStr;
+
     /// The text is sized before it is written: growing it cost a reallocation or two per query.
     #[test]
     fn a_name_is_written_into_a_string_of_its_own_length() {
@@ -860,14 +869,6 @@ mod tests {
         let (root, _) = read_name_text(&[0], 0).unwrap();
         assert_eq!((root.as_str(), root.capacity()), (".", 1));
     }
-    use hickory_proto::op::{
-        Edns as HickoryEdns, Message, MessageType, OpCode, Query as HickoryQuery, ResponseCode,
-    };
-    use hickory_proto::rr::rdata::{A, AAAA, CNAME, MX, NS, TXT};
-    use hickory_proto::rr::{DNSClass, Name, RData, Record as HickoryRecord, RecordType};
-    use rand::rngs::StdRng;
-    use rand::{Rng, SeedableRng};
-    use std::str::FromStr;
 
     fn name(text: &str) -> Name {
         Name::from_str(text).unwrap()
