@@ -256,3 +256,29 @@ pub(crate) const MAP_SIZES: [(&str, u32, u32); 15] = [
     ),
     (map::NODE_CONFIG, 4, size_of::<RawNodeConfig>() as u32),
 ];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The loader checks a pinned map's sizes before reusing it only for the maps this table
+    /// names: a map added to the programs and not here would be reused whatever its layout.
+    #[test]
+    fn every_map_of_the_programs_has_its_sizes_checked() {
+        let object = aya_obj::Object::parse(crate::OBJECT).expect("the embedded object parses");
+        let mut in_object: Vec<(String, u32, u32)> = object
+            .maps
+            .iter()
+            // `.rodata`, `.bss` and the like: the programs' own data, never pinned.
+            .filter(|(name, _)| !name.starts_with('.'))
+            .map(|(name, map)| (name.clone(), map.key_size(), map.value_size()))
+            .collect();
+        in_object.sort();
+        let mut listed: Vec<(String, u32, u32)> = MAP_SIZES
+            .iter()
+            .map(|(name, key, value)| ((*name).to_owned(), *key, *value))
+            .collect();
+        listed.sort();
+        assert_eq!(in_object, listed);
+    }
+}
