@@ -620,7 +620,7 @@ mod tests {
         for order in [[upstream, other], [other, upstream]] {
             let (pool, done, question) = (pool.clone(), done.clone(), question.clone());
             std::thread::spawn(move || {
-                for _ in 0..5_000 {
+                for _ in 0..2_000 {
                     let batch = order.map(|server| ((), server, deadline, Asked(question.clone())));
                     pool.register_batch(0, batch, |(), filed| assert!(filed.is_ok()));
                 }
