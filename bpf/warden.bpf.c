@@ -606,18 +606,13 @@ static __always_inline int sock_egress(struct bpf_sock_addr *ctx, int v6, __u8 r
 		struct warden_sock_orig so = {};
 		int mapped = is_v4_mapped(&dst);
 
-		if (dns_target_of(endpoint_id, !v6 || mapped, &so.target)) {
+		/* A workload addressing its DNS target itself (a target on port 53) is not
+		 * redirected, and no original is remembered, or the proxy would forward the query
+		 * to itself: it is a send to the target, as on any port, below. */
+		if (dns_target_of(endpoint_id, !v6 || mapped, &so.target) &&
+		    !(addr_eq(so.target.addr, dst.b) && so.target.port == port)) {
 			__u64 cookie = bpf_get_socket_cookie(ctx);
 			struct warden_sock_orig *known = bpf_map_lookup_elem(&sock_orig, &cookie);
-
-			/* The workload addressed its DNS target itself (a target on port 53): no
-			 * redirect, and no original to remember, or the proxy would forward the
-			 * query to itself. What an earlier send of this socket saved goes. */
-			if (addr_eq(so.target.addr, dst.b) && so.target.port == port) {
-				if (known && !sends_to_own_peer(ctx, v6, reason, &dst, port))
-					bpf_map_delete_elem(&sock_orig, &cookie);
-				return 1;
-			}
 
 			__builtin_memcpy(so.orig.addr, dst.b, 16);
 			so.orig.port = port;
@@ -642,9 +637,9 @@ static __always_inline int sock_egress(struct bpf_sock_addr *ctx, int v6, __u8 r
 
 	to_target = (flags & WARDEN_EP_REDIRECT_DNS) && is_dns_target(endpoint_id, &dst, port);
 	if (to_target) {
-		/* Sent to the DNS target itself (on a port other than 53): an original saved by an
-		 * earlier, redirected send of this socket is not this query's (see
-		 * record_redirect), unless the socket is sending to the peer it was connected to. */
+		/* Sent to the DNS target itself: an original saved by an earlier, redirected send
+		 * of this socket is not this query's (see record_redirect), unless the socket is
+		 * sending to the peer it was connected to. */
 		__u64 cookie = bpf_get_socket_cookie(ctx);
 
 		if (!sends_to_own_peer(ctx, v6, reason, &dst, port) &&

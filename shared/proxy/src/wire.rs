@@ -843,7 +843,6 @@ fn push_escaped(text: &mut String, label: &[u8]) {
 mod tests {
     use super::*;
     use crate::answer::normalized;
-
     use hickory_proto::op::{
         Edns as HickoryEdns, Message, MessageType, OpCode, Query as HickoryQuery, ResponseCode,
     };
