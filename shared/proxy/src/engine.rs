@@ -440,6 +440,15 @@ impl Engine {
         now
     }
 
+    /// Counts queries sent upstream a second time, their first copy unanswered.
+    pub fn upstream_resent(&self, copies: usize) {
+        self.context
+            .metrics
+            .dns
+            .upstream_retransmits
+            .inc_by(u64::try_from(copies).unwrap_or(u64::MAX));
+    }
+
     pub fn upstream_unexpected(&self, reason: &str) {
         self.context
             .metrics

@@ -1091,6 +1091,32 @@ spec:
         proxy.shutdown.cancel();
     }
 
+    /// A query whose datagram the upstream never got (its queue full in a burst, a conntrack
+    /// race on the way) waited the whole `upstream_timeout` and got SERVFAIL; the client's
+    /// own retry would come later still. It is sent again after a few round trips.
+    #[tokio::test]
+    async fn a_query_lost_on_the_way_upstream_is_answered_after_its_second_copy() {
+        let seen = Mutex::new(std::collections::HashSet::new());
+        // Drops the first copy of every query it gets.
+        let upstream = fake_upstream_sending(move |answer| {
+            if seen.lock().unwrap().insert(answer.metadata.id) {
+                return None;
+            }
+            answer.to_vec().ok()
+        })
+        .await;
+        let proxy = start(upstream, Duration::ZERO, Duration::from_secs(2)).await;
+        let (answer, took) = ask(proxy.dns, "cilium.io.").await;
+        assert_eq!(answer.metadata.response_code, ResponseCode::NoError);
+        assert!(
+            took >= crate::upstream::RETRANSMIT_INITIAL && took < Duration::from_secs(1),
+            "answered at {took:?}"
+        );
+        assert_eq!(proxy.metrics.dns.upstream_retransmits.get(), 1);
+        assert_eq!(proxy.unexpected("late"), 0);
+        proxy.shutdown.cancel();
+    }
+
     #[tokio::test]
     async fn a_silent_upstream_gets_servfail_after_the_timeout() {
         let upstream = fake_upstream(true).await;

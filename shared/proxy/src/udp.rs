@@ -58,6 +58,10 @@ impl Waiter for Waiting {
     fn question(&self) -> &[u8] {
         self.query.get(self.question.clone()).unwrap_or_default()
     }
+
+    fn packet(&self) -> &[u8] {
+        &self.query
+    }
 }
 
 /// Serves one listener socket until `stop`; then takes it out of the port's SO_REUSEPORT group
@@ -450,8 +454,8 @@ fn instead(engine: &Engine, waiting: &Waiting, packet: &[u8], cut_short: bool) -
     Some(wire::truncated_response(&query))
 }
 
-/// Answers SERVFAIL to queries whose upstream stayed silent past `upstream_timeout`, until
-/// `shutdown`.
+/// Sends again the queries the upstream is late to answer, and answers SERVFAIL to those whose
+/// upstream stayed silent past `upstream_timeout`, until `shutdown`.
 pub(crate) async fn sweep_loop(
     engine: Arc<Engine>,
     shutdown: CancellationToken,
@@ -463,6 +467,8 @@ pub(crate) async fn sweep_loop(
     let mut ticks = tokio::time::interval(period);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut idle_sweeps = 0;
+    // One outbox per pool socket, made when the socket first has a query to send again.
+    let mut resends: Vec<Option<Outbox>> = engine.upstream.sockets().iter().map(|_| None).collect();
     loop {
         if idle_sweeps >= SWEEPS_BEFORE_SLEEP {
             tokio::select! {
@@ -477,8 +483,30 @@ pub(crate) async fn sweep_loop(
             _ = shutdown.cancelled() => return,
             _ = ticks.tick() => {}
         }
-        for waiting in engine.upstream.expired(Instant::now()) {
+        let expired = engine
+            .upstream
+            .sweep(Instant::now(), |pool_index, id, target, waiting| {
+                if let Some(outbox) = resends.get_mut(pool_index) {
+                    let outbox = outbox.get_or_insert_with(|| Outbox::new(BATCH));
+                    set_id(outbox.push(waiting.packet(), target), id);
+                }
+            });
+        for waiting in expired {
             time_out(&engine, waiting, &tracker);
+        }
+        for (pool_index, outbox) in resends.iter_mut().enumerate() {
+            let Some(outbox) = outbox.as_mut().filter(|outbox| !outbox.is_empty()) else {
+                continue;
+            };
+            let Some(pool_socket) = engine.upstream.sockets().get(pool_index) else {
+                outbox.clear();
+                continue;
+            };
+            let copies = outbox.len();
+            // A copy that cannot leave changes nothing: its query waits for the first one's
+            // answer, or its deadline.
+            let failed = pool_socket.datagram().send_batch(outbox).await;
+            engine.upstream_resent(copies.saturating_sub(failed.len()));
         }
         if engine.in_flight.is_idle() {
             idle_sweeps += 1;

@@ -8,13 +8,16 @@
 //! stack, carries queries to other servers (a client's original destination). The socket's receive loop claims an answer only
 //! when it comes from the server asked, with the query's ID and the same question; anything
 //! else is counted and dropped, and the query keeps waiting for the real answer, so a spoofed
-//! packet cannot even cut a query short. Queries whose deadline passes are swept out by
-//! [`UpstreamPool::expired`]. TCP queries (a client retrying after TC) get a connection of
-//! their own for the exchange.
+//! packet cannot even cut a query short. A query still unanswered after a few of the
+//! upstream's round trips is sent once more, the same bytes under the same ID, so a datagram
+//! lost on the way (an upstream whose receive queue overflowed in a burst, a conntrack race)
+//! costs the client a fraction of a second instead of its own retry after seconds; queries
+//! whose deadline passes are taken out. Both by [`UpstreamPool::sweep`]. TCP queries (a client
+//! retrying after TC) get a connection of their own for the exchange.
 
 use std::collections::HashMap;
 use std::net::{Ipv6Addr, SocketAddr};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -32,6 +35,13 @@ pub const MAX_MESSAGE: usize = 65_535;
 
 /// Tries at drawing an unused random ID on one socket before moving to the next socket.
 const ID_DRAWS: usize = 8;
+
+/// The earliest a query is sent again: an upstream answering from its cache in a millisecond
+/// may take a hundred times that to resolve a name it does not hold, and a query sent twice
+/// costs it twice.
+pub const RETRANSMIT_MIN: Duration = Duration::from_millis(100);
+/// When a query is sent again before any answer told how far the upstream is.
+pub const RETRANSMIT_INITIAL: Duration = Duration::from_millis(250);
 
 /// Why no answer came back.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -59,12 +69,61 @@ impl UpstreamFailure {
 pub trait Waiter: Send + 'static {
     /// The question as sent (name, type, class, in wire form): an answer must repeat it.
     fn question(&self) -> &[u8];
+    /// The query as forwarded but for its ID: what is sent again when no answer comes.
+    fn packet(&self) -> &[u8];
 }
 
 struct Pending<W> {
     server: SocketAddr,
     deadline: Instant,
+    /// When it was first sent, for the round-trip estimate.
+    sent: Instant,
+    /// When it is due to be sent again; `None` once it was, or if that would come after the
+    /// deadline.
+    resend_at: Option<Instant>,
+    /// Sent twice: its answer's round trip is ambiguous (which copy does it answer?), so it
+    /// tells the estimate nothing (Karn's rule).
+    resent: bool,
     waiter: W,
+}
+
+/// The smoothed round trip to the servers of a group of pool sockets and its variation (RFC
+/// 6298's estimator, in microseconds), which say when a query is late enough to be sent
+/// again. Answer loops on several threads update it without a lock: a sample lost to a race
+/// moves the estimate a little less, which is all an estimate needs.
+#[derive(Debug, Default)]
+struct RoundTrip {
+    smoothed_us: AtomicU64,
+    variation_us: AtomicU64,
+}
+
+impl RoundTrip {
+    fn observe(&self, sample: Duration) {
+        let sample = u64::try_from(sample.as_micros()).unwrap_or(u64::MAX).max(1);
+        let smoothed = self.smoothed_us.load(Ordering::Relaxed);
+        if smoothed == 0 {
+            self.smoothed_us.store(sample, Ordering::Relaxed);
+            self.variation_us.store(sample / 2, Ordering::Relaxed);
+            return;
+        }
+        let variation = self.variation_us.load(Ordering::Relaxed);
+        let deviation = smoothed.abs_diff(sample);
+        self.variation_us
+            .store((3 * variation + deviation) / 4, Ordering::Relaxed);
+        self.smoothed_us
+            .store((7 * smoothed + sample) / 8, Ordering::Relaxed);
+    }
+
+    /// How long a query waits for its answer before it is sent again.
+    fn retransmit_after(&self) -> Duration {
+        let smoothed = self.smoothed_us.load(Ordering::Relaxed);
+        if smoothed == 0 {
+            return RETRANSMIT_INITIAL;
+        }
+        let variation = self.variation_us.load(Ordering::Relaxed);
+        Duration::from_micros(smoothed.saturating_add(variation.saturating_mul(4)))
+            .max(RETRANSMIT_MIN)
+    }
 }
 
 /// One socket of the pool and the queries waiting on it.
@@ -74,6 +133,8 @@ pub struct PoolSocket<W> {
     peer: Option<SocketAddr>,
     /// Dual-stack sockets reach IPv4 servers through IPv4-mapped addresses.
     dual_stack: bool,
+    /// Shared by the socket's group: the connected sockets' is the configured upstream's.
+    round_trip: Arc<RoundTrip>,
     pending: Mutex<Table<W>>,
 }
 
@@ -181,7 +242,16 @@ impl<W: Waiter> PoolSocket<W> {
             Err(_) => return Err("malformed"),
         };
         let waiting = pending.take(id).ok_or("id")?;
+        drop(pending);
+        if !waiting.resent {
+            self.round_trip.observe(waiting.sent.elapsed());
+        }
         Ok((waiting.waiter, answer))
+    }
+
+    /// When a query filed now for `deadline` is due to be sent again, if before it.
+    fn resend_at(&self, now: Instant, deadline: Instant) -> Option<Instant> {
+        Some(now + self.round_trip.retransmit_after()).filter(|at| *at < deadline)
     }
 }
 
@@ -189,12 +259,12 @@ impl<W: Waiter> PoolSocket<W> {
 /// that socket (`None`: the socket is connected to it).
 pub type Filed = (usize, u16, Option<SocketAddr>);
 
-/// Files `waiter` in `pending` under a random unused ID, or gives it back after [`ID_DRAWS`]
-/// draws found none.
+/// Files `waiter`, sent `now`, in `pending` under a random unused ID, or gives it back after
+/// [`ID_DRAWS`] draws found none.
 fn file<W>(
     pending: &mut Table<W>,
     server: SocketAddr,
-    deadline: Instant,
+    (now, resend_at, deadline): (Instant, Option<Instant>, Instant),
     waiter: W,
 ) -> Result<u16, W> {
     for _ in 0..ID_DRAWS {
@@ -203,6 +273,9 @@ fn file<W>(
             slot.insert(Pending {
                 server,
                 deadline,
+                sent: now,
+                resend_at,
+                resent: false,
                 waiter,
             });
             return Ok(id);
@@ -236,12 +309,14 @@ impl<W: Waiter> UpstreamPool<W> {
         let size = size.max(1);
         let upstream = canonical(upstream);
         let mut sockets = Vec::with_capacity(2 * size);
+        let upstream_round_trip = Arc::new(RoundTrip::default());
         for _ in 0..size {
             match connected_socket(upstream) {
                 Ok(socket) => sockets.push(Arc::new(PoolSocket {
                     socket,
                     peer: Some(upstream),
                     dual_stack: false,
+                    round_trip: upstream_round_trip.clone(),
                     pending: Mutex::new(Table::new()),
                 })),
                 Err(error) => {
@@ -252,6 +327,10 @@ impl<W: Waiter> UpstreamPool<W> {
             }
         }
         let connected = sockets.len();
+        // The other servers (the ones clients addressed) share one estimate: mostly one
+        // resolver of the cluster's, and a server far off at worst gets a copy of a query
+        // that was slow to resolve.
+        let others_round_trip = Arc::new(RoundTrip::default());
         for _ in 0..size {
             let socket = dual_stack_socket().map_err(ProxyError::UpstreamSocket)?;
             let dual_stack = socket.local_addr().is_ok_and(|local| local.is_ipv6());
@@ -259,6 +338,7 @@ impl<W: Waiter> UpstreamPool<W> {
                 socket,
                 peer: None,
                 dual_stack,
+                round_trip: others_round_trip.clone(),
                 pending: Mutex::new(Table::new()),
             }));
         }
@@ -295,12 +375,14 @@ impl<W: Waiter> UpstreamPool<W> {
         let server = canonical(server);
         let group = self.group(server);
         let group_size = group.len().max(1);
+        let now = Instant::now();
         for offset in 0..group.len() {
             let index = group.start + (turn + offset) % group_size;
             let Some(socket) = self.sockets.get(index) else {
                 break;
             };
-            match file(&mut socket.pending(), server, deadline, waiter) {
+            let times = (now, socket.resend_at(now, deadline), deadline);
+            match file(&mut socket.pending(), server, times, waiter) {
                 Ok(id) => return Ok((index, id, socket.target(server))),
                 Err(back) => waiter = back,
             }
@@ -322,6 +404,7 @@ impl<W: Waiter> UpstreamPool<W> {
         mut filed: impl FnMut(T, Result<Filed, W>),
     ) {
         let mut held: Option<(usize, MutexGuard<'_, Table<W>>)> = None;
+        let now = Instant::now();
         for (tag, server, deadline, waiter) in filings {
             let server = canonical(server);
             let group = self.group(server);
@@ -341,7 +424,8 @@ impl<W: Waiter> UpstreamPool<W> {
                     &mut held.insert((index, socket.pending())).1
                 }
             };
-            match file(pending, server, deadline, waiter) {
+            let times = (now, socket.resend_at(now, deadline), deadline);
+            match file(pending, server, times, waiter) {
                 Ok(id) => filed(tag, Ok((index, id, socket.target(server)))),
                 Err(waiter) => {
                     held = None;
@@ -360,16 +444,29 @@ impl<W: Waiter> UpstreamPool<W> {
         }
     }
 
-    /// Takes out every query whose deadline is at or before `now`.
-    pub fn expired(&self, now: Instant) -> Vec<W> {
+    /// Takes out every query whose deadline is at or before `now`, and hands `resend` each
+    /// one due to be sent again (once: see [`RoundTrip`]) as (socket index, ID, the address to
+    /// send it to from that socket, the waiter), with that socket's lock held: `resend` must
+    /// not call into the pool.
+    pub fn sweep(
+        &self,
+        now: Instant,
+        mut resend: impl FnMut(usize, u16, Option<SocketAddr>, &W),
+    ) -> Vec<W> {
         let mut expired = Vec::new();
-        for socket in &self.sockets {
+        for (index, socket) in self.sockets.iter().enumerate() {
             let mut pending = socket.pending();
-            if !pending
-                .waiting
-                .values()
-                .any(|waiting| waiting.deadline <= now)
-            {
+            let mut expiring = false;
+            for (id, waiting) in &mut pending.waiting {
+                if waiting.deadline <= now {
+                    expiring = true;
+                } else if waiting.resend_at.is_some_and(|at| at <= now) {
+                    waiting.resend_at = None;
+                    waiting.resent = true;
+                    resend(index, *id, socket.target(waiting.server), &waiting.waiter);
+                }
+            }
+            if !expiring {
                 continue;
             }
             let ids: Vec<u16> = pending
@@ -495,11 +592,16 @@ mod tests {
     use hickory_proto::rr::{Name, RData, Record, RecordType};
     use std::str::FromStr;
 
-    struct Asked(Vec<u8>);
+    /// A question, and the query it came in.
+    struct Asked(Vec<u8>, Vec<u8>);
 
     impl Waiter for Asked {
         fn question(&self) -> &[u8] {
             &self.0
+        }
+
+        fn packet(&self) -> &[u8] {
+            &self.1
         }
     }
 
@@ -512,7 +614,7 @@ mod tests {
 
     fn waiter_for(packet: &[u8]) -> Asked {
         let query = wire::parse_query(packet).unwrap();
-        Asked(packet[query.question.clone()].to_vec())
+        Asked(packet[query.question.clone()].to_vec(), packet.to_vec())
     }
 
     fn answer_packet(name: &str, id: u16) -> Vec<u8> {
@@ -554,9 +656,16 @@ mod tests {
         let other: SocketAddr = "127.0.0.2:53".parse().unwrap();
         let pool = UpstreamPool::<Asked>::open(2, upstream).unwrap();
         let deadline = Instant::now() + Duration::from_secs(2);
-        let question = waiter_for(&query_packet(1, "cilium.io.")).0;
-        let filings = [(0, upstream), (1, upstream), (2, other), (3, upstream)]
-            .map(|(tag, server)| (tag, server, deadline, Asked(question.clone())));
+        let asked = waiter_for(&query_packet(1, "cilium.io."));
+        let filings =
+            [(0, upstream), (1, upstream), (2, other), (3, upstream)].map(|(tag, server)| {
+                (
+                    tag,
+                    server,
+                    deadline,
+                    Asked(asked.0.clone(), asked.1.clone()),
+                )
+            });
         let mut filed = Vec::new();
         pool.register_batch(1, filings, |tag, result| {
             let Ok((index, id, target)) = result else {
@@ -590,14 +699,22 @@ mod tests {
                 pending.waiting.entry(id).or_insert(Pending {
                     server: upstream,
                     deadline,
-                    waiter: Asked(question.clone()),
+                    sent: Instant::now(),
+                    resend_at: None,
+                    resent: false,
+                    waiter: Asked(asked.0.clone(), asked.1.clone()),
                 });
             }
         }
         let mut moved = Vec::new();
         pool.register_batch(
             1,
-            [((), upstream, deadline, Asked(question.clone()))],
+            [(
+                (),
+                upstream,
+                deadline,
+                Asked(asked.0.clone(), asked.1.clone()),
+            )],
             |_, result| {
                 moved.push(result.map(|(index, _, _)| index).ok());
             },
@@ -615,13 +732,13 @@ mod tests {
         let other: SocketAddr = "127.0.0.2:53".parse().unwrap();
         let pool = Arc::new(UpstreamPool::<Asked>::open(1, upstream).unwrap());
         let deadline = Instant::now() + Duration::from_secs(60);
-        let question = waiter_for(&query_packet(1, "cilium.io.")).0;
+        let query = query_packet(1, "cilium.io.");
         let (done, finished) = std::sync::mpsc::channel();
         for order in [[upstream, other], [other, upstream]] {
-            let (pool, done, question) = (pool.clone(), done.clone(), question.clone());
+            let (pool, done, query) = (pool.clone(), done.clone(), query.clone());
             std::thread::spawn(move || {
                 for _ in 0..2_000 {
-                    let batch = order.map(|server| ((), server, deadline, Asked(question.clone())));
+                    let batch = order.map(|server| ((), server, deadline, waiter_for(&query)));
                     pool.register_batch(0, batch, |(), filed| assert!(filed.is_ok()));
                 }
                 let _ = done.send(());
@@ -740,10 +857,104 @@ mod tests {
                 .is_ok()
             );
         }
-        assert!(pool.expired(now).is_empty());
-        assert_eq!(pool.expired(now + Duration::from_secs(2)).len(), 2);
+        let never_resent = |_: usize, _: u16, _: Option<SocketAddr>, _: &Asked| {};
+        assert!(pool.sweep(now, never_resent).is_empty());
+        assert_eq!(
+            pool.sweep(now + Duration::from_secs(2), never_resent).len(),
+            2
+        );
         assert_eq!(pool.drain().len(), 1);
         assert!(pool.drain().is_empty());
+    }
+
+    /// (socket index, ID) of the queries a sweep at `at` sends again.
+    fn resent_at(pool: &UpstreamPool<Asked>, at: Instant) -> Vec<(usize, u16)> {
+        let mut resent = Vec::new();
+        let expired = pool.sweep(at, |index, id, _, waiter| {
+            assert_eq!(packet_id(waiter.packet()), Some(4242), "the client's query");
+            resent.push((index, id));
+        });
+        assert!(expired.is_empty());
+        resent
+    }
+
+    /// A query unanswered for a few round trips goes once more under its ID: its first copy
+    /// may be lost, and the client would wait for its own retry (5 s with glibc's defaults).
+    #[tokio::test]
+    async fn a_late_query_is_sent_again_once_under_its_id() {
+        let server: SocketAddr = "127.0.0.1:53".parse().unwrap();
+        let pool = UpstreamPool::<Asked>::open(1, server).unwrap();
+        let filed_at = Instant::now();
+        let query = query_packet(4242, "cilium.io.");
+        let Ok((index, id, _)) = pool.register(
+            server,
+            filed_at + Duration::from_secs(2),
+            waiter_for(&query),
+            0,
+        ) else {
+            panic!("no ID free in an empty pool");
+        };
+        assert!(resent_at(&pool, filed_at + RETRANSMIT_INITIAL / 2).is_empty());
+        let due = filed_at + RETRANSMIT_INITIAL + Duration::from_millis(1);
+        assert_eq!(resent_at(&pool, due), [(index, id)]);
+        assert!(
+            resent_at(&pool, due + Duration::from_secs(1)).is_empty(),
+            "once"
+        );
+
+        // One the deadline would come first is not sent again.
+        let Ok(_) = pool.register(
+            server,
+            Instant::now() + RETRANSMIT_INITIAL / 2,
+            waiter_for(&query),
+            0,
+        ) else {
+            panic!("no ID free in an empty pool");
+        };
+        assert!(resent_at(&pool, Instant::now() + RETRANSMIT_INITIAL / 4).is_empty());
+    }
+
+    /// The wait before a query goes again follows the upstream's round trips, not below
+    /// [`RETRANSMIT_MIN`]; an answer to a query sent twice does not move it.
+    #[tokio::test]
+    async fn the_wait_before_sending_again_follows_the_round_trip() {
+        let round_trip = RoundTrip::default();
+        assert_eq!(round_trip.retransmit_after(), RETRANSMIT_INITIAL);
+        for _ in 0..20 {
+            round_trip.observe(Duration::from_millis(1));
+        }
+        assert_eq!(round_trip.retransmit_after(), RETRANSMIT_MIN);
+        for _ in 0..40 {
+            round_trip.observe(Duration::from_millis(400));
+        }
+        let slow = round_trip.retransmit_after();
+        assert!(
+            slow >= Duration::from_millis(400) && slow < Duration::from_millis(600),
+            "{slow:?}"
+        );
+
+        let server = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let server_addr = server.local_addr().unwrap();
+        let pool = UpstreamPool::<Asked>::open(1, server_addr).unwrap();
+        let query = query_packet(4242, "cilium.io.");
+        let (socket, id, _) = forward(&pool, server_addr, &query).await;
+        assert_eq!(
+            resent_at(&pool, Instant::now() + Duration::from_secs(1)).len(),
+            1
+        );
+        socket
+            .claim(server_addr, &answer_packet("cilium.io.", id))
+            .unwrap();
+        assert_eq!(
+            socket.round_trip.retransmit_after(),
+            RETRANSMIT_INITIAL,
+            "no sample from a query sent twice"
+        );
+        let (socket, id, _) = forward(&pool, server_addr, &query).await;
+        socket
+            .claim(server_addr, &answer_packet("cilium.io.", id))
+            .unwrap();
+        assert_eq!(socket.round_trip.retransmit_after(), RETRANSMIT_MIN);
     }
 
     #[tokio::test]

@@ -143,6 +143,8 @@ pub struct DnsMetrics {
     pub upstream_errors: IntCounterVec,
     /// Answers dropped because they did not match a query we sent; label: reason.
     pub upstream_unexpected: IntCounterVec,
+    /// Queries sent upstream a second time, their first copy unanswered.
+    pub upstream_retransmits: IntCounter,
     /// label: protocol
     pub malformed: IntCounterVec,
     pub concurrency_rejections: IntCounter,
@@ -213,6 +215,12 @@ impl Metrics {
                 "dns_upstream_unexpected_total",
                 "Packets on upstream sockets that matched no query sent (wrong source, id or question).",
                 &["reason"],
+            )?,
+            upstream_retransmits: counter(
+                &registry,
+                "dns_upstream_retransmits_total",
+                "UDP queries sent to the upstream a second time because the first copy went \
+                 unanswered for a few round trips.",
             )?,
             malformed: counter_vec(
                 &registry,
