@@ -133,17 +133,44 @@ impl Datagram {
                     full_buffer_attempts += 1;
                     tokio::time::sleep(FULL_BUFFER_RETRY).await;
                 }
-                // The kernel reports an error for the first datagram it could not send; the
-                // ones after it get their own attempt.
                 Err(error) => {
-                    tracing::debug!(target = %outbox.target(next), %error, "cannot send datagram");
                     failed.push(next);
-                    next += 1;
+                    next = Self::past_failure(outbox, next, &error);
                 }
             }
         }
         outbox.clear();
         failed
+    }
+
+    /// [`Datagram::send_batch`] without waiting for room in a full send buffer: what does
+    /// not fit now is among the failed.
+    pub fn send_batch_now(&self, outbox: &mut Outbox) -> Vec<usize> {
+        let mut failed = Vec::new();
+        let mut next = 0;
+        while next < outbox.len() {
+            match outbox.send_from(self.io.get_ref().as_raw_fd(), next) {
+                Ok(sent) => next += sent.max(1),
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
+                    failed.extend(next..outbox.len());
+                    break;
+                }
+                Err(error) => {
+                    failed.push(next);
+                    next = Self::past_failure(outbox, next, &error);
+                }
+            }
+        }
+        outbox.clear();
+        failed
+    }
+
+    /// Where sending goes on after the `failed`th datagram of `outbox` could not be sent.
+    fn past_failure(outbox: &Outbox, failed: usize, error: &io::Error) -> usize {
+        // The kernel reports an error for the first datagram it could not send; the ones
+        // after it get their own attempt.
+        tracing::debug!(target = %outbox.target(failed), %error, "cannot send datagram");
+        failed + 1
     }
 }
 

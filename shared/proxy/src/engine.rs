@@ -441,7 +441,7 @@ impl Engine {
     }
 
     /// Counts queries sent upstream a second time, their first copy unanswered.
-    pub fn upstream_resent(&self, copies: usize) {
+    pub fn upstream_retransmitted(&self, copies: usize) {
         self.context
             .metrics
             .dns

@@ -5,8 +5,9 @@
 //! upstream pool; then the batch's forwards leave in one call per pool socket and its
 //! immediate answers in one more. The pool socket's answer loop reads a batch of answers,
 //! claims each for its query, records what it allows and sends the batch back to the clients
-//! from the listener sockets their queries came in on. A sweep loop answers SERVFAIL to
-//! queries whose upstream stayed silent. A query thus costs a share of two wake-ups of
+//! from the listener sockets their queries came in on. A sweep loop sends again the queries
+//! the upstream is late to answer and answers SERVFAIL to those it left unanswered for good.
+//! A query thus costs a share of two wake-ups of
 //! long-lived loops and no spawn, channel or task hop; only an answer the datapath asks to
 //! hold for something asynchronous gets a task of its own.
 
@@ -467,7 +468,8 @@ pub(crate) async fn sweep_loop(
     let mut ticks = tokio::time::interval(period);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut idle_sweeps = 0;
-    // One outbox per pool socket, made when the socket first has a query to send again.
+    // One outbox per pool socket, made only when it first has a query to send again: copies
+    // are rare, and an outbox costs a few pages.
     let mut resends: Vec<Option<Outbox>> = engine.upstream.sockets().iter().map(|_| None).collect();
     loop {
         if idle_sweeps >= SWEEPS_BEFORE_SLEEP {
@@ -503,10 +505,11 @@ pub(crate) async fn sweep_loop(
                 continue;
             };
             let copies = outbox.len();
-            // A copy that cannot leave changes nothing: its query waits for the first one's
-            // answer, or its deadline.
-            let failed = pool_socket.datagram().send_batch(outbox).await;
-            engine.upstream_resent(copies.saturating_sub(failed.len()));
+            // Without waiting for room: a sweep held up by a full send buffer would answer the
+            // timed-out queries late. A copy that cannot leave changes nothing; its query
+            // waits for the first one's answer, or its deadline.
+            let failed = pool_socket.datagram().send_batch_now(outbox);
+            engine.upstream_retransmitted(copies.saturating_sub(failed.len()));
         }
         if engine.in_flight.is_idle() {
             idle_sweeps += 1;

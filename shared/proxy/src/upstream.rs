@@ -17,7 +17,7 @@
 
 use std::collections::HashMap;
 use std::net::{Ipv6Addr, SocketAddr};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -42,6 +42,9 @@ const ID_DRAWS: usize = 8;
 pub const RETRANSMIT_MIN: Duration = Duration::from_millis(100);
 /// When a query is sent again before any answer told how far the upstream is.
 pub const RETRANSMIT_INITIAL: Duration = Duration::from_millis(250);
+/// Doublings of the wait at most while copies go unanswered (16 times the estimate): past the
+/// usual `upstream_timeout` then, so a slow upstream's queries stop going twice.
+const MAX_BACKOFF: u32 = 4;
 
 /// Why no answer came back.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -87,18 +90,30 @@ struct Pending<W> {
     waiter: W,
 }
 
-/// The smoothed round trip to the servers of a group of pool sockets and its variation (RFC
-/// 6298's estimator, in microseconds), which say when a query is late enough to be sent
-/// again. Answer loops on several threads update it without a lock: a sample lost to a race
-/// moves the estimate a little less, which is all an estimate needs.
+/// The smoothed round trip of one pool socket's queries and its variation (RFC 6298's
+/// estimator, in microseconds), which say when a query is late enough to be sent again, and
+/// how many times that wait is doubled. The socket's answer loop writes it and listener loops
+/// read it when they file, without a lock: a sample lost to a race moves the estimate a little
+/// less, which is all an estimate needs. One per socket, not one per pool, so that the answer
+/// loops on different threads do not write the same memory for every answer.
+///
+/// A copy's answer tells nothing (which copy does it answer?: Karn's rule), so were the
+/// upstream to slow down past the wait, no answer would raise the estimate and every query
+/// would go twice, to an upstream already struggling: each sweep that sends copies doubles
+/// the wait instead (RFC 6298 §5.5), up to [`MAX_BACKOFF`] times, until an answer to a query
+/// sent once says how far the upstream now is.
 #[derive(Debug, Default)]
 struct RoundTrip {
     smoothed_us: AtomicU64,
     variation_us: AtomicU64,
+    backoff: AtomicU32,
 }
 
 impl RoundTrip {
     fn observe(&self, sample: Duration) {
+        if self.backoff.load(Ordering::Relaxed) != 0 {
+            self.backoff.store(0, Ordering::Relaxed);
+        }
         let sample = u64::try_from(sample.as_micros()).unwrap_or(u64::MAX).max(1);
         let smoothed = self.smoothed_us.load(Ordering::Relaxed);
         if smoothed == 0 {
@@ -117,12 +132,21 @@ impl RoundTrip {
     /// How long a query waits for its answer before it is sent again.
     fn retransmit_after(&self) -> Duration {
         let smoothed = self.smoothed_us.load(Ordering::Relaxed);
-        if smoothed == 0 {
-            return RETRANSMIT_INITIAL;
-        }
-        let variation = self.variation_us.load(Ordering::Relaxed);
-        Duration::from_micros(smoothed.saturating_add(variation.saturating_mul(4)))
-            .max(RETRANSMIT_MIN)
+        let estimate = if smoothed == 0 {
+            RETRANSMIT_INITIAL
+        } else {
+            let variation = self.variation_us.load(Ordering::Relaxed);
+            Duration::from_micros(smoothed.saturating_add(variation.saturating_mul(4)))
+                .max(RETRANSMIT_MIN)
+        };
+        estimate * (1 << self.backoff.load(Ordering::Relaxed).min(MAX_BACKOFF))
+    }
+
+    /// Copies went unanswered for the wait: the next queries wait twice as long.
+    fn back_off(&self) {
+        let backoff = self.backoff.load(Ordering::Relaxed);
+        self.backoff
+            .store((backoff + 1).min(MAX_BACKOFF), Ordering::Relaxed);
     }
 }
 
@@ -133,8 +157,7 @@ pub struct PoolSocket<W> {
     peer: Option<SocketAddr>,
     /// Dual-stack sockets reach IPv4 servers through IPv4-mapped addresses.
     dual_stack: bool,
-    /// Shared by the socket's group: the connected sockets' is the configured upstream's.
-    round_trip: Arc<RoundTrip>,
+    round_trip: RoundTrip,
     pending: Mutex<Table<W>>,
 }
 
@@ -148,6 +171,11 @@ const RETIRED_KEPT: usize = 512;
 struct Table<W> {
     waiting: HashMap<u16, Pending<W>>,
     retired: std::collections::VecDeque<(u16, SocketAddr)>,
+    /// Queries sent twice and answered, until their deadline: the other copy's answer may
+    /// still come, later than the last [`RETIRED_KEPT`] IDs go under load. Their IDs stay
+    /// out of use meanwhile, so that answer can neither pass for a new query's nor be
+    /// counted as a forgery.
+    echoes: HashMap<u16, (SocketAddr, Instant)>,
 }
 
 impl<W> Table<W> {
@@ -155,6 +183,7 @@ impl<W> Table<W> {
         Table {
             waiting: HashMap::new(),
             retired: std::collections::VecDeque::with_capacity(RETIRED_KEPT),
+            echoes: HashMap::new(),
         }
     }
 
@@ -222,6 +251,14 @@ impl<W: Waiter> PoolSocket<W> {
         let id = packet_id(packet).ok_or("short")?;
         let mut pending = self.pending();
         let Some(waiting) = pending.waiting.get(&id) else {
+            if pending
+                .echoes
+                .get(&id)
+                .is_some_and(|(server, _)| *server == from)
+            {
+                pending.echoes.remove(&id);
+                return Err("late");
+            }
             return Err(if pending.retired(id, from) {
                 "late"
             } else {
@@ -242,6 +279,9 @@ impl<W: Waiter> PoolSocket<W> {
             Err(_) => return Err("malformed"),
         };
         let waiting = pending.take(id).ok_or("id")?;
+        if waiting.resent {
+            pending.echoes.insert(id, (from, waiting.deadline));
+        }
         drop(pending);
         if !waiting.resent {
             self.round_trip.observe(waiting.sent.elapsed());
@@ -249,9 +289,11 @@ impl<W: Waiter> PoolSocket<W> {
         Ok((waiting.waiter, answer))
     }
 
-    /// When a query filed now for `deadline` is due to be sent again, if before it.
+    /// When a query filed now for `deadline` is due to be sent again: not if its copy would
+    /// not have the same wait for an answer before the deadline.
     fn resend_at(&self, now: Instant, deadline: Instant) -> Option<Instant> {
-        Some(now + self.round_trip.retransmit_after()).filter(|at| *at < deadline)
+        let wait = self.round_trip.retransmit_after();
+        Some(now + wait).filter(|at| *at + wait <= deadline)
     }
 }
 
@@ -269,6 +311,9 @@ fn file<W>(
 ) -> Result<u16, W> {
     for _ in 0..ID_DRAWS {
         let id: u16 = rand::random();
+        if pending.echoes.contains_key(&id) {
+            continue;
+        }
         if let std::collections::hash_map::Entry::Vacant(slot) = pending.waiting.entry(id) {
             slot.insert(Pending {
                 server,
@@ -309,14 +354,13 @@ impl<W: Waiter> UpstreamPool<W> {
         let size = size.max(1);
         let upstream = canonical(upstream);
         let mut sockets = Vec::with_capacity(2 * size);
-        let upstream_round_trip = Arc::new(RoundTrip::default());
         for _ in 0..size {
             match connected_socket(upstream) {
                 Ok(socket) => sockets.push(Arc::new(PoolSocket {
                     socket,
                     peer: Some(upstream),
                     dual_stack: false,
-                    round_trip: upstream_round_trip.clone(),
+                    round_trip: RoundTrip::default(),
                     pending: Mutex::new(Table::new()),
                 })),
                 Err(error) => {
@@ -327,10 +371,9 @@ impl<W: Waiter> UpstreamPool<W> {
             }
         }
         let connected = sockets.len();
-        // The other servers (the ones clients addressed) share one estimate: mostly one
-        // resolver of the cluster's, and a server far off at worst gets a copy of a query
-        // that was slow to resolve.
-        let others_round_trip = Arc::new(RoundTrip::default());
+        // An unconnected socket's estimate mixes the other servers it asks (mostly one
+        // resolver of the cluster's): a server farther off than the rest at worst gets a copy
+        // of a query it was slow to answer, and then the wait backs off.
         for _ in 0..size {
             let socket = dual_stack_socket().map_err(ProxyError::UpstreamSocket)?;
             let dual_stack = socket.local_addr().is_ok_and(|local| local.is_ipv6());
@@ -338,7 +381,7 @@ impl<W: Waiter> UpstreamPool<W> {
                 socket,
                 peer: None,
                 dual_stack,
-                round_trip: others_round_trip.clone(),
+                round_trip: RoundTrip::default(),
                 pending: Mutex::new(Table::new()),
             }));
         }
@@ -456,15 +499,23 @@ impl<W: Waiter> UpstreamPool<W> {
         let mut expired = Vec::new();
         for (index, socket) in self.sockets.iter().enumerate() {
             let mut pending = socket.pending();
+            if !pending.echoes.is_empty() {
+                pending.echoes.retain(|_, (_, until)| *until > now);
+            }
             let mut expiring = false;
+            let mut resent = false;
             for (id, waiting) in &mut pending.waiting {
                 if waiting.deadline <= now {
                     expiring = true;
                 } else if waiting.resend_at.is_some_and(|at| at <= now) {
                     waiting.resend_at = None;
                     waiting.resent = true;
+                    resent = true;
                     resend(index, *id, socket.target(waiting.server), &waiting.waiter);
                 }
+            }
+            if resent {
+                socket.round_trip.back_off();
             }
             if !expiring {
                 continue;
@@ -867,12 +918,12 @@ mod tests {
         assert!(pool.drain().is_empty());
     }
 
-    /// (socket index, ID) of the queries a sweep at `at` sends again.
-    fn resent_at(pool: &UpstreamPool<Asked>, at: Instant) -> Vec<(usize, u16)> {
+    /// (socket index, ID, target) of the queries a sweep at `at` sends again.
+    fn resent_at(pool: &UpstreamPool<Asked>, at: Instant) -> Vec<(usize, u16, Option<SocketAddr>)> {
         let mut resent = Vec::new();
-        let expired = pool.sweep(at, |index, id, _, waiter| {
+        let expired = pool.sweep(at, |index, id, target, waiter| {
             assert_eq!(packet_id(waiter.packet()), Some(4242), "the client's query");
-            resent.push((index, id));
+            resent.push((index, id, target));
         });
         assert!(expired.is_empty());
         resent
@@ -895,23 +946,72 @@ mod tests {
             panic!("no ID free in an empty pool");
         };
         assert!(resent_at(&pool, filed_at + RETRANSMIT_INITIAL / 2).is_empty());
-        let due = filed_at + RETRANSMIT_INITIAL + Duration::from_millis(1);
-        assert_eq!(resent_at(&pool, due), [(index, id)]);
+        // Filed a moment after `filed_at`, however slow the machine.
+        let due = filed_at + RETRANSMIT_INITIAL + Duration::from_millis(100);
+        assert_eq!(resent_at(&pool, due), [(index, id, None)], "connected");
         assert!(
             resent_at(&pool, due + Duration::from_secs(1)).is_empty(),
             "once"
         );
 
-        // One the deadline would come first is not sent again.
-        let Ok(_) = pool.register(
-            server,
-            Instant::now() + RETRANSMIT_INITIAL / 2,
+        // The copies' sweep doubled the wait.
+        assert_eq!(
+            pool.sockets()[index].round_trip.retransmit_after(),
+            2 * RETRANSMIT_INITIAL
+        );
+
+        // Another server's query goes again from an unconnected socket, to its address
+        // (v4-mapped on a dual-stack socket).
+        let other: SocketAddr = "127.0.0.2:53".parse().unwrap();
+        let filed_at = Instant::now();
+        let Ok((index, id, target)) = pool.register(
+            other,
+            filed_at + Duration::from_secs(2),
             waiter_for(&query),
             0,
         ) else {
             panic!("no ID free in an empty pool");
         };
-        assert!(resent_at(&pool, Instant::now() + RETRANSMIT_INITIAL / 4).is_empty());
+        assert!(target.is_some());
+        let due = filed_at + RETRANSMIT_INITIAL + Duration::from_millis(100);
+        assert_eq!(resent_at(&pool, due), [(index, id, target)]);
+
+        // One whose copy would have less than the wait before the deadline goes once.
+        let Ok(_) = pool.register(
+            server,
+            Instant::now() + RETRANSMIT_INITIAL * 3,
+            waiter_for(&query),
+            0,
+        ) else {
+            panic!("no ID free in an empty pool");
+        };
+        assert!(resent_at(&pool, Instant::now() + RETRANSMIT_INITIAL * 2).is_empty());
+    }
+
+    /// The answer to a query's other copy, after the first was claimed, is late, however many
+    /// queries came and went meanwhile, and its ID is not given to a new query until then.
+    #[tokio::test]
+    async fn the_answer_to_the_other_copy_is_late() {
+        let server = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let server_addr = server.local_addr().unwrap();
+        let pool = UpstreamPool::<Asked>::open(1, server_addr).unwrap();
+        let query = query_packet(4242, "cilium.io.");
+        let (socket, id, _) = forward(&pool, server_addr, &query).await;
+        assert_eq!(
+            resent_at(&pool, Instant::now() + Duration::from_secs(1)).len(),
+            1
+        );
+        let answer = answer_packet("cilium.io.", id);
+        socket.claim(server_addr, &answer).unwrap();
+        // More queries answered than the socket remembers.
+        for _ in 0..2 * RETIRED_KEPT {
+            let (socket, other_id, _) = forward(&pool, server_addr, &query).await;
+            assert_ne!(other_id, id, "the ID stays out of use");
+            socket
+                .claim(server_addr, &answer_packet("cilium.io.", other_id))
+                .unwrap();
+        }
+        assert_eq!(socket.claim(server_addr, &answer).err(), Some("late"));
     }
 
     /// The wait before a query goes again follows the upstream's round trips, not below
@@ -947,14 +1047,38 @@ mod tests {
             .unwrap();
         assert_eq!(
             socket.round_trip.retransmit_after(),
-            RETRANSMIT_INITIAL,
-            "no sample from a query sent twice"
+            2 * RETRANSMIT_INITIAL,
+            "no sample from a query sent twice; the wait doubled"
         );
         let (socket, id, _) = forward(&pool, server_addr, &query).await;
         socket
             .claim(server_addr, &answer_packet("cilium.io.", id))
             .unwrap();
-        assert_eq!(socket.round_trip.retransmit_after(), RETRANSMIT_MIN);
+        assert!(
+            socket.round_trip.retransmit_after() < RETRANSMIT_INITIAL,
+            "a query sent once is a sample, and ends the backoff"
+        );
+    }
+
+    /// Copies going unanswered double the wait, at most [`MAX_BACKOFF`] times: an upstream
+    /// slower than the wait would otherwise get every query twice for good.
+    #[test]
+    fn unanswered_copies_back_off_until_an_answer() {
+        let round_trip = RoundTrip::default();
+        for _ in 0..20 {
+            round_trip.observe(Duration::from_millis(1));
+        }
+        round_trip.back_off();
+        assert_eq!(round_trip.retransmit_after(), 2 * RETRANSMIT_MIN);
+        for _ in 0..10 {
+            round_trip.back_off();
+        }
+        assert_eq!(
+            round_trip.retransmit_after(),
+            (1 << MAX_BACKOFF) * RETRANSMIT_MIN
+        );
+        round_trip.observe(Duration::from_millis(1));
+        assert_eq!(round_trip.retransmit_after(), RETRANSMIT_MIN);
     }
 
     #[tokio::test]
