@@ -929,6 +929,15 @@ mod tests {
         resent
     }
 
+    /// Files a query for `server` (ID 4242 as the client sent it) until `deadline`.
+    fn file_query(pool: &UpstreamPool<Asked>, server: SocketAddr, deadline: Instant) -> Filed {
+        let query = query_packet(4242, "cilium.io.");
+        let Ok(filed) = pool.register(server, deadline, waiter_for(&query), 0) else {
+            panic!("no ID free in an empty pool");
+        };
+        filed
+    }
+
     /// A query unanswered for a few round trips goes once more under its ID: its first copy
     /// may be lost, and the client would wait for its own retry (5 s with glibc's defaults).
     #[tokio::test]
@@ -936,15 +945,7 @@ mod tests {
         let server: SocketAddr = "127.0.0.1:53".parse().unwrap();
         let pool = UpstreamPool::<Asked>::open(1, server).unwrap();
         let filed_at = Instant::now();
-        let query = query_packet(4242, "cilium.io.");
-        let Ok((index, id, _)) = pool.register(
-            server,
-            filed_at + Duration::from_secs(2),
-            waiter_for(&query),
-            0,
-        ) else {
-            panic!("no ID free in an empty pool");
-        };
+        let (index, id, _) = file_query(&pool, server, filed_at + Duration::from_secs(2));
         assert!(resent_at(&pool, filed_at + RETRANSMIT_INITIAL / 2).is_empty());
         // Filed a moment after `filed_at`, however slow the machine.
         let due = filed_at + RETRANSMIT_INITIAL + Duration::from_millis(100);
@@ -964,27 +965,13 @@ mod tests {
         // (v4-mapped on a dual-stack socket).
         let other: SocketAddr = "127.0.0.2:53".parse().unwrap();
         let filed_at = Instant::now();
-        let Ok((index, id, target)) = pool.register(
-            other,
-            filed_at + Duration::from_secs(2),
-            waiter_for(&query),
-            0,
-        ) else {
-            panic!("no ID free in an empty pool");
-        };
+        let (index, id, target) = file_query(&pool, other, filed_at + Duration::from_secs(2));
         assert!(target.is_some());
         let due = filed_at + RETRANSMIT_INITIAL + Duration::from_millis(100);
         assert_eq!(resent_at(&pool, due), [(index, id, target)]);
 
         // One whose copy would have less than the wait before the deadline goes once.
-        let Ok(_) = pool.register(
-            server,
-            Instant::now() + RETRANSMIT_INITIAL * 3,
-            waiter_for(&query),
-            0,
-        ) else {
-            panic!("no ID free in an empty pool");
-        };
+        file_query(&pool, server, Instant::now() + RETRANSMIT_INITIAL * 3);
         assert!(resent_at(&pool, Instant::now() + RETRANSMIT_INITIAL * 2).is_empty());
     }
 
