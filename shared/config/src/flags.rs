@@ -31,6 +31,8 @@ pub struct DnsOverrides {
     pub dns_idle_grace_s: Option<u64>,
     #[arg(long = "dns-upstream-sockets", value_name = "N")]
     pub dns_upstream_sockets: Option<usize>,
+    #[arg(long = "dns-listen-sockets", value_name = "N")]
+    pub dns_listen_sockets: Option<usize>,
     #[arg(long = "dns-prefer", value_name = "agent|dnsproxy|share")]
     pub dns_prefer: Option<Prefer>,
 }
@@ -57,6 +59,7 @@ impl DnsOverrides {
         set(&mut dns.concurrency_limit, &self.dns_concurrency_limit);
         set(&mut dns.idle_grace_s, &self.dns_idle_grace_s);
         set(&mut dns.upstream_sockets, &self.dns_upstream_sockets);
+        set(&mut dns.listen_sockets, &self.dns_listen_sockets);
         set(&mut dns.prefer, &self.dns_prefer);
     }
 }

@@ -150,6 +150,10 @@ pub struct DnsConfig {
     pub idle_grace_s: u64,
     /// UDP sockets shared by all queries toward upstream servers.
     pub upstream_sockets: usize,
+    /// UDP sockets per listen address (SO_REUSEPORT), each read by a loop of its own, so that
+    /// a node's queries are checked on several cores at once. 0 = one per CPU the process may
+    /// use (see [`DnsConfig::listen_sockets`]).
+    pub listen_sockets: usize,
     /// Which process gets the DNS port's queries when both hold it (eBPF datapath only).
     pub prefer: Prefer,
 }
@@ -199,6 +203,7 @@ impl Default for DnsConfig {
             concurrency_limit: 0,
             idle_grace_s: 60,
             upstream_sockets: 8,
+            listen_sockets: 0,
             prefer: Prefer::default(),
         }
     }
@@ -211,6 +216,17 @@ impl DnsConfig {
 
     pub fn upstream_timeout(&self) -> Duration {
         Duration::from_millis(self.upstream_timeout_ms)
+    }
+
+    /// UDP sockets per listen address: `listen_sockets`, or when 0 one per CPU this process may
+    /// use (its affinity and cgroup quota count), at most [`AUTO_LISTEN_SOCKETS`].
+    pub fn listen_sockets(&self) -> usize {
+        if self.listen_sockets > 0 {
+            return self.listen_sockets;
+        }
+        std::thread::available_parallelism()
+            .map_or(1, std::num::NonZero::get)
+            .min(AUTO_LISTEN_SOCKETS)
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
@@ -236,6 +252,12 @@ impl DnsConfig {
             return Err(ConfigError::invalid(
                 "dns.upstream_sockets",
                 format!("must be 1 to {MAX_UPSTREAM_SOCKETS}"),
+            ));
+        }
+        if self.listen_sockets > MAX_LISTEN_SOCKETS {
+            return Err(ConfigError::invalid(
+                "dns.listen_sockets",
+                format!("at most {MAX_LISTEN_SOCKETS} (0 is one per CPU)"),
             ));
         }
         // A TTL of 2^31 s or more reads as 0 (RFC 2181 §8): a ceiling up there would leave such
@@ -272,6 +294,11 @@ impl DnsConfig {
 
 /// More upstream sockets than this buys nothing but file descriptors.
 const MAX_UPSTREAM_SOCKETS: usize = 1024;
+/// More listener sockets per address than cores only add wake-ups; this is far past any node.
+const MAX_LISTEN_SOCKETS: usize = 256;
+/// The most listener sockets per address `listen_sockets: 0` opens, however many CPUs: past a
+/// few, a DNS proxy's queries are not what keeps a node's cores busy.
+pub const AUTO_LISTEN_SOCKETS: usize = 16;
 /// Far above any real need, and within what the proxy's semaphore can count.
 const MAX_CONCURRENCY_LIMIT: usize = 1_000_000;
 
@@ -666,6 +693,13 @@ datapath:
         let error = config.validate().unwrap_err().to_string();
         assert!(error.contains("dns.upstream_sockets"), "{error}");
         config.dns.upstream_sockets = 8;
+        config.dns.listen_sockets = 257;
+        let error = config.validate().unwrap_err().to_string();
+        assert!(error.contains("dns.listen_sockets"), "{error}");
+        config.dns.listen_sockets = 0;
+        assert!((1..=AUTO_LISTEN_SOCKETS).contains(&config.dns.listen_sockets()));
+        config.dns.listen_sockets = 3;
+        assert_eq!(config.dns.listen_sockets(), 3);
         config.dns.max_ttl = 1 << 31;
         let error = config.validate().unwrap_err().to_string();
         assert!(error.contains("dns.max_ttl"), "{error}");

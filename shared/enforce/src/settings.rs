@@ -34,6 +34,7 @@ pub fn proxy_settings(dns: &DnsConfig) -> ProxySettings {
         max_ttl: dns.max_ttl,
         concurrency_limit: dns.concurrency_limit,
         upstream_sockets: dns.upstream_sockets,
+        listen_sockets: dns.listen_sockets(),
         tcp_idle_timeout: TCP_IDLE_TIMEOUT,
         linger: LEAVE_LINGER,
     }

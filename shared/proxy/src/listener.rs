@@ -63,7 +63,8 @@ fn new_socket(address: SocketAddr, kind: Type, protocol: Protocol) -> std::io::R
     Ok(socket)
 }
 
-fn bind_udp(address: SocketAddr) -> Result<Datagram, ProxyError> {
+/// One more UDP socket on `address`, beside those [`bind_pair`] bound.
+pub fn bind_udp(address: SocketAddr) -> Result<Datagram, ProxyError> {
     let error = |source| ProxyError::Bind {
         transport: "udp",
         address,

@@ -14,7 +14,7 @@ use crate::ProxyError;
 use crate::context::ProxyContext;
 use crate::datagram::Datagram;
 use crate::engine::Engine;
-use crate::listener::bind_pair;
+use crate::listener::{bind_pair, bind_udp};
 use crate::upstream::UpstreamPool;
 use crate::{tcp, udp};
 
@@ -34,6 +34,8 @@ pub struct ProxySettings {
     /// 0 = unlimited.
     pub concurrency_limit: usize,
     pub upstream_sockets: usize,
+    /// UDP sockets per listen address, each read by a loop of its own (at least 1).
+    pub listen_sockets: usize,
     /// A TCP client connection with no query for this long is closed.
     pub tcp_idle_timeout: Duration,
     /// After steering the port's traffic to the peer at shutdown, how long the listeners go on
@@ -45,8 +47,8 @@ pub struct ProxySettings {
 /// A bound, not yet serving, DNS proxy.
 #[derive(Debug)]
 pub struct DnsProxy {
-    /// Also in the engine, which may close them; kept here for their addresses and
-    /// descriptors until serving starts.
+    /// `listen_sockets` per listen address, in the order of `listen`. Also in the engine,
+    /// which may close them; kept here for their descriptors until serving starts.
     udp_listeners: Vec<Arc<Datagram>>,
     tcp_listeners: Vec<TcpListener>,
     engine: Arc<Engine>,
@@ -56,11 +58,23 @@ impl DnsProxy {
     /// Binds every listen address (UDP and TCP) and opens the upstream pool. Must run inside
     /// a tokio runtime.
     pub fn bind(settings: ProxySettings, context: ProxyContext) -> Result<DnsProxy, ProxyError> {
-        let mut udp_listeners = Vec::with_capacity(settings.listen.len());
+        let per_address = settings.listen_sockets.max(1);
+        let mut udp_listeners = Vec::with_capacity(settings.listen.len() * per_address);
         let mut tcp_listeners = Vec::with_capacity(settings.listen.len());
         for address in &settings.listen {
             let pair = bind_pair(*address)?;
+            // The kernel hands each of the port's sockets its share of the clients (by a hash
+            // of their addresses), and each socket has a loop of its own: one reading every
+            // query is one core's work however many the node has.
+            let bound = pair.udp.local_addr().map_err(|source| ProxyError::Bind {
+                transport: "udp",
+                address: *address,
+                source,
+            })?;
             udp_listeners.push(Arc::new(pair.udp));
+            for _ in 1..per_address {
+                udp_listeners.push(Arc::new(bind_udp(bound)?));
+            }
             tcp_listeners.push(pair.tcp);
         }
         let upstream = UpstreamPool::open(settings.upstream_sockets, settings.upstream)?;
@@ -72,19 +86,25 @@ impl DnsProxy {
         })
     }
 
-    /// The bound addresses, in the order of `listen` (the real port when 0 was asked for).
+    /// The bound addresses, in the order of `listen` (the real port when 0 was asked for; UDP
+    /// and TCP share it).
     pub fn local_addrs(&self) -> Vec<SocketAddr> {
-        self.udp_listeners
+        self.tcp_listeners
             .iter()
             .filter_map(|socket| socket.local_addr().ok())
             .collect()
     }
 
     /// The listener sockets, for registering them with the datapath's reuseport selection:
-    /// UDP then TCP of each listen address.
+    /// the first UDP socket, then the TCP one, of each listen address. The selection holds one
+    /// socket per process, family and protocol, so a process it prefers takes the port's
+    /// queries on that one socket; the others get theirs when the kernel's hash shares the
+    /// port (`prefer: share`, or no datapath).
     pub fn listener_fds(&self) -> Vec<BorrowedFd<'_>> {
+        let per_address = self.engine.settings.listen_sockets.max(1);
         self.udp_listeners
-            .iter()
+            .chunks(per_address)
+            .filter_map(<[Arc<Datagram>]>::first)
             .zip(&self.tcp_listeners)
             .flat_map(|(udp, tcp)| [udp.as_fd(), tcp.as_fd()])
             .collect()
@@ -467,6 +487,8 @@ spec:
             max_ttl: 0,
             concurrency_limit: 0,
             upstream_sockets: 2,
+            // More than one, so that every test here runs the port's sockets side by side.
+            listen_sockets: 2,
             tcp_idle_timeout: Duration::from_secs(5),
             linger,
         };
@@ -1134,6 +1156,63 @@ spec:
         assert!(took >= Duration::from_millis(300), "answered at {took:?}");
         assert!(took < Duration::from_secs(1), "answered at {took:?}");
         running.shutdown.cancel();
+    }
+
+    /// `listen_sockets` sockets share each listen address's port, and the kernel hands each
+    /// its share of the clients: one socket read by one loop was one core's work.
+    #[tokio::test]
+    async fn every_socket_of_an_address_gets_its_share_of_the_clients() {
+        let upstream = fake_upstream(false).await;
+        let settings = ProxySettings {
+            listen: vec!["127.0.0.1:0".parse().unwrap()],
+            upstream,
+            reject: ResponseCode::Refused,
+            response_max_delay: Duration::from_millis(300),
+            upstream_timeout: Duration::from_secs(2),
+            max_ttl: 0,
+            concurrency_limit: 0,
+            upstream_sockets: 1,
+            listen_sockets: 3,
+            tcp_idle_timeout: Duration::from_secs(5),
+            linger: Duration::ZERO,
+        };
+        let context = ProxyContext {
+            instance: Arc::from("shares"),
+            endpoints: Arc::new(OneEndpoint),
+            policy: Arc::new(Fixed(policy(upstream))),
+            cache: SharedCache::new(DnsCache::new(CacheLimits::default())),
+            datapath: Arc::new(SlowDatapath {
+                delay: Duration::ZERO,
+                calls: AtomicUsize::new(0),
+                allowed: Mutex::default(),
+            }),
+            mappings: Arc::new(Recorded::default()),
+            metrics: Metrics::new("shares").unwrap(),
+            flows: Arc::new(FlowLog::new(10)),
+        };
+        let proxy = DnsProxy::bind(settings, context).unwrap();
+        let port = proxy.local_addrs();
+        assert_eq!(port.len(), 1, "one address for the three sockets");
+        assert_eq!(proxy.udp_listeners.len(), 3);
+        assert_eq!(
+            proxy.listener_fds().len(),
+            2,
+            "the first UDP socket and the TCP one"
+        );
+
+        // Not serving yet: what each socket holds is what the kernel gave it.
+        for _ in 0..64 {
+            let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+            client.send_to(b"not read", port[0]).await.unwrap();
+        }
+        let mut inbox = crate::datagram::Inbox::new(64, 512);
+        let mut shares = Vec::new();
+        for socket in &proxy.udp_listeners {
+            assert_eq!(socket.local_addr().unwrap(), port[0]);
+            shares.push(socket.recv_batch_now(&mut inbox).unwrap_or(0));
+        }
+        assert_eq!(shares.iter().sum::<usize>(), 64, "{shares:?}");
+        assert!(shares.iter().all(|share| *share > 0), "{shares:?}");
     }
 
     #[tokio::test]
