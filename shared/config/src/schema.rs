@@ -152,7 +152,7 @@ pub struct DnsConfig {
     pub upstream_sockets: usize,
     /// UDP sockets per listen address (SO_REUSEPORT), each read by a loop of its own, so that
     /// a node's queries are checked on several cores at once. 0 = one per CPU the process may
-    /// use (see [`DnsConfig::listen_sockets`]).
+    /// use (see [`method@DnsConfig::listen_sockets`]).
     pub listen_sockets: usize,
     /// Which process gets the DNS port's queries when both hold it (eBPF datapath only).
     pub prefer: Prefer,
@@ -219,7 +219,7 @@ impl DnsConfig {
     }
 
     /// UDP sockets per listen address: `listen_sockets`, or when 0 one per CPU this process may
-    /// use (its affinity and cgroup quota count), at most [`AUTO_LISTEN_SOCKETS`].
+    /// use (its affinity and cgroup quota count), at most `AUTO_LISTEN_SOCKETS`.
     pub fn listen_sockets(&self) -> usize {
         if self.listen_sockets > 0 {
             return self.listen_sockets;
@@ -294,11 +294,12 @@ impl DnsConfig {
 
 /// More upstream sockets than this buys nothing but file descriptors.
 const MAX_UPSTREAM_SOCKETS: usize = 1024;
-/// More listener sockets per address than cores only add wake-ups; this is far past any node.
-const MAX_LISTEN_SOCKETS: usize = 256;
+/// More listener sockets per address than cores only add wake-ups and buffers (up to 4 MiB
+/// of queued queries each).
+const MAX_LISTEN_SOCKETS: usize = 64;
 /// The most listener sockets per address `listen_sockets: 0` opens, however many CPUs: past a
 /// few, a DNS proxy's queries are not what keeps a node's cores busy.
-pub const AUTO_LISTEN_SOCKETS: usize = 16;
+const AUTO_LISTEN_SOCKETS: usize = 8;
 /// Far above any real need, and within what the proxy's semaphore can count.
 const MAX_CONCURRENCY_LIMIT: usize = 1_000_000;
 
@@ -693,7 +694,7 @@ datapath:
         let error = config.validate().unwrap_err().to_string();
         assert!(error.contains("dns.upstream_sockets"), "{error}");
         config.dns.upstream_sockets = 8;
-        config.dns.listen_sockets = 257;
+        config.dns.listen_sockets = 65;
         let error = config.validate().unwrap_err().to_string();
         assert!(error.contains("dns.listen_sockets"), "{error}");
         config.dns.listen_sockets = 0;

@@ -302,6 +302,39 @@ impl std::fmt::Debug for Outbox {
     }
 }
 
+/// One outbox per socket of a set (the listeners, the pool's sockets), each made when first
+/// used: an outbox is some 28 KiB, and a loop may only ever send from a few of the set (with
+/// the datapath preferring this process, one listener socket per address takes the queries).
+pub struct Outboxes {
+    outboxes: Vec<Option<Outbox>>,
+    batch: usize,
+}
+
+impl Outboxes {
+    pub fn new(sockets: usize, batch: usize) -> Outboxes {
+        Outboxes {
+            outboxes: (0..sockets).map(|_| None).collect(),
+            batch,
+        }
+    }
+
+    /// The outbox of socket `index`, made now if this is its first use; `None` past the set.
+    pub fn get_mut(&mut self, index: usize) -> Option<&mut Outbox> {
+        let batch = self.batch;
+        let slot = self.outboxes.get_mut(index)?;
+        Some(slot.get_or_insert_with(|| Outbox::new(batch)))
+    }
+
+    /// The outboxes holding something to send, with their socket's index.
+    pub fn filled(&mut self) -> impl Iterator<Item = (usize, &mut Outbox)> {
+        self.outboxes
+            .iter_mut()
+            .enumerate()
+            .filter_map(|(index, outbox)| Some((index, outbox.as_mut()?)))
+            .filter(|(_, outbox)| !outbox.is_empty())
+    }
+}
+
 impl Outbox {
     /// An outbox sending up to `batch` datagrams per system call (it holds any number).
     pub fn new(batch: usize) -> Outbox {

@@ -22,7 +22,7 @@ use tokio_util::task::TaskTracker;
 use warden_telemetry::Verdict;
 
 use crate::context::Transport;
-use crate::datagram::{Datagram, Inbox, Outbox};
+use crate::datagram::{Datagram, Inbox, Outbox, Outboxes};
 use crate::engine::{Checked, Engine, InFlight, ListenerSlot, Outcome};
 use crate::response::{packet_id, set_id};
 use crate::upstream::{MAX_MESSAGE, PoolSocket, UpstreamFailure, Waiter};
@@ -128,7 +128,8 @@ struct Batch {
     inbox: Inbox,
     replies: Outbox,
     /// One outbox per pool socket, and the IDs its queries were filed under.
-    forwards: Vec<(Outbox, Vec<u16>)>,
+    forwards: Outboxes,
+    forwarded_ids: Vec<Vec<u16>>,
     /// The batch's queries to forward, by their index in the inbox, until they are filed
     /// together.
     filing: Vec<(usize, SocketAddr, Instant, Waiting)>,
@@ -139,11 +140,12 @@ impl Batch {
         Batch {
             inbox: Inbox::new(BATCH, QUERY_SLOT),
             replies: Outbox::new(BATCH),
-            forwards: engine
+            forwards: Outboxes::new(engine.upstream.sockets().len(), BATCH),
+            forwarded_ids: engine
                 .upstream
                 .sockets()
                 .iter()
-                .map(|_| (Outbox::new(BATCH), Vec::with_capacity(BATCH)))
+                .map(|_| Vec::new())
                 .collect(),
             filing: Vec::with_capacity(BATCH),
         }
@@ -178,6 +180,7 @@ impl Batch {
             inbox,
             replies,
             forwards,
+            forwarded_ids,
             filing,
         } = self;
         // Filed but with nowhere to go (never, as the inbox and outboxes are built): taken
@@ -187,9 +190,11 @@ impl Batch {
             .upstream
             .register_batch(pool_socket, filing.drain(..), |index, filed| match filed {
                 Ok((pool_index, id, target)) => {
-                    if let (Some((outbox, ids)), Some(Ok((packet, _)))) =
-                        (forwards.get_mut(pool_index), inbox.get_mut(index))
-                    {
+                    if let (Some(outbox), Some(ids), Some(Ok((packet, _)))) = (
+                        forwards.get_mut(pool_index),
+                        forwarded_ids.get_mut(pool_index),
+                        inbox.get_mut(index),
+                    ) {
                         set_id(outbox.push(packet, target), id);
                         ids.push(id);
                     } else {
@@ -218,11 +223,12 @@ impl Batch {
             }
         }
         // Forwards first: their answers take the longest.
-        for (pool_index, (outbox, ids)) in self.forwards.iter_mut().enumerate() {
-            if outbox.is_empty() {
-                continue;
-            }
-            let Some(pool_socket) = engine.upstream.sockets().get(pool_index) else {
+        for (pool_index, outbox) in self.forwards.filled() {
+            let (Some(pool_socket), Some(ids)) = (
+                engine.upstream.sockets().get(pool_index),
+                self.forwarded_ids.get_mut(pool_index),
+            ) else {
+                outbox.clear();
                 continue;
             };
             for failed in pool_socket.datagram().send_batch(outbox).await {
@@ -326,11 +332,7 @@ pub(crate) async fn answer_loop(
 ) {
     let mut inbox = Inbox::new(BATCH, MAX_MESSAGE);
     // One outbox per listener socket: answers leave from where their query came in.
-    let mut answers: Vec<Outbox> = engine
-        .udp_listeners
-        .iter()
-        .map(|_| Outbox::new(BATCH))
-        .collect();
+    let mut answers = Outboxes::new(engine.udp_listeners.len(), BATCH);
     loop {
         let received = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -396,10 +398,7 @@ pub(crate) async fn answer_loop(
                 }
             }
         }
-        for (listener, outbox) in answers.iter_mut().enumerate() {
-            if outbox.is_empty() {
-                continue;
-            }
+        for (listener, outbox) in answers.filled() {
             match engine
                 .udp_listeners
                 .get(listener)
@@ -468,9 +467,8 @@ pub(crate) async fn sweep_loop(
     let mut ticks = tokio::time::interval(period);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut idle_sweeps = 0;
-    // One outbox per pool socket, made only when it first has a query to send again: copies
-    // are rare, and an outbox costs a few pages.
-    let mut resends: Vec<Option<Outbox>> = engine.upstream.sockets().iter().map(|_| None).collect();
+    // Copies are rare: most pool sockets never make their outbox.
+    let mut resends = Outboxes::new(engine.upstream.sockets().len(), BATCH);
     loop {
         if idle_sweeps >= SWEEPS_BEFORE_SLEEP {
             tokio::select! {
@@ -489,17 +487,13 @@ pub(crate) async fn sweep_loop(
             .upstream
             .sweep(Instant::now(), |pool_index, id, target, waiting| {
                 if let Some(outbox) = resends.get_mut(pool_index) {
-                    let outbox = outbox.get_or_insert_with(|| Outbox::new(BATCH));
                     set_id(outbox.push(waiting.packet(), target), id);
                 }
             });
         for waiting in expired {
             time_out(&engine, waiting, &tracker);
         }
-        for (pool_index, outbox) in resends.iter_mut().enumerate() {
-            let Some(outbox) = outbox.as_mut().filter(|outbox| !outbox.is_empty()) else {
-                continue;
-            };
+        for (pool_index, outbox) in resends.filled() {
             let Some(pool_socket) = engine.upstream.sockets().get(pool_index) else {
                 outbox.clear();
                 continue;
