@@ -148,6 +148,22 @@ struct {
 } reuseport_config SEC(".maps");
 
 struct {
+	__uint(type, BPF_MAP_TYPE_REUSEPORT_SOCKARRAY);
+	__uint(max_entries, WARDEN_REUSEPORT_SLOTS * WARDEN_REUSEPORT_SPREAD);
+	__type(key, __u32);
+	__type(value, __u32); /* a socket fd on update */
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} reuseport_spread SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, WARDEN_REUSEPORT_SLOTS);
+	__type(key, __u32);
+	__type(value, __u32);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} reuseport_spread_count SEC(".maps");
+
+struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(max_entries, 1);
 	__type(key, __u32);
@@ -1154,6 +1170,29 @@ int warden_ingress(struct __sk_buff *skb)
  * kernel's hash (SK_PASS without a selection). A closed socket leaves the array by itself, so
  * a dead instance is skipped without userspace help. Selecting a socket of another group
  * (other protocol or port) fails cleanly and is skipped. */
+/* Picks one of the instance's sockets of `slot`, the one the kernel's hash of the client's
+ * addresses names among the slot's own and its spread, so that each of its listener loops gets
+ * a share; the slot's own when the spread is empty (a process registering one socket) or the
+ * socket named closed. */
+static __always_inline int select_slot(struct sk_reuseport_md *md, __u32 hash, __u32 slot)
+{
+	__u32 *count = bpf_map_lookup_elem(&reuseport_spread_count, &slot);
+
+	if (count && *count > 0) {
+		__u32 extra = *count;
+
+		if (extra > WARDEN_REUSEPORT_SPREAD)
+			extra = WARDEN_REUSEPORT_SPREAD;
+		__u32 pick = hash % (extra + 1);
+		if (pick > 0) {
+			__u32 index = slot * WARDEN_REUSEPORT_SPREAD + pick - 1;
+			if (bpf_sk_select_reuseport(md, &reuseport_spread, &index, 0) == 0)
+				return 1;
+		}
+	}
+	return bpf_sk_select_reuseport(md, &reuseport_sockets, &slot, 0) == 0;
+}
+
 SEC("sk_reuseport")
 int warden_reuse(struct sk_reuseport_md *md)
 {
@@ -1162,6 +1201,9 @@ int warden_reuse(struct sk_reuseport_md *md)
 	/* The same program serves the IPv4 and IPv6 groups; each instance has a slot per group. */
 	__u32 base = (md->eth_protocol == bpf_htons(0x86DD) ? 2 : 0) +
 		     (md->ip_protocol == IPPROTO_TCP ? 1 : 0);
+	/* Read here, once: the verifier refuses a context field read through a pointer the
+	 * compiler would otherwise keep to it across the loop. */
+	__u32 hash = md->hash;
 	__u32 preferred, slot;
 
 	if (!cfg || !cfg->enabled)
@@ -1169,14 +1211,14 @@ int warden_reuse(struct sk_reuseport_md *md)
 	preferred = cfg->preferred;
 	if (preferred < WARDEN_REUSEPORT_INSTANCES) {
 		slot = preferred * 4 + base;
-		if (bpf_sk_select_reuseport(md, &reuseport_sockets, &slot, 0) == 0)
+		if (select_slot(md, hash, slot))
 			return SK_PASS;
 	}
 	for (__u32 i = 0; i < WARDEN_REUSEPORT_INSTANCES; i++) {
 		if (i == preferred)
 			continue;
 		slot = i * 4 + base;
-		if (bpf_sk_select_reuseport(md, &reuseport_sockets, &slot, 0) == 0)
+		if (select_slot(md, hash, slot))
 			return SK_PASS;
 	}
 	return SK_PASS;

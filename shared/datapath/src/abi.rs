@@ -16,6 +16,9 @@ pub(crate) const AF_INET: u8 = 2;
 
 pub(crate) const CIDR_MAX_RULES: usize = 8;
 pub(crate) const REUSEPORT_INSTANCES: u32 = 2;
+/// `WARDEN_REUSEPORT_SLOTS`, `WARDEN_REUSEPORT_SPREAD`: an instance's sockets of one slot.
+pub(crate) const REUSEPORT_SLOTS: u32 = 4 * REUSEPORT_INSTANCES;
+pub(crate) const REUSEPORT_SPREAD: u32 = 64;
 
 /// `WARDEN_REDIRECT_SLOT_BITS`, `WARDEN_REDIRECT_GOLDEN`: the redirect slots' size and hash.
 pub(crate) const REDIRECT_SLOT_BITS: u32 = 14;
@@ -43,6 +46,8 @@ pub(crate) mod map {
     pub(crate) const UDP_SERVICES: &str = "udp_services";
     pub(crate) const UDP_PEERS: &str = "udp_peers";
     pub(crate) const NODE_CONFIG: &str = "node_config";
+    pub(crate) const REUSEPORT_SPREAD: &str = "reuseport_spread";
+    pub(crate) const REUSEPORT_SPREAD_COUNT: &str = "reuseport_spread_count";
 }
 
 /// `struct warden_endpoint`
@@ -225,7 +230,7 @@ pub(crate) fn ipv4_of(addr: [u8; 4]) -> Ipv4Addr {
 
 /// (map, key size, value size) as the kernel reports them for each pinned map; checked before
 /// reusing pins, since the loader would otherwise reuse a map of another layout silently.
-pub(crate) const MAP_SIZES: [(&str, u32, u32); 15] = [
+pub(crate) const MAP_SIZES: [(&str, u32, u32); 17] = [
     (map::ENDPOINTS, 8, size_of::<RawEndpoint>() as u32),
     (map::DNS_TARGETS, 4, size_of::<RawDnsTarget>() as u32),
     (map::SOCK_ORIG, 8, size_of::<RawSockOrig>() as u32),
@@ -255,6 +260,8 @@ pub(crate) const MAP_SIZES: [(&str, u32, u32); 15] = [
         size_of::<RawReuseportConfig>() as u32,
     ),
     (map::NODE_CONFIG, 4, size_of::<RawNodeConfig>() as u32),
+    (map::REUSEPORT_SPREAD, 4, 4),
+    (map::REUSEPORT_SPREAD_COUNT, 4, 4),
 ];
 
 #[cfg(test)]

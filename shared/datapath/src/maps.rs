@@ -47,6 +47,9 @@ pub(crate) struct Maps {
     last_seen: Mutex<HashMap<MapData, RawLastSeenKey, u64>>,
     reuseport_sockets: Mutex<ReusePortSockArray<MapData>>,
     reuseport_config: Mutex<Array<MapData, RawReuseportConfig>>,
+    /// `None` when the pins predate it (an older agent's): a process's sockets then take the
+    /// port's queries on the one each slot holds.
+    reuseport_spread: Mutex<Option<Spread>>,
     /// Opened on first use: only processes serving DNS attach it.
     reuseport_program: Mutex<Option<SkReuseport>>,
     /// The kernel's ids of the maps this process opened: see [`Datapath::pins_replaced`].
@@ -91,6 +94,26 @@ fn open_map(dir: &Path, name: &'static str, opened: &mut OpenedIds) -> Result<Ma
         .id();
     opened.push((name, id));
     Map::from_map_data(data).map_err(|e| DatapathError::map(name, "open", e))
+}
+
+/// An instance's sockets of each reuseport slot, over which the program spreads the slot's
+/// clients (`reuseport_spread`), and how many each slot has (`reuseport_spread_count`).
+struct Spread {
+    sockets: ReusePortSockArray<MapData>,
+    counts: Array<MapData, u32>,
+}
+
+/// The spread maps, if pinned: programs older than them pinned none.
+fn open_spread(dir: &Path, opened: &mut OpenedIds) -> Result<Option<Spread>, DatapathError> {
+    if !dir.join(map::REUSEPORT_SPREAD).exists() || !dir.join(map::REUSEPORT_SPREAD_COUNT).exists()
+    {
+        tracing::debug!(dir = %dir.display(), "no reuseport spread pinned: one DNS socket per process and slot");
+        return Ok(None);
+    }
+    Ok(Some(Spread {
+        sockets: typed_unlocked(dir, map::REUSEPORT_SPREAD, opened)?,
+        counts: typed_unlocked(dir, map::REUSEPORT_SPREAD_COUNT, opened)?,
+    }))
 }
 
 /// Converts a pinned map into its typed wrapper, which checks key and value sizes against
@@ -246,6 +269,7 @@ impl Maps {
             last_seen: typed(&dir, map::LAST_SEEN, &mut opened)?,
             reuseport_sockets: typed(&dir, map::REUSEPORT_SOCKETS, &mut opened)?,
             reuseport_config: typed(&dir, map::REUSEPORT_CONFIG, &mut opened)?,
+            reuseport_spread: Mutex::new(open_spread(&dir, &mut opened)?),
             reuseport_program: Mutex::new(None),
             opened_ids: opened,
             bpffs: bpffs.to_path_buf(),
@@ -752,6 +776,59 @@ impl Datapath {
         lock(&self.inner.reuseport_sockets, map::REUSEPORT_SOCKETS)?
             .set(slot, &socket.as_fd().as_raw_fd(), 0)
             .map_err(|e| DatapathError::map(map::REUSEPORT_SOCKETS, "insert", e))
+    }
+
+    /// Registers `sockets` (bound with SO_REUSEPORT to the DNS port) as proxy instance
+    /// `instance`'s: the first of each slot (family and protocol) as the slot's own
+    /// ([`Datapath::reuseport_set`]), the others (the `dns.listen_sockets` UDP sockets of an
+    /// address beyond the first, at most [`abi::REUSEPORT_SPREAD`]) in its spread, over which
+    /// the program spreads the slot's clients by the kernel's hash of their addresses. Pins
+    /// older than the spread take the first alone. A socket may be registered once: the kernel
+    /// holds a socket in one array slot at most.
+    pub fn reuseport_register(
+        &self,
+        instance: u32,
+        sockets: &[impl AsFd],
+    ) -> Result<(), DatapathError> {
+        let mut spread = lock(&self.inner.reuseport_spread, map::REUSEPORT_SPREAD)?;
+        let mut registered = [0u32; abi::REUSEPORT_SLOTS as usize];
+        for socket in sockets {
+            let slot = reuseport_slot(instance, socket)?;
+            let Some(count) = registered.get_mut(slot as usize) else {
+                continue;
+            };
+            let extra = *count;
+            *count += 1;
+            if extra == 0 {
+                self.reuseport_set(instance, socket)?;
+                continue;
+            }
+            let Some(spread) = spread.as_mut().filter(|_| extra <= abi::REUSEPORT_SPREAD) else {
+                continue;
+            };
+            spread
+                .sockets
+                .set(
+                    slot * abi::REUSEPORT_SPREAD + extra - 1,
+                    &socket.as_fd().as_raw_fd(),
+                    0,
+                )
+                .map_err(|e| DatapathError::map(map::REUSEPORT_SPREAD, "insert", e))?;
+        }
+        let Some(spread) = spread.as_mut() else {
+            return Ok(());
+        };
+        // The counts last: the program never picks beyond the sockets already in place.
+        for slot in 4 * instance..4 * (instance + 1) {
+            let extra = registered.get(slot as usize).map_or(0, |count| {
+                count.saturating_sub(1).min(abi::REUSEPORT_SPREAD)
+            });
+            spread
+                .counts
+                .set(slot, extra, 0)
+                .map_err(|e| DatapathError::map(map::REUSEPORT_SPREAD_COUNT, "update", e))?;
+        }
+        Ok(())
     }
 
     /// Steers new queries and connections to `instance`'s sockets (falling back to any other

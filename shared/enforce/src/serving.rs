@@ -28,9 +28,8 @@ pub fn join<S: AsFd>(
 ) -> Result<(), DatapathError> {
     for socket in sockets {
         datapath.attach_reuseport(socket)?;
-        datapath.reuseport_set(instance, socket)?;
     }
-    Ok(())
+    datapath.reuseport_register(instance, sockets)
 }
 
 /// The instance `dns.prefer` names (`None`: the kernel's hash shares the port).

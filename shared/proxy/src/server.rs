@@ -96,17 +96,17 @@ impl DnsProxy {
     }
 
     /// The listener sockets, for registering them with the datapath's reuseport selection:
-    /// the first UDP socket, then the TCP one, of each listen address. The selection holds one
-    /// socket per process, family and protocol, so a process it prefers takes the port's
-    /// queries on that one socket; the others get theirs when the kernel's hash shares the
-    /// port (`prefer: share`, or no datapath).
+    /// the UDP sockets, then the TCP one, of each listen address.
     pub fn listener_fds(&self) -> Vec<BorrowedFd<'_>> {
         let per_address = self.engine.settings.listen_sockets.max(1);
         self.udp_listeners
             .chunks(per_address)
-            .filter_map(<[Arc<Datagram>]>::first)
             .zip(&self.tcp_listeners)
-            .flat_map(|(udp, tcp)| [udp.as_fd(), tcp.as_fd()])
+            .flat_map(|(udp, tcp)| {
+                udp.iter()
+                    .map(|socket| socket.as_fd())
+                    .chain(std::iter::once(tcp.as_fd()))
+            })
             .collect()
     }
 
@@ -1196,8 +1196,8 @@ spec:
         assert_eq!(proxy.udp_listeners.len(), 3);
         assert_eq!(
             proxy.listener_fds().len(),
-            2,
-            "the first UDP socket and the TCP one"
+            4,
+            "the UDP sockets and the TCP one"
         );
 
         // Not serving yet: what each socket holds is what the kernel gave it.

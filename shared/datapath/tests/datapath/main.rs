@@ -1003,43 +1003,47 @@ fn reopen_replaces_programs_in_place_and_cleanup_removes_everything() {
     assert_eq!(Datapath::cleanup(&options).unwrap().links_detached.len(), 0);
 }
 
+/// A UDP socket on `addr` with SO_REUSEPORT, reading with a short timeout.
+fn reuseport_socket(addr: SocketAddr) -> UdpSocket {
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None).unwrap();
+    s.set_reuse_port(true).unwrap();
+    s.bind(&addr.into()).unwrap();
+    s.set_read_timeout(Some(Duration::from_millis(20))).unwrap();
+    s.into()
+}
+
+/// How many of `clients` datagrams to `port`, each from a source port of its own (so that
+/// the kernel's hash alone would spread them), each of `sockets` got.
+fn deliveries(port: SocketAddr, sockets: &[&UdpSocket], clients: usize) -> Vec<usize> {
+    for _ in 0..clients {
+        let client = UdpSocket::bind("127.0.0.1:0").unwrap();
+        client.send_to(b"q", port).unwrap();
+    }
+    let mut counts = vec![0; sockets.len()];
+    let mut buf = [0u8; 16];
+    let deadline = std::time::Instant::now() + Duration::from_millis(300);
+    while std::time::Instant::now() < deadline && counts.iter().sum::<usize>() < clients {
+        for (i, s) in sockets.iter().enumerate() {
+            while s.recv_from(&mut buf).is_ok() {
+                counts[i] += 1;
+            }
+        }
+    }
+    counts
+}
+
 #[test]
 fn reuseport_prefers_the_chosen_instance_and_falls_back() {
     skip_unless_privileged!();
     let lab = Lab::new();
     let dp = Datapath::open(&lab.options()).unwrap();
-    let bind = |addr: SocketAddr| -> UdpSocket {
-        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None).unwrap();
-        s.set_reuse_port(true).unwrap();
-        s.bind(&addr.into()).unwrap();
-        s.set_read_timeout(Some(Duration::from_millis(20))).unwrap();
-        s.into()
-    };
-    let s0 = bind(sa("127.0.0.1:0"));
+    let s0 = reuseport_socket(sa("127.0.0.1:0"));
     let port = s0.local_addr().unwrap();
-    let s1 = bind(port);
+    let s1 = reuseport_socket(port);
     dp.reuseport_set(0, &s0).unwrap();
     dp.reuseport_set(1, &s1).unwrap();
     dp.attach_reuseport(&s0).unwrap();
-
-    // Datagrams from many source ports, so that the kernel's hash alone would spread them.
-    let deliveries = |sockets: &[&UdpSocket]| -> Vec<usize> {
-        for _ in 0..16 {
-            let client = UdpSocket::bind("127.0.0.1:0").unwrap();
-            client.send_to(b"q", port).unwrap();
-        }
-        let mut counts = vec![0; sockets.len()];
-        let mut buf = [0u8; 16];
-        let deadline = std::time::Instant::now() + Duration::from_millis(300);
-        while std::time::Instant::now() < deadline && counts.iter().sum::<usize>() < 16 {
-            for (i, s) in sockets.iter().enumerate() {
-                while s.recv_from(&mut buf).is_ok() {
-                    counts[i] += 1;
-                }
-            }
-        }
-        counts
-    };
+    let deliveries = |sockets: &[&UdpSocket]| deliveries(port, sockets, 16);
 
     dp.reuseport_prefer(1).unwrap();
     assert_eq!(deliveries(&[&s0, &s1]), vec![0, 16]);
@@ -1049,6 +1053,56 @@ fn reuseport_prefers_the_chosen_instance_and_falls_back() {
     drop(s0);
     assert_eq!(deliveries(&[&s1]), vec![16]);
     assert!(dp.reuseport_prefer(2).is_err());
+}
+
+/// A process's `dns.listen_sockets` sockets of an address share the queries the selection
+/// sends it: with one socket per instance and slot, the preferred process read every query on
+/// one socket, one loop, whatever its other sockets.
+#[test]
+fn reuseport_spreads_an_instances_clients_over_its_sockets() {
+    skip_unless_privileged!();
+    let lab = Lab::new();
+    let dp = Datapath::open(&lab.options()).unwrap();
+    let first = reuseport_socket(sa("127.0.0.1:0"));
+    let port = first.local_addr().unwrap();
+    let second = reuseport_socket(port);
+    let peer = reuseport_socket(port);
+    dp.reuseport_register(0, &[&first, &second]).unwrap();
+    dp.reuseport_register(1, &[&peer]).unwrap();
+    dp.attach_reuseport(&first).unwrap();
+
+    dp.reuseport_prefer(0).unwrap();
+    let shares = deliveries(port, &[&first, &second, &peer], 64);
+    assert_eq!(shares.iter().sum::<usize>(), 64, "{shares:?}");
+    assert!(
+        shares[0] > 0 && shares[1] > 0,
+        "both of instance 0's: {shares:?}"
+    );
+    assert_eq!(shares[2], 0, "none to the peer: {shares:?}");
+    dp.reuseport_prefer(1).unwrap();
+    assert_eq!(
+        deliveries(port, &[&first, &second, &peer], 64),
+        vec![0, 0, 64]
+    );
+
+    // A socket of the spread closes: the clients it had go to the slot's own socket.
+    dp.reuseport_prefer(0).unwrap();
+    drop(second);
+    assert_eq!(deliveries(port, &[&first, &peer], 64), vec![64, 0]);
+
+    // Pins older than the spread (an older agent's): a newer process registers the first
+    // socket of each slot alone, and says nothing is wrong.
+    let spread_pin = fs::read_dir(&lab.bpffs)
+        .unwrap()
+        .filter_map(Result::ok)
+        .map(|entry| entry.path().join("reuseport_spread"))
+        .find(|path| path.exists())
+        .unwrap();
+    fs::remove_file(&spread_pin).unwrap();
+    let older = Datapath::open_pinned(&lab.bpffs).unwrap();
+    let other = reuseport_socket(sa("127.0.0.1:0"));
+    let beside = reuseport_socket(other.local_addr().unwrap());
+    older.reuseport_register(1, &[&other, &beside]).unwrap();
 }
 
 #[test]
