@@ -20,7 +20,8 @@
  *   sockops                                marks TCP connections a peer opened to the workload
  *                                          (accepted sockets): egress lets their packets, replies,
  *                                          through, as a stateful firewall would.
- *   sk_reuseport                           picks the preferred live DNS socket of the proxies.
+ *   sk_reuseport                           picks the preferred live proxy, and one of its DNS
+ *                                          sockets by the client's hash.
  *
  * Endpoints are found by cgroup id: the socket's own cgroup, else its nearest enrolled
  * ancestor, so processes in sub-cgroups of an enrolled cgroup (containers inside a pod cgroup,
@@ -1166,10 +1167,6 @@ int warden_ingress(struct __sk_buff *skb)
 /* ------------------------------------------------------------------------------------------ */
 /* SO_REUSEPORT selection                                                                     */
 
-/* The preferred instance's socket of this protocol, else any other instance's, else the
- * kernel's hash (SK_PASS without a selection). A closed socket leaves the array by itself, so
- * a dead instance is skipped without userspace help. Selecting a socket of another group
- * (other protocol or port) fails cleanly and is skipped. */
 /* Picks one of the instance's sockets of `slot`, the one the kernel's hash of the client's
  * addresses names among the slot's own and its spread, so that each of its listener loops gets
  * a share; the slot's own when the spread is empty (a process registering one socket) or the
@@ -1193,6 +1190,10 @@ static __always_inline int select_slot(struct sk_reuseport_md *md, __u32 hash, _
 	return bpf_sk_select_reuseport(md, &reuseport_sockets, &slot, 0) == 0;
 }
 
+/* The preferred instance's socket of this protocol, else any other instance's, else the
+ * kernel's hash (SK_PASS without a selection). A closed socket leaves the array by itself, so
+ * a dead instance is skipped without userspace help. Selecting a socket of another group
+ * (other protocol or port) fails cleanly and is skipped. */
 SEC("sk_reuseport")
 int warden_reuse(struct sk_reuseport_md *md)
 {

@@ -205,9 +205,10 @@ struct warden_drop_event {
 #define WARDEN_REUSEPORT_SLOTS (4 * WARDEN_REUSEPORT_INSTANCES)
 
 /* reuseport_spread: REUSEPORT_SOCKARRAY of WARDEN_REUSEPORT_SLOTS * WARDEN_REUSEPORT_SPREAD;
- * an instance's sockets of one slot beyond the one reuseport_sockets holds (dns.listen_sockets
- * UDP sockets per address) at slot * WARDEN_REUSEPORT_SPREAD + i (a socket can be in one
- * array slot only). reuseport_spread_count: ARRAY of WARDEN_REUSEPORT_SLOTS __u32, how many
+ * an instance's sockets of one slot beyond the one reuseport_sockets holds, on the same
+ * address (dns.listen_sockets UDP sockets per address; a further address of the family is
+ * another reuseport group, left to the kernel's hash) at slot * WARDEN_REUSEPORT_SPREAD + i
+ * (a socket can be in one array slot only). reuseport_spread_count: ARRAY of WARDEN_REUSEPORT_SLOTS __u32, how many
  * there are: the program spreads the slot's clients over its own socket and those by the
  * kernel's hash of their addresses. Added beside reuseport_sockets, which programs and
  * processes that know no spread use alone. */

@@ -93,6 +93,13 @@ impl ProxyDatapath {
         match Datapath::open_pinned(bpffs) {
             Ok(datapath) => {
                 tracing::info!(bpffs = %bpffs.display(), "writing allow entries into the agent's pinned maps");
+                // Out of the maps it leaves first: the kernel refuses a socket another map
+                // still holds, and frees the old maps only when their last user closes them.
+                if let Some(old) = self.enforcement.datapath()
+                    && let Err(error) = old.reuseport_unregister(DNSPROXY_INSTANCE)
+                {
+                    tracing::warn!(%error, "cannot take the DNS sockets out of the replaced maps");
+                }
                 let sockets = self.sockets.lock().unwrap_or_else(|p| p.into_inner());
                 if let Err(error) = serving::join(&datapath, DNSPROXY_INSTANCE, &sockets) {
                     tracing::warn!(%error, "cannot register the DNS sockets for reuseport selection");

@@ -780,53 +780,87 @@ impl Datapath {
 
     /// Registers `sockets` (bound with SO_REUSEPORT to the DNS port) as proxy instance
     /// `instance`'s: the first of each slot (family and protocol) as the slot's own
-    /// ([`Datapath::reuseport_set`]), the others (the `dns.listen_sockets` UDP sockets of an
-    /// address beyond the first, at most [`abi::REUSEPORT_SPREAD`]) in its spread, over which
-    /// the program spreads the slot's clients by the kernel's hash of their addresses. Pins
-    /// older than the spread take the first alone. A socket may be registered once: the kernel
-    /// holds a socket in one array slot at most.
+    /// ([`Datapath::reuseport_set`]), the others on the same address (the `dns.listen_sockets`
+    /// UDP sockets of an address beyond the first, at most [`abi::REUSEPORT_SPREAD`]) in its
+    /// spread, over which the program spreads the slot's clients by the kernel's hash of their
+    /// addresses. A further address of a family is another reuseport group, which the slot
+    /// cannot select from: its sockets are left to the kernel's hash, as before the spread.
+    /// Pins older than the spread take the first socket alone; a socket the spread refuses
+    /// leaves its share to the others (logged). A socket may be registered in one map at a
+    /// time: see [`Datapath::reuseport_unregister`].
     pub fn reuseport_register(
         &self,
         instance: u32,
         sockets: &[impl AsFd],
     ) -> Result<(), DatapathError> {
         let mut spread = lock(&self.inner.reuseport_spread, map::REUSEPORT_SPREAD)?;
-        let mut registered = [0u32; abi::REUSEPORT_SLOTS as usize];
+        // Per slot: the address of its own socket, and how many joined it in the spread.
+        let mut slots: [(Option<SockaddrStorage>, u32); abi::REUSEPORT_SLOTS as usize] =
+            [(None, 0); abi::REUSEPORT_SLOTS as usize];
         for socket in sockets {
             let slot = reuseport_slot(instance, socket)?;
-            let Some(count) = registered.get_mut(slot as usize) else {
+            let address = bound_address(socket)?;
+            let Some((own, extra)) = slots.get_mut(slot as usize) else {
                 continue;
             };
-            let extra = *count;
-            *count += 1;
-            if extra == 0 {
-                self.reuseport_set(instance, socket)?;
-                continue;
+            match own {
+                None => {
+                    self.reuseport_set(instance, socket)?;
+                    *own = Some(address);
+                    continue;
+                }
+                Some(own) if *own != address => continue,
+                Some(_) => {}
             }
-            let Some(spread) = spread.as_mut().filter(|_| extra <= abi::REUSEPORT_SPREAD) else {
+            let Some(spread) = spread.as_mut().filter(|_| *extra < abi::REUSEPORT_SPREAD) else {
                 continue;
             };
-            spread
-                .sockets
-                .set(
-                    slot * abi::REUSEPORT_SPREAD + extra - 1,
-                    &socket.as_fd().as_raw_fd(),
-                    0,
-                )
-                .map_err(|e| DatapathError::map(map::REUSEPORT_SPREAD, "insert", e))?;
+            let index = slot * abi::REUSEPORT_SPREAD + *extra;
+            match spread.sockets.set(index, &socket.as_fd().as_raw_fd(), 0) {
+                Ok(()) => *extra += 1,
+                Err(error) => {
+                    tracing::warn!(%error, index, "cannot add a DNS socket to the reuseport spread; the others take its share");
+                }
+            }
         }
         let Some(spread) = spread.as_mut() else {
             return Ok(());
         };
         // The counts last: the program never picks beyond the sockets already in place.
         for slot in 4 * instance..4 * (instance + 1) {
-            let extra = registered.get(slot as usize).map_or(0, |count| {
-                count.saturating_sub(1).min(abi::REUSEPORT_SPREAD)
-            });
+            let extra = slots.get(slot as usize).map_or(0, |(_, extra)| *extra);
             spread
                 .counts
                 .set(slot, extra, 0)
                 .map_err(|e| DatapathError::map(map::REUSEPORT_SPREAD_COUNT, "update", e))?;
+        }
+        Ok(())
+    }
+
+    /// Takes `instance`'s sockets out of these maps' reuseport selection. The kernel holds a
+    /// socket in one array slot at most, and frees it from a map only when the map itself
+    /// goes, which may be long after its pins were replaced: a process moving its sockets to
+    /// newly pinned maps takes them out of the old ones first, or registering them anew fails
+    /// (EBUSY).
+    pub fn reuseport_unregister(&self, instance: u32) -> Result<(), DatapathError> {
+        let mut spread = lock(&self.inner.reuseport_spread, map::REUSEPORT_SPREAD)?;
+        let mut own = lock(&self.inner.reuseport_sockets, map::REUSEPORT_SOCKETS)?;
+        let absent_is_fine = |result: Result<(), MapError>, name: &'static str| match result {
+            Err(e) if !is_not_found(&e) => Err(DatapathError::map(name, "remove", e)),
+            _ => Ok(()),
+        };
+        for slot in 4 * instance..4 * (instance + 1) {
+            absent_is_fine(own.clear_index(&slot), map::REUSEPORT_SOCKETS)?;
+            let Some(spread) = spread.as_mut() else {
+                continue;
+            };
+            spread
+                .counts
+                .set(slot, 0, 0)
+                .map_err(|e| DatapathError::map(map::REUSEPORT_SPREAD_COUNT, "update", e))?;
+            for index in slot * abi::REUSEPORT_SPREAD..(slot + 1) * abi::REUSEPORT_SPREAD {
+                absent_is_fine(spread.sockets.clear_index(&index), map::REUSEPORT_SPREAD)?;
+            }
         }
         Ok(())
     }
@@ -903,6 +937,16 @@ impl Datapath {
                 source: std::io::Error::other(e),
             })
     }
+}
+
+/// The address `socket` is bound to.
+fn bound_address(socket: &impl AsFd) -> Result<SockaddrStorage, DatapathError> {
+    getsockname::<SockaddrStorage>(socket.as_fd().as_raw_fd()).map_err(|errno| {
+        DatapathError::Socket {
+            op: "getsockname",
+            source: errno.into(),
+        }
+    })
 }
 
 fn reuseport_slot(instance: u32, socket: &impl AsFd) -> Result<u32, DatapathError> {

@@ -1090,6 +1090,28 @@ fn reuseport_spreads_an_instances_clients_over_its_sockets() {
     drop(second);
     assert_eq!(deliveries(port, &[&first, &peer], 64), vec![64, 0]);
 
+    // A second address of the family is another reuseport group: the slot cannot select
+    // from it, and the kernel's hash spreads its clients over its sockets, as before.
+    let elsewhere = reuseport_socket(sa("127.0.0.2:0"));
+    let elsewhere_port = elsewhere.local_addr().unwrap();
+    let elsewhere_too = reuseport_socket(elsewhere_port);
+    let fresh = reuseport_socket(sa("127.0.0.1:0"));
+    let fresh_port = fresh.local_addr().unwrap();
+    let fresh_too = reuseport_socket(fresh_port);
+    dp.attach_reuseport(&elsewhere).unwrap();
+    dp.attach_reuseport(&fresh).unwrap();
+    dp.reuseport_unregister(0).unwrap();
+    dp.reuseport_register(0, &[&fresh, &fresh_too, &elsewhere, &elsewhere_too])
+        .unwrap();
+    for (port, sockets) in [
+        (fresh_port, [&fresh, &fresh_too]),
+        (elsewhere_port, [&elsewhere, &elsewhere_too]),
+    ] {
+        let shares = deliveries(port, &sockets, 64);
+        assert_eq!(shares.iter().sum::<usize>(), 64, "{port}: {shares:?}");
+        assert!(shares.iter().all(|share| *share > 0), "{port}: {shares:?}");
+    }
+
     // Pins older than the spread (an older agent's): a newer process registers the first
     // socket of each slot alone, and says nothing is wrong.
     let spread_pin = fs::read_dir(&lab.bpffs)
@@ -1103,6 +1125,35 @@ fn reuseport_spreads_an_instances_clients_over_its_sockets() {
     let other = reuseport_socket(sa("127.0.0.1:0"));
     let beside = reuseport_socket(other.local_addr().unwrap());
     older.reuseport_register(1, &[&other, &beside]).unwrap();
+}
+
+/// The agent's pins replaced (its cleanup and a new start), warden-dnsproxy moves its sockets
+/// to the new maps; the kernel held them in the old ones, which live on while the process
+/// still has them open, and refused them anew (EBUSY): the proxy stayed out of the selection.
+#[test]
+fn reuseport_sockets_move_to_replaced_pins() {
+    skip_unless_privileged!();
+    let lab = Lab::new();
+    let options = lab.options();
+    let old = Datapath::open(&options).unwrap();
+    let first = reuseport_socket(sa("127.0.0.1:0"));
+    let second = reuseport_socket(first.local_addr().unwrap());
+    old.reuseport_register(1, &[&first, &second]).unwrap();
+
+    Datapath::cleanup(&options).unwrap();
+    let new = Datapath::open(&options).unwrap();
+    assert!(
+        new.reuseport_register(1, &[&first, &second]).is_err(),
+        "still held by the old maps"
+    );
+    old.reuseport_unregister(1).unwrap();
+    new.reuseport_register(1, &[&first, &second]).unwrap();
+    new.attach_reuseport(&first).unwrap();
+    new.reuseport_prefer(1).unwrap();
+    let shares = deliveries(first.local_addr().unwrap(), &[&first, &second], 64);
+    assert!(shares.iter().all(|share| *share > 0), "{shares:?}");
+    drop((old, new));
+    Datapath::cleanup(&options).unwrap();
 }
 
 #[test]
