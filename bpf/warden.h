@@ -198,7 +198,7 @@ struct warden_drop_event {
 
 /* reuseport_config: ARRAY[1] of struct warden_reuseport_config.
  * reuseport_sockets: REUSEPORT_SOCKARRAY of WARDEN_REUSEPORT_SLOTS; slot = 4 * instance +
- * 2 * (IPv6) + (0 for the UDP socket, 1 for the TCP listener), so one map serves the four
+ * 2 * (IPv6) + (0 for the first UDP socket, 1 for the TCP listener), so one map serves the four
  * reuseport groups of the DNS port (UDP and TCP, IPv4 and IPv6). Instance 0 is the agent,
  * 1 the standalone proxy. */
 #define WARDEN_REUSEPORT_INSTANCES 2
@@ -208,10 +208,11 @@ struct warden_drop_event {
  * an instance's sockets of one slot beyond the one reuseport_sockets holds, on the same
  * address (dns.listen_sockets UDP sockets per address; a further address of the family is
  * another reuseport group, left to the kernel's hash) at slot * WARDEN_REUSEPORT_SPREAD + i
- * (a socket can be in one array slot only). reuseport_spread_count: ARRAY of WARDEN_REUSEPORT_SLOTS __u32, how many
- * there are: the program spreads the slot's clients over its own socket and those by the
- * kernel's hash of their addresses. Added beside reuseport_sockets, which programs and
- * processes that know no spread use alone. */
+ * (a socket can be in one array slot only). reuseport_spread_count: ARRAY of
+ * WARDEN_REUSEPORT_SLOTS __u32, how many there are: the program spreads the slot's clients
+ * over its own socket and those by the kernel's hash of their addresses. Added beside
+ * reuseport_sockets, which programs and processes that know no spread use alone. 64: the
+ * most dns.listen_sockets allows, less the slot's own. */
 #define WARDEN_REUSEPORT_SPREAD 64
 
 struct warden_reuseport_config {

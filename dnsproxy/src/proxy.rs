@@ -123,6 +123,11 @@ impl ProxyDatapath {
     fn forget(&self) {
         if let Some(open) = self.enforcement.datapath() {
             tracing::info!(bpffs = %open.bpffs().display(), "the agent runs without the eBPF datapath; not writing into these pins");
+            // Out of their selection too: while these maps live on, the kernel would refuse
+            // the sockets to maps the agent pins later.
+            if let Err(error) = open.reuseport_unregister(DNSPROXY_INSTANCE) {
+                tracing::warn!(%error, "cannot take the DNS sockets out of the pins left");
+            }
             self.enforcement.set_datapath(None);
         }
     }

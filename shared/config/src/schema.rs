@@ -295,7 +295,9 @@ impl DnsConfig {
 /// More upstream sockets than this buys nothing but file descriptors.
 const MAX_UPSTREAM_SOCKETS: usize = 1024;
 /// More listener sockets per address than cores only add wake-ups and buffers (up to 4 MiB
-/// of queued queries each).
+/// of queued queries each). The datapath's spread (`WARDEN_REUSEPORT_SPREAD`) holds this many
+/// beside a process's first: raised here, the further sockets would get no queries the
+/// datapath steers.
 const MAX_LISTEN_SOCKETS: usize = 64;
 /// The most listener sockets per address `listen_sockets: 0` opens, however many CPUs: past a
 /// few, a DNS proxy's queries are not what keeps a node's cores busy.

@@ -769,8 +769,9 @@ impl Datapath {
     }
 
     /// Registers `socket` (bound with SO_REUSEPORT to the DNS port) as proxy instance
-    /// `instance`'s socket of its type: a UDP socket and a TCP listener per instance. A socket
-    /// that closes leaves its slot by itself.
+    /// `instance`'s own socket of its slot (family and protocol), leaving the spread as it is:
+    /// [`Datapath::reuseport_register`] registers a process's sockets. A socket that closes
+    /// leaves its slot by itself.
     pub fn reuseport_set(&self, instance: u32, socket: &impl AsFd) -> Result<(), DatapathError> {
         let slot = reuseport_slot(instance, socket)?;
         lock(&self.inner.reuseport_sockets, map::REUSEPORT_SOCKETS)?

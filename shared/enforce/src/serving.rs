@@ -1,5 +1,6 @@
 //! Who gets the DNS port's queries: both processes hold it (SO_REUSEPORT) and the datapath's
-//! `sk_reuseport` program picks the preferred one's socket, falling back to the other.
+//! `sk_reuseport` program picks the preferred one, falling back to the other, and one of its
+//! sockets by the client's hash.
 
 use std::os::fd::AsFd;
 

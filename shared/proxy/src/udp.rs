@@ -500,8 +500,9 @@ pub(crate) async fn sweep_loop(
             };
             let copies = outbox.len();
             // Without waiting for room: a sweep held up by a full send buffer would answer the
-            // timed-out queries late. A copy that cannot leave changes nothing; its query
-            // waits for the first one's answer, or its deadline.
+            // timed-out queries late. A copy that cannot leave only costs its query the
+            // round-trip sample of its answer (it counts as sent twice); it waits for the
+            // first copy's answer, or its deadline.
             let failed = pool_socket.datagram().send_batch_now(outbox);
             engine.upstream_retransmitted(copies.saturating_sub(failed.len()));
         }
