@@ -73,6 +73,10 @@ struct ProxyDatapath {
     enforcement: Arc<Enforcement>,
     sockets: Mutex<Vec<OwnedFd>>,
     prefer: Prefer,
+    /// Whether the sockets are in the open pins' reuseport selection: a registration that
+    /// failed is tried again at the next snapshot rather than left until a restart, while the
+    /// agent's sockets take every query.
+    registered: AtomicBool,
 }
 
 impl ProxyDatapath {
@@ -86,6 +90,9 @@ impl ProxyDatapath {
             && open.bpffs() == bpffs
         {
             if !open.pins_replaced() {
+                if !self.registered.load(Ordering::Relaxed) {
+                    self.join(&open);
+                }
                 return;
             }
             tracing::warn!(bpffs = %bpffs.display(), "the agent's pinned maps were replaced; opening the new ones");
@@ -100,21 +107,35 @@ impl ProxyDatapath {
                 {
                     tracing::warn!(%error, "cannot take the DNS sockets out of the replaced maps");
                 }
-                let sockets = self.sockets.lock().unwrap_or_else(|p| p.into_inner());
-                if let Err(error) = serving::join(&datapath, DNSPROXY_INSTANCE, &sockets) {
-                    tracing::warn!(%error, "cannot register the DNS sockets for reuseport selection");
-                }
-                drop(sockets);
-                if let Err(error) =
-                    serving::prefer(&datapath, serving::preferred_instance(self.prefer))
-                {
-                    tracing::warn!(%error, "cannot apply dns.prefer");
-                }
+                self.join(&datapath);
                 self.enforcement.set_datapath(Some(datapath));
             }
             Err(error) => {
                 tracing::warn!(bpffs = %bpffs.display(), %error, "agent's pinned maps not available; allow entries are not written")
             }
+        }
+    }
+
+    /// Puts the DNS sockets in `datapath`'s reuseport selection and applies `dns.prefer`;
+    /// remembers whether that worked. Nothing once the proxy has left the port (its sockets
+    /// handed back): applying `prefer` then would steer the queries back to it.
+    fn join(&self, datapath: &Datapath) {
+        let sockets = self.sockets.lock().unwrap_or_else(|p| p.into_inner());
+        if sockets.is_empty() {
+            return;
+        }
+        // Out of the selection first: a socket the map holds already (from an attempt that
+        // failed part way) is refused again.
+        let joined = datapath
+            .reuseport_unregister(DNSPROXY_INSTANCE)
+            .and_then(|()| serving::join(datapath, DNSPROXY_INSTANCE, &sockets));
+        drop(sockets);
+        if let Err(error) = &joined {
+            tracing::warn!(%error, "cannot register the DNS sockets for reuseport selection; trying again at the next snapshot");
+        }
+        self.registered.store(joined.is_ok(), Ordering::Relaxed);
+        if let Err(error) = serving::prefer(datapath, serving::preferred_instance(self.prefer)) {
+            tracing::warn!(%error, "cannot apply dns.prefer");
         }
     }
 
@@ -128,6 +149,7 @@ impl ProxyDatapath {
             if let Err(error) = open.reuseport_unregister(DNSPROXY_INSTANCE) {
                 tracing::warn!(%error, "cannot take the DNS sockets out of the pins left");
             }
+            self.registered.store(false, Ordering::Relaxed);
             self.enforcement.set_datapath(None);
         }
     }
@@ -167,6 +189,7 @@ pub async fn start(config: ProxyConfig) -> anyhow::Result<RunningProxy> {
         enforcement: enforcement.clone(),
         sockets: Mutex::new(Vec::new()),
         prefer: config.dns.prefer,
+        registered: AtomicBool::new(false),
     });
 
     let apply_snapshot = {
