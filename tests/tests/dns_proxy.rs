@@ -588,6 +588,93 @@ async fn upstream_down_gives_servfail_and_garbage_is_counted() {
     lab.agent.stop().await.unwrap();
 }
 
+/// A UDP relay to `server` that loses the first datagram of every query ID on the way there,
+/// as a full receive queue or a conntrack race does; answers go back to whoever sent the copy
+/// that got through, from the relay's address.
+async fn lossy_relay(server: SocketAddr) -> SocketAddr {
+    use std::collections::{HashMap, HashSet};
+    use std::sync::{Arc, Mutex};
+    let front = Arc::new(
+        tokio::net::UdpSocket::bind(SocketAddr::new(unique_loopback_v4(), 0))
+            .await
+            .unwrap(),
+    );
+    let back = Arc::new(tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap());
+    back.connect(server).await.unwrap();
+    let address = front.local_addr().unwrap();
+    let askers = Arc::new(Mutex::new(HashMap::<u16, SocketAddr>::new()));
+    let (queries_in, queries_out, queries_askers) = (front.clone(), back.clone(), askers.clone());
+    tokio::spawn(async move {
+        let mut lost = HashSet::new();
+        let mut buffer = vec![0u8; 4096];
+        while let Ok((length, from)) = queries_in.recv_from(&mut buffer).await {
+            let Some(id) = buffer.get(..2).map(|id| u16::from_be_bytes([id[0], id[1]])) else {
+                continue;
+            };
+            if length < 12 || lost.insert(id) {
+                continue;
+            }
+            queries_askers.lock().unwrap().insert(id, from);
+            let _ = queries_out.send(&buffer[..length]).await;
+        }
+    });
+    tokio::spawn(async move {
+        let mut buffer = vec![0u8; 65_535];
+        while let Ok(length) = back.recv(&mut buffer).await {
+            if length < 12 {
+                continue;
+            }
+            let id = u16::from_be_bytes([buffer[0], buffer[1]]);
+            let asker = askers.lock().unwrap().get(&id).copied();
+            if let Some(asker) = asker {
+                let _ = front.send_to(&buffer[..length], asker).await;
+            }
+        }
+    });
+    address
+}
+
+/// A query whose datagram to the upstream was lost waited the whole `upstream_timeout` (2 s)
+/// for a SERVFAIL, and the pod's resolver retries only after 5 s by default; the proxy sends
+/// it again after a few round trips and the answer comes within a fraction of a second.
+#[tokio::test]
+async fn a_query_lost_on_the_way_to_knotd_is_answered_from_its_second_copy() {
+    if !require_tools(&["knotd", "dig"]) {
+        return;
+    }
+    let lab = Lab::start(|_| {}).await;
+    let relay = lossy_relay(lab.upstream.addr()).await;
+    let dir = AgentDir::new().unwrap();
+    dir.write_policy("talk.yaml", &talk_policy(relay)).unwrap();
+    let mut config = dir.config(unique_loopback_v4(), relay);
+    config.endpoints = vec![endpoint("test", "test", &[lab.client])];
+    let agent = InProcessAgent::start(config).await.unwrap();
+    let started = Instant::now();
+    let reply = ask(agent.dns_v4(), "cilium.io", "A", opts(lab.client)).await;
+    let took = started.elapsed();
+    assert_eq!(reply.status, "NOERROR", "{}", reply.raw);
+    assert!(!reply.answers.is_empty(), "{}", reply.raw);
+    assert!(
+        took >= Duration::from_millis(200) && took < Duration::from_millis(1500),
+        "answered after {took:?}"
+    );
+    let scrape = http_get(agent.admin(), "/metrics").await.unwrap();
+    assert_eq!(
+        metric_value(&scrape, "warden_dns_upstream_retransmits_total", &[]),
+        1.0
+    );
+    assert_eq!(
+        metric_value(
+            &scrape,
+            "warden_dns_upstream_errors_total",
+            &[("reason", "timeout")]
+        ),
+        0.0
+    );
+    agent.stop().await.unwrap();
+    lab.agent.stop().await.unwrap();
+}
+
 #[tokio::test]
 async fn policy_edits_apply_within_two_seconds_and_broken_files_keep_the_last_good_policy() {
     if !require_tools(&["knotd", "dig"]) {
