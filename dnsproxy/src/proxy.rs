@@ -77,6 +77,10 @@ struct ProxyDatapath {
     /// failed is tried again at the next snapshot rather than left until a restart, while the
     /// agent's sockets take every query.
     registered: AtomicBool,
+    /// Registrations counted under `warden_datapath_{updates,errors}_total{op="reuseport"}`:
+    /// the status's `dns_port_holders` says who serves, not whether the datapath can steer to
+    /// this process.
+    metrics: Metrics,
 }
 
 impl ProxyDatapath {
@@ -130,9 +134,14 @@ impl ProxyDatapath {
             .reuseport_unregister(DNSPROXY_INSTANCE)
             .and_then(|()| serving::join(datapath, DNSPROXY_INSTANCE, &sockets));
         drop(sockets);
-        if let Err(error) = &joined {
-            tracing::warn!(%error, "cannot register the DNS sockets for reuseport selection; trying again at the next snapshot");
-        }
+        let counter = match &joined {
+            Ok(()) => &self.metrics.datapath.updates,
+            Err(error) => {
+                tracing::warn!(%error, "cannot register the DNS sockets for reuseport selection; trying again at the next snapshot");
+                &self.metrics.datapath.errors
+            }
+        };
+        counter.with_label_values(&["reuseport"]).inc();
         self.registered.store(joined.is_ok(), Ordering::Relaxed);
         if let Err(error) = serving::prefer(datapath, serving::preferred_instance(self.prefer)) {
             tracing::warn!(%error, "cannot apply dns.prefer");
@@ -190,6 +199,7 @@ pub async fn start(config: ProxyConfig) -> anyhow::Result<RunningProxy> {
         sockets: Mutex::new(Vec::new()),
         prefer: config.dns.prefer,
         registered: AtomicBool::new(false),
+        metrics: metrics.clone(),
     });
 
     let apply_snapshot = {

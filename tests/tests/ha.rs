@@ -232,6 +232,14 @@ async fn a_pod_starting_under_the_dnsproxy_is_answered_from_its_first_query() {
         assert_eq!(flow["endpoint"], "youssef/late", "{flow}");
         assert_eq!(flow["verdict"], "denied", "{flow}");
     }
+    // The dnsproxy's sockets went into the agent's reuseport selection, and without error.
+    let scrape = http_get(proxy_admin, "/metrics").await.unwrap();
+    let reuseport = [("op", "reuseport")];
+    assert!(metric_value(&scrape, "warden_datapath_updates_total", &reuseport) >= 1.0);
+    assert_eq!(
+        metric_value(&scrape, "warden_datapath_errors_total", &reuseport),
+        0.0
+    );
 }
 
 #[tokio::test]
