@@ -773,7 +773,11 @@ impl Datapath {
     /// [`Datapath::reuseport_register`] registers a process's sockets. A socket that closes
     /// leaves its slot by itself.
     pub fn reuseport_set(&self, instance: u32, socket: &impl AsFd) -> Result<(), DatapathError> {
-        let slot = reuseport_slot(instance, socket)?;
+        let slot = reuseport_slot(instance, socket, &bound_address(socket)?)?;
+        self.reuseport_set_slot(slot, socket)
+    }
+
+    fn reuseport_set_slot(&self, slot: u32, socket: &impl AsFd) -> Result<(), DatapathError> {
         lock(&self.inner.reuseport_sockets, map::REUSEPORT_SOCKETS)?
             .set(slot, &socket.as_fd().as_raw_fd(), 0)
             .map_err(|e| DatapathError::map(map::REUSEPORT_SOCKETS, "insert", e))
@@ -799,14 +803,14 @@ impl Datapath {
         let mut slots: [(Option<SockaddrStorage>, u32); abi::REUSEPORT_SLOTS as usize] =
             [(None, 0); abi::REUSEPORT_SLOTS as usize];
         for socket in sockets {
-            let slot = reuseport_slot(instance, socket)?;
             let address = bound_address(socket)?;
+            let slot = reuseport_slot(instance, socket, &address)?;
             let Some((own, extra)) = slots.get_mut(slot as usize) else {
                 continue;
             };
             match own {
                 None => {
-                    self.reuseport_set(instance, socket)?;
+                    self.reuseport_set_slot(slot, socket)?;
                     *own = Some(address);
                     continue;
                 }
@@ -846,12 +850,8 @@ impl Datapath {
     pub fn reuseport_unregister(&self, instance: u32) -> Result<(), DatapathError> {
         let mut spread = lock(&self.inner.reuseport_spread, map::REUSEPORT_SPREAD)?;
         let mut own = lock(&self.inner.reuseport_sockets, map::REUSEPORT_SOCKETS)?;
-        let absent_is_fine = |result: Result<(), MapError>, name: &'static str| match result {
-            Err(e) if !is_not_found(&e) => Err(DatapathError::map(name, "remove", e)),
-            _ => Ok(()),
-        };
         for slot in 4 * instance..4 * (instance + 1) {
-            absent_is_fine(own.clear_index(&slot), map::REUSEPORT_SOCKETS)?;
+            removed(map::REUSEPORT_SOCKETS, own.clear_index(&slot))?;
             let Some(spread) = spread.as_mut() else {
                 continue;
             };
@@ -860,7 +860,7 @@ impl Datapath {
                 .set(slot, 0, 0)
                 .map_err(|e| DatapathError::map(map::REUSEPORT_SPREAD_COUNT, "update", e))?;
             for index in slot * abi::REUSEPORT_SPREAD..(slot + 1) * abi::REUSEPORT_SPREAD {
-                absent_is_fine(spread.sockets.clear_index(&index), map::REUSEPORT_SPREAD)?;
+                removed(map::REUSEPORT_SPREAD, spread.sockets.clear_index(&index))?;
             }
         }
         Ok(())
@@ -950,7 +950,12 @@ fn bound_address(socket: &impl AsFd) -> Result<SockaddrStorage, DatapathError> {
     })
 }
 
-fn reuseport_slot(instance: u32, socket: &impl AsFd) -> Result<u32, DatapathError> {
+/// `instance`'s slot for `socket`, bound to `address`: its family and protocol.
+fn reuseport_slot(
+    instance: u32,
+    socket: &impl AsFd,
+    address: &SockaddrStorage,
+) -> Result<u32, DatapathError> {
     if instance >= abi::REUSEPORT_INSTANCES {
         return Err(DatapathError::Invalid {
             map: map::REUSEPORT_SOCKETS,
@@ -964,13 +969,7 @@ fn reuseport_slot(instance: u32, socket: &impl AsFd) -> Result<u32, DatapathErro
         op: "getsockopt(SO_TYPE)",
         source: errno.into(),
     })?;
-    let family_offset = match getsockname::<SockaddrStorage>(socket.as_fd().as_raw_fd())
-        .map_err(|errno| DatapathError::Socket {
-            op: "getsockname",
-            source: errno.into(),
-        })?
-        .family()
-    {
+    let family_offset = match address.family() {
         Some(AddressFamily::Inet6) => 2,
         _ => 0,
     };

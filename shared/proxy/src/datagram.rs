@@ -120,12 +120,26 @@ impl Datagram {
     /// Sends everything in `outbox`, in as few system calls as the kernel allows, and empties
     /// it; returns the indexes (in push order) of the datagrams that could not be sent.
     pub async fn send_batch(&self, outbox: &mut Outbox) -> Vec<usize> {
+        self.send_all(outbox, true).await
+    }
+
+    /// [`Datagram::send_batch`] without waiting for room in a full send buffer: what does
+    /// not fit now is among the failed.
+    pub async fn send_batch_now(&self, outbox: &mut Outbox) -> Vec<usize> {
+        self.send_all(outbox, false).await
+    }
+
+    async fn send_all(&self, outbox: &mut Outbox, wait_for_room: bool) -> Vec<usize> {
         let mut failed = Vec::new();
         let mut next = 0;
         let mut full_buffer_attempts = 0;
         while next < outbox.len() {
             match outbox.send_from(self.io.get_ref().as_raw_fd(), next) {
                 Ok(sent) => next += sent.max(1),
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock && !wait_for_room => {
+                    failed.extend(next..outbox.len());
+                    break;
+                }
                 Err(error)
                     if error.kind() == io::ErrorKind::WouldBlock
                         && full_buffer_attempts < FULL_BUFFER_ATTEMPTS =>
@@ -133,44 +147,17 @@ impl Datagram {
                     full_buffer_attempts += 1;
                     tokio::time::sleep(FULL_BUFFER_RETRY).await;
                 }
+                // The kernel reports an error for the first datagram it could not send; the
+                // ones after it get their own attempt.
                 Err(error) => {
+                    tracing::debug!(target = %outbox.target(next), %error, "cannot send datagram");
                     failed.push(next);
-                    next = Self::past_failure(outbox, next, &error);
+                    next += 1;
                 }
             }
         }
         outbox.clear();
         failed
-    }
-
-    /// [`Datagram::send_batch`] without waiting for room in a full send buffer: what does
-    /// not fit now is among the failed.
-    pub fn send_batch_now(&self, outbox: &mut Outbox) -> Vec<usize> {
-        let mut failed = Vec::new();
-        let mut next = 0;
-        while next < outbox.len() {
-            match outbox.send_from(self.io.get_ref().as_raw_fd(), next) {
-                Ok(sent) => next += sent.max(1),
-                Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
-                    failed.extend(next..outbox.len());
-                    break;
-                }
-                Err(error) => {
-                    failed.push(next);
-                    next = Self::past_failure(outbox, next, &error);
-                }
-            }
-        }
-        outbox.clear();
-        failed
-    }
-
-    /// Where sending goes on after the `failed`th datagram of `outbox` could not be sent.
-    fn past_failure(outbox: &Outbox, failed: usize, error: &io::Error) -> usize {
-        // The kernel reports an error for the first datagram it could not send; the ones
-        // after it get their own attempt.
-        tracing::debug!(target = %outbox.target(failed), %error, "cannot send datagram");
-        failed + 1
     }
 }
 

@@ -503,7 +503,7 @@ pub(crate) async fn sweep_loop(
             // timed-out queries late. A copy that cannot leave only costs its query the
             // round-trip sample of its answer (it counts as sent twice); it waits for the
             // first copy's answer, or its deadline.
-            let failed = pool_socket.datagram().send_batch_now(outbox);
+            let failed = pool_socket.datagram().send_batch_now(outbox).await;
             engine.upstream_retransmitted(copies.saturating_sub(failed.len()));
         }
         if engine.in_flight.is_idle() {
