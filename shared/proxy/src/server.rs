@@ -449,6 +449,29 @@ spec:
         .await
     }
 
+    /// The tests' settings: two sockets of each kind, REFUSED for denied queries.
+    fn settings(
+        listen: SocketAddr,
+        upstream: SocketAddr,
+        upstream_timeout: Duration,
+        linger: Duration,
+    ) -> ProxySettings {
+        ProxySettings {
+            listen: vec![listen],
+            upstream,
+            reject: ResponseCode::Refused,
+            response_max_delay: Duration::from_millis(300),
+            upstream_timeout,
+            max_ttl: 0,
+            concurrency_limit: 0,
+            upstream_sockets: 2,
+            // More than one, so that every test here runs the port's sockets side by side.
+            listen_sockets: 2,
+            tcp_idle_timeout: Duration::from_secs(5),
+            linger,
+        }
+    }
+
     /// A proxy whose `leave` at shutdown says it steered traffic away (`steers`) or not.
     async fn start_with(
         listen: SocketAddr,
@@ -478,20 +501,7 @@ spec:
             metrics: metrics.clone(),
             flows: flows.clone(),
         };
-        let settings = ProxySettings {
-            listen: vec![listen],
-            upstream,
-            reject: ResponseCode::Refused,
-            response_max_delay: Duration::from_millis(300),
-            upstream_timeout,
-            max_ttl: 0,
-            concurrency_limit: 0,
-            upstream_sockets: 2,
-            // More than one, so that every test here runs the port's sockets side by side.
-            listen_sockets: 2,
-            tcp_idle_timeout: Duration::from_secs(5),
-            linger,
-        };
+        let settings = settings(listen, upstream, upstream_timeout, linger);
         let proxy = DnsProxy::bind(settings, context).unwrap();
         let dns = proxy.local_addrs()[0];
         let shutdown = CancellationToken::new();
@@ -1164,17 +1174,14 @@ spec:
     async fn every_socket_of_an_address_gets_its_share_of_the_clients() {
         let upstream = fake_upstream(false).await;
         let settings = ProxySettings {
-            listen: vec!["127.0.0.1:0".parse().unwrap()],
-            upstream,
-            reject: ResponseCode::Refused,
-            response_max_delay: Duration::from_millis(300),
-            upstream_timeout: Duration::from_secs(2),
-            max_ttl: 0,
-            concurrency_limit: 0,
             upstream_sockets: 1,
             listen_sockets: 3,
-            tcp_idle_timeout: Duration::from_secs(5),
-            linger: Duration::ZERO,
+            ..settings(
+                "127.0.0.1:0".parse().unwrap(),
+                upstream,
+                Duration::from_secs(2),
+                Duration::ZERO,
+            )
         };
         let context = ProxyContext {
             instance: Arc::from("shares"),

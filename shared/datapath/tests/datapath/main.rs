@@ -1012,6 +1012,17 @@ fn reuseport_socket(addr: SocketAddr) -> UdpSocket {
     s.into()
 }
 
+/// `N` sockets of [`reuseport_socket`] on one kernel-chosen port of `ip`, and that address.
+fn sockets_on_one_port<const N: usize>(ip: &str) -> (SocketAddr, [UdpSocket; N]) {
+    let mut address = sa(&format!("{ip}:0"));
+    let sockets = std::array::from_fn(|_| {
+        let socket = reuseport_socket(address);
+        address = socket.local_addr().unwrap();
+        socket
+    });
+    (address, sockets)
+}
+
 /// How many of `clients` datagrams to `port`, each from a source port of its own (so that
 /// the kernel's hash alone would spread them), each of `sockets` got.
 fn deliveries(port: SocketAddr, sockets: &[&UdpSocket], clients: usize) -> Vec<usize> {
@@ -1037,9 +1048,7 @@ fn reuseport_prefers_the_chosen_instance_and_falls_back() {
     skip_unless_privileged!();
     let lab = Lab::new();
     let dp = Datapath::open(&lab.options()).unwrap();
-    let s0 = reuseport_socket(sa("127.0.0.1:0"));
-    let port = s0.local_addr().unwrap();
-    let s1 = reuseport_socket(port);
+    let (port, [s0, s1]) = sockets_on_one_port("127.0.0.1");
     dp.reuseport_set(0, &s0).unwrap();
     dp.reuseport_set(1, &s1).unwrap();
     dp.attach_reuseport(&s0).unwrap();
@@ -1063,10 +1072,7 @@ fn reuseport_spreads_an_instances_clients_over_its_sockets() {
     skip_unless_privileged!();
     let lab = Lab::new();
     let dp = Datapath::open(&lab.options()).unwrap();
-    let first = reuseport_socket(sa("127.0.0.1:0"));
-    let port = first.local_addr().unwrap();
-    let second = reuseport_socket(port);
-    let peer = reuseport_socket(port);
+    let (port, [first, second, peer]) = sockets_on_one_port("127.0.0.1");
     dp.reuseport_register(0, &[&first, &second]).unwrap();
     dp.reuseport_register(1, &[&peer]).unwrap();
     dp.attach_reuseport(&first).unwrap();
@@ -1092,12 +1098,8 @@ fn reuseport_spreads_an_instances_clients_over_its_sockets() {
 
     // A second address of the family is another reuseport group: the slot cannot select
     // from it, and the kernel's hash spreads its clients over its sockets, as before.
-    let elsewhere = reuseport_socket(sa("127.0.0.2:0"));
-    let elsewhere_port = elsewhere.local_addr().unwrap();
-    let elsewhere_too = reuseport_socket(elsewhere_port);
-    let fresh = reuseport_socket(sa("127.0.0.1:0"));
-    let fresh_port = fresh.local_addr().unwrap();
-    let fresh_too = reuseport_socket(fresh_port);
+    let (elsewhere_port, [elsewhere, elsewhere_too]) = sockets_on_one_port("127.0.0.2");
+    let (fresh_port, [fresh, fresh_too]) = sockets_on_one_port("127.0.0.1");
     dp.attach_reuseport(&elsewhere).unwrap();
     dp.attach_reuseport(&fresh).unwrap();
     dp.reuseport_unregister(0).unwrap();
@@ -1122,8 +1124,7 @@ fn reuseport_spreads_an_instances_clients_over_its_sockets() {
         .unwrap();
     fs::remove_file(&spread_pin).unwrap();
     let older = Datapath::open_pinned(&lab.bpffs).unwrap();
-    let other = reuseport_socket(sa("127.0.0.1:0"));
-    let beside = reuseport_socket(other.local_addr().unwrap());
+    let (_, [other, beside]) = sockets_on_one_port("127.0.0.1");
     older.reuseport_register(1, &[&other, &beside]).unwrap();
 }
 
@@ -1136,8 +1137,7 @@ fn reuseport_sockets_move_to_replaced_pins() {
     let lab = Lab::new();
     let options = lab.options();
     let old = Datapath::open(&options).unwrap();
-    let first = reuseport_socket(sa("127.0.0.1:0"));
-    let second = reuseport_socket(first.local_addr().unwrap());
+    let (port, [first, second]) = sockets_on_one_port("127.0.0.1");
     old.reuseport_register(1, &[&first, &second]).unwrap();
 
     Datapath::cleanup(&options).unwrap();
@@ -1150,7 +1150,7 @@ fn reuseport_sockets_move_to_replaced_pins() {
     new.reuseport_register(1, &[&first, &second]).unwrap();
     new.attach_reuseport(&first).unwrap();
     new.reuseport_prefer(1).unwrap();
-    let shares = deliveries(first.local_addr().unwrap(), &[&first, &second], 64);
+    let shares = deliveries(port, &[&first, &second], 64);
     assert!(shares.iter().all(|share| *share > 0), "{shares:?}");
     drop((old, new));
     Datapath::cleanup(&options).unwrap();
