@@ -217,7 +217,7 @@ mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::time::Instant;
 
-    use crate::udp::{SWEEP_EVERY, SWEEPS_BEFORE_SLEEP};
+    use crate::udp::{BATCHES_PER_TURN, SWEEP_EVERY, SWEEPS_BEFORE_SLEEP};
     use hickory_proto::op::{Message, MessageType, OpCode, Query};
     use hickory_proto::rr::rdata::A;
     use hickory_proto::rr::{Name, RData, Record, RecordType};
@@ -380,6 +380,14 @@ spec:
         delay: Duration,
         build: impl Fn(&mut Message) -> Option<Vec<u8>> + Send + 'static,
     ) -> SocketAddr {
+        fake_upstream_seeing(delay, move |answer, _| build(answer)).await
+    }
+
+    /// [`fake_upstream_sending_after`], `build` told where each question came from too.
+    async fn fake_upstream_seeing(
+        delay: Duration,
+        build: impl Fn(&mut Message, SocketAddr) -> Option<Vec<u8>> + Send + 'static,
+    ) -> SocketAddr {
         let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
         let address = socket.local_addr().unwrap();
         tokio::spawn(async move {
@@ -388,7 +396,7 @@ spec:
                 let query = Message::from_vec(&buffer[..length]).unwrap();
                 let mut answer = Message::response(query.metadata.id, OpCode::Query);
                 answer.add_queries(query.queries.clone());
-                if let Some(bytes) = build(&mut answer) {
+                if let Some(bytes) = build(&mut answer, from) {
                     if !delay.is_zero() {
                         tokio::time::sleep(delay).await;
                     }
@@ -1166,6 +1174,60 @@ spec:
         assert!(took >= Duration::from_millis(300), "answered at {took:?}");
         assert!(took < Duration::from_secs(1), "answered at {took:?}");
         running.shutdown.cancel();
+    }
+
+    /// A listener loop forwards a run of batches from one pool socket, then the next run from
+    /// another: the answers coming back on one socket are read together, by one answer loop.
+    #[tokio::test]
+    async fn a_listener_forwards_a_run_of_batches_from_one_pool_socket() {
+        let (ports_tx, mut ports) = tokio::sync::mpsc::unbounded_channel();
+        let upstream = fake_upstream_seeing(Duration::ZERO, move |answer, from| {
+            let _ = ports_tx.send(from.port());
+            answer.to_vec().ok()
+        })
+        .await;
+        let proxy = start(upstream, Duration::ZERO, Duration::from_secs(2)).await;
+        // One client socket, so one listener socket gets every query; one query at a time, so
+        // each is a batch of its own.
+        let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let mut buffer = vec![0u8; 1500];
+        for id in 0..=BATCHES_PER_TURN {
+            let mut query = Message::query();
+            query.metadata.id = u16::try_from(id).unwrap();
+            query.add_query(Query::query(
+                Name::from_ascii("cilium.io.").unwrap(),
+                RecordType::A,
+            ));
+            client
+                .send_to(&query.to_vec().unwrap(), proxy.dns)
+                .await
+                .unwrap();
+            let length = tokio::time::timeout(Duration::from_secs(2), client.recv(&mut buffer))
+                .await
+                .expect("an answer")
+                .unwrap();
+            let answer = Message::from_vec(&buffer[..length]).unwrap();
+            assert_eq!(answer.metadata.response_code, ResponseCode::NoError);
+        }
+        let mut sources = Vec::new();
+        while let Ok(port) = ports.try_recv() {
+            sources.push(port);
+        }
+        let run = usize::try_from(BATCHES_PER_TURN).unwrap();
+        assert_eq!(
+            sources.len(),
+            run + 1,
+            "no copies: every answer came at once"
+        );
+        assert!(
+            sources[..run].iter().all(|port| *port == sources[0]),
+            "one pool socket for the run: {sources:?}"
+        );
+        assert_ne!(
+            sources[run], sources[0],
+            "the next run from the next socket"
+        );
+        proxy.shutdown.cancel();
     }
 
     /// `listen_sockets` sockets share each listen address's port, and the kernel hands each

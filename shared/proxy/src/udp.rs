@@ -38,6 +38,13 @@ pub(crate) const SWEEPS_BEFORE_SLEEP: u32 = 50;
 const DRAIN_GRACE: Duration = Duration::from_millis(1);
 /// Datagrams read or written per system call at most.
 const BATCH: usize = 32;
+/// Batches a listener loop forwards from one pool socket before it takes the pool's next turn.
+/// The answers to queries sent from one socket come back together on it, read by one answer
+/// loop in one call; with the turn passed on at every batch, as it was, a proxy below its
+/// full rate (a batch of one or two queries) woke a different answer loop for nearly every
+/// answer: 10% more CPU per query at 42,000 QPS, and a longer tail. The turns still go round,
+/// so every pool socket's port and IDs are used.
+pub(crate) const BATCHES_PER_TURN: u32 = 64;
 /// Room for one query: far more than any real one needs (a question and an OPT record), and
 /// anything longer is counted malformed.
 const QUERY_SLOT: usize = 4096;
@@ -133,6 +140,9 @@ struct Batch {
     /// The batch's queries to forward, by their index in the inbox, until they are filed
     /// together.
     filing: Vec<(usize, SocketAddr, Instant, Waiting)>,
+    /// The pool's turn this loop forwards on, and how many more batches it keeps it.
+    turn: usize,
+    batches_left_on_turn: u32,
 }
 
 impl Batch {
@@ -148,14 +158,26 @@ impl Batch {
                 .map(|_| Vec::new())
                 .collect(),
             filing: Vec::with_capacity(BATCH),
+            turn: 0,
+            batches_left_on_turn: 0,
         }
+    }
+
+    /// The pool's turn for this batch's forwards (see [`BATCHES_PER_TURN`]).
+    fn turn(&mut self, engine: &Engine) -> usize {
+        if self.batches_left_on_turn == 0 {
+            self.turn = engine.upstream.next_socket();
+            self.batches_left_on_turn = BATCHES_PER_TURN;
+        }
+        self.batches_left_on_turn -= 1;
+        self.turn
     }
 
     /// Handles the `count` queries just read: each is answered or filed, then the forwards
     /// leave, then the answers.
     async fn serve(&mut self, engine: &Engine, listener: usize, socket: &Datagram, count: usize) {
         let started = Instant::now();
-        let pool_socket = engine.upstream.next_socket();
+        let pool_socket = self.turn(engine);
         for index in 0..count {
             let (packet, client) = match self.inbox.get_mut(index) {
                 Some(Ok(received)) => received,
@@ -182,6 +204,7 @@ impl Batch {
             forwards,
             forwarded_ids,
             filing,
+            ..
         } = self;
         // Filed but with nowhere to go (never, as the inbox and outboxes are built): taken
         // back once the pool's lock is released, not left to time out.

@@ -395,9 +395,9 @@ impl<W: Waiter> UpstreamPool<W> {
         &self.sockets
     }
 
-    /// The turn of the next batch of queries, for [`UpstreamPool::register`]: queries read
-    /// together leave together on one socket, in one system call, and their answers come back
-    /// together on it; the sockets (and their ports) take turns between batches.
+    /// The next turn, for [`UpstreamPool::register`]: queries read together leave together on
+    /// one socket, in one system call, and their answers come back together on it; the
+    /// sockets (and their ports) take turns, a listener loop keeping each for a run of batches.
     pub fn next_socket(&self) -> usize {
         self.next.fetch_add(1, Ordering::Relaxed)
     }
