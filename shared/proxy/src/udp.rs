@@ -86,10 +86,14 @@ pub(crate) async fn listener_loop(engine: Arc<Engine>, listener: usize, stop: Ca
         return;
     };
     let mut batch = Batch::new(&engine);
+    // One wait for the token for the whole loop: a new one per batch would join and leave the
+    // token's waiters, under its lock, at every wake-up.
+    let stopped = stop.cancelled();
+    tokio::pin!(stopped);
     loop {
         let received = tokio::select! {
             biased;
-            _ = stop.cancelled() => break,
+            _ = &mut stopped => break,
             received = socket.recv_batch(&mut batch.inbox) => received,
         };
         match received {
@@ -358,9 +362,12 @@ pub(crate) async fn answer_loop(
     let mut inbox = Inbox::new(BATCH, MAX_MESSAGE);
     // One outbox per listener socket: answers leave from where their query came in.
     let mut answers = Outboxes::new(engine.udp_listeners.len(), BATCH);
+    // As in `listener_loop`: one wait for the token, not one per batch.
+    let stopped = shutdown.cancelled();
+    tokio::pin!(stopped);
     loop {
         let received = tokio::select! {
-            _ = shutdown.cancelled() => return,
+            _ = &mut stopped => return,
             received = socket.datagram().recv_batch(&mut inbox) => received,
         };
         let count = match received {
