@@ -1182,7 +1182,7 @@ spec:
     async fn a_listener_forwards_a_run_of_batches_from_one_pool_socket() {
         let (sources_tx, mut sources_rx) = tokio::sync::mpsc::unbounded_channel();
         let upstream = fake_upstream_seeing(Duration::ZERO, move |answer, from| {
-            let _ = sources_tx.send((from.port(), answer.metadata.id));
+            let _ = sources_tx.send((from.port(), answer.queries[0].name().to_ascii()));
             answer.to_vec().ok()
         })
         .await;
@@ -1194,8 +1194,9 @@ spec:
         for id in 0..=BATCHES_PER_TURN {
             let mut query = Message::query();
             query.metadata.id = u16::try_from(id).unwrap();
+            // A name of its own: the proxy's upstream IDs are random and may repeat.
             query.add_query(Query::query(
-                Name::from_ascii("cilium.io.").unwrap(),
+                Name::from_ascii(format!("q{id}.cilium.io.")).unwrap(),
                 RecordType::A,
             ));
             client
@@ -1209,11 +1210,11 @@ spec:
             let answer = Message::from_vec(&buffer[..length]).unwrap();
             assert_eq!(answer.metadata.response_code, ResponseCode::NoError);
         }
-        // A copy sent again on a stalled machine comes from the same port with the same ID.
+        // A copy sent again on a stalled machine comes from the same port with the same question.
         let mut seen = std::collections::HashSet::new();
         let mut sources = Vec::new();
-        while let Ok((port, id)) = sources_rx.try_recv() {
-            if seen.insert((port, id)) {
+        while let Ok((port, name)) = sources_rx.try_recv() {
+            if seen.insert((port, name)) {
                 sources.push(port);
             }
         }
