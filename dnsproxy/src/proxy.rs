@@ -128,11 +128,7 @@ impl ProxyDatapath {
         if sockets.is_empty() {
             return;
         }
-        // Out of the selection first: a socket the map holds already (from an attempt that
-        // failed part way) is refused again.
-        let joined = datapath
-            .reuseport_unregister(DNSPROXY_INSTANCE)
-            .and_then(|()| serving::join(datapath, DNSPROXY_INSTANCE, &sockets));
+        let joined = serving::join(datapath, DNSPROXY_INSTANCE, &sockets);
         drop(sockets);
         let counter = match &joined {
             Ok(()) => &self.metrics.datapath.updates,

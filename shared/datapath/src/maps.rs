@@ -791,13 +791,16 @@ impl Datapath {
     /// addresses. A further address of a family is another reuseport group, which the slot
     /// cannot select from: its sockets are left to the kernel's hash, as before the spread.
     /// Pins older than the spread take the first socket alone; a socket the spread refuses
-    /// leaves its share to the others (logged). A socket may be registered in one map at a
-    /// time: see [`Datapath::reuseport_unregister`].
+    /// leaves its share to the others (logged). What `instance` had registered in these maps
+    /// goes first: the kernel refuses a socket an array already holds (EBUSY), one left there
+    /// by an earlier registration that failed part way too. A socket may be in one map at a
+    /// time: one still in older maps is refused, see [`Datapath::reuseport_unregister`].
     pub fn reuseport_register(
         &self,
         instance: u32,
         sockets: &[impl AsFd],
     ) -> Result<(), DatapathError> {
+        self.reuseport_unregister(instance)?;
         let mut spread = lock(&self.inner.reuseport_spread, map::REUSEPORT_SPREAD)?;
         // Per slot: the address of its own socket, and how many joined it in the spread.
         let mut slots: [(Option<SockaddrStorage>, u32); abi::REUSEPORT_SLOTS as usize] =

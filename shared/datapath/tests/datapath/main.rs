@@ -1148,6 +1148,9 @@ fn reuseport_sockets_move_to_replaced_pins() {
     );
     old.reuseport_unregister(1).unwrap();
     new.reuseport_register(1, &[&first, &second]).unwrap();
+    // Registering again (warden-dnsproxy at its next snapshot, after a failure) replaces what
+    // the instance had: the maps' own hold of the sockets is no refusal.
+    new.reuseport_register(1, &[&first, &second]).unwrap();
     new.attach_reuseport(&first).unwrap();
     new.reuseport_prefer(1).unwrap();
     let shares = deliveries(port, &[&first, &second], 64);
