@@ -550,6 +550,11 @@ spec:
     /// Sends `query` to `dns` over UDP and reads its answer, which must carry the query's ID.
     async fn exchange(dns: SocketAddr, query: &Message) -> Message {
         let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        exchange_from(&client, dns, query).await
+    }
+
+    /// [`exchange`] from `client`'s socket.
+    async fn exchange_from(client: &UdpSocket, dns: SocketAddr, query: &Message) -> Message {
         client.send_to(&query.to_vec().unwrap(), dns).await.unwrap();
         let mut buffer = vec![0u8; 65_535];
         let (length, _) =
@@ -1190,7 +1195,6 @@ spec:
         // One client socket, so one listener socket gets every query; one query at a time, so
         // each is a batch of its own.
         let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-        let mut buffer = vec![0u8; 1500];
         for id in 0..=BATCHES_PER_TURN {
             let mut query = Message::query();
             query.metadata.id = u16::try_from(id).unwrap();
@@ -1199,15 +1203,7 @@ spec:
                 Name::from_ascii(format!("q{id}.cilium.io.")).unwrap(),
                 RecordType::A,
             ));
-            client
-                .send_to(&query.to_vec().unwrap(), proxy.dns)
-                .await
-                .unwrap();
-            let length = tokio::time::timeout(Duration::from_secs(2), client.recv(&mut buffer))
-                .await
-                .expect("an answer")
-                .unwrap();
-            let answer = Message::from_vec(&buffer[..length]).unwrap();
+            let answer = exchange_from(&client, proxy.dns, &query).await;
             assert_eq!(answer.metadata.response_code, ResponseCode::NoError);
         }
         // A copy sent again on a stalled machine comes from the same port with the same question.

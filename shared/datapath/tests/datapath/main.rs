@@ -9,6 +9,7 @@ mod support;
 
 use std::fs;
 use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use aya::programs::{CgroupSkb, CgroupSkbAttachType, SkReuseport, SkReuseportAttachType};
@@ -989,18 +990,22 @@ fn reopen_replaces_programs_in_place_and_cleanup_removes_everything() {
     assert!(!fresh.pins_replaced());
     // Any map it uses, not only the allow map: one unpinned (by a cleanup that stopped part
     // way, say) is one replaced.
-    let last_seen = fs::read_dir(&options.bpffs)
-        .unwrap()
-        .filter_map(Result::ok)
-        .map(|entry| entry.path().join("last_seen"))
-        .find(|path| path.exists())
-        .unwrap();
-    fs::remove_file(&last_seen).unwrap();
+    fs::remove_file(pinned_map(&options.bpffs, "last_seen")).unwrap();
     assert!(fresh.pins_replaced());
     drop((again, proxy, fresh));
     Datapath::cleanup(&options).unwrap();
     // Cleaning up twice is harmless.
     assert_eq!(Datapath::cleanup(&options).unwrap().links_detached.len(), 0);
+}
+
+/// Where the map `name` is pinned under `bpffs`, in whichever layout's folder holds it.
+fn pinned_map(bpffs: &Path, name: &str) -> PathBuf {
+    fs::read_dir(bpffs)
+        .unwrap()
+        .filter_map(Result::ok)
+        .map(|entry| entry.path().join(name))
+        .find(|path| path.exists())
+        .unwrap()
 }
 
 /// A UDP socket on `addr` with SO_REUSEPORT, reading with a short timeout.
@@ -1116,13 +1121,7 @@ fn reuseport_spreads_an_instances_clients_over_its_sockets() {
 
     // Pins older than the spread (an older agent's): a newer process registers the first
     // socket of each slot alone, and says nothing is wrong.
-    let spread_pin = fs::read_dir(&lab.bpffs)
-        .unwrap()
-        .filter_map(Result::ok)
-        .map(|entry| entry.path().join("reuseport_spread"))
-        .find(|path| path.exists())
-        .unwrap();
-    fs::remove_file(&spread_pin).unwrap();
+    fs::remove_file(pinned_map(&lab.bpffs, "reuseport_spread")).unwrap();
     let older = Datapath::open_pinned(&lab.bpffs).unwrap();
     let (_, [other, beside]) = sockets_on_one_port("127.0.0.1");
     older.reuseport_register(1, &[&other, &beside]).unwrap();
