@@ -169,7 +169,9 @@ pub async fn start(config: AgentConfig) -> anyhow::Result<RunningAgent> {
                 sessions: sessions.clone(),
                 started: Instant::now(),
                 missing_cgroups: HashSet::new(),
+                shared_cgroups: HashSet::new(),
                 uncleared: HashSet::new(),
+                wanted_by: HashMap::new(),
             };
             let first_pass = tokio::task::spawn_blocking(move || {
                 reconciler.reconcile();

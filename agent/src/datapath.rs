@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use warden_config::AgentConfig;
 use warden_datapath::{Datapath, FqdnKey, PortRule};
 use warden_enforce::{Enforcement, TCP, UDP, fqdn_keys, merge_port_rules, port_rules};
-use warden_fqdn::UnixTime;
+use warden_fqdn::{CacheEntry, UnixTime};
 use warden_policy::{DnsName, EndpointId, FqdnGrant, PolicyRepository};
 use warden_proxy::{PolicySource, SharedCache, unix_now};
 use warden_telemetry::{DropFlow, FlowEvent, FlowLog, LogBudget, Metrics};
@@ -57,9 +57,14 @@ pub struct Reconciler {
     /// Endpoints whose cgroup was missing at the last pass, said once until it appears (a pod
     /// written into endpoints_dir while still pending has none yet).
     pub missing_cgroups: HashSet<Arc<str>>,
+    /// Endpoints naming a cgroup an endpoint declared before them has, said once.
+    pub shared_cgroups: HashSet<Arc<str>>,
     /// Endpoint IDs whose clearing failed part way: tried again at the next pass (their
     /// enrollments, which named them stale, are gone by then).
     pub uncleared: HashSet<u32>,
+    /// The name that last wanted each FQDN entry: one that traffic keeps past its TTL stays
+    /// only while the policy still grants it for that name.
+    pub wanted_by: HashMap<FqdnKey, Arc<str>>,
 }
 
 impl Reconciler {
@@ -69,8 +74,8 @@ impl Reconciler {
         // for them, so this policy knows at least every endpoint of this table.
         let table = self.policy.endpoints();
         let policy = self.policy.current();
-        self.enroll(&table, &policy);
-        self.reconcile_cidrs(&table, &policy);
+        let enrolled = self.enroll(&table, &policy);
+        self.reconcile_cidrs(&table, &policy, &enrolled);
         self.reconcile_fqdn(&table, &policy, unix_now());
     }
 
@@ -94,8 +99,9 @@ impl Reconciler {
     }
 
     /// Enrolls every endpoint with a cgroup (enforced when a policy with egress rules selects
-    /// it) and points its DNS at the proxy; removes cgroups no longer configured.
-    fn enroll(&mut self, table: &EndpointTable, policy: &PolicyRepository) {
+    /// it) and points its DNS at the proxy; removes cgroups no longer configured. Returns the
+    /// endpoint IDs enrolled.
+    fn enroll(&mut self, table: &EndpointTable, policy: &PolicyRepository) -> HashSet<u32> {
         let (default_v4, default_v6) = targets(&self.config.dns.listen);
         let mut index = HashMap::new();
         // One walk of the map, not one per endpoint.
@@ -120,6 +126,16 @@ impl Reconciler {
                     continue;
                 }
             };
+            if let Some((_, owner)) = index.get(&cgroup_id) {
+                // Enrolled under one endpoint at a time, or each pass would enroll the other
+                // and clear the one before (its DNS target and entries). The first declared
+                // keeps it.
+                if self.shared_cgroups.insert(key.clone()) {
+                    tracing::error!(endpoint = %key, owner = %owner, cgroup = %path.display(), "endpoint names the cgroup of another; not enrolled");
+                }
+                continue;
+            }
+            self.shared_cgroups.remove(key);
             index.insert(cgroup_id, (info.id, key.clone()));
             let enforced = policy.is_enforced(info.id);
             let wanted = warden_datapath::EndpointEntry {
@@ -188,18 +204,29 @@ impl Reconciler {
         // comes back).
         self.missing_cgroups
             .retain(|key| table.entries().any(|(_, known, _)| known == key));
+        self.shared_cgroups
+            .retain(|key| table.entries().any(|(_, known, _)| known == key));
         self.metrics
             .datapath
             .enrolled
             .set(i64::try_from(index.len()).unwrap_or(i64::MAX));
         self.enforcement.set_cgroups(index);
+        in_use
     }
 
-    /// The L3/L4 rules (toCIDR, toCIDRSet, toEntities, toEndpoints) of enforced endpoints.
-    fn reconcile_cidrs(&mut self, table: &EndpointTable, policy: &PolicyRepository) {
+    /// The L3/L4 rules (toCIDR, toCIDRSet, toEntities, toEndpoints) of enforced endpoints
+    /// that are enrolled. Only those: an endpoint loses its enrollment before it leaves the
+    /// table (a pod's cgroup goes first), and clearing it then removes the barrier entries
+    /// `cidr_entries` does not list; entries written after that would stay for good.
+    fn reconcile_cidrs(
+        &mut self,
+        table: &EndpointTable,
+        policy: &PolicyRepository,
+        enrolled: &HashSet<u32>,
+    ) {
         let mut wanted: HashMap<(u32, IpNet), Vec<PortRule>> = HashMap::new();
         for (info, _) in table.keys() {
-            if !policy.is_enforced(info.id) {
+            if !policy.is_enforced(info.id) || !enrolled.contains(&info.id.0) {
                 continue;
             }
             for allow in policy.static_allows(info.id) {
@@ -268,24 +295,23 @@ impl Reconciler {
         // A chunk per hold of the lock the DNS path needs; the order does not matter here.
         let entries = self.cache.entries_unordered(now);
         let mut wanted: HashMap<FqdnKey, u64> = HashMap::new();
-        let mut grants_by_name: HashMap<String, Vec<FqdnGrant>> = HashMap::new();
+        let mut grants = Grants::new(policy);
         for entry in &entries {
-            let grants = grants_by_name.entry(entry.name.clone()).or_insert_with(|| {
-                let mut grants = Vec::new();
-                if let Ok(name) = DnsName::new(&entry.name) {
-                    policy.fqdn_grants(&name, &mut grants);
-                }
-                grants
-            });
-            for grant in grants.iter() {
+            let (name, grants) = grants.of(&entry.name);
+            for grant in grants {
                 for cached in &entry.ips {
                     for key in fqdn_keys(grant, cached.ip) {
                         let expiry = wanted.entry(key).or_insert(0);
                         *expiry = (*expiry).max(cached.expires_at.0);
+                        self.wanted_by.insert(key, name.clone());
                     }
                 }
             }
         }
+        // Built only if an entry lives on traffic alone: the names each endpoint's cache
+        // entries give an address, for an entry wanted by no name this agent remembers (as
+        // after its restart).
+        let mut names_in_cache: Option<HashMap<(&str, IpAddr), Vec<&str>>> = None;
         let Some(current) = self.count("list", self.datapath.fqdn_entries()) else {
             return;
         };
@@ -310,8 +336,31 @@ impl Reconciler {
                 let since = *self.unwanted_since.entry(key).or_insert_with(Instant::now);
                 since.elapsed() >= UNWANTED_GRACE && !peers_catching_up
             } else if recent.contains(&(key.endpoint_id, key.ip)) {
-                idle_grace += 1;
-                false
+                // In use past its TTL: kept for the idle grace, but only as the policy still
+                // grants it. Traffic marks the address, not the port, so a port a changed
+                // policy took away would otherwise stay open for as long as any is used.
+                let mut names: Vec<&str> =
+                    self.wanted_by.get(&key).map(|n| &**n).into_iter().collect();
+                if names.is_empty() {
+                    let index = names_in_cache.get_or_insert_with(|| names_by_address(&entries));
+                    if let Some(endpoint) = table.key_of(EndpointId(key.endpoint_id)) {
+                        names.extend(index.get(&(&**endpoint, key.ip)).into_iter().flatten());
+                    }
+                }
+                // No name known for it (a peer's entry whose mapping has not come, or an
+                // address another endpoint resolved before this agent started): kept.
+                let granted = names.is_empty()
+                    || names.iter().any(|name| {
+                        grants
+                            .of(name)
+                            .1
+                            .iter()
+                            .any(|grant| fqdn_keys(grant, key.ip).contains(&key))
+                    });
+                if granted {
+                    idle_grace += 1;
+                }
+                !granted
             } else {
                 true
             };
@@ -330,6 +379,8 @@ impl Reconciler {
             }
         }
         self.unwanted_since.retain(|key, _| present.contains(key));
+        self.wanted_by
+            .retain(|key, _| present.contains(key) || wanted.contains_key(key));
         self.metrics
             .datapath
             .fqdn_entries
@@ -448,6 +499,56 @@ pub async fn watch_drops(
             protocol,
         }));
     }
+}
+
+/// The `toFQDNs` grants of each name, asked of the policy once per pass.
+struct Grants<'a> {
+    policy: &'a PolicyRepository,
+    at: HashMap<Arc<str>, usize>,
+    names: Vec<(Arc<str>, Vec<FqdnGrant>)>,
+}
+
+impl<'a> Grants<'a> {
+    fn new(policy: &'a PolicyRepository) -> Self {
+        Grants {
+            policy,
+            at: HashMap::new(),
+            names: Vec::new(),
+        }
+    }
+
+    /// The name, shared, and its grants (none for a name no rule can express).
+    fn of(&mut self, name: &str) -> (&Arc<str>, &[FqdnGrant]) {
+        let at = match self.at.get(name) {
+            Some(&at) => at,
+            None => {
+                let mut grants = Vec::new();
+                if let Ok(parsed) = DnsName::new(name) {
+                    self.policy.fqdn_grants(&parsed, &mut grants);
+                }
+                let name: Arc<str> = Arc::from(name);
+                self.names.push((name.clone(), grants));
+                self.at.insert(name, self.names.len() - 1);
+                self.names.len() - 1
+            }
+        };
+        let (name, grants) = &self.names[at];
+        (name, grants)
+    }
+}
+
+/// The names each (endpoint, address) of the cache's entries stands for.
+fn names_by_address(entries: &[CacheEntry]) -> HashMap<(&str, IpAddr), Vec<&str>> {
+    let mut names: HashMap<(&str, IpAddr), Vec<&str>> = HashMap::new();
+    for entry in entries {
+        for cached in &entry.ips {
+            names
+                .entry((&entry.endpoint, cached.ip.to_canonical()))
+                .or_default()
+                .push(&entry.name);
+        }
+    }
+    names
 }
 
 /// The first IPv4 and IPv6 addresses among `addresses`.

@@ -228,6 +228,81 @@ for i in range(16):
     let _ = &mut lab;
 }
 
+/// The idle grace keeps an address a pod still uses, not a port its policy took away:
+/// traffic marks the address, so the port's entry would otherwise outlive the rule.
+#[tokio::test]
+async fn a_port_the_policy_takes_away_goes_though_the_address_is_still_in_use() {
+    if !require_lab() || !warden_tests::require_tools(&["knotd", "dig", "bpftool"]) {
+        return;
+    }
+    let mut lab = Firewall::start(FirewallOptions {
+        late_workload: true,
+        ..FirewallOptions::default()
+    })
+    .await
+    .unwrap();
+    let late = lab.cgroups.child("late").unwrap();
+    let ip = IpAddr::V4(CILIUM_IO_V4);
+    lab.upstream.set_addrs("cilium.io.", 3, &[ip]).unwrap();
+    // The workload resolves and goes quiet; `late`, which the same rule selects, uses the
+    // address. Once the TTL is over the workload's record expires and only `late`'s traffic
+    // keeps its entries, on idle grace.
+    let enrolled = Instant::now();
+    loop {
+        let reply = lab.dig_ok("cilium.io", "A", DigOpts::default()).await;
+        assert!(
+            reply
+                .answers
+                .iter()
+                .any(|answer| answer.data == ip.to_string()),
+            "{}",
+            reply.raw
+        );
+        if curl_with(&late, &format!("http://{ip}:443/"), &[], SHORT)
+            .unwrap()
+            .ok()
+        {
+            break;
+        }
+        assert!(
+            enrolled.elapsed() < Duration::from_secs(10),
+            "late never allowed"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let in_use =
+        ConnectLoop::start(&late, SocketAddr::new(ip, 443), Duration::from_millis(200)).unwrap();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let port_80 = |expected: bool| {
+        let attempt = curl_with(&late, &format!("http://{ip}/"), &[], SHORT).unwrap();
+        if expected {
+            assert!(attempt.ok(), "port 80 refused on idle grace: {attempt:?}");
+        } else {
+            assert!(
+                quick_refusal(&attempt),
+                "port 80 still allowed: {attempt:?}"
+            );
+        }
+    };
+    port_80(true);
+
+    // The rule now allows 443 alone.
+    let narrowed = TalkPolicy::default()
+        .yaml()
+        .replace("      - port: \"80\"\n        protocol: TCP\n", "");
+    assert_ne!(narrowed, TalkPolicy::default().yaml());
+    lab.dir.write_policy("talk.yaml", &narrowed).unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    port_80(false);
+    let attempts = in_use.attempts().unwrap();
+    let failed: Vec<_> = attempts.iter().filter(|a| a.error.is_some()).collect();
+    assert!(
+        attempts.len() > 20 && failed.is_empty(),
+        "443 cut: {failed:?} of {}",
+        attempts.len()
+    );
+}
+
 #[tokio::test]
 async fn enforcement_holds_through_kill_9_and_restarts_without_a_gap() {
     if !require_lab() || !warden_tests::require_tools(&["knotd", "dig", "bpftool"]) {
@@ -587,6 +662,105 @@ async fn a_socket_connected_before_enrollment_does_not_reach_dns_past_the_proxy(
         after == "after=timeout" || after.starts_with("after=refused"),
         "the enforced socket reached port 53 past the proxy: {after}"
     );
+}
+
+/// Entries in the pinned map `name` (in the datapath's versioned folder under `bpffs`).
+fn map_entries(bpffs: &Path, name: &str) -> usize {
+    let map = std::fs::read_dir(bpffs)
+        .unwrap()
+        .filter_map(Result::ok)
+        .map(|entry| entry.path().join(name))
+        .find(|path| path.exists())
+        .unwrap();
+    let dump = Command::new("bpftool")
+        .args(["-j", "map", "dump", "pinned"])
+        .arg(&map)
+        .output()
+        .unwrap();
+    assert!(dump.status.success(), "{dump:?}");
+    let entries: serde_json::Value = serde_json::from_slice(&dump.stdout).unwrap();
+    entries.as_array().unwrap().len()
+}
+
+/// A pod's cgroup goes before its endpoint does: the pass in between, which unenrolls and
+/// clears it, must not write its CIDR entries again, or the ones `cidr_entries` does not list
+/// (the barrier keeping IPv4 out of `::/0`) stay in the pinned map for good, one per pod.
+#[tokio::test]
+async fn a_pod_whose_cgroup_went_first_leaves_no_cidr_entries_behind() {
+    if !require_lab() || !warden_tests::require_tools(&["knotd", "bpftool"]) {
+        return;
+    }
+    // `world` on a port: `::/0`, which takes in the IPv4-mapped addresses, with its barrier.
+    let policy = TalkPolicy::default().yaml()
+        + "  - toEntities: [world]\n    toPorts:\n    - ports:\n      - port: \"8080\"\n        protocol: TCP\n";
+    let lab = firewall_with_endpoints_dir(policy).await;
+    let enrolled = |count: f64| {
+        let admin = lab.agent.admin;
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                let scrape = http_get(admin, "/metrics").await.unwrap();
+                if metric_value(&scrape, "warden_datapath_enrolled_endpoints", &[]) == count {
+                    return;
+                }
+                assert!(Instant::now() < deadline, "never {count} enrolled");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    let before = map_entries(&lab.bpffs, "cidr_allow");
+    let cgroup = lab.cgroups.child("gone").unwrap();
+    let endpoint = lab.config.endpoints_dir.as_ref().unwrap().join("gone.yaml");
+    std::fs::write(
+        &endpoint,
+        "- {name: gone, namespace: youssef, labels: {app: test}, cgroup: gone}\n",
+    )
+    .unwrap();
+    enrolled(2.0).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let during = map_entries(&lab.bpffs, "cidr_allow");
+    assert!(during > before, "{before} then {during}");
+
+    std::fs::remove_dir(&cgroup).unwrap();
+    enrolled(1.0).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    std::fs::remove_file(&endpoint).unwrap();
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(map_entries(&lab.bpffs, "cidr_allow"), before);
+}
+
+/// Two endpoints naming one cgroup: the first keeps it. Each pass enrolled the other one,
+/// clearing the first's entries, and its traffic went by whichever policy enrolled last.
+#[tokio::test]
+async fn a_cgroup_two_endpoints_name_stays_with_the_first() {
+    if !require_lab() || !warden_tests::require_tools(&["knotd", "bpftool"]) {
+        return;
+    }
+    let lab = firewall_with_endpoints_dir(TalkPolicy::default().yaml()).await;
+    std::fs::write(
+        lab.config.endpoints_dir.as_ref().unwrap().join("twin.yaml"),
+        "- {name: twin, namespace: youssef, labels: {app: other}, cgroup: workload}\n",
+    )
+    .unwrap();
+    let enrollments = || async {
+        let scrape = http_get(lab.agent.admin, "/metrics").await.unwrap();
+        metric_value(
+            &scrape,
+            "warden_datapath_updates_total",
+            &[("op", "enroll")],
+        )
+    };
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let settled = enrollments().await;
+    for _ in 0..3 {
+        // `twin` has no policy: were it enrolled, this would pass.
+        let attempt =
+            curl_with(&lab.workload, &format!("http://{INTERNET_V4}/"), &[], SHORT).unwrap();
+        assert!(quick_refusal(&attempt), "{attempt:?}");
+        tokio::time::sleep(Duration::from_millis(700)).await;
+    }
+    assert_eq!(enrollments().await, settled, "enrolled again and again");
+    assert!(lab.curl_ok("http://cilium.io/", &["-4"]).ok());
 }
 
 /// Asks a resolver on port 53 of each loopback address, over UDP and TCP, from inside the
