@@ -490,6 +490,11 @@ const RESYNC_GRACE_TOTAL: Duration = Duration::from_secs(120);
 /// failing proxy reconnects within a few seconds.
 const RESYNC_QUIET: Duration = Duration::from_secs(30);
 
+/// How long after a session ended before its resync finished revocations stay held back (within
+/// [`RESYNC_GRACE_TOTAL`]): the proxy still has the mappings and reconnects within its longest
+/// backoff after a failed session (5 s), to replay them.
+const RESYNC_RECONNECT: Duration = Duration::from_secs(7);
+
 impl Sessions {
     fn live(&self) -> std::sync::MutexGuard<'_, HashMap<u64, SessionInfo>> {
         self.live
@@ -533,12 +538,34 @@ impl Sessions {
             {
                 watch.since = None;
             }
-            return false;
+            // Between a session that broke off its resync and the proxy's next one.
+            return watch
+                .last_seen
+                .is_some_and(|seen| seen.elapsed() < RESYNC_RECONNECT)
+                && watch
+                    .since
+                    .is_some_and(|since| since.elapsed() < RESYNC_GRACE_TOTAL);
         };
         watch.last_seen = Some(Instant::now());
         let since = *watch.since.get_or_insert(oldest);
         since.elapsed() < RESYNC_GRACE_TOTAL
             && unfinished().any(|info| info.started.elapsed() < RESYNC_GRACE)
+    }
+
+    /// A session ended; one that had not finished its resync leaves its proxy's mappings on
+    /// their way, until the proxy's next session (see [`RESYNC_RECONNECT`]).
+    fn ended(&self, id: u64) {
+        let Some(info) = self.live().remove(&id) else {
+            return;
+        };
+        if info.last_resync_at_ms.is_none() {
+            let mut watch = self
+                .unfinished
+                .lock()
+                .unwrap_or_else(|poison| poison.into_inner());
+            watch.since.get_or_insert(info.started);
+            watch.last_seen = Some(Instant::now());
+        }
     }
 
     /// A session finished its resync: the next unfinished one starts a new grace.
@@ -622,7 +649,7 @@ async fn run_session(
             .with_label_values(&[reason])
             .inc();
     }
-    state.sessions.live().remove(&id);
+    state.sessions.ended(id);
     state
         .metrics
         .peer
@@ -2395,5 +2422,39 @@ mod tests {
         assert!(!sessions.any_resyncing());
         sessions.live().insert(3, unfinished(Instant::now()));
         assert!(sessions.any_resyncing(), "after a quiet stretch");
+    }
+
+    /// A session that broke off its resync (the proxy killed during its replay, a keepalive
+    /// lost) left the grace at once: the next pass revoked the entries whose mappings the
+    /// proxy still had, cutting connections until it reconnected and replayed them.
+    #[test]
+    fn a_session_that_broke_off_its_resync_holds_revocations_until_the_next_one() {
+        let sessions = Sessions::default();
+        let unfinished = SessionInfo {
+            instance: "dnsproxy".into(),
+            pid: 1,
+            serving: true,
+            acked_revision: 1,
+            last_resync_ms: None,
+            last_resync_at_ms: None,
+            started: Instant::now(),
+        };
+        sessions.live().insert(1, unfinished.clone());
+        sessions.ended(1);
+        assert!(sessions.any_resyncing(), "the proxy reconnects to replay");
+        sessions.unfinished.lock().unwrap().last_seen =
+            Instant::now().checked_sub(RESYNC_RECONNECT + Duration::from_secs(1));
+        assert!(!sessions.any_resyncing(), "it did not come back");
+
+        // A session that had finished its resync leaves nothing on its way.
+        let sessions = Sessions::default();
+        let finished = SessionInfo {
+            last_resync_ms: Some(5),
+            last_resync_at_ms: Some(1),
+            ..unfinished
+        };
+        sessions.live().insert(1, finished);
+        sessions.ended(1);
+        assert!(!sessions.any_resyncing());
     }
 }
