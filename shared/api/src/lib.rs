@@ -140,6 +140,10 @@ pub fn merge_mappings_unless(
     let mut first_error = None;
     for mapping in mappings {
         match PeerMapping::check(mapping, now) {
+            // Expired on its way (a journal replayed long after): in the cache until the next
+            // sweep, traffic to its addresses would bring it back as kept by connections,
+            // and with it every grant of its name. A restore drops such entries too.
+            Ok(mapping) if mapping.expires_at <= now => {}
             Ok(mapping) => checked.push(mapping),
             Err(error) => {
                 metrics.rejected.with_label_values(&["malformed"]).inc();
@@ -502,6 +506,29 @@ mod tests {
         let bounded = expiry("cilium.io.");
         assert!((now.0 + 600..=now.0 + 601).contains(&bounded), "{bounded}");
         assert_eq!(expiry("google.com."), now.0 + 60);
+    }
+
+    /// A mapping expired before it came (a journal replayed late) went into the cache, where
+    /// the reconciler's keep-alive for traffic to its address brought it back to life.
+    #[test]
+    fn mappings_expired_on_their_way_stay_out() {
+        use warden_fqdn::DnsCache;
+        let cache = warden_proxy::SharedCache::new(DnsCache::default());
+        let metrics = warden_telemetry::Metrics::new("test").unwrap();
+        let now = warden_proxy::unix_now();
+        let mut old = wire("youssef/test", "old.example", &["198.18.1.10"]);
+        old.expires_at = now.0 - 3600;
+        let mut fresh = wire("youssef/test", "cilium.io", &["198.18.1.11"]);
+        fresh.expires_at = now.0 + 60;
+        assert_eq!(merge_mappings(&cache, &[old, fresh], &metrics.peer), 1);
+        let mut cache = cache.lock();
+        let ip: IpAddr = "198.18.1.10".parse().unwrap();
+        assert_eq!(
+            cache.keep_alive("youssef/test", ip, UnixTime(now.0 + 60)),
+            0
+        );
+        assert!(cache.lookup(now, "youssef/test", "old.example.").is_empty());
+        assert_eq!(cache.lookup(now, "youssef/test", "cilium.io.").len(), 1);
     }
 
     /// IPs only connections kept past their answer went to the peer as an answer's: listed as
