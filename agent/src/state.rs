@@ -39,7 +39,10 @@ impl CacheFile {
                 return DnsCache::new(limits);
             }
             Err(error) => {
-                tracing::error!(path = %self.path.display(), %error, "cannot read the persisted FQDN cache; starting empty");
+                // Set aside as a file that does not parse is: left in place, the first save
+                // would replace what may be the last good cache.
+                let set_aside = warden_state::set_aside(&self.path);
+                tracing::error!(path = %self.path.display(), %error, set_aside, "cannot read the persisted FQDN cache; starting empty");
                 return DnsCache::new(limits);
             }
         };
@@ -169,5 +172,18 @@ mod tests {
         let cache = file.restore(LIMITS, UnixTime(1), |_| false);
         assert_eq!(cache.name_count(), 0);
         assert!(dir.path().join("fqdn-cache.json.corrupt").exists());
+    }
+
+    /// A file that cannot be read (here a folder in its place; EIO or EACCES alike) stayed
+    /// where the first save would replace it.
+    #[test]
+    fn an_unreadable_file_is_set_aside() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = CacheFile::new(dir.path());
+        std::fs::create_dir(file.path()).unwrap();
+        let cache = file.restore(LIMITS, UnixTime(1), |_| false);
+        assert_eq!(cache.name_count(), 0);
+        assert!(dir.path().join("fqdn-cache.json.corrupt").is_dir());
+        assert!(!file.path().exists());
     }
 }

@@ -21,15 +21,25 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), StateError> {
         file.write_all(bytes)?;
         file.sync_all()
     });
-    written.map_err(|source| StateError::Write {
-        path: staging.clone(),
-        source,
-    })?;
-    std::fs::rename(&staging, path).map_err(|source| StateError::Rename {
-        from: staging,
-        to: path.to_path_buf(),
-        source,
-    })?;
+    // A failed save takes its staging copy with it: left behind on a full disk, a large
+    // journal's, written again at every try, would keep the space every other save needs.
+    let discard = |error| {
+        let _ = std::fs::remove_file(&staging);
+        error
+    };
+    written
+        .map_err(|source| StateError::Write {
+            path: staging.clone(),
+            source,
+        })
+        .map_err(discard)?;
+    std::fs::rename(&staging, path)
+        .map_err(|source| StateError::Rename {
+            from: staging.clone(),
+            to: path.to_path_buf(),
+            source,
+        })
+        .map_err(discard)?;
     match path.parent() {
         Some(folder) if !folder.as_os_str().is_empty() => sync_folder(folder),
         _ => Ok(()),
@@ -85,6 +95,18 @@ mod tests {
         write_atomically(&path, b"first").expect("first save");
         write_atomically(&path, b"second").expect("second save");
         assert_eq!(std::fs::read(&path).expect("saved file"), b"second");
+        assert!(!beside(&path, ".tmp").exists());
+    }
+
+    #[test]
+    fn a_failed_save_leaves_no_temporary_copy() {
+        let dir = tempfile::tempdir().expect("temporary folder");
+        // A non-empty folder where the file should be: the rename fails after the write.
+        let path = dir.path().join("journal.pb");
+        std::fs::create_dir(&path).expect("folder");
+        std::fs::write(path.join("inside"), b"x").expect("write");
+        let error = write_atomically(&path, b"x").expect_err("nothing to rename over");
+        assert!(matches!(error, StateError::Rename { .. }), "{error:?}");
         assert!(!beside(&path, ".tmp").exists());
     }
 
