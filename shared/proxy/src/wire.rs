@@ -168,14 +168,12 @@ pub struct Answer {
 
 /// Reads a query. A query with no question is returned with an empty `qname` and an empty
 /// `question` range at offset 12, so that the caller can still answer it FORMERR with the
-/// client's EDNS settings.
+/// client's EDNS settings; so is one with more than [`MAX_QUESTIONS`], its questions not read
+/// (nor its EDNS, which follows them), so that it is answered FORMERR all the same.
 pub fn parse_query(packet: &[u8]) -> Result<Query<'_>, WireError> {
     let header = Header::read(packet)?;
     if header.is_response() {
         return Err(WireError::NotAQuery);
-    }
-    if header.question_count > MAX_QUESTIONS {
-        return Err(WireError::TooMany);
     }
     let mut query = Query {
         packet,
@@ -189,6 +187,9 @@ pub fn parse_query(packet: &[u8]) -> Result<Query<'_>, WireError> {
         questions_end: HEADER_LEN,
         edns: None,
     };
+    if header.question_count > MAX_QUESTIONS {
+        return Ok(query);
+    }
     let mut position = HEADER_LEN;
     for index in 0..header.question_count {
         if index == 0 {
@@ -1172,10 +1173,16 @@ mod tests {
             parse_query(&header(RESPONSE, [0, 0, 0, 0])).unwrap_err(),
             WireError::NotAQuery
         );
-        assert_eq!(
-            parse_query(&header(0, [17, 0, 0, 0])).unwrap_err(),
-            WireError::TooMany
-        );
+        // Too many questions to read is still a query, answered FORMERR from its header.
+        let mut many = header(0x0100, [17, 0, 0, 0]);
+        many[..2].copy_from_slice(&0xBEEFu16.to_be_bytes());
+        let query = parse_query(&many).unwrap();
+        assert_eq!((query.question_count, query.qname.as_str()), (17, ""));
+        let answer = error_response(&query, u16::from(ResponseCode::FormErr));
+        let answer = Message::from_vec(&answer).unwrap();
+        assert_eq!(answer.metadata.id, 0xBEEF);
+        assert_eq!(answer.metadata.response_code, ResponseCode::FormErr);
+        assert_eq!(answer.queries.len(), 0);
 
         let bad_names: [&[u8]; 5] = [
             &[0xC0, 12],      // points at itself
@@ -1628,8 +1635,16 @@ mod tests {
             if let Ok(query) = parse_query(&packet) {
                 let response = error_response(&query, u16::from(ResponseCode::BADCOOKIE));
                 let echoed = Message::from_vec(&response).expect("hickory reads our answer");
-                assert_eq!(echoed.queries.len(), usize::from(query.question_count));
-                if let Some(hickory) = decoded.as_ref().and_then(|m| m.queries.first()) {
+                // More than it reads: answered from the header alone.
+                let echoed_count = if query.question_count > MAX_QUESTIONS {
+                    0
+                } else {
+                    usize::from(query.question_count)
+                };
+                assert_eq!(echoed.queries.len(), echoed_count);
+                if echoed_count > 0
+                    && let Some(hickory) = decoded.as_ref().and_then(|m| m.queries.first())
+                {
                     assert_eq!(query.qname, normalized(hickory.name()));
                     assert_eq!(query.qtype, u16::from(hickory.query_type()));
                     compared += 1;
