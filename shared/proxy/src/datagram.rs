@@ -133,9 +133,17 @@ impl Datagram {
         let mut failed = Vec::new();
         let mut next = 0;
         let mut full_buffer_attempts = 0;
+        let mut stale_report_for = None;
         while next < outbox.len() {
             match outbox.send_from(self.io.get_ref().as_raw_fd(), next) {
                 Ok(sent) => next += sent.max(1),
+                // An ICMP error for an earlier datagram of this connected socket (its upstream
+                // was down a moment) is reported by the next send, which it stops: this
+                // datagram never left. It gets one more try, or a healthy query would fail for
+                // an old one.
+                Err(error) if is_stale_report(&error) && stale_report_for != Some(next) => {
+                    stale_report_for = Some(next);
+                }
                 Err(error) if error.kind() == io::ErrorKind::WouldBlock && !wait_for_room => {
                     failed.extend(next..outbox.len());
                     break;
@@ -159,6 +167,15 @@ impl Datagram {
         outbox.clear();
         failed
     }
+}
+
+/// An error the kernel keeps on a connected socket from an ICMP message about an earlier
+/// datagram, and hands to the next call.
+fn is_stale_report(error: &io::Error) -> bool {
+    matches!(
+        error.raw_os_error(),
+        Some(libc::ECONNREFUSED | libc::EHOSTUNREACH | libc::ENETUNREACH)
+    )
 }
 
 /// Datagrams read by one [`Datagram::recv_batch`].
@@ -443,6 +460,30 @@ mod tests {
             assert_eq!(packet, expected);
             assert_eq!(from, one.local_addr().unwrap());
         }
+    }
+
+    /// A port-unreachable for an earlier datagram made the next send fail with ECONNREFUSED,
+    /// which the proxy took for that datagram's own failure: a healthy query got SERVFAIL for
+    /// the moment its upstream had been down.
+    #[tokio::test]
+    async fn a_send_after_an_icmp_error_is_not_lost() {
+        let closed = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let target = closed.local_addr().unwrap();
+        drop(closed);
+        let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+        socket.connect(target).unwrap();
+        let sender = Datagram::new(socket).unwrap();
+        let mut outbox = Outbox::new(4);
+        outbox.push(b"into the void", None);
+        assert!(sender.send_batch(&mut outbox).await.is_empty());
+        // The port-unreachable comes back at once on loopback.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let receiver = Datagram::new(UdpSocket::bind(target).unwrap()).unwrap();
+        outbox.push(b"after", None);
+        assert_eq!(sender.send_batch(&mut outbox).await, Vec::<usize>::new());
+        let mut inbox = Inbox::new(4, 64);
+        assert_eq!(receiver.recv_batch(&mut inbox).await.unwrap(), 1);
+        assert_eq!(inbox.get_mut(0).unwrap().unwrap().0, b"after");
     }
 
     #[tokio::test]
