@@ -789,6 +789,55 @@ spec:
         proxy.served.await.unwrap();
     }
 
+    /// A TCP query that waited for one of the upstream exchanges then had a whole
+    /// `upstream_timeout` for its own: up to twice what the docs promise, and longer than the
+    /// drain at shutdown waits.
+    #[tokio::test]
+    async fn a_tcp_query_waiting_for_an_exchange_fails_within_the_upstream_timeout() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        // An upstream that takes every connection and never answers.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let upstream = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((stream, _)) = listener.accept().await {
+                held.push(stream);
+            }
+        });
+        let timeout = Duration::from_secs(1);
+        let proxy = start(upstream, Duration::ZERO, timeout).await;
+        // More queries at once than there are exchanges.
+        let per_connection = u16::try_from(crate::tcp::QUERIES_PER_CONNECTION).unwrap();
+        let connections = crate::tcp::UPSTREAM_EXCHANGES / usize::from(per_connection) + 1;
+        let started = Instant::now();
+        let clients: Vec<_> = (0..connections)
+            .map(|_| {
+                let dns = proxy.dns;
+                tokio::spawn(async move {
+                    let mut client = tokio::net::TcpStream::connect(dns).await.unwrap();
+                    for id in 1..=per_connection {
+                        client.write_all(&tcp_query(id)).await.unwrap();
+                    }
+                    for _ in 0..per_connection {
+                        let length = client.read_u16().await.unwrap();
+                        let mut answer = vec![0u8; usize::from(length)];
+                        client.read_exact(&mut answer).await.unwrap();
+                        let answer = Message::from_vec(&answer).unwrap();
+                        assert_eq!(answer.metadata.response_code, ResponseCode::ServFail);
+                    }
+                })
+            })
+            .collect();
+        for client in clients {
+            client.await.unwrap();
+        }
+        let took = started.elapsed();
+        // Without the one deadline: two timeouts, 2 s at least.
+        assert!(took < timeout + Duration::from_millis(800), "{took:?}");
+        proxy.shutdown.cancel();
+        proxy.served.await.unwrap();
+    }
+
     /// One client address could hold all of the proxy's TCP connections, keeping every
     /// other client's TCP retries waiting in the accept queue.
     #[tokio::test]

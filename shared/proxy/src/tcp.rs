@@ -261,18 +261,21 @@ async fn query(
         engine.finish(checked, Outcome::failed());
         return Some(servfail());
     };
-    let exchange = tokio::time::timeout(engine.settings.upstream_timeout, exchanges.acquire());
+    // One deadline for the wait for an exchange and the exchange: each with a timeout of its
+    // own, a query took up to twice `upstream_timeout`, and outlived the drain at shutdown.
+    let asked = checked.checked_at;
+    let deadline = tokio::time::Instant::from_std(asked) + engine.settings.upstream_timeout;
+    let exchange = tokio::time::timeout_at(deadline, exchanges.acquire());
     let Ok(Ok(_exchange)) = exchange.await else {
         engine.upstream_failed(UpstreamFailure::Exhausted, &checked);
         engine.finish(checked, Outcome::failed());
         return Some(servfail());
     };
-    let asked = checked.checked_at;
     let exchanged = exchange_tcp(
         checked.server,
         packet,
         query.question.clone(),
-        engine.settings.upstream_timeout,
+        deadline.saturating_duration_since(tokio::time::Instant::now()),
     )
     .await;
     let answered = engine.upstream_waited(asked);
