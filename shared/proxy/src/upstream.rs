@@ -265,13 +265,22 @@ impl<W: Waiter> PoolSocket<W> {
                 "id"
             });
         };
+        // An ID is drawn again as soon as its query leaves: a slow server's answer to the one
+        // before is late, not a forgery, though a new query waits under its ID.
+        let late_or = |reason| {
+            if pending.retired(id, from) {
+                "late"
+            } else {
+                reason
+            }
+        };
         if waiting.server != from {
-            return Err("source");
+            return Err(late_or("source"));
         }
         let asked = waiting.waiter.question();
         let answer = match wire::parse_answer(packet, asked) {
             Ok(answer) => answer,
-            Err(wire::WireError::QuestionMismatch) => return Err("question"),
+            Err(wire::WireError::QuestionMismatch) => return Err(late_or("question")),
             // A cut inside a record reads as short; anything else stays malformed.
             Err(wire::WireError::Short) => {
                 wire::cut_short_answer(packet, asked).ok_or("malformed")?
@@ -994,6 +1003,36 @@ mod tests {
             1
         );
         (server, server_addr, pool, socket, id)
+    }
+
+    /// A timed-out query's ID drawn again at once for a new one: the slow server's answer to
+    /// the first found the second waiting and was counted as a forgery (`question`).
+    #[tokio::test]
+    async fn an_answer_to_a_retired_query_under_a_new_ones_id_is_late() {
+        let server: SocketAddr = "127.0.0.1:53".parse().unwrap();
+        let pool = UpstreamPool::<Asked>::open(1, server).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(2);
+        let register = |name: &str| {
+            let query = query_packet(7, name);
+            let Ok((index, id, _)) = pool.register(server, deadline, waiter_for(&query), 0) else {
+                panic!("no ID free in an empty pool");
+            };
+            (pool.sockets()[index].clone(), id)
+        };
+        let (socket, old) = register("cilium.io.");
+        assert!(socket.cancel(old).is_some(), "timed out");
+        let (_, new) = register("google.com.");
+        {
+            let mut table = socket.pending();
+            let waiting = table.waiting.remove(&new).unwrap();
+            table.waiting.insert(old, waiting);
+        }
+        let late = answer_packet("cilium.io.", old);
+        assert_eq!(socket.claim(server, &late).err(), Some("late"));
+        // From a server the retired query did not ask, it is still a forgery.
+        let other: SocketAddr = "127.0.0.2:53".parse().unwrap();
+        assert_eq!(socket.claim(other, &late).err(), Some("source"));
+        assert!(socket.cancel(old).is_some(), "the new query still waits");
     }
 
     /// The answer to a query's other copy, after the first was claimed, is late, however many
