@@ -977,6 +977,18 @@ spec:
         assert!(!answer.metadata.truncation);
         assert_eq!(answer.answers.len(), 100);
         assert_eq!(proxy.unexpected("oversized"), 3);
+        // The flows say what each client got: the records once, in the answer that fit.
+        let mut addresses: Vec<usize> = proxy
+            .flows
+            .recent()
+            .into_iter()
+            .filter_map(|event| match event {
+                warden_telemetry::FlowEvent::Dns(flow) => Some(flow.ips.len()),
+                warden_telemetry::FlowEvent::Drop(_) => None,
+            })
+            .collect();
+        addresses.sort_unstable();
+        assert_eq!(addresses, [0, 0, 0, 100]);
         proxy.shutdown.cancel();
     }
 

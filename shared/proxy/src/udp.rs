@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use warden_telemetry::Verdict;
 
+use crate::answer::AnswerSummary;
 use crate::context::Transport;
 use crate::datagram::{Datagram, Inbox, Outbox, Outboxes};
 use crate::engine::{Checked, Engine, InFlight, ListenerSlot, Outcome};
@@ -340,7 +341,11 @@ fn query(
 
 /// SERVFAIL for a forwarded query that got no usable answer, accounted for.
 fn fail(engine: &Engine, waiting: Waiting, failure: UpstreamFailure) -> Option<Vec<u8>> {
-    engine.upstream_waited(waiting.asked);
+    // Only a query that went out waited for the upstream: one that could not be filed or sent
+    // would pull its histogram towards zero.
+    if matches!(failure, UpstreamFailure::Timeout) {
+        engine.upstream_waited(waiting.asked);
+    }
     engine.upstream_failed(failure, &waiting.checked);
     let reply = servfail(&waiting);
     engine.finish(waiting.checked, Outcome::failed());
@@ -410,8 +415,12 @@ pub(crate) async fn answer_loop(
                     engine.finish(waiting.checked, outcome);
                 }
                 None => {
+                    let mut outcome = outcome;
                     if let Some(outbox) = answers.get_mut(waiting.listener) {
                         let truncated = instead(&engine, &waiting, packet, cut_short);
+                        if truncated.is_some() {
+                            outcome.summary = AnswerSummary::default();
+                        }
                         outbox.push(
                             truncated.as_deref().unwrap_or(packet),
                             waiting.checked.client,
@@ -426,7 +435,10 @@ pub(crate) async fn answer_loop(
                     let tracker_inner = tracker.clone();
                     tracker.spawn(async move {
                         engine.hold(hold).await;
-                        answer_client(&engine, &waiting, &packet, cut_short, &tracker_inner);
+                        let mut outcome = outcome;
+                        if answer_client(&engine, &waiting, &packet, cut_short, &tracker_inner) {
+                            outcome.summary = AnswerSummary::default();
+                        }
                         engine.finish(waiting.checked, outcome);
                     });
                 }
@@ -449,22 +461,26 @@ pub(crate) async fn answer_loop(
     }
 }
 
+/// Sends the answer (or the TC answer that goes instead: then returns true, the client having
+/// got none of its records, which the flow event must not show).
 fn answer_client(
     engine: &Engine,
     waiting: &Waiting,
     packet: &[u8],
     cut_short: bool,
     tracker: &TaskTracker,
-) {
-    if let Some(socket) = engine
+) -> bool {
+    let Some(socket) = engine
         .udp_listeners
         .get(waiting.listener)
         .and_then(ListenerSlot::get)
-    {
-        let truncated = instead(engine, waiting, packet, cut_short);
-        let reply = truncated.as_deref().unwrap_or(packet);
-        send_reply(&socket, reply, waiting.checked.client, tracker);
-    }
+    else {
+        return false;
+    };
+    let truncated = instead(engine, waiting, packet, cut_short);
+    let reply = truncated.as_deref().unwrap_or(packet);
+    send_reply(&socket, reply, waiting.checked.client, tracker);
+    truncated.is_some()
 }
 
 /// The TC answer that goes instead of `packet`, if one must: when the answer is larger than
