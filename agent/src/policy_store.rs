@@ -83,6 +83,7 @@ fn parse_all(files: &PolicyFiles) -> Result<Vec<Policy>, warden_policy::PolicyEr
     for (path, text) in files {
         policies.append(&mut warden_policy::parse_str(text, path)?);
     }
+    warden_policy::check_unique(&policies)?;
     Ok(policies)
 }
 

@@ -62,6 +62,7 @@ impl ParsedDocuments {
                 .map_err(|error| error.to_string())?;
             policies.extend(parsed);
         }
+        warden_policy::check_unique(&policies).map_err(|error| error.to_string())?;
         let policies = Arc::new(policies);
         let documents = snapshot
             .policies

@@ -50,6 +50,21 @@ pub enum PolicyError {
     #[error("{problem}")]
     NotEnforcedAsWritten { file: PathBuf, problem: String },
 
+    /// Two policies of one kind, namespace and name: Kubernetes holds one object per name, and
+    /// both would be enforced, as their union.
+    #[error(
+        "{}: {kind:?} {name:?} is declared again (first in {}): a policy name is one object",
+        second.display(),
+        first.display()
+    )]
+    Duplicate {
+        kind: crate::PolicyKind,
+        /// `namespace/name`, or the name of a clusterwide policy.
+        name: String,
+        first: PathBuf,
+        second: PathBuf,
+    },
+
     /// A policy that is malformed, invalid, or uses a Cilium feature Warden does not implement.
     /// Boxed because it is by far the largest variant and errors travel in every `Result`.
     #[error("{0}")]

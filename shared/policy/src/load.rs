@@ -127,7 +127,35 @@ pub fn load_path(path: &Path) -> Result<Vec<Policy>, PolicyError> {
     for file in policy_files(path)? {
         policies.extend(load_file(&file)?);
     }
+    check_unique(&policies)?;
     Ok(policies)
+}
+
+/// Refuses a second policy of one kind, namespace and name. An old copy left beside its new
+/// version (`web.yaml` and `web-v2.yaml`) would otherwise be enforced with it, as a union
+/// that allows what either allows, where Kubernetes would hold the later one alone.
+pub fn check_unique(policies: &[Policy]) -> Result<(), PolicyError> {
+    let mut seen: std::collections::HashMap<(PolicyKind, Option<&str>, &str), &Path> =
+        std::collections::HashMap::new();
+    for policy in policies {
+        let key = (
+            policy.kind,
+            policy.namespace.as_deref(),
+            policy.name.as_str(),
+        );
+        if let Some(first) = seen.insert(key, &policy.origin) {
+            return Err(PolicyError::Duplicate {
+                kind: policy.kind,
+                name: match &policy.namespace {
+                    Some(namespace) => format!("{namespace}/{}", policy.name),
+                    None => policy.name.clone(),
+                },
+                first: first.to_path_buf(),
+                second: policy.origin.clone(),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Loads every path like [`load_path`], but reports every broken file instead of stopping at the
@@ -159,6 +187,9 @@ pub fn load_paths(paths: &[PathBuf]) -> Result<Vec<Policy>, Vec<PolicyError>> {
                 Err(source) => errors.push(PolicyError::Io { path: file, source }),
             }
         }
+    }
+    if let Err(error) = check_unique(&policies) {
+        errors.push(error);
     }
     if errors.is_empty() {
         Ok(policies)

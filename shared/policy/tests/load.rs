@@ -408,6 +408,43 @@ fn directories_load_sorted_policy_files_only() {
     assert!(load_path(empty.path()).unwrap().is_empty());
 }
 
+/// An old copy of a policy left beside its new version: both were enforced, as their union.
+#[test]
+fn a_policy_name_declared_twice_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, text: &str| fs::write(dir.path().join(name), text).unwrap();
+    write("web.yaml", &MINIMAL.replace("minimal", "web"));
+    // Another namespace, or the clusterwide kind, is another object.
+    write(
+        "web-prod.yaml",
+        &MINIMAL.replace("name: minimal", "name: web\n  namespace: prod"),
+    );
+    write(
+        "web-cluster.yaml",
+        &MINIMAL.replace("minimal", "web").replace(
+            "kind: CiliumNetworkPolicy",
+            "kind: CiliumClusterwideNetworkPolicy",
+        ),
+    );
+    assert_eq!(load_path(dir.path()).unwrap().len(), 3);
+
+    write("web-v2.yaml", &MINIMAL.replace("minimal", "web"));
+    let error = load_path(dir.path()).unwrap_err();
+    assert!(matches!(error, PolicyError::Duplicate { .. }), "{error:?}");
+    let said = error.to_string();
+    assert!(
+        said.contains("web-v2.yaml") && said.contains("web.yaml") && said.contains("default/web"),
+        "{said}"
+    );
+    let errors = load_paths(&[dir.path().to_path_buf()]).unwrap_err();
+    assert!(
+        errors
+            .iter()
+            .any(|error| matches!(error, PolicyError::Duplicate { .. })),
+        "{errors:?}"
+    );
+}
+
 #[test]
 fn missing_paths_are_io_errors() {
     let error = load_path(Path::new("/nonexistent/policies")).unwrap_err();
