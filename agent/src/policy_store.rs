@@ -79,6 +79,7 @@ struct StoreState {
 pub type PolicyFiles = Vec<(PathBuf, String)>;
 
 fn parse_all(files: &PolicyFiles) -> Result<Vec<Policy>, warden_policy::PolicyError> {
+    warden_policy::check_folder_size(files.iter().map(|(_, text)| text.as_str()))?;
     let mut policies = Vec::new();
     for (path, text) in files {
         policies.append(&mut warden_policy::parse_str(text, path)?);
@@ -778,6 +779,30 @@ spec:
         assert!(store.reload(), "the policy's removal is a change");
         assert_eq!(store.status().policies, 0);
         assert_eq!(store.status().last_error, None);
+    }
+
+    /// Files under each one's own limits but more together than a snapshot message carries
+    /// were installed, and every dnsproxy session broke at its first message, for good.
+    #[test]
+    fn a_folder_too_large_for_a_snapshot_keeps_the_policy_in_force() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let state = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("test.yaml"), POLICY).expect("write policy");
+        let store = store(dir.path(), state.path());
+        assert_eq!((store.status().revision, store.status().policies), (1, 1));
+
+        // Comments cost nothing to parse, and each file is within its own limits.
+        let padding = format!("# {}\n", "x".repeat(1 << 20)).repeat(7);
+        for name in ["a.yaml", "b.yaml"] {
+            std::fs::write(dir.path().join(name), &padding).expect("write");
+        }
+        // Read once settled.
+        std::thread::sleep(SETTLE * 2);
+        assert!(!store.reload());
+        let status = store.status();
+        assert_eq!((status.revision, status.policies), (1, 1));
+        let error = status.last_error.unwrap_or_default();
+        assert!(error.contains("in one message"), "{error}");
     }
 
     /// A start on a broken folder enforced the last good copy and cleared the folder's error,

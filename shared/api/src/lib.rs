@@ -248,6 +248,9 @@ fn wire_entries(
 /// is sent in chunks, so this is far above what a healthy peer sends.
 pub const MAX_MESSAGE_BYTES: usize = 16 << 20;
 
+// A snapshot carries every policy file whole, and the endpoints beside them.
+const _: () = assert!(warden_policy::MAX_FOLDER_TEXT_BYTES + (4 << 20) <= MAX_MESSAGE_BYTES);
+
 /// Mappings per message when a cache is dumped or a journal replayed.
 pub const MAPPINGS_PER_MESSAGE: usize = 1024;
 

@@ -50,6 +50,13 @@ pub enum PolicyError {
     #[error("{problem}")]
     NotEnforcedAsWritten { file: PathBuf, problem: String },
 
+    /// A policy folder holding more text than a dnsproxy session carries in one snapshot.
+    #[error(
+        "the policy files hold {bytes} bytes, more than {limit}: the whole policy goes to every \
+         warden-dnsproxy in one message"
+    )]
+    FolderTooLarge { bytes: usize, limit: usize },
+
     /// Two policies of one kind, namespace and name: Kubernetes holds one object per name, and
     /// both would be enforced, as their union.
     #[error(

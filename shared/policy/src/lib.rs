@@ -44,7 +44,10 @@ pub use model::{
 };
 
 mod load;
-pub use load::{check_unique, check_yaml_text, folder_files, load_path, load_paths, parse_str};
+pub use load::{
+    MAX_FOLDER_TEXT_BYTES, check_folder_size, check_unique, check_yaml_text, folder_files,
+    load_path, load_paths, parse_str,
+};
 
 mod addresses;
 pub use addresses::{PeerAddresses, subtract};

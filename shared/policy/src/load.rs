@@ -131,6 +131,23 @@ pub fn load_path(path: &Path) -> Result<Vec<Policy>, PolicyError> {
     Ok(policies)
 }
 
+/// The most text the policy files may hold together. The agent sends them whole to every
+/// `warden-dnsproxy` in one snapshot message (beside the endpoints), and a message past the
+/// socket's limit breaks every session, for as long as the folder stays so.
+pub const MAX_FOLDER_TEXT_BYTES: usize = 12 << 20;
+
+/// Refuses policy files holding more than [`MAX_FOLDER_TEXT_BYTES`] together.
+pub fn check_folder_size<'a>(texts: impl IntoIterator<Item = &'a str>) -> Result<(), PolicyError> {
+    let bytes = texts.into_iter().map(str::len).sum();
+    if bytes > MAX_FOLDER_TEXT_BYTES {
+        return Err(PolicyError::FolderTooLarge {
+            bytes,
+            limit: MAX_FOLDER_TEXT_BYTES,
+        });
+    }
+    Ok(())
+}
+
 /// Refuses a second policy of one kind, namespace and name. An old copy left beside its new
 /// version (`web.yaml` and `web-v2.yaml`) would otherwise be enforced with it, as a union
 /// that allows what either allows, where Kubernetes would hold the later one alone.
@@ -163,6 +180,7 @@ pub fn check_unique(policies: &[Policy]) -> Result<(), PolicyError> {
 pub fn load_paths(paths: &[PathBuf]) -> Result<Vec<Policy>, Vec<PolicyError>> {
     let mut policies = Vec::new();
     let mut errors = Vec::new();
+    let mut texts = Vec::new();
     for path in paths {
         let files = match policy_files(path) {
             Ok(files) => files,
@@ -174,6 +192,7 @@ pub fn load_paths(paths: &[PathBuf]) -> Result<Vec<Policy>, Vec<PolicyError>> {
         for file in files {
             match fs::read_to_string(&file) {
                 Ok(text) => {
+                    texts.push(text.len());
                     for policy in parse_documents(&text, &file, &mut errors) {
                         errors.extend(policy.refused_by_validate.iter().map(|problem| {
                             PolicyError::NotEnforcedAsWritten {
@@ -190,6 +209,13 @@ pub fn load_paths(paths: &[PathBuf]) -> Result<Vec<Policy>, Vec<PolicyError>> {
     }
     if let Err(error) = check_unique(&policies) {
         errors.push(error);
+    }
+    let bytes = texts.iter().sum();
+    if bytes > MAX_FOLDER_TEXT_BYTES {
+        errors.push(PolicyError::FolderTooLarge {
+            bytes,
+            limit: MAX_FOLDER_TEXT_BYTES,
+        });
     }
     if errors.is_empty() {
         Ok(policies)

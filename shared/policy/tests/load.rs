@@ -445,6 +445,23 @@ fn a_policy_name_declared_twice_is_refused() {
     );
 }
 
+/// `warden policy validate` says what the agent would refuse: files too large together for
+/// the snapshot every dnsproxy gets.
+#[test]
+fn validate_refuses_a_folder_too_large_for_a_snapshot() {
+    let dir = tempfile::tempdir().unwrap();
+    fs::write(dir.path().join("web.yaml"), MINIMAL).unwrap();
+    let padding = format!("# {}\n", "x".repeat(1 << 20)).repeat(7);
+    fs::write(dir.path().join("a.yaml"), &padding).unwrap();
+    assert!(load_paths(&[dir.path().to_path_buf()]).is_ok());
+    fs::write(dir.path().join("b.yaml"), &padding).unwrap();
+    let errors = load_paths(&[dir.path().to_path_buf()]).unwrap_err();
+    assert!(
+        matches!(errors[..], [PolicyError::FolderTooLarge { .. }]),
+        "{errors:?}"
+    );
+}
+
 #[test]
 fn missing_paths_are_io_errors() {
     let error = load_path(Path::new("/nonexistent/policies")).unwrap_err();
