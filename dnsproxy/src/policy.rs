@@ -251,7 +251,9 @@ impl ProxyPolicy {
                 return None;
             }
         };
-        match PolicySnapshot::decode(bytes.as_slice()) {
+        let decoded = unseal(&bytes)
+            .and_then(|payload| PolicySnapshot::decode(payload).map_err(|error| error.to_string()));
+        match decoded {
             Ok(snapshot) => Some(snapshot),
             Err(error) => {
                 let set_aside = warden_state::set_aside(&self.file);
@@ -288,7 +290,7 @@ impl ProxyPolicy {
         let installs = {
             let mut unsaved = self.unsaved();
             if source == "agent" {
-                unsaved.encoded = Some(Arc::from(snapshot.encode_to_vec()));
+                unsaved.encoded = Some(Arc::from(seal(&snapshot.encode_to_vec())));
                 unsaved.installs += 1;
                 self.save_wanted.notify_one();
             }
@@ -360,6 +362,36 @@ impl ProxyPolicy {
         });
         written
     }
+}
+
+/// Opens a sealed snapshot file: protobuf alone cannot tell a file cut at a field's end from a
+/// whole one, and such a file decoded as a policy with its later fields (the datapath's part,
+/// endpoints) missing. A valid protobuf message never starts with the mark (its first byte
+/// would be a field of wire type 7).
+const SEAL_MARK: &[u8; 8] = b"WRDNPOL1";
+
+/// The snapshot as written to disk: the mark, the message, its CRC-32.
+fn seal(encoded: &[u8]) -> Vec<u8> {
+    let mut sealed = Vec::with_capacity(SEAL_MARK.len() + encoded.len() + 4);
+    sealed.extend_from_slice(SEAL_MARK);
+    sealed.extend_from_slice(encoded);
+    sealed.extend_from_slice(&crc32fast::hash(encoded).to_le_bytes());
+    sealed
+}
+
+/// The message of a sealed file, checked whole; a file of an earlier release (no mark) as it
+/// is, which is all it can be taken for.
+fn unseal(bytes: &[u8]) -> Result<&[u8], String> {
+    let Some(rest) = bytes.strip_prefix(SEAL_MARK) else {
+        return Ok(bytes);
+    };
+    let Some((payload, crc)) = rest.split_last_chunk::<4>() else {
+        return Err("cut short before its checksum".to_owned());
+    };
+    if crc32fast::hash(payload).to_le_bytes() != *crc {
+        return Err("checksum mismatch: cut short or damaged".to_owned());
+    }
+    Ok(payload)
 }
 
 #[cfg(test)]
@@ -498,6 +530,42 @@ spec:
         );
         policy.save().unwrap();
         assert!(!state_dir.join(SNAPSHOT_FILE).exists());
+    }
+
+    /// A snapshot file cut at the end of a field decoded without error, as a policy missing
+    /// what came after (the datapath's part, endpoints).
+    #[test]
+    fn a_persisted_snapshot_cut_short_is_set_aside_and_an_earlier_releases_still_loads() {
+        let dir = tempfile::tempdir().unwrap();
+        let policy = ProxyPolicy::new(dir.path());
+        let whole = snapshot(POLICY);
+        policy.install(
+            &whole,
+            compile(&whole, &ParsedDocuments::default()).unwrap(),
+            "agent",
+        );
+        policy.save().unwrap();
+        let file = dir.path().join(SNAPSHOT_FILE);
+        let saved = std::fs::read(&file).unwrap();
+        let encoded = whole.encode_to_vec();
+        // Cut so that what comes before the last four bytes is the first field alone, which
+        // decodes as a (smaller) snapshot by itself: only the checksum tells.
+        let first_field = encoded.len()
+            - PolicySnapshot {
+                revision: 0,
+                ..whole.clone()
+            }
+            .encode_to_vec()
+            .len();
+        assert!(PolicySnapshot::decode(&encoded[..first_field]).is_ok());
+        std::fs::write(&file, &saved[..SEAL_MARK.len() + first_field + 4]).unwrap();
+        assert!(ProxyPolicy::new(dir.path()).load_persisted().is_none());
+        assert!(dir.path().join("policy-snapshot.pb.corrupt").exists());
+
+        // A file of an earlier release: the message alone.
+        std::fs::write(&file, &encoded).unwrap();
+        let loaded = ProxyPolicy::new(dir.path()).load_persisted().unwrap();
+        assert_eq!(loaded, whole);
     }
 
     #[test]
