@@ -5,6 +5,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::body::{Body, Bytes};
 use axum::extract::{Query, State};
@@ -22,6 +23,11 @@ use crate::{FlowEvent, FlowLog, Metrics, TelemetryError, unix_millis};
 /// Events per chunk when a stream sends the retained events, or live ones that queued up.
 const STREAM_BATCH: usize = 256;
 
+/// How long requests in progress may take to finish once the server shuts down. A client that
+/// stopped reading (`warden observe --follow | less`, a listing piped into a pager) would
+/// otherwise hold the process's exit until it read or went away.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
+
 /// Binds the admin listener. Separate from [`serve`] so callers learn the bound address
 /// (port 0 in tests) before they start serving.
 pub async fn bind(address: SocketAddr) -> Result<TcpListener, TelemetryError> {
@@ -36,22 +42,30 @@ pub async fn bind(address: SocketAddr) -> Result<TcpListener, TelemetryError> {
 struct StreamsClosing(watch::Receiver<bool>);
 
 /// Serves `router` until `shutdown` resolves, then ends the flow streams being followed and
-/// lets the other requests in progress finish.
+/// lets the other requests in progress finish, for [`SHUTDOWN_GRACE`] at most: responses not
+/// taken by then are dropped with the process.
 pub async fn serve(
     listener: TcpListener,
     router: Router,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), TelemetryError> {
     let (closing, closed) = watch::channel(false);
+    let mut shutting_down = closing.subscribe();
     let router = router.layer(Extension(StreamsClosing(closed)));
-    axum::serve(listener, router)
-        .with_graceful_shutdown(async move {
-            shutdown.await;
-            // No receiver left only means no stream is open.
-            let _ = closing.send(true);
-        })
-        .await
-        .map_err(TelemetryError::Serve)
+    let server = axum::serve(listener, router).with_graceful_shutdown(async move {
+        shutdown.await;
+        // No receiver left only means no stream is open.
+        let _ = closing.send(true);
+    });
+    let grace_over = async move {
+        // The sender lives as long as the server: an error means it stopped.
+        let _ = shutting_down.wait_for(|closing| *closing).await;
+        tokio::time::sleep(SHUTDOWN_GRACE).await;
+    };
+    tokio::select! {
+        served = server.into_future() => served.map_err(TelemetryError::Serve),
+        () = grace_over => Ok(()),
+    }
 }
 
 /// `/healthz` (the process is alive), `/metrics`, and `/v1/flows` (flow events).
@@ -202,7 +216,6 @@ fn push_line(chunk: &mut Vec<u8>, line: &FlowLine) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
 
     use crate::flows::FOLLOW_BACKLOG;
     use crate::{DropFlow, FlowEvent};
@@ -272,6 +285,39 @@ mod tests {
             .expect("graceful shutdown waited on a followed stream")
             .unwrap()
             .unwrap();
+    }
+
+    /// A client that stopped reading held the graceful shutdown, and with it the process's
+    /// exit, until it read or went away.
+    #[tokio::test]
+    async fn a_client_that_stops_reading_does_not_hold_the_shutdown() {
+        let metrics = Metrics::new("agent").unwrap();
+        // More than the socket buffers hold, then a stream that would go on.
+        let flows = Arc::new(FlowLog::new(60_000));
+        for port in 0..60_000u16 {
+            flows.record(drop_event(port));
+        }
+        let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(serve(listener, common_routes(metrics, flows), async move {
+            let _ = stopped.await;
+        }));
+        // Some MB of events, none read, through a small window.
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(4096).unwrap();
+        let mut deaf = socket.connect(address).await.unwrap();
+        deaf.write_all(b"GET /v1/flows?follow=true HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let _ = stop.send(());
+        tokio::time::timeout(SHUTDOWN_GRACE + Duration::from_secs(3), server)
+            .await
+            .expect("the shutdown waited for a client that does not read")
+            .unwrap()
+            .unwrap();
+        drop(deaf);
     }
 
     #[tokio::test]
