@@ -292,11 +292,7 @@ pub fn endpoints(
                 namespace,
                 labels,
                 ips,
-                cgroup: Some(kubelet.cgroup_root.join(pod_cgroup(
-                    kubelet.driver,
-                    &qos,
-                    cgroup_uid,
-                ))),
+                cgroup: Some(pod_cgroup(kubelet, &qos, cgroup_uid)),
                 dns_target: dns_target.to_vec(),
                 peer_only: false,
             },
@@ -434,26 +430,42 @@ fn is_plain(uid: &str) -> bool {
     !uid.is_empty() && uid.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
 }
 
-/// The pod's cgroup relative to the kubelet's cgroup root, as the kubelet makes it.
-fn pod_cgroup(driver: CgroupDriver, qos: &str, uid: &str) -> PathBuf {
+/// The pod's cgroup below the cgroup mount, as the kubelet makes it.
+fn pod_cgroup(kubelet: &Kubelet, qos: &str, uid: &str) -> PathBuf {
     let class = match qos {
         "Guaranteed" => None,
         "Burstable" => Some("burstable"),
         // The kubelet's default when it has not said (no requests at all).
         _ => Some("besteffort"),
     };
-    match (driver, class) {
-        (CgroupDriver::Systemd, None) => PathBuf::from(format!(
-            "kubepods.slice/kubepods-pod{}.slice",
-            uid.replace('-', "_")
-        )),
-        (CgroupDriver::Systemd, Some(class)) => PathBuf::from(format!(
-            "kubepods.slice/kubepods-{class}.slice/kubepods-{class}-pod{}.slice",
-            uid.replace('-', "_")
-        )),
-        (CgroupDriver::Cgroupfs, None) => PathBuf::from(format!("kubepods/pod{uid}")),
-        (CgroupDriver::Cgroupfs, Some(class)) => {
-            PathBuf::from(format!("kubepods/{class}/pod{uid}"))
+    match kubelet.driver {
+        CgroupDriver::Cgroupfs => {
+            let mut path = kubelet.cgroup_root.join("kubepods");
+            path.extend(class);
+            path.join(format!("pod{uid}"))
+        }
+        CgroupDriver::Systemd => {
+            // The kubelet names a cgroup by parts, its root's first (`custom.slice` is
+            // `custom`, `a.slice/a-b.slice` is `a`, `b`), and systemd makes each part a slice
+            // inside the one before, named by every part so far: under the root `custom.slice`
+            // the pods are in `custom.slice/custom-kubepods.slice/...`, not `kubepods.slice`.
+            let root = kubelet
+                .cgroup_root
+                .file_name()
+                .and_then(|name| name.to_str())
+                .and_then(|name| name.strip_suffix(".slice"))
+                .filter(|name| !name.is_empty());
+            let pod = format!("pod{}", uid.replace('-', "_"));
+            let parts: Vec<&str> = root
+                .into_iter()
+                .flat_map(|root| root.split('-'))
+                .chain(["kubepods"])
+                .chain(class)
+                .chain([pod.as_str()])
+                .collect();
+            (1..=parts.len())
+                .map(|count| format!("{}.slice", parts[..count].join("-")))
+                .collect()
         }
     }
 }
@@ -638,6 +650,36 @@ mod tests {
         assert_eq!(
             rooted["2222-bbbb"].cgroup.as_deref(),
             Some(Path::new("kubelet/kubepods/pod2222-bbbb"))
+        );
+    }
+
+    /// Under a systemd kubelet's own `--cgroup-root` the pods were looked for in a
+    /// `kubepods.slice` that exists only at the top: never enrolled, their egress unpoliced.
+    #[test]
+    fn a_systemd_cgroup_root_names_every_slice_below_it() {
+        let at = |root: &str, qos: &str| {
+            let kubelet = Kubelet {
+                driver: CgroupDriver::Systemd,
+                cgroup_root: PathBuf::from(root),
+            };
+            pod_cgroup(&kubelet, qos, "1234-abcd")
+        };
+        assert_eq!(
+            at("", "Burstable"),
+            Path::new(
+                "kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod1234_abcd.slice"
+            )
+        );
+        assert_eq!(
+            at("custom.slice", "Burstable"),
+            Path::new(
+                "custom.slice/custom-kubepods.slice/custom-kubepods-burstable.slice/\
+                 custom-kubepods-burstable-pod1234_abcd.slice"
+            )
+        );
+        assert_eq!(
+            at("a.slice/a-b.slice", "Guaranteed"),
+            Path::new("a.slice/a-b.slice/a-b-kubepods.slice/a-b-kubepods-pod1234_abcd.slice")
         );
     }
 
