@@ -28,6 +28,9 @@ const STREAM_BATCH: usize = 256;
 /// otherwise hold the process's exit until it read or went away.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 
+/// Flow streams followed at once, in each process (`warden observe` takes one per process).
+const FOLLOWERS_AT_ONCE: usize = 16;
+
 /// Binds the admin listener. Separate from [`serve`] so callers learn the bound address
 /// (port 0 in tests) before they start serving.
 pub async fn bind(address: SocketAddr) -> Result<TcpListener, TelemetryError> {
@@ -89,7 +92,13 @@ pub fn common_routes(metrics: Metrics, flows: Arc<FlowLog>) -> Router {
             })
             .with_state(metrics),
         )
-        .route("/v1/flows", get(flows_handler).with_state(flows))
+        .route(
+            "/v1/flows",
+            get(flows_handler).with_state(FlowsState {
+                log: flows,
+                followers: Arc::new(tokio::sync::Semaphore::new(FOLLOWERS_AT_ONCE)),
+            }),
+        )
         .fallback(|| async { (StatusCode::NOT_FOUND, "not found\n") })
 }
 
@@ -100,8 +109,19 @@ struct FlowQuery {
     since_ms: Option<u64>,
 }
 
+/// The flow log, and the places of the streams followed at once: each holds its copy of the
+/// retained events until its client has read them.
+#[derive(Debug, Clone)]
+struct FlowsState {
+    log: Arc<FlowLog>,
+    followers: Arc<tokio::sync::Semaphore>,
+}
+
 async fn flows_handler(
-    State(flows): State<Arc<FlowLog>>,
+    State(FlowsState {
+        log: flows,
+        followers,
+    }): State<FlowsState>,
     closing: Option<Extension<StreamsClosing>>,
     Query(query): Query<FlowQuery>,
 ) -> Response {
@@ -124,11 +144,19 @@ async fn flows_handler(
     if !follow {
         return axum::Json(flows.recent_since(query.since_ms)).into_response();
     }
+    let Ok(following) = followers.try_acquire_owned() else {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("{FOLLOWERS_AT_ONCE} flow streams followed already; try again\n"),
+        )
+            .into_response();
+    };
     let (retained, follower) = flows.follow_since(query.since_ms);
     let stream = FlowStream {
         retained: retained.into_iter(),
         follower,
         closing: closing.map(|Extension(StreamsClosing(closing))| closing),
+        _following: Some(following),
     };
     let body = Body::from_stream(futures_util::stream::unfold(stream, FlowStream::next));
     (
@@ -147,6 +175,8 @@ struct FlowStream {
     follower: FlowFollower,
     /// `None` when the router is served by something other than [`serve`] (tests).
     closing: Option<watch::Receiver<bool>>,
+    /// Its place among the streams followed at once.
+    _following: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 impl FlowStream {
@@ -320,6 +350,31 @@ mod tests {
         drop(deaf);
     }
 
+    /// Followers that read slowly or not at all each held a copy of the retained events, as
+    /// many as clients asked for.
+    #[tokio::test]
+    async fn followers_past_the_limit_get_503() {
+        let state = FlowsState {
+            log: Arc::new(FlowLog::new(4)),
+            followers: Arc::new(tokio::sync::Semaphore::new(1)),
+        };
+        let follow = || {
+            flows_handler(
+                State(state.clone()),
+                None,
+                Query(FlowQuery {
+                    follow: Some("true".into()),
+                    since_ms: None,
+                }),
+            )
+        };
+        let following = follow().await;
+        assert_eq!(following.status(), StatusCode::OK);
+        assert_eq!(follow().await.status(), StatusCode::SERVICE_UNAVAILABLE);
+        drop(following);
+        assert_eq!(follow().await.status(), StatusCode::OK);
+    }
+
     #[tokio::test]
     async fn a_follower_that_lags_gets_a_lost_marker() {
         let flows = FlowLog::new(4);
@@ -331,6 +386,7 @@ mod tests {
             retained: retained.into_iter(),
             follower,
             closing: None,
+            _following: None,
         };
         let (chunk, _) = stream.next().await.unwrap();
         let chunk = chunk.unwrap();
@@ -348,7 +404,10 @@ mod tests {
         flows.record(drop_event(1));
         flows.record(drop_event(5));
         let response = flows_handler(
-            State(flows),
+            State(FlowsState {
+                log: flows,
+                followers: Arc::new(tokio::sync::Semaphore::new(1)),
+            }),
             None,
             Query(FlowQuery {
                 follow: None,

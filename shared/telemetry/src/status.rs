@@ -144,6 +144,9 @@ impl CacheFilter {
 
 /// Rows per piece of a streamed `GET /v1/fqdn/cache` body, and the bytes past which a piece
 /// ends sooner (rows of a thousand addresses each are some 100 kB).
+/// Cache listings answered at a time, in each process.
+pub const LISTINGS_AT_ONCE: usize = 4;
+
 const ROWS_PER_PIECE: usize = 1024;
 const PIECE_BYTES: usize = 1 << 20;
 
@@ -153,6 +156,10 @@ impl CacheFilter {
     /// not read then), or 500 with the text `entries` failed with. `entries` is given the
     /// filter, to copy only what passes; the JSON array is written out a thousand rows at a
     /// time as the client reads it, not built whole (a million entries are some 200 MB).
+    ///
+    /// At most [`LISTINGS_AT_ONCE`] are answered at a time (503 past them): each holds its copy
+    /// of the cache until its client has read it, and a few read slowly (into a pager), or not
+    /// at all, could hold more than the process's memory limit.
     pub async fn listing<Fut>(
         &self,
         now: warden_fqdn::UnixTime,
@@ -161,8 +168,29 @@ impl CacheFilter {
     where
         Fut: Future<Output = Result<Vec<warden_fqdn::CacheEntry>, String>>,
     {
+        static LISTINGS: tokio::sync::Semaphore =
+            tokio::sync::Semaphore::const_new(LISTINGS_AT_ONCE);
+        self.listing_within(&LISTINGS, now, entries).await
+    }
+
+    async fn listing_within<Fut>(
+        &self,
+        listings: &'static tokio::sync::Semaphore,
+        now: warden_fqdn::UnixTime,
+        entries: impl FnOnce(warden_fqdn::UnixTime, CompiledCacheFilter) -> Fut,
+    ) -> axum::response::Response
+    where
+        Fut: Future<Output = Result<Vec<warden_fqdn::CacheEntry>, String>>,
+    {
         use axum::http::{StatusCode, header};
         use axum::response::IntoResponse;
+        let Ok(listing) = listings.try_acquire() else {
+            return (
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("{LISTINGS_AT_ONCE} cache listings in progress; try again\n"),
+            )
+                .into_response();
+        };
         let filter = match self.compile() {
             Ok(filter) => filter,
             Err(message) => return (StatusCode::BAD_REQUEST, message).into_response(),
@@ -178,6 +206,8 @@ impl CacheFilter {
         let mut opened = false;
         let mut closed = false;
         let pieces = std::iter::from_fn(move || {
+            // Held until the body is read or dropped.
+            let _listing = &listing;
             if closed {
                 return None;
             }
@@ -309,6 +339,29 @@ mod tests {
             .await;
         assert_eq!(refused.status(), StatusCode::BAD_REQUEST);
         assert!(!asked, "a refused filter does not read the cache");
+    }
+
+    /// Listings read slowly or not at all each held a copy of the cache, as many as clients
+    /// asked for.
+    #[tokio::test]
+    async fn listings_past_the_limit_wait_for_none_and_get_503() {
+        let listings: &'static tokio::sync::Semaphore =
+            Box::leak(Box::new(tokio::sync::Semaphore::new(2)));
+        let now = UnixTime(1_000);
+        let everything = CacheFilter::default();
+        let list = || {
+            everything.listing_within(listings, now, |_, _| async {
+                Ok(vec![entry("default/a", "www.cilium.io.")])
+            })
+        };
+        let unread = [list().await, list().await];
+        assert!(unread.iter().all(|r| r.status() == StatusCode::OK));
+        let refused = list().await;
+        assert_eq!(refused.status(), StatusCode::SERVICE_UNAVAILABLE);
+        // A listing read to its end (or dropped) makes room.
+        let [first, _second] = unread;
+        assert_eq!(body_rows(first).await.len(), 1);
+        assert_eq!(list().await.status(), StatusCode::OK);
     }
 
     #[tokio::test]
