@@ -890,6 +890,17 @@ impl Datapath {
             .map_err(|e| DatapathError::map(map::REUSEPORT_CONFIG, "update", e))
     }
 
+    /// At a graceful stop of instance `from`: new queries go to `to`, and `from`'s sockets leave
+    /// the selection. Left in it, they are the program's fallback whenever `to` has no socket
+    /// there (a dnsproxy before its first policy, one whose registration failed), and only the
+    /// kernel's UDP lookup (6.18 here) passes over a connected socket the program picked. Out
+    /// of it, the kernel's hash picks among the port's sockets and skips the ones a stopping
+    /// process connected to themselves.
+    pub fn reuseport_hand_over(&self, from: u32, to: u32) -> Result<(), DatapathError> {
+        self.reuseport_prefer(to)?;
+        self.reuseport_unregister(from)
+    }
+
     /// Lets the kernel's hash spread queries over every live instance (`dns.prefer: share`).
     pub fn reuseport_share(&self) -> Result<(), DatapathError> {
         let config = RawReuseportConfig {

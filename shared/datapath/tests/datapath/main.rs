@@ -1069,6 +1069,28 @@ fn reuseport_prefers_the_chosen_instance_and_falls_back() {
     assert!(dp.reuseport_prefer(2).is_err());
 }
 
+/// A process stopping gracefully connects its sockets to themselves and steers to its peer;
+/// with the peer not in the selection (a dnsproxy before its first policy) the program falls
+/// back to the stopping process's sockets. This kernel's UDP lookup then passes over the
+/// connected socket the program picked (the test passes without the hand-over's unregister
+/// too); the hand-over takes the sockets out of the selection so as not to rely on it.
+#[test]
+fn a_hand_over_leaves_the_port_to_a_peer_outside_the_selection() {
+    skip_unless_privileged!();
+    let lab = Lab::new();
+    let dp = Datapath::open(&lab.options()).unwrap();
+    let (port, [stopping, peer]) = sockets_on_one_port("127.0.0.1");
+    dp.reuseport_register(0, &[&stopping]).unwrap();
+    dp.attach_reuseport(&stopping).unwrap();
+    dp.reuseport_prefer(0).unwrap();
+    assert_eq!(deliveries(port, &[&stopping, &peer], 16), vec![16, 0]);
+
+    // As the UDP listener stops receiving: connected to its own address.
+    stopping.connect(port).unwrap();
+    dp.reuseport_hand_over(0, 1).unwrap();
+    assert_eq!(deliveries(port, &[&stopping, &peer], 16), vec![0, 16]);
+}
+
 /// A process's `dns.listen_sockets` sockets of an address share the queries the selection
 /// sends it: with one socket per instance and slot, the preferred process read every query on
 /// one socket, one loop, whatever its other sockets.
