@@ -1029,6 +1029,9 @@ static __always_inline void publish_redirect(const struct warden_client_key *key
 	__sync_val_compare_and_swap(&slot->seq, seq + 1, seq + 2);
 }
 
+/* How often an unchanged redirect record's stamp is renewed (see record_redirect). */
+#define RECORD_REFRESH_NS 1000000000ULL
+
 /* Remember who asked and which server was meant, keyed the way the proxy sees the client. A
  * socket that addressed the target itself (the proxy's address, or a port-53 target) meant no
  * other server: its record has no original (family 0), and the proxy asks its upstream. It
@@ -1054,8 +1057,11 @@ static __always_inline void record_redirect(struct __sk_buff *skb, const struct 
 	known = bpf_map_lookup_elem(&redirect_records, &key);
 	/* The same client asking the same server again (the common case): the lookup keeps the
 	 * entry young, and an LRU update, which allocates and takes locks, is paid only when the
-	 * record changes. */
-	if (!known || known->cgroup_id != rec.cgroup_id || !sockaddr_eq(&known->orig, &rec.orig))
+	 * record changes, or once a second to keep its stamp recent: the proxy takes no record
+	 * older than a few seconds, which another socket on the same port long ago left (one
+	 * of a cgroup not enrolled writes none). */
+	if (!known || known->cgroup_id != rec.cgroup_id || !sockaddr_eq(&known->orig, &rec.orig) ||
+	    rec.time_ns - known->time_ns >= RECORD_REFRESH_NS)
 		bpf_map_update_elem(&redirect_records, &key, &rec, BPF_ANY);
 	publish_redirect(&key, &rec);
 }

@@ -67,7 +67,7 @@ struct warden_client_key {
 struct warden_redirect_record {
 	__u64 cgroup_id; /* the enrolled cgroup (the socket's own or its nearest enrolled ancestor) */
 	__u64 time_ns;   /* boot ns of the packet that wrote the record (an unchanged record is
-			  * not rewritten; its slot's stamp is the recent one) */
+			  * rewritten once a second at most; its slot's stamp is the recent one) */
 	struct warden_sockaddr orig;
 	__u32 pad;
 };

@@ -213,6 +213,17 @@ fn endpoint_entry_of(raw: RawEndpoint) -> EndpointEntry {
     }
 }
 
+/// The oldest a redirect record in the map is taken at: the program renews an unchanged one's
+/// stamp once a second while its client sends, so an older one was left by a socket long gone,
+/// and the sender now on that address and port is another (one of a cgroup not enrolled, which
+/// writes no record).
+const RECORD_MAX_AGE_NS: u64 = 5_000_000_000;
+
+/// Whether a record stamped `time_ns` is recent at `now_ns` (both boot time).
+fn recent(time_ns: u64, now_ns: u64) -> bool {
+    now_ns.saturating_sub(time_ns) <= RECORD_MAX_AGE_NS
+}
+
 fn redirect_record_of(r: RawRedirectRecord) -> RedirectRecord {
     RedirectRecord {
         cgroup_id: r.cgroup_id,
@@ -747,7 +758,8 @@ impl Datapath {
                 found(
                     map::REDIRECT_RECORDS,
                     self.inner.redirect_records.get(&key, 0),
-                )?,
+                )?
+                .filter(|record| recent(record.time_ns, clock::boot_now_ns())),
                 RedirectSource::Map,
             ),
         };

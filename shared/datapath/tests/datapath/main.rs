@@ -718,6 +718,77 @@ fn redirect_records_come_from_the_slots_while_the_program_writes_them() {
     );
 }
 
+/// (client port, stamp) of each record in the pinned `redirect_records`, as bpftool dumps it.
+fn record_stamps(bpffs: &Path) -> Vec<(u16, u64)> {
+    let dump = std::process::Command::new("bpftool")
+        .args(["-j", "map", "dump", "pinned"])
+        .arg(pinned_map(bpffs, "redirect_records"))
+        .output()
+        .expect("bpftool");
+    assert!(dump.status.success(), "{dump:?}");
+    let text = String::from_utf8(dump.stdout).unwrap();
+    // [{"key":["0x00",...],"value":["0x..",...],...},...]: the bytes as hex strings.
+    let bytes = |list: &str| -> Vec<u8> {
+        list.split(',')
+            .map(|b| b.trim().trim_matches('"').trim_start_matches("0x"))
+            .filter(|b| !b.is_empty())
+            .map(|b| u8::from_str_radix(b, 16).unwrap())
+            .collect()
+    };
+    let mut stamps = Vec::new();
+    for entry in text.split("\"key\":[").skip(1) {
+        let key = bytes(entry.split(']').next().unwrap());
+        let value_list = entry.split("\"value\":[").nth(1).unwrap();
+        let value = bytes(value_list.split(']').next().unwrap());
+        let port = u16::from_le_bytes([key[16], key[17]]);
+        let stamp = u64::from_le_bytes(value[8..16].try_into().unwrap());
+        stamps.push((port, stamp));
+    }
+    stamps
+}
+
+/// A record whose client keeps sending is renewed (once a second), and one left by a socket
+/// long gone is not taken: its stamp was never renewed, and the proxy took it, for ever, for
+/// whoever sent from that address and port next (one of a cgroup not enrolled writes none).
+#[test]
+fn a_redirect_record_is_renewed_while_used_and_not_taken_once_old() {
+    skip_unless_privileged!();
+    let lab = Lab::new();
+    let dp = Datapath::open(&lab.options()).unwrap();
+    let target = v4_at(5355);
+    let seen = lab.dns_responder(target, dp.clone());
+    let (app, app_id) = redirected_app(&lab, &dp, 13, target);
+    let orig = sa("10.213.0.98:53");
+    // One socket asking one server every 300 ms for some 3.6 s: an unchanged record.
+    let p = lab.probe(&app, &format!("udp-dns-every 300 12 {orig}"));
+    assert_eq!(p.get("answered"), "12", "{p:?}");
+    let mut client = None;
+    for _ in 0..12 {
+        let s = support::recv_within(&seen, Duration::from_secs(2)).expect("query at target");
+        client = Some(s.client);
+    }
+    let client = client.unwrap();
+    // A record written now, by another socket, for the clock.
+    let p = lab.probe(&app, &format!("udp-dns {orig}"));
+    assert_eq!(p.get("answer"), "true", "{p:?}");
+    let now = support::recv_within(&seen, Duration::from_secs(2))
+        .unwrap()
+        .client;
+    let stamps = record_stamps(&lab.bpffs);
+    let stamp_of = |port: u16| stamps.iter().find(|(p, _)| *p == port).unwrap().1;
+    let age = stamp_of(now.port()) - stamp_of(client.port());
+    assert!(
+        age < 1_600_000_000,
+        "the record was not renewed: {age} ns old"
+    );
+
+    // Its client gone quiet: past the age limit, no record.
+    let record = dp.redirect_record(client, UDP).unwrap().record;
+    assert_eq!(record.map(|r| r.cgroup_id), Some(app_id));
+    std::thread::sleep(Duration::from_millis(6_500));
+    assert_eq!(dp.redirect_record(client, UDP).unwrap().record, None);
+}
+
 /// A workload asking its DNS target itself (here a target on port 53, as a node-local
 /// resolver address would be) was taken for a redirect to the target: the record named the
 /// proxy as the original server, and the proxy forwarded the query to itself. And a query sent
