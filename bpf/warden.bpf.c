@@ -875,6 +875,10 @@ struct pkt {
 #define IPV4_MF_OFFSET 0x3fff /* more-fragments flag and fragment offset */
 #define IPV4_OFFSET 0x1fff
 
+#ifndef IPV6_TLV_JUMBO
+#define IPV6_TLV_JUMBO 0xC2
+#endif
+
 static __always_inline int is_ipv6_ext(__u8 nexthdr)
 {
 	switch (nexthdr) {
@@ -936,6 +940,23 @@ static __always_inline int parse(struct __sk_buff *skb, struct pkt *p)
 		p->proto = ip6.nexthdr;
 		__builtin_memcpy(p->src.b, &ip6.saddr, 16);
 		__builtin_memcpy(p->dst.b, &ip6.daddr, 16);
+		if (ip6.nexthdr == 0) {
+			/* A hop-by-hop header holding a jumbo payload option alone, as IPv6 BIG TCP
+			 * puts before TCP in GSO packets past 64 KiB (kernels from 6.3, when
+			 * gso_ipv6_max_size is raised): skipped, the protocol and ports after it
+			 * read. Any other hop-by-hop header is an extension header as below. */
+			__u8 hbh[8];
+
+			if (bpf_skb_load_bytes(skb, sizeof(ip6), hbh, sizeof(hbh)) == 0 &&
+			    hbh[1] == 0 && hbh[2] == IPV6_TLV_JUMBO && hbh[3] == 4 &&
+			    (hbh[0] == IPPROTO_TCP || hbh[0] == IPPROTO_UDP)) {
+				p->proto = hbh[0];
+				if (bpf_skb_load_bytes(skb, sizeof(ip6) + sizeof(hbh), ports,
+						       sizeof(ports)) < 0)
+					return 0;
+				goto ports_read;
+			}
+		}
 		if (is_ipv6_ext(ip6.nexthdr)) {
 			/* Extension headers are not walked: the real protocol and ports are unknown,
 			 * so the packet counts as port-less with an unknown protocol (proto 0). Only
@@ -956,6 +977,7 @@ static __always_inline int parse(struct __sk_buff *skb, struct pkt *p)
 	} else {
 		return 0;
 	}
+ports_read:
 	p->sport = bpf_ntohs(ports[0]);
 	p->dport = bpf_ntohs(ports[1]);
 	p->l4 = 1;

@@ -718,6 +718,35 @@ fn redirect_records_come_from_the_slots_while_the_program_writes_them() {
     );
 }
 
+/// IPv6 BIG TCP puts a hop-by-hop header holding a jumbo payload option before TCP in GSO
+/// packets past 64 KiB; egress took every extension header for an unknown protocol and dropped
+/// the allowed flows' large segments. A socket can write the same header (IPV6_HOPOPTS): its
+/// packets are judged by their ports now, and a hop-by-hop header of another option still is
+/// an unknown protocol.
+#[test]
+fn a_jumbo_hop_by_hop_header_is_read_past_and_no_other() {
+    skip_unless_privileged!();
+    let lab = Lab::new();
+    let dp = Datapath::open(&lab.options()).unwrap();
+    let app = lab.cgroup("app");
+    let app_id = Datapath::cgroup_id(&app).unwrap();
+    dp.enroll(app_id, 16, true, false).unwrap();
+    dp.set_cidr_rules(
+        16,
+        format!("{NS_V6}/128").parse::<IpNet>().unwrap(),
+        &[PortRule::port(UDP, 8081)],
+    )
+    .unwrap();
+    let send = |kind: &str, port: u16| {
+        lab.probe(&app, &format!("udp-hopopts {kind} {}", v6_at(port)))
+            .get("send")
+            .to_owned()
+    };
+    assert_eq!(send("jumbo", 8081), "ok");
+    assert_eq!(send("jumbo", 8082), EPERM, "its port is read, and judged");
+    assert_eq!(send("other", 8081), EPERM);
+}
+
 /// (client port, stamp) of each record in the pinned `redirect_records`, as bpftool dumps it.
 fn record_stamps(bpffs: &Path) -> Vec<(u16, u64)> {
     let dump = std::process::Command::new("bpftool")

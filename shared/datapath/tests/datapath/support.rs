@@ -622,6 +622,15 @@ pub fn run_probe() {
             }
             report("send2", socket.send(b"second").map(drop));
         }
+        // One UDP datagram to ADDR (IPv6) with a hop-by-hop header holding a jumbo payload
+        // option (`jumbo`), as BIG TCP writes, or a padding option (`other`): send=ok|err<errno>.
+        "udp-hopopts" => {
+            let option: u8 = if words[1] == "jumbo" { 0xC2 } else { 1 };
+            let header = [0, 0, option, 4, 0, 0, 0, 0];
+            let socket = UdpSocket::bind("[::]:0").unwrap();
+            set_hop_options(&socket, &header);
+            report("send", socket.send_to(b"x", addr(2)).map(drop));
+        }
         // One ICMP echo request over a raw socket (no socket hook sees it: only egress).
         "icmp" => {
             let target: IpAddr = words[1].parse().expect("probe address");
@@ -882,4 +891,24 @@ pub fn attached_programs(cgroup: &Path) -> Option<Vec<String>> {
             .map(str::to_string)
             .collect(),
     )
+}
+
+/// Sets IPV6_HOPOPTS, which no socket crate wraps: the hop-by-hop header the kernel puts on
+/// the socket's packets.
+#[allow(unsafe_code)]
+fn set_hop_options(socket: &UdpSocket, header: &[u8]) {
+    use std::os::fd::AsRawFd;
+    let length = libc::socklen_t::try_from(header.len()).unwrap();
+    // SAFETY: the descriptor is the socket's own and open for the call; the kernel reads
+    // `length` bytes from `header`, which holds that many.
+    let set = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_IPV6,
+            libc::IPV6_HOPOPTS,
+            header.as_ptr().cast(),
+            length,
+        )
+    };
+    assert_eq!(set, 0, "IPV6_HOPOPTS: {}", std::io::Error::last_os_error());
 }
