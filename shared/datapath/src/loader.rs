@@ -252,6 +252,8 @@ pub(crate) fn load_and_attach(
     // Before any program runs with this build: they read it on every loopback query.
     write_node_config(&mut ebpf)?;
 
+    load_programs(&mut ebpf)?;
+
     let mut actions = Vec::with_capacity(CGROUP_PROGRAMS.len());
     for (name, hook) in CGROUP_PROGRAMS {
         let program = ebpf
@@ -266,7 +268,6 @@ pub(crate) fn load_and_attach(
             Hook::SockAddr => {
                 let prog: &mut CgroupSockAddr =
                     program.try_into().map_err(|e| program_error(name, e))?;
-                prog.load().map_err(|e| program_error(name, e))?;
                 let reuse = reuse_link(
                     &link_path,
                     prog.fd().map_err(|e| program_error(name, e))?,
@@ -279,7 +280,6 @@ pub(crate) fn load_and_attach(
             }
             Hook::SockOps => {
                 let prog: &mut SockOps = program.try_into().map_err(|e| program_error(name, e))?;
-                prog.load().map_err(|e| program_error(name, e))?;
                 let reuse = reuse_link(
                     &link_path,
                     prog.fd().map_err(|e| program_error(name, e))?,
@@ -293,7 +293,6 @@ pub(crate) fn load_and_attach(
             Hook::SkbEgress | Hook::SkbIngress => {
                 let prog: &mut CgroupSkb =
                     program.try_into().map_err(|e| program_error(name, e))?;
-                prog.load().map_err(|e| program_error(name, e))?;
                 let direction = match hook {
                     Hook::SkbIngress => CgroupSkbAttachType::Ingress,
                     _ => CgroupSkbAttachType::Egress,
@@ -330,14 +329,47 @@ pub(crate) fn load_and_attach(
     let prog: &mut SkReuseport = program
         .try_into()
         .map_err(|e| program_error(REUSEPORT_PROGRAM, e))?;
-    prog.load()
-        .map_err(|e| program_error(REUSEPORT_PROGRAM, e))?;
     repin(
         REUSEPORT_PROGRAM,
         &reuseport_prog_path(&options.bpffs),
         |path| prog.pin(path),
     )?;
     Ok(actions)
+}
+
+/// Every program through the verifier before any is attached: one the kernel refuses (a kernel
+/// other than the build expects) leaves the hooks as they were, not the first ones replaced by
+/// this build and the rest run by the one before.
+fn load_programs(ebpf: &mut aya::Ebpf) -> Result<(), DatapathError> {
+    for (name, hook) in CGROUP_PROGRAMS {
+        let program = ebpf
+            .program_mut(name)
+            .ok_or_else(|| missing_program(name))?;
+        let loaded = match hook {
+            Hook::SockAddr => {
+                let prog: &mut CgroupSockAddr =
+                    program.try_into().map_err(|e| program_error(name, e))?;
+                prog.load()
+            }
+            Hook::SockOps => {
+                let prog: &mut SockOps = program.try_into().map_err(|e| program_error(name, e))?;
+                prog.load()
+            }
+            Hook::SkbEgress | Hook::SkbIngress => {
+                let prog: &mut CgroupSkb =
+                    program.try_into().map_err(|e| program_error(name, e))?;
+                prog.load()
+            }
+        };
+        loaded.map_err(|e| program_error(name, e))?;
+    }
+    let program = ebpf
+        .program_mut(REUSEPORT_PROGRAM)
+        .ok_or_else(|| missing_program(REUSEPORT_PROGRAM))?;
+    let prog: &mut SkReuseport = program
+        .try_into()
+        .map_err(|e| program_error(REUSEPORT_PROGRAM, e))?;
+    prog.load().map_err(|e| program_error(REUSEPORT_PROGRAM, e))
 }
 
 /// Tells the programs which network namespace the proxies serve in (`struct
