@@ -150,10 +150,24 @@ impl Reconciler {
                 );
                 tracing::info!(endpoint = %key, cgroup_id, enforced, "endpoint enrolled");
             }
-            let (v4, v6) = if endpoint.dns_target.is_empty() {
+            // A target without a port cannot be redirected to (the map refuses it, at every
+            // pass): such an endpoint's DNS goes where an endpoint without targets' does.
+            let usable: Vec<SocketAddr> = endpoint
+                .dns_target
+                .iter()
+                .copied()
+                .filter(|target| target.port() != 0)
+                .collect();
+            if usable.len() < endpoint.dns_target.len() {
+                static BUDGET: LogBudget = LogBudget::new(LogBudget::INTERVAL);
+                if let Some(held_back) = BUDGET.allow() {
+                    tracing::warn!(endpoint = %key, held_back, "dns_target without a port ignored");
+                }
+            }
+            let (v4, v6) = if usable.is_empty() {
                 (default_v4, default_v6)
             } else {
-                targets(&endpoint.dns_target)
+                targets(&usable)
             };
             let current = self.datapath.dns_target(info.id.0).ok().flatten();
             if current.is_none_or(|target| target.v4 != v4 || target.v6 != v6) {

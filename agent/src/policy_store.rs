@@ -78,13 +78,23 @@ struct StoreState {
 /// Policy files as (path, text), in name order.
 pub type PolicyFiles = Vec<(PathBuf, String)>;
 
+/// Parses the folder's files, refusing what the folder checks refuse (a duplicate policy
+/// name, more text than a snapshot carries).
 fn parse_all(files: &PolicyFiles) -> Result<Vec<Policy>, warden_policy::PolicyError> {
     warden_policy::check_folder_size(files.iter().map(|(_, text)| text.as_str()))?;
+    let policies = parse_documents(files)?;
+    warden_policy::check_unique(&policies)?;
+    Ok(policies)
+}
+
+/// Parses files as they are: the last good copy, which a release before the folder checks
+/// saved and enforced. Refusing it now would leave no policy at all, every endpoint
+/// unenforced, where the folder it came from was enforced until the upgrade.
+fn parse_documents(files: &PolicyFiles) -> Result<Vec<Policy>, warden_policy::PolicyError> {
     let mut policies = Vec::new();
     for (path, text) in files {
         policies.append(&mut warden_policy::parse_str(text, path)?);
     }
-    warden_policy::check_unique(&policies)?;
     Ok(policies)
 }
 
@@ -154,7 +164,7 @@ impl PolicyStore {
             let loaded = read_policy_files(&last_good)
                 .map_err(|error| error.to_string())
                 .and_then(|files| {
-                    let policies = parse_all(&files).map_err(|error| error.to_string())?;
+                    let policies = parse_documents(&files).map_err(|error| error.to_string())?;
                     Ok((files, policies))
                 });
             match loaded {
@@ -803,6 +813,26 @@ spec:
         assert_eq!((status.revision, status.policies), (1, 1));
         let error = status.last_error.unwrap_or_default();
         assert!(error.contains("in one message"), "{error}");
+    }
+
+    /// A release before the folder checks saved, as its last good copy, a folder they refuse
+    /// (here two files of one policy name): refusing the copy too left no policy at all.
+    #[test]
+    fn a_last_good_copy_from_before_the_folder_checks_still_loads() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let state = tempfile::tempdir().expect("tempdir");
+        let last_good = state.path().join("last-good-policies");
+        std::fs::create_dir(&last_good).expect("last good folder");
+        for folder in [dir.path(), last_good.as_path()] {
+            for name in ["web.yaml", "web-v2.yaml"] {
+                std::fs::write(folder.join(name), POLICY).expect("write policy");
+            }
+        }
+        let store = store(dir.path(), state.path());
+        let status = store.status();
+        assert_eq!((status.source.as_str(), status.policies), ("last-good", 2));
+        let error = status.last_error.unwrap_or_default();
+        assert!(error.contains("declared again"), "{error}");
     }
 
     /// A start on a broken folder enforced the last good copy and cleared the folder's error,

@@ -62,7 +62,8 @@ impl ParsedDocuments {
                 .map_err(|error| error.to_string())?;
             policies.extend(parsed);
         }
-        warden_policy::check_unique(&policies).map_err(|error| error.to_string())?;
+        // No folder checks here (duplicate names, size): the agent makes them on its folder,
+        // and may send its last good copy, which a release before them saved.
         let policies = Arc::new(policies);
         let documents = snapshot
             .policies

@@ -664,6 +664,49 @@ async fn a_socket_connected_before_enrollment_does_not_reach_dns_past_the_proxy(
     );
 }
 
+/// A `dns_target` without a port: the map refused it at every pass, and the pod's DNS was
+/// never redirected (its queries went past the proxy, unpoliced). It goes to `dns.listen` now.
+#[tokio::test]
+async fn a_dns_target_without_a_port_is_ignored() {
+    if !require_lab() || !warden_tests::require_tools(&["knotd", "dig"]) {
+        return;
+    }
+    let lab = firewall_with_endpoints_dir(TalkPolicy::default().yaml()).await;
+    let cgroup = lab.cgroups.child("portless").unwrap();
+    std::fs::write(
+        lab.config
+            .endpoints_dir
+            .as_ref()
+            .unwrap()
+            .join("portless.yaml"),
+        "- {name: portless, namespace: youssef, labels: {app: test}, cgroup: portless, \
+         dns_target: ['127.0.0.1:0']}\n",
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let reply = warden_tests::lab::dig_in_cgroup(
+            &cgroup,
+            lab.upstream.addr(),
+            "cilium.io",
+            "A",
+            DigOpts::default(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(reply.status, "NOERROR", "{}", reply.raw);
+        let flows = lab.flows(lab.agent.admin).await.unwrap();
+        if flows
+            .iter()
+            .any(|flow| flow["type"] == "dns" && flow["endpoint"] == "youssef/portless")
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never through the proxy");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
 /// Entries in the pinned map `name` (in the datapath's versioned folder under `bpffs`).
 fn map_entries(bpffs: &Path, name: &str) -> usize {
     let map = std::fs::read_dir(bpffs)

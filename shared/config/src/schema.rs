@@ -508,13 +508,6 @@ pub fn validate_endpoints(endpoints: &[EndpointConfig]) -> Result<(), ConfigErro
                 "a peer_only endpoint sends nothing of its own: it has no cgroup",
             ));
         }
-        if let Some(target) = endpoint.dns_target.iter().find(|t| t.port() == 0) {
-            // The datapath cannot redirect to it, and would refuse it at every pass.
-            return Err(ConfigError::invalid(
-                format!("{field}.dns_target"),
-                format!("{target} has no port"),
-            ));
-        }
         let v4_targets = endpoint.dns_target.iter().filter(|t| t.is_ipv4()).count();
         if v4_targets > 1 || endpoint.dns_target.len() - v4_targets > 1 {
             return Err(ConfigError::invalid(
@@ -690,20 +683,6 @@ datapath:
         with_cgroup[0].cgroup = Some(PathBuf::from("kubepods.slice"));
         let error = validate_endpoints(&with_cgroup).unwrap_err().to_string();
         assert!(error.contains("endpoints[0].cgroup"), "{error}");
-    }
-
-    /// A DNS target without a port passed, and the datapath refused it at every pass: the
-    /// endpoint's DNS was never redirected, with an error each second.
-    #[test]
-    fn a_dns_target_needs_a_port() {
-        let yaml =
-            "- {name: test, namespace: default, cgroup: pods/test, dns_target: ['10.0.0.1:0']}";
-        let endpoints = endpoints_from_yaml(yaml, Path::new("e.yaml")).unwrap();
-        let error = validate_endpoints(&endpoints).unwrap_err().to_string();
-        assert!(error.contains("endpoints[0].dns_target"), "{error}");
-        assert!(error.contains("10.0.0.1:0 has no port"), "{error}");
-        let yaml = yaml.replace(":0']", ":53']");
-        validate_endpoints(&endpoints_from_yaml(&yaml, Path::new("e.yaml")).unwrap()).unwrap();
     }
 
     #[test]
