@@ -201,9 +201,7 @@ pub async fn start(config: AgentConfig) -> anyhow::Result<RunningAgent> {
                     // Not ready from the moment the port's queries are steered away: the
                     // admin API says so through the drain.
                     serving.store(false, Ordering::Relaxed);
-                    datapath.is_some_and(|datapath| {
-                        serving::steer_to(&datapath, AGENT_INSTANCE, DNSPROXY_INSTANCE)
-                    })
+                    datapath.is_some_and(|datapath| serving::steer_to(&datapath, DNSPROXY_INSTANCE))
                 })
                 .await;
             Ok(())

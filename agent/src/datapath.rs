@@ -16,7 +16,7 @@ use ipnet::IpNet;
 use tokio_util::sync::CancellationToken;
 use warden_config::AgentConfig;
 use warden_datapath::{Datapath, FqdnKey, PortRule};
-use warden_enforce::{Enforcement, TCP, UDP, fqdn_keys, merge_port_rules, port_rules};
+use warden_enforce::{Enforcement, TCP, UDP, fqdn_keys, grants_key, merge_port_rules, port_rules};
 use warden_fqdn::{CacheEntry, UnixTime};
 use warden_policy::{DnsName, EndpointId, FqdnGrant, PolicyRepository};
 use warden_proxy::{PolicySource, SharedCache, unix_now};
@@ -62,9 +62,9 @@ pub struct Reconciler {
     /// Endpoint IDs whose clearing failed part way: tried again at the next pass (their
     /// enrollments, which named them stale, are gone by then).
     pub uncleared: HashSet<u32>,
-    /// The name that last wanted each FQDN entry: one that traffic keeps past its TTL stays
-    /// only while the policy still grants it for that name.
-    pub wanted_by: HashMap<FqdnKey, Arc<str>>,
+    /// The names that last wanted each FQDN entry (a few, the latest): one that traffic keeps
+    /// past its TTL stays only while the policy still grants it for one of them.
+    pub wanted_by: HashMap<FqdnKey, Vec<Arc<str>>>,
 }
 
 impl Reconciler {
@@ -251,6 +251,14 @@ impl Reconciler {
                 }
             }
         }
+        // Entries of endpoints not enrolled are left by earlier releases, which wrote them for
+        // endpoints whose cgroup had gone and leaked their barriers (one per deleted pod in the
+        // pinned map): no pass writes any now.
+        if let Some(ids) = self.count("list", self.datapath.cidr_endpoint_ids()) {
+            for endpoint_id in ids.difference(enrolled) {
+                self.count("cidr_remove", self.datapath.clear_cidrs(*endpoint_id));
+            }
+        }
         let Some(current) = self.count("list", self.datapath.cidr_entries()) else {
             return;
         };
@@ -317,7 +325,7 @@ impl Reconciler {
                     for key in fqdn_keys(grant, cached.ip) {
                         let expiry = wanted.entry(key).or_insert(0);
                         *expiry = (*expiry).max(cached.expires_at.0);
-                        self.wanted_by.insert(key, name.clone());
+                        remember(&mut self.wanted_by, key, name);
                     }
                 }
             }
@@ -335,6 +343,10 @@ impl Reconciler {
             self.started.elapsed() < STARTUP_GRACE || self.sessions.any_resyncing();
         let mut idle_grace = 0;
         let mut present = HashSet::new();
+        let mut revocations = Vec::new();
+        // Keys a narrowed grant gives an address in use in place of one it no longer does
+        // (any port, say, become 443), with the idle entry's expiry and the name behind it.
+        let mut replacements: Vec<(FqdnKey, u64, Arc<str>)> = Vec::new();
         for (key, expires_at) in current {
             present.insert(key);
             if let Some(wanted_expiry) = wanted.get(&key) {
@@ -353,8 +365,13 @@ impl Reconciler {
                 // In use past its TTL: kept for the idle grace, but only as the policy still
                 // grants it. Traffic marks the address, not the port, so a port a changed
                 // policy took away would otherwise stay open for as long as any is used.
-                let mut names: Vec<&str> =
-                    self.wanted_by.get(&key).map(|n| &**n).into_iter().collect();
+                let mut names: Vec<&str> = self
+                    .wanted_by
+                    .get(&key)
+                    .into_iter()
+                    .flatten()
+                    .map(|name| &**name)
+                    .collect();
                 if names.is_empty() {
                     let index = names_in_cache.get_or_insert_with(|| names_by_address(&entries));
                     if let Some(endpoint) = table.key_of(EndpointId(key.endpoint_id)) {
@@ -369,23 +386,51 @@ impl Reconciler {
                             .of(name)
                             .1
                             .iter()
-                            .any(|grant| fqdn_keys(grant, key.ip).contains(&key))
+                            .any(|grant| grants_key(grant, &key))
                     });
                 if granted {
                     idle_grace += 1;
+                } else {
+                    for name in &names {
+                        let (name, name_grants) = grants.of(name);
+                        for grant in name_grants
+                            .iter()
+                            .filter(|grant| grant.endpoint.0 == key.endpoint_id)
+                        {
+                            replacements.extend(
+                                fqdn_keys(grant, key.ip)
+                                    .into_iter()
+                                    .map(|replacement| (replacement, expires_at, name.clone())),
+                            );
+                        }
+                    }
                 }
                 !granted
             } else {
                 true
             };
             if revoke {
-                self.unwanted_since.remove(&key);
-                // An answer since the listing extended it: fresh, and wanted by its proxy.
-                self.count(
-                    "revoke",
-                    self.datapath.revoke_fqdn_unless_extended(&key, expires_at),
-                );
+                revocations.push((key, expires_at));
             }
+        }
+        // The replacements first: the connections using the address never meet a moment
+        // without an entry for their port.
+        for (key, expires_at, name) in replacements {
+            if !present.contains(&key) && !wanted.contains_key(&key) {
+                self.count("allow", self.datapath.allow_fqdn(key, expires_at));
+                present.insert(key);
+                idle_grace += 1;
+            }
+            remember(&mut self.wanted_by, key, &name);
+        }
+        for (key, expires_at) in revocations {
+            self.unwanted_since.remove(&key);
+            present.remove(&key);
+            // An answer since the listing extended it: fresh, and wanted by its proxy.
+            self.count(
+                "revoke",
+                self.datapath.revoke_fqdn_unless_extended(&key, expires_at),
+            );
         }
         for (key, expires_at) in &wanted {
             if !present.contains(key) {
@@ -549,6 +594,21 @@ impl<'a> Grants<'a> {
         let (name, grants) = &self.names[at];
         (name, grants)
     }
+}
+
+/// The names remembered as wanting an entry: a few, the latest last.
+const NAMES_PER_ENTRY: usize = 4;
+
+/// Remembers that `name` wanted `key`.
+fn remember(wanted_by: &mut HashMap<FqdnKey, Vec<Arc<str>>>, key: FqdnKey, name: &Arc<str>) {
+    let names = wanted_by.entry(key).or_default();
+    if names.iter().any(|known| known == name) {
+        return;
+    }
+    if names.len() >= NAMES_PER_ENTRY {
+        names.remove(0);
+    }
+    names.push(name.clone());
 }
 
 /// The names each (endpoint, address) of the cache's entries stands for.

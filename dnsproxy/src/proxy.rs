@@ -169,7 +169,7 @@ impl ProxyDatapath {
             .clear();
         self.enforcement
             .datapath()
-            .is_some_and(|datapath| serving::steer_to(&datapath, DNSPROXY_INSTANCE, AGENT_INSTANCE))
+            .is_some_and(|datapath| serving::steer_to(&datapath, AGENT_INSTANCE))
     }
 }
 

@@ -228,14 +228,27 @@ for i in range(16):
     let _ = &mut lab;
 }
 
-/// The idle grace keeps an address a pod still uses, not a port its policy took away:
-/// traffic marks the address, so the port's entry would otherwise outlive the rule.
-#[tokio::test]
-async fn a_port_the_policy_takes_away_goes_though_the_address_is_still_in_use() {
-    if !require_lab() || !warden_tests::require_tools(&["knotd", "dig", "bpftool"]) {
-        return;
+/// The talk policy, its toFQDNs rule on `ports` (`None`: every port).
+fn talk_on(ports: Option<&[u16]>) -> String {
+    let fqdn_ports = "    toPorts:\n    - ports:\n      - port: \"80\"\n        protocol: TCP\n      - port: \"443\"\n        protocol: TCP\n";
+    let talk = TalkPolicy::default().yaml();
+    assert!(talk.ends_with(fqdn_ports));
+    let mut yaml = talk[..talk.len() - fqdn_ports.len()].to_owned();
+    if let Some(ports) = ports {
+        yaml += "    toPorts:\n    - ports:\n";
+        for port in ports {
+            yaml += &format!("      - port: \"{port}\"\n        protocol: TCP\n");
+        }
     }
+    yaml
+}
+
+/// A pod (`late`) keeps using an address the workload resolved, past the TTL, on port 443,
+/// while the rule goes from `before` to `after` (both allowing 443): afterwards port 80 is
+/// refused and 443 never was, not once.
+async fn narrowing(before: &str, after: &str) {
     let mut lab = Firewall::start(FirewallOptions {
+        policy: before.to_owned(),
         late_workload: true,
         ..FirewallOptions::default()
     })
@@ -286,12 +299,7 @@ async fn a_port_the_policy_takes_away_goes_though_the_address_is_still_in_use() 
     };
     port_80(true);
 
-    // The rule now allows 443 alone.
-    let narrowed = TalkPolicy::default()
-        .yaml()
-        .replace("      - port: \"80\"\n        protocol: TCP\n", "");
-    assert_ne!(narrowed, TalkPolicy::default().yaml());
-    lab.dir.write_policy("talk.yaml", &narrowed).unwrap();
+    lab.dir.write_policy("talk.yaml", after).unwrap();
     tokio::time::sleep(Duration::from_secs(3)).await;
     port_80(false);
     let attempts = in_use.attempts().unwrap();
@@ -301,6 +309,26 @@ async fn a_port_the_policy_takes_away_goes_though_the_address_is_still_in_use() 
         "443 cut: {failed:?} of {}",
         attempts.len()
     );
+}
+
+/// The idle grace keeps an address a pod still uses, not a port its policy took away:
+/// traffic marks the address, so the port's entry would otherwise outlive the rule.
+#[tokio::test]
+async fn a_port_the_policy_takes_away_goes_though_the_address_is_still_in_use() {
+    if !require_lab() || !warden_tests::require_tools(&["knotd", "dig", "bpftool"]) {
+        return;
+    }
+    narrowing(&talk_on(Some(&[80, 443])), &talk_on(Some(&[443]))).await;
+}
+
+/// Every port narrowed to 443: the idle entry for every port went, and with no cache entry
+/// wanting the address, none for 443 came in its place: the connection in use was cut.
+#[tokio::test]
+async fn every_port_narrowed_to_one_keeps_that_one_for_the_address_in_use() {
+    if !require_lab() || !warden_tests::require_tools(&["knotd", "dig", "bpftool"]) {
+        return;
+    }
+    narrowing(&talk_on(None), &talk_on(Some(&[443]))).await;
 }
 
 #[tokio::test]
@@ -768,6 +796,15 @@ async fn a_pod_whose_cgroup_went_first_leaves_no_cidr_entries_behind() {
     enrolled(1.0).await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
     std::fs::remove_file(&endpoint).unwrap();
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(map_entries(&lab.bpffs, "cidr_allow"), before);
+
+    // What an earlier release leaked that way (the barrier of an endpoint gone) is swept.
+    let pins = warden_datapath::Datapath::open_pinned(&lab.bpffs).unwrap();
+    let everything_v6 = "::/0".parse().unwrap();
+    pins.set_cidr_rules(4242, everything_v6, &[]).unwrap();
+    pins.remove_cidr(4242, everything_v6).unwrap();
+    assert!(pins.cidr_endpoint_ids().unwrap().contains(&4242));
     tokio::time::sleep(Duration::from_millis(2500)).await;
     assert_eq!(map_entries(&lab.bpffs, "cidr_allow"), before);
 }

@@ -1,5 +1,6 @@
 //! Typed operations on the pinned maps.
 
+use std::collections::HashSet;
 use std::fmt;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
@@ -639,6 +640,30 @@ impl Datapath {
         removed(map::CIDR_ALLOW, trie.remove(&key))
     }
 
+    /// Every endpoint ID with an entry in the CIDR map, the barriers [`Self::cidr_entries`]
+    /// leaves out included.
+    pub fn cidr_endpoint_ids(&self) -> Result<HashSet<u32>, DatapathError> {
+        let trie = lock(&self.inner.cidr_allow, map::CIDR_ALLOW)?;
+        let mut ids = HashSet::new();
+        for key in trie.keys() {
+            let key = key.map_err(|e| DatapathError::map(map::CIDR_ALLOW, "iterate", e))?;
+            ids.insert(key.data().endpoint_id);
+        }
+        Ok(ids)
+    }
+
+    /// Removes every CIDR entry of an endpoint, barriers included.
+    pub fn clear_cidrs(&self, endpoint_id: u32) -> Result<(), DatapathError> {
+        let mut trie = lock(&self.inner.cidr_allow, map::CIDR_ALLOW)?;
+        let keys = collect_keys(map::CIDR_ALLOW, trie.keys(), |k| {
+            k.data().endpoint_id == endpoint_id
+        })?;
+        for k in keys {
+            removed(map::CIDR_ALLOW, trie.remove(&k))?;
+        }
+        Ok(())
+    }
+
     /// Removes everything keyed by an endpoint: its DNS target and every FQDN, CIDR (with the
     /// internal barrier entries `cidr_entries` does not show) and last-seen entry. Cgroups
     /// enrolled with it stay enrolled: `unenroll` them first.
@@ -657,15 +682,7 @@ impl Datapath {
                 removed(map::FQDN_ALLOW, allow.remove(&k))?;
             }
         }
-        {
-            let mut trie = lock(&self.inner.cidr_allow, map::CIDR_ALLOW)?;
-            let keys = collect_keys(map::CIDR_ALLOW, trie.keys(), |k| {
-                k.data().endpoint_id == endpoint_id
-            })?;
-            for k in keys {
-                removed(map::CIDR_ALLOW, trie.remove(&k))?;
-            }
-        }
+        self.clear_cidrs(endpoint_id)?;
         let mut seen = lock(&self.inner.last_seen, map::LAST_SEEN)?;
         let keys = collect_keys(map::LAST_SEEN, seen.keys(), |k| {
             k.endpoint_id == endpoint_id
@@ -900,17 +917,6 @@ impl Datapath {
         lock(&self.inner.reuseport_config, map::REUSEPORT_CONFIG)?
             .set(0, config, 0)
             .map_err(|e| DatapathError::map(map::REUSEPORT_CONFIG, "update", e))
-    }
-
-    /// At a graceful stop of instance `from`: new queries go to `to`, and `from`'s sockets leave
-    /// the selection. Left in it, they are the program's fallback whenever `to` has no socket
-    /// there (a dnsproxy before its first policy, one whose registration failed), and only the
-    /// kernel's UDP lookup (6.18 here) passes over a connected socket the program picked. Out
-    /// of it, the kernel's hash picks among the port's sockets and skips the ones a stopping
-    /// process connected to themselves.
-    pub fn reuseport_hand_over(&self, from: u32, to: u32) -> Result<(), DatapathError> {
-        self.reuseport_prefer(to)?;
-        self.reuseport_unregister(from)
     }
 
     /// Lets the kernel's hash spread queries over every live instance (`dns.prefer: share`).

@@ -57,6 +57,28 @@ pub fn fqdn_keys(grant: &FqdnGrant, ip: IpAddr) -> Vec<FqdnKey> {
     keys
 }
 
+/// Whether `key` is among [`fqdn_keys`] of `grant` for its address, without building them
+/// (a range is up to 1,024 keys).
+pub fn grants_key(grant: &FqdnGrant, key: &FqdnKey) -> bool {
+    if grant.endpoint.0 != key.endpoint_id {
+        return false;
+    }
+    if grant.ports.is_empty() {
+        return key.proto.is_none() && key.port.is_none();
+    }
+    grant.ports.iter().any(|range| {
+        let port = if is_every_port(range) {
+            key.port.is_none()
+        } else if fits_the_datapath(range) {
+            key.port
+                .is_some_and(|port| (range.first..=range.last).contains(&port))
+        } else {
+            false
+        };
+        port && protocols(range).contains(&key.proto)
+    })
+}
+
 fn is_every_port(range: &PortRange) -> bool {
     range.first == 0 && range.last == u16::MAX
 }
@@ -216,6 +238,57 @@ mod tests {
     fn warnings_of(yaml: &str, file: &str) -> Vec<String> {
         let policies = warden_policy::parse_str(yaml, std::path::Path::new(file)).unwrap();
         policies.iter().flat_map(datapath_warnings).collect()
+    }
+
+    /// `grants_key` says what `fqdn_keys` would build, for every shape of grant.
+    #[test]
+    fn a_key_is_granted_exactly_when_the_grant_builds_it() {
+        let ip: IpAddr = "198.18.1.10".parse().unwrap();
+        let range = |first, last, proto| PortRange { first, last, proto };
+        let grants: Vec<FqdnGrant> = [
+            vec![],
+            vec![range(443, 443, Some(L4Proto::Tcp))],
+            vec![range(53, 53, None), range(8000, 8010, Some(L4Proto::Udp))],
+            vec![range(0, u16::MAX, Some(L4Proto::Tcp))],
+            vec![range(1, 5000, None)],
+        ]
+        .into_iter()
+        .map(|ports| FqdnGrant {
+            endpoint: EndpointId(3),
+            ports,
+            selector: "cilium.io".into(),
+        })
+        .collect();
+        let mut keys: Vec<FqdnKey> = grants.iter().flat_map(|g| fqdn_keys(g, ip)).collect();
+        for endpoint_id in [3, 4] {
+            for proto in [None, Some(TCP), Some(UDP), Some(132)] {
+                for port in [
+                    None,
+                    Some(53),
+                    Some(443),
+                    Some(8005),
+                    Some(8011),
+                    Some(4999),
+                ] {
+                    keys.push(FqdnKey {
+                        endpoint_id,
+                        ip,
+                        proto,
+                        port,
+                    });
+                }
+            }
+        }
+        for grant in &grants {
+            let built = fqdn_keys(grant, ip);
+            for key in &keys {
+                assert_eq!(
+                    grants_key(grant, key),
+                    built.contains(key),
+                    "{grant:?} {key:?}"
+                );
+            }
+        }
     }
 
     #[test]

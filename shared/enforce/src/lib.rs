@@ -20,5 +20,5 @@ pub mod serving;
 mod settings;
 
 pub use directory::{EndpointDirectory, Enforcement};
-pub use keys::{TCP, UDP, datapath_warnings, fqdn_keys, merge_port_rules, port_rules};
+pub use keys::{TCP, UDP, datapath_warnings, fqdn_keys, grants_key, merge_port_rules, port_rules};
 pub use settings::{LEAVE_LINGER, cache_limits, proxy_settings};

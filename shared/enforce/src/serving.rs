@@ -50,11 +50,9 @@ pub fn prefer(datapath: &Datapath, preferred: Option<u32>) -> Result<(), Datapat
     }
 }
 
-/// At a graceful stop of instance `own`, before its sockets close: new queries go to `peer`
-/// from now on (or, with the peer not in the selection, to whichever socket of the port the
-/// kernel picks that still takes them).
-pub fn steer_to(datapath: &Datapath, own: u32, peer: u32) -> bool {
-    match datapath.reuseport_hand_over(own, peer) {
+/// At a graceful stop, before the sockets close: new queries go to `peer` from now on.
+pub fn steer_to(datapath: &Datapath, peer: u32) -> bool {
+    match datapath.reuseport_prefer(peer) {
         Ok(()) => {
             tracing::info!(to = instance_name(peer), "DNS traffic steered to the peer");
             true

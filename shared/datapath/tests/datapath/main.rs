@@ -1171,11 +1171,13 @@ fn reuseport_prefers_the_chosen_instance_and_falls_back() {
 
 /// A process stopping gracefully connects its sockets to themselves and steers to its peer;
 /// with the peer not in the selection (a dnsproxy before its first policy) the program falls
-/// back to the stopping process's sockets. This kernel's UDP lookup then passes over the
-/// connected socket the program picked (the test passes without the hand-over's unregister
-/// too); the hand-over takes the sockets out of the selection so as not to rely on it.
+/// back to the stopping process's sockets. The kernel's UDP lookup passes over a connected
+/// socket the program picked when its group has another (scoring goes on once a group holds
+/// connected sockets): the graceful stop relies on it, and this checks it. (Taking the
+/// stopping instance out of the selection instead clears it by instance number, which a
+/// replacement of the same instance may already hold.)
 #[test]
-fn a_hand_over_leaves_the_port_to_a_peer_outside_the_selection() {
+fn the_kernel_passes_over_a_stopping_socket_the_program_picked() {
     skip_unless_privileged!();
     let lab = Lab::new();
     let dp = Datapath::open(&lab.options()).unwrap();
@@ -1185,9 +1187,9 @@ fn a_hand_over_leaves_the_port_to_a_peer_outside_the_selection() {
     dp.reuseport_prefer(0).unwrap();
     assert_eq!(deliveries(port, &[&stopping, &peer], 16), vec![16, 0]);
 
-    // As the UDP listener stops receiving: connected to its own address.
+    // As the UDP listener stops receiving: connected to its own address; then steered away.
     stopping.connect(port).unwrap();
-    dp.reuseport_hand_over(0, 1).unwrap();
+    dp.reuseport_prefer(1).unwrap();
     assert_eq!(deliveries(port, &[&stopping, &peer], 16), vec![0, 16]);
 }
 
