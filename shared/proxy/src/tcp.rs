@@ -278,15 +278,20 @@ async fn query(
         deadline.saturating_duration_since(tokio::time::Instant::now()),
     )
     .await;
-    let answered = engine.upstream_waited(asked);
     let (mut reply, answer) = match exchanged {
         Ok(exchanged) => exchanged,
         Err(failure) => {
+            // As over UDP: a query that never reached the upstream (no connection) did not
+            // wait for it.
+            if !matches!(failure, UpstreamFailure::Io) {
+                engine.upstream_waited(asked);
+            }
             engine.upstream_failed(failure, &checked);
             engine.finish(checked, Outcome::failed());
             return Some(servfail());
         }
     };
+    let answered = engine.upstream_waited(asked);
     let (outcome, hold) = engine.record(&checked, answer, &mut reply, answered);
     if let Some(hold) = hold {
         engine.hold(hold).await;

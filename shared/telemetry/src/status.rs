@@ -142,11 +142,11 @@ impl CacheFilter {
     }
 }
 
-/// Rows per piece of a streamed `GET /v1/fqdn/cache` body, and the bytes past which a piece
-/// ends sooner (rows of a thousand addresses each are some 100 kB).
 /// Cache listings answered at a time, in each process.
 pub const LISTINGS_AT_ONCE: usize = 4;
 
+/// Rows per piece of a streamed `GET /v1/fqdn/cache` body, and the bytes past which a piece
+/// ends sooner (rows of a thousand addresses each are some 100 kB).
 const ROWS_PER_PIECE: usize = 1024;
 const PIECE_BYTES: usize = 1 << 20;
 
