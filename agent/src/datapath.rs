@@ -151,7 +151,7 @@ impl Reconciler {
                 tracing::info!(endpoint = %key, cgroup_id, enforced, "endpoint enrolled");
             }
             // A target without a port cannot be redirected to (the map refuses it, at every
-            // pass): such an endpoint's DNS goes where an endpoint without targets' does.
+            // pass): its family's DNS goes where an endpoint without targets' does.
             let usable: Vec<SocketAddr> = endpoint
                 .dns_target
                 .iter()
@@ -164,10 +164,20 @@ impl Reconciler {
                     tracing::warn!(endpoint = %key, held_back, "dns_target without a port ignored");
                 }
             }
-            let (v4, v6) = if usable.is_empty() {
+            let (v4, v6) = if endpoint.dns_target.is_empty() {
                 (default_v4, default_v6)
             } else {
-                targets(&usable)
+                let ignored = |v6: bool| {
+                    endpoint
+                        .dns_target
+                        .iter()
+                        .any(|target| target.port() == 0 && target.is_ipv6() == v6)
+                };
+                let (v4, v6) = targets(&usable);
+                (
+                    v4.or(default_v4.filter(|_| ignored(false))),
+                    v6.or(default_v6.filter(|_| ignored(true))),
+                )
             };
             let current = self.datapath.dns_target(info.id.0).ok().flatten();
             if current.is_none_or(|target| target.v4 != v4 || target.v6 != v6) {
@@ -254,9 +264,10 @@ impl Reconciler {
         // Entries of endpoints not enrolled are left by earlier releases, which wrote them for
         // endpoints whose cgroup had gone and leaked their barriers (one per deleted pod in the
         // pinned map): no pass writes any now.
-        if let Some(ids) = self.count("list", self.datapath.cidr_endpoint_ids()) {
-            for endpoint_id in ids.difference(enrolled) {
-                self.count("cidr_remove", self.datapath.clear_cidrs(*endpoint_id));
+        match self.datapath.clear_cidrs_except(enrolled) {
+            Ok(0) => {}
+            swept => {
+                self.count("cidr_remove", swept);
             }
         }
         let Some(current) = self.count("list", self.datapath.cidr_entries()) else {
@@ -413,17 +424,38 @@ impl Reconciler {
                 revocations.push((key, expires_at));
             }
         }
-        // The replacements first: the connections using the address never meet a moment
-        // without an entry for their port.
+        // Every write before any revocation: the connections using an address never meet a
+        // moment without an entry for their port.
+        for (key, expires_at) in &wanted {
+            if !present.contains(key) {
+                self.count("allow", self.datapath.allow_fqdn(*key, *expires_at));
+            }
+        }
+        // A replacement may be an idle entry due for revocation itself (its own name's rule
+        // gone, another name's narrowed to it): it stays. An address whose replacements could
+        // not all be written (a full map) keeps its old entries a pass longer rather than
+        // lose the connection.
+        let replacing: HashSet<FqdnKey> = replacements.iter().map(|(key, ..)| *key).collect();
+        let mut unwritten: HashSet<(u32, IpAddr)> = HashSet::new();
         for (key, expires_at, name) in replacements {
-            if !present.contains(&key) && !wanted.contains_key(&key) {
-                self.count("allow", self.datapath.allow_fqdn(key, expires_at));
+            remember(&mut self.wanted_by, key, &name);
+            if present.contains(&key) || wanted.contains_key(&key) {
+                continue;
+            }
+            if self
+                .count("allow", self.datapath.allow_fqdn(key, expires_at))
+                .is_some()
+            {
                 present.insert(key);
                 idle_grace += 1;
+            } else {
+                unwritten.insert((key.endpoint_id, key.ip));
             }
-            remember(&mut self.wanted_by, key, &name);
         }
         for (key, expires_at) in revocations {
+            if replacing.contains(&key) || unwritten.contains(&(key.endpoint_id, key.ip)) {
+                continue;
+            }
             self.unwanted_since.remove(&key);
             present.remove(&key);
             // An answer since the listing extended it: fresh, and wanted by its proxy.
@@ -431,11 +463,6 @@ impl Reconciler {
                 "revoke",
                 self.datapath.revoke_fqdn_unless_extended(&key, expires_at),
             );
-        }
-        for (key, expires_at) in &wanted {
-            if !present.contains(key) {
-                self.count("allow", self.datapath.allow_fqdn(*key, *expires_at));
-            }
         }
         self.unwanted_since.retain(|key, _| present.contains(key));
         self.wanted_by

@@ -640,20 +640,21 @@ impl Datapath {
         removed(map::CIDR_ALLOW, trie.remove(&key))
     }
 
-    /// Every endpoint ID with an entry in the CIDR map, the barriers [`Self::cidr_entries`]
-    /// leaves out included.
-    pub fn cidr_endpoint_ids(&self) -> Result<HashSet<u32>, DatapathError> {
-        let trie = lock(&self.inner.cidr_allow, map::CIDR_ALLOW)?;
-        let mut ids = HashSet::new();
-        for key in trie.keys() {
-            let key = key.map_err(|e| DatapathError::map(map::CIDR_ALLOW, "iterate", e))?;
-            ids.insert(key.data().endpoint_id);
+    /// Removes every CIDR entry of an endpoint not in `kept`, barriers ([`Self::cidr_entries`]
+    /// leaves them out) included, in one walk of the map; returns how many.
+    pub fn clear_cidrs_except(&self, kept: &HashSet<u32>) -> Result<usize, DatapathError> {
+        let mut trie = lock(&self.inner.cidr_allow, map::CIDR_ALLOW)?;
+        let keys = collect_keys(map::CIDR_ALLOW, trie.keys(), |k| {
+            !kept.contains(&k.data().endpoint_id)
+        })?;
+        for k in &keys {
+            removed(map::CIDR_ALLOW, trie.remove(k))?;
         }
-        Ok(ids)
+        Ok(keys.len())
     }
 
     /// Removes every CIDR entry of an endpoint, barriers included.
-    pub fn clear_cidrs(&self, endpoint_id: u32) -> Result<(), DatapathError> {
+    fn clear_cidrs(&self, endpoint_id: u32) -> Result<(), DatapathError> {
         let mut trie = lock(&self.inner.cidr_allow, map::CIDR_ALLOW)?;
         let keys = collect_keys(map::CIDR_ALLOW, trie.keys(), |k| {
             k.data().endpoint_id == endpoint_id
