@@ -164,14 +164,14 @@ impl Reconciler {
                     tracing::warn!(endpoint = %key, held_back, "dns_target without a port ignored");
                 }
             }
-            let (v4, v6) = if endpoint.dns_target.is_empty() {
+            let (v4, v6) = if usable.is_empty() {
                 (default_v4, default_v6)
             } else {
+                // By the address the datapath sees: an IPv4-mapped target is an IPv4 one.
                 let ignored = |v6: bool| {
-                    endpoint
-                        .dns_target
-                        .iter()
-                        .any(|target| target.port() == 0 && target.is_ipv6() == v6)
+                    endpoint.dns_target.iter().any(|target| {
+                        target.port() == 0 && target.ip().to_canonical().is_ipv6() == v6
+                    })
                 };
                 let (v4, v6) = targets(&usable);
                 (
@@ -368,10 +368,26 @@ impl Reconciler {
                 continue;
             }
             let revoke = if expires_at > now.0 {
-                // Still within its TTL but wanted by no policy: a removed rule, or a peer's
-                // entry whose mapping has not reached this cache yet. Give it a moment.
-                let since = *self.unwanted_since.entry(key).or_insert_with(Instant::now);
-                since.elapsed() >= UNWANTED_GRACE && !peers_catching_up
+                let still_granted = self.wanted_by.get(&key).is_some_and(|names| {
+                    names.iter().any(|name| {
+                        grants
+                            .of(name)
+                            .1
+                            .iter()
+                            .any(|grant| grants_key(grant, &key))
+                    })
+                });
+                if still_granted {
+                    // Within its TTL, and a name that wanted it still grants it, though its
+                    // cache entry went (another name's, on the same address, keeps the TTL).
+                    self.unwanted_since.remove(&key);
+                    false
+                } else {
+                    // Still within its TTL but wanted by no policy: a removed rule, or a peer's
+                    // entry whose mapping has not reached this cache yet. Give it a moment.
+                    let since = *self.unwanted_since.entry(key).or_insert_with(Instant::now);
+                    since.elapsed() >= UNWANTED_GRACE && !peers_catching_up
+                }
             } else if recent.contains(&(key.endpoint_id, key.ip)) {
                 // In use past its TTL: kept for the idle grace, but only as the policy still
                 // grants it. Traffic marks the address, not the port, so a port a changed
@@ -425,18 +441,24 @@ impl Reconciler {
             }
         }
         // Every write before any revocation: the connections using an address never meet a
-        // moment without an entry for their port.
+        // moment without an entry for their port. What a full map refuses is tried again once
+        // the revocations have made room.
+        let mut refused = Vec::new();
         for (key, expires_at) in &wanted {
             if !present.contains(key) {
-                self.count("allow", self.datapath.allow_fqdn(*key, *expires_at));
+                if self
+                    .count("allow", self.datapath.allow_fqdn(*key, *expires_at))
+                    .is_some()
+                {
+                    present.insert(*key);
+                } else {
+                    refused.push((*key, *expires_at));
+                }
             }
         }
         // A replacement may be an idle entry due for revocation itself (its own name's rule
-        // gone, another name's narrowed to it): it stays. An address whose replacements could
-        // not all be written (a full map) keeps its old entries a pass longer rather than
-        // lose the connection.
+        // gone, another name's narrowed to it): it stays.
         let replacing: HashSet<FqdnKey> = replacements.iter().map(|(key, ..)| *key).collect();
-        let mut unwritten: HashSet<(u32, IpAddr)> = HashSet::new();
         for (key, expires_at, name) in replacements {
             remember(&mut self.wanted_by, key, &name);
             if present.contains(&key) || wanted.contains_key(&key) {
@@ -449,11 +471,14 @@ impl Reconciler {
                 present.insert(key);
                 idle_grace += 1;
             } else {
-                unwritten.insert((key.endpoint_id, key.ip));
+                refused.push((key, expires_at));
             }
         }
         for (key, expires_at) in revocations {
-            if replacing.contains(&key) || unwritten.contains(&(key.endpoint_id, key.ip)) {
+            if replacing.contains(&key) {
+                if expires_at <= now.0 {
+                    idle_grace += 1;
+                }
                 continue;
             }
             self.unwanted_since.remove(&key);
@@ -464,13 +489,21 @@ impl Reconciler {
                 self.datapath.revoke_fqdn_unless_extended(&key, expires_at),
             );
         }
+        for (key, expires_at) in refused {
+            if self
+                .count("allow", self.datapath.allow_fqdn(key, expires_at))
+                .is_some()
+            {
+                present.insert(key);
+            }
+        }
         self.unwanted_since.retain(|key, _| present.contains(key));
         self.wanted_by
             .retain(|key, _| present.contains(key) || wanted.contains_key(key));
         self.metrics
             .datapath
             .fqdn_entries
-            .set(i64::try_from(present.len().max(wanted.len())).unwrap_or(i64::MAX));
+            .set(i64::try_from(present.len()).unwrap_or(i64::MAX));
         self.metrics.datapath.idle_grace_entries.set(idle_grace);
     }
 }
