@@ -172,6 +172,7 @@ pub async fn start(config: AgentConfig) -> anyhow::Result<RunningAgent> {
                 shared_cgroups: HashSet::new(),
                 uncleared: HashSet::new(),
                 wanted_by: HashMap::new(),
+                adopted: HashMap::new(),
             };
             let first_pass = tokio::task::spawn_blocking(move || {
                 reconciler.reconcile();

@@ -65,6 +65,11 @@ pub struct Reconciler {
     /// The names that last wanted each FQDN entry (a few, the latest): one that traffic keeps
     /// past its TTL stays only while the policy still grants it for one of them.
     pub wanted_by: HashMap<FqdnKey, Vec<Arc<str>>>,
+    /// Entries a narrowed grant gave an address in use in place of another, by that grant's
+    /// name: one still within its TTL stays while that name grants it, though no cache entry
+    /// wants it (its own name's rule gone). Only these: an entry a cache clean took the name
+    /// of goes within seconds, as the clean promises.
+    pub adopted: HashMap<FqdnKey, Arc<str>>,
 }
 
 impl Reconciler {
@@ -368,18 +373,16 @@ impl Reconciler {
                 continue;
             }
             let revoke = if expires_at > now.0 {
-                let still_granted = self.wanted_by.get(&key).is_some_and(|names| {
-                    names.iter().any(|name| {
-                        grants
-                            .of(name)
-                            .1
-                            .iter()
-                            .any(|grant| grants_key(grant, &key))
-                    })
+                let still_granted = self.adopted.get(&key).is_some_and(|name| {
+                    grants
+                        .of(name)
+                        .1
+                        .iter()
+                        .any(|grant| grants_key(grant, &key))
                 });
                 if still_granted {
-                    // Within its TTL, and a name that wanted it still grants it, though its
-                    // cache entry went (another name's, on the same address, keeps the TTL).
+                    // Within its TTL, given in place of another by a narrowed grant that still
+                    // gives it (its own name's rule gone).
                     self.unwanted_since.remove(&key);
                     false
                 } else {
@@ -461,6 +464,7 @@ impl Reconciler {
         let replacing: HashSet<FqdnKey> = replacements.iter().map(|(key, ..)| *key).collect();
         for (key, expires_at, name) in replacements {
             remember(&mut self.wanted_by, key, &name);
+            self.adopted.insert(key, name.clone());
             if present.contains(&key) || wanted.contains_key(&key) {
                 continue;
             }
@@ -500,6 +504,8 @@ impl Reconciler {
         self.unwanted_since.retain(|key, _| present.contains(key));
         self.wanted_by
             .retain(|key, _| present.contains(key) || wanted.contains_key(key));
+        self.adopted
+            .retain(|key, _| present.contains(key) && !wanted.contains_key(key));
         self.metrics
             .datapath
             .fqdn_entries

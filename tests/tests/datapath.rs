@@ -363,6 +363,35 @@ async fn a_narrowed_rule_keeps_the_entry_another_names_rule_leaves() {
     narrowing_names(&before, &after, &[("cilium.io", 300), ("google.com", 3)]).await;
 }
 
+/// `warden fqdn cache clean` promises that connections to the cleaned names' addresses are cut
+/// until the workload looks them up again: the allow entries go within seconds, TTL or not.
+#[tokio::test]
+async fn a_cache_clean_revokes_the_names_entries() {
+    if !require_lab() || !warden_tests::require_tools(&["knotd", "dig", "bpftool"]) {
+        return;
+    }
+    let mut lab = firewall(60).await;
+    let ip = IpAddr::V4(CILIUM_IO_V4);
+    lab.upstream.set_addrs("cilium.io.", 300, &[ip]).unwrap();
+    assert!(lab.curl_ok("http://cilium.io/", &["-4"]).ok());
+    let cleaned = lab
+        .agent
+        .cli(&["fqdn", "cache", "clean", "-n", "cilium.io", "-f"])
+        .unwrap();
+    assert!(cleaned.status.success(), "{cleaned:?}");
+    // Past the agent's first 10 s too, in which nothing unexpired is revoked (a dnsproxy's
+    // mappings may still be on their way).
+    let deadline = Instant::now() + Duration::from_secs(16);
+    loop {
+        let attempt = curl_with(&lab.workload, &format!("http://{ip}/"), &[], SHORT).unwrap();
+        if quick_refusal(&attempt) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "still allowed: {attempt:?}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
 /// Every port narrowed to 443: the idle entry for every port went, and with no cache entry
 /// wanting the address, none for 443 came in its place: the connection in use was cut.
 #[tokio::test]
