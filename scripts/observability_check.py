@@ -20,6 +20,7 @@ import glob
 import json
 import os
 import re
+import random
 import socket
 import sys
 
@@ -284,6 +285,26 @@ def check_docs(scrape_path, doc_path):
 
 
 def free_port():
+    """A port free for TCP and UDP on 127.0.0.1, below the kernel's ephemeral range: one the
+    kernel chose (bind to port 0) went back into that range, where the processes started
+    next took it for a socket of their own now and then (the dnsproxy then failed to bind
+    its admin API on it), as the end-to-end tests' ports do not (tests/src/net.rs)."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range", encoding="utf-8") as ranges:
+            start = int(ranges.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        start = 32768
+    low = 10000
+    for _ in range(64):
+        port = random.randrange(low, max(start, low + 1))
+        with socket.socket() as tcp, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+            try:
+                tcp.bind(("127.0.0.1", port))
+                udp.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        print(port)
+        return
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         print(probe.getsockname()[1])
