@@ -2355,10 +2355,9 @@ mod tests {
         lab.stop().await;
     }
 
-    #[test]
-    fn only_a_recent_unfinished_resync_holds_revocations_back() {
-        let sessions = Sessions::default();
-        let info = |started: Instant, resynced: bool| SessionInfo {
+    /// A dnsproxy session that said hello at `started`, its resync finished or not.
+    fn session_info(started: Instant, resynced: bool) -> SessionInfo {
+        SessionInfo {
             instance: "dnsproxy".into(),
             pid: 1,
             serving: true,
@@ -2366,7 +2365,13 @@ mod tests {
             last_resync_ms: resynced.then_some(5),
             last_resync_at_ms: resynced.then_some(1),
             started,
-        };
+        }
+    }
+
+    #[test]
+    fn only_a_recent_unfinished_resync_holds_revocations_back() {
+        let sessions = Sessions::default();
+        let info = session_info;
         assert!(!sessions.any_resyncing());
         sessions.live().insert(1, info(Instant::now(), true));
         assert!(!sessions.any_resyncing(), "resynced");
@@ -2388,15 +2393,7 @@ mod tests {
     #[test]
     fn sessions_failing_again_and_again_hold_revocations_back_for_a_while_only() {
         let sessions = Sessions::default();
-        let unfinished = |started: Instant| SessionInfo {
-            instance: "dnsproxy".into(),
-            pid: 1,
-            serving: true,
-            acked_revision: 1,
-            last_resync_ms: None,
-            last_resync_at_ms: None,
-            started,
-        };
+        let unfinished = |started: Instant| session_info(started, false);
         let first = Instant::now()
             .checked_sub(RESYNC_GRACE_TOTAL + Duration::from_secs(1))
             .unwrap();
@@ -2430,16 +2427,9 @@ mod tests {
     #[test]
     fn a_session_that_broke_off_its_resync_holds_revocations_until_the_next_one() {
         let sessions = Sessions::default();
-        let unfinished = SessionInfo {
-            instance: "dnsproxy".into(),
-            pid: 1,
-            serving: true,
-            acked_revision: 1,
-            last_resync_ms: None,
-            last_resync_at_ms: None,
-            started: Instant::now(),
-        };
-        sessions.live().insert(1, unfinished.clone());
+        sessions
+            .live()
+            .insert(1, session_info(Instant::now(), false));
         sessions.ended(1);
         assert!(sessions.any_resyncing(), "the proxy reconnects to replay");
         sessions.unfinished.lock().unwrap().last_seen =
@@ -2448,12 +2438,9 @@ mod tests {
 
         // A session that had finished its resync leaves nothing on its way.
         let sessions = Sessions::default();
-        let finished = SessionInfo {
-            last_resync_ms: Some(5),
-            last_resync_at_ms: Some(1),
-            ..unfinished
-        };
-        sessions.live().insert(1, finished);
+        sessions
+            .live()
+            .insert(1, session_info(Instant::now(), true));
         sessions.ended(1);
         assert!(!sessions.any_resyncing());
     }

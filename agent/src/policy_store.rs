@@ -81,7 +81,7 @@ pub type PolicyFiles = Vec<(PathBuf, String)>;
 /// Parses the folder's files, refusing what the folder checks refuse (a duplicate policy
 /// name, more text than a snapshot carries).
 fn parse_all(files: &PolicyFiles) -> Result<Vec<Policy>, warden_policy::PolicyError> {
-    warden_policy::check_folder_size(files.iter().map(|(_, text)| text.as_str()))?;
+    warden_policy::check_folder_size(files.iter().map(|(_, text)| text.len()))?;
     let policies = parse_documents(files)?;
     warden_policy::check_unique(&policies)?;
     Ok(policies)

@@ -323,12 +323,7 @@ pub(crate) fn load_and_attach(
     // The sk_reuseport program is attached to sockets later, possibly by another process
     // (the standalone proxy): pin it so they can open it. Replacing the pin does not affect
     // groups that already run the previous version; they switch when they attach again.
-    let program = ebpf
-        .program_mut(REUSEPORT_PROGRAM)
-        .ok_or_else(|| missing_program(REUSEPORT_PROGRAM))?;
-    let prog: &mut SkReuseport = program
-        .try_into()
-        .map_err(|e| program_error(REUSEPORT_PROGRAM, e))?;
+    let prog = reuseport_program(&mut ebpf)?;
     repin(
         REUSEPORT_PROGRAM,
         &reuseport_prog_path(&options.bpffs),
@@ -363,13 +358,17 @@ fn load_programs(ebpf: &mut aya::Ebpf) -> Result<(), DatapathError> {
         };
         loaded.map_err(|e| program_error(name, e))?;
     }
-    let program = ebpf
-        .program_mut(REUSEPORT_PROGRAM)
-        .ok_or_else(|| missing_program(REUSEPORT_PROGRAM))?;
-    let prog: &mut SkReuseport = program
+    reuseport_program(ebpf)?
+        .load()
+        .map_err(|e| program_error(REUSEPORT_PROGRAM, e))
+}
+
+/// The object's `sk_reuseport` program.
+fn reuseport_program(ebpf: &mut aya::Ebpf) -> Result<&mut SkReuseport, DatapathError> {
+    ebpf.program_mut(REUSEPORT_PROGRAM)
+        .ok_or_else(|| missing_program(REUSEPORT_PROGRAM))?
         .try_into()
-        .map_err(|e| program_error(REUSEPORT_PROGRAM, e))?;
-    prog.load().map_err(|e| program_error(REUSEPORT_PROGRAM, e))
+        .map_err(|e| program_error(REUSEPORT_PROGRAM, e))
 }
 
 /// Tells the programs which network namespace the proxies serve in (`struct

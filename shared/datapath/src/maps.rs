@@ -765,8 +765,9 @@ impl Datapath {
             proto,
             pad: 0,
         };
+        let now = clock::boot_now_ns();
         let in_slot = match self.inner.redirect_slots.as_ref() {
-            Some(slots) => slots.read(&key, clock::boot_now_ns()),
+            Some(slots) => slots.read(&key, now),
             None => SlotRead::Ask,
         };
         let (record, source) = match in_slot {
@@ -777,7 +778,7 @@ impl Datapath {
                     map::REDIRECT_RECORDS,
                     self.inner.redirect_records.get(&key, 0),
                 )?
-                .filter(|record| recent(record.time_ns, clock::boot_now_ns())),
+                .filter(|record| recent(record.time_ns, now)),
                 RedirectSource::Map,
             ),
         };

@@ -99,10 +99,7 @@ pub fn datapath_warnings(policy: &Policy) -> Vec<String> {
     warnings.extend(policy.refused_by_validate.iter().map(|problem| {
         format!("{problem} (not enforced as written; warden policy validate refuses it)")
     }));
-    let name = match &policy.namespace {
-        Some(namespace) => format!("{namespace}/{}", policy.name),
-        None => policy.name.clone(),
-    };
+    let name = policy.qualified_name();
     for rule in &policy.rules {
         for egress in rule
             .egress

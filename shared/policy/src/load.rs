@@ -136,9 +136,10 @@ pub fn load_path(path: &Path) -> Result<Vec<Policy>, PolicyError> {
 /// socket's limit breaks every session, for as long as the folder stays so.
 pub const MAX_FOLDER_TEXT_BYTES: usize = 12 << 20;
 
-/// Refuses policy files holding more than [`MAX_FOLDER_TEXT_BYTES`] together.
-pub fn check_folder_size<'a>(texts: impl IntoIterator<Item = &'a str>) -> Result<(), PolicyError> {
-    let bytes = texts.into_iter().map(str::len).sum();
+/// Refuses policy files holding more than [`MAX_FOLDER_TEXT_BYTES`] together, given the length
+/// of each file's text.
+pub fn check_folder_size(lengths: impl IntoIterator<Item = usize>) -> Result<(), PolicyError> {
+    let bytes = lengths.into_iter().sum();
     if bytes > MAX_FOLDER_TEXT_BYTES {
         return Err(PolicyError::FolderTooLarge {
             bytes,
@@ -163,10 +164,7 @@ pub fn check_unique(policies: &[Policy]) -> Result<(), PolicyError> {
         if let Some(first) = seen.insert(key, &policy.origin) {
             return Err(PolicyError::Duplicate {
                 kind: policy.kind,
-                name: match &policy.namespace {
-                    Some(namespace) => format!("{namespace}/{}", policy.name),
-                    None => policy.name.clone(),
-                },
+                name: policy.qualified_name(),
                 first: first.to_path_buf(),
                 second: policy.origin.clone(),
             });
@@ -180,7 +178,7 @@ pub fn check_unique(policies: &[Policy]) -> Result<(), PolicyError> {
 pub fn load_paths(paths: &[PathBuf]) -> Result<Vec<Policy>, Vec<PolicyError>> {
     let mut policies = Vec::new();
     let mut errors = Vec::new();
-    let mut texts = Vec::new();
+    let mut lengths = Vec::new();
     for path in paths {
         let files = match policy_files(path) {
             Ok(files) => files,
@@ -192,7 +190,7 @@ pub fn load_paths(paths: &[PathBuf]) -> Result<Vec<Policy>, Vec<PolicyError>> {
         for file in files {
             match fs::read_to_string(&file) {
                 Ok(text) => {
-                    texts.push(text.len());
+                    lengths.push(text.len());
                     for policy in parse_documents(&text, &file, &mut errors) {
                         errors.extend(policy.refused_by_validate.iter().map(|problem| {
                             PolicyError::NotEnforcedAsWritten {
@@ -210,12 +208,8 @@ pub fn load_paths(paths: &[PathBuf]) -> Result<Vec<Policy>, Vec<PolicyError>> {
     if let Err(error) = check_unique(&policies) {
         errors.push(error);
     }
-    let bytes = texts.iter().sum();
-    if bytes > MAX_FOLDER_TEXT_BYTES {
-        errors.push(PolicyError::FolderTooLarge {
-            bytes,
-            limit: MAX_FOLDER_TEXT_BYTES,
-        });
+    if let Err(error) = check_folder_size(lengths) {
+        errors.push(error);
     }
     if errors.is_empty() {
         Ok(policies)

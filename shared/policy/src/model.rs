@@ -79,6 +79,16 @@ pub struct Policy {
     pub refused_by_validate: Vec<String>,
 }
 
+impl Policy {
+    /// `namespace/name`, or the name of a clusterwide policy, for messages.
+    pub fn qualified_name(&self) -> String {
+        match &self.namespace {
+            Some(namespace) => format!("{namespace}/{}", self.name),
+            None => self.name.clone(),
+        }
+    }
+}
+
 /// One entry of `spec`/`specs`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", try_from = "RawRule")]
