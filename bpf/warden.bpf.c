@@ -5,9 +5,9 @@
  *
  *   cgroup/connect4|6, cgroup/sendmsg4|6   port-53 destinations of REDIRECT_DNS endpoints go to
  *                                          the endpoint's DNS target (the proxy); the original
- *                                          destination is saved by socket cookie. For ENFORCED
- *                                          endpoints, a destination the policy does not allow is
- *                                          refused at once (EPERM) with a drop event.
+ *                                          destination is kept in the socket's storage. For
+ *                                          ENFORCED endpoints, a destination the policy does not
+ *                                          allow is refused at once (EPERM) with a drop event.
  *   cgroup/recvmsg4|6, cgroup/getpeername4|6
  *                                          put the original server back where the application
  *                                          would otherwise see the proxy.
@@ -67,13 +67,26 @@ struct {
 } dns_targets SEC(".maps");
 
 /* Internal to the programs (recvmsg/getpeername need the redirect target too, to rewrite only
- * what came from it); the proxy reads redirect_records instead. LRU: a socket that closes
- * leaves an entry behind that ages out. */
+ * what came from it); the proxy reads redirect_records instead. The socket's own storage, freed
+ * with it: nothing another workload does can take it away (an LRU shared by every socket, as
+ * sock_orig below was, could be emptied for all by one workload churning sockets, and a
+ * long-lived resolver socket then saw its answers come from the proxy). Pinned, so that a
+ * reloaded program still restores the sockets redirected before. */
 struct warden_sock_orig {
 	struct warden_sockaddr orig;
 	struct warden_sockaddr target;
 };
 
+struct {
+	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC); /* required for socket storage */
+	__type(key, int);
+	__type(value, struct warden_sock_orig);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} sock_origins SEC(".maps");
+
+/* What releases before sock_origins kept, by socket cookie: still read (never written) for
+ * sockets such a release redirected, which outlive an upgrade. */
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, 65536);
@@ -81,6 +94,18 @@ struct {
 	__type(value, struct warden_sock_orig);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } sock_orig SEC(".maps");
+
+/* A socket's original server: its own storage, else what an earlier release left by cookie. */
+static __always_inline struct warden_sock_orig *sock_orig_of(struct bpf_sock *sk, __u64 cookie)
+{
+	struct warden_sock_orig *so = NULL;
+
+	if (sk)
+		so = bpf_sk_storage_get(&sock_origins, sk, 0, 0);
+	if (!so)
+		so = bpf_map_lookup_elem(&sock_orig, &cookie);
+	return so;
+}
 
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
@@ -628,21 +653,21 @@ static __always_inline int sock_egress(struct bpf_sock_addr *ctx, int v6, __u8 r
 		 * to itself: it is a send to the target, as on any port, below. */
 		if (dns_target_of(endpoint_id, !v6 || mapped, &so.target) &&
 		    !(addr_eq(so.target.addr, dst.b) && so.target.port == port)) {
-			__u64 cookie = bpf_get_socket_cookie(ctx);
-			struct warden_sock_orig *known = bpf_map_lookup_elem(&sock_orig, &cookie);
+			struct warden_sock_orig *kept = NULL;
 
 			__builtin_memcpy(so.orig.addr, dst.b, 16);
 			so.orig.port = port;
 			so.orig.family = v6 ? WARDEN_AF_INET6 : WARDEN_AF_INET;
 			so.target.family = so.orig.family;
-			/* A resolver's socket asks the same server query after query: an LRU update
-			 * allocates and takes locks, a lookup (which also keeps the entry young)
-			 * does not. (An LRU entry can be evicted and reused for another socket while
-			 * we hold it; skipping on equal contents then leaves this socket without its
-			 * entry until its next send, as an eviction would. It takes a full map.) */
-			if (!known || !sockaddr_eq(&known->orig, &so.orig) ||
-			    !sockaddr_eq(&known->target, &so.target))
-				bpf_map_update_elem(&sock_orig, &cookie, &so, BPF_ANY);
+			if (ctx->sk)
+				kept = bpf_sk_storage_get(&sock_origins, ctx->sk, 0,
+							  BPF_SK_STORAGE_GET_F_CREATE);
+			/* A resolver's socket asks the same server query after query: written only
+			 * when it changes. (A thread reading it meanwhile, in recvmsg, can see half
+			 * of a change; only a socket switching servers mid-query could.) */
+			if (kept && (!sockaddr_eq(&kept->orig, &so.orig) ||
+				     !sockaddr_eq(&kept->target, &so.target)))
+				*kept = so;
 			if (v6)
 				write_user_ip6(ctx, so.target.addr);
 			else
@@ -657,11 +682,14 @@ static __always_inline int sock_egress(struct bpf_sock_addr *ctx, int v6, __u8 r
 		/* Sent to the DNS target itself: an original saved by an earlier, redirected send
 		 * of this socket is not this query's (see record_redirect), unless the socket is
 		 * sending to the peer it was connected to. */
-		__u64 cookie = bpf_get_socket_cookie(ctx);
+		if (!sends_to_own_peer(ctx, v6, reason, &dst, port)) {
+			__u64 cookie = bpf_get_socket_cookie(ctx);
 
-		if (!sends_to_own_peer(ctx, v6, reason, &dst, port) &&
-		    bpf_map_lookup_elem(&sock_orig, &cookie))
-			bpf_map_delete_elem(&sock_orig, &cookie);
+			if (ctx->sk)
+				bpf_sk_storage_delete(&sock_origins, ctx->sk);
+			if (bpf_map_lookup_elem(&sock_orig, &cookie))
+				bpf_map_delete_elem(&sock_orig, &cookie);
+		}
 	}
 	if (!(flags & WARDEN_EP_ENFORCED))
 		return 1;
@@ -688,8 +716,7 @@ static __always_inline int sock_egress(struct bpf_sock_addr *ctx, int v6, __u8 r
  * touched. These hooks cannot refuse: they always return 1. */
 static __always_inline int sock_restore(struct bpf_sock_addr *ctx, int v6)
 {
-	__u64 cookie = bpf_get_socket_cookie(ctx);
-	struct warden_sock_orig *so = bpf_map_lookup_elem(&sock_orig, &cookie);
+	struct warden_sock_orig *so = sock_orig_of(ctx->sk, bpf_get_socket_cookie(ctx));
 	struct addr16 peer;
 	__u16 port;
 
@@ -1063,12 +1090,15 @@ static __always_inline void publish_redirect(const struct warden_client_key *key
 static __always_inline void record_redirect(struct __sk_buff *skb, const struct pkt *p,
 					    __u64 cgroup_id)
 {
-	__u64 cookie = bpf_get_socket_cookie(skb);
-	struct warden_sock_orig *so = bpf_map_lookup_elem(&sock_orig, &cookie);
+	struct bpf_sock *sk = skb->sk;
+	struct warden_sock_orig *so;
 	struct warden_client_key key = {};
 	struct warden_redirect_record rec = {};
 	struct warden_redirect_record *known;
 
+	if (sk)
+		sk = bpf_sk_fullsock(sk);
+	so = sock_orig_of(sk, bpf_get_socket_cookie(skb));
 	__builtin_memcpy(key.addr, p->src.b, 16);
 	key.port = p->sport;
 	key.proto = p->proto;

@@ -33,6 +33,8 @@ pub(crate) const BPF_F_MMAPABLE: u32 = 1 << 10;
 pub(crate) mod map {
     pub(crate) const ENDPOINTS: &str = "endpoints";
     pub(crate) const DNS_TARGETS: &str = "dns_targets";
+    pub(crate) const SOCK_ORIGINS: &str = "sock_origins";
+    /// Read only, for sockets a release before `sock_origins` redirected.
     pub(crate) const SOCK_ORIG: &str = "sock_orig";
     pub(crate) const REDIRECT_RECORDS: &str = "redirect_records";
     pub(crate) const REDIRECT_SLOTS: &str = "redirect_slots";
@@ -230,9 +232,11 @@ pub(crate) fn ipv4_of(addr: [u8; 4]) -> Ipv4Addr {
 
 /// (map, key size, value size) as the kernel reports them for each pinned map; checked before
 /// reusing pins, since the loader would otherwise reuse a map of another layout silently.
-pub(crate) const MAP_SIZES: [(&str, u32, u32); 17] = [
+pub(crate) const MAP_SIZES: [(&str, u32, u32); 18] = [
     (map::ENDPOINTS, 8, size_of::<RawEndpoint>() as u32),
     (map::DNS_TARGETS, 4, size_of::<RawDnsTarget>() as u32),
+    // Socket storage: an int key (the socket).
+    (map::SOCK_ORIGINS, 4, size_of::<RawSockOrig>() as u32),
     (map::SOCK_ORIG, 8, size_of::<RawSockOrig>() as u32),
     (
         map::REDIRECT_RECORDS,

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 
 use aya::maps::lpm_trie::Key as LpmKey;
-use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, MapError, ReusePortSockArray};
+use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, MapError, ReusePortSockArray, SkStorage};
 use aya::programs::{SkReuseport, SkReuseportAttachType};
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use nix::sys::socket::{
@@ -267,8 +267,10 @@ fn removed(name: &'static str, r: Result<(), MapError>) -> Result<(), DatapathEr
 impl Maps {
     pub(crate) fn open(bpffs: &Path) -> Result<Self, DatapathError> {
         let dir = loader::maps_dir(bpffs);
-        // sock_orig is the programs' own; opening it typed only checks its layout.
+        // The sockets' original servers are the programs' own; opening them typed only checks
+        // their layout.
         let mut opened = OpenedIds::new();
+        typed::<SkStorage<MapData, RawSockOrig>>(&dir, map::SOCK_ORIGINS, &mut opened)?;
         typed::<HashMap<MapData, u64, RawSockOrig>>(&dir, map::SOCK_ORIG, &mut opened)?;
         Ok(Self {
             endpoints: typed(&dir, map::ENDPOINTS, &mut opened)?,

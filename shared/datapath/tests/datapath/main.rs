@@ -984,6 +984,108 @@ fn dns_is_redirected_recorded_and_restored() {
     assert_eq!((ev.reason, ev.endpoint_id), (DropReason::Sendmsg, 13));
 }
 
+/// A socket's original server is its own: no number of other sockets connecting to port 53
+/// (three times what the shared LRU of earlier releases held) takes it away, and its answers
+/// still come from the server it addressed, with the query recorded as meant for it.
+#[test]
+fn redirected_socket_keeps_its_server_through_socket_churn() {
+    skip_unless_privileged!();
+    let lab = Lab::new();
+    let dp = Datapath::open(&lab.options()).unwrap();
+    let target = v4_at(5353);
+    let seen = lab.dns_responder(target, dp.clone());
+    let app = lab.cgroup("app");
+    let app_id = Datapath::cgroup_id(&app).unwrap();
+    dp.enroll(app_id, 12, true, true).unwrap();
+    let SocketAddr::V4(t4) = target else {
+        unreachable!()
+    };
+    dp.set_dns_target(12, Some(t4), None).unwrap();
+
+    let orig = sa("10.213.0.99:53");
+    let p = lab.probe(&app, &format!("udp-dns-connected-churn 200000 {orig}"));
+    assert_eq!(p.get("peer"), orig.to_string(), "{p:?}");
+    assert_eq!(p.get("from"), orig.to_string(), "{p:?}");
+    let s = support::recv_within(&seen, Duration::from_secs(2)).expect("query at target");
+    let record = s.record.expect("a redirect record");
+    assert_eq!((record.cgroup_id, record.original), (app_id, Some(orig)));
+}
+
+/// A socket redirected by a release that kept originals in the `sock_orig` LRU, by cookie,
+/// outlives the upgrade: the programs that keep them in socket storage still find its
+/// original there, for getpeername, recvfrom and the redirect record.
+#[test]
+fn socket_redirected_before_socket_storage_keeps_its_server() {
+    skip_unless_privileged!();
+    let lab = Lab::new();
+    let dp = Datapath::open(&lab.options()).unwrap();
+    let target = v4_at(5353);
+    let seen = lab.dns_responder(target, dp.clone());
+    let app = lab.cgroup("app");
+    let app_id = Datapath::cgroup_id(&app).unwrap();
+    dp.enroll(app_id, 12, true, true).unwrap();
+    let SocketAddr::V4(t4) = target else {
+        unreachable!()
+    };
+    dp.set_dns_target(12, Some(t4), None).unwrap();
+
+    let orig = sa("10.213.0.99:53");
+    let (cookie_file, flag) = (lab.scratch("cookie"), lab.scratch("flag"));
+    std::thread::scope(|s| {
+        let probe = s.spawn(|| {
+            lab.probe(
+                &app,
+                &format!(
+                    "udp-dns-connected-legacy {} {} {target}",
+                    cookie_file.display(),
+                    flag.display()
+                ),
+            )
+        });
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        let cookie: u64 = loop {
+            if let Some(cookie) = fs::read_to_string(&cookie_file)
+                .ok()
+                .and_then(|text| text.parse().ok())
+            {
+                break cookie;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no cookie from the probe"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        // What the earlier release wrote: `struct warden_sock_orig`, two v4-mapped
+        // `struct warden_sockaddr`s (address, port in host order, family).
+        let sockaddr = |addr: SocketAddr| {
+            let SocketAddr::V4(v4) = addr else {
+                unreachable!()
+            };
+            let mut raw = [0u8; 20];
+            raw[..16].copy_from_slice(&v4.ip().to_ipv6_mapped().octets());
+            raw[16..18].copy_from_slice(&v4.port().to_ne_bytes());
+            raw[18] = 2; // AF_INET
+            raw
+        };
+        let mut value = [0u8; 40];
+        value[..20].copy_from_slice(&sockaddr(orig));
+        value[20..].copy_from_slice(&sockaddr(target));
+        let pinned = aya::maps::MapData::from_pin(lab.bpffs.join("v1").join("sock_orig")).unwrap();
+        let mut legacy: aya::maps::HashMap<_, u64, [u8; 40]> =
+            aya::maps::HashMap::try_from(aya::maps::Map::LruHashMap(pinned)).unwrap();
+        legacy.insert(cookie, value, 0).unwrap();
+        fs::write(&flag, b"go").unwrap();
+
+        let p = probe.join().unwrap();
+        assert_eq!(p.get("peer"), orig.to_string(), "{p:?}");
+        assert_eq!(p.get("from"), orig.to_string(), "{p:?}");
+    });
+    let s = support::recv_within(&seen, Duration::from_secs(2)).expect("query at target");
+    let record = s.record.expect("a redirect record");
+    assert_eq!((record.cgroup_id, record.original), (app_id, Some(orig)));
+}
+
 #[test]
 fn reopen_replaces_programs_in_place_and_cleanup_removes_everything() {
     skip_unless_privileged!();

@@ -589,6 +589,48 @@ pub fn run_probe() {
                 Err(e) => println!("PROBE from=err{}", e.raw_os_error().unwrap_or(-1)),
             }
         }
+        // `udp-dns-connected` on a socket connected before COUNT other sockets of the
+        // process connect to SERVER and close (`udp-dns-connected-churn COUNT SERVER`): what
+        // a socket redirected long ago still shows while others come and go.
+        "udp-dns-connected-churn" => {
+            let count: u32 = words[1].parse().expect("COUNT");
+            let server = addr(2);
+            let socket = udp_socket_for(server);
+            report("connect", socket.connect(server));
+            for _ in 0..count {
+                let other = udp_socket_for(server);
+                other.connect(server).expect("connect of a churned socket");
+            }
+            println!("PROBE peer={}", socket.peer_addr().unwrap());
+            report("send", socket.send(&dns_query()).map(drop));
+            let mut buf = [0u8; 512];
+            match socket.recv_from(&mut buf) {
+                Ok((_, from)) => println!("PROBE from={from}"),
+                Err(e) => println!("PROBE from=err{}", e.raw_os_error().unwrap_or(-1)),
+            }
+        }
+        // A connected UDP socket as a release before socket storage left it: connected to
+        // TARGET itself, its cookie written to COOKIE_FILE for the test to record an original
+        // under, then, once FLAG_FILE exists, as `udp-dns-connected`
+        // (`udp-dns-connected-legacy COOKIE_FILE FLAG_FILE TARGET`).
+        "udp-dns-connected-legacy" => {
+            let (cookie_file, flag) = (PathBuf::from(words[1]), PathBuf::from(words[2]));
+            let target = addr(3);
+            let socket = udp_socket_for(target);
+            report("connect", socket.connect(target));
+            fs::write(&cookie_file, socket_cookie(&socket).to_string()).unwrap();
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while !flag.exists() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            println!("PROBE peer={}", socket.peer_addr().unwrap());
+            report("send", socket.send(&dns_query()).map(drop));
+            let mut buf = [0u8; 512];
+            match socket.recv_from(&mut buf) {
+                Ok((_, from)) => println!("PROBE from={from}"),
+                Err(e) => println!("PROBE from=err{}", e.raw_os_error().unwrap_or(-1)),
+            }
+        }
         // DNS over TCP.
         "tcp-dns" => {
             let server = addr(1);
@@ -891,6 +933,28 @@ pub fn attached_programs(cgroup: &Path) -> Option<Vec<String>> {
             .map(str::to_string)
             .collect(),
     )
+}
+
+/// The socket's cookie (SO_COOKIE, which no socket crate wraps): the key the programs know
+/// it by.
+#[allow(unsafe_code)]
+fn socket_cookie(socket: &UdpSocket) -> u64 {
+    use std::os::fd::AsRawFd;
+    let mut cookie = 0u64;
+    let mut length = libc::socklen_t::try_from(std::mem::size_of::<u64>()).unwrap();
+    // SAFETY: the descriptor is the socket's own and open for the call; the kernel writes at
+    // most `length` bytes to `cookie`, which holds that many, and the new length to `length`.
+    let got = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_COOKIE,
+            std::ptr::from_mut(&mut cookie).cast(),
+            &mut length,
+        )
+    };
+    assert_eq!(got, 0, "SO_COOKIE: {}", std::io::Error::last_os_error());
+    cookie
 }
 
 /// Sets IPV6_HOPOPTS, which no socket crate wraps: the hop-by-hop header the kernel puts on
