@@ -36,6 +36,11 @@ echo "setup: installing ${missing[*]}"
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
 apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-# Debian starts knotd as a service on install; the lab runs its own instances on loopback.
-if command -v systemctl >/dev/null 2>&1; then systemctl disable --now knot >/dev/null 2>&1 || true; fi
+# Debian starts the servers it installs as services (knotd, dnsdist, Prometheus, listening
+# beyond loopback for some); the lab and the bench run their own instances on loopback.
+if command -v systemctl >/dev/null 2>&1; then
+  for service in knot dnsdist prometheus; do
+    systemctl disable --now "$service" >/dev/null 2>&1 || true
+  done
+fi
 echo "setup: done"

@@ -11,19 +11,15 @@
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::process::Command;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use warden_config::DatapathMode;
-use warden_tests::lab::{TestCgroup, cgroup2_mount};
+use warden_tests::lab::{BpffsDir, TestCgroup, cgroup2_mount};
 use warden_tests::warden::{AgentDir, http_json, metric_value};
 use warden_tests::{run_blocking, unique_loopback_v4};
 
 use crate::lab::{self, Daemon};
-
-/// Labs started by this process so far: each pins under a folder of its own.
-static LABS: AtomicU32 = AtomicU32::new(0);
 
 /// Why the eBPF lab cannot run here, if it cannot.
 pub fn unavailable() -> Option<String> {
@@ -48,7 +44,7 @@ pub struct EbpfLab {
     // Last: the folder (with the agent's config, which cleanup reads), the pins, then the
     // cgroups go after the processes and their links.
     dir: AgentDir,
-    bpffs: PathBuf,
+    bpffs: BpffsDir,
     _cgroups: TestCgroup,
 }
 
@@ -59,16 +55,13 @@ impl EbpfLab {
     pub async fn start(upstream: SocketAddr, client: IpAddr, dnsproxy: bool) -> Result<EbpfLab> {
         let cgroups = TestCgroup::new()?;
         let workload = cgroups.child("workload")?;
-        let bpffs = PathBuf::from(format!(
-            "/sys/fs/bpf/warden-bench-{}-{}",
-            std::process::id(),
-            LABS.fetch_add(1, Ordering::Relaxed)
-        ));
+        // Before the agent: what it pins goes with this even if it never comes up.
+        let bpffs = BpffsDir::new("warden-bench");
         let dns = lab::addr_on(unique_loopback_v4())?;
         let (dir, mut config) = lab::agent_setup(dns, upstream, client)?;
         config.datapath.mode = DatapathMode::Ebpf;
         config.datapath.cgroup_root = Some(cgroups.root().to_path_buf());
-        config.datapath.bpffs = bpffs.clone();
+        config.datapath.bpffs = bpffs.path().to_path_buf();
         config.endpoints[0].cgroup = Some(PathBuf::from("workload"));
         // Started before anything that can fail, so that Drop cleans up after it.
         let agent = Daemon::agent(&dir, &config).await?;
@@ -155,14 +148,14 @@ impl Drop for EbpfLab {
             if let Err(error) = cleanup {
                 eprintln!(
                     "warden-bench: cleanup of {}: {error:#}",
-                    self.bpffs.display()
+                    self.bpffs.path().display()
                 );
             }
         }
-        if self.bpffs.exists() {
+        if self.bpffs.path().exists() {
             eprintln!(
-                "warden-bench: {} still exists after cleanup",
-                self.bpffs.display()
+                "warden-bench: {} still exists after cleanup; removing it",
+                self.bpffs.path().display()
             );
         }
     }

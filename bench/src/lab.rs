@@ -278,6 +278,8 @@ impl Daemon {
             ..ProxyConfig::default()
         };
         config.admin.listen = SocketAddr::new(admin_ip, free_port(admin_ip)?);
+        // The agent's pins with the eBPF datapath; without, a folder of the bench's own
+        // (`agent_setup`), never the machine's: a dnsproxy without a snapshot opens them.
         config.datapath.bpffs = agent.datapath.bpffs.clone();
         let config_path = dir.join("dnsproxy.yaml");
         std::fs::write(&config_path, serde_json::to_string_pretty(&config)?)?;

@@ -6,13 +6,14 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Command, Output};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use warden_config::{AgentConfig, DatapathMode, EndpointConfig};
 
-use crate::lab::{CurlResult, Internet, ResolvConf, TestCgroup, curl_resolving, dig_in_cgroup};
+use crate::lab::{
+    BpffsDir, CurlResult, Internet, ResolvConf, TestCgroup, curl_resolving, dig_in_cgroup,
+};
 use crate::warden::{
     AgentDir, AgentProcess, ProxyProcess, TalkPolicy, binary, http_get, http_json, metric_value,
 };
@@ -63,6 +64,8 @@ pub struct Firewall {
     pub upstream: KnotUpstream,
     pub internet: Internet,
     pub cgroups: TestCgroup,
+    /// Last: whatever `cleanup` left goes once the processes are gone.
+    _pins: BpffsDir,
 }
 
 impl Firewall {
@@ -75,12 +78,9 @@ impl Firewall {
             "nameserver {}\noptions timeout:2 attempts:1\n",
             upstream.addr().ip()
         ))?;
-        static RUN: AtomicU32 = AtomicU32::new(0);
-        let bpffs = PathBuf::from(format!(
-            "/sys/fs/bpf/warden-e2e-{}-{}",
-            std::process::id(),
-            RUN.fetch_add(1, Ordering::Relaxed)
-        ));
+        // Before the agent: what it pins goes with this even if it never comes up.
+        let pins = BpffsDir::new("warden-e2e");
+        let bpffs = pins.path().to_path_buf();
         let dir = AgentDir::new()?;
         dir.write_policy("talk.yaml", &options.policy)?;
         let mut config = dir.config(unique_loopback_v4(), upstream.addr());
@@ -121,6 +121,7 @@ impl Firewall {
             upstream,
             internet,
             cgroups,
+            _pins: pins,
         };
         firewall.wait_enrolled().await?;
         if options.with_dnsproxy {

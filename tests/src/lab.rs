@@ -629,7 +629,7 @@ pub fn cgroup_procs(cgroup: &Path) -> Result<Vec<u32>> {
 /// under test attaches to, with children for workloads.
 ///
 /// Dropping it SIGKILLs the processes in it that this process spawned (its direct children),
-/// moves any others back to the mount's root cgroup, and removes the children, then the root.
+/// then what they started and left there, and removes the children, then the root.
 pub struct TestCgroup {
     mount: PathBuf,
     root: PathBuf,
@@ -710,16 +710,26 @@ impl TestCgroup {
             thread::sleep(POLL);
         };
         if !remaining.is_empty() {
+            // Descendants of our children (a shell's background job): nothing enters a cgroup
+            // of this subtree but what the test put there and what that started, so they are
+            // the test's to end too, and left running they would outlive it.
             tracing::warn!(
                 pids = ?remaining,
-                "moving processes left in {} to the root cgroup",
+                "killing processes our children left in {}",
                 self.root.display()
             );
-            let procs = self.mount.join("cgroup.procs");
-            for pid in remaining {
-                if let Err(e) = fs::write(&procs, pid.to_string()) {
-                    tracing::warn!(pid, "moving to the root cgroup: {e}");
+            for &pid in &remaining {
+                if let Ok(p) = i32::try_from(pid) {
+                    let _ = kill(Pid::from_raw(p), Signal::SIGKILL);
                 }
+            }
+            let deadline = Instant::now() + Duration::from_secs(2);
+            while dirs
+                .iter()
+                .any(|d| !cgroup_procs(d).unwrap_or_default().is_empty())
+                && Instant::now() < deadline
+            {
+                thread::sleep(POLL);
             }
         }
         for dir in &dirs {
@@ -1350,6 +1360,75 @@ fn cleanup_ip(args: &[&str]) {
 
 fn pid_alive(pid: u32) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// A bpffs folder of a test's own, `/sys/fs/bpf/<prefix>-<pid>-<n>`, removed with everything
+/// pinned in it when dropped. A cgroup link whose last pin goes is detached, so the programs a
+/// test's agent attached are gone even when that agent never came up or `cleanup` failed. The
+/// folders of dead processes (a killed run's) are removed when the next one is made.
+#[derive(Debug)]
+pub struct BpffsDir {
+    path: PathBuf,
+}
+
+impl BpffsDir {
+    const ROOT: &str = "/sys/fs/bpf";
+
+    /// A path for `prefix` nothing uses (created by whoever pins there first).
+    pub fn new(prefix: &str) -> BpffsDir {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        clear_stale_bpffs(Path::new(Self::ROOT), prefix);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        BpffsDir {
+            path: Path::new(Self::ROOT).join(format!("{prefix}-{}-{n}", std::process::id())),
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for BpffsDir {
+    fn drop(&mut self) {
+        if let Err(e) = fs::remove_dir_all(&self.path)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::warn!(path = %self.path.display(), "removing test pins: {e}");
+        }
+    }
+}
+
+/// Removes the `<prefix>-<pid>-<n>` folders under `root` of processes no longer running.
+fn clear_stale_bpffs(root: &Path, prefix: &str) {
+    let Ok(entries) = fs::read_dir(root) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name
+            .strip_prefix(prefix)
+            .and_then(|rest| rest.strip_prefix('-'))
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !pid_alive(pid) {
+            let _ = fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
+/// Whether `pid` is a process that has not exited (a zombie has: it only waits to be reaped).
+pub fn process_running(pid: u32) -> bool {
+    let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    let state = stat
+        .rfind(')')
+        .and_then(|end| stat[end + 1..].split_whitespace().next());
+    !matches!(state, None | Some("Z" | "X"))
 }
 
 /// Parent PID from `/proc/<pid>/stat` (field 4, after the parenthesised command name).

@@ -13,6 +13,9 @@ use warden_config::{AgentConfig, DatapathMode, ProxyConfig};
 
 use crate::{ProcessGuard, free_port, run_blocking};
 
+/// How long a process under test may take to exit after SIGTERM before it is killed.
+const STOP_GRACE: Duration = Duration::from_secs(10);
+
 /// A built binary of the workspace (`make test` builds them before the tests run).
 pub fn binary(name: &str) -> Result<PathBuf> {
     let exe = std::env::current_exe().context("cannot locate the test executable")?;
@@ -81,7 +84,27 @@ impl AgentDir {
         config.state_dir = self.state_dir();
         config.admin.listen = SocketAddr::from(([127, 0, 0, 1], 0));
         config.socket = self.socket();
+        // Never the machine's own pins (`/sys/fs/bpf/warden` by default): a dnsproxy without a
+        // snapshot opens the pins its config names, and a datapath test names its own.
+        config.datapath.bpffs = self.dir.path().join("no-datapath");
         config
+    }
+
+    /// Waits until the agent's saved cache (`fqdn-cache.json` in its state folder) names
+    /// `name`: what a SIGKILL from then on cannot take away.
+    pub async fn wait_cache_saved(&self, name: &str, limit: Duration) -> Result<()> {
+        let file = self.state_dir().join("fqdn-cache.json");
+        let deadline = Instant::now() + limit;
+        loop {
+            let saved = std::fs::read_to_string(&file).unwrap_or_default();
+            if saved.contains(name) {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("{name} not in {} within {limit:?}", file.display());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     /// The agent's Unix socket for warden-dnsproxy, private to this folder.
@@ -222,7 +245,9 @@ impl AgentProcess {
             .env("RUST_LOG", "info")
             .stdout(log.try_clone()?)
             .stderr(log);
-        self.guard = Some(ProcessGuard::spawn(&mut command, self.binary)?);
+        // Past the longest drain (in-flight queries wait up to upstream_timeout plus
+        // response_max_delay, then the cache is saved): a graceful stop is never cut short.
+        self.guard = Some(ProcessGuard::spawn(&mut command, self.binary)?.with_grace(STOP_GRACE));
         Ok(())
     }
 
@@ -270,10 +295,19 @@ impl AgentProcess {
         std::fs::read_to_string(&self.log_path).unwrap_or_default()
     }
 
-    /// SIGTERM, and wait for a clean exit.
+    /// SIGTERM, and wait for a clean exit: an error if it had to be killed.
     pub fn stop(&mut self) -> Result<std::process::ExitStatus> {
+        use std::os::unix::process::ExitStatusExt as _;
         let guard = self.guard.take().context("agent not running")?;
-        guard.stop()
+        let status = guard.stop()?;
+        if status.signal() == Some(nix::sys::signal::Signal::SIGKILL as i32) {
+            bail!(
+                "{} did not exit within {STOP_GRACE:?} of SIGTERM and was killed; log:\n{}",
+                self.binary,
+                self.log()
+            );
+        }
+        Ok(status)
     }
 
     /// SIGTERM without waiting: the process drains and exits by itself; `stop` reaps it.

@@ -439,7 +439,10 @@ async fn enforcement_holds_through_kill_9_and_restarts_without_a_gap() {
         .unwrap();
     // The cache is written within 750 ms of a change (a 500 ms pause between writes, noticed
     // on a 250 ms tick): the SIGKILL must come after that for the cache to survive it.
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    lab.dir
+        .wait_cache_saved("cilium.io.", Duration::from_secs(5))
+        .await
+        .unwrap();
 
     lab.agent.kill().unwrap();
     tokio::time::sleep(Duration::from_millis(1500)).await;

@@ -550,8 +550,9 @@ async fn upstream_down_gives_servfail_and_garbage_is_counted() {
     let started = Instant::now();
     let reply = ask(orphan.dns_v4(), "cilium.io", "A", opts(lab.client)).await;
     assert_eq!(reply.status, "SERVFAIL", "{}", reply.raw);
+    // After the configured 500 ms, not the default 2 s (plus a loaded machine's slack).
     assert!(
-        started.elapsed() < Duration::from_millis(1500),
+        started.elapsed() < Duration::from_millis(1900),
         "{:?}",
         started.elapsed()
     );
@@ -655,7 +656,7 @@ async fn a_query_lost_on_the_way_to_knotd_is_answered_from_its_second_copy() {
     assert_eq!(reply.status, "NOERROR", "{}", reply.raw);
     assert!(!reply.answers.is_empty(), "{}", reply.raw);
     assert!(
-        took >= Duration::from_millis(200) && took < Duration::from_millis(1500),
+        took >= Duration::from_millis(200) && took < Duration::from_millis(1900),
         "answered after {took:?}"
     );
     let scrape = http_get(agent.admin(), "/metrics").await.unwrap();
@@ -1084,7 +1085,9 @@ async fn a_restarted_agent_lists_the_entries_learned_before_with_their_remaining
     // SIGKILL: what was persisted in the background survives too.
     let reply = ask(agent.dns, "www.cilium.io", "A", opts(client)).await;
     assert_eq!(reply.status, "NOERROR");
-    tokio::time::sleep(Duration::from_millis(3500)).await;
+    dir.wait_cache_saved("www.cilium.io.", Duration::from_secs(10))
+        .await
+        .unwrap();
     agent.kill().unwrap();
     agent.restart().await.unwrap();
     let table = agent.cli(&["fqdn", "cache", "list"]).unwrap();

@@ -144,7 +144,7 @@ fn commands_run_inside_their_cgroup_from_the_start() {
 }
 
 #[test]
-fn teardown_moves_processes_it_did_not_spawn_to_the_root() {
+fn teardown_ends_what_its_processes_started() {
     if !lab_ready() {
         return;
     }
@@ -165,10 +165,16 @@ fn teardown_moves_processes_it_did_not_spawn_to_the_root() {
     let root = cg.root().to_owned();
     drop(cg);
     assert!(!root.exists());
-    let cgroup = std::fs::read_to_string(format!("/proc/{stray}/cgroup")).unwrap();
-    assert!(cgroup.lines().any(|l| l == "0::/"), "{cgroup}");
-    // The test started that sleep (through sh): ending it is ours to do.
-    let _ = Command::new("kill").arg(stray.to_string()).status();
+    // The test started that sleep (through sh): the teardown ended it, rather than leave it
+    // running outside any test cgroup.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while lab::process_running(stray) {
+        assert!(
+            Instant::now() < deadline,
+            "the stray sleep {stray} outlived its cgroup"
+        );
+        thread::sleep(Duration::from_millis(10));
+    }
     drop(sh);
 }
 
@@ -338,7 +344,8 @@ fn connect_loop_records_successes_and_failures() {
         assert!(attempts.len() >= 10, "{target}: {attempts:?}");
         assert!(attempts.iter().all(|a| a.ok()), "{target}: {attempts:?}");
         assert!(attempts.windows(2).all(|w| w[0].at < w[1].at));
-        // Spaced by the interval, not bunched or stalled.
+        // Spaced by the interval, not bunched, nor each waiting out a timeout (a stall or
+        // two on a loaded machine is no fault of the loop's).
         let span = attempts
             .last()
             .unwrap()
@@ -346,7 +353,7 @@ fn connect_loop_records_successes_and_failures() {
             .duration_since(attempts[0].at)
             .unwrap();
         let per = span / u32::try_from(attempts.len() - 1).unwrap();
-        assert!(per >= interval && per < interval * 4, "{per:?}");
+        assert!(per >= interval && per < interval * 10, "{per:?}");
     }
     let attempts = refused.stop().unwrap();
     assert!(attempts.len() >= 5);

@@ -343,7 +343,7 @@ impl Lab {
         if netns {
             cmd.env("WARDEN_PROBE_NETNS", self.netns_path());
         }
-        let out = cmd.output().expect("spawn probe");
+        let out = output_within(cmd, PROBE_DEADLINE, command);
         let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
         let mut values = BTreeMap::new();
         for line in stdout.lines() {
@@ -700,22 +700,8 @@ pub fn run_probe() {
         "tcp-serve" => {
             let listener = TcpListener::bind(addr(1)).expect("listen");
             println!("PROBE listening=ok");
-            listener.set_nonblocking(true).unwrap();
-            let deadline = Instant::now() + Duration::from_secs(5);
             let served = (|| {
-                let mut stream = loop {
-                    match listener.accept() {
-                        Ok((stream, _)) => break stream,
-                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                            if Instant::now() > deadline {
-                                return Err(e);
-                            }
-                            std::thread::sleep(Duration::from_millis(5));
-                        }
-                        Err(e) => return Err(e),
-                    }
-                };
-                stream.set_nonblocking(false)?;
+                let mut stream = accept_within(&listener, Duration::from_secs(5))?;
                 stream.set_read_timeout(Some(Duration::from_secs(3)))?;
                 stream.set_write_timeout(Some(Duration::from_secs(3)))?;
                 let mut ping = [0u8; 5];
@@ -810,7 +796,7 @@ pub fn run_probe() {
         "tcp-reuse" => {
             let listener = TcpListener::bind(addr(1)).expect("listen");
             let flag = PathBuf::from(words[3]);
-            let (stream, _) = listener.accept().expect("accept");
+            let stream = accept_within(&listener, Duration::from_secs(5)).expect("accept");
             let socket = socket2::Socket::from(stream);
             // SAFETY: an all-zero sockaddr_storage is a valid AF_UNSPEC address, and its size
             // is what the kernel reads for one.
@@ -975,4 +961,83 @@ fn set_hop_options(socket: &UdpSocket, header: &[u8]) {
         )
     };
     assert_eq!(set, 0, "IPV6_HOPOPTS: {}", std::io::Error::last_os_error());
+}
+
+/// How long a probe may take: every probe waits a few seconds at most for what it is waiting
+/// for, so one past this is stuck (a test's panic left it waiting for a peer that never came),
+/// and is killed rather than left to hang the suite.
+const PROBE_DEADLINE: Duration = Duration::from_secs(60);
+
+/// Runs `cmd` to the end and returns its output, or kills it (by its PID) and panics once
+/// `deadline` has passed.
+fn output_within(mut cmd: Command, deadline: Duration, what: &str) -> std::process::Output {
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn probe");
+    let drain = |pipe: Option<Box<dyn Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut bytes = Vec::new();
+            if let Some(mut pipe) = pipe {
+                let _ = pipe.read_to_end(&mut bytes);
+            }
+            bytes
+        })
+    };
+    let stdout = drain(
+        child
+            .stdout
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
+    let stderr = drain(
+        child
+            .stderr
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
+    let until = Instant::now() + deadline;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait for probe") {
+            break Some(status);
+        }
+        if Instant::now() > until {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let (stdout, stderr) = (stdout.join().unwrap(), stderr.join().unwrap());
+    let Some(status) = status else {
+        panic!(
+            "probe `{what}` still running after {deadline:?}: killed\nstdout:\n{}\nstderr:\n{}",
+            String::from_utf8_lossy(&stdout),
+            String::from_utf8_lossy(&stderr)
+        );
+    };
+    std::process::Output {
+        status,
+        stdout,
+        stderr,
+    }
+}
+
+/// Accepts one connection on `listener` within `deadline`, blocking again once accepted.
+fn accept_within(listener: &TcpListener, deadline: Duration) -> std::io::Result<TcpStream> {
+    listener.set_nonblocking(true)?;
+    let until = Instant::now() + deadline;
+    loop {
+        match listener.accept() {
+            Ok((stream, _)) => {
+                stream.set_nonblocking(false)?;
+                return Ok(stream);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < until => {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(e) => return Err(e),
+        }
+    }
 }
