@@ -53,8 +53,14 @@ pub fn bind_pair(address: SocketAddr) -> Result<ListenerPair, ProxyError> {
 
 fn new_socket(address: SocketAddr, kind: Type, protocol: Protocol) -> std::io::Result<Socket> {
     let socket = Socket::new(Domain::for_address(address), kind, Some(protocol))?;
+    // SO_REUSEPORT alone lets the agent and warden-dnsproxy share the port, and only sockets
+    // of the same user can join them. SO_REUSEADDR is for TCP only (a restart binds past the
+    // old connections' TIME_WAIT): on UDP it lets any user's socket with it bind the same
+    // address, outside the group and found before it, and take the node's queries.
     socket.set_reuse_port(true)?;
-    socket.set_reuse_address(true)?;
+    if kind == Type::STREAM {
+        socket.set_reuse_address(true)?;
+    }
     if address.is_ipv6() {
         // [::]:53 must not also claim IPv4: the IPv4 listener is configured separately.
         socket.set_only_v6(true)?;
@@ -101,5 +107,20 @@ mod tests {
         assert_eq!(first.tcp.local_addr().unwrap(), port);
         let second = bind_pair(port).unwrap();
         assert_eq!(second.local_addr(), Some(port));
+    }
+
+    /// A socket outside the group (SO_REUSEADDR, which any user may set, without
+    /// SO_REUSEPORT) cannot bind the DNS address beside the proxies and take their queries.
+    #[tokio::test]
+    async fn no_socket_outside_the_group_binds_the_dns_port() {
+        let pair = bind_pair("127.0.0.1:0".parse().unwrap()).unwrap();
+        let port = pair.local_addr().unwrap();
+        let intruder = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP)).unwrap();
+        intruder.set_reuse_address(true).unwrap();
+        let bound = intruder.bind(&port.into());
+        assert_eq!(
+            bound.map_err(|e| e.kind()),
+            Err(std::io::ErrorKind::AddrInUse)
+        );
     }
 }

@@ -681,6 +681,33 @@ spec:
         proxy.served.await.unwrap();
     }
 
+    /// A TCP query of up to 64 KiB was read whole and held until its answer came (a few
+    /// clients' pipelines pinned the process's memory): one longer than a UDP query may be is
+    /// counted malformed and ends the connection, and nothing is asked upstream.
+    #[tokio::test]
+    async fn a_tcp_query_longer_than_any_real_one_is_refused_unread() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (upstream, accepted) = silent_upstreams().await;
+        let proxy = start(upstream, Duration::ZERO, Duration::from_secs(2)).await;
+        let mut client = tokio::net::TcpStream::connect(proxy.dns).await.unwrap();
+        // A query padded past the bound: its header and question, then zeros.
+        let mut query = tcp_query(7)[2..].to_vec();
+        query.resize(crate::udp::QUERY_SLOT + 1, 0);
+        let mut framed = u16::try_from(query.len()).unwrap().to_be_bytes().to_vec();
+        framed.extend_from_slice(&query);
+        client.write_all(&framed).await.unwrap();
+        let mut rest = Vec::new();
+        let closed = tokio::time::timeout(Duration::from_secs(3), client.read_to_end(&mut rest))
+            .await
+            .expect("the connection is closed");
+        assert!(closed.is_err() || rest.is_empty(), "{rest:?}");
+        let malformed = proxy.metrics.dns.malformed.with_label_values(&["tcp"]);
+        assert_eq!(malformed.get(), 1);
+        assert_eq!(accepted.load(Ordering::SeqCst), 0);
+        proxy.shutdown.cancel();
+        proxy.served.await.unwrap();
+    }
+
     /// A client that took none of its answers lost its connection at the idle timeout, and the
     /// answers waiting for it, uncounted.
     #[tokio::test]

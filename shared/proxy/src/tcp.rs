@@ -204,6 +204,13 @@ async fn connection(
             }
         }
         let length = usize::from(u16::from_be_bytes(prefix));
+        // Held until its answer comes: at up to 64 KiB a query, a few clients' pipelines
+        // would pin the process's memory. No real query comes near the bound (UDP's), and
+        // what follows an unread message cannot be framed: the connection ends.
+        if length > crate::udp::QUERY_SLOT {
+            engine.malformed(Transport::Tcp);
+            break;
+        }
         let started = Instant::now();
         let mut packet = vec![0u8; length];
         let read = tokio::select! {

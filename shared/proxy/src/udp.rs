@@ -49,8 +49,8 @@ const BATCH: usize = 32;
 /// and IDs stay in use, and long enough that a switch comes once in 64 batches.
 pub(crate) const BATCHES_PER_TURN: u32 = 64;
 /// Room for one query: far more than any real one needs (a question and an OPT record), and
-/// anything longer is counted malformed.
-const QUERY_SLOT: usize = 4096;
+/// anything longer is counted malformed, over TCP too.
+pub(crate) const QUERY_SLOT: usize = 4096;
 
 /// A forwarded query waiting in the pool for its answer.
 #[derive(Debug)]
