@@ -74,7 +74,7 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> any
 
 /// Binds everything and starts serving; returns once DNS and the admin API accept traffic.
 pub async fn start(config: AgentConfig) -> anyhow::Result<RunningAgent> {
-    std::fs::create_dir_all(&config.state_dir)
+    warden_state::create_private_dir(&config.state_dir)
         .with_context(|| format!("cannot create state_dir {}", config.state_dir.display()))?;
     // Made for whoever writes the endpoint files; one the agent cannot make is reported by
     // the reader and polled until it can be read.

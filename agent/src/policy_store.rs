@@ -423,7 +423,7 @@ impl PolicyStore {
                 let copy = staging.join(name);
                 // Synced before the renames: after a power loss they could otherwise be on
                 // disk before the data, leaving a copy of empty files (no policy at all).
-                let written = std::fs::File::create(&copy).and_then(|mut file| {
+                let written = warden_state::create_private(&copy).and_then(|mut file| {
                     file.write_all(text.as_bytes())?;
                     file.sync_all()
                 });

@@ -174,7 +174,7 @@ impl ProxyDatapath {
 }
 
 pub async fn start(config: ProxyConfig) -> anyhow::Result<RunningProxy> {
-    std::fs::create_dir_all(&config.state_dir)
+    warden_state::create_private_dir(&config.state_dir)
         .with_context(|| format!("cannot create state_dir {}", config.state_dir.display()))?;
     let state_lock = lock_state_dir(&config.state_dir).await?;
     let started = Instant::now();

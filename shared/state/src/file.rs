@@ -17,7 +17,7 @@ pub fn beside(path: &Path, suffix: &str) -> PathBuf {
 /// that the rename itself survives a power loss (a peer may take a save as done).
 pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), StateError> {
     let staging = beside(path, ".tmp");
-    let written = std::fs::File::create(&staging).and_then(|mut file| {
+    let written = create_private(&staging).and_then(|mut file| {
         file.write_all(bytes)?;
         file.sync_all()
     });
@@ -44,6 +44,31 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), StateError> {
         Some(folder) if !folder.as_os_str().is_empty() => sync_folder(folder),
         _ => Ok(()),
     }
+}
+
+/// Creates (or empties) the file at `path`, readable and writable by its owner alone: state
+/// names every workload's lookups, its policies and addresses, none of it for other users of
+/// the node. A file left by an earlier release with wider permissions is narrowed too.
+pub fn create_private(path: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    Ok(file)
+}
+
+/// Creates `folder` and its missing parents for the owner alone (what exists is left as the
+/// operator made it).
+pub fn create_private_dir(folder: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt as _;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(folder)
 }
 
 /// Makes the entries of `folder` (creations, renames) durable, where the filesystem can: some
@@ -87,6 +112,31 @@ pub fn set_aside(path: &Path) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// State was saved as 0644 (and its folder made 0755): every user of the node could read
+    /// every workload's lookups and the policies.
+    #[test]
+    fn state_is_for_its_owner_alone() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().expect("temporary folder");
+        let folder = dir.path().join("state").join("inner");
+        create_private_dir(&folder).expect("folder made");
+        let mode = |path: &Path| {
+            std::fs::metadata(path)
+                .expect("metadata")
+                .permissions()
+                .mode()
+                & 0o777
+        };
+        assert_eq!(mode(&folder), 0o700);
+        let path = folder.join("cache.json");
+        // One an earlier release left readable by all is narrowed at the next save.
+        std::fs::write(&path, b"old").expect("written");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        write_atomically(&path, b"new").expect("saved");
+        assert_eq!(mode(&path), 0o600);
+        assert_eq!(std::fs::read(&path).expect("read"), b"new");
+    }
 
     #[test]
     fn a_save_replaces_the_file_whole_and_leaves_no_temporary_copy() {

@@ -11,4 +11,6 @@ mod error;
 pub use error::StateError;
 
 mod file;
-pub use file::{beside, set_aside, sync_folder, write_atomically};
+pub use file::{
+    beside, create_private, create_private_dir, set_aside, sync_folder, write_atomically,
+};
