@@ -77,6 +77,9 @@ struct ProxyDatapath {
     /// failed is tried again at the next snapshot rather than left until a restart, while the
     /// agent's sockets take every query.
     registered: AtomicBool,
+    /// Whether `dns.prefer` is in force: not before a policy is installed (see
+    /// [`ProxyDatapath::apply_preference`]).
+    preference_applied: AtomicBool,
     /// Registrations counted under `warden_datapath_{updates,errors}_total{op="reuseport"}`:
     /// the status's `dns_port_holders` says who serves, not whether the datapath can steer to
     /// this process.
@@ -89,13 +92,17 @@ impl ProxyDatapath {
     /// those the agent's snapshot names, and maps the agent pinned anew (its `cleanup` and a
     /// new start) to the new ones: kept, the proxy's allow entries went into maps no program
     /// reads.
-    fn ensure(&self, bpffs: &Path) {
+    /// `policy_installed`: whether the proxy enforces a policy now (see
+    /// [`ProxyDatapath::apply_preference`]).
+    fn ensure(&self, bpffs: &Path, policy_installed: bool) {
         if let Some(open) = self.enforcement.datapath()
             && open.bpffs() == bpffs
         {
             if !open.pins_replaced() {
                 if !self.registered.load(Ordering::Relaxed) {
-                    self.join(&open);
+                    self.join(&open, policy_installed);
+                } else if policy_installed && !self.preference_applied.load(Ordering::Relaxed) {
+                    self.apply_preference(&open, policy_installed);
                 }
                 return;
             }
@@ -111,7 +118,7 @@ impl ProxyDatapath {
                 {
                     tracing::warn!(%error, "cannot take the DNS sockets out of the replaced maps");
                 }
-                self.join(&datapath);
+                self.join(&datapath, policy_installed);
                 self.enforcement.set_datapath(Some(datapath));
             }
             Err(error) => {
@@ -123,7 +130,7 @@ impl ProxyDatapath {
     /// Puts the DNS sockets in `datapath`'s reuseport selection and applies `dns.prefer`;
     /// remembers whether that worked. Nothing once the proxy has left the port (its sockets
     /// handed back): applying `prefer` then would steer the queries back to it.
-    fn join(&self, datapath: &Datapath) {
+    fn join(&self, datapath: &Datapath, policy_installed: bool) {
         let sockets = self.sockets.lock().unwrap_or_else(|p| p.into_inner());
         if sockets.is_empty() {
             return;
@@ -139,8 +146,24 @@ impl ProxyDatapath {
         };
         counter.with_label_values(&["reuseport"]).inc();
         self.registered.store(joined.is_ok(), Ordering::Relaxed);
-        if let Err(error) = serving::prefer(datapath, serving::preferred_instance(self.prefer)) {
-            tracing::warn!(%error, "cannot apply dns.prefer");
+        self.apply_preference(datapath, policy_installed);
+    }
+
+    /// Applies `dns.prefer` once a policy is installed. Before, the proxy can place no sender
+    /// and answers an enrolled workload's queries with SERVFAIL, which the agent, while it
+    /// serves, answers as its policy says: the agent is preferred until then (the selection
+    /// falls back to this process's sockets while the agent has none).
+    fn apply_preference(&self, datapath: &Datapath, policy_installed: bool) {
+        let preferred = if policy_installed {
+            serving::preferred_instance(self.prefer)
+        } else {
+            Some(AGENT_INSTANCE)
+        };
+        match serving::prefer(datapath, preferred) {
+            Ok(()) => self
+                .preference_applied
+                .store(policy_installed, Ordering::Relaxed),
+            Err(error) => tracing::warn!(%error, "cannot apply dns.prefer"),
         }
     }
 
@@ -155,6 +178,7 @@ impl ProxyDatapath {
                 tracing::warn!(%error, "cannot take the DNS sockets out of the pins left");
             }
             self.registered.store(false, Ordering::Relaxed);
+            self.preference_applied.store(false, Ordering::Relaxed);
             self.enforcement.set_datapath(None);
         }
     }
@@ -195,6 +219,7 @@ pub async fn start(config: ProxyConfig) -> anyhow::Result<RunningProxy> {
         sockets: Mutex::new(Vec::new()),
         prefer: config.dns.prefer,
         registered: AtomicBool::new(false),
+        preference_applied: AtomicBool::new(false),
         metrics: metrics.clone(),
     });
 
@@ -256,7 +281,7 @@ pub async fn start(config: ProxyConfig) -> anyhow::Result<RunningProxy> {
                     .set(i64::try_from(compiled.repository.selector_count()).unwrap_or(i64::MAX));
                 let installs = policy.install(snapshot, compiled, source);
                 match bpffs {
-                    Some(bpffs) => datapath.ensure(&bpffs),
+                    Some(bpffs) => datapath.ensure(&bpffs, true),
                     None => datapath.forget(),
                 }
                 Ok(installs)
@@ -302,12 +327,13 @@ pub async fn start(config: ProxyConfig) -> anyhow::Result<RunningProxy> {
     // Without a policy the proxy knows no endpoint, and a query would pass as an unenforced
     // sender's. With the agent's pins open, a query its datapath redirected from an enrolled
     // cgroup is known to come from a workload the proxy cannot place, and gets SERVFAIL
-    // until the agent's snapshot arrives.
+    // until the agent's snapshot arrives; the datapath steers such queries to the agent
+    // meanwhile, while it serves.
     if !enforcing && config.datapath.bpffs.exists() {
         tracing::warn!(
-            "no usable policy snapshot: enrolled workloads get SERVFAIL until the agent sends one"
+            "no usable policy snapshot: DNS is steered to the agent, and without it enrolled workloads get SERVFAIL, until the agent sends one"
         );
-        datapath.ensure(&config.datapath.bpffs);
+        datapath.ensure(&config.datapath.bpffs, false);
     } else if !enforcing {
         tracing::warn!(
             "no usable policy snapshot and no datapath pins: every sender is unknown, so queries pass unpoliced until the agent sends a snapshot"

@@ -800,6 +800,41 @@ async fn the_agent_serves_alone_and_a_lone_proxy_enforces_its_persisted_snapshot
 }
 
 /// The status code of `/readyz` at `admin`, or `None` once its connection is refused.
+/// A dnsproxy without a policy (its state lost, and no session with the agent: here it is
+/// given a socket the agent does not serve) took the datapath's preference on start, and every
+/// query of the enrolled workload got its SERVFAIL while the agent, serving beside it, had the
+/// policy. The agent keeps the queries until the proxy has a policy.
+#[tokio::test]
+async fn a_proxy_without_a_policy_leaves_the_queries_to_the_agent() {
+    if !require_lab() || !warden_tests::require_tools(&["knotd", "dig", "bpftool"]) {
+        return;
+    }
+    let mut lab = lab(refusing_policy()).await;
+    lab.dnsproxy().kill().unwrap();
+    std::fs::remove_dir_all(lab.dir.path().join("dnsproxy-state")).unwrap();
+    lab.config.socket = lab.dir.path().join("served-by-nobody.sock");
+    lab.start_unready_dnsproxy().await.unwrap();
+    // Its sockets are in the selection.
+    let proxy_admin = lab.dnsproxy().admin;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let scrape = http_get(proxy_admin, "/metrics").await.unwrap();
+        let reuseport = [("op", "reuseport")];
+        if metric_value(&scrape, "warden_datapath_updates_total", &reuseport) >= 1.0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never joined: {scrape}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(status(lab.agent.admin).await["preferred"], "agent");
+    for _ in 0..10 {
+        let reply = lab.dig("cilium.io", "A", DigOpts::default()).await.unwrap();
+        assert_eq!(reply.status, "NOERROR", "{}", reply.raw);
+    }
+    let refused = lab.dig("bbc.co.uk", "A", DigOpts::default()).await.unwrap();
+    assert_eq!(refused.status, "REFUSED", "{}", refused.raw);
+}
+
 async fn readyz_code(admin: SocketAddr) -> Option<u16> {
     match warden_tests::warden::http_get(admin, "/readyz").await {
         Ok(_) => Some(200),
