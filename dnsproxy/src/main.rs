@@ -51,10 +51,11 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(warden_dnsproxy::run(
-        config,
-        warden_telemetry::process::shutdown_signal(),
-    )) {
+    // The signals are caught before anything starts (see shutdown_signal).
+    match runtime.block_on(async {
+        let stop = warden_telemetry::process::shutdown_signal();
+        warden_dnsproxy::run(config, stop).await
+    }) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("warden-dnsproxy: {error:#}");
