@@ -520,9 +520,18 @@ async fn lock_state_dir(state_dir: &Path) -> anyhow::Result<Option<std::fs::File
     }
 }
 
+/// What one round of [`StateFiles::save`] did.
+struct SaveOutcome {
+    /// The journal is on disk as it was at the round's start.
+    journal_saved: bool,
+    /// A write failed (the journal's or the policy snapshot's).
+    failed: bool,
+}
+
 impl StateFiles {
-    /// Writes what changed on the blocking pool; says whether the journal is on disk.
-    async fn save(&self, journal_changed: bool) -> bool {
+    /// Writes what changed on the blocking pool; says whether the journal is on disk and
+    /// whether anything failed.
+    async fn save(&self, journal_changed: bool) -> SaveOutcome {
         let (journal, policy, dir) = (
             self.journal.clone(),
             self.policy.clone(),
@@ -536,9 +545,13 @@ impl StateFiles {
             Ok(results) => results,
             Err(error) => {
                 tracing::warn!(%error, "state persister panicked");
-                return false;
+                return SaveOutcome {
+                    journal_saved: false,
+                    failed: true,
+                };
             }
         };
+        let policy_failed = policy.is_err();
         // A full or read-only disk fails every round: one line per interval and file, every
         // failure counted.
         static POLICY_BUDGET: LogBudget = LogBudget::new(LogBudget::INTERVAL);
@@ -555,9 +568,15 @@ impl StateFiles {
                 if let Some(held_back) = JOURNAL_BUDGET.allow() {
                     tracing::warn!(%error, held_back, "cannot persist the journal");
                 }
-                false
+                SaveOutcome {
+                    journal_saved: false,
+                    failed: true,
+                }
             }
-            Some(Ok(())) | None => true,
+            Some(Ok(())) | None => SaveOutcome {
+                journal_saved: true,
+                failed: policy_failed,
+            },
         }
     }
 }
@@ -572,22 +591,44 @@ async fn persist_state(files: StateFiles, shutdown: CancellationToken) {
     // From 0: what changed since the journal was opened (a push before this task ran, a
     // damaged or older-format file to write again) is saved at the first round.
     let mut saved = 0;
+    // After a failure, the next try waits, longer each time: a failed journal save is tried
+    // again as a whole file (up to 64 MiB), and on a full disk four a second took, then gave
+    // back, the space every other writer of the filesystem needed. The last round at exit
+    // tries regardless.
+    let mut retry_after = SAVE_RETRY_FIRST;
+    let mut retry_at = None;
     loop {
         let stopping = tokio::select! {
             _ = shutdown.cancelled() => true,
             _ = tick.tick() => false,
             _ = files.policy.wait_for_unsaved() => false,
         };
+        let due = stopping || retry_at.is_none_or(|at| tokio::time::Instant::now() >= at);
         let changes = files.journal.changes();
         let journal_changed = changes != saved;
-        if (journal_changed || files.policy.has_unsaved()) && files.save(journal_changed).await {
-            saved = changes;
+        if due && (journal_changed || files.policy.has_unsaved()) {
+            let outcome = files.save(journal_changed).await;
+            if outcome.journal_saved {
+                saved = changes;
+            }
+            if outcome.failed {
+                retry_at = Some(tokio::time::Instant::now() + retry_after);
+                retry_after = (retry_after * 2).min(SAVE_RETRY_MAX);
+            } else {
+                retry_at = None;
+                retry_after = SAVE_RETRY_FIRST;
+            }
         }
         if stopping {
             return;
         }
     }
 }
+
+/// The wait before the first try after a failed save, doubled at each failure up to
+/// [`SAVE_RETRY_MAX`].
+const SAVE_RETRY_FIRST: Duration = Duration::from_millis(500);
+const SAVE_RETRY_MAX: Duration = Duration::from_secs(10);
 
 /// Expired answers leave the proxy's cache every second.
 async fn expire_cache(cache: SharedCache, metrics: Metrics, shutdown: CancellationToken) {
@@ -798,17 +839,43 @@ mod tests {
         let files = journaled_state(&state_dir, policy.clone(), &metrics);
         let failures = |file: &str| files.errors.with_label_values(&[file]).get();
 
+        let outcome = files.save(true).await;
         assert!(
-            !files.save(true).await,
+            !outcome.journal_saved && outcome.failed,
             "no state_dir, yet the journal saved"
         );
         assert_eq!((failures("journal"), failures("policy_snapshot")), (1, 1));
         assert!(policy.has_unsaved());
 
         std::fs::create_dir(&state_dir).unwrap();
-        assert!(files.save(true).await);
+        let outcome = files.save(true).await;
+        assert!(outcome.journal_saved && !outcome.failed);
         assert_eq!((failures("journal"), failures("policy_snapshot")), (1, 1));
         assert_eq!(policy.load_persisted().map(|s| s.revision), Some(3));
         assert!(state_dir.join("journal.log").exists());
+    }
+
+    /// A save failing every round (a full disk) was tried again every 250 ms, the journal
+    /// each time whole: tries now wait longer after each failure, and what is saved once
+    /// the folder is back is all of it.
+    #[tokio::test(start_paused = true)]
+    async fn failed_saves_are_tried_again_less_and_less_often() {
+        let dir = tempfile::tempdir().unwrap();
+        let state_dir = dir.path().join("state");
+        let metrics = Metrics::new("dnsproxy").unwrap();
+        let files = journaled_state(&state_dir, Arc::new(ProxyPolicy::new(&state_dir)), &metrics);
+        let failures = files.errors.with_label_values(&["journal"]);
+        let shutdown = CancellationToken::new();
+        let persister = tokio::spawn(persist_state(files, shutdown.clone()));
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        // At 0, 0.5, 1.5, 3.5 and 7.5 s; every 250 ms it was 40.
+        assert_eq!(failures.get(), 5);
+        std::fs::create_dir(&state_dir).unwrap();
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        assert_eq!(failures.get(), 5);
+        shutdown.cancel();
+        persister.await.unwrap();
+        let reopened = Journal::open(&state_dir, 16, metrics.peer.clone());
+        assert_eq!(reopened.len(), 1);
     }
 }
