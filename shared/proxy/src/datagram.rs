@@ -137,11 +137,17 @@ impl Datagram {
         while next < outbox.len() {
             match outbox.send_from(self.io.get_ref().as_raw_fd(), next) {
                 Ok(sent) => next += sent.max(1),
-                // An ICMP error for an earlier datagram of this connected socket (its upstream
-                // was down a moment) is reported by the next send, which it stops: this
-                // datagram never left. It gets one more try, or a healthy query would fail for
-                // an old one.
-                Err(error) if is_stale_report(&error) && stale_report_for != Some(next) => {
+                // An error the kernel kept from an ICMP message about an earlier datagram of
+                // this connected socket (its upstream was down a moment, a firewall refused
+                // one: port or protocol unreachable, administratively prohibited, a
+                // parameter problem, too big) is reported by the next send, which it stops:
+                // this datagram never left. Any error but a full buffer gets one more try, or
+                // a healthy query would fail for an old one; one that lasts (no route, port
+                // 0) fails the second time too.
+                Err(error)
+                    if error.kind() != io::ErrorKind::WouldBlock
+                        && stale_report_for != Some(next) =>
+                {
                     stale_report_for = Some(next);
                 }
                 Err(error) if error.kind() == io::ErrorKind::WouldBlock && !wait_for_room => {
@@ -167,15 +173,6 @@ impl Datagram {
         outbox.clear();
         failed
     }
-}
-
-/// An error the kernel keeps on a connected socket from an ICMP message about an earlier
-/// datagram, and hands to the next call.
-fn is_stale_report(error: &io::Error) -> bool {
-    matches!(
-        error.raw_os_error(),
-        Some(libc::ECONNREFUSED | libc::EHOSTUNREACH | libc::ENETUNREACH)
-    )
 }
 
 /// Datagrams read by one [`Datagram::recv_batch`].
@@ -484,6 +481,60 @@ mod tests {
         let mut inbox = Inbox::new(4, 64);
         assert_eq!(receiver.recv_batch(&mut inbox).await.unwrap(), 1);
         assert_eq!(inbox.get_mut(0).unwrap().unwrap().0, b"after");
+    }
+
+    /// Only port, host and network unreachable were taken for an earlier datagram's report:
+    /// after a protocol unreachable (or an ICMPv6 administratively prohibited, EACCES, as a
+    /// firewall's reject sends), the next healthy query failed. Root only: the ICMP message
+    /// is sent from a raw socket.
+    #[tokio::test]
+    async fn a_send_after_any_icmp_error_is_not_lost() {
+        use socket2::{Domain, Protocol, Socket, Type};
+        let Ok(raw) = Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::ICMPV4)) else {
+            eprintln!("no raw socket (not root): skipped");
+            return;
+        };
+        let receiver = Datagram::new(UdpSocket::bind("127.0.0.1:0").unwrap()).unwrap();
+        let target = receiver.local_addr().unwrap();
+        let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+        socket.connect(target).unwrap();
+        let source = socket.local_addr().unwrap();
+        let sender = Datagram::new(socket).unwrap();
+
+        // Protocol unreachable (type 3, code 2: a hard error, ENOPROTOOPT), quoting a datagram
+        // of the sender's: its IP header and the first 8 bytes of its UDP header.
+        let mut icmp = vec![3u8, 2, 0, 0, 0, 0, 0, 0];
+        let mut quoted_ip = vec![0x45, 0, 0, 36, 0, 0, 0x40, 0, 64, 17, 0, 0];
+        quoted_ip.extend_from_slice(&[127, 0, 0, 1, 127, 0, 0, 1]);
+        icmp.extend_from_slice(&quoted_ip);
+        icmp.extend_from_slice(&source.port().to_be_bytes());
+        icmp.extend_from_slice(&target.port().to_be_bytes());
+        icmp.extend_from_slice(&[0, 16, 0, 0]);
+        let checksum = internet_checksum(&icmp);
+        icmp[2..4].copy_from_slice(&checksum.to_be_bytes());
+        raw.send_to(&icmp, &SocketAddr::from(([127, 0, 0, 1], 0)).into())
+            .unwrap();
+        // Delivered at once on loopback (a loaded machine given time).
+        tokio::time::sleep(Duration::from_millis(100)).await;
+
+        let mut outbox = Outbox::new(4);
+        outbox.push(b"after", None);
+        assert_eq!(sender.send_batch(&mut outbox).await, Vec::<usize>::new());
+        let mut inbox = Inbox::new(4, 64);
+        assert_eq!(receiver.recv_batch(&mut inbox).await.unwrap(), 1);
+        assert_eq!(inbox.get_mut(0).unwrap().unwrap().0, b"after");
+    }
+
+    /// RFC 1071's sum, for the ICMP message above.
+    fn internet_checksum(bytes: &[u8]) -> u16 {
+        let mut sum: u32 = bytes
+            .chunks(2)
+            .map(|pair| u32::from(u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)])))
+            .sum();
+        while sum > 0xffff {
+            sum = (sum & 0xffff) + (sum >> 16);
+        }
+        !u16::try_from(sum).unwrap()
     }
 
     #[tokio::test]
