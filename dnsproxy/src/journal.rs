@@ -8,7 +8,7 @@
 
 use std::collections::VecDeque;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use prost::Message;
@@ -229,6 +229,9 @@ pub struct Journal {
     changes: AtomicU64,
     /// Woken by every push: a live session hands what it journaled to the agent.
     pushed: Notify,
+    /// Whether the agent confirms what it takes: an agent of a build before confirmations
+    /// never does, and what it was sent past the bounds is no loss to count.
+    agent_confirms: AtomicBool,
 }
 
 impl Journal {
@@ -265,6 +268,7 @@ impl Journal {
             metrics,
             changes: AtomicU64::new(u64::from(rewrite)),
             pushed: Notify::new(),
+            agent_confirms: AtomicBool::new(false),
         }
     }
 
@@ -428,21 +432,32 @@ impl Journal {
             taken_bytes += size;
         }
         let copies = self.move_in_flight(&mut in_flight, queue, count, number);
-        // An agent of an older build confirms nothing: what waits stays within the journal's
-        // bounds, the oldest forgotten (sent, as before confirmations).
+        // What waits for the agent's word stays within the journal's bounds, the oldest
+        // forgotten: an agent of an older build confirms nothing (they were sent, as before
+        // confirmations); from one that confirms, they are dropped unconfirmed, as a full
+        // journal drops, and counted so (the agent stopped reading them for long).
         let forgotten = in_flight.forget_oldest_sent(self.capacity, JOURNAL_MAX_BYTES);
         if !forgotten.is_empty() {
             self.forget_in_file(&forgotten);
-            tracing::debug!(
-                forgotten = forgotten.len(),
-                "sent journal mappings the agent never confirmed forgotten"
-            );
+            if self.agent_confirms.load(Ordering::Relaxed) {
+                self.metrics.journal_dropped.inc_by(forgotten.len() as u64);
+                tracing::warn!(
+                    dropped = forgotten.len(),
+                    "journal mappings sent to the agent and never confirmed dropped: the journal is full"
+                );
+            } else {
+                tracing::debug!(
+                    forgotten = forgotten.len(),
+                    "sent journal mappings an agent that confirms nothing took forgotten"
+                );
+            }
         }
         copies
     }
 
     /// The agent has taken what a live session sent numbered up to `number`.
     pub fn sent_confirmed(&self, number: u64) {
+        self.agent_confirms.store(true, Ordering::Relaxed);
         self.confirmed(|sent| sent != REPLAYED && sent <= number);
     }
 
@@ -633,6 +648,31 @@ mod tests {
             name: name.into(),
             ..Mapping::default()
         }
+    }
+
+    /// Mappings sent to an agent that confirms what it takes, then forgotten unconfirmed at
+    /// the journal's bounds (the agent stopped reading), were lost without a count: they are
+    /// drops, as a full journal's are. An agent that confirms nothing (an older build) was
+    /// simply sent them: not counted.
+    #[test]
+    fn unconfirmed_mappings_past_the_bounds_are_counted_dropped() {
+        let metrics = warden_telemetry::Metrics::new("dnsproxy").unwrap();
+        let journal = Journal::new(10, metrics.peer.clone());
+        let send = |first: usize, number: u64| {
+            for n in first..first + 10 {
+                journal.push(mapping(&format!("n{n}.io.")));
+            }
+            journal.take_to_send(10, usize::MAX, number).len()
+        };
+        // An older agent: nothing confirmed, nothing counted.
+        assert_eq!(send(0, 1), 10);
+        assert_eq!(send(10, 2), 10);
+        assert_eq!(metrics.peer.journal_dropped.get(), 0);
+        // An agent that confirms: it took batch 2, then stopped reading.
+        journal.sent_confirmed(2);
+        assert_eq!(send(20, 3), 10);
+        assert_eq!(send(30, 4), 10);
+        assert_eq!(metrics.peer.journal_dropped.get(), 10);
     }
 
     /// The sent part's count and weight are kept as it changes rather than walked at every
