@@ -255,7 +255,19 @@ impl ProxyPolicy {
         let decoded = unseal(&bytes)
             .and_then(|payload| PolicySnapshot::decode(payload).map_err(|error| error.to_string()));
         match decoded {
-            Ok(snapshot) => Some(snapshot),
+            Ok(mut snapshot) => {
+                // A cgroup id is an inode number of the cgroup filesystem, which starts over
+                // at boot: one saved before the last boot may name another pod's cgroup now.
+                // Until the agent's snapshot comes, such senders are placed by address or,
+                // from an enrolled cgroup, get SERVFAIL, rather than another pod's policy.
+                if saved_before_boot(&self.file) {
+                    tracing::info!(path = %self.file.display(), "the persisted snapshot is from before the last boot: its cgroup ids are not used");
+                    for endpoint in &mut snapshot.endpoints {
+                        endpoint.cgroup_ids.clear();
+                    }
+                }
+                Some(snapshot)
+            }
             Err(error) => {
                 let set_aside = warden_state::set_aside(&self.file);
                 tracing::error!(path = %self.file.display(), %error, set_aside, "persisted policy snapshot does not decode");
@@ -363,6 +375,29 @@ impl ProxyPolicy {
         });
         written
     }
+}
+
+/// Whether `file` was last written before the machine booted (`btime` of `/proc/stat`); not
+/// when either cannot be read.
+fn saved_before_boot(file: &Path) -> bool {
+    let Ok(modified) = std::fs::metadata(file).and_then(|metadata| metadata.modified()) else {
+        return false;
+    };
+    let Some(boot) = boot_time() else {
+        return false;
+    };
+    modified < boot
+}
+
+fn boot_time() -> Option<std::time::SystemTime> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let seconds: u64 = stat
+        .lines()
+        .find_map(|line| line.strip_prefix("btime "))?
+        .trim()
+        .parse()
+        .ok()?;
+    Some(std::time::UNIX_EPOCH + std::time::Duration::from_secs(seconds))
 }
 
 /// Opens a sealed snapshot file: protobuf alone cannot tell a file cut at a field's end from a
@@ -492,6 +527,30 @@ spec:
         );
         assert!(!allowed(&restarted, "bbc.co.uk"));
         assert!(allowed(&restarted, "cilium.io"));
+    }
+
+    /// Cgroup ids start over at boot: a snapshot persisted before the last one placed a pod
+    /// whose new cgroup took an old id as the endpoint that had it, until the agent's came.
+    #[test]
+    fn cgroup_ids_saved_before_the_last_boot_are_not_used() {
+        let dir = tempfile::tempdir().unwrap();
+        let policy = ProxyPolicy::new(dir.path());
+        let compiled = compile(&snapshot(POLICY), &ParsedDocuments::default()).unwrap();
+        policy.install(&snapshot(POLICY), compiled, "agent");
+        policy.save().unwrap();
+        let cgroups = |loaded: PolicySnapshot| loaded.endpoints[0].cgroup_ids.clone();
+        let this_boot = ProxyPolicy::new(dir.path()).load_persisted().unwrap();
+        assert_eq!(cgroups(this_boot), [42]);
+
+        let file = std::fs::File::options()
+            .write(true)
+            .open(dir.path().join(SNAPSHOT_FILE))
+            .unwrap();
+        let before_boot = boot_time().unwrap() - std::time::Duration::from_secs(60);
+        file.set_modified(before_boot).unwrap();
+        let earlier_boot = ProxyPolicy::new(dir.path()).load_persisted().unwrap();
+        assert_eq!(earlier_boot.revision, 7);
+        assert!(cgroups(earlier_boot).is_empty());
     }
 
     #[test]
