@@ -77,8 +77,7 @@ pub fn bind_udp(address: SocketAddr) -> Result<Datagram, ProxyError> {
         source,
     };
     let socket = new_socket(address, Type::DGRAM, Protocol::UDP).map_err(error)?;
-    // Bursts of queries queue here while workers are busy; the default is small.
-    let _ = socket.set_recv_buffer_size(4 << 20);
+    crate::datagram::set_receive_buffer(&socket, crate::datagram::RECEIVE_BUFFER);
     socket.bind(&address.into()).map_err(error)?;
     Datagram::new(socket.into()).map_err(error)
 }

@@ -617,7 +617,7 @@ fn connected_socket(upstream: SocketAddr) -> std::io::Result<Datagram> {
     };
     socket.bind(&any.into())?;
     socket.connect(&upstream.into())?;
-    let _ = socket.set_recv_buffer_size(4 << 20);
+    crate::datagram::set_receive_buffer(&socket, crate::datagram::RECEIVE_BUFFER);
     Datagram::new(socket.into())
 }
 
@@ -635,7 +635,7 @@ fn dual_stack_socket() -> std::io::Result<Datagram> {
             socket
         }
     };
-    let _ = socket.set_recv_buffer_size(4 << 20);
+    crate::datagram::set_receive_buffer(&socket, crate::datagram::RECEIVE_BUFFER);
     Datagram::new(socket.into())
 }
 
