@@ -490,6 +490,17 @@ spec:
         steers: bool,
         endpoints: Arc<dyn EndpointLookup>,
     ) -> Running {
+        let settings = settings(listen, upstream, upstream_timeout, linger);
+        start_with_settings(settings, hold, steers, endpoints).await
+    }
+
+    async fn start_with_settings(
+        settings: ProxySettings,
+        hold: Duration,
+        steers: bool,
+        endpoints: Arc<dyn EndpointLookup>,
+    ) -> Running {
+        let upstream = settings.upstream;
         let datapath = Arc::new(SlowDatapath {
             delay: hold,
             calls: AtomicUsize::new(0),
@@ -509,7 +520,6 @@ spec:
             metrics: metrics.clone(),
             flows: flows.clone(),
         };
-        let settings = settings(listen, upstream, upstream_timeout, linger);
         let proxy = DnsProxy::bind(settings, context).unwrap();
         let dns = proxy.local_addrs()[0];
         let shutdown = CancellationToken::new();
@@ -706,6 +716,48 @@ spec:
         assert_eq!(accepted.load(Ordering::SeqCst), 0);
         proxy.shutdown.cancel();
         proxy.served.await.unwrap();
+    }
+
+    /// Eight client addresses holding their share of connections silent took every TCP slot
+    /// until the idle timeout (and, sending a byte now and then, for good): every other
+    /// client's TCP retry waited in the accept queue. With few slots left, a connection
+    /// waiting for a query gives its slot up after a second (RFC 7766 6.2.3).
+    #[tokio::test]
+    async fn silent_tcp_connections_make_way_when_the_slots_run_short() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let upstream = fake_upstream(true).await;
+        let mut settings = settings(
+            "127.0.0.1:0".parse().unwrap(),
+            upstream,
+            Duration::from_secs(1),
+            Duration::ZERO,
+        );
+        // Far past the test's wait: only the pressure can close them in time.
+        settings.tcp_idle_timeout = Duration::from_secs(120);
+        let proxy =
+            start_with_settings(settings, Duration::ZERO, false, Arc::new(OneEndpoint)).await;
+        let connect_from = |ip: [u8; 4]| async move {
+            let socket = tokio::net::TcpSocket::new_v4().unwrap();
+            socket.bind(SocketAddr::from((ip, 0))).unwrap();
+            socket.connect(proxy.dns).await.unwrap()
+        };
+        let mut silent = Vec::new();
+        for client in 2..10u8 {
+            for _ in 0..crate::tcp::CONNECTIONS_PER_CLIENT {
+                silent.push(connect_from([127, 0, 0, client]).await);
+            }
+        }
+        let started = Instant::now();
+        let mut asking = connect_from([127, 0, 0, 10]).await;
+        asking.write_all(&tcp_query(9)).await.unwrap();
+        let mut length = [0u8; 2];
+        tokio::time::timeout(Duration::from_secs(30), asking.read_exact(&mut length))
+            .await
+            .expect("answered while the slots were held")
+            .unwrap();
+        println!("answered after {:?}", started.elapsed());
+        proxy.shutdown.cancel();
+        drop(silent);
     }
 
     /// A client that took none of its answers lost its connection at the idle timeout, and the

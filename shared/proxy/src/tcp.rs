@@ -25,6 +25,12 @@ use crate::wire;
 
 /// Client connections served at once; more wait in the kernel's accept queue.
 pub(crate) const MAX_CONNECTIONS: usize = 1024;
+/// With fewer free connection slots than this, a connection waiting for its next query gives
+/// its slot up after [`BUSY_IDLE`] rather than the idle timeout (RFC 7766 6.2.3: close idle
+/// connections under pressure), so that silent clients cannot keep others' TCP retries in the
+/// accept queue.
+const BUSY_BELOW_FREE: usize = MAX_CONNECTIONS / 4;
+const BUSY_IDLE: Duration = Duration::from_secs(1);
 /// Connections one client address may hold at once: a client keeping hundreds open (a query
 /// every few seconds keeps each) would otherwise leave every other client's TCP retries
 /// waiting in the accept queue. Further ones are closed at once and counted.
@@ -116,9 +122,9 @@ pub(crate) async fn listener_loop(
                 };
                 let _ = stream.set_nodelay(true);
                 let (engine, stop, queries) = (engine.clone(), stop.clone(), tracker.clone());
-                let exchanges = exchanges.clone();
+                let (exchanges, slots) = (exchanges.clone(), connections.clone());
                 tracker.spawn(async move {
-                    connection(stream, client, engine, exchanges, stop, queries).await;
+                    connection(stream, client, engine, exchanges, slots, stop, queries).await;
                     drop((slot, admitted));
                 });
             }
@@ -131,6 +137,31 @@ pub(crate) async fn listener_loop(
     }
 }
 
+/// Waits for the first bytes of the next query: up to `idle`, or [`BUSY_IDLE`] while the free
+/// slots are few (checked at least once a [`BUSY_IDLE`]); `Err` when the wait is over.
+async fn next_read(
+    reader: &mut tokio::net::tcp::OwnedReadHalf,
+    buffer: &mut [u8],
+    idle: Duration,
+    slots: &Semaphore,
+) -> Result<std::io::Result<usize>, tokio::time::error::Elapsed> {
+    let started = tokio::time::Instant::now();
+    loop {
+        let limit = if slots.available_permits() < BUSY_BELOW_FREE {
+            idle.min(BUSY_IDLE)
+        } else {
+            idle
+        };
+        let left = limit.saturating_sub(started.elapsed());
+        // A read cut short by its timeout has taken nothing: the next one gets what came.
+        match tokio::time::timeout(left.min(BUSY_IDLE), reader.read(buffer)).await {
+            Ok(read) => return Ok(read),
+            Err(elapsed) if started.elapsed() >= limit || left.is_zero() => return Err(elapsed),
+            Err(_) => {}
+        }
+    }
+}
+
 /// One client connection: queries are read in a loop and answered concurrently, at most
 /// [`QUERIES_PER_CONNECTION`] at a time; answers are written by one writer in the order they
 /// complete. A client that takes no answer for the idle timeout loses the connection.
@@ -139,6 +170,7 @@ async fn connection(
     client: SocketAddr,
     engine: Arc<Engine>,
     exchanges: Arc<Semaphore>,
+    slots: Arc<Semaphore>,
     stop: CancellationToken,
     tracker: TaskTracker,
 ) {
@@ -183,7 +215,7 @@ async fn connection(
             biased;
             _ = stop.cancelled() => break,
             () = answers.closed() => break,
-            first = tokio::time::timeout(idle, reader.read(&mut prefix)) => first,
+            first = next_read(&mut reader, &mut prefix, idle, &slots) => first,
         };
         match first {
             Ok(Ok(read)) if read > 0 => {}
