@@ -85,8 +85,10 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } sock_origins SEC(".maps");
 
-/* What releases before sock_origins kept, by socket cookie: still read (never written) for
- * sockets such a release redirected, which outlive an upgrade. */
+/* What releases before sock_origins kept, by socket cookie. Still written beside the storage,
+ * and read: for sockets such a release redirected, which outlive an upgrade; for a rollback to
+ * one, which reads nothing else; and for a socket such a release redirected anew after a
+ * rollback, when upgraded again (see sock_orig_of). */
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, 65536);
@@ -94,18 +96,6 @@ struct {
 	__type(value, struct warden_sock_orig);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } sock_orig SEC(".maps");
-
-/* A socket's original server: its own storage, else what an earlier release left by cookie. */
-static __always_inline struct warden_sock_orig *sock_orig_of(struct bpf_sock *sk, __u64 cookie)
-{
-	struct warden_sock_orig *so = NULL;
-
-	if (sk)
-		so = bpf_sk_storage_get(&sock_origins, sk, 0, 0);
-	if (!so)
-		so = bpf_map_lookup_elem(&sock_orig, &cookie);
-	return so;
-}
 
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
@@ -294,6 +284,29 @@ static __always_inline int sockaddr_eq(const struct warden_sockaddr *x,
 				       const struct warden_sockaddr *y)
 {
 	return addr_eq(x->addr, y->addr) && x->port == y->port && x->family == y->family;
+}
+
+static __always_inline int sock_orig_eq(const struct warden_sock_orig *x,
+					const struct warden_sock_orig *y)
+{
+	return sockaddr_eq(&x->orig, &y->orig) && sockaddr_eq(&x->target, &y->target);
+}
+
+/* A socket's original server: its own storage, unless the cookie's entry says otherwise. This
+ * release writes both alike; they differ only where an earlier release, rolled back to, wrote
+ * the entry since (the storage it does not know kept what this one wrote before), or where the
+ * storage has nothing, as for a socket an earlier release redirected: the entry is the newer
+ * then. One another socket's churn evicted leaves the storage alone. */
+static __always_inline struct warden_sock_orig *sock_orig_of(struct bpf_sock *sk, __u64 cookie)
+{
+	struct warden_sock_orig *so = NULL;
+	struct warden_sock_orig *by_cookie = bpf_map_lookup_elem(&sock_orig, &cookie);
+
+	if (sk)
+		so = bpf_sk_storage_get(&sock_origins, sk, 0, 0);
+	if (by_cookie && (!so || !sock_orig_eq(so, by_cookie)))
+		return by_cookie;
+	return so;
 }
 
 /*
@@ -659,15 +672,23 @@ static __always_inline int sock_egress(struct bpf_sock_addr *ctx, int v6, __u8 r
 			so.orig.port = port;
 			so.orig.family = v6 ? WARDEN_AF_INET6 : WARDEN_AF_INET;
 			so.target.family = so.orig.family;
+			__u64 cookie = bpf_get_socket_cookie(ctx);
+			struct warden_sock_orig *by_cookie;
+
 			if (ctx->sk)
 				kept = bpf_sk_storage_get(&sock_origins, ctx->sk, 0,
 							  BPF_SK_STORAGE_GET_F_CREATE);
 			/* A resolver's socket asks the same server query after query: written only
-			 * when it changes. (A thread reading it meanwhile, in recvmsg, can see half
-			 * of a change; only a socket switching servers mid-query could.) */
-			if (kept && (!sockaddr_eq(&kept->orig, &so.orig) ||
-				     !sockaddr_eq(&kept->target, &so.target)))
+			 * when it changes. (A thread reading it meanwhile, in egress, can see half of
+			 * a change; only a socket switching servers mid-query could.) */
+			if (kept && !sock_orig_eq(kept, &so))
 				*kept = so;
+			/* And by cookie, for a release before the storage (see sock_orig). An LRU
+			 * update allocates and takes locks; a lookup, which also keeps the entry
+			 * young, does not. */
+			by_cookie = bpf_map_lookup_elem(&sock_orig, &cookie);
+			if (!by_cookie || !sock_orig_eq(by_cookie, &so))
+				bpf_map_update_elem(&sock_orig, &cookie, &so, BPF_ANY);
 			if (v6)
 				write_user_ip6(ctx, so.target.addr);
 			else

@@ -268,9 +268,12 @@ impl Maps {
     pub(crate) fn open(bpffs: &Path) -> Result<Self, DatapathError> {
         let dir = loader::maps_dir(bpffs);
         // The sockets' original servers are the programs' own; opening them typed only checks
-        // their layout.
+        // their layout. Pins of an agent older than `sock_origins` have none: a dnsproxy
+        // upgraded first opens them all the same.
         let mut opened = OpenedIds::new();
-        typed::<SkStorage<MapData, RawSockOrig>>(&dir, map::SOCK_ORIGINS, &mut opened)?;
+        if dir.join(map::SOCK_ORIGINS).exists() {
+            typed::<SkStorage<MapData, RawSockOrig>>(&dir, map::SOCK_ORIGINS, &mut opened)?;
+        }
         typed::<HashMap<MapData, u64, RawSockOrig>>(&dir, map::SOCK_ORIG, &mut opened)?;
         Ok(Self {
             endpoints: typed(&dir, map::ENDPOINTS, &mut opened)?,

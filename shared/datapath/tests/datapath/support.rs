@@ -609,11 +609,11 @@ pub fn run_probe() {
                 Err(e) => println!("PROBE from=err{}", e.raw_os_error().unwrap_or(-1)),
             }
         }
-        // A connected UDP socket as a release before socket storage left it: connected to
-        // TARGET itself, its cookie written to COOKIE_FILE for the test to record an original
-        // under, then, once FLAG_FILE exists, as `udp-dns-connected`
-        // (`udp-dns-connected-legacy COOKIE_FILE FLAG_FILE TARGET`).
-        "udp-dns-connected-legacy" => {
+        // `udp-dns-connected` to SERVER, paused after the connect: the socket's cookie is
+        // written to COOKIE_FILE (for the test to record an original under, as a release
+        // before socket storage did), and the rest waits for FLAG_FILE
+        // (`udp-dns-connected-paused COOKIE_FILE FLAG_FILE SERVER`).
+        "udp-dns-connected-paused" => {
             let (cookie_file, flag) = (PathBuf::from(words[1]), PathBuf::from(words[2]));
             let target = addr(3);
             let socket = udp_socket_for(target);
