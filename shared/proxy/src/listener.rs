@@ -25,16 +25,17 @@ impl ListenerPair {
     }
 }
 
-/// Binds UDP and TCP on `address`. Port 0 means "any port", the same for both transports,
-/// which tests use to run many proxies side by side.
-pub fn bind_pair(address: SocketAddr) -> Result<ListenerPair, ProxyError> {
+/// Binds UDP and TCP on `address`, the UDP socket with a receive buffer of `receive_buffer`
+/// bytes. Port 0 means "any port", the same for both transports, which tests use to run many
+/// proxies side by side.
+pub fn bind_pair(address: SocketAddr, receive_buffer: usize) -> Result<ListenerPair, ProxyError> {
     if address.port() != 0 {
-        let udp = bind_udp(address)?;
+        let udp = bind_udp(address, receive_buffer)?;
         let tcp = bind_tcp(address)?;
         return Ok(ListenerPair { udp, tcp });
     }
     for _ in 0..SHARED_PORT_ATTEMPTS {
-        let udp = bind_udp(address)?;
+        let udp = bind_udp(address, receive_buffer)?;
         let bound = udp.local_addr().map_err(|source| ProxyError::Bind {
             transport: "udp",
             address,
@@ -70,14 +71,14 @@ fn new_socket(address: SocketAddr, kind: Type, protocol: Protocol) -> std::io::R
 }
 
 /// One more UDP socket on `address`, beside those [`bind_pair`] bound.
-pub fn bind_udp(address: SocketAddr) -> Result<Datagram, ProxyError> {
+pub fn bind_udp(address: SocketAddr, receive_buffer: usize) -> Result<Datagram, ProxyError> {
     let error = |source| ProxyError::Bind {
         transport: "udp",
         address,
         source,
     };
     let socket = new_socket(address, Type::DGRAM, Protocol::UDP).map_err(error)?;
-    crate::datagram::set_receive_buffer(&socket, crate::datagram::RECEIVE_BUFFER);
+    crate::datagram::set_receive_buffer(&socket, receive_buffer);
     socket.bind(&address.into()).map_err(error)?;
     Datagram::new(socket.into()).map_err(error)
 }
@@ -101,10 +102,10 @@ mod tests {
 
     #[tokio::test]
     async fn two_pairs_share_one_port() {
-        let first = bind_pair("127.0.0.1:0".parse().unwrap()).unwrap();
+        let first = bind_pair("127.0.0.1:0".parse().unwrap(), 1 << 20).unwrap();
         let port = first.local_addr().unwrap();
         assert_eq!(first.tcp.local_addr().unwrap(), port);
-        let second = bind_pair(port).unwrap();
+        let second = bind_pair(port, 1 << 20).unwrap();
         assert_eq!(second.local_addr(), Some(port));
     }
 
@@ -112,7 +113,7 @@ mod tests {
     /// SO_REUSEPORT) cannot bind the DNS address beside the proxies and take their queries.
     #[tokio::test]
     async fn no_socket_outside_the_group_binds_the_dns_port() {
-        let pair = bind_pair("127.0.0.1:0".parse().unwrap()).unwrap();
+        let pair = bind_pair("127.0.0.1:0".parse().unwrap(), 1 << 20).unwrap();
         let port = pair.local_addr().unwrap();
         let intruder = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP)).unwrap();
         intruder.set_reuse_address(true).unwrap();

@@ -13,6 +13,7 @@ use tokio_util::task::TaskTracker;
 use crate::ProxyError;
 use crate::context::ProxyContext;
 use crate::datagram::Datagram;
+use crate::datagram::{LISTEN_BUFFERS, receive_buffer_share};
 use crate::engine::Engine;
 use crate::listener::{bind_pair, bind_udp};
 use crate::upstream::UpstreamPool;
@@ -59,10 +60,11 @@ impl DnsProxy {
     /// a tokio runtime.
     pub fn bind(settings: ProxySettings, context: ProxyContext) -> Result<DnsProxy, ProxyError> {
         let per_address = settings.listen_sockets.max(1);
+        let receive_buffer = receive_buffer_share(LISTEN_BUFFERS, per_address);
         let mut udp_listeners = Vec::with_capacity(settings.listen.len() * per_address);
         let mut tcp_listeners = Vec::with_capacity(settings.listen.len());
         for address in &settings.listen {
-            let pair = bind_pair(*address)?;
+            let pair = bind_pair(*address, receive_buffer)?;
             // The kernel hands each of the port's sockets its share of the clients (by a hash
             // of their addresses), and each socket has a loop of its own: one reading every
             // query is one core's work however many the node has.
@@ -73,7 +75,7 @@ impl DnsProxy {
             })?;
             udp_listeners.push(Arc::new(pair.udp));
             for _ in 1..per_address {
-                udp_listeners.push(Arc::new(bind_udp(bound)?));
+                udp_listeners.push(Arc::new(bind_udp(bound, receive_buffer)?));
             }
             tcp_listeners.push(pair.tcp);
         }
@@ -724,7 +726,27 @@ spec:
     /// waiting for a query gives its slot up after a second (RFC 7766 6.2.3).
     #[tokio::test]
     async fn silent_tcp_connections_make_way_when_the_slots_run_short() {
+        tcp_slots_held_make_way(&[]).await;
+    }
+
+    /// The same, held inside a message (a byte sent, and nothing more for a while): the rest
+    /// of a message has one deadline, a second while the slots run short.
+    #[tokio::test]
+    async fn tcp_connections_inside_a_message_make_way_when_the_slots_run_short() {
+        tcp_slots_held_make_way(&[0]).await;
+    }
+
+    /// Every TCP slot of a proxy taken by connections that sent `sent` and then nothing, one
+    /// more client's query is answered.
+    async fn tcp_slots_held_make_way(sent: &'static [u8]) {
+        use nix::sys::resource::{Resource, getrlimit, setrlimit};
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        // Both ends of 1,025 connections in this process, beside the other tests'.
+        let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
+        if hard < 8192 || setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_err() {
+            eprintln!("fewer than 8,192 file descriptors allowed: skipped");
+            return;
+        }
         let upstream = fake_upstream(true).await;
         let mut settings = settings(
             "127.0.0.1:0".parse().unwrap(),
@@ -741,10 +763,12 @@ spec:
             socket.bind(SocketAddr::from((ip, 0))).unwrap();
             socket.connect(proxy.dns).await.unwrap()
         };
-        let mut silent = Vec::new();
+        let mut held = Vec::new();
         for client in 2..10u8 {
             for _ in 0..crate::tcp::CONNECTIONS_PER_CLIENT {
-                silent.push(connect_from([127, 0, 0, client]).await);
+                let mut connection = connect_from([127, 0, 0, client]).await;
+                connection.write_all(sent).await.unwrap();
+                held.push(connection);
             }
         }
         let started = Instant::now();
@@ -757,7 +781,7 @@ spec:
             .unwrap();
         println!("answered after {:?}", started.elapsed());
         proxy.shutdown.cancel();
-        drop(silent);
+        drop(held);
     }
 
     /// A client that took none of its answers lost its connection at the idle timeout, and the

@@ -147,11 +147,7 @@ async fn next_read(
 ) -> Result<std::io::Result<usize>, tokio::time::error::Elapsed> {
     let started = tokio::time::Instant::now();
     loop {
-        let limit = if slots.available_permits() < BUSY_BELOW_FREE {
-            idle.min(BUSY_IDLE)
-        } else {
-            idle
-        };
+        let limit = wait_limit(idle, slots);
         let left = limit.saturating_sub(started.elapsed());
         // A read cut short by its timeout has taken nothing: the next one gets what came.
         match tokio::time::timeout(left.min(BUSY_IDLE), reader.read(buffer)).await {
@@ -159,6 +155,16 @@ async fn next_read(
             Err(elapsed) if started.elapsed() >= limit || left.is_zero() => return Err(elapsed),
             Err(_) => {}
         }
+    }
+}
+
+/// How long a connection may wait for a client: `idle`, or [`BUSY_IDLE`] while the free slots
+/// are few.
+fn wait_limit(idle: Duration, slots: &Semaphore) -> Duration {
+    if slots.available_permits() < BUSY_BELOW_FREE {
+        idle.min(BUSY_IDLE)
+    } else {
+        idle
     }
 }
 
@@ -222,13 +228,16 @@ async fn connection(
             // Idle, closed by the client, or reset: nothing more to read.
             _ => break,
         }
+        // The rest of the message within one deadline: a byte now and then must not hold a
+        // connection, least of all while the slots run short.
+        let message_deadline = tokio::time::Instant::now() + wait_limit(idle, &slots);
         // Half a length prefix, then silence or the end: a broken client, counted as one
         // that stops inside a message.
         if matches!(first, Ok(Ok(1))) {
             let second = tokio::select! {
                 biased;
                 _ = stop.cancelled() => break,
-                second = tokio::time::timeout(idle, reader.read_exact(&mut prefix[1..])) => second,
+                second = tokio::time::timeout_at(message_deadline, reader.read_exact(&mut prefix[1..])) => second,
             };
             if !matches!(second, Ok(Ok(_))) {
                 engine.malformed(Transport::Tcp);
@@ -249,7 +258,7 @@ async fn connection(
             biased;
             // Stopping: a client slow to send its query asks the peer again.
             _ = stop.cancelled() => break,
-            read = tokio::time::timeout(idle, reader.read_exact(&mut packet)) => read,
+            read = tokio::time::timeout_at(message_deadline, reader.read_exact(&mut packet)) => read,
         };
         if !matches!(read, Ok(Ok(_))) {
             engine.malformed(Transport::Tcp);

@@ -26,7 +26,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::ProxyError;
-use crate::datagram::Datagram;
+use crate::datagram::{Datagram, POOL_BUFFERS, receive_buffer_share};
 use crate::response::{packet_id, set_id};
 use crate::wire::{self, Answer};
 
@@ -361,9 +361,10 @@ impl<W: Waiter> UpstreamPool<W> {
     pub fn open(size: usize, upstream: SocketAddr) -> Result<UpstreamPool<W>, ProxyError> {
         let size = size.max(1);
         let upstream = canonical(upstream);
+        let receive_buffer = receive_buffer_share(POOL_BUFFERS, 2 * size);
         let mut sockets = Vec::with_capacity(2 * size);
         for _ in 0..size {
-            match connected_socket(upstream) {
+            match connected_socket(upstream, receive_buffer) {
                 Ok(socket) => sockets.push(Arc::new(PoolSocket {
                     socket,
                     peer: Some(upstream),
@@ -383,7 +384,7 @@ impl<W: Waiter> UpstreamPool<W> {
         // resolver of the cluster's): a server farther off than the rest at worst gets a copy
         // of a query it was slow to answer, and then the wait backs off.
         for _ in 0..size {
-            let socket = dual_stack_socket().map_err(ProxyError::UpstreamSocket)?;
+            let socket = dual_stack_socket(receive_buffer).map_err(ProxyError::UpstreamSocket)?;
             let dual_stack = socket.local_addr().is_ok_and(|local| local.is_ipv6());
             sockets.push(Arc::new(PoolSocket {
                 socket,
@@ -610,7 +611,7 @@ pub async fn exchange_tcp(
 }
 
 /// A socket of the upstream's family, bound to a random port and connected to it.
-fn connected_socket(upstream: SocketAddr) -> std::io::Result<Datagram> {
+fn connected_socket(upstream: SocketAddr, receive_buffer: usize) -> std::io::Result<Datagram> {
     let socket = Socket::new(
         Domain::for_address(upstream),
         Type::DGRAM,
@@ -622,12 +623,12 @@ fn connected_socket(upstream: SocketAddr) -> std::io::Result<Datagram> {
     };
     socket.bind(&any.into())?;
     socket.connect(&upstream.into())?;
-    crate::datagram::set_receive_buffer(&socket, crate::datagram::RECEIVE_BUFFER);
+    crate::datagram::set_receive_buffer(&socket, receive_buffer);
     Datagram::new(socket.into())
 }
 
 /// A socket for IPv4 and IPv6 servers alike, falling back to IPv4 only on hosts without IPv6.
-fn dual_stack_socket() -> std::io::Result<Datagram> {
+fn dual_stack_socket(receive_buffer: usize) -> std::io::Result<Datagram> {
     let socket = match Socket::new(Domain::IPV6, Type::DGRAM, Some(Protocol::UDP)) {
         Ok(socket) => {
             socket.set_only_v6(false)?;
@@ -640,7 +641,7 @@ fn dual_stack_socket() -> std::io::Result<Datagram> {
             socket
         }
     };
-    crate::datagram::set_receive_buffer(&socket, crate::datagram::RECEIVE_BUFFER);
+    crate::datagram::set_receive_buffer(&socket, receive_buffer);
     Datagram::new(socket.into())
 }
 
@@ -705,17 +706,18 @@ mod tests {
             .unwrap();
         assert_eq!(packet_id(&reply), Some(7));
         let client = upstream.await.unwrap();
-        // /proc/net/tcp: "sl local_address rem_address st ...", addresses as hex IP:port.
-        let time_wait = format!(":{:04X} ", client.port());
+        // /proc/net/tcp: "sl local_address rem_address st ...", addresses as hex IP:port
+        // (127.0.0.1 as 0100007F). The proxy's end, in any state (TIME_WAIT is 06).
+        let (local, remote) = (
+            format!("0100007F:{:04X}", client.port()),
+            format!("0100007F:{:04X}", server.port()),
+        );
         let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
         let lingering: Vec<&str> = table
             .lines()
             .filter(|line| {
                 let fields: Vec<&str> = line.split_whitespace().collect();
-                fields
-                    .get(1)
-                    .is_some_and(|local| format!("{local} ").ends_with(&time_wait))
-                    && fields.get(3) == Some(&"06")
+                fields.get(1) == Some(&local.as_str()) && fields.get(2) == Some(&remote.as_str())
             })
             .collect();
         assert!(lingering.is_empty(), "{lingering:?}");
