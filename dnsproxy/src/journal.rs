@@ -473,6 +473,9 @@ impl Journal {
     /// of anything journaled meanwhile (the agent may have some of it; taken twice, a mapping
     /// changes nothing).
     pub fn session_ended(&self) {
+        // The next session's agent may be another build (a rollback): it says anew whether
+        // it confirms.
+        self.agent_confirms.store(false, Ordering::Relaxed);
         let mut in_flight = self.in_flight();
         let unconfirmed = in_flight.take_all();
         if unconfirmed.is_empty() {
@@ -673,6 +676,24 @@ mod tests {
         assert_eq!(send(20, 3), 10);
         assert_eq!(send(30, 4), 10);
         assert_eq!(metrics.peer.journal_dropped.get(), 10);
+    }
+
+    /// Whether the agent confirms is said anew by each session's: after one that did, a
+    /// rolled-back agent that confirms nothing set off the journal-full alert for mappings
+    /// it was sent.
+    #[test]
+    fn each_session_says_anew_whether_its_agent_confirms() {
+        let metrics = warden_telemetry::Metrics::new("dnsproxy").unwrap();
+        let journal = Journal::new(10, metrics.peer.clone());
+        journal.sent_confirmed(0);
+        journal.session_ended();
+        for (first, number) in [(0, 1), (10, 2)] {
+            for n in first..first + 10 {
+                journal.push(mapping(&format!("n{n}.io.")));
+            }
+            assert_eq!(journal.take_to_send(10, usize::MAX, number).len(), 10);
+        }
+        assert_eq!(metrics.peer.journal_dropped.get(), 0);
     }
 
     /// The sent part's count and weight are kept as it changes rather than walked at every

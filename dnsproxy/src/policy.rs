@@ -189,6 +189,9 @@ pub struct ProxyPolicy {
     /// acknowledges a revision only then, so an acknowledged policy is on disk unless the
     /// write failed (counted and logged).
     settled: tokio::sync::watch::Sender<u64>,
+    /// The persisted snapshot was from before the last boot, and loaded without its cgroup
+    /// ids (see [`ProxyPolicy::load_persisted`]).
+    persisted_before_boot: std::sync::atomic::AtomicBool,
 }
 
 /// The latest snapshot from the agent not yet on disk; a newer one replaces it.
@@ -230,7 +233,15 @@ impl ProxyPolicy {
             unsaved: Mutex::new(Unsaved::default()),
             save_wanted: tokio::sync::Notify::new(),
             settled: tokio::sync::watch::Sender::new(0),
+            persisted_before_boot: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// Whether the persisted snapshot loaded last was from before the last boot: enforced
+    /// without its cgroup ids, it places no sender by cgroup.
+    pub fn persisted_before_boot(&self) -> bool {
+        self.persisted_before_boot
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     pub fn state(&self) -> PolicyState {
@@ -260,7 +271,10 @@ impl ProxyPolicy {
                 // at boot: one saved before the last boot may name another pod's cgroup now.
                 // Until the agent's snapshot comes, such senders are placed by address or,
                 // from an enrolled cgroup, get SERVFAIL, rather than another pod's policy.
-                if saved_before_boot(&self.file) {
+                let before_boot = saved_before_boot(&self.file);
+                self.persisted_before_boot
+                    .store(before_boot, std::sync::atomic::Ordering::Relaxed);
+                if before_boot {
                     tracing::info!(path = %self.file.display(), "the persisted snapshot is from before the last boot: its cgroup ids are not used");
                     for endpoint in &mut snapshot.endpoints {
                         endpoint.cgroup_ids.clear();
@@ -347,6 +361,18 @@ impl ProxyPolicy {
     /// Follows the number of the last install from the agent whose save was tried.
     pub fn settled(&self) -> tokio::sync::watch::Receiver<u64> {
         self.settled.subscribe()
+    }
+
+    /// Settles the latest install without a write, as a failed write does: the persister
+    /// waits before trying again a disk that refused the last one, and the agent should not
+    /// wait as long to hear the policy is in force.
+    pub fn settle_unsaved(&self) {
+        let install = self.unsaved().installs;
+        self.settled.send_if_modified(|settled| {
+            let moved = install > *settled;
+            *settled = (*settled).max(install);
+            moved
+        });
     }
 
     /// Writes the latest unsaved snapshot to `state_dir` (temporary file, fsync, rename); blocks.
@@ -539,8 +565,9 @@ spec:
         policy.install(&snapshot(POLICY), compiled, "agent");
         policy.save().unwrap();
         let cgroups = |loaded: PolicySnapshot| loaded.endpoints[0].cgroup_ids.clone();
-        let this_boot = ProxyPolicy::new(dir.path()).load_persisted().unwrap();
-        assert_eq!(cgroups(this_boot), [42]);
+        let restarted = ProxyPolicy::new(dir.path());
+        assert_eq!(cgroups(restarted.load_persisted().unwrap()), [42]);
+        assert!(!restarted.persisted_before_boot());
 
         let file = std::fs::File::options()
             .write(true)
@@ -548,9 +575,11 @@ spec:
             .unwrap();
         let before_boot = boot_time().unwrap() - std::time::Duration::from_secs(60);
         file.set_modified(before_boot).unwrap();
-        let earlier_boot = ProxyPolicy::new(dir.path()).load_persisted().unwrap();
+        let rebooted = ProxyPolicy::new(dir.path());
+        let earlier_boot = rebooted.load_persisted().unwrap();
         assert_eq!(earlier_boot.revision, 7);
         assert!(cgroups(earlier_boot).is_empty());
+        assert!(rebooted.persisted_before_boot());
     }
 
     #[test]

@@ -80,6 +80,8 @@ struct ProxyDatapath {
     /// Whether `dns.prefer` is in force: not before a policy is installed (see
     /// [`ProxyDatapath::apply_preference`]).
     preference_applied: AtomicBool,
+    /// Whether a policy the proxy can place senders by was installed.
+    policy_installed: AtomicBool,
     /// Registrations counted under `warden_datapath_{updates,errors}_total{op="reuseport"}`:
     /// the status's `dns_port_holders` says who serves, not whether the datapath can steer to
     /// this process.
@@ -95,6 +97,9 @@ impl ProxyDatapath {
     /// `policy_installed`: whether the proxy enforces a policy now (see
     /// [`ProxyDatapath::apply_preference`]).
     fn ensure(&self, bpffs: &Path, policy_installed: bool) {
+        if policy_installed {
+            self.policy_installed.store(true, Ordering::Relaxed);
+        }
         if let Some(open) = self.enforcement.datapath()
             && open.bpffs() == bpffs
         {
@@ -154,6 +159,16 @@ impl ProxyDatapath {
     /// serves, answers as its policy says: the agent is preferred until then (the selection
     /// falls back to this process's sockets while the agent has none).
     fn apply_preference(&self, datapath: &Datapath, policy_installed: bool) {
+        // Left the port (its sockets handed back at shutdown): steering to it now would send
+        // the queries to sockets about to close.
+        if self
+            .sockets
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_empty()
+        {
+            return;
+        }
         let preferred = if policy_installed {
             serving::preferred_instance(self.prefer)
         } else {
@@ -164,6 +179,23 @@ impl ProxyDatapath {
                 .preference_applied
                 .store(policy_installed, Ordering::Relaxed),
             Err(error) => tracing::warn!(%error, "cannot apply dns.prefer"),
+        }
+    }
+
+    /// While the proxy has no policy, keeps the agent preferred: the agent applies `dns.prefer`
+    /// at each of its starts (and steers to this process at each graceful stop), which left
+    /// the enrolled workloads' queries to this process's SERVFAIL until the agent's next stop.
+    fn keep_agent_preferred(&self) {
+        if self.policy_installed.load(Ordering::Relaxed) || !self.registered.load(Ordering::Relaxed)
+        {
+            return;
+        }
+        let Some(datapath) = self.enforcement.datapath() else {
+            return;
+        };
+        if datapath.reuseport_preferred().ok() != Some(Some(AGENT_INSTANCE)) {
+            tracing::info!("no policy yet: DNS steered back to the agent");
+            self.apply_preference(&datapath, false);
         }
     }
 
@@ -220,6 +252,7 @@ pub async fn start(config: ProxyConfig) -> anyhow::Result<RunningProxy> {
         prefer: config.dns.prefer,
         registered: AtomicBool::new(false),
         preference_applied: AtomicBool::new(false),
+        policy_installed: AtomicBool::new(false),
         metrics: metrics.clone(),
     });
 
@@ -281,7 +314,12 @@ pub async fn start(config: ProxyConfig) -> anyhow::Result<RunningProxy> {
                     .set(i64::try_from(compiled.repository.selector_count()).unwrap_or(i64::MAX));
                 let installs = policy.install(snapshot, compiled, source);
                 match bpffs {
-                    Some(bpffs) => datapath.ensure(&bpffs, true),
+                    // One from before the last boot places no sender by cgroup: the agent
+                    // answers enrolled workloads better until its own snapshot comes.
+                    Some(bpffs) => datapath.ensure(
+                        &bpffs,
+                        source != "snapshot" || !policy.persisted_before_boot(),
+                    ),
                     None => datapath.forget(),
                 }
                 Ok(installs)
@@ -410,6 +448,18 @@ pub async fn start(config: ProxyConfig) -> anyhow::Result<RunningProxy> {
         metrics.clone(),
         shutdown.clone(),
     ));
+    tasks.spawn({
+        let (datapath, shutdown) = (datapath.clone(), shutdown.clone());
+        async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tick.tick() => datapath.keep_agent_preferred(),
+                }
+            }
+        }
+    });
     tasks.spawn(persist_state(
         StateFiles {
             journal: journal.clone(),
@@ -520,63 +570,95 @@ async fn lock_state_dir(state_dir: &Path) -> anyhow::Result<Option<std::fs::File
     }
 }
 
-/// What one round of [`StateFiles::save`] did.
+/// What one round of [`StateFiles::save`] did: for each file, whether it was written (`None`:
+/// not tried).
 struct SaveOutcome {
-    /// The journal is on disk as it was at the round's start.
-    journal_saved: bool,
-    /// A write failed (the journal's or the policy snapshot's).
-    failed: bool,
+    journal: Option<bool>,
+    policy: Option<bool>,
 }
 
 impl StateFiles {
-    /// Writes what changed on the blocking pool; says whether the journal is on disk and
-    /// whether anything failed.
-    async fn save(&self, journal_changed: bool) -> SaveOutcome {
-        let (journal, policy, dir) = (
+    /// Writes the journal (if `journal`) and the agent's unsaved policy snapshot (if `policy`)
+    /// on the blocking pool.
+    async fn save(&self, journal: bool, policy: bool) -> SaveOutcome {
+        let (journal_file, policy_file, dir) = (
             self.journal.clone(),
             self.policy.clone(),
             self.state_dir.clone(),
         );
         let saving = tokio::task::spawn_blocking(move || {
-            let journal = journal_changed.then(|| journal.save(&dir));
-            (journal, policy.save())
+            let journal = journal.then(|| journal_file.save(&dir));
+            let policy = policy.then(|| policy_file.save());
+            (journal, policy)
         });
         let (journal, policy) = match saving.await {
             Ok(results) => results,
             Err(error) => {
                 tracing::warn!(%error, "state persister panicked");
                 return SaveOutcome {
-                    journal_saved: false,
-                    failed: true,
+                    journal: journal.then_some(false),
+                    policy: policy.then_some(false),
                 };
             }
         };
-        let policy_failed = policy.is_err();
+        let outcome = SaveOutcome {
+            journal: journal.as_ref().map(Result::is_ok),
+            policy: policy.as_ref().map(Result::is_ok),
+        };
         // A full or read-only disk fails every round: one line per interval and file, every
         // failure counted.
         static POLICY_BUDGET: LogBudget = LogBudget::new(LogBudget::INTERVAL);
         static JOURNAL_BUDGET: LogBudget = LogBudget::new(LogBudget::INTERVAL);
-        if let Err(error) = policy {
+        if let Some(Err(error)) = policy {
             self.errors.with_label_values(&["policy_snapshot"]).inc();
             if let Some(held_back) = POLICY_BUDGET.allow() {
                 tracing::warn!(%error, held_back, "cannot persist the policy snapshot");
             }
         }
-        match journal {
-            Some(Err(error)) => {
-                self.errors.with_label_values(&["journal"]).inc();
-                if let Some(held_back) = JOURNAL_BUDGET.allow() {
-                    tracing::warn!(%error, held_back, "cannot persist the journal");
-                }
-                SaveOutcome {
-                    journal_saved: false,
-                    failed: true,
-                }
+        if let Some(Err(error)) = journal {
+            self.errors.with_label_values(&["journal"]).inc();
+            if let Some(held_back) = JOURNAL_BUDGET.allow() {
+                tracing::warn!(%error, held_back, "cannot persist the journal");
             }
-            Some(Ok(())) | None => SaveOutcome {
-                journal_saved: true,
-                failed: policy_failed,
-            },
+        }
+        outcome
+    }
+}
+
+/// When a file whose last save failed is tried again: after 0.5 s, twice as long after each
+/// failure, up to 10 s. A failed journal save is tried again as a whole file (up to 64 MiB),
+/// and a policy snapshot is up to 16 MiB: on a full disk, tried four times a second, they
+/// took, then gave back, the space every other writer of the filesystem needed.
+#[derive(Debug)]
+struct Backoff {
+    retry_after: Duration,
+    retry_at: Option<tokio::time::Instant>,
+}
+
+impl Backoff {
+    const FIRST: Duration = Duration::from_millis(500);
+    const MAX: Duration = Duration::from_secs(10);
+
+    fn new() -> Backoff {
+        Backoff {
+            retry_after: Backoff::FIRST,
+            retry_at: None,
+        }
+    }
+
+    fn due(&self) -> bool {
+        self.retry_at
+            .is_none_or(|at| tokio::time::Instant::now() >= at)
+    }
+
+    fn settle(&mut self, written: Option<bool>) {
+        match written {
+            None => {}
+            Some(true) => *self = Backoff::new(),
+            Some(false) => {
+                self.retry_at = Some(tokio::time::Instant::now() + self.retry_after);
+                self.retry_after = (self.retry_after * 2).min(Backoff::MAX);
+            }
         }
     }
 }
@@ -591,44 +673,35 @@ async fn persist_state(files: StateFiles, shutdown: CancellationToken) {
     // From 0: what changed since the journal was opened (a push before this task ran, a
     // damaged or older-format file to write again) is saved at the first round.
     let mut saved = 0;
-    // After a failure, the next try waits, longer each time: a failed journal save is tried
-    // again as a whole file (up to 64 MiB), and on a full disk four a second took, then gave
-    // back, the space every other writer of the filesystem needed. The last round at exit
-    // tries regardless.
-    let mut retry_after = SAVE_RETRY_FIRST;
-    let mut retry_at = None;
+    // Each file waits after its own failures (see `Backoff`): a snapshot the disk refuses
+    // does not hold back the journal's small appends. The last round at exit tries both.
+    let (mut journal_retry, mut policy_retry) = (Backoff::new(), Backoff::new());
     loop {
         let stopping = tokio::select! {
             _ = shutdown.cancelled() => true,
             _ = tick.tick() => false,
             _ = files.policy.wait_for_unsaved() => false,
         };
-        let due = stopping || retry_at.is_none_or(|at| tokio::time::Instant::now() >= at);
         let changes = files.journal.changes();
-        let journal_changed = changes != saved;
-        if due && (journal_changed || files.policy.has_unsaved()) {
-            let outcome = files.save(journal_changed).await;
-            if outcome.journal_saved {
+        let journal = changes != saved && (stopping || journal_retry.due());
+        let policy_unsaved = files.policy.has_unsaved();
+        let policy = policy_unsaved && (stopping || policy_retry.due());
+        if policy_unsaved && !policy {
+            files.policy.settle_unsaved();
+        }
+        if journal || policy {
+            let outcome = files.save(journal, policy).await;
+            if outcome.journal == Some(true) {
                 saved = changes;
             }
-            if outcome.failed {
-                retry_at = Some(tokio::time::Instant::now() + retry_after);
-                retry_after = (retry_after * 2).min(SAVE_RETRY_MAX);
-            } else {
-                retry_at = None;
-                retry_after = SAVE_RETRY_FIRST;
-            }
+            journal_retry.settle(outcome.journal);
+            policy_retry.settle(outcome.policy);
         }
         if stopping {
             return;
         }
     }
 }
-
-/// The wait before the first try after a failed save, doubled at each failure up to
-/// [`SAVE_RETRY_MAX`].
-const SAVE_RETRY_FIRST: Duration = Duration::from_millis(500);
-const SAVE_RETRY_MAX: Duration = Duration::from_secs(10);
 
 /// Expired answers leave the proxy's cache every second.
 async fn expire_cache(cache: SharedCache, metrics: Metrics, shutdown: CancellationToken) {
@@ -839,17 +912,18 @@ mod tests {
         let files = journaled_state(&state_dir, policy.clone(), &metrics);
         let failures = |file: &str| files.errors.with_label_values(&[file]).get();
 
-        let outcome = files.save(true).await;
-        assert!(
-            !outcome.journal_saved && outcome.failed,
-            "no state_dir, yet the journal saved"
+        let outcome = files.save(true, true).await;
+        assert_eq!(
+            (outcome.journal, outcome.policy),
+            (Some(false), Some(false)),
+            "no state_dir, yet saved"
         );
         assert_eq!((failures("journal"), failures("policy_snapshot")), (1, 1));
         assert!(policy.has_unsaved());
 
         std::fs::create_dir(&state_dir).unwrap();
-        let outcome = files.save(true).await;
-        assert!(outcome.journal_saved && !outcome.failed);
+        let outcome = files.save(true, true).await;
+        assert_eq!((outcome.journal, outcome.policy), (Some(true), Some(true)));
         assert_eq!((failures("journal"), failures("policy_snapshot")), (1, 1));
         assert_eq!(policy.load_persisted().map(|s| s.revision), Some(3));
         assert!(state_dir.join("journal.log").exists());
@@ -877,5 +951,39 @@ mod tests {
         persister.await.unwrap();
         let reopened = Journal::open(&state_dir, 16, metrics.peer.clone());
         assert_eq!(reopened.len(), 1);
+    }
+
+    /// The agent hears a policy is in force once its save was tried; while the persister
+    /// waited to try a refusing disk again (up to 10 s), every new revision was acknowledged
+    /// that much later.
+    #[tokio::test(start_paused = true)]
+    async fn a_policy_is_acknowledged_while_its_saves_wait() {
+        let dir = tempfile::tempdir().unwrap();
+        let state_dir = dir.path().join("state");
+        let metrics = Metrics::new("dnsproxy").unwrap();
+        let policy = Arc::new(ProxyPolicy::new(&state_dir));
+        let install = |revision| {
+            let snapshot = PolicySnapshot {
+                revision,
+                ..PolicySnapshot::default()
+            };
+            policy.install(
+                &snapshot,
+                compile(&snapshot, &Default::default()).unwrap(),
+                "agent",
+            )
+        };
+        install(3);
+        let files = journaled_state(&state_dir, policy.clone(), &metrics);
+        let shutdown = CancellationToken::new();
+        let persister = tokio::spawn(persist_state(files, shutdown.clone()));
+        // Failed at 0, 0.5, 1.5, 3.5 and 7.5 s: the next try is due at 15.5 s.
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        let settled = policy.settled();
+        let latest = install(4);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(*settled.borrow(), latest);
+        shutdown.cancel();
+        persister.await.unwrap();
     }
 }

@@ -799,7 +799,6 @@ async fn the_agent_serves_alone_and_a_lone_proxy_enforces_its_persisted_snapshot
     }
 }
 
-/// The status code of `/readyz` at `admin`, or `None` once its connection is refused.
 /// A dnsproxy without a policy (its state lost, and no session with the agent: here it is
 /// given a socket the agent does not serve) took the datapath's preference on start, and every
 /// query of the enrolled workload got its SERVFAIL while the agent, serving beside it, had the
@@ -826,15 +825,27 @@ async fn a_proxy_without_a_policy_leaves_the_queries_to_the_agent() {
         assert!(Instant::now() < deadline, "never joined: {scrape}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    let answered_by_the_agent = async |lab: &Firewall| {
+        for _ in 0..10 {
+            let reply = lab.dig("cilium.io", "A", DigOpts::default()).await.unwrap();
+            assert_eq!(reply.status, "NOERROR", "{}", reply.raw);
+        }
+        let refused = lab.dig("bbc.co.uk", "A", DigOpts::default()).await.unwrap();
+        assert_eq!(refused.status, "REFUSED", "{}", refused.raw);
+    };
     assert_eq!(status(lab.agent.admin).await["preferred"], "agent");
-    for _ in 0..10 {
-        let reply = lab.dig("cilium.io", "A", DigOpts::default()).await.unwrap();
-        assert_eq!(reply.status, "NOERROR", "{}", reply.raw);
-    }
-    let refused = lab.dig("bbc.co.uk", "A", DigOpts::default()).await.unwrap();
-    assert_eq!(refused.status, "REFUSED", "{}", refused.raw);
+    answered_by_the_agent(&lab).await;
+    // The agent restarted (it steers to the proxy as it stops, and applies dns.prefer as it
+    // starts): the proxy, still without a policy, hands the queries back.
+    lab.agent.restart().await.unwrap();
+    wait_status(lab.agent.admin, Duration::from_secs(5), |s| {
+        s["preferred"] == "agent"
+    })
+    .await;
+    answered_by_the_agent(&lab).await;
 }
 
+/// The status code of `/readyz` at `admin`, or `None` once its connection is refused.
 async fn readyz_code(admin: SocketAddr) -> Option<u16> {
     match warden_tests::warden::http_get(admin, "/readyz").await {
         Ok(_) => Some(200),

@@ -48,7 +48,8 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), StateError> {
 
 /// Creates (or empties) the file at `path`, readable and writable by its owner alone: state
 /// names every workload's lookups, its policies and addresses, none of it for other users of
-/// the node. A file left by an earlier release with wider permissions is narrowed too.
+/// the node. A file left by an earlier release with wider permissions is narrowed too, where
+/// the filesystem allows (some mounts refuse any chmod: said once, and the file written).
 pub fn create_private(path: &Path) -> std::io::Result<std::fs::File> {
     use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
     let file = std::fs::OpenOptions::new()
@@ -57,7 +58,15 @@ pub fn create_private(path: &Path) -> std::io::Result<std::fs::File> {
         .truncate(true)
         .mode(0o600)
         .open(path)?;
-    file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    let mode = file.metadata()?.permissions().mode();
+    if mode & 0o077 != 0
+        && let Err(error) = file.set_permissions(std::fs::Permissions::from_mode(0o600))
+    {
+        static WARNED: AtomicBool = AtomicBool::new(false);
+        if !WARNED.swap(true, Ordering::Relaxed) {
+            tracing::warn!(path = %path.display(), %error, "cannot make a state file private; other users of the node may read it");
+        }
+    }
     Ok(file)
 }
 
