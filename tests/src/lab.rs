@@ -712,15 +712,19 @@ impl TestCgroup {
         if !remaining.is_empty() {
             // Descendants of our children (a shell's background job): nothing enters a cgroup
             // of this subtree but what the test put there and what that started, so they are
-            // the test's to end too, and left running they would outlive it.
+            // the test's to end too, and left running they would outlive it. cgroup.kill
+            // (Linux 5.14) ends the subtree's processes at once, forks included, and cannot
+            // hit a PID reused meanwhile; before it, they are killed by PID.
             tracing::warn!(
                 pids = ?remaining,
                 "killing processes our children left in {}",
                 self.root.display()
             );
-            for &pid in &remaining {
-                if let Ok(p) = i32::try_from(pid) {
-                    let _ = kill(Pid::from_raw(p), Signal::SIGKILL);
+            if fs::write(self.root.join("cgroup.kill"), "1").is_err() {
+                for &pid in &remaining {
+                    if let Ok(p) = i32::try_from(pid) {
+                        let _ = kill(Pid::from_raw(p), Signal::SIGKILL);
+                    }
                 }
             }
             let deadline = Instant::now() + Duration::from_secs(2);
@@ -1379,9 +1383,11 @@ impl BpffsDir {
         static NEXT: AtomicU32 = AtomicU32::new(0);
         clear_stale_bpffs(Path::new(Self::ROOT), prefix);
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        BpffsDir {
-            path: Path::new(Self::ROOT).join(format!("{prefix}-{}-{n}", std::process::id())),
-        }
+        let path = Path::new(Self::ROOT).join(format!("{prefix}-{}-{n}", std::process::id()));
+        // A dead run whose PID this process has now left it (this process has not made it:
+        // `n` is new): its maps must not be taken for a fresh start's.
+        let _ = fs::remove_dir_all(&path);
+        BpffsDir { path }
     }
 
     pub fn path(&self) -> &Path {
