@@ -293,10 +293,12 @@ static __always_inline int sock_orig_eq(const struct warden_sock_orig *x,
 }
 
 /* A socket's original server: its own storage, unless the cookie's entry says otherwise. This
- * release writes both alike; they differ only where an earlier release, rolled back to, wrote
- * the entry since (the storage it does not know kept what this one wrote before), or where the
- * storage has nothing, as for a socket an earlier release redirected: the entry is the newer
- * then. One another socket's churn evicted leaves the storage alone. */
+ * release writes both alike (an entry it cannot write it removes); they differ where an earlier
+ * release, rolled back to, wrote the entry since (the storage it does not know kept what this
+ * one wrote before), or where the storage has nothing, as for a socket an earlier release
+ * redirected: the entry is the newer then. (Two threads sending one socket to two servers at
+ * once can leave them apart too, each naming one of the two.) One another socket's churn
+ * evicted leaves the storage alone. */
 static __always_inline struct warden_sock_orig *sock_orig_of(struct bpf_sock *sk, __u64 cookie)
 {
 	struct warden_sock_orig *so = NULL;
@@ -687,8 +689,11 @@ static __always_inline int sock_egress(struct bpf_sock_addr *ctx, int v6, __u8 r
 			 * update allocates and takes locks; a lookup, which also keeps the entry
 			 * young, does not. */
 			by_cookie = bpf_map_lookup_elem(&sock_orig, &cookie);
-			if (!by_cookie || !sock_orig_eq(by_cookie, &so))
-				bpf_map_update_elem(&sock_orig, &cookie, &so, BPF_ANY);
+			/* An update the LRU refuses (its free lists starved) must not leave an older
+			 * entry to outvote the storage: a removal allocates nothing. */
+			if ((!by_cookie || !sock_orig_eq(by_cookie, &so)) &&
+			    bpf_map_update_elem(&sock_orig, &cookie, &so, BPF_ANY))
+				bpf_map_delete_elem(&sock_orig, &cookie);
 			if (v6)
 				write_user_ip6(ctx, so.target.addr);
 			else

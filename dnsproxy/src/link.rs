@@ -168,9 +168,10 @@ pub struct LinkContext {
     pub apply_snapshot: SnapshotSink,
     /// The revision in force now, for the hello.
     pub revision: Arc<dyn Fn() -> u64 + Send + Sync>,
-    /// The number of the last install whose save to `state_dir` was tried: a revision is
-    /// acknowledged once in force and its save tried, so what the agent sees acknowledged is
-    /// what a restarted proxy enforces, unless the write failed (counted and logged).
+    /// The number of the last install whose save to `state_dir` was tried (or skipped while
+    /// the disk refused the last write): a revision is acknowledged once in force and its save
+    /// tried, so what the agent sees acknowledged is what a restarted proxy enforces, unless
+    /// writes fail (counted and logged).
     pub snapshot_settled: tokio::sync::watch::Receiver<u64>,
     pub serving: Arc<AtomicBool>,
 }

@@ -185,9 +185,10 @@ pub struct ProxyPolicy {
     unsaved: Mutex<Unsaved>,
     /// Wakes the persister when `unsaved` is filled.
     save_wanted: tokio::sync::Notify,
-    /// The number of the last install from the agent whose save was tried: the session
-    /// acknowledges a revision only then, so an acknowledged policy is on disk unless the
-    /// write failed (counted and logged).
+    /// The number of the last install from the agent whose save was tried, or skipped while
+    /// the disk refused the last write (see [`ProxyPolicy::settle_unsaved`]): the session
+    /// acknowledges a revision only then, so an acknowledged policy is on disk unless writes
+    /// fail (counted and logged).
     settled: tokio::sync::watch::Sender<u64>,
     /// The persisted snapshot was from before the last boot, and loaded without its cgroup
     /// ids (see [`ProxyPolicy::load_persisted`]).

@@ -82,11 +82,19 @@ struct ProxyDatapath {
     preference_applied: AtomicBool,
     /// Whether a policy the proxy can place senders by was installed.
     policy_installed: AtomicBool,
+    /// Consecutive checks of [`ProxyDatapath::keep_agent_preferred`] that found another
+    /// instance preferred.
+    not_agent_checks: std::sync::atomic::AtomicU32,
     /// Registrations counted under `warden_datapath_{updates,errors}_total{op="reuseport"}`:
     /// the status's `dns_port_holders` says who serves, not whether the datapath can steer to
     /// this process.
     metrics: Metrics,
 }
+
+/// How many checks, a second apart, a preference not the agent's lasts before a proxy without
+/// a policy takes it back (see [`ProxyDatapath::keep_agent_preferred`]): past the agent's
+/// drain at a graceful stop.
+const STEER_BACK_AFTER: u32 = 5;
 
 impl ProxyDatapath {
     /// Opens the pins under `bpffs`, unless those are open already, and registers the DNS
@@ -159,16 +167,19 @@ impl ProxyDatapath {
     /// serves, answers as its policy says: the agent is preferred until then (the selection
     /// falls back to this process's sockets while the agent has none).
     fn apply_preference(&self, datapath: &Datapath, policy_installed: bool) {
+        // Held while the preference is decided and written: the keeper, the installs and the
+        // leave at shutdown each decide on what they read under it.
+        let sockets = self.sockets.lock().unwrap_or_else(|p| p.into_inner());
         // Left the port (its sockets handed back at shutdown): steering to it now would send
         // the queries to sockets about to close.
-        if self
-            .sockets
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .is_empty()
-        {
+        if sockets.is_empty() {
             return;
         }
+        self.write_preference(datapath, policy_installed);
+    }
+
+    /// [`ProxyDatapath::apply_preference`], with `sockets` held.
+    fn write_preference(&self, datapath: &Datapath, policy_installed: bool) {
         let preferred = if policy_installed {
             serving::preferred_instance(self.prefer)
         } else {
@@ -182,21 +193,34 @@ impl ProxyDatapath {
         }
     }
 
-    /// While the proxy has no policy, keeps the agent preferred: the agent applies `dns.prefer`
-    /// at each of its starts (and steers to this process at each graceful stop), which left
-    /// the enrolled workloads' queries to this process's SERVFAIL until the agent's next stop.
+    /// Called once a second: while the proxy has no policy, keeps the agent preferred. The
+    /// agent applies `dns.prefer` at each of its starts, which left the enrolled workloads'
+    /// queries to this process's SERVFAIL until the agent's next stop. The agent steers to
+    /// this process at each graceful stop too, and drains its sockets for up to a few seconds
+    /// before they close: a preference not the agent's is taken back only once it has lasted
+    /// [`STEER_BACK_AFTER`] checks (an agent gone by then has no sockets, and the selection
+    /// falls back to these).
     fn keep_agent_preferred(&self) {
-        if self.policy_installed.load(Ordering::Relaxed) || !self.registered.load(Ordering::Relaxed)
-        {
-            return;
-        }
-        let Some(datapath) = self.enforcement.datapath() else {
+        let sockets = self.sockets.lock().unwrap_or_else(|p| p.into_inner());
+        let datapath = self.enforcement.datapath();
+        let Some(datapath) = datapath.filter(|_| {
+            !sockets.is_empty()
+                && !self.policy_installed.load(Ordering::Relaxed)
+                && self.registered.load(Ordering::Relaxed)
+        }) else {
+            self.not_agent_checks.store(0, Ordering::Relaxed);
             return;
         };
-        if datapath.reuseport_preferred().ok() != Some(Some(AGENT_INSTANCE)) {
-            tracing::info!("no policy yet: DNS steered back to the agent");
-            self.apply_preference(&datapath, false);
+        if datapath.reuseport_preferred().ok() == Some(Some(AGENT_INSTANCE)) {
+            self.not_agent_checks.store(0, Ordering::Relaxed);
+            return;
         }
+        if self.not_agent_checks.fetch_add(1, Ordering::Relaxed) + 1 < STEER_BACK_AFTER {
+            return;
+        }
+        self.not_agent_checks.store(0, Ordering::Relaxed);
+        tracing::info!("no policy yet: DNS steered back to the agent");
+        self.write_preference(&datapath, false);
     }
 
     /// The agent runs without the eBPF datapath: pins opened before its snapshot said so are
@@ -218,11 +242,9 @@ impl ProxyDatapath {
     /// At shutdown, before the sockets close: new queries go to the agent from now on.
     /// Returns whether the datapath steered them (without it there is nothing to wait for).
     fn leave(&self) -> bool {
+        let mut sockets = self.sockets.lock().unwrap_or_else(|p| p.into_inner());
         // The duplicates must go: they would keep the sockets open after they close.
-        self.sockets
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clear();
+        sockets.clear();
         self.enforcement
             .datapath()
             .is_some_and(|datapath| serving::steer_to(&datapath, AGENT_INSTANCE))
@@ -253,6 +275,7 @@ pub async fn start(config: ProxyConfig) -> anyhow::Result<RunningProxy> {
         registered: AtomicBool::new(false),
         preference_applied: AtomicBool::new(false),
         policy_installed: AtomicBool::new(false),
+        not_agent_checks: std::sync::atomic::AtomicU32::new(0),
         metrics: metrics.clone(),
     });
 

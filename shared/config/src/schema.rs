@@ -294,8 +294,8 @@ impl DnsConfig {
 
 /// More upstream sockets than this buys nothing but file descriptors.
 const MAX_UPSTREAM_SOCKETS: usize = 1024;
-/// More listener sockets per address than cores only add wake-ups and buffers (up to 4 MiB
-/// of queued queries each). The datapath's spread (`WARDEN_REUSEPORT_SPREAD`) holds this many
+/// More listener sockets per address than cores only add wake-ups (the address's 8 MiB of
+/// receive buffers are shared out among them). The datapath's spread (`WARDEN_REUSEPORT_SPREAD`) holds this many
 /// beside a process's first: raised here, the further sockets would get no queries the
 /// datapath steers.
 const MAX_LISTEN_SOCKETS: usize = 64;

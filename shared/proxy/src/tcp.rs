@@ -158,6 +158,31 @@ async fn next_read(
     }
 }
 
+/// Fills `buffer` from `reader`, within `idle` of `started`, or [`BUSY_IDLE`] of it while the
+/// free slots are few (checked at least once a [`BUSY_IDLE`]); whether it is full.
+async fn read_within(
+    reader: &mut tokio::net::tcp::OwnedReadHalf,
+    buffer: &mut [u8],
+    started: tokio::time::Instant,
+    idle: Duration,
+    slots: &Semaphore,
+) -> bool {
+    let mut filled = 0;
+    while let Some(rest) = buffer.get_mut(filled..).filter(|rest| !rest.is_empty()) {
+        let left = wait_limit(idle, slots).saturating_sub(started.elapsed());
+        if left.is_zero() {
+            return false;
+        }
+        // A read cut short by its timeout has taken nothing: the next one gets what came.
+        match tokio::time::timeout(left.min(BUSY_IDLE), reader.read(rest)).await {
+            Ok(Ok(0) | Err(_)) => return false,
+            Ok(Ok(read)) => filled += read,
+            Err(_) => {}
+        }
+    }
+    true
+}
+
 /// How long a connection may wait for a client: `idle`, or [`BUSY_IDLE`] while the free slots
 /// are few.
 fn wait_limit(idle: Duration, slots: &Semaphore) -> Duration {
@@ -228,18 +253,18 @@ async fn connection(
             // Idle, closed by the client, or reset: nothing more to read.
             _ => break,
         }
-        // The rest of the message within one deadline: a byte now and then must not hold a
-        // connection, least of all while the slots run short.
-        let message_deadline = tokio::time::Instant::now() + wait_limit(idle, &slots);
+        // The rest of the message within one deadline from its first byte: a byte now and
+        // then must not hold a connection, least of all while the slots run short.
+        let message_started = tokio::time::Instant::now();
         // Half a length prefix, then silence or the end: a broken client, counted as one
         // that stops inside a message.
         if matches!(first, Ok(Ok(1))) {
             let second = tokio::select! {
                 biased;
                 _ = stop.cancelled() => break,
-                second = tokio::time::timeout_at(message_deadline, reader.read_exact(&mut prefix[1..])) => second,
+                second = read_within(&mut reader, &mut prefix[1..], message_started, idle, &slots) => second,
             };
-            if !matches!(second, Ok(Ok(_))) {
+            if !second {
                 engine.malformed(Transport::Tcp);
                 break;
             }
@@ -258,9 +283,9 @@ async fn connection(
             biased;
             // Stopping: a client slow to send its query asks the peer again.
             _ = stop.cancelled() => break,
-            read = tokio::time::timeout_at(message_deadline, reader.read_exact(&mut packet)) => read,
+            read = read_within(&mut reader, &mut packet, message_started, idle, &slots) => read,
         };
-        if !matches!(read, Ok(Ok(_))) {
+        if !read {
             engine.malformed(Transport::Tcp);
             break;
         }

@@ -807,9 +807,9 @@ fn a_redirect_record_is_renewed_while_used_and_not_taken_once_old() {
     let age = now - stamp;
     assert!(
         // Renewed once a second (up to a query's interval late): at most 1.3 s before the
-        // client's last query, which the probe followed with a 300 ms pause and its exit;
-        // unrenewed, 3.3 s before it.
-        age < 2_600_000_000,
+        // client's last query, which the probe followed with a 300 ms pause and its exit (a
+        // slow one on a loaded machine); unrenewed, 3.3 s before it.
+        age < 3_100_000_000,
         "the record was not renewed: {age} ns old when its client was gone"
     );
 
