@@ -82,19 +82,19 @@ struct ProxyDatapath {
     preference_applied: AtomicBool,
     /// Whether a policy the proxy can place senders by was installed.
     policy_installed: AtomicBool,
-    /// Consecutive checks of [`ProxyDatapath::keep_agent_preferred`] that found another
-    /// instance preferred.
-    not_agent_checks: std::sync::atomic::AtomicU32,
+    /// Since when [`ProxyDatapath::keep_agent_preferred`] has found another instance
+    /// preferred.
+    not_agent_since: Mutex<Option<Instant>>,
+    /// How long a preference not the agent's lasts before a proxy without a policy takes it
+    /// back: past a stopping agent's drain (its linger, then its queries in flight, up to
+    /// `upstream_timeout` and `response_max_delay` and a second more), with a second to
+    /// spare; the two processes share the `dns` settings.
+    steer_back_after: Duration,
     /// Registrations counted under `warden_datapath_{updates,errors}_total{op="reuseport"}`:
     /// the status's `dns_port_holders` says who serves, not whether the datapath can steer to
     /// this process.
     metrics: Metrics,
 }
-
-/// How many checks, a second apart, a preference not the agent's lasts before a proxy without
-/// a policy takes it back (see [`ProxyDatapath::keep_agent_preferred`]): past the agent's
-/// drain at a graceful stop.
-const STEER_BACK_AFTER: u32 = 5;
 
 impl ProxyDatapath {
     /// Opens the pins under `bpffs`, unless those are open already, and registers the DNS
@@ -198,27 +198,32 @@ impl ProxyDatapath {
     /// queries to this process's SERVFAIL until the agent's next stop. The agent steers to
     /// this process at each graceful stop too, and drains its sockets for up to a few seconds
     /// before they close: a preference not the agent's is taken back only once it has lasted
-    /// [`STEER_BACK_AFTER`] checks (an agent gone by then has no sockets, and the selection
-    /// falls back to these).
+    /// `steer_back_after` (an agent gone by then has no sockets, and the selection falls back
+    /// to these).
     fn keep_agent_preferred(&self) {
         let sockets = self.sockets.lock().unwrap_or_else(|p| p.into_inner());
+        let mut not_agent_since = self
+            .not_agent_since
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         let datapath = self.enforcement.datapath();
         let Some(datapath) = datapath.filter(|_| {
             !sockets.is_empty()
                 && !self.policy_installed.load(Ordering::Relaxed)
                 && self.registered.load(Ordering::Relaxed)
         }) else {
-            self.not_agent_checks.store(0, Ordering::Relaxed);
+            *not_agent_since = None;
             return;
         };
         if datapath.reuseport_preferred().ok() == Some(Some(AGENT_INSTANCE)) {
-            self.not_agent_checks.store(0, Ordering::Relaxed);
+            *not_agent_since = None;
             return;
         }
-        if self.not_agent_checks.fetch_add(1, Ordering::Relaxed) + 1 < STEER_BACK_AFTER {
+        let since = *not_agent_since.get_or_insert_with(Instant::now);
+        if since.elapsed() < self.steer_back_after {
             return;
         }
-        self.not_agent_checks.store(0, Ordering::Relaxed);
+        *not_agent_since = None;
         tracing::info!("no policy yet: DNS steered back to the agent");
         self.write_preference(&datapath, false);
     }
@@ -275,7 +280,11 @@ pub async fn start(config: ProxyConfig) -> anyhow::Result<RunningProxy> {
         registered: AtomicBool::new(false),
         preference_applied: AtomicBool::new(false),
         policy_installed: AtomicBool::new(false),
-        not_agent_checks: std::sync::atomic::AtomicU32::new(0),
+        not_agent_since: Mutex::new(None),
+        steer_back_after: warden_enforce::LEAVE_LINGER
+            + config.dns.upstream_timeout()
+            + config.dns.response_max_delay()
+            + Duration::from_secs(2),
         metrics: metrics.clone(),
     });
 

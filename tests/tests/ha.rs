@@ -837,8 +837,8 @@ async fn a_proxy_without_a_policy_leaves_the_queries_to_the_agent() {
     assert_eq!(status(lab.agent.admin).await["preferred"], "agent");
     answered_by_the_agent(&lab).await;
     // The agent restarted (it steers to the proxy as it stops, and applies dns.prefer as it
-    // starts): the proxy, still without a policy, hands the queries back (after 5 s, past
-    // an agent's drain).
+    // starts): the proxy, still without a policy, hands the queries back (past a stopping
+    // agent's drain: 4.4 s with these settings).
     lab.agent.restart().await.unwrap();
     wait_status(lab.agent.admin, Duration::from_secs(15), |s| {
         s["preferred"] == "agent"
