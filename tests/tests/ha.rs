@@ -57,7 +57,7 @@ async fn lab_with(options: FirewallOptions) -> Firewall {
     })
     .await
     .unwrap();
-    wait_status(lab.dnsproxy().admin, Duration::from_secs(5), |s| {
+    wait_status(lab.dnsproxy().admin, Duration::from_secs(15), |s| {
         s["peer_connected"] == true
     })
     .await;
@@ -321,7 +321,7 @@ async fn the_talk_holds_with_every_agent_down_and_the_caches_converge() {
     assert_eq!(online["peer_connected"], true);
     assert_eq!(online["mode"], "online");
     assert_eq!(online["instance"], "dnsproxy");
-    let agent_status = wait_status(lab.agent.admin, Duration::from_secs(5), |s| {
+    let agent_status = wait_status(lab.agent.admin, Duration::from_secs(15), |s| {
         s["peer_connected"] == true
     })
     .await;
@@ -343,7 +343,7 @@ async fn the_talk_holds_with_every_agent_down_and_the_caches_converge() {
 
     // Every agent down.
     lab.agent.kill().unwrap();
-    let offline = wait_status(proxy_admin, Duration::from_secs(3), |s| {
+    let offline = wait_status(proxy_admin, Duration::from_secs(10), |s| {
         s["mode"] == "offline"
     })
     .await;
@@ -392,7 +392,7 @@ async fn the_talk_holds_with_every_agent_down_and_the_caches_converge() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     println!("agent ready to converged caches: {converged:?}");
-    let back = wait_status(proxy_admin, Duration::from_secs(3), |s| {
+    let back = wait_status(proxy_admin, Duration::from_secs(10), |s| {
         s["mode"] == "online"
     })
     .await;
@@ -439,7 +439,7 @@ async fn an_agent_that_lost_its_state_gets_the_proxys_cache_back_and_keeps_its_e
     }
     let mut lab = lab(policy_with_pattern()).await;
     let proxy_admin = lab.dnsproxy().admin;
-    wait_status(lab.agent.admin, Duration::from_secs(5), |s| {
+    wait_status(lab.agent.admin, Duration::from_secs(15), |s| {
         s["preferred"] == "dnsproxy"
     })
     .await;
@@ -517,7 +517,7 @@ async fn a_stopping_proxy_hands_every_flow_event_to_the_agent() {
         return;
     }
     let mut lab = lab(policy_with_pattern()).await;
-    wait_status(lab.agent.admin, Duration::from_secs(5), |s| {
+    wait_status(lab.agent.admin, Duration::from_secs(15), |s| {
         s["preferred"] == "dnsproxy"
     })
     .await;
