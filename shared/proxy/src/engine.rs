@@ -287,6 +287,17 @@ impl Engine {
         self.context.metrics.dns.tcp_unread.inc();
     }
 
+    /// `count` UDP answers the kernel would not send to their clients.
+    pub fn answers_unsent(&self, count: usize) {
+        self.unsent_answers()
+            .inc_by(u64::try_from(count).unwrap_or(u64::MAX));
+    }
+
+    /// The count of UDP answers the kernel would not send, for a task sending one later.
+    pub fn unsent_answers(&self) -> &prometheus::IntCounter {
+        &self.context.metrics.dns.answers_unsent
+    }
+
     pub fn malformed(&self, transport: Transport) {
         self.context
             .metrics

@@ -784,6 +784,32 @@ spec:
         drop(held);
     }
 
+    /// An answer the kernel would not send (here to port 0, where a raw socket's query came
+    /// from) was dropped with a debug line only: it is counted. Root only.
+    #[tokio::test]
+    async fn answers_the_kernel_will_not_send_are_counted() {
+        use socket2::{Domain, Protocol, Socket, Type};
+        let Ok(raw) = Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::UDP)) else {
+            eprintln!("no raw socket (not root): skipped");
+            return;
+        };
+        let upstream = fake_upstream(false).await;
+        let proxy = start(upstream, Duration::ZERO, Duration::from_secs(1)).await;
+        // A UDP header from port 0 (no checksum: optional over IPv4), then the query.
+        let query = &tcp_query(5)[2..];
+        let length = u16::try_from(8 + query.len()).unwrap();
+        let mut datagram = vec![0, 0];
+        datagram.extend_from_slice(&proxy.dns.port().to_be_bytes());
+        datagram.extend_from_slice(&length.to_be_bytes());
+        datagram.extend_from_slice(&[0, 0]);
+        datagram.extend_from_slice(query);
+        raw.send_to(&datagram, &proxy.dns.into()).unwrap();
+        let unsent = || proxy.metrics.dns.answers_unsent.get();
+        wait_count(unsent, 1, Duration::from_secs(5)).await;
+        proxy.shutdown.cancel();
+        proxy.served.await.unwrap();
+    }
+
     /// A client that took none of its answers lost its connection at the idle timeout, and the
     /// answers waiting for it, uncounted.
     #[tokio::test]

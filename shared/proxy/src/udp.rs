@@ -276,7 +276,8 @@ impl Batch {
             ids.clear();
         }
         if !self.replies.is_empty() {
-            socket.send_batch(&mut self.replies).await;
+            let unsent = socket.send_batch(&mut self.replies).await;
+            engine.answers_unsent(unsent.len());
         }
     }
 }
@@ -451,7 +452,8 @@ pub(crate) async fn answer_loop(
                 .and_then(ListenerSlot::get)
             {
                 Some(listener_socket) => {
-                    listener_socket.send_batch(outbox).await;
+                    let unsent = listener_socket.send_batch(outbox).await;
+                    engine.answers_unsent(unsent.len());
                 }
                 // Closed: no query of its can be in flight, so this cannot happen; if it did,
                 // there is no way left to answer from the port.
@@ -479,7 +481,7 @@ fn answer_client(
     };
     let truncated = instead(engine, waiting, packet, cut_short);
     let reply = truncated.as_deref().unwrap_or(packet);
-    send_reply(&socket, reply, waiting.checked.client, tracker);
+    send_reply(engine, &socket, reply, waiting.checked.client, tracker);
     truncated.is_some()
 }
 
@@ -574,24 +576,35 @@ pub(crate) fn time_out(engine: &Engine, waiting: Waiting, tracker: &TaskTracker)
             .get(listener)
             .and_then(ListenerSlot::get)
     {
-        send_reply(&socket, &reply, client, tracker);
+        send_reply(engine, &socket, &reply, client, tracker);
     }
 }
 
 /// Sends an answer; a full send buffer hands it to a task of its own rather than holding up
 /// the loop for every query behind it.
-fn send_reply(socket: &Arc<Datagram>, reply: &[u8], client: SocketAddr, tracker: &TaskTracker) {
+fn send_reply(
+    engine: &Engine,
+    socket: &Arc<Datagram>,
+    reply: &[u8],
+    client: SocketAddr,
+    tracker: &TaskTracker,
+) {
     match socket.try_send_to(reply, client) {
         Ok(_) => {}
         Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {
             let socket = socket.clone();
             let reply = reply.to_vec();
+            let unsent = engine.unsent_answers().clone();
             tracker.spawn(async move {
                 if let Err(error) = socket.send_to(&reply, client).await {
+                    unsent.inc();
                     tracing::debug!(%client, %error, "cannot send DNS answer");
                 }
             });
         }
-        Err(error) => tracing::debug!(%client, %error, "cannot send DNS answer"),
+        Err(error) => {
+            engine.answers_unsent(1);
+            tracing::debug!(%client, %error, "cannot send DNS answer");
+        }
     }
 }

@@ -152,6 +152,8 @@ pub struct DnsMetrics {
     pub tcp_refused: IntCounter,
     /// TCP connections closed because their client took no answer for the idle timeout.
     pub tcp_unread: IntCounter,
+    /// UDP answers the kernel would not send to their client.
+    pub answers_unsent: IntCounter,
     pub in_flight: IntGauge,
     /// Whether this process holds sockets in the DNS port's serving group.
     pub serving: IntGauge,
@@ -244,6 +246,12 @@ impl Metrics {
                 "dns_tcp_unread_total",
                 "DNS TCP connections closed because their client took no whole answer within \
                  the idle timeout; the answers still waiting for it are lost.",
+            )?,
+            answers_unsent: counter(
+                &registry,
+                "dns_answers_unsent_total",
+                "DNS answers over UDP the kernel would not send to their client (the listener's \
+                 send buffer full for 50 ms, or an error): the client asks again.",
             )?,
             in_flight: gauge(&registry, "dns_in_flight", "Queries being processed now.")?,
             serving: gauge(
