@@ -137,29 +137,28 @@ pub(crate) async fn listener_loop(
     }
 }
 
-/// Waits for the first bytes of the next query: up to `idle`, or [`BUSY_IDLE`] while the free
-/// slots are few (checked at least once a [`BUSY_IDLE`]); `Err` when the wait is over.
-async fn next_read(
+/// One read from `reader`, within `idle` of `started`, or [`BUSY_IDLE`] of it while the free
+/// slots are few (checked at least once a [`BUSY_IDLE`]); `None` when the wait is over.
+async fn read_some_within(
     reader: &mut tokio::net::tcp::OwnedReadHalf,
     buffer: &mut [u8],
+    started: tokio::time::Instant,
     idle: Duration,
     slots: &Semaphore,
-) -> Result<std::io::Result<usize>, tokio::time::error::Elapsed> {
-    let started = tokio::time::Instant::now();
+) -> Option<std::io::Result<usize>> {
     loop {
-        let limit = wait_limit(idle, slots);
-        let left = limit.saturating_sub(started.elapsed());
+        let left = wait_limit(idle, slots).saturating_sub(started.elapsed());
+        if left.is_zero() {
+            return None;
+        }
         // A read cut short by its timeout has taken nothing: the next one gets what came.
-        match tokio::time::timeout(left.min(BUSY_IDLE), reader.read(buffer)).await {
-            Ok(read) => return Ok(read),
-            Err(elapsed) if started.elapsed() >= limit || left.is_zero() => return Err(elapsed),
-            Err(_) => {}
+        if let Ok(read) = tokio::time::timeout(left.min(BUSY_IDLE), reader.read(buffer)).await {
+            return Some(read);
         }
     }
 }
 
-/// Fills `buffer` from `reader`, within `idle` of `started`, or [`BUSY_IDLE`] of it while the
-/// free slots are few (checked at least once a [`BUSY_IDLE`]); whether it is full.
+/// Fills `buffer` from `reader` within [`read_some_within`]'s wait; whether it is full.
 async fn read_within(
     reader: &mut tokio::net::tcp::OwnedReadHalf,
     buffer: &mut [u8],
@@ -169,15 +168,9 @@ async fn read_within(
 ) -> bool {
     let mut filled = 0;
     while let Some(rest) = buffer.get_mut(filled..).filter(|rest| !rest.is_empty()) {
-        let left = wait_limit(idle, slots).saturating_sub(started.elapsed());
-        if left.is_zero() {
-            return false;
-        }
-        // A read cut short by its timeout has taken nothing: the next one gets what came.
-        match tokio::time::timeout(left.min(BUSY_IDLE), reader.read(rest)).await {
-            Ok(Ok(0) | Err(_)) => return false,
-            Ok(Ok(read)) => filled += read,
-            Err(_) => {}
+        match read_some_within(reader, rest, started, idle, slots).await {
+            Some(Ok(read)) if read > 0 => filled += read,
+            _ => return false,
         }
     }
     true
@@ -246,10 +239,10 @@ async fn connection(
             biased;
             _ = stop.cancelled() => break,
             () = answers.closed() => break,
-            first = next_read(&mut reader, &mut prefix, idle, &slots) => first,
+            first = read_some_within(&mut reader, &mut prefix, tokio::time::Instant::now(), idle, &slots) => first,
         };
         match first {
-            Ok(Ok(read)) if read > 0 => {}
+            Some(Ok(read)) if read > 0 => {}
             // Idle, closed by the client, or reset: nothing more to read.
             _ => break,
         }
@@ -258,7 +251,7 @@ async fn connection(
         let message_started = tokio::time::Instant::now();
         // Half a length prefix, then silence or the end: a broken client, counted as one
         // that stops inside a message.
-        if matches!(first, Ok(Ok(1))) {
+        if matches!(first, Some(Ok(1))) {
             let second = tokio::select! {
                 biased;
                 _ = stop.cancelled() => break,
