@@ -999,11 +999,7 @@ fn redirected_socket_keeps_its_server_through_socket_churn() {
 
     let orig = sa("10.213.0.99:53");
     let p = lab.probe(&app, &format!("udp-dns-connected-churn 200000 {orig}"));
-    assert_eq!(p.get("peer"), orig.to_string(), "{p:?}");
-    assert_eq!(p.get("from"), orig.to_string(), "{p:?}");
-    let s = support::recv_within(&seen, Duration::from_secs(2)).expect("query at target");
-    let record = s.record.expect("a redirect record");
-    assert_eq!((record.cgroup_id, record.original), (app_id, Some(orig)));
+    assert_seen_as(&p, &seen, app_id, orig);
 }
 
 /// A socket redirected by a release that kept originals in the `sock_orig` LRU, by cookie,
@@ -1020,11 +1016,7 @@ fn socket_redirected_before_socket_storage_keeps_its_server() {
     let orig = sa("10.213.0.99:53");
     // Connected to the target itself: this release keeps nothing for it.
     let (p, _) = with_original_by_cookie(&lab, target, orig, target);
-    assert_eq!(p.get("peer"), orig.to_string(), "{p:?}");
-    assert_eq!(p.get("from"), orig.to_string(), "{p:?}");
-    let s = support::recv_within(&seen, Duration::from_secs(2)).expect("query at target");
-    let record = s.record.expect("a redirect record");
-    assert_eq!((record.cgroup_id, record.original), (app_id, Some(orig)));
+    assert_seen_as(&p, &seen, app_id, orig);
 }
 
 /// Rolled back to a release that reads originals by cookie only, and upgraded again: this
@@ -1046,11 +1038,25 @@ fn originals_survive_a_rollback_and_the_upgrade_after() {
         Some(raw_sock_orig(first, target)),
         "what a rolled-back release reads"
     );
-    assert_eq!(p.get("peer"), then.to_string(), "{p:?}");
-    assert_eq!(p.get("from"), then.to_string(), "{p:?}");
-    let s = support::recv_within(&seen, Duration::from_secs(2)).expect("query at target");
+    assert_seen_as(&p, &seen, app_id, then);
+}
+
+/// `p`, a connected query, saw `server` as its peer and as its answer's source, and the query
+/// reached the target recorded as the cgroup's, meant for `server`.
+fn assert_seen_as(
+    p: &support::Probe,
+    seen: &std::sync::mpsc::Receiver<support::DnsSeen>,
+    cgroup_id: u64,
+    server: SocketAddr,
+) {
+    assert_eq!(p.get("peer"), server.to_string(), "{p:?}");
+    assert_eq!(p.get("from"), server.to_string(), "{p:?}");
+    let s = support::recv_within(seen, Duration::from_secs(2)).expect("query at target");
     let record = s.record.expect("a redirect record");
-    assert_eq!((record.cgroup_id, record.original), (app_id, Some(then)));
+    assert_eq!(
+        (record.cgroup_id, record.original),
+        (cgroup_id, Some(server))
+    );
 }
 
 /// `struct warden_sock_orig` as the programs write it: two v4-mapped `struct warden_sockaddr`s

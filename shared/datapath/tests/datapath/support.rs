@@ -491,10 +491,6 @@ pub fn run_probe() {
     }
     let words: Vec<&str> = command.split_whitespace().collect();
     let addr = |i: usize| -> SocketAddr { words[i].parse().expect("probe address") };
-    let report = |key: &str, r: std::io::Result<()>| match r {
-        Ok(()) => println!("PROBE {key}=ok"),
-        Err(e) => println!("PROBE {key}=err{}", e.raw_os_error().unwrap_or(-1)),
-    };
     match words[0] {
         // TCP connect; result=ok | result=err<errno>, and how long it took.
         "tcp" => {
@@ -581,13 +577,7 @@ pub fn run_probe() {
             let server = addr(1);
             let socket = udp_socket_for(server);
             report("connect", socket.connect(server));
-            println!("PROBE peer={}", socket.peer_addr().unwrap());
-            report("send", socket.send(&dns_query()).map(drop));
-            let mut buf = [0u8; 512];
-            match socket.recv_from(&mut buf) {
-                Ok((_, from)) => println!("PROBE from={from}"),
-                Err(e) => println!("PROBE from=err{}", e.raw_os_error().unwrap_or(-1)),
-            }
+            connected_query(&socket);
         }
         // `udp-dns-connected` on a socket connected before COUNT other sockets of the
         // process connect to SERVER and close (`udp-dns-connected-churn COUNT SERVER`): what
@@ -601,13 +591,7 @@ pub fn run_probe() {
                 let other = udp_socket_for(server);
                 other.connect(server).expect("connect of a churned socket");
             }
-            println!("PROBE peer={}", socket.peer_addr().unwrap());
-            report("send", socket.send(&dns_query()).map(drop));
-            let mut buf = [0u8; 512];
-            match socket.recv_from(&mut buf) {
-                Ok((_, from)) => println!("PROBE from={from}"),
-                Err(e) => println!("PROBE from=err{}", e.raw_os_error().unwrap_or(-1)),
-            }
+            connected_query(&socket);
         }
         // `udp-dns-connected` to SERVER, paused after the connect: the socket's cookie is
         // written to COOKIE_FILE (for the test to record an original under, as a release
@@ -623,13 +607,7 @@ pub fn run_probe() {
             while !flag.exists() && Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(10));
             }
-            println!("PROBE peer={}", socket.peer_addr().unwrap());
-            report("send", socket.send(&dns_query()).map(drop));
-            let mut buf = [0u8; 512];
-            match socket.recv_from(&mut buf) {
-                Ok((_, from)) => println!("PROBE from={from}"),
-                Err(e) => println!("PROBE from=err{}", e.raw_os_error().unwrap_or(-1)),
-            }
+            connected_query(&socket);
         }
         // DNS over TCP.
         "tcp-dns" => {
@@ -919,6 +897,26 @@ pub fn attached_programs(cgroup: &Path) -> Option<Vec<String>> {
             .map(str::to_string)
             .collect(),
     )
+}
+
+/// A probe's outcome, as key=ok or key=err<errno>.
+fn report(key: &str, r: std::io::Result<()>) {
+    match r {
+        Ok(()) => println!("PROBE {key}=ok"),
+        Err(e) => println!("PROBE {key}=err{}", e.raw_os_error().unwrap_or(-1)),
+    }
+}
+
+/// A DNS query over `socket`, connected: who getpeername says it is connected to, as peer=,
+/// and who the answer seems to come from, as from=.
+fn connected_query(socket: &UdpSocket) {
+    println!("PROBE peer={}", socket.peer_addr().unwrap());
+    report("send", socket.send(&dns_query()).map(drop));
+    let mut buf = [0u8; 512];
+    match socket.recv_from(&mut buf) {
+        Ok((_, from)) => println!("PROBE from={from}"),
+        Err(e) => println!("PROBE from=err{}", e.raw_os_error().unwrap_or(-1)),
+    }
 }
 
 /// The socket's cookie (SO_COOKIE, which no socket crate wraps): the key the programs know
