@@ -789,15 +789,7 @@ fn clear_stale_cgroups(mount: &Path) {
         return;
     };
     for entry in entries.flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        let Some(pid) = name
-            .strip_prefix(CGROUP_PREFIX)
-            .and_then(|rest| rest.split('-').next())
-            .and_then(|p| p.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        if pid_alive(pid) {
+        if !left_by_a_dead_run(&entry.file_name().to_string_lossy(), CGROUP_PREFIX) {
             continue;
         }
         if let Ok(dirs) = subtree_post_order(&entry.path()) {
@@ -1410,38 +1402,40 @@ fn clear_stale_bpffs(root: &Path, prefix: &str) {
     let Ok(entries) = fs::read_dir(root) else {
         return;
     };
+    let prefix = format!("{prefix}-");
     for entry in entries.flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        let Some(pid) = name
-            .strip_prefix(prefix)
-            .and_then(|rest| rest.strip_prefix('-'))
-            .and_then(|rest| rest.split('-').next())
-            .and_then(|p| p.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        if !pid_alive(pid) {
+        if left_by_a_dead_run(&entry.file_name().to_string_lossy(), &prefix) {
             let _ = fs::remove_dir_all(entry.path());
         }
     }
 }
 
-/// Whether `pid` is a process that has not exited (a zombie has: it only waits to be reaped).
-pub fn process_running(pid: u32) -> bool {
-    let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return false;
-    };
-    let state = stat
-        .rfind(')')
-        .and_then(|end| stat[end + 1..].split_whitespace().next());
-    !matches!(state, None | Some("Z" | "X"))
+/// Whether `name`, `<prefix><pid>-<n>`, is a folder of a process no longer running (not one
+/// of another shape).
+fn left_by_a_dead_run(name: &str, prefix: &str) -> bool {
+    name.strip_prefix(prefix)
+        .and_then(|rest| rest.split('-').next())
+        .and_then(|p| p.parse::<u32>().ok())
+        .is_some_and(|pid| !pid_alive(pid))
 }
 
-/// Parent PID from `/proc/<pid>/stat` (field 4, after the parenthesised command name).
+/// Whether `pid` is a process that has not exited (a zombie has: it only waits to be reaped).
+pub fn process_running(pid: u32) -> bool {
+    let state = stat_field(pid, 0);
+    !matches!(state.as_deref(), None | Some("Z" | "X"))
+}
+
+/// Parent PID from `/proc/<pid>/stat` (field 4).
 fn parent_pid(pid: u32) -> Option<u32> {
+    stat_field(pid, 1)?.parse().ok()
+}
+
+/// Field `n` after the parenthesised command name of `/proc/<pid>/stat` (0: the state, field
+/// 3), which may hold spaces and parentheses itself.
+fn stat_field(pid: u32, n: usize) -> Option<String> {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let after = &stat[stat.rfind(')')? + 1..];
-    after.split_whitespace().nth(1)?.parse().ok()
+    after.split_whitespace().nth(n).map(str::to_owned)
 }
 
 #[cfg(test)]

@@ -684,15 +684,11 @@ async fn a_clean_survives_a_crash_before_the_agents_cache_file_is_written() {
     };
     let proxy_admin = lab.dnsproxy().admin;
     let cache_file = lab.dir.state_dir().join("fqdn-cache.json");
-    let deadline = Instant::now() + Duration::from_secs(3);
-    let before_clean = loop {
-        let saved = std::fs::read_to_string(&cache_file).unwrap_or_default();
-        if saved.contains("cilium.io.") {
-            break saved;
-        }
-        assert!(Instant::now() < deadline, "cache never saved: {saved}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    lab.dir
+        .wait_cache_saved("cilium.io.", Duration::from_secs(3))
+        .await
+        .unwrap();
+    let before_clean = std::fs::read_to_string(&cache_file).unwrap();
     clean_cilium_and_wait_for_the_proxy(&lab, proxy_admin).await;
 
     // Killed, its cache's file as it was before the clean: the write that never came.
