@@ -369,6 +369,11 @@ impl ProxyPolicy {
     /// wait as long to hear the policy is in force.
     pub fn settle_unsaved(&self) {
         let install = self.unsaved().installs;
+        self.settle(install);
+    }
+
+    /// Says the save of `install` (and of every one before it) was tried.
+    fn settle(&self, install: u64) {
         self.settled.send_if_modified(|settled| {
             let moved = install > *settled;
             *settled = (*settled).max(install);
@@ -395,11 +400,7 @@ impl ProxyPolicy {
                 unsaved.encoded = None;
             }
         }
-        self.settled.send_if_modified(|settled| {
-            let moved = install > *settled;
-            *settled = (*settled).max(install);
-            moved
-        });
+        self.settle(install);
         written
     }
 }
