@@ -445,10 +445,15 @@ impl Engine {
     /// Times the wait for the upstream; returns now.
     pub fn upstream_waited(&self, asked: Instant) -> Instant {
         let now = Instant::now();
+        self.upstream_answered(asked, now);
+        now
+    }
+
+    /// Times the wait for an upstream answer read at `answered` (its batch's time).
+    pub fn upstream_answered(&self, asked: Instant, answered: Instant) {
         self.timings
             .upstream
-            .observe(now.duration_since(asked).as_secs_f64());
-        now
+            .observe(answered.saturating_duration_since(asked).as_secs_f64());
     }
 
     /// Counts queries sent upstream a second time, their first copy unanswered.

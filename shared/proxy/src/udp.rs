@@ -386,6 +386,9 @@ pub(crate) async fn answer_loop(
                 continue;
             }
         };
+        // One time for the batch: its answers all came before it, and it serves both their
+        // wait for the upstream and the round-trip estimate without a clock read each.
+        let received_at = Instant::now();
         for index in 0..count {
             let (packet, from) = match inbox.get_mut(index) {
                 Some(Ok(received)) => received,
@@ -395,17 +398,20 @@ pub(crate) async fn answer_loop(
                 }
                 None => break,
             };
-            let (waiting, answer) = match socket.claim(from, packet) {
+            let (waiting, answer) = match socket.claim(from, packet, received_at) {
                 Ok(claimed) => claimed,
                 Err(reason) => {
                     engine.upstream_unexpected(reason);
                     continue;
                 }
             };
-            let answered = engine.upstream_waited(waiting.asked);
+            engine.upstream_answered(waiting.asked, received_at);
             set_id(packet, packet_id(&waiting.query).unwrap_or(0));
             let cut_short = answer.cut_short;
-            let (outcome, hold) = engine.record(&waiting.checked, answer, packet, answered);
+            // The hold is timed from here, not from the batch's time: it measures the
+            // datapath, not the answers ahead of this one.
+            let held = Instant::now();
+            let (outcome, hold) = engine.record(&waiting.checked, answer, packet, held);
             match hold {
                 None if outcome.verdict == Verdict::Error => {
                     if let (Some(outbox), Some(refusal)) =

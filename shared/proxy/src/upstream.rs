@@ -16,6 +16,7 @@
 //! retrying after TC) get a connection of their own for the exchange.
 
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::net::{Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -161,6 +162,33 @@ pub struct PoolSocket<W> {
     pending: Mutex<Table<W>>,
 }
 
+/// A pending table keyed by query ID.
+type IdMap<V> = HashMap<u16, V, BuildHasherDefault<IdHasher>>;
+
+/// The hash of a query ID. The tables' keys are IDs this proxy drew at random, never chosen by
+/// a sender (an answer's ID is only looked up), so they need no keyed hash against collisions:
+/// one multiply (Fibonacci hashing) spreads them over the high bits the table's probing reads,
+/// for a fraction of SipHash's cost, paid twice per query.
+#[derive(Debug, Default, Clone, Copy)]
+struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write_u16(&mut self, id: u16) {
+        self.0 = u64::from(id).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+
+    // Only IDs are hashed here; any other key still hashes to something usable.
+    fn write(&mut self, bytes: &[u8]) {
+        for byte in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(*byte)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+}
+
 /// Queries remembered per socket after they leave the table: a slow upstream's answers come
 /// within moments of the timeout.
 const RETIRED_KEPT: usize = 512;
@@ -169,21 +197,21 @@ const RETIRED_KEPT: usize = 512;
 /// cancelled) by ID and server: an answer to one of those is late, not a forgery. One lock for
 /// both, which an answer takes once.
 struct Table<W> {
-    waiting: HashMap<u16, Pending<W>>,
+    waiting: IdMap<Pending<W>>,
     retired: std::collections::VecDeque<(u16, SocketAddr)>,
     /// Queries sent twice and answered, until their deadline: the other copy's answer may
     /// still come, later than the last [`RETIRED_KEPT`] IDs go under load. Their IDs stay
     /// out of use meanwhile, so that answer can neither pass for a new query's nor be
     /// counted as a forgery.
-    echoes: HashMap<u16, (SocketAddr, Instant)>,
+    echoes: IdMap<(SocketAddr, Instant)>,
 }
 
 impl<W> Table<W> {
     fn new() -> Table<W> {
         Table {
-            waiting: HashMap::new(),
+            waiting: IdMap::default(),
             retired: std::collections::VecDeque::with_capacity(RETIRED_KEPT),
-            echoes: HashMap::new(),
+            echoes: IdMap::default(),
         }
     }
 
@@ -246,7 +274,13 @@ impl<W: Waiter> PoolSocket<W> {
     /// answers none, as the `upstream_unexpected` reason (`late` for an answer to a query that
     /// timed out or was answered already, which a slow upstream sends, not a forger). Only a
     /// packet from the server asked, with the query's ID and question, ends the wait.
-    pub fn claim(&self, from: SocketAddr, packet: &[u8]) -> Result<(W, Answer), &'static str> {
+    /// `received_at` is when the packet's batch was read, for the round-trip estimate.
+    pub fn claim(
+        &self,
+        from: SocketAddr,
+        packet: &[u8],
+        received_at: Instant,
+    ) -> Result<(W, Answer), &'static str> {
         let from = canonical(from);
         let id = packet_id(packet).ok_or("short")?;
         let mut pending = self.pending();
@@ -292,7 +326,8 @@ impl<W: Waiter> PoolSocket<W> {
             pending.echoes.insert(id, (from, waiting.deadline));
         } else {
             drop(pending);
-            self.round_trip.observe(waiting.sent.elapsed());
+            self.round_trip
+                .observe(received_at.saturating_duration_since(waiting.sent));
         }
         Ok((waiting.waiter, answer))
     }
@@ -657,6 +692,27 @@ mod tests {
     use hickory_proto::rr::{Name, RData, Record, RecordType};
     use std::str::FromStr;
 
+    /// The table probes by the hash's high bits (its control bytes hold the top seven): the IDs
+    /// of a busy socket must spread over them, or every probe would scan one long run.
+    #[test]
+    fn id_hashes_spread_over_the_high_bits() {
+        use std::hash::BuildHasher;
+        let hashes = BuildHasherDefault::<IdHasher>::default();
+        let mut top_bits = std::collections::HashSet::new();
+        let mut low_bits = std::collections::HashSet::new();
+        for id in 0..512_u16 {
+            let hash = hashes.hash_one(id);
+            top_bits.insert(hash >> 57);
+            low_bits.insert(hash & 511);
+        }
+        assert_eq!(top_bits.len(), 128, "every value of the top seven bits");
+        assert_eq!(
+            low_bits.len(),
+            512,
+            "512 IDs, 512 buckets of a 512-slot table"
+        );
+    }
+
     /// A question, and the query it came in.
     struct Asked(Vec<u8>, Vec<u8>);
 
@@ -879,31 +935,42 @@ mod tests {
         // A stranger guessing the ID, the server with a wrong ID, the server with another
         // question, a server reply too short to be DNS: all refused, the query still waits.
         let real = answer_packet("cilium.io.", id);
-        assert_eq!(socket.claim(spoofer, &real).err(), Some("source"));
+        assert_eq!(
+            socket.claim(spoofer, &real, Instant::now()).err(),
+            Some("source")
+        );
         assert_eq!(
             socket
                 .claim(
                     server_addr,
-                    &answer_packet("cilium.io.", id.wrapping_add(1))
+                    &answer_packet("cilium.io.", id.wrapping_add(1)),
+                    Instant::now()
                 )
                 .err(),
             Some("id")
         );
         assert_eq!(
             socket
-                .claim(server_addr, &answer_packet("evil.example.", id))
+                .claim(
+                    server_addr,
+                    &answer_packet("evil.example.", id),
+                    Instant::now()
+                )
                 .err(),
             Some("question")
         );
-        assert_eq!(socket.claim(server_addr, &real[..5]).err(), Some("short"));
         assert_eq!(
-            socket.claim(server_addr, &real[..20]).err(),
+            socket.claim(server_addr, &real[..5], Instant::now()).err(),
+            Some("short")
+        );
+        assert_eq!(
+            socket.claim(server_addr, &real[..20], Instant::now()).err(),
             Some("malformed")
         );
-        let (_, answer) = socket.claim(server_addr, &real).unwrap();
+        let (_, answer) = socket.claim(server_addr, &real, Instant::now()).unwrap();
         assert_eq!(answer.summary.ips.len(), 1);
         assert_eq!(
-            socket.claim(server_addr, &real).err(),
+            socket.claim(server_addr, &real, Instant::now()).err(),
             Some("late"),
             "an answer is claimed once; a repeat is late, not a forgery"
         );
@@ -928,7 +995,7 @@ mod tests {
         let mut inbox = crate::datagram::Inbox::new(4, 512);
         assert_eq!(socket.datagram().recv_batch(&mut inbox).await.unwrap(), 1);
         let (packet, from) = inbox.get_mut(0).unwrap().unwrap();
-        let (_, answer) = socket.claim(from, packet).unwrap();
+        let (_, answer) = socket.claim(from, packet, Instant::now()).unwrap();
         assert_eq!(answer.summary.ips.len(), 1);
     }
 
@@ -1080,10 +1147,16 @@ mod tests {
             table.waiting.insert(old, waiting);
         }
         let late = answer_packet("cilium.io.", old);
-        assert_eq!(socket.claim(server, &late).err(), Some("late"));
+        assert_eq!(
+            socket.claim(server, &late, Instant::now()).err(),
+            Some("late")
+        );
         // From a server the retired query did not ask, it is still a forgery.
         let other: SocketAddr = "127.0.0.2:53".parse().unwrap();
-        assert_eq!(socket.claim(other, &late).err(), Some("source"));
+        assert_eq!(
+            socket.claim(other, &late, Instant::now()).err(),
+            Some("source")
+        );
         assert!(socket.cancel(old).is_some(), "the new query still waits");
     }
 
@@ -1094,16 +1167,23 @@ mod tests {
         let (_server, server_addr, pool, socket, id) = a_query_sent_twice().await;
         let query = query_packet(4242, "cilium.io.");
         let answer = answer_packet("cilium.io.", id);
-        socket.claim(server_addr, &answer).unwrap();
+        socket.claim(server_addr, &answer, Instant::now()).unwrap();
         // More queries answered than the socket remembers.
         for _ in 0..2 * RETIRED_KEPT {
             let (socket, other_id, _) = forward(&pool, server_addr, &query).await;
             assert_ne!(other_id, id, "the ID stays out of use");
             socket
-                .claim(server_addr, &answer_packet("cilium.io.", other_id))
+                .claim(
+                    server_addr,
+                    &answer_packet("cilium.io.", other_id),
+                    Instant::now(),
+                )
                 .unwrap();
         }
-        assert_eq!(socket.claim(server_addr, &answer).err(), Some("late"));
+        assert_eq!(
+            socket.claim(server_addr, &answer, Instant::now()).err(),
+            Some("late")
+        );
     }
 
     /// The wait before a query goes again follows the upstream's round trips, not below
@@ -1128,7 +1208,11 @@ mod tests {
         let (_server, server_addr, pool, socket, id) = a_query_sent_twice().await;
         let query = query_packet(4242, "cilium.io.");
         socket
-            .claim(server_addr, &answer_packet("cilium.io.", id))
+            .claim(
+                server_addr,
+                &answer_packet("cilium.io.", id),
+                Instant::now(),
+            )
             .unwrap();
         assert_eq!(
             socket.round_trip.retransmit_after(),
@@ -1137,7 +1221,11 @@ mod tests {
         );
         let (socket, id, _) = forward(&pool, server_addr, &query).await;
         socket
-            .claim(server_addr, &answer_packet("cilium.io.", id))
+            .claim(
+                server_addr,
+                &answer_packet("cilium.io.", id),
+                Instant::now(),
+            )
             .unwrap();
         assert!(
             socket.round_trip.retransmit_after() < RETRANSMIT_INITIAL,
