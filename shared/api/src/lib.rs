@@ -154,7 +154,10 @@ pub fn merge_mappings_unless(
     if let Some(error) = first_error {
         tracing::warn!(%error, "mappings from the peer skipped");
     }
-    let limits = cache.lock().limits();
+    let (limits, refusals_before) = {
+        let cache = cache.lock();
+        (cache.limits(), cache.merge_refusals())
+    };
     let addresses = checked
         .iter()
         .enumerate()
@@ -180,6 +183,21 @@ pub fn merge_mappings_unless(
             mapping.learned_at_ms,
         );
     });
+    // Names and addresses past twice the cache's caps: no cache within them sends so many.
+    let refused = cache
+        .lock()
+        .merge_refusals()
+        .saturating_sub(refusals_before);
+    if refused > 0 {
+        metrics
+            .rejected
+            .with_label_values(&["over_cap"])
+            .inc_by(refused);
+        tracing::warn!(
+            refused,
+            "names or addresses from the peer past twice the cache's caps dropped"
+        );
+    }
     metrics.mappings_received.inc_by(checked.len() as u64);
     (checked.len() - skipped, skipped)
 }
@@ -532,6 +550,36 @@ mod tests {
         );
         assert!(cache.lookup(now, "youssef/test", "old.example.").is_empty());
         assert_eq!(cache.lookup(now, "youssef/test", "cilium.io.").len(), 1);
+    }
+
+    /// A peer's mapping of 400,000 addresses was taken whole, each address looked for among
+    /// the ones before it under the cache's lock: past twice the caps they are dropped, and
+    /// counted.
+    #[test]
+    fn a_peer_past_twice_the_caps_is_cut_short_and_counted() {
+        use warden_fqdn::{CacheLimits, DnsCache};
+        let limits = CacheLimits {
+            max_ips_per_name: 1000,
+            ..CacheLimits::UNLIMITED
+        };
+        let cache = warden_proxy::SharedCache::new(DnsCache::new(limits));
+        let metrics = warden_telemetry::Metrics::new("test").unwrap();
+        let ips: Vec<String> = (0..5000_u32)
+            .map(|n| std::net::Ipv4Addr::from(0xc612_0000 + n).to_string())
+            .collect();
+        let ips: Vec<&str> = ips.iter().map(String::as_str).collect();
+        let mut mapping = wire("youssef/test", "cilium.io", &ips);
+        mapping.expires_at = warden_proxy::unix_now().0 + 60;
+        assert_eq!(merge_mappings(&cache, &[mapping], &metrics.peer), 1);
+        let now = warden_proxy::unix_now();
+        assert_eq!(
+            cache.lock().lookup(now, "youssef/test", "cilium.io.").len(),
+            2000
+        );
+        assert_eq!(
+            metrics.peer.rejected.with_label_values(&["over_cap"]).get(),
+            3000
+        );
     }
 
     /// IPs only connections kept past their answer went to the peer as an answer's: listed as

@@ -78,6 +78,9 @@ pub struct DnsCache {
     /// Some pair may hold more than `max_ips_per_name` (after a merge, a restore or a lowered
     /// cap); the next `gc` trims and reports them, as those paths have no way to report.
     over_limit: bool,
+    /// Names and IPs merges refused at twice the caps (see
+    /// [`CacheLimits::merge_refuses_ip`]), for the caller to count.
+    merge_refusals: u64,
     /// Times the cache was compacted, which renumbers its pairs: a copy or a clean taken in
     /// chunks ([`entries_chunk`](Self::entries_chunk),
     /// [`remove_matching_chunk`](Self::remove_matching_chunk)) starts over when this changes
@@ -154,6 +157,7 @@ impl DnsCache {
             ip_count: 0,
             next_expiry: u64::MAX,
             over_limit: false,
+            merge_refusals: 0,
             compactions: 0,
             sweep: None,
             rebuild: None,
@@ -162,6 +166,13 @@ impl DnsCache {
 
     pub fn limits(&self) -> CacheLimits {
         self.limits
+    }
+
+    /// Names and IPs merges ([`insert_entry`](Self::insert_entry)) refused so far, at twice
+    /// the caps: only a peer, journal or snapshot holding what no cache within them holds
+    /// sends that many.
+    pub fn merge_refusals(&self) -> u64 {
+        self.merge_refusals
     }
 
     /// The new `min_ttl` applies to later answers. A lower `max_ips_per_name` is enforced by
@@ -266,6 +277,8 @@ impl DnsCache {
     /// snapshot, answered at `learned_ms` (Unix milliseconds). Later expiry wins (on a tie Lookup beats
     /// Restored), and the later time learned, so merging in any order converges;
     /// `Source::Connection` extends only the connection grace. Returns whether an IP changed.
+    /// Held to twice the caps ([`CacheLimits::merge_refuses_ip`]; counted in
+    /// [`merge_refusals`](Self::merge_refusals)).
     pub fn insert_entry(
         &mut self,
         endpoint: &str,
@@ -275,8 +288,16 @@ impl DnsCache {
         source: Source,
         learned_ms: u64,
     ) -> bool {
-        let Some(pid) = self.pair_for(endpoint, name) else {
-            return false;
+        let pid = match self.find_pair(endpoint, name) {
+            Some(pid) => pid,
+            None if self.endpoint_refuses_merged_name(endpoint) => {
+                self.merge_refusals += 1;
+                return false;
+            }
+            None => match self.pair_for(endpoint, name) {
+                Some(pid) => pid,
+                None => return false,
+            },
         };
         if let Some(pair) = self.pairs.get_mut(pid) {
             pair.learned = pair.learned.max(learned_ms);
@@ -294,6 +315,10 @@ impl DnsCache {
         };
         if let Some(rec) = pair.ips.find_mut(ip) {
             return rec.extend_dns(expires_at.0, source);
+        }
+        if self.limits.merge_refuses_ip(pair.ips.len()) {
+            self.merge_refusals += 1;
+            return false;
         }
         let added = self.ips.add(ip, pid);
         if added {
@@ -704,7 +729,14 @@ impl DnsCache {
         }
         let mut cache = DnsCache::new(limits);
         for entry in &snapshot.entries {
-            for ip in entry.ips.iter().filter(|ip| ip.expires_at > now) {
+            let mut live: Vec<&CachedIp> =
+                entry.ips.iter().filter(|ip| ip.expires_at > now).collect();
+            // Latest first: past twice a lowered cap the merge refuses the rest, and the
+            // next `gc` keeps the latest within it, as it would have kept them all along.
+            if limits.max_ips_per_name != 0 {
+                live.sort_by_key(|ip| std::cmp::Reverse(ip.expires_at));
+            }
+            for ip in live {
                 let source = match ip.source {
                     Source::Connection => Source::Connection,
                     Source::Lookup | Source::Restored => Source::Restored,
@@ -818,6 +850,16 @@ impl DnsCache {
             && self.endpoints.find(endpoint).is_some_and(|ep| {
                 self.limits
                     .is_full(usize::try_from(self.endpoints.refs(ep)).unwrap_or(usize::MAX))
+            })
+    }
+
+    /// Whether a merge may not add a name to `endpoint` (see [`CacheLimits::merge_refuses_name`]).
+    fn endpoint_refuses_merged_name(&self, endpoint: &str) -> bool {
+        self.limits.max_names_per_endpoint != 0
+            && self.endpoints.find(endpoint).is_some_and(|ep| {
+                self.limits.merge_refuses_name(
+                    usize::try_from(self.endpoints.refs(ep)).unwrap_or(usize::MAX),
+                )
             })
     }
 
@@ -955,6 +997,7 @@ impl DnsCache {
         // `next_expiry` is still no later than anything held, as a sweep only raises it at its end.
         fresh.next_expiry = self.next_expiry;
         fresh.over_limit = self.over_limit || self.sweep.is_some_and(|sweep| sweep.enforce);
+        fresh.merge_refusals = self.merge_refusals;
         fresh
     }
 }
@@ -1532,6 +1575,33 @@ mod tests {
         c.assert_consistent();
     }
 
+    /// A peer's name of 400,000 addresses was all kept until the next sweep, each looked for
+    /// among the ones before it under the cache's lock: merges stop at twice the caps.
+    #[test]
+    fn merges_stop_at_twice_the_caps() {
+        let mut c = DnsCache::new(CacheLimits {
+            max_ips_per_name: 2,
+            max_names_per_endpoint: 1,
+            ..CacheLimits::UNLIMITED
+        });
+        for last in 1..=5 {
+            c.insert_entry(EP, "a.", ip4(last), t(100), Source::Lookup, 0);
+        }
+        assert_eq!(c.lookup(t(10), EP, "a.").len(), 4);
+        assert_eq!(c.merge_refusals(), 1);
+        // An address held is still refreshed at the cap.
+        assert!(c.insert_entry(EP, "a.", ip4(1), t(200), Source::Lookup, 0));
+        assert!(c.insert_entry(EP, "b.", ip4(1), t(100), Source::Lookup, 0));
+        assert!(!c.insert_entry(EP, "c.", ip4(1), t(100), Source::Lookup, 0));
+        assert_eq!(c.merge_refusals(), 2);
+        assert!(c.lookup(t(10), EP, "c.").is_empty());
+        assert!(c.insert_entry("other", "c.", ip4(1), t(100), Source::Lookup, 0));
+        // Answers are held to the caps themselves, as before; the sweep trims the merged.
+        c.gc(t(10));
+        assert_eq!(c.lookup(t(10), EP, "a.").len(), 2);
+        c.assert_consistent();
+    }
+
     #[test]
     fn insert_entry_later_expiry_wins() {
         let mut c = DnsCache::default();
@@ -1671,9 +1741,11 @@ mod tests {
         c.insert(t(0), EP, "lb.", &[ip4(1), ip4(2), ip4(3)], 100);
         c.insert(t(1), EP, "lb.", &[ip4(2)], 100);
         let mut r = DnsCache::restore(limits(0, 1), c.snapshot(t(1)), t(1)).unwrap();
-        assert_eq!(r.ip_count(), 3);
+        // Twice the cap, the latest first.
+        assert_eq!(r.ip_count(), 2);
+        assert_eq!(r.merge_refusals(), 1);
         let removed = r.gc(t(1));
-        assert_eq!(removed.len(), 2);
+        assert_eq!(removed.len(), 1);
         assert_eq!(ips_of(&r.lookup(t(1), EP, "lb.")), [ip4(2)]);
         r.assert_consistent();
     }
@@ -1835,8 +1907,10 @@ mod tests {
         ) -> bool {
             self.learn(ep, name, learned);
             let recs = self.pairs.entry((ep.into(), name.into())).or_default();
+            let held = recs.len();
             match recs.get_mut(&ip) {
                 Some(r) => r.extend_dns(expires, source),
+                None if self.limits.merge_refuses_ip(held) => false,
                 None => {
                     recs.insert(ip, ModelRec::new(expires, source));
                     true

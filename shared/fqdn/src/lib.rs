@@ -3,7 +3,9 @@
 //! forwards ([`DnsCache::insert`]); policy turns the cached name -> IP mappings into datapath
 //! allow entries; connection tracking keeps IPs in use alive past their TTL
 //! ([`DnsCache::keep_alive`]); [`DnsCache::gc`] reports what to revoke. Agent and proxy hand
-//! the cache over as a versioned [`CacheSnapshot`] and resync with [`DnsCache::merge`].
+//! the cache over as a versioned [`CacheSnapshot`] and resync by folding each other's entries in
+//! one address at a time ([`DnsCache::insert_entry`]; [`DnsCache::merge`] does it for a whole
+//! list).
 //!
 //! The crate is pure: no I/O and no clock. Time comes in as [`UnixTime`] (wall-clock seconds,
 //! so expiries persisted in a snapshot keep their meaning across restarts). `time`, `limits`

@@ -74,6 +74,23 @@ impl CacheLimits {
     pub const fn is_full(&self, names: usize) -> bool {
         self.max_names_per_endpoint != 0 && names >= self.max_names_per_endpoint
     }
+
+    /// Whether a merge (the peer's cache, a journal, a snapshot) may not add an IP to a name
+    /// holding `count`. Merges are held to twice the caps, not to the caps: the union of two
+    /// caches within them holds at most that, and the next `gc` trims names to
+    /// `max_ips_per_name` as always. Only a peer sending what no cache within the caps holds
+    /// gets there, and what it sends past them is dropped rather than kept (each IP a merge
+    /// adds is looked for among its name's, so a name of 400,000 would cost minutes of CPU
+    /// under the cache's lock).
+    pub const fn merge_refuses_ip(&self, count: usize) -> bool {
+        self.max_ips_per_name != 0 && count >= self.max_ips_per_name.saturating_mul(2)
+    }
+
+    /// Whether a merge may not add a name to an endpoint holding `names` (see
+    /// [`merge_refuses_ip`](Self::merge_refuses_ip)).
+    pub const fn merge_refuses_name(&self, names: usize) -> bool {
+        self.max_names_per_endpoint != 0 && names >= self.max_names_per_endpoint.saturating_mul(2)
+    }
 }
 
 #[cfg(test)]
@@ -119,6 +136,12 @@ mod tests {
         assert!(l.is_over(3));
         assert!(!l.is_full(2));
         assert!(l.is_full(3));
+        assert!(!l.merge_refuses_ip(3));
+        assert!(l.merge_refuses_ip(4));
+        assert!(!l.merge_refuses_name(5));
+        assert!(l.merge_refuses_name(6));
+        assert!(!CacheLimits::UNLIMITED.merge_refuses_ip(usize::MAX));
+        assert!(!CacheLimits::UNLIMITED.merge_refuses_name(usize::MAX));
         assert!(!CacheLimits::UNLIMITED.is_full(usize::MAX));
         assert!(!CacheLimits::UNLIMITED.is_over(usize::MAX));
         assert_eq!(CacheLimits::default(), CacheLimits::UNLIMITED);
