@@ -205,16 +205,13 @@ pub fn merge_port_rules(into: &mut Vec<PortRule>, rules: &[PortRule]) {
 
 /// The port rules of the datapath an L3/L4 rule's `toPorts` make for each address, as the
 /// agent makes them ([`port_rules`], merged): a group with DNS rules opens none (its port 53
-/// goes to the proxy); a group without ports makes the rule one of all ports and protocols;
+/// goes to the proxy), nor does a group without ports (see `PolicyRepository::add_rule`);
 /// merged as [`merge_port_rules`] merges them.
 fn datapath_port_rules(to_ports: &[warden_policy::PortRule]) -> usize {
     let mut ranges = Vec::new();
     for group in to_ports {
         if !group.dns_rules().is_empty() {
             continue;
-        }
-        if group.ports.is_empty() {
-            return 1;
         }
         ranges.extend(group.ports.iter().map(PortRange::from));
     }

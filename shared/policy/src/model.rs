@@ -212,7 +212,8 @@ pub enum Entity {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(try_from = "RawPortRule")]
 pub struct PortRule {
-    /// Empty means every port.
+    /// Empty opens nothing, as in Cilium (only a rule without `toPorts` opens every port;
+    /// `port: 0` is every port).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub ports: Vec<PortProtocol>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -680,6 +681,18 @@ impl TryFrom<RawEgressRule> for EgressRule {
                  toCIDRSet or toEntities) with its own rules.dns"
             ));
         }
+        for (i, _) in raw
+            .to_ports
+            .iter()
+            .enumerate()
+            .filter(|(_, port_rule)| port_rule.ports.is_empty())
+        {
+            refused_by_validate.push(format!(
+                "toPorts[{i}]: an entry without `ports` opens no port (as in Cilium, where only \
+                 a rule without `toPorts` allows every port); list its ports (`port: \"0\"` is \
+                 every port), or leave `toPorts` out"
+            ));
+        }
         for (i, selector) in raw.to_endpoints.iter().flatten().enumerate() {
             if let Some(key) = selector.reserved_key() {
                 refused_by_validate.push(format!(
@@ -949,6 +962,17 @@ mod tests {
                 .refused_by_validate
                 .is_empty()
         );
+    }
+
+    #[test]
+    fn a_to_ports_entry_without_ports_is_refused_by_validate() {
+        for to_ports in ["[{}]", "[{ports: []}]", "[{ports: [{port: '443'}]}, {}]"] {
+            let rule = egress(&format!("{{toEntities: [all], toPorts: {to_ports}}}")).unwrap();
+            let error = refused(&rule);
+            assert!(error.contains("without `ports` opens no port"), "{error}");
+        }
+        let error = refused(&egress("{toPorts: [{ports: [{port: '53'}]}, {}]}").unwrap());
+        assert!(error.starts_with("toPorts[1]: "), "{error}");
     }
 
     #[test]

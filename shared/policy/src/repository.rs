@@ -159,7 +159,8 @@ pub struct PolicyRepository {
 #[derive(Debug)]
 struct CompiledRule {
     peer: PeerMatch,
-    /// One group per `toPorts` entry; none means every port with no L7 rule.
+    /// One group per `toPorts` entry that lists ports; none means every port with no L7 rule
+    /// (the rule has no `toPorts`).
     port_groups: Vec<PortGroup>,
 }
 
@@ -184,7 +185,7 @@ enum PeerMatch {
 
 #[derive(Debug)]
 struct PortGroup {
-    /// Empty means every port.
+    /// Never empty (`port: 0` is every port).
     ports: Vec<PortRange>,
     /// `rules.dns`; `None` when the entry has no L7 rule, which allows every name.
     dns: Option<NameMatcher<()>>,
@@ -252,11 +253,22 @@ impl PolicyRepository {
         if !egress.has_l3() && egress.to_ports.is_empty() {
             return;
         }
+        // Nor does a rule whose every `toPorts` entry lists no port: Cilium opens the ports an
+        // entry lists, and every port only for a rule without `toPorts` (an entry `{}` or
+        // `{ports: []}`, which a template can leave, once opened every port here).
+        if !egress.to_ports.is_empty() && egress.to_ports.iter().all(|entry| entry.ports.is_empty())
+        {
+            return;
+        }
         let rule = Arc::new(CompiledRule::new(egress, namespace, endpoints));
-        if !egress.to_fqdns.is_empty() {
+        // The names' addresses get the rule's ports but those of entries with DNS rules, which
+        // open none (see `static_ports`); with only those, the names get nothing.
+        if !egress.to_fqdns.is_empty()
+            && let Some(ports) = rule.static_ports()
+        {
             let scope = Arc::new(GrantScope {
                 endpoints: selected.to_vec(),
-                ports: rule.ports(),
+                ports,
             });
             for selector in &egress.to_fqdns {
                 let target = FqdnTarget {
@@ -436,6 +448,8 @@ impl CompiledRule {
         let port_groups = egress
             .to_ports
             .iter()
+            // An entry without ports opens nothing (see `PolicyRepository::add_rule`).
+            .filter(|port_rule| !port_rule.ports.is_empty())
             .map(|port_rule| PortGroup {
                 ports: port_rule.ports.iter().map(PortRange::from).collect(),
                 dns: (!port_rule.dns_rules().is_empty()).then(|| {
@@ -463,26 +477,13 @@ impl CompiledRule {
         if self.port_groups.is_empty() {
             return Some(Vec::new());
         }
-        let mut ports = Vec::new();
-        for group in &self.port_groups {
-            match &group.dns {
-                None if group.ports.is_empty() => return Some(Vec::new()),
-                None => ports.extend(group.ports.iter().copied()),
-                Some(_) => {}
-            }
-        }
-        (!ports.is_empty()).then_some(ports)
-    }
-
-    /// Every port the rule opens; empty means all of them.
-    fn ports(&self) -> Vec<PortRange> {
-        if self.port_groups.iter().any(|group| group.ports.is_empty()) {
-            return Vec::new();
-        }
-        self.port_groups
+        let ports: Vec<PortRange> = self
+            .port_groups
             .iter()
+            .filter(|group| group.dns.is_none())
             .flat_map(|group| group.ports.iter().copied())
-            .collect()
+            .collect();
+        (!ports.is_empty()).then_some(ports)
     }
 }
 
@@ -533,9 +534,9 @@ impl PortGroup {
         self.covers(port, proto) && self.dns.as_ref().is_none_or(|names| names.is_match(qname))
     }
 
-    /// Whether the entry's ports include `port` over `proto` (none listed: every port).
+    /// Whether the entry's ports include `port` over `proto`.
     fn covers(&self, port: u16, proto: L4Proto) -> bool {
-        self.ports.is_empty() || self.ports.iter().any(|range| range.contains(port, proto))
+        self.ports.iter().any(|range| range.contains(port, proto))
     }
 }
 
@@ -1168,6 +1169,78 @@ mod tests {
             "[{toFQDNs: [], toPorts: [{ports: [{port: '53'}]}]}]",
         ));
         assert!(dns_ok(&repo, CLIENT, "8.8.8.8:53", L4Proto::Udp, "a.io"));
+    }
+
+    /// `toPorts: [{}]` opened every port, to any peer and for every name, where Cilium, which
+    /// opens the ports an entry lists, opens none: only a rule without `toPorts` is every port.
+    #[test]
+    fn a_to_ports_entry_without_ports_opens_nothing() {
+        for to_ports in ["[{}]", "[{ports: []}]", "[{}, {ports: []}]"] {
+            for peer in [
+                "",
+                "toEntities: [all], ",
+                "toEndpoints: [{}], ",
+                "toFQDNs: [{matchPattern: '*'}], ",
+            ] {
+                let repo = build(&policy(&format!("[{{{peer}toPorts: {to_ports}}}]")));
+                let case = format!("{peer}toPorts: {to_ports}");
+                assert!(repo.is_enforced(CLIENT), "{case}");
+                assert!(repo.static_allows(CLIENT).is_empty(), "{case}");
+                assert!(
+                    !dns_ok(&repo, CLIENT, "8.8.8.8:53", L4Proto::Udp, "a.io"),
+                    "{case}"
+                );
+                let mut grants = Vec::new();
+                repo.fqdn_grants(&name("a.io"), &mut grants);
+                assert!(grants.is_empty(), "{case}: {grants:?}");
+            }
+        }
+        // Beside an entry with ports, it adds nothing to them.
+        let https = [PortRange {
+            first: 443,
+            last: 443,
+            proto: Some(L4Proto::Tcp),
+        }];
+        let repo = build(&policy(
+            "[{toEntities: [all], toPorts: [{ports: [{port: '443', protocol: TCP}]}, {}]}, \
+              {toFQDNs: [{matchName: a.io}], toPorts: [{}, {ports: [{port: '443', protocol: TCP}]}]}]",
+        ));
+        assert_eq!(repo.static_allows(CLIENT)[0].ports, https);
+        assert!(!dns_ok(&repo, CLIENT, "8.8.8.8:53", L4Proto::Udp, "a.io"));
+        let mut grants = Vec::new();
+        repo.fqdn_grants(&name("a.io"), &mut grants);
+        assert_eq!(grants[0].ports, https);
+        // `port: 0` is every port, as before.
+        let repo = build(&policy(
+            "[{toEntities: [all], toPorts: [{ports: [{port: '0'}]}]}]",
+        ));
+        assert!(dns_ok(&repo, CLIENT, "8.8.8.8:53", L4Proto::Udp, "a.io"));
+    }
+
+    /// An entry with DNS rules opens no port in the datapath; in a toFQDNs rule (where its
+    /// rules apply to nothing) it made the names' addresses reachable on its port all the same,
+    /// port 53 to a name's servers past the proxy.
+    #[test]
+    fn dns_rules_in_a_fqdn_rule_grant_no_port() {
+        let repo = build(&policy(
+            "[{toFQDNs: [{matchName: dns.google}], \
+               toPorts: [{ports: [{port: '53'}], rules: {dns: [{matchName: ok.io}]}}]}, \
+              {toFQDNs: [{matchName: both.io}], \
+               toPorts: [{ports: [{port: '53'}], rules: {dns: [{matchName: ok.io}]}}, \
+                         {ports: [{port: '443', protocol: TCP}]}]}]",
+        ));
+        let mut grants = Vec::new();
+        repo.fqdn_grants(&name("dns.google"), &mut grants);
+        assert!(grants.is_empty(), "{grants:?}");
+        repo.fqdn_grants(&name("both.io"), &mut grants);
+        assert_eq!(
+            grants[0].ports,
+            [PortRange {
+                first: 443,
+                last: 443,
+                proto: Some(L4Proto::Tcp)
+            }]
+        );
     }
 
     /// The datapath proxies port 53 only, so DNS rules on 5353 must not open 5353 to every
