@@ -1298,17 +1298,19 @@ mod tests {
     #[test]
     fn subject_naming_another_namespace_gets_the_policy_namespace() {
         // As in Cilium, a CiliumNetworkPolicy in `default` applies to app=client in `default`,
-        // whatever namespace its endpointSelector names.
-        for key in [
-            "'k8s:io.kubernetes.pod.namespace'",
-            "io.kubernetes.pod.namespace",
+        // whatever namespace its endpointSelector names with `k8s:`; the key without a source,
+        // or `any:`, which Cilium keeps beside the namespace it sets, selects nothing.
+        for (key, selects_client) in [
+            ("'k8s:io.kubernetes.pod.namespace'", true),
+            ("io.kubernetes.pod.namespace", false),
+            ("'any:io.kubernetes.pod.namespace'", false),
         ] {
             let text = policy("[{}]").replace(
                 "{matchLabels: {app: client}}",
                 &format!("{{matchLabels: {{{key}: other, app: client}}}}"),
             );
             let repo = build(&text);
-            assert!(repo.is_enforced(CLIENT), "{key}");
+            assert_eq!(repo.is_enforced(CLIENT), selects_client, "{key}");
             assert!(!repo.is_enforced(OTHER), "{key}");
         }
         // A clusterwide policy may select any namespace.

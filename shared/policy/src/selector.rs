@@ -89,33 +89,40 @@ impl EndpointSelector {
     }
 
     /// Confines the `endpointSelector` of a policy living in `namespace` to it, as Cilium's
-    /// `ParseToCiliumRule` does: a `matchLabels` entry naming another namespace is overwritten
-    /// with the policy's (Cilium logs "illegal namespace match" and does the same). Cilium leaves
-    /// `matchExpressions` alone, so one that rules out the policy's namespace would select
-    /// nothing; that is an error, as `(field, message)`.
+    /// `ParseToCiliumRule` does: a `matchLabels` entry `k8s:io.kubernetes.pod.namespace`
+    /// naming another namespace is overwritten with the policy's (Cilium logs "illegal
+    /// namespace match" and does the same). Cilium sets that one key only, leaving the key
+    /// without a source (or `any:`) beside it, and `matchExpressions`: naming or requiring
+    /// another namespace, they select nothing; that is an error, as `(field, message)`.
     /// Returns the namespaces overwritten.
     pub(crate) fn confine_to_namespace(
         &mut self,
         namespace: &str,
     ) -> Result<Vec<String>, (String, String)> {
+        let nothing = |field: String, key: &str| {
+            (
+                field,
+                format!(
+                    "a CiliumNetworkPolicy selects endpoints of its own namespace \
+                     ({namespace:?}) only, and this requirement on {key:?} rules that namespace \
+                     out, so the rule would select nothing; remove it, or write a \
+                     CiliumClusterwideNetworkPolicy to select endpoints of other namespaces"
+                ),
+            )
+        };
         let mut overwritten = Vec::new();
         for (key, value) in &mut self.match_labels {
-            if is_namespace_key(key) && value != namespace {
-                overwritten.push(std::mem::replace(value, namespace.to_owned()));
+            if !is_namespace_key(key) || value == namespace {
+                continue;
             }
+            if split_key(key).0 != Some(K8S_SOURCE) {
+                return Err(nothing(format!("matchLabels.{key}"), key));
+            }
+            overwritten.push(std::mem::replace(value, namespace.to_owned()));
         }
         for (i, requirement) in self.match_expressions.iter().enumerate() {
             if is_namespace_key(&requirement.key) && !requirement.matches_value(Some(namespace)) {
-                return Err((
-                    format!("matchExpressions[{i}]"),
-                    format!(
-                        "a CiliumNetworkPolicy selects endpoints of its own namespace \
-                         ({namespace:?}) only, and this requirement on {:?} rules that namespace \
-                         out, so the rule would select nothing; remove it, or write a \
-                         CiliumClusterwideNetworkPolicy to select endpoints of other namespaces",
-                        requirement.key
-                    ),
-                ));
+                return Err(nothing(format!("matchExpressions[{i}]"), &requirement.key));
             }
         }
         Ok(overwritten)
@@ -357,17 +364,13 @@ mod tests {
     #[test]
     fn confine_to_namespace_overwrites_labels_and_refuses_excluding_expressions() {
         let in_youssef = pod(&[("app", "test")], "youssef");
-        for labels in [
-            "{'k8s:io.kubernetes.pod.namespace': other, app: test}",
-            "{'any:io.kubernetes.pod.namespace': other, app: test}",
-            "{io.kubernetes.pod.namespace: other, app: test}",
-        ] {
-            let mut confined = selector(&format!("matchLabels: {labels}"));
-            assert!(!confined.matches(&in_youssef), "{labels}");
-            confined.confine_to_namespace("youssef").unwrap();
-            assert!(confined.matches(&in_youssef), "{labels}");
-            assert_eq!(confined.match_labels["app"], "test", "{labels}");
-        }
+        // Only the `k8s:` key (see `a_namespace_key_without_source_is_not_overwritten`).
+        let mut confined =
+            selector("matchLabels: {'k8s:io.kubernetes.pod.namespace': other, app: test}");
+        assert!(!confined.matches(&in_youssef));
+        confined.confine_to_namespace("youssef").unwrap();
+        assert!(confined.matches(&in_youssef));
+        assert_eq!(confined.match_labels["app"], "test");
         // Another source, or a typo, is not the namespace label and stays as written.
         let mut other_source =
             selector("matchLabels: {'container:io.kubernetes.pod.namespace': x}");
@@ -396,6 +399,33 @@ mod tests {
                 assert!(message.contains("select nothing"), "{message}");
             }
         }
+    }
+
+    /// Cilium sets `k8s:io.kubernetes.pod.namespace` to the policy's namespace and keeps a
+    /// namespace key without a source beside it: naming another namespace, that one selects
+    /// nothing (it was overwritten too, selecting the policy namespace's endpoints).
+    #[test]
+    fn a_namespace_key_without_source_is_not_overwritten() {
+        for key in [
+            "io.kubernetes.pod.namespace",
+            "'any:io.kubernetes.pod.namespace'",
+        ] {
+            let mut s = selector(&format!("matchLabels: {{{key}: other, app: x}}"));
+            let (field, message) = s.confine_to_namespace("youssef").unwrap_err();
+            assert!(field.starts_with("matchLabels."), "{field}");
+            assert!(message.contains("select nothing"), "{message}");
+            assert!(
+                s.match_labels.values().any(|value| value == "other"),
+                "{key}"
+            );
+            let mut s = selector(&format!("matchLabels: {{{key}: youssef}}"));
+            assert_eq!(s.confine_to_namespace("youssef"), Ok(Vec::new()), "{key}");
+        }
+        let mut s = selector("matchLabels: {'k8s:io.kubernetes.pod.namespace': other}");
+        assert_eq!(
+            s.confine_to_namespace("youssef"),
+            Ok(vec!["other".to_owned()])
+        );
     }
 
     #[test]
