@@ -21,8 +21,9 @@ pub use schema::{
 
 use std::path::Path;
 
-/// Reads and validates a config file. Relative paths in it (`policy.dir`, `state_dir`, endpoint
-/// cgroups) are taken relative to the file's own folder, so a lab can be started from anywhere.
+/// Reads and validates a config file. Relative paths in it (`policy.dir`, `endpoints_dir`,
+/// `state_dir`, `socket`) are taken relative to the file's own folder, so a lab can be started
+/// from anywhere; endpoint cgroups are relative to `datapath.cgroup_root`.
 pub fn load(path: &Path) -> Result<AgentConfig, ConfigError> {
     load_with(path, &ConfigOverrides::default())
 }
