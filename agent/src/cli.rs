@@ -299,6 +299,11 @@ pub async fn run(cli: Cli) -> ExitCode {
             };
             match (services, node) {
                 (Some(services), _) => service_sync(&dir, &services, watch),
+                // `--node "$NODE_NAME"` with the variable unset: no pod is on it, and every
+                // file would go.
+                (None, Some(node)) if node.trim().is_empty() => {
+                    Err(anyhow::anyhow!("--node is empty"))
+                }
                 (None, Some(node)) => {
                     endpoint_sync(&node, &dir, &pods, &kubelet, &dns_target, watch)
                 }
@@ -394,8 +399,10 @@ fn endpoint_sync(
     for reason in &skipped {
         eprintln!("warden: skipped {reason}");
     }
+    // One Pod (`kubectl get pod NAME -o json`) is written, and says nothing of the others.
+    let whole_node = list.get("items").is_some();
     let report =
-        crate::pod_endpoints::sync(dir, crate::pod_endpoints::POD_FILES, &endpoints, true)?;
+        crate::pod_endpoints::sync(dir, crate::pod_endpoints::POD_FILES, &endpoints, whole_node)?;
     Ok(sync_line(node, endpoints.len(), &report))
 }
 
@@ -1474,6 +1481,38 @@ mod tests {
         );
     }
     use warden_telemetry::Verdict;
+
+    /// `kubectl get pod NAME -o json | warden endpoint sync ...` wrote the one pod and removed
+    /// every other pod's file: a single Pod says nothing of the others.
+    #[test]
+    fn one_pod_is_written_without_removing_the_others() {
+        let dir = tempfile::tempdir().unwrap();
+        let kubelet = crate::pod_endpoints::Kubelet {
+            driver: crate::pod_endpoints::CgroupDriver::Systemd,
+            cgroup_root: std::path::PathBuf::new(),
+        };
+        let pod = |uid: &str, ip: &str| {
+            serde_json::json!({"kind": "Pod",
+                "metadata": {"name": format!("p{uid}"), "namespace": "shop", "uid": uid},
+                "spec": {"nodeName": "n1"},
+                "status": {"phase": "Running", "qosClass": "BestEffort", "podIP": ip}})
+        };
+        let list = dir.path().join("list.json");
+        let list_value =
+            serde_json::json!({"kind": "PodList", "items": [pod("aaaa-0001", "10.0.0.1")]});
+        std::fs::write(&list, list_value.to_string()).unwrap();
+        let one = dir.path().join("one.json");
+        std::fs::write(&one, pod("aaaa-0002", "10.0.0.2").to_string()).unwrap();
+        let endpoints = dir.path().join("endpoints");
+        endpoint_sync("n1", &endpoints, &list, &kubelet, &[], false).unwrap();
+        let line = endpoint_sync("n1", &endpoints, &one, &kubelet, &[], false).unwrap();
+        assert!(line.contains("0 removed"), "{line}");
+        assert!(endpoints.join("pod-aaaa-0001.yaml").exists());
+        assert!(endpoints.join("pod-aaaa-0002.yaml").exists());
+        // The whole node's list still removes what it does not hold.
+        let line = endpoint_sync("n1", &endpoints, &list, &kubelet, &[], false).unwrap();
+        assert!(line.contains("1 removed"), "{line}");
+    }
 
     /// `--since 18446744073709552` wrapped in release builds (no overflow checks) to a moment
     /// 384 ms ago, and filtered out nearly everything.

@@ -251,6 +251,9 @@ pub fn endpoints(
         // A Status (an error from the API server), or anything else: not an empty node.
         None => anyhow::bail!("not a PodList: no `items`"),
     };
+    // A ServiceList given for pods (`--services` forgotten) holds no pod of the node, and
+    // would have removed every pod's file.
+    items.iter().try_for_each(|item| of_kind(item, "Pod"))?;
     let mut candidates = Vec::new();
     for pod in items {
         let text = |pointer: &str| text_at(pod, pointer);
@@ -341,6 +344,8 @@ pub fn services(
         // A Status (an error from the API server), or anything else: not an empty cluster.
         anyhow::bail!("not a ServiceList: no `items`");
     };
+    // A PodList given for Services has no selector in it, and would have removed them all.
+    items.iter().try_for_each(|item| of_kind(item, "Service"))?;
     let mut endpoints = BTreeMap::new();
     for service in items {
         let (name, namespace, uid) = identity(service);
@@ -426,6 +431,31 @@ const CLUSTER_LABEL: &str = "io.cilium.k8s.policy.cluster";
 const CLUSTER_NAME: &str = "default";
 
 /// A UID fit for a file and a cgroup name: letters, digits and dashes.
+/// An error for a list item whose `kind` is another than `kind` (the API server's own lists
+/// name none; kubectl's do).
+fn of_kind(item: &Value, kind: &str) -> anyhow::Result<()> {
+    match item.get("kind").and_then(Value::as_str) {
+        Some(found) if found != kind => {
+            anyhow::bail!("a {found} in a list of {kind}s: nothing written or removed")
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Whether `name` is a file the sync writes: `prefix` and a UID, which the API server makes
+/// of hexadecimal digits in dash-separated groups (8-4-4-4-12), so that a file written by hand
+/// in the folder (`pod-b.yaml`, `pod-web.yaml`) is not taken for one of a pod gone.
+fn written_by_sync(name: &str, prefix: &str) -> bool {
+    name.strip_prefix(prefix)
+        .and_then(|rest| rest.strip_suffix(".yaml"))
+        .is_some_and(|uid| {
+            uid.contains('-')
+                && uid
+                    .split('-')
+                    .all(|group| !group.is_empty() && group.bytes().all(|b| b.is_ascii_hexdigit()))
+        })
+}
+
 fn is_plain(uid: &str) -> bool {
     !uid.is_empty() && uid.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
 }
@@ -490,7 +520,7 @@ pub fn sync(
     for entry in std::fs::read_dir(dir).with_context(|| format!("cannot read {}", dir.display()))? {
         let entry = entry?;
         let name = entry.file_name().to_string_lossy().into_owned();
-        if prune && name.starts_with(prefix) && name.ends_with(".yaml") && !wanted.contains(&name) {
+        if prune && written_by_sync(&name, prefix) && !wanted.contains(&name) {
             std::fs::remove_file(entry.path())
                 .with_context(|| format!("cannot remove {}", entry.path().display()))?;
             report.removed += 1;
@@ -913,6 +943,81 @@ mod tests {
         again["metadata"]["name"] = "pa".into();
         watch.apply(event("ADDED", again)).unwrap();
         assert_eq!(uids(&watch), ["b"]);
+    }
+
+    /// A ServiceList fed to the pods' sync (`--services` forgotten) is a node without pods,
+    /// and removed every pod's file; a PodList fed to the Services' removed every Service's.
+    #[test]
+    fn a_list_of_the_other_kind_is_an_error() {
+        let service_list = serde_json::json!({"kind": "List", "items": [
+            {"kind": "Service", "metadata": {"name": "s", "namespace": "a", "uid": "aaaa-1111"},
+             "spec": {"selector": {"app": "x"}, "clusterIP": "10.96.0.20"}}]});
+        let error = endpoints(
+            &service_list,
+            "n1",
+            &kubelet(CgroupDriver::Systemd),
+            &target(),
+            &mut Vec::new(),
+        )
+        .unwrap_err();
+        assert!(
+            error.to_string().contains("a Service in a list of Pods"),
+            "{error}"
+        );
+        let pods: Value = serde_json::from_str(PODS).unwrap();
+        let mut kubectl_pods = pods.clone();
+        for item in kubectl_pods["items"].as_array_mut().unwrap() {
+            item["kind"] = "Pod".into();
+        }
+        let error = services(&kubectl_pods, &mut Vec::new()).unwrap_err();
+        assert!(
+            error.to_string().contains("a Pod in a list of Services"),
+            "{error}"
+        );
+        // kubectl names each item's kind; the API server's own lists do not.
+        let found = endpoints(
+            &kubectl_pods,
+            "n1",
+            &kubelet(CgroupDriver::Systemd),
+            &target(),
+            &mut Vec::new(),
+        );
+        assert_eq!(
+            found.unwrap().len(),
+            node_n1(CgroupDriver::Systemd, &mut Vec::new()).len()
+        );
+    }
+
+    /// The docs' own example of a file written by hand, `pod-b.yaml`, went at the next sync.
+    #[test]
+    fn files_written_by_hand_are_never_pruned() {
+        let dir = tempfile::tempdir().unwrap();
+        for name in [
+            "pod-b.yaml",
+            "pod-web.yaml",
+            "pod-.yaml",
+            "service-dns.yaml",
+        ] {
+            std::fs::write(dir.path().join(name), "- {name: keep}").unwrap();
+        }
+        std::fs::write(
+            dir.path()
+                .join("pod-9f0c6a1e-0b7d-4c1a-9e55-3f2b1c0d4e5f.yaml"),
+            "[]",
+        )
+        .unwrap();
+        let pruned = sync(dir.path(), POD_FILES, &BTreeMap::new(), true).unwrap();
+        assert_eq!(pruned.removed, 1);
+        let pruned = sync(dir.path(), SERVICE_FILES, &BTreeMap::new(), true).unwrap();
+        assert_eq!(pruned.removed, 0);
+        for name in [
+            "pod-b.yaml",
+            "pod-web.yaml",
+            "pod-.yaml",
+            "service-dns.yaml",
+        ] {
+            assert!(dir.path().join(name).exists(), "{name}");
+        }
     }
 
     #[test]
