@@ -173,6 +173,7 @@ pub async fn start(config: AgentConfig) -> anyhow::Result<RunningAgent> {
                 uncleared: HashSet::new(),
                 wanted_by: HashMap::new(),
                 adopted: HashMap::new(),
+                inherited: None,
             };
             let first_pass = tokio::task::spawn_blocking(move || {
                 reconciler.reconcile();

@@ -70,6 +70,11 @@ pub struct Reconciler {
     /// wants it (its own name's rule gone). Only these: an entry a cache clean took the name
     /// of goes within seconds, as the clean promises.
     pub adopted: HashMap<FqdnKey, Arc<str>>,
+    /// The FQDN entries the map held at this agent's first pass and still holds: written
+    /// before this agent ran (by the one before it, or a dnsproxy), possibly for names its
+    /// cache no longer has (lost in a crash, or set aside unreadable). `None` until the
+    /// first pass has listed the map.
+    pub inherited: Option<HashSet<FqdnKey>>,
 }
 
 impl Reconciler {
@@ -315,9 +320,12 @@ impl Reconciler {
     /// alive by traffic for `idle_grace_s` after their TTL.
     fn reconcile_fqdn(&mut self, table: &EndpointTable, policy: &PolicyRepository, now: UnixTime) {
         let grace = self.config.dns.idle_grace_s;
-        // Traffic in the grace window keeps an IP in the cache (source `connection`).
-        let recent: Vec<(u32, IpAddr, u64)> = self
-            .count("list", self.datapath.last_seen_entries())
+        // Traffic in the grace window keeps an IP in the cache (source `connection`). When the
+        // listing fails, nothing is known to be idle: no entry is revoked for it this pass (an
+        // empty list would have cut every connection living on the grace).
+        let seen = self.count("list", self.datapath.last_seen_entries());
+        let traffic_known = seen.is_some();
+        let recent: Vec<(u32, IpAddr, u64)> = seen
             .unwrap_or_default()
             .into_iter()
             .filter(|(_, _, seen)| now.0.saturating_sub(*seen) < grace)
@@ -353,6 +361,12 @@ impl Reconciler {
         let Some(current) = self.count("list", self.datapath.fqdn_entries()) else {
             return;
         };
+        // Taken out for the pass (and put back at its end), so that the pass may borrow
+        // the rest of `self` meanwhile.
+        let mut inherited = self
+            .inherited
+            .take()
+            .unwrap_or_else(|| current.iter().map(|(key, _)| *key).collect());
         let recent: HashSet<(u32, IpAddr)> =
             recent.into_iter().map(|(id, ip, _)| (id, ip)).collect();
         let peers_catching_up =
@@ -372,6 +386,7 @@ impl Reconciler {
                 }
                 continue;
             }
+            let in_use = recent.contains(&(key.endpoint_id, key.ip));
             let revoke = if expires_at > now.0 {
                 let still_granted = self.adopted.get(&key).is_some_and(|name| {
                     grants
@@ -385,29 +400,32 @@ impl Reconciler {
                     // gives it (its own name's rule gone).
                     self.unwanted_since.remove(&key);
                     false
+                } else if (in_use || !traffic_known)
+                    && inherited.contains(&key)
+                    && names_for(&key, &self.wanted_by, &mut names_in_cache, &entries, table)
+                        .is_empty()
+                {
+                    // In use, written before this agent ran, and no name known for it: the
+                    // cache that held it lost in a crash (or set aside, unreadable). Kept as it
+                    // would be past its TTL (below): a connection must not be cut for what
+                    // this agent forgot. One written since is known by name once a pass has
+                    // seen its cache entry (a clean made before that still takes it, as
+                    // promised), and a rule removed leaves the name in `wanted_by`.
+                    self.unwanted_since.remove(&key);
+                    false
                 } else {
                     // Still within its TTL but wanted by no policy: a removed rule, or a peer's
                     // entry whose mapping has not reached this cache yet. Give it a moment.
                     let since = *self.unwanted_since.entry(key).or_insert_with(Instant::now);
                     since.elapsed() >= UNWANTED_GRACE && !peers_catching_up
                 }
-            } else if recent.contains(&(key.endpoint_id, key.ip)) {
+            } else if !traffic_known {
+                false
+            } else if in_use {
                 // In use past its TTL: kept for the idle grace, but only as the policy still
                 // grants it. Traffic marks the address, not the port, so a port a changed
                 // policy took away would otherwise stay open for as long as any is used.
-                let mut names: Vec<&str> = self
-                    .wanted_by
-                    .get(&key)
-                    .into_iter()
-                    .flatten()
-                    .map(|name| &**name)
-                    .collect();
-                if names.is_empty() {
-                    let index = names_in_cache.get_or_insert_with(|| names_by_address(&entries));
-                    if let Some(endpoint) = table.key_of(EndpointId(key.endpoint_id)) {
-                        names.extend(index.get(&(&**endpoint, key.ip)).into_iter().flatten());
-                    }
-                }
+                let names = names_for(&key, &self.wanted_by, &mut names_in_cache, &entries, table);
                 // No name known for it (a peer's entry whose mapping has not come, or an
                 // address another endpoint resolved before this agent started): kept.
                 let granted = names.is_empty()
@@ -502,6 +520,8 @@ impl Reconciler {
             }
         }
         self.unwanted_since.retain(|key, _| present.contains(key));
+        inherited.retain(|key| present.contains(key));
+        self.inherited = Some(inherited);
         self.wanted_by
             .retain(|key, _| present.contains(key) || wanted.contains_key(key));
         self.adopted
@@ -678,6 +698,30 @@ fn remember(wanted_by: &mut HashMap<FqdnKey, Vec<Arc<str>>>, key: FqdnKey, name:
 }
 
 /// The names each (endpoint, address) of the cache's entries stands for.
+/// The names an entry is known by: those this agent wanted it for, else those the endpoint's
+/// cache entries give its address (`names_in_cache`, built on first need).
+fn names_for<'a>(
+    key: &FqdnKey,
+    wanted_by: &'a HashMap<FqdnKey, Vec<Arc<str>>>,
+    names_in_cache: &mut Option<HashMap<(&'a str, IpAddr), Vec<&'a str>>>,
+    entries: &'a [CacheEntry],
+    table: &EndpointTable,
+) -> Vec<&'a str> {
+    let mut names: Vec<&str> = wanted_by
+        .get(key)
+        .into_iter()
+        .flatten()
+        .map(|name| &**name)
+        .collect();
+    if names.is_empty() {
+        let index = names_in_cache.get_or_insert_with(|| names_by_address(entries));
+        if let Some(endpoint) = table.key_of(EndpointId(key.endpoint_id)) {
+            names.extend(index.get(&(&**endpoint, key.ip)).into_iter().flatten());
+        }
+    }
+    names
+}
+
 fn names_by_address(entries: &[CacheEntry]) -> HashMap<(&str, IpAddr), Vec<&str>> {
     let mut names: HashMap<(&str, IpAddr), Vec<&str>> = HashMap::new();
     for entry in entries {

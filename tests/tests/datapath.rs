@@ -495,6 +495,59 @@ async fn enforcement_holds_through_kill_9_and_restarts_without_a_gap() {
     assert!(lab.curl_ok("http://cilium.io/", &["-4"]).ok());
 }
 
+/// An agent killed before it saved its cache (or whose cache file is unreadable at the restart)
+/// knows no name for the allow entries it finds: past its startup grace it revoked those still
+/// within their TTL, connections in use or not, though the same entries past their TTL were
+/// kept for the idle grace while used.
+#[tokio::test]
+async fn an_entry_in_use_survives_a_restart_that_lost_the_cache() {
+    if !require_lab() || !warden_tests::require_tools(&["knotd", "dig", "bpftool"]) {
+        return;
+    }
+    let mut lab = firewall(60).await;
+    let ip = IpAddr::V4(CILIUM_IO_V4);
+    // A second address of the name, never used (traffic within the idle grace counts as use).
+    let idle = IpAddr::V4(GOOGLE_COM_V4);
+    lab.upstream
+        .set_addrs("cilium.io.", 300, &[ip, idle])
+        .unwrap();
+    assert_eq!(
+        lab.dig_ok("cilium.io", "A", DigOpts::default())
+            .await
+            .ips()
+            .len(),
+        2
+    );
+    let in_use = ConnectLoop::start(
+        &lab.workload,
+        SocketAddr::new(ip, 80),
+        Duration::from_millis(200),
+    )
+    .unwrap();
+    in_use.wait_for_attempts(3, Duration::from_secs(5)).unwrap();
+    lab.dir
+        .wait_cache_saved("cilium.io.", Duration::from_secs(5))
+        .await
+        .unwrap();
+    lab.agent.kill().unwrap();
+    std::fs::remove_file(lab.dir.state_dir().join("fqdn-cache.json")).unwrap();
+    lab.agent.restart().await.unwrap();
+    let restarted = std::time::SystemTime::now();
+    // Past the startup grace (10 s) and the unwanted entry's (2 s), with passes to spare.
+    tokio::time::sleep(Duration::from_secs(15)).await;
+    let attempts = in_use.stop().unwrap();
+    let late: Vec<_> = attempts
+        .iter()
+        .filter(|attempt| attempt.at > restarted + Duration::from_secs(11))
+        .collect();
+    assert!(late.len() > 10, "{attempts:?}");
+    let failed: Vec<_> = late.iter().filter(|attempt| !attempt.ok()).collect();
+    assert!(failed.is_empty(), "connections cut: {failed:?}");
+    // The idle address, known by no name either, went: only traffic keeps a nameless entry.
+    let attempt = curl_with(&lab.workload, &format!("http://{idle}/"), &[], SHORT).unwrap();
+    assert!(quick_refusal(&attempt), "{attempt:?}");
+}
+
 /// A UDP echo service on every address (dual-stack) at the port given.
 const UDP_ECHO_PY: &str = r#"
 import socket, sys
