@@ -84,6 +84,11 @@ pub async fn start(config: AgentConfig) -> anyhow::Result<RunningAgent> {
         tracing::warn!(%error, dir = %dir.display(), "cannot create endpoints_dir");
     }
     let metrics = Metrics::new("agent")?;
+    // The admin port first: a second agent started by mistake on the node (the port held by
+    // the running one) must fail before it touches anything they share: the saved state it
+    // would rewrite, the pinned programs it would replace with its own build, and the socket,
+    // which is bound over the one in place (cutting the running agent's dnsproxies off).
+    let admin_listener = warden_telemetry::admin::bind(config.admin.listen).await?;
     let flows = Arc::new(FlowLog::new(FLOW_LOG_CAPACITY));
     let policy = PolicyStore::open(
         &config.policy.dir,
@@ -125,10 +130,6 @@ pub async fn start(config: AgentConfig) -> anyhow::Result<RunningAgent> {
     let settings = warden_enforce::proxy_settings(&config.dns);
     let proxy = DnsProxy::bind(settings, context)?;
     let dns_addrs = proxy.local_addrs();
-    // The admin port before the socket, which is bound over the one in place: an agent that
-    // cannot start (the port held by a running agent) must not leave the path on a socket
-    // nobody serves, cutting the running agent's dnsproxies off.
-    let admin_listener = warden_telemetry::admin::bind(config.admin.listen).await?;
     let api_listener = warden_api::server::bind(&config.socket, config.socket_group.as_deref())?;
     let admin_addr = admin_listener.local_addr()?;
 

@@ -246,6 +246,21 @@ async fn an_agent_that_cannot_start_leaves_the_running_agents_socket() {
     let dir = AgentDir::new().unwrap();
     let config = dir.config(unique_loopback_v4(), upstream.addr());
     let running = InProcessAgent::start(config.clone()).await.unwrap();
+    // Nor may it touch the state they share (it rewrote the saved policy and endpoints, and
+    // with the eBPF datapath would have replaced the pinned programs, before the port clash).
+    let state = |dir: &AgentDir| -> Vec<(std::path::PathBuf, std::time::SystemTime)> {
+        let mut files: Vec<_> = std::fs::read_dir(dir.state_dir())
+            .unwrap()
+            .map(|entry| {
+                let entry = entry.unwrap();
+                (entry.path(), entry.metadata().unwrap().modified().unwrap())
+            })
+            .collect();
+        files.sort();
+        files
+    };
+    let before = state(&dir);
+    assert!(!before.is_empty());
     let mut second = config;
     second.admin.listen = running.admin();
     assert!(InProcessAgent::start(second).await.is_err());
@@ -253,5 +268,6 @@ async fn an_agent_that_cannot_start_leaves_the_running_agents_socket() {
         tokio::net::UnixStream::connect(dir.socket()).await.is_ok(),
         "the running agent's socket was replaced by a dead one"
     );
+    assert_eq!(state(&dir), before, "the second agent rewrote the state");
     running.stop().await.unwrap();
 }
