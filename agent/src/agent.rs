@@ -175,6 +175,7 @@ pub async fn start(config: AgentConfig) -> anyhow::Result<RunningAgent> {
                 wanted_by: HashMap::new(),
                 adopted: HashMap::new(),
                 inherited: None,
+                traffic_listed_at: Instant::now(),
             };
             let first_pass = tokio::task::spawn_blocking(move || {
                 reconciler.reconcile();

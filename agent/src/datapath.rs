@@ -75,6 +75,8 @@ pub struct Reconciler {
     /// cache no longer has (lost in a crash, or set aside unreadable). `None` until the
     /// first pass has listed the map.
     pub inherited: Option<HashSet<FqdnKey>>,
+    /// When `last_seen` was last listed (the reconciler's start before that).
+    pub traffic_listed_at: Instant,
 }
 
 impl Reconciler {
@@ -321,10 +323,16 @@ impl Reconciler {
     fn reconcile_fqdn(&mut self, table: &EndpointTable, policy: &PolicyRepository, now: UnixTime) {
         let grace = self.config.dns.idle_grace_s;
         // Traffic in the grace window keeps an IP in the cache (source `connection`). When the
-        // listing fails, nothing is known to be idle: no entry is revoked for it this pass (an
-        // empty list would have cut every connection living on the grace).
+        // listing fails, nothing is known to be idle: for the idle grace after the last
+        // listing that worked no entry is revoked for want of traffic (an empty list would
+        // have cut every connection living on the grace); past it, a listing that keeps
+        // failing counts as no traffic, so that no entry outlives its grace for good.
         let seen = self.count("list", self.datapath.last_seen_entries());
-        let traffic_known = seen.is_some();
+        if seen.is_some() {
+            self.traffic_listed_at = Instant::now();
+        }
+        let traffic_known =
+            seen.is_some() || self.traffic_listed_at.elapsed() >= Duration::from_secs(grace);
         let recent: Vec<(u32, IpAddr, u64)> = seen
             .unwrap_or_default()
             .into_iter()
@@ -404,13 +412,15 @@ impl Reconciler {
                     && inherited.contains(&key)
                     && names_for(&key, &self.wanted_by, &mut names_in_cache, &entries, table)
                         .is_empty()
+                    && some_name_could_grant(policy, &key)
                 {
                     // In use, written before this agent ran, and no name known for it: the
                     // cache that held it lost in a crash (or set aside, unreadable). Kept as it
-                    // would be past its TTL (below): a connection must not be cut for what
-                    // this agent forgot. One written since is known by name once a pass has
-                    // seen its cache entry (a clean made before that still takes it, as
-                    // promised), and a rule removed leaves the name in `wanted_by`.
+                    // would be past its TTL (below), while a toFQDNs rule of the endpoint's
+                    // could grant it: a connection must not be cut for what this agent forgot.
+                    // One written since is known by name once a pass has seen its cache entry
+                    // (a clean made before that still takes it, as promised), and a rule
+                    // removed leaves the name in `wanted_by`.
                     self.unwanted_since.remove(&key);
                     false
                 } else {
@@ -427,15 +437,19 @@ impl Reconciler {
                 // policy took away would otherwise stay open for as long as any is used.
                 let names = names_for(&key, &self.wanted_by, &mut names_in_cache, &entries, table);
                 // No name known for it (a peer's entry whose mapping has not come, or an
-                // address another endpoint resolved before this agent started): kept.
-                let granted = names.is_empty()
-                    || names.iter().any(|name| {
+                // address another endpoint resolved before this agent started): kept while
+                // a toFQDNs rule of the endpoint's could grant it, whatever the name.
+                let granted = if names.is_empty() {
+                    some_name_could_grant(policy, &key)
+                } else {
+                    names.iter().any(|name| {
                         grants
                             .of(name)
                             .1
                             .iter()
                             .any(|grant| grants_key(grant, &key))
-                    });
+                    })
+                };
                 if granted {
                     idle_grace += 1;
                 } else {
@@ -697,7 +711,15 @@ fn remember(wanted_by: &mut HashMap<FqdnKey, Vec<Arc<str>>>, key: FqdnKey, name:
     names.push(name.clone());
 }
 
-/// The names each (endpoint, address) of the cache's entries stands for.
+/// Whether a `toFQDNs` rule of the entry's endpoint could grant it, whatever the name: what
+/// keeps an entry known by no name.
+fn some_name_could_grant(policy: &PolicyRepository, key: &FqdnKey) -> bool {
+    policy
+        .fqdn_grants_of_any_name(EndpointId(key.endpoint_id))
+        .iter()
+        .any(|grant| grants_key(grant, key))
+}
+
 /// The names an entry is known by: those this agent wanted it for, else those the endpoint's
 /// cache entries give its address (`names_in_cache`, built on first need).
 fn names_for<'a>(
@@ -722,6 +744,7 @@ fn names_for<'a>(
     names
 }
 
+/// The names each (endpoint, address) of the cache's entries stands for.
 fn names_by_address(entries: &[CacheEntry]) -> HashMap<(&str, IpAddr), Vec<&str>> {
     let mut names: HashMap<(&str, IpAddr), Vec<&str>> = HashMap::new();
     for entry in entries {

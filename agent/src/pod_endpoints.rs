@@ -245,6 +245,13 @@ pub fn endpoints(
     dns_target: &[SocketAddr],
     skipped: &mut Vec<String>,
 ) -> anyhow::Result<BTreeMap<String, EndpointConfig>> {
+    // The API server's own lists name no kind in their items (`kubectl get --raw`), but the
+    // list does: a ServiceList of those would otherwise pass for a node without pods.
+    if let Some(kind) = pods.get("kind").and_then(Value::as_str)
+        && !matches!(kind, "PodList" | "List" | "Pod")
+    {
+        anyhow::bail!("a {kind} where pods are synced: nothing written or removed");
+    }
     let items: Vec<&Value> = match pods.get("items").and_then(Value::as_array) {
         Some(items) => items.iter().collect(),
         None if pods.get("kind").and_then(Value::as_str) == Some("Pod") => vec![pods],
@@ -340,6 +347,11 @@ pub fn services(
     services: &Value,
     skipped: &mut Vec<String>,
 ) -> anyhow::Result<BTreeMap<String, EndpointConfig>> {
+    if let Some(kind) = services.get("kind").and_then(Value::as_str)
+        && !matches!(kind, "ServiceList" | "List")
+    {
+        anyhow::bail!("a {kind} where Services are synced: nothing written or removed");
+    }
     let Some(items) = services.get("items").and_then(Value::as_array) else {
         // A Status (an error from the API server), or anything else: not an empty cluster.
         anyhow::bail!("not a ServiceList: no `items`");
@@ -430,7 +442,6 @@ const SERVICE_ACCOUNT_LABEL: &str = "io.cilium.k8s.policy.serviceaccount";
 const CLUSTER_LABEL: &str = "io.cilium.k8s.policy.cluster";
 const CLUSTER_NAME: &str = "default";
 
-/// A UID fit for a file and a cgroup name: letters, digits and dashes.
 /// An error for a list item whose `kind` is another than `kind` (the API server's own lists
 /// name none; kubectl's do).
 fn of_kind(item: &Value, kind: &str) -> anyhow::Result<()> {
@@ -456,6 +467,7 @@ fn written_by_sync(name: &str, prefix: &str) -> bool {
         })
 }
 
+/// A UID fit for a file and a cgroup name: letters, digits and dashes.
 fn is_plain(uid: &str) -> bool {
     !uid.is_empty() && uid.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
 }
@@ -965,13 +977,35 @@ mod tests {
             "{error}"
         );
         let pods: Value = serde_json::from_str(PODS).unwrap();
+        // kubectl's own lists are `List`s whose items name their kind.
         let mut kubectl_pods = pods.clone();
+        kubectl_pods["kind"] = "List".into();
         for item in kubectl_pods["items"].as_array_mut().unwrap() {
             item["kind"] = "Pod".into();
         }
         let error = services(&kubectl_pods, &mut Vec::new()).unwrap_err();
         assert!(
             error.to_string().contains("a Pod in a list of Services"),
+            "{error}"
+        );
+        // The API server's own lists name no kind in their items, only the list does.
+        let raw_services = serde_json::json!({"kind": "ServiceList", "items": [
+            {"metadata": {"name": "s", "namespace": "a", "uid": "aaaa-1111"}}]});
+        let error = endpoints(
+            &raw_services,
+            "n1",
+            &kubelet(CgroupDriver::Systemd),
+            &target(),
+            &mut Vec::new(),
+        )
+        .unwrap_err();
+        assert!(
+            error.to_string().contains("a ServiceList where pods"),
+            "{error}"
+        );
+        let error = services(&pods, &mut Vec::new()).unwrap_err();
+        assert!(
+            error.to_string().contains("a PodList where Services"),
             "{error}"
         );
         // kubectl names each item's kind; the API server's own lists do not.

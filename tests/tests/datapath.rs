@@ -546,6 +546,25 @@ async fn an_entry_in_use_survives_a_restart_that_lost_the_cache() {
     // The idle address, known by no name either, went: only traffic keeps a nameless entry.
     let attempt = curl_with(&lab.workload, &format!("http://{idle}/"), &[], SHORT).unwrap();
     assert!(quick_refusal(&attempt), "{attempt:?}");
+    // And only while some toFQDNs rule of the endpoint's could grant it: port 80 taken away,
+    // the entry in use goes (past the reload and the 2 s an unwanted entry is given).
+    let still = curl_with(&lab.workload, &format!("http://{ip}/"), &[], SHORT).unwrap();
+    assert!(still.ok(), "{still:?}");
+    lab.dir
+        .write_policy("talk.yaml", &talk_on(Some(&[443])))
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let attempt = curl_with(&lab.workload, &format!("http://{ip}/"), &[], SHORT).unwrap();
+        if quick_refusal(&attempt) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "port 80 still allowed: {attempt:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 }
 
 /// A UDP echo service on every address (dual-stack) at the port given.

@@ -78,8 +78,8 @@ pub struct DnsCache {
     /// Some pair may hold more than `max_ips_per_name` (after a merge, a restore or a lowered
     /// cap); the next `gc` trims and reports them, as those paths have no way to report.
     over_limit: bool,
-    /// Names and IPs merges refused at twice the caps (see
-    /// [`CacheLimits::merge_refuses_ip`]), for the caller to count.
+    /// Names merges refused at four times the cap (see
+    /// [`CacheLimits::merge_refuses_name`]), for the caller to count.
     merge_refusals: u64,
     /// Times the cache was compacted, which renumbers its pairs: a copy or a clean taken in
     /// chunks ([`entries_chunk`](Self::entries_chunk),
@@ -168,9 +168,9 @@ impl DnsCache {
         self.limits
     }
 
-    /// Names and IPs merges ([`insert_entry`](Self::insert_entry)) refused so far, at twice
-    /// the caps: only a peer, journal or snapshot holding what no cache within them holds
-    /// sends that many.
+    /// Names merges ([`insert_entry`](Self::insert_entry)) refused so far, at four times
+    /// `max_names_per_endpoint`: only a peer, journal or snapshot holding what no cache within
+    /// the cap holds sends that many.
     pub fn merge_refusals(&self) -> u64 {
         self.merge_refusals
     }
@@ -277,8 +277,9 @@ impl DnsCache {
     /// snapshot, answered at `learned_ms` (Unix milliseconds). Later expiry wins (on a tie Lookup beats
     /// Restored), and the later time learned, so merging in any order converges;
     /// `Source::Connection` extends only the connection grace. Returns whether an IP changed.
-    /// Held to twice the caps ([`CacheLimits::merge_refuses_ip`]; counted in
-    /// [`merge_refusals`](Self::merge_refusals)).
+    /// A name at twice `max_ips_per_name` is trimmed to it first
+    /// ([`CacheLimits::merge_trims_ips`]); a name new to an endpoint at four times
+    /// `max_names_per_endpoint` is refused (counted in [`merge_refusals`](Self::merge_refusals)).
     pub fn insert_entry(
         &mut self,
         endpoint: &str,
@@ -316,10 +317,14 @@ impl DnsCache {
         if let Some(rec) = pair.ips.find_mut(ip) {
             return rec.extend_dns(expires_at.0, source);
         }
-        if self.limits.merge_refuses_ip(pair.ips.len()) {
-            self.merge_refusals += 1;
-            return false;
+        if self.limits.merge_trims_ips(pair.ips.len()) {
+            // What the next sweep would drop, dropped now: amortized, one trim per cap's
+            // worth of additions. Its allow entries go as the reconciler finds them unwanted.
+            self.trim(pid, &[]);
         }
+        let Some(pair) = self.pairs.get_mut(pid) else {
+            return false;
+        };
         let added = self.ips.add(ip, pid);
         if added {
             pair.ips.push(IpRec::from_dns(ip, expires_at.0, source));
@@ -729,14 +734,7 @@ impl DnsCache {
         }
         let mut cache = DnsCache::new(limits);
         for entry in &snapshot.entries {
-            let mut live: Vec<&CachedIp> =
-                entry.ips.iter().filter(|ip| ip.expires_at > now).collect();
-            // Latest first: past twice a lowered cap the merge refuses the rest, and the
-            // next `gc` keeps the latest within it, as it would have kept them all along.
-            if limits.max_ips_per_name != 0 {
-                live.sort_by_key(|ip| std::cmp::Reverse(ip.expires_at));
-            }
-            for ip in live {
+            for ip in entry.ips.iter().filter(|ip| ip.expires_at > now) {
                 let source = match ip.source {
                     Source::Connection => Source::Connection,
                     Source::Lookup | Source::Restored => Source::Restored,
@@ -1576,29 +1574,45 @@ mod tests {
     }
 
     /// A peer's name of 400,000 addresses was all kept until the next sweep, each looked for
-    /// among the ones before it under the cache's lock: merges stop at twice the caps.
+    /// among the ones before it under the cache's lock: a merge trims a name at twice the cap
+    /// (the soonest-expiring go, the peer's newest stay), and refuses names past four times
+    /// the endpoint's cap.
     #[test]
-    fn merges_stop_at_twice_the_caps() {
+    fn merges_are_held_near_the_caps() {
         let mut c = DnsCache::new(CacheLimits {
             max_ips_per_name: 2,
             max_names_per_endpoint: 1,
             ..CacheLimits::UNLIMITED
         });
         for last in 1..=5 {
-            c.insert_entry(EP, "a.", ip4(last), t(100), Source::Lookup, 0);
+            c.insert_entry(
+                EP,
+                "a.",
+                ip4(last),
+                t(100 + u64::from(last)),
+                Source::Lookup,
+                0,
+            );
         }
-        assert_eq!(c.lookup(t(10), EP, "a.").len(), 4);
+        // At four, trimmed to the two latest (3 and 4), then 5 added.
+        assert_eq!(ips_of(&c.lookup(t(10), EP, "a.")), [ip4(3), ip4(4), ip4(5)]);
+        assert_eq!(c.merge_refusals(), 0);
+        c.assert_consistent();
+        // An address held is still refreshed.
+        assert!(c.insert_entry(EP, "a.", ip4(3), t(200), Source::Lookup, 0));
+        for name in ["b.", "c.", "d."] {
+            assert!(
+                c.insert_entry(EP, name, ip4(1), t(100), Source::Lookup, 0),
+                "{name}"
+            );
+        }
+        assert!(!c.insert_entry(EP, "e.", ip4(1), t(100), Source::Lookup, 0));
         assert_eq!(c.merge_refusals(), 1);
-        // An address held is still refreshed at the cap.
-        assert!(c.insert_entry(EP, "a.", ip4(1), t(200), Source::Lookup, 0));
-        assert!(c.insert_entry(EP, "b.", ip4(1), t(100), Source::Lookup, 0));
-        assert!(!c.insert_entry(EP, "c.", ip4(1), t(100), Source::Lookup, 0));
-        assert_eq!(c.merge_refusals(), 2);
-        assert!(c.lookup(t(10), EP, "c.").is_empty());
-        assert!(c.insert_entry("other", "c.", ip4(1), t(100), Source::Lookup, 0));
-        // Answers are held to the caps themselves, as before; the sweep trims the merged.
+        assert!(c.lookup(t(10), EP, "e.").is_empty());
+        assert!(c.insert_entry("other", "e.", ip4(1), t(100), Source::Lookup, 0));
+        // The sweep trims the merged names to the cap, as before.
         c.gc(t(10));
-        assert_eq!(c.lookup(t(10), EP, "a.").len(), 2);
+        assert_eq!(ips_of(&c.lookup(t(10), EP, "a.")), [ip4(3), ip4(5)]);
         c.assert_consistent();
     }
 
@@ -1741,9 +1755,8 @@ mod tests {
         c.insert(t(0), EP, "lb.", &[ip4(1), ip4(2), ip4(3)], 100);
         c.insert(t(1), EP, "lb.", &[ip4(2)], 100);
         let mut r = DnsCache::restore(limits(0, 1), c.snapshot(t(1)), t(1)).unwrap();
-        // Twice the cap, the latest first.
+        // Trimmed at twice the cap as it went in; the sweep keeps the latest.
         assert_eq!(r.ip_count(), 2);
-        assert_eq!(r.merge_refusals(), 1);
         let removed = r.gc(t(1));
         assert_eq!(removed.len(), 1);
         assert_eq!(ips_of(&r.lookup(t(1), EP, "lb.")), [ip4(2)]);
@@ -1910,7 +1923,19 @@ mod tests {
             let held = recs.len();
             match recs.get_mut(&ip) {
                 Some(r) => r.extend_dns(expires, source),
-                None if self.limits.merge_refuses_ip(held) => false,
+                None if self.limits.merge_trims_ips(held) => {
+                    // As `DnsCache::trim` with no answer: the soonest-expiring go first, then
+                    // the lowest address.
+                    let mut order: Vec<(u64, IpAddr)> =
+                        recs.iter().map(|(ip, rec)| (rec.expires, *ip)).collect();
+                    order.sort_unstable();
+                    let excess = held - self.limits.max_ips_per_name;
+                    for (_, doomed) in order.into_iter().take(excess) {
+                        recs.remove(&doomed);
+                    }
+                    recs.insert(ip, ModelRec::new(expires, source));
+                    true
+                }
                 None => {
                     recs.insert(ip, ModelRec::new(expires, source));
                     true

@@ -75,21 +75,22 @@ impl CacheLimits {
         self.max_names_per_endpoint != 0 && names >= self.max_names_per_endpoint
     }
 
-    /// Whether a merge (the peer's cache, a journal, a snapshot) may not add an IP to a name
-    /// holding `count`. Merges are held to twice the caps, not to the caps: the union of two
-    /// caches within them holds at most that, and the next `gc` trims names to
-    /// `max_ips_per_name` as always. Only a peer sending what no cache within the caps holds
-    /// gets there, and what it sends past them is dropped rather than kept (each IP a merge
-    /// adds is looked for among its name's, so a name of 400,000 would cost minutes of CPU
-    /// under the cache's lock).
-    pub const fn merge_refuses_ip(&self, count: usize) -> bool {
+    /// Whether a merge (the peer's cache, a journal, a snapshot) adding an IP to a name
+    /// holding `count` trims the name to `max_ips_per_name` first, as the next `gc` would
+    /// (the soonest-expiring go). Merges may leave a name over the cap until that `gc` (the
+    /// union of two caches within it holds up to twice it, and a peer streams each answer that
+    /// changed its cache), but not past twice it: each IP a merge adds is looked for among
+    /// its name's, so a peer's name of 400,000 cost minutes of CPU under the cache's lock.
+    pub const fn merge_trims_ips(&self, count: usize) -> bool {
         self.max_ips_per_name != 0 && count >= self.max_ips_per_name.saturating_mul(2)
     }
 
-    /// Whether a merge may not add a name to an endpoint holding `names` (see
-    /// [`merge_refuses_ip`](Self::merge_refuses_ip)).
+    /// Whether a merge may not add a name to an endpoint holding `names`: four times
+    /// `max_names_per_endpoint`, past what the union of two caches within it holds (with the
+    /// names expired here but not yet swept, and new ones the peer streams meanwhile), which
+    /// only a peer sending what no cache within the cap holds reaches.
     pub const fn merge_refuses_name(&self, names: usize) -> bool {
-        self.max_names_per_endpoint != 0 && names >= self.max_names_per_endpoint.saturating_mul(2)
+        self.max_names_per_endpoint != 0 && names >= self.max_names_per_endpoint.saturating_mul(4)
     }
 }
 
@@ -136,11 +137,11 @@ mod tests {
         assert!(l.is_over(3));
         assert!(!l.is_full(2));
         assert!(l.is_full(3));
-        assert!(!l.merge_refuses_ip(3));
-        assert!(l.merge_refuses_ip(4));
-        assert!(!l.merge_refuses_name(5));
-        assert!(l.merge_refuses_name(6));
-        assert!(!CacheLimits::UNLIMITED.merge_refuses_ip(usize::MAX));
+        assert!(!l.merge_trims_ips(3));
+        assert!(l.merge_trims_ips(4));
+        assert!(!l.merge_refuses_name(11));
+        assert!(l.merge_refuses_name(12));
+        assert!(!CacheLimits::UNLIMITED.merge_trims_ips(usize::MAX));
         assert!(!CacheLimits::UNLIMITED.merge_refuses_name(usize::MAX));
         assert!(!CacheLimits::UNLIMITED.is_full(usize::MAX));
         assert!(!CacheLimits::UNLIMITED.is_over(usize::MAX));

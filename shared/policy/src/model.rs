@@ -527,7 +527,7 @@ impl PolicyDocument {
             for (rule, field) in rules.iter_mut().zip(fields) {
                 let overwritten = match rule.endpoint_selector.confine_to_namespace(namespace) {
                     Ok(overwritten) => overwritten,
-                    // It selects nothing, as it always did.
+                    // It selects nothing (as Cilium's does).
                     Err((inner, message)) => {
                         refused_by_validate.push(format!(
                             "{}: policy {policy_name}: {field}.endpointSelector.{inner}: {message}",

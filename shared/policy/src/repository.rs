@@ -360,6 +360,23 @@ impl PolicyRepository {
         }
     }
 
+    /// The grants `endpoint`'s `toFQDNs` rules give whatever the name (`selector` left
+    /// empty): what an allow entry of its that no name is known for may still stand for.
+    pub fn fqdn_grants_of_any_name(&self, endpoint: EndpointId) -> Vec<FqdnGrant> {
+        self.enforced
+            .get(&endpoint)
+            .into_iter()
+            .flatten()
+            .filter(|rule| matches!(rule.peer, PeerMatch::Fqdns))
+            .filter_map(|rule| rule.static_ports())
+            .map(|ports| FqdnGrant {
+                endpoint,
+                ports,
+                selector: String::new(),
+            })
+            .collect()
+    }
+
     /// What the peers of [`Self::static_allows`] stand for in addresses: the same description
     /// the DNS check reads.
     pub fn addresses(&self) -> &PeerAddresses {
@@ -1373,6 +1390,31 @@ mod tests {
         repo.fqdn_grants(&name("example.com"), &mut grants);
         assert!(grants.is_empty());
         assert_eq!(repo.selector_count(), 3);
+    }
+
+    #[test]
+    fn the_grants_of_any_name_are_the_fqdn_rules_ports() {
+        let repo = build(&policy(
+            "[{toFQDNs: [{matchName: a.io}], toPorts: [{ports: [{port: '443', protocol: TCP}]}]}, \
+              {toFQDNs: [{matchPattern: '*.b.io'}]}, \
+              {toEntities: [world], toPorts: [{ports: [{port: '80'}]}]}, \
+              {toFQDNs: [{matchName: c.io}], toPorts: [{}]}]",
+        ));
+        let grants = repo.fqdn_grants_of_any_name(CLIENT);
+        let ports: Vec<&[PortRange]> = grants.iter().map(|grant| &grant.ports[..]).collect();
+        assert_eq!(
+            ports,
+            [
+                &[PortRange {
+                    first: 443,
+                    last: 443,
+                    proto: Some(L4Proto::Tcp)
+                }][..],
+                &[][..],
+            ]
+        );
+        assert!(grants.iter().all(|grant| grant.endpoint == CLIENT));
+        assert!(repo.fqdn_grants_of_any_name(KUBE_DNS).is_empty());
     }
 
     #[test]

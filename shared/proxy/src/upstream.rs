@@ -167,7 +167,8 @@ type IdMap<V> = HashMap<u16, V, BuildHasherDefault<IdHasher>>;
 
 /// The hash of a query ID. The tables' keys are IDs this proxy drew at random, never chosen by
 /// a sender (an answer's ID is only looked up), so they need no keyed hash against collisions:
-/// one multiply (Fibonacci hashing) spreads them over the high bits the table's probing reads,
+/// one multiply (Fibonacci hashing) by an odd constant keeps the low bits, which pick the
+/// bucket, as uniform as the IDs and spreads them over the top seven, the tag each probe compares,
 /// for a fraction of SipHash's cost, paid twice per query.
 #[derive(Debug, Default, Clone, Copy)]
 struct IdHasher(u64);
@@ -692,8 +693,9 @@ mod tests {
     use hickory_proto::rr::{Name, RData, Record, RecordType};
     use std::str::FromStr;
 
-    /// The table probes by the hash's high bits (its control bytes hold the top seven): the IDs
-    /// of a busy socket must spread over them, or every probe would scan one long run.
+    /// The table picks a bucket by the hash's low bits and compares the top seven (its control
+    /// bytes) in each probe: the IDs of a busy socket must spread over both, or every lookup
+    /// would compare every key of a group.
     #[test]
     fn id_hashes_spread_over_the_high_bits() {
         use std::hash::BuildHasher;

@@ -94,6 +94,7 @@ impl DnsCache {
         // Still no later than anything held: the copy holds the same records.
         fresh.next_expiry = self.next_expiry;
         fresh.over_limit = self.over_limit || self.sweep.is_some_and(|sweep| sweep.enforce);
+        fresh.merge_refusals = self.merge_refusals;
         fresh.compactions = self.compactions + 1;
         Some(Retired {
             _replaced: std::mem::replace(self, fresh),
