@@ -366,6 +366,9 @@ impl Reconciler {
         // entries give an address, for an entry wanted by no name this agent remembers (as
         // after its restart).
         let mut names_in_cache: Option<HashMap<(&str, IpAddr), Vec<&str>>> = None;
+        // What each endpoint's toFQDNs rules grant whatever the name, for entries known by
+        // none: asked once per endpoint and pass.
+        let mut any_name_grants = HashMap::new();
         let Some(current) = self.count("list", self.datapath.fqdn_entries()) else {
             return;
         };
@@ -412,7 +415,7 @@ impl Reconciler {
                     && inherited.contains(&key)
                     && names_for(&key, &self.wanted_by, &mut names_in_cache, &entries, table)
                         .is_empty()
-                    && some_name_could_grant(policy, &key)
+                    && some_name_could_grant(policy, &mut any_name_grants, &key)
                 {
                     // In use, written before this agent ran, and no name known for it: the
                     // cache that held it lost in a crash (or set aside, unreadable). Kept as it
@@ -440,7 +443,7 @@ impl Reconciler {
                 // address another endpoint resolved before this agent started): kept while
                 // a toFQDNs rule of the endpoint's could grant it, whatever the name.
                 let granted = if names.is_empty() {
-                    some_name_could_grant(policy, &key)
+                    some_name_could_grant(policy, &mut any_name_grants, &key)
                 } else {
                     names.iter().any(|name| {
                         grants
@@ -713,9 +716,14 @@ fn remember(wanted_by: &mut HashMap<FqdnKey, Vec<Arc<str>>>, key: FqdnKey, name:
 
 /// Whether a `toFQDNs` rule of the entry's endpoint could grant it, whatever the name: what
 /// keeps an entry known by no name.
-fn some_name_could_grant(policy: &PolicyRepository, key: &FqdnKey) -> bool {
-    policy
-        .fqdn_grants_of_any_name(EndpointId(key.endpoint_id))
+/// `memo` holds each endpoint's such grants for the pass.
+fn some_name_could_grant(
+    policy: &PolicyRepository,
+    memo: &mut HashMap<u32, Vec<FqdnGrant>>,
+    key: &FqdnKey,
+) -> bool {
+    memo.entry(key.endpoint_id)
+        .or_insert_with(|| policy.fqdn_grants_of_any_name(EndpointId(key.endpoint_id)))
         .iter()
         .any(|grant| grants_key(grant, key))
 }

@@ -453,18 +453,36 @@ fn of_kind(item: &Value, kind: &str) -> anyhow::Result<()> {
     }
 }
 
-/// Whether `name` is a file the sync writes: `prefix` and a UID, which the API server makes
-/// of hexadecimal digits in dash-separated groups (8-4-4-4-12), so that a file written by hand
-/// in the folder (`pod-b.yaml`, `pod-web.yaml`) is not taken for one of a pod gone.
-fn written_by_sync(name: &str, prefix: &str) -> bool {
-    name.strip_prefix(prefix)
+/// The first line of every file the sync writes (a YAML comment), by which it knows its own.
+const WRITTEN_BY_SYNC: &str =
+    "# written by `warden endpoint sync`, which removes it once its object is gone\n";
+
+/// Whether the file `name` in `dir` is one the sync wrote: `prefix`, then [`WRITTEN_BY_SYNC`]
+/// at its start, so that a file written by hand in the folder (`pod-b.yaml`) is never taken
+/// for one of a pod gone. Files of earlier releases, which had no such line, are known by
+/// their name's UID, which the API server makes of hexadecimal digits in dash-separated
+/// groups (8-4-4-4-12).
+fn written_by_sync(dir: &Path, name: &str, prefix: &str) -> bool {
+    let Some(uid) = name
+        .strip_prefix(prefix)
         .and_then(|rest| rest.strip_suffix(".yaml"))
-        .is_some_and(|uid| {
-            uid.contains('-')
-                && uid
-                    .split('-')
-                    .all(|group| !group.is_empty() && group.bytes().all(|b| b.is_ascii_hexdigit()))
-        })
+    else {
+        return false;
+    };
+    let api_uid = uid.contains('-')
+        && uid
+            .split('-')
+            .all(|group| !group.is_empty() && group.bytes().all(|b| b.is_ascii_hexdigit()));
+    api_uid || starts_with_marker(&dir.join(name))
+}
+
+/// Whether the file at `path` begins with [`WRITTEN_BY_SYNC`] (reading no more than that).
+fn starts_with_marker(path: &Path) -> bool {
+    use std::io::Read as _;
+    let mut start = [0_u8; WRITTEN_BY_SYNC.len()];
+    std::fs::File::open(path)
+        .and_then(|mut file| file.read_exact(&mut start))
+        .is_ok_and(|()| start == WRITTEN_BY_SYNC.as_bytes())
 }
 
 /// A UID fit for a file and a cgroup name: letters, digits and dashes.
@@ -532,7 +550,7 @@ pub fn sync(
     for entry in std::fs::read_dir(dir).with_context(|| format!("cannot read {}", dir.display()))? {
         let entry = entry?;
         let name = entry.file_name().to_string_lossy().into_owned();
-        if prune && written_by_sync(&name, prefix) && !wanted.contains(&name) {
+        if prune && !wanted.contains(&name) && written_by_sync(dir, &name, prefix) {
             std::fs::remove_file(entry.path())
                 .with_context(|| format!("cannot remove {}", entry.path().display()))?;
             report.removed += 1;
@@ -541,8 +559,12 @@ pub fn sync(
     for (uid, endpoint) in endpoints {
         let file = format!("{prefix}{uid}.yaml");
         let path = dir.join(&file);
-        // JSON is YAML: one entry, as the agent reads a list.
-        let text = serde_json::to_string_pretty(&[endpoint])? + "\n";
+        // JSON is YAML: one entry, as the agent reads a list, after the line that marks the
+        // file as the sync's.
+        let text = format!(
+            "{WRITTEN_BY_SYNC}{}\n",
+            serde_json::to_string_pretty(&[endpoint])?
+        );
         if std::fs::read_to_string(&path).is_ok_and(|current| current == text) {
             report.unchanged += 1;
             continue;
@@ -1052,6 +1074,20 @@ mod tests {
         ] {
             assert!(dir.path().join(name).exists(), "{name}");
         }
+        // What the sync wrote itself is its own, whatever its UID's shape (`pod-b` too), and
+        // goes once its pod is gone; a file written by hand under that name would stay.
+        let endpoint = node_n1(CgroupDriver::Systemd, &mut Vec::new())
+            .into_values()
+            .next()
+            .unwrap();
+        std::fs::remove_file(dir.path().join("pod-b.yaml")).unwrap();
+        let one = BTreeMap::from([("b".to_owned(), endpoint)]);
+        sync(dir.path(), POD_FILES, &one, true).unwrap();
+        let text = std::fs::read_to_string(dir.path().join("pod-b.yaml")).unwrap();
+        assert!(text.starts_with(WRITTEN_BY_SYNC), "{text}");
+        let pruned = sync(dir.path(), POD_FILES, &BTreeMap::new(), true).unwrap();
+        assert_eq!(pruned.removed, 1);
+        assert!(!dir.path().join("pod-b.yaml").exists());
     }
 
     #[test]

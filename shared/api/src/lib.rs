@@ -183,7 +183,8 @@ pub fn merge_mappings_unless(
             mapping.learned_at_ms,
         );
     });
-    // Names past four times the cache's cap: no cache within it sends so many.
+    // Addresses of names past four times the cache's cap (counted per address): no cache
+    // within it sends so many.
     let refused = cache
         .lock()
         .merge_refusals()
@@ -195,7 +196,7 @@ pub fn merge_mappings_unless(
             .inc_by(refused);
         tracing::warn!(
             refused,
-            "names from the peer past four times the cache's cap dropped"
+            "addresses of names from the peer past four times the cache's cap dropped"
         );
     }
     metrics.mappings_received.inc_by(checked.len() as u64);

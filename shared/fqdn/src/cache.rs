@@ -2508,7 +2508,7 @@ mod tests {
         let ep = ENDPOINTS[(i % 3) as usize];
         let name = format!("m{i}.example.");
         let ip = ip4(rng.below(1_500) as u32);
-        let kind = rng.below(20);
+        let kind = rng.below(21);
         let ttl = 1 + rng.below(20) as u32;
         let cap = rng.below(4) as usize;
         for c in caches {
@@ -2525,6 +2525,14 @@ mod tests {
                 16..18 => c.set_limits(limits(0, cap)),
                 18 => {
                     c.remove_matching(|_, n| n == name);
+                }
+                19 => {
+                    // A peer's burst for one name: past twice a small cap the merge trims it
+                    // while the compaction is under way.
+                    for k in 0..5_u32 {
+                        let expires = t(110 + u64::from(ttl) + u64::from(k));
+                        c.insert_entry(ep, &name, ip4(1_600 + k), expires, Source::Lookup, 0);
+                    }
                 }
                 _ => {
                     c.insert(t(110), ep, &name, &[ip, ip4(2_000 + i)], ttl);
