@@ -46,8 +46,14 @@ impl AllowMemo {
     /// Whether `key` was asserted until `expires_at` or later during the second `now`. An
     /// entry expiring now is never covered: the reconciler may remove it any moment. A caller
     /// still in an earlier second (a batch begun before the memo moved on) is told nothing is
-    /// covered, and leaves the memo as it is.
+    /// covered, and leaves the memo as it is; further back than a second, the wall clock
+    /// stepped back (NTP correcting a clock set ahead), and the memo starts over at `now`:
+    /// left as it was, it covered nothing and grew with every key until the clock came back.
     fn covers(&mut self, now: u64, key: &FqdnKey, expires_at: u64) -> bool {
+        if now.saturating_add(1) < self.second {
+            self.second = now;
+            self.asserted.clear();
+        }
         if now < self.second {
             return false;
         }
@@ -508,5 +514,12 @@ mod tests {
         // cleared it, and the next answer cleared it again, back and forth).
         assert!(!memo.covers(1_000, &key(443), 1_300));
         assert!(memo.covers(1_001, &key(443), 1_300));
+
+        // The wall clock stepped back minutes: the memo starts over there (it covered nothing
+        // until the clock came back, and grew with every key meanwhile).
+        assert!(!memo.covers(501, &key(443), 1_300));
+        memo.assert(key(443), 1_300);
+        assert!(memo.covers(501, &key(443), 1_300));
+        assert_eq!(memo.asserted.len(), 1);
     }
 }

@@ -4,7 +4,9 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::body::{Body, Bytes};
@@ -14,8 +16,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Extension, Router};
 use serde::Deserialize;
-use tokio::net::TcpListener;
-use tokio::sync::{broadcast, watch};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, broadcast, watch};
 
 use crate::flows::{FlowFollower, FlowLine, LostEvents};
 use crate::{FlowEvent, FlowLog, Metrics, TelemetryError, unix_millis};
@@ -30,6 +33,18 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 
 /// Flow streams followed at once, in each process (`warden observe` takes one per process).
 const FOLLOWERS_AT_ONCE: usize = 16;
+
+/// Flow listings (`GET /v1/flows` without `follow`) served at once: each holds its copy of
+/// the retained events (several MB at 10,000 events with long names and many addresses)
+/// until its client has read it.
+const LISTINGS_AT_ONCE: usize = 4;
+
+/// Admin connections open at once, in each process. Each holds a socket and hyper's buffers
+/// (growing to hundreds of KB for a client trickling header bytes): without a bound, clients
+/// opening connections and sending nothing ran the process out of file descriptors, which
+/// the DNS proxy's TCP and upstream sockets need too. Past it a new connection is closed at
+/// once; probes and scrapes take one at a time.
+const CONNECTIONS_AT_ONCE: usize = 128;
 
 /// Binds the admin listener. Separate from [`serve`] so callers learn the bound address
 /// (port 0 in tests) before they start serving.
@@ -55,6 +70,10 @@ pub async fn serve(
     let (closing, closed) = watch::channel(false);
     let mut shutting_down = closing.subscribe();
     let router = router.layer(Extension(StreamsClosing(closed)));
+    let listener = Capped {
+        listener,
+        open: Arc::new(Semaphore::new(CONNECTIONS_AT_ONCE)),
+    };
     let server = axum::serve(listener, router).with_graceful_shutdown(async move {
         shutdown.await;
         // No receiver left only means no stream is open.
@@ -68,6 +87,95 @@ pub async fn serve(
     tokio::select! {
         served = server.into_future() => served.map_err(TelemetryError::Serve),
         () = grace_over => Ok(()),
+    }
+}
+
+/// The admin listener, holding at most [`CONNECTIONS_AT_ONCE`] connections open.
+struct Capped {
+    listener: TcpListener,
+    open: Arc<Semaphore>,
+}
+
+impl axum::serve::Listener for Capped {
+    type Io = CappedStream;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (CappedStream, SocketAddr) {
+        loop {
+            let (stream, address) = axum::serve::Listener::accept(&mut self.listener).await;
+            match Arc::clone(&self.open).try_acquire_owned() {
+                Ok(place) => {
+                    return (
+                        CappedStream {
+                            stream,
+                            _place: place,
+                        },
+                        address,
+                    );
+                }
+                Err(_) => {
+                    static BUDGET: crate::LogBudget =
+                        crate::LogBudget::new(crate::LogBudget::INTERVAL);
+                    if let Some(held_back) = BUDGET.allow() {
+                        tracing::warn!(
+                            client = %address,
+                            held_back,
+                            "{CONNECTIONS_AT_ONCE} admin connections open already: closed"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+}
+
+/// An admin connection, holding its place among those open until it closes.
+struct CappedStream {
+    stream: TcpStream,
+    _place: OwnedSemaphorePermit,
+}
+
+impl AsyncRead for CappedStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for CappedStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
     }
 }
 
@@ -96,7 +204,8 @@ pub fn common_routes(metrics: Metrics, flows: Arc<FlowLog>) -> Router {
             "/v1/flows",
             get(flows_handler).with_state(FlowsState {
                 log: flows,
-                followers: Arc::new(tokio::sync::Semaphore::new(FOLLOWERS_AT_ONCE)),
+                followers: Arc::new(Semaphore::new(FOLLOWERS_AT_ONCE)),
+                listings: Arc::new(Semaphore::new(LISTINGS_AT_ONCE)),
             }),
         )
         .fallback(|| async { (StatusCode::NOT_FOUND, "not found\n") })
@@ -109,18 +218,20 @@ struct FlowQuery {
     since_ms: Option<u64>,
 }
 
-/// The flow log, and the places of the streams followed at once: each holds its copy of the
-/// retained events until its client has read them.
+/// The flow log, and the places of the streams followed and the listings served at once:
+/// each holds its copy of the retained events until its client has read them.
 #[derive(Debug, Clone)]
 struct FlowsState {
     log: Arc<FlowLog>,
-    followers: Arc<tokio::sync::Semaphore>,
+    followers: Arc<Semaphore>,
+    listings: Arc<Semaphore>,
 }
 
 async fn flows_handler(
     State(FlowsState {
         log: flows,
         followers,
+        listings,
     }): State<FlowsState>,
     closing: Option<Extension<StreamsClosing>>,
     Query(query): Query<FlowQuery>,
@@ -142,7 +253,54 @@ async fn flows_handler(
         }
     };
     if !follow {
-        return axum::Json(flows.recent_since(query.since_ms)).into_response();
+        let Ok(listing) = listings.try_acquire_owned() else {
+            return (
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("{LISTINGS_AT_ONCE} flow listings served already; try again\n"),
+            )
+                .into_response();
+        };
+        // A JSON array written out in chunks as the client reads it, holding its place
+        // until the last one is taken.
+        let events = flows.recent_since(query.since_ms).into_iter();
+        let chunks = futures_util::stream::unfold(
+            (Some(events), true, false, listing),
+            |(events, first_chunk, wrote_any, listing)| async move {
+                let mut events = events?;
+                let mut chunk = if first_chunk {
+                    b"[".to_vec()
+                } else {
+                    Vec::new()
+                };
+                let mut wrote_any = wrote_any;
+                for event in events.by_ref().take(STREAM_BATCH) {
+                    // Serializing plain data cannot fail; a failure would only lose an event.
+                    let Ok(json) = serde_json::to_vec(&event) else {
+                        continue;
+                    };
+                    if wrote_any {
+                        chunk.push(b',');
+                    }
+                    chunk.extend_from_slice(&json);
+                    wrote_any = true;
+                }
+                let rest = if events.len() > 0 {
+                    Some(events)
+                } else {
+                    chunk.push(b']');
+                    None
+                };
+                Some((
+                    Ok::<_, Infallible>(Bytes::from(chunk)),
+                    (rest, false, wrote_any, listing),
+                ))
+            },
+        );
+        return (
+            [(header::CONTENT_TYPE, "application/json")],
+            Body::from_stream(chunks),
+        )
+            .into_response();
     }
     let Ok(following) = followers.try_acquire_owned() else {
         return (
@@ -357,6 +515,7 @@ mod tests {
         let state = FlowsState {
             log: Arc::new(FlowLog::new(4)),
             followers: Arc::new(tokio::sync::Semaphore::new(1)),
+            listings: Arc::new(tokio::sync::Semaphore::new(1)),
         };
         let follow = || {
             flows_handler(
@@ -398,29 +557,118 @@ mod tests {
         );
     }
 
-    #[tokio::test]
-    async fn flows_without_follow_are_a_json_array_filtered_by_time() {
-        let flows = Arc::new(FlowLog::new(4));
-        flows.record(drop_event(1));
-        flows.record(drop_event(5));
-        let response = flows_handler(
-            State(FlowsState {
-                log: flows,
-                followers: Arc::new(tokio::sync::Semaphore::new(1)),
-            }),
+    fn listing_state(events: u16) -> FlowsState {
+        let flows = Arc::new(FlowLog::new(usize::from(events).max(1)));
+        for port in 1..=events {
+            flows.record(drop_event(port));
+        }
+        FlowsState {
+            log: flows,
+            followers: Arc::new(tokio::sync::Semaphore::new(1)),
+            listings: Arc::new(tokio::sync::Semaphore::new(1)),
+        }
+    }
+
+    async fn listing(state: &FlowsState, since_ms: Option<u64>) -> Response {
+        flows_handler(
+            State(state.clone()),
             None,
             Query(FlowQuery {
                 follow: None,
-                since_ms: Some(3),
+                since_ms,
             }),
         )
-        .await;
+        .await
+    }
+
+    async fn listed(response: Response) -> Vec<FlowEvent> {
         assert_eq!(response.status(), StatusCode::OK);
         let body = http_body_util::BodyExt::collect(response.into_body())
             .await
             .unwrap()
             .to_bytes();
-        let events: Vec<FlowEvent> = serde_json::from_slice(&body).unwrap();
-        assert_eq!(events, vec![drop_event(5)]);
+        serde_json::from_slice(&body).unwrap()
+    }
+
+    #[tokio::test]
+    async fn flows_without_follow_are_a_json_array_filtered_by_time() {
+        let state = listing_state(5);
+        assert_eq!(
+            listed(listing(&state, Some(5)).await).await,
+            vec![drop_event(5)]
+        );
+        assert!(listed(listing(&state, Some(6)).await).await.is_empty());
+        // Written out in chunks, one array all the same.
+        let state = listing_state(1_000);
+        let events = listed(listing(&state, None).await).await;
+        assert_eq!(events.len(), 1_000);
+        assert_eq!(events[999], drop_event(1_000));
+    }
+
+    /// Each listing holds its copy of up to 10,000 events until its client reads it: clients
+    /// asking and never reading held as many as they liked.
+    #[tokio::test]
+    async fn listings_past_the_limit_get_503() {
+        let state = listing_state(3);
+        let unread = listing(&state, None).await;
+        assert_eq!(unread.status(), StatusCode::OK);
+        assert_eq!(
+            listing(&state, None).await.status(),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        // Read to its end, it gives its place back.
+        assert_eq!(listed(unread).await.len(), 3);
+        assert_eq!(listed(listing(&state, None).await).await.len(), 3);
+    }
+
+    /// Clients opening connections and sending nothing ran the process out of file
+    /// descriptors: past the cap a new connection is closed at once, and one that closes
+    /// makes room.
+    #[tokio::test]
+    async fn admin_connections_past_the_cap_are_closed() {
+        use tokio::io::AsyncReadExt;
+        let metrics = Metrics::new("agent").unwrap();
+        let flows = Arc::new(FlowLog::new(4));
+        let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(serve(listener, common_routes(metrics, flows), async move {
+            let _ = stopped.await;
+        }));
+        let mut idle = Vec::new();
+        for _ in 0..CONNECTIONS_AT_ONCE {
+            idle.push(tokio::net::TcpStream::connect(address).await.unwrap());
+        }
+        let healthz = |address| async move {
+            let mut client = tokio::net::TcpStream::connect(address).await.unwrap();
+            // The write may fail once the server has closed the connection.
+            let _ = client
+                .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                .await;
+            let mut answer = String::new();
+            let read =
+                tokio::time::timeout(Duration::from_secs(5), client.read_to_string(&mut answer))
+                    .await
+                    .expect("neither answered nor closed");
+            (read.is_ok(), answer)
+        };
+        let (_, refused) = healthz(address).await;
+        assert!(refused.is_empty(), "answered past the cap: {refused}");
+        drop(idle.pop());
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let (_, answer) = healthz(address).await;
+            if answer.starts_with("HTTP/1.1 200") {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no room made: {answer:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        drop(idle);
+        let _ = stop.send(());
+        server.await.unwrap().unwrap();
     }
 }

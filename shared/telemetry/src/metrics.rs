@@ -530,6 +530,7 @@ impl Metrics {
                     "malformed",
                     "protocol",
                     "stalled",
+                    "over_cap",
                 ],
             ),
             (
