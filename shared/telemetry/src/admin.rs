@@ -4,9 +4,7 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::body::{Body, Bytes};
@@ -16,9 +14,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Extension, Router};
 use serde::Deserialize;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, broadcast, watch};
+use tokio::net::TcpListener;
+use tokio::sync::{Semaphore, broadcast, watch};
 
 use crate::flows::{FlowFollower, FlowLine, LostEvents};
 use crate::{FlowEvent, FlowLog, Metrics, TelemetryError, unix_millis};
@@ -46,6 +43,11 @@ const LISTINGS_AT_ONCE: usize = 4;
 /// once; probes and scrapes take one at a time.
 const CONNECTIONS_AT_ONCE: usize = 128;
 
+/// How long a connection may take to send a request's head, counted from when it opened or
+/// got its last answer: a connection idle for longer is closed (Prometheus and the CLI
+/// connect again), so silent clients cannot keep their places among [`CONNECTIONS_AT_ONCE`].
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Binds the admin listener. Separate from [`serve`] so callers learn the bound address
 /// (port 0 in tests) before they start serving.
 pub async fn bind(address: SocketAddr) -> Result<TcpListener, TelemetryError> {
@@ -62,121 +64,72 @@ struct StreamsClosing(watch::Receiver<bool>);
 /// Serves `router` until `shutdown` resolves, then ends the flow streams being followed and
 /// lets the other requests in progress finish, for [`SHUTDOWN_GRACE`] at most: responses not
 /// taken by then are dropped with the process.
+///
+/// At most [`CONNECTIONS_AT_ONCE`] connections are open at once, and each must send a
+/// request's head within [`HEADER_READ_TIMEOUT`] of opening or of its last answer, else it is
+/// closed: the admin port is on the node's address in the Kubernetes manifests, and clients
+/// holding connections open and silent would otherwise shut the kubelet's probes out (and,
+/// without the cap, run the process out of file descriptors).
 pub async fn serve(
     listener: TcpListener,
     router: Router,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), TelemetryError> {
     let (closing, closed) = watch::channel(false);
-    let mut shutting_down = closing.subscribe();
-    let router = router.layer(Extension(StreamsClosing(closed)));
-    let listener = Capped {
-        listener,
-        open: Arc::new(Semaphore::new(CONNECTIONS_AT_ONCE)),
-    };
-    let server = axum::serve(listener, router).with_graceful_shutdown(async move {
-        shutdown.await;
-        // No receiver left only means no stream is open.
-        let _ = closing.send(true);
-    });
-    let grace_over = async move {
-        // The sender lives as long as the server: an error means it stopped.
-        let _ = shutting_down.wait_for(|closing| *closing).await;
-        tokio::time::sleep(SHUTDOWN_GRACE).await;
-    };
-    tokio::select! {
-        served = server.into_future() => served.map_err(TelemetryError::Serve),
-        () = grace_over => Ok(()),
-    }
-}
-
-/// The admin listener, holding at most [`CONNECTIONS_AT_ONCE`] connections open.
-struct Capped {
-    listener: TcpListener,
-    open: Arc<Semaphore>,
-}
-
-impl axum::serve::Listener for Capped {
-    type Io = CappedStream;
-    type Addr = SocketAddr;
-
-    async fn accept(&mut self) -> (CappedStream, SocketAddr) {
-        loop {
-            let (stream, address) = axum::serve::Listener::accept(&mut self.listener).await;
-            match Arc::clone(&self.open).try_acquire_owned() {
-                Ok(place) => {
-                    return (
-                        CappedStream {
-                            stream,
-                            _place: place,
-                        },
-                        address,
-                    );
-                }
-                Err(_) => {
-                    static BUDGET: crate::LogBudget =
-                        crate::LogBudget::new(crate::LogBudget::INTERVAL);
-                    if let Some(held_back) = BUDGET.allow() {
-                        tracing::warn!(
-                            client = %address,
-                            held_back,
-                            "{CONNECTIONS_AT_ONCE} admin connections open already: closed"
-                        );
-                    }
-                }
+    let router = router.layer(Extension(StreamsClosing(closed.clone())));
+    let mut listener = listener;
+    let open = Arc::new(Semaphore::new(CONNECTIONS_AT_ONCE));
+    let mut connections = tokio::task::JoinSet::new();
+    let shutdown = std::pin::pin!(shutdown);
+    let mut shutdown = shutdown;
+    loop {
+        let (stream, client) = tokio::select! {
+            () = &mut shutdown => break,
+            // Finished connections leave the set as they end.
+            Some(_) = connections.join_next(), if !connections.is_empty() => continue,
+            accepted = axum::serve::Listener::accept(&mut listener) => accepted,
+        };
+        let Ok(place) = Arc::clone(&open).try_acquire_owned() else {
+            static BUDGET: crate::LogBudget = crate::LogBudget::new(crate::LogBudget::INTERVAL);
+            if let Some(held_back) = BUDGET.allow() {
+                tracing::warn!(
+                    %client,
+                    held_back,
+                    "{CONNECTIONS_AT_ONCE} admin connections open already: closed"
+                );
             }
-        }
+            continue;
+        };
+        let service = hyper_util::service::TowerToHyperService::new(router.clone());
+        let mut closed = closed.clone();
+        connections.spawn(async move {
+            let _place = place;
+            let connection = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            let mut connection = std::pin::pin!(connection);
+            tokio::select! {
+                // An error is the client's (gone, too slow, not HTTP): nothing to do.
+                _ = connection.as_mut() => return,
+                // An error means the server is gone: shut down all the same.
+                _ = closed.wait_for(|closing| *closing) => {}
+            }
+            // The request in progress finishes (a followed stream ends at `closing`), then
+            // the connection closes.
+            connection.as_mut().graceful_shutdown();
+            let _ = connection.await;
+        });
     }
-
-    fn local_addr(&self) -> std::io::Result<SocketAddr> {
-        self.listener.local_addr()
-    }
-}
-
-/// An admin connection, holding its place among those open until it closes.
-struct CappedStream {
-    stream: TcpStream,
-    _place: OwnedSemaphorePermit,
-}
-
-impl AsyncRead for CappedStream {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().stream).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for CappedStream {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.get_mut().stream).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.stream.is_write_vectored()
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
-    }
+    drop(listener);
+    // No receiver left only means no connection is open.
+    let _ = closing.send(true);
+    let _ = tokio::time::timeout(SHUTDOWN_GRACE, async {
+        while connections.join_next().await.is_some() {}
+    })
+    .await;
+    // What did not finish in time is dropped with the set.
+    Ok(())
 }
 
 /// `/healthz` (the process is alive), `/metrics`, and `/v1/flows` (flow events).
@@ -619,6 +572,47 @@ mod tests {
         // Read to its end, it gives its place back.
         assert_eq!(listed(unread).await.len(), 3);
         assert_eq!(listed(listing(&state, None).await).await.len(), 3);
+    }
+
+    /// A connection silent for longer than the header read timeout is closed, so that
+    /// silent clients cannot hold the places probes need; one that asks in time is answered,
+    /// and closed once it has been idle as long after its answer.
+    #[tokio::test(start_paused = true)]
+    async fn silent_admin_connections_are_closed() {
+        use tokio::io::AsyncReadExt;
+        let metrics = Metrics::new("agent").unwrap();
+        let flows = Arc::new(FlowLog::new(4));
+        let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(serve(listener, common_routes(metrics, flows), async move {
+            let _ = stopped.await;
+        }));
+        let started = tokio::time::Instant::now();
+        let mut silent = tokio::net::TcpStream::connect(address).await.unwrap();
+        let mut rest = Vec::new();
+        // The clock is paused: it moves to the server's timer once everything waits.
+        let closed = tokio::time::timeout(HEADER_READ_TIMEOUT * 4, silent.read_to_end(&mut rest));
+        assert_eq!(closed.await.expect("never closed").unwrap_or(0), 0);
+        let waited = started.elapsed();
+        assert!(
+            (HEADER_READ_TIMEOUT..HEADER_READ_TIMEOUT * 2).contains(&waited),
+            "closed after {waited:?}"
+        );
+        let mut asking = tokio::net::TcpStream::connect(address).await.unwrap();
+        asking
+            .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut answer = vec![0; 256];
+        let read = asking.read(&mut answer).await.unwrap();
+        assert!(answer[..read].starts_with(b"HTTP/1.1 200"), "{answer:?}");
+        let answered = tokio::time::Instant::now();
+        let closed = tokio::time::timeout(HEADER_READ_TIMEOUT * 4, asking.read_to_end(&mut rest));
+        assert_eq!(closed.await.expect("never closed").unwrap_or(0), 0);
+        assert!(answered.elapsed() >= HEADER_READ_TIMEOUT);
+        let _ = stop.send(());
+        server.await.unwrap().unwrap();
     }
 
     /// Clients opening connections and sending nothing ran the process out of file

@@ -8,6 +8,4 @@ pub enum TelemetryError {
         address: std::net::SocketAddr,
         source: std::io::Error,
     },
-    #[error("admin API server failed: {0}")]
-    Serve(std::io::Error),
 }
