@@ -373,6 +373,25 @@ mod tests {
         })
     }
 
+    /// [`serve`] with the common routes over `flows` on a free loopback port: its address,
+    /// the sender that stops it, and its task.
+    async fn served(
+        flows: Arc<FlowLog>,
+    ) -> (
+        SocketAddr,
+        tokio::sync::oneshot::Sender<()>,
+        tokio::task::JoinHandle<Result<(), TelemetryError>>,
+    ) {
+        let metrics = Metrics::new("agent").unwrap();
+        let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(serve(listener, common_routes(metrics, flows), async move {
+            let _ = stopped.await;
+        }));
+        (address, stop, server)
+    }
+
     /// Reads one line of the body, skipping the HTTP head and chunk-size lines.
     async fn next_json_line(
         reader: &mut BufReader<tokio::net::TcpStream>,
@@ -390,20 +409,10 @@ mod tests {
 
     #[tokio::test]
     async fn a_followed_stream_sends_retained_then_live_events_and_ends_at_shutdown() {
-        let metrics = Metrics::new("agent").unwrap();
         let flows = Arc::new(FlowLog::new(16));
         flows.record(drop_event(1));
         flows.record(drop_event(2));
-        let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
-        let address = listener.local_addr().unwrap();
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let server = tokio::spawn(serve(
-            listener,
-            common_routes(metrics, flows.clone()),
-            async move {
-                let _ = stopped.await;
-            },
-        ));
+        let (address, stop, server) = served(flows.clone()).await;
         let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
         stream
             .write_all(b"GET /v1/flows?follow=true&since_ms=2 HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -432,18 +441,12 @@ mod tests {
     /// exit, until it read or went away.
     #[tokio::test]
     async fn a_client_that_stops_reading_does_not_hold_the_shutdown() {
-        let metrics = Metrics::new("agent").unwrap();
         // More than the socket buffers hold, then a stream that would go on.
         let flows = Arc::new(FlowLog::new(60_000));
         for port in 0..60_000u16 {
             flows.record(drop_event(port));
         }
-        let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
-        let address = listener.local_addr().unwrap();
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let server = tokio::spawn(serve(listener, common_routes(metrics, flows), async move {
-            let _ = stopped.await;
-        }));
+        let (address, stop, server) = served(flows).await;
         // Some MB of events, none read, through a small window.
         let socket = tokio::net::TcpSocket::new_v4().unwrap();
         socket.set_recv_buffer_size(4096).unwrap();
@@ -580,14 +583,8 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn silent_admin_connections_are_closed() {
         use tokio::io::AsyncReadExt;
-        let metrics = Metrics::new("agent").unwrap();
         let flows = Arc::new(FlowLog::new(4));
-        let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
-        let address = listener.local_addr().unwrap();
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let server = tokio::spawn(serve(listener, common_routes(metrics, flows), async move {
-            let _ = stopped.await;
-        }));
+        let (address, stop, server) = served(flows).await;
         let started = tokio::time::Instant::now();
         let mut silent = tokio::net::TcpStream::connect(address).await.unwrap();
         let mut rest = Vec::new();
@@ -621,14 +618,8 @@ mod tests {
     #[tokio::test]
     async fn admin_connections_past_the_cap_are_closed() {
         use tokio::io::AsyncReadExt;
-        let metrics = Metrics::new("agent").unwrap();
         let flows = Arc::new(FlowLog::new(4));
-        let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
-        let address = listener.local_addr().unwrap();
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let server = tokio::spawn(serve(listener, common_routes(metrics, flows), async move {
-            let _ = stopped.await;
-        }));
+        let (address, stop, server) = served(flows).await;
         let mut idle = Vec::new();
         for _ in 0..CONNECTIONS_AT_ONCE {
             idle.push(tokio::net::TcpStream::connect(address).await.unwrap());
