@@ -329,7 +329,7 @@ pub async fn start(config: AgentConfig) -> anyhow::Result<RunningAgent> {
             Err(error) => tracing::warn!(%error, "the FQDN cache's last save panicked"),
         }
         admin_stop.cancel();
-        admin.await.context("admin API task panicked")??;
+        admin.await.context("admin API task panicked")?;
         result
     });
     Ok(RunningAgent {

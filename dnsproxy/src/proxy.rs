@@ -516,7 +516,7 @@ pub async fn start(config: ProxyConfig) -> anyhow::Result<RunningProxy> {
             }
         }
         admin_stop.cancel();
-        admin.await.context("admin API task panicked")??;
+        admin.await.context("admin API task panicked")?;
         Ok(())
     });
     Ok(RunningProxy {
