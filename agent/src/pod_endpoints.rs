@@ -983,21 +983,24 @@ mod tests {
     /// and removed every pod's file; a PodList fed to the Services' removed every Service's.
     #[test]
     fn a_list_of_the_other_kind_is_an_error() {
+        let pods_of_n1 = |list: &Value| {
+            endpoints(
+                list,
+                "n1",
+                &kubelet(CgroupDriver::Systemd),
+                &target(),
+                &mut Vec::new(),
+            )
+        };
+        let fails_saying = |result: anyhow::Result<BTreeMap<String, EndpointConfig>>,
+                            says: &str| {
+            let error = result.unwrap_err().to_string();
+            assert!(error.contains(says), "{error}");
+        };
         let service_list = serde_json::json!({"kind": "List", "items": [
             {"kind": "Service", "metadata": {"name": "s", "namespace": "a", "uid": "aaaa-1111"},
              "spec": {"selector": {"app": "x"}, "clusterIP": "10.96.0.20"}}]});
-        let error = endpoints(
-            &service_list,
-            "n1",
-            &kubelet(CgroupDriver::Systemd),
-            &target(),
-            &mut Vec::new(),
-        )
-        .unwrap_err();
-        assert!(
-            error.to_string().contains("a Service in a list of Pods"),
-            "{error}"
-        );
+        fails_saying(pods_of_n1(&service_list), "a Service in a list of Pods");
         let pods: Value = serde_json::from_str(PODS).unwrap();
         // kubectl's own lists are `List`s whose items name their kind.
         let mut kubectl_pods = pods.clone();
@@ -1005,41 +1008,18 @@ mod tests {
         for item in kubectl_pods["items"].as_array_mut().unwrap() {
             item["kind"] = "Pod".into();
         }
-        let error = services(&kubectl_pods, &mut Vec::new()).unwrap_err();
-        assert!(
-            error.to_string().contains("a Pod in a list of Services"),
-            "{error}"
+        fails_saying(
+            services(&kubectl_pods, &mut Vec::new()),
+            "a Pod in a list of Services",
         );
         // The API server's own lists name no kind in their items, only the list does.
         let raw_services = serde_json::json!({"kind": "ServiceList", "items": [
             {"metadata": {"name": "s", "namespace": "a", "uid": "aaaa-1111"}}]});
-        let error = endpoints(
-            &raw_services,
-            "n1",
-            &kubelet(CgroupDriver::Systemd),
-            &target(),
-            &mut Vec::new(),
-        )
-        .unwrap_err();
-        assert!(
-            error.to_string().contains("a ServiceList where pods"),
-            "{error}"
-        );
-        let error = services(&pods, &mut Vec::new()).unwrap_err();
-        assert!(
-            error.to_string().contains("a PodList where Services"),
-            "{error}"
-        );
+        fails_saying(pods_of_n1(&raw_services), "a ServiceList where pods");
+        fails_saying(services(&pods, &mut Vec::new()), "a PodList where Services");
         // kubectl names each item's kind; the API server's own lists do not.
-        let found = endpoints(
-            &kubectl_pods,
-            "n1",
-            &kubelet(CgroupDriver::Systemd),
-            &target(),
-            &mut Vec::new(),
-        );
         assert_eq!(
-            found.unwrap().len(),
+            pods_of_n1(&kubectl_pods).unwrap().len(),
             node_n1(CgroupDriver::Systemd, &mut Vec::new()).len()
         );
     }
