@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use ipnet::IpNet;
 use tokio_util::sync::CancellationToken;
 use warden_config::AgentConfig;
-use warden_datapath::{Datapath, FqdnKey, PortRule};
+use warden_datapath::{Datapath, EndpointEntry, FqdnKey, PortRule};
 use warden_enforce::{Enforcement, TCP, UDP, fqdn_keys, grants_key, merge_port_rules, port_rules};
 use warden_fqdn::{CacheEntry, UnixTime};
 use warden_policy::{DnsName, EndpointId, FqdnGrant, PolicyRepository};
@@ -86,9 +86,10 @@ impl Reconciler {
         // for them, so this policy knows at least every endpoint of this table.
         let table = self.policy.endpoints();
         let policy = self.policy.current();
-        let enrolled = self.enroll(&table, &policy);
-        self.reconcile_cidrs(&table, &policy, &enrolled);
+        let enrollment = self.enroll(&table, &policy);
+        self.reconcile_cidrs(&table, &policy, &enrollment);
         self.reconcile_fqdn(&table, &policy, unix_now());
+        self.finish_enrollment(enrollment);
     }
 
     fn count<T>(&self, op: &str, result: Result<T, warden_datapath::DatapathError>) -> Option<T> {
@@ -111,13 +112,17 @@ impl Reconciler {
     }
 
     /// Enrolls every endpoint with a cgroup (enforced when a policy with egress rules selects
-    /// it) and points its DNS at the proxy; removes cgroups no longer configured. Returns the
-    /// endpoint IDs enrolled.
-    fn enroll(&mut self, table: &EndpointTable, policy: &PolicyRepository) -> HashSet<u32> {
+    /// it) and points its DNS at the proxy; removes cgroups no longer configured. An
+    /// enrollment that enforces is only planned here, and written by [`Self::finish_enrollment`]
+    /// once the pass has written the endpoint's allow entries, as is the clearing of endpoint
+    /// IDs nothing is enrolled under any more.
+    fn enroll(&mut self, table: &EndpointTable, policy: &PolicyRepository) -> Enrollment {
         let (default_v4, default_v6) = targets(&self.config.dns.listen);
         let mut index = HashMap::new();
+        let mut pending = Vec::new();
+        let mut held = HashSet::new();
         // One walk of the map, not one per endpoint.
-        let enrolled: HashMap<u64, warden_datapath::EndpointEntry> = self
+        let enrolled: HashMap<u64, EndpointEntry> = self
             .count("list", self.datapath.enrolled())
             .map(|entries| entries.into_iter().collect())
             .unwrap_or_default();
@@ -150,17 +155,24 @@ impl Reconciler {
             self.shared_cgroups.remove(key);
             index.insert(cgroup_id, (info.id, key.clone()));
             let enforced = policy.is_enforced(info.id);
-            let wanted = warden_datapath::EndpointEntry {
+            let wanted = EndpointEntry {
                 endpoint_id: info.id.0,
                 enforced,
                 redirect_dns: true,
             };
-            if enrolled.get(&cgroup_id) != Some(&wanted) {
-                self.count(
-                    "enroll",
-                    self.datapath.enroll(cgroup_id, info.id.0, enforced, true),
-                );
-                tracing::info!(endpoint = %key, cgroup_id, enforced, "endpoint enrolled");
+            let current = enrolled.get(&cgroup_id);
+            match enrollment_write(current, &wanted) {
+                EnrollmentWrite::Unchanged => {}
+                EnrollmentWrite::BeforeEntries => self.write_enrollment(cgroup_id, wanted, key),
+                EnrollmentWrite::AfterEntries => {
+                    // The cgroup stays under its former ID, with that ID's entries, until then.
+                    if let Some(current) =
+                        current.filter(|current| current.endpoint_id != wanted.endpoint_id)
+                    {
+                        held.insert(current.endpoint_id);
+                    }
+                    pending.push((cgroup_id, wanted, key.clone()));
+                }
             }
             // A target without a port cannot be redirected to (the map refuses it, at every
             // pass): its family's DNS goes where an endpoint without targets' does.
@@ -216,7 +228,32 @@ impl Reconciler {
             .chain(self.uncleared.drain())
             .filter(|id| !in_use.contains(id))
             .collect();
-        for endpoint_id in stale {
+        // An endpoint gone before its cgroup appeared is forgotten (and said again if it
+        // comes back).
+        self.missing_cgroups
+            .retain(|key| table.entries().any(|(_, known, _)| known == key));
+        self.shared_cgroups
+            .retain(|key| table.entries().any(|(_, known, _)| known == key));
+        self.metrics
+            .datapath
+            .enrolled
+            .set(i64::try_from(index.len()).unwrap_or(i64::MAX));
+        self.enforcement.set_cgroups(index);
+        Enrollment {
+            in_use,
+            held,
+            pending,
+            stale,
+        }
+    }
+
+    /// Writes the enrollments [`Self::enroll`] left for after the allow entries, then clears
+    /// the endpoint IDs nothing is enrolled under any more.
+    fn finish_enrollment(&mut self, enrollment: Enrollment) {
+        for (cgroup_id, wanted, key) in enrollment.pending {
+            self.write_enrollment(cgroup_id, wanted, &key);
+        }
+        for endpoint_id in enrollment.stale {
             // Bounded: were clearing to fail for good, each try walks the maps.
             if self
                 .count("clear", self.datapath.clear_endpoint(endpoint_id))
@@ -236,18 +273,20 @@ impl Reconciler {
                 }
             }
         }
-        // An endpoint gone before its cgroup appeared is forgotten (and said again if it
-        // comes back).
-        self.missing_cgroups
-            .retain(|key| table.entries().any(|(_, known, _)| known == key));
-        self.shared_cgroups
-            .retain(|key| table.entries().any(|(_, known, _)| known == key));
-        self.metrics
-            .datapath
-            .enrolled
-            .set(i64::try_from(index.len()).unwrap_or(i64::MAX));
-        self.enforcement.set_cgroups(index);
-        in_use
+    }
+
+    fn write_enrollment(&mut self, cgroup_id: u64, wanted: EndpointEntry, key: &str) {
+        let EndpointEntry {
+            endpoint_id,
+            enforced,
+            redirect_dns,
+        } = wanted;
+        self.count(
+            "enroll",
+            self.datapath
+                .enroll(cgroup_id, endpoint_id, enforced, redirect_dns),
+        );
+        tracing::info!(endpoint = %key, cgroup_id, enforced, "endpoint enrolled");
     }
 
     /// The L3/L4 rules (toCIDR, toCIDRSet, toEntities, toEndpoints) of enforced endpoints
@@ -258,11 +297,11 @@ impl Reconciler {
         &mut self,
         table: &EndpointTable,
         policy: &PolicyRepository,
-        enrolled: &HashSet<u32>,
+        enrollment: &Enrollment,
     ) {
         let mut wanted: HashMap<(u32, IpNet), Vec<PortRule>> = HashMap::new();
         for (info, _) in table.keys() {
-            if !policy.is_enforced(info.id) || !enrolled.contains(&info.id.0) {
+            if !policy.is_enforced(info.id) || !enrollment.in_use.contains(&info.id.0) {
                 continue;
             }
             for allow in policy.static_allows(info.id) {
@@ -276,7 +315,8 @@ impl Reconciler {
         // Entries of endpoints not enrolled are left by earlier releases, which wrote them for
         // endpoints whose cgroup had gone and leaked their barriers (one per deleted pod in the
         // pinned map): no pass writes any now.
-        match self.datapath.clear_cidrs_except(enrolled) {
+        let in_force: HashSet<u32> = enrollment.in_use.union(&enrollment.held).copied().collect();
+        match self.datapath.clear_cidrs_except(&in_force) {
             Ok(0) => {}
             swept => {
                 self.count("cidr_remove", swept);
@@ -288,6 +328,9 @@ impl Reconciler {
         let mut current_keys = HashSet::new();
         for (endpoint_id, net, mut rules) in current {
             current_keys.insert((endpoint_id, net));
+            if enrollment.held.contains(&endpoint_id) {
+                continue;
+            }
             match wanted.get_mut(&(endpoint_id, net)) {
                 None => {
                     self.count("cidr_remove", self.datapath.remove_cidr(endpoint_id, net));
@@ -548,6 +591,42 @@ impl Reconciler {
             .fqdn_entries
             .set(i64::try_from(present.len()).unwrap_or(i64::MAX));
         self.metrics.datapath.idle_grace_entries.set(idle_grace);
+    }
+}
+
+/// What [`Reconciler::enroll`] leaves to the rest of a pass.
+#[derive(Debug)]
+struct Enrollment {
+    /// The endpoint IDs enrolled, or to be at the pass's end.
+    in_use: HashSet<u32>,
+    /// Former IDs of cgroups whose enrollment under another waits for the allow entries: their
+    /// entries stay in force until then.
+    held: HashSet<u32>,
+    /// Enrollments that enforce, written once the endpoint's allow entries are.
+    pending: Vec<(u64, EndpointEntry, Arc<str>)>,
+    /// Endpoint IDs nothing is enrolled under any more, cleared at the pass's end.
+    stale: HashSet<u32>,
+}
+
+/// When a pass writes a cgroup's enrollment.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum EnrollmentWrite {
+    Unchanged,
+    /// First: what it changes needs no entry, and lifting enforcement lets nothing be cut.
+    BeforeEntries,
+    /// After the endpoint's allow entries: an enforced endpoint written first would meet a
+    /// moment with its default deny and none of its allows (every connection of a pod a new
+    /// policy selects cut for the length of the pass).
+    AfterEntries,
+}
+
+fn enrollment_write(current: Option<&EndpointEntry>, wanted: &EndpointEntry) -> EnrollmentWrite {
+    if current == Some(wanted) {
+        EnrollmentWrite::Unchanged
+    } else if wanted.enforced {
+        EnrollmentWrite::AfterEntries
+    } else {
+        EnrollmentWrite::BeforeEntries
     }
 }
 
@@ -819,6 +898,54 @@ mod tests {
         assert_eq!(rules, vec![PortRule::ANY]);
         merge_rules(&mut rules, &[PortRule::port(UDP, 53)]);
         assert_eq!(rules, vec![PortRule::ANY]);
+    }
+
+    /// An enrollment that enforces comes after the allow entries of its pass (a pod a new policy
+    /// selects must not meet its default deny without its allows); one that lifts or does not
+    /// enforce comes before them, so that entries the pass removes are no longer needed.
+    #[test]
+    fn an_enforcing_enrollment_waits_for_the_entries() {
+        let entry = |endpoint_id, enforced| EndpointEntry {
+            endpoint_id,
+            enforced,
+            redirect_dns: true,
+        };
+        let cases = [
+            (None, entry(1, true), EnrollmentWrite::AfterEntries),
+            (None, entry(1, false), EnrollmentWrite::BeforeEntries),
+            (
+                Some(entry(1, false)),
+                entry(1, true),
+                EnrollmentWrite::AfterEntries,
+            ),
+            (
+                Some(entry(1, true)),
+                entry(1, false),
+                EnrollmentWrite::BeforeEntries,
+            ),
+            (
+                Some(entry(1, true)),
+                entry(2, true),
+                EnrollmentWrite::AfterEntries,
+            ),
+            (
+                Some(entry(1, true)),
+                entry(1, true),
+                EnrollmentWrite::Unchanged,
+            ),
+            (
+                Some(entry(1, false)),
+                entry(1, false),
+                EnrollmentWrite::Unchanged,
+            ),
+        ];
+        for (current, wanted, expected) in cases {
+            assert_eq!(
+                enrollment_write(current.as_ref(), &wanted),
+                expected,
+                "{current:?} -> {wanted:?}"
+            );
+        }
     }
 
     /// `port: 0` is every port of TCP and of UDP: it absorbs their single ports, whichever
