@@ -364,8 +364,17 @@ impl<'de> Deserialize<'de> for PortNumber {
                         "port {text:?} is not a number (named ports are not supported)"
                     )));
                 }
-                match text.parse::<u64>() {
+                // Cilium reads the string as Go's `ParseUint(port, 0, 16)` does: a leading zero
+                // makes it octal ("053" is 43, "08" no number at all).
+                let (digits, radix) = match text.strip_prefix('0') {
+                    Some(octal) if !octal.is_empty() => (octal, 8),
+                    _ => (text, 10),
+                };
+                match u64::from_str_radix(digits, radix) {
                     Ok(value) => self.visit_u64(value),
+                    Err(_) if radix == 8 => Err(E::custom(format!(
+                        "port {text:?} is not a number (a leading zero makes it octal, as in Cilium)"
+                    ))),
                     Err(_) => Err(E::custom(format!("port {text} is out of range (0-65535)"))),
                 }
             }
@@ -889,6 +898,22 @@ mod tests {
         assert_eq!(ports[0].protocol, Protocol::Any);
         assert_eq!(ports[1].port, 443);
         assert_eq!(ports[1].protocol, Protocol::Tcp);
+    }
+
+    /// As Cilium's `ParseUint(port, 0, 16)`: a leading zero is octal, and a lone zero zero.
+    #[test]
+    fn a_leading_zero_makes_a_port_octal() {
+        let rule =
+            egress("toPorts: [{ports: [{port: '053'}, {port: '0'}, {port: '00443'}]}]").unwrap();
+        let ports: Vec<u16> = rule.to_ports[0].ports.iter().map(|p| p.port).collect();
+        assert_eq!(ports, vec![0o53, 0, 0o443]);
+        for port in ["08", "0199999"] {
+            let error = egress(&format!("toPorts: [{{ports: [{{port: '{port}'}}]}}]")).unwrap_err();
+            assert!(
+                error.contains("octal") || error.contains("out of range"),
+                "{port}: {error}"
+            );
+        }
     }
 
     #[test]
