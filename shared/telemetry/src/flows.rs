@@ -143,20 +143,44 @@ pub type FlowFollower = broadcast::Receiver<FlowEvent>;
 /// How many live events a follower may fall behind before it loses some (and is told so).
 pub(crate) const FOLLOW_BACKLOG: usize = 4096;
 
+/// Events copied per hold of the ring's lock by a listing: the lock every answer's event takes
+/// is held for microseconds at a time, where copying a ring of 10,000 events (each a name and
+/// its addresses) held it for milliseconds.
+const LISTING_CHUNK: usize = 256;
+
 /// The last `capacity` flow events, plus a live feed for followers. Recording never blocks and
 /// never waits for a slow follower: a follower that falls behind loses events, not the proxy.
 #[derive(Debug)]
 pub struct FlowLog {
-    recent: Mutex<VecDeque<FlowEvent>>,
+    recent: Mutex<Ring>,
     capacity: usize,
     live: broadcast::Sender<FlowEvent>,
+}
+
+/// The retained events, each known by its number in the order of recording, so that a listing
+/// copied a chunk at a time finds its place again after the ring has moved on.
+#[derive(Debug)]
+struct Ring {
+    events: VecDeque<FlowEvent>,
+    /// The number the next event recorded gets.
+    next: u64,
+}
+
+impl Ring {
+    /// The number of the oldest event retained.
+    fn first(&self) -> u64 {
+        self.next - self.events.len() as u64
+    }
 }
 
 impl FlowLog {
     pub fn new(capacity: usize) -> FlowLog {
         let (live, _) = broadcast::channel(FOLLOW_BACKLOG);
         FlowLog {
-            recent: Mutex::new(VecDeque::with_capacity(capacity.min(4096))),
+            recent: Mutex::new(Ring {
+                events: VecDeque::with_capacity(capacity.min(4096)),
+                next: 0,
+            }),
             capacity: capacity.max(1),
             live,
         }
@@ -170,17 +194,18 @@ impl FlowLog {
             // An error only means no follower is listening any more.
             let _ = self.live.send(event.clone());
         }
-        let evicted = (recent.len() == self.capacity)
-            .then(|| recent.pop_front())
+        let evicted = (recent.events.len() == self.capacity)
+            .then(|| recent.events.pop_front())
             .flatten();
-        recent.push_back(event);
+        recent.events.push_back(event);
+        recent.next += 1;
         drop(recent);
         // Freed after the lock: every answer records an event, and the evicted one's name and
         // addresses sit in memory long out of cache.
         drop(evicted);
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<FlowEvent>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Ring> {
         self.recent
             .lock()
             .unwrap_or_else(|poison| poison.into_inner())
@@ -188,17 +213,56 @@ impl FlowLog {
 
     /// The retained events, oldest first.
     pub fn recent(&self) -> Vec<FlowEvent> {
-        self.lock().iter().cloned().collect()
+        self.recent_since(None)
     }
 
     /// The retained events at or after `since_ms` (all of them for `None`), oldest first.
     pub fn recent_since(&self, since_ms: Option<u64>) -> Vec<FlowEvent> {
-        let since = since_ms.unwrap_or(0);
-        self.lock()
-            .iter()
-            .filter(|event| event.time_ms() >= since)
-            .cloned()
-            .collect()
+        let (first, end) = {
+            let ring = self.lock();
+            (ring.first(), ring.next)
+        };
+        self.copy(first..end, since_ms.unwrap_or(0), || {})
+    }
+
+    /// The events numbered `range` still retained, at or after `since_ms`, oldest first, copied
+    /// a chunk per hold of the lock (`between_chunks` runs without it). Events evicted while the
+    /// copy goes on are left out: the listing then holds what the ring held at each moment, as
+    /// a listing made a little later would.
+    fn copy(
+        &self,
+        range: std::ops::Range<u64>,
+        since_ms: u64,
+        mut between_chunks: impl FnMut(),
+    ) -> Vec<FlowEvent> {
+        // Sized before the first chunk: a ring's worth allocated under the lock would hold it
+        // for the allocation.
+        let mut listed = Vec::with_capacity(usize::try_from(range.end - range.start).unwrap_or(0));
+        let mut from = range.start;
+        while from < range.end {
+            {
+                let ring = self.lock();
+                let first = ring.first();
+                from = from.max(first);
+                let start = usize::try_from(from - first).unwrap_or(usize::MAX);
+                let count = usize::try_from(range.end.saturating_sub(from))
+                    .unwrap_or(usize::MAX)
+                    .min(LISTING_CHUNK);
+                listed.extend(
+                    ring.events
+                        .iter()
+                        .skip(start)
+                        .take(count)
+                        .filter(|event| event.time_ms() >= since_ms)
+                        .cloned(),
+                );
+                from = from.saturating_add(count as u64);
+            }
+            if from < range.end {
+                between_chunks();
+            }
+        }
+        listed
     }
 
     pub fn follow(&self) -> FlowFollower {
@@ -208,14 +272,13 @@ impl FlowLog {
     /// The retained events at or after `since_ms`, and a follower that gets every event
     /// recorded after them: the two together miss nothing and repeat nothing.
     pub fn follow_since(&self, since_ms: Option<u64>) -> (Vec<FlowEvent>, FlowFollower) {
-        let since = since_ms.unwrap_or(0);
-        let recent = self.lock();
-        let follower = self.live.subscribe();
-        let retained = recent
-            .iter()
-            .filter(|event| event.time_ms() >= since)
-            .cloned()
-            .collect();
+        // Subscribed under the ring's lock, which `record` sends under: the events numbered
+        // before `end` are the retained ones, every later one goes to the follower.
+        let (first, end, follower) = {
+            let ring = self.lock();
+            (ring.first(), ring.next, self.live.subscribe())
+        };
+        let retained = self.copy(first..end, since_ms.unwrap_or(0), || {});
         (retained, follower)
     }
 }
@@ -330,6 +393,45 @@ mod tests {
         assert_eq!(retained, vec![drop_event(1)]);
         assert_eq!(follower.recv().await.unwrap(), drop_event(2));
         assert!(follower.try_recv().is_err());
+    }
+
+    /// A listing lets go of the lock between chunks (recording there would deadlock
+    /// otherwise), and neither repeats nor reorders events while the ring moves on: what was
+    /// evicted meanwhile is left out, what came after the listing began is not in it.
+    #[test]
+    fn a_listing_copies_a_chunk_per_hold_of_the_lock() {
+        let capacity = LISTING_CHUNK * 3;
+        let log = FlowLog::new(capacity);
+        let port = |n: usize| u16::try_from(n).unwrap();
+        for n in 0..capacity {
+            log.record(drop_event(port(n)));
+        }
+        let mut next = capacity;
+        let mut pauses = 0;
+        let listed = log.copy(0..u64::try_from(capacity).unwrap(), 0, || {
+            pauses += 1;
+            for _ in 0..LISTING_CHUNK + LISTING_CHUNK / 2 {
+                log.record(drop_event(port(next)));
+                next += 1;
+            }
+        });
+        assert_eq!(pauses, 2);
+        let ports: Vec<u16> = listed
+            .iter()
+            .map(|event| match event {
+                FlowEvent::Drop(flow) => flow.port,
+                FlowEvent::Dns(_) => u16::MAX,
+            })
+            .collect();
+        // The first chunk; then, past the half chunk evicted during the first pause, the second;
+        // the third chunk's events were all evicted during the second pause.
+        let half = LISTING_CHUNK / 2;
+        let expected: Vec<u16> = (0..LISTING_CHUNK)
+            .chain(LISTING_CHUNK + half..2 * LISTING_CHUNK + half)
+            .map(port)
+            .collect();
+        assert_eq!(ports, expected);
+        assert_eq!(log.recent().len(), capacity);
     }
 
     #[test]
