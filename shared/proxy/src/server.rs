@@ -1513,6 +1513,53 @@ spec:
         running.shutdown.cancel();
     }
 
+    /// A socket bound to the wildcard stays in the port's group while it drains, so a steady
+    /// stream kept its drain, and the shutdown, going for as long as the stream lasted.
+    #[tokio::test]
+    async fn a_wildcard_listener_under_steady_traffic_still_shuts_down() {
+        let upstream = fake_upstream(false).await;
+        let running = start_on(
+            "0.0.0.0:0".parse().unwrap(),
+            upstream,
+            Duration::ZERO,
+            Duration::from_secs(2),
+        )
+        .await;
+        let target = SocketAddr::from(([127, 0, 0, 1], running.dns.port()));
+        let mut query = Message::query();
+        query.add_query(Query::query(
+            Name::from_ascii("cilium.io.").unwrap(),
+            RecordType::A,
+        ));
+        let packet = query.to_vec().unwrap();
+        let stream = CancellationToken::new();
+        let sender = tokio::spawn({
+            let stream = stream.clone();
+            async move {
+                // Many source ports, so that both sockets of the address get their share.
+                let mut clients = Vec::new();
+                for _ in 0..16 {
+                    clients.push(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+                }
+                let mut ticks = tokio::time::interval(Duration::from_micros(200));
+                let mut index = 0;
+                while !stream.is_cancelled() {
+                    ticks.tick().await;
+                    let _ = clients[index % clients.len()]
+                        .send_to(&packet, target)
+                        .await;
+                    index += 1;
+                }
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        running.shutdown.cancel();
+        let ended = tokio::time::timeout(Duration::from_secs(5), running.served).await;
+        stream.cancel();
+        sender.await.unwrap();
+        assert!(ended.is_ok(), "the shutdown waited for the traffic to stop");
+    }
+
     #[tokio::test]
     async fn a_proxy_leaving_a_shared_port_loses_no_query() {
         let upstream = fake_upstream(false).await;

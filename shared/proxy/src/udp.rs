@@ -37,6 +37,11 @@ pub(crate) const SWEEP_EVERY: Duration = Duration::from_millis(20);
 pub(crate) const SWEEPS_BEFORE_SLEEP: u32 = 50;
 /// How long a stopped listener waits before its last look at the queue.
 const DRAIN_GRACE: Duration = Duration::from_millis(1);
+/// The longest a stopped listener goes on reading. A socket that left the port's group is
+/// empty within a read or two; one bound to the wildcard stays in it (see
+/// [`Datagram::stop_receiving`]) and keeps getting its share of a steady stream, so waiting
+/// for it to fall quiet would hold the shutdown, and the state saved after it, until killed.
+const DRAIN_LIMIT: Duration = Duration::from_millis(100);
 /// Datagrams read or written per system call at most.
 const BATCH: usize = 32;
 /// Batches a listener loop forwards from one pool socket before it takes the pool's next turn.
@@ -119,7 +124,8 @@ pub(crate) async fn listener_loop(engine: Arc<Engine>, listener: usize, stop: Ca
     // Drained when a read finds nothing twice, a moment apart: a datagram already past the
     // kernel's socket lookup when the socket connected may still land.
     let mut quiet_reads = 0;
-    while quiet_reads < 2 {
+    let drain_until = Instant::now() + DRAIN_LIMIT;
+    while quiet_reads < 2 && Instant::now() < drain_until {
         match socket.recv_batch_now(&mut batch.inbox) {
             Ok(count) => {
                 quiet_reads = 0;
