@@ -374,6 +374,10 @@ impl Outboxes {
     }
 }
 
+/// Bytes per datagram of its batch an emptied outbox keeps at most: room for ordinary answers
+/// and more.
+const KEPT_BYTES_PER_DATAGRAM: usize = 4096;
+
 impl Outbox {
     /// An outbox sending up to `batch` datagrams per system call (it holds any number).
     pub fn new(batch: usize) -> Outbox {
@@ -411,6 +415,12 @@ impl Outbox {
         self.bytes.clear();
         self.datagrams.clear();
         self.addresses.clear();
+        // A batch of large answers (up to 64 KiB each, as a client's EDNS size and its
+        // server allow) grows the buffer to megabytes, which every (loop, socket) pair would
+        // otherwise keep for the process's life.
+        if self.bytes.capacity() > self.batch * KEPT_BYTES_PER_DATAGRAM {
+            self.bytes.shrink_to(self.batch * 512);
+        }
     }
 
     /// Where the `index`th datagram goes, for messages.
@@ -479,6 +489,27 @@ mod tests {
             specific.io.get_ref().peer_addr().unwrap(),
             specific.local_addr().unwrap()
         );
+    }
+
+    /// A batch of 60 KiB answers grew an outbox to 2 MiB, kept after it was sent.
+    #[test]
+    fn an_outbox_gives_back_what_a_batch_of_large_answers_took() {
+        let mut outbox = Outbox::new(32);
+        let large = vec![0u8; 60 * 1024];
+        for _ in 0..32 {
+            outbox.push(&large, None);
+        }
+        assert!(outbox.bytes.capacity() >= 32 * large.len());
+        outbox.clear();
+        assert!(outbox.bytes.capacity() <= 32 * KEPT_BYTES_PER_DATAGRAM);
+        // Ordinary answers keep their room from batch to batch.
+        for _ in 0..32 {
+            outbox.push(&[0u8; 100], None);
+        }
+        let room = outbox.bytes.as_ptr();
+        outbox.clear();
+        outbox.push(&[0u8; 100], None);
+        assert_eq!(outbox.bytes.as_ptr(), room);
     }
 
     #[tokio::test]
