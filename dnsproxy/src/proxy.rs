@@ -135,7 +135,17 @@ impl ProxyDatapath {
                 self.enforcement.set_datapath(Some(datapath));
             }
             Err(error) => {
-                tracing::warn!(bpffs = %bpffs.display(), %error, "agent's pinned maps not available; allow entries are not written")
+                tracing::warn!(bpffs = %bpffs.display(), %error, "agent's pinned maps not available; allow entries are not written");
+                // Here only with the open maps' pins replaced or gone (above): an agent of
+                // another release pinned its own layout and removed this one's. Kept, the
+                // proxy would write allow entries no program reads and look its clients up in
+                // redirect records no program writes.
+                if let Some(open) = self.enforcement.datapath()
+                    && open.bpffs() == bpffs
+                {
+                    tracing::warn!(bpffs = %bpffs.display(), "not writing into the replaced maps");
+                    self.let_go(&open);
+                }
             }
         }
     }
@@ -233,15 +243,20 @@ impl ProxyDatapath {
     fn forget(&self) {
         if let Some(open) = self.enforcement.datapath() {
             tracing::info!(bpffs = %open.bpffs().display(), "the agent runs without the eBPF datapath; not writing into these pins");
-            // Out of their selection too: while these maps live on, the kernel would refuse
-            // the sockets to maps the agent pins later.
-            if let Err(error) = open.reuseport_unregister(DNSPROXY_INSTANCE) {
-                tracing::warn!(%error, "cannot take the DNS sockets out of the pins left");
-            }
-            self.registered.store(false, Ordering::Relaxed);
-            self.preference_applied.store(false, Ordering::Relaxed);
-            self.enforcement.set_datapath(None);
+            self.let_go(&open);
         }
+    }
+
+    /// Stops using `open`, which the agent no longer runs.
+    fn let_go(&self, open: &Datapath) {
+        // Out of their selection too: while these maps live on, the kernel would refuse the
+        // sockets to maps the agent pins later.
+        if let Err(error) = open.reuseport_unregister(DNSPROXY_INSTANCE) {
+            tracing::warn!(%error, "cannot take the DNS sockets out of the pins left");
+        }
+        self.registered.store(false, Ordering::Relaxed);
+        self.preference_applied.store(false, Ordering::Relaxed);
+        self.enforcement.set_datapath(None);
     }
 
     /// At shutdown, before the sockets close: new queries go to the agent from now on.

@@ -329,7 +329,45 @@ pub(crate) fn load_and_attach(
         &reuseport_prog_path(&options.bpffs),
         |path| prog.pin(path),
     )?;
+    remove_other_layouts(&options.bpffs);
     Ok(actions)
+}
+
+/// Whether `name` is the folder of a layout version's maps (`v<N>`).
+fn is_layout_dir(name: &str) -> bool {
+    name.strip_prefix('v')
+        .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// Unpins the maps of every other layout version (an upgrade's or a rollback's), once the
+/// links run this build's programs, which read none of them. A process that kept them open,
+/// a warden-dnsproxy of another release, then sees its pins gone and stops writing allow
+/// entries where no program reads them. The maps themselves live on while anything holds
+/// them. A failure leaves them pinned, as before, and is only logged: the datapath runs.
+fn remove_other_layouts(bpffs: &Path) {
+    let own = maps_dir(bpffs);
+    let entries = match read_dir(bpffs) {
+        Ok(entries) => entries,
+        Err(error) => {
+            tracing::warn!(%error, "cannot list other layouts' pins");
+            return;
+        }
+    };
+    for entry in entries {
+        let path = entry.path();
+        if path == own || !is_layout_dir(&entry.file_name().to_string_lossy()) || !path.is_dir() {
+            continue;
+        }
+        let mut removed = Vec::new();
+        match remove_tree(&path, &mut removed) {
+            Ok(()) => {
+                tracing::info!(folder = %path.display(), pins = removed.len(), "another layout's pins removed")
+            }
+            Err(error) => {
+                tracing::warn!(folder = %path.display(), %error, "cannot remove another layout's pins")
+            }
+        }
+    }
 }
 
 /// Every program through the verifier before any is attached: one the kernel refuses (a kernel
@@ -595,11 +633,7 @@ pub(crate) fn cleanup(options: &DatapathOptions) -> Result<CleanupReport, Datapa
 
     // Every v<N> folder: maps and programs of this and older layouts.
     for entry in read_dir(root)? {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        let is_version = name
-            .strip_prefix('v')
-            .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
-        if is_version && entry.path().is_dir() {
+        if is_layout_dir(&entry.file_name().to_string_lossy()) && entry.path().is_dir() {
             remove_tree(&entry.path(), &mut report.pins_removed)?;
         }
     }

@@ -1154,8 +1154,18 @@ fn reopen_replaces_programs_in_place_and_cleanup_removes_everything() {
     first.allow_fqdn(any, now() + 60).unwrap();
     let connect = format!("tcp {}", v4_at(8080));
 
+    // Another release's layout (an upgrade's or a rollback's): its pins go once the links run
+    // this build, so that a dnsproxy of that release stops writing into them.
+    let other_layout = options.bpffs.join("v0");
+    fs::create_dir_all(other_layout.join("progs")).unwrap();
+    let not_a_layout = options.bpffs.join("v0-notes");
+    fs::create_dir_all(&not_a_layout).unwrap();
+
     // Second open (an agent restart): same pins, programs replaced through the links.
     let second = Datapath::open(&options).unwrap();
+    assert!(!other_layout.exists());
+    assert!(not_a_layout.exists());
+    fs::remove_dir(&not_a_layout).unwrap();
     assert!(
         second
             .link_actions()
