@@ -3,17 +3,29 @@
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use tokio::net::UnixListener;
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tonic::service::Routes;
 
 use crate::{ApiError, KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT};
 
-/// Called with a short reason (`credentials`, `protocol`) for each refused connection.
+/// Called with a short reason (`credentials`, `protocol`, `connections`) for each refused
+/// connection.
 pub type RejectHook = Arc<dyn Fn(&'static str) + Send + Sync>;
+
+/// Connections served at once: a node's warden-dnsproxy holds one. Past it a new one is closed
+/// at once: connections from allowed peers that never speak (a stuck client, a script left
+/// running) would otherwise hold descriptors the agent's DNS proxy needs.
+const MAX_CONNECTIONS: usize = 64;
+
+/// A connection that has sent nothing (the HTTP/2 preface comes with the connect) for this
+/// long is closed: past the preface, HTTP/2's keepalive pings find a peer gone silent.
+const PREFACE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The agent's socket, bound: the listener, and the file it was bound at as it was right
 /// after the bind, so that an agent exiting removes only its own socket file.
@@ -150,8 +162,9 @@ impl PeerPolicy {
 }
 
 /// Accepts connections until `shutdown`, serving each with `routes` over HTTP/2. A peer whose
-/// credentials are not allowed is closed before anything is read; a connection that breaks
-/// the protocol ends alone. Both are reported through `on_reject`.
+/// credentials are not allowed is closed before anything is read, as is one past
+/// [`MAX_CONNECTIONS`]; a connection that breaks the protocol, or sends nothing for
+/// [`PREFACE_TIMEOUT`], ends alone. Each is reported through `on_reject`.
 pub async fn serve(
     bound: BoundSocket,
     routes: Routes,
@@ -160,6 +173,7 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) {
     let routes = routes.prepare();
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let BoundSocket {
         listener,
         path,
@@ -195,10 +209,32 @@ pub async fn serve(
                 continue;
             }
         }
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            static BUDGET: warden_telemetry::LogBudget =
+                warden_telemetry::LogBudget::new(warden_telemetry::LogBudget::INTERVAL);
+            if let Some(held_back) = BUDGET.allow() {
+                tracing::warn!(
+                    held_back,
+                    "refused a peer on the agent socket: {MAX_CONNECTIONS} connections open"
+                );
+            }
+            on_reject("connections");
+            continue;
+        };
         let service = TowerToHyperService::new(routes.clone());
         let on_reject = on_reject.clone();
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
+            let _slot = slot;
+            let spoke = tokio::select! {
+                spoke = tokio::time::timeout(PREFACE_TIMEOUT, first_bytes(&stream)) => spoke,
+                _ = shutdown.cancelled() => return,
+            };
+            if !matches!(spoke, Ok(Ok(()))) {
+                tracing::warn!("a peer on the agent socket sent nothing; closed");
+                on_reject("protocol");
+                return;
+            }
             let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
             builder
                 .http2()
@@ -224,6 +260,30 @@ pub async fn serve(
     // leave every dnsproxy unable to reach the agent until that one restarts.
     if ours.is_some() && file_identity(&path) == ours {
         let _ = std::fs::remove_file(&path);
+    }
+}
+
+/// Returns once the peer has sent something (or closed): its readiness alone says nothing, as a
+/// stream just accepted may be reported readable with nothing to read.
+async fn first_bytes(stream: &tokio::net::UnixStream) -> std::io::Result<()> {
+    use nix::sys::socket::{MsgFlags, recv};
+    use std::os::fd::AsRawFd;
+    loop {
+        stream.readable().await?;
+        let mut byte = [0u8; 1];
+        let peeked = stream.try_io(tokio::io::Interest::READABLE, || {
+            recv(
+                stream.as_raw_fd(),
+                &mut byte,
+                MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT,
+            )
+            .map_err(std::io::Error::from)
+        });
+        match peeked {
+            Ok(_) => return Ok(()),
+            Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(error) => return Err(error),
+        }
     }
 }
 
@@ -262,6 +322,80 @@ mod tests {
         std::fs::write(&file, "keep me").unwrap();
         assert!(matches!(bind(&file, None), Err(ApiError::Bind { .. })));
         assert_eq!(std::fs::read_to_string(&file).unwrap(), "keep me");
+    }
+
+    /// Serves an empty router at a fresh socket, recording what `on_reject` is told.
+    fn serve_recording(
+        path: &Path,
+    ) -> (
+        CancellationToken,
+        tokio::task::JoinHandle<()>,
+        Arc<std::sync::Mutex<Vec<&'static str>>>,
+    ) {
+        let rejected = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let shutdown = CancellationToken::new();
+        let served = tokio::spawn(serve(
+            bind(path, None).unwrap(),
+            Routes::default(),
+            PeerPolicy::new(&[]),
+            Arc::new({
+                let rejected = rejected.clone();
+                move |reason| rejected.lock().unwrap().push(reason)
+            }),
+            shutdown.clone(),
+        ));
+        (shutdown, served, rejected)
+    }
+
+    /// Whether the agent closes `stream` within `within` (reads EOF or a reset).
+    async fn closed_within(stream: &mut tokio::net::UnixStream, within: Duration) -> bool {
+        use tokio::io::AsyncReadExt;
+        let mut byte = [0u8; 1];
+        matches!(
+            tokio::time::timeout(within, stream.read(&mut byte)).await,
+            Ok(Ok(0) | Err(_))
+        )
+    }
+
+    /// Peers that connect and say nothing held a connection each for good: past
+    /// MAX_CONNECTIONS a new one is closed at once, and a place freed is taken again.
+    #[tokio::test]
+    async fn connections_past_the_cap_are_closed_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.sock");
+        let (shutdown, served, rejected) = serve_recording(&path);
+        let mut silent = Vec::new();
+        for _ in 0..MAX_CONNECTIONS {
+            silent.push(tokio::net::UnixStream::connect(&path).await.unwrap());
+        }
+        let mut over = tokio::net::UnixStream::connect(&path).await.unwrap();
+        assert!(closed_within(&mut over, Duration::from_secs(5)).await);
+        assert_eq!(*rejected.lock().unwrap(), ["connections"]);
+        drop(silent.pop());
+        // The freed place is released by its task: give it a moment.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let mut next = tokio::net::UnixStream::connect(&path).await.unwrap();
+        assert!(!closed_within(&mut next, Duration::from_millis(300)).await);
+        let refused = |reason| {
+            let rejected = rejected.lock().unwrap();
+            rejected.iter().filter(|r| **r == reason).count()
+        };
+        assert_eq!(refused("connections"), 1);
+        shutdown.cancel();
+        served.await.unwrap();
+    }
+
+    /// A peer that connects and sends nothing is closed after PREFACE_TIMEOUT.
+    #[tokio::test(start_paused = true)]
+    async fn a_peer_that_sends_nothing_is_closed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.sock");
+        let (shutdown, served, rejected) = serve_recording(&path);
+        let mut silent = tokio::net::UnixStream::connect(&path).await.unwrap();
+        assert!(closed_within(&mut silent, PREFACE_TIMEOUT * 2).await);
+        assert_eq!(*rejected.lock().unwrap(), ["protocol"]);
+        shutdown.cancel();
+        served.await.unwrap();
     }
 
     /// An agent that exits removes its socket file only if it is still its own: one started

@@ -531,6 +531,7 @@ impl Metrics {
                     "protocol",
                     "stalled",
                     "over_cap",
+                    "connections",
                 ],
             ),
             (
