@@ -37,10 +37,11 @@ pub(crate) const SWEEP_EVERY: Duration = Duration::from_millis(20);
 pub(crate) const SWEEPS_BEFORE_SLEEP: u32 = 50;
 /// How long a stopped listener waits before its last look at the queue.
 const DRAIN_GRACE: Duration = Duration::from_millis(1);
-/// The longest a stopped listener goes on reading. A socket that left the port's group is
-/// empty within a read or two; one bound to the wildcard stays in it (see
-/// [`Datagram::stop_receiving`]) and keeps getting its share of a steady stream, so waiting
-/// for it to fall quiet would hold the shutdown, and the state saved after it, until killed.
+/// The longest a stopped listener still in the port's group goes on reading. One bound to the
+/// wildcard stays in it (see [`Datagram::stop_receiving`]) and keeps getting its share of a
+/// steady stream, so waiting for it to fall quiet would hold the shutdown, and the state saved
+/// after it, until killed. A socket that left the group is read until empty: nothing new comes
+/// in, and what it holds (up to its receive buffer's worth) is answered.
 const DRAIN_LIMIT: Duration = Duration::from_millis(100);
 /// Datagrams read or written per system call at most.
 const BATCH: usize = 32;
@@ -113,19 +114,25 @@ pub(crate) async fn listener_loop(engine: Arc<Engine>, listener: usize, stop: Ca
     // to another socket of the port (or, with none left, refuses it), while the queue stays
     // readable. Closing would drop the queue; reading it empty and then closing would race the
     // next arrival.
-    match socket.stop_receiving() {
-        Ok(true) => {}
+    let left = match socket.stop_receiving() {
+        Ok(true) => true,
         // Drained in the group: a datagram arriving after the last read is lost at close.
         Ok(false) => {
-            tracing::debug!("a wildcard DNS socket is drained without leaving the port's group")
+            tracing::debug!("a wildcard DNS socket is drained without leaving the port's group");
+            false
         }
-        Err(error) => tracing::warn!(%error, "cannot take the DNS socket out of the port's group"),
-    }
+        Err(error) => {
+            tracing::warn!(%error, "cannot take the DNS socket out of the port's group");
+            false
+        }
+    };
     // Drained when a read finds nothing twice, a moment apart: a datagram already past the
-    // kernel's socket lookup when the socket connected may still land.
+    // kernel's socket lookup when the socket connected may still land. Out of the group, the
+    // queue only shrinks and is read to its end however long that takes; in it, for
+    // `DRAIN_LIMIT`.
     let mut quiet_reads = 0;
-    let drain_until = Instant::now() + DRAIN_LIMIT;
-    while quiet_reads < 2 && Instant::now() < drain_until {
+    let drain_until = drain_deadline(left, Instant::now());
+    while quiet_reads < 2 && drain_until.is_none_or(|until| Instant::now() < until) {
         match socket.recv_batch_now(&mut batch.inbox) {
             Ok(count) => {
                 quiet_reads = 0;
@@ -141,6 +148,12 @@ pub(crate) async fn listener_loop(engine: Arc<Engine>, listener: usize, stop: Ca
         }
     }
     // The socket closes when the queries in flight are answered (`serve_and_leave`).
+}
+
+/// Until when a stopped listener reads: a socket that left the port's group until its queue
+/// is empty, one still in it for [`DRAIN_LIMIT`].
+fn drain_deadline(left_the_group: bool, now: Instant) -> Option<Instant> {
+    (!left_the_group).then(|| now + DRAIN_LIMIT)
 }
 
 /// A listener loop's buffers, reused batch after batch.
@@ -618,5 +631,19 @@ fn send_reply(
             engine.answers_unsent(1);
             tracing::debug!(%client, %error, "cannot send DNS answer");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The drain limit, there for a wildcard socket that stays in the port's group, cut the
+    /// queue of a socket that had left it, which the proxy answers whole however long it takes.
+    #[test]
+    fn only_a_socket_still_in_the_group_drains_for_a_limited_time() {
+        let now = Instant::now();
+        assert_eq!(drain_deadline(true, now), None);
+        assert_eq!(drain_deadline(false, now), Some(now + DRAIN_LIMIT));
     }
 }
