@@ -226,24 +226,29 @@ impl FlowLog {
     }
 
     /// The events numbered `range` still retained, at or after `since_ms`, oldest first, copied
-    /// a chunk per hold of the lock (`between_chunks` runs without it). Events evicted while the
-    /// copy goes on are left out: the listing then holds what the ring held at each moment, as
-    /// a listing made a little later would.
+    /// a chunk per hold of the lock (`between_chunks` runs without it). Should the ring evict
+    /// events not yet copied meanwhile, what was copied before them goes too: the listing is
+    /// always an unbroken run up to `range.end`, as a listing made a little later would be,
+    /// never one with a hole in the middle.
     fn copy(
         &self,
         range: std::ops::Range<u64>,
         since_ms: u64,
         mut between_chunks: impl FnMut(),
     ) -> Vec<FlowEvent> {
-        // Sized before the first chunk: a ring's worth allocated under the lock would hold it
-        // for the allocation.
-        let mut listed = Vec::with_capacity(usize::try_from(range.end - range.start).unwrap_or(0));
+        let mut listed = Vec::new();
         let mut from = range.start;
         while from < range.end {
+            // Room for the chunk made before the lock is taken: growing under it would hold
+            // the lock for the allocation and the copy.
+            listed.reserve(LISTING_CHUNK);
             {
                 let ring = self.lock();
                 let first = ring.first();
-                from = from.max(first);
+                if first > from {
+                    listed.clear();
+                    from = first;
+                }
                 let start = usize::try_from(from - first).unwrap_or(usize::MAX);
                 let count = usize::try_from(range.end.saturating_sub(from))
                     .unwrap_or(usize::MAX)
@@ -270,7 +275,8 @@ impl FlowLog {
     }
 
     /// The retained events at or after `since_ms`, and a follower that gets every event
-    /// recorded after them: the two together miss nothing and repeat nothing.
+    /// recorded after them: the two together repeat nothing and leave no gap between them
+    /// (should the ring evict events while they are copied, the oldest go, see `copy`).
     pub fn follow_since(&self, since_ms: Option<u64>) -> (Vec<FlowEvent>, FlowFollower) {
         // Subscribed under the ring's lock, which `record` sends under: the events numbered
         // before `end` are the retained ones, every later one goes to the follower.
@@ -396,42 +402,52 @@ mod tests {
     }
 
     /// A listing lets go of the lock between chunks (recording there would deadlock
-    /// otherwise), and neither repeats nor reorders events while the ring moves on: what was
-    /// evicted meanwhile is left out, what came after the listing began is not in it.
+    /// otherwise), and neither repeats nor reorders events while the ring moves on: what came
+    /// after the listing began is not in it, and should the ring evict events not yet copied,
+    /// the listing is the unbroken run that is left, not one with a hole in the middle.
     #[test]
     fn a_listing_copies_a_chunk_per_hold_of_the_lock() {
         let capacity = LISTING_CHUNK * 3;
-        let log = FlowLog::new(capacity);
         let port = |n: usize| u16::try_from(n).unwrap();
-        for n in 0..capacity {
-            log.record(drop_event(port(n)));
-        }
-        let mut next = capacity;
-        let mut pauses = 0;
-        let listed = log.copy(0..u64::try_from(capacity).unwrap(), 0, || {
-            pauses += 1;
-            for _ in 0..LISTING_CHUNK + LISTING_CHUNK / 2 {
-                log.record(drop_event(port(next)));
-                next += 1;
+        let ports = |events: Vec<FlowEvent>| -> Vec<u16> {
+            events
+                .iter()
+                .map(|event| match event {
+                    FlowEvent::Drop(flow) => flow.port,
+                    FlowEvent::Dns(_) => u16::MAX,
+                })
+                .collect()
+        };
+        // `recorded_in_pause(n)`: events recorded during the nth pause between chunks.
+        let list = |recorded_in_pause: &dyn Fn(usize) -> usize| {
+            let log = FlowLog::new(capacity);
+            for n in 0..capacity {
+                log.record(drop_event(port(n)));
             }
-        });
-        assert_eq!(pauses, 2);
-        let ports: Vec<u16> = listed
-            .iter()
-            .map(|event| match event {
-                FlowEvent::Drop(flow) => flow.port,
-                FlowEvent::Dns(_) => u16::MAX,
-            })
-            .collect();
-        // The first chunk; then, past the half chunk evicted during the first pause, the second;
-        // the third chunk's events were all evicted during the second pause.
+            let mut next = capacity;
+            let mut pauses = 0;
+            let listed = log.copy(0..u64::try_from(capacity).unwrap(), 0, || {
+                for _ in 0..recorded_in_pause(pauses) {
+                    log.record(drop_event(port(next)));
+                    next += 1;
+                }
+                pauses += 1;
+            });
+            assert_eq!(pauses, 2);
+            assert_eq!(log.recent().len(), capacity);
+            ports(listed)
+        };
         let half = LISTING_CHUNK / 2;
-        let expected: Vec<u16> = (0..LISTING_CHUNK)
-            .chain(LISTING_CHUNK + half..2 * LISTING_CHUNK + half)
-            .map(port)
-            .collect();
-        assert_eq!(ports, expected);
-        assert_eq!(log.recent().len(), capacity);
+        // Only copied events evicted meanwhile: the listing is whole.
+        let whole: Vec<u16> = (0..capacity).map(port).collect();
+        assert_eq!(list(&|_| half), whole);
+        // The first pause evicts the first chunk and half the second: the listing is what is
+        // left, unbroken, without the first chunk it had copied.
+        let left: Vec<u16> = (LISTING_CHUNK + half..capacity).map(port).collect();
+        assert_eq!(
+            list(&|pause| if pause == 0 { LISTING_CHUNK + half } else { 0 }),
+            left
+        );
     }
 
     #[test]
