@@ -160,18 +160,35 @@ impl Reconciler {
                 enforced,
                 redirect_dns: true,
             };
-            let current = enrolled.get(&cgroup_id);
-            match enrollment_write(current, &wanted) {
+            let current = enrolled.get(&cgroup_id).copied();
+            match enrollment_write(current.as_ref(), &wanted) {
                 EnrollmentWrite::Unchanged => {}
-                EnrollmentWrite::BeforeEntries => self.write_enrollment(cgroup_id, wanted, key),
-                EnrollmentWrite::AfterEntries => {
-                    // The cgroup stays under its former ID, with that ID's entries, until then.
-                    if let Some(current) =
-                        current.filter(|current| current.endpoint_id != wanted.endpoint_id)
+                EnrollmentWrite::BeforeEntries => {
+                    // Refused, the cgroup stays as it was: an enforced one keeps its entries
+                    // this pass rather than meet its default deny without them.
+                    if !self.write_enrollment(cgroup_id, wanted, key)
+                        && let Some(current) = current.filter(|current| current.enforced)
                     {
                         held.insert(current.endpoint_id);
                     }
-                    pending.push((cgroup_id, wanted, key.clone()));
+                }
+                EnrollmentWrite::AfterEntries { interim } => {
+                    if let Some(interim) = interim {
+                        self.write_enrollment(cgroup_id, interim, key);
+                    }
+                    // An enforced cgroup stays under its former ID, with that ID's entries,
+                    // until then.
+                    let former = current
+                        .filter(|current| current.enforced)
+                        .map(|current| current.endpoint_id)
+                        .filter(|former| *former != wanted.endpoint_id);
+                    held.extend(former);
+                    pending.push(PendingEnrollment {
+                        cgroup_id,
+                        wanted,
+                        former,
+                        key: key.clone(),
+                    });
                 }
             }
             // A target without a port cannot be redirected to (the map refuses it, at every
@@ -250,10 +267,19 @@ impl Reconciler {
     /// Writes the enrollments [`Self::enroll`] left for after the allow entries, then clears
     /// the endpoint IDs nothing is enrolled under any more.
     fn finish_enrollment(&mut self, enrollment: Enrollment) {
-        for (cgroup_id, wanted, key) in enrollment.pending {
-            self.write_enrollment(cgroup_id, wanted, &key);
+        // A held ID is cleared only once its cgroup has moved on: refused, the cgroup stays
+        // under it, and its entries with it.
+        let mut released = HashSet::new();
+        for pending in enrollment.pending {
+            if self.write_enrollment(pending.cgroup_id, pending.wanted, &pending.key) {
+                released.extend(pending.former);
+            }
         }
-        for endpoint_id in enrollment.stale {
+        for endpoint_id in enrollment
+            .stale
+            .into_iter()
+            .filter(|id| !enrollment.held.contains(id) || released.contains(id))
+        {
             // Bounded: were clearing to fail for good, each try walks the maps.
             if self
                 .count("clear", self.datapath.clear_endpoint(endpoint_id))
@@ -275,18 +301,24 @@ impl Reconciler {
         }
     }
 
-    fn write_enrollment(&mut self, cgroup_id: u64, wanted: EndpointEntry, key: &str) {
+    /// Writes a cgroup's enrollment; returns whether the map took it.
+    fn write_enrollment(&mut self, cgroup_id: u64, wanted: EndpointEntry, key: &str) -> bool {
         let EndpointEntry {
             endpoint_id,
             enforced,
             redirect_dns,
         } = wanted;
-        self.count(
-            "enroll",
-            self.datapath
-                .enroll(cgroup_id, endpoint_id, enforced, redirect_dns),
-        );
-        tracing::info!(endpoint = %key, cgroup_id, enforced, "endpoint enrolled");
+        let written = self
+            .count(
+                "enroll",
+                self.datapath
+                    .enroll(cgroup_id, endpoint_id, enforced, redirect_dns),
+            )
+            .is_some();
+        if written {
+            tracing::info!(endpoint = %key, cgroup_id, enforced, "endpoint enrolled");
+        }
+        written
     }
 
     /// The L3/L4 rules (toCIDR, toCIDRSet, toEntities, toEndpoints) of enforced endpoints
@@ -599,13 +631,24 @@ impl Reconciler {
 struct Enrollment {
     /// The endpoint IDs enrolled, or to be at the pass's end.
     in_use: HashSet<u32>,
-    /// Former IDs of cgroups whose enrollment under another waits for the allow entries: their
-    /// entries stay in force until then.
+    /// IDs whose CIDR entries the pass leaves as they are: an enforced cgroup's former ID
+    /// while its enrollment under another waits for that one's entries, or its current ID
+    /// when the map refused to lift its enforcement.
     held: HashSet<u32>,
     /// Enrollments that enforce, written once the endpoint's allow entries are.
-    pending: Vec<(u64, EndpointEntry, Arc<str>)>,
+    pending: Vec<PendingEnrollment>,
     /// Endpoint IDs nothing is enrolled under any more, cleared at the pass's end.
     stale: HashSet<u32>,
+}
+
+/// An enrollment that enforces, left for the end of the pass.
+#[derive(Debug)]
+struct PendingEnrollment {
+    cgroup_id: u64,
+    wanted: EndpointEntry,
+    /// The ID the cgroup is enforced under until then, when another.
+    former: Option<u32>,
+    key: Arc<str>,
 }
 
 /// When a pass writes a cgroup's enrollment.
@@ -616,18 +659,33 @@ enum EnrollmentWrite {
     BeforeEntries,
     /// After the endpoint's allow entries: an enforced endpoint written first would meet a
     /// moment with its default deny and none of its allows (every connection of a pod a new
-    /// policy selects cut for the length of the pass).
-    AfterEntries,
+    /// policy selects cut for the length of the pass). `interim`, written first, redirects a
+    /// cgroup's DNS to the proxy meanwhile without enforcing: a new pod's queries then teach
+    /// the proxy its names from the start of the pass.
+    AfterEntries {
+        interim: Option<EndpointEntry>,
+    },
 }
 
 fn enrollment_write(current: Option<&EndpointEntry>, wanted: &EndpointEntry) -> EnrollmentWrite {
     if current == Some(wanted) {
-        EnrollmentWrite::Unchanged
-    } else if wanted.enforced {
-        EnrollmentWrite::AfterEntries
-    } else {
-        EnrollmentWrite::BeforeEntries
+        return EnrollmentWrite::Unchanged;
     }
+    if !wanted.enforced {
+        return EnrollmentWrite::BeforeEntries;
+    }
+    let interim = EndpointEntry {
+        enforced: false,
+        ..*wanted
+    };
+    let interim = match current {
+        None => Some(interim),
+        // Not enforced yet: the interim changes what it enforces in nothing.
+        Some(current) if !current.enforced && *current != interim => Some(interim),
+        // Enforced (under another ID): it stays so, under that ID's entries, until the end.
+        Some(_) => None,
+    };
+    EnrollmentWrite::AfterEntries { interim }
 }
 
 /// Reconciles once a second and right after every policy change, until `shutdown`.
@@ -910,23 +968,23 @@ mod tests {
             enforced,
             redirect_dns: true,
         };
+        let after = |interim| EnrollmentWrite::AfterEntries { interim };
         let cases = [
-            (None, entry(1, true), EnrollmentWrite::AfterEntries),
+            // A new pod: its DNS redirected at once, enforced at the end.
+            (None, entry(1, true), after(Some(entry(1, false)))),
             (None, entry(1, false), EnrollmentWrite::BeforeEntries),
-            (
-                Some(entry(1, false)),
-                entry(1, true),
-                EnrollmentWrite::AfterEntries,
-            ),
+            (Some(entry(1, false)), entry(1, true), after(None)),
             (
                 Some(entry(1, true)),
                 entry(1, false),
                 EnrollmentWrite::BeforeEntries,
             ),
+            // Enforced under another ID until the end, under that ID's entries.
+            (Some(entry(1, true)), entry(2, true), after(None)),
             (
-                Some(entry(1, true)),
+                Some(entry(1, false)),
                 entry(2, true),
-                EnrollmentWrite::AfterEntries,
+                after(Some(entry(2, false))),
             ),
             (
                 Some(entry(1, true)),

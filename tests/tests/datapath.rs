@@ -967,6 +967,88 @@ async fn a_pod_whose_cgroup_went_first_leaves_no_cidr_entries_behind() {
     }
 }
 
+/// A UDP sender as fast as it goes: `host port seconds`; prints the datagrams sent and those
+/// the datapath refused (EPERM), then whether one to `port + 1` is refused.
+const UDP_FLOOD_PY: &str = r#"
+import errno, socket, sys, time
+host, port, seconds = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+end = time.monotonic() + seconds
+sent = refused = 0
+while time.monotonic() < end:
+    for _ in range(200):
+        try:
+            s.sendto(b"x", (host, port))
+            sent += 1
+        except OSError as error:
+            if error.errno != errno.EPERM:
+                raise
+            refused += 1
+try:
+    s.sendto(b"x", (host, port + 1))
+    other = "sent"
+except OSError as error:
+    other = "refused" if error.errno == errno.EPERM else str(error)
+print(sent, refused, other)
+"#;
+
+/// A policy that comes to select a running workload allows what it sends from the first
+/// packet: the agent enrolled the endpoint as enforced at the start of its pass and wrote its
+/// allow entries after, and every packet in between was dropped.
+#[tokio::test]
+async fn a_policy_selecting_a_running_workload_cuts_nothing_it_allows() {
+    if !require_lab() || !warden_tests::require_tools(&["knotd"]) {
+        return;
+    }
+    let policy = |app: &str| {
+        format!(
+            "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata:\n  name: talk\n  namespace: youssef\nspec:\n  endpointSelector:\n    matchLabels:\n      app: {app}\n  egress:\n  - toCIDR: [\"{INTERNET_V4}/32\"]\n    toPorts:\n    - ports:\n      - port: \"9\"\n        protocol: UDP\n"
+        )
+    };
+    let lab = Firewall::start(FirewallOptions {
+        policy: policy("nobody"),
+        ..FirewallOptions::default()
+    })
+    .await
+    .unwrap();
+    let flood = std::thread::spawn({
+        let workload = lab.workload.clone();
+        move || {
+            warden_tests::lab::run_in_cgroup(
+                &workload,
+                Command::new(python3().unwrap()).args([
+                    "-c",
+                    UDP_FLOOD_PY,
+                    &INTERNET_V4.to_string(),
+                    "9",
+                    "4",
+                ]),
+                Duration::from_secs(20),
+            )
+        }
+    });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    lab.dir.write_policy("talk.yaml", &policy("test")).unwrap();
+    let out = flood.join().unwrap().unwrap();
+    let report = String::from_utf8_lossy(&out.stdout).into_owned();
+    let fields: Vec<&str> = report.split_whitespace().collect();
+    assert_eq!(
+        fields.len(),
+        3,
+        "{report}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let sent: u64 = fields[0].parse().unwrap();
+    let refused: u64 = fields[1].parse().unwrap();
+    // Enforced by the end (another port refused), and nothing it allows was cut on the way.
+    assert_eq!(fields[2], "refused", "never enforced: {report}");
+    assert!(sent > 10_000, "{report}");
+    assert_eq!(
+        refused, 0,
+        "{refused} of {sent} refused while the policy came in"
+    );
+}
+
 /// Two endpoints naming one cgroup: the first keeps it. Each pass enrolled the other one,
 /// clearing the first's entries, and its traffic went by whichever policy enrolled last.
 #[tokio::test]
