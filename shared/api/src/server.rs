@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
+use tokio::io::AsyncReadExt;
 use tokio::net::UnixListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -23,9 +24,12 @@ pub type RejectHook = Arc<dyn Fn(&'static str) + Send + Sync>;
 /// running) would otherwise hold descriptors the agent's DNS proxy needs.
 const MAX_CONNECTIONS: usize = 64;
 
-/// A connection that has sent nothing (the HTTP/2 preface comes with the connect) for this
-/// long is closed: past the preface, HTTP/2's keepalive pings find a peer gone silent.
+/// A connection that has not sent its HTTP/2 preface (which comes with the connect) within this
+/// long is closed: past it, HTTP/2's keepalive pings find a peer gone silent.
 const PREFACE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// `PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n`, what an HTTP/2 client sends first.
+const HTTP2_PREFACE_BYTES: usize = 24;
 
 /// The agent's socket, bound: the listener, and the file it was bound at as it was right
 /// after the bind, so that an agent exiting removes only its own socket file.
@@ -226,15 +230,21 @@ pub async fn serve(
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
             let _slot = slot;
-            let spoke = tokio::select! {
-                spoke = tokio::time::timeout(PREFACE_TIMEOUT, first_bytes(&stream)) => spoke,
+            // Read here, under a deadline: hyper's handshake has none, and a peer that sent
+            // part of it and stopped would hold its place for good. Handed on to hyper, which
+            // checks it, ahead of the rest of the stream.
+            let mut preface = [0u8; HTTP2_PREFACE_BYTES];
+            let (mut reader, writer) = stream.into_split();
+            let read = tokio::select! {
+                read = tokio::time::timeout(PREFACE_TIMEOUT, reader.read_exact(&mut preface)) => read,
                 _ = shutdown.cancelled() => return,
             };
-            if !matches!(spoke, Ok(Ok(()))) {
-                tracing::warn!("a peer on the agent socket sent nothing; closed");
+            if !matches!(read, Ok(Ok(_))) {
+                tracing::warn!("a peer on the agent socket sent no HTTP/2 preface in time; closed");
                 on_reject("protocol");
                 return;
             }
+            let stream = tokio::io::join(std::io::Cursor::new(preface).chain(reader), writer);
             let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
             builder
                 .http2()
@@ -260,30 +270,6 @@ pub async fn serve(
     // leave every dnsproxy unable to reach the agent until that one restarts.
     if ours.is_some() && file_identity(&path) == ours {
         let _ = std::fs::remove_file(&path);
-    }
-}
-
-/// Returns once the peer has sent something (or closed): its readiness alone says nothing, as a
-/// stream just accepted may be reported readable with nothing to read.
-async fn first_bytes(stream: &tokio::net::UnixStream) -> std::io::Result<()> {
-    use nix::sys::socket::{MsgFlags, recv};
-    use std::os::fd::AsRawFd;
-    loop {
-        stream.readable().await?;
-        let mut byte = [0u8; 1];
-        let peeked = stream.try_io(tokio::io::Interest::READABLE, || {
-            recv(
-                stream.as_raw_fd(),
-                &mut byte,
-                MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT,
-            )
-            .map_err(std::io::Error::from)
-        });
-        match peeked {
-            Ok(_) => return Ok(()),
-            Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => continue,
-            Err(error) => return Err(error),
-        }
     }
 }
 
@@ -385,15 +371,20 @@ mod tests {
         served.await.unwrap();
     }
 
-    /// A peer that connects and sends nothing is closed after PREFACE_TIMEOUT.
+    /// A peer that connects and sends nothing, or part of the HTTP/2 preface, is closed after
+    /// PREFACE_TIMEOUT (hyper's handshake waits for the rest for good).
     #[tokio::test(start_paused = true)]
-    async fn a_peer_that_sends_nothing_is_closed() {
+    async fn a_peer_that_sends_no_preface_is_closed() {
+        use tokio::io::AsyncWriteExt;
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("agent.sock");
         let (shutdown, served, rejected) = serve_recording(&path);
         let mut silent = tokio::net::UnixStream::connect(&path).await.unwrap();
+        let mut partial = tokio::net::UnixStream::connect(&path).await.unwrap();
+        partial.write_all(b"PRI * HTTP/2.0").await.unwrap();
         assert!(closed_within(&mut silent, PREFACE_TIMEOUT * 2).await);
-        assert_eq!(*rejected.lock().unwrap(), ["protocol"]);
+        assert!(closed_within(&mut partial, PREFACE_TIMEOUT * 2).await);
+        assert_eq!(*rejected.lock().unwrap(), ["protocol", "protocol"]);
         shutdown.cancel();
         served.await.unwrap();
     }
