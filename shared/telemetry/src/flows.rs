@@ -242,11 +242,14 @@ impl FlowLog {
             // Room for the chunk made before the lock is taken: growing under it would hold
             // the lock for the allocation and the copy.
             listed.reserve(LISTING_CHUNK);
+            // What was copied before a run the ring evicted meanwhile: dropped after the lock
+            // is let go, as freeing events (their names and addresses) under it would hold it.
+            let mut overtaken = 0;
             {
                 let ring = self.lock();
                 let first = ring.first();
                 if first > from {
-                    listed.clear();
+                    overtaken = listed.len();
                     from = first;
                 }
                 let start = usize::try_from(from - first).unwrap_or(usize::MAX);
@@ -263,6 +266,7 @@ impl FlowLog {
                 );
                 from = from.saturating_add(count as u64);
             }
+            listed.drain(..overtaken);
             if from < range.end {
                 between_chunks();
             }
