@@ -333,10 +333,15 @@ pub(crate) fn load_and_attach(
     Ok(actions)
 }
 
-/// Whether `name` is the folder of a layout version's maps (`v<N>`).
-fn is_layout_dir(name: &str) -> bool {
-    name.strip_prefix('v')
-        .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+/// Whether `entry` is the folder of a layout version's maps (`v<N>`): a folder itself, not a
+/// link to one, whose contents would otherwise be removed wherever it points.
+fn is_layout_dir(entry: &fs::DirEntry) -> bool {
+    let name = entry.file_name();
+    let is_version = name
+        .to_string_lossy()
+        .strip_prefix('v')
+        .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
+    is_version && entry.file_type().is_ok_and(|kind| kind.is_dir())
 }
 
 /// Unpins the maps of every other layout version (an upgrade's or a rollback's), once the
@@ -355,7 +360,7 @@ fn remove_other_layouts(bpffs: &Path) {
     };
     for entry in entries {
         let path = entry.path();
-        if path == own || !is_layout_dir(&entry.file_name().to_string_lossy()) || !path.is_dir() {
+        if path == own || !is_layout_dir(&entry) {
             continue;
         }
         let mut removed = Vec::new();
@@ -633,7 +638,7 @@ pub(crate) fn cleanup(options: &DatapathOptions) -> Result<CleanupReport, Datapa
 
     // Every v<N> folder: maps and programs of this and older layouts.
     for entry in read_dir(root)? {
-        if is_layout_dir(&entry.file_name().to_string_lossy()) && entry.path().is_dir() {
+        if is_layout_dir(&entry) {
             remove_tree(&entry.path(), &mut report.pins_removed)?;
         }
     }
@@ -674,7 +679,8 @@ fn remove_dir(dir: &Path) -> Result<(), DatapathError> {
 fn remove_tree(dir: &Path, removed: &mut Vec<PathBuf>) -> Result<(), DatapathError> {
     for entry in read_dir(dir)? {
         let path = entry.path();
-        if path.is_dir() {
+        // Not through a link: only the link goes.
+        if entry.file_type().is_ok_and(|kind| kind.is_dir()) {
             remove_tree(&path, removed)?;
         } else {
             remove_if_exists(&path)?;

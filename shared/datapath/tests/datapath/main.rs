@@ -1160,12 +1160,19 @@ fn reopen_replaces_programs_in_place_and_cleanup_removes_everything() {
     fs::create_dir_all(other_layout.join("progs")).unwrap();
     let not_a_layout = options.bpffs.join("v0-notes");
     fs::create_dir_all(&not_a_layout).unwrap();
+    // A link named like a layout: only a folder is one, what a link points to is left alone.
+    let elsewhere_files = tempfile::tempdir().unwrap();
+    fs::write(elsewhere_files.path().join("keep"), "keep me").unwrap();
+    let linked = options.bpffs.join("v7");
+    std::os::unix::fs::symlink(elsewhere_files.path(), &linked).unwrap();
 
     // Second open (an agent restart): same pins, programs replaced through the links.
     let second = Datapath::open(&options).unwrap();
     assert!(!other_layout.exists());
     assert!(not_a_layout.exists());
     fs::remove_dir(&not_a_layout).unwrap();
+    assert!(elsewhere_files.path().join("keep").exists());
+    fs::remove_file(&linked).unwrap();
     assert!(
         second
             .link_actions()
