@@ -173,7 +173,12 @@ impl Reconciler {
                     }
                 }
                 EnrollmentWrite::AfterEntries { interim } => {
-                    if let Some(interim) = interim {
+                    // Not under an enrolled ancestor: a cgroup nested in another endpoint's
+                    // is enforced by that one's policy until its own enrollment, and the
+                    // interim would lift it.
+                    if let Some(interim) = interim
+                        && !self.under_an_enrolled_cgroup(&path, &enrolled)
+                    {
                         self.write_enrollment(cgroup_id, interim, key);
                     }
                     // An enforced cgroup stays under its former ID, with that ID's entries,
@@ -299,6 +304,23 @@ impl Reconciler {
                 }
             }
         }
+    }
+
+    /// Whether a cgroup above `path`, up to the cgroup root, is enrolled: the datapath then
+    /// takes a socket of `path` for that one's endpoint. Asked only of cgroups not enrolled
+    /// yet; a folder that cannot be read counts as enrolled.
+    fn under_an_enrolled_cgroup(
+        &self,
+        path: &Path,
+        enrolled: &HashMap<u64, EndpointEntry>,
+    ) -> bool {
+        path.ancestors()
+            .skip(1)
+            .take_while(|ancestor| ancestor.starts_with(&self.cgroup_root))
+            .any(|ancestor| match Datapath::cgroup_id(ancestor) {
+                Ok(id) => enrolled.contains_key(&id),
+                Err(_) => true,
+            })
     }
 
     /// Writes a cgroup's enrollment; returns whether the map took it.

@@ -1021,7 +1021,7 @@ async fn a_policy_selecting_a_running_workload_cuts_nothing_it_allows() {
                     UDP_FLOOD_PY,
                     &INTERNET_V4.to_string(),
                     "9",
-                    "4",
+                    "6",
                 ]),
                 Duration::from_secs(20),
             )
@@ -1046,6 +1046,65 @@ async fn a_policy_selecting_a_running_workload_cuts_nothing_it_allows() {
     assert_eq!(
         refused, 0,
         "{refused} of {sent} refused while the policy came in"
+    );
+}
+
+/// An endpoint whose cgroup is nested in an enforced one's is enforced by that one's policy
+/// until its own enrollment: enrolling it took no moment unenforced in between (a new pod's
+/// cgroup is first enrolled unenforced, to redirect its DNS, only when no ancestor is enrolled).
+#[tokio::test]
+async fn a_nested_endpoint_is_never_unenforced_on_its_way_in() {
+    if !require_lab() || !warden_tests::require_tools(&["knotd"]) {
+        return;
+    }
+    let lab = firewall_with_endpoints_dir(TalkPolicy::default().yaml()).await;
+    let inner = lab.cgroups.child("workload/inner").unwrap();
+    let flood = std::thread::spawn({
+        let inner = inner.clone();
+        move || {
+            warden_tests::lab::run_in_cgroup(
+                &inner,
+                Command::new(python3().unwrap()).args([
+                    "-c",
+                    UDP_FLOOD_PY,
+                    &INTERNET_V4.to_string(),
+                    "9",
+                    "5",
+                ]),
+                Duration::from_secs(20),
+            )
+        }
+    });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    std::fs::write(
+        lab.config
+            .endpoints_dir
+            .as_ref()
+            .unwrap()
+            .join("inner.yaml"),
+        "- {name: inner, namespace: youssef, labels: {app: test}, cgroup: workload/inner}\n",
+    )
+    .unwrap();
+    let out = flood.join().unwrap().unwrap();
+    let report = String::from_utf8_lossy(&out.stdout).into_owned();
+    let fields: Vec<&str> = report.split_whitespace().collect();
+    assert_eq!(
+        fields.len(),
+        3,
+        "{report}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let scrape = http_get(lab.agent.admin, "/metrics").await.unwrap();
+    assert_eq!(
+        metric_value(&scrape, "warden_datapath_enrolled_endpoints", &[]),
+        2.0,
+        "the nested endpoint was never enrolled"
+    );
+    let refused: u64 = fields[1].parse().unwrap();
+    assert!(refused > 10_000, "{report}");
+    assert_eq!(
+        fields[0], "0",
+        "sent past the policy on the way in: {report}"
     );
 }
 
