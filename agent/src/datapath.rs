@@ -122,8 +122,11 @@ impl Reconciler {
         let mut pending = Vec::new();
         let mut held = HashSet::new();
         // One walk of the map, not one per endpoint.
-        let enrolled: HashMap<u64, EndpointEntry> = self
-            .count("list", self.datapath.enrolled())
+        let listed = self.count("list", self.datapath.enrolled());
+        // Without the listing every cgroup looks new: none gets the interim enrollment, which
+        // would lift the enforcement of those already enforced.
+        let listed_enrollments = listed.is_some();
+        let enrolled: HashMap<u64, EndpointEntry> = listed
             .map(|entries| entries.into_iter().collect())
             .unwrap_or_default();
         for (info, key, endpoint) in table.entries() {
@@ -173,11 +176,12 @@ impl Reconciler {
                     }
                 }
                 EnrollmentWrite::AfterEntries { interim } => {
-                    // Not under an enrolled ancestor: a cgroup nested in another endpoint's
+                    // Not under an enforced ancestor: a cgroup nested in an enforced endpoint's
                     // is enforced by that one's policy until its own enrollment, and the
                     // interim would lift it.
                     if let Some(interim) = interim
-                        && !self.under_an_enrolled_cgroup(&path, &enrolled)
+                        && listed_enrollments
+                        && !self.under_an_enforced_cgroup(&path, &enrolled)
                     {
                         self.write_enrollment(cgroup_id, interim, key);
                     }
@@ -306,21 +310,31 @@ impl Reconciler {
         }
     }
 
-    /// Whether a cgroup above `path`, up to the cgroup root, is enrolled: the datapath then
-    /// takes a socket of `path` for that one's endpoint. Asked only of cgroups not enrolled
-    /// yet; a folder that cannot be read counts as enrolled.
-    fn under_an_enrolled_cgroup(
+    /// Whether the nearest enrolled cgroup above `path`, up to the cgroup root, is enforced:
+    /// the datapath takes a socket of `path` for that one's endpoint until `path` is enrolled.
+    /// Walked by cgroup id, not by the path's text, which may name the root by another mount
+    /// or link. Asked only of cgroups not enrolled yet; a folder that cannot be read, or a
+    /// walk that never meets the root, counts as enforced.
+    fn under_an_enforced_cgroup(
         &self,
         path: &Path,
         enrolled: &HashMap<u64, EndpointEntry>,
     ) -> bool {
-        path.ancestors()
-            .skip(1)
-            .take_while(|ancestor| ancestor.starts_with(&self.cgroup_root))
-            .any(|ancestor| match Datapath::cgroup_id(ancestor) {
-                Ok(id) => enrolled.contains_key(&id),
-                Err(_) => true,
-            })
+        let Ok(root) = Datapath::cgroup_id(&self.cgroup_root) else {
+            return true;
+        };
+        for ancestor in path.ancestors().skip(1) {
+            let Ok(id) = Datapath::cgroup_id(ancestor) else {
+                return true;
+            };
+            if let Some(entry) = enrolled.get(&id) {
+                return entry.enforced;
+            }
+            if id == root {
+                return false;
+            }
+        }
+        true
     }
 
     /// Writes a cgroup's enrollment; returns whether the map took it.

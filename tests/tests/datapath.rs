@@ -1051,7 +1051,8 @@ async fn a_policy_selecting_a_running_workload_cuts_nothing_it_allows() {
 
 /// An endpoint whose cgroup is nested in an enforced one's is enforced by that one's policy
 /// until its own enrollment: enrolling it took no moment unenforced in between (a new pod's
-/// cgroup is first enrolled unenforced, to redirect its DNS, only when no ancestor is enrolled).
+/// cgroup is first enrolled unenforced, to redirect its DNS, only when the nearest enrolled
+/// cgroup above it does not enforce).
 #[tokio::test]
 async fn a_nested_endpoint_is_never_unenforced_on_its_way_in() {
     if !require_lab() || !warden_tests::require_tools(&["knotd"]) {
