@@ -18,7 +18,10 @@ use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, broadcast, watch};
 
 use crate::flows::{FlowFollower, FlowLine, LostEvents};
+
+mod stall;
 use crate::{FlowEvent, FlowLog, Metrics, TelemetryError, unix_millis};
+use stall::StallLimit;
 
 /// Events per chunk when a stream sends the retained events, or live ones that queued up.
 const STREAM_BATCH: usize = 256;
@@ -48,6 +51,12 @@ const CONNECTIONS_AT_ONCE: usize = 128;
 /// connect again), so silent clients cannot keep their places among [`CONNECTIONS_AT_ONCE`].
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long a response may wait for its client to take a byte before the connection is closed:
+/// a client that asks and never reads (a flow stream piped into a stopped pager, a deliberate
+/// flood) would otherwise keep its place among [`CONNECTIONS_AT_ONCE`], and a listing's copy,
+/// for as long as it stays connected. Long enough for any reader that reads at all.
+const WRITE_STALL_LIMIT: Duration = Duration::from_secs(30);
+
 /// Binds the admin listener. Separate from [`serve`] so callers learn the bound address
 /// (port 0 in tests) before they start serving.
 pub async fn bind(address: SocketAddr) -> Result<TcpListener, TelemetryError> {
@@ -70,8 +79,8 @@ struct StreamsClosing(watch::Receiver<bool>);
 /// closed: the admin port is on the node's address in the Kubernetes manifests, and clients
 /// holding connections open and silent would otherwise shut the kubelet's probes out (and,
 /// without the cap, run the process out of file descriptors). A response being written has no
-/// deadline (a followed stream goes on for hours): a client that asks and never reads keeps
-/// its place while connected.
+/// deadline as a whole (a followed stream goes on for hours), but one whose client takes none
+/// of it for [`WRITE_STALL_LIMIT`] is closed.
 pub async fn serve(
     mut listener: TcpListener,
     router: Router,
@@ -107,7 +116,10 @@ pub async fn serve(
             let connection = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
                 .header_read_timeout(HEADER_READ_TIMEOUT)
-                .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+                .serve_connection(
+                    hyper_util::rt::TokioIo::new(StallLimit::new(stream, WRITE_STALL_LIMIT)),
+                    service,
+                );
             let mut connection = std::pin::pin!(connection);
             tokio::select! {
                 // An error is the client's (gone, too slow, not HTTP): nothing to do.
