@@ -51,11 +51,15 @@ const CONNECTIONS_AT_ONCE: usize = 128;
 /// connect again), so silent clients cannot keep their places among [`CONNECTIONS_AT_ONCE`].
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// How long a response may wait for its client to take a byte before the connection is closed:
-/// a client that asks and never reads (a flow stream piped into a stopped pager, a deliberate
-/// flood) would otherwise keep its place among [`CONNECTIONS_AT_ONCE`], and a listing's copy,
-/// for as long as it stays connected. Long enough for any reader that reads at all.
-const WRITE_STALL_LIMIT: Duration = Duration::from_secs(30);
+/// How long a response may wait for room in its socket before the connection is closed: a
+/// client that asks and never reads (a listing or a busy flow stream into a stopped pager, a
+/// deliberate flood) would otherwise keep its place among [`CONNECTIONS_AT_ONCE`], and a
+/// listing's copy, for as long as it stays connected. The kernel makes room only once the
+/// client has taken a good part of the send buffer (a third of up to 4 MB on loopback), so a
+/// client reading for good but slower than about 10 KB/s is closed too (`warden observe
+/// --follow` connects again where it left off). A response with nothing to send, a quiet
+/// followed stream, is never timed.
+const WRITE_STALL_LIMIT: Duration = Duration::from_secs(120);
 
 /// Binds the admin listener. Separate from [`serve`] so callers learn the bound address
 /// (port 0 in tests) before they start serving.

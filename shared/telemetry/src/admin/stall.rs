@@ -8,10 +8,11 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Sleep;
 
-/// A stream whose writes fail with `TimedOut` once one has waited `limit` without the peer
-/// taking a byte: hyper gives a response being written no deadline, so a client that asks and
-/// never reads would hold its connection's place for as long as it stays connected. Reads, and
-/// a response with nothing to send (a followed stream between events), are not timed.
+/// A stream whose writes fail with `TimedOut` once one has waited `limit` for room: hyper gives
+/// a response being written no deadline, so a client that asks and never reads would hold its
+/// connection's place for as long as it stays connected. Room counts as it is made (for TCP,
+/// when the peer has taken a good part of the send buffer), not byte by byte. Reads, and a
+/// response with nothing to send (a followed stream between events), are not timed.
 #[derive(Debug)]
 pub(super) struct StallLimit<S> {
     inner: S,
@@ -109,8 +110,8 @@ mod tests {
 
     use super::*;
 
-    /// A peer that reads nothing fails the write after the limit; one that reads, however
-    /// slowly, never does, as each byte taken starts the clock again.
+    /// A peer that reads nothing fails the write after the limit; one whose reads make room
+    /// within it never does, as room made starts the clock again.
     #[tokio::test(start_paused = true)]
     async fn a_write_nobody_takes_fails_after_the_limit() {
         let limit = Duration::from_secs(30);
