@@ -992,6 +992,48 @@ except OSError as error:
 print(sent, refused, other)
 "#;
 
+/// What [`UDP_FLOOD_PY`] reported.
+struct FloodReport {
+    sent: u64,
+    refused: u64,
+    /// `refused` or `sent` for the datagram to the next port.
+    other: String,
+    report: String,
+}
+
+/// Starts [`UDP_FLOOD_PY`] in `cgroup` against port 9 of the lab's internet for `seconds`.
+fn start_udp_flood(cgroup: &Path, seconds: u32) -> std::thread::JoinHandle<FloodReport> {
+    let cgroup = cgroup.to_path_buf();
+    std::thread::spawn(move || {
+        let out = warden_tests::lab::run_in_cgroup(
+            &cgroup,
+            Command::new(python3().unwrap()).args([
+                "-c",
+                UDP_FLOOD_PY,
+                &INTERNET_V4.to_string(),
+                "9",
+                &seconds.to_string(),
+            ]),
+            Duration::from_secs(20),
+        )
+        .unwrap();
+        let report = String::from_utf8_lossy(&out.stdout).into_owned();
+        let fields: Vec<&str> = report.split_whitespace().collect();
+        assert_eq!(
+            fields.len(),
+            3,
+            "{report}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        FloodReport {
+            sent: fields[0].parse().unwrap(),
+            refused: fields[1].parse().unwrap(),
+            other: fields[2].to_owned(),
+            report,
+        }
+    })
+}
+
 /// A policy that comes to select a running workload allows what it sends from the first
 /// packet: the agent enrolled the endpoint as enforced at the start of its pass and wrote its
 /// allow entries after, and every packet in between was dropped.
@@ -1011,37 +1053,17 @@ async fn a_policy_selecting_a_running_workload_cuts_nothing_it_allows() {
     })
     .await
     .unwrap();
-    let flood = std::thread::spawn({
-        let workload = lab.workload.clone();
-        move || {
-            warden_tests::lab::run_in_cgroup(
-                &workload,
-                Command::new(python3().unwrap()).args([
-                    "-c",
-                    UDP_FLOOD_PY,
-                    &INTERNET_V4.to_string(),
-                    "9",
-                    "6",
-                ]),
-                Duration::from_secs(20),
-            )
-        }
-    });
+    let flood = start_udp_flood(&lab.workload, 6);
     tokio::time::sleep(Duration::from_secs(1)).await;
     lab.dir.write_policy("talk.yaml", &policy("test")).unwrap();
-    let out = flood.join().unwrap().unwrap();
-    let report = String::from_utf8_lossy(&out.stdout).into_owned();
-    let fields: Vec<&str> = report.split_whitespace().collect();
-    assert_eq!(
-        fields.len(),
-        3,
-        "{report}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let sent: u64 = fields[0].parse().unwrap();
-    let refused: u64 = fields[1].parse().unwrap();
+    let FloodReport {
+        sent,
+        refused,
+        other,
+        report,
+    } = flood.join().unwrap();
     // Enforced by the end (another port refused), and nothing it allows was cut on the way.
-    assert_eq!(fields[2], "refused", "never enforced: {report}");
+    assert_eq!(other, "refused", "never enforced: {report}");
     assert!(sent > 10_000, "{report}");
     assert_eq!(
         refused, 0,
@@ -1060,22 +1082,7 @@ async fn a_nested_endpoint_is_never_unenforced_on_its_way_in() {
     }
     let lab = firewall_with_endpoints_dir(TalkPolicy::default().yaml()).await;
     let inner = lab.cgroups.child("workload/inner").unwrap();
-    let flood = std::thread::spawn({
-        let inner = inner.clone();
-        move || {
-            warden_tests::lab::run_in_cgroup(
-                &inner,
-                Command::new(python3().unwrap()).args([
-                    "-c",
-                    UDP_FLOOD_PY,
-                    &INTERNET_V4.to_string(),
-                    "9",
-                    "5",
-                ]),
-                Duration::from_secs(20),
-            )
-        }
-    });
+    let flood = start_udp_flood(&inner, 5);
     tokio::time::sleep(Duration::from_secs(1)).await;
     std::fs::write(
         lab.config
@@ -1086,27 +1093,20 @@ async fn a_nested_endpoint_is_never_unenforced_on_its_way_in() {
         "- {name: inner, namespace: youssef, labels: {app: test}, cgroup: workload/inner}\n",
     )
     .unwrap();
-    let out = flood.join().unwrap().unwrap();
-    let report = String::from_utf8_lossy(&out.stdout).into_owned();
-    let fields: Vec<&str> = report.split_whitespace().collect();
-    assert_eq!(
-        fields.len(),
-        3,
-        "{report}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let FloodReport {
+        sent,
+        refused,
+        report,
+        ..
+    } = flood.join().unwrap();
     let scrape = http_get(lab.agent.admin, "/metrics").await.unwrap();
     assert_eq!(
         metric_value(&scrape, "warden_datapath_enrolled_endpoints", &[]),
         2.0,
         "the nested endpoint was never enrolled"
     );
-    let refused: u64 = fields[1].parse().unwrap();
     assert!(refused > 10_000, "{report}");
-    assert_eq!(
-        fields[0], "0",
-        "sent past the policy on the way in: {report}"
-    );
+    assert_eq!(sent, 0, "sent past the policy on the way in: {report}");
 }
 
 /// Two endpoints naming one cgroup: the first keeps it. Each pass enrolled the other one,

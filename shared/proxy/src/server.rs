@@ -579,14 +579,20 @@ spec:
         answer
     }
 
-    /// A query for cilium.io. A with `id`, framed for TCP (length first).
-    fn tcp_query(id: u16) -> Vec<u8> {
+    /// A query for cilium.io. A.
+    fn cilium_io_query() -> Message {
         let mut query = Message::query();
-        query.metadata.id = id;
         query.add_query(Query::query(
             Name::from_ascii("cilium.io.").unwrap(),
             RecordType::A,
         ));
+        query
+    }
+
+    /// A query for cilium.io. A with `id`, framed for TCP (length first).
+    fn tcp_query(id: u16) -> Vec<u8> {
+        let mut query = cilium_io_query();
+        query.metadata.id = id;
         let wire = query.to_vec().unwrap();
         let mut framed = u16::try_from(wire.len()).unwrap().to_be_bytes().to_vec();
         framed.extend_from_slice(&wire);
@@ -1526,12 +1532,7 @@ spec:
         )
         .await;
         let target = SocketAddr::from(([127, 0, 0, 1], running.dns.port()));
-        let mut query = Message::query();
-        query.add_query(Query::query(
-            Name::from_ascii("cilium.io.").unwrap(),
-            RecordType::A,
-        ));
-        let packet = query.to_vec().unwrap();
+        let packet = cilium_io_query().to_vec().unwrap();
         let stream = CancellationToken::new();
         let sender = tokio::spawn({
             let stream = stream.clone();
@@ -1592,12 +1593,7 @@ spec:
                 }
             }));
         }
-        let mut query = Message::query();
-        query.add_query(Query::query(
-            Name::from_ascii("cilium.io.").unwrap(),
-            RecordType::A,
-        ));
-        let packet = query.to_vec().unwrap();
+        let packet = cilium_io_query().to_vec().unwrap();
         let mut ticks = tokio::time::interval(Duration::from_micros(500));
         let sent = 3_000;
         let mut left = None;
