@@ -35,6 +35,19 @@ pub(crate) fn malloc_size(bytes: usize) -> usize {
     }
 }
 
+/// The shortest time an answer's addresses stay in the cache, whatever its TTL (0 included):
+/// its client connects right after it, and the reconciler, once a second, revokes an expired
+/// entry nothing uses yet. With the second an answer came in, a TTL of 0 or 1 left a few
+/// milliseconds: the connection it was asked for met the default deny.
+const SHORTEST_LIFETIME_SECS: u32 = 1;
+
+/// When the entries of an answer that came at `answered_ms` (Unix milliseconds) with `ttl`
+/// expire: never sooner than the TTL says, so the end is rounded up to the second.
+fn answer_expiry(answered_ms: u64, ttl: u32) -> UnixTime {
+    let lifetime_ms = u64::from(ttl.max(SHORTEST_LIFETIME_SECS)) * 1000;
+    UnixTime(answered_ms.saturating_add(lifetime_ms).div_ceil(1000))
+}
+
 fn hash_pair(hasher: &RandomState, endpoint: u32, name: u32) -> u64 {
     hasher.hash_one((u64::from(endpoint) << 32) | u64::from(name))
 }
@@ -188,7 +201,8 @@ impl DnsCache {
 
     /// Records a DNS answer for `name` seen by `endpoint`.
     ///
-    /// The TTL is raised to `min_ttl`; an IP already present keeps the later of its old and
+    /// The TTL is raised to `min_ttl` (and to a second), its end rounded up
+    /// to the second; an IP already present keeps the later of its old and
     /// new expiry; past `max_ips_per_name` the soonest-expiring IPs go first (on a tie, IPs
     /// not in this answer before those in it, and the answer's last records before its
     /// first).
@@ -214,8 +228,7 @@ impl DnsCache {
         ips: &[IpAddr],
         ttl: u32,
     ) -> InsertOutcome {
-        let now = UnixTime(answered_ms / 1000);
-        let expires = now.plus_secs(u64::from(self.limits.effective_ttl(ttl)));
+        let expires = answer_expiry(answered_ms, self.limits.effective_ttl(ttl));
         let mut out = InsertOutcome {
             expires_at: expires,
             ..InsertOutcome::default()
@@ -1224,6 +1237,25 @@ mod tests {
     }
 
     #[test]
+    fn an_answer_lives_its_whole_ttl_and_at_least_a_second() {
+        let mut c = DnsCache::new(limits(0, 0));
+        // Late in second 100: a TTL of 1 once expired at 101, a millisecond later.
+        let out = c.insert_answered(100_999, EP, "one.example.", &[ip4(1)], 1);
+        assert_eq!(out.expires_at, t(102));
+        assert_eq!(c.lookup(t(101), EP, "one.example.").len(), 1);
+        // A TTL of 0 once expired the second it came: the client's connect met no entry.
+        let out = c.insert_answered(100_999, EP, "zero.example.", &[ip4(2)], 0);
+        assert_eq!(out.expires_at, t(102));
+        let out = c.insert_answered(100_000, EP, "exact.example.", &[ip4(3)], 0);
+        assert_eq!(out.expires_at, t(101));
+        // A whole second's answer keeps its TTL to the second.
+        let out = c.insert_answered(100_000, EP, "five.example.", &[ip4(4)], 5);
+        assert_eq!(out.expires_at, t(105));
+        let out = c.insert_answered(100_001, EP, "later.example.", &[ip4(5)], 5);
+        assert_eq!(out.expires_at, t(106));
+    }
+
+    #[test]
     fn expiry_is_exactly_at_ttl() {
         let mut c = DnsCache::default();
         c.insert(t(100), EP, "cilium.io.", &[ip4(1)], 30);
@@ -1538,7 +1570,8 @@ mod tests {
         assert_eq!(learned(&c), 10_000);
         c.insert_answered(20_250, EP, "a.example.", &[ip4(1)], 100);
         assert_eq!(learned(&c), 20_250);
-        assert_eq!(c.lookup(t(30), EP, "a.example.")[0].expires_at, t(120));
+        // 120.25 s, rounded up: never sooner than the TTL.
+        assert_eq!(c.lookup(t(30), EP, "a.example.")[0].expires_at, t(121));
         c.insert_entry(EP, "a.example.", ip4(2), t(200), Source::Lookup, 15_000);
         assert_eq!(learned(&c), 20_250);
         c.insert_entry(EP, "a.example.", ip4(2), t(200), Source::Lookup, 25_500);
@@ -1859,7 +1892,7 @@ mod tests {
             ips: &[IpAddr],
             ttl: u32,
         ) -> InsertOutcome {
-            let expires = now + u64::from(ttl.max(self.limits.min_ttl));
+            let expires = now + u64::from(ttl.max(self.limits.min_ttl).max(1));
             let mut out = InsertOutcome {
                 expires_at: t(expires),
                 ..InsertOutcome::default()
