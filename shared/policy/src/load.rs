@@ -1,4 +1,5 @@
-//! Reading policy files: YAML (or JSON) streams of CiliumNetworkPolicy documents.
+//! Reading policy files: YAML (or JSON) streams of CiliumNetworkPolicy documents, or of lists
+//! of them (`kind: List`, as `kubectl get -o yaml` writes several).
 
 mod node_budget;
 
@@ -93,6 +94,29 @@ fn parse_documents(text: &str, origin: &Path, errors: &mut Vec<PolicyError>) -> 
         };
         if value.is_null() {
             continue;
+        }
+        match list_items(&value) {
+            ListItems::NotAList => {}
+            ListItems::Items(items) => {
+                for (index, item) in items.iter().enumerate() {
+                    match parse_item(item, origin, document, index) {
+                        Ok(policy) => policies.push(policy),
+                        Err(error) => errors.push(error),
+                    }
+                }
+                continue;
+            }
+            ListItems::Invalid(message) => {
+                errors.push(PolicyError::Invalid(Box::new(InvalidPolicy {
+                    file: origin.to_owned(),
+                    document,
+                    policy: None,
+                    field: "items".to_owned(),
+                    message,
+                    location: None,
+                })));
+                continue;
+            }
         }
         let name = match check_header(&value, origin, document) {
             Ok(name) => name,
@@ -280,6 +304,88 @@ pub fn folder_files(dir: &Path) -> std::io::Result<(Vec<PathBuf>, Vec<PathBuf>)>
     Ok((files, not_files))
 }
 
+/// What a document holds when it is a list of objects, as `kubectl get ... -o yaml` writes
+/// several (`kind: List`), or the API server lists one kind (`CiliumNetworkPolicyList`).
+enum ListItems<'a> {
+    NotAList,
+    Items(&'a [Value]),
+    Invalid(String),
+}
+
+fn list_items(value: &Value) -> ListItems<'_> {
+    let Some(kind) = value.get("kind").and_then(Value::as_str) else {
+        return ListItems::NotAList;
+    };
+    let api_version = value.get("apiVersion").and_then(Value::as_str);
+    let is_list = match kind.strip_suffix("List") {
+        Some("") => api_version == Some("v1"),
+        Some(item_kind) => {
+            PolicyKind::from_kind(item_kind).is_some() && api_version == Some(API_VERSION)
+        }
+        None => false,
+    };
+    if !is_list {
+        return ListItems::NotAList;
+    }
+    match value.get("items") {
+        // `kubectl` writes `items: []` for an empty list; some tools leave it out.
+        None | Some(Value::Null) => ListItems::Items(&[]),
+        Some(Value::Sequence(items)) => ListItems::Items(items),
+        Some(other) => ListItems::Invalid(format!("expected a list, found {}", describe(other))),
+    }
+}
+
+/// Item `index` of a list in document `document`: read as a document of its own, its errors
+/// pointing at `items[index]` (without a line: the list was read as a whole).
+fn parse_item(
+    item: &Value,
+    origin: &Path,
+    document: usize,
+    index: usize,
+) -> Result<Policy, PolicyError> {
+    let at = |field: &str| {
+        if field.is_empty() {
+            format!("items[{index}]")
+        } else {
+            format!("items[{index}].{field}")
+        }
+    };
+    let name = match check_header(item, origin, document) {
+        Ok(name) => name,
+        Err(PolicyError::Invalid(mut invalid)) => {
+            invalid.field = at(&invalid.field);
+            return Err(PolicyError::Invalid(invalid));
+        }
+        Err(PolicyError::UnsupportedKind { kind, .. }) => {
+            return Err(PolicyError::Invalid(Box::new(InvalidPolicy {
+                file: origin.to_owned(),
+                document,
+                policy: None,
+                field: at("kind"),
+                message: format!(
+                    "{kind:?} is not a policy Warden reads \
+                     (expected CiliumNetworkPolicy or CiliumClusterwideNetworkPolicy)"
+                ),
+                location: None,
+            })));
+        }
+        Err(other) => return Err(other),
+    };
+    serde_path_to_error::deserialize::<_, PolicyDocument>(item)
+        .map_err(|error| path_problem(error, None))
+        .and_then(|decoded| decoded.into_policy(origin.to_owned()))
+        .map_err(|problem| {
+            PolicyError::Invalid(Box::new(InvalidPolicy {
+                file: origin.to_owned(),
+                document,
+                policy: name,
+                field: at(&problem.field),
+                message: problem.message,
+                location: None,
+            }))
+        })
+}
+
 /// Checks `kind` and `apiVersion` before anything else, so that a stray `ConfigMap` is reported
 /// as such rather than as a pile of unknown fields. Returns `metadata.name` when there is one.
 fn check_header(
@@ -357,14 +463,7 @@ fn decode(
         // already-parsed value again through serde_path_to_error reaches the same failure and
         // gives the path as data and the message bare.
         match serde_path_to_error::deserialize::<_, PolicyDocument>(value) {
-            Err(error) => {
-                let path = error.path().to_string();
-                FieldProblem {
-                    field: if path == "." { String::new() } else { path },
-                    message: error.into_inner().to_string(),
-                    location,
-                }
-            }
+            Err(error) => path_problem(error, location),
             // Both decoders read the same data; should they ever disagree, the located error is
             // still the truth.
             Ok(_) => FieldProblem {
@@ -374,6 +473,19 @@ fn decode(
             },
         }
     })
+}
+
+/// A decoding error with its field path as data, at `location`.
+fn path_problem(
+    error: serde_path_to_error::Error<yaml_serde::Error>,
+    location: Option<Location>,
+) -> FieldProblem {
+    let path = error.path().to_string();
+    FieldProblem {
+        field: if path == "." { String::new() } else { path },
+        message: error.into_inner().to_string(),
+        location,
+    }
 }
 
 fn location(error: &yaml_serde::Error) -> Option<Location> {

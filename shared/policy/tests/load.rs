@@ -673,3 +673,59 @@ status:
     assert_eq!(policy.name, "exported");
     assert_eq!(policy.namespace.as_deref(), Some("youssef"));
 }
+
+#[test]
+fn a_list_exported_from_a_cluster_loads_every_item() {
+    // `kubectl get cnp,ccnp -A -o yaml` writes one `List` document holding every object.
+    let list = "apiVersion: v1
+kind: List
+metadata: {resourceVersion: \"\"}
+items:
+- apiVersion: cilium.io/v2
+  kind: CiliumNetworkPolicy
+  metadata: {name: web, namespace: shop, uid: 3f0c2c9e-5a55-4a57-9b51-6a3c6d2e1f00}
+  spec:
+    endpointSelector: {matchLabels: {app: web}}
+  status: {conditions: []}
+- apiVersion: cilium.io/v2
+  kind: CiliumClusterwideNetworkPolicy
+  metadata: {name: all}
+  spec:
+    endpointSelector: {}
+";
+    let policies = parse(list).unwrap();
+    let names: Vec<(&str, Option<&str>)> = policies
+        .iter()
+        .map(|policy| (policy.name.as_str(), policy.namespace.as_deref()))
+        .collect();
+    assert_eq!(names, [("web", Some("shop")), ("all", None)]);
+    // The API server's own list of one kind, beside a policy of the stream's.
+    let typed = format!(
+        "{MINIMAL}---\napiVersion: cilium.io/v2\nkind: CiliumNetworkPolicyList\nitems: []\n"
+    );
+    assert_eq!(parse(&typed).unwrap().len(), 1);
+    // A bad item names its place and its policy; a list of something else is not one.
+    let bad = list.replace("{app: web}}\n", "{app: web}}\n    bogus: 1\n");
+    let error = parse(&bad).unwrap_err().to_string();
+    assert!(
+        error.contains("policy \"web\": items[0].spec.bogus"),
+        "{error}"
+    );
+    let stranger = list.replace("kind: CiliumClusterwideNetworkPolicy", "kind: ConfigMap");
+    let error = parse(&stranger).unwrap_err().to_string();
+    assert!(
+        error.contains("items[1].kind: \"ConfigMap\" is not a policy"),
+        "{error}"
+    );
+    let not_items = "apiVersion: v1\nkind: List\nitems: {a: 1}\n";
+    let error = parse(not_items).unwrap_err().to_string();
+    assert!(
+        error.contains("items: expected a list, found a mapping"),
+        "{error}"
+    );
+    let other_list = "apiVersion: v1\nkind: ConfigMapList\nitems: []\n";
+    assert!(matches!(
+        parse(other_list),
+        Err(PolicyError::UnsupportedKind { .. })
+    ));
+}
