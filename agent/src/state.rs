@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use warden_fqdn::{CacheEntry, CacheLimits, CacheSnapshot, DnsCache, UnixTime};
+use warden_fqdn::{CacheEntry, CacheLimits, CacheSnapshot, DnsCache, MAX_DNS_TTL, UnixTime};
 use warden_state::StateError;
 
 const CACHE_FILE: &str = "fqdn-cache.json";
@@ -56,6 +56,17 @@ impl CacheFile {
             let dropped = before - snapshot.entries.len();
             if dropped > 0 {
                 tracing::warn!(path = %self.path.display(), dropped, "persisted FQDN cache entries without a valid name or endpoint left out");
+            }
+            // The peer refuses the same in a mapping; with no `max_ttl` it would never expire.
+            let latest = now.plus_secs(MAX_DNS_TTL);
+            let mut dropped = 0;
+            for entry in &mut snapshot.entries {
+                let before = entry.ips.len();
+                entry.ips.retain(|ip| ip.expires_at <= latest);
+                dropped += before - entry.ips.len();
+            }
+            if dropped > 0 {
+                tracing::warn!(path = %self.path.display(), dropped, "persisted FQDN cache addresses expiring more than 2^31 - 1 s from now left out");
             }
             // The file is written up to half a second after a change: a crash between a clean
             // and that write restored what the clean removed, and every proxy's session got it.
@@ -138,6 +149,32 @@ mod tests {
                 .len(),
             1
         );
+    }
+
+    /// A damaged digit made an expiry 136 years away: restored, it never expired, and every
+    /// session with a dnsproxy carried a mapping the proxy refuses.
+    #[test]
+    fn an_expiry_no_answer_can_give_is_left_out_and_the_rest_restored() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = CacheFile::new(dir.path());
+        let mut cache = DnsCache::new(LIMITS);
+        let (good, bad) = (
+            "198.18.1.10".parse().unwrap(),
+            "198.18.1.11".parse().unwrap(),
+        );
+        cache.insert(UnixTime(1_000), "youssef/test", "cilium.io.", &[good], 300);
+        cache.insert(
+            UnixTime(1_000),
+            "youssef/test",
+            "cilium.io.",
+            &[bad],
+            u32::MAX,
+        );
+        file.save(&cache.snapshot(UnixTime(1_000))).unwrap();
+        let restored = file.restore(LIMITS, UnixTime(1_100), |_| false);
+        let entries = restored.lookup(UnixTime(1_100), "youssef/test", "cilium.io.");
+        let ips: Vec<_> = entries.iter().map(|cached| cached.ip).collect();
+        assert_eq!(ips, [good]);
     }
 
     /// Cleaned a moment before a crash, the file still held the names, and the agent brought

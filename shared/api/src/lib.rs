@@ -17,7 +17,7 @@ pub use error::ApiError;
 
 use std::net::IpAddr;
 
-use warden_fqdn::{Source, UnixTime};
+use warden_fqdn::{MAX_DNS_TTL, Source, UnixTime};
 use warden_policy::DnsName;
 use warden_telemetry::PeerMetrics;
 
@@ -42,9 +42,6 @@ impl From<&warden_proxy::Mapping> for proto::Mapping {
         }
     }
 }
-
-/// The longest TTL a DNS record can carry, s (2^31 - 1, RFC 2181 §8).
-const MAX_DNS_TTL: u64 = (1 << 31) - 1;
 
 /// A mapping from the peer, checked field by field: what either side may take into its cache.
 /// Both sides skip (and count) a mapping that fails the check and keep the session: ending it

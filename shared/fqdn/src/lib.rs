@@ -31,4 +31,4 @@ mod snapshot;
 pub use snapshot::{CacheSnapshot, SNAPSHOT_VERSION};
 
 mod time;
-pub use time::UnixTime;
+pub use time::{MAX_DNS_TTL, UnixTime};

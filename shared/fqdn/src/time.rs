@@ -2,6 +2,11 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
+/// The longest TTL a DNS record can carry, s (2^31 - 1, RFC 2181 §8). Connections keep an
+/// address for their idle grace, bounded alike: an expiry further from now than this is
+/// garbage (a damaged file, a broken peer), which with no `max_ttl` would never expire.
+pub const MAX_DNS_TTL: u64 = (1 << 31) - 1;
+
 /// Wall-clock seconds since the Unix epoch.
 ///
 /// The cache never reads a clock: callers pass `now` in, which keeps the cache deterministic
