@@ -69,6 +69,9 @@ struct StoreState {
     status: PolicyStatus,
     /// Hash of the file contents last looked at, good or bad: unchanged files are not reloaded.
     seen: Option<u64>,
+    /// Why the files of `seen` failed, when they did: shown again once the folder can be read
+    /// after a failure to read it, which replaced it in the status.
+    seen_error: Option<String>,
     /// Hash of the folder's files in force (none after a start on the last good copy).
     installed: Option<u64>,
     /// The documents of the policy in force, for the snapshot sent to warden-dnsproxy.
@@ -328,6 +331,13 @@ impl PolicyStore {
                     state.status.last_error = None;
                     self.metrics.reload_failing.set(0);
                     tracing::info!("policy folder readable again; the policy in force is its own");
+                } else if state.seen_error.is_some() && state.status.last_error != state.seen_error
+                {
+                    // Back to broken files after a failure to read the folder: their own
+                    // error, not the read's, is what is wrong until they change.
+                    state.status.last_error = state.seen_error.clone();
+                    self.metrics.reload_failing.set(1);
+                    tracing::info!(error = ?state.seen_error, "policy folder readable again; its files still fail");
                 }
                 return false;
             }
@@ -343,6 +353,7 @@ impl PolicyStore {
         {
             let mut state = self.state();
             state.seen = Some(fingerprint);
+            state.seen_error = None;
             state.installed = Some(fingerprint);
         }
         // After the install: the copy only matters at the next start, and its syncs should
@@ -402,6 +413,7 @@ impl PolicyStore {
         let mut state = self.state();
         if fingerprint.is_some() {
             state.seen = fingerprint;
+            state.seen_error = Some(error.clone());
         }
         if state.status.last_error.as_deref() != Some(error.as_str()) {
             tracing::error!(%error, revision = state.status.revision, "policy reload failed; the last good policy stays in force");
@@ -789,6 +801,33 @@ spec:
         assert!(store.reload(), "the policy's removal is a change");
         assert_eq!(store.status().policies, 0);
         assert_eq!(store.status().last_error, None);
+    }
+
+    /// Broken files, then a moment the folder could not be read, then the same broken files:
+    /// the status went on saying the folder could not be read, until the files changed.
+    #[test]
+    fn broken_files_read_again_after_a_read_failure_show_their_own_error() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let state = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("test.yaml"), POLICY).expect("write policy");
+        let store = store(dir.path(), state.path());
+        std::fs::write(dir.path().join("test.yaml"), "kind: ConfigMap\n").expect("break it");
+        std::thread::sleep(SETTLE);
+        assert!(!store.reload());
+        let broken = store.status().last_error.unwrap_or_default();
+        assert!(broken.contains("kind"), "{broken}");
+
+        let in_the_way = dir.path().join("other.yaml");
+        std::fs::create_dir(&in_the_way).expect("a folder in a file's place");
+        assert!(!store.reload());
+        let unreadable = store.status().last_error.unwrap_or_default();
+        assert!(unreadable.contains("not a regular file"), "{unreadable}");
+
+        std::fs::remove_dir(&in_the_way).expect("remove the folder");
+        assert!(!store.reload());
+        let status = store.status();
+        assert_eq!(status.last_error, Some(broken));
+        assert_eq!((status.revision, status.policies), (1, 1));
     }
 
     /// Files under each one's own limits but more together than a snapshot message carries
