@@ -475,6 +475,8 @@ pub(crate) struct FieldProblem {
 impl PolicyDocument {
     pub(crate) fn into_policy(self, origin: PathBuf) -> Result<Policy, FieldProblem> {
         let namespace = self.metadata.namespace.filter(|ns| !ns.is_empty());
+        // Cilium's examples carry none, for `kubectl apply -n`; a file has no `-n`.
+        let defaulted = self.kind == PolicyKind::CiliumNetworkPolicy && namespace.is_none();
         let namespace = match (self.kind, namespace) {
             (PolicyKind::CiliumNetworkPolicy, namespace) => {
                 Some(namespace.unwrap_or_else(|| DEFAULT_NAMESPACE.to_owned()))
@@ -516,6 +518,13 @@ impl PolicyDocument {
             Some(namespace) => format!("{namespace}/{name}"),
             None => name.clone(),
         };
+        if defaulted {
+            warnings.push(format!(
+                "{}: policy {policy_name}: no metadata.namespace: it selects endpoints of \
+                 namespace {DEFAULT_NAMESPACE:?} only (kubectl would use its -n or context)",
+                origin.display()
+            ));
+        }
         for (rule, field) in rules.iter().zip(&fields) {
             for problem in &rule.refused_by_validate {
                 refused_by_validate.push(format!(

@@ -97,6 +97,28 @@ specs:
     assert!(message.contains("`spec` or `specs`"), "{message}");
 }
 
+/// Cilium's examples carry no namespace, for `kubectl apply -n shop`; dropped into the folder
+/// such a policy left shop's pods unenforced without a word.
+#[test]
+fn a_policy_without_a_namespace_is_confined_to_default_and_says_so() {
+    let policy = &parse(MINIMAL).unwrap()[0];
+    assert_eq!(policy.namespace.as_deref(), Some("default"));
+    assert_eq!(policy.warnings.len(), 1, "{:?}", policy.warnings);
+    assert!(
+        policy.warnings[0].contains("no metadata.namespace")
+            && policy.warnings[0].contains("\"default\""),
+        "{:?}",
+        policy.warnings
+    );
+    let placed = MINIMAL.replace("  name: minimal\n", "  name: minimal\n  namespace: shop\n");
+    assert!(parse(&placed).unwrap()[0].warnings.is_empty());
+    let clusterwide = MINIMAL.replace(
+        "kind: CiliumNetworkPolicy",
+        "kind: CiliumClusterwideNetworkPolicy",
+    );
+    assert!(parse(&clusterwide).unwrap()[0].warnings.is_empty());
+}
+
 #[test]
 fn clusterwide_policies_have_no_namespace() {
     let text = "apiVersion: cilium.io/v2\nkind: CiliumClusterwideNetworkPolicy\n\
