@@ -398,9 +398,24 @@ impl DnsCache {
     /// [`Source::Connection`]. This also saves an IP whose TTL ran out but that `gc` has not
     /// removed yet, as its datapath entry still exists. Returns how many names matched.
     pub fn keep_alive(&mut self, endpoint: &str, ip: IpAddr, until: UnixTime) -> usize {
-        let Some(ep) = self.endpoints.find(endpoint) else {
+        self.keep_alive_for(ip, &[(endpoint, until)])
+    }
+
+    /// [`keep_alive`](Self::keep_alive) of `ip` for each (endpoint, until) of `endpoints`, in
+    /// one walk of the pairs holding the address: a load balancer's address that thousands of
+    /// names under a wildcard resolve to is held by as many pairs per endpoint, and a walk per
+    /// endpoint walked them all again for each. Returns how many names matched.
+    pub fn keep_alive_for(&mut self, ip: IpAddr, endpoints: &[(&str, UnixTime)]) -> usize {
+        // By endpoint id, the latest `until` of each.
+        let mut wanted: Vec<(u32, u64)> = endpoints
+            .iter()
+            .filter_map(|&(endpoint, until)| Some((self.endpoints.find(endpoint)?, until.0)))
+            .collect();
+        wanted.sort_unstable_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(&a.1)));
+        wanted.dedup_by_key(|&mut (ep, _)| ep);
+        if wanted.is_empty() {
             return 0;
-        };
+        }
         let mut matched = 0;
         // Only while compacting: the pairs whose record changed, to copy again.
         let mut changed = Vec::new();
@@ -408,11 +423,15 @@ impl DnsCache {
             let Some(pair) = self.pairs.get_mut(pid) else {
                 continue;
             };
-            if pair.endpoint != ep {
+            let Some(&(_, until)) = wanted
+                .binary_search_by_key(&pair.endpoint, |&(ep, _)| ep)
+                .ok()
+                .and_then(|at| wanted.get(at))
+            else {
                 continue;
-            }
+            };
             if let Some(rec) = pair.ips.find_mut(ip) {
-                if rec.extend_alive(until.0) && self.rebuild.is_some() {
+                if rec.extend_alive(until) && self.rebuild.is_some() {
                     changed.push(pid);
                 }
                 matched += 1;
@@ -2168,10 +2187,28 @@ mod tests {
                         let want = model.insert_entry(ep, name, ip, expires, source, learned);
                         assert_eq!(got, want, "seed {seed} step {step}: insert_entry");
                     }
-                    55..67 => {
+                    55..61 => {
                         let until = now + rng.below(25);
                         let got = cache.keep_alive(ep, ip, t(until));
                         assert_eq!(got, model.keep_alive(ep, ip, until));
+                    }
+                    61..67 => {
+                        // Two endpoints of one address in one walk, as the reconciler's
+                        // keep-alives go: the same endpoint twice takes the later time.
+                        let (other, until, other_until) = (
+                            *rng.pick(&ENDPOINTS),
+                            now + rng.below(25),
+                            now + rng.below(25),
+                        );
+                        let got =
+                            cache.keep_alive_for(ip, &[(ep, t(until)), (other, t(other_until))]);
+                        let want = if other == ep {
+                            model.keep_alive(ep, ip, until.max(other_until))
+                        } else {
+                            model.keep_alive(ep, ip, until)
+                                + model.keep_alive(other, ip, other_until)
+                        };
+                        assert_eq!(got, want, "seed {seed} step {step}: keep_alive_for");
                     }
                     67..80 => {
                         now += rng.below(4);

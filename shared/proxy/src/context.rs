@@ -218,14 +218,30 @@ impl SharedCache {
     /// of the lock: the agent's reconciler asserts every destination its datapath saw in use
     /// (up to 65,536) once a second. Returns how many (endpoint, name) records matched.
     pub fn keep_alive_all(&self, alive: &[(&str, IpAddr, UnixTime)]) -> usize {
+        // By address: the endpoints using one go in one walk of the pairs holding it
+        // ([`DnsCache::keep_alive_for`]), in the same hold.
+        let mut by_address: Vec<(IpAddr, &str, UnixTime)> = alive
+            .iter()
+            .map(|&(endpoint, ip, until)| (ip, endpoint, until))
+            .collect();
+        by_address.sort_unstable_by_key(|&(ip, ..)| ip);
+        let chunk = usize::try_from(COPY_CHUNK).unwrap_or(usize::MAX);
         let mut matched = 0;
-        for chunk in alive.chunks(COPY_CHUNK as usize) {
-            let mut cache = self.lock();
-            for &(endpoint, ip, until) in chunk {
-                matched += cache.keep_alive(endpoint, ip, until);
+        let mut endpoints = Vec::new();
+        let mut cache = self.lock();
+        let mut in_hold = 0;
+        for group in by_address.chunk_by(|a, b| a.0 == b.0) {
+            if in_hold >= chunk {
+                // Waiting answers go before the next addresses.
+                MutexGuard::bump(&mut cache);
+                in_hold = 0;
             }
-            // Waiting answers go before the next chunk.
-            MutexGuard::unlock_fair(cache);
+            endpoints.clear();
+            endpoints.extend(group.iter().map(|&(_, endpoint, until)| (endpoint, until)));
+            if let Some(&(ip, ..)) = group.first() {
+                matched += cache.keep_alive_for(ip, &endpoints);
+            }
+            in_hold += group.len();
         }
         matched
     }
@@ -487,6 +503,29 @@ mod tests {
         let later = UnixTime(NOW.0 + 300);
         assert_eq!(shared.gc(later), 0);
         assert_eq!(shared.lock().entries(later).len(), ips.len());
+    }
+
+    #[test]
+    fn keep_alives_of_one_address_for_several_endpoints_reach_each() {
+        let mut cache = DnsCache::default();
+        let (shared_ip, own_ip) = (nth_ip(1), nth_ip(2));
+        for endpoint in ["default/a", "default/b"] {
+            cache.insert(NOW, endpoint, "lb.example.", &[shared_ip], 60);
+            cache.insert(NOW, endpoint, "www.example.", &[shared_ip], 60);
+        }
+        cache.insert(NOW, "default/a", "own.example.", &[own_ip], 60);
+        let shared = SharedCache::new(cache);
+        let until = UnixTime(NOW.0 + 600);
+        let alive = [
+            ("default/b", shared_ip, until),
+            ("default/a", own_ip, until),
+            ("default/a", shared_ip, until),
+            ("default/unknown", shared_ip, until),
+        ];
+        assert_eq!(shared.keep_alive_all(&alive), 5);
+        let later = UnixTime(NOW.0 + 300);
+        assert_eq!(shared.gc(later), 0);
+        assert_eq!(shared.lock().entries(later).len(), 5);
     }
 
     #[test]
