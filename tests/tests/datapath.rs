@@ -228,6 +228,37 @@ for i in range(16):
     let _ = &mut lab;
 }
 
+/// An answer with a TTL of 0 (or 1, late in a second) once expired in the cache the second it
+/// came: the reconciler's next pass revoked the allow entry nothing used yet, and the connect
+/// that followed the lookup met the default deny. Each round a new address, looked up, then
+/// connected to 700 ms later (a pass in between in seven rounds of ten).
+#[tokio::test]
+async fn an_answer_with_ttl_0_still_opens_the_connection_that_follows_it() {
+    if !require_lab() || !warden_tests::require_tools(&["knotd", "dig", "bpftool"]) {
+        return;
+    }
+    let mut lab = firewall(1).await;
+    let addresses = [CILIUM_IO_V4, EDGE_CILIUM_IO_V4[0], EDGE_CILIUM_IO_V4[1]];
+    for address in addresses {
+        let ip = IpAddr::V4(address);
+        lab.upstream.set_addrs("cilium.io.", 0, &[ip]).unwrap();
+        let reply = lab.dig_ok("cilium.io", "A", DigOpts::default()).await;
+        assert_eq!(reply.status, "NOERROR", "{reply:?}");
+        let answered: Vec<(&str, u32)> = reply
+            .answers
+            .iter()
+            .map(|record| (record.data.as_str(), record.ttl))
+            .collect();
+        assert_eq!(answered, [(ip.to_string().as_str(), 0)], "{reply:?}");
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        let attempt = curl_with(&lab.workload, &format!("http://{ip}/"), &[], SHORT).unwrap();
+        assert!(
+            attempt.ok(),
+            "{ip} refused 700 ms after its lookup: {attempt:?}"
+        );
+    }
+}
+
 /// The talk policy, its toFQDNs rule on `ports` (`None`: every port).
 fn talk_on(ports: Option<&[u16]>) -> String {
     let fqdn_ports = "    toPorts:\n    - ports:\n      - port: \"80\"\n        protocol: TCP\n      - port: \"443\"\n        protocol: TCP\n";
