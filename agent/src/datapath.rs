@@ -87,8 +87,13 @@ impl Reconciler {
         let table = self.policy.endpoints();
         let policy = self.policy.current();
         let enrollment = self.enroll(&table, &policy);
-        self.reconcile_cidrs(&table, &policy, &enrollment);
+        let unwanted_cidrs = self.reconcile_cidrs(&table, &policy, &enrollment);
         self.reconcile_fqdn(&table, &policy, unix_now());
+        // After every write of the pass, as the FQDN entries' revocations are: a prefix
+        // split or merged by a changed rule (an `except` added to a toCIDRSet, a toCIDR become
+        // a toFQDNs rule) is replaced before it goes, so traffic it allows never meets the
+        // default deny in between.
+        self.finish_cidrs(unwanted_cidrs);
         self.finish_enrollment(enrollment);
     }
 
@@ -366,7 +371,7 @@ impl Reconciler {
         table: &EndpointTable,
         policy: &PolicyRepository,
         enrollment: &Enrollment,
-    ) {
+    ) -> UnwantedCidrs {
         let mut wanted: HashMap<(u32, IpNet), Vec<PortRule>> = HashMap::new();
         for (info, _) in table.keys() {
             if !policy.is_enforced(info.id) || !enrollment.in_use.contains(&info.id.0) {
@@ -390,8 +395,9 @@ impl Reconciler {
                 self.count("cidr_remove", swept);
             }
         }
+        let mut unwanted = UnwantedCidrs::default();
         let Some(current) = self.count("list", self.datapath.cidr_entries()) else {
-            return;
+            return unwanted;
         };
         let mut current_keys = HashSet::new();
         for (endpoint_id, net, mut rules) in current {
@@ -400,9 +406,7 @@ impl Reconciler {
                 continue;
             }
             match wanted.get_mut(&(endpoint_id, net)) {
-                None => {
-                    self.count("cidr_remove", self.datapath.remove_cidr(endpoint_id, net));
-                }
+                None => unwanted.remove.push((endpoint_id, net)),
                 Some(wanted_rules) => {
                     rules.sort();
                     wanted_rules.sort();
@@ -415,18 +419,37 @@ impl Reconciler {
                 }
             }
         }
-        for ((endpoint_id, net), rules) in &wanted {
-            if !current_keys.contains(&(*endpoint_id, *net)) {
-                self.count(
-                    "cidr_set",
-                    self.datapath.set_cidr_rules(*endpoint_id, *net, rules),
-                );
+        for ((endpoint_id, net), rules) in wanted.iter() {
+            if !current_keys.contains(&(*endpoint_id, *net))
+                && self
+                    .count(
+                        "cidr_set",
+                        self.datapath.set_cidr_rules(*endpoint_id, *net, rules),
+                    )
+                    .is_none()
+            {
+                unwanted.refused.push((*endpoint_id, *net, rules.clone()));
             }
         }
         self.metrics
             .datapath
             .cidr_entries
             .set(i64::try_from(wanted.len()).unwrap_or(i64::MAX));
+        unwanted
+    }
+
+    /// Removes the prefixes [`Self::reconcile_cidrs`] found unwanted, then tries again the
+    /// writes a full map refused before they made room.
+    fn finish_cidrs(&mut self, unwanted: UnwantedCidrs) {
+        for (endpoint_id, net) in unwanted.remove {
+            self.count("cidr_remove", self.datapath.remove_cidr(endpoint_id, net));
+        }
+        for (endpoint_id, net, rules) in unwanted.refused {
+            self.count(
+                "cidr_set",
+                self.datapath.set_cidr_rules(endpoint_id, net, &rules),
+            );
+        }
     }
 
     /// FQDN entries: what the cache and the policy's toFQDNs grants want, plus entries kept
@@ -722,6 +745,15 @@ fn enrollment_write(current: Option<&EndpointEntry>, wanted: &EndpointEntry) -> 
         Some(_) => None,
     };
     EnrollmentWrite::AfterEntries { interim }
+}
+
+/// What a pass's CIDR reconcile leaves for after every write of the pass.
+#[derive(Debug, Default)]
+struct UnwantedCidrs {
+    /// Prefixes no rule of their endpoint wants any more.
+    remove: Vec<(u32, IpNet)>,
+    /// Writes the map refused (full), to try again once `remove` has made room.
+    refused: Vec<(u32, IpNet, Vec<PortRule>)>,
 }
 
 /// Reconciles once a second and right after every policy change, until `shutdown`.

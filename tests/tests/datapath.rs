@@ -1102,6 +1102,48 @@ async fn a_policy_selecting_a_running_workload_cuts_nothing_it_allows() {
     );
 }
 
+/// A toCIDRSet whose `except` list grows (and shrinks again) splits the prefix its traffic
+/// goes by into others (128.0.0.0/1 into 192.0.0.0/2 and more, around 172.16.0.0/12): the
+/// reconciler removed the old prefix before it wrote the new ones, and what the workload sent
+/// in between met the default deny.
+#[tokio::test]
+async fn a_cidr_rule_split_by_a_new_except_cuts_nothing_it_allows() {
+    if !require_lab() || !warden_tests::require_tools(&["knotd"]) {
+        return;
+    }
+    let policy = |except: &str| {
+        format!(
+            "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata:\n  name: talk\n  namespace: youssef\nspec:\n  endpointSelector:\n    matchLabels:\n      app: test\n  egress:\n  - toCIDRSet:\n    - cidr: 0.0.0.0/0\n      except: [{except}]\n    toPorts:\n    - ports:\n      - port: \"9\"\n        protocol: UDP\n"
+        )
+    };
+    let (narrow, wide) = (policy("10.0.0.0/8"), policy("10.0.0.0/8, 172.16.0.0/12"));
+    let lab = Firewall::start(FirewallOptions {
+        policy: narrow.clone(),
+        ..FirewallOptions::default()
+    })
+    .await
+    .unwrap();
+    let flood = start_udp_flood(&lab.workload, 5);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for change in 0..8 {
+        let next = if change % 2 == 0 { &wide } else { &narrow };
+        lab.dir.write_policy("talk.yaml", next).unwrap();
+        tokio::time::sleep(Duration::from_millis(450)).await;
+    }
+    let FloodReport {
+        sent,
+        refused,
+        other,
+        report,
+    } = flood.join().unwrap();
+    assert_eq!(other, "refused", "never enforced: {report}");
+    assert!(sent > 10_000, "{report}");
+    assert_eq!(
+        refused, 0,
+        "{refused} of {sent} refused while the except list changed"
+    );
+}
+
 /// An endpoint whose cgroup is nested in an enforced one's is enforced by that one's policy
 /// until its own enrollment: enrolling it took no moment unenforced in between (a new pod's
 /// cgroup is first enrolled unenforced, to redirect its DNS, only when the nearest enrolled
