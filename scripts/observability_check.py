@@ -209,8 +209,12 @@ def configs(work, upstream, agent_admin, proxy_admin):
     dump_yaml(proxy, f"{work}/dnsproxy.yaml")
 
     # Debian's promtool has no Kubernetes service discovery: check the rest of prometheus.yml
-    # with a static target in its place.
+    # with a static target in its place, and its relabeling here, on the targets discovery
+    # would make of the DaemonSets' pods.
     (prometheus,) = load_yaml_documents("deploy/prometheus/prometheus.yml")
+    problems.extend(check_scrape_targets(prometheus, daemonsets))
+    if problems:
+        fail(problems)
     for job in prometheus.get("scrape_configs", []):
         if job.pop("kubernetes_sd_configs", None) is not None:
             job["static_configs"] = [{"targets": ["127.0.0.1:1"]}]
@@ -219,6 +223,83 @@ def configs(work, upstream, agent_admin, proxy_admin):
     ]
     dump_yaml(prometheus, f"{work}/prometheus-k8s-static.yml")
     print("deploy/ and provisioning files parse; lab configs written")
+
+
+def discovered_targets(template, pod_ip):
+    """The targets Prometheus's Kubernetes pod discovery makes of a pod: one per declared port
+    of each container (init containers too), one per container without ports."""
+    meta = template.get("metadata", {})
+    base = {"__meta_kubernetes_pod_node_name": "node-1", "__meta_kubernetes_pod_name": "pod-1"}
+    for key, value in meta.get("labels", {}).items():
+        base["__meta_kubernetes_pod_label_" + re.sub(r"[^a-zA-Z0-9_]", "_", key)] = value
+    for key, value in meta.get("annotations", {}).items():
+        base["__meta_kubernetes_pod_annotation_" + re.sub(r"[^a-zA-Z0-9_]", "_", key)] = value
+    host = f"[{pod_ip}]" if ":" in pod_ip else pod_ip
+    spec = template.get("spec", {})
+    for container in spec.get("initContainers", []) + spec.get("containers", []):
+        ports = container.get("ports") or []
+        if not ports:
+            yield dict(base, __address__=pod_ip, __meta_kubernetes_pod_container_name=container["name"])
+        for port in ports:
+            yield dict(
+                base,
+                __address__=f"{host}:{port['containerPort']}",
+                __meta_kubernetes_pod_container_name=container["name"],
+                __meta_kubernetes_pod_container_port_name=port.get("name", ""),
+                __meta_kubernetes_pod_container_port_number=str(port["containerPort"]),
+            )
+
+
+def relabel(labels, rules):
+    """Prometheus's relabeling (the replace, keep and drop actions), or None if dropped."""
+    labels = dict(labels)
+    for rule in rules:
+        value = rule.get("separator", ";").join(labels.get(name, "") for name in rule.get("source_labels", []))
+        match = re.fullmatch(rule.get("regex", "(.*)"), value)
+        action = rule.get("action", "replace")
+        if action == "keep" and not match:
+            return None
+        if action == "drop" and match:
+            return None
+        if action == "replace" and match:
+            replacement = re.sub(r"\$\{?(\d+)\}?", r"\\\1", rule.get("replacement", "$1"))
+            labels[rule["target_label"]] = match.expand(replacement)
+    return labels
+
+
+def check_scrape_targets(prometheus, daemonsets):
+    """Each job scrapes exactly one target per pod of its DaemonSet, at the annotation's port,
+    on IPv4 and IPv6 pod addresses alike."""
+    problems = []
+    jobs = {job["job_name"]: job for job in prometheus.get("scrape_configs", [])}
+    for name, daemonset in daemonsets.items():
+        job = jobs.get(name)
+        if job is None:
+            problems.append(f"prometheus.yml: no scrape job {name}")
+            continue
+        template = daemonset["spec"]["template"]
+        port = template["metadata"].get("annotations", {}).get("prometheus.io/port")
+        for pod_ip in ("10.0.0.7", "fd00::7"):
+            host = f"[{pod_ip}]" if ":" in pod_ip else pod_ip
+            kept = [
+                labels
+                for labels in (relabel(t, job.get("relabel_configs", [])) for t in discovered_targets(template, pod_ip))
+                if labels is not None
+            ]
+            # Targets whose labels end up alike are one to Prometheus.
+            addresses = sorted({labels["__address__"] for labels in kept})
+            if addresses != [f"{host}:{port}"]:
+                problems.append(f"prometheus.yml: job {name} scrapes {addresses} of a pod at {pod_ip}, not {host}:{port}")
+            for labels in kept:
+                if labels.get("node") != "node-1" or labels.get("__metrics_path__") != "/metrics":
+                    problems.append(f"prometheus.yml: job {name} labels its target {labels}")
+        for other, daemonset_other in daemonsets.items():
+            if other == name:
+                continue
+            strays = [t for t in discovered_targets(daemonset_other["spec"]["template"], "10.0.0.8") if relabel(t, job.get("relabel_configs", []))]
+            if strays:
+                problems.append(f"prometheus.yml: job {name} scrapes {other}'s pods too")
+    return problems
 
 
 LAB_POLICY = """apiVersion: cilium.io/v2
