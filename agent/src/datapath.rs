@@ -289,16 +289,19 @@ impl Reconciler {
                 released.extend(pending.former);
             }
         }
-        for endpoint_id in enrollment
+        let clear: HashSet<u32> = enrollment
             .stale
             .into_iter()
             .filter(|id| !enrollment.held.contains(id) || released.contains(id))
-        {
-            // Bounded: were clearing to fail for good, each try walks the maps.
-            if self
-                .count("clear", self.datapath.clear_endpoint(endpoint_id))
+            .collect();
+        // All in one walk of each map; what a failure left is tried again at the next pass,
+        // bounded: were clearing to fail for good, each try walks the maps.
+        if !clear.is_empty()
+            && self
+                .count("clear", self.datapath.clear_endpoints(&clear))
                 .is_none()
-            {
+        {
+            for endpoint_id in clear {
                 if self.uncleared.len() < UNCLEARED_KEPT {
                     self.uncleared.insert(endpoint_id);
                 } else {

@@ -309,6 +309,49 @@ fn cidr_rules_with_ports_and_nested_prefixes() {
     assert_eq!(result(v6_at(8080)), EPERM);
 }
 
+/// Several endpoints cleared in one call lose every entry of theirs, and only theirs.
+#[test]
+fn clearing_endpoints_together_leaves_the_others_alone() {
+    skip_unless_privileged!();
+    let lab = Lab::new();
+    let dp = Datapath::open(&lab.options()).unwrap();
+    let ip: std::net::IpAddr = NS_V4.parse().unwrap();
+    for endpoint_id in [20, 21, 22] {
+        dp.set_cidr_rules(
+            endpoint_id,
+            "10.214.0.0/16".parse::<IpNet>().unwrap(),
+            &[PortRule::port(TCP, 443)],
+        )
+        .unwrap();
+        dp.allow_fqdn(FqdnKey::any(endpoint_id, ip), now() + 60)
+            .unwrap();
+        dp.set_dns_target(endpoint_id, Some("127.0.0.53:53".parse().unwrap()), None)
+            .unwrap();
+    }
+    dp.clear_endpoints(&std::collections::HashSet::from([20, 22]))
+        .unwrap();
+    let cidr_owners: Vec<u32> = dp.cidr_entries().unwrap().iter().map(|e| e.0).collect();
+    assert_eq!(cidr_owners, [21]);
+    let fqdn_owners: Vec<u32> = dp
+        .fqdn_entries()
+        .unwrap()
+        .iter()
+        .map(|(key, _)| key.endpoint_id)
+        .collect();
+    assert_eq!(fqdn_owners, [21]);
+    for (endpoint_id, kept) in [(20, false), (21, true), (22, false)] {
+        assert_eq!(
+            dp.dns_target(endpoint_id).unwrap().is_some(),
+            kept,
+            "{endpoint_id}"
+        );
+    }
+    // Nothing to clear is no error, and clears nothing.
+    dp.clear_endpoints(&std::collections::HashSet::new())
+        .unwrap();
+    assert_eq!(dp.fqdn_entries().unwrap().len(), 1);
+}
+
 #[test]
 fn egress_cuts_an_established_flow_when_its_entry_is_revoked() {
     skip_unless_privileged!();
