@@ -485,15 +485,27 @@ impl Reconciler {
         self.cache.keep_alive_all(&alive);
         // A chunk per hold of the lock the DNS path needs; the order does not matter here.
         let entries = self.cache.entries_unordered(now);
+        // A name's grants are the node's, whoever asked (as Cilium's selector cache), so the
+        // replicas of a workload resolving the same names would each grant every replica the
+        // same keys again: each name's addresses are gathered first, at their latest expiry,
+        // and granted once. Per entry, twenty replicas made the pass twenty times the work.
+        let mut by_name: HashMap<&str, HashMap<IpAddr, u64>> = HashMap::new();
+        for entry in &entries {
+            let addresses = by_name.entry(entry.name.as_str()).or_default();
+            for cached in &entry.ips {
+                let expiry = addresses.entry(cached.ip).or_insert(0);
+                *expiry = (*expiry).max(cached.expires_at.0);
+            }
+        }
         let mut wanted: HashMap<FqdnKey, u64> = HashMap::new();
         let mut grants = Grants::new(policy);
-        for entry in &entries {
-            let (name, grants) = grants.of(&entry.name);
+        for (name, addresses) in &by_name {
+            let (name, grants) = grants.of(name);
             for grant in grants {
-                for cached in &entry.ips {
-                    for key in fqdn_keys(grant, cached.ip) {
+                for (&ip, &expires_at) in addresses {
+                    for key in fqdn_keys(grant, ip) {
                         let expiry = wanted.entry(key).or_insert(0);
-                        *expiry = (*expiry).max(cached.expires_at.0);
+                        *expiry = (*expiry).max(expires_at);
                         remember(&mut self.wanted_by, key, name);
                     }
                 }
