@@ -1605,6 +1605,7 @@ mod tests {
         );
         let dropped = DropFlow {
             time_ms: 1_780_576_497_001,
+            time_ns: 1_780_576_497_001_234_567,
             instance: "agent".into(),
             endpoint: "youssef/test".into(),
             destination: "fd00:77::30".parse().unwrap(),
@@ -1644,6 +1645,7 @@ mod tests {
         let at = |time_ms: u64, port: u16, instance: &str| {
             FlowLine::Drop(DropFlow {
                 time_ms,
+                time_ns: time_ms * 1_000_000,
                 instance: instance.into(),
                 endpoint: "e".into(),
                 destination: "198.18.1.1".parse().unwrap(),
@@ -1658,6 +1660,14 @@ mod tests {
         assert!(seen.admit(&at(10, 1, "dnsproxy")));
         // Recorded late with an older time (a drop read after a restart): still new.
         assert!(seen.admit(&at(5, 9, "agent")));
+        // Drops alike within one millisecond (a UDP sender's datagrams) are each printed.
+        let again = |time_ns: u64| match at(30, 9, "agent") {
+            FlowLine::Drop(drop) => FlowLine::Drop(DropFlow { time_ns, ..drop }),
+            other => other,
+        };
+        assert!(seen.admit(&again(30_000_001)));
+        assert!(seen.admit(&again(30_000_002)));
+        assert!(!seen.admit(&again(30_000_002)));
         let lost = FlowLine::Lost(LostEvents {
             time_ms: 10,
             instance: "agent".into(),
@@ -1683,6 +1693,7 @@ mod tests {
         let event = |instance: &str| {
             FlowLine::Drop(DropFlow {
                 time_ms: 1,
+                time_ns: 1_000_000,
                 instance: instance.into(),
                 endpoint: "e".into(),
                 destination: "198.18.1.1".parse().unwrap(),

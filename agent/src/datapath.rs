@@ -867,13 +867,13 @@ pub async fn watch_drops(
             reason = event.reason.as_str(),
             "datapath drop"
         );
-        let time_ms = event
+        let since_epoch = event
             .time
             .duration_since(std::time::UNIX_EPOCH)
-            .map(|elapsed| u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX))
-            .unwrap_or(0);
+            .unwrap_or_default();
         flows.record(FlowEvent::Drop(DropFlow {
-            time_ms,
+            time_ms: u64::try_from(since_epoch.as_millis()).unwrap_or(u64::MAX),
+            time_ns: u64::try_from(since_epoch.as_nanos()).unwrap_or(u64::MAX),
             instance: "agent".to_owned(),
             endpoint,
             destination: event.dst.ip(),

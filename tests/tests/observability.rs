@@ -638,6 +638,9 @@ async fn drops_show_in_observe_also_those_made_while_the_agent_was_dead() {
         time_ms >= killed_ms.saturating_sub(1000) && time_ms <= now_ms(),
         "the drop keeps the time it happened: {time_ms} (killed at {killed_ms})"
     );
+    // To the nanosecond as well, which tells apart drops alike within a millisecond.
+    let time_ns = dropped["time_ns"].as_u64().unwrap();
+    assert_eq!(time_ns / 1_000_000, time_ms, "{dropped}");
     assert_eq!(
         lines
             .iter()

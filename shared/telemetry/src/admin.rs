@@ -380,6 +380,7 @@ mod tests {
     fn drop_event(port: u16) -> FlowEvent {
         FlowEvent::Drop(DropFlow {
             time_ms: u64::from(port),
+            time_ns: u64::from(port) * 1_000_000,
             instance: "agent".into(),
             endpoint: "youssef/test".into(),
             destination: "198.18.1.30".parse().unwrap(),

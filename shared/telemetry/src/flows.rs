@@ -55,6 +55,11 @@ pub struct DnsFlow {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DropFlow {
     pub time_ms: u64,
+    /// When the kernel refused it, nanoseconds since the Unix epoch: two drops alike within a
+    /// millisecond (a UDP sender's datagrams, a retried connect) are two events, and readers
+    /// that drop what they read twice (`warden observe`) tell them apart by it. 0 when unknown.
+    #[serde(default)]
+    pub time_ns: u64,
     pub instance: String,
     pub endpoint: String,
     pub destination: IpAddr,
@@ -344,6 +349,7 @@ mod tests {
     fn drop_event(port: u16) -> FlowEvent {
         FlowEvent::Drop(DropFlow {
             time_ms: 1,
+            time_ns: 1_000_000,
             instance: "agent".into(),
             endpoint: "youssef/test".into(),
             destination: "198.18.1.30".parse().unwrap(),
