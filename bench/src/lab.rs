@@ -140,6 +140,19 @@ pub fn dnsperf_queries() -> Result<tempfile::NamedTempFile> {
     warden_tests::write_queries_file(&lines)
 }
 
+/// The dnsperf query file of the mix's allowed names only: through the agent every query is
+/// forwarded, as through dnsdist, which the mix's denied names (answered by the agent itself)
+/// spare it.
+pub fn dnsperf_allowed_queries() -> Result<tempfile::NamedTempFile> {
+    let mix = query_mix();
+    let lines: Vec<(&str, &str)> = mix
+        .iter()
+        .filter(|(_, allowed)| *allowed)
+        .map(|(name, _)| (name.as_str(), "A"))
+        .collect();
+    warden_tests::write_queries_file(&lines)
+}
+
 /// The policy: `app=bench` may ask the upstream (and only it) for the 100 selectors, and
 /// reach what they resolve to on 443/TCP.
 pub fn policy_yaml(upstream: SocketAddr) -> String {

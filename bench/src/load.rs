@@ -83,6 +83,10 @@ pub struct LoadSpec {
     pub queries: Arc<Vec<QueryTemplate>>,
     /// Check answers against each template's `allowed` (REFUSED for denied names).
     pub check_verdicts: bool,
+    /// Source ports (sockets) to spread the queries over at least. The kernel hashes a port
+    /// shared by several sockets (SO_REUSEPORT) by the client's address and port: from one
+    /// port the whole load lands on one socket, so on one of two processes sharing it.
+    pub min_sockets: u64,
 }
 
 /// What happened.
@@ -101,6 +105,14 @@ pub struct LoadReport {
     /// The same latencies up to the kernel's arrival timestamp of each answer (SO_TIMESTAMPNS)
     /// instead of the moment the client's thread read it: without the client's own wake-up.
     pub latency_at_arrival: Percentiles,
+    /// The same latencies from when each query was due (`i / rate` after the start) rather
+    /// than when the sender got it out: a sender descheduled on the shared cores sends the
+    /// queries due meanwhile in a burst, and the wait they had before leaving counts here.
+    #[serde(default)]
+    pub latency_from_schedule: Percentiles,
+    /// How late the sender got each query out after it was due.
+    #[serde(default)]
+    pub sender_lag: Percentiles,
     pub rcodes: BTreeMap<String, u64>,
     /// Answers contradicting the policy: an allowed name REFUSED, a denied name NOERROR.
     pub wrong_verdicts: u64,
@@ -123,6 +135,10 @@ pub struct LoadReport {
     pub samples: Vec<u32>,
     #[serde(skip)]
     pub arrival_samples: Vec<u32>,
+    #[serde(skip)]
+    pub schedule_samples: Vec<u32>,
+    #[serde(skip)]
+    pub lag_samples: Vec<u32>,
 }
 
 /// The machine's CPU time over the sends of a run (warm-up included), from /proc/stat. Busy
@@ -312,7 +328,8 @@ pub fn run(spec: &LoadSpec) -> Result<LoadReport> {
     let in_two_timeouts = (2.0 * spec.timeout.as_secs_f64() * f64::from(spec.rate)).ceil() as u64;
     let socket_count = in_two_timeouts
         .div_ceil(IDS)
-        .clamp(1, total.div_ceil(IDS).max(1));
+        .clamp(1, total.div_ceil(IDS).max(1))
+        .max(spec.min_sockets);
     let sockets = (0..socket_count)
         .map(|_| bind(spec.source))
         .collect::<Result<Vec<_>>>()?;
@@ -440,6 +457,7 @@ pub fn child_main(args: &[String]) -> Result<()> {
         timeout: micros("timeout", timeout)?,
         queries: lab::templates()?,
         check_verdicts: check_verdicts.parse().context("check_verdicts")?,
+        min_sockets: 1,
     };
     let mut report = run(&spec)?;
     let child = ChildReport {
@@ -665,8 +683,13 @@ fn report(spec: &LoadSpec, total: u64, send_elapsed: Duration, state: &State) ->
     };
     let mut latencies: Vec<u32> = Vec::with_capacity(total as usize);
     let mut at_arrival: Vec<u32> = Vec::with_capacity(total as usize);
+    let mut from_schedule: Vec<u32> = Vec::with_capacity(total as usize);
+    let mut lags: Vec<u32> = Vec::with_capacity(total as usize);
+    let micros = |ns: u64| u32::try_from(ns / 1_000).unwrap_or(u32::MAX);
     for i in 0..total as usize {
         let sent = state.sent_ns[i].load(Ordering::Relaxed);
+        let due = u64::try_from(i as u128 * 1_000_000_000 / u128::from(spec.rate.max(1)))
+            .unwrap_or(u64::MAX);
         let received = state.recv_ns[i].load(Ordering::Relaxed);
         let failed = state.send_failed[i].load(Ordering::Relaxed);
         let in_time = !failed && received != 0 && received - sent <= timeout_ns;
@@ -679,6 +702,7 @@ fn report(spec: &LoadSpec, total: u64, send_elapsed: Duration, state: &State) ->
             continue;
         }
         out.sent += 1;
+        lags.push(micros(sent.saturating_sub(due)));
         if failed {
             out.send_errors += 1;
         }
@@ -687,7 +711,8 @@ fn report(spec: &LoadSpec, total: u64, send_elapsed: Duration, state: &State) ->
             continue;
         }
         out.answered += 1;
-        latencies.push(u32::try_from((received - sent) / 1_000).unwrap_or(u32::MAX));
+        latencies.push(micros(received - sent));
+        from_schedule.push(micros(received.saturating_sub(due)));
         let arrival = state.arrival_ns[i].load(Ordering::Relaxed);
         if arrival != 0 {
             at_arrival
@@ -716,6 +741,10 @@ fn report(spec: &LoadSpec, total: u64, send_elapsed: Duration, state: &State) ->
     out.samples = latencies;
     out.latency_at_arrival = percentiles(&mut at_arrival);
     out.arrival_samples = at_arrival;
+    out.latency_from_schedule = percentiles(&mut from_schedule);
+    out.schedule_samples = from_schedule;
+    out.sender_lag = percentiles(&mut lags);
+    out.lag_samples = lags;
     out
 }
 
@@ -741,6 +770,10 @@ impl LoadReport {
         self.latency = percentiles(&mut self.samples);
         self.arrival_samples.extend(other.arrival_samples);
         self.latency_at_arrival = percentiles(&mut self.arrival_samples);
+        self.schedule_samples.extend(other.schedule_samples);
+        self.latency_from_schedule = percentiles(&mut self.schedule_samples);
+        self.lag_samples.extend(other.lag_samples);
+        self.sender_lag = percentiles(&mut self.lag_samples);
     }
 }
 
@@ -823,9 +856,11 @@ mod tests {
             thread::spawn(move || {
                 let mut buffer = [0u8; 512];
                 let mut seen = 0u64;
+                let mut ports = std::collections::BTreeSet::new();
                 while !stop.load(Ordering::Relaxed) {
                     if let Ok((n, from)) = server.recv_from(&mut buffer) {
                         seen += 1;
+                        ports.insert(from.port());
                         // Drop every tenth query; answer the rest REFUSED.
                         if seen.is_multiple_of(10) {
                             continue;
@@ -835,6 +870,7 @@ mod tests {
                         let _ = server.send_to(&buffer[..n], from);
                     }
                 }
+                ports.len()
             })
         };
         let spec = LoadSpec {
@@ -848,10 +884,12 @@ mod tests {
                 QueryTemplate::new("a.example.", RecordType::A, false).unwrap(),
             ]),
             check_verdicts: true,
+            // Spread over three source ports, each answer still mapped back to its query.
+            min_sockets: 3,
         };
         let report = run(&spec).unwrap();
         stop.store(true, Ordering::Relaxed);
-        serving.join().unwrap();
+        assert_eq!(serving.join().unwrap(), 3, "source ports");
         assert_eq!(report.sent, 1_000);
         assert_eq!(report.lost, 100, "{report:?}");
         assert_eq!(report.answered, 900);
@@ -862,6 +900,10 @@ mod tests {
         assert_eq!(report.latency_at_arrival.samples, 900);
         assert!(report.latency_at_arrival.p50_us <= report.latency.p50_us);
         assert!(report.latency_at_arrival.max_us <= report.latency.max_us);
+        // Sent when due or later: from the schedule is never shorter.
+        assert_eq!(report.latency_from_schedule.samples, 900);
+        assert!(report.latency_from_schedule.p50_us >= report.latency.p50_us);
+        assert_eq!(report.sender_lag.samples, report.sent);
         assert!(report.achieved_rate > 1_500.0, "{report:?}");
     }
 

@@ -145,6 +145,7 @@ fn load_only(args: &[String]) -> Result<()> {
         timeout: load::DEFAULT_TIMEOUT,
         queries: lab::templates()?,
         check_verdicts: false,
+        min_sockets: 1,
     };
     let report = load::run(&spec)?;
     println!("{}", serde_json::to_string_pretty(&report)?);

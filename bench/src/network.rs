@@ -21,6 +21,7 @@ use crate::verdict::ratios;
 use crate::{Plan, hold, profile, target_dir};
 
 /// One way of reaching knotd.
+#[derive(Clone)]
 struct Scenario {
     key: &'static str,
     label: &'static str,
@@ -191,6 +192,17 @@ pub async fn network(plan: &Plan, out: &Path, results: &mut Results) -> Result<V
     ];
 
     results.throughput = throughput(plan, &scenarios, queries.path(), client).await?;
+    // Like for like: the agent answers the mix's denied names itself, and dnsdist forwards
+    // every query, which knotd, on the same cores, then answers. With allowed names only
+    // both forward everything.
+    let allowed_only = lab::dnsperf_allowed_queries()?;
+    let forwarding_all: Vec<Scenario> = scenarios
+        .iter()
+        .filter(|scenario| matches!(scenario.key, "b" | "d"))
+        .cloned()
+        .collect();
+    results.throughput_allowed_only =
+        throughput(plan, &forwarding_all, allowed_only.path(), client).await?;
 
     // 50% of dnsdist's maximum: a rate all four sustain, so latency is not queueing.
     let mean = |key: &str| {
@@ -227,6 +239,7 @@ pub async fn network(plan: &Plan, out: &Path, results: &mut Results) -> Result<V
         timeout: load::DEFAULT_TIMEOUT,
         queries: templates.clone(),
         check_verdicts: false,
+        min_sockets: 1,
     };
     results.latency = latency(&scenarios, &base_spec, plan.rounds).await?;
     let light_spec = LoadSpec {
@@ -332,6 +345,9 @@ pub async fn network(plan: &Plan, out: &Path, results: &mut Results) -> Result<V
         warmup: Duration::ZERO,
         duration: plan.restart_run,
         check_verdicts: true,
+        // Both processes of a pair hold some of the load (each flow hashes to one socket of
+        // the port's four): from one port the signalled process might hold none of it.
+        min_sockets: RESTART_SOURCE_PORTS,
         ..base_spec.clone()
     };
     for signal in [Signal::SIGTERM, Signal::SIGKILL] {
@@ -379,6 +395,16 @@ pub async fn network(plan: &Plan, out: &Path, results: &mut Results) -> Result<V
                 &mut pair.dnsproxy
             };
             let row = restart(daemon, signal, peer, spec, plan.restart_at).await;
+            if let Ok(Restart {
+                served_before_signal: Some(0),
+                ..
+            }) = &row
+            {
+                problems.push(format!(
+                    "restart of {process} ({signal}): it answered none of the load before its \
+                     signal, so its loss says nothing of its shutdown"
+                ));
+            }
             results.restart.push(row.unwrap_or_else(|error| {
                 problems.push(format!("restart of {process} ({signal}): {error:#}"));
                 failed_restart(process, signal, peer, &error)
@@ -444,6 +470,17 @@ fn round_down(rate: f64) -> u32 {
     (hundreds as u32) * 100
 }
 
+/// The order the scenarios run in within `round`: forward, then backward, and so on, so that
+/// a machine drifting over the run (it does: a third round slowest for every scenario) does
+/// not always favour the scenarios that come first.
+fn in_round_order(round: u32, scenarios: usize) -> Vec<usize> {
+    if round.is_multiple_of(2) {
+        (0..scenarios).collect()
+    } else {
+        (0..scenarios).rev().collect()
+    }
+}
+
 /// Max QPS: dnsperf without a rate limit, rounds interleaved across the scenarios.
 async fn throughput(
     plan: &Plan,
@@ -463,7 +500,8 @@ async fn throughput(
         .collect();
     let mut latency_sum = vec![0.0; scenarios.len()];
     for round in 0..plan.rounds {
-        for (index, scenario) in scenarios.iter().enumerate() {
+        for index in in_round_order(round, scenarios.len()) {
+            let scenario = &scenarios[index];
             let Some(addr) = scenario.addr else {
                 continue;
             };
@@ -509,6 +547,15 @@ async fn scrape_all(admins: &[SocketAddr]) -> Result<String> {
         text.push('\n');
     }
     Ok(text)
+}
+
+/// Source ports of the restart-loss client (see [`LoadSpec::min_sockets`]): with 16, all of
+/// them hashing to one process of a pair is a chance in 32,768.
+const RESTART_SOURCE_PORTS: u64 = 16;
+
+/// Queries a process has answered since it started, from its scrape.
+fn answered_queries(scrape: &str) -> u64 {
+    warden_tests::warden::metric_value(scrape, "warden_dns_queries_total", &[]) as u64
 }
 
 const SCOPES: [&str; 4] = ["total", "policy_check", "upstream", "datapath_hold"];
@@ -562,7 +609,8 @@ async fn latency(scenarios: &[Scenario], base: &LoadSpec, rounds: u32) -> Result
     let mut histograms: Vec<Vec<Histogram>> = vec![Vec::new(); scenarios.len()];
     let mut redirects = vec![RedirectLookups::default(); scenarios.len()];
     for round in 0..rounds {
-        for (index, scenario) in scenarios.iter().enumerate() {
+        for index in in_round_order(round, scenarios.len()) {
+            let scenario = &scenarios[index];
             let Some(addr) = scenario.addr else {
                 continue;
             };
@@ -669,8 +717,12 @@ async fn restart(
     at: Duration,
 ) -> Result<Restart> {
     let rate = spec.rate;
+    let answered_before = answered_queries(&daemon.metrics().await?);
     let running = tokio::task::spawn_blocking(move || load::run(&spec));
     tokio::time::sleep(at).await;
+    // Whether the process signalled held any of the load: beside a peer, one holding none
+    // loses nothing whatever its shutdown does.
+    let served = answered_queries(&daemon.metrics().await?).saturating_sub(answered_before);
     let signalled = Instant::now();
     match signal {
         Signal::SIGKILL => daemon.kill()?,
@@ -692,6 +744,7 @@ async fn restart(
         note: None,
         rate,
         sent: report.sent,
+        served_before_signal: Some(served),
         lost: report.lost,
         wrong_verdicts: report.wrong_verdicts,
         exit_ms: Some(exit_ms),

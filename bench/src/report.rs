@@ -20,6 +20,8 @@ pub struct Results {
     pub command: String,
     pub throughput_seconds: u32,
     pub throughput: Vec<Throughput>,
+    /// (b) and (d) again with the mix's allowed names only: each forwards every query.
+    pub throughput_allowed_only: Vec<Throughput>,
     pub latency_rate: u32,
     pub latency_rate_basis: String,
     /// knotd's address, to name its socket among those that dropped queries.
@@ -143,6 +145,10 @@ pub struct Ratios {
     pub agent_over_dnsdist_qps: Option<f64>,
     /// (b) / (d) within each round (adjacent runs share the machine's mood).
     pub agent_over_dnsdist_per_round: Vec<f64>,
+    /// (b) / (d) max QPS with allowed names only (both forward every query), overall and
+    /// within each round.
+    pub agent_over_dnsdist_qps_allowed_only: Option<f64>,
+    pub agent_over_dnsdist_per_round_allowed_only: Vec<f64>,
     pub agent_over_direct_per_round: Vec<f64>,
     /// (b) / (a) max QPS.
     pub agent_over_direct_qps: Option<f64>,
@@ -158,6 +164,11 @@ pub struct Ratios {
     /// The added p99 at the fixed rate with each answer timed at its kernel arrival.
     pub agent_added_p99_at_arrival_us: Option<f64>,
     pub dnsdist_added_p99_at_arrival_us: Option<f64>,
+    /// The added p99 at the fixed rate with each query timed from when it was due, and the
+    /// sender's own lag behind that schedule at p99 in (a), (b) and (d).
+    pub agent_added_p99_from_schedule_us: Option<f64>,
+    pub dnsdist_added_p99_from_schedule_us: Option<f64>,
+    pub sender_lag_p99_us: [Option<f64>; 3],
     /// p99(b) − p99(a) and p99(d) − p99(a) within each round of the fixed rate.
     pub agent_added_p99_us_per_round: Vec<f64>,
     pub dnsdist_added_p99_us_per_round: Vec<f64>,
@@ -207,6 +218,9 @@ pub struct Restart {
     pub note: Option<String>,
     pub rate: u32,
     pub sent: u64,
+    /// Queries the signalled process answered from the start of the load to its signal: beside
+    /// a peer, 0 means its loss figure says nothing.
+    pub served_before_signal: Option<u64>,
     pub lost: u64,
     pub wrong_verdicts: u64,
     /// Signal to the process gone.
@@ -263,7 +277,7 @@ pub fn signed_list(values: &[f64]) -> String {
     }
 }
 
-fn list(values: &[f64]) -> String {
+pub fn list(values: &[f64]) -> String {
     let parts: Vec<String> = values.iter().map(|v| format!("{v:.2}")).collect();
     if parts.is_empty() {
         "–".to_owned()
@@ -356,13 +370,33 @@ impl Results {
             );
         }
         let r = &self.ratios;
+        let allowed_qps = |key: &str| {
+            self.throughput_allowed_only
+                .iter()
+                .find(|t| t.key == key && t.available)
+                .map(|t| t.mean_qps)
+        };
+        let _ = writeln!(
+            md,
+            "\nLike for like, with the mix's allowed names only (the agent answers the denied \
+             ones itself, where dnsdist forwards every query to knotd on the same cores; so \
+             both forward everything): (b) {}, (d) {}, **(b)/(d) = {}** (per round: {}).",
+            allowed_qps("b").map_or_else(|| "–".to_owned(), kilo),
+            allowed_qps("d").map_or_else(|| "–".to_owned(), kilo),
+            opt(r.agent_over_dnsdist_qps_allowed_only, 2),
+            list(&r.agent_over_dnsdist_per_round_allowed_only),
+        );
         let _ = writeln!(
             md,
             "\nRatios of the means: **(b)/(d) = {}** (per round: {}), (b)/(a) = {} (per round: \
              {}), (d)/(a) = {}, (c)/(d) = {}. Added latency vs direct at the fixed rate: (b) p50 \
              {} µs, **p99 {} µs** (per round: {}); (d) p50 {} µs, p99 {} µs (per round: \
              {}); (c) p99 {} µs. Timed at each answer's kernel arrival (SO_TIMESTAMPNS) instead, \
-             which leaves out the client's own wake-up: added p99 (b) {} µs, (d) {} µs.\n\n\
+             which leaves out the client's own wake-up: added p99 (b) {} µs, (d) {} µs. Timed \
+             from when each query was due instead, which counts the client's own lag in \
+             sending too (a sender descheduled on the shared cores sends late, in a burst): \
+             added p99 (b) {} µs, (d) {} µs; the sender's lag at p99 (a) {} µs, (b) {} µs, \
+             (d) {} µs.\n\n\
              With the eBPF datapath: (e)/(d) = {}, (f)/(d) = {}, (g)/(d) = {} ((g)/(e) = {}); \
              added p99 at the fixed rate (e) {} µs, (f) {} µs, (g) {} µs.\n",
             opt(r.agent_over_dnsdist_qps, 2),
@@ -380,6 +414,11 @@ impl Results {
             signed(r.pair_added_p99_us),
             signed(r.agent_added_p99_at_arrival_us),
             signed(r.dnsdist_added_p99_at_arrival_us),
+            signed(r.agent_added_p99_from_schedule_us),
+            signed(r.dnsdist_added_p99_from_schedule_us),
+            opt(r.sender_lag_p99_us[0], 0),
+            opt(r.sender_lag_p99_us[1], 0),
+            opt(r.sender_lag_p99_us[2], 0),
             opt(r.agent_ebpf_over_dnsdist_qps, 2),
             opt(r.pair_ebpf_over_dnsdist_qps, 2),
             opt(r.redirected_over_dnsdist_qps, 2),
@@ -637,18 +676,20 @@ impl Results {
         let _ = writeln!(
             md,
             "\n## 5. Restart loss\n\nThe open-loop client at a fixed rate (a query counts as \
-             lost without an answer within 2 s); the process is signalled mid-run and started \
-             again at once.\n"
+             lost without an answer within 2 s), from 16 source ports so that both processes \
+             of a pair hold some of it; the process is signalled mid-run and started again at \
+             once. *Served* is what the signalled process answered of the load before its \
+             signal.\n"
         );
         let _ = writeln!(
             md,
-            "| process | signal | other server on the port | rate | sent | lost | loss window ms | exit ms | back (ready) ms | wrong verdicts |\n|---|---|---|---|---|---|---|---|---|---|"
+            "| process | signal | other server on the port | rate | sent | served | lost | loss window ms | exit ms | back (ready) ms | wrong verdicts |\n|---|---|---|---|---|---|---|---|---|---|---|"
         );
         for r in &self.restart {
             if !r.available {
                 let _ = writeln!(
                     md,
-                    "| {} | {} | {} | {} | | | | | | |",
+                    "| {} | {} | {} | {} | | | | | | | |",
                     r.process,
                     r.signal,
                     r.peers,
@@ -658,12 +699,14 @@ impl Results {
             }
             let _ = writeln!(
                 md,
-                "| {} | {} | {} | {} | {} | **{}** | {} | {} | {} | {} |",
+                "| {} | {} | {} | {} | {} | {} | **{}** | {} | {} | {} | {} |",
                 r.process,
                 r.signal,
                 r.peers,
                 r.rate,
                 r.sent,
+                r.served_before_signal
+                    .map_or_else(|| "–".to_owned(), |served| served.to_string()),
                 r.lost,
                 r.loss_window_ms
                     .map_or_else(|| "–".to_owned(), |w| w.to_string()),

@@ -22,10 +22,18 @@ pub fn ratios(results: &Results) -> Ratios {
             .unwrap_or_default()
     };
     let per_round = |a: &str, b: &str| each_round(&rounds(a), &rounds(b), |x, y| x / y);
+    let allowed_only = |key: &str| {
+        results
+            .throughput_allowed_only
+            .iter()
+            .find(|t| t.key == key && t.available && t.mean_qps > 0.0)
+    };
     let at = |rows: &[Latency], key: &str, pick: fn(&LoadReport) -> f64| {
         Some(pick(load(rows, key)?) - pick(load(rows, "a")?))
     };
     let added = |key: &str, pick: fn(&LoadReport) -> f64| at(&results.latency, key, pick);
+    let at_fixed_rate =
+        |key: &str, pick: fn(&LoadReport) -> f64| Some(pick(load(&results.latency, key)?));
     let rounds_p99 = |key: &str| {
         results
             .latency
@@ -40,6 +48,16 @@ pub fn ratios(results: &Results) -> Ratios {
     Ratios {
         agent_over_dnsdist_qps: ratio(qps("b"), qps("d")),
         agent_over_dnsdist_per_round: per_round("b", "d"),
+        agent_over_dnsdist_qps_allowed_only: ratio(
+            allowed_only("b").map(|t| t.mean_qps),
+            allowed_only("d").map(|t| t.mean_qps),
+        ),
+        agent_over_dnsdist_per_round_allowed_only: match (allowed_only("b"), allowed_only("d")) {
+            (Some(agent), Some(dnsdist)) => {
+                each_round(&agent.rounds_qps, &dnsdist.rounds_qps, |x, y| x / y)
+            }
+            _ => Vec::new(),
+        },
         agent_over_direct_per_round: per_round("b", "a"),
         agent_over_direct_qps: ratio(qps("b"), qps("a")),
         pair_over_dnsdist_qps: ratio(qps("c"), qps("d")),
@@ -51,6 +69,9 @@ pub fn ratios(results: &Results) -> Ratios {
         pair_added_p99_us: added("c", |l| l.latency.p99_us),
         agent_added_p99_at_arrival_us: added("b", |l| l.latency_at_arrival.p99_us),
         dnsdist_added_p99_at_arrival_us: added("d", |l| l.latency_at_arrival.p99_us),
+        agent_added_p99_from_schedule_us: added("b", |l| l.latency_from_schedule.p99_us),
+        dnsdist_added_p99_from_schedule_us: added("d", |l| l.latency_from_schedule.p99_us),
+        sender_lag_p99_us: ["a", "b", "d"].map(|key| at_fixed_rate(key, |l| l.sender_lag.p99_us)),
         agent_added_p99_us_per_round: added_per_round("b"),
         dnsdist_added_p99_us_per_round: added_per_round("d"),
         agent_added_p50_us_light: light("b", |l| l.latency.p50_us),
@@ -93,6 +114,22 @@ pub fn targets(r: &Results) -> Vec<Target> {
         bar: "≥ 1.0×".to_owned(),
         measured: ratio.map_or_else(|| "–".to_owned(), |v| format!("{v:.2}×")),
         met: ratio.map(|v| v >= 1.0),
+    });
+    let like_for_like = r.ratios.agent_over_dnsdist_qps_allowed_only;
+    out.push(Target {
+        what: "(b) vs (d) like for like: allowed names only, both forwarding every query"
+            .to_owned(),
+        bar: "≥ 1.0×".to_owned(),
+        measured: like_for_like.map_or_else(
+            || "–".to_owned(),
+            |v| {
+                format!(
+                    "{v:.2}× (per round {})",
+                    report::list(&r.ratios.agent_over_dnsdist_per_round_allowed_only)
+                )
+            },
+        ),
+        met: like_for_like.map(|v| v >= 1.0),
     });
     let light = r.ratios.agent_added_p99_us_light;
     let added = r.ratios.agent_added_p99_us;
