@@ -31,7 +31,8 @@ use warden_config::{AgentConfig, DatapathMode, RejectCode};
 use warden_enforce::Enforcement;
 use warden_proxy::{Mapping, MappingObserver, SharedCache};
 use warden_telemetry::{
-    CacheFilter, CompiledCacheFilter, FlowEvent, FlowLog, Metrics, WallMoment, unix_millis,
+    CacheFilter, CompiledCacheFilter, FlowEvent, FlowLog, LogBudget, Metrics, WallMoment,
+    unix_millis,
 };
 
 use crate::policy_store::PolicyStore;
@@ -716,9 +717,11 @@ async fn session(
     // or took them before this agent's cache was restored), and removes it. Those made after
     // the proxy's last session remove something; the others, nothing answered since.
     outgoing.queue.extend(remembered.iter().map(clean_message));
+    // The generation before the snapshot, as at every later tick: read after, a change of the
+    // cgroups in between would be marked sent without being in it, and never followed.
+    let mut sent_generation = state.enforcement.generation();
     let snapshot = build_snapshot(state);
     let mut sent_revision = snapshot.revision;
-    let mut sent_generation = state.enforcement.generation();
     outgoing.snapshot = Some(snapshot);
     // Endpoints' cgroups are enrolled after start and may change without a new revision.
     let mut directory_check = tokio::time::interval(Duration::from_millis(500));
@@ -1256,7 +1259,7 @@ fn build_snapshot(state: &ApiState) -> PolicySnapshot {
         })
         .collect();
     let dns = &state.config.dns;
-    PolicySnapshot {
+    let snapshot = PolicySnapshot {
         revision,
         policies: files
             .iter()
@@ -1285,7 +1288,26 @@ fn build_snapshot(state: &ApiState) -> PolicySnapshot {
             },
             bpffs: state.config.datapath.bpffs.display().to_string(),
         }),
+    };
+    // Past the message limit the snapshot cannot be sent, and the session it opens ends at
+    // once, at every reconnect: the dnsproxy goes on with the policy it has. Said plainly,
+    // rather than by the session's end alone. (Endpoints are taken all the same: refused,
+    // new pods would go unenforced.)
+    let bytes = prost::Message::encoded_len(&snapshot);
+    if bytes > MAX_MESSAGE_BYTES {
+        static BUDGET: LogBudget = LogBudget::new(LogBudget::INTERVAL);
+        if let Some(held_back) = BUDGET.allow() {
+            tracing::error!(
+                bytes,
+                limit = MAX_MESSAGE_BYTES,
+                policy_files = snapshot.policies.len(),
+                endpoints = snapshot.endpoints.len(),
+                held_back,
+                "the policy snapshot is larger than a message to warden-dnsproxy: its sessions end at their start and it keeps the policy it has"
+            );
+        }
     }
+    snapshot
 }
 
 #[cfg(test)]
