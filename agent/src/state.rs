@@ -163,12 +163,14 @@ mod tests {
             "198.18.1.11".parse().unwrap(),
         );
         cache.insert(UnixTime(1_000), "youssef/test", "cilium.io.", &[good], 300);
-        cache.insert(
-            UnixTime(1_000),
+        // As a damaged digit makes it: no answer gives such an expiry.
+        cache.insert_entry(
             "youssef/test",
             "cilium.io.",
-            &[bad],
-            u32::MAX,
+            bad,
+            UnixTime(1_000 + (1 << 32)),
+            warden_fqdn::Source::Lookup,
+            1_000_000,
         );
         file.save(&cache.snapshot(UnixTime(1_000))).unwrap();
         let restored = file.restore(LIMITS, UnixTime(1_100), |_| false);

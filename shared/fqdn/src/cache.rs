@@ -12,7 +12,7 @@ use hashbrown::HashTable;
 
 use crate::{
     CacheEntry, CacheError, CacheLimits, CacheSnapshot, CachedIp, Expired, InsertOutcome,
-    SNAPSHOT_VERSION, Source, UnixTime,
+    MAX_DNS_TTL, SNAPSHOT_VERSION, Source, UnixTime,
 };
 use interner::Interner;
 use rebuild::Rebuild;
@@ -42,10 +42,13 @@ pub(crate) fn malloc_size(bytes: usize) -> usize {
 const SHORTEST_LIFETIME_SECS: u32 = 1;
 
 /// When the entries of an answer that came at `answered_ms` (Unix milliseconds) with `ttl`
-/// expire: never sooner than the TTL says, so the end is rounded up to the second.
+/// expire: never sooner than the TTL says, so the end is rounded up to the second; but never
+/// past [`MAX_DNS_TTL`] from the answer's second, where the peer and a restore draw the line
+/// between an answer and garbage (the rounding would take the longest TTL a second past it).
 fn answer_expiry(answered_ms: u64, ttl: u32) -> UnixTime {
     let lifetime_ms = u64::from(ttl.max(SHORTEST_LIFETIME_SECS)) * 1000;
-    UnixTime(answered_ms.saturating_add(lifetime_ms).div_ceil(1000))
+    let rounded_up = answered_ms.saturating_add(lifetime_ms).div_ceil(1000);
+    UnixTime(rounded_up.min((answered_ms / 1000).saturating_add(MAX_DNS_TTL)))
 }
 
 fn hash_pair(hasher: &RandomState, endpoint: u32, name: u32) -> u64 {
@@ -1272,6 +1275,10 @@ mod tests {
         assert_eq!(out.expires_at, t(105));
         let out = c.insert_answered(100_001, EP, "later.example.", &[ip4(5)], 5);
         assert_eq!(out.expires_at, t(106));
+        // The longest TTL stays within what the peer takes from this second.
+        let longest = u32::try_from(MAX_DNS_TTL).unwrap();
+        let out = c.insert_answered(100_001, EP, "long.example.", &[ip4(6)], longest);
+        assert_eq!(out.expires_at, t(100).plus_secs(MAX_DNS_TTL));
     }
 
     #[test]
