@@ -294,14 +294,21 @@ impl Reconciler {
             .into_iter()
             .filter(|id| !enrollment.held.contains(id) || released.contains(id))
             .collect();
-        // All in one walk of each map; what a failure left is tried again at the next pass,
+        // All in one walk of each map. Should that fail, one by one, so that one endpoint's
+        // failure leaves only its own entries; those are tried again at the next pass,
         // bounded: were clearing to fail for good, each try walks the maps.
-        if !clear.is_empty()
-            && self
+        if clear.is_empty()
+            || self
                 .count("clear", self.datapath.clear_endpoints(&clear))
-                .is_none()
+                .is_some()
         {
-            for endpoint_id in clear {
+            return;
+        }
+        for endpoint_id in clear {
+            if self
+                .count("clear", self.datapath.clear_endpoint(endpoint_id))
+                .is_none()
+            {
                 if self.uncleared.len() < UNCLEARED_KEPT {
                     self.uncleared.insert(endpoint_id);
                 } else {
