@@ -371,8 +371,20 @@ fn parse_item(
         }
         Err(other) => return Err(other),
     };
-    serde_path_to_error::deserialize::<_, PolicyDocument>(item)
-        .map_err(|error| path_problem(error, None))
+    // Through text, as a document is read: decoded from the parsed value, a plain scalar
+    // label such as `version: 2` was refused (the value holds a number; the text reader takes
+    // a scalar as the string the model asks for). Lines would be the copy's: left out.
+    let text = yaml_serde::to_string(item).map_err(|error| {
+        PolicyError::Invalid(Box::new(InvalidPolicy {
+            file: origin.to_owned(),
+            document,
+            policy: name.clone(),
+            field: at(""),
+            message: error.to_string(),
+            location: None,
+        }))
+    })?;
+    decode(yaml_serde::Deserializer::from_str(&text), item)
         .and_then(|decoded| decoded.into_policy(origin.to_owned()))
         .map_err(|problem| {
             PolicyError::Invalid(Box::new(InvalidPolicy {

@@ -745,6 +745,10 @@ items:
         error.contains("items: expected a list, found a mapping"),
         "{error}"
     );
+    // Plain scalars read as strings, as in a document of their own.
+    let numbers = list.replace("{app: web}}", "{app: web, version: 2, canary: true}}");
+    let policies = parse(&numbers).unwrap();
+    assert_eq!(policies.len(), 2);
     let other_list = "apiVersion: v1\nkind: ConfigMapList\nitems: []\n";
     assert!(matches!(
         parse(other_list),
