@@ -411,6 +411,7 @@ pub fn run_in_cgroup(spec: &LoadSpec, cgroup: &Path) -> Result<LoadReport> {
         spec.duration.as_micros().to_string(),
         spec.timeout.as_micros().to_string(),
         spec.check_verdicts.to_string(),
+        spec.min_sockets.to_string(),
     ]);
     let limit = spec.warmup + spec.duration + spec.timeout + Duration::from_secs(30);
     let output = warden_tests::lab::run_in_cgroup(cgroup, &mut command, limit)
@@ -438,9 +439,10 @@ pub fn child_main(args: &[String]) -> Result<()> {
         duration,
         timeout,
         check_verdicts,
+        min_sockets,
     ] = args
     else {
-        bail!("{CHILD_FLAG} needs 7 arguments, got {}", args.len());
+        bail!("{CHILD_FLAG} needs 8 arguments, got {}", args.len());
     };
     let micros = |field: &str, value: &str| -> Result<Duration> {
         let value: u64 = value
@@ -457,12 +459,14 @@ pub fn child_main(args: &[String]) -> Result<()> {
         timeout: micros("timeout", timeout)?,
         queries: lab::templates()?,
         check_verdicts: check_verdicts.parse().context("check_verdicts")?,
-        min_sockets: 1,
+        min_sockets: min_sockets.parse().context("min_sockets")?,
     };
     let mut report = run(&spec)?;
     let child = ChildReport {
         samples: std::mem::take(&mut report.samples),
         arrival_samples: std::mem::take(&mut report.arrival_samples),
+        schedule_samples: std::mem::take(&mut report.schedule_samples),
+        lag_samples: std::mem::take(&mut report.lag_samples),
         report,
     };
     println!("{}", serde_json::to_string(&child)?);
@@ -475,6 +479,8 @@ struct ChildReport {
     report: LoadReport,
     samples: Vec<u32>,
     arrival_samples: Vec<u32>,
+    schedule_samples: Vec<u32>,
+    lag_samples: Vec<u32>,
 }
 
 impl ChildReport {
@@ -482,6 +488,8 @@ impl ChildReport {
         LoadReport {
             samples: self.samples,
             arrival_samples: self.arrival_samples,
+            schedule_samples: self.schedule_samples,
+            lag_samples: self.lag_samples,
             ..self.report
         }
     }
@@ -924,6 +932,8 @@ mod tests {
             report: report.clone(),
             samples: samples.clone(),
             arrival_samples: vec![5, 6, 7],
+            schedule_samples: vec![40, 50, 60],
+            lag_samples: vec![1, 2, 3],
         };
         let back: ChildReport =
             serde_json::from_str(&serde_json::to_string(&child).unwrap()).unwrap();
@@ -933,6 +943,9 @@ mod tests {
         assert_eq!(pooled.sent, 6);
         assert_eq!(pooled.samples.len(), 6);
         assert_eq!(pooled.arrival_samples, [5, 6, 7]);
+        // Those of the schedule too: (g)'s rounds once pooled none.
+        assert_eq!(pooled.latency_from_schedule.samples, 3);
+        assert_eq!(pooled.sender_lag.samples, 3);
         assert_eq!(pooled.latency.samples, 6);
         assert_eq!(pooled.rcodes["NOERROR"], 6);
     }
@@ -976,9 +989,18 @@ mod tests {
 
     #[test]
     fn a_child_refuses_a_malformed_spec() {
-        let args: Vec<String> = ["127.0.0.1:53", "127.0.0.1", "100", "0", "x", "0", "true"]
-            .map(str::to_owned)
-            .to_vec();
+        let args: Vec<String> = [
+            "127.0.0.1:53",
+            "127.0.0.1",
+            "100",
+            "0",
+            "x",
+            "0",
+            "true",
+            "1",
+        ]
+        .map(str::to_owned)
+        .to_vec();
         let error = child_main(&args).unwrap_err();
         assert!(format!("{error:#}").contains("duration"), "{error:#}");
         assert!(child_main(&args[..3]).is_err());
