@@ -251,19 +251,30 @@ def discovered_targets(template, pod_ip):
 
 
 def relabel(labels, rules):
-    """Prometheus's relabeling (the replace, keep and drop actions), or None if dropped."""
+    """Prometheus's relabeling (the replace, keep and drop actions), or None if dropped. Any
+    other action is an error: passing over it, the check would pass on rules it never ran."""
     labels = dict(labels)
     for rule in rules:
         value = rule.get("separator", ";").join(labels.get(name, "") for name in rule.get("source_labels", []))
         match = re.fullmatch(rule.get("regex", "(.*)"), value)
         action = rule.get("action", "replace")
+        if action not in ("replace", "keep", "drop"):
+            raise ValueError(f"relabel action {action!r} is not simulated here")
         if action == "keep" and not match:
             return None
         if action == "drop" and match:
             return None
         if action == "replace" and match:
-            replacement = re.sub(r"\$\{?(\d+)\}?", r"\\\1", rule.get("replacement", "$1"))
-            labels[rule["target_label"]] = match.expand(replacement)
+            # $1, ${1}: the group, or nothing when the regex has no such group (as in Go).
+            def group(ref):
+                number = int(ref.group(1) or ref.group(2))
+                return (match.group(number) or "") if number <= len(match.groups()) else ""
+
+            result = re.sub(r"\$\{(\d+)\}|\$(\d+)", group, rule.get("replacement", "$1"))
+            if result:
+                labels[rule["target_label"]] = result
+            else:
+                labels.pop(rule["target_label"], None)
     return labels
 
 

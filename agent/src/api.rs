@@ -1293,7 +1293,8 @@ fn build_snapshot(state: &ApiState) -> PolicySnapshot {
     // once, at every reconnect: the dnsproxy goes on with the policy it has. Said plainly,
     // rather than by the session's end alone. (Endpoints are taken all the same: refused,
     // new pods would go unenforced.)
-    let bytes = prost::Message::encoded_len(&snapshot);
+    // The message around it adds its field's tag and length.
+    let bytes = prost::Message::encoded_len(&snapshot) + 16;
     if bytes > MAX_MESSAGE_BYTES {
         static BUDGET: LogBudget = LogBudget::new(LogBudget::INTERVAL);
         if let Some(held_back) = BUDGET.allow() {
