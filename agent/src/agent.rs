@@ -179,6 +179,11 @@ pub async fn start(config: AgentConfig) -> anyhow::Result<RunningAgent> {
             };
             let first_pass = tokio::task::spawn_blocking(move || {
                 reconciler.reconcile();
+                // The startup grace is the dnsproxy's time to reconnect and resync, and its
+                // socket is served only after this pass: counted from before a pass of
+                // several seconds (large maps, many cgroups), it was over before the proxy
+                // could send what it wrote while the agent was away.
+                reconciler.started = Instant::now();
                 reconciler
             });
             Some(
