@@ -614,13 +614,27 @@ pub fn render_reports(reports: &[InstanceReport], now_ms: u64) -> String {
         .filter(|report| report.status.as_ref().is_some_and(|status| status.serving))
         .map(|report| report.instance.as_str())
         .collect();
+    // With the eBPF datapath the port's queries go to the preferred process: the other one,
+    // serving too, waits as a standby. Named both as serving, an operator could not tell who
+    // answers.
+    let preferred = reports
+        .iter()
+        .find_map(|report| report.status.as_ref()?.preferred.as_deref())
+        .filter(|preferred| serving.contains(preferred));
+    let named: Vec<String> = serving
+        .iter()
+        .map(|instance| match preferred {
+            Some(preferred) if *instance != preferred => format!("{instance} (standby)"),
+            _ => (*instance).to_owned(),
+        })
+        .collect();
     let _ = writeln!(
         text,
         "DNS served by:   {}",
-        if serving.is_empty() {
+        if named.is_empty() {
             "nobody".to_owned()
         } else {
-            serving.join(", ")
+            named.join(", ")
         }
     );
     for report in reports {
@@ -1762,6 +1776,44 @@ mod tests {
             last_resync_at_ms: None,
             last_resync_ms: None,
         }
+    }
+
+    /// With the eBPF datapath both processes serve and the program steers the port's queries
+    /// to one: the headline named both, who answers showing only further down.
+    #[test]
+    fn the_headline_marks_the_process_not_steered_to_as_standby() {
+        let report = |instance: &str, preferred: Option<&str>| InstanceReport {
+            instance: instance.into(),
+            url: format!("http://{instance}"),
+            up: true,
+            error: None,
+            status: Some(InstanceStatus {
+                preferred: preferred.map(str::to_owned),
+                ..status_of(instance)
+            }),
+            resync: None,
+        };
+        let steered = [
+            report("agent", Some("dnsproxy")),
+            report("dnsproxy", Some("dnsproxy")),
+        ];
+        let text = render_reports(&steered, 0);
+        assert!(
+            text.starts_with("DNS served by:   agent (standby), dnsproxy\n"),
+            "{text}"
+        );
+        // Shared by the kernel's hash, or no datapath: both answer.
+        let shared = [
+            report("agent", Some("share")),
+            report("dnsproxy", Some("share")),
+        ];
+        let text = render_reports(&shared, 0);
+        assert!(
+            text.starts_with("DNS served by:   agent, dnsproxy\n"),
+            "{text}"
+        );
+        let plain = [report("agent", None), report("dnsproxy", None)];
+        assert!(render_reports(&plain, 0).starts_with("DNS served by:   agent, dnsproxy\n"));
     }
 
     #[test]
