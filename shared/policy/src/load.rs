@@ -118,29 +118,35 @@ fn parse_documents(text: &str, origin: &Path, errors: &mut Vec<PolicyError>) -> 
                 continue;
             }
         }
-        let name = match check_header(&value, origin, document) {
-            Ok(name) => name,
-            Err(error) => {
-                errors.push(error);
-                continue;
-            }
-        };
-        let invalid = |problem: FieldProblem| {
+        match parse_object(&value, typed, origin, document) {
+            Ok(policy) => policies.push(policy),
+            Err(error) => errors.push(error),
+        }
+    }
+    policies
+}
+
+/// One object of document `document`, as parsed (`value`) and as `typed` reads its text: its
+/// header checked, then decoded into a policy. A document of its own, or a list's item.
+fn parse_object(
+    value: &Value,
+    typed: yaml_serde::Deserializer<'_>,
+    origin: &Path,
+    document: usize,
+) -> Result<Policy, PolicyError> {
+    let name = check_header(value, origin, document)?;
+    decode(typed, value)
+        .and_then(|decoded| decoded.into_policy(origin.to_owned()))
+        .map_err(|problem| {
             PolicyError::Invalid(Box::new(InvalidPolicy {
                 file: origin.to_owned(),
                 document,
-                policy: name.clone(),
+                policy: name,
                 field: problem.field,
                 message: problem.message,
                 location: problem.location,
             }))
-        };
-        match decode(typed, &value).and_then(|decoded| decoded.into_policy(origin.to_owned())) {
-            Ok(policy) => policies.push(policy),
-            Err(problem) => errors.push(invalid(problem)),
-        }
-    }
-    policies
+        })
 }
 
 /// Loads one policy file, or every `*.yaml`, `*.yml` and `*.json` file directly inside a
@@ -350,52 +356,47 @@ fn parse_item(
             format!("items[{index}].{field}")
         }
     };
-    let name = match check_header(item, origin, document) {
-        Ok(name) => name,
-        Err(PolicyError::Invalid(mut invalid)) => {
+    // Through text, as a document is read: decoded from the parsed value, a plain scalar
+    // label such as `version: 2` was refused (the value holds a number; the text reader takes
+    // a scalar as the string the model asks for).
+    let text = yaml_serde::to_string(item).map_err(|error| {
+        PolicyError::Invalid(Box::new(InvalidPolicy {
+            file: origin.to_owned(),
+            document,
+            policy: metadata_name(item),
+            field: at(""),
+            message: error.to_string(),
+            location: None,
+        }))
+    })?;
+    // Its errors point at the item; lines would be the copy's, so left out.
+    parse_object(
+        item,
+        yaml_serde::Deserializer::from_str(&text),
+        origin,
+        document,
+    )
+    .map_err(|error| match error {
+        PolicyError::Invalid(mut invalid) => {
             invalid.field = at(&invalid.field);
-            return Err(PolicyError::Invalid(invalid));
+            invalid.location = None;
+            PolicyError::Invalid(invalid)
         }
-        Err(PolicyError::UnsupportedKind { kind, .. }) => {
-            return Err(PolicyError::Invalid(Box::new(InvalidPolicy {
+        PolicyError::UnsupportedKind { kind, .. } => {
+            PolicyError::Invalid(Box::new(InvalidPolicy {
                 file: origin.to_owned(),
                 document,
                 policy: None,
                 field: at("kind"),
                 message: format!(
                     "{kind:?} is not a policy Warden reads \
-                     (expected CiliumNetworkPolicy or CiliumClusterwideNetworkPolicy)"
+                         (expected CiliumNetworkPolicy or CiliumClusterwideNetworkPolicy)"
                 ),
                 location: None,
-            })));
-        }
-        Err(other) => return Err(other),
-    };
-    // Through text, as a document is read: decoded from the parsed value, a plain scalar
-    // label such as `version: 2` was refused (the value holds a number; the text reader takes
-    // a scalar as the string the model asks for). Lines would be the copy's: left out.
-    let text = yaml_serde::to_string(item).map_err(|error| {
-        PolicyError::Invalid(Box::new(InvalidPolicy {
-            file: origin.to_owned(),
-            document,
-            policy: name.clone(),
-            field: at(""),
-            message: error.to_string(),
-            location: None,
-        }))
-    })?;
-    decode(yaml_serde::Deserializer::from_str(&text), item)
-        .and_then(|decoded| decoded.into_policy(origin.to_owned()))
-        .map_err(|problem| {
-            PolicyError::Invalid(Box::new(InvalidPolicy {
-                file: origin.to_owned(),
-                document,
-                policy: name,
-                field: at(&problem.field),
-                message: problem.message,
-                location: None,
             }))
-        })
+        }
+        other => other,
+    })
 }
 
 /// Checks `kind` and `apiVersion` before anything else, so that a stray `ConfigMap` is reported
@@ -405,11 +406,7 @@ fn check_header(
     origin: &Path,
     document: usize,
 ) -> Result<Option<String>, PolicyError> {
-    let name = value
-        .get("metadata")
-        .and_then(|metadata| metadata.get("name"))
-        .and_then(Value::as_str)
-        .map(str::to_owned);
+    let name = metadata_name(value);
     let invalid = |field: &str, message: String| {
         PolicyError::Invalid(Box::new(InvalidPolicy {
             file: origin.to_owned(),
@@ -451,6 +448,15 @@ fn check_header(
         Some(None) => Err(invalid("apiVersion", "expected a string".into())),
         None => Err(invalid("apiVersion", "missing".into())),
     }
+}
+
+/// `metadata.name`, when there is one.
+fn metadata_name(value: &Value) -> Option<String> {
+    value
+        .get("metadata")
+        .and_then(|metadata| metadata.get("name"))
+        .and_then(Value::as_str)
+        .map(str::to_owned)
 }
 
 fn describe(value: &Value) -> &'static str {
