@@ -1032,6 +1032,30 @@ struct FloodReport {
     report: String,
 }
 
+impl FloodReport {
+    /// The workload was enforced by the end (the datagram to another port refused), and not
+    /// one datagram it is allowed to send was refused `during` the change.
+    fn assert_enforced_and_nothing_cut(&self, during: &str) {
+        let FloodReport {
+            sent,
+            refused,
+            other,
+            report,
+        } = self;
+        assert_eq!(other, "refused", "never enforced: {report}");
+        assert!(*sent > 10_000, "{report}");
+        assert_eq!(*refused, 0, "{refused} of {sent} refused {during}");
+    }
+}
+
+/// `app=app`'s policy allowing UDP port 9 to the egress peer `peer` (a YAML list item's
+/// fields, its continuation lines indented by four), as [`start_udp_flood`] sends.
+fn port_9_policy(app: &str, peer: &str) -> String {
+    format!(
+        "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata:\n  name: talk\n  namespace: youssef\nspec:\n  endpointSelector:\n    matchLabels:\n      app: {app}\n  egress:\n  - {peer}\n    toPorts:\n    - ports:\n      - port: \"9\"\n        protocol: UDP\n"
+    )
+}
+
 /// Starts [`UDP_FLOOD_PY`] in `cgroup` against port 9 of the lab's internet for `seconds`.
 fn start_udp_flood(cgroup: &Path, seconds: u32) -> std::thread::JoinHandle<FloodReport> {
     let cgroup = cgroup.to_path_buf();
@@ -1073,11 +1097,7 @@ async fn a_policy_selecting_a_running_workload_cuts_nothing_it_allows() {
     if !require_lab() || !warden_tests::require_tools(&["knotd"]) {
         return;
     }
-    let policy = |app: &str| {
-        format!(
-            "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata:\n  name: talk\n  namespace: youssef\nspec:\n  endpointSelector:\n    matchLabels:\n      app: {app}\n  egress:\n  - toCIDR: [\"{INTERNET_V4}/32\"]\n    toPorts:\n    - ports:\n      - port: \"9\"\n        protocol: UDP\n"
-        )
-    };
+    let policy = |app: &str| port_9_policy(app, &format!("toCIDR: [\"{INTERNET_V4}/32\"]"));
     let lab = Firewall::start(FirewallOptions {
         policy: policy("nobody"),
         ..FirewallOptions::default()
@@ -1087,19 +1107,10 @@ async fn a_policy_selecting_a_running_workload_cuts_nothing_it_allows() {
     let flood = start_udp_flood(&lab.workload, 6);
     tokio::time::sleep(Duration::from_secs(1)).await;
     lab.dir.write_policy("talk.yaml", &policy("test")).unwrap();
-    let FloodReport {
-        sent,
-        refused,
-        other,
-        report,
-    } = flood.join().unwrap();
-    // Enforced by the end (another port refused), and nothing it allows was cut on the way.
-    assert_eq!(other, "refused", "never enforced: {report}");
-    assert!(sent > 10_000, "{report}");
-    assert_eq!(
-        refused, 0,
-        "{refused} of {sent} refused while the policy came in"
-    );
+    flood
+        .join()
+        .unwrap()
+        .assert_enforced_and_nothing_cut("while the policy came in");
 }
 
 /// A toCIDRSet whose `except` list grows (and shrinks again) splits the prefix its traffic
@@ -1112,8 +1123,9 @@ async fn a_cidr_rule_split_by_a_new_except_cuts_nothing_it_allows() {
         return;
     }
     let policy = |except: &str| {
-        format!(
-            "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata:\n  name: talk\n  namespace: youssef\nspec:\n  endpointSelector:\n    matchLabels:\n      app: test\n  egress:\n  - toCIDRSet:\n    - cidr: 0.0.0.0/0\n      except: [{except}]\n    toPorts:\n    - ports:\n      - port: \"9\"\n        protocol: UDP\n"
+        port_9_policy(
+            "test",
+            &format!("toCIDRSet:\n    - cidr: 0.0.0.0/0\n      except: [{except}]"),
         )
     };
     let (narrow, wide) = (policy("10.0.0.0/8"), policy("10.0.0.0/8, 172.16.0.0/12"));
@@ -1130,18 +1142,10 @@ async fn a_cidr_rule_split_by_a_new_except_cuts_nothing_it_allows() {
         lab.dir.write_policy("talk.yaml", next).unwrap();
         tokio::time::sleep(Duration::from_millis(450)).await;
     }
-    let FloodReport {
-        sent,
-        refused,
-        other,
-        report,
-    } = flood.join().unwrap();
-    assert_eq!(other, "refused", "never enforced: {report}");
-    assert!(sent > 10_000, "{report}");
-    assert_eq!(
-        refused, 0,
-        "{refused} of {sent} refused while the except list changed"
-    );
+    flood
+        .join()
+        .unwrap()
+        .assert_enforced_and_nothing_cut("while the except list changed");
 }
 
 /// An endpoint whose cgroup is nested in an enforced one's is enforced by that one's policy
