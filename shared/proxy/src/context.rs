@@ -225,24 +225,19 @@ impl SharedCache {
             .map(|&(endpoint, ip, until)| (ip, endpoint, until))
             .collect();
         by_address.sort_unstable_by_key(|&(ip, ..)| ip);
-        let chunk = usize::try_from(COPY_CHUNK).unwrap_or(usize::MAX);
         let mut matched = 0;
         let mut endpoints = Vec::new();
-        let mut cache = self.lock();
-        let mut in_hold = 0;
-        for group in by_address.chunk_by(|a, b| a.0 == b.0) {
-            if in_hold >= chunk {
-                // Waiting answers go before the next addresses.
-                MutexGuard::bump(&mut cache);
-                in_hold = 0;
-            }
-            endpoints.clear();
-            endpoints.extend(group.iter().map(|&(_, endpoint, until)| (endpoint, until)));
-            if let Some(&(ip, ..)) = group.first() {
-                matched += cache.keep_alive_for(ip, &endpoints);
-            }
-            in_hold += group.len();
-        }
+        self.for_each_weighed_in_chunks(
+            by_address.chunk_by(|a, b| a.0 == b.0),
+            |group| group.len(),
+            |cache, group| {
+                endpoints.clear();
+                endpoints.extend(group.iter().map(|&(_, endpoint, until)| (endpoint, until)));
+                if let Some(&(ip, ..)) = group.first() {
+                    matched += cache.keep_alive_for(ip, &endpoints);
+                }
+            },
+        );
         matched
     }
 
@@ -252,14 +247,28 @@ impl SharedCache {
     pub fn for_each_in_chunks<T>(
         &self,
         items: impl IntoIterator<Item = T>,
+        work: impl FnMut(&mut DnsCache, T),
+    ) {
+        self.for_each_weighed_in_chunks(items, |_| 1, work);
+    }
+
+    /// [`for_each_in_chunks`](Self::for_each_in_chunks) where an item counts for `weight` of
+    /// them (a group of several), the lock handed on once [`COPY_CHUNK`] have been done.
+    fn for_each_weighed_in_chunks<T>(
+        &self,
+        items: impl IntoIterator<Item = T>,
+        weight: impl Fn(&T) -> usize,
         mut work: impl FnMut(&mut DnsCache, T),
     ) {
         let chunk = usize::try_from(COPY_CHUNK).unwrap_or(usize::MAX);
         let mut cache = self.lock();
-        for (done, item) in items.into_iter().enumerate() {
-            if done > 0 && done % chunk == 0 {
+        let mut in_hold = 0;
+        for item in items {
+            if in_hold >= chunk {
                 MutexGuard::bump(&mut cache);
+                in_hold = 0;
             }
+            in_hold += weight(&item);
             work(&mut cache, item);
         }
     }
