@@ -2,32 +2,28 @@
 //! what makes a run a failure whatever its figures.
 
 use crate::load::LoadReport;
-use crate::report::{self, Latency, Ratios, Restart, Results, Target};
+use crate::report::{self, Latency, Ratios, Restart, Results, Target, Throughput};
 
 pub fn ratios(results: &Results) -> Ratios {
-    let qps = |key: &str| {
-        results
-            .throughput
-            .iter()
+    // Of the mix (`throughput`) or of the allowed names only.
+    let qps_in = |rows: &[Throughput], key: &str| {
+        rows.iter()
             .find(|t| t.key == key && t.available && t.mean_qps > 0.0)
             .map(|t| t.mean_qps)
     };
-    let ratio = |a: Option<f64>, b: Option<f64>| Some(a? / b?);
-    let rounds = |key: &str| {
-        results
-            .throughput
-            .iter()
+    let rounds_in = |rows: &[Throughput], key: &str| {
+        rows.iter()
             .find(|t| t.key == key)
             .map(|t| t.rounds_qps.clone())
             .unwrap_or_default()
     };
-    let per_round = |a: &str, b: &str| each_round(&rounds(a), &rounds(b), |x, y| x / y);
-    let allowed_only = |key: &str| {
-        results
-            .throughput_allowed_only
-            .iter()
-            .find(|t| t.key == key && t.available && t.mean_qps > 0.0)
+    let per_round_in = |rows: &[Throughput], a: &str, b: &str| {
+        each_round(&rounds_in(rows, a), &rounds_in(rows, b), |x, y| x / y)
     };
+    let qps = |key: &str| qps_in(&results.throughput, key);
+    let per_round = |a: &str, b: &str| per_round_in(&results.throughput, a, b);
+    let allowed_only = &results.throughput_allowed_only[..];
+    let ratio = |a: Option<f64>, b: Option<f64>| Some(a? / b?);
     let at = |rows: &[Latency], key: &str, pick: fn(&LoadReport) -> f64| {
         Some(pick(load(rows, key)?) - pick(load(rows, "a")?))
     };
@@ -49,13 +45,14 @@ pub fn ratios(results: &Results) -> Ratios {
         agent_over_dnsdist_qps: ratio(qps("b"), qps("d")),
         agent_over_dnsdist_per_round: per_round("b", "d"),
         agent_over_dnsdist_qps_allowed_only: ratio(
-            allowed_only("b").map(|t| t.mean_qps),
-            allowed_only("d").map(|t| t.mean_qps),
+            qps_in(allowed_only, "b"),
+            qps_in(allowed_only, "d"),
         ),
-        agent_over_dnsdist_per_round_allowed_only: match (allowed_only("b"), allowed_only("d")) {
-            (Some(agent), Some(dnsdist)) => {
-                each_round(&agent.rounds_qps, &dnsdist.rounds_qps, |x, y| x / y)
-            }
+        agent_over_dnsdist_per_round_allowed_only: match (
+            qps_in(allowed_only, "b"),
+            qps_in(allowed_only, "d"),
+        ) {
+            (Some(_), Some(_)) => per_round_in(allowed_only, "b", "d"),
             _ => Vec::new(),
         },
         agent_over_direct_per_round: per_round("b", "a"),
