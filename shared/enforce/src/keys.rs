@@ -23,7 +23,7 @@ pub fn fqdn_keys(grant: &FqdnGrant, ip: IpAddr) -> Vec<FqdnKey> {
         return vec![FqdnKey::any(endpoint_id, ip)];
     }
     let mut keys = Vec::new();
-    for range in &grant.ports {
+    for range in grant.ports.iter() {
         let protos = protocols(range);
         let ports: Vec<Option<u16>> = if is_every_port(range) {
             vec![None]
@@ -36,7 +36,7 @@ pub fn fqdn_keys(grant: &FqdnGrant, ip: IpAddr) -> Vec<FqdnKey> {
                 tracing::error!(
                     first = range.first,
                     last = range.last,
-                    selector = grant.selector,
+                    selector = &*grant.selector,
                     held_back,
                     "toFQDNs port range too wide for the datapath; not allowed"
                 );
@@ -249,7 +249,7 @@ mod tests {
         .into_iter()
         .map(|ports| FqdnGrant {
             endpoint: EndpointId(3),
-            ports,
+            ports: ports.into(),
             selector: "cilium.io".into(),
         })
         .collect();
@@ -289,7 +289,7 @@ mod tests {
     fn an_ipv4_mapped_address_gets_the_ipv4_key() {
         let grant = FqdnGrant {
             endpoint: EndpointId(3),
-            ports: vec![],
+            ports: [].into(),
             selector: "cilium.io".into(),
         };
         let mapped: IpAddr = "::ffff:198.18.1.10".parse().unwrap();
@@ -302,7 +302,7 @@ mod tests {
         let ip: IpAddr = "198.18.1.10".parse().unwrap();
         let grant = |ports: Vec<PortRange>| FqdnGrant {
             endpoint: EndpointId(3),
-            ports,
+            ports: ports.into(),
             selector: "cilium.io".into(),
         };
         assert_eq!(fqdn_keys(&grant(vec![]), ip), vec![FqdnKey::any(3, ip)]);

@@ -28,6 +28,10 @@
 
 use std::collections::HashMap;
 
+/// The matcher's maps are built from policy and only looked up per query: a fast hash of the
+/// query's labels, not SipHash's resistance to chosen keys, which the policy's names are not.
+type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+
 use crate::name::DnsName;
 use crate::pattern::{FqdnSelector, Glob, LabelPattern, PatternForm, covers_subdomains};
 
@@ -35,14 +39,14 @@ use crate::pattern::{FqdnSelector, Glob, LabelPattern, PatternForm, covers_subdo
 #[derive(Clone, Debug)]
 pub struct NameMatcher<T> {
     values: Vec<T>,
-    exact: HashMap<DnsName, Vec<usize>>,
+    exact: FastMap<DnsName, Vec<usize>>,
     match_all: Vec<usize>,
     root: Node,
 }
 
 #[derive(Clone, Debug, Default)]
 struct Node {
-    literal: HashMap<Box<str>, Node>,
+    literal: FastMap<Box<str>, Node>,
     globs: Vec<(Glob, Node)>,
     ends: Vec<usize>,
     subdomains: Vec<usize>,
@@ -52,7 +56,7 @@ impl<T> Default for NameMatcher<T> {
     fn default() -> Self {
         NameMatcher {
             values: Vec::new(),
-            exact: HashMap::new(),
+            exact: FastMap::default(),
             match_all: Vec::new(),
             root: Node::default(),
         }
@@ -108,9 +112,15 @@ impl<T> NameMatcher<T> {
 
     /// Appends the value of every selector that matches `name` to `out`.
     pub fn matches_into<'a>(&'a self, name: &DnsName, out: &mut Vec<&'a T>) {
+        self.for_each_match(name, |value| out.push(value));
+    }
+
+    /// Calls `found` with the value of every selector that matches `name`: what
+    /// [`Self::matches_into`] collects, without a list (the proxy asks once per answer).
+    pub fn for_each_match<'a>(&'a self, name: &DnsName, mut found: impl FnMut(&'a T)) {
         self.visit(name, &mut |index| {
             if let Some(value) = self.values.get(index) {
-                out.push(value);
+                found(value);
             }
             false
         });

@@ -110,10 +110,10 @@ impl From<&PortProtocol> for PortRange {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FqdnGrant {
     pub endpoint: EndpointId,
-    /// Empty means every port.
-    pub ports: Vec<PortRange>,
+    /// Empty means every port. Shared with the rule: the proxy makes grants per answer.
+    pub ports: Arc<[PortRange]>,
     /// The `matchName` or `matchPattern` that matched, for observability.
-    pub selector: String,
+    pub selector: Arc<str>,
 }
 
 /// A peer an egress rule allows without DNS being involved.
@@ -147,7 +147,9 @@ pub struct StaticAllow {
 #[derive(Clone, Debug, Default)]
 pub struct PolicyRepository {
     /// Every endpoint in default-deny for egress, with the rules that allow something for it.
-    enforced: HashMap<EndpointId, Vec<Arc<CompiledRule>>>,
+    /// Looked up for every query (by the asking endpoint), with a fast hash: its keys are the
+    /// agent's endpoint IDs.
+    enforced: HashMap<EndpointId, Vec<Arc<CompiledRule>>, foldhash::fast::RandomState>,
     fqdn: NameMatcher<FqdnTarget>,
     /// What the entities and CIDR rules stand for on this node, shared with the datapath.
     addresses: PeerAddresses,
@@ -194,14 +196,14 @@ struct PortGroup {
 #[derive(Clone, Debug)]
 struct FqdnTarget {
     scope: Arc<GrantScope>,
-    selector: Box<str>,
+    selector: Arc<str>,
 }
 
 /// Who a `toFQDNs` rule grants, and on which ports; shared by the rule's selectors.
 #[derive(Debug)]
 struct GrantScope {
     endpoints: Vec<EndpointId>,
-    ports: Vec<PortRange>,
+    ports: Arc<[PortRange]>,
 }
 
 impl PolicyRepository {
@@ -268,7 +270,7 @@ impl PolicyRepository {
         {
             let scope = Arc::new(GrantScope {
                 endpoints: selected.to_vec(),
-                ports,
+                ports: ports.into(),
             });
             for selector in &egress.to_fqdns {
                 let target = FqdnTarget {
@@ -348,16 +350,14 @@ impl PolicyRepository {
     /// Appends a grant for every `toFQDNs` selector matching `qname` and every endpoint its rule
     /// selects, whichever endpoint asked: once a name is resolved, each of those endpoints may
     /// reach its addresses.
-    pub fn fqdn_grants(&self, qname: &DnsName, out: &mut Vec<FqdnGrant>) {
-        let mut targets = Vec::new();
-        self.fqdn.matches_into(qname, &mut targets);
-        for target in targets {
+    pub fn fqdn_grants(&self, qname: &DnsName, out: &mut impl Extend<FqdnGrant>) {
+        self.fqdn.for_each_match(qname, |target| {
             out.extend(target.scope.endpoints.iter().map(|&endpoint| FqdnGrant {
                 endpoint,
-                ports: target.scope.ports.clone(),
-                selector: target.selector.to_string(),
+                ports: Arc::clone(&target.scope.ports),
+                selector: Arc::clone(&target.selector),
             }));
-        }
+        });
     }
 
     /// The grants `endpoint`'s `toFQDNs` rules give whatever the name (`selector` left
@@ -371,8 +371,8 @@ impl PolicyRepository {
             .filter_map(|rule| rule.static_ports())
             .map(|ports| FqdnGrant {
                 endpoint,
-                ports,
-                selector: String::new(),
+                ports: ports.into(),
+                selector: "".into(),
             })
             .collect()
     }
@@ -1226,7 +1226,7 @@ mod tests {
         assert!(!dns_ok(&repo, CLIENT, "8.8.8.8:53", L4Proto::Udp, "a.io"));
         let mut grants = Vec::new();
         repo.fqdn_grants(&name("a.io"), &mut grants);
-        assert_eq!(grants[0].ports, https);
+        assert_eq!(*grants[0].ports, https);
         // `port: 0` is every port, as before.
         let repo = build(&policy(
             "[{toEntities: [all], toPorts: [{ports: [{port: '0'}]}]}]",
@@ -1251,7 +1251,7 @@ mod tests {
         assert!(grants.is_empty(), "{grants:?}");
         repo.fqdn_grants(&name("both.io"), &mut grants);
         assert_eq!(
-            grants[0].ports,
+            *grants[0].ports,
             [PortRange {
                 first: 443,
                 last: 443,
@@ -1366,12 +1366,12 @@ mod tests {
             [
                 FqdnGrant {
                     endpoint: CLIENT,
-                    ports: ports.clone(),
+                    ports: ports.clone().into(),
                     selector: "*.cilium.io.".into()
                 },
                 FqdnGrant {
                     endpoint: OTHER,
-                    ports,
+                    ports: ports.into(),
                     selector: "*.cilium.io.".into()
                 },
             ]
@@ -1383,7 +1383,7 @@ mod tests {
         assert!(
             grants
                 .iter()
-                .all(|grant| grant.ports.is_empty() && grant.selector == "**.example.com.")
+                .all(|grant| grant.ports.is_empty() && &*grant.selector == "**.example.com.")
         );
 
         grants.clear();

@@ -265,12 +265,13 @@ impl std::fmt::Debug for Inbox {
 }
 
 impl Inbox {
-    /// Room for `slots` datagrams of up to `slot_size` bytes each. Only the pages datagrams
+    /// Room for `slots` (at most [`MAX_BATCH`]) datagrams of up to `slot_size` bytes each, all
+    /// read by one call. Only the pages datagrams
     /// are written to become resident: 32 slots of 64 KiB for upstream answers take about 128
     /// KiB of memory in practice, not 2 MiB (which every process start would zero and every
     /// exit unmap, both before the sockets are served or closed).
     pub fn new(slots: usize, slot_size: usize) -> Inbox {
-        let slots = slots.max(1);
+        let slots = slots.clamp(1, MAX_BATCH);
         let slot_size = slot_size.max(1);
         Inbox {
             buffer: vec![0u8; slots * slot_size],
@@ -299,15 +300,20 @@ impl Inbox {
     }
 
     fn fill(&mut self, fd: RawFd) -> io::Result<usize> {
-        let mut slices: Vec<[IoSliceMut<'_>; 1]> = self
-            .buffer
-            .chunks_exact_mut(self.slot_size)
-            .map(|slot| [IoSliceMut::new(slot)])
-            .collect();
+        let mut slices: [[IoSliceMut<'_>; 1]; MAX_BATCH] =
+            std::array::from_fn(|_| [IoSliceMut::new(&mut [])]);
+        let mut count = 0;
+        for (slice, slot) in slices
+            .iter_mut()
+            .zip(self.buffer.chunks_exact_mut(self.slot_size))
+        {
+            *slice = [IoSliceMut::new(slot)];
+            count += 1;
+        }
         let results = recvmmsg(
             fd,
             &mut self.headers.0,
-            slices.iter_mut(),
+            slices[..count].iter_mut(),
             MsgFlags::MSG_DONTWAIT,
             None,
         )
@@ -374,14 +380,20 @@ impl Outboxes {
     }
 }
 
+/// The most datagrams one receive or send call moves. Their I/O slices are on the stack: two
+/// lists of them, made per call, were two of the hot path's allocations per query at low rates
+/// (a call per datagram).
+pub const MAX_BATCH: usize = 64;
+
 /// Bytes per datagram of its batch an emptied outbox keeps at most: room for ordinary answers
 /// and more.
 const KEPT_BYTES_PER_DATAGRAM: usize = 4096;
 
 impl Outbox {
-    /// An outbox sending up to `batch` datagrams per system call (it holds any number).
+    /// An outbox sending up to `batch` (at most [`MAX_BATCH`]) datagrams per system call (it
+    /// holds any number).
     pub fn new(batch: usize) -> Outbox {
-        let batch = batch.max(1);
+        let batch = batch.clamp(1, MAX_BATCH);
         Outbox {
             bytes: Vec::with_capacity(batch * 512),
             datagrams: Vec::with_capacity(batch),
@@ -438,10 +450,11 @@ impl Outbox {
         let Some(datagrams) = self.datagrams.get(first..last) else {
             return Ok(0);
         };
-        let slices: Vec<[IoSlice<'_>; 1]> = datagrams
-            .iter()
-            .map(|(range, _)| [IoSlice::new(&self.bytes[range.clone()])])
-            .collect();
+        let mut slices: [[IoSlice<'_>; 1]; MAX_BATCH] = [[IoSlice::new(&[])]; MAX_BATCH];
+        for (slice, (range, _)) in slices.iter_mut().zip(datagrams) {
+            *slice = [IoSlice::new(&self.bytes[range.clone()])];
+        }
+        let slices = &slices[..datagrams.len()];
         let addresses = &self.addresses[first..last];
         let no_control: [ControlMessage<'_>; 0] = [];
         let sent = sendmmsg(

@@ -12,8 +12,9 @@ use std::time::{Duration, Instant};
 use hickory_proto::op::ResponseCode;
 use hickory_proto::rr::RecordType;
 use prometheus::{Histogram, IntCounter, IntCounterVec, IntGauge};
+use smallvec::SmallVec;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
-use warden_policy::{DnsName, EndpointId, PolicyRepository};
+use warden_policy::{DnsName, EndpointId, FqdnGrant, PolicyRepository};
 use warden_telemetry::{DnsFlow, FlowEvent, LogBudget, Metrics, Scope, Verdict, unix_millis};
 
 use crate::answer::AnswerSummary;
@@ -531,7 +532,8 @@ impl Engine {
         }) {
             return (outcome, None);
         }
-        let mut grants = Vec::new();
+        // On the stack: a name's grants are a few (one per endpoint of each matching rule).
+        let mut grants: SmallVec<[FqdnGrant; 4]> = SmallVec::new();
         checked.policy.fqdn_grants(name, &mut grants);
         let (inserted, max_ips, answered_ms) = {
             let mut cache = self.context.cache.lock();
