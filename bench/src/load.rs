@@ -887,7 +887,9 @@ mod tests {
             rate: 2_000,
             warmup: Duration::ZERO,
             duration: Duration::from_millis(500),
-            timeout: Duration::from_millis(200),
+            // Far past a loaded machine's late answer (hundreds of ms), which would count as
+            // lost. The run waits it out after the last send: every tenth query goes unanswered.
+            timeout: Duration::from_secs(2),
             queries: Arc::new(vec![
                 QueryTemplate::new("a.example.", RecordType::A, false).unwrap(),
             ]),
@@ -912,7 +914,9 @@ mod tests {
         assert_eq!(report.latency_from_schedule.samples, 900);
         assert!(report.latency_from_schedule.p50_us >= report.latency.p50_us);
         assert_eq!(report.sender_lag.samples, report.sent);
-        assert!(report.achieved_rate > 1_500.0, "{report:?}");
+        // 1,000 queries due over 0.5 s: a sender stalled 400 ms before the last still makes
+        // this, one pacing at half the rate (about 1,000 per second) does not.
+        assert!(report.achieved_rate > 1_100.0, "{report:?}");
     }
 
     /// The results' JSON leaves the samples out; the child's report must carry them, or

@@ -569,8 +569,10 @@ spec:
     async fn exchange_from(client: &UdpSocket, dns: SocketAddr, query: &Message) -> Message {
         client.send_to(&query.to_vec().unwrap(), dns).await.unwrap();
         let mut buffer = vec![0u8; 65_535];
+        // Past the slowest answer a test waits for (one held to the max delay, 4 s, on a
+        // loaded machine): only a lost answer runs into it.
         let (length, _) =
-            tokio::time::timeout(Duration::from_secs(5), client.recv_from(&mut buffer))
+            tokio::time::timeout(Duration::from_secs(10), client.recv_from(&mut buffer))
                 .await
                 .expect("an answer")
                 .unwrap();
@@ -625,12 +627,15 @@ spec:
     }
 
     /// How many upstream connections a proxy in front of a silent upstream (both UDP and TCP)
-    /// opened `settle` after `clients` TCP clients each sent `queries` queries at once and read
-    /// no answer.
-    async fn upstream_connections_for(clients: usize, queries: u16, settle: Duration) -> usize {
+    /// opened after `clients` TCP clients each sent `queries` queries at once and read no
+    /// answer: once `expected` are open (or after 10 s, on a machine too loaded to get there),
+    /// and a moment more, for any the proxy would open beyond them.
+    async fn upstream_connections_for(clients: usize, queries: u16, expected: usize) -> usize {
         use tokio::io::AsyncWriteExt;
         let (upstream, accepted) = silent_upstreams().await;
-        let proxy = start(upstream, Duration::ZERO, Duration::from_secs(2)).await;
+        // Far past the wait below: a query timing out frees its exchange and its place on the
+        // connection for the next, whose connection would count as one over the bound.
+        let proxy = start(upstream, Duration::ZERO, Duration::from_secs(30)).await;
         let framed: Vec<u8> = (0..queries).flat_map(tcp_query).collect();
         let mut connected = Vec::new();
         for _ in 0..clients {
@@ -638,10 +643,15 @@ spec:
             client.write_all(&framed).await.unwrap();
             connected.push(client);
         }
-        tokio::time::sleep(settle).await;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while accepted.load(Ordering::SeqCst) < expected && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // Connections past the bound would come with the others: a moment is enough to see one.
+        tokio::time::sleep(Duration::from_millis(200)).await;
         let opened = accepted.load(Ordering::SeqCst);
+        // Not waited for: the drain would wait out the queries' 30 s upstream timeout.
         proxy.shutdown.cancel();
-        proxy.served.await.unwrap();
         opened
     }
 
@@ -649,9 +659,10 @@ spec:
     /// connections had the proxy open sixteen per connection, up to sixteen thousand.
     #[tokio::test]
     async fn tcp_exchanges_with_the_upstream_are_bounded() {
+        let bound = crate::tcp::UPSTREAM_EXCHANGES;
         assert_eq!(
-            upstream_connections_for(20, 16, Duration::from_millis(500)).await,
-            crate::tcp::UPSTREAM_EXCHANGES,
+            upstream_connections_for(20, 16, bound).await,
+            bound,
             "320 queries in flight"
         );
     }
@@ -659,9 +670,10 @@ spec:
     #[tokio::test]
     async fn a_client_pipelining_over_tcp_gets_only_its_share_of_the_proxy() {
         // A hundred queries at once, and never an answer read.
+        let share = crate::tcp::QUERIES_PER_CONNECTION;
         assert_eq!(
-            upstream_connections_for(1, 100, Duration::from_millis(300)).await,
-            crate::tcp::QUERIES_PER_CONNECTION,
+            upstream_connections_for(1, 100, share).await,
+            share,
             "the proxy took more of the client's queries than one connection may have in flight"
         );
     }
@@ -885,15 +897,19 @@ spec:
     async fn a_tcp_connection_closing_at_shutdown_delivers_every_answer() {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         const QUERIES: u16 = 8;
-        // A TCP upstream that answers each query after 300 ms, with 60 addresses (~1 KiB).
+        // A TCP upstream that answers each query after 300 ms, with 60 addresses (~1 KiB), and
+        // says when it has a query.
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let upstream = listener.local_addr().unwrap();
+        let (forwarded_tx, mut forwarded) = tokio::sync::mpsc::unbounded_channel();
         tokio::spawn(async move {
             while let Ok((mut stream, _)) = listener.accept().await {
+                let forwarded_tx = forwarded_tx.clone();
                 tokio::spawn(async move {
                     let length = stream.read_u16().await.unwrap();
                     let mut query = vec![0u8; usize::from(length)];
                     stream.read_exact(&mut query).await.unwrap();
+                    let _ = forwarded_tx.send(());
                     let query = Message::from_vec(&query).unwrap();
                     let mut answer = Message::response(query.metadata.id, OpCode::Query);
                     answer.add_queries(query.queries.clone());
@@ -920,8 +936,15 @@ spec:
         for id in 1..=QUERIES {
             client.write_all(&tcp_query(id)).await.unwrap();
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        // Every query read before the shutdown: forwarded, so each has its answer coming.
+        for _ in 0..QUERIES {
+            tokio::time::timeout(Duration::from_secs(5), forwarded.recv())
+                .await
+                .expect("every query forwarded in time")
+                .expect("the upstream still running");
+        }
         proxy.shutdown.cancel();
+        // Well inside the upstream's 300 ms: the connection still waits for its answers.
         tokio::time::sleep(Duration::from_millis(50)).await;
         // Sent after the reader stopped: never read.
         client.write_all(&tcp_query(QUERIES + 1)).await.unwrap();
@@ -1220,28 +1243,52 @@ spec:
 
     #[tokio::test]
     async fn an_answer_waits_for_its_allow_entries_but_no_longer_than_the_max_delay() {
+        // The hold, the max delay and the bounds a second or more apart: a loaded machine
+        // wakes hundreds of milliseconds late, which must not carry an answer across one.
+        let hold = Duration::from_secs(1);
+        let max_delay = Duration::from_secs(4);
         let upstream = fake_upstream(false).await;
-        let quick = start(upstream, Duration::from_millis(100), Duration::from_secs(2)).await;
+        // A proxy whose allow entries take `writes` to be written.
+        let holding = |writes: Duration| {
+            let proxy_settings = ProxySettings {
+                response_max_delay: max_delay,
+                ..settings(
+                    "127.0.0.1:0".parse().unwrap(),
+                    upstream,
+                    Duration::from_secs(2),
+                    Duration::ZERO,
+                )
+            };
+            start_with_settings(proxy_settings, writes, false, Arc::new(OneEndpoint))
+        };
+        let quick = holding(hold).await;
         let (answer, took) = ask(quick.dns, "cilium.io.").await;
         assert_eq!(answer.metadata.response_code, ResponseCode::NoError);
         assert_eq!(answer.answers.len(), 1);
-        assert!(took >= Duration::from_millis(100), "released at {took:?}");
-        assert!(took < Duration::from_millis(300), "released at {took:?}");
+        assert!(took >= hold, "released at {took:?}");
+        // Released when its entries are written, not at the max delay.
+        assert!(
+            took < max_delay - Duration::from_secs(1),
+            "released at {took:?}"
+        );
         assert_eq!(quick.datapath.calls.load(Ordering::SeqCst), 1);
         assert_eq!(quick.mappings.0.lock().unwrap().len(), 1);
 
         // A name no toFQDNs selector matches has nothing to write and does not wait.
         let (answer, took) = ask(quick.dns, "example.org.").await;
         assert_eq!(answer.metadata.response_code, ResponseCode::NoError);
-        assert!(took < Duration::from_millis(100), "released at {took:?}");
+        assert!(took < hold, "released at {took:?}");
         assert_eq!(quick.datapath.calls.load(Ordering::SeqCst), 1);
         quick.shutdown.cancel();
 
-        let stuck = start(upstream, Duration::from_secs(30), Duration::from_secs(2)).await;
+        let stuck = holding(Duration::from_secs(30)).await;
         let (answer, took) = ask(stuck.dns, "cilium.io.").await;
         assert_eq!(answer.answers.len(), 1, "released anyway");
-        assert!(took >= Duration::from_millis(300), "released at {took:?}");
-        assert!(took < Duration::from_secs(2), "released at {took:?}");
+        assert!(took >= max_delay, "released at {took:?}");
+        assert!(
+            took < max_delay + Duration::from_secs(3),
+            "released at {took:?}"
+        );
         stuck.shutdown.cancel();
     }
 
@@ -1585,8 +1632,10 @@ spec:
             let (client, answered) = (client.clone(), answered.clone());
             readers.push(tokio::spawn(async move {
                 let mut buffer = vec![0u8; 1500];
+                // Silence for seconds is the end: a loaded machine delays an answer hundreds of
+                // milliseconds.
                 while let Ok(Ok(_)) =
-                    tokio::time::timeout(Duration::from_secs(1), client.recv_from(&mut buffer))
+                    tokio::time::timeout(Duration::from_secs(5), client.recv_from(&mut buffer))
                         .await
                 {
                     answered.fetch_add(1, Ordering::SeqCst);
@@ -1594,8 +1643,10 @@ spec:
             }));
         }
         let packet = cilium_io_query().to_vec().unwrap();
+        // 3 s of queries, the leaving proxy stopped after the first second: the stream goes on
+        // for 2 s more, past the bound on its leaving below.
         let mut ticks = tokio::time::interval(Duration::from_micros(500));
-        let sent = 3_000;
+        let sent = 6_000;
         let mut left = None;
         let mut leaving_served = Some(leaving.served);
         for index in 0..sent {
@@ -1618,9 +1669,9 @@ spec:
             reader.await.unwrap();
         }
         assert_eq!(answered.load(Ordering::SeqCst), sent);
-        // It drained at once: leaving does not wait on the traffic.
+        // It drained at once: leaving does not wait on the traffic (waiting, it would take 2 s).
         let took = left.unwrap().await.unwrap();
-        assert!(took < Duration::from_millis(250), "left after {took:?}");
+        assert!(took < Duration::from_secs(1), "left after {took:?}");
         staying.shutdown.cancel();
     }
 }
