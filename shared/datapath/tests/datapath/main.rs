@@ -1342,7 +1342,8 @@ fn sockets_on_one_port<const N: usize>(ip: &str) -> (SocketAddr, [UdpSocket; N])
 /// is sent again from its port every pass (about 20 ms per socket): the selection depends
 /// on the addresses alone, so a resend goes where the first would have, and a datagram a loaded
 /// machine drops or holds up on loopback (CI once: 9 of 64 missing after 300 ms) does not read
-/// as a wrong selection, where one the program drops stays missing.
+/// as a wrong selection, where one the program drops stays missing. (A selection wrong only
+/// now and then, which a resend would correct, goes unseen.)
 fn deliveries(port: SocketAddr, sockets: &[&UdpSocket], clients: usize) -> Vec<usize> {
     // Each call's own tag: a late copy of an earlier call's datagram is not counted here.
     static CALLS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
