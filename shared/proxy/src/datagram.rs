@@ -11,19 +11,19 @@
 //! instead of one per packet.
 //!
 //! The crate's only `unsafe` code is here, each with its safety argument: registering a file
-//! descriptor with the runtime's reactor, and declaring nix's message headers `Send`.
+//! descriptor with the runtime's reactor, declaring nix's receive headers `Send`, and sending a
+//! batch through libc's `sendmmsg` (nix's wrapper reports how many went out only through an
+//! iterator that reads, as if received, address storage a send never writes).
 
 #![allow(unsafe_code)]
 
-use std::io::{self, IoSlice, IoSliceMut};
+use std::io::{self, IoSliceMut};
 use std::net::{SocketAddr, SocketAddrV4, SocketAddrV6, UdpSocket};
 use std::ops::Range;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 use std::time::Duration;
 
-use nix::sys::socket::{
-    ControlMessage, MsgFlags, MultiHeaders, SockaddrStorage, recvmmsg, sendmmsg,
-};
+use nix::sys::socket::{MsgFlags, MultiHeaders, SockaddrLike, SockaddrStorage, recvmmsg};
 
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
@@ -223,9 +223,9 @@ pub struct Inbox {
     received: Vec<Received>,
 }
 
-/// The kernel's message headers for recvmmsg and sendmmsg, kept between calls: built anew
-/// each time they cost two allocations large enough to make the allocator consolidate its
-/// free lists, once per batch.
+/// The kernel's message headers for recvmmsg, kept between calls: built anew each time they
+/// cost two allocations large enough to make the allocator consolidate its free lists, once
+/// per batch.
 struct Headers(MultiHeaders<SockaddrStorage>);
 
 // Reuse is sound for recvmmsg too although nix does not reset the address length the kernel
@@ -235,10 +235,9 @@ struct Headers(MultiHeaders<SockaddrStorage>);
 // cut that one address, the datagram would come out as Err(()), and the length be right again.
 //
 // SAFETY: MultiHeaders is not Send only because it holds raw pointers. They point into its
-// own heap buffers (the addresses) and, during one recvmmsg or sendmmsg call, into iovecs
-// that outlive that call; they are never read outside such a call. A `Headers` is owned by
-// one Inbox or Outbox and only used through `&mut`, so moving it to another thread between
-// calls shares nothing.
+// own heap buffers (the addresses) and, during one recvmmsg call, into iovecs that outlive
+// that call; they are never read outside such a call. A `Headers` is owned by one Inbox and
+// only used through `&mut`, so moving it to another thread between calls shares nothing.
 unsafe impl Send for Headers {}
 
 impl Headers {
@@ -335,7 +334,6 @@ pub struct Outbox {
     bytes: Vec<u8>,
     datagrams: Vec<(Range<usize>, Option<SocketAddr>)>,
     addresses: Vec<Option<SockaddrStorage>>,
-    headers: Headers,
     batch: usize,
 }
 
@@ -398,7 +396,6 @@ impl Outbox {
             bytes: Vec::with_capacity(batch * 512),
             datagrams: Vec::with_capacity(batch),
             addresses: Vec::with_capacity(batch),
-            headers: Headers::new(batch),
             batch,
         }
     }
@@ -447,26 +444,48 @@ impl Outbox {
     /// kernel took.
     fn send_from(&mut self, fd: RawFd, first: usize) -> io::Result<usize> {
         let last = (first + self.batch).min(self.datagrams.len());
-        let Some(datagrams) = self.datagrams.get(first..last) else {
+        let (Some(datagrams), Some(addresses)) = (
+            self.datagrams.get(first..last),
+            self.addresses.get(first..last),
+        ) else {
             return Ok(0);
         };
-        let mut slices: [[IoSlice<'_>; 1]; MAX_BATCH] = [[IoSlice::new(&[])]; MAX_BATCH];
-        for (slice, (range, _)) in slices.iter_mut().zip(datagrams) {
-            *slice = [IoSlice::new(&self.bytes[range.clone()])];
+        let mut iovecs = [libc::iovec {
+            iov_base: std::ptr::null_mut(),
+            iov_len: 0,
+        }; MAX_BATCH];
+        for (iovec, (range, _)) in iovecs.iter_mut().zip(datagrams) {
+            let bytes = self.bytes.get(range.clone()).unwrap_or_default();
+            iovec.iov_base = bytes.as_ptr().cast_mut().cast();
+            iovec.iov_len = bytes.len();
         }
-        let slices = &slices[..datagrams.len()];
-        let addresses = &self.addresses[first..last];
-        let no_control: [ControlMessage<'_>; 0] = [];
-        let sent = sendmmsg(
-            fd,
-            &mut self.headers.0,
-            slices.iter(),
-            addresses,
-            no_control,
-            MsgFlags::MSG_DONTWAIT,
-        )
-        .map_err(io::Error::from)?;
-        Ok(sent.count())
+        // SAFETY: mmsghdr is a plain C struct (pointers, lengths, flags; padding fields on some
+        // C libraries, hence no literal) for which all-zero bytes are a valid value: no name,
+        // no iovec, no control data.
+        let mut headers: [libc::mmsghdr; MAX_BATCH] = unsafe { std::mem::zeroed() };
+        for ((header, iovec), address) in headers.iter_mut().zip(&mut iovecs).zip(addresses) {
+            header.msg_hdr.msg_iov = iovec;
+            header.msg_hdr.msg_iovlen = 1;
+            if let Some(address) = address {
+                header.msg_hdr.msg_name = address.as_ptr().cast_mut().cast();
+                header.msg_hdr.msg_namelen = address.len();
+            }
+        }
+        let count = libc::c_uint::try_from(datagrams.len()).unwrap_or(0);
+        // SAFETY: the first `count` headers (count <= MAX_BATCH, the array's length) each point
+        // to one iovec of `iovecs` and to an address of `self.addresses` or to none; every
+        // iovec points into `self.bytes`. The kernel only reads through these pointers, and
+        // writes each header's `msg_len`; all of them outlive the call, and nothing else
+        // touches them during it (`self` is borrowed mutably).
+        let sent = unsafe {
+            libc::sendmmsg(
+                fd,
+                headers.as_mut_ptr(),
+                count,
+                MsgFlags::MSG_DONTWAIT.bits(),
+            )
+        };
+        usize::try_from(sent).map_err(|_| io::Error::last_os_error())
     }
 }
 
