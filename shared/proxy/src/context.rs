@@ -557,11 +557,12 @@ mod tests {
                 }));
             }
             if item == chunk - 1 {
-                // The waiter runs, then has time to queue on the lock.
+                // The waiter runs, then has time to queue on the lock (half a second: a loaded
+                // machine may take a while to run it the few steps there).
                 while !waiting.load(std::sync::atomic::Ordering::SeqCst) {
                     std::thread::yield_now();
                 }
-                std::thread::sleep(std::time::Duration::from_millis(100));
+                std::thread::sleep(std::time::Duration::from_millis(500));
             }
             if item == chunk {
                 assert!(answered.load(std::sync::atomic::Ordering::SeqCst));
