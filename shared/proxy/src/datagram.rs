@@ -265,10 +265,10 @@ impl std::fmt::Debug for Inbox {
 
 impl Inbox {
     /// Room for `slots` (at most [`MAX_BATCH`]) datagrams of up to `slot_size` bytes each, all
-    /// read by one call. Only the pages datagrams
-    /// are written to become resident: 32 slots of 64 KiB for upstream answers take about 128
-    /// KiB of memory in practice, not 2 MiB (which every process start would zero and every
-    /// exit unmap, both before the sockets are served or closed).
+    /// read by one call. Only the pages datagrams are written to become resident: 32 slots of
+    /// 64 KiB for upstream answers take about 128 KiB of memory in practice, not 2 MiB (which
+    /// every process start would zero and every exit unmap, both before the sockets are served
+    /// or closed).
     pub fn new(slots: usize, slot_size: usize) -> Inbox {
         let slots = slots.clamp(1, MAX_BATCH);
         let slot_size = slot_size.max(1);
