@@ -1793,27 +1793,19 @@ mod tests {
             }),
             resync: None,
         };
-        let steered = [
-            report("agent", Some("dnsproxy")),
-            report("dnsproxy", Some("dnsproxy")),
-        ];
-        let text = render_reports(&steered, 0);
-        assert!(
-            text.starts_with("DNS served by:   agent (standby), dnsproxy\n"),
-            "{text}"
-        );
-        // Shared by the kernel's hash, or no datapath: both answer.
-        let shared = [
-            report("agent", Some("share")),
-            report("dnsproxy", Some("share")),
-        ];
-        let text = render_reports(&shared, 0);
-        assert!(
-            text.starts_with("DNS served by:   agent, dnsproxy\n"),
-            "{text}"
-        );
-        let plain = [report("agent", None), report("dnsproxy", None)];
-        assert!(render_reports(&plain, 0).starts_with("DNS served by:   agent, dnsproxy\n"));
+        for (preferred, headline) in [
+            (Some("dnsproxy"), "agent (standby), dnsproxy"),
+            // Shared by the kernel's hash, or no datapath: both answer.
+            (Some("share"), "agent, dnsproxy"),
+            (None, "agent, dnsproxy"),
+        ] {
+            let reports = [report("agent", preferred), report("dnsproxy", preferred)];
+            let text = render_reports(&reports, 0);
+            assert!(
+                text.starts_with(&format!("DNS served by:   {headline}\n")),
+                "{text}"
+            );
+        }
     }
 
     #[test]

@@ -23,6 +23,8 @@ pub fn ratios(results: &Results) -> Ratios {
     let qps = |key: &str| qps_in(&results.throughput, key);
     let per_round = |a: &str, b: &str| per_round_in(&results.throughput, a, b);
     let allowed_only = &results.throughput_allowed_only[..];
+    let (agent_allowed_only, dnsdist_allowed_only) =
+        (qps_in(allowed_only, "b"), qps_in(allowed_only, "d"));
     let ratio = |a: Option<f64>, b: Option<f64>| Some(a? / b?);
     let at = |rows: &[Latency], key: &str, pick: fn(&LoadReport) -> f64| {
         Some(pick(load(rows, key)?) - pick(load(rows, "a")?))
@@ -44,16 +46,13 @@ pub fn ratios(results: &Results) -> Ratios {
     Ratios {
         agent_over_dnsdist_qps: ratio(qps("b"), qps("d")),
         agent_over_dnsdist_per_round: per_round("b", "d"),
-        agent_over_dnsdist_qps_allowed_only: ratio(
-            qps_in(allowed_only, "b"),
-            qps_in(allowed_only, "d"),
-        ),
-        agent_over_dnsdist_per_round_allowed_only: match (
-            qps_in(allowed_only, "b"),
-            qps_in(allowed_only, "d"),
-        ) {
-            (Some(_), Some(_)) => per_round_in(allowed_only, "b", "d"),
-            _ => Vec::new(),
+        agent_over_dnsdist_qps_allowed_only: ratio(agent_allowed_only, dnsdist_allowed_only),
+        agent_over_dnsdist_per_round_allowed_only: if agent_allowed_only.is_some()
+            && dnsdist_allowed_only.is_some()
+        {
+            per_round_in(allowed_only, "b", "d")
+        } else {
+            Vec::new()
         },
         agent_over_direct_per_round: per_round("b", "a"),
         agent_over_direct_qps: ratio(qps("b"), qps("a")),

@@ -390,7 +390,7 @@ fn parse_item(
                 field: at("kind"),
                 message: format!(
                     "{kind:?} is not a policy Warden reads \
-                         (expected CiliumNetworkPolicy or CiliumClusterwideNetworkPolicy)"
+                     (expected CiliumNetworkPolicy or CiliumClusterwideNetworkPolicy)"
                 ),
                 location: None,
             }))
